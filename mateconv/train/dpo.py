@@ -1,0 +1,175 @@
+"""Direct Preference Optimization (stage 9): losses, the objective, the reference model and its cache.
+
+Notation (all per preference pair, log-probs summed over the response tokens):
+  chosen_logratio   = log pi(y_w|x) - log ref(y_w|x)
+  rejected_logratio = log pi(y_l|x) - log ref(y_l|x)
+  delta             = chosen_logratio - rejected_logratio
+  rewards           = beta * logratio (the implicit DPO rewards)
+See docs/dpo.md for the formulas of every loss and extra term.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mateconv.train.logprobs import model_token_logps, trim_right_padding
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+SIDES = ("chosen", "rejected")
+
+
+class DPOError(ValueError):
+    """Bad DPO settings or inputs (shown to the user as one line)."""
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    kl_coef: float = 0.0
+    sft_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise DPOError(f"dpo loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise DPOError(f"dpo_beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise DPOError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise DPOError("label_smoothing (conservative DPO) applies to loss_type=sigmoid only")
+        if self.kl_coef < 0 or self.sft_coef < 0:
+            raise DPOError(f"kl_coef and sft_coef must be >= 0, got {self.kl_coef}, {self.sft_coef}")
+
+
+def preference_losses(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    settings: DPOSettings,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Per-pair loss [B] from the summed log-ratios [B]; lengths (response token counts) are used by IPO only."""
+    beta, eps = settings.beta, settings.label_smoothing
+    if settings.loss_type == "sigmoid":
+        delta = chosen_logratios - rejected_logratios
+        # conservative DPO: the label is flipped with probability eps
+        return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    if settings.loss_type == "hinge":
+        return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    # IPO regresses the per-token log-ratio gap onto 1/(2*beta); per-token so the target is length independent
+    delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> dict[str, float]:
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+    }
+
+
+def kl_per_token(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of the k3 estimator of KL(policy || ref): exp(r) - r - 1 with r = log ref - log policy.
+
+    Non-negative and zero only where policy and reference agree on the token; it is an unbiased estimate of the
+    KL when the tokens are sampled from the policy. On offline responses it penalises token-level drift either way.
+    """
+    r = (ref_logps - policy_logps)[mask]
+    if r.numel() == 0:
+        return policy_logps.sum() * 0.0
+    return (torch.exp(r) - r - 1).mean()
+
+
+def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack chosen on top of rejected: input_ids, attention_mask, labels [2B, T], right padding trimmed."""
+    for key in (f"{side}_{field}" for side in SIDES for field in ("input_ids", "labels", "attention_mask")):
+        if key not in batch:
+            raise DPOError(f"DPO batch has no {key!r} (expected DPOTokens items); keys: {sorted(batch)}")
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    return trim_right_padding(ids, attention, labels, attention_mask=attention)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DeepSpeed engine or DDP wrapper."""
+    return getattr(model, "module", model)
+
+
+def adapters_disabled(model: torch.nn.Module):
+    """Context in which a PEFT (LoRA) model computes its base model's outputs; a no-op for plain models."""
+    inner = unwrap(model)
+    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):
+        return inner.disable_adapter()
+    return contextlib.nullcontext()
+
+
+class DPOObjective:
+    """`loss(model, batch) -> (loss, metrics)` for the training engine.
+
+    The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`, `ref_chosen_token_logps`,
+    added by `WithReferenceLogps` when precomputed), else from `reference` (a frozen model), else, for LoRA, from the
+    policy with its adapters disabled.
+    """
+
+    def __init__(self, settings: DPOSettings, reference: torch.nn.Module | None = None):
+        self.settings = settings
+        self.reference = reference
+
+    def reference_token_logps(
+        self, model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return model_token_logps(self.reference, ids, attention, labels)[0]
+            if not hasattr(unwrap(model), "peft_config"):
+                raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
+            with adapters_disabled(model):
+                return model_token_logps(model, ids, attention, labels)[0]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        ids, attention, labels = concat_pair(batch)
+        logps, mask, aux_loss = model_token_logps(model, ids, attention, labels)
+        n_pairs = batch["chosen_input_ids"].shape[0]
+        policy_chosen, policy_rejected = logps.sum(-1).split(n_pairs)
+        chosen_tokens_logps, chosen_mask = logps[:n_pairs], mask[:n_pairs]
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            ref_chosen_tokens = batch["ref_chosen_token_logps"][:, : logps.shape[1]]
+        else:
+            ref_logps = self.reference_token_logps(model, ids, attention, labels)
+            ref_chosen, ref_rejected = ref_logps.sum(-1).split(n_pairs)
+            ref_chosen_tokens = ref_logps[:n_pairs]
+        chosen_logratios = policy_chosen - ref_chosen.to(policy_chosen)
+        rejected_logratios = policy_rejected - ref_rejected.to(policy_rejected)
+        lengths = mask.sum(-1).split(n_pairs)
+
+        pair_losses = preference_losses(chosen_logratios, rejected_logratios, s, *lengths)
+        loss = pair_losses.mean()
+        kl = kl_per_token(chosen_tokens_logps, ref_chosen_tokens.to(logps), chosen_mask)
+        chosen_nll = -chosen_tokens_logps.sum() / chosen_mask.sum().clamp(min=1)
+        if s.kl_coef:
+            loss = loss + s.kl_coef * kl
+        if s.sft_coef:
+            loss = loss + s.sft_coef * chosen_nll
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        metrics = {
+            "dpo_loss": pair_losses.mean().item(),
+            **reward_metrics(chosen_logratios, rejected_logratios, s.beta),
+            "logps/chosen": policy_chosen.detach().mean().item(),
+            "logps/rejected": policy_rejected.detach().mean().item(),
+            "kl_ref": kl.item(),
+            "nll/chosen": chosen_nll.item(),
+        }
+        return loss, metrics

@@ -1,0 +1,145 @@
+"""The DPO losses and reward metrics equal TRL's DPOTrainer on the same model and reference log-probs.
+
+TRL 1.x computes the loss inside `DPOTrainer._compute_loss(model, inputs, return_outputs)`: it runs the policy
+through its fused LM head and reads precomputed reference log-probs from the inputs. We call that method on a
+minimal stand-in for the trainer (the attributes it reads) with a real tiny Llama policy, and compare.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+from accelerate import Accelerator  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+from mateconv.train.dpo import DPOError, DPOObjective, DPOSettings, concat_pair  # noqa: E402
+
+VOCAB, SEQ, PAIRS = 50, 24, 6
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def side(generator: torch.Generator, prompt_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Right-padded sequences: prompt then a response of random length; labels -100 on prompt and padding."""
+    ids = torch.zeros(PAIRS, SEQ, dtype=torch.long)
+    labels = torch.full((PAIRS, SEQ), -100)
+    attention = torch.zeros(PAIRS, SEQ, dtype=torch.long)
+    for row, prompt_len in enumerate(prompt_lengths.tolist()):
+        total = int(torch.randint(prompt_len + 1, SEQ + 1, (1,), generator=generator))
+        ids[row, :total] = torch.randint(3, VOCAB, (total,), generator=generator)
+        labels[row, prompt_len:total] = ids[row, prompt_len:total]
+        attention[row, :total] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths = torch.randint(2, 8, (PAIRS,), generator=generator)
+    batch = {}
+    for name in ("chosen", "rejected"):
+        batch.update({f"{name}_{key}": value for key, value in side(generator, prompt_lengths).items()})
+        # rejected shares the prompt with chosen
+        if name == "rejected":
+            for row, n in enumerate(prompt_lengths.tolist()):
+                batch["rejected_input_ids"][row, :n] = batch["chosen_input_ids"][row, :n]
+    return batch
+
+
+def trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings: DPOSettings, trl_loss_type: str):
+    """Run TRL's own loss code on the batch laid out as TRL's collator does: [chosen; rejected]."""
+    trainer = SimpleNamespace(
+        model=policy, accelerator=Accelerator(cpu=True), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[trl_loss_type], loss_weights=[1.0],
+        beta=settings.beta, label_smoothing=settings.label_smoothing, use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+    )
+    inputs = {
+        "input_ids": torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+        "attention_mask": torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+        "completion_mask": torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).ne(-100).long(),
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    loss = trl_dpo.DPOTrainer._compute_loss(trainer, policy, inputs, return_outputs=False)
+    return loss, {key: values[-1] for key, values in trainer._metrics["eval"].items()}
+
+
+@pytest.fixture(scope="module")
+def models():
+    policy = tiny_llama(1)
+    add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    return policy, tiny_llama(2)
+
+
+def reference_sums(reference, batch):
+    """Our own reference log-probs, handed to TRL as its precomputed reference."""
+    ids, attention, labels = concat_pair(batch)
+    objective = DPOObjective(DPOSettings(), reference=reference)
+    return objective.reference_token_logps(reference, ids, attention, labels).sum(-1).split(PAIRS)
+
+
+CASES = [
+    (DPOSettings(beta=0.1, loss_type="sigmoid"), "sigmoid"),
+    (DPOSettings(beta=0.2, loss_type="sigmoid"), "sigmoid"),
+    (DPOSettings(beta=0.1, loss_type="ipo"), "ipo"),
+    (DPOSettings(beta=0.5, loss_type="ipo"), "ipo"),
+    (DPOSettings(beta=0.1, loss_type="hinge"), "hinge"),
+    (DPOSettings(beta=3.0, loss_type="hinge"), "hinge"),
+]
+
+
+@pytest.mark.parametrize("settings,trl_loss_type", CASES, ids=lambda c: getattr(c, "loss_type", c))
+def test_loss_and_rewards_match_trl(models, settings, trl_loss_type):
+    policy, reference = models
+    batch = make_batch(seed=int(settings.beta * 10))
+    ref_chosen, ref_rejected = reference_sums(reference, batch)
+    with torch.no_grad():
+        ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        theirs, trl_metrics = trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings, trl_loss_type)
+    assert ours.item() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
+    # a batch where the pairs disagree, so accuracy is informative rather than trivially 0 or 1
+    assert 0.0 < metrics["rewards/accuracies"] < 1.0 or settings.loss_type != "sigmoid"
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.3])
+def test_conservative_dpo_matches_trl(models, label_smoothing):
+    """Label smoothing: -(1-e) logsig(b d) - e logsig(-b d). TRL 1.16 applies exactly this formula in its `aot`
+    loss, after sorting across the batch; with one pair per call the sort is the identity, so compare pair by pair."""
+    policy, reference = models
+    settings = DPOSettings(beta=0.1, label_smoothing=label_smoothing)
+    batch = make_batch(seed=7)
+    ref_chosen, ref_rejected = reference_sums(reference, batch)
+    with torch.no_grad():
+        ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        plain, _ = DPOObjective(DPOSettings(beta=0.1), reference=reference).loss(policy, batch)
+        per_pair = []
+        for i in range(PAIRS):
+            one = {key: value[i : i + 1] for key, value in batch.items()}
+            loss, _ = trl_loss_and_metrics(policy, one, ref_chosen[i : i + 1], ref_rejected[i : i + 1], settings, "aot")
+            per_pair.append(loss)
+    torch.testing.assert_close(ours, torch.stack(per_pair).mean(), rtol=1e-5, atol=1e-6)
+    assert abs(ours.item() - plain.item()) > 1e-4  # smoothing changes the loss
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(DPOError, match="loss_type"):
+        DPOSettings(loss_type="kto")
+    with pytest.raises(DPOError, match="label_smoothing"):
+        DPOSettings(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(DPOError, match="beta"):
+        DPOSettings(beta=0)
