@@ -10,10 +10,17 @@ See docs/dpo.md for the formulas of every loss and extra term.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from mateconv.train.logprobs import model_token_logps, trim_right_padding
 
@@ -131,13 +138,13 @@ class DPOObjective:
         with torch.no_grad():
             if self.reference is not None:
                 return model_token_logps(self.reference, ids, attention, labels)[0]
-            if not hasattr(unwrap(model), "peft_config"):
-                raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
             with adapters_disabled(model):
                 return model_token_logps(model, ids, attention, labels)[0]
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
+        if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):
+            raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
         ids, attention, labels = concat_pair(batch)
         logps, mask, aux_loss = model_token_logps(model, ids, attention, labels)
         n_pairs = batch["chosen_input_ids"].shape[0]
@@ -173,3 +180,133 @@ class DPOObjective:
             "nll/chosen": chosen_nll.item(),
         }
         return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference log-probs computed once over the training set and cached next to the data (`--precompute_ref`)
+
+REF_CACHE_VERSION = 1
+
+
+def fingerprint_files(paths: list[Path], extra: str = "") -> str:
+    digest = hashlib.blake2b(extra.encode(), digest_size=16)
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """Hash of the shard directory's files (index and shards), ignoring caches written into it."""
+    files = [p for p in Path(data_dir).iterdir() if p.is_file()]
+    if not any(p.name == "index.json" for p in files):
+        raise DPOError(f"{data_dir} has no index.json (not a token shard directory)")
+    return fingerprint_files(files)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of a saved model's weights and config (a Hugging Face model directory)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DPOError(f"reference model directory {model_dir} does not exist")
+    files = [p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"} or p.name == "config.json"]
+    if not files:
+        raise DPOError(f"{model_dir} holds no model weights (*.safetensors, *.bin)")
+    return fingerprint_files(files)
+
+
+def reference_cache_dir(data_dir: Path, ref_model_dir: Path, seq_len: int, dtype: torch.dtype) -> Path:
+    key = hashlib.blake2b(
+        f"{REF_CACHE_VERSION}|{data_fingerprint(data_dir)}|{model_fingerprint(ref_model_dir)}|{seq_len}|{dtype}".encode(),
+        digest_size=8,
+    ).hexdigest()
+    return Path(data_dir) / "ref_logps" / key
+
+
+class ReferenceLogps:
+    """A finished cache: `sums` [N, 2] (chosen, rejected) and `chosen_tokens` [N, seq_len - 1], memory-mapped."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.sums = np.load(self.directory / "sums.npy", mmap_mode="r")
+        self.chosen_tokens = np.load(self.directory / "chosen_tokens.npy", mmap_mode="r")
+
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        return (Path(directory) / "meta.json").is_file()
+
+
+class WithReferenceLogps(Dataset):
+    """DPO pairs plus their cached reference log-probs (the keys `DPOObjective` reads from the batch)."""
+
+    def __init__(self, pairs: Dataset, reference: ReferenceLogps):
+        if len(reference.sums) != len(pairs):
+            raise DPOError(f"reference cache {reference.directory} has {len(reference.sums)} rows, data has {len(pairs)}")
+        self.pairs, self.reference = pairs, reference
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.pairs[index])
+        chosen, rejected = self.reference.sums[index]
+        item["ref_chosen_logps"] = torch.tensor(float(chosen))
+        item["ref_rejected_logps"] = torch.tensor(float(rejected))
+        item["ref_chosen_token_logps"] = torch.from_numpy(np.array(self.reference.chosen_tokens[index]))
+        return item
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    reference: torch.nn.Module,
+    pairs: Dataset,
+    directory: Path,
+    batch_size: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ReferenceLogps:
+    """Run the reference over every pair once (ranks split the pairs) and write the cache atomically on rank 0.
+
+    Every rank runs the same number of forwards (the last index is repeated to even them out), which ZeRO-3
+    needs because each forward gathers parameters collectively.
+    """
+    directory = Path(directory)
+    n = len(pairs)
+    mine = list(range(rank, n, world_size))
+    per_rank = -(-n // world_size)
+    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+    seq_len = pairs[0]["chosen_input_ids"].shape[0]
+    sums = np.zeros((len(mine), 2), np.float32)
+    chosen_tokens = np.zeros((len(mine), seq_len - 1), np.float32)
+    reference.eval()
+    for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=rank != 0, unit="batch"):
+        rows = mine[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in default_collate([pairs[i] for i in rows]).items()}
+        ids, attention, labels = concat_pair(batch)
+        logps = model_token_logps(reference, ids, attention, labels)[0].float()
+        chosen, rejected = logps.split(len(rows))
+        sums[start : start + len(rows), 0] = chosen.sum(-1).cpu().numpy()
+        sums[start : start + len(rows), 1] = rejected.sum(-1).cpu().numpy()
+        chosen_tokens[start : start + len(rows), : chosen.shape[1]] = chosen.cpu().numpy()
+    parts = [(mine, sums, chosen_tokens)]
+    if world_size > 1:
+        parts = [None] * world_size
+        torch.distributed.all_gather_object(parts, (mine, sums, chosen_tokens))
+    if rank == 0:
+        all_sums = np.zeros((n, 2), np.float32)
+        all_tokens = np.zeros((n, seq_len - 1), np.float32)
+        for indices, part_sums, part_tokens in parts:
+            all_sums[indices] = part_sums
+            all_tokens[indices] = part_tokens
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=False)
+        np.save(tmp / "sums.npy", all_sums)
+        np.save(tmp / "chosen_tokens.npy", all_tokens)
+        (tmp / "meta.json").write_text(json.dumps({"pairs": n, "seq_len": seq_len, "version": REF_CACHE_VERSION}))
+        os.replace(tmp, directory)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return ReferenceLogps(directory)

@@ -1,0 +1,75 @@
+"""Precomputed reference log-probs give the same loss and metrics as an on-the-fly reference forward."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mateconv.train.dpo import (
+    DPOError,
+    DPOObjective,
+    DPOSettings,
+    ReferenceLogps,
+    WithReferenceLogps,
+    compute_reference_logps,
+    reference_cache_dir,
+)
+
+SEQ = 32
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_llama, random_dpo_pairs):
+    data_dir = tmp_path / "tokens" / "dpo" / "train"
+    data_dir.mkdir(parents=True)
+    (data_dir / "index.json").write_text(json.dumps({"kind": "dpo", "shards": []}))
+    (data_dir / "shard_0000.bin").write_bytes(b"pretend shard")
+    ref_dir = tmp_path / "ref"
+    tiny_llama(3).save_pretrained(ref_dir)
+    return data_dir, ref_dir, random_dpo_pairs(11, SEQ, seed=5)
+
+
+def test_precomputed_reference_matches_on_the_fly(setup, tiny_llama):
+    data_dir, ref_dir, pairs = setup
+    reference = tiny_llama(3)
+    policy = tiny_llama(4).train()
+    cache_dir = reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32)
+    assert cache_dir.parent.parent == data_dir and not ReferenceLogps.exists(cache_dir)
+    # a batch size that does not divide the data, so the last batch is short and trimmed differently
+    cache = compute_reference_logps(reference, pairs, cache_dir, batch_size=4, device="cpu")
+    assert ReferenceLogps.exists(cache_dir) and cache.sums.shape == (11, 2)
+
+    settings = DPOSettings(beta=0.1, kl_coef=0.05, sft_coef=0.3)
+    cached_objective, live_objective = DPOObjective(settings), DPOObjective(settings, reference=reference)
+    with_ref = WithReferenceLogps(pairs, cache)
+    for cached_batch, live_batch in zip(DataLoader(with_ref, batch_size=3), DataLoader(pairs, batch_size=3)):
+        cached_loss, cached_metrics = cached_objective.loss(policy, cached_batch)
+        live_loss, live_metrics = live_objective.loss(policy, live_batch)
+        assert abs(cached_loss.item() - live_loss.item()) < 1e-5
+        for key, value in live_metrics.items():
+            assert cached_metrics[key] == pytest.approx(value, abs=1e-5), key
+        assert live_metrics["kl_ref"] > 0  # policy differs from the reference, so the KL term is active
+        cached_loss.backward()  # gradients flow through the policy only
+
+
+def test_cache_key_follows_data_and_model(setup, tiny_llama):
+    data_dir, ref_dir, _ = setup
+    key = reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32)
+    assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32) == key
+    assert reference_cache_dir(data_dir, ref_dir, SEQ + 1, torch.float32) != key
+    (data_dir / "shard_0000.bin").write_bytes(b"other shard")
+    assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32) != key
+    tiny_llama(9).save_pretrained(ref_dir)
+    assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32) != key
+
+
+def test_cache_errors_are_clear(setup, tmp_path):
+    data_dir, ref_dir, pairs = setup
+    with pytest.raises(DPOError, match="does not exist"):
+        reference_cache_dir(data_dir, tmp_path / "missing", SEQ, torch.float32)
+    with pytest.raises(DPOError, match="index.json"):
+        reference_cache_dir(ref_dir, ref_dir, SEQ, torch.float32)
+    with pytest.raises(DPOError, match="no reference"):
+        DPOObjective(DPOSettings()).loss(torch.nn.Linear(1, 1), DataLoader(pairs, batch_size=2).__iter__().__next__())
