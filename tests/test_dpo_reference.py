@@ -73,3 +73,17 @@ def test_cache_errors_are_clear(setup, tmp_path):
         reference_cache_dir(ref_dir, ref_dir, SEQ, torch.float32)
     with pytest.raises(DPOError, match="no reference"):
         DPOObjective(DPOSettings()).loss(torch.nn.Linear(1, 1), DataLoader(pairs, batch_size=2).__iter__().__next__())
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama, random_dpo_pairs):
+    peft = pytest.importorskip("peft")
+    base_copy = tiny_llama(6)
+    lora = peft.get_peft_model(tiny_llama(6), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batch = next(iter(DataLoader(random_dpo_pairs(4, SEQ, seed=8), batch_size=4)))
+    settings = DPOSettings(beta=0.1, kl_coef=0.05)
+    lora_loss, lora_metrics = DPOObjective(settings).loss(lora, batch)
+    copy_loss, copy_metrics = DPOObjective(settings, reference=base_copy).loss(lora, batch)
+    torch.testing.assert_close(lora_loss, copy_loss)
+    assert lora_metrics["kl_ref"] > 0 and lora_metrics["rewards/margins"] == pytest.approx(copy_metrics["rewards/margins"])
+    lora_loss.backward()
+    assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)
