@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from mateconv.train.logprobs import model_token_logps, trim_right_padding
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SIDES = ("chosen", "rejected")
+EVAL_REWARD_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins")
 
 
 class DPOError(ValueError):
@@ -310,3 +311,66 @@ def compute_reference_logps(
     if world_size > 1:
         torch.distributed.barrier()
     return ReferenceLogps(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Catastrophic forgetting: perplexity on held-out pretraining and SFT data, and held-out preference metrics
+
+@torch.no_grad()
+def preference_eval(model: torch.nn.Module, objective: DPOObjective, pairs: Dataset, batch_size: int,
+                    max_batches: int | None, device: torch.device | str) -> dict[str, float]:
+    """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...)."""
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
+    totals: dict[str, float] = {}
+    batches = 0
+    for batch in loader:
+        if max_batches is not None and batches == max_batches:
+            break
+        loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value
+        batches += 1
+    return {key: value / max(batches, 1) for key, value in totals.items()}
+
+
+def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,
+                    max_batches: int | None) -> dict[str, float]:
+    """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards)."""
+    from mateconv.evaluate import perplexity
+
+    return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size, max_batches).ppl
+            for name, data in held_out.items()}
+
+
+def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
+    """Held-out perplexities (left) and held-out reward accuracy (right) against the DPO step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mateconv.evaluate import save_figure
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        for key, value in record.items():
+            if (key.startswith("forget/") or key in EVAL_REWARD_KEYS) and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((int(record["step"]), float(value)))
+    if not series:
+        raise DPOError(f"{metrics_jsonl} has no forgetting metrics (forget/*) to plot")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, points in sorted(series.items()):
+        axis = left if key.startswith("forget/") else right
+        steps, values = zip(*sorted(points))
+        axis.plot(steps, values, marker="o", label=key.split("/", 1)[1])
+    left.set(title="held-out perplexity (lower = less forgetting)", xlabel="DPO step", ylabel="perplexity")
+    right.set(title="held-out preference pairs", xlabel="DPO step")
+    right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    save_figure(figure, Path(out_png))
+    plt.close(figure)
+    return Path(out_png)
