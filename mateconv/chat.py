@@ -1,0 +1,215 @@
+"""Streaming chat with a saved model: an interactive multi-turn loop in the terminal, or one reply to a single prompt.
+
+    python scripts/chat.py --model_path out/sft/final                      # interactive, /reset and /exit
+    python scripts/chat.py --model_path out/sft/final --prompt "Hi there"  # one reply
+    echo "Hi there" | python scripts/chat.py --model_path out/sft/final --prompt -   # one reply, prompt from stdin
+
+Loading, prompt building and streaming live here; `mateconv.serve` and `mateconv.evaluate` reuse them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+
+class ChatError(RuntimeError):
+    """A problem the user can fix (missing model, bad flag); shown as one line."""
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ChatError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ChatError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ChatError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPUs have no fast bf16 matmuls
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ChatError(f"dtype must be auto or one of {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """A saved Hugging Face directory (MateConv or any causal LM) -> (model in eval mode, tokenizer)."""
+    import model as _register_mateconv  # noqa: F401  (registers MateConv with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise ChatError(f"no model at {path} (expected a save_pretrained directory with config.json)")
+    torch_device = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
+    except (OSError, ValueError) as error:
+        raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
+    if tokenizer.chat_template is None:
+        raise ChatError(f"the tokenizer in {path} has no chat template")
+    return model.to(torch_device).eval(), tokenizer
+
+
+def context_length(model) -> int:
+    config = model.config
+    for name in ("max_seq_len", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ChatError("the model config names no context length (max_seq_len / max_position_embeddings)")
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Chat-template token ids for `messages`, ending with the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """Drop the oldest user/assistant turns (never the system prompt or the last user turn) until the prompt fits."""
+    system = [m for m in messages if m["role"] == "system"][:1]
+    turns = [m for m in messages if m["role"] != "system"]
+    while len(turns) > 1 and len(prompt_ids(tokenizer, system + turns)) > budget:
+        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+    return system + turns
+
+
+def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: SamplingOptions) -> Iterator[str]:
+    """Text pieces of the assistant's reply to `messages`, as they are generated."""
+    from model.generation import stream_text
+
+    budget = context_length(model) - options.max_new_tokens
+    if budget < 1:
+        raise ChatError(f"max_new_tokens {options.max_new_tokens} leaves no room for a prompt "
+                        f"in the context of {context_length(model)} tokens")
+    ids = prompt_ids(tokenizer, fit_history(tokenizer, messages, budget))
+    if len(ids) > budget:
+        raise ChatError(f"the prompt is {len(ids)} tokens; at most {budget} fit with max_new_tokens "
+                        f"{options.max_new_tokens}")
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(options.seed)
+    input_ids = torch.tensor([ids], device=model.device)
+    yield from stream_text(
+        model, tokenizer, input_ids, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+        top_p=options.top_p, top_k=options.top_k, repetition_penalty=options.repetition_penalty, generator=generator,
+    )
+
+
+class ChatSession:
+    """A multi-turn conversation: keeps the history and streams each reply into `out`."""
+
+    def __init__(self, model, tokenizer, options: SamplingOptions, system: str | None = None):
+        self.model, self.tokenizer, self.options, self.system = model, tokenizer, options, system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, user_text: str, out: TextIO) -> str:
+        self.messages.append({"role": "user", "content": user_text})
+        pieces = []
+        for piece in stream_reply(self.model, self.tokenizer, self.messages, self.options):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        text = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": text})
+        return text
+
+
+def run_interactive(session: ChatSession, inp: TextIO, out: TextIO) -> None:
+    out.write("MateConv chat. Commands: /reset (new conversation), /exit (quit).\n")
+    while True:
+        out.write("\n>>> ")
+        out.flush()
+        line = inp.readline()
+        if not line:  # end of input
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+            continue
+        session.reply(text, out)
+        out.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Chat with a saved MateConv (or any Hugging Face causal LM) model.")
+    parser.add_argument("--model_path", default="out/sft/final", help="save_pretrained directory")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    mode = parser.add_argument_group("mode")
+    mode.add_argument("--prompt", default=None, help="answer this one prompt and exit ('-' reads it from stdin)")
+    mode.add_argument("--system", default=None, help="system prompt for every conversation")
+    sampling = parser.add_argument_group("sampling")
+    defaults = SamplingOptions()
+    sampling.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    sampling.add_argument("--top_p", type=float, default=defaults.top_p)
+    sampling.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")
+    sampling.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    sampling.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                  args.repetition_penalty, args.seed)
+        model, tokenizer = load_model(args.model_path, args.device, args.dtype)
+        session = ChatSession(model, tokenizer, options, args.system)
+        if args.prompt is not None:
+            prompt = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
+            if not prompt:
+                raise ChatError("empty prompt")
+            session.reply(prompt, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            run_interactive(session, sys.stdin, sys.stdout)
+    except ChatError as error:
+        raise SystemExit(f"chat: {error}") from None
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

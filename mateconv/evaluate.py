@@ -1,0 +1,427 @@
+"""Stage 6: evaluate saved checkpoints side by side.
+
+For each model directory: validation perplexity (token shards or a JSONL of texts/conversations), accuracy on the
+verifiable prompts of the embedded data set (greedy, chat template), sample generations, and for MoE models the
+per-layer expert load with balance statistics. Writes PNG plots, summary.md, summary.csv and summary.json.
+
+    python -m mateconv.evaluate --models out/pretrain/final out/sft/final out/dpo/final --out_dir out/eval
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mateconv.chat import ChatError, load_model
+from mateconv.procs import write_atomic
+from mateconv.train.logprobs import token_logps
+
+DEFAULT_VAL = "out/tokens/pretrain/val"
+DEFAULT_TASKS = "out/data/tasks_val.jsonl"
+SAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "请用一句话介绍你自己。",
+    "What is 12 + 7?",
+]
+
+
+class EvalError(RuntimeError):
+    """Bad evaluation input (missing model or data, malformed records); shown as one line."""
+
+
+# ---------------------------------------------------------------- data
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise EvalError(f"no such file: {path}")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvalError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise EvalError(f"{path}:{number}: expected a JSON object")
+            records.append(record)
+    return records
+
+
+class TextRecords(Dataset):
+    """A JSONL of {"text"} or {"messages"} records, one truncated sequence each; loss on every real token."""
+
+    def __init__(self, path: Path, tokenizer, seq_len: int):
+        self.items = []
+        for number, record in enumerate(read_jsonl(path), 1):
+            if isinstance(record.get("text"), str):
+                ids = tokenizer.encode(record["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+            elif isinstance(record.get("messages"), list):
+                ids = list(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False))
+            else:
+                raise EvalError(f"{path}:{number}: a record needs a 'text' string or a 'messages' list")
+            if len(ids) >= 2:
+                self.items.append(torch.tensor(ids[:seq_len]))
+        if not self.items:
+            raise EvalError(f"{path}: no usable records")
+        self.seq_len, self.pad_id = seq_len, tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.items[index]
+        padded = torch.full((self.seq_len,), self.pad_id)
+        padded[: len(ids)] = ids
+        labels = torch.full((self.seq_len,), -100)
+        labels[: len(ids)] = ids
+        attention = (torch.arange(self.seq_len) < len(ids)).long()
+        return {"input_ids": padded, "labels": labels, "attention_mask": attention}
+
+
+def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
+    """A token shard directory from stage 3 (pretrain or sft) or a JSONL file of texts / conversations."""
+    if source.is_dir():
+        index = source / "index.json"
+        if not index.is_file():
+            raise EvalError(f"{source} is not a token shard directory (no index.json)")
+        from mateconv.data.shards import PretrainTokens, SFTTokens
+
+        kind = json.loads(index.read_text()).get("kind")
+        readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
+        if kind not in readers:
+            raise EvalError(f"{source}: perplexity needs pretrain or sft shards, found kind {kind!r}")
+        return readers[kind](source, seq_len)
+    if source.suffix == ".jsonl":
+        return TextRecords(source, tokenizer, seq_len)
+    raise EvalError(f"validation data must be a token shard directory or a .jsonl file: {source}")
+
+
+# ---------------------------------------------------------------- metrics
+
+@dataclass
+class Perplexity:
+    loss: float
+    ppl: float
+    tokens: int
+    expert_load: list[list[float]] | None = None  # [n_layers][n_experts] token fractions, MoE only
+
+
+@torch.inference_mode()
+def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> Perplexity:
+    """Mean next-token NLL (without the MoE aux loss) over the labelled tokens; MoE load averaged per token."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    total_nll, total_tokens = 0.0, 0
+    load_sum, load_weight = None, 0
+    batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    progress = tqdm(loader, total=batches, desc="perplexity", unit="batch", leave=False)
+    for step, batch in enumerate(progress):
+        if step == batches:
+            break
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        logps, mask = token_logps(output.logits, batch["labels"])
+        total_nll -= float(logps.sum())
+        total_tokens += int(mask.sum())
+        load = model.expert_load() if hasattr(model, "expert_load") else None
+        if load is not None:
+            weight = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            load_sum = load.float().cpu() * weight + (0 if load_sum is None else load_sum)
+            load_weight += weight
+        progress.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.2f}")
+    if total_tokens == 0:
+        raise EvalError("the validation data has no labelled tokens")
+    loss = total_nll / total_tokens
+    expert_load = None if load_sum is None else (load_sum / load_weight).tolist()
+    return Perplexity(loss, math.exp(loss), total_tokens, expert_load)
+
+
+def balance_stats(expert_load: list[list[float]]) -> dict[str, list[float] | float]:
+    """Per layer: coefficient of variation of the expert loads and the max/min load ratio (inf if an expert idles)."""
+    load = torch.tensor(expert_load)
+    cv = (load.std(dim=1, unbiased=False) / load.mean(dim=1)).tolist()
+    max_min = [float(hi / lo) if lo > 0 else math.inf for hi, lo in zip(load.max(dim=1).values, load.min(dim=1).values)]
+    return {"cv": cv, "max_min": max_min, "cv_mean": sum(cv) / len(cv), "max_min_worst": max(max_min)}
+
+
+def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                   desc: str = "generate") -> list[str]:
+    """The assistant's greedy reply to each conversation, one conversation at a time (no padding effects)."""
+    from model.generation import generate_tokens
+
+    from mateconv.chat import context_length, prompt_ids
+
+    replies = []
+    for messages in tqdm(conversations, desc=desc, unit="prompt", leave=False):
+        ids = prompt_ids(tokenizer, messages)[-(context_length(model) - max_new_tokens):]
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.inference_mode():
+            output = generate_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                                     eos_token_id=tokenizer.eos_token_id)
+        new = output[0, len(ids):].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        replies.append(tokenizer.decode(new, skip_special_tokens=True))
+    return replies
+
+
+@dataclass
+class TaskResult:
+    accuracy: float
+    n: int
+    by_kind: dict[str, float]
+    rows: list[dict] = field(default_factory=list)  # id, kind, answer, response, correct
+
+
+def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48) -> TaskResult:
+    """Greedy answers to the verifiable prompts, checked by `mateconv.data.embedded.check_answer`."""
+    from mateconv.data.embedded import check_answer
+
+    for record in records:
+        if not isinstance(record.get("messages"), list) or "answer" not in record:
+            raise EvalError(f"task record {record.get('id')!r} needs 'messages' and 'answer'")
+    responses = greedy_replies(model, tokenizer, [r["messages"] for r in records], max_new_tokens, desc="tasks")
+    rows = [{"id": r.get("id"), "kind": r.get("kind", "?"), "answer": r["answer"], "response": response,
+             "correct": bool(check_answer(r, response))} for r, response in zip(records, responses)]
+    kinds: dict[str, list[bool]] = {}
+    for row in rows:
+        kinds.setdefault(row["kind"], []).append(row["correct"])
+    by_kind = {kind: sum(hits) / len(hits) for kind, hits in sorted(kinds.items())}
+    accuracy = sum(row["correct"] for row in rows) / len(rows) if rows else float("nan")
+    return TaskResult(accuracy, len(rows), by_kind, rows)
+
+
+# ---------------------------------------------------------------- one model, many models
+
+@dataclass
+class ModelReport:
+    label: str
+    path: str
+    kind: str  # "dense" or "moe"
+    params_m: float
+    ppl: Perplexity | None = None
+    tasks: TaskResult | None = None
+    samples: list[str] = field(default_factory=list)
+    balance: dict | None = None
+
+    def row(self) -> dict:
+        """One flat row for summary.csv / summary.md."""
+        return {
+            "model": self.label, "kind": self.kind, "params_M": round(self.params_m, 2),
+            "val_loss": None if self.ppl is None else round(self.ppl.loss, 4),
+            "val_ppl": None if self.ppl is None else round(self.ppl.ppl, 3),
+            "val_tokens": None if self.ppl is None else self.ppl.tokens,
+            "task_accuracy": None if self.tasks is None else round(self.tasks.accuracy, 4),
+            "tasks_n": None if self.tasks is None else self.tasks.n,
+            "load_cv_mean": None if self.balance is None else round(self.balance["cv_mean"], 4),
+            "load_max_min": None if self.balance is None else round(self.balance["max_min_worst"], 3),
+        }
+
+
+def model_label(path: Path) -> str:
+    """out/sft/final -> sft/final (the stage and the checkpoint tell models apart)."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, prompts: list[str], seq_len: int | None,
+                   batch_size: int, max_batches: int | None, max_new_tokens: int, device: str = "auto") -> ModelReport:
+    model, tokenizer = load_model(path, device)
+    is_moe = bool(getattr(model.config, "use_moe", False))
+    report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
+                         sum(p.numel() for p in model.parameters()) / 1e6)
+    if val is not None:
+        from mateconv.chat import context_length
+
+        length = min(seq_len or context_length(model), context_length(model))
+        report.ppl = perplexity(model, val_dataset(val, tokenizer, length), batch_size, max_batches)
+        if report.ppl.expert_load is not None:
+            report.balance = balance_stats(report.ppl.expert_load)
+    if tasks:
+        report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens)
+    report.samples = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                                    max_new_tokens, desc="samples")
+    return report
+
+
+# ---------------------------------------------------------------- outputs
+
+def save_figure(figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_summary(reports: list[ModelReport], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    labels = [r.label for r in reports]
+    metrics = [("validation perplexity", [r.ppl.ppl if r.ppl else math.nan for r in reports]),
+               ("task accuracy", [r.tasks.accuracy if r.tasks else math.nan for r in reports])]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, (title, values) in zip(axes, metrics):
+        colors = ["tab:orange" if r.kind == "moe" else "tab:blue" for r in reports]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, rotation=20, ha="right")
+        ax.set_title(title)
+        for x, value in enumerate(values):
+            if not math.isnan(value):
+                ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+    figure.suptitle("blue = dense FFN, orange = MoE")
+    save_figure(figure, out_dir / "metrics.png")
+    plt.close(figure)
+    written.append(out_dir / "metrics.png")
+
+    for report in reports:
+        if report.ppl is None or report.ppl.expert_load is None:
+            continue
+        load = torch.tensor(report.ppl.expert_load)
+        figure, ax = plt.subplots(figsize=(1.2 + 0.6 * load.shape[1], 1.0 + 0.45 * load.shape[0]))
+        image = ax.imshow(load, cmap="viridis", aspect="auto")
+        for (layer, expert), value in zip(torch.cartesian_prod(torch.arange(load.shape[0]), torch.arange(load.shape[1])).tolist(),
+                                          load.flatten().tolist()):
+            ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{report.label}: token share per expert (CV {report.balance['cv_mean']:.3f})")
+        figure.colorbar(image, ax=ax)
+        path = out_dir / f"expert_load_{report.label.replace('/', '_')}.png"
+        save_figure(figure, path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row[k] is None else str(row[k]).replace("|", "\\|").replace("\n", " ")
+                                       for k in header) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path) -> None:
+    rows = [report.row() for report in reports]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out_dir / "summary.csv", buffer.getvalue())
+
+    summary = {"models": [{**report.row(), "path": report.path,
+                           "accuracy_by_kind": report.tasks.by_kind if report.tasks else None,
+                           "expert_load": report.ppl.expert_load if report.ppl else None,
+                           "balance": report.balance, "samples": dict(zip(prompts, report.samples))}
+                          for report in reports]}
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+
+    parts = ["# MateConv evaluation", "", markdown_table(rows), "", "![metrics](metrics.png)", ""]
+    for report in reports:
+        if report.balance is not None:
+            name = f"expert_load_{report.label.replace('/', '_')}.png"
+            cv = ", ".join(f"{v:.3f}" for v in report.balance["cv"])
+            parts += [f"## Expert load: {report.label}", "", f"per-layer CV: {cv}", "", f"![{name}]({name})", ""]
+    parts += ["## Samples (greedy)", "",
+              markdown_table([{"prompt": p, **{r.label: r.samples[i] for r in reports}} for i, p in enumerate(prompts)]),
+              ""]
+    if any(r.tasks for r in reports):
+        parts += ["## Task accuracy by kind", ""]
+        kinds = sorted({k for r in reports if r.tasks for k in r.tasks.by_kind})
+        parts += [markdown_table([{"kind": k, **{r.label: (round(r.tasks.by_kind[k], 3) if r.tasks and k in
+                                                          r.tasks.by_kind else None) for r in reports}}
+                                  for k in kinds]), ""]
+    write_atomic(out_dir / "summary.md", "\n".join(parts))
+    for report in reports:
+        if report.tasks:
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.tasks.rows)
+            write_atomic(out_dir / f"tasks_{report.label.replace('/', '_')}.jsonl", lines)
+
+
+def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
+             tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
+             batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
+             max_new_tokens: int = 48, device: str = "auto") -> list[ModelReport]:
+    """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports."""
+    if not models:
+        raise EvalError("no models to evaluate")
+    paths = [Path(m) for m in models]
+    for path in paths:
+        if not (path / "config.json").is_file():
+            raise EvalError(f"no model at {path} (expected a save_pretrained directory)")
+    val_path = Path(val) if val else None
+    if val_path is not None and not val_path.exists():
+        raise EvalError(f"validation data not found: {val_path}")
+    task_records = read_jsonl(Path(tasks))[:max_tasks] if tasks else None
+    prompts = SAMPLE_PROMPTS if prompts is None else prompts
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for path in paths:
+        print(f"[evaluate] {path}", flush=True)
+        reports.append(evaluate_model(path, val_path, task_records, prompts, seq_len, batch_size, max_batches,
+                                      max_new_tokens, device))
+        print(f"[evaluate] {json.dumps(reports[-1].row())}", flush=True)
+    plot_summary(reports, out)
+    write_summary(reports, prompts, out)
+    return reports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate saved checkpoints: perplexity, task accuracy, samples, "
+                                                 "MoE expert load. Writes plots and summaries to --out_dir.")
+    parser.add_argument("--models", nargs="+", required=True, help="save_pretrained directories, e.g. out/sft/final")
+    parser.add_argument("--out_dir", default="out/eval")
+    parser.add_argument("--device", default="auto")
+    data = parser.add_argument_group("data")
+    data.add_argument("--val", default=None,
+                      help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' skips)")
+    data.add_argument("--tasks", default=None,
+                      help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
+    data.add_argument("--prompts", nargs="*", default=None, help="sample prompts (default: a built-in few)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--seq_len", type=int, default=None, help="sequence length for perplexity (default: model's)")
+    limits.add_argument("--batch_size", type=int, default=8)
+    limits.add_argument("--max_batches", type=int, default=50, help="0 = all")
+    limits.add_argument("--max_tasks", type=int, default=200, help="0 = all")
+    limits.add_argument("--max_new_tokens", type=int, default=48)
+    return parser
+
+
+def optional_path(value: str | None, default: str) -> str | None:
+    """An explicit path must exist (checked later); the default is used only when present; 'none' disables."""
+    if value is None:
+        if Path(default).exists():
+            return default
+        print(f"[evaluate] {default} not found; skipping it", flush=True)
+        return None
+    return None if value.lower() == "none" else value
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
+                 optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
+                 args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device)
+    except (EvalError, ChatError) as error:
+        raise SystemExit(f"evaluate: {error}") from None
+    print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Interactive streaming chat with a saved model (see docs/inference.md): python scripts/chat.py --model_path out/sft/final"""
+from mateconv.chat import main
+
+if __name__ == "__main__":
+    main()
