@@ -1,0 +1,199 @@
+"""Fast batched generation with a preallocated KV cache, sampling, and streaming text.
+
+`generate_tokens` and `stream_text` drive MateConv models with `KVCache` and any other Hugging Face causal LM with a
+`DynamicCache`. The chat CLI, the OpenAI-compatible server and the evaluation call these.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from model.modeling import MateConvForCausalLM
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, n_kv_heads, capacity, head_dim], filled in place (no reallocation per step).
+    Implements the two methods MateConv's attention uses from Hugging Face's Cache API."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.lengths = [0] * n_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[2]
+        if end > self.keys[layer_idx].shape[2]:
+            raise ValueError(f"KV cache capacity {self.keys[layer_idx].shape[2]} exceeded ({end} positions)")
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+def new_cache(model, batch: int, capacity: int):
+    if not isinstance(model, MateConvForCausalLM):
+        return DynamicCache(config=model.config)
+    config, weight = model.config, model.lm_head.weight
+    return KVCache(config.n_layers, batch, config.n_kv_heads, config.head_dim, capacity, weight.device, weight.dtype)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: for tokens already in the sequence (seen [B, V] bool), divide positive logits by the penalty and
+    multiply negative ones by it (penalty > 1 makes repeats less likely)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches top_p."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from next-token logits [B, V]."""
+    logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attention_mask: torch.Tensor | None = None,
+                eos_token_id: int | None = None, pad_token_id: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row ([B] long tensor) until all rows hit EOS or max_new_tokens is reached.
+    Rows that finished get `pad_token_id` (default: the EOS id). Left-padded batches need `attention_mask`."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    context = getattr(model.config, "max_seq_len", None) or getattr(model.config, "max_position_embeddings", None)
+    if context is not None and length + sampling.max_new_tokens > context:
+        raise ValueError(f"prompt ({length}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
+                         f"context of {context} tokens")
+    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: plain causal attention, no mask to grow
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
+        torch.arange(length, device=input_ids.device).expand(batch, -1)
+    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=input_ids.device)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    seen[torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)[real], input_ids[real]] = True
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    cache = new_cache(model, batch, length + sampling.max_new_tokens)
+    step_ids, step_positions = input_ids, positions
+    for _ in range(sampling.max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = next_tokens(logits, seen, sampling, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        yield token
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+            if bool(finished.all()):
+                return
+        seen[torch.arange(batch, device=token.device), token] = True
+        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+
+
+def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 1.0,
+                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                    eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+                    pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, L] prompt ids -> [B, L + n] prompt plus generated ids, n <= max_new_tokens (fewer when every row ended
+    with EOS; a row that ended early is filled with pad_token_id, default the EOS id)."""
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    tokens = list(iter_tokens(model, input_ids, sampling, attention_mask, eos_token_id, pad_token_id, generator))
+    return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+
+def detokenize(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces for a stream of token ids; "".join(pieces) == tokenizer.decode(all ids, skip_special_tokens=True).
+
+    A piece is released only when the text decodes cleanly (a multi-byte character split across tokens waits for
+    its last byte). The pending tokens are decoded together with the previous piece's tokens as context, so
+    tokenizers that strip a leading space from a lone word still decode correctly.
+    """
+    ids: list[int] = []
+    prefix = emitted = 0  # ids[prefix:emitted] is context already released; ids[emitted:] are pending
+    for token_id in token_ids:
+        ids.append(int(token_id))
+        before = tokenizer.decode(ids[prefix:emitted], skip_special_tokens=True)
+        now = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            yield now[len(before):]
+            prefix, emitted = emitted, len(ids)
+    tail = tokenizer.decode(ids[prefix:], skip_special_tokens=True)[len(tokenizer.decode(ids[prefix:emitted],
+                                                                                       skip_special_tokens=True)):]
+    if tail:
+        yield tail
+
+
+def stream_text(model, tokenizer, prompt_ids, eos_token_id: int | None = None,
+                generator: torch.Generator | None = None, **sampling) -> Iterator[str]:
+    """Decoded text pieces of one reply as they are generated (stops at EOS, which is not emitted).
+
+    prompt_ids: list of ids or a [1, L] / [L] tensor. sampling: SamplingConfig fields (max_new_tokens, temperature,
+    top_p, top_k, repetition_penalty). eos_token_id defaults to the tokenizer's.
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.as_tensor(prompt_ids, device=device).long().view(1, -1)
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    tokens = iter_tokens(model, input_ids, SamplingConfig(**sampling), eos_token_id=eos, generator=generator)
+    ids = (int(token) for token in tokens)
+    yield from detokenize(tokenizer, _until(ids, eos))
+
+
+def _until(ids: Iterator[int], stop: int | None) -> Iterator[int]:
+    for token in ids:
+        if token == stop:
+            return
+        yield token
+
+
+__all__ = ["KVCache", "SamplingConfig", "apply_repetition_penalty", "detokenize", "filter_top_k_top_p",
+           "generate_tokens", "iter_tokens", "next_tokens", "stream_text"]

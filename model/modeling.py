@@ -1,0 +1,229 @@
+"""MateConv decoder: RoPE, RMSNorm, grouped-query attention (SDPA or plain math), SwiGLU or MoE FFN, tied LM head.
+
+Parameter names are Hugging Face Llama's, so a dense model exports to `LlamaForCausalLM` by a strict state-dict load.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from model.config import MateConvConfig
+from model.moe import MoEFeedForward, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for positions [B, T] (half-split layout: frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = position_ids[..., None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MateConvConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.use_sdpa = config.flash_attn
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache=None) -> torch.Tensor:
+        """mask: None means plain causal attention (or a single query attending to everything before it)."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=mask is None and seq > 1, enable_gqa=True)
+        else:
+            out = self.math_attention(q, k, v, mask, dropout)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def math_attention(self, q, k, v, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        if mask is None and q.shape[2] > 1:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(scores.softmax(dim=-1).to(q.dtype), p=dropout, training=dropout > 0)
+        return probs @ v
+
+
+class MateConvDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MateConvConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.is_moe = config.use_moe
+        self.mlp = MoEFeedForward(config) if config.use_moe else SwiGLU(config.dim, config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        if self.is_moe:
+            ffn, aux = self.mlp(self.post_attention_layernorm(x))
+        else:
+            ffn, aux = self.mlp(self.post_attention_layernorm(x)), None
+        return x + self.dropout(ffn), aux
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int) -> torch.Tensor | None:
+    """Boolean [B, 1, T, past+T] mask, or None when plain causal attention is exact for every real token.
+
+    Right padding needs no mask: real tokens come first and attend only backwards, and padded positions carry no
+    labels. A padded query always sees itself, so no row of the mask is empty.
+    """
+    if attention_mask is not None and not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        keys = attention_mask.bool()
+    elif past == 0 or seq == 1:
+        return None
+    else:
+        keys = None
+    total = past + seq
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]
+    if keys is not None:
+        mask = mask & keys[:, None, None, :total] | (key_pos == query_pos)[None, None]
+    return mask
+
+
+@dataclass
+class MateConvCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the MoE balance loss (summed over layers; already included in `loss`)."""
+
+    aux_loss: torch.Tensor | None = None
+
+
+class MateConvPreTrainedModel(PreTrainedModel):
+    config: MateConvConfig
+    config_class = MateConvConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MateConvDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class MateConvModel(MateConvPreTrainedModel):
+    def __init__(self, config: MateConvConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(MateConvDecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None)."""
+        batch, seq = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + seq > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None and past + seq == attention_mask.shape[1]:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+        x = self.dropout(self.embed_tokens(input_ids))
+        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, past, seq)
+        aux_total = None
+        for layer in self.layers:
+            x, aux = layer(x, rope, mask, past_key_values)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), (past_key_values if use_cache else None), aux_total
+
+
+class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MateConvConfig):
+        super().__init__(config)
+        self.model = MateConvModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> MateConvCausalLMOutput:
+        """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all)."""
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
+        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            if aux is not None:
+                loss = loss + aux
+        return MateConvCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, aux_loss=aux)
+
+    def expert_load(self) -> torch.Tensor | None:
+        """[n_layers, n_routed_experts] token fractions per expert in the last forward (rows sum to 1); None if dense."""
+        if not self.config.use_moe:
+            return None
+        loads = [layer.mlp.last_load for layer in self.model.layers]
+        return None if any(load is None for load in loads) else torch.stack(loads)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; mean over labels != -100 (or sum / num_items)."""
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100,
+                           reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch

@@ -1,0 +1,85 @@
+"""DeepSeek-style Mixture-of-Experts FFN: shared experts + top-k routed experts with an auxiliary balance loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import MateConvConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the dense FFN and every expert (Hugging Face Llama parameter names)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Routes each token to `num_experts_per_tok` of `n_routed_experts` SwiGLU experts, adds the shared experts.
+
+    forward(x [B, T, dim]) -> (y [B, T, dim], aux_loss scalar). One module holding the router and all experts, so
+    DeepSpeed ZeRO-3 can treat it as a leaf (`deepspeed.utils.set_z3_leaf_modules(model, [MoEFeedForward])`).
+    Every expert runs every step (on an empty batch if no token picked it), so all parameters always get a gradient
+    (zero for idle experts) and DDP/ZeRO see the same graph on every rank.
+    """
+
+    def __init__(self, config: MateConvConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.gate = nn.Linear(config.dim, config.n_routed_experts, bias=False)  # router
+        self.experts = nn.ModuleList(SwiGLU(config.dim, config.hidden_dim) for _ in range(config.n_routed_experts))
+        self.shared_experts = (SwiGLU(config.dim, config.hidden_dim * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        self.last_load: torch.Tensor | None = None  # token fraction per expert in the last forward
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> (scores [N, E] fp32, top-k weights [N, k], top-k expert ids [N, k])."""
+        scores = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, weights, experts
+
+    def balance_loss(self, scores: torch.Tensor, experts: torch.Tensor, batch: int) -> torch.Tensor:
+        """aux_loss_alpha * sum_e f_e * P_e, with f_e the routed-token share scaled so a uniform load gives f_e = 1
+        and P_e the mean router probability; per sequence (`seq_aux`) or over the whole batch."""
+        if self.aux_loss_alpha == 0:
+            return scores.new_zeros(())
+        if self.seq_aux:
+            scores = scores.view(batch, -1, self.n_experts)
+            picks = experts.view(batch, -1)
+            counts = torch.zeros(batch, self.n_experts, device=scores.device, dtype=scores.dtype)
+            counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=scores.dtype))
+            share = counts / (picks.shape[1] / self.n_experts)
+            return (share * scores.mean(dim=1)).sum(dim=1).mean() * self.aux_loss_alpha
+        share = F.one_hot(experts.flatten(), self.n_experts).to(scores.dtype).mean(0) * self.n_experts
+        return (share * scores.mean(0)).sum() * self.aux_loss_alpha
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        scores, weights, experts = self.route(flat)
+        # Sort the (token, expert) assignments by expert, run each expert once on its contiguous slice.
+        assigned = experts.flatten()
+        order = assigned.argsort(stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(assigned, minlength=self.n_experts)
+        slices = flat[token_of].split(counts.tolist())
+        outputs = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices)])
+        outputs = outputs * weights.flatten()[order].unsqueeze(-1).to(outputs.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token_of, outputs)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        self.last_load = (counts.float() / assigned.numel()).detach()
+        return y.view(batch, seq, dim), self.balance_loss(scores, experts, batch)

@@ -1,0 +1,150 @@
+"""MateConv dense model: config validation, presets, Llama export equivalence, HF integration, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from model import PRESETS, ConfigError, MateConvConfig, MateConvForCausalLM, preset_config
+from model.export import export_llama, to_llama
+
+
+def tiny_config(**overrides) -> MateConvConfig:
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64)
+    return MateConvConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> MateConvForCausalLM:
+    torch.manual_seed(seed)
+    model = MateConvForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # non-trivial norm weights, so the export test would catch a mislabelled norm
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(dim=60, n_heads=8), "divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
+    (dict(use_moe=True, n_routed_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),
+    (dict(scoring_func="sigmoid"), "unknown scoring_func"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_config_rejects_invalid_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**fields)
+
+
+def test_config_defaults_and_presets():
+    config = MateConvConfig()
+    assert (config.dim, config.n_layers, config.vocab_size, config.hidden_dim) == (512, 8, 6400, 1408)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    assert config.tie_word_embeddings and config.hidden_size == 512 and config.num_key_value_heads == 2
+    expected_millions = {"mateconv-0.02b": 25.8, "mateconv-0.1b": 104.0, "mateconv-0.1b-moe": 145.0}
+    assert set(PRESETS) == set(expected_millions)
+    for name, millions in expected_millions.items():
+        with torch.device("meta"):
+            model = MateConvForCausalLM(preset_config(name))
+        assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset_config("nope")
+
+
+def test_export_to_llama_matches_logits_and_hf_generate(tmp_path):
+    model = tiny_model()
+    llama = to_llama(model)
+    input_ids = torch.randint(3, 97, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0  # left padding on one row
+    with torch.no_grad():
+        assert (model(input_ids).logits - llama(input_ids).logits).abs().max() < 1e-4
+        ours = model(input_ids, attention_mask=attention_mask).logits
+        theirs = llama(input_ids, attention_mask=attention_mask).logits
+    assert (ours - theirs)[:, 5:].abs().max() < 1e-4 and (ours - theirs)[1:].abs().max() < 1e-4
+    from model.generation import generate_tokens
+
+    hf = llama.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generate_tokens(model, input_ids, 12, temperature=0, attention_mask=attention_mask), hf)
+    assert torch.equal(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False), hf)
+
+    saved = LlamaForCausalLM.from_pretrained(export_llama(model, tmp_path / "llama")).eval()
+    with torch.no_grad():
+        assert (saved(input_ids).logits - llama(input_ids).logits).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="use_moe"):
+        to_llama(tiny_model(use_moe=True))
+
+
+def test_loss_uses_hf_shift_and_ignore_index():
+    model = tiny_model()
+    llama = to_llama(model)
+    input_ids = torch.randint(3, 97, (2, 16))
+    labels = input_ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        ours, theirs = model(input_ids, labels=labels), llama(input_ids, labels=labels)
+    assert ours.aux_loss is None
+    assert ours.loss.item() == pytest.approx(theirs.loss.item(), abs=1e-5)
+
+
+def test_math_attention_fallback_matches_sdpa():
+    sdpa, math_model = tiny_model(flash_attn=True), tiny_model(flash_attn=False)
+    input_ids = torch.randint(3, 97, (2, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :7] = 0
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            diff = sdpa(input_ids, attention_mask=mask).logits - math_model(input_ids, attention_mask=mask).logits
+            assert diff.abs().max() < 1e-5
+
+
+def test_right_padding_leaves_real_tokens_unchanged():
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (1, 12))
+    padded = torch.cat([input_ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        diff = model(padded, attention_mask=mask).logits[:, :12] - model(input_ids).logits
+    assert diff.abs().max() < 1e-5
+
+
+def test_save_load_roundtrip_with_auto_classes(tmp_path):
+    model = tiny_model(use_moe=True)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "mateconv"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MateConvForCausalLM) and loaded.config.use_moe
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    input_ids = torch.randint(3, 97, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    input_ids = torch.randint(3, 97, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=1, use_moe=True).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        output = model(input_ids, labels=input_ids)
+        output.loss.backward()
+        assert output.aux_loss.requires_grad
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_dropout_only_in_training():
+    model = tiny_model(dropout=0.5)
+    input_ids = torch.randint(3, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+        model.train()
+        assert not torch.equal(model(input_ids).logits, model(input_ids).logits)
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        tiny_model()(torch.zeros(1, 65, dtype=torch.long))

@@ -1,0 +1,144 @@
+"""Generation: KV cache vs full recompute, sampling flags, EOS, batching, streaming text."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import MateConvConfig, MateConvForCausalLM
+from model.generation import (KVCache, SamplingConfig, apply_repetition_penalty, detokenize, filter_top_k_top_p,
+                              generate_tokens, stream_text)
+
+TEXTS = ["你好，世界！今天天气很好。🌞🌈", "小模型也能学会说话 😀👍🏽", "hello world, 中文 and emoji 🎉 mixed"]
+
+
+def tiny_model(use_moe: bool = False, vocab_size: int = 97, seed: int = 0) -> MateConvForCausalLM:
+    torch.manual_seed(seed)
+    config = MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=96,
+                            use_moe=use_moe)
+    return MateConvForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(TEXTS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_kv_cache_matches_full_recompute(use_moe):
+    model = tiny_model(use_moe)
+    prompt = torch.randint(3, 97, (2, 7))
+    generated = generate_tokens(model, prompt, max_new_tokens=15, temperature=0)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(15):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generated, sequence)
+        # logits: prefill + one token at a time through our cache == one full forward
+        cache = KVCache(2, 2, 2, 16, 30, torch.device("cpu"), torch.float32)
+        steps = [model(sequence[:, :10], past_key_values=cache, use_cache=True).logits]
+        steps += [model(sequence[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 22)]
+        assert (torch.cat(steps, dim=1) - model(sequence).logits).abs().max() < 1e-4
+
+
+def test_left_padded_batch_matches_single_prompts():
+    model = tiny_model()
+    short, long = torch.randint(3, 97, (1, 5)), torch.randint(3, 97, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    out = generate_tokens(model, batch, max_new_tokens=10, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 4:], generate_tokens(model, short, max_new_tokens=10, temperature=0)[0])
+    assert torch.equal(out[1], generate_tokens(model, long, max_new_tokens=10, temperature=0)[0])
+
+
+def test_top_k_one_equals_greedy_and_seeds_reproduce():
+    model = tiny_model()
+    prompt = torch.randint(3, 97, (3, 6))
+    greedy = generate_tokens(model, prompt, max_new_tokens=12, temperature=0)
+    top1 = generate_tokens(model, prompt, max_new_tokens=12, temperature=1.5, top_k=1,
+                           generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy, top1)
+
+    def sample(seed: int) -> torch.Tensor:
+        return generate_tokens(model, prompt, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                               generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+    assert not torch.equal(sample(7), greedy)
+
+
+def test_top_k_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda filtered: torch.isfinite(filtered)[0].tolist()  # noqa: E731
+    assert kept(filter_top_k_top_p(logits, top_k=2, top_p=1.0)) == [True, True, False, False]
+    assert kept(filter_top_k_top_p(logits, top_k=0, top_p=0.5)) == [True, False, False, False]
+    assert kept(filter_top_k_top_p(logits, top_k=0, top_p=0.7)) == [True, True, False, False]
+    assert kept(filter_top_k_top_p(logits, top_k=0, top_p=0.81)) == [True, True, True, False]
+
+
+def test_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+    # a strong penalty stops greedy decoding from repeating any token of the prompt or its own output
+    model = tiny_model()
+    prompt = torch.randint(3, 97, (1, 4))
+    out = generate_tokens(model, prompt, max_new_tokens=20, temperature=0, repetition_penalty=1e4)[0].tolist()
+    assert len(set(out)) == len(out)
+
+
+def test_eos_stops_each_row_and_pads():
+    model = tiny_model()
+    prompt = torch.randint(3, 97, (2, 5))
+    free = generate_tokens(model, prompt, max_new_tokens=12, temperature=0)
+    eos = int(free[0, 8])  # row 0 emits this token at its 4th step
+    out = generate_tokens(model, prompt, max_new_tokens=12, temperature=0, eos_token_id=eos, pad_token_id=0)
+    first = free[0, 5:].tolist().index(eos)
+    assert out[0, 5 + first] == eos and (out[0, 6 + first:] == 0).all()
+    if eos not in free[1, 5:].tolist():
+        assert torch.equal(out[1], free[1])
+    solo = generate_tokens(model, prompt[:1], max_new_tokens=12, temperature=0, eos_token_id=eos)
+    assert solo.shape[1] == 5 + first + 1  # stops as soon as every row ended
+
+
+def test_invalid_sampling_and_context_errors():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate_tokens(tiny_model(), torch.zeros(1, 90, dtype=torch.long), max_new_tokens=10)
+
+
+def test_detokenize_waits_for_complete_characters(tokenizer):
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        pieces = list(detokenize(tokenizer, ids))
+        assert "".join(pieces) == tokenizer.decode(ids) == text
+        assert all("\ufffd" not in piece for piece in pieces)
+    # an emoji is several byte-level tokens: it must come out whole, in one piece
+    ids = tokenizer.encode("🎉")
+    assert len(ids) > 1 and list(detokenize(tokenizer, ids)) == ["🎉"]
+
+
+def test_stream_text_concatenates_to_the_full_decode(tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer), seed=3)
+    prompt = tokenizer.encode(TEXTS[0])[:6]
+    options = dict(max_new_tokens=30, temperature=0.8, top_p=0.95)
+    pieces = list(stream_text(model, tokenizer, prompt, generator=torch.Generator().manual_seed(0), **options))
+    full = generate_tokens(model, torch.tensor([prompt]), eos_token_id=tokenizer.eos_token_id,
+                           generator=torch.Generator().manual_seed(0), **options)[0, 6:].tolist()
+    if tokenizer.eos_token_id in full:
+        full = full[: full.index(tokenizer.eos_token_id)]
+    assert len(pieces) > 1 and "".join(pieces) == tokenizer.decode(full, skip_special_tokens=True)

@@ -1,0 +1,116 @@
+"""DeepSeek-style MoE FFN: routing, balance loss, expert load, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward
+
+
+def moe_config(**overrides) -> MateConvConfig:
+    fields = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=64, use_moe=True,
+                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    return MateConvConfig(**{**fields, **overrides})
+
+
+def reference_moe(block: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """Token-by-token evaluation of the same routing (the slow obvious way)."""
+    flat = x.reshape(-1, x.shape[-1])
+    scores = torch.softmax(block.gate(flat), dim=-1)
+    rows = []
+    for token, probs in zip(flat, scores):
+        weights, experts = probs.topk(block.top_k)
+        weights = weights / weights.sum()
+        out = sum(w * block.experts[int(e)](token) for w, e in zip(weights, experts))
+        rows.append(out + block.shared_experts(token))
+    return torch.stack(rows).view_as(x)
+
+
+def test_grouped_dispatch_matches_per_token_reference():
+    torch.manual_seed(0)
+    block = MoEFeedForward(moe_config())
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        y, _ = block(x)
+        assert (y - reference_moe(block, x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_each_token_goes_to_exactly_k_experts(top_k):
+    torch.manual_seed(0)
+    block = MoEFeedForward(moe_config(num_experts_per_tok=top_k))
+    x = torch.randn(2, 9, 32)
+    _, weights, experts = block.route(x.reshape(-1, 32))
+    assert experts.shape == (18, top_k)
+    assert all(len(set(row.tolist())) == top_k for row in experts)
+    if top_k > 1:  # norm_topk_prob renormalises the chosen experts' weights
+        assert torch.allclose(weights.sum(-1), torch.ones(18))
+    block(x)
+    assert block.last_load.sum().item() == pytest.approx(1.0)
+
+
+def forced_router(block: MoEFeedForward, x: torch.Tensor, skewed: bool) -> None:
+    """Gate weights that route by the first four input features (balanced) or send every token to experts 0 and 1
+    (skewed)."""
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        if skewed:
+            x[..., 0] = 1.0
+            block.gate.weight[0, 0], block.gate.weight[1, 0] = 5.0, 4.0
+        else:
+            for expert in range(4):
+                block.gate.weight[expert, expert] = 5.0
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_aux_loss_lower_when_balanced(seq_aux):
+    losses = {}
+    for skewed in (False, True):
+        torch.manual_seed(0)
+        block = MoEFeedForward(moe_config(seq_aux=seq_aux, aux_loss_alpha=0.1))
+        # token t prefers experts t % 4 (first) and (t + 1) % 4 (second) in the balanced case
+        pattern = torch.eye(4) + 0.9 * torch.eye(4).roll(1, dims=1)
+        x = torch.zeros(2, 16, 32)
+        x[..., :4] = pattern.repeat(8, 1).view(2, 16, 4)
+        forced_router(block, x, skewed)
+        _, aux = block(x)
+        losses[skewed] = aux.item()
+        expected_load = torch.tensor([0.5, 0.5, 0.0, 0.0]) if skewed else torch.full((4,), 0.25)
+        assert torch.allclose(block.last_load, expected_load)
+    assert 0 < losses[False] < losses[True]
+    # Balanced: share 1 per expert and mean probability ~1/4 each -> alpha * 1; skewed: about alpha * 2.
+    assert losses[False] == pytest.approx(0.1, rel=0.05)
+    assert losses[True] > 0.18
+
+
+def test_model_expert_load_and_aux_in_loss():
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(moe_config()).train()
+    input_ids = torch.randint(3, 61, (2, 12))
+    assert model.expert_load() is None  # nothing routed yet
+    output = model(input_ids, labels=input_ids)
+    load = model.expert_load()
+    assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.ones(2))
+    assert output.aux_loss.item() > 0
+    no_aux = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+    assert output.loss.item() == pytest.approx(no_aux.item() + output.aux_loss.item(), abs=1e-5)
+    dense = MateConvForCausalLM(moe_config(use_moe=False))
+    dense(input_ids)
+    assert dense.expert_load() is None
+
+
+def test_gradients_reach_exactly_the_used_experts():
+    torch.manual_seed(0)
+    block = MoEFeedForward(moe_config(aux_loss_alpha=0.0))
+    x = torch.zeros(1, 8, 32)
+    x[..., 0] = 1.0
+    with torch.no_grad():  # every token -> experts 0 and 2 only
+        block.gate.weight.zero_()
+        block.gate.weight[0, 0], block.gate.weight[2, 0] = 5.0, 4.0
+    y, _ = block(x + 0.01 * torch.randn_like(x))
+    y.square().sum().backward()
+    for index, expert in enumerate(block.experts):
+        norm = sum(p.grad.abs().sum().item() for p in expert.parameters())
+        assert (norm > 0) == (index in (0, 2)), f"expert {index} gradient norm {norm}"
+    assert block.gate.weight.grad.abs().sum() > 0
+    assert block.shared_experts.gate_proj.weight.grad.abs().sum() > 0
