@@ -1,0 +1,532 @@
+"""Hyperparameter sweeps from one YAML file in W&B's sweep schema, run by either of two backends.
+
+- `wandb`: `wandb.sweep` registers the sweep, `wandb.agent` asks W&B for parameters; each run starts the program.
+- `optuna`: an embedded Optuna study in `out/sweeps/<name>/study.db` (sqlite, so an interrupted sweep resumes),
+  works offline, and writes a summary (best parameters, a table, a plot) next to the study.
+
+Either way a trial is the program run as a subprocess with `--key value` flags plus `--out_dir <trial dir>`; the
+metric is the last value of `metric.name` in the trial's `metrics.jsonl` (W&B's default summary: the last value).
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import netrc
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from mateconv.procs import StageRunner, is_alive, write_atomic
+
+TOP_LEVEL_KEYS = ("program", "method", "metric", "parameters", "name", "description", "command", "early_terminate",
+                  "project", "entity", "run_cap")
+METHODS = ("grid", "random", "bayes")
+GOALS = ("minimize", "maximize")
+PARAMETER_KEYS = ("value", "values", "distribution", "min", "max", "q", "mu", "sigma", "a", "b", "probabilities",
+                  "parameters")
+# Distributions the Optuna backend maps; W&B also knows the ones below, which only `--backend wandb` runs.
+OPTUNA_DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform", "log_uniform",
+                        "log_uniform_values", "q_log_uniform_values")
+WANDB_ONLY_DISTRIBUTIONS = ("q_log_uniform", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal",
+                            "log_normal", "q_log_normal", "beta", "q_beta")
+COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}",
+                  "${args_no_boolean_flags}", "${args_json}")
+
+
+class SweepError(ValueError):
+    """A sweep config or a trial that cannot be used; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    distribution: str  # one of OPTUNA_DISTRIBUTIONS or WANDB_ONLY_DISTRIBUTIONS
+    value: Any = None
+    values: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    program: str
+    method: str
+    metric: str | None
+    goal: str
+    params: dict[str, Param]
+    command: tuple[str, ...] | None
+    raw: dict  # the YAML as read, handed to wandb.sweep unchanged
+
+
+def _check_keys(where: str, given: dict, allowed: tuple[str, ...]) -> None:
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(allowed)})"
+            raise SweepError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_param(name: str, spec: Any) -> Param:
+    where = f"parameter '{name}'"
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: expected a mapping such as {{values: [...]}} or {{min: .., max: ..}}, got {spec!r}")
+    _check_keys(where, spec, PARAMETER_KEYS)
+    if "parameters" in spec:
+        raise SweepError(f"{where}: nested parameters are not supported; the program takes flat --key value flags")
+    distribution = spec.get("distribution")
+    if "value" in spec and distribution in (None, "constant"):
+        return Param(name, "constant", value=spec["value"])
+    if "values" in spec and distribution in (None, "categorical"):
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{where}: 'values' must be a non-empty list")
+        for v in values:
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise SweepError(f"{where}: values must be numbers, strings, booleans or null, got {v!r}")
+        return Param(name, "categorical", values=tuple(values))
+    if distribution is None:
+        if "min" not in spec or "max" not in spec:
+            raise SweepError(f"{where}: give 'value', 'values', or 'min' and 'max' (with an optional 'distribution')")
+        # W&B's inference: integer bounds sample integers, anything else floats.
+        both_int = all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("min", "max"))
+        distribution = "int_uniform" if both_int else "uniform"
+    if distribution in WANDB_ONLY_DISTRIBUTIONS:
+        return Param(name, distribution)
+    if distribution not in OPTUNA_DISTRIBUTIONS:
+        close = difflib.get_close_matches(str(distribution), OPTUNA_DISTRIBUTIONS + WANDB_ONLY_DISTRIBUTIONS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise SweepError(f"{where}: unknown distribution '{distribution}'{hint}")
+    if distribution in ("constant", "categorical"):
+        needed = "value" if distribution == "constant" else "values"
+        raise SweepError(f"{where}: distribution '{distribution}' needs '{needed}'")
+    for key in ("min", "max"):
+        if not _is_number(spec.get(key)):
+            raise SweepError(f"{where}: distribution '{distribution}' needs a numeric '{key}'")
+    low, high = spec["min"], spec["max"]
+    if not low < high:
+        raise SweepError(f"{where}: min ({low}) must be smaller than max ({high})")
+    if distribution in ("log_uniform_values", "q_log_uniform_values") and low <= 0:
+        raise SweepError(f"{where}: {distribution} takes values, so min must be > 0 (got {low}); "
+                         "for natural-log exponents use 'log_uniform'")
+    if distribution == "int_uniform" and not all(isinstance(x, int) for x in (low, high)):
+        raise SweepError(f"{where}: int_uniform needs integer min and max")
+    q = spec.get("q", 1)
+    if distribution.startswith("q_") and not (_is_number(q) and q > 0):
+        raise SweepError(f"{where}: q must be a positive number")
+    return Param(name, distribution, low=low, high=high, q=q if distribution.startswith("q_") else None)
+
+
+def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise SweepError("sweep config: expected a mapping at the top level")
+    _check_keys("sweep config", raw, TOP_LEVEL_KEYS)
+    for key in ("program", "method", "parameters"):
+        if key not in raw:
+            raise SweepError(f"sweep config: missing '{key}'")
+    if raw["method"] not in METHODS:
+        raise SweepError(f"sweep config: method must be one of {', '.join(METHODS)}, got {raw['method']!r}")
+    metric, goal = None, "minimize"
+    if "metric" in raw:
+        if not isinstance(raw["metric"], dict) or "name" not in raw["metric"]:
+            raise SweepError("sweep config: metric must be a mapping with 'name' (and 'goal')")
+        _check_keys("sweep config metric", raw["metric"], ("name", "goal", "target"))
+        metric, goal = str(raw["metric"]["name"]), raw["metric"].get("goal", "minimize")
+        if goal not in GOALS:
+            raise SweepError(f"sweep config: metric goal must be minimize or maximize, got {goal!r}")
+    elif raw["method"] == "bayes":
+        raise SweepError("sweep config: method 'bayes' needs a metric {name, goal}")
+    if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
+        raise SweepError("sweep config: 'parameters' must be a non-empty mapping")
+    params = {str(k): parse_param(str(k), v) for k, v in raw["parameters"].items()}
+    if raw["method"] == "grid":
+        for p in params.values():
+            if p.distribution not in ("constant", "categorical"):
+                raise SweepError(f"parameter '{p.name}': method 'grid' needs 'values' or 'value', not a distribution")
+    command = raw.get("command")
+    if command is not None:
+        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+            raise SweepError("sweep config: command must be a list of strings")
+        for token in command:
+            if token.startswith("${") and token not in COMMAND_MACROS:
+                raise SweepError(f"sweep config: unknown command macro {token} (known: {', '.join(COMMAND_MACROS)})")
+        command = tuple(command)
+    return SweepConfig(name=str(raw.get("name", default_name)), program=str(raw["program"]), method=raw["method"],
+                       metric=metric, goal=goal, params=params, command=command, raw=raw)
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return parse_sweep_config(raw, default_name=path.stem)
+    except SweepError as e:
+        raise SweepError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip form: 0.0003, 1e-05
+    return str(value)
+
+
+def render_flags(values: dict[str, Any]) -> list[str]:
+    """`{"lr": 3e-4, "use_moe": True}` -> `["--lr", "0.0003", "--use_moe", "true"]`; None values are left out."""
+    flags = []
+    for key, value in values.items():
+        if value is not None:
+            flags += [f"--{key}", format_value(value)]
+    return flags
+
+
+def build_command(config: SweepConfig, values: dict[str, Any], out_dir: Path) -> list[str]:
+    values = {**values, "out_dir": str(out_dir)}
+    if config.command is None:
+        return [sys.executable, config.program, *render_flags(values)]
+    expansions = {
+        "${env}": [],  # the environment is passed to the subprocess directly
+        "${interpreter}": [sys.executable],
+        "${program}": [config.program],
+        "${args}": render_flags(values),
+        "${args_no_hyphens}": [f"{k}={format_value(v)}" for k, v in values.items() if v is not None],
+        "${args_no_boolean_flags}": [t for k, v in values.items() if v is not None and v is not False
+                                     for t in ([f"--{k}"] if v is True else [f"--{k}", format_value(v)])],
+        "${args_json}": [json.dumps(values)],
+    }
+    return [part for token in config.command for part in expansions.get(token, [token])]
+
+
+def read_metric(metrics_path: Path, name: str) -> float:
+    """The last value of `name` in a metrics.jsonl (a truncated final line from a killed writer is ignored)."""
+    if not metrics_path.is_file():
+        raise SweepError(f"trial wrote no metrics file: {metrics_path}")
+    lines = metrics_path.read_text().splitlines()
+    last, seen = None, set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise SweepError(f"{metrics_path}:{number}: not valid JSON") from None
+        if isinstance(row, dict):
+            seen.update(row)
+            if _is_number(row.get(name)):
+                last = float(row[name])
+    if last is None:
+        raise SweepError(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(sorted(seen)) or 'none'})")
+    return last
+
+
+def read_metric_rows(metrics_path: Path) -> list[dict]:
+    rows = []
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def trial_env(gpus: str | None) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+def wandb_available() -> bool:
+    """True when W&B can be reached: not in offline/disabled mode and an API key is configured."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def suggest(trial, param: Param) -> Any:
+    """Samples one parameter with an Optuna trial. Log scales sample values, never exponents."""
+    d, name = param.distribution, param.name
+    if d == "constant":
+        return param.value
+    if d == "categorical":
+        return trial.suggest_categorical(name, list(param.values))
+    if d == "uniform":
+        return trial.suggest_float(name, param.low, param.high)
+    if d == "int_uniform":
+        return trial.suggest_int(name, param.low, param.high)
+    if d == "q_uniform":
+        return trial.suggest_float(name, param.low, param.high, step=param.q)
+    if d == "log_uniform_values":
+        return trial.suggest_float(name, param.low, param.high, log=True)
+    if d == "log_uniform":  # W&B: min/max are natural-log exponents; exp(U(min, max)) is log-uniform on the values
+        return trial.suggest_float(name, math.exp(param.low), math.exp(param.high), log=True)
+    if d == "q_log_uniform_values":
+        value = trial.suggest_float(name, param.low, param.high, log=True)
+        return round(value / param.q) * param.q
+    raise SweepError(f"parameter '{name}': distribution '{d}' is supported only by --backend wandb")
+
+
+def _make_sampler(config: SweepConfig, seed: int):
+    import optuna
+
+    if config.method == "grid":
+        space = {p.name: list(p.values) for p in config.params.values() if p.distribution == "categorical"}
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if config.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, len(config.params))))
+
+
+def grid_size(config: SweepConfig) -> int:
+    return math.prod(len(p.values) for p in config.params.values() if p.distribution == "categorical")
+
+
+class _SweepLock:
+    """One runner per sweep directory; a stale pid file from a killed runner is taken over."""
+
+    def __init__(self, sweep_dir: Path):
+        self.path = sweep_dir / "sweep.pid"
+
+    def __enter__(self):
+        try:
+            pid = int(self.path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and is_alive(pid):
+            raise SweepError(f"sweep in {self.path.parent} is already running (pid {pid})")
+        write_atomic(self.path, f"{os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+class TrialFailed(Exception):
+    """A trial that ran but gave no usable metric; Optuna records it as FAIL and the sweep goes on."""
+
+
+def _requeue(study, trial_number: int, params: dict) -> None:
+    """Marks a trial as interrupted (left out of counts and summaries) and queues its parameters again; the rerun
+    gets a fresh trial dir."""
+    study.set_user_attr(f"interrupted_{trial_number}", True)
+    study.enqueue_trial(params, skip_if_exists=False)
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+               if not study.user_attrs.get(f"interrupted_{t.number}"))
+
+
+def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
+               seed: int = 0) -> Path:
+    """Runs the sweep until `count` trials have finished in total (resuming the stored study). Returns its dir."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if config.metric is None:
+        raise SweepError("the optuna backend needs a metric {name, goal} in the sweep config")
+    for p in config.params.values():
+        if p.distribution in WANDB_ONLY_DISTRIBUTIONS:
+            raise SweepError(f"parameter '{p.name}': distribution '{p.distribution}' is supported only by "
+                             f"--backend wandb (optuna maps: {', '.join(OPTUNA_DISTRIBUTIONS)})")
+    if count is None:
+        if config.method != "grid":
+            raise SweepError(f"method '{config.method}' needs --count (grid defaults to the grid size)")
+        count = grid_size(config)
+    if config.method == "grid":
+        count = min(count, grid_size(config))
+    sweep_dir = out_root / config.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own one-line messages
+    with _SweepLock(sweep_dir):
+        study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'study.db'}",
+                                    sampler=_make_sampler(config, seed), direction=config.goal, load_if_exists=True)
+        # Trials a killed runner left RUNNING: fail them and run their parameters again.
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(trial.number, state=TrialState.FAIL)
+            _requeue(study, trial.number, trial.params)
+        runner = StageRunner(sweep_dir)
+
+        def objective(trial) -> float:
+            values = {name: suggest(trial, p) for name, p in config.params.items()}
+            trial_dir = sweep_dir / f"trial_{trial.number:04d}"
+            command = build_command(config, values, trial_dir)
+            trial.set_user_attr("command", command)
+            trial.set_user_attr("values", values)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            print(f"[sweep] trial {trial.number} ({_finished(study) + 1}/{count}): "
+                  + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), flush=True)
+            returncode = runner.run(trial_dir.name, command, env=trial_env(gpus))
+            if runner.interrupted:
+                _requeue(study, trial.number, trial.params)
+                study.stop()
+                raise TrialFailed("interrupted")
+            try:
+                if returncode != 0:
+                    raise TrialFailed(f"exit status {returncode} (log: {sweep_dir / trial_dir.name}.log)")
+                value = read_metric(trial_dir / "metrics.jsonl", config.metric)
+                if not math.isfinite(value):
+                    raise TrialFailed(f"{config.metric} is {value}")
+            except (TrialFailed, SweepError) as e:
+                trial.set_user_attr("error", str(e))
+                print(f"[sweep] trial {trial.number} failed: {e}", flush=True)
+                raise TrialFailed(str(e)) from None
+            print(f"[sweep] trial {trial.number}: {config.metric}={value:.6g}", flush=True)
+            return value
+
+        def after_trial(study, trial) -> None:
+            write_summary(study, config, sweep_dir)
+
+        remaining = count - _finished(study)
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), callbacks=[after_trial])
+        if runner.interrupted:
+            print("[sweep] interrupted; run the same command again to resume", flush=True)
+        write_summary(study, config, sweep_dir)
+    return sweep_dir
+
+
+def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
+    """Writes summary.md (best parameters and a table), trials.csv, best.json and summary.png."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if not study.user_attrs.get(f"interrupted_{t.number}")]
+    names = list(config.params)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["trial", "state", config.metric, *names, "error"])
+    for t in trials:
+        values = t.user_attrs.get("values", t.params)
+        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+                         *[format_value(values.get(n, "")) for n in names], t.user_attrs.get("error", "")])
+    write_atomic(sweep_dir / "trials.csv", table.getvalue())
+
+    lines = [f"# Sweep `{config.name}`", "", f"program `{config.program}`, method {config.method}, "
+             f"{config.goal} `{config.metric}`; {len(complete)} of {len(trials)} trials complete.", ""]
+    if complete:
+        best = study.best_trial
+        best_values = best.user_attrs.get("values", best.params)
+        write_atomic(sweep_dir / "best.json", json.dumps(
+            {"trial": best.number, config.metric: best.value, "params": best_values,
+             "command": best.user_attrs.get("command")}, indent=2) + "\n")
+        lines += [f"Best: trial {best.number}, {config.metric} = {best.value:.6g}", "", "```",
+                  " ".join(f"--{k} {format_value(v)}" for k, v in best_values.items()), "```", ""]
+    lines += ["| trial | state | " + " | ".join([config.metric, *names]) + " |",
+              "|---" * (len(names) + 3) + "|"]
+    for t in trials:
+        values = t.user_attrs.get("values", t.params)
+        metric = "" if t.value is None else f"{t.value:.6g}"
+        lines.append(f"| {t.number} | {t.state.name} | {metric} | "
+                     + " | ".join(format_value(values.get(n, "")) for n in names) + " |")
+    importances = _importances(study, config, complete)
+    if importances:
+        lines += ["", "Parameter importance (fANOVA): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in importances.items())]
+    write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    if complete:
+        _plot(config, complete, importances, sweep_dir / "summary.png")
+
+
+def _importances(study, config: SweepConfig, complete: list) -> dict[str, float]:
+    import optuna
+
+    varying = [p.name for p in config.params.values() if p.distribution != "constant"
+               and len({format_value(t.params.get(p.name)) for t in complete}) > 1]
+    if len(complete) < 3 or not varying:
+        return {}
+    return optuna.importance.get_param_importances(study, params=varying)
+
+
+def _plot(config: SweepConfig, complete: list, importances: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6, 4), squeeze=False)
+    numbers, values = [t.number for t in complete], [t.value for t in complete]
+    pick = min if config.goal == "minimize" else max
+    best_so_far = [pick(values[:i + 1]) for i in range(len(values))]
+    ax = axes[0][0]
+    ax.scatter(numbers, values, label="trial")
+    ax.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel=config.metric, title=f"sweep {config.name}")
+    ax.legend()
+    if importances:
+        ax = axes[0][1]
+        ax.barh(list(importances)[::-1], list(importances.values())[::-1])
+        ax.set(xlabel="importance (fANOVA)", title="parameter importance")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
+              project: str | None = None, entity: str | None = None, sweep_id: str | None = None) -> str:
+    """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent. Each W&B run starts
+    the program, then logs the program's metrics.jsonl rows into the run so that W&B sees the metric."""
+    import wandb
+
+    project = project or config.raw.get("project") or "mateconv"
+    entity = entity or config.raw.get("entity")
+    if sweep_id is None:
+        raw = {k: v for k, v in config.raw.items() if k not in ("project", "entity")}
+        sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
+    sweep_dir = out_root / config.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    runner = StageRunner(sweep_dir)  # built here: signal handlers need the main thread
+
+    def one_trial() -> None:
+        if runner.interrupted:
+            return
+        with wandb.init() as run:
+            values = {name: run.config[name] for name in config.params if name in run.config}
+            trial_dir = sweep_dir / f"wandb_{run.id}"
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            returncode = runner.run(f"wandb_{run.id}", build_command(config, values, trial_dir), env=trial_env(gpus))
+            for row in read_metric_rows(trial_dir / "metrics.jsonl"):
+                numbers = {k: v for k, v in row.items() if _is_number(v) and k != "step"}
+                step = row.get("step")
+                run.log(numbers, step=int(step) if _is_number(step) else None)
+            run.summary["returncode"] = returncode
+            if returncode != 0:
+                run.finish(exit_code=returncode)
+
+    wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
+    return sweep_id

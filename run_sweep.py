@@ -1,0 +1,45 @@
+"""Hyperparameter sweep over a stage program, from a YAML file in W&B's sweep schema.
+
+    python run_sweep.py --config configs/sweeps/pretrain_lr.yaml --count 10            # W&B online, else Optuna
+    python run_sweep.py --config configs/sweeps/pretrain_lr.yaml --count 10 --backend optuna --gpus 0
+See docs/operations.md.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from mateconv.sweep import SweepError, load_sweep_config, run_optuna, run_wandb, wandb_available
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep YAML (W&B sweep schema)")
+    parser.add_argument("--count", type=int, help="trials in total (resumed studies count the finished ones); "
+                                                  "grid defaults to the grid size")
+    parser.add_argument("--backend", choices=("auto", "optuna", "wandb"), default="auto",
+                        help="auto: wandb when online with an API key, else optuna")
+    parser.add_argument("--out_dir", default="out/sweeps", help="sweeps root; a sweep writes <out_dir>/<name>/")
+    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES for the trials, e.g. 0,1")
+    parser.add_argument("--seed", type=int, default=0, help="optuna sampler seed")
+    parser.add_argument("--project", help="W&B project (default: the YAML's project, else mateconv)")
+    parser.add_argument("--entity", help="W&B entity")
+    parser.add_argument("--sweep_id", help="join an existing W&B sweep instead of creating one")
+    args = parser.parse_args()
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    try:
+        config = load_sweep_config(args.config)
+        backend = args.backend if args.backend != "auto" else ("wandb" if wandb_available() else "optuna")
+        if backend == "wandb":
+            sweep_id = run_wandb(config, args.count, Path(args.out_dir), args.gpus, args.project, args.entity,
+                                 args.sweep_id)
+            print(f"[sweep] W&B sweep {sweep_id} done")
+        else:
+            sweep_dir = run_optuna(config, args.count, Path(args.out_dir), args.gpus, args.seed)
+            print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
+    except SweepError as e:
+        sys.exit(f"run_sweep: {e}")
+
+
+if __name__ == "__main__":
+    main()

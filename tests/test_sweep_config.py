@@ -1,0 +1,104 @@
+"""Sweep YAML parsing and validation, flag rendering, command macros."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mateconv.sweep import SweepError, build_command, load_sweep_config, parse_sweep_config, render_flags
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(**overrides) -> dict:
+    raw = {"program": "train.py", "method": "random", "metric": {"name": "val_loss", "goal": "minimize"},
+           "parameters": {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-2},
+                          "use_moe": {"values": [True, False]}, "epochs": {"value": 1}}}
+    raw.update(overrides)
+    return raw
+
+
+def test_shipped_sweep_configs_load():
+    paths = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert load_sweep_config(path).program
+
+
+def test_parse_kinds_and_inference():
+    config = parse_sweep_config(_config(parameters={
+        "a": {"min": 1, "max": 8}, "b": {"min": 0.0, "max": 1}, "c": {"value": "x"}, "d": {"values": [1, 2]},
+        "e": {"distribution": "log_uniform", "min": -9.2, "max": -4.6}}), default_name="s")
+    kinds = {name: p.distribution for name, p in config.params.items()}
+    assert kinds == {"a": "int_uniform", "b": "uniform", "c": "constant", "d": "categorical", "e": "log_uniform"}
+    assert config.name == "s" and config.goal == "minimize" and config.metric == "val_loss"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_config(paramters={}), "unknown key 'paramters'; did you mean 'parameters'?"),
+    ({k: v for k, v in _config().items() if k != "program"}, "missing 'program'"),
+    (_config(method="bayesian"), "method must be one of grid, random, bayes"),
+    (_config(metric={"name": "val_loss", "goal": "minimise"}), "goal must be minimize or maximize"),
+    (_config(method="bayes", metric=None) | {"metric": {"nme": "x"}}, "metric must be a mapping with 'name'"),
+    (_config(parameters={"lr": {"distrbution": "uniform", "min": 0, "max": 1}}),
+     "parameter 'lr': unknown key 'distrbution'; did you mean 'distribution'?"),
+    (_config(parameters={"lr": {"distribution": "log_uniform_value", "min": 1e-5, "max": 1e-2}}),
+     "unknown distribution 'log_uniform_value'; did you mean 'log_uniform_values'?"),
+    (_config(parameters={"lr": {"distribution": "log_uniform_values", "min": 0, "max": 1e-2}}), "min must be > 0"),
+    (_config(parameters={"lr": {"min": 1e-2, "max": 1e-5}}), "must be smaller than max"),
+    (_config(parameters={"lr": {"distribution": "uniform", "max": 1}}), "needs a numeric 'min'"),
+    (_config(parameters={"lr": 3e-4}), "expected a mapping"),
+    (_config(parameters={"lr": {"values": []}}), "non-empty list"),
+    (_config(parameters={"opt": {"parameters": {"lr": {"value": 1}}}}), "nested parameters are not supported"),
+    (_config(method="grid"), "method 'grid' needs 'values' or 'value'"),
+    (_config(command=["${interpreter}", "${program}", "${argz}"]), "unknown command macro ${argz}"),
+])
+def test_invalid_configs_name_the_problem(raw, message):
+    with pytest.raises(SweepError) as error:
+        parse_sweep_config(raw)
+    assert message in str(error.value)
+
+
+def test_bayes_needs_metric():
+    raw = _config(method="bayes")
+    del raw["metric"]
+    with pytest.raises(SweepError, match="needs a metric"):
+        parse_sweep_config(raw)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(SweepError, match="not found"):
+        load_sweep_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("program: [unclosed\n")
+    with pytest.raises(SweepError, match="invalid YAML"):
+        load_sweep_config(bad)
+
+
+def test_cli_reports_a_typo_in_one_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(_config(metrc={"name": "loss"})))
+    result = subprocess.run([sys.executable, str(REPO / "run_sweep.py"), "--config", str(path), "--count", "1",
+                             "--backend", "optuna", "--out_dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"run_sweep: {path}: sweep config: unknown key 'metrc'; did you mean 'metric'?"]
+
+
+def test_flags_render_booleans_and_floats():
+    flags = render_flags({"learning_rate": 3e-4, "min_lr": 1e-05, "use_moe": True, "flash_attn": False,
+                          "n_layers": 8, "name": "a b", "skip": None})
+    assert flags == ["--learning_rate", "0.0003", "--min_lr", "1e-05", "--use_moe", "true", "--flash_attn", "false",
+                     "--n_layers", "8", "--name", "a b"]
+
+
+def test_command_macros(tmp_path):
+    config = parse_sweep_config(_config(command=["${env}", "deepspeed", "--num_gpus", "2", "${program}",
+                                                 "${args_no_boolean_flags}"]))
+    command = build_command(config, {"lr": 0.001, "use_moe": True, "flash_attn": False}, tmp_path)
+    assert command == ["deepspeed", "--num_gpus", "2", "train.py", "--lr", "0.001", "--use_moe",
+                       "--out_dir", str(tmp_path)]
+    default = build_command(parse_sweep_config(_config()), {"lr": 0.001}, tmp_path)
+    assert default == [sys.executable, "train.py", "--lr", "0.001", "--out_dir", str(tmp_path)]

@@ -1,0 +1,158 @@
+"""A real offline Optuna sweep over a tiny program that writes metrics.jsonl: trials, summary, resume, failures."""
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from mateconv.sweep import load_sweep_config, run_optuna
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The program parses flags the way a sweep agent sends them (`--key value` and `--key=value`), appends its
+# arguments to calls.jsonl, and writes a metric that depends on the swept values.
+PROGRAM = '''
+import argparse, json, math, os, signal, sys, time
+interrupted = []
+if os.environ.get("WAIT_FOR_SIGINT") == "1":
+    signal.signal(signal.SIGINT, lambda *a: interrupted.append(1))
+parser = argparse.ArgumentParser()
+parser.add_argument("--learning_rate", type=float, required=True)
+parser.add_argument("--use_moe", choices=("true", "false"), required=True)
+parser.add_argument("--epochs", type=int, required=True)
+parser.add_argument("--out_dir", required=True)
+args = parser.parse_args()
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl"), "a") as f:
+    f.write(json.dumps(vars(args)) + "\\n")
+if os.environ.get("WAIT_FOR_SIGINT") == "1":
+    deadline = time.time() + 30
+    while not interrupted and time.time() < deadline:
+        time.sleep(0.05)
+    sys.exit(0)  # like the engine: save a checkpoint and leave cleanly
+if args.learning_rate > float(os.environ.get("FAIL_ABOVE_LR", "inf")):
+    sys.exit("diverged")
+os.makedirs(args.out_dir, exist_ok=True)
+target = (math.log10(args.learning_rate) + 3.5) ** 2 + (0.0 if args.use_moe == "true" else 0.25)
+with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
+    for step in range(1, 4):
+        f.write(json.dumps({"step": step, "loss": target + 1 / step}) + "\\n")
+        f.write(json.dumps({"step": step, "val_loss": target + 0.5 / step}) + "\\n")
+'''
+
+
+def _write_sweep(tmp_path: Path, method: str = "random", learning_rate: dict | None = None) -> Path:
+    (tmp_path / "program.py").write_text(PROGRAM)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "program": str(tmp_path / "program.py"), "method": method,
+        "metric": {"name": "val_loss", "goal": "minimize"},
+        "parameters": {"learning_rate": learning_rate or {"distribution": "log_uniform_values", "min": 1e-5,
+                                                          "max": 1e-2},
+                       "use_moe": {"values": [True, False]}, "epochs": {"value": 2}}}))
+    return path
+
+
+def _calls(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
+def _expected(call: dict) -> float:
+    return (math.log10(call["learning_rate"]) + 3.5) ** 2 + (0.0 if call["use_moe"] == "true" else 0.25) + 0.5 / 3
+
+
+def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
+    config = load_sweep_config(_write_sweep(tmp_path))
+    sweep_dir = run_optuna(config, count=3, out_root=tmp_path / "sweeps")
+    calls = _calls(tmp_path)
+    assert len(calls) == 3 and all(c["epochs"] == 2 for c in calls)
+    assert [Path(c["out_dir"]).name for c in calls] == ["trial_0000", "trial_0001", "trial_0002"]
+
+    rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3
+    for row, call in zip(rows, calls):
+        assert math.isclose(float(row["val_loss"]), _expected(call))  # the last val_loss of each trial
+        assert math.isclose(float(row["learning_rate"]), call["learning_rate"])
+        assert row["use_moe"] == call["use_moe"]
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert math.isclose(best["val_loss"], min(_expected(c) for c in calls))
+    assert best["command"][-2:] == ["--out_dir", str(sweep_dir / f"trial_{best['trial']:04d}")]
+    summary = (sweep_dir / "summary.md").read_text()
+    assert f"Best: trial {best['trial']}" in summary and "| trial | state | val_loss |" in summary
+    assert (sweep_dir / "summary.png").stat().st_size > 1000
+    assert not (sweep_dir / "sweep.pid").exists()
+
+    # Resuming with a larger count runs only the missing trials, in the same study.
+    run_optuna(config, count=4, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 4
+    assert len(list(csv.DictReader((sweep_dir / "trials.csv").open()))) == 4
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    config = load_sweep_config(_write_sweep(tmp_path, method="grid", learning_rate={"values": [1e-4, 5e-3]}))
+    monkeypatch.setenv("FAIL_ABOVE_LR", "1e-3")
+    sweep_dir = run_optuna(config, count=None, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 4  # the whole 2 x 2 grid, each point once
+    rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
+    states = {(float(r["learning_rate"]), r["use_moe"]): r["state"] for r in rows}
+    assert states == {(1e-4, "true"): "COMPLETE", (1e-4, "false"): "COMPLETE",
+                      (5e-3, "true"): "FAIL", (5e-3, "false"): "FAIL"}
+    assert all("exit status 1" in r["error"] for r in rows if r["state"] == "FAIL")
+    assert (sweep_dir / "trial_0000.log").is_file()
+
+
+def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
+    config = load_sweep_config(_write_sweep(tmp_path))
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    sweep_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    study.enqueue_trial({"learning_rate": 2e-4, "use_moe": False})
+    killed = study.ask()
+    killed.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
+    killed.suggest_categorical("use_moe", [True, False])  # never told: what a killed runner leaves behind
+
+    run_optuna(config, count=2, out_root=tmp_path / "sweeps")
+    calls = _calls(tmp_path)
+    assert len(calls) == 2
+    assert calls[0]["learning_rate"] == 2e-4 and calls[0]["use_moe"] == "false"
+    rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]  # the interrupted trial is not listed
+
+
+def test_cli_runs_offline_by_default(tmp_path):
+    path = _write_sweep(tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "WANDB_MODE": "offline", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO / "run_sweep.py"), "--config", str(path), "--count", "2",
+                             "--out_dir", str(tmp_path / "sweeps")], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "[sweep] summary:" in result.stdout and len(_calls(tmp_path)) == 2
+
+
+def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
+    path = _write_sweep(tmp_path)
+    command = [sys.executable, str(REPO / "run_sweep.py"), "--config", str(path), "--count", "2", "--backend",
+               "optuna", "--out_dir", str(tmp_path / "sweeps")]
+    sweep = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "WAIT_FOR_SIGINT": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "calls.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGINT)
+    output = sweep.communicate(timeout=60)[0]
+    assert sweep.returncode == 0 and "interrupted; run the same command again to resume" in output
+    assert "Traceback" not in output
+    first = _calls(tmp_path)[0]
+
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    calls = _calls(tmp_path)
+    assert len(calls) == 3  # the interrupted call, its rerun, one new trial
+    assert (calls[1]["learning_rate"], calls[1]["use_moe"]) == (first["learning_rate"], first["use_moe"])
+    rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
