@@ -155,24 +155,26 @@ def balance_stats(expert_load: list[list[float]]) -> dict[str, list[float] | flo
     return {"cv": cv, "max_min": max_min, "cv_mean": sum(cv) / len(cv), "max_min_worst": max(max_min)}
 
 
-def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
                    desc: str = "generate") -> list[str]:
-    """The assistant's greedy reply to each conversation, one conversation at a time (no padding effects)."""
+    """The assistant's greedy reply to each conversation (batched, prompts left-padded)."""
     from model.generation import generate_tokens
 
     from mateconv.chat import context_length, prompt_ids
 
+    room = context_length(model) - max_new_tokens
+    prompts = [prompt_ids(tokenizer, messages)[-room:] for messages in conversations]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     replies = []
-    for messages in tqdm(conversations, desc=desc, unit="prompt", leave=False):
-        ids = prompt_ids(tokenizer, messages)[-(context_length(model) - max_new_tokens):]
-        input_ids = torch.tensor([ids], device=model.device)
-        with torch.inference_mode():
-            output = generate_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                                     eos_token_id=tokenizer.eos_token_id)
-        new = output[0, len(ids):].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        replies.append(tokenizer.decode(new, skip_special_tokens=True))
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = prompts[start: start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        output = generate_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                                 eos_token_id=eos, attention_mask=attention_mask)
+        for row in output[:, width:].tolist():
+            replies.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True))
     return replies
 
 
@@ -184,14 +186,15 @@ class TaskResult:
     rows: list[dict] = field(default_factory=list)  # id, kind, answer, response, correct
 
 
-def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48) -> TaskResult:
+def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> TaskResult:
     """Greedy answers to the verifiable prompts, checked by `mateconv.data.embedded.check_answer`."""
     from mateconv.data.embedded import check_answer
 
     for record in records:
         if not isinstance(record.get("messages"), list) or "answer" not in record:
             raise EvalError(f"task record {record.get('id')!r} needs 'messages' and 'answer'")
-    responses = greedy_replies(model, tokenizer, [r["messages"] for r in records], max_new_tokens, desc="tasks")
+    responses = greedy_replies(model, tokenizer, [r["messages"] for r in records], max_new_tokens, batch_size,
+                               desc="tasks")
     rows = [{"id": r.get("id"), "kind": r.get("kind", "?"), "answer": r["answer"], "response": response,
              "correct": bool(check_answer(r, response))} for r, response in zip(records, responses)]
     kinds: dict[str, list[bool]] = {}
@@ -248,9 +251,9 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, promp
         if report.ppl.expert_load is not None:
             report.balance = balance_stats(report.ppl.expert_load)
     if tasks:
-        report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens)
+        report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens, batch_size)
     report.samples = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                                    max_new_tokens, desc="samples")
+                                    max_new_tokens, batch_size, desc="samples")
     return report
 
 

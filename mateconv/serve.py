@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 
+logger = logging.getLogger("mateconv.serve")
 MAX_N = 16
 MAX_STOPS = 4
 
@@ -85,7 +87,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -189,29 +191,38 @@ class Engine:
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
-        from model.generation import stream_text
+        from model.generation import SamplingConfig, detokenize, iter_tokens
+
+        config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
+        tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
+                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed))
+        counted = {"tokens": 0, "eos": False}
+
+        def until_eos() -> Iterator[int]:
+            for token in tokens:
+                if int(token) == self.eos_id:
+                    counted["eos"] = True
+                    return
+                counted["tokens"] += 1
+                yield int(token)
 
         scanner = StopScanner(sampling.stops)
         pieces: list[str] = []
-        count = 0
-        input_ids = torch.tensor([ids], device=self.model.device)
-        for piece in stream_text(self.model, self.tokenizer, input_ids, max_new_tokens=sampling.max_tokens,
-                                 temperature=sampling.temperature, top_p=sampling.top_p,
-                                 generator=self._generator(sampling.seed)):
-            count += 1
+        for piece in detokenize(self.tokenizer, until_eos()):
             safe = scanner.feed(piece)
             if safe:
                 pieces.append(safe)
                 yield safe
             if scanner.stopped or cancel.is_set():
+                tokens.close()
                 break
         if not scanner.stopped:
             tail = scanner.flush()
             if tail:
                 pieces.append(tail)
                 yield tail
-        finish = "stop" if scanner.stopped or count < sampling.max_tokens else "length"
-        yield Choice("".join(pieces), finish, count)
+        finish = "stop" if scanner.stopped or counted["eos"] else "length"
+        yield Choice("".join(pieces), finish, counted["tokens"])
 
 
 # ---------------------------------------------------------------- admission control
@@ -228,6 +239,7 @@ class Admission:
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="generate")
         self.semaphore: asyncio.Semaphore | None = None
         self.waiting = 0
+        self.running = 0
 
     async def acquire(self) -> None:
         if self.semaphore is None:  # created lazily, inside the server's event loop
@@ -240,6 +252,11 @@ class Admission:
             await self.semaphore.acquire()
         finally:
             self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self.semaphore.release()
 
     def run(self, loop: asyncio.AbstractEventLoop, work, *args) -> asyncio.Future:
         """Runs `work(*args)` in a worker thread; the slot is released when it returns or fails."""
@@ -247,7 +264,7 @@ class Admission:
             try:
                 return work(*args)
             finally:
-                loop.call_soon_threadsafe(self.semaphore.release)
+                loop.call_soon_threadsafe(self.release)
 
         return loop.run_in_executor(self.executor, job)
 
@@ -311,11 +328,12 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
+        logger.exception("unexpected error on %s", request.url.path)
         return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").response()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name, "queued": admission.waiting}
+        return {"status": "ok", "model": served_model_name, "running": admission.running, "queued": admission.waiting}
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,137 @@
+"""Streaming chat: the interactive terminal loop driven through real pipes, one-shot modes, history handling."""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mateconv.chat import ChatError, ChatSession, SamplingOptions, fit_history, load_model, main, stream_reply
+from tiny_checkpoints import checkpoint, load_tokenizer, single_thread  # noqa: F401  (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model on 2 shared cores: one thread is fastest
+GREEDY = ["--temperature", "0", "--max_new_tokens", "12"]
+
+
+def chat_command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(checkpoint("dense")), *args]
+
+
+class Reader:
+    """Collects a pipe's output on a thread so the test can wait for text while the process keeps running."""
+
+    def __init__(self, stream):
+        self.chunks: queue.Queue[str] = queue.Queue()
+        self.text = ""
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        while chunk := os.read(stream.fileno(), 4096):
+            self.chunks.put(chunk.decode("utf-8", errors="replace"))
+
+    def wait_for(self, needle: str, count: int = 1, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while self.text.count(needle) < count:
+            try:
+                self.text += self.chunks.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{needle!r} did not appear; output so far: {self.text!r}") from None
+        return self.text
+
+
+def test_interactive_session_over_pipes():
+    process = subprocess.Popen(chat_command(*GREEDY), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=ENV)
+    try:
+        out, err = Reader(process.stdout), Reader(process.stderr)
+        out.wait_for(">>> ")
+        process.stdin.write(b"What is 2+3?\n")
+        process.stdin.flush()
+        # the reply arrives while the process is still waiting for the next line: a live, interactive session
+        text = out.wait_for(">>> ", count=2).split(">>> ")
+        assert text[1].strip() == "5"  # the reply to the first question
+        assert process.poll() is None
+        process.stdin.write(b"/reset\nSay hello.\n/exit\n")
+        process.stdin.flush()
+        assert process.wait(timeout=60) == 0, err.text
+        out.wait_for("hello world")
+        assert "(conversation cleared)" in out.text
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_one_shot_prompt_and_stdin():
+    flag = subprocess.run(chat_command(*GREEDY, "--prompt", "Capital of France?"), capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert flag.returncode == 0, flag.stderr
+    assert flag.stdout.strip() == "Paris"
+    piped = subprocess.run(chat_command(*GREEDY, "--prompt", "-"), input="What is 4+4?\n", capture_output=True,
+                           text=True, timeout=60, env=ENV)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == "8"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(tmp_path), "--prompt", "hi"])
+    assert str(error.value) == f"chat: no model at {tmp_path} (expected a save_pretrained directory with config.json)"
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(checkpoint("dense")), "--prompt", "hi", "--top_p", "2"])
+    assert str(error.value) == "chat: top_p must be in (0, 1], got 2.0"
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return load_model(checkpoint("dense"), device="cpu")
+
+
+def test_stream_pieces_and_history(dense):
+    model, tokenizer = dense
+    options = SamplingOptions(max_new_tokens=12, temperature=0.0)
+    pieces = list(stream_reply(model, tokenizer, [{"role": "user", "content": "Say hello."}], options))
+    assert len(pieces) >= 2 and "".join(pieces) == "hello world"
+
+    session = ChatSession(model, tokenizer, options, system="You are tiny.")
+    out = io.StringIO()
+    assert session.reply("Name a colour.", out) == "blue"
+    session.reply("What is 7+2?", out)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert out.getvalue().startswith("blue")
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "You are tiny."}]
+
+
+def test_seeded_sampling_is_reproducible(dense):
+    model, tokenizer = dense
+    messages = [{"role": "user", "content": "Name a colour."}]
+    runs = ["".join(stream_reply(model, tokenizer, messages, SamplingOptions(16, 1.5, 1.0, 0, 1.0, seed)))
+            for seed in (3, 3)]
+    assert runs[0] == runs[1]
+
+
+def test_history_is_trimmed_to_fit():
+    tokenizer = load_tokenizer()
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(20):
+        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "answer"}]
+    messages.append({"role": "user", "content": "last"})
+    kept = fit_history(tokenizer, messages, budget=60)
+    assert kept[0]["role"] == "system" and kept[-1] == {"role": "user", "content": "last"}
+    assert len(tokenizer.apply_chat_template(kept, add_generation_prompt=True, tokenize=True, return_dict=False)) <= 60
+    assert kept[1]["role"] == "user"  # whole turns are dropped, never half of one
+    assert len(kept) < len(messages)
+
+
+def test_bad_options():
+    with pytest.raises(ChatError, match="top_p"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(ChatError, match="temperature"):
+        SamplingOptions(temperature=-1)

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible server, exercised with the real `openai` client over loopback HTTP.
+
+The server runs as a subprocess (`mateconv.serve.start_background`) over a tiny MateConv model trained in the test
+to answer a few fixed questions, so greedy replies are known.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from mateconv.serve import start_background, stop_background
+from tiny_checkpoints import checkpoint, load_tokenizer, single_thread  # noqa: F401  (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # tiny model on 2 shared cores: one thread is fastest
+        url, process = start_background(checkpoint("dense"), served_model_name="tiny")
+    yield url, process
+    stop_background(process)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(client, question: str, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(server[0].removesuffix("/v1") + "/health").json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_greedy_answer_and_usage(client):
+    reply = ask(client, "What is 2+3?", temperature=0, max_tokens=10)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "5"
+    assert choice.finish_reason == "stop"
+    prompt = load_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert 1 <= reply.usage.completion_tokens <= 2
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = ask(client, "Say hello.", temperature=0, max_tokens=20).choices[0].message.content
+    chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=20, stream=True,
+                      stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert whole == "hello world"
+    assert len(deltas) >= 2, "streaming should deliver the reply in several pieces"
+    assert "".join(deltas) == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= len(deltas)
+
+
+def test_max_tokens_gives_length(client):
+    reply = ask(client, "Say hello.", temperature=0, max_tokens=1)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 1
+    assert "hello world".startswith(reply.choices[0].message.content)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop", ["l", ["zzz", "o w"]])
+def test_stop_strings(client, stream, stop):
+    expected = "hello world".split(stop if isinstance(stop, str) else "o w")[0]
+    if stream:
+        chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=20, stop=stop, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        choice = ask(client, "Say hello.", temperature=0, max_tokens=20, stop=stop).choices[0]
+        text, finish = choice.message.content, [choice.finish_reason]
+    assert text == expected
+    assert finish == ["stop"]
+
+
+def test_n_choices_and_seed(client):
+    first = ask(client, "Name a colour.", temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
+    again = ask(client, "Name a colour.", temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert 3 <= first.usage.completion_tokens <= 3 * 12
+
+
+def test_streaming_n_choices(client):
+    chunks = list(ask(client, "What is 4+4?", temperature=0, n=2, max_tokens=8, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: "8", 1: "8"}
+
+
+def test_error_shapes(server, client):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert error.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 500}], max_tokens=5)
+    assert error.value.code == "context_length_exceeded"
+
+    root = server[0]
+    cases = [
+        ({"model": "tiny"}, 400, "messages"),  # missing messages
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "temperature"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 422, "n"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 422, "stop"),
+    ]
+    for body, status, param in cases:
+        response = httpx.post(f"{root}/chat/completions", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+    bad_json = httpx.post(f"{root}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    huge = httpx.post(f"{root}/chat/completions", content=b"x" * 2_000_000)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    unknown = httpx.get(f"{root}/completions_typo")
+    assert unknown.status_code == 404 and "error" in unknown.json()
+    # none of that hurt the server
+    assert server[1].poll() is None
+    assert ask(client, "What is 7+2?", temperature=0, max_tokens=5).choices[0].message.content == "9"
+
+
+@pytest.fixture(scope="module")
+def busy_server():
+    """In-process app (create_app) on a uvicorn thread: one generation at a time, one more may wait."""
+    import threading
+
+    import uvicorn
+
+    from mateconv.serve import create_app, free_port
+
+    # an untrained model rarely emits EOS, so every request generates (nearly) all of its max_tokens
+    app = create_app(checkpoint("slow"), served_model_name="tiny", device="cpu", max_concurrent=1, max_queued=1)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    yield f"http://{host}:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+LONG = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "temperature": 1.0}
+
+
+def test_queue_full_gives_429_and_loop_stays_responsive(busy_server):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=busy_server, timeout=60) as http:
+            requests = [http.post("/v1/chat/completions", json={**LONG, "seed": i}) for i in range(5)]
+            burst = asyncio.gather(*requests)
+            await asyncio.sleep(0.05)
+            start = time.perf_counter()
+            health = await http.get("/health")
+            health_latency = time.perf_counter() - start
+            return await burst, health, health_latency
+
+    responses, health, health_latency = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "queue_full"
+            assert response.headers["retry-after"] == "1"
+        else:
+            assert response.json()["usage"]["completion_tokens"] > 0
+    assert health.status_code == 200 and health_latency < 1.0
+
+
+def test_client_disconnect_frees_the_slot(busy_server):
+    with httpx.Client(base_url=busy_server, timeout=60) as http:
+        start = time.perf_counter()
+        http.post("/v1/chat/completions", json=LONG)
+        full_generation_s = time.perf_counter() - start
+        with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ") and next(lines) == "" and next(lines).startswith("data: ")
+            assert http.get("/health").json()["running"] == 1
+        # the worker notices the disconnect at its next token and releases its slot long before it would have ended
+        deadline = time.perf_counter() + full_generation_s / 4
+        while http.get("/health").json()["running"] and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        assert http.get("/health").json()["running"] == 0
+        assert http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5}).status_code == 200
