@@ -1,0 +1,179 @@
+"""Lazy reading of raw corpora: jsonl (optionally .gz), json arrays, plain text, parquet, directories, hub data sets.
+
+`iter_records(path)` yields `(source, line, record)` one at a time (JSON arrays and parquet row groups are the only
+inputs read a piece at a time rather than a line at a time). Plain text becomes `{"text": ...}` records: one per line,
+or one per blank-line-separated paragraph when the file has blank lines (tinyshakespeare) - see `txt_records`.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mateconv.data import DataError
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz", ".parquet")
+HUB_PREFIXES = ("hf:", "ms:")
+TEXT_KEYS = ("text", "content", "paragraphs")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), "")
+
+
+def list_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files of the given paths; directories are searched recursively (sorted) for the known suffixes."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+            if not found:
+                raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this directory")
+            files += found
+        elif path.is_file():
+            if not _suffix(path):
+                raise DataError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or directory")
+    return files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """Paragraph mode (blank-line separated) if the first MB has blank lines, else one document per line."""
+    with _open_text(path) as f:
+        paragraphs = "\n\n" in f.read(1 << 20)
+    with _open_text(path) as f:
+        block: list[str] = []
+        start = 1
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not paragraphs:
+                if line.strip():
+                    yield number, {"text": line}
+                continue
+            if line.strip():
+                if not block:
+                    start = number
+                block.append(line)
+            elif block:
+                yield start, {"text": "\n".join(block)}
+                block = []
+        if block:
+            yield start, {"text": "\n".join(block)}
+
+
+class BadLine:
+    """A line that is not valid JSON; passed on so the caller can count it with its position."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(source, line number or record number, record) for every record of one file; bad JSON lines -> BadLine."""
+    suffix, source = _suffix(path), str(path)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        with _open_text(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield source, number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield source, number, BadLine(f"malformed JSON: {error.msg}")
+    elif suffix in (".json", ".json.gz"):
+        with _open_text(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json file must hold an array of records or one record")
+        for number, record in enumerate(data, 1):
+            yield source, number, record
+    elif suffix in (".txt", ".txt.gz"):
+        for number, record in txt_records(path):
+            yield source, number, record
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield source, number, record
+    else:
+        raise DataError(f"{path}: unsupported file type")
+
+
+def iter_hub(name: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
+    """Records of a Hugging Face (`hf:owner/name`) or ModelScope (`ms:owner/name`) data set, streamed."""
+    hub, dataset_name = name[:2], name[3:]
+    try:
+        if hub == "hf":
+            from datasets import load_dataset
+
+            rows = load_dataset(dataset_name, split=split, streaming=True)
+        else:
+            try:
+                from modelscope.msdatasets import MsDataset
+            except ImportError:
+                raise DataError(f"{name}: ModelScope data sets need `pip install modelscope`") from None
+            rows = MsDataset.load(dataset_name, split=split)
+        for number, record in enumerate(rows, 1):
+            yield name, number, dict(record)
+    except DataError:
+        raise
+    except Exception as error:  # network or hub failures come in many exception types
+        raise DataError(f"{name}: could not load the data set from the hub (no network, or a wrong name?): "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def iter_sources(paths: Iterable[str | Path], split: str = "train") -> Iterator[tuple[str, int, Any]]:
+    """Records of local files/directories and hub names (prefixed hf: or ms:), in the order given."""
+    for raw in paths:
+        if str(raw).startswith(HUB_PREFIXES):
+            yield from iter_hub(str(raw), split)
+        else:
+            for path in list_files([raw]):
+                yield from iter_records(path)
+
+
+def record_text(record: Any) -> str:
+    """All the natural-language text of a record: a text field, poem lines, or the turns of a conversation."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object or string, got {type(record).__name__}")
+    for key in TEXT_KEYS:
+        value = record.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return "\n".join(value)
+    parts = []
+    for key in ("system", "instruction", "input", "output", "prompt", "messages", "conversations", "chosen", "rejected"):
+        value = record.get(key)
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list):
+            parts += [str(t.get("content", t.get("value", ""))) for t in value if isinstance(t, dict)]
+    if not parts:
+        raise DataError(f"no text field in record with keys {sorted(record)}")
+    return "\n".join(p for p in parts if p)

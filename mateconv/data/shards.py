@@ -1,0 +1,545 @@
+"""Stage 3: tokenize in parallel into memory-mapped token shards, and read them back as torch Datasets.
+
+A shard directory (`out/tokens/<kind>/<split>/`) holds `index.json` and, per finished shard `part-NNNNN`:
+- `part-NNNNN.tokens.bin`  flat token ids (uint16 when the vocab fits, else uint32)
+- `part-NNNNN.mask.bin`    sft only: uint8 loss mask, 1 on assistant content + closing <|im_end|>
+- `part-NNNNN.offsets.bin` sft and dpo: int64 record boundaries into the tokens (sft: records + 1 entries;
+                           dpo: 3 * records + 1 entries, each record being prompt, chosen, rejected in that order)
+Pretraining documents are packed as `doc tokens + [eos]` into one stream that readers slice into seq_len samples.
+
+Shard k holds input records [k * records_per_shard, (k + 1) * records_per_shard). Shards are written as `*.tmp`
+and renamed when finished; index.json (rewritten atomically after each shard) lists only finished shards, so an
+interrupted run resumes where it stopped and never trusts a half-written file.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mateconv.data import DataError
+from mateconv.data.formats import to_preference, to_sft
+from mateconv.data.readers import BadLine, list_files, iter_records, record_text
+
+KINDS = ("pretrain", "sft", "dpo")
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------- reading
+
+def _index(directory: str | Path) -> dict:
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        raise DataError(f"{directory} is not a token shard directory (no index.json); run 3.dataset.py first")
+    index = json.loads(path.read_text())
+    if not index.get("complete"):
+        raise DataError(f"{directory}: tokenization did not finish (index.json has complete=false); re-run 3.dataset.py")
+    return index
+
+
+def shard_info(directory: str | Path) -> dict:
+    """index.json plus totals: num_records, num_tokens, num_shards, bytes on disk."""
+    directory = Path(directory)
+    index = _index(directory)
+    files = [p for p in directory.iterdir() if p.name.startswith("part-") and p.suffix == ".bin"]
+    return {**index, "num_records": sum(s["num_records"] for s in index["shards"]),
+            "num_tokens": sum(s["num_tokens"] for s in index["shards"]), "num_shards": len(index["shards"]),
+            "bytes": sum(p.stat().st_size for p in files)}
+
+
+class _ShardReader(Dataset):
+    """Memory-maps the shards of a directory lazily (after a DataLoader fork, each worker maps its own)."""
+
+    kind = ""
+
+    def __init__(self, directory: str | Path, seq_len: int):
+        self.directory = Path(directory)
+        self.index = _index(self.directory)
+        if self.index["kind"] != self.kind:
+            raise DataError(f"{directory} holds {self.index['kind']} shards, not {self.kind}")
+        if seq_len < 2:
+            raise DataError(f"seq_len must be at least 2, got {seq_len}")
+        self.seq_len = seq_len
+        self.dtype = np.dtype(self.index["dtype"])
+        self.pad_id, self.eos_id = self.index["pad_id"], self.index["eos_id"]
+        self.shards = self.index["shards"]
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def _map(self, shard: int, part: str) -> np.ndarray:
+        key = (shard, part)
+        if key not in self._maps:
+            dtype = {"tokens": self.dtype, "mask": np.uint8, "offsets": np.int64}[part]
+            path = self.directory / f"{self.shards[shard]['name']}.{part}.bin"
+            self._maps[key] = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
+                               else np.zeros(0, dtype=dtype))
+        return self._maps[key]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
+
+
+class PretrainTokens(_ShardReader):
+    """Non-overlapping seq_len windows of the packed token stream; labels == input_ids (the model shifts)."""
+
+    kind = "pretrain"
+
+    def __init__(self, directory: str | Path, seq_len: int):
+        super().__init__(directory, seq_len)
+        self.starts = np.cumsum([0] + [s["num_tokens"] for s in self.shards]).tolist()
+        self.num_samples = self.starts[-1] // seq_len
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def tokens(self, begin: int, end: int) -> np.ndarray:
+        """Global token positions [begin, end) of the stream, read across shard boundaries."""
+        pieces = []
+        while begin < end:
+            shard = bisect.bisect_right(self.starts, begin) - 1
+            stop = min(end, self.starts[shard + 1])
+            pieces.append(self._map(shard, "tokens")[begin - self.starts[shard]: stop - self.starts[shard]])
+            begin = stop
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        ids = torch.from_numpy(self.tokens(i * self.seq_len, (i + 1) * self.seq_len).astype(np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class _RecordReader(_ShardReader):
+    spans_per_record = 1
+
+    def __init__(self, directory: str | Path, seq_len: int):
+        super().__init__(directory, seq_len)
+        self.starts = np.cumsum([0] + [s["num_records"] for s in self.shards]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard = bisect.bisect_right(self.starts, i) - 1
+        return shard, i - self.starts[shard]
+
+    def _pad(self, ids: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+        ids, labels = ids[: self.seq_len], labels[: self.seq_len]
+        n = len(ids)
+        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        padded_labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
+        input_ids[:n] = torch.from_numpy(ids.astype(np.int64))
+        padded_labels[:n] = torch.from_numpy(labels.astype(np.int64))
+        return {"input_ids": input_ids, "labels": padded_labels,
+                "attention_mask": (torch.arange(self.seq_len) < n).long()}
+
+
+class SFTTokens(_RecordReader):
+    """One conversation per item, truncated to seq_len and right-padded; labels -100 off the assistant tokens."""
+
+    kind = "sft"
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        shard, j = self._locate(i)
+        offsets = self._map(shard, "offsets")
+        begin, end = int(offsets[j]), int(offsets[j + 1])
+        ids = self._map(shard, "tokens")[begin:end].astype(np.int64)
+        mask = self._map(shard, "mask")[begin:end].astype(bool)
+        return self._pad(ids, np.where(mask, ids, IGNORE_INDEX))
+
+
+class DPOTokens(_RecordReader):
+    """prompt + chosen and prompt + rejected, each truncated to seq_len and right-padded; labels -100 on the prompt.
+
+    When a pair is too long the prompt is cut from the left (keeping at least half of seq_len) and then the
+    responses are cut at seq_len, so both sides always share the same prompt tokens.
+    """
+
+    kind = "dpo"
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        shard, j = self._locate(i)
+        offsets, tokens = self._map(shard, "offsets"), self._map(shard, "tokens")
+        prompt, chosen, rejected = (tokens[int(offsets[3 * j + k]): int(offsets[3 * j + k + 1])].astype(np.int64)
+                                    for k in range(3))
+        keep = min(len(prompt), max(self.seq_len - max(len(chosen), len(rejected)), self.seq_len // 2))
+        prompt = prompt[len(prompt) - keep:]
+        item = {}
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            ids = np.concatenate([prompt, response])
+            labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX), response])
+            for key, value in self._pad(ids, labels).items():
+                item[f"{side}_{key}"] = value
+        return item
+
+
+# ---------------------------------------------------------------- tokenizing (worker side)
+
+_tokenizer = None
+
+
+def _init_worker(tokenizer_file: str) -> None:
+    global _tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the process pool
+    from tokenizers import Tokenizer
+
+    _tokenizer = Tokenizer.from_file(tokenizer_file)
+
+
+def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
+    from mateconv.tokenizer import render_chat
+
+    text, spans = render_chat(to_sft(record)["messages"])
+    encoding = _tokenizer.encode(text, add_special_tokens=False)
+    starts = [span[0] for span in spans]
+    mask = []
+    for start, _ in encoding.offsets:
+        k = bisect.bisect_right(starts, start) - 1
+        mask.append(1 if k >= 0 and start < spans[k][1] else 0)
+    return encoding.ids, mask
+
+
+def _encode_dpo(record: Any, eos_id: int) -> tuple[list[int], list[int], list[int]]:
+    from mateconv.tokenizer import render_chat
+
+    pair = to_preference(record)
+    prompt_text, _ = render_chat(pair["prompt"], add_generation_prompt=True)
+    prompt = _tokenizer.encode(prompt_text, add_special_tokens=False).ids
+    sides = []
+    for side in ("chosen", "rejected"):
+        if len(pair[side]) != 1:
+            raise DataError(f"{side} must be a single assistant message, got {len(pair[side])}")
+        content = pair[side][0]["content"]
+        if not content.strip():
+            raise DataError(f"empty {side} response")
+        sides.append(_tokenizer.encode(content, add_special_tokens=False).ids + [eos_id])
+    return prompt, sides[0], sides[1]
+
+
+def encode_chunk(kind: str, eos_id: int, dtype: str, lines: list[tuple[int, int, str]]) -> dict:
+    """Parse and tokenize one chunk of (source id, line number, raw line) -> arrays + per-record errors."""
+    tokens: list[int] = []
+    mask: list[int] = []
+    lengths: list[int] = []
+    errors: list[tuple[int, int, str]] = []
+    for source, number, raw in lines:
+        try:
+            record = json.loads(raw)
+            if kind == "pretrain":
+                text = record_text(record)
+                if not text.strip():
+                    raise DataError("empty text")
+                ids = _tokenizer.encode(text, add_special_tokens=False).ids + [eos_id]
+                tokens += ids
+                lengths.append(len(ids))
+            elif kind == "sft":
+                ids, record_mask = _encode_sft(record)
+                if not any(record_mask):
+                    raise DataError("no assistant tokens")
+                tokens += ids
+                mask += record_mask
+                lengths.append(len(ids))
+            else:
+                for part in _encode_dpo(record, eos_id):
+                    tokens += part
+                    lengths.append(len(part))
+        except json.JSONDecodeError as error:
+            errors.append((source, number, f"malformed JSON: {error.msg}"))
+        except (DataError, KeyError, TypeError, AttributeError) as error:
+            errors.append((source, number, f"{type(error).__name__}: {error}" if not isinstance(error, DataError)
+                           else str(error)))
+    return {"tokens": np.asarray(tokens, dtype=dtype), "mask": np.asarray(mask, dtype=np.uint8),
+            "lengths": np.asarray(lengths, dtype=np.int64), "errors": errors}
+
+
+def _encode_in_process(args: tuple) -> dict:
+    return encode_chunk(*args)
+
+
+# ---------------------------------------------------------------- writing (main side)
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    index: dict
+    skipped_shards: int = 0
+    bad_records: list[str] = field(default_factory=list)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1))
+    os.replace(tmp, path)
+
+
+def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per_shard: int) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{FORMAT_VERSION}|{kind}|{records_per_shard}".encode())
+    digest.update(tokenizer_file.read_bytes())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
+    """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record."""
+    for source, path in enumerate(files):
+        if path.name.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if line.strip():
+                        yield source, number, line, len(raw)
+        else:
+            for _, number, record in iter_records(path):
+                line = "{" if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
+                yield source, number, line, len(line.encode())
+
+
+def _chunks(files: list[Path], records_per_shard: int, chunk_records: int,
+            skip_shards: set[int]) -> Iterator[tuple[int, list[tuple[int, int, str]], int]]:
+    """(shard id, chunk of lines, bytes) never crossing a shard boundary; lines of finished shards are skipped."""
+    chunk: list[tuple[int, int, str]] = []
+    nbytes = 0
+    position = 0
+    for source, number, line, size in _lines(files):
+        shard = position // records_per_shard
+        position += 1
+        if shard in skip_shards:
+            yield shard, [], size
+            continue
+        chunk.append((source, number, line))
+        nbytes += size
+        if len(chunk) == chunk_records or position % records_per_shard == 0:
+            yield shard, chunk, nbytes
+            chunk, nbytes = [], 0
+    if chunk:
+        yield (position - 1) // records_per_shard, chunk, nbytes
+
+
+class _ShardWriter:
+    """Appends chunk results to `part-NNNNN.*.tmp` files, renames them when the shard is finished."""
+
+    def __init__(self, out_dir: Path, kind: str):
+        self.out_dir, self.kind = out_dir, kind
+        self.shard: int | None = None
+        self.files: dict[str, Any] = {}
+        self.num_tokens = self.num_records = self.offset = 0
+
+    def parts(self) -> tuple[str, ...]:
+        return {"pretrain": ("tokens",), "sft": ("tokens", "mask", "offsets"), "dpo": ("tokens", "offsets")}[self.kind]
+
+    def open(self, shard: int) -> None:
+        self.shard = shard
+        name = f"part-{shard:05d}"
+        self.files = {part: open(self.out_dir / f"{name}.{part}.bin.tmp", "wb") for part in self.parts()}
+        self.num_tokens = self.num_records = self.offset = 0
+        if "offsets" in self.files:
+            self.files["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
+
+    def add(self, result: dict) -> None:
+        self.files["tokens"].write(result["tokens"].tobytes())
+        if "mask" in self.files:
+            self.files["mask"].write(result["mask"].tobytes())
+        if "offsets" in self.files:
+            ends = self.offset + np.cumsum(result["lengths"])
+            self.files["offsets"].write(ends.astype(np.int64).tobytes())
+        self.offset += int(result["lengths"].sum())
+        self.num_tokens += len(result["tokens"])
+        per_record = 3 if self.kind == "dpo" else 1
+        self.num_records += len(result["lengths"]) // per_record
+
+    def close(self) -> dict:
+        name = f"part-{self.shard:05d}"
+        for part, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.out_dir / f"{name}.{part}.bin.tmp", self.out_dir / f"{name}.{part}.bin")
+        self.shard, self.files = None, {}
+        return {"name": name, "num_tokens": self.num_tokens, "num_records": self.num_records}
+
+
+def _finished_shards(out_dir: Path, index: dict, kind: str) -> list[dict]:
+    """Shards listed in a previous index whose files all exist (anything else is redone)."""
+    parts = _ShardWriter(out_dir, kind).parts()
+    return [s for s in index.get("shards", []) if all((out_dir / f"{s['name']}.{p}.bin").is_file() for p in parts)]
+
+
+def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
+                 workers: int | None = None, records_per_shard: int = 100_000, chunk_records: int = 256,
+                 strict: bool = False, max_in_flight: int | None = None, progress: bool = True) -> BuildResult:
+    """Tokenize `inputs` (jsonl/txt/json files or directories) into token shards in out_dir; resumable."""
+    if kind not in KINDS:
+        raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    files = list_files(inputs)
+    tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise DataError(f"{tokenizer_dir}: no tokenizer.json (train one with stage 1)")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    vocab_size = tokenizer.get_vocab_size()
+    from mateconv.tokenizer import EOS, PAD
+
+    eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+    if eos_id is None or pad_id is None:
+        raise DataError(f"{tokenizer_file} lacks the special tokens {EOS} / {PAD}")
+    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    workers = workers or os.cpu_count() or 1
+    chunk_records = max(1, min(chunk_records, records_per_shard))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_path = out_dir / "index.json"
+    fingerprint = _fingerprint(kind, files, tokenizer_file, records_per_shard)
+    previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if previous.get("fingerprint") == fingerprint and previous.get("complete"):
+        return BuildResult(out_dir, previous, skipped_shards=len(previous["shards"]))
+    done = _finished_shards(out_dir, previous, kind) if previous.get("fingerprint") == fingerprint else []
+    done_names = {s["name"] for s in done}
+    for stale in out_dir.glob("part-*"):  # half-written tmp files and shards of other inputs/settings
+        if stale.name.split(".")[0] not in done_names or stale.name.endswith(".tmp"):
+            stale.unlink()
+
+    index = {"kind": kind, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id, "pad_id": pad_id,
+             "shards": sorted(done, key=lambda s: s["name"]), "complete": False, "format_version": FORMAT_VERSION,
+             "fingerprint": fingerprint, "inputs": [str(p) for p in files], "tokenizer": str(tokenizer_dir),
+             "records_per_shard": records_per_shard, "bad_records": 0, "bad_examples": []}
+    _write_json_atomic(index_path, index)
+    bad: list[str] = []
+    skip = {int(name.split("-")[1]) for name in done_names}
+    writer = _ShardWriter(out_dir, kind)
+    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"tokenize {kind}",
+               disable=not progress, mininterval=1.0)
+    tokens_total = 0
+
+    def consume(shard: int, result: dict | None, nbytes: int) -> None:
+        nonlocal tokens_total
+        bar.update(nbytes)
+        if result is None:
+            return
+        if writer.shard != shard:
+            finish()
+            writer.open(shard)
+        for source, number, message in result["errors"]:
+            where = f"{files[source]}:{number}: {message}"
+            if strict:
+                raise DataError(f"{where} (strict mode)")
+            bad.append(where)
+        writer.add(result)
+        tokens_total += len(result["tokens"])
+        bar.set_postfix(tokens=tokens_total, refresh=False)
+
+    def finish() -> None:
+        if writer.shard is not None:
+            index["shards"].append(writer.close())
+            index["shards"].sort(key=lambda s: s["name"])
+            _write_json_atomic(index_path, index)
+
+    chunks = _chunks(files, records_per_shard, chunk_records, skip)
+    try:
+        if workers == 1:
+            _init_worker(str(tokenizer_file))
+            for shard, lines, nbytes in chunks:
+                consume(shard, encode_chunk(kind, eos_id, dtype, lines) if lines else None, nbytes)
+        else:
+            # apply_async with a bounded queue (Pool.imap would read the whole input ahead): memory stays flat.
+            limit = max_in_flight or 4 * workers
+            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
+                pending: deque = deque()
+                for shard, lines, nbytes in chunks:
+                    job = pool.apply_async(encode_chunk, (kind, eos_id, dtype, lines)) if lines else None
+                    pending.append((shard, job, nbytes))
+                    while len(pending) > limit or (pending and (pending[0][1] is None or pending[0][1].ready())):
+                        head_shard, head_job, head_bytes = pending.popleft()
+                        consume(head_shard, head_job.get() if head_job else None, head_bytes)
+                while pending:
+                    head_shard, head_job, head_bytes = pending.popleft()
+                    consume(head_shard, head_job.get() if head_job else None, head_bytes)
+        finish()
+    finally:
+        bar.close()
+        for f in writer.files.values():
+            f.close()
+    index.update(complete=True, bad_records=len(bad), bad_examples=bad[:50])
+    _write_json_atomic(index_path, index)
+    return BuildResult(out_dir, index, skipped_shards=len(done), bad_records=bad)
+
+
+# ---------------------------------------------------------------- command line
+
+def build_all(data_dir: str | Path, tokenizer_dir: str | Path, out_root: str | Path, **options) -> list[BuildResult]:
+    """Every `{kind}_{split}.jsonl` found in data_dir (stage 2's output) -> out_root/kind/split."""
+    found = [(kind, split, Path(data_dir) / f"{kind}_{split}.jsonl") for kind in KINDS for split in ("train", "val")]
+    found = [(kind, split, path) for kind, split, path in found if path.is_file()]
+    if not found:
+        raise DataError(f"{data_dir}: no pretrain/sft/dpo _train/_val .jsonl files (run stage 2 first)")
+    return [build_shards(kind, [path], tokenizer_dir, Path(out_root) / kind / split, **options)
+            for kind, split, path in found]
+
+
+def _report(result: BuildResult) -> None:
+    info = shard_info(result.out_dir)
+    note = f", {result.skipped_shards} shard(s) already done" if result.skipped_shards else ""
+    print(f"{result.out_dir}: {info['kind']} {info['num_records']:,} records, {info['num_tokens']:,} tokens "
+          f"in {info['num_shards']} shard(s) ({info['dtype']}){note}")
+    if result.bad_records:
+        print(f"  {len(result.bad_records)} bad record(s) skipped, e.g.:")
+        for where in result.bad_records[:5]:
+            print(f"    {where}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Stage 3: tokenize prepared data into memory-mapped token shards (docs/data.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--kind", choices=KINDS, help="what the input holds (not needed with --all)")
+    parser.add_argument("--input", nargs="+", help="jsonl/json/txt files or directories")
+    parser.add_argument("--out_dir", help="shard directory to write, e.g. out/tokens/pretrain/train")
+    parser.add_argument("--all", action="store_true", help="tokenize every {kind}_{split}.jsonl in --data_dir")
+    parser.add_argument("--data_dir", default="out/data", help="stage 2 output, used with --all")
+    parser.add_argument("--out_root", default="out/tokens", help="output root used with --all")
+    parser.add_argument("--tokenizer", default="out/tokenizer", help="stage 1 tokenizer directory")
+    parser.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    parser.add_argument("--records_per_shard", type=int, default=100_000)
+    parser.add_argument("--chunk_records", type=int, default=256, help="records per work item sent to a worker")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    options = dict(workers=args.workers or None, records_per_shard=args.records_per_shard,
+                   chunk_records=args.chunk_records, strict=args.strict, progress=not args.no_progress)
+    try:
+        if args.all:
+            results = build_all(args.data_dir, args.tokenizer, args.out_root, **options)
+        else:
+            if not (args.kind and args.input and args.out_dir):
+                parser.error("give --kind, --input and --out_dir (or --all)")
+            results = [build_shards(args.kind, args.input, args.tokenizer, args.out_dir, **options)]
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    for result in results:
+        _report(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Stage 1: train a byte-level BPE tokenizer with fixed special tokens and a ChatML chat template.
+
+    python -m mateconv.tokenizer --corpus out/raw/embedded /work/shared/data/karpathy__char-rnn --vocab_size 6400 \
+        --out_dir out/tokenizer
+
+Special tokens have fixed ids: <|endoftext|> = 0 (pad, unk), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos).
+`render_chat` is the Python twin of the Jinja template; stage 3 uses it to find the assistant spans for the loss mask.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from mateconv.data import DataError
+from mateconv.data.readers import BadLine, iter_sources, record_text
+
+PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS]  # list position == token id
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# ChatML; {% generation %} marks the trainable assistant tokens for `return_assistant_tokens_mask` (TRL interop).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's text and the character spans of every assistant content + its closing <|im_end|>."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length = 0
+    for message in messages:
+        head = f"{BOS}{message['role']}\n"
+        body = f"{message['content']}{EOS}"
+        if message["role"] == "assistant":
+            spans.append((length + len(head), length + len(head) + len(body)))
+        parts.append(f"{head}{body}\n")
+        length += len(parts[-1])
+    if add_generation_prompt:
+        parts.append(f"{BOS}assistant\n")
+    return "".join(parts), spans
+
+
+def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
+    """Texts of every record of the corpus paths (bad records skipped), stopping after max_chars characters."""
+    total = 0
+    for _, _, record in iter_sources(paths):
+        if isinstance(record, BadLine):
+            continue
+        try:
+            text = record_text(record)
+        except DataError:
+            continue
+        if text.strip():
+            yield text
+            total += len(text)
+            if max_chars is not None and total >= max_chars:
+                return
+
+
+def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
+                    min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768) -> Path:
+    """Train the BPE on the corpus and save a Hugging Face tokenizer directory; returns out_dir."""
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 259 tokens")
+    os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "true")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = tqdm(corpus_texts(corpus, max_chars), desc="tokenizer corpus", unit="doc")
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if texts.n == 0:
+        raise DataError(f"no text found in the corpus {[str(c) for c in corpus]}")
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise DataError(f"special token {token} did not get id {token_id}")
+
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                      unk_token=PAD, model_max_length=model_max_length, chat_template=CHAT_TEMPLATE,
+                                      clean_up_tokenization_spaces=False)
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp_dir.exists():
+        for leftover in tmp_dir.iterdir():
+            leftover.unlink()
+    wrapped.save_pretrained(tmp_dir)
+    # Keep the template inside tokenizer_config.json (older loaders read it there) and a special_tokens_map.json.
+    config_path = tmp_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}
+    (tmp_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in tmp_dir.iterdir():
+        os.replace(path, out_dir / path.name)
+    tmp_dir.rmdir()
+    return out_dir
+
+
+# ---------------------------------------------------------------- compression report
+
+def compression(tokenizer, texts: list[str]) -> dict[str, float]:
+    """Characters and UTF-8 bytes per token over the texts (higher = better compression)."""
+    chars = sum(len(t) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    return {"chars": chars, "bytes": nbytes, "tokens": tokens,
+            "chars_per_token": chars / max(tokens, 1), "bytes_per_token": nbytes / max(tokens, 1)}
+
+
+def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, list[str]],
+                       report_dir: str | Path) -> list[dict]:
+    """Compare tokenizers on held-out text samples; writes compression.csv, compression.md and compression.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoTokenizer
+
+    rows = []
+    for name, path in tokenizers.items():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        for language, texts in samples.items():
+            rows.append({"tokenizer": name, "vocab_size": len(tokenizer), "text": language,
+                         **compression(tokenizer, texts)})
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with open(report_dir / "compression.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| tokenizer | vocab | text | chars | tokens | chars/token | bytes/token |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokenizer']} | {r['vocab_size']} | {r['text']} | {r['chars']} | {r['tokens']} | "
+              f"{r['chars_per_token']:.3f} | {r['bytes_per_token']:.3f} |" for r in rows]
+    (report_dir / "compression.md").write_text("\n".join(lines) + "\n")
+
+    names, languages = list(tokenizers), list(samples)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(names)
+    for axis, metric in zip(axes, ("chars_per_token", "bytes_per_token")):
+        for i, name in enumerate(names):
+            values = [next(r[metric] for r in rows if r["tokenizer"] == name and r["text"] == lang) for lang in languages]
+            axis.bar([x + i * width for x in range(len(languages))], values, width, label=name)
+        axis.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(languages))], languages)
+        axis.set_title(metric.replace("_", " "))
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "compression.png", dpi=100)
+    plt.close(fig)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--corpus", nargs="+", required=True, help="jsonl/json/txt/parquet files or directories")
+    parser.add_argument("--vocab_size", type=int, default=6400)
+    parser.add_argument("--min_frequency", type=int, default=2)
+    parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
+    parser.add_argument("--out_dir", default="out/tokenizer")
+    args = parser.parse_args(argv)
+    try:
+        out = train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    print(f"tokenizer saved to {out}")
+
+
+if __name__ == "__main__":
+    main()
