@@ -1,0 +1,1 @@
+"""The training engine shared by pretraining, SFT and DPO (see engine.py)."""

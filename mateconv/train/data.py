@@ -1,0 +1,54 @@
+"""Data loading: a seeded, rank-sharded sampler that can start in the middle of an epoch (exact resume)."""
+from __future__ import annotations
+
+import math
+import signal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Like DistributedSampler (shuffled per epoch with `seed + epoch`, padded to split evenly across ranks), plus
+    `skip`: the number of this rank's samples of the current epoch already consumed, so a resumed run continues with
+    exactly the next batch."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("the training data set is empty")
+        self.length = len(dataset)
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.per_rank = math.ceil(self.length / world_size)
+        self.epoch = 0
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        order += order[: self.per_rank * self.world_size - self.length]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # `kill -2` on the process group reaches the loader workers too; only the main process decides to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals if num_workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,109 @@
+"""Process setup: which engine (DeepSpeed or plain PyTorch), rank/world size, device and precision."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mateconv.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    use_deepspeed: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the forward/backward (bf16, fp16 or fp32)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_distributed() -> bool:
+    """True under `deepspeed` / `torchrun` (they export WORLD_SIZE and RANK)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def wants_deepspeed(config: TrainConfig) -> bool:
+    if config.engine != "auto":
+        return config.engine == "deepspeed"
+    return bool(launched_distributed() or config.zero_stage > 0 or config.ds_config or config.offload_optimizer)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", max(local_rank, 0))
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPUs."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(config: TrainConfig) -> Runtime:
+    """Initialise the process group when needed (DeepSpeed always; plain PyTorch only under torchrun)."""
+    use_deepspeed = wants_deepspeed(config)
+    if use_deepspeed and not launched_distributed():
+        # a plain `python 4.pretrain.py --engine deepspeed`: one rank, DeepSpeed still wants the rendezvous variables
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(config.local_rank, 0)))
+    device = resolve_device(config.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    elif world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(config.dtype, device))
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (so all ranks stop at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,280 @@
+"""The training loop shared by pretraining, SFT and DPO: DeepSpeed (ZeRO 0-3) or plain PyTorch (single process/DDP).
+
+    runtime = setup(config)
+    model = build_model(config)
+    Trainer(config, runtime, model, LMObjective(), train_data, val_data, tokenizer).fit()
+
+A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank. Checkpoints are
+taken at step boundaries, so the data position (epoch, micro-batches consumed in it) is exact on resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mateconv.config import ConfigError, TrainConfig
+from mateconv.train.checkpoint import CheckpointManager, unwrap
+from mateconv.train.data import ResumableDistributedSampler, make_loader
+from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
+from mateconv.train.ds_config import build_ds_config
+from mateconv.train.models import base_model, save_hf
+from mateconv.train.objectives import Objective
+from mateconv.train.optim import build_optimizer, build_scheduler
+from mateconv.train.signals import StopRequest
+from mateconv.train.tracking import Tracker, expert_load_metrics, flops_per_token, memory_metrics, peak_flops
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, runtime: Runtime, model: torch.nn.Module, objective: Objective,
+                 train_data: Dataset, val_data: Dataset | None = None, tokenizer=None,
+                 evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None):
+        """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss."""
+        self.config, self.runtime, self.objective = config, runtime, objective
+        self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
+        self.evaluators = evaluators or []
+        self.out_dir = Path(config.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir, config.keep_checkpoint_max, runtime)
+        self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.seed)
+        micro_per_epoch = self.sampler.per_rank // config.batch_size
+        if micro_per_epoch == 0:
+            raise ConfigError(f"the training data ({len(train_data)} sequences over {runtime.world_size} ranks) "
+                              f"is smaller than one batch of {config.batch_size}")
+        self.micro_per_epoch = micro_per_epoch
+        self.total_steps = config.max_steps or max(1, config.epochs * micro_per_epoch // config.accumulation_steps)
+        self.flops_per_token = flops_per_token(base_model(model), config.max_seq_len)
+        self._setup_engine(model)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def _setup_engine(self, model: torch.nn.Module) -> None:
+        config, runtime = self.config, self.runtime
+        if runtime.use_deepspeed:
+            import deepspeed
+
+            if config.use_lora and config.zero_stage == 3:
+                raise ConfigError("LoRA with ZeRO-3 is not supported; use zero_stage 0-2 (LoRA state is small)")
+            moe_classes = {type(m) for m in base_model(model).modules() if type(m).__name__ == "MoEFeedForward"}
+            if moe_classes and config.zero_stage == 3:
+                # an expert that gets no tokens on one rank must not leave the others waiting for its parameters
+                deepspeed.utils.set_z3_leaf_modules(model, list(moe_classes))
+            hidden = getattr(base_model(model).config, "hidden_size", 1024)
+            ds_config = build_ds_config(config, runtime.dtype, runtime.world_size, hidden)
+            optimizer = None
+            if "optimizer" not in ds_config:
+                optimizer = build_optimizer(model, config, runtime.device)
+                ds_config["zero_allow_untested_optimizer"] = True
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                lr_scheduler=lambda opt: build_scheduler(opt, config, self.total_steps))
+            self.scaler = None
+        else:
+            model.to(runtime.device)
+            self.optimizer = build_optimizer(model, config, runtime.device)
+            self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+            if runtime.world_size > 1:
+                ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+                model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.engine = model
+            fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
+            self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+
+    def autocast(self):
+        if self.runtime.use_deepspeed or self.runtime.dtype == torch.float32:
+            return contextlib.nullcontext()  # DeepSpeed casts the model itself
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.dtype)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, dict[str, float]]:
+        """Forward + backward of one micro-batch; the optimizer steps on the boundary. Returns (loss, metrics)."""
+        accumulation = self.config.accumulation_steps
+        if self.runtime.use_deepspeed:
+            loss, metrics = self.objective.loss(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            return loss.item(), metrics
+        sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
+            loss, metrics = self.objective.loss(self.engine, batch)
+        scaled = loss / accumulation
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.item(), metrics
+
+    def optimizer_step(self) -> float:
+        """Plain PyTorch: clip, step, schedule; DeepSpeed already stepped in micro_step. Returns the grad norm."""
+        if self.runtime.use_deepspeed:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.engine.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[-1]
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks."""
+        if self.val_data is None:
+            return {}
+        sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
+                                              self.config.seed, shuffle=False)
+        loader = make_loader(self.val_data, sampler, self.config.batch_size, 0)
+        self.engine.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for index, batch in enumerate(loader):
+            if self.config.eval_batches and index == self.config.eval_batches:
+                break
+            with self.autocast():
+                loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
+            totals += torch.tensor([loss.item(), metrics.get("lm_loss", loss.item()), 1.0], dtype=torch.float64)
+        self.engine.train()
+        totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
+        if totals[2] == 0:
+            return {}
+        val_loss, lm_loss = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(lm_loss, 50.0))}
+        for evaluator in self.evaluators:
+            metrics.update(evaluator(unwrap(self.engine)))
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
+        config, runtime = self.config, self.runtime
+        state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "run_id": None}
+        resume_from = self.checkpoints.resume_path(config.resume)
+        if resume_from is not None:
+            state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
+            if runtime.is_main:
+                print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
+        else:
+            seed_everything(config.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
+        tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
+        state["run_id"] = tracker.run_id
+        peak = peak_flops(runtime.device, config.peak_flops) if runtime.is_main else 0.0
+        self.engine.train()
+        try:
+            return self._loop(state, tracker, peak)
+        finally:
+            tracker.finish()
+
+    def _roll_epoch(self, state: dict) -> None:
+        if state["micro_in_epoch"] >= self.micro_per_epoch:
+            state["epoch"] += 1
+            state["micro_in_epoch"] = 0
+
+    def _loop(self, state: dict, tracker: Tracker, peak: float) -> dict:
+        config, runtime = self.config, self.runtime
+        step, accumulation = state["step"], config.accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.out_dir.name, unit="step",
+                   disable=not runtime.is_main, dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        losses, extra, loads, micro = [], {}, [], 0
+        step_loss, val, stopped = float("nan"), {}, False
+        with StopRequest() as stop:
+            while step < self.total_steps and not stopped:
+                self.sampler.set_position(state["epoch"], state["micro_in_epoch"] * config.batch_size)
+                loader = make_loader(self.train_data, self.sampler, config.batch_size, config.num_workers,
+                                     pin_memory=runtime.device.type == "cuda")
+                for batch in loader:
+                    micro += 1
+                    state["micro_in_epoch"] += 1
+                    batch = self.to_device(batch)
+                    window_tokens += batch_tokens(batch)
+                    loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
+                    losses.append(loss)
+                    for key, value in metrics.items():
+                        extra[key] = extra.get(key, 0.0) + value / accumulation
+                    moe_model = base_model(self.engine)
+                    load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
+                    if load is not None:
+                        loads.append(load.float().cpu())
+                    if micro % accumulation:
+                        continue
+
+                    grad_norm = self.optimizer_step()
+                    step += 1
+                    state["step"] = step
+                    self._roll_epoch(state)
+                    step_loss = all_reduce_mean(torch.tensor([sum(losses) / len(losses)], device=runtime.device)).item()
+                    bar.update(1)
+                    if step % config.log_interval == 0 or step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
+                        row = {"loss": step_loss, "ppl": math.exp(min(extra.get("lm_loss", step_loss), 50.0)),
+                               "lr": self.current_lr(), "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                               "epoch": state["epoch"], **{k: v for k, v in extra.items() if k != "lm_loss"},
+                               **memory_metrics(runtime.device)}
+                        if peak > 0:
+                            row["mfu"] = self.flops_per_token * tokens_per_sec / (peak * runtime.world_size)
+                        if loads:  # averaged over the steps since the last log line, and over ranks
+                            load = all_reduce_mean(torch.stack(loads).mean(0).to(runtime.device)).cpu()
+                            row.update(expert_load_metrics(load, extra.get("aux_loss")))
+                        tracker.log(step, row)
+                        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                        window_start, window_tokens, loads = time.perf_counter(), 0, []
+                    losses, extra = [], {}
+
+                    stopped = any_rank(stop.requested, runtime.device)
+                    save_now = step % config.save_interval_steps == 0 or stopped or step == self.total_steps
+                    if self.val_data is not None and (step % config.eval_interval == 0 or save_now):
+                        val = self.evaluate()
+                        tracker.log(step, val)
+                    if save_now:
+                        self._save(step, state, val.get("val_loss"))
+                    if stopped or step >= self.total_steps:
+                        break
+                else:
+                    self._roll_epoch(state)
+        bar.close()
+        if not stopped:
+            save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
+        elif runtime.is_main:
+            print(f"[train] stopped at step {step}; checkpoint saved, run the same command to resume", flush=True)
+        return {"step": step, "loss": step_loss, "val_loss": val.get("val_loss"),
+                "best_val_loss": state["best_val_loss"], "stopped": stopped}
+
+    def _save(self, step: int, state: dict, val_loss: float | None) -> None:
+        best = state["best_val_loss"]
+        is_best = val_loss is not None and (best is None or val_loss < best)
+        if is_best:
+            state["best_val_loss"] = val_loss
+        self.checkpoints.save(step, self.engine, self.optimizer, self.scheduler, dict(state), self.config, is_best)
+        if is_best:
+            save_hf(self.engine, self.tokenizer, self.out_dir / "best", self.runtime)

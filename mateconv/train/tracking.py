@@ -1,0 +1,160 @@
+"""Metrics: `metrics.jsonl` (always, rank 0), W&B or TensorBoard, FLOPs per token and MFU, MoE expert-load stats.
+
+W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no API key is configured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mateconv.config import TrainConfig, config_to_dict
+
+# Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+    "L4": 121e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters a token's forward multiplies by: no embedding lookups, the lm_head once (also when tied), and for
+    MoE layers only `top_k` of the routed experts."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and id(output.weight) in embedding_ids:
+        total += output.weight.numel()
+    for module in model.modules():
+        experts, top_k = getattr(module, "experts", None), getattr(module, "top_k", None)
+        if isinstance(experts, nn.ModuleList) and isinstance(top_k, int) and len(experts) > top_k:
+            per_expert = sum(p.numel() for p in experts[0].parameters())
+            total -= (len(experts) - top_k) * per_expert
+    return total
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters plus attention scores (PaLM appendix B: 12 * L * d * T)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return 6.0 * active_parameters(model) + 12.0 * layers * hidden * seq_len
+
+
+def measure_cpu_flops(size: int = 1024, repeats: int = 8) -> float:
+    """Achieved fp32 matmul FLOP/s of this CPU (the practical peak for MFU on CPUs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, override: float = 0.0) -> float:
+    """Peak FLOP/s per device: the flag if set, the table for known GPUs, a matmul measurement on CPU (0 = unknown)."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), 0.0)
+    return measure_cpu_flops()
+
+
+def expert_load_metrics(load: torch.Tensor, aux_loss: float | None) -> dict[str, float]:
+    """load [n_layers, n_experts] token fractions -> per-expert fractions, coefficient of variation per layer."""
+    metrics: dict[str, float] = {}
+    for layer, row in enumerate(load.float()):
+        for expert, fraction in enumerate(row.tolist()):
+            metrics[f"moe/layer{layer}/expert{expert}"] = fraction
+        metrics[f"moe/layer{layer}/cv"] = (row.std(unbiased=False) / row.mean().clamp(min=1e-12)).item()
+    metrics["moe/cv_mean"] = sum(metrics[f"moe/layer{i}/cv"] for i in range(load.shape[0])) / load.shape[0]
+    if aux_loss is not None:
+        metrics["moe/aux_loss"] = aux_loss
+    return metrics
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+                "memory/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import psutil
+
+    return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+class Tracker:
+    """Rank 0 writes `metrics.jsonl` and the W&B/TensorBoard run; other ranks do nothing."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path, enabled: bool, run_id: str | None = None,
+                 resumed_step: int = 0):
+        self.enabled = enabled
+        self.kind = config.tracker if enabled else "none"
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.run_id = run_id
+        self.run = self.writer = None
+        if not enabled:
+            return
+        self._truncate_after(resumed_step)
+        if self.kind == "wandb":
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
+                os.environ.setdefault("WANDB_MODE", "offline")
+            self.run_id = run_id or wandb.util.generate_id()
+            self.run = wandb.init(project=config.wandb_project, name=config.wandb_run_name or None, id=self.run_id,
+                                  resume="allow", dir=str(out_dir), config=config_to_dict(config))
+        elif self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop the rows logged after the checkpoint (they are about to be replayed)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed writer
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _wandb_logged_in() -> bool:
+    """A key stored by `wandb login` (~/.netrc) counts as configured."""
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
