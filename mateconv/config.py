@@ -25,7 +25,9 @@ CHOICES = {
     "zero_stage": (0, 1, 2, 3),
 }
 # Names the seeds use for the same flags.
-ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config"}
+ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
+           "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
+           "sft_coef": "dpo_sft_coef"}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -114,6 +116,7 @@ class TrainConfig:
     dpo_sft_coef: float = 0.0
     ref_model_path: str = ""
     precompute_ref: bool = False
+    forget_data_paths: list[str] = field(default_factory=lambda: ["out/tokens/pretrain/val", "out/tokens/sft/val"])
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
