@@ -111,3 +111,15 @@ def test_preset_file_errors_and_cli(tmp_path):
                              "mateconv-0.3b", "pretrain"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "has no entry mateconv-0.3b/pretrain" in \
         result.stderr
+
+
+def test_preset_flags_are_stage_flags():
+    from mateconv.config import parse_config
+
+    for path in PRESET_FILES:
+        data = load_presets(path)
+        for model_name, stages in data["models"].items():
+            for stage, settings in stages.items():
+                parsed = parse_config(preset_flags(data, model_name, stage))
+                for key, value in {**PRESETS[model_name], **settings}.items():
+                    assert getattr(parsed, key) == value, (path.name, model_name, stage, key)

@@ -102,3 +102,28 @@ def test_command_macros(tmp_path):
                        "--out_dir", str(tmp_path)]
     default = build_command(parse_sweep_config(_config()), {"lr": 0.001}, tmp_path)
     assert default == [sys.executable, "train.py", "--lr", "0.001", "--out_dir", str(tmp_path)]
+
+
+def test_shipped_sweeps_render_flags_the_stages_accept():
+    from mateconv.config import parse_config
+
+    for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
+        config = load_sweep_config(path)
+        for pick in (0, -1):  # first and last choice / bound of every parameter
+            values = {name: p.value if p.distribution == "constant" else
+                      p.values[pick] if p.values else (p.low, p.high)[pick] for name, p in config.params.items()}
+            command = build_command(config, values, Path("/tmp/trial"))
+            parsed = parse_config(command[2:])
+            for name, value in values.items():
+                assert getattr(parsed, name) == value, (path.name, name)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--use_moe", "true"], True), (["--use_moe", "false"], False),  # what the optuna backend passes
+    (["--use_moe=True"], True), (["--use_moe=False"], False),  # what W&B's CLI agent passes
+    (["--use_moe"], True), (["--use_moe", "1"], True),
+])
+def test_stage_parser_accepts_sweep_boolean_forms(args, expected):
+    from mateconv.config import parse_config
+
+    assert parse_config(args).use_moe is expected
