@@ -1,0 +1,193 @@
+"""Stage 7 against a loopback OpenAI-compatible server that injects faults on a deterministic schedule (429 with
+Retry-After, 500, 400, answers slower than the client's timeout, dropped connections, malformed judge JSON), driven
+by the real `openai` client: every prompt ends as exactly one pair, dropped prompt or recorded failure; re-runs
+skip what is done and retry failures; a run killed with SIGKILL and resumed equals an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mateconv.prefs import PrefsConfig, run
+from mateconv.prefs.cli import main
+from prefs_fake_server import FakeOpenAI, tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = {"pair": "dpo_pairs.jsonl", "dropped": "dropped.jsonl", "failure": "failures.jsonl"}
+
+
+def write_tasks(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in tasks(n)))
+    return path
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    path = out / FILES[kind]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ids(out: Path, kind: str) -> list[str]:
+    return [record["id"] for record in records(out, kind)]
+
+
+def config(fake: FakeOpenAI, prompts: Path, out: Path, n: int, **overrides) -> PrefsConfig:
+    settings = dict(prompts_path=str(prompts), n_prompts=n, output_dir=str(out), generator_base_url=fake.url,
+                    generator_model="gen", judge_base_url=fake.url, judge_model="judge", judge="model",
+                    max_concurrency=4, max_retries=3, request_timeout=0.5, backoff_base=0.01, backoff_max=0.1,
+                    progress=False)
+    return PrefsConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def fake_factory():
+    servers = []
+
+    def make(**kwargs) -> FakeOpenAI:
+        servers.append(FakeOpenAI(**kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+SCHEDULE = {
+    ("gen", "p00"): ["429", "500"],            # recovers on the 3rd attempt
+    ("gen", "p01"): ["drop"],                  # dropped connection, then fine
+    ("gen", "p02"): ["slow"],                  # beyond the 0.5 s client timeout, then fine
+    ("judge", "p03"): ["malformed"],           # judge asked again, fine the 2nd time
+    ("judge", "p04"): ["malformed", "badids", "malformed"],  # 3 bad answers (judge_retries=2): failure
+    ("gen", "p05"): ["500"] * 4,               # out of retries (max_retries=3): failure
+    ("judge", "p06"): ["tie"],                 # all equal: dropped
+    ("judge", "p07"): ["429", "fenced"],       # JSON inside a ```json fence is accepted
+    ("gen", "p08"): ["400"],                   # not retryable: failure after one request
+    ("judge", "p09"): ["slow", "drop"],        # judge timeout and dropped connection, then fine
+}
+
+
+def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_factory):
+    fake = fake_factory(schedule=SCHEDULE)
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 12), tmp_path / "prefs"
+    summary = run(config(fake, prompts, out, 12), env={})
+
+    pairs, dropped, failures = ids(out, "pair"), ids(out, "dropped"), ids(out, "failure")
+    assert sorted(pairs) == ["p00", "p01", "p02", "p03", "p07", "p09", "p10", "p11"]
+    assert dropped == ["p06"] and sorted(failures) == ["p04", "p05", "p08"]
+    assert len(pairs + dropped + failures) == len(set(pairs + dropped + failures)) == 12  # each id written once
+    reasons = {r["id"]: (r["stage"], r["reason"]) for r in records(out, "failure")}
+    assert reasons["p05"] == ("generate", "gave up after 4 attempts: HTTP 500: injected 500")
+    assert reasons["p08"] == ("generate", "HTTP 400: injected 400")
+    assert reasons["p04"][0] == "judge" and "(after 3 answers)" in reasons["p04"][1]
+    assert records(out, "failure")[0]["settings"]["k_samples"] == 4
+    attempts = {key: fake.requests_for(*key) for key in [("gen", "p00"), ("gen", "p05"), ("gen", "p08"),
+                                                        ("judge", "p04"), ("judge", "p09")]}
+    assert attempts == {("gen", "p00"): 3, ("gen", "p05"): 4, ("gen", "p08"): 1, ("judge", "p04"): 3,
+                        ("judge", "p09"): 3}
+
+    for record in records(out, "pair"):  # the judge's scores, given in shuffled order, land on the right replies
+        truth = int(next(t for t in tasks(12) if t["id"] == record["id"])["answer"])
+        assert record["samples"] == [f"The answer is {truth + i}." for i in range(4)]
+        assert record["scores"] == [9.0, 7.0, 5.0, 3.0] and record["margin"] == 6.0
+        assert record["chosen"] == [{"role": "assistant", "content": f"The answer is {truth}."}]
+        assert record["rejected"] == [{"role": "assistant", "content": f"The answer is {truth + 3}."}]
+        assert record["prompt"] == [{"role": "user", "content": f"[{record['id']}] What is "
+                                     f"{int(record['id'][1:]) % 7 + 1}+{int(record['id'][1:]) % 5 + 2}?"}]
+        assert record["models"] == {"generator": "gen", "judge": "judge"} and record["judge"] == "model"
+    shown = [entry["shown"] for entry in fake.log if entry["shown"]]
+    assert len({tuple(order) for order in shown}) > 3  # candidate order varies between judge requests
+    assert summary["this_run"] == {"prompts": 12, "pairs": 8, "dropped": 1, "failures": 3,
+                                   "model_judge_failures_decided_by_rule": 0}
+    assert summary["usage"]["generator"]["retries"] >= 7 and json.loads((out / "summary.json").read_text()) == summary
+
+    # --skip_failed: nothing left to do, not one request
+    requests_before = len(fake.log)
+    summary = run(config(fake, prompts, out, 12, skip_failed=True), env={})
+    assert len(fake.log) == requests_before and summary["this_run"]["prompts"] == 0
+
+    # a plain re-run retries only the failures (their schedules are used up now, so they succeed)
+    summary = run(config(fake, prompts, out, 12), env={})
+    assert summary["this_run"] == {"prompts": 3, "pairs": 3, "dropped": 0, "failures": 0,
+                                   "model_judge_failures_decided_by_rule": 0}
+    assert {entry["pid"] for entry in fake.log[requests_before:]} == {"p04", "p05", "p08"}
+    assert sorted(ids(out, "pair")) == sorted(pairs + ["p04", "p05", "p08"]) and ids(out, "failure") == []
+    history = [json.loads(line)["id"] for line in (out / "failures_history.jsonl").read_text().splitlines()]
+    assert sorted(history) == ["p04", "p05", "p08"]
+
+
+def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):
+    fake = fake_factory(honour_n=False)
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    run(config(fake, prompts, out, 3, k_samples=3, max_concurrency=1), env={})
+    generator_requests = [entry for entry in fake.log if entry["model"] == "gen"]
+    # the first prompt asks for n=3, gets 1 choice and asks twice more; later prompts ask 3 times without n
+    assert [entry["n"] for entry in generator_requests] == [3, 1, 1] + [1] * 6
+    assert len(records(out, "pair")) == 3
+    assert all(len(set(record["samples"])) == 3 for record in records(out, "pair"))
+
+
+def test_unreachable_endpoint_and_unknown_model_are_one_line_errors(tmp_path, fake_factory):
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 5), tmp_path / "prefs"
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as error:
+        main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", dead,
+              "--generator_model", "gen", "--judge", "rule", "--no_progress"])
+    message = str(error.value)
+    assert message.startswith(f"prefs: generator endpoint {dead} is unreachable") and "\n" not in message
+    assert time.monotonic() - started < 15 and ids(out, "failure") == []
+
+    fake = fake_factory()
+    with pytest.raises(SystemExit, match=r"^prefs: judge model 'gpt-9' is not served at .*; it serves: gen, judge$"):
+        main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", fake.url,
+              "--generator_model", "gen", "--judge_base_url", fake.url, "--judge_model", "gpt-9", "--no_progress"])
+    with pytest.raises(SystemExit, match="^prefs: prompts file .*missing.jsonl not found"):
+        main(["--prompts_path", str(tmp_path / "missing.jsonl"), "--generator_base_url", fake.url])
+    assert fake.log == []
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, fake_factory):
+    # Outcomes depend on the prompt only (not on attempt counts), so two runs must agree record for record.
+    fake = fake_factory(permanent={("gen", "p03"): "400", ("judge", "p05"): "tie", ("judge", "p11"): "malformed"},
+                        delay_s=0.05)
+    prompts = write_tasks(tmp_path / "tasks.jsonl", 30)
+    baseline, resumed = tmp_path / "baseline", tmp_path / "resumed"
+    run(config(fake, prompts, baseline, 30, k_samples=2, max_concurrency=2), env={})
+
+    flags = ["--prompts_path", str(prompts), "--n_prompts", "30", "--output_dir", str(resumed),
+             "--generator_base_url", fake.url, "--generator_model", "gen", "--judge_base_url", fake.url,
+             "--judge_model", "judge", "--judge", "model", "--k_samples", "2", "--max_concurrency", "2",
+             "--request_timeout", "5", "--backoff_base", "0.01", "--no_progress"]
+    child = subprocess.Popen([sys.executable, str(ROOT / "7.gen_prefs_openai.py"), *flags], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(ids(resumed, "pair")) < 6 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    finished_before_kill = set(ids(resumed, "pair") + ids(resumed, "dropped"))
+    assert 6 <= len(finished_before_kill) < 30
+    with (resumed / FILES["pair"]).open("a") as torn:  # what a kill in the middle of a write would leave
+        torn.write('{"id": "p29", "prompt": [{"role"')
+
+    log_before = len(fake.log)
+    run(config(fake, prompts, resumed, 30, k_samples=2, max_concurrency=2, request_timeout=5), env={})
+    assert not {entry["pid"] for entry in fake.log[log_before:]} & finished_before_kill  # done ids are skipped
+    for kind in FILES:
+        got, want = ids(resumed, kind), ids(baseline, kind)
+        assert len(got) == len(set(got)) and sorted(got) == sorted(want), kind
+        by_id = {record["id"]: record for record in records(resumed, kind)}
+        for record in records(baseline, kind):
+            if kind != "failure":
+                assert by_id[record["id"]] == record
+    assert sorted(ids(baseline, "failure")) == ["p03", "p11"] and ids(baseline, "dropped") == ["p05"]
