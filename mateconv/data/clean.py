@@ -1,0 +1,107 @@
+"""Text cleaning, quality filters, exact + near-duplicate removal (MinHash LSH), and the stable train/val split."""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff\ufffd]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+
+
+def normalize(text: str, form: str = "NFKC") -> str:
+    """Unicode normalisation, control/invisible characters removed, newlines unified, blank-line runs squeezed."""
+    if form and form.lower() != "none":
+        text = unicodedata.normalize(form.upper(), text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+@dataclass
+class Filters:
+    min_chars: int = 10
+    max_chars: int = 200_000
+    max_dup_line_frac: float = 0.3  # share of characters on lines that occur more than once
+    min_compress_ratio: float = 0.2  # zlib size / raw size; very repetitive text compresses far below real prose
+    repetition_min_bytes: int = 256  # short texts compress badly anyway: the ratio is only checked above this
+
+    def reason(self, text: str, check_repetition: bool = True) -> str | None:
+        """Why the text is dropped ('too_short', 'too_long', 'repetitive'), or None to keep it."""
+        if len(text) < self.min_chars:
+            return "too_short"
+        if len(text) > self.max_chars:
+            return "too_long"
+        if check_repetition and self.is_repetitive(text):
+            return "repetitive"
+        return None
+
+    def is_repetitive(self, text: str) -> bool:
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        if len(lines) > 2:
+            counts: dict[str, int] = {}
+            for line in lines:
+                counts[line] = counts.get(line, 0) + 1
+            duplicated = sum(len(line) * n for line, n in counts.items() if n > 1)
+            if duplicated > self.max_dup_line_frac * sum(len(line) for line in lines):
+                return True
+        raw = text.encode("utf-8")
+        return len(raw) >= self.repetition_min_bytes and len(zlib.compress(raw)) < self.min_compress_ratio * len(raw)
+
+
+class Deduper:
+    """Exact duplicates by content hash; near duplicates by MinHash over character 5-grams with LSH.
+
+    Texts shorter than near_min_chars only get the exact check (a few changed characters in a short templated
+    text, e.g. a different number in a question, move its Jaccard similarity a lot but it is a new example).
+    """
+
+    def __init__(self, threshold: float = 0.85, num_perm: int = 64, shingle: int = 5, near_min_chars: int = 200,
+                 seed: int = 1):
+        self.exact: set[bytes] = set()
+        self.near = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1 else None
+        self.num_perm, self.shingle, self.near_min_chars, self.seed = num_perm, shingle, near_min_chars, seed
+        self.count = 0
+
+    def minhash(self, text: str) -> MinHash:
+        minhash = MinHash(num_perm=self.num_perm, seed=self.seed)
+        grams = {text[i: i + self.shingle] for i in range(max(1, len(text) - self.shingle + 1))}
+        minhash.update_batch([g.encode("utf-8") for g in grams])
+        return minhash
+
+    def check(self, text: str) -> str | None:
+        """'exact_dup' / 'near_dup' if seen before (else remember the text and return None)."""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.exact:
+            return "exact_dup"
+        self.exact.add(digest)
+        if self.near is None or len(text) < self.near_min_chars:
+            return None
+        minhash = self.minhash(" ".join(text.lower().split()))
+        if self.near.query(minhash):
+            return "near_dup"
+        self.near.insert(str(self.count), minhash)
+        self.count += 1
+        return None
+
+
+def split_of(key: str, val_frac: float, seed: int = 0) -> str:
+    """'val' for a stable val_frac share of keys (hash-based, independent of order and machine)."""
+    value = int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode("utf-8"), digest_size=8).digest(), "big")
+    return "val" if value / 2**64 < val_frac else "train"
+
+
+def length_summary(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {"count": 0}
+    array = np.asarray(lengths)
+    return {"count": int(array.size), "total": int(array.sum()), "mean": round(float(array.mean()), 1),
+            "min": int(array.min()), "p50": int(np.percentile(array, 50)), "p95": int(np.percentile(array, 95)),
+            "max": int(array.max())}

@@ -1,0 +1,191 @@
+"""Stage 2: raw corpora -> cleaned, deduplicated, converted, split `out/data/{kind}_{train,val}.jsonl` + stats.json.
+
+    python -m mateconv.data.prepare --raw_dir out/raw/embedded --out_dir out/data
+    python -m mateconv.data.prepare --pretrain /work/shared/data/karpathy__char-rnn --sft alpaca_zh_demo.json \
+        --dpo dpo_zh_demo.json hf:owner/name --out_dir out/data
+
+Kinds: pretrain (text), sft (internal messages format), dpo (TRL preference format), tasks (verifiable prompts,
+passed through). A record's own `"split"` field ("train"/"val") is kept; otherwise a seeded hash of its content
+decides, so the split never changes when files are re-read in another order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mateconv.data import DataError
+from mateconv.data.clean import Deduper, Filters, length_summary, normalize, split_of
+from mateconv.data.formats import to_preference, to_sft
+from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
+
+KINDS = ("pretrain", "sft", "dpo", "tasks")
+MAX_BAD_EXAMPLES = 20
+
+
+def raw_dir_sources(raw_dir: str | Path) -> dict[str, list[Path]]:
+    """Files of a raw directory grouped by the kind their name starts with (pretrain*, sft*, dpo*, tasks*)."""
+    sources: dict[str, list[Path]] = {}
+    for path in list_files([raw_dir]):
+        kind = next((k for k in KINDS if path.name.startswith(k)), None)
+        if kind:
+            sources.setdefault(kind, []).append(path)
+    if not sources:
+        raise DataError(f"{raw_dir}: no files named pretrain*, sft*, dpo* or tasks*")
+    return sources
+
+
+def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
+    """The cleaned output record (without id/split) and the text used for filters and dedup."""
+    if kind == "pretrain":
+        text = normalize(record_text(record), form)
+        return {"text": text}, text
+    if kind == "sft":
+        messages = [{**m, "content": normalize(m["content"], form)} for m in to_sft(record)["messages"]]
+        if any(not m["content"] for m in messages if m["role"] != "system"):
+            raise DataError("empty message")
+        return {"messages": messages}, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    if kind == "dpo":
+        pair = to_preference(record)
+        pair = {side: [{**m, "content": normalize(m["content"], form)} for m in pair[side]] for side in pair}
+        chosen, rejected = ("\n".join(m["content"] for m in pair[s]) for s in ("chosen", "rejected"))
+        if not chosen or not rejected:
+            raise DataError("empty chosen or rejected response")
+        if chosen == rejected:
+            raise DataError("chosen and rejected are the same")
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in pair["prompt"])
+        return pair, f"{prompt}\nchosen: {chosen}\nrejected: {rejected}"
+    if not (isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record):
+        raise DataError("a task record needs 'messages' and 'answer'")
+    task = {key: value for key, value in record.items() if key not in ("id", "split")}
+    return task, json.dumps(task, ensure_ascii=False, sort_keys=True)
+
+
+def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
+                 val_frac: float, seed: int, form: str, progress: bool = True) -> dict:
+    """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl; returns its stats."""
+    removed: Counter = Counter()
+    bad_examples: list[str] = []
+    lengths: dict[str, list[int]] = {"train": [], "val": []}
+    paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in ("train", "val")}
+    files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
+    read = 0
+    try:
+        for source, number, record in tqdm(iter_sources(sources), desc=f"prepare {kind}", unit="rec",
+                                           disable=not progress, mininterval=1.0):
+            read += 1
+            try:
+                if isinstance(record, BadLine):
+                    raise DataError(record.error)
+                output, text = _convert(kind, record, form)
+            except DataError as error:
+                removed["bad_record"] += 1
+                if len(bad_examples) < MAX_BAD_EXAMPLES:
+                    bad_examples.append(f"{source}:{number}: {error}")
+                continue
+            reason = None if kind == "tasks" else filters.reason(text, check_repetition=kind == "pretrain")
+            reason = reason or deduper.check(text)
+            if reason:
+                removed[reason] += 1
+                continue
+            given = record.get("split") if isinstance(record, dict) else None
+            split = given if given in ("train", "val") else split_of(text, val_frac, seed)
+            record_id = record.get("id") if isinstance(record, dict) and record.get("id") is not None else None
+            output = {"id": str(record_id) if record_id is not None else f"{kind}-{read}", **output}
+            files[split].write(json.dumps(output, ensure_ascii=False) + "\n")
+            lengths[split].append(len(text))
+    except BaseException:
+        for f in files.values():
+            f.close()
+            os.unlink(f.name)
+        raise
+    for split, f in files.items():
+        f.close()
+        os.replace(f.name, paths[split])
+    kept = {split: len(values) for split, values in lengths.items()}
+    return {"read": read, "kept": sum(kept.values()), "train": kept["train"], "val": kept["val"],
+            "removed": dict(sorted(removed.items())), "bad_examples": bad_examples,
+            "chars": {split: length_summary(values) for split, values in lengths.items()},
+            "sources": [str(s) for s in sources]}
+
+
+def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/data", val_frac: float = 0.05,
+            seed: int = 0, filters: Filters | None = None, near_dup_threshold: float = 0.85, num_perm: int = 64,
+            normalization: str = "NFKC", progress: bool = True) -> dict:
+    """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats."""
+    unknown = set(sources) - set(KINDS)
+    if unknown:
+        raise DataError(f"unknown data kind(s) {sorted(unknown)}; expected {', '.join(KINDS)}")
+    if not 0 <= val_frac < 1:
+        raise DataError(f"val_frac must be in [0, 1), got {val_frac}")
+    filters = filters or Filters()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {"settings": {"val_frac": val_frac, "seed": seed, "normalization": normalization,
+                                          "near_dup_threshold": near_dup_threshold, "num_perm": num_perm,
+                                          "filters": asdict(filters)}}
+    for kind in KINDS:
+        if sources.get(kind):
+            deduper = Deduper(1.0 if kind == "tasks" else near_dup_threshold, num_perm)  # tasks: exact only
+            stats[kind] = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
+                                       normalization, progress)
+    tmp = out_dir / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, ensure_ascii=False, indent=2))
+    os.replace(tmp, out_dir / "stats.json")
+    return stats
+
+
+def summary_table(stats: dict) -> str:
+    """A markdown table of the stats: one row per kind."""
+    rows = ["| kind | read | kept | train | val | removed |", "|---|---|---|---|---|---|"]
+    for kind in KINDS:
+        if kind in stats:
+            s = stats[kind]
+            removed = ", ".join(f"{k} {v}" for k, v in s["removed"].items()) or "-"
+            rows.append(f"| {kind} | {s['read']} | {s['kept']} | {s['train']} | {s['val']} | {removed} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("inputs (files, directories, hf:owner/name or ms:owner/name)")
+    group.add_argument("--raw_dir", help="directory with pretrain*, sft*, dpo*, tasks* files (e.g. the embedded data)")
+    for kind in KINDS:
+        group.add_argument(f"--{kind}", nargs="+", default=[], metavar="PATH")
+    parser.add_argument("--out_dir", default="out/data")
+    parser.add_argument("--val_frac", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--normalization", default="NFKC", choices=["NFKC", "NFC", "none"])
+    group = parser.add_argument_group("filters")
+    defaults = Filters()
+    for name, value in asdict(defaults).items():
+        group.add_argument(f"--{name}", type=type(value), default=value)
+    group.add_argument("--near_dup_threshold", type=float, default=0.85, help="MinHash Jaccard; 1 disables")
+    group.add_argument("--num_perm", type=int, default=64)
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        sources: dict[str, list] = raw_dir_sources(args.raw_dir) if args.raw_dir else {}
+        for kind in KINDS:
+            sources[kind] = list(sources.get(kind, [])) + getattr(args, kind)
+        if not any(sources.values()):
+            parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
+        filters = Filters(**{name: getattr(args, name) for name in asdict(defaults)})
+        stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
+                        args.num_perm, args.normalization, not args.no_progress)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    print(summary_table(stats))
+    print(f"written to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
