@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import EvalError, TextRecords, balance_stats, greedy_replies, perplexity, val_dataset
-from tiny_checkpoints import QA, checkpoint, load_tokenizer, single_thread, texts_jsonl  # noqa: F401
+from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, perplexity, read_jsonl,
+                               task_accuracy, val_dataset)
+from tiny_checkpoints import QA, checkpoint, load_tokenizer, single_thread, tasks_jsonl, texts_jsonl  # noqa: F401
 
 
 def test_trained_model_has_lower_perplexity_than_untrained():
@@ -57,6 +58,18 @@ def test_greedy_replies_answer_the_learned_questions():
     model, tokenizer = load_model(checkpoint("dense"), device="cpu")
     replies = greedy_replies(model, tokenizer, [[{"role": "user", "content": q}] for q, _ in QA], max_new_tokens=8)
     assert replies == [a for _, a in QA]
+
+
+def test_task_accuracy_uses_check_answer():
+    model, tokenizer = load_model(checkpoint("dense"), device="cpu")
+    result = task_accuracy(model, tokenizer, read_jsonl(tasks_jsonl()), max_new_tokens=8, batch_size=3)
+    assert result.n == 7
+    assert result.accuracy == pytest.approx(6 / 7)
+    assert result.by_kind == {"add": pytest.approx(3 / 4), "word": 1.0}
+    wrong = [row for row in result.rows if not row["correct"]]
+    assert [(row["id"], row["response"]) for row in wrong] == [("task-val-wrong", "5")]
+    with pytest.raises(EvalError, match="needs 'messages' and 'answer'"):
+        task_accuracy(model, tokenizer, [{"id": "x", "messages": []}])
 
 
 def test_bad_validation_inputs(tmp_path):

@@ -6,8 +6,10 @@ Built once per test session (the functions are cached), in a temporary directory
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,7 +48,9 @@ def single_thread():
 
 @functools.cache
 def root() -> Path:
-    return Path(tempfile.mkdtemp(prefix="mateconv-inference-tests-"))
+    path = Path(tempfile.mkdtemp(prefix="mateconv-inference-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def conversations() -> list[list[dict]]:
@@ -123,4 +127,18 @@ def texts_jsonl() -> Path:
     lines = [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)]
     lines += [{"id": f"c{i}", "messages": c} for i, c in enumerate(conversations())]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@functools.cache
+def tasks_jsonl() -> Path:
+    """Verifiable prompts in the stage-2 tasks format: the learned questions, plus one whose recorded answer the
+    model cannot give (so a trained dense model scores exactly 6/7)."""
+    kinds = {"What is 2+3?": "add", "What is 4+4?": "add", "What is 7+2?": "add"}
+    records = [{"id": f"task-val-{i}", "kind": kinds.get(q, "word"), "messages": [{"role": "user", "content": q}],
+                "answer": a} for i, (q, a) in enumerate(QA)]
+    records.append({"id": "task-val-wrong", "kind": "add", "messages": [{"role": "user", "content": QA[0][0]}],
+                    "answer": "6"})
+    path = root() / "tasks_val.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
