@@ -1,6 +1,7 @@
 """Evaluation metrics on tiny trained checkpoints: perplexity, expert-load balance, greedy replies, bad input."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,22 @@ def test_bad_validation_inputs(tmp_path):
         val_dataset(wrong, tokenizer, 32)
     with pytest.raises(EvalError, match="not a token shard directory"):
         val_dataset(tmp_path, tokenizer, 32)
+
+
+def test_perplexity_over_stage3_shards(tmp_path):
+    from mateconv.data.shards import build_shards
+
+    from tiny_checkpoints import TEXTS, conversations, tokenizer_dir
+
+    (tmp_path / "pretrain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 3))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations()))
+    model, tokenizer = load_model(checkpoint("dense"), device="cpu")
+    results = {}
+    for kind in ("pretrain", "sft"):
+        build_shards(kind, [tmp_path / f"{kind}.jsonl"], tokenizer_dir(), tmp_path / kind, workers=1, progress=False)
+        results[kind] = perplexity(model, val_dataset(tmp_path / kind, tokenizer, 32), batch_size=4)
+    assert results["pretrain"].tokens > 0 and results["pretrain"].ppl < 5.0  # texts it was trained on
+    # SFT shards score only the assistant replies and their <|im_end|>
+    answer_tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) + 1 for _, a in QA)
+    assert results["sft"].tokens == answer_tokens
+    assert results["sft"].ppl < 2.0
