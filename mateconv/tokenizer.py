@@ -170,6 +170,34 @@ def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, lis
     return rows
 
 
+def _is_chinese(text: str) -> bool:
+    han = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    return han > 0.3 * max(1, len(text.strip()))
+
+
+def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000) -> dict[str, list[str]]:
+    """Held-out texts per language from the given files; a language whose files are all missing falls back to
+    embedded-generator prose made with another seed than the training data."""
+    samples = {}
+    for language, language_paths in paths.items():
+        present = [p for p in language_paths if Path(p).exists()]
+        if present:
+            samples[language] = list(corpus_texts(present, max_chars))
+        else:
+            import random
+
+            from mateconv.data.embedded import all_tasks, pretrain_docs
+
+            docs = pretrain_docs(all_tasks(seed=7), 4 * max_chars, random.Random(7))
+            picked, total = [], 0
+            for doc in docs:
+                if _is_chinese(doc) == (language == "zh") and total < max_chars:
+                    picked.append(doc)
+                    total += len(doc)
+            samples[language] = picked
+    return samples
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -65,6 +65,7 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
     if not (isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record):
         raise DataError("a task record needs 'messages' and 'answer'")
     task = {key: value for key, value in record.items() if key not in ("id", "split")}
+    task["messages"] = [{**m, "content": normalize(str(m.get("content", "")), form)} for m in record["messages"]]
     return task, json.dumps(task, ensure_ascii=False, sort_keys=True)
 
 
