@@ -336,11 +336,12 @@ class TrialFailed(Exception):
     """A trial that ran but gave no usable metric; Optuna records it as FAIL and the sweep goes on."""
 
 
-def _requeue(study, trial_number: int, params: dict) -> None:
-    """Marks a trial as interrupted (left out of counts and summaries) and queues its parameters again; the rerun
-    gets a fresh trial dir."""
-    study.set_user_attr(f"interrupted_{trial_number}", True)
-    study.enqueue_trial(params, skip_if_exists=False)
+def _requeue(study, trial) -> None:
+    """Marks a trial as interrupted (left out of counts and summaries) and queues its parameters again with its
+    trial dir, so that the stage resumes from the checkpoint it saved there."""
+    study.set_user_attr(f"interrupted_{trial.number}", True)
+    resume = {"trial_dir": trial.user_attrs["trial_dir"]} if "trial_dir" in trial.user_attrs else {}
+    study.enqueue_trial(trial.params, user_attrs=resume, skip_if_exists=False)
 
 
 def _finished(study) -> int:
@@ -377,13 +378,14 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         # Trials a killed runner left RUNNING: fail them and run their parameters again.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(trial.number, state=TrialState.FAIL)
-            _requeue(study, trial.number, trial.params)
+            _requeue(study, trial)
         runner = StageRunner(sweep_dir)
 
         def objective(trial) -> float:
             values = {name: suggest(trial, p) for name, p in config.params.items()}
-            trial_dir = sweep_dir / f"trial_{trial.number:04d}"
+            trial_dir = Path(trial.user_attrs.get("trial_dir", sweep_dir / f"trial_{trial.number:04d}"))
             command = build_command(config, values, trial_dir)
+            trial.set_user_attr("trial_dir", str(trial_dir))
             trial.set_user_attr("command", command)
             trial.set_user_attr("values", values)
             trial_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +393,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                   + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), flush=True)
             returncode = runner.run(trial_dir.name, command, env=trial_env(gpus))
             if runner.interrupted:
-                _requeue(study, trial.number, trial.params)
+                _requeue(study, trial)
                 study.stop()
                 raise TrialFailed("interrupted")
             try:

@@ -115,12 +115,14 @@ def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
     study.enqueue_trial({"learning_rate": 2e-4, "use_moe": False})
     killed = study.ask()
     killed.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
-    killed.suggest_categorical("use_moe", [True, False])  # never told: what a killed runner leaves behind
+    killed.suggest_categorical("use_moe", [True, False])
+    killed.set_user_attr("trial_dir", str(sweep_dir / "trial_0000"))  # never told: what a killed runner leaves
 
     run_optuna(config, count=2, out_root=tmp_path / "sweeps")
     calls = _calls(tmp_path)
     assert len(calls) == 2
     assert calls[0]["learning_rate"] == 2e-4 and calls[0]["use_moe"] == "false"
+    assert calls[0]["out_dir"] == str(sweep_dir / "trial_0000")  # rerun in its own dir: the stage resumes there
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]  # the interrupted trial is not listed
 
@@ -154,5 +156,6 @@ def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
     calls = _calls(tmp_path)
     assert len(calls) == 3  # the interrupted call, its rerun, one new trial
     assert (calls[1]["learning_rate"], calls[1]["use_moe"]) == (first["learning_rate"], first["use_moe"])
+    assert calls[1]["out_dir"] == first["out_dir"] and calls[2]["out_dir"] != first["out_dir"]
     rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
