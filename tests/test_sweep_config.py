@@ -23,7 +23,8 @@ def test_shipped_sweep_configs_load():
     paths = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
     assert paths
     for path in paths:
-        assert load_sweep_config(path).program
+        program = load_sweep_config(path).program
+        assert (REPO / program).is_file(), f"{path.name}: program {program} does not exist"
 
 
 def test_parse_kinds_and_inference():
