@@ -477,6 +477,7 @@ def start_background(model_path: str | Path, served_model_name: str = "mateconv"
 
 
 def stop_background(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stops a server from `start_background` (SIGTERM, then SIGKILL) and removes its log file."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -484,6 +485,9 @@ def stop_background(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    log_path = getattr(process, "log_path", None)
+    if log_path:
+        Path(log_path).unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,15 +68,16 @@ def test_interactive_session_over_pipes():
             process.kill()
 
 
-def test_one_shot_prompt_and_stdin():
-    flag = subprocess.run(chat_command(*GREEDY, "--prompt", "Capital of France?"), capture_output=True, text=True,
-                          timeout=60, env=ENV)
-    assert flag.returncode == 0, flag.stderr
-    assert flag.stdout.strip() == "Paris"
+def test_one_shot_prompt_from_stdin():
     piped = subprocess.run(chat_command(*GREEDY, "--prompt", "-"), input="What is 4+4?\n", capture_output=True,
                            text=True, timeout=60, env=ENV)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.strip() == "8"
+
+
+def test_one_shot_prompt_flag(capsys):
+    main(["--model_path", str(checkpoint("dense")), *GREEDY, "--prompt", "Capital of France?", "--device", "cpu"])
+    assert capsys.readouterr().out == "Paris\n"
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -200,3 +200,17 @@ def test_client_disconnect_frees_the_slot(busy_server):
             time.sleep(0.02)
         assert http.get("/health").json()["running"] == 0
         assert http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5}).status_code == 200
+
+
+def test_create_app_serves_a_moe_model_in_process():
+    from fastapi.testclient import TestClient
+
+    from mateconv.serve import create_app
+
+    with TestClient(create_app(checkpoint("moe"), served_model_name="moe", device="cpu")) as http:
+        response = http.post("/v1/chat/completions", json={"model": "moe", "messages": [{"role": "user", "content":
+                                                           "What is 4+4?"}], "temperature": 0, "max_tokens": 6})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert body["usage"]["completion_tokens"] >= 1
