@@ -374,7 +374,9 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own one-line messages
     with _SweepLock(sweep_dir):
         study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'study.db'}",
-                                    sampler=_make_sampler(config, seed), direction=config.goal, load_if_exists=True)
+                                    direction=config.goal, load_if_exists=True)
+        # A resumed study must not replay the random draws of the first session.
+        study.sampler = _make_sampler(config, seed + len(study.trials))
         # Trials a killed runner left RUNNING: fail them and run their parameters again.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(trial.number, state=TrialState.FAIL)
@@ -453,7 +455,7 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         values = t.user_attrs.get("values", t.params)
         metric = "" if t.value is None else f"{t.value:.6g}"
         lines.append(f"| {t.number} | {t.state.name} | {metric} | "
-                     + " | ".join(format_value(values.get(n, "")) for n in names) + " |")
+                     + " | ".join(_short(values.get(n, "")) for n in names) + " |")
     importances = _importances(study, config, complete)
     if importances:
         lines += ["", "Parameter importance (fANOVA): "
@@ -461,6 +463,10 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     if complete:
         _plot(config, complete, importances, sweep_dir / "summary.png")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
 
 
 def _importances(study, config: SweepConfig, complete: list) -> dict[str, float]:
@@ -478,6 +484,7 @@ def _plot(config: SweepConfig, complete: list, importances: dict[str, float], pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6, 4), squeeze=False)
     numbers, values = [t.number for t in complete], [t.value for t in complete]
@@ -487,6 +494,7 @@ def _plot(config: SweepConfig, complete: list, importances: dict[str, float], pa
     ax.scatter(numbers, values, label="trial")
     ax.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
     ax.set(xlabel="trial", ylabel=config.metric, title=f"sweep {config.name}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
     if importances:
         ax = axes[0][1]

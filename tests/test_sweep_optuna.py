@@ -90,7 +90,9 @@ def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
 
     # Resuming with a larger count runs only the missing trials, in the same study.
     run_optuna(config, count=4, out_root=tmp_path / "sweeps")
-    assert len(_calls(tmp_path)) == 4
+    calls = _calls(tmp_path)
+    assert len(calls) == 4
+    assert calls[3]["learning_rate"] not in [c["learning_rate"] for c in calls[:3]]  # no replayed random draws
     assert len(list(csv.DictReader((sweep_dir / "trials.csv").open()))) == 4
 
 
