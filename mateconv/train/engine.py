@@ -239,7 +239,8 @@ class Trainer:
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
                         row = {"loss": step_loss, "ppl": math.exp(min(extra.get("lm_loss", step_loss), 50.0)),
                                "lr": self.current_lr(), "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                               "epoch": state["epoch"], **{k: v for k, v in extra.items() if k != "lm_loss"},
+                               "epoch": state["epoch"],
+                               **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
                                **memory_metrics(runtime.device)}
                         if peak > 0:
                             row["mfu"] = self.flops_per_token * tokens_per_sec / (peak * runtime.world_size)
@@ -268,7 +269,7 @@ class Trainer:
         elif runtime.is_main:
             print(f"[train] stopped at step {step}; checkpoint saved, run the same command to resume", flush=True)
         return {"step": step, "loss": step_loss, "val_loss": val.get("val_loss"),
-                "best_val_loss": state["best_val_loss"], "stopped": stopped}
+                "best_val_loss": state["best_val_loss"], "stopped": stopped, "is_main": runtime.is_main}
 
     def _save(self, step: int, state: dict, val_loss: float | None) -> None:
         best = state["best_val_loss"]

@@ -106,7 +106,7 @@ class Tracker:
 
             if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
-            self.run_id = run_id or wandb.util.generate_id()
+            self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
             self.run = wandb.init(project=config.wandb_project, name=config.wandb_run_name or None, id=self.run_id,
                                   resume="allow", dir=str(out_dir), config=config_to_dict(config))
         elif self.kind == "tensorboard":

@@ -1,0 +1,12 @@
+"""Stage 5: supervised fine-tuning on chat data (loss on assistant tokens only) from out/pretrain/final -> out/sft/.
+
+    python 5.full_sft.py configs/sft_tiny.yaml
+    python 5.full_sft.py --use_lora --lora_r 16          # LoRA, merged into the saved model
+See docs/training.md for every flag.
+"""
+import sys
+
+from mateconv.train.stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("sft"))

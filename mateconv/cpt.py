@@ -1,0 +1,96 @@
+"""Continued pretraining of any Hugging Face causal LM on raw texts, with the stage-4 engine.
+
+    from mateconv.cpt import CPTConfig, CPTTrainer
+    loss = CPTTrainer(CPTConfig(model_name_or_path="Qwen/Qwen2.5-0.5B" or a local dir, max_length=512,
+                                output_dir="out/cpt")).train(texts)
+
+The texts are tokenised with the model's own tokenizer, each followed by its EOS token, and packed into
+`max_length` windows. The result is saved in Hugging Face format to `<output_dir>/final/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from mateconv.config import ConfigError, TrainConfig
+from mateconv.train.distributed import setup
+from mateconv.train.engine import Trainer, seed_everything
+from mateconv.train.models import build_model, load_tokenizer
+from mateconv.train.objectives import LMObjective
+
+
+@dataclass
+class CPTConfig:
+    model_name_or_path: str
+    max_length: int = 512
+    learning_rate: float = 2e-5
+    num_train_epochs: int = 1
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    use_muon_optimizer: bool = False
+    use_gradient_checkpointing: bool = False
+    use_bf16: bool = True  # bf16 where the GPU has it; fp32 on CPUs
+    output_dir: str = "out/cpt"
+    max_samples: int | None = None
+    max_steps: int = 0
+    warmup_steps: int = 0
+    seed: int = 42
+    tracker: str = "none"
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            init_from=self.model_name_or_path, max_seq_len=self.max_length, learning_rate=self.learning_rate,
+            epochs=self.num_train_epochs, batch_size=self.per_device_train_batch_size,
+            accumulation_steps=self.gradient_accumulation_steps,
+            optimizer="muon" if self.use_muon_optimizer else "adamw",
+            gradient_checkpointing=self.use_gradient_checkpointing, dtype="auto" if self.use_bf16 else "float32",
+            out_dir=self.output_dir, max_steps=self.max_steps, warmup_iters=self.warmup_steps, seed=self.seed,
+            tracker=self.tracker, num_workers=0, val_data_path="", resume="never",
+            save_interval_steps=10**9, log_interval=1)
+
+
+class PackedTexts(Dataset):
+    """Texts tokenised and concatenated (each + EOS), cut into non-overlapping `seq_len` windows."""
+
+    def __init__(self, texts: list[str], tokenizer, seq_len: int):
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("the tokenizer has no eos_token; cannot separate packed documents")
+        stream: list[int] = []
+        for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            stream += ids + [eos]
+        count = len(stream) // seq_len
+        if count == 0:
+            raise ConfigError(f"the texts hold {len(stream)} tokens, fewer than one window of max_length={seq_len}")
+        self.windows = torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+class CPTTrainer:
+    def __init__(self, config: CPTConfig):
+        self.config = config
+        self.train_config = config.train_config()
+
+    def train(self, texts: list[str]) -> float:
+        """Runs continued pretraining; returns the final training loss."""
+        texts = [t for t in texts if t and t.strip()]
+        if self.config.max_samples is not None:
+            texts = texts[: self.config.max_samples]
+        if not texts:
+            raise ConfigError("no non-empty texts to train on")
+        config = self.train_config
+        runtime = setup(config)
+        tokenizer = load_tokenizer(config)
+        if tokenizer is None:
+            raise ConfigError(f"{config.init_from} has no tokenizer (tokenizer_config.json)")
+        data = PackedTexts(texts, tokenizer, config.max_seq_len)
+        seed_everything(config.seed)
+        model = build_model(config)
+        return Trainer(config, runtime, model, LMObjective(), data, tokenizer=tokenizer).fit()["loss"]

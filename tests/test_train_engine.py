@@ -1,0 +1,210 @@
+"""The training engine in plain-PyTorch mode, in process: exact resume, rotation, SFT loss mask, MoE tracking, kill -2."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mateconv.config import parse_config
+from mateconv.train.stages import run
+from train_fixtures import REPO, losses, read_metrics, require_data, single_thread_env, tiny_flags, token_data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on 2 shared cores: threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(out_dir, stage="pretrain", **overrides) -> dict:
+    require_data()
+    return run(stage, parse_config(tiny_flags(out_dir, stage, **overrides)))
+
+
+def test_loss_decreases_and_artifacts(tmp_path):
+    summary = train(tmp_path, max_steps=12, save_interval_steps=6, eval_interval=6)
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 13))
+    assert curve[12] < curve[1] - 0.3
+    rows = read_metrics(tmp_path)
+    assert all({"lr", "grad_norm", "tokens_per_sec", "ppl"} <= set(r) for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    assert summary["val_loss"] == rows[-1]["val_loss"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert type(model).__name__ == "MateConvForCausalLM" and model.config.dim == 64
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
+    saved = parse_config([str(tmp_path / "checkpoints" / "step_00000012" / "config.yaml")])
+    assert saved.max_steps == 12 and saved.out_dir == str(tmp_path)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights)."""
+    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100)
+    train(tmp_path / "full", **flags)
+    train(tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_00000003", **flags)
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(4, 9))
+    for step, loss in resumed.items():
+        assert abs(loss - full[step]) < 1e-5, (step, loss, full[step])
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_auto_resume_continues_in_place(tmp_path):
+    train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100)
+    train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4
+    steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_rotation_keeps_k_newest_plus_best(tmp_path):
+    # a large learning rate makes validation loss rise after the first checkpoints, so best is an old one
+    train(tmp_path, max_steps=10, save_interval_steps=1, eval_interval=1, keep_checkpoint_max=2, learning_rate=0.3,
+          warmup_iters=0, grad_clip=0)
+    val = {row["step"]: row["val_loss"] for row in read_metrics(tmp_path) if "val_loss" in row}
+    best_step = min(val, key=val.get)
+    root = tmp_path / "checkpoints"
+    kept = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+    expected = {f"step_{s:08d}" for s in (9, 10, best_step)}
+    assert set(kept) == expected and len(kept) == len(expected)
+    assert (root / "best").read_text() == f"step_{best_step:08d}"
+    assert (root / "latest").read_text() == "step_00000010"
+    assert not (root / ".incoming").exists() or not any((root / ".incoming").iterdir())
+    state = json.loads((root / f"step_{best_step:08d}" / "trainer_state.json").read_text())
+    assert state["best_val_loss"] == pytest.approx(val[best_step])
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_sft_loss_ignores_non_assistant_tokens():
+    """Noise on the logits at positions whose target is not an assistant token leaves the loss unchanged;
+    noise on assistant targets changes it. Both assistant turns of a multi-turn chat are trained."""
+    require_data()
+    from mateconv.data.shards import SFTTokens
+    from mateconv.train.models import build_model, load_tokenizer
+    from mateconv.train.objectives import LMObjective
+
+    config = parse_config([*tiny_flags("unused", "sft"), "--max_seq_len", "96"])
+    data = token_data()
+    item = SFTTokens(data["sft_multi_turn"], 96)[3]
+    tokenizer = load_tokenizer(config)
+    trained = tokenizer.decode(item["labels"][item["labels"] != -100])
+    assert trained == "1 2 3 4 5<|im_end|>5 4 3 2 1<|im_end|>"
+    batch = {k: v[None] for k, v in item.items()}
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    objective = LMObjective()
+    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    trained_positions = targets != -100
+
+    def loss_with_noise(where: torch.Tensor) -> float:
+        def hook(module, inputs, output):
+            return output + 5 * torch.randn_like(output) * where[..., None]
+        handle = model.lm_head.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return objective.loss(model, batch)[0].item()
+        finally:
+            handle.remove()
+
+    clean = loss_with_noise(torch.zeros_like(trained_positions))
+    assert loss_with_noise(~trained_positions) == pytest.approx(clean, abs=1e-6)
+    assert abs(loss_with_noise(trained_positions) - clean) > 1e-2
+    # the stage itself trains on this data and writes an SFT model
+    assert 0 < trained_positions.sum() < (batch["attention_mask"] == 1).sum()
+
+
+def test_sft_stage_from_pretrained(tmp_path):
+    train(tmp_path / "pre", max_steps=3, eval_interval=100)
+    summary = train(tmp_path / "sft", "sft", init_from=tmp_path / "pre" / "final", max_steps=4, learning_rate=1e-3)
+    assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+
+
+def test_lora_sft_saves_merged_model(tmp_path):
+    train(tmp_path / "pre", max_steps=2, eval_interval=100)
+    train(tmp_path / "lora", "sft", init_from=tmp_path / "pre" / "final", max_steps=3, use_lora=True, lora_r=4,
+          learning_rate=1e-2)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "pre" / "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
+    assert not any("lora" in name for name in merged.state_dict())
+    changed = [name for name, p in merged.named_parameters()
+               if not torch.equal(p, base.get_parameter(name))]
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                       "gate_proj.weight", "up_proj.weight", "down_proj.weight")) for n in changed)
+
+
+def test_muon_trains(tmp_path):
+    train(tmp_path, max_steps=8, optimizer="muon", muon_lr=0.02, eval_interval=100)
+    curve = losses(tmp_path)
+    assert curve[8] < curve[1] - 0.3
+
+
+def test_moe_expert_load_in_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(tmp_path, max_steps=4, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, tracker="wandb",
+          eval_interval=100, log_interval=2)
+    from wandb_records import history_rows
+
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    rows = history_rows(runs[0])
+    assert [int(r["_step"]) for r in rows if "loss" in r] == [2, 4]
+    last = [r for r in rows if "loss" in r][-1]
+    for layer in range(2):
+        fractions = [last[f"moe/layer{layer}/expert{e}"] for e in range(4)]
+        assert sum(fractions) == pytest.approx(1.0, abs=1e-5) and all(0 <= f <= 1 for f in fractions)
+        assert last[f"moe/layer{layer}/cv"] >= 0
+    assert last["moe/aux_loss"] > 0
+    jsonl = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
+    assert jsonl["moe/layer1/expert3"] == pytest.approx(last["moe/layer1/expert3"])
+
+
+def test_sigint_saves_checkpoint_and_exits_zero(tmp_path):
+    require_data()
+    command = [sys.executable, str(REPO / "4.pretrain.py"),
+               *tiny_flags(tmp_path, max_steps=100000, save_interval_steps=100000, eval_interval=100000)]
+    process = subprocess.Popen(command, cwd=REPO, env=single_thread_env(), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (tmp_path / "metrics.jsonl").is_file() and len(losses(tmp_path)) >= 3:
+                break
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output
+    assert "SIGINT received" in output
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    step = int(latest.removeprefix("step_"))
+    assert step == max(losses(tmp_path))  # the checkpoint is the last finished step
+    from model import MateConvConfig, MateConvForCausalLM
+
+    checkpoint = tmp_path / "checkpoints" / latest
+    config = parse_config([str(checkpoint / "config.yaml")])
+    state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    model = MateConvForCausalLM(MateConvConfig(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
+                                               n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size,
+                                               max_seq_len=config.max_seq_len))
+    model.load_state_dict(state["model"])
+    assert state["scheduler"]["last_epoch"] == step
+    assert not (tmp_path / "final").exists()  # a stopped run is not final
