@@ -9,9 +9,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from mateconv.data import DataError
 
@@ -120,9 +123,23 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
         raise DataError(f"{path}: unsupported file type")
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def iter_hub(name: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
     """Records of a Hugging Face (`hf:owner/name`) or ModelScope (`ms:owner/name`) data set, streamed."""
     hub, dataset_name = name[:2], name[3:]
+    if hub == "hf" and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "") and not _reachable(
+            os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        # load_dataset would retry for about half a minute before failing
+        raise DataError(f"{name}: the Hugging Face hub is unreachable (no network?); set HF_HUB_OFFLINE=1 to use "
+                        "a cached copy, or pass local files")
     try:
         if hub == "hf":
             from datasets import load_dataset

@@ -1,0 +1,131 @@
+"""Stage 2: cleaning, filters, exact/near dedup, stable split, stats.json, bad records, the notebook."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mateconv.data import DataError
+from mateconv.data.clean import Deduper, Filters, normalize, split_of
+from mateconv.data.prepare import main, prepare
+from tests.test_tokenizer_notebook import run_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path("/work/shared/data")
+
+
+def prose(seed: int, words: int = 120) -> str:
+    rng = random.Random(seed)
+    vocab = ["river", "stone", "light", "morning", "garden", "quiet", "bright", "window", "letter", "music", "road",
+             "winter", "paper", "silver", "forest", "harbor", "candle", "yellow", "distant", "market"]
+    return " ".join(rng.choice(vocab) for _ in range(words)) + "."
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_normalize_and_filters():
+    assert normalize("Ｈｅｌｌｏ\u200b，世界\x07\r\n\r\n\r\n\r\nnext  \nline") == "Hello,世界\n\nnext\nline"
+    assert normalize("ｆｕｌｌ", "none") == "ｆｕｌｌ"
+    filters = Filters(min_chars=5, max_chars=1000)
+    assert filters.reason("abc") == "too_short"
+    assert filters.reason("x" * 1001) == "too_long"
+    assert filters.reason("the same spam line again\n" * 20) == "repetitive"
+    assert filters.reason("buy now " * 60) == "repetitive"  # one long line: caught by the compression ratio
+    assert filters.reason(prose(1, 100)) is None
+
+
+def test_dedup_removes_exact_and_near_duplicates():
+    deduper = Deduper(threshold=0.8)
+    original = prose(3)
+    near = original.replace("river", "rivers", 2) + " extra"
+    assert deduper.check(original) is None
+    assert deduper.check(original) == "exact_dup"
+    assert deduper.check(near) == "near_dup"
+    assert deduper.check(prose(4)) is None  # same vocabulary, different text
+    short = Deduper(threshold=0.5)
+    assert short.check("What is 7 plus 5?") is None and short.check("What is 7 plus 6?") is None  # short: exact only
+
+
+def test_split_is_stable_and_near_the_fraction():
+    keys = [f"doc {i}" for i in range(4000)]
+    splits = [split_of(k, 0.1, seed=3) for k in keys]
+    assert splits == [split_of(k, 0.1, seed=3) for k in keys]
+    assert 0.08 < splits.count("val") / len(keys) < 0.12
+    assert splits != [split_of(k, 0.1, seed=4) for k in keys]
+
+
+def test_prepare_writes_split_files_and_stats(tmp_path):
+    docs = [prose(i) for i in range(60)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines += [json.dumps({"text": docs[0]}), json.dumps({"text": docs[1].replace("stone", "stones", 3)}),
+              "{broken", json.dumps({"text": "tiny"}), json.dumps({"title": "no text"}),
+              json.dumps({"text": "spam spam spam spam\n" * 30})]
+    (raw / "pretrain.jsonl").write_text("\n".join(lines) + "\n")
+    (raw / "extra.txt").write_text("First paragraph of the text file, long enough.\n\nSecond paragraph here, also ok.\n")
+    sft = [{"instruction": "Say hi", "input": "", "output": "hi"},
+           {"conversations": [{"from": "human", "value": "Ｑ１"}, {"from": "gpt", "value": "Ａ１"}], "split": "val"},
+           {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}]
+    (raw / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in sft) + "\n")
+    stats = prepare({"pretrain": [raw / "pretrain.jsonl", raw / "extra.txt"], "sft": [raw / "sft.jsonl"]},
+                    tmp_path / "data", val_frac=0.2, filters=Filters(min_chars=5), progress=False)
+    pre = stats["pretrain"]
+    assert pre["read"] == 68 and pre["removed"] == {"bad_record": 2, "exact_dup": 1, "near_dup": 1,
+                                                    "repetitive": 1, "too_short": 1}
+    assert pre["kept"] == 62 == pre["train"] + pre["val"] and pre["val"] > 0
+    assert pre["bad_examples"][0] == f"{raw / 'pretrain.jsonl'}:63: malformed JSON: Expecting property name " \
+                                     "enclosed in double quotes"
+    on_disk = json.loads((tmp_path / "data/stats.json").read_text())
+    assert on_disk["pretrain"]["removed"] == pre["removed"] and on_disk["settings"]["val_frac"] == 0.2
+    written = read(tmp_path / "data/pretrain_train.jsonl") + read(tmp_path / "data/pretrain_val.jsonl")
+    assert len(written) == 62 and len({r["id"] for r in written}) == 62
+    assert read(tmp_path / "data/sft_val.jsonl")[0]["messages"][0] == {"role": "user", "content": "Q1"}  # NFKC, split kept
+    assert stats["sft"]["removed"] == {"bad_record": 1}
+    again = prepare({"pretrain": [raw / "pretrain.jsonl", raw / "extra.txt"]}, tmp_path / "again", val_frac=0.2,
+                    filters=Filters(min_chars=5), progress=False)
+    assert again["pretrain"]["val"] == pre["val"]
+    assert read(tmp_path / "again/pretrain_val.jsonl") == read(tmp_path / "data/pretrain_val.jsonl")
+
+
+def test_prepare_real_shared_files(tmp_path):
+    files = {"sft": [SHARED / "hiyouga__LLaMA-Factory/data/identity.json"],
+             "dpo": [SHARED / "hiyouga__LLaMA-Factory/data/dpo_en_demo.first50.json",
+                     SHARED / "anthropics__hh-rlhf/harmless-base/test.first200.jsonl"],
+             "pretrain": [SHARED / "chinese-poetry__chinese-poetry/宋词/ci.song.0.first200.json"]}
+    if not all(p.exists() for paths in files.values() for p in paths):
+        pytest.skip("shared data files are absent (CI has them)")
+    stats = prepare(files, tmp_path, progress=False)
+    assert stats["sft"]["kept"] == 91
+    assert stats["dpo"]["read"] == 250 and stats["dpo"]["removed"].get("bad_record", 0) == 1  # one empty hh reply
+    pairs = read(tmp_path / "dpo_train.jsonl") + read(tmp_path / "dpo_val.jsonl")
+    assert all(set(p) == {"id", "prompt", "chosen", "rejected"} and p["prompt"][-1]["role"] == "user" for p in pairs)
+    poem = read(tmp_path / "pretrain_train.jsonl")[0]["text"]
+    assert "\n" in poem and len(poem) > 20  # paragraphs joined line by line
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--pretrain", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "o"), "--no_progress"])
+    with pytest.raises(SystemExit, match="hub is unreachable|could not load the data set from the hub"):
+        main(["--sft", "hf:surely/not-a-dataset-xyz", "--out_dir", str(tmp_path / "o"), "--no_progress"])
+    with pytest.raises(DataError, match="val_frac"):
+        prepare({"pretrain": [tmp_path]}, tmp_path / "o", val_frac=1.5)
+
+
+def test_prepare_notebook_on_embedded_data(tmp_path):
+    run_notebook(ROOT / "2.prepare_data.ipynb", tmp_path, "\n".join([
+        "from mateconv.data import embedded",
+        "embedded.generate('out/raw/embedded', pretrain_chars=100_000, sft_conversations=300, dpo_pairs=100,"
+        " train_tasks=30, val_tasks=30)",
+        "raw_dir = 'out/raw/embedded'", "make_embedded_if_missing = True", "pretrain, sft, dpo, tasks = [], [], [], []",
+        "out_dir = 'out/data'", "val_frac = 0.05", "seed = 0", "near_dup_threshold = 0.85", "min_chars = 10"]))
+    stats = json.loads((tmp_path / "out/data/stats.json").read_text())
+    assert stats["sft"]["read"] == 300 and stats["sft"]["val"] == 15  # the generator's own split is kept
+    assert stats["tasks"]["kept"] == 60 and stats["tasks"]["val"] == 30
+    for kind in ("pretrain", "sft", "dpo", "tasks"):
+        assert (tmp_path / f"out/data/{kind}_train.jsonl").stat().st_size > 0

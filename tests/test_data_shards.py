@@ -1,0 +1,183 @@
+"""Stage 3: packing, loss masks, DPO pairs, parallel == serial, resumability, bad-input reporting, CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mateconv.data import DataError, embedded
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, shard_info
+from mateconv.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    embedded.generate(root / "raw", pretrain_chars=60_000, sft_conversations=200, dpo_pairs=60, train_tasks=10,
+                      val_tasks=10)
+    tokenizer_dir = train_tokenizer([root / "raw"], root / "tokenizer", vocab_size=500)
+    return root, tokenizer_dir, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
+    return path
+
+
+def test_pretrain_packing_counts_and_windows(setup, tmp_path):
+    root, tokenizer_dir, tokenizer = setup
+    texts = [json.loads(line)["text"] for line in open(root / "raw/pretrain.jsonl")]
+    result = build_shards("pretrain", [root / "raw/pretrain.jsonl"], tokenizer_dir, tmp_path / "p", workers=2,
+                          records_per_shard=37, chunk_records=8, progress=False)
+    expected = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts]
+    info = shard_info(tmp_path / "p")
+    assert info["num_tokens"] == sum(len(ids) for ids in expected)  # doc lengths + one separator each
+    assert info["num_records"] == len(texts) and info["num_shards"] == -(-len(texts) // 37)
+    assert info["dtype"] == "uint16" and info["eos_id"] == 2 and result.bad_records == []
+    stream = np.concatenate([np.asarray(ids) for ids in expected])
+    dataset = PretrainTokens(tmp_path / "p", seq_len=64)
+    assert len(dataset) == len(stream) // 64
+    for i in (0, 1, len(dataset) // 2, len(dataset) - 1):  # includes windows that cross shard boundaries
+        item = dataset[i]
+        assert torch.equal(item["input_ids"], torch.from_numpy(stream[i * 64:(i + 1) * 64]).long())
+        assert torch.equal(item["labels"], item["input_ids"])
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
+    _, tokenizer_dir, tokenizer = setup
+    conversations = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 加 5？"},
+                      {"role": "assistant", "content": "答案是 12。"}, {"role": "user", "content": "And 1 + 1?"},
+                      {"role": "assistant", "content": "The answer is 2. 🎉"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\n\nhello\n"}]},
+        {"instruction": "Repeat", "input": "cat", "output": "cat"},
+    ]
+    build_shards("sft", [write_jsonl(tmp_path / "sft.jsonl", conversations)], tokenizer_dir, tmp_path / "s",
+                 workers=1, progress=False)
+    dataset = SFTTokens(tmp_path / "s", seq_len=96)
+    from mateconv.data.formats import to_sft
+
+    for i, record in enumerate(conversations):
+        messages = to_sft(record)["messages"]
+        item = dataset[i]
+        n = int(item["attention_mask"].sum())
+        expected_ids = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
+        assert item["input_ids"][:n].tolist() == expected_ids
+        assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
+        trained = item["labels"][item["labels"] != -100]
+        assert tokenizer.decode(trained) == "".join(m["content"] + "<|im_end|>" for m in messages
+                                                    if m["role"] == "assistant")
+        # the mask is one contiguous run per assistant turn
+        runs = np.diff(np.r_[0, (item["labels"] != -100).int().numpy(), 0])
+        assert (runs == 1).sum() == sum(m["role"] == "assistant" for m in messages)
+    short = SFTTokens(tmp_path / "s", seq_len=10)[0]  # truncation keeps the first seq_len tokens
+    assert short["input_ids"].shape == (10,) and short["attention_mask"].all()
+
+
+def test_dpo_pairs_share_prompt_and_mask_it(setup, tmp_path):
+    root, tokenizer_dir, tokenizer = setup
+    build_shards("dpo", [root / "raw/dpo.jsonl"], tokenizer_dir, tmp_path / "d", workers=2, records_per_shard=25,
+                 progress=False)
+    records = [json.loads(line) for line in open(root / "raw/dpo.jsonl")]
+    dataset = DPOTokens(tmp_path / "d", seq_len=48)
+    assert len(dataset) == len(records)
+    for i in (0, 30, len(records) - 1):
+        item, record = dataset[i], records[i]
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        for side in ("chosen", "rejected"):
+            n = int(item[f"{side}_attention_mask"].sum())
+            assert tokenizer.decode(item[f"{side}_input_ids"][:n]) == prompt + record[side][0]["content"] + "<|im_end|>"
+            labels = item[f"{side}_labels"]
+            assert tokenizer.decode(labels[labels != -100]) == record[side][0]["content"] + "<|im_end|>"
+    tight = DPOTokens(tmp_path / "d", seq_len=12)[0]  # too long: prompt cut from the left, same on both sides
+    prompt_len = int((tight["chosen_labels"] == -100).logical_and(tight["chosen_attention_mask"].bool()).sum())
+    assert torch.equal(tight["chosen_input_ids"][:prompt_len], tight["rejected_input_ids"][:prompt_len])
+    assert prompt_len >= 6
+
+
+def test_parallel_output_equals_serial(setup, tmp_path):
+    root, tokenizer_dir, _ = setup
+    for workers in (1, 2):
+        build_shards("sft", [root / "raw/sft.jsonl"], tokenizer_dir, tmp_path / f"w{workers}", workers=workers,
+                     records_per_shard=64, chunk_records=5, progress=False)
+    for path in sorted((tmp_path / "w1").glob("part-*.bin")):
+        assert path.read_bytes() == (tmp_path / "w2" / path.name).read_bytes()
+
+
+def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):
+    root, tokenizer_dir, _ = setup
+    inputs, out = [root / "raw/sft.jsonl"], tmp_path / "r"
+    build_shards("sft", inputs, tokenizer_dir, out, workers=1, records_per_shard=50, progress=False)
+    reference = {p.name: p.read_bytes() for p in out.glob("part-*.bin")}
+    assert build_shards("sft", inputs, tokenizer_dir, out, workers=1, records_per_shard=50,
+                        progress=False).skipped_shards == 4
+    # Simulate a kill while shard 2 was written: index lists shards 0-1 only, shard 2 exists only as a truncated tmp
+    index = json.loads((out / "index.json").read_text())
+    index.update(complete=False, shards=index["shards"][:2])
+    (out / "index.json").write_text(json.dumps(index))
+    for path in out.glob("part-0000[23].*"):
+        path.unlink()
+    (out / "part-00002.tokens.bin.tmp").write_bytes(reference["part-00002.tokens.bin"][:7])
+    with pytest.raises(DataError, match="did not finish"):
+        SFTTokens(out, 32)
+    result = build_shards("sft", inputs, tokenizer_dir, out, workers=2, records_per_shard=50, progress=False)
+    assert result.skipped_shards == 2
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.bin")} == reference
+    assert not list(out.glob("*.tmp"))
+    assert len(SFTTokens(out, 32)) == 200
+    # other inputs or settings invalidate the old shards instead of mixing them in
+    result = build_shards("sft", inputs, tokenizer_dir, out, workers=1, records_per_shard=80, progress=False)
+    assert result.skipped_shards == 0 and shard_info(out)["num_shards"] == 3
+
+
+def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
+    _, tokenizer_dir, _ = setup
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "{not json",
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+    ])
+    result = build_shards("sft", [path], tokenizer_dir, tmp_path / "bad", workers=2, progress=False)
+    assert [b.split(": ")[0] for b in result.bad_records] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert "malformed JSON" in result.bad_records[0]
+    assert shard_info(tmp_path / "bad")["num_records"] == 2 and result.index["bad_records"] == 3
+    with pytest.raises(DataError, match=rf"{path.name}:2: malformed JSON.*strict"):
+        build_shards("sft", [path], tokenizer_dir, tmp_path / "strict", workers=1, strict=True, progress=False)
+    text = write_jsonl(tmp_path / "p.jsonl", [{"text": "hello"}, {"text": ""}, {"title": "x"}])
+    result = build_shards("pretrain", [text], tokenizer_dir, tmp_path / "pt", workers=1, progress=False)
+    assert [b.split(": ", 1)[1] for b in result.bad_records] == ["empty text", "no text field in record with keys ['title']"]
+
+
+def test_readers_reject_wrong_kind_and_missing_dir(setup, tmp_path):
+    root, tokenizer_dir, _ = setup
+    build_shards("dpo", [root / "raw/dpo.jsonl"], tokenizer_dir, tmp_path / "d", workers=1, progress=False)
+    with pytest.raises(DataError, match="holds dpo shards"):
+        SFTTokens(tmp_path / "d", 32)
+    with pytest.raises(DataError, match="no index.json"):
+        PretrainTokens(tmp_path / "nothing", 32)
+
+
+def test_cli_all_mode_and_errors(setup, tmp_path):
+    root, tokenizer_dir, _ = setup
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft_train.jsonl").write_bytes((root / "raw/sft.jsonl").read_bytes())
+    (data / "dpo_val.jsonl").write_bytes((root / "raw/dpo.jsonl").read_bytes())
+    results = build_all(data, tokenizer_dir, tmp_path / "tokens", workers=1, progress=False)
+    assert sorted(str(r.out_dir.relative_to(tmp_path)) for r in results) == ["tokens/dpo/val", "tokens/sft/train"]
+    run = subprocess.run([sys.executable, str(ROOT / "3.dataset.py"), "--kind", "sft", "--input",
+                          str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_dir), "--out_dir",
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory"

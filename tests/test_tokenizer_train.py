@@ -1,0 +1,82 @@
+"""Stage 1: BPE training, special token ids, round trips, AutoTokenizer + chat template, CLI errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from mateconv.data import embedded
+from mateconv.tokenizer import CHAT_TEMPLATE, main, render_chat, train_tokenizer
+
+TEXTS = {
+    "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",
+    "english": "The quick brown fox jumps over the lazy dog; it's 3.14 o'clock.",
+    "emoji": "Party time 🎉🥳 — naïve café 👩‍💻 ✅",
+    "code": "def area(r: float) -> float:\n\treturn 3.14159 * r ** 2  # 面积\n\nprint({'k': [1, 2]})\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    embedded.generate(root / "raw", pretrain_chars=150_000, sft_conversations=300, dpo_pairs=50, train_tasks=20,
+                      val_tasks=20)
+    return train_tokenizer([root / "raw"], root / "tokenizer", vocab_size=600)
+
+
+def test_special_tokens_have_fixed_ids(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.unk_token == "<|endoftext|>"
+    assert len(tokenizer) == 600
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert json.loads((tokenizer_dir / "special_tokens_map.json").read_text())["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+def test_round_trip(tokenizer_dir, name):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer.encode(TEXTS[name], add_special_tokens=False)
+    assert tokenizer.decode(ids) == TEXTS[name]
+    assert all(3 <= i < len(tokenizer) for i in ids)  # plain text never produces special tokens
+
+
+def test_chat_template_matches_render_chat(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                    {"role": "assistant", "content": "Hi 😀"}, {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "The answer is 4."}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+                    "<|im_start|>assistant\nHi 😀<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+                    "<|im_start|>assistant\nThe answer is 4.<|im_end|>\n")
+    rendered, spans = render_chat(conversation)
+    assert rendered == text
+    assert [text[a:b] for a, b in spans] == ["Hi 😀<|im_end|>", "The answer is 4.<|im_end|>"]
+    prompt = tokenizer.apply_chat_template(conversation[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_chat(conversation[:4], add_generation_prompt=True)[0] == prompt
+    ids = tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]
+    assert ids.count(1) == 5 and ids.count(2) == 5
+    assert tokenizer.decode(ids) == text
+
+
+def test_assistant_mask_from_template_generation_markers(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    out = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+    masked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tokenizer.decode(masked) == "hello there<|im_end|>"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file or directory"):
+        main(["--corpus", str(tmp_path / "missing.jsonl"), "--out_dir", str(tmp_path / "tok")])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="no text found"):
+        main(["--corpus", str(empty), "--out_dir", str(tmp_path / "tok")])
+    with pytest.raises(SystemExit, match="too small"):
+        main(["--corpus", str(empty), "--vocab_size", "100", "--out_dir", str(tmp_path / "tok")])
