@@ -70,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     config = PrefsConfig(**vars(build_parser().parse_args(argv)))
     # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(config)
     except PrefsError as error:
         raise SystemExit(f"prefs: {error}") from None
     except KeyboardInterrupt:
         raise SystemExit("prefs: interrupted; finished prompts are saved, run again to resume") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

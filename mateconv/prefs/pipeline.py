@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -263,15 +265,28 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
 
 
 def _start_local_server(model_path: str, max_concurrency: int) -> tuple[str, object]:
-    from mateconv.serve import ServeError, start_background
+    """Starts mateconv.serve over `model_path`. SIGINT/SIGTERM arriving while it starts are held back until the
+    process handle is ours, then the server is stopped and the signal acted on: no server is left orphaned."""
+    from mateconv.serve import ServeError, start_background, stop_background
 
     if not Path(model_path).is_dir():
         raise PrefsError(f"generator model {model_path} not found: train stage 5 first, pass --generator_model_path, "
                          "or use a remote generator (--generator_base_url)")
+    held: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda number, _: held.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
-        return start_background(model_path, extra_args=["--max_queued", str(max(16, max_concurrency))])
+        url, process = start_background(model_path, extra_args=["--max_queued", str(max(16, max_concurrency))])
     except ServeError as error:
         raise PrefsError(f"could not start the local generator server: {error}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        stop_background(process)
+        signal.raise_signal(held[0])
+    return url, process
 
 
 def _usage_report(usage: dict[str, tuple[str, Usage]], prices: dict) -> dict:
