@@ -138,19 +138,24 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, user_text: str, out: TextIO) -> str:
+        """Streams the reply to `user_text` into `out`; on Ctrl-C the turn is dropped from the history."""
         self.messages.append({"role": "user", "content": user_text})
         pieces = []
-        for piece in stream_reply(self.model, self.tokenizer, self.messages, self.options):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in stream_reply(self.model, self.tokenizer, self.messages, self.options):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except BaseException:
+            self.messages.pop()
+            raise
         text = "".join(pieces)
         self.messages.append({"role": "assistant", "content": text})
         return text
 
 
 def run_interactive(session: ChatSession, inp: TextIO, out: TextIO) -> None:
-    out.write("MateConv chat. Commands: /reset (new conversation), /exit (quit).\n")
+    out.write("MateConv chat. Commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply.\n")
     while True:
         out.write("\n>>> ")
         out.flush()
@@ -167,7 +172,12 @@ def run_interactive(session: ChatSession, inp: TextIO, out: TextIO) -> None:
             session.reset()
             out.write("(conversation cleared)\n")
             continue
-        session.reply(text, out)
+        try:
+            session.reply(text, out)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            out.write(" (interrupted)")
+        except ChatError as error:  # e.g. a message longer than the context: say so and carry on
+            out.write(f"(error: {error})")
         out.write("\n")
 
 

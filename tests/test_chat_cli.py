@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mateconv.chat import ChatError, ChatSession, SamplingOptions, fit_history, load_model, main, stream_reply
+from mateconv.chat import (ChatError, ChatSession, SamplingOptions, fit_history, load_model, main, run_interactive,
+                           stream_reply)
 from tiny_checkpoints import checkpoint, load_tokenizer, single_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,30 @@ def test_interactive_session_over_pipes():
         assert process.wait(timeout=60) == 0, err.text
         out.wait_for("hello world")
         assert "(conversation cleared)" in out.text
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_ctrl_c_stops_a_reply_not_the_chat():
+    # an untrained model with a long context rambles on: long enough to be interrupted mid-reply
+    command = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(checkpoint("slow")),
+               "--max_new_tokens", "900", "--temperature", "1.0", "--seed", "0"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        out, err = Reader(process.stdout), Reader(process.stderr)
+        out.wait_for(">>> ")
+        process.stdin.write(b"tell me everything\n")
+        process.stdin.flush()
+        while len(out.text.split(">>> ")[-1]) < 20:  # the reply is streaming
+            out.wait_for(">>> ")
+            out.text += out.chunks.get(timeout=60)
+        process.send_signal(signal.SIGINT)
+        out.wait_for(" (interrupted)")
+        out.wait_for(">>> ", count=2)
+        process.stdin.write(b"/exit\n")
+        process.stdin.flush()
+        assert process.wait(timeout=60) == 0, err.text
     finally:
         if process.poll() is None:
             process.kill()
@@ -136,3 +162,13 @@ def test_bad_options():
         SamplingOptions(top_p=0.0)
     with pytest.raises(ChatError, match="temperature"):
         SamplingOptions(temperature=-1)
+
+
+def test_interactive_loop_reports_errors_and_goes_on(dense):
+    model, tokenizer = dense
+    session = ChatSession(model, tokenizer, SamplingOptions(max_new_tokens=8, temperature=0.0))
+    out = io.StringIO()
+    run_interactive(session, io.StringIO("word " * 200 + "\nWhat is 7+2?\n"), out)
+    text = out.getvalue()
+    assert "(error: the prompt is" in text and text.split(">>> ")[2].startswith("9")
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the failed turn left no trace
