@@ -87,10 +87,10 @@ class CPTTrainer:
             raise ConfigError("no non-empty texts to train on")
         config = self.train_config
         runtime = setup(config)
+        seed_everything(config.seed)
+        model = build_model(config)
         tokenizer = load_tokenizer(config)
         if tokenizer is None:
             raise ConfigError(f"{config.init_from} has no tokenizer (tokenizer_config.json)")
         data = PackedTexts(texts, tokenizer, config.max_seq_len)
-        seed_everything(config.seed)
-        model = build_model(config)
         return Trainer(config, runtime, model, LMObjective(), data, tokenizer=tokenizer).fit()["loss"]

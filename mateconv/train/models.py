@@ -24,9 +24,11 @@ def build_model(config: TrainConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if config.init_from:
-        if not Path(config.init_from).is_dir():
-            raise ConfigError(f"init_from: {config.init_from} is not a directory (a saved Hugging Face model)")
-        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        try:  # a local save_pretrained directory, or a hub id where downloads are possible
+            model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"init_from: cannot load a causal LM from {config.init_from} "
+                              f"({str(e).splitlines()[0]})") from None
     else:
         try:
             model_config = mateconv_model.MateConvConfig(**{name: getattr(config, name) for name in SHAPE_FIELDS})
@@ -66,6 +68,11 @@ def load_tokenizer(config: TrainConfig):
     for path in (config.init_from, config.tokenizer_path):
         if path and (Path(path) / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(path)
+    if config.init_from and not Path(config.init_from).exists():
+        try:
+            return AutoTokenizer.from_pretrained(config.init_from)  # a hub id
+        except (OSError, ValueError):
+            return None
     return None
 
 

@@ -1,0 +1,78 @@
+"""Continued pretraining of a Hugging Face model (a tiny random Qwen2 built locally, no download): via
+`4.pretrain.py --init_from` and via the CPTTrainer API; both save a model AutoModelForCausalLM reloads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mateconv.config import ConfigError, parse_config
+from mateconv.cpt import CPTConfig, CPTTrainer, PackedTexts
+from mateconv.train.stages import run
+from train_fixtures import SHAKESPEARE, losses, require_data, tiny_flags, token_data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_qwen(tmp_path):
+    """A randomly initialised 2-layer Qwen2 with the fixture tokenizer, saved like a downloaded model."""
+    require_data()
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    path = tmp_path / "qwen2-tiny"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(token_data()["tokenizer"]).save_pretrained(path)
+    return path
+
+
+def test_init_from_hf_model(tiny_qwen, tmp_path):
+    # model-shape flags (dim 64 etc. from tiny_flags, and a deliberately wrong n_layers) are ignored with init_from
+    summary = run("pretrain", parse_config(tiny_flags(tmp_path / "out", init_from=tiny_qwen, max_steps=8,
+                                                      n_layers=7, learning_rate=3e-3)))
+    curve = losses(tmp_path / "out")
+    assert summary["step"] == 8 and curve[8] < curve[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(tmp_path / "out" / "final").vocab_size == 512
+
+
+def test_cpt_trainer_api(tiny_qwen, tmp_path):
+    texts = SHAKESPEARE.read_text().split("\n\n")[:150]
+    trainer = CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64, learning_rate=3e-3,
+                                   num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                   use_muon_optimizer=True, use_gradient_checkpointing=True, use_bf16=False,
+                                   output_dir=str(tmp_path / "cpt"), max_samples=100, max_steps=6))
+    final_loss = trainer.train(texts)
+    curve = losses(tmp_path / "cpt")
+    assert final_loss == pytest.approx(curve[6]) and curve[6] < curve[1]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cpt" / "final")
+    original = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(reloaded.state_dict()[weight], original.state_dict()[weight])
+
+
+def test_packed_texts_and_errors(tiny_qwen):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    data = PackedTexts(["to be or not to be", "that is the question"] * 20, tokenizer, 16)
+    stream = torch.cat([data[i]["input_ids"] for i in range(len(data))])
+    assert (stream == tokenizer.eos_token_id).sum() >= len(data) - 1  # documents separated by EOS
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        PackedTexts(["short"], tokenizer, 4096)
+    with pytest.raises(ConfigError, match="init_from: cannot load"):
+        CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])
