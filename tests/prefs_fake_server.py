@@ -45,7 +45,8 @@ class FakeOpenAI:
         self.honour_n, self.delay_s, self.slow_s = honour_n, delay_s, slow_s
         self.attempts: Counter = Counter()  # (model, pid) -> requests seen
         self.answered: Counter = Counter()  # (model, pid) -> successful generator choices handed out
-        self.log: list[dict] = []  # one entry per request: model, pid, action, n, shown (judge: numbers in order)
+        self.log: list[dict] = []  # per request: model, pid, action, n, t (arrival), shown (judge: numbers in order)
+        self.in_flight = self.peak_in_flight = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -105,12 +106,22 @@ class FakeOpenAI:
                     self._error(404, "not found")
 
             def do_POST(self):
+                with fake.lock:
+                    fake.in_flight += 1
+                    fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+                try:
+                    self._chat()
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _chat(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 model, n = request["model"], request.get("n") or 1
                 text = "\n".join(m["content"] for m in request["messages"])
                 pid, a, b = PROMPT.search(text).groups()
                 action = fake._action(model, pid)
-                entry = {"model": model, "pid": pid, "action": action, "n": n, "shown": None}
+                entry = {"model": model, "pid": pid, "action": action, "n": n, "t": time.monotonic(), "shown": None}
                 with fake.lock:
                     fake.log.append(entry)
                 if fake.delay_s:

@@ -99,6 +99,9 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
         assert record["prompt"] == [{"role": "user", "content": f"[{record['id']}] What is "
                                      f"{int(record['id'][1:]) % 7 + 1}+{int(record['id'][1:]) % 5 + 2}?"}]
         assert record["models"] == {"generator": "gen", "judge": "judge"} and record["judge"] == "model"
+    p00 = [entry["t"] for entry in fake.log if (entry["model"], entry["pid"]) == ("gen", "p00")]
+    assert p00[1] - p00[0] >= 0.05  # Retry-After: 0.05 honoured (the jittered backoff alone is <= 0.01 s)
+    assert fake.peak_in_flight <= 4  # --max_concurrency
     shown = [entry["shown"] for entry in fake.log if entry["shown"]]
     assert len({tuple(order) for order in shown}) > 3  # candidate order varies between judge requests
     assert summary["this_run"] == {"prompts": 12, "pairs": 8, "dropped": 1, "failures": 3,
@@ -162,6 +165,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, fake_fac
     prompts = write_tasks(tmp_path / "tasks.jsonl", 30)
     baseline, resumed = tmp_path / "baseline", tmp_path / "resumed"
     run(config(fake, prompts, baseline, 30, k_samples=2, max_concurrency=2), env={})
+    assert fake.peak_in_flight == 2  # the limit is used, and never exceeded
 
     flags = ["--prompts_path", str(prompts), "--n_prompts", "30", "--output_dir", str(resumed),
              "--generator_base_url", fake.url, "--generator_model", "gen", "--judge_base_url", fake.url,
