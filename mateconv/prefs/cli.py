@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--max_retries", type=int, default=DEFAULTS.max_retries,
                           help="per request, on timeouts, dropped connections, 408/409/429, 5xx")
     requests.add_argument("--request_timeout", type=float, default=DEFAULTS.request_timeout, help="seconds")
-    requests.add_argument("--backoff_base", type=float, default=DEFAULTS.backoff_base, help="seconds, doubled per retry")
+    requests.add_argument("--backoff_base", type=float, default=DEFAULTS.backoff_base,
+                          help="seconds, doubled per retry")
     requests.add_argument("--backoff_max", type=float, default=DEFAULTS.backoff_max,
                           help="seconds, also caps Retry-After")
     requests.add_argument("--health_timeout", type=float, default=DEFAULTS.health_timeout, help="seconds")

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from mateconv.prefs.endpoints import (Caller, Endpoint, PrefsError, RequestFailed, RetryPolicy, Usage, cost_usd,
                                       parse_prices, resolve_generator, resolve_judge)
-from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair, rule_scores,
-                                  shuffled_order)
+from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair,
+                                  rule_scores, shuffled_order)
 from mateconv.prefs.store import ResultStore, read_records, sample_prompts
 
 JUDGE_MODES = ("auto", "rule", "model", "both")
@@ -356,12 +356,14 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
         "output_dir": str(store.dir),
         "prompts_path": config.prompts_path, "prompts_selected": len(prompts), "already_done": len(prompts) - len(todo),
         "this_run": {"prompts": len(todo), "pairs": counts["pair"], "dropped": counts["dropped"],
-                     "failures": counts["failure"], "model_judge_failures_decided_by_rule": counts["judge_errors_in_both"]},
+                     "failures": counts["failure"],
+                     "model_judge_failures_decided_by_rule": counts["judge_errors_in_both"]},
         "files": {"pairs": len(pair_ids), "dropped": len(dropped_ids), "failures_outstanding": len(failed_ids)},
         "dropped_reasons": _count(read_records(store.paths["dropped"]), "dropped"),
         "failure_stages": _count(read_records(store.paths["failure"]), "stage"),
         "models": {"generator": generator.model, "judge": judge.model if judge else None,
-                   "generator_base_url": generator.base_url or "local", "judge_base_url": judge.base_url if judge else None},
+                   "generator_base_url": generator.base_url or "local",
+                   "judge_base_url": (judge.base_url or "local") if judge else None},
         "judge_mode": config.judge, "settings": config.settings(),
         "usage": _usage_report(result["usage"], prices),
         "elapsed_s": round(time.monotonic() - started, 3),

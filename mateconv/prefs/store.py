@@ -21,7 +21,8 @@ def _messages(value, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise PrefsError(f"{where}: expected a non-empty message list or a string")
     for message in value:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
             raise PrefsError(f"{where}: each message needs a role in {sorted(ROLES)} and a string content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
