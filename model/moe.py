@@ -78,7 +78,7 @@ class MoEFeedForward(nn.Module):
         slices = flat[token_of].split(counts.tolist())
         outputs = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices)])
         outputs = outputs * weights.flatten()[order].unsqueeze(-1).to(outputs.dtype)
-        y = torch.zeros_like(flat).index_add_(0, token_of, outputs)
+        y = outputs.new_zeros(flat.shape).index_add_(0, token_of, outputs)  # autocast: experts may run in bf16
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_load = (counts.float() / assigned.numel()).detach()

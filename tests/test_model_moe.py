@@ -114,3 +114,15 @@ def test_gradients_reach_exactly_the_used_experts():
         assert (norm > 0) == (index in (0, 2)), f"expert {index} gradient norm {norm}"
     assert block.gate.weight.grad.abs().sum() > 0
     assert block.shared_experts.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_moe_runs_under_bf16_autocast():
+    """Mixed precision (as DeepSpeed/CUDA training uses it): experts compute in bf16 while the residual stays fp32."""
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(moe_config())
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    reference = model(ids, labels=ids).loss
+    assert abs(out.loss.item() - reference.item()) < 0.1
