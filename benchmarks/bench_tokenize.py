@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_tokenize.py --size_mb 200
 
 The corpus repeats the shared pretraining texts (English + Chinese) as jsonl into a temp dir. Each run is the real
-CLI (`3.dataset.py --kind pretrain`) in its own process; peak memory is the largest sum of RSS over the process
-tree (main + workers), sampled every 0.1 s, which over-counts pages shared after fork, so it is an upper bound.
+CLI (`3.dataset.py --kind pretrain`) in its own process. Peak memory of the process tree (main + workers), sampled
+every 0.2 s: the sum of PSS (shared pages split between the processes sharing them: the real footprint) and the sum
+of RSS (counts pages shared after fork once per process: an upper bound).
 """
 from __future__ import annotations
 
@@ -52,22 +53,23 @@ def make_corpus(path: Path, size_mb: int) -> int:
     return written
 
 
-def run(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of the process tree."""
+def run(command: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak PSS and peak RSS (bytes) of the process tree."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root, peak = psutil.Process(process.pid), 0
+    root, peak_pss, peak_rss = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
         try:
-            tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            memory = [p.memory_full_info() for p in [root] + root.children(recursive=True)]
+            peak_pss = max(peak_pss, sum(m.pss for m in memory))
+            peak_rss = max(peak_rss, sum(m.rss for m in memory))
         except psutil.Error:
             pass
-        time.sleep(0.1)
+        time.sleep(0.2)
     output = process.stdout.read()
     if process.returncode:
         raise SystemExit(f"run failed: {' '.join(command)}\n{output}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak_pss, peak_rss
 
 
 def main() -> None:
@@ -92,19 +94,20 @@ def main() -> None:
         results = {}
         for workers in (1, args.workers):
             out = tmp / f"tokens_w{workers}"
-            seconds, peak = run([sys.executable, "3.dataset.py", "--kind", "pretrain", "--input", str(corpus),
+            seconds, pss, rss = run([sys.executable, "3.dataset.py", "--kind", "pretrain", "--input", str(corpus),
                                  "--tokenizer", str(tokenizer), "--out_dir", str(out), "--workers", str(workers),
                                  "--no_progress"])
             index = json.loads((out / "index.json").read_text())
             tokens = sum(s["num_tokens"] for s in index["shards"])
-            results[workers] = (seconds, peak, tokens)
+            results[workers] = (seconds, pss, tokens)
             print(f"workers={workers}: {seconds:.1f} s, {nbytes / 1e6 / seconds:.2f} MB/s, "
-                  f"{tokens / seconds / 1e6:.2f} M tokens/s, peak RSS {peak / 2**20:.0f} MiB, {tokens:,} tokens")
+                  f"{tokens / seconds / 1e6:.2f} M tokens/s, peak PSS {pss / 2**20:.0f} MiB "
+                  f"(RSS sum {rss / 2**20:.0f} MiB), {tokens:,} tokens")
         (t1, _, n1), (tn, _, nn) = results[1], results[args.workers]
         if n1 != nn:
             raise SystemExit(f"token counts differ: {n1} vs {nn}")
         print(f"speed-up {args.workers} workers vs 1: {t1 / tn:.2f}x; "
-              f"max peak RSS {max(r[1] for r in results.values()) / 2**20:.0f} MiB (limit 2048)")
+              f"max peak PSS {max(r[1] for r in results.values()) / 2**20:.0f} MiB (limit 2048)")
 
 
 if __name__ == "__main__":

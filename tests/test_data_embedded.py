@@ -77,6 +77,13 @@ def test_check_answer(answer, response, correct):
     assert check_answer({"answer": answer}, response) is correct
 
 
+def test_kinds_subset(tmp_path):
+    generate(tmp_path, kinds=("compare", "repeat"), **SMALL)
+    assert {t["kind"] for t in read(tmp_path / "tasks.jsonl")} == {"compare", "repeat"}
+    with pytest.raises(ValueError, match="unknown task kinds"):
+        generate(tmp_path, kinds=("nope",))
+
+
 def test_cli(tmp_path, capsys):
     main(["--out_dir", str(tmp_path), "--pretrain_chars", "1000", "--sft_conversations", "10", "--dpo_pairs", "10",
           "--train_tasks", "5", "--val_tasks", "5"])

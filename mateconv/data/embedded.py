@@ -226,10 +226,14 @@ def _unique(make, prefix: str, plan: list[tuple[str, list[Task], int]]) -> Itera
 
 
 def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000, sft_conversations: int = 4000,
-             dpo_pairs: int = 2000, train_tasks: int = 400, val_tasks: int = 400, val_percent: int = 15) -> dict:
+             dpo_pairs: int = 2000, train_tasks: int = 400, val_tasks: int = 400, val_percent: int = 15,
+             kinds: tuple[str, ...] = KINDS) -> dict:
     """Write pretrain/sft/dpo/tasks .jsonl raw files; returns the record counts. Same seed -> same bytes."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown task kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     rng = random.Random(seed)
-    tasks = all_tasks(seed)
+    tasks = [t for t in all_tasks(seed) if t.kind in kinds]
     train = [t for t in tasks if not is_held_out(t.key, val_percent)]
     held_out = [t for t in tasks if is_held_out(t.key, val_percent)]
     out_dir = Path(out_dir)
@@ -314,11 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_tasks", type=int, default=400)
     parser.add_argument("--val_tasks", type=int, default=400)
     parser.add_argument("--val_percent", type=int, default=15, help="share of task instances held out (0-100)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="task kinds to include")
     args = parser.parse_args(argv)
     if not 0 < args.val_percent < 100:
         parser.error("--val_percent must be between 1 and 99")
     counts = generate(args.out_dir, args.seed, args.pretrain_chars, args.sft_conversations, args.dpo_pairs,
-                      args.train_tasks, args.val_tasks, args.val_percent)
+                      args.train_tasks, args.val_tasks, args.val_percent, tuple(args.kinds))
     print(f"wrote {args.out_dir}: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
