@@ -128,10 +128,11 @@ def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):
     for path in out.glob("part-0000[23].*"):
         path.unlink()
     (out / "part-00002.tokens.bin.tmp").write_bytes(reference["part-00002.tokens.bin"][:7])
+    (out / "part-00001.tokens.bin").write_bytes(reference["part-00001.tokens.bin"][:10])  # listed but truncated
     with pytest.raises(DataError, match="did not finish"):
         SFTTokens(out, 32)
     result = build_shards("sft", inputs, tokenizer_dir, out, workers=2, records_per_shard=50, progress=False)
-    assert result.skipped_shards == 2
+    assert result.skipped_shards == 1  # shard 0 only: shard 1 failed its size check
     assert {p.name: p.read_bytes() for p in out.glob("part-*.bin")} == reference
     assert not list(out.glob("*.tmp"))
     assert len(SFTTokens(out, 32)) == 200

@@ -377,9 +377,12 @@ class _ShardWriter:
 
 
 def _finished_shards(out_dir: Path, index: dict, kind: str) -> list[dict]:
-    """Shards listed in a previous index whose files all exist (anything else is redone)."""
+    """Shards listed in a previous index whose files all exist with the listed size (anything else is redone)."""
     parts = _ShardWriter(out_dir, kind).parts()
-    return [s for s in index.get("shards", []) if all((out_dir / f"{s['name']}.{p}.bin").is_file() for p in parts)]
+    itemsize = np.dtype(index.get("dtype", "uint16")).itemsize
+    return [s for s in index.get("shards", [])
+            if all((out_dir / f"{s['name']}.{p}.bin").is_file() for p in parts)
+            and (out_dir / f"{s['name']}.tokens.bin").stat().st_size == s["num_tokens"] * itemsize]
 
 
 def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
