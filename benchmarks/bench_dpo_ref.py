@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from model import MateConvForCausalLM, preset_config
 
 from mateconv.train.dpo import DPOObjective, DPOSettings, WithReferenceLogps, compute_reference_logps
 
@@ -58,8 +59,7 @@ def timed_steps(policy, objective, batches) -> tuple[list[float], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--n_layers", type=int, default=8)
+    parser.add_argument("--preset", default="mateconv-0.02b", help="model preset (model.PRESETS)")
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
@@ -70,10 +70,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.dim * 8 // 3 // 64 * 64,
-                         num_hidden_layers=args.n_layers, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=args.seq_len, tie_word_embeddings=True)
-    reference = LlamaForCausalLM(config).eval()
+    config = preset_config(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+    reference = MateConvForCausalLM(config).eval()
     pairs = random_pairs(args.batch_size * (args.steps + 1), args.seq_len, args.vocab_size)
     settings = DPOSettings(beta=0.1, kl_coef=0.05)
 
@@ -93,7 +91,7 @@ def main() -> None:
 
     live, cached = statistics.median(live_times), statistics.median(cached_times)
     params = sum(p.numel() for p in reference.parameters()) / 1e6
-    print(f"model {params:.1f}M params, {args.batch_size} pairs x {args.seq_len} tokens, {len(live_times)} steps/variant")
+    print(f"{args.preset}: {params:.1f}M params, {args.batch_size} pairs x {args.seq_len} tokens, {len(live_times)} steps/variant")
     print(f"one-time precompute over {len(pairs)} pairs: {precompute_s:.2f} s")
     print(f"step with reference forward : {live * 1000:.0f} ms (median)")
     print(f"step with precomputed logps : {cached * 1000:.0f} ms (median)")

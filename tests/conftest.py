@@ -50,3 +50,74 @@ def _random_dpo_pairs(n: int, seq_len: int, vocab_size: int = 50, seed: int = 0)
 def random_dpo_pairs() -> Callable[..., list[dict[str, torch.Tensor]]]:
     """Factory: `random_dpo_pairs(n, seq_len, vocab_size=50, seed=0)` -> list of DPOTokens-shaped items."""
     return _random_dpo_pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny end-to-end pipeline on the embedded verifiable data set: raw data -> tokenizer -> shards -> SFT model.
+# Each fixture is session-scoped and builds on the previous one; all live under one temporary directory.
+
+def _split_by_field(raw: "Path", out: "Path") -> None:
+    """Stage-2 layout from the generator's raw files: `{kind}_{train,val}.jsonl` by each record's `split`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in ("pretrain", "sft", "dpo", "tasks"):
+        rows = {"train": [], "val": []}
+        for line in (raw / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            rows[record["split"]].append(line)
+        for split, lines in rows.items():
+            (out / f"{kind}_{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedded_data(tmp_path_factory):
+    """`out/data`-style directory (pretrain/sft/dpo/tasks _train/_val .jsonl) from a small embedded data set."""
+    from mateconv.data.embedded import generate
+
+    root = tmp_path_factory.mktemp("embedded")
+    generate(root / "raw", seed=0, pretrain_chars=60_000, sft_conversations=1200, dpo_pairs=600,
+             train_tasks=60, val_tasks=60)
+    _split_by_field(root / "raw", root / "data")
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_embedded_data):
+    """A 512-token byte-level BPE tokenizer directory (ChatML) trained on the tiny embedded data."""
+    from mateconv.tokenizer import train_tokenizer
+
+    files = [tiny_embedded_data / f"{kind}_train.jsonl" for kind in ("pretrain", "sft")]
+    return train_tokenizer(files, tiny_embedded_data.parent / "tokenizer", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_embedded_data, tiny_tokenizer):
+    """Token shards `<root>/tokens/{pretrain,sft,dpo}/{train,val}` of the tiny embedded data."""
+    from mateconv.data.shards import build_all
+
+    out = tiny_embedded_data.parent / "tokens"
+    build_all(tiny_embedded_data, tiny_tokenizer, out, workers=1, progress=False)
+    return out
+
+
+TINY_MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "96",
+                    "--vocab_size", "512", "--tracker", "none", "--num_workers", "0", "--device", "cpu",
+                    "--dtype", "float32", "--engine", "torch"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model(tiny_tokens, tiny_tokenizer):
+    """A tiny MateConv model trained by the real engine with SFT on the embedded conversations (from scratch);
+    returns its `final/` directory (Hugging Face format with the tokenizer)."""
+    from mateconv.config import parse_config
+    from mateconv.train.stages import STAGE_DEFAULTS, run
+
+    out = tiny_tokens.parent / "sft"
+    config = parse_config(TINY_MODEL_FLAGS + [
+        "--data_path", str(tiny_tokens / "sft" / "train"), "--val_data_path", "", "--tokenizer_path",
+        str(tiny_tokenizer), "--out_dir", str(out), "--init_from", "", "--batch_size", "16", "--learning_rate",
+        "3e-3", "--max_steps", "150", "--warmup_iters", "10", "--save_interval_steps", "1000", "--log_interval", "50",
+    ], STAGE_DEFAULTS["sft"])
+    run("sft", config)
+    return out / "final"

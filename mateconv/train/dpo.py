@@ -374,3 +374,164 @@ def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
     save_figure(figure, Path(out_png))
     plt.close(figure)
     return Path(out_png)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 9 on the shared engine
+
+STAGE_DEFAULTS = {"out_dir": "out/dpo", "data_path": "out/tokens/dpo/train", "val_data_path": "out/tokens/dpo/val",
+                  "init_from": "out/sft/final", "learning_rate": 5e-6, "weight_decay": 0.0, "batch_size": 8,
+                  "warmup_iters": 10, "eval_interval": 100, "save_interval_steps": 200, "eval_batches": 20}
+
+
+def settings_from(config) -> DPOSettings:
+    return DPOSettings(beta=config.dpo_beta, loss_type=config.dpo_loss_type,
+                       label_smoothing=config.dpo_label_smoothing, kl_coef=config.dpo_kl_coef,
+                       sft_coef=config.dpo_sft_coef)
+
+
+def reference_path(config) -> Path:
+    path = Path(config.ref_model_path or config.init_from)
+    if not str(path) or str(path) == ".":
+        raise DPOError("DPO needs a starting model: set init_from (default out/sft/final) or ref_model_path")
+    if not path.is_dir():
+        raise DPOError(f"reference model {path} is not a directory (a saved Hugging Face model; run stage 5 first)")
+    return path
+
+
+def load_reference(path: Path, runtime, config) -> torch.nn.Module:
+    """The frozen reference on the training device. Under ZeRO-3 it is sharded like the policy (an inference-only
+    DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in."""
+    from transformers import AutoModelForCausalLM
+
+    import model as _registers_mateconv  # noqa: F401
+
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    if runtime.use_deepspeed and config.zero_stage == 3:
+        import deepspeed
+
+        from mateconv.train.ds_config import build_ds_config
+
+        ds = build_ds_config(config, runtime.dtype, runtime.world_size, getattr(reference.config, "hidden_size", 1024))
+        ds.pop("optimizer", None)
+        ds["zero_optimization"].pop("offload_optimizer", None)
+        return deepspeed.initialize(model=reference, config=ds)[0].module
+    dtype = runtime.dtype if runtime.use_deepspeed else torch.float32  # plain PyTorch autocasts the forward instead
+    return reference.to(runtime.device, dtype)
+
+
+def held_out_lm_data(config) -> dict[str, Dataset]:
+    """Pretraining/SFT validation shards for the forgetting curves, named by their stage directory."""
+    from mateconv.data.shards import PretrainTokens, SFTTokens, shard_info
+
+    readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
+    data = {}
+    for path in map(Path, config.forget_data_paths):
+        if not (path / "index.json").is_file():
+            print(f"[dpo] forgetting eval: {path} not found, skipped", flush=True)
+            continue
+        kind = shard_info(path)["kind"]
+        if kind not in readers:
+            raise DPOError(f"forget_data_paths: {path} holds {kind!r} shards; pretrain or sft expected")
+        data[path.parent.name if path.name in ("val", "train") else path.name] = readers[kind](path, config.max_seq_len)
+    return data
+
+
+def cached_reference(pairs, ref_path: Path, runtime, config, loaded: list) -> WithReferenceLogps:
+    """`pairs` with their reference log-probs from the cache next to the data, computing it first if missing."""
+    cache_dir = reference_cache_dir(pairs.directory, ref_path, config.max_seq_len, runtime.dtype)
+    if ReferenceLogps.exists(cache_dir):
+        if runtime.is_main:
+            print(f"[dpo] reusing reference log-probs {cache_dir}", flush=True)
+    else:
+        if not loaded:
+            loaded.append(load_reference(ref_path, runtime, config))
+        compute_reference_logps(loaded[0], pairs, cache_dir, config.batch_size, runtime.device, runtime.rank,
+                                runtime.world_size)
+    return WithReferenceLogps(pairs, ReferenceLogps(cache_dir))
+
+
+def run(config) -> dict:
+    from mateconv.data.shards import DPOTokens, shard_info
+    from mateconv.train.distributed import setup
+    from mateconv.train.engine import Trainer, seed_everything
+    from mateconv.train.models import build_model, load_tokenizer
+    from mateconv.train.stages import check_vocab
+
+    settings = settings_from(config)
+    ref_path = reference_path(config)
+    runtime = setup(config)
+    for path in [config.data_path] + ([config.val_data_path] if config.val_data_path else []):
+        if not (Path(path) / "index.json").is_file():
+            raise DPOError(f"DPO token shards not found: {path} (run 3.dataset.py, or set data_path/val_data_path)")
+    train = DPOTokens(config.data_path, config.max_seq_len)
+    val = DPOTokens(config.val_data_path, config.max_seq_len) if config.val_data_path else None
+    seed_everything(config.seed)
+    policy = build_model(config)
+    check_vocab(policy, shard_info(config.data_path)["vocab_size"])
+
+    reference = None
+    if config.precompute_ref:
+        loaded: list[torch.nn.Module] = []  # the reference model, loaded only if a cache must be computed
+        train, val = (None if pairs is None else cached_reference(pairs, ref_path, runtime, config, loaded)
+                      for pairs in (train, val))
+        loaded.clear()
+    elif config.ref_model_path or not config.use_lora:  # LoRA's reference is its own base (adapters disabled)
+        reference = load_reference(ref_path, runtime, config)
+    objective = DPOObjective(settings, reference)
+
+    held_out = held_out_lm_data(config)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        metrics = {}
+        if val is not None:
+            pairs = preference_eval(model, objective, val, config.batch_size, config.eval_batches or None,
+                                    runtime.device)
+            metrics.update({f"eval/{key}": value for key, value in pairs.items()})
+        metrics.update(forgetting_eval(model, held_out, config.batch_size, config.eval_batches or None))
+        return metrics
+
+    out_dir = Path(config.out_dir)
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[dpo] policy {config.init_from}, reference {ref_path}"
+              f"{' (LoRA: adapters disabled)' if reference is None and not config.precompute_ref else ''}, "
+              f"{settings}, {len(train)} pairs, precomputed reference: {config.precompute_ref}", flush=True)
+    trainer = Trainer(config, runtime, policy, objective, train, val, load_tokenizer(config), [evaluate])
+    if trainer.checkpoints.resume_path(config.resume) is None:
+        log_baseline(trainer, evaluate, out_dir / "metrics.jsonl", runtime.is_main)
+    summary = trainer.fit()
+    if runtime.is_main and not summary["stopped"]:
+        print(f"[dpo] forgetting plot: {plot_forgetting(out_dir / 'metrics.jsonl', out_dir / 'forgetting.png')}")
+    return summary
+
+
+def log_baseline(trainer, evaluate, metrics_path: Path, is_main: bool) -> None:
+    """The step-0 point of the forgetting curves (the starting model), before any update.
+    Written straight to metrics.jsonl because the engine's tracker starts inside fit()."""
+    module = unwrap(trainer.engine)
+    module.eval()
+    metrics = evaluate(module)
+    module.train()
+    if is_main:
+        with open(metrics_path, "w") as f:
+            f.write(json.dumps({"step": 0, **metrics}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from mateconv.config import ConfigError, help_text, parse_config
+    from mateconv.data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: 9.train_dpo.py [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n{help_text()}")
+        return 0
+    try:
+        summary = run(parse_config(argv, STAGE_DEFAULTS))
+    except (ConfigError, DataError, DPOError) as e:
+        sys.exit(f"dpo: {e}")
+    if not summary["stopped"]:
+        print(f"[dpo] done: step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
+    return 0

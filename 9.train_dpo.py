@@ -1,0 +1,11 @@
+"""Stage 9: DPO of the SFT model against a frozen reference, with forgetting measured (see docs/dpo.md).
+
+    python 9.train_dpo.py --dpo_beta 0.1 --max_steps 500
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 9.train_dpo.py --zero_stage 2 --precompute_ref
+"""
+import sys
+
+from mateconv.train.dpo import main
+
+if __name__ == "__main__":
+    sys.exit(main())
