@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ def render_args(args: dict) -> list[str]:
     for key, value in args.items():
         if isinstance(value, list):
             out += [f"--{key}", *map(str, value)]
-        elif isinstance(value, bool):
-            out += [f"--{key}", "true" if value else "false"]
+        elif value is True:  # bare flag: both argparse switches and the training config accept it
+            out.append(f"--{key}")
+        elif value is False:
+            out += [f"--{key}", "false"]
         elif value is not None:
             out += [f"--{key}", str(value)]
     return out
@@ -131,17 +134,19 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path) -> int:
 
 
 def status(logs: Path, out: Path) -> None:
-    """One line per stage that has a log: running or not, and its latest step, loss and ETA."""
+    """One line per stage that has a log: running or not, its latest logged step and loss, and the progress bar's
+    last state (step/total, elapsed<ETA, rate)."""
     for log in sorted(logs.glob("*.log")):
         name = log.stem
         pid = read_pid(logs, name)
-        state = f"running (pid {pid})" if pid and is_alive(pid) else "not running"
-        line = f"{name:10s} {state}"
+        line = f"{name:12s} {'running (pid %d)' % pid if pid and is_alive(pid) else 'not running'}"
         metrics = out / name / "metrics.jsonl"
-        if metrics.exists():
-            last = latest_train_record(metrics)
-            if last:
-                line += "  " + "  ".join(f"{k}={last[k]}" for k in ("step", "max_steps", "loss", "eta_s") if k in last)
+        last = latest_train_record(metrics) if metrics.exists() else None
+        if last:
+            line += f"  step={last['step']} loss={last['loss']:.4f}"
+        progress = last_progress(log)
+        if progress:
+            line += f"  [{progress}]"
         print(line)
 
 
@@ -151,8 +156,19 @@ def latest_train_record(path: Path) -> dict | None:
             record = json.loads(raw)
         except json.JSONDecodeError:
             continue
-        if "loss" in record:
+        if "loss" in record and "step" in record:
             return record
+    return None
+
+
+def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
+    """The last tqdm state in a stage log, e.g. '144/200 [02:53<00:43, 1.30step/s, loss=0.62]'."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - tail_bytes))
+        text = handle.read().decode("utf-8", "replace")
+    for piece in reversed(re.split(r"[\r\n]", text)):
+        if "|" in piece and "<" in piece and "step" in piece:  # the training bar, not a file-writing one
+            return piece.rsplit("|", 1)[-1].strip()
     return None
 
 
