@@ -39,9 +39,8 @@ class Stage:
 
 
 def load_preset(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESETS / f"{name_or_path}.yaml"
+    is_file = name_or_path.endswith((".yaml", ".yml"))
+    path = Path(name_or_path) if is_file else PRESETS / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
         raise PipelineError(f"unknown preset {name_or_path!r} (known: {known})")
@@ -49,9 +48,15 @@ def load_preset(name_or_path: str) -> dict:
     base = preset.pop("extends", None)
     if base is None:
         return preset
-    merged = load_preset(base)
-    for key, value in preset.items():
-        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merge(load_preset(base), preset)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dicts merge key by key (a preset overrides single stage flags); anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
     return merged
 
 
