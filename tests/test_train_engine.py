@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mateconv.config import parse_config
+from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import run
 from train_fixtures import REPO, losses, read_metrics, require_data, single_thread_env, tiny_flags, token_data
 
@@ -37,6 +38,9 @@ def test_loss_decreases_and_artifacts(tmp_path):
     rows = read_metrics(tmp_path)
     assert all({"lr", "grad_norm", "tokens_per_sec", "ppl"} <= set(r) for r in rows if "loss" in r)
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    lrs = [r["lr"] for r in rows if "lr" in r]  # the rate each step used: warmup over 2 steps, then cosine
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-3 * lr_multiplier(11, 2, 12, 0.1))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert summary["val_loss"] == rows[-1]["val_loss"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -217,6 +217,8 @@ class Trainer:
                     state["micro_in_epoch"] += 1
                     batch = self.to_device(batch)
                     window_tokens += batch_tokens(batch)
+                    if (micro - 1) % accumulation == 0:
+                        step_lr = self.current_lr()  # the rate this step uses (the scheduler moves on in the step)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
                     for key, value in metrics.items():
@@ -238,7 +240,7 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
                         row = {"loss": step_loss, "ppl": math.exp(min(extra.get("lm_loss", step_loss), 50.0)),
-                               "lr": self.current_lr(), "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                               "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                                "epoch": state["epoch"],
                                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
                                **memory_metrics(runtime.device)}

@@ -100,6 +100,7 @@ class Tracker:
         self.run = self.writer = None
         if not enabled:
             return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         self._truncate_after(resumed_step)
         if self.kind == "wandb":
             import wandb
