@@ -50,7 +50,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     pairs = [json.loads(line) for line in (out / "prefs/dpo_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) >= 20 and all({"prompt", "chosen", "rejected"} <= set(pair) for pair in pairs)
 
-    accuracy = {Path(m["path"]).parent.name: m["accuracy"]
+    accuracy = {Path(m["path"]).parent.name: m["task_accuracy"]
                 for m in json.loads((out / "eval/summary.json").read_text())["models"]}
     assert accuracy["sft"] > accuracy["pretrain"], accuracy
     assert accuracy["dpo"] >= accuracy["sft"], accuracy

@@ -107,3 +107,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly. Exiting with it still open let gloo's threads abort the process at
+    teardown ('terminate called without an active exception', exit code 250) after a successful ZeRO-3 run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -523,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mateconv.config import ConfigError, help_text, parse_config
     from mateconv.data import DataError
+    from mateconv.train.distributed import shutdown
 
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -532,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(parse_config(argv, STAGE_DEFAULTS))
     except (ConfigError, DataError, DPOError) as e:
         sys.exit(f"dpo: {e}")
+    shutdown()
     if not summary["stopped"]:
         print(f"[dpo] done: step {summary['step']}, loss {summary['loss']:.4f}", flush=True)
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mateconv.config import ConfigError, TrainConfig, help_text, parse_config
 from mateconv.data import DataError
-from mateconv.train.distributed import setup
+from mateconv.train.distributed import setup, shutdown
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.models import build_model, load_tokenizer
 from mateconv.train.objectives import LMObjective
@@ -67,6 +67,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         summary = run(stage, parse_config(argv, STAGE_DEFAULTS[stage]))
     except (ConfigError, DataError) as e:
         sys.exit(f"{stage}: {e}")
+    shutdown()
     if not summary["stopped"] and summary["is_main"]:
         print(f"[{stage}] done: step {summary['step']}, loss {summary['loss']:.4f}"
               + (f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""), flush=True)
