@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from mateconv.procs import write_atomic
+
 CHOICES = {
     "optimizer": ("adamw", "muon"),
     "tracker": ("wandb", "tensorboard", "none"),
@@ -279,10 +281,7 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """The resolved config as YAML (atomic write); loadable again with `parse_config([path])`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def help_text() -> str:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
+from mateconv.procs import write_atomic
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 1
@@ -282,9 +283,7 @@ class BuildResult:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
 def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per_shard: int) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mateconv.config import ConfigError, TrainConfig, save_config
+from mateconv.procs import write_atomic
 from mateconv.train.distributed import Runtime, barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -25,12 +26,6 @@ INCOMING = ".incoming"
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -121,9 +116,9 @@ class CheckpointManager:
             save_config(config, tmp / "config.yaml")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             replace_dir(tmp, final)
-            write_text_atomic(self.root / "latest", name)
+            write_atomic(self.root / "latest", name)
             if is_best:
-                write_text_atomic(self.root / "best", name)
+                write_atomic(self.root / "best", name)
             self.rotate()
         barrier()
         return final
