@@ -1,7 +1,10 @@
 """Shared test fixtures (generic, reusable by every area's tests)."""
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +59,7 @@ def random_dpo_pairs() -> Callable[..., list[dict[str, torch.Tensor]]]:
 # A tiny end-to-end pipeline on the embedded verifiable data set: raw data -> tokenizer -> shards -> SFT model.
 # Each fixture is session-scoped and builds on the previous one; all live under one temporary directory.
 
-def _split_by_field(raw: "Path", out: "Path") -> None:
+def _split_by_field(raw: Path, out: Path) -> None:
     """Stage-2 layout from the generator's raw files: `{kind}_{train,val}.jsonl` by each record's `split`."""
     import json
 
@@ -121,3 +124,23 @@ def tiny_sft_model(tiny_tokens, tiny_tokenizer):
     ], STAGE_DEFAULTS["sft"])
     run("sft", config)
     return out / "final"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`bash scripts/<name> args...` in `cwd` with W&B offline; output captured."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(["bash", str(REPO / "scripts" / name), *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(working directory, completed process) of the whole tiny pipeline; its artifacts are under `<dir>/out`."""
+    root = tmp_path_factory.mktemp("pipeline")
+    return root, run_script("run_pipeline.sh", cwd=root, timeout=1500)

@@ -1,5 +1,6 @@
-"""DPO after SFT on the embedded verifiable data set: held-out reward accuracy goes up, greedy task accuracy is
-measured, and the forgetting curves (held-out pretraining/SFT perplexity) are logged and plotted."""
+"""DPO after SFT on the embedded verifiable data set, as the README's main command runs it (preset tiny): the test
+measures, on prompts DPO never trained on, that the reward accuracy is well above chance and that greedy task
+accuracy goes up; the forgetting curves (held-out pretraining/SFT perplexity) are logged and plotted."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_MODEL_FLAGS
-from mateconv.config import parse_config
-from mateconv.train.dpo import STAGE_DEFAULTS, DPOObjective, DPOSettings, preference_eval, run
+from mateconv.data.shards import DPOTokens
+from mateconv.evaluate import task_accuracy
+from mateconv.train.dpo import DPOObjective, DPOSettings, preference_eval
 
 pytestmark = pytest.mark.slow
 
@@ -22,44 +23,42 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_sft_model, tiny_tokens, tiny_embedded_data,
-                                                               tmp_path):
-    from mateconv.data.shards import DPOTokens
-    from mateconv.evaluate import task_accuracy
+def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
+    root, result = tiny_pipeline
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = root / "out"
+    sft, tokenizer = load(out / "sft/final")
+    dpo, _ = load(out / "dpo/final")
+    train_prompts = {json.loads(line)["id"] for line in (out / "prefs/dpo_pairs.jsonl").read_text().splitlines()}
+    held_out_prompts = {json.loads(line)["id"] for line in (out / "prefs_val/dpo_pairs.jsonl").read_text().splitlines()}
+    assert len(held_out_prompts) >= 80 and not train_prompts & held_out_prompts
 
-    tasks = [json.loads(line) for line in (tiny_embedded_data / "tasks_train.jsonl").read_text().splitlines()][:40]
-    sft, tokenizer = load(tiny_sft_model)
-    before = task_accuracy(sft, tokenizer, tasks, max_new_tokens=12).accuracy
+    # Reward accuracy against the SFT reference, which ranks every pair as a tie (rewards 0, accuracy 0).
+    # On-policy held-out pairs: the SFT model's own right and wrong replies to validation prompts.
+    objective = DPOObjective(DPOSettings(beta=0.1), reference=sft)
+    on_policy = preference_eval(dpo, objective, DPOTokens(out / "tokens/prefs/val", 128), 16, None, "cpu")
+    assert on_policy["rewards/accuracies"] > 0.65 and on_policy["rewards/margins"] > 0, on_policy
+    # The embedded data set's own held-out pairs (a known answer against a generated wrong one): another distribution.
+    written = preference_eval(dpo, objective, DPOTokens(out / "tokens/dpo/val", 128), 16, None, "cpu")
+    assert written["rewards/accuracies"] > 0.6, written
 
-    out = tmp_path / "dpo"
-    config = parse_config(TINY_MODEL_FLAGS + [
-        "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"),
-        "--val_data_path", str(tiny_tokens / "dpo" / "val"), "--out_dir", str(out),
-        "--forget_data_paths", f"{tiny_tokens / 'pretrain' / 'val'},{tiny_tokens / 'sft' / 'val'}",
-        "--batch_size", "16", "--learning_rate", "5e-4", "--max_steps", "60", "--warmup_iters", "0",
-        "--eval_interval", "30", "--save_interval_steps", "60", "--eval_batches", "4", "--log_interval", "10",
-        "--dpo_beta", "0.1",
-    ], STAGE_DEFAULTS)
-    summary = run(config)
-    assert summary["step"] == 60 and not summary["stopped"]
+    tasks = [json.loads(line) for line in (out / "data/tasks_val.jsonl").read_text().splitlines()]
+    before = task_accuracy(sft, tokenizer, tasks, max_new_tokens=24)
+    after = task_accuracy(dpo, tokenizer, tasks, max_new_tokens=24)
+    fixed = sum(a["correct"] and not b["correct"] for a, b in zip(after.rows, before.rows))
+    broken = sum(b["correct"] and not a["correct"] for a, b in zip(after.rows, before.rows))
+    print(f"held-out reward accuracy {on_policy['rewards/accuracies']:.3f} (on-policy), "
+          f"{written['rewards/accuracies']:.3f} (embedded pairs); greedy task accuracy on {len(tasks)} validation "
+          f"tasks: SFT {before.accuracy:.3f} -> DPO {after.accuracy:.3f} ({fixed} fixed, {broken} broken)")
+    assert after.accuracy >= before.accuracy + 0.05 and fixed > 2 * broken
 
-    dpo, _ = load(out / "final")
-    held_out = DPOTokens(tiny_tokens / "dpo" / "val", 96)
-    reward = preference_eval(dpo, DPOObjective(DPOSettings(beta=0.1), reference=sft), held_out, 16, None, "cpu")
-    # the reference prefers neither side (all rewards 0, accuracy 0); after DPO most unseen pairs are ranked right
-    assert reward["rewards/accuracies"] > 0.55, reward
-    assert reward["rewards/margins"] > 0
-    after = task_accuracy(dpo, tokenizer, tasks, max_new_tokens=12).accuracy
-    # measured, not asserted: this 0.13M-parameter model is too weak for DPO to raise greedy task accuracy (see report)
-    print(f"greedy task accuracy on 40 training tasks: SFT {before:.3f} -> DPO {after:.3f}")
-
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "dpo/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "forget/pretrain_ppl" in r]
-    assert [r["step"] for r in evals][0] == 0 and evals[-1]["step"] == 60
-    assert all(r["forget/sft_ppl"] > 1 and "eval/rewards/accuracies" in r for r in evals)
-    assert evals[-1]["eval/rewards/accuracies"] > evals[0]["eval/rewards/accuracies"]
+    assert [r["step"] for r in evals] == [0, 40, 80, 120]
+    assert all(r["forget/sft_ppl"] > 1 and r["forget/pretrain_ppl"] > 1 for r in evals)
+    assert evals[0]["eval/rewards/accuracies"] == 0 and evals[-1]["eval/rewards/accuracies"] > 0.65
     trained = [r for r in rows if "rewards/margins" in r]
     assert trained and all(key in trained[-1] for key in ("loss", "rewards/chosen", "rewards/rejected",
                                                           "rewards/accuracies", "logps/chosen", "logps/rejected",
-                                                          "kl_ref"))
-    assert (out / "forgetting.png").stat().st_size > 10_000
+                                                          "kl_ref", "nll/chosen"))
+    assert (out / "dpo/forgetting.png").stat().st_size > 10_000

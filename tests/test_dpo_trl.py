@@ -26,11 +26,14 @@ def make_batch(random_dpo_pairs, seed: int) -> dict[str, torch.Tensor]:
     return default_collate(random_dpo_pairs(PAIRS, SEQ, VOCAB, seed=seed))
 
 
-def trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings: DPOSettings, trl_loss_type: str):
-    """Run TRL's own loss code on the batch laid out as TRL's collator does: [chosen; rejected]."""
+def trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings: DPOSettings, trl_loss_type: str,
+                         sft_weight: float = 0.0):
+    """Run TRL's own loss code on the batch laid out as TRL's collator does: [chosen; rejected]; `sft_weight` adds
+    TRL's "sft" loss (NLL on the chosen completions) with that weight."""
+    loss_types, loss_weights = ([trl_loss_type, "sft"], [1.0, sft_weight]) if sft_weight else ([trl_loss_type], [1.0])
     trainer = SimpleNamespace(
         model=policy, accelerator=Accelerator(cpu=True), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[trl_loss_type], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=loss_weights,
         beta=settings.beta, label_smoothing=settings.label_smoothing, use_weighting=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         args=SimpleNamespace(gradient_checkpointing_kwargs=None),
@@ -105,6 +108,21 @@ def test_conservative_dpo_matches_trl(models, random_dpo_pairs, label_smoothing)
             per_pair.append(loss)
     torch.testing.assert_close(ours, torch.stack(per_pair).mean(), rtol=1e-5, atol=1e-6)
     assert abs(ours.item() - plain.item()) > 1e-4  # smoothing changes the loss
+
+
+@pytest.mark.parametrize("sft_coef", [0.5, 1.0])
+def test_sft_term_matches_trl_sft_loss(models, random_dpo_pairs, sft_coef):
+    """--dpo_sft_coef c == TRL's loss_type ["sigmoid", "sft"] with weights [1, c] (the RPO recipe)."""
+    policy, reference = models
+    batch = make_batch(random_dpo_pairs, seed=11)
+    ref_chosen, ref_rejected = reference_sums(reference, batch)
+    settings = DPOSettings(beta=0.1, sft_coef=sft_coef)
+    with torch.no_grad():
+        ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        plain, _ = DPOObjective(DPOSettings(beta=0.1), reference=reference).loss(policy, batch)
+        theirs, _ = trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings, "sigmoid", sft_coef)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours.item() == pytest.approx(plain.item() + sft_coef * metrics["nll/chosen"], rel=1e-5)
 
 
 def test_bad_settings_are_rejected():
