@@ -22,3 +22,15 @@ def test_missing_shards_are_named(tiny_llama, tmp_path):
     with pytest.raises(SystemExit, match="DPO token shards not found: .*missing"):
         main(["--init_from", str(tmp_path / "sft"), "--data_path", str(tmp_path / "missing"), "--tracker", "none",
               "--engine", "torch", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+
+
+def test_run_without_held_out_data_saves_the_model_and_no_plot(tiny_sft_model, tiny_tokens, tmp_path):
+    from conftest import TINY_MODEL_FLAGS
+
+    out = tmp_path / "dpo"
+    assert main(TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
+        "--forget_data_paths", "", "--out_dir", str(out), "--batch_size", "8", "--max_steps", "3",
+        "--save_interval_steps", "3", "--log_interval", "1"]) == 0
+    assert (out / "final" / "model.safetensors").exists() and not (out / "forgetting.png").exists()
+    assert all("forget/sft_ppl" not in line for line in (out / "metrics.jsonl").read_text().splitlines())

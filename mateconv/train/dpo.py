@@ -498,10 +498,11 @@ def run(config) -> dict:
               f"{' (LoRA: adapters disabled)' if reference is None and not config.precompute_ref else ''}, "
               f"{settings}, {len(train)} pairs, precomputed reference: {config.precompute_ref}", flush=True)
     trainer = Trainer(config, runtime, policy, objective, train, val, load_tokenizer(config), [evaluate])
-    if trainer.checkpoints.resume_path(config.resume) is None:
+    has_held_out = val is not None or bool(held_out)
+    if has_held_out and trainer.checkpoints.resume_path(config.resume) is None:
         log_baseline(trainer, evaluate, out_dir / "metrics.jsonl", runtime.is_main)
     summary = trainer.fit()
-    if runtime.is_main and not summary["stopped"]:
+    if has_held_out and runtime.is_main and not summary["stopped"]:
         print(f"[dpo] forgetting plot: {plot_forgetting(out_dir / 'metrics.jsonl', out_dir / 'forgetting.png')}")
     return summary
 
