@@ -1,25 +1,34 @@
 """4.pretrain.py under the real DeepSpeed launcher on CPU with 2 ranks (gloo): ZeRO-2 and ZeRO-3 agree, loss falls,
-a ZeRO checkpoint resumes exactly, and ZeRO-3 gathers the full weights for the Hugging Face save."""
+a ZeRO checkpoint resumes exactly, ZeRO-3 gathers the full weights for the Hugging Face save, and `kill -2` on the
+`deepspeed` command stops the run with a checkpoint."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from train_fixtures import REPO, losses, require_data, single_thread_env, tiny_flags
+from train_fixtures import REPO, losses, read_metrics, require_data, single_thread_env, tiny_flags
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 
 
-def launch(out_dir: Path, zero_stage: int, *extra: str) -> None:
+def deepspeed_command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str) -> list[str]:
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage), str(REPO / "4.pretrain.py"),
-               *tiny_flags(out_dir, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True),
-               "--zero_stage", str(zero_stage), *extra]
+    return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage), str(REPO / "4.pretrain.py"),
+            *tiny_flags(out_dir, max_steps=max_steps, save_interval_steps=4, eval_interval=4, use_moe=True),
+            "--zero_stage", str(zero_stage), *extra]
+
+
+def launch(out_dir: Path, zero_stage: int, *extra: str, max_steps: int = STEPS) -> None:
+    command = deepspeed_command(out_dir, zero_stage, max_steps, *extra)
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -63,3 +72,35 @@ def test_zero2_checkpoint_resumes_exactly(zero_runs, tmp_path):
     assert sorted(resumed) == list(range(5, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-5), step
+
+
+def test_kill_2_on_the_deepspeed_command_stops_with_a_checkpoint(tmp_path):
+    """The seeds' stop: `nohup deepspeed ... & echo $! > train.pid`, later `kill -2 $(ps -o pgid= -p $(cat train.pid))`,
+    i.e. SIGINT to the `deepspeed` front process only (it leads its process group). It dies at once; the ranks notice
+    their launcher was orphaned, save a checkpoint and exit, and the same command resumes."""
+    require_data()
+    out_dir = tmp_path / "run"
+    with open(tmp_path / "train.log", "w") as log:
+        front = subprocess.Popen(deepspeed_command(out_dir, 2, 10_000, "--save_interval_steps", "10000",
+                                                   "--eval_interval", "10000"),
+                                 cwd=REPO, env=single_thread_env(), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not ((out_dir / "metrics.jsonl").exists() and len(losses(out_dir)) >= 3):
+            assert front.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.5)
+        workers = psutil.Process(front.pid).children(recursive=True)
+        os.kill(front.pid, signal.SIGINT)
+        front.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=180)
+        for process in alive:
+            process.kill()
+    output = (tmp_path / "train.log").read_text()
+    assert not alive, output[-3000:]
+    assert "the DeepSpeed launcher was stopped" in output and "exits successfully" in output, output[-3000:]
+    stopped_at = max(losses(out_dir))
+    assert stopped_at < 10_000 and (out_dir / "checkpoints" / "latest").exists()
+
+    launch(out_dir, 2, max_steps=stopped_at + 2)  # the same run, resumed from its checkpoint
+    steps = [row["step"] for row in read_metrics(out_dir) if "loss" in row]
+    assert steps == list(range(1, stopped_at + 3)), steps  # continued, not restarted
