@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from mateconv.procs import write_atomic
+from mateconv.files import write_atomic
 
 CHOICES = {
     "optimizer": ("adamw", "muon"),

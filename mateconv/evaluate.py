@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mateconv.chat import ChatError, load_model
-from mateconv.procs import write_atomic
+from mateconv.files import save_figure, write_atomic
 from mateconv.train.logprobs import token_logps
 
 DEFAULT_VAL = "out/tokens/pretrain/val"
@@ -258,12 +257,6 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, promp
 
 
 # ---------------------------------------------------------------- outputs
-
-def save_figure(figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
 
 def plot_summary(reports: list[ModelReport], out_dir: Path) -> list[Path]:
     import matplotlib

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from mateconv.procs import StageRunner, is_alive, read_pid, stop, write_atomic
+from mateconv.files import write_atomic
+from mateconv.procs import StageRunner, is_alive, read_pid, stop
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"

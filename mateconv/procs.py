@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from mateconv.files import write_atomic
+
 
 def pid_file(logs_dir: Path, name: str) -> Path:
     return logs_dir / f"{name}.pid"
@@ -33,12 +35,6 @@ def is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class StageRunner:

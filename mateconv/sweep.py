@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mateconv.procs import StageRunner, is_alive, write_atomic
+from mateconv.files import save_figure, write_atomic
+from mateconv.procs import StageRunner, is_alive
 
 TOP_LEVEL_KEYS = ("program", "method", "metric", "parameters", "name", "description", "command", "early_terminate",
                   "project", "entity", "run_cap")
@@ -501,10 +502,8 @@ def _plot(config: SweepConfig, complete: list, importances: dict[str, float], pa
         ax.barh(list(importances)[::-1], list(importances.values())[::-1])
         ax.set(xlabel="importance (fANOVA)", title="parameter importance")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,

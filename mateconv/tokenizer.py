@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from mateconv.data import DataError
 from mateconv.data.readers import BadLine, iter_sources, record_text
+from mateconv.files import save_figure, write_atomic
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # list position == token id
@@ -145,14 +147,15 @@ def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, lis
                          **compression(tokenizer, texts)})
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    with open(report_dir / "compression.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(report_dir / "compression.csv", table.getvalue())
     lines = ["| tokenizer | vocab | text | chars | tokens | chars/token | bytes/token |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokenizer']} | {r['vocab_size']} | {r['text']} | {r['chars']} | {r['tokens']} | "
               f"{r['chars_per_token']:.3f} | {r['bytes_per_token']:.3f} |" for r in rows]
-    (report_dir / "compression.md").write_text("\n".join(lines) + "\n")
+    write_atomic(report_dir / "compression.md", "\n".join(lines) + "\n")
 
     names, languages = list(tokenizers), list(samples)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -165,7 +168,7 @@ def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, lis
         axis.set_title(metric.replace("_", " "))
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(report_dir / "compression.png", dpi=100)
+    save_figure(fig, report_dir / "compression.png", dpi=100)
     plt.close(fig)
     return rows
 

@@ -141,3 +141,13 @@ def test_fp32_muon_step_matches_torch_muon():
     assert not torch.equal(ours_fp32, weight)
     # torch orthogonalises in bf16: same update up to bf16 rounding (~1e-2 relative on a 0.02-sized step)
     assert torch.allclose(ours_fp32, torch_bf16, atol=2e-3)
+
+
+def test_model_shape_flags_default_to_the_model_config():
+    """TrainConfig repeats MateConvConfig's shape fields as flags; their defaults must not drift apart."""
+    from model import MateConvConfig
+    from mateconv.train.models import SHAPE_FIELDS
+
+    flags = TrainConfig()
+    assert {name: getattr(flags, name) for name in SHAPE_FIELDS} == {
+        name: getattr(MateConvConfig, name) for name in SHAPE_FIELDS}

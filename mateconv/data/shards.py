@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
-from mateconv.procs import write_atomic
+from mateconv.files import write_atomic
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mateconv.config import ConfigError, TrainConfig, save_config
-from mateconv.procs import write_atomic
+from mateconv.files import write_atomic
 from mateconv.train.distributed import Runtime, barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
