@@ -57,8 +57,10 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
     assert [r["step"] for r in evals] == [0, 40, 80, 120]
     assert all(r["forget/sft_ppl"] > 1 and r["forget/pretrain_ppl"] > 1 for r in evals)
     assert evals[0]["eval/rewards/accuracies"] == 0 and evals[-1]["eval/rewards/accuracies"] > 0.65
+    assert all("val_loss" in r and "val_ppl" not in r for r in evals)  # a DPO loss has no perplexity
     trained = [r for r in rows if "rewards/margins" in r]
     assert trained and all(key in trained[-1] for key in ("loss", "rewards/chosen", "rewards/rejected",
                                                           "rewards/accuracies", "logps/chosen", "logps/rejected",
                                                           "kl_ref", "nll/chosen"))
+    assert "ppl" not in trained[-1]
     assert (out / "dpo/forgetting.png").stat().st_size > 10_000

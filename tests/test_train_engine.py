@@ -212,3 +212,16 @@ def test_sigint_saves_checkpoint_and_exits_zero(tmp_path):
     model.load_state_dict(state["model"])
     assert state["scheduler"]["last_epoch"] == step
     assert not (tmp_path / "final").exists()  # a stopped run is not final
+
+
+def test_metrics_file_is_truncated_to_the_resumed_step(tmp_path):
+    from mateconv.train.tracking import Tracker
+
+    config = parse_config(["--tracker", "none"])
+    first = Tracker(config, tmp_path, enabled=True)
+    for step in range(5):
+        first.log(step, {"loss": float(step)})
+    Tracker(config, tmp_path, enabled=True, resumed_step=2)  # a resume at step 2 replays steps 3, 4
+    assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2]
+    Tracker(config, tmp_path, enabled=True)  # a fresh run (resume never) starts the file over
+    assert read_metrics(tmp_path) == []

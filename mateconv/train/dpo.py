@@ -349,7 +349,7 @@ def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mateconv.evaluate import save_figure
+    from mateconv.files import save_figure
 
     series: dict[str, list[tuple[int, float]]] = {}
     for line in Path(metrics_jsonl).read_text().splitlines():
@@ -483,10 +483,12 @@ def run(config) -> dict:
     held_out = held_out_lm_data(config)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        """Held-out pairs (their loss is the val_loss that picks the best checkpoint) and forgetting perplexities."""
         metrics = {}
         if val is not None:
             pairs = preference_eval(model, objective, val, config.batch_size, config.eval_batches or None,
                                     runtime.device)
+            metrics["val_loss"] = pairs["loss"]
             metrics.update({f"eval/{key}": value for key, value in pairs.items()})
         metrics.update(forgetting_eval(model, held_out, config.batch_size, config.eval_batches or None))
         return metrics
@@ -497,26 +499,13 @@ def run(config) -> dict:
         print(f"[dpo] policy {config.init_from}, reference {ref_path}"
               f"{' (LoRA: adapters disabled)' if reference is None and not config.precompute_ref else ''}, "
               f"{settings}, {len(train)} pairs, precomputed reference: {config.precompute_ref}", flush=True)
-    trainer = Trainer(config, runtime, policy, objective, train, val, load_tokenizer(config), [evaluate])
     has_held_out = val is not None or bool(held_out)
-    if has_held_out and trainer.checkpoints.resume_path(config.resume) is None:
-        log_baseline(trainer, evaluate, out_dir / "metrics.jsonl", runtime.is_main)
+    trainer = Trainer(config, runtime, policy, objective, train, None, load_tokenizer(config),
+                      [evaluate] if has_held_out else [], evaluate_at_start=True)
     summary = trainer.fit()
     if has_held_out and runtime.is_main and not summary["stopped"]:
         print(f"[dpo] forgetting plot: {plot_forgetting(out_dir / 'metrics.jsonl', out_dir / 'forgetting.png')}")
     return summary
-
-
-def log_baseline(trainer, evaluate, metrics_path: Path, is_main: bool) -> None:
-    """The step-0 point of the forgetting curves (the starting model), before any update.
-    Written straight to metrics.jsonl because the engine's tracker starts inside fit()."""
-    module = unwrap(trainer.engine)
-    module.eval()
-    metrics = evaluate(module)
-    module.train()
-    if is_main:
-        with open(metrics_path, "w") as f:
-            f.write(json.dumps({"step": 0, **metrics}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,11 +46,15 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 class Trainer:
     def __init__(self, config: TrainConfig, runtime: Runtime, model: torch.nn.Module, objective: Objective,
                  train_data: Dataset, val_data: Dataset | None = None, tokenizer=None,
-                 evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None):
-        """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss."""
+                 evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None,
+                 evaluate_at_start: bool = False):
+        """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss.
+        `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0."""
         self.config, self.runtime, self.objective = config, runtime, objective
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.evaluators = evaluators or []
+        self.evaluates = val_data is not None or bool(self.evaluators)
+        self.evaluate_at_start = evaluate_at_start
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir, config.keep_checkpoint_max, runtime)
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.seed)
@@ -148,28 +152,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks."""
-        if self.val_data is None:
-            return {}
+        """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks, plus the
+        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's)."""
+        metrics = self._validation_loss() if self.val_data is not None else {}
+        for evaluator in self.evaluators:
+            metrics.update(evaluator(unwrap(self.engine)))
+        return metrics
+
+    def _validation_loss(self) -> dict[str, float]:
         sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
                                               self.config.seed, shuffle=False)
         loader = make_loader(self.val_data, sampler, self.config.batch_size, 0)
         self.engine.eval()
         totals = torch.zeros(3, dtype=torch.float64)
+        has_lm_loss = False
         for index, batch in enumerate(loader):
             if self.config.eval_batches and index == self.config.eval_batches:
                 break
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
-            totals += torch.tensor([loss.item(), metrics.get("lm_loss", loss.item()), 1.0], dtype=torch.float64)
+            has_lm_loss = "lm_loss" in metrics
+            totals += torch.tensor([loss.item(), metrics.get("lm_loss", 0.0), 1.0], dtype=torch.float64)
         self.engine.train()
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
             return {}
-        val_loss, lm_loss = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(lm_loss, 50.0))}
-        for evaluator in self.evaluators:
-            metrics.update(evaluator(unwrap(self.engine)))
+        metrics = {"val_loss": (totals[0] / totals[2]).item()}
+        if has_lm_loss:
+            metrics["val_ppl"] = math.exp(min((totals[1] / totals[2]).item(), 50.0))
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -187,6 +197,8 @@ class Trainer:
             seed_everything(config.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
+        if self.evaluate_at_start and self.evaluates and resume_from is None:
+            tracker.log(0, self.evaluate())
         peak = peak_flops(runtime.device, config.peak_flops) if runtime.is_main else 0.0
         self.engine.train()
         try:
@@ -239,11 +251,16 @@ class Trainer:
                     if step % config.log_interval == 0 or step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
-                        row = {"loss": step_loss, "ppl": math.exp(min(extra.get("lm_loss", step_loss), 50.0)),
-                               "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                        if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
+                            averaged = all_reduce_mean(torch.tensor(list(extra.values()), dtype=torch.float64,
+                                                                    device=runtime.device)).tolist()
+                            extra = dict(zip(extra, averaged))
+                        row = {"loss": step_loss, "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                                "epoch": state["epoch"],
                                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
                                **memory_metrics(runtime.device)}
+                        if "lm_loss" in extra:
+                            row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
                         if peak > 0:
                             row["mfu"] = self.flops_per_token * tokens_per_sec / (peak * runtime.world_size)
                         if loads:  # averaged over the steps since the last log line, and over ranks
@@ -256,7 +273,7 @@ class Trainer:
 
                     stopped = any_rank(stop.requested, runtime.device)
                     save_now = step % config.save_interval_steps == 0 or stopped or step == self.total_steps
-                    if self.val_data is not None and (step % config.eval_interval == 0 or save_now):
+                    if self.evaluates and (step % config.eval_interval == 0 or save_now):
                         val = self.evaluate()
                         tracker.log(step, val)
                     if save_now:

@@ -116,7 +116,8 @@ class Tracker:
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop the rows logged after the checkpoint (they are about to be replayed)."""
+        """On resume, drop the rows logged after the checkpoint (they are about to be replayed); a fresh run (step 0)
+        starts the file over."""
         if not self.path.is_file():
             return
         kept = []
@@ -125,7 +126,7 @@ class Tracker:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed writer
-            if row.get("step", 0) <= step:
+            if step > 0 and row.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(f"{line}\n" for line in kept))
