@@ -25,6 +25,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "engine": ("auto", "deepspeed", "torch"),
     "zero_stage": (0, 1, 2, 3),
+    "wandb_watch": ("", "gradients", "parameters", "all"),
 }
 # Names the seeds use for the same flags.
 ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
@@ -102,6 +103,10 @@ class TrainConfig:
     tracker: str = "wandb"
     wandb_project: str = "mateconv"
     wandb_run_name: str = ""
+    wandb_watch: str = ""
+    wandb_watch_freq: int = 100  # in backward passes (micro-batches)
+    wandb_log_model: bool = False
+    wandb_log_code: bool = False
     # initialisation and LoRA
     init_from: str = ""
     use_lora: bool = False
@@ -123,9 +128,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(map(str, allowed))}")
+                named = ", ".join(str(value) if value != "" else '""' for value in allowed)
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {named}")
         positive = ("batch_size", "accumulation_steps", "max_seq_len", "save_interval_steps", "keep_checkpoint_max",
-                    "eval_interval", "log_interval", "epochs")
+                    "eval_interval", "log_interval", "epochs", "wandb_watch_freq")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -138,6 +144,9 @@ class TrainConfig:
             raise ConfigError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.wandb_watch and self.zero_stage == 3:
+            raise ConfigError("wandb_watch is not supported with zero_stage 3 (parameters are partitioned, so the "
+                              "hooks would see empty tensors); use zero_stage 0-2 or drop wandb_watch")
 
     @property
     def tokens_per_micro_batch(self) -> int:

@@ -30,7 +30,10 @@ from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
 from mateconv.train.optim import build_optimizer, build_scheduler
 from mateconv.train.signals import StopRequest
-from mateconv.train.tracking import Tracker, expert_load_metrics, flops_per_token, memory_metrics, peak_flops
+from mateconv.train.tracking import (Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
+                                     memory_metrics, peak_flops)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +200,8 @@ class Trainer:
             seed_everything(config.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
+        tracker.watch(unwrap(self.engine))
+        tracker.log_code(REPO_ROOT)
         if self.evaluate_at_start and self.evaluates and resume_from is None:
             tracker.log(0, self.evaluate())
         peak = peak_flops(runtime.device, config.peak_flops) if runtime.is_main else 0.0
@@ -231,6 +236,7 @@ class Trainer:
                     window_tokens += batch_tokens(batch)
                     if (micro - 1) % accumulation == 0:
                         step_lr = self.current_lr()  # the rate this step uses (the scheduler moves on in the step)
+                        tracker.begin_step(step + 1)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
                     for key, value in metrics.items():
@@ -258,7 +264,7 @@ class Trainer:
                         row = {"loss": step_loss, "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                                "epoch": state["epoch"],
                                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
-                               **memory_metrics(runtime.device)}
+                               **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
                         if "lm_loss" in extra:
                             row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
                         if peak > 0:
@@ -285,6 +291,7 @@ class Trainer:
         bar.close()
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
+            tracker.log_model_dir(self.out_dir / "final", step)
         elif runtime.is_main:
             print(f"[train] stopped at step {step}; checkpoint saved, run the same command to resume", flush=True)
         return {"step": step, "loss": step_loss, "val_loss": val.get("val_loss"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -88,12 +89,37 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
+_nvml_unavailable = False
+
+
+def gpu_utilization_metrics(device: torch.device) -> dict[str, float]:
+    """`gpu/utilization`: percent of the last NVML sample period (1/6 to 1 s) in which a kernel ran. Empty on CPU, and
+    (after one failed try) without nvidia-ml-py or an NVML driver library."""
+    global _nvml_unavailable
+    if device.type != "cuda" or _nvml_unavailable:
+        return {}
+    try:
+        return {"gpu/utilization": float(torch.cuda.utilization(device))}
+    except Exception:  # ModuleNotFoundError (no pynvml), RuntimeError or pynvml.NVMLError (no driver library)
+        _nvml_unavailable = True
+        return {}
+
+
+def is_project_source(path: str, root: str) -> bool:
+    """The code worth keeping with a run: `.py` files of the model/ and mateconv/ packages and the top-level numbered
+    stage scripts (nothing from .venv, out/, wandb/, tests)."""
+    parts = Path(path).relative_to(root).parts
+    if not parts[-1].endswith(".py"):
+        return False
+    return parts[0] in ("model", "mateconv") or (len(parts) == 1 and parts[0][0].isdigit())
+
+
 class Tracker:
     """Rank 0 writes `metrics.jsonl` and the W&B/TensorBoard run; other ranks do nothing."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, enabled: bool, run_id: str | None = None,
                  resumed_step: int = 0):
-        self.enabled = enabled
+        self.enabled, self.config = enabled, config
         self.kind = config.tracker if enabled else "none"
         self.path = Path(out_dir) / "metrics.jsonl"
         self.run_id = run_id
@@ -144,6 +170,34 @@ class Tracker:
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+
+    def watch(self, model: nn.Module) -> None:
+        """W&B histograms of gradients and/or parameters every `wandb_watch_freq` backward passes (micro-batches)."""
+        if self.run is not None and self.config.wandb_watch:
+            self.run.watch(model, log=self.config.wandb_watch, log_freq=self.config.wandb_watch_freq)
+
+    def begin_step(self, step: int) -> None:
+        """Move W&B to `step` before its backward passes: wandb.watch logs its histograms without a step, onto the
+        row W&B is at, which would otherwise still be the previous step."""
+        if self.run is not None and self.config.wandb_watch:
+            self.run.log({}, step=step, commit=False)
+
+    def log_code(self, root: Path) -> None:
+        """The project's source files (`is_project_source`) as the run's W&B code artifact `source-<project>-<stage>`."""
+        if self.run is not None and self.config.wandb_log_code:
+            self.run.log_code(str(root), name=f"source-{self.config.wandb_project}-{self.path.parent.name}",
+                              include_fn=is_project_source, exclude_fn=lambda path, root: False)
+
+    def log_model_dir(self, path: Path, step: int) -> None:
+        """A saved Hugging Face directory as a W&B artifact of type "model", named `<stage>-<run name or id>`."""
+        if self.run is None or not self.config.wandb_log_model:
+            return
+        import wandb
+
+        name = re.sub(r"[^\w.-]+", "-", f"{self.path.parent.name}-{self.run.name or self.run.id}")
+        artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact, aliases=["latest", path.name, f"step-{step}"])
 
     def finish(self) -> None:
         if self.run is not None:

@@ -1,0 +1,122 @@
+"""W&B extras of the engine, on a real offline run: gradient histograms (wandb.watch), the final model and the code
+as artifacts, GPU utilisation (absent on CPU), and the one-line errors for a bad watch setting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import wandb
+
+from mateconv.config import parse_config
+from mateconv.train import tracking
+from mateconv.train.stages import main, run
+from train_fixtures import REPO, read_metrics, require_data, tiny_flags
+from wandb_records import history_rows, records
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory) -> Path:
+    """One tiny pretraining run (4 steps, 2 micro-batches each) with every W&B extra on; returns its out_dir."""
+    require_data()
+    out_dir = tmp_path_factory.mktemp("wandb_extras")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.delenv("WANDB_API_KEY", raising=False)
+        patch.setenv("WANDB_DATA_DIR", str(out_dir / "wandb_data"))  # artifact staging, not ~/.local/share/wandb
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            flags = tiny_flags(out_dir, max_steps=4, accumulation_steps=2, eval_interval=100, save_interval_steps=100,
+                               tracker="wandb", wandb_watch="gradients", wandb_watch_freq=1)
+            run("pretrain", parse_config(flags + ["--wandb_log_model", "--wandb_log_code"]))
+            wandb.teardown()  # run.finish() can return before the service has written the run file's last block
+        finally:
+            torch.set_num_threads(threads)
+    return out_dir
+
+
+def run_file(out_dir: Path) -> Path:
+    (path,) = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return path
+
+
+def artifacts(out_dir: Path) -> dict[str, object]:
+    """The artifact records of the run, by type."""
+    found = {}
+    for record in records(run_file(out_dir)):
+        if record.WhichOneof("record_type") == "artifact":
+            found[record.artifact.type] = record.artifact
+    return found
+
+
+def test_gradient_histograms_are_logged_on_their_step(offline_run):
+    from transformers import AutoModelForCausalLM
+
+    rows = history_rows(run_file(offline_run))
+    with_gradients = [row for row in rows if any(key.startswith("gradients/") for key in row)]
+    # log_freq 1: every step's histograms, on that step's row (not on the previous one, as W&B would by default)
+    assert [int(row["_step"]) for row in with_gradients] == [1, 2, 3, 4]
+    assert [int(row["_step"]) for row in rows if "loss" in row] == [1, 2, 3, 4]
+    parameters = dict(AutoModelForCausalLM.from_pretrained(offline_run / "final").named_parameters())
+    for row in with_gradients:
+        names = {key.removeprefix("gradients/").rsplit("/", 1)[0] for key in row if key.startswith("gradients/")}
+        assert names == set(parameters)
+        for name, parameter in parameters.items():
+            assert row[f"gradients/{name}/_type"] == "histogram"
+            assert sum(row[f"gradients/{name}/values"]) == parameter.numel()  # every element counted once
+            assert len(row[f"gradients/{name}/bins"]) == len(row[f"gradients/{name}/values"]) + 1
+    first, last = (row["gradients/model.layers.1.mlp.down_proj.weight/bins"] for row in (with_gradients[0],
+                                                                                      with_gradients[-1]))
+    assert first != last  # each step's own gradients
+
+
+def test_final_model_is_a_model_artifact(offline_run):
+    model = artifacts(offline_run)["model"]
+    assert model.name.startswith(f"{offline_run.name}-")
+    files = {entry.path: entry for entry in model.manifest.contents}
+    final = offline_run / "final"
+    assert set(files) == {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()}
+    staged = Path(files["model.safetensors"].local_path)  # the copy W&B uploads on `wandb sync`
+    assert staged.read_bytes() == (final / "model.safetensors").read_bytes()
+    assert {"final", "step-4"} <= set(model.aliases)
+
+
+def test_code_artifact_holds_the_project_sources(offline_run):
+    code = artifacts(offline_run)["code"]
+    files = {entry.path: entry for entry in code.manifest.contents}
+    assert {"4.pretrain.py", "mateconv/train/engine.py", "mateconv/train/tracking.py", "model/__init__.py"} <= set(files)
+    assert code.name == f"source-mateconv-{offline_run.name}"
+    assert all(path.endswith(".py") and (path.split("/")[0] in ("model", "mateconv") or "/" not in path and path[0].isdigit())
+               for path in files)
+    assert not any(path.startswith(("tests/", ".venv/", "out/", "wandb/", "benchmarks/")) for path in files)
+    staged = Path(files["mateconv/train/tracking.py"].local_path)
+    assert staged.read_bytes() == (REPO / "mateconv/train/tracking.py").read_bytes()
+
+
+def test_no_gpu_utilization_on_cpu(offline_run):
+    rows = [row for row in read_metrics(offline_run) if "loss" in row]
+    assert rows and all("memory/rss_gb" in row and "gpu/utilization" not in row for row in rows)
+    assert tracking.gpu_utilization_metrics(torch.device("cpu")) == {}
+
+
+def test_gpu_utilization_without_nvml_is_skipped_quietly(monkeypatch):
+    if torch.cuda.is_available():
+        value = tracking.gpu_utilization_metrics(torch.device("cuda"))
+        assert not value or 0 <= value["gpu/utilization"] <= 100
+        return
+    monkeypatch.setattr(tracking, "_nvml_unavailable", False)
+    assert tracking.gpu_utilization_metrics(torch.device("cuda")) == {}  # no GPU/NVML here: no key, no exception
+    assert tracking._nvml_unavailable  # and it is not tried again
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--wandb_watch", "gradient"], "wandb_watch: 'gradient' is not one of \"\", gradients, parameters, all"),
+    (["--wandb_watch", "all", "--zero_stage", "3"], "wandb_watch is not supported with zero_stage 3"),
+    (["--wandb_watch_freq", "0"], "wandb_watch_freq must be positive, got 0"),
+])
+def test_bad_watch_settings_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as error:
+        main("pretrain", flags)
+    text = str(error.value.code)
+    assert text.startswith(f"pretrain: {message}") and "\n" not in text
