@@ -5,9 +5,11 @@ temporary directory; `tiny_flags` are the model/loop flags of a dim-64, 2-layer 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def token_data() -> dict[str, Path]:
     from mateconv.tokenizer import train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="mateconv_train_data_"))
+    atexit.register(shutil.rmtree, root, True)
     lines = SHAKESPEARE.read_text().splitlines(keepends=True)
     (root / "train.txt").write_text("".join(lines[:1700]))
     (root / "val.txt").write_text("".join(lines[1700:]))
