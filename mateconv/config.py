@@ -81,6 +81,7 @@ class TrainConfig:
     max_steps: int = 0
     grad_clip: float = 1.0
     warmup_iters: int = 0
+    warmup_ratio: float = 0.0  # > 0: warm up for this fraction of the run instead of warmup_iters
     gradient_checkpointing: bool = False
     seed: int = 42
     # hardware and parallelism
@@ -138,6 +139,8 @@ class TrainConfig:
         for name in ("max_steps", "warmup_iters", "num_workers", "grad_clip", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.offload_param and self.zero_stage != 3:

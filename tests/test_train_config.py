@@ -151,3 +151,12 @@ def test_model_shape_flags_default_to_the_model_config():
     flags = TrainConfig()
     assert {name: getattr(flags, name) for name in SHAPE_FIELDS} == {
         name: getattr(MateConvConfig, name) for name in SHAPE_FIELDS}
+
+
+def test_warmup_ratio_overrides_warmup_iters():
+    from mateconv.train.optim import warmup_steps
+
+    assert warmup_steps(parse_config(["--warmup_iters", "7"]), 200) == 7
+    assert warmup_steps(parse_config(["--warmup_iters", "7", "--warmup_ratio", "0.1"]), 200) == 20
+    with pytest.raises(ConfigError, match="warmup_ratio must be in"):
+        parse_config(["--warmup_ratio", "1.5"])

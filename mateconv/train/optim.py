@@ -138,7 +138,13 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """`warmup_ratio` of the run when set (the seeds' DPO setting), else `warmup_iters`."""
+    return round(config.warmup_ratio * total_steps) if config.warmup_ratio > 0 else config.warmup_iters
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps(config, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, config.warmup_iters, total_steps, config.min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, warmup, total_steps, config.min_lr_ratio))
