@@ -53,6 +53,21 @@ def test_zero2_and_zero3_fp32_losses_match_and_decrease(zero_runs):
     assert zero2[STEPS] < zero2[1] - 0.2
 
 
+def test_torchrun_ddp_matches_zero2(zero_runs, tmp_path):
+    """The plain-PyTorch engine under torchrun (DDP over gloo) trains the same MoE model to the same losses."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29509", str(REPO / "4.pretrain.py"),
+               *tiny_flags(tmp_path, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True),
+               "--engine", "torch"]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ddp, zero2 = losses(tmp_path), losses(zero_runs[2])
+    assert sorted(ddp) == list(range(1, STEPS + 1))
+    for step in ddp:
+        assert ddp[step] == pytest.approx(zero2[step], abs=1e-5), step
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
 def test_zero3_final_model_is_gathered(zero_runs):
     from transformers import AutoModelForCausalLM
 

@@ -100,7 +100,10 @@ class Trainer:
             self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
             if runtime.world_size > 1:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-                model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+                # a MoE expert that gets no tokens in a step has no gradient; DDP must not wait for it
+                has_moe = any(type(m).__name__ == "MoEFeedForward" for m in base_model(model).modules())
+                model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                                  find_unused_parameters=has_moe)
             self.engine = model
             fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
