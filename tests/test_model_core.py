@@ -123,14 +123,19 @@ def test_save_load_roundtrip_with_auto_classes(tmp_path):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
+    from mateconv.train.models import enable_activation_checkpointing
+
     input_ids = torch.randint(3, 97, (2, 16))
     grads = []
     for checkpointing in (False, True):
         model = tiny_model(seed=1, use_moe=True).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
         output = model(input_ids, labels=input_ids)
         output.loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
         assert output.aux_loss.requires_grad
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -19,6 +19,14 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "voca
                 "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha", "seq_aux", "norm_topk_prob")
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (transformers renamed the method; v6 drops the old)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(config: TrainConfig) -> nn.Module:
     """fp32 weights on the CPU; the engine moves/casts them. Model-shape flags are ignored with init_from."""
     from transformers import AutoModelForCausalLM
@@ -36,7 +44,7 @@ def build_model(config: TrainConfig) -> nn.Module:
             raise ConfigError(str(e)) from None
         model = mateconv_model.MateConvForCausalLM(model_config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if config.use_lora:
         model = add_lora(model, config)
