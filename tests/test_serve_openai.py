@@ -70,6 +70,10 @@ def test_max_tokens_gives_length(client):
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 1
     assert "hello world".startswith(reply.choices[0].message.content)
+    chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=2, stream=True,
+                      stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
