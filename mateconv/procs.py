@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from mateconv.files import write_atomic
 
 
@@ -83,15 +85,27 @@ class StageRunner:
                 self.child = None
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is left in process group `pgid`."""
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
 def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
-    """Sends SIGINT to a stage's process group and waits for it to exit. Returns a one-line outcome."""
+    """Sends SIGINT to a stage's process group and waits until every process in it has exited: under the DeepSpeed
+    launcher the front process exits at once while the ranks are still saving. Returns a one-line outcome."""
     pid = read_pid(logs_dir, name)
-    if pid is None or not is_alive(pid):
+    if pid is None or not group_alive(pid):
         return f"{name}: not running"
     os.killpg(pid, signal.SIGINT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not is_alive(pid):
+        if not group_alive(pid):
             return f"{name}: stopped (it saved a checkpoint; run the pipeline again to resume)"
         time.sleep(0.5)
-    return f"{name}: still running after {timeout_s:.0f} s (pid {pid}); not killed"
+    return f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed"
