@@ -74,14 +74,14 @@ class Trainer:
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
         config, runtime = self.config, self.runtime
+        # An expert that gets no tokens in a step has no gradient: neither ZeRO-3 nor DDP may wait for its parameters.
+        moe_classes = {type(m) for m in base_model(model).modules() if type(m).__name__ == "MoEFeedForward"}
         if runtime.use_deepspeed:
             import deepspeed
 
             if config.use_lora and config.zero_stage == 3:
                 raise ConfigError("LoRA with ZeRO-3 is not supported; use zero_stage 0-2 (LoRA state is small)")
-            moe_classes = {type(m) for m in base_model(model).modules() if type(m).__name__ == "MoEFeedForward"}
             if moe_classes and config.zero_stage == 3:
-                # an expert that gets no tokens on one rank must not leave the others waiting for its parameters
                 deepspeed.utils.set_z3_leaf_modules(model, list(moe_classes))
             hidden = getattr(base_model(model).config, "hidden_size", 1024)
             ds_config = build_ds_config(config, runtime.dtype, runtime.world_size, hidden)
@@ -100,10 +100,8 @@ class Trainer:
             self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
             if runtime.world_size > 1:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-                # a MoE expert that gets no tokens in a step has no gradient; DDP must not wait for it
-                has_moe = any(type(m).__name__ == "MoEFeedForward" for m in base_model(model).modules())
                 model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                                  find_unused_parameters=has_moe)
+                                                                  find_unused_parameters=bool(moe_classes))
             self.engine = model
             fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
