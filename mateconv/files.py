@@ -12,7 +12,7 @@ def temporary_sibling(path: Path) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = temporary_sibling(path)
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

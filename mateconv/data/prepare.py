@@ -25,6 +25,7 @@ from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, length_summary, normalize, split_of
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
+from mateconv.files import write_atomic
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 MAX_BAD_EXAMPLES = 20
@@ -137,9 +138,7 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
             deduper = Deduper(1.0 if kind == "tasks" else near_dup_threshold, num_perm)  # tasks: exact only
             stats[kind] = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
                                        normalization, progress)
-    tmp = out_dir / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, ensure_ascii=False, indent=2))
-    os.replace(tmp, out_dir / "stats.json")
+    write_atomic(out_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
     return stats
 
 

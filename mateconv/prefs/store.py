@@ -8,6 +8,7 @@ import random
 import sys
 from pathlib import Path
 
+from mateconv.files import write_atomic
 from mateconv.prefs.endpoints import PrefsError
 
 PAIRS, DROPPED, FAILURES, SUMMARY = "dpo_pairs.jsonl", "dropped.jsonl", "failures.jsonl", "summary.json"
@@ -157,9 +158,7 @@ class ResultStore:
             self.append("history", record)
         kept = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records
                        if str(record["id"]) not in ids)
-        temporary = self.paths["failure"].with_suffix(".jsonl.tmp")
-        temporary.write_text(kept, encoding="utf-8")
-        os.replace(temporary, self.paths["failure"])
+        write_atomic(self.paths["failure"], kept)
 
     def append(self, kind: str, record: dict) -> None:
         """One os.write of the whole line (O_APPEND) + fsync: a kill leaves a whole line or a torn tail."""
@@ -173,9 +172,7 @@ class ResultStore:
 
     def write_summary(self, summary: dict) -> Path:
         path = self.dir / SUMMARY
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
+        write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return path
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mateconv.config import TrainConfig, config_to_dict
+from mateconv.files import write_atomic
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {
@@ -154,9 +155,7 @@ class Tracker:
                 continue  # a line cut short by a killed writer
             if step > 0 and row.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
