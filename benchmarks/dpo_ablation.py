@@ -15,10 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import model  # noqa: F401  registers MateConv
+from mateconv.chat import load_model
 from mateconv.config import parse_config
 from mateconv.data.shards import DPOTokens
 from mateconv.evaluate import task_accuracy
@@ -35,10 +32,6 @@ VARIANTS = {  # name -> (learning rate, dpo beta, sft coefficient, loss type)
 }
 
 
-def load(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out"), help="a finished pipeline's out/ directory")
@@ -47,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sft_path = args.out / "sft/final"
-    sft, tokenizer = load(sft_path), AutoTokenizer.from_pretrained(sft_path)
+    sft, tokenizer = load_model(sft_path, device="cpu", dtype="float32")
     tasks = [json.loads(line) for line in (args.out / "data/tasks_val.jsonl").read_text().splitlines()]
     held_out = DPOTokens(args.out / "tokens/prefs/val", 128)
     rows = [("SFT (start)", 0.0, task_accuracy(sft, tokenizer, tasks, max_new_tokens=24).accuracy)]
@@ -61,7 +54,7 @@ def main() -> None:
             "--num_workers", "0", "--device", "cpu", "--dtype", "float32", "--engine", "torch",
             "--save_interval_steps", str(args.steps), "--eval_interval", str(args.steps),
         ], STAGE_DEFAULTS))
-        policy = load(out_dir / "final")
+        policy, _ = load_model(out_dir / "final", device="cpu", dtype="float32")
         pairs = preference_eval(policy, DPOObjective(DPOSettings(beta=float(beta)), reference=sft), held_out, 16,
                                 None, "cpu")
         rows.append((name, pairs["rewards/accuracies"], task_accuracy(policy, tokenizer, tasks, 24).accuracy))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from mateconv.chat import load_model
 from mateconv.data.shards import DPOTokens
 from mateconv.evaluate import task_accuracy
 from mateconv.train.dpo import DPOObjective, DPOSettings, preference_eval
@@ -16,11 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def load(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import model  # noqa: F401  registers MateConv
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(path, device="cpu", dtype="float32")
 
 
 def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
