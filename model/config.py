@@ -21,7 +21,7 @@ class MateConvConfig(PretrainedConfig):
     """
 
     model_type: ClassVar[str] = "mateconv"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "past_key_values"]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "dim",
         "num_hidden_layers": "n_layers",

@@ -126,7 +126,7 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
     step_ids, step_positions = input_ids, positions
     for _ in range(sampling.max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         token = next_tokens(logits, seen, sampling, generator)
         token = torch.where(finished, torch.full_like(token, pad), token)
         yield token

@@ -147,7 +147,7 @@ class MateConvPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MateConvDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = False
@@ -171,12 +171,12 @@ class MateConvModel(MateConvPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False):
         """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None)."""
         batch, seq = input_ids.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if past + seq > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
         if position_ids is None:
@@ -189,10 +189,10 @@ class MateConvModel(MateConvPreTrainedModel):
         mask = attention_mask_4d(attention_mask, past, seq)
         aux_total = None
         for layer in self.layers:
-            x, aux = layer(x, rope, mask, past_key_values)
+            x, aux = layer(x, rope, mask, cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(x), (past_key_values if use_cache else None), aux_total
+        return self.norm(x), (cache if use_cache else None), aux_total
 
 
 class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
@@ -205,20 +205,27 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
-                num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> MateConvCausalLMOutput:
+                num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
+                **kwargs) -> MateConvCausalLMOutput:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all)."""
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all).
+
+        The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
+        older callers); dropping either into **kwargs would silently decode without context."""
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
             if aux is not None:
                 loss = loss + aux
-        return MateConvCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, aux_loss=aux)
+        return MateConvCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux)
 
     def expert_load(self) -> torch.Tensor | None:
         """[n_layers, n_routed_experts] token fractions per expert in the last forward (rows sum to 1); None if dense."""

@@ -109,21 +109,32 @@ TINY_MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_
                     "--dtype", "float32", "--engine", "torch"]
 
 
-@pytest.fixture(scope="session")
-def tiny_sft_model(tiny_tokens, tiny_tokenizer):
-    """A tiny MateConv model trained by the real engine with SFT on the embedded conversations (from scratch);
-    returns its `final/` directory (Hugging Face format with the tokenizer)."""
+def _train_tiny_sft(tokens: Path, tokenizer: Path, out: Path, *extra_flags: str) -> Path:
+    """SFT from scratch on the embedded conversations with the real engine; returns the `final/` directory."""
     from mateconv.config import parse_config
     from mateconv.train.stages import STAGE_DEFAULTS, run
 
-    out = tiny_tokens.parent / "sft"
     config = parse_config(TINY_MODEL_FLAGS + [
-        "--data_path", str(tiny_tokens / "sft" / "train"), "--val_data_path", "", "--tokenizer_path",
-        str(tiny_tokenizer), "--out_dir", str(out), "--init_from", "", "--batch_size", "16", "--learning_rate",
+        "--data_path", str(tokens / "sft" / "train"), "--val_data_path", "", "--tokenizer_path",
+        str(tokenizer), "--out_dir", str(out), "--init_from", "", "--batch_size", "16", "--learning_rate",
         "3e-3", "--max_steps", "150", "--warmup_iters", "10", "--save_interval_steps", "1000", "--log_interval", "50",
-    ], STAGE_DEFAULTS["sft"])
+        *extra_flags], STAGE_DEFAULTS["sft"])
     run("sft", config)
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model(tiny_tokens, tiny_tokenizer):
+    """A tiny dense MateConv model trained by the real engine with SFT on the embedded conversations (from
+    scratch); returns its `final/` directory (Hugging Face format with the tokenizer)."""
+    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer):
+    """The MoE twin of `tiny_sft_model` (4 routed experts, top 2, 1 shared)."""
+    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe", "--use_moe", "true",
+                           "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ def test_kv_cache_matches_full_recompute(use_moe):
         assert torch.equal(generated, sequence)
         # logits: prefill + one token at a time through our cache == one full forward
         cache = KVCache(2, 2, 2, 16, 30, torch.device("cpu"), torch.float32)
-        steps = [model(sequence[:, :10], past_key_values=cache, use_cache=True).logits]
-        steps += [model(sequence[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 22)]
+        steps = [model(sequence[:, :10], cache=cache, use_cache=True).logits]
+        steps += [model(sequence[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(10, 22)]
         assert (torch.cat(steps, dim=1) - model(sequence).logits).abs().max() < 1e-4
 
 

@@ -1,0 +1,64 @@
+"""transformers' `generate()` on trained MateConv checkpoints agrees token for token with our own decoder
+(`generate_tokens`) and with decoding without a KV cache: dense and MoE, greedy and sampling, left-padded batches.
+
+A trained model matters here: with random weights the next token barely depends on the context, so a dropped KV
+cache (transformers >= 5.24 passes it as `cache=`) went unnoticed while users got "The answer answer answer".
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model.generation import generate_tokens
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def trained(request, tiny_sft_model, tiny_moe_sft_model, tiny_embedded_data):
+    """(model, tokenizer, left-padded batch of 4 held-out chat prompts of different lengths)."""
+    path = tiny_sft_model if request.param == "dense" else tiny_moe_sft_model
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    records = [json.loads(line) for line in (tiny_embedded_data / "sft_val.jsonl").read_text().splitlines()]
+    prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
+               for r in records[:4]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1, "prompts of one length test no padding"
+    return model, tokenizer, batch
+
+
+def hf_generate(model, tokenizer, batch, **options) -> torch.Tensor:
+    return model.generate(**batch, max_new_tokens=NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **options)
+
+
+def test_greedy_generate_matches_our_decoder_and_the_uncached_path(trained):
+    model, tokenizer, batch = trained
+    with_cache = hf_generate(model, tokenizer, batch, do_sample=False)
+    without_cache = hf_generate(model, tokenizer, batch, do_sample=False, use_cache=False)
+    ours = generate_tokens(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                           max_new_tokens=NEW_TOKENS, temperature=0, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(with_cache, without_cache)
+    width = min(ours.shape[1], with_cache.shape[1])  # both stop once every row has ended
+    assert torch.equal(with_cache[:, :width], ours[:, :width])
+    # the trained model answers: replies end with EOS and say "The answer is" / "答案是", not a repeated token
+    replies = tokenizer.batch_decode(with_cache[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert sum(("answer" in reply or "答案" in reply) for reply in replies) >= 3, replies
+    assert all(len(set(reply.split())) > 1 for reply in replies if reply.strip()), replies
+
+
+def test_sampling_with_cache_equals_sampling_without(trained):
+    model, tokenizer, batch = trained
+    options = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95)
+    samples = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        samples.append(hf_generate(model, tokenizer, batch, use_cache=use_cache, **options))
+    assert torch.equal(*samples)
+    torch.manual_seed(124)
+    assert not torch.equal(samples[0], hf_generate(model, tokenizer, batch, **options))
