@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mateconv.chat import ChatError, load_model
+from mateconv.chat import ChatError, context_length, load_model, prompt_ids
+from mateconv.data.shards import PretrainTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
-from mateconv.train.logprobs import token_logps
+from mateconv.logprobs import IGNORE_INDEX, Perplexity, perplexity
+from model.generation import generate_tokens
 
 DEFAULT_VAL = "out/tokens/pretrain/val"
 DEFAULT_TASKS = "out/data/tasks_val.jsonl"
@@ -83,7 +85,7 @@ class TextRecords(Dataset):
         ids = self.items[index]
         padded = torch.full((self.seq_len,), self.pad_id)
         padded[: len(ids)] = ids
-        labels = torch.full((self.seq_len,), -100)
+        labels = torch.full((self.seq_len,), IGNORE_INDEX)
         labels[: len(ids)] = ids
         attention = (torch.arange(self.seq_len) < len(ids)).long()
         return {"input_ids": padded, "labels": labels, "attention_mask": attention}
@@ -95,8 +97,6 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
         index = source / "index.json"
         if not index.is_file():
             raise EvalError(f"{source} is not a token shard directory (no index.json)")
-        from mateconv.data.shards import PretrainTokens, SFTTokens
-
         kind = json.loads(index.read_text()).get("kind")
         readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
         if kind not in readers:
@@ -109,43 +109,6 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
 
 # ---------------------------------------------------------------- metrics
 
-@dataclass
-class Perplexity:
-    loss: float
-    ppl: float
-    tokens: int
-    expert_load: list[list[float]] | None = None  # [n_layers][n_experts] token fractions, MoE only
-
-
-@torch.inference_mode()
-def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> Perplexity:
-    """Mean next-token NLL (without the MoE aux loss) over the labelled tokens; MoE load averaged per token."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    total_nll, total_tokens = 0.0, 0
-    load_sum, load_weight = None, 0
-    batches = len(loader) if max_batches is None else min(max_batches, len(loader))
-    progress = tqdm(loader, total=batches, desc="perplexity", unit="batch", leave=False)
-    for step, batch in enumerate(progress):
-        if step == batches:
-            break
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        logps, mask = token_logps(output.logits, batch["labels"])
-        total_nll -= float(logps.sum())
-        total_tokens += int(mask.sum())
-        load = model.expert_load() if hasattr(model, "expert_load") else None
-        if load is not None:
-            weight = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            load_sum = load.float().cpu() * weight + (0 if load_sum is None else load_sum)
-            load_weight += weight
-        progress.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.2f}")
-    if total_tokens == 0:
-        raise EvalError("the validation data has no labelled tokens")
-    loss = total_nll / total_tokens
-    expert_load = None if load_sum is None else (load_sum / load_weight).tolist()
-    return Perplexity(loss, math.exp(loss), total_tokens, expert_load)
-
-
 def balance_stats(expert_load: list[list[float]]) -> dict[str, list[float] | float]:
     """Per layer: coefficient of variation of the expert loads and the max/min load ratio (inf if an expert idles)."""
     load = torch.tensor(expert_load)
@@ -157,10 +120,6 @@ def balance_stats(expert_load: list[list[float]]) -> dict[str, list[float] | flo
 def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
                    desc: str = "generate") -> list[str]:
     """The assistant's greedy reply to each conversation (batched, prompts left-padded)."""
-    from model.generation import generate_tokens
-
-    from mateconv.chat import context_length, prompt_ids
-
     room = context_length(model) - max_new_tokens
     prompts = [prompt_ids(tokenizer, messages)[-room:] for messages in conversations]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
@@ -243,10 +202,11 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, promp
     report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
                          sum(p.numel() for p in model.parameters()) / 1e6)
     if val is not None:
-        from mateconv.chat import context_length
-
         length = min(seq_len or context_length(model), context_length(model))
-        report.ppl = perplexity(model, val_dataset(val, tokenizer, length), batch_size, max_batches)
+        try:
+            report.ppl = perplexity(model, val_dataset(val, tokenizer, length), batch_size, max_batches)
+        except ValueError as error:
+            raise EvalError(f"{val}: {error}") from None
         if report.ppl.expert_load is not None:
             report.balance = balance_stats(report.ppl.expert_load)
     if tasks:

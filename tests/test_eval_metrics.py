@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, perplexity, read_jsonl,
-                               task_accuracy, val_dataset)
+from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, read_jsonl, task_accuracy,
+                               val_dataset)
+from mateconv.logprobs import perplexity
 from tiny_checkpoints import QA, checkpoint, load_tokenizer, single_thread, tasks_jsonl, texts_jsonl  # noqa: F401
 
 

@@ -34,10 +34,10 @@ from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
 from mateconv.files import write_atomic
+from mateconv.logprobs import IGNORE_INDEX
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 1
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------- reading

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from mateconv.train.logprobs import model_token_logps, trim_right_padding
+from mateconv.logprobs import model_token_logps, perplexity, trim_right_padding
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SIDES = ("chosen", "rejected")
@@ -336,8 +336,6 @@ def preference_eval(model: torch.nn.Module, objective: DPOObjective, pairs: Data
 def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,
                     max_batches: int | None) -> dict[str, float]:
     """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards)."""
-    from mateconv.evaluate import perplexity
-
     return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size, max_batches).ppl
             for name, data in held_out.items()}
 

@@ -1,0 +1,82 @@
+"""Per-token log-probabilities of labelled tokens under a causal LM, and perplexity over a data set.
+
+Shift convention as in Hugging Face: position t's logits predict token t+1, so the
+outputs have length seq_len - 1 and the first label is never scored. Labels of -100
+(prompt, padding) are masked out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+IGNORE_INDEX = -100
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], labels [B, T] -> (log p(label) [B, T-1] float32, zero where masked; mask [B, T-1] bool)."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    # cross_entropy gathers the label's log-softmax without keeping a [B, T, V] log-prob tensor around
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
+    return -nll * mask, mask
+
+
+def trim_right_padding(*tensors: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the columns that are padding in every row (right-padded batches), so the forward is shorter."""
+    used = attention_mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    return tuple(t[:, :length] for t in tensors)
+
+
+def model_token_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward: (per-token label log-probs [B, T-1], mask [B, T-1], the model's MoE aux loss or None)."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logps, mask = token_logps(output.logits, labels)
+    return logps, mask, getattr(output, "aux_loss", None)
+
+
+@dataclass
+class Perplexity:
+    loss: float
+    ppl: float
+    tokens: int
+    expert_load: list[list[float]] | None = None  # [n_layers][n_experts] token fractions, MoE only
+
+
+@torch.inference_mode()
+def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> Perplexity:
+    """Mean next-token NLL (without the MoE aux loss) over the labelled tokens; MoE load averaged per token."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    total_nll, total_tokens = 0.0, 0
+    load_sum, load_weight = None, 0
+    batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    progress = tqdm(loader, total=batches, desc="perplexity", unit="batch", leave=False)
+    for step, batch in enumerate(progress):
+        if step == batches:
+            break
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        logps, mask = token_logps(output.logits, batch["labels"])
+        total_nll -= float(logps.sum())
+        total_tokens += int(mask.sum())
+        load = model.expert_load() if hasattr(model, "expert_load") else None
+        if load is not None:
+            weight = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            load_sum = load.float().cpu() * weight + (0 if load_sum is None else load_sum)
+            load_weight += weight
+        progress.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.2f}")
+    if total_tokens == 0:
+        raise ValueError("the validation data has no labelled tokens")
+    loss = total_nll / total_tokens
+    expert_load = None if load_sum is None else (load_sum / load_weight).tolist()
+    return Perplexity(loss, math.exp(loss), total_tokens, expert_load)
