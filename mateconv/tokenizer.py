@@ -3,8 +3,7 @@
     python -m mateconv.tokenizer --corpus out/raw/embedded /work/shared/data/karpathy__char-rnn --vocab_size 6400 \
         --out_dir out/tokenizer
 
-Special tokens have fixed ids: <|endoftext|> = 0 (pad, unk), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos).
-`render_chat` is the Python twin of the Jinja template; stage 3 uses it to find the assistant spans for the loss mask.
+The special tokens and the chat template come from `mateconv.chat_format`.
 """
 from __future__ import annotations
 
@@ -13,49 +12,20 @@ import csv
 import io
 import json
 import os
+import random
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from mateconv.data import DataError
+from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
-
-PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [PAD, BOS, EOS]  # list position == token id
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-
-# ChatML; {% generation %} marks the trainable assistant tokens for `return_assistant_tokens_mask` (TRL interop).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
-
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The chat template's text and the character spans of every assistant content + its closing <|im_end|>."""
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    length = 0
-    for message in messages:
-        head = f"{BOS}{message['role']}\n"
-        body = f"{message['content']}{EOS}"
-        if message["role"] == "assistant":
-            spans.append((length + len(head), length + len(head) + len(body)))
-        parts.append(f"{head}{body}\n")
-        length += len(parts[-1])
-    if add_generation_prompt:
-        parts.append(f"{BOS}assistant\n")
-    return "".join(parts), spans
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
@@ -78,8 +48,6 @@ def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> I
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
                     min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768) -> Path:
     """Train the BPE on the corpus and save a Hugging Face tokenizer directory; returns out_dir."""
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 259 tokens")
     os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "true")
@@ -137,7 +105,6 @@ def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from transformers import AutoTokenizer
 
     rows = []
     for name, path in tokenizers.items():
@@ -187,10 +154,6 @@ def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000)
         if present:
             samples[language] = list(corpus_texts(present, max_chars))
         else:
-            import random
-
-            from mateconv.data.embedded import all_tasks, pretrain_docs
-
             docs = pretrain_docs(all_tasks(seed=7), 4 * max_chars, random.Random(7))
             picked, total = [], 0
             for doc in docs:

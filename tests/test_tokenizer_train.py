@@ -6,8 +6,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from mateconv.chat_format import CHAT_TEMPLATE, render_chat
 from mateconv.data import embedded
-from mateconv.tokenizer import CHAT_TEMPLATE, main, render_chat, train_tokenizer
+from mateconv.tokenizer import main, train_tokenizer
 
 TEXTS = {
     "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",

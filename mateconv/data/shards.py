@@ -13,6 +13,7 @@ interrupted run resumes where it stopped and never trusts a half-written file.
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import hashlib
 import json
@@ -27,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from mateconv.chat_format import EOS, PAD, render_chat
 from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
@@ -197,14 +200,10 @@ _tokenizer = None
 def _init_worker(tokenizer_file: str) -> None:
     global _tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the process pool
-    from tokenizers import Tokenizer
-
     _tokenizer = Tokenizer.from_file(tokenizer_file)
 
 
 def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
-    from mateconv.tokenizer import render_chat
-
     text, spans = render_chat(to_sft(record)["messages"])
     encoding = _tokenizer.encode(text, add_special_tokens=False)
     starts = [span[0] for span in spans]
@@ -216,8 +215,6 @@ def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
 
 
 def _encode_dpo(record: Any, eos_id: int) -> tuple[list[int], list[int], list[int]]:
-    from mateconv.tokenizer import render_chat
-
     pair = to_preference(record)
     prompt_text, _ = render_chat(pair["prompt"], add_generation_prompt=True)
     prompt = _tokenizer.encode(prompt_text, add_special_tokens=False).ids
@@ -394,12 +391,8 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DataError(f"{tokenizer_dir}: no tokenizer.json (train one with stage 1)")
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     vocab_size = tokenizer.get_vocab_size()
-    from mateconv.tokenizer import EOS, PAD
-
     eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
     if eos_id is None or pad_id is None:
         raise DataError(f"{tokenizer_file} lacks the special tokens {EOS} / {PAD}")
@@ -510,8 +503,6 @@ def _report(result: BuildResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Stage 3: tokenize prepared data into memory-mapped token shards (docs/data.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
