@@ -1,6 +1,7 @@
 """Shared test fixtures (generic, reusable by every area's tests)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -8,6 +9,53 @@ from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The shared sample data (third-party corpora): $MATECONV_SHARED_DATA, by default `shared/data` beside the repository.
+SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        message = f"shared data {path} is missing (set MATECONV_SHARED_DATA to the shared data directory)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Callable[[str], Path]:
+    """Factory: `shared_data("owner__repo/relative/path")` -> that path under SHARED_DATA. When it is missing the
+    test fails under CI=true and is skipped (with the path as the reason) otherwise."""
+    return _shared_file
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models on shared CPU cores run fastest on one thread (`pytest.mark.usefixtures("single_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def single_thread_env() -> dict[str, str]:
+    """Subprocess environment: one thread per process (2 shared cores), CPU DeepSpeed, offline W&B."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+            "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """{step: training loss} of a run."""
+    return {row["step"]: row["loss"] for row in read_metrics(out_dir) if "loss" in row}
 
 
 def _tiny_llama(seed: int = 0, vocab_size: int = 50):
@@ -61,8 +109,6 @@ def random_dpo_pairs() -> Callable[..., list[dict[str, torch.Tensor]]]:
 
 def _split_by_field(raw: Path, out: Path) -> None:
     """Stage-2 layout from the generator's raw files: `{kind}_{train,val}.jsonl` by each record's `split`."""
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     for kind in ("pretrain", "sft", "dpo", "tasks"):
         rows = {"train": [], "val": []}
@@ -109,38 +155,82 @@ TINY_MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_
                     "--dtype", "float32", "--engine", "torch"]
 
 
-def _train_tiny_sft(tokens: Path, tokenizer: Path, out: Path, *extra_flags: str) -> Path:
-    """SFT from scratch on the embedded conversations with the real engine; returns the `final/` directory."""
+def _tiny_flags(tokens: Path, tokenizer: Path, out_dir: Path, stage: str = "pretrain", **overrides) -> list[str]:
+    from mateconv.pipeline import render_args
+
+    values = {"data_path": tokens / stage / "train", "val_data_path": tokens / stage / "val",
+              "tokenizer_path": tokenizer, "out_dir": out_dir, "batch_size": 4, "max_steps": 6, "learning_rate": 3e-3,
+              "log_interval": 1, "eval_interval": 3, "eval_batches": 4, "save_interval_steps": 3, "warmup_iters": 2,
+              **overrides}
+    return TINY_MODEL_FLAGS + render_args(values)
+
+
+@pytest.fixture(scope="session")
+def tiny_flags(tiny_tokens, tiny_tokenizer) -> Callable[..., list[str]]:
+    """Factory: `tiny_flags(out_dir, stage="pretrain", **overrides)` -> flat command-line flags of a short fp32 run of
+    the tiny model on the embedded token shards of `stage` (pretrain, sft or dpo); overrides are flag values
+    (True/False for switches, "" for an empty path) and win over the defaults, TINY_MODEL_FLAGS included."""
+    def flags(out_dir: Path, stage: str = "pretrain", **overrides) -> list[str]:
+        return _tiny_flags(tiny_tokens, tiny_tokenizer, out_dir, stage, **overrides)
+    return flags
+
+
+def _train_tiny(tokens: Path, tokenizer: Path, out: Path, stage: str, **overrides) -> Path:
+    """A tiny model trained from scratch with the real engine; returns the `final/` directory."""
     from mateconv.config import parse_config
     from mateconv.train.stages import STAGE_DEFAULTS, run
 
-    config = parse_config(TINY_MODEL_FLAGS + [
-        "--data_path", str(tokens / "sft" / "train"), "--val_data_path", "", "--tokenizer_path",
-        str(tokenizer), "--out_dir", str(out), "--init_from", "", "--batch_size", "16", "--learning_rate",
-        "3e-3", "--max_steps", "150", "--warmup_iters", "10", "--save_interval_steps", "1000", "--log_interval", "50",
-        *extra_flags], STAGE_DEFAULTS["sft"])
-    run("sft", config)
+    run(stage, parse_config(_tiny_flags(tokens, tokenizer, out, stage, init_from="", **overrides),
+                            STAGE_DEFAULTS[stage]))
     return out / "final"
+
+
+def _train_tiny_sft(tokens: Path, tokenizer: Path, out: Path, **moe) -> Path:
+    """SFT from scratch on the embedded conversations (150 steps of 16 sequences, no validation)."""
+    return _train_tiny(tokens, tokenizer, out, "sft", val_data_path="", batch_size=16, max_steps=150,
+                       warmup_iters=10, save_interval_steps=1000, log_interval=50, **moe)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_model(tiny_tokens, tiny_tokenizer):
+    """A tiny dense model pretrained for 6 steps from scratch on the embedded prose; its `final/` directory."""
+    return _train_tiny(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "pretrain", "pretrain", eval_interval=100,
+                       save_interval_steps=100)
 
 
 @pytest.fixture(scope="session")
 def tiny_sft_model(tiny_tokens, tiny_tokenizer):
     """A tiny dense MateConv model trained by the real engine with SFT on the embedded conversations (from
-    scratch); returns its `final/` directory (Hugging Face format with the tokenizer)."""
+    scratch); returns its `final/` directory (Hugging Face format with the tokenizer). Its replies have the data
+    set's answer form ("The answer is 12.")."""
     return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft")
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer):
     """The MoE twin of `tiny_sft_model` (4 routed experts, top 2, 1 shared)."""
-    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe", "--use_moe", "true",
-                           "--n_routed_experts", "4", "--num_experts_per_tok", "2", "--n_shared_experts", "1")
+    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe", use_moe=True,
+                           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_untrained_model(tiny_tokenizer, tmp_path_factory):
+    """A randomly initialised MateConv model (dim 256, 4 layers, 1024-token context) saved with the tiny tokenizer:
+    near-uniform predictions, replies that rarely end and take a while (interrupt, disconnect and queue tests)."""
+    from transformers import AutoTokenizer
+
+    from model import MateConvConfig, MateConvForCausalLM
+
+    out = tmp_path_factory.mktemp("untrained")
+    torch.manual_seed(0)
+    config = MateConvConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=1024)
+    MateConvForCausalLM(config).eval().save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_script(name: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
