@@ -24,6 +24,7 @@ from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.data.shards import PretrainTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
 from mateconv.logprobs import IGNORE_INDEX, Perplexity, perplexity
+from mateconv.tasks import check_answer
 from model.generation import generate_tokens
 
 DEFAULT_VAL = "out/tokens/pretrain/val"
@@ -145,9 +146,7 @@ class TaskResult:
 
 
 def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> TaskResult:
-    """Greedy answers to the verifiable prompts, checked by `mateconv.data.embedded.check_answer`."""
-    from mateconv.data.embedded import check_answer
-
+    """Greedy answers to the verifiable prompts, checked by `mateconv.tasks.check_answer`."""
     for record in records:
         if not isinstance(record.get("messages"), list) or "answer" not in record:
             raise EvalError(f"task record {record.get('id')!r} needs 'messages' and 'answer'")

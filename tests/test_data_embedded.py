@@ -1,11 +1,12 @@
-"""The embedded demo data: determinism, held-out task instances, answer forms and check_answer."""
+"""The embedded demo data: determinism, held-out task instances, every answer form checked right."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from mateconv.data.embedded import ANSWER_FORM, KINDS, all_tasks, check_answer, extract_answer, generate, main
+from mateconv.data.embedded import KINDS, all_tasks, generate, main
+from mateconv.tasks import ANSWER_FORM, check_answer, extract_answer
 
 SMALL = dict(pretrain_chars=40_000, sft_conversations=300, dpo_pairs=100, train_tasks=50, val_tasks=50)
 
@@ -52,29 +53,6 @@ def test_every_task_answer_form_is_checked_right():
         assert check_answer(record, ANSWER_FORM[task.lang].format(task.answer)), task
         assert not check_answer(record, ANSWER_FORM[task.lang].format(task.wrong)), task
         assert task.answer in task.fact  # pretraining prose states the fact
-
-
-@pytest.mark.parametrize("answer, response, correct", [
-    ("12", "The answer is 12.", True),
-    ("12", "答案是 12。", True),
-    ("12", "答案是12", True),
-    ("12", "12", True),
-    ("12", "7 plus 5 equals 12. The answer is 12.", True),
-    ("12", "The answer is 12.0", True),
-    ("12", "the answer is 13.", False),
-    ("12", "The answer is 120.", False),
-    ("12", "12 or 13", False),  # no marker and two candidates
-    ("12", "", False),
-    ("星期二", "答案是 星期二。", True),
-    ("星期二", "答案是星期三。", False),
-    ("星期二", "星期二", True),
-    ("Tuesday", "The answer is tuesday!", True),
-    ("apple", 'The answer is "apple".', True),
-    ("apple", "The answer is apples.", False),
-    ("300", "答案是 300。谢谢", True),
-])
-def test_check_answer(answer, response, correct):
-    assert check_answer({"answer": answer}, response) is correct
 
 
 def test_kinds_subset(tmp_path):

@@ -13,9 +13,9 @@ import json
 import psutil
 import pytest
 
-from mateconv.data.embedded import check_answer
 from mateconv.prefs.cli import main
 from mateconv.serve import start_background, stop_background
+from mateconv.tasks import check_answer
 from tiny_checkpoints import QA, checkpoint, single_thread  # noqa: F401  (autouse fixture)
 
 pytestmark = pytest.mark.slow

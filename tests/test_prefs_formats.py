@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mateconv.data.embedded import check_answer
 from mateconv.prefs import PrefsConfig, run
+from mateconv.tasks import check_answer
 from prefs_fake_server import FakeOpenAI, tasks
 from tiny_checkpoints import load_tokenizer, tokenizer_dir
 

@@ -8,7 +8,8 @@ plausible wrong answer). Every record carries `"split"`: task instances (a kind 
 `add:7:5`) are held out by a stable hash, so val prompts are new combinations the SFT/DPO train data never shows.
 Pretraining prose states the facts of all instances: pretraining teaches facts, SFT teaches the chat format.
 
-Answers use one short fixed form, "The answer is 12." / "答案是 12。", which `check_answer` reads back.
+Answers use one short fixed form, "The answer is 12." / "答案是 12。" (`mateconv.tasks.ANSWER_FORM`), which
+`mateconv.tasks.check_answer` reads back.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import hashlib
 import json
 import os
 import random
-import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from mateconv.tasks import ANSWER_FORM
 
 WEEKDAYS = {"en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
             "zh": ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]}
@@ -34,7 +35,6 @@ WORDS = {"en": ["apple", "river", "cat", "dog", "book", "tree", "music", "house"
                 "月亮", "星星", "雨水", "雪花", "金鱼", "山丘", "小桥", "台灯", "鞋子", "硬币", "大门", "树叶", "牛奶",
                 "歌曲"]}
 KINDS = ("add", "sub", "compare", "weekday", "unit", "repeat", "count")
-ANSWER_FORM = {"en": "The answer is {}.", "zh": "答案是 {}。"}
 SYSTEM_PROMPTS = {"en": "You are a helpful assistant.", "zh": "你是一个乐于助人的助手。"}
 SMALL_TALK = {
     "en": [("Hello!", "Hello! How can I help you today?"), ("Who are you?", "I am MateConv, a small language model."),
@@ -270,41 +270,6 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
     write("tasks", [task_record(t, "train", i) for i, t in enumerate(picked_train)]
           + [task_record(t, "val", i) for i, t in enumerate(picked_val)])
     return counts
-
-
-# ---------------------------------------------------------------- answer checking
-
-_MARKERS = re.compile(r"(?:the answer is|answer:|答案是|答案[:：]|答[:：])\s*", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_STRIP = " \t\n\"'“”‘’`*.,!?;:。，！？；：、()（）[]【】"
-
-
-def _normalise(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).strip().strip(_STRIP).lower()
-
-
-def extract_answer(response: str) -> str:
-    """The text after the last answer marker up to the end of its sentence; without a marker, the first line."""
-    response = unicodedata.normalize("NFKC", response)
-    found = list(_MARKERS.finditer(response))
-    rest = response[found[-1].end():] if found else response.strip()
-    return re.split(r"(?<=[^\d])[.。!！?？\n]|[。!！?？\n]|\.(?!\d)", rest, maxsplit=1)[0].strip()
-
-
-def check_answer(record: dict, response: str) -> bool:
-    """Is the model's response correct for a task record (`answer` field)? Robust to wording around the answer:
-    numbers compare by value (first number after the marker, or the only number of an unmarked reply),
-    words compare case-insensitively without quotes/punctuation."""
-    expected = _normalise(str(record["answer"]))
-    candidate = extract_answer(response)
-    if _NUMBER.fullmatch(expected):
-        numbers = _NUMBER.findall(candidate)
-        has_marker = bool(_MARKERS.search(unicodedata.normalize("NFKC", response)))
-        if not numbers or (not has_marker and len(set(numbers)) != 1):
-            return False
-        return float(numbers[0]) == float(expected)
-    candidate = _normalise(candidate)
-    return candidate == expected or candidate.split(" ")[0] == expected
 
 
 def main(argv: list[str] | None = None) -> None:

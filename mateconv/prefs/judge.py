@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from mateconv.tasks import check_answer
+
 RUBRIC = """You grade candidate replies written by an AI assistant.
 You are shown a conversation and several candidate replies to its last user message, each marked with an id.
 Rate every candidate on its own merits from 1 (wrong, useless or harmful) to 10 (correct, complete, clear and
@@ -89,9 +91,7 @@ def parse_judgement(text: str | None, order: list[int]) -> tuple[list[float], li
 
 
 def rule_scores(record: dict, candidates: list[str]) -> list[float]:
-    """10 for each candidate that `mateconv.data.embedded.check_answer` accepts, 1 for the others."""
-    from mateconv.data.embedded import check_answer
-
+    """10 for each candidate that `mateconv.tasks.check_answer` accepts, 1 for the others."""
     return [RULE_SCORES[bool(check_answer(record, candidate))] for candidate in candidates]
 
 
