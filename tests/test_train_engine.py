@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,23 +15,20 @@ import torch
 from mateconv.config import parse_config
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import run
-from train_fixtures import REPO, losses, read_metrics, require_data, single_thread_env, tiny_flags, token_data
+from conftest import REPO, losses, read_metrics, single_thread_env
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on 2 shared cores: threads only contend
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture
+def train(tiny_flags):
+    """`train(out_dir, stage="pretrain", **overrides)` -> the stage's summary of a tiny in-process run."""
+    def train_stage(out_dir, stage="pretrain", **overrides) -> dict:
+        return run(stage, parse_config(tiny_flags(out_dir, stage, **overrides)))
+    return train_stage
 
 
-def train(out_dir, stage="pretrain", **overrides) -> dict:
-    require_data()
-    return run(stage, parse_config(tiny_flags(out_dir, stage, **overrides)))
-
-
-def test_loss_decreases_and_artifacts(tmp_path):
+def test_loss_decreases_and_artifacts(train, tmp_path):
     summary = train(tmp_path, max_steps=12, save_interval_steps=6, eval_interval=6)
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 13))
@@ -51,7 +49,7 @@ def test_loss_decreases_and_artifacts(tmp_path):
     assert saved.max_steps == 12 and saved.out_dir == str(tmp_path)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(train, tmp_path):
     """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights)."""
     flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100)
     train(tmp_path / "full", **flags)
@@ -67,14 +65,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_auto_resume_continues_in_place(tmp_path):
+def test_auto_resume_continues_in_place(train, tmp_path):
     train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100)
     train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4
     steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_rotation_keeps_k_newest_plus_best(tmp_path):
+def test_rotation_keeps_k_newest_plus_best(train, tmp_path):
     # a large learning rate makes validation loss rise after the first checkpoints, so best is an old one
     train(tmp_path, max_steps=10, save_interval_steps=1, eval_interval=1, keep_checkpoint_max=2, learning_rate=0.3,
           warmup_iters=0, grad_clip=0)
@@ -92,20 +90,23 @@ def test_rotation_keeps_k_newest_plus_best(tmp_path):
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 
-def test_sft_loss_ignores_non_assistant_tokens():
+def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, tmp_path):
     """Noise on the logits at positions whose target is not an assistant token leaves the loss unchanged;
     noise on assistant targets changes it. Both assistant turns of a multi-turn chat are trained."""
-    require_data()
-    from mateconv.data.shards import SFTTokens
+    from mateconv.data.shards import SFTTokens, build_shards
     from mateconv.train.models import build_model, load_tokenizer
     from mateconv.train.objectives import LMObjective
 
-    config = parse_config([*tiny_flags("unused", "sft"), "--max_seq_len", "96"])
-    data = token_data()
-    item = SFTTokens(data["sft_multi_turn"], 96)[3]
+    config = parse_config(tiny_flags(tmp_path, "sft"))
+    records = [json.loads(line) for line in (tiny_embedded_data / "sft_train.jsonl").read_text().splitlines()]
+    chat = min((r for r in records if [m["role"] for m in r["messages"]].count("assistant") == 2
+                and r["messages"][0]["role"] == "system"), key=lambda r: len(json.dumps(r)))
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    build_shards("sft", [tmp_path / "chat.jsonl"], config.tokenizer_path, tmp_path / "chat", workers=1, progress=False)
+    item = SFTTokens(tmp_path / "chat", config.max_seq_len)[0]
     tokenizer = load_tokenizer(config)
     trained = tokenizer.decode(item["labels"][item["labels"] != -100])
-    assert trained == "1 2 3 4 5<|im_end|>5 4 3 2 1<|im_end|>"
+    assert trained == "".join(m["content"] + "<|im_end|>" for m in chat["messages"] if m["role"] == "assistant")
     batch = {k: v[None] for k, v in item.items()}
     torch.manual_seed(0)
     model = build_model(config).eval()
@@ -130,19 +131,17 @@ def test_sft_loss_ignores_non_assistant_tokens():
     assert 0 < trained_positions.sum() < (batch["attention_mask"] == 1).sum()
 
 
-def test_sft_stage_from_pretrained(tmp_path):
-    train(tmp_path / "pre", max_steps=3, eval_interval=100)
-    summary = train(tmp_path / "sft", "sft", init_from=tmp_path / "pre" / "final", max_steps=4, learning_rate=1e-3)
+def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
+    summary = train(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=4, learning_rate=1e-3)
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
 
 
-def test_lora_sft_saves_merged_model(tmp_path):
-    train(tmp_path / "pre", max_steps=2, eval_interval=100)
-    train(tmp_path / "lora", "sft", init_from=tmp_path / "pre" / "final", max_steps=3, use_lora=True, lora_r=4,
+def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):
+    train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=3, use_lora=True, lora_r=4,
           learning_rate=1e-2)
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "pre" / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrain_model)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
     assert not any("lora" in name for name in merged.state_dict())
     changed = [name for name, p in merged.named_parameters()
@@ -151,13 +150,13 @@ def test_lora_sft_saves_merged_model(tmp_path):
                                        "gate_proj.weight", "up_proj.weight", "down_proj.weight")) for n in changed)
 
 
-def test_muon_trains(tmp_path):
+def test_muon_trains(train, tmp_path):
     train(tmp_path, max_steps=8, optimizer="muon", muon_lr=0.02, eval_interval=100)
     curve = losses(tmp_path)
     assert curve[8] < curve[1] - 0.3
 
 
-def test_moe_expert_load_in_wandb_offline_run(tmp_path, monkeypatch):
+def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     train(tmp_path, max_steps=4, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, tracker="wandb",
@@ -175,14 +174,14 @@ def test_moe_expert_load_in_wandb_offline_run(tmp_path, monkeypatch):
     for layer in range(2):
         fractions = [last[f"moe/layer{layer}/expert{e}"] for e in range(4)]
         assert sum(fractions) == pytest.approx(1.0, abs=1e-5) and all(0 <= f <= 1 for f in fractions)
-        assert last[f"moe/layer{layer}/cv"] >= 0
+        assert last[f"moe/layer{layer}/cv"] == pytest.approx(statistics.pstdev(fractions) / statistics.mean(fractions),
+                                                             rel=1e-4)
     assert last["moe/aux_loss"] > 0
     jsonl = [r for r in read_metrics(tmp_path) if "loss" in r][-1]
     assert jsonl["moe/layer1/expert3"] == pytest.approx(last["moe/layer1/expert3"])
 
 
-def test_sigint_saves_checkpoint_and_exits_zero(tmp_path):
-    require_data()
+def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path):
     command = [sys.executable, str(REPO / "4.pretrain.py"),
                *tiny_flags(tmp_path, max_steps=100000, save_interval_steps=100000, eval_interval=100000)]
     process = subprocess.Popen(command, cwd=REPO, env=single_thread_env(), start_new_session=True,
