@@ -2,27 +2,22 @@
 `4.pretrain.py --init_from` and via the CPTTrainer API; both save a model AutoModelForCausalLM reloads."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from mateconv.config import ConfigError, parse_config
 from mateconv.cpt import CPTConfig, CPTTrainer, PackedTexts
 from mateconv.train.stages import run
-from train_fixtures import SHAKESPEARE, losses, require_data, tiny_flags, token_data
+from conftest import losses
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
-def tiny_qwen(tmp_path):
-    """A randomly initialised 2-layer Qwen2 with the fixture tokenizer, saved like a downloaded model."""
-    require_data()
+def tiny_qwen(tiny_tokenizer, tmp_path):
+    """A randomly initialised 2-layer Qwen2 with the tiny tokenizer, saved like a downloaded model."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -31,11 +26,11 @@ def tiny_qwen(tmp_path):
                          tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     path = tmp_path / "qwen2-tiny"
     Qwen2ForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(token_data()["tokenizer"]).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
     return path
 
 
-def test_init_from_hf_model(tiny_qwen, tmp_path):
+def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
     # model-shape flags (dim 64 etc. from tiny_flags, and a deliberately wrong n_layers) are ignored with init_from
     summary = run("pretrain", parse_config(tiny_flags(tmp_path / "out", init_from=tiny_qwen, max_steps=8,
                                                       n_layers=7, learning_rate=3e-3)))
@@ -48,8 +43,9 @@ def test_init_from_hf_model(tiny_qwen, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "out" / "final").vocab_size == 512
 
 
-def test_cpt_trainer_api(tiny_qwen, tmp_path):
-    texts = SHAKESPEARE.read_text().split("\n\n")[:150]
+def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
+    lines = (tiny_embedded_data / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines()[:150]
+    texts = [json.loads(line)["text"] for line in lines]
     trainer = CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64, learning_rate=3e-3,
                                    num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                    use_muon_optimizer=True, use_gradient_checkpointing=True, use_bf16=False,
