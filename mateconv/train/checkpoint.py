@@ -7,7 +7,6 @@ every rank's RNG states and the resolved `config.yaml`. Rotation keeps the `keep
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from mateconv.config import ConfigError, TrainConfig, save_config
-from mateconv.files import write_atomic
+from mateconv.files import replace_dir, write_atomic
 from mateconv.train.distributed import Runtime, barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -26,18 +25,6 @@ INCOMING = ".incoming"
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place, replacing an older one (the old one is removed only afterwards)."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def rng_state() -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from mateconv.files import atomic_dir
 from mateconv.logprobs import model_token_logps, perplexity, trim_right_padding
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -302,12 +302,10 @@ def compute_reference_logps(
         for indices, part_sums, part_tokens in parts:
             all_sums[indices] = part_sums
             all_tokens[indices] = part_tokens
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=False)
-        np.save(tmp / "sums.npy", all_sums)
-        np.save(tmp / "chosen_tokens.npy", all_tokens)
-        (tmp / "meta.json").write_text(json.dumps({"pairs": n, "seq_len": seq_len, "version": REF_CACHE_VERSION}))
-        os.replace(tmp, directory)
+        with atomic_dir(directory) as tmp:
+            np.save(tmp / "sums.npy", all_sums)
+            np.save(tmp / "chosen_tokens.npy", all_tokens)
+            (tmp / "meta.json").write_text(json.dumps({"pairs": n, "seq_len": seq_len, "version": REF_CACHE_VERSION}))
     if world_size > 1:
         torch.distributed.barrier()
     return ReferenceLogps(directory)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -11,7 +9,8 @@ from torch import nn
 
 import model as mateconv_model  # registers MateConv with the Auto classes
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import replace_dir, unwrap
+from mateconv.files import atomic_dir
+from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
 
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "vocab_size", "rope_theta", "dropout",
@@ -102,12 +101,9 @@ def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
         module = unwrap(engine)
         if hasattr(module, "peft_config"):
             module = copy.deepcopy(module).merge_and_unload()
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     barrier()
     return target
