@@ -10,15 +10,14 @@ import wandb
 
 from mateconv.config import parse_config
 from mateconv.train import tracking
-from mateconv.train.stages import main, run
-from train_fixtures import REPO, read_metrics, require_data, tiny_flags
+from mateconv.train.stages import RECIPES, main, run
+from conftest import REPO, read_metrics
 from wandb_records import history_rows, records
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory) -> Path:
+def offline_run(tiny_flags, tmp_path_factory) -> Path:
     """One tiny pretraining run (4 steps, 2 micro-batches each) with every W&B extra on; returns its out_dir."""
-    require_data()
     out_dir = tmp_path_factory.mktemp("wandb_extras")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
@@ -29,7 +28,7 @@ def offline_run(tmp_path_factory) -> Path:
         try:
             flags = tiny_flags(out_dir, max_steps=4, accumulation_steps=2, eval_interval=100, save_interval_steps=100,
                                tracker="wandb", wandb_watch="gradients", wandb_watch_freq=1)
-            run("pretrain", parse_config(flags + ["--wandb_log_model", "--wandb_log_code"]))
+            run(RECIPES["pretrain"], parse_config(flags + ["--wandb_log_model", "--wandb_log_code"]))
             wandb.teardown()  # run.finish() can return before the service has written the run file's last block
         finally:
             torch.set_num_threads(threads)
