@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from mateconv.flags import render_flags
 from model.config import MateConvConfig, preset_config
 
 GIB = 1024 ** 3
@@ -159,7 +160,6 @@ def setup_for(data: dict, model_name: str, stage: str) -> TrainingSetup:
 
 def preset_flags(data: dict, model_name: str, stage: str) -> list[str]:
     """The preset as training flags (`--key value`), model size flags included."""
-    from mateconv.sweep import render_flags
     from model.config import PRESETS
 
     settings = {k: v for k, v in data["models"][model_name][stage].items() if k != "num_gpus"}

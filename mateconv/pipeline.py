@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from mateconv.files import write_atomic
+from mateconv.flags import render_flags
 from mateconv.procs import StageRunner, is_alive, read_pid, stop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,20 +74,6 @@ def apply_sets(preset: dict, sets: list[str]) -> None:
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
 
 
-def render_args(args: dict) -> list[str]:
-    out = []
-    for key, value in args.items():
-        if isinstance(value, list):
-            out += [f"--{key}", *map(str, value)]
-        elif value is True:  # bare flag: both argparse switches and the training config accept it
-            out.append(f"--{key}")
-        elif value is False:
-            out += [f"--{key}", "false"]
-        elif value is not None:
-            out += [f"--{key}", str(value)]
-    return out
-
-
 def launcher(preset: dict, script: str) -> list[str]:
     """Training stages run under the DeepSpeed launcher when the preset asks for GPUs, else as one process."""
     gpus = int(preset.get("num_gpus", 0))
@@ -99,7 +86,7 @@ def build_stages(preset: dict, out: Path) -> list[Stage]:
     python = sys.executable
     stages = []  # `done` paths in a preset are relative to the working directory, like every other path
     for name, spec in preset["stages"].items():
-        args = render_args(spec.get("args", {}))
+        args = render_flags(spec.get("args", {}))
         if "script" in spec:
             command = (launcher(preset, spec["script"]) if spec.get("distributed") else
                        [python, str(REPO / spec["script"])])

@@ -4,8 +4,9 @@
 - `optuna`: an embedded Optuna study in `out/sweeps/<name>/study.db` (sqlite, so an interrupted sweep resumes),
   works offline, and writes a summary (best parameters, a table, a plot) next to the study.
 
-Either way a trial is the program run as a subprocess with `--key value` flags plus `--out_dir <trial dir>`; the
-metric is the last value of `metric.name` in the trial's `metrics.jsonl` (W&B's default summary: the last value).
+Either way a trial is the program run as a subprocess with `--key value` flags (`mateconv.flags`) plus
+`--out_dir <trial dir>`; the metric is the last value of `metric.name` in the trial's `metrics.jsonl` (W&B's default
+summary: the last value).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import netrc
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from urllib.parse import urlparse
 import yaml
 
 from mateconv.files import save_figure, write_atomic
+from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 
 TOP_LEVEL_KEYS = ("program", "method", "metric", "parameters", "name", "description", "command", "early_terminate",
@@ -185,23 +188,6 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
 
 # ---------------------------------------------------------------------------------------------------- commands
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)  # shortest round-trip form: 0.0003, 1e-05
-    return str(value)
-
-
-def render_flags(values: dict[str, Any]) -> list[str]:
-    """`{"lr": 3e-4, "use_moe": True}` -> `["--lr", "0.0003", "--use_moe", "true"]`; None values are left out."""
-    flags = []
-    for key, value in values.items():
-        if value is not None:
-            flags += [f"--{key}", format_value(value)]
-    return flags
-
-
 def build_command(config: SweepConfig, values: dict[str, Any], out_dir: Path) -> list[str]:
     values = {**values, "out_dir": str(out_dir)}
     if config.command is None:
@@ -212,8 +198,7 @@ def build_command(config: SweepConfig, values: dict[str, Any], out_dir: Path) ->
         "${program}": [config.program],
         "${args}": render_flags(values),
         "${args_no_hyphens}": [f"{k}={format_value(v)}" for k, v in values.items() if v is not None],
-        "${args_no_boolean_flags}": [t for k, v in values.items() if v is not None and v is not False
-                                     for t in ([f"--{k}"] if v is True else [f"--{k}", format_value(v)])],
+        "${args_no_boolean_flags}": render_flags({k: v for k, v in values.items() if v is not False}),
         "${args_json}": [json.dumps(values)],
     }
     return [part for token in config.command for part in expansions.get(token, [token])]
@@ -449,7 +434,7 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
             {"trial": best.number, config.metric: best.value, "params": best_values,
              "command": best.user_attrs.get("command")}, indent=2) + "\n")
         lines += [f"Best: trial {best.number}, {config.metric} = {best.value:.6g}", "", "```",
-                  " ".join(f"--{k} {format_value(v)}" for k, v in best_values.items()), "```", ""]
+                  shlex.join(render_flags(best_values)), "```", ""]
     lines += ["| trial | state | " + " | ".join([config.metric, *names]) + " |",
               "|---" * (len(names) + 3) + "|"]
     for t in trials:

@@ -156,13 +156,13 @@ TINY_MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_
 
 
 def _tiny_flags(tokens: Path, tokenizer: Path, out_dir: Path, stage: str = "pretrain", **overrides) -> list[str]:
-    from mateconv.pipeline import render_args
+    from mateconv.flags import render_flags
 
     values = {"data_path": tokens / stage / "train", "val_data_path": tokens / stage / "val",
               "tokenizer_path": tokenizer, "out_dir": out_dir, "batch_size": 4, "max_steps": 6, "learning_rate": 3e-3,
               "log_interval": 1, "eval_interval": 3, "eval_batches": 4, "save_interval_steps": 3, "warmup_iters": 2,
               **overrides}
-    return TINY_MODEL_FLAGS + render_args(values)
+    return TINY_MODEL_FLAGS + render_flags(values)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
-from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset, render_args
+from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset
 
 DATA_STAGES = "data,tokenizer,prepare,tokens"
 STAGES = ["data", "tokenizer", "prepare", "tokens", "pretrain", "sft", "prefs", "prefs_val", "prefs_tokens",
@@ -22,8 +22,6 @@ def test_preset_sets_and_flags():
     assert list(stages) == STAGES
     command = stages["pretrain"].command
     assert command[command.index("--max_steps") + 1] == "7" and "--use_moe" in command
-    assert render_args({"all": True, "x": False, "models": ["a", "b"], "skip": None}) == [
-        "--all", "--x", "false", "--models", "a", "b"]
     with pytest.raises(PipelineError, match="unknown stage 'pretrian'"):
         apply_sets(preset, ["pretrian.max_steps=1"])
     with pytest.raises(PipelineError, match="unknown preset"):

@@ -25,7 +25,7 @@ if os.environ.get("WAIT_FOR_SIGINT") == "1":
     signal.signal(signal.SIGINT, lambda *a: interrupted.append(1))
 parser = argparse.ArgumentParser()
 parser.add_argument("--learning_rate", type=float, required=True)
-parser.add_argument("--use_moe", choices=("true", "false"), required=True)
+parser.add_argument("--use_moe", nargs="?", const="true", choices=("true", "false"), required=True)
 parser.add_argument("--epochs", type=int, required=True)
 parser.add_argument("--out_dir", required=True)
 args = parser.parse_args()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from mateconv.flags import render_flags
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path("/work/shared/data")
 SHAKESPEARE = DATA / "karpathy__char-rnn/data/tinyshakespeare/input.first2000lines.txt"
@@ -72,10 +74,7 @@ def tiny_flags(out_dir: Path, stage: str = "pretrain", **overrides) -> list[str]
               "tokenizer_path": data["tokenizer"], "out_dir": out_dir, "batch_size": 4, "max_steps": 6,
               "learning_rate": 3e-3, "dtype": "float32", "tracker": "none", "num_workers": 0, "log_interval": 1,
               "eval_interval": 3, "eval_batches": 4, "save_interval_steps": 3, "warmup_iters": 2, **overrides}
-    flags = list(TINY_MODEL)
-    for key, value in values.items():
-        flags += [f"--{key}", str(value)]
-    return flags
+    return TINY_MODEL + render_flags(values)
 
 
 def single_thread_env() -> dict[str, str]:
