@@ -8,7 +8,6 @@ evaluation at or below the target (steps, and wall seconds from the engine's met
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mateconv.config import TrainConfig
+from mateconv.files import read_metrics
 from mateconv.data.shards import PretrainTokens, build_shards
 from mateconv.tokenizer import train_tokenizer
 from mateconv.train.distributed import setup
@@ -45,7 +45,7 @@ def run(config: TrainConfig, train_dir: Path, val_dir: Path) -> list[dict]:
     val = PretrainTokens(val_dir, config.max_seq_len)
     start = time.time()
     Trainer(config, runtime, model, LMObjective(), train, val).fit()
-    rows = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(Path(config.out_dir) / "metrics.jsonl")
     # wall seconds since training started, evaluations included (both optimizers evaluate at the same steps)
     return [{"step": r["step"], "val_loss": r["val_loss"], "seconds": r["time"] - start} for r in rows
             if "val_loss" in r]

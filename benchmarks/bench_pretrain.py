@@ -11,7 +11,6 @@ table).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mateconv.config import TrainConfig
+from mateconv.files import read_metrics
 from mateconv.train.distributed import setup
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.objectives import LMObjective
@@ -42,7 +42,7 @@ class RandomTokens(Dataset):
 def run(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, warmup: int) -> dict:
     runtime = setup(config)
     Trainer(config, runtime, model, LMObjective(), data).fit()
-    rows = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(Path(config.out_dir) / "metrics.jsonl")
     timed = [r for r in rows if "tokens_per_sec" in r and r["step"] > warmup]
     tokens_per_sec = sum(r["tokens_per_sec"] for r in timed) / len(timed)
     mfu = sum(r["mfu"] for r in timed) / len(timed) if "mfu" in timed[0] else float("nan")

@@ -1,7 +1,8 @@
-"""Atomic writes: files and directories are written under a temporary name next to the target, then renamed into
-place, so readers never see half of one."""
+"""Files the stages share. Atomic writes: files and directories are written under a temporary name next to the
+target, then renamed into place, so readers never see half of one. The reader of a run's metrics.jsonl."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -54,3 +55,24 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, target)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, one JSON object per line as the training tracker writes them. Blank lines are
+    skipped, and so is a last line that is not valid JSON (a writer killed mid-row, or one still writing while the
+    file is read); any other bad line raises ValueError naming it."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        rows.append(row)
+    return rows

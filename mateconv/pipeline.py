@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from mateconv.files import write_atomic
+from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
 from mateconv.procs import StageRunner, is_alive, read_pid, stop
 
@@ -134,24 +134,14 @@ def status(logs: Path, out: Path) -> None:
         pid = read_pid(logs, name)
         line = f"{name:12s} {'running (pid %d)' % pid if pid and is_alive(pid) else 'not running'}"
         metrics = out / name / "metrics.jsonl"
-        last = latest_train_record(metrics) if metrics.exists() else None
+        rows = read_metrics(metrics) if metrics.exists() else []
+        last = next((row for row in reversed(rows) if "loss" in row and "step" in row), None)
         if last:
             line += f"  step={last['step']} loss={last['loss']:.4f}"
         progress = last_progress(log)
         if progress:
             line += f"  [{progress}]"
         print(line)
-
-
-def latest_train_record(path: Path) -> dict | None:
-    for raw in reversed(path.read_text().splitlines()):
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in record and "step" in record:
-            return record
-    return None
 
 
 def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mateconv.files import save_figure, write_atomic
+from mateconv.files import read_metrics, save_figure, write_atomic
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 
@@ -208,37 +208,15 @@ def read_metric(metrics_path: Path, name: str) -> float:
     """The last value of `name` in a metrics.jsonl (a truncated final line from a killed writer is ignored)."""
     if not metrics_path.is_file():
         raise SweepError(f"trial wrote no metrics file: {metrics_path}")
-    lines = metrics_path.read_text().splitlines()
-    last, seen = None, set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise SweepError(f"{metrics_path}:{number}: not valid JSON") from None
-        if isinstance(row, dict):
-            seen.update(row)
-            if _is_number(row.get(name)):
-                last = float(row[name])
-    if last is None:
-        raise SweepError(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(sorted(seen)) or 'none'})")
-    return last
-
-
-def read_metric_rows(metrics_path: Path) -> list[dict]:
-    rows = []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+    try:
+        rows = read_metrics(metrics_path)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
+    values = [float(row[name]) for row in rows if _is_number(row.get(name))]
+    if not values:
+        seen = sorted({key for row in rows for key in row})
+        raise SweepError(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(seen) or 'none'})")
+    return values[-1]
 
 
 def trial_env(gpus: str | None) -> dict[str, str]:
@@ -514,7 +492,8 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
             trial_dir = sweep_dir / f"wandb_{run.id}"
             trial_dir.mkdir(parents=True, exist_ok=True)
             returncode = runner.run(f"wandb_{run.id}", build_command(config, values, trial_dir), env=trial_env(gpus))
-            for row in read_metric_rows(trial_dir / "metrics.jsonl"):
+            metrics = trial_dir / "metrics.jsonl"
+            for row in read_metrics(metrics) if metrics.is_file() else []:
                 numbers = {k: v for k, v in row.items() if _is_number(v) and k != "step"}
                 step = row.get("step")
                 run.log(numbers, step=int(step) if _is_number(step) else None)

@@ -49,8 +49,9 @@ def single_thread_env() -> dict[str, str]:
 
 def read_metrics(out_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from mateconv import files
+
+    return files.read_metrics(Path(out_dir) / "metrics.jsonl")
 
 
 def losses(out_dir: Path) -> dict[int, float]:

@@ -1,9 +1,9 @@
-"""Atomic directories: a finished one replaces the target whole, a failed one leaves the target as it was."""
+"""mateconv.files: atomic directories (all or nothing) and the rows of a metrics.jsonl."""
 from __future__ import annotations
 
 import pytest
 
-from mateconv.files import atomic_dir
+from mateconv.files import atomic_dir, read_metrics
 
 
 def test_atomic_dir_replaces_the_old_directory(tmp_path):
@@ -43,3 +43,16 @@ def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
     (tmp / "partial").write_text("from a killed process with the same pid")
     with atomic_dir(target) as again:
         assert again == tmp and not any(again.iterdir())
+
+
+def test_read_metrics_skips_blank_lines_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+
+
+def test_read_metrics_names_a_bad_line_before_the_end(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2,\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        read_metrics(path)

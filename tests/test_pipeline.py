@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
+from mateconv.files import read_metrics
 from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset
 
 DATA_STAGES = "data,tokenizer,prepare,tokens"
@@ -62,7 +63,7 @@ def test_nohup_stop_and_resume_keeps_total_steps(tmp_path):
     assert launched.returncode == 0, launched.stderr
     metrics = tmp_path / "out/pretrain/metrics.jsonl"
     deadline = time.monotonic() + 400
-    while not (metrics.exists() and any(json.loads(l).get("step", 0) >= 8 for l in metrics.read_text().splitlines())):
+    while not (metrics.exists() and any(row.get("step", 0) >= 8 for row in read_metrics(metrics))):
         assert time.monotonic() < deadline, (tmp_path / "logs/pipeline.log").read_text()[-2000:]
         time.sleep(1)
     status = run_script("status.sh", cwd=tmp_path, timeout=60)

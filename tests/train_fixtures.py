@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mateconv import files
 from mateconv.flags import render_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +85,7 @@ def single_thread_env() -> dict[str, str]:
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return files.read_metrics(Path(out_dir) / "metrics.jsonl")
 
 
 def losses(out_dir: Path) -> dict[int, float]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from mateconv.files import atomic_dir
+from mateconv.files import atomic_dir, read_metrics
 from mateconv.logprobs import model_token_logps, perplexity, trim_right_padding
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -348,8 +348,7 @@ def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
     from mateconv.files import save_figure
 
     series: dict[str, list[tuple[int, float]]] = {}
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_metrics(metrics_jsonl):
         for key, value in record.items():
             if (key.startswith("forget/") or key in EVAL_REWARD_KEYS) and isinstance(value, (int, float)):
                 series.setdefault(key, []).append((int(record["step"]), float(value)))

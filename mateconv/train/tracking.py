@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mateconv.config import TrainConfig, config_to_dict
-from mateconv.files import write_atomic
+from mateconv.files import read_metrics, write_atomic
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {
@@ -147,15 +147,8 @@ class Tracker:
         starts the file over."""
         if not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed writer
-            if step > 0 and row.get("step", 0) <= step:
-                kept.append(line)
-        write_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        kept = [row for row in read_metrics(self.path) if step > 0 and row.get("step", 0) <= step]
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
