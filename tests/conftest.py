@@ -230,6 +230,31 @@ def tiny_untrained_model(tiny_tokenizer, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def greedy_reply() -> Callable[..., tuple[str, int, bool]]:
+    """Factory: `greedy_reply(model_dir, question, max_new_tokens=24)` -> (text, tokens, ended): the model's greedy
+    reply to one user message, computed in process with `generate_tokens` (the reference that serving, chat and
+    evaluation must reproduce); `tokens` counts the generated tokens before EOS, `ended` is whether EOS came."""
+    from mateconv.chat import load_model
+    from model.generation import generate_tokens
+
+    models = {}
+
+    def reply(model_dir: Path, question: str, max_new_tokens: int = 24) -> tuple[str, int, bool]:
+        if model_dir not in models:
+            models[model_dir] = load_model(model_dir, device="cpu")
+        model, tokenizer = models[model_dir]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+        with torch.no_grad():
+            ids = generate_tokens(model, torch.tensor([prompt]), max_new_tokens, temperature=0,
+                                  eos_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        ended = tokenizer.eos_token_id in ids
+        ids = ids[:ids.index(tokenizer.eos_token_id)] if ended else ids
+        return tokenizer.decode(ids), len(ids), ended
+    return reply
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, exercised with the real `openai` client over loopback HTTP.
 
-The server runs as a subprocess (`mateconv.serve.start_background`) over a tiny MateConv model trained in the test
-to answer a few fixed questions, so greedy replies are known.
+The server runs as a subprocess (`mateconv.serve.start_background`) over the tiny SFT model of the test world; its
+greedy replies must equal the in-process reference (`greedy_reply`).
 """
 from __future__ import annotations
 
@@ -13,16 +13,26 @@ import openai
 import pytest
 
 from mateconv.serve import start_background, stop_background
-from tiny_checkpoints import checkpoint, load_tokenizer, single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+QUESTION = "What is 3 plus 4?"
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tiny_sft_model):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # tiny model on 2 shared cores: one thread is fastest
-        url, process = start_background(checkpoint("dense"), served_model_name="tiny")
+        url, process = start_background(tiny_sft_model, served_model_name="tiny")
     yield url, process
     stop_background(process)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_sft_model, greedy_reply) -> tuple[str, int]:
+    """(text, token count) of the model's greedy reply to QUESTION, computed in process."""
+    text, tokens, ended = greedy_reply(tiny_sft_model, QUESTION)
+    assert ended and tokens >= 4, (text, tokens)  # the cases below need a reply of several tokens that ends
+    return text, tokens
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +40,7 @@ def client(server):
     return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
 
 
-def ask(client, question: str, **kwargs):
+def ask(client, question: str = QUESTION, **kwargs):
     return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}], **kwargs)
 
 
@@ -39,76 +49,77 @@ def test_health_and_models(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
-def test_greedy_answer_and_usage(client):
-    reply = ask(client, "What is 2+3?", temperature=0, max_tokens=10)
+def test_greedy_answer_and_usage(client, expected, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    reply = ask(client, temperature=0, max_tokens=24)
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
-    assert choice.message.content == "5"
+    assert choice.message.content == expected[0]
     assert choice.finish_reason == "stop"
-    prompt = load_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = AutoTokenizer.from_pretrained(tiny_tokenizer).apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert reply.usage.prompt_tokens == len(prompt)
-    assert 1 <= reply.usage.completion_tokens <= 2
+    assert reply.usage.completion_tokens == expected[1]
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_streaming_equals_non_streaming(client):
-    whole = ask(client, "Say hello.", temperature=0, max_tokens=20).choices[0].message.content
-    chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=20, stream=True,
-                      stream_options={"include_usage": True}))
+def test_streaming_equals_non_streaming(client, expected):
+    whole = ask(client, temperature=0, max_tokens=24).choices[0].message.content
+    chunks = list(ask(client, temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert whole == "hello world"
+    assert whole == expected[0]
     assert len(deltas) >= 2, "streaming should deliver the reply in several pieces"
     assert "".join(deltas) == whole
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= len(deltas)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == expected[1]
 
 
-def test_max_tokens_gives_length(client):
-    reply = ask(client, "Say hello.", temperature=0, max_tokens=1)
+def test_max_tokens_gives_length(client, expected):
+    reply = ask(client, temperature=0, max_tokens=1)
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 1
-    assert "hello world".startswith(reply.choices[0].message.content)
-    chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=2, stream=True,
-                      stream_options={"include_usage": True}))
+    assert expected[0].startswith(reply.choices[0].message.content)
+    chunks = list(ask(client, temperature=0, max_tokens=2, stream=True, stream_options={"include_usage": True}))
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("stop", ["l", ["zzz", "o w"]])
-def test_stop_strings(client, stream, stop):
-    expected = "hello world".split(stop if isinstance(stop, str) else "o w")[0]
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_strings(client, expected, stream, as_list):
+    middle = expected[0][len(expected[0]) // 2:][:2]  # two characters from the middle of the greedy reply
+    stop = ["zzz", middle] if as_list else middle
     if stream:
-        chunks = list(ask(client, "Say hello.", temperature=0, max_tokens=20, stop=stop, stream=True))
+        chunks = list(ask(client, temperature=0, max_tokens=24, stop=stop, stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     else:
-        choice = ask(client, "Say hello.", temperature=0, max_tokens=20, stop=stop).choices[0]
+        choice = ask(client, temperature=0, max_tokens=24, stop=stop).choices[0]
         text, finish = choice.message.content, [choice.finish_reason]
-    assert text == expected
+    assert text == expected[0][:expected[0].index(middle)]
     assert finish == ["stop"]
 
 
 def test_n_choices_and_seed(client):
-    first = ask(client, "Name a colour.", temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
-    again = ask(client, "Name a colour.", temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
+    first = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
+    again = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     assert 3 <= first.usage.completion_tokens <= 3 * 12
 
 
-def test_streaming_n_choices(client):
-    chunks = list(ask(client, "What is 4+4?", temperature=0, n=2, max_tokens=8, stream=True))
+def test_streaming_n_choices(client, expected):
+    chunks = list(ask(client, temperature=0, n=2, max_tokens=24, stream=True))
     texts = {0: "", 1: ""}
     for c in chunks:
         for choice in c.choices:
             texts[choice.index] += choice.delta.content or ""
-    assert texts == {0: "8", 1: "8"}
+    assert texts == {0: expected[0], 1: expected[0]}
 
 
-def test_error_shapes(server, client):
+def test_error_shapes(server, client, expected):
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert error.value.code == "model_not_found"
@@ -138,11 +149,11 @@ def test_error_shapes(server, client):
     assert unknown.status_code == 404 and "error" in unknown.json()
     # none of that hurt the server
     assert server[1].poll() is None
-    assert ask(client, "What is 7+2?", temperature=0, max_tokens=5).choices[0].message.content == "9"
+    assert ask(client, temperature=0, max_tokens=24).choices[0].message.content == expected[0]
 
 
 @pytest.fixture(scope="module")
-def busy_server():
+def busy_server(tiny_untrained_model):
     """In-process app (create_app) on a uvicorn thread: one generation at a time, one more may wait."""
     import threading
 
@@ -151,7 +162,7 @@ def busy_server():
     from mateconv.serve import create_app, free_port
 
     # an untrained model rarely emits EOS, so every request generates (nearly) all of its max_tokens
-    app = create_app(checkpoint("slow"), served_model_name="tiny", device="cpu", max_concurrent=1, max_queued=1)
+    app = create_app(tiny_untrained_model, served_model_name="tiny", device="cpu", max_concurrent=1, max_queued=1)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -206,15 +217,17 @@ def test_client_disconnect_frees_the_slot(busy_server):
         assert http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5}).status_code == 200
 
 
-def test_create_app_serves_a_moe_model_in_process():
+def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_reply):
     from fastapi.testclient import TestClient
 
     from mateconv.serve import create_app
 
-    with TestClient(create_app(checkpoint("moe"), served_model_name="moe", device="cpu")) as http:
+    text, tokens, ended = greedy_reply(tiny_moe_sft_model, QUESTION, 6)
+    with TestClient(create_app(tiny_moe_sft_model, served_model_name="moe", device="cpu")) as http:
         response = http.post("/v1/chat/completions", json={"model": "moe", "messages": [{"role": "user", "content":
-                                                           "What is 4+4?"}], "temperature": 0, "max_tokens": 6})
+                                                           QUESTION}], "temperature": 0, "max_tokens": 6})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
-        assert body["usage"]["completion_tokens"] >= 1
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
+        assert body["choices"][0]["finish_reason"] == ("stop" if ended else "length")
+        assert body["usage"]["completion_tokens"] == tokens
