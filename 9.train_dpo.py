@@ -5,7 +5,7 @@
 """
 import sys
 
-from mateconv.train.dpo import main
+from mateconv.train.stages import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("dpo"))

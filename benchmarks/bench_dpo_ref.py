@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 
 from model import MateConvForCausalLM, preset_config
 
-from mateconv.train.dpo import DPOObjective, DPOSettings, WithReferenceLogps, compute_reference_logps
+from mateconv.config import DPOConfig
+from mateconv.train.dpo import DPOObjective
+from mateconv.train.reference import WithReferenceLogps, compute_reference_logps
 
 
 def random_pairs(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -73,7 +75,7 @@ def main() -> None:
     config = preset_config(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     reference = MateConvForCausalLM(config).eval()
     pairs = random_pairs(args.batch_size * (args.steps + 1), args.seq_len, args.vocab_size)
-    settings = DPOSettings(beta=0.1, kl_coef=0.05)
+    settings = DPOConfig(beta=0.1, kl_coef=0.05)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

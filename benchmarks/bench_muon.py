@@ -14,14 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mateconv.config import TrainConfig
+from mateconv.config import TrainConfig, build_config
 from mateconv.files import read_metrics
-from mateconv.data.shards import PretrainTokens, build_shards
+from mateconv.data.shards import build_shards
 from mateconv.tokenizer import train_tokenizer
-from mateconv.train.distributed import setup
-from mateconv.train.engine import Trainer, seed_everything
-from mateconv.train.models import build_model
-from mateconv.train.objectives import LMObjective
+from mateconv.train.stages import RECIPES, run
 
 SHAKESPEARE = Path("/work/shared/data/karpathy__char-rnn/data/tinyshakespeare/input.txt")
 
@@ -37,15 +34,10 @@ def prepare(root: Path, vocab_size: int) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
-def run(config: TrainConfig, train_dir: Path, val_dir: Path) -> list[dict]:
-    runtime = setup(config)
-    seed_everything(config.seed)
-    model = build_model(config)
-    train = PretrainTokens(train_dir, config.max_seq_len)
-    val = PretrainTokens(val_dir, config.max_seq_len)
+def validation_curve(config: TrainConfig) -> list[dict]:
     start = time.time()
-    Trainer(config, runtime, model, LMObjective(), train, val).fit()
-    rows = read_metrics(Path(config.out_dir) / "metrics.jsonl")
+    run(RECIPES["pretrain"], config)
+    rows = read_metrics(Path(config.checkpoint.out_dir) / "metrics.jsonl")
     # wall seconds since training started, evaluations included (both optimizers evaluate at the same steps)
     return [{"step": r["step"], "val_loss": r["val_loss"], "seconds": r["time"] - start} for r in rows
             if "val_loss" in r]
@@ -69,13 +61,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, val_dir = prepare(Path(tmp), args.vocab)
         for name in ("adamw", "muon"):
-            config = TrainConfig(dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2, vocab_size=args.vocab,
-                                 max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps,
-                                 learning_rate=args.adamw_lr, muon_lr=args.muon_lr, optimizer=name,
-                                 warmup_iters=args.steps // 20, eval_interval=args.eval_interval, eval_batches=8,
-                                 tracker="none", num_workers=0, log_interval=10, save_interval_steps=10**9,
-                                 resume="never", out_dir=f"{tmp}/{name}", dtype="float32")
-            curves[name] = run(config, train_dir, val_dir)
+            config = build_config(dict(
+                dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2, vocab_size=args.vocab,
+                max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps, learning_rate=args.adamw_lr,
+                muon_lr=args.muon_lr, optimizer=name, warmup_iters=args.steps // 20,
+                eval_interval=args.eval_interval, eval_batches=8, tracker="none", num_workers=0, log_interval=10,
+                save_interval_steps=10**9, resume="never", out_dir=f"{tmp}/{name}", dtype="float32",
+                data_path=str(train_dir), val_data_path=str(val_dir),
+                tokenizer_path=str(train_dir.parent / "tokenizer")).items())
+            curves[name] = validation_curve(config)
     target = max(min(r["val_loss"] for r in curve) for curve in curves.values())
     print(f"dim {args.dim}, {args.layers} layers, seq {args.seq}, batch {args.batch}, vocab {args.vocab}, "
           f"{args.steps} steps, lr AdamW {args.adamw_lr} / Muon {args.muon_lr}, torch {torch.__version__}, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mateconv.config import TrainConfig
+from mateconv.config import TrainConfig, build_config
 from mateconv.files import read_metrics
 from mateconv.train.distributed import setup
 from mateconv.train.engine import Trainer, seed_everything
@@ -40,9 +40,9 @@ class RandomTokens(Dataset):
 
 
 def run(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, warmup: int) -> dict:
-    runtime = setup(config)
+    runtime = setup(config.parallel)
     Trainer(config, runtime, model, LMObjective(), data).fit()
-    rows = read_metrics(Path(config.out_dir) / "metrics.jsonl")
+    rows = read_metrics(Path(config.checkpoint.out_dir) / "metrics.jsonl")
     timed = [r for r in rows if "tokens_per_sec" in r and r["step"] > warmup]
     tokens_per_sec = sum(r["tokens_per_sec"] for r in timed) / len(timed)
     mfu = sum(r["mfu"] for r in timed) / len(timed) if "mfu" in timed[0] else float("nan")
@@ -72,10 +72,10 @@ def main() -> None:
         for round_index in range(args.rounds):
             for index, (name, model) in enumerate(contenders.items()):
                 model.load_state_dict(initial[name])
-                config = TrainConfig(max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps,
-                                     dtype=args.dtype, tracker="none", num_workers=0, log_interval=1,
-                                     out_dir=f"{tmp}/{index}_{round_index}", save_interval_steps=10**9,
-                                     resume="never", warmup_iters=0)
+                config = build_config(dict(max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps,
+                                           dtype=args.dtype, tracker="none", num_workers=0, log_interval=1,
+                                           out_dir=f"{tmp}/{index}_{round_index}", save_interval_steps=10**9,
+                                           resume="never", warmup_iters=0).items())
                 result = run(name, model, config, data, args.warmup)
                 if name not in best or result["tokens_per_sec"] > best[name]["tokens_per_sec"]:
                     best[name] = result

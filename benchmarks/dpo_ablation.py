@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 
 from mateconv.chat import load_model
-from mateconv.config import parse_config
+from mateconv.config import DPOConfig, parse_config
 from mateconv.data.shards import DPOTokens
 from mateconv.evaluate import task_accuracy
-from mateconv.train.dpo import STAGE_DEFAULTS, DPOObjective, DPOSettings, preference_eval, run
+from mateconv.train.dpo import DPOObjective
+from mateconv.train.evaluators import preference_eval
+from mateconv.train.stages import RECIPES, run
 
 VARIANTS = {  # name -> (learning rate, dpo beta, sft coefficient, loss type)
     "DPO + NLL (preset tiny)": ("3e-4", "0.1", "1.0", "sigmoid"),
@@ -46,16 +48,16 @@ def main() -> None:
     rows = [("SFT (start)", 0.0, task_accuracy(sft, tokenizer, tasks, max_new_tokens=24).accuracy)]
     for name, (lr, beta, sft_coef, loss_type) in VARIANTS.items():
         out_dir = args.work / name.replace(" ", "_").replace(",", "").replace("+", "plus")
-        run(parse_config([
+        run(RECIPES["dpo"], parse_config([
             "--init_from", str(sft_path), "--data_path", str(args.out / "tokens/prefs/train"), "--val_data_path", "",
             "--forget_data_paths", "", "--out_dir", str(out_dir), "--resume", "never", "--max_seq_len", "128",
             "--batch_size", "16", "--max_steps", str(args.steps), "--warmup_iters", "0", "--learning_rate", lr,
             "--dpo_beta", beta, "--dpo_sft_coef", sft_coef, "--dpo_loss_type", loss_type, "--tracker", "none",
             "--num_workers", "0", "--device", "cpu", "--dtype", "float32", "--engine", "torch",
             "--save_interval_steps", str(args.steps), "--eval_interval", str(args.steps),
-        ], STAGE_DEFAULTS))
+        ], RECIPES["dpo"].defaults))
         policy, _ = load_model(out_dir / "final", device="cpu", dtype="float32")
-        pairs = preference_eval(policy, DPOObjective(DPOSettings(beta=float(beta)), reference=sft), held_out, 16,
+        pairs = preference_eval(policy, DPOObjective(DPOConfig(beta=float(beta)), reference=sft), held_out, 16,
                                 None, "cpu")
         rows.append((name, pairs["rewards/accuracies"], task_accuracy(policy, tokenizer, tasks, 24).accuracy))
 

@@ -1,106 +1,149 @@
-"""TrainConfig: every training flag of stages 4, 5 and 9, read from YAML files, `--overrides key=value` and `--key value`.
+"""TrainConfig: every training setting of stages 4, 5, 9 and CPT, in sections, read from YAML files and flags.
 
     python 4.pretrain.py configs/pretrain_tiny.yaml --overrides learning_rate=2e-5 batch_size=32 --use_moe
-    python 4.pretrain.py --dim 256 --n_layers 4 --max_steps 100
+    python 4.pretrain.py --preset mateconv-0.02b --max_steps 100
 
-Later sources win: stage defaults < YAML file < `--key value` flags and `--overrides` (in command-line order).
+The `model` section is the model's own `MateConvConfig`; the other sections are declared here, each field once.
+Every field has one flat name (`--dim`, `--learning_rate`, `--dpo_beta`); FLAGS maps flat names and the seeds'
+aliases to (section, field). YAML files use flat names or sections (`model: {dim: 256}`), and `section.field` works
+anywhere. `preset: NAME` sets the model size from `model.config.PRESETS`.
+
+Later sources win: stage defaults < YAML file < `--key value` flags and `--overrides` (in command-line order); a YAML
+file's preset applies before its other keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
+import sys
+import textwrap
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from mateconv.files import write_atomic
+from model.config import PRESETS, MateConvConfig
+from model.config import ConfigError as ModelConfigError
 
-CHOICES = {
-    "optimizer": ("adamw", "muon"),
-    "tracker": ("wandb", "tensorboard", "none"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "engine": ("auto", "deepspeed", "torch"),
-    "zero_stage": (0, 1, 2, 3),
-    "wandb_watch": ("", "gradients", "parameters", "all"),
-}
-# Names the seeds use for the same flags.
-ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
-           "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
-           "sft_coef": "dpo_sft_coef"}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# Names the seeds use for the same flags.
+SEED_ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
+                "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
+                "sft_coef": "dpo_sft_coef"}
 
 
 class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message names the key."""
 
 
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        named = ", ".join(str(option) if option != "" else '""' for option in allowed)
+        raise ConfigError(f"{name}: {value!r} is not one of {named}")
+
+
+def check_positive(section, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(section, name)}")
+
+
+def check_non_negative(section, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(section, name)}")
+
+
 @dataclass
-class TrainConfig:
-    # model shape (ignored when init_from names a Hugging Face model)
-    dim: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    max_seq_len: int = 512
-    vocab_size: int = 6400
-    rope_theta: float = 1e6
-    dropout: float = 0.0
-    norm_eps: float = 1e-5
-    multiple_of: int = 64
-    hidden_dim: int | None = None
-    flash_attn: bool = True
-    use_moe: bool = False
-    n_routed_experts: int = 4
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 1
-    aux_loss_alpha: float = 0.1
-    seq_aux: bool = True
-    norm_topk_prob: bool = True
-    # data
+class DataConfig:
     data_path: str = "out/tokens/pretrain/train"
     val_data_path: str = "out/tokens/pretrain/val"
     tokenizer_path: str = "out/tokenizer"
     num_workers: int = 2
-    eval_batches: int = 50
-    # optimisation
+
+    def __post_init__(self) -> None:
+        check_non_negative(self, ("num_workers",))
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation run: batches, length, optimizer and learning-rate schedule."""
     batch_size: int = 32
     accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    seed: int = 42
+    optimizer: str = "adamw"
     learning_rate: float = 5e-4
     min_lr_ratio: float = 0.1
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.0  # > 0: warm up for this fraction of the run instead of warmup_iters
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
-    epochs: int = 1
-    max_steps: int = 0
     grad_clip: float = 1.0
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.0  # > 0: warm up for this fraction of the run instead of warmup_iters
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    # hardware and parallelism
-    dtype: str = "auto"
-    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate"))
+        check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip"))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class ParallelConfig:
+    """Engine, devices, precision and memory savers."""
     engine: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
     zero_stage: int = 0
     ds_config: str = ""
     offload_optimizer: bool = False
     offload_param: bool = False
+    gradient_checkpointing: bool = False
     local_rank: int = -1
-    peak_flops: float = 0.0
-    # checkpoints, evaluation, logging
+
+    def __post_init__(self) -> None:
+        check_choice("engine", self.engine, ("auto", "deepspeed", "torch"))
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run starts from and where it writes."""
     out_dir: str = "out/pretrain"
+    init_from: str = ""  # a saved Hugging Face causal LM to start from; the model section is then ignored
+    resume: str = "auto"
     save_interval_steps: int = 1000
     keep_checkpoint_max: int = 3
-    resume: str = "auto"
-    eval_interval: int = 500
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("save_interval_steps", "keep_checkpoint_max"))
+
+
+@dataclass
+class TrackConfig:
+    """Evaluation and logging: when, how much, and where to."""
     log_interval: int = 10
+    eval_interval: int = 500
+    eval_batches: int = 50
+    peak_flops: float = 0.0
     tracker: str = "wandb"
     wandb_project: str = "mateconv"
     wandb_run_name: str = ""
@@ -108,78 +151,118 @@ class TrainConfig:
     wandb_watch_freq: int = 100  # in backward passes (micro-batches)
     wandb_log_model: bool = False
     wandb_log_code: bool = False
-    # initialisation and LoRA
-    init_from: str = ""
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    # DPO (stage 9)
-    dpo_beta: float = 0.1
-    dpo_loss_type: str = "sigmoid"
-    dpo_label_smoothing: float = 0.0
-    dpo_kl_coef: float = 0.0
-    dpo_sft_coef: float = 0.0
-    ref_model_path: str = ""
-    precompute_ref: bool = False
-    forget_data_paths: list[str] = field(default_factory=lambda: ["out/tokens/pretrain/val", "out/tokens/sft/val"])
 
     def __post_init__(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                named = ", ".join(str(value) if value != "" else '""' for value in allowed)
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {named}")
-        positive = ("batch_size", "accumulation_steps", "max_seq_len", "save_interval_steps", "keep_checkpoint_max",
-                    "eval_interval", "log_interval", "epochs", "wandb_watch_freq")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_iters", "num_workers", "grad_clip", "eval_batches"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.offload_param and self.zero_stage != 3:
-            raise ConfigError("offload_param needs zero_stage 3")
-        if self.offload_optimizer and self.zero_stage < 1:
-            raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
-        if self.wandb_watch and self.zero_stage == 3:
+        check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
+        check_choice("wandb_watch", self.wandb_watch, ("", "gradients", "parameters", "all"))
+        check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
+        check_non_negative(self, ("eval_batches",))
+
+
+@dataclass
+class LoRAConfig:
+    PREFIX: ClassVar[str] = "lora_"
+    enabled: bool = field(default=False, metadata={"flag": "use_lora"})
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class DPOConfig:
+    """Stage 9 (docs/dpo.md): the preference loss and its extra terms, the reference, the forgetting evaluation."""
+    PREFIX: ClassVar[str] = "dpo_"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    kl_coef: float = 0.0
+    sft_coef: float = 0.0
+    ref_model_path: str = field(default="", metadata={"flag": "ref_model_path"})  # "" = init_from
+    precompute_ref: bool = field(default=False, metadata={"flag": "precompute_ref"})
+    forget_data_paths: list[str] = field(default_factory=lambda: ["out/tokens/pretrain/val", "out/tokens/sft/val"],
+                                         metadata={"flag": "forget_data_paths"})
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"dpo_loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo_beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError("dpo_label_smoothing (conservative DPO) applies to dpo_loss_type sigmoid only")
+        if self.kl_coef < 0 or self.sft_coef < 0:
+            raise ConfigError(f"dpo_kl_coef and dpo_sft_coef must be >= 0, got {self.kl_coef}, {self.sft_coef}")
+
+
+@dataclass
+class TrainConfig:
+    model: MateConvConfig = field(default_factory=MateConvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def __post_init__(self) -> None:
+        if self.track.wandb_watch and self.parallel.zero_stage == 3:
             raise ConfigError("wandb_watch is not supported with zero_stage 3 (parameters are partitioned, so the "
                               "hooks would see empty tensors); use zero_stage 0-2 or drop wandb_watch")
 
-    @property
-    def tokens_per_micro_batch(self) -> int:
-        return self.batch_size * self.max_seq_len
+    def get(self, key: str):
+        """The value of a flat key (`use_moe`, `dpo_beta`, `lr`, `model.dim`)."""
+        section, name = resolve(key)
+        return getattr(getattr(self, section), name)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def declared_fields(cls) -> list[tuple[dataclasses.Field, object]]:
+    """(field, type) for each field `cls` declares itself (MateConvConfig also inherits PretrainedConfig's).
+
+    The annotations are strings (postponed evaluation), and typing.get_type_hints fails on PretrainedConfig's, so
+    each is evaluated in its own module."""
+    namespace = vars(sys.modules[cls.__module__])
+    declared = vars(cls).get("__annotations__", {})
+    return [(f, eval(f.type, namespace) if isinstance(f.type, str) else f.type)
+            for f in dataclasses.fields(cls) if f.name in declared]
 
 
-def _field_type(name: str):
-    return typing.get_type_hints(TrainConfig)[name]
+SECTIONS: dict[str, type] = {f.name: kind for f, kind in declared_fields(TrainConfig)}
+KINDS: dict[tuple[str, str], object] = {}  # (section, field) -> type
+NAMES: dict[tuple[str, str], str] = {}  # (section, field) -> flat name
+for _section, _cls in SECTIONS.items():
+    for _field, _kind in declared_fields(_cls):
+        KINDS[_section, _field.name] = _kind
+        NAMES[_section, _field.name] = _field.metadata.get("flag", getattr(_cls, "PREFIX", "") + _field.name)
+# The one alias map: every flat name and seed alias -> (section, field).
+FLAGS: dict[str, tuple[str, str]] = {name: place for place, name in NAMES.items()}
+FLAGS.update({alias: FLAGS[name] for alias, name in SEED_ALIASES.items()})
 
 
 def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1)
-    hint = f"; did you mean '{ALIASES.get(close[0], close[0])}'?" if close else ""
+    dotted = [f"{section}.{name}" for section, name in KINDS]
+    close = difflib.get_close_matches(key, list(FLAGS) + dotted, n=1)
+    hint = f"; did you mean '{NAMES[FLAGS[close[0]]] if close[0] in FLAGS else close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _canonical(key: str) -> str:
+def resolve(key: str) -> tuple[str, str]:
+    """(section, field) of a flat name, seed alias or `section.field`, or ConfigError naming the closest key."""
     key = key.replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key not in FIELDS:
+    section, dot, name = key.partition(".")
+    if dot and (section, name) in KINDS:
+        return section, name
+    if key not in FLAGS:
         raise _unknown(key)
-    return key
+    return FLAGS[key]
 
 
-def convert(key: str, value):
-    """`value` (a YAML value or a command-line string) as the type of field `key`, or ConfigError."""
-    kind = _field_type(key)
+def convert(place: tuple[str, str], value):
+    """`value` (a YAML value or a command-line string) as the type of field `place`, or ConfigError."""
+    key, kind = NAMES[place], KINDS[place]
     optional = isinstance(kind, types.UnionType) and type(None) in kind.__args__
     if optional:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -221,7 +304,8 @@ def convert(key: str, value):
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path) -> list[tuple[str, object]]:
+    """A config file's (key, value) pairs, sections flattened to `section.field`, its preset first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -231,7 +315,13 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    pairs = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
+        else:
+            pairs.append((key, value))
+    return sorted(pairs, key=lambda pair: pair[0] != "preset")
 
 
 def parse_args(argv: list[str]) -> list[tuple[str, object]]:
@@ -243,13 +333,13 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
         if not token.startswith("--"):
             if not token.endswith((".yaml", ".yml")):
                 raise ConfigError(f"unexpected argument '{token}' (a config file must end in .yaml)")
-            pairs += list(load_yaml(token).items())
+            pairs += load_yaml(token)
             i += 1
             continue
         name, has_value, inline = token[2:].partition("=")
         if name == "config":
             path = inline if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
-            pairs += list(load_yaml(path).items())
+            pairs += load_yaml(path)
             i += 1 if has_value else 2
             continue
         if name == "overrides":
@@ -261,34 +351,58 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
                 pairs.append((key, value))
                 i += 1
             continue
-        key = _canonical(name)
+        kind = str if name == "preset" else KINDS[resolve(name)]
+        values = list(itertools.takewhile(lambda token: not token.startswith("--"), argv[i + 1:]))
         if has_value:
-            pairs.append((key, inline))
+            pairs.append((name, inline))
             i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            pairs.append((key, argv[i + 1]))
+        elif len(values) > 1 and typing.get_origin(kind) is list:  # --lora_target_modules q_proj v_proj
+            pairs.append((name, values))
+            i += 1 + len(values)
+        elif values:
+            pairs.append((name, values[0]))
             i += 2
-        elif _field_type(key) is bool:
-            pairs.append((key, True))  # a bare boolean flag: --use_moe
+        elif kind is bool:
+            pairs.append((name, True))  # a bare boolean flag: --use_moe
             i += 1
         else:
             raise ConfigError(f"--{name} needs a value")
     return pairs
 
 
+def preset_pairs(name) -> list[tuple[str, object]]:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown model size {name!r}; choose one of {', '.join(PRESETS)}")
+    return [(f"model.{key}", value) for key, value in PRESETS[name].items()]
+
+
+def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
+    """A TrainConfig from (key, value) pairs in order (later ones win); keys are flat, aliases or `section.field`;
+    `preset` sets the model size."""
+    values: dict[str, dict] = {section: {} for section in SECTIONS}
+    for key, value in pairs:
+        for inner_key, inner_value in preset_pairs(value) if key == "preset" else [(key, value)]:
+            section, name = resolve(inner_key)
+            values[section][name] = convert((section, name), inner_value)
+    try:
+        model = MateConvConfig(**values.pop("model"))
+    except ModelConfigError as e:
+        raise ConfigError(str(e)) from None
+    return TrainConfig(model, **{section: SECTIONS[section](**fields) for section, fields in values.items()})
+
+
 def parse_config(argv: list[str], defaults: dict | None = None) -> TrainConfig:
     """A TrainConfig from stage defaults and command-line tokens (YAML paths, flags, --overrides)."""
-    values: dict = {}
-    for key, value in [*(defaults or {}).items(), *parse_args(argv)]:
-        key = _canonical(key)
-        values[key] = convert(key, value)
-    if values.get("local_rank", -1) < 0 and "LOCAL_RANK" in os.environ:
-        values["local_rank"] = int(os.environ["LOCAL_RANK"])
-    return TrainConfig(**values)
+    config = build_config([*(defaults or {}).items(), *parse_args(argv)])
+    if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
+        config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
+    return config
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """{section: {field: value}}, the fields each section declares (the model's without PretrainedConfig's)."""
+    return {section: {name: getattr(getattr(config, section), name) for s, name in KINDS if s == section}
+            for section in SECTIONS}
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -296,11 +410,18 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     write_atomic(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-def help_text() -> str:
-    lines = ["flags (also YAML keys and --overrides key=value):"]
-    hints = typing.get_type_hints(TrainConfig)
-    for name, f in FIELDS.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kind = getattr(hints[name], "__name__", str(hints[name]))
-        lines.append(f"  --{name:<24} {kind:<10} default {default!r}")
+def help_text(sections: Iterable[str], stage_defaults: dict) -> str:
+    """The flags of `sections` with their defaults (the stage's where it has one), by section."""
+    stage = {resolve(key): value for key, value in stage_defaults.items()}
+    lines = ["flags, shown with their defaults (also YAML keys, flat or under their section, and --overrides key=value):",
+             f"  --preset NAME: the model size, one of {', '.join(PRESETS)}"]
+    for section in sections:
+        flags = []
+        for f, _ in declared_fields(SECTIONS[section]):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = stage.get((section, f.name), default)
+            flags.append(f"--{NAMES[section, f.name]}={default!r}")
+        lines.append(f"{section}:")
+        lines += textwrap.wrap("  ".join(flags), width=118, initial_indent="  ", subsequent_indent="  ",
+                               break_long_words=False, break_on_hyphens=False)
     return "\n".join(lines)

@@ -10,15 +10,15 @@ The texts are tokenised with the model's own tokenizer, each followed by its EOS
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import Dataset
 
-from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.distributed import setup
-from mateconv.train.engine import Trainer, seed_everything
-from mateconv.train.models import build_model, load_tokenizer
-from mateconv.train.objectives import LMObjective
+from mateconv.config import ConfigError, TrainConfig, build_config
+from mateconv.train.data import StageData
+from mateconv.train.distributed import Runtime
+from mateconv.train.stages import Recipe, lm_objective, run
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CPTConfig:
     tracker: str = "none"
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
+        return build_config(dict(
             init_from=self.model_name_or_path, max_seq_len=self.max_length, learning_rate=self.learning_rate,
             epochs=self.num_train_epochs, batch_size=self.per_device_train_batch_size,
             accumulation_steps=self.gradient_accumulation_steps,
@@ -48,7 +48,7 @@ class CPTConfig:
             gradient_checkpointing=self.use_gradient_checkpointing, dtype="auto" if self.use_bf16 else "float32",
             out_dir=self.output_dir, max_steps=self.max_steps, warmup_iters=self.warmup_steps, seed=self.seed,
             tracker=self.tracker, num_workers=0, val_data_path="", resume="never",
-            save_interval_steps=10**9, log_interval=1)
+            save_interval_steps=10**9, log_interval=1).items())
 
 
 class PackedTexts(Dataset):
@@ -73,6 +73,13 @@ class PackedTexts(Dataset):
         return {"input_ids": self.windows[i], "labels": self.windows[i]}
 
 
+def read_texts(texts: list[str], config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+    """The CPT recipe's reader: `texts` packed with the model's own tokenizer."""
+    if tokenizer is None:
+        raise ConfigError(f"{config.checkpoint.init_from} has no tokenizer (tokenizer_config.json)")
+    return StageData(PackedTexts(texts, tokenizer, config.model.max_seq_len))
+
+
 class CPTTrainer:
     def __init__(self, config: CPTConfig):
         self.config = config
@@ -85,12 +92,4 @@ class CPTTrainer:
             texts = texts[: self.config.max_samples]
         if not texts:
             raise ConfigError("no non-empty texts to train on")
-        config = self.train_config
-        runtime = setup(config)
-        seed_everything(config.seed)
-        model = build_model(config)
-        tokenizer = load_tokenizer(config)
-        if tokenizer is None:
-            raise ConfigError(f"{config.init_from} has no tokenizer (tokenizer_config.json)")
-        data = PackedTexts(texts, tokenizer, config.max_seq_len)
-        return Trainer(config, runtime, model, LMObjective(), data, tokenizer=tokenizer).fit()["loss"]
+        return run(Recipe("cpt", partial(read_texts, texts), lm_objective), self.train_config)["loss"]

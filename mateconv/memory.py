@@ -159,11 +159,9 @@ def setup_for(data: dict, model_name: str, stage: str) -> TrainingSetup:
 
 
 def preset_flags(data: dict, model_name: str, stage: str) -> list[str]:
-    """The preset as training flags (`--key value`), model size flags included."""
-    from model.config import PRESETS
-
+    """The preset as training flags (`--key value`), the model size as `--preset`."""
     settings = {k: v for k, v in data["models"][model_name][stage].items() if k != "num_gpus"}
-    return render_flags({**PRESETS[model_name], **settings})
+    return render_flags({"preset": model_name, **settings})
 
 
 def report(path: str | Path) -> str:

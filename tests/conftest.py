@@ -179,10 +179,10 @@ def tiny_flags(tiny_tokens, tiny_tokenizer) -> Callable[..., list[str]]:
 def _train_tiny(tokens: Path, tokenizer: Path, out: Path, stage: str, **overrides) -> Path:
     """A tiny model trained from scratch with the real engine; returns the `final/` directory."""
     from mateconv.config import parse_config
-    from mateconv.train.stages import STAGE_DEFAULTS, run
+    from mateconv.train.stages import RECIPES, run
 
-    run(stage, parse_config(_tiny_flags(tokens, tokenizer, out, stage, init_from="", **overrides),
-                            STAGE_DEFAULTS[stage]))
+    run(RECIPES[stage], parse_config(_tiny_flags(tokens, tokenizer, out, stage, init_from="", **overrides),
+                                     RECIPES[stage].defaults))
     return out / "final"
 
 

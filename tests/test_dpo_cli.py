@@ -3,32 +3,32 @@ from __future__ import annotations
 
 import pytest
 
-from mateconv.train.dpo import main
+from mateconv.train.stages import main
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--init_from", "/nonexistent/sft"], "reference model /nonexistent/sft is not a directory"),
+    (["--init_from", "/nonexistent/sft"], "init_from: cannot load a causal LM from /nonexistent/sft"),
     (["--dpo_loss_type", "kto"], "loss_type must be one of sigmoid, ipo, hinge"),
     (["--kl_coeff", "0.05"], "unknown config key 'kl_coeff'; did you mean 'dpo_kl_coef'?"),
 ])
 def test_bad_input_is_one_line(argv, message):
     with pytest.raises(SystemExit) as error:
-        main(argv + ["--tracker", "none", "--engine", "torch", "--device", "cpu"])
+        main("dpo", argv + ["--tracker", "none", "--engine", "torch", "--device", "cpu"])
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_shards_are_named(tiny_llama, tmp_path):
     tiny_llama(0).save_pretrained(tmp_path / "sft")
     with pytest.raises(SystemExit, match="DPO token shards not found: .*missing"):
-        main(["--init_from", str(tmp_path / "sft"), "--data_path", str(tmp_path / "missing"), "--tracker", "none",
-              "--engine", "torch", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+        main("dpo", ["--init_from", str(tmp_path / "sft"), "--data_path", str(tmp_path / "missing"), "--tracker",
+                     "none", "--engine", "torch", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
 
 
 def test_run_without_held_out_data_saves_the_model_and_no_plot(tiny_sft_model, tiny_tokens, tmp_path):
     from conftest import TINY_MODEL_FLAGS
 
     out = tmp_path / "dpo"
-    assert main(TINY_MODEL_FLAGS + [
+    assert main("dpo", TINY_MODEL_FLAGS + [
         "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
         "--forget_data_paths", "", "--out_dir", str(out), "--batch_size", "8", "--max_steps", "3",
         "--save_interval_steps", "3", "--log_interval", "1"]) == 0

@@ -10,7 +10,9 @@ import pytest
 from mateconv.chat import load_model
 from mateconv.data.shards import DPOTokens
 from mateconv.evaluate import task_accuracy
-from mateconv.train.dpo import DPOObjective, DPOSettings, preference_eval
+from mateconv.config import DPOConfig
+from mateconv.train.dpo import DPOObjective
+from mateconv.train.evaluators import preference_eval
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,7 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
 
     # Reward accuracy against the SFT reference, which ranks every pair as a tie (rewards 0, accuracy 0).
     # On-policy held-out pairs: the SFT model's own right and wrong replies to validation prompts.
-    objective = DPOObjective(DPOSettings(beta=0.1), reference=sft)
+    objective = DPOObjective(DPOConfig(beta=0.1), reference=sft)
     on_policy = preference_eval(dpo, objective, DPOTokens(out / "tokens/prefs/val", 128), 16, None, "cpu")
     assert on_policy["rewards/accuracies"] > 0.65 and on_policy["rewards/margins"] > 0, on_policy
     # The embedded data set's own held-out pairs (a known answer against a generated wrong one): another distribution.

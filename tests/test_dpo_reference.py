@@ -7,15 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mateconv.train.dpo import (
-    DPOError,
-    DPOObjective,
-    DPOSettings,
-    ReferenceLogps,
-    WithReferenceLogps,
-    compute_reference_logps,
-    reference_cache_dir,
-)
+from mateconv.config import DPOConfig
+from mateconv.train.dpo import DPOError, DPOObjective
+from mateconv.train.reference import (ReferenceLogps, WithReferenceLogps, compute_reference_logps,
+                                      reference_cache_dir)
 
 SEQ = 32
 
@@ -41,7 +36,7 @@ def test_precomputed_reference_matches_on_the_fly(setup, tiny_llama):
     cache = compute_reference_logps(reference, pairs, cache_dir, batch_size=4, device="cpu")
     assert ReferenceLogps.exists(cache_dir) and cache.sums.shape == (11, 2)
 
-    settings = DPOSettings(beta=0.1, kl_coef=0.05, sft_coef=0.3)
+    settings = DPOConfig(beta=0.1, kl_coef=0.05, sft_coef=0.3)
     cached_objective, live_objective = DPOObjective(settings), DPOObjective(settings, reference=reference)
     with_ref = WithReferenceLogps(pairs, cache)
     for cached_batch, live_batch in zip(DataLoader(with_ref, batch_size=3), DataLoader(pairs, batch_size=3)):
@@ -72,7 +67,7 @@ def test_cache_errors_are_clear(setup, tmp_path):
     with pytest.raises(DPOError, match="index.json"):
         reference_cache_dir(ref_dir, ref_dir, SEQ, torch.float32)
     with pytest.raises(DPOError, match="no reference"):
-        DPOObjective(DPOSettings()).loss(torch.nn.Linear(1, 1), DataLoader(pairs, batch_size=2).__iter__().__next__())
+        DPOObjective(DPOConfig()).loss(torch.nn.Linear(1, 1), DataLoader(pairs, batch_size=2).__iter__().__next__())
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama, random_dpo_pairs):
@@ -80,7 +75,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama, random_dp
     base_copy = tiny_llama(6)
     lora = peft.get_peft_model(tiny_llama(6), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     batch = next(iter(DataLoader(random_dpo_pairs(4, SEQ, seed=8), batch_size=4)))
-    settings = DPOSettings(beta=0.1, kl_coef=0.05)
+    settings = DPOConfig(beta=0.1, kl_coef=0.05)
     lora_loss, lora_metrics = DPOObjective(settings).loss(lora, batch)
     copy_loss, copy_metrics = DPOObjective(settings, reference=base_copy).loss(lora, batch)
     torch.testing.assert_close(lora_loss, copy_loss)

@@ -17,7 +17,8 @@ from accelerate import Accelerator  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from mateconv.train.dpo import DPOError, DPOObjective, DPOSettings, concat_pair  # noqa: E402
+from mateconv.config import ConfigError, DPOConfig  # noqa: E402
+from mateconv.train.dpo import DPOObjective, concat_pair  # noqa: E402
 
 VOCAB, SEQ, PAIRS = 50, 24, 6
 
@@ -26,7 +27,7 @@ def make_batch(random_dpo_pairs, seed: int) -> dict[str, torch.Tensor]:
     return default_collate(random_dpo_pairs(PAIRS, SEQ, VOCAB, seed=seed))
 
 
-def trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings: DPOSettings, trl_loss_type: str,
+def trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings: DPOConfig, trl_loss_type: str,
                          sft_weight: float = 0.0):
     """Run TRL's own loss code on the batch laid out as TRL's collator does: [chosen; rejected]; `sft_weight` adds
     TRL's "sft" loss (NLL on the chosen completions) with that weight."""
@@ -59,17 +60,17 @@ def models(tiny_llama):
 def reference_sums(reference, batch):
     """Our own reference log-probs, handed to TRL as its precomputed reference."""
     ids, attention, labels = concat_pair(batch)
-    objective = DPOObjective(DPOSettings(), reference=reference)
+    objective = DPOObjective(DPOConfig(), reference=reference)
     return objective.reference_token_logps(reference, ids, attention, labels).sum(-1).split(PAIRS)
 
 
 CASES = [
-    (DPOSettings(beta=0.1, loss_type="sigmoid"), "sigmoid"),
-    (DPOSettings(beta=0.2, loss_type="sigmoid"), "sigmoid"),
-    (DPOSettings(beta=0.1, loss_type="ipo"), "ipo"),
-    (DPOSettings(beta=0.5, loss_type="ipo"), "ipo"),
-    (DPOSettings(beta=0.1, loss_type="hinge"), "hinge"),
-    (DPOSettings(beta=3.0, loss_type="hinge"), "hinge"),
+    (DPOConfig(beta=0.1, loss_type="sigmoid"), "sigmoid"),
+    (DPOConfig(beta=0.2, loss_type="sigmoid"), "sigmoid"),
+    (DPOConfig(beta=0.1, loss_type="ipo"), "ipo"),
+    (DPOConfig(beta=0.5, loss_type="ipo"), "ipo"),
+    (DPOConfig(beta=0.1, loss_type="hinge"), "hinge"),
+    (DPOConfig(beta=3.0, loss_type="hinge"), "hinge"),
 ]
 
 
@@ -95,12 +96,12 @@ def test_conservative_dpo_matches_trl(models, random_dpo_pairs, label_smoothing)
     """Label smoothing: -(1-e) logsig(b d) - e logsig(-b d). TRL 1.16 applies exactly this formula in its `aot`
     loss, after sorting across the batch; with one pair per call the sort is the identity, so compare pair by pair."""
     policy, reference = models
-    settings = DPOSettings(beta=0.1, label_smoothing=label_smoothing)
+    settings = DPOConfig(beta=0.1, label_smoothing=label_smoothing)
     batch = make_batch(random_dpo_pairs, seed=7)
     ref_chosen, ref_rejected = reference_sums(reference, batch)
     with torch.no_grad():
         ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
-        plain, _ = DPOObjective(DPOSettings(beta=0.1), reference=reference).loss(policy, batch)
+        plain, _ = DPOObjective(DPOConfig(beta=0.1), reference=reference).loss(policy, batch)
         per_pair = []
         for i in range(PAIRS):
             one = {key: value[i : i + 1] for key, value in batch.items()}
@@ -116,19 +117,19 @@ def test_sft_term_matches_trl_sft_loss(models, random_dpo_pairs, sft_coef):
     policy, reference = models
     batch = make_batch(random_dpo_pairs, seed=11)
     ref_chosen, ref_rejected = reference_sums(reference, batch)
-    settings = DPOSettings(beta=0.1, sft_coef=sft_coef)
+    settings = DPOConfig(beta=0.1, sft_coef=sft_coef)
     with torch.no_grad():
         ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
-        plain, _ = DPOObjective(DPOSettings(beta=0.1), reference=reference).loss(policy, batch)
+        plain, _ = DPOObjective(DPOConfig(beta=0.1), reference=reference).loss(policy, batch)
         theirs, _ = trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings, "sigmoid", sft_coef)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert ours.item() == pytest.approx(plain.item() + sft_coef * metrics["nll/chosen"], rel=1e-5)
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(DPOError, match="loss_type"):
-        DPOSettings(loss_type="kto")
-    with pytest.raises(DPOError, match="label_smoothing"):
-        DPOSettings(loss_type="ipo", label_smoothing=0.1)
-    with pytest.raises(DPOError, match="beta"):
-        DPOSettings(beta=0)
+    with pytest.raises(ConfigError, match="loss_type"):
+        DPOConfig(loss_type="kto")
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        DPOConfig(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="beta"):
+        DPOConfig(beta=0)

@@ -1,6 +1,7 @@
 """TrainConfig parsing (YAML, --overrides, flags, errors), DeepSpeed config filling, schedule, optimizers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mateconv.config import ConfigError, TrainConfig, parse_config, save_config
+from mateconv.config import (FLAGS, SECTIONS, ConfigError, OptimConfig, ParallelConfig, TrainConfig, help_text,
+                             parse_config, save_config)
 from mateconv.train.ds_config import DS_CONFIG_DIR, build_ds_config
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
 
@@ -21,20 +23,88 @@ def test_yaml_then_flags_then_overrides(tmp_path):
     path.write_text("dim: 256\nlearning_rate: 1.0e-3\nuse_moe: false\nlora_target_modules: [q_proj, v_proj]\n")
     config = parse_config([str(path), "--overrides", "learning_rate=2e-5", "batch_size=32", "lr=3e-5",
                            "--dim", "128", "--use_moe"], defaults={"out_dir": "out/sft"})
-    assert (config.dim, config.learning_rate, config.batch_size, config.use_moe) == (128, 3e-5, 32, True)
-    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.out_dir == "out/sft"
+    assert (config.model.dim, config.optim.learning_rate, config.optim.batch_size, config.model.use_moe) == (
+        128, 3e-5, 32, True)
+    assert config.lora.target_modules == ["q_proj", "v_proj"] and config.checkpoint.out_dir == "out/sft"
+
+
+def test_nested_yaml_and_dotted_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {dim: 256, use_moe: true}\noptim:\n  learning_rate: 1.0e-3\ndpo: {beta: 0.3}\n"
+                    "batch_size: 4\n")
+    config = parse_config([str(path), "--overrides", "model.n_layers=3", "dpo.loss_type=ipo"])
+    assert (config.model.dim, config.model.use_moe, config.model.n_layers) == (256, True, 3)
+    assert (config.optim.learning_rate, config.optim.batch_size) == (1e-3, 4)
+    assert (config.dpo.beta, config.dpo.loss_type) == (0.3, "ipo")
+
+
+def test_preset_sets_the_model_size_and_later_keys_win(tmp_path):
+    from model.config import PRESETS
+
+    config = parse_config(["--preset", "mateconv-0.1b-moe"])
+    assert {key: getattr(config.model, key) for key in PRESETS["mateconv-0.1b-moe"]} == PRESETS["mateconv-0.1b-moe"]
+    assert parse_config(["--preset", "mateconv-0.1b", "--dim", "256"]).model.dim == 256
+    path = tmp_path / "c.yaml"
+    path.write_text("n_layers: 3\npreset: mateconv-0.1b\n")  # the file's preset applies before its other keys
+    assert (parse_config([str(path)]).model.dim, parse_config([str(path)]).model.n_layers) == (768, 3)
+    with pytest.raises(ConfigError, match="preset: unknown model size 'mateconv-9b'; choose one of mateconv-0.02b"):
+        parse_config(["--overrides", "preset=mateconv-9b"])
+
+
+def test_initializer_range_and_tied_embeddings_are_settable():
+    from mateconv.train.models import build_model
+
+    config = parse_config(["--dim", "64", "--n_heads", "4", "--n_layers", "1", "--vocab_size", "64",
+                           "--initializer_range", "0.5", "--tie_word_embeddings", "false"])
+    model = build_model(config)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert 0.3 < model.lm_head.weight.std().item() < 0.7  # the default 0.02 would give ~0.02
+
+
+def test_alias_map_covers_every_field_once():
+    places = {(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+              if f.name in vars(cls).get("__annotations__", {})}
+    assert set(FLAGS.values()) == places
+    assert FLAGS["dim"] == ("model", "dim") and FLAGS["use_moe"] == ("model", "use_moe")
+    assert FLAGS["dpo_beta"] == ("dpo", "beta") and FLAGS["ref_model_path"] == ("dpo", "ref_model_path")
+    assert FLAGS["use_lora"] == ("lora", "enabled") and FLAGS["lora_r"] == ("lora", "r")
+    for alias, place in {"lr": ("optim", "learning_rate"), "save_interval": ("checkpoint", "save_interval_steps"),
+                         "ds_config_path": ("parallel", "ds_config"), "loss_type": ("dpo", "loss_type"),
+                         "label_smoothing": ("dpo", "label_smoothing"), "kl_coef": ("dpo", "kl_coef"),
+                         "sft_coef": ("dpo", "sft_coef")}.items():
+        assert FLAGS[alias] == place
+    config = parse_config(["--dpo_beta", "0.2", "--loss_type", "ipo", "--use_lora", "--lora_r", "4"])
+    assert (config.dpo.beta, config.dpo.loss_type, config.lora.enabled, config.lora.r) == (0.2, "ipo", True, 4)
+    assert config.get("dpo_beta") == 0.2 and config.get("lr") == config.optim.learning_rate
+
+
+@pytest.mark.parametrize("stage, has_dpo", [("pretrain", False), ("sft", False), ("dpo", True)])
+def test_stage_help_lists_only_the_sections_it_uses(stage, has_dpo):
+    from mateconv.train.stages import RECIPES
+
+    text = help_text(RECIPES[stage].sections, RECIPES[stage].defaults)
+    assert ("--dpo_beta=" in text) is has_dpo and ("\ndpo:" in text) is has_dpo
+    assert "--dim=512" in text and "--learning_rate=" in text and "--preset NAME" in text
+    if stage == "sft":
+        assert "--out_dir='out/sft'" in text  # the stage's own defaults
 
 
 @pytest.mark.parametrize("flags, value", [(["--use_moe"], True), (["--use_moe", "1"], True),
                                           (["--use_moe", "true"], True), (["--use_moe=false"], False),
                                           (["--use_moe", "0"], False), (["--overrides", "use_moe=yes"], True)])
 def test_boolean_forms(flags, value):
-    assert parse_config(flags).use_moe is value
+    assert parse_config(flags).model.use_moe is value
+
+
+def test_list_flags_take_several_values_or_commas():
+    config = parse_config(["--lora_target_modules", "q_proj", "v_proj", "--forget_data_paths", "", "--use_moe"])
+    assert (config.lora.target_modules, config.dpo.forget_data_paths) == (["q_proj", "v_proj"], [])
+    assert parse_config(["--lora_target_modules", "q_proj,o_proj"]).lora.target_modules == ["q_proj", "o_proj"]
 
 
 def test_deepspeed_local_rank_and_optional_int():
     config = parse_config(["--local_rank=1", "--hidden_dim", "none", "--dim", "64"])
-    assert config.local_rank == 1 and config.hidden_dim is None
+    assert config.parallel.local_rank == 1 and config.model.hidden_dim == 192  # derived from dim
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -49,6 +119,9 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--dim"], "--dim needs a value"),
     (["missing.yaml"], "config file not found: missing.yaml"),
     (["--offload_param"], "offload_param needs zero_stage 3"),
+    (["--dim", "100", "--n_heads", "8"], "dim (100) must be divisible by n_heads (8)"),
+    (["--dpo_beta", "0"], "dpo_beta must be > 0, got 0.0"),
+    (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -85,8 +158,9 @@ def test_stage_cli_reports_config_errors_in_one_line():
 
 @pytest.mark.parametrize("stage, offload", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)])
 def test_ds_configs_fill_every_auto(stage, offload):
-    config = TrainConfig(zero_stage=stage, offload_optimizer=offload, offload_param=offload and stage == 3,
-                         batch_size=6, accumulation_steps=4, grad_clip=0.5)
+    config = TrainConfig(parallel=ParallelConfig(zero_stage=stage, offload_optimizer=offload,
+                                                 offload_param=offload and stage == 3),
+                         optim=OptimConfig(batch_size=6, accumulation_steps=4, grad_clip=0.5))
     ds = build_ds_config(config, torch.bfloat16, world_size=2, hidden=512)
     assert "auto" not in json.dumps(ds)
     assert ds["zero_optimization"]["stage"] == stage
@@ -99,7 +173,7 @@ def test_ds_configs_fill_every_auto(stage, offload):
 def test_ds_config_files_are_valid_json():
     assert sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) == [
         "zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
-    ds = build_ds_config(TrainConfig(zero_stage=1, optimizer="muon"), torch.float16, 1, 64)
+    ds = build_ds_config(parse_config(["--zero_stage", "1", "--optimizer", "muon"]), torch.float16, 1, 64)
     assert ds["optimizer"]["type"] == "Muon" and ds["fp16"]["enabled"]
 
 
@@ -119,7 +193,7 @@ def test_muon_gets_hidden_matrices_only():
     assert "model.layers.0.self_attn.q_proj.weight" in chosen
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in chosen
     assert not any("embed" in n or "norm" in n or n.endswith("mlp.gate.weight") for n in chosen)
-    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
     muon_part = optimizer.optimizers[0]
     assert isinstance(muon_part, Muon) and muon_part.ns_dtype == torch.float32
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
@@ -143,20 +217,10 @@ def test_fp32_muon_step_matches_torch_muon():
     assert torch.allclose(ours_fp32, torch_bf16, atol=2e-3)
 
 
-def test_model_shape_flags_default_to_the_model_config():
-    """TrainConfig repeats MateConvConfig's shape fields as flags; their defaults must not drift apart."""
-    from model import MateConvConfig
-    from mateconv.train.models import SHAPE_FIELDS
-
-    flags = TrainConfig()
-    assert {name: getattr(flags, name) for name in SHAPE_FIELDS} == {
-        name: getattr(MateConvConfig, name) for name in SHAPE_FIELDS}
-
-
 def test_warmup_ratio_overrides_warmup_iters():
     from mateconv.train.optim import warmup_steps
 
-    assert warmup_steps(parse_config(["--warmup_iters", "7"]), 200) == 7
-    assert warmup_steps(parse_config(["--warmup_iters", "7", "--warmup_ratio", "0.1"]), 200) == 20
+    assert warmup_steps(OptimConfig(warmup_iters=7), 200) == 7
+    assert warmup_steps(OptimConfig(warmup_iters=7, warmup_ratio=0.1), 200) == 20
     with pytest.raises(ConfigError, match="warmup_ratio must be in"):
         parse_config(["--warmup_ratio", "1.5"])

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import math
 import signal
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass(frozen=True)
+class StageData:
+    """What a stage trains on: its training and validation sets, and the vocabulary of their token ids (checked
+    against the model's embeddings; None when the stage tokenised them with the model's own tokenizer)."""
+    train: Dataset
+    val: Dataset | None = None
+    vocab_size: int | None = None
 
 
 class ResumableDistributedSampler(Sampler[int]):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mateconv.config import TrainConfig
+from mateconv.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ def launched_distributed() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def wants_deepspeed(config: TrainConfig) -> bool:
-    if config.engine != "auto":
-        return config.engine == "deepspeed"
-    return bool(launched_distributed() or config.zero_stage > 0 or config.ds_config or config.offload_optimizer)
+def wants_deepspeed(parallel: ParallelConfig) -> bool:
+    if parallel.engine != "auto":
+        return parallel.engine == "deepspeed"
+    return bool(launched_distributed() or parallel.zero_stage > 0 or parallel.ds_config or parallel.offload_optimizer)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -64,17 +64,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(config: TrainConfig) -> Runtime:
+def setup(parallel: ParallelConfig) -> Runtime:
     """Initialise the process group when needed (DeepSpeed always; plain PyTorch only under torchrun)."""
-    use_deepspeed = wants_deepspeed(config)
+    use_deepspeed = wants_deepspeed(parallel)
     if use_deepspeed and not launched_distributed():
         # a plain `python 4.pretrain.py --engine deepspeed`: one rank, DeepSpeed still wants the rendezvous variables
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", max(config.local_rank, 0)))
-    device = resolve_device(config.device, local_rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", max(parallel.local_rank, 0)))
+    device = resolve_device(parallel.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if use_deepspeed:
@@ -83,7 +83,7 @@ def setup(config: TrainConfig) -> Runtime:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(config.dtype, device))
+    return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(parallel.dtype, device))
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

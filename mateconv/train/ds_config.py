@@ -12,19 +12,20 @@ DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def default_ds_config_path(config: TrainConfig) -> Path:
-    offload = config.offload_optimizer or config.offload_param
-    if offload and config.zero_stage not in (2, 3):
+    parallel = config.parallel
+    offload = parallel.offload_optimizer or parallel.offload_param
+    if offload and parallel.zero_stage not in (2, 3):
         raise ConfigError("CPU offload configs exist for zero_stage 2 and 3")
-    return DS_CONFIG_DIR / f"zero{config.zero_stage}{'_offload' if offload else ''}.json"
+    return DS_CONFIG_DIR / f"zero{parallel.zero_stage}{'_offload' if offload else ''}.json"
 
 
 def auto_values(config: TrainConfig, dtype: torch.dtype, world_size: int, hidden: int) -> dict[str, object]:
     """Values for the "auto" keys, by dotted path."""
     return {
-        "train_micro_batch_size_per_gpu": config.batch_size,
-        "gradient_accumulation_steps": config.accumulation_steps,
-        "train_batch_size": config.batch_size * config.accumulation_steps * world_size,
-        "gradient_clipping": config.grad_clip,
+        "train_micro_batch_size_per_gpu": config.optim.batch_size,
+        "gradient_accumulation_steps": config.optim.accumulation_steps,
+        "train_batch_size": config.optim.batch_size * config.optim.accumulation_steps * world_size,
+        "gradient_clipping": config.optim.grad_clip,
         "bf16.enabled": dtype == torch.bfloat16,
         "fp16.enabled": dtype == torch.float16,
         "zero_optimization.reduce_bucket_size": hidden * hidden,
@@ -47,19 +48,21 @@ def fill_auto(node, values: dict[str, object], path: str = ""):
 def optimizer_section(config: TrainConfig) -> dict | None:
     """DeepSpeed builds the optimizer itself for Muon (its ZeRO-aware MuonWithAuxAdam) and for CPU offload (its
     CPUAdam); otherwise the engine passes its own torch optimizer."""
-    betas = [config.adam_beta1, config.adam_beta2]
-    if config.optimizer == "muon":
-        return {"type": "Muon", "params": {"lr": config.muon_lr, "muon_lr": config.muon_lr,
-                                           "adam_lr": config.learning_rate, "momentum": config.muon_momentum,
-                                           "betas": betas, "weight_decay": config.weight_decay}}
-    if config.offload_optimizer or config.offload_param:
-        return {"type": "AdamW", "params": {"lr": config.learning_rate, "betas": betas,
-                                            "weight_decay": config.weight_decay}}
+    optim = config.optim
+    betas = [optim.adam_beta1, optim.adam_beta2]
+    if optim.optimizer == "muon":
+        return {"type": "Muon", "params": {"lr": optim.muon_lr, "muon_lr": optim.muon_lr,
+                                           "adam_lr": optim.learning_rate, "momentum": optim.muon_momentum,
+                                           "betas": betas, "weight_decay": optim.weight_decay}}
+    if config.parallel.offload_optimizer or config.parallel.offload_param:
+        return {"type": "AdamW", "params": {"lr": optim.learning_rate, "betas": betas,
+                                            "weight_decay": optim.weight_decay}}
     return None
 
 
 def build_ds_config(config: TrainConfig, dtype: torch.dtype, world_size: int, hidden: int) -> dict:
-    path = Path(config.ds_config) if config.ds_config else default_ds_config_path(config)
+    parallel = config.parallel
+    path = Path(parallel.ds_config) if parallel.ds_config else default_ds_config_path(config)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config not found: {path}")
     try:
@@ -67,7 +70,7 @@ def build_ds_config(config: TrainConfig, dtype: torch.dtype, world_size: int, hi
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     zero = raw.get("zero_optimization", {})
-    if config.zero_stage == 3 and config.offload_optimizer and not config.offload_param and not config.ds_config:
+    if parallel.zero_stage == 3 and parallel.offload_optimizer and not (parallel.offload_param or parallel.ds_config):
         zero.pop("offload_param", None)
     ds = fill_auto(raw, auto_values(config, dtype, world_size, hidden))
     section = optimizer_section(config)

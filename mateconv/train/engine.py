@@ -32,6 +32,7 @@ from mateconv.train.optim import build_optimizer, build_scheduler
 from mateconv.train.signals import StopRequest
 from mateconv.train.tracking import (Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops)
+from model.moe import MoEFeedForward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,16 +59,17 @@ class Trainer:
         self.evaluators = evaluators or []
         self.evaluates = val_data is not None or bool(self.evaluators)
         self.evaluate_at_start = evaluate_at_start
-        self.out_dir = Path(config.out_dir)
-        self.checkpoints = CheckpointManager(self.out_dir, config.keep_checkpoint_max, runtime)
-        self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.seed)
-        micro_per_epoch = self.sampler.per_rank // config.batch_size
+        self.out_dir = Path(config.checkpoint.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_checkpoint_max, runtime)
+        self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
+        micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
             raise ConfigError(f"the training data ({len(train_data)} sequences over {runtime.world_size} ranks) "
-                              f"is smaller than one batch of {config.batch_size}")
+                              f"is smaller than one batch of {config.optim.batch_size}")
         self.micro_per_epoch = micro_per_epoch
-        self.total_steps = config.max_steps or max(1, config.epochs * micro_per_epoch // config.accumulation_steps)
-        self.flops_per_token = flops_per_token(base_model(model), config.max_seq_len)
+        optim = config.optim
+        self.total_steps = optim.max_steps or max(1, optim.epochs * micro_per_epoch // optim.accumulation_steps)
+        self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
         self._setup_engine(model)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -75,33 +77,33 @@ class Trainer:
     def _setup_engine(self, model: torch.nn.Module) -> None:
         config, runtime = self.config, self.runtime
         # An expert that gets no tokens in a step has no gradient: neither ZeRO-3 nor DDP may wait for its parameters.
-        moe_classes = {type(m) for m in base_model(model).modules() if type(m).__name__ == "MoEFeedForward"}
+        has_moe = any(isinstance(m, MoEFeedForward) for m in base_model(model).modules())
         if runtime.use_deepspeed:
             import deepspeed
 
-            if config.use_lora and config.zero_stage == 3:
+            if config.lora.enabled and config.parallel.zero_stage == 3:
                 raise ConfigError("LoRA with ZeRO-3 is not supported; use zero_stage 0-2 (LoRA state is small)")
-            if moe_classes and config.zero_stage == 3:
-                deepspeed.utils.set_z3_leaf_modules(model, list(moe_classes))
+            if has_moe and config.parallel.zero_stage == 3:
+                deepspeed.utils.set_z3_leaf_modules(model, [MoEFeedForward])
             hidden = getattr(base_model(model).config, "hidden_size", 1024)
             ds_config = build_ds_config(config, runtime.dtype, runtime.world_size, hidden)
             optimizer = None
             if "optimizer" not in ds_config:
-                optimizer = build_optimizer(model, config, runtime.device)
+                optimizer = build_optimizer(model, config.optim, runtime.device)
                 ds_config["zero_allow_untested_optimizer"] = True
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=ds_config,
                 model_parameters=[p for p in model.parameters() if p.requires_grad],
-                lr_scheduler=lambda opt: build_scheduler(opt, config, self.total_steps))
+                lr_scheduler=lambda opt: build_scheduler(opt, config.optim, self.total_steps))
             self.scaler = None
         else:
             model.to(runtime.device)
-            self.optimizer = build_optimizer(model, config, runtime.device)
-            self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+            self.optimizer = build_optimizer(model, config.optim, runtime.device)
+            self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
             if runtime.world_size > 1:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                                  find_unused_parameters=bool(moe_classes))
+                                                                  find_unused_parameters=has_moe)
             self.engine = model
             fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -118,7 +120,7 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, dict[str, float]]:
         """Forward + backward of one micro-batch; the optimizer steps on the boundary. Returns (loss, metrics)."""
-        accumulation = self.config.accumulation_steps
+        accumulation = self.config.optim.accumulation_steps
         if self.runtime.use_deepspeed:
             loss, metrics = self.objective.loss(self.engine, batch)
             self.engine.backward(loss)
@@ -139,7 +141,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.engine.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf"))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -165,13 +167,13 @@ class Trainer:
 
     def _validation_loss(self) -> dict[str, float]:
         sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
-                                              self.config.seed, shuffle=False)
-        loader = make_loader(self.val_data, sampler, self.config.batch_size, 0)
+                                              self.config.optim.seed, shuffle=False)
+        loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0)
         self.engine.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         has_lm_loss = False
         for index, batch in enumerate(loader):
-            if self.config.eval_batches and index == self.config.eval_batches:
+            if self.config.track.eval_batches and index == self.config.track.eval_batches:
                 break
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
@@ -192,20 +194,20 @@ class Trainer:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
         state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "run_id": None}
-        resume_from = self.checkpoints.resume_path(config.resume)
+        resume_from = self.checkpoints.resume_path(config.checkpoint.resume)
         if resume_from is not None:
             state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
             if runtime.is_main:
                 print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
         else:
-            seed_everything(config.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
+            seed_everything(config.optim.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
         tracker.watch(unwrap(self.engine))
         tracker.log_code(REPO_ROOT)
         if self.evaluate_at_start and self.evaluates and resume_from is None:
             tracker.log(0, self.evaluate())
-        peak = peak_flops(runtime.device, config.peak_flops) if runtime.is_main else 0.0
+        peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
         self.engine.train()
         try:
             return self._loop(state, tracker, peak)
@@ -219,7 +221,7 @@ class Trainer:
 
     def _loop(self, state: dict, tracker: Tracker, peak: float) -> dict:
         config, runtime = self.config, self.runtime
-        step, accumulation = state["step"], config.accumulation_steps
+        step, accumulation = state["step"], config.optim.accumulation_steps
         bar = tqdm(total=self.total_steps, initial=step, desc=self.out_dir.name, unit="step",
                    disable=not runtime.is_main, dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
@@ -227,9 +229,9 @@ class Trainer:
         step_loss, val, stopped = float("nan"), {}, False
         with StopRequest() as stop:
             while step < self.total_steps and not stopped:
-                self.sampler.set_position(state["epoch"], state["micro_in_epoch"] * config.batch_size)
-                loader = make_loader(self.train_data, self.sampler, config.batch_size, config.num_workers,
-                                     pin_memory=runtime.device.type == "cuda")
+                self.sampler.set_position(state["epoch"], state["micro_in_epoch"] * config.optim.batch_size)
+                loader = make_loader(self.train_data, self.sampler, config.optim.batch_size,
+                                     config.data.num_workers, pin_memory=runtime.device.type == "cuda")
                 for batch in loader:
                     micro += 1
                     state["micro_in_epoch"] += 1
@@ -255,7 +257,7 @@ class Trainer:
                     self._roll_epoch(state)
                     step_loss = all_reduce_mean(torch.tensor([sum(losses) / len(losses)], device=runtime.device)).item()
                     bar.update(1)
-                    if step % config.log_interval == 0 or step == self.total_steps:
+                    if step % config.track.log_interval == 0 or step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
                         if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
@@ -279,8 +281,9 @@ class Trainer:
                     losses, extra = [], {}
 
                     stopped = any_rank(stop.requested, runtime.device)
-                    save_now = step % config.save_interval_steps == 0 or stopped or step == self.total_steps
-                    if self.evaluates and (step % config.eval_interval == 0 or save_now):
+                    save_now = (step % config.checkpoint.save_interval_steps == 0 or stopped
+                                or step == self.total_steps)
+                    if self.evaluates and (step % config.track.eval_interval == 0 or save_now):
                         val = self.evaluate()
                         tracker.log(step, val)
                     if save_now:

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import model as mateconv_model  # registers MateConv with the Auto classes
-from mateconv.config import ConfigError, TrainConfig
+from mateconv.config import ConfigError, LoRAConfig, TrainConfig
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
-
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "vocab_size", "rope_theta", "dropout",
-                "norm_eps", "multiple_of", "hidden_dim", "flash_attn", "use_moe", "n_routed_experts",
-                "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha", "seq_aux", "norm_topk_prob")
+from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -26,40 +23,38 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_model(config: TrainConfig) -> nn.Module:
-    """fp32 weights on the CPU; the engine moves/casts them. Model-shape flags are ignored with init_from."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: str | Path, key: str) -> nn.Module:
+    """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
+    `key` names the setting in the error."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]})") from None
 
-    if config.init_from:
-        try:  # a local save_pretrained directory, or a hub id where downloads are possible
-            model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"init_from: cannot load a causal LM from {config.init_from} "
-                              f"({str(e).splitlines()[0]})") from None
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """fp32 weights on the CPU; the engine moves/casts them. The model section is ignored with init_from."""
+    if config.checkpoint.init_from:
+        model = load_causal_lm(config.checkpoint.init_from, "init_from")
     else:
-        try:
-            model_config = mateconv_model.MateConvConfig(**{name: getattr(config, name) for name in SHAPE_FIELDS})
-        except mateconv_model.ConfigError as e:
-            raise ConfigError(str(e)) from None
-        model = mateconv_model.MateConvForCausalLM(model_config)
-    if config.gradient_checkpointing:
+        model = MateConvForCausalLM(copy.deepcopy(config.model))  # the model may change its config (use_cache)
+    if config.parallel.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
-    if config.use_lora:
-        model = add_lora(model, config)
+    if config.lora.enabled:
+        model = add_lora(model, config.lora)
     return model
 
 
-def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in config.lora_target_modules if t in present]
+    targets = [t for t in lora.target_modules if t in present]
     if not targets:
-        raise ConfigError(f"lora_target_modules {config.lora_target_modules} match no module of the model")
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+        raise ConfigError(f"lora_target_modules {lora.target_modules} match no module of the model")
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -70,14 +65,12 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def load_tokenizer(config: TrainConfig):
     """The tokenizer saved with the model: from init_from if it has one, else tokenizer_path; None if neither."""
-    from transformers import AutoTokenizer
-
-    for path in (config.init_from, config.tokenizer_path):
+    for path in (config.checkpoint.init_from, config.data.tokenizer_path):
         if path and (Path(path) / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(path)
-    if config.init_from and not Path(config.init_from).exists():
+    if config.checkpoint.init_from and not Path(config.checkpoint.init_from).exists():
         try:
-            return AutoTokenizer.from_pretrained(config.init_from)  # a hub id
+            return AutoTokenizer.from_pretrained(config.checkpoint.init_from)  # a hub id
         except (OSError, ValueError):
             return None
     return None

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from mateconv.config import TrainConfig
+from mateconv.config import OptimConfig
 
 ROUTER_NAMES = ("router", "mlp.gate.", "block_sparse_moe.gate.")
 
@@ -88,20 +88,20 @@ def adamw_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over everything, or (optimizer=muon) a Muon + AdamW pair combined in one optimizer object."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    betas = (config.adam_beta1, config.adam_beta2)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(adamw_groups(named, config.weight_decay), lr=config.learning_rate, betas=betas,
+    betas = (optim.adam_beta1, optim.adam_beta2)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(adamw_groups(named, optim.weight_decay), lr=optim.learning_rate, betas=betas,
                                  fused=device.type == "cuda")
     chosen = muon_parameters(model)
     hidden = [p for _, p in named if id(p) in chosen]
     rest = [(n, p) for n, p in named if id(p) not in chosen]
     ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    muon = Muon(hidden, ns_dtype=ns_dtype, lr=config.muon_lr, momentum=config.muon_momentum,
-                weight_decay=config.weight_decay)
-    adamw = torch.optim.AdamW(adamw_groups(rest, config.weight_decay), lr=config.learning_rate, betas=betas)
+    muon = Muon(hidden, ns_dtype=ns_dtype, lr=optim.muon_lr, momentum=optim.muon_momentum,
+                weight_decay=optim.weight_decay)
+    adamw = torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas)
     return CombinedOptimizer([muon, adamw])
 
 
@@ -138,13 +138,13 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
     """`warmup_ratio` of the run when set (the seeds' DPO setting), else `warmup_iters`."""
-    return round(config.warmup_ratio * total_steps) if config.warmup_ratio > 0 else config.warmup_iters
+    return round(optim.warmup_ratio * total_steps) if optim.warmup_ratio > 0 else optim.warmup_iters
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = warmup_steps(config, total_steps)
+    warmup = warmup_steps(optim, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup, total_steps, config.min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, warmup, total_steps, optim.min_lr_ratio))

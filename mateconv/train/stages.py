@@ -1,70 +1,153 @@
-"""Stage entry points: `4.pretrain.py` and `5.full_sft.py` call `main("pretrain" | "sft", argv)`."""
+"""The stage recipe: pretraining, SFT and DPO (and CPT, see mateconv.cpt) are data, run by one `run()`.
+
+A Recipe names the stage's reader (its data), objective (what it minimises), evaluators (what else it measures),
+defaults and config sections. `main(stage)` is the command line of 4.pretrain.py, 5.full_sft.py and 9.train_dpo.py.
+"""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from mateconv.config import ConfigError, TrainConfig, help_text, parse_config
-from mateconv.data import DataError
-from mateconv.train.distributed import setup, shutdown
-from mateconv.train.engine import Trainer, seed_everything
-from mateconv.train.models import build_model, load_tokenizer
-from mateconv.train.objectives import LMObjective
+from torch import nn
 
-STAGE_DEFAULTS = {
-    "pretrain": {"out_dir": "out/pretrain", "data_path": "out/tokens/pretrain/train",
-                 "val_data_path": "out/tokens/pretrain/val"},
-    "sft": {"out_dir": "out/sft", "data_path": "out/tokens/sft/train", "val_data_path": "out/tokens/sft/val",
-            "init_from": "out/pretrain/final", "learning_rate": 1e-4, "warmup_iters": 20},
+from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse_config
+from mateconv.data import DataError
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, shard_info
+from mateconv.train.data import StageData
+from mateconv.train.distributed import Runtime, setup, shutdown
+from mateconv.train.dpo import DPOObjective
+from mateconv.train.engine import Trainer, seed_everything
+from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
+from mateconv.train.models import build_model, load_tokenizer
+from mateconv.train.objectives import LMObjective, Objective
+from mateconv.train.reference import load_reference, reference_path, with_cached_reference
+
+LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training stage as data. `reader(config, runtime, tokenizer)` loads its data, `objective(config, runtime,
+    data)` builds what it minimises, and each of `evaluators` (mateconv.train.evaluators) adds metrics to every
+    evaluation."""
+    name: str
+    reader: Callable[[TrainConfig, Runtime, object], StageData]
+    objective: Callable[[TrainConfig, Runtime, StageData], Objective]
+    evaluators: tuple[Callable[..., Evaluator | None], ...] = ()
+    defaults: dict = field(default_factory=dict)  # flat keys; YAML files and flags override them
+    sections: tuple[str, ...] = LM_SECTIONS  # the config sections the stage uses (its --help)
+    validate: bool = True  # the engine's validation loss on data.val; False when an evaluator scores data.val
+    evaluate_at_start: bool = False  # a fresh run logs an evaluation of the starting model as step 0
+    after: Callable[[Path], None] | None = None  # rank 0, after a finished run that evaluated: given out_dir
+
+
+def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+    """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with."""
+    paths = [config.data.data_path] + ([config.data.val_data_path] if config.data.val_data_path else [])
+    for path in paths:
+        if not (Path(path) / "index.json").is_file():
+            raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
+                            "val_data_path; val_data_path '' disables validation)")
+    train, *val = (reader_class(path, config.model.max_seq_len) for path in paths)
+    return StageData(train, val[0] if val else None, shard_info(config.data.data_path)["vocab_size"])
+
+
+def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+    """DPO pairs; with precompute_ref each carries its reference log-probs (cached next to the data)."""
+    ref_path = reference_path(config)
+    data = read_shards(DPOTokens, "DPO", config, runtime, tokenizer)
+    if not config.dpo.precompute_ref:
+        return data
+    train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config)
+    return StageData(train, val, data.vocab_size)
+
+
+def lm_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> LMObjective:
+    return LMObjective()
+
+
+def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPOObjective:
+    """The reference is the precomputed log-probs in the data, LoRA's own base model (adapters disabled) unless
+    ref_model_path names another, or a frozen copy of the reference model."""
+    ref_path = reference_path(config)
+    reference = None
+    if config.dpo.precompute_ref:
+        source = f"log-probs of {ref_path}, precomputed"
+    elif config.dpo.ref_model_path or not config.lora.enabled:
+        reference = load_reference(ref_path, runtime, config)
+        source = str(ref_path)
+    else:
+        source = f"{ref_path} (LoRA: adapters disabled)"
+    if runtime.is_main:
+        print(f"[dpo] policy {config.checkpoint.init_from}, reference {source}, {config.dpo}", flush=True)
+    return DPOObjective(config.dpo, reference)
+
+
+def report_forgetting(out_dir: Path) -> None:
+    print(f"[dpo] forgetting plot: {plot_forgetting(out_dir / 'metrics.jsonl', out_dir / 'forgetting.png')}")
+
+
+RECIPES = {
+    "pretrain": Recipe("pretrain", partial(read_shards, PretrainTokens, "pretraining"), lm_objective,
+                       defaults={"out_dir": "out/pretrain", "data_path": "out/tokens/pretrain/train",
+                                 "val_data_path": "out/tokens/pretrain/val"}),
+    "sft": Recipe("sft", partial(read_shards, SFTTokens, "SFT"), lm_objective,
+                  defaults={"out_dir": "out/sft", "data_path": "out/tokens/sft/train",
+                            "val_data_path": "out/tokens/sft/val", "init_from": "out/pretrain/final",
+                            "learning_rate": 1e-4, "warmup_iters": 20}),
+    "dpo": Recipe("dpo", read_preference_pairs, dpo_objective, (preference_evaluator, forgetting_evaluator),
+                  defaults={"out_dir": "out/dpo", "data_path": "out/tokens/dpo/train",
+                            "val_data_path": "out/tokens/dpo/val", "init_from": "out/sft/final",
+                            "learning_rate": 5e-6, "weight_decay": 0.0, "batch_size": 8, "warmup_iters": 10,
+                            "eval_interval": 100, "save_interval_steps": 200, "eval_batches": 20},
+                  sections=tuple(SECTIONS), validate=False, evaluate_at_start=True, after=report_forgetting),
 }
 
 
-def token_datasets(stage: str, config: TrainConfig):
-    """(train, val or None) token-shard readers for the stage; checks the data fits the model's vocabulary."""
-    from mateconv.data.shards import PretrainTokens, SFTTokens, shard_info
-
-    reader = PretrainTokens if stage == "pretrain" else SFTTokens
-    paths = [config.data_path] + ([config.val_data_path] if config.val_data_path else [])
-    for path in paths:
-        if not Path(path).is_dir():
-            raise DataError(f"token shards not found: {path} (run 3.dataset.py, or set data_path/val_data_path; "
-                            "val_data_path '' disables validation)")
-    train = reader(config.data_path, config.max_seq_len)
-    val = reader(config.val_data_path, config.max_seq_len) if config.val_data_path else None
-    return train, val, shard_info(config.data_path)["vocab_size"]
-
-
-def check_vocab(model, data_vocab: int) -> None:
+def check_vocab(model: nn.Module, data_vocab: int) -> None:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if data_vocab > model_vocab:
         raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but the model has {model_vocab} "
                           "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
-def run(stage: str, config: TrainConfig) -> dict:
-    runtime = setup(config)
-    train, val, data_vocab = token_datasets(stage, config)
-    seed_everything(config.seed)  # identical initial weights on every rank
+def run(recipe: Recipe, config: TrainConfig) -> dict:
+    """Set up the processes, build the model, read the data, build the objective and evaluators, and train."""
+    runtime = setup(config.parallel)
+    seed_everything(config.optim.seed)  # identical initial weights on every rank
     model = build_model(config)
-    check_vocab(model, data_vocab)
     tokenizer = load_tokenizer(config)
+    data = recipe.reader(config, runtime, tokenizer)
+    if data.vocab_size is not None:
+        check_vocab(model, data.vocab_size)
+    objective = recipe.objective(config, runtime, data)
+    evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
     if runtime.is_main:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(config.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"[{stage}] {type(model).__name__}: {trainable / 1e6:.2f}M trainable parameters, "
-              f"{'DeepSpeed ZeRO-' + str(config.zero_stage) if runtime.use_deepspeed else 'PyTorch'}, "
+        engine = f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed else "PyTorch"
+        print(f"[{recipe.name}] {type(model).__name__}: {trainable / 1e6:.2f}M trainable parameters, {engine}, "
               f"{runtime.world_size} rank(s), {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, "
-              f"{len(train)} training sequences", flush=True)
-    return Trainer(config, runtime, model, LMObjective(), train, val, tokenizer).fit()
+              f"{len(data.train)} training examples", flush=True)
+    summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
+                      tokenizer, evaluators, recipe.evaluate_at_start).fit()
+    if recipe.after is not None and evaluators and runtime.is_main and not summary["stopped"]:
+        recipe.after(Path(config.checkpoint.out_dir))
+    return summary
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
+    recipe = RECIPES[stage]
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(f"usage: {stage} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n{help_text()}")
+        print(f"usage: {stage} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
+              f"{help_text(recipe.sections, recipe.defaults)}")
         return 0
     try:
-        summary = run(stage, parse_config(argv, STAGE_DEFAULTS[stage]))
+        summary = run(recipe, parse_config(argv, recipe.defaults))
     except (ConfigError, DataError) as e:
         sys.exit(f"{stage}: {e}")
     shutdown()

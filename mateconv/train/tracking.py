@@ -5,11 +5,13 @@ W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no 
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import re
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -85,8 +87,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
                 "memory/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import psutil
-
     return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
@@ -120,8 +120,8 @@ class Tracker:
 
     def __init__(self, config: TrainConfig, out_dir: Path, enabled: bool, run_id: str | None = None,
                  resumed_step: int = 0):
-        self.enabled, self.config = enabled, config
-        self.kind = config.tracker if enabled else "none"
+        self.enabled, self.track = enabled, config.track
+        self.kind = self.track.tracker if enabled else "none"
         self.path = Path(out_dir) / "metrics.jsonl"
         self.run_id = run_id
         self.run = self.writer = None
@@ -135,8 +135,8 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
-            self.run = wandb.init(project=config.wandb_project, name=config.wandb_run_name or None, id=self.run_id,
-                                  resume="allow", dir=str(out_dir), config=config_to_dict(config))
+            self.run = wandb.init(project=self.track.wandb_project, name=self.track.wandb_run_name or None,
+                                  id=self.run_id, resume="allow", dir=str(out_dir), config=config_to_dict(config))
         elif self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -165,24 +165,24 @@ class Tracker:
 
     def watch(self, model: nn.Module) -> None:
         """W&B histograms of gradients and/or parameters every `wandb_watch_freq` backward passes (micro-batches)."""
-        if self.run is not None and self.config.wandb_watch:
-            self.run.watch(model, log=self.config.wandb_watch, log_freq=self.config.wandb_watch_freq)
+        if self.run is not None and self.track.wandb_watch:
+            self.run.watch(model, log=self.track.wandb_watch, log_freq=self.track.wandb_watch_freq)
 
     def begin_step(self, step: int) -> None:
         """Move W&B to `step` before its backward passes: wandb.watch logs its histograms without a step, onto the
         row W&B is at, which would otherwise still be the previous step."""
-        if self.run is not None and self.config.wandb_watch:
+        if self.run is not None and self.track.wandb_watch:
             self.run.log({}, step=step, commit=False)
 
     def log_code(self, root: Path) -> None:
         """The project's source files (`is_project_source`) as the run's W&B code artifact `source-<project>-<stage>`."""
-        if self.run is not None and self.config.wandb_log_code:
-            self.run.log_code(str(root), name=f"source-{self.config.wandb_project}-{self.path.parent.name}",
+        if self.run is not None and self.track.wandb_log_code:
+            self.run.log_code(str(root), name=f"source-{self.track.wandb_project}-{self.path.parent.name}",
                               include_fn=is_project_source, exclude_fn=lambda path, root: False)
 
     def log_model_dir(self, path: Path, step: int) -> None:
         """A saved Hugging Face directory as a W&B artifact of type "model", named `<stage>-<run name or id>`."""
-        if self.run is None or not self.config.wandb_log_model:
+        if self.run is None or not self.track.wandb_log_model:
             return
         import wandb
 
@@ -200,8 +200,6 @@ class Tracker:
 
 def _wandb_logged_in() -> bool:
     """A key stored by `wandb login` (~/.netrc) counts as configured."""
-    import netrc
-
     try:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):

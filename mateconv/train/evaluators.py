@@ -1,0 +1,117 @@
+"""Evaluators: what a stage measures at each evaluation besides the engine's validation loss. Each factory takes
+(config, runtime, data, objective) and returns `evaluate(model) -> metrics`, or None when it has nothing to measure.
+
+DPO's: the held-out preference pairs (reward accuracy, margins, KL; their loss is the val_loss that picks the best
+checkpoint) and catastrophic forgetting, the perplexity of held-out pretraining and SFT data (`forget/<name>_ppl`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mateconv.config import TrainConfig
+from mateconv.data.shards import PretrainTokens, SFTTokens, shard_info
+from mateconv.files import read_metrics, save_figure
+from mateconv.logprobs import perplexity
+from mateconv.train.checkpoint import unwrap
+from mateconv.train.data import StageData
+from mateconv.train.distributed import Runtime
+from mateconv.train.dpo import DPOError
+from mateconv.train.objectives import Objective
+
+EVAL_REWARD_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins")
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@torch.no_grad()
+def preference_eval(model: torch.nn.Module, objective: Objective, pairs: Dataset, batch_size: int,
+                    max_batches: int | None, device: torch.device | str) -> dict[str, float]:
+    """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...)."""
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
+    totals: dict[str, float] = {}
+    batches = 0
+    for batch in loader:
+        if max_batches is not None and batches == max_batches:
+            break
+        loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value
+        batches += 1
+    return {key: value / max(batches, 1) for key, value in totals.items()}
+
+
+def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,
+                    max_batches: int | None) -> dict[str, float]:
+    """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards)."""
+    return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size, max_batches).ppl
+            for name, data in held_out.items()}
+
+
+def held_out_lm_data(config: TrainConfig) -> dict[str, Dataset]:
+    """Pretraining/SFT validation shards for the forgetting curves, named by their stage directory."""
+    readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
+    data = {}
+    for path in map(Path, config.dpo.forget_data_paths):
+        if not (path / "index.json").is_file():
+            print(f"[dpo] forgetting eval: {path} not found, skipped", flush=True)
+            continue
+        kind = shard_info(path)["kind"]
+        if kind not in readers:
+            raise DPOError(f"forget_data_paths: {path} holds {kind!r} shards; pretrain or sft expected")
+        name = path.parent.name if path.name in ("val", "train") else path.name
+        data[name] = readers[kind](path, config.model.max_seq_len)
+    return data
+
+
+def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
+                         objective: Objective) -> Evaluator | None:
+    """The objective on the held-out pairs (`data.val`): `val_loss` and every metric as `eval/<metric>`."""
+    if data.val is None:
+        return None
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        pairs = preference_eval(model, objective, data.val, config.optim.batch_size,
+                                config.track.eval_batches or None, runtime.device)
+        return {"val_loss": pairs["loss"], **{f"eval/{key}": value for key, value in pairs.items()}}
+
+    return evaluate
+
+
+def forgetting_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
+                         objective: Objective) -> Evaluator | None:
+    """`forget/<name>_ppl` for each of `forget_data_paths` that exists."""
+    held_out = held_out_lm_data(config)
+    if not held_out:
+        return None
+    return lambda model: forgetting_eval(model, held_out, config.optim.batch_size, config.track.eval_batches or None)
+
+
+def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
+    """Held-out perplexities (left) and held-out reward accuracy (right) against the DPO step."""
+    from matplotlib.figure import Figure  # heavy, and needed only at the end of a DPO run
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in read_metrics(metrics_jsonl):
+        for key, value in record.items():
+            if (key.startswith("forget/") or key in EVAL_REWARD_KEYS) and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((int(record["step"]), float(value)))
+    if not series:
+        raise DPOError(f"{metrics_jsonl} has no forgetting metrics (forget/*) to plot")
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
+    for key, points in sorted(series.items()):
+        axis = left if key.startswith("forget/") else right
+        steps, values = zip(*sorted(points))
+        axis.plot(steps, values, marker="o", label=key.split("/", 1)[1])
+    left.set(title="held-out perplexity (lower = less forgetting)", xlabel="DPO step", ylabel="perplexity")
+    right.set(title="held-out preference pairs", xlabel="DPO step")
+    right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    save_figure(figure, Path(out_png))
+    return Path(out_png)
