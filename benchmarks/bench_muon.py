@@ -8,6 +8,7 @@ evaluation at or below the target (steps, and wall seconds from the engine's met
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from mateconv.data.shards import build_shards
 from mateconv.tokenizer import train_tokenizer
 from mateconv.train.stages import RECIPES, run
 
-SHAKESPEARE = Path("/work/shared/data/karpathy__char-rnn/data/tinyshakespeare/input.txt")
+SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHAKESPEARE = SHARED_DATA / "karpathy__char-rnn/data/tinyshakespeare/input.txt"
 
 
 def prepare(root: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -56,7 +58,8 @@ def main() -> None:
     parser.add_argument("--muon-lr", type=float, default=0.02)
     args = parser.parse_args()
     if not SHAKESPEARE.is_file():
-        raise SystemExit(f"bench_muon: {SHAKESPEARE} not found")
+        raise SystemExit(f"bench_muon: {SHAKESPEARE} not found (MATECONV_SHARED_DATA names the shared data "
+                         "directory)")
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, val_dir = prepare(Path(tmp), args.vocab)

@@ -22,7 +22,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path("/work/shared/data")
+SHARED = Path(os.environ.get("MATECONV_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SOURCES = [SHARED / "karpathy__char-rnn/data/tinyshakespeare/input.txt",
            SHARED / "hiyouga__LLaMA-Factory/data/wiki_demo.txt",
            SHARED / "hiyouga__LLaMA-Factory/data/c4_demo.jsonl",

@@ -1,6 +1,6 @@
 """Stage 1: train a byte-level BPE tokenizer with fixed special tokens and a ChatML chat template.
 
-    python -m mateconv.tokenizer --corpus out/raw/embedded /work/shared/data/karpathy__char-rnn --vocab_size 6400 \
+    python -m mateconv.tokenizer --corpus out/raw/embedded ../shared/data/karpathy__char-rnn --vocab_size 6400 \
         --out_dir out/tokenizer
 
 The special tokens and the chat template come from `mateconv.chat_format`.

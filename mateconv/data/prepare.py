@@ -1,7 +1,7 @@
 """Stage 2: raw corpora -> cleaned, deduplicated, converted, split `out/data/{kind}_{train,val}.jsonl` + stats.json.
 
     python -m mateconv.data.prepare --raw_dir out/raw/embedded --out_dir out/data
-    python -m mateconv.data.prepare --pretrain /work/shared/data/karpathy__char-rnn --sft alpaca_zh_demo.json \
+    python -m mateconv.data.prepare --pretrain ../shared/data/karpathy__char-rnn --sft alpaca_zh_demo.json \
         --dpo dpo_zh_demo.json hf:owner/name --out_dir out/data
 
 Kinds: pretrain (text), sft (internal messages format), dpo (TRL preference format), tasks (verifiable prompts,
