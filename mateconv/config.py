@@ -231,12 +231,11 @@ def declared_fields(cls) -> list[tuple[dataclasses.Field, object]]:
 
 
 SECTIONS: dict[str, type] = {f.name: kind for f, kind in declared_fields(TrainConfig)}
-KINDS: dict[tuple[str, str], object] = {}  # (section, field) -> type
-NAMES: dict[tuple[str, str], str] = {}  # (section, field) -> flat name
-for _section, _cls in SECTIONS.items():
-    for _field, _kind in declared_fields(_cls):
-        KINDS[_section, _field.name] = _kind
-        NAMES[_section, _field.name] = _field.metadata.get("flag", getattr(_cls, "PREFIX", "") + _field.name)
+FIELDS: dict[tuple[str, str], tuple[dataclasses.Field, object]] = {  # (section, field name) -> (field, type)
+    (section, f.name): (f, kind) for section, cls in SECTIONS.items() for f, kind in declared_fields(cls)}
+KINDS = {place: kind for place, (_, kind) in FIELDS.items()}
+NAMES = {(section, name): f.metadata.get("flag", getattr(SECTIONS[section], "PREFIX", "") + name)
+         for (section, name), (f, _) in FIELDS.items()}  # the flat names
 # The one alias map: every flat name and seed alias -> (section, field).
 FLAGS: dict[str, tuple[str, str]] = {name: place for place, name in NAMES.items()}
 FLAGS.update({alias: FLAGS[name] for alias, name in SEED_ALIASES.items()})
@@ -419,8 +418,7 @@ def help_text(sections: Iterable[str], stage_defaults: dict) -> str:
         flags = []
         for f, _ in declared_fields(SECTIONS[section]):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            default = stage.get((section, f.name), default)
-            flags.append(f"--{NAMES[section, f.name]}={default!r}")
+            flags.append(f"--{NAMES[section, f.name]}={stage.get((section, f.name), default)!r}")
         lines.append(f"{section}:")
         lines += textwrap.wrap("  ".join(flags), width=118, initial_indent="  ", subsequent_indent="  ",
                                break_long_words=False, break_on_hyphens=False)
