@@ -1,1 +1,1 @@
-"""The training engine shared by pretraining, SFT and DPO (see engine.py)."""
+"""Training: the stage recipes (stages.py) and the engine they share (engine.py)."""
