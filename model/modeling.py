@@ -14,8 +14,8 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from model.config import MateConvConfig
-from model.moe import MoEFeedForward, SwiGLU
+from .config import MateConvConfig
+from .moe import MoEFeedForward, SwiGLU
 
 
 class RMSNorm(nn.Module):

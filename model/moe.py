@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import MateConvConfig
+from .config import MateConvConfig
 
 
 class SwiGLU(nn.Module):
