@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
 
 
 class ChatError(RuntimeError):
@@ -64,9 +67,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"):
     """A saved Hugging Face directory (MateConv or any causal LM) -> (model in eval mode, tokenizer)."""
-    import model as _register_mateconv  # noqa: F401  (registers MateConv with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ChatError(f"no model at {path} (expected a save_pretrained directory with config.json)")
@@ -106,8 +106,6 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[
 
 def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: SamplingOptions) -> Iterator[str]:
     """Text pieces of the assistant's reply to `messages`, as they are generated."""
-    from model.generation import stream_text
-
     budget = context_length(model) - options.max_new_tokens
     if budget < 1:
         raise ChatError(f"max_new_tokens {options.max_new_tokens} leaves no room for a prompt "

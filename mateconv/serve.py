@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import httpx
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
+from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
 logger = logging.getLogger("mateconv.serve")
 MAX_N = 16
@@ -167,8 +170,6 @@ class Engine:
         return None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
 
     def complete(self, ids: list[int], sampling: Sampling, n: int) -> list[Choice]:
-        from model.generation import generate_tokens
-
         input_ids = torch.tensor([ids] * n, device=self.model.device)
         with torch.inference_mode():
             new_tokens = generate_tokens(
@@ -191,8 +192,6 @@ class Engine:
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
-        from model.generation import SamplingConfig, detokenize, iter_tokens
-
         config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
         tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
                              eos_token_id=self.eos_id, generator=self._generator(sampling.seed))
@@ -452,8 +451,6 @@ def start_background(model_path: str | Path, served_model_name: str = "mateconv"
     Returns (base URL such as "http://127.0.0.1:PORT/v1", the process). Stop it with `stop_background(process)`.
     The server's output goes to a log file whose tail is shown if it fails to come up.
     """
-    import httpx
-
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="mateconv-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "mateconv.serve", "--model_path", str(model_path), "--host", "127.0.0.1",
@@ -507,8 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     args = build_parser().parse_args(argv)
     if args.max_concurrent < 1 or args.max_queued < 0 or args.max_request_bytes < 1 or args.default_max_tokens < 1:
         raise SystemExit("serve: max_concurrent, max_request_bytes and default_max_tokens must be >= 1, "

@@ -23,6 +23,7 @@ from mateconv.prefs.endpoints import (Caller, Endpoint, PrefsError, RequestFaile
 from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair,
                                   rule_scores, shuffled_order)
 from mateconv.prefs.store import ResultStore, read_records, sample_prompts
+from mateconv.serve import ServeError, start_background, stop_background
 
 JUDGE_MODES = ("auto", "rule", "model", "both")
 
@@ -267,8 +268,6 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
 def _start_local_server(model_path: str, max_concurrency: int) -> tuple[str, object]:
     """Starts mateconv.serve over `model_path`. SIGINT/SIGTERM arriving while it starts are held back until the
     process handle is ours, then the server is stopped and the signal acted on: no server is left orphaned."""
-    from mateconv.serve import ServeError, start_background, stop_background
-
     if not Path(model_path).is_dir():
         raise PrefsError(f"generator model {model_path} not found: train stage 5 first, pass --generator_model_path, "
                          "or use a remote generator (--generator_base_url)")
@@ -347,8 +346,6 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     finally:
         store.close()
         if process is not None:
-            from mateconv.serve import stop_background
-
             stop_background(process)
     pair_ids, dropped_ids, failed_ids = store.ids("pair"), store.ids("dropped"), store.ids("failure")
     counts = result["counts"]
