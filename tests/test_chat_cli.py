@@ -15,15 +15,28 @@ import pytest
 
 from mateconv.chat import (ChatError, ChatSession, SamplingOptions, fit_history, load_model, main, run_interactive,
                            stream_reply)
-from tiny_checkpoints import checkpoint, load_tokenizer, single_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model on 2 shared cores: one thread is fastest
-GREEDY = ["--temperature", "0", "--max_new_tokens", "12"]
+GREEDY = ["--temperature", "0", "--max_new_tokens", "24"]
+QUESTION = "What is 3 plus 4?"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def chat_command(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(checkpoint("dense")), *args]
+@pytest.fixture(scope="module")
+def expected(tiny_sft_model, greedy_reply) -> str:
+    """The SFT model's greedy reply to QUESTION, computed in process (several tokens, then EOS)."""
+    text, tokens, ended = greedy_reply(tiny_sft_model, QUESTION)
+    assert ended and tokens >= 2, (text, tokens)
+    return text
+
+
+@pytest.fixture(scope="module")
+def chat_command(tiny_sft_model):
+    """`chat_command(*flags)` -> scripts/chat.py on the SFT model."""
+    def command(*args: str) -> list[str]:
+        return [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(tiny_sft_model), *args]
+    return command
 
 
 class Reader:
@@ -48,31 +61,31 @@ class Reader:
         return self.text
 
 
-def test_interactive_session_over_pipes():
+def test_interactive_session_over_pipes(chat_command, expected):
     process = subprocess.Popen(chat_command(*GREEDY), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env=ENV)
     try:
         out, err = Reader(process.stdout), Reader(process.stderr)
         out.wait_for(">>> ")
-        process.stdin.write(b"What is 2+3?\n")
+        process.stdin.write(f"{QUESTION}\n".encode())
         process.stdin.flush()
         # the reply arrives while the process is still waiting for the next line: a live, interactive session
         text = out.wait_for(">>> ", count=2).split(">>> ")
-        assert text[1].strip() == "5"  # the reply to the first question
+        assert text[1].strip() == expected  # the reply to the first question
         assert process.poll() is None
-        process.stdin.write(b"/reset\nSay hello.\n/exit\n")
+        process.stdin.write(f"/reset\n{QUESTION}\n/exit\n".encode())
         process.stdin.flush()
         assert process.wait(timeout=60) == 0, err.text
-        out.wait_for("hello world")
+        out.wait_for(expected, count=2)  # after the reset the same question gets the same (greedy) reply
         assert "(conversation cleared)" in out.text
     finally:
         if process.poll() is None:
             process.kill()
 
 
-def test_ctrl_c_stops_a_reply_not_the_chat():
+def test_ctrl_c_stops_a_reply_not_the_chat(tiny_untrained_model):
     # an untrained model with a long context rambles on: long enough to be interrupted mid-reply
-    command = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(checkpoint("slow")),
+    command = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model_path", str(tiny_untrained_model),
                "--max_new_tokens", "900", "--temperature", "1.0", "--seed", "0"]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     try:
@@ -94,58 +107,62 @@ def test_ctrl_c_stops_a_reply_not_the_chat():
             process.kill()
 
 
-def test_one_shot_prompt_from_stdin():
-    piped = subprocess.run(chat_command(*GREEDY, "--prompt", "-"), input="What is 4+4?\n", capture_output=True,
+def test_one_shot_prompt_from_stdin(chat_command, expected):
+    piped = subprocess.run(chat_command(*GREEDY, "--prompt", "-"), input=f"{QUESTION}\n", capture_output=True,
                            text=True, timeout=60, env=ENV)
     assert piped.returncode == 0, piped.stderr
-    assert piped.stdout.strip() == "8"
+    assert piped.stdout.strip() == expected
 
 
-def test_one_shot_prompt_flag(capsys):
-    main(["--model_path", str(checkpoint("dense")), *GREEDY, "--prompt", "Capital of France?", "--device", "cpu"])
-    assert capsys.readouterr().out == "Paris\n"
+def test_one_shot_prompt_flag(tiny_sft_model, expected, capsys):
+    main(["--model_path", str(tiny_sft_model), *GREEDY, "--prompt", QUESTION, "--device", "cpu"])
+    assert capsys.readouterr().out == f"{expected}\n"
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tmp_path), "--prompt", "hi"])
     assert str(error.value) == f"chat: no model at {tmp_path} (expected a save_pretrained directory with config.json)"
     with pytest.raises(SystemExit) as error:
-        main(["--model_path", str(checkpoint("dense")), "--prompt", "hi", "--top_p", "2"])
+        main(["--model_path", str(tiny_sft_model), "--prompt", "hi", "--top_p", "2"])
     assert str(error.value) == "chat: top_p must be in (0, 1], got 2.0"
 
 
 @pytest.fixture(scope="module")
-def dense():
-    return load_model(checkpoint("dense"), device="cpu")
+def dense(tiny_sft_model):
+    return load_model(tiny_sft_model, device="cpu")
 
 
-def test_stream_pieces_and_history(dense):
+def test_stream_pieces_and_history(dense, expected):
     model, tokenizer = dense
-    options = SamplingOptions(max_new_tokens=12, temperature=0.0)
-    pieces = list(stream_reply(model, tokenizer, [{"role": "user", "content": "Say hello."}], options))
-    assert len(pieces) >= 2 and "".join(pieces) == "hello world"
+    options = SamplingOptions(max_new_tokens=24, temperature=0.0)
+    pieces = list(stream_reply(model, tokenizer, [{"role": "user", "content": QUESTION}], options))
+    assert len(pieces) >= 2 and "".join(pieces) == expected
 
-    session = ChatSession(model, tokenizer, options, system="You are tiny.")
     out = io.StringIO()
-    assert session.reply("Name a colour.", out) == "blue"
-    session.reply("What is 7+2?", out)
+    session = ChatSession(model, tokenizer, options)
+    assert session.reply(QUESTION, out) == expected
+    assert out.getvalue() == expected
+    session = ChatSession(model, tokenizer, options, system="You are tiny.")
+    session.reply(QUESTION, out)
+    session.reply(QUESTION, out)
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
-    assert out.getvalue().startswith("blue")
     session.reset()
     assert session.messages == [{"role": "system", "content": "You are tiny."}]
 
 
 def test_seeded_sampling_is_reproducible(dense):
     model, tokenizer = dense
-    messages = [{"role": "user", "content": "Name a colour."}]
+    messages = [{"role": "user", "content": QUESTION}]
     runs = ["".join(stream_reply(model, tokenizer, messages, SamplingOptions(16, 1.5, 1.0, 0, 1.0, seed)))
             for seed in (3, 3)]
     assert runs[0] == runs[1]
 
 
-def test_history_is_trimmed_to_fit():
-    tokenizer = load_tokenizer()
+def test_history_is_trimmed_to_fit(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     messages = [{"role": "system", "content": "sys"}]
     for i in range(20):
         messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "answer"}]
@@ -164,11 +181,11 @@ def test_bad_options():
         SamplingOptions(temperature=-1)
 
 
-def test_interactive_loop_reports_errors_and_goes_on(dense):
+def test_interactive_loop_reports_errors_and_goes_on(dense, expected):
     model, tokenizer = dense
-    session = ChatSession(model, tokenizer, SamplingOptions(max_new_tokens=8, temperature=0.0))
+    session = ChatSession(model, tokenizer, SamplingOptions(max_new_tokens=24, temperature=0.0))
     out = io.StringIO()
-    run_interactive(session, io.StringIO("word " * 200 + "\nWhat is 7+2?\n"), out)
+    run_interactive(session, io.StringIO("word " * 200 + f"\n{QUESTION}\n"), out)
     text = out.getvalue()
-    assert "(error: the prompt is" in text and text.split(">>> ")[2].startswith("9")
+    assert "(error: the prompt is" in text and text.split(">>> ")[2].startswith(expected)
     assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the failed turn left no trace

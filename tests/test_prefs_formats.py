@@ -11,7 +11,6 @@ import torch
 from mateconv.prefs import PrefsConfig, run
 from mateconv.tasks import check_answer
 from prefs_fake_server import FakeOpenAI, tasks
-from tiny_checkpoints import load_tokenizer, tokenizer_dir
 
 N_PROMPTS = 8
 
@@ -46,13 +45,13 @@ def test_both_judges_combine_and_records_are_self_describing(pairs_path):
         assert record["settings"]["k_samples"] == 4 and record["settings"]["temperature"] == 0.7
 
 
-def test_datasets_and_trl_accept_the_pairs(pairs_path, tmp_path):
+def test_datasets_and_trl_accept_the_pairs(pairs_path, tiny_tokenizer, tmp_path):
     from datasets import load_dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-    tokenizer = load_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     dataset = load_dataset("json", data_files=str(pairs_path), split="train")
     assert dataset.num_rows == N_PROMPTS and {"prompt", "chosen", "rejected"} <= set(dataset.column_names)
     for example in dataset:
@@ -78,14 +77,16 @@ def test_datasets_and_trl_accept_the_pairs(pairs_path, tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
 
 
-def test_stage3_tokenizes_the_pairs(pairs_path, tmp_path):
+def test_stage3_tokenizes_the_pairs(pairs_path, tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
     from mateconv.data.shards import DPOTokens, build_shards
 
-    result = build_shards("dpo", [pairs_path], tokenizer_dir(), tmp_path / "tokens", workers=1, progress=False)
+    result = build_shards("dpo", [pairs_path], tiny_tokenizer, tmp_path / "tokens", workers=1, progress=False)
     assert result.bad_records == [] and result.index["complete"]
     tokens = DPOTokens(tmp_path / "tokens", seq_len=64)
     assert len(tokens) == N_PROMPTS
-    tokenizer = load_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     contents = {json.loads(line)["chosen"][0]["content"] for line in pairs_path.read_text().splitlines()}
     decoded = set()
     for item in tokens:
