@@ -1,7 +1,6 @@
 """Format conversion: every SFT/preference shape -> the internal formats, on the real shared files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,29 +9,26 @@ from mateconv.data import DataError
 from mateconv.data.formats import detect_format, to_preference, to_sft
 from mateconv.data.readers import iter_records
 
-SHARED = Path("/work/shared/data")
-FACTORY = SHARED / "hiyouga__LLaMA-Factory/data"
+FACTORY = "hiyouga__LLaMA-Factory/data"
 
 
 def records(path: Path) -> list:
-    if not path.exists():
-        pytest.skip(f"shared data file {path} is absent (CI has it)")
     return [record for _, _, record in iter_records(path)]
 
 
-def test_alpaca_files_to_messages():
-    data = records(FACTORY / "alpaca_zh_demo.json")
+def test_alpaca_files_to_messages(shared_data):
+    data = records(shared_data(f"{FACTORY}/alpaca_zh_demo.json"))
     assert len(data) == 1000 and {detect_format(r) for r in data} == {"alpaca"}
     with_input = next(r for r in data if r["input"])
     messages = to_sft(with_input)["messages"]
     assert messages == [{"role": "user", "content": f"{with_input['instruction']}\n\n{with_input['input']}"},
                         {"role": "assistant", "content": with_input["output"]}]
-    identity = records(FACTORY / "identity.json")
+    identity = records(shared_data(f"{FACTORY}/identity.json"))
     assert all(to_sft(r)["messages"][-1]["content"] == r["output"] for r in identity)
 
 
-def test_sharegpt_preference_with_dict_sides_and_system():
-    data = records(FACTORY / "dpo_zh_demo.json")
+def test_sharegpt_preference_with_dict_sides_and_system(shared_data):
+    data = records(shared_data(f"{FACTORY}/dpo_zh_demo.json"))
     assert {detect_format(r) for r in data} == {"sharegpt_pref"}
     pairs = [to_preference(r) for r in data]
     with_system = [p for p in pairs if p["prompt"][0]["role"] == "system"]
@@ -43,8 +39,8 @@ def test_sharegpt_preference_with_dict_sides_and_system():
         assert pair["prompt"][-1] == {"role": "user", "content": record["conversations"][-1]["value"]}
 
 
-def test_sharegpt_preference_with_string_sides():
-    data = records(SHARED / "shibing624__MedicalGPT/data/reward/dpo_zh_500.jsonl")
+def test_sharegpt_preference_with_string_sides(shared_data):
+    data = records(shared_data("shibing624__MedicalGPT/data/reward/dpo_zh_500.jsonl"))
     assert len(data) == 500
     pairs = [to_preference(r) for r in data]
     assert sum(p["prompt"][0]["role"] == "system" for p in pairs) == 84
@@ -52,8 +48,8 @@ def test_sharegpt_preference_with_string_sides():
                for p, r in zip(pairs, data))
 
 
-def test_hh_rlhf_split_at_last_assistant_turn():
-    data = records(SHARED / "anthropics__hh-rlhf/harmless-base/test.first200.jsonl")
+def test_hh_rlhf_split_at_last_assistant_turn(shared_data):
+    data = records(shared_data("anthropics__hh-rlhf/harmless-base/test.first200.jsonl"))
     assert {detect_format(r) for r in data} == {"hh"}
     converted = 0
     for record in data:
@@ -115,4 +111,6 @@ def test_bad_preference_shapes_raise():
                        "chosen": "x", "rejected": "y"})
     with pytest.raises(DataError, match="not an SFT"):
         to_sft({"prompt": "q", "chosen": "a", "rejected": "b"})
-    assert json.dumps(to_preference({"prompt": "q", "chosen": {"from": "gpt", "value": "x"}, "rejected": "y"}))
+    assert to_preference({"prompt": "q", "chosen": {"from": "gpt", "value": "x"}, "rejected": "y"}) == {
+        "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "x"}],
+        "rejected": [{"role": "assistant", "content": "y"}]}

@@ -13,7 +13,6 @@ from mateconv.data.prepare import main, prepare
 from tests.test_tokenizer_notebook import run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
 
 
 def prose(seed: int, words: int = 120) -> str:
@@ -92,13 +91,11 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert read(tmp_path / "again/pretrain_val.jsonl") == read(tmp_path / "data/pretrain_val.jsonl")
 
 
-def test_prepare_real_shared_files(tmp_path):
-    files = {"sft": [SHARED / "hiyouga__LLaMA-Factory/data/identity.json"],
-             "dpo": [SHARED / "hiyouga__LLaMA-Factory/data/dpo_en_demo.first50.json",
-                     SHARED / "anthropics__hh-rlhf/harmless-base/test.first200.jsonl"],
-             "pretrain": [SHARED / "chinese-poetry__chinese-poetry/宋词/ci.song.0.first200.json"]}
-    if not all(p.exists() for paths in files.values() for p in paths):
-        pytest.skip("shared data files are absent (CI has them)")
+def test_prepare_real_shared_files(shared_data, tmp_path):
+    files = {"sft": [shared_data("hiyouga__LLaMA-Factory/data/identity.json")],
+             "dpo": [shared_data("hiyouga__LLaMA-Factory/data/dpo_en_demo.first50.json"),
+                     shared_data("anthropics__hh-rlhf/harmless-base/test.first200.jsonl")],
+             "pretrain": [shared_data("chinese-poetry__chinese-poetry/宋词/ci.song.0.first200.json")]}
     stats = prepare(files, tmp_path, progress=False)
     assert stats["sft"]["kept"] == 91
     assert stats["dpo"]["read"] == 250 and stats["dpo"]["removed"].get("bad_record", 0) == 1  # one empty hh reply

@@ -8,10 +8,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
-SMALL_CORPUS = [SHARED / "karpathy__char-rnn/data/tinyshakespeare/input.first2000lines.txt",
-                SHARED / "chinese-poetry__chinese-poetry/宋词/ci.song.0.first200.json"]
+SMALL_CORPUS = [SHARED_DATA / "karpathy__char-rnn/data/tinyshakespeare/input.first2000lines.txt",
+                SHARED_DATA / "chinese-poetry__chinese-poetry/宋词/ci.song.0.first200.json"]
 
 
 def run_notebook(path: Path, workdir: Path, parameters: str) -> nbformat.NotebookNode:
@@ -26,12 +27,12 @@ def run_notebook(path: Path, workdir: Path, parameters: str) -> nbformat.Noteboo
 def test_tokenizer_notebook_trains_and_reports(tmp_path):
     # Shared corpus when present; the embedded data (made by the notebook itself) otherwise.
     corpus = [str(p) for p in SMALL_CORPUS if p.exists()] or ["out/raw/embedded"]
-    reference = SHARED / "jingyaogong__minimind/model"
+    reference = SHARED_DATA / "jingyaogong__minimind/model"
     run_notebook(ROOT / "1.tokenizer_training.ipynb", tmp_path, "\n".join([
         f"corpus = {corpus!r}", "make_embedded_if_missing = True", "vocab_size = 800", "min_frequency = 2",
         "max_chars = None", "out_dir = 'out/tokenizer'", f"reference_tokenizer = {str(reference)!r}",
-        f"eval_texts = {{'zh': {[str(SHARED / 'chinese-poetry__chinese-poetry/论语/lunyu.json')]!r},"
-        f" 'en': {[str(SHARED / 'hiyouga__LLaMA-Factory/data/wiki_demo.first3lines.txt')]!r}}}",
+        f"eval_texts = {{'zh': {[str(SHARED_DATA / 'chinese-poetry__chinese-poetry/论语/lunyu.json')]!r},"
+        f" 'en': {[str(SHARED_DATA / 'hiyouga__LLaMA-Factory/data/wiki_demo.first3lines.txt')]!r}}}",
         "eval_max_chars = 20_000"]))
     out = tmp_path / "out/tokenizer"
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
