@@ -2,16 +2,22 @@
 
     python -m mateconv.serve --model_path out/sft/final --host 127.0.0.1 --port 8000 --served_model_name mateconv
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (JSON or server-sent events with "stream": true).
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions (JSON or server-sent
+events with "stream": true; `logprobs`/`top_logprobs` on both, `echo` on completions, as lm-eval's API models use).
 Generation runs in worker threads, at most `max_concurrent` at a time; up to `max_queued` more requests wait, and
-the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
+the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}},
+with OpenAI's wording where clients parse it (context length, API key). With `--api_key` (or MATECONV_API_KEY) every
+endpoint but /health wants `Authorization: Bearer KEY`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -40,6 +46,8 @@ from model.generation import SamplingConfig, detokenize, generate_tokens, iter_t
 logger = logging.getLogger("mateconv.serve")
 MAX_N = 16
 MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20
+API_KEY_ENV = "MATECONV_API_KEY"
 
 
 class ServeError(RuntimeError):
@@ -80,15 +88,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    # Fields we do not use (frequency_penalty, user, ...) are accepted and ignored, as other OpenAI servers do.
+class GenerationRequest(BaseModel):
+    """What chat and text completions share. Fields we do not use (frequency_penalty, user, ...) are accepted and
+    ignored, as other OpenAI servers do."""
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[Message] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
@@ -102,6 +108,22 @@ class ChatCompletionRequest(BaseModel):
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} non-empty strings")
         return stops
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(GenerationRequest):
+    """A text prompt, a list of them, token ids, or a list of token-id lists (lm-eval sends token ids)."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
 
 
 # ---------------------------------------------------------------- generation
@@ -144,7 +166,11 @@ class Sampling:
 class Choice:
     text: str
     finish_reason: str  # "stop" (eos or a stop string) or "length"
-    completion_tokens: int
+    tokens: list[int]  # the completion's tokens (those behind the text when a stop string cut it)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
 
 class Engine:
@@ -155,21 +181,58 @@ class Engine:
         self.context = context_length(model)
         self.eos_id = tokenizer.eos_token_id
 
-    def prompt(self, messages: list[Message], max_tokens: int | None, default_max_tokens: int) -> tuple[list[int], int]:
-        """Prompt ids and the number of new tokens to allow; 400 when the prompt does not fit the context."""
-        ids = prompt_ids(self.tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
-        room = self.context - len(ids)
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        return prompt_ids(self.tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
+
+    def text_prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=False) for p in prompt]
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= token < vocab for p in prompts for token in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return prompts
+
+    def budget(self, prompt_tokens: int, max_tokens: int | None, default_max_tokens: int, what: str) -> int:
+        """New tokens to allow; 400 in OpenAI's words (which client libraries recognise) when they do not fit."""
+        room = self.context - prompt_tokens
+        if max_tokens is None and room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                                f"{what} resulted in {prompt_tokens} tokens. Please reduce the length of the {what}.",
+                           param=what, code="context_length_exceeded")
         wanted = max_tokens if max_tokens is not None else min(default_max_tokens, room)
-        if room < 1 or wanted > room:
-            raise APIError(400, f"this model's context is {self.context} tokens; the messages use {len(ids)} and "
-                                f"{wanted} were asked for completion", param="messages",
-                           code="context_length_exceeded")
-        return ids, wanted
+        if wanted > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {prompt_tokens + wanted} tokens ({prompt_tokens} in the {what}, {wanted} "
+                                f"in the completion). Please reduce the length of the {what} or completion.",
+                           param=what, code="context_length_exceeded")
+        return wanted
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def logprobs(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each token after the first: (its log-probability given the tokens before it, the `top` most likely
+        tokens there with theirs), from one forward pass over the whole sequence (the model's own distribution,
+        before temperature or top_p)."""
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+            logps = logits.log_softmax(-1)
+            chosen = logps.gather(1, torch.tensor(ids[1:], device=logps.device)[:, None])[:, 0].tolist()
+            best = logps.topk(top, dim=-1) if top else None
+        alternatives = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if top else None
+        return [(lp, alternatives[k] if top else []) for k, lp in enumerate(chosen)]
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
 
     def complete(self, ids: list[int], sampling: Sampling, n: int) -> list[Choice]:
+        if sampling.max_tokens == 0:
+            return [Choice("", "length", []) for _ in range(n)]
         input_ids = torch.tensor([ids] * n, device=self.model.device)
         with torch.inference_mode():
             new_tokens = generate_tokens(
@@ -184,10 +247,10 @@ class Engine:
             text = scanner.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
             if scanner.stopped:
                 count = len(self.tokenizer.encode(text, add_special_tokens=False))
-                choices.append(Choice(text, "stop", min(count, len(tokens))))
+                choices.append(Choice(text, "stop", tokens[: min(count, len(tokens))]))
             else:
                 text += scanner.flush()
-                choices.append(Choice(text, "stop" if hit_eos else "length", len(tokens)))
+                choices.append(Choice(text, "stop" if hit_eos else "length", tokens))
         return choices
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
@@ -195,14 +258,15 @@ class Engine:
         config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
         tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
                              eos_token_id=self.eos_id, generator=self._generator(sampling.seed))
-        counted = {"tokens": 0, "eos": False}
+        emitted: list[int] = []
+        ended = {"eos": False}
 
         def until_eos() -> Iterator[int]:
             for token in tokens:
                 if int(token) == self.eos_id:
-                    counted["eos"] = True
+                    ended["eos"] = True
                     return
-                counted["tokens"] += 1
+                emitted.append(int(token))
                 yield int(token)
 
         scanner = StopScanner(sampling.stops)
@@ -220,8 +284,8 @@ class Engine:
             if tail:
                 pieces.append(tail)
                 yield tail
-        finish = "stop" if scanner.stopped or counted["eos"] else "length"
-        yield Choice("".join(pieces), finish, counted["tokens"])
+        finish = "stop" if scanner.stopped or ended["eos"] else "length"
+        yield Choice("".join(pieces), finish, emitted)
 
 
 # ---------------------------------------------------------------- admission control
@@ -282,7 +346,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
+def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationRequest:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -290,7 +354,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
@@ -304,13 +368,24 @@ def sse(payload: dict | str) -> str:
 
 def create_app(model_path: str | Path, served_model_name: str = "mateconv", device: str = "auto",
                dtype: str = "auto", max_concurrent: int = 1, max_queued: int = 16,
-               max_request_bytes: int = 1_000_000, default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI app serving the model at `model_path` (loaded now) under the name `served_model_name`."""
+               max_request_bytes: int = 1_000_000, default_max_tokens: int = 256, api_key: str = "") -> FastAPI:
+    """The FastAPI app serving the model at `model_path` (loaded now) under the name `served_model_name`;
+    with `api_key`, every endpoint but /health answers 401 to requests without `Authorization: Bearer <api_key>`."""
     model, tokenizer = load_model(model_path, device, dtype)
     engine = Engine(model, tokenizer)
     admission = Admission(max_concurrent, max_queued)
     created = int(time.time())
     app = FastAPI(title="MateConv OpenAI-compatible server")
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def _check_key(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key").response()
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -340,32 +415,106 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
                 "max_model_len": engine.context}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_request(await read_body(request, max_request_bytes))
+    async def read(request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
+        req = parse_request(await read_body(request, max_request_bytes), schema)
         if req.model != served_model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{served_model_name}'",
                            param="model", code="model_not_found")
-        ids, max_tokens = engine.prompt(req.messages, req.max_completion_tokens or req.max_tokens, default_max_tokens)
+        return req
+
+    def stream(ids: list[int], sampling: Sampling, req: GenerationRequest, shape) -> StreamingResponse:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = stream_events(asyncio.get_running_loop(), admission, engine, ids, sampling, req.n, shape,
+                               include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read(request, ChatCompletionRequest)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.logprobs and req.stream:
+            raise APIError(400, "logprobs are not available with stream: true on this server", param="logprobs")
+        ids = engine.chat_prompt(req.messages)
+        max_tokens = engine.budget(len(ids), req.max_completion_tokens or req.max_tokens, default_max_tokens,
+                                   "messages")
         sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        loop = asyncio.get_running_loop()
         await admission.acquire()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = stream_events(loop, admission, engine, ids, sampling, req.n, completion_id, created_now(),
-                                   served_model_name, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices = await admission.run(loop, engine.complete, ids, sampling, req.n)
-        completion_tokens = sum(choice.completion_tokens for choice in choices)
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created_now(), "model": served_model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": choice.text},
-                         "finish_reason": choice.finish_reason, "logprobs": None} for i, choice in enumerate(choices)],
-            "usage": usage(len(ids), completion_tokens),
-        }
+            return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name))
+
+        def work() -> list[tuple[Choice, dict | None]]:
+            return [(choice, chat_logprobs(engine, ids, choice.tokens, req.top_logprobs or 0) if req.logprobs
+                     else None) for choice in engine.complete(ids, sampling, req.n)]
+
+        results = await admission.run(asyncio.get_running_loop(), work)
+        answers = [{"index": i, "message": {"role": "assistant", "content": choice.text},
+                    "finish_reason": choice.finish_reason, "logprobs": logprobs}
+                   for i, (choice, logprobs) in enumerate(results)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created_now(),
+                "model": served_model_name, "choices": answers,
+                "usage": usage(len(ids), sum(choice.completion_tokens for choice, _ in results))}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await read(request, CompletionRequest)
+        prompts = engine.text_prompts(req.prompt)
+        if req.stream and (len(prompts) > 1 or req.logprobs is not None or req.echo):
+            raise APIError(400, "streaming completions take one prompt, without logprobs or echo", param="stream")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens 0 only makes sense with echo: true", param="max_tokens")
+        budgets = [engine.budget(len(ids), req.max_tokens, default_max_tokens, "prompt") for ids in prompts]
+        await admission.acquire()
+        if req.stream:
+            sampling = Sampling(budgets[0], req.temperature, req.top_p, req.stop, req.seed)
+            return stream(prompts[0], sampling, req, TextChunks(f"cmpl-{uuid.uuid4().hex}", served_model_name))
+
+        def work() -> list[dict]:
+            """Every prompt's n choices in order: choice i * n + j is prompt i's j-th sample."""
+            answers = []
+            for ids, max_tokens in zip(prompts, budgets):
+                sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
+                for choice in engine.complete(ids, sampling, req.n):
+                    logprobs = (completion_logprobs(engine, ids, choice.tokens, req.logprobs, req.echo)
+                                if req.logprobs is not None else None)
+                    text = (engine.tokenizer.decode(ids) if req.echo else "") + choice.text
+                    answers.append({"index": len(answers), "text": text, "logprobs": logprobs,
+                                    "finish_reason": choice.finish_reason, "completion_tokens": choice.completion_tokens})
+            return answers
+
+        answers = await admission.run(asyncio.get_running_loop(), work)
+        completion_tokens = sum(answer.pop("completion_tokens") for answer in answers)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created_now(),
+                "model": served_model_name, "choices": answers,
+                "usage": usage(sum(map(len, prompts)) * req.n, completion_tokens)}
 
     return app
+
+
+def chat_logprobs(engine: Engine, prompt: list[int], tokens: list[int], top: int) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def entry(token: int, logprob: float) -> dict:
+        text = engine.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    scored = engine.logprobs(prompt + tokens, top)[len(prompt) - 1:] if tokens else []
+    content = [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]}
+               for token, (logprob, alternatives) in zip(tokens, scored)]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(engine: Engine, prompt: list[int], tokens: list[int], top: int, echo: bool) -> dict:
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset; with echo the prompt's
+    tokens come first and the very first one has no log-probability (null)."""
+    shown = prompt + tokens if echo else tokens
+    scored = engine.logprobs(prompt + tokens, top) if len(prompt) + len(tokens) > 1 else []
+    scored = [(None, None)] + scored if echo else scored[len(prompt) - 1:]
+    texts = [engine.token_text(token) for token in shown]
+    offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [logprob for logprob, _ in scored],
+            "top_logprobs": [None if alternatives is None else {engine.token_text(t): lp for t, lp in alternatives}
+                             for _, alternatives in scored],
+            "text_offset": offsets}
 
 
 def created_now() -> int:
@@ -377,8 +526,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+@dataclass
+class ChatChunks:
+    """Streamed chat completion chunks: a role delta opens each choice, content deltas follow."""
+    completion_id: str
+    model_name: str
+    object = "chat.completion.chunk"
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+    def piece(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish_reason}
+
+
+@dataclass
+class TextChunks:
+    """Streamed text completion chunks: {"index", "text", "logprobs", "finish_reason"}."""
+    completion_id: str
+    model_name: str
+    object = "text_completion"
+
+    def opening(self, index: int) -> dict | None:
+        return None
+
+    def piece(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+
 def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sampling: Sampling, n: int,
-                  completion_id: str, created: int, model_name: str, include_usage: bool):
+                  shape: ChatChunks | TextChunks, include_usage: bool):
     """Starts the worker now (it owns the admission slot) and returns the async iterator of server-sent events.
 
     The n choices are generated one after another; a client that disconnects stops the worker at its next token.
@@ -400,9 +577,11 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, (None, done))
 
+    created = created_now()
+
     def chunk(choices: list[dict], usage_block: dict | None = None) -> str:
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": choices}
+        payload = {"id": shape.completion_id, "object": shape.object, "created": created,
+                   "model": shape.model_name, "choices": choices}
         if include_usage:
             payload["usage"] = usage_block
         return sse(payload)
@@ -411,7 +590,8 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
         completion_tokens = 0
         try:
             for index in range(n):
-                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                if (opening := shape.opening(index)) is not None:
+                    yield chunk([opening])
             while True:
                 index, event = await queue.get()
                 if event is done:
@@ -423,9 +603,9 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
                     return
                 if isinstance(event, Choice):
                     completion_tokens += event.completion_tokens
-                    yield chunk([{"index": index, "delta": {}, "finish_reason": event.finish_reason}])
+                    yield chunk([shape.piece(index, None, event.finish_reason)])
                 else:
-                    yield chunk([{"index": index, "delta": {"content": event}, "finish_reason": None}])
+                    yield chunk([shape.piece(index, event, None)])
             if include_usage:
                 yield chunk([], usage(len(ids) * n, completion_tokens))
             yield sse("[DONE]")
@@ -454,7 +634,7 @@ def start_background(model_path: str | Path, served_model_name: str = "mateconv"
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="mateconv-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "mateconv.serve", "--model_path", str(model_path), "--host", "127.0.0.1",
-               "--port", str(port), "--served_model_name", served_model_name, *(extra_args or [])]
+               "--port", str(port), "--served_model_name", served_model_name, "--api_key", "", *(extra_args or [])]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     process.log_path = log.name
     root = f"http://127.0.0.1:{port}"
@@ -500,7 +680,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_queued", type=int, default=16, help="requests that may wait; more get 429")
     limits.add_argument("--max_request_bytes", type=int, default=1_000_000, help="larger bodies get 413")
     limits.add_argument("--default_max_tokens", type=int, default=256, help="when a request sets no max_tokens")
+    parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV, ""),
+                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; empty: no key)")
     return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -508,9 +699,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_concurrent < 1 or args.max_queued < 0 or args.max_request_bytes < 1 or args.default_max_tokens < 1:
         raise SystemExit("serve: max_concurrent, max_request_bytes and default_max_tokens must be >= 1, "
                          "max_queued >= 0")
+    if not args.api_key and not is_loopback(args.host):
+        print(f"serve: WARNING: listening on {args.host} without an API key: anyone who can reach port {args.port} "
+              f"can use the model (set --api_key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
     try:
         app = create_app(args.model_path, args.served_model_name, args.device, args.dtype, args.max_concurrent,
-                         args.max_queued, args.max_request_bytes, args.default_max_tokens)
+                         args.max_queued, args.max_request_bytes, args.default_max_tokens, args.api_key)
     except ChatError as error:
         raise SystemExit(f"serve: {error}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
