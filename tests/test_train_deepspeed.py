@@ -14,28 +14,38 @@ from pathlib import Path
 import psutil
 import pytest
 
-from train_fixtures import REPO, losses, read_metrics, require_data, single_thread_env, tiny_flags
+from conftest import REPO, losses, read_metrics, single_thread_env
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 
 
-def deepspeed_command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str) -> list[str]:
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage), str(REPO / "4.pretrain.py"),
-            *tiny_flags(out_dir, max_steps=max_steps, save_interval_steps=4, eval_interval=4, use_moe=True),
-            "--zero_stage", str(zero_stage), *extra]
+@pytest.fixture(scope="session")
+def deepspeed_command(tiny_flags):
+    """`deepspeed_command(out_dir, zero_stage, max_steps=STEPS, *extra)` -> 4.pretrain.py of the tiny MoE model on
+    2 CPU ranks under the DeepSpeed launcher."""
+    def command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str) -> list[str]:
+        deepspeed = Path(sys.executable).with_name("deepspeed")
+        return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage),
+                str(REPO / "4.pretrain.py"),
+                *tiny_flags(out_dir, max_steps=max_steps, save_interval_steps=4, eval_interval=4, use_moe=True,
+                            engine="deepspeed", zero_stage=zero_stage), *extra]
+    return command
 
 
-def launch(out_dir: Path, zero_stage: int, *extra: str, max_steps: int = STEPS) -> None:
-    command = deepspeed_command(out_dir, zero_stage, max_steps, *extra)
-    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+@pytest.fixture(scope="session")
+def launch(deepspeed_command):
+    """`launch(out_dir, zero_stage, *extra, max_steps=STEPS)`: run `deepspeed_command` to the end; it must succeed."""
+    def run(out_dir: Path, zero_stage: int, *extra: str, max_steps: int = STEPS) -> None:
+        command = deepspeed_command(out_dir, zero_stage, max_steps, *extra)
+        result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory) -> dict[int, Path]:
-    require_data()
+def zero_runs(launch, tmp_path_factory) -> dict[int, Path]:
     if shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("the deepspeed launcher is not installed in this environment")
     root = tmp_path_factory.mktemp("zero")
@@ -53,12 +63,11 @@ def test_zero2_and_zero3_fp32_losses_match_and_decrease(zero_runs):
     assert zero2[STEPS] < zero2[1] - 0.2
 
 
-def test_torchrun_ddp_matches_zero2(zero_runs, tmp_path):
+def test_torchrun_ddp_matches_zero2(zero_runs, tiny_flags, tmp_path):
     """The plain-PyTorch engine under torchrun (DDP over gloo) trains the same MoE model to the same losses."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29509", str(REPO / "4.pretrain.py"),
-               *tiny_flags(tmp_path, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True),
-               "--engine", "torch"]
+               *tiny_flags(tmp_path, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True)]
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ddp, zero2 = losses(tmp_path), losses(zero_runs[2])
@@ -79,7 +88,7 @@ def test_zero3_final_model_is_gathered(zero_runs):
         assert param.allclose(twin.state_dict()[name], atol=1e-4), name
 
 
-def test_zero2_checkpoint_resumes_exactly(zero_runs, tmp_path):
+def test_zero2_checkpoint_resumes_exactly(zero_runs, launch, tmp_path):
     checkpoint = zero_runs[2] / "checkpoints" / "step_00000004"
     assert (checkpoint / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # sharded optimizer state
     launch(tmp_path, 2, "--resume", str(checkpoint))
@@ -89,11 +98,10 @@ def test_zero2_checkpoint_resumes_exactly(zero_runs, tmp_path):
         assert loss == pytest.approx(full[step], abs=1e-5), step
 
 
-def test_kill_2_on_the_deepspeed_command_stops_with_a_checkpoint(tmp_path):
+def test_kill_2_on_the_deepspeed_command_stops_with_a_checkpoint(deepspeed_command, launch, tmp_path):
     """The seeds' stop: `nohup deepspeed ... & echo $! > train.pid`, later `kill -2 $(ps -o pgid= -p $(cat train.pid))`,
     i.e. SIGINT to the `deepspeed` front process only (it leads its process group). It dies at once; the ranks notice
     their launcher was orphaned, save a checkpoint and exit, and the same command resumes."""
-    require_data()
     out_dir = tmp_path / "run"
     with open(tmp_path / "train.log", "w") as log:
         front = subprocess.Popen(deepspeed_command(out_dir, 2, 10_000, "--save_interval_steps", "10000",
