@@ -9,8 +9,9 @@ import pytest
 
 from mateconv.chat import load_model
 from mateconv.data.shards import DPOTokens
-from mateconv.evaluate import task_accuracy
 from mateconv.config import DPOConfig
+from mateconv.evaluate import task_accuracy
+from mateconv.files import read_metrics
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.evaluators import preference_eval
 
@@ -50,7 +51,7 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
           f"tasks: SFT {before.accuracy:.3f} -> DPO {after.accuracy:.3f} ({fixed} fixed, {broken} broken)")
     assert after.accuracy >= before.accuracy + 0.05 and fixed > 2 * broken
 
-    rows = [json.loads(line) for line in (out / "dpo/metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "dpo/metrics.jsonl")
     evals = [r for r in rows if "forget/pretrain_ppl" in r]
     assert [r["step"] for r in evals] == [0, 40, 80, 120]
     assert all(r["forget/sft_ppl"] > 1 and r["forget/pretrain_ppl"] > 1 for r in evals)
