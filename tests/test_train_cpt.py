@@ -9,7 +9,7 @@ import torch
 
 from mateconv.config import ConfigError, parse_config
 from mateconv.cpt import CPTConfig, CPTTrainer, PackedTexts
-from mateconv.train.stages import run
+from mateconv.train.stages import RECIPES, run
 from conftest import losses
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,8 +32,8 @@ def tiny_qwen(tiny_tokenizer, tmp_path):
 
 def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
     # model-shape flags (dim 64 etc. from tiny_flags, and a deliberately wrong n_layers) are ignored with init_from
-    summary = run("pretrain", parse_config(tiny_flags(tmp_path / "out", init_from=tiny_qwen, max_steps=8,
-                                                      n_layers=7, learning_rate=3e-3)))
+    summary = run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "out", init_from=tiny_qwen, max_steps=8,
+                                                               n_layers=7, learning_rate=3e-3)))
     curve = losses(tmp_path / "out")
     assert summary["step"] == 8 and curve[8] < curve[1]
     from transformers import AutoModelForCausalLM, AutoTokenizer

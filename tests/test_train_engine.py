@@ -14,7 +14,7 @@ import torch
 
 from mateconv.config import parse_config
 from mateconv.train.optim import lr_multiplier
-from mateconv.train.stages import run
+from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def train(tiny_flags):
     """`train(out_dir, stage="pretrain", **overrides)` -> the stage's summary of a tiny in-process run."""
     def train_stage(out_dir, stage="pretrain", **overrides) -> dict:
-        return run(stage, parse_config(tiny_flags(out_dir, stage, **overrides)))
+        return run(RECIPES[stage], parse_config(tiny_flags(out_dir, stage, **overrides)))
     return train_stage
 
 
@@ -46,7 +46,7 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert type(model).__name__ == "MateConvForCausalLM" and model.config.dim == 64
     assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token == "<|im_end|>"
     saved = parse_config([str(tmp_path / "checkpoints" / "step_00000012" / "config.yaml")])
-    assert saved.max_steps == 12 and saved.out_dir == str(tmp_path)
+    assert saved.optim.max_steps == 12 and saved.checkpoint.out_dir == str(tmp_path)
 
 
 def test_resume_equals_uninterrupted(train, tmp_path):
@@ -102,8 +102,9 @@ def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, t
     chat = min((r for r in records if [m["role"] for m in r["messages"]].count("assistant") == 2
                 and r["messages"][0]["role"] == "system"), key=lambda r: len(json.dumps(r)))
     (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
-    build_shards("sft", [tmp_path / "chat.jsonl"], config.tokenizer_path, tmp_path / "chat", workers=1, progress=False)
-    item = SFTTokens(tmp_path / "chat", config.max_seq_len)[0]
+    build_shards("sft", [tmp_path / "chat.jsonl"], config.data.tokenizer_path, tmp_path / "chat", workers=1,
+                 progress=False)
+    item = SFTTokens(tmp_path / "chat", config.model.max_seq_len)[0]
     tokenizer = load_tokenizer(config)
     trained = tokenizer.decode(item["labels"][item["labels"] != -100])
     assert trained == "".join(m["content"] + "<|im_end|>" for m in chat["messages"] if m["role"] == "assistant")
@@ -203,14 +204,12 @@ def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     step = int(latest.removeprefix("step_"))
     assert step == max(losses(tmp_path))  # the checkpoint is the last finished step
-    from model import MateConvConfig, MateConvForCausalLM
+    from model import MateConvForCausalLM
 
     checkpoint = tmp_path / "checkpoints" / latest
     config = parse_config([str(checkpoint / "config.yaml")])
     state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-    model = MateConvForCausalLM(MateConvConfig(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
-                                               n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size,
-                                               max_seq_len=config.max_seq_len))
+    model = MateConvForCausalLM(config.model)
     model.load_state_dict(state["model"])
     assert state["scheduler"]["last_epoch"] == step
     assert not (tmp_path / "final").exists()  # a stopped run is not final
