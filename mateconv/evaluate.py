@@ -23,6 +23,7 @@ from tqdm import tqdm
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.data.shards import PretrainTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
+from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import IGNORE_INDEX, Perplexity, perplexity
 from mateconv.tasks import check_answer
 from model.generation import generate_tokens
@@ -174,6 +175,7 @@ class ModelReport:
     tasks: TaskResult | None = None
     samples: list[str] = field(default_factory=list)
     balance: dict | None = None
+    lm_eval: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>" from lm-evaluation-harness
 
     def row(self) -> dict:
         """One flat row for summary.csv / summary.md."""
@@ -186,6 +188,7 @@ class ModelReport:
             "tasks_n": None if self.tasks is None else self.tasks.n,
             "load_cv_mean": None if self.balance is None else round(self.balance["cv_mean"], 4),
             "load_max_min": None if self.balance is None else round(self.balance["max_min_worst"], 3),
+            **{f"lm_eval:{name}": round(value, 4) for name, value in self.lm_eval.items()},
         }
 
 
@@ -195,7 +198,9 @@ def model_label(path: Path) -> str:
 
 
 def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, prompts: list[str], seq_len: int | None,
-                   batch_size: int, max_batches: int | None, max_new_tokens: int, device: str = "auto") -> ModelReport:
+                   batch_size: int, max_batches: int | None, max_new_tokens: int, device: str = "auto",
+                   lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
+                   max_tasks: int | None = None) -> ModelReport:
     model, tokenizer = load_model(path, device)
     is_moe = bool(getattr(model.config, "use_moe", False))
     report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
@@ -212,6 +217,8 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, promp
         report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens, batch_size)
     report.samples = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                     max_new_tokens, batch_size, desc="samples")
+    if lm_eval_tasks:
+        report.lm_eval = run_lm_eval(path, lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
     return report
 
 
@@ -310,7 +317,7 @@ def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path)
 def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
              tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
              batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
-             max_new_tokens: int = 48, device: str = "auto") -> list[ModelReport]:
+             max_new_tokens: int = 48, device: str = "auto", lm_eval_tasks: list[str] | None = None) -> list[ModelReport]:
     """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports."""
     if not models:
         raise EvalError("no models to evaluate")
@@ -329,7 +336,8 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     for path in paths:
         print(f"[evaluate] {path}", flush=True)
         reports.append(evaluate_model(path, val_path, task_records, prompts, seq_len, batch_size, max_batches,
-                                      max_new_tokens, device))
+                                      max_new_tokens, device, lm_eval_tasks, Path(tasks) if tasks else None,
+                                      max_tasks))
         print(f"[evaluate] {json.dumps(reports[-1].row())}", flush=True)
     plot_summary(reports, out)
     write_summary(reports, prompts, out)
@@ -354,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_batches", type=int, default=50, help="0 = all")
     limits.add_argument("--max_tasks", type=int, default=200, help="0 = all")
     limits.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--lm_eval_tasks", nargs="*", default=None,
+                        help="lm-evaluation-harness tasks to run on every model: ours (mateconv_tasks_gen, "
+                             "mateconv_tasks_mc, on --tasks) or any lm-eval task name; results join the summaries")
     return parser
 
 
@@ -372,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
                  optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
-                 args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device)
+                 args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device,
+                 args.lm_eval_tasks)
     except (EvalError, ChatError) as error:
         raise SystemExit(f"evaluate: {error}") from None
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
