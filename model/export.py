@@ -1,15 +1,11 @@
-"""Export a dense MateConv model to Hugging Face `LlamaForCausalLM` (same parameter names: a strict state-dict load)."""
+"""A dense MateConv model as Hugging Face `LlamaForCausalLM` (same parameter names: a strict state-dict load).
+`python -m mateconv.export` writes it out with its tokenizer and generation settings."""
 from __future__ import annotations
-
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.config import ConfigError
-from model.modeling import MateConvForCausalLM
+from .config import ConfigError
+from .modeling import MateConvForCausalLM
 
 
 def llama_config(model: MateConvForCausalLM) -> LlamaConfig:
@@ -32,15 +28,3 @@ def to_llama(model: MateConvForCausalLM) -> LlamaForCausalLM:
     llama = LlamaForCausalLM(llama_config(model)).to(device=parameter.device, dtype=parameter.dtype)
     llama.load_state_dict(model.state_dict(), strict=True)
     return llama.train(model.training)
-
-
-def export_llama(model: MateConvForCausalLM, out_dir: str | os.PathLike) -> Path:
-    """Save the model as a Llama checkpoint (`save_pretrained`, safetensors); the directory is replaced atomically."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    to_llama(model).save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return out

@@ -15,6 +15,16 @@ if [ -n "${MATECONV_UNLOCKED:-}" ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt 
     [ -n "${MATECONV_UNLOCKED:-}" ] && locked=()
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-    "$VENV/bin/python" -m pip install -q "${locked[@]}" -e ".[dev]"
+    # llama-cpp-python (the GGUF export test runs llama.cpp) ships as source only: build its wheel once per
+    # machine into a cache (about 25 min on 2 busy cores, see BENCHMARKS.md), then every install takes it from there.
+    wheels=${MATECONV_WHEEL_CACHE:-$HOME/.cache/mateconv/wheels}
+    llama_cpp=$(grep -E '^llama[-_]cpp[-_]python==' constraints.txt | head -1)
+    if [ -n "$llama_cpp" ] && ! ls "$wheels"/llama_cpp_python-"${llama_cpp#*==}"-*.whl >/dev/null 2>&1; then
+        echo "setup_env: building $llama_cpp once for this machine (minutes) into $wheels" >&2
+        start=$SECONDS
+        "$VENV/bin/python" -m pip wheel -q --no-deps -w "$wheels" "$llama_cpp"
+        echo "setup_env: $llama_cpp built in $((SECONDS - start)) s" >&2
+    fi
+    "$VENV/bin/python" -m pip install -q --find-links "$wheels" "${locked[@]}" -e ".[dev]"
     touch "$stamp"
 fi

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from model import PRESETS, ConfigError, MateConvConfig, MateConvForCausalLM, preset_config
-from model.export import export_llama, to_llama
+from model.export import to_llama
 
 
 def tiny_config(**overrides) -> MateConvConfig:
@@ -69,7 +69,8 @@ def test_export_to_llama_matches_logits_and_hf_generate(tmp_path):
     assert torch.equal(generate_tokens(model, input_ids, 12, temperature=0, attention_mask=attention_mask), hf)
     assert torch.equal(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False), hf)
 
-    saved = LlamaForCausalLM.from_pretrained(export_llama(model, tmp_path / "llama")).eval()
+    to_llama(model).save_pretrained(tmp_path / "llama")
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     with torch.no_grad():
         assert (saved(input_ids).logits - llama(input_ids).logits).abs().max() < 1e-5
     with pytest.raises(ConfigError, match="use_moe"):

@@ -1,0 +1,169 @@
+"""Export a trained dense MateConv checkpoint for the rest of the ecosystem, in one command.
+
+    python -m mateconv.export out/sft/final --to llama --out out/export/llama            # transformers, vLLM, lm-eval
+    python -m mateconv.export out/sft/final --to gguf --dtype q8_0 --out out/export/gguf  # llama.cpp, ollama
+
+`llama`: a `LlamaForCausalLM` directory (same weights, strict load) with the tokenizer, a chat template that plain
+Jinja renders, and a generation_config.json that samples by default (servers that follow it honour temperature).
+`gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library): Llama
+architecture, q/k rows reordered for llama.cpp's rotary layout, our byte-level BPE as llama.cpp's "gpt2" tokenizer.
+A Mixture-of-Experts model is refused: Llama has no experts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from mateconv.chat import ChatError, load_model
+from mateconv.files import atomic_dir
+from model import MateConvForCausalLM
+from model.export import to_llama
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16}
+GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "q8_0": gguf.GGMLQuantizationType.Q8_0}
+GGUF_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked (shown as one line)."""
+
+
+def plain_chat_template(template: str) -> str:
+    """The template without `{% generation %}` markers, a transformers extension that plain Jinja rejects."""
+    return re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
+
+
+def load_dense(source: str | Path):
+    try:
+        model, tokenizer = load_model(source, device="cpu", dtype="float32")
+    except ChatError as error:
+        raise ExportError(str(error)) from None
+    if not isinstance(model, MateConvForCausalLM):
+        raise ExportError(f"{source} holds a {type(model).__name__}, not a MateConv model; it is already in a "
+                          "standard format")
+    if model.config.use_moe:
+        raise ExportError(f"{source} is a Mixture-of-Experts model: Llama (and so llama.cpp, ollama and vLLM's Llama "
+                          "path) has no routed experts; only dense MateConv models export")
+    return model, tokenizer
+
+
+def export_llama_dir(source: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype} is for gguf; a llama directory is saved as {' or '.join(DTYPES)}")
+    model, tokenizer = load_dense(source)
+    config = model.config
+    with atomic_dir(out) as tmp:
+        to_llama(model).to(DTYPES[dtype]).save_pretrained(tmp)
+        tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **SAMPLING_DEFAULTS).save_pretrained(tmp)
+    return Path(out)
+
+
+def rotary_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Our rotary embedding pairs dimension i with i + head_dim/2 in every head; llama.cpp's Llama pairs 2i with
+    2i+1. Reordering the q/k projection rows (i, i + half) -> (2i, 2i+1) makes both compute the same attention."""
+    rows, columns = weight.shape
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, 2, half, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, llama.cpp token types, merges) of a byte-level BPE tokenizer, padded to the embedding rows."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise ExportError("only byte-level BPE tokenizers with GPT-2's pre-tokenizer export to GGUF "
+                          f"(this one: {spec['model']['type']}, pre-tokenizer {pre.get('type')})")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, index in spec["model"]["vocab"].items():
+        tokens[index], types[index] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, [int(t) for t in types], merges
+
+
+def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+    if dtype not in GGUF_TYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
+    model, tokenizer = load_dense(source)
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.n_layers)
+    with atomic_dir(out) as tmp:
+        target = tmp / f"model-{dtype}.gguf"
+        writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_name(Path(source).resolve().parent.name or "mateconv")
+        writer.add_context_length(config.max_seq_len)
+        writer.add_embedding_length(config.dim)
+        writer.add_block_count(config.n_layers)
+        writer.add_feed_forward_length(config.hidden_dim)
+        writer.add_head_count(config.n_heads)
+        writer.add_head_count_kv(config.n_kv_heads)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(GGUF_FILE_TYPES[dtype])
+        tokens, types, merges = tokenizer_vocab(tokenizer, config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(config.bos_token_id)
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # llama.cpp reuses token_embd when output.weight is absent
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.n_heads if "q_proj" in name else config.n_kv_heads
+                tensor = rotary_to_interleaved(tensor, heads)
+            data = tensor.float().numpy()
+            kind = GGUF_TYPES[dtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay f32
+            packed = gguf.quants.quantize(data, kind)
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), packed, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out) / target.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
+    parser.add_argument("--to", required=True, choices=("llama", "gguf"))
+    parser.add_argument("--dtype", default=None, help="llama: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    args = parser.parse_args(argv)
+    try:
+        if args.to == "llama":
+            written = export_llama_dir(args.source, args.out, args.dtype or "f32")
+        else:
+            written = export_gguf(args.source, args.out, args.dtype or "f16")
+    except ExportError as error:
+        sys.exit(f"export: {error}")
+    print(f"export: wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
