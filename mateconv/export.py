@@ -121,7 +121,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.add_file_type(GGUF_FILE_TYPES[dtype])
         tokens, types, merges = tokenizer_vocab(tokenizer, config.vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)

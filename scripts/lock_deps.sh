@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 {
     echo "# Versions the test suite passed with (scripts/lock_deps.sh wrote this; see README, 'Dependencies')."
-    .venv/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|mateconv)=='
+    .venv/bin/python -m pip list --format=freeze --exclude-editable | grep -v -E "^(torch|mateconv|pip)=="
 } > constraints.txt.tmp
 mv constraints.txt.tmp constraints.txt
 echo "constraints.txt: $(grep -c '==' constraints.txt) pinned packages"
