@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
+from mateconv.logprobs import token_logps
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
 logger = logging.getLogger("mateconv.serve")
@@ -220,12 +221,14 @@ class Engine:
         tokens there with theirs), from one forward pass over the whole sequence (the model's own distribution,
         before temperature or top_p)."""
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
-            logps = logits.log_softmax(-1)
-            chosen = logps.gather(1, torch.tensor(ids[1:], device=logps.device)[:, None])[:, 0].tolist()
-            best = logps.topk(top, dim=-1) if top else None
-        alternatives = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if top else None
-        return [(lp, alternatives[k] if top else []) for k, lp in enumerate(chosen)]
+            input_ids = torch.tensor([ids], device=self.model.device)
+            logits = self.model(input_ids).logits
+            chosen = token_logps(logits, input_ids)[0][0].tolist()
+            if not top:
+                return [(logprob, []) for logprob in chosen]
+            best = logits[0, :-1].float().log_softmax(-1).topk(top, dim=-1)
+        return [(logprob, list(zip(indices, values)))
+                for logprob, indices, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
