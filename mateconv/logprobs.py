@@ -80,3 +80,65 @@ def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | 
     loss = total_nll / total_tokens
     expert_load = None if load_sum is None else (load_sum / load_weight).tolist()
     return Perplexity(loss, math.exp(loss), total_tokens, expert_load)
+
+
+@dataclass
+class BitsPerByte:
+    bpb: float  # total NLL in bits / UTF-8 bytes of the texts
+    nll: float  # total NLL in nats
+    tokens: int  # scored tokens (every token of every text)
+    bytes: int
+    documents: int
+
+
+def document_windows(ids: list[int], start: list[int], length: int) -> list[tuple[list[int], int]]:
+    """`start + ids` cut into windows of at most `length` tokens, each window after the first beginning with the last
+    token of the one before; returns (window, how many leading positions are not scored). Every token of `ids` is
+    scored exactly once; the tokens of `start` are context only."""
+    sequence = start + ids
+    windows, begin = [], 0
+    while begin + 1 < len(sequence):
+        end = min(begin + length, len(sequence))
+        windows.append((sequence[begin:end], max(len(start) - begin, 1)))
+        begin = end - 1
+    return windows
+
+
+@torch.inference_mode()
+def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int, batch_size: int = 8,
+                  start_ids: list[int] | None = None) -> BitsPerByte:
+    """Tokenizer-independent held-out loss: total NLL (nats) of whole documents / (ln 2 x their UTF-8 bytes).
+
+    Each text is tokenized whole (no special tokens) and every one of its tokens is scored, conditioned on
+    `start_ids` (default: the EOS id, which precedes a document in packed pretraining) and on the text before it;
+    documents longer than `seq_len` are scored in consecutive windows that each carry one token of context. Works
+    with any causal LM whose forward takes `input_ids` and returns `.logits`."""
+    start = [tokenizer.eos_token_id] if start_ids is None else list(start_ids)
+    if not start:
+        raise ValueError("start_ids must hold at least one token: the first token of a text needs a context")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    windows, total_bytes, total_tokens = [], 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        windows += document_windows(ids, start, seq_len)
+        total_bytes += len(text.encode("utf-8"))
+        total_tokens += len(ids)
+    if total_bytes == 0:
+        raise ValueError("no text to score (all texts are empty)")
+    windows.sort(key=lambda window: len(window[0]), reverse=True)  # similar lengths share a batch: little padding
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    for first in tqdm(range(0, len(windows), batch_size), desc="bits/byte", unit="batch", leave=False):
+        chunk = windows[first: first + batch_size]
+        width = len(chunk[0][0])
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX)
+        for row, (window, unscored) in enumerate(chunk):
+            input_ids[row, : len(window)] = torch.tensor(window)
+            labels[row, unscored: len(window)] = torch.tensor(window[unscored:])
+        # right padding needs no attention mask: causal attention keeps the real tokens from seeing it
+        logits = model(input_ids.to(device), use_cache=False).logits
+        logps, _ = token_logps(logits, labels.to(device))
+        total_nll -= float(logps.sum())
+    return BitsPerByte(total_nll / (math.log(2) * total_bytes), total_nll, total_tokens, total_bytes, len(texts))
