@@ -2,9 +2,11 @@
 DPO tokens -> DPO -> evaluation, each stage a separate program reading the previous one's artifacts from `out/`.
 
 A preset (configs/pipeline/<name>.yaml) gives each stage its arguments. A stage whose artifact exists is skipped;
-a training stage that was stopped resumes from its last checkpoint when run again. Usage:
+a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` the stages run
+on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). Usage:
 
     python -m mateconv.pipeline [--preset tiny] [--only pretrain,sft] [--set pretrain.max_steps=50 ...]
+    python -m mateconv.pipeline run --data DIR [--tokenizer PATH] [--preset mateconv-0.02b]
     python -m mateconv.pipeline status
     python -m mateconv.pipeline stop pretrain
 """
@@ -16,17 +18,24 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from tokenizers import Tokenizer
 
+from mateconv.data import DataError
+from mateconv.data.sources import by_kind, scan
 from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
+from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import StageRunner, is_alive, read_pid, stop
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"
+PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as stage 7 prompts (capped at n_prompts)
+SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
 
 
 class PipelineError(RuntimeError):
@@ -97,6 +106,107 @@ def build_stages(preset: dict, out: Path) -> list[Stage]:
     return stages
 
 
+def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str]) -> list[str]:
+    """Points the preset's stages at the user's files in data_dir instead of the embedded demo data, and picks the
+    way to preference pairs (stage 7) and DPO. Returns the report: which file became what, and the path taken."""
+    try:
+        files = scan(data_dir)
+    except DataError as error:
+        raise PipelineError(str(error)) from None
+    report = [f"data: {found.line()}" for found in files]
+    kinds = by_kind(files)
+    if "pretrain" not in kinds:
+        raise PipelineError(f"{data_dir}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
+                            "field); every run starts with pretraining")
+    stages = preset["stages"]
+    del stages["data"]
+    if tokenizer is not None:
+        args = stages["tokenizer"]["args"]
+        stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
+        try:
+            vocab_size = Tokenizer.from_file(str(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer)
+                                             ).get_vocab_size()
+        except Exception as error:  # tokenizers raises plain Exceptions for missing or malformed files
+            raise PipelineError(f"--tokenizer {tokenizer}: cannot read its tokenizer.json ({error})") from None
+        stages["pretrain"]["args"]["vocab_size"] = vocab_size
+        report.append(f"tokenizer: {tokenizer} ({vocab_size} tokens), not trained")
+    else:
+        stages["tokenizer"]["args"]["corpus"] = [str(f.path) for found in kinds.values() for f in found]
+    paths = {kind: [str(f.path) for f in found] for kind, found in kinds.items()}
+    prepare = stages["prepare"]["args"]
+    prepare.pop("raw_dir")
+    prepare.update(paths, prompts_frac=PROMPTS_FRAC, max_prompts=stages["prefs"]["args"]["n_prompts"])
+    tokens = stages["tokens"]
+    last = [kind for kind in ("pretrain", "sft", "dpo") if kind in kinds][-1]  # 3.dataset.py --all builds it last
+    tokens["done"] = f"{tokens['args']['out_root']}/{last}/val/index.json"
+    if "sft" not in kinds:
+        path, reason = "none", "no SFT conversations in the data: pretraining only, then evaluation"
+    else:
+        path, reason = preference_path(preset, kinds, prepare["out_dir"], tokens["args"]["out_root"], env)
+    report.append(f"stage 7 / DPO: {reason}")
+    stage7 = ("prefs", "prefs_val", "prefs_tokens", "prefs_val_tokens")
+    dropped = {"none": stage7 + ("dpo",), "pairs": stage7}.get(path, ()) + (() if "sft" in kinds else ("sft",))
+    for name in dropped:
+        del stages[name]
+    evaluate = stages["eval"]["args"]
+    evaluate["models"] = [m for m in evaluate["models"] if Path(m).parent.name in stages]
+    if "tasks" not in kinds:
+        evaluate["tasks"] = "none"
+    return report
+
+
+def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
+                    env: Mapping[str, str]) -> tuple[str, str]:
+    """("tasks" | "judge" | "pairs" | "none", why) and the stage 7 / DPO arguments for it (docs/own_data.md):
+    verifiable tasks keep the rule judge; else a judge endpoint judges replies to held-out SFT prompts; else the
+    data's own preference pairs train DPO; else there is no DPO. The data's pairs join any pairs stage 7 makes."""
+    stages = preset["stages"]
+    try:
+        judge = resolve_judge(None, None, env, None)
+    except PrefsError as error:
+        raise PipelineError(str(error)) from None
+    pairs = "dpo" in kinds
+    for name, split in (("prefs", "train"), ("prefs_val", "val")):
+        stages[name]["args"]["generator_base_url"] = "local"  # on-policy: the SFT model writes the replies
+        if pairs:
+            tokens = stages[f"{name}_tokens"]["args"]
+            tokens["input"] = [tokens["input"], f"{data_out}/dpo_{split}.jsonl"]
+    joined = " plus the preference pairs from the data" if pairs else ""
+    if "tasks" in kinds:
+        return "tasks", ("the data holds verifiable tasks: stage 7 samples the SFT model on them and the rule judge "
+                         f"(their known answers) picks the pairs; DPO trains on those{joined}")
+    if judge is not None:
+        stages["prefs"]["args"].update(prompts_path=f"{data_out}/sft_prompts.jsonl", judge="model")
+        stages["prefs_val"]["args"].update(prompts_path=f"{data_out}/sft_val.jsonl", judge="model")
+        return "judge", (f"no verifiable tasks, a judge endpoint is set ({judge.describe()}; from OPENAI_BASE_URL / "
+                         "OPENAI_API_KEY / JUDGE_API_KEY): stage 7 samples the SFT model on held-out SFT prompts "
+                         f"(out of SFT training) and the model judge picks the pairs; DPO trains on those{joined}")
+    if pairs:
+        stages["dpo"]["args"].update(data_path=f"{tokens_out}/dpo/train", val_data_path=f"{tokens_out}/dpo/val")
+        return "pairs", ("no verifiable tasks and no judge endpoint (OPENAI_BASE_URL / OPENAI_API_KEY unset): DPO "
+                         "trains on the preference pairs from the data; stage 7 skipped")
+    return "none", ("no verifiable tasks, no preference pairs in the data and no judge endpoint: DPO skipped, the "
+                    "run stops after SFT and evaluation (set OPENAI_BASE_URL/OPENAI_API_KEY to an OpenAI-compatible "
+                    "server for a model judge, or add chosen/rejected pairs to the data directory)")
+
+
+def check_source(out: Path, source: dict | None) -> None:
+    """One out/ directory holds the artifacts of one corpus: refuses to mix a run on other data into it, and
+    records the --data directory (and --tokenizer) of a new run."""
+    path = out / SOURCE
+    recorded = json.loads(path.read_text()) if path.exists() else None
+    if recorded is None and source is not None and (out / "data" / "stats.json").exists():
+        raise PipelineError(f"{out} holds a run on the embedded demo data: run --data in another directory, or "
+                            f"remove {out}")
+    if recorded is not None and recorded != source:
+        made = f"--data {recorded['data']}" + (f" --tokenizer {recorded['tokenizer']}" if recorded["tokenizer"] else "")
+        raise PipelineError(f"{out} was made with {made}: run with the same flags, in another directory, or remove "
+                            f"{out}")
+    if recorded is None and source is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(source, indent=2) + "\n")
+
+
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path) -> int:
     runner = StageRunner(logs)
     timings: dict[str, float] = {}
@@ -160,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="run", choices=("run", "status", "stop"))
     parser.add_argument("stage", nargs="?", help="with `stop`: the stage to stop")
     parser.add_argument("--preset", default=os.environ.get("MATECONV_PRESET", "tiny"))
+    parser.add_argument("--data", metavar="DIR", help="your own files instead of the embedded demo data: pretraining "
+                        "text, SFT conversations, preference pairs (docs/own_data.md)")
+    parser.add_argument("--tokenizer", metavar="PATH", help="with --data: use this tokenizer (e.g. MiniMind's "
+                        "model/ directory) instead of training one on the data")
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", dest="sets")
     parser.add_argument("--logs", default="logs")
@@ -177,11 +291,20 @@ def main(argv: list[str] | None = None) -> int:
             print(stop(logs, args.stage, args.timeout))
             return 0
         preset = load_preset(args.preset)
+        if args.tokenizer and not args.data:
+            raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
+        source = None
+        if args.data:
+            data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
+            for line in use_data(preset, data, tokenizer, os.environ):
+                print(f"[pipeline] {line}", flush=True)
+            source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None}
         apply_sets(preset, args.sets)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
         if unknown:
             raise PipelineError(f"--only names unknown stages: {', '.join(sorted(unknown))}")
+        check_source(out, source)
         return run(preset, only, logs, out)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -63,7 +63,27 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"special token {token} did not get id {token_id}")
+    return save_tokenizer(tokenizer, out_dir, model_max_length)
 
+
+def adopt_tokenizer(source: str | Path, out_dir: str | Path, model_max_length: int = 32768) -> Path:
+    """Another project's byte-level BPE (e.g. MiniMind's `model/` directory or its tokenizer.json) as a MateConv
+    tokenizer: same vocabulary and merges, our special-token roles and ChatML template. Its special tokens must
+    already have our fixed ids."""
+    source = Path(source)
+    path = source / "tokenizer.json" if source.is_dir() else source
+    if not path.is_file():
+        raise DataError(f"{source}: no tokenizer.json there")
+    tokenizer = Tokenizer.from_file(str(path))
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise DataError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, MateConv needs "
+                            f"{token_id} (train a tokenizer on your data instead)")
+    return save_tokenizer(tokenizer, out_dir, model_max_length)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
+    """Saves a Hugging Face tokenizer directory with our special tokens and chat template, atomically per file."""
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                       unk_token=PAD, model_max_length=model_max_length, chat_template=CHAT_TEMPLATE,
                                       clean_up_tokenization_spaces=False)
@@ -167,14 +187,18 @@ def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--corpus", nargs="+", required=True, help="jsonl/json/txt/parquet files or directories")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", nargs="+", help="jsonl/json/txt/parquet files or directories to train on")
+    source.add_argument("--from_pretrained", metavar="PATH",
+                        help="use this tokenizer.json (or a directory holding one, e.g. MiniMind's model/) instead")
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
     parser.add_argument("--out_dir", default="out/tokenizer")
     args = parser.parse_args(argv)
     try:
-        out = train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars)
+        out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else
+               train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars))
     except DataError as error:
         sys.exit(f"error: {error}")
     print(f"tokenizer saved to {out}")

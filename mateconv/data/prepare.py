@@ -6,7 +6,8 @@
 
 Kinds: pretrain (text), sft (internal messages format), dpo (TRL preference format), tasks (verifiable prompts,
 passed through). A record's own `"split"` field ("train"/"val") is kept; otherwise a seeded hash of its content
-decides, so the split never changes when files are re-read in another order.
+decides, so the split never changes when files are re-read in another order. `--prompts_frac` also holds a share of
+the SFT training conversations out of SFT (`sft_prompts.jsonl`, at most `--max_prompts`): prompts for stage 7.
 """
 from __future__ import annotations
 
@@ -71,12 +72,15 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
 
 
 def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
-                 val_frac: float, seed: int, form: str, progress: bool = True) -> dict:
-    """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl; returns its stats."""
+                 val_frac: float, seed: int, form: str, progress: bool = True, prompts_frac: float = 0.0,
+                 max_prompts: int = 0) -> dict:
+    """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl (and for SFT with
+    prompts_frac > 0 sft_prompts.jsonl: training conversations held out of SFT); returns its stats."""
     removed: Counter = Counter()
     bad_examples: list[str] = []
-    lengths: dict[str, list[int]] = {"train": [], "val": []}
-    paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in ("train", "val")}
+    hold_out = kind == "sft" and prompts_frac > 0
+    lengths: dict[str, list[int]] = {"train": [], "val": [], **({"prompts": []} if hold_out else {})}
+    paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in lengths}
     files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
     read = 0
     try:
@@ -99,6 +103,9 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
                 continue
             given = record.get("split") if isinstance(record, dict) else None
             split = given if given in ("train", "val") else split_of(text, val_frac, seed)
+            if (hold_out and split == "train" and split_of(text, prompts_frac, seed + 1) == "val"
+                    and not (max_prompts and len(lengths["prompts"]) >= max_prompts)):
+                split = "prompts"
             record_id = record.get("id") if isinstance(record, dict) and record.get("id") is not None else None
             output = {"id": str(record_id) if record_id is not None else f"{kind}-{read}", **output}
             files[split].write(json.dumps(output, ensure_ascii=False) + "\n")
@@ -112,7 +119,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
         f.close()
         os.replace(f.name, paths[split])
     kept = {split: len(values) for split, values in lengths.items()}
-    return {"read": read, "kept": sum(kept.values()), "train": kept["train"], "val": kept["val"],
+    return {"read": read, "kept": sum(kept.values()), **kept,
             "removed": dict(sorted(removed.items())), "bad_examples": bad_examples,
             "chars": {split: length_summary(values) for split, values in lengths.items()},
             "sources": [str(s) for s in sources]}
@@ -120,37 +127,47 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
 
 def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/data", val_frac: float = 0.05,
             seed: int = 0, filters: Filters | None = None, near_dup_threshold: float = 0.85, num_perm: int = 64,
-            normalization: str = "NFKC", progress: bool = True) -> dict:
+            normalization: str = "NFKC", progress: bool = True, prompts_frac: float = 0.0,
+            max_prompts: int = 0) -> dict:
     """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats."""
     unknown = set(sources) - set(KINDS)
     if unknown:
         raise DataError(f"unknown data kind(s) {sorted(unknown)}; expected {', '.join(KINDS)}")
     if not 0 <= val_frac < 1:
         raise DataError(f"val_frac must be in [0, 1), got {val_frac}")
+    if not 0 <= prompts_frac < 1 or max_prompts < 0:
+        raise DataError(f"prompts_frac must be in [0, 1) and max_prompts >= 0, got {prompts_frac}, {max_prompts}")
     filters = filters or Filters()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Any] = {"settings": {"val_frac": val_frac, "seed": seed, "normalization": normalization,
+    stats: dict[str, Any] = {"settings": {"val_frac": val_frac, "prompts_frac": prompts_frac,
+                                          "max_prompts": max_prompts, "seed": seed, "normalization": normalization,
                                           "near_dup_threshold": near_dup_threshold, "num_perm": num_perm,
                                           "filters": asdict(filters)}}
     for kind in KINDS:
         if sources.get(kind):
             deduper = Deduper(1.0 if kind == "tasks" else near_dup_threshold, num_perm)  # tasks: exact only
             stats[kind] = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
-                                       normalization, progress)
+                                       normalization, progress, prompts_frac, max_prompts)
     write_atomic(out_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
     return stats
 
 
 def summary_table(stats: dict) -> str:
-    """A markdown table of the stats: one row per kind."""
+    """A markdown table of the stats: one row per kind, then every bad record example (file:line: reason)."""
     rows = ["| kind | read | kept | train | val | removed |", "|---|---|---|---|---|---|"]
+    bad = []
     for kind in KINDS:
         if kind in stats:
             s = stats[kind]
             removed = ", ".join(f"{k} {v}" for k, v in s["removed"].items()) or "-"
-            rows.append(f"| {kind} | {s['read']} | {s['kept']} | {s['train']} | {s['val']} | {removed} |")
-    return "\n".join(rows)
+            held = f" (+{s['prompts']} held out as prompts)" if "prompts" in s else ""
+            rows.append(f"| {kind} | {s['read']} | {s['kept']} | {s['train']}{held} | {s['val']} | {removed} |")
+            count = s["removed"].get("bad_record", 0)
+            if count:
+                more = f" (the first {len(s['bad_examples'])} below)" if count > len(s["bad_examples"]) else ""
+                bad += [f"{kind}: {count} bad record(s) skipped{more}:"] + [f"  {e}" for e in s["bad_examples"]]
+    return "\n".join(rows + bad)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_frac", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalization", default="NFKC", choices=["NFKC", "NFC", "none"])
+    parser.add_argument("--prompts_frac", type=float, default=0.0,
+                        help="share of SFT training conversations held out as stage 7 prompts (sft_prompts.jsonl)")
+    parser.add_argument("--max_prompts", type=int, default=0, help="at most this many held out (0 = no cap)")
     group = parser.add_argument_group("filters")
     defaults = Filters()
     for name, value in asdict(defaults).items():
@@ -180,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
         filters = Filters(**{name: getattr(args, name) for name in asdict(defaults)})
         stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
-                        args.num_perm, args.normalization, not args.no_progress)
+                        args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
+                        args.max_prompts)
     except DataError as error:
         sys.exit(f"error: {error}")
     print(summary_table(stats))

@@ -1,0 +1,110 @@
+"""Recognising the files of a user's data directory (mateconv/data/sources.py): kind, format, records, and the
+broken lines stage 2 skips and reports with file:line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mateconv.data import DataError
+from mateconv.data.prepare import prepare, summary_table
+from mateconv.data.sources import by_kind, scan
+
+USER, BOT = {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}
+WRONG = {"role": "assistant", "content": "Berlin, I think."}
+RECORDS = {  # file name -> (one record, expected kind, expected format)
+    "pretrain_hq.jsonl": ({"text": "A long enough paragraph of pretraining text about rivers."}, "pretrain",
+                          "jsonl 'text' field"),
+    "minimind_sft.jsonl": ({"conversations": [USER, BOT]}, "sft", "MiniMind conversations"),
+    "alpaca.json": ({"instruction": "Name the capital.", "input": "France", "output": "Paris."}, "sft", "Alpaca"),
+    "sharegpt.jsonl": ({"conversations": [{"from": "human", "value": "Hi there, who are you?"},
+                                          {"from": "gpt", "value": "An assistant."}], "system": "Be brief."},
+                       "sft", "ShareGPT conversations, with system turns"),
+    "openai.jsonl": ({"messages": [{"role": "system", "content": "Be brief."}, USER, BOT]}, "sft",
+                     "OpenAI messages, with system turns"),
+    "minimind_dpo.jsonl": ({"chosen": [USER, BOT], "rejected": [USER, WRONG]}, "dpo",
+                           "MiniMind/TRL chosen/rejected messages"),
+    "trl.jsonl": ({"prompt": [USER], "chosen": [BOT], "rejected": [WRONG]}, "dpo", "TRL prompt/chosen/rejected"),
+    "factory_dpo.json": ({"conversations": [{"from": "human", "value": USER["content"]}],
+                          "chosen": {"from": "gpt", "value": "Paris."}, "rejected": {"from": "gpt", "value": "Rome."}},
+                         "dpo", "LLaMA-Factory dpo"),
+    "hh.jsonl": ({"chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+                  "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Rome."}, "dpo", "hh-rlhf transcripts"),
+    "tasks.jsonl": ({"id": "t1", "kind": "add", "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+                     "answer": "5"}, "tasks", "verifiable tasks"),
+}
+
+
+def write(path: Path, records: list, broken_at: int | None = None) -> None:
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    if broken_at is not None:
+        lines.insert(broken_at - 1, '{"text": "cut off')
+    path.write_text(json.dumps(records) if path.suffix == ".json" else "\n".join(lines) + "\n")
+
+
+def test_every_format_is_recognised_with_its_record_count(tmp_path):
+    for name, (record, _, _) in RECORDS.items():
+        write(tmp_path / name, [record] * 3)
+    (tmp_path / "book.txt").write_text("First paragraph of the book.\n\nSecond paragraph.\n")
+    pq.write_table(pa.table({"text": ["one document", "another document"], "source": ["a", "b"]}),
+                   tmp_path / "web.parquet")
+    (tmp_path / "README.md").write_text("notes")
+    (tmp_path / ".hidden.jsonl").write_text("{}\n")
+    (tmp_path / "weird.jsonl").write_text(json.dumps({"foo": 1}) + "\n")
+
+    found = {f.path.name: f for f in scan(tmp_path)}
+    assert ".hidden.jsonl" not in found
+    for name, (_, kind, form) in RECORDS.items():
+        assert (found[name].kind, found[name].format, found[name].records) == (kind, form, 3), name
+    assert (found["book.txt"].kind, found["book.txt"].format, found["book.txt"].records) == ("pretrain", "plain text", 2)
+    assert (found["web.parquet"].kind, found["web.parquet"].format) == ("pretrain", "parquet 'text' field")
+    assert found["README.md"].kind is None and "not a .jsonl/.json/.txt/.parquet file" in found["README.md"].line()
+    assert found["weird.jsonl"].kind is None
+    assert f"{tmp_path / 'weird.jsonl'}:1: unknown record shape" in found["weird.jsonl"].format
+    assert found["minimind_sft.jsonl"].line() == \
+        f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 3 records"
+    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 4, 4, 1]  # pretrain, sft, dpo, tasks
+
+
+def test_content_decides_and_a_misleading_name_is_noted(tmp_path):
+    write(tmp_path / "dpo_extra.jsonl", [RECORDS["alpaca.json"][0]] * 2 + [RECORDS["hh.jsonl"][0]])
+    (found,) = scan(tmp_path)
+    assert (found.kind, found.records) == ("sft", 3) and "named like dpo data but holds sft records" in found.line()
+
+
+def test_broken_lines_are_counted_then_skipped_and_reported_with_file_and_line(tmp_path):
+    docs = [{"text": f"Document number {i} talks about rivers, stones and the morning light."} for i in range(8)]
+    write(tmp_path / "pretrain.jsonl", docs, broken_at=4)
+    write(tmp_path / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0], {"conversations": [USER]}])  # no assistant turn
+    files = scan(tmp_path)
+    assert [(f.kind, f.records, f.broken) for f in files] == [("pretrain", 8, 1), ("sft", 2, 0)]
+    assert "8 records (1 not valid JSON)" in files[0].line()
+    stats = prepare({kind: [f.path for f in found] for kind, found in by_kind(files).items()}, tmp_path / "out",
+                    val_frac=0.0, progress=False)
+    assert stats["pretrain"]["kept"] == 8 and stats["sft"]["kept"] == 1
+    report = summary_table(stats)
+    assert f"{tmp_path / 'pretrain.jsonl'}:4: malformed JSON" in report
+    assert f"{tmp_path / 'sft.jsonl'}:2: conversation does not end with an assistant turn" in report
+
+
+def test_sft_prompts_are_held_out_of_sft_training(tmp_path):
+    conversations = [{"messages": [{"role": "user", "content": f"Question {i} about the weather today?"},
+                                   {"role": "assistant", "content": f"Answer {i}: sunny."}]} for i in range(200)]
+    write(tmp_path / "sft.jsonl", conversations)
+    stats = prepare({"sft": [tmp_path / "sft.jsonl"]}, tmp_path / "out", val_frac=0.1, prompts_frac=0.2,
+                    max_prompts=25, progress=False)
+    held = [json.loads(line) for line in (tmp_path / "out/sft_prompts.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (tmp_path / "out/sft_train.jsonl").read_text().splitlines()]
+    assert len(held) == stats["sft"]["prompts"] == 25  # 20% of ~180 is more than the cap
+    assert stats["sft"]["train"] + stats["sft"]["val"] + 25 == 200
+    assert not {r["id"] for r in held} & {r["id"] for r in train}
+
+
+def test_a_missing_or_empty_directory_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        scan(tmp_path / "nope")
+    with pytest.raises(DataError, match="the directory is empty"):
+        scan(tmp_path)
