@@ -1,8 +1,10 @@
 """Stage 6: evaluate saved checkpoints side by side.
 
-For each model directory: validation perplexity (token shards or a JSONL of texts/conversations), accuracy on the
-verifiable prompts of the embedded data set (greedy, chat template), sample generations, and for MoE models the
-per-layer expert load with balance statistics. Writes PNG plots, summary.md, summary.csv and summary.json.
+For each model directory: validation perplexity (token shards or a JSONL of texts/conversations), bits per byte on
+whole held-out documents (tokenizer-independent), accuracy on the verifiable prompts of the embedded data set (greedy,
+chat template), greedy samples on held-out prompts, and for MoE models the per-layer expert load with balance
+statistics. With a judge endpoint, pairwise win rates (SFT vs pretrain, DPO vs SFT) on held-out prompts. Writes PNG
+plots, summary.md, summary.csv and summary.json.
 
     python -m mateconv.evaluate --models out/pretrain/final out/sft/final out/dpo/final --out_dir out/eval
 """
@@ -13,6 +15,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +27,17 @@ from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.data.shards import PretrainTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval
-from mateconv.logprobs import IGNORE_INDEX, Perplexity, perplexity
+from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
+from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
+from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
 
 DEFAULT_VAL = "out/tokens/pretrain/val"
 DEFAULT_TASKS = "out/data/tasks_val.jsonl"
+DEFAULT_BPB_TEXTS = "out/data/pretrain_val.jsonl"
+DEFAULT_HELDOUT = "out/data/sft_val.jsonl"
+DEFAULT_COMPARISONS = [("sft", "pretrain"), ("dpo", "sft")]  # (model, baseline) by stage, when both are evaluated
 SAMPLE_PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -91,6 +99,37 @@ class TextRecords(Dataset):
         labels[: len(ids)] = ids
         attention = (torch.arange(self.seq_len) < len(ids)).long()
         return {"input_ids": padded, "labels": labels, "attention_mask": attention}
+
+
+def read_texts(path: Path, limit: int | None = None) -> list[str]:
+    """The `text` of each record of a JSONL file (stage 2's pretrain_val.jsonl), the first `limit` of them."""
+    texts = []
+    for number, record in enumerate(read_jsonl(path), 1):
+        if not isinstance(record.get("text"), str):
+            raise EvalError(f"{path}: record {number} has no 'text' string (bits per byte needs raw documents)")
+        texts.append(record["text"])
+    return texts[:limit]
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
+    """Held-out conversations (stage 2's sft_val.jsonl) cut before their first assistant turn: the prompts."""
+    prompts = []
+    for number, record in enumerate(read_jsonl(path), 1):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     for m in messages):
+            raise EvalError(f"{path}: record {number} needs a 'messages' list of {{role, content}}")
+        turn = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+        if turn and messages[turn - 1].get("role") == "user":
+            prompts.append(messages[:turn])
+    if not prompts:
+        raise EvalError(f"{path}: no conversation with a user turn before the assistant's")
+    return prompts[:limit]
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The last user message: how a prompt is named in the summaries."""
+    return messages[-1]["content"]
 
 
 def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
@@ -172,8 +211,11 @@ class ModelReport:
     kind: str  # "dense" or "moe"
     params_m: float
     ppl: Perplexity | None = None
+    bpb: BitsPerByte | None = None
     tasks: TaskResult | None = None
-    samples: list[str] = field(default_factory=list)
+    samples: dict[str, str] = field(default_factory=dict)  # prompt -> greedy reply
+    judge_replies: list[str] = field(default_factory=list)  # greedy replies to the judged held-out prompts
+    win_rates: list[WinRate] = field(default_factory=list)  # this model against its baselines
     balance: dict | None = None
     lm_eval: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>" from lm-evaluation-harness
 
@@ -184,11 +226,14 @@ class ModelReport:
             "val_loss": None if self.ppl is None else round(self.ppl.loss, 4),
             "val_ppl": None if self.ppl is None else round(self.ppl.ppl, 3),
             "val_tokens": None if self.ppl is None else self.ppl.tokens,
+            "val_bpb": None if self.bpb is None else round(self.bpb.bpb, 4),
             "task_accuracy": None if self.tasks is None else round(self.tasks.accuracy, 4),
             "tasks_n": None if self.tasks is None else self.tasks.n,
             "load_cv_mean": None if self.balance is None else round(self.balance["cv_mean"], 4),
             "load_max_min": None if self.balance is None else round(self.balance["max_min_worst"], 3),
             **{f"lm_eval:{name}": round(value, 4) for name, value in self.lm_eval.items()},
+            **{f"win_rate:{w.baseline}": None if math.isnan(w.win_rate) else round(w.win_rate, 4)
+               for w in self.win_rates},
         }
 
 
@@ -197,10 +242,36 @@ def model_label(path: Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, prompts: list[str], seq_len: int | None,
-                   batch_size: int, max_batches: int | None, max_new_tokens: int, device: str = "auto",
-                   lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
-                   max_tasks: int | None = None) -> ModelReport:
+def stage_of(label: str) -> str:
+    """sft/final -> sft"""
+    return label.split("/")[0]
+
+
+def comparisons_for(labels: list[str], requested: list[str] | None) -> list[tuple[str, str]]:
+    """(model, baseline) label pairs: each requested 'MODEL:BASELINE' (a label or a stage name), by default the
+    DEFAULT_COMPARISONS whose both stages are among the models."""
+    def find(name: str) -> str | None:
+        return next((label for label in labels if name in (label, stage_of(label))), None)
+
+    if requested is None:
+        pairs = [(find(model), find(baseline)) for model, baseline in DEFAULT_COMPARISONS]
+        return [(model, baseline) for model, baseline in pairs if model and baseline]
+    pairs = []
+    for item in requested:
+        model, _, baseline = item.partition(":")
+        found = (find(model), find(baseline))
+        if not baseline or None in found or found[0] == found[1]:
+            raise EvalError(f"--compare {item!r}: expected MODEL:BASELINE, two different model labels or stages "
+                            f"among {', '.join(labels)}")
+        pairs.append(found)
+    return pairs
+
+
+def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, samples: list[list[dict]],
+                   seq_len: int | None, batch_size: int, max_batches: int | None, max_new_tokens: int,
+                   device: str = "auto", lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
+                   max_tasks: int | None = None, texts: list[str] | None = None,
+                   judge_prompts: list[list[dict]] | None = None) -> ModelReport:
     model, tokenizer = load_model(path, device)
     is_moe = bool(getattr(model.config, "use_moe", False))
     report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
@@ -213,10 +284,16 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, promp
             raise EvalError(f"{val}: {error}") from None
         if report.ppl.expert_load is not None:
             report.balance = balance_stats(report.ppl.expert_load)
+    if texts:
+        report.bpb = bits_per_byte(model, tokenizer, texts, min(seq_len or context_length(model),
+                                                               context_length(model)), batch_size)
     if tasks:
         report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens, batch_size)
-    report.samples = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                                    max_new_tokens, batch_size, desc="samples")
+    replies = greedy_replies(model, tokenizer, samples, max_new_tokens, batch_size, desc="samples")
+    report.samples = dict(zip(map(prompt_text, samples), replies))
+    if judge_prompts:
+        report.judge_replies = greedy_replies(model, tokenizer, judge_prompts, max_new_tokens, batch_size,
+                                              desc="judge prompts")
     if lm_eval_tasks:
         report.lm_eval = run_lm_eval(path, lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
     return report
@@ -233,8 +310,9 @@ def plot_summary(reports: list[ModelReport], out_dir: Path) -> list[Path]:
     written = []
     labels = [r.label for r in reports]
     metrics = [("validation perplexity", [r.ppl.ppl if r.ppl else math.nan for r in reports]),
+               ("held-out bits per byte", [r.bpb.bpb if r.bpb else math.nan for r in reports]),
                ("task accuracy", [r.tasks.accuracy if r.tasks else math.nan for r in reports])]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.5))
     for ax, (title, values) in zip(axes, metrics):
         colors = ["tab:orange" if r.kind == "moe" else "tab:blue" for r in reports]
         ax.bar(range(len(values)), values, color=colors)
@@ -268,19 +346,24 @@ def plot_summary(reports: list[ModelReport], out_dir: Path) -> list[Path]:
     return written
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """Every key of the rows, in first-seen order (models differ in their win-rate columns)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def markdown_table(rows: list[dict]) -> str:
-    header = list(rows[0])
+    header = columns(rows)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for row in rows:
-        lines.append("| " + " | ".join("" if row[k] is None else str(row[k]).replace("|", "\\|").replace("\n", " ")
+        lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]).replace("|", "\\|").replace("\n", " ")
                                        for k in header) + " |")
     return "\n".join(lines)
 
 
-def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path) -> None:
+def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
     rows = [report.row() for report in reports]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=columns(rows))
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out_dir / "summary.csv", buffer.getvalue())
@@ -288,8 +371,12 @@ def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path)
     summary = {"models": [{**report.row(), "path": report.path,
                            "accuracy_by_kind": report.tasks.by_kind if report.tasks else None,
                            "expert_load": report.ppl.expert_load if report.ppl else None,
-                           "balance": report.balance, "samples": dict(zip(prompts, report.samples))}
-                          for report in reports]}
+                           "bpb": None if report.bpb is None else {"tokens": report.bpb.tokens,
+                                                                   "bytes": report.bpb.bytes,
+                                                                   "documents": report.bpb.documents},
+                           "balance": report.balance, "samples": report.samples}
+                          for report in reports],
+               "win_rates": [w.as_dict() for report in reports for w in report.win_rates]}
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
 
     parts = ["# MateConv evaluation", "", markdown_table(rows), "", "![metrics](metrics.png)", ""]
@@ -298,9 +385,14 @@ def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path)
             name = f"expert_load_{report.label.replace('/', '_')}.png"
             cv = ", ".join(f"{v:.3f}" for v in report.balance["cv"])
             parts += [f"## Expert load: {report.label}", "", f"per-layer CV: {cv}", "", f"![{name}]({name})", ""]
+    wins = [w.as_dict() for report in reports for w in report.win_rates]
+    if wins:
+        parts += [f"## Win rates (judge: {wins[0]['judge']}; ties count half, failed requests are not judged)", "",
+                  markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in w.items()
+                                   if k not in ("judge", "failures")} for w in wins]), ""]
+    prompts = list(dict.fromkeys(p for r in reports for p in r.samples))
     parts += ["## Samples (greedy)", "",
-              markdown_table([{"prompt": p, **{r.label: r.samples[i] for r in reports}} for i, p in enumerate(prompts)]),
-              ""]
+              markdown_table([{"prompt": p, **{r.label: r.samples.get(p) for r in reports}} for p in prompts]), ""]
     if any(r.tasks for r in reports):
         parts += ["## Task accuracy by kind", ""]
         kinds = sorted({k for r in reports if r.tasks for k in r.tasks.by_kind})
@@ -317,8 +409,15 @@ def write_summary(reports: list[ModelReport], prompts: list[str], out_dir: Path)
 def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
              tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
              batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
-             max_new_tokens: int = 48, device: str = "auto", lm_eval_tasks: list[str] | None = None) -> list[ModelReport]:
-    """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports."""
+             max_new_tokens: int = 48, device: str = "auto", lm_eval_tasks: list[str] | None = None,
+             bpb_texts: str | Path | None = None, max_bpb_docs: int | None = 200, heldout: str | Path | None = None,
+             n_samples: int = 4, judge: Endpoint | None = None, judge_prompts: int = 50,
+             compare: list[str] | None = None, judge_retries: int = 2, judge_concurrency: int = 8,
+             seed: int = 0) -> list[ModelReport]:
+    """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports.
+
+    Samples answer `prompts`, else the first `n_samples` conversations of `heldout`, else SAMPLE_PROMPTS. With a
+    `judge` endpoint and `heldout`, each (model, baseline) of `compare` is judged on `judge_prompts` prompts."""
     if not models:
         raise EvalError("no models to evaluate")
     paths = [Path(m) for m in models]
@@ -329,18 +428,43 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
     task_records = read_jsonl(Path(tasks))[:max_tasks] if tasks else None
-    prompts = SAMPLE_PROMPTS if prompts is None else prompts
+    texts = read_texts(Path(bpb_texts), max_bpb_docs) if bpb_texts else None
+    held_out = read_prompts(Path(heldout)) if heldout else None
+    if prompts is not None:
+        samples = [[{"role": "user", "content": p}] for p in prompts]
+    else:
+        samples = held_out[:n_samples] if held_out else [[{"role": "user", "content": p}] for p in SAMPLE_PROMPTS]
+    if compare and judge is None:
+        raise EvalError("--compare needs a judge endpoint: --judge_base_url URL or $OPENAI_BASE_URL")
+    comparisons = comparisons_for([model_label(path) for path in paths], compare) if judge else []
+    if comparisons and not held_out:
+        raise EvalError("win rates need held-out prompts: pass --heldout (stage 2's sft_val.jsonl)")
+    if comparisons:
+        try:
+            check_endpoint(judge)
+        except PrefsError as error:
+            raise EvalError(str(error)) from None
+        print(f"[evaluate] win rates of {', '.join(f'{m} vs {b}' for m, b in comparisons)} on "
+              f"{min(judge_prompts, len(held_out))} held-out prompts, {judge.describe()}", flush=True)
+    judged = held_out[:judge_prompts] if comparisons else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for path in paths:
         print(f"[evaluate] {path}", flush=True)
-        reports.append(evaluate_model(path, val_path, task_records, prompts, seq_len, batch_size, max_batches,
+        reports.append(evaluate_model(path, val_path, task_records, samples, seq_len, batch_size, max_batches,
                                       max_new_tokens, device, lm_eval_tasks, Path(tasks) if tasks else None,
-                                      max_tasks))
+                                      max_tasks, texts, judged))
         print(f"[evaluate] {json.dumps(reports[-1].row())}", flush=True)
+    if comparisons:
+        by_label = {report.label: report for report in reports}
+        replies = {report.label: report.judge_replies for report in reports}
+        for result in win_rates(judge, comparisons, judged, replies, seed, judge_retries, judge_concurrency):
+            by_label[result.model].win_rates.append(result)
+            print(f"[evaluate] win rate {result.model} vs {result.baseline}: {json.dumps(result.as_dict())}",
+                  flush=True)
     plot_summary(reports, out)
-    write_summary(reports, prompts, out)
+    write_summary(reports, out)
     return reports
 
 
@@ -355,13 +479,33 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' skips)")
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
-    data.add_argument("--prompts", nargs="*", default=None, help="sample prompts (default: a built-in few)")
+    data.add_argument("--bpb_texts", default=None,
+                      help=f"held-out documents ({{\"text\"}} .jsonl) for bits per byte (default {DEFAULT_BPB_TEXTS} if "
+                           "it exists; 'none' skips)")
+    data.add_argument("--heldout", default=None,
+                      help=f"held-out conversations ({{\"messages\"}} .jsonl) whose prompts are sampled and judged "
+                           f"(default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
+    data.add_argument("--prompts", nargs="*", default=None,
+                      help="sample prompts (default: the first --n_samples held-out prompts, else a built-in few)")
+    data.add_argument("--n_samples", type=int, default=4)
     limits = parser.add_argument_group("limits")
     limits.add_argument("--seq_len", type=int, default=None, help="sequence length for perplexity (default: model's)")
     limits.add_argument("--batch_size", type=int, default=8)
     limits.add_argument("--max_batches", type=int, default=50, help="0 = all")
     limits.add_argument("--max_tasks", type=int, default=200, help="0 = all")
     limits.add_argument("--max_new_tokens", type=int, default=48)
+    limits.add_argument("--max_bpb_docs", type=int, default=200, help="0 = all")
+    judge = parser.add_argument_group("win rates (a model judge at an OpenAI-compatible endpoint)")
+    judge.add_argument("--judge_base_url", default=None,
+                       help="URL, 'openai' or 'none' (default: $OPENAI_BASE_URL, else OpenAI when --judge_model or "
+                            "$OPENAI_API_KEY is given, else no win rates)")
+    judge.add_argument("--judge_model", default=None, help="default: gpt-4o-mini")
+    judge.add_argument("--judge_prompts", type=int, default=50, help="held-out prompts judged per comparison")
+    judge.add_argument("--compare", nargs="*", default=None, metavar="MODEL:BASELINE",
+                       help="model labels or stages (default: sft:pretrain dpo:sft, those present)")
+    judge.add_argument("--judge_retries", type=int, default=2, help="retries of a failed judge request")
+    judge.add_argument("--judge_concurrency", type=int, default=8, help="judge requests in flight")
+    judge.add_argument("--seed", type=int, default=0, help="the order in which each pair is shown")
     parser.add_argument("--lm_eval_tasks", nargs="*", default=None,
                         help="lm-evaluation-harness tasks to run on every model: ours (mateconv_tasks_gen, "
                              "mateconv_tasks_mc, on --tasks) or any lm-eval task name; results join the summaries")
@@ -378,13 +522,28 @@ def optional_path(value: str | None, default: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def judge_endpoint(base_url: str | None, model: str | None) -> Endpoint | None:
+    """The judge from the flags and the environment (as stage 7 finds it), None for no win rates."""
+    if base_url == "none":
+        return None
+    if base_url == "generator":
+        raise EvalError("--judge_base_url generator: stage 6 has no generator endpoint; give the judge's URL")
+    try:
+        return resolve_judge(base_url, model, os.environ, generator=None)
+    except PrefsError as error:
+        raise EvalError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
                  optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
                  args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device,
-                 args.lm_eval_tasks)
+                 args.lm_eval_tasks, optional_path(args.bpb_texts, DEFAULT_BPB_TEXTS), args.max_bpb_docs or None,
+                 optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
+                 judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
+                 args.judge_retries, args.judge_concurrency, args.seed)
     except (EvalError, ChatError) as error:
         raise SystemExit(f"evaluate: {error}") from None
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)

@@ -2,7 +2,8 @@
 
 Prompts look like "[p03] What is 4+5?". The generator ("gen") answers choice i with "The answer is {4+5+i}."; the
 judge ("judge") reads the replies from the rubric request and scores each 9 - 2 * |its number - the truth|
-(at least 1), so the correct reply is always the best, whatever order it is shown in.
+(at least 1; 1 for a reply without "The answer is N."), so the correct reply is always the best, whatever order it is
+shown in.
 
 Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one action per attempt (then "ok"),
 `permanent[(model, pid)]` applies to every attempt. Actions: ok, 429 (Retry-After 0.05 s), 500, 400, slow (answers
@@ -145,7 +146,8 @@ class FakeOpenAI:
                                 for i in range(count)]
                 else:
                     replies = REPLY.findall(request["messages"][-1]["content"])
-                    entry["shown"] = [int(NUMBER.search(reply).group(1)) - truth for _, reply in replies]
+                    entry["shown"] = [int(found.group(1)) - truth if (found := NUMBER.search(reply)) else None
+                                      for _, reply in replies]
                     contents = [self._judgement(action, replies, truth)]
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,

@@ -1,0 +1,103 @@
+"""Pairwise win rates (stage 6): two models' greedy replies to the same held-out prompts, judged by a model at an
+OpenAI-compatible endpoint with stage 7's rubric. Each pair is shown in a seeded random order; equal scores are ties;
+a request that fails for good or an answer that is not the rubric's JSON counts as failed, never as a result."""
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from mateconv.prefs.endpoints import Caller, Endpoint, RequestFailed, RetryPolicy
+from mateconv.prefs.judge import JudgeMalformed, judge_messages, parse_judgement, shuffled_order
+from mateconv.prefs.pipeline import stable_seed
+
+MAX_REASONS = 5  # failure reasons kept per comparison
+
+
+@dataclass
+class WinRate:
+    model: str
+    baseline: str
+    judge: str
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)  # the first few reasons
+    first_shown: int = 0  # prompts on which the judge saw the model's reply first (the shuffle at work)
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def win_rate(self) -> float:
+        """(wins + ties / 2) / judged prompts; NaN when none was judged."""
+        return (self.wins + self.ties / 2) / self.judged if self.judged else math.nan
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "baseline": self.baseline, "judge": self.judge, "win_rate": self.win_rate,
+                "wins": self.wins, "losses": self.losses, "ties": self.ties, "failed": self.failed,
+                "judged": self.judged, "first_shown": self.first_shown, "failures": self.failures}
+
+
+async def _judge_one(caller: Caller, prompt: list[dict], replies: list[str], order: list[int], seed: int,
+                     json_mode: bool) -> str:
+    """'win', 'loss' or 'tie' for replies[0] against replies[1]; raises RequestFailed or JudgeMalformed."""
+    options = {"response_format": {"type": "json_object"}} if json_mode else {}
+    response = await caller.call(lambda: caller.client.chat.completions.create(
+        model=caller.endpoint.model, messages=judge_messages(prompt, replies, order), temperature=0.0, seed=seed,
+        **options))
+    scores, _ = parse_judgement(response.choices[0].message.content if response.choices else None, order)
+    return "win" if scores[0] > scores[1] else "loss" if scores[0] < scores[1] else "tie"
+
+
+async def _compare(caller: Caller, result: WinRate, prompts: list[list[dict]], model_replies: list[str],
+                   baseline_replies: list[str], seed: int, json_mode: bool) -> None:
+    async def one(index: int) -> str:
+        order = shuffled_order(2, stable_seed(seed, result.model, result.baseline, index, "order"))
+        result.first_shown += order[0] == 0
+        try:
+            return await _judge_one(caller, prompts[index], [model_replies[index], baseline_replies[index]], order,
+                                    stable_seed(seed, index, "judge"), json_mode)
+        except (RequestFailed, JudgeMalformed) as error:
+            if len(result.failures) < MAX_REASONS:
+                result.failures.append(f"prompt {index}: {error}")
+            return "failed"
+
+    for outcome in await asyncio.gather(*(one(index) for index in range(len(prompts)))):
+        field_name = {"win": "wins", "loss": "losses", "tie": "ties", "failed": "failed"}[outcome]
+        setattr(result, field_name, getattr(result, field_name) + 1)
+
+
+async def _run(endpoint: Endpoint, comparisons: list[tuple[str, str]], prompts: list[list[dict]],
+               replies: dict[str, list[str]], seed: int, policy: RetryPolicy, concurrency: int,
+               json_mode: bool) -> list[WinRate]:
+    caller = Caller(endpoint, policy, asyncio.Semaphore(concurrency))
+    try:
+        results = []
+        for model, baseline in comparisons:
+            results.append(WinRate(model, baseline, endpoint.model))
+            await _compare(caller, results[-1], prompts, replies[model], replies[baseline], seed, json_mode)
+        return results
+    finally:
+        await caller.close()
+
+
+def win_rates(endpoint: Endpoint, comparisons: list[tuple[str, str]], prompts: list[list[dict]],
+              replies: dict[str, list[str]], seed: int = 0, retries: int = 2, concurrency: int = 8,
+              json_mode: bool = True, timeout_s: float = 120.0) -> list[WinRate]:
+    """One WinRate per (model, baseline) label pair; `replies[label][i]` answers `prompts[i]`."""
+    policy = RetryPolicy(max_retries=retries, timeout_s=timeout_s)
+    return asyncio.run(_run(endpoint, comparisons, prompts, replies, seed, policy, concurrency, json_mode))
+
+
+def check_endpoint(endpoint: Endpoint, timeout_s: float = 30.0) -> None:
+    """The judge's health check (PrefsError when unreachable, the key is refused or the model is not served)."""
+    async def check() -> None:
+        caller = Caller(endpoint, RetryPolicy(), asyncio.Semaphore(1))
+        try:
+            await caller.check(timeout_s)
+        finally:
+            await caller.close()
+    asyncio.run(check())

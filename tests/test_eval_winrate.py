@@ -1,0 +1,118 @@
+"""Stage 6 on held-out data: val_bpb in the summaries, samples on held-out prompts, and SFT-vs-pretrain win rates
+judged by a real loopback OpenAI-compatible server (tests/prefs_fake_server.py) through the real openai client."""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+
+import pytest
+
+from mateconv.chat import load_model
+from mateconv.evaluate import main
+from mateconv.logprobs import bits_per_byte
+from tests.prefs_fake_server import FakeOpenAI, judge_score, task
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+N_PROMPTS = 12
+NEW_TOKENS = 12
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory, tiny_embedded_data) -> dict:
+    """Held-out conversations the fake judge can grade ("[pNN] What is a+b?" with the answer) and held-out texts."""
+    root = tmp_path_factory.mktemp("heldout")
+    # sums near 19, the tiny SFT model's favourite answer, so that some replies score above the pretrain model's 1
+    records = [task(f"p{i:02d}", 6 + i % 7, 7 + i % 5) for i in range(N_PROMPTS)]
+    conversations = [{"id": r["id"], "messages": r["messages"] + [{"role": "assistant",
+                                                                   "content": f"The answer is {r['answer']}."}]}
+                     for r in records]
+    texts = [json.loads(line) for line in (tiny_embedded_data / "pretrain_val.jsonl").read_text().splitlines()[:6]]
+    return {"records": records, "sft_val": write_jsonl(root / "sft_val.jsonl", conversations),
+            "texts": write_jsonl(root / "pretrain_val.jsonl", texts), "text_list": [t["text"] for t in texts]}
+
+
+def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout, greedy_reply, tmp_path):
+    # p03: the judge fails for good (HTTP 500, no retries); p05: it answers a tie; p07: prose instead of JSON
+    fake = FakeOpenAI(permanent={("judge", "p03"): "500", ("judge", "p05"): "tie", ("judge", "p07"): "malformed"})
+    out = tmp_path / "eval"
+    try:
+        main(["--models", str(tiny_pretrain_model), str(tiny_sft_model), "--val", "none", "--tasks", "none",
+              "--bpb_texts", heldout["texts"], "--heldout", heldout["sft_val"], "--n_samples", "2",
+              "--judge_base_url", fake.url, "--judge_model", "judge", "--judge_retries", "0",
+              "--max_new_tokens", str(NEW_TOKENS), "--out_dir", str(out)])
+    finally:
+        fake.close()
+    summary = json.loads((out / "summary.json").read_text())
+
+    # the judge's verdicts, recomputed from each model's own greedy replies
+    expected = {"wins": 0, "losses": 0, "ties": 1, "failed": 2}
+    for record in heldout["records"]:
+        if record["id"] in ("p03", "p05", "p07"):
+            continue
+        question, truth = record["messages"][0]["content"], int(record["answer"])
+        sft, pretrain = (judge_score(greedy_reply(model, question, NEW_TOKENS)[0], truth)
+                         for model in (tiny_sft_model, tiny_pretrain_model))
+        expected["wins" if sft > pretrain else "losses" if sft < pretrain else "ties"] += 1
+    [win] = summary["win_rates"]
+    assert (win["model"], win["baseline"], win["judge"]) == ("sft/final", "pretrain/final", "judge")
+    assert {key: win[key] for key in expected} == expected and win["judged"] == N_PROMPTS - 2
+    assert expected["wins"] >= 3  # the SFT model answers in the judged form; the 6-step pretrain model cannot
+    assert win["win_rate"] == pytest.approx((win["wins"] + win["ties"] / 2) / win["judged"])
+    assert any("HTTP 500" in reason for reason in win["failures"])
+    assert any("no JSON object" in reason for reason in win["failures"])
+    # the shuffle reached the judge: where only the SFT reply has a number, it was shown first on some prompts only
+    firsts = [entry["shown"][0] is not None for entry in fake.log if entry["shown"] and entry["shown"].count(None) == 1]
+    assert len(set(firsts)) == 2 and 0 < win["first_shown"] < N_PROMPTS
+
+    # bits per byte on the held-out documents, per model, the same number bits_per_byte gives directly
+    pretrain_row, sft_row = summary["models"]
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    direct = bits_per_byte(model, tokenizer, heldout["text_list"], seq_len=96)
+    assert pretrain_row["val_bpb"] == pytest.approx(direct.bpb, abs=1e-4)
+    assert pretrain_row["bpb"] == {"tokens": direct.tokens, "bytes": direct.bytes, "documents": 6}
+    assert sft_row["val_bpb"] > 0 and sft_row["win_rate:pretrain/final"] == pytest.approx(win["win_rate"], abs=1e-4)
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert float(rows[0]["val_bpb"]) == pretrain_row["val_bpb"] and rows[0]["win_rate:pretrain/final"] == ""
+    # samples answer the first held-out prompts
+    first = heldout["records"][0]["messages"][0]["content"]
+    assert list(sft_row["samples"]) == [r["messages"][0]["content"] for r in heldout["records"][:2]]
+    assert sft_row["samples"][first] == greedy_reply(tiny_sft_model, first, NEW_TOKENS)[0]
+    markdown = (out / "summary.md").read_text()
+    assert "## Win rates" in markdown and "| sft/final | pretrain/final |" in markdown and "val_bpb" in markdown
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrained_model, heldout, tmp_path):
+    untrained = f"{tiny_untrained_model.parent.name}/{tiny_untrained_model.name}"  # its label
+    base = ["--models", str(tiny_pretrain_model), str(tiny_untrained_model), "--val", "none", "--tasks", "none",
+            "--bpb_texts", "none", "--heldout", heldout["sft_val"], "--out_dir", str(tmp_path)]
+    cases = [
+        (["--compare", "sft:pretrain", "--judge_base_url", "none"], "--compare needs a judge endpoint"),
+        (["--judge_base_url", f"http://127.0.0.1:{free_port()}/v1", "--compare", f"pretrain:{untrained}"],
+         "judge endpoint http://127.0.0.1:.* is unreachable"),
+        (["--judge_base_url", "http://127.0.0.1:1/v1", "--compare", "sft:pretrain"],
+         r"--compare 'sft:pretrain': expected MODEL:BASELINE, two different model labels or stages among "
+         r"pretrain/final"),
+        (["--judge_base_url", "http://127.0.0.1:1/v1", "--compare", "pretrain:pretrain/final"],
+         "two different model labels"),
+        (["--judge_base_url", "generator"], "stage 6 has no generator endpoint"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(base + flags)
+    texts_without_text = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
+    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 has no 'text' string"):
+        main(base + ["--bpb_texts", texts_without_text])
+    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 needs a 'messages' list"):
+        main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
