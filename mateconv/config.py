@@ -92,10 +92,11 @@ class OptimConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 10  # stop (with a checkpoint) after this many steps in a row with a NaN/inf loss or gradient
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
-        check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate"))
+        check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate", "max_nonfinite_steps"))
         check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -2,7 +2,12 @@
 
 A checkpoint holds the model, optimizer and scheduler (DeepSpeed's ZeRO-sharded files under DeepSpeed, one
 `training_state.pt` otherwise), `trainer_state.json` (step, data position, best validation loss, tracker run id),
-every rank's RNG states and the resolved `config.yaml`. Rotation keeps the `keep` newest plus the best one.
+every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size). Rotation keeps the `keep`
+newest plus the best one.
+
+Faults: a save that fails on any rank (a full disk) leaves the previous checkpoints and `latest` as they were and halts
+the run with one line; a resume checks the checkpoint's files first (sizes against the manifest, the CRC of every
+torch file) and falls back to the newest intact one, moving a damaged one aside as `step_N.damaged`.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import json
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +23,12 @@ import torch
 
 from mateconv.config import ConfigError, TrainConfig, save_config
 from mateconv.files import replace_dir, write_atomic
-from mateconv.train.distributed import Runtime, barrier
+from mateconv.train.distributed import Runtime, barrier, first_error
+from mateconv.train.signals import TrainingHalted
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 INCOMING = ".incoming"
+MANIFEST = "manifest.json"
 
 
 def step_name(step: int) -> str:
@@ -40,6 +48,53 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def file_problem(path: Path, size: int | None) -> str | None:
+    """Why a checkpoint file cannot be trusted (missing, another size than written, a torch zip file whose CRC or
+    structure is broken), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"{path.name} has {actual} of its {size} bytes"
+    if path.suffix != ".pt":
+        return None
+    if not zipfile.is_zipfile(path):  # torch's zip format lost its end; or the legacy format, of the written size
+        return None if size is not None else f"{path.name} is not a complete torch file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{path.name} is not readable ({e})"
+    return f"{path.name} is corrupt (CRC mismatch in {bad})" if bad is not None else None
+
+
+class FailSoftWriter:
+    """DeepSpeed's checkpoint writer, made to record a failed write (a full disk) instead of raising it in the middle
+    of DeepSpeed's save, where the other ranks would wait for this one in its barriers forever; once every rank is
+    through, they agree on the outcome. Later writes of the same save are skipped."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.error: OSError | None = None
+
+    def save(self, state_dict, path: str) -> None:
+        if self.error is None:
+            try:
+                self.inner.save(state_dict, path)
+            except OSError as e:
+                self.error = e
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        if self.error is None:
+            try:
+                self.inner.makedirs(path, exist_ok=exist_ok)
+            except OSError as e:
+                self.error = e
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class CheckpointManager:
@@ -65,50 +120,124 @@ class CheckpointManager:
         return target if (target / "trainer_state.json").is_file() else None
 
     def resume_path(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: "auto" = the latest if any, "never" = none, else a checkpoint directory."""
+        """The checkpoint to resume from: "auto" = the newest intact one if any (`latest` first), "never" = none, else
+        a checkpoint directory (which must be intact) or an out_dir. Collective: every rank calls it."""
         if resume == "never":
             return None
         if resume == "auto":
-            steps = self.steps()
-            return self.pointer("latest") or (steps[-1] if steps else None)
+            return self.newest_intact()
         path = Path(resume)
-        if (path / "checkpoints").is_dir():  # an out_dir: its latest checkpoint
+        if (path / "checkpoints").is_dir():  # an out_dir: its newest intact checkpoint
             return CheckpointManager(path, self.keep, self.runtime).resume_path("auto")
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        problem = self.problem(path)
+        if problem:
+            raise ConfigError(f"resume: {path} is damaged: {problem}")
         return path
+
+    def newest_intact(self) -> Path | None:
+        latest = self.pointer("latest")
+        candidates = ([latest] if latest else []) + [p for p in reversed(self.steps()) if p != latest]
+        damaged = []
+        for path in candidates:
+            problem = self.problem(path)
+            if problem is None:
+                return path
+            damaged.append(path.name)
+            if self.runtime.is_main:  # out of the way of rotation and of the next resume; kept for a look
+                path.rename(path.with_name(f"{path.name}.damaged"))
+                print(f"[train] checkpoint {path.name} is damaged ({problem}); moved to {path.name}.damaged",
+                      flush=True)
+            barrier()
+        if damaged:
+            raise ConfigError(f"resume: no intact checkpoint in {self.root} (damaged: {', '.join(damaged)}); "
+                              "use --resume never to start over")
+        return None
+
+    def problem(self, path: Path) -> str | None:
+        """Why checkpoint `path` cannot be resumed from, or None. Each rank checks its share of the files, so the
+        checkpoint is read once in all; every rank gets the same answer."""
+        problem = None
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+        except (OSError, ValueError) as e:
+            problem = f"{e.__class__.__name__}: {e}"
+            sizes = {}
+        names = sorted(set(sizes) | {p.name for p in path.iterdir() if p.suffix == ".pt"})
+        for name in names[self.runtime.rank::self.runtime.world_size]:
+            problem = problem or file_problem(path / name, sizes.get(name))
+        return first_error(problem)
 
     # ---------------------------------------------------------------------------------------------- saving
 
     def save(self, step: int, engine, optimizer, scheduler, trainer_state: dict, config: TrainConfig,
              is_best: bool) -> Path:
-        """Collective: every rank calls it. Writes into `.incoming/step_N`, then rank 0 moves it into place."""
+        """Collective: every rank calls it. Writes into `.incoming/step_N`, then rank 0 moves it into place. A write
+        that fails on any rank (OSError: a full disk) raises TrainingHalted on every rank; the earlier checkpoints and
+        `latest` are untouched and the half-written one is deleted."""
         name = step_name(step)
         incoming = self.root / INCOMING
         tmp = incoming / name
+        error = None
         if self.runtime.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
-        if self.runtime.use_deepspeed:
-            engine.save_checkpoint(str(incoming), tag=name, save_latest=False)
-        elif self.runtime.is_main:
-            torch.save({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
-        torch.save(rng_state(), tmp / f"rng_rank{self.runtime.rank}.pt")
-        barrier()
-        final = self.root / name
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
+        if first_error(str(error) if error else None) is None:
+            error = self._write(engine, optimizer, scheduler, tmp, name)
+        if self.runtime.is_main and error is None:
+            try:
+                save_config(config, tmp / "config.yaml")
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            except OSError as e:
+                error = e
+        failed = first_error(str(error) if error else None)
+        if failed is None and self.runtime.is_main:
+            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            try:
+                (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
+                replace_dir(tmp, self.root / name)
+                write_atomic(self.root / "latest", name)
+                if is_best:
+                    write_atomic(self.root / "best", name)
+            except OSError as e:
+                error = e
+        failed = failed or first_error(str(error) if error else None)
+        if failed is not None:
+            if self.runtime.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.pointer("latest")
+            kept = f"{latest.name} and `latest` are intact" if latest else "no earlier checkpoint was written"
+            raise TrainingHalted(f"saving checkpoint {name} failed ({failed}); {kept}; free some space, then run the "
+                                 "same command to resume")
         if self.runtime.is_main:
-            save_config(config, tmp / "config.yaml")
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            replace_dir(tmp, final)
-            write_atomic(self.root / "latest", name)
-            if is_best:
-                write_atomic(self.root / "best", name)
             self.rotate()
         barrier()
-        return final
+        return self.root / name
+
+    def _write(self, engine, optimizer, scheduler, tmp: Path, name: str) -> OSError | None:
+        """This rank's files of the checkpoint: DeepSpeed's (every rank) or training_state.pt (rank 0), and its RNG."""
+        try:
+            if self.runtime.use_deepspeed:
+                if not isinstance(engine.checkpoint_engine, FailSoftWriter):
+                    engine.checkpoint_engine = FailSoftWriter(engine.checkpoint_engine)
+                writer = engine.checkpoint_engine
+                writer.error = None
+                engine.save_checkpoint(str(tmp.parent), tag=name, save_latest=False)
+                if writer.error is not None:
+                    return writer.error
+            elif self.runtime.is_main:
+                torch.save({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
+            torch.save(rng_state(), tmp / f"rng_rank{self.runtime.rank}.pt")
+        except OSError as e:
+            return e
+        return None
 
     def rotate(self) -> None:
         """Delete all but the `keep` newest checkpoints and the best one."""

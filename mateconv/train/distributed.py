@@ -104,6 +104,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def first_error(error: str | None) -> str | None:
+    """The first rank's error message when any rank has one (every rank gets the same answer), else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None), None)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

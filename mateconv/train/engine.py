@@ -6,6 +6,11 @@
 
 A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank. Checkpoints are
 taken at step boundaries, so the data position (epoch, micro-batches consumed in it) is exact on resume.
+
+Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
+(no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
+in a row stop the run with a checkpoint of the model as the last good step left it (TrainingHalted). Under fp16 a
+step the loss scaler skips for an overflowing gradient is the scaler's business and not counted.
 """
 from __future__ import annotations
 
@@ -19,18 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import CheckpointManager, unwrap
+from mateconv.train.checkpoint import CheckpointManager, step_name, unwrap
 from mateconv.train.data import ResumableDistributedSampler, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
 from mateconv.train.optim import build_optimizer, build_scheduler
-from mateconv.train.signals import StopRequest
-from mateconv.train.tracking import (Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
+from mateconv.train.signals import StopRequest, TrainingHalted
+from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops)
 from model.moe import MoEFeedForward
 
@@ -45,6 +49,38 @@ def seed_everything(seed: int) -> None:
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+class CheckedStep(torch.optim.Optimizer):
+    """The torch optimizer under DeepSpeed ZeRO-0 in fp32, where DeepSpeed steps it as it is: neither measuring the
+    gradient norm nor skipping a step with NaN/inf gradients, as its ZeRO and bf16/fp16 optimizers do. This does both
+    and clips (DeepSpeed's own clipping is turned off, so the norm is the one before clipping), and sets the two
+    attributes DeepSpeed's engine reads after a step: `_global_grad_norm`, and `overflow` (skipped: the learning-rate
+    schedule is not advanced). DeepSpeed has averaged the gradients over ranks by then; the ranks still agree on the
+    skip explicitly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, device: torch.device):
+        self.optimizer, self.max_norm, self.device = optimizer, max_norm, device
+        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm or float("inf")).item()
+        self._global_grad_norm = norm
+        self.overflow = any_rank(not math.isfinite(norm), self.device)
+        if not self.overflow:
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
 
 
 class Trainer:
@@ -91,6 +127,11 @@ class Trainer:
             if "optimizer" not in ds_config:
                 optimizer = build_optimizer(model, config.optim, runtime.device)
                 ds_config["zero_allow_untested_optimizer"] = True
+                zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+                if zero == 0 and not any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16")):
+                    optimizer = CheckedStep(optimizer, ds_config.get("gradient_clipping", 0.0), runtime.device)
+                    ds_config["gradient_clipping"] = 0.0
+            self.loss_scaled = bool(ds_config.get("fp16", {}).get("enabled"))
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=ds_config,
                 model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -107,6 +148,7 @@ class Trainer:
             self.engine = model
             fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+            self.loss_scaled = fp16
 
     def autocast(self):
         if self.runtime.use_deepspeed or self.runtime.dtype == torch.float32:
@@ -133,23 +175,28 @@ class Trainer:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.item(), metrics
 
-    def optimizer_step(self) -> float:
-        """Plain PyTorch: clip, step, schedule; DeepSpeed already stepped in micro_step. Returns the grad norm."""
+    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Plain PyTorch: clip, step, schedule, unless the loss or the gradient norm is not finite; DeepSpeed already
+        stepped (or skipped) in micro_step. Returns (the gradient norm before clipping, whether the step was applied).
+        The gradients are averaged over ranks (DDP) and the loss flag is agreed, so every rank decides alike."""
         if self.runtime.use_deepspeed:
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            return float(norm) if norm is not None else float("nan"), self.engine.was_step_applied()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.engine.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf")).item()
+        applied = loss_finite and math.isfinite(norm)
+        if applied:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
         if self.scaler:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+        return norm, applied
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
@@ -193,7 +240,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
-        state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "run_id": None}
+        state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "run_id": None,
+                 "nonfinite_steps": 0}
         resume_from = self.checkpoints.resume_path(config.checkpoint.resume)
         if resume_from is not None:
             state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
@@ -222,12 +270,15 @@ class Trainer:
     def _loop(self, state: dict, tracker: Tracker, peak: float) -> dict:
         config, runtime = self.config, self.runtime
         step, accumulation = state["step"], config.optim.accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.out_dir.name, unit="step",
-                   disable=not runtime.is_main, dynamic_ncols=True)
+        progress = Progress(self.out_dir.name, self.total_steps, step, runtime.is_main)
         window_start, window_tokens = time.perf_counter(), 0
         losses, extra, loads, micro = [], {}, [], 0
-        step_loss, val, stopped = float("nan"), {}, False
-        with StopRequest() as stop:
+        step_loss, val, stopped, halted = float("nan"), {}, False, False
+        streak, last_good = 0, step  # non-finite steps in a row; the last step applied
+        with StopRequest(self.out_dir) as stop:
+            if runtime.is_main:
+                stop.remove_stale()
+                print(stop.stop_hint(), flush=True)
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["micro_in_epoch"] * config.optim.batch_size)
                 loader = make_loader(self.train_data, self.sampler, config.optim.batch_size,
@@ -251,13 +302,25 @@ class Trainer:
                     if micro % accumulation:
                         continue
 
-                    grad_norm = self.optimizer_step()
+                    # the mean over ranks: not finite on every rank when it is on one
+                    step_loss = all_reduce_mean(torch.tensor([sum(losses) / len(losses)], device=runtime.device)).item()
+                    grad_norm, applied = self.optimizer_step(math.isfinite(step_loss))
                     step += 1
                     state["step"] = step
                     self._roll_epoch(state)
-                    step_loss = all_reduce_mean(torch.tensor([sum(losses) / len(losses)], device=runtime.device)).item()
-                    bar.update(1)
-                    if step % config.track.log_interval == 0 or step == self.total_steps:
+                    nonfinite = not math.isfinite(step_loss) or (not math.isfinite(grad_norm) and not self.loss_scaled)
+                    if nonfinite:
+                        state["nonfinite_steps"] += 1
+                        streak += 1
+                        halted = streak >= config.optim.max_nonfinite_steps
+                        if runtime.is_main:
+                            print(f"\n[train] step {step}: loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
+                                  f"optimizer step {'applied' if applied else 'skipped'} ({streak} in a row, "
+                                  f"max_nonfinite_steps {config.optim.max_nonfinite_steps})", flush=True)
+                    elif applied:
+                        streak, last_good = 0, step
+                    progress.update()
+                    if nonfinite or step % config.track.log_interval == 0 or step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
                         if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
@@ -265,7 +328,7 @@ class Trainer:
                                                                     device=runtime.device)).tolist()
                             extra = dict(zip(extra, averaged))
                         row = {"loss": step_loss, "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                               "epoch": state["epoch"],
+                               "epoch": state["epoch"], "nonfinite_steps": state["nonfinite_steps"],
                                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
                                **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
                         if "lm_loss" in extra:
@@ -276,23 +339,33 @@ class Trainer:
                             load = all_reduce_mean(torch.stack(loads).mean(0).to(runtime.device)).cpu()
                             row.update(expert_load_metrics(load, extra.get("aux_loss")))
                         tracker.log(step, row)
-                        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                        progress.log(step, row)
                         window_start, window_tokens, loads = time.perf_counter(), 0, []
                     losses, extra = [], {}
 
-                    stopped = any_rank(stop.requested, runtime.device)
+                    stopped = any_rank(stop.requested, runtime.device) or halted
                     save_now = (step % config.checkpoint.save_interval_steps == 0 or stopped
                                 or step == self.total_steps)
                     if self.evaluates and (step % config.track.eval_interval == 0 or save_now):
                         val = self.evaluate()
                         tracker.log(step, val)
+                        progress.log_eval(step, val)
                     if save_now:
                         self._save(step, state, val.get("val_loss"))
+                    if stopped and runtime.is_main and stop.file_requested():
+                        stop.stop_file.unlink(missing_ok=True)  # honoured: a resume must not stop at once
+                        print(f"[train] {stop.stop_file} found: checkpoint saved, the file removed", flush=True)
                     if stopped or step >= self.total_steps:
                         break
                 else:
                     self._roll_epoch(state)
-        bar.close()
+        progress.close()
+        if halted:
+            raise TrainingHalted(
+                f"the loss or gradient was NaN/inf in {streak} steps in a row (steps {step - streak + 1}-{step}, "
+                f"max_nonfinite_steps {config.optim.max_nonfinite_steps}); stopped at step {step} with checkpoint "
+                f"{self.out_dir / 'checkpoints' / step_name(step)}, whose weights are those after step {last_good}; "
+                "lower learning_rate or check the data, then run the same command to resume")
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
             tracker.log_model_dir(self.out_dir / "final", step)
@@ -303,7 +376,7 @@ class Trainer:
 
     def _save(self, step: int, state: dict, val_loss: float | None) -> None:
         best = state["best_val_loss"]
-        is_best = val_loss is not None and (best is None or val_loss < best)
+        is_best = val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best)
         if is_best:
             state["best_val_loss"] = val_loss
         self.checkpoints.save(step, self.engine, self.optimizer, self.scheduler, dict(state), self.config, is_best)

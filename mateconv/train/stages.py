@@ -5,6 +5,7 @@ defaults and config sections. `main(stage)` is the command line of 4.pretrain.py
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forg
 from mateconv.train.models import build_model, load_tokenizer
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, with_cached_reference
+from mateconv.train.signals import TrainingHalted
 
 LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
 
@@ -150,6 +152,9 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         summary = run(recipe, parse_config(argv, recipe.defaults))
     except (ConfigError, DataError) as e:
         sys.exit(f"{stage}: {e}")
+    except TrainingHalted as e:  # every rank got here together: leave the process group cleanly, say it once
+        shutdown()
+        sys.exit(f"{stage}: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     shutdown()
     if not summary["stopped"] and summary["is_main"]:
         print(f"[{stage}] done: step {summary['step']}, loss {summary['loss']:.4f}"

@@ -1,19 +1,24 @@
-"""Metrics: `metrics.jsonl` (always, rank 0), W&B or TensorBoard, FLOPs per token and MFU, MoE expert-load stats.
+"""Metrics: `metrics.jsonl` (always, rank 0), W&B or TensorBoard, FLOPs per token and MFU, MoE expert-load stats;
+progress for people: a bar on a terminal, plain lines in a log.
 
 W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no API key is configured.
 """
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import netrc
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mateconv.config import TrainConfig, config_to_dict
 from mateconv.files import read_metrics, write_atomic
@@ -204,3 +209,63 @@ def _wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def on_terminal() -> bool:
+    """Whether a person watches the output live: stdout and stderr are terminals (not `nohup ... > logs/x.log`)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def bars_only_on_a_terminal() -> None:
+    """Off a terminal, every tqdm bar is turned off, ours and the libraries' (transformers' weight loading and
+    saving): a bar redraws itself with `\r`, which in a log file makes one endless line. `Progress` prints plain
+    lines instead."""
+    if on_terminal():
+        return
+    init = tqdm.__init__
+
+    @functools.wraps(init)
+    def quiet(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "disable": True})
+
+    tqdm.__init__ = quiet
+
+
+def duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class Progress:
+    """Training progress on rank 0: a tqdm bar on a terminal; otherwise one plain line per logged step (step, loss, lr,
+    grad norm, tokens/s, elapsed, ETA) and per evaluation, for `tail -f` and `grep`."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool):
+        self.name, self.total, self.initial = name, total, initial
+        self.plain = enabled and not on_terminal()
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True) \
+            if enabled and not self.plain else None
+        self.start = time.perf_counter()
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, row: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+        if not self.plain:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step - self.initial, 1) * (self.total - step)
+        print(f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.3e} "
+              f"grad_norm {row['grad_norm']:.4f} tok/s {row['tokens_per_sec']:,.0f} elapsed {duration(elapsed)} "
+              f"eta {duration(eta)}", flush=True)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.plain and metrics:
+            shown = " ".join(f"{key} {value:.4f}" for key, value in metrics.items() if not key.startswith("moe/"))
+            print(f"[{self.name}] eval step {step} {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

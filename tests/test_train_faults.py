@@ -1,0 +1,143 @@
+"""Faults the plain-PyTorch engine survives, in process: NaN steps (skipped, counted, and after max_nonfinite_steps in
+a row a stop with a checkpoint), a torn or corrupt newest checkpoint (resume falls back), a full disk during a save
+(the previous checkpoint and `latest` stay). The DeepSpeed twins are in test_train_deepspeed.py."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from mateconv.config import parse_config
+from mateconv.train.signals import TrainingHalted
+from mateconv.train.stages import RECIPES, run
+from conftest import losses, read_metrics
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def step_tokens(tokens_dir, world_size: int, steps: int, batch_size: int = 4, seq_len: int = 96,
+                seed: int = 42) -> list[list[set[int]]]:
+    """[step - 1][rank] -> the token ids in that rank's batch of that step (the engine's sampler, first epoch)."""
+    from mateconv.data.shards import PretrainTokens
+    from mateconv.train.data import ResumableDistributedSampler
+
+    data = PretrainTokens(tokens_dir, seq_len)
+    orders = [ResumableDistributedSampler(data, rank, world_size, seed).indices() for rank in range(world_size)]
+    return [[{int(t) for i in order[s * batch_size:(s + 1) * batch_size] for t in data[i]["input_ids"]}
+             for order in orders] for s in range(steps)]
+
+
+def only_in(batches: list[list[set[int]]], step: int, rank: int) -> int:
+    """A token in `rank`'s batch of `step` and in no other batch of any rank or step."""
+    others = set().union(*(tokens for s, row in enumerate(batches, 1) for r, tokens in enumerate(row)
+                           if (s, r) != (step, rank)))
+    return min(batches[step - 1][rank] - others)
+
+
+def poisoned_model(out_dir, tokenizer_dir, tokens: list[int]):
+    """A tiny model (input and output embeddings untied) whose input embedding rows of `tokens` are NaN: a batch
+    holding one of them gets a NaN loss and NaN gradients, any other batch trains normally."""
+    from transformers import AutoTokenizer
+
+    from model import MateConvConfig, MateConvForCausalLM
+
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                                               max_seq_len=96, tie_word_embeddings=False))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokens] = float("nan")
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture
+def train(tiny_flags):
+    def train_stage(out_dir, **overrides) -> dict:
+        return run(RECIPES["pretrain"], parse_config(tiny_flags(out_dir, **overrides)))
+    return train_stage
+
+
+def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_tokens, tiny_tokenizer, tmp_path, capsys):
+    """NaN at step 3 (skipped, training goes on), then at steps 5 and 6: with max_nonfinite_steps 2 the run stops at
+    step 6 with a checkpoint whose weights are those after step 4; the same command then trains past the bad data."""
+    batches = step_tokens(tiny_tokens / "pretrain" / "train", 1, 8)
+    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [only_in(batches, step, 0) for step in (3, 5, 6)])
+    flags = dict(init_from=init, max_steps=8, max_nonfinite_steps=2, save_interval_steps=4, val_data_path="",
+                 warmup_iters=4)
+    with pytest.raises(TrainingHalted, match=r"in 2 steps in a row \(steps 5-6.*stopped at step 6 .*after step 4"):
+        train(tmp_path / "run", **flags)
+    assert "step 3: loss nan, grad_norm nan: not finite, optimizer step skipped (1 in a row" in capsys.readouterr().out
+    rows = [row for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    assert [step for step, row in enumerate(rows, 1) if not math.isfinite(row["loss"])] == [3, 5, 6]
+    assert [row["nonfinite_steps"] for row in rows] == [0, 0, 1, 1, 2, 3]
+    assert rows[3]["lr"] == rows[2]["lr"] > rows[1]["lr"]  # in the warmup; the skipped step 3 did not advance it
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000006"
+    assert json.loads((checkpoints / "step_00000006" / "trainer_state.json").read_text())["nonfinite_steps"] == 3
+    after_4, at_6 = (torch.load(checkpoints / f"step_0000000{s}" / "training_state.pt", weights_only=False)
+                     for s in (4, 6))
+    for name, weights in after_4["model"].items():  # steps 5 and 6 changed nothing
+        torch.testing.assert_close(at_6["model"][name], weights, rtol=0, atol=0, equal_nan=True)
+        assert name == "model.embed_tokens.weight" or weights.isfinite().all(), name
+
+    summary = train(tmp_path / "run", **flags)  # the same command: resumes at step 6, past the bad batches
+    assert summary["step"] == 8 and not summary["stopped"]
+    assert all(math.isfinite(losses(tmp_path / "run")[step]) for step in (7, 8))
+
+
+def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
+    """step_9 truncated, step_6 with flipped bytes (same size): the resume names both in a line each, moves them
+    aside, goes on from step_3 and reproduces the uninterrupted run."""
+    flags = dict(max_steps=9, save_interval_steps=3, eval_interval=100)
+    train(tmp_path / "full", **flags)  # finished; run again, the same command resumes from its newest checkpoint
+    full = losses(tmp_path / "full")
+    checkpoints = tmp_path / "full" / "checkpoints"
+    torn = checkpoints / "step_00000009" / "training_state.pt"
+    os.truncate(torn, torn.stat().st_size // 2)
+    corrupt = checkpoints / "step_00000006" / "training_state.pt"
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    corrupt.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    train(tmp_path / "full", **flags)
+    out = capsys.readouterr().out
+    assert "checkpoint step_00000009 is damaged (training_state.pt has" in out
+    assert "checkpoint step_00000006 is damaged (training_state.pt is corrupt (CRC mismatch" in out
+    assert "resumed from" in out and "step_00000003 at step 3" in out
+    resumed = losses(tmp_path / "full")
+    for step in range(4, 10):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
+    assert (checkpoints / "step_00000009.damaged").is_dir() and (checkpoints / "latest").read_text() == "step_00000009"
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(train, tmp_path, monkeypatch):
+    """The save of step 6 fails half-way (ENOSPC): the run stops with one clear line, step_3 and `latest` are as they
+    were, nothing half-written is left, and the same command resumes from step_3."""
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_00000006" in str(path):
+            with open(path, "wb") as out:
+                out.write(b"PK" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    flags = dict(max_steps=8, save_interval_steps=3, eval_interval=100)
+    with pytest.raises(TrainingHalted, match=r"saving checkpoint step_00000006 failed \(\[Errno 28\] No space left "
+                                             r"on device.*\); step_00000003 and `latest` are intact"):
+        train(tmp_path, **flags)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".incoming", "best", "latest", "step_00000003"]
+    assert not any((checkpoints / ".incoming").iterdir())
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(tmp_path, **flags)["step"] == 8  # resumed from step_3
+    assert sorted(losses(tmp_path)) == list(range(1, 9))
