@@ -1,0 +1,203 @@
+"""The pipeline on the user's own files (`run_pipeline.sh --data DIR`, docs/own_data.md): the stage 7 / DPO decision
+table, --tokenizer, one corpus per out/, and a MiniMind-format corpus from ../shared/data end to end at tiny size."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, single_thread_env
+from prefs_fake_server import FakeOpenAI, tasks
+from transformers import AutoTokenizer
+
+from mateconv.chat_format import CHAT_TEMPLATE
+from mateconv.data.formats import split_hh
+from mateconv.files import read_metrics
+from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, use_data
+from mateconv.tokenizer import adopt_tokenizer
+
+ENDPOINT = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+STAGE7 = {"prefs", "prefs_val", "prefs_tokens", "prefs_val_tokens"}
+TEXT = {"text": "A paragraph of pretraining text about rivers, stones and the morning light."}
+SFT = {"conversations": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
+PAIR = {"chosen": SFT["conversations"], "rejected": [SFT["conversations"][0], {"role": "assistant", "content": "Rome."}]}
+TASK = {"id": "t1", "kind": "add", "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "answer": "5"}
+
+
+def corpus(root: Path, **files: dict) -> Path:
+    root.mkdir()
+    for name, record in files.items():
+        (root / f"{name}.jsonl").write_text(json.dumps(record) + "\n")
+    return root
+
+
+def plan(data: Path, env: dict, tokenizer: Path | None = None) -> tuple[dict, str]:
+    preset = load_preset("tiny")
+    report = use_data(preset, data, tokenizer, env)
+    return preset["stages"], "\n".join(report)
+
+
+def test_decision_table_for_stage_7_and_dpo(tmp_path):
+    full = corpus(tmp_path / "full", pretrain=TEXT, sft=SFT, dpo=PAIR, tasks=TASK)
+    stages, report = plan(full, ENDPOINT)  # tasks present: the rule judge, even with an endpoint set
+    assert "verifiable tasks" in report and "rule judge" in report and "data" not in stages
+    assert stages["prefs"]["args"]["prompts_path"] == "out/data/tasks_train.jsonl"
+    assert stages["prefs"]["args"]["judge"] == "rule" and stages["prefs"]["args"]["generator_base_url"] == "local"
+    assert stages["prefs_tokens"]["args"]["input"] == ["out/prefs/dpo_pairs.jsonl", "out/data/dpo_train.jsonl"]
+    assert stages["eval"]["args"]["tasks"] == "out/data/tasks_val.jsonl"
+
+    pairs = corpus(tmp_path / "pairs", pretrain=TEXT, sft=SFT, dpo=PAIR)
+    stages, report = plan(pairs, ENDPOINT)  # an endpoint: the model judge on held-out SFT prompts
+    assert "judge endpoint is set (judge gpt-4o-mini at http://127.0.0.1:9/v1" in report
+    assert stages["prefs"]["args"]["prompts_path"] == "out/data/sft_prompts.jsonl"
+    assert stages["prefs_val"]["args"]["prompts_path"] == "out/data/sft_val.jsonl"
+    assert stages["prefs"]["args"]["judge"] == stages["prefs_val"]["args"]["judge"] == "model"
+    assert stages["prepare"]["args"]["max_prompts"] == stages["prefs"]["args"]["n_prompts"]
+    assert stages["prefs_val_tokens"]["args"]["input"][1] == "out/data/dpo_val.jsonl"
+    assert stages["eval"]["args"]["tasks"] == "none"
+    command = {s.name: s.command for s in build_stages({"stages": stages}, Path("out").resolve())}["prefs"]
+    assert command[command.index("--generator_base_url") + 1] == "local"
+
+    stages, report = plan(pairs, {})  # the data's pairs and no endpoint: DPO on them, stage 7 skipped
+    assert "DPO trains on the preference pairs from the data; stage 7 skipped" in report
+    assert not STAGE7 & set(stages) and stages["dpo"]["args"]["data_path"] == "out/tokens/dpo/train"
+    assert stages["dpo"]["args"]["val_data_path"] == "out/tokens/dpo/val"
+    assert stages["tokens"]["done"] == "out/tokens/dpo/val/index.json"
+
+    plain = corpus(tmp_path / "plain", pretrain=TEXT, sft=SFT)
+    stages, report = plan(plain, {})  # neither: no DPO, stop after SFT and evaluation
+    assert "DPO skipped, the run stops after SFT and evaluation" in report
+    assert list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "sft", "eval"]
+    assert stages["eval"]["args"]["models"] == ["out/pretrain/final", "out/sft/final"]
+    assert stages["tokens"]["done"] == "out/tokens/sft/val/index.json"
+
+    stages, report = plan(corpus(tmp_path / "text", pretrain=TEXT), ENDPOINT)
+    assert "no SFT conversations" in report and list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "eval"]
+
+    with pytest.raises(PipelineError, match="no pretraining text"):
+        plan(corpus(tmp_path / "chat", sft=SFT), {})
+
+
+def test_minimind_tokenizer_is_adopted_not_trained(tmp_path, shared_data):
+    minimind = shared_data("jingyaogong__minimind/model")
+    stages, report = plan(corpus(tmp_path / "data", pretrain=TEXT, sft=SFT), {}, minimind)
+    assert stages["tokenizer"]["args"] == {"from_pretrained": str(minimind), "out_dir": "out/tokenizer"}
+    assert stages["pretrain"]["args"]["vocab_size"] == 6400 and "(6400 tokens), not trained" in report
+
+    ours = AutoTokenizer.from_pretrained(adopt_tokenizer(minimind, tmp_path / "tok"))
+    theirs = AutoTokenizer.from_pretrained(minimind)
+    text = "MiniMind 的分词器，on English too."
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    assert ours.chat_template == CHAT_TEMPLATE and (ours.pad_token_id, ours.bos_token_id, ours.eos_token_id) == (0, 1, 2)
+
+
+def test_one_corpus_per_out_directory(tmp_path):
+    out = tmp_path / "out"
+    first = {"data": "/corpus/a", "tokenizer": None}
+    check_source(out, first)
+    check_source(out, first)  # the same data again: resumes
+    with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
+        check_source(out, {"data": "/corpus/b", "tokenizer": None})
+    with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
+        check_source(out, None)
+    (tmp_path / "demo/out/data").mkdir(parents=True)
+    (tmp_path / "demo/out/data/stats.json").write_text("{}")
+    with pytest.raises(PipelineError, match="holds a run on the embedded demo data"):
+        check_source(tmp_path / "demo/out", first)
+
+
+def minimind_corpus(root: Path, shared_data) -> Path:
+    """MiniMind's three files, built from the shared data: pretrain_hq.jsonl ({"text"}, one line cut off),
+    sft_mini_512.jsonl ({"conversations": [{role, content}]}) and dpo.jsonl ({"chosen": [...], "rejected": [...]})."""
+    root.mkdir()
+    docs = [json.loads(line) for line in shared_data("hiyouga__LLaMA-Factory/data/c4_demo.jsonl").open()][:240]
+    lines = [json.dumps({"text": doc["text"]}) for doc in docs]
+    lines.insert(99, '{"text": "a line cut off in the mid')
+    (root / "pretrain_hq.jsonl").write_text("\n".join(lines) + "\n")
+    alpaca = json.loads(shared_data("hiyouga__LLaMA-Factory/data/alpaca_en_demo.json").read_text())[:300]
+    with open(root / "sft_mini_512.jsonl", "w") as sft:
+        for record in alpaca:
+            question = "\n\n".join(part for part in (record["instruction"], record["input"]) if part)
+            sft.write(json.dumps({"conversations": [{"role": "user", "content": question},
+                                                    {"role": "assistant", "content": record["output"]}]}) + "\n")
+    with open(root / "dpo.jsonl", "w") as dpo:
+        for line in list(shared_data("anthropics__hh-rlhf/harmless-base/test.first200.jsonl").open())[:100]:
+            record = json.loads(line)
+            (prompt, chosen), (_, rejected) = split_hh(record["chosen"]), split_hh(record["rejected"])
+            dpo.write(json.dumps({"chosen": prompt + [{"role": "assistant", "content": chosen}],
+                                  "rejected": prompt + [{"role": "assistant", "content": rejected}]}) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_minimind_corpus_end_to_end(tmp_path, shared_data):
+    data = minimind_corpus(tmp_path / "minimind", shared_data)
+    env = {k: v for k, v in single_thread_env().items() if k not in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_API_KEY")}
+    sets = ["pretrain.max_steps=40", "pretrain.eval_interval=20", "sft.max_steps=20", "sft.eval_interval=20",
+            "dpo.max_steps=10", "dpo.eval_interval=10", "dpo.batch_size=8", "eval.max_batches=4",
+            "eval.max_new_tokens=16", "eval.max_bpb_docs=10"]
+    result = subprocess.run(["bash", str(REPO / "scripts/run_pipeline.sh"), "--data", str(data),
+                             *[arg for item in sets for arg in ("--set", item)]],
+                            cwd=tmp_path, env=env, text=True, capture_output=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    stdout = result.stdout
+    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 not valid JSON)" in stdout
+    assert f"{data / 'sft_mini_512.jsonl'} → sft, MiniMind conversations, 300 records" in stdout
+    assert f"{data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages, 100 records" in stdout
+    assert "DPO trains on the preference pairs from the data; stage 7 skipped" in stdout
+    assert f"{data / 'pretrain_hq.jsonl'}:100: malformed JSON" in stdout  # skipped, reported, the rest trained on
+    out = tmp_path / "out"
+    assert json.loads((out / "data/stats.json").read_text())["pretrain"]["kept"] >= 230
+
+    losses = [row["loss"] for row in read_metrics(out / "pretrain/metrics.jsonl") if "loss" in row]
+    assert losses[-1] < losses[0] - 0.3, losses
+    dpo = [row for row in read_metrics(out / "dpo/metrics.jsonl") if "loss" in row]
+    assert dpo and dpo[-1]["step"] == 10 and (out / "dpo/final/model.safetensors").exists()
+    models = {Path(m["path"]).parent.name: m for m in json.loads((out / "eval/summary.json").read_text())["models"]}
+    assert set(models) == {"pretrain", "sft", "dpo"}
+    for name, model in models.items():
+        assert math.isfinite(model["val_ppl"]) and model["val_ppl"] < 2048, (name, model["val_ppl"])  # < uniform
+        assert 0 < model["val_bpb"] < 16, (name, model["val_bpb"])
+
+
+@pytest.mark.slow
+def test_stage_7_on_held_out_sft_prompts_with_the_model_judge(tmp_path, tiny_sft_model):
+    """No tasks and no pairs in the data, a judge endpoint set: stage 7 runs on SFT prompts held out of SFT (today's
+    "prompts file out/data/tasks_train.jsonl not found" is gone), the SFT model generating, the endpoint judging."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "text.txt").write_text("A paragraph of pretraining text about rivers and stones.\n")
+    with open(data / "chat.jsonl", "w") as chat:
+        for task in tasks(80):
+            chat.write(json.dumps({"messages": task["messages"] + [
+                {"role": "assistant", "content": f"The answer is {task['answer']}."}]}) + "\n")
+    shutil.copytree(tiny_sft_model, tmp_path / "out/sft/final")  # stage 5's artifact: SFT is done
+    fake = FakeOpenAI()
+    try:
+        env = {**single_thread_env(), "OPENAI_BASE_URL": fake.url}
+        sets = ["prefs.judge_model=judge", "prefs.k_samples=3", "prefs.max_tokens=8", "prefs.max_concurrency=2"]
+        result = subprocess.run([sys.executable, "-m", "mateconv.pipeline", "run", "--data", str(data), "--only",
+                                 "prepare,prefs", *[arg for item in sets for arg in ("--set", item)]],
+                                cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    finally:
+        fake.close()
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert f"judge endpoint is set (judge gpt-4o-mini at {fake.url}" in result.stdout
+    out = tmp_path / "out"
+    held = [json.loads(line) for line in (out / "data/sft_prompts.jsonl").read_text().splitlines()]
+    trained = [json.loads(line) for line in (out / "data/sft_train.jsonl").read_text().splitlines()]
+    held_prompts = {r["messages"][0]["content"] for r in held}
+    assert held and not held_prompts & {r["messages"][0]["content"] for r in trained}
+    summary = json.loads((out / "prefs/summary.json").read_text())
+    assert summary["prompts_path"] == "out/data/sft_prompts.jsonl" and summary["judge_mode"] == "model"
+    assert summary["models"] == {"generator": "mateconv", "judge": "judge", "generator_base_url": "local",
+                                 "judge_base_url": fake.url}
+    assert summary["this_run"]["prompts"] == len(held) and summary["this_run"]["failures"] == 0
+    assert summary["this_run"]["pairs"] >= 1  # the judge's scores told some replies apart
+    judged = {entry["pid"] for entry in fake.log if entry["model"] == "judge"}
+    assert judged == {content.split("]")[0][1:] for content in held_prompts}  # every held-out prompt, nothing else
+    assert not any(entry["model"] != "judge" for entry in fake.log)  # the SFT model generated, locally
