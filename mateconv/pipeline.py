@@ -119,7 +119,7 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
         raise PipelineError(f"{data_dir}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
                             "field); every run starts with pretraining")
     stages = preset["stages"]
-    del stages["data"]
+    stages.pop("data", None)  # the embedded demo data generator
     if tokenizer is not None:
         args = stages["tokenizer"]["args"]
         stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
