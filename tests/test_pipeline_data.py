@@ -82,6 +82,17 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
         plan(corpus(tmp_path / "chat", sft=SFT), {})
 
 
+@pytest.mark.parametrize("name", ["mateconv-0.02b", "mateconv-moe", "2gpu"])
+def test_seed_presets_take_the_data(tmp_path, name):
+    preset = load_preset(name)
+    use_data(preset, corpus(tmp_path / "data", pretrain=TEXT, sft=SFT, dpo=PAIR), None, {})
+    commands = {stage.name: stage.command for stage in build_stages(preset, Path("out").resolve())}
+    assert list(commands) == ["tokenizer", "prepare", "tokens", "pretrain", "sft", "dpo", "eval"]
+    assert commands["tokenizer"][commands["tokenizer"].index("--vocab_size") + 1] == "6400"
+    assert str(tmp_path / "data/sft.jsonl") in commands["prepare"] and "--raw_dir" not in commands["prepare"]
+    assert commands["prepare"][commands["prepare"].index("--max_prompts") + 1] == "3000"  # the preset's n_prompts
+
+
 def test_minimind_tokenizer_is_adopted_not_trained(tmp_path, shared_data):
     minimind = shared_data("jingyaogong__minimind/model")
     stages, report = plan(corpus(tmp_path / "data", pretrain=TEXT, sft=SFT), {}, minimind)
