@@ -1,4 +1,5 @@
-"""Running stages as supervised child processes: own process group, pid file, log tee, SIGINT forwarding.
+"""Running stages as supervised child processes (own process group, pid file, log tee, SIGINT forwarding), and a
+model server (`python -m mateconv.serve`) in the background for stage 7 and the tests.
 
 Each stage runs in a new session so that `scripts/stop.sh STAGE` can send SIGINT to its whole process group
 (the DeepSpeed launcher and every rank) without touching the pipeline that started it.
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 from mateconv.files import write_atomic
@@ -109,3 +113,58 @@ def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
             return f"{name}: stopped (it saved a checkpoint; run the pipeline again to resume)"
         time.sleep(0.5)
     return f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed"
+
+
+# ---------------------------------------------------------------- a model server in the background
+
+class ServeError(RuntimeError):
+    """The server could not be started or reached; shown as one line."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_background(model_path: str | Path, served_model_name: str = "mateconv", timeout_s: float = 120.0,
+                     extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
+    """Starts `python -m mateconv.serve` on a free loopback port and waits until /health answers.
+
+    Returns (base URL such as "http://127.0.0.1:PORT/v1", the process). Stop it with `stop_background(process)`.
+    The server's output goes to a log file whose tail is shown if it fails to come up.
+    """
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="mateconv-serve-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "mateconv.serve", "--model_path", str(model_path), "--host", "127.0.0.1",
+               "--port", str(port), "--served_model_name", served_model_name, "--api_key", "", *(extra_args or [])]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process.log_path = log.name
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
+            raise ServeError(f"server exited with code {process.returncode}: {' | '.join(tail)}")
+        try:
+            if httpx.get(f"{root}/health", timeout=2.0).status_code == 200:
+                return f"{root}/v1", process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_background(process)
+    raise ServeError(f"server on port {port} not healthy after {timeout_s:.0f} s (log: {log.name})")
+
+
+def stop_background(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stops a server from `start_background` (SIGTERM, then SIGKILL) and removes its log file."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_path = getattr(process, "log_path", None)
+    if log_path:
+        Path(log_path).unlink(missing_ok=True)

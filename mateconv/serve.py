@@ -18,10 +18,7 @@ import ipaddress
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -49,10 +45,6 @@ MAX_N = 16
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 API_KEY_ENV = "MATECONV_API_KEY"
-
-
-class ServeError(RuntimeError):
-    """The server could not be started or reached; shown as one line."""
 
 
 class APIError(Exception):
@@ -620,55 +612,6 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
 
 
 # ---------------------------------------------------------------- running it
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def start_background(model_path: str | Path, served_model_name: str = "mateconv", timeout_s: float = 120.0,
-                     extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
-    """Starts `python -m mateconv.serve` on a free loopback port and waits until /health answers.
-
-    Returns (base URL such as "http://127.0.0.1:PORT/v1", the process). Stop it with `stop_background(process)`.
-    The server's output goes to a log file whose tail is shown if it fails to come up.
-    """
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="mateconv-serve-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "mateconv.serve", "--model_path", str(model_path), "--host", "127.0.0.1",
-               "--port", str(port), "--served_model_name", served_model_name, "--api_key", "", *(extra_args or [])]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    process.log_path = log.name
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
-            raise ServeError(f"server exited with code {process.returncode}: {' | '.join(tail)}")
-        try:
-            if httpx.get(f"{root}/health", timeout=2.0).status_code == 200:
-                return f"{root}/v1", process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_background(process)
-    raise ServeError(f"server on port {port} not healthy after {timeout_s:.0f} s (log: {log.name})")
-
-
-def stop_background(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Stops a server from `start_background` (SIGTERM, then SIGKILL) and removes its log file."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    log_path = getattr(process, "log_path", None)
-    if log_path:
-        Path(log_path).unlink(missing_ok=True)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="OpenAI-compatible chat completions server over a saved model.")

@@ -4,19 +4,27 @@ Generator: the test world's SFT model, served by `mateconv.serve` that the run s
 (the default, on-policy case) and stops at the end. Judge: the test world's untrained MateConv model with a
 1024-token context, served by a second `mateconv.serve`: its answers are not the JSON the
 rubric asks for, so `--judge model` records every prompt as a failure, and `--judge both` still makes pairs from
-the known answers (keeping the model judge's error in each record).
+the known answers (keeping the model judge's error in each record). A foreign generator: `transformers serve` over
+the Llama export of the same model.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from mateconv.prefs.cli import main
-from mateconv.serve import start_background, stop_background
+from mateconv.procs import free_port, start_background, stop_background
 from mateconv.tasks import check_answer
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
@@ -82,3 +90,58 @@ def test_local_generator_random_judge_failures_then_rule_pairs(tmp_path, judge_s
         assert not check_answer(by_id[pair["id"]], pair["rejected"][0]["content"])
         assert pair["prompt"] == by_id[pair["id"]]["messages"]
     assert summary["files"] == {"pairs": len(pairs), "dropped": len(dropped), "failures_outstanding": 0}
+
+
+@pytest.fixture(scope="module")
+def transformers_server(tiny_sft_model, tmp_path_factory):
+    """`transformers serve` (Hugging Face's own OpenAI-compatible server) over the Llama export of the SFT model:
+    (base URL, the name /v1/models lists, the server's log file)."""
+    root = tmp_path_factory.mktemp("foreign")
+    export = subprocess.run([sys.executable, "-m", "mateconv.export", str(tiny_sft_model), "--to", "llama", "--out",
+                             str(root / "llama")], capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-2000:]
+    port, log = free_port(), root / "serve.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", str(root / "llama"),
+                                    "--host", "127.0.0.1", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        while process.poll() is None:  # loading may take a while on a busy machine; a crash ends the wait
+            try:
+                served = httpx.get(f"{url}/models", timeout=2.0).json()["data"]
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert process.poll() is None, log.read_text()[-2000:]
+        yield url, served[0]["id"], log
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_transformers_serve_as_generator(tmp_path, transformers_server, records):
+    url, served_name, log = transformers_server
+    prompts, out = tmp_path / "tasks.jsonl", tmp_path / "prefs"
+    prompts.write_text("".join(json.dumps(record) + "\n" for record in records))
+    stage7 = [sys.executable, str(ROOT / "7.gen_prefs_openai.py"), "--prompts_path", str(prompts), "--output_dir",
+              str(out), "--generator_base_url", url, "--k_samples", "4", "--temperature", "1.2", "--max_tokens", "8",
+              "--judge", "rule", "--no_progress"]
+
+    wrong = subprocess.run(stage7 + ["--generator_model", "mateconv"], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert f"it serves: {served_name}" in wrong.stderr.strip().splitlines()[-1]  # the name to use, in one line
+
+    run = subprocess.run(stage7 + ["--generator_model", served_name], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    generated = log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
+    assert summary["usage"]["generator"]["requests"] == generated and summary["usage"]["generator"]["failed"] == 0
+    assert generated >= 4 * len(records)  # transformers serve answers one choice per request: n is asked for apart
+    pairs = [json.loads(line) for line in (out / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert pairs, "no prompt had both a correct and an incorrect sample"  # the export's generation_config samples
+    by_id = {record["id"]: record for record in records}
+    for pair in pairs:
+        assert pair["models"]["generator"] == served_name
+        assert check_answer(by_id[pair["id"]], pair["chosen"][0]["content"])
+        assert not check_answer(by_id[pair["id"]], pair["rejected"][0]["content"])

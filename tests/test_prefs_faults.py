@@ -68,6 +68,7 @@ SCHEDULE = {
     ("judge", "p07"): ["429", "fenced"],       # JSON inside a ```json fence is accepted
     ("gen", "p08"): ["400"],                   # not retryable: failure after one request
     ("judge", "p09"): ["slow", "drop"],        # judge timeout and dropped connection, then fine
+    ("judge", "p10"): ["400"],                 # a judge request refused for good: failure, counted in usage
 }
 
 
@@ -77,8 +78,8 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
     summary = run(config(fake, prompts, out, 12), env={})
 
     pairs, dropped, failures = ids(out, "pair"), ids(out, "dropped"), ids(out, "failure")
-    assert sorted(pairs) == ["p00", "p01", "p02", "p03", "p07", "p09", "p10", "p11"]
-    assert dropped == ["p06"] and sorted(failures) == ["p04", "p05", "p08"]
+    assert sorted(pairs) == ["p00", "p01", "p02", "p03", "p07", "p09", "p11"]
+    assert dropped == ["p06"] and sorted(failures) == ["p04", "p05", "p08", "p10"]
     assert len(pairs + dropped + failures) == len(set(pairs + dropped + failures)) == 12  # each id written once
     reasons = {r["id"]: (r["stage"], r["reason"]) for r in records(out, "failure")}
     assert reasons["p05"] == ("generate", "gave up after 4 attempts: HTTP 500: injected 500")
@@ -104,8 +105,11 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
     assert fake.peak_in_flight <= 4  # --max_concurrency
     shown = [entry["shown"] for entry in fake.log if entry["shown"]]
     assert len({tuple(order) for order in shown}) > 3  # candidate order varies between judge requests
-    assert summary["this_run"] == {"prompts": 12, "pairs": 8, "dropped": 1, "failures": 3,
+    assert summary["this_run"] == {"prompts": 12, "pairs": 7, "dropped": 1, "failures": 4,
                                    "model_judge_failures_decided_by_rule": 0}
+    for role, model in [("generator", "gen"), ("judge", "judge")]:  # every request the server saw is counted
+        assert summary["usage"][role]["requests"] == sum(entry["model"] == model for entry in fake.log)
+    assert summary["usage"]["generator"]["failed"] == 2 and summary["usage"]["judge"]["failed"] == 1  # p05, p08; p10
     assert summary["usage"]["generator"]["retries"] >= 7 and json.loads((out / "summary.json").read_text()) == summary
 
     # --skip_failed: nothing left to do, not one request
@@ -115,12 +119,12 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
 
     # a plain re-run retries only the failures (their schedules are used up now, so they succeed)
     summary = run(config(fake, prompts, out, 12), env={})
-    assert summary["this_run"] == {"prompts": 3, "pairs": 3, "dropped": 0, "failures": 0,
+    assert summary["this_run"] == {"prompts": 4, "pairs": 4, "dropped": 0, "failures": 0,
                                    "model_judge_failures_decided_by_rule": 0}
-    assert {entry["pid"] for entry in fake.log[requests_before:]} == {"p04", "p05", "p08"}
-    assert sorted(ids(out, "pair")) == sorted(pairs + ["p04", "p05", "p08"]) and ids(out, "failure") == []
+    assert {entry["pid"] for entry in fake.log[requests_before:]} == {"p04", "p05", "p08", "p10"}
+    assert sorted(ids(out, "pair")) == sorted(pairs + ["p04", "p05", "p08", "p10"]) and ids(out, "failure") == []
     history = [json.loads(line)["id"] for line in (out / "failures_history.jsonl").read_text().splitlines()]
-    assert sorted(history) == ["p04", "p05", "p08"]
+    assert sorted(history) == ["p04", "p05", "p08", "p10"]
 
 
 def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):

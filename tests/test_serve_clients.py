@@ -18,7 +18,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else litellm fe
 import litellm  # noqa: E402
 
 from mateconv.chat import load_model
-from mateconv.serve import start_background, stop_background
+from mateconv.procs import start_background, stop_background
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 KEY = "sk-test-0123456789"

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, exercised with the real `openai` client over loopback HTTP.
 
-The server runs as a subprocess (`mateconv.serve.start_background`) over the tiny SFT model of the test world; its
+The server runs as a subprocess (`mateconv.procs.start_background`) over the tiny SFT model of the test world; its
 greedy replies must equal the in-process reference (`greedy_reply`).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from mateconv.serve import start_background, stop_background
+from mateconv.procs import start_background, stop_background
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 QUESTION = "What is 3 plus 4?"
@@ -159,7 +159,8 @@ def busy_server(tiny_untrained_model):
 
     import uvicorn
 
-    from mateconv.serve import create_app, free_port
+    from mateconv.procs import free_port
+    from mateconv.serve import create_app
 
     # an untrained model rarely emits EOS, so every request generates (nearly) all of its max_tokens
     app = create_app(tiny_untrained_model, served_model_name="tiny", device="cpu", max_concurrent=1, max_queued=1)

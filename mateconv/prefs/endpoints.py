@@ -92,13 +92,13 @@ def resolve_judge(base_url: str | None, model: str | None, env: Mapping[str, str
 
 @dataclass
 class Usage:
-    requests: int = 0
+    requests: int = 0  # every request sent: answered, retried or failed
     retries: int = 0
+    failed: int = 0  # calls given up on (not retryable, or out of retries)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     def add(self, response: Any) -> None:
-        self.requests += 1
         if response.usage is not None:  # some servers leave it out
             self.prompt_tokens += response.usage.prompt_tokens or 0
             self.completion_tokens += response.usage.completion_tokens or 0
@@ -182,6 +182,7 @@ class Caller:
     async def call(self, request: Callable[[], Awaitable[Any]]) -> Any:
         """Runs `request()` (one API call), retrying timeouts, dropped connections, 408/409/429 and 5xx."""
         for attempt in range(self.policy.max_retries + 1):
+            self.usage.requests += 1
             try:
                 async with self.in_flight:
                     response = await request()
@@ -191,9 +192,11 @@ class Caller:
                 reason, wait_hint = f"{type(error).__name__}: {error}", None
             except openai.APIStatusError as error:
                 if error.status_code not in RETRYABLE_STATUS and error.status_code < 500:
+                    self.usage.failed += 1
                     raise RequestFailed(_error_text(error)) from None
                 reason, wait_hint = _error_text(error), retry_after_s(error.response)
             if attempt == self.policy.max_retries:
+                self.usage.failed += 1
                 raise RequestFailed(f"gave up after {attempt + 1} attempts: {reason}")
             self.usage.retries += 1
             await asyncio.sleep(self.policy.delay(attempt, wait_hint, self.rng))

@@ -23,7 +23,7 @@ from mateconv.prefs.endpoints import (Caller, Endpoint, PrefsError, RequestFaile
 from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair,
                                   rule_scores, shuffled_order)
 from mateconv.prefs.store import ResultStore, read_records, sample_prompts
-from mateconv.serve import ServeError, start_background, stop_background
+from mateconv.procs import ServeError, start_background, stop_background
 
 JUDGE_MODES = ("auto", "rule", "model", "both")
 
@@ -307,7 +307,8 @@ def _print_report(summary: dict) -> None:
         if role == "total_cost_usd":
             continue
         cost = "price unknown (--price)" if used["cost_usd"] is None else f"${used['cost_usd']:.4f}"
-        print(f"  {role} {used['model']}: {used['requests']} requests ({used['retries']} retries), "
+        print(f"  {role} {used['model']}: {used['requests']} requests ({used['retries']} retried, "
+              f"{used['failed']} failed), "
               f"{used['prompt_tokens']:,} prompt + {used['completion_tokens']:,} completion tokens, {cost}",
               file=sys.stderr)
     total = summary["usage"]["total_cost_usd"]

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mateconv.config import ParallelConfig
+from mateconv.procs import free_port
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup(parallel: ParallelConfig) -> Runtime:
     """Initialise the process group when needed (DeepSpeed always; plain PyTorch only under torchrun)."""
     use_deepspeed = wants_deepspeed(parallel)
     if use_deepspeed and not launched_distributed():
         # a plain `python 4.pretrain.py --engine deepspeed`: one rank, DeepSpeed still wants the rendezvous variables
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", max(parallel.local_rank, 0)))
