@@ -2,13 +2,17 @@
 
     python run_sweep.py --config configs/sweeps/pretrain_lr.yaml --count 10            # W&B online, else Optuna
     python run_sweep.py --config configs/sweeps/pretrain_lr.yaml --count 10 --backend optuna --gpus 0
+    python run_sweep.py --config sweep_config_dpo.yaml --count 5 --mode dpo                 # the seeds' form
 See docs/operations.md.
 """
 import argparse
 import sys
 from pathlib import Path
 
+from mateconv.config import STAGE_PROGRAMS
 from mateconv.sweep import SweepError, load_sweep_config, run_optuna, run_wandb, wandb_available
+
+REPO = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -19,7 +23,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=("auto", "optuna", "wandb"), default="auto",
                         help="auto: wandb when online with an API key, else optuna")
     parser.add_argument("--out_dir", default="out/sweeps", help="sweeps root; a sweep writes <out_dir>/<name>/")
-    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES for the trials, e.g. 0,1")
+    parser.add_argument("--mode", choices=tuple(STAGE_PROGRAMS),
+                        help="the stage to sweep (its program replaces the YAML's program)")
+    parser.add_argument("--gpus", "--gpu", help="CUDA_VISIBLE_DEVICES for the trials, e.g. 0,1")
     parser.add_argument("--seed", type=int, default=0, help="optuna sampler seed")
     parser.add_argument("--project", help="W&B project (default: the YAML's project, else mateconv)")
     parser.add_argument("--entity", help="W&B entity")
@@ -28,7 +34,7 @@ def main() -> None:
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     try:
-        config = load_sweep_config(args.config)
+        config = load_sweep_config(args.config, str(REPO / STAGE_PROGRAMS[args.mode]) if args.mode else None)
         backend = args.backend if args.backend != "auto" else ("wandb" if wandb_available() else "optuna")
         if backend == "wandb":
             sweep_id = run_wandb(config, args.count, Path(args.out_dir), args.gpus, args.project, args.entity,

@@ -34,10 +34,28 @@ from model.config import ConfigError as ModelConfigError
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-# Names the seeds use for the same flags.
-SEED_ALIASES = {"lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
-                "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
-                "sft_coef": "dpo_sft_coef"}
+# The seeds' names for our flags (the flags tables and command lines of ../shared/seeds 000, 001 and 004), the one
+# alias map. A name maps to one of our flat names, or to (flat name, {seed value: our value}) when the seed's flag picks
+# a value of one of our settings (`--use_wandb` is `--tracker wandb`); a flat name of None marks what MateConv always
+# does (the flag is accepted with the seed's value only). docs/training.md explains each.
+SEED_ALIASES: dict[str, str | tuple[str | None, dict]] = {
+    "lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
+    "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
+    "sft_coef": "dpo_sft_coef", "beta": "dpo_beta", "pairs_path": "data_path", "wandb_name": "wandb_run_name",
+    "wandb_log_freq": "log_interval", "wandb_watch_log_freq": "wandb_watch_freq",
+    "use_wandb": ("tracker", {True: "wandb", False: "none"}),
+    "ddp": ("engine", {True: "torch", False: "auto"}),
+    "wandb_watch_model": ("wandb_watch", {True: "gradients", False: ""}),
+    "wandb_watch_log": ("wandb_watch", {"gradients": "gradients", "parameters": "parameters", "all": "all",
+                                        "None": ""}),
+    "save_best_only": (None, {True: None}),  # best/ (lowest val_loss) is always written
+    "save_last": (None, {True: None}),  # final/ is always written
+}
+# `--mode` (seed 000's one-program trainer) names the stage; each stage is its own program here.
+STAGE_PROGRAMS = {"pretrain": "4.pretrain.py", "sft": "5.full_sft.py", "dpo": "9.train_dpo.py"}
+# Every default path lives under this root; `--out_dir` naming a root moves them all (`layout_root`).
+LAYOUT_ROOT = "out"
+LAYOUT_DIRS = ("tokenizer", "tokens", "data", *STAGE_PROGRAMS)
 
 
 class ConfigError(ValueError):
@@ -146,7 +164,7 @@ class TrackConfig:
     eval_batches: int = 50
     peak_flops: float = 0.0
     tracker: str = "wandb"
-    wandb_project: str = "mateconv"
+    wandb_project: str = ""  # "" = $WANDB_PROJECT (the seeds export it), else "mateconv"
     wandb_run_name: str = ""
     wandb_watch: str = ""
     wandb_watch_freq: int = 100  # in backward passes (micro-batches)
@@ -239,7 +257,8 @@ NAMES = {(section, name): f.metadata.get("flag", getattr(SECTIONS[section], "PRE
          for (section, name), (f, _) in FIELDS.items()}  # the flat names
 # The one alias map: every flat name and seed alias -> (section, field).
 FLAGS: dict[str, tuple[str, str]] = {name: place for place, name in NAMES.items()}
-FLAGS.update({alias: FLAGS[name] for alias, name in SEED_ALIASES.items()})
+FLAGS.update({alias: FLAGS[target if isinstance(target, str) else target[0]]
+              for alias, target in SEED_ALIASES.items() if target and (isinstance(target, str) or target[0])})
 
 
 def _unknown(key: str) -> ConfigError:
@@ -247,6 +266,20 @@ def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(FLAGS) + dotted, n=1)
     hint = f"; did you mean '{NAMES[FLAGS[close[0]]] if close[0] in FLAGS else close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def seed_value(key: str, value) -> tuple[str | None, object]:
+    """(our flat name, value) for a seed flag that maps values (`use_wandb`, True) -> ("tracker", "wandb"); a flat
+    name of None: nothing to set."""
+    target, values = SEED_ALIASES[key]
+    if all(isinstance(v, bool) for v in values) and isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+        value = value.lower() in TRUE_WORDS
+    if value not in values:
+        if target is None:
+            raise ConfigError(f"{key}: MateConv always does this (docs/training.md); only {next(iter(values))} "
+                              f"is accepted, got {value!r}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, values))}")
+    return target, values[value]
 
 
 def resolve(key: str) -> tuple[str, str]:
@@ -324,6 +357,16 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
     return sorted(pairs, key=lambda pair: pair[0] != "preset")
 
 
+def flag_kind(name: str):
+    """The type a command-line flag's value parses as."""
+    name = name.replace("-", "_")
+    if name in ("preset", "mode"):
+        return str
+    if isinstance(SEED_ALIASES.get(name), tuple):
+        return bool if all(isinstance(v, bool) for v in SEED_ALIASES[name][1]) else str
+    return KINDS[resolve(name)]
+
+
 def parse_args(argv: list[str]) -> list[tuple[str, object]]:
     """Command-line tokens -> ordered (key, raw value) pairs; a YAML path expands to its keys."""
     pairs: list[tuple[str, object]] = []
@@ -351,7 +394,7 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
                 pairs.append((key, value))
                 i += 1
             continue
-        kind = str if name == "preset" else KINDS[resolve(name)]
+        kind = flag_kind(name)
         values = list(itertools.takewhile(lambda token: not token.startswith("--"), argv[i + 1:]))
         if has_value:
             pairs.append((name, inline))
@@ -381,6 +424,10 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     `preset` sets the model size."""
     values: dict[str, dict] = {section: {} for section in SECTIONS}
     for key, value in pairs:
+        if isinstance(SEED_ALIASES.get(key.replace("-", "_")), tuple):
+            key, value = seed_value(key.replace("-", "_"), value)
+            if key is None:
+                continue
         for inner_key, inner_value in preset_pairs(value) if key == "preset" else [(key, value)]:
             section, name = resolve(inner_key)
             values[section][name] = convert((section, name), inner_value)
@@ -391,9 +438,55 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     return TrainConfig(model, **{section: SECTIONS[section](**fields) for section, fields in values.items()})
 
 
-def parse_config(argv: list[str], defaults: dict | None = None) -> TrainConfig:
-    """A TrainConfig from stage defaults and command-line tokens (YAML paths, flags, --overrides)."""
-    config = build_config([*(defaults or {}).items(), *parse_args(argv)])
+def is_layout_root(path: str | Path) -> bool:
+    """Whether `--out_dir path` names the root of the layout the seeds' way (`--out_dir out`: every stage writes into
+    `out/`) rather than one stage's directory: its name is `out`, or it holds tokenizer/, tokens/, data/ or a stage's
+    directory; never when it holds a run itself (checkpoints/ or final/)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or (path / "final").is_dir():
+        return False
+    return path.name == LAYOUT_ROOT or any((path / name).is_dir() for name in LAYOUT_DIRS)
+
+
+def under_root(value, root: str | Path):
+    """A default path under `out/` (or a list of them) moved to `root`; anything else as it is."""
+    if isinstance(value, list):
+        return [under_root(v, root) for v in value]
+    if isinstance(value, str) and Path(value).parts[:1] == (LAYOUT_ROOT,):
+        return str(Path(root, *Path(value).parts[1:]))
+    return value
+
+
+def rooted_defaults(defaults: dict, root: str | Path) -> list[tuple[str, object]]:
+    """The stage defaults and the field defaults that are paths under `out/`, moved to `root`: with `--out_dir R` a
+    stage writes `R/<stage>` and reads `R/tokens/...`, `R/tokenizer` and the previous stage's `R/<stage>/final`."""
+    moved = {}
+    for (section, name), (f, _) in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if under_root(default, root) != default:
+            moved[NAMES[section, name]] = under_root(default, root)
+    moved.update({NAMES[resolve(key)]: under_root(value, root) for key, value in defaults.items()})
+    return list(moved.items())
+
+
+def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "") -> TrainConfig:
+    """A TrainConfig from stage defaults and command-line tokens (YAML paths, flags, --overrides). `stage` is the
+    program's stage: a `--mode` naming another stage is an error. An `out_dir` that is a layout root
+    (`is_layout_root`) becomes `<root>/<stage>`, and the stage reads the other stages' outputs under that root."""
+    defaults = defaults or {}
+    pairs = []
+    for key, value in parse_args(argv):
+        if key != "mode":
+            pairs.append((key, value))
+        elif value != stage:
+            other = f"; {STAGE_PROGRAMS[value]} trains {value}" if value in STAGE_PROGRAMS else ""
+            raise ConfigError(f"mode: {value!r} is not this program's stage ({stage or 'none'}){other}")
+    config = build_config([*defaults.items(), *pairs])
+    root = config.checkpoint.out_dir
+    if is_layout_root(root):
+        pairs = [(key, value) for key, value in pairs if key == "preset" or isinstance(SEED_ALIASES.get(key), tuple)
+                 or resolve(key) != ("checkpoint", "out_dir")]
+        config = build_config([*rooted_defaults(defaults, root), *pairs])
     if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
     return config
@@ -423,4 +516,22 @@ def help_text(sections: Iterable[str], stage_defaults: dict) -> str:
         lines.append(f"{section}:")
         lines += textwrap.wrap("  ".join(flags), width=118, initial_indent="  ", subsequent_indent="  ",
                                break_long_words=False, break_on_hyphens=False)
+    seeds = [f"--{alias}={seed_alias_text(target)}" for alias, target in SEED_ALIASES.items()
+             if not isinstance(target, str) and target[0] is None or FLAGS[alias][0] in sections]
+    lines.append("the seeds' flags (aliases, docs/training.md): --mode=<this stage>  --out_dir=out (the layout root: "
+                 "writes out/<stage>)")
+    lines += textwrap.wrap("  ".join(seeds), width=118, initial_indent="  ", subsequent_indent="  ",
+                           break_long_words=False, break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def seed_alias_text(target: str | tuple) -> str:
+    """`learning_rate`; `tracker=wandb|none` for a switch (true|false); `wandb_watch` for a value map; `always`."""
+    if isinstance(target, str):
+        return target
+    name, values = target
+    if name is None:
+        return "always"
+    if all(isinstance(v, bool) for v in values):
+        return f"{name}={values[True] or repr('')}|{values[False] or repr('')}"
+    return name

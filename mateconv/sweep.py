@@ -172,7 +172,8 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
                        metric=metric, goal=goal, params=params, command=command, raw=raw)
 
 
-def load_sweep_config(path: str | Path) -> SweepConfig:
+def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConfig:
+    """The sweep YAML at `path`; `program`, when given (run_sweep's `--mode`), replaces the file's program."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
@@ -180,6 +181,8 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if program is not None and isinstance(raw, dict):
+        raw = {**raw, "program": program}
     try:
         return parse_sweep_config(raw, default_name=path.stem)
     except SweepError as e:

@@ -111,7 +111,7 @@ def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
     right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        if axis.lines:
+        if axis.get_legend_handles_labels()[0]:  # not the 0.5 line alone (a run without held-out pairs)
             axis.legend()
     save_figure(figure, Path(out_png))
     return Path(out_png)

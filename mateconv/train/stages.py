@@ -16,15 +16,16 @@ from torch import nn
 
 from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse_config
 from mateconv.data import DataError
-from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, shard_info
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.train.data import StageData
-from mateconv.train.distributed import Runtime, setup, shutdown
+from mateconv.train.distributed import Runtime, barrier, setup, shutdown
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
 from mateconv.train.models import build_model, load_tokenizer
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, with_cached_reference
+from mateconv.train.tracking import bars_only_on_a_terminal
 from mateconv.train.signals import TrainingHalted
 
 LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
@@ -46,15 +47,54 @@ class Recipe:
     after: Callable[[Path], None] | None = None  # rank 0, after a finished run that evaluated: given out_dir
 
 
+def tokenizer_dir(config: TrainConfig) -> Path:
+    """The directory whose tokenizer.json tokenizes raw data: the starting model's, else tokenizer_path."""
+    for path in (config.checkpoint.init_from, config.data.tokenizer_path):
+        if path and (Path(path) / "tokenizer.json").is_file():
+            return Path(path)
+    raise DataError(f"no tokenizer.json in init_from ({config.checkpoint.init_from or 'unset'}) or tokenizer_path "
+                    f"({config.data.tokenizer_path}) to tokenize the raw data with")
+
+
+def tokenize_raw(kind: str, path: Path, split: str, config: TrainConfig, runtime: Runtime) -> Path:
+    """A raw data file (jsonl, json, txt, parquet; for DPO the TRL/MiniMind chosen-rejected records of stage 7) as
+    token shards in `<out_dir>/data_tokens/<split>`: rank 0 tokenizes (bad records are skipped and reported with their
+    file:line), reused while the file and tokenizer are unchanged."""
+    tokenizer, out = tokenizer_dir(config), Path(config.checkpoint.out_dir) / "data_tokens" / split
+    if runtime.is_main:
+        result = build_shards(kind, [path], tokenizer, out, workers=max(1, config.data.num_workers), progress=False)
+        info = shard_info(out)
+        print(f"[{kind}] {path}: {info['num_records']:,} records, {info['num_tokens']:,} tokens in {out}"
+              + (" (reused)" if result.skipped_shards == info["num_shards"] else ""), flush=True)
+        for where in result.index["bad_examples"][:5]:
+            print(f"[{kind}] skipped {where}", flush=True)
+        if result.index["bad_records"] > 5:
+            print(f"[{kind}] ... {result.index['bad_records']} bad records in all", flush=True)
+    barrier()
+    return out
+
+
 def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
-    """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with."""
-    paths = [config.data.data_path] + ([config.data.val_data_path] if config.data.val_data_path else [])
-    for path in paths:
+    """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with. Either
+    may be a raw data file instead (`tokenize_raw`); with a raw data_path, a val_data_path that does not exist turns
+    validation off."""
+    train_path, val_path = Path(config.data.data_path), config.data.val_data_path
+    raw = train_path.is_file()
+    if raw:
+        train_path = tokenize_raw(reader_class.kind, train_path, "train", config, runtime)
+    if val_path and Path(val_path).is_file():
+        val_path = str(tokenize_raw(reader_class.kind, Path(val_path), "val", config, runtime))
+    elif val_path and raw and not (Path(val_path) / "index.json").is_file():
+        if runtime.is_main:
+            print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_data_path FILE adds it)",
+                  flush=True)
+        val_path = ""
+    for path in [train_path] + ([val_path] if val_path else []):
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
-                            "val_data_path; val_data_path '' disables validation)")
-    train, *val = (reader_class(path, config.model.max_seq_len) for path in paths)
-    return StageData(train, val[0] if val else None, shard_info(config.data.data_path)["vocab_size"])
+                            "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
+    val = reader_class(val_path, config.model.max_seq_len) if val_path else None
+    return StageData(reader_class(train_path, config.model.max_seq_len), val, shard_info(train_path)["vocab_size"])
 
 
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
@@ -133,7 +173,7 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
         engine = f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed else "PyTorch"
         print(f"[{recipe.name}] {type(model).__name__}: {trainable / 1e6:.2f}M trainable parameters, {engine}, "
               f"{runtime.world_size} rank(s), {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, "
-              f"{len(data.train)} training examples", flush=True)
+              f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
                       tokenizer, evaluators, recipe.evaluate_at_start).fit()
     if recipe.after is not None and evaluators and runtime.is_main and not summary["stopped"]:
@@ -148,8 +188,9 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         print(f"usage: {stage} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
               f"{help_text(recipe.sections, recipe.defaults)}")
         return 0
+    bars_only_on_a_terminal()
     try:
-        summary = run(recipe, parse_config(argv, recipe.defaults))
+        summary = run(recipe, parse_config(argv, recipe.defaults, stage))
     except (ConfigError, DataError) as e:
         sys.exit(f"{stage}: {e}")
     except TrainingHalted as e:  # every rank got here together: leave the process group cleanly, say it once

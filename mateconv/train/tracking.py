@@ -128,6 +128,7 @@ class Tracker:
         self.enabled, self.track = enabled, config.track
         self.kind = self.track.tracker if enabled else "none"
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.project = self.track.wandb_project or os.environ.get("WANDB_PROJECT") or "mateconv"
         self.run_id = run_id
         self.run = self.writer = None
         if not enabled:
@@ -140,7 +141,7 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
-            self.run = wandb.init(project=self.track.wandb_project, name=self.track.wandb_run_name or None,
+            self.run = wandb.init(project=self.project, name=self.track.wandb_run_name or None,
                                   id=self.run_id, resume="allow", dir=str(out_dir), config=config_to_dict(config))
         elif self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -182,7 +183,7 @@ class Tracker:
     def log_code(self, root: Path) -> None:
         """The project's source files (`is_project_source`) as the run's W&B code artifact `source-<project>-<stage>`."""
         if self.run is not None and self.track.wandb_log_code:
-            self.run.log_code(str(root), name=f"source-{self.track.wandb_project}-{self.path.parent.name}",
+            self.run.log_code(str(root), name=f"source-{self.project}-{self.path.parent.name}",
                               include_fn=is_project_source, exclude_fn=lambda path, root: False)
 
     def log_model_dir(self, path: Path, step: int) -> None:

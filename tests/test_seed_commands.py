@@ -1,0 +1,146 @@
+"""The training command lines of seed 004 (../shared/seeds/004_*.md) run as written, with tiny sizes appended, from a
+non-interactive shell through the DeepSpeed CPU launcher, in a directory laid out the way the seed expects: the stage
+scripts at its top, `out/` (tokenizer and token shards), `dataset/dpo_pairs.jsonl`, `logs/`. Each command's
+outputs are where the seed's next command looks for them, and its log holds plain progress lines."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_MODEL_FLAGS, single_thread_env
+
+pytestmark = pytest.mark.slow
+# The model flags of the test world; the launcher picks DeepSpeed and the seeds' flags pick the tracker.
+TINY = [flag for flag in TINY_MODEL_FLAGS if flag not in ("--engine", "torch", "--tracker", "none")] + [
+    "--batch_size", "4", "--max_steps", "4", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "2",
+    "--save_interval", "2"]
+STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+) loss [\d.]+ lr [\d.e+-]+ grad_norm \S+ tok/s [\d,]+ "
+                       r"elapsed [\d:]+ eta [\d:]+$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_command(line: str, ranks: int) -> str:
+    """A seed command line with tiny sizes appended (before the redirection), a free port, `ranks` processes, and a
+    wait for the backgrounded job, as a non-interactive shell runs it."""
+    line = line.replace("--num_gpus=2", f"--num_gpus={ranks}").replace("29500", str(free_port()))
+    command, redirect = line.split(" > ", 1)
+    return f"{command} {' '.join(TINY)} > {redirect}\nwait $!"
+
+
+@pytest.fixture(scope="module")
+def seed_dir(tmp_path_factory, tiny_tokenizer, tiny_tokens, tiny_embedded_data) -> Path:
+    """The seed's working directory: the stage scripts, `out/tokenizer`, `out/tokens/{pretrain,sft}` and
+    `dataset/dpo_pairs.jsonl` (stage 2's TRL pairs, the format stage 7 writes, plus one broken line)."""
+    root = tmp_path_factory.mktemp("seed")
+    for script in ("4.pretrain.py", "5.full_sft.py", "9.train_dpo.py"):
+        (root / script).symlink_to(REPO / script)
+    shutil.copytree(tiny_tokenizer, root / "out" / "tokenizer")
+    for kind in ("pretrain", "sft"):
+        (root / "out" / "tokens").mkdir(parents=True, exist_ok=True)
+        (root / "out" / "tokens" / kind).symlink_to(tiny_tokens / kind)
+    (root / "dataset").mkdir()
+    pairs = (tiny_embedded_data / "dpo_train.jsonl").read_text().splitlines()[:40]
+    (root / "dataset" / "dpo_pairs.jsonl").write_text("\n".join(pairs[:20] + ["{broken"] + pairs[20:]) + "\n")
+    return root
+
+
+def run_shell(script: str, cwd: Path) -> None:
+    env = {**single_thread_env(), "PATH": f"{Path(sys.executable).parent}:{single_thread_env()['PATH']}"}
+    result = subprocess.run(["bash", "-c", f"set -e\nmkdir -p logs\n{script}"], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def progress_lines(log: Path, stage: str) -> list[tuple[int, int]]:
+    """(step, total) of the plain progress lines of `stage` in a log, after checking the log has no bar redraws."""
+    text = log.read_text()
+    assert "\r" not in text and "Warning" not in text, text[-3000:]
+    return [(int(m[2]), int(m[3])) for m in map(STEP_LINE.match, text.splitlines()) if m and m[1] == stage]
+
+
+def wandb_project(out_dir: Path) -> list[str]:
+    """The project names in the offline W&B runs under out_dir."""
+    runs = list((out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs, f"no offline W&B run in {out_dir}"
+    return [name for name in ("MateConv_MoE-pretrain", "MateConv_MoE-sft", "MateConv_DPO")
+            if any(name.encode() in run.read_bytes() for run in runs)]
+
+
+def test_seed_004_pretrain_sft_dpo(seed_dir):
+    # (1) pretraining, and its W&B variant (the first resumes into the second's finished run: nothing is lost)
+    run_shell('export WANDB_PROJECT="MateConv_MoE-pretrain"\n' + seed_command(
+        'nohup deepspeed --master_port 29500 --num_gpus=2 4.pretrain.py   --epochs 15 --use_wandb --wandb_project '
+        '"$WANDB_PROJECT"   > logs/pretrain.log 2>&1 & echo $! > pretrain.pid', 1), seed_dir)
+    pretrain = seed_dir / "out" / "pretrain"
+    assert (pretrain / "final" / "config.json").is_file() and (seed_dir / "pretrain.pid").is_file()
+    assert wandb_project(pretrain) == ["MateConv_MoE-pretrain"]
+    assert progress_lines(seed_dir / "logs" / "pretrain.log", "pretrain") == [(step, 4) for step in (1, 2, 3, 4)]
+
+    # (2) SFT with `--out_dir out`: the layout root, so it starts from out/pretrain/final and writes out/sft
+    run_shell('export WANDB_PROJECT="MateConv_MoE-sft"\n' + seed_command(
+        'nohup deepspeed --master_port 29500 --num_gpus=2 5.full_sft.py   --out_dir out --epochs 5 --use_wandb '
+        '--wandb_project "$WANDB_PROJECT"   > logs/sft.log 2>&1 & echo $! > sft.pid', 1), seed_dir)
+    sft = seed_dir / "out" / "sft"
+    assert (sft / "final" / "config.json").is_file() and not (seed_dir / "out" / "final").exists()
+    assert (pretrain / "final" / "config.json").is_file()  # not clobbered
+    assert wandb_project(sft) == ["MateConv_MoE-sft"]
+    sft_log = (seed_dir / "logs" / "sft.log").read_text()
+    assert f"-> out/sft" in sft_log and len(progress_lines(seed_dir / "logs" / "sft.log", "sft")) == 4
+    assert json.loads((sft / "final" / "config.json").read_text())["dim"] == 64
+
+    # (3) DPO on the raw pairs file, two ranks: rank 0 tokenizes it (the broken line skipped), both train on it
+    run_shell('export WANDB_PROJECT="MateConv_DPO"\n' + seed_command(
+        'nohup deepspeed --master_port 29500 --num_gpus=2 9.train_dpo.py   --out_dir out_dpo   --pairs_path '
+        './dataset/dpo_pairs.jsonl   --epochs 20 --max_steps 1800 --batch_size 16 --learning_rate 1e-4   --beta 0.2 '
+        '--kl_coef 0.05 --warmup_ratio 0.06   --accumulation_steps 2 --grad_clip 1.0 --use_wandb   '
+        '> logs/dpo_train.log 2>&1 & echo $! > dpo_train.pid', 2), seed_dir)
+    dpo = seed_dir / "out_dpo"
+    assert (dpo / "final" / "config.json").is_file() and wandb_project(dpo) == ["MateConv_DPO"]
+    dpo_log = (seed_dir / "logs" / "dpo_train.log").read_text()
+    assert "dataset/dpo_pairs.jsonl: 40 records" in dpo_log and "dpo_pairs.jsonl:21: malformed JSON" in dpo_log
+    assert "2 rank(s)" in dpo_log and "policy out/sft/final" in dpo_log and "beta=0.2" in dpo_log
+    assert "kl_coef=0.05" in dpo_log
+    rows = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if "rewards/accuracies" in row]
+    assert [row["step"] for row in trained] == [1, 2, 3, 4] and all(row["kl_ref"] >= 0 for row in trained)
+    assert any("forget/sft_ppl" in row for row in rows)
+    assert len(progress_lines(seed_dir / "logs" / "dpo_train.log", "out_dpo")) == 4
+
+    # (1') and (2') the plain commands, run again: each finds its finished run and leaves it as it was
+    steps = {path: path.read_text() for path in (pretrain / "metrics.jsonl", sft / "metrics.jsonl")}
+    run_shell(seed_command('nohup deepspeed --master_port 29500 --num_gpus=2 4.pretrain.py --epochs 15   '
+                           '> logs/train.log 2>&1 & echo $! > train.pid', 1)
+              + "\n" + seed_command('CUDA_VISIBLE_DEVICES=0,1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 nohup deepspeed '
+                                    '--num_gpus=2 5.full_sft.py --out_dir out --epochs 5   > logs/sft.log 2>&1 & '
+                                    'echo $! > sft.pid', 1), seed_dir)
+    for path, before in steps.items():
+        assert "resumed from" in (seed_dir / "logs" / ("train.log" if "pretrain" in str(path) else "sft.log")).read_text()
+        assert path.read_text().splitlines()[:4] == before.splitlines()[:4]
+
+
+def test_seed_000_sweep_command(seed_dir):
+    """`python run_sweep.py --config sweep_config.yaml --count N --mode pretrain --gpu 0,1` as seed 000 writes it:
+    the YAML names no program, `--mode` picks the stage, `--gpu` the devices; offline, Optuna runs the trial."""
+    (seed_dir / "run_sweep.py").symlink_to(REPO / "run_sweep.py")
+    model = dict(zip(TINY[::2], TINY[1::2]))
+    constants = {key.removeprefix("--"): {"value": value} for key, value in model.items()}
+    (seed_dir / "sweep_config.yaml").write_text(json.dumps({
+        "method": "random", "metric": {"name": "val_loss", "goal": "minimize"},
+        "parameters": {**constants, "engine": {"value": "torch"}, "tracker": {"value": "none"},
+                       "learning_rate": {"values": [3e-3, 1e-3]}}}))
+    run_shell("python run_sweep.py --config sweep_config.yaml --count 1 --mode pretrain --gpu 0,1", seed_dir)
+    trial = seed_dir / "out" / "sweeps" / "sweep_config" / "trial_0000"
+    assert (trial / "final" / "config.json").is_file() and (trial / "metrics.jsonl").is_file()
+    assert "val_loss" in (seed_dir / "out" / "sweeps" / "sweep_config" / "summary.md").read_text()
