@@ -144,3 +144,51 @@ def test_seed_000_sweep_command(seed_dir):
     trial = seed_dir / "out" / "sweeps" / "sweep_config" / "trial_0000"
     assert (trial / "final" / "config.json").is_file() and (trial / "metrics.jsonl").is_file()
     assert "val_loss" in (seed_dir / "out" / "sweeps" / "sweep_config" / "summary.md").read_text()
+
+
+# Seed 000's and 001's command lines (their one program with --mode) and every flag of their tables, with the
+# tables' values. Each parses for the stage its --mode names.
+SEED_000_001 = [
+    "--mode pretrain --device cpu --batch_size 2 --epochs 1 --dim 128 --n_layers 2 --max_seq_len 128 --n_heads 4",
+    "--mode pretrain --batch_size 32 --epochs 1 --learning_rate 5e-4 --dim 512 --n_layers 8 --accumulation_steps 8 "
+    "--save_interval 1000 --save_best_only --save_last --save_interval_steps 1000 --keep_checkpoint_max 5",
+    "--mode pretrain --batch_size 32 --use_wandb --wandb_project Zer02LLM --wandb_log_model --wandb_log_code "
+    "--wandb_watch_model --save_best_only --save_last",
+    "--mode pretrain --ddp --batch_size 16 --accumulation_steps 8 --save_interval 1000 --save_best_only --save_last",
+    "--mode sft --use_moe --n_routed_experts 8 --num_experts_per_tok 2 --batch_size 8 --save_best_only --save_last",
+    "--mode dpo --batch_size 4 --accumulation_steps 4 --learning_rate 1e-8 --max_seq_len 3000 --save_best_only",
+    "--mode pretrain --data_path ./dataset/pretrain_hq.jsonl --dtype float32 --flash_attn --use_wandb",
+    "--out_dir out --device cuda:0 --dtype bfloat16 --wandb_run_name r1 --wandb_log_freq 1 --wandb_watch_log all "
+    "--wandb_watch_log_freq 100 --log_interval 100 --num_workers 1 --local_rank -1 --grad_clip 1.0 --warmup_iters 0 "
+    "--vocab_size 4000 --n_kv_heads 2 --rope_theta 10000.0 --dropout 0.1 --norm_eps 1e-8 --multiple_of 64 "
+    "--n_shared_experts 0 --scoring_func softmax --aux_loss_alpha 0.1 --seq_aux --norm_topk_prob --use_moe",
+    "--mode dpo --dpo_beta 0.1 --ref_model_path out/sft/final",
+]
+
+
+@pytest.mark.parametrize("line", SEED_000_001)
+def test_seed_000_001_flags_parse(line, tmp_path, monkeypatch):
+    from mateconv.config import parse_config
+    from mateconv.train.stages import RECIPES
+
+    monkeypatch.chdir(tmp_path)
+    stage = line.split()[1] if line.startswith("--mode") else "pretrain"
+    config = parse_config(line.split(), RECIPES[stage].defaults, stage)
+    assert config.checkpoint.out_dir == f"out/{stage}"  # `out` (theirs) is the layout root here
+    if "--use_wandb" in line:
+        assert config.track.tracker == "wandb"
+    if "--ddp" in line:
+        assert config.parallel.engine == "torch"
+    if "--wandb_watch_model" in line or "--wandb_watch_log" in line:
+        assert config.track.wandb_watch == ("all" if "--wandb_watch_log all" in line else "gradients")
+    if "--save_interval 1000" in line:
+        assert config.checkpoint.save_interval_steps == 1000
+
+
+def test_seed_flags_errors_name_the_flag():
+    from mateconv.config import ConfigError, parse_config
+
+    for line, message in [("--mode sft", "5.full_sft.py trains sft"), ("--save_last false", "save_last"),
+                          ("--use_wandb maybe", "use_wandb"), ("--wandb_watch_log often", "wandb_watch_log")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(line.split(), {}, "pretrain")
