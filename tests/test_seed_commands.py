@@ -192,3 +192,15 @@ def test_seed_flags_errors_name_the_flag():
                           ("--use_wandb maybe", "use_wandb"), ("--wandb_watch_log often", "wandb_watch_log")]:
         with pytest.raises(ConfigError, match=message):
             parse_config(line.split(), {}, "pretrain")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_help_lists_the_seed_flags(stage, capsys):
+    from mateconv.train.stages import main
+
+    assert main(stage, ["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--use_wandb=tracker=wandb|none", "--pairs_path=data_path", "--save_interval=save_interval_steps",
+                 "--ddp=engine=torch|auto", "--save_best_only=always", "--mode=", "--out_dir=out"):
+        assert flag in text, flag
+    assert ("--beta=dpo_beta" in text and "--kl_coef=dpo_kl_coef" in text) == (stage == "dpo")
