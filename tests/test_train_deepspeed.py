@@ -1,9 +1,13 @@
-"""4.pretrain.py under the real DeepSpeed launcher on CPU with 2 ranks (gloo): ZeRO-2 and ZeRO-3 agree, loss falls,
-a ZeRO checkpoint resumes exactly, ZeRO-3 gathers the full weights for the Hugging Face save, and `kill -2` on the
-`deepspeed` command stops the run with a checkpoint."""
+"""4.pretrain.py under the real DeepSpeed launcher on CPU with 2 ranks (gloo): ZeRO-0 to ZeRO-3 agree with DDP on the
+losses and the gradient norm before clipping, loss falls, a ZeRO checkpoint resumes exactly, ZeRO-3 gathers the full
+weights for the Hugging Face save, and `kill -2` on the `deepspeed` command stops the run with a checkpoint. Faults:
+a NaN on one rank is skipped by all, a full disk on one rank during a save and a torn newest checkpoint are survived,
+and the stop file stops a run started from a non-interactive shell."""
 from __future__ import annotations
 
+import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,23 +17,27 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
+from mateconv.procs import group_alive
+from test_train_faults import only_in, poisoned_model, step_tokens
 
 pytestmark = pytest.mark.slow
 STEPS = 8
+GRAD_CLIP = 0.5  # below every gradient norm of these runs: a norm measured after clipping would show it
 
 
 @pytest.fixture(scope="session")
 def deepspeed_command(tiny_flags):
-    """`deepspeed_command(out_dir, zero_stage, max_steps=STEPS, *extra)` -> 4.pretrain.py of the tiny MoE model on
-    2 CPU ranks under the DeepSpeed launcher."""
-    def command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str) -> list[str]:
+    """`deepspeed_command(out_dir, zero_stage, max_steps=STEPS, *extra, script=4.pretrain.py)` -> the tiny MoE model
+    on 2 CPU ranks under the DeepSpeed launcher."""
+    def command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str,
+                script: Path = REPO / "4.pretrain.py") -> list[str]:
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage),
-                str(REPO / "4.pretrain.py"),
+        return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage), str(script),
                 *tiny_flags(out_dir, max_steps=max_steps, save_interval_steps=4, eval_interval=4, use_moe=True,
-                            engine="deepspeed", zero_stage=zero_stage), *extra]
+                            engine="deepspeed", zero_stage=zero_stage, grad_clip=GRAD_CLIP), *extra]
     return command
 
 
@@ -49,32 +57,56 @@ def zero_runs(launch, tmp_path_factory) -> dict[int, Path]:
     if shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("the deepspeed launcher is not installed in this environment")
     root = tmp_path_factory.mktemp("zero")
-    runs = {stage: root / f"zero{stage}" for stage in (2, 3)}
+    runs = {stage: root / f"zero{stage}" for stage in (0, 1, 2, 3)}
     for stage, out_dir in runs.items():
         launch(out_dir, stage)
     return runs
 
 
-def test_zero2_and_zero3_fp32_losses_match_and_decrease(zero_runs):
-    zero2, zero3 = losses(zero_runs[2]), losses(zero_runs[3])
-    assert sorted(zero2) == sorted(zero3) == list(range(1, STEPS + 1))
-    for step in zero2:
-        assert zero2[step] == pytest.approx(zero3[step], abs=1e-5), step
-    assert zero2[STEPS] < zero2[1] - 0.2
-
-
-def test_torchrun_ddp_matches_zero2(zero_runs, tiny_flags, tmp_path):
-    """The plain-PyTorch engine under torchrun (DDP over gloo) trains the same MoE model to the same losses."""
+@pytest.fixture(scope="module")
+def ddp_run(tiny_flags, tmp_path_factory) -> Path:
+    """The plain-PyTorch engine under torchrun (DDP over gloo) on the same MoE model and data."""
+    out_dir = tmp_path_factory.mktemp("ddp")
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29509", str(REPO / "4.pretrain.py"),
-               *tiny_flags(tmp_path, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True)]
+               *tiny_flags(out_dir, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True,
+                           grad_clip=GRAD_CLIP)]
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ddp, zero2 = losses(tmp_path), losses(zero_runs[2])
+    return out_dir
+
+
+def metric(out_dir: Path, key: str) -> dict[int, float]:
+    return {row["step"]: row[key] for row in read_metrics(out_dir) if key in row}
+
+
+def test_zero_stages_fp32_losses_match_and_decrease(zero_runs):
+    reference = losses(zero_runs[2])
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    for stage, out_dir in zero_runs.items():
+        for step, loss in losses(out_dir).items():
+            assert loss == pytest.approx(reference[step], abs=1e-5), (stage, step)
+    assert reference[STEPS] < reference[1] - 0.2
+
+
+def test_torchrun_ddp_matches_zero2(zero_runs, ddp_run):
+    """The plain-PyTorch engine under torchrun (DDP over gloo) trains the same MoE model to the same losses."""
+    ddp, zero2 = losses(ddp_run), losses(zero_runs[2])
     assert sorted(ddp) == list(range(1, STEPS + 1))
     for step in ddp:
         assert ddp[step] == pytest.approx(zero2[step], abs=1e-5), step
-    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert (ddp_run / "final" / "model.safetensors").exists()
+
+
+def test_every_zero_stage_reports_the_grad_norm_before_clipping(zero_runs, ddp_run):
+    """The same losses, so the same gradients: every ZeRO stage logs DDP's norm, measured before clipping (above
+    grad_clip). ZeRO-0 logged NaN: DeepSpeed measures no norm for the torch optimizer it steps as it is."""
+    reference = metric(ddp_run, "grad_norm")
+    assert sorted(reference) == list(range(1, STEPS + 1)) and min(reference.values()) > GRAD_CLIP
+    for stage, out_dir in zero_runs.items():
+        norms = metric(out_dir, "grad_norm")
+        for step, norm in reference.items():
+            assert norms[step] == pytest.approx(norm, rel=1e-4), (stage, step)
 
 
 def test_zero3_final_model_is_gathered(zero_runs):
@@ -127,3 +159,106 @@ def test_kill_2_on_the_deepspeed_command_stops_with_a_checkpoint(deepspeed_comma
     launch(out_dir, 2, max_steps=stopped_at + 2)  # the same run, resumed from its checkpoint
     steps = [row["step"] for row in read_metrics(out_dir) if "loss" in row]
     assert steps == list(range(1, stopped_at + 3)), steps  # continued, not restarted
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, tiny_tokens, tiny_tokenizer,
+                                                             tmp_path, zero_stage):
+    """NaN in rank 0's batch at steps 3 and 5, then rank 1's at 6: every rank skips those steps (ZeRO-0:
+    our CheckedStep; ZeRO-3: DeepSpeed's own check), and with max_nonfinite_steps 2 the run stops at step 6 with one
+    line and a checkpoint whose weights are those after step 4."""
+    batches = step_tokens(tiny_tokens / "pretrain" / "train", 2, STEPS)
+    bad = {3: 0, 5: 0, 6: 1}  # step: the one rank whose batch holds a poisoned token
+    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [only_in(batches, step, rank) for step, rank in bad.items()])
+    out_dir = tmp_path / "run"
+    command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--max_nonfinite_steps", "2",
+                                "--val_data_path", "", "--warmup_iters", "4")
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    halted = [line for line in output.splitlines() if line.startswith("pretrain: the loss or gradient was NaN/inf")]
+    assert len(halted) == 1 and "steps 5-6" in halted[0] and "after step 4" in halted[0], output[-3000:]
+    rows = [row for row in read_metrics(out_dir) if "loss" in row]
+    assert [step for step, row in enumerate(rows, 1) if not math.isfinite(row["loss"])] == list(bad)
+    assert [row["nonfinite_steps"] for row in rows] == [0, 0, 1, 1, 2, 3]
+    assert rows[3]["lr"] == rows[2]["lr"] > rows[1]["lr"]  # the skipped step did not advance the schedule
+    assert all(math.isfinite(row["grad_norm"]) for step, row in enumerate(rows, 1) if step not in bad)
+    checkpoints = out_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000006"
+    if zero_stage == 0:
+        after_4, at_6 = (torch.load(checkpoints / f"step_0000000{s}" / "mp_rank_00_model_states.pt",
+                                    weights_only=False)["module"] for s in (4, 6))
+        for name, weights in after_4.items():  # steps 5 and 6 changed nothing
+            torch.testing.assert_close(at_6[name], weights, rtol=0, atol=0, equal_nan=True)
+
+
+def test_full_disk_on_one_rank_then_a_torn_checkpoint(deepspeed_command, tmp_path):
+    """Rank 1's files of checkpoint step_6 fail with ENOSPC mid-save: every rank agrees, the run stops with one line,
+    step_4 and `latest` stay. Then rank 1's optimizer shard of step_4 is truncated: the resume says so, falls back
+    to step_2 and repeats steps 3-6 with the losses they had."""
+    out_dir = tmp_path / "run"
+    command = deepspeed_command(out_dir, 2, STEPS, "--save_interval_steps", "2",
+                                script=REPO / "tests" / "full_disk_driver.py")
+    env = {**single_thread_env(), "FULL_DISK_RANK": "1", "FULL_DISK_CHECKPOINT": "step_00000006"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    failed = [line for line in output.splitlines() if line.startswith("pretrain: saving checkpoint step_00000006")]
+    assert len(failed) == 1, output[-3000:]
+    assert "(rank 1: [Errno 28] No space left on device" in failed[0]
+    assert "step_00000004 and `latest` are intact" in failed[0]
+    checkpoints = out_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert not list((checkpoints / ".incoming").glob("step_*"))  # (DeepSpeed keeps its zero_to_fp32.py there)
+    first = losses(out_dir)
+    assert sorted(first) == list(range(1, 7))
+
+    shard = checkpoints / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    os.truncate(shard, shard.stat().st_size - 100)
+    result = subprocess.run(deepspeed_command(out_dir, 2, STEPS, "--save_interval_steps", "2"), cwd=REPO,
+                            env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "checkpoint step_00000004 is damaged (" in output and "zero_pp_rank_1_mp_rank_00_optim_states.pt has" \
+        in output, output[-3000:]
+    assert "step_00000002 at step 2" in output
+    resumed = losses(out_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step, loss in first.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+
+
+def test_stop_file_stops_a_run_started_from_a_non_interactive_shell(deepspeed_command, tmp_path):
+    """`nohup deepspeed ... &` in a script: SIGINT is ignored by the launcher (`kill -2` does nothing), which the run
+    says at once, naming what works; `scripts/stop.sh OUT_DIR` (`touch <out_dir>/STOP`, then a wait) stops every rank
+    with a checkpoint, and the file is removed."""
+    out_dir = tmp_path / "run"
+    command = shlex.join(deepspeed_command(out_dir, 2, 10_000, "--save_interval_steps", "10000",
+                                           "--eval_interval", "10000"))
+    log, pid_file = tmp_path / "train.log", tmp_path / "train.pid"
+    starter = subprocess.run(["bash", "-c", f"nohup {command} > {log} 2>&1 & echo $! > {pid_file}"], cwd=REPO,
+                             env=single_thread_env(), start_new_session=True, timeout=30)
+    assert starter.returncode == 0
+    front = int(pid_file.read_text())
+    group = os.getpgid(front)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out_dir / "metrics.jsonl").exists() and len(losses(out_dir)) >= 3):
+            assert psutil.pid_exists(front) and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert f"the deepspeed launcher (pid {front}) ignores SIGINT" in log.read_text()
+        assert f"`kill {front}`" in log.read_text() and f"`touch {out_dir / 'STOP'}`" in log.read_text()
+        processes = [psutil.Process(front), *psutil.Process(front).children(recursive=True)]
+        stop = subprocess.run(["bash", str(REPO / "scripts" / "stop.sh"), str(out_dir), "180"], capture_output=True,
+                              text=True, timeout=200)
+        assert stop.returncode == 0 and stop.stdout.splitlines()[-1].startswith("stopped: checkpoint step_"), stop
+        gone, alive = psutil.wait_procs(processes, timeout=60)
+    finally:
+        if group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+    output = log.read_text()
+    assert not alive, output[-3000:]
+    assert "STOP found: checkpoint saved, the file removed" in output and output.count("exits successfully") == 2
+    assert not (out_dir / "STOP").exists() and not (out_dir / "final").exists()
+    assert (out_dir / "checkpoints" / "latest").read_text() == f"step_{max(losses(out_dir)):08d}"
