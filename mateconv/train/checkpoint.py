@@ -146,7 +146,9 @@ class CheckpointManager:
                 return path
             damaged.append(path.name)
             if self.runtime.is_main:  # out of the way of rotation and of the next resume; kept for a look
-                path.rename(path.with_name(f"{path.name}.damaged"))
+                aside = path.with_name(f"{path.name}.damaged")
+                shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+                path.rename(aside)
                 print(f"[train] checkpoint {path.name} is damaged ({problem}); moved to {path.name}.damaged",
                       flush=True)
             barrier()
