@@ -169,7 +169,8 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
     line and a checkpoint whose weights are those after step 4."""
     batches = step_tokens(tiny_tokens / "pretrain" / "train", 2, STEPS)
     bad = {3: 0, 5: 0, 6: 1}  # step: the one rank whose batch holds a poisoned token
-    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [only_in(batches, step, rank) for step, rank in bad.items()])
+    init = poisoned_model(tmp_path / "init", tiny_tokenizer,
+                          [only_in(batches, step, rank) for step, rank in bad.items()])
     out_dir = tmp_path / "run"
     command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--max_nonfinite_steps", "2",
                                 "--val_data_path", "", "--warmup_iters", "4")

@@ -314,8 +314,8 @@ class Trainer:
                         streak += 1
                         halted = streak >= config.optim.max_nonfinite_steps
                         if runtime.is_main:
-                            print(f"\n[train] step {step}: loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
-                                  f"optimizer step {'applied' if applied else 'skipped'} ({streak} in a row, "
+                            print(f"\n[train] step {step}: loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: not "
+                                  f"finite, optimizer step {'applied' if applied else 'skipped'} ({streak} in a row, "
                                   f"max_nonfinite_steps {config.optim.max_nonfinite_steps})", flush=True)
                     elif applied:
                         streak, last_good = 0, step
