@@ -53,7 +53,7 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict]] = {
 }
 # `--mode` (seed 000's one-program trainer) names the stage; each stage is its own program here.
 STAGE_PROGRAMS = {"pretrain": "4.pretrain.py", "sft": "5.full_sft.py", "dpo": "9.train_dpo.py"}
-# Every default path lives under this root; `--out_dir` naming a root moves them all (`layout_root`).
+# Every default path lives under this root; `--out_dir` naming a root moves them all (`is_layout_root`).
 LAYOUT_ROOT = "out"
 LAYOUT_DIRS = ("tokenizer", "tokens", "data", *STAGE_PROGRAMS)
 
@@ -257,8 +257,8 @@ NAMES = {(section, name): f.metadata.get("flag", getattr(SECTIONS[section], "PRE
          for (section, name), (f, _) in FIELDS.items()}  # the flat names
 # The one alias map: every flat name and seed alias -> (section, field).
 FLAGS: dict[str, tuple[str, str]] = {name: place for place, name in NAMES.items()}
-FLAGS.update({alias: FLAGS[target if isinstance(target, str) else target[0]]
-              for alias, target in SEED_ALIASES.items() if target and (isinstance(target, str) or target[0])})
+ALIAS_TARGETS = {alias: target if isinstance(target, str) else target[0] for alias, target in SEED_ALIASES.items()}
+FLAGS.update({alias: FLAGS[target] for alias, target in ALIAS_TARGETS.items() if target is not None})
 
 
 def _unknown(key: str) -> ConfigError:
@@ -272,7 +272,8 @@ def seed_value(key: str, value) -> tuple[str | None, object]:
     """(our flat name, value) for a seed flag that maps values (`use_wandb`, True) -> ("tracker", "wandb"); a flat
     name of None: nothing to set."""
     target, values = SEED_ALIASES[key]
-    if all(isinstance(v, bool) for v in values) and isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+    switch = all(isinstance(v, bool) for v in values)
+    if switch and isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
         value = value.lower() in TRUE_WORDS
     if value not in values:
         if target is None:
