@@ -1,8 +1,9 @@
 """Training throughput (forward + backward + AdamW step) of MateConv vs Hugging Face LlamaForCausalLM.
 
 Both models get the same config and the same weights (the Llama one is `model.export.to_llama` of ours) and run the
-same batches; timed steps alternate between the two so machine noise hits both alike. MoE configs have no Llama
-twin, so `--moe` times our MoE model beside our dense model of the same width.
+same batches; timed steps alternate between them so machine noise hits all alike. MoE configs have no Llama
+twin, so `--moe` times our MoE model with its routed experts as grouped GEMMs (`moe_impl grouped`) against the same
+weights run expert by expert (`moe_impl loop`, the fallback), and our dense model of the same width.
 
     python benchmarks/bench_model_train.py --dim 512 --layers 8 --seq 512 --batch 4 --steps 6
 """
@@ -31,8 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--moe", action="store_true", help="time the MoE model (4 experts, top 2, 1 shared) "
-                                                           "against our dense model")
+    parser.add_argument("--moe", action="store_true", help="time the MoE model (4 experts, top 2, 1 shared), grouped "
+                                                           "GEMM against the loop over experts, and our dense model")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
     return parser.parse_args()
 
@@ -56,8 +57,10 @@ def main() -> None:
                   vocab_size=args.vocab, max_seq_len=args.seq)
     ours = MateConvForCausalLM(MateConvConfig(**fields)).to(device)
     if args.moe:
-        contenders = {"MateConv MoE": MateConvForCausalLM(MateConvConfig(**fields, use_moe=True)).to(device),
-                      "MateConv dense": ours}
+        grouped = MateConvForCausalLM(MateConvConfig(**fields, use_moe=True, moe_impl="grouped")).to(device)
+        looped = MateConvForCausalLM(MateConvConfig(**fields, use_moe=True, moe_impl="loop")).to(device)
+        looped.load_state_dict(grouped.state_dict())
+        contenders = {"MateConv MoE grouped": grouped, "MateConv MoE loop": looped, "MateConv dense": ours}
     else:
         contenders = {"MateConv": ours, "HF Llama": to_llama(ours)}
     if args.compile:

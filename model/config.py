@@ -11,6 +11,7 @@ class ConfigError(ValueError):
 
 
 SCORING_FUNCS = ("softmax",)
+MOE_IMPLS = ("auto", "grouped", "loop")
 
 
 class MateConvConfig(PretrainedConfig):
@@ -54,6 +55,7 @@ class MateConvConfig(PretrainedConfig):
     aux_loss_alpha: float = 0.1
     seq_aux: bool = True
     norm_topk_prob: bool = True
+    moe_impl: str = "auto"  # how the routed experts run: grouped GEMM, a loop over experts, or auto (model/moe.py)
     # Hugging Face generation / embedding conventions (token ids fixed by the tokenizer, see docs/design.md)
     tie_word_embeddings: bool = True
     use_cache: bool = True
@@ -104,6 +106,8 @@ def check_config(config: MateConvConfig) -> None:
             raise ConfigError(f"n_shared_experts must be >= 0, got {config.n_shared_experts}")
         if config.aux_loss_alpha < 0:
             raise ConfigError(f"aux_loss_alpha must be >= 0, got {config.aux_loss_alpha}")
+    if config.moe_impl not in MOE_IMPLS:
+        raise ConfigError(f"unknown moe_impl {config.moe_impl!r}; supported: {', '.join(MOE_IMPLS)}")
     if config.scoring_func not in SCORING_FUNCS:
         raise ConfigError(f"unknown scoring_func {config.scoring_func!r}; supported: {', '.join(SCORING_FUNCS)}")
 

@@ -28,6 +28,11 @@ class MoEFeedForward(nn.Module):
     DeepSpeed ZeRO-3 can treat it as a leaf (`deepspeed.utils.set_z3_leaf_modules(model, [MoEFeedForward])`).
     Every expert runs every step (on an empty batch if no token picked it), so all parameters always get a gradient
     (zero for idle experts) and DDP/ZeRO see the same graph on every rank.
+
+    The (token, expert) pairs are sorted by expert; `moe_impl` picks how the experts then run: "grouped" as two
+    grouped GEMMs over the experts' weights stacked per forward (`torch._grouped_mm`: no host sync, fixed shapes, so
+    torch.compile keeps one graph), "loop" one expert after the other on its slice, "auto" grouped where
+    `grouped_mm_supported` says the kernel takes the compute dtype. The parameters are the same either way.
     """
 
     def __init__(self, config: MateConvConfig):
@@ -35,6 +40,7 @@ class MoEFeedForward(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.n_experts = config.n_routed_experts
         self.norm_topk_prob = config.norm_topk_prob
+        self.impl = config.moe_impl
         self.aux_loss_alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
         self.gate = nn.Linear(config.dim, config.n_routed_experts, bias=False)  # router
@@ -66,20 +72,58 @@ class MoEFeedForward(nn.Module):
         share = F.one_hot(experts.flatten(), self.n_experts).to(scores.dtype).mean(0) * self.n_experts
         return (share * scores.mean(0)).sum() * self.aux_loss_alpha
 
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        dtype = compute_dtype(x)
+        supported = grouped_mm_supported(x.device, dtype, self.experts[0].gate_proj.weight.shape)
+        if self.impl == "grouped" and not supported:
+            raise RuntimeError(f"moe_impl grouped: torch._grouped_mm does not take {dtype} on {x.device.type} for "
+                               f"experts of shape {tuple(self.experts[0].gate_proj.weight.shape)}"
+                               f"{' under torch.compile' if torch.compiler.is_compiling() else ''}; use moe_impl auto")
+        return supported and self.impl != "loop"
+
+    def looped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([expert(part) for expert, part in zip(self.experts, tokens.split(counts.tolist()))])
+
+    def grouped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(tokens)
+        ends = counts.cumsum(0).to(torch.int32)
+        hidden = self.experts[0].gate_proj.weight.shape[0]
+        # [E, 2*hidden, dim]: each expert's gate rows then its up rows (one copy of the weights, not two)
+        gate_up = torch.stack([w for e in self.experts for w in (e.gate_proj.weight, e.up_proj.weight)])
+        gate_up = gate_up.view(self.n_experts, 2 * hidden, -1).to(dtype)
+        down = torch.stack([e.down_proj.weight for e in self.experts]).to(dtype)  # [E, dim, hidden]
+        gate, up = torch._grouped_mm(tokens.to(dtype), gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         scores, weights, experts = self.route(flat)
-        # Sort the (token, expert) assignments by expert, run each expert once on its contiguous slice.
+        # Sort the (token, expert) assignments by expert: each expert's tokens form one contiguous slice.
         assigned = experts.flatten()
         order = assigned.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(assigned, minlength=self.n_experts)
-        slices = flat[token_of].split(counts.tolist())
-        outputs = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices)])
+        counts = assigned.new_zeros(self.n_experts).scatter_add_(0, assigned, torch.ones_like(assigned))
+        run = self.grouped_experts if self.use_grouped(x) else self.looped_experts
+        outputs = run(flat[token_of], counts)
         outputs = outputs * weights.flatten()[order].unsqueeze(-1).to(outputs.dtype)
         y = outputs.new_zeros(flat.shape).index_add_(0, token_of, outputs)  # autocast: experts may run in bf16
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_load = (counts.float() / assigned.numel()).detach()
         return y.view(batch, seq, dim), self.balance_loss(scores, experts, batch)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on `x` run in: autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, expert_shape: torch.Size) -> bool:
+    """Whether torch._grouped_mm runs the experts here: bf16 (its kernel dtype, on CUDA and CPU, also compiled), or
+    fp32 on CPU outside torch.compile (whose shape rules admit bf16 only); every row stride a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or device.type not in ("cuda", "cpu"):
+        return False
+    aligned = all(size * dtype.itemsize % 16 == 0 for size in expert_shape)
+    eager_cpu_fp32 = dtype == torch.float32 and device.type == "cpu" and not torch.compiler.is_compiling()
+    return aligned and (dtype == torch.bfloat16 or eager_cpu_fp32)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward
+from model.moe import grouped_mm_supported
 
 
 def moe_config(**overrides) -> MateConvConfig:
@@ -126,3 +127,57 @@ def test_moe_runs_under_bf16_autocast():
     assert torch.isfinite(out.loss)
     reference = model(ids, labels=ids).loss
     assert abs(out.loss.item() - reference.item()) < 0.1
+
+
+def twin_blocks(**overrides) -> tuple[MoEFeedForward, MoEFeedForward]:
+    """The same weights run as grouped GEMMs and as the loop over experts."""
+    torch.manual_seed(0)
+    grouped = MoEFeedForward(moe_config(moe_impl="grouped", **overrides))
+    looped = MoEFeedForward(moe_config(moe_impl="loop", **overrides))
+    looped.load_state_dict(grouped.state_dict())
+    return grouped, looped
+
+
+def test_grouped_gemm_matches_the_loop_forward_and_backward():
+    grouped, looped = twin_blocks()
+    x = torch.randn(3, 11, 32)
+    x[0, :, 0] = 3.0  # a skewed router input, so the experts get unequal (and possibly empty) slices
+    outputs = {}
+    for name, block in (("grouped", grouped), ("loop", looped)):
+        inp = x.clone().requires_grad_()
+        y, aux = block(inp)
+        (y.square().sum() + aux).backward()
+        outputs[name] = (y, inp.grad, {n: p.grad for n, p in block.named_parameters()})
+    (y_g, dx_g, grads_g), (y_l, dx_l, grads_l) = outputs["grouped"], outputs["loop"]
+    assert torch.allclose(y_g, y_l, atol=1e-5) and torch.allclose(dx_g, dx_l, atol=1e-4)
+    assert grads_g.keys() == grads_l.keys() and len(grads_g) == 16  # router + 4 experts x 3 + shared x 3
+    for name in grads_g:
+        assert torch.allclose(grads_g[name], grads_l[name], atol=1e-4), name
+
+
+def test_grouped_gemm_under_bf16_autocast_within_bf16_tolerance():
+    grouped, looped = twin_blocks()
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_g, _ = grouped(x)
+        y_l, _ = looped(x)
+    assert y_g.dtype == torch.bfloat16
+    assert (y_g.float() - y_l.float()).abs().max() < 2e-2 * y_l.float().abs().max()
+
+
+def test_auto_falls_back_to_the_loop_where_grouped_gemm_cannot_run(monkeypatch):
+    """hidden 100 x bf16 = 200 bytes per row: not a multiple of 16, which torch._grouped_mm needs."""
+    auto = MoEFeedForward(moe_config(hidden_dim=100))
+    x = torch.randn(2, 5, 32)
+    shape = auto.experts[0].gate_proj.weight.shape
+    assert grouped_mm_supported(x.device, torch.float32, shape)
+    assert not grouped_mm_supported(x.device, torch.bfloat16, shape)
+    called = []
+    loop = MoEFeedForward.looped_experts
+    monkeypatch.setattr(MoEFeedForward, "looped_experts", lambda self, *args: called.append(1) or loop(self, *args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto(x)
+    assert called
+    forced = MoEFeedForward(moe_config(hidden_dim=100, moe_impl="grouped"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="moe_impl grouped"):
+        forced(x)
