@@ -3,10 +3,12 @@ DPO tokens -> DPO -> evaluation, each stage a separate program reading the previ
 
 A preset (configs/pipeline/<name>.yaml) gives each stage its arguments. A stage whose artifact exists is skipped;
 a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` the stages run
-on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). Usage:
+on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). With `--hostfile` the training
+stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
 
     python -m mateconv.pipeline [--preset tiny] [--only pretrain,sft] [--set pretrain.max_steps=50 ...]
     python -m mateconv.pipeline run --data DIR [--tokenizer PATH] [--preset mateconv-0.02b]
+    python -m mateconv.pipeline run --hostfile FILE --master_addr ADDR [--node_rank N]
     python -m mateconv.pipeline status
     python -m mateconv.pipeline stop pretrain
 """
@@ -35,6 +37,7 @@ from mateconv.procs import StageRunner, is_alive, read_pid, stop
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"
 PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as stage 7 prompts (capped at n_prompts)
+FOLLOWER_POLL_S = 5.0  # how often a node other than 0 (no ssh) looks for node 0's artifacts
 SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
 
 
@@ -47,6 +50,56 @@ class Stage:
     name: str
     command: list[str]
     done: Path  # the artifact whose presence means the stage is complete
+    distributed: bool = False  # a training stage: under the DeepSpeed launcher when there are GPUs or nodes
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The nodes of a multi-node run, for the DeepSpeed launcher: a hostfile (`host slots=N` per line), node 0's
+    address and port, and with `node_rank` the launch without ssh, one launcher started by hand on each node."""
+    hostfile: Path
+    master_addr: str | None = None
+    master_port: int = 29500
+    node_rank: int | None = None
+
+    def flags(self) -> list[str]:
+        flags = ["--hostfile", str(self.hostfile), "--master_port", str(self.master_port)]
+        flags += ["--master_addr", self.master_addr] if self.master_addr else []
+        return flags + (["--no_ssh", "--node_rank", str(self.node_rank)] if self.node_rank is not None else [])
+
+    @property
+    def follower(self) -> bool:
+        """A node other than 0 of a launch without ssh: it joins the training stages and waits for node 0's others."""
+        return bool(self.node_rank)
+
+
+def read_hostfile(path: Path) -> list[str]:
+    """The hosts of a DeepSpeed hostfile, checked line by line."""
+    if not path.is_file():
+        raise PipelineError(f"--hostfile {path}: no such file")
+    hosts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if match is None or int(match[2]) < 1 or match[1] in hosts:
+            why = "a host named twice" if match and match[1] in hosts else "expected `HOST slots=N`, N >= 1"
+            raise PipelineError(f"{path}:{number}: {why}: {line!r}")
+        hosts.append(match[1])
+    if not hosts:
+        raise PipelineError(f"{path}: no hosts (one `HOST slots=N` line per node)")
+    return hosts
+
+
+def check_nodes(nodes: Nodes) -> None:
+    hosts = read_hostfile(nodes.hostfile)
+    if nodes.node_rank is not None:
+        if not 0 <= nodes.node_rank < len(hosts):
+            raise PipelineError(f"--node_rank {nodes.node_rank}: {nodes.hostfile} has {len(hosts)} nodes (0 to "
+                                f"{len(hosts) - 1})")
+        if not nodes.master_addr:
+            raise PipelineError("--node_rank (a launch without ssh) needs --master_addr, the address of node 0")
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -83,26 +136,30 @@ def apply_sets(preset: dict, sets: list[str]) -> None:
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
 
 
-def launcher(preset: dict, script: str) -> list[str]:
-    """Training stages run under the DeepSpeed launcher when the preset asks for GPUs, else as one process."""
+def launcher(preset: dict, script: str, nodes: Nodes | None = None) -> list[str]:
+    """Training stages run under the DeepSpeed launcher when the preset asks for GPUs (`num_gpus` per node) or there
+    are nodes, else as one process."""
     gpus = int(preset.get("num_gpus", 0))
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    if nodes is not None:
+        return [deepspeed, *nodes.flags(), *([f"--num_gpus={gpus}"] if gpus > 0 else []), str(REPO / script)]
     if gpus > 0:
-        return [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={gpus}", str(REPO / script)]
+        return [deepspeed, f"--num_gpus={gpus}", str(REPO / script)]
     return [sys.executable, str(REPO / script)]
 
 
-def build_stages(preset: dict, out: Path) -> list[Stage]:
+def build_stages(preset: dict, out: Path, nodes: Nodes | None = None) -> list[Stage]:
     python = sys.executable
     stages = []  # `done` paths in a preset are relative to the working directory, like every other path
     for name, spec in preset["stages"].items():
         args = render_flags(spec.get("args", {}))
         if "script" in spec:
-            command = (launcher(preset, spec["script"]) if spec.get("distributed") else
+            command = (launcher(preset, spec["script"], nodes) if spec.get("distributed") else
                        [python, str(REPO / spec["script"])])
         else:
             command = [python, "-m", spec["module"]]
         config = [str(REPO / spec["config"])] if "config" in spec else []
-        stages.append(Stage(name, command + config + args, out.parent / spec["done"]))
+        stages.append(Stage(name, command + config + args, out.parent / spec["done"], bool(spec.get("distributed"))))
     return stages
 
 
@@ -207,11 +264,19 @@ def check_source(out: Path, source: dict | None) -> None:
         write_atomic(path, json.dumps(source, indent=2) + "\n")
 
 
-def run(preset: dict, only: set[str] | None, logs: Path, out: Path) -> int:
+def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None) -> int:
     runner = StageRunner(logs)
     timings: dict[str, float] = {}
-    for stage in build_stages(preset, out):
+    for stage in build_stages(preset, out, nodes):
         if only and stage.name not in only:
+            continue
+        if nodes is not None and nodes.follower and not stage.distributed:
+            if not stage.done.exists():  # out/ is on storage all nodes share
+                print(f"[pipeline] {stage.name}: node 0 runs it; waiting for {stage.done}", flush=True)
+            while not stage.done.exists() and not runner.interrupted:
+                time.sleep(FOLLOWER_POLL_S)
+            if runner.interrupted:
+                return 0
             continue
         if stage.done.exists():
             print(f"[pipeline] {stage.name}: done ({stage.done.relative_to(out.parent)} exists), skipped", flush=True)
@@ -276,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
                         "model/ directory) instead of training one on the data")
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", dest="sets")
+    parser.add_argument("--hostfile", metavar="FILE", help="multi-node: the DeepSpeed hostfile (`HOST slots=N` per "
+                        "node); the training stages run on all its nodes (docs/operations.md)")
+    parser.add_argument("--master_addr", help="with --hostfile: the address of node 0 (the first host)")
+    parser.add_argument("--master_port", type=int, default=29500, help="with --hostfile: a free port on node 0")
+    parser.add_argument("--node_rank", type=int, help="with --hostfile, on clusters without ssh: this node's place "
+                        "in the hostfile; start the pipeline on every node, node 0 runs the other stages")
     parser.add_argument("--logs", default="logs")
     parser.add_argument("--timeout", type=float, default=300, help="with `stop`: seconds to wait for the checkpoint")
     args = parser.parse_args(argv)
@@ -304,8 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = (only or set()) - set(preset["stages"])
         if unknown:
             raise PipelineError(f"--only names unknown stages: {', '.join(sorted(unknown))}")
+        if (args.master_addr or args.node_rank is not None) and not args.hostfile:
+            raise PipelineError("--master_addr and --node_rank go with --hostfile")
+        nodes = (Nodes(Path(args.hostfile).resolve(), args.master_addr, args.master_port, args.node_rank)
+                 if args.hostfile else None)
+        if nodes is not None:
+            check_nodes(nodes)
         check_source(out, source)
-        return run(preset, only, logs, out)
+        return run(preset, only, logs, out, nodes)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,13 +3,27 @@
 # logs/pipeline.pid, one logs/<stage>.log and logs/<stage>.pid per running stage. Arguments go to run_pipeline.sh.
 #   bash scripts/launch.sh --preset tiny
 #   bash scripts/status.sh; bash scripts/stop.sh pretrain
+# Multi-node (docs/operations.md, "Multi-node"; out/ on storage every node shares, the repo at the same path): the
+# training stages run under `deepspeed --hostfile FILE` on every node the file names, started over ssh from here:
+#   bash scripts/launch.sh --hostfile hostfile --master_addr 10.0.0.1 --preset 2gpu
+# or, without ssh, start it on each node with its place in the hostfile (its logs then go to logs/node<N>/):
+#   bash scripts/launch.sh --hostfile hostfile --master_addr 10.0.0.1 --node_rank 0 --preset 2gpu   # on 10.0.0.1
+#   bash scripts/launch.sh --hostfile hostfile --master_addr 10.0.0.1 --node_rank 1 --preset 2gpu   # on the next
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-mkdir -p logs
-if [ -f logs/pipeline.pid ] && kill -0 "$(cat logs/pipeline.pid)" 2>/dev/null; then
-    echo "error: a pipeline is already running (pid $(cat logs/pipeline.pid)); stop it first" >&2
+logs=logs
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --hostfile) [ -f "${args[i + 1]:-}" ] || { echo "error: --hostfile ${args[i + 1]:-}: no such file" >&2; exit 2; } ;;
+        --node_rank) logs="logs/node${args[i + 1]:-}" ;;
+    esac
+done
+mkdir -p "$logs"
+if [ -f "$logs/pipeline.pid" ] && kill -0 "$(cat "$logs/pipeline.pid")" 2>/dev/null; then
+    echo "error: a pipeline is already running (pid $(cat "$logs/pipeline.pid")); stop it first" >&2
     exit 1
 fi
-nohup setsid bash "$repo/scripts/run_pipeline.sh" "$@" >>logs/pipeline.log 2>&1 </dev/null &
-echo $! >logs/pipeline.pid
-echo "pipeline started (pid $!); follow it with: tail -f logs/pipeline.log"
+nohup setsid bash "$repo/scripts/run_pipeline.sh" --logs "$logs" "$@" >>"$logs/pipeline.log" 2>&1 </dev/null &
+echo $! >"$logs/pipeline.pid"
+echo "pipeline started (pid $!); follow it with: tail -f $logs/pipeline.log"

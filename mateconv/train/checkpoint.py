@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from mateconv.config import ConfigError, TrainConfig, save_config
 from mateconv.files import replace_dir, write_atomic
 from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.signals import TrainingHalted
+from mateconv.train.universal import load_universal
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 INCOMING = ".incoming"
@@ -252,12 +254,19 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------------------- loading
 
     def load(self, path: Path, engine, optimizer, scheduler) -> dict:
-        """Restore model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+        """Restore model, optimizer, scheduler and this rank's RNG (a rank the checkpoint's run did not have keeps its
+        fresh seed); returns trainer_state."""
         state = json.loads((path / "trainer_state.json").read_text())
+        if "micro_in_epoch" in state:  # written before the data position counted the samples of all ranks
+            batch_size = yaml.safe_load((path / "config.yaml").read_text())["optim"]["batch_size"]
+            state["samples_in_epoch"] = state.pop("micro_in_epoch") * batch_size * len(list(path.glob("rng_rank*.pt")))
         if self.runtime.use_deepspeed:
-            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-            if loaded is None:
+            if engine.load_universal_checkpoint():  # a ZeRO checkpoint of another number of ranks
+                loaded = load_universal(engine, path, self.runtime)
+            else:
+                loaded = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)[0] is not None
+            if not loaded:
                 raise ConfigError(f"resume: DeepSpeed could not load {path} (saved with another engine?)")
         else:
             if not (path / "training_state.pt").is_file():

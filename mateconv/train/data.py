@@ -19,9 +19,10 @@ class StageData:
 
 
 class ResumableDistributedSampler(Sampler[int]):
-    """Like DistributedSampler (shuffled per epoch with `seed + epoch`, padded to split evenly across ranks), plus
-    `skip`: the number of this rank's samples of the current epoch already consumed, so a resumed run continues with
-    exactly the next batch."""
+    """Like DistributedSampler (shuffled per epoch with `seed + epoch`, padded to split evenly across ranks, rank r
+    taking every world_size-th index from r), plus a position: the number of samples of the current epoch already
+    consumed by all ranks together. With that striding they are always a prefix of the epoch's order, so a resumed
+    run continues with exactly the next samples, on any number of ranks."""
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, shuffle: bool = True):
         if len(dataset) == 0:
@@ -30,10 +31,14 @@ class ResumableDistributedSampler(Sampler[int]):
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.per_rank = math.ceil(self.length / world_size)
         self.epoch = 0
-        self.skip = 0
+        self.consumed = 0
 
-    def set_position(self, epoch: int, skip: int) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_position(self, epoch: int, consumed: int) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def per_rank_left(self, consumed: int) -> int:
+        """How many samples each rank still gets in this epoch after `consumed` of them."""
+        return math.ceil(max(self.length - consumed, 0) / self.world_size)
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -41,14 +46,15 @@ class ResumableDistributedSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
-        order += order[: self.per_rank * self.world_size - self.length]
-        return order[self.rank :: self.world_size]
+        rest = order[self.consumed:]
+        rest += order[: self.per_rank_left(self.consumed) * self.world_size - len(rest)]
+        return rest[self.rank :: self.world_size]
 
     def __iter__(self):
-        return iter(self.indices()[self.skip :])
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return self.per_rank_left(self.consumed)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

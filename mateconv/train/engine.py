@@ -5,7 +5,8 @@
     Trainer(config, runtime, model, LMObjective(), train_data, val_data, tokenizer).fit()
 
 A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank. Checkpoints are
-taken at step boundaries, so the data position (epoch, micro-batches consumed in it) is exact on resume.
+taken at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also
+on another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
 
 Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
@@ -36,6 +37,7 @@ from mateconv.train.optim import build_optimizer, build_scheduler
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops)
+from mateconv.train.universal import needs_universal
 from model.moe import MoEFeedForward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -97,12 +99,12 @@ class Trainer:
         self.evaluate_at_start = evaluate_at_start
         self.out_dir = Path(config.checkpoint.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_checkpoint_max, runtime)
+        self.resume_from = self.checkpoints.resume_path(config.checkpoint.resume)  # DeepSpeed's setup depends on it
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
         micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
             raise ConfigError(f"the training data ({len(train_data)} sequences over {runtime.world_size} ranks) "
                               f"is smaller than one batch of {config.optim.batch_size}")
-        self.micro_per_epoch = micro_per_epoch
         optim = config.optim
         self.total_steps = optim.max_steps or max(1, optim.epochs * micro_per_epoch // optim.accumulation_steps)
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
@@ -112,6 +114,8 @@ class Trainer:
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
         config, runtime = self.config, self.runtime
+        if config.parallel.compiles(runtime.device):
+            base_model(model).compile()  # in place: parameter names and checkpoints stay those of the eager model
         # An expert that gets no tokens in a step has no gradient: neither ZeRO-3 nor DDP may wait for its parameters.
         has_moe = any(isinstance(m, MoEFeedForward) for m in base_model(model).modules())
         if runtime.use_deepspeed:
@@ -123,6 +127,8 @@ class Trainer:
                 deepspeed.utils.set_z3_leaf_modules(model, [MoEFeedForward])
             hidden = getattr(base_model(model).config, "hidden_size", 1024)
             ds_config = build_ds_config(config, runtime.dtype, runtime.world_size, hidden)
+            if needs_universal(self.resume_from, runtime):
+                ds_config["checkpoint"] = {"load_universal": True}
             optimizer = None
             if "optimizer" not in ds_config:
                 optimizer = build_optimizer(model, config.optim, runtime.device)
@@ -160,20 +166,21 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, dict[str, float]]:
-        """Forward + backward of one micro-batch; the optimizer steps on the boundary. Returns (loss, metrics)."""
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[torch.Tensor, dict]:
+        """Forward + backward of one micro-batch; the optimizer steps on the boundary. Returns (the detached loss,
+        metrics), left on the device: nothing here waits for the GPU."""
         accumulation = self.config.optim.accumulation_steps
         if self.runtime.use_deepspeed:
             loss, metrics = self.objective.loss(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
-            return loss.item(), metrics
+            return loss.detach(), metrics
         sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
             loss, metrics = self.objective.loss(self.engine, batch)
         scaled = loss / accumulation
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.item(), metrics
+        return loss.detach(), metrics
 
     def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
         """Plain PyTorch: clip, step, schedule, unless the loss or the gradient norm is not finite; DeepSpeed already
@@ -207,9 +214,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks, plus the
         evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's)."""
-        metrics = self._validation_loss() if self.val_data is not None else {}
-        for evaluator in self.evaluators:
-            metrics.update(evaluator(unwrap(self.engine)))
+        with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
+            metrics = self._validation_loss() if self.val_data is not None else {}
+            for evaluator in self.evaluators:
+                metrics.update(evaluator(unwrap(self.engine)))
         return metrics
 
     def _validation_loss(self) -> dict[str, float]:
@@ -225,7 +233,7 @@ class Trainer:
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
             has_lm_loss = "lm_loss" in metrics
-            totals += torch.tensor([loss.item(), metrics.get("lm_loss", 0.0), 1.0], dtype=torch.float64)
+            totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64)
         self.engine.train()
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
@@ -240,15 +248,14 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
-        state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val_loss": None, "run_id": None,
+        state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
                  "nonfinite_steps": 0}
-        resume_from = self.checkpoints.resume_path(config.checkpoint.resume)
+        resume_from = self.resume_from
+        seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
             state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
             if runtime.is_main:
                 print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
-        else:
-            seed_everything(config.optim.seed + runtime.rank)  # on resume the checkpoint restores every RNG instead
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
         tracker.watch(unwrap(self.engine))
@@ -263,16 +270,17 @@ class Trainer:
             tracker.finish()
 
     def _roll_epoch(self, state: dict) -> None:
-        if state["micro_in_epoch"] >= self.micro_per_epoch:
+        if self.sampler.per_rank_left(state["samples_in_epoch"]) < self.config.optim.batch_size:
             state["epoch"] += 1
-            state["micro_in_epoch"] = 0
+            state["samples_in_epoch"] = 0
 
     def _loop(self, state: dict, tracker: Tracker, peak: float) -> dict:
         config, runtime = self.config, self.runtime
         step, accumulation = state["step"], config.optim.accumulation_steps
         progress = Progress(self.out_dir.name, self.total_steps, step, runtime.is_main)
         window_start, window_tokens = time.perf_counter(), 0
-        losses, extra, loads, micro = [], {}, [], 0
+        # per-micro-batch figures stay on the device until a log step (the loss is read once per optimizer step)
+        losses, extra, loads, load_count, micro = [], {}, 0.0, 0, 0
         step_loss, val, stopped, halted = float("nan"), {}, False, False
         streak, last_good = 0, step  # non-finite steps in a row; the last step applied
         with StopRequest(self.out_dir) as stop:
@@ -280,12 +288,12 @@ class Trainer:
                 stop.remove_stale()
                 print(stop.stop_hint(), flush=True)
             while step < self.total_steps and not stopped:
-                self.sampler.set_position(state["epoch"], state["micro_in_epoch"] * config.optim.batch_size)
+                self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
                 loader = make_loader(self.train_data, self.sampler, config.optim.batch_size,
                                      config.data.num_workers, pin_memory=runtime.device.type == "cuda")
                 for batch in loader:
                     micro += 1
-                    state["micro_in_epoch"] += 1
+                    state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                     batch = self.to_device(batch)
                     window_tokens += batch_tokens(batch)
                     if (micro - 1) % accumulation == 0:
@@ -298,12 +306,12 @@ class Trainer:
                     moe_model = base_model(self.engine)
                     load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                     if load is not None:
-                        loads.append(load.float().cpu())
+                        loads, load_count = loads + load.float(), load_count + 1
                     if micro % accumulation:
                         continue
 
                     # the mean over ranks: not finite on every rank when it is on one
-                    step_loss = all_reduce_mean(torch.tensor([sum(losses) / len(losses)], device=runtime.device)).item()
+                    step_loss = all_reduce_mean(torch.stack(losses).float().mean().reshape(1)).item()
                     grad_norm, applied = self.optimizer_step(math.isfinite(step_loss))
                     step += 1
                     state["step"] = step
@@ -324,8 +332,9 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
                         if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
-                            averaged = all_reduce_mean(torch.tensor(list(extra.values()), dtype=torch.float64,
-                                                                    device=runtime.device)).tolist()
+                            values = torch.stack([torch.as_tensor(v, device=runtime.device).double().reshape(())
+                                                  for v in extra.values()])
+                            averaged = all_reduce_mean(values).tolist()
                             extra = dict(zip(extra, averaged))
                         row = {"loss": step_loss, "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                                "epoch": state["epoch"], "nonfinite_steps": state["nonfinite_steps"],
@@ -335,12 +344,12 @@ class Trainer:
                             row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
                         if peak > 0:
                             row["mfu"] = self.flops_per_token * tokens_per_sec / (peak * runtime.world_size)
-                        if loads:  # averaged over the steps since the last log line, and over ranks
-                            load = all_reduce_mean(torch.stack(loads).mean(0).to(runtime.device)).cpu()
+                        if load_count:  # averaged over the steps since the last log line, and over ranks
+                            load = all_reduce_mean(loads / load_count).cpu()
                             row.update(expert_load_metrics(load, extra.get("aux_loss")))
                         tracker.log(step, row)
                         progress.log(step, row)
-                        window_start, window_tokens, loads = time.perf_counter(), 0, []
+                        window_start, window_tokens, loads, load_count = time.perf_counter(), 0, 0.0, 0
                     losses, extra = [], {}
 
                     stopped = any_rank(stop.requested, runtime.device) or halted
