@@ -302,8 +302,8 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
 
 
 def status(logs: Path, out: Path) -> None:
-    """One line per stage that has a log: running or not, its latest logged step and loss, and the progress bar's
-    last state (step/total, elapsed<ETA, rate)."""
+    """One line per stage that has a log: running or not, its latest logged step and loss, and its last progress
+    line's state (step/total, elapsed, ETA, tokens/s)."""
     for log in sorted(logs.glob("*.log")):
         name = log.stem
         pid = read_pid(logs, name)
@@ -319,14 +319,19 @@ def status(logs: Path, out: Path) -> None:
         print(line)
 
 
+# A stage's progress line in a log (mateconv.train.tracking.Progress: stages print these, not bars, off a terminal).
+PROGRESS_LINE = re.compile(r"\] step (\d+/\d+) .* tok/s (\S+) elapsed (\S+) eta (\S+)$")
+
+
 def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
-    """The last tqdm state in a stage log, e.g. '144/200 [02:53<00:43, 1.30step/s, loss=0.62]'."""
+    """The last progress line's state in a stage log, e.g. '144/200 elapsed 0:02:53 eta 0:00:43, 41,250 tok/s'."""
     with open(log, "rb") as handle:
         handle.seek(max(0, log.stat().st_size - tail_bytes))
         text = handle.read().decode("utf-8", "replace")
-    for piece in reversed(re.split(r"[\r\n]", text)):
-        if "|" in piece and "<" in piece and "step" in piece:  # the training bar, not a file-writing one
-            return piece.rsplit("|", 1)[-1].strip()
+    for line in reversed(text.splitlines()):
+        match = PROGRESS_LINE.search(line)
+        if match:
+            return f"{match[1]} elapsed {match[3]} eta {match[4]}, {match[2]} tok/s"
     return None
 
 

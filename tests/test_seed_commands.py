@@ -213,3 +213,18 @@ def test_help_lists_the_seed_flags(stage, capsys):
                  "--ddp=engine=torch|auto", "--save_best_only=always", "--mode=", "--out_dir=out"):
         assert flag in text, flag
     assert ("--beta=dpo_beta" in text and "--kl_coef=dpo_kl_coef" in text) == (stage == "dpo")
+
+
+def test_status_reads_the_progress_lines(tmp_path, capsys):
+    """`scripts/status.sh` (mateconv.pipeline.last_progress) finds the state in the lines Progress prints to a log."""
+    from mateconv.pipeline import last_progress
+    from mateconv.train.tracking import Progress
+
+    progress = Progress("pretrain", 4, 0, enabled=True)  # pytest's captured stdout is not a terminal
+    for step in (1, 2):
+        progress.log(step, {"loss": 6.2, "lr": 5e-4, "grad_norm": 0.9, "tokens_per_sec": 6190.4})
+    progress.log_eval(2, {"val_loss": 6.19})
+    log = tmp_path / "pretrain.log"
+    log.write_text(capsys.readouterr().out)
+    assert [bool(STEP_LINE.match(line)) for line in log.read_text().splitlines()] == [True, True, False]
+    assert re.fullmatch(r"2/4 elapsed 0:00:0\d eta 0:00:0\d, 6,190 tok/s", last_progress(log))
