@@ -221,7 +221,7 @@ def bars_only_on_a_terminal() -> None:
     """Off a terminal, every tqdm bar is turned off, ours and the libraries' (transformers' weight loading and
     saving): a bar redraws itself with `\r`, which in a log file makes one endless line. `Progress` prints plain
     lines instead."""
-    if on_terminal():
+    if on_terminal() or getattr(tqdm.__init__, "quiet", False):
         return
     init = tqdm.__init__
 
@@ -229,6 +229,7 @@ def bars_only_on_a_terminal() -> None:
     def quiet(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "disable": True})
 
+    quiet.quiet = True  # once per process, however many stages run in it
     tqdm.__init__ = quiet
 
 
