@@ -228,3 +228,14 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
     log.write_text(capsys.readouterr().out)
     assert [bool(STEP_LINE.match(line)) for line in log.read_text().splitlines()] == [True, True, False]
     assert re.fullmatch(r"2/4 elapsed 0:00:0\d eta 0:00:0\d, 6,190 tok/s", last_progress(log))
+
+
+def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
+    from tqdm import tqdm
+
+    from mateconv.train.tracking import bars_only_on_a_terminal
+
+    bars_only_on_a_terminal()  # pytest's captured output is not a terminal
+    bar = tqdm(range(5), desc="corpus")
+    assert list(bar) == list(range(5)) and bar.n == 5  # e.g. the tokenizer checks bar.n for an empty corpus
+    assert capfd.readouterr().err == ""

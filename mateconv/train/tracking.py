@@ -218,16 +218,16 @@ def on_terminal() -> bool:
 
 
 def bars_only_on_a_terminal() -> None:
-    """Off a terminal, every tqdm bar is turned off, ours and the libraries' (transformers' weight loading and
-    saving): a bar redraws itself with `\r`, which in a log file makes one endless line. `Progress` prints plain
-    lines instead."""
+    """Off a terminal, every tqdm bar, ours and the libraries' (transformers' weight loading and saving), draws into
+    os.devnull: a bar redraws itself with `\r`, which in a log file makes one endless line. The bars still count
+    (code may read `bar.n`); `Progress` prints plain lines instead."""
     if on_terminal() or getattr(tqdm.__init__, "quiet", False):
         return
-    init = tqdm.__init__
+    init, sink = tqdm.__init__, open(os.devnull, "w")
 
     @functools.wraps(init)
     def quiet(self, *args, **kwargs):
-        init(self, *args, **{**kwargs, "disable": True})
+        init(self, *args, **{**kwargs, "file": sink})
 
     quiet.quiet = True  # once per process, however many stages run in it
     tqdm.__init__ = quiet
