@@ -3,6 +3,9 @@
 settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one process.
 
     python benchmarks/bench_pretrain.py --seq 128 --batch 4 --steps 5 --rounds 2
+    python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU
+`--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--tiny` shrinks the models to
+dim 64, 2 layers (a wiring check, benchmarks/gpu_check.sh --cpu-smoke).
 The contenders run in turn `--rounds` times and each keeps its best round (so load from other processes on a shared
 machine hits all of them alike). The first `--warmup` steps of each run are excluded; tokens/s and MFU are the
 engine's own logged values (MFU against the peak the engine measures at the start of each run on CPU, or the GPU
@@ -11,6 +14,8 @@ table).
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -58,29 +63,36 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", type=int, nargs="+", choices=[0, 1], default=[0],
+                        help="0 eager, 1 torch.compile; several: each contender in each mode")
+    parser.add_argument("--tiny", action="store_true", help="dim 64, 2 layers (wiring check)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = RandomTokens(args.batch * args.steps, args.seq, 6400)
     seed_everything(0)
-    dense = MateConvForCausalLM(preset_config("mateconv-0.02b", max_seq_len=args.seq))
+    tiny = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2) if args.tiny else {}
+    dense = MateConvForCausalLM(preset_config("mateconv-0.02b", max_seq_len=args.seq, **tiny))
     contenders = {"MateConv-0.02B dense": dense, "HF LlamaForCausalLM (same weights)": to_llama(dense)}
     seed_everything(0)
-    contenders["MateConv-0.1B MoE"] = MateConvForCausalLM(preset_config("mateconv-0.1b-moe", max_seq_len=args.seq))
+    contenders["MateConv-0.1B MoE"] = MateConvForCausalLM(preset_config("mateconv-0.1b-moe", max_seq_len=args.seq,
+                                                                        **tiny))
     initial = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in contenders.items()}
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for index, (name, model) in enumerate(contenders.items()):
+            for index, ((name, model), compiled) in enumerate(itertools.product(contenders.items(), args.compile)):
                 model.load_state_dict(initial[name])
                 config = build_config(dict(max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps,
                                            dtype=args.dtype, tracker="none", num_workers=0, log_interval=1,
                                            out_dir=f"{tmp}/{index}_{round_index}", save_interval_steps=10**9,
-                                           resume="never", warmup_iters=0).items())
-                result = run(name, model, config, data, args.warmup)
-                if name not in best or result["tokens_per_sec"] > best[name]["tokens_per_sec"]:
-                    best[name] = result
+                                           resume="never", warmup_iters=0, compile=bool(compiled)).items())
+                label = f"{name}{', compiled' if compiled else ''}"
+                # the engine compiles in place: a compiled run gets its own copy, so eager runs stay eager
+                result = run(label, copy.deepcopy(model) if compiled else model, config, data, args.warmup)
+                if label not in best or result["tokens_per_sec"] > best[label]["tokens_per_sec"]:
+                    best[label] = result
     results = list(best.values())
-    reference = results[1]["tokens_per_sec"]
+    reference = next(r for r in results if r["name"].startswith("HF"))["tokens_per_sec"]
     print(f"device {device} ({torch.get_num_threads()} threads), seq {args.seq}, batch {args.batch}, "
           f"{args.steps - args.warmup} timed steps, best of {args.rounds} rounds, torch {torch.__version__}\n")
     print("| model | params (M) | active (M) | tokens/s | MFU | vs HF Llama |\n| --- | --- | --- | --- | --- | --- |")

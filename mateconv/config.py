@@ -131,6 +131,7 @@ class ParallelConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     gradient_checkpointing: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA yes (zero_stage 0-2), on CPU no
     local_rank: int = -1
 
     def __post_init__(self) -> None:
@@ -141,6 +142,13 @@ class ParallelConfig:
             raise ConfigError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.compile and self.zero_stage == 3:
+            raise ConfigError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks the "
+                              "compiled graph would skip); use zero_stage 0-2 or --compile 0")
+
+    def compiles(self, device) -> bool:
+        """Whether the engine compiles the model on `device` (`compile` None: on CUDA with zero_stage 0-2)."""
+        return self.compile if self.compile is not None else device.type == "cuda" and self.zero_stage < 3
 
 
 @dataclass

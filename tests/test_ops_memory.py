@@ -80,7 +80,7 @@ def test_zero_partitioning_and_offload_arithmetic():
 
 
 def test_presets_fit_their_cards_with_margin_and_grow_with_the_card():
-    assert [p.name for p in PRESET_FILES] == ["gpu16gb.yaml", "gpu24gb.yaml", "gpu40gb.yaml"]
+    assert [p.name for p in PRESET_FILES] == ["gpu16gb.yaml", "gpu24gb.yaml", "gpu40gb.yaml", "gpu80gb.yaml"]
     tokens = {}
     for path in PRESET_FILES:
         data = load_presets(path)

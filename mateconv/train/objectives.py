@@ -1,4 +1,5 @@
-"""Objectives: what the engine minimises. `loss(model, batch) -> (loss tensor, metrics dict of floats)`."""
+"""Objectives: what the engine minimises. `loss(model, batch) -> (loss tensor, metrics dict)`: floats, or detached 0-d
+tensors, which the engine reads only on log steps (no host sync per micro-batch)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -7,7 +8,8 @@ import torch
 
 
 class Objective(Protocol):
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module,
+             batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         ...
 
 
@@ -15,11 +17,12 @@ class LMObjective:
     """Next-token cross-entropy on `labels` (-100 ignored: SFT trains on assistant tokens only), plus the MoE
     balance loss that the model's forward already adds."""
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module,
+             batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        labels=batch["labels"], use_cache=False)
         aux = getattr(output, "aux_loss", None)
-        metrics = {"lm_loss": (output.loss - aux).item() if aux is not None else output.loss.item()}
+        metrics = {"lm_loss": (output.loss - aux if aux is not None else output.loss).detach()}
         if aux is not None:
-            metrics["aux_loss"] = aux.item()
+            metrics["aux_loss"] = aux.detach()
         return output.loss, metrics

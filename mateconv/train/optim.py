@@ -101,7 +101,8 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     muon = Muon(hidden, ns_dtype=ns_dtype, lr=optim.muon_lr, momentum=optim.muon_momentum,
                 weight_decay=optim.weight_decay)
-    adamw = torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas)
+    adamw = torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas,
+                              fused=device.type == "cuda")
     return CombinedOptimizer([muon, adamw])
 
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU check (issue 14), ≤ 8 minutes on one H100/H200, from the repository's files alone (no downloads):
+#   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
+#      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
+#   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape (benchmarks/bench_vs_minimind.py;
+#      needs ../shared/data and ../shared/peers/minimind, or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND)
+#   3. decode: generate_tokens against transformers generate at batch 1 and 8 (benchmarks/bench_decode.py)
+# Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
+#
+#   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
+#   bash benchmarks/gpu_check.sh --cpu-smoke   # the same wiring at tiny sizes on CPU (≤ 2 minutes)
+# $PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
+set -u
+cd "$(dirname "$0")/.."
+SMOKE=0
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+OUT=${GPU_CHECK_OUT:-out/gpu_check}
+mkdir -p "$OUT"
+TABLE="$OUT/table.md"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ $SMOKE = 1 ]; then
+  DEVICE=cpu
+  TRAIN="--tiny --seq 32 --batch 2 --steps 3 --warmup 1 --rounds 1 --compile 0"
+  MINI="--device cpu --dim 64 --layers 2 --seq 64 --batch 4 --train_docs 24 --heldout_docs 4 --save_every 3"
+  DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
+  LIMIT=(100 100 60)
+else
+  DEVICE=cuda
+  TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
+  MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --save_every 20"
+  DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
+  LIMIT=(240 150 60)
+fi
+
+"$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
+import importlib.util, sys
+import torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda available {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"gpu {torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
+for name in ("transformers", "deepspeed", "safetensors", "tokenizers", "yaml", "triton"):
+    print(f"{name}: {'present' if importlib.util.find_spec(name) else 'MISSING'}")
+if sys.argv[1] == "cuda" and not torch.cuda.is_available():
+    sys.exit("no CUDA device")
+EOF
+ENV_OK=$?
+cat "$OUT/env.txt"
+printf '| row | status | result |\n| --- | --- | --- |\n' > "$TABLE"
+
+row() {  # row NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, records ok / why not
+  local name=$1 limit=$2 log=$3; shift 3
+  if [ $ENV_OK != 0 ]; then
+    echo "| $name | not run | $(tail -1 "$OUT/env.txt") |" >> "$TABLE"; return
+  fi
+  timeout "$limit" "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  if [ $rc = 0 ]; then
+    echo "| $name | ok | $OUT/$log |" >> "$TABLE"
+  elif [ $rc = 124 ]; then
+    echo "| $name | timed out after ${limit}s | $OUT/$log |" >> "$TABLE"
+  else
+    echo "| $name | failed (exit $rc): $(grep -v '^\s*$' "$OUT/$log" | tail -1 | tr '|' '/' | cut -c1-160) | $OUT/$log |" >> "$TABLE"
+  fi
+}
+
+start=$SECONDS
+row "engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
+  "$PY" benchmarks/bench_pretrain.py $TRAIN
+row "MiniMind's trainer vs 4.pretrain.py" "${LIMIT[1]}" minimind.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI --out "$OUT/vs_minimind"
+row "decode vs transformers generate" "${LIMIT[2]}" decode.log \
+  "$PY" benchmarks/bench_decode.py $DECODE
+
+echo
+echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
+cat "$TABLE"
+for log in engine minimind decode; do
+  [ -f "$OUT/$log.log" ] || continue
+  echo; echo "### $log"
+  grep -E '^\|' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"
+done
