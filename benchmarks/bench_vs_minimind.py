@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -151,6 +152,7 @@ def run_trainer(name: str, command: list[str], cwd: Path, env: dict, log: Path, 
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for line in process.stdout:
             handle.write(line)
+            handle.flush()  # readable with tail -f
             if on_line is not None:
                 on_line(line, time.time() - start)
         code = process.wait()
@@ -234,15 +236,21 @@ def minimind_model(module, args, path: Path):
 
 # ---------------------------------------------------------------- MateConv
 
-def run_mateconv(args, work: Path, train: Path, steps: int, env: dict) -> dict:
-    tokenizer_dir = work / "tokenizer"
+def tokenize_for_mateconv(work: Path, train: Path, env: dict) -> dict:
+    """Stage 3 on the training documents: (shard directory, seconds, tokens)."""
     tokens = work / "tokens" / "train"
     shutil.rmtree(tokens, ignore_errors=True)
     started = time.time()
     subprocess.run([sys.executable, "3.dataset.py", "--kind", "pretrain", "--input", str(train), "--out_dir",
-                    str(tokens), "--tokenizer", str(tokenizer_dir), "--workers", "1", "--no_progress"],
+                    str(tokens), "--tokenizer", str(work / "tokenizer"), "--workers", "1", "--no_progress"],
                    cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    tokenize_s = time.time() - started
+    index = json.loads((tokens / "index.json").read_text())
+    return {"tokens_dir": tokens, "tokenize_s": time.time() - started,
+            "corpus_tokens": sum(shard["num_tokens"] for shard in index["shards"])}
+
+
+def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
+    tokenizer_dir, tokens = work / "tokenizer", shards["tokens_dir"]
     out = work / "mateconv"
     shutil.rmtree(out, ignore_errors=True)
     device = {"cpu": ["--device", "cpu", "--dtype", "float32"], "cuda": ["--device", "cuda", "--dtype", "bfloat16"]}
@@ -259,10 +267,8 @@ def run_mateconv(args, work: Path, train: Path, steps: int, env: dict) -> dict:
     step_times = {row["step"]: row["time"] - result["start"] for row in rows}
     checkpoints = {int(p.name.split("_")[1]): p for p in (out / "checkpoints").glob("step_*")}
     checkpoints[max(step_times)] = out / "final"
-    index = json.loads((tokens / "index.json").read_text())
-    return {**result, "step_times": step_times, "losses": {row["step"]: row["loss"] for row in rows},
-            "checkpoints": checkpoints, "steps": max(step_times), "tokenize_s": tokenize_s,
-            "corpus_tokens": sum(shard["num_tokens"] for shard in index["shards"])}
+    return {**result, **shards, "step_times": step_times, "losses": {row["step"]: row["loss"] for row in rows},
+            "checkpoints": checkpoints, "steps": max(step_times)}
 
 
 def mateconv_model(path: Path, final: Path):
@@ -309,6 +315,9 @@ def main() -> None:
     parser.add_argument("--save_every", type=int, default=10, help="checkpoint interval (steps) of both trainers")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of both trainers")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="train both at once (on a shared CPU machine the other jobs' load then hits both alike; "
+                             "use with --threads 1 on 2 cores)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but CUDA is not available")
@@ -328,11 +337,20 @@ def main() -> None:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
+    shards = tokenize_for_mateconv(work, paths["train"], env)
+    steps = args.epochs * math.ceil(args.train_docs / args.batch)  # MiniMind's: whole epochs over the documents
     loads = {"before": load_average()}
-    minimind = run_minimind(args, work, paths["train"], env)
-    loads["after MiniMind"] = load_average()
-    ours = run_mateconv(args, work, paths["train"], minimind["steps"], env)
-    loads["after MateConv"] = load_average()
+    if args.concurrent:
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(run_minimind, args, work, paths["train"], env),
+                    pool.submit(run_mateconv, args, work, shards, steps, env)]
+            minimind, ours = (run.result() for run in runs)
+        loads["after both"] = load_average()
+    else:
+        minimind = run_minimind(args, work, paths["train"], env)
+        loads["after MiniMind"] = load_average()
+        ours = run_mateconv(args, work, shards, steps, env)
+        loads["after MateConv"] = load_average()
 
     positions = args.batch * args.seq
     minimind["tokens"] = minimind_real_tokens(train_texts, tokenizer, args.seq, args.batch, args.epochs)
@@ -373,7 +391,8 @@ def main() -> None:
         f"({sum(len(t.encode()) for t in heldout_texts)} bytes); dim {args.dim}, {args.layers} layers, seq {args.seq}, "
         f"batch {args.batch}, lr {args.lr}; MateConv's stage 3 took {ours['tokenize_s']:.1f} s for "
         f"{ours['corpus_tokens']} tokens ({ours['steps'] * positions / ours['corpus_tokens']:.2f} epochs trained).",
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP threads {args.threads or 'default'}; load average "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP threads {args.threads or 'default'}, "
+        f"{'both trainers at once' if args.concurrent else 'one trainer after the other'}; load average "
         f"(1/5/15 min): {'; '.join(f'{k}: {v}' for k, v in loads.items())}.", "",
         "Equal steps:", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
         "Equal training time (each system's newest checkpoint within the faster run's training time):", "",
