@@ -85,6 +85,26 @@ def test_compiled_model_trains_like_eager(train, tmp_path):
         load_file(tmp_path / "compiled" / "final" / "model.safetensors").keys()
 
 
+def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
+    """Host syncs (`Tensor.item`) do not grow with the micro-batches per step (the loss, LM metrics and MoE load stay
+    on the device), and the tracker logs on log steps only."""
+    from mateconv.train.tracking import Tracker
+
+    items, logged = [], []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
+    log = Tracker.log
+    monkeypatch.setattr(Tracker, "log", lambda self, step, row: logged.append(step) or log(self, step, row))
+    counts = {}
+    for accumulation in (1, 4):
+        items.clear(), logged.clear()
+        train(tmp_path / str(accumulation), max_steps=4, accumulation_steps=accumulation, log_interval=2,
+              val_data_path="", save_interval_steps=100, use_moe=True)
+        counts[accumulation] = len(items)
+        assert logged == [2, 4]
+    assert counts[4] == counts[1]
+
+
 def test_auto_resume_continues_in_place(train, tmp_path):
     train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100)
     train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4
