@@ -212,6 +212,13 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     return report
 
 
+def set_judge_model(preset: dict, name: str) -> None:
+    """One judge for stage 7 (train and validation pairs) and the evaluation's win rates."""
+    for stage in ("prefs", "prefs_val", "eval"):
+        if stage in preset["stages"]:
+            preset["stages"][stage].setdefault("args", {})["judge_model"] = name
+
+
 def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
                     env: Mapping[str, str]) -> tuple[str, str]:
     """("tasks" | "judge" | "pairs" | "none", why) and the stage 7 / DPO arguments for it (docs/own_data.md):
@@ -219,7 +226,7 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
     data's own preference pairs train DPO; else there is no DPO. The data's pairs join any pairs stage 7 makes."""
     stages = preset["stages"]
     try:
-        judge = resolve_judge(None, None, env, None)
+        judge = resolve_judge(None, stages["prefs"]["args"].get("judge_model"), env, None)
     except PrefsError as error:
         raise PipelineError(str(error)) from None
     pairs = "dpo" in kinds
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         "text, SFT conversations, preference pairs (docs/own_data.md)")
     parser.add_argument("--tokenizer", metavar="PATH", help="with --data: use this tokenizer (e.g. MiniMind's "
                         "model/ directory) instead of training one on the data")
+    parser.add_argument("--judge_model", help="the judge's model name at the judge endpoint, for stage 7 and the "
+                        "win rates of the evaluation alike (default: gpt-4o-mini)")
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", dest="sets")
     parser.add_argument("--hostfile", metavar="FILE", help="multi-node: the DeepSpeed hostfile (`HOST slots=N` per "
@@ -367,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             print(stop(logs, args.stage, args.timeout))
             return 0
         preset = load_preset(args.preset)
+        if args.judge_model:
+            set_judge_model(preset, args.judge_model)
         if args.tokenizer and not args.data:
             raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
         source = None

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
 from mateconv.files import read_metrics
-from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, use_data
+from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, set_judge_model, use_data
 from mateconv.tokenizer import adopt_tokenizer
 
 ENDPOINT = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
@@ -35,8 +35,10 @@ def corpus(root: Path, **files: dict) -> Path:
     return root
 
 
-def plan(data: Path, env: dict, tokenizer: Path | None = None) -> tuple[dict, str]:
+def plan(data: Path, env: dict, tokenizer: Path | None = None, judge_model: str | None = None) -> tuple[dict, str]:
     preset = load_preset("tiny")
+    if judge_model:
+        set_judge_model(preset, judge_model)
     report = use_data(preset, data, tokenizer, env)
     return preset["stages"], "\n".join(report)
 
@@ -61,6 +63,12 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
     assert stages["eval"]["args"]["tasks"] == "none"
     command = {s.name: s.command for s in build_stages({"stages": stages}, Path("out").resolve())}["prefs"]
     assert command[command.index("--generator_base_url") + 1] == "local"
+
+    stages, report = plan(pairs, ENDPOINT, judge_model="qwen-judge")  # --judge_model: one judge for all
+    assert "judge endpoint is set (judge qwen-judge at http://127.0.0.1:9/v1" in report
+    commands = {s.name: s.command for s in build_stages({"stages": stages}, Path("out").resolve())}
+    for name in ("prefs", "prefs_val", "eval"):
+        assert commands[name][commands[name].index("--judge_model") + 1] == "qwen-judge"
 
     stages, report = plan(pairs, {})  # the data's pairs and no endpoint: DPO on them, stage 7 skipped
     assert "DPO trains on the preference pairs from the data; stage 7 skipped" in report
