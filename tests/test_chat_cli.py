@@ -51,6 +51,14 @@ class Reader:
         while chunk := os.read(stream.fileno(), 4096):
             self.chunks.put(chunk.decode("utf-8", errors="replace"))
 
+    def drain(self, quiet_s: float) -> None:
+        """Takes in what arrives until nothing has come for `quiet_s` seconds."""
+        try:
+            while True:
+                self.text += self.chunks.get(timeout=quiet_s)
+        except queue.Empty:
+            pass
+
     def wait_for(self, needle: str, count: int = 1, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while self.text.count(needle) < count:
@@ -90,15 +98,25 @@ def test_ctrl_c_stops_a_reply_not_the_chat(tiny_untrained_model):
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     try:
         out, err = Reader(process.stdout), Reader(process.stderr)
-        out.wait_for(">>> ")
-        process.stdin.write(b"tell me everything\n")
-        process.stdin.flush()
-        while len(out.text.split(">>> ")[-1]) < 20:  # the reply is streaming
-            out.wait_for(">>> ")
-            out.text += out.chunks.get(timeout=60)
-        process.send_signal(signal.SIGINT)
+        for asked in range(1, 6):
+            out.wait_for(">>> ", count=asked)
+            process.stdin.write(b"tell me everything\n")
+            process.stdin.flush()
+            while not out.text.split(">>> ")[-1]:  # wait until the reply streams
+                out.text += out.chunks.get(timeout=60)
+            # Freeze the chat, then see whether the reply is still going: on a busy machine it may have ended before
+            # the test got here, and Ctrl-C at the prompt is not what this test is about. Then ask again.
+            process.send_signal(signal.SIGSTOP)
+            out.drain(quiet_s=0.5)
+            if out.text.count(">>> ") == asked:
+                break
+            process.send_signal(signal.SIGCONT)
+        else:
+            raise AssertionError("every reply ended before it could be interrupted")
+        process.send_signal(signal.SIGINT)  # delivered when the process runs again: in the middle of the reply
+        process.send_signal(signal.SIGCONT)
         out.wait_for(" (interrupted)")
-        out.wait_for(">>> ", count=2)
+        out.wait_for(">>> ", count=asked + 1)
         process.stdin.write(b"/exit\n")
         process.stdin.flush()
         assert process.wait(timeout=60) == 0, err.text

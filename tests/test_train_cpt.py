@@ -32,15 +32,15 @@ def tiny_qwen(tiny_tokenizer, tmp_path):
 
 def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
     # model-shape flags (dim 64 etc. from tiny_flags, and a deliberately wrong n_layers) are ignored with init_from
-    summary = run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "out", init_from=tiny_qwen, max_steps=8,
+    summary = run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "run", init_from=tiny_qwen, max_steps=8,
                                                                n_layers=7, learning_rate=3e-3)))
-    curve = losses(tmp_path / "out")
+    curve = losses(tmp_path / "run")
     assert summary["step"] == 8 and curve[8] < curve[1]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 2
-    assert AutoTokenizer.from_pretrained(tmp_path / "out" / "final").vocab_size == 512
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").vocab_size == 512
 
 
 def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
