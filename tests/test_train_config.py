@@ -175,6 +175,8 @@ def test_ds_config_files_are_valid_json():
         "zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
     ds = build_ds_config(parse_config(["--zero_stage", "1", "--optimizer", "muon"]), torch.float16, 1, 64)
     assert ds["optimizer"]["type"] == "Muon" and ds["fp16"]["enabled"]
+    zero0 = build_ds_config(parse_config(["--zero_stage", "0", "--optimizer", "muon"]), torch.float32, 1, 64)
+    assert "optimizer" not in zero0  # ZeRO-0: our own Muon, so the engine measures its grad norm
 
 
 def test_warmup_then_cosine():

@@ -266,3 +266,15 @@ def test_metrics_file_is_truncated_to_the_resumed_step(tmp_path):
     assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2]
     Tracker(config, tmp_path, enabled=True)  # a fresh run (resume never) starts the file over
     assert read_metrics(tmp_path) == []
+
+
+def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
+    """DeepSpeed steps a ZeRO-0 fp32 optimizer as it is, without a grad norm: with its own Muon every logged
+    grad_norm was NaN. Our Muon under CheckedStep measures it (single process: the DeepSpeed engine without the
+    launcher)."""
+    command = [sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(tmp_path, max_steps=3, log_interval=1),
+               "--engine", "deepspeed", "--zero_stage", "0", "--optimizer", "muon"]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    norms = [row["grad_norm"] for row in read_metrics(tmp_path) if "grad_norm" in row]
+    assert len(norms) == 3 and all(0 < norm < 1e3 for norm in norms), norms

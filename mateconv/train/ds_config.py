@@ -46,11 +46,12 @@ def fill_auto(node, values: dict[str, object], path: str = ""):
 
 
 def optimizer_section(config: TrainConfig) -> dict | None:
-    """DeepSpeed builds the optimizer itself for Muon (its ZeRO-aware MuonWithAuxAdam) and for CPU offload (its
-    CPUAdam); otherwise the engine passes its own torch optimizer."""
+    """DeepSpeed builds the optimizer itself for Muon under ZeRO 1-3 (its ZeRO-aware MuonWithAuxAdam, for partitioned
+    states) and for CPU offload (its CPUAdam); otherwise the engine passes its own torch optimizer (under ZeRO-0 our
+    Muon, orthogonalising in fp32, whose step the engine can check for NaN and measure the grad norm of)."""
     optim = config.optim
     betas = [optim.adam_beta1, optim.adam_beta2]
-    if optim.optimizer == "muon":
+    if optim.optimizer == "muon" and config.parallel.zero_stage >= 1:
         return {"type": "Muon", "params": {"lr": optim.muon_lr, "muon_lr": optim.muon_lr,
                                            "adam_lr": optim.learning_rate, "momentum": optim.muon_momentum,
                                            "betas": betas, "weight_decay": optim.weight_decay}}
