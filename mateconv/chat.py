@@ -9,6 +9,7 @@ Loading, prompt building and streaming live here; `mateconv.serve` and `mateconv
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
             session.reply(prompt, sys.stdout)
             sys.stdout.write("\n")
         else:
+            # Started from a script or any non-interactive shell, SIGINT arrives ignored and Python keeps it so:
+            # `kill -2` would not stop a reply. Ctrl-C / SIGINT stops the reply wherever the chat was started from.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             run_interactive(session, sys.stdin, sys.stdout)
     except ChatError as error:
         raise SystemExit(f"chat: {error}") from None
