@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 
 import pytest
 
 from mateconv.chat import load_model
 from mateconv.evaluate import main
 from mateconv.logprobs import bits_per_byte
+from mateconv.procs import free_port
 from tests.prefs_fake_server import FakeOpenAI, judge_score, task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,11 +86,6 @@ def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout,
     markdown = (out / "summary.md").read_text()
     assert "## Win rates" in markdown and "| sft/final | pretrain/final |" in markdown and "val_bpb" in markdown
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrained_model, heldout, tmp_path):

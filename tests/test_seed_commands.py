@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_MODEL_FLAGS, single_thread_env
+
+from mateconv.procs import free_port
 
 pytestmark = pytest.mark.slow
 # The model flags of the test world; the launcher picks DeepSpeed and the seeds' flags pick the tracker.
@@ -24,11 +25,6 @@ TINY = [flag for flag in TINY_MODEL_FLAGS if flag not in ("--engine", "torch", "
 STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+) loss [\d.]+ lr [\d.e+-]+ grad_norm \S+ tok/s [\d,]+ "
                        r"elapsed [\d:]+ eta [\d:]+$")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_command(line: str, ranks: int) -> str:
