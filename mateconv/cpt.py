@@ -4,18 +4,18 @@
     loss = CPTTrainer(CPTConfig(model_name_or_path="Qwen/Qwen2.5-0.5B" or a local dir, max_length=512,
                                 output_dir="out/cpt")).train(texts)
 
-The texts are tokenised with the model's own tokenizer, each followed by its EOS token, and packed into
-`max_length` windows. The result is saved in Hugging Face format to `<output_dir>/final/`.
+The texts are tokenised with the model's own tokenizer, each followed by its EOS token, and packed into rows of
+`max_length` tokens that begin at document starts (mateconv.data.shards.DocumentRows). The result is saved in Hugging Face format to `<output_dir>/final/`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
 
-import torch
-from torch.utils.data import Dataset
+import numpy as np
 
 from mateconv.config import ConfigError, TrainConfig, build_config
+from mateconv.data.shards import DocumentRows
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime
 from mateconv.train.stages import Recipe, lm_objective, run
@@ -51,26 +51,23 @@ class CPTConfig:
             save_interval_steps=10**9, log_interval=1).items())
 
 
-class PackedTexts(Dataset):
-    """Texts tokenised and concatenated (each + EOS), cut into non-overlapping `seq_len` windows."""
+class PackedTexts(DocumentRows):
+    """Texts tokenised and concatenated (each + EOS) in memory, read as DocumentRows of `seq_len` tokens."""
 
     def __init__(self, texts: list[str], tokenizer, seq_len: int):
-        eos = tokenizer.eos_token_id
-        if eos is None:
+        self.eos_id, self.dtype = tokenizer.eos_token_id, np.dtype(np.int64)
+        if self.eos_id is None:
             raise ConfigError("the tokenizer has no eos_token; cannot separate packed documents")
         stream: list[int] = []
         for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            stream += ids + [eos]
-        count = len(stream) // seq_len
-        if count == 0:
-            raise ConfigError(f"the texts hold {len(stream)} tokens, fewer than one window of max_length={seq_len}")
-        self.windows = torch.tensor(stream[: count * seq_len]).view(count, seq_len)
+            stream += ids + [self.eos_id]
+        self.stream = np.asarray(stream, dtype=np.int64)
+        self.plan(np.flatnonzero(self.stream == self.eos_id), seq_len)
+        if len(self) == 0:
+            raise ConfigError(f"the texts hold {len(stream)} tokens, fewer than one row of max_length={seq_len}")
 
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+    def tokens(self, begin: int, end: int) -> np.ndarray:
+        return self.stream[begin:end]
 
 
 def read_texts(texts: list[str], config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:

@@ -43,12 +43,29 @@ def test_pretrain_packing_counts_and_windows(setup, tmp_path):
     assert info["num_records"] == len(texts) and info["num_shards"] == -(-len(texts) // 37)
     assert info["dtype"] == "uint16" and info["eos_id"] == 2 and result.bad_records == []
     stream = np.concatenate([np.asarray(ids) for ids in expected])
+    doc_starts = np.cumsum([0] + [len(ids) for ids in expected])[:-1]
     dataset = PretrainTokens(tmp_path / "p", seq_len=64)
-    assert len(dataset) == len(stream) // 64
-    for i in (0, 1, len(dataset) // 2, len(dataset) - 1):  # includes windows that cross shard boundaries
-        item = dataset[i]
-        assert torch.equal(item["input_ids"], torch.from_numpy(stream[i * 64:(i + 1) * 64]).long())
-        assert torch.equal(item["labels"], item["input_ids"])
+    rows = [dataset[i]["input_ids"].numpy() for i in range(len(dataset))]
+    assert all(len(row) == 64 for row in rows)
+    assert all(torch.equal(dataset[i]["labels"], dataset[i]["input_ids"]) for i in (0, len(dataset) - 1))
+    # every stream token is in at most one row, and all are but those of a last, unfilled row (< 63 tokens)
+    pieces = sorted(zip(dataset.piece_starts.tolist(), dataset.piece_lengths.tolist()))
+    assert all(start + n <= after for (start, n), (after, _) in zip(pieces, pieces[1:]))
+    assert 0 <= len(stream) - sum(n for _, n in pieces) < 63 and len(dataset) == len(stream) // 63
+    for i, row in enumerate(rows):  # the token before the row's first piece, then its pieces, from the stream
+        bounds = slice(dataset.row_bounds[i], dataset.row_bounds[i + 1])
+        first = int(dataset.piece_starts[bounds][0])
+        expected_row = [stream[first - 1] if first else tokenizer.eos_token_id] + [
+            t for start, n in zip(dataset.piece_starts[bounds], dataset.piece_lengths[bounds])
+            for t in stream[start: start + n]]
+        assert row.tolist() == expected_row
+    # best fit: far fewer documents that fit in a row are split across two than by cutting the stream every 63
+    dataset = PretrainTokens(tmp_path / "p", seq_len=256)
+    whole = set(zip(dataset.piece_starts.tolist(), dataset.piece_lengths.tolist()))
+    fitting = [(int(start), len(ids)) for start, ids in zip(doc_starts, expected) if len(ids) <= 255]
+    split = [doc for doc in fitting if doc not in whole]
+    cut_by_windows = [(start, n) for start, n in fitting if start // 255 != (start + n - 1) // 255]
+    assert len(fitting) > 100 and len(split) < 0.5 * len(cut_by_windows), (len(split), len(cut_by_windows))
     with pytest.raises(IndexError):
         dataset[len(dataset)]
 

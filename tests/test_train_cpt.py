@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,10 +66,20 @@ def test_packed_texts_and_errors(tiny_qwen):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
-    data = PackedTexts(["to be or not to be", "that is the question"] * 20, tokenizer, 16)
-    stream = torch.cat([data[i]["input_ids"] for i in range(len(data))])
-    assert (stream == tokenizer.eos_token_id).sum() >= len(data) - 1  # documents separated by EOS
-    with pytest.raises(ConfigError, match="fewer than one window"):
+    texts = [" ".join(["to be or not to be"] * (1 + i % 2) + ["that is the question"] * (i % 3)) for i in range(120)]
+    data = PackedTexts(texts, tokenizer, 64)
+    rows = [data[i]["input_ids"].tolist() for i in range(len(data))]
+    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    starts = np.cumsum([0] + [len(doc) for doc in docs])[:-1].tolist()
+    # rows of 64 tokens from the EOS-separated stream; fewer tokens are read without the beginning of their
+    # document than in plain 63-token windows
+    assert len(rows) > 10 and all(len(row) == 64 for row in rows)
+    assert data.stream.tolist() == [token for doc in docs for token in doc]
+    cut_off = sum(n for start, n in zip(data.piece_starts.tolist(), data.piece_lengths.tolist()) if start not in starts)
+    by_windows = sum(start + len(doc) - (start + len(doc) - 1) // 63 * 63 for start, doc in zip(starts, docs)
+                     if start // 63 != (start + len(doc) - 1) // 63)
+    assert cut_off < 0.6 * by_windows, (cut_off, by_windows)
+    with pytest.raises(ConfigError, match="fewer than one row"):
         PackedTexts(["short"], tokenizer, 4096)
     with pytest.raises(ConfigError, match="init_from: cannot load"):
         CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])

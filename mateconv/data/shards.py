@@ -5,7 +5,8 @@ A shard directory (`out/tokens/<kind>/<split>/`) holds `index.json` and, per fin
 - `part-NNNNN.mask.bin`    sft only: uint8 loss mask, 1 on assistant content + closing <|im_end|>
 - `part-NNNNN.offsets.bin` sft and dpo: int64 record boundaries into the tokens (sft: records + 1 entries;
                            dpo: 3 * records + 1 entries, each record being prompt, chosen, rejected in that order)
-Pretraining documents are packed as `doc tokens + [eos]` into one stream that readers slice into seq_len samples.
+Pretraining documents are packed as `doc tokens + [eos]` into one stream; readers cut it into rows that begin at
+document starts (PretrainTokens).
 
 Shard k holds input records [k * records_per_shard, (k + 1) * records_per_shard). Shards are written as `*.tmp`
 and renamed when finished; index.json (rewritten atomically after each shard) lists only finished shards, so an
@@ -96,18 +97,53 @@ class _ShardReader(Dataset):
         return {**self.__dict__, "_maps": {}}
 
 
-class PretrainTokens(_ShardReader):
-    """Non-overlapping seq_len windows of the packed token stream; labels == input_ids (the model shifts)."""
+class DocumentRows(Dataset):
+    """Rows of seq_len tokens cut from a stream of `doc tokens + [eos]` documents, each beginning at a document start.
+
+    Row = the token just before its first piece (the previous document's EOS, the one the model sees before a
+    document at inference) + pieces filling the other seq_len - 1 positions: no padding, and no token left out.
+    Whole documents are placed best-fit (the longest one that still fits, from a window of the next
+    `pool_size` documents in stream order), so a short document is rarely split across rows. When none fits the
+    room left, a pooled document fills it (one longer than a row if there is one, else the one that leaves the
+    shortest rest) and its rest opens the next row (with its own previous token as context). labels == input_ids
+    (the model shifts). Subclasses provide `tokens(begin, end)`, `eos_id` and `dtype`, then call `plan`."""
+
+    pool_size = 1024
+    eos_id: int
+    dtype: np.dtype
+
+    def plan(self, eos_positions: np.ndarray, seq_len: int) -> None:
+        self.piece_starts, self.piece_lengths, self.row_bounds = plan_rows(
+            np.diff(eos_positions, prepend=-1), seq_len - 1, self.pool_size)
+
+    def tokens(self, begin: int, end: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.row_bounds) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        first, last = self.row_bounds[i], self.row_bounds[i + 1]
+        start = int(self.piece_starts[first])
+        lead = self.tokens(start - 1, start) if start else np.array([self.eos_id], dtype=self.dtype)
+        parts = [lead] + [self.tokens(int(s), int(s + n)) for s, n in
+                          zip(self.piece_starts[first:last], self.piece_lengths[first:last])]
+        ids = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class PretrainTokens(_ShardReader, DocumentRows):
+    """The pretraining shards as DocumentRows."""
 
     kind = "pretrain"
 
     def __init__(self, directory: str | Path, seq_len: int):
         super().__init__(directory, seq_len)
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in self.shards]).tolist()
-        self.num_samples = self.starts[-1] // seq_len
-
-    def __len__(self) -> int:
-        return self.num_samples
+        self.plan(np.concatenate([np.flatnonzero(self._map(shard, "tokens") == self.eos_id) + self.starts[shard]
+                                  for shard in range(len(self.shards))] + [np.zeros(0, dtype=np.int64)]), seq_len)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         """Global token positions [begin, end) of the stream, read across shard boundaries."""
@@ -119,11 +155,52 @@ class PretrainTokens(_ShardReader):
             begin = stop
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(i)
-        ids = torch.from_numpy(self.tokens(i * self.seq_len, (i + 1) * self.seq_len).astype(np.int64))
-        return {"input_ids": ids, "labels": ids.clone()}
+
+def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best-fit packing of consecutive documents (stream lengths, EOS included) into rows of `width` tokens.
+
+    -> (piece start positions, piece lengths, row bounds into the pieces: row r is pieces[bounds[r]:bounds[r+1]]).
+    Every token of the stream is in exactly one piece, except those of a last row that would not fill up."""
+    doc_starts = np.cumsum(doc_lengths) - doc_lengths
+    pool: list[tuple[int, int]] = []  # (length, document), sorted
+    upcoming = 0
+    remainder: tuple[int, int] | None = None  # (start, length) of a document cut at the end of the previous row
+    piece_starts, piece_lengths, bounds = [], [], [0]
+
+    def refill() -> None:
+        nonlocal upcoming
+        while len(pool) < pool_size and upcoming < len(doc_lengths):
+            bisect.insort(pool, (int(doc_lengths[upcoming]), upcoming))
+            upcoming += 1
+
+    def place(start: int, length: int) -> None:
+        piece_starts.append(start)
+        piece_lengths.append(length)
+
+    refill()
+    while pool or remainder:
+        room = width
+        if remainder:
+            start, length = remainder
+            place(start, min(length, room))
+            remainder = (start + room, length - room) if length > room else None
+            room -= piece_lengths[-1]
+        while room and pool:
+            fits = bisect.bisect_right(pool, (room, len(doc_lengths))) - 1
+            # none fits: cut one that cannot be whole anyway, else the one whose cut-off rest is shortest
+            length, doc = pool.pop(fits if fits >= 0 else -1 if pool[-1][0] > width else fits + 1)
+            start = int(doc_starts[doc])
+            place(start, min(length, room))
+            if length > room:
+                remainder = (start + room, length - room)
+            room -= piece_lengths[-1]
+            refill()
+        if room:  # the data ran out mid-row
+            del piece_starts[bounds[-1]:], piece_lengths[bounds[-1]:]
+            break
+        bounds.append(len(piece_starts))
+    return (np.asarray(piece_starts, dtype=np.int64), np.asarray(piece_lengths, dtype=np.int64),
+            np.asarray(bounds, dtype=np.int64))
 
 
 class _RecordReader(_ShardReader):
