@@ -19,6 +19,7 @@ from typing import TextIO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mateconv.config import add_decode_flags
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
 
 
@@ -34,6 +35,7 @@ class SamplingOptions:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    compile: bool | None = None  # torch.compile the decode step; None: on CUDA yes, on CPU no
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -122,6 +124,7 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: Samp
     yield from stream_text(
         model, tokenizer, input_ids, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
         top_p=options.top_p, top_k=options.top_k, repetition_penalty=options.repetition_penalty, generator=generator,
+        compile=options.compile,
     )
 
 
@@ -196,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")
     sampling.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
     sampling.add_argument("--seed", type=int, default=None)
+    add_decode_flags(parser)
     return parser
 
 
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                  args.repetition_penalty, args.seed)
+                                  args.repetition_penalty, args.seed, args.compile)
         model, tokenizer = load_model(args.model_path, args.device, args.dtype)
         session = ChatSession(model, tokenizer, options, args.system)
         if args.prompt is not None:

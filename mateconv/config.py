@@ -13,6 +13,7 @@ file's preset applies before its other keys.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import itertools
@@ -544,3 +545,18 @@ def seed_alias_text(target: str | tuple) -> str:
     if all(isinstance(v, bool) for v in values):
         return f"{name}={values[True] or repr('')}|{values[False] or repr('')}"
     return name
+
+
+def auto_switch(value: str) -> bool | None:
+    """A command-line `auto|1|0` (also true/false, yes/no, on/off): auto is None, the program decides."""
+    word = value.lower()
+    if word != "auto" and word not in TRUE_WORDS + FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {value!r}")
+    return None if word == "auto" else word in TRUE_WORDS
+
+
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    """The decoding settings of the chat (scripts/chat.py) and the server (mateconv.serve)."""
+    parser.add_argument("--compile", type=auto_switch, default=None, metavar="auto|1|0",
+                        help="torch.compile the decode step, as CUDA graphs on CUDA (model.generation.iter_tokens); "
+                             "auto (default): on CUDA yes, on CPU no")

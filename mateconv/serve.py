@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
+from mateconv.config import add_decode_flags
 from mateconv.logprobs import token_logps
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
@@ -169,8 +170,8 @@ class Choice:
 class Engine:
     """The model, its tokenizer and the two ways to generate: whole choices (batched) and one streamed choice."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, compile: bool | None = None):
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
         self.context = context_length(model)
         self.eos_id = tokenizer.eos_token_id
 
@@ -233,6 +234,7 @@ class Engine:
             new_tokens = generate_tokens(
                 self.model, input_ids, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
                 top_p=sampling.top_p, eos_token_id=self.eos_id, generator=self._generator(sampling.seed),
+                compile=self.compile,
             )[:, len(ids):].tolist()
         choices = []
         for row in new_tokens:
@@ -252,7 +254,7 @@ class Engine:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
         config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
         tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
-                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed))
+                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile)
         emitted: list[int] = []
         ended = {"eos": False}
 
@@ -363,11 +365,13 @@ def sse(payload: dict | str) -> str:
 
 def create_app(model_path: str | Path, served_model_name: str = "mateconv", device: str = "auto",
                dtype: str = "auto", max_concurrent: int = 1, max_queued: int = 16,
-               max_request_bytes: int = 1_000_000, default_max_tokens: int = 256, api_key: str = "") -> FastAPI:
+               max_request_bytes: int = 1_000_000, default_max_tokens: int = 256, api_key: str = "",
+               compile: bool | None = None) -> FastAPI:
     """The FastAPI app serving the model at `model_path` (loaded now) under the name `served_model_name`;
-    with `api_key`, every endpoint but /health answers 401 to requests without `Authorization: Bearer <api_key>`."""
+    with `api_key`, every endpoint but /health answers 401 to requests without `Authorization: Bearer <api_key>`.
+    compile: torch.compile the decode step (None: on CUDA yes, on CPU no)."""
     model, tokenizer = load_model(model_path, device, dtype)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile)
     admission = Admission(max_concurrent, max_queued)
     created = int(time.time())
     app = FastAPI(title="MateConv OpenAI-compatible server")
@@ -628,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--default_max_tokens", type=int, default=256, help="when a request sets no max_tokens")
     parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV, ""),
                         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; empty: no key)")
+    add_decode_flags(parser)
     return parser
 
 
@@ -650,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
               f"can use the model (set --api_key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
     try:
         app = create_app(args.model_path, args.served_model_name, args.device, args.dtype, args.max_concurrent,
-                         args.max_queued, args.max_request_bytes, args.default_max_tokens, args.api_key)
+                         args.max_queued, args.max_request_bytes, args.default_max_tokens, args.api_key, args.compile)
     except ChatError as error:
         raise SystemExit(f"serve: {error}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -39,19 +41,39 @@ class SamplingConfig:
 
 class KVCache:
     """Per-layer key/value buffers [B, n_kv_heads, capacity, head_dim], filled in place (no reallocation per step).
-    Implements the two methods MateConv's attention uses from Hugging Face's Cache API."""
+    Implements the two methods MateConv's attention uses from Hugging Face's Cache API.
+
+    The prompt's forward appends and `update` returns the filled part. After `start_decoding`, each `update` writes
+    the step's one token at slot `position` (a tensor) and returns the whole buffers; `decode_step` masks the slots
+    not written yet and the prompt's padding. Every decode step then has the same shapes and reads no Python number
+    that changes, so one compiled graph (one CUDA graph under mode="reduce-overhead") serves all of them."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (batch, n_kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.lengths = [0] * n_layers
+        # zeros, not empty: a masked slot still enters the attention product as 0 * value, and 0 * NaN is NaN
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next decode step writes
+        self.real = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # slots not holding prompt padding
+        self.padding = torch.zeros(batch, 1, dtype=torch.long, device=device)  # per row: rope position = slot - this
+        self.reset()
+
+    def reset(self) -> None:
+        self.lengths = [0] * len(self.keys)
+        self.decoding = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.position, self.real, self.padding]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decoding:
+            self.keys[layer_idx].index_copy_(2, self.position, key)
+            self.values[layer_idx].index_copy_(2, self.position, value)
+            return self.keys[layer_idx], self.values[layer_idx]
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[2]
         if end > self.keys[layer_idx].shape[2]:
             raise ValueError(f"KV cache capacity {self.keys[layer_idx].shape[2]} exceeded ({end} positions)")
@@ -60,12 +82,61 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def start_decoding(self, attention_mask: torch.Tensor | None) -> None:
+        """After the prompt's forward: the prompt's padding (attention_mask 0) stays masked, and from now on each
+        `update` writes one token at slot `position`."""
+        length = self.lengths[0]
+        self.real.fill_(True)
+        if attention_mask is not None:
+            self.real[:, :length] = attention_mask.bool()
+        self.padding.copy_(length - self.real[:, :length].sum(-1, keepdim=True))
+        self.position.fill_(length)
+        self.decoding = True
+
 
 def new_cache(model, batch: int, capacity: int):
     if not isinstance(model, MateConvForCausalLM):
         return DynamicCache(config=model.config)
     config, weight = model.config, model.lm_head.weight
     return KVCache(config.n_layers, batch, config.n_kv_heads, config.head_dim, capacity, weight.device, weight.dtype)
+
+
+def decode_step(model, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, V] after one more token per row (token [B]), written at slot `cache.position`."""
+    slots = torch.arange(cache.real.shape[1], device=token.device)
+    mask = (cache.real & (slots <= cache.position))[:, None, None, :]
+    logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=cache.position - cache.padding,
+                   cache=cache, use_cache=True).logits[:, -1]
+    cache.position.add_(1)
+    return logits
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """`decode_step` compiled once per process, one graph per model and batch size (dynamic=False: no symbolic
+    shapes); on CUDA as CUDA graphs, which take away the per-kernel launch cost that bounds small-batch decoding."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else "default", dynamic=False)
+
+
+# Compiled decoding reuses its caches (full context, model -> {batch: [free caches]}): a CUDA graph replays on the
+# addresses it was recorded with, so fresh buffers for every call would record a new graph every time.
+_FREE_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def take_cache(model, batch: int) -> KVCache:
+    free = _FREE_CACHES.setdefault(model, {}).setdefault(batch, [])
+    if free:
+        cache = free.pop()
+        cache.reset()
+        return cache
+    cache = new_cache(model, batch, model.config.max_seq_len)
+    for tensor in cache.tensors():
+        torch._dynamo.mark_static_address(tensor)
+    return cache
+
+
+def give_back(model, cache: KVCache) -> None:
+    _FREE_CACHES[model][cache.real.shape[0]].append(cache)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -103,12 +174,16 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
 @torch.inference_mode()
 def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attention_mask: torch.Tensor | None = None,
                 eos_token_id: int | None = None, pad_token_id: int | None = None,
-                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                generator: torch.Generator | None = None, compile: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row ([B] long tensor) until all rows hit EOS or max_new_tokens is reached.
-    Rows that finished get `pad_token_id` (default: the EOS id). Left-padded batches need `attention_mask`."""
+    Rows that finished get `pad_token_id` (default: the EOS id). Left-padded batches need `attention_mask`.
+
+    MateConv models decode with the fixed-shape `decode_step`, compiled when `compile` is true (None: on CUDA, where
+    it runs as CUDA graphs); other causal LMs step with a growing `DynamicCache` and mask."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
+    device = input_ids.device
     context = getattr(model.config, "max_seq_len", None) or getattr(model.config, "max_position_embeddings", None)
     if context is not None and length + sampling.max_new_tokens > context:
         raise ValueError(f"prompt ({length}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
@@ -117,37 +192,55 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention, no mask to grow
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
-        torch.arange(length, device=input_ids.device).expand(batch, -1)
-    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=input_ids.device)
+        torch.arange(length, device=device).expand(batch, -1)
+    rows = torch.arange(batch, device=device)
+    seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    seen[torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)[real], input_ids[real]] = True
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    cache = new_cache(model, batch, length + sampling.max_new_tokens)
-    step_ids, step_positions = input_ids, positions
-    for _ in range(sampling.max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = next_tokens(logits, seen, sampling, generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        yield token
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-            if bool(finished.all()):
-                return
-        seen[torch.arange(batch, device=token.device), token] = True
-        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+    seen[rows[:, None].expand_as(input_ids)[real], input_ids[real]] = True
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    static = isinstance(model, MateConvForCausalLM)
+    compiled = static and (compile if compile is not None else device.type == "cuda")
+    step = compiled_decode_step(device.type) if compiled else decode_step
+    cache = take_cache(model, batch) if compiled else new_cache(model, batch, length + sampling.max_new_tokens)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        if static:
+            cache.start_decoding(attention_mask)
+        for index in range(sampling.max_new_tokens):
+            if index and static:
+                if compiled:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are no longer read
+                logits = step(model, cache, token)
+            elif index:
+                positions = positions[:, -1:] + 1
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+                logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
+                               cache=cache, use_cache=True).logits[:, -1]
+            token = next_tokens(logits, seen, sampling, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            yield token
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+                if bool(finished.all()):
+                    return
+            seen[rows, token] = True
+    finally:
+        if compiled:
+            give_back(model, cache)
 
 
 def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 1.0,
                     top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                     eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-                    pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                    pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                    compile: bool | None = None) -> torch.Tensor:
     """[B, L] prompt ids -> [B, L + n] prompt plus generated ids, n <= max_new_tokens (fewer when every row ended
-    with EOS; a row that ended early is filled with pad_token_id, default the EOS id)."""
+    with EOS; a row that ended early is filled with pad_token_id, default the EOS id). compile: see `iter_tokens`."""
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-    tokens = list(iter_tokens(model, input_ids, sampling, attention_mask, eos_token_id, pad_token_id, generator))
+    tokens = list(iter_tokens(model, input_ids, sampling, attention_mask, eos_token_id, pad_token_id, generator,
+                              compile))
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
@@ -174,16 +267,17 @@ def detokenize(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
 
 
 def stream_text(model, tokenizer, prompt_ids, eos_token_id: int | None = None,
-                generator: torch.Generator | None = None, **sampling) -> Iterator[str]:
+                generator: torch.Generator | None = None, compile: bool | None = None, **sampling) -> Iterator[str]:
     """Decoded text pieces of one reply as they are generated (stops at EOS, which is not emitted).
 
     prompt_ids: list of ids or a [1, L] / [L] tensor. sampling: SamplingConfig fields (max_new_tokens, temperature,
-    top_p, top_k, repetition_penalty). eos_token_id defaults to the tokenizer's.
+    top_p, top_k, repetition_penalty). eos_token_id defaults to the tokenizer's; compile: see `iter_tokens`.
     """
     device = next(model.parameters()).device
     input_ids = torch.as_tensor(prompt_ids, device=device).long().view(1, -1)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    tokens = iter_tokens(model, input_ids, SamplingConfig(**sampling), eos_token_id=eos, generator=generator)
+    tokens = iter_tokens(model, input_ids, SamplingConfig(**sampling), eos_token_id=eos, generator=generator,
+                         compile=compile)
     ids = (int(token) for token in tokens)
     yield from detokenize(tokenizer, _until(ids, eos))
 
@@ -195,5 +289,5 @@ def _until(ids: Iterator[int], stop: int | None) -> Iterator[int]:
         yield token
 
 
-__all__ = ["KVCache", "SamplingConfig", "apply_repetition_penalty", "detokenize", "filter_top_k_top_p",
-           "generate_tokens", "iter_tokens", "next_tokens", "stream_text"]
+__all__ = ["KVCache", "SamplingConfig", "apply_repetition_penalty", "decode_step", "detokenize",
+           "filter_top_k_top_p", "generate_tokens", "iter_tokens", "next_tokens", "stream_text"]

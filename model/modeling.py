@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
-        """mask: None means plain causal attention (or a single query attending to everything before it)."""
+        """mask: None means plain causal attention (or a single query attending to every key the cache returns)."""
         batch, seq, _ = x.shape
         heads = self.project_qkv(x).view(batch, seq, -1, self.head_dim)  # [B, T, H + 2 * KV, head_dim]
         qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], *rope)  # rotate q and k in one pass
@@ -176,17 +176,24 @@ class MateConvModel(MateConvPreTrainedModel):
         batch, seq = input_ids.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        if position_ids is None:
-            if attention_mask is not None and past + seq == attention_mask.shape[1]:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # the caller's own boolean [B, 1, T, keys] mask (generation's fixed-shape decode step): no cache length
+            # is read, since a Python int that changes per call would change a compiled graph
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs position_ids")
+            mask = attention_mask
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+            if past + seq > self.config.max_seq_len:
+                raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            if position_ids is None:
+                if attention_mask is not None and past + seq == attention_mask.shape[1]:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+            mask = attention_mask_4d(attention_mask, past, seq)
         x = self.dropout(self.embed_tokens(input_ids))
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = attention_mask_4d(attention_mask, past, seq)
         aux_total = None
         for layer in self.layers:
             x, aux = layer(x, rope, mask, cache)

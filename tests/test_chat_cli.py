@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mateconv.chat import (ChatError, ChatSession, SamplingOptions, fit_history, load_model, main, run_interactive,
-                           stream_reply)
+from mateconv.chat import (ChatError, ChatSession, SamplingOptions, build_parser, fit_history, load_model, main,
+                           run_interactive, stream_reply)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model on 2 shared cores: one thread is fastest
@@ -133,8 +133,19 @@ def test_one_shot_prompt_from_stdin(chat_command, expected):
 
 
 def test_one_shot_prompt_flag(tiny_sft_model, expected, capsys):
-    main(["--model_path", str(tiny_sft_model), *GREEDY, "--prompt", QUESTION, "--device", "cpu"])
+    main(["--model_path", str(tiny_sft_model), *GREEDY, "--prompt", QUESTION, "--device", "cpu", "--compile", "0"])
     assert capsys.readouterr().out == f"{expected}\n"
+
+
+def test_compile_flag_of_chat_and_serve(capsys):
+    from mateconv.serve import build_parser as serve_parser
+
+    for parser in (build_parser(), serve_parser()):
+        assert [parser.parse_args(["--compile", word]).compile for word in ("auto", "1", "off")] == [None, True, False]
+        assert parser.parse_args([]).compile is None
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--compile", "maybe"])
+        assert "argument --compile: expected auto, 1 or 0, got 'maybe'" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line(tiny_sft_model, tmp_path):

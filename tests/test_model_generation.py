@@ -1,20 +1,24 @@
-"""Generation: KV cache vs full recompute, sampling flags, EOS, batching, streaming text."""
+"""Generation: KV cache vs full recompute, the fixed-shape decode step against the growing-cache path and
+transformers' `generate` (eager and compiled), sampling flags, EOS, batching, streaming text."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model import MateConvConfig, MateConvForCausalLM
-from model.generation import (KVCache, SamplingConfig, apply_repetition_penalty, detokenize, filter_top_k_top_p,
-                              generate_tokens, stream_text)
+from model.export import to_llama
+from model.generation import (KVCache, SamplingConfig, apply_repetition_penalty, decode_step, detokenize,
+                              filter_top_k_top_p, generate_tokens, stream_text)
 
 TEXTS = ["你好，世界！今天天气很好。🌞🌈", "小模型也能学会说话 😀👍🏽", "hello world, 中文 and emoji 🎉 mixed"]
 
 
-def tiny_model(use_moe: bool = False, vocab_size: int = 97, seed: int = 0) -> MateConvForCausalLM:
+def tiny_model(use_moe: bool = False, vocab_size: int = 97, seed: int = 0, std: float = 0.02) -> MateConvForCausalLM:
+    """std 0.3 instead of 0.02: the next token depends on the context (at 0.02 a random model repeats one token,
+    whatever it attends to), so a decoder that attends to the wrong keys gives other tokens."""
     torch.manual_seed(seed)
     config = MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=96,
-                            use_moe=use_moe)
+                            use_moe=use_moe, initializer_range=std)
     return MateConvForCausalLM(config).eval()
 
 
@@ -35,11 +39,17 @@ def test_kv_cache_matches_full_recompute(use_moe):
         for _ in range(15):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generated, sequence)
-        # logits: prefill + one token at a time through our cache == one full forward
-        cache = KVCache(2, 2, 2, 16, 30, torch.device("cpu"), torch.float32)
-        steps = [model(sequence[:, :10], cache=cache, use_cache=True).logits]
-        steps += [model(sequence[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(10, 22)]
-        assert (torch.cat(steps, dim=1) - model(sequence).logits).abs().max() < 1e-4
+        # logits: prefill + one token at a time through our cache == one full forward, appending (growing shapes)
+        # and in the fixed-shape decode step (whole 30-slot buffers, the 8 unwritten slots masked)
+        for fixed in (False, True):
+            cache = KVCache(2, 2, 2, 16, 30, torch.device("cpu"), torch.float32)
+            steps = [model(sequence[:, :10], cache=cache, use_cache=True).logits]
+            if fixed:
+                cache.start_decoding(None)
+                steps += [decode_step(model, cache, sequence[:, i])[:, None] for i in range(10, 22)]
+            else:
+                steps += [model(sequence[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(10, 22)]
+            assert (torch.cat(steps, dim=1) - model(sequence).logits).abs().max() < 1e-4
 
 
 def test_left_padded_batch_matches_single_prompts():
@@ -51,6 +61,73 @@ def test_left_padded_batch_matches_single_prompts():
     out = generate_tokens(model, batch, max_new_tokens=10, temperature=0, attention_mask=mask)
     assert torch.equal(out[0, 4:], generate_tokens(model, short, max_new_tokens=10, temperature=0)[0])
     assert torch.equal(out[1], generate_tokens(model, long, max_new_tokens=10, temperature=0)[0])
+
+
+def prompts(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt, or three of lengths 4, 9 and 6 left-padded with id 0 -> (input_ids, attention_mask)."""
+    lengths = (4, 9, 6) if padded else (7,)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, -length:] = torch.randint(3, 97, (length,))
+        mask[row, -length:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fixed_shape_decoding_matches_growing_cache_and_hf_generate(padded):
+    """MateConv decodes with the fixed-shape step; the exported Llama goes through the growing DynamicCache path of
+    the same loop; transformers' `generate` runs MateConv's own forward with its cache. Same greedy tokens, also
+    when EOS ends one row early (the others go on, the ended row is padded) and then all rows."""
+    model = tiny_model(std=0.3)
+    llama = to_llama(model).eval()
+    for generating in (model, llama):
+        generating.generation_config.eos_token_id = None
+    torch.manual_seed(1)
+    ids, mask = prompts(padded)
+    free = generate_tokens(model, ids, max_new_tokens=14, temperature=0, attention_mask=mask)
+    new = free[:, ids.shape[1]:]
+    eos = int(new[0, 3])
+    assert eos not in new[0, :3].tolist() and (not padded or eos not in new[1:].flatten().tolist()), \
+        "pick another seed: the EOS token must first appear in row 0 at step 4 and nowhere in the other rows"
+    for eos_id in (None, eos):
+        options = dict(max_new_tokens=14, attention_mask=mask, eos_token_id=eos_id, pad_token_id=0)
+        fixed = generate_tokens(model, ids, temperature=0, **options)
+        assert torch.equal(fixed, generate_tokens(llama, ids, temperature=0, **options))
+        assert torch.equal(fixed, model.generate(ids, do_sample=False, **options))
+    ended = fixed[0, ids.shape[1]:]
+    assert torch.equal(ended[:4], new[0, :4]) and (ended[4:] == 0).all()
+    if padded:
+        assert torch.equal(fixed[1:], free[1:])  # the other rows go on
+    else:
+        assert fixed.shape[1] == ids.shape[1] + 4  # stops once every row has ended
+
+
+def test_fixed_shape_sampling_matches_growing_cache():
+    model = tiny_model(std=0.3)
+    llama = to_llama(model).eval()
+    ids, mask = prompts(padded=True)
+
+    def sample(generating, seed: int) -> torch.Tensor:
+        return generate_tokens(generating, ids, max_new_tokens=12, temperature=1.0, top_k=20, attention_mask=mask,
+                               generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(model, 5), sample(llama, 5))
+    assert not torch.equal(sample(model, 5), sample(model, 6))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_compiled_decode_step_gives_the_same_tokens():
+    """torch.compile of the decode step (inductor on CPU; CUDA graphs on CUDA): the same greedy tokens as eager; a
+    second call with other prompt lengths and padding reuses the compiled graph and the pooled cache."""
+    model = tiny_model(std=0.3)
+    batches = [prompts(padded=True), (torch.randint(3, 97, (3, 11)), torch.ones(3, 11, dtype=torch.long))]
+    for index, (ids, mask) in enumerate(batches):
+        eager = generate_tokens(model, ids, max_new_tokens=16, temperature=0, attention_mask=mask, compile=False)
+        with torch._dynamo.config.patch(error_on_recompile=index > 0):
+            compiled = generate_tokens(model, ids, max_new_tokens=16, temperature=0, attention_mask=mask,
+                                       compile=True)
+        assert torch.equal(compiled, eager)
 
 
 def test_top_k_one_equals_greedy_and_seeds_reproduce():
