@@ -1,7 +1,8 @@
-"""Decode throughput: `model.generation.generate_tokens` (our KV-cache loop) vs `transformers` `generate`.
+"""Decode throughput: `model.generation.generate_tokens` (our fixed-shape KV-cache step) vs `transformers` `generate`.
 
 Both run the same weights: a random MateConv model and its `LlamaForCausalLM` export (`model.export.to_llama`).
-Greedy, a fixed number of new tokens (EOS disabled), fp32. Both must produce the same tokens.
+Greedy, a fixed number of new tokens (EOS disabled), fp32. Both must produce the same tokens. Our decode step is
+compiled with `--compile` (auto: on CUDA, as CUDA graphs; the compiling first run is the warm-up, not timed).
 Decode tokens/s = batch * new_tokens / (time to generate - time for the prompt forward alone), best of --repeats.
 
     python benchmarks/bench_decode.py                      # dim 512, 8 layers, batch 1 and 8
@@ -13,6 +14,8 @@ import argparse
 import time
 
 import torch
+
+from mateconv.config import auto_switch
 
 
 def timed(fn, device: torch.device) -> float:
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", type=auto_switch, default=None, metavar="auto|1|0",
+                        help="compile our decode step (auto: on CUDA)")
     args = parser.parse_args()
 
     from model import MateConvConfig, MateConvForCausalLM
@@ -51,6 +56,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    compiled = args.compile if args.compile is not None else device.type == "cuda"
     torch.manual_seed(0)
     config = MateConvConfig(dim=args.dim, n_layers=args.n_layers, vocab_size=args.vocab_size,
                             max_seq_len=args.prompt_len + args.new_tokens)
@@ -60,14 +66,16 @@ def main() -> None:
     llama.generation_config.pad_token_id = 0
     print(f"model: dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, "
           f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params; device {device}, "
-          f"{torch.get_num_threads()} threads; prompt {args.prompt_len}, new tokens {args.new_tokens}, greedy")
+          f"{torch.get_num_threads()} threads; prompt {args.prompt_len}, new tokens {args.new_tokens}, greedy; "
+          f"our decode step {'compiled' if compiled else 'eager'}")
 
     rows = []
     for batch in args.batch_sizes:
         prompt = torch.randint(3, args.vocab_size, (batch, args.prompt_len), device=device)
 
         def run_ours():
-            return generate_tokens(ours, prompt, max_new_tokens=args.new_tokens, temperature=0.0, eos_token_id=None)
+            return generate_tokens(ours, prompt, max_new_tokens=args.new_tokens, temperature=0.0, eos_token_id=None,
+                                   compile=compiled)
 
         def run_hf():
             return llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,

@@ -4,7 +4,8 @@
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape (benchmarks/bench_vs_minimind.py;
 #      needs ../shared/data and ../shared/peers/minimind, or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND)
-#   3. decode: generate_tokens against transformers generate at batch 1 and 8 (benchmarks/bench_decode.py)
+#   3. decode: generate_tokens (its decode step compiled: CUDA graphs) against transformers generate at batch 1 and 8
+#      (benchmarks/bench_decode.py; the two compiles, one per batch size, are its warm-up)
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
@@ -31,7 +32,7 @@ else
   TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
   MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --save_every 20"
   DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
-  LIMIT=(270 150 60)
+  LIMIT=(270 150 120)
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'

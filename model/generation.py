@@ -44,9 +44,10 @@ class KVCache:
     Implements the two methods MateConv's attention uses from Hugging Face's Cache API.
 
     The prompt's forward appends and `update` returns the filled part. After `start_decoding`, each `update` writes
-    the step's one token at slot `position` (a tensor) and returns the whole buffers; `decode_step` masks the slots
-    not written yet and the prompt's padding. Every decode step then has the same shapes and reads no Python number
-    that changes, so one compiled graph (one CUDA graph under mode="reduce-overhead") serves all of them."""
+    the step's one token at slot `position` (a tensor) and returns the whole buffers, of which attention sees the
+    slots where `visible` is 0 (-inf: the prompt's padding and the slots not written yet). Every decode step then
+    has the same shapes and reads no Python number that changes, so one compiled graph (one CUDA graph under
+    mode="reduce-overhead") serves all of them."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
                  device: torch.device, dtype: torch.dtype):
@@ -55,7 +56,9 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next decode step writes
-        self.real = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # slots not holding prompt padding
+        # added to the attention scores: 0 for the keys attention sees, -inf for the others (a float mask, not a bool
+        # one, spares SDPA a conversion per layer and step)
+        self.visible = torch.full((batch, capacity), float("-inf"), device=device, dtype=dtype)
         self.padding = torch.zeros(batch, 1, dtype=torch.long, device=device)  # per row: rope position = slot - this
         self.reset()
 
@@ -64,7 +67,7 @@ class KVCache:
         self.decoding = False
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys, *self.values, self.position, self.real, self.padding]
+        return [*self.keys, *self.values, self.position, self.visible, self.padding]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -86,10 +89,11 @@ class KVCache:
         """After the prompt's forward: the prompt's padding (attention_mask 0) stays masked, and from now on each
         `update` writes one token at slot `position`."""
         length = self.lengths[0]
-        self.real.fill_(True)
+        self.visible.fill_(float("-inf"))
+        self.visible[:, :length] = 0.0
         if attention_mask is not None:
-            self.real[:, :length] = attention_mask.bool()
-        self.padding.copy_(length - self.real[:, :length].sum(-1, keepdim=True))
+            self.visible[:, :length].masked_fill_(attention_mask == 0, float("-inf"))
+        self.padding.copy_(length - (self.visible == 0).sum(-1, keepdim=True))
         self.position.fill_(length)
         self.decoding = True
 
@@ -103,10 +107,9 @@ def new_cache(model, batch: int, capacity: int):
 
 def decode_step(model, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
     """Next-token logits [B, V] after one more token per row (token [B]), written at slot `cache.position`."""
-    slots = torch.arange(cache.real.shape[1], device=token.device)
-    mask = (cache.real & (slots <= cache.position))[:, None, None, :]
-    logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=cache.position - cache.padding,
-                   cache=cache, use_cache=True).logits[:, -1]
+    cache.visible.index_fill_(1, cache.position, 0.0)
+    logits = model(input_ids=token[:, None], attention_mask=cache.visible[:, None, None, :],
+                   position_ids=cache.position - cache.padding, cache=cache, use_cache=True).logits[:, -1]
     cache.position.add_(1)
     return logits
 
@@ -136,7 +139,7 @@ def take_cache(model, batch: int) -> KVCache:
 
 
 def give_back(model, cache: KVCache) -> None:
-    _FREE_CACHES[model][cache.real.shape[0]].append(cache)
+    _FREE_CACHES[model][cache.visible.shape[0]].append(cache)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -57,7 +57,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
-        """mask: None means plain causal attention (or a single query attending to every key the cache returns)."""
+        """mask: None means plain causal attention (or a single query attending to every key the cache returns);
+        a boolean mask marks the keys each query sees, a float one is added to the scores (0 or -inf)."""
         batch, seq, _ = x.shape
         heads = self.project_qkv(x).view(batch, seq, -1, self.head_dim)  # [B, T, H + 2 * KV, head_dim]
         qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], *rope)  # rotate q and k in one pass
@@ -87,8 +88,10 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
         if mask is None and q.shape[2] > 1:
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
         probs = F.dropout(scores.softmax(dim=-1).to(q.dtype), p=dropout, training=dropout > 0)
         return probs @ v
 
@@ -134,6 +137,15 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int) 
     return mask
 
 
+def packed_documents_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] causal mask within documents, for rows packed with several: a document begins where
+    its position id is 0, and no token attends to an earlier document."""
+    document = (position_ids == 0).cumsum(-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return (document[:, None, :, None] == document[:, None, None, :]) & causal
+
+
 @dataclass
 class MateConvCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the MoE balance loss (summed over layers; already included in `loss`)."""
@@ -177,8 +189,8 @@ class MateConvModel(MateConvPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and attention_mask.dim() == 4:
-            # the caller's own boolean [B, 1, T, keys] mask (generation's fixed-shape decode step): no cache length
-            # is read, since a Python int that changes per call would change a compiled graph
+            # the caller's own [B, 1, T, keys] mask, boolean or added to the scores (generation's fixed-shape decode
+            # step): no cache length is read, since a Python int that changes per call would change a compiled graph
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask needs position_ids")
             mask = attention_mask
@@ -186,12 +198,13 @@ class MateConvModel(MateConvPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             if past + seq > self.config.max_seq_len:
                 raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            packed = position_ids is not None and attention_mask is None and past == 0  # e.g. training rows
             if position_ids is None:
                 if attention_mask is not None and past + seq == attention_mask.shape[1]:
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
                 else:
                     position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
-            mask = attention_mask_4d(attention_mask, past, seq)
+            mask = packed_documents_mask(position_ids) if packed else attention_mask_4d(attention_mask, past, seq)
         x = self.dropout(self.embed_tokens(input_ids))
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         aux_total = None

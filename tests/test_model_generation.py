@@ -40,8 +40,10 @@ def test_kv_cache_matches_full_recompute(use_moe):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generated, sequence)
         # logits: prefill + one token at a time through our cache == one full forward, appending (growing shapes)
-        # and in the fixed-shape decode step (whole 30-slot buffers, the 8 unwritten slots masked)
-        for fixed in (False, True):
+        # and in the fixed-shape decode step (whole 30-slot buffers, the 8 unwritten slots masked), SDPA and math
+        for fixed, sdpa in ((False, True), (True, True), (True, False)):
+            for layer in model.model.layers:
+                layer.self_attn.use_sdpa = sdpa
             cache = KVCache(2, 2, 2, 16, 30, torch.device("cpu"), torch.float32)
             steps = [model(sequence[:, :10], cache=cache, use_cache=True).logits]
             if fixed:
