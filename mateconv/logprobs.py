@@ -17,6 +17,17 @@ from tqdm import tqdm
 IGNORE_INDEX = -100
 
 
+def lm_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """A batch's forward inputs: input_ids and attention_mask, plus the position_ids of packed pretraining rows for
+    models that mask documents from each other (MateConv's `document_mask`). Other models get no position_ids:
+    restarted positions without the mask would only confuse them."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    config = getattr(getattr(model, "module", model), "config", None)
+    if "position_ids" in batch and getattr(config, "document_mask", False):
+        inputs["position_ids"] = batch["position_ids"]
+    return inputs
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, V], labels [B, T] -> (log p(label) [B, T-1] float32, zero where masked; mask [B, T-1] bool)."""
     if logits.shape[:2] != labels.shape:
@@ -65,7 +76,7 @@ def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | 
         if step == batches:
             break
         batch = {key: value.to(model.device) for key, value in batch.items()}
-        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        output = model(**lm_inputs(model, batch), use_cache=False)
         logps, mask = token_logps(output.logits, batch["labels"])
         total_nll -= float(logps.sum())
         total_tokens += int(mask.sum())

@@ -45,6 +45,7 @@ class MateConvConfig(PretrainedConfig):
     multiple_of: int = 64
     hidden_dim: int | None = None
     flash_attn: bool = True
+    document_mask: bool = True  # training rows packed with several documents: each attends only to itself
     initializer_range: float = 0.02
     # Mixture of Experts (DeepSeek style)
     use_moe: bool = False

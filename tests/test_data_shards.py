@@ -48,6 +48,10 @@ def test_pretrain_packing_counts_and_windows(setup, tmp_path):
     rows = [dataset[i]["input_ids"].numpy() for i in range(len(dataset))]
     assert all(len(row) == 64 for row in rows)
     assert all(torch.equal(dataset[i]["labels"], dataset[i]["input_ids"]) for i in (0, len(dataset) - 1))
+    for i in (0, 7, len(dataset) - 1):  # positions count from the row's start and from each EOS in it
+        row, positions = rows[i].tolist(), dataset[i]["position_ids"].tolist()
+        opens = [t for t, token in enumerate(row) if t == 0 or token == tokenizer.eos_token_id]
+        assert positions == [t - max(o for o in opens if o <= t) for t in range(64)]
     # every stream token is in at most one row, and all are but those of a last, unfilled row (< 63 tokens)
     pieces = sorted(zip(dataset.piece_starts.tolist(), dataset.piece_lengths.tolist()))
     assert all(start + n <= after for (start, n), (after, _) in zip(pieces, pieces[1:]))

@@ -154,3 +154,24 @@ def test_dropout_only_in_training():
 def test_too_long_input_is_a_clear_error():
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         tiny_model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_packed_documents_attend_only_to_themselves(flash_attn):
+    """A row packed with three documents (position ids restarting at each one's EOS) gives every document the
+    logits it gets alone, [EOS] + document; with the mask off, the later documents see the earlier ones."""
+    model, eos = tiny_model(flash_attn=flash_attn), 2
+    documents = [torch.randint(3, 97, (n,)) for n in (9, 14, 6)]
+    pieces = [torch.cat([torch.tensor([eos]), doc]) for doc in documents]
+    row = torch.cat(pieces)[None]
+    positions = torch.cat([torch.arange(len(piece)) for piece in pieces])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=positions).logits[0]
+        alone = torch.cat([model(piece[None]).logits[0] for piece in pieces])
+        assert torch.allclose(packed, alone, atol=1e-5)
+        model.config.document_mask = False  # the stage then passes no position ids (mateconv.logprobs.lm_inputs)
+        from mateconv.logprobs import lm_inputs
+        assert "position_ids" not in lm_inputs(model, {"input_ids": row, "position_ids": positions})
+        crossing = model(row).logits[0]
+    assert torch.allclose(crossing[: len(pieces[0])], alone[: len(pieces[0])], atol=1e-5)
+    assert not torch.allclose(crossing[len(pieces[0]):], alone[len(pieces[0]):], atol=1e-3)

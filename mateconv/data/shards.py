@@ -106,7 +106,8 @@ class DocumentRows(Dataset):
     `pool_size` documents in stream order), so a short document is rarely split across rows. When none fits the
     room left, a pooled document fills it (one longer than a row if there is one, else the one that leaves the
     shortest rest) and its rest opens the next row (with its own previous token as context). labels == input_ids
-    (the model shifts). Subclasses provide `tokens(begin, end)`, `eos_id` and `dtype`, then call `plan`."""
+    (the model shifts); position_ids restart at each EOS, so a model with `document_mask` keeps documents from
+    attending to each other. Subclasses provide `tokens(begin, end)`, `eos_id` and `dtype`, then call `plan`."""
 
     pool_size = 1024
     eos_id: int
@@ -130,8 +131,13 @@ class DocumentRows(Dataset):
         lead = self.tokens(start - 1, start) if start else np.array([self.eos_id], dtype=self.dtype)
         parts = [lead] + [self.tokens(int(s), int(s + n)) for s, n in
                           zip(self.piece_starts[first:last], self.piece_lengths[first:last])]
-        ids = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-        return {"input_ids": ids, "labels": ids.clone()}
+        ids = np.concatenate(parts).astype(np.int64)
+        # a document's positions count from the EOS before it (its context at inference); the row's first token
+        # opens the first one
+        index = np.arange(len(ids))
+        positions = index - np.maximum.accumulate(np.where((ids == self.eos_id) | (index == 0), index, 0))
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(ids.copy()),
+                "position_ids": torch.from_numpy(positions)}
 
 
 class PretrainTokens(_ShardReader, DocumentRows):

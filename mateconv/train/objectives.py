@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from mateconv.logprobs import lm_inputs
+
 
 class Objective(Protocol):
     def loss(self, model: torch.nn.Module,
@@ -19,8 +21,7 @@ class LMObjective:
 
     def loss(self, model: torch.nn.Module,
              batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       labels=batch["labels"], use_cache=False)
+        output = model(**lm_inputs(model, batch), labels=batch["labels"], use_cache=False)
         aux = getattr(output, "aux_loss", None)
         metrics = {"lm_loss": (output.loss - aux if aux is not None else output.loss).detach()}
         if aux is not None:
