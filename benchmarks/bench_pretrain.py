@@ -33,15 +33,26 @@ from model.export import to_llama
 
 
 class RandomTokens(Dataset):
+    """Random rows packed like stage 3's: documents of 32 to seq_len tokens, position ids restarting at each one,
+    so MateConv pays for its per-document attention mask as in real training (the Llama twin gets no position ids
+    and attends across the row)."""
+
     def __init__(self, count: int, seq_len: int, vocab_size: int):
         generator = torch.Generator().manual_seed(0)
         self.ids = torch.randint(3, vocab_size, (count, seq_len), generator=generator)
+        self.positions = torch.zeros(count, seq_len, dtype=torch.long)
+        for row in self.positions:
+            start = 0
+            while start < seq_len:
+                length = int(torch.randint(min(32, seq_len), seq_len + 1, (1,), generator=generator))
+                row[start: start + length] = torch.arange(min(length, seq_len - start))
+                start += length
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "position_ids": self.positions[i]}
 
 
 def run(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, warmup: int) -> dict:

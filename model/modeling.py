@@ -69,8 +69,11 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         dropout = self.dropout if self.training else 0.0
         if self.use_sdpa:
+            grouped = mask is None or not q.is_cuda
+            if not grouped:  # CUDA's masked kernels take no grouped heads (else SDPA falls back to plain math)
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=mask is None and seq > 1, enable_gqa=True)
+                                                 is_causal=mask is None and seq > 1, enable_gqa=grouped)
         else:
             out = self.math_attention(q, k, v, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
