@@ -62,7 +62,7 @@ class PackedTexts(DocumentRows):
         for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
             stream += ids + [self.eos_id]
         self.stream = np.asarray(stream, dtype=np.int64)
-        self.plan(np.flatnonzero(self.stream == self.eos_id), seq_len)
+        self.plan(np.flatnonzero(self.stream == self.eos_id), len(self.stream), seq_len)
         if len(self) == 0:
             raise ConfigError(f"the texts hold {len(stream)} tokens, fewer than one row of max_length={seq_len}")
 

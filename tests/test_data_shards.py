@@ -74,6 +74,22 @@ def test_pretrain_packing_counts_and_windows(setup, tmp_path):
         dataset[len(dataset)]
 
 
+def test_pretrain_stream_without_a_final_eos_keeps_its_tail(tmp_path):
+    """Hand-written shards (a token stream with no EOS at all, or one cut mid-document) still give rows: the
+    tokens after the last EOS form one more document."""
+    for name, stream in {"no_eos": np.arange(3, 403) % 60 + 3, "cut": np.r_[np.arange(3, 50), 2, np.arange(3, 353)]}.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        stream.astype(np.uint16).tofile(directory / "shard_00000.tokens.bin")
+        (directory / "index.json").write_text(json.dumps({
+            "kind": "pretrain", "dtype": "uint16", "vocab_size": 128, "eos_id": 2, "pad_id": 0,
+            "shards": [{"name": "shard_00000", "num_tokens": len(stream), "num_records": 1}], "complete": True}))
+        dataset = PretrainTokens(directory, seq_len=32)
+        assert len(dataset) == len(stream) // 31, name
+        covered = sum(int(n) for n in dataset.piece_lengths)
+        assert len(stream) - 31 < covered <= len(stream), name
+
+
 def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
     _, tokenizer_dir, tokenizer = setup
     conversations = [

@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
 from mateconv.procs import group_alive
-from test_train_faults import only_in, poisoned_model, step_tokens
+from test_train_faults import poisoned_model, poisoned_tokens
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -167,12 +167,12 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
     """NaN in rank 0's batch at steps 3 and 5, then rank 1's at 6: every rank skips those steps (ZeRO-0:
     our CheckedStep; ZeRO-3: DeepSpeed's own check), and with max_nonfinite_steps 2 the run stops at step 6 with one
     line and a checkpoint whose weights are those after step 4."""
-    batches = step_tokens(tiny_tokens / "pretrain" / "train", 2, STEPS)
     bad = {3: 0, 5: 0, 6: 1}  # step: the one rank whose batch holds a poisoned token
-    init = poisoned_model(tmp_path / "init", tiny_tokenizer,
-                          [only_in(batches, step, rank) for step, rank in bad.items()])
+    data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 2, bad)
+    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
     out_dir = tmp_path / "run"
-    command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--max_nonfinite_steps", "2",
+    command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--data_path", str(data),
+                                "--max_nonfinite_steps", "2",
                                 "--val_data_path", "", "--warmup_iters", "4")
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

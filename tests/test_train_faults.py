@@ -3,11 +3,15 @@ a row a stop with a checkpoint), a torn or corrupt newest checkpoint (resume fal
 (the previous checkpoint and `latest` stay). The DeepSpeed twins are in test_train_deepspeed.py."""
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import math
 import os
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,23 +23,30 @@ from conftest import losses, read_metrics
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def step_tokens(tokens_dir, world_size: int, steps: int, batch_size: int = 4, seq_len: int = 96,
-                seed: int = 42) -> list[list[set[int]]]:
-    """[step - 1][rank] -> the token ids in that rank's batch of that step (the engine's sampler, first epoch)."""
+def poisoned_tokens(tokens_dir, out_dir, world_size: int, bad: dict[int, int], batch_size: int = 4,
+                    seq_len: int = 96, seed: int = 42) -> tuple[Path, int]:
+    """A copy of pretraining shards in which the batch of each {step: rank} of `bad` (the engine's sampler, first
+    epoch) holds a token id found nowhere else in the stream -> (copy, that id). Only a non-EOS token changes, so
+    the rows stay the same."""
     from mateconv.data.shards import PretrainTokens
     from mateconv.train.data import ResumableDistributedSampler
 
-    data = PretrainTokens(tokens_dir, seq_len)
+    shutil.copytree(tokens_dir, out_dir)
+    data = PretrainTokens(out_dir, seq_len)
     orders = [ResumableDistributedSampler(data, rank, world_size, seed).indices() for rank in range(world_size)]
-    return [[{int(t) for i in order[s * batch_size:(s + 1) * batch_size] for t in data[i]["input_ids"]}
-             for order in orders] for s in range(steps)]
-
-
-def only_in(batches: list[list[set[int]]], step: int, rank: int) -> int:
-    """A token in `rank`'s batch of `step` and in no other batch of any rank or step."""
-    others = set().union(*(tokens for s, row in enumerate(batches, 1) for r, tokens in enumerate(row)
-                           if (s, r) != (step, rank)))
-    return min(batches[step - 1][rank] - others)
+    streams = [np.memmap(out_dir / f"{shard['name']}.tokens.bin", dtype=data.dtype, mode="r+")
+               for shard in data.shards]
+    used = set(np.unique(np.concatenate(streams)).tolist())
+    token = max(set(range(data.index["vocab_size"])) - used)
+    for step, rank in bad.items():
+        row = orders[rank][(step - 1) * batch_size]
+        position = int(data.piece_starts[data.row_bounds[row]])  # its first piece opens with a document token
+        shard = bisect.bisect_right(data.starts, position) - 1
+        assert streams[shard][position - data.starts[shard]] != data.eos_id
+        streams[shard][position - data.starts[shard]] = token
+    for stream in streams:
+        stream.flush()
+    return out_dir, token
 
 
 def poisoned_model(out_dir, tokenizer_dir, tokens: list[int]):
@@ -69,9 +80,9 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_token
     command then trains past the bad data."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    batches = step_tokens(tiny_tokens / "pretrain" / "train", 1, 8)
-    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [only_in(batches, step, 0) for step in (3, 5, 6)])
-    flags = dict(init_from=init, max_steps=8, max_nonfinite_steps=2, save_interval_steps=4, val_data_path="",
+    data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 1, {3: 0, 5: 0, 6: 0})
+    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
+    flags = dict(init_from=init, data_path=data, max_steps=8, max_nonfinite_steps=2, save_interval_steps=4, val_data_path="",
                  warmup_iters=4, log_interval=2)
     with pytest.raises(TrainingHalted, match=r"in 2 steps in a row \(steps 5-6.*stopped at step 6 .*after step 4"):
         train(tmp_path / "run", tracker="wandb", **flags)

@@ -113,9 +113,12 @@ class DocumentRows(Dataset):
     eos_id: int
     dtype: np.dtype
 
-    def plan(self, eos_positions: np.ndarray, seq_len: int) -> None:
+    def plan(self, eos_positions: np.ndarray, num_tokens: int, seq_len: int) -> None:
+        # tokens after the last EOS (a stream without any, or cut mid-document) still form a last document
+        ends = eos_positions if num_tokens == 0 or (len(eos_positions) and eos_positions[-1] == num_tokens - 1) \
+            else np.append(eos_positions, num_tokens - 1)
         self.piece_starts, self.piece_lengths, self.row_bounds = plan_rows(
-            np.diff(eos_positions, prepend=-1), seq_len - 1, self.pool_size)
+            np.diff(ends, prepend=-1), seq_len - 1, self.pool_size)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         raise NotImplementedError
@@ -149,7 +152,8 @@ class PretrainTokens(_ShardReader, DocumentRows):
         super().__init__(directory, seq_len)
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in self.shards]).tolist()
         self.plan(np.concatenate([np.flatnonzero(self._map(shard, "tokens") == self.eos_id) + self.starts[shard]
-                                  for shard in range(len(self.shards))] + [np.zeros(0, dtype=np.int64)]), seq_len)
+                                  for shard in range(len(self.shards))] + [np.zeros(0, dtype=np.int64)]),
+                  self.starts[-1], seq_len)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         """Global token positions [begin, end) of the stream, read across shard boundaries."""
