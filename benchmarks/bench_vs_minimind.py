@@ -22,8 +22,8 @@ wall time.
   the timed loop for both). Peak memory: each trainer's max RSS (and CUDA peak).
 - Bits per byte: mateconv.logprobs.bits_per_byte on the held-out documents, whole (windows of seq tokens), for both
   models; each model's documents start the way it was trained (MiniMind: BOS, MateConv: EOS of the previous one).
-  Equal steps: both final models. Equal wall time: each system's newest checkpoint whose step ended within the
-  faster run's training time.
+  Equal steps: both final models, on all held-out documents and on the Chinese and English ones apart. Equal wall
+  time: each system's newest checkpoint whose step ended within the faster run's training time.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ from model import MateConvConfig, MateConvForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", REPO.parent / "shared" / "data"))
 MINIMIND = Path(os.environ.get("MATECONV_MINIMIND", REPO.parent / "shared" / "peers" / "minimind"))
+CJK = re.compile(r"[\u4e00-\u9fff]")  # a held-out document with Chinese characters counts as Chinese
 MINIMIND_STEP = re.compile(r"Epoch:\[(\d+)/\d+\]\((\d+)/(\d+)\), loss: ([\d.]+)")
 # Runs a trainer script as __main__ and writes its peak memory to $BENCH_PEAK_FILE at exit.
 RUNNER = """
@@ -360,6 +361,8 @@ def main() -> None:
     loaders = {"MiniMind": lambda path: minimind_model(module, args, path).to(args.device),
                "MateConv": lambda path: mateconv_model(path, work / "mateconv" / "final").to(args.device)}
     starts = {"MiniMind": [tokenizer.bos_token_id], "MateConv": [tokenizer.eos_token_id]}
+    languages = {"Chinese": [t for t in heldout_texts if CJK.search(t)],
+                 "English": [t for t in heldout_texts if not CJK.search(t)]}
     rows, timed_rows, report = [], [], {"args": vars(args), "load_average": loads, "systems": {}}
     for name, run in (("MiniMind", minimind), ("MateConv", ours)):
         loop_s = train_time(run, run["steps"])
@@ -370,6 +373,10 @@ def main() -> None:
             model = loaders[name](run["checkpoints"][step])
             scores[step] = bits_per_byte(model, tokenizer, heldout_texts, args.seq, batch_size=16,
                                          start_ids=starts[name]).bpb
+            if step == run["steps"]:
+                by_language = {language: round(bits_per_byte(model, tokenizer, texts, args.seq, batch_size=16,
+                                                             start_ids=starts[name]).bpb, 4)
+                               for language, texts in languages.items() if texts}
         timed_rows.append({"system": name, "training time (s)": round(budget, 1), "step": timed or "none saved",
                            "step ended at (s)": "" if timed is None else round(train_time(run, timed), 1),
                            "real tokens": "" if timed is None else sum(run["tokens"][:timed]),
@@ -382,7 +389,8 @@ def main() -> None:
                      "real tokens/s": round(rate), "peak RSS (GB)": round(run["rss_gb"], 2),
                      **({"peak CUDA (GB)": round(run.get("cuda_gb", math.nan), 2)} if args.device == "cuda" else {}),
                      "final loss": round(run["losses"][run["steps"]], 3),
-                     "held-out bpb": round(scores[run["steps"]], 4)})
+                     "held-out bpb": round(scores[run["steps"]], 4),
+                     **{f"bpb {language}": value for language, value in by_language.items()}})
         report["systems"][name] = {k: v for k, v in run.items() if k not in ("checkpoints", "tokens")} | {
             "bpb_by_step": scores, "real_tokens": real}
     ratio = rows[1]["real tokens/s"] / rows[0]["real tokens/s"]

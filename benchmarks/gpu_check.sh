@@ -32,7 +32,7 @@ else
   TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
   MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --save_every 20"
   DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
-  LIMIT=(270 150 120)
+  LIMIT=(240 120 110)  # 470 s in all: the 8 minutes of the header, with the start-up around them
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
