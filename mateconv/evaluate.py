@@ -30,6 +30,7 @@ from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
+from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
 
@@ -536,6 +537,7 @@ def judge_endpoint(base_url: str | None, model: str | None) -> Endpoint | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    bars_only_on_a_terminal()
     try:
         evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
                  optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,

@@ -26,6 +26,7 @@ from mateconv.data import DataError
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
+from mateconv.terminal import bars_only_on_a_terminal
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
     parser.add_argument("--out_dir", default="out/tokenizer")
     args = parser.parse_args(argv)
+    bars_only_on_a_terminal()
     try:
         out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else
                train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars))

@@ -229,7 +229,7 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
 def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
     from tqdm import tqdm
 
-    from mateconv.train.tracking import bars_only_on_a_terminal
+    from mateconv.terminal import bars_only_on_a_terminal
 
     bars_only_on_a_terminal()  # pytest's captured output is not a terminal
     bar = tqdm(range(5), desc="corpus")

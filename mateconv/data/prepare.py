@@ -27,6 +27,7 @@ from mateconv.data.clean import Deduper, Filters, length_summary, normalize, spl
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
+from mateconv.terminal import bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 MAX_BAD_EXAMPLES = 20
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--num_perm", type=int, default=64)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    bars_only_on_a_terminal()
     try:
         sources: dict[str, list] = raw_dir_sources(args.raw_dir) if args.raw_dir else {}
         for kind in KINDS:

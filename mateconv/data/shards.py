@@ -39,6 +39,7 @@ from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
+from mateconv.terminal import bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 1
@@ -606,6 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    bars_only_on_a_terminal()
     options = dict(workers=args.workers or None, records_per_shard=args.records_per_shard,
                    chunk_records=args.chunk_records, strict=args.strict, progress=not args.no_progress)
     try:

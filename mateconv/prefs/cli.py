@@ -7,6 +7,7 @@ import sys
 
 from mateconv.prefs.pipeline import JUDGE_MODES, PrefsConfig, run
 from mateconv.prefs.endpoints import PrefsError
+from mateconv.terminal import bars_only_on_a_terminal
 
 DEFAULTS = PrefsConfig()
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     config = PrefsConfig(**vars(build_parser().parse_args(argv)))
+    bars_only_on_a_terminal()
     # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

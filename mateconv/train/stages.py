@@ -25,7 +25,7 @@ from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forg
 from mateconv.train.models import build_model, load_tokenizer
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, with_cached_reference
-from mateconv.train.tracking import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.train.signals import TrainingHalted
 
 LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")

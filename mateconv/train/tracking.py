@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mateconv.config import TrainConfig, config_to_dict
 from mateconv.files import read_metrics, write_atomic
+from mateconv.terminal import on_terminal
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {
@@ -210,27 +211,6 @@ def _wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
-
-
-def on_terminal() -> bool:
-    """Whether a person watches the output live: stdout and stderr are terminals (not `nohup ... > logs/x.log`)."""
-    return sys.stdout.isatty() and sys.stderr.isatty()
-
-
-def bars_only_on_a_terminal() -> None:
-    """Off a terminal, every tqdm bar, ours and the libraries' (transformers' weight loading and saving), draws into
-    os.devnull: a bar redraws itself with `\r`, which in a log file makes one endless line. The bars still count
-    (code may read `bar.n`); `Progress` prints plain lines instead."""
-    if on_terminal() or getattr(tqdm.__init__, "quiet", False):
-        return
-    init, sink = tqdm.__init__, open(os.devnull, "w")
-
-    @functools.wraps(init)
-    def quiet(self, *args, **kwargs):
-        init(self, *args, **{**kwargs, "file": sink})
-
-    quiet.quiet = True  # once per process, however many stages run in it
-    tqdm.__init__ = quiet
 
 
 def duration(seconds: float) -> str:
