@@ -77,7 +77,8 @@ def test_pretrain_packing_counts_and_windows(setup, tmp_path):
 def test_pretrain_stream_without_a_final_eos_keeps_its_tail(tmp_path):
     """Hand-written shards (a token stream with no EOS at all, or one cut mid-document) still give rows: the
     tokens after the last EOS form one more document."""
-    for name, stream in {"no_eos": np.arange(3, 403) % 60 + 3, "cut": np.r_[np.arange(3, 50), 2, np.arange(3, 353)]}.items():
+    streams = {"no_eos": np.arange(3, 403) % 60 + 3, "cut": np.r_[np.arange(3, 50), 2, np.arange(3, 353)]}
+    for name, stream in streams.items():
         directory = tmp_path / name
         directory.mkdir()
         stream.astype(np.uint16).tofile(directory / "shard_00000.tokens.bin")

@@ -172,8 +172,7 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
     init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
     out_dir = tmp_path / "run"
     command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--data_path", str(data),
-                                "--max_nonfinite_steps", "2",
-                                "--val_data_path", "", "--warmup_iters", "4")
+                                "--max_nonfinite_steps", "2", "--val_data_path", "", "--warmup_iters", "4")
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]

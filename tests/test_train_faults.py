@@ -39,8 +39,10 @@ def poisoned_tokens(tokens_dir, out_dir, world_size: int, bad: dict[int, int], b
     used = set(np.unique(np.concatenate(streams)).tolist())
     token = max(set(range(data.index["vocab_size"])) - used)
     for step, rank in bad.items():
-        row = orders[rank][(step - 1) * batch_size]
-        position = int(data.piece_starts[data.row_bounds[row]])  # its first piece opens with a document token
+        first = data.row_bounds[orders[rank][(step - 1) * batch_size]]  # the first piece of the batch's first row
+        position = int(data.piece_starts[first])
+        # a piece of 2+ tokens keeps the token from leading another row (a row's lead is the token before its piece)
+        assert data.piece_lengths[first] > 1
         shard = bisect.bisect_right(data.starts, position) - 1
         assert streams[shard][position - data.starts[shard]] != data.eos_id
         streams[shard][position - data.starts[shard]] = token
@@ -82,8 +84,8 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_token
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 1, {3: 0, 5: 0, 6: 0})
     init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
-    flags = dict(init_from=init, data_path=data, max_steps=8, max_nonfinite_steps=2, save_interval_steps=4, val_data_path="",
-                 warmup_iters=4, log_interval=2)
+    flags = dict(init_from=init, data_path=data, max_steps=8, max_nonfinite_steps=2, save_interval_steps=4,
+                 val_data_path="", warmup_iters=4, log_interval=2)
     with pytest.raises(TrainingHalted, match=r"in 2 steps in a row \(steps 5-6.*stopped at step 6 .*after step 4"):
         train(tmp_path / "run", tracker="wandb", **flags)
     assert "step 3: loss nan, grad_norm nan: not finite, optimizer step skipped (1 in a row" in capsys.readouterr().out

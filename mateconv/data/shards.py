@@ -115,11 +115,11 @@ class DocumentRows(Dataset):
     dtype: np.dtype
 
     def plan(self, eos_positions: np.ndarray, num_tokens: int, seq_len: int) -> None:
-        # tokens after the last EOS (a stream without any, or cut mid-document) still form a last document
-        ends = eos_positions if num_tokens == 0 or (len(eos_positions) and eos_positions[-1] == num_tokens - 1) \
-            else np.append(eos_positions, num_tokens - 1)
+        last = eos_positions[-1] if len(eos_positions) else -1
+        if last < num_tokens - 1:  # tokens after the last EOS (none at all, or a cut stream) form one more document
+            eos_positions = np.append(eos_positions, num_tokens - 1)
         self.piece_starts, self.piece_lengths, self.row_bounds = plan_rows(
-            np.diff(ends, prepend=-1), seq_len - 1, self.pool_size)
+            np.diff(eos_positions, prepend=-1), seq_len - 1, self.pool_size)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         raise NotImplementedError
