@@ -4,6 +4,7 @@ wall time.
 
     python benchmarks/bench_vs_minimind.py --device cpu            # dim 256, 4 layers, seq 256, batch 16, 1 epoch
     python benchmarks/bench_vs_minimind.py --device cuda --epochs 4
+    python benchmarks/bench_vs_minimind.py --epochs 4 --mateconv_rows minimind   # ablation: MiniMind's rows for both
 
 - Corpus: documents built from $MATECONV_SHARED_DATA (default ../shared/data): C4 and Wikipedia samples, Tiny
   Shakespeare in passages, Song ci poems; shuffled with a fixed seed; the first --train_docs are the training set
@@ -20,8 +21,13 @@ wall time.
   to each step's log line (start-up, data loading and the first step are left out for both; MateConv's stage 3 is
   timed on its own); wall time counts from process start. Both save a checkpoint every --save_every steps (inside
   the timed loop for both). Peak memory: each trainer's max RSS (and CUDA peak).
+- --mateconv_rows minimind (an ablation, not a comparison of the two systems): MateConv's trainer trains on MiniMind's
+  own rows instead of its packed ones: each document alone in a row, BOS + its first seq - 2 tokens + EOS, padded,
+  drawn in MiniMind's order (both shuffle with seed 42 + epoch; --mateconv_seed changes ours), fed as SFT shards with
+  every token trained (5.full_sft.py from scratch, the same flags). Equal data, so what is left is model and trainer.
 - Bits per byte: mateconv.logprobs.bits_per_byte on the held-out documents, whole (windows of seq tokens), for both
-  models; each model's documents start the way it was trained (MiniMind: BOS, MateConv: EOS of the previous one).
+  models; each model's documents start the way it was trained (MiniMind, and MateConv on MiniMind's rows: BOS;
+  packed MateConv: the EOS of the previous one).
   Equal steps: both final models, on all held-out documents and on the Chinese and English ones apart. Equal wall
   time: each system's newest checkpoint whose step ended within the faster run's training time.
 """
@@ -45,6 +51,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from mateconv.data.shards import write_sft_rows
 from mateconv.files import read_metrics, write_atomic
 from mateconv.logprobs import bits_per_byte
 from mateconv.tokenizer import adopt_tokenizer
@@ -177,10 +184,16 @@ def minimind_module(root: Path):
     return module
 
 
-def minimind_real_tokens(train_texts: list[str], tokenizer, seq: int, batch: int, epochs: int) -> list[int]:
-    """Non-padding positions of each MiniMind step: BOS + the document truncated to seq - 2 tokens + EOS, in the
-    order its trainer draws documents (torch.randperm after seeding 42 + epoch, consecutive batches)."""
-    lengths = [min(len(tokenizer(t, add_special_tokens=False).input_ids), seq - 2) + 2 for t in train_texts]
+def minimind_rows(texts: list[str], tokenizer, seq: int) -> list[list[int]]:
+    """MiniMind's pretraining rows before padding: BOS + the document truncated to seq - 2 tokens + EOS."""
+    return [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids[: seq - 2],
+             tokenizer.eos_token_id] for t in texts]
+
+
+def minimind_real_tokens(rows: list[list[int]], batch: int, epochs: int) -> list[int]:
+    """Non-padding positions of each MiniMind step, in the order its trainer draws documents (torch.randperm after
+    seeding 42 + epoch, consecutive batches)."""
+    lengths = [len(row) for row in rows]
     per_step = []
     for epoch in range(epochs):
         torch.manual_seed(42 + epoch)
@@ -250,6 +263,14 @@ def tokenize_for_mateconv(work: Path, train: Path, env: dict) -> dict:
             "corpus_tokens": sum(shard["num_tokens"] for shard in index["shards"])}
 
 
+def minimind_rows_for_mateconv(work: Path, rows: list[list[int]]) -> dict:
+    """--mateconv_rows minimind: MiniMind's rows as SFT shards with every token trained (same keys as
+    tokenize_for_mateconv)."""
+    started = time.time()
+    tokens = write_sft_rows(rows, work / "tokenizer", work / "tokens" / "minimind_rows")
+    return {"tokens_dir": tokens, "tokenize_s": time.time() - started, "corpus_tokens": sum(map(len, rows))}
+
+
 def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
     tokenizer_dir, tokens = work / "tokenizer", shards["tokens_dir"]
     out = work / "mateconv"
@@ -262,8 +283,9 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
              "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01, "--adam_beta2", 0.999,
              "--grad_clip", 1.0, "--log_interval", 1, "--save_interval_steps", args.save_every,
              "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
-             "--engine", "torch", *device[args.device]]
-    result = run_trainer("MateConv", ["4.pretrain.py", *map(str, flags)], REPO, env, work / "mateconv.log")
+             "--engine", "torch", "--seed", args.mateconv_seed, *device[args.device]]
+    stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
+    result = run_trainer("MateConv", [stage, *map(str, flags)], REPO, env, work / "mateconv.log")
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
     step_times = {row["step"]: row["time"] - result["start"] for row in rows}
     checkpoints = {int(p.name.split("_")[1]): p for p in (out / "checkpoints").glob("step_*")}
@@ -316,6 +338,12 @@ def main() -> None:
     parser.add_argument("--save_every", type=int, default=10, help="checkpoint interval (steps) of both trainers")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of both trainers")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers")
+    parser.add_argument("--mateconv_rows", choices=["packed", "minimind"], default="packed",
+                        help="minimind: an ablation, MateConv's trainer on MiniMind's own rows (one truncated, "
+                             "padded document per row, same order) to separate data layout from model and trainer")
+    parser.add_argument("--mateconv_seed", type=int, default=42,
+                        help="MateConv's seed (initialisation and order; 42 is MiniMind's fixed one, and with it "
+                             "MateConv draws MiniMind's rows in MiniMind's order): how much a result moves with it")
     parser.add_argument("--concurrent", action="store_true",
                         help="train both at once (on a shared CPU machine the other jobs' load then hits both alike; "
                              "use with --threads 1 on 2 cores)")
@@ -338,7 +366,9 @@ def main() -> None:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
-    shards = tokenize_for_mateconv(work, paths["train"], env)
+    minimind_ids = minimind_rows(train_texts, tokenizer, args.seq)
+    shards = (minimind_rows_for_mateconv(work, minimind_ids) if args.mateconv_rows == "minimind"
+              else tokenize_for_mateconv(work, paths["train"], env))
     steps = args.epochs * math.ceil(args.train_docs / args.batch)  # MiniMind's: whole epochs over the documents
     loads = {"before": load_average()}
     if args.concurrent:
@@ -354,13 +384,15 @@ def main() -> None:
         loads["after MateConv"] = load_average()
 
     positions = args.batch * args.seq
-    minimind["tokens"] = minimind_real_tokens(train_texts, tokenizer, args.seq, args.batch, args.epochs)
-    ours["tokens"] = [positions] * ours["steps"]  # packed: every position is a real token
+    minimind["tokens"] = minimind_real_tokens(minimind_ids, args.batch, args.epochs)
+    # packed: every position is a real token; MiniMind's rows: the same rows in the same order as MiniMind
+    ours["tokens"] = minimind["tokens"] if args.mateconv_rows == "minimind" else [positions] * ours["steps"]
     budget = min(train_time(run, run["steps"]) for run in (minimind, ours))
     module = minimind_module(work / "minimind")
     loaders = {"MiniMind": lambda path: minimind_model(module, args, path).to(args.device),
                "MateConv": lambda path: mateconv_model(path, work / "mateconv" / "final").to(args.device)}
-    starts = {"MiniMind": [tokenizer.bos_token_id], "MateConv": [tokenizer.eos_token_id]}
+    lead = tokenizer.bos_token_id if args.mateconv_rows == "minimind" else tokenizer.eos_token_id
+    starts = {"MiniMind": [tokenizer.bos_token_id], "MateConv": [lead]}
     languages = {"Chinese": [t for t in heldout_texts if CJK.search(t)],
                  "English": [t for t in heldout_texts if not CJK.search(t)]}
     rows, timed_rows, report = [], [], {"args": vars(args), "load_average": loads, "systems": {}}
@@ -397,8 +429,8 @@ def main() -> None:
     text = "\n".join([
         f"MateConv vs MiniMind on {args.device}: {args.train_docs} training documents, {len(heldout_texts)} held-out "
         f"({sum(len(t.encode()) for t in heldout_texts)} bytes); dim {args.dim}, {args.layers} layers, seq {args.seq}, "
-        f"batch {args.batch}, lr {args.lr}; MateConv's stage 3 took {ours['tokenize_s']:.1f} s for "
-        f"{ours['corpus_tokens']} tokens ({ours['steps'] * positions / ours['corpus_tokens']:.2f} epochs trained).",
+        f"batch {args.batch}, lr {args.lr}; MateConv's rows: {args.mateconv_rows}, {ours['corpus_tokens']} tokens "
+        f"written in {ours['tokenize_s']:.1f} s ({sum(ours['tokens']) / ours['corpus_tokens']:.2f} epochs trained).",
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP threads {args.threads or 'default'}, "
         f"{'both trainers at once' if args.concurrent else 'one trainer after the other'}; load average "
         f"(1/5/15 min): {'; '.join(f'{k}: {v}' for k, v in loads.items())}.", "",

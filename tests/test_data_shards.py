@@ -12,7 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mateconv.data import DataError, embedded
-from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, shard_info
+from mateconv.data.shards import (DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, shard_info,
+                                  write_sft_rows)
 from mateconv.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,18 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
         assert (runs == 1).sum() == sum(m["role"] == "assistant" for m in messages)
     short = SFTTokens(tmp_path / "s", seq_len=10)[0]  # truncation keeps the first seq_len tokens
     assert short["input_ids"].shape == (10,) and short["attention_mask"].all()
+
+
+def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_path):
+    _, tokenizer_dir, tokenizer = setup
+    rows = [[tokenizer.bos_token_id, 7, 8, 9, tokenizer.eos_token_id], [5] * 12, [6]]
+    dataset = SFTTokens(write_sft_rows(rows, tokenizer_dir, tmp_path / "rows"), seq_len=8)
+    assert len(dataset) == 3 and shard_info(tmp_path / "rows")["num_tokens"] == 18
+    for row, item in zip(rows, dataset):
+        n = min(len(row), 8)
+        assert item["input_ids"][:n].tolist() == item["labels"][:n].tolist() == row[:n]
+        assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
+        assert int(item["attention_mask"].sum()) == n
 
 
 def test_dpo_pairs_share_prompt_and_mask_it(setup, tmp_path):

@@ -469,6 +469,36 @@ def _finished_shards(out_dir: Path, index: dict, kind: str) -> list[dict]:
             and (out_dir / f"{s['name']}.tokens.bin").stat().st_size == s["num_tokens"] * itemsize]
 
 
+def _vocabulary(tokenizer_file: Path) -> dict:
+    """What an index records about the tokenizer: vocab_size, eos_id, pad_id and the token dtype."""
+    if not tokenizer_file.is_file():
+        raise DataError(f"{tokenizer_file.parent}: no tokenizer.json (train one with stage 1)")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    vocab_size = tokenizer.get_vocab_size()
+    eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+    if eos_id is None or pad_id is None:
+        raise DataError(f"{tokenizer_file} lacks the special tokens {EOS} / {PAD}")
+    return {"dtype": "uint16" if vocab_size <= 1 << 16 else "uint32", "vocab_size": vocab_size, "eos_id": eos_id,
+            "pad_id": pad_id}
+
+
+def write_sft_rows(rows: list[list[int]], tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """One SFT shard of ready-made token rows, every token trained (a loss mask of ones): for replaying another
+    trainer's rows with ours, e.g. MiniMind's truncated pretraining rows in benchmarks/bench_vs_minimind.py."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = _vocabulary(Path(tokenizer_dir) / "tokenizer.json")
+    tokens = np.asarray([t for row in rows for t in row], dtype=vocab["dtype"])
+    writer = _ShardWriter(out_dir, "sft")
+    writer.open(0)
+    writer.add({"tokens": tokens, "mask": np.ones(len(tokens), dtype=np.uint8),
+                "lengths": np.asarray([len(row) for row in rows])})
+    index = {"kind": "sft", **vocab, "shards": [writer.close()], "complete": True, "format_version": FORMAT_VERSION,
+             "inputs": [], "tokenizer": str(tokenizer_dir), "bad_records": 0, "bad_examples": []}
+    _write_json_atomic(out_dir / "index.json", index)
+    return out_dir
+
+
 def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
                  workers: int | None = None, records_per_shard: int = 100_000, chunk_records: int = 256,
                  strict: bool = False, max_in_flight: int | None = None, progress: bool = True) -> BuildResult:
@@ -477,14 +507,7 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     files = list_files(inputs)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise DataError(f"{tokenizer_dir}: no tokenizer.json (train one with stage 1)")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    vocab_size = tokenizer.get_vocab_size()
-    eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
-    if eos_id is None or pad_id is None:
-        raise DataError(f"{tokenizer_file} lacks the special tokens {EOS} / {PAD}")
-    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    vocab = _vocabulary(tokenizer_file)
     workers = workers or os.cpu_count() or 1
     chunk_records = max(1, min(chunk_records, records_per_shard))
 
@@ -501,10 +524,11 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         if stale.name.split(".")[0] not in done_names or stale.name.endswith(".tmp"):
             stale.unlink()
 
-    index = {"kind": kind, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id, "pad_id": pad_id,
-             "shards": sorted(done, key=lambda s: s["name"]), "complete": False, "format_version": FORMAT_VERSION,
-             "fingerprint": fingerprint, "inputs": [str(p) for p in files], "tokenizer": str(tokenizer_dir),
-             "records_per_shard": records_per_shard, "bad_records": 0, "bad_examples": []}
+    eos_id, dtype = vocab["eos_id"], vocab["dtype"]
+    index = {"kind": kind, **vocab, "shards": sorted(done, key=lambda s: s["name"]), "complete": False,
+             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "inputs": [str(p) for p in files],
+             "tokenizer": str(tokenizer_dir), "records_per_shard": records_per_shard, "bad_records": 0,
+             "bad_examples": []}
     _write_json_atomic(index_path, index)
     bad: list[str] = []
     skip = {int(name.split("-")[1]) for name in done_names}
