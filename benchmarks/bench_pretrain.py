@@ -6,6 +6,10 @@ settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one proc
     python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU
 `--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--tiny` shrinks the models to
 dim 64, 2 layers (a wiring check, benchmarks/gpu_check.sh --cpu-smoke).
+`--profile N` instead runs MateConv-0.02B dense once (eager) under torch.profiler and reports where the last N of the
+--steps steps spent their time: the top operators on the device (GPU) and on the host, and on GPU how much of each
+step's wall time the device was busy, which tells a starved GPU (host-bound: launches, syncs) from a kernel-bound one;
+`--trace FILE` also writes the Chrome trace (open it in ui.perfetto.dev).
 The contenders run in turn `--rounds` times and each keeps its best round (so load from other processes on a shared
 machine hits all of them alike). The first `--warmup` steps of each run are excluded; tokens/s and MFU are the
 engine's own logged values (MFU against the peak the engine measures at the start of each run on CPU, or the GPU
@@ -17,9 +21,11 @@ import argparse
 import copy
 import itertools
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.utils.data import Dataset
 
 from mateconv.config import TrainConfig, build_config
@@ -55,6 +61,61 @@ class RandomTokens(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "position_ids": self.positions[i]}
 
 
+class ProfiledTrainer(Trainer):
+    """The engine, telling the profiler's schedule where each optimizer step ends (and when)."""
+
+    def __init__(self, *args, profiler: torch.profiler.profile, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.profiler, self.step_ends = profiler, []
+
+    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
+        result = super().optimizer_step(loss_finite)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize()  # the step has ended on the device too (the engine already waits for it here)
+        self.step_ends.append(time.perf_counter())
+        self.profiler.step()
+        return result
+
+
+def top_operators(events, attribute: str, total: float, per_step: int, rows: int) -> str:
+    """A markdown table of the operators with the most self time (`attribute`, in microseconds, of `total`)."""
+    lines = ["| operator | calls / step | ms / step | share |", "| --- | --- | --- | --- |"]
+    for event in sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:rows]:
+        spent = getattr(event, attribute)
+        lines.append(f"| {event.key[:70]} | {event.count / per_step:.0f} | {spent / 1e3 / per_step:.2f} "
+                     f"| {spent / max(total, 1e-9):.1%} |")
+    return "\n".join(lines)
+
+
+def profile(model: torch.nn.Module, config: TrainConfig, data: Dataset, steps: int, trace: str) -> None:
+    """Runs the engine over config's steps and profiles the last `steps` of them."""
+    runtime = setup(config.parallel)
+    cuda = runtime.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    schedule = torch.profiler.schedule(wait=config.optim.max_steps - steps - 1, warmup=1, active=steps, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        trainer = ProfiledTrainer(config, runtime, model, LMObjective(), data, profiler=profiler)
+        trainer.fit()
+    wall_ms = (trainer.step_ends[-1] - trainer.step_ends[-steps - 1]) * 1e3 / steps
+    events = profiler.key_averages()
+    operators = [e for e in events if e.device_type == DeviceType.CPU]  # with the device time of their own kernels
+    print(f"profile of MateConv-0.02B dense, eager, on {runtime.device}: the last {steps} of {config.optim.max_steps} "
+          f"steps, {wall_ms:.1f} ms per step (wall), torch {torch.__version__}\n")
+    if cuda:
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation)  # kernels and copies
+        print(f"device busy {busy / 1e3 / steps:.1f} ms per step: {busy / 1e3 / steps / wall_ms:.0%} of the wall "
+              f"time\n")
+        print("On the device, by the operator that launched the work:\n\n"
+              + top_operators(operators, "self_device_time_total", busy, steps, 15) + "\n")
+    host = sum(e.self_cpu_time_total for e in operators)
+    print("On the host (ProfilerStep*: time outside any operator, i.e. Python and the engine's own code):\n\n"
+          + top_operators(operators, "self_cpu_time_total", host, steps, 15))
+    if trace:
+        profiler.export_chrome_trace(trace)
+        print(f"\nChrome trace: {trace}")
+
+
 def run(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, warmup: int) -> dict:
     runtime = setup(config.parallel)
     Trainer(config, runtime, model, LMObjective(), data).fit()
@@ -64,6 +125,12 @@ def run(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, w
     mfu = sum(r["mfu"] for r in timed) / len(timed) if "mfu" in timed[0] else float("nan")
     return {"name": name, "params": sum(p.numel() for p in model.parameters()) / 1e6,
             "active": active_parameters(model) / 1e6, "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+
+
+def engine_config(args, out_dir: str, compiled: bool) -> TrainConfig:
+    return build_config(dict(max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps, dtype=args.dtype,
+                             tracker="none", num_workers=0, log_interval=1, out_dir=out_dir, save_interval_steps=10**9,
+                             resume="never", warmup_iters=0, compile=compiled).items())
 
 
 def main() -> None:
@@ -77,12 +144,21 @@ def main() -> None:
     parser.add_argument("--compile", type=int, nargs="+", choices=[0, 1], default=[0],
                         help="0 eager, 1 torch.compile; several: each contender in each mode")
     parser.add_argument("--tiny", action="store_true", help="dim 64, 2 layers (wiring check)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of the comparison: profile the last N of --steps steps of the dense model")
+    parser.add_argument("--trace", default="", help="with --profile: write the Chrome trace to this file")
     args = parser.parse_args()
+    if args.profile and not 0 < args.profile < args.steps:
+        raise SystemExit(f"bench: --profile {args.profile} must be between 1 and --steps - 1 ({args.steps - 1})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = RandomTokens(args.batch * args.steps, args.seq, 6400)
     seed_everything(0)
     tiny = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2) if args.tiny else {}
     dense = MateConvForCausalLM(preset_config("mateconv-0.02b", max_seq_len=args.seq, **tiny))
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            profile(dense, engine_config(args, tmp, compiled=False), data, args.profile, args.trace)
+        return
     contenders = {"MateConv-0.02B dense": dense, "HF LlamaForCausalLM (same weights)": to_llama(dense)}
     seed_everything(0)
     contenders["MateConv-0.1B MoE"] = MateConvForCausalLM(preset_config("mateconv-0.1b-moe", max_seq_len=args.seq,
@@ -93,10 +169,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             for index, ((name, model), compiled) in enumerate(itertools.product(contenders.items(), args.compile)):
                 model.load_state_dict(initial[name])
-                config = build_config(dict(max_seq_len=args.seq, batch_size=args.batch, max_steps=args.steps,
-                                           dtype=args.dtype, tracker="none", num_workers=0, log_interval=1,
-                                           out_dir=f"{tmp}/{index}_{round_index}", save_interval_steps=10**9,
-                                           resume="never", warmup_iters=0, compile=bool(compiled)).items())
+                config = engine_config(args, f"{tmp}/{index}_{round_index}", bool(compiled))
                 label = f"{name}{', compiled' if compiled else ''}"
                 # the engine compiles in place: a compiled run gets its own copy, so eager runs stay eager
                 result = run(label, copy.deepcopy(model) if compiled else model, config, data, args.warmup)

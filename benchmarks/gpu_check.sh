@@ -6,6 +6,8 @@
 #      needs ../shared/data and ../shared/peers/minimind, or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND)
 #   3. decode: generate_tokens (its decode step compiled: CUDA graphs) against transformers generate at batch 1 and 8
 #      (benchmarks/bench_decode.py; the two compiles, one per batch size, are its warm-up)
+#   4. profile: where an eager 0.02B dense step spends its time, on the device and on the host, and how busy the
+#      device was (benchmarks/bench_pretrain.py --profile; Chrome trace in profile_trace.json.gz)
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
@@ -26,13 +28,15 @@ if [ $SMOKE = 1 ]; then
   TRAIN="--tiny --seq 32 --batch 2 --steps 3 --warmup 1 --rounds 1 --compile 0"
   MINI="--device cpu --dim 64 --layers 2 --seq 64 --batch 4 --train_docs 24 --heldout_docs 4 --save_every 3"
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
-  LIMIT=(100 100 60)
+  PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3"
+  LIMIT=(100 100 60 60)
 else
   DEVICE=cuda
   TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
   MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --save_every 20"
   DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
-  LIMIT=(240 120 110)  # 470 s in all: the 8 minutes of the header, with the start-up around them
+  PROFILE="--seq 512 --batch 64 --steps 25 --profile 5"
+  LIMIT=(220 110 100 50)  # 480 s in all: the 8 minutes of the header
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -73,12 +77,14 @@ row "MiniMind's trainer vs 4.pretrain.py" "${LIMIT[1]}" minimind.log \
   "$PY" benchmarks/bench_vs_minimind.py $MINI --out "$OUT/vs_minimind"
 row "decode vs transformers generate" "${LIMIT[2]}" decode.log \
   "$PY" benchmarks/bench_decode.py $DECODE
+row "profile: 0.02B dense step, eager" "${LIMIT[3]}" profile.log \
+  "$PY" benchmarks/bench_pretrain.py $PROFILE --trace "$OUT/profile_trace.json.gz"
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind decode; do
+for log in engine minimind decode profile; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
-  grep -E '^\|' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"
+  grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"
 done
