@@ -71,7 +71,8 @@ class ProfiledTrainer(Trainer):
     def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
         result = super().optimizer_step(loss_finite)
         if self.runtime.device.type == "cuda":
-            torch.cuda.synchronize()  # the step has ended on the device too (the engine already waits for it here)
+            torch.cuda.synchronize()  # each step's wall time holds its own device work (the engine waits only
+                                      # for the gradient norm, before the optimizer's kernels)
         self.step_ends.append(time.perf_counter())
         self.profiler.step()
         return result
