@@ -6,12 +6,10 @@ W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no 
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import netrc
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
