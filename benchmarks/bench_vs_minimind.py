@@ -304,6 +304,15 @@ def mateconv_model(path: Path, final: Path):
 
 # ---------------------------------------------------------------- report
 
+def heldout_bpb(model, tokenizer, languages: dict[str, list[str]], seq: int,
+                start: list[int]) -> tuple[float, dict[str, float]]:
+    """Bits per byte on all held-out documents, and on each language's apart (every document scored once)."""
+    parts = {language: bits_per_byte(model, tokenizer, texts, seq, batch_size=16, start_ids=start)
+             for language, texts in languages.items() if texts}
+    nll, nbytes = sum(part.nll for part in parts.values()), sum(part.bytes for part in parts.values())
+    return nll / (math.log(2) * nbytes), {language: part.bpb for language, part in parts.items()}
+
+
 def train_time(run: dict, step: int) -> float:
     """Seconds of the training loop up to the end of `step`, counted from the end of step 1."""
     return run["step_times"][step] - run["step_times"][1]
@@ -403,17 +412,14 @@ def main() -> None:
         timed = newest_within(run, budget)
         for step in {run["steps"], timed} - {None}:
             model = loaders[name](run["checkpoints"][step])
-            scores[step] = bits_per_byte(model, tokenizer, heldout_texts, args.seq, batch_size=16,
-                                         start_ids=starts[name]).bpb
+            scores[step], step_languages = heldout_bpb(model, tokenizer, languages, args.seq, starts[name])
             if step == run["steps"]:
-                by_language = {language: round(bits_per_byte(model, tokenizer, texts, args.seq, batch_size=16,
-                                                             start_ids=starts[name]).bpb, 4)
-                               for language, texts in languages.items() if texts}
+                by_language = {language: round(value, 4) for language, value in step_languages.items()}
+                params = sum(p.numel() for p in model.parameters()) / 1e6
         timed_rows.append({"system": name, "training time (s)": round(budget, 1), "step": timed or "none saved",
                            "step ended at (s)": "" if timed is None else round(train_time(run, timed), 1),
                            "real tokens": "" if timed is None else sum(run["tokens"][:timed]),
                            "held-out bpb": "" if timed is None else round(scores[timed], 4)})
-        params = sum(p.numel() for p in loaders[name](run["checkpoints"][run["steps"]]).parameters()) / 1e6
         real = sum(run["tokens"][: run["steps"]])
         rows.append({"system": name, "params (M)": round(params, 2), "steps": run["steps"], "real tokens": real,
                      "real / positions": f"{real / (positions * run['steps']):.0%}",
