@@ -22,6 +22,7 @@ import copy
 import itertools
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -172,18 +173,35 @@ def main() -> None:
                 model.load_state_dict(initial[name])
                 config = engine_config(args, f"{tmp}/{index}_{round_index}", bool(compiled))
                 label = f"{name}{', compiled' if compiled else ''}"
-                # the engine compiles in place: a compiled run gets its own copy, so eager runs stay eager
-                result = run(label, copy.deepcopy(model) if compiled else model, config, data, args.warmup)
-                if label not in best or result["tokens_per_sec"] > best[label]["tokens_per_sec"]:
+                try:  # one contender failing (a compile error on a new GPU stack, say) leaves the others' figures
+                    # the engine compiles in place: a compiled run gets its own copy, so eager runs stay eager
+                    result = run(label, copy.deepcopy(model) if compiled else model, config, data, args.warmup)
+                except Exception as error:  # noqa: BLE001 - reported in the table, traceback in the log
+                    traceback.print_exc()
+                    best.setdefault(label, {"name": label, "error": f"{type(error).__name__}: {error}"})
+                    continue
+                print(f"{label}: {result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}", flush=True)
+                if "tokens_per_sec" not in best.get(label, {}) or \
+                        result["tokens_per_sec"] > best[label]["tokens_per_sec"]:
                     best[label] = result
-    results = list(best.values())
-    reference = next(r for r in results if r["name"].startswith("HF"))["tokens_per_sec"]
-    print(f"device {device} ({torch.get_num_threads()} threads), seq {args.seq}, batch {args.batch}, "
+    print(f"\ndevice {device} ({torch.get_num_threads()} threads), seq {args.seq}, batch {args.batch}, "
           f"{args.steps - args.warmup} timed steps, best of {args.rounds} rounds, torch {torch.__version__}\n")
-    print("| model | params (M) | active (M) | tokens/s | MFU | vs HF Llama |\n| --- | --- | --- | --- | --- | --- |")
+    print(results_table(list(best.values())))
+    if any("error" in r for r in best.values()):
+        raise SystemExit("bench: a contender failed (see the table and the traceback above)")
+
+
+def results_table(results: list[dict]) -> str:
+    references = [r["tokens_per_sec"] for r in results if r["name"].startswith("HF") and "error" not in r]
+    lines = ["| model | params (M) | active (M) | tokens/s | MFU | vs HF Llama |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        print(f"| {r['name']} | {r['params']:.1f} | {r['active']:.1f} | {r['tokens_per_sec']:,.0f} | "
-              f"{r['mfu']:.1%} | {r['tokens_per_sec'] / reference:.2f}x |")
+        if "error" in r:
+            lines.append(f"| {r['name']} | | | failed: {r['error'][:120].replace('|', '/')} | | |")
+            continue
+        ratio = f"{r['tokens_per_sec'] / references[0]:.2f}x" if references else "n/a"
+        lines.append(f"| {r['name']} | {r['params']:.1f} | {r['active']:.1f} | {r['tokens_per_sec']:,.0f} | "
+                     f"{r['mfu']:.1%} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

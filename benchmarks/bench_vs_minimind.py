@@ -3,7 +3,7 @@ trainer, reporting real (non-padding) tokens/s, peak memory, and held-out bits p
 wall time.
 
     python benchmarks/bench_vs_minimind.py --device cpu            # dim 256, 4 layers, seq 256, batch 16, 1 epoch
-    python benchmarks/bench_vs_minimind.py --device cuda --epochs 4
+    python benchmarks/bench_vs_minimind.py --device cuda --epochs 4 --compile 1   # both trainers compiled
     python benchmarks/bench_vs_minimind.py --epochs 4 --mateconv_rows minimind   # ablation: MiniMind's rows for both
 
 - Corpus: documents built from $MATECONV_SHARED_DATA (default ../shared/data): C4 and Wikipedia samples, Tiny
@@ -16,6 +16,8 @@ wall time.
 - MateConv: stage 3 (3.dataset.py) packs the same documents with MiniMind's tokenizer (adopted by
   mateconv.tokenizer), then 4.pretrain.py trains for the same number of steps at the same batch shape, learning rate,
   schedule (cosine to 10%, no warmup), AdamW settings and gradient clipping.
+- Both eager by default (MateConv's engine would otherwise compile on CUDA); --compile 1 compiles both (MiniMind's
+  --use_compile 1, MateConv's --compile 1). On CUDA both train under bf16 autocast.
 - Real tokens: MiniMind's non-padding positions per step, counted from its own sampling order (torch.randperm with
   seed 42 + epoch); MateConv's packed batches have no padding. Training time is the loop's: from the end of step 1
   to each step's log line (start-up, data loading and the first step are left out for both; MateConv's stage 3 is
@@ -224,7 +226,7 @@ def run_minimind(args, work: Path, train: Path, env: dict) -> dict:
              "--device", "cuda:0" if args.device == "cuda" else "cpu", "--num_workers", args.num_workers,
              "--accumulation_steps", 1, "--grad_clip", 1.0, "--log_interval", 1, "--save_interval", args.save_every,
              "--hidden_size", args.dim, "--num_hidden_layers", args.layers, "--max_seq_len", args.seq,
-             "--data_path", train.resolve()]
+             "--use_compile", args.compile, "--data_path", train.resolve()]
     snapshots.start()
     try:
         result = run_trainer("MiniMind", ["train_pretrain.py", *map(str, flags)], root / "trainer", env,
@@ -283,7 +285,7 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
              "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01, "--adam_beta2", 0.999,
              "--grad_clip", 1.0, "--log_interval", 1, "--save_interval_steps", args.save_every,
              "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
-             "--engine", "torch", "--seed", args.mateconv_seed, *device[args.device]]
+             "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device]]
     stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
     result = run_trainer("MateConv", [stage, *map(str, flags)], REPO, env, work / "mateconv.log")
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
@@ -353,6 +355,8 @@ def main() -> None:
     parser.add_argument("--mateconv_seed", type=int, default=42,
                         help="MateConv's seed (initialisation and order; 42 is MiniMind's fixed one, and with it "
                              "MateConv draws MiniMind's rows in MiniMind's order): how much a result moves with it")
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=0,
+                        help="torch.compile in both trainers (MiniMind's --use_compile, MateConv's --compile)")
     parser.add_argument("--concurrent", action="store_true",
                         help="train both at once (on a shared CPU machine the other jobs' load then hits both alike; "
                              "use with --threads 1 on 2 cores)")

@@ -2,8 +2,9 @@
 # One GPU check (issue 14), ≤ 8 minutes on one H100/H200, from the repository's files alone (no downloads):
 #   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
-#   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape (benchmarks/bench_vs_minimind.py;
-#      needs ../shared/data and ../shared/peers/minimind, or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND)
+#   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
+#      (MiniMind's --use_compile 1; benchmarks/bench_vs_minimind.py; needs ../shared/data and ../shared/peers/minimind,
+#      or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND; MiniMind's trainer imports `datasets`)
 #   3. decode: generate_tokens (its decode step compiled: CUDA graphs) against transformers generate at batch 1 and 8
 #      (benchmarks/bench_decode.py; the two compiles, one per batch size, are its warm-up)
 #   4. profile: where an eager 0.02B dense step spends its time, on the device and on the host, and how busy the
@@ -27,16 +28,20 @@ if [ $SMOKE = 1 ]; then
   DEVICE=cpu
   TRAIN="--tiny --seq 32 --batch 2 --steps 3 --warmup 1 --rounds 1 --compile 0"
   MINI="--device cpu --dim 64 --layers 2 --seq 64 --batch 4 --train_docs 24 --heldout_docs 4 --save_every 3"
+  MINI_COMPILED=""  # the compiled pair is GPU-only here (inductor's CPU build would take minutes on a laptop)
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
   PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3"
-  LIMIT=(100 100 60 60)
+  LIMIT=(100 100 0 60 60)
 else
   DEVICE=cuda
   TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
-  MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --save_every 20"
+  # 3 epochs of 40 steps; 4 loader workers each (MiniMind tokenizes in its loader)
+  MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --epochs 3
+        --save_every 20 --num_workers 4"
+  MINI_COMPILED="--compile 1"
   DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
   PROFILE="--seq 512 --batch 64 --steps 25 --profile 5"
-  LIMIT=(220 110 100 50)  # 480 s in all: the 8 minutes of the header
+  LIMIT=(200 80 100 80 40)  # 500 s in all: about the 8 minutes of the header
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -73,17 +78,19 @@ row() {  # row NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, rec
 start=$SECONDS
 row "engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
   "$PY" benchmarks/bench_pretrain.py $TRAIN
-row "MiniMind's trainer vs 4.pretrain.py" "${LIMIT[1]}" minimind.log \
-  "$PY" benchmarks/bench_vs_minimind.py $MINI --out "$OUT/vs_minimind"
-row "decode vs transformers generate" "${LIMIT[2]}" decode.log \
+row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --out "$OUT/vs_minimind"
+[ -n "$MINI_COMPILED" ] && row "MiniMind's trainer vs 4.pretrain.py, both compiled" "${LIMIT[2]}" minimind_compiled.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI $MINI_COMPILED --out "$OUT/vs_minimind_compiled"
+row "decode vs transformers generate" "${LIMIT[3]}" decode.log \
   "$PY" benchmarks/bench_decode.py $DECODE
-row "profile: 0.02B dense step, eager" "${LIMIT[3]}" profile.log \
+row "profile: 0.02B dense step, eager" "${LIMIT[4]}" profile.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --trace "$OUT/profile_trace.json.gz"
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind decode profile; do
+for log in engine minimind minimind_compiled decode profile; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

@@ -149,6 +149,10 @@ def packed_documents_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (document[:, None, :, None] == document[:, None, None, :]) & causal
 
 
+# transformers 5.24 renamed the output's KV cache field from `past_key_values` to `cache`; a GPU image may ship older
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class MateConvCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the MoE balance loss (summed over layers; already included in `loss`)."""
@@ -248,7 +252,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
             if aux is not None:
                 loss = loss + aux
-        return MateConvCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux)
+        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
 
     def expert_load(self) -> torch.Tensor | None:
         """[n_layers, n_routed_experts] token fractions per expert in the last forward (rows sum to 1); None if dense."""

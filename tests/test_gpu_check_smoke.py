@@ -25,9 +25,9 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1]
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
     assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
-                          "MiniMind's trainer vs 4.pretrain.py", "decode vs transformers generate",
+                          "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
                           "profile: 0.02B dense step, eager"]
-    minimind_row = rows.pop("MiniMind's trainer vs 4.pretrain.py")
+    minimind_row = rows.pop("MiniMind's trainer vs 4.pretrain.py, eager")
     if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
         assert minimind_row == "ok"
     else:  # without MiniMind (or, off CI, the shared data) the row says why, and the others still run
