@@ -6,7 +6,8 @@ settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one proc
     python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU
 `--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--tiny` shrinks the models to
 dim 64, 2 layers (a wiring check, benchmarks/gpu_check.sh --cpu-smoke).
-`--profile N` instead runs MateConv-0.02B dense once (eager) under torch.profiler and reports where the last N of the
+`--profile N` instead runs one model (`--profile_model`: MateConv-0.02B dense or the 0.1B MoE; eager, or compiled
+with `--compile 1`) under torch.profiler and reports where the last N of the
 --steps steps spent their time: the top operators on the device (GPU) and on the host, and on GPU how much of each
 step's wall time the device was busy, which tells a starved GPU (host-bound: launches, syncs) from a kernel-bound one;
 `--trace FILE` also writes the Chrome trace (open it in ui.perfetto.dev).
@@ -89,7 +90,7 @@ def top_operators(events, attribute: str, total: float, per_step: int, rows: int
     return "\n".join(lines)
 
 
-def profile(model: torch.nn.Module, config: TrainConfig, data: Dataset, steps: int, trace: str) -> None:
+def profile(name: str, model: torch.nn.Module, config: TrainConfig, data: Dataset, steps: int, trace: str) -> None:
     """Runs the engine over config's steps and profiles the last `steps` of them."""
     runtime = setup(config.parallel)
     cuda = runtime.device.type == "cuda"
@@ -101,7 +102,8 @@ def profile(model: torch.nn.Module, config: TrainConfig, data: Dataset, steps: i
     wall_ms = (trainer.step_ends[-1] - trainer.step_ends[-steps - 1]) * 1e3 / steps
     events = profiler.key_averages()
     operators = [e for e in events if e.device_type == DeviceType.CPU]  # with the device time of their own kernels
-    print(f"profile of MateConv-0.02B dense, eager, on {runtime.device}: the last {steps} of {config.optim.max_steps} "
+    mode = "compiled" if config.parallel.compiles(runtime.device) else "eager"
+    print(f"profile of {name}, {mode}, on {runtime.device}: the last {steps} of {config.optim.max_steps} "
           f"steps, {wall_ms:.1f} ms per step (wall), torch {torch.__version__}\n")
     if cuda:
         busy = sum(e.self_device_time_total for e in events
@@ -147,7 +149,9 @@ def main() -> None:
                         help="0 eager, 1 torch.compile; several: each contender in each mode")
     parser.add_argument("--tiny", action="store_true", help="dim 64, 2 layers (wiring check)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="instead of the comparison: profile the last N of --steps steps of the dense model")
+                        help="instead of the comparison: profile the last N of --steps steps of one model")
+    parser.add_argument("--profile_model", choices=["dense", "moe"], default="dense",
+                        help="with --profile: MateConv-0.02B dense or the 0.1B MoE (compiled if --compile 1)")
     parser.add_argument("--trace", default="", help="with --profile: write the Chrome trace to this file")
     args = parser.parse_args()
     if args.profile and not 0 < args.profile < args.steps:
@@ -157,14 +161,16 @@ def main() -> None:
     seed_everything(0)
     tiny = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2) if args.tiny else {}
     dense = MateConvForCausalLM(preset_config("mateconv-0.02b", max_seq_len=args.seq, **tiny))
-    if args.profile:
-        with tempfile.TemporaryDirectory() as tmp:
-            profile(dense, engine_config(args, tmp, compiled=False), data, args.profile, args.trace)
-        return
-    contenders = {"MateConv-0.02B dense": dense, "HF LlamaForCausalLM (same weights)": to_llama(dense)}
     seed_everything(0)
-    contenders["MateConv-0.1B MoE"] = MateConvForCausalLM(preset_config("mateconv-0.1b-moe", max_seq_len=args.seq,
-                                                                        **tiny))
+    moe = MateConvForCausalLM(preset_config("mateconv-0.1b-moe", max_seq_len=args.seq, **tiny))
+    if args.profile:
+        name, model = {"dense": ("MateConv-0.02B dense", dense), "moe": ("MateConv-0.1B MoE", moe)}[args.profile_model]
+        with tempfile.TemporaryDirectory() as tmp:
+            profile(name, model, engine_config(args, tmp, compiled=bool(args.compile[0])), data, args.profile,
+                    args.trace)
+        return
+    contenders = {"MateConv-0.02B dense": dense, "HF LlamaForCausalLM (same weights)": to_llama(dense),
+                  "MateConv-0.1B MoE": moe}
     initial = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in contenders.items()}
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

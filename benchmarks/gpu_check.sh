@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check (issue 14), ≤ 8 minutes on one H100/H200, from the repository's files alone (no downloads):
+# One GPU check (issue 14), about 8.5 minutes on one H200 (every row has its own time limit: 580 s in all), from the
+# repository's files alone (no downloads):
 #   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
@@ -7,8 +8,9 @@
 #      or $MATECONV_SHARED_DATA / $MATECONV_MINIMIND; MiniMind's trainer imports `datasets`)
 #   3. decode: generate_tokens (its decode step compiled: CUDA graphs) against transformers generate at batch 1 and 8
 #      (benchmarks/bench_decode.py; the two compiles, one per batch size, are its warm-up)
-#   4. profile: where an eager 0.02B dense step spends its time, on the device and on the host, and how busy the
-#      device was (benchmarks/bench_pretrain.py --profile; Chrome trace in profile_trace.json.gz)
+#   4. profiles: where a compiled 0.02B dense step and a compiled 0.1B MoE step spend their time, on the device and on
+#      the host, and how busy the device was (benchmarks/bench_pretrain.py --profile; Chrome traces in
+#      profile_{dense,moe}_trace.json.gz; on CPU eager)
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
@@ -30,18 +32,19 @@ if [ $SMOKE = 1 ]; then
   MINI="--device cpu --dim 64 --layers 2 --seq 64 --batch 4 --train_docs 24 --heldout_docs 4 --save_every 3"
   MINI_COMPILED=""  # the compiled pair is GPU-only here (inductor's CPU build would take minutes on a laptop)
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
-  PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3"
-  LIMIT=(100 100 0 60 60)
+  PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3 --compile 0"
+  LIMIT=(100 100 0 60 60 60)
 else
   DEVICE=cuda
-  TRAIN="--seq 512 --batch 64 --steps 40 --warmup 15 --rounds 1 --compile 0 1"
+  TRAIN="--seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1"
   # 3 epochs of 40 steps; 4 loader workers each (MiniMind tokenizes in its loader)
   MINI="--device cuda --dim 512 --layers 8 --seq 512 --batch 64 --train_docs 2560 --heldout_docs 100 --epochs 3
         --save_every 20 --num_workers 4"
   MINI_COMPILED="--compile 1"
-  DECODE="--device cuda --new_tokens 128 --repeats 3 --batch_sizes 1 8"
-  PROFILE="--seq 512 --batch 64 --steps 25 --profile 5"
-  LIMIT=(200 80 100 80 40)  # 500 s in all: about the 8 minutes of the header
+  DECODE="--device cuda --new_tokens 128 --repeats 2 --batch_sizes 1 8"
+  PROFILE="--seq 512 --batch 64 --steps 25 --profile 5 --compile 1"
+  # taken on an H200 (2026-12-04): 136, 80, 100 (inductor cache warm), 62 s; a profile ~30 s eager
+  LIMIT=(150 90 140 70 60 70)
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -84,13 +87,15 @@ row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
   "$PY" benchmarks/bench_vs_minimind.py $MINI $MINI_COMPILED --out "$OUT/vs_minimind_compiled"
 row "decode vs transformers generate" "${LIMIT[3]}" decode.log \
   "$PY" benchmarks/bench_decode.py $DECODE
-row "profile: 0.02B dense step, eager" "${LIMIT[4]}" profile.log \
-  "$PY" benchmarks/bench_pretrain.py $PROFILE --trace "$OUT/profile_trace.json.gz"
+row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
+  "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model dense --trace "$OUT/profile_dense_trace.json.gz"
+row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
+  "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model moe --trace "$OUT/profile_moe_trace.json.gz"
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind minimind_compiled decode profile; do
+for log in engine minimind minimind_compiled decode profile_dense profile_moe; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

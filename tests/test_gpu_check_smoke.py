@@ -26,7 +26,7 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
     assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
                           "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
-                          "profile: 0.02B dense step, eager"]
+                          "profile: 0.02B dense step", "profile: 0.1B MoE step"]
     minimind_row = rows.pop("MiniMind's trainer vs 4.pretrain.py, eager")
     if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
         assert minimind_row == "ok"
@@ -34,7 +34,9 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
         assert minimind_row.startswith("failed") and "not found" in minimind_row
     assert set(rows.values()) == {"ok"}, rows
     # the summary carries each row's table, the profile's operators, and the trace is a readable Chrome trace
-    assert "### profile" in done.stdout and "| aten::mm |" in done.stdout
+    assert "### profile_dense" in done.stdout and "### profile_moe" in done.stdout and "| aten::mm |" in done.stdout
+    assert "profile of MateConv-0.1B MoE, eager, on cpu" in done.stdout
     assert "MateConv-0.02B dense" in done.stdout and "same greedy tokens" in done.stdout
-    trace = json.loads(gzip.decompress((tmp_path / "profile_trace.json.gz").read_bytes()))
-    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+    for model in ("dense", "moe"):
+        trace = json.loads(gzip.decompress((tmp_path / f"profile_{model}_trace.json.gz").read_bytes()))
+        assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])

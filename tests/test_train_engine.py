@@ -105,6 +105,25 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     assert counts[4] == counts[1]
 
 
+def test_loader_workers_persist_across_epochs(train, tmp_path, monkeypatch):
+    """With loader workers, epochs after the first reuse them (no restart at each boundary) and the run trains on
+    the same batches in the same order as without workers."""
+    from torch.utils.data import dataloader
+
+    starts = []
+    start = dataloader._MultiProcessingDataLoaderIter.__init__
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__",
+                        lambda self, loader: starts.append(1) or start(self, loader))
+    flags = dict(max_steps=30, batch_size=32, val_data_path="", save_interval_steps=100)  # 13 steps an epoch
+    train(tmp_path / "workers", num_workers=2, **flags)
+    train(tmp_path / "main", num_workers=0, **flags)
+    epochs = {r["epoch"] for r in read_metrics(tmp_path / "workers") if "loss" in r}
+    assert len(epochs) >= 3, epochs
+    assert len(starts) == 1
+    workers, main = losses(tmp_path / "workers"), losses(tmp_path / "main")
+    assert workers.keys() == main.keys() and all(abs(workers[s] - main[s]) < 1e-5 for s in main)
+
+
 def test_auto_resume_continues_in_place(train, tmp_path):
     train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100)
     train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4

@@ -287,10 +287,10 @@ class Trainer:
             if runtime.is_main:
                 stop.remove_stale()
                 print(stop.stop_hint(), flush=True)
+            loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
+                                 pin_memory=runtime.device.type == "cuda")
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
-                loader = make_loader(self.train_data, self.sampler, config.optim.batch_size,
-                                     config.data.num_workers, pin_memory=runtime.device.type == "cuda")
                 for batch in loader:
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
