@@ -297,3 +297,22 @@ def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     norms = [row["grad_norm"] for row in read_metrics(tmp_path) if "grad_norm" in row]
     assert len(norms) == 3 and all(0 < norm < 1e3 for norm in norms), norms
+
+
+def test_one_rank_agrees_with_itself_without_a_collective(monkeypatch):
+    """Under DeepSpeed's launcher with one GPU a process group of one rank exists; the stop check, made every step,
+    must not all-reduce and wait for the device there."""
+    import torch.distributed as dist
+
+    from mateconv.procs import free_port
+    from mateconv.train.distributed import any_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        calls = []
+        monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: calls.append(args))
+        cpu = torch.device("cpu")
+        assert any_rank(True, cpu) is True and any_rank(False, cpu) is False
+        assert calls == []
+    finally:
+        dist.destroy_process_group()

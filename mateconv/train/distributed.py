@@ -90,8 +90,9 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (so all ranks stop at the same step)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """True on every rank when `flag` is true on any rank (so all ranks stop at the same step). Called every step:
+    alone (one rank, DeepSpeed's launcher included) it costs no collective and no wait for the device."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
