@@ -366,6 +366,8 @@ def main() -> None:
     for needed in (SHARED_DATA, MINIMIND / "trainer" / "train_pretrain.py"):
         if not needed.exists():
             raise SystemExit(f"bench: {needed} not found (set MATECONV_SHARED_DATA / MATECONV_MINIMIND)")
+    if importlib.util.find_spec("datasets") is None:
+        raise SystemExit("bench: MiniMind's trainer imports `datasets`, which this Python lacks (pip install datasets)")
 
     work = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
