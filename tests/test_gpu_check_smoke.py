@@ -26,12 +26,14 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
     assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
                           "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
-                          "profile: 0.02B dense step", "profile: 0.1B MoE step"]
-    minimind_row = rows.pop("MiniMind's trainer vs 4.pretrain.py, eager")
-    if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
-        assert minimind_row == "ok"
-    else:  # without MiniMind (or, off CI, the shared data) the row says why, and the others still run
-        assert minimind_row.startswith("failed") and "not found" in minimind_row
+                          "profile: 0.02B dense step", "profile: 0.1B MoE step",
+                          "ablation: MateConv's trainer on MiniMind's rows, eager"]
+    for name in ("MiniMind's trainer vs 4.pretrain.py, eager", "ablation: MateConv's trainer on MiniMind's rows, eager"):
+        minimind_row = rows.pop(name)
+        if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
+            assert minimind_row == "ok", name
+        else:  # without MiniMind (or, off CI, the shared data) the row says why, and the others still run
+            assert minimind_row.startswith("failed") and "not found" in minimind_row
     assert set(rows.values()) == {"ok"}, rows
     # the summary carries each row's table, the profile's operators, and the trace is a readable Chrome trace
     assert "### profile_dense" in done.stdout and "### profile_moe" in done.stdout and "| aten::mm |" in done.stdout
