@@ -16,6 +16,7 @@ wall time.
 - MateConv: stage 3 (3.dataset.py) packs the same documents with MiniMind's tokenizer (adopted by
   mateconv.tokenizer), then 4.pretrain.py trains for the same number of steps at the same batch shape, learning rate,
   schedule (cosine to 10%, no warmup), AdamW settings and gradient clipping.
+- --qk_norm 1 gives MateConv's model MiniMind's per-head q/k RMSNorm (an ablation of the one architectural difference).
 - Both eager by default (MateConv's engine would otherwise compile on CUDA); --compile 1 compiles both (MiniMind's
   --use_compile 1, MateConv's --compile 1). On CUDA both train under bf16 autocast.
 - Real tokens: MiniMind's non-padding positions per step, counted from its own sampling order (torch.randperm with
@@ -285,7 +286,8 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
              "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01, "--adam_beta2", 0.999,
              "--grad_clip", 1.0, "--log_interval", 1, "--save_interval_steps", args.save_every,
              "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
-             "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device]]
+             "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device],
+             *(["--qk_norm"] if args.qk_norm else [])]
     stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
     result = run_trainer("MateConv", [stage, *map(str, flags)], REPO, env, work / "mateconv.log")
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
@@ -357,6 +359,8 @@ def main() -> None:
                              "MateConv draws MiniMind's rows in MiniMind's order): how much a result moves with it")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0,
                         help="torch.compile in both trainers (MiniMind's --use_compile, MateConv's --compile)")
+    parser.add_argument("--qk_norm", type=int, choices=[0, 1], default=0,
+                        help="1: MateConv's model with per-head q/k RMSNorm (qk_norm), the norm MiniMind's attention has")
     parser.add_argument("--concurrent", action="store_true",
                         help="train both at once (on a shared CPU machine the other jobs' load then hits both alike; "
                              "use with --threads 1 on 2 cores)")

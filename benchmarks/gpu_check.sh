@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check (issues 13 and 14), about 9.5 minutes on one H200 (every row has its own time limit: 670 s in all),
-# from the repository's files alone (no downloads):
+# One GPU check (issues 13 and 14), about 8.5 minutes on one H200 (every row has its own time limit: 580 s in all,
+# 760 s with --diagnostics), from the repository's files alone (no downloads):
 #   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
@@ -11,8 +11,9 @@
 #   4. profiles: where a compiled 0.02B dense step and a compiled 0.1B MoE step spend their time, on the device and on
 #      the host, and how busy the device was (benchmarks/bench_pretrain.py --profile; Chrome traces in
 #      profile_{dense,moe}_trace.json.gz; on CPU eager)
-#   5. an ablation: 4.pretrain.py's trainer on MiniMind's own rows (bench_vs_minimind.py --mateconv_rows minimind,
-#      eager), which tells the data layout from the model and trainer in the held-out bpb gap of row 2
+#   5. with --diagnostics (always with --cpu-smoke), two ablations of row 2's held-out bpb gap, eager: 4.pretrain.py's
+#      trainer on MiniMind's own rows (--mateconv_rows minimind: data layout vs model and trainer), and MateConv's
+#      model with MiniMind's per-head q/k RMSNorm (--qk_norm 1); about 3 more minutes
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_prepare.sh             # first, here: the shared data, MiniMind and wheels to carry there
@@ -21,8 +22,14 @@
 # $PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -u
 cd "$(dirname "$0")/.."
-SMOKE=0
-[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+SMOKE=0 DIAGNOSTICS=0
+for arg in "$@"; do
+  case $arg in
+    --cpu-smoke) SMOKE=1 DIAGNOSTICS=1 ;;
+    --diagnostics) DIAGNOSTICS=1 ;;
+    *) echo "gpu_check: unknown argument $arg (--cpu-smoke, --diagnostics)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${GPU_CHECK_OUT:-out/gpu_check}
 mkdir -p "$OUT"
@@ -36,7 +43,7 @@ if [ $SMOKE = 1 ]; then
   MINI_COMPILED=""  # the compiled pair is GPU-only here (inductor's CPU build would take minutes on a laptop)
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
   PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3 --compile 0"
-  LIMIT=(100 100 0 60 60 60 100)
+  LIMIT=(100 100 0 60 60 60 100 100)
 else
   DEVICE=cuda
   TRAIN="--seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1"
@@ -47,7 +54,7 @@ else
   DECODE="--device cuda --new_tokens 128 --repeats 2 --batch_sizes 1 8"
   PROFILE="--seq 512 --batch 64 --steps 25 --profile 5 --compile 1"
   # taken on an H200 (2026-12-04): 136, 80, 100 (inductor cache warm), 62 s; a profile ~30 s eager
-  LIMIT=(150 90 140 70 60 70 90)
+  LIMIT=(150 90 140 70 60 70 90 90)
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -94,13 +101,17 @@ row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model dense --trace "$OUT/profile_dense_trace.json.gz"
 row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model moe --trace "$OUT/profile_moe_trace.json.gz"
-row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[6]}" minimind_rows.log \
-  "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
+if [ $DIAGNOSTICS = 1 ]; then
+  row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[6]}" minimind_rows.log \
+    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
+  row "ablation: MateConv with q/k RMSNorm, eager" "${LIMIT[7]}" minimind_qk_norm.log \
+    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 1 --out "$OUT/vs_minimind_qk_norm"
+fi
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_rows; do
+for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_rows minimind_qk_norm; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

@@ -5,9 +5,10 @@
 
 `llama`: a `LlamaForCausalLM` directory (same weights, strict load) with the tokenizer, a chat template that plain
 Jinja renders, and a generation_config.json that samples by default (servers that follow it honour temperature).
+`qwen3`: the same as a `Qwen3ForCausalLM`, for models trained with `qk_norm` (per-head q/k RMSNorm, which Llama lacks).
 `gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library): Llama
-architecture, q/k rows reordered for llama.cpp's rotary layout, our byte-level BPE as llama.cpp's "gpt2" tokenizer.
-A Mixture-of-Experts model is refused: Llama has no experts.
+architecture, q/k rows reordered for llama.cpp's rotary layout (Qwen3 with `qk_norm`: its rotary layout is ours), our
+byte-level BPE as llama.cpp's "gpt2" tokenizer. A Mixture-of-Experts model is refused: neither has experts.
 """
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ import sys
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir
-from model import MateConvForCausalLM
-from model.export import to_llama
+from model import ConfigError, MateConvForCausalLM
+from model.export import to_llama, to_qwen3
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -58,13 +58,17 @@ def load_dense(source: str | Path):
     return model, tokenizer
 
 
-def export_llama_dir(source: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", architecture: str = "llama") -> Path:
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype} is for gguf; a llama directory is saved as {' or '.join(DTYPES)}")
+        raise ExportError(f"--dtype {dtype} is for gguf; a {architecture} directory is saved as {' or '.join(DTYPES)}")
     model, tokenizer = load_dense(source)
     config = model.config
+    try:
+        standard = {"llama": to_llama, "qwen3": to_qwen3}[architecture](model)
+    except ConfigError as error:
+        raise ExportError(f"{source}: {error} (--to {'qwen3' if config.qk_norm else 'llama'})") from None
     with atomic_dir(out) as tmp:
-        to_llama(model).to(DTYPES[dtype]).save_pretrained(tmp)
+        standard.to(DTYPES[dtype]).save_pretrained(tmp)
         tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
         tokenizer.save_pretrained(tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -103,10 +107,12 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
     model, tokenizer = load_dense(source)
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.n_layers)
+    # Qwen3 in llama.cpp: q/k norms, and rotary dimensions paired (i, i + half) as ours, so no row reordering
+    architecture = gguf.MODEL_ARCH.QWEN3 if config.qk_norm else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(architecture, config.n_layers)
     with atomic_dir(out) as tmp:
         target = tmp / f"model-{dtype}.gguf"
-        writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[architecture])
         writer.add_name(Path(source).resolve().parent.name or "mateconv")
         writer.add_context_length(config.max_seq_len)
         writer.add_embedding_length(config.dim)
@@ -133,7 +139,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         for name, tensor in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # llama.cpp reuses token_embd when output.weight is absent
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+            if architecture == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.n_heads if "q_proj" in name else config.n_kv_heads
                 tensor = rotary_to_interleaved(tensor, heads)
             data = tensor.float().numpy()
@@ -150,13 +156,15 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
-    parser.add_argument("--to", required=True, choices=("llama", "gguf"))
-    parser.add_argument("--dtype", default=None, help="llama: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
+    parser.add_argument("--to", required=True, choices=("llama", "qwen3", "gguf"),
+                        help="qwen3 for models trained with qk_norm, llama for the others; gguf for either")
+    parser.add_argument("--dtype", default=None,
+                        help="llama/qwen3: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
     try:
-        if args.to == "llama":
-            written = export_llama_dir(args.source, args.out, args.dtype or "f32")
+        if args.to in ("llama", "qwen3"):
+            written = export_hf_dir(args.source, args.out, args.dtype or "f32", args.to)
         else:
             written = export_gguf(args.source, args.out, args.dtype or "f16")
     except ExportError as error:

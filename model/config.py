@@ -46,6 +46,7 @@ class MateConvConfig(PretrainedConfig):
     hidden_dim: int | None = None
     flash_attn: bool = True
     document_mask: bool = True  # training rows packed with several documents: each attends only to itself
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (MiniMind's and Qwen3's attention)
     initializer_range: float = 0.02
     # Mixture of Experts (DeepSeek style)
     use_moe: bool = False

@@ -54,6 +54,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
@@ -61,7 +64,10 @@ class Attention(nn.Module):
         a boolean mask marks the keys each query sees, a float one is added to the scores (0 or -inf)."""
         batch, seq, _ = x.shape
         heads = self.project_qkv(x).view(batch, seq, -1, self.head_dim)  # [B, T, H + 2 * KV, head_dim]
-        qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], *rope)  # rotate q and k in one pass
+        qk = heads[:, :, : self.n_heads + self.n_kv_heads]
+        if hasattr(self, "q_norm"):
+            qk = torch.cat((self.q_norm(qk[:, :, : self.n_heads]), self.k_norm(qk[:, :, self.n_heads:])), dim=2)
+        qk = apply_rope(qk, *rope)  # rotate q and k in one pass
         q = qk[:, :, : self.n_heads].transpose(1, 2)
         k = qk[:, :, self.n_heads:].transpose(1, 2)
         v = heads[:, :, self.n_heads + self.n_kv_heads:].transpose(1, 2)

@@ -215,6 +215,12 @@ def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_qk_norm_sft_model(tiny_tokens, tiny_tokenizer):
+    """`tiny_sft_model` with per-head q/k RMSNorm (`qk_norm`): it exports as Qwen3, not Llama."""
+    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_qk_norm", qk_norm=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_untrained_model(tiny_tokenizer, tmp_path_factory):
     """A randomly initialised MateConv model (dim 256, 4 layers, 1024-token context) saved with the tiny tokenizer:
     near-uniform predictions, replies that rarely end and take a while (interrupt, disconnect and queue tests)."""

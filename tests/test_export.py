@@ -9,7 +9,7 @@ import jinja2
 import pytest
 import torch
 from llama_cpp import Llama
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from mateconv.chat import load_model
 from model.generation import generate_tokens
@@ -25,8 +25,12 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reference(tiny_sft_model):
+    return greedy_reference(tiny_sft_model)
+
+
+def greedy_reference(model_dir) -> list[tuple[list[int], list[int]]]:
     """[(prompt ids, our greedy continuation up to and including EOS)] for each question."""
-    model, tokenizer = load_model(tiny_sft_model, device="cpu", dtype="float32")
+    model, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
     cases = []
     for question in QUESTIONS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
@@ -62,11 +66,40 @@ def test_moe_is_refused_in_one_line(tiny_moe_sft_model, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_in_llama_cpp(tiny_sft_model, reference, tmp_path, dtype):
-    result = export(tiny_sft_model, "--to", "gguf", "--dtype", dtype, "--out", tmp_path / "gguf")
+    llm = gguf_generates_our_tokens(tiny_sft_model, reference, tmp_path, dtype)
+    metadata = llm.metadata
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2" and int(metadata["llama.context_length"]) == 96
+    template = metadata["tokenizer.chat_template"]  # the one llama.cpp applies: plain Jinja, no generation markers
+    assert "<|im_start|>" in template and "endgeneration" not in template and "{% generation" not in template
+
+
+def test_qk_norm_model_exports_as_qwen3(tiny_qk_norm_sft_model, tmp_path):
+    """Per-head q/k norms (MiniMind's and Qwen3's attention): a Qwen3 directory and a Qwen3 GGUF that generate our
+    greedy tokens; asked for Llama, which has no such norms, the export says so in one line."""
+    reference = greedy_reference(tiny_qk_norm_sft_model)
+    refused = export(tiny_qk_norm_sft_model, "--to", "llama", "--out", tmp_path / "llama")
+    assert refused.returncode != 0 and not (tmp_path / "llama").exists() and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("export: ") and "--to qwen3" in refused.stderr
+    result = export(tiny_qk_norm_sft_model, "--to", "qwen3", "--out", tmp_path / "qwen3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    qwen3 = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3").eval()
+    assert type(qwen3).__name__ == "Qwen3ForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qwen3")
+    for prompt, ours in reference:
+        out = qwen3.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert out[0, len(prompt):].tolist() == ours
+    llm = gguf_generates_our_tokens(tiny_qk_norm_sft_model, reference, tmp_path, "f32")
+    assert llm.metadata["general.architecture"] == "qwen3"
+
+
+def gguf_generates_our_tokens(model_dir, reference, tmp_path, dtype: str) -> Llama:
+    """Exports `model_dir` to GGUF and checks llama.cpp's tokens and greedy replies against ours; the loaded model."""
+    result = export(model_dir, "--to", "gguf", "--dtype", dtype, "--out", tmp_path / "gguf")
     assert result.returncode == 0, result.stderr[-2000:]
     path = tmp_path / "gguf" / f"model-{dtype}.gguf"
     llm = Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_sft_model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = tokenizer.eos_token_id
     for question, (prompt, ours) in zip(QUESTIONS, reference):
         text = tokenizer.decode(prompt)
@@ -81,7 +114,4 @@ def test_gguf_in_llama_cpp(tiny_sft_model, reference, tmp_path, dtype):
             assert theirs[:3] == ours[:3], (question, theirs, ours)
         else:
             assert theirs == ours, (question, theirs, ours)
-    metadata = llm.metadata
-    assert metadata["tokenizer.ggml.pre"] == "gpt-2" and int(metadata["llama.context_length"]) == 96
-    template = metadata["tokenizer.chat_template"]  # the one llama.cpp applies: plain Jinja, no generation markers
-    assert "<|im_start|>" in template and "endgeneration" not in template and "{% generation" not in template
+    return llm

@@ -27,13 +27,17 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
     assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
                           "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
                           "profile: 0.02B dense step", "profile: 0.1B MoE step",
-                          "ablation: MateConv's trainer on MiniMind's rows, eager"]
-    for name in ("MiniMind's trainer vs 4.pretrain.py, eager", "ablation: MateConv's trainer on MiniMind's rows, eager"):
-        minimind_row = rows.pop(name)
-        if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
-            assert minimind_row == "ok", name
-        else:  # without MiniMind (or, off CI, the shared data) the row says why, and the others still run
-            assert minimind_row.startswith("failed") and "not found" in minimind_row
+                          "ablation: MateConv's trainer on MiniMind's rows, eager",
+                          "ablation: MateConv with q/k RMSNorm, eager"]
+    minimind_rows = [rows.pop(name) for name in ("MiniMind's trainer vs 4.pretrain.py, eager",
+                                                 "ablation: MateConv's trainer on MiniMind's rows, eager",
+                                                 "ablation: MateConv with q/k RMSNorm, eager")]
+    if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
+        assert minimind_rows == ["ok"] * 3
+        qk_norm_config = json.loads((tmp_path / "vs_minimind_qk_norm/mateconv/final/config.json").read_text())
+        assert qk_norm_config["qk_norm"] is True  # the q/k RMSNorm ablation trained the model it names
+    else:  # without MiniMind (or, off CI, the shared data) the rows say why, and the others still run
+        assert all(row.startswith("failed") and "not found" in row for row in minimind_rows)
     assert set(rows.values()) == {"ok"}, rows
     # the summary carries each row's table, the profile's operators, and the trace is a readable Chrome trace
     assert "### profile_dense" in done.stdout and "### profile_moe" in done.stdout and "| aten::mm |" in done.stdout

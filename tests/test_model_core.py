@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from model import PRESETS, ConfigError, MateConvConfig, MateConvForCausalLM, preset_config
-from model.export import to_llama
+from model.export import to_llama, to_qwen3
 
 
 def tiny_config(**overrides) -> MateConvConfig:
@@ -75,6 +75,27 @@ def test_export_to_llama_matches_logits_and_hf_generate(tmp_path):
         assert (saved(input_ids).logits - llama(input_ids).logits).abs().max() < 1e-5
     with pytest.raises(ConfigError, match="use_moe"):
         to_llama(tiny_model(use_moe=True))
+
+
+def test_qk_norm_exports_to_qwen3_with_the_same_logits_and_tokens():
+    """qk_norm: RMSNorm over each head's queries and keys before RoPE, as Qwen3 (and MiniMind) do it; Llama has no
+    such weights, so only the matching architecture takes each model."""
+    model = tiny_model(qk_norm=True)
+    assert {"self_attn.q_norm.weight", "self_attn.k_norm.weight"} <= {n.split(".", 3)[-1] for n, _ in
+                                                                       model.named_parameters()}
+    qwen3 = to_qwen3(model)
+    input_ids = torch.randint(3, 97, (2, 20))
+    with torch.no_grad():
+        assert (model(input_ids).logits - qwen3(input_ids).logits).abs().max() < 1e-4
+        assert (model(input_ids).logits - tiny_model(qk_norm=False)(input_ids).logits).abs().max() > 1e-2
+    from model.generation import generate_tokens
+
+    hf = qwen3.generate(input_ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generate_tokens(model, input_ids, 12, temperature=0), hf)
+    with pytest.raises(ConfigError, match="qk_norm"):
+        to_llama(model)
+    with pytest.raises(ConfigError, match="qk_norm=False"):
+        to_qwen3(tiny_model())
 
 
 def test_loss_uses_hf_shift_and_ignore_index():
