@@ -241,9 +241,11 @@ def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     assert jsonl["moe/layer1/expert3"] == pytest.approx(last["moe/layer1/expert3"])
 
 
-def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])  # 2: `kill -2` reaches the persistent loader workers too
+def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path, num_workers):
     command = [sys.executable, str(REPO / "4.pretrain.py"),
-               *tiny_flags(tmp_path, max_steps=100000, save_interval_steps=100000, eval_interval=100000)]
+               *tiny_flags(tmp_path, max_steps=100000, save_interval_steps=100000, eval_interval=100000,
+                           num_workers=num_workers)]
     process = subprocess.Popen(command, cwd=REPO, env=single_thread_env(), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
