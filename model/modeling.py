@@ -54,9 +54,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.q_norm, self.k_norm = ((RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps))
+                                    if config.qk_norm else (None, None))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
@@ -65,7 +64,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         heads = self.project_qkv(x).view(batch, seq, -1, self.head_dim)  # [B, T, H + 2 * KV, head_dim]
         qk = heads[:, :, : self.n_heads + self.n_kv_heads]
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, : self.n_heads]), self.k_norm(qk[:, :, self.n_heads:])), dim=2)
         qk = apply_rope(qk, *rope)  # rotate q and k in one pass
         q = qk[:, :, : self.n_heads].transpose(1, 2)
