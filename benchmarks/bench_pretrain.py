@@ -70,14 +70,13 @@ class ProfiledTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.profiler, self.step_ends = profiler, []
 
-    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
-        result = super().optimizer_step(loss_finite)
-        if self.runtime.device.type == "cuda":
-            torch.cuda.synchronize()  # each step's wall time holds its own device work (the engine waits only
-                                      # for the gradient norm, before the optimizer's kernels)
+    def optimizer_step(self, loss: torch.Tensor):
+        figures = super().optimizer_step(loss)
+        # no device sync here: the host runs at most one step ahead of the device (the engine reads a step's figures
+        # once the next one is queued), so over many steps the wall time per step is the device's
         self.step_ends.append(time.perf_counter())
         self.profiler.step()
-        return result
+        return figures
 
 
 def top_operators(events, attribute: str, total: float, per_step: int, rows: int) -> str:

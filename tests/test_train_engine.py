@@ -105,6 +105,37 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     assert counts[4] == counts[1]
 
 
+def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
+    """With fused AdamW (the default) the host reads a step's loss and gradient norm only once the next step's forward
+    and backward are issued, at once where a checkpoint is due, and calls `Tensor.item` no more in a longer run.
+    Reading every step at once instead trains and logs the same."""
+    from mateconv.train.engine import StepFigures, Trainer
+
+    events, items = [], []
+    read, micro_step, item = StepFigures.read, Trainer.micro_step, torch.Tensor.item
+    monkeypatch.setattr(StepFigures, "read", lambda self: events.append("read") or read(self))
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, *a, **k: events.append("step") or micro_step(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
+    flags = dict(val_data_path="", save_interval_steps=3, log_interval=1)
+    train(tmp_path / "lagged", max_steps=6, **flags)
+    assert events == ["step", "step", "read", "step", "read", "read"] * 2  # checkpoints at steps 3 and 6
+    counts = []
+    for steps in (3, 6):
+        items.clear()
+        train(tmp_path / f"items{steps}", max_steps=steps, val_data_path="", save_interval_steps=100)
+        counts.append(len(items))
+    assert counts[0] == counts[1]
+
+    setup = Trainer._setup_engine
+    monkeypatch.setattr(Trainer, "_setup_engine", lambda self, model: setup(self, model) or setattr(self, "lags", False))
+    events.clear()
+    train(tmp_path / "at_once", max_steps=6, **flags)
+    assert events == ["step", "read"] * 6
+    lagged, at_once = read_metrics(tmp_path / "lagged"), read_metrics(tmp_path / "at_once")
+    assert [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in lagged if "loss" in r] == \
+        [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in at_once if "loss" in r]
+
+
 def test_loader_workers_persist_across_epochs(train, tmp_path, monkeypatch):
     """With loader workers, epochs after the first reuse them (no restart at each boundary) and the run trains on
     the same batches in the same order as without workers."""

@@ -12,6 +12,12 @@ Every engine reports the gradient norm before clipping. A step whose loss or gra
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
 in a row stop the run with a checkpoint of the model as the last good step left it (TrainingHalted). Under fp16 a
 step the loss scaler skips for an overflowing gradient is the scaler's business and not counted.
+
+No host synchronisation per step with plain PyTorch and fused AdamW (`Trainer.lags`, the default): the optimizer skips
+a non-finite update on the device itself (its `found_inf`), and the host reads a step's loss, gradient norm and
+whether it was applied one step later, once the next step's forward and backward are queued behind it; then the
+schedule moves on, and the step is counted and logged. A halt found that way gives the next step's batches back
+unstepped. Checkpoints and evaluations read their step's figures at once.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,61 @@ def seed_everything(seed: int) -> None:
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+class StepFigures:
+    """An optimizer step's loss (mean over ranks), gradient norm before clipping and whether its update was applied,
+    on their way to the host: from a GPU a non-blocking copy into pinned memory, so `read()` waits for this step's
+    kernels only, not for those queued after them."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, applied: torch.Tensor | bool):
+        values = torch.stack([torch.as_tensor(value, dtype=torch.float32, device=loss.device).reshape(())
+                              for value in (loss.detach(), grad_norm, applied)])
+        self.ready = None
+        if values.is_cuda:
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[float, float, bool]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, grad_norm, applied = self.values.tolist()
+        return loss, grad_norm, applied > 0
+
+
+@dataclass
+class Window:
+    """What the next logged row averages over: the tokens and MoE expert loads since the last one."""
+
+    start: float
+    tokens: int = 0
+    loads: torch.Tensor | float = 0.0
+    load_count: int = 0
+
+    def add_load(self, load: torch.Tensor) -> None:
+        self.loads, self.load_count = self.loads + load.float(), self.load_count + 1
+
+    def take(self, other: "Window") -> None:
+        """Drop `other`'s share (a logged step's), keeping what came after it; the next window starts now."""
+        self.tokens -= other.tokens
+        self.loads, self.load_count = self.loads - other.loads, self.load_count - other.load_count
+        self.start = time.perf_counter()
+
+
+@dataclass
+class PendingStep:
+    """A step the device runs while the host goes on; `Trainer._finish` completes it once its figures are read."""
+
+    step: int
+    epoch: int
+    lr: float
+    figures: StepFigures
+    extra: dict  # the objective's metrics, averaged over micro-batches, on the device
+    window: Window  # the log window as it stood at this step's end
 
 
 class CheckedStep(torch.optim.Optimizer):
@@ -143,6 +205,7 @@ class Trainer:
                 model_parameters=[p for p in model.parameters() if p.requires_grad],
                 lr_scheduler=lambda opt: build_scheduler(opt, config.optim, self.total_steps))
             self.scaler = None
+            self.lags = False  # DeepSpeed's optimizers read the gradient norm on the host in their step
         else:
             model.to(runtime.device)
             self.optimizer = build_optimizer(model, config.optim, runtime.device)
@@ -155,6 +218,10 @@ class Trainer:
             fp16 = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
             self.loss_scaled = fp16
+            # fused AdamW skips a non-finite update on the device (`found_inf`); wandb.watch would log gradient
+            # histograms at the next step before this one's row
+            self.lags = (isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+                         and not fp16 and not config.track.wandb_watch)
 
     def autocast(self):
         if self.runtime.use_deepspeed or self.runtime.dtype == torch.float32:
@@ -182,28 +249,30 @@ class Trainer:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), metrics
 
-    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
-        """Plain PyTorch: clip, step, schedule, unless the loss or the gradient norm is not finite; DeepSpeed already
-        stepped (or skipped) in micro_step. Returns (the gradient norm before clipping, whether the step was applied).
-        The gradients are averaged over ranks (DDP) and the loss flag is agreed, so every rank decides alike."""
+    def optimizer_step(self, loss: torch.Tensor) -> StepFigures:
+        """Clip and step unless the loss (the step's mean over ranks, on the device) or the gradient norm is not
+        finite; DeepSpeed already stepped (or skipped) in micro_step. The gradients are averaged over ranks (DDP) and
+        so is the loss, so every rank decides alike. Under `lags` nothing here waits for the device."""
         if self.runtime.use_deepspeed:
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan"), self.engine.was_step_applied()
+            return StepFigures(loss, float("nan") if norm is None else float(norm), self.engine.was_step_applied())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.engine.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf")).item()
-        applied = loss_finite and math.isfinite(norm)
-        if applied:
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf"))
+        finite = torch.isfinite(norm) & torch.isfinite(loss).all()
+        if self.lags:
+            self.optimizer.found_inf = (~finite).float().reshape(())
+            self.optimizer.step()
+        elif finite.item():
             if self.scaler:
                 self.scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
-            self.scheduler.step()
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, applied
+        return StepFigures(loss, norm, finite)
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
@@ -278,11 +347,11 @@ class Trainer:
         config, runtime = self.config, self.runtime
         step, accumulation = state["step"], config.optim.accumulation_steps
         progress = Progress(self.out_dir.name, self.total_steps, step, runtime.is_main)
-        window_start, window_tokens = time.perf_counter(), 0
-        # per-micro-batch figures stay on the device until a log step (the loss is read once per optimizer step)
-        losses, extra, loads, load_count, micro = [], {}, 0.0, 0, 0
-        step_loss, val, stopped, halted = float("nan"), {}, False, False
-        streak, last_good = 0, step  # non-finite steps in a row; the last step applied
+        self.window, self.peak = Window(time.perf_counter()), peak
+        self.streak, self.last_good = 0, step  # non-finite steps in a row; the last step applied
+        # per-micro-batch figures stay on the device; the host reads a step's figures once (see the module docstring)
+        losses, extra, micro, step_start = [], {}, 0, None
+        self.step_loss, val, stopped, halted, pending = float("nan"), {}, False, False, None
         with StopRequest(self.out_dir) as stop:
             if runtime.is_main:
                 stop.remove_stale()
@@ -292,13 +361,14 @@ class Trainer:
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
                 for batch in loader:
+                    if micro % accumulation == 0:
+                        step_start = (state["epoch"], state["samples_in_epoch"])
+                        step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
+                        tracker.begin_step(step + 1)
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                     batch = self.to_device(batch)
-                    window_tokens += batch_tokens(batch)
-                    if (micro - 1) % accumulation == 0:
-                        step_lr = self.current_lr()  # the rate this step uses (the scheduler moves on in the step)
-                        tracker.begin_step(step + 1)
+                    self.window.tokens += batch_tokens(batch)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
                     for key, value in metrics.items():
@@ -306,53 +376,31 @@ class Trainer:
                     moe_model = base_model(self.engine)
                     load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                     if load is not None:
-                        loads, load_count = loads + load.float(), load_count + 1
+                        self.window.add_load(load)
                     if micro % accumulation:
                         continue
 
-                    # the mean over ranks: not finite on every rank when it is on one
-                    step_loss = all_reduce_mean(torch.stack(losses).float().mean().reshape(1)).item()
-                    grad_norm, applied = self.optimizer_step(math.isfinite(step_loss))
-                    step += 1
-                    state["step"] = step
-                    self._roll_epoch(state)
-                    nonfinite = not math.isfinite(step_loss) or (not math.isfinite(grad_norm) and not self.loss_scaled)
-                    if nonfinite:
-                        state["nonfinite_steps"] += 1
-                        streak += 1
-                        halted = streak >= config.optim.max_nonfinite_steps
-                        if runtime.is_main:
-                            print(f"\n[train] step {step}: loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: not "
-                                  f"finite, optimizer step {'applied' if applied else 'skipped'} ({streak} in a row, "
-                                  f"max_nonfinite_steps {config.optim.max_nonfinite_steps})", flush=True)
-                    elif applied:
-                        streak, last_good = 0, step
-                    progress.update()
-                    if nonfinite or step % config.track.log_interval == 0 or step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        tokens_per_sec = window_tokens * runtime.world_size / max(elapsed, 1e-9)
-                        if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
-                            values = torch.stack([torch.as_tensor(v, device=runtime.device).double().reshape(())
-                                                  for v in extra.values()])
-                            averaged = all_reduce_mean(values).tolist()
-                            extra = dict(zip(extra, averaged))
-                        row = {"loss": step_loss, "lr": step_lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                               "epoch": state["epoch"], "nonfinite_steps": state["nonfinite_steps"],
-                               **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
-                               **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
-                        if "lm_loss" in extra:
-                            row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
-                        if peak > 0:
-                            row["mfu"] = self.flops_per_token * tokens_per_sec / (peak * runtime.world_size)
-                        if load_count:  # averaged over the steps since the last log line, and over ranks
-                            load = all_reduce_mean(loads / load_count).cpu()
-                            row.update(expert_load_metrics(load, extra.get("aux_loss")))
-                        tracker.log(step, row)
-                        progress.log(step, row)
-                        window_start, window_tokens, loads, load_count = time.perf_counter(), 0, 0.0, 0
+                    if pending is not None:  # the previous step: the device has it done or nearly, this one queued
+                        halted, pending = self._finish(pending, state, tracker, progress), None
+                        step_lr = self.current_lr()  # its schedule step is this one's rate
+                    if halted:  # found one step late: this step's batches go back unstepped, for the resume
+                        self.optimizer.zero_grad(set_to_none=True)
+                        state["epoch"], state["samples_in_epoch"] = step_start
+                    else:
+                        # the mean over ranks: not finite on every rank when it is on one
+                        figures = self.optimizer_step(all_reduce_mean(torch.stack(losses).float().mean().reshape(1)))
+                        step += 1
+                        state["step"] = step
+                        self._roll_epoch(state)
+                        pending = PendingStep(step, state["epoch"], step_lr, figures, extra, replace(self.window))
                     losses, extra = [], {}
 
-                    stopped = any_rank(stop.requested, runtime.device) or halted
+                    stop_requested = any_rank(stop.requested, runtime.device)
+                    due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps
+                           or (self.evaluates and step % config.track.eval_interval == 0))
+                    if pending is not None and (not self.lags or due or stop_requested):
+                        halted, pending = self._finish(pending, state, tracker, progress), None
+                    stopped = stop_requested or halted
                     save_now = (step % config.checkpoint.save_interval_steps == 0 or stopped
                                 or step == self.total_steps)
                     if self.evaluates and (step % config.track.eval_interval == 0 or save_now):
@@ -369,6 +417,7 @@ class Trainer:
                 else:
                     self._roll_epoch(state)
         progress.close()
+        streak, last_good = self.streak, self.last_good
         if halted:
             raise TrainingHalted(
                 f"the loss or gradient was NaN/inf in {streak} steps in a row (steps {step - streak + 1}-{step}, "
@@ -380,8 +429,53 @@ class Trainer:
             tracker.log_model_dir(self.out_dir / "final", step)
         elif runtime.is_main:
             print(f"[train] stopped at step {step}; checkpoint saved, run the same command to resume", flush=True)
-        return {"step": step, "loss": step_loss, "val_loss": val.get("val_loss"),
+        return {"step": step, "loss": self.step_loss, "val_loss": val.get("val_loss"),
                 "best_val_loss": state["best_val_loss"], "stopped": stopped, "is_main": runtime.is_main}
+
+    def _finish(self, pending: PendingStep, state: dict, tracker: Tracker, progress: Progress) -> bool:
+        """The host's part of a step, once its figures are read: the schedule moves on if the update was applied, a
+        non-finite step is counted and printed, a log step (or a non-finite one) gets its row. Returns whether
+        `max_nonfinite_steps` in a row now halt the run."""
+        config, runtime, step = self.config, self.runtime, pending.step
+        self.step_loss, grad_norm, applied = pending.figures.read()
+        if applied and not runtime.use_deepspeed:  # DeepSpeed's engine steps its own schedule
+            self.scheduler.step()
+        nonfinite = not math.isfinite(self.step_loss) or (not math.isfinite(grad_norm) and not self.loss_scaled)
+        halted = False
+        if nonfinite:
+            state["nonfinite_steps"] += 1
+            self.streak += 1
+            halted = self.streak >= config.optim.max_nonfinite_steps
+            if runtime.is_main:
+                print(f"\n[train] step {step}: loss {self.step_loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
+                      f"optimizer step {'applied' if applied else 'skipped'} ({self.streak} in a row, "
+                      f"max_nonfinite_steps {config.optim.max_nonfinite_steps})", flush=True)
+        elif applied:
+            self.streak, self.last_good = 0, step
+        progress.update()
+        if not (nonfinite or step % config.track.log_interval == 0 or step == self.total_steps):
+            return halted
+        window = pending.window
+        tokens_per_sec = window.tokens * runtime.world_size / max(time.perf_counter() - window.start, 1e-9)
+        extra = pending.extra
+        if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
+            values = torch.stack([torch.as_tensor(v, device=runtime.device).double().reshape(()) for v in extra.values()])
+            extra = dict(zip(extra, all_reduce_mean(values).tolist()))
+        row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+               "epoch": pending.epoch, "nonfinite_steps": state["nonfinite_steps"],
+               **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
+               **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
+        if "lm_loss" in extra:
+            row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
+        if self.peak > 0:
+            row["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak * runtime.world_size)
+        if window.load_count:  # averaged over the steps since the last log line, and over ranks
+            load = all_reduce_mean(window.loads / window.load_count).cpu()
+            row.update(expert_load_metrics(load, extra.get("aux_loss")))
+        tracker.log(step, row)
+        progress.log(step, row)
+        self.window.take(window)
+        return halted
 
     def _save(self, step: int, state: dict, val_loss: float | None) -> None:
         best = state["best_val_loss"]

@@ -94,7 +94,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     betas = (optim.adam_beta1, optim.adam_beta2)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(adamw_groups(named, optim.weight_decay), lr=optim.learning_rate, betas=betas,
-                                 fused=device.type == "cuda")
+                                 fused=True)
     chosen = muon_parameters(model)
     hidden = [p for _, p in named if id(p) in chosen]
     rest = [(n, p) for n, p in named if id(p) not in chosen]
@@ -102,7 +102,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     muon = Muon(hidden, ns_dtype=ns_dtype, lr=optim.muon_lr, momentum=optim.muon_momentum,
                 weight_decay=optim.weight_decay)
     adamw = torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas,
-                              fused=device.type == "cuda")
+                              fused=True)
     return CombinedOptimizer([muon, adamw])
 
 
