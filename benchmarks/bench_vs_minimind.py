@@ -32,7 +32,9 @@ wall time.
   models; each model's documents start the way it was trained (MiniMind, and MateConv on MiniMind's rows: BOS;
   packed MateConv: the EOS of the previous one).
   Equal steps: both final models, on all held-out documents and on the Chinese and English ones apart. Equal wall
-  time: each system's newest checkpoint whose step ended within the faster run's training time.
+  time: each system's newest checkpoint whose step ended within the faster run's training time. Every checkpoint of
+  both is scored too: a table and bpb_curve.png (held-out bpb against steps, real tokens trained and training time)
+  show whether a gap is a plateau, a slower start or over-training on repeated data.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mateconv.data.shards import write_sft_rows
-from mateconv.files import read_metrics, write_atomic
+from mateconv.files import read_metrics, save_figure, write_atomic
 from mateconv.logprobs import bits_per_byte
 from mateconv.tokenizer import adopt_tokenizer
 from model import MateConvConfig, MateConvForCausalLM
@@ -328,6 +330,26 @@ def newest_within(run: dict, budget_s: float) -> int | None:
     return max(reached) if reached else None
 
 
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Held-out bpb of every checkpoint against steps, real tokens trained and training time, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_keys = ("step", "real tokens", "training time (s)")
+    figure, axes = plt.subplots(1, len(axes_keys), figsize=(13, 3.8), sharey=True)
+    for axis, key in zip(axes, axes_keys):
+        for name, points in curves.items():
+            axis.plot([p[key] for p in points], [p["held-out bpb"] for p in points], marker="o", label=name)
+        axis.set_xlabel(key)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out bits per byte")
+    axes[0].legend()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
 def table(rows: list[dict]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -414,18 +436,21 @@ def main() -> None:
     starts = {"MiniMind": [tokenizer.bos_token_id], "MateConv": [lead]}
     languages = {"Chinese": [t for t in heldout_texts if CJK.search(t)],
                  "English": [t for t in heldout_texts if not CJK.search(t)]}
-    rows, timed_rows, report = [], [], {"args": vars(args), "load_average": loads, "systems": {}}
+    rows, timed_rows, curves, report = [], [], {}, {"args": vars(args), "load_average": loads, "systems": {}}
     for name, run in (("MiniMind", minimind), ("MateConv", ours)):
         loop_s = train_time(run, run["steps"])
         rate = sum(run["tokens"][1: run["steps"]]) / loop_s  # steps 2..N
         scores = {}
         timed = newest_within(run, budget)
-        for step in {run["steps"], timed} - {None}:
+        for step in sorted(run["checkpoints"]):
             model = loaders[name](run["checkpoints"][step])
             scores[step], step_languages = heldout_bpb(model, tokenizer, languages, args.seq, starts[name])
             if step == run["steps"]:
                 by_language = {language: round(value, 4) for language, value in step_languages.items()}
                 params = sum(p.numel() for p in model.parameters()) / 1e6
+        curves[name] = [{"system": name, "step": step, "real tokens": sum(run["tokens"][:step]),
+                         "training time (s)": round(train_time(run, step), 1), "held-out bpb": round(bpb, 4)}
+                        for step, bpb in sorted(scores.items())]
         timed_rows.append({"system": name, "training time (s)": round(budget, 1), "step": timed or "none saved",
                            "step ended at (s)": "" if timed is None else round(train_time(run, timed), 1),
                            "real tokens": "" if timed is None else sum(run["tokens"][:timed]),
@@ -452,8 +477,11 @@ def main() -> None:
         f"(1/5/15 min): {'; '.join(f'{k}: {v}' for k, v in loads.items())}.", "",
         "Equal steps:", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
         "Equal training time (each system's newest checkpoint within the faster run's training time):", "",
-        table(timed_rows),
+        table(timed_rows), "",
+        "Every checkpoint (bpb_curve.png):", "",
+        table([point for points in curves.values() for point in points]),
         ""])
+    plot_curves(curves, work / "bpb_curve.png")
     write_atomic(work / "report.md", text)
     write_atomic(work / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     print(text, flush=True)

@@ -36,6 +36,9 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
         assert minimind_rows == ["ok"] * 3
         qk_norm_config = json.loads((tmp_path / "vs_minimind_qk_norm/mateconv/final/config.json").read_text())
         assert qk_norm_config["qk_norm"] is True  # the q/k RMSNorm ablation trained the model it names
+        curve = (tmp_path / "vs_minimind" / "report.md").read_text().split("Every checkpoint")[1]
+        assert curve.count("| MiniMind |") >= 2 and curve.count("| MateConv |") >= 2  # each system's checkpoints
+        assert (tmp_path / "vs_minimind" / "bpb_curve.png").read_bytes()[:4] == b"\x89PNG"
     else:  # without MiniMind (or, off CI, the shared data) the rows say why, and the others still run
         assert all(row.startswith("failed") and "not found" in row for row in minimind_rows)
     assert set(rows.values()) == {"ok"}, rows

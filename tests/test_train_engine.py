@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +154,29 @@ def test_loader_workers_persist_across_epochs(train, tmp_path, monkeypatch):
     assert len(starts) == 1
     workers, main = losses(tmp_path / "workers"), losses(tmp_path / "main")
     assert workers.keys() == main.keys() and all(abs(workers[s] - main[s]) < 1e-5 for s in main)
+
+
+def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeypatch):
+    """Alone, a save copies the state and writes it in a background thread: the next step starts before the
+    checkpoint's file is written (slowed down here), and the run's end waits for the last one. That a checkpoint
+    holds its own step's state is test_resume_equals_uninterrupted's business."""
+    from mateconv.train.engine import Trainer
+
+    events = []
+    real_save, micro_step = torch.save, Trainer.micro_step
+
+    def slow_save(obj, path, *args, **kwargs):
+        if Path(path).name == "training_state.pt":
+            time.sleep(1.0)
+            events.append(Path(path).parent.name)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, *a, **k: events.append("step") or micro_step(self, *a, **k))
+    train(tmp_path, max_steps=4, save_interval_steps=2, val_data_path="")
+    assert events.index("step_00000002") > 2 and events[-1] == "step_00000004"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert (tmp_path / "checkpoints" / "step_00000004" / "training_state.pt").is_file()
 
 
 def test_auto_resume_continues_in_place(train, tmp_path):

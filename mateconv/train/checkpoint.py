@@ -5,8 +5,12 @@ A checkpoint holds the model, optimizer and scheduler (DeepSpeed's ZeRO-sharded 
 every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size). Rotation keeps the `keep`
 newest plus the best one.
 
+Alone (one rank, plain PyTorch) a save copies the state to the CPU and writes the files in a background thread while
+training goes on, one save at a time; under DeepSpeed or with several ranks every rank writes its share before going
+on.
+
 Faults: a save that fails on any rank (a full disk) leaves the previous checkpoints and `latest` as they were and halts
-the run with one line; a resume checks the checkpoint's files first (sizes against the manifest, the CRC of every
+the run with one line (a background save: at the next step after it failed); a resume checks the checkpoint's files first (sizes against the manifest, the CRC of every
 torch file) and falls back to the newest intact one, moving a damaged one aside as `step_N.damaged`.
 """
 from __future__ import annotations
@@ -15,7 +19,9 @@ import json
 import random
 import re
 import shutil
+import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +105,28 @@ class FailSoftWriter:
         return getattr(self.inner, name)
 
 
+def cpu_copy(value, copies: dict | None = None):
+    """A copy of a nested state dict with every tensor copied to the CPU (training goes on changing the originals);
+    tensors shared in it (tied weights) stay shared."""
+    copies = {} if copies is None else copies
+    if isinstance(value, torch.Tensor):
+        if id(value) not in copies:
+            copies[id(value)] = value.detach().to("cpu", copy=True)
+        return copies[id(value)]
+    if isinstance(value, dict):
+        return {key: cpu_copy(item, copies) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item, copies) for item in value)
+    return value
+
+
 class CheckpointManager:
     def __init__(self, out_dir: str | Path, keep: int, runtime: Runtime):
         self.root = Path(out_dir) / "checkpoints"
         self.keep = keep
         self.runtime = runtime
+        self.writer: threading.Thread | None = None  # a background save still writing
+        self.failure: Exception | None = None  # why the last background save failed, until raised
 
     # ---------------------------------------------------------------------------------------------- listing
 
@@ -177,8 +200,51 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------------------- saving
 
     def save(self, step: int, engine, optimizer, scheduler, trainer_state: dict, config: TrainConfig,
-             is_best: bool) -> Path:
-        """Collective: every rank calls it. Writes into `.incoming/step_N`, then rank 0 moves it into place. A write
+             is_best: bool) -> None:
+        """Collective: every rank calls it. Alone (one rank, plain PyTorch) the state is copied now and written in the
+        background (`wait`, `raise_failure`)."""
+        self.wait()
+        if self.runtime.use_deepspeed or self.runtime.world_size > 1:
+            self._save(step, lambda tmp: self._write(engine, optimizer, scheduler, tmp), trainer_state, config,
+                       is_best)
+            return
+        state = cpu_copy({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict()})
+        rng = rng_state()
+
+        def write(tmp: Path) -> OSError | None:
+            try:
+                torch.save(state, tmp / "training_state.pt")
+                torch.save(rng, tmp / "rng_rank0.pt")
+            except OSError as e:
+                return e
+            return None
+
+        def run() -> None:
+            try:
+                self._save(step, write, trainer_state, config, is_best)
+            except Exception as e:  # raised in the training thread
+                self.failure = e
+
+        self.writer = threading.Thread(target=run, name=f"checkpoint-{step_name(step)}")
+        self.writer.start()
+
+    def wait(self) -> None:
+        """Until a background save is written; raises its failure (TrainingHalted)."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        """Raises the failure of a background save that has failed (TrainingHalted); called every step."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def _save(self, step: int, write: Callable[[Path], OSError | None], trainer_state: dict, config: TrainConfig,
+              is_best: bool) -> None:
+        """Writes into `.incoming/step_N` (this rank's files by `write`), then rank 0 moves it into place. A write
         that fails on any rank (OSError: a full disk) raises TrainingHalted on every rank; the earlier checkpoints and
         `latest` are untouched and the half-written one is deleted."""
         name = step_name(step)
@@ -193,7 +259,7 @@ class CheckpointManager:
             except OSError as e:
                 error = e
         if first_error(str(error) if error else None) is None:
-            error = self._write(engine, optimizer, scheduler, tmp, name)
+            error = write(tmp)
         if self.runtime.is_main and error is None:
             try:
                 save_config(config, tmp / "config.yaml")
@@ -222,9 +288,8 @@ class CheckpointManager:
         if self.runtime.is_main:
             self.rotate()
         barrier()
-        return self.root / name
 
-    def _write(self, engine, optimizer, scheduler, tmp: Path, name: str) -> OSError | None:
+    def _write(self, engine, optimizer, scheduler, tmp: Path) -> OSError | None:
         """This rank's files of the checkpoint: DeepSpeed's (every rank) or training_state.pt (rank 0), and its RNG."""
         try:
             if self.runtime.use_deepspeed:
@@ -232,7 +297,7 @@ class CheckpointManager:
                     engine.checkpoint_engine = FailSoftWriter(engine.checkpoint_engine)
                 writer = engine.checkpoint_engine
                 writer.error = None
-                engine.save_checkpoint(str(tmp.parent), tag=name, save_latest=False)
+                engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
                 if writer.error is not None:
                     return writer.error
             elif self.runtime.is_main:

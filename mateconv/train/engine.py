@@ -336,7 +336,10 @@ class Trainer:
         try:
             return self._loop(state, tracker, peak)
         finally:
-            tracker.finish()
+            try:
+                self.checkpoints.wait()  # a checkpoint still being written is finished before the run ends
+            finally:
+                tracker.finish()
 
     def _roll_epoch(self, state: dict) -> None:
         if self.sampler.per_rank_left(state["samples_in_epoch"]) < self.config.optim.batch_size:
@@ -396,6 +399,7 @@ class Trainer:
                     losses, extra = [], {}
 
                     stop_requested = any_rank(stop.requested, runtime.device)
+                    self.checkpoints.raise_failure()  # a background save that failed halts the run here
                     due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps
                            or (self.evaluates and step % config.track.eval_interval == 0))
                     if pending is not None and (not self.lags or due or stop_requested):
@@ -417,6 +421,7 @@ class Trainer:
                 else:
                     self._roll_epoch(state)
         progress.close()
+        self.checkpoints.wait()
         streak, last_good = self.streak, self.last_good
         if halted:
             raise TrainingHalted(
