@@ -81,6 +81,7 @@ def test_loss_and_rewards_match_trl(models, random_dpo_pairs, settings, trl_loss
     ref_chosen, ref_rejected = reference_sums(reference, batch)
     with torch.no_grad():
         ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        metrics = {key: float(value) for key, value in metrics.items()}
         theirs, trl_metrics = trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings, trl_loss_type)
     assert ours.item() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -101,6 +102,7 @@ def test_conservative_dpo_matches_trl(models, random_dpo_pairs, label_smoothing)
     ref_chosen, ref_rejected = reference_sums(reference, batch)
     with torch.no_grad():
         ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        metrics = {key: float(value) for key, value in metrics.items()}
         plain, _ = DPOObjective(DPOConfig(beta=0.1), reference=reference).loss(policy, batch)
         per_pair = []
         for i in range(PAIRS):
@@ -120,6 +122,7 @@ def test_sft_term_matches_trl_sft_loss(models, random_dpo_pairs, sft_coef):
     settings = DPOConfig(beta=0.1, sft_coef=sft_coef)
     with torch.no_grad():
         ours, metrics = DPOObjective(settings, reference=reference).loss(policy, batch)
+        metrics = {key: float(value) for key, value in metrics.items()}
         plain, _ = DPOObjective(DPOConfig(beta=0.1), reference=reference).loss(policy, batch)
         theirs, _ = trl_loss_and_metrics(policy, batch, ref_chosen, ref_rejected, settings, "sigmoid", sft_coef)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -86,9 +86,10 @@ def test_compiled_model_trains_like_eager(train, tmp_path):
         load_file(tmp_path / "compiled" / "final" / "model.safetensors").keys()
 
 
-def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
-    """Host syncs (`Tensor.item`) do not grow with the micro-batches per step (the loss, LM metrics and MoE load stay
-    on the device), and the tracker logs on log steps only."""
+@pytest.mark.parametrize("stage", ["pretrain", "dpo"])
+def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch, stage, request):
+    """Host syncs (`Tensor.item`) do not grow with the micro-batches per step (the loss, the objective's metrics, LM
+    or DPO, and the MoE load stay on the device), and the tracker logs on log steps only."""
     from mateconv.train.tracking import Tracker
 
     items, logged = [], []
@@ -96,14 +97,18 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
     log = Tracker.log
     monkeypatch.setattr(Tracker, "log", lambda self, step, row: logged.append(step) or log(self, step, row))
+    start = {"pretrain": dict(use_moe=True, init_from=""),  # from scratch, with the MoE load to log
+             "dpo": dict(init_from=request.getfixturevalue("tiny_moe_sft_model"))}[stage]
     counts = {}
     for accumulation in (1, 4):
         items.clear(), logged.clear()
-        train(tmp_path / str(accumulation), max_steps=4, accumulation_steps=accumulation, log_interval=2,
-              val_data_path="", save_interval_steps=100, use_moe=True)
+        train(tmp_path / str(accumulation), stage, max_steps=4, accumulation_steps=accumulation, log_interval=2,
+              val_data_path="", save_interval_steps=100, **start)
         counts[accumulation] = len(items)
         assert logged == [2, 4]
     assert counts[4] == counts[1]
+    rows = [row for row in read_metrics(tmp_path / "4") if "loss" in row]
+    assert "moe/cv_mean" in rows[0] and (stage != "dpo" or "rewards/accuracies" in rows[0])
 
 
 def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):

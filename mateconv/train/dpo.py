@@ -46,14 +46,15 @@ def preference_losses(
     return (delta - 1 / (2 * beta)) ** 2
 
 
-def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> dict[str, float]:
+def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+                   beta: float) -> dict[str, torch.Tensor]:
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
     }
 
 
@@ -139,12 +140,12 @@ class DPOObjective:
             loss = loss + s.sft_coef * chosen_nll
         if aux_loss is not None:
             loss = loss + aux_loss
-        metrics = {
-            "dpo_loss": pair_losses.mean().item(),
+        metrics = {  # on the device, detached: the engine reads them on log steps only
+            "dpo_loss": pair_losses.detach().mean(),
             **reward_metrics(chosen_logratios, rejected_logratios, s.beta),
-            "logps/chosen": policy_chosen.detach().mean().item(),
-            "logps/rejected": policy_rejected.detach().mean().item(),
-            "kl_ref": kl.item(),
-            "nll/chosen": chosen_nll.item(),
+            "logps/chosen": policy_chosen.detach().mean(),
+            "logps/rejected": policy_rejected.detach().mean(),
+            "kl_ref": kl.detach(),
+            "nll/chosen": chosen_nll.detach(),
         }
         return loss, metrics

@@ -48,6 +48,7 @@ from mateconv.train.universal import needs_universal
 from model.moe import MoEFeedForward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+OBJECTIVE = "objective/"  # StepFigures' prefix for the objective's own metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -61,13 +62,16 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class StepFigures:
-    """An optimizer step's loss (mean over ranks), gradient norm before clipping and whether its update was applied,
-    on their way to the host: from a GPU a non-blocking copy into pinned memory, so `read()` waits for this step's
-    kernels only, not for those queued after them."""
+    """What the host reads of one optimizer step: its loss (mean over ranks), the gradient norm before clipping,
+    whether the update was applied, and on log steps the objective's metrics and the MoE expert load (means over
+    ranks). The tensors among them travel together: from a GPU one non-blocking copy into pinned memory, so `read()`
+    waits for this step's kernels only, not for those queued after them."""
 
-    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, applied: torch.Tensor | bool):
-        values = torch.stack([torch.as_tensor(value, dtype=torch.float32, device=loss.device).reshape(())
-                              for value in (loss.detach(), grad_norm, applied)])
+    def __init__(self, figures: dict[str, torch.Tensor | float | bool]):
+        self.on_host = {name: v for name, v in figures.items() if not isinstance(v, torch.Tensor)}  # DeepSpeed's
+        tensors = {name: v.detach().float() for name, v in figures.items() if name not in self.on_host}
+        self.shapes = {name: v.shape for name, v in tensors.items()}
+        values = torch.cat([v.reshape(-1) for v in tensors.values()])
         self.ready = None
         if values.is_cuda:
             self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -77,11 +81,14 @@ class StepFigures:
         else:
             self.values = values
 
-    def read(self) -> tuple[float, float, bool]:
+    def read(self) -> dict[str, float | torch.Tensor]:
         if self.ready is not None:
             self.ready.synchronize()
-        loss, grad_norm, applied = self.values.tolist()
-        return loss, grad_norm, applied > 0
+        flat, offset, figures = self.values.tolist(), 0, {n: float(v) for n, v in self.on_host.items()}
+        for name, shape in self.shapes.items():
+            part, offset = flat[offset: offset + shape.numel()], offset + shape.numel()
+            figures[name] = part[0] if len(shape) == 0 else torch.tensor(part).reshape(shape)
+        return figures
 
 
 @dataclass
@@ -111,7 +118,6 @@ class PendingStep:
     epoch: int
     lr: float
     figures: StepFigures
-    extra: dict  # the objective's metrics, averaged over micro-batches, on the device
     window: Window  # the log window as it stood at this step's end
 
 
@@ -249,13 +255,14 @@ class Trainer:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), metrics
 
-    def optimizer_step(self, loss: torch.Tensor) -> StepFigures:
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | bool]:
         """Clip and step unless the loss (the step's mean over ranks, on the device) or the gradient norm is not
         finite; DeepSpeed already stepped (or skipped) in micro_step. The gradients are averaged over ranks (DDP) and
-        so is the loss, so every rank decides alike. Under `lags` nothing here waits for the device."""
+        so is the loss, so every rank decides alike. Returns (the gradient norm before clipping, whether the update
+        was applied); under `lags` both stay on the device and nothing here waits for it."""
         if self.runtime.use_deepspeed:
             norm = self.engine.get_global_grad_norm()
-            return StepFigures(loss, float("nan") if norm is None else float(norm), self.engine.was_step_applied())
+            return float("nan") if norm is None else float(norm), self.engine.was_step_applied()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.engine.parameters() if p.requires_grad]
@@ -272,7 +279,19 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepFigures(loss, norm, finite)
+        return norm, finite
+
+    def log_figures(self, extra: dict) -> dict[str, torch.Tensor]:
+        """A log step's own figures, means over ranks on the device: the objective's metrics (averaged over the
+        step's micro-batches) and the MoE expert load (over the steps since the last logged row)."""
+        figures = {}
+        if extra:
+            values = torch.stack([torch.as_tensor(v, device=self.runtime.device).float().reshape(())
+                                  for v in extra.values()])
+            figures.update(zip((OBJECTIVE + key for key in extra), all_reduce_mean(values)))
+        if self.window.load_count:
+            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_count)
+        return figures
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
@@ -391,11 +410,16 @@ class Trainer:
                         state["epoch"], state["samples_in_epoch"] = step_start
                     else:
                         # the mean over ranks: not finite on every rank when it is on one
-                        figures = self.optimizer_step(all_reduce_mean(torch.stack(losses).float().mean().reshape(1)))
+                        step_loss = all_reduce_mean(torch.stack(losses).float().mean())
+                        grad_norm, applied = self.optimizer_step(step_loss)
                         step += 1
                         state["step"] = step
                         self._roll_epoch(state)
-                        pending = PendingStep(step, state["epoch"], step_lr, figures, extra, replace(self.window))
+                        figures = {"loss": step_loss, "grad_norm": grad_norm, "applied": applied}
+                        if step % config.track.log_interval == 0 or step == self.total_steps:
+                            figures.update(self.log_figures(extra))
+                        pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
+                                              replace(self.window))
                     losses, extra = [], {}
 
                     stop_requested = any_rank(stop.requested, runtime.device)
@@ -442,7 +466,8 @@ class Trainer:
         non-finite step is counted and printed, a log step (or a non-finite one) gets its row. Returns whether
         `max_nonfinite_steps` in a row now halt the run."""
         config, runtime, step = self.config, self.runtime, pending.step
-        self.step_loss, grad_norm, applied = pending.figures.read()
+        figures = pending.figures.read()
+        self.step_loss, grad_norm, applied = figures["loss"], figures["grad_norm"], figures["applied"] > 0
         if applied and not runtime.use_deepspeed:  # DeepSpeed's engine steps its own schedule
             self.scheduler.step()
         nonfinite = not math.isfinite(self.step_loss) or (not math.isfinite(grad_norm) and not self.loss_scaled)
@@ -462,10 +487,8 @@ class Trainer:
             return halted
         window = pending.window
         tokens_per_sec = window.tokens * runtime.world_size / max(time.perf_counter() - window.start, 1e-9)
-        extra = pending.extra
-        if extra:  # the objective's own metrics (lm_loss, DPO rewards, ...), averaged over ranks
-            values = torch.stack([torch.as_tensor(v, device=runtime.device).double().reshape(()) for v in extra.values()])
-            extra = dict(zip(extra, all_reduce_mean(values).tolist()))
+        # the objective's own metrics (lm_loss, DPO rewards, ...); a non-finite step off the log steps has none
+        extra = {name[len(OBJECTIVE):]: value for name, value in figures.items() if name.startswith(OBJECTIVE)}
         row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                "epoch": pending.epoch, "nonfinite_steps": state["nonfinite_steps"],
                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
@@ -474,9 +497,8 @@ class Trainer:
             row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
         if self.peak > 0:
             row["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak * runtime.world_size)
-        if window.load_count:  # averaged over the steps since the last log line, and over ranks
-            load = all_reduce_mean(window.loads / window.load_count).cpu()
-            row.update(expert_load_metrics(load, extra.get("aux_loss")))
+        if "expert_load" in figures:
+            row.update(expert_load_metrics(figures["expert_load"], extra.get("aux_loss")))
         tracker.log(step, row)
         progress.log(step, row)
         self.window.take(window)

@@ -37,8 +37,8 @@ def preference_eval(model: torch.nn.Module, objective: Objective, pairs: Dataset
         if max_batches is not None and batches == max_batches:
             break
         loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
-        for key, value in {"loss": loss.item(), **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + value
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
         batches += 1
     return {key: value / max(batches, 1) for key, value in totals.items()}
 
