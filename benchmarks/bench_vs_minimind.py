@@ -330,8 +330,11 @@ def newest_within(run: dict, budget_s: float) -> int | None:
     return max(reached) if reached else None
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
-    """Held-out bpb of every checkpoint against steps, real tokens trained and training time, one line per system."""
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> str:
+    """Held-out bpb of every checkpoint against steps, real tokens trained and training time, one line per system;
+    returns the report's note on it (a bare GPU machine may lack matplotlib: the table then stands alone)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "(no plot: matplotlib is not installed)"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,6 +351,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     axes[0].legend()
     save_figure(figure, path)
     plt.close(figure)
+    return f"({path.name})"
 
 
 def table(rows: list[dict]) -> str:
@@ -478,10 +482,9 @@ def main() -> None:
         "Equal steps:", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
         "Equal training time (each system's newest checkpoint within the faster run's training time):", "",
         table(timed_rows), "",
-        "Every checkpoint (bpb_curve.png):", "",
+        f"Every checkpoint {plot_curves(curves, work / 'bpb_curve.png')}:", "",
         table([point for points in curves.values() for point in points]),
         ""])
-    plot_curves(curves, work / "bpb_curve.png")
     write_atomic(work / "report.md", text)
     write_atomic(work / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     print(text, flush=True)
