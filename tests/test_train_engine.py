@@ -113,18 +113,27 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch, 
 
 def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     """With fused AdamW (the default) the host reads a step's loss and gradient norm only once the next step's forward
-    and backward are issued, at once where a checkpoint is due, and calls `Tensor.item` no more in a longer run.
-    Reading every step at once instead trains and logs the same."""
+    and backward are issued, at once where a checkpoint is due, and calls `Tensor.item` no more in a longer run; each
+    row's tokens/s still covers its own step's forward and backward (slowed down here to dominate). Reading every
+    step at once instead trains and logs the same."""
     from mateconv.train.engine import StepFigures, Trainer
 
     events, items = [], []
     read, micro_step, item = StepFigures.read, Trainer.micro_step, torch.Tensor.item
+
+    def slow_micro_step(self, *args, **kwargs):
+        events.append("step")
+        time.sleep(0.2)
+        return micro_step(self, *args, **kwargs)
+
     monkeypatch.setattr(StepFigures, "read", lambda self: events.append("read") or read(self))
-    monkeypatch.setattr(Trainer, "micro_step", lambda self, *a, **k: events.append("step") or micro_step(self, *a, **k))
+    monkeypatch.setattr(Trainer, "micro_step", slow_micro_step)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
     flags = dict(val_data_path="", save_interval_steps=3, log_interval=1)
     train(tmp_path / "lagged", max_steps=6, **flags)
     assert events == ["step", "step", "read", "step", "read", "read"] * 2  # checkpoints at steps 3 and 6
+    rates = [row["tokens_per_sec"] for row in read_metrics(tmp_path / "lagged") if "loss" in row]
+    assert max(rates) < 1.5 * min(rates), rates
     counts = []
     for steps in (3, 6):
         items.clear()

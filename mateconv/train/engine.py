@@ -93,21 +93,24 @@ class StepFigures:
 
 @dataclass
 class Window:
-    """What the next logged row averages over: the tokens and MoE expert loads since the last one."""
+    """What the next logged row averages over: the tokens and MoE expert loads since the last one, from `start` to
+    `end`, times taken on the host as each step's update is launched. With the host at most one step ahead of the
+    device those are the device's pace; on a CPU they are exact."""
 
     start: float
     tokens: int = 0
     loads: torch.Tensor | float = 0.0
     load_count: int = 0
+    end: float = 0.0  # set on a step's copy
 
     def add_load(self, load: torch.Tensor) -> None:
         self.loads, self.load_count = self.loads + load.float(), self.load_count + 1
 
-    def take(self, other: "Window") -> None:
-        """Drop `other`'s share (a logged step's), keeping what came after it; the next window starts now."""
-        self.tokens -= other.tokens
-        self.loads, self.load_count = self.loads - other.loads, self.load_count - other.load_count
-        self.start = time.perf_counter()
+    def take(self, logged: "Window") -> None:
+        """Drop a logged step's share, keeping what came after it; the next window starts where that one ended."""
+        self.tokens -= logged.tokens
+        self.loads, self.load_count = self.loads - logged.loads, self.load_count - logged.load_count
+        self.start = logged.end
 
 
 @dataclass
@@ -419,7 +422,7 @@ class Trainer:
                         if step % config.track.log_interval == 0 or step == self.total_steps:
                             figures.update(self.log_figures(extra))
                         pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
-                                              replace(self.window))
+                                              replace(self.window, end=time.perf_counter()))
                     losses, extra = [], {}
 
                     stop_requested = any_rank(stop.requested, runtime.device)
@@ -486,7 +489,7 @@ class Trainer:
         if not (nonfinite or step % config.track.log_interval == 0 or step == self.total_steps):
             return halted
         window = pending.window
-        tokens_per_sec = window.tokens * runtime.world_size / max(time.perf_counter() - window.start, 1e-9)
+        tokens_per_sec = window.tokens * runtime.world_size / max(window.end - window.start, 1e-9)
         # the objective's own metrics (lm_loss, DPO rewards, ...); a non-finite step off the log steps has none
         extra = {name[len(OBJECTIVE):]: value for name, value in figures.items() if name.startswith(OBJECTIVE)}
         row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
