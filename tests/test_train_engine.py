@@ -96,7 +96,8 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch, 
     item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
     log = Tracker.log
-    monkeypatch.setattr(Tracker, "log", lambda self, step, row: logged.append(step) or log(self, step, row))
+    monkeypatch.setattr(Tracker, "log",
+                        lambda self, step, row, **kwargs: logged.append(step) or log(self, step, row, **kwargs))
     start = {"pretrain": dict(use_moe=True, init_from=""),  # from scratch, with the MoE load to log
              "dpo": dict(init_from=request.getfixturevalue("tiny_moe_sft_model"))}[stage]
     counts = {}
@@ -118,11 +119,12 @@ def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     step at once instead trains and logs the same."""
     from mateconv.train.engine import StepFigures, Trainer
 
-    events, items = [], []
+    events, items, starts = [], [], []
     read, micro_step, item = StepFigures.read, Trainer.micro_step, torch.Tensor.item
 
     def slow_micro_step(self, *args, **kwargs):
         events.append("step")
+        starts.append(time.time())
         time.sleep(0.2)
         return micro_step(self, *args, **kwargs)
 
@@ -132,8 +134,11 @@ def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     flags = dict(val_data_path="", save_interval_steps=3, log_interval=1)
     train(tmp_path / "lagged", max_steps=6, **flags)
     assert events == ["step", "step", "read", "step", "read", "read"] * 2  # checkpoints at steps 3 and 6
-    rates = [row["tokens_per_sec"] for row in read_metrics(tmp_path / "lagged") if "loss" in row]
+    rows = [row for row in read_metrics(tmp_path / "lagged") if "loss" in row]
+    rates = [row["tokens_per_sec"] for row in rows]
     assert max(rates) < 1.5 * min(rates), rates
+    gaps = [next_start - row["time"] for row, next_start in zip(rows, starts[1:])]
+    assert min(gaps) > -0.001, gaps  # each row is dated at its step's end (to the millisecond), before the next
     counts = []
     for steps in (3, 6):
         items.clear()

@@ -122,6 +122,7 @@ class PendingStep:
     lr: float
     figures: StepFigures
     window: Window  # the log window as it stood at this step's end
+    ended_at: float  # wall-clock time of that end (the row's time in metrics.jsonl)
 
 
 class CheckedStep(torch.optim.Optimizer):
@@ -422,7 +423,7 @@ class Trainer:
                         if step % config.track.log_interval == 0 or step == self.total_steps:
                             figures.update(self.log_figures(extra))
                         pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
-                                              replace(self.window, end=time.perf_counter()))
+                                              replace(self.window, end=time.perf_counter()), time.time())
                     losses, extra = [], {}
 
                     stop_requested = any_rank(stop.requested, runtime.device)
@@ -502,7 +503,7 @@ class Trainer:
             row["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak * runtime.world_size)
         if "expert_load" in figures:
             row.update(expert_load_metrics(figures["expert_load"], extra.get("aux_loss")))
-        tracker.log(step, row)
+        tracker.log(step, row, at=pending.ended_at)
         progress.log(step, row)
         self.window.take(window)
         return halted

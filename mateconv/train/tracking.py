@@ -155,10 +155,11 @@ class Tracker:
         kept = [row for row in read_metrics(self.path) if step > 0 and row.get("step", 0) <= step]
         write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], at: float | None = None) -> None:
+        """`at`: the wall-clock time the row belongs to (a step's end, when it is logged later), else now."""
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        row = {"step": step, "time": round(time.time() if at is None else at, 3), **metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
