@@ -17,6 +17,10 @@ wall time.
   mateconv.tokenizer), then 4.pretrain.py trains for the same number of steps at the same batch shape, learning rate,
   schedule (cosine to 10%, no warmup), AdamW settings and gradient clipping.
 - --qk_norm 1 gives MateConv's model MiniMind's per-head q/k RMSNorm (an ablation of the one architectural difference).
+- --mateconv_batch B (default --batch): MateConv trains with B rows per step and proportionally more steps (and
+  checkpoints further apart in steps), so both process the same positions. MiniMind's padded rows carry about half
+  real tokens, so half its batch gives MateConv about the same real tokens per step and twice the updates: the
+  setting a user of packed rows would pick.
 - Both eager by default (MateConv's engine would otherwise compile on CUDA); --compile 1 compiles both (MiniMind's
   --use_compile 1, MateConv's --compile 1). On CUDA both train under bf16 autocast.
 - Real tokens: MiniMind's non-padding positions per step, counted from its own sampling order (torch.randperm with
@@ -284,10 +288,11 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
     flags = ["--data_path", tokens, "--val_data_path", "", "--tokenizer_path", tokenizer_dir, "--out_dir", out,
              "--init_from", "", "--dim", args.dim, "--n_layers", args.layers, "--n_heads", 8, "--n_kv_heads", 4,
              "--hidden_dim", math.ceil(args.dim * math.pi / 64) * 64, "--norm_eps", 1e-6, "--vocab_size", 6400,
-             "--max_seq_len", args.seq, "--batch_size", args.batch, "--max_steps", steps, "--learning_rate", args.lr,
+             "--max_seq_len", args.seq, "--batch_size", args.mateconv_batch, "--max_steps", steps,
+             "--learning_rate", args.lr,
              "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01, "--adam_beta2", 0.999,
-             "--grad_clip", 1.0, "--log_interval", 1, "--save_interval_steps", args.save_every,
-             "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
+             "--grad_clip", 1.0, "--log_interval", 1,
+             "--save_interval_steps", args.save_every * args.batch // args.mateconv_batch, "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
              "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device],
              *(["--qk_norm"] if args.qk_norm else [])]
     stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
@@ -375,6 +380,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="MiniMind epochs over the training documents; "
                                                               "MateConv trains the same number of steps")
     parser.add_argument("--save_every", type=int, default=10, help="checkpoint interval (steps) of both trainers")
+    parser.add_argument("--mateconv_batch", type=int, default=None,
+                        help="MateConv's rows per step (default --batch), with proportionally more steps")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers of both trainers")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers")
     parser.add_argument("--mateconv_rows", choices=["packed", "minimind"], default="packed",
@@ -414,7 +421,11 @@ def main() -> None:
     minimind_ids = minimind_rows(train_texts, tokenizer, args.seq)
     shards = (minimind_rows_for_mateconv(work, minimind_ids) if args.mateconv_rows == "minimind"
               else tokenize_for_mateconv(work, paths["train"], env))
-    steps = args.epochs * math.ceil(args.train_docs / args.batch)  # MiniMind's: whole epochs over the documents
+    args.mateconv_batch = args.mateconv_batch or args.batch
+    if args.batch % args.mateconv_batch or args.mateconv_rows == "minimind" and args.mateconv_batch != args.batch:
+        raise SystemExit("bench: --mateconv_batch must divide --batch (and equal it with --mateconv_rows minimind)")
+    # MiniMind's steps are whole epochs over the documents; MateConv's cover the same positions
+    steps = args.epochs * math.ceil(args.train_docs / args.batch) * args.batch // args.mateconv_batch
     loads = {"before": load_average()}
     if args.concurrent:
         with ThreadPoolExecutor(2) as pool:
@@ -428,10 +439,11 @@ def main() -> None:
         ours = run_mateconv(args, work, shards, steps, env)
         loads["after MateConv"] = load_average()
 
-    positions = args.batch * args.seq
+    positions = {"MiniMind": args.batch * args.seq, "MateConv": args.mateconv_batch * args.seq}  # per step
     minimind["tokens"] = minimind_real_tokens(minimind_ids, args.batch, args.epochs)
     # packed: every position is a real token; MiniMind's rows: the same rows in the same order as MiniMind
-    ours["tokens"] = minimind["tokens"] if args.mateconv_rows == "minimind" else [positions] * ours["steps"]
+    ours["tokens"] = (minimind["tokens"] if args.mateconv_rows == "minimind"
+                      else [positions["MateConv"]] * ours["steps"])
     budget = min(train_time(run, run["steps"]) for run in (minimind, ours))
     module = minimind_module(work / "minimind")
     loaders = {"MiniMind": lambda path: minimind_model(module, args, path).to(args.device),
@@ -461,7 +473,7 @@ def main() -> None:
                            "held-out bpb": "" if timed is None else round(scores[timed], 4)})
         real = sum(run["tokens"][: run["steps"]])
         rows.append({"system": name, "params (M)": round(params, 2), "steps": run["steps"], "real tokens": real,
-                     "real / positions": f"{real / (positions * run['steps']):.0%}",
+                     "real / positions": f"{real / (positions[name] * run['steps']):.0%}",
                      "training (s)": round(loop_s, 1), "wall (s)": round(run["wall_s"], 1),
                      "real tokens/s": round(rate), "peak RSS (GB)": round(run["rss_gb"], 2),
                      **({"peak CUDA (GB)": round(run.get("cuda_gb", math.nan), 2)} if args.device == "cuda" else {}),
@@ -474,12 +486,14 @@ def main() -> None:
     text = "\n".join([
         f"MateConv vs MiniMind on {args.device}: {args.train_docs} training documents, {len(heldout_texts)} held-out "
         f"({sum(len(t.encode()) for t in heldout_texts)} bytes); dim {args.dim}, {args.layers} layers, seq {args.seq}, "
-        f"batch {args.batch}, lr {args.lr}; MateConv's rows: {args.mateconv_rows}, {ours['corpus_tokens']} tokens "
+        f"batch {args.batch} (MateConv {args.mateconv_batch}), lr {args.lr}; MateConv's rows: {args.mateconv_rows}, {ours['corpus_tokens']} tokens "
         f"written in {ours['tokenize_s']:.1f} s ({sum(ours['tokens']) / ours['corpus_tokens']:.2f} epochs trained).",
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP threads {args.threads or 'default'}, "
         f"{'both trainers at once' if args.concurrent else 'one trainer after the other'}; load average "
         f"(1/5/15 min): {'; '.join(f'{k}: {v}' for k, v in loads.items())}.", "",
-        "Equal steps:", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
+        "Equal steps:" if args.mateconv_batch == args.batch else
+        f"Final models (the same positions: MiniMind {minimind['steps']} steps of {args.batch} rows, MateConv "
+        f"{ours['steps']} of {args.mateconv_batch}):", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
         "Equal training time (each system's newest checkpoint within the faster run's training time):", "",
         table(timed_rows), "",
         f"Every checkpoint {plot_curves(curves, work / 'bpb_curve.png')}:", "",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check (issues 13 and 14), about 8.5 minutes on one H200 (every row has its own time limit: 600 s in all,
-# 800 s with --diagnostics; the rows took well under theirs on the H200), from the repository's files alone:
+# 950 s with --diagnostics; the rows took well under theirs on the H200), from the repository's files alone:
 #   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
@@ -11,9 +11,10 @@
 #   4. profiles: where a compiled 0.02B dense step and a compiled 0.1B MoE step spend their time, on the device and on
 #      the host, and how busy the device was (benchmarks/bench_pretrain.py --profile; Chrome traces in
 #      profile_{dense,moe}_trace.json.gz; on CPU eager)
-#   5. with --diagnostics (always with --cpu-smoke), two ablations of row 2's held-out bpb gap, eager: 4.pretrain.py's
-#      trainer on MiniMind's own rows (--mateconv_rows minimind: data layout vs model and trainer), and MateConv's
-#      model with MiniMind's per-head q/k RMSNorm (--qk_norm 1); about 3 more minutes
+#   5. with --diagnostics (always with --cpu-smoke): the compiled pair with MateConv at half the batch (about
+#      MiniMind's real tokens per step, twice the updates: --mateconv_batch 32), and two ablations of row 2's held-out
+#      bpb gap, eager: 4.pretrain.py's trainer on MiniMind's own rows (--mateconv_rows minimind: data layout vs model
+#      and trainer), and MateConv's model with MiniMind's per-head q/k RMSNorm (--qk_norm 1); about 4 more minutes
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_prepare.sh             # first, here: the shared data, MiniMind and wheels to carry there
@@ -42,7 +43,8 @@ if [ $SMOKE = 1 ]; then
   MINI="--device cpu --dim 64 --layers 2 --seq 64 --batch 4 --train_docs 24 --heldout_docs 4 --save_every 3"
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
   PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3 --compile 0"
-  LIMIT=(100 100 0 60 60 60 100 100)
+  HALF="--mateconv_batch 2 --compile 0"
+  LIMIT=(100 100 0 60 60 60 100 100 100)
 else
   DEVICE=cuda
   TRAIN="--seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1"
@@ -51,9 +53,10 @@ else
         --save_every 20 --num_workers 4"
   DECODE="--device cuda --new_tokens 128 --repeats 2 --batch_sizes 1 8"
   PROFILE="--seq 512 --batch 64 --steps 25 --profile 5 --compile 1"
+  HALF="--mateconv_batch 32 --compile 1"
   # taken on an H200 (2026-12-04): 136, 80, 100 (inductor cache warm), 62 s; a profile ~30 s eager; the pairs now
   # also score every checkpoint (a few seconds more)
-  LIMIT=(150 100 150 70 60 70 100 100)
+  LIMIT=(150 100 150 70 60 70 150 100 100)
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -102,16 +105,19 @@ row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
 row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model moe --trace "$OUT/profile_moe_trace.json.gz"
 if [ $DIAGNOSTICS = 1 ]; then
-  row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[6]}" minimind_rows.log \
+  row "MateConv at half the batch, twice the steps$([ $SMOKE = 0 ] && echo ', both compiled')" "${LIMIT[6]}" \
+    minimind_half_batch.log "$PY" benchmarks/bench_vs_minimind.py $MINI $HALF --out "$OUT/vs_minimind_half_batch"
+  row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[7]}" minimind_rows.log \
     "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
-  row "ablation: MateConv with q/k RMSNorm, eager" "${LIMIT[7]}" minimind_qk_norm.log \
+  row "ablation: MateConv with q/k RMSNorm, eager" "${LIMIT[8]}" minimind_qk_norm.log \
     "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 1 --out "$OUT/vs_minimind_qk_norm"
 fi
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_rows minimind_qk_norm; do
+for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_half_batch minimind_rows \
+    minimind_qk_norm; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

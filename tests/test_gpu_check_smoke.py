@@ -27,13 +27,17 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
     assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
                           "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
                           "profile: 0.02B dense step", "profile: 0.1B MoE step",
+                          "MateConv at half the batch, twice the steps",
                           "ablation: MateConv's trainer on MiniMind's rows, eager",
                           "ablation: MateConv with q/k RMSNorm, eager"]
     minimind_rows = [rows.pop(name) for name in ("MiniMind's trainer vs 4.pretrain.py, eager",
+                                                 "MateConv at half the batch, twice the steps",
                                                  "ablation: MateConv's trainer on MiniMind's rows, eager",
                                                  "ablation: MateConv with q/k RMSNorm, eager")]
     if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
-        assert minimind_rows == ["ok"] * 3
+        assert minimind_rows == ["ok"] * 4
+        half = (tmp_path / "vs_minimind_half_batch" / "report.md").read_text()
+        assert "Final models (the same positions: MiniMind 6 steps of 4 rows, MateConv 12 of 2)" in half
         qk_norm_config = json.loads((tmp_path / "vs_minimind_qk_norm/mateconv/final/config.json").read_text())
         assert qk_norm_config["qk_norm"] is True  # the q/k RMSNorm ablation trained the model it names
         curve = (tmp_path / "vs_minimind" / "report.md").read_text().split("Every checkpoint")[1]

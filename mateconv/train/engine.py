@@ -450,13 +450,12 @@ class Trainer:
                     self._roll_epoch(state)
         progress.close()
         self.checkpoints.wait()
-        streak, last_good = self.streak, self.last_good
         if halted:
             raise TrainingHalted(
-                f"the loss or gradient was NaN/inf in {streak} steps in a row (steps {step - streak + 1}-{step}, "
-                f"max_nonfinite_steps {config.optim.max_nonfinite_steps}); stopped at step {step} with checkpoint "
-                f"{self.out_dir / 'checkpoints' / step_name(step)}, whose weights are those after step {last_good}; "
-                "lower learning_rate or check the data, then run the same command to resume")
+                f"the loss or gradient was NaN/inf in {self.streak} steps in a row (steps {step - self.streak + 1}-"
+                f"{step}, max_nonfinite_steps {config.optim.max_nonfinite_steps}); stopped at step {step} with "
+                f"checkpoint {self.out_dir / 'checkpoints' / step_name(step)}, whose weights are those after step "
+                f"{self.last_good}; lower learning_rate or check the data, then run the same command to resume")
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
             tracker.log_model_dir(self.out_dir / "final", step)
