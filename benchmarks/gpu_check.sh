@@ -19,22 +19,24 @@
 #
 #   bash benchmarks/gpu_prepare.sh             # first, here: the shared data, MiniMind and wheels to carry there
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
+#   bash benchmarks/gpu_check.sh --diagnostics-only   # row 5 alone: a second command within the 10-minute limit
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # the same wiring at tiny sizes on CPU (≤ 2 minutes)
 # $PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -u
 cd "$(dirname "$0")/.."
-SMOKE=0 DIAGNOSTICS=0
+SMOKE=0 MAIN=1 DIAGNOSTICS=0
 for arg in "$@"; do
   case $arg in
     --cpu-smoke) SMOKE=1 DIAGNOSTICS=1 ;;
     --diagnostics) DIAGNOSTICS=1 ;;
-    *) echo "gpu_check: unknown argument $arg (--cpu-smoke, --diagnostics)" >&2; exit 2 ;;
+    --diagnostics-only) MAIN=0 DIAGNOSTICS=1 ;;
+    *) echo "gpu_check: unknown argument $arg (--cpu-smoke, --diagnostics, --diagnostics-only)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${GPU_CHECK_OUT:-out/gpu_check}
 mkdir -p "$OUT"
-TABLE="$OUT/table.md"
+TABLE="$OUT/$([ $MAIN = 1 ] && echo table || echo table_diagnostics).md"  # a second command keeps the first table
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ $SMOKE = 1 ]; then
@@ -91,6 +93,7 @@ row() {  # row NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, rec
 }
 
 start=$SECONDS
+if [ $MAIN = 1 ]; then
 row "engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
   "$PY" benchmarks/bench_pretrain.py $TRAIN
 row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
@@ -104,6 +107,7 @@ row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model dense --trace "$OUT/profile_dense_trace.json.gz"
 row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model moe --trace "$OUT/profile_moe_trace.json.gz"
+fi
 if [ $DIAGNOSTICS = 1 ]; then
   row "MateConv at half the batch, twice the steps$([ $SMOKE = 0 ] && echo ', both compiled')" "${LIMIT[6]}" \
     minimind_half_batch.log "$PY" benchmarks/bench_vs_minimind.py $MINI $HALF --out "$OUT/vs_minimind_half_batch"
