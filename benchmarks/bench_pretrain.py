@@ -71,12 +71,12 @@ class ProfiledTrainer(Trainer):
         self.profiler, self.step_ends = profiler, []
 
     def optimizer_step(self, loss: torch.Tensor):
-        figures = super().optimizer_step(loss)
+        result = super().optimizer_step(loss)
         # no device sync here: the host runs at most one step ahead of the device (the engine reads a step's figures
         # once the next one is queued), so over many steps the wall time per step is the device's
         self.step_ends.append(time.perf_counter())
         self.profiler.step()
-        return figures
+        return result
 
 
 def top_operators(events, attribute: str, total: float, per_step: int, rows: int) -> str:

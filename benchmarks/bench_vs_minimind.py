@@ -289,10 +289,10 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
              "--init_from", "", "--dim", args.dim, "--n_layers", args.layers, "--n_heads", 8, "--n_kv_heads", 4,
              "--hidden_dim", math.ceil(args.dim * math.pi / 64) * 64, "--norm_eps", 1e-6, "--vocab_size", 6400,
              "--max_seq_len", args.seq, "--batch_size", args.mateconv_batch, "--max_steps", steps,
-             "--learning_rate", args.lr,
-             "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01, "--adam_beta2", 0.999,
-             "--grad_clip", 1.0, "--log_interval", 1,
-             "--save_interval_steps", args.save_every * args.batch // args.mateconv_batch, "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
+             "--learning_rate", args.lr, "--min_lr_ratio", 0.1, "--warmup_iters", 0, "--weight_decay", 0.01,
+             "--adam_beta2", 0.999, "--grad_clip", 1.0, "--log_interval", 1,
+             "--save_interval_steps", args.save_every * args.batch // args.mateconv_batch,
+             "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
              "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device],
              *(["--qk_norm"] if args.qk_norm else [])]
     stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
@@ -486,14 +486,16 @@ def main() -> None:
     text = "\n".join([
         f"MateConv vs MiniMind on {args.device}: {args.train_docs} training documents, {len(heldout_texts)} held-out "
         f"({sum(len(t.encode()) for t in heldout_texts)} bytes); dim {args.dim}, {args.layers} layers, seq {args.seq}, "
-        f"batch {args.batch} (MateConv {args.mateconv_batch}), lr {args.lr}; MateConv's rows: {args.mateconv_rows}, {ours['corpus_tokens']} tokens "
+        f"batch {args.batch} (MateConv {args.mateconv_batch}), lr {args.lr}; MateConv's rows: {args.mateconv_rows}, "
+        f"{ours['corpus_tokens']} tokens "
         f"written in {ours['tokenize_s']:.1f} s ({sum(ours['tokens']) / ours['corpus_tokens']:.2f} epochs trained).",
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP threads {args.threads or 'default'}, "
         f"{'both trainers at once' if args.concurrent else 'one trainer after the other'}; load average "
         f"(1/5/15 min): {'; '.join(f'{k}: {v}' for k, v in loads.items())}.", "",
         "Equal steps:" if args.mateconv_batch == args.batch else
         f"Final models (the same positions: MiniMind {minimind['steps']} steps of {args.batch} rows, MateConv "
-        f"{ours['steps']} of {args.mateconv_batch}):", "", table(rows), "", f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
+        f"{ours['steps']} of {args.mateconv_batch}):", "", table(rows), "",
+        f"MateConv / MiniMind real tokens/s: {ratio:.2f}x", "",
         "Equal training time (each system's newest checkpoint within the faster run's training time):", "",
         table(timed_rows), "",
         f"Every checkpoint {plot_curves(curves, work / 'bpb_curve.png')}:", "",

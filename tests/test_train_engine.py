@@ -147,7 +147,8 @@ def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     assert counts[0] == counts[1]
 
     setup = Trainer._setup_engine
-    monkeypatch.setattr(Trainer, "_setup_engine", lambda self, model: setup(self, model) or setattr(self, "lags", False))
+    monkeypatch.setattr(Trainer, "_setup_engine",
+                        lambda self, model: setup(self, model) or setattr(self, "lags", False))
     events.clear()
     train(tmp_path / "at_once", max_steps=6, **flags)
     assert events == ["step", "read"] * 6

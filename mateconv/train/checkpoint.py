@@ -10,8 +10,9 @@ training goes on, one save at a time; under DeepSpeed or with several ranks ever
 on.
 
 Faults: a save that fails on any rank (a full disk) leaves the previous checkpoints and `latest` as they were and halts
-the run with one line (a background save: at the next step after it failed); a resume checks the checkpoint's files first (sizes against the manifest, the CRC of every
-torch file) and falls back to the newest intact one, moving a damaged one aside as `step_N.damaged`.
+the run with one line (a background save: at the next step after it failed); a resume checks the checkpoint's files
+first (sizes against the manifest, the CRC of every torch file) and falls back to the newest intact one, moving a
+damaged one aside as `step_N.damaged`.
 """
 from __future__ import annotations
 
