@@ -87,6 +87,7 @@ class DataConfig:
     val_data_path: str = "out/tokens/pretrain/val"
     tokenizer_path: str = "out/tokenizer"
     num_workers: int = 2
+    packing: bool = False  # SFT: several whole conversations per row (pretraining rows are always packed)
 
     def __post_init__(self) -> None:
         check_non_negative(self, ("num_workers",))

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mateconv.data import DataError, embedded
-from mateconv.data.shards import (DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, shard_info,
-                                  write_sft_rows)
+from mateconv.data.shards import (DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, plan_rows,
+                                  shard_info, write_sft_rows)
 from mateconv.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,8 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
     for i, record in enumerate(conversations):
         messages = to_sft(record)["messages"]
         item = dataset[i]
-        n = int(item["attention_mask"].sum())
+        assert "attention_mask" not in item  # right padding: plain causal attention is exact
+        n = int((item["input_ids"] != tokenizer.pad_token_id).sum())
         expected_ids = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
         assert item["input_ids"][:n].tolist() == expected_ids
         assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
@@ -120,7 +121,7 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
         runs = np.diff(np.r_[0, (item["labels"] != -100).int().numpy(), 0])
         assert (runs == 1).sum() == sum(m["role"] == "assistant" for m in messages)
     short = SFTTokens(tmp_path / "s", seq_len=10)[0]  # truncation keeps the first seq_len tokens
-    assert short["input_ids"].shape == (10,) and short["attention_mask"].all()
+    assert short["input_ids"].shape == (10,) and (short["input_ids"] != tokenizer.pad_token_id).all()
 
 
 def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_path):
@@ -132,7 +133,67 @@ def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_pa
         n = min(len(row), 8)
         assert item["input_ids"][:n].tolist() == item["labels"][:n].tolist() == row[:n]
         assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
-        assert int(item["attention_mask"].sum()) == n
+        assert "attention_mask" not in item
+
+
+def test_planning_whole_documents_cuts_none_and_keeps_the_last_row():
+    lengths = np.array([5, 9, 3, 8, 1, 7, 10, 2, 6, 4])
+    starts, pieces, bounds = plan_rows(lengths, 10, pool_size=4, split=False)
+    doc_starts = (np.cumsum(lengths) - lengths).tolist()
+    assert sorted(starts.tolist()) == doc_starts and pieces.tolist() == [lengths[doc_starts.index(s)] for s in starts]
+    rows = [pieces[bounds[r]:bounds[r + 1]].sum() for r in range(len(bounds) - 1)]
+    assert max(rows) <= 10 and sum(rows) == lengths.sum() and len(rows) == 6  # 55 tokens: 6 rows of 10 at best
+
+
+@pytest.mark.parametrize("seq_len", [96, 256])
+def test_packed_sft_rows_hold_each_conversation_whole_once(setup, tmp_path, seq_len):
+    root, tokenizer_dir, tokenizer = setup
+    build_shards("sft", [root / "raw/sft.jsonl"], tokenizer_dir, tmp_path / "s", workers=2,
+                 records_per_shard=40, progress=False)
+    single, packed = SFTTokens(tmp_path / "s", seq_len), SFTTokens(tmp_path / "s", seq_len, packing=True)
+    conversations = []
+    for item in single:
+        n = int((item["input_ids"] != tokenizer.pad_token_id).sum())
+        conversations.append((tuple(item["input_ids"][:n].tolist()), tuple(item["labels"][:n].tolist())))
+    found = []
+    for item in packed:
+        assert set(item) == {"input_ids", "labels", "position_ids"} and item["input_ids"].shape == (seq_len,)
+        opens = np.flatnonzero(item["position_ids"].numpy() == 0).tolist() + [seq_len]
+        for begin, end in zip(opens, opens[1:]):  # positions count up from each conversation's start
+            assert item["position_ids"][begin:end].tolist() == list(range(end - begin))
+            segment = (tuple(item["input_ids"][begin:end].tolist()), tuple(item["labels"][begin:end].tolist()))
+            if segment[0][0] != tokenizer.pad_token_id:
+                found.append(segment)
+    assert sorted(found) == sorted(conversations)
+    assert sorted(packed.row_records.tolist()) == list(range(len(single)))
+    fewest = -(-sum(len(ids) for ids, _ in conversations) // seq_len)  # rows if no position were padding
+    assert len(packed) <= 1.15 * fewest < 0.7 * len(single)
+
+
+def test_packed_sft_trains_the_same_loss_as_one_conversation_per_row(setup, tmp_path):
+    """With the model's document mask a packed row's loss is the unpacked rows' loss (the same labelled tokens, each
+    seeing only its own conversation); without it, conversations see each other and the loss moves."""
+    from model import MateConvConfig, MateConvForCausalLM
+    from mateconv.train.objectives import LMObjective
+
+    root, tokenizer_dir, tokenizer = setup
+    lines = (root / "raw/sft.jsonl").read_text().splitlines()[:24]
+    build_shards("sft", [write_jsonl(tmp_path / "few.jsonl", lines)], tokenizer_dir, tmp_path / "s", workers=1,
+                 progress=False)
+    single, packed = SFTTokens(tmp_path / "s", 128), SFTTokens(tmp_path / "s", 128, packing=True)
+    assert len(packed) < len(single)
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                                               vocab_size=len(tokenizer), initializer_range=0.3)).eval()
+
+    def loss(dataset) -> float:
+        batch = {key: torch.stack([item[key] for item in dataset]) for key in dataset[0]}
+        with torch.no_grad():
+            return LMObjective().loss(model, batch)[0].item()
+
+    assert loss(packed) == pytest.approx(loss(single), rel=1e-5)
+    model.config.document_mask = False
+    assert abs(loss(packed) - loss(single)) > 1e-3
 
 
 def test_dpo_pairs_share_prompt_and_mask_it(setup, tmp_path):

@@ -263,12 +263,28 @@ def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, t
     assert loss_with_noise(~trained_positions) == pytest.approx(clean, abs=1e-6)
     assert abs(loss_with_noise(trained_positions) - clean) > 1e-2
     # the stage itself trains on this data and writes an SFT model
-    assert 0 < trained_positions.sum() < (batch["attention_mask"] == 1).sum()
+    assert 0 < trained_positions.sum() < (batch["input_ids"] != tokenizer.pad_token_id).sum()
 
 
 def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
     summary = train(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=4, learning_rate=1e-3)
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+
+
+def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_model, tiny_tokens, tmp_path):
+    """--packing reaches the stage's data: an epoch is as many steps as the packed rows fill, fewer than unpacked."""
+    from mateconv.data.shards import SFTTokens
+
+    summaries = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing_{packing}"
+        summaries[packing] = train(out, "sft", init_from=tiny_pretrain_model, max_steps=0, epochs=1, batch_size=16,
+                                   accumulation_steps=1, packing=packing, eval_interval=1000, save_interval_steps=1000)
+    seq = json.loads((tiny_pretrain_model / "config.json").read_text())["max_seq_len"]
+    rows = {packing: len(SFTTokens(tiny_tokens / "sft" / "train", seq, packing=packing)) for packing in (False, True)}
+    assert rows[True] < 0.6 * rows[False]
+    for packing, summary in summaries.items():
+        assert summary["step"] == rows[packing] // 16  # whole batches
 
 
 def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):

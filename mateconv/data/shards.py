@@ -167,11 +167,14 @@ class PretrainTokens(_ShardReader, DocumentRows):
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int,
+              split: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best-fit packing of consecutive documents (stream lengths, EOS included) into rows of `width` tokens.
 
     -> (piece start positions, piece lengths, row bounds into the pieces: row r is pieces[bounds[r]:bounds[r+1]]).
-    Every token of the stream is in exactly one piece, except those of a last row that would not fill up."""
+    Every token of the stream is in exactly one piece, except those of a last row that would not fill up.
+    With split=False (documents of at most `width` tokens, e.g. SFT conversations) no document is cut: a row that
+    none of the pooled documents fits is left short, and the last row is kept."""
     doc_starts = np.cumsum(doc_lengths) - doc_lengths
     pool: list[tuple[int, int]] = []  # (length, document), sorted
     upcoming = 0
@@ -198,6 +201,8 @@ def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int) -> tuple[np.n
             room -= piece_lengths[-1]
         while room and pool:
             fits = bisect.bisect_right(pool, (room, len(doc_lengths))) - 1
+            if fits < 0 and not split:
+                break
             # none fits: cut one that cannot be whole anyway, else the one whose cut-off rest is shortest
             length, doc = pool.pop(fits if fits >= 0 else -1 if pool[-1][0] > width else fits + 1)
             start = int(doc_starts[doc])
@@ -206,7 +211,7 @@ def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int) -> tuple[np.n
                 remainder = (start + room, length - room)
             room -= piece_lengths[-1]
             refill()
-        if room:  # the data ran out mid-row
+        if room and split and not pool:  # the data ran out mid-row
             del piece_starts[bounds[-1]:], piece_lengths[bounds[-1]:]
             break
         bounds.append(len(piece_starts))
@@ -225,7 +230,8 @@ class _RecordReader(_ShardReader):
         return self.starts[-1]
 
     def _locate(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
+        """Record i -> (shard, record within it)."""
+        if not 0 <= i < self.starts[-1]:
             raise IndexError(i)
         shard = bisect.bisect_right(self.starts, i) - 1
         return shard, i - self.starts[shard]
@@ -242,17 +248,59 @@ class _RecordReader(_ShardReader):
 
 
 class SFTTokens(_RecordReader):
-    """One conversation per item, truncated to seq_len and right-padded; labels -100 off the assistant tokens."""
+    """SFT rows of seq_len tokens: each conversation truncated to seq_len, labels -100 off the assistant tokens, the
+    rest of a row padded (pad id, label -100).
+
+    Unpacked (the default), a row holds one conversation and right padding: plain causal attention is exact for it,
+    so the row carries no attention mask (no per-batch mask check in the forward). With `packing`, conversations
+    are placed whole and best-fit into rows (as TRL's packing; none is cut) and position_ids restart at each one,
+    so a model with `document_mask` keeps them from attending to each other: fewer padded positions per step, the
+    same loss per conversation. Row r holds records row_records[row_bounds[r]:row_bounds[r + 1]]."""
 
     kind = "sft"
+    pool_size = 1024
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __init__(self, directory: str | Path, seq_len: int, packing: bool = False):
+        super().__init__(directory, seq_len)
+        self.packing = packing
+        self.record_starts, self.record_lengths = [], []
+        for shard in range(len(self.shards)):
+            offsets = self._map(shard, "offsets").astype(np.int64)
+            self.record_starts.append(offsets[:-1])
+            self.record_lengths.append(np.minimum(np.diff(offsets), seq_len))
+        lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])
+        if packing:
+            # the planner sees the records as one stream, where a piece's start names its record (an empty record
+            # takes one position, so that no two records start at the same place)
+            room = np.maximum(lengths, 1)
+            starts, _, self.row_bounds = plan_rows(room, seq_len, self.pool_size, split=False)
+            self.row_records = np.searchsorted(np.cumsum(room) - room, starts)
+
+    def __len__(self) -> int:
+        return len(self.row_bounds) - 1 if self.packing else self.starts[-1]
+
+    def _record(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         shard, j = self._locate(i)
-        offsets = self._map(shard, "offsets")
-        begin, end = int(offsets[j]), int(offsets[j + 1])
+        begin = int(self.record_starts[shard][j])
+        end = begin + int(self.record_lengths[shard][j])
         ids = self._map(shard, "tokens")[begin:end].astype(np.int64)
         mask = self._map(shard, "mask")[begin:end].astype(bool)
-        return self._pad(ids, np.where(mask, ids, IGNORE_INDEX))
+        return ids, np.where(mask, ids, IGNORE_INDEX)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not self.packing:
+            ids, labels = self._record(i)
+            return {key: value for key, value in self._pad(ids, labels).items() if key != "attention_mask"}
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
+        ids = np.concatenate([p[0] for p in parts])
+        row = self._pad(ids, np.concatenate([p[1] for p in parts]))
+        # positions restart at each conversation; the padding counts as one more (no real token attends to it)
+        lengths = [len(p[0]) for p in parts] + [self.seq_len - len(ids)]
+        row["position_ids"] = torch.cat([torch.arange(n) for n in lengths])
+        del row["attention_mask"]
+        return row
 
 
 class DPOTokens(_RecordReader):

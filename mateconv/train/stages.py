@@ -74,7 +74,8 @@ def tokenize_raw(kind: str, path: Path, split: str, config: TrainConfig, runtime
     return out
 
 
-def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Runtime, tokenizer,
+                **reader_options) -> StageData:
     """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with. Either
     may be a raw data file instead (`tokenize_raw`); with a raw data_path, a val_data_path that does not exist turns
     validation off."""
@@ -93,8 +94,14 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
-    val = reader_class(val_path, config.model.max_seq_len) if val_path else None
-    return StageData(reader_class(train_path, config.model.max_seq_len), val, shard_info(train_path)["vocab_size"])
+    val = reader_class(val_path, config.model.max_seq_len, **reader_options) if val_path else None
+    return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val,
+                     shard_info(train_path)["vocab_size"])
+
+
+def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+    """SFT rows, packed with `data.packing`."""
+    return read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
 
 
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
@@ -136,7 +143,7 @@ RECIPES = {
     "pretrain": Recipe("pretrain", partial(read_shards, PretrainTokens, "pretraining"), lm_objective,
                        defaults={"out_dir": "out/pretrain", "data_path": "out/tokens/pretrain/train",
                                  "val_data_path": "out/tokens/pretrain/val"}),
-    "sft": Recipe("sft", partial(read_shards, SFTTokens, "SFT"), lm_objective,
+    "sft": Recipe("sft", read_conversations, lm_objective,
                   defaults={"out_dir": "out/sft", "data_path": "out/tokens/sft/train",
                             "val_data_path": "out/tokens/sft/val", "init_from": "out/pretrain/final",
                             "learning_rate": 1e-4, "warmup_iters": 20}),
