@@ -33,6 +33,7 @@ from bench_vs_minimind import MINIMIND, REPO, SHARED_DATA, load_average, run_tra
 from mateconv.data.shards import SFTTokens
 from mateconv.files import read_metrics, write_atomic
 from mateconv.logprobs import perplexity
+from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.tokenizer import adopt_tokenizer
 from model import MateConvForCausalLM
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the trainers")
     args = parser.parse_args()
+    bars_only_on_a_terminal()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but CUDA is not available")
     for needed in (SHARED_DATA / "hiyouga__LLaMA-Factory", MINIMIND / "model"):
