@@ -48,10 +48,12 @@ def trim_right_padding(*tensors: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 def model_token_logps(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One forward: (per-token label log-probs [B, T-1], mask [B, T-1], the model's MoE aux loss or None)."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    """One forward over right-padded rows: (per-token label log-probs [B, T-1], mask [B, T-1], the model's MoE aux
+    loss or None). Real tokens come first and attend only backwards, so plain causal attention is exact for them and
+    no attention mask is passed (a mask would cost the model a check on the host per forward)."""
+    output = model(input_ids=input_ids, use_cache=False)
     logps, mask = token_logps(output.logits, labels)
     return logps, mask, getattr(output, "aux_loss", None)
 

@@ -82,3 +82,18 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_llama, random_dp
     assert lora_metrics["kl_ref"] > 0 and lora_metrics["rewards/margins"] == pytest.approx(copy_metrics["rewards/margins"])
     lora_loss.backward()
     assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)
+
+
+def test_kl_term_is_the_mean_over_response_tokens_without_indexing():
+    """The k3 KL is a masked mean (no boolean indexing, whose data-dependent shape syncs with the host): it equals
+    the mean over the masked tokens, and with no response token it is zero and still differentiable."""
+    from mateconv.train.dpo import kl_per_token
+
+    torch.manual_seed(0)
+    policy, ref = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9)
+    mask = torch.rand(4, 9) > 0.4
+    r = (ref - policy)[mask]
+    assert kl_per_token(policy, ref, mask).item() == pytest.approx((torch.exp(r) - r - 1).mean().item(), rel=1e-6)
+    empty = kl_per_token(policy, ref, torch.zeros_like(mask))
+    empty.backward()
+    assert empty.item() == 0.0 and policy.grad is not None and not policy.grad.any()

@@ -119,8 +119,8 @@ def compute_reference_logps(
     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=rank != 0, unit="batch"):
         rows = mine[start : start + batch_size]
         batch = {k: v.to(device) for k, v in default_collate([pairs[i] for i in rows]).items()}
-        ids, attention, labels = concat_pair(batch)
-        logps = model_token_logps(reference, ids, attention, labels)[0].float()
+        ids, labels = concat_pair(batch)
+        logps = model_token_logps(reference, ids, labels)[0].float()
         chosen, rejected = logps.split(len(rows))
         sums[start : start + len(rows), 0] = chosen.sum(-1).cpu().numpy()
         sums[start : start + len(rows), 1] = rejected.sum(-1).cpu().numpy()
