@@ -105,7 +105,7 @@ def main() -> None:
     tokens = {split: tokenize(work, path, split, env) for split, path in raw.items()}
     single = SFTTokens(tokens["train"], args.seq)
     packed = SFTTokens(tokens["train"], args.seq, packing=True)
-    real_tokens = sum(int(n) for lengths in single.record_lengths for n in lengths)
+    real_tokens = single.num_real_tokens
     per_row = len(single) / len(packed)
     runs = {"one conversation per row": (args.batch, False), "packed, same batch": (args.batch, True),
             "packed, same conversations per step": (max(1, round(args.batch / per_row)), True)}

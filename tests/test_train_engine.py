@@ -271,8 +271,9 @@ def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
 
 
-def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_model, tiny_tokens, tmp_path):
-    """--packing reaches the stage's data: an epoch is as many steps as the packed rows fill, fewer than unpacked."""
+def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_model, tiny_tokens, tmp_path, capsys):
+    """--packing reaches the stage's data: an epoch is as many steps as the packed rows fill, fewer than unpacked;
+    the stage says how full the rows are."""
     from mateconv.data.shards import SFTTokens
 
     summaries = {}
@@ -285,6 +286,7 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
     assert rows[True] < 0.6 * rows[False]
     for packing, summary in summaries.items():
         assert summary["step"] == rows[packing] // 16  # whole batches
+    assert f"[sft] packing: {rows[False]:,} conversations in {rows[True]:,} rows" in capsys.readouterr().out
 
 
 def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):

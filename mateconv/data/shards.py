@@ -269,6 +269,7 @@ class SFTTokens(_RecordReader):
             self.record_starts.append(offsets[:-1])
             self.record_lengths.append(np.minimum(np.diff(offsets), seq_len))
         lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])
+        self.num_records, self.num_real_tokens = len(lengths), int(lengths.sum())
         if packing:
             # the planner sees the records as one stream, where a piece's start names its record (an empty record
             # takes one position, so that no two records start at the same place)

@@ -100,8 +100,14 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
 
 
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
-    """SFT rows, packed with `data.packing`."""
-    return read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
+    """SFT rows, packed with `data.packing` (which says how full the rows are)."""
+    data = read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
+    if config.data.packing and runtime.is_main:
+        rows, conversations = len(data.train), data.train.num_records
+        real = data.train.num_real_tokens / (rows * data.train.seq_len)
+        print(f"[sft] packing: {conversations:,} conversations in {rows:,} rows ({conversations / rows:.2f} per row, "
+              f"{real:.0%} of the positions real tokens)", flush=True)
+    return data
 
 
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
