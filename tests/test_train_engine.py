@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mateconv.config import parse_config
+from mateconv.config import ConfigError, parse_config
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
@@ -287,6 +287,8 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
     for packing, summary in summaries.items():
         assert summary["step"] == rows[packing] // 16  # whole batches
     assert f"[sft] packing: {rows[False]:,} conversations in {rows[True]:,} rows" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="packing needs a model with document_mask"):
+        train(tmp_path / "no_mask", "sft", init_from="", document_mask=False, packing=True, max_steps=1)
 
 
 def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):

@@ -169,6 +169,13 @@ def check_vocab(model: nn.Module, data_vocab: int) -> None:
                           "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
+def check_packing(model: nn.Module, dataset) -> None:
+    """Packed SFT rows are exact only for a model that keeps each conversation to itself."""
+    if getattr(dataset, "packing", False) and not getattr(model.config, "document_mask", False):
+        raise ConfigError(f"packing needs a model with document_mask (MateConv's, on by default); "
+                          f"{type(model).__name__} would let packed conversations attend to each other")
+
+
 def run(recipe: Recipe, config: TrainConfig) -> dict:
     """Set up the processes, build the model, read the data, build the objective and evaluators, and train."""
     runtime = setup(config.parallel)
@@ -178,6 +185,7 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     data = recipe.reader(config, runtime, tokenizer)
     if data.vocab_size is not None:
         check_vocab(model, data.vocab_size)
+    check_packing(model, data.train)
     objective = recipe.objective(config, runtime, data)
     evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
     if runtime.is_main:
