@@ -36,6 +36,7 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert curve[12] < curve[1] - 0.3
     rows = read_metrics(tmp_path)
     assert all({"lr", "grad_norm", "tokens_per_sec", "ppl"} <= set(r) for r in rows if "loss" in r)
+    assert all(r["real_tokens_per_sec"] == r["tokens_per_sec"] for r in rows if "loss" in r)  # packed: no padding
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
     lrs = [r["lr"] for r in rows if "lr" in r]  # the rate each step used: warmup over 2 steps, then cosine
     assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-3 * lr_multiplier(11, 2, 12, 0.1))
@@ -287,6 +288,15 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
     for packing, summary in summaries.items():
         assert summary["step"] == rows[packing] // 16  # whole batches
     assert f"[sft] packing: {rows[False]:,} conversations in {rows[True]:,} rows" in capsys.readouterr().out
+    # the log's real tokens are the non-pad positions: a packed row holds more of them
+    real_share = {}
+    for packing in (False, True):
+        logged = [r for r in read_metrics(tmp_path / f"packing_{packing}") if "loss" in r]
+        assert all(0 < r["real_tokens_per_sec"] <= r["tokens_per_sec"] for r in logged)
+        real_share[packing] = statistics.mean(r["real_tokens_per_sec"] / r["tokens_per_sec"] for r in logged)
+    dataset = SFTTokens(tiny_tokens / "sft" / "train", seq)
+    assert real_share[False] == pytest.approx(dataset.num_real_tokens / (len(dataset) * seq), rel=0.05)
+    assert real_share[True] > 1.8 * real_share[False]
     with pytest.raises(ConfigError, match="packing needs a model with document_mask"):
         train(tmp_path / "no_mask", "sft", init_from="", document_mask=False, packing=True, max_steps=1)
 

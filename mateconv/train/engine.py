@@ -57,8 +57,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[int, int]:
+    """(positions, real tokens) of a batch's input ids: padding (pad_id) is not a real token. Counted on the host
+    copy, before the batch goes to the device, so that it costs no sync."""
+    ids = [v for k, v in batch.items() if k.endswith("input_ids")]
+    positions = sum(v.numel() for v in ids)
+    return positions, positions if pad_id is None else sum(int((v != pad_id).sum()) for v in ids)
 
 
 class StepFigures:
@@ -99,16 +103,20 @@ class Window:
 
     start: float
     tokens: int = 0
+    real_tokens: int = 0  # tokens that are not padding (SFT and DPO rows have some)
     loads: torch.Tensor | float = 0.0
     load_count: int = 0
     end: float = 0.0  # set on a step's copy
+
+    def add_tokens(self, positions: int, real: int) -> None:
+        self.tokens, self.real_tokens = self.tokens + positions, self.real_tokens + real
 
     def add_load(self, load: torch.Tensor) -> None:
         self.loads, self.load_count = self.loads + load.float(), self.load_count + 1
 
     def take(self, logged: "Window") -> None:
         """Drop a logged step's share, keeping what came after it; the next window starts where that one ended."""
-        self.tokens -= logged.tokens
+        self.tokens, self.real_tokens = self.tokens - logged.tokens, self.real_tokens - logged.real_tokens
         self.loads, self.load_count = self.loads - logged.loads, self.load_count - logged.load_count
         self.start = logged.end
 
@@ -393,8 +401,8 @@ class Trainer:
                         tracker.begin_step(step + 1)
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
+                    self.window.add_tokens(*batch_tokens(batch, getattr(self.tokenizer, "pad_token_id", None)))
                     batch = self.to_device(batch)
-                    self.window.tokens += batch_tokens(batch)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
                     for key, value in metrics.items():
@@ -489,10 +497,12 @@ class Trainer:
         if not (nonfinite or step % config.track.log_interval == 0 or step == self.total_steps):
             return halted
         window = pending.window
-        tokens_per_sec = window.tokens * runtime.world_size / max(window.end - window.start, 1e-9)
+        seconds = max(window.end - window.start, 1e-9)
+        tokens_per_sec = window.tokens * runtime.world_size / seconds
         # the objective's own metrics (lm_loss, DPO rewards, ...); a non-finite step off the log steps has none
         extra = {name[len(OBJECTIVE):]: value for name, value in figures.items() if name.startswith(OBJECTIVE)}
         row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+               "real_tokens_per_sec": window.real_tokens * runtime.world_size / seconds,
                "epoch": pending.epoch, "nonfinite_steps": state["nonfinite_steps"],
                **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
                **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
