@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench_vs_minimind import MINIMIND, REPO, SHARED_DATA, load_average, run_trainer, table
+from bench_vs_minimind import DEVICE_FLAGS, MINIMIND, REPO, SHARED_DATA, load_average, run_trainer, table
 from mateconv.data.shards import SFTTokens
 from mateconv.files import read_metrics, write_atomic
 from mateconv.logprobs import perplexity
@@ -62,13 +62,13 @@ def tokenize(work: Path, raw: Path, split: str, env: dict) -> Path:
 def run_sft(args, work: Path, name: str, tokens: Path, batch: int, packing: bool, env: dict) -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
-    device = {"cpu": ["--device", "cpu", "--dtype", "float32"], "cuda": ["--device", "cuda", "--dtype", "bfloat16"]}
     flags = ["--data_path", tokens, "--val_data_path", "", "--tokenizer_path", work / "tokenizer", "--out_dir", out,
              "--init_from", "", "--dim", args.dim, "--n_layers", args.layers, "--n_heads", 8, "--n_kv_heads", 4,
              "--vocab_size", 6400, "--max_seq_len", args.seq, "--batch_size", batch, "--epochs", 1,
              "--max_steps", 0, "--learning_rate", args.lr, "--warmup_iters", 0, "--log_interval", 1,
              "--save_interval_steps", 100_000, "--tracker", "none", "--num_workers", 0, "--engine", "torch",
-             "--compile", args.compile, "--seed", 42, "--packing", "true" if packing else "false", *device[args.device]]
+             "--compile", args.compile, "--seed", 42, "--packing", "true" if packing else "false",
+             *DEVICE_FLAGS[args.device]]
     result = run_trainer(name, ["5.full_sft.py", *map(str, flags)], REPO, env, work / f"{name}.log")
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
     times = {row["step"]: row["time"] for row in rows}

@@ -70,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", REPO.parent / "shared" / "data"))
 MINIMIND = Path(os.environ.get("MATECONV_MINIMIND", REPO.parent / "shared" / "peers" / "minimind"))
 CJK = re.compile(r"[\u4e00-\u9fff]")  # a held-out document with Chinese characters counts as Chinese
+DEVICE_FLAGS = {"cpu": ["--device", "cpu", "--dtype", "float32"], "cuda": ["--device", "cuda", "--dtype", "bfloat16"]}
 MINIMIND_STEP = re.compile(r"Epoch:\[(\d+)/\d+\]\((\d+)/(\d+)\), loss: ([\d.]+)")
 # Runs a trainer script as __main__ and writes its peak memory to $BENCH_PEAK_FILE at exit.
 RUNNER = """
@@ -284,7 +285,6 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
     tokenizer_dir, tokens = work / "tokenizer", shards["tokens_dir"]
     out = work / "mateconv"
     shutil.rmtree(out, ignore_errors=True)
-    device = {"cpu": ["--device", "cpu", "--dtype", "float32"], "cuda": ["--device", "cuda", "--dtype", "bfloat16"]}
     flags = ["--data_path", tokens, "--val_data_path", "", "--tokenizer_path", tokenizer_dir, "--out_dir", out,
              "--init_from", "", "--dim", args.dim, "--n_layers", args.layers, "--n_heads", 8, "--n_kv_heads", 4,
              "--hidden_dim", math.ceil(args.dim * math.pi / 64) * 64, "--norm_eps", 1e-6, "--vocab_size", 6400,
@@ -293,7 +293,7 @@ def run_mateconv(args, work: Path, shards: dict, steps: int, env: dict) -> dict:
              "--adam_beta2", 0.999, "--grad_clip", 1.0, "--log_interval", 1,
              "--save_interval_steps", args.save_every * args.batch // args.mateconv_batch,
              "--keep_checkpoint_max", 1000, "--tracker", "none", "--num_workers", args.num_workers,
-             "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *device[args.device],
+             "--engine", "torch", "--compile", args.compile, "--seed", args.mateconv_seed, *DEVICE_FLAGS[args.device],
              *(["--qk_norm"] if args.qk_norm else [])]
     stage = {"packed": "4.pretrain.py", "minimind": "5.full_sft.py"}[args.mateconv_rows]
     result = run_trainer("MateConv", [stage, *map(str, flags)], REPO, env, work / "mateconv.log")

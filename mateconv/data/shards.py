@@ -211,7 +211,7 @@ def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int,
                 remainder = (start + room, length - room)
             room -= piece_lengths[-1]
             refill()
-        if room and split and not pool:  # the data ran out mid-row
+        if room and split:  # the data ran out mid-row (splitting fills every row while documents are left)
             del piece_starts[bounds[-1]:], piece_lengths[bounds[-1]:]
             break
         bounds.append(len(piece_starts))
@@ -290,17 +290,18 @@ class SFTTokens(_RecordReader):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not self.packing:
-            ids, labels = self._record(i)
-            return {key: value for key, value in self._pad(ids, labels).items() if key != "attention_mask"}
-        if not 0 <= i < len(self):
+            parts = [self._record(i)]
+        elif 0 <= i < len(self):
+            parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
+        else:
             raise IndexError(i)
-        parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
         ids = np.concatenate([p[0] for p in parts])
         row = self._pad(ids, np.concatenate([p[1] for p in parts]))
-        # positions restart at each conversation; the padding counts as one more (no real token attends to it)
-        lengths = [len(p[0]) for p in parts] + [self.seq_len - len(ids)]
-        row["position_ids"] = torch.cat([torch.arange(n) for n in lengths])
-        del row["attention_mask"]
+        del row["attention_mask"]  # right padding, and packed conversations are told apart by their positions
+        if self.packing:
+            # positions restart at each conversation; the padding counts as one more (no real token attends to it)
+            lengths = [len(p[0]) for p in parts] + [self.seq_len - len(ids)]
+            row["position_ids"] = torch.cat([torch.arange(n) for n in lengths])
         return row
 
 
