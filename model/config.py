@@ -120,8 +120,9 @@ PRESETS: dict[str, dict] = {
     "mateconv-0.02b": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2),
     # a wider dense model of the seeds' 768 width
     "mateconv-0.1b": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2),
-    # ~0.1B-total MoE: 4 routed experts (top 2) + 1 shared expert per layer
-    "mateconv-0.1b-moe": dict(dim=640, n_layers=8, n_heads=8, n_kv_heads=2, use_moe=True, n_routed_experts=4,
+    # seed 004's ~0.1B MoE: MateConv-0.02B with each FFN replaced by 4 routed experts (top 2) + 1 shared expert,
+    # so MoE and dense FFN compare at the same width
+    "mateconv-0.1b-moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, use_moe=True, n_routed_experts=4,
                               num_experts_per_tok=2, n_shared_experts=1),
 }
 

@@ -42,12 +42,15 @@ def test_config_defaults_and_presets():
     assert (config.dim, config.n_layers, config.vocab_size, config.hidden_dim) == (512, 8, 6400, 1408)
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
     assert config.tie_word_embeddings and config.hidden_size == 512 and config.num_key_value_heads == 2
-    expected_millions = {"mateconv-0.02b": 25.8, "mateconv-0.1b": 104.0, "mateconv-0.1b-moe": 145.0}
+    expected_millions = {"mateconv-0.02b": 25.8, "mateconv-0.1b": 104.0, "mateconv-0.1b-moe": 95.1}
     assert set(PRESETS) == set(expected_millions)
     for name, millions in expected_millions.items():
         with torch.device("meta"):
             model = MateConvForCausalLM(preset_config(name))
         assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
+    # seed 004's MoE is MateConv-0.02B with its FFNs made experts: the same width, depth and attention
+    moe_fields = {"use_moe", "n_routed_experts", "num_experts_per_tok", "n_shared_experts"}
+    assert {k: v for k, v in PRESETS["mateconv-0.1b-moe"].items() if k not in moe_fields} == PRESETS["mateconv-0.02b"]
     with pytest.raises(ConfigError, match="unknown preset"):
         preset_config("nope")
 

@@ -106,7 +106,7 @@ def test_preset_file_errors_and_cli(tmp_path):
         load_presets(bad)
     flags = preset_flags(load_presets(PRESET_FILES[0]), "mateconv-0.1b-moe", "pretrain")
     assert flags[:2] == ["--preset", "mateconv-0.1b-moe"]
-    assert flags[flags.index("--batch_size") + 1] == "24"
+    assert flags[flags.index("--batch_size") + 1] == "32"
     result = subprocess.run([sys.executable, "-m", "mateconv.memory", str(PRESET_FILES[0]), "--flags",
                              "mateconv-0.3b", "pretrain"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "has no entry mateconv-0.3b/pretrain" in \
