@@ -4,8 +4,10 @@ settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one proc
 
     python benchmarks/bench_pretrain.py --seq 128 --batch 4 --steps 5 --rounds 2
     python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU
-`--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--tiny` shrinks the models to
-dim 64, 2 layers (a wiring check, benchmarks/gpu_check.sh --cpu-smoke).
+`--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--flex_attention` instead runs
+the compiled MateConv models with and without the model's `flex_attention` (packed rows' document mask as a
+FlexAttention block mask, which the model picks on CUDA only); `--tiny` shrinks the models to dim 64, 2 layers (a
+wiring check, benchmarks/gpu_check.sh --cpu-smoke).
 `--profile N` instead runs one model (`--profile_model`: MateConv-0.02B dense or the 0.1B MoE; eager, or compiled
 with `--compile 1`) under torch.profiler and reports where the last N of the
 --steps steps spent their time: the top operators on the device (GPU) and on the host, and on GPU how much of each
@@ -149,6 +151,9 @@ def main() -> None:
     parser.add_argument("--compile", type=int, nargs="+", choices=[0, 1], default=[0],
                         help="0 eager, 1 torch.compile; several: each contender in each mode")
     parser.add_argument("--tiny", action="store_true", help="dim 64, 2 layers (wiring check)")
+    parser.add_argument("--flex_attention", action="store_true",
+                        help="instead of the comparison: the compiled MateConv models with and without flex_attention "
+                             "(packed rows' document mask as FlexAttention, picked on CUDA only)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of the comparison: profile the last N of --steps steps of one model")
     parser.add_argument("--profile_model", choices=["dense", "moe"], default="dense",
@@ -172,17 +177,25 @@ def main() -> None:
         return
     contenders = {DENSE: dense, "HF LlamaForCausalLM (same weights)": to_llama(dense),
                   "MateConv-0.1B MoE": moe}
+    # (name, compiled, flex_attention); --flex_attention: the compiled MateConv models with and without it
+    runs = [(name, compiled, False) for name, compiled in itertools.product(contenders, args.compile)]
+    if args.flex_attention:
+        runs = [(name, 1, flex) for name in (DENSE, "MateConv-0.1B MoE") for flex in (False, True)]
     initial = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in contenders.items()}
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for index, ((name, model), compiled) in enumerate(itertools.product(contenders.items(), args.compile)):
+            for index, (name, compiled, flex) in enumerate(runs):
+                model = contenders[name]
                 model.load_state_dict(initial[name])
                 config = engine_config(args, f"{tmp}/{index}_{round_index}", bool(compiled))
-                label = f"{name}{', compiled' if compiled else ''}"
+                how = f"{', compiled' if compiled else ''}{', flex attention' if flex else ''}"
+                label = name + how
                 try:  # one contender failing (a compile error on a new GPU stack, say) leaves the others' figures
-                    # the engine compiles in place: a compiled run gets its own copy, so eager runs stay eager
-                    result = run(label, copy.deepcopy(model) if compiled else model, config, data, args.warmup)
+                    if compiled:  # the engine compiles in place: a compiled run gets its own copy
+                        model = copy.deepcopy(model)
+                        model.config.flex_attention = flex
+                    result = {**run(label, model, config, data, args.warmup), "mode": how}
                 except Exception as error:  # noqa: BLE001 - reported in the table, traceback in the log
                     traceback.print_exc()
                     best.setdefault(label, {"name": label, "error": f"{type(error).__name__}: {error}"})
@@ -200,10 +213,10 @@ def main() -> None:
 
 def results_table(results: list[dict]) -> str:
     """One row per contender; "vs HF Llama" against the first HF row, "vs dense" against MateConv-0.02B dense run
-    the same way (eager or compiled), the figure the MoE's speed target is stated in."""
+    the same way (eager, compiled, with flex attention), the figure the MoE's speed target is stated in."""
     done = [r for r in results if "error" not in r]
     references = [r["tokens_per_sec"] for r in done if r["name"].startswith("HF")]
-    dense = {r["name"].endswith("compiled"): r["tokens_per_sec"] for r in done if r["name"].startswith(DENSE)}
+    dense = {r["mode"]: r["tokens_per_sec"] for r in done if r["name"].startswith(DENSE)}
     lines = ["| model | params (M) | active (M) | tokens/s | MFU | vs HF Llama | vs dense |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
@@ -211,7 +224,7 @@ def results_table(results: list[dict]) -> str:
             lines.append(f"| {r['name']} | | | failed: {r['error'][:120].replace('|', '/')} | | | |")
             continue
         ratio = f"{r['tokens_per_sec'] / references[0]:.2f}x" if references else "n/a"
-        same_mode = dense.get(r["name"].endswith("compiled"))
+        same_mode = dense.get(r["mode"])
         vs_dense = f"{r['tokens_per_sec'] / same_mode:.2f}x" if same_mode else "n/a"
         lines.append(f"| {r['name']} | {r['params']:.1f} | {r['active']:.1f} | {r['tokens_per_sec']:,.0f} | "
                      f"{r['mfu']:.1%} | {ratio} | {vs_dense} |")

@@ -46,6 +46,8 @@ class MateConvConfig(PretrainedConfig):
     hidden_dim: int | None = None
     flash_attn: bool = True
     document_mask: bool = True  # training rows packed with several documents: each attends only to itself
+    # compiled on CUDA, that per-document mask as a FlexAttention block mask (blocks across documents are skipped)
+    flex_attention: bool = False
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (MiniMind's and Qwen3's attention)
     initializer_range: float = 0.02
     # Mixture of Experts (DeepSeek style)
@@ -96,6 +98,9 @@ def check_config(config: MateConvConfig) -> None:
         raise ConfigError(f"n_heads ({config.n_heads}) must be divisible by n_kv_heads ({config.n_kv_heads})")
     if not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
+    if config.flex_attention and (config.dropout or not config.flash_attn):
+        raise ConfigError(f"flex_attention needs flash_attn and no dropout, got flash_attn={config.flash_attn}, "
+                          f"dropout={config.dropout}")
     if config.rope_theta <= 0 or config.norm_eps <= 0:
         raise ConfigError(f"rope_theta and norm_eps must be positive, got {config.rope_theta} and {config.norm_eps}")
     if config.use_moe:

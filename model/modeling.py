@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -60,7 +61,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
         """mask: None means plain causal attention (or a single query attending to every key the cache returns);
-        a boolean mask marks the keys each query sees, a float one is added to the scores (0 or -inf)."""
+        a boolean mask marks the keys each query sees, a float one is added to the scores (0 or -inf), a BlockMask
+        runs FlexAttention."""
         batch, seq, _ = x.shape
         heads = self.project_qkv(x).view(batch, seq, -1, self.head_dim)  # [B, T, H + 2 * KV, head_dim]
         qk = heads[:, :, : self.n_heads + self.n_kv_heads]
@@ -73,7 +75,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         dropout = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        elif self.use_sdpa:
             grouped = mask is None or not q.is_cuda
             if not grouped:  # CUDA's masked kernels take no grouped heads (else SDPA falls back to plain math)
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
@@ -145,11 +149,22 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int) 
     return mask
 
 
-def packed_documents_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] causal mask within documents, for rows packed with several: a document begins where
-    its position id is 0, and no token attends to an earlier document."""
+def flex_attention_runs(device: torch.device) -> bool:
+    """Whether FlexAttention runs here as it should: compiled into one kernel, with its backward, which exists on
+    CUDA only (eager it runs unfused, slower than SDPA; on CPU it has no backward)."""
+    return device.type == "cuda" and torch.compiler.is_compiling()
+
+
+def packed_documents_mask(position_ids: torch.Tensor, flex: bool = False) -> torch.Tensor | BlockMask:
+    """Causal mask within documents, for rows packed with several: a document begins where its position id is 0,
+    and no token attends to an earlier document. Boolean [B, 1, T, T], or with `flex` the same rule as a
+    FlexAttention BlockMask (built inside torch.compile, whose kernel then skips the blocks across documents)."""
     document = (position_ids == 0).cumsum(-1)
-    seq = position_ids.shape[-1]
+    batch, seq = position_ids.shape
+    if flex:
+        def same_document_causal(b, h, query, key):
+            return (document[b, query] == document[b, key]) & (query >= key)
+        return create_block_mask(same_document_causal, batch, None, seq, seq, device=position_ids.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
     return (document[:, None, :, None] == document[:, None, None, :]) & causal
 
@@ -216,7 +231,8 @@ class MateConvModel(MateConvPreTrainedModel):
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
                 else:
                     position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
-            mask = packed_documents_mask(position_ids) if packed else attention_mask_4d(attention_mask, past, seq)
+            flex = self.config.flex_attention and flex_attention_runs(position_ids.device)
+            mask = packed_documents_mask(position_ids, flex) if packed else attention_mask_4d(attention_mask, past, seq)
         x = self.dropout(self.embed_tokens(input_ids))
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         aux_total = None

@@ -29,7 +29,8 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
                           "profile: 0.02B dense step", "profile: 0.1B MoE step",
                           "MateConv at half the batch, twice the steps",
                           "ablation: MateConv's trainer on MiniMind's rows, eager",
-                          "ablation: MateConv with q/k RMSNorm, eager"]
+                          "ablation: MateConv with q/k RMSNorm, eager",
+                          "engine: compiled, with and without flex attention"]
     minimind_rows = [rows.pop(name) for name in ("MiniMind's trainer vs 4.pretrain.py, eager",
                                                  "MateConv at half the batch, twice the steps",
                                                  "ablation: MateConv's trainer on MiniMind's rows, eager",
@@ -47,6 +48,7 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
         assert all(row.startswith("failed") and "not found" in row for row in minimind_rows)
     assert set(rows.values()) == {"ok"}, rows
     # the summary carries each row's table, the profile's operators, and the trace is a readable Chrome trace
+    assert "| MateConv-0.1B MoE, compiled, flex attention |" in done.stdout
     assert "### profile_dense" in done.stdout and "### profile_moe" in done.stdout and "| aten::mm |" in done.stdout
     assert "profile of MateConv-0.1B MoE, eager, on cpu" in done.stdout
     assert "MateConv-0.02B dense" in done.stdout and "same greedy tokens" in done.stdout

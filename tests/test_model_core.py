@@ -31,6 +31,8 @@ def tiny_model(seed: int = 0, **overrides) -> MateConvForCausalLM:
     (dict(scoring_func="sigmoid"), "unknown scoring_func"),
     (dict(n_layers=0), "n_layers"),
     (dict(dropout=1.5), "dropout"),
+    (dict(flex_attention=True, dropout=0.1), "flex_attention needs flash_attn and no dropout"),
+    (dict(flex_attention=True, flash_attn=False), "flex_attention needs flash_attn and no dropout"),
 ])
 def test_config_rejects_invalid_fields(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -199,3 +201,33 @@ def test_packed_documents_attend_only_to_themselves(flash_attn):
         crossing = model(row).logits[0]
     assert torch.allclose(crossing[: len(pieces[0])], alone[: len(pieces[0])], atol=1e-5)
     assert not torch.allclose(crossing[len(pieces[0]):], alone[len(pieces[0]):], atol=1e-3)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_flex_attention_masks_packed_documents_like_the_boolean_mask(monkeypatch, use_moe):
+    """flex_attention: compiled, the packed rows' document mask runs as a FlexAttention BlockMask (inductor's kernel,
+    compiled for real here) with the logits of SDPA's boolean mask; eager models keep SDPA. Its backward exists on
+    CUDA only, so there alone the model picks it (`flex_attention_runs`); here it is let run for a no-grad forward.
+    Documents of every length, rows not a multiple of the 128-token block."""
+    import model.modeling as modeling
+
+    built = []
+    documents_mask = modeling.packed_documents_mask
+    monkeypatch.setattr(modeling, "packed_documents_mask",
+                        lambda positions, flex=False: built.append(flex) or documents_mask(positions, flex))
+    moe = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, moe_impl="loop") if use_moe else {}
+    reference, flexible = (tiny_model(max_seq_len=160, flex_attention=flex, **moe) for flex in (False, True))
+    ids = torch.randint(3, 97, (3, 150))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths])
+                             for lengths in ([40, 110], [150], [1, 9, 20, 30, 90])])
+    with torch.no_grad():
+        expected = reference(ids, position_ids=positions).logits
+        assert torch.equal(flexible(ids, position_ids=positions).logits, expected) and built == [False, False]
+        flexible.compile()
+        assert torch.allclose(flexible(ids, position_ids=positions).logits, expected, atol=1e-5)
+        assert built[-1] is False  # compiled on CPU: not picked
+        monkeypatch.setattr(modeling, "flex_attention_runs", lambda device: torch.compiler.is_compiling())
+        torch.compiler.reset()
+        logits = flexible(ids, position_ids=positions).logits
+    assert built[-1] is True, built
+    assert torch.allclose(logits, expected, atol=1e-5)
