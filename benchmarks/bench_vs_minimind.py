@@ -351,6 +351,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> str:
         for name, points in curves.items():
             axis.plot([p[key] for p in points], [p["held-out bpb"] for p in points], marker="o", label=name)
         axis.set_xlabel(key)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k, not 200000 running into 300000
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("held-out bits per byte")
     axes[0].legend()
