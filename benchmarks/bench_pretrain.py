@@ -178,9 +178,10 @@ def main() -> None:
     contenders = {DENSE: dense, "HF LlamaForCausalLM (same weights)": to_llama(dense),
                   "MateConv-0.1B MoE": moe}
     # (name, compiled, flex_attention); --flex_attention: the compiled MateConv models with and without it
-    runs = [(name, compiled, False) for name, compiled in itertools.product(contenders, args.compile)]
     if args.flex_attention:
         runs = [(name, 1, flex) for name in (DENSE, "MateConv-0.1B MoE") for flex in (False, True)]
+    else:
+        runs = [(name, compiled, False) for name, compiled in itertools.product(contenders, args.compile)]
     initial = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in contenders.items()}
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

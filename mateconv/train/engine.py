@@ -174,6 +174,7 @@ class Trainer:
         `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0."""
         self.config, self.runtime, self.objective = config, runtime, objective
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
+        self.pad_id = getattr(tokenizer, "pad_token_id", None)  # padded positions are not counted as real tokens
         self.evaluators = evaluators or []
         self.evaluates = val_data is not None or bool(self.evaluators)
         self.evaluate_at_start = evaluate_at_start
@@ -401,7 +402,7 @@ class Trainer:
                         tracker.begin_step(step + 1)
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
-                    self.window.add_tokens(*batch_tokens(batch, getattr(self.tokenizer, "pad_token_id", None)))
+                    self.window.add_tokens(*batch_tokens(batch, self.pad_id))
                     batch = self.to_device(batch)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
