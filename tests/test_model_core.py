@@ -231,3 +231,33 @@ def test_flex_attention_masks_packed_documents_like_the_boolean_mask(monkeypatch
         logits = flexible(ids, position_ids=positions).logits
     assert built[-1] is True, built
     assert torch.allclose(logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dense packed", "sft rows", "qk_norm packed", "flex packed", "moe bf16 packed"])
+def test_training_forward_compiles_to_one_graph(monkeypatch, case):
+    """What the engine compiles on CUDA (`model.compile()`): the forward with labels up to the loss, in one graph.
+    A graph break (a `.item()`, a Python branch on a tensor) would cut the step into pieces with a host round trip
+    between them, which costs GPU time and no CPU test would otherwise notice. The batches are the engine's: packed
+    rows with position ids, SFT rows (right padding, no attention mask, prompt and padding unlabelled). The MoE case
+    runs as on the GPU, under bf16 autocast, where the experts are grouped GEMMs (in fp32 on CPU they loop, with
+    breaks: the CPU-only path)."""
+    import model.modeling as modeling
+
+    overrides = {"qk_norm packed": dict(qk_norm=True), "flex packed": dict(flex_attention=True, max_seq_len=160),
+                 "moe bf16 packed": dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)}.get(case, {})
+    if case == "flex packed":  # the CUDA rule, let run on CPU, without gradients: its backward exists on CUDA only
+        monkeypatch.setattr(modeling, "flex_attention_runs", lambda device: torch.compiler.is_compiling())
+    model = tiny_model(**overrides).train()
+    ids = torch.randint(3, 97, (2, 48))
+    if case == "sft rows":
+        labels = ids.index_fill(1, torch.cat([torch.arange(8), torch.arange(40, 48)]), -100)
+        inputs = dict(input_ids=ids.index_fill(1, torch.arange(40, 48), 0), labels=labels)
+    else:
+        positions = torch.cat([torch.arange(30), torch.arange(18)]).expand(2, -1)  # two documents per row
+        inputs = dict(input_ids=ids, labels=ids, position_ids=positions)
+    dtype = torch.bfloat16 if case.startswith("moe") else torch.float32
+    torch.compiler.reset()
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast, torch.set_grad_enabled(case != "flex packed"):
+        explained = torch._dynamo.explain(model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
