@@ -7,7 +7,10 @@ from mateconv.train.stages import main
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--init_from", "/nonexistent/sft"], "init_from: cannot load a causal LM from /nonexistent/sft"),
+    (["--init_from", "/nonexistent/sft"], "init_from: /nonexistent/sft does not exist (a model directory"),
+    (["--init_from", "out_missing/sft/final"], "init_from: out_missing/sft/final does not exist (a model directory "
+                                               "written by save_pretrained, which 5.full_sft.py writes there, or a "
+                                               "Hugging Face hub id)"),
     (["--dpo_loss_type", "kto"], "loss_type must be one of sigmoid, ipo, hinge"),
     (["--kl_coeff", "0.05"], "unknown config key 'kl_coeff'; did you mean 'dpo_kl_coef'?"),
 ])
@@ -16,6 +19,17 @@ def test_bad_input_is_one_line(argv, message):
         main("dpo", argv + ["--tracker", "none", "--engine", "torch", "--device", "cpu"])
     assert message in str(error.value) and "\n" not in str(error.value)
 
+
+
+def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
+    """A model path that does not exist is named as such when it was meant as a directory here; hub ids ('name',
+    'namespace/name') still go to transformers, which downloads them where it can."""
+    from mateconv.train.models import meant_as_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert [meant_as_local(p) for p in ("/abs/model", "./model", "../model", "a/b/c", "out/sft")] == [True] * 5
+    assert [meant_as_local(p) for p in ("gpt2", "Qwen/Qwen2.5-0.5B")] == [False, False]
 
 def test_missing_shards_are_named(tiny_llama, tmp_path):
     tiny_llama(0).save_pretrained(tmp_path / "sft")

@@ -81,5 +81,5 @@ def test_packed_texts_and_errors(tiny_qwen):
     assert cut_off < 0.6 * by_windows, (cut_off, by_windows)
     with pytest.raises(ConfigError, match="fewer than one row"):
         PackedTexts(["short"], tokenizer, 4096)
-    with pytest.raises(ConfigError, match="init_from: cannot load"):
+    with pytest.raises(ConfigError, match="init_from: /nonexistent/model does not exist"):
         CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])

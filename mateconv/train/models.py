@@ -23,9 +23,24 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+STAGE_WRITING = {"pretrain": "4.pretrain.py", "sft": "5.full_sft.py", "dpo": "9.train_dpo.py"}
+
+
+def meant_as_local(path: str | Path) -> bool:
+    """Whether a model path that does not exist was meant as a directory here, not as a hub id ('name' or
+    'namespace/name'): absolute, relative to '.', more than two parts, or under a directory that exists here."""
+    text = str(path)
+    return (Path(text).is_absolute() or text.startswith(".") or len(Path(text).parts) > 2
+            or Path(text).parent != Path(".") and Path(text).parent.is_dir())
+
+
 def load_causal_lm(path: str | Path, key: str) -> nn.Module:
     """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
     `key` names the setting in the error."""
+    if not Path(path).exists() and meant_as_local(path):
+        writer = STAGE_WRITING.get(Path(path).parent.name) if Path(path).name == "final" else None
+        raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
+                          f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
