@@ -271,6 +271,11 @@ def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
     text = write_jsonl(tmp_path / "p.jsonl", [{"text": "hello"}, {"text": ""}, {"title": "x"}])
     result = build_shards("pretrain", [text], tokenizer_dir, tmp_path / "pt", workers=1, progress=False)
     assert [b.split(": ", 1)[1] for b in result.bad_records] == ["empty text", "no text field in record with keys ['title']"]
+    # nothing usable at all is an error, not an empty data set that a training stage would meet later
+    only_bad = write_jsonl(tmp_path / "only_bad.jsonl", [{"title": "x"}, "{not json"])
+    with pytest.raises(DataError, match=r"no usable pretrain record: all 2 were bad, e\.g\. .*only_bad.jsonl:1: no"):
+        build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
+    assert not json.loads((tmp_path / "none" / "index.json").read_text())["complete"]  # a rerun tries again
 
 
 def test_readers_reject_wrong_kind_and_missing_dir(setup, tmp_path):

@@ -636,6 +636,8 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         bar.close()
         for f in writer.files.values():
             f.close()
+    if bad and not any(shard["num_records"] for shard in index["shards"]):  # left incomplete: nothing to train on
+        raise DataError(f"no usable {kind} record: all {len(bad)} were bad, e.g. {bad[0]}")
     index.update(complete=True, bad_records=len(bad), bad_examples=bad[:50])
     _write_json_atomic(index_path, index)
     return BuildResult(out_dir, index, skipped_shards=len(done), bad_records=bad)
