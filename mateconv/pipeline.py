@@ -15,6 +15,9 @@ stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
@@ -39,6 +42,10 @@ PRESETS = REPO / "configs" / "pipeline"
 PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as stage 7 prompts (capped at n_prompts)
 FOLLOWER_POLL_S = 5.0  # how often a node other than 0 (no ssh) looks for node 0's artifacts
 SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
+# The programs that run after training has begun, and the modules whose build_parser() reads their flags
+# (the data stages run first: their own flag errors come before any long work).
+LATE_PARSERS = {"7.gen_prefs_openai.py": "mateconv.prefs.cli", "3.dataset.py": "mateconv.data.shards",
+                "mateconv.evaluate": "mateconv.evaluate"}
 
 
 class PipelineError(RuntimeError):
@@ -51,6 +58,8 @@ class Stage:
     command: list[str]
     done: Path  # the artifact whose presence means the stage is complete
     distributed: bool = False  # a training stage: under the DeepSpeed launcher when there are GPUs or nodes
+    program: str = ""  # the script or module, and its flags (the config YAML first)
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,9 +167,36 @@ def build_stages(preset: dict, out: Path, nodes: Nodes | None = None) -> list[St
                        [python, str(REPO / spec["script"])])
         else:
             command = [python, "-m", spec["module"]]
-        config = [str(REPO / spec["config"])] if "config" in spec else []
-        stages.append(Stage(name, command + config + args, out.parent / spec["done"], bool(spec.get("distributed"))))
+        flags = ([str(REPO / spec["config"])] if "config" in spec else []) + args
+        stages.append(Stage(name, command + flags, out.parent / spec["done"], bool(spec.get("distributed")),
+                            spec.get("script", spec.get("module")), tuple(flags)))
     return stages
+
+
+def flags_problem(stage: Stage) -> str | None:
+    """What a training stage or a later one would say about its flags, found without running it; None if they
+    parse. A typo in a late stage's `--set` then stops the pipeline before hours of training, not after them.
+    The stages' own parsers are imported here only (they import torch)."""
+    from mateconv.config import STAGE_PROGRAMS, ConfigError, parse_config
+
+    training = {program: name for name, program in STAGE_PROGRAMS.items()}.get(stage.program)
+    if training:
+        from mateconv.train.stages import RECIPES
+
+        try:
+            parse_config(list(stage.flags), RECIPES[training].defaults, training)
+        except ConfigError as error:
+            return str(error)
+        return None
+    if stage.program not in LATE_PARSERS:
+        return None
+    parser, said = importlib.import_module(LATE_PARSERS[stage.program]).build_parser(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            _, unknown = parser.parse_known_args(list(stage.flags))
+    except SystemExit:
+        return said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+    return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
 
 
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str]) -> list[str]:
@@ -272,11 +308,14 @@ def check_source(out: Path, source: dict | None) -> None:
 
 
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None) -> int:
+    stages = [stage for stage in build_stages(preset, out, nodes) if not only or stage.name in only]
+    for stage in stages:
+        problem = None if stage.done.exists() else flags_problem(stage)
+        if problem:
+            raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
     runner = StageRunner(logs)
     timings: dict[str, float] = {}
-    for stage in build_stages(preset, out, nodes):
-        if only and stage.name not in only:
-            continue
+    for stage in stages:
         if nodes is not None and nodes.follower and not stage.distributed:
             if not stage.done.exists():  # out/ is on storage all nodes share
                 print(f"[pipeline] {stage.name}: node 0 runs it; waiting for {stage.done}", flush=True)

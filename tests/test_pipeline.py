@@ -9,7 +9,7 @@ import pytest
 from conftest import run_script
 
 from mateconv.files import read_metrics
-from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset
+from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset, main
 
 DATA_STAGES = "data,tokenizer,prepare,tokens"
 STAGES = ["data", "tokenizer", "prepare", "tokens", "pretrain", "sft", "prefs", "prefs_val", "prefs_tokens",
@@ -27,6 +27,24 @@ def test_preset_sets_and_flags():
         apply_sets(preset, ["pretrian.max_steps=1"])
     with pytest.raises(PipelineError, match="unknown preset"):
         load_preset("nonexistent")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("pretrain.learning_rat=1", "pretrain: unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
+    ("dpo.dpo_beta=-1", "dpo: dpo_beta must be > 0, got -1.0"),
+    ("prefs.n_promts=5", "prefs: unrecognized arguments: --n_promts 5"),
+    ("prefs_tokens.workers=x", "prefs_tokens: argument --workers: invalid int value: 'x'"),
+    ("eval.max_tasks=abc", "eval: argument --max_tasks: invalid int value: 'abc'"),
+])
+def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(setting, message, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The training stages' flags are parsed by their own config parser and the later stages' by their argparse
+    parsers before the first stage starts: a typo in DPO's or the evaluation's flags is not found hours later."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--set", setting, "--logs", str(tmp_path / "logs")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.strip().endswith("(nothing was run)"), error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
 @pytest.mark.slow

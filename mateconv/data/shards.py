@@ -666,7 +666,7 @@ def _report(result: BuildResult) -> None:
             print(f"    {where}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Stage 3: tokenize prepared data into memory-mapped token shards (docs/data.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -682,6 +682,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk_records", type=int, default=256, help="records per work item sent to a worker")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     bars_only_on_a_terminal()
     options = dict(workers=args.workers or None, records_per_shard=args.records_per_shard,
