@@ -1,5 +1,5 @@
-"""Training throughput (tokens/s, MFU) of the stage-4 engine: MateConv-0.02B dense, its Hugging Face Llama twin
-(`model.export.to_llama`, same weights) and the MateConv MoE preset, all run by the same Trainer with the same
+"""Training throughput (tokens/s, MFU) of the stage-4 engine: MateConv-0.02B dense, its Hugging Face twin (the
+preset's per-head q/k norm makes it a `Qwen3ForCausalLM`, `model.export.to_qwen3`; same weights) and the MoE preset, all run by the same Trainer with the same
 settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one process.
 
     python benchmarks/bench_pretrain.py --seq 128 --batch 4 --steps 5 --rounds 2
@@ -39,7 +39,7 @@ from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.objectives import LMObjective
 from mateconv.train.tracking import active_parameters
 from model import MateConvForCausalLM, preset_config
-from model.export import to_llama
+from model.export import to_llama, to_qwen3
 
 DENSE = "MateConv-0.02B dense"
 
@@ -175,8 +175,9 @@ def main() -> None:
             profile(name, model, engine_config(args, tmp, compiled=bool(args.compile[0])), data, args.profile,
                     args.trace)
         return
-    contenders = {DENSE: dense, "HF LlamaForCausalLM (same weights)": to_llama(dense),
-                  "MateConv-0.1B MoE": moe}
+    # the transformers class of the same architecture: Qwen3 for the preset's per-head q/k norm, else Llama
+    reference = ("HF Qwen3ForCausalLM", to_qwen3) if dense.config.qk_norm else ("HF LlamaForCausalLM", to_llama)
+    contenders = {DENSE: dense, f"{reference[0]} (same weights)": reference[1](dense), "MateConv-0.1B MoE": moe}
     # (name, compiled, flex_attention); --flex_attention: the compiled MateConv models with and without it
     if args.flex_attention:
         runs = [(name, 1, flex) for name in (DENSE, "MateConv-0.1B MoE") for flex in (False, True)]
@@ -213,12 +214,12 @@ def main() -> None:
 
 
 def results_table(results: list[dict]) -> str:
-    """One row per contender; "vs HF Llama" against the first HF row, "vs dense" against MateConv-0.02B dense run
+    """One row per contender; "vs HF" against the first HF row, "vs dense" against MateConv-0.02B dense run
     the same way (eager, compiled, with flex attention), the figure the MoE's speed target is stated in."""
     done = [r for r in results if "error" not in r]
     references = [r["tokens_per_sec"] for r in done if r["name"].startswith("HF")]
     dense = {r["mode"]: r["tokens_per_sec"] for r in done if r["name"].startswith(DENSE)}
-    lines = ["| model | params (M) | active (M) | tokens/s | MFU | vs HF Llama | vs dense |",
+    lines = ["| model | params (M) | active (M) | tokens/s | MFU | vs HF | vs dense |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:

@@ -16,7 +16,8 @@ wall time.
 - MateConv: stage 3 (3.dataset.py) packs the same documents with MiniMind's tokenizer (adopted by
   mateconv.tokenizer), then 4.pretrain.py trains for the same number of steps at the same batch shape, learning rate,
   schedule (cosine to 10%, no warmup), AdamW settings and gradient clipping.
-- --qk_norm 1 gives MateConv's model MiniMind's per-head q/k RMSNorm (an ablation of the one architectural difference).
+- MateConv's model normalises each head's queries and keys as its seed presets and MiniMind's attention do;
+  --qk_norm 0 leaves that out (an ablation of the norm).
 - --mateconv_batch B (default --batch): MateConv trains with B rows per step and proportionally more steps (and
   checkpoints further apart in steps), so both process the same positions. MiniMind's padded rows carry about half
   real tokens, so half its batch gives MateConv about the same real tokens per step and twice the updates: the
@@ -393,8 +394,9 @@ def main() -> None:
                              "MateConv draws MiniMind's rows in MiniMind's order): how much a result moves with it")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0,
                         help="torch.compile in both trainers (MiniMind's --use_compile, MateConv's --compile)")
-    parser.add_argument("--qk_norm", type=int, choices=[0, 1], default=0,
-                        help="1: MateConv's model with per-head q/k RMSNorm (qk_norm), the norm MiniMind's attention has")
+    parser.add_argument("--qk_norm", type=int, choices=[0, 1], default=1,
+                        help="MateConv's per-head q/k RMSNorm (qk_norm: its seed presets' and MiniMind's attention); "
+                             "0 leaves it out")
     parser.add_argument("--concurrent", action="store_true",
                         help="train both at once (on a shared CPU machine the other jobs' load then hits both alike; "
                              "use with --threads 1 on 2 cores)")

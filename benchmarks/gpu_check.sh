@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check (issues 13 and 14), about 8.5 minutes on one H200 (every row has its own time limit: 600 s in all,
 # 1120 s with --diagnostics; the rows took well under theirs on the H200), from the repository's files alone:
-#   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF LlamaForCausalLM with the
+#   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF Qwen3ForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
 #      (MiniMind's --use_compile 1; benchmarks/bench_vs_minimind.py; needs ../shared/data and ../shared/peers/minimind,
@@ -14,7 +14,7 @@
 #   5. with --diagnostics (always with --cpu-smoke): the compiled pair with MateConv at half the batch (about
 #      MiniMind's real tokens per step, twice the updates: --mateconv_batch 32), and two ablations of row 2's held-out
 #      bpb gap, eager: 4.pretrain.py's trainer on MiniMind's own rows (--mateconv_rows minimind: data layout vs model
-#      and trainer), and MateConv's model with MiniMind's per-head q/k RMSNorm (--qk_norm 1); and the compiled
+#      and trainer), and MateConv's model without its per-head q/k RMSNorm (--qk_norm 0); and the compiled
 #      MateConv models with and without flex_attention (the document mask as FlexAttention; bench_pretrain.py
 #      --flex_attention); about 7 more minutes
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
@@ -98,7 +98,7 @@ row() {  # row NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, rec
 
 start=$SECONDS
 if [ $MAIN = 1 ]; then
-row "engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
+row "engine: 0.02B dense, its HF twin, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
   "$PY" benchmarks/bench_pretrain.py $TRAIN
 row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
   "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --out "$OUT/vs_minimind"
@@ -117,8 +117,8 @@ if [ $DIAGNOSTICS = 1 ]; then
     minimind_half_batch.log "$PY" benchmarks/bench_vs_minimind.py $MINI $HALF --out "$OUT/vs_minimind_half_batch"
   row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[7]}" minimind_rows.log \
     "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
-  row "ablation: MateConv with q/k RMSNorm, eager" "${LIMIT[8]}" minimind_qk_norm.log \
-    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 1 --out "$OUT/vs_minimind_qk_norm"
+  row "ablation: MateConv without q/k RMSNorm, eager" "${LIMIT[8]}" minimind_no_qk_norm.log \
+    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 0 --out "$OUT/vs_minimind_no_qk_norm"
   row "engine: compiled, with and without flex attention" "${LIMIT[9]}" engine_flex.log \
     "$PY" benchmarks/bench_pretrain.py $FLEX
 fi
@@ -127,7 +127,7 @@ echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
 for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_half_batch minimind_rows \
-    minimind_qk_norm engine_flex; do
+    minimind_no_qk_norm engine_flex; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

@@ -54,7 +54,8 @@ def count_parameters(config: MateConvConfig) -> int:
         ffn = (config.n_routed_experts + config.n_shared_experts) * swiglu + d * config.n_routed_experts
     else:
         ffn = swiglu
-    per_layer = attention + ffn + 2 * d
+    qk_norms = 2 * config.head_dim if config.qk_norm else 0
+    per_layer = attention + ffn + 2 * d + qk_norms
     embeddings = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
     return embeddings + config.n_layers * per_layer + d
 
@@ -66,6 +67,8 @@ def layer_activation_bytes(config: MateConvConfig, act: int) -> int:
     norm_and_proj_input = 4 * d + 2 * act * d
     # SDPA keeps q, k, v and its output; o_proj keeps its (reshaped) input.
     attention = norm_and_proj_input + act * (d + 2 * kv + d) + act * d
+    if config.qk_norm:  # each q/k norm keeps its input in fp32 (and in act when that is narrower) and 1/rms per head
+        attention += (d + kv) * (4 + (act if act < 4 else 0)) + 4 * (config.n_heads + config.n_kv_heads)
     # SwiGLU keeps gate, silu(gate), up and their product.
     swiglu = 4 * act * f
     if not config.use_moe:

@@ -24,23 +24,23 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1]
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}
-    assert list(rows) == ["engine: 0.02B dense, HF Llama, 0.1B MoE (eager/compiled)",
+    assert list(rows) == ["engine: 0.02B dense, its HF twin, 0.1B MoE (eager/compiled)",
                           "MiniMind's trainer vs 4.pretrain.py, eager", "decode vs transformers generate",
                           "profile: 0.02B dense step", "profile: 0.1B MoE step",
                           "MateConv at half the batch, twice the steps",
                           "ablation: MateConv's trainer on MiniMind's rows, eager",
-                          "ablation: MateConv with q/k RMSNorm, eager",
+                          "ablation: MateConv without q/k RMSNorm, eager",
                           "engine: compiled, with and without flex attention"]
     minimind_rows = [rows.pop(name) for name in ("MiniMind's trainer vs 4.pretrain.py, eager",
                                                  "MateConv at half the batch, twice the steps",
                                                  "ablation: MateConv's trainer on MiniMind's rows, eager",
-                                                 "ablation: MateConv with q/k RMSNorm, eager")]
+                                                 "ablation: MateConv without q/k RMSNorm, eager")]
     if SHARED_DATA.is_dir() and (MINIMIND / "trainer" / "train_pretrain.py").is_file():
         assert minimind_rows == ["ok"] * 4
         half = (tmp_path / "vs_minimind_half_batch" / "report.md").read_text()
         assert "Final models (the same positions: MiniMind 6 steps of 4 rows, MateConv 12 of 2)" in half
-        qk_norm_config = json.loads((tmp_path / "vs_minimind_qk_norm/mateconv/final/config.json").read_text())
-        assert qk_norm_config["qk_norm"] is True  # the q/k RMSNorm ablation trained the model it names
+        for run, qk_norm in (("vs_minimind", True), ("vs_minimind_no_qk_norm", False)):  # each trained what it names
+            assert json.loads((tmp_path / run / "mateconv/final/config.json").read_text())["qk_norm"] is qk_norm
         curve = (tmp_path / "vs_minimind" / "report.md").read_text().split("Every checkpoint")[1]
         assert curve.count("| MiniMind |") >= 2 and curve.count("| MateConv |") >= 2  # each system's checkpoints
         assert (tmp_path / "vs_minimind" / "bpb_curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -52,9 +52,11 @@ def _saved_bytes_per_token(config: MateConvConfig, dtype: torch.dtype, checkpoin
 @pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_saved_activations_match_the_estimate(use_moe, dtype, checkpointing):
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+def test_saved_activations_match_the_estimate(use_moe, dtype, checkpointing, qk_norm):
     config = MateConvConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128,
-                            use_moe=use_moe, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+                            use_moe=use_moe, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                            qk_norm=qk_norm)
     act = 4 if dtype == torch.float32 else 2
     measured = _saved_bytes_per_token(config, dtype, checkpointing)
     # checkpointing keeps each layer's input (the layer rebuilt in backward saves under checkpoint's own hooks)
