@@ -1,6 +1,7 @@
 """Training throughput (tokens/s, MFU) of the stage-4 engine: MateConv-0.02B dense, its Hugging Face twin (the
-preset's per-head q/k norm makes it a `Qwen3ForCausalLM`, `model.export.to_qwen3`; same weights) and the MoE preset, all run by the same Trainer with the same
-settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one process.
+preset's per-head q/k norm makes it a `Qwen3ForCausalLM`, `model.export.to_qwen3`; same weights) and the MoE preset,
+all run by the same Trainer with the same settings (AdamW, fp32 on CPU / auto precision on GPU, same batches), in one
+process.
 
     python benchmarks/bench_pretrain.py --seq 128 --batch 4 --steps 5 --rounds 2
     python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mateconv.config import ConfigError, LoRAConfig, TrainConfig
+from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
@@ -23,9 +23,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-STAGE_WRITING = {"pretrain": "4.pretrain.py", "sft": "5.full_sft.py", "dpo": "9.train_dpo.py"}
-
-
 def meant_as_local(path: str | Path) -> bool:
     """Whether a model path that does not exist was meant as a directory here, not as a hub id ('name' or
     'namespace/name'): absolute, relative to '.', more than two parts, or under a directory that exists here."""
@@ -38,7 +35,7 @@ def load_causal_lm(path: str | Path, key: str) -> nn.Module:
     """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
     `key` names the setting in the error."""
     if not Path(path).exists() and meant_as_local(path):
-        writer = STAGE_WRITING.get(Path(path).parent.name) if Path(path).name == "final" else None
+        writer = STAGE_PROGRAMS.get(Path(path).parent.name) if Path(path).name == "final" else None
         raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
                           f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
     try:
