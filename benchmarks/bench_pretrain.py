@@ -177,8 +177,8 @@ def main() -> None:
                     args.trace)
         return
     # the transformers class of the same architecture: Qwen3 for the preset's per-head q/k norm, else Llama
-    reference = ("HF Qwen3ForCausalLM", to_qwen3) if dense.config.qk_norm else ("HF LlamaForCausalLM", to_llama)
-    contenders = {DENSE: dense, f"{reference[0]} (same weights)": reference[1](dense), "MateConv-0.1B MoE": moe}
+    twin, to_twin = ("Qwen3ForCausalLM", to_qwen3) if dense.config.qk_norm else ("LlamaForCausalLM", to_llama)
+    contenders = {DENSE: dense, f"HF {twin} (same weights)": to_twin(dense), "MateConv-0.1B MoE": moe}
     # (name, compiled, flex_attention); --flex_attention: the compiled MateConv models with and without it
     if args.flex_attention:
         runs = [(name, 1, flex) for name in (DENSE, "MateConv-0.1B MoE") for flex in (False, True)]

@@ -121,7 +121,8 @@ def check_config(config: MateConvConfig) -> None:
 
 # Seed sizes. Parameter counts (tied embeddings, vocab 6400) are checked by tests/test_model_core.py. All normalise
 # each head's queries and keys (qk_norm, as MiniMind and Qwen3 do; dense ones export as Qwen3): at dim 512 it lowered
-# held-out bits per byte by 0.18 (seq 512) and 0.09 (seq 128) in BENCHMARKS.md's side-by-side with MiniMind.
+# held-out bits per byte by 0.10-0.18 (seq 512, two seeds) and 0.09 (seq 128) in BENCHMARKS.md's side-by-side with
+# MiniMind.
 PRESETS: dict[str, dict] = {
     # MateConv-0.02B: the MiniMind small dense model
     "mateconv-0.02b": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, qk_norm=True),
