@@ -348,6 +348,7 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
         store.close()
         if process is not None:
             stop_background(process)
+    store.put_in_order([prompt["id"] for prompt in prompts])
     pair_ids, dropped_ids, failed_ids = store.ids("pair"), store.ids("dropped"), store.ids("failure")
     counts = result["counts"]
     summary = {

@@ -170,6 +170,18 @@ class ResultStore:
             view = view[os.write(self.files[kind], view):]
         os.fsync(self.files[kind])
 
+    def put_in_order(self, ids: list[str]) -> None:
+        """Rewrites the pair and dropped files in the order of `ids` (the sampled prompts'), whatever order the
+        concurrent requests finished in, so that the same run gives the same files and DPO sees the same batches.
+        Records of other ids (an earlier run's sample) follow, in their own order."""
+        rank = {id_: index for index, id_ in enumerate(ids)}
+        for kind in ("pair", "dropped"):
+            records = read_records(self.paths[kind])
+            ordered = sorted(records, key=lambda record: rank.get(str(record["id"]), len(rank)))
+            if ordered != records:
+                write_atomic(self.paths[kind], "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                                       for record in ordered))
+
     def write_summary(self, summary: dict) -> Path:
         path = self.dir / SUMMARY
         write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
