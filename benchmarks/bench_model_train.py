@@ -1,9 +1,11 @@
 """Training throughput (forward + backward + AdamW step) of MateConv vs Hugging Face LlamaForCausalLM.
 
 Both models get the same config and the same weights (the Llama one is `model.export.to_llama` of ours) and run the
-same batches; timed steps alternate between them so machine noise hits all alike. MoE configs have no Llama
-twin, so `--moe` times our MoE model with its routed experts as grouped GEMMs (`moe_impl grouped`) against the same
-weights run expert by expert (`moe_impl loop`, the fallback), and our dense model of the same width.
+same batches; timed steps alternate between them so machine noise hits all alike. `--qk_norm` gives our model the
+seed presets' per-head q/k RMSNorm: its twin is then `Qwen3ForCausalLM` (`to_qwen3`), and our model without the norm
+runs beside them, which measures what the norm costs. MoE configs have no transformers twin, so `--moe` times our MoE
+model with its routed experts as grouped GEMMs (`moe_impl grouped`) against the same weights run expert by expert
+(`moe_impl loop`, the fallback), and our dense model of the same width.
 
     python benchmarks/bench_model_train.py --dim 512 --layers 8 --seq 512 --batch 4 --steps 6
 """
@@ -15,7 +17,7 @@ import time
 import torch
 
 from model import MateConvConfig, MateConvForCausalLM
-from model.export import to_llama
+from model.export import to_llama, to_qwen3
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,6 +36,8 @@ def parse_args() -> argparse.Namespace:
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--moe", action="store_true", help="time the MoE model (4 experts, top 2, 1 shared), grouped "
                                                            "GEMM against the loop over experts, and our dense model")
+    parser.add_argument("--qk_norm", action="store_true", help="our model with per-head q/k RMSNorm (the seed presets'"
+                                                               ") against HF Qwen3 and against itself without it")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
     return parser.parse_args()
 
@@ -54,13 +58,17 @@ def main() -> None:
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     fields = dict(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                  vocab_size=args.vocab, max_seq_len=args.seq)
+                  vocab_size=args.vocab, max_seq_len=args.seq, qk_norm=args.qk_norm)
     ours = MateConvForCausalLM(MateConvConfig(**fields)).to(device)
     if args.moe:
         grouped = MateConvForCausalLM(MateConvConfig(**fields, use_moe=True, moe_impl="grouped")).to(device)
         looped = MateConvForCausalLM(MateConvConfig(**fields, use_moe=True, moe_impl="loop")).to(device)
         looped.load_state_dict(grouped.state_dict())
         contenders = {"MateConv MoE grouped": grouped, "MateConv MoE loop": looped, "MateConv dense": ours}
+    elif args.qk_norm:
+        plain = MateConvForCausalLM(MateConvConfig(**{**fields, "qk_norm": False})).to(device)
+        plain.load_state_dict(ours.state_dict(), strict=False)  # all but the q/k norms' weights
+        contenders = {"MateConv q/k norm": ours, "HF Qwen3": to_qwen3(ours), "MateConv without q/k norm": plain}
     else:
         contenders = {"MateConv": ours, "HF Llama": to_llama(ours)}
     if args.compile:

@@ -5,10 +5,12 @@ process.
 
     python benchmarks/bench_pretrain.py --seq 128 --batch 4 --steps 5 --rounds 2
     python benchmarks/bench_pretrain.py --seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --compile 0 1  # GPU
-`--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--flex_attention` instead runs
-the compiled MateConv models with and without the model's `flex_attention` (packed rows' document mask as a
-FlexAttention block mask, which the model picks on CUDA only); `--tiny` shrinks the models to dim 64, 2 layers (a
-wiring check, benchmarks/gpu_check.sh --cpu-smoke).
+`--compile 0 1` runs every contender eager and compiled (the engine's `--compile`); `--mask_variants` instead runs
+the compiled MateConv models three ways: packed rows' document mask as a boolean SDPA mask (the default), as a
+FlexAttention block mask (the model's `flex_attention`, picked on CUDA only), and with no document mask at all
+(`document_mask false`: plain causal attention across the row, the kernel MiniMind's one-document rows run, so the
+bound a mask kernel can reach); `--tiny` shrinks the models to dim 64, 2 layers (a wiring check,
+benchmarks/gpu_check.sh --cpu-smoke).
 `--profile N` instead runs one model (`--profile_model`: MateConv-0.02B dense or the 0.1B MoE; eager, or compiled
 with `--compile 1`) under torch.profiler and reports where the last N of the
 --steps steps spent their time: the top operators on the device (GPU) and on the host, and on GPU how much of each
@@ -43,6 +45,8 @@ from model import MateConvForCausalLM, preset_config
 from model.export import to_llama, to_qwen3
 
 DENSE = "MateConv-0.02B dense"
+# how packed rows' documents are kept apart: model config changes by label ("" is the model as configured)
+MASK_VARIANTS = {"": {}, "flex attention": {"flex_attention": True}, "no document mask": {"document_mask": False}}
 
 
 class RandomTokens(Dataset):
@@ -152,9 +156,9 @@ def main() -> None:
     parser.add_argument("--compile", type=int, nargs="+", choices=[0, 1], default=[0],
                         help="0 eager, 1 torch.compile; several: each contender in each mode")
     parser.add_argument("--tiny", action="store_true", help="dim 64, 2 layers (wiring check)")
-    parser.add_argument("--flex_attention", action="store_true",
-                        help="instead of the comparison: the compiled MateConv models with and without flex_attention "
-                             "(packed rows' document mask as FlexAttention, picked on CUDA only)")
+    parser.add_argument("--mask_variants", action="store_true",
+                        help="instead of the comparison: the compiled MateConv models with the document mask as SDPA's "
+                             "boolean mask, as FlexAttention (CUDA only) and without the mask (plain causal)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="instead of the comparison: profile the last N of --steps steps of one model")
     parser.add_argument("--profile_model", choices=["dense", "moe"], default="dense",
@@ -179,25 +183,26 @@ def main() -> None:
     # the transformers class of the same architecture: Qwen3 for the preset's per-head q/k norm, else Llama
     twin, to_twin = ("Qwen3ForCausalLM", to_qwen3) if dense.config.qk_norm else ("LlamaForCausalLM", to_llama)
     contenders = {DENSE: dense, f"HF {twin} (same weights)": to_twin(dense), "MateConv-0.1B MoE": moe}
-    # (name, compiled, flex_attention); --flex_attention: the compiled MateConv models with and without it
-    if args.flex_attention:
-        runs = [(name, 1, flex) for name in (DENSE, "MateConv-0.1B MoE") for flex in (False, True)]
+    # (name, compiled, variant of MASK_VARIANTS); --mask_variants: the compiled MateConv models each way
+    if args.mask_variants:
+        runs = [(name, 1, variant) for name in (DENSE, "MateConv-0.1B MoE") for variant in MASK_VARIANTS]
     else:
-        runs = [(name, compiled, False) for name, compiled in itertools.product(contenders, args.compile)]
+        runs = [(name, compiled, "") for name, compiled in itertools.product(contenders, args.compile)]
     initial = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in contenders.items()}
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for index, (name, compiled, flex) in enumerate(runs):
+            for index, (name, compiled, variant) in enumerate(runs):
                 model = contenders[name]
                 model.load_state_dict(initial[name])
                 config = engine_config(args, f"{tmp}/{index}_{round_index}", bool(compiled))
-                how = f"{', compiled' if compiled else ''}{', flex attention' if flex else ''}"
+                how = f"{', compiled' if compiled else ''}{f', {variant}' if variant else ''}"
                 label = name + how
                 try:  # one contender failing (a compile error on a new GPU stack, say) leaves the others' figures
                     if compiled:  # the engine compiles in place: a compiled run gets its own copy
                         model = copy.deepcopy(model)
-                        model.config.flex_attention = flex
+                        for key, value in MASK_VARIANTS[variant].items():
+                            setattr(model.config, key, value)
                     result = {**run(label, model, config, data, args.warmup), "mode": how}
                 except Exception as error:  # noqa: BLE001 - reported in the table, traceback in the log
                     traceback.print_exc()
@@ -216,7 +221,7 @@ def main() -> None:
 
 def results_table(results: list[dict]) -> str:
     """One row per contender; "vs HF" against the first HF row, "vs dense" against MateConv-0.02B dense run
-    the same way (eager, compiled, with flex attention), the figure the MoE's speed target is stated in."""
+    the same way (eager, compiled, each mask variant), the figure the MoE's speed target is stated in."""
     done = [r for r in results if "error" not in r]
     references = [r["tokens_per_sec"] for r in done if r["name"].startswith("HF")]
     dense = {r["mode"]: r["tokens_per_sec"] for r in done if r["name"].startswith(DENSE)}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check (issues 13 and 14), about 8.5 minutes on one H200 (every row has its own time limit: 600 s in all,
-# 1120 s with --diagnostics; the rows took well under theirs on the H200), from the repository's files alone:
+# 1150 s with --diagnostics; the rows took well under theirs on the H200), from the repository's files alone:
 #   1. the engine (4.pretrain.py's Trainer): tokens/s and MFU of MateConv-0.02B dense, HF Qwen3ForCausalLM with the
 #      same weights and the 0.1B MoE, seq 512, eager and torch.compile'd (benchmarks/bench_pretrain.py)
 #   2. MiniMind's own trainer against 4.pretrain.py on the same GPU, data and shape, both eager, then both compiled
@@ -15,8 +15,9 @@
 #      MiniMind's real tokens per step, twice the updates: --mateconv_batch 32), and two ablations of row 2's held-out
 #      bpb gap, eager: 4.pretrain.py's trainer on MiniMind's own rows (--mateconv_rows minimind: data layout vs model
 #      and trainer), and MateConv's model without its per-head q/k RMSNorm (--qk_norm 0); and the compiled
-#      MateConv models with and without flex_attention (the document mask as FlexAttention; bench_pretrain.py
-#      --flex_attention); about 7 more minutes
+#      MateConv models with the document mask as SDPA's boolean mask, as FlexAttention (flex_attention) and without
+#      it (plain causal attention, MiniMind's kernel: the mask's whole cost; bench_pretrain.py --mask_variants);
+#      about 7.5 more minutes
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_prepare.sh             # first, here: the shared data, MiniMind and wheels to carry there
@@ -48,7 +49,7 @@ if [ $SMOKE = 1 ]; then
   DECODE="--device cpu --dim 64 --n_layers 2 --new_tokens 8 --repeats 1 --batch_sizes 1 8"
   PROFILE="--tiny --seq 32 --batch 2 --steps 6 --profile 3 --compile 0"
   HALF="--mateconv_batch 2 --compile 0"
-  FLEX="--tiny --seq 32 --batch 2 --steps 3 --warmup 1 --rounds 1 --flex_attention"
+  MASKS="--tiny --seq 32 --batch 2 --steps 3 --warmup 1 --rounds 1 --mask_variants"
   LIMIT=(100 100 0 60 60 60 100 100 100 120)
 else
   DEVICE=cuda
@@ -59,10 +60,10 @@ else
   DECODE="--device cuda --new_tokens 128 --repeats 2 --batch_sizes 1 8"
   PROFILE="--seq 512 --batch 64 --steps 25 --profile 5 --compile 1"
   HALF="--mateconv_batch 32 --compile 1"
-  FLEX="--seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --flex_attention"
+  MASKS="--seq 512 --batch 64 --steps 30 --warmup 10 --rounds 1 --mask_variants"
   # taken on an H200 (2026-12-04): 136, 80, 100 (inductor cache warm), 62 s; a profile ~30 s eager; the pairs now
-  # also score every checkpoint (a few seconds more); the flex row (4 compiled runs) is not measured yet
-  LIMIT=(150 100 150 70 60 70 150 100 100 170)
+  # also score every checkpoint (a few seconds more); the mask row (6 compiled runs) is not measured yet
+  LIMIT=(150 100 150 70 60 70 150 100 100 200)
 fi
 
 "$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
@@ -119,15 +120,15 @@ if [ $DIAGNOSTICS = 1 ]; then
     "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
   row "ablation: MateConv without q/k RMSNorm, eager" "${LIMIT[8]}" minimind_no_qk_norm.log \
     "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 0 --out "$OUT/vs_minimind_no_qk_norm"
-  row "engine: compiled, with and without flex attention" "${LIMIT[9]}" engine_flex.log \
-    "$PY" benchmarks/bench_pretrain.py $FLEX
+  row "engine: compiled, document mask as SDPA mask / FlexAttention / none" "${LIMIT[9]}" engine_masks.log \
+    "$PY" benchmarks/bench_pretrain.py $MASKS
 fi
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
 for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_half_batch minimind_rows \
-    minimind_no_qk_norm engine_flex; do
+    minimind_no_qk_norm engine_masks; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

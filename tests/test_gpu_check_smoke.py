@@ -30,7 +30,7 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
                           "MateConv at half the batch, twice the steps",
                           "ablation: MateConv's trainer on MiniMind's rows, eager",
                           "ablation: MateConv without q/k RMSNorm, eager",
-                          "engine: compiled, with and without flex attention"]
+                          "engine: compiled, document mask as SDPA mask / FlexAttention / none"]
     minimind_rows = [rows.pop(name) for name in ("MiniMind's trainer vs 4.pretrain.py, eager",
                                                  "MateConv at half the batch, twice the steps",
                                                  "ablation: MateConv's trainer on MiniMind's rows, eager",
@@ -48,7 +48,9 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
         assert all(row.startswith("failed") and "not found" in row for row in minimind_rows)
     assert set(rows.values()) == {"ok"}, rows
     # the summary carries each row's table, the profile's operators, and the trace is a readable Chrome trace
-    assert "| MateConv-0.1B MoE, compiled, flex attention |" in done.stdout
+    for variant in ("", ", flex attention", ", no document mask"):  # the mask row ran each model each way
+        assert f"| MateConv-0.1B MoE, compiled{variant} |" in done.stdout
+        assert f"| MateConv-0.02B dense, compiled{variant} |" in done.stdout
     assert "### profile_dense" in done.stdout and "### profile_moe" in done.stdout and "| aten::mm |" in done.stdout
     assert "profile of MateConv-0.1B MoE, eager, on cpu" in done.stdout
     assert "MateConv-0.02B dense" in done.stdout and "same greedy tokens" in done.stdout
