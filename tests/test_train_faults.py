@@ -17,7 +17,8 @@ import torch
 
 from mateconv.config import parse_config
 from mateconv.train.signals import TrainingHalted
-from mateconv.train.stages import RECIPES, run
+from mateconv.train.engine import Trainer
+from mateconv.train.stages import RECIPES, main, run
 from conftest import losses, read_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -166,3 +167,37 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(train, tmp_path, mo
     monkeypatch.setattr(torch, "save", real_save)
     assert train(tmp_path, **flags)["step"] == 8  # resumed from step_3
     assert sorted(losses(tmp_path)) == list(range(1, 9))
+
+
+def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory error in step 4's forward (raised where torch would, with torch's message; this machine has
+    no GPU): the stage exits with one line that gives torch's figures, the settings that set the memory and what to
+    change, and names the checkpoint of step 2, from which the same command resumes and finishes."""
+    real_micro_step, calls = Trainer.micro_step, []
+
+    def micro_step(self, batch, boundary):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                "1.05 GiB is free. Including non-PyTorch memory, this process has 78.13 GiB memory in use. Of the "
+                "allocated memory 76.50 GiB is allocated by PyTorch.\nIf reserved but unallocated memory is large try "
+                "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+        return real_micro_step(self, batch, boundary)
+
+    monkeypatch.setattr(Trainer, "micro_step", micro_step)
+    flags = tiny_flags(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)
+    with pytest.raises(SystemExit) as stopped:
+        main("pretrain", flags)
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert message.startswith("pretrain: out of GPU memory (Tried to allocate 2.00 GiB; total capacity of 79.19 GiB "
+                              "of which 1.05 GiB is free) with batch_size 4, max_seq_len 96, gradient_checkpointing "
+                              "false, zero_stage 0: lower --batch_size and raise --accumulation_steps")
+    assert message.endswith("checkpoint step_00000002 is kept: the same command resumes from it")
+
+    capsys.readouterr()
+    assert main("pretrain", flags) == 0  # the same command, with memory to spare this time
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 7))

@@ -6,12 +6,14 @@ defaults and config sections. `main(stage)` is the command line of 4.pretrain.py
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse_config
@@ -202,6 +204,24 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     return summary
 
 
+def out_of_memory(config: TrainConfig, error: Exception) -> str:
+    """The line for a run that ran out of GPU memory: torch's figures, the settings that set the memory, what to
+    change, and the checkpoint the same command resumes from (the engine waited for any save still being written)."""
+    text = str(error)
+    figures = [found.group(0) for pattern in (r"Tried to allocate [\d.]+ \w+",
+                                              r"total capacity of [\d.]+ \w+ of which [\d.]+ \w+ is free")
+               if (found := re.search(pattern, text))]
+    latest = Path(config.checkpoint.out_dir) / "checkpoints" / "latest"
+    kept = (f"checkpoint {latest.read_text().strip()} is kept: the same command resumes from it" if latest.is_file()
+            else "no checkpoint was written yet")
+    optim, parallel = config.optim, config.parallel
+    return (f"out of GPU memory ({'; '.join(figures) or text.splitlines()[0]}) with batch_size {optim.batch_size}, "
+            f"max_seq_len {config.model.max_seq_len}, gradient_checkpointing "
+            f"{str(parallel.gradient_checkpointing).lower()}, zero_stage {parallel.zero_stage}: lower --batch_size and "
+            "raise --accumulation_steps by the same factor (the same tokens per step), or set --gradient_checkpointing "
+            f"true; configs/memory/ has settings that fit 16-80 GB cards (python -m mateconv.memory); {kept}")
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     recipe = RECIPES[stage]
     argv = sys.argv[1:] if argv is None else argv
@@ -211,9 +231,13 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         return 0
     bars_only_on_a_terminal()
     try:
-        summary = run(recipe, parse_config(argv, recipe.defaults, stage))
+        config = parse_config(argv, recipe.defaults, stage)
+        summary = run(recipe, config)
     except (ConfigError, DataError) as e:
         sys.exit(f"{stage}: {e}")
+    except torch.OutOfMemoryError as e:  # this rank alone: the launcher stops the others
+        rank = os.environ.get("RANK", "0")
+        sys.exit(f"{stage}{f' (rank {rank})' if rank != '0' else ''}: {out_of_memory(config, e)}")
     except TrainingHalted as e:  # every rank got here together: leave the process group cleanly, say it once
         shutdown()
         sys.exit(f"{stage}: {e}" if os.environ.get("RANK", "0") == "0" else 1)
