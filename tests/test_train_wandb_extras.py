@@ -119,3 +119,25 @@ def test_bad_watch_settings_are_one_line_errors(flags, message):
         main("pretrain", flags)
     text = str(error.value.code)
     assert text.startswith(f"pretrain: {message}") and "\n" not in text
+
+
+def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, monkeypatch, capsys):
+    """An API key set but the W&B server unreachable (a loopback port nothing listens on): the real client gives up
+    after its init timeout, the stage says so in one line, logs offline and trains to the end."""
+    import socket
+
+    with socket.socket() as probe:  # a free port, closed again: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    flags = tiny_flags(tmp_path, max_steps=3, eval_interval=100, save_interval_steps=100, tracker="wandb")
+    summary = run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    assert summary["step"] == 3 and not summary["stopped"]
+    out = capsys.readouterr().out
+    assert "[train] W&B: CommError: " in out and f"logging offline to {tmp_path}/wandb instead" in out
+    assert [int(row["_step"]) for row in history_rows(run_file(tmp_path)) if "loss" in row] == [1, 2, 3]

@@ -140,8 +140,16 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
-            self.run = wandb.init(project=self.project, name=self.track.wandb_run_name or None,
-                                  id=self.run_id, resume="allow", dir=str(out_dir), config=config_to_dict(config))
+            settings = dict(project=self.project, name=self.track.wandb_run_name or None, id=self.run_id,
+                            resume="allow", dir=str(out_dir), config=config_to_dict(config))
+            try:
+                self.run = wandb.init(**settings)
+            except wandb.errors.Error as error:  # server unreachable, key refused: the training goes on, logged here
+                reason = (str(error).splitlines() or [""])[0]
+                print(f"[train] W&B: {type(error).__name__}: {reason}; logging offline to {out_dir}/wandb instead "
+                      "(`wandb sync` uploads it later)", flush=True)
+                wandb.teardown()
+                self.run = wandb.init(**settings, mode="offline")
         elif self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
