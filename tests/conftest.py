@@ -162,7 +162,8 @@ def _tiny_flags(tokens: Path, tokenizer: Path, out_dir: Path, stage: str = "pret
     values = {"data_path": tokens / stage / "train", "val_data_path": tokens / stage / "val",
               "tokenizer_path": tokenizer, "out_dir": out_dir, "batch_size": 4, "max_steps": 6, "learning_rate": 3e-3,
               "log_interval": 1, "eval_interval": 3, "eval_batches": 4, "save_interval_steps": 3, "warmup_iters": 2,
-              **overrides}
+              # DPO's forgetting sets default to ./out/tokens/...: none unless a test names them, whatever the cwd holds
+              **({"forget_data_paths": ""} if stage == "dpo" else {}), **overrides}
     return TINY_MODEL_FLAGS + render_flags(values)
 
 

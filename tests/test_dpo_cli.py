@@ -20,7 +20,6 @@ def test_bad_input_is_one_line(argv, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-
 def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     """A model path that does not exist is named as such when it was meant as a directory here; hub ids ('name',
     'namespace/name') still go to transformers, which downloads them where it can."""
@@ -30,6 +29,7 @@ def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     assert [meant_as_local(p) for p in ("/abs/model", "./model", "../model", "a/b/c", "out/sft")] == [True] * 5
     assert [meant_as_local(p) for p in ("gpt2", "Qwen/Qwen2.5-0.5B")] == [False, False]
+
 
 def test_missing_shards_are_named(tiny_llama, tmp_path):
     tiny_llama(0).save_pretrained(tmp_path / "sft")
@@ -48,3 +48,27 @@ def test_run_without_held_out_data_saves_the_model_and_no_plot(tiny_sft_model, t
         "--save_interval_steps", "3", "--log_interval", "1"]) == 0
     assert (out / "final" / "model.safetensors").exists() and not (out / "forgetting.png").exists()
     assert all("forget/sft_ppl" not in line for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny_tokens, tmp_path, capsys):
+    """A forgetting set tokenized with another vocabulary than the pairs (an earlier run's out/tokens, which the
+    default paths find) is skipped with a line saying why, instead of feeding the model token ids it may not have;
+    the matching set is still measured."""
+    import json
+    import shutil
+
+    from conftest import TINY_MODEL_FLAGS
+
+    other = tmp_path / "other_run" / "tokens" / "pretrain" / "val"
+    shutil.copytree(tiny_tokens / "pretrain" / "val", other)
+    index = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 4096}))
+    out = tmp_path / "dpo"
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
+        "--forget_data_paths", str(other), str(tiny_tokens / "sft" / "val"), "--out_dir", str(out), "--batch_size",
+        "8", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--tracker", "none"]) == 0
+    assert (f"[dpo] forgetting eval: {other} was tokenized with a {index['vocab_size'] + 4096}-token vocabulary, the "
+            f"preference pairs with {index['vocab_size']}: another tokenizer, skipped") in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("forget/sft_ppl" in row for row in rows) and not any("forget/pretrain_ppl" in row for row in rows)

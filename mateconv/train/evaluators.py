@@ -50,17 +50,23 @@ def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_
             for name, data in held_out.items()}
 
 
-def held_out_lm_data(config: TrainConfig) -> dict[str, Dataset]:
-    """Pretraining/SFT validation shards for the forgetting curves, named by their stage directory."""
+def held_out_lm_data(config: TrainConfig, vocab_size: int | None) -> dict[str, Dataset]:
+    """Pretraining/SFT validation shards for the forgetting curves, named by their stage directory; those tokenized
+    with another vocabulary than the preference pairs' (`vocab_size`; an earlier run's `out/`, say) are skipped."""
     readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
     data = {}
     for path in map(Path, config.dpo.forget_data_paths):
         if not (path / "index.json").is_file():
             print(f"[dpo] forgetting eval: {path} not found, skipped", flush=True)
             continue
-        kind = shard_info(path)["kind"]
+        info = shard_info(path)
+        kind = info["kind"]
         if kind not in readers:
             raise DPOError(f"forget_data_paths: {path} holds {kind!r} shards; pretrain or sft expected")
+        if vocab_size is not None and info["vocab_size"] != vocab_size:
+            print(f"[dpo] forgetting eval: {path} was tokenized with a {info['vocab_size']}-token vocabulary, the "
+                  f"preference pairs with {vocab_size}: another tokenizer, skipped", flush=True)
+            continue
         name = path.parent.name if path.name in ("val", "train") else path.name
         data[name] = readers[kind](path, config.model.max_seq_len)
     return data
@@ -83,7 +89,7 @@ def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
 def forgetting_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
     """`forget/<name>_ppl` for each of `forget_data_paths` that exists."""
-    held_out = held_out_lm_data(config)
+    held_out = held_out_lm_data(config, data.vocab_size)
     if not held_out:
         return None
     return lambda model: forgetting_eval(model, held_out, config.optim.batch_size, config.track.eval_batches or None)
