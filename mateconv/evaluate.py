@@ -149,6 +149,19 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
     raise EvalError(f"validation data must be a token shard directory or a .jsonl file: {source}")
 
 
+def other_vocabulary(source: Path, tokenizer) -> str | None:
+    """Why token shards at `source` cannot be scored with `tokenizer`'s model (tokenized with another vocabulary),
+    or None; text files are tokenized here, so they always fit."""
+    index = source / "index.json"
+    if not index.is_file():
+        return None
+    vocab_size = json.loads(index.read_text()).get("vocab_size")
+    if vocab_size in (None, len(tokenizer)):
+        return None
+    return (f"{source} was tokenized with a {vocab_size}-token vocabulary, its tokenizer has {len(tokenizer)} "
+            "(another tokenizer)")
+
+
 # ---------------------------------------------------------------- metrics
 
 def balance_stats(expert_load: list[list[float]]) -> dict[str, list[float] | float]:
@@ -277,7 +290,10 @@ def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, sampl
     is_moe = bool(getattr(model.config, "use_moe", False))
     report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
                          sum(p.numel() for p in model.parameters()) / 1e6)
-    if val is not None:
+    mismatch = val is not None and other_vocabulary(val, tokenizer)
+    if mismatch:  # e.g. MiniMind's model beside ours: its val_bpb still compares
+        print(f"[evaluate] {report.label}: {mismatch}; no perplexity for it", flush=True)
+    elif val is not None:
         length = min(seq_len or context_length(model), context_length(model))
         try:
             report.ppl = perplexity(model, val_dataset(val, tokenizer, length), batch_size, max_batches)
@@ -477,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     data = parser.add_argument_group("data")
     data.add_argument("--val", default=None,
-                      help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' skips)")
+                      help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' "
+                           "skips; a model whose tokenizer is not the shards' gets none)")
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
     data.add_argument("--bpb_texts", default=None,

@@ -78,6 +78,23 @@ def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
     assert str(error.value) == f"evaluate: validation data not found: {tmp_path / 'nope.jsonl'}"
 
 
+def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_tokens, tmp_path, capsys):
+    """Validation shards tokenized with another vocabulary than a model's (the default out/tokens beside a model
+    from elsewhere) are not scored with it: a line says why, its val_ppl stays empty, the rest of the report runs."""
+    import shutil
+
+    other = tmp_path / "tokens" / "val"
+    shutil.copytree(tiny_tokens / "sft" / "val", other)
+    index = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 4096}))
+    main(["--models", str(tiny_sft_model), "--val", str(other), "--tasks", "none", "--bpb_texts", "none",
+          "--heldout", "none", "--prompts", QUESTION, "--max_new_tokens", "4", "--out_dir", str(tmp_path / "eval")])
+    assert (f"[evaluate] sft/final: {other} was tokenized with a {index['vocab_size'] + 4096}-token vocabulary, its "
+            f"tokenizer has {index['vocab_size']} (another tokenizer); no perplexity for it") in capsys.readouterr().out
+    report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+    assert report["val_ppl"] is None and QUESTION in report["samples"]
+
+
 @pytest.mark.slow
 def test_notebook_runs_with_parameters(inputs, tmp_path):
     notebook = nbformat.read(ROOT / "6.inference_evaluate.ipynb", as_version=4)
