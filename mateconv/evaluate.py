@@ -28,6 +28,7 @@ from mateconv.data.shards import PretrainTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
+from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
 from mateconv.terminal import bars_only_on_a_terminal
@@ -565,6 +566,9 @@ def main(argv: list[str] | None = None) -> None:
                  args.judge_retries, args.judge_concurrency, args.seed)
     except (EvalError, ChatError) as error:
         raise SystemExit(f"evaluate: {error}") from None
+    except torch.OutOfMemoryError as error:
+        raise SystemExit(f"evaluate: out of GPU memory ({out_of_memory_figures(error)}) at --batch_size "
+                         f"{args.batch_size}: lower it, or use --device cpu; the models are not changed") from None
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
 
 

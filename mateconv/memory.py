@@ -10,6 +10,7 @@ plus a fixed framework overhead (CUDA context, cuBLAS/NCCL workspaces).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,15 @@ class TrainingSetup:
     mixed_precision: bool = True  # bf16/fp16 activations; False = fp32 everything (CPU, old GPUs)
     sequences_per_example: int = 1  # 2 for DPO (chosen + rejected)
     reference_model: bool = False  # DPO: a frozen reference copy on the GPU
+
+
+def out_of_memory_figures(error: Exception) -> str:
+    """torch's out-of-memory message in brief: the allocation that failed and the card's free and total memory."""
+    text = str(error)
+    figures = [found.group(0) for pattern in (r"Tried to allocate [\d.]+ \w+",
+                                              r"total capacity of [\d.]+ \w+ of which [\d.]+ \w+ is free")
+               if (found := re.search(pattern, text))]
+    return "; ".join(figures) or text.splitlines()[0]
 
 
 def count_parameters(config: MateConvConfig) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from mateconv.evaluate import main
@@ -93,6 +94,24 @@ def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_toke
             f"tokenizer has {index['vocab_size']} (another tokenizer); no perplexity for it") in capsys.readouterr().out
     report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
     assert report["val_ppl"] is None and QUESTION in report["samples"]
+
+
+def test_out_of_gpu_memory_is_one_line(tiny_sft_model, tiny_tokens, tmp_path, monkeypatch):
+    """torch's CUDA out-of-memory error (raised where the perplexity pass would; no GPU here) ends stage 6 with one
+    line naming the failed allocation and the flag to lower."""
+    import mateconv.evaluate as evaluate
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of "
+                                     "23.55 GiB of which 512.00 MiB is free. Of the allocated memory 21.9 GiB ...")
+
+    monkeypatch.setattr(evaluate, "perplexity", out_of_memory)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--models", str(tiny_sft_model), "--val", str(tiny_tokens / "sft" / "val"), "--out_dir",
+              str(tmp_path / "eval"), "--batch_size", "32"])
+    assert str(stopped.value) == ("evaluate: out of GPU memory (Tried to allocate 1.50 GiB; total capacity of 23.55 "
+                                  "GiB of which 512.00 MiB is free) at --batch_size 32: lower it, or use --device cpu; "
+                                  "the models are not changed")
 
 
 @pytest.mark.slow

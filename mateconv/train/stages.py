@@ -6,7 +6,6 @@ defaults and config sections. `main(stage)` is the command line of 4.pretrain.py
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from torch import nn
 from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse_config
 from mateconv.data import DataError
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
+from mateconv.memory import out_of_memory_figures
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime, barrier, setup, shutdown
 from mateconv.train.dpo import DPOObjective
@@ -207,15 +207,11 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
 def out_of_memory(config: TrainConfig, error: Exception) -> str:
     """The line for a run that ran out of GPU memory: torch's figures, the settings that set the memory, what to
     change, and the checkpoint the same command resumes from (the engine waited for any save still being written)."""
-    text = str(error)
-    figures = [found.group(0) for pattern in (r"Tried to allocate [\d.]+ \w+",
-                                              r"total capacity of [\d.]+ \w+ of which [\d.]+ \w+ is free")
-               if (found := re.search(pattern, text))]
     latest = Path(config.checkpoint.out_dir) / "checkpoints" / "latest"
     kept = (f"checkpoint {latest.read_text().strip()} is kept: the same command resumes from it" if latest.is_file()
             else "no checkpoint was written yet")
     optim, parallel = config.optim, config.parallel
-    return (f"out of GPU memory ({'; '.join(figures) or text.splitlines()[0]}) with batch_size {optim.batch_size}, "
+    return (f"out of GPU memory ({out_of_memory_figures(error)}) with batch_size {optim.batch_size}, "
             f"max_seq_len {config.model.max_seq_len}, gradient_checkpointing "
             f"{str(parallel.gradient_checkpointing).lower()}, zero_stage {parallel.zero_stage}: lower --batch_size and "
             "raise --accumulation_steps by the same factor (the same tokens per step), or set --gradient_checkpointing "
