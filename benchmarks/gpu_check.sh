@@ -18,28 +18,39 @@
 #      MateConv models with the document mask as SDPA's boolean mask, as FlexAttention (flex_attention) and without
 #      it (plain causal attention, MiniMind's kernel: the mask's whole cost; bench_pretrain.py --mask_variants);
 #      about 7.5 more minutes
+#   --essentials: only what the open targets still need, for a 15-minute device budget (about 6 minutes, limits
+#      420 s): the compiled pair (2), the compiled MoE profile (4) and the mask row of 5, whose first variant is the
+#      engine's compiled dense and MoE run, so it gives dense tokens/s and the MoE's share of it too
 # Each row says why when it cannot run (no CUDA, a missing package or data) instead of stopping the others.
 #
 #   bash benchmarks/gpu_prepare.sh             # first, here: the shared data, MiniMind and wheels to carry there
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs and the table under ${GPU_CHECK_OUT:-out/gpu_check}
 #   bash benchmarks/gpu_check.sh --diagnostics-only   # row 5 alone: a second command within the 10-minute limit
+#   bash benchmarks/gpu_check.sh --essentials         # the open targets' rows alone (table_essentials.md)
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # the same wiring at tiny sizes on CPU (≤ 3 minutes)
 # $PYTHON picks the interpreter (default: .venv/bin/python if present, else python3).
 set -u
 cd "$(dirname "$0")/.."
-SMOKE=0 MAIN=1 DIAGNOSTICS=0
+# the rows by their log names, in the order they run
+MAIN_ROWS="engine minimind minimind_compiled decode profile_dense profile_moe"
+DIAGNOSTIC_ROWS="minimind_half_batch minimind_rows minimind_no_qk_norm engine_masks"
+SMOKE=0 ROWS=$MAIN_ROWS TABLE_NAME=table
 for arg in "$@"; do
   case $arg in
-    --cpu-smoke) SMOKE=1 DIAGNOSTICS=1 ;;
-    --diagnostics) DIAGNOSTICS=1 ;;
-    --diagnostics-only) MAIN=0 DIAGNOSTICS=1 ;;
-    *) echo "gpu_check: unknown argument $arg (--cpu-smoke, --diagnostics, --diagnostics-only)" >&2; exit 2 ;;
+    --cpu-smoke) SMOKE=1 ;;
+    --diagnostics) ROWS="$MAIN_ROWS $DIAGNOSTIC_ROWS" ;;
+    --diagnostics-only) ROWS=$DIAGNOSTIC_ROWS TABLE_NAME=table_diagnostics ;;  # a second command keeps the first table
+    --essentials) ROWS="minimind_compiled profile_moe engine_masks" TABLE_NAME=table_essentials ;;
+    *) echo "gpu_check: unknown argument $arg (--cpu-smoke, --diagnostics, --diagnostics-only, --essentials)" >&2
+       exit 2 ;;
   esac
 done
+# --cpu-smoke alone runs every row (the compiled pair excepted: see below)
+[ $SMOKE = 1 ] && [ "$ROWS" = "$MAIN_ROWS" ] && ROWS="$MAIN_ROWS $DIAGNOSTIC_ROWS"
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${GPU_CHECK_OUT:-out/gpu_check}
 mkdir -p "$OUT"
-TABLE="$OUT/$([ $MAIN = 1 ] && echo table || echo table_diagnostics).md"  # a second command keeps the first table
+TABLE="$OUT/$TABLE_NAME.md"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ $SMOKE = 1 ]; then
@@ -98,37 +109,34 @@ row() {  # row NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, rec
 }
 
 start=$SECONDS
-if [ $MAIN = 1 ]; then
-row "engine: 0.02B dense, its HF twin, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
+wants() { [[ " $ROWS " == *" $1 "* ]]; }
+wants engine && row "engine: 0.02B dense, its HF twin, 0.1B MoE (eager/compiled)" "${LIMIT[0]}" engine.log \
   "$PY" benchmarks/bench_pretrain.py $TRAIN
-row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
+wants minimind && row "MiniMind's trainer vs 4.pretrain.py, eager" "${LIMIT[1]}" minimind.log \
   "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --out "$OUT/vs_minimind"
 # the compiled pair runs on the GPU only (inductor's CPU build would take minutes on a laptop)
-[ $SMOKE = 0 ] && row "MiniMind's trainer vs 4.pretrain.py, both compiled" "${LIMIT[2]}" minimind_compiled.log \
-  "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 1 --out "$OUT/vs_minimind_compiled"
-row "decode vs transformers generate" "${LIMIT[3]}" decode.log \
+wants minimind_compiled && [ $SMOKE = 0 ] && row "MiniMind's trainer vs 4.pretrain.py, both compiled" "${LIMIT[2]}" \
+  minimind_compiled.log "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 1 --out "$OUT/vs_minimind_compiled"
+wants decode && row "decode vs transformers generate" "${LIMIT[3]}" decode.log \
   "$PY" benchmarks/bench_decode.py $DECODE
-row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
+wants profile_dense && row "profile: 0.02B dense step" "${LIMIT[4]}" profile_dense.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model dense --trace "$OUT/profile_dense_trace.json.gz"
-row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
+wants profile_moe && row "profile: 0.1B MoE step" "${LIMIT[5]}" profile_moe.log \
   "$PY" benchmarks/bench_pretrain.py $PROFILE --profile_model moe --trace "$OUT/profile_moe_trace.json.gz"
-fi
-if [ $DIAGNOSTICS = 1 ]; then
-  row "MateConv at half the batch, twice the steps$([ $SMOKE = 0 ] && echo ', both compiled')" "${LIMIT[6]}" \
-    minimind_half_batch.log "$PY" benchmarks/bench_vs_minimind.py $MINI $HALF --out "$OUT/vs_minimind_half_batch"
-  row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[7]}" minimind_rows.log \
-    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
-  row "ablation: MateConv without q/k RMSNorm, eager" "${LIMIT[8]}" minimind_no_qk_norm.log \
-    "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 0 --out "$OUT/vs_minimind_no_qk_norm"
-  row "engine: compiled, document mask as SDPA mask / FlexAttention / none" "${LIMIT[9]}" engine_masks.log \
-    "$PY" benchmarks/bench_pretrain.py $MASKS
-fi
+HALF_NAME="MateConv at half the batch, twice the steps$([ $SMOKE = 0 ] && echo ', both compiled')"
+wants minimind_half_batch && row "$HALF_NAME" "${LIMIT[6]}" minimind_half_batch.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI $HALF --out "$OUT/vs_minimind_half_batch"
+wants minimind_rows && row "ablation: MateConv's trainer on MiniMind's rows, eager" "${LIMIT[7]}" minimind_rows.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --mateconv_rows minimind --out "$OUT/vs_minimind_rows"
+wants minimind_no_qk_norm && row "ablation: MateConv without q/k RMSNorm, eager" "${LIMIT[8]}" minimind_no_qk_norm.log \
+  "$PY" benchmarks/bench_vs_minimind.py $MINI --compile 0 --qk_norm 0 --out "$OUT/vs_minimind_no_qk_norm"
+wants engine_masks && row "engine: compiled, document mask as SDPA mask / FlexAttention / none" "${LIMIT[9]}" \
+  engine_masks.log "$PY" benchmarks/bench_pretrain.py $MASKS
 
 echo
 echo "## gpu_check ($DEVICE$([ $SMOKE = 1 ] && echo ', --cpu-smoke'), $((SECONDS - start)) s)"
 cat "$TABLE"
-for log in engine minimind minimind_compiled decode profile_dense profile_moe minimind_half_batch minimind_rows \
-    minimind_no_qk_norm engine_masks; do
+for log in $ROWS; do
   [ -f "$OUT/$log.log" ] || continue
   echo; echo "### $log"
   grep -E '^(\||device busy|profile of)' "$OUT/$log.log" || echo "(no table; see $OUT/$log.log)"

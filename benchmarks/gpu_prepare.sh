@@ -26,4 +26,6 @@ cat <<'EOF'
 On the GPU machine (carry: gpu_carry .whl):
   python3 -m pip install -q --no-index --no-deps .whl/*.whl
   MATECONV_SHARED_DATA=$PWD/gpu_carry/data MATECONV_MINIMIND=$PWD/gpu_carry/minimind bash benchmarks/gpu_check.sh
+With 15 minutes of device time in all, give the open targets' rows the first command (add --essentials, about
+6 minutes), then the full check or --diagnostics-only with what is left.
 EOF

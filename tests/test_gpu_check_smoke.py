@@ -62,3 +62,17 @@ def test_gpu_check_cpu_smoke_runs_every_row(tmp_path, shared_data):
     for model in ("dense", "moe"):
         trace = json.loads(gzip.decompress((tmp_path / f"profile_{model}_trace.json.gz").read_bytes()))
         assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+
+
+def test_essentials_name_only_the_open_targets_rows(tmp_path):
+    """`--essentials` (a 15-minute device budget) selects the compiled pair, the mask row and the compiled MoE profile,
+    in its own table; without CUDA each of them says so instead of running."""
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--essentials"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in (tmp_path / "table_essentials.md").read_text().splitlines()[2:]]
+    assert [row[0] for row in rows] == ["MiniMind's trainer vs 4.pretrain.py, both compiled", "profile: 0.1B MoE step",
+                                        "engine: compiled, document mask as SDPA mask / FlexAttention / none"]
+    assert all(row[1:] == ["not run", "no CUDA device"] for row in rows), rows
+    assert not (tmp_path / "table.md").exists()
