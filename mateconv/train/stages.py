@@ -215,7 +215,7 @@ def out_of_memory(config: TrainConfig, error: Exception) -> str:
             f"max_seq_len {config.model.max_seq_len}, gradient_checkpointing "
             f"{str(parallel.gradient_checkpointing).lower()}, zero_stage {parallel.zero_stage}: lower --batch_size and "
             "raise --accumulation_steps by the same factor (the same tokens per step), or set --gradient_checkpointing "
-            f"true; configs/memory/ has settings that fit 16-80 GB cards (python -m mateconv.memory); {kept}")
+            f"true; configs/memory/gpu{{16,24,40,80}}gb.yaml hold settings that fit those cards; {kept}")
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
