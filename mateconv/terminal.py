@@ -1,9 +1,11 @@
 """Whether a person watches the output, and progress bars only when one does."""
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -27,3 +29,33 @@ def bars_only_on_a_terminal() -> None:
 
     quiet.quiet = True  # once per process, however many stages run in it
     tqdm.__init__ = quiet
+
+
+def duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class PlainProgress:
+    """A long stage's progress off a terminal (`nohup ... > logs/x.log`), where its tqdm bar draws nothing: a plain
+    line for `tail -f` at each tenth of the work and at least every `interval` seconds: done/total, the caller's
+    counts, rate, elapsed and ETA. On a terminal it prints nothing (the bar shows the same)."""
+
+    def __init__(self, name: str, total: float, unit: str, enabled: bool = True, interval: float = 30.0):
+        self.name, self.total, self.unit, self.interval = name, total, unit, interval
+        self.enabled = enabled and total > 0 and not on_terminal()
+        self.start = self.last = time.monotonic()
+        self.next_tenth = 1
+
+    def update(self, done: float, **counts) -> None:
+        now = time.monotonic()
+        tenth = int(10 * done / self.total) if self.enabled else 0
+        if not self.enabled or (tenth < self.next_tenth and now - self.last < self.interval):
+            return
+        self.last, self.next_tenth = now, max(tenth + 1, self.next_tenth)
+        elapsed = now - self.start
+        rate = done / max(elapsed, 1e-9)
+        eta = duration((self.total - done) / rate) if rate > 0 else "?"
+        shown = "".join(f" {name} {value:,}" for name, value in counts.items())
+        digits = 0 if self.total >= 100 or float(self.total).is_integer() else 1  # 0.4 MB is not "0/0 MB"
+        print(f"[{self.name}] {done:,.{digits}f}/{self.total:,.{digits}f} {self.unit} ({done / self.total:.0%}){shown} "
+              f"{rate:,.1f} {self.unit}/s elapsed {duration(elapsed)} eta {eta}", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,20 @@ def test_parallel_output_equals_serial(setup, tmp_path):
                      records_per_shard=64, chunk_records=5, progress=False)
     for path in sorted((tmp_path / "w1").glob("part-*.bin")):
         assert path.read_bytes() == (tmp_path / "w2" / path.name).read_bytes()
+
+
+def test_tokenizing_off_a_terminal_prints_progress_lines(setup, tmp_path, capsys):
+    """Under nohup (pytest's captured stdout is not a terminal either) stage 3 prints a plain line at each tenth of
+    the input: megabytes done of the total, tokens so far, rate, elapsed and ETA."""
+    root, tokenizer_dir, _ = setup
+    build_shards("sft", [root / "raw/sft.jsonl"], tokenizer_dir, tmp_path / "s", workers=1, records_per_shard=64,
+                 chunk_records=5)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[tokenize sft] ")]
+    shares = [int(re.search(r"\((\d+)%\)", line)[1]) for line in lines]
+    assert len(lines) >= 5 and shares == sorted(shares) and shares[-1] == 100, lines
+    size = (root / "raw/sft.jsonl").stat().st_size / 1e6
+    assert re.fullmatch(rf"\[tokenize sft\] {size:.1f}/{size:.1f} MB \(100%\) tokens [\d,]+ [\d.,]+ MB/s "
+                        r"elapsed \d:\d\d:\d\d eta 0:00:00", lines[-1]), lines[-1]
 
 
 def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):

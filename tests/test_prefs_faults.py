@@ -201,3 +201,15 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, fake_fac
             if kind != "failure":
                 assert by_id[record["id"]] == record
     assert sorted(ids(baseline, "failure")) == ["p03", "p11"] and ids(baseline, "dropped") == ["p05"]
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, fake_factory, capsys):
+    """Under nohup (pytest's captured stdout is not a terminal either) stage 7 prints a plain line at each tenth of
+    its prompts, with the pairs, dropped prompts and failures so far, the rate and the ETA."""
+    fake = fake_factory(permanent={("judge", "p03"): "tie"})
+    prompts = write_tasks(tmp_path / "tasks.jsonl", 20)
+    run(config(fake, prompts, tmp_path / "prefs", 20, k_samples=2, progress=True), env={})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[prefs] ")]
+    assert [line.split(" prompts ")[0] for line in lines] == [f"[prefs] {done}/20" for done in range(2, 21, 2)]
+    assert lines[-1].startswith("[prefs] 20/20 prompts (100%) pairs 19 dropped 1 failed 0 ")
+    assert lines[-1].endswith(" eta 0:00:00") and " prompts/s elapsed " in lines[-1]

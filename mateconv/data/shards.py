@@ -39,7 +39,7 @@ from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 1
@@ -583,13 +583,16 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
     bad: list[str] = []
     skip = {int(name.split("-")[1]) for name in done_names}
     writer = _ShardWriter(out_dir, kind)
-    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=f"tokenize {kind}",
-               disable=not progress, mininterval=1.0)
+    total_bytes = sum(p.stat().st_size for p in files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {kind}", disable=not progress,
+               mininterval=1.0)
+    plain = PlainProgress(f"tokenize {kind}", total_bytes / 1e6, "MB", enabled=progress)
     tokens_total = 0
 
     def consume(shard: int, result: dict | None, nbytes: int) -> None:
         nonlocal tokens_total
         bar.update(nbytes)
+        plain.update(bar.n / 1e6, tokens=tokens_total)
         if result is None:
             return
         if writer.shard != shard:

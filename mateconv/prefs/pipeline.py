@@ -24,6 +24,7 @@ from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_me
                                   rule_scores, shuffled_order)
 from mateconv.prefs.store import ResultStore, read_records, sample_prompts
 from mateconv.procs import ServeError, start_background, stop_background
+from mateconv.terminal import PlainProgress
 
 JUDGE_MODES = ("auto", "rule", "model", "both")
 
@@ -233,6 +234,7 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
             prompts.put_nowait(item)
         results: asyncio.Queue = asyncio.Queue()
         bar = tqdm(total=len(todo), desc="prefs", unit="prompt", disable=not config.progress, dynamic_ncols=True)
+        plain = PlainProgress("prefs", len(todo), "prompts", enabled=config.progress)
         started = time.monotonic()
 
         async def work() -> None:
@@ -250,6 +252,8 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
                 bar.set_postfix(pairs=counts["pair"], dropped=counts["dropped"], failed=counts["failure"],
                                 gen_tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.0f}")
                 bar.update()
+                plain.update(counts["pair"] + counts["dropped"] + counts["failure"], pairs=counts["pair"],
+                             dropped=counts["dropped"], failed=counts["failure"])
 
         writer = asyncio.create_task(write())
         try:

@@ -5,7 +5,6 @@ W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no 
 """
 from __future__ import annotations
 
-import datetime
 import json
 import netrc
 import os
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from mateconv.config import TrainConfig, config_to_dict
 from mateconv.files import read_metrics, write_atomic
-from mateconv.terminal import on_terminal
+from mateconv.terminal import duration, on_terminal
 
 # Dense bf16/fp16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {
@@ -218,10 +217,6 @@ def _wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
-
-
-def duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 class Progress:
