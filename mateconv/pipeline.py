@@ -365,12 +365,15 @@ def status(logs: Path, out: Path) -> None:
         print(line)
 
 
-# A stage's progress line in a log (mateconv.train.tracking.Progress: stages print these, not bars, off a terminal).
+# A stage's progress line in a log (stages print these, not bars, off a terminal): a training step
+# (mateconv.train.tracking.Progress), or a share of stage 3's or 7's work (mateconv.terminal.PlainProgress).
 PROGRESS_LINE = re.compile(r"\] step (\d+/\d+) .* tok/s (\S+) elapsed (\S+) eta (\S+)$")
+SHARE_LINE = re.compile(r"\] ([\d.,]+/[\d.,]+ \S+ \(\d+%\)) .* elapsed (\S+) eta (\S+)$")
 
 
 def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
-    """The last progress line's state in a stage log, e.g. '144/200 elapsed 0:02:53 eta 0:00:43, 41,250 tok/s'."""
+    """The last progress line's state in a stage log, e.g. '144/200 elapsed 0:02:53 eta 0:00:43, 41,250 tok/s' or
+    '1,200/3,000 prompts (40%) elapsed 0:28:35 eta 0:42:52'."""
     with open(log, "rb") as handle:
         handle.seek(max(0, log.stat().st_size - tail_bytes))
         text = handle.read().decode("utf-8", "replace")
@@ -378,6 +381,9 @@ def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
         match = PROGRESS_LINE.search(line)
         if match:
             return f"{match[1]} elapsed {match[3]} eta {match[4]}, {match[2]} tok/s"
+        match = SHARE_LINE.search(line)
+        if match:
+            return f"{match[1]} elapsed {match[2]} eta {match[3]}"
     return None
 
 

@@ -101,7 +101,7 @@ def test_seed_004_pretrain_sft_dpo(seed_dir):
     assert (pretrain / "final" / "config.json").is_file()  # not clobbered
     assert wandb_project(sft) == ["MateConv_MoE-sft"]
     sft_log = (seed_dir / "logs" / "sft.log").read_text()
-    assert f"-> out/sft" in sft_log and len(progress_lines(seed_dir / "logs" / "sft.log", "sft")) == 4
+    assert "-> out/sft" in sft_log and len(progress_lines(seed_dir / "logs" / "sft.log", "sft")) == 4
     assert json.loads((sft / "final" / "config.json").read_text())["dim"] == 64
 
     # (3) DPO on the raw pairs file, two ranks: rank 0 tokenizes it (the broken line skipped), both train on it
@@ -224,6 +224,14 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
     log.write_text(capsys.readouterr().out)
     assert [bool(STEP_LINE.match(line)) for line in log.read_text().splitlines()] == [True, True, False]
     assert re.fullmatch(r"2/4 elapsed 0:00:0\d eta 0:00:0\d, 6,190 tok/s", last_progress(log))
+
+    from mateconv.terminal import PlainProgress  # stage 7's lines (and stage 3's)
+
+    prefs = PlainProgress("prefs", 3000, "prompts")
+    prefs.update(1200, pairs=1050, dropped=140, failed=10)
+    log = tmp_path / "prefs.log"
+    log.write_text(capsys.readouterr().out)
+    assert re.fullmatch(r"1,200/3,000 prompts \(40%\) elapsed 0:00:00 eta 0:00:00", last_progress(log))
 
 
 def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
