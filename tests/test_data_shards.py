@@ -237,7 +237,8 @@ def test_tokenizing_off_a_terminal_prints_progress_lines(setup, tmp_path, capsys
     shares = [int(re.search(r"\((\d+)%\)", line)[1]) for line in lines]
     assert len(lines) >= 5 and shares == sorted(shares) and shares[-1] == 100, lines
     size = (root / "raw/sft.jsonl").stat().st_size / 1e6
-    assert re.fullmatch(rf"\[tokenize sft\] {size:.1f}/{size:.1f} MB \(100%\) tokens [\d,]+ [\d.,]+ MB/s "
+    tokens = shard_info(tmp_path / "s")["num_tokens"]
+    assert re.fullmatch(rf"\[tokenize sft\] {size:.1f}/{size:.1f} MB \(100%\) tokens {tokens:,} [\d.,]+ MB/s "
                         r"elapsed \d:\d\d:\d\d eta 0:00:00", lines[-1]), lines[-1]
 
 

@@ -592,20 +592,19 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
     def consume(shard: int, result: dict | None, nbytes: int) -> None:
         nonlocal tokens_total
         bar.update(nbytes)
+        if result is not None:
+            if writer.shard != shard:
+                finish()
+                writer.open(shard)
+            for source, number, message in result["errors"]:
+                where = f"{files[source]}:{number}: {message}"
+                if strict:
+                    raise DataError(f"{where} (strict mode)")
+                bad.append(where)
+            writer.add(result)
+            tokens_total += len(result["tokens"])
+            bar.set_postfix(tokens=tokens_total, refresh=False)
         plain.update(bar.n / 1e6, tokens=tokens_total)
-        if result is None:
-            return
-        if writer.shard != shard:
-            finish()
-            writer.open(shard)
-        for source, number, message in result["errors"]:
-            where = f"{files[source]}:{number}: {message}"
-            if strict:
-                raise DataError(f"{where} (strict mode)")
-            bad.append(where)
-        writer.add(result)
-        tokens_total += len(result["tokens"])
-        bar.set_postfix(tokens=tokens_total, refresh=False)
 
     def finish() -> None:
         if writer.shard is not None:
