@@ -38,6 +38,7 @@ from mateconv.train.universal import load_universal
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"  # under a run's out_dir
 
 
 def step_name(step: int) -> str:
@@ -121,9 +122,20 @@ def cpu_copy(value, copies: dict | None = None):
     return value
 
 
+def pointed_checkpoint(out_dir: str | Path, name: str) -> Path | None:
+    """The complete checkpoint a run's `name` pointer ("latest", "best") names, or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    path = root / name
+    if not path.is_file():
+        return None
+    target = root / path.read_text().strip()
+    return target if (target / "trainer_state.json").is_file() else None
+
+
 class CheckpointManager:
     def __init__(self, out_dir: str | Path, keep: int, runtime: Runtime):
-        self.root = Path(out_dir) / "checkpoints"
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / CHECKPOINTS
         self.keep = keep
         self.runtime = runtime
         self.writer: threading.Thread | None = None  # a background save still writing
@@ -139,11 +151,7 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name)
 
     def pointer(self, name: str) -> Path | None:
-        path = self.root / name
-        if not path.is_file():
-            return None
-        target = self.root / path.read_text().strip()
-        return target if (target / "trainer_state.json").is_file() else None
+        return pointed_checkpoint(self.out_dir, name)
 
     def resume_path(self, resume: str) -> Path | None:
         """The checkpoint to resume from: "auto" = the newest intact one if any (`latest` first), "never" = none, else
@@ -153,7 +161,7 @@ class CheckpointManager:
         if resume == "auto":
             return self.newest_intact()
         path = Path(resume)
-        if (path / "checkpoints").is_dir():  # an out_dir: its newest intact checkpoint
+        if (path / CHECKPOINTS).is_dir():  # an out_dir: its newest intact checkpoint
             return CheckpointManager(path, self.keep, self.runtime).resume_path("auto")
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")

@@ -19,6 +19,7 @@ from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse
 from mateconv.data import DataError
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
+from mateconv.train.checkpoint import pointed_checkpoint
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime, barrier, setup, shutdown
 from mateconv.train.dpo import DPOObjective
@@ -207,8 +208,8 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
 def out_of_memory(config: TrainConfig, error: Exception) -> str:
     """The line for a run that ran out of GPU memory: torch's figures, the settings that set the memory, what to
     change, and the checkpoint the same command resumes from (the engine waited for any save still being written)."""
-    latest = Path(config.checkpoint.out_dir) / "checkpoints" / "latest"
-    kept = (f"checkpoint {latest.read_text().strip()} is kept: the same command resumes from it" if latest.is_file()
+    latest = pointed_checkpoint(config.checkpoint.out_dir, "latest")
+    kept = (f"checkpoint {latest.name} is kept: the same command resumes from it" if latest
             else "no checkpoint was written yet")
     optim, parallel = config.optim, config.parallel
     return (f"out of GPU memory ({out_of_memory_figures(error)}) with batch_size {optim.batch_size}, "
