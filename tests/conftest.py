@@ -54,6 +54,17 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return files.read_metrics(Path(out_dir) / "metrics.jsonl")
 
 
+def shards_of_another_vocabulary(shards: Path, copy: Path) -> tuple[int, int]:
+    """Copies token shards to `copy` with an index that says another tokenizer made them (its vocabulary 4096
+    larger): what an earlier run's out/tokens looks like beside another model -> (their vocab_size, the copy's)."""
+    import shutil
+
+    shutil.copytree(shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 4096}))
+    return index["vocab_size"], index["vocab_size"] + 4096
+
+
 def losses(out_dir: Path) -> dict[int, float]:
     """{step: training loss} of a run."""
     return {row["step"]: row["loss"] for row in read_metrics(out_dir) if "loss" in row}

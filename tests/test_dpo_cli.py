@@ -55,20 +55,17 @@ def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny
     default paths find) is skipped with a line saying why, instead of feeding the model token ids it may not have;
     the matching set is still measured."""
     import json
-    import shutil
 
-    from conftest import TINY_MODEL_FLAGS
+    from conftest import TINY_MODEL_FLAGS, shards_of_another_vocabulary
 
     other = tmp_path / "other_run" / "tokens" / "pretrain" / "val"
-    shutil.copytree(tiny_tokens / "pretrain" / "val", other)
-    index = json.loads((other / "index.json").read_text())
-    (other / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 4096}))
+    theirs, others = shards_of_another_vocabulary(tiny_tokens / "pretrain" / "val", other)
     out = tmp_path / "dpo"
     assert main("dpo", TINY_MODEL_FLAGS + [
         "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
         "--forget_data_paths", str(other), str(tiny_tokens / "sft" / "val"), "--out_dir", str(out), "--batch_size",
         "8", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--tracker", "none"]) == 0
-    assert (f"[dpo] forgetting eval: {other} was tokenized with a {index['vocab_size'] + 4096}-token vocabulary, the "
-            f"preference pairs with {index['vocab_size']}: another tokenizer, skipped") in capsys.readouterr().out
+    assert (f"[dpo] forgetting eval: {other} was tokenized with a {others}-token vocabulary, the "
+            f"preference pairs with {theirs}: another tokenizer, skipped") in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("forget/sft_ppl" in row for row in rows) and not any("forget/pretrain_ppl" in row for row in rows)

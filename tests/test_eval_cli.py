@@ -82,16 +82,14 @@ def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
 def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_tokens, tmp_path, capsys):
     """Validation shards tokenized with another vocabulary than a model's (the default out/tokens beside a model
     from elsewhere) are not scored with it: a line says why, its val_ppl stays empty, the rest of the report runs."""
-    import shutil
+    from conftest import shards_of_another_vocabulary
 
     other = tmp_path / "tokens" / "val"
-    shutil.copytree(tiny_tokens / "sft" / "val", other)
-    index = json.loads((other / "index.json").read_text())
-    (other / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 4096}))
+    theirs, others = shards_of_another_vocabulary(tiny_tokens / "sft" / "val", other)
     main(["--models", str(tiny_sft_model), "--val", str(other), "--tasks", "none", "--bpb_texts", "none",
           "--heldout", "none", "--prompts", QUESTION, "--max_new_tokens", "4", "--out_dir", str(tmp_path / "eval")])
-    assert (f"[evaluate] sft/final: {other} was tokenized with a {index['vocab_size'] + 4096}-token vocabulary, its "
-            f"tokenizer has {index['vocab_size']} (another tokenizer); no perplexity for it") in capsys.readouterr().out
+    assert (f"[evaluate] sft/final: {other} was tokenized with a {others}-token vocabulary, its "
+            f"tokenizer has {theirs} (another tokenizer); no perplexity for it") in capsys.readouterr().out
     report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
     assert report["val_ppl"] is None and QUESTION in report["samples"]
 
