@@ -35,7 +35,7 @@ from model.config import ConfigError as ModelConfigError
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-# The seeds' names for our flags (the flags tables and command lines of ../shared/seeds 000, 001 and 004), the one
+# The seeds' names for our flags (the flags tables and command lines of ../shared/seeds 000, 001, 003 and 004), the one
 # alias map. A name maps to one of our flat names, or to (flat name, {seed value: our value}) when the seed's flag picks
 # a value of one of our settings (`--use_wandb` is `--tracker wandb`); a flat name of None marks what MateConv always
 # does (the flag is accepted with the seed's value only). docs/training.md explains each.
@@ -46,6 +46,7 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict]] = {
     "wandb_log_freq": "log_interval", "wandb_watch_log_freq": "wandb_watch_freq",
     "use_wandb": ("tracker", {True: "wandb", False: "none"}),
     "ddp": ("engine", {True: "torch", False: "auto"}),
+    "trainer": ("engine", {"BasicTrainer": "auto", "FSDPTrainer": "fsdp"}),  # seed 003's `--overrides trainer=...`
     "wandb_watch_model": ("wandb_watch", {True: "gradients", False: ""}),
     "wandb_watch_log": ("wandb_watch", {"gradients": "gradients", "parameters": "parameters", "all": "all",
                                         "None": ""}),
@@ -137,13 +138,16 @@ class ParallelConfig:
     local_rank: int = -1
 
     def __post_init__(self) -> None:
-        check_choice("engine", self.engine, ("auto", "deepspeed", "torch"))
+        check_choice("engine", self.engine, ("auto", "deepspeed", "torch", "fsdp"))
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.engine == "fsdp" and (self.zero_stage or self.ds_config or self.offload_optimizer or self.offload_param):
+            raise ConfigError("engine fsdp shards parameters, gradients and optimizer state itself: zero_stage, "
+                              "ds_config and offload are DeepSpeed's settings (use --engine deepspeed for them)")
         if self.compile and self.zero_stage == 3:
             raise ConfigError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks the "
                               "compiled graph would skip); use zero_stage 0-2 or --compile 0")
@@ -241,6 +245,13 @@ class TrainConfig:
         if self.track.wandb_watch and self.parallel.zero_stage == 3:
             raise ConfigError("wandb_watch is not supported with zero_stage 3 (parameters are partitioned, so the "
                               "hooks would see empty tensors); use zero_stage 0-2 or drop wandb_watch")
+        if self.parallel.engine == "fsdp":
+            sharded_out = {"wandb_watch": bool(self.track.wandb_watch), "LoRA": self.lora.enabled,
+                           "optimizer muon": self.optim.optimizer == "muon"}
+            for name, used in sharded_out.items():
+                if used:
+                    raise ConfigError(f"{name} is not supported with engine fsdp (each rank holds row shards of the "
+                                      f"weights); use --engine torch or deepspeed")
 
     def get(self, key: str):
         """The value of a flat key (`use_moe`, `dpo_beta`, `lr`, `model.dim`)."""

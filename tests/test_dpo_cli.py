@@ -69,3 +69,16 @@ def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny
             f"preference pairs with {theirs}: another tokenizer, skipped") in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("forget/sft_ppl" in row for row in rows) and not any("forget/pretrain_ppl" in row for row in rows)
+
+
+@pytest.mark.parametrize("stage, data", [("sft", "sft"), ("dpo", "dpo")])
+def test_rows_longer_than_the_starting_model_takes_are_one_line(stage, data, tiny_pretrain_model, tiny_tokens,
+                                                                tmp_path):
+    """The tiny model takes 96 tokens; the stages' default max_seq_len is 512. Before, the first forward raised
+    from inside the model."""
+    with pytest.raises(SystemExit) as error:
+        main(stage, ["--init_from", str(tiny_pretrain_model), "--data_path", str(tiny_tokens / data / "train"),
+                     "--val_data_path", "", "--tracker", "none", "--engine", "torch", "--device", "cpu",
+                     "--forget_data_paths", "", "--out_dir", str(tmp_path / "out")])
+    assert str(error.value) == (f"{stage}: max_seq_len 512 is longer than the 96 tokens the model {tiny_pretrain_model}"
+                                " takes; set --max_seq_len 96 (or less)")

@@ -1,7 +1,7 @@
 """Checkpoints in `<out_dir>/checkpoints/step_XXXXXXXX/`: written atomically, rotated, with `latest`/`best` pointers.
 
 A checkpoint holds the model, optimizer and scheduler (DeepSpeed's ZeRO-sharded files under DeepSpeed, one
-`training_state.pt` otherwise), `trainer_state.json` (step, data position, best validation loss, tracker run id),
+`training_state.pt` otherwise, gathered in full under FSDP), `trainer_state.json` (step, data position, best validation loss, tracker run id),
 every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size). Rotation keeps the `keep`
 newest plus the best one.
 
@@ -32,6 +32,7 @@ import yaml
 from mateconv.config import ConfigError, TrainConfig, save_config
 from mateconv.files import replace_dir, write_atomic
 from mateconv.train.distributed import Runtime, barrier, first_error
+from mateconv.train.fsdp import NAMED_OPTIMIZER_STATE, full_training_state, load_training_state
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.universal import load_universal
 
@@ -213,7 +214,7 @@ class CheckpointManager:
         """Collective: every rank calls it. Alone (one rank, plain PyTorch) the state is copied now and written in the
         background (`wait`, `raise_failure`)."""
         self.wait()
-        if self.runtime.use_deepspeed or self.runtime.world_size > 1:
+        if self.runtime.use_deepspeed or self.runtime.world_size > 1 or self.runtime.fsdp:
             self._save(step, lambda tmp: self._write(engine, optimizer, scheduler, tmp), trainer_state, config,
                        is_best)
             return
@@ -309,6 +310,10 @@ class CheckpointManager:
                 engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
                 if writer.error is not None:
                     return writer.error
+            elif self.runtime.fsdp:
+                state = full_training_state(engine, optimizer)  # collective: every rank sends its shards
+                if self.runtime.is_main:
+                    torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
             elif self.runtime.is_main:
                 torch.save({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
@@ -347,8 +352,11 @@ class CheckpointManager:
                 raise ConfigError(f"resume: {path} has no training_state.pt (saved under DeepSpeed? use --engine "
                                   "deepspeed)")
             saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-            unwrap(engine).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            if self.runtime.fsdp or NAMED_OPTIMIZER_STATE in saved:  # each engine resumes the other's checkpoints
+                load_training_state(unwrap(engine), optimizer, saved)
+            else:
+                unwrap(engine).load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         rng_file = path / f"rng_rank{self.runtime.rank}.pt"
         if rng_file.is_file():

@@ -19,6 +19,7 @@ class Runtime:
     world_size: int
     device: torch.device
     dtype: torch.dtype  # compute dtype of the forward/backward (bf16, fp16 or fp32)
+    fsdp: bool = False  # plain PyTorch with the parameters sharded over the ranks (`engine fsdp`)
 
     @property
     def is_main(self) -> bool:
@@ -59,10 +60,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def setup(parallel: ParallelConfig) -> Runtime:
-    """Initialise the process group when needed (DeepSpeed always; plain PyTorch only under torchrun)."""
-    use_deepspeed = wants_deepspeed(parallel)
-    if use_deepspeed and not launched_distributed():
-        # a plain `python 4.pretrain.py --engine deepspeed`: one rank, DeepSpeed still wants the rendezvous variables
+    """Initialise the process group when needed (DeepSpeed and FSDP always; plain PyTorch only under torchrun)."""
+    use_deepspeed, fsdp = wants_deepspeed(parallel), parallel.engine == "fsdp"
+    if (use_deepspeed or fsdp) and not launched_distributed():
+        # a plain `python 4.pretrain.py --engine deepspeed|fsdp`: one rank, still in a process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank = int(os.environ.get("RANK", 0))
@@ -75,9 +76,9 @@ def setup(parallel: ParallelConfig) -> Runtime:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    elif world_size > 1 and not dist.is_initialized():
+    elif (world_size > 1 or fsdp) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(parallel.dtype, device))
+    return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(parallel.dtype, device), fsdp)
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training loop shared by pretraining, SFT and DPO: DeepSpeed (ZeRO 0-3) or plain PyTorch (single process/DDP).
+"""The training loop shared by pretraining, SFT and DPO: DeepSpeed (ZeRO 0-3) or plain PyTorch (single process, DDP or
+FSDP).
 
     runtime = setup(config)
     model = build_model(config)
@@ -31,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import CheckpointManager, step_name, unwrap
 from mateconv.train.data import ResumableDistributedSampler, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
+from mateconv.train.fsdp import shard
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
@@ -195,7 +198,8 @@ class Trainer:
 
     def _setup_engine(self, model: torch.nn.Module) -> None:
         config, runtime = self.config, self.runtime
-        if config.parallel.compiles(runtime.device):
+        compiles = config.parallel.compiles(runtime.device)
+        if compiles and not runtime.fsdp:  # FSDP compiles block by block (mateconv.train.fsdp)
             base_model(model).compile()  # in place: parameter names and checkpoints stay those of the eager model
         # An expert that gets no tokens in a step has no gradient: neither ZeRO-3 nor DDP may wait for its parameters.
         has_moe = any(isinstance(m, MoEFeedForward) for m in base_model(model).modules())
@@ -227,9 +231,11 @@ class Trainer:
             self.lags = False  # DeepSpeed's optimizers read the gradient norm on the host in their step
         else:
             model.to(runtime.device)
+            if runtime.fsdp:
+                model = shard(model, compile_blocks=compiles)
             self.optimizer = build_optimizer(model, config.optim, runtime.device)
             self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
-            if runtime.world_size > 1:
+            if runtime.world_size > 1 and not runtime.fsdp:
                 ids = [runtime.device.index] if runtime.device.type == "cuda" else None
                 model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                                   find_unused_parameters=has_moe)
@@ -261,6 +267,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             return loss.detach(), metrics
+        if self.runtime.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+            self.engine.set_requires_gradient_sync(boundary)
         sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
             loss, metrics = self.objective.loss(self.engine, batch)
@@ -280,6 +288,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.engine.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip or float("inf"))
+        if isinstance(norm, DTensor):  # FSDP: the norm over every rank's shards
+            norm = norm.full_tensor()
         finite = torch.isfinite(norm) & torch.isfinite(loss).all()
         if self.lags:
             self.optimizer.found_inf = (~finite).float().reshape(())

@@ -12,6 +12,7 @@ from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
+from mateconv.train.fsdp import full_model_state
 from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
 
 
@@ -89,16 +90,18 @@ def load_tokenizer(config: TrainConfig):
 
 
 def gather_state_dict(engine, runtime: Runtime) -> dict | None:
-    """Full weights on rank 0 under ZeRO-3 (collective); None means 'use the module's own state dict'."""
+    """Full weights on rank 0 under ZeRO-3 and FSDP (collective); None means 'use the module's own state dict'."""
     if runtime.use_deepspeed and engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
+    if runtime.fsdp:
+        return full_model_state(engine)
     return None
 
 
 def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
     """Hugging Face format (`save_pretrained` + tokenizer), written atomically; LoRA adapters are merged in.
 
-    Collective under ZeRO-3 (every rank must call it); only rank 0 writes.
+    Collective under ZeRO-3 and FSDP (every rank must call it); only rank 0 writes.
     """
     target = Path(target)
     state_dict = gather_state_dict(engine, runtime)

@@ -172,6 +172,14 @@ def check_vocab(model: nn.Module, data_vocab: int) -> None:
                           "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
+def check_length(model: nn.Module, max_seq_len: int, init_from: str) -> None:
+    """The rows are cut to max_seq_len; a MateConv model takes at most its own (a hard limit of its forward)."""
+    limit = getattr(model.config, "max_seq_len", None)
+    if limit is not None and max_seq_len > limit:
+        raise ConfigError(f"max_seq_len {max_seq_len} is longer than the {limit} tokens the model "
+                          f"{init_from} takes; set --max_seq_len {limit} (or less)")
+
+
 def check_packing(model: nn.Module, dataset) -> None:
     """Packed SFT rows are exact only for a model that keeps each conversation to itself."""
     if getattr(dataset, "packing", False) and not getattr(model.config, "document_mask", False):
@@ -188,13 +196,15 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     data = recipe.reader(config, runtime, tokenizer)
     if data.vocab_size is not None:
         check_vocab(model, data.vocab_size)
+    check_length(model, config.model.max_seq_len, config.checkpoint.init_from)
     check_packing(model, data.train)
     objective = recipe.objective(config, runtime, data)
     evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
     if runtime.is_main:
         Path(config.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        engine = f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed else "PyTorch"
+        engine = (f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed
+                  else "PyTorch FSDP" if runtime.fsdp else "PyTorch")
         print(f"[{recipe.name}] {type(model).__name__}: {trainable / 1e6:.2f}M trainable parameters, {engine}, "
               f"{runtime.world_size} rank(s), {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, "
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
