@@ -282,7 +282,22 @@ ALIAS_TARGETS = {alias: target if isinstance(target, str) else target[0] for ali
 FLAGS.update({alias: FLAGS[target] for alias, target in ALIAS_TARGETS.items() if target is not None})
 
 
+# Hugging Face Trainer / TRL argument names a user of those may type, with ours: an unknown key among them is answered
+# with our name (a hint, not an alias: the seeds' names above are the ones that run as they are).
+TRAINER_ARGUMENTS = {
+    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "accumulation_steps", "max_grad_norm": "grad_clip", "logging_steps": "log_interval",
+    "save_steps": "save_interval_steps", "eval_steps": "eval_interval", "save_total_limit": "keep_checkpoint_max",
+    "warmup_steps": "warmup_iters", "output_dir": "out_dir", "report_to": "tracker", "resume_from_checkpoint": "resume",
+    "model_name_or_path": "init_from", "max_length": "max_seq_len", "bf16": "dtype", "fp16": "dtype",
+    "run_name": "wandb_run_name", "dataloader_num_workers": "num_workers",
+}
+
+
 def _unknown(key: str) -> ConfigError:
+    if key in TRAINER_ARGUMENTS:
+        return ConfigError(f"unknown config key '{key}' (a Hugging Face Trainer argument); here it is "
+                           f"'{TRAINER_ARGUMENTS[key]}'")
     dotted = [f"{section}.{name}" for section, name in KINDS]
     close = difflib.get_close_matches(key, list(FLAGS) + dotted, n=1)
     hint = f"; did you mean '{NAMES[FLAGS[close[0]]] if close[0] in FLAGS else close[0]}'?" if close else ""

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mateconv.config import (FLAGS, SECTIONS, ConfigError, OptimConfig, ParallelConfig, TrainConfig, help_text,
-                             parse_config, save_config)
+from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, OptimConfig, ParallelConfig,
+                             TrainConfig, help_text, parse_config, save_config)
 from mateconv.train.ds_config import DS_CONFIG_DIR, build_ds_config
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
 
@@ -122,6 +122,8 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--dim", "100", "--n_heads", "8"], "dim (100) must be divisible by n_heads (8)"),
     (["--dpo_beta", "0"], "dpo_beta must be > 0, got 0.0"),
     (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
+    (["--max_grad_norm", "1"], "unknown config key 'max_grad_norm' (a Hugging Face Trainer argument); here it is "
+                               "'grad_clip'"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -226,3 +228,8 @@ def test_warmup_ratio_overrides_warmup_iters():
     assert warmup_steps(OptimConfig(warmup_iters=7, warmup_ratio=0.1), 200) == 20
     with pytest.raises(ConfigError, match="warmup_ratio must be in"):
         parse_config(["--warmup_ratio", "1.5"])
+
+
+def test_trainer_argument_hints_name_our_flags():
+    for theirs, ours in TRAINER_ARGUMENTS.items():
+        assert ours in FLAGS and theirs not in FLAGS, theirs
