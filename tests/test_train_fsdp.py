@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
 from mateconv.config import ConfigError, parse_config
 from mateconv.procs import free_port
-from mateconv.train.fsdp import blocks
+from mateconv.train.fsdp import blocks, shard
 
 STEPS = 6
 SAVE_AT = 3
@@ -123,6 +124,8 @@ def test_blocks_are_the_models_own_transformer_layers(tiny_llama):
     mateconv = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64,
                                                   max_seq_len=32))
     assert blocks(mateconv) == list(mateconv.model.layers)
+    with pytest.raises(ConfigError, match="engine fsdp: Sequential names no transformer block class"):
+        shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), compile_blocks=False)
 
 
 @pytest.mark.parametrize("flags, refused", [

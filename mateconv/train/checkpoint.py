@@ -1,9 +1,9 @@
 """Checkpoints in `<out_dir>/checkpoints/step_XXXXXXXX/`: written atomically, rotated, with `latest`/`best` pointers.
 
 A checkpoint holds the model, optimizer and scheduler (DeepSpeed's ZeRO-sharded files under DeepSpeed, one
-`training_state.pt` otherwise, gathered in full under FSDP), `trainer_state.json` (step, data position, best validation loss, tracker run id),
-every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size). Rotation keeps the `keep`
-newest plus the best one.
+`training_state.pt` otherwise, gathered in full under FSDP), `trainer_state.json` (step, data position, best validation
+loss, tracker run id), every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size).
+Rotation keeps the `keep` newest plus the best one.
 
 Alone (one rank, plain PyTorch) a save copies the state to the CPU and writes the files in a background thread while
 training goes on, one save at a time; under DeepSpeed or with several ranks every rank writes its share before going

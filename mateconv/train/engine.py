@@ -39,8 +39,8 @@ from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import CheckpointManager, step_name, unwrap
 from mateconv.train.data import ResumableDistributedSampler, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
-from mateconv.train.fsdp import shard
 from mateconv.train.ds_config import build_ds_config
+from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
 from mateconv.train.optim import build_optimizer, build_scheduler

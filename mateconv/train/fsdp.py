@@ -18,6 +18,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import fully_shard
 
+from mateconv.config import ConfigError
+
 NAMED_OPTIMIZER_STATE = "optimizer_by_name"  # training_state.pt's key for an optimizer state keyed by parameter name
 
 
@@ -33,7 +35,8 @@ def shard(model: nn.Module, compile_blocks: bool) -> nn.Module:
     """fully_shard each block, then the whole model (in place; the model's class becomes FSDP<class>)."""
     found = blocks(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to shard by")
+        raise ConfigError(f"engine fsdp: {type(model).__name__} names no transformer block class (_no_split_modules) "
+                          "to shard by; use --engine torch or deepspeed")
     for block in found:
         if compile_blocks:
             block.compile()
