@@ -127,3 +127,5 @@ def test_notebook_runs_with_parameters(inputs, tmp_path):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # plots are shown inline
     assert any("not_trained_yet" in o.get("text", "") for o in outputs)  # missing checkpoints are reported
+    curves = next(cell for cell in notebook.cells if "training.png" in cell.source and cell.cell_type == "code")
+    assert any("image/png" in o.get("data", {}) for o in curves.outputs)  # the trained models' training curves

@@ -42,6 +42,7 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-3 * lr_multiplier(11, 2, 12, 0.1))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert summary["val_loss"] == rows[-1]["val_loss"]
+    assert (tmp_path / "training.png").stat().st_size > 10_000  # the curves of metrics.jsonl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
@@ -111,6 +112,20 @@ def test_micro_batches_do_not_wait_for_the_device(train, tmp_path, monkeypatch, 
     assert counts[4] == counts[1]
     rows = [row for row in read_metrics(tmp_path / "4") if "loss" in row]
     assert "moe/cv_mean" in rows[0] and (stage != "dpo" or "rewards/accuracies" in rows[0])
+
+
+def test_tokens_per_second_leave_out_evaluations(train, tmp_path, monkeypatch):
+    """An evaluation between two logged steps is not training time: slowed down here to 0.4 s each (a step of the
+    tiny model takes some 10 ms), the rows right after one show the other rows' tokens/s. Before, they showed a
+    tenth of it, a saw-tooth in every tokens/s chart."""
+    from mateconv.train.engine import Trainer
+
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: time.sleep(0.4) or evaluate(self))
+    train(tmp_path, max_steps=9, log_interval=1, eval_interval=2, save_interval_steps=100)
+    rows = [row for row in read_metrics(tmp_path) if "loss" in row and row["step"] > 1]
+    rates = {row["step"]: row["tokens_per_sec"] for row in rows}
+    assert min(rates.values()) > 0.4 * statistics.median(rates.values()), rates
 
 
 def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):

@@ -454,12 +454,14 @@ class Trainer:
                     stopped = stop_requested or halted
                     save_now = (step % config.checkpoint.save_interval_steps == 0 or stopped
                                 or step == self.total_steps)
+                    paused = time.perf_counter()
                     if self.evaluates and (step % config.track.eval_interval == 0 or save_now):
                         val = self.evaluate()
                         tracker.log(step, val)
                         progress.log_eval(step, val)
                     if save_now:
                         self._save(step, state, val.get("val_loss"))
+                    self.window.start += time.perf_counter() - paused  # tokens/s is training's, not evaluation's
                     if stopped and runtime.is_main and stop.file_requested():
                         stop.stop_file.unlink(missing_ok=True)  # honoured: a resume must not stop at once
                         print(f"[train] {stop.stop_file} found: checkpoint saved, the file removed", flush=True)

@@ -20,6 +20,7 @@ from mateconv.data import DataError
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
+from mateconv.train.curves import plot_training
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime, barrier, setup, shutdown
 from mateconv.train.dpo import DPOObjective
@@ -210,8 +211,12 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
                       tokenizer, evaluators, recipe.evaluate_at_start).fit()
+    out_dir = Path(config.checkpoint.out_dir)
+    if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
+                                                    f"{recipe.name}: {out_dir}")):
+        print(f"[{recipe.name}] training curves: {curves}", flush=True)
     if recipe.after is not None and evaluators and runtime.is_main and not summary["stopped"]:
-        recipe.after(Path(config.checkpoint.out_dir))
+        recipe.after(out_dir)
     return summary
 
 
