@@ -409,6 +409,17 @@ def test_metrics_file_is_truncated_to_the_resumed_step(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_a_cpu_run_logs_only_its_own_lines(tiny_flags, tmp_path):
+    """A stage's log under nohup on a CPU machine holds its own lines only: DeepSpeed, imported by transformers'
+    save, printed a WARNING that it guessed the CPU accelerator into every log of the demo."""
+    env = {k: v for k, v in single_thread_env().items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(tmp_path, max_steps=2)],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and (tmp_path / "final").is_dir(), log[-2000:]
+    assert "warning" not in log.lower(), log
+
+
 def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
     """DeepSpeed steps a ZeRO-0 fp32 optimizer as it is, without a grad norm: with its own Muon every logged
     grad_norm was NaN. Our Muon under CheckedStep measures it (single process: the DeepSpeed engine without the

@@ -72,6 +72,8 @@ def setup(parallel: ParallelConfig) -> Runtime:
     device = resolve_device(parallel.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # DeepSpeed (also imported by transformers' save) would guess its accelerator and print a warning about it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if use_deepspeed:
         import deepspeed
 
