@@ -9,6 +9,7 @@ Loading, prompt building and streaming live here; `mateconv.serve` and `mateconv
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -225,6 +226,35 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"chat: {error}") from None
     except KeyboardInterrupt:
         sys.stdout.write("\n")
+
+
+# Seed 000's `eval_model.py --model_mode N`: which stage's final model it chats with.
+SEED_MODEL_MODES = {0: "pretrain", 1: "sft", 2: "dpo"}
+
+
+def seed_main(argv: list[str] | None = None) -> None:
+    """Seed 000's `eval_model.py --model_mode 0|1|2 [--dim D --n_layers N] [--stream True]`: the chat with
+    out/pretrain, out/sft or out/dpo's final model. There `--dim` and `--n_layers` picked the checkpoint file; here the
+    model directory holds its own shape, which they must match. Replies always stream. Other flags are the chat's."""
+    parser = argparse.ArgumentParser(prog="eval_model.py", description=seed_main.__doc__)
+    parser.add_argument("--model_mode", type=int, choices=sorted(SEED_MODEL_MODES), default=1,
+                        help="0 pretrained, 1 SFT, 2 DPO")
+    parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--n_layers", type=int, default=None)
+    parser.add_argument("--stream", choices=["True", "False", "true", "false", "1", "0"], default="True")
+    args, chat_flags = parser.parse_known_args(argv)
+    path = Path(args.out_dir) / SEED_MODEL_MODES[args.model_mode] / "final"
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        shape = {"dim": config.get("dim", config.get("hidden_size")),
+                 "n_layers": config.get("n_layers", config.get("num_hidden_layers"))}
+        wanted = {name: getattr(args, name) for name in shape if getattr(args, name) is not None}
+        if any(shape[name] != value for name, value in wanted.items()):
+            raise SystemExit(f"eval_model: {path} has {', '.join(f'{k} {v}' for k, v in shape.items())}, not "
+                             f"{', '.join(f'{k} {v}' for k, v in wanted.items())}")
+    main(["--model_path", str(path), *chat_flags])
 
 
 if __name__ == "__main__":

@@ -35,12 +35,10 @@ def seed_command(line: str, ranks: int) -> str:
     return f"{command} {' '.join(TINY)} > {redirect}\nwait $!"
 
 
-@pytest.fixture(scope="module")
-def seed_dir(tmp_path_factory, tiny_tokenizer, tiny_tokens, tiny_embedded_data) -> Path:
-    """The seed's working directory: the stage scripts, `out/tokenizer`, `out/tokens/{pretrain,sft}` and
+def make_seed_dir(root: Path, tiny_tokenizer: Path, tiny_tokens: Path, tiny_embedded_data: Path) -> Path:
+    """A seed's working directory: the programs the seeds call, `out/tokenizer`, `out/tokens/{pretrain,sft}` and
     `dataset/dpo_pairs.jsonl` (stage 2's TRL pairs, the format stage 7 writes, plus one broken line)."""
-    root = tmp_path_factory.mktemp("seed")
-    for script in ("4.pretrain.py", "5.full_sft.py", "9.train_dpo.py"):
+    for script in ("4.pretrain.py", "5.full_sft.py", "9.train_dpo.py", "pretrain_sft_lora.py", "eval_model.py"):
         (root / script).symlink_to(REPO / script)
     shutil.copytree(tiny_tokenizer, root / "out" / "tokenizer")
     for kind in ("pretrain", "sft"):
@@ -50,6 +48,11 @@ def seed_dir(tmp_path_factory, tiny_tokenizer, tiny_tokens, tiny_embedded_data) 
     pairs = (tiny_embedded_data / "dpo_train.jsonl").read_text().splitlines()[:40]
     (root / "dataset" / "dpo_pairs.jsonl").write_text("\n".join(pairs[:20] + ["{broken"] + pairs[20:]) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def seed_dir(tmp_path_factory, tiny_tokenizer, tiny_tokens, tiny_embedded_data) -> Path:
+    return make_seed_dir(tmp_path_factory.mktemp("seed"), tiny_tokenizer, tiny_tokens, tiny_embedded_data)
 
 
 def run_shell(script: str, cwd: Path) -> None:
@@ -149,6 +152,34 @@ def test_seed_000_sweep_command(seed_dir):
     trial = seed_dir / "out" / "sweeps" / "sweep_config" / "trial_0000"
     assert (trial / "final" / "config.json").is_file() and (trial / "metrics.jsonl").is_file()
     assert "val_loss" in (seed_dir / "out" / "sweeps" / "sweep_config" / "summary.md").read_text()
+
+
+def test_seed_000_one_program_and_eval_model(tmp_path, tiny_tokenizer, tiny_tokens, tiny_embedded_data):
+    """Seed 000's own programs as its lines call them: `pretrain_sft_lora.py --mode pretrain` (its CPU line), then
+    `--mode sft`, each the stage --mode names, writing out/pretrain and out/sft; then `eval_model.py --model_mode 1`
+    chats with the SFT model, and refuses a `--dim`/`--n_layers` that is not the model's shape."""
+    root = make_seed_dir(tmp_path, tiny_tokenizer, tiny_tokens, tiny_embedded_data)
+    run_shell(seed_command("python pretrain_sft_lora.py --mode pretrain --device cpu --batch_size 2 --epochs 1 "
+                           "--dim 128 --n_layers 2 --max_seq_len 128 --n_heads 4 > logs/pretrain.log 2>&1 &", 1)
+              + "\n" + seed_command("python pretrain_sft_lora.py --mode sft --batch_size 16 --epochs 1 "
+                                     "--learning_rate 5e-6 --save_interval 1000 --save_best_only --save_last "
+                                     "> logs/sft.log 2>&1 &", 1), root)
+    assert progress_lines(root / "logs" / "pretrain.log", "pretrain") == [(step, 4) for step in (1, 2, 3, 4)]
+    assert "-> out/sft" in (root / "logs" / "sft.log").read_text()
+    assert (root / "out" / "sft" / "final" / "config.json").is_file()
+    command = [sys.executable, "eval_model.py", "--model_mode", "1", "--dim", "64", "--n_layers", "2", "--stream",
+               "True", "--temperature", "0", "--max_new_tokens", "8"]
+    chat = subprocess.run(command, cwd=root, env=single_thread_env(), input="What is 2 + 2?\n/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0 and chat.stdout.count(">>> ") == 2 and chat.stdout.split(">>> ")[1] != "", \
+        chat.stdout + chat.stderr[-2000:]
+    wrong = subprocess.run(command[:4] + ["--dim", "512", "--n_layers", "8"], cwd=root, env=single_thread_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == \
+        "eval_model: out/sft/final has dim 64, n_layers 2, not dim 512, n_layers 8"
+    unknown = subprocess.run([sys.executable, "pretrain_sft_lora.py", "--mode", "ppo"], cwd=root,
+                             env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("pretrain_sft_lora: --mode 'ppo' is not a stage")
 
 
 # Seed 000's and 001's command lines (their one program with --mode) and every flag of their tables, with the

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mateconv.config import SECTIONS, ConfigError, TrainConfig, help_text, parse_config
+from mateconv.config import (SECTIONS, STAGE_PROGRAMS, ConfigError, TrainConfig, help_text, parse_args,
+                             parse_config)
 from mateconv.data import DataError
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -258,3 +259,23 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         print(f"[{stage}] done: step {summary['step']}, loss {summary['loss']:.4f}"
               + (f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""), flush=True)
     return 0
+
+
+def main_by_mode(argv: list[str] | None = None) -> int:
+    """Seed 000/001's one training program, `pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]`: the stage that
+    `--mode` names, with the same flags (LoRA is `--use_lora` of any stage)."""
+    argv = sys.argv[1:] if argv is None else argv
+    asks_help = "-h" in argv or "--help" in argv
+    try:
+        modes = [value for key, value in parse_args([t for t in argv if t not in ("-h", "--help")]) if key == "mode"]
+    except ConfigError as e:
+        sys.exit(f"pretrain_sft_lora: {e}")
+    if modes and modes[-1] in RECIPES:
+        return main(modes[-1], argv)
+    stages = ", ".join(f"{mode} ({program})" for mode, program in STAGE_PROGRAMS.items())
+    usage = f"--mode names the stage to run, with that stage's flags: {stages}; `--mode NAME --help` lists them"
+    if not modes and asks_help:
+        print(f"usage: pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]\n{usage}")
+        return 0
+    sys.exit(f"pretrain_sft_lora: {f'--mode {modes[-1]!r} is not a stage' if modes else 'no --mode'}; {usage}")
+
