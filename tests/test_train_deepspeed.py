@@ -89,6 +89,15 @@ def test_zero_stages_fp32_losses_match_and_decrease(zero_runs):
     assert reference[STEPS] < reference[1] - 0.2
 
 
+def test_cpu_ranks_leave_no_shared_memory_behind(zero_runs):
+    """DeepSpeed's CPU all-reduce buffer (66 MB per rank, in RAM-backed /dev/shm) is removed when each rank exits:
+    before, every CPU run left its ranks' buffers until the memory was full."""
+    ports = {29500 + stage for stage in zero_runs}  # deepspeed_command's master ports
+    left = [path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+            if int(path.name.split("_")[-2]) in ports]
+    assert left == []
+
+
 def test_torchrun_ddp_matches_zero2(zero_runs, ddp_run):
     """The plain-PyTorch engine under torchrun (DDP over gloo) trains the same MoE model to the same losses."""
     ddp, zero2 = losses(ddp_run), losses(zero_runs[2])

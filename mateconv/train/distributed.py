@@ -1,8 +1,10 @@
 """Process setup: which engine (DeepSpeed or plain PyTorch), rank/world size, device and precision."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,9 +80,26 @@ def setup(parallel: ParallelConfig) -> Runtime:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            remove_shm_buffer_at_exit(rank)
     elif (world_size > 1 or fsdp) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(parallel.dtype, device), fsdp)
+
+
+def shm_buffer(rank: int) -> Path:
+    """The file DeepSpeed's CPU all-reduce maps into /dev/shm for `rank` (its shm comm op names it so)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+
+def remove_shm_buffer_at_exit(rank: int) -> None:
+    """DeepSpeed on CPU gives each rank a 66 MB buffer in /dev/shm and never removes it: in RAM until a reboot, so
+    repeated CPU runs filled the memory (325 of them took 21 of this machine's 24 GB). Each rank removes its own when
+    it exits, once every rank has mapped every other's (DeepSpeed does that in init_distributed; the barrier makes
+    sure all got that far, so no rank waits for a file already gone)."""
+    dist.barrier()
+    atexit.register(shm_buffer(rank).unlink, missing_ok=True)
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

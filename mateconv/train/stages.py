@@ -278,4 +278,3 @@ def main_by_mode(argv: list[str] | None = None) -> int:
         print(f"usage: pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]\n{usage}")
         return 0
     sys.exit(f"pretrain_sft_lora: {f'--mode {modes[-1]!r} is not a stage' if modes else 'no --mode'}; {usage}")
-
