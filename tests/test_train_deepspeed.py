@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
 from mateconv.procs import group_alive
-from test_train_faults import poisoned_model, poisoned_tokens
+from test_train_faults import TWO_RANK_NAN_STEPS, check_halted_after_step_4, two_rank_nan_inputs
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -176,22 +176,14 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
     """NaN in rank 0's batch at steps 3 and 5, then rank 1's at 6: every rank skips those steps (ZeRO-0:
     our CheckedStep; ZeRO-3: DeepSpeed's own check), and with max_nonfinite_steps 2 the run stops at step 6 with one
     line and a checkpoint whose weights are those after step 4."""
-    bad = {3: 0, 5: 0, 6: 1}  # step: the one rank whose batch holds a poisoned token
-    data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 2, bad)
-    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
+    data, init = two_rank_nan_inputs(tiny_tokens, tiny_tokenizer, tmp_path)
     out_dir = tmp_path / "run"
     command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--data_path", str(data),
                                 "--max_nonfinite_steps", "2", "--val_data_path", "", "--warmup_iters", "4")
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-3000:]
-    halted = [line for line in output.splitlines() if line.startswith("pretrain: the loss or gradient was NaN/inf")]
-    assert len(halted) == 1 and "steps 5-6" in halted[0] and "after step 4" in halted[0], output[-3000:]
-    rows = [row for row in read_metrics(out_dir) if "loss" in row]
-    assert [step for step, row in enumerate(rows, 1) if not math.isfinite(row["loss"])] == list(bad)
-    assert [row["nonfinite_steps"] for row in rows] == [0, 0, 1, 1, 2, 3]
+    rows = check_halted_after_step_4(result.stdout + result.stderr, result.returncode, out_dir)
     assert rows[3]["lr"] == rows[2]["lr"] > rows[1]["lr"]  # the skipped step did not advance the schedule
-    assert all(math.isfinite(row["grad_norm"]) for step, row in enumerate(rows, 1) if step not in bad)
+    assert all(math.isfinite(row["grad_norm"]) for step, row in enumerate(rows, 1) if step not in TWO_RANK_NAN_STEPS)
     checkpoints = out_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000006"
     if zero_stage == 0:

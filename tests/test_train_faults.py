@@ -69,6 +69,28 @@ def poisoned_model(out_dir, tokenizer_dir, tokens: list[int]):
     return out_dir
 
 
+# Two ranks: a poisoned token in rank 0's batch at steps 3 and 5, then in rank 1's at 6 (step: the rank)
+TWO_RANK_NAN_STEPS = {3: 0, 5: 0, 6: 1}
+
+
+def two_rank_nan_inputs(tiny_tokens: Path, tiny_tokenizer: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(data, init_from) of a 2-rank run whose batches at TWO_RANK_NAN_STEPS give a NaN loss and gradients."""
+    data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 2, TWO_RANK_NAN_STEPS)
+    return data, poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
+
+
+def check_halted_after_step_4(output: str, returncode: int, out_dir: Path) -> list[dict]:
+    """A 2-rank run on two_rank_nan_inputs with max_nonfinite_steps 2 failed with one line at step 6 naming the
+    weights after step 4, and logged the NaN steps as such; returns its logged training rows."""
+    assert returncode != 0, output[-3000:]
+    halted = [line for line in output.splitlines() if line.startswith("pretrain: the loss or gradient was NaN/inf")]
+    assert len(halted) == 1 and "steps 5-6" in halted[0] and "after step 4" in halted[0], output[-3000:]
+    rows = [row for row in read_metrics(out_dir) if "loss" in row]
+    assert [step for step, row in enumerate(rows, 1) if not math.isfinite(row["loss"])] == list(TWO_RANK_NAN_STEPS)
+    assert [row["nonfinite_steps"] for row in rows] == [0, 0, 1, 1, 2, 3]
+    return rows
+
+
 @pytest.fixture
 def train(tiny_flags):
     def train_stage(out_dir, **overrides) -> dict:

@@ -6,7 +6,6 @@ in one process started with seed 003's `--overrides trainer=FSDPTrainer`, both w
 the last good weights. What FSDP does not take is refused with one line."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
-from test_train_faults import poisoned_model, poisoned_tokens
+from test_train_faults import check_halted_after_step_4, two_rank_nan_inputs
 from mateconv.config import ConfigError, parse_config
 from mateconv.procs import free_port
 from mateconv.train.fsdp import blocks, shard
@@ -124,22 +123,14 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(tiny_flags, tiny_to
     """NaN in rank 0's batch at steps 3 and 5, then rank 1's at 6: both ranks skip those updates (the gradient norm
     over all shards is NaN on every rank), and with max_nonfinite_steps 2 the run stops at step 6 with one line and a
     checkpoint whose weights are those after step 4."""
-    bad = {3: 0, 5: 0, 6: 1}  # step: the one rank whose batch holds a poisoned token
-    data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 2, bad)
-    init = poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
+    data, init = two_rank_nan_inputs(tiny_tokens, tiny_tokenizer, tmp_path)
     out_dir = tmp_path / "run"
     args = tiny_flags(out_dir, engine="fsdp", init_from=init, data_path=data, val_data_path="", batch_size=4,
                       max_steps=8, max_nonfinite_steps=2, warmup_iters=4, save_interval_steps=2)
     command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(REPO / "4.pretrain.py"), *args]
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-3000:]
-    halted = [line for line in output.splitlines() if line.startswith("pretrain: the loss or gradient was NaN/inf")]
-    assert len(halted) == 1 and "steps 5-6" in halted[0] and "after step 4" in halted[0], output[-3000:]
-    rows = [row for row in read_metrics(out_dir) if "loss" in row]
-    assert [step for step, row in enumerate(rows, 1) if not math.isfinite(row["loss"])] == list(bad)
-    assert [row["nonfinite_steps"] for row in rows] == [0, 0, 1, 1, 2, 3]
+    check_halted_after_step_4(result.stdout + result.stderr, result.returncode, out_dir)
     after_4, at_6 = (torch.load(out_dir / "checkpoints" / f"step_0000000{s}" / "training_state.pt",
                                 weights_only=False)["model"] for s in (4, 6))
     for name, weights in after_4.items():  # steps 5 and 6 changed nothing
