@@ -6,7 +6,7 @@ runs the stage `--mode` names (4.pretrain.py, 5.full_sft.py, 9.train_dpo.py) wit
 """
 import sys
 
-from mateconv.train.stages import main_by_mode
+from mateconv.train.stages import main_one_program
 
 if __name__ == "__main__":
-    sys.exit(main_by_mode())
+    sys.exit(main_one_program("pretrain_sft_lora"))

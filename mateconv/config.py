@@ -22,7 +22,7 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -35,11 +35,27 @@ from model.config import ConfigError as ModelConfigError
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-# The seeds' names for our flags (the flags tables and command lines of ../shared/seeds 000, 001, 003 and 004), the one
-# alias map. A name maps to one of our flat names, or to (flat name, {seed value: our value}) when the seed's flag picks
-# a value of one of our settings (`--use_wandb` is `--tracker wandb`); a flat name of None marks what MateConv always
-# does (the flag is accepted with the seed's value only). docs/training.md explains each.
-SEED_ALIASES: dict[str, str | tuple[str | None, dict]] = {
+
+
+def dataset_path(value) -> str:
+    """Seed 003's `datasets:` (a list with one entry, a path or {type, path}) -> data_path."""
+    entries = value if isinstance(value, list) else [value]
+    if len(entries) != 1:
+        raise ConfigError(f"datasets: one data file per run here, got {len(entries)} (merge them into one file, "
+                          "e.g. with 2.prepare_data.ipynb)")
+    path = entries[0].get("path") if isinstance(entries[0], dict) else entries[0]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"datasets: an entry needs the path of a local JSON/JSONL file, got {entries[0]!r}")
+    return path
+
+
+# The seeds' names for our flags (the flags tables and command lines of ../shared/seeds 000, 001, 003 and 004, and the
+# keys of seed 003's train.py config), the one alias map. A name maps to one of our flat names; or to (flat name,
+# {seed value: our value}) when the seed's flag picks a value of one of our settings (`--use_wandb` is `--tracker
+# wandb`), an our-value of None setting nothing; or to (flat name, function of the seed's value). A flat name of None
+# marks what MateConv always does (the flag is accepted with the seed's value only). A seed key set to null (YAML)
+# sets nothing. docs/training.md explains each.
+SEED_ALIASES: dict[str, str | tuple[str | None, dict | Callable]] = {
     "lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
     "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
     "sft_coef": "dpo_sft_coef", "beta": "dpo_beta", "pairs_path": "data_path", "wandb_name": "wandb_run_name",
@@ -52,9 +68,22 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict]] = {
                                         "None": ""}),
     "save_best_only": (None, {True: None}),  # best/ (lowest val_loss) is always written
     "save_last": (None, {True: None}),  # final/ is always written
+    # seed 003's config keys (`model.*`, `loss.*` and `wandb.*` are its sections); its loss.name also names the stage
+    "exp_name": "wandb_run_name", "n_epochs": "epochs", "max_length": "max_seq_len",
+    "gradient_accumulation_steps": "accumulation_steps", "activation_checkpointing": "gradient_checkpointing",
+    "eval_every_steps": "eval_interval", "n_eval_examples": "eval_examples", "do_first_eval": "eval_at_start",
+    "model.name_or_path": "init_from", "model.archive": "init_from", "model.policy_dtype": "dtype",
+    "loss.beta": "dpo_beta", "wandb.project": "wandb_project", "wandb.entity": "wandb_entity",
+    "wandb.enabled": ("tracker", {True: "wandb", False: "none"}),
+    "report_to_tensorboard": ("tracker", {True: "tensorboard", False: None}),
+    "loss.name": ("dpo_loss_type", {"sft": None, "dpo": "sigmoid", "ipo": "ipo"}),
+    "datasets": ("data_path", dataset_path),
 }
 # `--mode` (seed 000's one-program trainer) names the stage; each stage is its own program here.
 STAGE_PROGRAMS = {"pretrain": "4.pretrain.py", "sft": "5.full_sft.py", "dpo": "9.train_dpo.py"}
+# The keys that name the stage of a one-program trainer, {value: stage}: seed 000's `--mode`, seed 003's `loss.name`.
+STAGE_KEYS = {"mode": {stage: stage for stage in STAGE_PROGRAMS},
+              "loss.name": {"sft": "sft", "dpo": "dpo", "ipo": "dpo"}}
 # Every default path lives under this root; `--out_dir` naming a root moves them all (`is_layout_root`).
 LAYOUT_ROOT = "out"
 LAYOUT_DIRS = ("tokenizer", "tokens", "data", *STAGE_PROGRAMS)
@@ -97,8 +126,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """The optimisation run: batches, length, optimizer and learning-rate schedule."""
-    batch_size: int = 32
+    batch_size: int = 32  # per rank and micro-batch
     accumulation_steps: int = 1
+    total_batch_size: int = 0  # > 0: examples per optimizer step over all ranks; sets batch_size (`per_rank_sizes`)
     epochs: int = 1
     max_steps: int = 0
     seed: int = 42
@@ -116,9 +146,10 @@ class OptimConfig:
     max_nonfinite_steps: int = 10  # stop (with a checkpoint) after this many steps in a row with a NaN/inf loss or gradient
 
     def __post_init__(self) -> None:
+        self.optimizer = self.optimizer.lower()  # seed 003 writes AdamW
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate", "max_nonfinite_steps"))
-        check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip"))
+        check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -175,10 +206,13 @@ class TrackConfig:
     """Evaluation and logging: when, how much, and where to."""
     log_interval: int = 10
     eval_interval: int = 500
-    eval_batches: int = 50
+    eval_batches: int = 50  # per rank
+    eval_examples: int = 0  # > 0: evaluate on this many held-out examples over all ranks; sets eval_batches
+    eval_at_start: bool | None = None  # evaluate the starting model as step 0; None: DPO yes, the others no
     peak_flops: float = 0.0
     tracker: str = "wandb"
     wandb_project: str = ""  # "" = $WANDB_PROJECT (the seeds export it), else "mateconv"
+    wandb_entity: str = ""  # "" = $WANDB_ENTITY, else your W&B default
     wandb_run_name: str = ""
     wandb_watch: str = ""
     wandb_watch_freq: int = 100  # in backward passes (micro-batches)
@@ -189,7 +223,7 @@ class TrackConfig:
         check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
         check_choice("wandb_watch", self.wandb_watch, ("", "gradients", "parameters", "all"))
         check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
-        check_non_negative(self, ("eval_batches",))
+        check_non_negative(self, ("eval_batches", "eval_examples"))
 
 
 @dataclass
@@ -286,10 +320,10 @@ FLAGS.update({alias: FLAGS[target] for alias, target in ALIAS_TARGETS.items() if
 # with our name (a hint, not an alias: the seeds' names above are the ones that run as they are).
 TRAINER_ARGUMENTS = {
     "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "accumulation_steps", "max_grad_norm": "grad_clip", "logging_steps": "log_interval",
+    "max_grad_norm": "grad_clip", "logging_steps": "log_interval",
     "save_steps": "save_interval_steps", "eval_steps": "eval_interval", "save_total_limit": "keep_checkpoint_max",
     "warmup_steps": "warmup_iters", "output_dir": "out_dir", "report_to": "tracker", "resume_from_checkpoint": "resume",
-    "model_name_or_path": "init_from", "max_length": "max_seq_len", "bf16": "dtype", "fp16": "dtype",
+    "model_name_or_path": "init_from", "bf16": "dtype", "fp16": "dtype",
     "run_name": "wandb_run_name", "dataloader_num_workers": "num_workers",
 }
 
@@ -306,8 +340,10 @@ def _unknown(key: str) -> ConfigError:
 
 def seed_value(key: str, value) -> tuple[str | None, object]:
     """(our flat name, value) for a seed flag that maps values (`use_wandb`, True) -> ("tracker", "wandb"); a flat
-    name of None: nothing to set."""
+    name or value of None: nothing to set."""
     target, values = SEED_ALIASES[key]
+    if callable(values):
+        return target, values(value)
     switch = all(isinstance(v, bool) for v in values)
     if switch and isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
         value = value.lower() in TRUE_WORDS
@@ -387,11 +423,12 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     pairs = []
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if isinstance(value, dict):  # a section of ours, or one of seed 003's
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
             pairs.append((key, value))
-    return sorted(pairs, key=lambda pair: pair[0] != "preset")
+    order = {"preset": 0, "model.archive": 2}  # seed 003: a run's weights (archive) win over name_or_path
+    return sorted(pairs, key=lambda pair: order.get(pair[0], 1))
 
 
 def flag_kind(name: str):
@@ -400,7 +437,8 @@ def flag_kind(name: str):
     if name in ("preset", "mode"):
         return str
     if isinstance(SEED_ALIASES.get(name), tuple):
-        return bool if all(isinstance(v, bool) for v in SEED_ALIASES[name][1]) else str
+        values = SEED_ALIASES[name][1]
+        return bool if not callable(values) and all(isinstance(v, bool) for v in values) else str
     return KINDS[resolve(name)]
 
 
@@ -456,18 +494,30 @@ def preset_pairs(name) -> list[tuple[str, object]]:
     return [(f"model.{key}", value) for key, value in PRESETS[name].items()]
 
 
+# Two ways to give one size, per rank or over all ranks: the one given last wins (`--overrides batch_size=32` after a
+# config's total_batch_size).
+SAME_SIZE = {("optim", "batch_size"): ("optim", "total_batch_size"),
+             ("track", "eval_batches"): ("track", "eval_examples")}
+SAME_SIZE.update({other: place for place, other in SAME_SIZE.items()})
+
+
 def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     """A TrainConfig from (key, value) pairs in order (later ones win); keys are flat, aliases or `section.field`;
     `preset` sets the model size."""
     values: dict[str, dict] = {section: {} for section in SECTIONS}
     for key, value in pairs:
-        if isinstance(SEED_ALIASES.get(key.replace("-", "_")), tuple):
-            key, value = seed_value(key.replace("-", "_"), value)
-            if key is None:
+        key = key.replace("-", "_")
+        if key in SEED_ALIASES and value is None:
+            continue
+        if isinstance(SEED_ALIASES.get(key), tuple):
+            key, value = seed_value(key, value)
+            if key is None or value is None:
                 continue
         for inner_key, inner_value in preset_pairs(value) if key == "preset" else [(key, value)]:
             section, name = resolve(inner_key)
             values[section][name] = convert((section, name), inner_value)
+            if (section, name) in SAME_SIZE:
+                values[section].pop(SAME_SIZE[section, name][1], None)
     try:
         model = MateConvConfig(**values.pop("model"))
     except ModelConfigError as e:
@@ -513,11 +563,12 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
     defaults = defaults or {}
     pairs = []
     for key, value in parse_args(argv):
+        named = STAGE_KEYS[key].get(value, value) if key in STAGE_KEYS and isinstance(value, str) else stage
+        if named != stage:
+            other = f"; {STAGE_PROGRAMS[named]} trains {named}" if named in STAGE_PROGRAMS else ""
+            raise ConfigError(f"{key}: {value!r} is not this program's stage ({stage or 'none'}){other}")
         if key != "mode":
             pairs.append((key, value))
-        elif value != stage:
-            other = f"; {STAGE_PROGRAMS[value]} trains {value}" if value in STAGE_PROGRAMS else ""
-            raise ConfigError(f"mode: {value!r} is not this program's stage ({stage or 'none'}){other}")
     config = build_config([*defaults.items(), *pairs])
     root = config.checkpoint.out_dir
     if is_layout_root(root):
@@ -527,6 +578,19 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
     if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
     return config
+
+
+def per_rank_sizes(config: TrainConfig, world_size: int) -> None:
+    """Sets batch_size from total_batch_size and eval_batches from eval_examples (sizes over all ranks) for a run on
+    `world_size` ranks."""
+    optim, track = config.optim, config.track
+    if optim.total_batch_size:
+        if optim.total_batch_size % (optim.accumulation_steps * world_size):
+            raise ConfigError(f"total_batch_size {optim.total_batch_size} is not a multiple of accumulation_steps "
+                              f"{optim.accumulation_steps} x {world_size} rank(s)")
+        optim.batch_size = optim.total_batch_size // (optim.accumulation_steps * world_size)
+    if track.eval_examples:
+        track.eval_batches = -(-track.eval_examples // (optim.batch_size * world_size))
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -569,6 +633,8 @@ def seed_alias_text(target: str | tuple) -> str:
     name, values = target
     if name is None:
         return "always"
+    if callable(values):
+        return name
     if all(isinstance(v, bool) for v in values):
         return f"{name}={values[True] or repr('')}|{values[False] or repr('')}"
     return name

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, TINY_MODEL_FLAGS, single_thread_env
+from conftest import REPO, TINY_MODEL_FLAGS, read_metrics, single_thread_env
 
 from mateconv.procs import free_port
 
@@ -180,6 +181,96 @@ def test_seed_000_one_program_and_eval_model(tmp_path, tiny_tokenizer, tiny_toke
     unknown = subprocess.run([sys.executable, "pretrain_sft_lora.py", "--mode", "ppo"], cwd=root,
                              env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 1 and unknown.stderr.startswith("pretrain_sft_lora: --mode 'ppo' is not a stage")
+
+
+# Seed 003's config, its README's keys with tiny sizes: `{...}` are filled in per stage.
+SEED_003_CONFIG = """\
+seed: 0
+exp_name: my_experiment
+datasets:
+  - type: custom_dataset
+    path: {data}
+trainer: BasicTrainer
+optimizer: AdamW
+lr: 1e-4
+total_batch_size: {total}
+gradient_accumulation_steps: {accumulation}
+max_length: 96
+n_epochs: 1
+model:
+  name_or_path: {model}
+  policy_dtype: float32
+loss:
+  name: {loss}
+  beta: 0.1
+activation_checkpointing: true
+wandb:
+  enabled: {wandb}
+  entity: your_entity
+  project: "Minimal-LLM-Alignment"
+report_to_tensorboard: {tensorboard}
+do_first_eval: true
+eval_every_steps: 2
+n_eval_examples: 8
+"""
+
+
+def sharegpt_pair(record: dict) -> dict:
+    """A preference pair in seed 003's shape: `conversations` of {from, value}, chosen/rejected one such turn."""
+    def turn(message):
+        return {"from": {"user": "human", "assistant": "gpt"}.get(message["role"], message["role"]),
+                "value": message["content"]}
+    return {"conversations": [turn(m) for m in record["prompt"]], "chosen": turn(record["chosen"][0]),
+            "rejected": turn(record["rejected"][0])}
+
+
+def test_seed_003_train_py(tmp_path, tiny_embedded_data, tiny_pretrain_model):
+    """Seed 003's program as its README calls it, `python train.py config.yml`, with its config keys and data
+    shapes (an SFT JSON array of `messages` with system turns; DPO pairs of sharegpt `conversations` with chosen and
+    rejected one {from, value} turn each): SFT from a pretrained model, then its two override lines,
+    `--overrides lr=2e-5 batch_size=32` and `--overrides trainer=FSDPTrainer`, each a DPO run from the SFT model."""
+    (tmp_path / "train.py").symlink_to(REPO / "train.py")
+    data = tmp_path / "path" / "to"
+    data.mkdir(parents=True)
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (tiny_embedded_data / f"sft_{split}.jsonl").read_text().splitlines()]
+        json.dump([{"messages": row["messages"]} for row in rows[:64]], (data / f"sft_{split}.json").open("w"))
+    pairs = (tiny_embedded_data / "dpo_train.jsonl").read_text().splitlines()[:64]
+    json.dump([sharegpt_pair(json.loads(line)) for line in pairs], (data / "dpo.json").open("w"))
+    assert any(m["role"] == "system" for row in json.loads((data / "sft_train.json").read_text())
+               for m in row["messages"])
+    (tmp_path / "sft.yml").write_text(SEED_003_CONFIG.format(
+        data="path/to/sft_train.json", total=16, accumulation=4, model=tiny_pretrain_model, loss="sft", wandb="true",
+        tensorboard="false"))
+    (tmp_path / "dpo.yml").write_text(SEED_003_CONFIG.format(
+        data="path/to/dpo.json", total=8, accumulation=1, model="out/sft/final", loss="dpo", wandb="false",
+        tensorboard="true"))
+    run_shell("python train.py sft.yml --overrides val_data_path=path/to/sft_val.json log_interval=1 "
+              "> logs/sft.log 2>&1\n"
+              "python train.py dpo.yml --overrides lr=2e-5 batch_size=32 > logs/dpo.log 2>&1\n"
+              "python train.py dpo.yml --overrides trainer=FSDPTrainer out_dir=out/dpo_fsdp > logs/fsdp.log 2>&1",
+              tmp_path)
+    out = tmp_path / "out"
+    # SFT: 64 conversations, 16 a step (4 micro-batches of 4), evaluated at the start and every 2 steps on 2 batches
+    assert progress_lines(tmp_path / "logs" / "sft.log", "sft") == [(step, 4) for step in (1, 2, 3, 4)]
+    sft = yaml.safe_load((out / "sft" / "checkpoints" / "step_00000004" / "config.yaml").read_text())
+    assert (sft["optim"]["batch_size"], sft["optim"]["accumulation_steps"], sft["track"]["eval_batches"],
+            sft["checkpoint"]["init_from"], sft["parallel"]["gradient_checkpointing"], sft["optim"]["seed"]) == (
+        4, 4, 2, str(tiny_pretrain_model), True, 0)
+    evaluated = [row["step"] for row in read_metrics(out / "sft") if "val_loss" in row]
+    assert evaluated == [0, 2, 4]
+    runs = list((out / "sft" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and all(name in runs[0].read_bytes() for name in (b"Minimal-LLM-Alignment", b"my_experiment",
+                                                                              b"your_entity"))
+    # DPO, the seed's override line: 64 pairs in 2 steps of 32, at lr 2e-5, TensorBoard instead of W&B
+    dpo = yaml.safe_load((out / "dpo" / "checkpoints" / "step_00000002" / "config.yaml").read_text())
+    assert (dpo["optim"]["batch_size"], dpo["optim"]["learning_rate"], dpo["dpo"]["beta"],
+            dpo["checkpoint"]["init_from"]) == (32, 2e-5, 0.1, "out/sft/final")
+    assert list((out / "dpo" / "tensorboard").glob("events.*")) and not (out / "dpo" / "wandb").exists()
+    # DPO under FSDP: 8 steps of 8
+    log = (tmp_path / "logs" / "fsdp.log").read_text()
+    assert "PyTorch FSDP, 1 rank(s)" in log and "[dpo] done: step 8" in log, log[-2000:]
+    assert (out / "dpo_fsdp" / "final" / "model.safetensors").is_file()
 
 
 # Seed 000's and 001's command lines (their one program with --mode) and every flag of their tables, with the

@@ -233,3 +233,93 @@ def test_warmup_ratio_overrides_warmup_iters():
 def test_trainer_argument_hints_name_our_flags():
     for theirs, ours in TRAINER_ARGUMENTS.items():
         assert ours in FLAGS and theirs not in FLAGS, theirs
+
+
+# Seed 003's example config (its README), every key; `python train.py config.yml` reads it.
+SEED_003_CONFIG = """\
+seed: 0
+exp_name: my_experiment
+datasets:
+  - type: custom_dataset
+    path: path/to/your/dataset.json
+trainer: BasicTrainer
+optimizer: AdamW
+lr: 1e-5
+total_batch_size: 16
+gradient_accumulation_steps: 4
+max_length: 512
+n_epochs: 100
+model:
+  name_or_path: your/model/path
+  policy_dtype: float16
+  archive: null
+loss:
+  name: dpo
+  beta: 0.1
+activation_checkpointing: true
+wandb:
+  enabled: true
+  entity: your_entity
+  project: "Minimal-LLM-Alignment"
+report_to_tensorboard: false
+do_first_eval: false
+eval_every_steps: 100
+n_eval_examples: 256
+"""
+
+
+def test_seed_003_config_keys(tmp_path):
+    from mateconv.config import per_rank_sizes
+
+    path = tmp_path / "config.yml"
+    path.write_text(SEED_003_CONFIG)
+    config = parse_config([str(path)], {}, "dpo")
+    assert (config.data.data_path, config.parallel.engine, config.optim.optimizer, config.optim.learning_rate,
+            config.optim.total_batch_size, config.optim.accumulation_steps, config.model.max_seq_len,
+            config.optim.epochs, config.optim.seed, config.checkpoint.init_from, config.parallel.dtype,
+            config.dpo.loss_type, config.dpo.beta, config.parallel.gradient_checkpointing, config.track.tracker,
+            config.track.wandb_entity, config.track.wandb_project, config.track.wandb_run_name,
+            config.track.eval_at_start, config.track.eval_interval, config.track.eval_examples) == (
+        "path/to/your/dataset.json", "auto", "adamw", 1e-5, 16, 4, 512, 100, 0, "your/model/path", "float16",
+        "sigmoid", 0.1, True, "wandb", "your_entity", "Minimal-LLM-Alignment", "my_experiment", False, 100, 256)
+    per_rank_sizes(config, world_size=2)  # 16 examples a step = 2 ranks x 4 micro-batches x 2
+    assert (config.optim.batch_size, config.track.eval_batches) == (2, 64)
+    # the seed's override line: batch_size after total_batch_size wins (and the other way round); ipo is DPO's stage
+    config = parse_config([str(path), "--overrides", "lr=2e-5", "batch_size=32", "loss.name=ipo"], {}, "dpo")
+    per_rank_sizes(config, world_size=2)
+    assert (config.optim.learning_rate, config.optim.batch_size, config.optim.total_batch_size,
+            config.dpo.loss_type) == (2e-5, 32, 0, "ipo")
+    assert parse_config(["--batch_size", "32", "--total_batch_size", "8"], {}).optim.batch_size == 32
+    assert parse_config(["--batch_size", "32", "--total_batch_size", "8"], {}).optim.total_batch_size == 8
+    # a run's weights (archive) win over name_or_path whatever their order; report_to_tensorboard picks tensorboard
+    path.write_text(SEED_003_CONFIG.replace("  archive: null\n", "").replace(
+        "model:\n", "model:\n  archive: out/sft/final\n").replace("report_to_tensorboard: false",
+                                                                  "report_to_tensorboard: true"))
+    config = parse_config([str(path)], {}, "dpo")
+    assert (config.checkpoint.init_from, config.track.tracker) == ("out/sft/final", "tensorboard")
+
+
+@pytest.mark.parametrize("argv, stage, message", [
+    (["--overrides", "loss.name=sft"], "dpo", "loss.name: 'sft' is not this program's stage (dpo); 5.full_sft.py "
+                                              "trains sft"),
+    (["--total_batch_size", "12", "--accumulation_steps", "8"], "sft",
+     "total_batch_size 12 is not a multiple of accumulation_steps 8 x 1 rank(s)"),
+    (["--optimizer", "RMSprop"], "sft", "optimizer: 'rmsprop' is not one of adamw, muon"),
+])
+def test_seed_003_errors(argv, stage, message):
+    from mateconv.config import per_rank_sizes
+
+    with pytest.raises(ConfigError) as error:
+        per_rank_sizes(parse_config(argv, {}, stage), world_size=1)
+    assert str(error.value) == message
+
+
+def test_seed_003_datasets_take_one_file(tmp_path):
+    assert parse_config(["--overrides", "datasets=a.json"], {}, "sft").data.data_path == "a.json"
+    path = tmp_path / "config.yml"
+    path.write_text("datasets:\n  - a.json\n  - {type: custom_dataset, path: b.json}\n")
+    with pytest.raises(ConfigError, match=r"^datasets: one data file per run here, got 2 \(merge them"):
+        parse_config([str(path)], {}, "sft")
+    path.write_text("datasets:\n  - {type: hh}\n")
+    with pytest.raises(ConfigError, match=r"^datasets: an entry needs the path of a local JSON/JSONL file"):
+        parse_config([str(path)], {}, "sft")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mateconv.config import (SECTIONS, STAGE_PROGRAMS, ConfigError, TrainConfig, help_text, parse_args,
-                             parse_config)
+from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, TrainConfig, help_text, parse_args,
+                             parse_config, per_rank_sizes)
 from mateconv.data import DataError
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -192,6 +192,7 @@ def check_packing(model: nn.Module, dataset) -> None:
 def run(recipe: Recipe, config: TrainConfig) -> dict:
     """Set up the processes, build the model, read the data, build the objective and evaluators, and train."""
     runtime = setup(config.parallel)
+    per_rank_sizes(config, runtime.world_size)
     seed_everything(config.optim.seed)  # identical initial weights on every rank
     model = build_model(config)
     tokenizer = load_tokenizer(config)
@@ -210,8 +211,9 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
         print(f"[{recipe.name}] {type(model).__name__}: {trainable / 1e6:.2f}M trainable parameters, {engine}, "
               f"{runtime.world_size} rank(s), {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, "
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
+    at_start = recipe.evaluate_at_start if config.track.eval_at_start is None else config.track.eval_at_start
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
-                      tokenizer, evaluators, recipe.evaluate_at_start).fit()
+                      tokenizer, evaluators, at_start).fit()
     out_dir = Path(config.checkpoint.out_dir)
     if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
                                                     f"{recipe.name}: {out_dir}")):
@@ -261,20 +263,26 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-def main_by_mode(argv: list[str] | None = None) -> int:
-    """Seed 000/001's one training program, `pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]`: the stage that
-    `--mode` names, with the same flags (LoRA is `--use_lora` of any stage)."""
+def main_one_program(program: str, argv: list[str] | None = None) -> int:
+    """The seeds' one training program (seed 000/001's `pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]`, seed
+    003's `train.py CONFIG.yml [--overrides ...]` whose loss.name is sft, dpo or ipo): the stage those name, with the
+    same flags (LoRA is `--use_lora` of any stage)."""
     argv = sys.argv[1:] if argv is None else argv
     asks_help = "-h" in argv or "--help" in argv
     try:
-        modes = [value for key, value in parse_args([t for t in argv if t not in ("-h", "--help")]) if key == "mode"]
+        named = [(key, value) for key, value in parse_args([t for t in argv if t not in ("-h", "--help")])
+                 if key in STAGE_KEYS]
     except ConfigError as e:
-        sys.exit(f"pretrain_sft_lora: {e}")
-    if modes and modes[-1] in RECIPES:
-        return main(modes[-1], argv)
-    stages = ", ".join(f"{mode} ({program})" for mode, program in STAGE_PROGRAMS.items())
-    usage = f"--mode names the stage to run, with that stage's flags: {stages}; `--mode NAME --help` lists them"
-    if not modes and asks_help:
-        print(f"usage: pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]\n{usage}")
+        sys.exit(f"{program}: {e}")
+    key, value = named[-1] if named else ("", "")
+    stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
+    if stage is not None:
+        return main(stage, argv)
+    stages = ", ".join(f"{mode} ({script})" for mode, script in STAGE_PROGRAMS.items())
+    usage = (f"--mode names the stage to run, with that stage's flags: {stages} (or a config's loss.name: sft, dpo "
+             "or ipo, seed 003); `--mode NAME --help` lists them")
+    if not named and asks_help:
+        print(f"usage: {program}.py [CONFIG.yaml] --mode pretrain|sft|dpo [flags] [--overrides key=value ...]\n{usage}")
         return 0
-    sys.exit(f"pretrain_sft_lora: {f'--mode {modes[-1]!r} is not a stage' if modes else 'no --mode'}; {usage}")
+    problem = f"{'--mode' if key == 'mode' else key} {value!r} is not a stage" if named else "no stage named"
+    sys.exit(f"{program}: {problem}; {usage}")

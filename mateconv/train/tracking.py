@@ -139,7 +139,8 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
-            settings = dict(project=self.project, name=self.track.wandb_run_name or None, id=self.run_id,
+            settings = dict(project=self.project, entity=self.track.wandb_entity or None,
+                            name=self.track.wandb_run_name or None, id=self.run_id,
                             resume="allow", dir=str(out_dir), config=config_to_dict(config))
             try:
                 self.run = wandb.init(**settings)
