@@ -636,7 +636,8 @@ def seed_alias_text(target: str | tuple) -> str:
     if callable(values):
         return name
     if all(isinstance(v, bool) for v in values):
-        return f"{name}={values[True] or repr('')}|{values[False] or repr('')}"
+        off = "" if values[False] is None else f"|{values[False] or repr('')}"  # None: false sets nothing
+        return f"{name}={values[True] or repr('')}{off}"
     return name
 
 
