@@ -263,3 +263,15 @@ def test_stop_file_stops_a_run_started_from_a_non_interactive_shell(deepspeed_co
     assert "STOP found: checkpoint saved, the file removed" in output and output.count("exits successfully") == 2
     assert not (out_dir / "STOP").exists() and not (out_dir / "final").exists()
     assert (out_dir / "checkpoints" / "latest").read_text() == f"step_{max(losses(out_dir)):08d}"
+
+
+def test_bad_input_under_the_launcher_is_one_line_per_rank(deepspeed_command, tmp_path):
+    """A data file missing on two ranks: each rank stops with its one line, rank 1's labelled, and no traceback."""
+    missing = tmp_path / "missing.jsonl"
+    command = deepspeed_command(tmp_path / "run", 2, STEPS, "--data_path", str(missing))
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    said = sorted(line.split(":")[0] for line in output.splitlines() if str(missing) in line
+                  and line.startswith("pretrain"))
+    assert said == ["pretrain", "pretrain (rank 1)"], output[-3000:]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -237,6 +238,15 @@ def out_of_memory(config: TrainConfig, error: Exception) -> str:
             f"true; configs/memory/gpu{{16,24,40,80}}gb.yaml hold settings that fit those cards; {kept}")
 
 
+def exit_with(message: str) -> NoReturn:
+    """Exit 1 after writing `message` (if any) as one line in one write: under a launcher the ranks share one stream,
+    and sys.exit writes a message and its newline separately, so two ranks' lines ran into one."""
+    if message:
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+    sys.exit(1)
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     recipe = RECIPES[stage]
     argv = sys.argv[1:] if argv is None else argv
@@ -245,17 +255,18 @@ def main(stage: str, argv: list[str] | None = None) -> int:
               f"{help_text(recipe.sections, recipe.defaults)}")
         return 0
     bars_only_on_a_terminal()
+    rank = os.environ.get("RANK", "0")
+    label = f"{stage} (rank {rank})" if rank != "0" else stage
     try:
         config = parse_config(argv, recipe.defaults, stage)
         summary = run(recipe, config)
-    except (ConfigError, DataError) as e:
-        sys.exit(f"{stage}: {e}")
+    except (ConfigError, DataError) as e:  # each rank says its own (a launcher may stop rank 0 before it speaks)
+        exit_with(f"{label}: {e}")
     except torch.OutOfMemoryError as e:  # this rank alone: the launcher stops the others
-        rank = os.environ.get("RANK", "0")
-        sys.exit(f"{stage}{f' (rank {rank})' if rank != '0' else ''}: {out_of_memory(config, e)}")
+        exit_with(f"{label}: {out_of_memory(config, e)}")
     except TrainingHalted as e:  # every rank got here together: leave the process group cleanly, say it once
         shutdown()
-        sys.exit(f"{stage}: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+        exit_with(f"{stage}: {e}" if rank == "0" else "")
     shutdown()
     if not summary["stopped"] and summary["is_main"]:
         print(f"[{stage}] done: step {summary['step']}, loss {summary['loss']:.4f}"
