@@ -284,7 +284,7 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
         named = [(key, value) for key, value in parse_args([t for t in argv if t not in ("-h", "--help")])
                  if key in STAGE_KEYS]
     except ConfigError as e:
-        sys.exit(f"{program}: {e}")
+        exit_with(f"{program}: {e}")
     key, value = named[-1] if named else ("", "")
     stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
     if stage is not None:
@@ -296,4 +296,4 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
         print(f"usage: {program}.py [CONFIG.yaml] --mode pretrain|sft|dpo [flags] [--overrides key=value ...]\n{usage}")
         return 0
     problem = f"{'--mode' if key == 'mode' else key} {value!r} is not a stage" if named else "no stage named"
-    sys.exit(f"{program}: {problem}; {usage}")
+    exit_with(f"{program}: {problem}; {usage}")
