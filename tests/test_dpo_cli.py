@@ -31,11 +31,19 @@ def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     assert [meant_as_local(p) for p in ("gpt2", "Qwen/Qwen2.5-0.5B")] == [False, False]
 
 
-def test_missing_shards_are_named(tiny_llama, tmp_path):
+def test_missing_shards_and_files_are_named(tiny_llama, tmp_path):
+    """Missing shards, and a named data file that is missing (validation too: not silently off)."""
     tiny_llama(0).save_pretrained(tmp_path / "sft")
-    with pytest.raises(SystemExit, match="DPO token shards not found: .*missing"):
-        main("dpo", ["--init_from", str(tmp_path / "sft"), "--data_path", str(tmp_path / "missing"), "--tracker",
-                     "none", "--engine", "torch", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    (tmp_path / "pairs.jsonl").write_text("")
+    flags = ["--init_from", str(tmp_path / "sft"), "--tracker", "none", "--engine", "torch", "--device", "cpu",
+             "--out_dir", str(tmp_path / "out")]
+    for data, message in [(["--data_path", str(tmp_path / "missing")], "DPO token shards not found: .*missing"),
+                          (["--data_path", str(tmp_path / "missing.jsonl")],
+                           "^dpo: DPO data file not found: .*missing.jsonl$"),
+                          (["--data_path", str(tmp_path / "pairs.jsonl"), "--val_data_path", "val.json"],
+                           "^dpo: DPO data file not found: val.json$")]:
+        with pytest.raises(SystemExit, match=message):
+            main("dpo", flags + data)
 
 
 def test_run_without_held_out_data_saves_the_model_and_no_plot(tiny_sft_model, tiny_tokens, tmp_path):

@@ -117,7 +117,7 @@ def test_gpu_utilization_without_nvml_is_skipped_quietly(monkeypatch):
 def test_bad_watch_settings_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit) as error:
         main("pretrain", flags)
-    text = str(error.value.code)
+    text = str(error.value)
     assert text.startswith(f"pretrain: {message}") and "\n" not in text
 
 

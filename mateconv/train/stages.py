@@ -19,6 +19,7 @@ from torch import nn
 from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, TrainConfig, help_text, parse_args,
                              parse_config, per_rank_sizes)
 from mateconv.data import DataError
+from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
@@ -83,9 +84,12 @@ def tokenize_raw(kind: str, path: Path, split: str, config: TrainConfig, runtime
 def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Runtime, tokenizer,
                 **reader_options) -> StageData:
     """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with. Either
-    may be a raw data file instead (`tokenize_raw`); with a raw data_path, a val_data_path that does not exist turns
-    validation off."""
+    may be a raw data file instead (`tokenize_raw`); with a raw data_path, a val_data_path of shards that do not exist
+    (the stage's default) turns validation off, a raw file that does not exist is an error."""
     train_path, val_path = Path(config.data.data_path), config.data.val_data_path
+    for path in (train_path, val_path):
+        if str(path).lower().endswith(SUFFIXES) and not Path(path).is_file():
+            raise DataError(f"{label} data file not found: {path}")
     raw = train_path.is_file()
     if raw:
         train_path = tokenize_raw(reader_class.kind, train_path, "train", config, runtime)
@@ -238,13 +242,24 @@ def out_of_memory(config: TrainConfig, error: Exception) -> str:
             f"true; configs/memory/gpu{{16,24,40,80}}gb.yaml hold settings that fit those cards; {kept}")
 
 
+class StageExit(SystemExit):
+    """Exit status 1 with a one-line message that is already written; str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def exit_with(message: str) -> NoReturn:
-    """Exit 1 after writing `message` (if any) as one line in one write: under a launcher the ranks share one stream,
+    """Write `message` (if any) as one line in one write, then exit 1: under a launcher the ranks share one stream,
     and sys.exit writes a message and its newline separately, so two ranks' lines ran into one."""
     if message:
         sys.stderr.write(f"{message}\n")
         sys.stderr.flush()
-    sys.exit(1)
+    raise StageExit(message)
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
