@@ -198,6 +198,9 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     """Set up the processes, build the model, read the data, build the objective and evaluators, and train."""
     runtime = setup(config.parallel)
     per_rank_sizes(config, runtime.world_size)
+    if runtime.is_main and runtime.device.type == "cpu" and runtime.dtype != torch.float32:
+        print(f"[{recipe.name}] note: dtype {config.parallel.dtype} on a CPU trains many times slower than float32 on "
+              "most CPUs (they have no fast half-precision matmul); dtype auto picks float32 there", flush=True)
     seed_everything(config.optim.seed)  # identical initial weights on every rank
     model = build_model(config)
     tokenizer = load_tokenizer(config)
