@@ -166,3 +166,29 @@ def test_seed_003s_trainer_override_picks_the_engine():
     assert parse_config(["--overrides", "trainer=BasicTrainer"], {}).parallel.engine == "auto"
     with pytest.raises(ConfigError, match="trainer: 'TensorParallelTrainer' is not one of BasicTrainer, FSDPTrainer"):
         parse_config(["--overrides", "trainer=TensorParallelTrainer"], {})
+
+
+def test_plain_python_with_several_gpus_reruns_on_every_one(tiny_flags, tmp_path, monkeypatch):
+    """Seed 003 starts FSDP as `python train.py config.yml --overrides trainer=FSDPTrainer`, and its trainer then uses
+    every visible GPU. Here too: with 2 GPUs visible (their count faked: this machine has none) the stage's command
+    reruns under torchrun with 2 ranks, and that command, run for real (CPU ranks here), trains on 2 ranks. Under a
+    launcher, with another engine, on the CPU or with one GPU: no rerun."""
+    from mateconv.train.distributed import every_gpu_command
+
+    args = tiny_flags(tmp_path / "run", max_steps=2, engine="fsdp", device="auto")
+    script = str(REPO / "4.pretrain.py")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    command = every_gpu_command(parse_config(args, {}).parallel, script, args)
+    assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "PyTorch FSDP, 2 rank(s)" in result.stdout, result.stderr[-3000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    for other in (["--engine", "torch"], ["--device", "cpu"]):
+        assert every_gpu_command(parse_config(args + other, {}).parallel, script, args) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert every_gpu_command(parse_config(args, {}).parallel, script, args) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert every_gpu_command(parse_config(args, {}).parallel, script, args) is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,19 @@ class Runtime:
 def launched_distributed() -> bool:
     """True under `deepspeed` / `torchrun` (they export WORLD_SIZE and RANK)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def every_gpu_command(parallel: ParallelConfig, script: str, argv: list[str]) -> list[str] | None:
+    """The command that reruns `script argv` under torchrun with one rank per visible GPU, for engine fsdp started
+    without a launcher on a machine with several GPUs (seed 003 starts FSDP with plain `python train.py ...`, and its
+    trainer then uses every GPU); None otherwise (launched already, another engine or device, one GPU)."""
+    if parallel.engine != "fsdp" or launched_distributed() or parallel.device not in ("auto", "cuda"):
+        return None
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), script,
+            *argv]
 
 
 def wants_deepspeed(parallel: ParallelConfig) -> bool:

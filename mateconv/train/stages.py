@@ -25,7 +25,7 @@ from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
 from mateconv.train.curves import plot_training
 from mateconv.train.data import StageData
-from mateconv.train.distributed import Runtime, barrier, setup, shutdown
+from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setup, shutdown
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
@@ -277,6 +277,10 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     label = f"{stage} (rank {rank})" if rank != "0" else stage
     try:
         config = parse_config(argv, recipe.defaults, stage)
+        if (command := every_gpu_command(config.parallel, sys.argv[0], argv)) is not None:
+            print(f"[{stage}] engine fsdp with several GPUs visible: one rank on each (CUDA_VISIBLE_DEVICES picks "
+                  f"fewer): python {' '.join(command[1:])}", flush=True)
+            os.execv(command[0], command)
         summary = run(recipe, config)
     except (ConfigError, DataError) as e:  # each rank says its own (a launcher may stop rank 0 before it speaks)
         exit_with(f"{label}: {e}")
