@@ -193,6 +193,7 @@ class CheckpointConfig:
     """Where a run starts from and where it writes."""
     out_dir: str = "out/pretrain"
     init_from: str = ""  # a saved Hugging Face causal LM to start from; the model section is then ignored
+    trust_remote_code: bool = False  # run the modelling code an init_from/ref_model_path directory ships (auto_map)
     resume: str = "auto"
     save_interval_steps: int = 1000
     keep_checkpoint_max: int = 3
@@ -211,6 +212,7 @@ class TrackConfig:
     eval_at_start: bool | None = None  # evaluate the starting model as step 0; None: DPO yes, the others no
     peak_flops: float = 0.0
     tracker: str = "wandb"
+    tensorboard_dir: str = ""  # set: TensorBoard events go here whatever the tracker; "" = <out_dir>/tensorboard
     wandb_project: str = ""  # "" = $WANDB_PROJECT (the seeds export it), else "mateconv"
     wandb_entity: str = ""  # "" = $WANDB_ENTITY, else your W&B default
     wandb_run_name: str = ""

@@ -4,8 +4,9 @@
     loss = CPTTrainer(CPTConfig(model_name_or_path="Qwen/Qwen2.5-0.5B" or a local dir, max_length=512,
                                 output_dir="out/cpt")).train(texts)
 
-The texts are tokenised with the model's own tokenizer, each followed by its EOS token, and packed into rows of
-`max_length` tokens that begin at document starts (mateconv.data.shards.DocumentRows). The result is saved in Hugging Face format to `<output_dir>/final/`.
+The settings are seed 002's (Hugging Face TrainingArguments names). The texts are tokenised with the model's own
+tokenizer, each followed by its EOS token, and packed into rows of `max_length` tokens that begin at document starts
+(mateconv.data.shards.DocumentRows). The result is saved in Hugging Face format to `<output_dir>/final/`.
 """
 from __future__ import annotations
 
@@ -21,34 +22,51 @@ from mateconv.train.distributed import Runtime
 from mateconv.train.stages import Recipe, lm_objective, run
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a misspelt setting (`config.wandb_projet = ...`) is an error, not ignored
 class CPTConfig:
+    """Seed 002's settings (Hugging Face TrainingArguments names), each mapped onto the stage-4 engine's."""
     model_name_or_path: str
     max_length: int = 512
+    trust_remote_code: bool = False
     learning_rate: float = 2e-5
     num_train_epochs: int = 1
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     use_muon_optimizer: bool = False
+    use_flash_attention: bool = True  # PyTorch SDPA (FlashAttention kernels on GPUs); False: the plain attention
     use_gradient_checkpointing: bool = False
     use_bf16: bool = True  # bf16 where the GPU has it; fp32 on CPUs
+    dataloader_num_workers: int = 0
     output_dir: str = "out/cpt"
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_steps: int = 500  # with eval_texts: validation loss every this many steps, best/ kept by it
+    save_total_limit: int = 3
     max_samples: int | None = None
     max_steps: int = 0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # > 0 wins over warmup_ratio
     seed: int = 42
-    tracker: str = "none"
+    wandb_project: str = ""  # set: the run is logged to W&B (offline without a key)
+    logging_dir: str = ""  # set: TensorBoard events go here (beside W&B when wandb_project is set)
+    tracker: str = ""  # "" = wandb with wandb_project, else none; or wandb, tensorboard, none
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, resume: str = "never") -> TrainConfig:
+        tracker = self.tracker or ("wandb" if self.wandb_project else "none")
         return build_config(dict(
-            init_from=self.model_name_or_path, max_seq_len=self.max_length, learning_rate=self.learning_rate,
-            epochs=self.num_train_epochs, batch_size=self.per_device_train_batch_size,
-            accumulation_steps=self.gradient_accumulation_steps,
-            optimizer="muon" if self.use_muon_optimizer else "adamw",
-            gradient_checkpointing=self.use_gradient_checkpointing, dtype="auto" if self.use_bf16 else "float32",
-            out_dir=self.output_dir, max_steps=self.max_steps, warmup_iters=self.warmup_steps, seed=self.seed,
-            tracker=self.tracker, num_workers=0, val_data_path="", resume="never",
-            save_interval_steps=10**9, log_interval=1).items())
+            init_from=self.model_name_or_path, trust_remote_code=self.trust_remote_code, max_seq_len=self.max_length,
+            learning_rate=self.learning_rate, epochs=self.num_train_epochs, batch_size=self.per_device_train_batch_size,
+            accumulation_steps=self.gradient_accumulation_steps, warmup_iters=self.warmup_steps,
+            warmup_ratio=0.0 if self.warmup_steps else self.warmup_ratio, weight_decay=self.weight_decay,
+            grad_clip=self.max_grad_norm, optimizer="muon" if self.use_muon_optimizer else "adamw",
+            flash_attn=self.use_flash_attention, gradient_checkpointing=self.use_gradient_checkpointing,
+            dtype="auto" if self.use_bf16 else "float32", num_workers=self.dataloader_num_workers,
+            out_dir=self.output_dir, log_interval=self.logging_steps, save_interval_steps=self.save_steps,
+            eval_interval=self.eval_steps, keep_checkpoint_max=self.save_total_limit, max_steps=self.max_steps,
+            seed=self.seed, tracker=tracker, wandb_project=self.wandb_project, tensorboard_dir=self.logging_dir,
+            val_data_path="", resume=resume).items())
 
 
 class PackedTexts(DocumentRows):
@@ -70,23 +88,32 @@ class PackedTexts(DocumentRows):
         return self.stream[begin:end]
 
 
-def read_texts(texts: list[str], config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
-    """The CPT recipe's reader: `texts` packed with the model's own tokenizer."""
+def read_texts(texts: list[str], eval_texts: list[str] | None, config: TrainConfig, runtime: Runtime,
+               tokenizer) -> StageData:
+    """The CPT recipe's reader: `texts` (and the held-out `eval_texts`) packed with the model's own tokenizer."""
     if tokenizer is None:
         raise ConfigError(f"{config.checkpoint.init_from} has no tokenizer (tokenizer_config.json)")
-    return StageData(PackedTexts(texts, tokenizer, config.model.max_seq_len))
+    seq_len = config.model.max_seq_len
+    return StageData(PackedTexts(texts, tokenizer, seq_len), PackedTexts(eval_texts, tokenizer, seq_len)
+                     if eval_texts else None)
 
 
 class CPTTrainer:
     def __init__(self, config: CPTConfig):
         self.config = config
-        self.train_config = config.train_config()
 
-    def train(self, texts: list[str]) -> float:
-        """Runs continued pretraining; returns the final training loss."""
+    def train(self, texts: list[str], eval_texts: list[str] | None = None,
+              resume_from_checkpoint: bool | str = False) -> float:
+        """Runs continued pretraining; returns the final training loss. With `eval_texts` (held out), the validation
+        loss is logged every `eval_steps` and the model with the lowest is kept in `<output_dir>/best/`.
+        `resume_from_checkpoint`: True = the newest checkpoint in output_dir (none: a fresh start), or a checkpoint
+        directory; the texts must be the same as in the run that wrote it."""
+        resume = {True: "auto", False: "never"}.get(resume_from_checkpoint, resume_from_checkpoint)
+        train_config = self.config.train_config(str(resume))
         texts = [t for t in texts if t and t.strip()]
         if self.config.max_samples is not None:
             texts = texts[: self.config.max_samples]
         if not texts:
             raise ConfigError("no non-empty texts to train on")
-        return run(Recipe("cpt", partial(read_texts, texts), lm_objective), self.train_config)["loss"]
+        eval_texts = [t for t in eval_texts or [] if t and t.strip()]
+        return run(Recipe("cpt", partial(read_texts, texts, eval_texts), lm_objective), train_config)["loss"]

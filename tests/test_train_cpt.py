@@ -10,8 +10,9 @@ import torch
 
 from mateconv.config import ConfigError, parse_config
 from mateconv.cpt import CPTConfig, CPTTrainer, PackedTexts
+from mateconv.train.models import build_model
 from mateconv.train.stages import RECIPES, run
-from conftest import losses
+from conftest import losses, read_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,6 +43,10 @@ def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").vocab_size == 512
+    # flash_attn (seed 002's use_flash_attention) picks the HF model's attention too: SDPA, or the plain one
+    attention = {flash: build_model(parse_config(tiny_flags(tmp_path / "run", init_from=tiny_qwen, flash_attn=flash)))
+                 .config._attn_implementation for flash in (True, False)}
+    assert attention == {True: "sdpa", False: "eager"}
 
 
 def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
@@ -50,7 +55,7 @@ def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
     trainer = CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64, learning_rate=3e-3,
                                    num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                    use_muon_optimizer=True, use_gradient_checkpointing=True, use_bf16=False,
-                                   output_dir=str(tmp_path / "cpt"), max_samples=100, max_steps=6))
+                                   output_dir=str(tmp_path / "cpt"), max_samples=100, max_steps=6, logging_steps=1))
     final_loss = trainer.train(texts)
     curve = losses(tmp_path / "cpt")
     assert final_loss == pytest.approx(curve[6]) and curve[6] < curve[1]
@@ -60,6 +65,92 @@ def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen)
     weight = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(reloaded.state_dict()[weight], original.state_dict()[weight])
+
+
+# Seed 002's "advanced" CPTConfig, every setting as the seed writes it; the test shrinks only the sizes.
+SEED_002_ADVANCED = dict(
+    model_name_or_path="Qwen/Qwen2.5-7B", max_length=4096, learning_rate=3e-5, num_train_epochs=5,
+    per_device_train_batch_size=1, gradient_accumulation_steps=16, warmup_ratio=0.1, weight_decay=0.01,
+    max_grad_norm=1.0, use_muon_optimizer=True, use_flash_attention=True, use_gradient_checkpointing=True,
+    use_bf16=True, dataloader_num_workers=8, output_dir="./large_scale_cpt", logging_steps=50, save_steps=1000,
+    eval_steps=1000, save_total_limit=5, max_samples=100000)
+
+
+def test_seed_002_settings_map_onto_the_engine():
+    engine = CPTConfig(**SEED_002_ADVANCED).train_config()
+    assert (engine.checkpoint.init_from, engine.model.max_seq_len, engine.optim.learning_rate, engine.optim.epochs,
+            engine.optim.batch_size, engine.optim.accumulation_steps, engine.optim.warmup_ratio,
+            engine.optim.weight_decay, engine.optim.grad_clip, engine.optim.optimizer, engine.model.flash_attn,
+            engine.parallel.gradient_checkpointing, engine.parallel.dtype, engine.data.num_workers,
+            engine.checkpoint.out_dir, engine.track.log_interval, engine.checkpoint.save_interval_steps,
+            engine.track.eval_interval, engine.checkpoint.keep_checkpoint_max, engine.track.tracker) == (
+        "Qwen/Qwen2.5-7B", 4096, 3e-5, 5, 1, 16, 0.1, 0.01, 1.0, "muon", True, True, "auto", 8, "./large_scale_cpt",
+        50, 1000, 1000, 5, "none")
+    steps = CPTConfig(**{**SEED_002_ADVANCED, **dict(warmup_steps=20, use_bf16=False, use_flash_attention=False)})
+    steps = steps.train_config()
+    assert (steps.optim.warmup_iters, steps.optim.warmup_ratio, steps.parallel.dtype, steps.model.flash_attn) == (
+        20, 0.0, "float32", False)  # warmup_steps wins over warmup_ratio, as in transformers
+
+
+def test_seed_002_settings_evaluation_tracking_and_resume(tiny_qwen, tiny_embedded_data, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb_records import records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lines = (tiny_embedded_data / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    out = tmp_path / "cpt"
+    config = CPTConfig(**{**SEED_002_ADVANCED, **dict(
+        model_name_or_path=str(tiny_qwen), max_length=64, learning_rate=3e-3, num_train_epochs=1,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, dataloader_num_workers=1,
+        output_dir=str(out), logging_steps=1, save_steps=2, eval_steps=3, save_total_limit=2, max_samples=120,
+        max_steps=6)})
+    config.wandb_project = "qwen2.5-cpt"  # the seed's "experiment tracking" lines
+    config.logging_dir = str(tmp_path / "logs")
+    with pytest.raises(AttributeError):
+        config.wandb_projet = "typo"
+    first = CPTTrainer(config).train(texts[:150], eval_texts=texts[150:190])
+    rows = read_metrics(out)
+    curve = losses(out)
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6] and first == pytest.approx(curve[6])
+    # every eval_steps, and at each save (best/ is chosen among the saved steps)
+    assert [row["step"] for row in rows if "val_loss" in row] == [2, 3, 4, 6]
+    assert (out / "best" / "config.json").is_file() and (out / "final" / "config.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    events = EventAccumulator(config.logging_dir)
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {r.run.project for r in records(run_file) if r.WhichOneof("record_type") == "run"} == {"qwen2.5-cpt"}
+    # resumed from the step-4 checkpoint, the run repeats steps 5 and 6 exactly
+    CPTTrainer(config).train(texts[:150], eval_texts=texts[150:190],
+                             resume_from_checkpoint=str(out / "checkpoints" / "step_00000004"))
+    resumed = losses(out)
+    assert [resumed[step] for step in (5, 6)] == pytest.approx([curve[5], curve[6]], rel=1e-5)
+
+
+def test_trust_remote_code(tiny_qwen, tiny_embedded_data, tmp_path):
+    """A model directory that ships its own modelling code (config.json auto_map) loads only when trusted."""
+    config = json.loads((tiny_qwen / "config.json").read_text())
+    config.update(model_type="tiny_remote", auto_map={"AutoConfig": "configuration_tiny.TinyRemoteConfig",
+                                                      "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"})
+    (tiny_qwen / "config.json").write_text(json.dumps(config))
+    (tiny_qwen / "configuration_tiny.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass TinyRemoteConfig(Qwen2Config):\n    model_type = 'tiny_remote'\n")
+    (tiny_qwen / "modeling_tiny.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_tiny import TinyRemoteConfig\n\n\n"
+        "class TinyRemoteForCausalLM(Qwen2ForCausalLM):\n    config_class = TinyRemoteConfig\n")
+    lines = (tiny_embedded_data / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines()[:60]
+    texts = [json.loads(line)["text"] for line in lines]
+    settings = dict(model_name_or_path=str(tiny_qwen), max_length=64, use_bf16=False, output_dir=str(tmp_path / "cpt"),
+                    max_steps=2)
+    with pytest.raises(ConfigError, match="init_from: cannot load .*; set trust_remote_code true"):
+        CPTTrainer(CPTConfig(**settings)).train(texts)
+    CPTTrainer(CPTConfig(**settings, trust_remote_code=True)).train(texts)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cpt" / "final", trust_remote_code=True)
+    assert type(reloaded).__name__ == "TinyRemoteForCausalLM"
 
 
 def test_packed_texts_and_errors(tiny_qwen):

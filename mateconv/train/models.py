@@ -32,7 +32,7 @@ def meant_as_local(path: str | Path) -> bool:
             or Path(text).parent != Path(".") and Path(text).parent.is_dir())
 
 
-def load_causal_lm(path: str | Path, key: str) -> nn.Module:
+def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) -> nn.Module:
     """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
     `key` names the setting in the error."""
     if not Path(path).exists() and meant_as_local(path):
@@ -40,15 +40,19 @@ def load_causal_lm(path: str | Path, key: str) -> nn.Module:
         raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
                           f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]})") from None
+        hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
+        raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """fp32 weights on the CPU; the engine moves/casts them. The model section is ignored with init_from."""
+    """fp32 weights on the CPU; the engine moves/casts them. With init_from the model section is ignored but for
+    flash_attn."""
     if config.checkpoint.init_from:
-        model = load_causal_lm(config.checkpoint.init_from, "init_from")
+        model = load_causal_lm(config.checkpoint.init_from, "init_from", config.checkpoint.trust_remote_code)
+        if not config.model.flash_attn:  # the plain attention, as for our own model
+            model.set_attn_implementation("eager")
     else:
         model = MateConvForCausalLM(copy.deepcopy(config.model))  # the model may change its config (use_cache)
     if config.parallel.gradient_checkpointing:
@@ -78,12 +82,13 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def load_tokenizer(config: TrainConfig):
     """The tokenizer saved with the model: from init_from if it has one, else tokenizer_path; None if neither."""
+    trust = config.checkpoint.trust_remote_code
     for path in (config.checkpoint.init_from, config.data.tokenizer_path):
         if path and (Path(path) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if config.checkpoint.init_from and not Path(config.checkpoint.init_from).exists():
         try:
-            return AutoTokenizer.from_pretrained(config.checkpoint.init_from)  # a hub id
+            return AutoTokenizer.from_pretrained(config.checkpoint.init_from, trust_remote_code=trust)  # a hub id
         except (OSError, ValueError):
             return None
     return None

@@ -156,7 +156,7 @@ def reference_path(config: TrainConfig) -> Path:
 def load_reference(path: Path, runtime: Runtime, config: TrainConfig) -> torch.nn.Module:
     """The frozen reference on the training device. Under ZeRO-3 it is sharded like the policy (an inference-only
     DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in."""
-    reference = load_causal_lm(path, "ref_model_path").eval().requires_grad_(False)
+    reference = load_causal_lm(path, "ref_model_path", config.checkpoint.trust_remote_code).eval().requires_grad_(False)
     if runtime.use_deepspeed and config.parallel.zero_stage == 3:
         import deepspeed
 

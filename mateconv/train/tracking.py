@@ -150,10 +150,10 @@ class Tracker:
                       "(`wandb sync` uploads it later)", flush=True)
                 wandb.teardown()
                 self.run = wandb.init(**settings, mode="offline")
-        elif self.kind == "tensorboard":
+        if self.kind == "tensorboard" or self.track.tensorboard_dir:  # a directory asked for: beside W&B too
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=self.track.tensorboard_dir or str(Path(out_dir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop the rows logged after the checkpoint (they are about to be replayed); a fresh run (step 0)
