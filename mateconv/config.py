@@ -35,6 +35,7 @@ from model.config import ConfigError as ModelConfigError
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+WEIGHT_FILES = (".pt", ".pth", ".bin", ".safetensors")  # init_weights: a file of weights, not a model directory
 
 
 def dataset_path(value) -> str:
@@ -72,7 +73,7 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict | Callable]] = {
     "exp_name": "wandb_run_name", "n_epochs": "epochs", "max_length": "max_seq_len",
     "gradient_accumulation_steps": "accumulation_steps", "activation_checkpointing": "gradient_checkpointing",
     "eval_every_steps": "eval_interval", "n_eval_examples": "eval_examples", "do_first_eval": "eval_at_start",
-    "model.name_or_path": "init_from", "model.archive": "init_from", "model.policy_dtype": "dtype",
+    "model.name_or_path": "init_from", "model.archive": "init_weights", "model.policy_dtype": "dtype",
     "loss.beta": "dpo_beta", "wandb.project": "wandb_project", "wandb.entity": "wandb_entity",
     "wandb.enabled": ("tracker", {True: "wandb", False: "none"}),
     "report_to_tensorboard": ("tracker", {True: "tensorboard", False: None}),
@@ -193,6 +194,9 @@ class CheckpointConfig:
     """Where a run starts from and where it writes."""
     out_dir: str = "out/pretrain"
     init_from: str = ""  # a saved Hugging Face causal LM to start from; the model section is then ignored
+    # a file of weights loaded into the starting model (init_from's, else the model section's): a state dict, or a dict
+    # holding it under "state" (seed 003's model.archive, e.g. policy.pt); a directory here is taken as init_from
+    init_weights: str = ""
     trust_remote_code: bool = False  # run the modelling code an init_from/ref_model_path directory ships (auto_map)
     resume: str = "auto"
     save_interval_steps: int = 1000
@@ -200,6 +204,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, ("save_interval_steps", "keep_checkpoint_max"))
+        if self.init_weights and not self.init_weights.lower().endswith(WEIGHT_FILES):
+            self.init_from, self.init_weights = self.init_weights, ""  # a saved model's directory (a run's final/)
 
 
 @dataclass
@@ -429,8 +435,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
             pairs.append((key, value))
-    order = {"preset": 0, "model.archive": 2}  # seed 003: a run's weights (archive) win over name_or_path
-    return sorted(pairs, key=lambda pair: order.get(pair[0], 1))
+    return sorted(pairs, key=lambda pair: pair[0] != "preset")
 
 
 def flag_kind(name: str):
@@ -482,8 +487,8 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
         elif values:
             pairs.append((name, values[0]))
             i += 2
-        elif kind is bool:
-            pairs.append((name, True))  # a bare boolean flag: --use_moe
+        elif kind is bool or kind == bool | None:
+            pairs.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
             i += 1
         else:
             raise ConfigError(f"--{name} needs a value")

@@ -58,6 +58,13 @@ def test_cache_key_follows_data_and_model(setup, tiny_llama):
     assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32) != key
     tiny_llama(9).save_pretrained(ref_dir)
     assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32) != key
+    key = reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32)
+    weights = ref_dir.parent / "policy.pt"  # init_weights loaded into the reference
+    torch.save({"state": tiny_llama(4).state_dict()}, weights)
+    with_weights = reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32, str(weights))
+    assert with_weights != key
+    torch.save({"state": tiny_llama(5).state_dict()}, weights)
+    assert reference_cache_dir(data_dir, ref_dir, SEQ, torch.float32, str(weights)) != with_weights
 
 
 def test_cache_errors_are_clear(setup, tmp_path):

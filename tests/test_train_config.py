@@ -96,6 +96,13 @@ def test_boolean_forms(flags, value):
     assert parse_config(flags).model.use_moe is value
 
 
+def test_a_bare_optional_switch_is_true():
+    """Switches whose default None means "the stage decides" (`eval_at_start`, `compile`) are switches too."""
+    config = parse_config(["--eval_at_start", "--compile", "--dim", "64"])
+    assert (config.track.eval_at_start, config.parallel.compile, config.model.dim) == (True, True, 64)
+    assert parse_config(["--eval_at_start", "none"]).track.eval_at_start is None
+
+
 def test_list_flags_take_several_values_or_commas():
     config = parse_config(["--lora_target_modules", "q_proj", "v_proj", "--forget_data_paths", "", "--use_moe"])
     assert (config.lora.target_modules, config.dpo.forget_data_paths) == (["q_proj", "v_proj"], [])

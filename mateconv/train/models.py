@@ -46,6 +46,40 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
 
 
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Loads a file of weights into `model` (init_weights): a state dict (torch.save'd or safetensors), or a dict
+    holding one under "state" (seed 003's policy.pt), "state_dict" or "model". Every weight must fit; a tied weight may
+    be missing."""
+    if not Path(path).is_file():
+        raise ConfigError(f"init_weights: {path} does not exist (a file of weights: .pt, .pth, .bin or .safetensors)")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and safetensors each raise their own
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"init_weights: cannot read {path} ({reason})") from None
+    for key in ("state", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"init_weights: {path} holds no state dict (a mapping of names to tensors)")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[name].data_ptr() for name in state if name in params}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that differs
+        raise ConfigError(f"init_weights: {path} does not fit the model ({str(e).splitlines()[-1].strip()})") from None
+    missing = [name for name in missing if name not in params or params[name].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ConfigError(f"init_weights: {path} does not fit the model: {len(missing)} weights missing "
+                          f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+
+
 def build_model(config: TrainConfig) -> nn.Module:
     """fp32 weights on the CPU; the engine moves/casts them. With init_from the model section is ignored but for
     flash_attn."""
@@ -55,6 +89,8 @@ def build_model(config: TrainConfig) -> nn.Module:
             model.set_attn_implementation("eager")
     else:
         model = MateConvForCausalLM(copy.deepcopy(config.model))  # the model may change its config (use_cache)
+    if config.checkpoint.init_weights:
+        load_weights(model, config.checkpoint.init_weights)
     if config.parallel.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False

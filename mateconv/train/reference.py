@@ -17,7 +17,7 @@ from mateconv.logprobs import model_token_logps
 from mateconv.train.distributed import Runtime
 from mateconv.train.dpo import DPOError, concat_pair
 from mateconv.train.ds_config import build_ds_config
-from mateconv.train.models import load_causal_lm
+from mateconv.train.models import load_causal_lm, load_weights
 
 REF_CACHE_VERSION = 1
 
@@ -51,11 +51,12 @@ def model_fingerprint(model_dir: Path) -> str:
     return fingerprint_files(files)
 
 
-def reference_cache_dir(data_dir: Path, ref_model_dir: Path, seq_len: int, dtype: torch.dtype) -> Path:
-    key = hashlib.blake2b(
-        f"{REF_CACHE_VERSION}|{data_fingerprint(data_dir)}|{model_fingerprint(ref_model_dir)}|{seq_len}|{dtype}".encode(),
-        digest_size=8,
-    ).hexdigest()
+def reference_cache_dir(data_dir: Path, ref_model_dir: Path, seq_len: int, dtype: torch.dtype,
+                        weights: str = "") -> Path:
+    """`weights`: a file of weights loaded into the reference model (`reference_weights`), part of the key."""
+    model = model_fingerprint(ref_model_dir) + (f"+{fingerprint_files([Path(weights)])}" if weights else "")
+    key = hashlib.blake2b(f"{REF_CACHE_VERSION}|{data_fingerprint(data_dir)}|{model}|{seq_len}|{dtype}".encode(),
+                          digest_size=8).hexdigest()
     return Path(data_dir) / "ref_logps" / key
 
 
@@ -153,10 +154,17 @@ def reference_path(config: TrainConfig) -> Path:
     return path
 
 
+def reference_weights(config: TrainConfig) -> str:
+    """init_weights, when the reference is the starting model (no ref_model_path): both start from those weights."""
+    return "" if config.dpo.ref_model_path else config.checkpoint.init_weights
+
+
 def load_reference(path: Path, runtime: Runtime, config: TrainConfig) -> torch.nn.Module:
     """The frozen reference on the training device. Under ZeRO-3 it is sharded like the policy (an inference-only
     DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in."""
     reference = load_causal_lm(path, "ref_model_path", config.checkpoint.trust_remote_code).eval().requires_grad_(False)
+    if weights := reference_weights(config):
+        load_weights(reference, weights)
     if runtime.use_deepspeed and config.parallel.zero_stage == 3:
         import deepspeed
 
@@ -177,7 +185,8 @@ def with_cached_reference(pairs_list: list, ref_path: Path, runtime: Runtime, co
         if pairs is None:
             cached.append(None)
             continue
-        cache_dir = reference_cache_dir(pairs.directory, ref_path, config.model.max_seq_len, runtime.dtype)
+        cache_dir = reference_cache_dir(pairs.directory, ref_path, config.model.max_seq_len, runtime.dtype,
+                                        reference_weights(config))
         if ReferenceLogps.exists(cache_dir):
             if runtime.is_main:
                 print(f"[dpo] reusing reference log-probs {cache_dir}", flush=True)

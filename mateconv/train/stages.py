@@ -31,7 +31,7 @@ from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
 from mateconv.train.models import build_model, load_tokenizer
 from mateconv.train.objectives import LMObjective, Objective
-from mateconv.train.reference import load_reference, reference_path, with_cached_reference
+from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.train.signals import TrainingHalted
 
@@ -138,16 +138,19 @@ def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPO
     """The reference is the precomputed log-probs in the data, LoRA's own base model (adapters disabled) unless
     ref_model_path names another, or a frozen copy of the reference model."""
     ref_path = reference_path(config)
+    ref_name = f"{ref_path}{f' + {weights}' if (weights := reference_weights(config)) else ''}"
     reference = None
     if config.dpo.precompute_ref:
-        source = f"log-probs of {ref_path}, precomputed"
+        source = f"log-probs of {ref_name}, precomputed"
     elif config.dpo.ref_model_path or not config.lora.enabled:
         reference = load_reference(ref_path, runtime, config)
-        source = str(ref_path)
+        source = ref_name
     else:
-        source = f"{ref_path} (LoRA: adapters disabled)"
+        source = f"{ref_name} (LoRA: adapters disabled)"
     if runtime.is_main:
-        print(f"[dpo] policy {config.checkpoint.init_from}, reference {source}, {config.dpo}", flush=True)
+        policy = config.checkpoint.init_from + (f" + {config.checkpoint.init_weights}"
+                                                 if config.checkpoint.init_weights else "")
+        print(f"[dpo] policy {policy}, reference {source}, {config.dpo}", flush=True)
     return DPOObjective(config.dpo, reference)
 
 
