@@ -200,6 +200,7 @@ class CheckpointConfig:
     trust_remote_code: bool = False  # run the modelling code an init_from/ref_model_path directory ships (auto_map)
     resume: str = "auto"
     save_interval_steps: int = 1000
+    save_every_epoch: bool = False  # also a checkpoint at the end of each epoch (seed 002's CPTTrainer saves so)
     keep_checkpoint_max: int = 3
 
     def __post_init__(self) -> None:

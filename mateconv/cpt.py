@@ -43,6 +43,7 @@ class CPTConfig:
     output_dir: str = "out/cpt"
     logging_steps: int = 10
     save_steps: int = 500
+    save_every_epoch: bool = True  # a checkpoint at each epoch's end too, as seed 002 describes
     eval_steps: int = 500  # with eval_texts: validation loss every this many steps, best/ kept by it
     save_total_limit: int = 3
     max_samples: int | None = None
@@ -64,9 +65,10 @@ class CPTConfig:
             flash_attn=self.use_flash_attention, gradient_checkpointing=self.use_gradient_checkpointing,
             dtype="auto" if self.use_bf16 else "float32", num_workers=self.dataloader_num_workers,
             out_dir=self.output_dir, log_interval=self.logging_steps, save_interval_steps=self.save_steps,
-            eval_interval=self.eval_steps, keep_checkpoint_max=self.save_total_limit, max_steps=self.max_steps,
-            seed=self.seed, tracker=tracker, wandb_project=self.wandb_project, tensorboard_dir=self.logging_dir,
-            val_data_path="", resume=resume).items())
+            save_every_epoch=self.save_every_epoch, eval_interval=self.eval_steps,
+            keep_checkpoint_max=self.save_total_limit, max_steps=self.max_steps, seed=self.seed, tracker=tracker,
+            wandb_project=self.wandb_project, tensorboard_dir=self.logging_dir, val_data_path="",
+            resume=resume).items())
 
 
 class PackedTexts(DocumentRows):

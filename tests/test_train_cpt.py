@@ -129,6 +129,19 @@ def test_seed_002_settings_evaluation_tracking_and_resume(tiny_qwen, tiny_embedd
     assert [resumed[step] for step in (5, 6)] == pytest.approx([curve[5], curve[6]], rel=1e-5)
 
 
+def test_a_checkpoint_at_each_epoch_end(tiny_qwen, tiny_embedded_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    lines = (tiny_embedded_data / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    texts = [json.loads(line)["text"] for line in lines]
+    per_epoch = len(PackedTexts(texts, AutoTokenizer.from_pretrained(tiny_qwen), 64)) // 4
+    out = tmp_path / "cpt"
+    CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64, num_train_epochs=3, use_bf16=False,
+                         per_device_train_batch_size=4, save_steps=1000, output_dir=str(out))).train(texts)
+    assert per_epoch >= 2 and [int(p.name.removeprefix("step_")) for p in sorted((out / "checkpoints").glob("step_*"))
+                               ] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+
+
 def test_trust_remote_code(tiny_qwen, tiny_embedded_data, tmp_path):
     """A model directory that ships its own modelling code (config.json auto_map) loads only when trusted."""
     config = json.loads((tiny_qwen / "config.json").read_text())

@@ -428,6 +428,7 @@ class Trainer:
                     if pending is not None:  # the previous step: the device has it done or nearly, this one queued
                         halted, pending = self._finish(pending, state, tracker, progress), None
                         step_lr = self.current_lr()  # its schedule step is this one's rate
+                    epoch_checkpoint = False
                     if halted:  # found one step late: this step's batches go back unstepped, for the resume
                         self.optimizer.zero_grad(set_to_none=True)
                         state["epoch"], state["samples_in_epoch"] = step_start
@@ -437,7 +438,9 @@ class Trainer:
                         grad_norm, applied = self.optimizer_step(step_loss)
                         step += 1
                         state["step"] = step
+                        epoch = state["epoch"]
                         self._roll_epoch(state)
+                        epoch_checkpoint = config.checkpoint.save_every_epoch and state["epoch"] != epoch
                         figures = {"loss": step_loss, "grad_norm": grad_norm, "applied": applied}
                         if step % config.track.log_interval == 0 or step == self.total_steps:
                             figures.update(self.log_figures(extra))
@@ -447,13 +450,13 @@ class Trainer:
 
                     stop_requested = any_rank(stop.requested, runtime.device)
                     self.checkpoints.raise_failure()  # a background save that failed halts the run here
-                    due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps
+                    due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps or epoch_checkpoint
                            or (self.evaluates and step % config.track.eval_interval == 0))
                     if pending is not None and (not self.lags or due or stop_requested):
                         halted, pending = self._finish(pending, state, tracker, progress), None
                     stopped = stop_requested or halted
                     save_now = (step % config.checkpoint.save_interval_steps == 0 or stopped
-                                or step == self.total_steps)
+                                or step == self.total_steps or epoch_checkpoint)
                     paused = time.perf_counter()
                     if self.evaluates and (step % config.track.eval_interval == 0 or save_now):
                         val = self.evaluate()
