@@ -367,7 +367,7 @@ def status(logs: Path, out: Path) -> None:
 
 # A stage's progress line in a log (stages print these, not bars, off a terminal): a training step
 # (mateconv.train.tracking.Progress), or a share of stage 3's or 7's work (mateconv.terminal.PlainProgress).
-PROGRESS_LINE = re.compile(r"\] step (\d+/\d+) .* tok/s (\S+) elapsed (\S+) eta (\S+)$")
+PROGRESS_LINE = re.compile(r"\] step (\d+/\d+) .* tok/s (\S+) (?:mem_gb \S+ )?elapsed (\S+) eta (\S+)$")
 SHARE_LINE = re.compile(r"\] ([\d.,]+/[\d.,]+ \S+ \(\d+%\)) .* elapsed (\S+) eta (\S+)$")
 
 

@@ -24,7 +24,7 @@ TINY = [flag for flag in TINY_MODEL_FLAGS if flag not in ("--engine", "torch", "
     "--batch_size", "4", "--max_steps", "4", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "2",
     "--save_interval", "2"]
 STEP_LINE = re.compile(r"^\[(\w+)\] step (\d+)/(\d+) loss [\d.]+ lr [\d.e+-]+ grad_norm \S+ tok/s [\d,]+ "
-                       r"elapsed [\d:]+ eta [\d:]+$")
+                       r"mem_gb [\d.]+ elapsed [\d:]+ eta [\d:]+$")
 
 
 
@@ -339,8 +339,8 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
     from mateconv.train.tracking import Progress
 
     progress = Progress("pretrain", 4, 0, enabled=True)  # pytest's captured stdout is not a terminal
-    for step in (1, 2):
-        progress.log(step, {"loss": 6.2, "lr": 5e-4, "grad_norm": 0.9, "tokens_per_sec": 6190.4})
+    for step, memory in ((1, "memory/rss_gb"), (2, "memory/peak_gb")):  # on a CPU, on a GPU
+        progress.log(step, {"loss": 6.2, "lr": 5e-4, "grad_norm": 0.9, "tokens_per_sec": 6190.4, memory: 1.5})
     progress.log_eval(2, {"val_loss": 6.19})
     log = tmp_path / "pretrain.log"
     log.write_text(capsys.readouterr().out)

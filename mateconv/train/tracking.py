@@ -242,9 +242,11 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.initial, 1) * (self.total - step)
+        memory = row.get("memory/peak_gb", row.get("memory/rss_gb"))  # the GPU's peak so far, else the process's
         print(f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.3e} "
-              f"grad_norm {row['grad_norm']:.4f} tok/s {row['tokens_per_sec']:,.0f} elapsed {duration(elapsed)} "
-              f"eta {duration(eta)}", flush=True)
+              f"grad_norm {row['grad_norm']:.4f} tok/s {row['tokens_per_sec']:,.0f}"
+              f"{f' mem_gb {memory:.2f}' if memory is not None else ''} elapsed {duration(elapsed)} eta {duration(eta)}",
+              flush=True)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.plain and metrics:
