@@ -112,6 +112,8 @@ class CPTTrainer:
         directory; the texts must be the same as in the run that wrote it."""
         resume = {True: "auto", False: "never"}.get(resume_from_checkpoint, resume_from_checkpoint)
         train_config = self.config.train_config(str(resume))
+        if isinstance(texts, str) or isinstance(eval_texts, str):
+            raise ConfigError("texts and eval_texts are lists of strings, one document each; got a single str")
         texts = [t for t in texts if t and t.strip()]
         if self.config.max_samples is not None:
             texts = texts[: self.config.max_samples]

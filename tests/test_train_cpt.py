@@ -187,3 +187,5 @@ def test_packed_texts_and_errors(tiny_qwen):
         PackedTexts(["short"], tokenizer, 4096)
     with pytest.raises(ConfigError, match="init_from: /nonexistent/model does not exist"):
         CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])
+    with pytest.raises(ConfigError, match="lists of strings, one document each"):
+        CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen))).train("one long text")
