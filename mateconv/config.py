@@ -77,6 +77,7 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict | Callable]] = {
     "loss.beta": "dpo_beta", "wandb.project": "wandb_project", "wandb.entity": "wandb_entity",
     "wandb.enabled": ("tracker", {True: "wandb", False: "none"}),
     "report_to_tensorboard": ("tracker", {True: "tensorboard", False: None}),
+    "debug": ("tracker", {True: "none", False: None}),  # seed 003's debug mode: no W&B (checkpoints still written)
     "loss.name": ("dpo_loss_type", {"sft": None, "dpo": "sigmoid", "ipo": "ipo"}),
     "datasets": ("data_path", dataset_path),
 }

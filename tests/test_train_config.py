@@ -296,6 +296,9 @@ def test_seed_003_config_keys(tmp_path):
     per_rank_sizes(config, world_size=2)
     assert (config.optim.learning_rate, config.optim.batch_size, config.optim.total_batch_size,
             config.dpo.loss_type) == (2e-5, 32, 0, "ipo")
+    # debug mode: no W&B; debug false leaves the tracker the config chose
+    assert parse_config([str(path), "--overrides", "debug=true"], {}, "dpo").track.tracker == "none"
+    assert parse_config([str(path), "--overrides", "debug=false"], {}, "dpo").track.tracker == "wandb"
     assert parse_config(["--batch_size", "32", "--total_batch_size", "8"], {}).optim.batch_size == 32
     assert parse_config(["--batch_size", "32", "--total_batch_size", "8"], {}).optim.total_batch_size == 8
     # a run's weights (archive) win over name_or_path whatever their order; report_to_tensorboard picks tensorboard
