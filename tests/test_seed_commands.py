@@ -4,6 +4,7 @@ scripts at its top, `out/` (tokenizer and token shards), `dataset/dpo_pairs.json
 outputs are where the seed's next command looks for them, and its log holds plain progress lines."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -365,3 +366,14 @@ def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
     bar = tqdm(range(5), desc="corpus")
     assert list(bar) == list(range(5)) and bar.n == 5  # e.g. the tokenizer checks bar.n for an empty corpus
     assert capfd.readouterr().err == ""
+
+
+def test_seed_004_pip_install_requirements():
+    """Seed 004's `pip install -r requirements.txt` resolves to MateConv itself at the tested versions: in the
+    environment the suite runs in, pip has nothing else to install or change."""
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-r", "requirements.txt"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.findall(r"^Would install (.*)$", result.stdout, flags=re.M) == [
+        f"mateconv-{importlib.metadata.version('mateconv')}"], result.stdout[-2000:]
+
