@@ -32,6 +32,52 @@ def tiny_qwen(tiny_tokenizer, tmp_path):
     return path
 
 
+@pytest.fixture
+def tiny_neox(tiny_embedded_data, tmp_path):
+    """A randomly initialised 2-layer GPT-NeoX (Pythia's architecture) with a byte-level BPE tokenizer of its own
+    whose one special token is its eos, <|endoftext|> (as Pythia's, Llama's and GPT-2's: no ChatML tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "neox-tiny"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(
+        path)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=256, bos_token_id=0,
+                                     eos_token_id=0)).save_pretrained(path)
+    return path
+
+
+def test_pretrain_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
+    """4.pretrain.py --init_from a Pythia-shaped model on a raw text file: documents end with the model's own eos.
+    SFT on it says that conversations need ChatML tokens, in one line."""
+    from mateconv.data import DataError
+
+    out = tmp_path / "run"
+    config = parse_config(tiny_flags(out, init_from=tiny_neox, data_path=tiny_embedded_data / "pretrain_train.jsonl",
+                                     val_data_path="", max_steps=8))
+    run(RECIPES["pretrain"], config)
+    curve = losses(out)
+    assert curve[8] < curve[1]
+    index = json.loads((out / "data_tokens" / "train" / "index.json").read_text())
+    assert (index["eos_id"], index["pad_id"], index["vocab_size"]) == (0, 0, 400)
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "GPTNeoXForCausalLM"
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = parse_config(tiny_flags(tmp_path / "sft", "sft", init_from=tiny_neox, data_path=tmp_path / "chat.jsonl",
+                                     val_data_path=""))
+    with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: SFT conversations are"):
+        run(RECIPES["sft"], config)
+
+
 def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
     # model-shape flags (dim 64 etc. from tiny_flags, and a deliberately wrong n_layers) are ignored with init_from
     summary = run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "run", init_from=tiny_qwen, max_steps=8,

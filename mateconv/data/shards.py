@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mateconv.chat_format import EOS, PAD, render_chat
+from mateconv.chat_format import BOS, EOS, PAD, render_chat
 from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
@@ -519,15 +519,36 @@ def _finished_shards(out_dir: Path, index: dict, kind: str) -> list[dict]:
             and (out_dir / f"{s['name']}.tokens.bin").stat().st_size == s["num_tokens"] * itemsize]
 
 
-def _vocabulary(tokenizer_file: Path) -> dict:
-    """What an index records about the tokenizer: vocab_size, eos_id, pad_id and the token dtype."""
+def declared_token(tokenizer_dir: Path, role: str) -> str | None:
+    """The `eos_token`/`pad_token` a Hugging Face tokenizer declares in its tokenizer_config.json (a string, or an
+    AddedToken's dict), or None."""
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    value = json.loads(config_file.read_text(encoding="utf-8")).get(role) if config_file.is_file() else None
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _vocabulary(tokenizer_file: Path, kind: str = "pretrain") -> dict:
+    """What an index records about the tokenizer: vocab_size, eos_id, pad_id and the token dtype. The end of a
+    document (and of an answer) is ChatML's <|im_end|>; a tokenizer without ChatML (an HF model's: Pythia, Llama, GPT-2)
+    ends pretraining documents with its own eos_token and pads with its pad_token, else that eos."""
     if not tokenizer_file.is_file():
         raise DataError(f"{tokenizer_file.parent}: no tokenizer.json (train one with stage 1)")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     vocab_size = tokenizer.get_vocab_size()
-    eos_id, pad_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
-    if eos_id is None or pad_id is None:
-        raise DataError(f"{tokenizer_file} lacks the special tokens {EOS} / {PAD}")
+    chatml = tokenizer.token_to_id(BOS) is not None and tokenizer.token_to_id(EOS) is not None
+    if kind in ("sft", "dpo") and not chatml:
+        raise DataError(f"{tokenizer_file} has no {BOS} / {EOS} tokens: {kind.upper()} conversations are written in "
+                        "ChatML (a tokenizer with them: MateConv's, MiniMind's, Qwen2.5's)")
+
+    def token_id(*tokens) -> int | None:
+        return next((i for t in tokens if t and (i := tokenizer.token_to_id(t)) is not None), None)
+
+    own_eos = declared_token(tokenizer_file.parent, "eos_token")
+    eos_id = token_id(EOS if chatml else None, own_eos)
+    pad_id = token_id(PAD if chatml else None, declared_token(tokenizer_file.parent, "pad_token"), own_eos)
+    if eos_id is None:
+        raise DataError(f"{tokenizer_file} has no end-of-text token to end documents with: neither {EOS} nor an "
+                        "eos_token in tokenizer_config.json")
     return {"dtype": "uint16" if vocab_size <= 1 << 16 else "uint32", "vocab_size": vocab_size, "eos_id": eos_id,
             "pad_id": pad_id}
 
@@ -557,7 +578,7 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     files = list_files(inputs)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
-    vocab = _vocabulary(tokenizer_file)
+    vocab = _vocabulary(tokenizer_file, kind)
     workers = workers or os.cpu_count() or 1
     chunk_records = max(1, min(chunk_records, records_per_shard))
 
