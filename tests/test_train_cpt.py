@@ -54,28 +54,46 @@ def tiny_neox(tiny_embedded_data, tmp_path):
     return path
 
 
-def test_pretrain_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
-    """4.pretrain.py --init_from a Pythia-shaped model on a raw text file: documents end with the model's own eos.
-    SFT on it says that conversations need ChatML tokens, in one line."""
+def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
+    """A Pythia-shaped model: 4.pretrain.py on a raw text file ends documents with the model's own eos; SFT first
+    adds the ChatML tokens to its tokenizer and embeddings (once, into out_dir/chatml_start) and then trains; DPO
+    straight from it, and LoRA SFT, say in one line what stops them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from mateconv.data import DataError
 
-    out = tmp_path / "run"
-    config = parse_config(tiny_flags(out, init_from=tiny_neox, data_path=tiny_embedded_data / "pretrain_train.jsonl",
-                                     val_data_path="", max_steps=8))
-    run(RECIPES["pretrain"], config)
+    out = tmp_path / "pretrain"
+    run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_neox, val_data_path="", max_steps=8,
+                                                     data_path=tiny_embedded_data / "pretrain_train.jsonl")))
     curve = losses(out)
     assert curve[8] < curve[1]
     index = json.loads((out / "data_tokens" / "train" / "index.json").read_text())
     assert (index["eos_id"], index["pad_id"], index["vocab_size"]) == (0, 0, 400)
-    from transformers import AutoModelForCausalLM
-
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "GPTNeoXForCausalLM"
-    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                  {"role": "assistant", "content": "hello"}]}) + "\n")
-    config = parse_config(tiny_flags(tmp_path / "sft", "sft", init_from=tiny_neox, data_path=tmp_path / "chat.jsonl",
-                                     val_data_path=""))
-    with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: SFT conversations are"):
-        run(RECIPES["sft"], config)
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"The answer is {2 * i}."}]})
+                            + "\n" for i in range(64)))
+    sft = tmp_path / "sft"
+    flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8)
+    run(RECIPES["sft"], parse_config(tiny_flags(sft, "sft", **flags), RECIPES["sft"].defaults))
+    curve = losses(sft)
+    assert curve[12] < 0.7 * curve[1]
+    tokenizer, model = AutoTokenizer.from_pretrained(sft / "final"), AutoModelForCausalLM.from_pretrained(sft / "final")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>",
+                                                                              "<|im_end|>")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.get_input_embeddings().num_embeddings == 448 and model.config.eos_token_id == tokenizer.eos_token_id
+    assert (sft / "chatml_start" / "config.json").is_file()
+
+    with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: DPO conversations are"):
+        run(RECIPES["dpo"], parse_config(tiny_flags(tmp_path / "dpo", "dpo", init_from=tiny_neox,
+                                                    data_path=chat, val_data_path=""), RECIPES["dpo"].defaults))
+    with pytest.raises(ConfigError, match="LoRA would leave their new embeddings untrained"):
+        run(RECIPES["sft"], parse_config(tiny_flags(tmp_path / "lora", "sft", **flags, use_lora=True)))
 
 
 def test_init_from_hf_model(tiny_qwen, tiny_flags, tmp_path):
@@ -195,7 +213,8 @@ def test_trust_remote_code(tiny_qwen, tiny_embedded_data, tmp_path):
                                                       "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"})
     (tiny_qwen / "config.json").write_text(json.dumps(config))
     (tiny_qwen / "configuration_tiny.py").write_text(
-        "from transformers import Qwen2Config\n\n\nclass TinyRemoteConfig(Qwen2Config):\n    model_type = 'tiny_remote'\n")
+        "from transformers import Qwen2Config\n\n\n"
+        "class TinyRemoteConfig(Qwen2Config):\n    model_type = 'tiny_remote'\n")
     (tiny_qwen / "modeling_tiny.py").write_text(
         "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_tiny import TinyRemoteConfig\n\n\n"
         "class TinyRemoteForCausalLM(Qwen2ForCausalLM):\n    config_class = TinyRemoteConfig\n")

@@ -538,7 +538,7 @@ def _vocabulary(tokenizer_file: Path, kind: str = "pretrain") -> dict:
     chatml = tokenizer.token_to_id(BOS) is not None and tokenizer.token_to_id(EOS) is not None
     if kind in ("sft", "dpo") and not chatml:
         raise DataError(f"{tokenizer_file} has no {BOS} / {EOS} tokens: {kind.upper()} conversations are written in "
-                        "ChatML (a tokenizer with them: MateConv's, MiniMind's, Qwen2.5's)")
+                        "ChatML (5.full_sft.py --init_from MODEL adds them to a model's tokenizer and embeddings)")
 
     def token_id(*tokens) -> int | None:
         return next((i for t in tokens if t and (i := tokenizer.token_to_id(t)) is not None), None)

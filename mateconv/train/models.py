@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS
 from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
@@ -78,6 +79,50 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise ConfigError(f"init_weights: {path} does not fit the model: {len(missing)} weights missing "
                           f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+
+
+def lacks_chatml(model_dir: str | Path) -> bool:
+    """Whether a local model's tokenizer has no ChatML tokens (<|im_start|>, <|im_end|>): Pythia's, Llama's, GPT-2's."""
+    from tokenizers import Tokenizer
+
+    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return False
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return tokenizer.token_to_id(BOS) is None or tokenizer.token_to_id(EOS) is None
+
+
+def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
+    """SFT writes conversations in ChatML. A starting model whose tokenizer has no ChatML tokens gets them once (as
+    TRL's setup_chat_format does): the tokens <|im_start|> (bos) and <|im_end|> (eos, and pad where there is none)
+    and the ChatML template are added to its tokenizer, its embeddings grow to hold them (to a multiple of 64), and
+    the result (init_weights applied) is saved to <out_dir>/chatml_start, which becomes init_from."""
+    source = config.checkpoint.init_from
+    if not source or not lacks_chatml(source):
+        return
+    if config.lora.enabled:
+        raise ConfigError(f"init_from: {source}'s tokenizer has no ChatML tokens; SFT adds them, and LoRA would leave "
+                          "their new embeddings untrained: train this SFT without --use_lora")
+    target = Path(config.checkpoint.out_dir) / "chatml_start"
+    if runtime.is_main and not (target / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.checkpoint.trust_remote_code)
+        model = load_causal_lm(source, "init_from", config.checkpoint.trust_remote_code)
+        if config.checkpoint.init_weights:
+            load_weights(model, config.checkpoint.init_weights)
+        tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "pad_token": tokenizer.pad_token or EOS})
+        tokenizer.chat_template = CHAT_TEMPLATE
+        torch.manual_seed(config.optim.seed)  # the new rows are drawn around the mean embedding
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        for settings in (model.config, model.generation_config):
+            settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            settings.pad_token_id = tokenizer.pad_token_id
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        print(f"[{stage}] {source}'s tokenizer has no ChatML tokens: added {BOS} and {EOS} and the ChatML template, "
+              f"embeddings grown to {model.get_input_embeddings().num_embeddings}; starting from {target}", flush=True)
+    barrier()
+    config.checkpoint.init_from, config.checkpoint.init_weights = str(target), ""
 
 
 def build_model(config: TrainConfig) -> nn.Module:
