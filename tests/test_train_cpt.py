@@ -54,7 +54,7 @@ def tiny_neox(tiny_embedded_data, tmp_path):
     return path
 
 
-def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
+def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path, capsys, caplog):
     """A Pythia-shaped model: 4.pretrain.py on a raw text file ends documents with the model's own eos; SFT first
     adds the ChatML tokens to its tokenizer and embeddings (once, into out_dir/chatml_start) and then trains; DPO
     straight from it, and LoRA SFT, say in one line what stops them."""
@@ -77,7 +77,10 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
                             + "\n" for i in range(64)))
     sft = tmp_path / "sft"
     flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8)
+    capsys.readouterr()
     run(RECIPES["sft"], parse_config(tiny_flags(sft, "sft", **flags), RECIPES["sft"].defaults))
+    assert "tokenizer has no ChatML tokens: added <|im_start|> and <|im_end|>" in capsys.readouterr().out
+    assert not [r for r in caplog.records if "multivariate" in r.getMessage()]  # our line says it, in one
     curve = losses(sft)
     assert curve[12] < 0.7 * curve[1]
     tokenizer, model = AutoTokenizer.from_pretrained(sft / "final"), AutoModelForCausalLM.from_pretrained(sft / "final")

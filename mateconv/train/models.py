@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS
 from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
@@ -112,7 +113,12 @@ def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
         tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "pad_token": tokenizer.pad_token or EOS})
         tokenizer.chat_template = CHAT_TEMPLATE
         torch.manual_seed(config.optim.seed)  # the new rows are drawn around the mean embedding
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its two-paragraph note on that; our line below says it
+        try:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         for settings in (model.config, model.generation_config):
             settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
             settings.pad_token_id = tokenizer.pad_token_id
