@@ -90,7 +90,10 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
                                            add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert model.get_input_embeddings().num_embeddings == 448 and model.config.eos_token_id == tokenizer.eos_token_id
-    assert (sft / "chatml_start" / "config.json").is_file()
+    made = (sft / "chatml_start" / "model.safetensors").stat().st_mtime_ns
+    run(RECIPES["sft"], parse_config(tiny_flags(sft, "sft", **{**flags, "max_steps": 13}), RECIPES["sft"].defaults))
+    assert (sft / "chatml_start" / "model.safetensors").stat().st_mtime_ns == made  # made once: a resume reuses it
+    assert sorted(losses(sft)) == list(range(1, 14))
 
     with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: DPO conversations are"):
         run(RECIPES["dpo"], parse_config(tiny_flags(tmp_path / "dpo", "dpo", init_from=tiny_neox,

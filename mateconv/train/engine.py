@@ -450,8 +450,8 @@ class Trainer:
 
                     stop_requested = any_rank(stop.requested, runtime.device)
                     self.checkpoints.raise_failure()  # a background save that failed halts the run here
-                    due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps or epoch_checkpoint
-                           or (self.evaluates and step % config.track.eval_interval == 0))
+                    due = (step % config.checkpoint.save_interval_steps == 0 or step == self.total_steps
+                           or epoch_checkpoint or (self.evaluates and step % config.track.eval_interval == 0))
                     if pending is not None and (not self.lags or due or stop_requested):
                         halted, pending = self._finish(pending, state, tracker, progress), None
                     stopped = stop_requested or halted

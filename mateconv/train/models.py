@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -105,7 +106,9 @@ def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
         raise ConfigError(f"init_from: {source}'s tokenizer has no ChatML tokens; SFT adds them, and LoRA would leave "
                           "their new embeddings untrained: train this SFT without --use_lora")
     target = Path(config.checkpoint.out_dir) / "chatml_start"
-    if runtime.is_main and not (target / "config.json").is_file():
+    made_from = {"init_from": str(source), "init_weights": config.checkpoint.init_weights}
+    marker = target / "mateconv_chatml_from.json"  # rebuilt when the run starts from another model
+    if runtime.is_main and not (marker.is_file() and json.loads(marker.read_text()) == made_from):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.checkpoint.trust_remote_code)
         model = load_causal_lm(source, "init_from", config.checkpoint.trust_remote_code)
         if config.checkpoint.init_weights:
@@ -125,6 +128,7 @@ def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            (tmp / marker.name).write_text(json.dumps(made_from))
         print(f"[{stage}] {source}'s tokenizer has no ChatML tokens: added {BOS} and {EOS} and the ChatML template, "
               f"embeddings grown to {model.get_input_embeddings().num_embeddings}; starting from {target}", flush=True)
     barrier()
