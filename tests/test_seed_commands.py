@@ -370,9 +370,9 @@ def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
 
 def test_seed_004_pip_install_requirements():
     """Seed 004's `pip install -r requirements.txt` resolves to MateConv itself at the tested versions: in the
-    environment the suite runs in, pip has nothing else to install or change."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-r", "requirements.txt"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    environment the suite runs in, pip has nothing else to install or change (offline: no index, no build env)."""
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                             "-r", "requirements.txt"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.findall(r"^Would install (.*)$", result.stdout, flags=re.M) == [
         f"mateconv-{importlib.metadata.version('mateconv')}"], result.stdout[-2000:]
