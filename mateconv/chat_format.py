@@ -21,6 +21,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def has_chatml(tokenizer) -> bool:
+    """Whether a `tokenizers.Tokenizer` holds the ChatML tokens <|im_start|> and <|im_end|> (Pythia's, Llama's and
+    GPT-2's do not)."""
+    return tokenizer.token_to_id(BOS) is not None and tokenizer.token_to_id(EOS) is not None
+
+
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The chat template's text and the character spans of every assistant content + its closing <|im_end|>."""
     parts: list[str] = []

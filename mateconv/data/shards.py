@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mateconv.chat_format import BOS, EOS, PAD, render_chat
+from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
@@ -535,7 +535,7 @@ def _vocabulary(tokenizer_file: Path, kind: str = "pretrain") -> dict:
         raise DataError(f"{tokenizer_file.parent}: no tokenizer.json (train one with stage 1)")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     vocab_size = tokenizer.get_vocab_size()
-    chatml = tokenizer.token_to_id(BOS) is not None and tokenizer.token_to_id(EOS) is not None
+    chatml = has_chatml(tokenizer)
     if kind in ("sft", "dpo") and not chatml:
         raise DataError(f"{tokenizer_file} has no {BOS} / {EOS} tokens: {kind.upper()} conversations are written in "
                         "ChatML (5.full_sft.py --init_from MODEL adds them to a model's tokenizer and embeddings)")

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS
+from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
@@ -90,8 +90,7 @@ def lacks_chatml(model_dir: str | Path) -> bool:
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
         return False
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    return tokenizer.token_to_id(BOS) is None or tokenizer.token_to_id(EOS) is None
+    return not has_chatml(Tokenizer.from_file(str(tokenizer_file)))
 
 
 def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:

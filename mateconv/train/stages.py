@@ -51,6 +51,7 @@ class Recipe:
     sections: tuple[str, ...] = LM_SECTIONS  # the config sections the stage uses (its --help)
     validate: bool = True  # the engine's validation loss on data.val; False when an evaluator scores data.val
     evaluate_at_start: bool = False  # a fresh run logs an evaluation of the starting model as step 0
+    adds_chatml: bool = False  # writes ChatML: a starting model without its tokens gets them first (`with_chatml`)
     after: Callable[[Path], None] | None = None  # rank 0, after a finished run that evaluated: given out_dir
 
 
@@ -134,11 +135,16 @@ def lm_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> LMOb
     return LMObjective()
 
 
+def start_name(model: str | Path, weights: str) -> str:
+    """A starting model as the log names it: its directory, and the file of weights loaded into it (init_weights)."""
+    return f"{model} + {weights}" if weights else str(model)
+
+
 def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPOObjective:
     """The reference is the precomputed log-probs in the data, LoRA's own base model (adapters disabled) unless
     ref_model_path names another, or a frozen copy of the reference model."""
     ref_path = reference_path(config)
-    ref_name = f"{ref_path}{f' + {weights}' if (weights := reference_weights(config)) else ''}"
+    ref_name = start_name(ref_path, reference_weights(config))
     reference = None
     if config.dpo.precompute_ref:
         source = f"log-probs of {ref_name}, precomputed"
@@ -148,8 +154,7 @@ def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPO
     else:
         source = f"{ref_name} (LoRA: adapters disabled)"
     if runtime.is_main:
-        policy = config.checkpoint.init_from + (f" + {config.checkpoint.init_weights}"
-                                                 if config.checkpoint.init_weights else "")
+        policy = start_name(config.checkpoint.init_from, config.checkpoint.init_weights)
         print(f"[dpo] policy {policy}, reference {source}, {config.dpo}", flush=True)
     return DPOObjective(config.dpo, reference)
 
@@ -165,7 +170,7 @@ RECIPES = {
     "sft": Recipe("sft", read_conversations, lm_objective,
                   defaults={"out_dir": "out/sft", "data_path": "out/tokens/sft/train",
                             "val_data_path": "out/tokens/sft/val", "init_from": "out/pretrain/final",
-                            "learning_rate": 1e-4, "warmup_iters": 20}),
+                            "learning_rate": 1e-4, "warmup_iters": 20}, adds_chatml=True),
     "dpo": Recipe("dpo", read_preference_pairs, dpo_objective, (preference_evaluator, forgetting_evaluator),
                   defaults={"out_dir": "out/dpo", "data_path": "out/tokens/dpo/train",
                             "val_data_path": "out/tokens/dpo/val", "init_from": "out/sft/final",
@@ -204,7 +209,7 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     if runtime.is_main and runtime.device.type == "cpu" and runtime.dtype != torch.float32:
         print(f"[{recipe.name}] note: dtype {config.parallel.dtype} on a CPU trains many times slower than float32 on "
               "most CPUs (they have no fast half-precision matmul); dtype auto picks float32 there", flush=True)
-    if recipe.name == "sft":
+    if recipe.adds_chatml:
         with_chatml(config, runtime, recipe.name)
     seed_everything(config.optim.seed)  # identical initial weights on every rank
     model = build_model(config)
