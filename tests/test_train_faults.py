@@ -1,6 +1,7 @@
 """Faults the plain-PyTorch engine survives, in process: NaN steps (skipped, counted, and after max_nonfinite_steps in
 a row a stop with a checkpoint), a torn or corrupt newest checkpoint (resume falls back), a full disk during a save
-(the previous checkpoint and `latest` stay). The DeepSpeed twins are in test_train_deepspeed.py."""
+(the previous checkpoint and `latest` stay), a resume into another model, a finished run or changed data. The
+DeepSpeed twins are in test_train_deepspeed.py."""
 from __future__ import annotations
 
 import bisect
@@ -8,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mateconv.config import parse_config
+from mateconv.config import ConfigError, parse_config
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.engine import Trainer
 from mateconv.train.stages import RECIPES, main, run
@@ -163,6 +165,35 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     for step in range(4, 10):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
     assert (checkpoints / "step_00000009.damaged").is_dir() and (checkpoints / "latest").read_text() == "step_00000009"
+
+
+def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train, tiny_flags, tiny_tokens, tmp_path,
+                                                                           capsys):
+    """The same out_dir with another size or MoE is refused before anything loads, naming the settings; --resume
+    never starts over. The finished run run again trains nothing and says so (its done line has no loss: no step
+    ran); given more steps and other data, it notes the data changed and goes on."""
+    run_dir = tmp_path / "run"
+    train(run_dir, max_steps=3, eval_interval=100)
+    for overrides, differences in (({"dim": 96}, r"dim 64 there, 96 here; hidden_dim 192 there, 256 here"),
+                                   ({"use_moe": True}, r"use_moe False there, True here")):
+        with pytest.raises(ConfigError, match=rf"resume: .*step_00000003 holds another model \({differences}\): give "
+                                              r"this run its own --out_dir, or pass --resume never to start"):
+            train(run_dir, max_steps=3, eval_interval=100, **overrides)
+    capsys.readouterr()
+
+    assert main("pretrain", tiny_flags(run_dir, max_steps=3, eval_interval=100)) == 0
+    out = capsys.readouterr().out
+    assert "this run is finished (step 3 of 3): nothing to train; raise --max_steps" in out
+    assert "[pretrain] done: step 3\n" in out and "nan" not in out
+
+    other_data = tiny_tokens / "pretrain" / "val"  # fewer examples than the training shards
+    summary = train(run_dir, max_steps=5, eval_interval=100, data_path=other_data, val_data_path="")
+    out = capsys.readouterr().out
+    assert re.search(r"note: the training data now has \d+ examples, the checkpoint's run had \d+: training goes on",
+                     out)
+    assert summary["step"] == 5 and math.isfinite(summary["loss"])
+    summary = train(run_dir, max_steps=3, eval_interval=100, use_moe=True, resume="never")
+    assert summary["step"] == 3 and json.loads((run_dir / "final" / "config.json").read_text())["use_moe"]
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(train, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, optimizer and scheduler (DeepSpeed's ZeRO-sharded files under DeepSpeed, one
 `training_state.pt` otherwise, gathered in full under FSDP), `trainer_state.json` (step, data position, best validation
-loss, tracker run id), every rank's RNG states, the resolved `config.yaml` and `manifest.json` (every file's size).
+loss, tracker run id), every rank's RNG states, the resolved `config.yaml`, `parameters.json` (the model's parameter
+shapes: a resume into another model is refused with the settings that differ) and `manifest.json` (every file's size).
 Rotation keeps the `keep` newest plus the best one.
 
 Alone (one rank, plain PyTorch) a save copies the state to the CPU and writes the files in a background thread while
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import yaml
 
-from mateconv.config import ConfigError, TrainConfig, save_config
+from mateconv.config import NAMES, ConfigError, TrainConfig, config_to_dict, save_config
 from mateconv.files import replace_dir, write_atomic
 from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import NAMED_OPTIMIZER_STATE, full_training_state, load_training_state
@@ -39,6 +40,7 @@ from mateconv.train.universal import load_universal
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
+PARAMETERS = "parameters.json"
 CHECKPOINTS = "checkpoints"  # under a run's out_dir
 
 
@@ -123,6 +125,20 @@ def cpu_copy(value, copies: dict | None = None):
     return value
 
 
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def model_differences(saved: dict, current: dict) -> list[str]:
+    """"NAME A there, B here" for the settings that make a model's parameters: init_from, the model section (when
+    neither run started from a saved model) and LoRA; `saved` and `current` are config_to_dict()s."""
+    places = [("checkpoint", "init_from"), *[("lora", name) for name in current["lora"]]]
+    if not saved["checkpoint"].get("init_from") and not current["checkpoint"]["init_from"]:
+        places += [("model", name) for name in current["model"]]
+    return [f"{NAMES[section, name]} {saved[section].get(name)!r} there, {current[section][name]!r} here"
+            for section, name in places if saved.get(section, {}).get(name) != current[section][name]]
+
+
 def pointed_checkpoint(out_dir: str | Path, name: str) -> Path | None:
     """The complete checkpoint a run's `name` pointer ("latest", "best") names, or None."""
     root = Path(out_dir) / CHECKPOINTS
@@ -134,11 +150,13 @@ def pointed_checkpoint(out_dir: str | Path, name: str) -> Path | None:
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: str | Path, keep: int, runtime: Runtime):
+    def __init__(self, out_dir: str | Path, keep: int, runtime: Runtime, shapes: dict[str, list[int]] | None = None):
+        """`shapes`: the parameter shapes of the run's model (parameter_shapes), written into each checkpoint."""
         self.out_dir = Path(out_dir)
         self.root = self.out_dir / CHECKPOINTS
         self.keep = keep
         self.runtime = runtime
+        self.shapes = shapes
         self.writer: threading.Thread | None = None  # a background save still writing
         self.failure: Exception | None = None  # why the last background save failed, until raised
 
@@ -163,7 +181,7 @@ class CheckpointManager:
             return self.newest_intact()
         path = Path(resume)
         if (path / CHECKPOINTS).is_dir():  # an out_dir: its newest intact checkpoint
-            return CheckpointManager(path, self.keep, self.runtime).resume_path("auto")
+            return CheckpointManager(path, self.keep, self.runtime, self.shapes).resume_path("auto")
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
         problem = self.problem(path)
@@ -273,6 +291,8 @@ class CheckpointManager:
         if self.runtime.is_main and error is None:
             try:
                 save_config(config, tmp / "config.yaml")
+                if self.shapes is not None:
+                    (tmp / PARAMETERS).write_text(json.dumps(self.shapes))
                 (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             except OSError as e:
                 error = e
@@ -331,6 +351,22 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
     # ---------------------------------------------------------------------------------------------- loading
+
+    def check_model(self, path: Path, config: TrainConfig) -> None:
+        """A checkpoint of another model than this run's (another size, MoE or dense, another init_from or LoRA) is
+        an error naming the settings that differ, before anything is loaded (else load_state_dict's traceback)."""
+        if self.shapes is None or not (path / PARAMETERS).is_file():  # saved before checkpoints recorded the shapes
+            return
+        saved = json.loads((path / PARAMETERS).read_text())
+        if saved == self.shapes:
+            return
+        differences = model_differences(yaml.safe_load((path / "config.yaml").read_text()), config_to_dict(config))
+        if not differences:  # the same settings, another model (its code changed): name one parameter
+            name = next(n for n in [*self.shapes, *saved] if saved.get(n) != self.shapes.get(n))
+            differences = [f"{name} {saved.get(name, 'absent')} there, {self.shapes.get(name, 'absent')} here"]
+        raise ConfigError(f"resume: {path} holds another model ({'; '.join(differences[:4])}): give this run its own "
+                          f"--out_dir, or pass --resume never to start {self.out_dir} over (its checkpoints and final/ "
+                          "are replaced)")
 
     def load(self, path: Path, engine, optimizer, scheduler) -> dict:
         """Restore model, optimizer, scheduler and this rank's RNG (a rank the checkpoint's run did not have keeps its

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import CheckpointManager, step_name, unwrap
+from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, step_name, unwrap
 from mateconv.train.data import ResumableDistributedSampler, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
@@ -182,8 +182,11 @@ class Trainer:
         self.evaluates = val_data is not None or bool(self.evaluators)
         self.evaluate_at_start = evaluate_at_start
         self.out_dir = Path(config.checkpoint.out_dir)
-        self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_checkpoint_max, runtime)
+        self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_checkpoint_max, runtime,
+                                             parameter_shapes(model))
         self.resume_from = self.checkpoints.resume_path(config.checkpoint.resume)  # DeepSpeed's setup depends on it
+        if self.resume_from is not None:
+            self.checkpoints.check_model(self.resume_from, config)
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
         micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
@@ -359,14 +362,16 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
+        examples = len(self.train_data)
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
-                 "nonfinite_steps": 0}
+                 "nonfinite_steps": 0, "train_examples": examples}
         resume_from = self.resume_from
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
             state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
             if runtime.is_main:
-                print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
+                self.say_resumed(resume_from, state)
+            state["train_examples"] = examples
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
         tracker.watch(unwrap(self.engine))
@@ -382,6 +387,20 @@ class Trainer:
                 self.checkpoints.wait()  # a checkpoint still being written is finished before the run ends
             finally:
                 tracker.finish()
+
+    def say_resumed(self, path: Path, state: dict) -> None:
+        """The resume line, and what the same command does not do by itself: train a finished run further, or notice
+        that the data changed under the checkpoint."""
+        step = state["step"]
+        print(f"[train] resumed from {path} at step {step}", flush=True)
+        before = state.get("train_examples")  # absent in checkpoints written before it was recorded
+        if before is not None and before != len(self.train_data):
+            print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "
+                  f"{before}: training goes on at the saved position in the new data (--resume never starts over)",
+                  flush=True)
+        if step >= self.total_steps:
+            print(f"[train] this run is finished (step {step} of {self.total_steps}): nothing to train; raise "
+                  "--max_steps or --epochs to go on, or pass --resume never to start over", flush=True)
 
     def _roll_epoch(self, state: dict) -> None:
         if self.sampler.per_rank_left(state["samples_in_epoch"]) < self.config.optim.batch_size:

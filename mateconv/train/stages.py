@@ -5,6 +5,7 @@ defaults and config sections. `main(stage)` is the command line of 4.pretrain.py
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -301,7 +302,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         exit_with(f"{stage}: {e}" if rank == "0" else "")
     shutdown()
     if not summary["stopped"] and summary["is_main"]:
-        print(f"[{stage}] done: step {summary['step']}, loss {summary['loss']:.4f}"
+        print(f"[{stage}] done: step {summary['step']}"  # no loss when a finished run was resumed: no step ran
+              + (f", loss {summary['loss']:.4f}" if math.isfinite(summary["loss"]) else "")
               + (f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""), flush=True)
     return 0
 
