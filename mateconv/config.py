@@ -17,12 +17,13 @@ import argparse
 import dataclasses
 import difflib
 import itertools
+import json
 import os
 import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -510,10 +511,9 @@ SAME_SIZE = {("optim", "batch_size"): ("optim", "total_batch_size"),
 SAME_SIZE.update({other: place for place, other in SAME_SIZE.items()})
 
 
-def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
-    """A TrainConfig from (key, value) pairs in order (later ones win); keys are flat, aliases or `section.field`;
-    `preset` sets the model size."""
-    values: dict[str, dict] = {section: {} for section in SECTIONS}
+def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object]]:
+    """(section, field, value) of each (key, value) pair in order: keys flat, aliases or `section.field`, a `preset`
+    expanded into the model size, values converted."""
     for key, value in pairs:
         key = key.replace("-", "_")
         if key in SEED_ALIASES and value is None:
@@ -524,9 +524,16 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
                 continue
         for inner_key, inner_value in preset_pairs(value) if key == "preset" else [(key, value)]:
             section, name = resolve(inner_key)
-            values[section][name] = convert((section, name), inner_value)
-            if (section, name) in SAME_SIZE:
-                values[section].pop(SAME_SIZE[section, name][1], None)
+            yield section, name, convert((section, name), inner_value)
+
+
+def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
+    """A TrainConfig from (key, value) pairs in order (later ones win); see `placed`."""
+    values: dict[str, dict] = {section: {} for section in SECTIONS}
+    for section, name, value in placed(pairs):
+        values[section][name] = value
+        if (section, name) in SAME_SIZE:
+            values[section].pop(SAME_SIZE[section, name][1], None)
     try:
         model = MateConvConfig(**values.pop("model"))
     except ModelConfigError as e:
@@ -584,9 +591,33 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
         pairs = [(key, value) for key, value in pairs if key == "preset" or isinstance(SEED_ALIASES.get(key), tuple)
                  or resolve(key) != ("checkpoint", "out_dir")]
         config = build_config([*rooted_defaults(defaults, root), *pairs])
+    check_model_flags(config, pairs)
     if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
     return config
+
+
+# The model flags a run from a saved model (init_from) still uses; the others are the saved model's own.
+USED_WITH_INIT_FROM = ("max_seq_len", "flash_attn")
+
+
+def check_model_flags(config: TrainConfig, given: list[tuple[str, object]]) -> None:
+    """A model flag given (on the command line or in a YAML file) with a value other than init_from's saved model has
+    is an error: the saved model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its
+    pretrained model), and a flag that silently did nothing would leave the user believing otherwise."""
+    init_from = Path(config.checkpoint.init_from)
+    if not config.checkpoint.init_from or not (init_from / "config.json").is_file():
+        return
+    try:
+        saved = json.loads((init_from / "config.json").read_text())
+    except ValueError:
+        return  # the model loader names the broken file
+    clashes = {name: value for section, name, value in placed(given)
+               if section == "model" and name not in USED_WITH_INIT_FROM and name in saved and saved[name] != value}
+    if clashes:
+        listed = ", ".join(f"{name} {value} (it has {saved[name]})" for name, value in clashes.items())
+        raise ConfigError(f"init_from {init_from} is the model this run trains, as it is: {listed}; drop those model "
+                          "flags, or start from a model of that shape")
 
 
 def per_rank_sizes(config: TrainConfig, world_size: int) -> None:

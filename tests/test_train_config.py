@@ -13,6 +13,7 @@ import torch
 from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, OptimConfig, ParallelConfig,
                              TrainConfig, help_text, parse_config, save_config)
 from mateconv.train.ds_config import DS_CONFIG_DIR, build_ds_config
+from model import MateConvConfig
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def test_warmup_then_cosine():
 
 
 def test_muon_gets_hidden_matrices_only():
-    from model import MateConvConfig, MateConvForCausalLM
+    from model import MateConvForCausalLM
 
     model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
                                                use_moe=True))
@@ -333,3 +334,23 @@ def test_seed_003_datasets_take_one_file(tmp_path):
     path.write_text("datasets:\n  - {type: hh}\n")
     with pytest.raises(ConfigError, match=r"^datasets: an entry needs the path of a local JSON/JSONL file"):
         parse_config([str(path)], {}, "sft")
+
+
+def test_model_flags_must_match_the_init_from_model(tmp_path):
+    """With init_from the saved model trains as it is: a model flag given (command line or YAML) with another value
+    is an error naming each clash; equal values, the flags a run still uses (max_seq_len, flash_attn) and the stage
+    defaults pass."""
+    saved = MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512)
+    saved.save_pretrained(tmp_path / "start")
+    start = ["--init_from", str(tmp_path / "start")]
+    config = parse_config([*start, "--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--flash_attn", "0"],
+                          {"dim": 512, "use_moe": True})
+    assert config.model.max_seq_len == 64 and not config.model.flash_attn
+    with pytest.raises(ConfigError, match=r"^init_from .*start is the model this run trains, as it is: dim 512 \(it has "
+                                          r"64\), use_moe True \(it has False\); drop those model flags"):
+        parse_config([*start, "--dim", "512", "--n_layers", "2", "--use_moe"])
+    (tmp_path / "sft.yaml").write_text("model: {n_layers: 8}\n")
+    with pytest.raises(ConfigError, match=r"n_layers 8 \(it has 2\)"):
+        parse_config([str(tmp_path / "sft.yaml"), *start])
+    with pytest.raises(ConfigError, match=r"n_heads 8 \(it has 4\)"):  # a preset names a model size too
+        parse_config([*start, "--preset", "mateconv-0.02b"])
