@@ -591,7 +591,7 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
         pairs = [(key, value) for key, value in pairs if key == "preset" or isinstance(SEED_ALIASES.get(key), tuple)
                  or resolve(key) != ("checkpoint", "out_dir")]
         config = build_config([*rooted_defaults(defaults, root), *pairs])
-    check_model_flags(config, pairs)
+    fit_init_from(config, pairs)
     if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
     return config
@@ -601,10 +601,12 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
 USED_WITH_INIT_FROM = ("max_seq_len", "flash_attn")
 
 
-def check_model_flags(config: TrainConfig, given: list[tuple[str, object]]) -> None:
-    """A model flag given (on the command line or in a YAML file) with a value other than init_from's saved model has
-    is an error: the saved model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its
-    pretrained model), and a flag that silently did nothing would leave the user believing otherwise."""
+def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
+    """The model section of a run from a saved MateConv model (init_from), against the settings `given` on the
+    command line or in a YAML file. A model flag with another value than the saved model has is an error: the saved
+    model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its pretrained model), and a
+    flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (the stage's
+    default 512 cuts rows for a model that takes fewer tokens)."""
     init_from = Path(config.checkpoint.init_from)
     if not config.checkpoint.init_from or not (init_from / "config.json").is_file():
         return
@@ -612,8 +614,11 @@ def check_model_flags(config: TrainConfig, given: list[tuple[str, object]]) -> N
         saved = json.loads((init_from / "config.json").read_text())
     except ValueError:
         return  # the model loader names the broken file
-    clashes = {name: value for section, name, value in placed(given)
-               if section == "model" and name not in USED_WITH_INIT_FROM and name in saved and saved[name] != value}
+    named = {name: value for section, name, value in placed(given) if section == "model"}
+    if "max_seq_len" not in named and isinstance(saved.get("max_seq_len"), int):
+        config.model.max_seq_len = min(config.model.max_seq_len, saved["max_seq_len"])
+    clashes = {name: value for name, value in named.items()
+               if name not in USED_WITH_INIT_FROM and name in saved and saved[name] != value}
     if clashes:
         listed = ", ".join(f"{name} {value} (it has {saved[name]})" for name, value in clashes.items())
         raise ConfigError(f"init_from {init_from} is the model this run trains, as it is: {listed}; drop those model "

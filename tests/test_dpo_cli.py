@@ -1,9 +1,12 @@
 """9.train_dpo.py: bad input gives a one-line error naming the problem."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mateconv.train.stages import main
+from mateconv.config import parse_config
+from mateconv.train.stages import RECIPES, main
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -62,8 +65,6 @@ def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny
     """A forgetting set tokenized with another vocabulary than the pairs (an earlier run's out/tokens, which the
     default paths find) is skipped with a line saying why, instead of feeding the model token ids it may not have;
     the matching set is still measured."""
-    import json
-
     from conftest import TINY_MODEL_FLAGS, shards_of_another_vocabulary
 
     other = tmp_path / "other_run" / "tokens" / "pretrain" / "val"
@@ -80,13 +81,15 @@ def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny
 
 
 @pytest.mark.parametrize("stage, data", [("sft", "sft"), ("dpo", "dpo")])
-def test_rows_longer_than_the_starting_model_takes_are_one_line(stage, data, tiny_pretrain_model, tiny_tokens,
-                                                                tmp_path):
-    """The tiny model takes 96 tokens; the stages' default max_seq_len is 512. Before, the first forward raised
-    from inside the model."""
-    with pytest.raises(SystemExit) as error:
-        main(stage, ["--init_from", str(tiny_pretrain_model), "--data_path", str(tiny_tokens / data / "train"),
-                     "--val_data_path", "", "--tracker", "none", "--engine", "torch", "--device", "cpu",
-                     "--forget_data_paths", "", "--out_dir", str(tmp_path / "out")])
-    assert str(error.value) == (f"{stage}: max_seq_len 512 is longer than the 96 tokens the model {tiny_pretrain_model}"
-                                " takes; set --max_seq_len 96 (or less)")
+def test_a_starting_model_takes_the_length_given(stage, data, tiny_pretrain_model, tiny_tokens, tmp_path, capsys):
+    """The tiny model was trained on 96-token rows. The stages' default max_seq_len (512) is cut to its 96; a longer
+    one given (seed 000's DPO lines give 3000 after pretraining at 512) extends its positions, with a note, for the
+    policy and DPO's reference alike, and the saved model takes that length. Before: a one-line refusal."""
+    flags = ["--init_from", str(tiny_pretrain_model), "--data_path", str(tiny_tokens / data / "train"),
+             "--val_data_path", "", "--tracker", "none", "--engine", "torch", "--device", "cpu",
+             "--forget_data_paths", "", "--out_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_steps", "2"]
+    assert parse_config(flags, RECIPES[stage].defaults).model.max_seq_len == 96
+    assert main(stage, [*flags, "--max_seq_len", "160"]) == 0
+    assert (f"[{stage}] note: {tiny_pretrain_model} was trained on rows of up to 96 tokens; max_seq_len 160 extends "
+            "its positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["max_seq_len"] == 160

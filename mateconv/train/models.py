@@ -153,6 +153,17 @@ def build_model(config: TrainConfig) -> nn.Module:
     return model
 
 
+def extend_length(model: nn.Module, max_seq_len: int) -> int | None:
+    """Lets a MateConv model take rows of max_seq_len tokens; returns the limit it had if that was lower. Its limit is
+    a check, not a table (RoPE is computed per position), so fine-tuning on longer rows than pretraining is possible;
+    the saved model then takes the longer length."""
+    limit = getattr(model.config, "max_seq_len", None)
+    if limit is None or max_seq_len <= limit:
+        return None
+    model.config.max_seq_len = max_seq_len
+    return limit
+
+
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 

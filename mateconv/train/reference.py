@@ -17,7 +17,7 @@ from mateconv.logprobs import model_token_logps
 from mateconv.train.distributed import Runtime
 from mateconv.train.dpo import DPOError, concat_pair
 from mateconv.train.ds_config import build_ds_config
-from mateconv.train.models import load_causal_lm, load_weights
+from mateconv.train.models import extend_length, load_causal_lm, load_weights
 
 REF_CACHE_VERSION = 1
 
@@ -165,6 +165,7 @@ def load_reference(path: Path, runtime: Runtime, config: TrainConfig) -> torch.n
     reference = load_causal_lm(path, "ref_model_path", config.checkpoint.trust_remote_code).eval().requires_grad_(False)
     if weights := reference_weights(config):
         load_weights(reference, weights)
+    extend_length(reference, config.model.max_seq_len)  # as the policy's (stages.fit_length)
     if runtime.use_deepspeed and config.parallel.zero_stage == 3:
         import deepspeed
 

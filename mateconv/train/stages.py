@@ -30,7 +30,7 @@ from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setu
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
-from mateconv.train.models import build_model, load_tokenizer, with_chatml
+from mateconv.train.models import build_model, extend_length, load_tokenizer, with_chatml
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
@@ -188,12 +188,14 @@ def check_vocab(model: nn.Module, data_vocab: int) -> None:
                           "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
-def check_length(model: nn.Module, max_seq_len: int, init_from: str) -> None:
-    """The rows are cut to max_seq_len; a MateConv model takes at most its own (a hard limit of its forward)."""
-    limit = getattr(model.config, "max_seq_len", None)
-    if limit is not None and max_seq_len > limit:
-        raise ConfigError(f"max_seq_len {max_seq_len} is longer than the {limit} tokens the model "
-                          f"{init_from} takes; set --max_seq_len {limit} (or less)")
+def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
+    """Rows are cut to max_seq_len; a starting MateConv model trained on shorter ones is extended to it (seed 000's
+    DPO at 3000 tokens after pretraining at 512), with a note."""
+    max_seq_len = config.model.max_seq_len
+    limit = extend_length(model, max_seq_len)
+    if limit is not None and is_main:
+        print(f"[{stage}] note: {config.checkpoint.init_from} was trained on rows of up to {limit} tokens; max_seq_len "
+              f"{max_seq_len} extends its positions (RoPE) for this run and the model it saves", flush=True)
 
 
 def check_packing(model: nn.Module, dataset) -> None:
@@ -218,7 +220,7 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     data = recipe.reader(config, runtime, tokenizer)
     if data.vocab_size is not None:
         check_vocab(model, data.vocab_size)
-    check_length(model, config.model.max_seq_len, config.checkpoint.init_from)
+    fit_length(model, config, recipe.name, runtime.is_main)
     check_packing(model, data.train)
     objective = recipe.objective(config, runtime, data)
     evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
