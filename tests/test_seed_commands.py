@@ -184,6 +184,37 @@ def test_seed_000_one_program_and_eval_model(tmp_path, tiny_tokenizer, tiny_toke
     assert unknown.returncode == 1 and unknown.stderr.startswith("pretrain_sft_lora: --mode 'ppo' is not a stage")
 
 
+def test_seed_001_layout_defaults_and_model_checks(tmp_path, tiny_tokenizer, tiny_embedded_data, monkeypatch, capsys):
+    """Seed 001's program in a directory laid out as it asks (`./dataset/pretrain_hq.jsonl`, the tokenizer in
+    `./model/zer02llm_tokenizer`, no out/): its small-scale line (no --data_path) trains on those files with its flags
+    table's accumulation_steps 8; its MoE line into the same out/pretrain is refused naming use_moe, and its SFT
+    line's `--dim 512 --n_layers 8` on that dim-128 model is refused naming both (before: a traceback from
+    load_state_dict, and an SFT of the dense model with a config.yaml saying MoE)."""
+    from mateconv.train.stages import main_one_program
+
+    (tmp_path / "dataset").mkdir()
+    shutil.copy(tiny_embedded_data / "pretrain_train.jsonl", tmp_path / "dataset" / "pretrain_hq.jsonl")
+    shutil.copytree(tiny_tokenizer, tmp_path / "model" / "zer02llm_tokenizer")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--max_steps", "2", "--max_seq_len", "96", "--n_heads", "4", "--vocab_size", "512", "--device", "cpu",
+            "--dtype", "float32", "--engine", "torch", "--tracker", "none", "--num_workers", "0"]
+    assert main_one_program("pretrain_sft_lora", ["--mode", "pretrain", "--dim", "128", "--n_layers", "4",
+                                                  "--batch_size", "8", "--epochs", "1", *tiny]) == 0
+    saved = yaml.safe_load(Path("out/pretrain/checkpoints/step_00000002/config.yaml").read_text())
+    assert (saved["data"]["data_path"], saved["data"]["tokenizer_path"], saved["optim"]["accumulation_steps"]) == (
+        "dataset/pretrain_hq.jsonl", "model/zer02llm_tokenizer", 8)
+    assert "dataset/pretrain_hq.jsonl: " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^pretrain: resume: out/pretrain/checkpoints/step_00000002 holds another "
+                                         r"model \(use_moe False there, True here; n_routed_experts 4 there, 8 here\)"):
+        main_one_program("pretrain_sft_lora", ["--mode", "pretrain", "--dim", "128", "--n_layers", "4", "--use_moe",
+                                               "--n_routed_experts", "8", "--num_experts_per_tok", "2", *tiny])
+    with pytest.raises(SystemExit, match=r"^sft: init_from out/pretrain/final is the model this run trains, as it is: "
+                                         r"dim 512 \(it has 128\), n_layers 8 \(it has 4\)"):
+        main_one_program("pretrain_sft_lora", ["--mode", "sft", "--batch_size", "32", "--epochs", "1",
+                                               "--learning_rate", "5e-4", "--dim", "512", "--n_layers", "8",
+                                               "--data_path", "./dataset/sft_data.jsonl", *tiny])
+
+
 # Seed 003's config, its README's keys with tiny sizes: `{...}` are filled in per stage.
 SEED_003_CONFIG = """\
 seed: 0

@@ -346,8 +346,8 @@ def test_model_flags_must_match_the_init_from_model(tmp_path):
     config = parse_config([*start, "--dim", "64", "--n_layers", "2", "--max_seq_len", "64", "--flash_attn", "0"],
                           {"dim": 512, "use_moe": True})
     assert config.model.max_seq_len == 64 and not config.model.flash_attn
-    with pytest.raises(ConfigError, match=r"^init_from .*start is the model this run trains, as it is: dim 512 \(it has "
-                                          r"64\), use_moe True \(it has False\); drop those model flags"):
+    with pytest.raises(ConfigError, match=r"^init_from .*start is the model this run trains, as it is: "
+                                          r"dim 512 \(it has 64\), use_moe True \(it has False\); drop those model"):
         parse_config([*start, "--dim", "512", "--n_layers", "2", "--use_moe"])
     (tmp_path / "sft.yaml").write_text("model: {n_layers: 8}\n")
     with pytest.raises(ConfigError, match=r"n_layers 8 \(it has 2\)"):

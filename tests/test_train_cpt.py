@@ -64,6 +64,7 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
 
     out = tmp_path / "pretrain"
     run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_neox, val_data_path="", max_steps=8,
+                                                     vocab_size=400,  # the model's own: another one is an error
                                                      data_path=tiny_embedded_data / "pretrain_train.jsonl")))
     curve = losses(out)
     assert curve[8] < curve[1]
@@ -76,7 +77,7 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
                                                      {"role": "assistant", "content": f"The answer is {2 * i}."}]})
                             + "\n" for i in range(64)))
     sft = tmp_path / "sft"
-    flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8)
+    flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8, vocab_size=400)
     capsys.readouterr()
     run(RECIPES["sft"], parse_config(tiny_flags(sft, "sft", **flags), RECIPES["sft"].defaults))
     assert "tokenizer has no ChatML tokens: added <|im_start|> and <|im_end|>" in capsys.readouterr().out
@@ -96,7 +97,7 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
     assert sorted(losses(sft)) == list(range(1, 14))
 
     with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: DPO conversations are"):
-        run(RECIPES["dpo"], parse_config(tiny_flags(tmp_path / "dpo", "dpo", init_from=tiny_neox,
+        run(RECIPES["dpo"], parse_config(tiny_flags(tmp_path / "dpo", "dpo", init_from=tiny_neox, vocab_size=400,
                                                     data_path=chat, val_data_path=""), RECIPES["dpo"].defaults))
     with pytest.raises(ConfigError, match="LoRA would leave their new embeddings untrained"):
         run(RECIPES["sft"], parse_config(tiny_flags(tmp_path / "lora", "sft", **flags, use_lora=True)))

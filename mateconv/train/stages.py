@@ -278,18 +278,20 @@ def exit_with(message: str) -> NoReturn:
     raise StageExit(message)
 
 
-def main(stage: str, argv: list[str] | None = None) -> int:
+def main(stage: str, argv: list[str] | None = None, program_defaults: dict | None = None) -> int:
+    """The stage's program; `program_defaults` (a seed program's own) win over the stage's defaults."""
     recipe = RECIPES[stage]
+    defaults = {**recipe.defaults, **(program_defaults or {})}
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(f"usage: {stage} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
-              f"{help_text(recipe.sections, recipe.defaults)}")
+              f"{help_text(recipe.sections, defaults)}")
         return 0
     bars_only_on_a_terminal()
     rank = os.environ.get("RANK", "0")
     label = f"{stage} (rank {rank})" if rank != "0" else stage
     try:
-        config = parse_config(argv, recipe.defaults, stage)
+        config = parse_config(argv, defaults, stage)
         if (command := every_gpu_command(config.parallel, sys.argv[0], argv)) is not None:
             print(f"[{stage}] engine fsdp with several GPUs visible: one rank on each (CUDA_VISIBLE_DEVICES picks "
                   f"fewer): python {' '.join(command[1:])}", flush=True)
@@ -310,6 +312,24 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     return 0
 
 
+# Seed 000/001's files, where their users keep them: the corpus, and the tokenizer (seed 000's, then seed 001's).
+SEED_CORPUS = Path("dataset/pretrain_hq.jsonl")
+SEED_TOKENIZERS = (Path("tokenizer"), Path("model/zer02llm_tokenizer"))
+
+
+def seed_program_defaults(stage: str) -> dict:
+    """Seed 000/001's `pretrain_sft_lora.py` defaults: its flags tables' accumulation_steps 8, and its files where the
+    out/ layout has none (`./dataset/pretrain_hq.jsonl` for pretraining, `./tokenizer/` or
+    `./model/zer02llm_tokenizer/`)."""
+    defaults: dict = {"accumulation_steps": 8}
+    if stage == "pretrain" and SEED_CORPUS.is_file() and not Path(RECIPES[stage].defaults["data_path"]).exists():
+        defaults["data_path"] = str(SEED_CORPUS)
+    found = [path for path in SEED_TOKENIZERS if (path / "tokenizer.json").is_file()]
+    if found and not Path(TrainConfig().data.tokenizer_path).is_dir():
+        defaults["tokenizer_path"] = str(found[0])
+    return defaults
+
+
 def main_one_program(program: str, argv: list[str] | None = None) -> int:
     """The seeds' one training program (seed 000/001's `pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]`, seed
     003's `train.py CONFIG.yml [--overrides ...]` whose loss.name is sft, dpo or ipo): the stage those name, with the
@@ -324,7 +344,7 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
     key, value = named[-1] if named else ("", "")
     stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
     if stage is not None:
-        return main(stage, argv)
+        return main(stage, argv, seed_program_defaults(stage) if program == "pretrain_sft_lora" else None)
     stages = ", ".join(f"{mode} ({script})" for mode, script in STAGE_PROGRAMS.items())
     usage = (f"--mode names the stage to run, with that stage's flags: {stages} (or a config's loss.name: sft, dpo "
              "or ipo, seed 003); `--mode NAME --help` lists them")
