@@ -127,6 +127,18 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
     assert sorted(history) == ["p04", "p05", "p08", "p10"]
 
 
+def test_raising_n_prompts_extends_the_earlier_sample(tmp_path, fake_factory, capsys):
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 40), tmp_path / "prefs"
+    run(config(fake, prompts, out, 6), env={})
+    trial, trial_requests = ids(out, "pair"), len(fake.log)
+    summary = run(config(fake, prompts, out, 14), env={})
+    assert f"prefs: 14 prompts from {prompts}, 6 already done, 8 to go;" in capsys.readouterr().err
+    assert len(trial) == 6 and set(trial) < set(ids(out, "pair")) and len(records(out, "pair")) == 14
+    assert not {entry["pid"] for entry in fake.log[trial_requests:]} & set(trial)  # the trial's work is reused
+    assert summary["this_run"]["prompts"] == 8 and summary["files"]["pairs"] == 14
+
+
 def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):
     fake = fake_factory(honour_n=False)
     prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"

@@ -164,6 +164,14 @@ def test_prompt_sampling_is_seeded_and_reads_every_shape(tmp_path):
     assert prompts["t"]["source"]["answer"] == "2" and len(prompts["s"]["prompt"]) == 2
 
 
+def test_a_larger_sample_contains_the_smaller_one(tmp_path):
+    path = write_lines(tmp_path / "prompts.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(5000)])
+    small, large, other_seed = ({p["id"] for p in sample_prompts(path, n, seed)} for n, seed in
+                                ((300, 7), (3000, 7), (3000, 8)))
+    assert len(small) == 300 and len(large) == 3000 and small < large
+    assert not small < other_seed  # the order is the seed's
+
+
 @pytest.mark.parametrize("line,message", [
     ('{"id": 1, "messages": [', r"bad\.jsonl:2: not valid JSON"),
     ('{"messages": [{"role": "user", "content": "x"}]}', r"bad\.jsonl:2: needs an 'id'"),

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--prompts_path", default=DEFAULTS.prompts_path,
                       help="JSONL of tasks ({id,messages,answer}), SFT conversations ({id,messages}) or {id,prompt}")
-    data.add_argument("--n_prompts", type=int, default=DEFAULTS.n_prompts, help="prompts sampled with --seed")
+    data.add_argument("--n_prompts", type=int, default=DEFAULTS.n_prompts,
+                      help="prompts sampled with --seed; a larger sample contains the smaller one, so raising it and "
+                           "running again only adds prompts")
     data.add_argument("--seed", type=int, default=DEFAULTS.seed,
                       help="prompt sample, request seeds, judge orders")
     data.add_argument("--output_dir", default=DEFAULTS.output_dir)
