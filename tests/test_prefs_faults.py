@@ -139,6 +139,22 @@ def test_raising_n_prompts_extends_the_earlier_sample(tmp_path, fake_factory, ca
     assert summary["this_run"]["prompts"] == 8 and summary["files"]["pairs"] == 14
 
 
+def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_factory):
+    """--judge auto with a judge endpoint is both; where every reply is right the model judge's scores make the pair,
+    with its own margin (3 here, over --min_margin 1), and the rule still decides where it tells replies apart."""
+    fake = fake_factory(permanent={("gen", "p01"): "allright"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 2), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="auto"), env={})
+    assert ids(out, "dropped") == [] and ids(out, "pair") == ["p00", "p01"]
+    mixed, all_right = records(out, "pair")
+    assert all_right["judge_scores"] == {"rule": [10.0] * 4, "model": [6.0, 7.0, 8.0, 9.0]}
+    assert (all_right["judge"], all_right["chosen_index"], all_right["rejected_index"], all_right["margin"]) == \
+        ("both", 3, 0, 3.0)
+    assert all_right["chosen"] == [{"role": "assistant", "content": "The answer is 5."}]  # p01 asks 2+3
+    assert mixed["judge_scores"] == {"rule": [10.0, 1.0, 1.0, 1.0], "model": [9.0, 7.0, 5.0, 3.0]}
+    assert (mixed["chosen_index"], mixed["rejected_index"], mixed["margin"]) == (0, 3, pytest.approx(9.6))
+
+
 def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):
     fake = fake_factory(honour_n=False)
     prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"

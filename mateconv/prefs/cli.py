@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     judge = parser.add_argument_group("judge")
     judge.add_argument("--judge", choices=JUDGE_MODES, default=DEFAULTS.judge,
-                       help="rule: the record's known answer; model: the judge model; both; auto (default): rule for "
-                            "verifiable prompts, plus the model when a judge endpoint is configured, model otherwise")
+                       help="rule: the record's known answer; model: the judge model; both (the rule first, the model "
+                            "between equally right or wrong replies); auto (default): rule for verifiable prompts, "
+                            "plus the model when a judge endpoint is configured, model otherwise")
     judge.add_argument("--judge_base_url", help="URL, 'openai' or 'generator' (default: $OPENAI_BASE_URL, else OpenAI "
                        "when --judge_model or a key is given, else none)")
     judge.add_argument("--judge_model", help="default: gpt-4o-mini, or the generator's model with 'generator'")
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--no_json_mode", dest="judge_json_mode", action="store_false",
                        help="do not send response_format=json_object to the judge")
     judge.add_argument("--min_margin", type=float, default=DEFAULTS.min_margin,
-                       help="best minus worst score below this: no pair")
+                       help="best minus worst score below this: no pair (with both, where the rule scores all "
+                            "replies alike, the model judge decides and its own best minus worst, 1-10, is measured)")
 
     requests = parser.add_argument_group("requests")
     requests.add_argument("--max_concurrency", type=int, default=DEFAULTS.max_concurrency, help="requests in flight")
