@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mateconv.prefs import PrefsConfig, run
@@ -229,6 +230,45 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, fake_fac
             if kind != "failure":
                 assert by_id[record["id"]] == record
     assert sorted(ids(baseline, "failure")) == ["p03", "p11"] and ids(baseline, "dropped") == ["p05"]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # nobody may reap a job its shell left behind
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory):
+    """A shell without job control (here `bash -c`) starts background jobs with SIGINT ignored; stage 7 sets its own
+    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest."""
+    fake = fake_factory(delay_s=0.3)
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 20), tmp_path / "prefs"
+    (tmp_path / "logs").mkdir()
+    command = (f"nohup {sys.executable} {ROOT / '7.gen_prefs_openai.py'} --prompts_path {prompts} --n_prompts 20 "
+               f"--output_dir {out} --generator_base_url {fake.url} --generator_model gen --judge rule --k_samples 2 "
+               "--max_concurrency 2 --no_progress")
+    subprocess.run(["bash", "-c", f"{command} > logs/gen_prefs.log 2>&1 & echo $! > gen_prefs.pid"], cwd=tmp_path,
+                   check=True)
+    pid = int((tmp_path / "gen_prefs.pid").read_text())
+    deadline = time.monotonic() + 60
+    while len(ids(out, "pair")) < 2 and time.monotonic() < deadline and running(pid):
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGINT)
+    killed = time.monotonic()
+    while running(pid) and time.monotonic() < killed + 30:
+        time.sleep(0.05)
+    log = (tmp_path / "logs" / "gen_prefs.log").read_text()
+    kept = records(out, "pair")  # each line parses: nothing torn
+    assert not running(pid) and 2 <= len(kept) < 20, log
+    assert f"`kill -2 {pid}` or `kill {pid}`" in log
+    assert log.splitlines()[-1] == "prefs: interrupted; finished prompts are saved, run again to resume"
+    assert len({record["id"] for record in kept}) == len(kept) and ids(out, "failure") == []
+
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(kept)} already done, {20 - len(kept)} to go" in resumed.stderr
+    assert len(ids(out, "pair")) == 20 and all(record in records(out, "pair") for record in kept)
 
 
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, fake_factory, capsys):

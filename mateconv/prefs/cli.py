@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     config = PrefsConfig(**vars(build_parser().parse_args(argv)))
     bars_only_on_a_terminal()
-    # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed. SIGINT is
+    # set too: a background job of a script or `bash -c` starts with it ignored, and `kill -2` would do nothing.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))}
     try:
         return run(config)
     except PrefsError as error:
@@ -85,4 +87,5 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         raise SystemExit("prefs: interrupted; finished prompts are saved, run again to resume") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

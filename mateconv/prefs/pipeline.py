@@ -338,6 +338,9 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     print(f"prefs: {len(prompts)} prompts from {config.prompts_path}, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to go; {generator.describe()}; "
           f"{judge.describe() if judge else 'judge: the known answers'}", file=sys.stderr)
+    if todo:
+        print(f"prefs: to stop, keeping the finished prompts (the same command resumes): `kill -2 {os.getpid()}` or "
+              f"`kill {os.getpid()}`", file=sys.stderr)
     started = time.monotonic()
     process, result = None, {"counts": {"pair": 0, "dropped": 0, "failure": 0, "judge_errors_in_both": 0},
                              "usage": {}}
