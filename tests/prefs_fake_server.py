@@ -1,15 +1,15 @@
 """A loopback OpenAI-compatible server for the stage 7 tests, with faults injected on a deterministic schedule.
 
 Prompts look like "[p03] What is 4+5?". The generator ("gen") answers choice i with "The answer is {4+5+i}."; the
-judge ("judge") reads the replies from the rubric request and scores each 9 - 2 * |its number - the truth|
-(at least 1; 1 for a reply without "The answer is N."), so the correct reply is always the best, whatever order it is
-shown in.
+judge ("judge") reads the replies from the rubric request and scores each 9 - 2 * |its number - the truth| - one per
+FILLER sentence (at least 1; 1 for a reply without "The answer is N."), so the correct reply is always the best,
+whatever order it is shown in.
 
 Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one action per attempt (then "ok"),
 `permanent[(model, pid)]` applies to every attempt. Actions: ok, 429 (Retry-After 0.05 s), 500, 400, slow (answers
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
-inside a ```json fence).
+inside a ```json fence), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 PROMPT = re.compile(r"\[(p\d+)\] What is (\d+)\+(\d+)\?")
 REPLY = re.compile(r'<reply id="(\d+)">\n(.*?)\n</reply>', re.DOTALL)
 NUMBER = re.compile(r"The answer is (-?\d+)\.")
+FILLER = " Let me say it again."
 
 
 def task(pid: str, a: int, b: int) -> dict:
@@ -36,7 +37,7 @@ def tasks(n: int) -> list[dict]:
 
 def judge_score(reply: str, truth: int) -> int:
     found = NUMBER.search(reply)
-    return 1 if found is None else max(1, 9 - 2 * abs(int(found.group(1)) - truth))
+    return 1 if found is None else max(1, 9 - 2 * abs(int(found.group(1)) - truth) - reply.count(FILLER))
 
 
 class FakeOpenAI:
@@ -142,8 +143,11 @@ class FakeOpenAI:
                         count = n if fake.honour_n else 1
                         first = fake.answered[pid]
                         fake.answered[pid] += count
-                    contents = [f"The answer is {truth + (first + i if not fake.honour_n else i)}."
-                                for i in range(count)]
+                    if action == "allright":
+                        contents = [f"The answer is {truth}." + FILLER * (count - 1 - i) for i in range(count)]
+                    else:
+                        contents = [f"The answer is {truth + (first + i if not fake.honour_n else i)}."
+                                    for i in range(count)]
                 else:
                     replies = REPLY.findall(request["messages"][-1]["content"])
                     entry["shown"] = [int(found.group(1)) - truth if (found := NUMBER.search(reply)) else None

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mateconv.prefs import PrefsConfig, run
@@ -127,6 +128,34 @@ def test_faults_end_in_pairs_or_recorded_failures_and_reruns(tmp_path, fake_fact
     assert sorted(history) == ["p04", "p05", "p08", "p10"]
 
 
+def test_raising_n_prompts_extends_the_earlier_sample(tmp_path, fake_factory, capsys):
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 40), tmp_path / "prefs"
+    run(config(fake, prompts, out, 6), env={})
+    trial, trial_requests = ids(out, "pair"), len(fake.log)
+    summary = run(config(fake, prompts, out, 14), env={})
+    assert f"prefs: 14 prompts from {prompts}, 6 already done, 8 to go;" in capsys.readouterr().err
+    assert len(trial) == 6 and set(trial) < set(ids(out, "pair")) and len(records(out, "pair")) == 14
+    assert not {entry["pid"] for entry in fake.log[trial_requests:]} & set(trial)  # the trial's work is reused
+    assert summary["this_run"]["prompts"] == 8 and summary["files"]["pairs"] == 14
+
+
+def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_factory):
+    """--judge auto with a judge endpoint is both; where every reply is right the model judge's scores make the pair,
+    with its own margin (3 here, over --min_margin 1), and the rule still decides where it tells replies apart."""
+    fake = fake_factory(permanent={("gen", "p01"): "allright"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 2), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="auto"), env={})
+    assert ids(out, "dropped") == [] and ids(out, "pair") == ["p00", "p01"]
+    mixed, all_right = records(out, "pair")
+    assert all_right["judge_scores"] == {"rule": [10.0] * 4, "model": [6.0, 7.0, 8.0, 9.0]}
+    assert (all_right["judge"], all_right["chosen_index"], all_right["rejected_index"], all_right["margin"]) == \
+        ("both", 3, 0, 3.0)
+    assert all_right["chosen"] == [{"role": "assistant", "content": "The answer is 5."}]  # p01 asks 2+3
+    assert mixed["judge_scores"] == {"rule": [10.0, 1.0, 1.0, 1.0], "model": [9.0, 7.0, 5.0, 3.0]}
+    assert (mixed["chosen_index"], mixed["rejected_index"], mixed["margin"]) == (0, 3, pytest.approx(9.6))
+
+
 def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):
     fake = fake_factory(honour_n=False)
     prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
@@ -201,6 +230,45 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, fake_fac
             if kind != "failure":
                 assert by_id[record["id"]] == record
     assert sorted(ids(baseline, "failure")) == ["p03", "p11"] and ids(baseline, "dropped") == ["p05"]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # nobody may reap a job its shell left behind
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory):
+    """A shell without job control (here `bash -c`) starts background jobs with SIGINT ignored; stage 7 sets its own
+    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest."""
+    fake = fake_factory(delay_s=0.3)
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 20), tmp_path / "prefs"
+    (tmp_path / "logs").mkdir()
+    command = (f"nohup {sys.executable} {ROOT / '7.gen_prefs_openai.py'} --prompts_path {prompts} --n_prompts 20 "
+               f"--output_dir {out} --generator_base_url {fake.url} --generator_model gen --judge rule --k_samples 2 "
+               "--max_concurrency 2 --no_progress")
+    subprocess.run(["bash", "-c", f"{command} > logs/gen_prefs.log 2>&1 & echo $! > gen_prefs.pid"], cwd=tmp_path,
+                   check=True)
+    pid = int((tmp_path / "gen_prefs.pid").read_text())
+    deadline = time.monotonic() + 60
+    while len(ids(out, "pair")) < 2 and time.monotonic() < deadline and running(pid):
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGINT)
+    killed = time.monotonic()
+    while running(pid) and time.monotonic() < killed + 30:
+        time.sleep(0.05)
+    log = (tmp_path / "logs" / "gen_prefs.log").read_text()
+    kept = records(out, "pair")  # each line parses: nothing torn
+    assert not running(pid) and 2 <= len(kept) < 20, log
+    assert f"`kill -2 {pid}` or `kill {pid}`" in log
+    assert log.splitlines()[-1] == "prefs: interrupted; finished prompts are saved, run again to resume"
+    assert len({record["id"] for record in kept}) == len(kept) and ids(out, "failure") == []
+
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(kept)} already done, {20 - len(kept)} to go" in resumed.stderr
+    assert len(ids(out, "pair")) == 20 and all(record in records(out, "pair") for record in kept)
 
 
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, fake_factory, capsys):

@@ -13,7 +13,7 @@ import pytest
 from mateconv.prefs.cli import main
 from mateconv.prefs.endpoints import (OPENAI_URL, PrefsError, RetryPolicy, Usage, cost_usd, parse_prices,
                                       resolve_generator, resolve_judge, retry_after_s)
-from mateconv.prefs.judge import (JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair,
+from mateconv.prefs.judge import (JudgeMalformed, choose_pair, combine, judge_messages, parse_judgement, pick_pair,
                                   shuffled_order)
 from mateconv.prefs.pipeline import judges_for, stable_seed
 from mateconv.prefs.store import ResultStore, repair_torn_tail, sample_prompts
@@ -80,6 +80,23 @@ def test_pick_pair_and_combine():
     assert pick_pair([9.0, 1.0], ["x", ""], 1.0).dropped == "empty"
     assert combine([10.0, 1.0], None) == [10.0, 1.0] and combine(None, [4.0, 6.0]) == [4.0, 6.0]
     assert combine([10.0, 1.0, 10.0], [2.0, 10.0, 8.0]) == pytest.approx([10.2, 2.0, 10.8])
+
+
+def test_both_judges_the_rule_first_then_the_model_on_its_own_scale():
+    texts = ["a", "b", "c", "d"]
+    scores, verdict = choose_pair([1.0] * 4, [7.0, 7.0, 8.0, 9.0], texts, 1.0)  # all wrong: the model decides
+    assert scores == pytest.approx([1.7, 1.7, 1.8, 1.9])
+    assert (verdict.chosen, verdict.rejected, verdict.margin, verdict.dropped) == (3, 0, 2.0, None)
+    assert choose_pair([1.0] * 4, [7.0, 7.0, 8.0, 9.0], texts, 2.5)[1].dropped == "margin"
+    assert choose_pair([10.0] * 4, [6.0] * 4, texts, 0.0)[1].dropped == "tie"
+    # the rule first: a right reply beats a wrong one the model likes better, on the combined scale
+    verdict = choose_pair([10.0, 1.0, 10.0, 1.0], [2.0, 10.0, 8.0, 9.0], texts, 1.0)[1]
+    assert (verdict.chosen, verdict.rejected, verdict.margin) == (2, 3, pytest.approx(8.9))
+    # an empty reply does not count: the rule ties among the others, so the model decides
+    verdict = choose_pair([10.0, 1.0, 10.0, 10.0], [5.0, 1.0, 9.0, 6.0], ["a", " ", "c", "d"], 1.0)[1]
+    assert (verdict.chosen, verdict.rejected, verdict.margin) == (2, 0, 4.0)
+    assert choose_pair(None, [4.0, 6.0], texts[:2], 1.0)[1].chosen == 1
+    assert choose_pair([10.0, 10.0], None, texts[:2], 0.0)[1].dropped == "tie"
 
 
 # ---------------------------------------------------------------- endpoints
@@ -162,6 +179,14 @@ def test_prompt_sampling_is_seeded_and_reads_every_shape(tmp_path):
     prompts = {p["id"]: p for p in sample_prompts(shapes, 10, seed=0)}
     assert prompts["p"]["prompt"] == [{"role": "user", "content": "plain string"}]
     assert prompts["t"]["source"]["answer"] == "2" and len(prompts["s"]["prompt"]) == 2
+
+
+def test_a_larger_sample_contains_the_smaller_one(tmp_path):
+    path = write_lines(tmp_path / "prompts.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(5000)])
+    small, large, other_seed = ({p["id"] for p in sample_prompts(path, n, seed)} for n, seed in
+                                ((300, 7), (3000, 7), (3000, 8)))
+    assert len(small) == 300 and len(large) == 3000 and small < large
+    assert not small < other_seed  # the order is the seed's
 
 
 @pytest.mark.parametrize("line,message", [

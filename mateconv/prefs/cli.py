@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--prompts_path", default=DEFAULTS.prompts_path,
                       help="JSONL of tasks ({id,messages,answer}), SFT conversations ({id,messages}) or {id,prompt}")
-    data.add_argument("--n_prompts", type=int, default=DEFAULTS.n_prompts, help="prompts sampled with --seed")
+    data.add_argument("--n_prompts", type=int, default=DEFAULTS.n_prompts,
+                      help="prompts sampled with --seed; a larger sample contains the smaller one, so raising it and "
+                           "running again only adds prompts")
     data.add_argument("--seed", type=int, default=DEFAULTS.seed,
                       help="prompt sample, request seeds, judge orders")
     data.add_argument("--output_dir", default=DEFAULTS.output_dir)
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     judge = parser.add_argument_group("judge")
     judge.add_argument("--judge", choices=JUDGE_MODES, default=DEFAULTS.judge,
-                       help="rule: the record's known answer; model: the judge model; both; auto (default): rule for "
-                            "verifiable prompts, plus the model when a judge endpoint is configured, model otherwise")
+                       help="rule: the record's known answer; model: the judge model; both (the rule first, the model "
+                            "between equally right or wrong replies); auto (default): rule for verifiable prompts, "
+                            "plus the model when a judge endpoint is configured, model otherwise")
     judge.add_argument("--judge_base_url", help="URL, 'openai' or 'generator' (default: $OPENAI_BASE_URL, else OpenAI "
                        "when --judge_model or a key is given, else none)")
     judge.add_argument("--judge_model", help="default: gpt-4o-mini, or the generator's model with 'generator'")
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--no_json_mode", dest="judge_json_mode", action="store_false",
                        help="do not send response_format=json_object to the judge")
     judge.add_argument("--min_margin", type=float, default=DEFAULTS.min_margin,
-                       help="best minus worst score below this: no pair")
+                       help="best minus worst score below this: no pair (with both, where the rule scores all "
+                            "replies alike, the model judge decides and its own best minus worst, 1-10, is measured)")
 
     requests = parser.add_argument_group("requests")
     requests.add_argument("--max_concurrency", type=int, default=DEFAULTS.max_concurrency, help="requests in flight")
@@ -72,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     config = PrefsConfig(**vars(build_parser().parse_args(argv)))
     bars_only_on_a_terminal()
-    # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed. SIGINT is
+    # set too: a background job of a script or `bash -c` starts with it ignored, and `kill -2` would do nothing.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))}
     try:
         return run(config)
     except PrefsError as error:
@@ -81,4 +87,5 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         raise SystemExit("prefs: interrupted; finished prompts are saved, run again to resume") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -113,10 +113,14 @@ class Verdict:
     dropped: str | None  # why no pair: "empty", "tie", "identical" or "margin"
 
 
+def non_empty(candidates: list[str]) -> list[int]:
+    return [i for i, text in enumerate(candidates) if text.strip()]
+
+
 def pick_pair(scores: list[float], candidates: list[str], min_margin: float) -> Verdict:
     """Best as chosen, worst as rejected (the first one on equal scores) among the non-empty replies (stage 3
     refuses empty sides); ties, identical texts and margins under `min_margin` are dropped."""
-    usable = [i for i, text in enumerate(candidates) if text.strip()]
+    usable = non_empty(candidates)
     if len(usable) < 2:
         return Verdict(None, None, 0.0, "empty")
     best = max(usable, key=lambda i: (scores[i], -i))
@@ -129,3 +133,14 @@ def pick_pair(scores: list[float], candidates: list[str], min_margin: float) -> 
     if margin < min_margin:
         return Verdict(None, None, margin, "margin")
     return Verdict(best, worst, margin, None)
+
+
+def choose_pair(rule: list[float] | None, model: list[float] | None, candidates: list[str],
+                min_margin: float) -> tuple[list[float], Verdict]:
+    """The final scores (`combine`) and the pair. With both judges the rule decides where it tells the non-empty
+    replies apart; where it scores them all alike (all right, or all wrong) the model judge's scores decide, and the
+    margin held against `min_margin` is the model's own (its 1-10 scale, not the tenth of it in the final scores)."""
+    scores = combine(rule, model)
+    if rule is not None and model is not None and len({rule[i] for i in non_empty(candidates)}) == 1:
+        return scores, pick_pair(model, candidates, min_margin)
+    return scores, pick_pair(scores, candidates, min_margin)

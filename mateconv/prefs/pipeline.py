@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mateconv.prefs.endpoints import (Caller, Endpoint, PrefsError, RequestFailed, RetryPolicy, Usage, cost_usd,
                                       parse_prices, resolve_generator, resolve_judge)
-from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, combine, judge_messages, parse_judgement, pick_pair,
+from mateconv.prefs.judge import (RULE_SCORES, JudgeMalformed, choose_pair, judge_messages, parse_judgement,
                                   rule_scores, shuffled_order)
 from mateconv.prefs.store import ResultStore, read_records, sample_prompts
 from mateconv.procs import ServeError, start_background, stop_background
@@ -206,8 +206,7 @@ class Worker:
             verdicts = ["matches the known answer" if score == RULE_SCORES[True] else
                         "does not match the known answer" for score in rule]
             reasons = [f"{verdict}; {reason}" if reason else verdict for verdict, reason in zip(verdicts, reasons)]
-        scores = combine(rule, model)
-        verdict = pick_pair(scores, contents, self.config.min_margin)
+        scores, verdict = choose_pair(rule, model, contents, self.config.min_margin)
         record.update(scores=scores, judge_scores={"rule": rule, "model": model}, rationale=reasons,
                       judge="model" if rule is None else "rule" if model is None else "both", judge_order=order,
                       judge_error=judge_error, margin=verdict.margin)
@@ -339,6 +338,9 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     print(f"prefs: {len(prompts)} prompts from {config.prompts_path}, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to go; {generator.describe()}; "
           f"{judge.describe() if judge else 'judge: the known answers'}", file=sys.stderr)
+    if todo:
+        print(f"prefs: to stop, keeping the finished prompts (the same command resumes): `kill -2 {os.getpid()}` or "
+              f"`kill {os.getpid()}`", file=sys.stderr)
     started = time.monotonic()
     process, result = None, {"counts": {"pair": 0, "dropped": 0, "failure": 0, "judge_errors_in_both": 0},
                              "usage": {}}

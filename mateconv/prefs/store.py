@@ -2,9 +2,10 @@
 resumable (one write of a whole line + fsync per record; a torn last line from a hard kill is cut off on resume)."""
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -49,26 +50,21 @@ def to_prompt(raw: dict, where: str) -> dict:
     return {"id": str(raw["id"]), "prompt": messages, "source": raw}
 
 
+def sample_rank(line: str, seed: int) -> bytes:
+    """Where a line stands in the seeded random order of a prompts file: the first N lines of that order are the
+    N-prompt sample, so a larger sample with the same seed contains every smaller one."""
+    return hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+
+
 def sample_prompts(path: str | Path, n_prompts: int, seed: int) -> list[dict]:
-    """`n_prompts` records chosen uniformly with `seed` (reservoir sampling: one pass, O(n_prompts) memory), in file
-    order. Only the chosen lines are parsed."""
+    """The `n_prompts` records first in the seeded random order of `sample_rank` (a uniform sample; one pass with a
+    heap, O(n_prompts) memory), in file order. Only the chosen lines are parsed."""
     path = Path(path)
     if not path.is_file():
         raise PrefsError(f"prompts file {path} not found (run stage 2 first, or pass --prompts_path)")
-    rng = random.Random(seed)
-    chosen: list[tuple[int, str]] = []
     with path.open(encoding="utf-8") as lines:
-        seen = 0
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            seen += 1
-            if len(chosen) < n_prompts:
-                chosen.append((number, line))
-            else:
-                slot = rng.randrange(seen)
-                if slot < n_prompts:
-                    chosen[slot] = (number, line)
+        chosen = heapq.nsmallest(n_prompts, ((number, line) for number, line in enumerate(lines, 1) if line.strip()),
+                                 key=lambda numbered: sample_rank(numbered[1], seed))
     records, ids = [], set()
     for number, line in sorted(chosen):
         where = f"{path}:{number}"
