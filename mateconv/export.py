@@ -26,13 +26,13 @@ from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir
 from model import ConfigError, MateConvForCausalLM
 from model.export import to_llama, to_qwen3
+from model.modeling import SAMPLING_DEFAULTS
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
 GGUF_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
 
 
 class ExportError(ValueError):

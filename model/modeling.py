@@ -243,6 +243,11 @@ class MateConvModel(MateConvPreTrainedModel):
         return self.norm(x), (cache if use_cache else None), aux_total
 
 
+# `generate`'s defaults, saved in generation_config.json: sampling, as chat models ship (seed 001 calls
+# `model.generate(ids, temperature=0.7, top_p=0.9)`, which greedy defaults would ignore); do_sample=False is greedy.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
 class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -251,6 +256,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         self.model = MateConvModel(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.post_init()
+        self.generation_config.update(**SAMPLING_DEFAULTS)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,

@@ -62,3 +62,25 @@ def test_sampling_with_cache_equals_sampling_without(trained):
     assert torch.equal(*samples)
     torch.manual_seed(124)
     assert not torch.equal(samples[0], hf_generate(model, tokenizer, batch, **options))
+
+
+def test_seed_001_quick_start_samples_with_its_temperature(tmp_path, caplog):
+    """Seed 001's quick start as written (its names, tiny sizes): `generate(ids, temperature=0.7, top_p=0.9)` samples
+    (transformers' greedy default dropped both with a warning), do_sample=False stays greedy, and a saved model keeps
+    sampling defaults in generation_config.json, as the exported ones do."""
+    from model.LLMconfig import LLMconfig
+    from model.model import LLM
+
+    config = LLMconfig(vocab_size=320, dim=64, n_layers=2, n_heads=8, max_seq_len=256)
+    model = LLM(config).eval()
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 320, (1, 8))
+    sampled = {tuple(model.generate(input_ids, max_new_tokens=12, temperature=0.7, top_p=0.9)[0].tolist())
+               for _ in range(4)}
+    assert len(sampled) > 1
+    assert not [r for r in caplog.records if "not valid" in r.getMessage()]
+    greedy = [model.generate(input_ids, max_new_tokens=12, do_sample=False) for _ in range(2)]
+    assert torch.equal(*greedy)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (saved["do_sample"], saved["temperature"], saved["top_p"]) == (True, 0.7, 0.9)
