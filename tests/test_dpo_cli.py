@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mateconv.train.stages import main
+from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -90,3 +91,19 @@ def test_rows_longer_than_the_starting_model_takes_are_one_line(stage, data, tin
                      "--forget_data_paths", "", "--out_dir", str(tmp_path / "out")])
     assert str(error.value) == (f"{stage}: max_seq_len 512 is longer than the 96 tokens the model {tiny_pretrain_model}"
                                 " takes; set --max_seq_len 96 (or less)")
+
+
+def test_pairs_path_trains_on_the_good_pairs_and_names_the_bad_ones(tiny_sft_model, tmp_path, capsys):
+    """A user's own preference file given to stage 9 as it is: the bad records are skipped with the lines stage 2
+    gives for them (tests/test_data_prepare.py), the rest train."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs = tmp_path / "pairs.jsonl"
+    expected = write_pairs_file(pairs)
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", "",
+        "--forget_data_paths", "", "--out_dir", str(tmp_path / "dpo"), "--batch_size", "2", "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.removeprefix("[dpo] skipped ") for line in out if line.startswith("[dpo] skipped ")] == expected[:5]
+    assert f"[dpo] ... {len(expected)} bad records in all" in out
+    assert any(line.startswith(f"[dpo] {pairs}: {len(GOOD_PAIRS)} records, ") for line in out)
