@@ -1,6 +1,7 @@
 """Format conversion: every SFT/preference shape -> the internal formats, on the real shared files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,43 @@ from mateconv.data.formats import detect_format, to_preference, to_sft
 from mateconv.data.readers import iter_records
 
 FACTORY = "hiyouga__LLaMA-Factory/data"
+
+
+def turn(role: str, content) -> dict:
+    return {"role": role, "content": content}
+
+
+def minimind(user: str, reply, rejected_user: str, rejected_reply) -> dict:
+    """A MiniMind dpo.jsonl pair: each side the whole conversation, user turn included."""
+    return {"chosen": [turn("user", user), turn("assistant", reply)],
+            "rejected": [turn("user", rejected_user), turn("assistant", rejected_reply)]}
+
+
+DIFFERENT_PROMPTS = ("chosen and rejected have different prompts (the conversation before the last assistant reply "
+                     "differs)")
+# A user's preference file: good pairs of each shape between the bad records users sent, each with its one-line reason.
+PAIRS_FILE = [
+    minimind("Hi", "Hello!", "Hi", "What?"),
+    (minimind("Hi", "Hello!", "Hi", "Hello!"), "chosen and rejected are the same"),
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
+    ({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Blue.\n"}, "chosen and rejected are the same"),
+    (minimind("Hi", "Hello!", "Hey", "What?"), DIFFERENT_PROMPTS),
+    {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+    (minimind("Hi", None, "Hi", "What?"), "message content must be a string, got null"),
+    ({"chosen": [turn("user", "Hi"), turn("assistant", "Hello!")]},
+     "a preference record needs both chosen and rejected, 'rejected' is missing"),
+    {"conversations": [{"from": "human", "value": "Capital of France?"}], "chosen": {"from": "gpt", "value": "Paris."},
+     "rejected": {"from": "gpt", "value": "Rome."}},
+    ({"prompt": "Say something.", "chosen": "Something.", "rejected": " "}, "empty rejected response"),
+]
+GOOD_PAIRS = [line for line in PAIRS_FILE if isinstance(line, dict)]
+
+
+def write_pairs_file(path: Path) -> list[str]:
+    """PAIRS_FILE as jsonl at path; returns the `file:line: reason` lines every reader must report for it."""
+    records = [line if isinstance(line, dict) else line[0] for line in PAIRS_FILE]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return [f"{path}:{number}: {line[1]}" for number, line in enumerate(PAIRS_FILE, 1) if isinstance(line, tuple)]
 
 
 def records(path: Path) -> list:
@@ -51,20 +89,20 @@ def test_sharegpt_preference_with_string_sides(shared_data):
 def test_hh_rlhf_split_at_last_assistant_turn(shared_data):
     data = records(shared_data("anthropics__hh-rlhf/harmless-base/test.first200.jsonl"))
     assert {detect_format(r) for r in data} == {"hh"}
-    converted = 0
-    for record in data:
+    skipped = []
+    for number, record in enumerate(data, 1):
         try:
             pair = to_preference(record)
-        except DataError:
+        except DataError as error:
+            skipped.append(f"{number}: {error}")
             continue
-        converted += 1
         cut = record["chosen"].rfind("\n\nAssistant:")
         assert pair["chosen"][0]["content"] == record["chosen"][cut + len("\n\nAssistant:"):].strip()
         roles = [m["role"] for m in pair["prompt"]]
         assert roles[0] == "user" and roles[-1] == "user"
         assert all(a != b for a, b in zip(roles, roles[1:]))  # alternating turns
         assert record["chosen"].startswith("\n\nHuman: " + pair["prompt"][0]["content"])
-    assert converted == len(data)
+    assert skipped == ["87: empty chosen response"]  # the one bad record stage 2 skips too
     multi = to_preference(next(r for r in data if r["chosen"].count("\n\nHuman:") > 2))
     assert len(multi["prompt"]) >= 5
 
@@ -114,3 +152,29 @@ def test_bad_preference_shapes_raise():
     assert to_preference({"prompt": "q", "chosen": {"from": "gpt", "value": "x"}, "rejected": "y"}) == {
         "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "x"}],
         "rejected": [{"role": "assistant", "content": "y"}]}
+
+
+@pytest.mark.parametrize("record, reason", [line for line in PAIRS_FILE if isinstance(line, tuple)] + [
+    ({"chosen": [turn("user", "Hi"), turn("assistant", "a"), turn("user", "more"), turn("assistant", "b")],
+      "rejected": [turn("user", "Hi"), turn("assistant", "x"), turn("user", "more"), turn("assistant", "y")]},
+     DIFFERENT_PROMPTS),
+    ({"rejected": "no"}, "a preference record needs both chosen and rejected, 'chosen' is missing"),
+    ({"prompt": "q", "chosen": [turn("assistant", "a"), turn("assistant", "b")], "rejected": "c"},
+     "chosen must be one assistant message, got roles ['assistant', 'assistant']"),
+    ({"chosen": [turn("user", "Hi")], "rejected": [turn("user", "Hi"), turn("assistant", "x")]},
+     "chosen does not end with an assistant reply"),
+])
+def test_bad_preference_records_name_the_problem(record, reason):
+    with pytest.raises(DataError) as error:
+        to_preference(record)
+    assert str(error.value) == reason
+
+
+def test_unknown_shape_lists_the_preference_shapes():
+    with pytest.raises(DataError) as error:
+        detect_format({"foo": 1})
+    assert str(error.value) == ("unknown record shape with keys ['foo'] (expected messages, conversations, "
+                                "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL "
+                                "and hh-rlhf)")
+    with pytest.raises(DataError, match="^message value must be a string, got null$"):
+        to_sft({"conversations": [{"from": "human", "value": None}]})

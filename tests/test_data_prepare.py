@@ -10,6 +10,8 @@ import pytest
 from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, normalize, split_of
 from mateconv.data.prepare import main, prepare
+from mateconv.data.shards import build_shards
+from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 from tests.test_tokenizer_notebook import run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,16 @@ def test_prepare_real_shared_files(shared_data, tmp_path):
     assert all(set(p) == {"id", "prompt", "chosen", "rejected"} and p["prompt"][-1]["role"] == "user" for p in pairs)
     poem = read(tmp_path / "pretrain_train.jsonl")[0]["text"]
     assert "\n" in poem and len(poem) > 20  # paragraphs joined line by line
+
+
+def test_stage2_and_the_tokenizer_of_stages_3_and_9_skip_the_same_pairs(tiny_tokenizer, tmp_path):
+    """Stage 9's --pairs_path FILE tokenizes with build_shards, as stage 3 does: same records kept, same lines."""
+    expected = write_pairs_file(tmp_path / "dpo.jsonl")
+    stats = prepare({"dpo": [tmp_path / "dpo.jsonl"]}, tmp_path / "data", progress=False)["dpo"]
+    assert stats["bad_examples"] == expected and stats["kept"] == len(GOOD_PAIRS)
+    tokenized = build_shards("dpo", [tmp_path / "dpo.jsonl"], tiny_tokenizer, tmp_path / "tokens", workers=1,
+                             progress=False)
+    assert tokenized.bad_records == expected and tokenized.index["shards"][0]["num_records"] == len(GOOD_PAIRS)
 
 
 def test_cli_errors(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from mateconv.config import parse_config
 from mateconv.train.stages import RECIPES, main
+from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -93,3 +94,19 @@ def test_a_starting_model_takes_the_length_given(stage, data, tiny_pretrain_mode
     assert (f"[{stage}] note: {tiny_pretrain_model} was trained on rows of up to 96 tokens; max_seq_len 160 extends "
             "its positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["max_seq_len"] == 160
+
+
+def test_pairs_path_trains_on_the_good_pairs_and_names_the_bad_ones(tiny_sft_model, tmp_path, capsys):
+    """A user's own preference file given to stage 9 as it is: the bad records are skipped with the lines stage 2
+    gives for them (tests/test_data_prepare.py), the rest train."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs = tmp_path / "pairs.jsonl"
+    expected = write_pairs_file(pairs)
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", "",
+        "--forget_data_paths", "", "--out_dir", str(tmp_path / "dpo"), "--batch_size", "2", "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.removeprefix("[dpo] skipped ") for line in out if line.startswith("[dpo] skipped ")] == expected[:5]
+    assert f"[dpo] ... {len(expected)} bad records in all" in out
+    assert any(line.startswith(f"[dpo] {pairs}: {len(GOOD_PAIRS)} records, ") for line in out)

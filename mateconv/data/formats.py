@@ -10,7 +10,10 @@ Accepted shapes, detected per record by `detect_format`:
 - "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
-- "implicit_pref": {"chosen", "rejected"} full message lists sharing the prompt as their common prefix
+- "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
+
+`to_preference` (with `check_pair`) alone decides what a valid preference pair is: stage 2 and the tokenizer of
+stages 3 and 9 (`9.train_dpo.py --pairs_path FILE`) skip the records it refuses, with its reason.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ def detect_format(record: Any) -> str:
         if isinstance(record["chosen"], str):
             return "hh"
         return "implicit_pref"
+    if "chosen" in keys or "rejected" in keys:
+        missing = "rejected" if "chosen" in keys else "chosen"
+        raise DataError(f"a preference record needs both chosen and rejected, '{missing}' is missing")
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -48,21 +54,23 @@ def detect_format(record: Any) -> str:
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     raise DataError(f"unknown record shape with keys {sorted(keys)} (expected messages, conversations, "
-                    "instruction/output, or prompt/chosen/rejected)")
+                    "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL and hh-rlhf)")
 
 
 def _message(turn: Any) -> dict[str, str]:
     """One turn in either {role, content} or {from, value} form, role names normalised."""
     if not isinstance(turn, dict):
         raise DataError(f"a message must be an object, got {type(turn).__name__}")
-    role = turn.get("role", turn.get("from"))
-    content = turn.get("content", turn.get("value"))
-    if role is None or content is None:
+    role_key = "role" if "role" in turn else "from"
+    content_key = "content" if "content" in turn else "value"
+    if role_key not in turn or content_key not in turn:
         raise DataError(f"a message needs role/content or from/value, got keys {sorted(turn)}")
+    role, content = turn[role_key], turn[content_key]
     if str(role).lower() not in ROLE_NAMES:
         raise DataError(f"unknown message role {role!r}")
     if not isinstance(content, str):
-        raise DataError(f"message content must be a string, got {type(content).__name__}")
+        got = "null" if content is None else type(content).__name__
+        raise DataError(f"message {content_key} must be a string, got {got}")
     return {"role": ROLE_NAMES[str(role).lower()], "content": content}
 
 
@@ -122,15 +130,13 @@ def to_sft(record: Any) -> dict[str, Messages]:
     return {"messages": _check_conversation(messages, ends_with_assistant=True)}
 
 
-def _response(value: Any) -> Messages:
-    """A chosen/rejected side: a string, one message, or a message list -> [assistant message(s)]."""
+def _response(value: Any, side: str) -> Messages:
+    """A chosen/rejected side given apart from the prompt: a string, one message, or a one-message list."""
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
-    if isinstance(value, dict):
-        value = [value]
-    messages = _messages(value)
-    if not messages or any(m["role"] != "assistant" for m in messages):
-        raise DataError("chosen/rejected must hold assistant messages only")
+    messages = _messages([value] if isinstance(value, dict) else value)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(f"{side} must be one assistant message, got roles {[m['role'] for m in messages]}")
     return messages
 
 
@@ -153,35 +159,46 @@ def split_hh(transcript: str) -> tuple[Messages, str]:
     return messages, reply.strip()
 
 
+def _prompt_and_reply(value: Any, side: str) -> tuple[Messages, Messages]:
+    """A chosen/rejected side given as a whole conversation (hh-rlhf transcript, message list) -> (prompt, [reply])."""
+    if isinstance(value, str):
+        prompt, reply = split_hh(value)
+        return prompt, [{"role": "assistant", "content": reply}]
+    messages = _messages(value)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{side} does not end with an assistant reply")
+    return messages[:-1], messages[-1:]
+
+
+def check_pair(pair: dict[str, Messages]) -> dict[str, Messages]:
+    """The rules on the replies of a converted pair; stage 2 applies them again to its normalised text."""
+    for side in ("chosen", "rejected"):
+        if not pair[side][0]["content"].strip():
+            raise DataError(f"empty {side} response")
+    if pair["chosen"][0]["content"].strip() == pair["rejected"][0]["content"].strip():
+        raise DataError("chosen and rejected are the same")
+    return pair
+
+
 def to_preference(record: Any) -> dict[str, Messages]:
-    """Any supported preference shape -> {"prompt": [...], "chosen": [...], "rejected": [...]}."""
+    """Any supported preference shape -> {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}."""
     shape = detect_format(record)
     if shape == "prompt_pref":
         prompt = record["prompt"]
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
         if record.get("system") and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": str(record["system"])})
-        chosen, rejected = _response(record["chosen"]), _response(record["rejected"])
+        chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record.get("system"))
-        chosen, rejected = _response(record["chosen"]), _response(record["rejected"])
-    elif shape == "hh":
-        if not isinstance(record["rejected"], str):
-            raise DataError("hh-rlhf chosen and rejected must both be transcripts")
-        prompt, chosen_text = split_hh(record["chosen"])
-        rejected_prompt, rejected_text = split_hh(record["rejected"])
+        chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+    elif shape in ("hh", "implicit_pref"):
+        prompt, chosen = _prompt_and_reply(record["chosen"], "chosen")
+        rejected_prompt, rejected = _prompt_and_reply(record["rejected"], "rejected")
         if rejected_prompt != prompt:
-            raise DataError("hh-rlhf chosen and rejected transcripts have different prompts")
-        chosen, rejected = _response(chosen_text), _response(rejected_text)
-    elif shape == "implicit_pref":
-        full_chosen, full_rejected = _messages(record["chosen"]), _messages(record["rejected"])
-        common = 0
-        while (common < min(len(full_chosen), len(full_rejected)) - 1
-               and full_chosen[common] == full_rejected[common]):
-            common += 1
-        prompt, chosen, rejected = full_chosen[:common], full_chosen[common:], full_rejected[common:]
-        chosen, rejected = _response(chosen), _response(rejected)
+            raise DataError("chosen and rejected have different prompts (the conversation before the last assistant "
+                            "reply differs)")
     else:
         raise DataError(f"a {shape} record has no chosen/rejected pair")
     _check_conversation(prompt, ends_with_assistant=False)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, length_summary, normalize, split_of
-from mateconv.data.formats import to_preference, to_sft
+from mateconv.data.formats import check_pair, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
 from mateconv.terminal import bars_only_on_a_terminal
@@ -56,13 +56,10 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
             raise DataError("empty message")
         return {"messages": messages}, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if kind == "dpo":
-        pair = to_preference(record)
-        pair = {side: [{**m, "content": normalize(m["content"], form)} for m in pair[side]] for side in pair}
-        chosen, rejected = ("\n".join(m["content"] for m in pair[s]) for s in ("chosen", "rejected"))
-        if not chosen or not rejected:
-            raise DataError("empty chosen or rejected response")
-        if chosen == rejected:
-            raise DataError("chosen and rejected are the same")
+        pair = {side: [{**m, "content": normalize(m["content"], form)} for m in messages]
+                for side, messages in to_preference(record).items()}
+        check_pair(pair)  # normalising can empty a reply or make the two equal
+        chosen, rejected = (pair[side][0]["content"] for side in ("chosen", "rejected"))
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in pair["prompt"])
         return pair, f"{prompt}\nchosen: {chosen}\nrejected: {rejected}"
     if not (isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record):

@@ -356,15 +356,9 @@ def _encode_dpo(record: Any, eos_id: int) -> tuple[list[int], list[int], list[in
     pair = to_preference(record)
     prompt_text, _ = render_chat(pair["prompt"], add_generation_prompt=True)
     prompt = _tokenizer.encode(prompt_text, add_special_tokens=False).ids
-    sides = []
-    for side in ("chosen", "rejected"):
-        if len(pair[side]) != 1:
-            raise DataError(f"{side} must be a single assistant message, got {len(pair[side])}")
-        content = pair[side][0]["content"]
-        if not content.strip():
-            raise DataError(f"empty {side} response")
-        sides.append(_tokenizer.encode(content, add_special_tokens=False).ids + [eos_id])
-    return prompt, sides[0], sides[1]
+    chosen, rejected = (_tokenizer.encode(pair[side][0]["content"], add_special_tokens=False).ids + [eos_id]
+                        for side in ("chosen", "rejected"))
+    return prompt, chosen, rejected
 
 
 def encode_chunk(kind: str, eos_id: int, dtype: str, lines: list[tuple[int, int, str]]) -> dict:
