@@ -110,3 +110,19 @@ def test_pairs_path_trains_on_the_good_pairs_and_names_the_bad_ones(tiny_sft_mod
     assert [line.removeprefix("[dpo] skipped ") for line in out if line.startswith("[dpo] skipped ")] == expected[:5]
     assert f"[dpo] ... {len(expected)} bad records in all" in out
     assert any(line.startswith(f"[dpo] {pairs}: {len(GOOD_PAIRS)} records, ") for line in out)
+
+
+def test_pairs_path_beside_shards_of_other_data_names_them(tiny_sft_model, tiny_tokens, tmp_path, capsys):
+    """A user's raw pairs file, validated on shards of other data (the stage's default out/tokens/dpo/val when an
+    earlier run left it): the log says whose pairs the validation figures are (they were silently the demo's)."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs_file(pairs)
+    val = tiny_tokens / "dpo" / "val"
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", str(val),
+        "--forget_data_paths", "", "--out_dir", str(tmp_path / "dpo"), "--batch_size", "2", "--max_steps", "1"]) == 0
+    inputs = ", ".join(json.loads((val / "index.json").read_text())["inputs"])
+    assert (f"[dpo] validation: {val} (tokenized from {inputs}, not from {pairs}; --val_data_path FILE names yours, "
+            "'' turns validation off)") in capsys.readouterr().out

@@ -102,6 +102,10 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
             print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_data_path FILE adds it)",
                   flush=True)
         val_path = ""
+    elif val_path and raw and runtime.is_main:  # shards of other data beside the user's file: say whose
+        sources = ", ".join(shard_info(val_path).get("inputs") or ["unrecorded files"])
+        print(f"[{reader_class.kind}] validation: {val_path} (tokenized from {sources}, not from "
+              f"{config.data.data_path}; --val_data_path FILE names yours, '' turns validation off)", flush=True)
     for path in [train_path] + ([val_path] if val_path else []):
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
