@@ -99,6 +99,13 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """A pretrained model's prompt: `text` as the start of a document, after the end-of-document token that ends each
+    document in pretraining (stage 3 packs `doc tokens + [eos]`), with no chat template."""
+    lead = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return lead + tokenizer.encode(text, add_special_tokens=False)
+
+
 def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
     """Drop the oldest user/assistant turns (never the system prompt or the last user turn) until the prompt fits."""
     system = [m for m in messages if m["role"] == "system"][:1]
@@ -108,13 +115,16 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[
     return system + turns
 
 
-def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: SamplingOptions) -> Iterator[str]:
-    """Text pieces of the assistant's reply to `messages`, as they are generated."""
+def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: SamplingOptions,
+                 completion: bool = False) -> Iterator[str]:
+    """Text pieces of the assistant's reply to `messages`, as they are generated; with `completion`, of the
+    continuation of the last message's text (`completion_ids`)."""
     budget = context_length(model) - options.max_new_tokens
     if budget < 1:
         raise ChatError(f"max_new_tokens {options.max_new_tokens} leaves no room for a prompt "
                         f"in the context of {context_length(model)} tokens")
-    ids = prompt_ids(tokenizer, fit_history(tokenizer, messages, budget))
+    ids = (completion_ids(tokenizer, messages[-1]["content"]) if completion
+           else prompt_ids(tokenizer, fit_history(tokenizer, messages, budget)))
     if len(ids) > budget:
         raise ChatError(f"the prompt is {len(ids)} tokens; at most {budget} fit with max_new_tokens "
                         f"{options.max_new_tokens}")
@@ -130,10 +140,13 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: Samp
 
 
 class ChatSession:
-    """A multi-turn conversation: keeps the history and streams each reply into `out`."""
+    """A multi-turn conversation: keeps the history and streams each reply into `out`. With `completion` (a
+    pretrained model) each line is a text to continue, on its own: no template, no history."""
 
-    def __init__(self, model, tokenizer, options: SamplingOptions, system: str | None = None):
+    def __init__(self, model, tokenizer, options: SamplingOptions, system: str | None = None,
+                 completion: bool = False):
         self.model, self.tokenizer, self.options, self.system = model, tokenizer, options, system
+        self.completion = completion
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -142,10 +155,12 @@ class ChatSession:
 
     def reply(self, user_text: str, out: TextIO) -> str:
         """Streams the reply to `user_text` into `out`; on Ctrl-C the turn is dropped from the history."""
+        if self.completion:
+            self.reset()
         self.messages.append({"role": "user", "content": user_text})
         pieces = []
         try:
-            for piece in stream_reply(self.model, self.tokenizer, self.messages, self.options):
+            for piece in stream_reply(self.model, self.tokenizer, self.messages, self.options, self.completion):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
@@ -192,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_argument_group("mode")
     mode.add_argument("--prompt", default=None, help="answer this one prompt and exit ('-' reads it from stdin)")
     mode.add_argument("--system", default=None, help="system prompt for every conversation")
+    mode.add_argument("--text_completion", action="store_true",
+                      help="continue each text as written, without the chat template or history (a pretrained model)")
     sampling = parser.add_argument_group("sampling")
     defaults = SamplingOptions()
     sampling.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                   args.repetition_penalty, args.seed, args.compile)
         model, tokenizer = load_model(args.model_path, args.device, args.dtype)
-        session = ChatSession(model, tokenizer, options, args.system)
+        session = ChatSession(model, tokenizer, options, args.system, args.text_completion)
         if args.prompt is not None:
             prompt = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
             if not prompt:
@@ -234,8 +251,9 @@ SEED_MODEL_MODES = {0: "pretrain", 1: "sft", 2: "dpo"}
 
 def seed_main(argv: list[str] | None = None) -> None:
     """Seed 000's `eval_model.py --model_mode 0|1|2 [--dim D --n_layers N] [--stream True]`: the chat with
-    out/pretrain, out/sft or out/dpo's final model. There `--dim` and `--n_layers` picked the checkpoint file; here the
-    model directory holds its own shape, which they must match. Replies always stream. Other flags are the chat's."""
+    out/pretrain (as text completion: a pretrained model continues text), out/sft or out/dpo's final model. There
+    `--dim` and `--n_layers` picked the checkpoint file; here the model directory holds its own shape, which they must
+    match. Replies always stream. Other flags are the chat's."""
     parser = argparse.ArgumentParser(prog="eval_model.py", description=seed_main.__doc__)
     parser.add_argument("--model_mode", type=int, choices=sorted(SEED_MODEL_MODES), default=1,
                         help="0 pretrained, 1 SFT, 2 DPO")
@@ -254,7 +272,8 @@ def seed_main(argv: list[str] | None = None) -> None:
         if any(shape[name] != value for name, value in wanted.items()):
             raise SystemExit(f"eval_model: {path} has {', '.join(f'{k} {v}' for k, v in shape.items())}, not "
                              f"{', '.join(f'{k} {v}' for k, v in wanted.items())}")
-    main(["--model_path", str(path), *chat_flags])
+    completion = ["--text_completion"] if SEED_MODEL_MODES[args.model_mode] == "pretrain" else []
+    main(["--model_path", str(path), *completion, *chat_flags])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mateconv.chat import (ChatError, ChatSession, SamplingOptions, build_parser, fit_history, load_model, main,
                            run_interactive, stream_reply)
@@ -218,3 +219,22 @@ def test_interactive_loop_reports_errors_and_goes_on(dense, expected):
     text = out.getvalue()
     assert "(error: the prompt is" in text and text.split(">>> ")[2].startswith(expected)
     assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the failed turn left no trace
+
+
+def test_text_completion_continues_a_pretrained_models_text(tiny_pretrain_model, capsys):
+    """`--text_completion` (eval_model.py --model_mode 0): the pretrained model continues the text as a document
+    start (after the end-of-document token it learned), no chat template; the same greedy tokens as generate_tokens
+    on those ids."""
+    from model.generation import generate_tokens
+
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    text = "The answer is"
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        new = generate_tokens(model, torch.tensor([ids]), 12, temperature=0,
+                              eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+    new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    assert new, "the model ended the text at once: nothing compared"
+    main(["--model_path", str(tiny_pretrain_model), "--text_completion", "--prompt", text, "--temperature", "0",
+          "--max_new_tokens", "12", "--device", "cpu"])
+    assert capsys.readouterr().out == tokenizer.decode(new) + "\n"
