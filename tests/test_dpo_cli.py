@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,18 @@ def test_missing_shards_and_files_are_named(tiny_llama, tmp_path):
                            "^dpo: DPO data file not found: val.json$")]:
         with pytest.raises(SystemExit, match=message):
             main("dpo", flags + data)
+
+
+def test_a_missing_pairs_file_names_the_one_stage_7_wrote(tiny_llama, tmp_path, monkeypatch):
+    """Seed 004 runs stage 7, then DPO with `--pairs_path ./dataset/dpo_pairs.jsonl`; stage 7 writes
+    out/prefs/dpo_pairs.jsonl, which the error then names."""
+    monkeypatch.chdir(tmp_path)
+    tiny_llama(0).save_pretrained("out/sft/final")
+    Path("out/prefs").mkdir(parents=True)
+    Path("out/prefs/dpo_pairs.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"^dpo: DPO data file not found: dataset/dpo_pairs.jsonl \(stage 7 wrote its "
+                                         r"pairs to out/prefs/dpo_pairs.jsonl\)$"):
+        main("dpo", ["--pairs_path", "./dataset/dpo_pairs.jsonl", "--tracker", "none", "--device", "cpu"])
 
 
 def test_run_without_held_out_data_saves_the_model_and_no_plot(tiny_sft_model, tiny_tokens, tmp_path):

@@ -91,7 +91,12 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
     train_path, val_path = Path(config.data.data_path), config.data.val_data_path
     for path in (train_path, val_path):
         if str(path).lower().endswith(SUFFIXES) and not Path(path).is_file():
-            raise DataError(f"{label} data file not found: {path}")
+            from mateconv.prefs.pipeline import PrefsConfig  # here: stage 7's client libraries load in a second
+            from mateconv.prefs.store import PAIRS
+
+            made = Path(PrefsConfig.output_dir) / PAIRS  # seed 004 runs stage 7, then names its own pairs file
+            hint = f" (stage 7 wrote its pairs to {made})" if label == "DPO" and made.is_file() else ""
+            raise DataError(f"{label} data file not found: {path}{hint}")
     raw = train_path.is_file()
     if raw:
         train_path = tokenize_raw(reader_class.kind, train_path, "train", config, runtime)
