@@ -104,8 +104,8 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         val_path = str(tokenize_raw(reader_class.kind, Path(val_path), "val", config, runtime))
     elif val_path and raw and not (Path(val_path) / "index.json").is_file():
         if runtime.is_main:
-            print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_data_path FILE adds it)",
-                  flush=True)
+            print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_data_path FILE adds it, "
+                  "and with it val_loss and the best/ model)", flush=True)
         val_path = ""
     elif val_path and raw and runtime.is_main:  # shards of other data beside the user's file: say whose
         sources = ", ".join(shard_info(val_path).get("inputs") or ["unrecorded files"])
