@@ -61,7 +61,7 @@ SEED_ALIASES: dict[str, str | tuple[str | None, dict | Callable]] = {
     "lr": "learning_rate", "save_interval": "save_interval_steps", "ds_config_path": "ds_config",
     "loss_type": "dpo_loss_type", "label_smoothing": "dpo_label_smoothing", "kl_coef": "dpo_kl_coef",
     "sft_coef": "dpo_sft_coef", "beta": "dpo_beta", "pairs_path": "data_path", "wandb_name": "wandb_run_name",
-    "wandb_log_freq": "log_interval", "wandb_watch_log_freq": "wandb_watch_freq",
+    "wandb_log_freq": "tracker_interval", "wandb_watch_log_freq": "wandb_watch_freq",
     "use_wandb": ("tracker", {True: "wandb", False: "none"}),
     "ddp": ("engine", {True: "torch", False: "auto"}),
     "trainer": ("engine", {"BasicTrainer": "auto", "FSDPTrainer": "fsdp"}),  # seed 003's `--overrides trainer=...`
@@ -215,6 +215,8 @@ class CheckpointConfig:
 class TrackConfig:
     """Evaluation and logging: when, how much, and where to."""
     log_interval: int = 10
+    # metrics.jsonl, W&B and TensorBoard rows every N steps (seed 000's wandb_log_freq); 0 = every log_interval
+    tracker_interval: int = 0
     eval_interval: int = 500
     eval_batches: int = 50  # per rank
     eval_examples: int = 0  # > 0: evaluate on this many held-out examples over all ranks; sets eval_batches
@@ -234,7 +236,7 @@ class TrackConfig:
         check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
         check_choice("wandb_watch", self.wandb_watch, ("", "gradients", "parameters", "all"))
         check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
-        check_non_negative(self, ("eval_batches", "eval_examples"))
+        check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval"))
 
 
 @dataclass

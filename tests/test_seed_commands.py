@@ -342,6 +342,8 @@ def test_seed_000_001_flags_parse(line, tmp_path, monkeypatch):
         assert config.track.wandb_watch == ("all" if "--wandb_watch_log all" in line else "gradients")
     if "--save_interval 1000" in line:
         assert config.checkpoint.save_interval_steps == 1000
+    if "--wandb_log_freq 1" in line:
+        assert (config.track.tracker_interval, config.track.log_interval) == (1, 100)
 
 
 def test_seed_flags_errors_name_the_flag():

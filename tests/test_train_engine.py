@@ -129,6 +129,15 @@ def test_tokens_per_second_leave_out_evaluations(train, tmp_path, monkeypatch):
     assert min(rates.values()) > 0.4 * statistics.median(rates.values()), rates
 
 
+def test_tracker_rows_and_progress_lines_have_their_own_intervals(train, tmp_path, capsys):
+    """Seed 000's `--log_interval 3 --wandb_log_freq 1`: a tracker row (metrics.jsonl, W&B) at every step, a progress
+    line every third. Before, wandb_log_freq was log_interval: the later flag set both."""
+    train(tmp_path, max_steps=6, log_interval=3, wandb_log_freq=1, eval_interval=100, save_interval_steps=100)
+    assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2, 3, 4, 5, 6]
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line and " loss " in line]
+    assert [line.split()[2] for line in lines] == ["3/6", "6/6"]
+
+
 def test_steps_do_not_wait_for_the_device(train, tmp_path, monkeypatch):
     """With fused AdamW (the default) the host reads a step's loss and gradient norm only once the next step's forward
     and backward are issued, at once where a checkpoint is due, and calls `Tensor.item` no more in a longer run; each

@@ -461,7 +461,7 @@ class Trainer:
                         self._roll_epoch(state)
                         epoch_checkpoint = config.checkpoint.save_every_epoch and state["epoch"] != epoch
                         figures = {"loss": step_loss, "grad_norm": grad_norm, "applied": applied}
-                        if step % config.track.log_interval == 0 or step == self.total_steps:
+                        if self.logs_at(step):
                             figures.update(self.log_figures(extra))
                         pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
                                               replace(self.window, end=time.perf_counter()), time.time())
@@ -529,7 +529,7 @@ class Trainer:
         elif applied:
             self.streak, self.last_good = 0, step
         progress.update()
-        if not (nonfinite or step % config.track.log_interval == 0 or step == self.total_steps):
+        if not (nonfinite or self.logs_at(step)):
             return halted
         window = pending.window
         seconds = max(window.end - window.start, 1e-9)
@@ -547,10 +547,19 @@ class Trainer:
             row["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak * runtime.world_size)
         if "expert_load" in figures:
             row.update(expert_load_metrics(figures["expert_load"], extra.get("aux_loss")))
-        tracker.log(step, row, at=pending.ended_at)
-        progress.log(step, row)
+        last = nonfinite or step == self.total_steps
+        if last or step % (config.track.tracker_interval or config.track.log_interval) == 0:
+            tracker.log(step, row, at=pending.ended_at)
+        if last or step % config.track.log_interval == 0:
+            progress.log(step, row)
         self.window.take(window)
         return halted
+
+    def logs_at(self, step: int) -> bool:
+        """Whether step's figures are read and logged: the progress line's steps, the tracker's, and the last."""
+        track = self.config.track
+        return (step % track.log_interval == 0 or step % (track.tracker_interval or track.log_interval) == 0
+                or step == self.total_steps)
 
     def _save(self, step: int, state: dict, val_loss: float | None) -> None:
         best = state["best_val_loss"]
