@@ -106,6 +106,7 @@ def test_optuna_sweep_prunes_a_bad_trial_with_a_checkpoint(tmp_path, monkeypatch
 
     # seed 1: the grid runs the learning trial first; the one that barely moves meets it at the rung
     sweep_dir = run_optuna(load_sweep_config(path), count=None, out_root=tmp_path / "sweeps", seed=1)
+    run_optuna(load_sweep_config(path), count=None, out_root=tmp_path / "sweeps")  # resumed: nothing left to run
 
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
     assert [(r["learning_rate"], r["state"]) for r in rows] == [("0.003", "COMPLETE"), ("1e-06", "PRUNED")], \
