@@ -6,7 +6,9 @@
 
 Either way a trial is the program run as a subprocess with `--key value` flags (`mateconv.flags`) plus
 `--out_dir <trial dir>`; the metric is the last value of `metric.name` in the trial's `metrics.jsonl` (W&B's default
-summary: the last value).
+summary: the last value). While a trial runs, its metrics.jsonl is followed: the Optuna backend reports each value of
+the metric to the study's pruner (W&B's `early_terminate`), the W&B backend logs each row into the run; a trial
+pruned or stopped by W&B is asked to stop with a checkpoint (`<trial dir>/STOP`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import netrc
 import os
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ import yaml
 from mateconv.files import read_metrics, save_figure, write_atomic
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
+from mateconv.train.signals import STOP_FILE
 
 TOP_LEVEL_KEYS = ("program", "method", "metric", "parameters", "name", "description", "command", "early_terminate",
                   "project", "entity", "run_cap")
@@ -41,6 +45,7 @@ OPTUNA_DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_
                         "log_uniform_values", "q_log_uniform_values")
 WANDB_ONLY_DISTRIBUTIONS = ("q_log_uniform", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal",
                             "log_normal", "q_log_normal", "beta", "q_beta")
+EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "s", "eta", "strict")
 COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}",
                   "${args_no_boolean_flags}", "${args_json}")
 
@@ -69,6 +74,7 @@ class SweepConfig:
     goal: str
     params: dict[str, Param]
     command: tuple[str, ...] | None
+    early_terminate: dict | None  # W&B's hyperband keys, checked
     raw: dict  # the YAML as read, handed to wandb.sweep unchanged
 
 
@@ -134,6 +140,24 @@ def parse_param(name: str, spec: Any) -> Param:
     return Param(name, distribution, low=low, high=high, q=q if distribution.startswith("q_") else None)
 
 
+def parse_early_terminate(spec: Any) -> dict:
+    """W&B's `early_terminate` (hyperband, the only type W&B knows), checked as W&B's schema checks it."""
+    where = "sweep config early_terminate"
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: expected a mapping such as {{type: hyperband, min_iter: 3}}, got {spec!r}")
+    _check_keys(where, spec, EARLY_TERMINATE_KEYS)
+    if spec.get("type") != "hyperband":
+        raise SweepError(f"{where}: type must be hyperband, got {spec.get('type')!r}")
+    for key in ("min_iter", "max_iter", "s"):
+        if key in spec and not (isinstance(spec[key], int) and not isinstance(spec[key], bool) and spec[key] >= 1):
+            raise SweepError(f"{where}: {key} must be a positive integer, got {spec[key]!r}")
+    if "eta" in spec and not (_is_number(spec["eta"]) and spec["eta"] > 1):
+        raise SweepError(f"{where}: eta must be a number above 1, got {spec['eta']!r}")
+    if "min_iter" not in spec and not ("max_iter" in spec and "s" in spec):
+        raise SweepError(f"{where}: give min_iter, or max_iter and s")
+    return spec
+
+
 def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
     if not isinstance(raw, dict):
         raise SweepError("sweep config: expected a mapping at the top level")
@@ -168,8 +192,14 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
             if token.startswith("${") and token not in COMMAND_MACROS:
                 raise SweepError(f"sweep config: unknown command macro {token} (known: {', '.join(COMMAND_MACROS)})")
         command = tuple(command)
+    early_terminate = raw.get("early_terminate")
+    if early_terminate is not None:
+        if metric is None:
+            raise SweepError("sweep config: early_terminate needs a metric {name, goal}")
+        early_terminate = parse_early_terminate(early_terminate)
     return SweepConfig(name=str(raw.get("name", default_name)), program=str(raw["program"]), method=raw["method"],
-                       metric=metric, goal=goal, params=params, command=command, raw=raw)
+                       metric=metric, goal=goal, params=params, command=command, early_terminate=early_terminate,
+                       raw=raw)
 
 
 def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConfig:
@@ -226,6 +256,56 @@ def trial_env(gpus: str | None) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
 
 
+POLL_S = 0.5  # how often a running trial's metrics.jsonl is read
+
+
+class NewRows:
+    """The rows of a metrics.jsonl not handed out before. A file rewritten shorter (a resumed stage drops the rows
+    logged after its checkpoint) is followed from its new end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen = 0
+
+    def read(self) -> list[dict]:
+        try:
+            rows = read_metrics(self.path)
+        except (FileNotFoundError, ValueError):  # not written yet; a bad line is reported when the trial ends
+            return []
+        new, self.seen = rows[self.seen:], len(rows)
+        return new
+
+
+def _follow(trial, rows: NewRows, on_row) -> None:
+    """Hands each new row to `on_row` until the trial has ended or `on_row` returns True."""
+    while True:
+        ended = not wait([trial], timeout=POLL_S).not_done
+        for row in rows.read():
+            if on_row(row):
+                return
+        if ended:
+            return
+
+
+def run_following_metrics(runner: StageRunner, name: str, command: list[str], trial_dir: Path, on_row,
+                          env: dict[str, str] | None = None) -> int:
+    """Runs a trial with `runner` in a worker thread while this thread hands each new row of its metrics.jsonl to
+    `on_row`. When `on_row` returns True, or an exception ends the following (W&B's agent stops a run by raising one
+    in the thread that runs it), a trial still running is asked to stop with a checkpoint (`<trial_dir>/STOP`, which
+    the stages check every step) and waited for. Returns the trial's exit status."""
+    rows = NewRows(trial_dir / "metrics.jsonl")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        trial = pool.submit(runner.run, name, command, env)
+        try:
+            _follow(trial, rows, on_row)
+        finally:
+            if not trial.done():
+                print(f"[sweep] {name}: asking the trial to stop with a checkpoint ({trial_dir / STOP_FILE})",
+                      flush=True)
+                (trial_dir / STOP_FILE).touch()
+    return trial.result()
+
+
 # ---------------------------------------------------------------------------------------------------- backends
 
 def wandb_available() -> bool:
@@ -275,6 +355,27 @@ def _make_sampler(config: SweepConfig, seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, len(config.params))))
 
 
+def make_pruner(config: SweepConfig):
+    """W&B's hyperband `early_terminate` as Optuna's HyperbandPruner with the same rungs (min_iter, min_iter * eta,
+    ...) and reduction factor eta. The resource is counted as W&B counts iterations: the values of the metric logged
+    so far (evaluations), so one YAML stops trials at the same points on either backend. No early_terminate: no
+    pruning."""
+    import optuna
+
+    spec = config.early_terminate
+    if spec is None:
+        return optuna.pruners.NopPruner()
+    eta = spec.get("eta", 3)
+    if eta != int(eta):
+        raise SweepError(f"early_terminate: the optuna backend needs an integer eta (Optuna's reduction_factor), "
+                         f"got {eta}")
+    eta = int(eta)
+    # max_iter and s: W&B's lowest band is max_iter / eta^s
+    min_resource = spec["min_iter"] if "min_iter" in spec else max(1, int(spec["max_iter"] / eta ** spec["s"]))
+    return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=spec.get("max_iter", "auto"),
+                                          reduction_factor=eta)
+
+
 def grid_size(config: SweepConfig) -> int:
     return math.prod(len(p.values) for p in config.params.values() if p.distribution == "categorical")
 
@@ -314,7 +415,8 @@ def _requeue(study, trial) -> None:
 def _finished(study) -> int:
     from optuna.trial import TrialState
 
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    return sum(1 for t in study.get_trials(deepcopy=False,
+                                           states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
                if not study.user_attrs.get(f"interrupted_{t.number}"))
 
 
@@ -341,7 +443,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own one-line messages
     with _SweepLock(sweep_dir):
         study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'study.db'}",
-                                    direction=config.goal, load_if_exists=True)
+                                    direction=config.goal, load_if_exists=True, pruner=make_pruner(config))
         # A resumed study must not replay the random draws of the first session.
         study.sampler = _make_sampler(config, seed + len(study.trials))
         # Trials a killed runner left RUNNING: fail them and run their parameters again.
@@ -360,11 +462,31 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             trial_dir.mkdir(parents=True, exist_ok=True)
             print(f"[sweep] trial {trial.number} ({_finished(study) + 1}/{count}): "
                   + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), flush=True)
-            returncode = runner.run(trial_dir.name, command, env=trial_env(gpus))
+            evaluations = []  # (step, value) of each value of the metric, reported as Optuna step 1, 2, ...
+            pruned = []
+
+            def report(row: dict) -> bool:
+                if not _is_number(row.get(config.metric)):
+                    return False
+                evaluations.append((row.get("step"), float(row[config.metric])))
+                step, value = evaluations[-1]
+                trial.report(value, step=len(evaluations))
+                if not trial.should_prune():
+                    return False
+                pruned.append(step)
+                print(f"[sweep] trial {trial.number} pruned at step {step}: {config.metric}={value:.6g} "
+                      f"(evaluation {len(evaluations)})", flush=True)
+                return True
+
+            returncode = run_following_metrics(runner, trial_dir.name, command, trial_dir, report,
+                                               env=trial_env(gpus))
             if runner.interrupted:
                 _requeue(study, trial)
                 study.stop()
                 raise TrialFailed("interrupted")
+            if pruned:
+                trial.set_user_attr("pruned_at_step", pruned[0])
+                raise optuna.TrialPruned()
             try:
                 if returncode != 0:
                     raise TrialFailed(f"exit status {returncode} (log: {sweep_dir / trial_dir.name}.log)")
@@ -397,17 +519,20 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     trials = [t for t in study.get_trials(deepcopy=False) if not study.user_attrs.get(f"interrupted_{t.number}")]
     names = list(config.params)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["trial", "state", config.metric, *names, "error"])
+    writer.writerow(["trial", "state", config.metric, *names, "pruned_at_step", "error"])
     for t in trials:
         values = t.user_attrs.get("values", t.params)
         writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
-                         *[format_value(values.get(n, "")) for n in names], t.user_attrs.get("error", "")])
+                         *[format_value(values.get(n, "")) for n in names], t.user_attrs.get("pruned_at_step", ""),
+                         t.user_attrs.get("error", "")])
     write_atomic(sweep_dir / "trials.csv", table.getvalue())
 
     lines = [f"# Sweep `{config.name}`", "", f"program `{config.program}`, method {config.method}, "
-             f"{config.goal} `{config.metric}`; {len(complete)} of {len(trials)} trials complete.", ""]
+             f"{config.goal} `{config.metric}`; {len(complete)} of {len(trials)} trials complete, "
+             f"{len(pruned)} pruned (stopped early).", ""]
     if complete:
         best = study.best_trial
         best_values = best.user_attrs.get("values", best.params)
@@ -421,7 +546,8 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     for t in trials:
         values = t.user_attrs.get("values", t.params)
         metric = "" if t.value is None else f"{t.value:.6g}"
-        lines.append(f"| {t.number} | {t.state.name} | {metric} | "
+        state = f"PRUNED at step {t.user_attrs['pruned_at_step']}" if t in pruned else t.state.name
+        lines.append(f"| {t.number} | {state} | {metric} | "
                      + " | ".join(_short(values.get(n, "")) for n in names) + " |")
     importances = _importances(study, config, complete)
     if importances:
@@ -472,10 +598,29 @@ def _plot(config: SweepConfig, complete: list, importances: dict[str, float], pa
     plt.close(fig)
 
 
+def wandb_trial(run, config: SweepConfig, runner: StageRunner, sweep_dir: Path, gpus: str | None = None) -> int:
+    """Runs the trial of W&B run `run` (its config holds the parameters) and logs the program's metrics.jsonl rows
+    into the run as they are written, so that W&B's early_terminate sees the metric during the run. A run W&B stops
+    stops its trial with a checkpoint. Returns the trial's exit status."""
+    values = {name: run.config[name] for name in config.params if name in run.config}
+    trial_dir = sweep_dir / f"wandb_{run.id}"
+    trial_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(row: dict) -> bool:
+        step = row.get("step")
+        run.log({k: v for k, v in row.items() if _is_number(v) and k != "step"},
+                step=int(step) if _is_number(step) else None)
+        return False
+
+    returncode = run_following_metrics(runner, trial_dir.name, build_command(config, values, trial_dir), trial_dir,
+                                       log, env=trial_env(gpus))
+    run.summary["returncode"] = returncode
+    return returncode
+
+
 def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
               project: str | None = None, entity: str | None = None, sweep_id: str | None = None) -> str:
-    """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent. Each W&B run starts
-    the program, then logs the program's metrics.jsonl rows into the run so that W&B sees the metric."""
+    """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent (`wandb_trial`)."""
     import wandb
 
     project = project or config.raw.get("project") or "mateconv"
@@ -491,16 +636,7 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
         if runner.interrupted:
             return
         with wandb.init() as run:
-            values = {name: run.config[name] for name in config.params if name in run.config}
-            trial_dir = sweep_dir / f"wandb_{run.id}"
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            returncode = runner.run(f"wandb_{run.id}", build_command(config, values, trial_dir), env=trial_env(gpus))
-            metrics = trial_dir / "metrics.jsonl"
-            for row in read_metrics(metrics) if metrics.is_file() else []:
-                numbers = {k: v for k, v in row.items() if _is_number(v) and k != "step"}
-                step = row.get("step")
-                run.log(numbers, step=int(step) if _is_number(step) else None)
-            run.summary["returncode"] = returncode
+            returncode = wandb_trial(run, config, runner, sweep_dir, gpus)
             if returncode != 0:
                 run.finish(exit_code=returncode)
 
