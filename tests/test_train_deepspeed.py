@@ -176,7 +176,7 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
     """NaN in rank 0's batch at steps 3 and 5, then rank 1's at 6: every rank skips those steps (ZeRO-0:
     our CheckedStep; ZeRO-3: DeepSpeed's own check), and with max_nonfinite_steps 2 the run stops at step 6 with one
     line and a checkpoint whose weights are those after step 4."""
-    data, init = two_rank_nan_inputs(tiny_tokens, tiny_tokenizer, tmp_path)
+    data, init = two_rank_nan_inputs(tiny_tokens, tiny_tokenizer, tmp_path, use_moe=True)  # the command's MoE
     out_dir = tmp_path / "run"
     command = deepspeed_command(out_dir, zero_stage, STEPS, "--init_from", str(init), "--data_path", str(data),
                                 "--max_nonfinite_steps", "2", "--val_data_path", "", "--warmup_iters", "4")

@@ -54,16 +54,16 @@ def poisoned_tokens(tokens_dir, out_dir, world_size: int, bad: dict[int, int], b
     return out_dir, token
 
 
-def poisoned_model(out_dir, tokenizer_dir, tokens: list[int]):
-    """A tiny model (input and output embeddings untied) whose input embedding rows of `tokens` are NaN: a batch
-    holding one of them gets a NaN loss and NaN gradients, any other batch trains normally."""
+def poisoned_model(out_dir, tokenizer_dir, tokens: list[int], use_moe: bool = False):
+    """A tiny model (input and output embeddings untied; MoE with `use_moe`) whose input embedding rows of `tokens` are
+    NaN: a batch holding one of them gets a NaN loss and NaN gradients, any other batch trains normally."""
     from transformers import AutoTokenizer
 
     from model import MateConvConfig, MateConvForCausalLM
 
     torch.manual_seed(0)
     model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                                               max_seq_len=96, tie_word_embeddings=False))
+                                               max_seq_len=96, tie_word_embeddings=False, use_moe=use_moe))
     with torch.no_grad():
         model.get_input_embeddings().weight[tokens] = float("nan")
     model.save_pretrained(out_dir)
@@ -75,10 +75,11 @@ def poisoned_model(out_dir, tokenizer_dir, tokens: list[int]):
 TWO_RANK_NAN_STEPS = {3: 0, 5: 0, 6: 1}
 
 
-def two_rank_nan_inputs(tiny_tokens: Path, tiny_tokenizer: Path, tmp_path: Path) -> tuple[Path, Path]:
+def two_rank_nan_inputs(tiny_tokens: Path, tiny_tokenizer: Path, tmp_path: Path,
+                        use_moe: bool = False) -> tuple[Path, Path]:
     """(data, init_from) of a 2-rank run whose batches at TWO_RANK_NAN_STEPS give a NaN loss and gradients."""
     data, token = poisoned_tokens(tiny_tokens / "pretrain" / "train", tmp_path / "data", 2, TWO_RANK_NAN_STEPS)
-    return data, poisoned_model(tmp_path / "init", tiny_tokenizer, [token])
+    return data, poisoned_model(tmp_path / "init", tiny_tokenizer, [token], use_moe)
 
 
 def check_halted_after_step_4(output: str, returncode: int, out_dir: Path) -> list[dict]:
