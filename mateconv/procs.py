@@ -44,49 +44,53 @@ def is_alive(pid: int) -> bool:
 
 
 class StageRunner:
-    """Runs one command at a time in its own process group, teeing output to logs/<name>.log.
+    """Runs commands, each in its own process group, teeing output to logs/<name>.log (and, with `echo`, to stdout).
+    Commands may run at once from several threads (a sweep's trials, one per GPU).
 
-    A SIGINT or SIGTERM received by the runner is forwarded to the running stage as SIGINT, so the stage saves a
+    A SIGINT or SIGTERM received by the runner is forwarded to every running stage as SIGINT, so each saves a
     checkpoint and exits; the runner then reports that it was interrupted and starts nothing else.
     """
 
     def __init__(self, logs_dir: Path):
         self.logs_dir = logs_dir
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.child: subprocess.Popen | None = None
+        self.children: set[subprocess.Popen] = set()
         self.interrupted = False
         signal.signal(signal.SIGINT, self._forward)
         signal.signal(signal.SIGTERM, self._forward)
 
     def _forward(self, signum, frame) -> None:
         self.interrupted = True
-        if self.child is not None and self.child.poll() is None:
-            try:
-                os.killpg(self.child.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+        for child in list(self.children):
+            if child.poll() is None:
+                try:
+                    os.killpg(child.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
 
-    def run(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
+    def run(self, name: str, command: list[str], env: dict[str, str] | None = None, echo: bool = True) -> int:
         log_path = self.logs_dir / f"{name}.log"
         print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
         with open(log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-            self.child = subprocess.Popen(
+            child = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, **(env or {})},
             )
-            write_atomic(pid_file(self.logs_dir, name), f"{self.child.pid}\n")
+            self.children.add(child)
+            write_atomic(pid_file(self.logs_dir, name), f"{child.pid}\n")
             try:
                 # Copy raw chunks, not lines, so progress bars that redraw with '\r' stay live.
-                while chunk := os.read(self.child.stdout.fileno(), 65536):
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
+                while chunk := os.read(child.stdout.fileno(), 65536):
+                    if echo:
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
                     log.write(chunk)
                     log.flush()
-                return self.child.wait()
+                return child.wait()
             finally:
                 pid_file(self.logs_dir, name).unlink(missing_ok=True)
-                self.child = None
+                self.children.discard(child)
 
 
 def group_alive(pgid: int) -> bool:

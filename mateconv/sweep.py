@@ -19,6 +19,7 @@ import json
 import math
 import netrc
 import os
+import queue
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -256,6 +257,15 @@ def trial_env(gpus: str | None) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
 
 
+def trial_gpus(config: SweepConfig, gpus: str | None) -> list[str | None]:
+    """What each trial running at once gets as CUDA_VISIBLE_DEVICES: one GPU of `--gpus 0,1` each, so that many
+    trials run side by side (a program runs on one device); all of them for one trial at a time when the YAML's
+    `command` starts a launcher that spreads over them (`deepspeed --num_gpus 2 ...`); no --gpus: the default."""
+    if not gpus or config.command is not None:
+        return [gpus]
+    return [gpu.strip() for gpu in gpus.split(",") if gpu.strip()]
+
+
 POLL_S = 0.5  # how often a running trial's metrics.jsonl is read
 
 
@@ -288,14 +298,14 @@ def _follow(trial, rows: NewRows, on_row) -> None:
 
 
 def run_following_metrics(runner: StageRunner, name: str, command: list[str], trial_dir: Path, on_row,
-                          env: dict[str, str] | None = None) -> int:
+                          env: dict[str, str] | None = None, echo: bool = True) -> int:
     """Runs a trial with `runner` in a worker thread while this thread hands each new row of its metrics.jsonl to
     `on_row`. When `on_row` returns True, or an exception ends the following (W&B's agent stops a run by raising one
     in the thread that runs it), a trial still running is asked to stop with a checkpoint (`<trial_dir>/STOP`, which
     the stages check every step) and waited for. Returns the trial's exit status."""
     rows = NewRows(trial_dir / "metrics.jsonl")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        trial = pool.submit(runner.run, name, command, env)
+        trial = pool.submit(runner.run, name, command, env, echo)
         try:
             _follow(trial, rows, on_row)
         finally:
@@ -451,8 +461,19 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             study.tell(trial.number, state=TrialState.FAIL)
             _requeue(study, trial)
         runner = StageRunner(sweep_dir)
+        slots = trial_gpus(config, gpus)
+        free = queue.Queue()
+        for gpu in slots:
+            free.put(gpu)
 
         def objective(trial) -> float:
+            gpu = free.get()
+            try:
+                return run_trial(trial, gpu)
+            finally:
+                free.put(gpu)
+
+        def run_trial(trial, gpu: str | None) -> float:
             values = {name: suggest(trial, p) for name, p in config.params.items()}
             trial_dir = Path(trial.user_attrs.get("trial_dir", sweep_dir / f"trial_{trial.number:04d}"))
             command = build_command(config, values, trial_dir)
@@ -460,7 +481,8 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             trial.set_user_attr("command", command)
             trial.set_user_attr("values", values)
             trial_dir.mkdir(parents=True, exist_ok=True)
-            print(f"[sweep] trial {trial.number} ({_finished(study) + 1}/{count}): "
+            where = f" on GPU {gpu} (log: {sweep_dir / trial_dir.name}.log)" if len(slots) > 1 else ""
+            print(f"[sweep] trial {trial.number} ({_finished(study) + 1}/{count}){where}: "
                   + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), flush=True)
             evaluations = []  # (step, value) of each value of the metric, reported as Optuna step 1, 2, ...
             pruned = []
@@ -479,7 +501,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                 return True
 
             returncode = run_following_metrics(runner, trial_dir.name, command, trial_dir, report,
-                                               env=trial_env(gpus))
+                                               env=trial_env(gpu), echo=len(slots) == 1)
             if runner.interrupted:
                 _requeue(study, trial)
                 study.stop()
@@ -505,7 +527,8 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
 
         remaining = count - _finished(study)
         if remaining > 0:
-            study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), callbacks=[after_trial])
+            study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), callbacks=[after_trial],
+                           n_jobs=len(slots))
         if runner.interrupted:
             print("[sweep] interrupted; run the same command again to resume", flush=True)
         write_summary(study, config, sweep_dir)
@@ -628,6 +651,11 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
     if sweep_id is None:
         raw = {k: v for k, v in config.raw.items() if k not in ("project", "entity")}
         sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
+    slots = trial_gpus(config, gpus)
+    if len(slots) > 1:  # W&B's way to use several GPUs: an agent per GPU
+        gpus = slots[0]
+        print(f"[sweep] a W&B agent runs one trial at a time: this one on GPU {gpus}; for the others start "
+              f"`python run_sweep.py --config ... --sweep_id {sweep_id} --gpus N` once per GPU", flush=True)
     sweep_dir = out_root / config.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runner = StageRunner(sweep_dir)  # built here: signal handlers need the main thread

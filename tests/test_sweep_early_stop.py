@@ -163,7 +163,7 @@ def test_wandb_trial_logs_rows_while_running_and_stops_with_the_run(tmp_path, mo
     metrics = _rows(trial_dir)
     stopped_at = metrics[-1]["step"]
     assert 40 <= stopped_at < max_steps and (trial_dir / "checkpoints" / step_name(stopped_at)).is_dir()
-    assert runner.child is None  # the trial was waited for, not left running
+    assert not runner.children  # the trial was waited for, not left running
 
     history = history_rows(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
     logged = [(row["_step"], row["val_loss"]) for row in history if "val_loss" in row]

@@ -39,6 +39,10 @@ if os.environ.get("WAIT_FOR_SIGINT") == "1":
 if args.learning_rate > float(os.environ.get("FAIL_ABOVE_LR", "inf")):
     sys.exit("diverged")
 os.makedirs(args.out_dir, exist_ok=True)
+started = time.time()
+time.sleep(float(os.environ.get("TRIAL_SECONDS", "0")))
+with open(os.path.join(args.out_dir, "span.json"), "w") as f:
+    json.dump({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}, f)
 target = (math.log10(args.learning_rate) + 3.5) ** 2 + (0.0 if args.use_moe == "true" else 0.25)
 with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
     for step in range(1, 4):
@@ -161,3 +165,21 @@ def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
     assert calls[1]["out_dir"] == first["out_dir"] and calls[2]["out_dir"] != first["out_dir"]
     rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+
+
+def test_gpus_run_one_trial_on_each_at_once(tmp_path, monkeypatch, capsys):
+    """Seed 000's `--count 3 --gpu 0,1` with 4 trials: two run at once, each with one GPU of the list as
+    CUDA_VISIBLE_DEVICES (a program uses one device; before, GPU 1 stayed idle); each trial's output goes to its
+    log, and the sweep's count and summary are as with one GPU."""
+    monkeypatch.setenv("TRIAL_SECONDS", "3")
+    config = load_sweep_config(_write_sweep(tmp_path))
+    sweep_dir = run_optuna(config, count=4, out_root=tmp_path / "sweeps", gpus="0,1")
+    spans = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("trial_*/span.json"))]
+    assert len(spans) == 4 and sorted(span["gpu"] for span in spans) == ["0", "0", "1", "1"]
+    overlapping = [(a, b) for a in spans for b in spans
+                   if a is not b and a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping and all(a["gpu"] != b["gpu"] for a, b in overlapping)
+    out = capsys.readouterr().out
+    assert out.count(" on GPU ") == 4 and "val_loss" not in out.split("[sweep]")[0]
+    rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
+    assert [row["state"] for row in rows] == ["COMPLETE"] * 4
