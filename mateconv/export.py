@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
-from mateconv.files import atomic_dir
+from mateconv.files import atomic_dir, temporary_sibling
 from model import ConfigError, MateConvForCausalLM
 from model.export import to_llama, to_qwen3
 from model.modeling import SAMPLING_DEFAULTS
@@ -58,9 +59,25 @@ def load_dense(source: str | Path):
     return model, tokenizer
 
 
+# Written into each exported model directory: a directory holding it may be replaced by the next export.
+EXPORT_MARKER = "mateconv_export.json"
+
+
+def check_replaceable(out: Path, source: str | Path) -> None:
+    """An export replaces its --out directory: only one that is new, empty, or an earlier export (never the user's
+    checkpoints, data, or the source model)."""
+    if out.resolve() == Path(source).resolve():
+        raise ExportError(f"--out {out} is the source model; name another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ExportError(f"--out {out} holds files an export did not write, which it would replace; name a new or "
+                          "empty directory")
+
+
 def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", architecture: str = "llama") -> Path:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is for gguf; a {architecture} directory is saved as {' or '.join(DTYPES)}")
+    out = Path(out).resolve()
+    check_replaceable(out, source)
     model, tokenizer = load_dense(source)
     config = model.config
     try:
@@ -73,7 +90,14 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
         tokenizer.save_pretrained(tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SAMPLING_DEFAULTS).save_pretrained(tmp)
-    return Path(out)
+        # transformers 5 nests rope_theta in rope_parameters; readers of the older layout (transformers 4, vLLM
+        # releases before it) would take Llama's default base instead of ours
+        saved = json.loads((tmp / "config.json").read_text())
+        saved.setdefault("rope_theta", config.rope_theta)
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(Path(source).resolve()), "to": architecture,
+                                                     "dtype": dtype}) + "\n")
+    return out
 
 
 def rotary_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -110,8 +134,11 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
     # Qwen3 in llama.cpp: q/k norms, and rotary dimensions paired (i, i + half) as ours, so no row reordering
     architecture = gguf.MODEL_ARCH.QWEN3 if config.qk_norm else gguf.MODEL_ARCH.LLAMA
     names = gguf.get_tensor_name_map(architecture, config.n_layers)
-    with atomic_dir(out) as tmp:
-        target = tmp / f"model-{dtype}.gguf"
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"model-{dtype}.gguf"  # the one file an export writes there: other files (a Modelfile) stay
+    target = temporary_sibling(final)
+    try:
         writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[architecture])
         writer.add_name(Path(source).resolve().parent.name or "mateconv")
         writer.add_context_length(config.max_seq_len)
@@ -150,7 +177,11 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return Path(out) / target.name
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    os.replace(target, final)
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="qwen3 for models trained with qk_norm, llama for the others; gguf for either")
     parser.add_argument("--dtype", default=None,
                         help="llama/qwen3: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output directory: llama/qwen3 replace it (a new, empty or "
+                        "earlier export's directory); gguf writes model-<dtype>.gguf into it, beside other files")
     args = parser.parse_args(argv)
     try:
         if args.to in ("llama", "qwen3"):

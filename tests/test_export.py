@@ -2,6 +2,7 @@
 greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-python); MoE is refused in one line."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -115,3 +116,25 @@ def gguf_generates_our_tokens(model_dir, reference, tmp_path, dtype: str) -> Lla
         else:
             assert theirs == ours, (question, theirs, ours)
     return llm
+
+
+def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):
+    """An export writes only its own files: GGUF files of two dtypes, an ollama Modelfile and a Llama export sit side
+    by side (before, each export replaced the whole --out directory: `--out out` deleted every checkpoint). A Llama
+    export replaces only a new, empty or earlier export's directory, never the source; its config.json names
+    rope_theta at the top level too (readers of the pre-transformers-5 layout)."""
+    from mateconv.export import main as export_main
+
+    out = tmp_path / "export"
+    assert export_main([str(tiny_sft_model), "--to", "llama", "--out", str(out / "llama")]) == 0
+    (out / "Modelfile").write_text("FROM ./model-f16.gguf\n")
+    for dtype in ("f16", "q8_0"):
+        assert export_main([str(tiny_sft_model), "--to", "gguf", "--dtype", dtype, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "llama", "model-f16.gguf", "model-q8_0.gguf"]
+    assert export_main([str(tiny_sft_model), "--to", "llama", "--out", str(out / "llama")]) == 0  # replaced
+    config = json.loads((out / "llama" / "config.json").read_text())
+    assert config["rope_theta"] == json.loads((tiny_sft_model / "config.json").read_text())["rope_theta"]
+    for target, problem in ((out, "holds files an export did not write"), (tiny_sft_model, "is the source model")):
+        with pytest.raises(SystemExit, match=rf"^export: --out .* {problem}"):
+            export_main([str(tiny_sft_model), "--to", "llama", "--out", str(target)])
+    assert (out / "Modelfile").is_file() and (tiny_sft_model / "model.safetensors").is_file()
