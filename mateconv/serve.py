@@ -33,7 +33,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
@@ -74,6 +74,19 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_openai_clients_send(cls, message):
+        """OpenAI's newer `developer` role is the system prompt; an assistant turn that carried tool calls has
+        null content."""
+        if isinstance(message, dict):
+            message = dict(message)
+            if message.get("role") == "developer":
+                message["role"] = "system"
+            if message.get("role") == "assistant" and message.get("content", "") is None:
+                message["content"] = ""
+        return message
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
@@ -91,9 +104,15 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch's generator seeds
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, body):
+        """An option sent as null means its default, as OpenAI takes it (some clients send every unset option)."""
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
     @field_validator("stop")
     @classmethod

@@ -134,6 +134,7 @@ def test_error_shapes(server, client, expected):
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 422, "n"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 422, "stop"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 10**20}, 422, "seed"),
     ]
     for body, status, param in cases:
         response = httpx.post(f"{root}/chat/completions", json=body)
@@ -147,6 +148,23 @@ def test_error_shapes(server, client, expected):
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     unknown = httpx.get(f"{root}/completions_typo")
     assert unknown.status_code == 404 and "error" in unknown.json()
+    # what OpenAI clients also send: null for an unset option, the `developer` role, an assistant turn of tool calls
+    # with null content; each as the plain request
+    plain = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 24}
+    answer = httpx.post(f"{root}/chat/completions", json=plain).json()["choices"][0]["message"]["content"]
+    nulls = {**plain, "top_p": None, "n": None, "stop": None, "seed": None, "max_completion_tokens": None}
+    developer = {**plain, "messages": [{"role": "developer", "content": "Be brief."}, plain["messages"][1]]}
+    for body in (nulls, developer):
+        response = httpx.post(f"{root}/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == answer
+    tool_turn = {**plain, "messages": [*plain["messages"], {"role": "assistant", "content": None},
+                                       {"role": "user", "content": "And?"}]}
+    assert httpx.post(f"{root}/chat/completions", json=tool_turn).status_code == 200
+    completion = httpx.post(f"{root}/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": None,
+                                                          "temperature": 0})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] <= 16
     # none of that hurt the server
     assert server[1].poll() is None
     assert ask(client, temperature=0, max_tokens=24).choices[0].message.content == expected[0]
