@@ -225,6 +225,32 @@ def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeyp
     assert (tmp_path / "checkpoints" / "step_00000004" / "training_state.pt").is_file()
 
 
+def test_the_stop_file_goes_once_the_checkpoint_is_in_place(train, tmp_path, monkeypatch):
+    """`touch OUT/STOP` (scripts/stop.sh): the run removes the file only once its checkpoint, written in the
+    background and slowed down here, is in place; stop.sh reads the removal as "saved". Before, the file went while
+    the checkpoint was still being written, and a user who then ended the machine lost it."""
+    real_save, real_unlink = torch.save, Path.unlink
+    saved_when_removed = []
+
+    def slow_save(obj, path, *args, **kwargs):
+        if Path(path).name == "training_state.pt":
+            time.sleep(1.0)
+        return real_save(obj, path, *args, **kwargs)
+
+    def unlink(path, missing_ok=False):
+        if path.name == "STOP":
+            saved_when_removed.append((tmp_path / "checkpoints" / "latest").is_file())
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "STOP").touch()  # newer than this process: a request, not a leftover
+    summary = train(tmp_path, max_steps=6, val_data_path="")
+    assert summary["stopped"] and summary["step"] == 1
+    assert saved_when_removed == [True] and not (tmp_path / "STOP").exists()
+
+
 def test_auto_resume_continues_in_place(train, tmp_path):
     train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100)
     train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4

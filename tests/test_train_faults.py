@@ -11,6 +11,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from mateconv.config import ConfigError, parse_config
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.engine import Trainer
 from mateconv.train.stages import RECIPES, main, run
-from conftest import losses, read_metrics
+from conftest import REPO, losses, read_metrics, single_thread_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -140,6 +142,30 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_token
     assert summary["step"] == 8 and not summary["stopped"]
     resumed = losses(tmp_path / "run")
     assert 7 not in resumed and math.isfinite(resumed[8])  # 7 is not logged: a non-finite step always would be
+
+
+# 4.pretrain.py whose evaluation fails with an error nothing expects, at the first one (a bug, a lost file handle)
+CRASHING_RUN = """
+import sys
+from mateconv.train.engine import Trainer
+from mateconv.train.stages import main
+
+def crash(self):
+    raise RuntimeError("unexpected failure")
+
+Trainer.evaluate = crash
+sys.exit(main("pretrain", sys.argv[1:]))
+"""
+
+
+def test_a_run_that_crashes_with_loader_workers_exits(tiny_flags, tmp_path):
+    """A run that fails with a traceback while its loader workers live (num_workers 2, the default) exits. Before,
+    the workers, which ignore SIGTERM so that only the main process decides to stop, were sent SIGTERM at interpreter
+    exit (the traceback kept the loader alive) and waited for forever: the crashed run held its GPU and never ended."""
+    command = [sys.executable, "-c", CRASHING_RUN, *tiny_flags(tmp_path / "run", max_steps=8, eval_interval=3,
+                                                                num_workers=2)]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "RuntimeError: unexpected failure" in result.stderr, result.stderr[-2000:]
 
 
 def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):

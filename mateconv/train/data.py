@@ -63,6 +63,15 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def close_loader(loader: DataLoader) -> None:
+    """Stops a loader's persistent workers now. Left to interpreter exit (a traceback keeps the loader alive until
+    then), multiprocessing would stop them with SIGTERM, which they ignore, and wait for them forever."""
+    iterator = loader._iterator  # torch keeps persistent workers in the loader's iterator
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """Workers persist: each epoch iterates the same loader again (the sampler, read in this process, starts where

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, step_name, unwrap
-from mateconv.train.data import ResumableDistributedSampler, make_loader
+from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
@@ -380,9 +380,12 @@ class Trainer:
             tracker.log(0, self.evaluate())
         peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
         self.engine.train()
+        self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
+                                  pin_memory=runtime.device.type == "cuda")
         try:
             return self._loop(state, tracker, peak)
         finally:
+            close_loader(self.loader)  # now, whatever ended the run (see close_loader)
             try:
                 self.checkpoints.wait()  # a checkpoint still being written is finished before the run ends
             finally:
@@ -420,11 +423,9 @@ class Trainer:
             if runtime.is_main:
                 stop.remove_stale()
                 print(stop.stop_hint(), flush=True)
-            loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
-                                 pin_memory=runtime.device.type == "cuda")
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
-                for batch in loader:
+                for batch in self.loader:
                     if micro % accumulation == 0:
                         step_start = (state["epoch"], state["samples_in_epoch"])
                         step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
@@ -485,6 +486,7 @@ class Trainer:
                         self._save(step, state, val.get("val_loss"))
                     self.window.start += time.perf_counter() - paused  # tokens/s is training's, not evaluation's
                     if stopped and runtime.is_main and stop.file_requested():
+                        self.checkpoints.wait()  # stop.sh reads the file's removal as "the checkpoint is saved"
                         stop.stop_file.unlink(missing_ok=True)  # honoured: a resume must not stop at once
                         print(f"[train] {stop.stop_file} found: checkpoint saved, the file removed", flush=True)
                     if stopped or step >= self.total_steps:
