@@ -242,13 +242,50 @@ def test_the_stop_file_goes_once_the_checkpoint_is_in_place(train, tmp_path, mon
             saved_when_removed.append((tmp_path / "checkpoints" / "latest").is_file())
         return real_unlink(path, missing_ok=missing_ok)
 
+    from mateconv.train.engine import Trainer
+
+    micro_step = Trainer.micro_step
+
+    def first_step_then_stop(self, *args, **kwargs):
+        (tmp_path / "STOP").touch()
+        return micro_step(self, *args, **kwargs)
+
     monkeypatch.setattr(torch, "save", slow_save)
     monkeypatch.setattr(Path, "unlink", unlink)
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "STOP").touch()  # newer than this process: a request, not a leftover
+    monkeypatch.setattr(Trainer, "micro_step", first_step_then_stop)
     summary = train(tmp_path, max_steps=6, val_data_path="")
     assert summary["stopped"] and summary["step"] == 1
     assert saved_when_removed == [True] and not (tmp_path / "STOP").exists()
+
+
+def test_a_stop_during_the_setup_ends_the_run_before_its_first_step(train, tmp_path, capsys):
+    """A stop asked while the run sets up (here the stop file, there before the run; `kill -2` alike: the handler is
+    set as the stage starts, not when training does) ends it before its first step, saying so; the same command
+    then trains. Before, a SIGINT during the setup of a run started from a script was lost (SIGINT ignored until
+    the training loop), and one from a terminal killed it with a traceback."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "STOP").touch()  # newer than this process: a request, not a leftover
+    summary = train(tmp_path, max_steps=3, val_data_path="")
+    assert summary["stopped"] and summary["step"] == 0 and not (tmp_path / "checkpoints").exists()
+    assert ("[train] stopped before its first step (asked during the setup): nothing new to save; the same command "
+            "starts the run") in capsys.readouterr().out
+    assert not (tmp_path / "STOP").exists()
+    assert train(tmp_path, max_steps=3, val_data_path="")["step"] == 3
+
+
+def test_a_launcher_orphaned_before_the_rank_looked_is_a_stop_and_pid_1_is_never_named(tmp_path):
+    """A DeepSpeed launcher whose front process was stopped while the rank started has parent 1 when the rank looks:
+    that is a stop (before, it trained on), and the hint names this process, not `kill -2 1` (SIGINT to init)."""
+    import os
+
+    import psutil
+
+    from mateconv.train.signals import StopRequest
+
+    stop = StopRequest(tmp_path)
+    stop.watch.launcher, stop.watch.front_pid = psutil.Process(), 1
+    assert stop.requested
+    assert stop.stop_hint().endswith(f"`kill -2 {os.getpid()}` or `kill {os.getpid()}`")
 
 
 def test_auto_resume_continues_in_place(train, tmp_path):

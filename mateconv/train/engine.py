@@ -172,9 +172,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, runtime: Runtime, model: torch.nn.Module, objective: Objective,
                  train_data: Dataset, val_data: Dataset | None = None, tokenizer=None,
                  evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None,
-                 evaluate_at_start: bool = False):
+                 evaluate_at_start: bool = False, stop: StopRequest | None = None):
         """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss.
-        `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0."""
+        `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0.
+        `stop`: the stop request the caller already listens to (stages.run: from the process's start), else one of
+        the training loop's own."""
+        self.stop = stop
         self.config, self.runtime, self.objective = config, runtime, objective
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.pad_id = getattr(tokenizer, "pad_token_id", None)  # padded positions are not counted as real tokens
@@ -419,10 +422,11 @@ class Trainer:
         # per-micro-batch figures stay on the device; the host reads a step's figures once (see the module docstring)
         losses, extra, micro, step_start = [], {}, 0, None
         self.step_loss, val, stopped, halted, pending = float("nan"), {}, False, False, None
-        with StopRequest(self.out_dir) as stop:
+        with contextlib.nullcontext(self.stop) if self.stop else StopRequest(self.out_dir) as stop:
             if runtime.is_main:
                 stop.remove_stale()
                 print(stop.stop_hint(), flush=True)
+            early = stopped = any_rank(stop.requested, runtime.device)  # asked during the setup: no step is taken
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
                 for batch in self.loader:
@@ -504,6 +508,11 @@ class Trainer:
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
             tracker.log_model_dir(self.out_dir / "final", step)
+        elif early and runtime.is_main:
+            if stop.file_requested():
+                stop.stop_file.unlink(missing_ok=True)
+            print(f"[train] stopped before its first step (asked during the setup): nothing new to save; the same "
+                  f"command {'resumes at step ' + str(step) if step else 'starts the run'}", flush=True)
         elif runtime.is_main:
             print(f"[train] stopped at step {step}; checkpoint saved, run the same command to resume", flush=True)
         return {"step": step, "loss": self.step_loss, "val_loss": val.get("val_loss"),

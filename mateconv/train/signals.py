@@ -59,8 +59,8 @@ class LauncherWatch:
     def orphaned(self) -> bool:
         if self.launcher is None:
             return False
-        try:
-            return self.launcher.ppid() != self.front_pid
+        try:  # front_pid 1: the launcher was orphaned before this rank looked (stopped while it started)
+            return self.front_pid == 1 or self.launcher.ppid() != self.front_pid
         except psutil.Error:  # the launcher itself is gone
             return True
 
@@ -98,7 +98,7 @@ class StopRequest:
 
     def stop_hint(self) -> str:
         """One line: how to stop this run with a checkpoint, and whether `kill -2` will do it."""
-        front = self.watch.front_pid
+        front = self.watch.front_pid if self.watch.front_pid != 1 else None  # never the init process
         if front is not None and ignores_sigint(front):
             return (f"[train] the deepspeed launcher (pid {front}) ignores SIGINT (it was started in the background of "
                     f"a script or other shell without job control), so `kill -2 {front}` will not stop this run; "

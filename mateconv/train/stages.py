@@ -34,7 +34,7 @@ from mateconv.train.models import build_model, extend_length, load_tokenizer, wi
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
-from mateconv.train.signals import TrainingHalted
+from mateconv.train.signals import StopRequest, TrainingHalted
 
 LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
 
@@ -215,7 +215,14 @@ def check_packing(model: nn.Module, dataset) -> None:
 
 
 def run(recipe: Recipe, config: TrainConfig) -> dict:
-    """Set up the processes, build the model, read the data, build the objective and evaluators, and train."""
+    """Set up the processes, build the model, read the data, build the objective and evaluators, and train. A stop
+    (`kill -2`, the stop file) is heard from the start: one during the setup (tokenizing, DeepSpeed's first build)
+    ends the run before its first step."""
+    with StopRequest(Path(config.checkpoint.out_dir)) as stop:
+        return set_up_and_train(recipe, config, stop)
+
+
+def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> dict:
     runtime = setup(config.parallel)
     per_rank_sizes(config, runtime.world_size)
     if runtime.is_main and runtime.device.type == "cpu" and runtime.dtype != torch.float32:
@@ -243,7 +250,7 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
     at_start = recipe.evaluate_at_start if config.track.eval_at_start is None else config.track.eval_at_start
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
-                      tokenizer, evaluators, at_start).fit()
+                      tokenizer, evaluators, at_start, stop).fit()
     out_dir = Path(config.checkpoint.out_dir)
     if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
                                                     f"{recipe.name}: {out_dir}")):
