@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ def children() -> set[int]:
 
 
 def test_local_generator_random_judge_failures_then_rule_pairs(tmp_path, judge_server, records, tiny_sft_model,
-                                                               monkeypatch):
+                                                               monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     prompts, out = tmp_path / "tasks.jsonl", tmp_path / "prefs"
     prompts.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -62,19 +63,21 @@ def test_local_generator_random_judge_failures_then_rule_pairs(tmp_path, judge_s
              "--judge_model", "random-judge", "--judge_max_tokens", "24", "--judge_retries", "1", "--no_progress"]
     before = children()
 
-    summary = main(flags + ["--judge", "model"])
+    # every prompt fails: an error, and no summary.json (a pipeline would take the stage as done)
+    with pytest.raises(SystemExit, match=rf"^prefs: all {len(records)} prompts failed, e.g. at judge: "):
+        main(flags + ["--judge", "model"])
     assert children() == before  # the local generator server was stopped
-    assert summary["models"]["generator_base_url"] == "local" and summary["models"]["generator"] == "mateconv"
-    assert summary["this_run"]["failures"] == len(records) and summary["this_run"]["pairs"] == 0
+    assert not (out / "summary.json").exists()
+    report = capsys.readouterr().err
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["id"] for f in failures) == sorted(r["id"] for r in records)
     for failure in failures:
         assert failure["stage"] == "judge" and failure["reason"].endswith("(after 2 answers)")
         assert "JSON" in failure["reason"] or "empty" in failure["reason"]  # malformed, not a transport error
         assert len(failure["samples"]) == 4  # what the generator produced is kept
-    assert summary["usage"]["judge"]["requests"] == 2 * len(records)  # asked twice each, never guessed
-    assert summary["usage"]["generator"]["requests"] == len(records)  # the server honours n: one request per prompt
-    assert summary["usage"]["generator"]["completion_tokens"] > 0
+    assert f"judge random-judge: {2 * len(records)} requests" in report  # asked twice each, never guessed
+    generated = re.search(rf"generator mateconv: {len(records)} requests .* ([\d,]+) completion tokens", report)
+    assert generated and int(generated[1].replace(",", "")) > 0  # the server honours n: one request per prompt
 
     summary = main(flags + ["--judge", "both"])  # retries the failures; the known answers decide
     assert children() == before

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from mateconv.prefs import PrefsConfig, run
+from mateconv.prefs.endpoints import PrefsError
 from mateconv.prefs.cli import main
 from prefs_fake_server import FakeOpenAI, tasks
 
@@ -281,3 +282,22 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, fake_factory, capsys):
     assert [line.split(" prompts ")[0] for line in lines] == [f"[prefs] {done}/20" for done in range(2, 21, 2)]
     assert lines[-1].startswith("[prefs] 20/20 prompts (100%) pairs 19 dropped 1 failed 0 ")
     assert lines[-1].endswith(" eta 0:00:00") and " prompts/s elapsed " in lines[-1]
+
+
+def test_a_run_where_every_prompt_fails_is_an_error_and_not_done(tmp_path, fake_factory):
+    """Every generator request refused (as a server refuses an n it cannot give): one line naming the first reason
+    and exit 1, and no summary.json, which a pipeline takes as the stage's completion (before: exit 0 with 0 pairs).
+    Fixed, the same command does the prompts. Where the generator is the local server, a --k_samples above what it
+    gives per request is refused before it starts."""
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    refusing = fake_factory(permanent={("gen", f"p{i:02d}"): "400" for i in range(3)})
+    with pytest.raises(PrefsError, match=r"^all 3 prompts failed, e.g. at generate: HTTP 400: injected 400 \(every "
+                                         r"one in .*failures.jsonl\)$"):
+        run(config(refusing, prompts, out, 3, judge="rule"), env={})
+    assert not (out / "summary.json").exists() and len(ids(out, "failure")) == 3
+    summary = run(config(fake_factory(), prompts, out, 3, judge="rule"), env={})
+    assert summary["this_run"]["prompts"] == 3 and (out / "summary.json").is_file()
+    with pytest.raises(SystemExit, match=r"^prefs: --k_samples 32 is more replies per request than the local server "
+                                         r"gives \(16\)$"):
+        main(["--prompts_path", str(prompts), "--output_dir", str(tmp_path / "local"), "--k_samples", "32",
+              "--judge", "rule", "--no_progress"])

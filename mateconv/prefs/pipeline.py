@@ -319,6 +319,13 @@ def _print_report(summary: dict) -> None:
           "--price MODEL=IN,OUT to override)", file=sys.stderr)
 
 
+def local_max_n() -> int:
+    """The most replies one request to the local server may ask for (imported here: the server module loads torch)."""
+    from mateconv.serve import MAX_N
+
+    return MAX_N
+
+
 def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     """Runs stage 7 with `config` (environment: `env`, default os.environ); returns the summary written to
     summary.json. Raises PrefsError for bad inputs, flags or endpoints."""
@@ -341,6 +348,9 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     if todo:
         print(f"prefs: to stop, keeping the finished prompts (the same command resumes): `kill -2 {os.getpid()}` or "
               f"`kill {os.getpid()}`", file=sys.stderr)
+    if generator.local and config.k_samples > (max_n := local_max_n()):
+        raise PrefsError(f"--k_samples {config.k_samples} is more replies per request than the local server gives "
+                         f"({max_n})")
     started = time.monotonic()
     process, result = None, {"counts": {"pair": 0, "dropped": 0, "failure": 0, "judge_errors_in_both": 0},
                              "usage": {}}
@@ -373,8 +383,12 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
         "usage": _usage_report(result["usage"], prices),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
-    store.write_summary(summary)
     _print_report(summary)
+    if todo and counts["failure"] == len(todo):  # no summary.json: a pipeline must not take the stage as done
+        first = read_records(store.paths["failure"])[0]
+        raise PrefsError(f"all {len(todo)} prompts failed, e.g. at {first['stage']}: {first['reason']} (every one "
+                         f"in {store.paths['failure']})")
+    store.write_summary(summary)
     return summary
 
 
