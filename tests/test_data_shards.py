@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -315,3 +319,32 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
                           str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_dir), "--out_dir",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory"
+
+
+def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(setup, tmp_path):
+    """3.dataset.py started as `bash -c 'nohup ... &'` (SIGINT comes ignored there): `kill -2` ends it with one line
+    and no worker tracebacks, its finished shards kept; the same command then does the rest, every record once.
+    Before, kill -2 was ignored and tokenizing went on to the end; `kill` left BrokenPipe tracebacks."""
+    root, tokenizer_dir, _ = setup
+    lines = (root / "raw/pretrain.jsonl").read_text().splitlines()
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", lines * 400)
+    out, log = tmp_path / "tokens", tmp_path / "tokenize.log"
+    command = (f"{sys.executable} {ROOT / '3.dataset.py'} --kind pretrain --input {corpus} --tokenizer {tokenizer_dir}"
+               f" --out_dir {out} --workers 2 --records_per_shard 200 --chunk_records 50")
+    started = subprocess.run(["bash", "-c", f"nohup {command} > {log} 2>&1 & echo $!"], capture_output=True,
+                             text=True, check=True)
+    pid = int(started.stdout)
+    deadline = time.time() + 60
+    while not list(out.glob("part-00001*")) and time.time() < deadline:  # a shard or two finished
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGINT)
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.05)
+    text = log.read_text()
+    assert "tokenize: interrupted; the finished shards are kept" in text and "Traceback" not in text, text[-2000:]
+    partial = json.loads((out / "index.json").read_text())
+    assert not partial["complete"]
+    rerun = subprocess.run(command.split(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "shard(s) already done" in rerun.stdout
+    assert shard_info(out)["num_records"] == len(lines) * 400

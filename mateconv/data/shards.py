@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -341,6 +342,16 @@ def _init_worker(tokenizer_file: str) -> None:
     _tokenizer = Tokenizer.from_file(tokenizer_file)
 
 
+def _init_pool_worker(tokenizer_file: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process ends the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers (not main's `_interrupt`)
+    _init_worker(tokenizer_file)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
     text, spans = render_chat(to_sft(record)["messages"])
     encoding = _tokenizer.encode(text, add_special_tokens=False)
@@ -637,7 +648,7 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
             # apply_async with a bounded queue (Pool.imap would read the whole input ahead): memory stays flat.
             limit = max_in_flight or 4 * workers
             context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
+            with context.Pool(workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file),)) as pool:
                 pending: deque = deque()
                 for shard, lines, nbytes in chunks:
                     job = pool.apply_async(encode_chunk, (kind, eos_id, dtype, lines)) if lines else None
@@ -708,6 +719,10 @@ def main(argv: list[str] | None = None) -> None:
     bars_only_on_a_terminal()
     options = dict(workers=args.workers or None, records_per_shard=args.records_per_shard,
                    chunk_records=args.chunk_records, strict=args.strict, progress=not args.no_progress)
+    # `kill -2`, `kill` or Ctrl-C ends the run with its finished shards kept: SIGINT is set even where it came ignored
+    # (a background job of a script), and SIGTERM unwinds the same way, so the pool is ended, not left to break
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.all:
             results = build_all(args.data_dir, args.tokenizer, args.out_root, **options)
@@ -717,6 +732,8 @@ def main(argv: list[str] | None = None) -> None:
             results = [build_shards(args.kind, args.input, args.tokenizer, args.out_dir, **options)]
     except DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("tokenize: interrupted; the finished shards are kept, the same command goes on from them")
     for result in results:
         _report(result)
 
