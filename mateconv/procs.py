@@ -34,13 +34,13 @@ def read_pid(logs_dir: Path, name: str) -> int | None:
 
 
 def is_alive(pid: int) -> bool:
+    """Whether process `pid` runs: one that exited but is not yet reaped by its parent (a zombie) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 class StageRunner:

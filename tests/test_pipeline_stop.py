@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from mateconv.procs import group_alive, pid_file, stop
+import psutil
+
+from mateconv.procs import group_alive, is_alive, pid_file, stop
 
 STAGE = """
 import signal, subprocess, sys, time
@@ -38,3 +40,18 @@ def test_stop_waits_for_the_whole_process_group(tmp_path):
     assert time.monotonic() - started >= 1.5 and marker.read_text() == "saved"  # waited for the rank's save
     assert not group_alive(front.pid) and front.wait(timeout=5) != 0
     assert stop(tmp_path, "pretrain", timeout_s=1) == "pretrain: not running"
+
+
+def test_a_process_that_exited_is_not_running_before_it_is_reaped():
+    """`pipeline status` right after a stop: the stage's process has exited but its parent has not reaped it yet (a
+    zombie). Before, that read as running."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while psutil.Process(quick.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.05)
+    assert is_alive(sleeper.pid) and not is_alive(quick.pid)
+    sleeper.kill()
+    for process in (sleeper, quick):
+        process.wait()
+    assert not is_alive(quick.pid)
