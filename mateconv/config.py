@@ -232,6 +232,11 @@ class TrackConfig:
     wandb_log_model: bool = False
     wandb_log_code: bool = False
 
+    @property
+    def tracker_every(self) -> int:
+        """The steps between tracker rows: tracker_interval, else log_interval."""
+        return self.tracker_interval or self.log_interval
+
     def __post_init__(self) -> None:
         check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
         check_choice("wandb_watch", self.wandb_watch, ("", "gradients", "parameters", "all"))

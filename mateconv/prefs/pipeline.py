@@ -333,6 +333,9 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     prices = parse_prices(config.prices)
     generator = resolve_generator(config.generator_base_url, config.generator_model, env)
+    if generator.local and config.k_samples > (max_n := local_max_n()):
+        raise PrefsError(f"--k_samples {config.k_samples} is more replies per request than the local server gives "
+                         f"({max_n})")
     judge = resolve_judge(config.judge_base_url, config.judge_model, env, generator)
     prompts = sample_prompts(config.prompts_path, config.n_prompts, config.seed)
     plan = [(prompt, *judges_for(prompt, config.judge, judge is not None)) for prompt in prompts]
@@ -348,9 +351,6 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     if todo:
         print(f"prefs: to stop, keeping the finished prompts (the same command resumes): `kill -2 {os.getpid()}` or "
               f"`kill {os.getpid()}`", file=sys.stderr)
-    if generator.local and config.k_samples > (max_n := local_max_n()):
-        raise PrefsError(f"--k_samples {config.k_samples} is more replies per request than the local server gives "
-                         f"({max_n})")
     started = time.monotonic()
     process, result = None, {"counts": {"pair": 0, "dropped": 0, "failure": 0, "judge_errors_in_both": 0},
                              "usage": {}}

@@ -559,7 +559,7 @@ class Trainer:
         if "expert_load" in figures:
             row.update(expert_load_metrics(figures["expert_load"], extra.get("aux_loss")))
         last = nonfinite or step == self.total_steps
-        if last or step % (config.track.tracker_interval or config.track.log_interval) == 0:
+        if last or step % config.track.tracker_every == 0:
             tracker.log(step, row, at=pending.ended_at)
         if last or step % config.track.log_interval == 0:
             progress.log(step, row)
@@ -569,8 +569,7 @@ class Trainer:
     def logs_at(self, step: int) -> bool:
         """Whether step's figures are read and logged: the progress line's steps, the tracker's, and the last."""
         track = self.config.track
-        return (step % track.log_interval == 0 or step % (track.tracker_interval or track.log_interval) == 0
-                or step == self.total_steps)
+        return step % track.log_interval == 0 or step % track.tracker_every == 0 or step == self.total_steps
 
     def _save(self, step: int, state: dict, val_loss: float | None) -> None:
         best = state["best_val_loss"]

@@ -17,8 +17,8 @@ from typing import NoReturn
 import torch
 from torch import nn
 
-from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, TrainConfig, help_text, parse_args,
-                             parse_config, per_rank_sizes)
+from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
+                             parse_args, parse_config, per_rank_sizes)
 from mateconv.data import DataError
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
@@ -341,7 +341,7 @@ def seed_program_defaults(stage: str) -> dict:
     if stage == "pretrain" and SEED_CORPUS.is_file() and not Path(RECIPES[stage].defaults["data_path"]).exists():
         defaults["data_path"] = str(SEED_CORPUS)
     found = [path for path in SEED_TOKENIZERS if (path / "tokenizer.json").is_file()]
-    if found and not Path(TrainConfig().data.tokenizer_path).is_dir():
+    if found and not Path(DataConfig.tokenizer_path).is_dir():
         defaults["tokenizer_path"] = str(found[0])
     return defaults
 
