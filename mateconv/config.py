@@ -121,9 +121,13 @@ class DataConfig:
     tokenizer_path: str = "out/tokenizer"
     num_workers: int = 2
     packing: bool = False  # SFT: several whole conversations per row (pretraining rows are always packed)
+    # > 0: hold out this share of a raw data_path file's records for validation (LLaMA-Factory's val_size)
+    val_size: float = 0.0
 
     def __post_init__(self) -> None:
         check_non_negative(self, ("num_workers",))
+        if not 0 <= self.val_size < 1:
+            raise ConfigError(f"val_size is the share of the records held out, in [0, 1): got {self.val_size}")
 
 
 @dataclass

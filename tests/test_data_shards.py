@@ -273,6 +273,28 @@ def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):
     assert result.skipped_shards == 0 and shard_info(out)["num_shards"] == 3
 
 
+def test_hold_out_splits_a_file_into_two_disjoint_parts(setup, tmp_path):
+    """hold_out ("train"|"val", share): the two builds are a stable hash split of the file's records, together all
+    of them once; another share is another split (not the reused shards)."""
+    root, tokenizer_dir, _ = setup
+    source = root / "raw/sft.jsonl"
+
+    def tokens(out: Path) -> np.ndarray:
+        return np.concatenate([np.fromfile(p, dtype=shard_info(out)["dtype"]) for p in sorted(out.glob("*.tokens.bin"))])
+
+    build_shards("sft", [source], tokenizer_dir, tmp_path / "all", workers=1, progress=False)
+    for split in ("train", "val"):
+        build_shards("sft", [source], tokenizer_dir, tmp_path / split, workers=2, records_per_shard=64,
+                     chunk_records=5, progress=False, hold_out=(split, 0.2))
+    records = {name: shard_info(tmp_path / name)["num_records"] for name in ("all", "train", "val")}
+    assert records["train"] + records["val"] == records["all"] == 200
+    assert 20 <= records["val"] <= 60, records
+    both = np.concatenate([tokens(tmp_path / "train"), tokens(tmp_path / "val")])
+    assert np.array_equal(np.sort(both), np.sort(tokens(tmp_path / "all")))
+    build_shards("sft", [source], tokenizer_dir, tmp_path / "val", workers=1, progress=False, hold_out=("val", 0.5))
+    assert shard_info(tmp_path / "val")["num_records"] > records["val"]
+
+
 def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
     _, tokenizer_dir, _ = setup
     path = write_jsonl(tmp_path / "mixed.jsonl", [

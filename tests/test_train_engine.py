@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mateconv.config import ConfigError, parse_config
+from mateconv.data.shards import shard_info
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
@@ -293,6 +294,29 @@ def test_auto_resume_continues_in_place(train, tmp_path):
     train(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)  # --resume auto picks step 4
     steps = [row["step"] for row in read_metrics(tmp_path) if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
+    """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
+    trains; a validation file besides it, or token shards as data_path, is a one-line error."""
+    from mateconv.data import DataError
+
+    source = tiny_embedded_data / "pretrain_train.jsonl"
+    train(tmp_path, data_path=source, val_size=0.1, max_steps=4, eval_interval=2, eval_batches=2)
+    out = capsys.readouterr().out
+    records = {split: shard_info(tmp_path / "data_tokens" / split)["num_records"] for split in ("train", "val")}
+    assert records["train"] + records["val"] == sum(1 for line in source.open() if line.strip())
+    assert 0.05 < records["val"] / records["train"] < 0.2, records
+    assert f"[pretrain] {source} (val, val_size 0.1): {records['val']:,} records" in out
+    assert {2, 4} <= {row["step"] for row in read_metrics(tmp_path) if "val_loss" in row}
+    assert (tmp_path / "best").is_dir()
+    with pytest.raises(DataError, match=rf"^val_size holds out part of {source} for validation, and val_data_path "
+                                        rf"names {source}: give one of them$"):
+        train(tmp_path / "both", data_path=source, val_data_path=source, val_size=0.1, max_steps=1)
+    with pytest.raises(DataError, match=r"^val_size holds out records of a raw data file; data_path .* is token "):
+        train(tmp_path / "shards", val_size=0.1, max_steps=1)
+    with pytest.raises(ConfigError, match=r"^val_size is the share of the records held out, in \[0, 1\): got 5.0$"):
+        train(tmp_path / "share", data_path=source, val_size=5, max_steps=1)
 
 
 def test_rotation_keeps_k_newest_plus_best(train, tmp_path):

@@ -6,9 +6,9 @@ import re
 import unicodedata
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff\ufffd]")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -65,13 +65,16 @@ class Deduper:
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 64, shingle: int = 5, near_min_chars: int = 200,
                  seed: int = 1):
+        from datasketch import MinHash, MinHashLSH  # here: it loads in a second, and only deduplication needs it
+
         self.exact: set[bytes] = set()
+        self.new_minhash = partial(MinHash, num_perm=num_perm, seed=seed)
         self.near = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1 else None
-        self.num_perm, self.shingle, self.near_min_chars, self.seed = num_perm, shingle, near_min_chars, seed
+        self.shingle, self.near_min_chars = shingle, near_min_chars
         self.count = 0
 
-    def minhash(self, text: str) -> MinHash:
-        minhash = MinHash(num_perm=self.num_perm, seed=self.seed)
+    def minhash(self, text: str):
+        minhash = self.new_minhash()
         grams = {text[i: i + self.shingle] for i in range(max(1, len(text) - self.shingle + 1))}
         minhash.update_batch([g.encode("utf-8") for g in grams])
         return minhash

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
+from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import BadLine, list_files, iter_records, record_text
 from mateconv.files import write_atomic
@@ -426,9 +427,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
-def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per_shard: int) -> str:
+def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per_shard: int,
+                 hold_out: tuple[str, float] | None) -> str:
     digest = hashlib.blake2b(digest_size=8)
     digest.update(f"{FORMAT_VERSION}|{kind}|{records_per_shard}".encode())
+    if hold_out:
+        digest.update(f"|{hold_out}".encode())
     digest.update(tokenizer_file.read_bytes())
     for path in files:
         stat = path.stat()
@@ -451,13 +455,17 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
                 yield source, number, line, len(line.encode())
 
 
-def _chunks(files: list[Path], records_per_shard: int, chunk_records: int,
-            skip_shards: set[int]) -> Iterator[tuple[int, list[tuple[int, int, str]], int]]:
-    """(shard id, chunk of lines, bytes) never crossing a shard boundary; lines of finished shards are skipped."""
+def _chunks(files: list[Path], records_per_shard: int, chunk_records: int, skip_shards: set[int],
+            hold_out: tuple[str, float] | None) -> Iterator[tuple[int, list[tuple[int, int, str]], int]]:
+    """(shard id, chunk of lines, bytes) never crossing a shard boundary; lines of finished shards are skipped, and
+    with hold_out (split, fraction) the lines `split_of` puts in the other split (their bytes count for progress)."""
     chunk: list[tuple[int, int, str]] = []
     nbytes = 0
     position = 0
     for source, number, line, size in _lines(files):
+        if hold_out and split_of(line, hold_out[1]) != hold_out[0]:
+            nbytes += size
+            continue
         shard = position // records_per_shard
         position += 1
         if shard in skip_shards:
@@ -468,8 +476,8 @@ def _chunks(files: list[Path], records_per_shard: int, chunk_records: int,
         if len(chunk) == chunk_records or position % records_per_shard == 0:
             yield shard, chunk, nbytes
             chunk, nbytes = [], 0
-    if chunk:
-        yield (position - 1) // records_per_shard, chunk, nbytes
+    if chunk or nbytes:
+        yield max(0, position - 1) // records_per_shard, chunk, nbytes
 
 
 class _ShardWriter:
@@ -577,8 +585,11 @@ def write_sft_rows(rows: list[list[int]], tokenizer_dir: str | Path, out_dir: st
 
 def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
                  workers: int | None = None, records_per_shard: int = 100_000, chunk_records: int = 256,
-                 strict: bool = False, max_in_flight: int | None = None, progress: bool = True) -> BuildResult:
-    """Tokenize `inputs` (jsonl/txt/json files or directories) into token shards in out_dir; resumable."""
+                 strict: bool = False, max_in_flight: int | None = None, progress: bool = True,
+                 hold_out: tuple[str, float] | None = None) -> BuildResult:
+    """Tokenize `inputs` (jsonl/txt/json files or directories) into token shards in out_dir; resumable. hold_out
+    (split, fraction) keeps only that split of a stable hash split of the records (`split_of`): ("val", 0.05) and
+    ("train", 0.05) are disjoint and together all of them."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     files = list_files(inputs)
@@ -590,7 +601,7 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
-    fingerprint = _fingerprint(kind, files, tokenizer_file, records_per_shard)
+    fingerprint = _fingerprint(kind, files, tokenizer_file, records_per_shard, hold_out)
     previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
     if previous.get("fingerprint") == fingerprint and previous.get("complete"):
         return BuildResult(out_dir, previous, skipped_shards=len(previous["shards"]))
@@ -638,7 +649,7 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
             index["shards"].sort(key=lambda s: s["name"])
             _write_json_atomic(index_path, index)
 
-    chunks = _chunks(files, records_per_shard, chunk_records, skip)
+    chunks = _chunks(files, records_per_shard, chunk_records, skip, hold_out)
     try:
         if workers == 1:
             _init_worker(str(tokenizer_file))

@@ -65,15 +65,19 @@ def tokenizer_dir(config: TrainConfig) -> Path:
                     f"({config.data.tokenizer_path}) to tokenize the raw data with")
 
 
-def tokenize_raw(kind: str, path: Path, split: str, config: TrainConfig, runtime: Runtime) -> Path:
+def tokenize_raw(kind: str, path: Path, split: str, config: TrainConfig, runtime: Runtime,
+                 held_out: float = 0.0) -> Path:
     """A raw data file (jsonl, json, txt, parquet; for DPO the TRL/MiniMind chosen-rejected records of stage 7) as
     token shards in `<out_dir>/data_tokens/<split>`: rank 0 tokenizes (bad records are skipped and reported with their
-    file:line), reused while the file and tokenizer are unchanged."""
+    file:line), reused while the file and tokenizer are unchanged. held_out > 0: only the file's records of `split`
+    in a stable hash split holding out that share for validation."""
     tokenizer, out = tokenizer_dir(config), Path(config.checkpoint.out_dir) / "data_tokens" / split
     if runtime.is_main:
-        result = build_shards(kind, [path], tokenizer, out, workers=max(1, config.data.num_workers), progress=False)
+        result = build_shards(kind, [path], tokenizer, out, workers=max(1, config.data.num_workers), progress=False,
+                              hold_out=(split, held_out) if held_out else None)
         info = shard_info(out)
-        print(f"[{kind}] {path}: {info['num_records']:,} records, {info['num_tokens']:,} tokens in {out}"
+        part = f" ({split}, val_size {held_out:g})" if held_out else ""
+        print(f"[{kind}] {path}{part}: {info['num_records']:,} records, {info['num_tokens']:,} tokens in {out}"
               + (" (reused)" if result.skipped_shards == info["num_shards"] else ""), flush=True)
         for where in result.index["bad_examples"][:5]:
             print(f"[{kind}] skipped {where}", flush=True)
@@ -87,7 +91,8 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
                 **reader_options) -> StageData:
     """Token shards at data_path and (unless "") val_data_path, with the vocabulary they were tokenised with. Either
     may be a raw data file instead (`tokenize_raw`); with a raw data_path, a val_data_path of shards that do not exist
-    (the stage's default) turns validation off, a raw file that does not exist is an error."""
+    (the stage's default) turns validation off unless val_size holds out part of the file, a raw file that does not
+    exist is an error."""
     train_path, val_path = Path(config.data.data_path), config.data.val_data_path
     for path in (train_path, val_path):
         if str(path).lower().endswith(SUFFIXES) and not Path(path).is_file():
@@ -97,15 +102,26 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
             made = Path(PrefsConfig.output_dir) / PAIRS  # seed 004 runs stage 7, then names its own pairs file
             hint = f" (stage 7 wrote its pairs to {made})" if label == "DPO" and made.is_file() else ""
             raise DataError(f"{label} data file not found: {path}{hint}")
-    raw = train_path.is_file()
+    raw, held_out = train_path.is_file(), config.data.val_size
+    if held_out and not raw:
+        raise DataError(f"val_size holds out records of a raw data file; data_path {train_path} is token shards "
+                        "(their validation data is val_data_path)")
+    if held_out and val_path and Path(val_path).is_file():
+        raise DataError(f"val_size holds out part of {train_path} for validation, and val_data_path names "
+                        f"{val_path}: give one of them")
     if raw:
-        train_path = tokenize_raw(reader_class.kind, train_path, "train", config, runtime)
-    if val_path and Path(val_path).is_file():
+        train_path = tokenize_raw(reader_class.kind, Path(config.data.data_path), "train", config, runtime, held_out)
+    if held_out:
+        val_path = str(tokenize_raw(reader_class.kind, Path(config.data.data_path), "val", config, runtime, held_out))
+        if not shard_info(val_path)["num_records"]:
+            raise DataError(f"val_size {held_out:g} held out no record of {config.data.data_path}: raise it, or name "
+                            "a --val_data_path FILE")
+    elif val_path and Path(val_path).is_file():
         val_path = str(tokenize_raw(reader_class.kind, Path(val_path), "val", config, runtime))
     elif val_path and raw and not (Path(val_path) / "index.json").is_file():
         if runtime.is_main:
-            print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_data_path FILE adds it, "
-                  "and with it val_loss and the best/ model)", flush=True)
+            print(f"[{reader_class.kind}] no validation data ({val_path} not found; --val_size 0.05 holds out 5% of "
+                  "the file, --val_data_path FILE names another; either adds val_loss and the best/ model)", flush=True)
         val_path = ""
     elif val_path and raw and runtime.is_main:  # shards of other data beside the user's file: say whose
         sources = ", ".join(shard_info(val_path).get("inputs") or ["unrecorded files"])
