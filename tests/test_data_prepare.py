@@ -33,7 +33,8 @@ def test_normalize_and_filters():
     assert normalize("ｆｕｌｌ", "none") == "ｆｕｌｌ"
     filters = Filters(min_chars=5, max_chars=1000)
     assert filters.reason("abc") == "too_short"
-    assert filters.reason("x" * 1001) == "too_long"
+    assert filters.reason("x y" * 1001, pretraining=False) == "too_long"  # a conversation or pair
+    assert filters.reason(prose(2, 400)) is None  # a long pretraining document counts in full
     assert filters.reason("the same spam line again\n" * 20) == "repetitive"
     assert filters.reason("buy now " * 60) == "repetitive"  # one long line: caught by the compression ratio
     assert filters.reason(prose(1, 100)) is None
@@ -91,6 +92,24 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
                     filters=Filters(min_chars=5), progress=False)
     assert again["pretrain"]["val"] == pre["val"]
     assert read(tmp_path / "again/pretrain_val.jsonl") == read(tmp_path / "data/pretrain_val.jsonl")
+
+
+def test_examples_sharing_a_long_system_prompt_or_passage_are_all_kept(tmp_path):
+    """Distinct SFT examples with one long system prompt, and pairs over one passage, look alike to MinHash: only
+    exact duplicates go (before, 183 of 200 such conversations were removed as near duplicates)."""
+    persona = "You are the support assistant of a shop. " + prose(7, 120)
+    sft = [{"system": persona, "instruction": f"Where is order #{i}?", "input": "", "output": f"Order #{i} ships on "
+            f"day {i % 7}."} for i in range(60)]
+    sft.append(dict(sft[0]))
+    passage = prose(8, 150)
+    dpo = [{"prompt": f"{passage}\nQuestion {i}: how many words?", "chosen": f"{i} words", "rejected": "none"}
+           for i in range(30)]
+    for name, records in (("sft", sft), ("dpo", dpo)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = prepare({"sft": [tmp_path / "sft.jsonl"], "dpo": [tmp_path / "dpo.jsonl"]}, tmp_path / "data",
+                    progress=False)
+    assert (stats["sft"]["kept"], stats["sft"]["removed"]) == (60, {"exact_dup": 1})
+    assert (stats["dpo"]["kept"], stats["dpo"]["removed"]) == (30, {})
 
 
 def test_prepare_real_shared_files(shared_data, tmp_path):

@@ -28,18 +28,19 @@ def normalize(text: str, form: str = "NFKC") -> str:
 @dataclass
 class Filters:
     min_chars: int = 10
-    max_chars: int = 200_000
+    max_chars: int = 200_000  # conversations and pairs
     max_dup_line_frac: float = 0.3  # share of characters on lines that occur more than once
     min_compress_ratio: float = 0.2  # zlib size / raw size; very repetitive text compresses far below real prose
     repetition_min_bytes: int = 256  # short texts compress badly anyway: the ratio is only checked above this
 
-    def reason(self, text: str, check_repetition: bool = True) -> str | None:
-        """Why the text is dropped ('too_short', 'too_long', 'repetitive'), or None to keep it."""
+    def reason(self, text: str, pretraining: bool = True) -> str | None:
+        """Why the text is dropped ('too_short', 'too_long', 'repetitive'), or None to keep it. A pretraining document
+        is never too long (it is packed across rows and counts in full); only it is checked for repetition."""
         if len(text) < self.min_chars:
             return "too_short"
-        if len(text) > self.max_chars:
+        if not pretraining and len(text) > self.max_chars:
             return "too_long"
-        if check_repetition and self.is_repetitive(text):
+        if pretraining and self.is_repetitive(text):
             return "repetitive"
         return None
 

@@ -94,7 +94,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
                 if len(bad_examples) < MAX_BAD_EXAMPLES:
                     bad_examples.append(f"{source}:{number}: {error}")
                 continue
-            reason = None if kind == "tasks" else filters.reason(text, check_repetition=kind == "pretrain")
+            reason = None if kind == "tasks" else filters.reason(text, pretraining=kind == "pretrain")
             reason = reason or deduper.check(text)
             if reason:
                 removed[reason] += 1
@@ -144,7 +144,9 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
                                           "filters": asdict(filters)}}
     for kind in KINDS:
         if sources.get(kind):
-            deduper = Deduper(1.0 if kind == "tasks" else near_dup_threshold, num_perm)  # tasks: exact only
+            # Conversations, pairs and tasks: exact duplicates only. Distinct examples that share a long system
+            # prompt or passage look alike to MinHash (LLaMA-Factory and TRL remove no near duplicates either).
+            deduper = Deduper(near_dup_threshold if kind == "pretrain" else 1.0, num_perm)
             stats[kind] = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
                                        normalization, progress, prompts_frac, max_prompts)
     write_atomic(out_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Filters()
     for name, value in asdict(defaults).items():
         group.add_argument(f"--{name}", type=type(value), default=value)
-    group.add_argument("--near_dup_threshold", type=float, default=0.85, help="MinHash Jaccard; 1 disables")
+    group.add_argument("--near_dup_threshold", type=float, default=0.85, help="MinHash Jaccard, pretraining text; 1 disables")
     group.add_argument("--num_perm", type=int, default=64)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
