@@ -228,7 +228,7 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     paths = {kind: [str(f.path) for f in found] for kind, found in kinds.items()}
     prepare = stages["prepare"]["args"]
     prepare.pop("raw_dir")
-    prepare.update(paths, prompts_frac=PROMPTS_FRAC, max_prompts=stages["prefs"]["args"]["n_prompts"])
+    prepare.update(paths)
     tokens = stages["tokens"]
     last = [kind for kind in ("pretrain", "sft", "dpo") if kind in kinds][-1]  # 3.dataset.py --all builds it last
     tokens["done"] = f"{tokens['args']['out_root']}/{last}/val/index.json"
@@ -255,6 +255,18 @@ def set_judge_model(preset: dict, name: str) -> None:
             preset["stages"][stage].setdefault("args", {})["judge_model"] = name
 
 
+def held_out_prompts(preset: dict, data_out: str) -> str:
+    """Stage 7's prompts on the judge path: stage 2 holds a share of the SFT conversations out of SFT for them (only
+    on this path: elsewhere nothing would read them). Data prepared earlier without them keeps its SFT set, and stage
+    7 takes the SFT training prompts instead."""
+    stats = Path(data_out) / "stats.json"
+    if stats.is_file() and not json.loads(stats.read_text()).get("sft", {}).get("prompts"):
+        return f"{data_out}/sft_train.jsonl"
+    preset["stages"]["prepare"]["args"].update(prompts_frac=PROMPTS_FRAC,
+                                               max_prompts=preset["stages"]["prefs"]["args"]["n_prompts"])
+    return f"{data_out}/sft_prompts.jsonl"
+
+
 def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
                     env: Mapping[str, str]) -> tuple[str, str]:
     """("tasks" | "judge" | "pairs" | "none", why) and the stage 7 / DPO arguments for it (docs/own_data.md):
@@ -276,11 +288,15 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
         return "tasks", ("the data holds verifiable tasks: stage 7 samples the SFT model on them and the rule judge "
                          f"(their known answers) picks the pairs; DPO trains on those{joined}")
     if judge is not None:
-        stages["prefs"]["args"].update(prompts_path=f"{data_out}/sft_prompts.jsonl", judge="model")
+        prompts = held_out_prompts(preset, data_out)
+        stages["prefs"]["args"].update(prompts_path=prompts, judge="model")
         stages["prefs_val"]["args"].update(prompts_path=f"{data_out}/sft_val.jsonl", judge="model")
+        held_out = ("held-out SFT prompts (out of SFT training)" if prompts.endswith("sft_prompts.jsonl") else
+                    f"the SFT training prompts ({data_out} was prepared without held-out prompts, when no judge was "
+                    "set)")
         return "judge", (f"no verifiable tasks, a judge endpoint is set ({judge.describe()}; from OPENAI_BASE_URL / "
-                         "OPENAI_API_KEY / JUDGE_API_KEY): stage 7 samples the SFT model on held-out SFT prompts "
-                         f"(out of SFT training) and the model judge picks the pairs; DPO trains on those{joined}")
+                         f"OPENAI_API_KEY / JUDGE_API_KEY): stage 7 samples the SFT model on {held_out} and the "
+                         f"model judge picks the pairs; DPO trains on those{joined}")
     if pairs:
         stages["dpo"]["args"].update(data_path=f"{tokens_out}/dpo/train", val_data_path=f"{tokens_out}/dpo/val")
         return "pairs", ("no verifiable tasks and no judge endpoint (OPENAI_BASE_URL / OPENAI_API_KEY unset): DPO "

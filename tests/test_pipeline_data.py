@@ -43,7 +43,8 @@ def plan(data: Path, env: dict, tokenizer: Path | None = None, judge_model: str 
     return preset["stages"], "\n".join(report)
 
 
-def test_decision_table_for_stage_7_and_dpo(tmp_path):
+def test_decision_table_for_stage_7_and_dpo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # out/ of the plans
     full = corpus(tmp_path / "full", pretrain=TEXT, sft=SFT, dpo=PAIR, tasks=TASK)
     stages, report = plan(full, ENDPOINT)  # tasks present: the rule judge, even with an endpoint set
     assert "verifiable tasks" in report and "rule judge" in report and "data" not in stages
@@ -59,6 +60,7 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
     assert stages["prefs_val"]["args"]["prompts_path"] == "out/data/sft_val.jsonl"
     assert stages["prefs"]["args"]["judge"] == stages["prefs_val"]["args"]["judge"] == "model"
     assert stages["prepare"]["args"]["max_prompts"] == stages["prefs"]["args"]["n_prompts"]
+    assert stages["prepare"]["args"]["prompts_frac"] == 0.1
     assert stages["prefs_val_tokens"]["args"]["input"][1] == "out/data/dpo_val.jsonl"
     assert stages["eval"]["args"]["tasks"] == "none"
     command = {s.name: s.command for s in build_stages({"stages": stages}, Path("out").resolve())}["prefs"]
@@ -75,6 +77,7 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
     assert not STAGE7 & set(stages) and stages["dpo"]["args"]["data_path"] == "out/tokens/dpo/train"
     assert stages["dpo"]["args"]["val_data_path"] == "out/tokens/dpo/val"
     assert stages["tokens"]["done"] == "out/tokens/dpo/val/index.json"
+    assert "prompts_frac" not in stages["prepare"]["args"]  # no stage 7: every SFT conversation trains
 
     plain = corpus(tmp_path / "plain", pretrain=TEXT, sft=SFT)
     stages, report = plan(plain, {})  # neither: no DPO, stop after SFT and evaluation
@@ -82,6 +85,15 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
     assert list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "sft", "eval"]
     assert stages["eval"]["args"]["models"] == ["out/pretrain/final", "out/sft/final"]
     assert stages["tokens"]["done"] == "out/tokens/sft/val/index.json"
+
+    assert "prompts_frac" not in stages["prepare"]["args"]
+
+    (tmp_path / "out/data").mkdir(parents=True)  # prepared before a judge was set: no held-out prompts
+    (tmp_path / "out/data/stats.json").write_text(json.dumps({"sft": {"kept": 5, "train": 4, "val": 1}}))
+    stages, report = plan(pairs, ENDPOINT)
+    assert stages["prefs"]["args"]["prompts_path"] == "out/data/sft_train.jsonl"
+    assert "on the SFT training prompts (out/data was prepared without held-out prompts" in report
+    assert "prompts_frac" not in stages["prepare"]["args"]
 
     stages, report = plan(corpus(tmp_path / "text", pretrain=TEXT), ENDPOINT)
     assert "no SFT conversations" in report and list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "eval"]
@@ -91,14 +103,18 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mateconv-0.02b", "mateconv-moe", "2gpu"])
-def test_seed_presets_take_the_data(tmp_path, name):
+def test_seed_presets_take_the_data(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT, dpo=PAIR)
     preset = load_preset(name)
-    use_data(preset, corpus(tmp_path / "data", pretrain=TEXT, sft=SFT, dpo=PAIR), None, {})
+    use_data(preset, data, None, ENDPOINT)
+    assert preset["stages"]["prepare"]["args"]["max_prompts"] == 3000  # the preset's n_prompts
+    preset = load_preset(name)
+    use_data(preset, data, None, {})
     commands = {stage.name: stage.command for stage in build_stages(preset, Path("out").resolve())}
     assert list(commands) == ["tokenizer", "prepare", "tokens", "pretrain", "sft", "dpo", "eval"]
     assert commands["tokenizer"][commands["tokenizer"].index("--vocab_size") + 1] == "6400"
     assert str(tmp_path / "data/sft.jsonl") in commands["prepare"] and "--raw_dir" not in commands["prepare"]
-    assert commands["prepare"][commands["prepare"].index("--max_prompts") + 1] == "3000"  # the preset's n_prompts
 
 
 def test_minimind_tokenizer_is_adopted_not_trained(tmp_path, shared_data):
