@@ -78,13 +78,12 @@ class PackedTexts(DocumentRows):
         self.eos_id, self.dtype = tokenizer.eos_token_id, np.dtype(np.int64)
         if self.eos_id is None:
             raise ConfigError("the tokenizer has no eos_token; cannot separate packed documents")
-        stream: list[int] = []
-        for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            stream += ids + [self.eos_id]
-        self.stream = np.asarray(stream, dtype=np.int64)
-        self.plan(np.flatnonzero(self.stream == self.eos_id), len(self.stream), seq_len)
+        documents = [ids + [self.eos_id] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        self.stream = np.asarray([token for ids in documents for token in ids], dtype=np.int64)
+        # each text is one document, also where it holds the EOS token itself
+        self.plan(np.cumsum([len(ids) for ids in documents]) - 1, len(self.stream), seq_len)
         if len(self) == 0:
-            raise ConfigError(f"the texts hold {len(stream)} tokens, fewer than one row of max_length={seq_len}")
+            raise ConfigError(f"the texts hold {len(self.stream)} tokens, fewer than one row of max_length={seq_len}")
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         return self.stream[begin:end]

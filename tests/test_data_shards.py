@@ -81,20 +81,45 @@ def test_pretrain_packing_counts_and_windows(setup, tmp_path):
 
 
 def test_pretrain_stream_without_a_final_eos_keeps_its_tail(tmp_path):
-    """Hand-written shards (a token stream with no EOS at all, or one cut mid-document) still give rows: the
-    tokens after the last EOS form one more document."""
-    streams = {"no_eos": np.arange(3, 403) % 60 + 3, "cut": np.r_[np.arange(3, 50), 2, np.arange(3, 353)]}
-    for name, stream in streams.items():
+    """Hand-written shards (a record with no EOS at all, or a stream cut mid-record) still give rows: the tokens after
+    the last record end form one more document. Shards of the older format (no record boundaries) are refused."""
+    streams = {"no_eos": (np.arange(3, 403) % 60 + 3, [0, 400]),
+               "cut": (np.r_[np.arange(3, 50), 2, np.arange(3, 353)], [0, 48])}
+    for name, (stream, offsets) in streams.items():
         directory = tmp_path / name
         directory.mkdir()
         stream.astype(np.uint16).tofile(directory / "shard_00000.tokens.bin")
+        np.asarray(offsets, dtype=np.int64).tofile(directory / "shard_00000.offsets.bin")
         (directory / "index.json").write_text(json.dumps({
-            "kind": "pretrain", "dtype": "uint16", "vocab_size": 128, "eos_id": 2, "pad_id": 0,
+            "kind": "pretrain", "dtype": "uint16", "vocab_size": 128, "eos_id": 2, "pad_id": 0, "format_version": 2,
             "shards": [{"name": "shard_00000", "num_tokens": len(stream), "num_records": 1}], "complete": True}))
         dataset = PretrainTokens(directory, seq_len=32)
         assert len(dataset) == len(stream) // 31, name
         covered = sum(int(n) for n in dataset.piece_lengths)
         assert len(stream) - 31 < covered <= len(stream), name
+    index = json.loads((tmp_path / "cut" / "index.json").read_text())
+    (tmp_path / "cut" / "index.json").write_text(json.dumps({**index, "format_version": 1}))
+    with pytest.raises(DataError, match=r"cut: pretraining shards of an older MateConv, without document boundaries; "
+                                         r"run 3.dataset.py again \(it rebuilds them\)$"):
+        PretrainTokens(tmp_path / "cut", seq_len=32)
+
+
+def test_a_record_with_eos_tokens_inside_stays_one_document(setup, tmp_path):
+    """MiniMind's pretrain_hq.jsonl holds whole chats as text (`<|im_start|>Q<|im_end|> <|im_start|>A<|im_end|>`):
+    the literal <|im_end|> are EOS tokens, yet each record is one document, so positions run on through them and
+    with document_mask the answer sees its question. Before, each inner EOS began a new document (3 per record)."""
+    _, tokenizer_dir, tokenizer = setup
+    chats = [{"text": f"<|im_start|>question {i}?<|im_end|> <|im_start|>answer {i}.<|im_end|>"} for i in range(40)]
+    build_shards("pretrain", [write_jsonl(tmp_path / "pretrain_hq.jsonl", chats)], tokenizer_dir, tmp_path / "p",
+                 workers=1, progress=False)
+    dataset = PretrainTokens(tmp_path / "p", seq_len=128)
+    assert len(dataset.doc_ends) == 40
+    for i in range(len(dataset)):
+        ids, positions = dataset[i]["input_ids"].tolist(), dataset[i]["position_ids"].tolist()
+        restarts = [t for t, p in enumerate(positions) if p == 0]
+        assert ids.count(tokenizer.eos_token_id) >= 3 * (len(restarts) - 1) > 0  # inner EOS do not restart
+        for t in restarts[1:]:  # each later restart is a record's final EOS: the next token opens a chat
+            assert ids[t] == tokenizer.eos_token_id and tokenizer.decode(ids[t + 1: t + 2]) == "<|im_start|>"
 
 
 def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):

@@ -17,8 +17,9 @@ def _write_pretrain_shards(directory: Path, num_tokens: int) -> None:
     directory.mkdir(parents=True)
     np.tile(np.arange(3, 67, dtype=np.uint16), num_tokens // 64 + 1)[:num_tokens].tofile(
         directory / "shard_00000.tokens.bin")
+    np.asarray([0, num_tokens], dtype=np.int64).tofile(directory / "shard_00000.offsets.bin")  # one record
     (directory / "index.json").write_text(json.dumps({
-        "kind": "pretrain", "dtype": "uint16", "vocab_size": 128, "eos_id": 2, "pad_id": 0,
+        "kind": "pretrain", "dtype": "uint16", "vocab_size": 128, "eos_id": 2, "pad_id": 0, "format_version": 2,
         "shards": [{"name": "shard_00000", "num_tokens": num_tokens, "num_records": 1}], "complete": True}))
 
 

@@ -3,10 +3,11 @@
 A shard directory (`out/tokens/<kind>/<split>/`) holds `index.json` and, per finished shard `part-NNNNN`:
 - `part-NNNNN.tokens.bin`  flat token ids (uint16 when the vocab fits, else uint32)
 - `part-NNNNN.mask.bin`    sft only: uint8 loss mask, 1 on assistant content + closing <|im_end|>
-- `part-NNNNN.offsets.bin` sft and dpo: int64 record boundaries into the tokens (sft: records + 1 entries;
+- `part-NNNNN.offsets.bin` int64 record boundaries into the tokens (pretrain and sft: records + 1 entries;
                            dpo: 3 * records + 1 entries, each record being prompt, chosen, rejected in that order)
 Pretraining documents are packed as `doc tokens + [eos]` into one stream; readers cut it into rows that begin at
-document starts (PretrainTokens).
+document starts (PretrainTokens). A document ends where its record ends, not at every EOS in it: MiniMind's
+pretraining text holds whole chats with their literal <|im_end|> turn ends, and each stays one document.
 
 Shard k holds input records [k * records_per_shard, (k + 1) * records_per_shard). Shards are written as `*.tmp`
 and renamed when finished; index.json (rewritten atomically after each shard) lists only finished shards, so an
@@ -44,7 +45,7 @@ from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
 
 
 # ---------------------------------------------------------------- reading
@@ -109,19 +110,21 @@ class DocumentRows(Dataset):
     `pool_size` documents in stream order), so a short document is rarely split across rows. When none fits the
     room left, a pooled document fills it (one longer than a row if there is one, else the one that leaves the
     shortest rest) and its rest opens the next row (with its own previous token as context). labels == input_ids
-    (the model shifts); position_ids restart at each EOS, so a model with `document_mask` keeps documents from
-    attending to each other. Subclasses provide `tokens(begin, end)`, `eos_id` and `dtype`, then call `plan`."""
+    (the model shifts); position_ids restart after each document's last token (its EOS), so a model with
+    `document_mask` keeps documents from attending to each other. Subclasses provide `tokens(begin, end)`, `eos_id`
+    and `dtype`, then call `plan` with the stream positions where documents end."""
 
     pool_size = 1024
     eos_id: int
     dtype: np.dtype
 
-    def plan(self, eos_positions: np.ndarray, num_tokens: int, seq_len: int) -> None:
-        last = eos_positions[-1] if len(eos_positions) else -1
-        if last < num_tokens - 1:  # tokens after the last EOS (none at all, or a cut stream) form one more document
-            eos_positions = np.append(eos_positions, num_tokens - 1)
+    def plan(self, doc_ends: np.ndarray, num_tokens: int, seq_len: int) -> None:
+        last = doc_ends[-1] if len(doc_ends) else -1
+        if last < num_tokens - 1:  # tokens after the last end (none at all, or a cut stream) form one more document
+            doc_ends = np.append(doc_ends, num_tokens - 1)
+        self.doc_ends = np.asarray(doc_ends, dtype=np.int64)
         self.piece_starts, self.piece_lengths, self.row_bounds = plan_rows(
-            np.diff(eos_positions, prepend=-1), seq_len - 1, self.pool_size)
+            np.diff(self.doc_ends, prepend=-1), seq_len - 1, self.pool_size)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         raise NotImplementedError
@@ -140,8 +143,11 @@ class DocumentRows(Dataset):
         ids = np.concatenate(parts).astype(np.int64)
         # a document's positions count from the EOS before it (its context at inference); the row's first token
         # opens the first one
+        stream = np.concatenate([[start - 1]] + [np.arange(s, s + n) for s, n in
+                                                 zip(self.piece_starts[first:last], self.piece_lengths[first:last])])
+        found = np.minimum(np.searchsorted(self.doc_ends, stream), len(self.doc_ends) - 1)
         index = np.arange(len(ids))
-        positions = index - np.maximum.accumulate(np.where((ids == self.eos_id) | (index == 0), index, 0))
+        positions = index - np.maximum.accumulate(np.where((self.doc_ends[found] == stream) | (index == 0), index, 0))
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(ids.copy()),
                 "position_ids": torch.from_numpy(positions)}
 
@@ -153,8 +159,11 @@ class PretrainTokens(_ShardReader, DocumentRows):
 
     def __init__(self, directory: str | Path, seq_len: int):
         super().__init__(directory, seq_len)
+        if self.index.get("format_version", 1) < 2:
+            raise DataError(f"{directory}: pretraining shards of an older MateConv, without document boundaries; run "
+                            "3.dataset.py again (it rebuilds them)")
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in self.shards]).tolist()
-        self.plan(np.concatenate([np.flatnonzero(self._map(shard, "tokens") == self.eos_id) + self.starts[shard]
+        self.plan(np.concatenate([self._map(shard, "offsets")[1:] - 1 + self.starts[shard]
                                   for shard in range(len(self.shards))] + [np.zeros(0, dtype=np.int64)]),
                   self.starts[-1], seq_len)
 
@@ -490,7 +499,8 @@ class _ShardWriter:
         self.num_tokens = self.num_records = self.offset = 0
 
     def parts(self) -> tuple[str, ...]:
-        return {"pretrain": ("tokens",), "sft": ("tokens", "mask", "offsets"), "dpo": ("tokens", "offsets")}[self.kind]
+        return {"pretrain": ("tokens", "offsets"), "sft": ("tokens", "mask", "offsets"),
+                "dpo": ("tokens", "offsets")}[self.kind]
 
     def open(self, shard: int) -> None:
         self.shard = shard
