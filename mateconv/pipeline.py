@@ -323,10 +323,13 @@ def check_source(out: Path, source: dict | None) -> None:
         write_atomic(path, json.dumps(source, indent=2) + "\n")
 
 
-def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None) -> int:
+def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None,
+        sets: list[str] = ()) -> int:
+    """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items."""
     stages = [stage for stage in build_stages(preset, out, nodes) if not only or stage.name in only]
+    set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in stages}
     for stage in stages:
-        problem = None if stage.done.exists() else flags_problem(stage)
+        problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
     runner = StageRunner(logs)
@@ -342,6 +345,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
             continue
         if stage.done.exists():
             print(f"[pipeline] {stage.name}: done ({stage.done.relative_to(out.parent)} exists), skipped", flush=True)
+            if set_in[stage.name]:
+                print(f"[pipeline] {stage.name}: {' '.join(set_in[stage.name])} changes nothing in a finished stage "
+                      f"(done while {stage.done.relative_to(out.parent)} exists: remove it to run the stage again "
+                      "with them; a training stage goes on from its last checkpoint)", flush=True)
             continue
         started = time.monotonic()
         code = runner.run(stage.name, stage.command)
@@ -459,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if nodes is not None:
             check_nodes(nodes)
         check_source(out, source)
-        return run(preset, only, logs, out, nodes)
+        return run(preset, only, logs, out, nodes, args.sets)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

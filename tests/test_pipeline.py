@@ -69,6 +69,13 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline):
 
     again = run_script("run_pipeline.sh", cwd=root, timeout=300)  # everything is done: every stage is skipped
     assert again.returncode == 0 and again.stdout.count("skipped") == len(STAGES), again.stdout[-2000:]
+    # --set on a finished stage: a typo is still an error, a new value says it changes nothing there
+    typo = run_script("run_pipeline.sh", "--only", "pretrain", "--set", "pretrain.n_layer=3", cwd=root, timeout=300)
+    assert typo.returncode == 2 and "pretrain: unknown config key 'n_layer'; did you mean 'n_layers'?" in typo.stderr
+    more = run_script("run_pipeline.sh", "--only", "pretrain", "--set", "pretrain.max_steps=30", cwd=root,
+                      timeout=300)
+    assert more.returncode == 0 and ("[pipeline] pretrain: pretrain.max_steps=30 changes nothing in a finished stage "
+                                     "(done while out/pretrain/final/config.json exists: remove it") in more.stdout, more.stdout
 
 
 @pytest.mark.slow
