@@ -178,3 +178,27 @@ def test_unknown_shape_lists_the_preference_shapes():
                                 "and hh-rlhf)")
     with pytest.raises(DataError, match="^message value must be a string, got null$"):
         to_sft({"conversations": [{"from": "human", "value": None}]})
+
+
+KTO_REASON = ("is not supported: one rated reply is not an SFT example (an undesirable reply must not be imitated) "
+              "nor a DPO chosen/rejected pair; for SFT keep only the desirable records, without the label")
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"messages": [turn("user", "Hi"), turn("assistant", "Go away.")], "label": False}, "'label': false"),
+    ({"messages": [turn("user", "Hi"), turn("assistant", "Hello!")], "label": True}, "'label': true"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}], "kto_tag": False},
+     "'kto_tag': false"),
+    ({"instruction": "Greet me.", "input": "", "output": "Go away.", "kto_tag": False}, "'kto_tag': false"),
+    ({"prompt": "Hi", "completion": "Go away.", "label": False}, "'label': false"),
+])
+def test_kto_feedback_is_refused_not_imitated(record, key):
+    for convert in (detect_format, to_sft, to_preference):
+        with pytest.raises(DataError) as error:
+            convert(record)
+        assert str(error.value) == f"KTO feedback ({key}) {KTO_REASON}"
+
+
+def test_a_label_that_is_not_kto_feedback_is_kept():
+    record = {"messages": [turn("user", "Hi"), turn("assistant", "Hello!")], "label": "greeting"}
+    assert to_sft(record)["messages"] == record["messages"]

@@ -108,3 +108,11 @@ def test_a_missing_or_empty_directory_is_one_clear_error(tmp_path):
         scan(tmp_path / "nope")
     with pytest.raises(DataError, match="the directory is empty"):
         scan(tmp_path)
+
+
+def test_a_kto_file_is_skipped_with_the_reason(tmp_path):
+    kto = tmp_path / "kto.jsonl"
+    write(kto, [{"messages": [USER, BOT], "label": True}, {"messages": [USER, WRONG], "label": False}])
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.format.startswith(f"not recognised ({kto}:1: KTO feedback ('label': true) is not supported")

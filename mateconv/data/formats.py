@@ -12,11 +12,14 @@ Accepted shapes, detected per record by `detect_format`:
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
 
+KTO feedback (one reply rated by LLaMA-Factory's `kto_tag` or TRL's boolean `label`) is refused by `detect_format`.
+
 `to_preference` (with `check_pair`) alone decides what a valid preference pair is: stage 2 and the tokenizer of
 stages 3 and 9 (`9.train_dpo.py --pairs_path FILE`) skip the records it refuses, with its reason.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from mateconv.data import DataError
@@ -32,9 +35,18 @@ HH_HUMAN = "\n\nHuman:"
 Messages = list[dict[str, str]]
 
 
+def _refuse_kto(record: dict) -> None:
+    key = "kto_tag" if "kto_tag" in record else "label" if isinstance(record.get("label"), bool) else None
+    if key:
+        raise DataError(f"KTO feedback ('{key}': {json.dumps(record[key])}) is not supported: one rated reply is not "
+                        "an SFT example (an undesirable reply must not be imitated) nor a DPO chosen/rejected pair; "
+                        "for SFT keep only the desirable records, without the label")
+
+
 def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    _refuse_kto(record)
     keys = record.keys()
     if "chosen" in keys and "rejected" in keys:
         if "prompt" in keys:
