@@ -202,3 +202,39 @@ def test_kto_feedback_is_refused_not_imitated(record, key):
 def test_a_label_that_is_not_kto_feedback_is_kept():
     record = {"messages": [turn("user", "Hi"), turn("assistant", "Hello!")], "label": "greeting"}
     assert to_sft(record)["messages"] == record["messages"]
+
+
+def test_alpaca_preference_is_a_pair_with_system_and_history():
+    record = {"system": "Be brief.", "history": [["Hi", "Hello!"]], "instruction": "Translate to French", "input": "cat",
+              "chosen": "chat", "rejected": "cat"}
+    assert detect_format(record) == "alpaca_pref"
+    assert to_preference(record) == {
+        "prompt": [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello!"),
+                   turn("user", "Translate to French\n\ncat")],
+        "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
+    older = {"instruction": "Translate to French", "input": "cat", "output": ["chat", "cat"]}
+    assert detect_format(older) == "alpaca_pref"
+    assert to_preference(older) == {"prompt": [turn("user", "Translate to French\n\ncat")],
+                                    "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
+    with pytest.raises(DataError, match="not an SFT"):
+        to_sft(older)
+
+
+@pytest.mark.parametrize("record, convert, reason", [
+    ({"instruction": "q", "output": None}, to_sft, "alpaca output must be a string, got null"),
+    ({"instruction": "q", "output": {"text": "a"}}, to_sft, "alpaca output must be a string, got dict"),
+    ({"instruction": "q", "output": "a", "history": [["q0", None]]}, to_sft,
+     "alpaca history answer must be a string, got null"),
+    ({"instruction": "q", "output": "a", "history": [[1, "a0"]]}, to_sft,
+     "alpaca history query must be a string, got int"),
+    ({"instruction": "q", "input": 5, "output": "a"}, to_sft, "alpaca input must be a string, got int"),
+    ({"instruction": "q", "output": "a", "system": ["be nice"]}, to_sft, "system must be a string, got list"),
+    ({"instruction": "q", "output": ["a", "b", "c"]}, to_preference,
+     "alpaca ranking output must be [chosen, rejected], got a list of 3"),
+    ({"instruction": "q", "output": ["a", None]}, to_preference, "alpaca rejected must be a string, got null"),
+    ({"instruction": "q", "chosen": "a", "rejected": "a"}, to_preference, "chosen and rejected are the same"),
+])
+def test_bad_alpaca_values_name_the_problem(record, convert, reason):
+    with pytest.raises(DataError) as error:
+        convert(record)
+    assert str(error.value) == reason

@@ -7,6 +7,8 @@ Accepted shapes, detected per record by `detect_format`:
 - "messages":      {"messages": [{"role", "content"}]}   (OpenAI / TRL conversational)
 - "sharegpt":      {"conversations": [{"from", "value"}], "system"?}
 - "alpaca":        {"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}
+- "alpaca_pref":   the same with "chosen" and "rejected" instead of "output", or "output": [chosen, rejected]
+                   (LLaMA-Factory ranking data)
 - "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
@@ -53,6 +55,8 @@ def detect_format(record: Any) -> str:
             return "prompt_pref"
         if "conversations" in keys:
             return "sharegpt_pref"
+        if "instruction" in keys:
+            return "alpaca_pref"
         if isinstance(record["chosen"], str):
             return "hh"
         return "implicit_pref"
@@ -64,9 +68,15 @@ def detect_format(record: Any) -> str:
     if "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:
-        return "alpaca"
+        return "alpaca_pref" if isinstance(record["output"], list) else "alpaca"
     raise DataError(f"unknown record shape with keys {sorted(keys)} (expected messages, conversations, "
                     "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL and hh-rlhf)")
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{what} must be a string, got {'null' if value is None else type(value).__name__}")
+    return value
 
 
 def _message(turn: Any) -> dict[str, str]:
@@ -80,10 +90,7 @@ def _message(turn: Any) -> dict[str, str]:
     role, content = turn[role_key], turn[content_key]
     if str(role).lower() not in ROLE_NAMES:
         raise DataError(f"unknown message role {role!r}")
-    if not isinstance(content, str):
-        got = "null" if content is None else type(content).__name__
-        raise DataError(f"message {content_key} must be a string, got {got}")
-    return {"role": ROLE_NAMES[str(role).lower()], "content": content}
+    return {"role": ROLE_NAMES[str(role).lower()], "content": _text(content, f"message {content_key}")}
 
 
 def _messages(turns: Any, system: Any = None) -> Messages:
@@ -91,7 +98,7 @@ def _messages(turns: Any, system: Any = None) -> Messages:
         raise DataError(f"a conversation must be a list of messages, got {type(turns).__name__}")
     messages = [_message(turn) for turn in turns]
     if system and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": str(system)})
+        messages.insert(0, {"role": "system", "content": _text(system, "system")})
     return messages
 
 
@@ -114,18 +121,29 @@ def _check_conversation(messages: Messages, ends_with_assistant: bool) -> Messag
     return messages
 
 
-def _alpaca(record: dict) -> Messages:
+def _alpaca_prompt(record: dict) -> Messages:
+    """System, history and the user turn (instruction and input joined) of an Alpaca record."""
     messages: Messages = []
     if record.get("system"):
-        messages.append({"role": "system", "content": str(record["system"])})
+        messages.append({"role": "system", "content": _text(record["system"], "system")})
     for pair in record.get("history") or []:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataError("alpaca history must be a list of [query, answer] pairs")
-        messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
-    instruction, extra = str(record["instruction"]), str(record.get("input") or "")
-    user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"])}]
+        messages += [{"role": "user", "content": _text(pair[0], "alpaca history query")},
+                     {"role": "assistant", "content": _text(pair[1], "alpaca history answer")}]
+    parts = [_text(record[key], f"alpaca {key}") for key in ("instruction", "input") if record.get(key) is not None]
+    messages.append({"role": "user", "content": "\n\n".join(part for part in parts if part)})
     return messages
+
+
+def _alpaca_replies(record: dict) -> tuple[Messages, Messages]:
+    """The chosen and rejected replies of LLaMA-Factory ranking data: its chosen/rejected columns, or the older
+    "output": [chosen, rejected]."""
+    replies = (record["chosen"], record["rejected"]) if "chosen" in record else record["output"]
+    if len(replies) != 2:
+        raise DataError(f"alpaca ranking output must be [chosen, rejected], got a list of {len(replies)}")
+    return tuple([{"role": "assistant", "content": _text(reply, f"alpaca {side}")}]
+                 for reply, side in zip(replies, ("chosen", "rejected")))
 
 
 def to_sft(record: Any) -> dict[str, Messages]:
@@ -136,7 +154,7 @@ def to_sft(record: Any) -> dict[str, Messages]:
     elif shape == "sharegpt":
         messages = _messages(record["conversations"], record.get("system"))
     elif shape == "alpaca":
-        messages = _alpaca(record)
+        messages = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "alpaca output")}]
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
     return {"messages": _check_conversation(messages, ends_with_assistant=True)}
@@ -204,6 +222,9 @@ def to_preference(record: Any) -> dict[str, Messages]:
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record.get("system"))
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+    elif shape == "alpaca_pref":
+        prompt = _alpaca_prompt(record)
+        chosen, rejected = _alpaca_replies(record)
     elif shape in ("hh", "implicit_pref"):
         prompt, chosen = _prompt_and_reply(record["chosen"], "chosen")
         rejected_prompt, rejected = _prompt_and_reply(record["rejected"], "rejected")
