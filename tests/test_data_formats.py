@@ -60,7 +60,7 @@ def test_alpaca_files_to_messages(shared_data):
     assert len(data) == 1000 and {detect_format(r) for r in data} == {"alpaca"}
     with_input = next(r for r in data if r["input"])
     messages = to_sft(with_input)["messages"]
-    assert messages == [{"role": "user", "content": f"{with_input['instruction']}\n\n{with_input['input']}"},
+    assert messages == [{"role": "user", "content": f"{with_input['instruction']}\n{with_input['input']}"},
                         {"role": "assistant", "content": with_input["output"]}]
     identity = records(shared_data(f"{FACTORY}/identity.json"))
     assert all(to_sft(r)["messages"][-1]["content"] == r["output"] for r in identity)
@@ -211,11 +211,11 @@ def test_alpaca_preference_is_a_pair_with_system_and_history():
     assert detect_format(record) == "alpaca_pref"
     assert to_preference(record) == {
         "prompt": [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello!"),
-                   turn("user", "Translate to French\n\ncat")],
+                   turn("user", "Translate to French\ncat")],
         "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
     older = {"instruction": "Translate to French", "input": "cat", "output": ["chat", "cat"]}
     assert detect_format(older) == "alpaca_pref"
-    assert to_preference(older) == {"prompt": [turn("user", "Translate to French\n\ncat")],
+    assert to_preference(older) == {"prompt": [turn("user", "Translate to French\ncat")],
                                     "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
     with pytest.raises(DataError, match="not an SFT"):
         to_sft(older)

@@ -230,7 +230,7 @@ def _alpaca_prompt(record: dict) -> Messages:
         messages += [{"role": "user", "content": _text(pair[0], "alpaca history query")},
                      {"role": "assistant", "content": _text(pair[1], "alpaca history answer")}]
     parts = [_text(record[key], f"alpaca {key}") for key in ("instruction", "input") if record.get(key) is not None]
-    messages.append({"role": "user", "content": "\n\n".join(part for part in parts if part)})
+    messages.append({"role": "user", "content": "\n".join(part for part in parts if part)})
     return _with_system(messages, record)
 
 
