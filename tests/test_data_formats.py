@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mateconv.data import DataError
-from mateconv.data.formats import detect_format, to_preference, to_sft
+from mateconv.chat_format import render_chat
+from mateconv.data.formats import TOOLS_PROMPT, detect_format, to_preference, to_sft
 from mateconv.data.readers import iter_records
 
 FACTORY = "hiyouga__LLaMA-Factory/data"
@@ -59,7 +60,7 @@ def test_alpaca_files_to_messages(shared_data):
     assert len(data) == 1000 and {detect_format(r) for r in data} == {"alpaca"}
     with_input = next(r for r in data if r["input"])
     messages = to_sft(with_input)["messages"]
-    assert messages == [{"role": "user", "content": f"{with_input['instruction']}\n\n{with_input['input']}"},
+    assert messages == [{"role": "user", "content": f"{with_input['instruction']}\n{with_input['input']}"},
                         {"role": "assistant", "content": with_input["output"]}]
     identity = records(shared_data(f"{FACTORY}/identity.json"))
     assert all(to_sft(r)["messages"][-1]["content"] == r["output"] for r in identity)
@@ -178,3 +179,148 @@ def test_unknown_shape_lists_the_preference_shapes():
                                 "and hh-rlhf)")
     with pytest.raises(DataError, match="^message value must be a string, got null$"):
         to_sft({"conversations": [{"from": "human", "value": None}]})
+
+
+KTO_REASON = ("is not supported: one rated reply is not an SFT example (an undesirable reply must not be imitated) "
+              "nor a DPO chosen/rejected pair; for SFT keep only the desirable records, without the label")
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"messages": [turn("user", "Hi"), turn("assistant", "Go away.")], "label": False}, "'label': false"),
+    ({"messages": [turn("user", "Hi"), turn("assistant", "Hello!")], "label": True}, "'label': true"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}], "kto_tag": False},
+     "'kto_tag': false"),
+    ({"instruction": "Greet me.", "input": "", "output": "Go away.", "kto_tag": False}, "'kto_tag': false"),
+    ({"prompt": "Hi", "completion": "Go away.", "label": False}, "'label': false"),
+])
+def test_kto_feedback_is_refused_not_imitated(record, key):
+    for convert in (detect_format, to_sft, to_preference):
+        with pytest.raises(DataError) as error:
+            convert(record)
+        assert str(error.value) == f"KTO feedback ({key}) {KTO_REASON}"
+
+
+def test_a_label_that_is_not_kto_feedback_is_kept():
+    record = {"messages": [turn("user", "Hi"), turn("assistant", "Hello!")], "label": "greeting"}
+    assert to_sft(record)["messages"] == record["messages"]
+
+
+def test_alpaca_preference_is_a_pair_with_system_and_history():
+    record = {"system": "Be brief.", "history": [["Hi", "Hello!"]], "instruction": "Translate to French",
+              "input": "cat", "chosen": "chat", "rejected": "cat"}
+    assert detect_format(record) == "alpaca_pref"
+    assert to_preference(record) == {
+        "prompt": [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello!"),
+                   turn("user", "Translate to French\ncat")],
+        "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
+    older = {"instruction": "Translate to French", "input": "cat", "output": ["chat", "cat"]}
+    assert detect_format(older) == "alpaca_pref"
+    assert to_preference(older) == {"prompt": [turn("user", "Translate to French\ncat")],
+                                    "chosen": [turn("assistant", "chat")], "rejected": [turn("assistant", "cat")]}
+    with pytest.raises(DataError, match="not an SFT"):
+        to_sft(older)
+
+
+@pytest.mark.parametrize("record, convert, reason", [
+    ({"instruction": "q", "output": None}, to_sft, "alpaca output must be a string, got null"),
+    ({"instruction": "q", "output": {"text": "a"}}, to_sft, "alpaca output must be a string, got dict"),
+    ({"instruction": "q", "output": "a", "history": [["q0", None]]}, to_sft,
+     "alpaca history answer must be a string, got null"),
+    ({"instruction": "q", "output": "a", "history": [[1, "a0"]]}, to_sft,
+     "alpaca history query must be a string, got int"),
+    ({"instruction": "q", "input": 5, "output": "a"}, to_sft, "alpaca input must be a string, got int"),
+    ({"instruction": "q", "output": "a", "system": ["be nice"]}, to_sft, "system must be a string, got list"),
+    ({"instruction": "q", "output": ["a", "b", "c"]}, to_preference,
+     "alpaca ranking output must be [chosen, rejected], got a list of 3"),
+    ({"instruction": "q", "output": ["a", None]}, to_preference, "alpaca rejected must be a string, got null"),
+    ({"instruction": "q", "chosen": "a", "rejected": "a"}, to_preference, "chosen and rejected are the same"),
+])
+def test_bad_alpaca_values_name_the_problem(record, convert, reason):
+    with pytest.raises(DataError) as error:
+        convert(record)
+    assert str(error.value) == reason
+
+
+WEATHER_TOOL = {"name": "weather", "description": "Today's weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}
+CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def tools_system(system: str) -> str:
+    return f"{system}\n\n{TOOLS_PROMPT.format(tools=json.dumps(WEATHER_TOOL))}" if system else \
+        TOOLS_PROMPT.format(tools=json.dumps(WEATHER_TOOL))
+
+
+def test_llama_factory_function_call_and_observation_turns():
+    record = {"system": "Be brief.", "tools": json.dumps([WEATHER_TOOL]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"sky": "sunny"}'},
+        {"from": "gpt", "value": "Sunny."}]}
+    assert to_sft(record)["messages"] == [
+        turn("system", tools_system("Be brief.")), turn("user", "Weather in Paris?"), turn("assistant", CALL),
+        turn("user", '<tool_response>\n{"sky": "sunny"}\n</tool_response>'), turn("assistant", "Sunny.")]
+
+
+def test_openai_tool_calls_tool_turns_and_reasoning():
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    record = {"tools": [{"type": "function", "function": WEATHER_TOOL}], "messages": [
+        turn("user", "Weather in Paris and Rome?"),
+        {"role": "assistant", "content": None, "reasoning_content": "\nTwo cities: two calls.\n",
+         "tool_calls": [call, {**call, "function": {"name": "weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "Paris sunny, Rome rain.", "reasoning_content": "Both came back."}]}
+    messages = to_sft(record)["messages"]
+    assert messages[0]["content"].startswith("# Tools\n") and json.dumps(record["tools"][0]) in messages[0]["content"]
+    assert messages[1:] == [
+        turn("user", "Weather in Paris and Rome?"),
+        turn("assistant", f"<think>\nTwo cities: two calls.\n</think>\n\n{CALL}\n{CALL.replace('Paris', 'Rome')}"),
+        turn("user", "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"),
+        turn("assistant", "<think>\nBoth came back.\n</think>\n\nParis sunny, Rome rain.")]
+    assert to_sft({"messages": messages}) == {"messages": messages}  # stage 3 converts stage 2's output again
+    text, spans = render_chat(messages)
+    trained = "".join(text[start:end] for start, end in spans)
+    assert CALL in trained and "Both came back." in trained and "sunny\n</tool_response>" not in trained
+
+
+def test_minimind_tools_on_the_system_message_and_a_pair_after_a_tool_result():
+    record = {"conversations": [{"role": "system", "content": "", "functions": [WEATHER_TOOL]},
+                                turn("user", "Weather in Paris?"), turn("assistant", CALL), turn("tool", "sunny"),
+                                turn("assistant", "Sunny.")]}
+    assert to_sft(record)["messages"][0] == turn("system", tools_system(""))
+    pair = to_preference({"conversations": record["conversations"][:4], "chosen": {"from": "gpt", "value": "Sunny."},
+                          "rejected": {"from": "gpt", "value": "Snow."}})
+    assert pair["prompt"][-1] == turn("user", "<tool_response>\nsunny\n</tool_response>")
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "weather(Paris)"}]},
+     "tool call is not valid JSON: Expecting value"),
+    ({"messages": [turn("user", "q"), {"role": "assistant", "content": None, "tool_calls": [{"arguments": "{}"}]}]},
+     "a tool call must be an object with a string 'name'"),
+    ({"messages": [turn("user", "q"), turn("assistant", "a")], "tools": "not json"},
+     "tools is not valid JSON: Expecting value"),
+    ({"messages": [turn("user", "q"), {"role": "assistant", "content": "a", "reasoning_content": 3}]},
+     "reasoning_content must be a string, got int"),
+    ({"messages": [turn("user", "q"), turn("assistant", None)]}, "message content must be a string, got null"),
+    ({"messages": [turn("user", "q"), turn("tool", "sunny"), turn("assistant", "a")]},
+     "turns must alternate user/assistant"),
+])
+def test_bad_tool_turns_name_the_problem(record, reason):
+    with pytest.raises(DataError) as error:
+        to_sft(record)
+    assert str(error.value).startswith(reason)
+
+
+def test_tool_conversations_render_alike_in_the_chat_template(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    record = {"tools": [WEATHER_TOOL], "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": json.dumps(
+            {"name": "weather", "arguments": {"city": "Paris"}})}, {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "Sunny."}]}
+    messages = to_sft(record)["messages"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == render_chat(messages)[0]
+    prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == render_chat(messages[:2], add_generation_prompt=True)[0]

@@ -31,6 +31,8 @@ RECORDS = {  # file name -> (one record, expected kind, expected format)
     "factory_dpo.json": ({"conversations": [{"from": "human", "value": USER["content"]}],
                           "chosen": {"from": "gpt", "value": "Paris."}, "rejected": {"from": "gpt", "value": "Rome."}},
                          "dpo", "LLaMA-Factory dpo"),
+    "factory_ranking.json": ({"instruction": "Name the capital.", "input": "France", "chosen": "Paris.",
+                              "rejected": "Rome."}, "dpo", "Alpaca preference (LLaMA-Factory ranking)"),
     "hh.jsonl": ({"chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
                   "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Rome."}, "dpo", "hh-rlhf transcripts"),
     "tasks.jsonl": ({"id": "t1", "kind": "add", "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
@@ -66,7 +68,7 @@ def test_every_format_is_recognised_with_its_record_count(tmp_path):
     assert f"{tmp_path / 'weird.jsonl'}:1: unknown record shape" in found["weird.jsonl"].format
     assert found["minimind_sft.jsonl"].line() == \
         f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 3 records"
-    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 4, 4, 1]  # pretrain, sft, dpo, tasks
+    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 4, 5, 1]  # pretrain, sft, dpo, tasks
 
 
 def test_content_decides_and_a_misleading_name_is_noted(tmp_path):
@@ -108,3 +110,11 @@ def test_a_missing_or_empty_directory_is_one_clear_error(tmp_path):
         scan(tmp_path / "nope")
     with pytest.raises(DataError, match="the directory is empty"):
         scan(tmp_path)
+
+
+def test_a_kto_file_is_skipped_with_the_reason(tmp_path):
+    kto = tmp_path / "kto.jsonl"
+    write(kto, [{"messages": [USER, BOT], "label": True}, {"messages": [USER, WRONG], "label": False}])
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.format.startswith(f"not recognised ({kto}:1: KTO feedback ('label': true) is not supported")

@@ -7,16 +7,32 @@ Accepted shapes, detected per record by `detect_format`:
 - "messages":      {"messages": [{"role", "content"}]}   (OpenAI / TRL conversational)
 - "sharegpt":      {"conversations": [{"from", "value"}], "system"?}
 - "alpaca":        {"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}
+- "alpaca_pref":   the same with "chosen" and "rejected" instead of "output", or "output": [chosen, rejected]
+                   (LLaMA-Factory ranking data)
 - "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
+
+KTO feedback (one reply rated by LLaMA-Factory's `kto_tag` or TRL's boolean `label`) is refused by `detect_format`.
+
+Tool use and reasoning become text in the three ChatML roles, as MiniMind's (Qwen's) template writes them, so that
+rendering and the loss mask (only assistant turns train) need nothing new:
+- `tools` (a list, or LLaMA-Factory's JSON text of one; MiniMind: `tools`/`functions` on the system message) are
+  appended to the system prompt;
+- a call (LLaMA-Factory `function_call` turn, OpenAI `tool_calls` on an assistant turn) is an assistant turn holding
+  `<tool_call>\n{"name", "arguments"}\n</tool_call>` blocks, and so is trained;
+- tool results (`observation`, `tool` turns) in a row are one user turn of `<tool_response>\n...\n</tool_response>`
+  blocks, not trained;
+- an assistant turn's `reasoning_content` is written before its content as `<think>\n...\n</think>\n\n`.
 
 `to_preference` (with `check_pair`) alone decides what a valid preference pair is: stage 2 and the tokenizer of
 stages 3 and 9 (`9.train_dpo.py --pairs_path FILE`) skip the records it refuses, with its reason.
 """
 from __future__ import annotations
 
+import json
+from itertools import groupby
 from typing import Any
 
 from mateconv.data import DataError
@@ -26,21 +42,37 @@ ROLE_NAMES = {
     "user": "user", "human": "user", "question": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "model": "assistant",
 }
+TOOL_RESULT_ROLES = ("tool", "observation")  # OpenAI / MiniMind, LLaMA-Factory
+TOOL_CALL_ROLE = "function_call"  # LLaMA-Factory
+TOOLS_PROMPT = ("# Tools\n\nYou may call these functions, described as JSON schemas:\n<tools>\n{tools}\n</tools>\n\n"
+                "To call one, reply with <tool_call>\n{{\"name\": <function name>, \"arguments\": <JSON object>}}\n"
+                "</tool_call>; its result comes back between <tool_response> and </tool_response>.")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 
 Messages = list[dict[str, str]]
 
 
+def _refuse_kto(record: dict) -> None:
+    key = "kto_tag" if "kto_tag" in record else "label" if isinstance(record.get("label"), bool) else None
+    if key:
+        raise DataError(f"KTO feedback ('{key}': {json.dumps(record[key])}) is not supported: one rated reply is not "
+                        "an SFT example (an undesirable reply must not be imitated) nor a DPO chosen/rejected pair; "
+                        "for SFT keep only the desirable records, without the label")
+
+
 def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    _refuse_kto(record)
     keys = record.keys()
     if "chosen" in keys and "rejected" in keys:
         if "prompt" in keys:
             return "prompt_pref"
         if "conversations" in keys:
             return "sharegpt_pref"
+        if "instruction" in keys:
+            return "alpaca_pref"
         if isinstance(record["chosen"], str):
             return "hh"
         return "implicit_pref"
@@ -52,35 +84,122 @@ def detect_format(record: Any) -> str:
     if "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:
-        return "alpaca"
+        return "alpaca_pref" if isinstance(record["output"], list) else "alpaca"
     raise DataError(f"unknown record shape with keys {sorted(keys)} (expected messages, conversations, "
                     "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL and hh-rlhf)")
 
 
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{what} must be a string, got {'null' if value is None else type(value).__name__}")
+    return value
+
+
+def _json(value: Any, what: str) -> Any:
+    """`value`, parsed first when it is JSON text (LLaMA-Factory and OpenAI store tools and arguments so)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{what} is not valid JSON: {error.msg}") from None
+
+
+def _tool_calls_text(calls: Any) -> str:
+    """One call or a list of calls ({"name", "arguments"}, or OpenAI's {"function": {...}}) as <tool_call> blocks."""
+    calls = _json(calls, "tool call")
+    blocks = []
+    for call in calls if isinstance(calls, list) else [calls]:
+        call = call.get("function", call) if isinstance(call, dict) else call
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            raise DataError("a tool call must be an object with a string 'name'")
+        arguments = _json(call.get("arguments", {}), f"the arguments of tool call {call['name']!r}")
+        blocks.append(f"<tool_call>\n{json.dumps({'name': call['name'], 'arguments': arguments}, ensure_ascii=False)}"
+                      "\n</tool_call>")
+    return "\n".join(blocks)
+
+
+def _system_text(system: str, tools: Any) -> str:
+    """The system prompt with the tool definitions, if any, after it."""
+    tools = _json(tools, "tools")
+    if not tools:
+        return system
+    tools = tools if isinstance(tools, list) else [tools]
+    if not all(isinstance(tool, dict) for tool in tools):
+        raise DataError("tools must be a list of JSON objects")
+    listed = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+    return f"{system}\n\n{listed}" if system else listed
+
+
+def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
+    """What the model is trained to write: reasoning in <think>, the reply, then its tool calls."""
+    calls = turn.get("tool_calls")
+    reply = "" if content is None and calls else _text(content, f"message {content_key}")
+    text = "\n".join(part for part in (reply, _tool_calls_text(calls) if calls else "") if part)
+    reasoning = turn.get("reasoning_content")
+    if reasoning in (None, ""):
+        return text
+    thought, text = _text(reasoning, "reasoning_content").strip("\n"), text.lstrip("\n")
+    return f"<think>\n{thought}\n</think>\n\n{text}"
+
+
 def _message(turn: Any) -> dict[str, str]:
-    """One turn in either {role, content} or {from, value} form, role names normalised."""
+    """One turn in either {role, content} or {from, value} form, role names normalised, calls and reasoning written
+    into the content; a tool result keeps the role "tool" until `_messages` merges it into a user turn."""
     if not isinstance(turn, dict):
         raise DataError(f"a message must be an object, got {type(turn).__name__}")
     role_key = "role" if "role" in turn else "from"
     content_key = "content" if "content" in turn else "value"
     if role_key not in turn or content_key not in turn:
         raise DataError(f"a message needs role/content or from/value, got keys {sorted(turn)}")
-    role, content = turn[role_key], turn[content_key]
-    if str(role).lower() not in ROLE_NAMES:
-        raise DataError(f"unknown message role {role!r}")
-    if not isinstance(content, str):
-        got = "null" if content is None else type(content).__name__
-        raise DataError(f"message {content_key} must be a string, got {got}")
-    return {"role": ROLE_NAMES[str(role).lower()], "content": content}
+    role, content = str(turn[role_key]).lower(), turn[content_key]
+    if role in TOOL_RESULT_ROLES:
+        return {"role": "tool", "content": _text(content, f"message {content_key}")}
+    if role == TOOL_CALL_ROLE:
+        return {"role": "assistant", "content": _tool_calls_text(_text(content, f"message {content_key}"))}
+    if role not in ROLE_NAMES:
+        raise DataError(f"unknown message role {turn[role_key]!r}")
+    role = ROLE_NAMES[role]
+    if role == "assistant":
+        return {"role": role, "content": _assistant_text(turn, content, content_key)}
+    content = _text(content, f"message {content_key}")
+    if role == "system":
+        content = _system_text(content, turn.get("tools") or turn.get("functions"))
+    return {"role": role, "content": content}
 
 
-def _messages(turns: Any, system: Any = None) -> Messages:
+def _merge_tool_results(messages: Messages) -> Messages:
+    """Each run of tool results -> one user turn of <tool_response> blocks (ChatML here has no tool role)."""
+    merged: Messages = []
+    for is_result, run in groupby(messages, key=lambda message: message["role"] == "tool"):
+        if is_result:
+            blocks = [f"<tool_response>\n{message['content']}\n</tool_response>" for message in run]
+            merged.append({"role": "user", "content": "\n".join(blocks)})
+        else:
+            merged += run
+    return merged
+
+
+def _with_system(messages: Messages, record: dict) -> Messages:
+    """The record's `system` (unless the conversation opens with its own) and `tools` in the first, system, turn."""
+    if record.get("system") and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": _text(record["system"], "system")})
+    if record.get("tools"):
+        opens_with_system = bool(messages) and messages[0]["role"] == "system"
+        system = _system_text(messages[0]["content"] if opens_with_system else "", record["tools"])
+        if opens_with_system:
+            messages[0]["content"] = system
+        elif system:
+            messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _messages(turns: Any, record: dict | None = None) -> Messages:
+    """A conversation's turns; with `record`, its `system` and `tools` fields too."""
     if not isinstance(turns, list):
         raise DataError(f"a conversation must be a list of messages, got {type(turns).__name__}")
-    messages = [_message(turn) for turn in turns]
-    if system and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": str(system)})
-    return messages
+    messages = _merge_tool_results([_message(turn) for turn in turns])
+    return _with_system(messages, record) if record else messages
 
 
 def _check_conversation(messages: Messages, ends_with_assistant: bool) -> Messages:
@@ -102,29 +221,38 @@ def _check_conversation(messages: Messages, ends_with_assistant: bool) -> Messag
     return messages
 
 
-def _alpaca(record: dict) -> Messages:
+def _alpaca_prompt(record: dict) -> Messages:
+    """System, history and the user turn (instruction and input joined) of an Alpaca record."""
     messages: Messages = []
-    if record.get("system"):
-        messages.append({"role": "system", "content": str(record["system"])})
     for pair in record.get("history") or []:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataError("alpaca history must be a list of [query, answer] pairs")
-        messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
-    instruction, extra = str(record["instruction"]), str(record.get("input") or "")
-    user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"])}]
-    return messages
+        messages += [{"role": "user", "content": _text(pair[0], "alpaca history query")},
+                     {"role": "assistant", "content": _text(pair[1], "alpaca history answer")}]
+    parts = [_text(record[key], f"alpaca {key}") for key in ("instruction", "input") if record.get(key) is not None]
+    messages.append({"role": "user", "content": "\n".join(part for part in parts if part)})
+    return _with_system(messages, record)
+
+
+def _alpaca_replies(record: dict) -> tuple[Messages, Messages]:
+    """The chosen and rejected replies of LLaMA-Factory ranking data: its chosen/rejected columns, or the older
+    "output": [chosen, rejected]."""
+    replies = (record["chosen"], record["rejected"]) if "chosen" in record else record["output"]
+    if len(replies) != 2:
+        raise DataError(f"alpaca ranking output must be [chosen, rejected], got a list of {len(replies)}")
+    return tuple([{"role": "assistant", "content": _text(reply, f"alpaca {side}")}]
+                 for reply, side in zip(replies, ("chosen", "rejected")))
 
 
 def to_sft(record: Any) -> dict[str, Messages]:
     """Any supported SFT shape -> {"messages": [...]} ending with an assistant turn."""
     shape = detect_format(record)
     if shape == "messages":
-        messages = _messages(record["messages"], record.get("system"))
+        messages = _messages(record["messages"], record)
     elif shape == "sharegpt":
-        messages = _messages(record["conversations"], record.get("system"))
+        messages = _messages(record["conversations"], record)
     elif shape == "alpaca":
-        messages = _alpaca(record)
+        messages = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "alpaca output")}]
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
     return {"messages": _check_conversation(messages, ends_with_assistant=True)}
@@ -185,13 +313,15 @@ def to_preference(record: Any) -> dict[str, Messages]:
     shape = detect_format(record)
     if shape == "prompt_pref":
         prompt = record["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
-        if record.get("system") and prompt[0]["role"] != "system":
-            prompt.insert(0, {"role": "system", "content": str(record["system"])})
+        prompt = _with_system([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt),
+                              record)
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
     elif shape == "sharegpt_pref":
-        prompt = _messages(record["conversations"], record.get("system"))
+        prompt = _messages(record["conversations"], record)
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+    elif shape == "alpaca_pref":
+        prompt = _alpaca_prompt(record)
+        chosen, rejected = _alpaca_replies(record)
     elif shape in ("hh", "implicit_pref"):
         prompt, chosen = _prompt_and_reply(record["chosen"], "chosen")
         rejected_prompt, rejected = _prompt_and_reply(record["rejected"], "rejected")

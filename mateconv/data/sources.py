@@ -26,6 +26,7 @@ SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "alpaca": ("sft", "Alpaca"),
     "prompt_pref": ("dpo", "TRL prompt/chosen/rejected"),
     "sharegpt_pref": ("dpo", "LLaMA-Factory dpo"),
+    "alpaca_pref": ("dpo", "Alpaca preference (LLaMA-Factory ranking)"),
     "hh": ("dpo", "hh-rlhf transcripts"),
     "implicit_pref": ("dpo", "MiniMind/TRL chosen/rejected messages"),
 }
