@@ -48,9 +48,10 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """The file as text; utf-8-sig drops the byte order mark Windows editors put first."""
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def txt_records(path: Path) -> Iterator[tuple[int, dict]]:

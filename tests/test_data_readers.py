@@ -1,0 +1,36 @@
+"""Reading the user's raw files (mateconv/data/readers.py) as HF `load_dataset("json")`, LLaMA-Factory and MiniMind
+read them: byte order marks, JSON Lines under a .json name, file:line positions, plain text modes."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from mateconv.data.readers import iter_records
+
+BOM = "\ufeff"
+FIRST, SECOND = {"text": "The river runs past the old mill."}, {"text": "The mill wheel turns all day."}
+
+
+def numbered_records(path: Path) -> list[tuple[int, object]]:
+    return [(number, record) for _, number, record in iter_records(path)]
+
+
+def jsonl(records: list) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.jsonl.gz", "data.json", "data.json.gz"])
+def test_a_byte_order_mark_is_dropped(tmp_path, name):
+    text = BOM + (jsonl([FIRST, SECOND]) if ".jsonl" in name else json.dumps([FIRST, SECOND]))
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert [record for _, record in numbered_records(path)] == [FIRST, SECOND]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_text_line(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(BOM + "First line of the book.\nSecond line.\n", encoding="utf-8")
+    assert numbered_records(path) == [(1, {"text": "First line of the book."}), (2, {"text": "Second line."})]
