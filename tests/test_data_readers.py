@@ -34,3 +34,30 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_line(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text(BOM + "First line of the book.\nSecond line.\n", encoding="utf-8")
     assert numbered_records(path) == [(1, {"text": "First line of the book."}), (2, {"text": "Second line."})]
+
+
+def article(number: int, length: int) -> str:
+    return f"Article {number}: " + "the river runs past the old mill " * (length // 33)
+
+
+@pytest.mark.parametrize("count, length", [(100, 100), (5, 5000)], ids=["a-stray-blank-line", "long-lines"])
+def test_one_document_per_line_stays_line_mode_despite_a_blank_line(tmp_path, count, length):
+    lines = [article(number, length) for number in range(count)]
+    path = tmp_path / "articles.txt"
+    path.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+    assert numbered_records(path) == [(number if number < 3 else number + 1, {"text": line})
+                                      for number, line in enumerate(lines, 1)]
+
+
+def test_blank_line_separated_verse_is_one_document_per_paragraph(tmp_path):
+    path = tmp_path / "verse.txt"
+    path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n")
+    assert numbered_records(path) == [(1, {"text": "First Citizen:\nBefore we proceed any further, hear me speak."}),
+                                      (4, {"text": "All:\nSpeak, speak."})]
+
+
+def test_tinyshakespeare_is_one_document_per_speech(shared_data):
+    path = shared_data("karpathy__char-rnn/data/tinyshakespeare/input.first2000lines.txt")
+    speeches = numbered_records(path)
+    assert len(speeches) == path.read_text().count("\n\n") + 1
+    assert speeches[1] == (4, {"text": "All:\nSpeak, speak."})

@@ -2,7 +2,8 @@
 
 `iter_records(path)` yields `(source, line, record)` one at a time (JSON arrays and parquet row groups are the only
 inputs read a piece at a time rather than a line at a time). Plain text becomes `{"text": ...}` records: one per line,
-or one per blank-line-separated paragraph when the file has blank lines (tinyshakespeare) - see `txt_records`.
+or one per blank-line-separated paragraph when blank lines separate paragraphs of short lines (tinyshakespeare) - see
+`txt_records`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import json
 import os
 import socket
+import statistics
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,9 @@ from mateconv.data import DataError
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz", ".parquet")
 HUB_PREFIXES = ("hf:", "ms:")
 TEXT_KEYS = ("text", "content", "paragraphs")
+SAMPLE_CHARS = 1 << 20  # how much of a .txt file decides its mode
+PARAGRAPH_MIN_SHARE = 0.05  # paragraph starts per non-empty line: paragraphs of at most ~20 lines on average
+PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped prose or verse; longer ones are documents
 
 
 def _suffix(path: Path) -> str:
@@ -54,10 +59,20 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig", errors="replace")
 
 
-def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """Paragraph mode (blank-line separated) if the first MB has blank lines, else one document per line."""
+def _paragraph_mode(path: Path) -> bool:
+    """Whether the first MB's blank lines separate paragraphs of short lines (tinyshakespeare's speeches), rather
+    than straying between documents of a line each, which paragraph mode would glue into a few huge ones."""
     with _open_text(path) as f:
-        paragraphs = "\n\n" in f.read(1 << 20)
+        lines = f.read(SAMPLE_CHARS).split("\n")
+    lengths = [len(line) for line in lines if line.strip()]
+    starts = sum(1 for before, line in zip(lines, lines[1:]) if not before.strip() and line.strip())
+    return (bool(lengths) and starts >= PARAGRAPH_MIN_SHARE * len(lengths)
+            and statistics.median(lengths) <= PARAGRAPH_MAX_LINE)
+
+
+def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line."""
+    paragraphs = _paragraph_mode(path)
     with _open_text(path) as f:
         block: list[str] = []
         start = 1
