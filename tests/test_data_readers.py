@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mateconv.data.readers import iter_records
+from mateconv.data import DataError
+from mateconv.data import readers
+from mateconv.data.readers import BadLine, iter_records
 
 BOM = "\ufeff"
 FIRST, SECOND = {"text": "The river runs past the old mill."}, {"text": "The mill wheel turns all day."}
@@ -34,6 +36,40 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_line(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text(BOM + "First line of the book.\nSecond line.\n", encoding="utf-8")
     assert numbered_records(path) == [(1, {"text": "First line of the book."}), (2, {"text": "Second line."})]
+
+
+def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(FIRST) + "\n{not json\n\n" + json.dumps(SECOND) + "\n")
+    numbered = numbered_records(path)
+    assert [(number, type(record)) for number, record in numbered] == [(1, dict), (2, BadLine), (4, dict)]
+    assert [record for _, record in numbered if isinstance(record, dict)] == [FIRST, SECOND]
+
+
+@pytest.mark.parametrize("read_chars", [1 << 20, 7], ids=["one-read", "many-reads"])
+def test_json_array_records_are_numbered_by_the_line_they_start_on(tmp_path, monkeypatch, read_chars):
+    monkeypatch.setattr(readers, "JSON_READ_CHARS", read_chars, raising=False)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([FIRST, SECOND, 12345], indent=2))  # '[', then lines 2-4, 5-7, 8
+    assert numbered_records(path) == [(2, FIRST), (5, SECOND), (8, 12345)]
+
+
+@pytest.mark.parametrize("content, line", [("[\n" + json.dumps(FIRST) + ",\n{\"text\": 1,}\n]", 3),
+                                           ("[\n" + json.dumps(FIRST) + "\n" + json.dumps(SECOND) + "\n]", 3),
+                                           ("[\n" + json.dumps(FIRST) + "\n]\n]", 4),
+                                           ("{\n  \"text\": \"a\"\n}\n{\n  \"text\": \"b\"\n}\n", 4)],
+                         ids=["bad-record", "missing-comma", "after-the-array", "pretty-objects-one-after-another"])
+def test_malformed_json_names_its_line(tmp_path, content, line):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"^{path}:{line}: malformed JSON: "):
+        numbered_records(path)
+
+
+def test_one_top_level_object_is_one_record(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [FIRST, SECOND]}, indent=2))
+    assert numbered_records(path) == [(1, {"data": [FIRST, SECOND]})]
 
 
 def article(number: int, length: int) -> str:
