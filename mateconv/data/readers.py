@@ -1,8 +1,10 @@
 """Lazy reading of raw corpora: jsonl (optionally .gz), json arrays, plain text, parquet, directories, hub data sets.
 
-`iter_records(path)` yields `(source, line, record)` one at a time (JSON arrays and parquet row groups are the only
-inputs read a piece at a time rather than a line at a time). Plain text becomes `{"text": ...}` records: one per line,
-or one per blank-line-separated paragraph when the file has blank lines (tinyshakespeare) - see `txt_records`.
+`iter_records(path)` yields `(source, line, record)` one at a time, `line` being where the record starts in the file
+(JSON arrays and parquet row groups are read a piece at a time rather than a line at a time). A `.json` file holds an
+array of records, one record, or JSON Lines (HF's `to_json` writes those under a `.json` name). Plain text becomes
+`{"text": ...}` records: one per line, or one per blank-line-separated paragraph when blank lines separate paragraphs
+of short lines (tinyshakespeare) - see `txt_records`.
 """
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import gzip
 import io
 import json
 import os
+import re
 import socket
+import statistics
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from mateconv.data import DataError
@@ -21,6 +25,12 @@ from mateconv.data import DataError
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz", ".parquet")
 HUB_PREFIXES = ("hf:", "ms:")
 TEXT_KEYS = ("text", "content", "paragraphs")
+SAMPLE_CHARS = 1 << 20  # how much of a .txt file decides its mode
+PARAGRAPH_MIN_SHARE = 0.05  # paragraph starts per non-empty line: paragraphs of at most ~20 lines on average
+PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped prose or verse; longer ones are documents
+JSON_READ_CHARS = 1 << 20
+NON_SPACE = re.compile(r"\S")
+JSON_DECODER = json.JSONDecoder()
 
 
 def _suffix(path: Path) -> str:
@@ -48,15 +58,26 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """The file as text; utf-8-sig drops the byte order mark Windows editors put first."""
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
+
+
+def _paragraph_mode(path: Path) -> bool:
+    """Whether the first MB's blank lines separate paragraphs of short lines (tinyshakespeare's speeches), rather
+    than straying between documents of a line each, which paragraph mode would glue into a few huge ones."""
+    with _open_text(path) as f:
+        lines = f.read(SAMPLE_CHARS).split("\n")
+    lengths = [len(line) for line in lines if line.strip()]
+    starts = sum(1 for before, line in zip(lines, lines[1:]) if not before.strip() and line.strip())
+    return (bool(lengths) and starts >= PARAGRAPH_MIN_SHARE * len(lengths)
+            and statistics.median(lengths) <= PARAGRAPH_MAX_LINE)
 
 
 def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """Paragraph mode (blank-line separated) if the first MB has blank lines, else one document per line."""
-    with _open_text(path) as f:
-        paragraphs = "\n\n" in f.read(1 << 20)
+    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line."""
+    paragraphs = _paragraph_mode(path)
     with _open_text(path) as f:
         block: list[str] = []
         start = 1
@@ -84,29 +105,110 @@ class BadLine:
         self.error = error
 
 
+class _JsonText:
+    """A JSON text read a piece at a time, with the line number of the read position."""
+
+    def __init__(self, f: io.TextIOBase, path: Path):
+        self.f, self.path = f, path
+        self.text, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def _read_more(self) -> None:
+        # at least as much as is left, so that a value longer than one read is parsed again only a few times
+        chunk = self.f.read(max(JSON_READ_CHARS, len(self.text) - self.pos))
+        self.text, self.pos, self.eof = self.text[self.pos:] + chunk, 0, not chunk
+
+    def move_to(self, end: int) -> None:
+        self.line += self.text.count("\n", self.pos, end)
+        self.pos = end
+
+    def next_char(self) -> str:
+        """The next non-whitespace character, moved to ('' at the end of the file)."""
+        while not (match := NON_SPACE.search(self.text, self.pos)):
+            self.move_to(len(self.text))
+            self._read_more()
+            if self.eof:
+                return ""
+        self.move_to(match.start())
+        return match.group()
+
+    def value(self) -> Any:
+        """The JSON value at the read position, moved past."""
+        while True:
+            try:
+                value, end = JSON_DECODER.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:  # a number at the end of what was read may go on
+                    self.move_to(end)
+                    return value
+            except json.JSONDecodeError as error:
+                if self.eof:
+                    self.fail(error.msg, error.pos)
+            self._read_more()
+
+    def fail(self, message: str, pos: int | None = None) -> NoReturn:
+        line = self.line + self.text.count("\n", self.pos, self.pos if pos is None else pos)
+        raise DataError(f"{self.path}:{line}: malformed JSON: {message}")
+
+
+def _json_array(text: _JsonText) -> Iterator[tuple[int, Any]]:
+    """(line where it starts, element) for each element of the array whose '[' is the next character."""
+    text.move_to(text.pos + 1)
+    if text.next_char() == "]":
+        text.move_to(text.pos + 1)
+        return
+    while True:
+        text.next_char()
+        yield text.line, text.value()
+        delimiter = text.next_char()
+        if delimiter not in (",", "]"):
+            text.fail("Expecting ',' delimiter")
+        text.move_to(text.pos + 1)
+        if delimiter == "]":
+            return
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, record) of a .json file: an array's elements, its one record, or its lines when it is JSON Lines."""
+    with _open_text(path) as f:
+        text = _JsonText(f, path)
+        if text.next_char() == "[":
+            yield from _json_array(text)
+            if text.next_char():
+                text.fail("Extra data")
+            return
+        start = text.line
+        record = text.value()
+        end = text.line
+        if not text.next_char():
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: a .json file must hold an array of records, one record or JSON Lines")
+            yield start, record
+            return
+        if not (isinstance(record, dict) and start == end < text.line):
+            text.fail("Extra data")
+    yield from _json_lines(path)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record or BadLine) for each non-empty line."""
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, BadLine(f"malformed JSON: {error.msg}")
+
+
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """(source, line number or record number, record) for every record of one file; bad JSON lines -> BadLine."""
+    """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
+    Parquet rows are numbered from 1 instead."""
     suffix, source = _suffix(path), str(path)
     if suffix in (".jsonl", ".jsonl.gz"):
-        with _open_text(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield source, number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield source, number, BadLine(f"malformed JSON: {error.msg}")
+        for number, record in _json_lines(path):
+            yield source, number, record
     elif suffix in (".json", ".json.gz"):
-        with _open_text(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json file must hold an array of records or one record")
-        for number, record in enumerate(data, 1):
+        for number, record in _json_records(path):
             yield source, number, record
     elif suffix in (".txt", ".txt.gz"):
         for number, record in txt_records(path):

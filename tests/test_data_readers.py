@@ -1,0 +1,99 @@
+"""Reading the user's raw files (mateconv/data/readers.py) as HF `load_dataset("json")`, LLaMA-Factory and MiniMind
+read them: byte order marks, JSON Lines under a .json name, file:line positions, plain text modes."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from mateconv.data import DataError
+from mateconv.data import readers
+from mateconv.data.readers import BadLine, iter_records
+
+BOM = "\ufeff"
+FIRST, SECOND = {"text": "The river runs past the old mill."}, {"text": "The mill wheel turns all day."}
+
+
+def numbered_records(path: Path) -> list[tuple[int, object]]:
+    return [(number, record) for _, number, record in iter_records(path)]
+
+
+def jsonl(records: list) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.jsonl.gz", "data.json", "data.json.gz"])
+def test_a_byte_order_mark_is_dropped(tmp_path, name):
+    text = BOM + (jsonl([FIRST, SECOND]) if ".jsonl" in name else json.dumps([FIRST, SECOND]))
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert [record for _, record in numbered_records(path)] == [FIRST, SECOND]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_text_line(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(BOM + "First line of the book.\nSecond line.\n", encoding="utf-8")
+    assert numbered_records(path) == [(1, {"text": "First line of the book."}), (2, {"text": "Second line."})]
+
+
+def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(FIRST) + "\n{not json\n\n" + json.dumps(SECOND) + "\n")
+    numbered = numbered_records(path)
+    assert [(number, type(record)) for number, record in numbered] == [(1, dict), (2, BadLine), (4, dict)]
+    assert [record for _, record in numbered if isinstance(record, dict)] == [FIRST, SECOND]
+
+
+@pytest.mark.parametrize("read_chars", [1 << 20, 7], ids=["one-read", "many-reads"])
+def test_json_array_records_are_numbered_by_the_line_they_start_on(tmp_path, monkeypatch, read_chars):
+    monkeypatch.setattr(readers, "JSON_READ_CHARS", read_chars, raising=False)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([FIRST, SECOND, 12345], indent=2))  # '[', then lines 2-4, 5-7, 8
+    assert numbered_records(path) == [(2, FIRST), (5, SECOND), (8, 12345)]
+
+
+@pytest.mark.parametrize("content, line", [("[\n" + json.dumps(FIRST) + ",\n{\"text\": 1,}\n]", 3),
+                                           ("[\n" + json.dumps(FIRST) + "\n" + json.dumps(SECOND) + "\n]", 3),
+                                           ("[\n" + json.dumps(FIRST) + "\n]\n]", 4),
+                                           ("{\n  \"text\": \"a\"\n}\n{\n  \"text\": \"b\"\n}\n", 4)],
+                         ids=["bad-record", "missing-comma", "after-the-array", "pretty-objects-one-after-another"])
+def test_malformed_json_names_its_line(tmp_path, content, line):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"^{path}:{line}: malformed JSON: "):
+        numbered_records(path)
+
+
+def test_one_top_level_object_is_one_record(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [FIRST, SECOND]}, indent=2))
+    assert numbered_records(path) == [(1, {"data": [FIRST, SECOND]})]
+
+
+def article(number: int, length: int) -> str:
+    return f"Article {number}: " + "the river runs past the old mill " * (length // 33)
+
+
+@pytest.mark.parametrize("count, length", [(100, 100), (5, 5000)], ids=["a-stray-blank-line", "long-lines"])
+def test_one_document_per_line_stays_line_mode_despite_a_blank_line(tmp_path, count, length):
+    lines = [article(number, length) for number in range(count)]
+    path = tmp_path / "articles.txt"
+    path.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+    assert numbered_records(path) == [(number if number < 3 else number + 1, {"text": line})
+                                      for number, line in enumerate(lines, 1)]
+
+
+def test_blank_line_separated_verse_is_one_document_per_paragraph(tmp_path):
+    path = tmp_path / "verse.txt"
+    path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n")
+    assert numbered_records(path) == [(1, {"text": "First Citizen:\nBefore we proceed any further, hear me speak."}),
+                                      (4, {"text": "All:\nSpeak, speak."})]
+
+
+def test_tinyshakespeare_is_one_document_per_speech(shared_data):
+    path = shared_data("karpathy__char-rnn/data/tinyshakespeare/input.first2000lines.txt")
+    speeches = numbered_records(path)
+    assert len(speeches) == path.read_text().count("\n\n") + 1
+    assert speeches[1] == (4, {"text": "All:\nSpeak, speak."})
