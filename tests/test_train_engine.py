@@ -426,6 +426,13 @@ def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):
     # every target trained (q/k/v did not: the fused projection read their raw weights past the adapters)
     assert {n.split(".")[-2] for n in changed} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"}
+    # the adapter on its own, as peft users load it onto the base model, is the merged model
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(base, tmp_path / "lora" / "final" / "adapter").eval()
+    ids = torch.randint(3, 100, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_muon_trains(train, tmp_path):
