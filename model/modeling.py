@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MateConvConfig
-from .moe import MoEFeedForward, SwiGLU
+from .moe import MoEFeedForward, SwiGLU, plain_linears
 
 
 class RMSNorm(nn.Module):
@@ -89,8 +89,9 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """One matmul against the concatenated q/k/v weights (about 1.5x faster than three on CPU). Under ZeRO-3
-        the weights are only gathered inside each projection's own forward, so there they run separately."""
-        if hasattr(self.q_proj.weight, "ds_id"):
+        the weights are only gathered inside each projection's own forward, and LoRA adds its adapters there, so
+        then they run separately."""
+        if hasattr(self.q_proj.weight, "ds_id") or not plain_linears(self.q_proj, self.k_proj, self.v_proj):
             return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         return F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
 
@@ -277,7 +278,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
-            if aux is not None:
+            if aux is not None and self.training:  # the balance loss trains the router; an evaluation is pure CE
                 loss = loss + aux
         return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
 

@@ -79,7 +79,8 @@ class MoEFeedForward(nn.Module):
             raise RuntimeError(f"moe_impl grouped: torch._grouped_mm does not take {dtype} on {x.device.type} for "
                                f"experts of shape {tuple(self.experts[0].gate_proj.weight.shape)}"
                                f"{' under torch.compile' if torch.compiler.is_compiling() else ''}; use moe_impl auto")
-        return supported and self.impl != "loop"
+        layers = [layer for e in self.experts for layer in (e.gate_proj, e.up_proj, e.down_proj)]
+        return supported and self.impl != "loop" and plain_linears(*layers)
 
     def looped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return torch.cat([expert(part) for expert, part in zip(self.experts, tokens.split(counts.tolist()))])
@@ -112,6 +113,12 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared_experts(flat)
         self.last_load = (counts.float() / assigned.numel()).detach()
         return y.view(batch, seq, dim), self.balance_loss(scores, experts, batch)
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """True when every module is a bare nn.Linear, whose weight alone is its function. An adapter (peft's LoRA) or a
+    quantised layer wraps it: reading .weight would skip the adapter, so such modules must be called."""
+    return all(type(module) is nn.Linear for module in modules)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -104,3 +104,21 @@ def test_kl_term_is_the_mean_over_response_tokens_without_indexing():
     empty = kl_per_token(policy, ref, torch.zeros_like(mask))
     empty.backward()
     assert empty.item() == 0.0 and policy.grad is not None and not policy.grad.any()
+
+
+def test_a_moe_policy_adds_and_logs_its_balance_loss_in_training_only(random_dpo_pairs):
+    """DPO on an MoE model: the router's balance loss joins the loss in training and is reported (`aux_loss`, logged
+    as moe/aux_loss like pretraining's); an evaluation's loss is the preference loss alone."""
+    from model import MateConvConfig, MateConvForCausalLM
+
+    torch.manual_seed(0)
+    config = MateConvConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=SEQ,
+                            use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+    policy, reference = MateConvForCausalLM(config), MateConvForCausalLM(config)
+    batch = next(iter(DataLoader(random_dpo_pairs(4, SEQ, seed=3), batch_size=4)))
+    objective = DPOObjective(DPOConfig(beta=0.1), reference=reference.eval())
+    loss, metrics = objective.loss(policy.train(), batch)
+    assert metrics["aux_loss"] > 0 and loss.item() == pytest.approx((metrics["dpo_loss"] + metrics["aux_loss"]).item())
+    with torch.no_grad():
+        loss, metrics = objective.loss(policy.eval(), batch)
+    assert "aux_loss" not in metrics and loss.item() == pytest.approx(metrics["dpo_loss"].item())

@@ -95,6 +95,8 @@ def test_model_expert_load_and_aux_in_loss():
     assert output.aux_loss.item() > 0
     no_aux = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
     assert output.loss.item() == pytest.approx(no_aux.item() + output.aux_loss.item(), abs=1e-5)
+    with torch.no_grad():  # an evaluation's loss is the cross-entropy alone (a perplexity from .loss is right)
+        assert model.eval()(input_ids, labels=input_ids).loss.item() == pytest.approx(no_aux.item(), abs=1e-5)
     dense = MateConvForCausalLM(moe_config(use_moe=False))
     dense(input_ids)
     assert dense.expert_load() is None
@@ -181,3 +183,29 @@ def test_auto_falls_back_to_the_loop_where_grouped_gemm_cannot_run(monkeypatch):
     forced = MoEFeedForward(moe_config(hidden_dim=100, moe_impl="grouped"))
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="moe_impl grouped"):
         forced(x)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_lora_adapters_on_every_projection_take_part_in_the_forward(use_moe):
+    """LoRA on q/k/v and on the routed experts: the fused q/k/v matmul and the grouped expert GEMM read raw weights,
+    which skipped the adapters (their lora_B never trained and the merged model differed from the trained one).
+    Now the adapted model is the merged model, and each target changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = moe_config(dim=64, use_moe=use_moe, moe_impl="auto")
+    ids = torch.randint(0, 61, (2, 12))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for target in targets:
+        model = MateConvForCausalLM(config).eval()
+        with torch.no_grad():
+            base = model(ids).logits
+        adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(weight, std=0.5)
+        with torch.no_grad():
+            logits = adapted(ids).logits
+            merged = adapted.merge_and_unload()(ids).logits
+        assert (logits - base).abs().max() > 1e-3, target
+        assert (logits - merged).abs().max() < 1e-4, target

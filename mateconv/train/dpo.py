@@ -135,9 +135,12 @@ class DPOObjective:
             loss = loss + s.kl_coef * kl
         if s.sft_coef:
             loss = loss + s.sft_coef * chosen_nll
-        if aux_loss is not None:
+        aux = {}
+        if aux_loss is not None and model.training:  # the router's balance loss, as in pretraining and SFT
             loss = loss + aux_loss
+            aux["aux_loss"] = aux_loss.detach()
         metrics = {  # on the device, detached: the engine reads them on log steps only
+            **aux,
             "dpo_loss": pair_losses.detach().mean(),
             **reward_metrics(chosen_logratios, rejected_logratios, s.beta),
             "logps/chosen": policy_chosen.detach().mean(),

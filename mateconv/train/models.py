@@ -205,7 +205,8 @@ def gather_state_dict(engine, runtime: Runtime) -> dict | None:
 
 
 def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
-    """Hugging Face format (`save_pretrained` + tokenizer), written atomically; LoRA adapters are merged in.
+    """Hugging Face format (`save_pretrained` + tokenizer), written atomically; LoRA adapters are merged in, and
+    also saved on their own in `adapter/` (peft's layout: `PeftModel.from_pretrained(base, target / "adapter")`).
 
     Collective under ZeRO-3 and FSDP (every rank must call it); only rank 0 writes.
     """
@@ -213,9 +214,10 @@ def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
     state_dict = gather_state_dict(engine, runtime)
     if runtime.is_main:
         module = unwrap(engine)
-        if hasattr(module, "peft_config"):
-            module = copy.deepcopy(module).merge_and_unload()
         with atomic_dir(target) as tmp:
+            if hasattr(module, "peft_config"):
+                module.save_pretrained(tmp / "adapter")
+                module = copy.deepcopy(module).merge_and_unload()
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

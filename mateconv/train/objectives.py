@@ -16,13 +16,13 @@ class Objective(Protocol):
 
 
 class LMObjective:
-    """Next-token cross-entropy on `labels` (-100 ignored: SFT trains on assistant tokens only), plus the MoE
-    balance loss that the model's forward already adds."""
+    """Next-token cross-entropy on `labels` (-100 ignored: SFT trains on assistant tokens only), plus in training the
+    MoE balance loss that the model's forward then adds (a validation loss is the cross-entropy alone)."""
 
     def loss(self, model: torch.nn.Module,
              batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output = model(**lm_inputs(model, batch), labels=batch["labels"], use_cache=False)
-        aux = getattr(output, "aux_loss", None)
+        aux = getattr(output, "aux_loss", None) if model.training else None
         metrics = {"lm_loss": (output.loss - aux if aux is not None else output.loss).detach()}
         if aux is not None:
             metrics["aux_loss"] = aux.detach()
