@@ -28,9 +28,12 @@ class ChatError(RuntimeError):
     """A problem the user can fix (missing model, bad flag); shown as one line."""
 
 
+DEFAULT_NEW_TOKENS = 256
+
+
 @dataclass
 class SamplingOptions:
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: up to DEFAULT_NEW_TOKENS, as many as the context leaves
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 0
@@ -39,7 +42,7 @@ class SamplingOptions:
     compile: bool | None = None  # torch.compile the decode step; None: on CUDA yes, on CPU no
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ChatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ChatError(f"temperature must be >= 0, got {self.temperature}")
@@ -119,23 +122,26 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: Samp
                  completion: bool = False) -> Iterator[str]:
     """Text pieces of the assistant's reply to `messages`, as they are generated; with `completion`, of the
     continuation of the last message's text (`completion_ids`)."""
-    budget = context_length(model) - options.max_new_tokens
+    context, wanted = context_length(model), options.max_new_tokens
+    # By default the reply may take what the context leaves, up to DEFAULT_NEW_TOKENS; a chat's history is cut to
+    # leave it at least that much, or half of a short context.
+    budget = context - (wanted or min(DEFAULT_NEW_TOKENS, context // 2))
     if budget < 1:
-        raise ChatError(f"max_new_tokens {options.max_new_tokens} leaves no room for a prompt "
-                        f"in the context of {context_length(model)} tokens")
+        raise ChatError(f"max_new_tokens {wanted} leaves no room for a prompt in the context of {context} tokens")
     ids = (completion_ids(tokenizer, messages[-1]["content"]) if completion
            else prompt_ids(tokenizer, fit_history(tokenizer, messages, budget)))
-    if len(ids) > budget:
-        raise ChatError(f"the prompt is {len(ids)} tokens; at most {budget} fit with max_new_tokens "
-                        f"{options.max_new_tokens}")
+    most = context - (wanted or 1)
+    if len(ids) > most:
+        raise ChatError(f"the prompt is {len(ids)} tokens; at most {most} fit in the context of {context} tokens"
+                        + (f" with max_new_tokens {wanted}" if wanted else ""))
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(options.seed)
     input_ids = torch.tensor([ids], device=model.device)
     yield from stream_text(
-        model, tokenizer, input_ids, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-        top_p=options.top_p, top_k=options.top_k, repetition_penalty=options.repetition_penalty, generator=generator,
-        compile=options.compile,
+        model, tokenizer, input_ids, max_new_tokens=wanted or min(DEFAULT_NEW_TOKENS, context - len(ids)),
+        temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+        repetition_penalty=options.repetition_penalty, generator=generator, compile=options.compile,
     )
 
 
@@ -211,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue each text as written, without the chat template or history (a pretrained model)")
     sampling = parser.add_argument_group("sampling")
     defaults = SamplingOptions()
-    sampling.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    sampling.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens,
+                          help=f"default: as many as the context leaves, at most {DEFAULT_NEW_TOKENS}")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     sampling.add_argument("--top_p", type=float, default=defaults.top_p)
     sampling.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")

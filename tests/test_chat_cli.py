@@ -138,6 +138,20 @@ def test_one_shot_prompt_flag(tiny_sft_model, expected, capsys):
     assert capsys.readouterr().out == f"{expected}\n"
 
 
+def test_the_default_reply_length_fits_a_short_context(tiny_sft_model, expected, capsys):
+    """The tiny models have a 96-token context: with no --max_new_tokens the reply takes what the context leaves
+    (before: "max_new_tokens 256 leaves no room for a prompt" on every turn); a given one that cannot fit still says
+    so."""
+    main(["--model_path", str(tiny_sft_model), "--temperature", "0", "--prompt", QUESTION, "--device", "cpu"])
+    assert capsys.readouterr().out == f"{expected}\n"
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(tiny_sft_model), "--max_new_tokens", "256", "--prompt", QUESTION])
+    assert str(error.value) == "chat: max_new_tokens 256 leaves no room for a prompt in the context of 96 tokens"
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(tiny_sft_model), "--prompt", "seven " * 200, "--device", "cpu"])
+    assert str(error.value).startswith("chat: the prompt is ") and "at most 95 fit in the context of 96" in str(error.value)
+
+
 def test_compile_flag_of_chat_and_serve(capsys):
     from mateconv.serve import build_parser as serve_parser
 
