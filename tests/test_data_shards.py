@@ -320,6 +320,14 @@ def test_hold_out_splits_a_file_into_two_disjoint_parts(setup, tmp_path):
     assert shard_info(tmp_path / "val")["num_records"] > records["val"]
 
 
+def test_a_byte_order_mark_opening_a_jsonl_file_is_not_a_bad_record(setup, tmp_path):
+    _, tokenizer_dir, _ = setup
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"text": "first line"}\n{"text": "second line"}\n')
+    result = build_shards("pretrain", [path], tokenizer_dir, tmp_path / "p", workers=1, progress=False)
+    assert result.bad_records == [] and shard_info(tmp_path / "p")["num_records"] == 2
+
+
 def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
     _, tokenizer_dir, _ = setup
     path = write_jsonl(tmp_path / "mixed.jsonl", [

@@ -455,7 +455,7 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
         if path.name.endswith(".jsonl"):
             with open(path, "rb") as f:
                 for number, raw in enumerate(f, 1):
-                    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                    line = raw.decode("utf-8-sig", errors="replace").rstrip("\r\n")  # -sig: a BOM opening the file
                     if line.strip():
                         yield source, number, line, len(raw)
         else:
