@@ -323,10 +323,19 @@ def check_source(out: Path, source: dict | None) -> None:
         write_atomic(path, json.dumps(source, indent=2) + "\n")
 
 
+def newer_inputs(stage: Stage, every: list[Stage]) -> list[str]:
+    """The earlier stages whose done mark is newer than `stage`'s: a finished stage that may have run on their older
+    outputs (a retrained model the evaluation has not seen)."""
+    earlier = every[:[s.name for s in every].index(stage.name)]
+    finished = stage.done.stat().st_mtime
+    return [s.name for s in earlier if s.done.exists() and s.done.stat().st_mtime > finished]
+
+
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None,
         sets: list[str] = ()) -> int:
     """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items."""
-    stages = [stage for stage in build_stages(preset, out, nodes) if not only or stage.name in only]
+    every = build_stages(preset, out, nodes)
+    stages = [stage for stage in every if not only or stage.name in only]
     set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in stages}
     for stage in stages:
         problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
@@ -345,6 +354,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
             continue
         if stage.done.exists():
             print(f"[pipeline] {stage.name}: done ({stage.done.relative_to(out.parent)} exists), skipped", flush=True)
+            newer = newer_inputs(stage, every)
+            if newer:
+                print(f"[pipeline] {stage.name}: note: {', '.join(newer)} finished after it; remove "
+                      f"{stage.done.relative_to(out.parent)} to run it again on them", flush=True)
             if set_in[stage.name]:
                 print(f"[pipeline] {stage.name}: {' '.join(set_in[stage.name])} changes nothing in a finished stage "
                       f"(done while {stage.done.relative_to(out.parent)} exists: remove it to run the stage again "

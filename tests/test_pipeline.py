@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline):
 
     again = run_script("run_pipeline.sh", cwd=root, timeout=300)  # everything is done: every stage is skipped
     assert again.returncode == 0 and again.stdout.count("skipped") == len(STAGES), again.stdout[-2000:]
+    assert "finished after it" not in again.stdout
+    os.utime(out / "dpo/final/config.json")  # DPO trained again after the evaluation: the skipped stage says so
+    stale = run_script("run_pipeline.sh", "--only", "eval", cwd=root, timeout=300)
+    assert ("[pipeline] eval: note: dpo finished after it; remove out/eval/summary.json to run it again on them"
+            in stale.stdout), stale.stdout
     # --set on a finished stage: a typo is still an error, a new value says it changes nothing there
     typo = run_script("run_pipeline.sh", "--only", "pretrain", "--set", "pretrain.n_layer=3", cwd=root, timeout=300)
     assert typo.returncode == 2 and "pretrain: unknown config key 'n_layer'; did you mean 'n_layers'?" in typo.stderr
