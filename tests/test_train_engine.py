@@ -54,9 +54,12 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert saved.optim.max_steps == 12 and saved.checkpoint.out_dir == str(tmp_path)
 
 
-def test_resume_equals_uninterrupted(train, tmp_path):
-    """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights)."""
-    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_equals_uninterrupted(train, tmp_path, dropout):
+    """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights), with
+    dropout too (a resumed run's data loader drew a worker seed from the restored global RNG, so the dropout masks,
+    LoRA's included, differed after a resume)."""
+    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100, dropout=dropout)
     train(tmp_path / "full", **flags)
     train(tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_00000003", **flags)
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")

@@ -368,9 +368,9 @@ class CheckpointManager:
                           f"--out_dir, or pass --resume never to start {self.out_dir} over (its checkpoints and final/ "
                           "are replaced)")
 
-    def load(self, path: Path, engine, optimizer, scheduler) -> dict:
-        """Restore model, optimizer, scheduler and this rank's RNG (a rank the checkpoint's run did not have keeps its
-        fresh seed); returns trainer_state."""
+    def load(self, path: Path, engine, optimizer, scheduler) -> tuple[dict, dict | None]:
+        """Restore model, optimizer and scheduler; returns trainer_state and this rank's saved RNG state (None for a
+        rank the checkpoint's run did not have), for the caller to restore right before the first step."""
         state = json.loads((path / "trainer_state.json").read_text())
         if "micro_in_epoch" in state:  # written before the data position counted the samples of all ranks
             batch_size = yaml.safe_load((path / "config.yaml").read_text())["optim"]["batch_size"]
@@ -395,9 +395,7 @@ class CheckpointManager:
                 optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         rng_file = path / f"rng_rank{self.runtime.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return state
+        return state, torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

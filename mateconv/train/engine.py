@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, step_name, unwrap
+from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, set_rng_state, step_name, unwrap
 from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
@@ -368,10 +368,11 @@ class Trainer:
         examples = len(self.train_data)
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
                  "nonfinite_steps": 0, "train_examples": examples}
-        resume_from = self.resume_from
+        resume_from, saved_rng = self.resume_from, None
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
-            state.update(self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler))
+            loaded, saved_rng = self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler)
+            state.update(loaded)
             if runtime.is_main:
                 self.say_resumed(resume_from, state)
             state["train_examples"] = examples
@@ -385,6 +386,8 @@ class Trainer:
         self.engine.train()
         self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
+        if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
+            set_rng_state(saved_rng)
         try:
             return self._loop(state, tracker, peak)
         finally:
