@@ -20,7 +20,8 @@ from typing import TextIO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mateconv.config import add_decode_flags
+from mateconv.config import ConfigError, add_decode_flags
+from mateconv.train.models import model_dir
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
 
 
@@ -74,9 +75,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"):
     """A saved Hugging Face directory (MateConv or any causal LM) -> (model in eval mode, tokenizer)."""
-    path = Path(model_path)
+    try:
+        path = model_dir(model_path)
+    except ConfigError as error:  # a checkpoint whose run started from a model that is gone
+        raise ChatError(f"cannot consolidate the checkpoint {model_path}: {error}") from None
     if not (path / "config.json").is_file():
-        raise ChatError(f"no model at {path} (expected a save_pretrained directory with config.json)")
+        raise ChatError(f"no model at {path} (expected a save_pretrained directory with config.json, or a training "
+                        "checkpoint: checkpoints/step_N)")
     torch_device = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -166,7 +166,8 @@ def test_compile_flag_of_chat_and_serve(capsys):
 def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tmp_path), "--prompt", "hi"])
-    assert str(error.value) == f"chat: no model at {tmp_path} (expected a save_pretrained directory with config.json)"
+    assert str(error.value) == (f"chat: no model at {tmp_path} (expected a save_pretrained directory with config.json, "
+                                "or a training checkpoint: checkpoints/step_N)")
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tiny_sft_model), "--prompt", "hi", "--top_p", "2"])
     assert str(error.value) == "chat: top_p must be in (0, 1], got 2.0"

@@ -3,12 +3,14 @@ greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-p
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import jinja2
 import pytest
 import torch
+from gguf import GGUFReader
 from llama_cpp import Llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
@@ -116,6 +118,23 @@ def gguf_generates_our_tokens(model_dir, reference, tmp_path, dtype: str) -> Lla
         else:
             assert theirs == ours, (question, theirs, ours)
     return llm
+
+
+def test_a_training_checkpoint_exports_like_the_final_model(tiny_sft_model, tmp_path):
+    """A run stopped before its end has checkpoints but no final/: export said "no model at ... (expected a
+    save_pretrained directory with config.json)". A checkpoint is consolidated once into <checkpoint>/model/; the
+    run's last checkpoint exports to the same GGUF model as its final/ (named after the directory above it)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
+    for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (tiny_sft_model, tmp_path / "from_final")):
+        result = export(source, "--to", "gguf", "--dtype", "f32", "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+    ours, final = (GGUFReader(tmp_path / name / "model-f32.gguf") for name in ("from_checkpoint", "from_final"))
+    assert [t.name for t in ours.tensors] == [t.name for t in final.tensors]
+    assert all((a.data == b.data).all() for a, b in zip(ours.tensors, final.tensors))
+    assert {k: f.contents() for k, f in ours.fields.items() if k != "general.name"} == {
+        k: f.contents() for k, f in final.fields.items() if k != "general.name"}
+    assert (checkpoint / "model" / "config.json").is_file()
 
 
 def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):

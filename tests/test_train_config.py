@@ -12,7 +12,7 @@ import torch
 
 from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, OptimConfig, ParallelConfig,
                              TrainConfig, help_text, parse_config, save_config)
-from mateconv.train.ds_config import DS_CONFIG_DIR, build_ds_config
+from mateconv.train.ds_config import DS_CONFIG_DIR, auto_values, build_ds_config
 from model import MateConvConfig
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
 
@@ -187,6 +187,71 @@ def test_ds_config_files_are_valid_json():
     assert ds["optimizer"]["type"] == "Muon" and ds["fp16"]["enabled"]
     zero0 = build_ds_config(parse_config(["--zero_stage", "0", "--optimizer", "muon"]), torch.float32, 1, 64)
     assert "optimizer" not in zero0  # ZeRO-0: our own Muon, so the engine measures its grad norm
+
+
+USER_DS_CONFIG = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 4,
+                  "gradient_clipping": 0.5, "zero_optimization": {"stage": 1}}
+
+
+@pytest.mark.parametrize("key, value, flag", [
+    ("train_micro_batch_size_per_gpu", 16, "--batch_size 4"),
+    ("gradient_accumulation_steps", 4, "--accumulation_steps 1"),
+    ("train_batch_size", 64, "--batch_size 4 x --accumulation_steps 1 x 2 rank(s)"),
+    ("gradient_clipping", 0.5, "--grad_clip 1.0"),
+    ("zero_optimization.stage", 2, "--zero_stage 1"),
+    ("bf16.enabled", True, "--dtype float32")])
+def test_a_user_ds_config_that_disagrees_with_the_flags_is_one_line(tmp_path, key, value, flag):
+    """A fixed value of the file was used silently: DeepSpeed accumulated 4 micro-batches per update while MateConv
+    counted each as a step (every step 'not finite, optimizer step skipped'), or ran another ZeRO stage than logged."""
+    path = tmp_path / "ds.json"
+    *sections, last = key.split(".")
+    node = ds = {}
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[last] = value
+    path.write_text(json.dumps(ds))
+    config = parse_config(["--ds_config", str(path), "--batch_size", "4", "--zero_stage", "1"])
+    with pytest.raises(ConfigError) as error:
+        build_ds_config(config, torch.float32, world_size=2, hidden=64)
+    assert str(error.value) == (f"--ds_config {path}: {key} is {json.dumps(value)} there but {flag} here: set it to "
+                                f"\"auto\" (or {json.dumps(auto_values(config, torch.float32, 2, 64)[key])}), or "
+                                "change the flag")
+
+
+def test_a_user_ds_config_that_agrees_is_completed_from_the_flags(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(USER_DS_CONFIG))
+    config = parse_config(["--ds_config", str(path), "--batch_size", "16", "--accumulation_steps", "4",
+                           "--grad_clip", "0.5", "--zero_stage", "1"])
+    ds = build_ds_config(config, torch.bfloat16, world_size=1, hidden=64)
+    assert ds == {**USER_DS_CONFIG, "bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))  # the rest left out
+    ds = build_ds_config(parse_config(["--ds_config", str(path), "--batch_size", "4"]), torch.float32, 2, 64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 1, 8)
+    assert ds["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0} and ds["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("section, flags", [("optimizer", "--optimizer, --learning_rate"),
+                                            ("scheduler", "--warmup_iters or --warmup_ratio")])
+def test_a_user_ds_config_may_not_bring_its_own_optimizer_or_schedule(tmp_path, section, flags):
+    """The file's optimizer lr was used under MateConv's schedule and its WarmupLR ignored, while config.yaml
+    recorded the flags."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({section: {"type": "AdamW", "params": {"lr": 0.1}}}))
+    with pytest.raises(ConfigError, match=rf"^--ds_config {path}: remove its \"{section}\" section: MateConv builds "
+                                          rf"the {section} from {flags}"):
+        build_ds_config(parse_config(["--ds_config", str(path)]), torch.float32, 1, 64)
+
+
+def test_a_user_ds_config_offloads_only_with_the_offload_flags(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="zero_optimization.offload_optimizer is set there but --offload_optimizer "
+                                          "is false here"):
+        build_ds_config(parse_config(["--ds_config", str(path), "--zero_stage", "2"]), torch.float32, 1, 64)
+    ds = build_ds_config(parse_config(["--ds_config", str(path), "--zero_stage", "2", "--offload_optimizer"]),
+                         torch.float32, 1, 64)
+    assert ds["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPUAdam, from the flags
 
 
 def test_warmup_then_cosine():

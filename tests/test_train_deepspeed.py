@@ -139,6 +139,39 @@ def test_zero2_checkpoint_resumes_exactly(zero_runs, launch, tmp_path):
         assert loss == pytest.approx(full[step], abs=1e-5), step
 
 
+@pytest.mark.parametrize("saved, asked", [(2, 3), (3, 2)])
+def test_resuming_under_another_zero_stage_is_one_line(zero_runs, deepspeed_command, tmp_path, saved, asked):
+    """DeepSpeed's loader ended in a bare AssertionError (state_dict_factory.check_ckpt_list)."""
+    checkpoint = zero_runs[saved] / "checkpoints" / "step_00000004"
+    command = deepspeed_command(tmp_path, asked, STEPS, "--resume", str(checkpoint))
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert (f"pretrain: resume: {checkpoint} was saved under ZeRO-{saved}, this run has --zero_stage {asked}: resume "
+            f"with --zero_stage {saved} (on any number of ranks)") in output, output[-3000:]
+
+
+def test_a_zero3_checkpoint_is_a_model_source(zero_runs, tiny_flags, tmp_path):
+    """A stopped ZeRO run has checkpoints but no final/: chat/export said "no model at ...", --init_from "Should have
+    a model_type key in its config.json". Its weights are consolidated once into <checkpoint>/model/: the last
+    checkpoint is the final model, and a new run starts from it."""
+    from transformers import AutoModelForCausalLM
+
+    from mateconv.chat import load_model
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}"
+    shutil.copytree(zero_runs[3] / "checkpoints" / checkpoint.name, checkpoint)
+    model, _ = load_model(checkpoint, device="cpu", dtype="float32")
+    final = AutoModelForCausalLM.from_pretrained(zero_runs[3] / "final").state_dict()
+    assert model.config.use_moe and model.state_dict().keys() == final.keys()
+    for name, param in model.state_dict().items():
+        assert param.allclose(final[name], atol=1e-6), name
+    command = [sys.executable, str(REPO / "5.full_sft.py"),
+               *tiny_flags(tmp_path / "sft", "sft", init_from=str(checkpoint), max_steps=1, val_data_path="")]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "sft" / "final" / "config.json").is_file()
+
+
 def test_kill_2_on_the_deepspeed_command_stops_with_a_checkpoint(deepspeed_command, launch, tmp_path):
     """The seeds' stop: `nohup deepspeed ... & echo $! > train.pid`, later `kill -2 $(ps -o pgid= -p $(cat train.pid))`,
     i.e. SIGINT to the `deepspeed` front process only (it leads its process group). It dies at once; the ranks notice

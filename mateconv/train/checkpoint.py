@@ -368,6 +368,18 @@ class CheckpointManager:
                           f"--out_dir, or pass --resume never to start {self.out_dir} over (its checkpoints and final/ "
                           "are replaced)")
 
+    def check_zero_stage(self, path: Path, config: TrainConfig) -> None:
+        """DeepSpeed loads a ZeRO checkpoint only under the stage that wrote it (under another one its loader ends in
+        a bare AssertionError); another number of ranks at the same stage is fine (mateconv.train.universal)."""
+        if not self.runtime.use_deepspeed or not any(path.glob("*model_states.pt")):
+            return
+        saved = yaml.safe_load((path / "config.yaml").read_text())["parallel"]["zero_stage"]
+        stage = config.parallel.zero_stage
+        if saved != stage:
+            raise ConfigError(f"resume: {path} was saved under ZeRO-{saved}, this run has --zero_stage {stage}: "
+                              f"resume with --zero_stage {saved} (on any number of ranks), or start a new run from its "
+                              f"weights with --init_from {path} and its own --out_dir")
+
     def load(self, path: Path, engine, optimizer, scheduler) -> tuple[dict, dict | None]:
         """Restore model, optimizer and scheduler; returns trainer_state and this rank's saved RNG state (None for a
         rank the checkpoint's run did not have), for the caller to restore right before the first step."""

@@ -190,6 +190,7 @@ class Trainer:
         self.resume_from = self.checkpoints.resume_path(config.checkpoint.resume)  # DeepSpeed's setup depends on it
         if self.resume_from is not None:
             self.checkpoints.check_model(self.resume_from, config)
+            self.checkpoints.check_zero_stage(self.resume_from, config)
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
         micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
@@ -224,8 +225,7 @@ class Trainer:
             if "optimizer" not in ds_config:
                 optimizer = build_optimizer(model, config.optim, runtime.device)
                 ds_config["zero_allow_untested_optimizer"] = True
-                zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-                if zero == 0 and not any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16")):
+                if config.parallel.zero_stage == 0 and not any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16")):
                     optimizer = CheckedStep(optimizer, ds_config.get("gradient_clipping", 0.0), runtime.device)
                     ds_config["gradient_clipping"] = 0.0
             self.loss_scaled = bool(ds_config.get("fp16", {}).get("enabled"))

@@ -11,11 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
-from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig
+from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, parse_config
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
 from mateconv.train.fsdp import full_model_state
+from mateconv.train.universal import saved_world_size
 from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
 
 
@@ -193,6 +194,59 @@ def load_tokenizer(config: TrainConfig):
         except (OSError, ValueError):
             return None
     return None
+
+
+CONSOLIDATED = "model"  # a training checkpoint's weights as a save_pretrained directory, inside the checkpoint
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "trainer_state.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights in a training checkpoint, whichever engine wrote it."""
+    if saved_world_size(path):  # ZeRO 1-3: the fp32 weights are partitioned over the ranks' optimizer files
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if (path / "mp_rank_00_model_states.pt").is_file():  # DeepSpeed ZeRO-0: whole
+        return torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def model_dir(path: str | Path) -> Path:
+    """The save_pretrained directory a model path stands for: a training checkpoint (`checkpoints/step_N`, of a run
+    that has no final/ yet) is consolidated once into `<checkpoint>/model/` with the run's tokenizer (LoRA merged in);
+    any other path is itself. Not collective: one process calls it."""
+    path = Path(path)
+    if not is_training_checkpoint(path):
+        return path
+    target = path / CONSOLIDATED
+    if (target / "config.json").is_file():
+        return target
+    config = parse_config([str(path / "config.yaml")])
+    config.parallel.gradient_checkpointing = False
+    model = build_model(config)
+    model.load_state_dict(checkpoint_weights(path))
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(config)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    print(f"[model] {path} holds a training checkpoint: its weights consolidated into {target}", flush=True)
+    return target
+
+
+def resolve_init_from(config: TrainConfig, runtime: Runtime) -> None:
+    """init_from naming a training checkpoint trains its consolidated weights (rank 0 writes them, once)."""
+    source = config.checkpoint.init_from
+    if source and is_training_checkpoint(source):
+        if runtime.is_main:
+            model_dir(source)
+        barrier()
+        config.checkpoint.init_from = str(Path(source) / CONSOLIDATED)
 
 
 def gather_state_dict(engine, runtime: Runtime) -> dict | None:
