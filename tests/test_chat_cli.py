@@ -149,7 +149,8 @@ def test_the_default_reply_length_fits_a_short_context(tiny_sft_model, expected,
     assert str(error.value) == "chat: max_new_tokens 256 leaves no room for a prompt in the context of 96 tokens"
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tiny_sft_model), "--prompt", "seven " * 200, "--device", "cpu"])
-    assert str(error.value).startswith("chat: the prompt is ") and "at most 95 fit in the context of 96" in str(error.value)
+    message = str(error.value)
+    assert message.startswith("chat: the prompt is ") and "at most 95 fit in the context of 96" in message
 
 
 def test_compile_flag_of_chat_and_serve(capsys):

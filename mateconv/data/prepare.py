@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Filters()
     for name, value in asdict(defaults).items():
         group.add_argument(f"--{name}", type=type(value), default=value)
-    group.add_argument("--near_dup_threshold", type=float, default=0.85, help="MinHash Jaccard, pretraining text; 1 disables")
+    group.add_argument("--near_dup_threshold", type=float, default=0.85,
+                       help="MinHash Jaccard, pretraining text; 1 disables")
     group.add_argument("--num_perm", type=int, default=64)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)

@@ -225,7 +225,8 @@ class Trainer:
             if "optimizer" not in ds_config:
                 optimizer = build_optimizer(model, config.optim, runtime.device)
                 ds_config["zero_allow_untested_optimizer"] = True
-                if config.parallel.zero_stage == 0 and not any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16")):
+                half = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+                if config.parallel.zero_stage == 0 and not half:
                     optimizer = CheckedStep(optimizer, ds_config.get("gradient_clipping", 0.0), runtime.device)
                     ds_config["gradient_clipping"] = 0.0
             self.loss_scaled = bool(ds_config.get("fp16", {}).get("enabled"))
