@@ -516,10 +516,11 @@ def preset_pairs(name) -> list[tuple[str, object]]:
 
 
 # Two ways to give one size, per rank or over all ranks: the one given last wins (`--overrides batch_size=32` after a
-# config's total_batch_size).
-SAME_SIZE = {("optim", "batch_size"): ("optim", "total_batch_size"),
-             ("track", "eval_batches"): ("track", "eval_examples")}
-SAME_SIZE.update({other: place for place, other in SAME_SIZE.items()})
+# config's total_batch_size). An over-all-ranks size of 0 is not given, so it leaves the per-rank one: a saved
+# config.yaml writes `total_batch_size: 0` after `batch_size: 4`.
+PER_RANK_SIZES = {("optim", "batch_size"): ("optim", "total_batch_size"),
+                  ("track", "eval_batches"): ("track", "eval_examples")}
+OVER_ALL_RANKS = {total: per_rank for per_rank, total in PER_RANK_SIZES.items()}
 
 
 def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object]]:
@@ -543,8 +544,10 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     values: dict[str, dict] = {section: {} for section in SECTIONS}
     for section, name, value in placed(pairs):
         values[section][name] = value
-        if (section, name) in SAME_SIZE:
-            values[section].pop(SAME_SIZE[section, name][1], None)
+        if (section, name) in PER_RANK_SIZES:
+            values[section].pop(PER_RANK_SIZES[section, name][1], None)
+        elif (section, name) in OVER_ALL_RANKS and value:
+            values[section].pop(OVER_ALL_RANKS[section, name][1], None)
     try:
         model = MateConvConfig(**values.pop("model"))
     except ModelConfigError as e:

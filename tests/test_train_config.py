@@ -146,10 +146,26 @@ def test_yaml_values_are_type_checked(tmp_path):
         parse_config([str(path)])
 
 
-def test_saved_config_round_trips(tmp_path):
-    config = parse_config(["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj"])
+@pytest.mark.parametrize("argv", [
+    ["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj", "--batch_size", "4", "--eval_batches", "5",
+     "--compile", "0", "--learning_rate", "3e-4"],
+    ["--total_batch_size", "16", "--accumulation_steps", "2", "--eval_examples", "64"],
+])
+def test_saved_config_reruns_the_run(tmp_path, argv):
+    """A checkpoint's config.yaml (save_config after per_rank_sizes, as a run writes it) parses back, under the stage's
+    defaults, to the run's config field for field: `batch_size: 4` is not lost to the `total_batch_size: 0` saved after
+    it (nor `eval_batches: 5` to `eval_examples: 0`)."""
+    from mateconv.config import per_rank_sizes
+    from mateconv.train.stages import RECIPES
+
+    defaults = RECIPES["sft"].defaults
+    config = parse_config(argv, defaults)
+    per_rank_sizes(config, world_size=2)
     save_config(config, tmp_path / "config.yaml")
-    assert parse_config([str(tmp_path / "config.yaml")]) == config
+    again = parse_config([str(tmp_path / "config.yaml")], defaults)
+    per_rank_sizes(again, world_size=2)
+    assert again == config
+    assert (again.optim.batch_size, again.track.eval_batches) == ((4, 5) if "--batch_size" in argv else (4, 8))
 
 
 def test_shipped_yaml_configs_parse():
