@@ -8,8 +8,8 @@ Every field has one flat name (`--dim`, `--learning_rate`, `--dpo_beta`); FLAGS 
 aliases to (section, field). YAML files use flat names or sections (`model: {dim: 256}`), and `section.field` works
 anywhere. `preset: NAME` sets the model size from `model.config.PRESETS`.
 
-Later sources win: stage defaults < YAML file < `--key value` flags and `--overrides` (in command-line order); a YAML
-file's preset applies before its other keys.
+Later sources win: stage defaults < YAML files (in their order, wherever on the command line) < `--key value` flags and
+`--overrides` (in command-line order); a YAML file's preset applies before its other keys.
 """
 from __future__ import annotations
 
@@ -463,50 +463,58 @@ def flag_kind(name: str):
     return KINDS[resolve(name)]
 
 
+def is_config_file(token: str) -> bool:
+    """Whether a command-line token names a YAML file: it also ends the values of the flag or --overrides before it."""
+    return token.endswith((".yaml", ".yml")) and not token.startswith("--") and "=" not in token
+
+
 def parse_args(argv: list[str]) -> list[tuple[str, object]]:
-    """Command-line tokens -> ordered (key, raw value) pairs; a YAML path expands to its keys."""
-    pairs: list[tuple[str, object]] = []
+    """Command-line tokens -> ordered (key, raw value) pairs: the YAML files' keys (files in their order), then the
+    flags' and overrides' (in theirs), wherever on the line a file is named."""
+    files: list[tuple[str, object]] = []
+    flags: list[tuple[str, object]] = []
     i = 0
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
-            if not token.endswith((".yaml", ".yml")):
+            if not is_config_file(token):
                 raise ConfigError(f"unexpected argument '{token}' (a config file must end in .yaml)")
-            pairs += load_yaml(token)
+            files += load_yaml(token)
             i += 1
             continue
         name, has_value, inline = token[2:].partition("=")
         if name == "config":
             path = inline if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
-            pairs += load_yaml(path)
+            files += load_yaml(path)
             i += 1 if has_value else 2
             continue
         if name == "overrides":
             i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
+            while i < len(argv) and not argv[i].startswith("--") and not is_config_file(argv[i]):
                 key, eq, value = argv[i].partition("=")
                 if not eq:
                     raise ConfigError(f"override '{argv[i]}' must look like key=value")
-                pairs.append((key, value))
+                flags.append((key, value))
                 i += 1
             continue
         kind = flag_kind(name)
-        values = list(itertools.takewhile(lambda token: not token.startswith("--"), argv[i + 1:]))
+        values = list(itertools.takewhile(lambda token: not token.startswith("--") and not is_config_file(token),
+                                          argv[i + 1:]))
         if has_value:
-            pairs.append((name, inline))
+            flags.append((name, inline))
             i += 1
         elif len(values) > 1 and typing.get_origin(kind) is list:  # --lora_target_modules q_proj v_proj
-            pairs.append((name, values))
+            flags.append((name, values))
             i += 1 + len(values)
         elif values:
-            pairs.append((name, values[0]))
+            flags.append((name, values[0]))
             i += 2
         elif kind is bool or kind == bool | None:
-            pairs.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
+            flags.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
             i += 1
         else:
             raise ConfigError(f"--{name} needs a value")
-    return pairs
+    return files + flags
 
 
 def preset_pairs(name) -> list[tuple[str, object]]:

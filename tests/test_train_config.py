@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, OptimConfig, ParallelConfig,
-                             TrainConfig, help_text, parse_config, save_config)
+from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, LoRAConfig, OptimConfig,
+                             ParallelConfig, TrainConfig, help_text, parse_config, save_config)
 from mateconv.train.ds_config import DS_CONFIG_DIR, build_ds_config
 from model import MateConvConfig
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
@@ -27,6 +27,25 @@ def test_yaml_then_flags_then_overrides(tmp_path):
     assert (config.model.dim, config.optim.learning_rate, config.optim.batch_size, config.model.use_moe) == (
         128, 3e-5, 32, True)
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.checkpoint.out_dir == "out/sft"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dim", "64", "first.yaml"], ["first.yaml", "--dim", "64"], ["--dim", "64", "--config", "first.yaml"],
+    ["--overrides", "dim=64", "--config=first.yaml"], ["--overrides", "dim=64", "first.yaml"],
+    ["--use_moe", "first.yaml", "second.yaml", "--dim", "64"], ["first.yaml", "--lora_target_modules", "q_proj",
+                                                                "v_proj", "second.yaml", "--dim=64"],
+])
+def test_yaml_files_sit_under_every_flag_wherever_named(tmp_path, monkeypatch, argv):
+    """Stage defaults < YAML files (in their order) < flags and overrides, whatever the files' place on the line; a
+    file ends the values of the flag or --overrides before it."""
+    monkeypatch.chdir(tmp_path)
+    Path("first.yaml").write_text("dim: 128\nn_layers: 3\nlearning_rate: 1.0e-3\n")
+    Path("second.yaml").write_text("dim: 256\nn_layers: 5\n")
+    config = parse_config(argv, defaults={"n_layers": 1})
+    assert (config.model.dim, config.optim.learning_rate) == (64, 1e-3)
+    assert config.model.n_layers == (5 if "second.yaml" in argv else 3)
+    assert config.model.use_moe is ("--use_moe" in argv)
+    assert config.lora.target_modules == (["q_proj", "v_proj"] if "q_proj" in argv else LoRAConfig().target_modules)
 
 
 def test_nested_yaml_and_dotted_keys(tmp_path):
