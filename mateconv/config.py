@@ -350,10 +350,27 @@ TRAINER_ARGUMENTS = {
 }
 
 
+# Adam's betas as torch (`betas`) and nanoGPT (`beta1`, `beta2`) name them: a hint too (seed 000's `beta` is dpo_beta).
+ADAM_BETAS = ("beta1", "beta2", "betas", "adam_betas")
+
+
+def homes_elsewhere(section: str, name: str) -> list[tuple[str, str]]:
+    """The (section, field) places of `name`, a field's or a flat name, in sections other than `section`."""
+    places = [place for place in KINDS if place[1] == name] + ([FLAGS[name]] if name in FLAGS else [])
+    return [place for place in dict.fromkeys(places) if place[0] != section]
+
+
 def _unknown(key: str) -> ConfigError:
     if key in TRAINER_ARGUMENTS:
         return ConfigError(f"unknown config key '{key}' (a Hugging Face Trainer argument); here it is "
                            f"'{TRAINER_ARGUMENTS[key]}'")
+    section, _, name = key.rpartition(".")
+    if name in ADAM_BETAS:
+        return ConfigError(f"unknown config key '{key}'; Adam's betas here are 'adam_beta1' and 'adam_beta2'")
+    homes = homes_elsewhere(section, name) if section in SECTIONS else []
+    if homes:
+        listed = " or ".join(f"section {home} ({home}.{field_name})" for home, field_name in homes)
+        return ConfigError(f"unknown config key '{key}'; {name} belongs in {listed}")
     dotted = [f"{section}.{name}" for section, name in KINDS]
     close = difflib.get_close_matches(key, list(FLAGS) + dotted, n=1)
     hint = f"; did you mean '{NAMES[FLAGS[close[0]]] if close[0] in FLAGS else close[0]}'?" if close else ""

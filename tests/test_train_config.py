@@ -151,6 +151,11 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
     (["--max_grad_norm", "1"], "unknown config key 'max_grad_norm' (a Hugging Face Trainer argument); here it is "
                                "'grad_clip'"),
+    (["--beta1", "0.9"], "unknown config key 'beta1'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--beta2", "0.95"], "unknown config key 'beta2'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--betas", "0.9,0.95"], "unknown config key 'betas'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--overrides", "model.lr=1e-3"], "unknown config key 'model.lr'; lr belongs in section optim "
+                                       "(optim.learning_rate)"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -162,6 +167,18 @@ def test_yaml_values_are_type_checked(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("batch_size: 3.5\n")
     with pytest.raises(ConfigError, match="batch_size: expected int, got 3.5"):
+        parse_config([str(path)])
+
+
+def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {dim: 64}\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config([str(path)])
+    assert str(error.value) == "unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
+    path.write_text("optim: {dropout: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"dropout belongs in section model \(model.dropout\) or section lora "
+                                          r"\(lora.dropout\)$"):
         parse_config([str(path)])
 
 
