@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import os
 import sys
 import textwrap
@@ -159,6 +160,8 @@ class OptimConfig:
         check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -430,13 +433,15 @@ def convert(place: tuple[str, str], value):
             except ValueError:
                 pass
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                if not math.isfinite(number):
+                    raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+                return number
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -139,6 +139,10 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--overrides", "batchsize=4"], "unknown config key 'batchsize'; did you mean 'batch_size'?"),
     (["--batch_size", "four"], "batch_size: expected int, got 'four'"),
     (["--learning_rate", "fast"], "learning_rate: expected float, got 'fast'"),
+    (["--learning_rate", "nan"], "learning_rate: expected a finite number, got 'nan'"),
+    (["--overrides", "lr=inf"], "learning_rate: expected a finite number, got 'inf'"),
+    (["--dpo_beta", "-inf"], "dpo_beta: expected a finite number, got '-inf'"),
+    (["--min_lr_ratio", "2"], "min_lr_ratio must be in [0, 1], got 2.0"),
     (["--use_moe", "maybe"], "use_moe: expected bool, got 'maybe'"),
     (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of adamw, muon"),
     (["--zero_stage", "4"], "zero_stage: 4 is not one of 0, 1, 2, 3"),
@@ -167,6 +171,9 @@ def test_yaml_values_are_type_checked(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("batch_size: 3.5\n")
     with pytest.raises(ConfigError, match="batch_size: expected int, got 3.5"):
+        parse_config([str(path)])
+    path.write_text("optim: {weight_decay: .nan}\n")
+    with pytest.raises(ConfigError, match="^weight_decay: expected a finite number, got nan$"):
         parse_config([str(path)])
 
 
