@@ -8,8 +8,8 @@ Every field has one flat name (`--dim`, `--learning_rate`, `--dpo_beta`); FLAGS 
 aliases to (section, field). YAML files use flat names or sections (`model: {dim: 256}`), and `section.field` works
 anywhere. `preset: NAME` sets the model size from `model.config.PRESETS`.
 
-Later sources win: stage defaults < YAML file < `--key value` flags and `--overrides` (in command-line order); a YAML
-file's preset applies before its other keys.
+Later sources win: stage defaults < YAML files (in their order, wherever on the command line) < `--key value` flags and
+`--overrides` (in command-line order); a YAML file's preset applies before its other keys.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import os
 import sys
 import textwrap
@@ -159,6 +160,8 @@ class OptimConfig:
         check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -350,10 +353,27 @@ TRAINER_ARGUMENTS = {
 }
 
 
+# Adam's betas as torch (`betas`) and nanoGPT (`beta1`, `beta2`) name them: a hint too (seed 000's `beta` is dpo_beta).
+ADAM_BETAS = ("beta1", "beta2", "betas", "adam_betas")
+
+
+def homes_elsewhere(section: str, name: str) -> list[tuple[str, str]]:
+    """The (section, field) places of `name`, a field's or a flat name, in sections other than `section`."""
+    places = [place for place in KINDS if place[1] == name] + ([FLAGS[name]] if name in FLAGS else [])
+    return [place for place in dict.fromkeys(places) if place[0] != section]
+
+
 def _unknown(key: str) -> ConfigError:
     if key in TRAINER_ARGUMENTS:
         return ConfigError(f"unknown config key '{key}' (a Hugging Face Trainer argument); here it is "
                            f"'{TRAINER_ARGUMENTS[key]}'")
+    section, _, name = key.rpartition(".")
+    if name in ADAM_BETAS:
+        return ConfigError(f"unknown config key '{key}'; Adam's betas here are 'adam_beta1' and 'adam_beta2'")
+    homes = homes_elsewhere(section, name) if section in SECTIONS else []
+    if homes:
+        listed = " or ".join(f"section {home} ({home}.{field_name})" for home, field_name in homes)
+        return ConfigError(f"unknown config key '{key}'; {name} belongs in {listed}")
     dotted = [f"{section}.{name}" for section, name in KINDS]
     close = difflib.get_close_matches(key, list(FLAGS) + dotted, n=1)
     hint = f"; did you mean '{NAMES[FLAGS[close[0]]] if close[0] in FLAGS else close[0]}'?" if close else ""
@@ -413,13 +433,15 @@ def convert(place: tuple[str, str], value):
             except ValueError:
                 pass
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                if not math.isfinite(number):
+                    raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+                return number
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -463,50 +485,58 @@ def flag_kind(name: str):
     return KINDS[resolve(name)]
 
 
+def is_config_file(token: str) -> bool:
+    """Whether a command-line token names a YAML file: it also ends the values of the flag or --overrides before it."""
+    return token.endswith((".yaml", ".yml")) and not token.startswith("--") and "=" not in token
+
+
 def parse_args(argv: list[str]) -> list[tuple[str, object]]:
-    """Command-line tokens -> ordered (key, raw value) pairs; a YAML path expands to its keys."""
-    pairs: list[tuple[str, object]] = []
+    """Command-line tokens -> ordered (key, raw value) pairs: the YAML files' keys (files in their order), then the
+    flags' and overrides' (in theirs), wherever on the line a file is named."""
+    files: list[tuple[str, object]] = []
+    flags: list[tuple[str, object]] = []
     i = 0
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
-            if not token.endswith((".yaml", ".yml")):
+            if not is_config_file(token):
                 raise ConfigError(f"unexpected argument '{token}' (a config file must end in .yaml)")
-            pairs += load_yaml(token)
+            files += load_yaml(token)
             i += 1
             continue
         name, has_value, inline = token[2:].partition("=")
         if name == "config":
             path = inline if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
-            pairs += load_yaml(path)
+            files += load_yaml(path)
             i += 1 if has_value else 2
             continue
         if name == "overrides":
             i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
+            while i < len(argv) and not argv[i].startswith("--") and not is_config_file(argv[i]):
                 key, eq, value = argv[i].partition("=")
                 if not eq:
                     raise ConfigError(f"override '{argv[i]}' must look like key=value")
-                pairs.append((key, value))
+                flags.append((key, value))
                 i += 1
             continue
         kind = flag_kind(name)
-        values = list(itertools.takewhile(lambda token: not token.startswith("--"), argv[i + 1:]))
+        values = list(itertools.takewhile(lambda token: not token.startswith("--") and not is_config_file(token),
+                                          argv[i + 1:]))
         if has_value:
-            pairs.append((name, inline))
+            flags.append((name, inline))
             i += 1
         elif len(values) > 1 and typing.get_origin(kind) is list:  # --lora_target_modules q_proj v_proj
-            pairs.append((name, values))
+            flags.append((name, values))
             i += 1 + len(values)
         elif values:
-            pairs.append((name, values[0]))
+            flags.append((name, values[0]))
             i += 2
         elif kind is bool or kind == bool | None:
-            pairs.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
+            flags.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
             i += 1
         else:
             raise ConfigError(f"--{name} needs a value")
-    return pairs
+    return files + flags
 
 
 def preset_pairs(name) -> list[tuple[str, object]]:
@@ -516,10 +546,11 @@ def preset_pairs(name) -> list[tuple[str, object]]:
 
 
 # Two ways to give one size, per rank or over all ranks: the one given last wins (`--overrides batch_size=32` after a
-# config's total_batch_size).
-SAME_SIZE = {("optim", "batch_size"): ("optim", "total_batch_size"),
-             ("track", "eval_batches"): ("track", "eval_examples")}
-SAME_SIZE.update({other: place for place, other in SAME_SIZE.items()})
+# config's total_batch_size). An over-all-ranks size of 0 is not given, so it leaves the per-rank one: a saved
+# config.yaml writes `total_batch_size: 0` after `batch_size: 4`.
+PER_RANK_SIZES = {("optim", "batch_size"): ("optim", "total_batch_size"),
+                  ("track", "eval_batches"): ("track", "eval_examples")}
+OVER_ALL_RANKS = {total: per_rank for per_rank, total in PER_RANK_SIZES.items()}
 
 
 def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object]]:
@@ -543,8 +574,10 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     values: dict[str, dict] = {section: {} for section in SECTIONS}
     for section, name, value in placed(pairs):
         values[section][name] = value
-        if (section, name) in SAME_SIZE:
-            values[section].pop(SAME_SIZE[section, name][1], None)
+        if (section, name) in PER_RANK_SIZES:
+            values[section].pop(PER_RANK_SIZES[section, name][1], None)
+        elif (section, name) in OVER_ALL_RANKS and value:
+            values[section].pop(OVER_ALL_RANKS[section, name][1], None)
     try:
         model = MateConvConfig(**values.pop("model"))
     except ModelConfigError as e:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, OptimConfig, ParallelConfig,
-                             TrainConfig, help_text, parse_config, save_config)
+from mateconv.config import (FLAGS, SECTIONS, TRAINER_ARGUMENTS, ConfigError, LoRAConfig, OptimConfig,
+                             ParallelConfig, TrainConfig, help_text, parse_config, save_config)
 from mateconv.train.ds_config import DS_CONFIG_DIR, auto_values, build_ds_config
 from model import MateConvConfig
 from mateconv.train.optim import Muon, build_optimizer, lr_multiplier, muon_parameters
@@ -27,6 +27,25 @@ def test_yaml_then_flags_then_overrides(tmp_path):
     assert (config.model.dim, config.optim.learning_rate, config.optim.batch_size, config.model.use_moe) == (
         128, 3e-5, 32, True)
     assert config.lora.target_modules == ["q_proj", "v_proj"] and config.checkpoint.out_dir == "out/sft"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dim", "64", "first.yaml"], ["first.yaml", "--dim", "64"], ["--dim", "64", "--config", "first.yaml"],
+    ["--overrides", "dim=64", "--config=first.yaml"], ["--overrides", "dim=64", "first.yaml"],
+    ["--use_moe", "first.yaml", "second.yaml", "--dim", "64"], ["first.yaml", "--lora_target_modules", "q_proj",
+                                                                "v_proj", "second.yaml", "--dim=64"],
+])
+def test_yaml_files_sit_under_every_flag_wherever_named(tmp_path, monkeypatch, argv):
+    """Stage defaults < YAML files (in their order) < flags and overrides, whatever the files' place on the line; a
+    file ends the values of the flag or --overrides before it."""
+    monkeypatch.chdir(tmp_path)
+    Path("first.yaml").write_text("dim: 128\nn_layers: 3\nlearning_rate: 1.0e-3\n")
+    Path("second.yaml").write_text("dim: 256\nn_layers: 5\n")
+    config = parse_config(argv, defaults={"n_layers": 1})
+    assert (config.model.dim, config.optim.learning_rate) == (64, 1e-3)
+    assert config.model.n_layers == (5 if "second.yaml" in argv else 3)
+    assert config.model.use_moe is ("--use_moe" in argv)
+    assert config.lora.target_modules == (["q_proj", "v_proj"] if "q_proj" in argv else LoRAConfig().target_modules)
 
 
 def test_nested_yaml_and_dotted_keys(tmp_path):
@@ -120,6 +139,10 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--overrides", "batchsize=4"], "unknown config key 'batchsize'; did you mean 'batch_size'?"),
     (["--batch_size", "four"], "batch_size: expected int, got 'four'"),
     (["--learning_rate", "fast"], "learning_rate: expected float, got 'fast'"),
+    (["--learning_rate", "nan"], "learning_rate: expected a finite number, got 'nan'"),
+    (["--overrides", "lr=inf"], "learning_rate: expected a finite number, got 'inf'"),
+    (["--dpo_beta", "-inf"], "dpo_beta: expected a finite number, got '-inf'"),
+    (["--min_lr_ratio", "2"], "min_lr_ratio must be in [0, 1], got 2.0"),
     (["--use_moe", "maybe"], "use_moe: expected bool, got 'maybe'"),
     (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of adamw, muon"),
     (["--zero_stage", "4"], "zero_stage: 4 is not one of 0, 1, 2, 3"),
@@ -132,6 +155,11 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
     (["--max_grad_norm", "1"], "unknown config key 'max_grad_norm' (a Hugging Face Trainer argument); here it is "
                                "'grad_clip'"),
+    (["--beta1", "0.9"], "unknown config key 'beta1'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--beta2", "0.95"], "unknown config key 'beta2'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--betas", "0.9,0.95"], "unknown config key 'betas'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
+    (["--overrides", "model.lr=1e-3"], "unknown config key 'model.lr'; lr belongs in section optim "
+                                       "(optim.learning_rate)"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -144,12 +172,43 @@ def test_yaml_values_are_type_checked(tmp_path):
     path.write_text("batch_size: 3.5\n")
     with pytest.raises(ConfigError, match="batch_size: expected int, got 3.5"):
         parse_config([str(path)])
+    path.write_text("optim: {weight_decay: .nan}\n")
+    with pytest.raises(ConfigError, match="^weight_decay: expected a finite number, got nan$"):
+        parse_config([str(path)])
 
 
-def test_saved_config_round_trips(tmp_path):
-    config = parse_config(["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj"])
+def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {dim: 64}\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config([str(path)])
+    assert str(error.value) == "unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
+    path.write_text("optim: {dropout: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"dropout belongs in section model \(model.dropout\) or section lora "
+                                          r"\(lora.dropout\)$"):
+        parse_config([str(path)])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj", "--batch_size", "4", "--eval_batches", "5",
+     "--compile", "0", "--learning_rate", "3e-4"],
+    ["--total_batch_size", "16", "--accumulation_steps", "2", "--eval_examples", "64"],
+])
+def test_saved_config_reruns_the_run(tmp_path, argv):
+    """A checkpoint's config.yaml (save_config after per_rank_sizes, as a run writes it) parses back, under the stage's
+    defaults, to the run's config field for field: `batch_size: 4` is not lost to the `total_batch_size: 0` saved after
+    it (nor `eval_batches: 5` to `eval_examples: 0`)."""
+    from mateconv.config import per_rank_sizes
+    from mateconv.train.stages import RECIPES
+
+    defaults = RECIPES["sft"].defaults
+    config = parse_config(argv, defaults)
+    per_rank_sizes(config, world_size=2)
     save_config(config, tmp_path / "config.yaml")
-    assert parse_config([str(tmp_path / "config.yaml")]) == config
+    again = parse_config([str(tmp_path / "config.yaml")], defaults)
+    per_rank_sizes(again, world_size=2)
+    assert again == config
+    assert (again.optim.batch_size, again.track.eval_batches) == ((4, 5) if "--batch_size" in argv else (4, 8))
 
 
 def test_shipped_yaml_configs_parse():
