@@ -73,8 +73,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"):
-    """A saved Hugging Face directory (MateConv or any causal LM) -> (model in eval mode, tokenizer)."""
+def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """A saved Hugging Face directory (MateConv or any causal LM), or a training checkpoint (consolidated first) ->
+    (model in eval mode, tokenizer). Code the checkpoint ships (auto_map) runs only with `trust_remote_code`; without
+    it loading such a model fails instead of asking on stdin."""
     try:
         path = model_dir(model_path)
     except ConfigError as error:  # a checkpoint whose run started from a model that is gone
@@ -84,8 +86,9 @@ def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"
                         "checkpoint: checkpoints/step_N)")
     torch_device = resolve_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device),
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
     if tokenizer.chat_template is None:

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 from tqdm import tqdm
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
-from mateconv.data.shards import PretrainTokens, SFTTokens
+from mateconv.data import DataError
+from mateconv.data.shards import PretrainEvalTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
@@ -110,7 +113,17 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
         if not isinstance(record.get("text"), str):
             raise EvalError(f"{path}: record {number} has no 'text' string (bits per byte needs raw documents)")
         texts.append(record["text"])
+    if not texts:
+        raise EvalError(f"{path}: no documents to score for bits per byte (the file is empty)")
     return texts[:limit]
+
+
+def read_tasks(path: Path, limit: int | None = None) -> list[dict]:
+    """The verifiable prompts of a JSONL file (stage 2's tasks_val.jsonl), the first `limit` of them."""
+    records = read_jsonl(path)
+    if not records:
+        raise EvalError(f"{path}: no task records (the file is empty)")
+    return records[:limit]
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
@@ -141,26 +154,46 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
         if not index.is_file():
             raise EvalError(f"{source} is not a token shard directory (no index.json)")
         kind = json.loads(index.read_text()).get("kind")
-        readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
+        readers = {"pretrain": PretrainEvalTokens, "sft": SFTTokens}
         if kind not in readers:
             raise EvalError(f"{source}: perplexity needs pretrain or sft shards, found kind {kind!r}")
-        return readers[kind](source, seq_len)
+        try:
+            return readers[kind](source, seq_len)
+        except DataError as error:
+            raise EvalError(str(error)) from None
     if source.suffix == ".jsonl":
         return TextRecords(source, tokenizer, seq_len)
     raise EvalError(f"validation data must be a token shard directory or a .jsonl file: {source}")
 
 
+def tokenizer_model(tokenizer_json: str) -> dict:
+    """The vocabulary and merges of a serialized fast tokenizer (its "model" section), plus its added tokens."""
+    serialized = json.loads(tokenizer_json)
+    return {"model": serialized["model"], "added": [(t["id"], t["content"]) for t in serialized["added_tokens"]]}
+
+
 def other_vocabulary(source: Path, tokenizer) -> str | None:
-    """Why token shards at `source` cannot be scored with `tokenizer`'s model (tokenized with another vocabulary),
-    or None; text files are tokenized here, so they always fit."""
+    """Why token shards at `source` cannot be scored with `tokenizer`'s model (another tokenizer made them), or None;
+    text files are tokenized here, so they always fit. The shards' tokenizer (index.json names its directory) is
+    compared with the model's; where that directory is gone, only the vocabulary sizes are."""
     index = source / "index.json"
     if not index.is_file():
         return None
-    vocab_size = json.loads(index.read_text()).get("vocab_size")
-    if vocab_size in (None, len(tokenizer)):
+    info = json.loads(index.read_text())
+    vocab_size, made_by = info.get("vocab_size"), info.get("tokenizer")
+    if vocab_size not in (None, len(tokenizer)):
+        return (f"{source} was tokenized with a {vocab_size}-token vocabulary, its tokenizer has {len(tokenizer)} "
+                "(another tokenizer)")
+    theirs = Path(made_by or "") / "tokenizer.json"
+    if not made_by or not theirs.is_file() or not hasattr(tokenizer, "backend_tokenizer"):
+        print(f"[evaluate] {source}: the tokenizer that made it ({made_by or 'not recorded'}) cannot be compared "
+              "with the model's; only the vocabulary sizes are, and they agree", flush=True)
         return None
-    return (f"{source} was tokenized with a {vocab_size}-token vocabulary, its tokenizer has {len(tokenizer)} "
-            "(another tokenizer)")
+    # both serialized by this tokenizers library, so that equal tokenizers compare equal whatever wrote the file
+    shards_tokenizer = tokenizer_model(Tokenizer.from_file(str(theirs)).to_str())
+    if shards_tokenizer != tokenizer_model(tokenizer.backend_tokenizer.to_str()):
+        return f"{source} was tokenized by {made_by}, whose vocabulary or merges are not the model's (another tokenizer)"
+    return None
 
 
 # ---------------------------------------------------------------- metrics
@@ -233,11 +266,13 @@ class ModelReport:
     win_rates: list[WinRate] = field(default_factory=list)  # this model against its baselines
     balance: dict | None = None
     lm_eval: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>" from lm-evaluation-harness
+    error: str | None = None  # why this model was not evaluated (the others still are)
 
     def row(self) -> dict:
         """One flat row for summary.csv / summary.md."""
         return {
-            "model": self.label, "kind": self.kind, "params_M": round(self.params_m, 2),
+            "model": self.label, "kind": self.kind,
+            "params_M": None if math.isnan(self.params_m) else round(self.params_m, 2),
             "val_loss": None if self.ppl is None else round(self.ppl.loss, 4),
             "val_ppl": None if self.ppl is None else round(self.ppl.ppl, 3),
             "val_tokens": None if self.ppl is None else self.ppl.tokens,
@@ -249,17 +284,41 @@ class ModelReport:
             **{f"lm_eval:{name}": round(value, 4) for name, value in self.lm_eval.items()},
             **{f"win_rate:{w.baseline}": None if math.isnan(w.win_rate) else round(w.win_rate, 4)
                for w in self.win_rates},
+            **({"error": self.error} if self.error else {}),
         }
 
 
-def model_label(path: Path) -> str:
-    """out/sft/final -> sft/final (the stage and the checkpoint tell models apart)."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+def ships_own_code(path: Path) -> bool:
+    """Whether loading the checkpoint at `path` runs code it ships: an auto_map for a model type transformers does
+    not know (MiniMind's converted models; ours are registered when `model` is imported)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise EvalError(f"{path / 'config.json'}: not valid JSON ({error.msg})") from None
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
+def model_labels(paths: list[Path]) -> list[str]:
+    """Each checkpoint's label: its last two path parts, the stage and the checkpoint (out/sft/final -> sft/final), and
+    more of the path where two would read alike (out/sft/final and runB/sft/final keep their first parts)."""
+    resolved = [path.resolve() for path in paths]
+    for index, path in enumerate(resolved):
+        if path in resolved[:index]:
+            raise EvalError(f"--models names the checkpoint {paths[index]} twice")
+    depths = [2] * len(paths)
+    while True:
+        labels = [Path(*path.parts[-depth:]).as_posix() for path, depth in zip(paths, depths)]
+        alike = [index for index, label in enumerate(labels) if labels.count(label) > 1]
+        if not alike:
+            return labels
+        for index in alike:  # two different paths cannot both run out of parts with the same label
+            depths[index] += 1
 
 
 def stage_of(label: str) -> str:
-    """sft/final -> sft"""
-    return label.split("/")[0]
+    """sft/final -> sft; runB/sft/final -> sft"""
+    parts = label.split("/")
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def comparisons_for(labels: list[str], requested: list[str] | None) -> list[tuple[str, str]]:
@@ -282,14 +341,14 @@ def comparisons_for(labels: list[str], requested: list[str] | None) -> list[tupl
     return pairs
 
 
-def evaluate_model(path: Path, val: Path | None, tasks: list[dict] | None, samples: list[list[dict]],
+def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] | None, samples: list[list[dict]],
                    seq_len: int | None, batch_size: int, max_batches: int | None, max_new_tokens: int,
                    device: str = "auto", lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
                    max_tasks: int | None = None, texts: list[str] | None = None,
-                   judge_prompts: list[list[dict]] | None = None) -> ModelReport:
-    model, tokenizer = load_model(path, device)
+                   judge_prompts: list[list[dict]] | None = None, trust_remote_code: bool = False) -> ModelReport:
+    model, tokenizer = load_model(path, device, trust_remote_code=trust_remote_code)
     is_moe = bool(getattr(model.config, "use_moe", False))
-    report = ModelReport(model_label(path), str(path), "moe" if is_moe else "dense",
+    report = ModelReport(label, str(path), "moe" if is_moe else "dense",
                          sum(p.numel() for p in model.parameters()) / 1e6)
     mismatch = val is not None and other_vocabulary(val, tokenizer)
     if mismatch:  # e.g. MiniMind's model beside ours: its val_bpb still compares
@@ -431,7 +490,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
              bpb_texts: str | Path | None = None, max_bpb_docs: int | None = 200, heldout: str | Path | None = None,
              n_samples: int = 4, judge: Endpoint | None = None, judge_prompts: int = 50,
              compare: list[str] | None = None, judge_retries: int = 2, judge_concurrency: int = 8,
-             seed: int = 0) -> list[ModelReport]:
+             seed: int = 0, trust_remote_code: bool = False) -> list[ModelReport]:
     """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports.
 
     Samples answer `prompts`, else the first `n_samples` conversations of `heldout`, else SAMPLE_PROMPTS. With a
@@ -442,10 +501,13 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     for path in paths:
         if not (path / "config.json").is_file():
             raise EvalError(f"no model at {path} (expected a save_pretrained directory)")
+        if not trust_remote_code and ships_own_code(path):
+            raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
+                            "to run it")
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
-    task_records = read_jsonl(Path(tasks))[:max_tasks] if tasks else None
+    task_records = read_tasks(Path(tasks), max_tasks) if tasks else None
     texts = read_texts(Path(bpb_texts), max_bpb_docs) if bpb_texts else None
     held_out = read_prompts(Path(heldout)) if heldout else None
     if prompts is not None:
@@ -454,7 +516,8 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         samples = held_out[:n_samples] if held_out else [[{"role": "user", "content": p}] for p in SAMPLE_PROMPTS]
     if compare and judge is None:
         raise EvalError("--compare needs a judge endpoint: --judge_base_url URL or $OPENAI_BASE_URL")
-    comparisons = comparisons_for([model_label(path) for path in paths], compare) if judge else []
+    labels = model_labels(paths)
+    comparisons = comparisons_for(labels, compare) if judge else []
     if comparisons and not held_out:
         raise EvalError("win rates need held-out prompts: pass --heldout (stage 2's sft_val.jsonl)")
     if comparisons:
@@ -468,12 +531,21 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for path in paths:
+    for path, label in zip(paths, labels):
         print(f"[evaluate] {path}", flush=True)
-        reports.append(evaluate_model(path, val_path, task_records, samples, seq_len, batch_size, max_batches,
-                                      max_new_tokens, device, lm_eval_tasks, Path(tasks) if tasks else None,
-                                      max_tasks, texts, judged))
+        try:
+            reports.append(evaluate_model(path, label, val_path, task_records, samples, seq_len, batch_size,
+                                          max_batches, max_new_tokens, device, lm_eval_tasks,
+                                          Path(tasks) if tasks else None, max_tasks, texts, judged, trust_remote_code))
+        except (EvalError, ChatError) as error:  # this model's own problem: the others are still evaluated
+            reports.append(ModelReport(label, str(path), "failed", math.nan, error=str(error)))
         print(f"[evaluate] {json.dumps(reports[-1].row())}", flush=True)
+    failed = {report.label for report in reports if report.error}
+    for model, baseline in comparisons:
+        if {model, baseline} & failed:
+            print(f"[evaluate] no win rate of {model} vs {baseline}: "
+                  f"{' and '.join(sorted({model, baseline} & failed))} failed", flush=True)
+    comparisons = [pair for pair in comparisons if not set(pair) & failed]
     if comparisons:
         by_label = {report.label: report for report in reports}
         replies = {report.label: report.judge_replies for report in reports}
@@ -492,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True, help="save_pretrained directories, e.g. out/sft/final")
     parser.add_argument("--out_dir", default="out/eval")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the model code a checkpoint ships (auto_map for a model type transformers lacks, "
+                             "e.g. MiniMind's converted models)")
     data = parser.add_argument_group("data")
     data.add_argument("--val", default=None,
                       help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' "
@@ -532,11 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def optional_path(value: str | None, default: str) -> str | None:
-    """An explicit path must exist (checked later); the default is used only when present; 'none' disables."""
+    """An explicit path must exist and hold data (checked later); the default is used only when present and not
+    empty; 'none' disables."""
     if value is None:
-        if Path(default).exists():
+        if Path(default).is_dir() or Path(default).is_file() and Path(default).stat().st_size:
             return default
-        print(f"[evaluate] {default} not found; skipping it", flush=True)
+        print(f"[evaluate] {default} not found or empty; skipping it", flush=True)
         return None
     return None if value.lower() == "none" else value
 
@@ -557,19 +633,22 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     bars_only_on_a_terminal()
     try:
-        evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
+        reports = evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
                  optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
                  args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device,
                  args.lm_eval_tasks, optional_path(args.bpb_texts, DEFAULT_BPB_TEXTS), args.max_bpb_docs or None,
                  optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
                  judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
-                 args.judge_retries, args.judge_concurrency, args.seed)
+                 args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code)
     except (EvalError, ChatError) as error:
         raise SystemExit(f"evaluate: {error}") from None
     except torch.OutOfMemoryError as error:
         raise SystemExit(f"evaluate: out of GPU memory ({out_of_memory_figures(error)}) at --batch_size "
                          f"{args.batch_size}: lower it, or use --device cpu; the models are not changed") from None
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
+    failed = [f"{report.label}: {report.error}" for report in reports if report.error]
+    if failed:
+        raise SystemExit(f"evaluate: not evaluated: {'; '.join(failed)} (the summaries hold the other models)")
 
 
 if __name__ == "__main__":

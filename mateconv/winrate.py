@@ -1,14 +1,17 @@
 """Pairwise win rates (stage 6): two models' greedy replies to the same held-out prompts, judged by a model at an
-OpenAI-compatible endpoint with stage 7's rubric. Each pair is shown in a seeded random order; equal scores are ties;
-a request that fails for good or an answer that is not the rubric's JSON counts as failed, never as a result."""
+OpenAI-compatible endpoint with stage 7's rubric. Identical replies are ties without asking; of the other prompts, each
+model's reply is shown first on half (a seeded choice of which), so a judge's preference for a position cancels out.
+Equal scores are ties; a request that fails for good or an answer that is not the rubric's JSON counts as failed,
+never as a result."""
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 from dataclasses import dataclass, field
 
 from mateconv.prefs.endpoints import Caller, Endpoint, RequestFailed, RetryPolicy
-from mateconv.prefs.judge import JudgeMalformed, judge_messages, parse_judgement, shuffled_order
+from mateconv.prefs.judge import JudgeMalformed, judge_messages, parse_judgement
 from mateconv.prefs.pipeline import stable_seed
 
 MAX_REASONS = 5  # failure reasons kept per comparison
@@ -24,7 +27,7 @@ class WinRate:
     ties: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)  # the first few reasons
-    first_shown: int = 0  # prompts on which the judge saw the model's reply first (the shuffle at work)
+    first_shown: int = 0  # prompts on which the judge saw the model's reply first (half of those judged)
 
     @property
     def judged(self) -> int:
@@ -52,11 +55,21 @@ async def _judge_one(caller: Caller, prompt: list[dict], replies: list[str], ord
     return "win" if scores[0] > scores[1] else "loss" if scores[0] < scores[1] else "tie"
 
 
+def model_shown_first(indices: list[int], seed: int, model: str, baseline: str) -> set[int]:
+    """Half of `indices` (a seeded choice; the odd one out by the seed too) on which the model's reply comes first."""
+    rng = random.Random(stable_seed(seed, model, baseline, "order"))
+    return set(rng.sample(indices, (len(indices) + rng.randrange(2)) // 2))
+
+
 async def _compare(caller: Caller, result: WinRate, prompts: list[list[dict]], model_replies: list[str],
                    baseline_replies: list[str], seed: int, json_mode: bool) -> None:
+    asked = [index for index in range(len(prompts)) if model_replies[index] != baseline_replies[index]]
+    result.ties += len(prompts) - len(asked)
+    firsts = model_shown_first(asked, seed, result.model, result.baseline)
+    result.first_shown = len(firsts)
+
     async def one(index: int) -> str:
-        order = shuffled_order(2, stable_seed(seed, result.model, result.baseline, index, "order"))
-        result.first_shown += order[0] == 0
+        order = [0, 1] if index in firsts else [1, 0]
         try:
             return await _judge_one(caller, prompts[index], [model_replies[index], baseline_replies[index]], order,
                                     stable_seed(seed, index, "judge"), json_mode)
@@ -65,7 +78,7 @@ async def _compare(caller: Caller, result: WinRate, prompts: list[list[dict]], m
                 result.failures.append(f"prompt {index}: {error}")
             return "failed"
 
-    for outcome in await asyncio.gather(*(one(index) for index in range(len(prompts)))):
+    for outcome in await asyncio.gather(*(one(index) for index in asked)):
         field_name = {"win": "wins", "loss": "losses", "tie": "ties", "failed": "failed"}[outcome]
         setattr(result, field_name, getattr(result, field_name) + 1)
 

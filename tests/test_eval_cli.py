@@ -129,3 +129,116 @@ def test_notebook_runs_with_parameters(inputs, tmp_path):
     assert any("not_trained_yet" in o.get("text", "") for o in outputs)  # missing checkpoints are reported
     curves = next(cell for cell in notebook.cells if "training.png" in cell.source and cell.cell_type == "code")
     assert any("image/png" in o.get("data", {}) for o in curves.outputs)  # the trained models' training curves
+
+
+def quick_run(models: list, out: Path, *flags: str) -> list[str]:
+    """Stage 6 with samples only (one prompt, 4 tokens) besides `flags`."""
+    return ["--models", *map(str, models), "--val", "none", "--tasks", "none", "--bpb_texts", "none", "--heldout",
+            "none", "--prompts", QUESTION, "--max_new_tokens", "4", "--out_dir", str(out), *flags]
+
+
+def test_shards_of_another_tokenizer_of_the_same_size_get_no_perplexity(tiny_sft_model, tiny_tokens, tiny_tokenizer,
+                                                                       tmp_path, capsys):
+    """The shards' own tokenizer (index.json names its directory) is compared with the model's, not only its size: one
+    with two tokens' ids swapped gets no perplexity. Where that directory is gone, the sizes are compared (a note)."""
+    import shutil
+
+    other_tokenizer = tmp_path / "other_tokenizer"
+    shutil.copytree(tiny_tokenizer, other_tokenizer)
+    serialized = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    vocab = serialized["model"]["vocab"]
+    first, second = list(vocab)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(serialized))
+    shards = tmp_path / "tokens" / "val"
+    shutil.copytree(tiny_tokens / "sft" / "val", shards)
+    index = json.loads((shards / "index.json").read_text())
+    for made_by in (other_tokenizer, tmp_path / "gone"):
+        (shards / "index.json").write_text(json.dumps({**index, "tokenizer": str(made_by)}))
+        main(quick_run([tiny_sft_model], tmp_path / "eval", "--val", str(shards)))
+        report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+        printed = capsys.readouterr().out
+        if made_by == other_tokenizer:
+            assert (f"[evaluate] sft/final: {shards} was tokenized by {other_tokenizer}, whose vocabulary or merges "
+                    "are not the model's (another tokenizer); no perplexity for it") in printed
+            assert report["val_ppl"] is None
+        else:
+            assert (f"[evaluate] {shards}: the tokenizer that made it ({made_by}) cannot be compared with the "
+                    "model's; only the vocabulary sizes are, and they agree") in printed
+            assert report["val_ppl"] < 3.0
+
+
+def test_a_failed_model_leaves_the_others_results(tiny_sft_model, tiny_tokens, tmp_path):
+    """A model that cannot be evaluated (here: its tokenizer lost its chat template) is named in one line at the end;
+    the summaries still hold the other models, and the failed one with its reason."""
+    import shutil
+
+    broken = tmp_path / "broken" / "final"
+    shutil.copytree(tiny_sft_model, broken)
+    (broken / "chat_template.jinja").unlink()
+    with pytest.raises(SystemExit) as stopped:
+        main(quick_run([broken, tiny_sft_model], tmp_path / "eval", "--val", str(tiny_tokens / "sft" / "val")))
+    reason = f"the tokenizer in {broken} has no chat template"
+    assert str(stopped.value) == (f"evaluate: not evaluated: broken/final: {reason} (the summaries hold the other "
+                                  "models)")
+    failed, good = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+    assert failed["error"] == reason and failed["val_ppl"] is None and failed["params_M"] is None
+    assert good["model"] == "sft/final" and good["val_ppl"] < 3.0 and "error" not in good
+    assert "| broken/final | failed |" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_checkpoints_alike_in_their_last_parts_get_distinct_labels(tiny_sft_model, tiny_embedded_data, tmp_path):
+    """out/sft/final and runB/sft/final are labelled by three path parts each, so that neither overwrites the other's
+    outputs; one checkpoint named twice is refused in one line."""
+    import shutil
+
+    models = [tmp_path / run / "sft" / "final" for run in ("out", "runB")]
+    for model in models:
+        shutil.copytree(tiny_sft_model, model)
+    main(quick_run(models, tmp_path / "eval", "--tasks", str(tiny_embedded_data / "tasks_val.jsonl"), "--max_tasks",
+                   "2"))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["out/sft/final", "runB/sft/final"]
+    assert sorted(p.name for p in (tmp_path / "eval").glob("tasks_*.jsonl")) == ["tasks_out_sft_final.jsonl",
+                                                                                   "tasks_runB_sft_final.jsonl"]
+    with pytest.raises(SystemExit) as stopped:
+        main(quick_run([models[0], tmp_path / "out" / "sft" / ".." / "sft" / "final"], tmp_path / "eval"))
+    assert str(stopped.value) == (f"evaluate: --models names the checkpoint "
+                                  f"{tmp_path / 'out' / 'sft' / '..' / 'sft' / 'final'} twice")
+
+
+@pytest.mark.parametrize("flag", ["--bpb_texts", "--tasks"])
+def test_an_empty_file_given_is_one_line(tiny_sft_model, tmp_path, flag):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        main(quick_run([tiny_sft_model], tmp_path / "eval", flag, str(empty)))
+    what = "no documents to score for bits per byte" if flag == "--bpb_texts" else "no task records"
+    assert str(stopped.value) == f"evaluate: {empty}: {what} (the file is empty)"
+
+
+def test_a_model_that_ships_its_code_needs_trust_remote_code(tiny_tokenizer, tmp_path):
+    """A checkpoint whose config.json maps a model type transformers does not know to code of its own (MiniMind's
+    converted models) is refused in one line without --trust_remote_code (transformers would ask on stdin), and
+    evaluated with it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    shipped = tmp_path / "shipped" / "final"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(shipped)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(shipped)
+    (shipped / "shipped_model.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped_llama'\n\n\n"
+        "class ShippedForCausalLM(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
+    config = json.loads((shipped / "config.json").read_text())
+    auto_map = {"AutoConfig": "shipped_model.ShippedConfig", "AutoModelForCausalLM": "shipped_model.ShippedForCausalLM"}
+    (shipped / "config.json").write_text(json.dumps({**config, "model_type": "shipped_llama", "auto_map": auto_map}))
+    with pytest.raises(SystemExit) as stopped:
+        main(quick_run([shipped], tmp_path / "eval"))
+    assert str(stopped.value) == (f"evaluate: {shipped} ships its own model code (auto_map in config.json); pass "
+                                  "--trust_remote_code to run it")
+    main(quick_run([shipped], tmp_path / "eval", "--trust_remote_code"))
+    report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+    assert report["model"] == "shipped/final" and QUESTION in report["samples"]

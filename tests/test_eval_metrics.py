@@ -122,3 +122,22 @@ def test_perplexity_over_stage3_shards(tiny_sft_model, tiny_tokens, tiny_embedde
              for messages in conversations]
     assert sft.tokens == sum(sum(mask[:96]) for mask in masks)
     assert sft.ppl < 3.0
+
+
+def test_pretrain_shards_are_scored_whole_whatever_the_length(tiny_pretrain_model, tiny_tokens):
+    """Every token of the validation stream is scored once, at any sequence length: the last row, which the
+    training packer leaves out when the stream does not fill it, is kept and padded (label -100 on the padding).
+    One longer than the whole shard still scores it (it used to score nothing)."""
+    from mateconv.data.shards import shard_info
+
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    shards = tiny_tokens / "pretrain" / "val"
+    stream = shard_info(shards)["num_tokens"]
+    for length in (16, 64, 95, stream + 40):
+        dataset = val_dataset(shards, tokenizer, length)
+        rows = [dataset[i] for i in range(len(dataset))]
+        assert all(len(row["input_ids"]) == len(row["labels"]) == length for row in rows)
+        assert sum(int((row["labels"][1:] != -100).sum()) for row in rows) == stream
+        padding = rows[-1]["labels"] == -100
+        assert (rows[-1]["input_ids"][padding] == dataset.pad_id).all()
+    assert {perplexity(model, val_dataset(shards, tokenizer, length)).tokens for length in (16, 95)} == {stream}

@@ -111,3 +111,36 @@ def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrain
         main(base + ["--bpb_texts", texts_without_text])
     with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 needs a 'messages' list"):
         main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
+
+
+@pytest.mark.parametrize("prompts", [20, 7])
+def test_position_bias_cancels_and_identical_replies_tie_unasked(prompts, monkeypatch):
+    """A judge that always prefers the reply shown first wins each model half of the prompts it is asked about: each
+    model is shown first on half of them (the odd one out to either); identical replies are ties, never sent."""
+    import asyncio
+
+    from mateconv import winrate
+
+    asked = []
+
+    async def first_shown_wins(caller, prompt, replies, order, seed, json_mode):
+        asked.append(prompt)
+        return "win" if order[0] == 0 else "loss"
+
+    monkeypatch.setattr(winrate, "_judge_one", first_shown_wins)
+    same = {1, 4}  # prompts whose two replies are the same text
+    model = [f"model reply {i}" for i in range(prompts)]
+    baseline = [model[i] if i in same else f"baseline reply {i}" for i in range(prompts)]
+    results = []
+    for seed in range(4):
+        result = winrate.WinRate("sft/final", "pretrain/final", "judge")
+        asyncio.run(winrate._compare(None, result, list(range(prompts)), model, baseline, seed, True))
+        results.append(result)
+    assert sorted(asked) == sorted([i for i in range(prompts) if i not in same] * 4)
+    for result in results:
+        assert result.ties == 2 and result.judged == prompts and result.failed == 0
+        assert result.wins == result.first_shown and abs(result.wins - result.losses) <= 1
+    if prompts % 2 == 0:
+        assert all(r.win_rate == 0.5 for r in results)
+    else:  # the odd prompt goes to either model, by the seed
+        assert {r.wins for r in results} == {2, 3}

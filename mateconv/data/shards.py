@@ -115,6 +115,7 @@ class DocumentRows(Dataset):
     and `dtype`, then call `plan` with the stream positions where documents end."""
 
     pool_size = 1024
+    keep_short_last_row = False  # training leaves out the tokens of a last row that would not fill up
     eos_id: int
     dtype: np.dtype
 
@@ -124,7 +125,8 @@ class DocumentRows(Dataset):
             doc_ends = np.append(doc_ends, num_tokens - 1)
         self.doc_ends = np.asarray(doc_ends, dtype=np.int64)
         self.piece_starts, self.piece_lengths, self.row_bounds = plan_rows(
-            np.diff(self.doc_ends, prepend=-1), seq_len - 1, self.pool_size)
+            np.diff(self.doc_ends, prepend=-1), seq_len - 1, self.pool_size,
+            keep_short_last=self.keep_short_last_row)
 
     def tokens(self, begin: int, end: int) -> np.ndarray:
         raise NotImplementedError
@@ -178,12 +180,28 @@ class PretrainTokens(_ShardReader, DocumentRows):
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int,
-              split: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class PretrainEvalTokens(PretrainTokens):
+    """PretrainTokens for evaluation: the last row is kept even when the stream runs out before it fills up, and padded
+    (pad id, label -100, position 0), so every token of the stream is scored once whatever seq_len, and models of
+    different contexts score the same tokens."""
+
+    keep_short_last_row = True
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = super().__getitem__(i)
+        padding = self.seq_len - len(row["input_ids"])
+        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
+        return {key: torch.cat([value, torch.full((padding,), fill[key], dtype=value.dtype)])
+                for key, value in row.items()}
+
+
+def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int, split: bool = True,
+              keep_short_last: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best-fit packing of consecutive documents (stream lengths, EOS included) into rows of `width` tokens.
 
     -> (piece start positions, piece lengths, row bounds into the pieces: row r is pieces[bounds[r]:bounds[r+1]]).
-    Every token of the stream is in exactly one piece, except those of a last row that would not fill up.
+    Every token of the stream is in exactly one piece, except those of a last row that would not fill up (kept short
+    with `keep_short_last`).
     With split=False (documents of at most `width` tokens, e.g. SFT conversations) no document is cut: a row that
     none of the pooled documents fits is left short, and the last row is kept."""
     doc_starts = np.cumsum(doc_lengths) - doc_lengths
@@ -222,7 +240,8 @@ def plan_rows(doc_lengths: np.ndarray, width: int, pool_size: int,
                 remainder = (start + room, length - room)
             room -= piece_lengths[-1]
             refill()
-        if room and split:  # the data ran out mid-row (splitting fills every row while documents are left)
+        # the data ran out mid-row (splitting fills every row while documents are left)
+        if room and split and not keep_short_last:
             del piece_starts[bounds[-1]:], piece_lengths[bounds[-1]:]
             break
         bounds.append(len(piece_starts))
