@@ -34,6 +34,7 @@ from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_by
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
+from mateconv.train.models import is_training_checkpoint
 from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
@@ -499,8 +500,10 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         raise EvalError("no models to evaluate")
     paths = [Path(m) for m in models]
     for path in paths:
+        if is_training_checkpoint(path):  # loaded as its consolidated model (mateconv.train.models.model_dir)
+            continue
         if not (path / "config.json").is_file():
-            raise EvalError(f"no model at {path} (expected a save_pretrained directory)")
+            raise EvalError(f"no model at {path} (expected a save_pretrained directory or a training checkpoint)")
         if not trust_remote_code and ships_own_code(path):
             raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
                             "to run it")

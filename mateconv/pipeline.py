@@ -368,6 +368,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         timings[stage.name] = round(time.monotonic() - started, 1)
         if code != 0:
             print(f"[pipeline] {stage.name} failed with exit code {code}; see {logs / (stage.name + '.log')}")
+            if stage.done.exists():  # written beside the failure (the evaluation's summary of the other models)
+                stage.done.unlink()
+                print(f"[pipeline] {stage.name}: its {stage.done.relative_to(out.parent)} removed, so that the next "
+                      "run runs it again", flush=True)
             return code
         if not stage.done.exists():
             print(f"[pipeline] {stage.name} stopped before it finished; run the pipeline again to resume it")

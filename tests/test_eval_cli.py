@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,10 +71,25 @@ def test_cli_writes_summaries_and_plots(inputs, tmp_path):
     check_outputs(out, inputs)
 
 
+def test_a_training_checkpoint_is_evaluated_as_its_model(tiny_sft_model, tmp_path, capsys):
+    """A run stopped before final/ has checkpoints: the evaluation takes one (consolidated, as chat and export do)
+    and its greedy reply is the final model's (the last checkpoint holds the final weights)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
+    replies = {}
+    for name, model in (("final", tiny_sft_model), ("checkpoint", checkpoint)):
+        main(["--models", str(model), "--val", "none", "--tasks", "none", "--bpb_texts", "none", "--heldout", "none",
+              "--prompts", QUESTION, "--max_new_tokens", "8", "--out_dir", str(tmp_path / name)])
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        replies[name] = summary["models"][0]["samples"]
+    assert replies["checkpoint"] == replies["final"] and (checkpoint / "model" / "config.json").is_file()
+
+
 def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--models", str(tmp_path / "missing"), "--out_dir", str(tmp_path)])
-    assert str(error.value) == f"evaluate: no model at {tmp_path / 'missing'} (expected a save_pretrained directory)"
+    assert str(error.value) == (f"evaluate: no model at {tmp_path / 'missing'} (expected a save_pretrained directory "
+                                "or a training checkpoint)")
     with pytest.raises(SystemExit) as error:
         main(["--models", str(tiny_sft_model), "--val", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path)])
     assert str(error.value) == f"evaluate: validation data not found: {tmp_path / 'nope.jsonl'}"
@@ -170,9 +186,8 @@ def test_shards_of_another_tokenizer_of_the_same_size_get_no_perplexity(tiny_sft
 
 def test_a_failed_model_leaves_the_others_results(tiny_sft_model, tiny_tokens, tmp_path):
     """A model that cannot be evaluated (here: its tokenizer lost its chat template) is named in one line at the end;
-    the summaries still hold the other models, and the failed one with its reason."""
-    import shutil
-
+    the summaries still hold the other models, and the failed one with its reason. In the pipeline the failed stage
+    is not done: its summary.json goes, so that the next run evaluates again."""
     broken = tmp_path / "broken" / "final"
     shutil.copytree(tiny_sft_model, broken)
     (broken / "chat_template.jinja").unlink()
@@ -185,6 +200,15 @@ def test_a_failed_model_leaves_the_others_results(tiny_sft_model, tiny_tokens, t
     assert failed["error"] == reason and failed["val_ppl"] is None and failed["params_M"] is None
     assert good["model"] == "sft/final" and good["val_ppl"] < 3.0 and "error" not in good
     assert "| broken/final | failed |" in (tmp_path / "eval" / "summary.md").read_text()
+
+    from mateconv.pipeline import run
+
+    args = {"models": [str(broken), str(tiny_sft_model)], "val": "none", "tasks": "none", "bpb_texts": "none",
+            "heldout": "none", "prompts": [QUESTION], "max_new_tokens": 4, "out_dir": str(tmp_path / "out" / "eval")}
+    preset = {"stages": {"eval": {"module": "mateconv.evaluate", "args": args, "done": "out/eval/summary.json"}}}
+    assert run(preset, None, tmp_path / "logs", tmp_path / "out") == 1
+    assert (tmp_path / "out" / "eval" / "summary.md").is_file()
+    assert not (tmp_path / "out" / "eval" / "summary.json").exists()
 
 
 def test_checkpoints_alike_in_their_last_parts_get_distinct_labels(tiny_sft_model, tiny_embedded_data, tmp_path):
