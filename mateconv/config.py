@@ -157,11 +157,15 @@ class OptimConfig:
         self.optimizer = self.optimizer.lower()  # seed 003 writes AdamW
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate", "max_nonfinite_steps"))
-        check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size"))
+        check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size", "weight_decay",
+                                  "muon_lr"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum"):  # torch refuses them only as the optimizer is built
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass

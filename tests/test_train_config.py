@@ -143,6 +143,8 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--overrides", "lr=inf"], "learning_rate: expected a finite number, got 'inf'"),
     (["--dpo_beta", "-inf"], "dpo_beta: expected a finite number, got '-inf'"),
     (["--min_lr_ratio", "2"], "min_lr_ratio must be in [0, 1], got 2.0"),
+    (["--adam_beta2", "1.5"], "adam_beta2 must be in [0, 1), got 1.5"),
+    (["--weight_decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
     (["--use_moe", "maybe"], "use_moe: expected bool, got 'maybe'"),
     (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of adamw, muon"),
     (["--zero_stage", "4"], "zero_stage: 4 is not one of 0, 1, 2, 3"),
