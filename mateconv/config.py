@@ -649,6 +649,20 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
 USED_WITH_INIT_FROM = ("max_seq_len", "flash_attn")
 
 
+def saved_model_settings(path: Path) -> dict | None:
+    """The model settings of a saved model (its config.json) or of a training checkpoint (the model section of its
+    config.yaml: init_from may name one, mateconv.train.models.model_dir); None when there are none to read (the model
+    loader names a broken file)."""
+    try:
+        if (path / "config.json").is_file():
+            return json.loads((path / "config.json").read_text())
+        if (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file():
+            return (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model")
+    except (ValueError, yaml.YAMLError):
+        pass
+    return None
+
+
 def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     """The model section of a run from a saved MateConv model (init_from), against the settings `given` on the
     command line or in a YAML file. A model flag with another value than the saved model has is an error: the saved
@@ -656,12 +670,9 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (the stage's
     default 512 cuts rows for a model that takes fewer tokens)."""
     init_from = Path(config.checkpoint.init_from)
-    if not config.checkpoint.init_from or not (init_from / "config.json").is_file():
+    saved = saved_model_settings(init_from) if config.checkpoint.init_from else None
+    if not saved:
         return
-    try:
-        saved = json.loads((init_from / "config.json").read_text())
-    except ValueError:
-        return  # the model loader names the broken file
     named = {name: value for section, name, value in placed(given) if section == "model"}
     if "max_seq_len" not in named and isinstance(saved.get("max_seq_len"), int):
         config.model.max_seq_len = min(config.model.max_seq_len, saved["max_seq_len"])

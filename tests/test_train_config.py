@@ -480,3 +480,10 @@ def test_model_flags_must_match_the_init_from_model(tmp_path):
         parse_config([str(tmp_path / "sft.yaml"), *start])
     with pytest.raises(ConfigError, match=r"n_heads 8 \(it has 4\)"):  # a preset names a model size too
         parse_config([*start, "--preset", "mateconv-0.02b"])
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"  # a training checkpoint: its config.yaml's model
+    checkpoint.mkdir(parents=True)
+    save_config(parse_config(["--dim", "64", "--n_layers", "2", "--max_seq_len", "96"]), checkpoint / "config.yaml")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"dim 128 \(it has 64\)"):
+        parse_config(["--init_from", str(checkpoint), "--dim", "128"])
+    assert parse_config(["--init_from", str(checkpoint)]).model.max_seq_len == 96
