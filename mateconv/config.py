@@ -649,6 +649,11 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
 USED_WITH_INIT_FROM = ("max_seq_len", "flash_attn")
 
 
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A run's `checkpoints/step_N` (trainer state, weights, the run's config.yaml), not a save_pretrained model."""
+    return (Path(path) / "trainer_state.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
 def saved_model_settings(path: Path) -> dict | None:
     """The model settings of a saved model (its config.json) or of a training checkpoint (the model section of its
     config.yaml: init_from may name one, mateconv.train.models.model_dir); None when there are none to read (the model
@@ -656,7 +661,7 @@ def saved_model_settings(path: Path) -> dict | None:
     try:
         if (path / "config.json").is_file():
             return json.loads((path / "config.json").read_text())
-        if (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file():
+        if is_training_checkpoint(path) and (path / "config.yaml").is_file():
             return (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model")
     except (ValueError, yaml.YAMLError):
         pass

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
+from mateconv.config import is_training_checkpoint
 from mateconv.data import DataError
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
@@ -34,7 +35,6 @@ from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_by
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
-from mateconv.train.models import is_training_checkpoint
 from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
@@ -193,7 +193,8 @@ def other_vocabulary(source: Path, tokenizer) -> str | None:
     # both serialized by this tokenizers library, so that equal tokenizers compare equal whatever wrote the file
     shards_tokenizer = tokenizer_model(Tokenizer.from_file(str(theirs)).to_str())
     if shards_tokenizer != tokenizer_model(tokenizer.backend_tokenizer.to_str()):
-        return f"{source} was tokenized by {made_by}, whose vocabulary or merges are not the model's (another tokenizer)"
+        return (f"{source} was tokenized by {made_by}, whose vocabulary or merges are not the model's "
+                "(another tokenizer)")
     return None
 
 

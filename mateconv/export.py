@@ -64,8 +64,8 @@ EXPORT_MARKER = "mateconv_export.json"
 
 
 def check_replaceable(out: Path, source: str | Path) -> None:
-    """`out` (resolved): an export replaces its --out directory: only one that is new, empty, or an earlier export (never the user's
-    checkpoints, data, or the source model)."""
+    """`out` (resolved): an export replaces its --out directory: only one that is new, empty, or an earlier export
+    (never the user's checkpoints, data, or the source model)."""
     if out == Path(source).resolve():
         raise ExportError(f"--out {out} is the source model; name another directory")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():

@@ -305,7 +305,8 @@ def test_hold_out_splits_a_file_into_two_disjoint_parts(setup, tmp_path):
     source = root / "raw/sft.jsonl"
 
     def tokens(out: Path) -> np.ndarray:
-        return np.concatenate([np.fromfile(p, dtype=shard_info(out)["dtype"]) for p in sorted(out.glob("*.tokens.bin"))])
+        dtype = shard_info(out)["dtype"]
+        return np.concatenate([np.fromfile(part, dtype=dtype) for part in sorted(out.glob("*.tokens.bin"))])
 
     build_shards("sft", [source], tokenizer_dir, tmp_path / "all", workers=1, progress=False)
     for split in ("train", "val"):

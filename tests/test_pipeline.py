@@ -80,8 +80,9 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline):
     assert typo.returncode == 2 and "pretrain: unknown config key 'n_layer'; did you mean 'n_layers'?" in typo.stderr
     more = run_script("run_pipeline.sh", "--only", "pretrain", "--set", "pretrain.max_steps=30", cwd=root,
                       timeout=300)
-    assert more.returncode == 0 and ("[pipeline] pretrain: pretrain.max_steps=30 changes nothing in a finished stage "
-                                     "(done while out/pretrain/final/config.json exists: remove it") in more.stdout, more.stdout
+    assert more.returncode == 0, more.stdout
+    assert ("[pipeline] pretrain: pretrain.max_steps=30 changes nothing in a finished stage (done while "
+            "out/pretrain/final/config.json exists: remove it") in more.stdout, more.stdout
 
 
 @pytest.mark.slow

@@ -288,7 +288,8 @@ def test_a_user_ds_config_that_agrees_is_completed_from_the_flags(tmp_path):
     assert ds == {**USER_DS_CONFIG, "bf16": {"enabled": True}, "fp16": {"enabled": False}}
     path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))  # the rest left out
     ds = build_ds_config(parse_config(["--ds_config", str(path), "--batch_size", "4"]), torch.float32, 2, 64)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 1, 8)
+    sizes = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    assert tuple(ds[key] for key in sizes) == (4, 1, 8)
     assert ds["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0} and ds["gradient_clipping"] == 1.0
 
 

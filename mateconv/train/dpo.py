@@ -135,12 +135,10 @@ class DPOObjective:
             loss = loss + s.kl_coef * kl
         if s.sft_coef:
             loss = loss + s.sft_coef * chosen_nll
-        aux = {}
-        if aux_loss is not None and model.training:  # the router's balance loss, as in pretraining and SFT
-            loss = loss + aux_loss
-            aux["aux_loss"] = aux_loss.detach()
+        aux = aux_loss if model.training else None  # the router's balance loss trains, as in pretraining and SFT
+        if aux is not None:
+            loss = loss + aux
         metrics = {  # on the device, detached: the engine reads them on log steps only
-            **aux,
             "dpo_loss": pair_losses.detach().mean(),
             **reward_metrics(chosen_logratios, rejected_logratios, s.beta),
             "logps/chosen": policy_chosen.detach().mean(),
@@ -148,4 +146,6 @@ class DPOObjective:
             "kl_ref": kl.detach(),
             "nll/chosen": chosen_nll.detach(),
         }
+        if aux is not None:
+            metrics["aux_loss"] = aux.detach()
         return loss, metrics

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
-from mateconv.config import STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, parse_config
+from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, is_training_checkpoint,
+                             parse_config)
 from mateconv.files import atomic_dir
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
@@ -197,10 +198,6 @@ def load_tokenizer(config: TrainConfig):
 
 
 CONSOLIDATED = "model"  # a training checkpoint's weights as a save_pretrained directory, inside the checkpoint
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "trainer_state.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
