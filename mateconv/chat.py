@@ -264,6 +264,21 @@ def main(argv: list[str] | None = None) -> None:
 SEED_MODEL_MODES = {0: "pretrain", 1: "sft", 2: "dpo"}
 
 
+def check_seed_shape(path: Path, dim: int | None, n_layers: int | None, program: str) -> None:
+    """The seeds' `--dim`/`--n_layers` picked a checkpoint file by shape; here a model directory holds its own shape,
+    which they must match (SystemExit naming both)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    shape = {"dim": config.get("dim", config.get("hidden_size")),
+             "n_layers": config.get("n_layers", config.get("num_hidden_layers"))}
+    wanted = {name: value for name, value in (("dim", dim), ("n_layers", n_layers)) if value is not None}
+    if any(shape[name] != value for name, value in wanted.items()):
+        raise SystemExit(f"{program}: {path} has {', '.join(f'{k} {v}' for k, v in shape.items())}, not "
+                         f"{', '.join(f'{k} {v}' for k, v in wanted.items())}")
+
+
 def seed_main(argv: list[str] | None = None) -> None:
     """Seed 000's `eval_model.py --model_mode 0|1|2 [--dim D --n_layers N] [--stream True]`: the chat with
     out/pretrain (as text completion: a pretrained model continues text), out/sft or out/dpo's final model. There
@@ -278,15 +293,7 @@ def seed_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream", choices=["True", "False", "true", "false", "1", "0"], default="True")
     args, chat_flags = parser.parse_known_args(argv)
     path = Path(args.out_dir) / SEED_MODEL_MODES[args.model_mode] / "final"
-    config_file = path / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        shape = {"dim": config.get("dim", config.get("hidden_size")),
-                 "n_layers": config.get("n_layers", config.get("num_hidden_layers"))}
-        wanted = {name: getattr(args, name) for name in shape if getattr(args, name) is not None}
-        if any(shape[name] != value for name, value in wanted.items()):
-            raise SystemExit(f"eval_model: {path} has {', '.join(f'{k} {v}' for k, v in shape.items())}, not "
-                             f"{', '.join(f'{k} {v}' for k, v in wanted.items())}")
+    check_seed_shape(path, args.dim, args.n_layers, "eval_model")
     completion = ["--text_completion"] if SEED_MODEL_MODES[args.model_mode] == "pretrain" else []
     main(["--model_path", str(path), *completion, *chat_flags])
 

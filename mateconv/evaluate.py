@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from mateconv.chat import ChatError, context_length, load_model, prompt_ids
-from mateconv.config import is_training_checkpoint
+from mateconv.chat import SEED_MODEL_MODES, ChatError, check_seed_shape, context_length, load_model, prompt_ids
+from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens
 from mateconv.files import save_figure, write_atomic
@@ -653,6 +653,39 @@ def main(argv: list[str] | None = None) -> None:
     failed = [f"{report.label}: {report.error}" for report in reports if report.error]
     if failed:
         raise SystemExit(f"evaluate: not evaluated: {'; '.join(failed)} (the summaries hold the other models)")
+
+
+def seed_test_main(argv: list[str]) -> None:
+    """Seed 000's `pretrain_sft_lora.py --mode test [flags]`, the fourth mode of its flags table: this evaluation of
+    the final models its runs wrote under --out_dir (pretrain/, sft/, dpo/), into <out_dir>/eval, on the held-out data
+    under it. --batch_size, --device and --max_seq_len (the perplexity length) carry over; --dim and --n_layers must be
+    each model's; training flags are named as unused."""
+    parser = argparse.ArgumentParser(prog="pretrain_sft_lora.py --mode test", description=seed_test_main.__doc__)
+    parser.add_argument("--mode", choices=["test"], default="test")
+    parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max_seq_len", type=int, default=None)
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--n_layers", type=int, default=None)
+    args, unused = parser.parse_known_args(argv)
+    root = Path(args.out_dir)
+    models = [root / stage / "final" for stage in SEED_MODEL_MODES.values()
+              if (root / stage / "final" / "config.json").is_file()]
+    if not models:
+        raise SystemExit(f"pretrain_sft_lora: --mode test found no trained model under {root} (pretrain/final, "
+                         "sft/final or dpo/final); train one first, or name the layout root with --out_dir")
+    for model in models:
+        check_seed_shape(model, args.dim, args.n_layers, "pretrain_sft_lora")
+    if unused:
+        print(f"[evaluate] --mode test does not use {' '.join(t for t in unused if t.startswith('-'))}", flush=True)
+    data = [(flag, under_root(default, root)) for flag, default in
+            (("--val", DEFAULT_VAL), ("--tasks", DEFAULT_TASKS), ("--bpb_texts", DEFAULT_BPB_TEXTS),
+             ("--heldout", DEFAULT_HELDOUT))]
+    length = ["--seq_len", str(args.max_seq_len)] if args.max_seq_len else []
+    main(["--models", *map(str, models), "--out_dir", str(root / "eval"), "--batch_size", str(args.batch_size),
+          "--device", args.device, *length,
+          *(part for flag, path in data for part in (flag, path if Path(path).exists() else "none"))])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -182,6 +183,18 @@ def test_seed_000_one_program_and_eval_model(tmp_path, tiny_tokenizer, tiny_toke
     unknown = subprocess.run([sys.executable, "pretrain_sft_lora.py", "--mode", "ppo"], cwd=root,
                              env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 1 and unknown.stderr.startswith("pretrain_sft_lora: --mode 'ppo' is not a stage")
+    test = [sys.executable, "pretrain_sft_lora.py", "--mode", "test", "--device", "cpu", "--batch_size", "2",
+            "--dim", "64", "--n_layers", "2", "--epochs", "1"]
+    tested = subprocess.run(test, cwd=root, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert tested.returncode == 0, tested.stdout[-2000:] + tested.stderr[-2000:]
+    assert "--mode test does not use --epochs" in tested.stdout
+    summary = json.loads((root / "out" / "eval" / "summary.json").read_text())
+    assert [row["path"] for row in summary["models"]] == ["out/pretrain/final", "out/sft/final"]
+    assert all(math.isfinite(row["val_ppl"]) and row["samples"] for row in summary["models"]), summary
+    wrong = subprocess.run(test[:8] + ["--dim", "512"], cwd=root, env=single_thread_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == \
+        "pretrain_sft_lora: out/pretrain/final has dim 64, n_layers 2, not dim 512"
 
 
 def test_seed_001_layout_defaults_and_model_checks(tmp_path, tiny_tokenizer, tiny_embedded_data, monkeypatch, capsys):

@@ -375,10 +375,16 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         exit_with(f"{program}: {e}")
     key, value = named[-1] if named else ("", "")
+    if program == "pretrain_sft_lora" and (key, value) == ("mode", "test"):
+        from mateconv.evaluate import seed_test_main
+        seed_test_main(argv)
+        return 0
     stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
     if stage is not None:
         return main(stage, argv, seed_program_defaults(stage) if program == "pretrain_sft_lora" else None)
     stages = ", ".join(f"{mode} ({script})" for mode, script in STAGE_PROGRAMS.items())
+    if program == "pretrain_sft_lora":
+        stages += ", test (evaluates the final models under --out_dir)"
     usage = (f"--mode names the stage to run, with that stage's flags: {stages} (or a config's loss.name: sft, dpo "
              "or ipo, seed 003); `--mode NAME --help` lists them")
     if not named and asks_help:
