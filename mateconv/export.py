@@ -7,11 +7,13 @@
 Jinja renders, and a generation_config.json that samples by default (servers that follow it honour temperature).
 `qwen3`: the same as a `Qwen3ForCausalLM`, for models trained with `qk_norm` (per-head q/k RMSNorm, which Llama lacks).
 `qwen2moe`: a Mixture-of-Experts model as a `Qwen2MoeForCausalLM` (no trust_remote_code; vLLM and llama.cpp know it);
-`qwen3moe`: as a `Qwen3MoeForCausalLM`, for MoE models with `qk_norm` and no shared experts (model/export.py shows how
-each computes exactly our function; a model that fits neither is refused in one line).
+`qwen3moe`: as a `Qwen3MoeForCausalLM`, for MoE models with `qk_norm` and no shared experts; `qwen3next`: as a
+`Qwen3NextForCausalLM` of full-attention layers, for those with both (the MoE preset). model/export.py shows how each
+computes exactly our function.
 `gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library) in the
-architecture above that fits the model; Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair
-rotary dimensions as we do), our byte-level BPE as llama.cpp's "gpt2" tokenizer.
+architecture above that fits the model (not Qwen3-Next, and an MoE routing llama.cpp fixes otherwise: refused in one
+line); Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair rotary dimensions as we do), our
+byte-level BPE as llama.cpp's "gpt2" tokenizer.
 """
 from __future__ import annotations
 
@@ -107,14 +109,7 @@ def standard_twin(model: MateConvForCausalLM, source: str | Path, architecture: 
     try:
         return TO_STANDARD[architecture](model)
     except ConfigError as error:
-        raise ExportError(f"{source}: {error} ({fitting_architecture(model.config)})") from None
-
-
-def fitting_architecture(config) -> str:
-    try:
-        return f"--to {standard_architecture(config)}"
-    except ConfigError as error:
-        return str(error)
+        raise ExportError(f"{source}: {error} (--to {standard_architecture(model.config)})") from None
 
 
 def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: str):
@@ -167,10 +162,11 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
     model, tokenizer = load_mateconv(source)
     config = model.config
-    try:
-        standard = standard_architecture(config)
-    except ConfigError as error:
-        raise ExportError(f"{source}: {error}") from None
+    standard = standard_architecture(config)
+    if standard not in GGUF_ARCHITECTURES:
+        raise ExportError(f"{source}: shared experts with per-head q/k norms export as Qwen3-Next (--to {standard}), "
+                          "whose llama.cpp implementation needs its linear-attention layers (with full attention "
+                          "only, it stops in ggml); trained with n_shared_experts=0 it would be a qwen3moe GGUF")
     check_gguf_routing(config, source, standard)
     architecture = GGUF_ARCHITECTURES[standard]
     names = gguf.get_tensor_name_map(architecture, config.n_layers)
@@ -252,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
     parser.add_argument("--to", required=True, choices=(*TO_STANDARD, "gguf"),
-                        help="dense models: qwen3 with qk_norm, else llama; Mixture-of-Experts: qwen3moe with qk_norm "
-                        "and no shared experts, else qwen2moe; gguf for any of them (the fitting one is chosen)")
+                        help="dense models: qwen3 with qk_norm, else llama; Mixture-of-Experts: qwen2moe without "
+                        "qk_norm, with it qwen3moe (no shared experts) or qwen3next; gguf for any but qwen3next (the "
+                        "fitting one is chosen)")
     parser.add_argument("--dtype", default=None,
                         help="a Hugging Face directory: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
     parser.add_argument("--out", required=True, help="output directory: a Hugging Face export replaces it (a new, "

@@ -1,6 +1,6 @@
 """`python -m mateconv.export` on a trained tiny model: the Llama directory and the GGUF file decode the same
 greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-python); Mixture-of-Experts models as
-Qwen2-MoE or Qwen3-MoE, and what no standard architecture computes refused in one line."""
+Qwen2-MoE, Qwen3-MoE or Qwen3-Next, and exports that would compute another function refused in one line."""
 from __future__ import annotations
 
 import json
@@ -86,18 +86,37 @@ def assert_refused(result: subprocess.CompletedProcess, out, *phrases: str) -> N
     assert last.startswith("export: ") and all(phrase in last for phrase in phrases), last
 
 
-def test_moe_combinations_that_fit_nothing_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer, tmp_path):
-    """Shared experts with per-head q/k norms fit no standard MoE architecture; llama.cpp's qwen2moe never
-    renormalises the top-k weights (the default MoE model's do: its GGUF is refused, its Qwen2-MoE directory not);
-    each asked-for architecture that does not fit names the one that does."""
+def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
+                                                                                 tmp_path):
+    """llama.cpp's qwen2moe never renormalises the top-k weights (the default MoE model's are: its GGUF is refused,
+    its Qwen2-MoE directory not); llama.cpp's Qwen3-Next does not run without its linear-attention layers (the MoE
+    preset's combination has no GGUF); each asked-for architecture that does not fit names the one that does."""
     both = tmp_path / "shared_and_qk_norm"
     untrained_moe(tiny_tokenizer, both, qk_norm=True, n_shared_experts=1)
-    for to in ("gguf", "qwen2moe", "qwen3moe"):
-        assert_refused(export(both, "--to", to, "--out", tmp_path / to), tmp_path / to, "no standard MoE architecture")
+    assert_refused(export(both, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
+                   "Qwen3-Next (--to qwen3next)", "linear-attention")
+    for to in ("qwen2moe", "qwen3moe"):
+        assert_refused(export(both, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen3next)")
     assert_refused(export(tiny_moe_sft_model, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
                    "qwen2moe never renormalises", "norm_topk_prob=True", "--to qwen2moe")
-    for to, fits in (("qwen3moe", "--to qwen2moe"), ("llama", "--to qwen2moe"), ("qwen3", "--to qwen2moe")):
-        assert_refused(export(tiny_moe_sft_model, "--to", to, "--out", tmp_path / to), tmp_path / to, fits)
+    for to in ("qwen3moe", "qwen3next", "llama", "qwen3"):
+        assert_refused(export(tiny_moe_sft_model, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen2moe)")
+
+
+def test_shared_experts_with_qk_norm_as_qwen3_next(tiny_tokenizer, tmp_path):
+    """The MoE preset's combination (shared expert and per-head q/k norms) as a Qwen3-Next of full-attention layers,
+    loaded without remote code: our logits and greedy tokens."""
+    model = untrained_moe(tiny_tokenizer, tmp_path / "model", qk_norm=True, n_shared_experts=1)
+    result = export(tmp_path / "model", "--to", "qwen3next", "--out", tmp_path / "qwen3next")
+    assert result.returncode == 0, result.stderr[-2000:]
+    standard = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3next").eval()
+    assert type(standard).__name__ == "Qwen3NextForCausalLM"
+    assert set(standard.config.layer_types) == {"full_attention"}
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.no_grad():
+        assert (model(ids).logits - standard(ids).logits).abs().max() < 1e-4
+    ours = generate_tokens(model, ids, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert torch.equal(standard.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), ours)
 
 
 def logits_of(model_dir, standard, reference) -> float:
