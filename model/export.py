@@ -3,7 +3,8 @@
 Dense: `LlamaForCausalLM` with the same parameter names, or `Qwen3ForCausalLM` when it normalises each head's queries
 and keys (`qk_norm`), which Llama does not. Mixture-of-Experts (softmax router, top k, optionally renormalised):
 `Qwen2MoeForCausalLM` (one shared expert behind a sigmoid gate), `Qwen3MoeForCausalLM` with `qk_norm` and no shared
-experts, `Qwen3NextForCausalLM` (all layers full attention) with both, as the MoE preset. `python -m mateconv.export` writes it out with its tokenizer and generation settings.
+experts, `Qwen3NextForCausalLM` (all layers full attention) with both, as the MoE preset. `python -m mateconv.export`
+writes it out with its tokenizer and generation settings.
 """
 from __future__ import annotations
 
