@@ -1,4 +1,4 @@
-"""Export a trained dense MateConv checkpoint for the rest of the ecosystem, in one command.
+"""Export a trained MateConv checkpoint (dense or Mixture-of-Experts) for the rest of the ecosystem, in one command.
 
     python -m mateconv.export out/sft/final --to llama --out out/export/llama            # transformers, vLLM, lm-eval
     python -m mateconv.export out/sft/final --to gguf --dtype q8_0 --out out/export/gguf  # llama.cpp, ollama
@@ -6,9 +6,14 @@
 `llama`: a `LlamaForCausalLM` directory (same weights, strict load) with the tokenizer, a chat template that plain
 Jinja renders, and a generation_config.json that samples by default (servers that follow it honour temperature).
 `qwen3`: the same as a `Qwen3ForCausalLM`, for models trained with `qk_norm` (per-head q/k RMSNorm, which Llama lacks).
-`gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library): Llama
-architecture, q/k rows reordered for llama.cpp's rotary layout (Qwen3 with `qk_norm`: its rotary layout is ours), our
-byte-level BPE as llama.cpp's "gpt2" tokenizer. A Mixture-of-Experts model is refused: neither has experts.
+`qwen2moe`: a Mixture-of-Experts model as a `Qwen2MoeForCausalLM` (no trust_remote_code; vLLM and llama.cpp know it);
+`qwen3moe`: as a `Qwen3MoeForCausalLM`, for MoE models with `qk_norm` and no shared experts; `qwen3next`: as a
+`Qwen3NextForCausalLM` of full-attention layers, for those with both (the MoE preset). model/export.py shows how each
+computes exactly our function.
+`gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library) in the
+architecture above that fits the model (not Qwen3-Next, and an MoE routing llama.cpp fixes otherwise: refused in one
+line); Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair rotary dimensions as we do), our
+byte-level BPE as llama.cpp's "gpt2" tokenizer.
 """
 from __future__ import annotations
 
@@ -26,12 +31,17 @@ from transformers import GenerationConfig
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
 from model import ConfigError, MateConvForCausalLM
-from model.export import to_llama, to_qwen3
+from model.export import TO_STANDARD, shared_width, standard_architecture
 from model.modeling import SAMPLING_DEFAULTS
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
+GGUF_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
+                      "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+# llama.cpp fixes what Qwen's MoE configs leave open: its qwen2moe never renormalises the top-k expert weights, its
+# qwen3moe always does (whatever the file says)
+GGUF_RENORMALISES = {"qwen2moe": False, "qwen3moe": True}
 GGUF_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
@@ -45,7 +55,7 @@ def plain_chat_template(template: str) -> str:
     return re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
 
 
-def load_dense(source: str | Path):
+def load_mateconv(source: str | Path):
     try:
         model, tokenizer = load_model(source, device="cpu", dtype="float32")
     except ChatError as error:
@@ -53,9 +63,6 @@ def load_dense(source: str | Path):
     if not isinstance(model, MateConvForCausalLM):
         raise ExportError(f"{source} holds a {type(model).__name__}, not a MateConv model; it is already in a "
                           "standard format")
-    if model.config.use_moe:
-        raise ExportError(f"{source} is a Mixture-of-Experts model: Llama (and so llama.cpp, ollama and vLLM's Llama "
-                          "path) has no routed experts; only dense MateConv models export")
     return model, tokenizer
 
 
@@ -78,12 +85,9 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
         raise ExportError(f"--dtype {dtype} is for gguf; a {architecture} directory is saved as {' or '.join(DTYPES)}")
     out = Path(out).resolve()
     check_replaceable(out, source)
-    model, tokenizer = load_dense(source)
+    model, tokenizer = load_mateconv(source)
     config = model.config
-    try:
-        standard = {"llama": to_llama, "qwen3": to_qwen3}[architecture](model)
-    except ConfigError as error:
-        raise ExportError(f"{source}: {error} (--to {'qwen3' if config.qk_norm else 'llama'})") from None
+    standard = standard_twin(model, source, architecture)
     with atomic_dir(out) as tmp:
         standard.to(DTYPES[dtype]).save_pretrained(tmp)
         tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
@@ -98,6 +102,33 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(Path(source).resolve()), "to": architecture,
                                                      "dtype": dtype}) + "\n")
     return out
+
+
+def standard_twin(model: MateConvForCausalLM, source: str | Path, architecture: str):
+    """The standard Hugging Face model `architecture` names, computing what `model` does; ExportError if it cannot."""
+    try:
+        return TO_STANDARD[architecture](model)
+    except ConfigError as error:
+        raise ExportError(f"{source}: {error} (--to {standard_architecture(model.config)})") from None
+
+
+def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: str):
+    """(Hugging Face name, tensor) in the layout llama.cpp's `architecture` reads: a dense model's own tensors, a
+    Mixture-of-Experts model's as its Qwen MoE twin holds them, under the names of the per-expert layout that
+    llama.cpp's converter stacks (each layer's fused expert gate/up split in two)."""
+    if not model.config.use_moe:
+        yield from model.state_dict().items()
+        return
+    for name, tensor in standard_twin(model, source, architecture).state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            experts = name.removesuffix("gate_up_proj")
+            gate, up = tensor.chunk(2, dim=1)
+            yield experts + "gate_proj.weight", gate
+            yield experts + "up_proj.weight", up
+        elif name.endswith("experts.down_proj"):
+            yield name + ".weight", tensor
+        else:
+            yield name, tensor
 
 
 def rotary_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -129,10 +160,15 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
 def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path:
     if dtype not in GGUF_TYPES:
         raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
-    model, tokenizer = load_dense(source)
+    model, tokenizer = load_mateconv(source)
     config = model.config
-    # Qwen3 in llama.cpp: q/k norms, and rotary dimensions paired (i, i + half) as ours, so no row reordering
-    architecture = gguf.MODEL_ARCH.QWEN3 if config.qk_norm else gguf.MODEL_ARCH.LLAMA
+    standard = standard_architecture(config)
+    if standard not in GGUF_ARCHITECTURES:
+        raise ExportError(f"{source}: shared experts with per-head q/k norms export as Qwen3-Next (--to {standard}), "
+                          "whose llama.cpp implementation needs its linear-attention layers (with full attention "
+                          "only, it stops in ggml); trained with n_shared_experts=0 it would be a qwen3moe GGUF")
+    check_gguf_routing(config, source, standard)
+    architecture = GGUF_ARCHITECTURES[standard]
     names = gguf.get_tensor_name_map(architecture, config.n_layers)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +187,8 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_vocab_size(config.vocab_size)
+        if config.use_moe:
+            add_experts(writer, config, standard)
         writer.add_file_type(GGUF_FILE_TYPES[dtype])
         tokens, types, merges = tokenizer_vocab(tokenizer, config.vocab_size)
         writer.add_tokenizer_model("gpt2")
@@ -163,16 +201,18 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.add_pad_token_id(tokenizer.pad_token_id)
         writer.add_add_bos_token(False)
         writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
-        for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # llama.cpp reuses token_embd when output.weight is absent
+        for name, tensor in gguf_tensors(model, source, standard):
+            if name == "lm_head.weight" and config.tie_word_embeddings and not config.use_moe:
+                continue  # llama.cpp's Llama and Qwen3 reuse token_embd when output.weight is absent (its MoE ones not)
             if architecture == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.n_heads if "q_proj" in name else config.n_kv_heads
                 tensor = rotary_to_interleaved(tensor, heads)
             data = tensor.float().numpy()
-            kind = GGUF_TYPES[dtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay f32
+            # norms, biases and the routers (whose scores pick the experts, as llama.cpp's converter keeps them) f32
+            router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+            kind = GGUF_TYPES[dtype] if data.ndim >= 2 and not router else gguf.GGMLQuantizationType.F32
             packed = gguf.quants.quantize(data, kind)
-            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), packed, raw_dtype=kind)
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), packed, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -184,18 +224,41 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
     return final
 
 
+def check_gguf_routing(config, source: str | Path, name: str) -> None:
+    if name not in GGUF_RENORMALISES:
+        return
+    ours = config.norm_topk_prob and config.num_experts_per_tok > 1  # one weight alone we never renormalise
+    if ours != GGUF_RENORMALISES[name]:
+        raise ExportError(f"{source}: llama.cpp's {name} {'always' if GGUF_RENORMALISES[name] else 'never'} "
+                          "renormalises the top-k expert weights and this model "
+                          f"{'does' if ours else 'does not'} (norm_topk_prob={config.norm_topk_prob}, "
+                          f"num_experts_per_tok={config.num_experts_per_tok}), so no GGUF computes it (its Hugging "
+                          f"Face export --to {name} does)")
+
+
+def add_experts(writer: gguf.GGUFWriter, config, architecture: str) -> None:
+    writer.add_expert_count(config.n_routed_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.hidden_dim)
+    if architecture == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(shared_width(config))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
-    parser.add_argument("--to", required=True, choices=("llama", "qwen3", "gguf"),
-                        help="qwen3 for models trained with qk_norm, llama for the others; gguf for either")
+    parser.add_argument("--to", required=True, choices=(*TO_STANDARD, "gguf"),
+                        help="dense models: qwen3 with qk_norm, else llama; Mixture-of-Experts: qwen2moe without "
+                        "qk_norm, with it qwen3moe (no shared experts) or qwen3next; gguf for any but qwen3next (the "
+                        "fitting one is chosen)")
     parser.add_argument("--dtype", default=None,
-                        help="llama/qwen3: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
-    parser.add_argument("--out", required=True, help="output directory: llama/qwen3 replace it (a new, empty or "
+                        help="a Hugging Face directory: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
+    parser.add_argument("--out", required=True, help="output directory: a Hugging Face export replaces it (a new, "
+                        "empty or "
                         "earlier export's directory); gguf writes model-<dtype>.gguf into it, beside other files")
     args = parser.parse_args(argv)
     try:
-        if args.to in ("llama", "qwen3"):
+        if args.to in TO_STANDARD:
             written = export_hf_dir(args.source, args.out, args.dtype or "f32", args.to)
         else:
             written = export_gguf(args.source, args.out, args.dtype or "f16")

@@ -227,6 +227,14 @@ def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_qk_norm_sft_model(tiny_tokens, tiny_tokenizer):
+    """An MoE twin with per-head q/k norms and no shared experts (4 routed experts, top 2): it exports as Qwen3-MoE,
+    also to GGUF."""
+    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe_qk_norm", use_moe=True,
+                           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0, qk_norm=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_qk_norm_sft_model(tiny_tokens, tiny_tokenizer):
     """`tiny_sft_model` with per-head q/k RMSNorm (`qk_norm`): it exports as Qwen3, not Llama."""
     return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_qk_norm", qk_norm=True)

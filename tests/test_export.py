@@ -1,5 +1,6 @@
 """`python -m mateconv.export` on a trained tiny model: the Llama directory and the GGUF file decode the same
-greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-python); MoE is refused in one line."""
+greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-python); Mixture-of-Experts models as
+Qwen2-MoE, Qwen3-MoE or Qwen3-Next, and exports that would compute another function refused in one line."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,16 @@ import subprocess
 import sys
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
 from llama_cpp import Llama
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from mateconv.chat import load_model
+from model import MateConvConfig, MateConvForCausalLM
 from model.generation import generate_tokens
 
 QUESTIONS = ["Which is larger, 14 or 6?", "12 千克等于多少克？"]
@@ -60,11 +64,119 @@ def test_llama_directory(tiny_sft_model, reference, tmp_path):
     assert plain == tokenizer.apply_chat_template(messages, tokenize=False) and "generation" not in plain
 
 
-def test_moe_is_refused_in_one_line(tiny_moe_sft_model, tmp_path):
-    result = export(tiny_moe_sft_model, "--to", "gguf", "--out", tmp_path / "gguf")
-    assert result.returncode != 0 and not (tmp_path / "gguf").exists()
-    assert result.stderr.strip().splitlines()[-1].startswith("export: ") and "Mixture-of-Experts" in result.stderr
-    assert "Traceback" not in result.stderr
+def untrained_moe(tiny_tokenizer, out, **moe):
+    """A randomly initialised MoE model (dim 64, 2 layers, 4 experts, top 2) saved with the tiny tokenizer, its router
+    sharpened so that its picks are decided (near-uniform scores would make any rounding flip them)."""
+    torch.manual_seed(0)
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=96, use_moe=True,
+                  n_routed_experts=4, num_experts_per_tok=2)
+    config = MateConvConfig(**{**fields, **moe})
+    model = MateConvForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(20)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(out)
+    return model
+
+
+def assert_refused(result: subprocess.CompletedProcess, out, *phrases: str) -> None:
+    assert result.returncode != 0 and not out.exists() and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("export: ") and all(phrase in last for phrase in phrases), last
+
+
+def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
+                                                                                 tmp_path):
+    """llama.cpp's qwen2moe never renormalises the top-k weights (the default MoE model's are: its GGUF is refused,
+    its Qwen2-MoE directory not); llama.cpp's Qwen3-Next does not run without its linear-attention layers (the MoE
+    preset's combination has no GGUF); each asked-for architecture that does not fit names the one that does."""
+    both = tmp_path / "shared_and_qk_norm"
+    untrained_moe(tiny_tokenizer, both, qk_norm=True, n_shared_experts=1)
+    assert_refused(export(both, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
+                   "Qwen3-Next (--to qwen3next)", "linear-attention")
+    for to in ("qwen2moe", "qwen3moe"):
+        assert_refused(export(both, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen3next)")
+    assert_refused(export(tiny_moe_sft_model, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
+                   "qwen2moe never renormalises", "norm_topk_prob=True", "--to qwen2moe")
+    for to in ("qwen3moe", "qwen3next", "llama", "qwen3"):
+        assert_refused(export(tiny_moe_sft_model, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen2moe)")
+
+
+def test_shared_experts_with_qk_norm_as_qwen3_next(tiny_tokenizer, tmp_path):
+    """The MoE preset's combination (shared expert and per-head q/k norms) as a Qwen3-Next of full-attention layers,
+    loaded without remote code: our logits and greedy tokens."""
+    model = untrained_moe(tiny_tokenizer, tmp_path / "model", qk_norm=True, n_shared_experts=1)
+    result = export(tmp_path / "model", "--to", "qwen3next", "--out", tmp_path / "qwen3next")
+    assert result.returncode == 0, result.stderr[-2000:]
+    standard = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3next").eval()
+    assert type(standard).__name__ == "Qwen3NextForCausalLM"
+    assert set(standard.config.layer_types) == {"full_attention"}
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.no_grad():
+        assert (model(ids).logits - standard(ids).logits).abs().max() < 1e-4
+    ours = generate_tokens(model, ids, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert torch.equal(standard.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), ours)
+
+
+def logits_of(model_dir, standard, reference) -> float:
+    """Largest difference between our logits and `standard`'s over the reference prompts and continuations."""
+    ours, _ = load_model(model_dir, device="cpu", dtype="float32")
+    worst = 0.0
+    with torch.no_grad():
+        for prompt, reply in reference:
+            ids = torch.tensor([prompt + reply])
+            worst = max(worst, (ours(ids).logits - standard(ids).logits).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("fixture, architecture", [("tiny_moe_sft_model", "qwen2moe"),
+                                                   ("tiny_moe_qk_norm_sft_model", "qwen3moe")])
+def test_moe_directory_in_transformers_without_remote_code(request, fixture, architecture, tmp_path):
+    """A trained MoE model as a standard transformers model (no model code beside it): our logits, our greedy
+    tokens."""
+    model_dir = request.getfixturevalue(fixture)
+    reference = greedy_reference(model_dir)
+    result = export(model_dir, "--to", architecture, "--out", tmp_path / architecture)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / architecture / "config.json").read_text())
+    assert "auto_map" not in config and not list((tmp_path / architecture).glob("*.py"))
+    standard = AutoModelForCausalLM.from_pretrained(tmp_path / architecture).eval()
+    assert type(standard).__name__ == {"qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}[
+        architecture]
+    assert logits_of(model_dir, standard, reference) < 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / architecture)
+    for prompt, ours in reference:
+        out = standard.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert out[0, len(prompt):].tolist() == ours
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_moe_gguf_in_llama_cpp(tiny_moe_qk_norm_sft_model, tmp_path, dtype):
+    """Qwen3-MoE (q/k norms, top-k renormalised, no shared experts) in llama.cpp: our greedy tokens."""
+    reference = greedy_reference(tiny_moe_qk_norm_sft_model)
+    llm = gguf_generates_our_tokens(tiny_moe_qk_norm_sft_model, reference, tmp_path, dtype)
+    assert llm.metadata["general.architecture"] == "qwen3moe"
+    assert (int(llm.metadata["qwen3moe.expert_count"]), int(llm.metadata["qwen3moe.expert_used_count"])) == (4, 2)
+
+
+@pytest.mark.parametrize("moe", [dict(n_shared_experts=2, norm_topk_prob=False), dict(num_experts_per_tok=1)])
+def test_qwen2_moe_gguf_logits_in_llama_cpp(tiny_tokenizer, tmp_path, moe):
+    """Qwen2-MoE with its gated shared expert in llama.cpp (where the gate's sigmoid is silu(z)/z, NaN for a zero
+    gate): our logits, for the models whose top-k weights are not renormalised."""
+    model = untrained_moe(tiny_tokenizer, tmp_path / "model", **moe)
+    result = export(tmp_path / "model", "--to", "gguf", "--dtype", "f32", "--out", tmp_path / "gguf")
+    assert result.returncode == 0, result.stderr[-2000:]
+    llm = Llama(model_path=str(tmp_path / "gguf" / "model-f32.gguf"), n_ctx=96, n_threads=1, logits_all=True,
+                verbose=False)
+    assert llm.metadata["general.architecture"] == "qwen2moe"
+    ids = list(range(3, 60))
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
@@ -135,6 +247,18 @@ def test_a_training_checkpoint_exports_like_the_final_model(tiny_sft_model, tmp_
     assert {k: f.contents() for k, f in ours.fields.items() if k != "general.name"} == {
         k: f.contents() for k, f in final.fields.items() if k != "general.name"}
     assert (checkpoint / "model" / "config.json").is_file()
+
+
+def test_a_moe_training_checkpoint_exports_like_the_final_model(tiny_moe_sft_model, tmp_path):
+    """An MoE run's last checkpoint exports to the same Qwen2-MoE weights as its final/."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    shutil.copytree(tiny_moe_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
+    for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (tiny_moe_sft_model, tmp_path / "from_final")):
+        result = export(source, "--to", "qwen2moe", "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+    ours, final = (load_file(tmp_path / name / "model.safetensors") for name in ("from_checkpoint", "from_final"))
+    assert ours.keys() == final.keys() and "model.layers.0.mlp.experts.3.down_proj.weight" in ours
+    assert all(torch.equal(ours[name], final[name]) for name in ours)
 
 
 def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):

@@ -1,4 +1,5 @@
-"""MateConv dense model: config validation, presets, Llama export equivalence, HF integration, save/load."""
+"""MateConv dense model: config validation, presets, export equivalence (Llama, Qwen3; MoE models as Qwen2-MoE and
+Qwen3-MoE), HF integration, save/load."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from model import PRESETS, ConfigError, MateConvConfig, MateConvForCausalLM, preset_config
-from model.export import to_llama, to_qwen3
+from model.export import (TO_STANDARD, standard_architecture, to_llama, to_qwen2_moe, to_qwen3, to_qwen3_moe,
+                          to_qwen3_next)
 
 
 def tiny_config(**overrides) -> MateConvConfig:
@@ -101,6 +103,51 @@ def test_qk_norm_exports_to_qwen3_with_the_same_logits_and_tokens():
         to_llama(model)
     with pytest.raises(ConfigError, match="qk_norm=False"):
         to_qwen3(tiny_model())
+
+
+@pytest.mark.parametrize("moe, architecture", [
+    (dict(), "qwen2moe"),  # the default: top 2 of 4 renormalised, one shared expert
+    (dict(n_shared_experts=2, norm_topk_prob=False), "qwen2moe"),  # two shared experts, as one twice as wide
+    (dict(n_shared_experts=0, num_experts_per_tok=1), "qwen2moe"),  # Qwen's shared expert all zero; one pick kept as is
+    (dict(qk_norm=True, n_shared_experts=0), "qwen3moe"),
+    (dict(qk_norm=True), "qwen3next"),  # the MoE preset's combination: shared expert and q/k norms
+])
+def test_moe_exports_to_qwen_moe_with_the_same_logits_and_tokens(moe, architecture):
+    """The experts stacked, Qwen's sigmoid-gated shared expert made ours (a gate of exactly 1/2, its down projection
+    doubled), zero q/k/v biases (Qwen2-MoE), Qwen3-Next's gated attention and 1 + weight norms made ours: the same
+    logits (padded rows too) and the same greedy tokens."""
+    model = tiny_model(use_moe=True, **moe)
+    assert standard_architecture(model.config) == architecture
+    standard = TO_STANDARD[architecture](model)
+    assert type(standard).__name__ == {"qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                                       "qwen3next": "Qwen3NextForCausalLM"}[architecture]
+    input_ids = torch.randint(3, 97, (2, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            ours, theirs = model(input_ids, attention_mask=mask).logits, standard(input_ids, attention_mask=mask).logits
+            assert (ours - theirs)[:, 5:].abs().max() < 1e-4
+    from model.generation import generate_tokens
+
+    hf = standard.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generate_tokens(model, input_ids, 12, temperature=0, attention_mask=attention_mask), hf)
+
+
+def test_moe_architectures_that_do_not_compute_the_model_are_refused():
+    """Each exporter names what its architecture lacks or has beyond the model (Qwen2-MoE: q/k norms; Qwen3-MoE:
+    shared experts; Qwen3-Next: both needed), so only the one that computes it takes it."""
+    model = tiny_model(use_moe=True, qk_norm=True)
+    with pytest.raises(ConfigError, match="n_shared_experts=1.*Qwen3-MoE"):
+        to_qwen3_moe(model)
+    with pytest.raises(ConfigError, match="qk_norm.*Qwen2-MoE"):
+        to_qwen2_moe(model)
+    with pytest.raises(ConfigError, match="qk_norm=False"):
+        to_qwen3_moe(tiny_model(use_moe=True, n_shared_experts=0))
+    with pytest.raises(ConfigError, match="qk_norm=True, n_shared_experts=0"):
+        to_qwen3_next(tiny_model(use_moe=True, qk_norm=True, n_shared_experts=0))
+    with pytest.raises(ConfigError, match="use_moe=False"):
+        to_qwen2_moe(tiny_model())
 
 
 def test_loss_uses_hf_shift_and_ignore_index():
