@@ -4,6 +4,9 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions (JSON or server-sent
 events with "stream": true; `logprobs`/`top_logprobs` on both, `echo` on completions, as lm-eval's API models use).
+Chat takes OpenAI tool calling (`tools`, `tool_choice` "auto"/"none", `tool_calls` and `tool` turns, rendered as
+SFT records are) and returns the reply's <tool_call> blocks as `tool_calls` and a leading <think> block as
+`reasoning_content`.
 Generation runs in worker threads, at most `max_concurrent` at a time; up to `max_queued` more requests wait, and
 the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}},
 with OpenAI's wording where clients parse it (context length, API key). With `--api_key` (or MATECONV_API_KEY) every

@@ -77,7 +77,7 @@ def client(server):
 
 
 def ask(client, messages: list[dict], **options):
-    return client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=120, **options)
+    return client.chat.completions.create(model="tiny", messages=messages, temperature=0, **options)
 
 
 def streamed(client, messages: list[dict], **options) -> tuple[str, str, list[dict], list[str]]:
@@ -168,8 +168,7 @@ def test_streamed_tool_calls(client):
     assert (content, reasoning, finishes) == ("Let me look.", "", ["tool_calls"])
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
     assert calls[0]["id"].startswith("call_")
-    with client.chat.completions.stream(model="tiny", messages=[ASK_PARIS], tools=TOOLS, temperature=0,
-                                        max_tokens=120) as stream:
+    with client.chat.completions.stream(model="tiny", messages=[ASK_PARIS], tools=TOOLS, temperature=0) as stream:
         final = stream.get_final_completion().choices[0]
     assert final.finish_reason == "tool_calls" and not final.message.content
     assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
@@ -236,7 +235,7 @@ def test_unsupported_tool_requests_are_one_line_400s(client, server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_langchain_bind_tools(server, stream):
-    chat = ChatOpenAI(model="tiny", base_url=server, api_key="unused", temperature=0, max_tokens=120, max_retries=0)
+    chat = ChatOpenAI(model="tiny", base_url=server, api_key="unused", temperature=0, max_retries=0)
     with_tools = chat.bind_tools([WEATHER])
     question = HumanMessage(ASK_PARIS["content"])
     if stream:
