@@ -4,6 +4,9 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions (JSON or server-sent
 events with "stream": true; `logprobs`/`top_logprobs` on both, `echo` on completions, as lm-eval's API models use).
+Chat takes OpenAI tool calling (`tools`, `tool_choice` "auto"/"none", `tool_calls` and `tool` turns, rendered as
+SFT records are) and returns the reply's <tool_call> blocks as `tool_calls` and a leading <think> block as
+`reasoning_content`.
 Generation runs in worker threads, at most `max_concurrent` at a time; up to `max_queued` more requests wait, and
 the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}},
 with OpenAI's wording where clients parse it (context length, API key). With `--api_key` (or MATECONV_API_KEY) every
@@ -24,9 +27,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import uvicorn
@@ -38,6 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.config import add_decode_flags
+from mateconv.data import DataError
+from mateconv.data.formats import chat_messages
 from mateconv.logprobs import token_logps
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
@@ -46,6 +51,9 @@ MAX_N = 16
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 API_KEY_ENV = "MATECONV_API_KEY"
+THINK = ("<think>", "</think>")  # the chat format's reasoning and tool-call blocks (mateconv/data/formats.py)
+TOOL_CALL = ("<tool_call>", "</tool_call>")
+TOOL_CHOICES = ("auto", "none")
 
 
 class APIError(Exception):
@@ -69,26 +77,57 @@ class TextPart(BaseModel):
     text: str
 
 
-class Message(BaseModel):
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict  # OpenAI sends JSON text
+
+
+class ToolCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    """A turn as OpenAI clients send it: an assistant turn may carry `tool_calls` (content null) and
+    `reasoning_content`; a `tool` turn is a tool's result (its tool_call_id and name are not shown to the model, as
+    in the training data)."""
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _as_openai_clients_send(cls, message):
-        """OpenAI's newer `developer` role is the system prompt; an assistant turn that carried tool calls has
-        null content."""
-        if isinstance(message, dict):
-            message = dict(message)
-            if message.get("role") == "developer":
-                message["role"] = "system"
-            if message.get("role") == "assistant" and message.get("content", "") is None:
-                message["content"] = ""
+    def _developer_is_system(cls, message):
+        """OpenAI's newer `developer` role is the system prompt."""
+        if isinstance(message, dict) and message.get("role") == "developer":
+            message = {**message, "role": "system"}
         return message
 
+    @model_validator(mode="after")
+    def _check_turn(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool_calls (only assistant turns do)")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def turn(self) -> dict[str, Any]:
+        """The turn as a training record holds it, for `chat_messages`."""
+        turn = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.reasoning_content:
+            turn["reasoning_content"] = self.reasoning_content
+        return turn
 
 
 class StreamOptions(BaseModel):
@@ -129,6 +168,28 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list | None = None  # OpenAI's deprecated names for tools and tool_choice: refused, not ignored
+    function_call: str | dict | None = None
+
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        """The tools to list in the prompt and to parse calls of: none without tools or with tool_choice "none";
+        400 for what this server cannot do (forcing a call, tools that are not functions)."""
+        if self.functions is not None or self.function_call is not None:
+            raise APIError(400, "functions and function_call are deprecated; send tools and tool_choice",
+                           param="functions" if self.functions is not None else "function_call")
+        choice = self.tool_choice or "auto"
+        if choice not in TOOL_CHOICES:
+            raise APIError(400, f"tool_choice {json.dumps(choice)} is not supported: this server takes \"auto\" or "
+                                "\"none\" (it cannot force a call)", param="tool_choice")
+        for i, tool in enumerate(self.tools or []):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) or \
+                    not isinstance(function.get("name"), str):
+                raise APIError(400, f"tools.{i}: only function tools are supported, as {{\"type\": \"function\", "
+                                    "\"function\": {\"name\": ..., \"parameters\": ...}}", param=f"tools.{i}")
+        return self.tools if self.tools and choice == "auto" else None
 
 
 class CompletionRequest(GenerationRequest):
@@ -140,6 +201,11 @@ class CompletionRequest(GenerationRequest):
 
 
 # ---------------------------------------------------------------- generation
+
+def held_tail(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that could be the start of `marker` (held back while streaming)."""
+    return max((k for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
+
 
 class StopScanner:
     """Cuts streamed text at the first stop string, holding back any tail that could still become one."""
@@ -155,8 +221,7 @@ class StopScanner:
         if hits:
             out, self.pending, self.stopped = self.pending[: min(hits)], "", True
             return out
-        hold = max((k for stop in self.stops for k in range(1, len(stop)) if self.pending.endswith(stop[:k])),
-                   default=0)
+        hold = max((held_tail(self.pending, stop) for stop in self.stops), default=0)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
@@ -164,6 +229,152 @@ class StopScanner:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class TextChannel:
+    """Content or reasoning as it streams, a run of whitespace held back until more text follows: the whitespace the
+    chat format puts around <think> and <tool_call> blocks goes with them."""
+
+    def __init__(self):
+        self.held = ""
+        self.sent = False
+
+    def add(self, text: str, trim: bool) -> str:
+        text = self.held + text
+        body = text.rstrip()
+        if not body:
+            self.held = text
+            return ""
+        self.held = text[len(body):]
+        if trim and not self.sent:
+            body = body.lstrip()
+        self.sent = True
+        return body
+
+    def end(self, trim: bool) -> str:
+        tail, self.held = ("" if trim else self.held), ""
+        return tail
+
+
+def parse_tool_call(block: str) -> dict[str, str] | None:
+    """{"name", "arguments": JSON text} from the JSON inside a <tool_call> block; None when it is not a call."""
+    try:
+        call = json.loads(block)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+            and isinstance(call.get("arguments", {}), dict)):
+        return None
+    return {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}
+
+
+class ReplyParser:
+    """Splits a chat reply, fed in pieces as it is generated, into what OpenAI clients read: `reasoning` (a
+    leading <think> block), `content`, and `tool_call`s (<tool_call>{"name", "arguments"}</tool_call> blocks, looked
+    for only when the request lists tools; a block that is not such JSON stays text). `feed` and `finish` return
+    events (kind, text or {"name", "arguments"}) in reply order; the whole reply fed at once gives the same ones."""
+
+    def __init__(self, parse_calls: bool):
+        self.parse_calls = parse_calls
+        self.mode = "start"  # then "think", "content" or "call" (inside a <tool_call> block)
+        self.pending = ""
+        self.content, self.reasoning = TextChannel(), TextChannel()
+        self.trim = False  # a <think> or call block was taken out: the content's outer whitespace goes too
+        self.events: list[tuple[str, Any]] = []
+
+    def feed(self, piece: str) -> list[tuple[str, Any]]:
+        self.pending += piece
+        while self._step():
+            pass
+        return self._take()
+
+    def finish(self) -> list[tuple[str, Any]]:
+        leftover, self.pending = self.pending, ""
+        if self.mode == "think":
+            self._say("reasoning", self.reasoning.add(leftover, trim=True))
+        else:  # an unclosed <tool_call> block is text
+            self._say("content", self.content.add((TOOL_CALL[0] if self.mode == "call" else "") + leftover, self.trim))
+        self._say("content", self.content.end(self.trim))
+        return self._take()
+
+    def _step(self) -> bool:
+        """One move through the pending text; False when it needs more."""
+        if self.mode == "start":
+            if self.pending.startswith(THINK[0]):
+                self.pending, self.mode, self.trim = self.pending[len(THINK[0]):], "think", True
+                return True
+            if THINK[0].startswith(self.pending):
+                return False
+            self.mode = "content"
+            return True
+        if self.mode == "think":
+            before, found = self._until(THINK[1])
+            self._say("reasoning", self.reasoning.add(before, trim=True))
+            self.mode = "content" if found else "think"
+            return found
+        if self.mode == "content":
+            if self.parse_calls:
+                before, found = self._until(TOOL_CALL[0])
+            else:
+                before, found, self.pending = self.pending, False, ""
+            self._say("content", self.content.add(before, self.trim))
+            self.mode = "call" if found else "content"
+            return found
+        end = self.pending.find(TOOL_CALL[1])
+        if end < 0:
+            return False
+        block, self.pending, self.mode = self.pending[:end], self.pending[end + len(TOOL_CALL[1]):], "content"
+        call = parse_tool_call(block)
+        if call is None:
+            self._say("content", self.content.add(TOOL_CALL[0] + block + TOOL_CALL[1], self.trim))
+        else:
+            self.trim = True
+            self.events.append(("tool_call", call))
+        return True
+
+    def _until(self, marker: str) -> tuple[str, bool]:
+        """(the pending text before `marker`, True), the marker taken out; while it has not come, (what cannot be
+        its start, False)."""
+        at = self.pending.find(marker)
+        if at >= 0:
+            before, self.pending = self.pending[:at], self.pending[at + len(marker):]
+            return before, True
+        cut = len(self.pending) - held_tail(self.pending, marker)
+        before, self.pending = self.pending[:cut], self.pending[cut:]
+        return before, False
+
+    def _say(self, kind: str, text: str) -> None:
+        if text:
+            self.events.append((kind, text))
+
+    def _take(self) -> list[tuple[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def tool_call_entry(call: dict[str, str]) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+
+
+def chat_finish_reason(finish_reason: str, called: bool) -> str:
+    """OpenAI's "tool_calls" for a reply that called tools and ended by itself."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
+def chat_message(text: str, parse_calls: bool) -> dict:
+    """The assistant message of a whole reply: content (null when it only called tools, as OpenAI's), and
+    `reasoning_content` and `tool_calls` when it has them."""
+    parser = ReplyParser(parse_calls)
+    events = parser.feed(text) + parser.finish()
+    message = {"role": "assistant", "content": "".join(text for kind, text in events if kind == "content")}
+    reasoning = "".join(text for kind, text in events if kind == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    calls = [tool_call_entry(call) for kind, call in events if kind == "tool_call"]
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = message["content"] or None
+    return message
 
 
 @dataclass
@@ -194,8 +405,14 @@ class Engine:
         self.context = context_length(model)
         self.eos_id = tokenizer.eos_token_id
 
-    def chat_prompt(self, messages: list[Message]) -> list[int]:
-        return prompt_ids(self.tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """The prompt as stage 3 renders an SFT record: tool calls, tool results and tools converted by
+        `chat_messages`."""
+        try:
+            conversation = chat_messages([message.turn() for message in messages], tools)
+        except DataError as error:
+            raise APIError(400, f"messages: {error}", param="messages") from None
+        return prompt_ids(self.tokenizer, conversation)
 
     def text_prompts(self, prompt: str | list) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -453,22 +670,25 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if req.logprobs and req.stream:
             raise APIError(400, "logprobs are not available with stream: true on this server", param="logprobs")
-        ids = engine.chat_prompt(req.messages)
+        tools = req.prompt_tools()
+        ids = engine.chat_prompt(req.messages, tools)
         max_tokens = engine.budget(len(ids), req.max_completion_tokens or req.max_tokens, default_max_tokens,
                                    "messages")
         sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
         await admission.acquire()
         if req.stream:
-            return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name))
+            return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name,
+                                                         parse_calls=tools is not None))
 
         def work() -> list[tuple[Choice, dict | None]]:
             return [(choice, chat_logprobs(engine, ids, choice.tokens, req.top_logprobs or 0) if req.logprobs
                      else None) for choice in engine.complete(ids, sampling, req.n)]
 
         results = await admission.run(asyncio.get_running_loop(), work)
-        answers = [{"index": i, "message": {"role": "assistant", "content": choice.text},
-                    "finish_reason": choice.finish_reason, "logprobs": logprobs}
-                   for i, (choice, logprobs) in enumerate(results)]
+        messages = [chat_message(choice.text, parse_calls=tools is not None) for choice, _ in results]
+        answers = [{"index": i, "message": message, "logprobs": logprobs,
+                    "finish_reason": chat_finish_reason(choice.finish_reason, "tool_calls" in message)}
+                   for i, ((choice, logprobs), message) in enumerate(zip(results, messages))]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created_now(),
                 "model": served_model_name, "choices": answers,
                 "usage": usage(len(ids), sum(choice.completion_tokens for choice, _ in results))}
@@ -546,16 +766,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 @dataclass
 class ChatChunks:
-    """Streamed chat completion chunks: a role delta opens each choice, content deltas follow."""
+    """Streamed chat completion chunks: a role delta opens each choice; content, reasoning_content and tool_calls
+    deltas follow (each call whole, with its index among the choice's calls, as the openai client accumulates
+    them)."""
     completion_id: str
     model_name: str
+    parse_calls: bool = False
+    parsers: dict[int, ReplyParser] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
     object = "chat.completion.chunk"
 
     def opening(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
 
-    def piece(self, index: int, text: str | None, finish_reason: str | None) -> dict:
-        return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish_reason}
+    def pieces(self, index: int, text: str) -> list[dict]:
+        return [self._delta(index, event) for event in self._parser(index).feed(text)]
+
+    def ending(self, index: int, finish_reason: str) -> list[dict]:
+        deltas = [self._delta(index, event) for event in self._parser(index).finish()]
+        reason = chat_finish_reason(finish_reason, self.calls.get(index, 0) > 0)
+        return deltas + [{"index": index, "delta": {}, "finish_reason": reason}]
+
+    def _parser(self, index: int) -> ReplyParser:
+        return self.parsers.setdefault(index, ReplyParser(self.parse_calls))
+
+    def _delta(self, index: int, event: tuple[str, Any]) -> dict:
+        kind, value = event
+        if kind == "tool_call":
+            self.calls[index] = self.calls.get(index, 0) + 1
+            delta = {"tool_calls": [{"index": self.calls[index] - 1, **tool_call_entry(value)}]}
+        else:
+            delta = {"content" if kind == "content" else "reasoning_content": value}
+        return {"index": index, "delta": delta, "finish_reason": None}
 
 
 @dataclass
@@ -568,8 +810,11 @@ class TextChunks:
     def opening(self, index: int) -> dict | None:
         return None
 
-    def piece(self, index: int, text: str | None, finish_reason: str | None) -> dict:
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    def pieces(self, index: int, text: str) -> list[dict]:
+        return [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]
+
+    def ending(self, index: int, finish_reason: str) -> list[dict]:
+        return [{"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason}]
 
 
 def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sampling: Sampling, n: int,
@@ -621,9 +866,11 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
                     return
                 if isinstance(event, Choice):
                     completion_tokens += event.completion_tokens
-                    yield chunk([shape.piece(index, None, event.finish_reason)])
+                    choices = shape.ending(index, event.finish_reason)
                 else:
-                    yield chunk([shape.piece(index, event, None)])
+                    choices = shape.pieces(index, event)
+                for choice in choices:
+                    yield chunk([choice])
             if include_usage:
                 yield chunk([], usage(len(ids) * n, completion_tokens))
             yield sse("[DONE]")

@@ -9,7 +9,8 @@ Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one act
 `permanent[(model, pid)]` applies to every attempt. Actions: ok, 429 (Retry-After 0.05 s), 500, 400, slow (answers
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
-inside a ```json fence), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs).
+inside a ```json fence), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs),
+thinks (generator: each choice with a `reasoning_content`, as our server splits off a <think> block).
 """
 from __future__ import annotations
 
@@ -153,9 +154,10 @@ class FakeOpenAI:
                     entry["shown"] = [int(found.group(1)) - truth if (found := NUMBER.search(reply)) else None
                                       for _, reply in replies]
                     contents = [self._judgement(action, replies, truth)]
+                thought = {"reasoning_content": f"{a} and {b} make {truth}."} if action == "thinks" else {}
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": content},
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": content, **thought},
                                  "finish_reason": "stop"} for i, content in enumerate(contents)],
                     "usage": {"prompt_tokens": len(text) // 4, "completion_tokens": 5 * len(contents),
                               "total_tokens": len(text) // 4 + 5 * len(contents)},

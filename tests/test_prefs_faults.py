@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mateconv.data.formats import to_preference
 from mateconv.prefs import PrefsConfig, run
 from mateconv.prefs.endpoints import PrefsError
 from mateconv.prefs.cli import main
@@ -155,6 +156,19 @@ def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_fact
     assert all_right["chosen"] == [{"role": "assistant", "content": "The answer is 5."}]  # p01 asks 2+3
     assert mixed["judge_scores"] == {"rule": [10.0, 1.0, 1.0, 1.0], "model": [9.0, 7.0, 5.0, 3.0]}
     assert (mixed["chosen_index"], mixed["rejected_index"], mixed["margin"]) == (0, 3, pytest.approx(9.6))
+
+
+def test_reasoning_the_server_split_off_stays_in_the_pairs(tmp_path, fake_factory):
+    """A generator reply's `reasoning_content` (our server's <think> block) is kept on the pair's replies, so stage 3
+    trains DPO on the text the model wrote; the judges and the samples see the answers."""
+    fake = fake_factory(permanent={("gen", "p00"): "thinks"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 1), tmp_path / "prefs"
+    run(config(fake, prompts, out, 1), env={})
+    [pair] = records(out, "pair")  # p00 asks 1+2
+    assert pair["chosen"] == [{"role": "assistant", "content": "The answer is 3.",
+                               "reasoning_content": "1 and 2 make 3."}]
+    assert pair["samples"][pair["chosen_index"]] == "The answer is 3."
+    assert to_preference(pair)["chosen"][0]["content"] == "<think>\n1 and 2 make 3.\n</think>\n\nThe answer is 3."
 
 
 def test_server_ignoring_n_gets_k_requests(tmp_path, fake_factory):

@@ -202,6 +202,12 @@ def _messages(turns: Any, record: dict | None = None) -> Messages:
     return _with_system(messages, record) if record else messages
 
 
+def chat_messages(turns: Any, tools: Any = None) -> Messages:
+    """An OpenAI chat request's messages (assistant `tool_calls` and `reasoning_content`, `tool` turns) and `tools`
+    in the three ChatML roles, converted as an SFT record's are: the server's prompt is the text SFT trained on."""
+    return _messages(turns, {"tools": tools})
+
+
 def _check_conversation(messages: Messages, ends_with_assistant: bool) -> Messages:
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:

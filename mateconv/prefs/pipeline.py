@@ -134,7 +134,10 @@ class Worker:
                 top_p=config.top_p, seed=stable_seed(config.seed, prompt["id"], index), **options)
 
         def replies(response) -> list[dict]:
-            return [{"content": choice.message.content or "", "finish_reason": choice.finish_reason}
+            """Each choice's text and finish reason, and its reasoning where the server splits it off (ours, vLLM's
+            and DeepSeek's `reasoning_content`): the judges see the answer, the pair keeps both."""
+            return [{"content": choice.message.content or "", "finish_reason": choice.finish_reason,
+                     "reasoning": (choice.message.model_extra or {}).get("reasoning_content")}
                     for choice in response.choices]
 
         samples: list[dict] = []
@@ -212,9 +215,18 @@ class Worker:
                       judge_error=judge_error, margin=verdict.margin)
         if verdict.dropped:
             return "dropped", {**record, "dropped": verdict.dropped}
-        return "pair", {**record, "chosen": [{"role": "assistant", "content": contents[verdict.chosen]}],
-                        "rejected": [{"role": "assistant", "content": contents[verdict.rejected]}],
+        return "pair", {**record, "chosen": pair_side(samples[verdict.chosen]),
+                        "rejected": pair_side(samples[verdict.rejected]),
                         "chosen_index": verdict.chosen, "rejected_index": verdict.rejected}
+
+
+def pair_side(sample: dict) -> list[dict]:
+    """A sample as a pair's chosen or rejected reply; its reasoning, if the server split it off, kept as
+    `reasoning_content`, which stage 3 writes back as the <think> block the model generated."""
+    message = {"role": "assistant", "content": sample["content"]}
+    if sample["reasoning"]:
+        message["reasoning_content"] = sample["reasoning"]
+    return [message]
 
 
 async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, bool, bool]],
