@@ -60,12 +60,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[int, int]:
-    """(positions, real tokens) of a batch's input ids: padding (pad_id) is not a real token. Counted on the host
+def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[int, int, int]:
+    """(positions, real tokens, marked tokens) of a batch's input ids. The real tokens are those the row's
+    `token_mask` (SFT) or `attention_mask` (DPO's `chosen_...`) marks, else all but padding (pad_id); the marked
+    ones, which a MoE model's expert load counts, are those a mask marks, else every position. Counted on the host
     copy, before the batch goes to the device, so that it costs no sync."""
-    ids = [v for k, v in batch.items() if k.endswith("input_ids")]
-    positions = sum(v.numel() for v in ids)
-    return positions, positions if pad_id is None else sum(int((v != pad_id).sum()) for v in ids)
+    positions = real = marked = 0
+    for key, ids in batch.items():
+        if not key.endswith("input_ids"):
+            continue
+        side = key[: -len("input_ids")]
+        mask = batch.get(side + "token_mask", batch.get(side + "attention_mask"))
+        positions += ids.numel()
+        if mask is not None:
+            counted = int(mask.sum())
+            real, marked = real + counted, marked + counted
+        else:
+            real += ids.numel() if pad_id is None else int((ids != pad_id).sum())
+            marked += ids.numel()
+    return positions, real, marked
 
 
 class StepFigures:
@@ -107,20 +120,22 @@ class Window:
     start: float
     tokens: int = 0
     real_tokens: int = 0  # tokens that are not padding (SFT and DPO rows have some)
-    loads: torch.Tensor | float = 0.0
-    load_count: int = 0
+    loads: torch.Tensor | float = 0.0  # sum of the micro-batches' expert loads, each times its weight
+    load_weight: float = 0.0
     end: float = 0.0  # set on a step's copy
 
     def add_tokens(self, positions: int, real: int) -> None:
         self.tokens, self.real_tokens = self.tokens + positions, self.real_tokens + real
 
-    def add_load(self, load: torch.Tensor) -> None:
-        self.loads, self.load_count = self.loads + load.float(), self.load_count + 1
+    def add_load(self, load: torch.Tensor, weight: float) -> None:
+        """weight: the share of the micro-batch's positions that the load counted (real tokens), so that the window's
+        load is a mean over real tokens; exactly 1.0 without padding, which leaves pretraining's sums as they were."""
+        self.loads, self.load_weight = self.loads + load.float() * weight, self.load_weight + weight
 
     def take(self, logged: "Window") -> None:
         """Drop a logged step's share, keeping what came after it; the next window starts where that one ended."""
         self.tokens, self.real_tokens = self.tokens - logged.tokens, self.real_tokens - logged.real_tokens
-        self.loads, self.load_count = self.loads - logged.loads, self.load_count - logged.load_count
+        self.loads, self.load_weight = self.loads - logged.loads, self.load_weight - logged.load_weight
         self.start = logged.end
 
 
@@ -319,8 +334,8 @@ class Trainer:
             values = torch.stack([torch.as_tensor(v, device=self.runtime.device).float().reshape(())
                                   for v in extra.values()])
             figures.update(zip((OBJECTIVE + key for key in extra), all_reduce_mean(values)))
-        if self.window.load_count:
-            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_count)
+        if self.window.load_weight:
+            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_weight)
         return figures
 
     def current_lr(self) -> float:
@@ -440,7 +455,8 @@ class Trainer:
                         tracker.begin_step(step + 1)
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
-                    self.window.add_tokens(*batch_tokens(batch, self.pad_id))
+                    positions, real, marked = batch_tokens(batch, self.pad_id)
+                    self.window.add_tokens(positions, real)
                     batch = self.to_device(batch)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
@@ -449,7 +465,7 @@ class Trainer:
                     moe_model = base_model(self.engine)
                     load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                     if load is not None:
-                        self.window.add_load(load)
+                        self.window.add_load(load, marked / positions)
                     if micro % accumulation:
                         continue
 
