@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from mateconv.train.objectives import Objective
 from mateconv.train.optim import build_optimizer, build_scheduler
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
-                                     memory_metrics, peak_flops)
+                                     memory_metrics, peak_flops, run_facts)
 from mateconv.train.universal import needs_universal
 from model.moe import MoEFeedForward
 
@@ -214,6 +215,7 @@ class Trainer:
         optim = config.optim
         self.total_steps = optim.max_steps or max(1, optim.epochs * micro_per_epoch // optim.accumulation_steps)
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
+        self.run_facts = run_facts(base_model(model), config, runtime.world_size)  # before ZeRO-3 partitions it
         self._setup_engine(model)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -346,18 +348,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks, plus the
-        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's)."""
-        with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
-            metrics = self._validation_loss() if self.val_data is not None else {}
-            for evaluator in self.evaluators:
-                metrics.update(evaluator(unwrap(self.engine)))
+        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's). All of it in eval
+        mode: no dropout, and no MoE balance loss in an evaluation's loss."""
+        self.engine.eval()
+        try:
+            with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
+                metrics = self._validation_loss() if self.val_data is not None else {}
+                for evaluator in self.evaluators:
+                    metrics.update(evaluator(unwrap(self.engine)))
+        finally:
+            self.engine.train()
         return metrics
 
     def _validation_loss(self) -> dict[str, float]:
         sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
                                               self.config.optim.seed, shuffle=False)
         loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0)
-        self.engine.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         has_lm_loss = False
         for index, batch in enumerate(loader):
@@ -367,7 +373,6 @@ class Trainer:
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
             has_lm_loss = "lm_loss" in metrics
             totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64)
-        self.engine.train()
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
             return {}
@@ -394,6 +399,7 @@ class Trainer:
             state["train_examples"] = examples
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
+        tracker.add_run_facts(self.run_facts)
         tracker.watch(unwrap(self.engine))
         tracker.log_code(REPO_ROOT)
         if self.evaluate_at_start and self.evaluates and resume_from is None:
@@ -507,7 +513,7 @@ class Trainer:
                         tracker.log(step, val)
                         progress.log_eval(step, val)
                     if save_now:
-                        self._save(step, state, val.get("val_loss"))
+                        self._save(step, state, val.get("val_loss"), tracker)
                     self.window.start += time.perf_counter() - paused  # tokens/s is training's, not evaluation's
                     if stopped and runtime.is_main and stop.file_requested():
                         self.checkpoints.wait()  # stop.sh reads the file's removal as "the checkpoint is saved"
@@ -527,7 +533,7 @@ class Trainer:
                 f"{self.last_good}; lower learning_rate or check the data, then run the same command to resume")
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
-            tracker.log_model_dir(self.out_dir / "final", step)
+            tracker.log_model_dir(self.out_dir / "final", step, final=True)
         elif early and runtime.is_main:
             if stop.file_requested():
                 stop.stop_file.unlink(missing_ok=True)
@@ -570,7 +576,7 @@ class Trainer:
         row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                "real_tokens_per_sec": window.real_tokens * runtime.world_size / seconds,
                "epoch": pending.epoch, "nonfinite_steps": state["nonfinite_steps"],
-               **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
+               **{k: v for k, v in extra.items() if k != "aux_loss"},
                **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
         if "lm_loss" in extra:
             row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
@@ -591,7 +597,7 @@ class Trainer:
         track = self.config.track
         return step % track.log_interval == 0 or step % track.tracker_every == 0 or step == self.total_steps
 
-    def _save(self, step: int, state: dict, val_loss: float | None) -> None:
+    def _save(self, step: int, state: dict, val_loss: float | None, tracker: Tracker) -> None:
         best = state["best_val_loss"]
         is_best = val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best)
         if is_best:
@@ -599,3 +605,15 @@ class Trainer:
         self.checkpoints.save(step, self.engine, self.optimizer, self.scheduler, dict(state), self.config, is_best)
         if is_best:
             save_hf(self.engine, self.tokenizer, self.out_dir / "best", self.runtime)
+        if self.config.track.tracker == "wandb" and self.config.track.wandb_log_model == "checkpoint":
+            self._log_checkpoint_model(step, tracker)
+
+    def _log_checkpoint_model(self, step: int, tracker: Tracker) -> None:
+        """`wandb_log_model checkpoint`: the model as this checkpoint holds it, in Hugging Face format, as a version
+        of the run's model artifact: exported after the checkpoint is saved (every rank: collective under ZeRO-3 and
+        FSDP), copied by W&B into its staging area on rank 0, then deleted here."""
+        staging = self.out_dir / ".wandb_model"
+        save_hf(self.engine, self.tokenizer, staging, self.runtime)
+        if self.runtime.is_main:
+            tracker.log_model_dir(staging, step, final=False)
+            shutil.rmtree(staging, ignore_errors=True)
