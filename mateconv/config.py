@@ -240,7 +240,9 @@ class TrackConfig:
     wandb_run_name: str = ""
     wandb_watch: str = ""
     wandb_watch_freq: int = 100  # in backward passes (micro-batches)
-    wandb_log_model: bool = False
+    # "end": the final model as a W&B artifact, "checkpoint": also each checkpoint's, "" (or false): none; a bare
+    # --wandb_log_model (or true) is "end", as the switch it was
+    wandb_log_model: bool | str = ""
     wandb_log_code: bool = False
 
     @property
@@ -251,6 +253,9 @@ class TrackConfig:
     def __post_init__(self) -> None:
         check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
         check_choice("wandb_watch", self.wandb_watch, ("", "gradients", "parameters", "all"))
+        if isinstance(self.wandb_log_model, bool):
+            self.wandb_log_model = "end" if self.wandb_log_model else ""
+        check_choice("wandb_log_model", self.wandb_log_model, ("", "end", "checkpoint"))
         check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
         check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval"))
 
@@ -420,6 +425,9 @@ def convert(place: tuple[str, str], value):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         kind = next(k for k in kind.__args__ if k is not type(None))
+    if kind == bool | str:  # a switch that may name a mode instead (wandb_log_model)
+        switch = isinstance(value, bool) or str(value).lower() in TRUE_WORDS + FALSE_WORDS
+        kind = bool if switch else str
     expected = getattr(kind, "__name__", str(kind))
     if kind is bool:
         if isinstance(value, bool):
@@ -535,7 +543,7 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
         elif values:
             flags.append((name, values[0]))
             i += 2
-        elif kind is bool or kind == bool | None:
+        elif kind is bool or kind == bool | None or kind == bool | str:
             flags.append((name, True))  # a bare boolean flag: --use_moe, --eval_at_start
             i += 1
         else:

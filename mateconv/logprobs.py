@@ -17,15 +17,27 @@ from tqdm import tqdm
 IGNORE_INDEX = -100
 
 
+def model_config(model):
+    return getattr(getattr(model, "module", model), "config", None)
+
+
+def token_mask_input(model, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """{"token_mask": ...} for a MateConv model, whose MoE expert load and balance loss then leave padding out;
+    nothing for other models (their forward has no such argument) or without a mask."""
+    if token_mask is None or getattr(model_config(model), "model_type", None) != "mateconv":
+        return {}
+    return {"token_mask": token_mask}
+
+
 def lm_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """A batch's forward inputs: input_ids and attention_mask, plus the position_ids of packed pretraining rows for
-    models that mask documents from each other (MateConv's `document_mask`). Other models get no position_ids:
-    restarted positions without the mask would only confuse them."""
+    models that mask documents from each other (MateConv's `document_mask`), and the token_mask of padded rows (SFT)
+    for MateConv models. Other models get no position_ids: restarted positions without the mask would only confuse
+    them."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    config = getattr(getattr(model, "module", model), "config", None)
-    if "position_ids" in batch and getattr(config, "document_mask", False):
+    if "position_ids" in batch and getattr(model_config(model), "document_mask", False):
         inputs["position_ids"] = batch["position_ids"]
-    return inputs
+    return {**inputs, **token_mask_input(model, batch.get("token_mask"))}
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +60,13 @@ def trim_right_padding(*tensors: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 def model_token_logps(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward over right-padded rows: (per-token label log-probs [B, T-1], mask [B, T-1], the model's MoE aux
     loss or None). Real tokens come first and attend only backwards, so plain causal attention is exact for them and
-    no attention mask is passed (a mask would cost the model a check on the host per forward)."""
-    output = model(input_ids=input_ids, use_cache=False)
+    no attention mask is passed (a mask would cost the model a check on the host per forward); `token_mask` (the
+    rows' real tokens) only keeps padding out of a MateConv MoE's expert load and balance loss."""
+    output = model(input_ids=input_ids, use_cache=False, **token_mask_input(model, token_mask))
     logps, mask = token_logps(output.logits, labels)
     return logps, mask, getattr(output, "aux_loss", None)
 
@@ -68,7 +81,7 @@ class Perplexity:
 
 @torch.inference_mode()
 def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> Perplexity:
-    """Mean next-token NLL (without the MoE aux loss) over the labelled tokens; MoE load averaged per token."""
+    """Mean next-token NLL (without the MoE aux loss) over the labelled tokens; MoE load averaged per real token."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total_nll, total_tokens = 0.0, 0
     load_sum, load_weight = None, 0
@@ -84,7 +97,8 @@ def perplexity(model, dataset: Dataset, batch_size: int = 8, max_batches: int | 
         total_tokens += int(mask.sum())
         load = model.expert_load() if hasattr(model, "expert_load") else None
         if load is not None:
-            weight = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            real = batch.get("token_mask", batch.get("attention_mask"))  # the tokens the load counted
+            weight = int(real.sum()) if real is not None else batch["input_ids"].numel()
             load_sum = load.float().cpu() * weight + (0 if load_sum is None else load_sum)
             load_weight += weight
         progress.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.2f}")

@@ -119,10 +119,11 @@ class MateConvDecoderLayer(GradientCheckpointingLayer):
         self.mlp = MoEFeedForward(config) if config.use_moe else SwiGLU(config.dim, config.hidden_dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, rope, mask, cache=None,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         if self.is_moe:
-            ffn, aux = self.mlp(self.post_attention_layernorm(x))
+            ffn, aux = self.mlp(self.post_attention_layernorm(x), token_mask)
         else:
             ffn, aux = self.mlp(self.post_attention_layernorm(x)), None
         return x + self.dropout(ffn), aux
@@ -211,9 +212,15 @@ class MateConvModel(MateConvPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False):
-        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None)."""
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
+                token_mask: torch.Tensor | None = None):
+        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None).
+
+        token_mask [B, T] marks the real tokens (1) among padding (0) for the MoE expert load and balance loss only;
+        attention is left as it is. Without it a 2-D attention_mask serves, without either every position counts."""
         batch, seq = input_ids.shape
+        if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq:]
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -238,7 +245,7 @@ class MateConvModel(MateConvPreTrainedModel):
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         aux_total = None
         for layer in self.layers:
-            x, aux = layer(x, rope, mask, cache)
+            x, aux = layer(x, rope, mask, cache, token_mask)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(x), (cache if use_cache else None), aux_total
@@ -263,9 +270,10 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
-                **kwargs) -> MateConvCausalLMOutput:
+                token_mask: torch.Tensor | None = None, **kwargs) -> MateConvCausalLMOutput:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all).
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all). `token_mask` [B, T] (1 on real
+        tokens, 0 on padding) keeps padding out of the MoE expert load and balance loss (see MateConvModel.forward).
 
         The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
         older callers); dropping either into **kwargs would silently decode without context."""
@@ -273,7 +281,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
             raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
         cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
+        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
@@ -283,7 +291,8 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
 
     def expert_load(self) -> torch.Tensor | None:
-        """[n_layers, n_routed_experts] token fractions per expert in the last forward (rows sum to 1); None if dense."""
+        """[n_layers, n_routed_experts] shares of the real tokens' picks per expert in the last forward (rows sum to
+        1; padding that a token_mask or attention_mask marks is not counted); None if dense."""
         if not self.config.use_moe:
             return None
         loads = [layer.mlp.last_load for layer in self.model.layers]

@@ -47,7 +47,7 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(config.dim, config.hidden_dim) for _ in range(config.n_routed_experts))
         self.shared_experts = (SwiGLU(config.dim, config.hidden_dim * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
-        self.last_load: torch.Tensor | None = None  # token fraction per expert in the last forward
+        self.last_load: torch.Tensor | None = None  # share of the real tokens' picks per expert, last forward
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (scores [N, E] fp32, top-k weights [N, k], top-k expert ids [N, k])."""
@@ -57,20 +57,38 @@ class MoEFeedForward(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return scores, weights, experts
 
-    def balance_loss(self, scores: torch.Tensor, experts: torch.Tensor, batch: int) -> torch.Tensor:
+    def balance_loss(self, scores: torch.Tensor, experts: torch.Tensor, batch: int,
+                     real: torch.Tensor | None = None) -> torch.Tensor:
         """aux_loss_alpha * sum_e f_e * P_e, with f_e the routed-token share scaled so a uniform load gives f_e = 1
-        and P_e the mean router probability; per sequence (`seq_aux`) or over the whole batch."""
+        and P_e the mean router probability; per sequence (`seq_aux`) or over the whole batch. `real` [B*T] is 1 on
+        the tokens that count and 0 on padding (as Hugging Face's load_balancing_loss_func with an attention_mask);
+        None counts every position."""
         if self.aux_loss_alpha == 0:
             return scores.new_zeros(())
-        if self.seq_aux:
-            scores = scores.view(batch, -1, self.n_experts)
-            picks = experts.view(batch, -1)
-            counts = torch.zeros(batch, self.n_experts, device=scores.device, dtype=scores.dtype)
-            counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=scores.dtype))
-            share = counts / (picks.shape[1] / self.n_experts)
-            return (share * scores.mean(dim=1)).sum(dim=1).mean() * self.aux_loss_alpha
-        share = F.one_hot(experts.flatten(), self.n_experts).to(scores.dtype).mean(0) * self.n_experts
-        return (share * scores.mean(0)).sum() * self.aux_loss_alpha
+        rows = batch if self.seq_aux else 1
+        scores, picks = scores.view(rows, -1, self.n_experts), experts.view(rows, -1)
+        if real is None:
+            weight, tokens = torch.ones_like(picks, dtype=scores.dtype), picks.shape[1] / self.top_k
+            mean_scores = scores.mean(dim=1)
+        else:
+            real = real.view(rows, -1, 1).to(scores.dtype)
+            tokens = real.sum(dim=1).clamp(min=1)  # [rows, 1]
+            mean_scores = (scores * real).sum(dim=1) / tokens
+            weight = real.expand(-1, -1, self.top_k).reshape(rows, -1)
+        counts = scores.new_zeros(rows, self.n_experts).scatter_add_(1, picks, weight)
+        picked = tokens * self.top_k
+        # the two orders of operations as before masks: packed pretraining's figures stay the same bit for bit
+        share = counts / (picked / self.n_experts) if self.seq_aux else counts / picked * self.n_experts
+        return (share * mean_scores).sum(dim=1).mean() * self.aux_loss_alpha
+
+    def load_share(self, assigned: torch.Tensor, counts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Fraction of the routed picks each expert got, over the real tokens only when `real` marks them. Stays on
+        the device: the engine adds it up and reads it on log steps."""
+        if real is None:
+            return (counts.float() / assigned.numel()).detach()
+        picks = real.float().repeat_interleave(self.top_k)
+        real_counts = picks.new_zeros(self.n_experts).scatter_add_(0, assigned, picks)
+        return (real_counts / picks.sum().clamp(min=1)).detach()
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         dtype = compute_dtype(x)
@@ -96,7 +114,9 @@ class MoEFeedForward(nn.Module):
         gate, up = torch._grouped_mm(tokens.to(dtype), gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_mask [B, T]: 1 on real tokens, 0 on padding, which the expert load and the balance loss leave out
+        (padding is still computed, its output unused); None counts every position, as in packed pretraining."""
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         scores, weights, experts = self.route(flat)
@@ -111,8 +131,9 @@ class MoEFeedForward(nn.Module):
         y = outputs.new_zeros(flat.shape).index_add_(0, token_of, outputs)  # autocast: experts may run in bf16
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        self.last_load = (counts.float() / assigned.numel()).detach()
-        return y.view(batch, seq, dim), self.balance_loss(scores, experts, batch)
+        real = None if token_mask is None else token_mask.reshape(-1)
+        self.last_load = self.load_share(assigned, counts, real)
+        return y.view(batch, seq, dim), self.balance_loss(scores, experts, batch, real)
 
 
 def plain_linears(*modules: nn.Module) -> bool:

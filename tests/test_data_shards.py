@@ -141,6 +141,7 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
         item = dataset[i]
         assert "attention_mask" not in item  # right padding: plain causal attention is exact
         n = int((item["input_ids"] != tokenizer.pad_token_id).sum())
+        assert item["token_mask"].tolist() == [1] * n + [0] * (96 - n)  # what MoE load and balance loss count
         expected_ids = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
         assert item["input_ids"][:n].tolist() == expected_ids
         assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
@@ -163,7 +164,7 @@ def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_pa
         n = min(len(row), 8)
         assert item["input_ids"][:n].tolist() == item["labels"][:n].tolist() == row[:n]
         assert (item["input_ids"][n:] == tokenizer.pad_token_id).all() and (item["labels"][n:] == -100).all()
-        assert "attention_mask" not in item
+        assert "attention_mask" not in item and item["token_mask"].tolist() == [1] * n + [0] * (8 - n)
 
 
 def test_planning_whole_documents_cuts_none_and_keeps_the_last_row():
@@ -187,7 +188,9 @@ def test_packed_sft_rows_hold_each_conversation_whole_once(setup, tmp_path, seq_
         conversations.append((tuple(item["input_ids"][:n].tolist()), tuple(item["labels"][:n].tolist())))
     found = []
     for item in packed:
-        assert set(item) == {"input_ids", "labels", "position_ids"} and item["input_ids"].shape == (seq_len,)
+        assert set(item) == {"input_ids", "labels", "position_ids", "token_mask"}
+        assert item["input_ids"].shape == (seq_len,)
+        assert (item["token_mask"] == (item["input_ids"] != tokenizer.pad_token_id)).all()
         opens = np.flatnonzero(item["position_ids"].numpy() == 0).tolist() + [seq_len]
         for begin, end in zip(opens, opens[1:]):  # positions count up from each conversation's start
             assert item["position_ids"][begin:end].tolist() == list(range(end - begin))

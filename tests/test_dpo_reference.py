@@ -122,3 +122,53 @@ def test_a_moe_policy_adds_and_logs_its_balance_loss_in_training_only(random_dpo
     with torch.no_grad():
         loss, metrics = objective.loss(policy.eval(), batch)
     assert "aux_loss" not in metrics and loss.item() == pytest.approx(metrics["dpo_loss"].item())
+
+
+def real_token_load(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The expert load over the real tokens of right-padded rows: each row alone, cut to its length, weighted by it."""
+    lengths = mask.sum(-1).tolist()
+    loads = []
+    for row, n in zip(ids, lengths):
+        model(row[None, :n])
+        loads.append(model.expert_load() * n)
+    return sum(loads) / sum(lengths)
+
+
+def moe_policy(seed: int = 0):
+    from model import MateConvConfig, MateConvForCausalLM
+
+    torch.manual_seed(seed)
+    return MateConvForCausalLM(MateConvConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                              max_seq_len=SEQ, use_moe=True, n_routed_experts=4,
+                                              num_experts_per_tok=2))
+
+
+def test_a_moe_policy_counts_the_real_tokens_only(random_dpo_pairs):
+    """The policy's expert load after a DPO loss (what the engine logs as moe/...) and its balance loss leave out the
+    padding of the shorter rows; before, every position of the stacked chosen and rejected rows counted."""
+    policy, reference = moe_policy(0), moe_policy(1).eval()
+    batch = next(iter(DataLoader(random_dpo_pairs(4, SEQ, seed=3), batch_size=4)))
+    _, metrics = DPOObjective(DPOConfig(beta=0.1), reference=reference).loss(policy.train(), batch)
+    load = policy.expert_load()
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    assert mask.float().mean() < 0.8  # padding enough to tell
+    torch.testing.assert_close(load, real_token_load(policy, ids, mask))
+    alone = torch.stack([policy(row[None, :n]).aux_loss for row, n in zip(ids, mask.sum(-1).tolist())]).mean()
+    torch.testing.assert_close(metrics["aux_loss"], alone)  # per-sequence balance loss over real tokens
+
+
+def test_a_lora_reference_forward_leaves_the_policy_expert_load(random_dpo_pairs):
+    """With LoRA the reference is the policy with its adapters disabled, the same MoE layers: its forward runs first,
+    so the load the engine reads after the loss is the policy's own (before, the reference's overwrote it)."""
+    peft = pytest.importorskip("peft")
+    policy = peft.get_peft_model(moe_policy(0), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    batch = next(iter(DataLoader(random_dpo_pairs(4, SEQ, seed=3), batch_size=4)))
+    DPOObjective(DPOConfig(beta=0.1)).loss(policy.train(), batch)
+    load = policy.base_model.model.expert_load()
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    torch.testing.assert_close(load, real_token_load(policy.base_model.model, ids, mask))
+    with policy.disable_adapter():
+        assert not torch.allclose(real_token_load(policy.base_model.model, ids, mask), load)

@@ -59,7 +59,7 @@ def models(tiny_llama):
 
 def reference_sums(reference, batch):
     """Our own reference log-probs, handed to TRL as its precomputed reference."""
-    ids, labels = concat_pair(batch)
+    ids, labels, _ = concat_pair(batch)
     objective = DPOObjective(DPOConfig(), reference=reference)
     return objective.reference_token_logps(reference, ids, labels).sum(-1).split(PAIRS)
 

@@ -42,6 +42,27 @@ def test_perplexity_matches_model_loss(tiny_sft_model, tiny_embedded_data):
     assert perplexity(model, single).loss == pytest.approx(float(loss), rel=1e-5)
 
 
+def test_moe_expert_load_counts_the_real_tokens_only():
+    """SFT rows (token_mask) padded to 48: the evaluated load is the share of the real tokens' picks, each batch
+    weighted by its real tokens; the padding, most of these positions, counted before."""
+    from model import MateConvConfig, MateConvForCausalLM
+
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(MateConvConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                               max_seq_len=48, use_moe=True, n_routed_experts=4)).eval()
+    lengths, rows, expected = [3, 30, 7, 12, 5], [], 0
+    with torch.no_grad():
+        for n in lengths:
+            ids = torch.randint(3, 50, (n,))
+            model(ids[None])
+            expected = expected + model.expert_load() * n
+            padded = torch.cat([ids, torch.zeros(48 - n, dtype=torch.long)])
+            rows.append({"input_ids": padded, "labels": padded.masked_fill(torch.arange(48) >= n, -100),
+                         "token_mask": (torch.arange(48) < n).long()})
+    load = torch.tensor(perplexity(model, rows, batch_size=2).expert_load)
+    torch.testing.assert_close(load, expected / sum(lengths))
+
+
 def test_moe_expert_load_is_collected(tiny_moe_sft_model, tiny_tokens):
     result = sft_val_perplexity(tiny_moe_sft_model, tiny_tokens)
     load = torch.tensor(result.expert_load)
@@ -140,4 +161,5 @@ def test_pretrain_shards_are_scored_whole_whatever_the_length(tiny_pretrain_mode
         assert sum(int((row["labels"][1:] != -100).sum()) for row in rows) == stream
         padding = rows[-1]["labels"] == -100
         assert (rows[-1]["input_ids"][padding] == dataset.pad_id).all()
+        assert rows[-1]["token_mask"].tolist() == (~padding).long().tolist()  # padding is no MoE expert load
     assert {perplexity(model, val_dataset(shards, tokenizer, length)).tokens for length in (16, 95)} == {stream}

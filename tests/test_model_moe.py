@@ -209,3 +209,74 @@ def test_lora_adapters_on_every_projection_take_part_in_the_forward(use_moe):
             merged = adapted.merge_and_unload()(ids).logits
         assert (logits - base).abs().max() > 1e-3, target
         assert (logits - merged).abs().max() < 1e-4, target
+
+
+def padded_rows(lengths: list[int], width: int, pad_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows of random tokens (the same tokens for the same lengths and seed) -> (ids, token_mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), width), pad_id)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(1, 61, (n,), generator=generator)
+    return ids, (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_padding_counts_in_neither_expert_load_nor_balance_loss(seq_aux):
+    """SFT and DPO rows are mostly padding: a token_mask leaves it out, so more padding, or other pad ids, change
+    nothing. Before, the router's picks for the padding were counted as expert load and in the balance loss."""
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(moe_config(seq_aux=seq_aux)).train()
+    figures = []
+    for width, pad_id in ((8, 0), (40, 0), (40, 7)):
+        ids, mask = padded_rows([3, 8, 5], width, pad_id)
+        aux = model(ids, token_mask=mask).aux_loss
+        figures.append((aux, model.expert_load()))
+    for aux, load in figures[1:]:
+        torch.testing.assert_close(aux, figures[0][0])
+        torch.testing.assert_close(load, figures[0][1])
+
+
+def test_masked_figures_are_those_of_each_row_alone():
+    """Per-sequence balance loss (seq_aux) and the load over a padded batch equal those of its rows run one by one
+    without padding (load weighted by each row's tokens), as Hugging Face's load_balancing_loss_func with an
+    attention_mask counts only real tokens. A 2-D attention_mask serves as the token_mask."""
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(moe_config(seq_aux=True)).train()
+    lengths = [4, 6, 9]
+    ids, mask = padded_rows(lengths, 32, pad_id=0)
+    aux, load = model(ids, attention_mask=mask).aux_loss, model.expert_load()
+    alone = [(model(ids[row:row + 1, :n]).aux_loss, model.expert_load() * n) for row, n in enumerate(lengths)]
+    torch.testing.assert_close(aux, torch.stack([a for a, _ in alone]).mean())
+    torch.testing.assert_close(load, sum(w for _, w in alone) / sum(lengths))
+    assert model(ids, attention_mask=mask, token_mask=torch.ones_like(mask)).aux_loss != aux  # token_mask wins
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_packed_pretraining_figures_are_unchanged_bit_for_bit(seq_aux, top_k):
+    """No mask (packed pretraining rows): every position counts, with the operations the unmasked formulas always
+    had, so pretraining's aux loss, expert load and router gradient stay the same bit for bit."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(top_k)
+    model = MateConvForCausalLM(moe_config(seq_aux=seq_aux, num_experts_per_tok=top_k, n_routed_experts=6,
+                                           document_mask=True)).train()
+    block = model.model.layers[0].mlp
+    routed = []
+    block.gate.register_forward_hook(lambda module, inputs, logits: routed.append(logits))
+    ids = torch.randint(0, 61, (3, 37))
+    positions = torch.cat([torch.arange(20), torch.arange(17)]).expand(3, -1)
+    model(ids, position_ids=positions)
+    scores = F.softmax(routed[0].float(), dim=-1)
+    picks = torch.topk(scores, top_k, dim=-1)[1]
+    counts = torch.zeros(6, dtype=torch.long).scatter_add_(0, picks.flatten(), torch.ones_like(picks.flatten()))
+    assert torch.equal(block.last_load, counts.float() / picks.numel())
+    if seq_aux:  # the formulas as written before token masks
+        row_picks = picks.view(3, -1)
+        row_counts = torch.zeros(3, 6).scatter_add_(1, row_picks, torch.ones_like(row_picks, dtype=torch.float))
+        share = row_counts / (row_picks.shape[1] / 6)
+        expected = (share * scores.view(3, -1, 6).mean(dim=1)).sum(dim=1).mean() * block.aux_loss_alpha
+    else:
+        share = F.one_hot(picks.flatten(), 6).float().mean(0) * 6
+        expected = (share * scores.mean(0)).sum() * block.aux_loss_alpha
+    assert torch.equal(block.balance_loss(scores, picks, 3), expected)

@@ -472,6 +472,32 @@ def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     assert evaluation["val_loss"] == pytest.approx(math.log(evaluation["val_ppl"]), rel=1e-6)
 
 
+def test_sft_expert_load_and_balance_loss_count_the_real_tokens_only(train, tmp_path, tiny_tokenizer):
+    """One SFT step of 2 micro-batches over 4 rows of 3 to 60 tokens, padded to 96: the logged moe/ load is the share
+    of the real tokens' picks (each micro-batch weighted by its real tokens) and moe/aux_loss the per-row balance loss
+    of the real tokens. Before, the padding (81% of these positions) was counted as load and in the balance loss."""
+    from mateconv.data.shards import write_sft_rows
+    from model import MateConvForCausalLM
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 400, (n,), generator=generator).tolist() for n in (3, 5, 40, 60)]
+    data = write_sft_rows(rows, tiny_tokenizer, tmp_path / "rows")
+    train(tmp_path / "run", "sft", init_from="", data_path=data, val_data_path="", use_moe=True, n_routed_experts=4,
+          num_experts_per_tok=2, batch_size=2, accumulation_steps=2, max_steps=1, learning_rate=1e-12)
+    logged = next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
+    model = MateConvForCausalLM.from_pretrained(tmp_path / "run" / "final").train()  # lr 1e-12: the step's weights
+    counts, auxes = 0, []
+    with torch.no_grad():
+        for row in rows:
+            auxes.append(model(torch.tensor([row])).aux_loss)
+            counts = counts + model.expert_load() * len(row)
+    load = counts / sum(len(row) for row in rows)
+    for layer in range(2):
+        assert [logged[f"moe/layer{layer}/expert{e}"] for e in range(4)] == pytest.approx(load[layer].tolist(),
+                                                                                         abs=1e-6)
+    assert logged["moe/aux_loss"] == pytest.approx(torch.stack(auxes).mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])  # 2: `kill -2` reaches the persistent loader workers too
 def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path, num_workers):
     command = [sys.executable, str(REPO / "4.pretrain.py"),

@@ -2,6 +2,8 @@
 as artifacts, GPU utilisation (absent on CPU), and the one-line errors for a bad watch setting."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,118 @@ def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, mo
     out = capsys.readouterr().out
     assert "[train] W&B: CommError: " in out and f"logging offline to {tmp_path}/wandb instead" in out
     assert [int(row["_step"]) for row in history_rows(run_file(tmp_path)) if "loss" in row] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
+    """A tiny MoE model's SFT from scratch (4 steps, a checkpoint and an evaluation every 2, each checkpoint's model
+    logged: `--wandb_log_model checkpoint`) and its DPO (4 steps, evaluations at 0, 2 and 4); their out_dirs."""
+    root = tmp_path_factory.mktemp("moe_stages")
+    common = dict(max_steps=4, log_interval=2, eval_interval=2, eval_batches=2, save_interval_steps=2,
+                  tracker="wandb")
+    stages = {"sft": dict(init_from="", use_moe=True, n_routed_experts=4, num_experts_per_tok=2,
+                          wandb_log_model="checkpoint"),
+              "dpo": dict(init_from=root / "sft" / "final")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.delenv("WANDB_API_KEY", raising=False)
+        patch.setenv("WANDB_DATA_DIR", str(root / "wandb_data"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for stage, settings in stages.items():
+                flags = tiny_flags(root / stage, stage, **common, **settings)
+                run(RECIPES[stage], parse_config(flags, RECIPES[stage].defaults))
+                wandb.teardown()
+        finally:
+            torch.set_num_threads(threads)
+    return {stage: root / stage for stage in stages}
+
+
+def run_config(out_dir: Path) -> dict:
+    """The W&B config of a run: the one at init and the updates after it."""
+    config = {}
+    for record in records(run_file(out_dir)):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            update = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update})
+    return config
+
+
+TRAINING_CHARTS = {"loss", "lr", "grad_norm", "tokens_per_sec", "real_tokens_per_sec", "mfu", "epoch",
+                   "nonfinite_steps", "memory/rss_gb", "moe/aux_loss", "moe/cv_mean", "moe/layer0/cv",
+                   "moe/layer1/cv"} | {f"moe/layer{layer}/expert{e}" for layer in range(2) for e in range(4)}
+
+
+def test_sft_charts_and_config_in_wandb(moe_stage_runs):
+    """What a user sees of an SFT run: the training charts with the cross-entropy beside the loss (a MoE run's loss
+    adds the balance loss, so MoE and dense runs compare on lm_loss), the evaluations, and the run's parameter
+    counts beside its flags."""
+    rows = history_rows(run_file(moe_stage_runs["sft"]))
+    trained = [row for row in rows if "loss" in row]
+    assert [int(row["_step"]) for row in trained] == [2, 4]
+    for row in trained:
+        assert TRAINING_CHARTS | {"lm_loss", "ppl", "val_loss", "val_ppl"} <= set(row)
+        assert row["loss"] > row["lm_loss"] and row["ppl"] == pytest.approx(math.exp(row["lm_loss"]), rel=1e-5)
+    config = run_config(moe_stage_runs["sft"])
+    assert config["model"]["use_moe"] is True and config["track"]["wandb_log_model"] == "checkpoint"
+    facts = config["run"]
+    assert facts["parameters"] > facts["active_parameters"] > 0 and facts["world_size"] == 1
+    assert facts["global_batch_size"] == 4 and facts["trainable_parameters"] == facts["parameters"]
+
+
+def test_dpo_evaluations_are_in_eval_mode(moe_stage_runs):
+    """DPO's held-out pairs are scored in eval mode at every evaluation: val_loss is the preference loss alone, as at
+    step 0. Before, the evaluations during training ran in train mode, so from step 2 on val_loss (which picks best/)
+    added the MoE balance loss, logged as eval/aux_loss, and dropout was on; eval/loss repeated val_loss."""
+    rows = history_rows(run_file(moe_stage_runs["dpo"]))
+    evaluations = [row for row in rows if "val_loss" in row]
+    assert [int(row["_step"]) for row in evaluations] == [0, 2, 4]
+    for row in evaluations:
+        assert row["val_loss"] == pytest.approx(row["eval/dpo_loss"], rel=1e-6)
+        assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/kl_ref"} <= set(row)
+        assert "eval/aux_loss" not in row and "eval/loss" not in row
+    for row in (row for row in rows if "loss" in row):
+        assert TRAINING_CHARTS | {"dpo_loss", "rewards/accuracies", "rewards/margins", "kl_ref"} <= set(row)
+        assert "lm_loss" not in row and "ppl" not in row
+    # the model section is the SFT model's (the model flags are ignored with init_from: they showed use_moe false)
+    model = run_config(moe_stage_runs["dpo"])["model"]
+    assert model["use_moe"] is True and model["n_routed_experts"] == 4
+    assert model["architecture"] == "MateConvForCausalLM"
+
+
+def test_each_checkpoint_model_is_a_version_of_the_model_artifact(moe_stage_runs, tmp_path):
+    """`--wandb_log_model checkpoint`: at each save the model in Hugging Face format (loadable as it is) becomes a
+    version of the run's model artifact, `step-<n>`; the final model one more, `final`. The export W&B copied is
+    gone from out_dir."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = moe_stage_runs["sft"]
+    models = [record.artifact for record in records(run_file(out_dir))
+              if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model"]
+    assert [sorted(a.aliases) for a in models] == [["latest", "step-2"], ["latest", "step-4"],
+                                                  ["final", "latest", "step-4"]]
+    assert len({a.name for a in models}) == 1 and models[0].name.startswith("sft-")
+    staged = [{entry.path: Path(entry.local_path) for entry in a.manifest.contents} for a in models]
+    assert all({"config.json", "model.safetensors", "tokenizer.json"} <= set(files) for files in staged)
+    assert staged[1]["model.safetensors"].read_bytes() == (out_dir / "final" / "model.safetensors").read_bytes()
+    assert staged[0]["model.safetensors"].read_bytes() != staged[1]["model.safetensors"].read_bytes()
+    for name, staged_file in staged[0].items():  # what `wandb artifact get` would download for step-2
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(staged_file.read_bytes())
+    step_2 = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert step_2.config.use_moe and not (out_dir / ".wandb_model").exists()
+
+
+@pytest.mark.parametrize("flags, value", [([], ""), (["--wandb_log_model"], "end"), (["--wandb_log_model", "1"], "end"),
+                                          (["--wandb_log_model", "false"], ""),
+                                          (["--wandb_log_model", "checkpoint"], "checkpoint")])
+def test_wandb_log_model_is_a_switch_or_a_mode(flags, value):
+    assert parse_config(flags).track.wandb_log_model == value
+
+
+def test_an_unknown_wandb_log_model_is_a_one_line_error():
+    with pytest.raises(SystemExit) as error:
+        main("pretrain", ["--wandb_log_model", "every"])
+    assert str(error.value) == 'pretrain: wandb_log_model: \'every\' is not one of "", end, checkpoint'

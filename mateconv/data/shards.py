@@ -182,15 +182,16 @@ class PretrainTokens(_ShardReader, DocumentRows):
 
 class PretrainEvalTokens(PretrainTokens):
     """PretrainTokens for evaluation: the last row is kept even when the stream runs out before it fills up, and padded
-    (pad id, label -100, position 0), so every token of the stream is scored once whatever seq_len, and models of
-    different contexts score the same tokens."""
+    (pad id, label -100, position 0, token_mask 0: a MoE model's expert load leaves it out), so every token of the
+    stream is scored once whatever seq_len, and models of different contexts score the same tokens."""
 
     keep_short_last_row = True
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = super().__getitem__(i)
+        row["token_mask"] = torch.ones_like(row["input_ids"])
         padding = self.seq_len - len(row["input_ids"])
-        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
+        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "token_mask": 0}
         return {key: torch.cat([value, torch.full((padding,), fill[key], dtype=value.dtype)])
                 for key, value in row.items()}
 
@@ -282,10 +283,12 @@ class SFTTokens(_RecordReader):
     rest of a row padded (pad id, label -100).
 
     Unpacked (the default), a row holds one conversation and right padding: plain causal attention is exact for it,
-    so the row carries no attention mask (no per-batch mask check in the forward). With `packing`, conversations
-    are placed whole and best-fit into rows (as TRL's packing; none is cut) and position_ids restart at each one,
-    so a model with `document_mask` keeps them from attending to each other: fewer padded positions per step, the
-    same loss per conversation. Row r holds records row_records[row_bounds[r]:row_bounds[r + 1]]."""
+    so the row carries no attention mask (no per-batch mask check in the forward), only a `token_mask` (1 on the
+    conversations' tokens, 0 on padding) that keeps padding out of a MoE model's expert load and balance loss.
+    With `packing`, conversations are placed whole and best-fit into rows (as TRL's packing; none is cut) and
+    position_ids restart at each one, so a model with `document_mask` keeps them from attending to each other: fewer
+    padded positions per step, the same loss per conversation. Row r holds records
+    row_records[row_bounds[r]:row_bounds[r + 1]]."""
 
     kind = "sft"
     pool_size = 1024
@@ -327,7 +330,8 @@ class SFTTokens(_RecordReader):
             raise IndexError(i)
         ids = np.concatenate([p[0] for p in parts])
         row = self._pad(ids, np.concatenate([p[1] for p in parts]))
-        del row["attention_mask"]  # right padding, and packed conversations are told apart by their positions
+        # right padding, and packed conversations are told apart by their positions: no attention mask is needed
+        row["token_mask"] = row.pop("attention_mask")
         if self.packing:
             # positions restart at each conversation; the padding counts as one more (no real token attends to it)
             lengths = [len(p[0]) for p in parts] + [self.seq_len - len(ids)]

@@ -68,16 +68,16 @@ def kl_per_token(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torc
     return (torch.exp(r) - r - 1).sum() / mask.sum().clamp(min=1)
 
 
-def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack chosen on top of rejected: input_ids, labels [2B, T], the columns that are padding in every row trimmed
-    (the one host sync of a DPO micro-batch: a shorter forward is worth more)."""
+def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack chosen on top of rejected: input_ids, labels, attention_mask [2B, T], the columns that are padding in
+    every row trimmed (the one host sync of a DPO micro-batch: a shorter forward is worth more)."""
     for key in (f"{side}_{field}" for side in SIDES for field in ("input_ids", "labels", "attention_mask")):
         if key not in batch:
             raise DPOError(f"DPO batch has no {key!r} (expected DPOTokens items); keys: {sorted(batch)}")
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    return trim_right_padding(ids, labels, attention_mask=attention)
+    return trim_right_padding(ids, labels, attention, attention_mask=attention)
 
 
 def adapters_disabled(model: torch.nn.Module):
@@ -111,18 +111,18 @@ class DPOObjective:
         s = self.settings
         if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):
             raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
-        ids, labels = concat_pair(batch)
-        logps, mask, aux_loss = model_token_logps(model, ids, labels)
+        ids, labels, real = concat_pair(batch)
         n_pairs = batch["chosen_input_ids"].shape[0]
-        policy_chosen, policy_rejected = logps.sum(-1).split(n_pairs)
-        chosen_tokens_logps, chosen_mask = logps[:n_pairs], mask[:n_pairs]
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-            ref_chosen_tokens = batch["ref_chosen_token_logps"][:, : logps.shape[1]]
-        else:
+            ref_chosen_tokens = batch["ref_chosen_token_logps"][:, : ids.shape[1] - 1]
+        else:  # before the policy's forward: a LoRA reference is the same model, whose MoE load the engine reads after
             ref_logps = self.reference_token_logps(model, ids, labels)
             ref_chosen, ref_rejected = ref_logps.sum(-1).split(n_pairs)
             ref_chosen_tokens = ref_logps[:n_pairs]
+        logps, mask, aux_loss = model_token_logps(model, ids, labels, real)
+        policy_chosen, policy_rejected = logps.sum(-1).split(n_pairs)
+        chosen_tokens_logps, chosen_mask = logps[:n_pairs], mask[:n_pairs]
         chosen_logratios = policy_chosen - ref_chosen.to(policy_chosen)
         rejected_logratios = policy_rejected - ref_rejected.to(policy_rejected)
         lengths = mask.sum(-1).split(n_pairs)

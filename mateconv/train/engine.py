@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from mateconv.train.objectives import Objective
 from mateconv.train.optim import build_optimizer, build_scheduler
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
-                                     memory_metrics, peak_flops)
+                                     memory_metrics, peak_flops, run_facts)
 from mateconv.train.universal import needs_universal
 from model.moe import MoEFeedForward
 
@@ -60,12 +61,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[int, int]:
-    """(positions, real tokens) of a batch's input ids: padding (pad_id) is not a real token. Counted on the host
+def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[int, int, int]:
+    """(positions, real tokens, marked tokens) of a batch's input ids. The real tokens are those the row's
+    `token_mask` (SFT) or `attention_mask` (DPO's `chosen_...`) marks, else all but padding (pad_id); the marked
+    ones, which a MoE model's expert load counts, are those a mask marks, else every position. Counted on the host
     copy, before the batch goes to the device, so that it costs no sync."""
-    ids = [v for k, v in batch.items() if k.endswith("input_ids")]
-    positions = sum(v.numel() for v in ids)
-    return positions, positions if pad_id is None else sum(int((v != pad_id).sum()) for v in ids)
+    positions = real = marked = 0
+    for key, ids in batch.items():
+        if not key.endswith("input_ids"):
+            continue
+        side = key[: -len("input_ids")]
+        mask = batch.get(side + "token_mask", batch.get(side + "attention_mask"))
+        positions += ids.numel()
+        if mask is not None:
+            counted = int(mask.sum())
+            real, marked = real + counted, marked + counted
+        else:
+            real += ids.numel() if pad_id is None else int((ids != pad_id).sum())
+            marked += ids.numel()
+    return positions, real, marked
 
 
 class StepFigures:
@@ -107,20 +121,22 @@ class Window:
     start: float
     tokens: int = 0
     real_tokens: int = 0  # tokens that are not padding (SFT and DPO rows have some)
-    loads: torch.Tensor | float = 0.0
-    load_count: int = 0
+    loads: torch.Tensor | float = 0.0  # sum of the micro-batches' expert loads, each times its weight
+    load_weight: float = 0.0
     end: float = 0.0  # set on a step's copy
 
     def add_tokens(self, positions: int, real: int) -> None:
         self.tokens, self.real_tokens = self.tokens + positions, self.real_tokens + real
 
-    def add_load(self, load: torch.Tensor) -> None:
-        self.loads, self.load_count = self.loads + load.float(), self.load_count + 1
+    def add_load(self, load: torch.Tensor, weight: float) -> None:
+        """weight: the share of the micro-batch's positions that the load counted (real tokens), so that the window's
+        load is a mean over real tokens; exactly 1.0 without padding, which leaves pretraining's sums as they were."""
+        self.loads, self.load_weight = self.loads + load.float() * weight, self.load_weight + weight
 
     def take(self, logged: "Window") -> None:
         """Drop a logged step's share, keeping what came after it; the next window starts where that one ended."""
         self.tokens, self.real_tokens = self.tokens - logged.tokens, self.real_tokens - logged.real_tokens
-        self.loads, self.load_count = self.loads - logged.loads, self.load_count - logged.load_count
+        self.loads, self.load_weight = self.loads - logged.loads, self.load_weight - logged.load_weight
         self.start = logged.end
 
 
@@ -199,6 +215,7 @@ class Trainer:
         optim = config.optim
         self.total_steps = optim.max_steps or max(1, optim.epochs * micro_per_epoch // optim.accumulation_steps)
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
+        self.run_facts = run_facts(base_model(model), config, runtime.world_size)  # before ZeRO-3 partitions it
         self._setup_engine(model)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -319,8 +336,8 @@ class Trainer:
             values = torch.stack([torch.as_tensor(v, device=self.runtime.device).float().reshape(())
                                   for v in extra.values()])
             figures.update(zip((OBJECTIVE + key for key in extra), all_reduce_mean(values)))
-        if self.window.load_count:
-            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_count)
+        if self.window.load_weight:
+            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_weight)
         return figures
 
     def current_lr(self) -> float:
@@ -331,18 +348,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks, plus the
-        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's)."""
-        with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
-            metrics = self._validation_loss() if self.val_data is not None else {}
-            for evaluator in self.evaluators:
-                metrics.update(evaluator(unwrap(self.engine)))
+        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's). All of it in eval
+        mode: no dropout, and no MoE balance loss in an evaluation's loss."""
+        self.engine.eval()
+        try:
+            with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
+                metrics = self._validation_loss() if self.val_data is not None else {}
+                for evaluator in self.evaluators:
+                    metrics.update(evaluator(unwrap(self.engine)))
+        finally:
+            self.engine.train()
         return metrics
 
     def _validation_loss(self) -> dict[str, float]:
         sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
                                               self.config.optim.seed, shuffle=False)
         loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0)
-        self.engine.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         has_lm_loss = False
         for index, batch in enumerate(loader):
@@ -352,7 +373,6 @@ class Trainer:
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
             has_lm_loss = "lm_loss" in metrics
             totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64)
-        self.engine.train()
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
             return {}
@@ -379,6 +399,7 @@ class Trainer:
             state["train_examples"] = examples
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
+        tracker.add_run_facts(self.run_facts)
         tracker.watch(unwrap(self.engine))
         tracker.log_code(REPO_ROOT)
         if self.evaluate_at_start and self.evaluates and resume_from is None:
@@ -440,7 +461,8 @@ class Trainer:
                         tracker.begin_step(step + 1)
                     micro += 1
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
-                    self.window.add_tokens(*batch_tokens(batch, self.pad_id))
+                    positions, real, marked = batch_tokens(batch, self.pad_id)
+                    self.window.add_tokens(positions, real)
                     batch = self.to_device(batch)
                     loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
                     losses.append(loss)
@@ -449,7 +471,7 @@ class Trainer:
                     moe_model = base_model(self.engine)
                     load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                     if load is not None:
-                        self.window.add_load(load)
+                        self.window.add_load(load, marked / positions)
                     if micro % accumulation:
                         continue
 
@@ -491,7 +513,7 @@ class Trainer:
                         tracker.log(step, val)
                         progress.log_eval(step, val)
                     if save_now:
-                        self._save(step, state, val.get("val_loss"))
+                        self._save(step, state, val.get("val_loss"), tracker)
                     self.window.start += time.perf_counter() - paused  # tokens/s is training's, not evaluation's
                     if stopped and runtime.is_main and stop.file_requested():
                         self.checkpoints.wait()  # stop.sh reads the file's removal as "the checkpoint is saved"
@@ -511,7 +533,7 @@ class Trainer:
                 f"{self.last_good}; lower learning_rate or check the data, then run the same command to resume")
         if not stopped:
             save_hf(self.engine, self.tokenizer, self.out_dir / "final", runtime)
-            tracker.log_model_dir(self.out_dir / "final", step)
+            tracker.log_model_dir(self.out_dir / "final", step, final=True)
         elif early and runtime.is_main:
             if stop.file_requested():
                 stop.stop_file.unlink(missing_ok=True)
@@ -554,7 +576,7 @@ class Trainer:
         row = {"loss": self.step_loss, "lr": pending.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                "real_tokens_per_sec": window.real_tokens * runtime.world_size / seconds,
                "epoch": pending.epoch, "nonfinite_steps": state["nonfinite_steps"],
-               **{k: v for k, v in extra.items() if k not in ("lm_loss", "aux_loss")},
+               **{k: v for k, v in extra.items() if k != "aux_loss"},
                **memory_metrics(runtime.device), **gpu_utilization_metrics(runtime.device)}
         if "lm_loss" in extra:
             row["ppl"] = math.exp(min(extra["lm_loss"], 50.0))
@@ -575,7 +597,7 @@ class Trainer:
         track = self.config.track
         return step % track.log_interval == 0 or step % track.tracker_every == 0 or step == self.total_steps
 
-    def _save(self, step: int, state: dict, val_loss: float | None) -> None:
+    def _save(self, step: int, state: dict, val_loss: float | None, tracker: Tracker) -> None:
         best = state["best_val_loss"]
         is_best = val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best)
         if is_best:
@@ -583,3 +605,15 @@ class Trainer:
         self.checkpoints.save(step, self.engine, self.optimizer, self.scheduler, dict(state), self.config, is_best)
         if is_best:
             save_hf(self.engine, self.tokenizer, self.out_dir / "best", self.runtime)
+        if self.config.track.tracker == "wandb" and self.config.track.wandb_log_model == "checkpoint":
+            self._log_checkpoint_model(step, tracker)
+
+    def _log_checkpoint_model(self, step: int, tracker: Tracker) -> None:
+        """`wandb_log_model checkpoint`: the model as this checkpoint holds it, in Hugging Face format, as a version
+        of the run's model artifact: exported after the checkpoint is saved (every rank: collective under ZeRO-3 and
+        FSDP), copied by W&B into its staging area on rank 0, then deleted here."""
+        staging = self.out_dir / ".wandb_model"
+        save_hf(self.engine, self.tokenizer, staging, self.runtime)
+        if self.runtime.is_main:
+            tracker.log_model_dir(staging, step, final=False)
+            shutil.rmtree(staging, ignore_errors=True)

@@ -74,14 +74,15 @@ def held_out_lm_data(config: TrainConfig, vocab_size: int | None) -> dict[str, D
 
 def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
-    """The objective on the held-out pairs (`data.val`): `val_loss` and every metric as `eval/<metric>`."""
+    """The objective on the held-out pairs (`data.val`): its loss as `val_loss` and every metric as `eval/<metric>`."""
     if data.val is None:
         return None
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         pairs = preference_eval(model, objective, data.val, config.optim.batch_size,
                                 config.track.eval_batches or None, runtime.device)
-        return {"val_loss": pairs["loss"], **{f"eval/{key}": value for key, value in pairs.items()}}
+        loss = pairs.pop("loss")  # once, as val_loss: the score that picks the best checkpoint
+        return {"val_loss": loss, **{f"eval/{key}": value for key, value in pairs.items()}}
 
     return evaluate
 

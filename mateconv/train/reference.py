@@ -120,7 +120,7 @@ def compute_reference_logps(
     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=rank != 0, unit="batch"):
         rows = mine[start : start + batch_size]
         batch = {k: v.to(device) for k, v in default_collate([pairs[i] for i in rows]).items()}
-        ids, labels = concat_pair(batch)
+        ids, labels, _ = concat_pair(batch)
         logps = model_token_logps(reference, ids, labels)[0].float()
         chosen, rejected = logps.split(len(rows))
         sums[start : start + len(rows), 0] = chosen.sum(-1).cpu().numpy()

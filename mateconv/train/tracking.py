@@ -53,6 +53,20 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * active_parameters(model) + 12.0 * layers * hidden * seq_len
 
 
+def run_facts(model: nn.Module, config: TrainConfig, world_size: int) -> dict[str, dict]:
+    """What the W&B config adds to the flags. `model`: the model section as the model trained has it (with init_from
+    the saved model's own config counts, not the model flags, which would show defaults: `use_moe` false for a MoE
+    model's SFT) and its class. `run`: the model's parameters (all, trainable, active per token: MoE runs compare
+    with dense ones on these), the ranks and the examples per optimizer step over all of them (the global batch)."""
+    own, optim = model.config, config.optim
+    section = {name: getattr(own, name) for name in config_to_dict(config)["model"] if hasattr(own, name)}
+    facts = {"parameters": sum(p.numel() for p in model.parameters()),
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "active_parameters": active_parameters(model), "world_size": world_size,
+             "global_batch_size": optim.batch_size * optim.accumulation_steps * world_size}
+    return {"model": {**section, "architecture": type(model).__name__}, "run": facts}
+
+
 def measure_cpu_flops(size: int = 1024, repeats: int = 8) -> float:
     """Achieved fp32 matmul FLOP/s of this CPU (the practical peak for MFU on CPUs)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -177,6 +191,12 @@ class Tracker:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
 
+    def add_run_facts(self, facts: dict[str, dict]) -> None:
+        """`run_facts` into the W&B config: its `model` section in place of the flags', its `run` section beside
+        them (a resume on another number of ranks updates it)."""
+        if self.run is not None:
+            self.run.config.update(facts, allow_val_change=True)
+
     def watch(self, model: nn.Module) -> None:
         """W&B histograms of gradients and/or parameters every `wandb_watch_freq` backward passes (micro-batches)."""
         if self.run is not None and self.track.wandb_watch:
@@ -194,16 +214,24 @@ class Tracker:
             self.run.log_code(str(root), name=f"source-{self.project}-{self.path.parent.name}",
                               include_fn=is_project_source, exclude_fn=lambda path, root: False)
 
-    def log_model_dir(self, path: Path, step: int) -> None:
-        """A saved Hugging Face directory as a W&B artifact of type "model", named `<stage>-<run name or id>`."""
+    def log_model_dir(self, path: Path, step: int, final: bool) -> None:
+        """A saved Hugging Face directory as a version of the run's W&B artifact of type "model", named
+        `<stage>-<run name or id>`, with the aliases `step-<step>`, `latest` and for the final model `final`. W&B
+        copies the files at once (its staging area; the upload follows in the background). A model W&B refuses is
+        one line: training goes on, the files on disk are as saved."""
         if self.run is None or not self.track.wandb_log_model:
             return
         import wandb
 
         name = re.sub(r"[^\w.-]+", "-", f"{self.path.parent.name}-{self.run.name or self.run.id}")
-        artifact = wandb.Artifact(name, type="model", metadata={"step": step})
-        artifact.add_dir(str(path))
-        self.run.log_artifact(artifact, aliases=["latest", path.name, f"step-{step}"])
+        try:
+            artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+            artifact.add_dir(str(path))
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"] + (["final"] if final else []))
+        except (wandb.errors.Error, OSError, ValueError) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            print(f"[train] W&B: the model of step {step} was not logged as an artifact ({type(error).__name__}: "
+                  f"{reason}); the run's own files are saved as ever", flush=True)
 
     def finish(self) -> None:
         if self.run is not None:
