@@ -30,7 +30,8 @@ from mateconv.terminal import bars_only_on_a_terminal
 
 # Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
 # knows it as the "qwen2" pre-tokenizer, and ollama's own engine splits every Qwen3 model's text with it whatever the
-# GGUF says; GPT-2's split, used before, matched llama.cpp but not ollama's Qwen3 engine.
+# GGUF says (the pattern is fixed in its model/models/qwen3/model.go); GPT-2's split, used before, matched llama.cpp
+# but not ollama's Qwen3 engine.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
 
