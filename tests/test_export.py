@@ -231,6 +231,8 @@ def test_llama_cpp_tokenizes_and_formats_chats_as_we_do(which, tiny_tokenizer, s
                                     bos_token=tokenizer.bos_token)(messages=CHAT)
     assert llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True) == ours
     assert (llm.token_bos(), llm.token_eos()) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # a reply shown without its special tokens reads the same in both
+    assert llm.detokenize(ours, special=False) == tokenizer.decode(ours, skip_special_tokens=True).encode()
 
 
 def test_tokenizers_llama_cpp_would_split_otherwise_are_refused(tiny_tokenizer):
