@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
+from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
 from model.export import TO_STANDARD, shared_width, standard_architecture
 from model.modeling import SAMPLING_DEFAULTS
@@ -91,7 +92,7 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
     with atomic_dir(out) as tmp:
         standard.to(DTYPES[dtype]).save_pretrained(tmp)
         tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
-        tokenizer.save_pretrained(tmp)
+        save_pretrained_portable(tokenizer, tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SAMPLING_DEFAULTS).save_pretrained(tmp)
         # transformers 5 nests rope_theta in rope_parameters; readers of the older layout (transformers 4, vLLM
@@ -139,13 +140,37 @@ def rotary_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, half, columns).transpose(1, 2).reshape(rows, columns)
 
 
+# The Split step of our pre-tokenizer as tokenizer.json writes it
+OUR_SPLIT = {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False}
+
+
+def llama_cpp_split(spec: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: "qwen2" for ours, "gpt-2" for GPT-2's (tokenizers trained
+    before ours changed, MiniMind's); any other would split text unlike training in llama.cpp and is refused."""
+    if spec.get("normalizer"):
+        raise ExportError(f"the tokenizer normalizes text first ({spec['normalizer']['type']}), which llama.cpp does "
+                          "not; only byte-level BPE tokenizers without a normalizer export to GGUF")
+
+    def byte_level(step: dict, use_regex: bool) -> bool:
+        return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+                and step.get("use_regex", True) == use_regex)
+
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if byte_level(pre, use_regex=True):
+        return "gpt-2"
+    if len(steps) == 2 and steps[0] == OUR_SPLIT and byte_level(steps[1], use_regex=False):
+        return "qwen2"
+    raise ExportError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) is neither GPT-2's nor MateConv's "
+                      "split, and llama.cpp would split text otherwise; only those two export to GGUF")
+
+
 def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, llama.cpp token types, merges) of a byte-level BPE tokenizer, padded to the embedding rows."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise ExportError("only byte-level BPE tokenizers with GPT-2's pre-tokenizer export to GGUF "
-                          f"(this one: {spec['model']['type']}, pre-tokenizer {pre.get('type')})")
+    if spec["model"]["type"] != "BPE" or spec["model"].get("ignore_merges"):
+        raise ExportError(f"only byte-level BPE tokenizers export to GGUF (this one: {spec['model']['type']}"
+                          f"{' with ignore_merges' if spec['model'].get('ignore_merges') else ''})")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, index in spec["model"]["vocab"].items():
@@ -155,6 +180,34 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return tokens, [int(t) for t in types], merges
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token_id: int) -> str:
+    """Writes the tokenizer as llama.cpp's "gpt2" BPE with the pre-tokenizer that splits text as ours does, ChatML
+    template and no BOS added; returns that pre-tokenizer's name."""
+    split = llama_cpp_split(json.loads(tokenizer.backend_tokenizer.to_str()))
+    tokens, types, merges = tokenizer_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(split)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
+    return split
+
+
+def ollama_note(architecture: gguf.MODEL_ARCH, split: str) -> str | None:
+    """ollama runs Qwen3 models (dense and MoE) on its own engine, whose tokenizer splits text as Qwen2 does whatever
+    the GGUF says (its Llama models go through llama.cpp, which reads the split from the file)."""
+    if architecture in (gguf.MODEL_ARCH.QWEN3, gguf.MODEL_ARCH.QWEN3MOE) and split != "qwen2":
+        return (f"note: this tokenizer splits text as {split} does, but ollama's engine for Qwen3 models splits as "
+                "qwen2 does, so ollama would give the model other token ids than it trained on (llama.cpp reads the "
+                "split from the file and is right); a tokenizer trained by mateconv.tokenizer now fits both")
+    return None
 
 
 def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path:
@@ -190,17 +243,9 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         if config.use_moe:
             add_experts(writer, config, standard)
         writer.add_file_type(GGUF_FILE_TYPES[dtype])
-        tokens, types, merges = tokenizer_vocab(tokenizer, config.vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(config.bos_token_id)
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-        writer.add_add_bos_token(False)
-        writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
+        note = ollama_note(architecture, add_tokenizer(writer, tokenizer, config.vocab_size, config.bos_token_id))
+        if note:
+            print(f"export: {note}", file=sys.stderr)
         for name, tensor in gguf_tensors(model, source, standard):
             if name == "lm_head.weight" and config.tie_word_embeddings and not config.use_moe:
                 continue  # llama.cpp's Llama and Qwen3 reuse token_embd when output.weight is absent (its MoE ones not)

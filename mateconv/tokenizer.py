@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -27,6 +27,19 @@ from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
 from mateconv.terminal import bars_only_on_a_terminal
+
+# Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
+# knows it as the "qwen2" pre-tokenizer, and ollama's own engine splits every Qwen3 model's text with it whatever the
+# GGUF says (the pattern is fixed in its model/models/qwen3/model.go); GPT-2's split, used before, matched llama.cpp
+# but not ollama's Qwen3 engine.
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+
+
+def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """SPLIT_PATTERN's pieces, each mapped to GPT-2's byte alphabet (no prefix space, no normalizer before it)."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
@@ -53,7 +66,7 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 259 tokens")
     os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "true")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -93,12 +106,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
     if tmp_dir.exists():
         for leftover in tmp_dir.iterdir():
             leftover.unlink()
-    wrapped.save_pretrained(tmp_dir)
-    # Keep the template inside tokenizer_config.json (older loaders read it there) and a special_tokens_map.json.
-    config_path = tmp_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    save_pretrained_portable(wrapped, tmp_dir)
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}
     (tmp_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +114,21 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
         os.replace(path, out_dir / path.name)
     tmp_dir.rmdir()
     return out_dir
+
+
+def save_pretrained_portable(tokenizer, directory: str | Path) -> None:
+    """`tokenizer.save_pretrained(directory)` that transformers 4 loads too (LLaMA-Factory, vLLM releases on 4,
+    llama.cpp's convert_hf_to_gguf.py): transformers 5 names its internal class TokenizersBackend as tokenizer_class,
+    which 4 refuses ("does not exist or is not currently imported"), PreTrainedTokenizerFast loads in both; and the
+    chat template stays in tokenizer_config.json too, where loaders before chat_template.jinja look for it."""
+    tokenizer.save_pretrained(directory)
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(tokenizer.chat_template, str):
+        config["chat_template"] = tokenizer.chat_template
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- compression report

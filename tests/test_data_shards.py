@@ -176,7 +176,7 @@ def test_planning_whole_documents_cuts_none_and_keeps_the_last_row():
     assert max(rows) <= 10 and sum(rows) == lengths.sum() and len(rows) == 6  # 55 tokens: 6 rows of 10 at best
 
 
-@pytest.mark.parametrize("seq_len", [96, 256])
+@pytest.mark.parametrize("seq_len", [128, 256])
 def test_packed_sft_rows_hold_each_conversation_whole_once(setup, tmp_path, seq_len):
     root, tokenizer_dir, tokenizer = setup
     build_shards("sft", [root / "raw/sft.jsonl"], tokenizer_dir, tmp_path / "s", workers=2,

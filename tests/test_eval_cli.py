@@ -50,7 +50,7 @@ def check_outputs(out: Path, inputs: dict) -> dict:
         for kind, accuracy in report["accuracy_by_kind"].items():
             hits = [v for task, v in zip(tasks, verdicts) if task["kind"] == kind]
             assert accuracy == pytest.approx(sum(hits) / len(hits), abs=1e-4)
-    assert dense["task_accuracy"] >= 0.05  # measured 4 of 60 held-out tasks
+    # how many the tiny model gets right is luck, not asserted (4 of 60 with GPT-2's split, 0 with Qwen2's)
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["model"] for r in rows] == LABELS and float(rows[0]["val_ppl"]) == dense["val_ppl"]
     markdown = (out / "summary.md").read_text()
@@ -191,6 +191,9 @@ def test_a_failed_model_leaves_the_others_results(tiny_sft_model, tiny_tokens, t
     broken = tmp_path / "broken" / "final"
     shutil.copytree(tiny_sft_model, broken)
     (broken / "chat_template.jinja").unlink()
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # kept there too, for loaders from before chat_template.jinja
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit) as stopped:
         main(quick_run([broken, tiny_sft_model], tmp_path / "eval", "--val", str(tiny_tokens / "sft" / "val")))
     reason = f"the tokenizer in {broken} has no chat template"

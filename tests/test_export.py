@@ -3,21 +3,27 @@ greedy tokens as our own decoder (GGUF through llama.cpp itself, via llama-cpp-p
 Qwen2-MoE, Qwen3-MoE or Qwen3-Next, and exports that would compute another function refused in one line."""
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import subprocess
 import sys
 
+import gguf
 import jinja2
+import llama_cpp
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
 from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from mateconv.chat import load_model
+from mateconv.export import ExportError, add_tokenizer, llama_cpp_split, ollama_note
+from mateconv.tokenizer import adopt_tokenizer, corpus_texts
 from model import MateConvConfig, MateConvForCausalLM
 from model.generation import generate_tokens
 
@@ -62,6 +68,9 @@ def test_llama_directory(tiny_sft_model, reference, tmp_path):
     plain = jinja2.Environment().from_string(tokenizer.chat_template).render(messages=messages,
                                                                              add_generation_prompt=False)
     assert plain == tokenizer.apply_chat_template(messages, tokenize=False) and "generation" not in plain
+    for saved in (tiny_sft_model, tmp_path / "llama"):  # transformers 4 refuses 5's TokenizersBackend
+        config = json.loads((saved / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]
 
 
 def untrained_moe(tiny_tokenizer, out, **moe):
@@ -183,7 +192,7 @@ def test_qwen2_moe_gguf_logits_in_llama_cpp(tiny_tokenizer, tmp_path, moe):
 def test_gguf_in_llama_cpp(tiny_sft_model, reference, tmp_path, dtype):
     llm = gguf_generates_our_tokens(tiny_sft_model, reference, tmp_path, dtype)
     metadata = llm.metadata
-    assert metadata["tokenizer.ggml.pre"] == "gpt-2" and int(metadata["llama.context_length"]) == 96
+    assert metadata["tokenizer.ggml.pre"] == "qwen2" and int(metadata["llama.context_length"]) == 96
     template = metadata["tokenizer.chat_template"]  # the one llama.cpp applies: plain Jinja, no generation markers
     assert "<|im_start|>" in template and "endgeneration" not in template and "{% generation" not in template
 
@@ -205,7 +214,9 @@ def test_qk_norm_model_exports_as_qwen3(tiny_qk_norm_sft_model, tmp_path):
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         assert out[0, len(prompt):].tolist() == ours
     llm = gguf_generates_our_tokens(tiny_qk_norm_sft_model, reference, tmp_path, "f32")
-    assert llm.metadata["general.architecture"] == "qwen3"
+    # ollama runs Qwen3 on its own engine, which splits text as Qwen2 does whatever the file says: ours must too
+    assert llm.metadata["general.architecture"] == "qwen3" and llm.metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert "note:" not in export(tiny_qk_norm_sft_model, "--to", "gguf", "--out", tmp_path / "gguf").stderr
 
 
 def gguf_generates_our_tokens(model_dir, reference, tmp_path, dtype: str) -> Llama:
@@ -218,7 +229,7 @@ def gguf_generates_our_tokens(model_dir, reference, tmp_path, dtype: str) -> Lla
     eos = tokenizer.eos_token_id
     for question, (prompt, ours) in zip(QUESTIONS, reference):
         text = tokenizer.decode(prompt)
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt  # the "gpt2" pre-tokenizer fits
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
         llm.reset()
         theirs = []
         for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
@@ -281,3 +292,88 @@ def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):
         with pytest.raises(SystemExit, match=rf"^export: --out .* {problem}"):
             export_main([str(tiny_sft_model), "--to", "llama", "--out", str(target)])
     assert (out / "Modelfile").is_file() and (tiny_sft_model / "model.safetensors").is_file()
+
+
+TOKENIZER_TEXTS = [
+    "The quick brown fox jumps over the lazy dog; it's 3.14 o'clock. I'm sure they'll've DONE'S",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。请问12千克等于多少克？",
+    "1234567890 3.14159265358979 2024年12月5日 ６７８ ٣٤٥ 1,000,000",
+    "Party time 🎉🥳 — naïve café 👩‍💻 ✅ 🇨🇳",
+    "a  b   c    d\t\te\n\n\nf \n g   \n\n  ", "line1\r\nline2\r\n", "a\u00a0b\u3000c\u2009d",
+    "def area(r: float) -> float:\n\treturn 3.14159 * r ** 2  # 面积\n\nprint({'k': [1, 2]})\n    if x:\n        pass\n",
+    "Hello世界123abc，English和中文mixed！Привет мир αβγ こんにちは 한국어",
+    "<|im_start|>user\n你好 <think>x</think><|im_end|>\n<|im_start|>assistant\n",
+]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, 12 + 7?"},
+        {"role": "assistant", "content": "19 😀"}, {"role": "user", "content": "Thanks!\n\tBye"}]
+
+
+def vocab_only_llama(tokenizer, path) -> Llama:
+    """llama.cpp holding only what a GGUF export writes for the tokenizer (no weights, so it loads at once)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    add_tokenizer(writer, tokenizer, len(tokenizer), tokenizer.bos_token_id)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def llama_cpp_chatml(llm: Llama, messages: list[dict[str, str]]) -> str:
+    """The prompt llama.cpp's own chat formatting (llama-server without --jinja) builds from the GGUF's template."""
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    buffer = ctypes.create_string_buffer(4096)
+    length = llama_cpp.llama_chat_apply_template(llm.metadata["tokenizer.chat_template"].encode(), chat,
+                                                 len(messages), True, buffer, len(buffer))
+    return buffer.raw[:length].decode()
+
+
+@pytest.mark.parametrize("which", ["ours", "minimind"])
+def test_llama_cpp_tokenizes_and_formats_chats_as_we_do(which, tiny_tokenizer, shared_data, tmp_path):
+    """llama.cpp tokenizes with its own code, chosen by the GGUF's tokenizer metadata: for our tokenizer (Qwen2's
+    split) and for MiniMind's through --tokenizer (GPT-2's, as every tokenizer trained before), it gives our ids on
+    varied and real text, decodes each token to the same bytes (UTF-8 split across tokens included), and its own
+    ChatML formatting and llama-cpp-python's template path give our chat-template prompt ids."""
+    if which == "ours":
+        source = tiny_tokenizer
+    else:
+        source = adopt_tokenizer(shared_data("jingyaogong__minimind/model"), tmp_path / "minimind")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    llm = vocab_only_llama(tokenizer, tmp_path / "vocab.gguf")
+    assert llm.metadata["tokenizer.ggml.pre"] == {"ours": "qwen2", "minimind": "gpt-2"}[which]
+    real = list(corpus_texts([shared_data("hiyouga__LLaMA-Factory/data/alpaca_zh_demo.json"),
+                              shared_data("hiyouga__LLaMA-Factory/data/wiki_demo.first3lines.txt")], 60_000))
+    for text in TOKENIZER_TEXTS + real:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert b"".join(llm.detokenize([i], special=True) for i in ids) == text.encode()
+    ours = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert llm.tokenize(llama_cpp_chatml(llm, CHAT).encode(), add_bos=True, special=True) == ours  # no BOS added
+    formatted = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token,
+                                    bos_token=tokenizer.bos_token)(messages=CHAT)
+    assert llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True) == ours
+    assert (llm.token_bos(), llm.token_eos()) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # a reply shown without its special tokens reads the same in both
+    assert llm.detokenize(ours, special=False) == tokenizer.decode(ours, skip_special_tokens=True).encode()
+
+
+def test_tokenizers_llama_cpp_would_split_otherwise_are_refused(tiny_tokenizer):
+    """A normalizer (llama.cpp applies none) or a pre-tokenizer that is neither ours nor GPT-2's would make llama.cpp
+    see other ids than training: one line each (before, any ByteLevel pre-tokenizer was declared "gpt-2")."""
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_tokenizer).backend_tokenizer.to_str())
+    assert llama_cpp_split(spec) == "qwen2"
+    with pytest.raises(ExportError, match=r"normalizes text first \(NFC\), which llama.cpp does not"):
+        llama_cpp_split({**spec, "normalizer": {"type": "NFC"}})
+    for other in ({"type": "Whitespace"}, {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}):
+        with pytest.raises(ExportError, match="neither GPT-2's nor MateConv's split"):
+            llama_cpp_split({**spec, "pre_tokenizer": other})
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert llama_cpp_split({**spec, "pre_tokenizer": gpt2}) == "gpt-2"
+
+
+def test_ollama_note_for_qwen3_with_gpt2_split():
+    """ollama's engine splits Qwen3 models' text as Qwen2 does: a Qwen3 export of a GPT-2-split tokenizer (trained
+    before, or MiniMind's) is right in llama.cpp but not in ollama, and the export says so."""
+    assert "ollama" in ollama_note(gguf.MODEL_ARCH.QWEN3, "gpt-2")
+    assert ollama_note(gguf.MODEL_ARCH.QWEN3, "qwen2") is None and ollama_note(gguf.MODEL_ARCH.LLAMA, "gpt-2") is None

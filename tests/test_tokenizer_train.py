@@ -81,3 +81,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["--corpus", str(empty), "--out_dir", str(tmp_path / "tok")])
     with pytest.raises(SystemExit, match="too small"):
         main(["--corpus", str(empty), "--vocab_size", "100", "--out_dir", str(tmp_path / "tok")])
+
+
+def test_pre_tokenizer_splits_as_qwen2(tokenizer_dir):
+    """Text is split as Qwen2 does (what llama.cpp calls "qwen2" and ollama's engine applies to every Qwen3 model):
+    digits one by one, a punctuation mark joined to the word after it, newline runs apart. GPT-2's split, used
+    before, kept "2024" whole and made ollama tokenize Qwen3 exports unlike training."""
+    split = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.pre_tokenizer
+    text = "在2024年，今天 DON'T\n\n  go"
+    pieces = [text[start:end] for _, (start, end) in split.pre_tokenize_str(text)]
+    assert pieces == ["在", "2", "0", "2", "4", "年", "，今天", " DON", "'T", "\n\n", " ", " go"]
+
+
+def test_config_loads_in_transformers_4_and_5(tokenizer_dir):
+    """tokenizer_config.json names PreTrainedTokenizerFast, which transformers 4 (LLaMA-Factory, vLLM releases on 4,
+    llama.cpp's convert_hf_to_gguf.py) and 5 both load; transformers 5 writes its internal TokenizersBackend, which 4
+    refuses ("Tokenizer class TokenizersBackend does not exist or is not currently imported")."""
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|im_start|>", "<|im_end|>",
+                                                                              "<|endoftext|>")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # TRL warns when they are the same
+    assert tokenizer.encode("hi", add_special_tokens=True) == tokenizer.encode("hi", add_special_tokens=False)

@@ -14,6 +14,7 @@ from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, is_training_checkpoint,
                              parse_config)
 from mateconv.files import atomic_dir
+from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import unwrap
 from mateconv.train.distributed import Runtime, barrier
 from mateconv.train.fsdp import full_model_state
@@ -128,7 +129,7 @@ def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
             settings.pad_token_id = tokenizer.pad_token_id
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_pretrained_portable(tokenizer, tmp)
             (tmp / marker.name).write_text(json.dumps(made_from))
         print(f"[{stage}] {source}'s tokenizer has no ChatML tokens: added {BOS} and {EOS} and the ChatML template, "
               f"embeddings grown to {model.get_input_embeddings().num_embeddings}; starting from {target}", flush=True)
@@ -231,7 +232,7 @@ def model_dir(path: str | Path) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_pretrained_portable(tokenizer, tmp)
     print(f"[model] {path} holds a training checkpoint: its weights consolidated into {target}", flush=True)
     return target
 
@@ -271,6 +272,6 @@ def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
                 module = copy.deepcopy(module).merge_and_unload()
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                save_pretrained_portable(tokenizer, tmp)
     barrier()
     return target
