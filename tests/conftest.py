@@ -1,10 +1,11 @@
 """Shared test fixtures (generic, reusable by every area's tests)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -199,8 +200,8 @@ def _train_tiny(tokens: Path, tokenizer: Path, out: Path, stage: str, **override
 
 
 def _train_tiny_sft(tokens: Path, tokenizer: Path, out: Path, **moe) -> Path:
-    """SFT from scratch on the embedded conversations (150 steps of 16 sequences, no validation)."""
-    return _train_tiny(tokens, tokenizer, out, "sft", val_data_path="", batch_size=16, max_steps=150,
+    """SFT from scratch on the embedded conversations (300 steps of 16 sequences, no validation)."""
+    return _train_tiny(tokens, tokenizer, out, "sft", val_data_path="", batch_size=16, max_steps=300,
                        warmup_iters=10, save_interval_steps=1000, log_interval=50, **moe)
 
 
@@ -283,6 +284,21 @@ def greedy_reply() -> Callable[..., tuple[str, int, bool]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
+
+
+@contextlib.contextmanager
+def served(model: Path, name: str, extra_args: list[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m mateconv.serve` of `model` as `name` on a free loopback port, one thread (a tiny model on 2 shared
+    cores runs fastest so): (its /v1 URL, the process), stopped on exit."""
+    from mateconv.procs import start_background, stop_background
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        url, process = start_background(model, served_model_name=name, extra_args=extra_args)
+    try:
+        yield url, process
+    finally:
+        stop_background(process)
 
 
 def run_script(name: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:

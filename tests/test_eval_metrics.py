@@ -107,11 +107,10 @@ def test_task_accuracy_uses_check_answer(tiny_sft_model, tiny_untrained_model, t
     for kind, accuracy in trained.by_kind.items():
         hits = [v for task, v in zip(tasks, verdicts) if task["kind"] == kind]
         assert accuracy == pytest.approx(sum(hits) / len(hits))
-    # the SFT model answers held-out prompts in the data set's answer form; the untrained model gets none right. How
-    # many the tiny model gets right is luck, not asserted: 4 of 60 with GPT-2's split, 0 with Qwen2's (one token per
-    # digit), where it answers "10" to most (learning itself: test_trained_model_has_lower_perplexity_than_untrained)
+    # the SFT model answers held-out prompts in the data set's answer form, and some correctly (measured 15 of 60);
+    # the untrained model never does
     assert all(row["response"].startswith(("The answer is", "答案是")) for row in trained.rows)
-    assert results["untrained"].accuracy == 0.0
+    assert trained.accuracy >= 0.1 and results["untrained"].accuracy == 0.0
     with pytest.raises(EvalError, match="needs 'messages' and 'answer'"):
         task_accuracy(model, tokenizer, [{"id": "x", "messages": []}])
 

@@ -27,7 +27,7 @@ def write_jsonl(path, records) -> str:
 def heldout(tmp_path_factory, tiny_embedded_data) -> dict:
     """Held-out conversations the fake judge can grade ("[pNN] What is a+b?" with the answer) and held-out texts."""
     root = tmp_path_factory.mktemp("heldout")
-    # sums near 19, the tiny SFT model's favourite answer, so that some replies score above the pretrain model's 1
+    # sums around 14, the tiny SFT model's favourite answer, so that some replies score above the pretrain model's 1
     records = [task(f"p{i:02d}", 6 + i % 7, 7 + i % 5) for i in range(N_PROMPTS)]
     conversations = [{"id": r["id"], "messages": r["messages"] + [{"role": "assistant",
                                                                    "content": f"The answer is {r['answer']}."}]}

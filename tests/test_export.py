@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from mateconv.chat import load_model
 from mateconv.export import ExportError, add_tokenizer, llama_cpp_split, ollama_note
+from mateconv.export import main as export_main
 from mateconv.tokenizer import adopt_tokenizer, corpus_texts
 from model import MateConvConfig, MateConvForCausalLM
 from model.generation import generate_tokens
@@ -89,10 +90,14 @@ def untrained_moe(tiny_tokenizer, out, **moe):
     return model
 
 
-def assert_refused(result: subprocess.CompletedProcess, out, *phrases: str) -> None:
-    assert result.returncode != 0 and not out.exists() and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("export: ") and all(phrase in last for phrase in phrases), last
+def assert_refused(model, to: str, out, *phrases: str) -> None:
+    """`python -m mateconv.export MODEL --to TO --out OUT` stops with one line holding `phrases` and writes nothing
+    (run in this process: an unexpected exception fails the test as a traceback would)."""
+    with pytest.raises(SystemExit) as stopped:
+        export_main([str(model), "--to", to, "--out", str(out)])
+    line = str(stopped.value.code)
+    assert line.startswith("export: ") and "\n" not in line and all(phrase in line for phrase in phrases), line
+    assert not out.exists()
 
 
 def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
@@ -102,14 +107,13 @@ def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line
     preset's combination has no GGUF); each asked-for architecture that does not fit names the one that does."""
     both = tmp_path / "shared_and_qk_norm"
     untrained_moe(tiny_tokenizer, both, qk_norm=True, n_shared_experts=1)
-    assert_refused(export(both, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
-                   "Qwen3-Next (--to qwen3next)", "linear-attention")
+    assert_refused(both, "gguf", tmp_path / "gguf", "Qwen3-Next (--to qwen3next)", "linear-attention")
     for to in ("qwen2moe", "qwen3moe"):
-        assert_refused(export(both, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen3next)")
-    assert_refused(export(tiny_moe_sft_model, "--to", "gguf", "--out", tmp_path / "gguf"), tmp_path / "gguf",
-                   "qwen2moe never renormalises", "norm_topk_prob=True", "--to qwen2moe")
+        assert_refused(both, to, tmp_path / to, "(--to qwen3next)")
+    assert_refused(tiny_moe_sft_model, "gguf", tmp_path / "gguf", "qwen2moe never renormalises",
+                   "norm_topk_prob=True", "--to qwen2moe")
     for to in ("qwen3moe", "qwen3next", "llama", "qwen3"):
-        assert_refused(export(tiny_moe_sft_model, "--to", to, "--out", tmp_path / to), tmp_path / to, "(--to qwen2moe)")
+        assert_refused(tiny_moe_sft_model, to, tmp_path / to, "(--to qwen2moe)")
 
 
 def test_shared_experts_with_qk_norm_as_qwen3_next(tiny_tokenizer, tmp_path):

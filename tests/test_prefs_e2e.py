@@ -21,8 +21,10 @@ import httpx
 import psutil
 import pytest
 
+from conftest import served
+
 from mateconv.prefs.cli import main
-from mateconv.procs import free_port, start_background, stop_background
+from mateconv.procs import free_port
 from mateconv.tasks import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 @pytest.fixture(scope="module")
 def judge_server(tiny_untrained_model):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        url, process = start_background(tiny_untrained_model, served_model_name="random-judge")
-    yield url
-    stop_background(process)
+    with served(tiny_untrained_model, "random-judge") as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

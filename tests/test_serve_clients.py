@@ -17,8 +17,9 @@ from langchain_openai import ChatOpenAI
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else litellm fetches a price list from the internet
 import litellm  # noqa: E402
 
+from conftest import served
+
 from mateconv.chat import load_model
-from mateconv.procs import start_background, stop_background
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 KEY = "sk-test-0123456789"
@@ -28,11 +29,8 @@ TOO_LONG = "seven " * 200  # far past the tiny model's 96-token context
 
 @pytest.fixture(scope="module")
 def server(tiny_sft_model):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        url, process = start_background(tiny_sft_model, served_model_name="tiny", extra_args=["--api_key", KEY])
-    yield url
-    stop_background(process)
+    with served(tiny_sft_model, "tiny", ["--api_key", KEY]) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

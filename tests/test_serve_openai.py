@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from mateconv.procs import start_background, stop_background
+from conftest import served
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 QUESTION = "What is 3 plus 4?"
@@ -20,11 +20,8 @@ QUESTION = "What is 3 plus 4?"
 
 @pytest.fixture(scope="module")
 def server(tiny_sft_model):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # tiny model on 2 shared cores: one thread is fastest
-        url, process = start_background(tiny_sft_model, served_model_name="tiny")
-    yield url, process
-    stop_background(process)
+    with served(tiny_sft_model, "tiny") as (url, process):
+        yield url, process
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
+from conftest import served
+
 from mateconv.chat_format import render_chat
 from mateconv.data.formats import to_sft
-from mateconv.procs import start_background, stop_background
 from mateconv.serve import ReplyParser, chat_message
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -64,11 +65,8 @@ def tool_model(tiny_tokenizer, tiny_flags, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tool_model):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        url, process = start_background(tool_model, served_model_name="tiny")
-    yield url
-    stop_background(process)
+    with served(tool_model, "tiny") as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +173,18 @@ def test_streamed_tool_calls(client):
         ("get_weather", '{"city": "Paris"}')]
 
 
+def reply(client, messages: list[dict], stream: bool, **options) -> tuple[str, str, list, list[str]]:
+    """(content, reasoning, tool calls, finish reasons) of a reply, streamed or whole."""
+    if stream:
+        return streamed(client, messages, **options)
+    choice = ask(client, messages, **options).choices[0]
+    return (choice.message.content, (choice.message.model_extra or {}).get("reasoning_content") or "",
+            choice.message.tool_calls or [], [choice.finish_reason])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_reasoning_content(client, stream):
-    if stream:
-        content, reasoning, calls, finishes = streamed(client, [ASK_PRIME], tools=TOOLS)
-    else:
-        choice = ask(client, [ASK_PRIME], tools=TOOLS).choices[0]
-        content, reasoning = choice.message.content, choice.message.model_extra["reasoning_content"]
-        calls, finishes = choice.message.tool_calls or [], [choice.finish_reason]
-    assert (content, reasoning, calls, finishes) == (VERDICT, THOUGHT, [], ["stop"])
+    assert reply(client, [ASK_PRIME], stream, tools=TOOLS) == (VERDICT, THOUGHT, [], ["stop"])
     # sent back, the reasoning is rendered as training wrote it: the model's next turn sees its own <think> block
     again = ask(client, [ASK_PRIME, {"role": "assistant", "content": VERDICT, "reasoning_content": THOUGHT},
                          ASK_PRIME], tools=TOOLS)
@@ -192,12 +193,7 @@ def test_reasoning_content(client, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_malformed_call_stays_text(client, stream):
-    if stream:
-        content, _, calls, finishes = streamed(client, [ASK_BROKEN], tools=TOOLS)
-    else:
-        choice = ask(client, [ASK_BROKEN], tools=TOOLS).choices[0]
-        content, calls, finishes = choice.message.content, choice.message.tool_calls or [], [choice.finish_reason]
-    assert (content, calls, finishes) == (BROKEN, [], ["stop"])
+    assert reply(client, [ASK_BROKEN], stream, tools=TOOLS) == (BROKEN, "", [], ["stop"])
 
 
 def test_tool_choice_none_and_no_tools(client):
