@@ -74,7 +74,7 @@ def test_cli_writes_summaries_and_plots(inputs, tmp_path):
 def test_a_training_checkpoint_is_evaluated_as_its_model(tiny_sft_model, tmp_path, capsys):
     """A run stopped before final/ has checkpoints: the evaluation takes one (consolidated, as chat and export do)
     and its greedy reply is the final model's (the last checkpoint holds the final weights)."""
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
     shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
     replies = {}
     for name, model in (("final", tiny_sft_model), ("checkpoint", checkpoint)):

@@ -251,7 +251,7 @@ def test_a_training_checkpoint_exports_like_the_final_model(tiny_sft_model, tmp_
     """A run stopped before its end has checkpoints but no final/: export said "no model at ... (expected a
     save_pretrained directory with config.json)". A checkpoint is consolidated once into <checkpoint>/model/; the
     run's last checkpoint exports to the same GGUF model as its final/ (named after the directory above it)."""
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
     shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
     for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (tiny_sft_model, tmp_path / "from_final")):
         result = export(source, "--to", "gguf", "--dtype", "f32", "--out", out)
@@ -266,7 +266,7 @@ def test_a_training_checkpoint_exports_like_the_final_model(tiny_sft_model, tmp_
 
 def test_a_moe_training_checkpoint_exports_like_the_final_model(tiny_moe_sft_model, tmp_path):
     """An MoE run's last checkpoint exports to the same Qwen2-MoE weights as its final/."""
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000150"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
     shutil.copytree(tiny_moe_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
     for source, out in ((checkpoint, tmp_path / "from_checkpoint"), (tiny_moe_sft_model, tmp_path / "from_final")):
         result = export(source, "--to", "qwen2moe", "--out", out)

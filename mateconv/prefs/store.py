@@ -133,6 +133,8 @@ class ResultStore:
             removed = repair_torn_tail(path)
             if removed:
                 print(f"prefs: cut a torn last line ({removed} bytes) from {path}", file=sys.stderr)
+        for kind in ("pair", "dropped", "failure"):  # each there after a run, empty when it has no record
+            self.paths[kind].touch()
         self.files: dict[str, int] = {}
 
     def ids(self, kind: str) -> set[str]:
