@@ -679,13 +679,13 @@ def seed_test_main(argv: list[str]) -> None:
         check_seed_shape(model, args.dim, args.n_layers, "pretrain_sft_lora")
     if unused:
         print(f"[evaluate] --mode test does not use {' '.join(t for t in unused if t.startswith('-'))}", flush=True)
-    data = [(flag, under_root(default, root)) for flag, default in
+    # the held-out data under the layout root, each skipped (as main skips its defaults) when missing or empty
+    data = [(flag, optional_path(None, under_root(default, root)) or "none") for flag, default in
             (("--val", DEFAULT_VAL), ("--tasks", DEFAULT_TASKS), ("--bpb_texts", DEFAULT_BPB_TEXTS),
              ("--heldout", DEFAULT_HELDOUT))]
     length = ["--seq_len", str(args.max_seq_len)] if args.max_seq_len else []
     main(["--models", *map(str, models), "--out_dir", str(root / "eval"), "--batch_size", str(args.batch_size),
-          "--device", args.device, *length,
-          *(part for flag, path in data for part in (flag, path if Path(path).exists() else "none"))])
+          "--device", args.device, *length, *(part for flag, path in data for part in (flag, path))])
 
 
 if __name__ == "__main__":

@@ -269,3 +269,23 @@ def test_a_model_that_ships_its_code_needs_trust_remote_code(tiny_tokenizer, tmp
     main(quick_run([shipped], tmp_path / "eval", "--trust_remote_code"))
     report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
     assert report["model"] == "shipped/final" and QUESTION in report["samples"]
+
+
+def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model, tiny_embedded_data, tmp_path,
+                                                                   capsys):
+    """`pretrain_sft_lora.py --mode test --out_dir R` evaluates R/sft/final; R/data's empty tasks file and missing
+    shards are skipped as `python -m mateconv.evaluate` skips its defaults, not an error; present data is used."""
+    from mateconv.evaluate import seed_test_main
+
+    root = tmp_path / "run"
+    shutil.copytree(tiny_sft_model, root / "sft" / "final")
+    (root / "data").mkdir()
+    (root / "data" / "tasks_val.jsonl").write_text("")
+    shutil.copy(tiny_embedded_data / "sft_val.jsonl", root / "data" / "sft_val.jsonl")
+    seed_test_main(["--out_dir", str(root), "--device", "cpu", "--batch_size", "2"])
+    printed = capsys.readouterr().out
+    assert f"{root}/data/tasks_val.jsonl not found or empty; skipping it" in printed
+    assert f"{root}/tokens/pretrain/val not found or empty; skipping it" in printed
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    [model] = summary["models"]
+    assert model["task_accuracy"] is None and model["val_ppl"] is None and model["samples"]
