@@ -96,9 +96,12 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SAMPLING_DEFAULTS).save_pretrained(tmp)
         # transformers 5 nests rope_theta in rope_parameters; readers of the older layout (transformers 4, vLLM
-        # releases before it) would take Llama's default base instead of ours
+        # releases before it) would take Llama's default base instead of ours, and Qwen3-Next's default rotary
+        # share of the head (0.25) instead of its whole
         saved = json.loads((tmp / "config.json").read_text())
         saved.setdefault("rope_theta", config.rope_theta)
+        if "partial_rotary_factor" in saved.get("rope_parameters", {}):
+            saved.setdefault("partial_rotary_factor", saved["rope_parameters"]["partial_rotary_factor"])
         (tmp / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(Path(source).resolve()), "to": architecture,
                                                      "dtype": dtype}) + "\n")

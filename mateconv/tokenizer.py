@@ -120,12 +120,17 @@ def save_pretrained_portable(tokenizer, directory: str | Path) -> None:
     """`tokenizer.save_pretrained(directory)` that transformers 4 loads too (LLaMA-Factory, vLLM releases on 4,
     llama.cpp's convert_hf_to_gguf.py): transformers 5 names its internal class TokenizersBackend as tokenizer_class,
     which 4 refuses ("does not exist or is not currently imported"), PreTrainedTokenizerFast loads in both; and the
-    chat template stays in tokenizer_config.json too, where loaders before chat_template.jinja look for it."""
+    chat template stays in tokenizer_config.json too, where loaders before chat_template.jinja look for it. A list of
+    extra special tokens (Qwen2.5's, kept by continued pretraining) goes under 4's name, additional_special_tokens:
+    4 takes extra_special_tokens for a dict and fails on 5's list ("'list' object has no attribute 'keys'"); 5 reads
+    either."""
     tokenizer.save_pretrained(directory)
     config_path = Path(directory) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
     if isinstance(tokenizer.chat_template, str):
         config["chat_template"] = tokenizer.chat_template
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")

@@ -79,7 +79,11 @@ class MoEFeedForward(nn.Module):
         picked = tokens * self.top_k
         # the two orders of operations as before masks: packed pretraining's figures stay the same bit for bit
         share = counts / (picked / self.n_experts) if self.seq_aux else counts / picked * self.n_experts
-        return (share * mean_scores).sum(dim=1).mean() * self.aux_loss_alpha
+        per_row = (share * mean_scores).sum(dim=1)
+        if real is None:
+            return per_row.mean() * self.aux_loss_alpha
+        # the mean over the rows holding a real token: a row of padding alone would scale the others' loss down
+        return per_row.sum() / (real.sum(dim=(1, 2)) > 0).sum().clamp(min=1) * self.aux_loss_alpha
 
     def load_share(self, assigned: torch.Tensor, counts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Fraction of the routed picks each expert got, over the real tokens only when `real` marks them. Stays on

@@ -130,6 +130,14 @@ def test_shared_experts_with_qk_norm_as_qwen3_next(tiny_tokenizer, tmp_path):
         assert (model(ids).logits - standard(ids).logits).abs().max() < 1e-4
     ours = generate_tokens(model, ids, max_new_tokens=NEW_TOKENS, temperature=0)
     assert torch.equal(standard.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), ours)
+    # a reader of the layout before transformers 5 (no rope_parameters): its default rotary share is 0.25
+    path = tmp_path / "qwen3next" / "config.json"
+    config = json.loads(path.read_text())
+    del config["rope_parameters"]
+    path.write_text(json.dumps(config))
+    older = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3next").eval()
+    with torch.no_grad():
+        assert (model(ids).logits - older(ids).logits).abs().max() < 1e-4
 
 
 def logits_of(model_dir, standard, reference) -> float:

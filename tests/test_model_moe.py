@@ -222,13 +222,14 @@ def padded_rows(lengths: list[int], width: int, pad_id: int, seed: int = 0) -> t
 
 @pytest.mark.parametrize("seq_aux", [True, False])
 def test_padding_counts_in_neither_expert_load_nor_balance_loss(seq_aux):
-    """SFT and DPO rows are mostly padding: a token_mask leaves it out, so more padding, or other pad ids, change
-    nothing. Before, the router's picks for the padding were counted as expert load and in the balance loss."""
+    """SFT and DPO rows are mostly padding: a token_mask leaves it out, so more padding, a row of padding alone, or
+    other pad ids, change nothing. Before, the router's picks for the padding were counted as expert load and in the
+    balance loss, and a row of padding alone still counted as a row in the per-sequence loss's mean."""
     torch.manual_seed(0)
     model = MateConvForCausalLM(moe_config(seq_aux=seq_aux)).train()
     figures = []
-    for width, pad_id in ((8, 0), (40, 0), (40, 7)):
-        ids, mask = padded_rows([3, 8, 5], width, pad_id)
+    for width, pad_id, lengths in ((8, 0, [3, 8, 5]), (40, 0, [3, 8, 5]), (40, 7, [3, 8, 5]), (8, 0, [3, 8, 5, 0])):
+        ids, mask = padded_rows(lengths, width, pad_id)
         aux = model(ids, token_mask=mask).aux_loss
         figures.append((aux, model.expert_load()))
     for aux, load in figures[1:]:

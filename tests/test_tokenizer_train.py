@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from mateconv.chat_format import CHAT_TEMPLATE, render_chat
 from mateconv.data import embedded
-from mateconv.tokenizer import main, train_tokenizer
+from mateconv.tokenizer import main, save_pretrained_portable, train_tokenizer
 
 TEXTS = {
     "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",
@@ -104,3 +104,20 @@ def test_config_loads_in_transformers_4_and_5(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id  # TRL warns when they are the same
     assert tokenizer.encode("hi", add_special_tokens=True) == tokenizer.encode("hi", add_special_tokens=False)
+
+
+def test_extra_special_tokens_saved_as_transformers_4_reads_them(tokenizer_dir, tmp_path):
+    """A tokenizer with extra special tokens (Qwen2.5's, when continued pretraining saves it): transformers 5 writes
+    them as a list under extra_special_tokens, where 4 expects a dict and fails to load; under 4's
+    additional_special_tokens both read them as special tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    save_pretrained_portable(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "extra_special_tokens" not in config
+    assert config["additional_special_tokens"] == ["<tool_call>", "</tool_call>"]
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.extra_special_tokens == ["<tool_call>", "</tool_call>"]
+    ids = reloaded.encode("<tool_call>hi</tool_call>", add_special_tokens=False)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert reloaded.decode(ids, skip_special_tokens=True) == "hi"
