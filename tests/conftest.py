@@ -16,6 +16,43 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The test command runs the suite on several cores with pytest-xdist: each module on one worker (its module-scoped
+# fixtures built once; launchers take free ports, so modules run side by side), and the session's tiny models built
+# once for all workers (`built_once`).
+PIPELINE_MODULES = {"test_pipeline", "test_dpo_embedded"}  # the tiny pipeline's users: one run of it, read in turn
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("pipeline" if module in PIPELINE_MODULES else module))
+
+
+def pytest_configure(config):
+    """Under xdist each worker (and what it starts) takes its share of the cores, not all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """`<the run's temporary directory>/name`, made by `build(path)` once per test run: under xdist the first worker
+    that needs it builds it while the others wait for it (a lock file), then all of them read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: a basetemp per worker under it
+    path, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 def _shared_file(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():
@@ -137,30 +174,29 @@ def tiny_embedded_data(tmp_path_factory):
     """`out/data`-style directory (pretrain/sft/dpo/tasks _train/_val .jsonl) from a small embedded data set."""
     from mateconv.data.embedded import generate
 
-    root = tmp_path_factory.mktemp("embedded")
-    generate(root / "raw", seed=0, pretrain_chars=60_000, sft_conversations=1200, dpo_pairs=600,
-             train_tasks=60, val_tasks=60)
-    _split_by_field(root / "raw", root / "data")
-    return root / "data"
+    def build(root: Path) -> None:
+        generate(root / "raw", seed=0, pretrain_chars=60_000, sft_conversations=1200, dpo_pairs=600,
+                 train_tasks=60, val_tasks=60)
+        _split_by_field(root / "raw", root / "data")
+    return built_once(tmp_path_factory, "embedded", build) / "data"
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_embedded_data):
+def tiny_tokenizer(tiny_embedded_data, tmp_path_factory):
     """A 512-token byte-level BPE tokenizer directory (ChatML) trained on the tiny embedded data."""
     from mateconv.tokenizer import train_tokenizer
 
     files = [tiny_embedded_data / f"{kind}_train.jsonl" for kind in ("pretrain", "sft")]
-    return train_tokenizer(files, tiny_embedded_data.parent / "tokenizer", vocab_size=512)
+    return built_once(tmp_path_factory, "embedded/tokenizer", lambda out: train_tokenizer(files, out, vocab_size=512))
 
 
 @pytest.fixture(scope="session")
-def tiny_tokens(tiny_embedded_data, tiny_tokenizer):
+def tiny_tokens(tiny_embedded_data, tiny_tokenizer, tmp_path_factory):
     """Token shards `<root>/tokens/{pretrain,sft,dpo}/{train,val}` of the tiny embedded data."""
     from mateconv.data.shards import build_all
 
-    out = tiny_embedded_data.parent / "tokens"
-    build_all(tiny_embedded_data, tiny_tokenizer, out, workers=1, progress=False)
-    return out
+    return built_once(tmp_path_factory, "embedded/tokens",
+                      lambda out: build_all(tiny_embedded_data, tiny_tokenizer, out, workers=1, progress=False))
 
 
 TINY_MODEL_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "96",
@@ -199,46 +235,47 @@ def _train_tiny(tokens: Path, tokenizer: Path, out: Path, stage: str, **override
     return out / "final"
 
 
-def _train_tiny_sft(tokens: Path, tokenizer: Path, out: Path, **moe) -> Path:
-    """SFT from scratch on the embedded conversations (300 steps of 16 sequences, no validation)."""
-    return _train_tiny(tokens, tokenizer, out, "sft", val_data_path="", batch_size=16, max_steps=300,
-                       warmup_iters=10, save_interval_steps=1000, log_interval=50, **moe)
+def _tiny_sft_once(tmp_path_factory, tokens: Path, tokenizer: Path, name: str, **moe) -> Path:
+    """SFT from scratch on the embedded conversations (300 steps of 16 sequences, no validation), once per run."""
+    return built_once(tmp_path_factory, f"embedded/{name}", lambda out: _train_tiny(
+        tokens, tokenizer, out, "sft", val_data_path="", batch_size=16, max_steps=300, warmup_iters=10,
+        save_interval_steps=1000, log_interval=50, **moe)) / "final"
 
 
 @pytest.fixture(scope="session")
-def tiny_pretrain_model(tiny_tokens, tiny_tokenizer):
+def tiny_pretrain_model(tiny_tokens, tiny_tokenizer, tmp_path_factory):
     """A tiny dense model pretrained for 6 steps from scratch on the embedded prose; its `final/` directory."""
-    return _train_tiny(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "pretrain", "pretrain", eval_interval=100,
-                       save_interval_steps=100)
+    return built_once(tmp_path_factory, "embedded/pretrain", lambda out: _train_tiny(
+        tiny_tokens, tiny_tokenizer, out, "pretrain", eval_interval=100, save_interval_steps=100)) / "final"
 
 
 @pytest.fixture(scope="session")
-def tiny_sft_model(tiny_tokens, tiny_tokenizer):
+def tiny_sft_model(tiny_tokens, tiny_tokenizer, tmp_path_factory):
     """A tiny dense MateConv model trained by the real engine with SFT on the embedded conversations (from
     scratch); returns its `final/` directory (Hugging Face format with the tokenizer). Its replies have the data
     set's answer form ("The answer is 12.")."""
-    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft")
+    return _tiny_sft_once(tmp_path_factory, tiny_tokens, tiny_tokenizer, "sft")
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer):
+def tiny_moe_sft_model(tiny_tokens, tiny_tokenizer, tmp_path_factory):
     """The MoE twin of `tiny_sft_model` (4 routed experts, top 2, 1 shared)."""
-    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe", use_moe=True,
-                           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    return _tiny_sft_once(tmp_path_factory, tiny_tokens, tiny_tokenizer, "sft_moe", use_moe=True,
+                          n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_qk_norm_sft_model(tiny_tokens, tiny_tokenizer):
+def tiny_moe_qk_norm_sft_model(tiny_tokens, tiny_tokenizer, tmp_path_factory):
     """An MoE twin with per-head q/k norms and no shared experts (4 routed experts, top 2): it exports as Qwen3-MoE,
     also to GGUF."""
-    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_moe_qk_norm", use_moe=True,
-                           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0, qk_norm=True)
+    return _tiny_sft_once(tmp_path_factory, tiny_tokens, tiny_tokenizer, "sft_moe_qk_norm", use_moe=True,
+                          n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0, qk_norm=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_qk_norm_sft_model(tiny_tokens, tiny_tokenizer):
+def tiny_qk_norm_sft_model(tiny_tokens, tiny_tokenizer, tmp_path_factory):
     """`tiny_sft_model` with per-head q/k RMSNorm (`qk_norm`): it exports as Qwen3, not Llama."""
-    return _train_tiny_sft(tiny_tokens, tiny_tokenizer, tiny_tokens.parent / "sft_qk_norm", qk_norm=True)
+    return _tiny_sft_once(tmp_path_factory, tiny_tokens, tiny_tokenizer, "sft_qk_norm", qk_norm=True)
 
 
 @pytest.fixture(scope="session")

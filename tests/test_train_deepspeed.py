@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from conftest import REPO, losses, read_metrics, single_thread_env
-from mateconv.procs import group_alive
+from mateconv.procs import free_port, group_alive
 from test_train_faults import TWO_RANK_NAN_STEPS, check_halted_after_step_4, two_rank_nan_inputs
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 GRAD_CLIP = 0.5  # below every gradient norm of these runs: a norm measured after clipping would show it
+LAUNCH_PORTS: set[int] = set()  # deepspeed_command's master ports (free ones: other test modules run beside these)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +35,9 @@ def deepspeed_command(tiny_flags):
     on 2 CPU ranks under the DeepSpeed launcher."""
     def command(out_dir: Path, zero_stage: int, max_steps: int = STEPS, *extra: str,
                 script: Path = REPO / "4.pretrain.py") -> list[str]:
-        deepspeed = Path(sys.executable).with_name("deepspeed")
-        return [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + zero_stage), str(script),
+        deepspeed, port = Path(sys.executable).with_name("deepspeed"), free_port()
+        LAUNCH_PORTS.add(port)
+        return [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(script),
                 *tiny_flags(out_dir, max_steps=max_steps, save_interval_steps=4, eval_interval=4, use_moe=True,
                             engine="deepspeed", zero_stage=zero_stage, grad_clip=GRAD_CLIP), *extra]
     return command
@@ -68,7 +70,7 @@ def ddp_run(tiny_flags, tmp_path_factory) -> Path:
     """The plain-PyTorch engine under torchrun (DDP over gloo) on the same MoE model and data."""
     out_dir = tmp_path_factory.mktemp("ddp")
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29509", str(REPO / "4.pretrain.py"),
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "4.pretrain.py"),
                *tiny_flags(out_dir, max_steps=STEPS, save_interval_steps=4, eval_interval=4, use_moe=True,
                            grad_clip=GRAD_CLIP)]
     result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
@@ -92,10 +94,9 @@ def test_zero_stages_fp32_losses_match_and_decrease(zero_runs):
 def test_cpu_ranks_leave_no_shared_memory_behind(zero_runs):
     """DeepSpeed's CPU all-reduce buffer (66 MB per rank, in RAM-backed /dev/shm) is removed when each rank exits:
     before, every CPU run left its ranks' buffers until the memory was full."""
-    ports = {29500 + stage for stage in zero_runs}  # deepspeed_command's master ports
     left = [path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
-            if int(path.name.split("_")[-2]) in ports]
-    assert left == []
+            if int(path.name.split("_")[-2]) in LAUNCH_PORTS]
+    assert len(LAUNCH_PORTS) >= len(zero_runs) and left == []
 
 
 def test_torchrun_ddp_matches_zero2(zero_runs, ddp_run):
