@@ -168,9 +168,9 @@ def llama_cpp_split(spec: dict) -> str:
                       "split, and llama.cpp would split text otherwise; only those two export to GGUF")
 
 
-def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens by id, llama.cpp token types, merges) of a byte-level BPE tokenizer, padded to the embedding rows."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+def tokenizer_vocab(spec: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, llama.cpp token types, merges) of a byte-level BPE tokenizer (its tokenizer.json), padded to
+    the embedding rows."""
     if spec["model"]["type"] != "BPE" or spec["model"].get("ignore_merges"):
         raise ExportError(f"only byte-level BPE tokenizers export to GGUF (this one: {spec['model']['type']}"
                           f"{' with ignore_merges' if spec['model'].get('ignore_merges') else ''})")
@@ -188,8 +188,9 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token_id: int) -> str:
     """Writes the tokenizer as llama.cpp's "gpt2" BPE with the pre-tokenizer that splits text as ours does, ChatML
     template and no BOS added; returns that pre-tokenizer's name."""
-    split = llama_cpp_split(json.loads(tokenizer.backend_tokenizer.to_str()))
-    tokens, types, merges = tokenizer_vocab(tokenizer, vocab_size)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    split = llama_cpp_split(spec)
+    tokens, types, merges = tokenizer_vocab(spec, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(split)
     writer.add_token_list(tokens)
