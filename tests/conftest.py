@@ -319,10 +319,6 @@ def greedy_reply() -> Callable[..., tuple[str, int, bool]]:
     return reply
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
-
-
 @contextlib.contextmanager
 def served(model: Path, name: str, extra_args: list[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m mateconv.serve` of `model` as `name` on a free loopback port, one thread (a tiny model on 2 shared
@@ -336,6 +332,10 @@ def served(model: Path, name: str, extra_args: list[str] | None = None) -> Itera
         yield url, process
     finally:
         stop_background(process)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's main command (scripts/run_pipeline.sh, preset tiny) run once per session in a temporary directory.
 
 
 def run_script(name: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:

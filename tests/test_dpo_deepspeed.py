@@ -20,8 +20,9 @@ def launch(args: list[str], out_dir: Path) -> str:
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     flags = [f for f in TINY_MODEL_FLAGS if f not in ("--engine", "torch")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "9.train_dpo.py"),
-                             *flags, "--zero_stage", "2", "--out_dir", str(out_dir), *args],
+    result = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+                             str(ROOT / "9.train_dpo.py"), *flags, "--zero_stage", "2", "--out_dir", str(out_dir),
+                             *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
