@@ -4,9 +4,10 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions (JSON or server-sent
 events with "stream": true; `logprobs`/`top_logprobs` on both, `echo` on completions, as lm-eval's API models use).
-Chat takes OpenAI tool calling (`tools`, `tool_choice` "auto"/"none", `tool_calls` and `tool` turns, rendered as
-SFT records are) and returns the reply's <tool_call> blocks as `tool_calls` and a leading <think> block as
-`reasoning_content`.
+Chat takes OpenAI tool calling (`tools`, `tool_choice` "auto"/"none"/"required"/a named function, `tool_calls` and
+`tool` turns, rendered as SFT records are) and returns the reply's <tool_call> blocks as `tool_calls` and a leading
+<think> block as `reasoning_content`; forced calls and `response_format` json_object are held to JSON by constrained
+decoding (mateconv/json_grammar.py).
 Generation runs in worker threads, at most `max_concurrent` at a time; up to `max_queued` more requests wait, and
 the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}},
 with OpenAI's wording where clients parse it (context length, API key). With `--api_key` (or MATECONV_API_KEY) every
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -43,6 +45,7 @@ from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.config import add_decode_flags
 from mateconv.data import DataError
 from mateconv.data.formats import chat_messages
+from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
 from mateconv.logprobs import token_logps
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
@@ -53,7 +56,6 @@ MAX_TOP_LOGPROBS = 20
 API_KEY_ENV = "MATECONV_API_KEY"
 THINK = ("<think>", "</think>")  # the chat format's reasoning and tool-call blocks (mateconv/data/formats.py)
 TOOL_CALL = ("<tool_call>", "</tool_call>")
-TOOL_CHOICES = ("auto", "none")
 
 
 class APIError(Exception):
@@ -170,26 +172,61 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     functions: list | None = None  # OpenAI's deprecated names for tools and tool_choice: refused, not ignored
     function_call: str | dict | None = None
 
     def prompt_tools(self) -> list[dict[str, Any]] | None:
         """The tools to list in the prompt and to parse calls of: none without tools or with tool_choice "none";
-        400 for what this server cannot do (forcing a call, tools that are not functions)."""
+        400 for what this server cannot do (tools that are not functions, a choice of a function not listed)."""
         if self.functions is not None or self.function_call is not None:
             raise APIError(400, "functions and function_call are deprecated; send tools and tool_choice",
                            param="functions" if self.functions is not None else "function_call")
-        choice = self.tool_choice or "auto"
-        if choice not in TOOL_CHOICES:
-            raise APIError(400, f"tool_choice {json.dumps(choice)} is not supported: this server takes \"auto\" or "
-                                "\"none\" (it cannot force a call)", param="tool_choice")
         for i, tool in enumerate(self.tools or []):
             function = tool.get("function")
             if tool.get("type") != "function" or not isinstance(function, dict) or \
                     not isinstance(function.get("name"), str):
                 raise APIError(400, f"tools.{i}: only function tools are supported, as {{\"type\": \"function\", "
                                     "\"function\": {\"name\": ..., \"parameters\": ...}}", param=f"tools.{i}")
-        return self.tools if self.tools and choice == "auto" else None
+        choice = self.tool_choice or "auto"
+        if choice != "none" and self.called_functions() is not None and not self.tools:
+            raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
+        return self.tools if self.tools and choice != "none" else None
+
+    def called_functions(self) -> list[str] | None:
+        """The functions of which the reply must call one: all listed ones for tool_choice "required", the named
+        one for {"type": "function", "function": {"name": ...}}; None when the reply need not call any."""
+        choice = self.tool_choice or "auto"
+        if choice in ("auto", "none"):
+            return None
+        names = [tool["function"]["name"] for tool in self.tools or []]
+        if choice == "required":
+            return names
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
+            raise APIError(400, f"tool_choice {json.dumps(choice)} is not one of \"auto\", \"none\", \"required\" "
+                                "or {\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+        if self.tools and name not in names:
+            raise APIError(400, f"tool_choice names the function '{name}', which is not in tools",
+                           param="tool_choice")
+        return [name]
+
+    def reply_grammar(self) -> Grammar | None:
+        """What the reply must be, held to by constrained decoding: one call of the functions `called_functions`
+        names, else a JSON object for response_format json_object, else anything (None)."""
+        names = self.called_functions()
+        if names:
+            before = [f'{TOOL_CALL[0]}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+                      for name in names]
+            return Grammar.framed_object(before, f"}}\n{TOOL_CALL[1]}")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return Grammar.json_object()
+        if kind != "text":
+            raise APIError(400, f"response_format type {json.dumps(kind)} is not supported: this server holds a "
+                                "reply to a JSON object (\"json_object\"), not to a schema", param="response_format")
+        return None
 
 
 class CompletionRequest(GenerationRequest):
@@ -384,6 +421,7 @@ class Sampling:
     top_p: float
     stops: list[str]
     seed: int | None
+    grammar: Grammar | None = None  # what the reply must be (constrained decoding); None: anything
 
 
 @dataclass
@@ -404,6 +442,20 @@ class Engine:
         self.model, self.tokenizer, self.compile = model, tokenizer, compile
         self.context = context_length(model)
         self.eos_id = tokenizer.eos_token_id
+        self.grammars: dict[Grammar, TokenGrammar] = {}  # each grammar over this model's tokens, built once
+
+    @functools.cached_property
+    def token_pieces(self) -> list[bytes]:
+        return token_bytes(self.tokenizer, self.model.config.vocab_size)
+
+    def constraint(self, grammar: Grammar | None, rows: int) -> GrammarConstraint | None:
+        if grammar is None:
+            return None
+        if grammar not in self.grammars:
+            if len(self.grammars) >= 64:
+                self.grammars.clear()
+            self.grammars[grammar] = TokenGrammar(grammar, self.token_pieces, self.eos_id, self.model.device)
+        return GrammarConstraint(self.grammars[grammar], rows)
 
     def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         """The prompt as stage 3 renders an SFT record: tool calls, tool results and tools converted by
@@ -470,7 +522,7 @@ class Engine:
             new_tokens = generate_tokens(
                 self.model, input_ids, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
                 top_p=sampling.top_p, eos_token_id=self.eos_id, generator=self._generator(sampling.seed),
-                compile=self.compile,
+                compile=self.compile, constraint=self.constraint(sampling.grammar, n),
             )[:, len(ids):].tolist()
         choices = []
         for row in new_tokens:
@@ -490,7 +542,8 @@ class Engine:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
         config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
         tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
-                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile)
+                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile,
+                             constraint=self.constraint(sampling.grammar, 1))
         emitted: list[int] = []
         ended = {"eos": False}
 
@@ -671,10 +724,11 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         if req.logprobs and req.stream:
             raise APIError(400, "logprobs are not available with stream: true on this server", param="logprobs")
         tools = req.prompt_tools()
+        grammar = req.reply_grammar()
         ids = engine.chat_prompt(req.messages, tools)
         max_tokens = engine.budget(len(ids), req.max_completion_tokens or req.max_tokens, default_max_tokens,
                                    "messages")
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
+        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed, grammar)
         await admission.acquire()
         if req.stream:
             return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name,

@@ -177,9 +177,12 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
 @torch.inference_mode()
 def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attention_mask: torch.Tensor | None = None,
                 eos_token_id: int | None = None, pad_token_id: int | None = None,
-                generator: torch.Generator | None = None, compile: bool | None = None) -> Iterator[torch.Tensor]:
+                generator: torch.Generator | None = None, compile: bool | None = None,
+                constraint=None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row ([B] long tensor) until all rows hit EOS or max_new_tokens is reached.
     Rows that finished get `pad_token_id` (default: the EOS id). Left-padded batches need `attention_mask`.
+    constraint: an object with `mask(logits [B, V]) -> logits` (tokens that may not come next at -inf) and
+    `advance(tokens [B])`, e.g. `mateconv.json_grammar.GrammarConstraint`.
 
     MateConv models decode with the fixed-shape `decode_step`, compiled when `compile` is true (None: on CUDA, where
     it runs as CUDA graphs); other causal LMs step with a growing `DynamicCache` and mask."""
@@ -221,8 +224,12 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
                 logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
                                cache=cache, use_cache=True).logits[:, -1]
+            if constraint is not None:
+                logits = constraint.mask(logits)
             token = next_tokens(logits, seen, sampling, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
+            if constraint is not None:
+                constraint.advance(token)
             yield token
             if eos_token_id is not None:
                 finished |= token == eos_token_id
@@ -238,12 +245,13 @@ def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int = 256, t
                     top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                     eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
                     pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                    compile: bool | None = None) -> torch.Tensor:
+                    compile: bool | None = None, constraint=None) -> torch.Tensor:
     """[B, L] prompt ids -> [B, L + n] prompt plus generated ids, n <= max_new_tokens (fewer when every row ended
-    with EOS; a row that ended early is filled with pad_token_id, default the EOS id). compile: see `iter_tokens`."""
+    with EOS; a row that ended early is filled with pad_token_id, default the EOS id). compile and constraint: see
+    `iter_tokens`."""
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
     tokens = list(iter_tokens(model, input_ids, sampling, attention_mask, eos_token_id, pad_token_id, generator,
-                              compile))
+                              compile, constraint))
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 

@@ -19,6 +19,7 @@ from conftest import served
 
 from mateconv.chat_format import render_chat
 from mateconv.data.formats import to_sft
+from mateconv.json_grammar import Grammar
 from mateconv.serve import ReplyParser, chat_message
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -26,6 +27,7 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TOOLS = [WEATHER]
+TIME = {"type": "function", "function": {"name": "get_time"}}
 ASK_PARIS = {"role": "user", "content": "What is the weather in Paris?"}
 CALL_PARIS = {"role": "assistant", "content": None, "tool_calls": [
     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
@@ -36,12 +38,14 @@ ASK_PRIME = {"role": "user", "content": "Is 7 prime?"}
 THOUGHT, VERDICT = "7 has no divisor but 1 and 7.", "Yes, 7 is prime."
 ASK_BROKEN = {"role": "user", "content": "Call it badly."}
 BROKEN = '<tool_call>\n{"name": get_weather}\n</tool_call>'
+ASK_JSON, AS_JSON = {"role": "user", "content": "Paris as JSON?"}, {"city": "Paris", "temp_c": 21}
 CONVERSATIONS = [
     [ASK_PARIS, CALL_PARIS, RESULT_PARIS, {"role": "assistant", "content": ANSWER_PARIS}],
     [ASK_ROME, {"role": "assistant", "content": "Let me look.", "tool_calls": [
         {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}],
     [ASK_PRIME, {"role": "assistant", "content": VERDICT, "reasoning_content": THOUGHT}],
     [ASK_BROKEN, {"role": "assistant", "content": BROKEN}],
+    [ASK_JSON, {"role": "assistant", "content": json.dumps(AS_JSON)}],
 ]
 
 
@@ -205,10 +209,55 @@ def test_tool_choice_none_and_no_tools(client):
         assert reply.usage.prompt_tokens < with_tools.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_forces_a_call(client, stream):
+    """Asked whether 7 is prime the model answers in text; with tool_choice "required" the reply is a call."""
+    content, reasoning, calls, finishes = reply(client, [ASK_PRIME], stream, tools=TOOLS, tool_choice="required",
+                                                max_tokens=150)
+    assert (content or "", reasoning, finishes) == ("", "", ["tool_calls"])
+    [call] = calls
+    name, arguments = (call["name"], call["arguments"]) if stream else (call.function.name, call.function.arguments)
+    assert name == "get_weather" and isinstance(json.loads(arguments), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_calls_that_function(client, stream):
+    """Asked whether 7 is prime the model answers in text; named, get_weather is called, with JSON arguments."""
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    _, _, calls, finishes = reply(client, [ASK_PRIME], stream, tools=[TIME] + TOOLS, tool_choice=choice,
+                                  max_tokens=100)
+    [call] = calls
+    name, arguments = (call["name"], call["arguments"]) if stream else (call.function.name, call.function.arguments)
+    assert name == "get_weather" and isinstance(json.loads(arguments), dict) and finishes == ["tool_calls"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_object_response_format(client, stream):
+    """A reply held to a JSON object: the one the model writes anyway comes back; one it would write in text starts
+    as an object, however short max_tokens cuts it."""
+    assert reply(client, [ASK_JSON], stream, tools=TOOLS, response_format={"type": "json_object"}) == (
+        json.dumps(AS_JSON), "", [], ["stop"])
+    content, _, calls, finishes = reply(client, [ASK_PRIME], stream, tools=TOOLS, max_tokens=30,
+                                        response_format={"type": "json_object"})
+    grammar = Grammar.json_object()
+    assert content.startswith("{") and grammar.feed(grammar.start(), content.encode()) and calls == []
+    assert reply(client, [ASK_PRIME], stream, tools=TOOLS, response_format={"type": "text"})[0] == VERDICT
+
+
+def test_langchain_structured_output(server):
+    """LangChain's with_structured_output (function calling: a named tool_choice)."""
+    chat = ChatOpenAI(model="tiny", base_url=server, api_key="unused", temperature=0, max_retries=0)
+    weather = chat.with_structured_output(WEATHER["function"], method="function_calling")
+    assert weather.invoke([HumanMessage(ASK_PARIS["content"])]) == {"city": "Paris"}
+
+
 def test_unsupported_tool_requests_are_one_line_400s(client, server):
     cases = [
-        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0"),
     ]

@@ -1,0 +1,271 @@
+"""Constrained decoding for replies that must parse: OpenAI's `response_format: {"type": "json_object"}` and forced
+tool calls (`tool_choice` "required" or a named function).
+
+A `Grammar` is the sequence of parts a reply goes through, byte by byte: fixed text (one of several options), one
+JSON object, then the end of the reply (EOS). At every decode step `GrammarConstraint` sets to -inf the logits of the
+tokens whose bytes would leave the grammar, so greedy and sampled replies alike parse (unless max_tokens cuts them
+short). The JSON is checked for syntax, not against a schema, as OpenAI's non-strict modes promise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import decoders
+
+BLANKS = frozenset(b" \t\n\r")
+# whitespace bytes in a row between JSON tokens: one, as compact JSON writes them (`{"a": 1, "b": 2}`), so that a
+# model cannot stall in blank lines (a small model held to JSON readily fills its budget with newlines)
+MAX_BLANKS = 1
+MAX_DEPTH = 32
+ESCAPES = frozenset(b'"\\/bfnrt')
+HEX = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+NUMBER_ENDS = frozenset({"zero", "int", "frac", "exp_digits"})  # number states that may end the number
+
+
+# ---------------------------------------------------------------- one JSON object, byte by byte
+# A state is (mode, stack, aux, blanks): `stack` the open containers ("o" object, "a" array), `aux` what the mode
+# needs (is the string a key, hex digits left, the number's part, the literal's rest), `blanks` the whitespace run.
+
+JSON_START = ("start", "", None, 0)
+JSON_DONE = ("done", "", None, 0)
+
+
+def _blank(state: tuple) -> tuple | None:
+    mode, stack, aux, blanks = state
+    return (mode, stack, aux, blanks + 1) if blanks < MAX_BLANKS else None
+
+
+def _open(stack: str, kind: str) -> tuple | None:
+    if len(stack) >= MAX_DEPTH:
+        return None
+    return ("key_or_close", stack + "o", None, 0) if kind == "o" else ("value_or_close", stack + "a", None, 0)
+
+
+def _value(stack: str, byte: int) -> tuple | None:
+    """The first byte of a value inside `stack`."""
+    if byte == ord("{"):
+        return _open(stack, "o")
+    if byte == ord("["):
+        return _open(stack, "a")
+    if byte == ord('"'):
+        return ("string", stack, False, 0)
+    if byte == ord("-"):
+        return ("number", stack, "sign", 0)
+    if byte == ord("0"):
+        return ("number", stack, "zero", 0)
+    if byte in DIGITS:
+        return ("number", stack, "int", 0)
+    if byte in LITERALS:
+        return ("literal", stack, LITERALS[byte], 0)
+    return None
+
+
+def _close(stack: str) -> tuple:
+    return ("after", stack[:-1], None, 0) if len(stack) > 1 else JSON_DONE
+
+
+def _number(part: str, byte: int) -> str | None:
+    """The number's next part after `byte`, None when `byte` does not continue it."""
+    if byte == ord("0") and part == "sign":
+        return "zero"
+    if byte in DIGITS:
+        return {"sign": "int", "int": "int", "dot": "frac", "frac": "frac", "exp": "exp_digits",
+                "exp_sign": "exp_digits", "exp_digits": "exp_digits"}.get(part)
+    if byte == ord(".") and part in ("zero", "int"):
+        return "dot"
+    if byte in b"eE" and part in ("zero", "int", "frac"):
+        return "exp"
+    if byte in b"+-" and part == "exp":
+        return "exp_sign"
+    return None
+
+
+def json_step(state: tuple, byte: int) -> tuple | None:
+    """The state after one more byte of a JSON object; None when the byte cannot come there."""
+    mode, stack, aux, _ = state
+    if mode == "string":
+        if byte == ord('"'):
+            return ("colon", stack, None, 0) if aux else ("after", stack, None, 0)
+        if byte == ord("\\"):
+            return ("escape", stack, aux, 0)
+        return state if byte >= 0x20 else None
+    if mode == "escape":
+        if byte == ord("u"):
+            return ("hex", stack, (aux, 4), 0)
+        return ("string", stack, aux, 0) if byte in ESCAPES else None
+    if mode == "hex":
+        is_key, left = aux
+        if byte not in HEX:
+            return None
+        return ("string", stack, is_key, 0) if left == 1 else ("hex", stack, (is_key, left - 1), 0)
+    if mode == "number":
+        part = _number(aux, byte)
+        if part is not None:
+            return ("number", stack, part, 0)
+        return json_step(("after", stack, None, 0), byte) if aux in NUMBER_ENDS else None
+    if mode == "literal":
+        if byte != aux[0]:
+            return None
+        return ("literal", stack, aux[1:], 0) if len(aux) > 1 else ("after", stack, None, 0)
+    if mode == "done":
+        return None
+    if byte in BLANKS:
+        return _blank(state)
+    if mode == "start":
+        return _open(stack, "o") if byte == ord("{") else None
+    if mode in ("key_or_close", "key"):
+        if byte == ord('"'):
+            return ("string", stack, True, 0)
+        return _close(stack) if byte == ord("}") and mode == "key_or_close" else None
+    if mode == "colon":
+        return ("value", stack, None, 0) if byte == ord(":") else None
+    if mode == "value_or_close" and byte == ord("]"):
+        return _close(stack)
+    if mode in ("value", "value_or_close"):
+        return _value(stack, byte)
+    # mode "after": a value ended
+    if byte == ord(","):
+        return ("key", stack, None, 0) if stack[-1] == "o" else ("value", stack, None, 0)
+    if byte == ord("}" if stack[-1] == "o" else "]"):
+        return _close(stack)
+    return None
+
+
+# ---------------------------------------------------------------- a grammar of parts
+
+@dataclass(frozen=True)
+class Grammar:
+    """parts: ("text", (option bytes, ...)) — one of the options, which no other option starts with; ("json",) —
+    one JSON object; ("end",) — EOS. A state is (part index, the part's state)."""
+    parts: tuple
+
+    @classmethod
+    def json_object(cls) -> Grammar:
+        return cls((("json",), ("end",)))
+
+    @classmethod
+    def framed_object(cls, before: list[str], after: str) -> Grammar:
+        """One of `before`, a JSON object, then `after` and the end."""
+        return cls((("text", tuple(option.encode() for option in before)), ("json",),
+                    ("text", (after.encode(),)), ("end",)))
+
+    def start(self) -> tuple:
+        return self._enter(0)
+
+    def _enter(self, index: int) -> tuple:
+        kind = self.parts[index][0]
+        return (index, b"" if kind == "text" else JSON_START if kind == "json" else None)
+
+    def at_end(self, state: tuple) -> bool:
+        return self.parts[state[0]][0] == "end"
+
+    def step(self, state: tuple, byte: int) -> tuple | None:
+        index, inner = state
+        part = self.parts[index]
+        if part[0] == "text":
+            matched = inner + bytes((byte,))
+            options = [option for option in part[1] if option.startswith(matched)]
+            if not options:
+                return None
+            return self._enter(index + 1) if matched in options else (index, matched)
+        if part[0] == "json":
+            inner = json_step(inner, byte)
+            if inner is None:
+                return None
+            return self._enter(index + 1) if inner == JSON_DONE else (index, inner)
+        return None  # the end takes no bytes
+
+    def feed(self, state: tuple, data: bytes) -> tuple | None:
+        for byte in data:
+            state = self.step(state, byte)
+            if state is None:
+                return None
+        return state
+
+
+# ---------------------------------------------------------------- tokens
+
+def byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> the bytes they stand for: the printable Latin-1 bytes stand for
+    themselves, the others (controls, space, ...) for 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    decoder = {chr(byte): byte for byte in printable}
+    others = [byte for byte in range(256) if byte not in decoder.values()]
+    decoder.update({chr(256 + n): byte for n, byte in enumerate(others)})
+    return decoder
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each token id's bytes (b"" for special tokens, ids beyond the tokenizer, and tokens that are part of a
+    character in a tokenizer that is not byte-level: those never pass the grammar)."""
+    special = set(tokenizer.all_special_ids)
+    added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+    byte_level = isinstance(getattr(tokenizer.backend_tokenizer, "decoder", None), decoders.ByteLevel)
+    table = byte_decoder()
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    result = []
+    for token_id in range(vocab_size):
+        if token_id >= len(pieces) or token_id in special:
+            result.append(b"")
+        elif token_id in added:
+            result.append(added[token_id].encode())
+        elif byte_level:
+            result.append(bytes(table[char] for char in pieces[token_id]) if all(c in table for c in
+                                                                                pieces[token_id]) else b"")
+        else:
+            text = tokenizer.decode([token_id])
+            result.append(b"" if "\ufffd" in text else text.encode())
+    return result
+
+
+class TokenGrammar:
+    """A grammar over one model's tokens: which tokens may come next in a state (cached per state)."""
+
+    def __init__(self, grammar: Grammar, pieces: list[bytes], eos_id: int, device: torch.device):
+        self.grammar, self.pieces, self.eos_id, self.device = grammar, pieces, eos_id, device
+        # tokens that stay inside a JSON string as they are (no quote, backslash or control byte): most of them
+        self.plain = [bool(piece) and all(b >= 0x20 and b not in b'"\\' for b in piece) for piece in pieces]
+        self.masks: dict[tuple, torch.Tensor] = {}
+
+    def allowed(self, state: tuple) -> torch.Tensor:
+        """Bool [V]: the tokens that keep the reply in the grammar from `state` (EOS only at the end)."""
+        mask = self.masks.get(state)
+        if mask is None:
+            if len(self.masks) > 4096:
+                self.masks.clear()
+            inside_string = self.grammar.parts[state[0]][0] == "json" and state[1][0] == "string"
+            keep = [bool(piece) and ((inside_string and plain) or self.grammar.feed(state, piece) is not None)
+                    for piece, plain in zip(self.pieces, self.plain)]
+            keep[self.eos_id] = self.grammar.at_end(state)
+            mask = self.masks[state] = torch.tensor(keep, device=self.device)
+        return mask
+
+
+class GrammarConstraint:
+    """The per-row state of a batch decoding under one TokenGrammar: `mask` the logits, then `advance` with the tokens
+    taken (the decode loop in `model.generation.iter_tokens` calls both)."""
+
+    def __init__(self, token_grammar: TokenGrammar, rows: int):
+        self.token_grammar = token_grammar
+        self.states = [token_grammar.grammar.start() for _ in range(rows)]
+        self.ended = [False] * rows
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = torch.stack([torch.ones_like(self.token_grammar.allowed(state)) if ended else
+                               self.token_grammar.allowed(state) for state, ended in zip(self.states, self.ended)])
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        grammar = self.token_grammar.grammar
+        for row, token in enumerate(tokens.tolist()):
+            if self.ended[row]:
+                continue
+            state = None if token == self.token_grammar.eos_id else \
+                grammar.feed(self.states[row], self.token_grammar.pieces[token])
+            if state is None:  # EOS (or, where a tokenizer lacks the bytes the grammar needs, no way on)
+                self.ended[row] = True
+            else:
+                self.states[row] = state

@@ -1,0 +1,126 @@
+"""Constrained decoding (mateconv.json_grammar): the byte automaton against Python's json, the token table against
+the tokenizer, and generation from a random model, which never writes JSON on its own, held to the grammar."""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
+from model import MateConvConfig, MateConvForCausalLM
+from model.generation import generate_tokens
+
+VALID = ['{}', ' {"a": 1}', '{"a": [1, 2.5, -3e10, 0, -0.1E+2, true, false, null, "x\\u00e9\\n\\"", []]}',
+         '{"k":{"n":{"m": {}}}}', '{"a": "é 中文"}', '{\n"a": [\n{},\n[0]\n]\n}']
+INVALID = ['{a: 1}', '{"a" 1}', '{"a": 01}', '{"a": 1,}', '[1]', '"x"', '{"a": tru}', '{"a": "\x01"}', '{"a": -}',
+           '{"a": 1.}', '{"a": 1e}', '{"a": "\\x"}', '{} {}', '{"a": 1]', '{"a": NaN}', '{"a": "\\u12g4"}']
+
+
+def whole(grammar: Grammar, text: str) -> bool:
+    state = grammar.feed(grammar.start(), text.encode())
+    return state is not None and grammar.at_end(state)
+
+
+def test_json_object_automaton_agrees_with_json():
+    grammar = Grammar.json_object()
+    for text in VALID:
+        assert whole(grammar, text), text
+        data = text.encode()
+        assert all(grammar.feed(grammar.start(), data[:cut]) is not None for cut in range(len(data))), text
+    for text in INVALID:
+        assert not whole(grammar, text), text
+    # one-byte changes of valid documents: the automaton accepts them exactly when json.loads gives an object (and
+    # no two blanks are in a row, which it refuses by design)
+    rng = random.Random(0)
+    alphabet = '{}[]":, \n0123456789-.eE+tfnrul\\a'
+    for _ in range(3000):
+        text = rng.choice(VALID).strip()
+        at = rng.randrange(len(text))
+        mutated = text[:at] + rng.choice(alphabet) + text[at + 1:]
+        if re.search(r"\s\s", mutated):
+            continue
+        try:
+            expected = isinstance(json.loads(mutated), dict)
+        except json.JSONDecodeError:
+            expected = False
+        assert whole(grammar, mutated) == expected, mutated
+
+
+def test_blank_runs_and_depth_are_bounded():
+    grammar = Grammar.json_object()
+    assert grammar.feed(grammar.start(), b'{\n"a": [1, 2],\t"b":\r{ } }') is not None
+    assert grammar.feed(grammar.start(), b"{\n ") is None
+    assert grammar.feed(grammar.start(), b'{"a": "' + b" " * 100) is not None  # blanks in a string are text
+    assert grammar.feed(grammar.start(), b'{"a":' + b"[" * 31) is not None
+    assert grammar.feed(grammar.start(), b'{"a":' + b"[" * 32) is None
+
+
+def test_framed_object():
+    grammar = Grammar.framed_object(['call {"name": "f", "arguments": ', 'call {"name": "fg", "arguments": '], "}.")
+    assert whole(grammar, 'call {"name": "fg", "arguments": {"x": [1]}}.')
+    assert not whole(grammar, 'call {"name": "g", "arguments": {}}.')
+    assert not whole(grammar, 'call {"name": "f", "arguments": {}}')  # the closing text is not optional
+    assert not whole(grammar, 'call {"name": "f", "arguments": []}.')
+
+
+def test_token_bytes_spell_the_text(tiny_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    pieces = token_bytes(tokenizer, len(tokenizer) + 3)
+    text = 'Ein Fuß, 中文 {"a": [1, "\\n"]}\n\tend'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(pieces[i] for i in ids) == text.encode()
+    assert pieces[tokenizer.eos_token_id] == pieces[tokenizer.pad_token_id] == b"" and pieces[-1] == b""
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_tokenizer):
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    config = MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tokenizer), max_seq_len=256)
+    return MateConvForCausalLM(config).eval(), tokenizer
+
+
+def generate(model, tokenizer, grammar: Grammar | None, rows: int, **sampling) -> list[tuple[str, bool]]:
+    """(text, ended with EOS) of each row."""
+    constraint = None
+    if grammar is not None:
+        pieces = token_bytes(tokenizer, model.config.vocab_size)
+        constraint = GrammarConstraint(TokenGrammar(grammar, pieces, tokenizer.eos_token_id, model.device), rows)
+    prompt = torch.tensor([tokenizer.encode("Reply in JSON:")] * rows)
+    out = generate_tokens(model, prompt, max_new_tokens=120, eos_token_id=tokenizer.eos_token_id,
+                          generator=torch.Generator().manual_seed(0), constraint=constraint, **sampling)
+    return [(tokenizer.decode(row[prompt.shape[1]:], skip_special_tokens=True), tokenizer.eos_token_id in row)
+            for row in out.tolist()]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.3, "top_p": 0.9}])
+def test_random_model_writes_json_under_the_grammar(random_model, sampling):
+    """A reply that ends is one JSON object; one that max_new_tokens cut (sampled at random, a string seldom closes)
+    is the start of one."""
+    model, tokenizer = random_model
+    grammar = Grammar.json_object()
+    free = generate(model, tokenizer, None, 4, **sampling)
+    assert not any(text.lstrip().startswith("{") for text, _ in free)  # on its own it writes no JSON
+    replies = generate(model, tokenizer, grammar, 4, **sampling)
+    for text, ended in replies:
+        assert isinstance(json.loads(text), dict) if ended else grammar.feed(grammar.start(), text.encode()), text
+    if not sampling["temperature"]:
+        assert all(ended for _, ended in replies)
+
+
+def test_random_model_calls_one_of_the_functions(random_model):
+    model, tokenizer = random_model
+    names = ["get_weather", "get_time"]
+    grammar = Grammar.framed_object([f'<tool_call>\n{{"name": "{name}", "arguments": ' for name in names],
+                                    "}\n</tool_call>")
+    for text, ended in generate(model, tokenizer, grammar, 3, temperature=1.0):
+        assert grammar.feed(grammar.start(), text.encode()) is not None, text
+        assert text.startswith('<tool_call>\n{"name": "get_weather", "arguments": ') or \
+            text.startswith('<tool_call>\n{"name": "get_time", "arguments": '), text
+        if ended:
+            call = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+            assert call["name"] in names and isinstance(call["arguments"], dict)
