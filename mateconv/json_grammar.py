@@ -203,9 +203,13 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     character in a tokenizer that is not byte-level: those never pass the grammar)."""
     special = set(tokenizer.all_special_ids)
     added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
-    byte_level = isinstance(getattr(tokenizer.backend_tokenizer, "decoder", None), decoders.ByteLevel)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers only
+    byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
     table = byte_decoder()
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # other tokenizers decode a token after another one, as in a reply (SentencePiece drops a lone token's space)
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    lead = tokenizer.decode(anchor)
     result = []
     for token_id in range(vocab_size):
         if token_id >= len(pieces) or token_id in special:
@@ -213,11 +217,11 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
         elif token_id in added:
             result.append(added[token_id].encode())
         elif byte_level:
-            result.append(bytes(table[char] for char in pieces[token_id]) if all(c in table for c in
-                                                                                pieces[token_id]) else b"")
+            piece = pieces[token_id]
+            result.append(bytes(table[char] for char in piece) if all(char in table for char in piece) else b"")
         else:
-            text = tokenizer.decode([token_id])
-            result.append(b"" if "\ufffd" in text else text.encode())
+            text = tokenizer.decode(anchor + [token_id])
+            result.append(text[len(lead):].encode() if text.startswith(lead) and "\ufffd" not in text else b"")
     return result
 
 

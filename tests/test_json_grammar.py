@@ -124,3 +124,21 @@ def test_random_model_calls_one_of_the_functions(random_model):
         if ended:
             call = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
             assert call["name"] in names and isinstance(call["arguments"], dict)
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
+    """A Metaspace tokenizer (Llama's, T5's) decodes a lone token without its leading space: the table keeps it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = '{"a": [1, 2], "b": "x y"} ' * 20 + "the quick brown fox jumps over the lazy dog " * 20
+    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    pieces = token_bytes(tokenizer, len(tokenizer))
+    sample = '{"a": [1, 2], "b": "the lazy fox"}'
+    ids = tokenizer.encode(sample, add_special_tokens=False)
+    assert tokenizer.decode(ids) == sample
+    assert b"".join(pieces[i] for i in ids).lstrip() == sample.encode()
+    assert any(piece.startswith(b" ") for piece in pieces)
