@@ -218,6 +218,10 @@ def test_tool_choice_required_forces_a_call(client, stream):
     [call] = calls
     name, arguments = (call["name"], call["arguments"]) if stream else (call.function.name, call.function.arguments)
     assert name == "get_weather" and isinstance(json.loads(arguments), dict)
+    if not stream:  # n choices decode as one batch, each row held to the grammar
+        choices = ask(client, [ASK_PRIME], tools=TOOLS, tool_choice="required", max_tokens=150, n=2).choices
+        assert [c.finish_reason for c in choices] == ["tool_calls"] * 2
+        assert [c.message.tool_calls[0].function.arguments for c in choices] == [arguments] * 2
 
 
 @pytest.mark.parametrize("stream", [False, True])
