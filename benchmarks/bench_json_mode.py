@@ -1,0 +1,93 @@
+"""What constrained decoding costs: `generate_tokens` held to a JSON object (mateconv.json_grammar, as the server's
+response_format json_object and forced tool calls run it) vs the same decoding unconstrained, side by side.
+
+A random MateConv model with a real 6400-token tokenizer (MiniMind's, from the shared data sets, or --tokenizer),
+greedy, a fixed number of new tokens (EOS stops neither run), fp32. The grammar's allowed-token masks are computed
+once per grammar state and cached: a warm-up run fills the cache, as earlier requests to a server do, and the time
+to compute one state's mask is reported apart (the mean over the states the runs went through). Decode tokens/s =
+batch * new_tokens / time, best of --repeats, the two runs taking turns (each first every other time).
+
+    python benchmarks/bench_json_mode.py --threads 1 --repeats 6
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(os.environ.get("MATECONV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", default=str(SHARED / "jingyaogong__minimind" / "model"))
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--n_layers", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if not Path(args.tokenizer).exists():
+        raise SystemExit(f"bench_json_mode: no tokenizer at {args.tokenizer} (set MATECONV_SHARED_DATA or --tokenizer)")
+
+    from transformers import AutoTokenizer
+
+    from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
+    from model import MateConvConfig, MateConvForCausalLM
+    from model.generation import generate_tokens
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    torch.manual_seed(0)
+    config = MateConvConfig(dim=args.dim, n_layers=args.n_layers, vocab_size=len(tokenizer), max_seq_len=512)
+    model = MateConvForCausalLM(config).eval()
+    started = time.perf_counter()
+    token_grammar = TokenGrammar(Grammar.json_object(), token_bytes(tokenizer, config.vocab_size),
+                                 tokenizer.eos_token_id, model.device)
+    table_seconds = time.perf_counter() - started
+    prompt = tokenizer.encode("Reply with a JSON object:", add_special_tokens=False)
+
+    print(f"dim {args.dim}, {args.n_layers} layers, vocab {config.vocab_size}, {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads; token table built in {table_seconds * 1000:.0f} ms")
+    print("| batch | free (tok/s) | JSON object (tok/s) | JSON / free | new state's mask (ms) | states | replies parse |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for batch in args.batch_sizes:
+        input_ids = torch.tensor([prompt] * batch)
+
+        def run(constrained: bool) -> torch.Tensor:
+            constraint = GrammarConstraint(token_grammar, batch) if constrained else None
+            return generate_tokens(model, input_ids, max_new_tokens=args.new_tokens, temperature=0,
+                                   constraint=constraint)
+
+        def timed(constrained: bool) -> float:
+            start = time.perf_counter()
+            run(constrained)
+            return time.perf_counter() - start
+
+        run(True)
+        times = {False: [], True: []}
+        for repeat in range(args.repeats):  # which goes first alternates, so that neither gets the quieter moments
+            for constrained in ((False, True) if repeat % 2 else (True, False)):
+                times[constrained].append(timed(constrained))
+        free, constrained = min(times[False]), min(times[True])
+        texts = [tokenizer.decode(row[len(prompt):], skip_special_tokens=True) for row in run(True).tolist()]
+        grammar = token_grammar.grammar
+        parse = all(grammar.feed(grammar.start(), text.encode()) is not None for text in texts)
+        states = list(token_grammar.masks)
+        token_grammar.masks.clear()
+        start = time.perf_counter()
+        for state in states:
+            token_grammar.allowed(state)
+        per_state = (time.perf_counter() - start) / len(states)
+        rate = batch * args.new_tokens
+        print(f"| {batch} | {rate / free:.1f} | {rate / constrained:.1f} | x{free / constrained:.2f} | "
+              f"{per_state * 1000:.1f} | {len(states)} | {parse} |")
+
+
+if __name__ == "__main__":
+    main()
