@@ -391,6 +391,7 @@ class Choice:
     text: str
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     tokens: list[int]  # the completion's tokens (those behind the text when a stop string cut it)
+    eos: bool = False  # the model ended it with EOS (which `tokens` leaves out)
 
     @property
     def completion_tokens(self) -> int:
@@ -483,7 +484,7 @@ class Engine:
                 choices.append(Choice(text, "stop", tokens[: min(count, len(tokens))]))
             else:
                 text += scanner.flush()
-                choices.append(Choice(text, "stop" if hit_eos else "length", tokens))
+                choices.append(Choice(text, "stop" if hit_eos else "length", tokens, eos=hit_eos))
         return choices
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
@@ -518,7 +519,7 @@ class Engine:
                 pieces.append(tail)
                 yield tail
         finish = "stop" if scanner.stopped or ended["eos"] else "length"
-        yield Choice("".join(pieces), finish, emitted)
+        yield Choice("".join(pieces), finish, emitted, eos=ended["eos"])
 
 
 # ---------------------------------------------------------------- admission control
@@ -713,7 +714,9 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
             for ids, max_tokens in zip(prompts, budgets):
                 sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
                 for choice in engine.complete(ids, sampling, req.n):
-                    logprobs = (completion_logprobs(engine, ids, choice.tokens, req.logprobs, req.echo)
+                    # EOS is listed, as OpenAI and vLLM list it: lm-eval takes the last entry as the generated one
+                    scored = choice.tokens + [engine.eos_id] if choice.eos else choice.tokens
+                    logprobs = (completion_logprobs(engine, ids, scored, req.logprobs, req.echo)
                                 if req.logprobs is not None else None)
                     text = (engine.tokenizer.decode(ids) if req.echo else "") + choice.text
                     answers.append({"index": len(answers), "text": text, "logprobs": logprobs,
