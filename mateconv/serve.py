@@ -727,7 +727,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         completion_tokens = sum(answer.pop("completion_tokens") for answer in answers)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created_now(),
                 "model": served_model_name, "choices": answers,
-                "usage": usage(sum(map(len, prompts)) * req.n, completion_tokens)}
+                "usage": usage(sum(map(len, prompts)), completion_tokens)}
 
     return app
 
@@ -875,7 +875,7 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
                 for choice in choices:
                     yield chunk([choice])
             if include_usage:
-                yield chunk([], usage(len(ids) * n, completion_tokens))
+                yield chunk([], usage(len(ids), completion_tokens))
             yield sse("[DONE]")
         finally:
             cancel.set()

@@ -116,6 +116,19 @@ def test_streaming_n_choices(client, expected):
     assert texts == {0: expected[0], 1: expected[0]}
 
 
+def test_usage_counts_the_prompt_once_for_n_choices(client):
+    """As OpenAI and vLLM count it: each prompt once, however many choices it gets (streamed or not)."""
+    once = ask(client, temperature=0, max_tokens=4).usage.prompt_tokens
+    assert ask(client, temperature=0, n=2, max_tokens=4).usage.prompt_tokens == once
+    chunks = list(ask(client, temperature=0, n=2, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == once
+    prompts = ["Once upon a time", "What is"]
+    single = client.completions.create(model="tiny", prompt=prompts, max_tokens=2).usage
+    double = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=2).usage
+    assert double.prompt_tokens == single.prompt_tokens
+    assert double.total_tokens == double.prompt_tokens + double.completion_tokens
+
+
 def test_error_shapes(server, client, expected):
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
