@@ -213,8 +213,11 @@ class MateConvModel(MateConvPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
-                token_mask: torch.Tensor | None = None):
-        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None).
+                token_mask: torch.Tensor | None = None, output_hidden_states: bool = False):
+        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None, all hidden states or None).
+
+        All hidden states, with `output_hidden_states`, as transformers gives them: each layer's input, then the
+        final (normed) output, n_layers + 1 tensors.
 
         token_mask [B, T] marks the real tokens (1) among padding (0) for the MoE expert load and balance loss only;
         attention is left as it is. Without it a 2-D attention_mask serves, without either every position counts."""
@@ -243,12 +246,15 @@ class MateConvModel(MateConvPreTrainedModel):
             mask = packed_documents_mask(position_ids, flex) if packed else attention_mask_4d(attention_mask, past, seq)
         x = self.dropout(self.embed_tokens(input_ids))
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        aux_total = None
+        aux_total, states = None, []
         for layer in self.layers:
+            if output_hidden_states:
+                states.append(x)
             x, aux = layer(x, rope, mask, cache, token_mask)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(x), (cache if use_cache else None), aux_total
+        x = self.norm(x)
+        return x, (cache if use_cache else None), aux_total, (tuple(states) + (x,) if output_hidden_states else None)
 
 
 # `generate`'s defaults, saved in generation_config.json: sampling, as chat models ship (seed 001 calls
@@ -270,25 +276,34 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
-                token_mask: torch.Tensor | None = None, **kwargs) -> MateConvCausalLMOutput:
+                token_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, **kwargs) -> MateConvCausalLMOutput:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
         `logits_to_keep=n` computes logits for the last n positions only (0 = all). `token_mask` [B, T] (1 on real
         tokens, 0 on padding) keeps padding out of the MoE expert load and balance loss (see MateConvModel.forward).
 
         The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
-        older callers); dropping either into **kwargs would silently decode without context."""
+        older callers); dropping either into **kwargs would silently decode without context. The same goes for
+        `output_hidden_states` (given) and `output_attentions` (refused: the fused kernels keep no weights)."""
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: MateConv's attention runs in fused kernels that "
+                             "return no attention weights")
         cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden, cache, aux, states = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask,
+                                                output_hidden_states)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
             if aux is not None and self.training:  # the balance loss trains the router; an evaluation is pure CE
                 loss = loss + aux
-        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
+        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, hidden_states=states,
+                                      **{CACHE_FIELD: cache})
 
     def expert_load(self) -> torch.Tensor | None:
         """[n_layers, n_routed_experts] shares of the real tokens' picks per expert in the last forward (rows sum to
