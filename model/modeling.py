@@ -211,9 +211,10 @@ class MateConvModel(MateConvPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
-                token_mask: torch.Tensor | None = None, output_hidden_states: bool = False):
+                token_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+                inputs_embeds: torch.Tensor | None = None):
         """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None, all hidden states or None).
 
         All hidden states, with `output_hidden_states`, as transformers gives them: each layer's input, then the
@@ -221,7 +222,10 @@ class MateConvModel(MateConvPreTrainedModel):
 
         token_mask [B, T] marks the real tokens (1) among padding (0) for the MoE expert load and balance loss only;
         attention is left as it is. Without it a 2-D attention_mask serves, without either every position counts."""
-        batch, seq = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = x.shape[:2]
         if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq:]
         if use_cache and cache is None:
@@ -241,10 +245,10 @@ class MateConvModel(MateConvPreTrainedModel):
                 if attention_mask is not None and past + seq == attention_mask.shape[1]:
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
                 else:
-                    position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+                    position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, -1)
             flex = self.config.flex_attention and flex_attention_runs(position_ids.device)
             mask = packed_documents_mask(position_ids, flex) if packed else attention_mask_4d(attention_mask, past, seq)
-        x = self.dropout(self.embed_tokens(input_ids))
+        x = self.dropout(x)
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         aux_total, states = None, []
         for layer in self.layers:
@@ -272,14 +276,16 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         self.post_init()
         self.generation_config.update(**SAMPLING_DEFAULTS)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
                 token_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, **kwargs) -> MateConvCausalLMOutput:
+                output_attentions: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> MateConvCausalLMOutput:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all). `token_mask` [B, T] (1 on real
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all). `inputs_embeds` [B, T, dim]
+        replaces input_ids (prompt tuning, `generate(inputs_embeds=...)`). `token_mask` [B, T] (1 on real
         tokens, 0 on padding) keeps padding out of the MoE expert load and balance loss (see MateConvModel.forward).
 
         The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
@@ -295,7 +301,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden, cache, aux, states = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask,
-                                                output_hidden_states)
+                                                output_hidden_states, inputs_embeds)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:

@@ -102,6 +102,19 @@ def test_hidden_states_as_transformers_gives_them():
         model(input_ids, output_attentions=True)
 
 
+def test_inputs_embeds_stand_for_input_ids():
+    """What prompt tuning and `generate(inputs_embeds=...)` send; without either input a one-line error."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 10))
+    embeds = model.get_input_embeddings()(input_ids).detach()
+    with torch.no_grad():
+        assert torch.allclose(model(inputs_embeds=embeds).logits, model(input_ids).logits, atol=1e-6)
+    generated = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, model.generate(input_ids, max_new_tokens=5, do_sample=False)[:, 10:])
+    with pytest.raises(ValueError, match="either input_ids or inputs_embeds"):
+        model(input_ids, inputs_embeds=embeds)
+
+
 def test_qk_norm_exports_to_qwen3_with_the_same_logits_and_tokens():
     """qk_norm: RMSNorm over each head's queries and keys before RoPE, as Qwen3 (and MiniMind) do it; Llama has no
     such weights, so only the matching architecture takes each model."""
