@@ -751,11 +751,30 @@ def completion_logprobs(engine: Engine, prompt: list[int], tokens: list[int], to
     scored = engine.logprobs(prompt + tokens, top) if len(prompt) + len(tokens) > 1 else []
     scored = [(None, None)] + scored if echo else scored[len(prompt) - 1:]
     texts = [engine.token_text(token) for token in shown]
-    offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+    start = len(engine.tokenizer.decode(prompt)) if echo else 0  # the reply's text: the prompt's, then the choice's
+    offsets = (text_offsets(engine.tokenizer, prompt, skip_special_tokens=False) if echo else []) + \
+        text_offsets(engine.tokenizer, tokens, skip_special_tokens=True, start=start)
     return {"tokens": texts, "token_logprobs": [logprob for logprob, _ in scored],
             "top_logprobs": [None if alternatives is None else {engine.token_text(t): lp for t, lp in alternatives}
                              for _, alternatives in scored],
             "text_offset": offsets}
+
+
+def text_offsets(tokenizer, ids: list[int], skip_special_tokens: bool, start: int = 0) -> list[int]:
+    """Where each token's text begins in `start` characters + the decoded `ids`. All the tokens of a character split
+    across several (their text alone U+FFFD) begin where it does. Each step decodes only the tokens since the last
+    clean cut, with the ones before it as context (as `detokenize` does), so a long prompt costs linear time."""
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=skip_special_tokens)
+
+    offsets, base, context, anchor = [], start, 0, 0  # ids[anchor] begins at `base`; ids[context:anchor] is context
+    for i in range(len(ids)):
+        so_far = decode(ids[context:i])
+        offset = base + len(so_far.rstrip("\ufffd")) - len(decode(ids[context:anchor]))
+        if not so_far.endswith("\ufffd"):  # a clean cut: ids[i] begins a character
+            base, context, anchor = offset, anchor, i
+        offsets.append(offset)
+    return offsets
 
 
 def created_now() -> int:

@@ -106,6 +106,20 @@ def test_echo_scores_the_prompt_like_lm_eval(client, local):
     assert logprobs.text_offset == sorted(logprobs.text_offset) and len(logprobs.top_logprobs[1]) == 1
 
 
+def test_text_offsets_point_into_the_text_when_tokens_split_characters(client, local):
+    """A character of several bytes split across tokens (each alone decodes to U+FFFD) still leaves every later
+    token's text_offset at that token's text in the echoed prompt."""
+    _, tokenizer, _ = local
+    prompt = "𝄞 music, 你好 Once"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert any(tokenizer.decode([token]) == "\ufffd" for token in ids)  # the case under test
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    text, logprobs = reply.choices[0].text, reply.choices[0].logprobs
+    assert text == prompt and logprobs.text_offset == sorted(logprobs.text_offset)
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset):
+        assert token == "\ufffd" or text[offset:offset + len(token)] == token, (token, offset)
+
+
 def test_lm_eval_loglikelihood_keeps_the_continuation_when_the_model_ends(client, local, greedy_reply,
                                                                          tiny_sft_model):
     """lm-eval's local-completions sends context + continuation with max_tokens 1, echo and logprobs, and drops the
