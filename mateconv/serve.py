@@ -645,11 +645,19 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
     async def health():
         return {"status": "ok", "model": served_model_name, "running": admission.running, "queued": admission.waiting}
 
+    card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "mateconv",
+            "max_model_len": engine.context}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "mateconv",
-                "max_model_len": engine.context}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        if model != served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{served_model_name}'",
+                           param="model", code="model_not_found")
+        return card
 
     async def read(request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
         req = parse_request(await read_body(request, max_request_bytes), schema)

@@ -44,6 +44,10 @@ def ask(client, question: str = QUESTION, **kwargs):
 def test_health_and_models(server, client):
     assert httpx.get(server[0].removesuffix("/v1") + "/health").json()["status"] == "ok"
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"  # GET /v1/models/{model}
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("gpt-4o")
+    assert error.value.code == "model_not_found"
 
 
 def test_greedy_answer_and_usage(client, expected, tiny_tokenizer):
