@@ -129,26 +129,42 @@ class MateConvDecoderLayer(GradientCheckpointingLayer):
         return x + self.dropout(ffn), aux
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int) -> torch.Tensor | None:
-    """Boolean [B, 1, T, past+T] mask, or None when plain causal attention is exact for every real token.
+def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int,
+                      keys: int | None = None) -> torch.Tensor | None:
+    """Boolean [B, 1, T, keys] mask, or None when plain causal attention is exact for every real token.
 
-    Right padding needs no mask: real tokens come first and attend only backwards, and padded positions carry no
-    labels. A padded query always sees itself, so no row of the mask is empty.
+    `keys` is how many keys attention gets: past + seq, unless a static cache hands it all its slots (those past the
+    sequence are masked as later positions). Right padding needs no mask: real tokens come first and attend only
+    backwards, and padded positions carry no labels. A padded query always sees itself, so no row of the mask is
+    empty.
     """
+    total = past + seq
+    keys = total if keys is None else keys
     if attention_mask is not None and not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        keys = attention_mask.bool()
-    elif past == 0 or seq == 1:
+        real = attention_mask[:, :total].bool()
+        real = torch.cat((real, real.new_ones(real.shape[0], keys - total)), dim=1)
+    elif (past == 0 or seq == 1) and keys == total:
         return None
     else:
-        keys = None
-    total = past + seq
+        real = None
     device = attention_mask.device if attention_mask is not None else None
     query_pos = torch.arange(past, total, device=device)[:, None]
-    key_pos = torch.arange(total, device=device)[None, :]
+    key_pos = torch.arange(keys, device=device)[None, :]
     mask = (key_pos <= query_pos)[None, None]
-    if keys is not None:
-        mask = mask & keys[:, None, None, :total] | (key_pos == query_pos)[None, None]
+    if real is not None:
+        mask = mask & real[:, None, None, :] | (key_pos == query_pos)[None, None]
     return mask
+
+
+def static_capacity(cache) -> int | None:
+    """The slots of a transformers static cache (`generate(cache_implementation="static")`), all of which its
+    `update` hands attention, filled or not; None for a cache that grows with the sequence."""
+    for name in ("get_max_length", "get_max_cache_shape"):  # transformers 5, then 4
+        method = getattr(cache, name, None)
+        if method is not None:
+            length = method()
+            return length if length is not None and length > 0 else None
+    return None
 
 
 def flex_attention_runs(device: torch.device) -> bool:
@@ -240,14 +256,17 @@ class MateConvModel(MateConvPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             if past + seq > self.config.max_seq_len:
                 raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-            packed = position_ids is not None and attention_mask is None and past == 0  # e.g. training rows
+            capacity = static_capacity(cache)
+            # e.g. training rows (a static cache's generate also sends position ids alone: one causal sequence)
+            packed = position_ids is not None and attention_mask is None and past == 0 and capacity is None
             if position_ids is None:
                 if attention_mask is not None and past + seq == attention_mask.shape[1]:
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
                 else:
                     position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, -1)
             flex = self.config.flex_attention and flex_attention_runs(position_ids.device)
-            mask = packed_documents_mask(position_ids, flex) if packed else attention_mask_4d(attention_mask, past, seq)
+            mask = (packed_documents_mask(position_ids, flex) if packed else
+                    attention_mask_4d(attention_mask, past, seq, capacity))
         x = self.dropout(x)
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         aux_total, states = None, []
