@@ -301,7 +301,7 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
                 num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
                 token_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                **kwargs) -> MateConvCausalLMOutput:
+                return_dict: bool | None = None, **kwargs) -> MateConvCausalLMOutput | tuple:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
         `logits_to_keep=n` computes logits for the last n positions only (0 = all). `inputs_embeds` [B, T, dim]
         replaces input_ids (prompt tuning, `generate(inputs_embeds=...)`). `token_mask` [B, T] (1 on real
@@ -309,7 +309,8 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
 
         The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
         older callers); dropping either into **kwargs would silently decode without context. The same goes for
-        `output_hidden_states` (given) and `output_attentions` (refused: the fused kernels keep no weights)."""
+        `output_hidden_states` (given), `return_dict=False` (a plain tuple of the fields that are set, as transformers'
+        models give it) and `output_attentions` (refused: the fused kernels keep no weights)."""
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
         if output_attentions:
@@ -327,8 +328,11 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
             if aux is not None and self.training:  # the balance loss trains the router; an evaluation is pure CE
                 loss = loss + aux
-        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, hidden_states=states,
-                                      **{CACHE_FIELD: cache})
+        output = MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, hidden_states=states,
+                                        **{CACHE_FIELD: cache})
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
 
     def expert_load(self) -> torch.Tensor | None:
         """[n_layers, n_routed_experts] shares of the real tokens' picks per expert in the last forward (rows sum to

@@ -115,6 +115,17 @@ def test_inputs_embeds_stand_for_input_ids():
         model(input_ids, inputs_embeds=embeds)
 
 
+def test_return_dict_false_gives_a_tuple():
+    """As transformers' models give it: a tuple of the fields that are set (unpacking the output object would give
+    its field names instead)."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 10))
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids, use_cache=False)
+        loss, logits = model(input_ids, labels=input_ids, use_cache=False, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+
+
 def test_qk_norm_exports_to_qwen3_with_the_same_logits_and_tokens():
     """qk_norm: RMSNorm over each head's queries and keys before RoPE, as Qwen3 (and MiniMind) do it; Llama has no
     such weights, so only the matching architecture takes each model."""
