@@ -107,6 +107,17 @@ class Message(BaseModel):
             message = {**message, "role": "system"}
         return message
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """A list of parts must be text parts: say so, rather than that the list is not a string."""
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is not a text part {{\"type\": \"text\", \"text\": \"...\"}} (type "
+                                 f"{json.dumps(kind)}): this model reads text only")
+        return content
+
     @model_validator(mode="after")
     def _check_turn(self):
         if self.content is None and self.role != "assistant":

@@ -156,6 +156,13 @@ def test_error_shapes(server, client, expected):
         assert response.json()["error"]["param"] == param
         assert response.json()["error"]["type"] == "invalid_request_error"
 
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    response = httpx.post(f"{root}/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
+                                                                                           "content": image}]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "messages.0.content"
+    assert 'part 0 is not a text part {"type": "text", "text": "..."} (type "image_url")' in \
+        response.json()["error"]["message"]
+
     bad_json = httpx.post(f"{root}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
     huge = httpx.post(f"{root}/chat/completions", content=b"x" * 2_000_000)
