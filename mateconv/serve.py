@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -602,9 +603,28 @@ def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationReq
         return schema.model_validate(payload)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
         status = 400 if first["type"] == "missing" else 422
+        union = union_types(error.errors())
+        if union is not None:  # pydantic's error for the first type only would name it as part of the field
+            param, types = union
+            raise APIError(status, f"{param}: expected {' or '.join(types)}", param=param) from None
+        param = ".".join(str(part) for part in first["loc"]) or None
         raise APIError(status, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+UNION_MEMBER = re.compile(r"(str|int|float|bool|dict|list)(\[.*\])?")
+
+
+def union_types(errors: list[dict]) -> tuple[str, list[str]] | None:
+    """(the field, the types it takes) when the first error is a field of several accepted types (`stop`, `prompt`,
+    `content`, ...), for which pydantic reports each type's failure under that type's name; else None."""
+    loc = errors[0]["loc"]
+    at = next((i for i, part in enumerate(loc) if isinstance(part, str) and UNION_MEMBER.fullmatch(part)), None)
+    if at is None:
+        return None
+    field = loc[:at]
+    types = [e["loc"][at] for e in errors if e["loc"][:at] == field and len(e["loc"]) > at]
+    return ".".join(map(str, field)), list(dict.fromkeys(types))
 
 
 def sse(payload: dict | str) -> str:

@@ -148,6 +148,7 @@ def test_error_shapes(server, client, expected):
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 422, "n"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 422, "stop"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "stop"),  # not "stop.str"
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 10**20}, 422, "seed"),
     ]
     for body, status, param in cases:
@@ -156,6 +157,9 @@ def test_error_shapes(server, client, expected):
         assert response.json()["error"]["param"] == param
         assert response.json()["error"]["type"] == "invalid_request_error"
 
+    mixed = httpx.post(f"{root}/completions", json={"model": "tiny", "prompt": [1, "a"]}).json()["error"]
+    assert (mixed["param"], mixed["message"]) == ("prompt", "prompt: expected str or list[str] or list[int] or "
+                                                            "list[list[int]]")
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     response = httpx.post(f"{root}/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
                                                                                            "content": image}]})
