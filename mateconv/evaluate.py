@@ -343,14 +343,22 @@ def comparisons_for(labels: list[str], requested: list[str] | None) -> list[tupl
     return pairs
 
 
+def model_kind(config) -> str:
+    """"moe" or "dense": MateConv's `use_moe`, else a transformers MoE's expert count (our Qwen2-/Qwen3-MoE exports'
+    `num_experts`, Mixtral's `num_local_experts`, DeepSeek's `n_routed_experts`)."""
+    if hasattr(config, "use_moe"):
+        return "moe" if config.use_moe else "dense"
+    experts = (getattr(config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return "moe" if any(isinstance(count, int) and count > 1 for count in experts) else "dense"
+
+
 def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] | None, samples: list[list[dict]],
                    seq_len: int | None, batch_size: int, max_batches: int | None, max_new_tokens: int,
                    device: str = "auto", lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
                    max_tasks: int | None = None, texts: list[str] | None = None,
                    judge_prompts: list[list[dict]] | None = None, trust_remote_code: bool = False) -> ModelReport:
     model, tokenizer = load_model(path, device, trust_remote_code=trust_remote_code)
-    is_moe = bool(getattr(model.config, "use_moe", False))
-    report = ModelReport(label, str(path), "moe" if is_moe else "dense",
+    report = ModelReport(label, str(path), model_kind(model.config),
                          sum(p.numel() for p in model.parameters()) / 1e6)
     mismatch = val is not None and other_vocabulary(val, tokenizer)
     if mismatch:  # e.g. MiniMind's model beside ours: its val_bpb still compares

@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             written = export_gguf(args.source, args.out, args.dtype or "f16")
     except ExportError as error:
         sys.exit(f"export: {error}")
+    except OSError as error:  # --out under a file, a full or read-only disk, ...
+        sys.exit(f"export: cannot write --out {args.out}: {error.strerror or error}")
     print(f"export: wrote {written}")
     return 0
 

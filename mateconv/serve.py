@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -108,6 +109,17 @@ class Message(BaseModel):
         if isinstance(message, dict) and message.get("role") == "developer":
             message = {**message, "role": "system"}
         return message
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """A list of parts must be text parts: say so, rather than that the list is not a string."""
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is not a text part {{\"type\": \"text\", \"text\": \"...\"}} (type "
+                                 f"{json.dumps(kind)}): this model reads text only")
+        return content
 
     @model_validator(mode="after")
     def _check_turn(self):
@@ -429,6 +441,7 @@ class Choice:
     text: str
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     tokens: list[int]  # the completion's tokens (those behind the text when a stop string cut it)
+    eos: bool = False  # the model ended it with EOS (which `tokens` leaves out)
 
     @property
     def completion_tokens(self) -> int:
@@ -535,7 +548,7 @@ class Engine:
                 choices.append(Choice(text, "stop", tokens[: min(count, len(tokens))]))
             else:
                 text += scanner.flush()
-                choices.append(Choice(text, "stop" if hit_eos else "length", tokens))
+                choices.append(Choice(text, "stop" if hit_eos else "length", tokens, eos=hit_eos))
         return choices
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
@@ -571,7 +584,7 @@ class Engine:
                 pieces.append(tail)
                 yield tail
         finish = "stop" if scanner.stopped or ended["eos"] else "length"
-        yield Choice("".join(pieces), finish, emitted)
+        yield Choice("".join(pieces), finish, emitted, eos=ended["eos"])
 
 
 # ---------------------------------------------------------------- admission control
@@ -643,9 +656,28 @@ def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationReq
         return schema.model_validate(payload)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
         status = 400 if first["type"] == "missing" else 422
+        union = union_types(error.errors())
+        if union is not None:  # pydantic's error for the first type only would name it as part of the field
+            param, types = union
+            raise APIError(status, f"{param}: expected {' or '.join(types)}", param=param) from None
+        param = ".".join(str(part) for part in first["loc"]) or None
         raise APIError(status, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+UNION_MEMBER = re.compile(r"(str|int|float|bool|dict|list)(\[.*\])?")
+
+
+def union_types(errors: list[dict]) -> tuple[str, list[str]] | None:
+    """(the field, the types it takes) when the first error is a field of several accepted types (`stop`, `prompt`,
+    `content`, ...), for which pydantic reports each type's failure under that type's name; else None."""
+    loc = errors[0]["loc"]
+    at = next((i for i, part in enumerate(loc) if isinstance(part, str) and UNION_MEMBER.fullmatch(part)), None)
+    if at is None:
+        return None
+    field = loc[:at]
+    types = [e["loc"][at] for e in errors if e["loc"][:at] == field and len(e["loc"]) > at]
+    return ".".join(map(str, field)), list(dict.fromkeys(types))
 
 
 def sse(payload: dict | str) -> str:
@@ -697,11 +729,19 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
     async def health():
         return {"status": "ok", "model": served_model_name, "running": admission.running, "queued": admission.waiting}
 
+    card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "mateconv",
+            "max_model_len": engine.context}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "mateconv",
-                "max_model_len": engine.context}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        if model != served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{served_model_name}'",
+                           param="model", code="model_not_found")
+        return card
 
     async def read(request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
         req = parse_request(await read_body(request, max_request_bytes), schema)
@@ -767,7 +807,9 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
             for ids, max_tokens in zip(prompts, budgets):
                 sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
                 for choice in engine.complete(ids, sampling, req.n):
-                    logprobs = (completion_logprobs(engine, ids, choice.tokens, req.logprobs, req.echo)
+                    # EOS is listed, as OpenAI and vLLM list it: lm-eval takes the last entry as the generated one
+                    scored = choice.tokens + [engine.eos_id] if choice.eos else choice.tokens
+                    logprobs = (completion_logprobs(engine, ids, scored, req.logprobs, req.echo)
                                 if req.logprobs is not None else None)
                     text = (engine.tokenizer.decode(ids) if req.echo else "") + choice.text
                     answers.append({"index": len(answers), "text": text, "logprobs": logprobs,
@@ -778,7 +820,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         completion_tokens = sum(answer.pop("completion_tokens") for answer in answers)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created_now(),
                 "model": served_model_name, "choices": answers,
-                "usage": usage(sum(map(len, prompts)) * req.n, completion_tokens)}
+                "usage": usage(sum(map(len, prompts)), completion_tokens)}
 
     return app
 
@@ -802,11 +844,30 @@ def completion_logprobs(engine: Engine, prompt: list[int], tokens: list[int], to
     scored = engine.logprobs(prompt + tokens, top) if len(prompt) + len(tokens) > 1 else []
     scored = [(None, None)] + scored if echo else scored[len(prompt) - 1:]
     texts = [engine.token_text(token) for token in shown]
-    offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+    start = len(engine.tokenizer.decode(prompt)) if echo else 0  # the reply's text: the prompt's, then the choice's
+    offsets = (text_offsets(engine.tokenizer, prompt, skip_special_tokens=False) if echo else []) + \
+        text_offsets(engine.tokenizer, tokens, skip_special_tokens=True, start=start)
     return {"tokens": texts, "token_logprobs": [logprob for logprob, _ in scored],
             "top_logprobs": [None if alternatives is None else {engine.token_text(t): lp for t, lp in alternatives}
                              for _, alternatives in scored],
             "text_offset": offsets}
+
+
+def text_offsets(tokenizer, ids: list[int], skip_special_tokens: bool, start: int = 0) -> list[int]:
+    """Where each token's text begins in `start` characters + the decoded `ids`. All the tokens of a character split
+    across several (their text alone U+FFFD) begin where it does. Each step decodes only the tokens since the last
+    clean cut, with the ones before it as context (as `detokenize` does), so a long prompt costs linear time."""
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=skip_special_tokens)
+
+    offsets, base, context, anchor = [], start, 0, 0  # ids[anchor] begins at `base`; ids[context:anchor] is context
+    for i in range(len(ids)):
+        so_far = decode(ids[context:i])
+        offset = base + len(so_far.rstrip("\ufffd")) - len(decode(ids[context:anchor]))
+        if not so_far.endswith("\ufffd"):  # a clean cut: ids[i] begins a character
+            base, context, anchor = offset, anchor, i
+        offsets.append(offset)
+    return offsets
 
 
 def created_now() -> int:
@@ -926,7 +987,7 @@ def stream_events(loop, admission: Admission, engine: Engine, ids: list[int], sa
                 for choice in choices:
                     yield chunk([choice])
             if include_usage:
-                yield chunk([], usage(len(ids) * n, completion_tokens))
+                yield chunk([], usage(len(ids), completion_tokens))
             yield sse("[DONE]")
         finally:
             cancel.set()

@@ -129,26 +129,42 @@ class MateConvDecoderLayer(GradientCheckpointingLayer):
         return x + self.dropout(ffn), aux
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int) -> torch.Tensor | None:
-    """Boolean [B, 1, T, past+T] mask, or None when plain causal attention is exact for every real token.
+def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, seq: int,
+                      keys: int | None = None) -> torch.Tensor | None:
+    """Boolean [B, 1, T, keys] mask, or None when plain causal attention is exact for every real token.
 
-    Right padding needs no mask: real tokens come first and attend only backwards, and padded positions carry no
-    labels. A padded query always sees itself, so no row of the mask is empty.
+    `keys` is how many keys attention gets: past + seq, unless a static cache hands it all its slots (those past the
+    sequence are masked as later positions). Right padding needs no mask: real tokens come first and attend only
+    backwards, and padded positions carry no labels. A padded query always sees itself, so no row of the mask is
+    empty.
     """
+    total = past + seq
+    keys = total if keys is None else keys
     if attention_mask is not None and not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        keys = attention_mask.bool()
-    elif past == 0 or seq == 1:
+        real = attention_mask[:, :total].bool()
+        real = torch.cat((real, real.new_ones(real.shape[0], keys - total)), dim=1)
+    elif (past == 0 or seq == 1) and keys == total:
         return None
     else:
-        keys = None
-    total = past + seq
+        real = None
     device = attention_mask.device if attention_mask is not None else None
     query_pos = torch.arange(past, total, device=device)[:, None]
-    key_pos = torch.arange(total, device=device)[None, :]
+    key_pos = torch.arange(keys, device=device)[None, :]
     mask = (key_pos <= query_pos)[None, None]
-    if keys is not None:
-        mask = mask & keys[:, None, None, :total] | (key_pos == query_pos)[None, None]
+    if real is not None:
+        mask = mask & real[:, None, None, :] | (key_pos == query_pos)[None, None]
     return mask
+
+
+def static_capacity(cache) -> int | None:
+    """The slots of a transformers static cache (`generate(cache_implementation="static")`), all of which its
+    `update` hands attention, filled or not; None for a cache that grows with the sequence."""
+    for name in ("get_max_length", "get_max_cache_shape"):  # transformers 5, then 4
+        method = getattr(cache, name, None)
+        if method is not None:
+            length = method()
+            return length if length is not None and length > 0 else None
+    return None
 
 
 def flex_attention_runs(device: torch.device) -> bool:
@@ -211,14 +227,21 @@ class MateConvModel(MateConvPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
-                token_mask: torch.Tensor | None = None):
-        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None).
+                token_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+                inputs_embeds: torch.Tensor | None = None):
+        """-> (hidden states [B, T, dim], cache or None, summed MoE aux loss or None, all hidden states or None).
+
+        All hidden states, with `output_hidden_states`, as transformers gives them: each layer's input, then the
+        final (normed) output, n_layers + 1 tensors.
 
         token_mask [B, T] marks the real tokens (1) among padding (0) for the MoE expert load and balance loss only;
         attention is left as it is. Without it a 2-D attention_mask serves, without either every position counts."""
-        batch, seq = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = x.shape[:2]
         if token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq:]
         if use_cache and cache is None:
@@ -233,22 +256,28 @@ class MateConvModel(MateConvPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             if past + seq > self.config.max_seq_len:
                 raise ValueError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.config.max_seq_len}")
-            packed = position_ids is not None and attention_mask is None and past == 0  # e.g. training rows
+            capacity = static_capacity(cache)
+            # e.g. training rows (a static cache's generate also sends position ids alone: one causal sequence)
+            packed = position_ids is not None and attention_mask is None and past == 0 and capacity is None
             if position_ids is None:
                 if attention_mask is not None and past + seq == attention_mask.shape[1]:
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
                 else:
-                    position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+                    position_ids = torch.arange(past, past + seq, device=x.device).expand(batch, -1)
             flex = self.config.flex_attention and flex_attention_runs(position_ids.device)
-            mask = packed_documents_mask(position_ids, flex) if packed else attention_mask_4d(attention_mask, past, seq)
-        x = self.dropout(self.embed_tokens(input_ids))
+            mask = (packed_documents_mask(position_ids, flex) if packed else
+                    attention_mask_4d(attention_mask, past, seq, capacity))
+        x = self.dropout(x)
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        aux_total = None
+        aux_total, states = None, []
         for layer in self.layers:
+            if output_hidden_states:
+                states.append(x)
             x, aux = layer(x, rope, mask, cache, token_mask)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(x), (cache if use_cache else None), aux_total
+        x = self.norm(x)
+        return x, (cache if use_cache else None), aux_total, (tuple(states) + (x,) if output_hidden_states else None)
 
 
 # `generate`'s defaults, saved in generation_config.json: sampling, as chat models ship (seed 001 calls
@@ -266,29 +295,44 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         self.post_init()
         self.generation_config.update(**SAMPLING_DEFAULTS)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache=None, use_cache: bool | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, past_key_values=None,
-                token_mask: torch.Tensor | None = None, **kwargs) -> MateConvCausalLMOutput:
+                token_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> MateConvCausalLMOutput | tuple:
         """labels use the Hugging Face convention (same positions as input_ids, shifted here, -100 ignored).
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all). `token_mask` [B, T] (1 on real
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all). `inputs_embeds` [B, T, dim]
+        replaces input_ids (prompt tuning, `generate(inputs_embeds=...)`). `token_mask` [B, T] (1 on real
         tokens, 0 on padding) keeps padding out of the MoE expert load and balance loss (see MateConvModel.forward).
 
         The KV cache arrives as `cache` (transformers >= 5.24 `generate`) or `past_key_values` (older releases and
-        older callers); dropping either into **kwargs would silently decode without context."""
+        older callers); dropping either into **kwargs would silently decode without context. The same goes for
+        `output_hidden_states` (given), `return_dict=False` (a plain tuple of the fields that are set, as transformers'
+        models give it) and `output_attentions` (refused: the fused kernels keep no weights)."""
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: MateConv's attention runs in fused kernels that "
+                             "return no attention weights")
         cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden, cache, aux, states = self.model(input_ids, attention_mask, position_ids, cache, use_cache, token_mask,
+                                                output_hidden_states, inputs_embeds)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
             if aux is not None and self.training:  # the balance loss trains the router; an evaluation is pure CE
                 loss = loss + aux
-        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
+        output = MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, hidden_states=states,
+                                        **{CACHE_FIELD: cache})
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
 
     def expert_load(self) -> torch.Tensor | None:
         """[n_layers, n_routed_experts] shares of the real tokens' picks per expert in the last forward (rows sum to

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, read_jsonl, task_accuracy,
-                               val_dataset)
+from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, model_kind, read_jsonl,
+                               task_accuracy, val_dataset)
 from mateconv.logprobs import perplexity
 from mateconv.tasks import check_answer
 
@@ -71,6 +71,17 @@ def test_moe_expert_load_is_collected(tiny_moe_sft_model, tiny_tokens):
     stats = balance_stats(result.expert_load)
     cv = (load.std(dim=1, unbiased=False) / load.mean(dim=1)).tolist()
     assert stats["cv"] == pytest.approx(cv, rel=1e-4) and stats["cv_mean"] == pytest.approx(sum(cv) / 2, rel=1e-4)
+
+
+def test_model_kind_of_ours_and_of_transformers_moe_models():
+    """An MoE model exported to Qwen2-MoE (or any transformers MoE) is reported as MoE, as the model it came from."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
+    from model import MateConvConfig
+
+    assert model_kind(MateConvConfig(use_moe=True)) == "moe" and model_kind(MateConvConfig()) == "dense"
+    assert model_kind(Qwen2MoeConfig(num_experts=4)) == model_kind(MixtralConfig()) == "moe"
+    assert model_kind(LlamaConfig()) == "dense"
 
 
 def test_balance_stats_values():

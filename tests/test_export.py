@@ -306,6 +306,16 @@ def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):
     assert (out / "Modelfile").is_file() and (tiny_sft_model / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("to", ["llama", "gguf"])
+def test_an_out_that_cannot_be_made_is_one_line(tiny_sft_model, tmp_path, to):
+    """--out under a file (or on a full or read-only disk): the OS's reason in one line, not a traceback."""
+    from mateconv.export import main as export_main
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SystemExit, match=r"^export: cannot write --out .*file/out: Not a directory$"):
+        export_main([str(tiny_sft_model), "--to", to, "--out", str(tmp_path / "file" / "out")])
+
+
 TOKENIZER_TEXTS = [
     "The quick brown fox jumps over the lazy dog; it's 3.14 o'clock. I'm sure they'll've DONE'S",
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。请问12千克等于多少克？",

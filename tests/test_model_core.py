@@ -84,6 +84,48 @@ def test_export_to_llama_matches_logits_and_hf_generate(tmp_path):
         to_llama(tiny_model(use_moe=True))
 
 
+def test_hidden_states_as_transformers_gives_them():
+    """`output_hidden_states` (a forward's, generate's) gives Llama's tuple: each layer's input, then the normed
+    output; `output_attentions` is refused in one line rather than silently answered with None."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids, output_hidden_states=True).hidden_states
+        theirs = to_llama(model)(input_ids, output_hidden_states=True).hidden_states
+        assert model(input_ids).hidden_states is None
+    assert len(ours) == len(theirs) == 3
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(ours, theirs))
+    steps = model.generate(input_ids, max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                           return_dict_in_generate=True).hidden_states
+    assert len(steps) == 3 and all(len(step) == 3 for step in steps) and steps[1][-1].shape == (2, 1, 64)
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(input_ids, output_attentions=True)
+
+
+def test_inputs_embeds_stand_for_input_ids():
+    """What prompt tuning and `generate(inputs_embeds=...)` send; without either input a one-line error."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 10))
+    embeds = model.get_input_embeddings()(input_ids).detach()
+    with torch.no_grad():
+        assert torch.allclose(model(inputs_embeds=embeds).logits, model(input_ids).logits, atol=1e-6)
+    generated = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, model.generate(input_ids, max_new_tokens=5, do_sample=False)[:, 10:])
+    with pytest.raises(ValueError, match="either input_ids or inputs_embeds"):
+        model(input_ids, inputs_embeds=embeds)
+
+
+def test_return_dict_false_gives_a_tuple():
+    """As transformers' models give it: a tuple of the fields that are set (unpacking the output object would give
+    its field names instead)."""
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 10))
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids, use_cache=False)
+        loss, logits = model(input_ids, labels=input_ids, use_cache=False, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+
+
 def test_qk_norm_exports_to_qwen3_with_the_same_logits_and_tokens():
     """qk_norm: RMSNorm over each head's queries and keys before RoPE, as Qwen3 (and MiniMind) do it; Llama has no
     such weights, so only the matching architecture takes each model."""

@@ -84,3 +84,13 @@ def test_seed_001_quick_start_samples_with_its_temperature(tmp_path, caplog):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     assert (saved["do_sample"], saved["temperature"], saved["top_p"]) == (True, 0.7, 0.9)
+
+
+def test_static_cache_generates_as_the_dynamic_one(trained):
+    """`generate(cache_implementation="static")`, the cache transformers compiles with, hands attention all its slots
+    (it stopped with "The size of tensor a (61) must match the size of tensor b (21)"): a left-padded batch and one
+    unpadded prompt (for which generate sends position ids and no attention mask)."""
+    model, tokenizer, batch = trained
+    for rows in (batch, {"input_ids": batch["input_ids"][batch["attention_mask"].sum(-1).argmax()][None]}):
+        dynamic = hf_generate(model, tokenizer, rows, do_sample=False)
+        assert torch.equal(hf_generate(model, tokenizer, rows, do_sample=False, cache_implementation="static"), dynamic)

@@ -106,6 +106,38 @@ def test_echo_scores_the_prompt_like_lm_eval(client, local):
     assert logprobs.text_offset == sorted(logprobs.text_offset) and len(logprobs.top_logprobs[1]) == 1
 
 
+def test_text_offsets_point_into_the_text_when_tokens_split_characters(client, local):
+    """A character of several bytes split across tokens (each alone decodes to U+FFFD) still leaves every later
+    token's text_offset at that token's text in the echoed prompt."""
+    _, tokenizer, _ = local
+    prompt = "𝄞 music, 你好 Once"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert any(tokenizer.decode([token]) == "\ufffd" for token in ids)  # the case under test
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    text, logprobs = reply.choices[0].text, reply.choices[0].logprobs
+    assert text == prompt and logprobs.text_offset == sorted(logprobs.text_offset)
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset):
+        assert token == "\ufffd" or text[offset:offset + len(token)] == token, (token, offset)
+
+
+def test_lm_eval_loglikelihood_keeps_the_continuation_when_the_model_ends(client, local, greedy_reply,
+                                                                         tiny_sft_model):
+    """lm-eval's local-completions sends context + continuation with max_tokens 1, echo and logprobs, and drops the
+    last entry as the generated token: when that token is EOS it must still be listed (as OpenAI and vLLM do), else
+    the continuation's last token is lost from its log-likelihood."""
+    model, tokenizer, prompt = local
+    answer, _, ended = greedy_reply(tiny_sft_model, QUESTION)
+    assert ended  # the greedy token after the whole answer is EOS
+    ids = prompt + tokenizer.encode(answer, add_special_tokens=False)
+    reply = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 and logprobs.tokens[-1] == tokenizer.eos_token
+    continuation = sum(logprobs.token_logprobs[len(prompt):-1])  # lm-eval's parse_logprobs
+    expected = reference_logprobs(model, ids)[len(prompt) - 1:].sum().item()
+    assert continuation == pytest.approx(expected, abs=1e-3)
+    assert reply.choices[0].text == tokenizer.decode(ids) and reply.usage.completion_tokens == 0
+
+
 def test_context_errors_in_openai_words(client, server):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TOO_LONG}])

@@ -44,6 +44,10 @@ def ask(client, question: str = QUESTION, **kwargs):
 def test_health_and_models(server, client):
     assert httpx.get(server[0].removesuffix("/v1") + "/health").json()["status"] == "ok"
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"  # GET /v1/models/{model}
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("gpt-4o")
+    assert error.value.code == "model_not_found"
 
 
 def test_greedy_answer_and_usage(client, expected, tiny_tokenizer):
@@ -116,6 +120,19 @@ def test_streaming_n_choices(client, expected):
     assert texts == {0: expected[0], 1: expected[0]}
 
 
+def test_usage_counts_the_prompt_once_for_n_choices(client):
+    """As OpenAI and vLLM count it: each prompt once, however many choices it gets (streamed or not)."""
+    once = ask(client, temperature=0, max_tokens=4).usage.prompt_tokens
+    assert ask(client, temperature=0, n=2, max_tokens=4).usage.prompt_tokens == once
+    chunks = list(ask(client, temperature=0, n=2, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == once
+    prompts = ["Once upon a time", "What is"]
+    single = client.completions.create(model="tiny", prompt=prompts, max_tokens=2).usage
+    double = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=2).usage
+    assert double.prompt_tokens == single.prompt_tokens
+    assert double.total_tokens == double.prompt_tokens + double.completion_tokens
+
+
 def test_error_shapes(server, client, expected):
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
@@ -131,6 +148,7 @@ def test_error_shapes(server, client, expected):
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 422, "n"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 422, "stop"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "stop"),  # not "stop.str"
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 10**20}, 422, "seed"),
     ]
     for body, status, param in cases:
@@ -138,6 +156,16 @@ def test_error_shapes(server, client, expected):
         assert response.status_code == status, (body, response.text)
         assert response.json()["error"]["param"] == param
         assert response.json()["error"]["type"] == "invalid_request_error"
+
+    mixed = httpx.post(f"{root}/completions", json={"model": "tiny", "prompt": [1, "a"]}).json()["error"]
+    assert (mixed["param"], mixed["message"]) == ("prompt", "prompt: expected str or list[str] or list[int] or "
+                                                            "list[list[int]]")
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    response = httpx.post(f"{root}/chat/completions", json={"model": "tiny", "messages": [{"role": "user",
+                                                                                           "content": image}]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "messages.0.content"
+    assert 'part 0 is not a text part {"type": "text", "text": "..."} (type "image_url")' in \
+        response.json()["error"]["message"]
 
     bad_json = httpx.post(f"{root}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
