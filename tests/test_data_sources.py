@@ -11,6 +11,7 @@ import pytest
 
 from mateconv.data import DataError
 from mateconv.data.prepare import prepare, summary_table
+from mateconv.data.readers import list_files
 from mateconv.data.sources import by_kind, scan
 
 USER, BOT = {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}
@@ -118,3 +119,16 @@ def test_a_kto_file_is_skipped_with_the_reason(tmp_path):
     [found] = scan(tmp_path)
     assert found.kind is None
     assert found.format.startswith(f"not recognised ({kto}:1: KTO feedback ('label': true) is not supported")
+
+
+def test_files_in_linked_directories_are_found_and_a_link_cycle_ends(tmp_path):
+    corpora, data = tmp_path / "corpora", tmp_path / "data"
+    corpora.mkdir()
+    data.mkdir()
+    write(corpora / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0]] * 2)
+    write(data / "pretrain.jsonl", [RECORDS["pretrain_hq.jsonl"][0]])
+    (data / "linked").symlink_to(corpora, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    assert [(f.path, f.kind, f.records) for f in scan(data)] == [
+        (data / "linked/sft.jsonl", "sft", 2), (data / "pretrain.jsonl", "pretrain", 1)]
+    assert list_files([data]) == [data / "linked/sft.jsonl", data / "pretrain.jsonl"]

@@ -38,13 +38,27 @@ def _suffix(path: Path) -> str:
     return next((s for s in SUFFIXES if name.endswith(s)), "")
 
 
+def files_under(root: Path) -> list[Path]:
+    """Every file under root, recursively and sorted. Links to directories are followed (a data directory made of
+    links to data sets; rglob would pass them by), but no directory is entered twice (a link cycle)."""
+    files, seen = [], set()
+    for folder, directories, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            directories.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(path for path in files if path.is_file())
+
+
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files of the given paths; directories are searched recursively (sorted) for the known suffixes."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+            found = [p for p in files_under(path) if _suffix(p)]
             if not found:
                 raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this directory")
             files += found

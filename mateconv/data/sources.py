@@ -16,7 +16,7 @@ from typing import Any
 
 from mateconv.data import DataError
 from mateconv.data.formats import detect_format
-from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, iter_records
+from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records
 
 SAMPLE = 50
 KINDS = ("pretrain", "sft", "dpo", "tasks")
@@ -119,8 +119,7 @@ def scan(data_dir: str | Path) -> list[DataFile]:
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
+    files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     if not files:
         raise DataError(f"{root}: the directory is empty")
     return [recognize(p) if _suffix_ok(p) else
