@@ -97,3 +97,24 @@ def test_tinyshakespeare_is_one_document_per_speech(shared_data):
     speeches = numbered_records(path)
     assert len(speeches) == path.read_text().count("\n\n") + 1
     assert speeches[1] == (4, {"text": "All:\nSpeak, speak."})
+
+
+def test_a_gzip_cut_short_keeps_its_lines_and_reports_the_cut(tmp_path):
+    records = [{"text": f"Document {i} about the river and the mill."} for i in range(2000)]
+    packed = gzip.compress(jsonl(records).encode())
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(packed[:len(packed) // 2])
+    read = numbered_records(path)
+    *kept, (number, cut) = read
+    assert 0 < len(kept) < 2000 and [record for _, record in kept] == records[:len(kept)]
+    assert number == len(kept) + 1 and "the compressed file ends here" in cut.error
+
+
+@pytest.mark.parametrize("name, content", [("plain.jsonl.gz", b'{"text": "not compressed"}\n'),
+                                           ("cut.json.gz", gzip.compress(json.dumps([FIRST] * 500).encode())[:60]),
+                                           ("web.parquet", b"PAR1 not a parquet file")])
+def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: (cannot read the file|not a readable parquet file): "):
+        numbered_records(path)

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import statistics
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -203,40 +204,56 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record or BadLine) for each non-empty line."""
+    """(line number, record or BadLine) for each non-empty line; a .gz cut short keeps the lines before the cut."""
     with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, BadLine(f"malformed JSON: {error.msg}")
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, BadLine(f"malformed JSON: {error.msg}")
+        except EOFError as error:
+            if not number:
+                raise
+            yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except pa.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
-    Parquet rows are numbered from 1 instead."""
-    suffix, source = _suffix(path), str(path)
+    Parquet rows are numbered from 1 instead. A file that cannot be read (a damaged .gz) is a DataError."""
+    suffix = _suffix(path)
     if suffix in (".jsonl", ".jsonl.gz"):
-        for number, record in _json_lines(path):
-            yield source, number, record
+        records = _json_lines(path)
     elif suffix in (".json", ".json.gz"):
-        for number, record in _json_records(path):
-            yield source, number, record
+        records = _json_records(path)
     elif suffix in (".txt", ".txt.gz"):
-        for number, record in txt_records(path):
-            yield source, number, record
+        records = txt_records(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                number += 1
-                yield source, number, record
+        records = _parquet_records(path)
     else:
         raise DataError(f"{path}: unsupported file type")
+    try:
+        for number, record in records:
+            yield str(path), number, record
+    except (OSError, EOFError, zlib.error) as error:  # gzip's errors: not gzip, cut short, damaged
+        raise DataError(f"{path}: cannot read the file: {error}") from None
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
