@@ -39,7 +39,7 @@ def plan(data: Path, env: dict, tokenizer: Path | None = None, judge_model: str 
     preset = load_preset("tiny")
     if judge_model:
         set_judge_model(preset, judge_model)
-    report = use_data(preset, data, tokenizer, env)
+    report, _ = use_data(preset, data, tokenizer, env)
     return preset["stages"], "\n".join(report)
 
 
@@ -132,17 +132,36 @@ def test_minimind_tokenizer_is_adopted_not_trained(tmp_path, shared_data):
 
 def test_one_corpus_per_out_directory(tmp_path):
     out = tmp_path / "out"
-    first = {"data": "/corpus/a", "tokenizer": None}
+    first = {"data": "/corpus/a", "tokenizer": None, "files": {}}
     check_source(out, first)
     check_source(out, first)  # the same data again: resumes
     with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
-        check_source(out, {"data": "/corpus/b", "tokenizer": None})
+        check_source(out, {"data": "/corpus/b", "tokenizer": None, "files": {}})
     with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
         check_source(out, None)
     (tmp_path / "demo/out/data").mkdir(parents=True)
     (tmp_path / "demo/out/data/stats.json").write_text("{}")
     with pytest.raises(PipelineError, match="holds a run on the embedded demo data"):
         check_source(tmp_path / "demo/out", first)
+
+
+def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    out = tmp_path / "out"
+
+    def source() -> dict:
+        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+    check_source(out, source())
+    check_source(out, source())  # unchanged: resumes
+    (data / "dpo.jsonl").write_text(json.dumps(PAIR) + "\n")
+    (data / "notes.md").write_text("not data: no change")
+    with open(data / "sft.jsonl", "a") as f:
+        f.write(json.dumps(SFT) + "\n")
+    with pytest.raises(PipelineError, match=rf"^{data} changed since {out} was made from it \(added: {data}/dpo.jsonl; "
+                       rf"changed: {data}/sft.jsonl\): .* remove {out} to train on the files as they are now"):
+        check_source(out, source())
 
 
 def minimind_corpus(root: Path, shared_data) -> Path:
