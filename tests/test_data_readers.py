@@ -118,3 +118,26 @@ def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"^{path}: (cannot read the file|not a readable parquet file): "):
         numbered_records(path)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "data.jsonl", "data.jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_path, name):
+    lines = ["河流流过古老的磨坊。", "磨坊的水车整天转动。", "晚上河面很安静。"]
+    encoded = [(json.dumps({"text": line}, ensure_ascii=False) if ".jsonl" in name else line).encode()
+               for line in lines]
+    encoded[1] = encoded[1].decode().encode("gbk")  # one line saved from a GBK editor
+    content = b"\n".join(encoded) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    read = numbered_records(path)
+    assert [(number, record) for number, record in read if not isinstance(record, BadLine)] == \
+        [(1, {"text": lines[0]}), (3, {"text": lines[2]})]
+    [(number, bad)] = [(number, record) for number, record in read if isinstance(record, BadLine)]
+    assert number == 2 and "not UTF-8 text; save the file as UTF-8" in bad.error
+
+
+def test_a_json_array_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "alpaca_gbk.json"
+    path.write_bytes(json.dumps([{"instruction": "你好", "output": "您好"}], ensure_ascii=False).encode("gbk"))
+    with pytest.raises(DataError, match=rf"^{path}: invalid .* not UTF-8 text"):
+        numbered_records(path)

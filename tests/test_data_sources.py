@@ -84,7 +84,7 @@ def test_broken_lines_are_counted_then_skipped_and_reported_with_file_and_line(t
     write(tmp_path / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0], {"conversations": [USER]}])  # no assistant turn
     files = scan(tmp_path)
     assert [(f.kind, f.records, f.broken) for f in files] == [("pretrain", 8, 1), ("sft", 2, 0)]
-    assert "8 records (1 not valid JSON)" in files[0].line()
+    assert "8 records (1 bad line)" in files[0].line()
     stats = prepare({kind: [f.path for f in found] for kind, found in by_kind(files).items()}, tmp_path / "out",
                     val_frac=0.0, progress=False)
     assert stats["pretrain"]["kept"] == 8 and stats["sft"]["kept"] == 1
@@ -132,3 +132,12 @@ def test_files_in_linked_directories_are_found_and_a_link_cycle_ends(tmp_path):
     assert [(f.path, f.kind, f.records) for f in scan(data)] == [
         (data / "linked/sft.jsonl", "sft", 2), (data / "pretrain.jsonl", "pretrain", 1)]
     assert list_files([data]) == [data / "linked/sft.jsonl", data / "pretrain.jsonl"]
+
+
+def test_a_gbk_file_is_skipped_with_its_first_bad_line(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("第一段文字。\n第二段文字。\n".encode("gbk"))
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.line().startswith(f"{path} → skipped: not recognised (2 bad lines, the first {path}:1: invalid ")
+    assert "not UTF-8 text; save the file as UTF-8" in found.line()

@@ -200,7 +200,7 @@ def test_minimind_corpus_end_to_end(tmp_path, shared_data):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "\r" not in stdout + result.stderr  # output not a terminal: plain lines, no progress bars (issue 13 item 7)
-    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 not valid JSON)" in stdout
+    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 bad line)" in stdout
     assert f"{data / 'sft_mini_512.jsonl'} → sft, MiniMind conversations, 300 records" in stdout
     assert f"{data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages, 100 records" in stdout
     assert "DPO trains on the preference pairs from the data; stage 7 skipped" in stdout

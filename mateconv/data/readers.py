@@ -32,6 +32,7 @@ PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped pro
 JSON_READ_CHARS = 1 << 20
 NON_SPACE = re.compile(r"\S")
 JSON_DECODER = json.JSONDecoder()
+NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
 
 
 def _suffix(path: Path) -> str:
@@ -72,49 +73,62 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    """The file as text; utf-8-sig drops the byte order mark Windows editors put first."""
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
+    """The file as UTF-8 text; utf-8-sig drops the byte order mark Windows editors put first."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
+    """(number, line without its line break) of each line; one that is not UTF-8 is a BadLine, so that a stray byte
+    costs its line and a GBK file says what it is, instead of training on replacement characters."""
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                yield number, BadLine(f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
 
 
 def _paragraph_mode(path: Path) -> bool:
     """Whether the first MB's blank lines separate paragraphs of short lines (tinyshakespeare's speeches), rather
     than straying between documents of a line each, which paragraph mode would glue into a few huge ones."""
-    with _open_text(path) as f:
-        lines = f.read(SAMPLE_CHARS).split("\n")
+    with _open_binary(path) as f:
+        lines = f.read(SAMPLE_CHARS).decode("utf-8", "replace").split("\n")  # only the text's shape counts here
     lengths = [len(line) for line in lines if line.strip()]
     starts = sum(1 for before, line in zip(lines, lines[1:]) if not before.strip() and line.strip())
     return (bool(lengths) and starts >= PARAGRAPH_MIN_SHARE * len(lengths)
             and statistics.median(lengths) <= PARAGRAPH_MAX_LINE)
 
 
-def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line."""
+def txt_records(path: Path) -> Iterator[tuple[int, dict | BadLine]]:
+    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line;
+    a line that is not UTF-8 is passed on as a BadLine."""
     paragraphs = _paragraph_mode(path)
-    with _open_text(path) as f:
-        block: list[str] = []
-        start = 1
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not paragraphs:
-                if line.strip():
-                    yield number, {"text": line}
-                continue
+    block: list[str] = []
+    start = 1
+    for number, line in _lines(path):
+        if isinstance(line, BadLine):
+            yield number, line
+        elif not paragraphs:
             if line.strip():
-                if not block:
-                    start = number
-                block.append(line)
-            elif block:
-                yield start, {"text": "\n".join(block)}
-                block = []
-        if block:
+                yield number, {"text": line}
+        elif line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
             yield start, {"text": "\n".join(block)}
+            block = []
+    if block:
+        yield start, {"text": "\n".join(block)}
 
 
 class BadLine:
-    """A line that is not valid JSON; passed on so the caller can count it with its position."""
+    """A line that is not valid JSON or not UTF-8; passed on so the caller can count it with its position."""
 
     def __init__(self, error: str):
         self.error = error
@@ -205,20 +219,20 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record or BadLine) for each non-empty line; a .gz cut short keeps the lines before the cut."""
-    with _open_text(path) as f:
-        number = 0
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+    number = 0
+    try:
+        for number, line in _lines(path):
+            if isinstance(line, BadLine):
+                yield number, line
+            elif line.strip():
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as error:
                     yield number, BadLine(f"malformed JSON: {error.msg}")
-        except EOFError as error:
-            if not number:
-                raise
-            yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
+    except EOFError as error:
+        if not number:
+            raise
+        yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -254,6 +268,8 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
             yield str(path), number, record
     except (OSError, EOFError, zlib.error) as error:  # gzip's errors: not gzip, cut short, damaged
         raise DataError(f"{path}: cannot read the file: {error}") from None
+    except UnicodeDecodeError as error:  # a .json file, which is parsed as a whole
+        raise DataError(f"{path}: {error.reason}: {NOT_UTF8}") from None
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:

@@ -61,13 +61,13 @@ class DataFile:
     kind: str | None  # None: not used (the reason is in `format`)
     format: str
     records: int = 0
-    broken: int = 0  # lines that are not valid JSON
+    broken: int = 0  # lines that are not valid JSON or not UTF-8
     note: str = ""
 
     def line(self) -> str:
         if self.kind is None:
             return f"{self.path} → skipped: {self.format}"
-        broken = f" ({self.broken} not valid JSON)" if self.broken else ""
+        broken = f" ({self.broken} bad line{'s' if self.broken > 1 else ''})" if self.broken else ""
         note = f"; {self.note}" if self.note else ""
         return f"{self.path} → {self.kind}, {self.format}, {self.records:,} records{broken}{note}"
 
@@ -81,12 +81,13 @@ def recognize(path: Path) -> DataFile:
     names: Counter = Counter()
     system = False
     records = broken = 0
-    first_error = ""
+    first_error = first_bad = ""
     try:
         for _, number, record in iter_records(path):
             records += 1
             if isinstance(record, BadLine):
                 broken += 1
+                first_bad = first_bad or f"{path}:{number}: {record.error}"
                 continue
             if names.total() < SAMPLE:
                 try:
@@ -97,7 +98,7 @@ def recognize(path: Path) -> DataFile:
     except DataError as error:  # a .json file that does not parse at all
         return DataFile(path, None, str(error))
     if not names:
-        reason = first_error or (f"{broken} lines, none of them valid JSON" if broken else "no records")
+        reason = first_error or (f"{broken} bad lines, the first {first_bad}" if broken else "no records")
         return DataFile(path, None, f"not recognised ({reason})")
     kinds = Counter()
     for (kind, _), count in names.items():
