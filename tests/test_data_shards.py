@@ -151,8 +151,24 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
         # the mask is one contiguous run per assistant turn
         runs = np.diff(np.r_[0, (item["labels"] != -100).int().numpy(), 0])
         assert (runs == 1).sum() == sum(m["role"] == "assistant" for m in messages)
-    short = SFTTokens(tmp_path / "s", seq_len=10)[0]  # truncation keeps the first seq_len tokens
-    assert short["input_ids"].shape == (10,) and (short["input_ids"] != tokenizer.pad_token_id).all()
+    width = int(np.flatnonzero(dataset[0]["labels"] != -100)[0]) + 2  # through the first assistant token, and one
+    short = SFTTokens(tmp_path / "s", seq_len=width)[0]  # truncation keeps the first seq_len tokens
+    assert short["input_ids"].shape == (width,) and (short["input_ids"] != tokenizer.pad_token_id).all()
+
+
+def test_a_conversation_with_no_assistant_token_within_seq_len_is_left_out(setup, tmp_path):
+    _, tokenizer_dir, tokenizer = setup
+    rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
+    conversations = [{"messages": ([rules] if i == 1 else []) + [{"role": "user", "content": f"Question {i}?"},
+                                                                 {"role": "assistant", "content": f"Answer {i}."}]}
+                     for i in range(3)]
+    build_shards("sft", [write_jsonl(tmp_path / "sft.jsonl", conversations)], tokenizer_dir, tmp_path / "s",
+                 workers=1, progress=False)
+    for packing in (False, True):
+        dataset = SFTTokens(tmp_path / "s", seq_len=64, packing=packing)
+        assert (dataset.untrained, dataset.num_records) == (1, 2)
+        trained = [tokenizer.decode(item["labels"][item["labels"] != -100]) for item in dataset]
+        assert "".join(trained) == "Answer 0.<|im_end|>Answer 2.<|im_end|>"
 
 
 def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_path):
@@ -295,7 +311,7 @@ def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):
     assert result.skipped_shards == 1  # shard 0 only: shard 1 failed its size check
     assert {p.name: p.read_bytes() for p in out.glob("part-*.bin")} == reference
     assert not list(out.glob("*.tmp"))
-    assert len(SFTTokens(out, 32)) == 200
+    assert len(SFTTokens(out, 512)) == 200
     # other inputs or settings invalidate the old shards instead of mixing them in
     result = build_shards("sft", inputs, tokenizer_dir, out, workers=1, records_per_shard=80, progress=False)
     assert result.skipped_shards == 0 and shard_info(out)["num_shards"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from mateconv.config import ConfigError, parse_config
+from mateconv.data import DataError
 from mateconv.data.shards import shard_info
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
@@ -414,6 +416,17 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
     assert real_share[True] > 1.8 * real_share[False]
     with pytest.raises(ConfigError, match="packing needs a model with document_mask"):
         train(tmp_path / "no_mask", "sft", init_from="", document_mask=False, packing=True, max_steps=1)
+
+
+def test_sft_leaves_out_the_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
+                                                                                        tmp_path, capsys):
+    summary = train(tmp_path / "cut", "sft", init_from=tiny_pretrain_model, max_seq_len=32, max_steps=2)
+    assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    assert re.search(r"\[sft\] [\d,]+ of [\d,]+ training conversations skipped: no assistant token in their first "
+                     r"max_seq_len 32 tokens", capsys.readouterr().out)
+    with pytest.raises(DataError, match="none of the .* SFT training conversations has an assistant token in its "
+                       "first max_seq_len 8 tokens"):
+        train(tmp_path / "none", "sft", init_from=tiny_pretrain_model, max_seq_len=8, max_steps=2)
 
 
 def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):

@@ -278,9 +278,23 @@ class _RecordReader(_ShardReader):
                 "attention_mask": (torch.arange(self.seq_len) < n).long()}
 
 
+def _has_labels(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Whether each record (tokens starts[i]:starts[i] + lengths[i] of a shard) has a trained token, summing the mask
+    a chunk of records at a time."""
+    found = np.zeros(len(starts), dtype=bool)
+    for low in range(0, len(starts), chunk):
+        begin, length = starts[low:low + chunk], lengths[low:low + chunk]
+        base = int(begin[0])
+        seen = np.concatenate([[0], np.cumsum(mask[base:int(begin[-1] + length[-1])], dtype=np.int64)])
+        found[low:low + chunk] = seen[begin - base + length] > seen[begin - base]
+    return found
+
+
 class SFTTokens(_RecordReader):
     """SFT rows of seq_len tokens: each conversation truncated to seq_len, labels -100 off the assistant tokens, the
-    rest of a row padded (pad id, label -100).
+    rest of a row padded (pad id, label -100). A conversation with no assistant token in its first seq_len tokens (a
+    long prompt) would train nothing, and a batch of them would make the loss NaN: it is left out, and counted in
+    `untrained`.
 
     Unpacked (the default), a row holds one conversation and right padding: plain causal attention is exact for it,
     so the row carries no attention mask (no per-batch mask check in the forward), only a `token_mask` (1 on the
@@ -296,22 +310,23 @@ class SFTTokens(_RecordReader):
     def __init__(self, directory: str | Path, seq_len: int, packing: bool = False):
         super().__init__(directory, seq_len)
         self.packing = packing
-        self.record_starts, self.record_lengths = [], []
+        self.record_starts, self.record_lengths, trained = [], [], [np.zeros(0, dtype=bool)]
         for shard in range(len(self.shards)):
             offsets = self._map(shard, "offsets").astype(np.int64)
             self.record_starts.append(offsets[:-1])
             self.record_lengths.append(np.minimum(np.diff(offsets), seq_len))
-        lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])
+            trained.append(_has_labels(self._map(shard, "mask"), offsets[:-1], self.record_lengths[-1]))
+        self.records = np.flatnonzero(np.concatenate(trained))  # the conversations that train, in order
+        self.untrained = self.starts[-1] - len(self.records)
+        lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])[self.records]
         self.num_records, self.num_real_tokens = len(lengths), int(lengths.sum())
         if packing:
-            # the planner sees the records as one stream, where a piece's start names its record (an empty record
-            # takes one position, so that no two records start at the same place)
-            room = np.maximum(lengths, 1)
-            starts, _, self.row_bounds = plan_rows(room, seq_len, self.pool_size, split=False)
-            self.row_records = np.searchsorted(np.cumsum(room) - room, starts)
+            # the planner sees the records as one stream, where a piece's start names its record
+            starts, _, self.row_bounds = plan_rows(lengths, seq_len, self.pool_size, split=False)
+            self.row_records = self.records[np.searchsorted(np.cumsum(lengths) - lengths, starts)]
 
     def __len__(self) -> int:
-        return len(self.row_bounds) - 1 if self.packing else self.starts[-1]
+        return len(self.row_bounds) - 1 if self.packing else len(self.records)
 
     def _record(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         shard, j = self._locate(i)
@@ -322,12 +337,12 @@ class SFTTokens(_RecordReader):
         return ids, np.where(mask, ids, IGNORE_INDEX)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not self.packing:
-            parts = [self._record(i)]
-        elif 0 <= i < len(self):
-            parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
-        else:
+        if not 0 <= i < len(self):
             raise IndexError(i)
+        if not self.packing:
+            parts = [self._record(int(self.records[i]))]
+        else:
+            parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
         ids = np.concatenate([p[0] for p in parts])
         row = self._pad(ids, np.concatenate([p[1] for p in parts]))
         # right padding, and packed conversations are told apart by their positions: no attention mask is needed

@@ -139,6 +139,16 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """SFT rows, packed with `data.packing` (which says how full the rows are)."""
     data = read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
+    for split, conversations in (("training", data.train), ("validation", data.val)):
+        if conversations is not None and conversations.untrained:
+            if not conversations.num_records:
+                raise DataError(f"none of the {conversations.untrained:,} SFT {split} conversations has an assistant "
+                                f"token in its first max_seq_len {data.train.seq_len} tokens (the prompts are longer): "
+                                "raise max_seq_len, or shorten the system prompts")
+            if runtime.is_main:
+                print(f"[sft] {conversations.untrained:,} of {conversations.untrained + conversations.num_records:,} "
+                      f"{split} conversations skipped: no assistant token in their first max_seq_len "
+                      f"{data.train.seq_len} tokens (a longer prompt), they would train nothing", flush=True)
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
