@@ -141,3 +141,12 @@ def test_a_gbk_file_is_skipped_with_its_first_bad_line(tmp_path):
     assert found.kind is None
     assert found.line().startswith(f"{path} → skipped: not recognised (2 bad lines, the first {path}:1: invalid ")
     assert "not UTF-8 text; save the file as UTF-8" in found.line()
+
+
+def test_a_git_lfs_pointer_is_skipped_with_what_to_do(tmp_path):
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1048576\n".format("0" * 64)
+    for name in ("train.parquet", "sft.jsonl", "dpo.json.gz"):
+        (tmp_path / name).write_text(pointer)
+    for found in scan(tmp_path):
+        assert found.kind is None and found.format == f"{found.path}: a Git LFS pointer, not the data: fetch the file " \
+                                                      "(`git lfs pull` in its clone)"

@@ -32,6 +32,7 @@ PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped pro
 JSON_READ_CHARS = 1 << 20
 NON_SPACE = re.compile(r"\S")
 JSON_DECODER = json.JSONDecoder()
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
 
 
@@ -253,6 +254,9 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
     Parquet rows are numbered from 1 instead. A file that cannot be read (a damaged .gz) is a DataError."""
     suffix = _suffix(path)
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a data set cloned without git-lfs
+            raise DataError(f"{path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)")
     if suffix in (".jsonl", ".jsonl.gz"):
         records = _json_lines(path)
     elif suffix in (".json", ".json.gz"):
