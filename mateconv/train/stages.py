@@ -148,7 +148,8 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
             if runtime.is_main:
                 print(f"[sft] {conversations.untrained:,} of {conversations.untrained + conversations.num_records:,} "
                       f"{split} conversations skipped: no assistant token in their first max_seq_len "
-                      f"{data.train.seq_len} tokens (a longer prompt), they would train nothing", flush=True)
+                      f"{data.train.seq_len} tokens (a longer prompt), they would train nothing; raise max_seq_len "
+                      "to keep them", flush=True)
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
