@@ -148,5 +148,5 @@ def test_a_git_lfs_pointer_is_skipped_with_what_to_do(tmp_path):
     for name in ("train.parquet", "sft.jsonl", "dpo.json.gz"):
         (tmp_path / name).write_text(pointer)
     for found in scan(tmp_path):
-        assert found.kind is None and found.format == f"{found.path}: a Git LFS pointer, not the data: fetch the file " \
-                                                      "(`git lfs pull` in its clone)"
+        assert found.kind is None
+        assert found.format == f"{found.path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)"
