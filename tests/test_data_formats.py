@@ -134,10 +134,22 @@ def test_messages_sharegpt_prompt_and_implicit_shapes():
     ({"messages": [{"role": "assistant", "content": "a"}]}, "alternate"),
     ({"conversations": "text"}, "must be a list"),
     ({"messages": [{"role": "user"}]}, "needs role/content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "A cat."}]}, "message content has image_url parts: only text"),
 ])
 def test_bad_sft_shapes_raise(record, message):
     with pytest.raises(DataError, match=message):
         to_sft(record)
+
+
+def test_openai_text_parts_are_joined_as_the_server_joins_them():
+    parts = [{"type": "text", "text": "Translate: "}, {"type": "text", "text": "cat"}]
+    record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
+        {"type": "text", "text": "chat"}]}]}
+    assert to_sft(record)["messages"] == [{"role": "user", "content": "Translate: cat"},
+                                          {"role": "assistant", "content": "chat"}]
+    pair = to_preference({"prompt": [{"role": "user", "content": parts}], "chosen": "chat", "rejected": "dog"})
+    assert pair["prompt"] == [{"role": "user", "content": "Translate: cat"}]
 
 
 def test_bad_preference_shapes_raise():

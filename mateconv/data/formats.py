@@ -143,6 +143,18 @@ def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
     return f"<think>\n{thought}\n</think>\n\n{text}"
 
 
+def _joined_parts(content: Any, content_key: str) -> Any:
+    """OpenAI's list of content parts as one string, its text parts joined as the server joins them; other content
+    as it is."""
+    if not isinstance(content, list):
+        return content
+    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content} - {"text"}
+    if kinds:
+        raise DataError(f"message {content_key} has {', '.join(sorted(map(str, kinds)))} parts: only text parts are "
+                        "supported")
+    return "".join(_text(part.get("text"), f"a text part of message {content_key}") for part in content)
+
+
 def _message(turn: Any) -> dict[str, str]:
     """One turn in either {role, content} or {from, value} form, role names normalised, calls and reasoning written
     into the content; a tool result keeps the role "tool" until `_messages` merges it into a user turn."""
@@ -152,7 +164,7 @@ def _message(turn: Any) -> dict[str, str]:
     content_key = "content" if "content" in turn else "value"
     if role_key not in turn or content_key not in turn:
         raise DataError(f"a message needs role/content or from/value, got keys {sorted(turn)}")
-    role, content = str(turn[role_key]).lower(), turn[content_key]
+    role, content = str(turn[role_key]).lower(), _joined_parts(turn[content_key], content_key)
     if role in TOOL_RESULT_ROLES:
         return {"role": "tool", "content": _text(content, f"message {content_key}")}
     if role == TOOL_CALL_ROLE:
