@@ -419,11 +419,22 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
 
 
 def test_sft_leaves_out_the_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
-                                                                                        tmp_path, capsys):
-    summary = train(tmp_path / "cut", "sft", init_from=tiny_pretrain_model, max_seq_len=32, max_steps=2)
+                                                                                        tiny_tokenizer, tmp_path, capsys):
+    from mateconv.data.shards import build_shards
+
+    rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
+    long_prompts = [{"messages": [rules, {"role": "user", "content": f"Question {i}?"},
+                                  {"role": "assistant", "content": f"Answer {i}."}]} for i in range(4)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(record) + "\n" for record in long_prompts))
+    build_shards("sft", [tmp_path / "val.jsonl"], tiny_tokenizer, tmp_path / "val", workers=1, progress=False)
+    summary = train(tmp_path / "cut", "sft", init_from=tiny_pretrain_model, max_seq_len=32, max_steps=2,
+                    eval_interval=1, val_data_path=str(tmp_path / "val"))
     assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    said = capsys.readouterr().out
     assert re.search(r"\[sft\] [\d,]+ of [\d,]+ training conversations skipped: no assistant token in their first "
-                     r"max_seq_len 32 tokens", capsys.readouterr().out)
+                     r"max_seq_len 32 tokens", said)
+    assert "[sft] 4 of 4 validation conversations skipped" in said
+    assert not any("val_loss" in row for row in read_metrics(tmp_path / "cut"))  # not a NaN one
     with pytest.raises(DataError, match="none of the .* SFT training conversations has an assistant token in its "
                        "first max_seq_len 8 tokens"):
         train(tmp_path / "none", "sft", init_from=tiny_pretrain_model, max_seq_len=8, max_steps=2)

@@ -141,7 +141,7 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
     data = read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
     for split, conversations in (("training", data.train), ("validation", data.val)):
         if conversations is not None and conversations.untrained:
-            if not conversations.num_records:
+            if split == "training" and not conversations.num_records:
                 raise DataError(f"none of the {conversations.untrained:,} SFT {split} conversations has an assistant "
                                 f"token in its first max_seq_len {data.train.seq_len} tokens (the prompts are longer): "
                                 "raise max_seq_len, or shorten the system prompts")
@@ -150,6 +150,8 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
                       f"{split} conversations skipped: no assistant token in their first max_seq_len "
                       f"{data.train.seq_len} tokens (a longer prompt), they would train nothing; raise max_seq_len "
                       "to keep them", flush=True)
+    if data.val is not None and not len(data.val):
+        data = StageData(data.train, None, data.vocab_size)  # no validation (nor best/ model) rather than a NaN loss
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
