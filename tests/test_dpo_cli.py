@@ -110,7 +110,8 @@ def test_a_forgetting_set_without_a_labelled_token_within_max_seq_len_is_skipped
     assert main("dpo", TINY_MODEL_FLAGS + [
         "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
         "--forget_data_paths", str(long_prompts), str(tiny_tokens / "sft" / "val"), "--out_dir", str(out),
-        "--batch_size", "8", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--tracker", "none"]) == 0
+        "--batch_size", "8", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--tracker",
+        "none"]) == 0
     assert (f"[dpo] forgetting eval: {long_prompts} has no labelled token within max_seq_len 96, skipped"
             in capsys.readouterr().out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

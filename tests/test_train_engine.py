@@ -418,8 +418,8 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
         train(tmp_path / "no_mask", "sft", init_from="", document_mask=False, packing=True, max_steps=1)
 
 
-def test_sft_leaves_out_the_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
-                                                                                        tiny_tokenizer, tmp_path, capsys):
+def test_sft_leaves_out_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
+                                                                                    tiny_tokenizer, tmp_path, capsys):
     from mateconv.data.shards import build_shards
 
     rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
