@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             set_judge_model(preset, args.judge_model)
         if args.tokenizer and not args.data:
             raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
-        source = None
+        source, every_stage = None, list(preset["stages"])
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
             report, files = use_data(preset, data, tokenizer, os.environ)
@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         apply_sets(preset, args.sets)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
+        if unknown & set(every_stage):
+            raise PipelineError(f"--only names stages that this run on {args.data} leaves out: "
+                                f"{', '.join(sorted(unknown & set(every_stage)))} (the lines above say why)")
         if unknown:
             raise PipelineError(f"--only names unknown stages: {', '.join(sorted(unknown))}")
         if (args.master_addr or args.node_rank is not None) and not args.hostfile:

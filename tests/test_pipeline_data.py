@@ -18,6 +18,7 @@ from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
 from mateconv.files import read_metrics
 from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, set_judge_model, use_data
+from mateconv.pipeline import main as pipeline_main
 from mateconv.tokenizer import adopt_tokenizer
 
 ENDPOINT = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
@@ -162,6 +163,19 @@ def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monk
     with pytest.raises(PipelineError, match=rf"^{data} changed since {out} was made from it \(added: {data}/dpo.jsonl; "
                        rf"changed: {data}/sft.jsonl\): .* remove {out} to train on the files as they are now"):
         check_source(out, source())
+
+
+def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)  # no pairs, no judge: no stage 7, no DPO
+    assert pipeline_main(["run", "--data", str(data), "--only", "prefs,dpo"]) == 2
+    assert capsys.readouterr().err == (f"error: --only names stages that this run on {data} leaves out: dpo, prefs "
+                                       "(the lines above say why)\n")
+    assert pipeline_main(["run", "--data", str(data), "--only", "dop"]) == 2
+    assert capsys.readouterr().err == "error: --only names unknown stages: dop\n"
+    assert not (tmp_path / "out").exists()
 
 
 def minimind_corpus(root: Path, shared_data) -> Path:
