@@ -371,6 +371,29 @@ def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
     with pytest.raises(DataError, match=r"no usable pretrain record: all 2 were bad, e\.g\. .*only_bad.jsonl:1: no"):
         build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
     assert not json.loads((tmp_path / "none" / "index.json").read_text())["complete"]  # a rerun tries again
+    with pytest.raises(DataError, match=r"no usable pretrain record: all 2 were bad"):  # and says so again
+        build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_raw_lines_that_cannot_be_read_are_reported_with_their_reason(setup, tmp_path, workers):
+    """A user's raw file given to stage 3 (or stages 4, 5, 9 via --data_path): a GBK line and a .gz cut short are
+    bad records that say what they are; the rest is tokenized (a GBK line was decoded into replacement characters)."""
+    import gzip
+
+    _, tokenizer_dir, _ = setup
+    lines = [json.dumps({"text": f"河流流过古老的磨坊，第 {i} 天。"}, ensure_ascii=False).encode() for i in range(4)]
+    lines[2] = lines[2].decode().encode("gbk")
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    packed = gzip.compress("".join(json.dumps({"text": f"Document {i} about rivers."}) + "\n"
+                                   for i in range(3000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+    result = build_shards("pretrain", [tmp_path / "mixed.jsonl", tmp_path / "cut.jsonl.gz"], tokenizer_dir,
+                          tmp_path / "t", workers=workers, progress=False)
+    assert result.bad_records[0].startswith(f"{tmp_path / 'mixed.jsonl'}:3: ") and "not UTF-8" in result.bad_records[0]
+    assert result.bad_records[-1].startswith(f"{tmp_path / 'cut.jsonl.gz'}:")
+    assert "the compressed file ends here" in result.bad_records[-1]
+    assert shard_info(tmp_path / "t")["num_records"] > 3 + 1000  # the lines before the cut (1,500 or so)
 
 
 def test_readers_reject_wrong_kind_and_missing_dir(setup, tmp_path):

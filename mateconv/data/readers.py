@@ -83,7 +83,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
     """(number, line without its line break) of each line; one that is not UTF-8 is a BadLine, so that a stray byte
     costs its line and a GBK file says what it is, instead of training on replacement characters."""
     with _open_binary(path) as f:
@@ -111,7 +111,7 @@ def txt_records(path: Path) -> Iterator[tuple[int, dict | BadLine]]:
     paragraphs = _paragraph_mode(path)
     block: list[str] = []
     start = 1
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         if isinstance(line, BadLine):
             yield number, line
         elif not paragraphs:
@@ -222,7 +222,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record or BadLine) for each non-empty line; a .gz cut short keeps the lines before the cut."""
     number = 0
     try:
-        for number, line in _lines(path):
+        for number, line in text_lines(path):
             if isinstance(line, BadLine):
                 yield number, line
             elif line.strip():

@@ -39,13 +39,14 @@ from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
-from mateconv.data.readers import BadLine, list_files, iter_records, record_text
+from mateconv.data.readers import BadLine, list_files, iter_records, record_text, text_lines
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
+BAD_LINE = "\0"  # opens a line that could not be read (never valid JSON); the rest is the reason
 
 
 # ---------------------------------------------------------------- reading
@@ -427,6 +428,9 @@ def encode_chunk(kind: str, eos_id: int, dtype: str, lines: list[tuple[int, int,
     lengths: list[int] = []
     errors: list[tuple[int, int, str]] = []
     for source, number, raw in lines:
+        if raw.startswith(BAD_LINE):
+            errors.append((source, number, raw[len(BAD_LINE):]))
+            continue
         try:
             record = json.loads(raw)
             if kind == "pretrain":
@@ -488,17 +492,17 @@ def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per
 
 
 def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
-    """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record."""
+    """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record. A
+    line that cannot be read is BAD_LINE and its reason, which the worker reports."""
     for source, path in enumerate(files):
-        if path.name.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                for number, raw in enumerate(f, 1):
-                    line = raw.decode("utf-8-sig", errors="replace").rstrip("\r\n")  # -sig: a BOM opening the file
-                    if line.strip():
-                        yield source, number, line, len(raw)
+        if path.name.endswith(".jsonl"):  # parsed by the workers
+            for number, line in text_lines(path):
+                line = BAD_LINE + line.error if isinstance(line, BadLine) else line
+                if line.strip():
+                    yield source, number, line, len(line.encode()) + 1
         else:
             for _, number, record in iter_records(path):
-                line = "{" if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
+                line = BAD_LINE + record.error if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
                 yield source, number, line, len(line.encode())
 
 
@@ -723,7 +727,9 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         bar.close()
         for f in writer.files.values():
             f.close()
-    if bad and not any(shard["num_records"] for shard in index["shards"]):  # left incomplete: nothing to train on
+    if bad and not any(shard["num_records"] for shard in index["shards"]):  # nothing to train on
+        index["shards"] = []  # none counts as done: a run again reads the inputs again, and says why again
+        _write_json_atomic(index_path, index)
         raise DataError(f"no usable {kind} record: all {len(bad)} were bad, e.g. {bad[0]}")
     index.update(complete=True, bad_records=len(bad), bad_examples=bad[:50])
     _write_json_atomic(index_path, index)
