@@ -168,7 +168,7 @@ def test_a_conversation_with_no_assistant_token_within_seq_len_is_left_out(setup
         dataset = SFTTokens(tmp_path / "s", seq_len=64, packing=packing)
         assert (dataset.untrained, dataset.num_records) == (1, 2)
         trained = [tokenizer.decode(item["labels"][item["labels"] != -100]) for item in dataset]
-        assert "".join(trained) == "Answer 0.<|im_end|>Answer 2.<|im_end|>"
+        assert sorted("".join(trained).split("<|im_end|>")) == ["", "Answer 0.", "Answer 2."]  # packing may reorder
 
 
 def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_path):
