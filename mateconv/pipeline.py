@@ -316,10 +316,12 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
 
 def check_source(out: Path, source: dict | None) -> None:
     """One out/ directory holds the artifacts of one corpus: refuses to mix a run on other data into it, or to go on
-    after the files changed, and records the --data directory (and --tokenizer) and the `fingerprint` of a new run."""
+    from data prepared (stage 2) before the files changed, and records the --data directory (and --tokenizer) and
+    the `fingerprint` of the files the prepared data is made from."""
     path = out / SOURCE
     recorded = json.loads(path.read_text()) if path.exists() else None
-    if recorded is None and source is not None and (out / "data" / "stats.json").exists():
+    prepared = (out / "data" / "stats.json").exists()
+    if recorded is None and source is not None and prepared:
         raise PipelineError(f"{out} holds a run on the embedded demo data: run --data in another directory, or "
                             f"remove {out}")
     flags = ("data", "tokenizer")
@@ -327,13 +329,15 @@ def check_source(out: Path, source: dict | None) -> None:
         made = f"--data {recorded['data']}" + (f" --tokenizer {recorded['tokenizer']}" if recorded["tokenizer"] else "")
         raise PipelineError(f"{out} was made with {made}: run with the same flags, in another directory, or remove "
                             f"{out}")
-    if recorded is not None and recorded.get("files", source["files"]) != source["files"]:  # older out/: no files
-        raise PipelineError(f"{source['data']} changed since {out} was made from it ("
-                            f"{changes(recorded['files'], source['files'])}): its finished stages would not see the "
-                            f"change; remove {out} to train on the files as they are now, or run in another directory")
-    if recorded is None and source is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(source, indent=2) + "\n")
+    if source is None or recorded == source:
+        return
+    if prepared and recorded is not None and recorded.get("files", source["files"]) != source["files"]:
+        raise PipelineError(f"{source['data']} changed since {out / 'data'} was prepared from it ("
+                            f"{changes(recorded['files'], source['files'])}): finished stages would not see the change; "
+                            f"remove {out} to start over, or {out / 'data'}, {out / 'tokens'} and the outputs of the "
+                            "later stages to redo (the run says which are older than their inputs)")
+    out.mkdir(parents=True, exist_ok=True)  # a new run, or stage 2 has yet to read the files (again)
+    write_atomic(path, json.dumps(source, indent=2) + "\n")
 
 
 def changes(before: dict[str, list[int]], now: dict[str, list[int]]) -> str:

@@ -155,14 +155,24 @@ def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monk
         return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
 
     check_source(out, source())
+    (data / "sft.jsonl").write_text(json.dumps(SFT) + "\n" + json.dumps(SFT) + "\n")
+    check_source(out, source())  # a change before stage 2 has read the files: taken
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")  # stage 2 has read them
     check_source(out, source())  # unchanged: resumes
     (data / "dpo.jsonl").write_text(json.dumps(PAIR) + "\n")
     (data / "notes.md").write_text("not data: no change")
     with open(data / "sft.jsonl", "a") as f:
         f.write(json.dumps(SFT) + "\n")
-    with pytest.raises(PipelineError, match=rf"^{data} changed since {out} was made from it \(added: {data}/dpo.jsonl; "
-                       rf"changed: {data}/sft.jsonl\): .* remove {out} to train on the files as they are now"):
+    with pytest.raises(PipelineError, match=rf"^{data} changed since {out}/data was prepared from it \(added: "
+                       rf"{data}/dpo.jsonl; changed: {data}/sft.jsonl\): .* remove {out} to start over, or "
+                       rf"{out}/data, {out}/tokens and the outputs of the later stages to redo"):
         check_source(out, source())
+    shutil.rmtree(out / "data")
+    check_source(out, source())  # to be prepared again: the files as they are now are recorded
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")
+    check_source(out, source())
 
 
 def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):
