@@ -89,6 +89,7 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert len(written) == 62 and len({r["id"] for r in written}) == 62
     assert read(tmp_path / "data/sft_val.jsonl")[0]["messages"][0] == {"role": "user", "content": "Q1"}  # NFKC, split kept
     assert stats["sft"]["removed"] == {"bad_record": 1}
+    assert stats["sft"]["bad_examples"] == [f"{raw / 'sft.jsonl'}:3: empty assistant message (turn 2 of 2)"]
     again = prepare({"pretrain": [raw / "pretrain.jsonl", raw / "extra.txt"]}, tmp_path / "again", val_frac=0.2,
                     filters=Filters(min_chars=5), progress=False)
     assert again["pretrain"]["val"] == pre["val"]

@@ -52,8 +52,9 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
         return {"text": text}, text
     if kind == "sft":
         messages = [{**m, "content": normalize(m["content"], form)} for m in to_sft(record)["messages"]]
-        if any(not m["content"] for m in messages if m["role"] != "system"):
-            raise DataError("empty message")
+        empty = next((i for i, m in enumerate(messages, 1) if not m["content"] and m["role"] != "system"), None)
+        if empty:
+            raise DataError(f"empty {messages[empty - 1]['role']} message (turn {empty} of {len(messages)})")
         return {"messages": messages}, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if kind == "dpo":
         pair = {side: [{**m, "content": normalize(m["content"], form)} for m in messages]
