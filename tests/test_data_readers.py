@@ -141,3 +141,11 @@ def test_a_json_array_that_is_not_utf8_is_one_clear_error(tmp_path):
     path.write_bytes(json.dumps([{"instruction": "你好", "output": "您好"}], ensure_ascii=False).encode("gbk"))
     with pytest.raises(DataError, match=rf"^{path}: invalid .* not UTF-8 text"):
         numbered_records(path)
+
+
+@pytest.mark.parametrize("name", ["alpaca.jsonl", "alpaca.jsonl.gz"])
+def test_a_json_array_under_a_jsonl_name_is_read_as_an_array(tmp_path, name):
+    text = BOM + "\n" + json.dumps([FIRST, SECOND], indent=2)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert numbered_records(path) == [(3, FIRST), (6, SECOND)]

@@ -446,3 +446,11 @@ def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "shard(s) already done" in rerun.stdout
     assert shard_info(out)["num_records"] == len(lines) * 400
+
+
+def test_a_json_array_under_a_jsonl_name_is_tokenized(setup, tmp_path):
+    _, tokenizer_dir, _ = setup
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5)]
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps(records, indent=2))
+    result = build_shards("sft", [tmp_path / "alpaca.jsonl"], tokenizer_dir, tmp_path / "t", workers=1, progress=False)
+    assert not result.bad_records and shard_info(tmp_path / "t")["num_records"] == 5

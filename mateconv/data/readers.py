@@ -8,6 +8,7 @@ of short lines (tinyshakespeare) - see `txt_records`.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -236,6 +237,17 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
         yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
 
 
+def opens_array(path: Path) -> bool:
+    """Whether the file's text opens with '[': under a .jsonl name, a JSON array (a LLaMA-Factory file renamed)."""
+    with _open_binary(path) as f:
+        return f.read(64).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """JSON Lines, or a JSON array under a .jsonl name, read as a .json file is (not as lines of malformed JSON)."""
+    yield from _json_records(path) if opens_array(path) else _json_lines(path)
+
+
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -258,7 +270,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
         if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a data set cloned without git-lfs
             raise DataError(f"{path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)")
     if suffix in (".jsonl", ".jsonl.gz"):
-        records = _json_lines(path)
+        records = _jsonl_records(path)
     elif suffix in (".json", ".json.gz"):
         records = _json_records(path)
     elif suffix in (".txt", ".txt.gz"):

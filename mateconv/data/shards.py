@@ -39,7 +39,7 @@ from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
-from mateconv.data.readers import BadLine, list_files, iter_records, record_text, text_lines
+from mateconv.data.readers import BadLine, iter_records, list_files, opens_array, record_text, text_lines
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
@@ -495,7 +495,7 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
     """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record. A
     line that cannot be read is BAD_LINE and its reason, which the worker reports."""
     for source, path in enumerate(files):
-        if path.name.endswith(".jsonl"):  # parsed by the workers
+        if path.name.endswith(".jsonl") and not opens_array(path):  # parsed by the workers
             for number, line in text_lines(path):
                 line = BAD_LINE + line.error if isinstance(line, BadLine) else line
                 if line.strip():
