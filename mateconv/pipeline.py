@@ -205,13 +205,13 @@ def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
             for found in files if found.kind is not None}
 
 
-def use_data(preset: dict, data_dir: Path, tokenizer: Path | None,
-             env: Mapping[str, str]) -> tuple[list[str], dict[str, list[int]]]:
-    """Points the preset's stages at the user's files in data_dir instead of the embedded demo data, and picks the
-    way to preference pairs (stage 7) and DPO. Returns the report (which file became what, and the path taken) and
-    the `fingerprint` of the files used."""
+def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
+             outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
+    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
+    instead of the embedded demo data, and picks the way to preference pairs (stage 7) and DPO. Returns the report
+    (which file became what, and the path taken) and the `fingerprint` of the files used."""
     try:
-        files = scan(data_dir)
+        files = scan(data_dir, outputs)
     except DataError as error:
         raise PipelineError(str(error)) from None
     report = [f"data: {found.line()}" for found in files]
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         source, every_stage = None, list(preset["stages"])
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
-            report, files = use_data(preset, data, tokenizer, os.environ)
+            report, files = use_data(preset, data, tokenizer, os.environ, outputs=(out, logs))
             for line in report:
                 print(f"[pipeline] {line}", flush=True)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}

@@ -188,6 +188,18 @@ def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
+    for _ in range(2):  # the second run sees out/data/*.jsonl, which are not the user's data
+        assert pipeline_main(["run", "--data", ".", "--only", "prepare"]) == 0
+    said = capsys.readouterr().out
+    assert f"[pipeline] data: {data / 'out'} → skipped: this run's own outputs" in said
+    assert f"{data / 'out'}/data/" not in said and "prepare: done" in said
+    assert set(json.loads((data / "out/data_source.json").read_text())["files"]) == {
+        str(data / "pretrain.jsonl"), str(data / "sft.jsonl")}
+
+
 def minimind_corpus(root: Path, shared_data) -> Path:
     """MiniMind's three files, built from the shared data: pretrain_hq.jsonl ({"text"}, one line cut off),
     sft_mini_512.jsonl ({"conversations": [{role, content}]}) and dpo.jsonl ({"chosen": [...], "rejected": [...]})."""

@@ -115,17 +115,20 @@ def recognize(path: Path) -> DataFile:
     return DataFile(path, kind, name, records - broken, broken, note)
 
 
-def scan(data_dir: str | Path) -> list[DataFile]:
-    """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped."""
+def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:
+    """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped.
+    `outputs` are the run's own directories (out/, logs/), left out with one line each where data_dir holds them."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    inside = [folder for folder in outputs if folder.is_dir() and folder.is_relative_to(root)]
+    files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)
+             and not any(p.is_relative_to(folder) for folder in inside)]
     if not files:
         raise DataError(f"{root}: the directory is empty")
-    return [recognize(p) if _suffix_ok(p) else
-            DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")
-            for p in files]
+    return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
+        recognize(p) if _suffix_ok(p) else
+        DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file") for p in files]
 
 
 def by_kind(files: list[DataFile]) -> dict[str, list[DataFile]]:
