@@ -167,13 +167,27 @@ def test_bad_preference_shapes_raise():
         "rejected": [{"role": "assistant", "content": "y"}]}
 
 
+def test_ultrafeedback_sides_repeating_the_prompt_are_its_replies():
+    """HuggingFaceH4/ultrafeedback_binarized: a prompt string, and chosen/rejected as the whole conversation."""
+    question = "What is 2 plus 2?"
+    record = {"prompt": question, "prompt_id": "p1", "chosen": [turn("user", question), turn("assistant", "4")],
+              "rejected": [turn("user", question), turn("assistant", "5")], "messages": [turn("user", question)],
+              "score_chosen": 8.0, "score_rejected": 3.0}
+    assert detect_format(record) == "prompt_pref"
+    assert to_preference(record) == {"prompt": [turn("user", question)], "chosen": [turn("assistant", "4")],
+                                     "rejected": [turn("assistant", "5")]}
+
+
 @pytest.mark.parametrize("record, reason", [line for line in PAIRS_FILE if isinstance(line, tuple)] + [
     ({"chosen": [turn("user", "Hi"), turn("assistant", "a"), turn("user", "more"), turn("assistant", "b")],
       "rejected": [turn("user", "Hi"), turn("assistant", "x"), turn("user", "more"), turn("assistant", "y")]},
      DIFFERENT_PROMPTS),
     ({"rejected": "no"}, "a preference record needs both chosen and rejected, 'chosen' is missing"),
     ({"prompt": "q", "chosen": [turn("assistant", "a"), turn("assistant", "b")], "rejected": "c"},
-     "chosen must be one assistant message, got roles ['assistant', 'assistant']"),
+     "chosen is a conversation whose turns before the reply are not the prompt"),
+    ({"prompt": "q", "chosen": [turn("user", "q"), turn("assistant", "a")],
+      "rejected": [turn("user", "another question"), turn("assistant", "b")]},
+     "rejected is a conversation whose turns before the reply are not the prompt"),
     ({"chosen": [turn("user", "Hi")], "rejected": [turn("user", "Hi"), turn("assistant", "x")]},
      "chosen does not end with an assistant reply"),
 ])

@@ -316,6 +316,17 @@ def _prompt_and_reply(value: Any, side: str) -> tuple[Messages, Messages]:
     return messages[:-1], messages[-1:]
 
 
+def _reply_after(prompt: Messages, value: Any, side: str) -> Messages:
+    """A side of a prompt/chosen/rejected record: the reply alone, or the whole conversation with the prompt's turns
+    first (UltraFeedback binarized), which must then be the prompt's."""
+    if not (isinstance(value, list) and len(value) > 1):
+        return _response(value, side)
+    head, reply = _prompt_and_reply(value, side)
+    if [m for m in head if m["role"] != "system"] != [m for m in prompt if m["role"] != "system"]:
+        raise DataError(f"{side} is a conversation whose turns before the reply are not the prompt")
+    return reply
+
+
 def check_pair(pair: dict[str, Messages]) -> dict[str, Messages]:
     """The rules on the replies of a converted pair; stage 2 applies them again to its normalised text."""
     for side in ("chosen", "rejected"):
@@ -333,7 +344,7 @@ def to_preference(record: Any) -> dict[str, Messages]:
         prompt = record["prompt"]
         prompt = _with_system([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt),
                               record)
-        chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+        chosen, rejected = (_reply_after(prompt, record[side], side) for side in ("chosen", "rejected"))
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record)
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
