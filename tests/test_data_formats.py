@@ -167,6 +167,22 @@ def test_bad_preference_shapes_raise():
         "rejected": [{"role": "assistant", "content": "y"}]}
 
 
+def test_trl_prompt_completion_is_an_sft_conversation():
+    assert to_sft({"prompt": "Capital of France?", "completion": "Paris."}) == {
+        "messages": [turn("user", "Capital of France?"), turn("assistant", "Paris.")]}
+    conversational = {"prompt": [turn("system", "Be brief."), turn("user", "Hi")],
+                      "completion": [turn("assistant", "Hello!")]}
+    assert to_sft(conversational)["messages"] == conversational["prompt"] + conversational["completion"]
+    with pytest.raises(DataError, match="KTO feedback"):
+        to_sft({"prompt": "Hi", "completion": "Go away.", "label": False})
+
+
+def test_orca_dpo_pairs_question_and_system_are_the_prompt():
+    record = {"system": "Be brief.", "question": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
+    assert to_preference(record) == {"prompt": [turn("system", "Be brief."), turn("user", "Capital of France?")],
+                                     "chosen": [turn("assistant", "Paris.")], "rejected": [turn("assistant", "Rome.")]}
+
+
 def test_ultrafeedback_sides_repeating_the_prompt_are_its_replies():
     """HuggingFaceH4/ultrafeedback_binarized: a prompt string, and chosen/rejected as the whole conversation."""
     question = "What is 2 plus 2?"
@@ -201,8 +217,8 @@ def test_unknown_shape_lists_the_preference_shapes():
     with pytest.raises(DataError) as error:
         detect_format({"foo": 1})
     assert str(error.value) == ("unknown record shape with keys ['foo'] (expected messages, conversations, "
-                                "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL "
-                                "and hh-rlhf)")
+                                "instruction/output, prompt/completion, prompt/chosen/rejected, or chosen/rejected "
+                                "as in MiniMind/TRL and hh-rlhf)")
     with pytest.raises(DataError, match="^message value must be a string, got null$"):
         to_sft({"conversations": [{"from": "human", "value": None}]})
 

@@ -21,6 +21,8 @@ RECORDS = {  # file name -> (one record, expected kind, expected format)
                           "jsonl 'text' field"),
     "minimind_sft.jsonl": ({"conversations": [USER, BOT]}, "sft", "MiniMind conversations"),
     "alpaca.json": ({"instruction": "Name the capital.", "input": "France", "output": "Paris."}, "sft", "Alpaca"),
+    "trl_sft.jsonl": ({"prompt": "Name the capital of France.", "completion": "Paris."}, "sft",
+                      "TRL prompt/completion"),
     "sharegpt.jsonl": ({"conversations": [{"from": "human", "value": "Hi there, who are you?"},
                                           {"from": "gpt", "value": "An assistant."}], "system": "Be brief."},
                        "sft", "ShareGPT conversations, with system turns"),
@@ -69,7 +71,7 @@ def test_every_format_is_recognised_with_its_record_count(tmp_path):
     assert f"{tmp_path / 'weird.jsonl'}:1: unknown record shape" in found["weird.jsonl"].format
     assert found["minimind_sft.jsonl"].line() == \
         f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 3 records"
-    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 4, 5, 1]  # pretrain, sft, dpo, tasks
+    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 5, 5, 1]  # pretrain, sft, dpo, tasks
 
 
 def test_content_decides_and_a_misleading_name_is_noted(tmp_path):

@@ -9,7 +9,10 @@ Accepted shapes, detected per record by `detect_format`:
 - "alpaca":        {"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}
 - "alpaca_pref":   the same with "chosen" and "rejected" instead of "output", or "output": [chosen, rejected]
                    (LLaMA-Factory ranking data)
-- "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL)
+- "prompt_completion": {"prompt", "completion"}, each a string or a message list (TRL), "system"?
+- "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL; sides that repeat the
+                   prompt's turns first, as UltraFeedback binarized's, are cut to the reply); "question" for
+                   "prompt" and a "system" (Intel/orca_dpo_pairs)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
@@ -67,7 +70,7 @@ def detect_format(record: Any) -> str:
     _refuse_kto(record)
     keys = record.keys()
     if "chosen" in keys and "rejected" in keys:
-        if "prompt" in keys:
+        if "prompt" in keys or "question" in keys:  # question: Intel/orca_dpo_pairs
             return "prompt_pref"
         if "conversations" in keys:
             return "sharegpt_pref"
@@ -85,8 +88,11 @@ def detect_format(record: Any) -> str:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:
         return "alpaca_pref" if isinstance(record["output"], list) else "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
     raise DataError(f"unknown record shape with keys {sorted(keys)} (expected messages, conversations, "
-                    "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL and hh-rlhf)")
+                    "instruction/output, prompt/completion, prompt/chosen/rejected, or chosen/rejected as in "
+                    "MiniMind/TRL and hh-rlhf)")
 
 
 def _text(value: Any, what: str) -> str:
@@ -262,6 +268,11 @@ def _alpaca_replies(record: dict) -> tuple[Messages, Messages]:
                  for reply, side in zip(replies, ("chosen", "rejected")))
 
 
+def _turns(value: Any, role: str, what: str) -> Messages:
+    """A TRL field: a string (one turn of `role`) or a message list."""
+    return [{"role": role, "content": _text(value, what)}] if not isinstance(value, list) else _messages(value)
+
+
 def to_sft(record: Any) -> dict[str, Messages]:
     """Any supported SFT shape -> {"messages": [...]} ending with an assistant turn."""
     shape = detect_format(record)
@@ -271,6 +282,9 @@ def to_sft(record: Any) -> dict[str, Messages]:
         messages = _messages(record["conversations"], record)
     elif shape == "alpaca":
         messages = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "alpaca output")}]
+    elif shape == "prompt_completion":
+        messages = _with_system(_turns(record["prompt"], "user", "prompt") +
+                                _turns(record["completion"], "assistant", "completion"), record)
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
     return {"messages": _check_conversation(messages, ends_with_assistant=True)}
@@ -341,9 +355,7 @@ def to_preference(record: Any) -> dict[str, Messages]:
     """Any supported preference shape -> {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}."""
     shape = detect_format(record)
     if shape == "prompt_pref":
-        prompt = record["prompt"]
-        prompt = _with_system([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt),
-                              record)
+        prompt = _with_system(_turns(record["prompt" if "prompt" in record else "question"], "user", "prompt"), record)
         chosen, rejected = (_reply_after(prompt, record[side], side) for side in ("chosen", "rejected"))
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record)

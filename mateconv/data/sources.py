@@ -24,6 +24,7 @@ SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "messages": ("sft", "OpenAI messages"),
     "sharegpt": ("sft", "ShareGPT conversations"),
     "alpaca": ("sft", "Alpaca"),
+    "prompt_completion": ("sft", "TRL prompt/completion"),
     "prompt_pref": ("dpo", "TRL prompt/chosen/rejected"),
     "sharegpt_pref": ("dpo", "LLaMA-Factory dpo"),
     "alpaca_pref": ("dpo", "Alpaca preference (LLaMA-Factory ranking)"),
