@@ -149,3 +149,9 @@ def test_a_json_array_under_a_jsonl_name_is_read_as_an_array(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
     assert numbered_records(path) == [(3, FIRST), (6, SECOND)]
+
+
+def test_the_tokenizer_text_of_a_record_holds_every_field_the_formats_read():
+    assert readers.record_text({"prompt": "Capital of France?", "completion": "Paris."}) == "Capital of France?\nParis."
+    assert readers.record_text({"system": "Be brief.", "question": "Capital?", "chosen": "Paris.",
+                                "rejected": "Rome."}) == "Be brief.\nCapital?\nParis.\nRome."
