@@ -348,8 +348,8 @@ def record_text(record: Any) -> str:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return "\n".join(value)
     parts = []
-    for key in ("system", "instruction", "input", "output", "prompt", "question", "completion", "messages", "conversations",
-                "chosen", "rejected"):
+    for key in ("system", "instruction", "input", "output", "prompt", "question", "completion", "messages",
+                "conversations", "chosen", "rejected"):
         value = record.get(key)
         if isinstance(value, str):
             parts.append(value)
