@@ -31,7 +31,7 @@ import yaml
 from tokenizers import Tokenizer
 
 from mateconv.data import DataError
-from mateconv.data.sources import by_kind, scan
+from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
@@ -199,11 +199,19 @@ def flags_problem(stage: Stage) -> str | None:
     return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
 
 
-def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str]) -> list[str]:
-    """Points the preset's stages at the user's files in data_dir instead of the embedded demo data, and picks the
-    way to preference pairs (stage 7) and DPO. Returns the report: which file became what, and the path taken."""
+def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
+    """Size and modification time of each file the run uses: what out/ was made from, as make and rsync see it."""
+    return {str(found.path): [found.path.stat().st_size, found.path.stat().st_mtime_ns]
+            for found in files if found.kind is not None}
+
+
+def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
+             outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
+    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
+    instead of the embedded demo data, and picks the way to preference pairs (stage 7) and DPO. Returns the report
+    (which file became what, and the path taken) and the `fingerprint` of the files used."""
     try:
-        files = scan(data_dir)
+        files = scan(data_dir, outputs)
     except DataError as error:
         raise PipelineError(str(error)) from None
     report = [f"data: {found.line()}" for found in files]
@@ -245,7 +253,7 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     evaluate["models"] = [m for m in evaluate["models"] if Path(m).parent.name in stages]
     if "tasks" not in kinds:
         evaluate["tasks"] = "none"
-    return report
+    return report, fingerprint(files)
 
 
 def set_judge_model(preset: dict, name: str) -> None:
@@ -307,20 +315,40 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
 
 
 def check_source(out: Path, source: dict | None) -> None:
-    """One out/ directory holds the artifacts of one corpus: refuses to mix a run on other data into it, and
-    records the --data directory (and --tokenizer) of a new run."""
+    """One out/ directory holds the artifacts of one corpus: refuses to mix a run on other data into it, or to go on
+    from data prepared (stage 2) before the files changed, and records the --data directory (and --tokenizer) and
+    the `fingerprint` of the files the prepared data is made from."""
     path = out / SOURCE
     recorded = json.loads(path.read_text()) if path.exists() else None
-    if recorded is None and source is not None and (out / "data" / "stats.json").exists():
+    prepared = (out / "data" / "stats.json").exists()
+    if recorded is None and source is not None and prepared:
         raise PipelineError(f"{out} holds a run on the embedded demo data: run --data in another directory, or "
                             f"remove {out}")
-    if recorded is not None and recorded != source:
+    flags = ("data", "tokenizer")
+    if recorded is not None and (source is None or any(recorded[key] != source[key] for key in flags)):
         made = f"--data {recorded['data']}" + (f" --tokenizer {recorded['tokenizer']}" if recorded["tokenizer"] else "")
         raise PipelineError(f"{out} was made with {made}: run with the same flags, in another directory, or remove "
                             f"{out}")
-    if recorded is None and source is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(source, indent=2) + "\n")
+    if source is None or recorded == source:
+        return
+    if prepared and recorded is not None and recorded.get("files", source["files"]) != source["files"]:
+        raise PipelineError(f"{source['data']} changed since {out / 'data'} was prepared from it ("
+                            f"{changes(recorded['files'], source['files'])}): finished stages would not see the change; "
+                            f"remove {out} to start over, or {out / 'data'}, {out / 'tokens'} and the outputs of the "
+                            "later stages to redo (the run says which are older than their inputs)")
+    out.mkdir(parents=True, exist_ok=True)  # a new run, or stage 2 has yet to read the files (again)
+    write_atomic(path, json.dumps(source, indent=2) + "\n")
+
+
+def changes(before: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    """The files added, removed and changed between two fingerprints, a few of each named."""
+    said = []
+    for what, names in (("added", now.keys() - before.keys()), ("removed", before.keys() - now.keys()),
+                        ("changed", {name for name in before.keys() & now.keys() if before[name] != now[name]})):
+        if names:
+            shown = sorted(names)[:3]
+            said.append(f"{what}: {', '.join(shown)}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+    return "; ".join(said)
 
 
 def newer_inputs(stage: Stage, every: list[Stage]) -> list[str]:
@@ -465,15 +493,19 @@ def main(argv: list[str] | None = None) -> int:
             set_judge_model(preset, args.judge_model)
         if args.tokenizer and not args.data:
             raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
-        source = None
+        source, every_stage = None, list(preset["stages"])
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
-            for line in use_data(preset, data, tokenizer, os.environ):
+            report, files = use_data(preset, data, tokenizer, os.environ, outputs=(out, logs))
+            for line in report:
                 print(f"[pipeline] {line}", flush=True)
-            source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None}
+            source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
         apply_sets(preset, args.sets)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
+        if unknown & set(every_stage):
+            raise PipelineError(f"--only names stages that this run on {args.data} leaves out: "
+                                f"{', '.join(sorted(unknown & set(every_stage)))} (the lines above say why)")
         if unknown:
             raise PipelineError(f"--only names unknown stages: {', '.join(sorted(unknown))}")
         if (args.master_addr or args.node_rank is not None) and not args.hostfile:

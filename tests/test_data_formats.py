@@ -134,10 +134,22 @@ def test_messages_sharegpt_prompt_and_implicit_shapes():
     ({"messages": [{"role": "assistant", "content": "a"}]}, "alternate"),
     ({"conversations": "text"}, "must be a list"),
     ({"messages": [{"role": "user"}]}, "needs role/content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "A cat."}]}, "message content has image_url parts: only text"),
 ])
 def test_bad_sft_shapes_raise(record, message):
     with pytest.raises(DataError, match=message):
         to_sft(record)
+
+
+def test_openai_text_parts_are_joined_as_the_server_joins_them():
+    parts = [{"type": "text", "text": "Translate: "}, {"type": "text", "text": "cat"}]
+    record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
+        {"type": "text", "text": "chat"}]}]}
+    assert to_sft(record)["messages"] == [{"role": "user", "content": "Translate: cat"},
+                                          {"role": "assistant", "content": "chat"}]
+    pair = to_preference({"prompt": [{"role": "user", "content": parts}], "chosen": "chat", "rejected": "dog"})
+    assert pair["prompt"] == [{"role": "user", "content": "Translate: cat"}]
 
 
 def test_bad_preference_shapes_raise():
@@ -155,13 +167,43 @@ def test_bad_preference_shapes_raise():
         "rejected": [{"role": "assistant", "content": "y"}]}
 
 
+def test_trl_prompt_completion_is_an_sft_conversation():
+    assert to_sft({"prompt": "Capital of France?", "completion": "Paris."}) == {
+        "messages": [turn("user", "Capital of France?"), turn("assistant", "Paris.")]}
+    conversational = {"prompt": [turn("system", "Be brief."), turn("user", "Hi")],
+                      "completion": [turn("assistant", "Hello!")]}
+    assert to_sft(conversational)["messages"] == conversational["prompt"] + conversational["completion"]
+    with pytest.raises(DataError, match="KTO feedback"):
+        to_sft({"prompt": "Hi", "completion": "Go away.", "label": False})
+
+
+def test_orca_dpo_pairs_question_and_system_are_the_prompt():
+    record = {"system": "Be brief.", "question": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
+    assert to_preference(record) == {"prompt": [turn("system", "Be brief."), turn("user", "Capital of France?")],
+                                     "chosen": [turn("assistant", "Paris.")], "rejected": [turn("assistant", "Rome.")]}
+
+
+def test_ultrafeedback_sides_repeating_the_prompt_are_its_replies():
+    """HuggingFaceH4/ultrafeedback_binarized: a prompt string, and chosen/rejected as the whole conversation."""
+    question = "What is 2 plus 2?"
+    record = {"prompt": question, "prompt_id": "p1", "chosen": [turn("user", question), turn("assistant", "4")],
+              "rejected": [turn("user", question), turn("assistant", "5")], "messages": [turn("user", question)],
+              "score_chosen": 8.0, "score_rejected": 3.0}
+    assert detect_format(record) == "prompt_pref"
+    assert to_preference(record) == {"prompt": [turn("user", question)], "chosen": [turn("assistant", "4")],
+                                     "rejected": [turn("assistant", "5")]}
+
+
 @pytest.mark.parametrize("record, reason", [line for line in PAIRS_FILE if isinstance(line, tuple)] + [
     ({"chosen": [turn("user", "Hi"), turn("assistant", "a"), turn("user", "more"), turn("assistant", "b")],
       "rejected": [turn("user", "Hi"), turn("assistant", "x"), turn("user", "more"), turn("assistant", "y")]},
      DIFFERENT_PROMPTS),
     ({"rejected": "no"}, "a preference record needs both chosen and rejected, 'chosen' is missing"),
     ({"prompt": "q", "chosen": [turn("assistant", "a"), turn("assistant", "b")], "rejected": "c"},
-     "chosen must be one assistant message, got roles ['assistant', 'assistant']"),
+     "chosen is a conversation whose turns before the reply are not the prompt"),
+    ({"prompt": "q", "chosen": [turn("user", "q"), turn("assistant", "a")],
+      "rejected": [turn("user", "another question"), turn("assistant", "b")]},
+     "rejected is a conversation whose turns before the reply are not the prompt"),
     ({"chosen": [turn("user", "Hi")], "rejected": [turn("user", "Hi"), turn("assistant", "x")]},
      "chosen does not end with an assistant reply"),
 ])
@@ -175,8 +217,8 @@ def test_unknown_shape_lists_the_preference_shapes():
     with pytest.raises(DataError) as error:
         detect_format({"foo": 1})
     assert str(error.value) == ("unknown record shape with keys ['foo'] (expected messages, conversations, "
-                                "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL "
-                                "and hh-rlhf)")
+                                "instruction/output, prompt/completion, prompt/chosen/rejected, or chosen/rejected "
+                                "as in MiniMind/TRL and hh-rlhf)")
     with pytest.raises(DataError, match="^message value must be a string, got null$"):
         to_sft({"conversations": [{"from": "human", "value": None}]})
 

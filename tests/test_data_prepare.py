@@ -11,6 +11,7 @@ from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, normalize, split_of
 from mateconv.data.prepare import main, prepare
 from mateconv.data.shards import build_shards
+from mateconv.prefs.store import sample_prompts
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 from tests.test_tokenizer_notebook import run_notebook
 
@@ -88,6 +89,7 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert len(written) == 62 and len({r["id"] for r in written}) == 62
     assert read(tmp_path / "data/sft_val.jsonl")[0]["messages"][0] == {"role": "user", "content": "Q1"}  # NFKC, split kept
     assert stats["sft"]["removed"] == {"bad_record": 1}
+    assert stats["sft"]["bad_examples"] == [f"{raw / 'sft.jsonl'}:3: empty assistant message (turn 2 of 2)"]
     again = prepare({"pretrain": [raw / "pretrain.jsonl", raw / "extra.txt"]}, tmp_path / "again", val_frac=0.2,
                     filters=Filters(min_chars=5), progress=False)
     assert again["pretrain"]["val"] == pre["val"]
@@ -157,3 +159,15 @@ def test_prepare_notebook_on_embedded_data(tmp_path):
     assert stats["tasks"]["kept"] == 60 and stats["tasks"]["val"] == 30
     for kind in ("pretrain", "sft", "dpo", "tasks"):
         assert (tmp_path / f"out/data/{kind}_train.jsonl").stat().st_size > 0
+
+
+def test_ids_repeated_across_files_are_made_unique_for_stage_7(tmp_path):
+    for name in ("alpaca_a.json", "alpaca_b.json"):  # each file numbers its records from 1
+        records = [{"id": i, "instruction": f"{name}: question {i}?", "output": f"Answer {i}."} for i in range(1, 31)]
+        (tmp_path / name).write_text(json.dumps(records))
+    prepare({"sft": [tmp_path / "alpaca_a.json", tmp_path / "alpaca_b.json"]}, tmp_path / "data", val_frac=0.0,
+            progress=False)
+    written = read(tmp_path / "data/sft_train.jsonl")
+    assert len(written) == 60 and len({r["id"] for r in written}) == 60
+    assert [r["id"] for r in written[:2]] == ["1", "2"]  # a record's own id is kept while it is free
+    assert len(sample_prompts(tmp_path / "data/sft_train.jsonl", 60, seed=0)) == 60  # stage 7's reader

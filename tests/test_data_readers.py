@@ -97,3 +97,61 @@ def test_tinyshakespeare_is_one_document_per_speech(shared_data):
     speeches = numbered_records(path)
     assert len(speeches) == path.read_text().count("\n\n") + 1
     assert speeches[1] == (4, {"text": "All:\nSpeak, speak."})
+
+
+def test_a_gzip_cut_short_keeps_its_lines_and_reports_the_cut(tmp_path):
+    records = [{"text": f"Document {i} about the river and the mill."} for i in range(2000)]
+    packed = gzip.compress(jsonl(records).encode())
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(packed[:len(packed) // 2])
+    read = numbered_records(path)
+    *kept, (number, cut) = read
+    assert 0 < len(kept) < 2000 and [record for _, record in kept] == records[:len(kept)]
+    assert number == len(kept) + 1 and "the compressed file ends here" in cut.error
+
+
+@pytest.mark.parametrize("name, content", [("plain.jsonl.gz", b'{"text": "not compressed"}\n'),
+                                           ("cut.json.gz", gzip.compress(json.dumps([FIRST] * 500).encode())[:60]),
+                                           ("web.parquet", b"PAR1 not a parquet file")])
+def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: (cannot read the file|not a readable parquet file): "):
+        numbered_records(path)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "data.jsonl", "data.jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_path, name):
+    lines = ["河流流过古老的磨坊。", "磨坊的水车整天转动。", "晚上河面很安静。"]
+    encoded = [(json.dumps({"text": line}, ensure_ascii=False) if ".jsonl" in name else line).encode()
+               for line in lines]
+    encoded[1] = encoded[1].decode().encode("gbk")  # one line saved from a GBK editor
+    content = b"\n".join(encoded) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    read = numbered_records(path)
+    assert [(number, record) for number, record in read if not isinstance(record, BadLine)] == \
+        [(1, {"text": lines[0]}), (3, {"text": lines[2]})]
+    [(number, bad)] = [(number, record) for number, record in read if isinstance(record, BadLine)]
+    assert number == 2 and "not UTF-8 text; save the file as UTF-8" in bad.error
+
+
+def test_a_json_array_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "alpaca_gbk.json"
+    path.write_bytes(json.dumps([{"instruction": "你好", "output": "您好"}], ensure_ascii=False).encode("gbk"))
+    with pytest.raises(DataError, match=rf"^{path}: invalid .* not UTF-8 text"):
+        numbered_records(path)
+
+
+@pytest.mark.parametrize("name", ["alpaca.jsonl", "alpaca.jsonl.gz"])
+def test_a_json_array_under_a_jsonl_name_is_read_as_an_array(tmp_path, name):
+    text = BOM + "\n" + json.dumps([FIRST, SECOND], indent=2)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    assert numbered_records(path) == [(3, FIRST), (6, SECOND)]
+
+
+def test_the_tokenizer_text_of_a_record_holds_every_field_the_formats_read():
+    assert readers.record_text({"prompt": "Capital of France?", "completion": "Paris."}) == "Capital of France?\nParis."
+    assert readers.record_text({"system": "Be brief.", "question": "Capital?", "chosen": "Paris.",
+                                "rejected": "Rome."}) == "Be brief.\nCapital?\nParis.\nRome."

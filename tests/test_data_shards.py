@@ -151,8 +151,24 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(setup, tmp_path):
         # the mask is one contiguous run per assistant turn
         runs = np.diff(np.r_[0, (item["labels"] != -100).int().numpy(), 0])
         assert (runs == 1).sum() == sum(m["role"] == "assistant" for m in messages)
-    short = SFTTokens(tmp_path / "s", seq_len=10)[0]  # truncation keeps the first seq_len tokens
-    assert short["input_ids"].shape == (10,) and (short["input_ids"] != tokenizer.pad_token_id).all()
+    width = int(np.flatnonzero(dataset[0]["labels"] != -100)[0]) + 2  # through the first assistant token, and one
+    short = SFTTokens(tmp_path / "s", seq_len=width)[0]  # truncation keeps the first seq_len tokens
+    assert short["input_ids"].shape == (width,) and (short["input_ids"] != tokenizer.pad_token_id).all()
+
+
+def test_a_conversation_with_no_assistant_token_within_seq_len_is_left_out(setup, tmp_path):
+    _, tokenizer_dir, tokenizer = setup
+    rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
+    conversations = [{"messages": ([rules] if i == 1 else []) + [{"role": "user", "content": f"Question {i}?"},
+                                                                 {"role": "assistant", "content": f"Answer {i}."}]}
+                     for i in range(3)]
+    build_shards("sft", [write_jsonl(tmp_path / "sft.jsonl", conversations)], tokenizer_dir, tmp_path / "s",
+                 workers=1, progress=False)
+    for packing in (False, True):
+        dataset = SFTTokens(tmp_path / "s", seq_len=64, packing=packing)
+        assert (dataset.untrained, dataset.num_records) == (1, 2)
+        trained = [tokenizer.decode(item["labels"][item["labels"] != -100]) for item in dataset]
+        assert sorted("".join(trained).split("<|im_end|>")) == ["", "Answer 0.", "Answer 2."]  # packing may reorder
 
 
 def test_ready_made_rows_read_back_padded_with_every_token_trained(setup, tmp_path):
@@ -295,7 +311,7 @@ def test_resume_skips_finished_and_redoes_planted_tmp(setup, tmp_path):
     assert result.skipped_shards == 1  # shard 0 only: shard 1 failed its size check
     assert {p.name: p.read_bytes() for p in out.glob("part-*.bin")} == reference
     assert not list(out.glob("*.tmp"))
-    assert len(SFTTokens(out, 32)) == 200
+    assert len(SFTTokens(out, 512)) == 200
     # other inputs or settings invalidate the old shards instead of mixing them in
     result = build_shards("sft", inputs, tokenizer_dir, out, workers=1, records_per_shard=80, progress=False)
     assert result.skipped_shards == 0 and shard_info(out)["num_shards"] == 3
@@ -355,6 +371,29 @@ def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
     with pytest.raises(DataError, match=r"no usable pretrain record: all 2 were bad, e\.g\. .*only_bad.jsonl:1: no"):
         build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
     assert not json.loads((tmp_path / "none" / "index.json").read_text())["complete"]  # a rerun tries again
+    with pytest.raises(DataError, match=r"no usable pretrain record: all 2 were bad"):  # and says so again
+        build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_raw_lines_that_cannot_be_read_are_reported_with_their_reason(setup, tmp_path, workers):
+    """A user's raw file given to stage 3 (or stages 4, 5, 9 via --data_path): a GBK line and a .gz cut short are
+    bad records that say what they are; the rest is tokenized (a GBK line was decoded into replacement characters)."""
+    import gzip
+
+    _, tokenizer_dir, _ = setup
+    lines = [json.dumps({"text": f"河流流过古老的磨坊，第 {i} 天。"}, ensure_ascii=False).encode() for i in range(4)]
+    lines[2] = lines[2].decode().encode("gbk")
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    packed = gzip.compress("".join(json.dumps({"text": f"Document {i} about rivers."}) + "\n"
+                                   for i in range(3000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+    result = build_shards("pretrain", [tmp_path / "mixed.jsonl", tmp_path / "cut.jsonl.gz"], tokenizer_dir,
+                          tmp_path / "t", workers=workers, progress=False)
+    assert result.bad_records[0].startswith(f"{tmp_path / 'mixed.jsonl'}:3: ") and "not UTF-8" in result.bad_records[0]
+    assert result.bad_records[-1].startswith(f"{tmp_path / 'cut.jsonl.gz'}:")
+    assert "the compressed file ends here" in result.bad_records[-1]
+    assert shard_info(tmp_path / "t")["num_records"] > 3 + 1000  # the lines before the cut (1,500 or so)
 
 
 def test_readers_reject_wrong_kind_and_missing_dir(setup, tmp_path):
@@ -407,3 +446,11 @@ def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "shard(s) already done" in rerun.stdout
     assert shard_info(out)["num_records"] == len(lines) * 400
+
+
+def test_a_json_array_under_a_jsonl_name_is_tokenized(setup, tmp_path):
+    _, tokenizer_dir, _ = setup
+    records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5)]
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps(records, indent=2))
+    result = build_shards("sft", [tmp_path / "alpaca.jsonl"], tokenizer_dir, tmp_path / "t", workers=1, progress=False)
+    assert not result.bad_records and shard_info(tmp_path / "t")["num_records"] == 5

@@ -11,6 +11,7 @@ import pytest
 
 from mateconv.data import DataError
 from mateconv.data.prepare import prepare, summary_table
+from mateconv.data.readers import list_files
 from mateconv.data.sources import by_kind, scan
 
 USER, BOT = {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}
@@ -20,6 +21,8 @@ RECORDS = {  # file name -> (one record, expected kind, expected format)
                           "jsonl 'text' field"),
     "minimind_sft.jsonl": ({"conversations": [USER, BOT]}, "sft", "MiniMind conversations"),
     "alpaca.json": ({"instruction": "Name the capital.", "input": "France", "output": "Paris."}, "sft", "Alpaca"),
+    "trl_sft.jsonl": ({"prompt": "Name the capital of France.", "completion": "Paris."}, "sft",
+                      "TRL prompt/completion"),
     "sharegpt.jsonl": ({"conversations": [{"from": "human", "value": "Hi there, who are you?"},
                                           {"from": "gpt", "value": "An assistant."}], "system": "Be brief."},
                        "sft", "ShareGPT conversations, with system turns"),
@@ -68,7 +71,7 @@ def test_every_format_is_recognised_with_its_record_count(tmp_path):
     assert f"{tmp_path / 'weird.jsonl'}:1: unknown record shape" in found["weird.jsonl"].format
     assert found["minimind_sft.jsonl"].line() == \
         f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 3 records"
-    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 4, 5, 1]  # pretrain, sft, dpo, tasks
+    assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 5, 5, 1]  # pretrain, sft, dpo, tasks
 
 
 def test_content_decides_and_a_misleading_name_is_noted(tmp_path):
@@ -83,7 +86,7 @@ def test_broken_lines_are_counted_then_skipped_and_reported_with_file_and_line(t
     write(tmp_path / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0], {"conversations": [USER]}])  # no assistant turn
     files = scan(tmp_path)
     assert [(f.kind, f.records, f.broken) for f in files] == [("pretrain", 8, 1), ("sft", 2, 0)]
-    assert "8 records (1 not valid JSON)" in files[0].line()
+    assert "8 records (1 bad line)" in files[0].line()
     stats = prepare({kind: [f.path for f in found] for kind, found in by_kind(files).items()}, tmp_path / "out",
                     val_frac=0.0, progress=False)
     assert stats["pretrain"]["kept"] == 8 and stats["sft"]["kept"] == 1
@@ -118,3 +121,34 @@ def test_a_kto_file_is_skipped_with_the_reason(tmp_path):
     [found] = scan(tmp_path)
     assert found.kind is None
     assert found.format.startswith(f"not recognised ({kto}:1: KTO feedback ('label': true) is not supported")
+
+
+def test_files_in_linked_directories_are_found_and_a_link_cycle_ends(tmp_path):
+    corpora, data = tmp_path / "corpora", tmp_path / "data"
+    corpora.mkdir()
+    data.mkdir()
+    write(corpora / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0]] * 2)
+    write(data / "pretrain.jsonl", [RECORDS["pretrain_hq.jsonl"][0]])
+    (data / "linked").symlink_to(corpora, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    assert [(f.path, f.kind, f.records) for f in scan(data)] == [
+        (data / "linked/sft.jsonl", "sft", 2), (data / "pretrain.jsonl", "pretrain", 1)]
+    assert list_files([data]) == [data / "linked/sft.jsonl", data / "pretrain.jsonl"]
+
+
+def test_a_gbk_file_is_skipped_with_its_first_bad_line(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("第一段文字。\n第二段文字。\n".encode("gbk"))
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.line().startswith(f"{path} → skipped: not recognised (2 bad lines, the first {path}:1: invalid ")
+    assert "not UTF-8 text; save the file as UTF-8" in found.line()
+
+
+def test_a_git_lfs_pointer_is_skipped_with_what_to_do(tmp_path):
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1048576\n".format("0" * 64)
+    for name in ("train.parquet", "sft.jsonl", "dpo.json.gz"):
+        (tmp_path / name).write_text(pointer)
+    for found in scan(tmp_path):
+        assert found.kind is None
+        assert found.format == f"{found.path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)"

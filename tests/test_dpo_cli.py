@@ -94,6 +94,30 @@ def test_forgetting_shards_of_another_tokenizer_are_skipped(tiny_sft_model, tiny
     assert any("forget/sft_ppl" in row for row in rows) and not any("forget/pretrain_ppl" in row for row in rows)
 
 
+def test_a_forgetting_set_without_a_labelled_token_within_max_seq_len_is_skipped(tiny_sft_model, tiny_tokens,
+                                                                                  tiny_tokenizer, tmp_path, capsys):
+    """SFT conversations whose prompts fill max_seq_len have nothing to measure: their set is skipped with a line,
+    instead of stopping DPO at its first evaluation."""
+    from conftest import TINY_MODEL_FLAGS
+    from mateconv.data.shards import build_shards
+
+    rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
+    record = {"messages": [rules, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(record) + "\n")
+    long_prompts = build_shards("sft", [tmp_path / "long.jsonl"], tiny_tokenizer, tmp_path / "long" / "val",
+                                workers=1, progress=False).out_dir
+    out = tmp_path / "dpo"
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"), "--val_data_path", "",
+        "--forget_data_paths", str(long_prompts), str(tiny_tokens / "sft" / "val"), "--out_dir", str(out),
+        "--batch_size", "8", "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "1", "--tracker",
+        "none"]) == 0
+    assert (f"[dpo] forgetting eval: {long_prompts} has no labelled token within max_seq_len 96, skipped"
+            in capsys.readouterr().out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("forget/sft_ppl" in row for row in rows) and not any("forget/long_ppl" in row for row in rows)
+
+
 @pytest.mark.parametrize("stage, data", [("sft", "sft"), ("dpo", "dpo")])
 def test_a_starting_model_takes_the_length_given(stage, data, tiny_pretrain_model, tiny_tokens, tmp_path, capsys):
     """The tiny model was trained on 96-token rows. The stages' default max_seq_len (512) is cut to its 96; a longer

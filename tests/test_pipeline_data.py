@@ -18,6 +18,7 @@ from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
 from mateconv.files import read_metrics
 from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, set_judge_model, use_data
+from mateconv.pipeline import main as pipeline_main
 from mateconv.tokenizer import adopt_tokenizer
 
 ENDPOINT = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
@@ -39,7 +40,7 @@ def plan(data: Path, env: dict, tokenizer: Path | None = None, judge_model: str 
     preset = load_preset("tiny")
     if judge_model:
         set_judge_model(preset, judge_model)
-    report = use_data(preset, data, tokenizer, env)
+    report, _ = use_data(preset, data, tokenizer, env)
     return preset["stages"], "\n".join(report)
 
 
@@ -132,17 +133,71 @@ def test_minimind_tokenizer_is_adopted_not_trained(tmp_path, shared_data):
 
 def test_one_corpus_per_out_directory(tmp_path):
     out = tmp_path / "out"
-    first = {"data": "/corpus/a", "tokenizer": None}
+    first = {"data": "/corpus/a", "tokenizer": None, "files": {}}
     check_source(out, first)
     check_source(out, first)  # the same data again: resumes
     with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
-        check_source(out, {"data": "/corpus/b", "tokenizer": None})
+        check_source(out, {"data": "/corpus/b", "tokenizer": None, "files": {}})
     with pytest.raises(PipelineError, match="was made with --data /corpus/a"):
         check_source(out, None)
     (tmp_path / "demo/out/data").mkdir(parents=True)
     (tmp_path / "demo/out/data/stats.json").write_text("{}")
     with pytest.raises(PipelineError, match="holds a run on the embedded demo data"):
         check_source(tmp_path / "demo/out", first)
+
+
+def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    out = tmp_path / "out"
+
+    def source() -> dict:
+        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+    check_source(out, source())
+    (data / "sft.jsonl").write_text(json.dumps(SFT) + "\n" + json.dumps(SFT) + "\n")
+    check_source(out, source())  # a change before stage 2 has read the files: taken
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")  # stage 2 has read them
+    check_source(out, source())  # unchanged: resumes
+    (data / "dpo.jsonl").write_text(json.dumps(PAIR) + "\n")
+    (data / "notes.md").write_text("not data: no change")
+    with open(data / "sft.jsonl", "a") as f:
+        f.write(json.dumps(SFT) + "\n")
+    with pytest.raises(PipelineError, match=rf"^{data} changed since {out}/data was prepared from it \(added: "
+                       rf"{data}/dpo.jsonl; changed: {data}/sft.jsonl\): .* remove {out} to start over, or "
+                       rf"{out}/data, {out}/tokens and the outputs of the later stages to redo"):
+        check_source(out, source())
+    shutil.rmtree(out / "data")
+    check_source(out, source())  # to be prepared again: the files as they are now are recorded
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")
+    check_source(out, source())
+
+
+def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)  # no pairs, no judge: no stage 7, no DPO
+    assert pipeline_main(["run", "--data", str(data), "--only", "prefs,dpo"]) == 2
+    assert capsys.readouterr().err == (f"error: --only names stages that this run on {data} leaves out: dpo, prefs "
+                                       "(the lines above say why)\n")
+    assert pipeline_main(["run", "--data", str(data), "--only", "dop"]) == 2
+    assert capsys.readouterr().err == "error: --only names unknown stages: dop\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
+    for _ in range(2):  # the second run sees out/data/*.jsonl, which are not the user's data
+        assert pipeline_main(["run", "--data", ".", "--only", "prepare"]) == 0
+    said = capsys.readouterr().out
+    assert f"[pipeline] data: {data / 'out'} → skipped: this run's own outputs" in said
+    assert f"{data / 'out'}/data/" not in said and "prepare: done" in said
+    assert set(json.loads((data / "out/data_source.json").read_text())["files"]) == {
+        str(data / "pretrain.jsonl"), str(data / "sft.jsonl")}
 
 
 def minimind_corpus(root: Path, shared_data) -> Path:
@@ -181,7 +236,7 @@ def test_minimind_corpus_end_to_end(tmp_path, shared_data):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "\r" not in stdout + result.stderr  # output not a terminal: plain lines, no progress bars (issue 13 item 7)
-    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 not valid JSON)" in stdout
+    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 bad line)" in stdout
     assert f"{data / 'sft_mini_512.jsonl'} → sft, MiniMind conversations, 300 records" in stdout
     assert f"{data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages, 100 records" in stdout
     assert "DPO trains on the preference pairs from the data; stage 7 skipped" in stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from mateconv.config import ConfigError, parse_config
+from mateconv.data import DataError
 from mateconv.data.shards import shard_info
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
@@ -414,6 +416,28 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
     assert real_share[True] > 1.8 * real_share[False]
     with pytest.raises(ConfigError, match="packing needs a model with document_mask"):
         train(tmp_path / "no_mask", "sft", init_from="", document_mask=False, packing=True, max_steps=1)
+
+
+def test_sft_leaves_out_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
+                                                                                    tiny_tokenizer, tmp_path, capsys):
+    from mateconv.data.shards import build_shards
+
+    rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
+    long_prompts = [{"messages": [rules, {"role": "user", "content": f"Question {i}?"},
+                                  {"role": "assistant", "content": f"Answer {i}."}]} for i in range(4)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(record) + "\n" for record in long_prompts))
+    build_shards("sft", [tmp_path / "val.jsonl"], tiny_tokenizer, tmp_path / "val", workers=1, progress=False)
+    summary = train(tmp_path / "cut", "sft", init_from=tiny_pretrain_model, max_seq_len=32, max_steps=2,
+                    eval_interval=1, val_data_path=str(tmp_path / "val"))
+    assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    said = capsys.readouterr().out
+    assert re.search(r"\[sft\] [\d,]+ of [\d,]+ training conversations skipped: no assistant token in their first "
+                     r"max_seq_len 32 tokens", said)
+    assert "[sft] 4 of 4 validation conversations skipped" in said
+    assert not any("val_loss" in row for row in read_metrics(tmp_path / "cut"))  # not a NaN one
+    with pytest.raises(DataError, match="none of the .* SFT training conversations has an assistant token in its "
+                       "first max_seq_len 8 tokens"):
+        train(tmp_path / "none", "sft", init_from=tiny_pretrain_model, max_seq_len=8, max_steps=2)
 
 
 def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):

@@ -9,7 +9,10 @@ Accepted shapes, detected per record by `detect_format`:
 - "alpaca":        {"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}
 - "alpaca_pref":   the same with "chosen" and "rejected" instead of "output", or "output": [chosen, rejected]
                    (LLaMA-Factory ranking data)
-- "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL)
+- "prompt_completion": {"prompt", "completion"}, each a string or a message list (TRL), "system"?
+- "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL; sides that repeat the
+                   prompt's turns first, as UltraFeedback binarized's, are cut to the reply); "question" for
+                   "prompt" and a "system" (Intel/orca_dpo_pairs)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
@@ -67,7 +70,7 @@ def detect_format(record: Any) -> str:
     _refuse_kto(record)
     keys = record.keys()
     if "chosen" in keys and "rejected" in keys:
-        if "prompt" in keys:
+        if "prompt" in keys or "question" in keys:  # question: Intel/orca_dpo_pairs
             return "prompt_pref"
         if "conversations" in keys:
             return "sharegpt_pref"
@@ -85,8 +88,11 @@ def detect_format(record: Any) -> str:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:
         return "alpaca_pref" if isinstance(record["output"], list) else "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
     raise DataError(f"unknown record shape with keys {sorted(keys)} (expected messages, conversations, "
-                    "instruction/output, prompt/chosen/rejected, or chosen/rejected as in MiniMind/TRL and hh-rlhf)")
+                    "instruction/output, prompt/completion, prompt/chosen/rejected, or chosen/rejected as in "
+                    "MiniMind/TRL and hh-rlhf)")
 
 
 def _text(value: Any, what: str) -> str:
@@ -143,6 +149,18 @@ def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
     return f"<think>\n{thought}\n</think>\n\n{text}"
 
 
+def _joined_parts(content: Any, content_key: str) -> Any:
+    """OpenAI's list of content parts as one string, its text parts joined as the server joins them; other content
+    as it is."""
+    if not isinstance(content, list):
+        return content
+    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content} - {"text"}
+    if kinds:
+        raise DataError(f"message {content_key} has {', '.join(sorted(map(str, kinds)))} parts: only text parts are "
+                        "supported")
+    return "".join(_text(part.get("text"), f"a text part of message {content_key}") for part in content)
+
+
 def _message(turn: Any) -> dict[str, str]:
     """One turn in either {role, content} or {from, value} form, role names normalised, calls and reasoning written
     into the content; a tool result keeps the role "tool" until `_messages` merges it into a user turn."""
@@ -152,7 +170,7 @@ def _message(turn: Any) -> dict[str, str]:
     content_key = "content" if "content" in turn else "value"
     if role_key not in turn or content_key not in turn:
         raise DataError(f"a message needs role/content or from/value, got keys {sorted(turn)}")
-    role, content = str(turn[role_key]).lower(), turn[content_key]
+    role, content = str(turn[role_key]).lower(), _joined_parts(turn[content_key], content_key)
     if role in TOOL_RESULT_ROLES:
         return {"role": "tool", "content": _text(content, f"message {content_key}")}
     if role == TOOL_CALL_ROLE:
@@ -250,6 +268,11 @@ def _alpaca_replies(record: dict) -> tuple[Messages, Messages]:
                  for reply, side in zip(replies, ("chosen", "rejected")))
 
 
+def _turns(value: Any, role: str, what: str) -> Messages:
+    """A TRL field: a string (one turn of `role`) or a message list."""
+    return [{"role": role, "content": _text(value, what)}] if not isinstance(value, list) else _messages(value)
+
+
 def to_sft(record: Any) -> dict[str, Messages]:
     """Any supported SFT shape -> {"messages": [...]} ending with an assistant turn."""
     shape = detect_format(record)
@@ -259,6 +282,9 @@ def to_sft(record: Any) -> dict[str, Messages]:
         messages = _messages(record["conversations"], record)
     elif shape == "alpaca":
         messages = _alpaca_prompt(record) + [{"role": "assistant", "content": _text(record["output"], "alpaca output")}]
+    elif shape == "prompt_completion":
+        messages = _with_system(_turns(record["prompt"], "user", "prompt") +
+                                _turns(record["completion"], "assistant", "completion"), record)
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
     return {"messages": _check_conversation(messages, ends_with_assistant=True)}
@@ -304,6 +330,17 @@ def _prompt_and_reply(value: Any, side: str) -> tuple[Messages, Messages]:
     return messages[:-1], messages[-1:]
 
 
+def _reply_after(prompt: Messages, value: Any, side: str) -> Messages:
+    """A side of a prompt/chosen/rejected record: the reply alone, or the whole conversation with the prompt's turns
+    first (UltraFeedback binarized), which must then be the prompt's."""
+    if not (isinstance(value, list) and len(value) > 1):
+        return _response(value, side)
+    head, reply = _prompt_and_reply(value, side)
+    if [m for m in head if m["role"] != "system"] != [m for m in prompt if m["role"] != "system"]:
+        raise DataError(f"{side} is a conversation whose turns before the reply are not the prompt")
+    return reply
+
+
 def check_pair(pair: dict[str, Messages]) -> dict[str, Messages]:
     """The rules on the replies of a converted pair; stage 2 applies them again to its normalised text."""
     for side in ("chosen", "rejected"):
@@ -318,10 +355,8 @@ def to_preference(record: Any) -> dict[str, Messages]:
     """Any supported preference shape -> {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}."""
     shape = detect_format(record)
     if shape == "prompt_pref":
-        prompt = record["prompt"]
-        prompt = _with_system([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt),
-                              record)
-        chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")
+        prompt = _with_system(_turns(record["prompt" if "prompt" in record else "question"], "user", "prompt"), record)
+        chosen, rejected = (_reply_after(prompt, record[side], side) for side in ("chosen", "rejected"))
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record)
         chosen, rejected = _response(record["chosen"], "chosen"), _response(record["rejected"], "rejected")

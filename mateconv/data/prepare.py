@@ -52,8 +52,9 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
         return {"text": text}, text
     if kind == "sft":
         messages = [{**m, "content": normalize(m["content"], form)} for m in to_sft(record)["messages"]]
-        if any(not m["content"] for m in messages if m["role"] != "system"):
-            raise DataError("empty message")
+        empty = next((i for i, m in enumerate(messages, 1) if not m["content"] and m["role"] != "system"), None)
+        if empty:
+            raise DataError(f"empty {messages[empty - 1]['role']} message (turn {empty} of {len(messages)})")
         return {"messages": messages}, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if kind == "dpo":
         pair = {side: [{**m, "content": normalize(m["content"], form)} for m in messages]
@@ -69,6 +70,17 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
     return task, json.dumps(task, ensure_ascii=False, sort_keys=True)
 
 
+def _record_id(record: Any, kind: str, read: int, taken: set[str] | None) -> str:
+    """The record's own id, else f"{kind}-{read}". An id in `taken` (files that number their records alike) gets
+    f"-{read}" appended: stage 7 and the evaluation tell conversations, pairs and tasks apart by their ids."""
+    own = record.get("id") if isinstance(record, dict) else None
+    record_id = f"{kind}-{read}" if own is None else str(own)
+    if taken is not None:
+        record_id = f"{record_id}-{read}" if record_id in taken else record_id
+        taken.add(record_id)
+    return record_id
+
+
 def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
                  val_frac: float, seed: int, form: str, progress: bool = True, prompts_frac: float = 0.0,
                  max_prompts: int = 0) -> dict:
@@ -81,6 +93,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in lengths}
     files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
     read = 0
+    ids: set[str] | None = None if kind == "pretrain" else set()  # nothing reads pretraining ids: no set of millions
     try:
         for source, number, record in tqdm(iter_sources(sources), desc=f"prepare {kind}", unit="rec",
                                            disable=not progress, mininterval=1.0):
@@ -104,8 +117,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
             if (hold_out and split == "train" and split_of(text, prompts_frac, seed + 1) == "val"
                     and not (max_prompts and len(lengths["prompts"]) >= max_prompts)):
                 split = "prompts"
-            record_id = record.get("id") if isinstance(record, dict) and record.get("id") is not None else None
-            output = {"id": str(record_id) if record_id is not None else f"{kind}-{read}", **output}
+            output = {"id": _record_id(record, kind, read, ids), **output}
             files[split].write(json.dumps(output, ensure_ascii=False) + "\n")
             lengths[split].append(len(text))
     except BaseException:

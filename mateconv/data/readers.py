@@ -8,6 +8,7 @@ of short lines (tinyshakespeare) - see `txt_records`.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import socket
 import statistics
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,11 +33,27 @@ PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped pro
 JSON_READ_CHARS = 1 << 20
 NON_SPACE = re.compile(r"\S")
 JSON_DECODER = json.JSONDecoder()
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
 
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return next((s for s in SUFFIXES if name.endswith(s)), "")
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file under root, recursively and sorted. Links to directories are followed (a data directory made of
+    links to data sets; rglob would pass them by), but no directory is entered twice (a link cycle)."""
+    files, seen = [], set()
+    for folder, directories, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            directories.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return sorted(path for path in files if path.is_file())
 
 
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -44,7 +62,7 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+            found = [p for p in files_under(path) if _suffix(p)]
             if not found:
                 raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this directory")
             files += found
@@ -57,49 +75,62 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    """The file as text; utf-8-sig drops the byte order mark Windows editors put first."""
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
+    """The file as UTF-8 text; utf-8-sig drops the byte order mark Windows editors put first."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
+    """(number, line without its line break) of each line; one that is not UTF-8 is a BadLine, so that a stray byte
+    costs its line and a GBK file says what it is, instead of training on replacement characters."""
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                yield number, BadLine(f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
 
 
 def _paragraph_mode(path: Path) -> bool:
     """Whether the first MB's blank lines separate paragraphs of short lines (tinyshakespeare's speeches), rather
     than straying between documents of a line each, which paragraph mode would glue into a few huge ones."""
-    with _open_text(path) as f:
-        lines = f.read(SAMPLE_CHARS).split("\n")
+    with _open_binary(path) as f:
+        lines = f.read(SAMPLE_CHARS).decode("utf-8", "replace").split("\n")  # only the text's shape counts here
     lengths = [len(line) for line in lines if line.strip()]
     starts = sum(1 for before, line in zip(lines, lines[1:]) if not before.strip() and line.strip())
     return (bool(lengths) and starts >= PARAGRAPH_MIN_SHARE * len(lengths)
             and statistics.median(lengths) <= PARAGRAPH_MAX_LINE)
 
 
-def txt_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line."""
+def txt_records(path: Path) -> Iterator[tuple[int, dict | BadLine]]:
+    """One document per blank-line-separated paragraph in paragraph mode (`_paragraph_mode`), else one per line;
+    a line that is not UTF-8 is passed on as a BadLine."""
     paragraphs = _paragraph_mode(path)
-    with _open_text(path) as f:
-        block: list[str] = []
-        start = 1
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not paragraphs:
-                if line.strip():
-                    yield number, {"text": line}
-                continue
+    block: list[str] = []
+    start = 1
+    for number, line in text_lines(path):
+        if isinstance(line, BadLine):
+            yield number, line
+        elif not paragraphs:
             if line.strip():
-                if not block:
-                    start = number
-                block.append(line)
-            elif block:
-                yield start, {"text": "\n".join(block)}
-                block = []
-        if block:
+                yield number, {"text": line}
+        elif line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
             yield start, {"text": "\n".join(block)}
+            block = []
+    if block:
+        yield start, {"text": "\n".join(block)}
 
 
 class BadLine:
-    """A line that is not valid JSON; passed on so the caller can count it with its position."""
+    """A line that is not valid JSON or not UTF-8; passed on so the caller can count it with its position."""
 
     def __init__(self, error: str):
         self.error = error
@@ -189,40 +220,72 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record or BadLine) for each non-empty line."""
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, BadLine(f"malformed JSON: {error.msg}")
+    """(line number, record or BadLine) for each non-empty line; a .gz cut short keeps the lines before the cut."""
+    number = 0
+    try:
+        for number, line in text_lines(path):
+            if isinstance(line, BadLine):
+                yield number, line
+            elif line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, BadLine(f"malformed JSON: {error.msg}")
+    except EOFError as error:
+        if not number:
+            raise
+        yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
+
+
+def opens_array(path: Path) -> bool:
+    """Whether the file's text opens with '[': under a .jsonl name, a JSON array (a LLaMA-Factory file renamed)."""
+    with _open_binary(path) as f:
+        return f.read(64).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """JSON Lines, or a JSON array under a .jsonl name, read as a .json file is (not as lines of malformed JSON)."""
+    yield from _json_records(path) if opens_array(path) else _json_lines(path)
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except pa.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
-    Parquet rows are numbered from 1 instead."""
-    suffix, source = _suffix(path), str(path)
+    Parquet rows are numbered from 1 instead. A file that cannot be read (a damaged .gz) is a DataError."""
+    suffix = _suffix(path)
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a data set cloned without git-lfs
+            raise DataError(f"{path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)")
     if suffix in (".jsonl", ".jsonl.gz"):
-        for number, record in _json_lines(path):
-            yield source, number, record
+        records = _jsonl_records(path)
     elif suffix in (".json", ".json.gz"):
-        for number, record in _json_records(path):
-            yield source, number, record
+        records = _json_records(path)
     elif suffix in (".txt", ".txt.gz"):
-        for number, record in txt_records(path):
-            yield source, number, record
+        records = txt_records(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                number += 1
-                yield source, number, record
+        records = _parquet_records(path)
     else:
         raise DataError(f"{path}: unsupported file type")
+    try:
+        for number, record in records:
+            yield str(path), number, record
+    except (OSError, EOFError, zlib.error) as error:  # gzip's errors: not gzip, cut short, damaged
+        raise DataError(f"{path}: cannot read the file: {error}") from None
+    except UnicodeDecodeError as error:  # a .json file, which is parsed as a whole
+        raise DataError(f"{path}: {error.reason}: {NOT_UTF8}") from None
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -285,7 +348,8 @@ def record_text(record: Any) -> str:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return "\n".join(value)
     parts = []
-    for key in ("system", "instruction", "input", "output", "prompt", "messages", "conversations", "chosen", "rejected"):
+    for key in ("system", "instruction", "input", "output", "prompt", "question", "completion", "messages",
+                "conversations", "chosen", "rejected"):
         value = record.get(key)
         if isinstance(value, str):
             parts.append(value)

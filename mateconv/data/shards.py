@@ -39,13 +39,14 @@ from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
-from mateconv.data.readers import BadLine, list_files, iter_records, record_text
+from mateconv.data.readers import BadLine, iter_records, list_files, opens_array, record_text, text_lines
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
+BAD_LINE = "\0"  # opens a line that could not be read (never valid JSON); the rest is the reason
 
 
 # ---------------------------------------------------------------- reading
@@ -278,9 +279,23 @@ class _RecordReader(_ShardReader):
                 "attention_mask": (torch.arange(self.seq_len) < n).long()}
 
 
+def _has_labels(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Whether each record (tokens starts[i]:starts[i] + lengths[i] of a shard) has a trained token, summing the mask
+    a chunk of records at a time."""
+    found = np.zeros(len(starts), dtype=bool)
+    for low in range(0, len(starts), chunk):
+        begin, length = starts[low:low + chunk], lengths[low:low + chunk]
+        base = int(begin[0])
+        seen = np.concatenate([[0], np.cumsum(mask[base:int(begin[-1] + length[-1])], dtype=np.int64)])
+        found[low:low + chunk] = seen[begin - base + length] > seen[begin - base]
+    return found
+
+
 class SFTTokens(_RecordReader):
     """SFT rows of seq_len tokens: each conversation truncated to seq_len, labels -100 off the assistant tokens, the
-    rest of a row padded (pad id, label -100).
+    rest of a row padded (pad id, label -100). A conversation with no assistant token in its first seq_len tokens (a
+    long prompt) would train nothing, and a batch of them would make the loss NaN: it is left out, and counted in
+    `untrained`.
 
     Unpacked (the default), a row holds one conversation and right padding: plain causal attention is exact for it,
     so the row carries no attention mask (no per-batch mask check in the forward), only a `token_mask` (1 on the
@@ -296,22 +311,23 @@ class SFTTokens(_RecordReader):
     def __init__(self, directory: str | Path, seq_len: int, packing: bool = False):
         super().__init__(directory, seq_len)
         self.packing = packing
-        self.record_starts, self.record_lengths = [], []
+        self.record_starts, self.record_lengths, trained = [], [], [np.zeros(0, dtype=bool)]
         for shard in range(len(self.shards)):
             offsets = self._map(shard, "offsets").astype(np.int64)
             self.record_starts.append(offsets[:-1])
             self.record_lengths.append(np.minimum(np.diff(offsets), seq_len))
-        lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])
+            trained.append(_has_labels(self._map(shard, "mask"), offsets[:-1], self.record_lengths[-1]))
+        self.records = np.flatnonzero(np.concatenate(trained))  # the conversations that train, in order
+        self.untrained = self.starts[-1] - len(self.records)
+        lengths = np.concatenate(self.record_lengths + [np.zeros(0, dtype=np.int64)])[self.records]
         self.num_records, self.num_real_tokens = len(lengths), int(lengths.sum())
         if packing:
-            # the planner sees the records as one stream, where a piece's start names its record (an empty record
-            # takes one position, so that no two records start at the same place)
-            room = np.maximum(lengths, 1)
-            starts, _, self.row_bounds = plan_rows(room, seq_len, self.pool_size, split=False)
-            self.row_records = np.searchsorted(np.cumsum(room) - room, starts)
+            # the planner sees the records as one stream, where a piece's start names its record
+            starts, _, self.row_bounds = plan_rows(lengths, seq_len, self.pool_size, split=False)
+            self.row_records = self.records[np.searchsorted(np.cumsum(lengths) - lengths, starts)]
 
     def __len__(self) -> int:
-        return len(self.row_bounds) - 1 if self.packing else self.starts[-1]
+        return len(self.row_bounds) - 1 if self.packing else len(self.records)
 
     def _record(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         shard, j = self._locate(i)
@@ -322,12 +338,12 @@ class SFTTokens(_RecordReader):
         return ids, np.where(mask, ids, IGNORE_INDEX)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not self.packing:
-            parts = [self._record(i)]
-        elif 0 <= i < len(self):
-            parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
-        else:
+        if not 0 <= i < len(self):
             raise IndexError(i)
+        if not self.packing:
+            parts = [self._record(int(self.records[i]))]
+        else:
+            parts = [self._record(int(r)) for r in self.row_records[self.row_bounds[i]:self.row_bounds[i + 1]]]
         ids = np.concatenate([p[0] for p in parts])
         row = self._pad(ids, np.concatenate([p[1] for p in parts]))
         # right padding, and packed conversations are told apart by their positions: no attention mask is needed
@@ -412,6 +428,9 @@ def encode_chunk(kind: str, eos_id: int, dtype: str, lines: list[tuple[int, int,
     lengths: list[int] = []
     errors: list[tuple[int, int, str]] = []
     for source, number, raw in lines:
+        if raw.startswith(BAD_LINE):
+            errors.append((source, number, raw[len(BAD_LINE):]))
+            continue
         try:
             record = json.loads(raw)
             if kind == "pretrain":
@@ -473,17 +492,17 @@ def _fingerprint(kind: str, files: list[Path], tokenizer_file: Path, records_per
 
 
 def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
-    """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record."""
+    """(source id, line number, raw JSON line, bytes) read lazily; other file types are re-serialised per record. A
+    line that cannot be read is BAD_LINE and its reason, which the worker reports."""
     for source, path in enumerate(files):
-        if path.name.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                for number, raw in enumerate(f, 1):
-                    line = raw.decode("utf-8-sig", errors="replace").rstrip("\r\n")  # -sig: a BOM opening the file
-                    if line.strip():
-                        yield source, number, line, len(raw)
+        if path.name.endswith(".jsonl") and not opens_array(path):  # parsed by the workers
+            for number, line in text_lines(path):
+                line = BAD_LINE + line.error if isinstance(line, BadLine) else line
+                if line.strip():
+                    yield source, number, line, len(line.encode()) + 1
         else:
             for _, number, record in iter_records(path):
-                line = "{" if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
+                line = BAD_LINE + record.error if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
                 yield source, number, line, len(line.encode())
 
 
@@ -708,7 +727,9 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
         bar.close()
         for f in writer.files.values():
             f.close()
-    if bad and not any(shard["num_records"] for shard in index["shards"]):  # left incomplete: nothing to train on
+    if bad and not any(shard["num_records"] for shard in index["shards"]):  # nothing to train on
+        index["shards"] = []  # none counts as done: a run again reads the inputs again, and says why again
+        _write_json_atomic(index_path, index)
         raise DataError(f"no usable {kind} record: all {len(bad)} were bad, e.g. {bad[0]}")
     index.update(complete=True, bad_records=len(bad), bad_examples=bad[:50])
     _write_json_atomic(index_path, index)

@@ -16,7 +16,7 @@ from typing import Any
 
 from mateconv.data import DataError
 from mateconv.data.formats import detect_format
-from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, iter_records
+from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records
 
 SAMPLE = 50
 KINDS = ("pretrain", "sft", "dpo", "tasks")
@@ -24,6 +24,7 @@ SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "messages": ("sft", "OpenAI messages"),
     "sharegpt": ("sft", "ShareGPT conversations"),
     "alpaca": ("sft", "Alpaca"),
+    "prompt_completion": ("sft", "TRL prompt/completion"),
     "prompt_pref": ("dpo", "TRL prompt/chosen/rejected"),
     "sharegpt_pref": ("dpo", "LLaMA-Factory dpo"),
     "alpaca_pref": ("dpo", "Alpaca preference (LLaMA-Factory ranking)"),
@@ -61,13 +62,13 @@ class DataFile:
     kind: str | None  # None: not used (the reason is in `format`)
     format: str
     records: int = 0
-    broken: int = 0  # lines that are not valid JSON
+    broken: int = 0  # lines that are not valid JSON or not UTF-8
     note: str = ""
 
     def line(self) -> str:
         if self.kind is None:
             return f"{self.path} → skipped: {self.format}"
-        broken = f" ({self.broken} not valid JSON)" if self.broken else ""
+        broken = f" ({self.broken} bad line{'s' if self.broken > 1 else ''})" if self.broken else ""
         note = f"; {self.note}" if self.note else ""
         return f"{self.path} → {self.kind}, {self.format}, {self.records:,} records{broken}{note}"
 
@@ -81,12 +82,13 @@ def recognize(path: Path) -> DataFile:
     names: Counter = Counter()
     system = False
     records = broken = 0
-    first_error = ""
+    first_error = first_bad = ""
     try:
         for _, number, record in iter_records(path):
             records += 1
             if isinstance(record, BadLine):
                 broken += 1
+                first_bad = first_bad or f"{path}:{number}: {record.error}"
                 continue
             if names.total() < SAMPLE:
                 try:
@@ -97,7 +99,7 @@ def recognize(path: Path) -> DataFile:
     except DataError as error:  # a .json file that does not parse at all
         return DataFile(path, None, str(error))
     if not names:
-        reason = first_error or (f"{broken} lines, none of them valid JSON" if broken else "no records")
+        reason = first_error or (f"{broken} bad lines, the first {first_bad}" if broken else "no records")
         return DataFile(path, None, f"not recognised ({reason})")
     kinds = Counter()
     for (kind, _), count in names.items():
@@ -114,18 +116,20 @@ def recognize(path: Path) -> DataFile:
     return DataFile(path, kind, name, records - broken, broken, note)
 
 
-def scan(data_dir: str | Path) -> list[DataFile]:
-    """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped."""
+def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:
+    """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped.
+    `outputs` are the run's own directories (out/, logs/), left out with one line each where data_dir holds them."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
+    inside = [folder for folder in outputs if folder.is_dir() and folder.is_relative_to(root)]
+    files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)
+             and not any(p.is_relative_to(folder) for folder in inside)]
     if not files:
         raise DataError(f"{root}: the directory is empty")
-    return [recognize(p) if _suffix_ok(p) else
-            DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")
-            for p in files]
+    return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
+        recognize(p) if _suffix_ok(p) else
+        DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file") for p in files]
 
 
 def by_kind(files: list[DataFile]) -> dict[str, list[DataFile]]:

@@ -69,6 +69,10 @@ def held_out_lm_data(config: TrainConfig, vocab_size: int | None) -> dict[str, D
             continue
         name = path.parent.name if path.name in ("val", "train") else path.name
         data[name] = readers[kind](path, config.model.max_seq_len)
+        if not len(data[name]):  # SFT conversations whose prompts fill max_seq_len have no labelled token
+            print(f"[dpo] forgetting eval: {path} has no labelled token within max_seq_len "
+                  f"{config.model.max_seq_len}, skipped", flush=True)
+            del data[name]
     return data
 
 

@@ -139,6 +139,19 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """SFT rows, packed with `data.packing` (which says how full the rows are)."""
     data = read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
+    for split, conversations in (("training", data.train), ("validation", data.val)):
+        if conversations is not None and conversations.untrained:
+            if split == "training" and not conversations.num_records:
+                raise DataError(f"none of the {conversations.untrained:,} SFT {split} conversations has an assistant "
+                                f"token in its first max_seq_len {data.train.seq_len} tokens (the prompts are longer): "
+                                "raise max_seq_len, or shorten the system prompts")
+            if runtime.is_main:
+                print(f"[sft] {conversations.untrained:,} of {conversations.untrained + conversations.num_records:,} "
+                      f"{split} conversations skipped: no assistant token in their first max_seq_len "
+                      f"{data.train.seq_len} tokens (a longer prompt), they would train nothing; raise max_seq_len "
+                      "to keep them", flush=True)
+    if data.val is not None and not len(data.val):
+        data = StageData(data.train, None, data.vocab_size)  # no validation (nor best/ model) rather than a NaN loss
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
