@@ -4,8 +4,10 @@ response_format json_object and forced tool calls run it) vs the same decoding u
 A random MateConv model with a real 6400-token tokenizer (MiniMind's, from the shared data sets, or --tokenizer),
 greedy, a fixed number of new tokens (EOS stops neither run), fp32. The grammar's allowed-token masks are computed
 once per grammar state and cached: a warm-up run fills the cache, as earlier requests to a server do, and the time
-to compute one state's mask is reported apart (the mean over the states the runs went through). Decode tokens/s =
-batch * new_tokens / time, best of --repeats, the two runs taking turns (each first every other time).
+to compute one state's mask is reported apart (the mean over the states the runs went through), and so is the
+grammar's own work per step (masking the logits and stepping each row's state, replayed over the tokens generated).
+Decode tokens/s = batch * new_tokens / time, best of --repeats, the two runs taking turns (each first every other
+time).
 
     python benchmarks/bench_json_mode.py --threads 1 --repeats 6
 """
@@ -54,8 +56,9 @@ def main() -> None:
 
     print(f"dim {args.dim}, {args.n_layers} layers, vocab {config.vocab_size}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; token table built in {table_seconds * 1000:.0f} ms")
-    print("| batch | free (tok/s) | JSON object (tok/s) | JSON / free | new state's mask (ms) | states | replies parse |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | free (tok/s) | JSON object (tok/s) | JSON / free | grammar per step (us) | new state's mask (ms) "
+          "| states | replies parse |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch_sizes:
         input_ids = torch.tensor([prompt] * batch)
 
@@ -75,7 +78,14 @@ def main() -> None:
             for constrained in ((False, True) if repeat % 2 else (True, False)):
                 times[constrained].append(timed(constrained))
         free, constrained = min(times[False]), min(times[True])
-        texts = [tokenizer.decode(row[len(prompt):], skip_special_tokens=True) for row in run(True).tolist()]
+        generated = run(True)[:, len(prompt):]
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in generated.tolist()]
+        replay, logits = GrammarConstraint(token_grammar, batch), torch.zeros(batch, config.vocab_size)
+        start = time.perf_counter()
+        for step in range(generated.shape[1]):
+            replay.mask(logits)
+            replay.advance(generated[:, step])
+        per_step = (time.perf_counter() - start) / generated.shape[1]
         grammar = token_grammar.grammar
         parse = all(grammar.feed(grammar.start(), text.encode()) is not None for text in texts)
         states = list(token_grammar.masks)
@@ -86,7 +96,7 @@ def main() -> None:
         per_state = (time.perf_counter() - start) / len(states)
         rate = batch * args.new_tokens
         print(f"| {batch} | {rate / free:.1f} | {rate / constrained:.1f} | x{free / constrained:.2f} | "
-              f"{per_state * 1000:.1f} | {len(states)} | {parse} |")
+              f"{per_step * 1e6:.0f} | {per_state * 1000:.1f} | {len(states)} | {parse} |")
 
 
 if __name__ == "__main__":
