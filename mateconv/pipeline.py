@@ -332,10 +332,11 @@ def check_source(out: Path, source: dict | None) -> None:
     if source is None or recorded == source:
         return
     if prepared and recorded is not None and recorded.get("files", source["files"]) != source["files"]:
-        raise PipelineError(f"{source['data']} changed since {out / 'data'} was prepared from it ("
-                            f"{changes(recorded['files'], source['files'])}): finished stages would not see the change; "
-                            f"remove {out} to start over, or {out / 'data'}, {out / 'tokens'} and the outputs of the "
-                            "later stages to redo (the run says which are older than their inputs)")
+        changed = changes(recorded["files"], source["files"])
+        raise PipelineError(f"{source['data']} changed since {out / 'data'} was prepared from it ({changed}): "
+                            f"finished stages would not see the change; remove {out} to start over, or "
+                            f"{out / 'data'}, {out / 'tokens'} and the outputs of the later stages to redo (the run "
+                            "says which are older than their inputs)")
     out.mkdir(parents=True, exist_ok=True)  # a new run, or stage 2 has yet to read the files (again)
     write_atomic(path, json.dumps(source, indent=2) + "\n")
 

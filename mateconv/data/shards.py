@@ -502,7 +502,8 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
                     yield source, number, line, len(line.encode()) + 1
         else:
             for _, number, record in iter_records(path):
-                line = BAD_LINE + record.error if isinstance(record, BadLine) else json.dumps(record, ensure_ascii=False)
+                bad = isinstance(record, BadLine)
+                line = BAD_LINE + record.error if bad else json.dumps(record, ensure_ascii=False)
                 yield source, number, line, len(line.encode())
 
 
