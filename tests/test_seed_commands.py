@@ -68,8 +68,12 @@ def run_shell(script: str, cwd: Path) -> None:
         (tools / name).write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
         (tools / name).chmod(0o755)
     env = {**single_thread_env(), "PATH": f"{tools}:{single_thread_env()['PATH']}"}
-    result = subprocess.run(["bash", "-c", f"set -e\nmkdir -p logs\n{script}"], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    try:
+        result = subprocess.run(["bash", "-c", f"set -e\nmkdir -p logs\n{script}"], cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:  # say where each command had got to (its log's end)
+        tails = [f"--- {log.name}: {log.read_text()[-1500:]}" for log in sorted((cwd / "logs").glob("*.log"))]
+        pytest.fail("timed out after 600 s\n" + "\n".join(tails))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
