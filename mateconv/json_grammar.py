@@ -162,6 +162,11 @@ class Grammar:
     def at_end(self, state: tuple) -> bool:
         return self.parts[state[0]][0] == "end"
 
+    def in_string(self, state: tuple) -> bool:
+        """Whether the state is inside a JSON string, where a byte other than a quote, backslash or control byte
+        leaves it as it is."""
+        return self.parts[state[0]][0] == "json" and state[1][0] == "string"
+
     def step(self, state: tuple, byte: int) -> tuple | None:
         index, inner = state
         part = self.parts[index]
@@ -240,7 +245,7 @@ class TokenGrammar:
         if mask is None:
             if len(self.masks) > 4096:
                 self.masks.clear()
-            inside_string = self.grammar.parts[state[0]][0] == "json" and state[1][0] == "string"
+            inside_string = self.grammar.in_string(state)
             keep = [bool(piece) and ((inside_string and plain) or self.grammar.feed(state, piece) is not None)
                     for piece, plain in zip(self.pieces, self.plain)]
             keep[self.eos_id] = self.grammar.at_end(state)

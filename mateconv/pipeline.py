@@ -201,8 +201,8 @@ def flags_problem(stage: Stage) -> str | None:
 
 def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
     """Size and modification time of each file the run uses: what out/ was made from, as make and rsync see it."""
-    return {str(found.path): [found.path.stat().st_size, found.path.stat().st_mtime_ns]
-            for found in files if found.kind is not None}
+    stats = {found.path: found.path.stat() for found in files if found.kind is not None}
+    return {str(path): [stat.st_size, stat.st_mtime_ns] for path, stat in stats.items()}
 
 
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],

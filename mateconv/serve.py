@@ -190,7 +190,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     def prompt_tools(self) -> list[dict[str, Any]] | None:
         """The tools to list in the prompt and to parse calls of: none without tools or with tool_choice "none";
-        400 for what this server cannot do (tools that are not functions, a choice of a function not listed)."""
+        400 for tools that are not functions."""
         if self.functions is not None or self.function_call is not None:
             raise APIError(400, "functions and function_call are deprecated; send tools and tool_choice",
                            param="functions" if self.functions is not None else "function_call")
@@ -200,26 +200,27 @@ class ChatCompletionRequest(GenerationRequest):
                     not isinstance(function.get("name"), str):
                 raise APIError(400, f"tools.{i}: only function tools are supported, as {{\"type\": \"function\", "
                                     "\"function\": {\"name\": ..., \"parameters\": ...}}", param=f"tools.{i}")
-        choice = self.tool_choice or "auto"
-        if choice != "none" and self.called_functions() is not None and not self.tools:
-            raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
-        return self.tools if self.tools and choice != "none" else None
+        return self.tools if self.tools and self.tool_choice != "none" else None
 
     def called_functions(self) -> list[str] | None:
         """The functions of which the reply must call one: all listed ones for tool_choice "required", the named
-        one for {"type": "function", "function": {"name": ...}}; None when the reply need not call any."""
+        one for {"type": "function", "function": {"name": ...}}; None when the reply need not call any. 400 for a
+        choice this server does not know, one that needs tools without them, and a function not in tools."""
         choice = self.tool_choice or "auto"
         if choice in ("auto", "none"):
             return None
-        names = [tool["function"]["name"] for tool in self.tools or []]
-        if choice == "required":
-            return names
         function = choice.get("function") if isinstance(choice, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
+        if choice != "required" and not (isinstance(choice, dict) and choice.get("type") == "function"
+                                         and isinstance(name, str)):
             raise APIError(400, f"tool_choice {json.dumps(choice)} is not one of \"auto\", \"none\", \"required\" "
                                 "or {\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
-        if self.tools and name not in names:
+        if not self.tools:
+            raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
+        names = [tool["function"]["name"] for tool in self.tools]
+        if choice == "required":
+            return names
+        if name not in names:
             raise APIError(400, f"tool_choice names the function '{name}', which is not in tools",
                            param="tool_choice")
         return [name]
