@@ -620,3 +620,46 @@ def test_one_rank_agrees_with_itself_without_a_collective(monkeypatch):
         assert calls == []
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_a_lone_rank_takes_no_port(engine):
+    """`python 4.pretrain.py --engine deepspeed|fsdp` without a launcher is a process group of one rank: it must not
+    need a TCP port, which another run can hold (here MASTER_PORT names one that is taken)."""
+    import socket
+
+    code = ("from mateconv.config import ParallelConfig; from mateconv.train.distributed import setup; "
+            f"import torch.distributed as dist; setup(ParallelConfig(engine={engine!r}, device='cpu')); "
+            "print('world', dist.get_world_size())")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {key: value for key, value in single_thread_env().items() if key not in ("RANK", "WORLD_SIZE")}
+        env["MASTER_PORT"] = str(taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 0 and "world 1" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_expert_load_over_ranks_weighs_each_by_its_real_tokens(tmp_path):
+    """Two ranks: one saw a quarter real tokens (SFT padding), the other only real ones. The logged load is the mean
+    over all real tokens, not the plain mean of the two ranks' loads."""
+    from mateconv.procs import free_port
+
+    script = tmp_path / "loads.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from mateconv.train.engine import Window\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "window = Window(0.0)\n"
+        "window.add_load(torch.tensor([[1.0, 0.0]]) if rank == 0 else torch.tensor([[0.0, 1.0]]), 0.25 if rank == 0"
+        " else 1.0)\n"
+        f"open(f'{tmp_path}/{{rank}}.txt', 'w').write(str(window.mean_load().tolist()))\n"
+        "dist.destroy_process_group()\n")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)],
+                            cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for rank in (0, 1):  # (0.25 * [1, 0] + 1.0 * [0, 1]) / 1.25; the plain mean of the two would be [0.5, 0.5]
+        assert torch.tensor(json.loads((tmp_path / f"{rank}.txt").read_text())).allclose(torch.tensor([[0.2, 0.8]]))

@@ -78,10 +78,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def setup(parallel: ParallelConfig) -> Runtime:
     """Initialise the process group when needed (DeepSpeed and FSDP always; plain PyTorch only under torchrun)."""
     use_deepspeed, fsdp = wants_deepspeed(parallel), parallel.engine == "fsdp"
-    if (use_deepspeed or fsdp) and not launched_distributed():
-        # a plain `python 4.pretrain.py --engine deepspeed|fsdp`: one rank, still in a process group
+    alone = (use_deepspeed or fsdp) and not launched_distributed()
+    if alone:  # a plain `python 4.pretrain.py --engine deepspeed|fsdp`: one rank, still in a process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # DeepSpeed names its CPU buffers after it
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", max(parallel.local_rank, 0)))
@@ -90,14 +90,18 @@ def setup(parallel: ParallelConfig) -> Runtime:
         torch.cuda.set_device(device)
     else:  # DeepSpeed (also imported by transformers' save) would guess its accelerator and print a warning about it
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if alone and not dist.is_initialized():
+        # An in-process store: a lone rank has no one to meet, so no TCP port that another run could take meanwhile
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         if device.type == "cpu":
             remove_shm_buffer_at_exit(rank)
     elif (world_size > 1 or fsdp) and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     return Runtime(use_deepspeed, rank, local_rank, world_size, device, resolve_dtype(parallel.dtype, device), fsdp)
 
 

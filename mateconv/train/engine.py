@@ -133,6 +133,13 @@ class Window:
         load is a mean over real tokens; exactly 1.0 without padding, which leaves pretraining's sums as they were."""
         self.loads, self.load_weight = self.loads + load.float() * weight, self.load_weight + weight
 
+    def mean_load(self) -> torch.Tensor:
+        """The expert load over every rank's real tokens: a rank whose micro-batches held more padding counts for
+        less. A collective: every rank of an MoE model calls it on the same step."""
+        loads = self.loads.flatten()
+        summed = all_reduce_mean(torch.cat([loads, loads.new_tensor([self.load_weight])]))
+        return (summed[:-1] / summed[-1]).reshape(self.loads.shape)
+
     def take(self, logged: "Window") -> None:
         """Drop a logged step's share, keeping what came after it; the next window starts where that one ended."""
         self.tokens, self.real_tokens = self.tokens - logged.tokens, self.real_tokens - logged.real_tokens
@@ -336,8 +343,8 @@ class Trainer:
             values = torch.stack([torch.as_tensor(v, device=self.runtime.device).float().reshape(())
                                   for v in extra.values()])
             figures.update(zip((OBJECTIVE + key for key in extra), all_reduce_mean(values)))
-        if self.window.load_weight:
-            figures["expert_load"] = all_reduce_mean(self.window.loads / self.window.load_weight)
+        if isinstance(self.window.loads, torch.Tensor):  # an MoE model, on every rank alike
+            figures["expert_load"] = self.window.mean_load()
         return figures
 
     def current_lr(self) -> float:
