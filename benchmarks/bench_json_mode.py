@@ -1,11 +1,13 @@
-"""What constrained decoding costs: `generate_tokens` held to a JSON object (mateconv.json_grammar, as the server's
-response_format json_object and forced tool calls run it) vs the same decoding unconstrained, side by side.
+"""What constrained decoding costs: `generate_tokens` held to a JSON object and to a JSON schema (mateconv.json_grammar
+and json_schema, as the server's response_format and forced tool calls run them) vs the same decoding unconstrained,
+side by side.
 
 A random MateConv model with a real 6400-token tokenizer (MiniMind's, from the shared data sets, or --tokenizer),
 greedy, a fixed number of new tokens (EOS stops neither run), fp32. The grammar's allowed-token masks are computed
 once per grammar state and cached: a warm-up run fills the cache, as earlier requests to a server do, and the time
-to compute one state's mask is reported apart (the mean over the states the runs went through), and so is the
-grammar's own work per step (masking the logits and stepping each row's state, replayed over the tokens generated).
+to compute one state's mask is reported apart (the mean over the states that SAMPLE, a typical reply, goes through:
+the random model goes into a string at once and stays there), and so is the grammar's own work per step (masking the
+logits and stepping each row's state, replayed over the tokens generated).
 Decode tokens/s = batch * new_tokens / time, best of --repeats, the two runs taking turns (each first every other
 time).
 
@@ -21,6 +23,12 @@ from pathlib import Path
 import torch
 
 SHARED = Path(os.environ.get("MATECONV_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+WIND = {"type": "object", "properties": {"speed": {"type": "number"}, "dir": {"enum": ["N", "E", "S", "W", "NW"]}},
+        "required": ["speed", "dir"], "additionalProperties": False}
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "temp_c", "tags", "wind"],
+          "properties": {"city": {"type": "string"}, "temp_c": {"type": "integer"}, "wind": WIND,
+                         "tags": {"type": "array", "items": {"enum": ["sunny", "warm", "windy", "rain"]}}}}
+SAMPLE = '{"city": "Paris", "temp_c": 21, "wind": {"speed": 12.5, "dir": "NW"}, "tags": ["sunny", "warm"]}'
 
 
 def main() -> None:
@@ -38,7 +46,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
+    from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, TokenTable, token_bytes
+    from mateconv.json_schema import SchemaBuilder
     from model import MateConvConfig, MateConvForCausalLM
     from model.generation import generate_tokens
 
@@ -49,54 +58,67 @@ def main() -> None:
     config = MateConvConfig(dim=args.dim, n_layers=args.n_layers, vocab_size=len(tokenizer), max_seq_len=512)
     model = MateConvForCausalLM(config).eval()
     started = time.perf_counter()
-    token_grammar = TokenGrammar(Grammar.json_object(), token_bytes(tokenizer, config.vocab_size),
-                                 tokenizer.eos_token_id, model.device)
+    table = TokenTable(token_bytes(tokenizer, config.vocab_size))
     table_seconds = time.perf_counter() - started
+    builder = SchemaBuilder()
+    grammars = {"JSON object": Grammar.json_object(),
+                "JSON schema": Grammar.schema_object(builder.build(builder.compile_object(SCHEMA)))}
     prompt = tokenizer.encode("Reply with a JSON object:", add_special_tokens=False)
+    sample = tokenizer.encode(SAMPLE, add_special_tokens=False)
 
     print(f"dim {args.dim}, {args.n_layers} layers, vocab {config.vocab_size}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; token table built in {table_seconds * 1000:.0f} ms")
-    print("| batch | free (tok/s) | JSON object (tok/s) | JSON / free | grammar per step (us) | new state's mask (ms) "
-          "| states | replies parse |")
+    print("| grammar | batch | free (tok/s) | held (tok/s) | held / free | grammar per step (us) | new state's mask "
+          "(ms) | replies parse |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for batch in args.batch_sizes:
-        input_ids = torch.tensor([prompt] * batch)
+    for name, grammar in grammars.items():
+        token_grammar = TokenGrammar(grammar, table, tokenizer.eos_token_id, model.device)
+        mask_ms = cold_mask_ms(token_grammar, [table.pieces[token] for token in sample])
+        for batch in args.batch_sizes:
+            input_ids = torch.tensor([prompt] * batch)
 
-        def run(constrained: bool) -> torch.Tensor:
-            constraint = GrammarConstraint(token_grammar, batch) if constrained else None
-            return generate_tokens(model, input_ids, max_new_tokens=args.new_tokens, temperature=0,
-                                   constraint=constraint)
+            def run(constrained: bool) -> torch.Tensor:
+                constraint = GrammarConstraint(token_grammar, batch) if constrained else None
+                return generate_tokens(model, input_ids, max_new_tokens=args.new_tokens, temperature=0,
+                                       constraint=constraint)
 
-        def timed(constrained: bool) -> float:
+            def timed(constrained: bool) -> float:
+                start = time.perf_counter()
+                run(constrained)
+                return time.perf_counter() - start
+
+            run(True)
+            times = {False: [], True: []}
+            for repeat in range(args.repeats):  # which goes first alternates, so neither gets the quieter moments
+                for constrained in ((False, True) if repeat % 2 else (True, False)):
+                    times[constrained].append(timed(constrained))
+            free, constrained = min(times[False]), min(times[True])
+            generated = run(True)[:, len(prompt):]
+            texts = [tokenizer.decode(row, skip_special_tokens=True) for row in generated.tolist()]
+            replay, logits = GrammarConstraint(token_grammar, batch), torch.zeros(batch, config.vocab_size)
             start = time.perf_counter()
-            run(constrained)
-            return time.perf_counter() - start
+            for step in range(generated.shape[1]):
+                replay.mask(logits)
+                replay.advance(generated[:, step])
+            per_step = (time.perf_counter() - start) / generated.shape[1]
+            parse = all(grammar.feed(grammar.start(), text.encode()) is not None for text in texts)
+            rate = batch * args.new_tokens
+            print(f"| {name} | {batch} | {rate / free:.1f} | {rate / constrained:.1f} | x{free / constrained:.2f} | "
+                  f"{per_step * 1e6:.0f} | {mask_ms:.2f} | {parse} |")
 
-        run(True)
-        times = {False: [], True: []}
-        for repeat in range(args.repeats):  # which goes first alternates, so that neither gets the quieter moments
-            for constrained in ((False, True) if repeat % 2 else (True, False)):
-                times[constrained].append(timed(constrained))
-        free, constrained = min(times[False]), min(times[True])
-        generated = run(True)[:, len(prompt):]
-        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in generated.tolist()]
-        replay, logits = GrammarConstraint(token_grammar, batch), torch.zeros(batch, config.vocab_size)
-        start = time.perf_counter()
-        for step in range(generated.shape[1]):
-            replay.mask(logits)
-            replay.advance(generated[:, step])
-        per_step = (time.perf_counter() - start) / generated.shape[1]
-        grammar = token_grammar.grammar
-        parse = all(grammar.feed(grammar.start(), text.encode()) is not None for text in texts)
-        states = list(token_grammar.masks)
-        token_grammar.masks.clear()
-        start = time.perf_counter()
-        for state in states:
-            token_grammar.allowed(state)
-        per_state = (time.perf_counter() - start) / len(states)
-        rate = batch * args.new_tokens
-        print(f"| {batch} | {rate / free:.1f} | {rate / constrained:.1f} | x{free / constrained:.2f} | "
-              f"{per_step * 1e6:.0f} | {per_state * 1000:.1f} | {len(states)} | {parse} |")
+
+def cold_mask_ms(token_grammar, pieces: list[bytes]) -> float:
+    """The mean time to compute the mask of a state not seen before, over the states SAMPLE's tokens go through."""
+    grammar, state, states = token_grammar.grammar, token_grammar.grammar.start(), []
+    for piece in pieces:
+        states.append(state)
+        state = grammar.feed(state, piece)
+    assert state is not None and grammar.at_end(state), "SAMPLE must be a reply the grammar holds"
+    token_grammar.masks.clear()
+    start = time.perf_counter()
+    for state in states:
+        token_grammar.allowed(state)
+    return (time.perf_counter() - start) / len(states) * 1000
 
 
 if __name__ == "__main__":

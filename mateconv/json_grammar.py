@@ -1,10 +1,10 @@
-"""Constrained decoding for replies that must parse: OpenAI's `response_format: {"type": "json_object"}` and forced
+"""Constrained decoding for replies that must parse: OpenAI's `response_format` (json_object, json_schema) and forced
 tool calls (`tool_choice` "required" or a named function).
 
-A `Grammar` is the sequence of parts a reply goes through, byte by byte: fixed text (one of several options), one
-JSON object, then the end of the reply (EOS). At every decode step `GrammarConstraint` sets to -inf the logits of the
-tokens whose bytes would leave the grammar, so greedy and sampled replies alike parse (unless max_tokens cuts them
-short). The JSON is checked for syntax, not against a schema, as OpenAI's non-strict modes promise.
+A `Grammar` is the sequence of parts a reply goes through, byte by byte: fixed text, one JSON object (any, or one
+that a schema holds: mateconv.json_schema), then the end of the reply (EOS). At every decode step
+`GrammarConstraint` sets to -inf the logits of the tokens whose bytes would leave the grammar, so greedy and sampled
+replies alike parse (unless max_tokens cuts them short).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _close(stack: str) -> tuple:
     return ("after", stack[:-1], None, 0) if len(stack) > 1 else JSON_DONE
 
 
-def _number(part: str, byte: int) -> str | None:
+def number_part(part: str, byte: int) -> str | None:
     """The number's next part after `byte`, None when `byte` does not continue it."""
     if byte == ord("0") and part == "sign":
         return "zero"
@@ -102,7 +102,7 @@ def json_step(state: tuple, byte: int) -> tuple | None:
             return None
         return ("string", stack, is_key, 0) if left == 1 else ("hex", stack, (is_key, left - 1), 0)
     if mode == "number":
-        part = _number(aux, byte)
+        part = number_part(aux, byte)
         if part is not None:
             return ("number", stack, part, 0)
         return json_step(("after", stack, None, 0), byte) if aux in NUMBER_ENDS else None
@@ -138,8 +138,8 @@ def json_step(state: tuple, byte: int) -> tuple | None:
 
 @dataclass(frozen=True)
 class Grammar:
-    """parts: ("text", (option bytes, ...)) — one of the options, which no other option starts with; ("json",) —
-    one JSON object; ("end",) — EOS. A state is (part index, the part's state)."""
+    """parts: ("text", bytes) — that text; ("json",) — one JSON object; ("schema", Schema) — one JSON object that a
+    schema holds (mateconv.json_schema); ("end",) — EOS. A state is (part index, the part's state)."""
     parts: tuple
 
     @classmethod
@@ -147,17 +147,22 @@ class Grammar:
         return cls((("json",), ("end",)))
 
     @classmethod
-    def framed_object(cls, before: list[str], after: str) -> Grammar:
-        """One of `before`, a JSON object, then `after` and the end."""
-        return cls((("text", tuple(option.encode() for option in before)), ("json",),
-                    ("text", (after.encode(),)), ("end",)))
+    def schema_object(cls, schema) -> Grammar:
+        return cls((("schema", schema), ("end",)))
+
+    @classmethod
+    def framed(cls, before: str, schema, after: str) -> Grammar:
+        """`before`, an object that `schema` holds, `after`, then the end."""
+        return cls((("text", before.encode()), ("schema", schema), ("text", after.encode()), ("end",)))
 
     def start(self) -> tuple:
         return self._enter(0)
 
     def _enter(self, index: int) -> tuple:
-        kind = self.parts[index][0]
-        return (index, b"" if kind == "text" else JSON_START if kind == "json" else None)
+        part = self.parts[index]
+        if part[0] == "schema":
+            return (index, part[1].start())
+        return (index, {"text": 0, "json": JSON_START}.get(part[0]))
 
     def at_end(self, state: tuple) -> bool:
         return self.parts[state[0]][0] == "end"
@@ -165,22 +170,28 @@ class Grammar:
     def in_string(self, state: tuple) -> bool:
         """Whether the state is inside a JSON string, where a byte other than a quote, backslash or control byte
         leaves it as it is."""
-        return self.parts[state[0]][0] == "json" and state[1][0] == "string"
+        part = self.parts[state[0]]
+        if part[0] == "schema":
+            return part[1].in_string(state[1])
+        return part[0] == "json" and state[1][0] == "string"
 
     def step(self, state: tuple, byte: int) -> tuple | None:
         index, inner = state
         part = self.parts[index]
-        if part[0] == "text":
-            matched = inner + bytes((byte,))
-            options = [option for option in part[1] if option.startswith(matched)]
-            if not options:
+        if part[0] == "text":  # inner: the bytes of it matched so far
+            if part[1][inner] != byte:
                 return None
-            return self._enter(index + 1) if matched in options else (index, matched)
+            return self._enter(index + 1) if inner + 1 == len(part[1]) else (index, inner + 1)
         if part[0] == "json":
             inner = json_step(inner, byte)
             if inner is None:
                 return None
             return self._enter(index + 1) if inner == JSON_DONE else (index, inner)
+        if part[0] == "schema":
+            inner = part[1].step(inner, byte)
+            if inner is None:
+                return None
+            return self._enter(index + 1) if part[1].done(inner) else (index, inner)
         return None  # the end takes no bytes
 
     def feed(self, state: tuple, data: bytes) -> tuple | None:
@@ -230,13 +241,39 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     return result
 
 
+class TokenTable:
+    """One model's tokens as bytes, in two tries for the search of the allowed ones: from node ALL every token, from
+    node REST those that are not plain (plain: no quote, backslash or control byte, so inside a JSON string they leave
+    it as it is). A node is a number: `children[node]` maps a byte to the next node, `ends[node]` holds the tokens
+    that the bytes on the way to it spell."""
+    ALL, REST = 0, 1
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+        self.plain = torch.tensor([bool(piece) and all(b >= 0x20 and b not in b'"\\' for b in piece)
+                                   for piece in pieces])
+        self.children: list[dict[int, int]] = [{}, {}]
+        self.ends: dict[int, tuple[int, ...]] = {}
+        for token_id, (piece, plain) in enumerate(zip(pieces, self.plain.tolist())):
+            if piece:
+                for root in (self.ALL,) if plain else (self.ALL, self.REST):
+                    self._insert(root, piece, token_id)
+
+    def _insert(self, node: int, piece: bytes, token_id: int) -> None:
+        for byte in piece:
+            child = self.children[node].get(byte)
+            if child is None:
+                child = self.children[node][byte] = len(self.children)
+                self.children.append({})
+            node = child
+        self.ends[node] = self.ends.get(node, ()) + (token_id,)
+
+
 class TokenGrammar:
     """A grammar over one model's tokens: which tokens may come next in a state (cached per state)."""
 
-    def __init__(self, grammar: Grammar, pieces: list[bytes], eos_id: int, device: torch.device):
-        self.grammar, self.pieces, self.eos_id, self.device = grammar, pieces, eos_id, device
-        # tokens that stay inside a JSON string as they are (no quote, backslash or control byte): most of them
-        self.plain = [bool(piece) and all(b >= 0x20 and b not in b'"\\' for b in piece) for piece in pieces]
+    def __init__(self, grammar: Grammar, table: TokenTable, eos_id: int, device: torch.device):
+        self.grammar, self.table, self.eos_id, self.device = grammar, table, eos_id, device
         self.masks: dict[tuple, torch.Tensor] = {}
 
     def allowed(self, state: tuple) -> torch.Tensor:
@@ -246,11 +283,21 @@ class TokenGrammar:
             if len(self.masks) > 4096:
                 self.masks.clear()
             inside_string = self.grammar.in_string(state)
-            keep = [bool(piece) and ((inside_string and plain) or self.grammar.feed(state, piece) is not None)
-                    for piece, plain in zip(self.pieces, self.plain)]
+            keep = self.table.plain.clone() if inside_string else torch.zeros(len(self.table.pieces), dtype=torch.bool)
+            found: list[int] = []
+            self._search(TokenTable.REST if inside_string else TokenTable.ALL, state, found)
+            keep[found] = True
             keep[self.eos_id] = self.grammar.at_end(state)
-            mask = self.masks[state] = torch.tensor(keep, device=self.device)
+            mask = self.masks[state] = keep.to(self.device)
         return mask
+
+    def _search(self, node: int, state: tuple, found: list[int]) -> None:
+        """Walks the trie from `node` along the bytes the grammar takes from `state`, collecting the tokens."""
+        for byte, child in self.table.children[node].items():
+            after = self.grammar.step(state, byte)
+            if after is not None:
+                found.extend(self.table.ends.get(child, ()))
+                self._search(child, after, found)
 
 
 class GrammarConstraint:
@@ -273,7 +320,7 @@ class GrammarConstraint:
             if self.ended[row]:
                 continue
             state = None if token == self.token_grammar.eos_id else \
-                grammar.feed(self.states[row], self.token_grammar.pieces[token])
+                grammar.feed(self.states[row], self.token_grammar.table.pieces[token])
             if state is None:  # EOS (or, where a tokenizer lacks the bytes the grammar needs, no way on)
                 self.ended[row] = True
             else:

@@ -6,8 +6,9 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/c
 events with "stream": true; `logprobs`/`top_logprobs` on both, `echo` on completions, as lm-eval's API models use).
 Chat takes OpenAI tool calling (`tools`, `tool_choice` "auto"/"none"/"required"/a named function, `tool_calls` and
 `tool` turns, rendered as SFT records are) and returns the reply's <tool_call> blocks as `tool_calls` and a leading
-<think> block as `reasoning_content`; forced calls and `response_format` json_object are held to JSON by constrained
-decoding (mateconv/json_grammar.py).
+<think> block as `reasoning_content`; forced calls (their arguments held to the function's parameters) and
+`response_format` json_object and json_schema are held to JSON by constrained decoding (mateconv/json_grammar.py,
+mateconv/json_schema.py).
 Generation runs in worker threads, at most `max_concurrent` at a time; up to `max_queued` more requests wait, and
 the rest get 429 at once. Every error is answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}},
 with OpenAI's wording where clients parse it (context length, API key). With `--api_key` (or MATECONV_API_KEY) every
@@ -46,7 +47,8 @@ from mateconv.chat import ChatError, context_length, load_model, prompt_ids
 from mateconv.config import add_decode_flags
 from mateconv.data import DataError
 from mateconv.data.formats import chat_messages
-from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
+from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, TokenTable, token_bytes
+from mateconv.json_schema import Schema, SchemaBuilder, SchemaError
 from mateconv.logprobs import token_logps
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
@@ -227,19 +229,50 @@ class ChatCompletionRequest(GenerationRequest):
 
     def reply_grammar(self) -> Grammar | None:
         """What the reply must be, held to by constrained decoding: one call of the functions `called_functions`
-        names, else a JSON object for response_format json_object, else anything (None)."""
+        names, with arguments that the function's parameters hold; else a JSON object for response_format
+        json_object, or one that its json_schema holds; else anything (None)."""
         names = self.called_functions()
         if names:
-            before = [f'{TOOL_CALL[0]}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
-                      for name in names]
-            return Grammar.framed_object(before, f"}}\n{TOOL_CALL[1]}")
+            builder = SchemaBuilder()
+            calls = [builder.object([("name", builder.const(tool["function"]["name"])),
+                                     ("arguments", arguments_node(builder, tool["function"], i))])
+                     for i, tool in enumerate(self.tools) if tool["function"]["name"] in names]
+            return Grammar.framed(f"{TOOL_CALL[0]}\n", builder.build(builder.any_of(calls)), f"\n{TOOL_CALL[1]}")
         kind = (self.response_format or {}).get("type", "text")
         if kind == "json_object":
             return Grammar.json_object()
+        if kind == "json_schema":
+            return Grammar.schema_object(self.reply_schema())
         if kind != "text":
-            raise APIError(400, f"response_format type {json.dumps(kind)} is not supported: this server holds a "
-                                "reply to a JSON object (\"json_object\"), not to a schema", param="response_format")
+            raise APIError(400, f"response_format type {json.dumps(kind)} is not one of \"text\", \"json_object\" and "
+                                "\"json_schema\"", param="response_format")
         return None
+
+    def reply_schema(self) -> Schema:
+        spec = self.response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise APIError(400, 'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+                           param="response_format")
+        builder = SchemaBuilder()
+        try:
+            return builder.build(builder.compile_object(spec.get("schema", {"type": "object"})))
+        except SchemaError as error:
+            raise APIError(400, f"response_format.json_schema.schema: {error}", param="response_format") from None
+
+
+def arguments_node(builder: SchemaBuilder, function: dict[str, Any], index: int) -> int:
+    """A forced call's arguments: what the function's parameters hold; any JSON object where this server cannot hold
+    them to that schema, unless the function is strict (then a 400, as the arguments could not be promised)."""
+    parameters = function.get("parameters")
+    if parameters is None:
+        return builder.any_object()
+    try:
+        return builder.compile_object(parameters)
+    except SchemaError as error:
+        if function.get("strict"):
+            raise APIError(400, f"tools.{index}.function.parameters: {error}",
+                           param=f"tools.{index}.function.parameters") from None
+        return builder.any_object()
 
 
 class CompletionRequest(GenerationRequest):
@@ -459,8 +492,8 @@ class Engine:
         self.grammars: dict[Grammar, TokenGrammar] = {}  # each grammar over this model's tokens, built once
 
     @functools.cached_property
-    def token_pieces(self) -> list[bytes]:
-        return token_bytes(self.tokenizer, self.model.config.vocab_size)
+    def token_table(self) -> TokenTable:
+        return TokenTable(token_bytes(self.tokenizer, self.model.config.vocab_size))
 
     def constraint(self, grammar: Grammar | None, rows: int) -> GrammarConstraint | None:
         if grammar is None:
@@ -468,7 +501,7 @@ class Engine:
         if grammar not in self.grammars:
             if len(self.grammars) >= 64:
                 self.grammars.clear()
-            self.grammars[grammar] = TokenGrammar(grammar, self.token_pieces, self.eos_id, self.model.device)
+            self.grammars[grammar] = TokenGrammar(grammar, self.token_table, self.eos_id, self.model.device)
         return GrammarConstraint(self.grammars[grammar], rows)
 
     def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:

@@ -1,16 +1,19 @@
 """Constrained decoding (mateconv.json_grammar): the byte automaton against Python's json, the token table against
-the tokenizer, and generation from a random model, which never writes JSON on its own, held to the grammar."""
+the tokenizer, and generation from a random model, which never writes JSON on its own, held to the grammar (a JSON
+object, a forced call, a schema)."""
 from __future__ import annotations
 
 import json
 import random
 import re
 
+import jsonschema
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, token_bytes
+from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, TokenTable, token_bytes
+from mateconv.json_schema import SchemaBuilder
 from model import MateConvConfig, MateConvForCausalLM
 from model.generation import generate_tokens
 
@@ -60,11 +63,11 @@ def test_blank_runs_and_depth_are_bounded():
 
 
 def test_framed_object():
-    grammar = Grammar.framed_object(['call {"name": "f", "arguments": ', 'call {"name": "fg", "arguments": '], "}.")
-    assert whole(grammar, 'call {"name": "fg", "arguments": {"x": [1]}}.')
-    assert not whole(grammar, 'call {"name": "g", "arguments": {}}.')
-    assert not whole(grammar, 'call {"name": "f", "arguments": {}}')  # the closing text is not optional
-    assert not whole(grammar, 'call {"name": "f", "arguments": []}.')
+    builder = SchemaBuilder()
+    grammar = Grammar.framed("call ", builder.build(builder.any_object()), ".")
+    assert whole(grammar, 'call {"x": [1]}.')
+    assert not whole(grammar, 'call {"x": [1]}')  # the closing text is not optional
+    assert not whole(grammar, 'cal {"x": [1]}.') and not whole(grammar, 'call [].')
 
 
 def test_token_bytes_spell_the_text(tiny_tokenizer):
@@ -88,8 +91,8 @@ def generate(model, tokenizer, grammar: Grammar | None, rows: int, **sampling) -
     """(text, ended with EOS) of each row."""
     constraint = None
     if grammar is not None:
-        pieces = token_bytes(tokenizer, model.config.vocab_size)
-        constraint = GrammarConstraint(TokenGrammar(grammar, pieces, tokenizer.eos_token_id, model.device), rows)
+        table = TokenTable(token_bytes(tokenizer, model.config.vocab_size))
+        constraint = GrammarConstraint(TokenGrammar(grammar, table, tokenizer.eos_token_id, model.device), rows)
     prompt = torch.tensor([tokenizer.encode("Reply in JSON:")] * rows)
     out = generate_tokens(model, prompt, max_new_tokens=120, eos_token_id=tokenizer.eos_token_id,
                           generator=torch.Generator().manual_seed(0), constraint=constraint, **sampling)
@@ -113,17 +116,39 @@ def test_random_model_writes_json_under_the_grammar(random_model, sampling):
 
 
 def test_random_model_calls_one_of_the_functions(random_model):
+    """A forced call as the server builds it: one of the functions, with arguments its parameters hold."""
     model, tokenizer = random_model
-    names = ["get_weather", "get_time"]
-    grammar = Grammar.framed_object([f'<tool_call>\n{{"name": "{name}", "arguments": ' for name in names],
-                                    "}\n</tool_call>")
+    builder = SchemaBuilder()
+    parameters = {"type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "days": {"type": "integer"}},
+                  "required": ["unit"]}
+    calls = [builder.object([("name", builder.const(name)), ("arguments", arguments)])
+             for name, arguments in (("get_weather", builder.compile_object(parameters)),
+                                     ("get_time", builder.any_object()))]
+    grammar = Grammar.framed("<tool_call>\n", builder.build(builder.any_of(calls)), "\n</tool_call>")
     for text, ended in generate(model, tokenizer, grammar, 3, temperature=1.0):
         assert grammar.feed(grammar.start(), text.encode()) is not None, text
-        assert text.startswith('<tool_call>\n{"name": "get_weather", "arguments": ') or \
-            text.startswith('<tool_call>\n{"name": "get_time", "arguments": '), text
+        assert text.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"unit": ') or \
+            text.startswith('<tool_call>\n{"name": "get_time", "arguments": {'), text
         if ended:
             call = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
-            assert call["name"] in names and isinstance(call["arguments"], dict)
+            if call["name"] == "get_weather":
+                jsonschema.validate(call["arguments"], parameters)
+            assert isinstance(call["arguments"], dict)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_random_model_fills_a_schema(random_model, temperature):
+    """A schema whose replies are finite: every row ends, within max_new_tokens, with an object the schema holds."""
+    model, tokenizer = random_model
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "sure", "why"], "properties": {
+        "answer": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"},
+        "why": {"type": "array", "maxItems": 2, "items": {"anyOf": [{"const": "prime"}, {"type": "null"}]}}}}
+    builder = SchemaBuilder()
+    grammar = Grammar.schema_object(builder.build(builder.compile_object(schema)))
+    for text, ended in generate(model, tokenizer, grammar, 4, temperature=temperature):
+        assert ended, text
+        jsonschema.validate(json.loads(text), schema)
+        assert text == json.dumps(json.loads(text))  # written as json.dumps writes it
 
 
 def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):

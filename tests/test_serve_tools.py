@@ -8,12 +8,16 @@ reasoning block and a malformed call come back from a real generation, not from 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
+from openai.lib._pydantic import to_strict_json_schema
+from pydantic import BaseModel
 
 from conftest import served
 
@@ -24,10 +28,14 @@ from mateconv.serve import ReplyParser, chat_message
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city now",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "name": "get_weather", "description": "The weather in a city now", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}
 TOOLS = [WEATHER]
 TIME = {"type": "function", "function": {"name": "get_time"}}
+ZONED_TIME = {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
 ASK_PARIS = {"role": "user", "content": "What is the weather in Paris?"}
 CALL_PARIS = {"role": "assistant", "content": None, "tool_calls": [
     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
@@ -255,13 +263,73 @@ def test_langchain_structured_output(server):
     assert weather.invoke([HumanMessage(ASK_PARIS["content"])]) == {"city": "Paris"}
 
 
+class Forecast(BaseModel):  # what the model answers ASK_JSON with, as a pydantic model
+    city: str
+    temp_c: int
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_response_format(client, stream):
+    """A reply held to a schema (strict, as the `openai` package writes a pydantic model's): the object the model
+    writes anyway comes back; asked what it answers in text, it answers in the schema's terms, to the end."""
+    forecast = {"type": "json_schema", "json_schema": {"name": "Forecast", "strict": True,
+                                                       "schema": to_strict_json_schema(Forecast)}}
+    assert reply(client, [ASK_JSON], stream, tools=TOOLS, response_format=forecast) == (
+        json.dumps(AS_JSON), "", [], ["stop"])
+    verdict = {"type": "object", "additionalProperties": False, "required": ["prime", "sure"], "properties": {
+        "prime": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}}}
+    content, _, _, finishes = reply(client, [ASK_PRIME], stream, tools=TOOLS, response_format={
+        "type": "json_schema", "json_schema": {"name": "verdict", "schema": verdict}})
+    jsonschema.validate(json.loads(content), verdict)
+    assert finishes == ["stop"]
+
+
+class Verdict(BaseModel):
+    prime: Literal["yes", "no"]
+    sure: bool
+
+
+def test_langchain_structured_output_by_json_schema(server):
+    """LangChain's with_structured_output(method="json_schema") (a strict response_format, no tools in the prompt):
+    whatever the tiny model would write without its tools, the reply is a Verdict."""
+    chat = ChatOpenAI(model="tiny", base_url=server, api_key="unused", temperature=0, max_retries=0)
+    verdict = chat.with_structured_output(Verdict, method="json_schema").invoke([HumanMessage(ASK_PRIME["content"])])
+    assert isinstance(verdict, Verdict)
+
+
+def test_openai_parse_returns_the_pydantic_object(client):
+    parsed = client.chat.completions.parse(model="tiny", messages=[ASK_JSON], tools=TOOLS,
+                                           response_format=Forecast, temperature=0)
+    assert parsed.choices[0].message.parsed == Forecast(**AS_JSON)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_call_arguments_follow_the_parameters(client, stream):
+    """Named, a function the model never saw is called with arguments its (strict) parameters hold. (Alone: the tiny
+    model's context has no room for the prompt that lists two tools and the call.)"""
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    _, _, calls, finishes = reply(client, [ASK_PARIS], stream, tools=[ZONED_TIME], tool_choice=choice)
+    [call] = calls
+    arguments = call["arguments"] if stream else call.function.arguments
+    assert json.loads(arguments) in ({"zone": "UTC"}, {"zone": "CET"}) and finishes == ["tool_calls"]
+
+
 def test_unsupported_tool_requests_are_one_line_400s(client, server):
     cases = [
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"id": {"type": "string", "pattern": "^a"}}}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}},
+         "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"day": {"type": "string", "format": "date"}}}}}],
+          "tool_choice": "required"}, "tools.0.function.parameters"),
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0"),
     ]

@@ -1,0 +1,180 @@
+"""JSON Schema for constrained decoding (mateconv.json_schema): random schemas and random values they hold, written
+as json.dumps writes them, pass the automaton with every prefix alive; what it passes after random one-byte changes
+parses and validates (checked with the `jsonschema` package); and what it does not support is a one-line error."""
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from mateconv.json_grammar import Grammar
+from mateconv.json_schema import SchemaBuilder, SchemaError
+
+SCALARS = ["string", "integer", "number", "boolean", "null", "enum", "const"]
+TEXT = 'ab "\\/\n\t\x01é中😀'
+
+
+def grammar_of(schema: dict) -> Grammar:
+    builder = SchemaBuilder()
+    return Grammar.schema_object(builder.build(builder.compile_object(schema)))
+
+
+def whole(grammar: Grammar, text: str) -> bool:
+    state = grammar.feed(grammar.start(), text.encode())
+    return state is not None and grammar.at_end(state)
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    kind = rng.choice(SCALARS + (["array", "object", "anyOf", "map", "any"] if depth < 3 else []))
+    if kind == "enum":
+        return {"enum": rng.sample(["a", "ab", 1, 12, -3, True, None, "x\"y"], rng.randint(1, 4))}
+    if kind == "const":
+        return {"const": rng.choice(["c", 7, False, None])}
+    if kind == "array":
+        least = rng.randint(0, 2)
+        bounds = {"minItems": least, **({"maxItems": least + rng.randint(0, 2)} if rng.random() < 0.5 else {})}
+        return {"type": "array", "items": random_schema(rng, depth + 1), **bounds}
+    if kind == "object":
+        return random_object(rng, depth)
+    if kind == "anyOf":
+        return {"anyOf": [random_schema(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+    if kind == "map":
+        return {"type": "object", "additionalProperties": random_schema(rng, depth + 1)}
+    if kind == "any":
+        return {}
+    if kind == "null" or rng.random() < 0.8:
+        return {"type": kind}
+    return {"type": [kind, "null"], "description": "maybe none"}
+
+
+def random_object(rng: random.Random, depth: int) -> dict:
+    names = rng.sample(["a", "ab", "b", "key with space", "ключ"], rng.randint(0, 4))
+    return {"type": "object", "properties": {name: random_schema(rng, depth + 1) for name in names},
+            "required": [name for name in names if rng.random() < 0.6], "additionalProperties": False}
+
+
+def random_value(rng: random.Random, schema: dict):
+    """A value `schema` holds, with object properties in the schema's order."""
+    if "enum" in schema or "const" in schema:
+        return rng.choice(schema.get("enum", [schema.get("const")]))
+    if "anyOf" in schema:
+        return random_value(rng, rng.choice(schema["anyOf"]))
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = rng.choice(kind)
+    if kind is None:
+        return rng.choice([{"x": [1, None, "y"]}, [], "free", -0.5, True, None, 42])
+    if kind == "string":
+        return "".join(rng.choice(TEXT) for _ in range(rng.randint(0, 6)))
+    if kind == "integer":
+        return rng.choice([0, 7, -12, 10 ** 12])
+    if kind == "number":
+        return rng.choice([0, -3, 2.5, -0.001, 1e-7, 6.02e23])
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "array":
+        most = schema.get("maxItems", schema["minItems"] + 3)
+        return [random_value(rng, schema["items"]) for _ in range(rng.randint(schema["minItems"], most))]
+    if "properties" not in schema:  # a map
+        return {rng.choice(["k", "", "é"]) + str(i): random_value(rng, schema["additionalProperties"])
+                for i in range(rng.randint(0, 3))}
+    return {name: random_value(rng, child) for name, child in schema["properties"].items()
+            if name in schema["required"] or rng.random() < 0.5}
+
+
+def test_random_schemas_hold_their_values_and_nothing_else():
+    rng = random.Random(0)
+    alphabet = '{}[]":, 0123456789-.eE+tfnrul\\abk'
+    accepted_mutations = 0
+    for _ in range(150):
+        schema = random_object(rng, 0)
+        grammar = grammar_of(schema)
+        for _ in range(4):
+            text = json.dumps(random_value(rng, schema), ensure_ascii=False)
+            assert whole(grammar, text), (schema, text)
+            data = text.encode()
+            assert all(grammar.feed(grammar.start(), data[:cut]) is not None for cut in range(len(data)))
+            for _ in range(20):
+                at = rng.randrange(len(text))
+                mutated = text[:at] + rng.choice(alphabet) + text[at + 1:]
+                if whole(grammar, mutated):
+                    accepted_mutations += 1
+                    jsonschema.validate(json.loads(mutated), schema)
+    assert accepted_mutations > 100  # the check above was made often enough to mean something
+
+
+@pytest.mark.parametrize("text, held", [
+    ('{"n": 12, "x": 1.5}', True), ('{"n": 1, "x": -0}', True), ('{"n": 1.0, "x": 1}', False),
+    ('{"n": 1e3, "x": 1}', False), ('{"n": 01, "x": 1}', False), ('{"n": 1, "x": 1.}', False),
+    ('{"n": 1, "x": 1}', True), ('{"n":1, "x": 1}', False), ('{"x": 1, "n": 1}', False), ('{"n": 1}', False),
+])
+def test_integers_numbers_and_the_written_form(text, held):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}},
+              "required": ["n", "x"]}
+    assert whole(grammar_of(schema), text) == held
+
+
+def test_enum_values_that_start_one_another():
+    grammar = grammar_of({"type": "object", "properties": {"v": {"enum": [1, 12, "a", "ab"]}}, "required": ["v"]})
+    assert [whole(grammar, f'{{"v": {value}}}') for value in ("1", "12", "123", '"a"', '"ab"', '"b"')] == \
+        [True, True, False, True, True, False]
+
+
+def test_optional_properties_keep_their_order():
+    schema = {"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "null"}, "c": {"type": "null"}},
+              "required": ["b"]}
+    grammar = grammar_of(schema)
+    held = ['{"b": null}', '{"a": null, "b": null}', '{"b": null, "c": null}', '{"a": null, "b": null, "c": null}']
+    assert all(whole(grammar, text) for text in held)
+    assert not any(whole(grammar, text) for text in ['{}', '{"a": null}', '{"b": null, "a": null}',
+                                                     '{"a": null, "c": null}', '{"b": null, "b": null}'])
+
+
+def test_recursive_refs_and_pydantic_schemas():
+    """$defs/$ref as pydantic writes them (nested models, Optional as anyOf with null, a model that holds itself),
+    through the `openai` package's own strict-schema conversion."""
+    from typing import Optional
+
+    from openai.lib._pydantic import to_strict_json_schema
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: Optional[int]
+
+    class Trip(BaseModel):
+        cities: list[City]
+        next_trip: Optional["Trip"]
+
+    schema = to_strict_json_schema(Trip)
+    assert "$defs" in schema and "$ref" in json.dumps(schema)
+    grammar = grammar_of(schema)
+    trip = Trip(cities=[City(name="Paris", population=2_100_000), City(name="Rome", population=None)],
+                next_trip=Trip(cities=[], next_trip=None))
+    assert whole(grammar, json.dumps(trip.model_dump()))
+    assert not whole(grammar, json.dumps({"cities": [{"name": "Paris"}], "next_trip": None}))
+    deep = {"cities": [], "next_trip": None}
+    for _ in range(20):
+        deep = {"cities": [], "next_trip": deep}
+    assert whole(grammar, json.dumps(deep))
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^a"}}},
+     "#/properties/id: 'pattern' is not supported"),
+    ({"type": "string"}, "#: the schema's values must be objects"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "#/properties/a/$ref: #/$defs/missing "
+                                                                           "is not in the schema"),
+    ({"type": "object", "properties": {"a": {"type": "decimal"}}}, "#/properties/a/type: \"decimal\" is not one of"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf' is not supported"),
+    ({"type": "object", "required": ["b"], "properties": {"a": {}}}, "required a list of its names"),
+])
+def test_what_is_not_supported_is_one_line(schema, message):
+    with pytest.raises(SchemaError) as error:
+        SchemaBuilder().compile_object(schema)
+    assert message in str(error.value) and "\n" not in str(error.value)
