@@ -62,7 +62,7 @@ def test_blank_runs_and_depth_are_bounded():
     assert grammar.feed(grammar.start(), b'{"a":' + b"[" * 32) is None
 
 
-def test_framed_object():
+def test_framed():
     builder = SchemaBuilder()
     grammar = Grammar.framed("call ", builder.build(builder.any_object()), ".")
     assert whole(grammar, 'call {"x": [1]}.')

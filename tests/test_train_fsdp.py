@@ -106,10 +106,12 @@ def test_checkpoints_resume_across_engines_on_one_rank(tiny_flags, runs, tmp_pat
 def test_fsdp_dpo_matches_ddp(tiny_flags, tiny_pretrain_model, tiny_tokens, tmp_path):
     """The policy sharded, the frozen reference whole on each rank; the held-out pairs and the forgetting set are
     evaluated through the sharded model."""
-    dpo = {"init_from": tiny_pretrain_model, "forget_data_paths": tiny_tokens / "pretrain" / "val",
+    missing = tmp_path / "no_tokens"
+    dpo = {"init_from": tiny_pretrain_model, "forget_data_paths": [tiny_tokens / "pretrain" / "val", missing],
            "eval_batches": 1, "learning_rate": 5e-4}
     for engine in ("fsdp", "torch"):
-        train(tiny_flags, tmp_path / engine, 2, stage="dpo", engine=engine, **dpo)
+        output = train(tiny_flags, tmp_path / engine, 2, stage="dpo", engine=engine, **dpo)
+        assert output.count(f"forgetting eval: {missing} not found, skipped") == 1  # said once, not once per rank
     assert_same_losses(tmp_path / "fsdp", tmp_path / "torch", list(range(1, STEPS + 1)))
     for key in ("eval/rewards/accuracies", "eval/rewards/margins", "forget/pretrain_ppl"):
         got, expected = metric(tmp_path / "fsdp", key), metric(tmp_path / "torch", key)

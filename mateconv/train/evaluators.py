@@ -50,28 +50,33 @@ def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_
             for name, data in held_out.items()}
 
 
-def held_out_lm_data(config: TrainConfig, vocab_size: int | None) -> dict[str, Dataset]:
+def held_out_lm_data(config: TrainConfig, vocab_size: int | None, report: bool = True) -> dict[str, Dataset]:
     """Pretraining/SFT validation shards for the forgetting curves, named by their stage directory; those tokenized
-    with another vocabulary than the preference pairs' (`vocab_size`; an earlier run's `out/`, say) are skipped."""
+    with another vocabulary than the preference pairs' (`vocab_size`; an earlier run's `out/`, say) are skipped, with
+    a line saying why when `report` (on the main rank only, not once per rank)."""
     readers = {"pretrain": PretrainTokens, "sft": SFTTokens}
     data = {}
+
+    def skip(reason: str) -> None:
+        if report:
+            print(f"[dpo] forgetting eval: {reason}, skipped", flush=True)
+
     for path in map(Path, config.dpo.forget_data_paths):
         if not (path / "index.json").is_file():
-            print(f"[dpo] forgetting eval: {path} not found, skipped", flush=True)
+            skip(f"{path} not found")
             continue
         info = shard_info(path)
         kind = info["kind"]
         if kind not in readers:
             raise DPOError(f"forget_data_paths: {path} holds {kind!r} shards; pretrain or sft expected")
         if vocab_size is not None and info["vocab_size"] != vocab_size:
-            print(f"[dpo] forgetting eval: {path} was tokenized with a {info['vocab_size']}-token vocabulary, the "
-                  f"preference pairs with {vocab_size}: another tokenizer, skipped", flush=True)
+            skip(f"{path} was tokenized with a {info['vocab_size']}-token vocabulary, the preference pairs with "
+                 f"{vocab_size}: another tokenizer")
             continue
         name = path.parent.name if path.name in ("val", "train") else path.name
         data[name] = readers[kind](path, config.model.max_seq_len)
         if not len(data[name]):  # SFT conversations whose prompts fill max_seq_len have no labelled token
-            print(f"[dpo] forgetting eval: {path} has no labelled token within max_seq_len "
-                  f"{config.model.max_seq_len}, skipped", flush=True)
+            skip(f"{path} has no labelled token within max_seq_len {config.model.max_seq_len}")
             del data[name]
     return data
 
@@ -94,7 +99,7 @@ def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
 def forgetting_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
     """`forget/<name>_ppl` for each of `forget_data_paths` that exists."""
-    held_out = held_out_lm_data(config, data.vocab_size)
+    held_out = held_out_lm_data(config, data.vocab_size, runtime.is_main)
     if not held_out:
         return None
     return lambda model: forgetting_eval(model, held_out, config.optim.batch_size, config.track.eval_batches or None)
