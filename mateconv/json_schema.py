@@ -20,7 +20,7 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema
                          "readOnly", "writeOnly", "$defs", "definitions", "strict"})
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_AGENDA = 4 * MAX_DEPTH  # tasks on one agenda (a recursive $ref could grow it without end)
-MAX_AGENDAS = 64  # agendas alive at once (anyOf branches that share their start)
+MAX_AGENDAS = 1024  # agendas alive at once (anyOf branches, optional properties: each a way the reply may go on)
 # JSON's automaton at a value and at an object, with no blank allowed before it
 ANY_VALUE, ANY_OBJECT = ("value", "", None, MAX_BLANKS), ("start", "", None, MAX_BLANKS)
 
@@ -54,10 +54,11 @@ class Schema:
     def _step(self, agenda: tuple, byte: int) -> list[tuple]:
         task, rest = agenda[-1], agenda[:-1]
         kind = task[0]
-        if kind == "lit":
-            if byte != task[1][0]:
-                return []
-            return self._expand(rest + (("lit", task[1][1:]),) if len(task[1]) > 1 else rest, 0)
+        if kind == "lit":  # one of several texts (an enum's values): the ones this byte continues go on
+            following = [text[1:] for text in task[1] if text[0] == byte]
+            unfinished = tuple(text for text in following if text)
+            return ([rest + (("lit", unfinished),)] if unfinished else []) + \
+                (self._expand(rest, 0) if b"" in following else [])
         if kind == "str":
             after = string_step(task[1], byte)
             if after is None:
@@ -105,11 +106,11 @@ class Schema:
         if kind == "items":
             _, index, count = task
             _, item, least, most = self.nodes[index]
-            choices = [rest + (("lit", b"]"),)] if count >= least else []
+            choices = [rest + (("lit", (b"]",)),)] if count >= least else []
             if most < 0 or count < most:
                 following = count + 1 if most >= 0 or count < max(least, 1) else count  # an open end: stop counting
                 choices.append(rest + (("items", index, following), ("node", item))
-                               + ((("lit", b", "),) if count else ()))
+                               + ((("lit", (b", ",)),) if count else ()))
             return [done for choice in choices for done in self._expand(choice, depth + 1)]
         if kind == "fields":
             _, index, at = task
@@ -119,33 +120,33 @@ class Schema:
                 key, child, required = fields[position]
                 separator = b", " if at >= 0 else b""
                 choices.append(rest + (("fields", index, position), ("node", child),
-                                       ("lit", separator + key + b": ")))
+                                       ("lit", (separator + key + b": ",))))
                 if required:
                     break
             else:
-                choices.append(rest + (("lit", b"}"),))
+                choices.append(rest + (("lit", (b"}",)),))
             return [done for choice in choices for done in self._expand(choice, depth + 1)]
         # "entries" of a map: {"any key": value, ...}
         _, index, first = task
-        entry = rest + (("entries", index, False), ("node", self.nodes[index][1]), ("lit", b": "), ("str", "plain"),
-                        ("lit", (b"" if first else b", ") + b'"'))
-        return [done for choice in (rest + (("lit", b"}"),), entry) for done in self._expand(choice, depth + 1)]
+        entry = rest + (("entries", index, False), ("node", self.nodes[index][1]), ("lit", (b": ",)),
+                        ("str", "plain"), ("lit", ((b"" if first else b", ") + b'"',)))
+        return [done for choice in (rest + (("lit", (b"}",)),), entry) for done in self._expand(choice, depth + 1)]
 
     def _choices(self, index: int, rest: tuple) -> list[tuple]:
         node = self.nodes[index]
         kind = node[0]
         if kind == "texts":
-            return [rest + (("lit", text),) for text in node[1]]
+            return [rest + (("lit", node[1]),)]
         if kind == "string":
-            return [rest + (("str", "plain"), ("lit", b'"'))]
+            return [rest + (("str", "plain"), ("lit", (b'"',)))]
         if kind == "number":
             return [rest + (("num", "start", node[1]),)]
         if kind == "array":
-            return [rest + (("items", index, 0), ("lit", b"["))]
+            return [rest + (("items", index, 0), ("lit", (b"[",)))]
         if kind == "object":
-            return [rest + (("fields", index, -1), ("lit", b"{"))]
+            return [rest + (("fields", index, -1), ("lit", (b"{",)))]
         if kind == "map":
-            return [rest + (("entries", index, True), ("lit", b"{"))]
+            return [rest + (("entries", index, True), ("lit", (b"{",)))]
         if kind == "any":
             return [rest + (("json", ANY_OBJECT if node[1] else ANY_VALUE),)]
         return [rest + (("node", option),) for option in node[1]]  # anyof
@@ -193,7 +194,7 @@ class SchemaBuilder:
         """`compile` for a schema whose values are all JSON objects (a reply's, a call's arguments)."""
         node = self.compile(schema)
         starts = [agenda[-1] for agenda in self.build(node).start()]
-        if not starts or any(task not in (("lit", b"{"), ("json", ANY_OBJECT)) for task in starts):
+        if not starts or any(task not in (("lit", (b"{",)), ("json", ANY_OBJECT)) for task in starts):
             raise SchemaError("#: the schema's values must be objects (\"type\": \"object\")")
         return node
 

@@ -178,3 +178,12 @@ def test_what_is_not_supported_is_one_line(schema, message):
     with pytest.raises(SchemaError) as error:
         SchemaBuilder().compile_object(schema)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_long_enums_and_many_optional_properties():
+    """An enum of 300 values is one task whatever its length; 200 optional properties are 200 ways on at once."""
+    names = [f"name{i}" for i in range(300)]
+    grammar = grammar_of({"type": "object", "properties": {"v": {"enum": names}, **{
+        f"p{i}": {"type": "integer"} for i in range(200)}}, "required": ["v"]})
+    assert whole(grammar, '{"v": "name299", "p5": 1, "p199": 2}')
+    assert not whole(grammar, '{"v": "name300"}') and not whole(grammar, '{"v": "name29", "p5": 1, "p4": 2}')
