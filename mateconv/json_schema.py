@@ -36,7 +36,7 @@ class Schema:
     root: int
 
     def start(self) -> frozenset:
-        return frozenset(self._expand((("node", self.root),), 0))
+        return frozenset(self._expand((("node", self.root),)))
 
     def done(self, state: frozenset) -> bool:
         return () in state
@@ -58,12 +58,12 @@ class Schema:
             following = [text[1:] for text in task[1] if text[0] == byte]
             unfinished = tuple(text for text in following if text)
             return ([rest + (("lit", unfinished),)] if unfinished else []) + \
-                (self._expand(rest, 0) if b"" in following else [])
+                (self._expand(rest) if b"" in following else [])
         if kind == "str":
             after = string_step(task[1], byte)
             if after is None:
                 return []
-            return self._expand(rest, 0) if after == "end" else [rest + (("str", after),)]
+            return self._expand(rest) if after == "end" else [rest + (("str", after),)]
         if kind == "num":
             return self._number_step(task[1], task[2], rest, byte)
         inner = task[1]  # "json": any value, by JSON's own automaton
@@ -73,7 +73,7 @@ class Schema:
         if inner is None:
             return []
         if inner == JSON_DONE or (inner[0] == "after" and inner[1] == ""):
-            return self._expand(rest, 0)
+            return self._expand(rest)
         return [rest + (("json", inner),)]
 
     def _number_step(self, part: str, integer: bool, rest: tuple, byte: int, json_task: bool = False) -> list[tuple]:
@@ -84,25 +84,30 @@ class Schema:
         if after is not None:
             results.append(rest + ((("json", ("number", "", after, 0)) if json_task else ("num", after, integer)),))
         if part in NUMBER_ENDS:  # the number may end here: the byte is the next task's
-            for agenda in self._expand(rest, 0):
+            for agenda in self._expand(rest):
                 if agenda:
                     results.extend(self._step(agenda, byte))
         return results
 
     # ------------------------------------------------------------------------------------------------ expansion
 
-    def _expand(self, agenda: tuple, depth: int) -> list[tuple]:
-        """The agendas `agenda` stands for whose top task takes a byte (or that are done)."""
+    def _expand(self, agenda: tuple, seen: frozenset = frozenset()) -> list[tuple]:
+        """The agendas `agenda` stands for whose top task takes a byte (or that are done). `seen`: the nodes opened
+        on the way here since the last byte; one met again is a loop that writes nothing (`"anyOf": [{"$ref": "#"},
+        ...]`), dropped."""
         if not agenda:
             return [agenda]
-        if len(agenda) > MAX_AGENDA or depth > MAX_AGENDA:
+        if len(agenda) > MAX_AGENDA:
             return []
         task, rest = agenda[-1], agenda[:-1]
         kind = task[0]
         if kind in ("lit", "str", "num", "json"):
             return [agenda]
         if kind == "node":
-            return [done for choice in self._choices(task[1], rest) for done in self._expand(choice, depth + 1)]
+            if task[1] in seen:
+                return []
+            seen = seen | {task[1]}
+            return [done for choice in self._choices(task[1], rest) for done in self._expand(choice, seen)]
         if kind == "items":
             _, index, count = task
             _, item, least, most = self.nodes[index]
@@ -111,7 +116,7 @@ class Schema:
                 following = count + 1 if most >= 0 or count < max(least, 1) else count  # an open end: stop counting
                 choices.append(rest + (("items", index, following), ("node", item))
                                + ((("lit", (b", ",)),) if count else ()))
-            return [done for choice in choices for done in self._expand(choice, depth + 1)]
+            return [done for choice in choices for done in self._expand(choice, seen)]
         if kind == "fields":
             _, index, at = task
             fields = self.nodes[index][1]
@@ -125,12 +130,12 @@ class Schema:
                     break
             else:
                 choices.append(rest + (("lit", (b"}",)),))
-            return [done for choice in choices for done in self._expand(choice, depth + 1)]
+            return [done for choice in choices for done in self._expand(choice, seen)]
         # "entries" of a map: {"any key": value, ...}
         _, index, first = task
         entry = rest + (("entries", index, False), ("node", self.nodes[index][1]), ("lit", (b": ",)),
                         ("str", "plain"), ("lit", ((b"" if first else b", ") + b'"',)))
-        return [done for choice in (rest + (("lit", (b"}",)),), entry) for done in self._expand(choice, depth + 1)]
+        return [done for choice in (rest + (("lit", (b"}",)),), entry) for done in self._expand(choice, seen)]
 
     def _choices(self, index: int, rest: tuple) -> list[tuple]:
         node = self.nodes[index]

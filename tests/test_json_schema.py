@@ -161,6 +161,10 @@ def test_recursive_refs_and_pydantic_schemas():
     for _ in range(20):
         deep = {"cities": [], "next_trip": deep}
     assert whole(grammar, json.dumps(deep))
+    # a reference that comes back to itself before writing anything is a loop, dropped (not 2^depth ways on)
+    looping = {"$defs": {"x": {"anyOf": [{"$ref": "#/$defs/x"}, {"$ref": "#/$defs/x"}, {"type": "null"}]}},
+               "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "required": ["a"]}
+    assert whole(grammar_of(looping), '{"a": null}') and not whole(grammar_of(looping), '{"a": 1}')
 
 
 @pytest.mark.parametrize("schema, message", [
