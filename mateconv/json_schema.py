@@ -9,7 +9,7 @@ form a model saw its tool calls in during SFT; properties in the schema's order,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mateconv.json_grammar import DIGITS, ESCAPES, HEX, JSON_DONE, MAX_BLANKS, MAX_DEPTH, NUMBER_ENDS, json_step, \
@@ -34,6 +34,7 @@ class Schema:
     """Compiled nodes (see SchemaBuilder) and the root's number. A state is a frozenset of agendas."""
     nodes: tuple
     root: int
+    expansions: dict = field(default_factory=dict, compare=False, repr=False)  # _expand's, kept
 
     def start(self) -> frozenset:
         return frozenset(self._expand((("node", self.root),)))
@@ -92,9 +93,18 @@ class Schema:
     # ------------------------------------------------------------------------------------------------ expansion
 
     def _expand(self, agenda: tuple, seen: frozenset = frozenset()) -> list[tuple]:
-        """The agendas `agenda` stands for whose top task takes a byte (or that are done). `seen`: the nodes opened
-        on the way here since the last byte; one met again is a loop that writes nothing (`"anyOf": [{"$ref": "#"},
-        ...]`), dropped."""
+        """The agendas `agenda` stands for whose top task takes a byte (or that are done), each once. `seen`: the
+        nodes opened on the way here since the last byte; one met again is a loop that writes nothing (`"anyOf":
+        [{"$ref": "#"}, ...]`), dropped. Cached: a schema whose anyOfs meet again (`a: anyOf [b, b]`, `b: anyOf [c,
+        c]`, ...) would take 2^depth ways to the same agendas otherwise."""
+        key = (agenda, seen)
+        if key not in self.expansions:
+            if len(self.expansions) > 1 << 16:
+                self.expansions.clear()
+            self.expansions[key] = self._expand_once(agenda, seen)
+        return self.expansions[key]
+
+    def _expand_once(self, agenda: tuple, seen: frozenset) -> list[tuple]:
         if not agenda:
             return [agenda]
         if len(agenda) > MAX_AGENDA:
@@ -107,7 +117,7 @@ class Schema:
             if task[1] in seen:
                 return []
             seen = seen | {task[1]}
-            return [done for choice in self._choices(task[1], rest) for done in self._expand(choice, seen)]
+            return unique(done for choice in self._choices(task[1], rest) for done in self._expand(choice, seen))
         if kind == "items":
             _, index, count = task
             _, item, least, most = self.nodes[index]
@@ -116,7 +126,7 @@ class Schema:
                 following = count + 1 if most >= 0 or count < max(least, 1) else count  # an open end: stop counting
                 choices.append(rest + (("items", index, following), ("node", item))
                                + ((("lit", (b", ",)),) if count else ()))
-            return [done for choice in choices for done in self._expand(choice, seen)]
+            return unique(done for choice in choices for done in self._expand(choice, seen))
         if kind == "fields":
             _, index, at = task
             fields = self.nodes[index][1]
@@ -130,12 +140,12 @@ class Schema:
                     break
             else:
                 choices.append(rest + (("lit", (b"}",)),))
-            return [done for choice in choices for done in self._expand(choice, seen)]
+            return unique(done for choice in choices for done in self._expand(choice, seen))
         # "entries" of a map: {"any key": value, ...}
         _, index, first = task
         entry = rest + (("entries", index, False), ("node", self.nodes[index][1]), ("lit", (b": ",)),
                         ("str", "plain"), ("lit", ((b"" if first else b", ") + b'"',)))
-        return [done for choice in (rest + (("lit", (b"}",)),), entry) for done in self._expand(choice, seen)]
+        return unique(done for choice in (rest + (("lit", (b"}",)),), entry) for done in self._expand(choice, seen))
 
     def _choices(self, index: int, rest: tuple) -> list[tuple]:
         node = self.nodes[index]
@@ -155,6 +165,10 @@ class Schema:
         if kind == "any":
             return [rest + (("json", ANY_OBJECT if node[1] else ANY_VALUE),)]
         return [rest + (("node", option),) for option in node[1]]  # anyof
+
+
+def unique(agendas) -> list[tuple]:
+    return list(dict.fromkeys(agendas))
 
 
 def string_step(part: str | int, byte: int) -> str | int | None:

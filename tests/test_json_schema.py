@@ -165,6 +165,11 @@ def test_recursive_refs_and_pydantic_schemas():
     looping = {"$defs": {"x": {"anyOf": [{"$ref": "#/$defs/x"}, {"$ref": "#/$defs/x"}, {"type": "null"}]}},
                "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "required": ["a"]}
     assert whole(grammar_of(looping), '{"a": null}') and not whole(grammar_of(looping), '{"a": 1}')
+    # anyOfs that meet again: 2^40 ways to the same place, each followed once
+    meeting = {f"a{i}": {"anyOf": [{"$ref": f"#/$defs/a{i + 1}"}, {"$ref": f"#/$defs/a{i + 1}"}]} for i in range(40)}
+    meeting = {"$defs": {**meeting, "a40": {"type": "null"}}, "type": "object", "properties": {
+        "x": {"$ref": "#/$defs/a0"}}, "required": ["x"]}
+    assert whole(grammar_of(meeting), '{"x": null}')
 
 
 @pytest.mark.parametrize("schema, message", [
