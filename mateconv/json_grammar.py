@@ -8,6 +8,7 @@ replies alike parse (unless max_tokens cuts them short).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -216,7 +217,7 @@ def byte_decoder() -> dict[str, int]:
 
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     """Each token id's bytes (b"" for special tokens, ids beyond the tokenizer, and tokens that are part of a
-    character in a tokenizer that is not byte-level: those never pass the grammar)."""
+    character in a tokenizer that is neither byte-level nor has byte fallback: those never pass the grammar)."""
     special = set(tokenizer.all_special_ids)
     added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers only
@@ -235,6 +236,8 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
         elif byte_level:
             piece = pieces[token_id]
             result.append(bytes(table[char] for char in piece) if all(char in table for char in piece) else b"")
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", pieces[token_id]):  # SentencePiece's byte fallback
+            result.append(bytes([int(pieces[token_id][3:5], 16)]))
         else:
             text = tokenizer.decode(anchor + [token_id])
             result.append(text[len(lead):].encode() if text.startswith(lead) and "\ufffd" not in text else b"")

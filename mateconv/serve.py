@@ -541,8 +541,17 @@ class Engine:
                            param=what, code="context_length_exceeded")
         return wanted
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.token_table.pieces[token] or self.tokenizer.decode([token]).encode()
+
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        """A token as OpenAI's logprobs show it: its text, or "bytes:\\xe4\\xbd" for bytes that are part of a
+        character (two such tokens would otherwise both be U+FFFD, one key in legacy `top_logprobs`)."""
+        data = self.token_bytes(token)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
     def logprobs(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
         """For each token after the first: (its log-probability given the tokens before it, the `top` most likely
@@ -862,8 +871,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
 def chat_logprobs(engine: Engine, prompt: list[int], tokens: list[int], top: int) -> dict:
     """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
     def entry(token: int, logprob: float) -> dict:
-        text = engine.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": engine.token_text(token), "logprob": logprob, "bytes": list(engine.token_bytes(token))}
 
     scored = engine.logprobs(prompt + tokens, top)[len(prompt) - 1:] if tokens else []
     content = [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives]}

@@ -167,3 +167,22 @@ def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
     assert tokenizer.decode(ids) == sample
     assert b"".join(pieces[i] for i in ids).lstrip() == sample.encode()
     assert any(piece.startswith(b" ") for piece in pieces)
+
+
+def test_token_bytes_of_byte_fallback_tokens():
+    """Llama-style byte fallback: a character missing from the vocabulary is written as <0xXX> tokens, one byte each
+    (alone each decodes to U+FFFD): the table has those bytes, so such characters can be written under a grammar."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{byte:02X}>": 2 + byte for byte in range(256)}}
+    vocab.update({piece: len(vocab) + i for i, piece in enumerate(["▁", "a", "▁a"])})
+    backend = Tokenizer(models.BPE(vocab, [("▁", "a")], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    ids = tokenizer.encode("a 中", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "a 中" and tokenizer.decode(ids[-1:]) == "\ufffd"  # the case under test
+    pieces = token_bytes(tokenizer, len(tokenizer))
+    assert b"".join(pieces[i] for i in ids).lstrip() == "a 中".encode()

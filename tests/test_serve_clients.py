@@ -106,18 +106,36 @@ def test_echo_scores_the_prompt_like_lm_eval(client, local):
     assert logprobs.text_offset == sorted(logprobs.text_offset) and len(logprobs.top_logprobs[1]) == 1
 
 
-def test_text_offsets_point_into_the_text_when_tokens_split_characters(client, local):
-    """A character of several bytes split across tokens (each alone decodes to U+FFFD) still leaves every later
-    token's text_offset at that token's text in the echoed prompt."""
+def test_tokens_that_split_characters(client, local):
+    """A character of several bytes split across tokens (each alone decodes to U+FFFD): such tokens are shown as
+    OpenAI shows them, "bytes:\\xf0\\x9d", so the tokens' bytes make up the text and no two alternatives in the
+    legacy `top_logprobs` share a key; every later token's text_offset is still at its text in the echoed prompt;
+    chat logprobs carry each token's own bytes."""
     _, tokenizer, _ = local
     prompt = "𝄞 music, 你好 Once"
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     assert any(tokenizer.decode([token]) == "\ufffd" for token in ids)  # the case under test
-    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=5)
     text, logprobs = reply.choices[0].text, reply.choices[0].logprobs
     assert text == prompt and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert b"".join(token_bytes(token) for token in logprobs.tokens) == prompt.encode()
+    assert all(len(alternatives) == 5 for alternatives in logprobs.top_logprobs[1:])
     for token, offset in zip(logprobs.tokens, logprobs.text_offset):
-        assert token == "\ufffd" or text[offset:offset + len(token)] == token, (token, offset)
+        assert token.startswith("bytes:") or text[offset:offset + len(token)] == token, (token, offset)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8,
+                                          temperature=1.0, seed=0, logprobs=True, top_logprobs=5)
+    content = chat.choices[0].logprobs.content
+    assert b"".join(bytes(entry.bytes) for entry in content).decode(errors="replace") == chat.choices[0].message.content
+    for entry in content:
+        assert bytes(entry.bytes) == token_bytes(entry.token)
+        assert len({alternative.token for alternative in entry.top_logprobs}) == 5
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes of a token as the server shows it."""
+    if token.startswith("bytes:"):
+        return bytes(int(hexa, 16) for hexa in token.removeprefix("bytes:").split("\\x")[1:])
+    return token.encode()
 
 
 def test_lm_eval_loglikelihood_keeps_the_continuation_when_the_model_ends(client, local, greedy_reply,
