@@ -20,6 +20,7 @@ BLANKS = frozenset(b" \t\n\r")
 MAX_BLANKS = 1
 MAX_DEPTH = 32
 ESCAPES = frozenset(b'"\\/bfnrt')
+STRING_SPECIAL = frozenset(b'"\\' + bytes(range(0x20)))  # the bytes that do something inside a JSON string
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
@@ -140,7 +141,9 @@ def json_step(state: tuple, byte: int) -> tuple | None:
 @dataclass(frozen=True)
 class Grammar:
     """parts: ("text", bytes) — that text; ("json",) — one JSON object; ("schema", Schema) — one JSON object that a
-    schema holds (mateconv.json_schema); ("end",) — EOS. A state is (part index, the part's state)."""
+    schema holds (mateconv.json_schema); ("end",) — EOS; ("calls", opening, Schema, closing) — free text, in which
+    each `opening` starts an object the schema holds, closed by `closing`, and EOS wherever the text is free. A
+    state is (part index, the part's state)."""
     parts: tuple
 
     @classmethod
@@ -156,6 +159,10 @@ class Grammar:
         """`before`, an object that `schema` holds, `after`, then the end."""
         return cls((("text", before.encode()), ("schema", schema), ("text", after.encode()), ("end",)))
 
+    @classmethod
+    def calls(cls, opening: str, schema, closing: str) -> Grammar:
+        return cls((("calls", opening.encode(), schema, closing.encode()),))
+
     def start(self) -> tuple:
         return self._enter(0)
 
@@ -163,18 +170,25 @@ class Grammar:
         part = self.parts[index]
         if part[0] == "schema":
             return (index, part[1].start())
-        return (index, {"text": 0, "json": JSON_START}.get(part[0]))
+        return (index, {"text": 0, "json": JSON_START, "calls": ("free", 0)}.get(part[0]))
 
     def at_end(self, state: tuple) -> bool:
-        return self.parts[state[0]][0] == "end"
+        """Whether EOS may come here."""
+        kind = self.parts[state[0]][0]
+        return kind == "end" or (kind == "calls" and state[1][0] == "free")
 
-    def in_string(self, state: tuple) -> bool:
-        """Whether the state is inside a JSON string, where a byte other than a quote, backslash or control byte
-        leaves it as it is."""
-        part = self.parts[state[0]]
-        if part[0] == "schema":
-            return part[1].in_string(state[1])
-        return part[0] == "json" and state[1][0] == "string"
+    def plain_bytes(self, state: tuple) -> frozenset | None:
+        """Bytes such that any token without them may come here (None where there are none): inside a JSON string,
+        a quote, backslash or control byte; in free text, where any byte may come, the opening's first byte and the
+        one after the part of it the text ends with (k bytes). A token that completes the opening either holds all
+        of it, or starts with its rest after some j <= k bytes that the text ends with, and that rest holds byte k."""
+        part, inner = self.parts[state[0]], state[1]
+        if part[0] == "calls" and inner[0] == "free":
+            opening, k = part[1], inner[1]
+            return frozenset(opening[:1] + opening[k:k + 1])
+        in_string = (part[0] == "json" and inner[0] == "string") or (part[0] == "schema" and part[1].in_string(inner)) \
+            or (part[0] == "calls" and inner[0] == "call" and part[2].in_string(inner[1]))
+        return STRING_SPECIAL if in_string else None
 
     def step(self, state: tuple, byte: int) -> tuple | None:
         index, inner = state
@@ -193,6 +207,9 @@ class Grammar:
             if inner is None:
                 return None
             return self._enter(index + 1) if part[1].done(inner) else (index, inner)
+        if part[0] == "calls":
+            inner = calls_step(part, inner, byte)
+            return None if inner is None else (index, inner)
         return None  # the end takes no bytes
 
     def feed(self, state: tuple, data: bytes) -> tuple | None:
@@ -201,6 +218,26 @@ class Grammar:
             if state is None:
                 return None
         return state
+
+
+def calls_step(part: tuple, inner: tuple, byte: int) -> tuple | None:
+    """A "calls" part's state after one more byte: ("free", how much of the opening the text ends with), ("call",
+    the schema's state) or ("close", how much of the closing is written)."""
+    _, opening, schema, closing = part
+    mode, at = inner
+    if mode == "free":
+        matched = opening[:at] + bytes((byte,))
+        while not opening.startswith(matched):  # the longest end of the text that could still open a call
+            matched = matched[1:]
+        return ("call", schema.start()) if matched == opening else ("free", len(matched))
+    if mode == "call":
+        at = schema.step(at, byte)
+        if at is None:
+            return None
+        return ("close", 0) if schema.done(at) else ("call", at)
+    if closing[at] != byte:
+        return None
+    return ("free", 0) if at + 1 == len(closing) else ("close", at + 1)
 
 
 # ---------------------------------------------------------------- tokens
@@ -245,22 +282,30 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
 
 
 class TokenTable:
-    """One model's tokens as bytes, in two tries for the search of the allowed ones: from node ALL every token, from
-    node REST those that are not plain (plain: no quote, backslash or control byte, so inside a JSON string they leave
-    it as it is). A node is a number: `children[node]` maps a byte to the next node, `ends[node]` holds the tokens
-    that the bytes on the way to it spell."""
-    ALL, REST = 0, 1
+    """One model's tokens as bytes, in tries for the search of the allowed ones: from node 0 every token; `split`
+    adds one of the tokens that hold any of a set of bytes. A node is a number: `children[node]` maps a byte to the
+    next node, `ends[node]` holds the tokens that the bytes on the way to it spell."""
 
     def __init__(self, pieces: list[bytes]):
         self.pieces = pieces
-        self.plain = torch.tensor([bool(piece) and all(b >= 0x20 and b not in b'"\\' for b in piece)
-                                   for piece in pieces])
-        self.children: list[dict[int, int]] = [{}, {}]
+        self.children: list[dict[int, int]] = [{}]
         self.ends: dict[int, tuple[int, ...]] = {}
-        for token_id, (piece, plain) in enumerate(zip(pieces, self.plain.tolist())):
+        self.splits: dict[frozenset, tuple[torch.Tensor, int]] = {}
+        for token_id, piece in enumerate(pieces):
             if piece:
-                for root in (self.ALL,) if plain else (self.ALL, self.REST):
+                self._insert(0, piece, token_id)
+
+    def split(self, special: frozenset) -> tuple[torch.Tensor, int]:
+        """(bool [V]: the tokens without any of the `special` bytes, the root of a trie of the other tokens)."""
+        if special not in self.splits:
+            plain = [bool(piece) and special.isdisjoint(piece) for piece in self.pieces]
+            root = len(self.children)
+            self.children.append({})
+            for token_id, (piece, free) in enumerate(zip(self.pieces, plain)):
+                if piece and not free:
                     self._insert(root, piece, token_id)
+            self.splits[special] = (torch.tensor(plain), root)
+        return self.splits[special]
 
     def _insert(self, node: int, piece: bytes, token_id: int) -> None:
         for byte in piece:
@@ -280,15 +325,20 @@ class TokenGrammar:
         self.masks: dict[tuple, torch.Tensor] = {}
 
     def allowed(self, state: tuple) -> torch.Tensor:
-        """Bool [V]: the tokens that keep the reply in the grammar from `state` (EOS only at the end)."""
+        """Bool [V]: the tokens that keep the reply in the grammar from `state` (EOS only at the end). Where the
+        grammar names bytes outside of which every token is allowed, only the tokens that hold one are searched."""
         mask = self.masks.get(state)
         if mask is None:
             if len(self.masks) > 4096:
                 self.masks.clear()
-            inside_string = self.grammar.in_string(state)
-            keep = self.table.plain.clone() if inside_string else torch.zeros(len(self.table.pieces), dtype=torch.bool)
+            special = self.grammar.plain_bytes(state)
+            if special is None:
+                keep, root = torch.zeros(len(self.table.pieces), dtype=torch.bool), 0
+            else:
+                plain, root = self.table.split(special)
+                keep = plain.clone()
             found: list[int] = []
-            self._search(TokenTable.REST if inside_string else TokenTable.ALL, state, found)
+            self._search(root, state, found)
             keep[found] = True
             keep[self.eos_id] = self.grammar.at_end(state)
             mask = self.masks[state] = keep.to(self.device)

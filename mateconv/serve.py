@@ -230,14 +230,12 @@ class ChatCompletionRequest(GenerationRequest):
     def reply_grammar(self) -> Grammar | None:
         """What the reply must be, held to by constrained decoding: one call of the functions `called_functions`
         names, with arguments that the function's parameters hold; else a JSON object for response_format
-        json_object, or one that its json_schema holds; else anything (None)."""
+        json_object, or one that its json_schema holds; else, with a strict function among the tools, text whose
+        calls are such calls (a call, once begun, is held to the schema); else anything (None)."""
         names = self.called_functions()
+        opening, closing = f"{TOOL_CALL[0]}\n", f"\n{TOOL_CALL[1]}"
         if names:
-            builder = SchemaBuilder()
-            calls = [builder.object([("name", builder.const(tool["function"]["name"])),
-                                     ("arguments", arguments_node(builder, tool["function"], i))])
-                     for i, tool in enumerate(self.tools) if tool["function"]["name"] in names]
-            return Grammar.framed(f"{TOOL_CALL[0]}\n", builder.build(builder.any_of(calls)), f"\n{TOOL_CALL[1]}")
+            return Grammar.framed(opening, self.call_schema(names), closing)
         kind = (self.response_format or {}).get("type", "text")
         if kind == "json_object":
             return Grammar.json_object()
@@ -246,7 +244,18 @@ class ChatCompletionRequest(GenerationRequest):
         if kind != "text":
             raise APIError(400, f"response_format type {json.dumps(kind)} is not one of \"text\", \"json_object\" and "
                                 "\"json_schema\"", param="response_format")
+        tools = self.prompt_tools() or []
+        if any(tool["function"].get("strict") for tool in tools):
+            return Grammar.calls(opening, self.call_schema([tool["function"]["name"] for tool in tools]), closing)
         return None
+
+    def call_schema(self, names: list[str]) -> Schema:
+        """A call of one of the functions `names`, as SFT renders calls: {"name": ..., "arguments": {...}}."""
+        builder = SchemaBuilder()
+        calls = [builder.object([("name", builder.const(tool["function"]["name"])),
+                                 ("arguments", arguments_node(builder, tool["function"], i))])
+                 for i, tool in enumerate(self.tools) if tool["function"]["name"] in names]
+        return builder.build(builder.any_of(calls))
 
     def reply_schema(self) -> Schema:
         spec = self.response_format.get("json_schema")

@@ -3,6 +3,7 @@ the tokenizer, and generation from a random model, which never writes JSON on it
 object, a forced call, a schema)."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -186,3 +187,45 @@ def test_token_bytes_of_byte_fallback_tokens():
     assert tokenizer.decode(ids) == "a 中" and tokenizer.decode(ids[-1:]) == "\ufffd"  # the case under test
     pieces = token_bytes(tokenizer, len(tokenizer))
     assert b"".join(pieces[i] for i in ids).lstrip() == "a 中".encode()
+
+
+def test_calls_in_free_text():
+    """Free text in which each opening starts a call held to the schema, closed, then free again; EOS only in free
+    text."""
+    builder = SchemaBuilder()
+    parameters = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    schema = builder.build(builder.object([("name", builder.const("f")), ("arguments", builder.compile_object(
+        parameters))]))
+    grammar = Grammar.calls("<c>", schema, "</c>")
+    call = '<c>{"name": "f", "arguments": {"n": 1}}</c>'
+    for text in ["", "plain < <c text", f"before {call} between {call}{call} after", "<<c" + call[2:], "<c<c>"[:2]]:
+        assert whole(grammar, text), text
+    for text in ['<c>{"name": "g"', '<c>{"name": "f", "arguments": {"n": "1"}}', '<<c>{"name": f}']:
+        assert grammar.feed(grammar.start(), text.encode()) is None, text
+    assert not whole(grammar, call[:-1]) and grammar.feed(grammar.start(), call[:-1].encode()) is not None
+
+
+def test_masks_are_the_tokens_whose_bytes_the_grammar_takes():
+    """The trie search (and its shortcuts: plain tokens inside a string, tokens that cannot open a call in free text)
+    against feeding every token's bytes, in every state along replies of each grammar kind. The vocabulary is every
+    string of 1-3 of the bytes that matter here (and of 4 of some), so that each shortcut meets the tokens that could
+    fool it."""
+    alphabet = [bytes([byte]) for byte in b'<c>{}[]"n: 1a\\'] + [b"\n"]
+    pieces = [b""] + [b"".join(letters) for size in (1, 2, 3) for letters in itertools.product(alphabet, repeat=size)]
+    pieces += [bytes(letters) for letters in itertools.product(b"<c>{x", repeat=4)]
+    table = TokenTable(pieces)
+    builder = SchemaBuilder()
+    schema = builder.build(builder.compile_object({"type": "object", "properties": {
+        "a": {"type": "string"}, "n": {"type": "array", "items": {"enum": [1, 11]}}}}))
+    replies = {Grammar.json_object(): '{"a": [1, "c\\"<"], "n": {"c": null}}',
+               Grammar.schema_object(schema): '{"a": "<c> \\u00e9", "n": [11, 1]}',
+               Grammar.calls("<c<c>\n", schema, "\n</c>"): 'a <c<c <c<c<c>\n{"a": "x", "n": []}\n</c> <c',
+               Grammar.calls("<c<>", schema, "</c>"): '<c<c<<c<>{"n": [1]}</c>'}  # "<c<" ends with the start "<"
+    for grammar, reply in replies.items():
+        token_grammar = TokenGrammar(grammar, table, 0, torch.device("cpu"))
+        state = grammar.start()
+        for byte in reply.encode():
+            expected = [bool(piece) and grammar.feed(state, piece) is not None for piece in pieces]
+            expected[0] = grammar.at_end(state)
+            assert token_grammar.allowed(state).tolist() == expected, (reply, state)
+            state = grammar.step(state, byte)

@@ -28,9 +28,9 @@ from mateconv.serve import ReplyParser, chat_message
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city now", "strict": True, "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-        "additionalProperties": False}}}
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+STRICT_WEATHER = {"type": "function", "function": {**WEATHER["function"], "strict": True}}  # the same prompt
 TOOLS = [WEATHER]
 TIME = {"type": "function", "function": {"name": "get_time"}}
 ZONED_TIME = {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
@@ -208,6 +208,25 @@ def test_malformed_call_stays_text(client, stream):
     assert reply(client, [ASK_BROKEN], stream, tools=TOOLS) == (BROKEN, "", [], ["stop"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_strict_tools_hold_the_calls_the_model_begins(client, stream):
+    """With a strict function (listed as the same prompt), a call the model begins is held to the function's schema:
+    the call it writes malformed (a text without `strict`) comes back as a call, with arguments the schema holds
+    (whatever the model writes after it stays content); text and good calls are as without it."""
+    if not stream:
+        assert ask(client, [ASK_PRIME], tools=[STRICT_WEATHER]).usage.prompt_tokens == \
+            ask(client, [ASK_PRIME], tools=TOOLS).usage.prompt_tokens
+    content, _, calls, finishes = reply(client, [ASK_BROKEN], stream, tools=[STRICT_WEATHER], max_tokens=150)
+    [call] = calls
+    name, arguments = (call["name"], call["arguments"]) if stream else (call.function.name, call.function.arguments)
+    assert (name, finishes) == ("get_weather", ["tool_calls"])
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    assert reply(client, [ASK_PRIME], stream, tools=[STRICT_WEATHER]) == (VERDICT, THOUGHT, [], ["stop"])
+    _, _, calls, _ = reply(client, [ASK_PARIS], stream, tools=[STRICT_WEATHER])
+    assert [json.loads(call["arguments"] if stream else call.function.arguments) for call in calls] == [
+        {"city": "Paris"}]
+
+
 def test_tool_choice_none_and_no_tools(client):
     """Without tools, or with tool_choice "none", the prompt lists none and no reply is parsed into a call."""
     with_tools = ask(client, [ASK_PARIS], tools=TOOLS)
@@ -298,7 +317,7 @@ def test_langchain_structured_output_by_json_schema(server):
 
 
 def test_openai_parse_returns_the_pydantic_object(client):
-    parsed = client.chat.completions.parse(model="tiny", messages=[ASK_JSON], tools=TOOLS,
+    parsed = client.chat.completions.parse(model="tiny", messages=[ASK_JSON], tools=[STRICT_WEATHER],
                                            response_format=Forecast, temperature=0)
     assert parsed.choices[0].message.parsed == Forecast(**AS_JSON)
 

@@ -133,8 +133,16 @@ def _system_text(system: str, tools: Any) -> str:
     tools = tools if isinstance(tools, list) else [tools]
     if not all(isinstance(tool, dict) for tool in tools):
         raise DataError("tools must be a list of JSON objects")
-    listed = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+    listed = TOOLS_PROMPT.format(tools="\n".join(json.dumps(_as_listed(tool), ensure_ascii=False) for tool in tools))
     return f"{system}\n\n{listed}" if system else listed
+
+
+def _as_listed(tool: dict) -> dict:
+    """A tool as the model sees it: OpenAI's `strict` tells the server how to decode calls, not the model anything."""
+    function = tool.get("function")
+    if isinstance(function, dict) and "strict" in function:
+        return {**tool, "function": {key: value for key, value in function.items() if key != "strict"}}
+    return tool
 
 
 def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
