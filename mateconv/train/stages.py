@@ -131,9 +131,16 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
+    if not shard_info(train_path)["num_records"]:  # an empty file or shards of one: nothing to train on
+        raise DataError(f"{label} training data holds no records: {config.data.data_path}")
     val = reader_class(val_path, config.model.max_seq_len, **reader_options) if val_path else None
     return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val,
                      shard_info(train_path)["vocab_size"])
+
+
+def without_empty_validation(data: StageData) -> StageData:
+    """No validation (nor best/ model) rather than a NaN loss, or a crash, on held-out data without a record."""
+    return StageData(data.train, None, data.vocab_size) if data.val is not None and not len(data.val) else data
 
 
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
@@ -150,8 +157,7 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
                       f"{split} conversations skipped: no assistant token in their first max_seq_len "
                       f"{data.train.seq_len} tokens (a longer prompt), they would train nothing; raise max_seq_len "
                       "to keep them", flush=True)
-    if data.val is not None and not len(data.val):
-        data = StageData(data.train, None, data.vocab_size)  # no validation (nor best/ model) rather than a NaN loss
+    data = without_empty_validation(data)
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
@@ -163,7 +169,7 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """DPO pairs; with precompute_ref each carries its reference log-probs (cached next to the data)."""
     ref_path = reference_path(config)
-    data = read_shards(DPOTokens, "DPO", config, runtime, tokenizer)
+    data = without_empty_validation(read_shards(DPOTokens, "DPO", config, runtime, tokenizer))
     if not config.dpo.precompute_ref:
         return data
     train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config)
