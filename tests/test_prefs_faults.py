@@ -315,3 +315,25 @@ def test_a_run_where_every_prompt_fails_is_an_error_and_not_done(tmp_path, fake_
                                          r"gives \(16\)$"):
         main(["--prompts_path", str(prompts), "--output_dir", str(tmp_path / "local"), "--k_samples", "32",
               "--judge", "rule", "--no_progress"])
+
+
+def test_answers_that_are_no_chat_completion_fail_their_prompt_and_a_web_page_at_models_stops_the_run(
+        tmp_path, fake_factory):
+    """A web page (a proxy's, at status 200) or JSON of another shape where a chat completion belongs: that prompt is
+    a recorded failure saying so and the others go on (the client's AttributeError/TypeError stopped the run with a
+    traceback). A web page at GET /models (a base URL that is not the API's) stops the run at once, in one line."""
+    fake = fake_factory(schedule={("gen", "p00"): ["webpage"], ("judge", "p01"): ["shapeless"]})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    run(config(fake, prompts, out, 3), env={})
+    failures = {record["id"]: record for record in records(out, "failure")}
+    assert ids(out, "pair") == ["p02"] and sorted(failures) == ["p00", "p01"]
+    assert failures["p00"]["stage"] == "generate" and failures["p01"]["stage"] == "judge"
+    assert failures["p00"]["reason"] == "the answer is not a chat completion: '<html><body>Bad gateway</body></html>'"
+    assert failures["p01"]["reason"].startswith("the answer is not a chat completion: ")
+
+    web = fake_factory(web_page_models=True)
+    with pytest.raises(SystemExit) as error:
+        main(["--prompts_path", str(prompts), "--output_dir", str(tmp_path / "web"), "--generator_base_url",
+              web.url, "--generator_model", "gen", "--judge", "rule", "--no_progress"])
+    assert str(error.value) == (f"prefs: generator endpoint {web.url} answered GET /models with no JSON: not the base "
+                                "URL of an OpenAI-compatible API (which usually ends in /v1)")
