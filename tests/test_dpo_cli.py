@@ -181,3 +181,21 @@ def test_an_empty_pairs_file_is_one_line_and_an_empty_validation_file_turns_vali
                                 "--out_dir", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "final" / "model.safetensors").exists()
     assert not any("val_loss" in row for row in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_reference_of_a_smaller_vocabulary_is_one_line(precompute, tiny_sft_model, tiny_llama, tmp_path):
+    """A reference model that cannot embed the pairs' token ids (another tokenizer's) stopped DPO with an IndexError
+    traceback from its first forward (a device-side assert on a GPU)."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs, reference = tmp_path / "pairs.jsonl", tmp_path / "ref"
+    write_pairs_file(pairs)
+    tiny_llama(0, vocab_size=50).save_pretrained(reference)
+    with pytest.raises(SystemExit, match=rf"^dpo: the token shards use a vocabulary of 512 but the reference model "
+                                         rf"{reference} has 50 embeddings \(ref_model_path: a model of the policy's "
+                                         rf"tokenizer\)$"):
+        main("dpo", TINY_MODEL_FLAGS + [
+            "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", "",
+            "--forget_data_paths", "", "--ref_model_path", str(reference), "--out_dir", str(tmp_path / "dpo"),
+            "--batch_size", "2", "--max_steps", "1", "--precompute_ref", str(precompute).lower()])

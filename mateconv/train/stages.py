@@ -30,7 +30,8 @@ from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setu
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
-from mateconv.train.models import build_model, extend_length, load_tokenizer, resolve_init_from, with_chatml
+from mateconv.train.models import (build_model, check_vocab, extend_length, load_tokenizer, resolve_init_from,
+                                   with_chatml)
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
@@ -172,7 +173,7 @@ def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> S
     data = without_empty_validation(read_shards(DPOTokens, "DPO", config, runtime, tokenizer))
     if not config.dpo.precompute_ref:
         return data
-    train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config)
+    train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config, data.vocab_size)
     return StageData(train, val, data.vocab_size)
 
 
@@ -194,7 +195,7 @@ def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPO
     if config.dpo.precompute_ref:
         source = f"log-probs of {ref_name}, precomputed"
     elif config.dpo.ref_model_path or not config.lora.enabled:
-        reference = load_reference(ref_path, runtime, config)
+        reference = load_reference(ref_path, runtime, config, data.vocab_size)
         source = ref_name
     else:
         source = f"{ref_name} (LoRA: adapters disabled)"
@@ -223,13 +224,6 @@ RECIPES = {
                             "eval_interval": 100, "save_interval_steps": 200, "eval_batches": 20},
                   sections=tuple(SECTIONS), validate=False, evaluate_at_start=True, after=report_forgetting),
 }
-
-
-def check_vocab(model: nn.Module, data_vocab: int) -> None:
-    model_vocab = model.get_input_embeddings().weight.shape[0]
-    if data_vocab > model_vocab:
-        raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but the model has {model_vocab} "
-                          "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
 def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
