@@ -337,3 +337,23 @@ def test_answers_that_are_no_chat_completion_fail_their_prompt_and_a_web_page_at
               web.url, "--generator_model", "gen", "--judge", "rule", "--no_progress"])
     assert str(error.value) == (f"prefs: generator endpoint {web.url} answered GET /models with no JSON: not the base "
                                 "URL of an OpenAI-compatible API (which usually ends in /v1)")
+
+
+def test_a_run_that_never_reaches_its_endpoint_keeps_the_outstanding_failures(tmp_path, fake_factory):
+    """A re-run whose endpoint is down stops at its health check; the failures of the run before stay outstanding
+    (they were moved to the history before the check, so a later --skip_failed run retried them)."""
+    import socket
+
+    fake = fake_factory(permanent={("gen", "p00"): "400"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    run(config(fake, prompts, out, 3, judge="rule"), env={})
+    assert ids(out, "failure") == ["p00"]
+    asked = fake.requests_for("gen", "p00")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(PrefsError, match="is unreachable"):
+        run(config(fake, prompts, out, 3, judge="rule", generator_base_url=dead), env={})
+    assert ids(out, "failure") == ["p00"] and not (out / "failures_history.jsonl").exists()
+    run(config(fake, prompts, out, 3, judge="rule", skip_failed=True), env={})
+    assert fake.requests_for("gen", "p00") == asked and ids(out, "failure") == ["p00"]

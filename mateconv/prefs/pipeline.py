@@ -240,6 +240,8 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
     try:
         for caller in callers:
             await caller.check(config.health_timeout)
+        # only now: a run that stops before its first request (an endpoint down) leaves the failures outstanding
+        store.retire_failures({prompt["id"] for prompt, _, _ in todo})
         prompts: asyncio.Queue = asyncio.Queue()
         for item in todo:
             prompts.put_nowait(item)
@@ -356,7 +358,6 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     store = ResultStore(config.output_dir)
     done = store.done_ids(config.skip_failed)
     todo = [item for item in plan if item[0]["id"] not in done]
-    store.retire_failures({prompt["id"] for prompt, _, _ in todo})
     print(f"prefs: {len(prompts)} prompts from {config.prompts_path}, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to go; {generator.describe()}; "
           f"{judge.describe() if judge else 'judge: the known answers'}", file=sys.stderr)
