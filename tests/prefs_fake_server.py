@@ -10,7 +10,7 @@ Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one act
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
 inside a ```json fence), webpage (status 200 with an HTML page, as a proxy may answer), shapeless (status 200 with JSON
-that is no chat completion), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs),
+that is no chat completion), quota (OpenAI's 429 for an account out of credit), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs),
 thinks (generator: each choice with a `reasoning_content`, as our server splits off a <think> block).
 """
 from __future__ import annotations
@@ -142,6 +142,9 @@ class FakeOpenAI:
                     time.sleep(fake.slow_s)
                 elif action == "429":
                     return self._error(429, "rate limited", {"Retry-After": "0.05"})
+                elif action == "quota":
+                    return self._send(429, {"error": {"message": "You exceeded your current quota", "param": None,
+                                                      "type": "insufficient_quota", "code": "insufficient_quota"}})
                 elif action in ("500", "400"):
                     return self._error(int(action), f"injected {action}")
                 elif action == "webpage":

@@ -357,3 +357,15 @@ def test_a_run_that_never_reaches_its_endpoint_keeps_the_outstanding_failures(tm
     assert ids(out, "failure") == ["p00"] and not (out / "failures_history.jsonl").exists()
     run(config(fake, prompts, out, 3, judge="rule", skip_failed=True), env={})
     assert fake.requests_for("gen", "p00") == asked and ids(out, "failure") == ["p00"]
+
+
+def test_a_429_for_an_account_out_of_credit_is_not_retried(tmp_path, fake_factory):
+    """OpenAI answers 429 `insufficient_quota` to an account without credit: retrying cannot help, and with the
+    default retries and backoff each prompt waited some 15 s for nothing (3000 prompts, 8 at a time: an hour and a
+    half before the run failed). Each prompt now fails at its first request; a plain 429 is still retried."""
+    fake = fake_factory(permanent={("gen", "p00"): "quota"}, schedule={("gen", "p01"): ["429"]})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 2), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="rule", k_samples=2, max_concurrency=1), env={})
+    assert [record["reason"] for record in records(out, "failure")] == ["HTTP 429: You exceeded your current quota"]
+    assert ids(out, "pair") + ids(out, "dropped") == ["p01"] and fake.requests_for("gen", "p01") == 2
+    assert fake.requests_for("gen", "p00") == 1

@@ -16,6 +16,7 @@ OPENAI_URL = "https://api.openai.com/v1"
 LOCAL_MODEL_NAME = "mateconv"  # the name the locally started server serves the SFT model under
 NO_KEY = "unused"  # the openai client needs some key; servers without authentication ignore it
 RETRYABLE_STATUS = {408, 409, 429}
+OUT_OF_CREDIT = "insufficient_quota"  # OpenAI's 429 for an account without credit: waiting does not end it
 # USD per million (input, output) tokens; override or extend with --price MODEL=IN,OUT.
 PRICES = {
     "gpt-4o": (2.50, 10.00),
@@ -203,7 +204,8 @@ class Caller:
             except openai.APIConnectionError as error:  # includes APITimeoutError
                 reason, wait_hint = f"{type(error).__name__}: {error}", None
             except openai.APIStatusError as error:
-                if error.status_code not in RETRYABLE_STATUS and error.status_code < 500:
+                if (error.status_code not in RETRYABLE_STATUS and error.status_code < 500
+                        or OUT_OF_CREDIT in (error.code, error.type)):
                     self.usage.failed += 1
                     raise RequestFailed(_error_text(error)) from None
                 reason, wait_hint = _error_text(error), retry_after_s(error.response)
