@@ -62,7 +62,7 @@ def sample_prompts(path: str | Path, n_prompts: int, seed: int) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise PrefsError(f"prompts file {path} not found (run stage 2 first, or pass --prompts_path)")
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # -sig: without the byte order mark Windows editors put first
         chosen = heapq.nsmallest(n_prompts, ((number, line) for number, line in enumerate(lines, 1) if line.strip()),
                                  key=lambda numbered: sample_rank(numbered[1], seed))
     records, ids = [], set()
