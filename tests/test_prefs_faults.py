@@ -369,3 +369,30 @@ def test_a_429_for_an_account_out_of_credit_is_not_retried(tmp_path, fake_factor
     assert [record["reason"] for record in records(out, "failure")] == ["HTTP 429: You exceeded your current quota"]
     assert ids(out, "pair") + ids(out, "dropped") == ["p01"] and fake.requests_for("gen", "p01") == 2
     assert fake.requests_for("gen", "p00") == 1
+
+
+def test_a_full_disk_stops_the_requests_and_is_one_line(tmp_path, fake_factory, monkeypatch):
+    """The disk fills after 3 records: the run stops asking (the requests in flight aside) and says so in one line.
+    Before, the writer task died with an OSError while the workers went on generating and judging every prompt,
+    paid for and never saved, and the run ended in a traceback."""
+    import errno
+    import types
+
+    from mateconv.prefs import store as store_module
+
+    written = []
+
+    def write(descriptor, data):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(data)
+        return os.write(descriptor, data)
+
+    monkeypatch.setattr(store_module, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 40), tmp_path / "prefs"
+    with pytest.raises(PrefsError, match=rf"^could not write {out / 'dpo_pairs.jsonl'}: No space left on device; the "
+                                         "prompts written before are kept, the same command goes on from them$"):
+        run(config(fake, prompts, out, 40, max_concurrency=2), env={})
+    assert len(ids(out, "pair")) == 3
+    assert sum(entry["model"] == "gen" for entry in fake.log) <= 3 + 2 + 2  # written, then at most two in flight

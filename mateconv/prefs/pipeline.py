@@ -255,22 +255,30 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
                 prompt, use_rule, use_model = prompts.get_nowait()
                 await results.put(await worker.process(prompt, use_rule, use_model))
 
+        workers: list[asyncio.Task] = []
+
         async def write() -> None:  # the only writer of the result files
-            while (item := await results.get()) is not None:
-                kind, record = item
-                store.append(kind, record)
-                counts[kind] += 1
-                counts["judge_errors_in_both"] += kind != "failure" and record.get("judge_error") is not None
-                tokens = callers[0].usage.completion_tokens
-                bar.set_postfix(pairs=counts["pair"], dropped=counts["dropped"], failed=counts["failure"],
-                                gen_tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.0f}")
-                bar.update()
-                plain.update(counts["pair"] + counts["dropped"] + counts["failure"], pairs=counts["pair"],
-                             dropped=counts["dropped"], failed=counts["failure"])
+            try:
+                while (item := await results.get()) is not None:
+                    kind, record = item
+                    store.append(kind, record)
+                    counts[kind] += 1
+                    counts["judge_errors_in_both"] += kind != "failure" and record.get("judge_error") is not None
+                    tokens = callers[0].usage.completion_tokens
+                    bar.set_postfix(pairs=counts["pair"], dropped=counts["dropped"], failed=counts["failure"],
+                                    gen_tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.0f}")
+                    bar.update()
+                    plain.update(counts["pair"] + counts["dropped"] + counts["failure"], pairs=counts["pair"],
+                                 dropped=counts["dropped"], failed=counts["failure"])
+            except BaseException:  # nothing more can be saved (a full disk): stop the requests, each one costs
+                for task in workers:
+                    task.cancel()
+                raise
 
         writer = asyncio.create_task(write())
+        workers += [asyncio.create_task(work()) for _ in range(min(config.max_concurrency, len(todo)))]
         try:
-            await asyncio.gather(*(work() for _ in range(min(config.max_concurrency, len(todo)))))
+            await asyncio.gather(*workers)
         finally:
             await results.put(None)
             await writer
