@@ -10,8 +10,9 @@ Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one act
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
 inside a ```json fence), webpage (status 200 with an HTML page, as a proxy may answer), shapeless (status 200 with JSON
-that is no chat completion), quota (OpenAI's 429 for an account out of credit), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs),
-thinks (generator: each choice with a `reasoning_content`, as our server splits off a <think> block).
+that is no chat completion), quota (OpenAI's 429 for an account out of credit), allright (generator: every choice
+correct, choice i of n followed by n-1-i FILLERs), thinks (generator: each choice with a `reasoning_content`, as our
+server splits off a <think> block).
 """
 from __future__ import annotations
 

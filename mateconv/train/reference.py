@@ -162,7 +162,7 @@ def reference_weights(config: TrainConfig) -> str:
 def load_reference(path: Path, runtime: Runtime, config: TrainConfig, data_vocab: int | None) -> torch.nn.Module:
     """The frozen reference on the training device. Under ZeRO-3 it is sharded like the policy (an inference-only
     DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in. It must embed every token
-    id of the pairs (`data_vocab`), as the policy must: a reference of another tokenizer fails here, not in a forward."""
+    id of the pairs (`data_vocab`), as the policy must: one of another tokenizer fails here, not in a forward."""
     reference = load_causal_lm(path, "ref_model_path", config.checkpoint.trust_remote_code).eval().requires_grad_(False)
     if weights := reference_weights(config):
         load_weights(reference, weights)
