@@ -177,6 +177,9 @@ def test_an_empty_pairs_file_is_one_line_and_an_empty_validation_file_turns_vali
                                 "--max_steps", "1"]
     with pytest.raises(SystemExit, match=f"^dpo: DPO training data holds no records: {empty}$"):
         main("dpo", flags + ["--pairs_path", str(empty), "--val_data_path", "", "--out_dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=f"^dpo: DPO training data holds no records outside the val_size 0.99 held "
+                                         f"out for validation: {pairs}$"):
+        main("dpo", flags + ["--pairs_path", str(pairs), "--val_size", "0.99", "--out_dir", str(tmp_path / "c")])
     assert main("dpo", flags + ["--pairs_path", str(pairs), "--val_data_path", str(empty),
                                 "--out_dir", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "final" / "model.safetensors").exists()
