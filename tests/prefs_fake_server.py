@@ -9,8 +9,10 @@ Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one act
 `permanent[(model, pid)]` applies to every attempt. Actions: ok, 429 (Retry-After 0.05 s), 500, 400, slow (answers
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
-inside a ```json fence), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs),
-thinks (generator: each choice with a `reasoning_content`, as our server splits off a <think> block).
+inside a ```json fence), webpage (status 200 with an HTML page, as a proxy may answer), shapeless (status 200 with JSON
+that is no chat completion), quota (OpenAI's 429 for an account out of credit), allright (generator: every choice
+correct, choice i of n followed by n-1-i FILLERs), thinks (generator: each choice with a `reasoning_content`, as our
+server splits off a <think> block).
 """
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ def judge_score(reply: str, truth: int) -> int:
 
 class FakeOpenAI:
     def __init__(self, schedule: dict | None = None, permanent: dict | None = None, honour_n: bool = True,
-                 delay_s: float = 0.0, slow_s: float = 1.5):
+                 delay_s: float = 0.0, slow_s: float = 1.5, web_page_models: bool = False):
         self.schedule, self.permanent = schedule or {}, permanent or {}
+        self.web_page_models = web_page_models  # GET /models answers with a web page (a base URL not the API's)
         self.honour_n, self.delay_s, self.slow_s = honour_n, delay_s, slow_s
         self.attempts: Counter = Counter()  # (model, pid) -> requests seen
         self.answered: Counter = Counter()  # (model, pid) -> successful generator choices handed out
@@ -85,10 +88,12 @@ class FakeOpenAI:
                 pass
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                body = json.dumps(payload).encode()
+                self._send_body(status, json.dumps(payload).encode(), "application/json", headers)
+
+            def _send_body(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(body)))
                     for key, value in (headers or {}).items():
                         self.send_header(key, value)
@@ -102,7 +107,9 @@ class FakeOpenAI:
                            headers)
 
             def do_GET(self):
-                if self.path.rstrip("/") == "/v1/models":
+                if fake.web_page_models:
+                    self._send_body(200, b"<html><body>Sign in</body></html>", "text/html")
+                elif self.path.rstrip("/") == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": "gen", "object": "model"},
                                                                 {"id": "judge", "object": "model"}]})
                 else:
@@ -136,8 +143,15 @@ class FakeOpenAI:
                     time.sleep(fake.slow_s)
                 elif action == "429":
                     return self._error(429, "rate limited", {"Retry-After": "0.05"})
+                elif action == "quota":
+                    return self._send(429, {"error": {"message": "You exceeded your current quota", "param": None,
+                                                      "type": "insufficient_quota", "code": "insufficient_quota"}})
                 elif action in ("500", "400"):
                     return self._error(int(action), f"injected {action}")
+                elif action == "webpage":
+                    return self._send_body(200, b"<html><body>Bad gateway</body></html>", "text/html")
+                elif action == "shapeless":
+                    return self._send(200, {"result": "ok"})
                 truth = int(a) + int(b)
                 if model == "gen":
                     with fake.lock:

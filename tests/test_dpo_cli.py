@@ -163,3 +163,42 @@ def test_pairs_path_beside_shards_of_other_data_names_them(tiny_sft_model, tiny_
     inputs = ", ".join(json.loads((val / "index.json").read_text())["inputs"])
     assert (f"[dpo] validation: {val} (tokenized from {inputs}, not from {pairs}; --val_data_path FILE names yours, "
             "'' turns validation off)") in capsys.readouterr().out
+
+
+def test_an_empty_pairs_file_is_one_line_and_an_empty_validation_file_turns_validation_off(tiny_sft_model, tmp_path):
+    """An empty pairs file (a stage 7 run whose prompts were all dropped, say) stopped DPO with a traceback from the
+    sampler, an empty validation file with a KeyError at the first evaluation."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs, empty = tmp_path / "pairs.jsonl", tmp_path / "empty.jsonl"
+    write_pairs_file(pairs)
+    empty.write_text("")
+    flags = TINY_MODEL_FLAGS + ["--init_from", str(tiny_sft_model), "--forget_data_paths", "", "--batch_size", "2",
+                                "--max_steps", "1"]
+    with pytest.raises(SystemExit, match=f"^dpo: DPO training data holds no records: {empty}$"):
+        main("dpo", flags + ["--pairs_path", str(empty), "--val_data_path", "", "--out_dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=f"^dpo: DPO training data holds no records outside the val_size 0.99 held "
+                                         f"out for validation: {pairs}$"):
+        main("dpo", flags + ["--pairs_path", str(pairs), "--val_size", "0.99", "--out_dir", str(tmp_path / "c")])
+    assert main("dpo", flags + ["--pairs_path", str(pairs), "--val_data_path", str(empty),
+                                "--out_dir", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "final" / "model.safetensors").exists()
+    assert not any("val_loss" in row for row in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_reference_of_a_smaller_vocabulary_is_one_line(precompute, tiny_sft_model, tiny_llama, tmp_path):
+    """A reference model that cannot embed the pairs' token ids (another tokenizer's) stopped DPO with an IndexError
+    traceback from its first forward (a device-side assert on a GPU)."""
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs, reference = tmp_path / "pairs.jsonl", tmp_path / "ref"
+    write_pairs_file(pairs)
+    tiny_llama(0, vocab_size=50).save_pretrained(reference)
+    with pytest.raises(SystemExit, match=rf"^dpo: the token shards use a vocabulary of 512 but the reference model "
+                                         rf"{reference} has 50 embeddings \(ref_model_path: a model of the policy's "
+                                         rf"tokenizer\)$"):
+        main("dpo", TINY_MODEL_FLAGS + [
+            "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", "",
+            "--forget_data_paths", "", "--ref_model_path", str(reference), "--out_dir", str(tmp_path / "dpo"),
+            "--batch_size", "2", "--max_steps", "1", "--precompute_ref", str(precompute).lower()])

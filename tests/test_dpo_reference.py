@@ -172,3 +172,32 @@ def test_a_lora_reference_forward_leaves_the_policy_expert_load(random_dpo_pairs
     torch.testing.assert_close(load, real_token_load(policy.base_model.model, ids, mask))
     with policy.disable_adapter():
         assert not torch.allclose(real_token_load(policy.base_model.model, ids, mask), load)
+
+
+def test_held_out_metrics_are_means_over_pairs_as_computed_by_hand(tiny_llama, random_dpo_pairs):
+    """The held-out figures are those of the pairs, whatever the batch size: 5 pairs in batches of 2 weighed the last
+    pair like two (accuracy 2/3 where 3 of 5 pairs were right). The rewards are computed here token by token."""
+    from mateconv.train.evaluators import preference_eval
+
+    policy, reference, beta = tiny_llama(0), tiny_llama(1), 0.3
+    pairs = random_dpo_pairs(5, 16)
+
+    def summed_logp(model, ids, labels):
+        with torch.no_grad():
+            logps = model(ids[None]).logits[0].log_softmax(-1)
+        return sum(logps[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
+
+    def reward(item, side):
+        ids, labels = item[f"{side}_input_ids"], item[f"{side}_labels"]
+        return beta * (summed_logp(policy, ids, labels) - summed_logp(reference, ids, labels))
+
+    chosen, rejected = [reward(p, "chosen") for p in pairs], [reward(p, "rejected") for p in pairs]
+    by_hand = {"rewards/chosen": sum(chosen) / 5, "rewards/rejected": sum(rejected) / 5,
+               "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / 5,
+               "rewards/accuracies": sum(c > r for c, r in zip(chosen, rejected)) / 5}
+    assert 0 < by_hand["rewards/accuracies"] < 1
+    objective = DPOObjective(DPOConfig(beta=beta), reference)
+    for batch_size in (2, 5):
+        measured = preference_eval(policy, objective, pairs, batch_size, None, "cpu")
+        for key, value in by_hand.items():
+            assert measured[key] == pytest.approx(value, abs=1e-5), (batch_size, key)

@@ -315,3 +315,84 @@ def test_a_run_where_every_prompt_fails_is_an_error_and_not_done(tmp_path, fake_
                                          r"gives \(16\)$"):
         main(["--prompts_path", str(prompts), "--output_dir", str(tmp_path / "local"), "--k_samples", "32",
               "--judge", "rule", "--no_progress"])
+
+
+def test_answers_that_are_no_chat_completion_fail_their_prompt_and_a_web_page_at_models_stops_the_run(
+        tmp_path, fake_factory):
+    """A web page (a proxy's, at status 200) or JSON of another shape where a chat completion belongs: that prompt is
+    a recorded failure saying so and the others go on (the client's AttributeError/TypeError stopped the run with a
+    traceback). A web page at GET /models (a base URL that is not the API's) stops the run at once, in one line."""
+    fake = fake_factory(schedule={("gen", "p00"): ["webpage"], ("judge", "p01"): ["shapeless"]})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    run(config(fake, prompts, out, 3), env={})
+    failures = {record["id"]: record for record in records(out, "failure")}
+    assert ids(out, "pair") == ["p02"] and sorted(failures) == ["p00", "p01"]
+    assert failures["p00"]["stage"] == "generate" and failures["p01"]["stage"] == "judge"
+    assert failures["p00"]["reason"] == "the answer is not a chat completion: '<html><body>Bad gateway</body></html>'"
+    assert failures["p01"]["reason"].startswith("the answer is not a chat completion: ")
+
+    web = fake_factory(web_page_models=True)
+    with pytest.raises(SystemExit) as error:
+        main(["--prompts_path", str(prompts), "--output_dir", str(tmp_path / "web"), "--generator_base_url",
+              web.url, "--generator_model", "gen", "--judge", "rule", "--no_progress"])
+    assert str(error.value) == (f"prefs: generator endpoint {web.url} answered GET /models with no JSON: not the base "
+                                "URL of an OpenAI-compatible API (which usually ends in /v1)")
+
+
+def test_a_run_that_never_reaches_its_endpoint_keeps_the_outstanding_failures(tmp_path, fake_factory):
+    """A re-run whose endpoint is down stops at its health check; the failures of the run before stay outstanding
+    (they were moved to the history before the check, so a later --skip_failed run retried them)."""
+    import socket
+
+    fake = fake_factory(permanent={("gen", "p00"): "400"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    run(config(fake, prompts, out, 3, judge="rule"), env={})
+    assert ids(out, "failure") == ["p00"]
+    asked = fake.requests_for("gen", "p00")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(PrefsError, match="is unreachable"):
+        run(config(fake, prompts, out, 3, judge="rule", generator_base_url=dead), env={})
+    assert ids(out, "failure") == ["p00"] and not (out / "failures_history.jsonl").exists()
+    run(config(fake, prompts, out, 3, judge="rule", skip_failed=True), env={})
+    assert fake.requests_for("gen", "p00") == asked and ids(out, "failure") == ["p00"]
+
+
+def test_a_429_for_an_account_out_of_credit_is_not_retried(tmp_path, fake_factory):
+    """OpenAI answers 429 `insufficient_quota` to an account without credit: retrying cannot help, and with the
+    default retries and backoff each prompt waited some 15 s for nothing (3000 prompts, 8 at a time: an hour and a
+    half before the run failed). Each prompt now fails at its first request; a plain 429 is still retried."""
+    fake = fake_factory(permanent={("gen", "p00"): "quota"}, schedule={("gen", "p01"): ["429"]})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 2), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="rule", k_samples=2, max_concurrency=1), env={})
+    assert [record["reason"] for record in records(out, "failure")] == ["HTTP 429: You exceeded your current quota"]
+    assert ids(out, "pair") + ids(out, "dropped") == ["p01"] and fake.requests_for("gen", "p01") == 2
+    assert fake.requests_for("gen", "p00") == 1
+
+
+def test_a_full_disk_stops_the_requests_and_is_one_line(tmp_path, fake_factory, monkeypatch):
+    """The disk fills after 3 records: the run stops asking (the requests in flight aside) and says so in one line.
+    Before, the writer task died with an OSError while the workers went on generating and judging every prompt,
+    paid for and never saved, and the run ended in a traceback."""
+    import errno
+    import types
+
+    from mateconv.prefs import store as store_module
+
+    written = []
+
+    def write(descriptor, data):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(data)
+        return os.write(descriptor, data)
+
+    monkeypatch.setattr(store_module, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 40), tmp_path / "prefs"
+    with pytest.raises(PrefsError, match=rf"^could not write {out / 'dpo_pairs.jsonl'}: No space left on device; the "
+                                         "prompts written before are kept, the same command goes on from them$"):
+        run(config(fake, prompts, out, 40, max_concurrency=2), env={})
+    assert len(ids(out, "pair")) == 3
+    assert sum(entry["model"] == "gen" for entry in fake.log) <= 3 + 2 + 2  # written, then at most two in flight

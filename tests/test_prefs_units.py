@@ -181,6 +181,13 @@ def test_prompt_sampling_is_seeded_and_reads_every_shape(tmp_path):
     assert prompts["t"]["source"]["answer"] == "2" and len(prompts["s"]["prompt"]) == 2
 
 
+def test_a_prompts_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """As the data readers of stages 2, 3 and 9 read it; stage 7 refused its line 1 as not valid JSON."""
+    path = tmp_path / "bom.jsonl"
+    path.write_text("\ufeff" + json.dumps({"id": "w", "prompt": "hi"}) + "\n", encoding="utf-8")
+    assert [prompt["id"] for prompt in sample_prompts(path, 5, seed=0)] == ["w"]
+
+
 def test_a_larger_sample_contains_the_smaller_one(tmp_path):
     path = write_lines(tmp_path / "prompts.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(5000)])
     small, large, other_seed = ({p["id"] for p in sample_prompts(path, n, seed)} for n, seed in

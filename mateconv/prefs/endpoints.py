@@ -16,6 +16,7 @@ OPENAI_URL = "https://api.openai.com/v1"
 LOCAL_MODEL_NAME = "mateconv"  # the name the locally started server serves the SFT model under
 NO_KEY = "unused"  # the openai client needs some key; servers without authentication ignore it
 RETRYABLE_STATUS = {408, 409, 429}
+OUT_OF_CREDIT = "insufficient_quota"  # OpenAI's 429 for an account without credit: waiting does not end it
 # USD per million (input, output) tokens; override or extend with --price MODEL=IN,OUT.
 PRICES = {
     "gpt-4o": (2.50, 10.00),
@@ -163,6 +164,15 @@ def _error_text(error: openai.APIStatusError) -> str:
     return f"HTTP {error.status_code}: {message or error.message}"[:300]
 
 
+def not_a_completion(response: Any) -> str | None:
+    """Why an answer is not a chat completion (a proxy's web page at status 200, JSON of another shape), or None:
+    the client hands such an answer on as text or as an object without its fields."""
+    choices = getattr(response, "choices", None)
+    if isinstance(choices, list) and all(getattr(choice, "message", None) is not None for choice in choices):
+        return None
+    return f"the answer is not a chat completion: {str(response)[:200]!r}"
+
+
 @dataclass
 class Caller:
     """One endpoint's client, sharing the run's limit on requests in flight; counts tokens and retries."""
@@ -186,12 +196,16 @@ class Caller:
             try:
                 async with self.in_flight:
                     response = await request()
+                if (problem := not_a_completion(response)) is not None:
+                    self.usage.failed += 1
+                    raise RequestFailed(problem)
                 self.usage.add(response)
                 return response
             except openai.APIConnectionError as error:  # includes APITimeoutError
                 reason, wait_hint = f"{type(error).__name__}: {error}", None
             except openai.APIStatusError as error:
-                if error.status_code not in RETRYABLE_STATUS and error.status_code < 500:
+                if (error.status_code not in RETRYABLE_STATUS and error.status_code < 500
+                        or OUT_OF_CREDIT in (error.code, error.type)):
                     self.usage.failed += 1
                     raise RequestFailed(_error_text(error)) from None
                 reason, wait_hint = _error_text(error), retry_after_s(error.response)
@@ -205,7 +219,8 @@ class Caller:
         """A quick health check (GET /models): unreachable, refused key or unknown model -> PrefsError."""
         where = self.base_url or self.endpoint.base_url
         try:
-            listing = await self.client.models.list(timeout=timeout_s)
+            # as plain data: the client's model list takes a web page or JSON of another shape for one, then breaks
+            listing = await self.client.get("/models", cast_to=object, options={"timeout": timeout_s})
         except openai.APIConnectionError as error:
             raise PrefsError(f"{self.endpoint.role} endpoint {where} is unreachable: {type(error).__name__}: "
                              f"{error}") from None
@@ -216,7 +231,13 @@ class Caller:
                 return
             raise PrefsError(f"{self.endpoint.role} endpoint {where} failed its health check: "
                              f"{_error_text(error)}") from None
-        served = [card.id for card in listing.data]
+        if isinstance(listing, str):  # not JSON, a web page say: the client hands on the text
+            raise PrefsError(f"{self.endpoint.role} endpoint {where} answered GET /models with no JSON: not the "
+                             "base URL of an OpenAI-compatible API (which usually ends in /v1)")
+        cards = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(cards, list):  # JSON of another shape: the model name cannot be checked, as with a 404
+            return
+        served = [card.get("id") for card in cards if isinstance(card, dict)]
         if served and self.endpoint.model not in served:
             raise PrefsError(f"{self.endpoint.role} model '{self.endpoint.model}' is not served at {where}; it "
                              f"serves: {', '.join(served[:10])}{' ...' if len(served) > 10 else ''}")

@@ -240,6 +240,8 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
     try:
         for caller in callers:
             await caller.check(config.health_timeout)
+        # only now: a run that stops before its first request (an endpoint down) leaves the failures outstanding
+        store.retire_failures({prompt["id"] for prompt, _, _ in todo})
         prompts: asyncio.Queue = asyncio.Queue()
         for item in todo:
             prompts.put_nowait(item)
@@ -253,22 +255,30 @@ async def _work(config: PrefsConfig, store: ResultStore, todo: list[tuple[dict, 
                 prompt, use_rule, use_model = prompts.get_nowait()
                 await results.put(await worker.process(prompt, use_rule, use_model))
 
+        workers: list[asyncio.Task] = []
+
         async def write() -> None:  # the only writer of the result files
-            while (item := await results.get()) is not None:
-                kind, record = item
-                store.append(kind, record)
-                counts[kind] += 1
-                counts["judge_errors_in_both"] += kind != "failure" and record.get("judge_error") is not None
-                tokens = callers[0].usage.completion_tokens
-                bar.set_postfix(pairs=counts["pair"], dropped=counts["dropped"], failed=counts["failure"],
-                                gen_tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.0f}")
-                bar.update()
-                plain.update(counts["pair"] + counts["dropped"] + counts["failure"], pairs=counts["pair"],
-                             dropped=counts["dropped"], failed=counts["failure"])
+            try:
+                while (item := await results.get()) is not None:
+                    kind, record = item
+                    store.append(kind, record)
+                    counts[kind] += 1
+                    counts["judge_errors_in_both"] += kind != "failure" and record.get("judge_error") is not None
+                    tokens = callers[0].usage.completion_tokens
+                    bar.set_postfix(pairs=counts["pair"], dropped=counts["dropped"], failed=counts["failure"],
+                                    gen_tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.0f}")
+                    bar.update()
+                    plain.update(counts["pair"] + counts["dropped"] + counts["failure"], pairs=counts["pair"],
+                                 dropped=counts["dropped"], failed=counts["failure"])
+            except BaseException:  # nothing more can be saved (a full disk): stop the requests, each one costs
+                for task in workers:
+                    task.cancel()
+                raise
 
         writer = asyncio.create_task(write())
+        workers += [asyncio.create_task(work()) for _ in range(min(config.max_concurrency, len(todo)))]
         try:
-            await asyncio.gather(*(work() for _ in range(min(config.max_concurrency, len(todo)))))
+            await asyncio.gather(*workers)
         finally:
             await results.put(None)
             await writer
@@ -356,7 +366,6 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     store = ResultStore(config.output_dir)
     done = store.done_ids(config.skip_failed)
     todo = [item for item in plan if item[0]["id"] not in done]
-    store.retire_failures({prompt["id"] for prompt, _, _ in todo})
     print(f"prefs: {len(prompts)} prompts from {config.prompts_path}, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to go; {generator.describe()}; "
           f"{judge.describe() if judge else 'judge: the known answers'}", file=sys.stderr)

@@ -62,7 +62,7 @@ def sample_prompts(path: str | Path, n_prompts: int, seed: int) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise PrefsError(f"prompts file {path} not found (run stage 2 first, or pass --prompts_path)")
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # -sig: without the byte order mark Windows editors put first
         chosen = heapq.nsmallest(n_prompts, ((number, line) for number, line in enumerate(lines, 1) if line.strip()),
                                  key=lambda numbered: sample_rank(numbered[1], seed))
     records, ids = [], set()
@@ -160,13 +160,17 @@ class ResultStore:
 
     def append(self, kind: str, record: dict) -> None:
         """One os.write of the whole line (O_APPEND) + fsync: a kill leaves a whole line or a torn tail."""
-        if kind not in self.files:
-            self.files[kind] = os.open(self.paths[kind], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.files[kind], view):]
-        os.fsync(self.files[kind])
+        try:
+            if kind not in self.files:
+                self.files[kind] = os.open(self.paths[kind], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.files[kind], view):]
+            os.fsync(self.files[kind])
+        except OSError as error:
+            raise PrefsError(f"could not write {self.paths[kind]}: {error.strerror or error}; the prompts written "
+                             "before are kept, the same command goes on from them") from None
 
     def put_in_order(self, ids: list[str]) -> None:
         """Rewrites the pair and dropped files in the order of `ids` (the sampled prompts'), whatever order the

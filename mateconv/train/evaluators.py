@@ -29,18 +29,21 @@ Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 @torch.no_grad()
 def preference_eval(model: torch.nn.Module, objective: Objective, pairs: Dataset, batch_size: int,
                     max_batches: int | None, device: torch.device | str) -> dict[str, float]:
-    """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...)."""
+    """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...); each batch weighs
+    as many pairs as it holds, so a short last batch counts for its pairs, not as a full one."""
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
     totals: dict[str, float] = {}
-    batches = 0
+    batches = n_pairs = 0
     for batch in loader:
         if max_batches is not None and batches == max_batches:
             break
+        size = len(next(iter(batch.values())))
         loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
         for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+            totals[key] = totals.get(key, 0.0) + float(value) * size
         batches += 1
-    return {key: value / max(batches, 1) for key, value in totals.items()}
+        n_pairs += size
+    return {key: value / max(n_pairs, 1) for key, value in totals.items()}
 
 
 def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,

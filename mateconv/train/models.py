@@ -52,6 +52,14 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
 
 
+def check_vocab(model: nn.Module, data_vocab: int, name: str = "the model",
+                fix: str = "set vocab_size, or tokenize with the model's tokenizer") -> None:
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if data_vocab > model_vocab:
+        raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but {name} has {model_vocab} "
+                          f"embeddings ({fix})")
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Loads a file of weights into `model` (init_weights): a state dict (torch.save'd or safetensors), or a dict
     holding one under "state" (seed 003's policy.pt), "state_dict" or "model". Every weight must fit; a tied weight may

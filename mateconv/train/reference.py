@@ -17,7 +17,7 @@ from mateconv.logprobs import model_token_logps
 from mateconv.train.distributed import Runtime
 from mateconv.train.dpo import DPOError, concat_pair
 from mateconv.train.ds_config import build_ds_config
-from mateconv.train.models import extend_length, load_causal_lm, load_weights
+from mateconv.train.models import check_vocab, extend_length, load_causal_lm, load_weights
 
 REF_CACHE_VERSION = 1
 
@@ -159,12 +159,16 @@ def reference_weights(config: TrainConfig) -> str:
     return "" if config.dpo.ref_model_path else config.checkpoint.init_weights
 
 
-def load_reference(path: Path, runtime: Runtime, config: TrainConfig) -> torch.nn.Module:
+def load_reference(path: Path, runtime: Runtime, config: TrainConfig, data_vocab: int | None) -> torch.nn.Module:
     """The frozen reference on the training device. Under ZeRO-3 it is sharded like the policy (an inference-only
-    DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in."""
+    DeepSpeed engine), otherwise each rank holds a copy, in the dtype DeepSpeed trains in. It must embed every token
+    id of the pairs (`data_vocab`), as the policy must: one of another tokenizer fails here, not in a forward."""
     reference = load_causal_lm(path, "ref_model_path", config.checkpoint.trust_remote_code).eval().requires_grad_(False)
     if weights := reference_weights(config):
         load_weights(reference, weights)
+    if data_vocab is not None:
+        check_vocab(reference, data_vocab, f"the reference model {path}", "ref_model_path: a model of the policy's "
+                    "tokenizer")
     extend_length(reference, config.model.max_seq_len)  # as the policy's (stages.fit_length)
     if runtime.use_deepspeed and config.parallel.zero_stage == 3:
         import deepspeed
@@ -177,7 +181,8 @@ def load_reference(path: Path, runtime: Runtime, config: TrainConfig) -> torch.n
     return reference.to(runtime.device, dtype)
 
 
-def with_cached_reference(pairs_list: list, ref_path: Path, runtime: Runtime, config: TrainConfig) -> list:
+def with_cached_reference(pairs_list: list, ref_path: Path, runtime: Runtime, config: TrainConfig,
+                          data_vocab: int | None) -> list:
     """Each data set of pairs (or None) with its reference log-probs from the cache next to its data; a missing
     cache is computed first, with the reference model loaded once for all of them."""
     reference = None
@@ -193,7 +198,7 @@ def with_cached_reference(pairs_list: list, ref_path: Path, runtime: Runtime, co
                 print(f"[dpo] reusing reference log-probs {cache_dir}", flush=True)
         else:
             if reference is None:
-                reference = load_reference(ref_path, runtime, config)
+                reference = load_reference(ref_path, runtime, config, data_vocab)
             compute_reference_logps(reference, pairs, cache_dir, config.optim.batch_size, runtime.device,
                                     runtime.rank, runtime.world_size)
         cached.append(WithReferenceLogps(pairs, ReferenceLogps(cache_dir)))

@@ -30,7 +30,8 @@ from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setu
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
-from mateconv.train.models import build_model, extend_length, load_tokenizer, resolve_init_from, with_chatml
+from mateconv.train.models import (build_model, check_vocab, extend_length, load_tokenizer, resolve_init_from,
+                                   with_chatml)
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
@@ -131,9 +132,17 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
+    if not shard_info(train_path)["num_records"]:  # an empty file or shards of one: nothing to train on
+        kept = f" outside the val_size {held_out:g} held out for validation" if held_out else ""
+        raise DataError(f"{label} training data holds no records{kept}: {config.data.data_path}")
     val = reader_class(val_path, config.model.max_seq_len, **reader_options) if val_path else None
     return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val,
                      shard_info(train_path)["vocab_size"])
+
+
+def without_empty_validation(data: StageData) -> StageData:
+    """No validation (nor best/ model) rather than a NaN loss, or a crash, on held-out data without a record."""
+    return StageData(data.train, None, data.vocab_size) if data.val is not None and not len(data.val) else data
 
 
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
@@ -150,8 +159,7 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
                       f"{split} conversations skipped: no assistant token in their first max_seq_len "
                       f"{data.train.seq_len} tokens (a longer prompt), they would train nothing; raise max_seq_len "
                       "to keep them", flush=True)
-    if data.val is not None and not len(data.val):
-        data = StageData(data.train, None, data.vocab_size)  # no validation (nor best/ model) rather than a NaN loss
+    data = without_empty_validation(data)
     if config.data.packing and runtime.is_main:
         rows, conversations = len(data.train), data.train.num_records
         real = data.train.num_real_tokens / (rows * data.train.seq_len)
@@ -163,10 +171,10 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """DPO pairs; with precompute_ref each carries its reference log-probs (cached next to the data)."""
     ref_path = reference_path(config)
-    data = read_shards(DPOTokens, "DPO", config, runtime, tokenizer)
+    data = without_empty_validation(read_shards(DPOTokens, "DPO", config, runtime, tokenizer))
     if not config.dpo.precompute_ref:
         return data
-    train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config)
+    train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config, data.vocab_size)
     return StageData(train, val, data.vocab_size)
 
 
@@ -188,7 +196,7 @@ def dpo_objective(config: TrainConfig, runtime: Runtime, data: StageData) -> DPO
     if config.dpo.precompute_ref:
         source = f"log-probs of {ref_name}, precomputed"
     elif config.dpo.ref_model_path or not config.lora.enabled:
-        reference = load_reference(ref_path, runtime, config)
+        reference = load_reference(ref_path, runtime, config, data.vocab_size)
         source = ref_name
     else:
         source = f"{ref_name} (LoRA: adapters disabled)"
@@ -217,13 +225,6 @@ RECIPES = {
                             "eval_interval": 100, "save_interval_steps": 200, "eval_batches": 20},
                   sections=tuple(SECTIONS), validate=False, evaluate_at_start=True, after=report_forgetting),
 }
-
-
-def check_vocab(model: nn.Module, data_vocab: int) -> None:
-    model_vocab = model.get_input_embeddings().weight.shape[0]
-    if data_vocab > model_vocab:
-        raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but the model has {model_vocab} "
-                          "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
 def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
