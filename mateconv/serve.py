@@ -270,7 +270,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 def arguments_node(builder: SchemaBuilder, function: dict[str, Any], index: int) -> int:
-    """A forced call's arguments: what the function's parameters hold; any JSON object where this server cannot hold
+    """A held call's arguments: what the function's parameters hold; any JSON object where this server cannot hold
     them to that schema, unless the function is strict (then a 400, as the arguments could not be promised)."""
     parameters = function.get("parameters")
     if parameters is None:
