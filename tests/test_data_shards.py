@@ -454,3 +454,31 @@ def test_a_json_array_under_a_jsonl_name_is_tokenized(setup, tmp_path):
     (tmp_path / "alpaca.jsonl").write_text(json.dumps(records, indent=2))
     result = build_shards("sft", [tmp_path / "alpaca.jsonl"], tokenizer_dir, tmp_path / "t", workers=1, progress=False)
     assert not result.bad_records and shard_info(tmp_path / "t")["num_records"] == 5
+
+
+def test_a_worker_killed_is_one_line_and_the_same_command_goes_on(setup, tmp_path):
+    """A tokenizing worker killed (as the kernel's out-of-memory killer does) ends the run with one line, its finished
+    shards kept; the same command then does the rest. With multiprocessing.Pool the run waited for ever for the
+    killed worker's chunk."""
+    root, tokenizer_dir, _ = setup
+    lines = (root / "raw/pretrain.jsonl").read_text().splitlines()
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", lines * 400)
+    out = tmp_path / "tokens"
+    command = [sys.executable, str(ROOT / "3.dataset.py"), "--kind", "pretrain", "--input", str(corpus), "--tokenizer",
+               str(tokenizer_dir), "--out_dir", str(out), "--workers", "2", "--records_per_shard", "200",
+               "--chunk_records", "50"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(out.glob("part-00001*")) and time.time() < deadline:  # a shard or two finished
+        time.sleep(0.05)
+    psutil.Process(process.pid).children()[0].kill()
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run waited for the killed worker")
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: a tokenizing worker died"), stderr[-2000:]
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "shard(s) already done" in rerun.stdout, rerun.stderr[-2000:]
+    assert shard_info(out)["num_records"] == len(lines) * 400

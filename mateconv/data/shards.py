@@ -25,6 +25,8 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -709,20 +711,30 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
             for shard, lines, nbytes in chunks:
                 consume(shard, encode_chunk(kind, eos_id, dtype, lines) if lines else None, nbytes)
         else:
-            # apply_async with a bounded queue (Pool.imap would read the whole input ahead): memory stays flat.
+            # submit with a bounded queue (map would read the whole input ahead): memory stays flat. A process pool
+            # executor, not multiprocessing.Pool: a worker killed (out of memory) breaks it, where Pool replaced the
+            # worker and waited for the lost chunk for ever.
             limit = max_in_flight or 4 * workers
             context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with context.Pool(workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file),)) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker,
+                                       initargs=(str(tokenizer_file),))
+            try:
                 pending: deque = deque()
                 for shard, lines, nbytes in chunks:
-                    job = pool.apply_async(encode_chunk, (kind, eos_id, dtype, lines)) if lines else None
+                    job = pool.submit(encode_chunk, kind, eos_id, dtype, lines) if lines else None
                     pending.append((shard, job, nbytes))
-                    while len(pending) > limit or (pending and (pending[0][1] is None or pending[0][1].ready())):
+                    while len(pending) > limit or (pending and (pending[0][1] is None or pending[0][1].done())):
                         head_shard, head_job, head_bytes = pending.popleft()
-                        consume(head_shard, head_job.get() if head_job else None, head_bytes)
+                        consume(head_shard, head_job.result() if head_job else None, head_bytes)
                 while pending:
                     head_shard, head_job, head_bytes = pending.popleft()
-                    consume(head_shard, head_job.get() if head_job else None, head_bytes)
+                    consume(head_shard, head_job.result() if head_job else None, head_bytes)
+            except BrokenProcessPool:
+                raise DataError(f"a tokenizing worker died (killed, perhaps for lack of memory): the finished shards "
+                                f"are kept and the same command goes on from them; fewer --workers use less memory "
+                                f"({len(index['shards'])} shard(s) done)") from None
+            finally:  # on an interrupt: the chunks not begun are dropped, the workers finish theirs and end
+                pool.shutdown(cancel_futures=True)
         finish()
     finally:
         bar.close()
