@@ -249,11 +249,15 @@ class SchemaBuilder:
         if unknown:
             raise SchemaError(f"{where}: '{unknown[0]}' is not supported (supported: type, properties, required, "
                               "additionalProperties, items, minItems, maxItems, enum, const, anyOf, $ref)")
+        for key, beside in (("$ref", ()), ("allOf", ()), ("anyOf", ()), ("const", ("type",)), ("enum", ("type",))):
+            others = sorted(set(schema) - ANNOTATIONS - {key, *beside}) if key in schema else []
+            if others:  # what they would add to the key's schema is not held
+                raise SchemaError(f"{where}: '{others[0]}' beside '{key}' is not supported")
         if "$ref" in schema:
             return self._ref(schema["$ref"], document, where)
         if "allOf" in schema:
             parts = schema["allOf"]
-            if not isinstance(parts, list) or len(parts) != 1 or len(schema) - len(ANNOTATIONS & set(schema)) > 1:
+            if not isinstance(parts, list) or len(parts) != 1:
                 raise SchemaError(f"{where}: allOf is supported only as the one schema it holds")
             return self._node(parts[0], document, f"{where}/allOf/0")
         if "anyOf" in schema:

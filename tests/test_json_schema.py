@@ -182,6 +182,9 @@ def test_recursive_refs_and_pydantic_schemas():
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "minItems"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf' is not supported"),
     ({"type": "object", "required": ["b"], "properties": {"a": {}}}, "required a list of its names"),
+    ({"type": "object", "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, "'type' beside 'anyOf'"),
+    ({"type": "object", "properties": {"a": {"enum": [1, 2], "minimum": 2}}}, "'minimum' is not supported"),
+    ({"type": "object", "properties": {"a": {"const": 1, "enum": [1, 2]}}}, "'enum' beside 'const'"),
 ])
 def test_what_is_not_supported_is_one_line(schema, message):
     with pytest.raises(SchemaError) as error:
