@@ -306,6 +306,18 @@ def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):
     assert (out / "Modelfile").is_file() and (tiny_sft_model / "model.safetensors").is_file()
 
 
+def test_an_out_that_is_a_file_is_refused_and_kept(tiny_sft_model, tmp_path):
+    """--out naming a file: refused in one line, the file as it was (a Llama export moved it aside to a hidden
+    .old, put the export in its place and then failed on removing it)."""
+    from mateconv.export import main as export_main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"^export: --out .*notes.txt is a file"):
+        export_main([str(tiny_sft_model), "--to", "llama", "--out", str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("to", ["llama", "gguf"])
 def test_an_out_that_cannot_be_made_is_one_line(tiny_sft_model, tmp_path, to):
     """--out under a file (or on a full or read-only disk): the OS's reason in one line, not a traceback."""
