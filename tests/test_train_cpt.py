@@ -261,3 +261,20 @@ def test_packed_texts_and_errors(tiny_qwen):
         CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])
     with pytest.raises(ConfigError, match="lists of strings, one document each"):
         CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen))).train("one long text")
+
+
+def test_a_model_with_learned_positions_takes_rows_as_long_as_its_table(tiny_neox, tiny_embedded_data, tmp_path):
+    """GPT-2 looks positions up in a table (here of 64): max_length 128 is refused in one line naming the limit (it
+    was an IndexError deep in the first forward); 64 trains."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2-tiny"
+    AutoTokenizer.from_pretrained(tiny_neox).save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(path)
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
+    settings = dict(model_name_or_path=str(path), use_bf16=False, output_dir=str(tmp_path / "cpt"), max_steps=1)
+    with pytest.raises(ConfigError, match="learned position embeddings for 64 tokens, fewer than max_seq_len 128"):
+        CPTTrainer(CPTConfig(**settings, max_length=128)).train(texts)
+    assert np.isfinite(CPTTrainer(CPTConfig(**settings, max_length=64)).train(texts))

@@ -167,6 +167,15 @@ def extend_length(model: nn.Module, max_seq_len: int) -> int | None:
     return limit
 
 
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a table of learned position embeddings (GPT-2's, OPT's) takes; None for one
+    whose positions are computed (RoPE, ALiBi), which has no embedding table but the tokens'."""
+    tokens = model.get_input_embeddings()
+    if not any(isinstance(m, nn.Embedding) and m is not tokens for m in model.modules()):
+        return None
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+
+
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
