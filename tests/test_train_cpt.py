@@ -278,3 +278,19 @@ def test_a_model_with_learned_positions_takes_rows_as_long_as_its_table(tiny_neo
     with pytest.raises(ConfigError, match="learned position embeddings for 64 tokens, fewer than max_seq_len 128"):
         CPTTrainer(CPTConfig(**settings, max_length=128)).train(texts)
     assert np.isfinite(CPTTrainer(CPTConfig(**settings, max_length=64)).train(texts))
+
+
+def test_a_tokenizer_beyond_the_model_embeddings_is_one_line(tiny_tokenizer, tiny_embedded_data, tmp_path):
+    """A model directory whose tokenizer (512 tokens) does not fit its embeddings (300): refused before training,
+    naming both sizes (it was an IndexError in the first forward)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path / "mismatched"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
+    config = CPTConfig(model_name_or_path=str(path), max_length=64, use_bf16=False, output_dir=str(tmp_path / "cpt"))
+    with pytest.raises(ConfigError, match=r"token ids need a vocabulary of 5\d\d but the model has 300 embeddings"):
+        CPTTrainer(config).train(texts)
+    assert not (tmp_path / "cpt").exists()

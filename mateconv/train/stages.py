@@ -223,8 +223,8 @@ RECIPES = {
 def check_vocab(model: nn.Module, data_vocab: int) -> None:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if data_vocab > model_vocab:
-        raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but the model has {model_vocab} "
-                          "embeddings (set vocab_size, or tokenize with the model's tokenizer)")
+        raise ConfigError(f"the training data's token ids need a vocabulary of {data_vocab} but the model has "
+                          f"{model_vocab} embeddings (set vocab_size, or tokenize with the model's tokenizer)")
 
 
 def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
