@@ -318,6 +318,19 @@ def test_an_out_that_is_a_file_is_refused_and_kept(tiny_sft_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_weights_file_cut_short_is_one_line(tiny_sft_model, tmp_path):
+    """A model whose model.safetensors was cut short (an interrupted copy): one line, not safetensors' traceback."""
+    from mateconv.export import main as export_main
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_sft_model, source)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])
+    with pytest.raises(SystemExit, match=r"^export: cannot load model/tokenizer from .*model: .*incomplete metadata"):
+        export_main([str(source), "--to", "gguf", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("to", ["llama", "gguf"])
 def test_an_out_that_cannot_be_made_is_one_line(tiny_sft_model, tmp_path, to):
     """--out under a file (or on a full or read-only disk): the OS's reason in one line, not a traceback."""

@@ -294,3 +294,12 @@ def test_a_tokenizer_beyond_the_model_embeddings_is_one_line(tiny_tokenizer, tin
     with pytest.raises(ConfigError, match=r"token ids need a vocabulary of 5\d\d but the model has 300 embeddings"):
         CPTTrainer(config).train(texts)
     assert not (tmp_path / "cpt").exists()
+
+
+def test_a_weights_file_cut_short_is_one_line(tiny_qwen):
+    """model.safetensors cut short (an interrupted copy): init_from names the model and the damage (safetensors'
+    own error went up as a traceback)."""
+    weights = tiny_qwen / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])
+    with pytest.raises(ConfigError, match=r"init_from: cannot load a causal LM from .*qwen2-tiny \(.*incomplete"):
+        CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64)).train(["some text"] * 50)

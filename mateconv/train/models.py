@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -47,7 +48,7 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
                           f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
 
