@@ -303,3 +303,11 @@ def test_a_weights_file_cut_short_is_one_line(tiny_qwen):
     weights.write_bytes(weights.read_bytes()[:50_000])
     with pytest.raises(ConfigError, match=r"init_from: cannot load a causal LM from .*qwen2-tiny \(.*incomplete"):
         CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64)).train(["some text"] * 50)
+
+
+def test_init_from_a_file_names_the_directory_to_give(tiny_qwen):
+    """init_from naming the weights file or config.json of a model: one line saying to name its directory (it was
+    transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'")."""
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(ConfigError, match=rf"init_from: .*{name} is a file; name the model directory"):
+            CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen / name))).train(["some text"] * 50)

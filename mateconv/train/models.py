@@ -46,6 +46,9 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
         writer = STAGE_PROGRAMS.get(Path(path).parent.name) if Path(path).name == "final" else None
         raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
                           f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
+    if Path(path).is_file():
+        raise ConfigError(f"{key}: {path} is a file; name the model directory that holds it (config.json and the "
+                          "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
