@@ -200,7 +200,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token
     writer.add_token_merges(merges)
     writer.add_bos_token_id(bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.pad_token_id is not None:  # optional in llama.cpp
+        writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
     return split

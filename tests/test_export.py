@@ -366,6 +366,14 @@ def vocab_only_llama(tokenizer, path) -> Llama:
     return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
+def test_a_tokenizer_without_pad_token_exports_to_gguf(tiny_tokenizer, tmp_path):
+    """A tokenizer with no pad token (llama.cpp needs none) is written without one (it was a struct.error)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tokenizer.pad_token = None
+    llm = vocab_only_llama(tokenizer, tmp_path / "vocab.gguf")
+    assert llm.token_eos() == tokenizer.eos_token_id and "tokenizer.ggml.padding_token_id" not in llm.metadata
+
+
 def llama_cpp_chatml(llm: Llama, messages: list[dict[str, str]]) -> str:
     """The prompt llama.cpp's own chat formatting (llama-server without --jinja) builds from the GGUF's template."""
     chat = (llama_cpp.llama_chat_message * len(messages))(
