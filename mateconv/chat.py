@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mateconv.config import ConfigError, add_decode_flags
@@ -89,7 +90,7 @@ def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device),
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # the last: a weights file cut short or damaged
         raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
     if tokenizer.chat_template is None:
         raise ChatError(f"the tokenizer in {path} has no chat template")

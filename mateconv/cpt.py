@@ -95,8 +95,10 @@ def read_texts(texts: list[str], eval_texts: list[str] | None, config: TrainConf
     if tokenizer is None:
         raise ConfigError(f"{config.checkpoint.init_from} has no tokenizer (tokenizer_config.json)")
     seq_len = config.model.max_seq_len
-    return StageData(PackedTexts(texts, tokenizer, seq_len), PackedTexts(eval_texts, tokenizer, seq_len)
-                     if eval_texts else None)
+    train = PackedTexts(texts, tokenizer, seq_len)
+    val = PackedTexts(eval_texts, tokenizer, seq_len) if eval_texts else None
+    # a tokenizer saved with a model it does not fit (ids beyond its embeddings) is checked against the model
+    return StageData(train, val, int(max(data.stream.max() for data in (train, val) if data is not None)) + 1)
 
 
 class CPTTrainer:

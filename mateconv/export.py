@@ -76,6 +76,8 @@ def check_replaceable(out: Path, source: str | Path) -> None:
     (never the user's checkpoints, data, or the source model)."""
     if out == Path(source).resolve():
         raise ExportError(f"--out {out} is the source model; name another directory")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, which the export directory would replace; name a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
         raise ExportError(f"--out {out} holds files an export did not write, which it would replace; name a new or "
                           "empty directory")
@@ -198,7 +200,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token
     writer.add_token_merges(merges)
     writer.add_bos_token_id(bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.pad_token_id is not None:  # optional in llama.cpp
+        writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
     return split

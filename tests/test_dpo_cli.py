@@ -195,7 +195,7 @@ def test_a_reference_of_a_smaller_vocabulary_is_one_line(precompute, tiny_sft_mo
     pairs, reference = tmp_path / "pairs.jsonl", tmp_path / "ref"
     write_pairs_file(pairs)
     tiny_llama(0, vocab_size=50).save_pretrained(reference)
-    with pytest.raises(SystemExit, match=rf"^dpo: the token shards use a vocabulary of 512 but the reference model "
+    with pytest.raises(SystemExit, match=rf"^dpo: the training data.s token ids need a vocabulary of 512 but the reference model "
                                          rf"{reference} has 50 embeddings \(ref_model_path: a model of the policy's "
                                          rf"tokenizer\)$"):
         main("dpo", TINY_MODEL_FLAGS + [

@@ -306,6 +306,31 @@ def test_exports_keep_what_they_did_not_write(tiny_sft_model, tmp_path):
     assert (out / "Modelfile").is_file() and (tiny_sft_model / "model.safetensors").is_file()
 
 
+def test_an_out_that_is_a_file_is_refused_and_kept(tiny_sft_model, tmp_path):
+    """--out naming a file: refused in one line, the file as it was (a Llama export moved it aside to a hidden
+    .old, put the export in its place and then failed on removing it)."""
+    from mateconv.export import main as export_main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"^export: --out .*notes.txt is a file"):
+        export_main([str(tiny_sft_model), "--to", "llama", "--out", str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_weights_file_cut_short_is_one_line(tiny_sft_model, tmp_path):
+    """A model whose model.safetensors was cut short (an interrupted copy): one line, not safetensors' traceback."""
+    from mateconv.export import main as export_main
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_sft_model, source)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])
+    with pytest.raises(SystemExit, match=r"^export: cannot load model/tokenizer from .*model: .*incomplete metadata"):
+        export_main([str(source), "--to", "gguf", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("to", ["llama", "gguf"])
 def test_an_out_that_cannot_be_made_is_one_line(tiny_sft_model, tmp_path, to):
     """--out under a file (or on a full or read-only disk): the OS's reason in one line, not a traceback."""
@@ -339,6 +364,14 @@ def vocab_only_llama(tokenizer, path) -> Llama:
     writer.write_tensors_to_file()
     writer.close()
     return Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def test_a_tokenizer_without_pad_token_exports_to_gguf(tiny_tokenizer, tmp_path):
+    """A tokenizer with no pad token (llama.cpp needs none) is written without one (it was a struct.error)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tokenizer.pad_token = None
+    llm = vocab_only_llama(tokenizer, tmp_path / "vocab.gguf")
+    assert llm.token_eos() == tokenizer.eos_token_id and "tokenizer.ggml.padding_token_id" not in llm.metadata
 
 
 def llama_cpp_chatml(llm: Llama, messages: list[dict[str, str]]) -> str:

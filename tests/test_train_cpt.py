@@ -261,3 +261,53 @@ def test_packed_texts_and_errors(tiny_qwen):
         CPTTrainer(CPTConfig(model_name_or_path="/nonexistent/model")).train(["text"])
     with pytest.raises(ConfigError, match="lists of strings, one document each"):
         CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen))).train("one long text")
+
+
+def test_a_model_with_learned_positions_takes_rows_as_long_as_its_table(tiny_neox, tiny_embedded_data, tmp_path):
+    """GPT-2 looks positions up in a table (here of 64): max_length 128 is refused in one line naming the limit (it
+    was an IndexError deep in the first forward); 64 trains."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2-tiny"
+    AutoTokenizer.from_pretrained(tiny_neox).save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(path)
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
+    settings = dict(model_name_or_path=str(path), use_bf16=False, output_dir=str(tmp_path / "cpt"), max_steps=1)
+    with pytest.raises(ConfigError, match="learned position embeddings for 64 tokens, fewer than max_seq_len 128"):
+        CPTTrainer(CPTConfig(**settings, max_length=128)).train(texts)
+    assert np.isfinite(CPTTrainer(CPTConfig(**settings, max_length=64)).train(texts))
+
+
+def test_a_tokenizer_beyond_the_model_embeddings_is_one_line(tiny_tokenizer, tiny_embedded_data, tmp_path):
+    """A model directory whose tokenizer (512 tokens) does not fit its embeddings (300): refused before training,
+    naming both sizes (it was an IndexError in the first forward)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path / "mismatched"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
+    config = CPTConfig(model_name_or_path=str(path), max_length=64, use_bf16=False, output_dir=str(tmp_path / "cpt"))
+    with pytest.raises(ConfigError, match=r"token ids need a vocabulary of 5\d\d but the model has 300 embeddings"):
+        CPTTrainer(config).train(texts)
+    assert not (tmp_path / "cpt").exists()
+
+
+def test_a_weights_file_cut_short_is_one_line(tiny_qwen):
+    """model.safetensors cut short (an interrupted copy): init_from names the model and the damage (safetensors'
+    own error went up as a traceback)."""
+    weights = tiny_qwen / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])
+    with pytest.raises(ConfigError, match=r"init_from: cannot load a causal LM from .*qwen2-tiny \(.*incomplete"):
+        CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen), max_length=64)).train(["some text"] * 50)
+
+
+def test_init_from_a_file_names_the_directory_to_give(tiny_qwen):
+    """init_from naming the weights file or config.json of a model: one line saying to name its directory (it was
+    transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'")."""
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(ConfigError, match=rf"init_from: .*{name} is a file; name the model directory"):
+            CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen / name))).train(["some text"] * 50)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 @dataclass(frozen=True)
 class StageData:
     """What a stage trains on: its training and validation sets, and the vocabulary of their token ids (checked
-    against the model's embeddings; None when the stage tokenised them with the model's own tokenizer)."""
+    against the model's embeddings; None: not checked)."""
     train: Dataset
     val: Dataset | None = None
     vocab_size: int | None = None

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -45,9 +46,12 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
         writer = STAGE_PROGRAMS.get(Path(path).parent.name) if Path(path).name == "final" else None
         raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
                           f"{f', which {writer} writes there' if writer else ''}, or a Hugging Face hub id)")
+    if Path(path).is_file():
+        raise ConfigError(f"{key}: {path} is a file; name the model directory that holds it (config.json and the "
+                          "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
 
@@ -56,8 +60,8 @@ def check_vocab(model: nn.Module, data_vocab: int, name: str = "the model",
                 fix: str = "set vocab_size, or tokenize with the model's tokenizer") -> None:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if data_vocab > model_vocab:
-        raise ConfigError(f"the token shards use a vocabulary of {data_vocab} but {name} has {model_vocab} "
-                          f"embeddings ({fix})")
+        raise ConfigError(f"the training data's token ids need a vocabulary of {data_vocab} but {name} has "
+                          f"{model_vocab} embeddings ({fix})")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -173,6 +177,15 @@ def extend_length(model: nn.Module, max_seq_len: int) -> int | None:
         return None
     model.config.max_seq_len = max_seq_len
     return limit
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a table of learned position embeddings (GPT-2's, OPT's) takes; None for one
+    whose positions are computed (RoPE, ALiBi), which has no embedding table but the tokens'."""
+    tokens = model.get_input_embeddings()
+    if not any(isinstance(m, nn.Embedding) and m is not tokens for m in model.modules()):
+        return None
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
 
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:

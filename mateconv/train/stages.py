@@ -30,8 +30,8 @@ from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setu
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
-from mateconv.train.models import (build_model, check_vocab, extend_length, load_tokenizer, resolve_init_from,
-                                   with_chatml)
+from mateconv.train.models import (build_model, check_vocab, extend_length, learned_positions, load_tokenizer,
+                                   resolve_init_from, with_chatml)
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
@@ -231,6 +231,10 @@ def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool)
     """Rows are cut to max_seq_len; a starting MateConv model trained on shorter ones is extended to it (seed 000's
     DPO at 3000 tokens after pretraining at 512), with a note."""
     max_seq_len = config.model.max_seq_len
+    table = learned_positions(model)
+    if table is not None and max_seq_len > table:
+        raise ConfigError(f"{config.checkpoint.init_from} has learned position embeddings for {table} tokens, fewer "
+                          f"than max_seq_len {max_seq_len} (max_length in CPTConfig); set it to at most {table}")
     limit = extend_length(model, max_seq_len)
     if limit is not None and is_main:
         print(f"[{stage}] note: {config.checkpoint.init_from} was trained on rows of up to {limit} tokens; max_seq_len "
