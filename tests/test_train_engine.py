@@ -603,6 +603,25 @@ def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
     assert len(norms) == 3 and all(0 < norm < 1e3 for norm in norms), norms
 
 
+def test_deepspeed_zero0_fp32_resume_follows_the_schedule(tiny_flags, tmp_path):
+    """DeepSpeed ZeRO-0 in fp32 (CheckedStep): a resumed run gives the uninterrupted run's losses. CheckedStep kept the
+    param groups of the optimizer it wrapped, which loading the checkpoint replaces: the schedule then set the rates
+    of groups nobody stepped, and the resumed run trained at the checkpoint's rate from then on."""
+    def pretrain(out: Path, *more: str) -> None:
+        command = [sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(out, max_steps=8, eval_interval=100,
+                                                                             save_interval_steps=4),
+                   "--engine", "deepspeed", "--zero_stage", "0", *more]
+        result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    pretrain(tmp_path / "full")
+    pretrain(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000004"))
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(abs(loss - full[step]) < 1e-5 for step, loss in resumed.items()), (full, resumed)
+
+
 def test_one_rank_agrees_with_itself_without_a_collective(monkeypatch):
     """Under DeepSpeed's launcher with one GPU a process group of one rank exists; the stop check, made every step,
     must not all-reduce and wait for the device there."""

@@ -169,9 +169,19 @@ class CheckedStep(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, device: torch.device):
         self.optimizer, self.max_norm, self.device = optimizer, max_norm, device
-        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+        self.defaults = optimizer.defaults
         self.overflow = False
         self._global_grad_norm: float | None = None
+
+    # The wrapped optimizer's own, looked up each time: loading a checkpoint replaces its group and state objects, and
+    # copies taken here would leave the scheduler setting the rates of groups that the optimizer no longer steps.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
 
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
