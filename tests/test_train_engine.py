@@ -301,6 +301,22 @@ def test_auto_resume_continues_in_place(train, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_takes_the_learning_rate_and_weight_decay_given_to_it(train, tmp_path, capsys):
+    """Lowering the learning rate for a resume (what a NaN stop advises) takes effect: the checkpoint's optimizer and
+    scheduler state held the old rate and decay, which the resume used silently. A note says what changed."""
+    train(tmp_path, max_steps=8, save_interval_steps=4, eval_interval=100)
+    capsys.readouterr()
+    train(tmp_path, max_steps=8, save_interval_steps=4, eval_interval=100, learning_rate=1e-3, weight_decay=0.05,
+          resume=tmp_path / "checkpoints" / "step_00000004")
+    assert ("changed since the checkpoint: learning rate 0.003 -> 0.001, weight decay 0.1 -> 0.05; training goes on "
+            "from step 4 with the new values") in capsys.readouterr().out
+    lrs = {row["step"]: row["lr"] for row in read_metrics(tmp_path) if "lr" in row}
+    for step in range(5, 9):
+        assert lrs[step] == pytest.approx(1e-3 * lr_multiplier(step - 1, 2, 8, 0.1)), step
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000008" / "training_state.pt", weights_only=False)
+    assert {group["weight_decay"] for group in saved["optimizer"]["param_groups"]} == {0.0, 0.05}
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""

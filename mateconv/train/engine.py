@@ -44,7 +44,7 @@ from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
-from mateconv.train.optim import build_optimizer, build_scheduler
+from mateconv.train.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops, run_facts)
@@ -409,10 +409,12 @@ class Trainer:
         resume_from, saved_rng = self.resume_from, None
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
+            settings = group_settings(self.optimizer)
             loaded, saved_rng = self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler)
+            changes = restore_group_settings(self.optimizer, self.scheduler, settings)
             state.update(loaded)
             if runtime.is_main:
-                self.say_resumed(resume_from, state)
+                self.say_resumed(resume_from, state, changes)
             state["train_examples"] = examples
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
@@ -436,11 +438,14 @@ class Trainer:
             finally:
                 tracker.finish()
 
-    def say_resumed(self, path: Path, state: dict) -> None:
-        """The resume line, and what the same command does not do by itself: train a finished run further, or notice
-        that the data changed under the checkpoint."""
+    def say_resumed(self, path: Path, state: dict, changes: list[str]) -> None:
+        """The resume line, the optimizer settings that differ from the checkpoint's run, and what the same command
+        does not do by itself: train a finished run further, or notice that the data changed under the checkpoint."""
         step = state["step"]
         print(f"[train] resumed from {path} at step {step}", flush=True)
+        if changes:
+            print(f"[train] note: changed since the checkpoint: {', '.join(changes)}; training goes on from step "
+                  f"{step} with the new values", flush=True)
         before = state.get("train_examples")  # absent in checkpoints written before it was recorded
         if before is not None and before != len(self.train_data):
             print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "
