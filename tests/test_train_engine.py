@@ -317,6 +317,15 @@ def test_a_resume_takes_the_learning_rate_and_weight_decay_given_to_it(train, tm
     assert {group["weight_decay"] for group in saved["optimizer"]["param_groups"]} == {0.0, 0.05}
 
 
+@pytest.mark.parametrize("saved, asked", [("adamw", "muon"), ("muon", "adamw")])
+def test_resuming_with_another_optimizer_is_one_line(train, tmp_path, saved, asked):
+    """The checkpoint's optimizer state fits only its own optimizer (torch's loader raised a KeyError)."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100, optimizer=saved)
+    with pytest.raises(ConfigError, match=f"saved with --optimizer {saved}, this run has --optimizer {asked}: resume "
+                                          f"with --optimizer {saved}"):
+        train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, optimizer=asked)
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""

@@ -380,6 +380,15 @@ class CheckpointManager:
                               f"resume with --zero_stage {saved} (on any number of ranks), or start a new run from its "
                               f"weights with --init_from {path} and its own --out_dir")
 
+    def check_optimizer(self, path: Path, config: TrainConfig) -> None:
+        """An AdamW state does not load into Muon or back (torch's loader ends in a KeyError): one line instead."""
+        saved = yaml.safe_load((path / "config.yaml").read_text()).get("optim", {}).get("optimizer")
+        chosen = config.optim.optimizer
+        if saved is not None and saved != chosen:
+            raise ConfigError(f"resume: {path} was saved with --optimizer {saved}, this run has --optimizer {chosen}: "
+                              f"resume with --optimizer {saved}, or start a new run from its weights with --init_from "
+                              f"{path} and its own --out_dir")
+
     def load(self, path: Path, engine, optimizer, scheduler) -> tuple[dict, dict | None]:
         """Restore model, optimizer and scheduler; returns trainer_state and this rank's saved RNG state (None for a
         rank the checkpoint's run did not have), for the caller to restore right before the first step."""
