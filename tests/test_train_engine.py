@@ -326,6 +326,15 @@ def test_resuming_with_another_optimizer_is_one_line(train, tmp_path, saved, ask
         train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, optimizer=asked)
 
 
+def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
+    """A file where the output directory should be (or a read-only mount): a ConfigError, which the stage prints as
+    one line, not mkdir's traceback after the whole setup."""
+    (tmp_path / "taken").write_text("")
+    for out_dir, why in ((tmp_path / "taken", "File exists"), (tmp_path / "taken" / "run", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"out_dir: cannot create the directory {out_dir} \\({why}"):
+            train(out_dir, max_steps=1)
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""

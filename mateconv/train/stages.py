@@ -251,9 +251,18 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
         return set_up_and_train(recipe, config, stop)
 
 
+def make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
+        raise ConfigError(f"out_dir: cannot create the directory {out_dir} ({e.strerror}: {e.filename})") from None
+
+
 def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> dict:
     runtime = setup(config.parallel)
     per_rank_sizes(config, runtime.world_size)
+    if runtime.is_main:  # before any long setup (tokenizing a raw file) that the run would then lose
+        make_out_dir(Path(config.checkpoint.out_dir))
     if runtime.is_main and runtime.device.type == "cpu" and runtime.dtype != torch.float32:
         print(f"[{recipe.name}] note: dtype {config.parallel.dtype} on a CPU trains many times slower than float32 on "
               "most CPUs (they have no fast half-precision matmul); dtype auto picks float32 there", flush=True)
@@ -271,7 +280,6 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
     objective = recipe.objective(config, runtime, data)
     evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
     if runtime.is_main:
-        Path(config.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         engine = (f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed
                   else "PyTorch FSDP" if runtime.fsdp else "PyTorch")
