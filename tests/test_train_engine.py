@@ -335,6 +335,16 @@ def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
             train(out_dir, max_steps=1)
 
 
+def test_another_stage_does_not_resume_a_checkpoint(train, tmp_path):
+    """SFT pointed at pretraining's out_dir went on from its checkpoint as if it were SFT's own: pretraining's step,
+    optimizer state, data position and best validation loss (and not the --init_from model)."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    with pytest.raises(ConfigError, match="step_00000002 is a checkpoint of pretrain, this run is sft: give this run "
+                                          "its own --out_dir"):
+        train(tmp_path, "sft", max_steps=4, init_from=tmp_path / "final")
+    assert json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""

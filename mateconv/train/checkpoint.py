@@ -352,6 +352,14 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------------- loading
 
+    def check_stage(self, path: Path, stage: str | None) -> None:
+        """A checkpoint of another stage (SFT pointed at pretraining's out_dir) would go on as if it were this one's:
+        its step, optimizer state, data position and best validation loss."""
+        saved = json.loads((path / "trainer_state.json").read_text()).get("stage")
+        if saved is not None and stage is not None and saved != stage:
+            raise ConfigError(f"resume: {path} is a checkpoint of {saved}, this run is {stage}: give this run its own "
+                              f"--out_dir (to start from that run's model: --init_from {path})")
+
     def check_model(self, path: Path, config: TrainConfig) -> None:
         """A checkpoint of another model than this run's (another size, MoE or dense, another init_from or LoRA) is
         an error naming the settings that differ, before anything is loaded (else load_state_dict's traceback)."""

@@ -205,12 +205,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, runtime: Runtime, model: torch.nn.Module, objective: Objective,
                  train_data: Dataset, val_data: Dataset | None = None, tokenizer=None,
                  evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None,
-                 evaluate_at_start: bool = False, stop: StopRequest | None = None):
+                 evaluate_at_start: bool = False, stop: StopRequest | None = None, stage: str | None = None):
         """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss.
+        `stage`: the stage's name (pretrain, sft, dpo, cpt), kept in checkpoints: another stage does not resume them.
         `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0.
         `stop`: the stop request the caller already listens to (stages.run: from the process's start), else one of
         the training loop's own."""
-        self.stop = stop
+        self.stop, self.stage = stop, stage
         self.config, self.runtime, self.objective = config, runtime, objective
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.pad_id = getattr(tokenizer, "pad_token_id", None)  # padded positions are not counted as real tokens
@@ -222,6 +223,7 @@ class Trainer:
                                              parameter_shapes(model))
         self.resume_from = self.checkpoints.resume_path(config.checkpoint.resume)  # DeepSpeed's setup depends on it
         if self.resume_from is not None:
+            self.checkpoints.check_stage(self.resume_from, stage)
             self.checkpoints.check_model(self.resume_from, config)
             self.checkpoints.check_zero_stage(self.resume_from, config)
             self.checkpoints.check_optimizer(self.resume_from, config)
@@ -406,7 +408,7 @@ class Trainer:
         config, runtime = self.config, self.runtime
         examples = len(self.train_data)
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
-                 "nonfinite_steps": 0, "train_examples": examples}
+                 "nonfinite_steps": 0, "train_examples": examples, "stage": self.stage}
         resume_from, saved_rng = self.resume_from, None
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:

@@ -288,7 +288,7 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
     at_start = recipe.evaluate_at_start if config.track.eval_at_start is None else config.track.eval_at_start
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
-                      tokenizer, evaluators, at_start, stop).fit()
+                      tokenizer, evaluators, at_start, stop, recipe.name).fit()
     out_dir = Path(config.checkpoint.out_dir)
     if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
                                                     f"{recipe.name}: {out_dir}")):
