@@ -345,6 +345,17 @@ def test_another_stage_does_not_resume_a_checkpoint(train, tmp_path):
     assert json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
 
 
+def test_a_resume_says_when_init_from_names_another_model(train, tiny_pretrain_model, tmp_path, capsys):
+    """The resume trains the checkpoint's model: an --init_from that names another one (the next pretraining's
+    final/) was silently not used."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    train(tmp_path, max_steps=3, save_interval_steps=2, eval_interval=100, init_from=tiny_pretrain_model)
+    assert (f"note: the checkpoint's run started from scratch, this run names --init_from {tiny_pretrain_model}: the "
+            "resume goes on with the checkpoint's model") in capsys.readouterr().out
+    train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, init_from=tiny_pretrain_model)
+    assert "note: the checkpoint's run started from" not in capsys.readouterr().out
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""

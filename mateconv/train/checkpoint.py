@@ -139,6 +139,15 @@ def model_differences(saved: dict, current: dict) -> list[str]:
             for section, name in places if saved.get(section, {}).get(name) != current[section][name]]
 
 
+def other_start(path: Path, config: TrainConfig) -> str | None:
+    """The model the run of checkpoint `path` started from, when this run names another one with --init_from (the
+    resume goes on with the checkpoint's weights, so this run's is not used); else None."""
+    saved = (yaml.safe_load((path / "config.yaml").read_text()).get("checkpoint") or {}).get("init_from") or ""
+    given = config.checkpoint.init_from or ""
+    same = saved == given or bool(saved and given) and Path(saved).resolve() == Path(given).resolve()
+    return None if same else saved or "scratch"
+
+
 def pointed_checkpoint(out_dir: str | Path, name: str) -> Path | None:
     """The complete checkpoint a run's `name` pointer ("latest", "best") names, or None."""
     root = Path(out_dir) / CHECKPOINTS

@@ -37,7 +37,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, set_rng_state, step_name, unwrap
+from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
+                                       unwrap)
 from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
@@ -449,6 +450,10 @@ class Trainer:
         if changes:
             print(f"[train] note: changed since the checkpoint: {', '.join(changes)}; training goes on from step "
                   f"{step} with the new values", flush=True)
+        if (start := other_start(path, self.config)) is not None:
+            print(f"[train] note: the checkpoint's run started from {start}, this run names --init_from "
+                  f"{self.config.checkpoint.init_from or '(none)'}: the resume goes on with the checkpoint's model, "
+                  "not that one (give this run its own --out_dir to train from it)", flush=True)
         before = state.get("train_examples")  # absent in checkpoints written before it was recorded
         if before is not None and before != len(self.train_data):
             print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "
