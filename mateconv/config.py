@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import yaml
 
-from mateconv.files import write_atomic
+from mateconv.files import write_atomic, yaml_error
 from model.config import PRESETS, MateConvConfig
 from model.config import ConfigError as ModelConfigError
 
@@ -474,7 +474,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     pairs = []

@@ -21,6 +21,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def yaml_error(path: Path, error: Exception) -> str:
+    """`path:line: not valid YAML: <the problem>` for a PyYAML parse error (its message's first line, such as 'while
+    scanning for the next token', names neither the line nor what is wrong there)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    return f"{where}: not valid YAML: {problem or str(error).splitlines()[0]}"
+
+
 def save_figure(figure, path: Path, dpi: int = 120) -> None:
     """A matplotlib figure saved atomically (format from the suffix)."""
     tmp = temporary_sibling(path)

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mateconv.files import read_metrics, save_figure, write_atomic
+from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
@@ -211,7 +211,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"sweep config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
         raw = {**raw, "program": program}
     try:
