@@ -201,7 +201,7 @@ def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj", "--batch_size", "4", "--eval_batches", "5",
-     "--compile", "0", "--learning_rate", "3e-4"],
+     "--compile", "0", "--learning_rate", "3e-4", "--init_from", ""],  # from scratch: the model flags are saved
     ["--total_batch_size", "16", "--accumulation_steps", "2", "--eval_examples", "64"],
 ])
 def test_saved_config_reruns_the_run(tmp_path, argv):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from mateconv.config import ConfigError, parse_config
+from mateconv.config import ConfigError, config_to_dict, parse_config
 from mateconv.data import DataError
 from mateconv.data.shards import shard_info
+from mateconv.train.models import model_dir
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
@@ -442,6 +445,28 @@ def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, t
 def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
     summary = train(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=4, learning_rate=1e-3)
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_of_a_run_from_a_saved_model_is_a_model_source(tiny_flags, tiny_pretrain_model, tmp_path):
+    """SFT as the stages run it, from a pretrained model with no model flags: its checkpoint was refused as
+    --init_from (and by export and chat), and its config.yaml as a config to run again, because the saved model
+    section held the flags' defaults (dim 512, ...), which read back clashed with the model (dim 64)."""
+    model_flags = {"--dim", "--n_layers", "--n_heads", "--n_kv_heads", "--vocab_size"}
+    flags = tiny_flags(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=2, save_interval_steps=2,
+                       eval_interval=100)
+    flags = [flag for i, flag in enumerate(flags) if flag not in model_flags and flags[i - 1] not in model_flags]
+    run(RECIPES["sft"], parse_config(flags))
+    checkpoint = tmp_path / "sft" / "checkpoints" / "step_00000002"
+    again = run(RECIPES["sft"], parse_config(tiny_flags(tmp_path / "again", "sft", init_from=checkpoint, max_steps=1)))
+    assert again["step"] == 1
+    rerun = parse_config([str(checkpoint / "config.yaml"), "--max_steps", "3"], RECIPES["sft"].defaults, "sft")
+    assert rerun.checkpoint.init_from == str(tiny_pretrain_model) and rerun.optim.max_steps == 3
+    # a checkpoint written before: its config.yaml holds the whole model section of the flags' defaults
+    older = shutil.copytree(checkpoint, tmp_path / "older", ignore=shutil.ignore_patterns("model"))
+    saved = yaml.safe_load((older / "config.yaml").read_text())
+    saved["model"] = config_to_dict(parse_config([]))["model"]
+    (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert json.loads((model_dir(older) / "config.json").read_text())["dim"] == 64
 
 
 def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_model, tiny_tokens, tmp_path, capsys):
