@@ -359,6 +359,27 @@ def test_a_resume_says_when_init_from_names_another_model(train, tiny_pretrain_m
     assert "note: the checkpoint's run started from" not in capsys.readouterr().out
 
 
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_runs(train, tmp_path):
+    """The same command started twice (a nohup line run again): the second resumed from the first's checkpoints and
+    both wrote checkpoints, `latest` and metrics.jsonl between each other. Rank 0 locks out_dir for the run; the
+    lock goes with its process, however that ends."""
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from mateconv.files import locked; lock = locked(Path(sys.argv[1]) / '.run.lock'); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"^{tmp_path} is in use by another run \\(pid {holder.pid}\\): stop it "
+                                              f"first"):
+            train(tmp_path, max_steps=2)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tmp_path, max_steps=2)["step"] == 2
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""
