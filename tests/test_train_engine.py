@@ -421,6 +421,20 @@ def test_rotation_keeps_k_newest_plus_best(train, tmp_path):
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 
+def test_rotation_keeps_what_a_fresh_run_writes_beside_an_earlier_runs_later_checkpoints(train, tmp_path, capsys):
+    """`--resume never` into an out_dir whose earlier run went further: its higher steps counted as the newest, so
+    rotation deleted each checkpoint the new run had just written and `latest` named a missing directory (the next
+    resume then went back to the earlier run's last checkpoint)."""
+    train(tmp_path, max_steps=9, save_interval_steps=3, eval_interval=100, keep_checkpoint_max=5)
+    fresh = dict(save_interval_steps=2, eval_interval=100, keep_checkpoint_max=1, val_data_path="")  # no best/ kept
+    train(tmp_path, max_steps=4, resume="never", **fresh)
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_00000004" and (latest / "trainer_state.json").is_file()
+    capsys.readouterr()
+    train(tmp_path, max_steps=5, **fresh)
+    assert f"resumed from {latest} at step 4" in capsys.readouterr().out
+
+
 def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, tmp_path):
     """Noise on the logits at positions whose target is not an assistant token leaves the loss unchanged;
     noise on assistant targets changes it. Both assistant turns of a multi-turn chat are trained."""

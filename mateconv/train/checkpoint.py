@@ -352,8 +352,11 @@ class CheckpointManager:
         return None
 
     def rotate(self) -> None:
-        """Delete all but the `keep` newest checkpoints and the best one."""
-        steps = self.steps()
+        """Delete all but the `keep` newest checkpoints up to `latest` and the best one. Those past `latest` are an
+        earlier run's that went further (`--resume never`, or a resume from an older checkpoint): counted as newest
+        they pushed out the checkpoint just written, and `latest` named a deleted one; they are left alone."""
+        latest = self.pointer("latest")
+        steps = [path for path in self.steps() if latest is None or path.name <= latest.name]
         best = self.pointer("best")
         for path in steps[: max(0, len(steps) - self.keep)]:
             if best is None or path.resolve() != best.resolve():
