@@ -59,12 +59,14 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert saved.optim.max_steps == 12 and saved.checkpoint.out_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_equals_uninterrupted(train, tmp_path, dropout):
+@pytest.mark.parametrize("dropout, optimizer", [(0.0, "adamw"), (0.1, "adamw"), (0.0, "muon")])
+def test_resume_equals_uninterrupted(train, tmp_path, dropout, optimizer):
     """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights), with
     dropout too (a resumed run's data loader drew a worker seed from the restored global RNG, so the dropout masks,
-    LoRA's included, differed after a resume)."""
-    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100, dropout=dropout)
+    LoRA's included, differed after a resume), and with Muon (its combined optimizer listed the param groups that
+    loading the checkpoint replaces, so the resumed run trained at the checkpoint's learning rate to the end)."""
+    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100, dropout=dropout,
+                 optimizer=optimizer)
     train(tmp_path / "full", **flags)
     train(tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_00000003", **flags)
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")

@@ -111,9 +111,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults = {}
         self.state = {}  # each part keeps its own state; see state_dict
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The parts' groups as they are now: loading a checkpoint replaces them, and a list taken once would leave
+        the schedule setting the rates of groups no part steps any more."""
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure=None):
         for optimizer in self.optimizers:
