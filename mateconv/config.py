@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import yaml
 
-from mateconv.files import write_atomic
+from mateconv.files import write_atomic, yaml_error
 from model.config import PRESETS, MateConvConfig
 from model.config import ConfigError as ModelConfigError
 
@@ -474,7 +474,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     pairs = []
@@ -717,8 +717,25 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    """The resolved config as YAML (atomic write); loadable again with `parse_config([path])`."""
-    write_atomic(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """The resolved config as YAML (atomic write); loadable again with `parse_config([path])`. A run from a saved
+    model (init_from) keeps only the model flags it used: the others were not its model's, and read again they would
+    be flags clashing with it (fit_init_from)."""
+    settings = config_to_dict(config)
+    if config.checkpoint.init_from:
+        settings["model"] = {name: settings["model"][name] for name in USED_WITH_INIT_FROM}
+    write_atomic(Path(path), yaml.safe_dump(settings, sort_keys=False))
+
+
+def load_run_config(path: Path) -> TrainConfig:
+    """A run's saved config.yaml, to rebuild its model; one that an init_from run wrote with its whole model section
+    (before save_config left it out) is read without it."""
+    pairs = load_yaml(path)
+    if dict(pairs).get("checkpoint.init_from"):
+        pairs = [(key, value) for key, value in pairs
+                 if not key.startswith("model.") or key.removeprefix("model.") in USED_WITH_INIT_FROM]
+    config = build_config(pairs)
+    fit_init_from(config, pairs)
+    return config
 
 
 def help_text(sections: Iterable[str], stage_defaults: dict) -> str:

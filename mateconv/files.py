@@ -2,12 +2,14 @@
 target, then renamed into place, so readers never see half of one. The reader of a run's metrics.jsonl."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -19,6 +21,42 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = temporary_sibling(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; `pid` is the one it wrote into the lock file."""
+
+    def __init__(self, pid: str):
+        super().__init__(f"held by pid {pid}")
+        self.pid = pid
+
+
+def locked(path: Path) -> IO[str]:
+    """File `path` (created) opened and locked exclusively, with this process's pid in it; closing it releases the
+    lock, and so does the end of the process, however it ends. LockHeld if another process holds it."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise LockHeld(holder) from None
+    except OSError:  # a file system without locks (some Lustre or NFS mounts): unlocked rather than no run at all
+        pass
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def yaml_error(path: Path, error: Exception) -> str:
+    """`path:line: not valid YAML: <the problem>` for a PyYAML parse error (its message's first line, such as 'while
+    scanning for the next token', names neither the line nor what is wrong there)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    return f"{where}: not valid YAML: {problem or str(error).splitlines()[0]}"
 
 
 def save_figure(figure, path: Path, dpi: int = 120) -> None:

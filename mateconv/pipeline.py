@@ -35,7 +35,7 @@ from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
-from mateconv.procs import StageRunner, is_alive, read_pid, stop
+from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"
@@ -422,7 +422,9 @@ def status(logs: Path, out: Path) -> None:
     for log in sorted(logs.glob("*.log")):
         name = log.stem
         pid = read_pid(logs, name)
-        line = f"{name:12s} {'running (pid %d)' % pid if pid and is_alive(pid) else 'not running'}"
+        if not (pid and is_alive(pid)):
+            pid = writer_of(log)
+        line = f"{name:12s} {'running (pid %d)' % pid if pid else 'not running'}"
         metrics = out / name / "metrics.jsonl"
         rows = read_metrics(metrics) if metrics.exists() else []
         last = next((row for row in reversed(rows) if "loss" in row and "step" in row), None)

@@ -104,6 +104,19 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def writer_of(log: Path) -> int | None:
+    """The live process whose standard output is `log` (a run started as `nohup ... > logs/x.log 2>&1 &`, with no
+    pid file), the first of a family that shares it (the `deepspeed` command, not its ranks); None if there is none."""
+    target, writers = os.path.realpath(log), {}
+    for process in psutil.process_iter(["ppid", "status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.readlink(f"/proc/{process.pid}/fd/1") == target:
+                writers[process.pid] = process.info["ppid"]
+        except (OSError, psutil.Error):
+            continue
+    return next((pid for pid, parent in sorted(writers.items()) if parent not in writers), None)
+
+
 def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
     """Sends SIGINT to a stage's process group and waits until every process in it has exited: under the DeepSpeed
     launcher the front process exits at once while the ranks are still saving. Returns a one-line outcome."""

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mateconv.files import read_metrics, save_figure, write_atomic
+from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
@@ -211,7 +211,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"sweep config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
         raw = {**raw, "program": program}
     try:
@@ -422,6 +422,13 @@ def _requeue(study, trial) -> None:
     study.enqueue_trial(trial.params, user_attrs=resume, skip_if_exists=False)
 
 
+def _number(trial) -> int:
+    """The number of a trial's directory and log (`trial_0000`): a trial run again after an interruption keeps its
+    first run's, whatever number Optuna gave the run again."""
+    directory = trial.user_attrs.get("trial_dir")
+    return int(Path(directory).name.removeprefix("trial_")) if directory else trial.number
+
+
 def _finished(study) -> int:
     from optuna.trial import TrialState
 
@@ -482,7 +489,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             trial.set_user_attr("values", values)
             trial_dir.mkdir(parents=True, exist_ok=True)
             where = f" on GPU {gpu} (log: {sweep_dir / trial_dir.name}.log)" if len(slots) > 1 else ""
-            print(f"[sweep] trial {trial.number} ({_finished(study) + 1}/{count}){where}: "
+            print(f"[sweep] trial {_number(trial)} ({_finished(study) + 1}/{count}){where}: "
                   + " ".join(f"{k}={format_value(v)}" for k, v in values.items()), flush=True)
             evaluations = []  # (step, value) of each value of the metric, reported as Optuna step 1, 2, ...
             pruned = []
@@ -496,7 +503,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                 if not trial.should_prune():
                     return False
                 pruned.append(step)
-                print(f"[sweep] trial {trial.number} pruned at step {step}: {config.metric}={value:.6g} "
+                print(f"[sweep] trial {_number(trial)} pruned at step {step}: {config.metric}={value:.6g} "
                       f"(evaluation {len(evaluations)})", flush=True)
                 return True
 
@@ -517,9 +524,9 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                     raise TrialFailed(f"{config.metric} is {value}")
             except (TrialFailed, SweepError) as e:
                 trial.set_user_attr("error", str(e))
-                print(f"[sweep] trial {trial.number} failed: {e}", flush=True)
+                print(f"[sweep] trial {_number(trial)} failed: {e}", flush=True)
                 raise TrialFailed(str(e)) from None
-            print(f"[sweep] trial {trial.number}: {config.metric}={value:.6g}", flush=True)
+            print(f"[sweep] trial {_number(trial)}: {config.metric}={value:.6g}", flush=True)
             return value
 
         def after_trial(study, trial) -> None:
@@ -548,7 +555,7 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     writer.writerow(["trial", "state", config.metric, *names, "pruned_at_step", "error"])
     for t in trials:
         values = t.user_attrs.get("values", t.params)
-        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+        writer.writerow([_number(t), t.state.name, "" if t.value is None else t.value,
                          *[format_value(values.get(n, "")) for n in names], t.user_attrs.get("pruned_at_step", ""),
                          t.user_attrs.get("error", "")])
     write_atomic(sweep_dir / "trials.csv", table.getvalue())
@@ -560,9 +567,9 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         best = study.best_trial
         best_values = best.user_attrs.get("values", best.params)
         write_atomic(sweep_dir / "best.json", json.dumps(
-            {"trial": best.number, config.metric: best.value, "params": best_values,
+            {"trial": _number(best), config.metric: best.value, "params": best_values,
              "command": best.user_attrs.get("command")}, indent=2) + "\n")
-        lines += [f"Best: trial {best.number}, {config.metric} = {best.value:.6g}", "", "```",
+        lines += [f"Best: trial {_number(best)}, {config.metric} = {best.value:.6g}", "", "```",
                   shlex.join(render_flags(best_values)), "```", ""]
     lines += ["| trial | state | " + " | ".join([config.metric, *names]) + " |",
               "|---" * (len(names) + 3) + "|"]
@@ -570,7 +577,7 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         values = t.user_attrs.get("values", t.params)
         metric = "" if t.value is None else f"{t.value:.6g}"
         state = f"PRUNED at step {t.user_attrs['pruned_at_step']}" if t in pruned else t.state.name
-        lines.append(f"| {t.number} | {state} | {metric} | "
+        lines.append(f"| {_number(t)} | {state} | {metric} | "
                      + " | ".join(_short(values.get(n, "")) for n in names) + " |")
     importances = _importances(study, config, complete)
     if importances:
@@ -603,7 +610,7 @@ def _plot(config: SweepConfig, complete: list, importances: dict[str, float], pa
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6, 4), squeeze=False)
-    numbers, values = [t.number for t in complete], [t.value for t in complete]
+    numbers, values = [_number(t) for t in complete], [t.value for t in complete]
     pick = min if config.goal == "minimize" else max
     best_so_far = [pick(values[:i + 1]) for i in range(len(values))]
     ax = axes[0][0]

@@ -8,6 +8,7 @@ import time
 
 import psutil
 
+from mateconv.pipeline import status
 from mateconv.procs import group_alive, is_alive, pid_file, stop
 
 STAGE = """
@@ -55,3 +56,26 @@ def test_a_process_that_exited_is_not_running_before_it_is_reaped():
     for process in (sleeper, quick):
         process.wait()
     assert not is_alive(quick.pid)
+
+
+def test_status_finds_a_run_started_by_hand_under_nohup(tmp_path, capsys):
+    """`nohup deepspeed ... > logs/pretrain.log 2>&1 &` (the seeds' way) leaves no pid file: status said "not running"
+    while it ran. The run is the family writing the log; the first of it (the launcher, not its rank) is named."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    family = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "print('ready', flush=True); time.sleep(60)"
+    with open(logs / "pretrain.log", "w") as log:
+        front = subprocess.Popen([sys.executable, "-c", family], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while "ready" not in (logs / "pretrain.log").read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    rank = psutil.Process(front.pid).children()[0]
+    status(logs, tmp_path / "out")
+    assert capsys.readouterr().out.split() == ["pretrain", "running", "(pid", f"{front.pid})"]
+    for process in (rank, front):
+        process.kill()
+    front.wait()
+    psutil.wait_procs([rank], timeout=10)
+    status(logs, tmp_path / "out")
+    assert capsys.readouterr().out.split() == ["pretrain", "not", "running"]

@@ -73,7 +73,7 @@ def test_file_errors(tmp_path):
         load_sweep_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("program: [unclosed\n")
-    with pytest.raises(SweepError, match="invalid YAML"):
+    with pytest.raises(SweepError, match=f"sweep config {bad}:2: not valid YAML: expected ','"):
         load_sweep_config(bad)
 
 

@@ -131,6 +131,12 @@ def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
     assert calls[0]["out_dir"] == str(sweep_dir / "trial_0000")  # rerun in its own dir: the stage resumes there
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]  # the interrupted trial is not listed
+    # Each trial is named by its directory and log, the rerun by its first run's (it was Optuna's new number, 1,
+    # and the summary's best trial could name a trial_0001 that does not exist)
+    assert [r["trial"] for r in rows] == ["0", "2"]
+    best = json.loads((sweep_dir / "best.json").read_text())["trial"]
+    assert (sweep_dir / f"trial_{best:04d}" / "metrics.jsonl").is_file()
+    assert f"Best: trial {best}," in (sweep_dir / "summary.md").read_text()
 
 
 def test_cli_runs_offline_by_default(tmp_path):

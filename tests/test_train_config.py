@@ -179,6 +179,14 @@ def test_yaml_values_are_type_checked(tmp_path):
         parse_config([str(path)])
 
 
+def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
+    """PyYAML's first message line ('while scanning for the next token') named neither the line nor the problem."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("dim: 64\n\tn_layers: 2\n")
+    with pytest.raises(ConfigError, match=f"^{path}:2: not valid YAML: found character '\\\\t' that cannot start"):
+        parse_config([str(path)])
+
+
 def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim: {dim: 64}\n")
@@ -193,7 +201,7 @@ def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["--dim", "96", "--use_moe", "--lora_target_modules", "q_proj,o_proj", "--batch_size", "4", "--eval_batches", "5",
-     "--compile", "0", "--learning_rate", "3e-4"],
+     "--compile", "0", "--learning_rate", "3e-4", "--init_from", ""],  # from scratch: the model flags are saved
     ["--total_batch_size", "16", "--accumulation_steps", "2", "--eval_examples", "64"],
 ])
 def test_saved_config_reruns_the_run(tmp_path, argv):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from mateconv.config import ConfigError, parse_config
+from mateconv.config import ConfigError, config_to_dict, parse_config
 from mateconv.data import DataError
 from mateconv.data.shards import shard_info
+from mateconv.train.models import model_dir
 from mateconv.train.optim import lr_multiplier
 from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
@@ -56,12 +59,14 @@ def test_loss_decreases_and_artifacts(train, tmp_path):
     assert saved.optim.max_steps == 12 and saved.checkpoint.out_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_equals_uninterrupted(train, tmp_path, dropout):
+@pytest.mark.parametrize("dropout, optimizer", [(0.0, "adamw"), (0.1, "adamw"), (0.0, "muon")])
+def test_resume_equals_uninterrupted(train, tmp_path, dropout, optimizer):
     """8 steps straight vs resume from the step-3 checkpoint: the same losses (and the same final weights), with
     dropout too (a resumed run's data loader drew a worker seed from the restored global RNG, so the dropout masks,
-    LoRA's included, differed after a resume)."""
-    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100, dropout=dropout)
+    LoRA's included, differed after a resume), and with Muon (its combined optimizer listed the param groups that
+    loading the checkpoint replaces, so the resumed run trained at the checkpoint's learning rate to the end)."""
+    flags = dict(max_steps=8, accumulation_steps=2, save_interval_steps=3, eval_interval=100, dropout=dropout,
+                 optimizer=optimizer)
     train(tmp_path / "full", **flags)
     train(tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_00000003", **flags)
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
@@ -301,6 +306,82 @@ def test_auto_resume_continues_in_place(train, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_takes_the_learning_rate_and_weight_decay_given_to_it(train, tmp_path, capsys):
+    """Lowering the learning rate for a resume (what a NaN stop advises) takes effect: the checkpoint's optimizer and
+    scheduler state held the old rate and decay, which the resume used silently. A note says what changed."""
+    train(tmp_path, max_steps=8, save_interval_steps=4, eval_interval=100)
+    capsys.readouterr()
+    train(tmp_path, max_steps=8, save_interval_steps=4, eval_interval=100, learning_rate=1e-3, weight_decay=0.05,
+          resume=tmp_path / "checkpoints" / "step_00000004")
+    assert ("changed since the checkpoint: learning rate 0.003 -> 0.001, weight decay 0.1 -> 0.05; training goes on "
+            "from step 4 with the new values") in capsys.readouterr().out
+    lrs = {row["step"]: row["lr"] for row in read_metrics(tmp_path) if "lr" in row}
+    for step in range(5, 9):
+        assert lrs[step] == pytest.approx(1e-3 * lr_multiplier(step - 1, 2, 8, 0.1)), step
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000008" / "training_state.pt", weights_only=False)
+    assert {group["weight_decay"] for group in saved["optimizer"]["param_groups"]} == {0.0, 0.05}
+
+
+@pytest.mark.parametrize("saved, asked", [("adamw", "muon"), ("muon", "adamw")])
+def test_resuming_with_another_optimizer_is_one_line(train, tmp_path, saved, asked):
+    """The checkpoint's optimizer state fits only its own optimizer (torch's loader raised a KeyError)."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100, optimizer=saved)
+    with pytest.raises(ConfigError, match=f"saved with --optimizer {saved}, this run has --optimizer {asked}: resume "
+                                          f"with --optimizer {saved}"):
+        train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, optimizer=asked)
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
+    """A file where the output directory should be (or a read-only mount): a ConfigError, which the stage prints as
+    one line, not mkdir's traceback after the whole setup."""
+    (tmp_path / "taken").write_text("")
+    for out_dir, why in ((tmp_path / "taken", "File exists"), (tmp_path / "taken" / "run", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"out_dir: cannot create the directory {out_dir} \\({why}"):
+            train(out_dir, max_steps=1)
+
+
+def test_another_stage_does_not_resume_a_checkpoint(train, tmp_path):
+    """SFT pointed at pretraining's out_dir went on from its checkpoint as if it were SFT's own: pretraining's step,
+    optimizer state, data position and best validation loss (and not the --init_from model)."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    with pytest.raises(ConfigError, match="step_00000002 is a checkpoint of pretrain, this run is sft: give this run "
+                                          "its own --out_dir"):
+        train(tmp_path, "sft", max_steps=4, init_from=tmp_path / "final")
+    assert json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_a_resume_says_when_init_from_names_another_model(train, tiny_pretrain_model, tmp_path, capsys):
+    """The resume trains the checkpoint's model: an --init_from that names another one (the next pretraining's
+    final/) was silently not used."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    train(tmp_path, max_steps=3, save_interval_steps=2, eval_interval=100, init_from=tiny_pretrain_model)
+    assert (f"note: the checkpoint's run started from scratch, this run names --init_from {tiny_pretrain_model}: the "
+            "resume goes on with the checkpoint's model") in capsys.readouterr().out
+    train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, init_from=tiny_pretrain_model)
+    assert "note: the checkpoint's run started from" not in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_runs(train, tmp_path):
+    """The same command started twice (a nohup line run again): the second resumed from the first's checkpoints and
+    both wrote checkpoints, `latest` and metrics.jsonl between each other. Rank 0 locks out_dir for the run; the
+    lock goes with its process, however that ends."""
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from mateconv.files import locked; lock = locked(Path(sys.argv[1]) / '.run.lock'); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"^{tmp_path} is in use by another run \\(pid {holder.pid}\\): stop it "
+                                              f"first"):
+            train(tmp_path, max_steps=2)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tmp_path, max_steps=2)["step"] == 2
+
+
 def test_val_size_holds_out_part_of_a_raw_file(train, tiny_embedded_data, tmp_path, capsys):
     """LLaMA-Factory's val_size on a raw data file: a share of its records is validation (val_loss, best/), the rest
     trains; a validation file besides it, or token shards as data_path, is a one-line error."""
@@ -340,6 +421,20 @@ def test_rotation_keeps_k_newest_plus_best(train, tmp_path):
     state = json.loads((root / f"step_{best_step:08d}" / "trainer_state.json").read_text())
     assert state["best_val_loss"] == pytest.approx(val[best_step])
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_rotation_keeps_what_a_fresh_run_writes_beside_an_earlier_runs_later_checkpoints(train, tmp_path, capsys):
+    """`--resume never` into an out_dir whose earlier run went further: its higher steps counted as the newest, so
+    rotation deleted each checkpoint the new run had just written and `latest` named a missing directory (the next
+    resume then went back to the earlier run's last checkpoint)."""
+    train(tmp_path, max_steps=9, save_interval_steps=3, eval_interval=100, keep_checkpoint_max=5)
+    fresh = dict(save_interval_steps=2, eval_interval=100, keep_checkpoint_max=1, val_data_path="")  # no best/ kept
+    train(tmp_path, max_steps=4, resume="never", **fresh)
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_00000004" and (latest / "trainer_state.json").is_file()
+    capsys.readouterr()
+    train(tmp_path, max_steps=5, **fresh)
+    assert f"resumed from {latest} at step 4" in capsys.readouterr().out
 
 
 def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, tmp_path):
@@ -387,6 +482,28 @@ def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, t
 def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
     summary = train(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=4, learning_rate=1e-3)
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_of_a_run_from_a_saved_model_is_a_model_source(tiny_flags, tiny_pretrain_model, tmp_path):
+    """SFT as the stages run it, from a pretrained model with no model flags: its checkpoint was refused as
+    --init_from (and by export and chat), and its config.yaml as a config to run again, because the saved model
+    section held the flags' defaults (dim 512, ...), which read back clashed with the model (dim 64)."""
+    model_flags = {"--dim", "--n_layers", "--n_heads", "--n_kv_heads", "--vocab_size"}
+    flags = tiny_flags(tmp_path / "sft", "sft", init_from=tiny_pretrain_model, max_steps=2, save_interval_steps=2,
+                       eval_interval=100)
+    flags = [flag for i, flag in enumerate(flags) if flag not in model_flags and flags[i - 1] not in model_flags]
+    run(RECIPES["sft"], parse_config(flags))
+    checkpoint = tmp_path / "sft" / "checkpoints" / "step_00000002"
+    again = run(RECIPES["sft"], parse_config(tiny_flags(tmp_path / "again", "sft", init_from=checkpoint, max_steps=1)))
+    assert again["step"] == 1
+    rerun = parse_config([str(checkpoint / "config.yaml"), "--max_steps", "3"], RECIPES["sft"].defaults, "sft")
+    assert rerun.checkpoint.init_from == str(tiny_pretrain_model) and rerun.optim.max_steps == 3
+    # a checkpoint written before: its config.yaml holds the whole model section of the flags' defaults
+    older = shutil.copytree(checkpoint, tmp_path / "older", ignore=shutil.ignore_patterns("model"))
+    saved = yaml.safe_load((older / "config.yaml").read_text())
+    saved["model"] = config_to_dict(parse_config([]))["model"]
+    (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert json.loads((model_dir(older) / "config.json").read_text())["dim"] == 64
 
 
 def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_model, tiny_tokens, tmp_path, capsys):
@@ -601,6 +718,25 @@ def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     norms = [row["grad_norm"] for row in read_metrics(tmp_path) if "grad_norm" in row]
     assert len(norms) == 3 and all(0 < norm < 1e3 for norm in norms), norms
+
+
+def test_deepspeed_zero0_fp32_resume_follows_the_schedule(tiny_flags, tmp_path):
+    """DeepSpeed ZeRO-0 in fp32 (CheckedStep): a resumed run gives the uninterrupted run's losses. CheckedStep kept the
+    param groups of the optimizer it wrapped, which loading the checkpoint replaces: the schedule then set the rates
+    of groups nobody stepped, and the resumed run trained at the checkpoint's rate from then on."""
+    def pretrain(out: Path, *more: str) -> None:
+        command = [sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(out, max_steps=8, eval_interval=100,
+                                                                             save_interval_steps=4),
+                   "--engine", "deepspeed", "--zero_stage", "0", *more]
+        result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    pretrain(tmp_path / "full")
+    pretrain(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000004"))
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(abs(loss - full[step]) < 1e-5 for step, loss in resumed.items()), (full, resumed)
 
 
 def test_one_rank_agrees_with_itself_without_a_collective(monkeypatch):

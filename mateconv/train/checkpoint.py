@@ -139,6 +139,15 @@ def model_differences(saved: dict, current: dict) -> list[str]:
             for section, name in places if saved.get(section, {}).get(name) != current[section][name]]
 
 
+def other_start(path: Path, config: TrainConfig) -> str | None:
+    """The model the run of checkpoint `path` started from, when this run names another one with --init_from (the
+    resume goes on with the checkpoint's weights, so this run's is not used); else None."""
+    saved = (yaml.safe_load((path / "config.yaml").read_text()).get("checkpoint") or {}).get("init_from") or ""
+    given = config.checkpoint.init_from or ""
+    same = saved == given or bool(saved and given) and Path(saved).resolve() == Path(given).resolve()
+    return None if same else saved or "scratch"
+
+
 def pointed_checkpoint(out_dir: str | Path, name: str) -> Path | None:
     """The complete checkpoint a run's `name` pointer ("latest", "best") names, or None."""
     root = Path(out_dir) / CHECKPOINTS
@@ -343,14 +352,25 @@ class CheckpointManager:
         return None
 
     def rotate(self) -> None:
-        """Delete all but the `keep` newest checkpoints and the best one."""
-        steps = self.steps()
+        """Delete all but the `keep` newest checkpoints up to `latest` and the best one. Those past `latest` are an
+        earlier run's that went further (`--resume never`, or a resume from an older checkpoint): counted as newest
+        they pushed out the checkpoint just written, and `latest` named a deleted one; they are left alone."""
+        latest = self.pointer("latest")
+        steps = [path for path in self.steps() if latest is None or path.name <= latest.name]
         best = self.pointer("best")
         for path in steps[: max(0, len(steps) - self.keep)]:
             if best is None or path.resolve() != best.resolve():
                 shutil.rmtree(path)
 
     # ---------------------------------------------------------------------------------------------- loading
+
+    def check_stage(self, path: Path, stage: str | None) -> None:
+        """A checkpoint of another stage (SFT pointed at pretraining's out_dir) would go on as if it were this one's:
+        its step, optimizer state, data position and best validation loss."""
+        saved = json.loads((path / "trainer_state.json").read_text()).get("stage")
+        if saved is not None and stage is not None and saved != stage:
+            raise ConfigError(f"resume: {path} is a checkpoint of {saved}, this run is {stage}: give this run its own "
+                              f"--out_dir (to start from that run's model: --init_from {path})")
 
     def check_model(self, path: Path, config: TrainConfig) -> None:
         """A checkpoint of another model than this run's (another size, MoE or dense, another init_from or LoRA) is
@@ -379,6 +399,15 @@ class CheckpointManager:
             raise ConfigError(f"resume: {path} was saved under ZeRO-{saved}, this run has --zero_stage {stage}: "
                               f"resume with --zero_stage {saved} (on any number of ranks), or start a new run from its "
                               f"weights with --init_from {path} and its own --out_dir")
+
+    def check_optimizer(self, path: Path, config: TrainConfig) -> None:
+        """An AdamW state does not load into Muon or back (torch's loader ends in a KeyError): one line instead."""
+        saved = yaml.safe_load((path / "config.yaml").read_text()).get("optim", {}).get("optimizer")
+        chosen = config.optim.optimizer
+        if saved is not None and saved != chosen:
+            raise ConfigError(f"resume: {path} was saved with --optimizer {saved}, this run has --optimizer {chosen}: "
+                              f"resume with --optimizer {saved}, or start a new run from its weights with --init_from "
+                              f"{path} and its own --out_dir")
 
     def load(self, path: Path, engine, optimizer, scheduler) -> tuple[dict, dict | None]:
         """Restore model, optimizer and scheduler; returns trainer_state and this rank's saved RNG state (None for a

@@ -37,14 +37,15 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
-from mateconv.train.checkpoint import CheckpointManager, parameter_shapes, set_rng_state, step_name, unwrap
+from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
+                                       unwrap)
 from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
-from mateconv.train.optim import build_optimizer, build_scheduler
+from mateconv.train.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops, run_facts)
@@ -169,9 +170,19 @@ class CheckedStep(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, device: torch.device):
         self.optimizer, self.max_norm, self.device = optimizer, max_norm, device
-        self.param_groups, self.defaults, self.state = optimizer.param_groups, optimizer.defaults, optimizer.state
+        self.defaults = optimizer.defaults
         self.overflow = False
         self._global_grad_norm: float | None = None
+
+    # The wrapped optimizer's own, looked up each time: loading a checkpoint replaces its group and state objects, and
+    # copies taken here would leave the scheduler setting the rates of groups that the optimizer no longer steps.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
 
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -195,12 +206,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, runtime: Runtime, model: torch.nn.Module, objective: Objective,
                  train_data: Dataset, val_data: Dataset | None = None, tokenizer=None,
                  evaluators: list[Callable[[torch.nn.Module], dict[str, float]]] | None = None,
-                 evaluate_at_start: bool = False, stop: StopRequest | None = None):
+                 evaluate_at_start: bool = False, stop: StopRequest | None = None, stage: str | None = None):
         """`evaluators` run at every evaluation on the (unwrapped) model; their metrics join val_loss.
+        `stage`: the stage's name (pretrain, sft, dpo, cpt), kept in checkpoints: another stage does not resume them.
         `evaluate_at_start`: a fresh (not resumed) run logs an evaluation of the starting model as step 0.
         `stop`: the stop request the caller already listens to (stages.run: from the process's start), else one of
         the training loop's own."""
-        self.stop = stop
+        self.stop, self.stage = stop, stage
         self.config, self.runtime, self.objective = config, runtime, objective
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.pad_id = getattr(tokenizer, "pad_token_id", None)  # padded positions are not counted as real tokens
@@ -212,8 +224,10 @@ class Trainer:
                                              parameter_shapes(model))
         self.resume_from = self.checkpoints.resume_path(config.checkpoint.resume)  # DeepSpeed's setup depends on it
         if self.resume_from is not None:
+            self.checkpoints.check_stage(self.resume_from, stage)
             self.checkpoints.check_model(self.resume_from, config)
             self.checkpoints.check_zero_stage(self.resume_from, config)
+            self.checkpoints.check_optimizer(self.resume_from, config)
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
         micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
@@ -395,14 +409,16 @@ class Trainer:
         config, runtime = self.config, self.runtime
         examples = len(self.train_data)
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
-                 "nonfinite_steps": 0, "train_examples": examples}
+                 "nonfinite_steps": 0, "train_examples": examples, "stage": self.stage}
         resume_from, saved_rng = self.resume_from, None
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
+            settings = group_settings(self.optimizer)
             loaded, saved_rng = self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler)
+            changes = restore_group_settings(self.optimizer, self.scheduler, settings)
             state.update(loaded)
             if runtime.is_main:
-                self.say_resumed(resume_from, state)
+                self.say_resumed(resume_from, state, changes)
             state["train_examples"] = examples
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
         state["run_id"] = tracker.run_id
@@ -426,11 +442,18 @@ class Trainer:
             finally:
                 tracker.finish()
 
-    def say_resumed(self, path: Path, state: dict) -> None:
-        """The resume line, and what the same command does not do by itself: train a finished run further, or notice
-        that the data changed under the checkpoint."""
+    def say_resumed(self, path: Path, state: dict, changes: list[str]) -> None:
+        """The resume line, the optimizer settings that differ from the checkpoint's run, and what the same command
+        does not do by itself: train a finished run further, or notice that the data changed under the checkpoint."""
         step = state["step"]
         print(f"[train] resumed from {path} at step {step}", flush=True)
+        if changes:
+            print(f"[train] note: changed since the checkpoint: {', '.join(changes)}; training goes on from step "
+                  f"{step} with the new values", flush=True)
+        if (start := other_start(path, self.config)) is not None:
+            print(f"[train] note: the checkpoint's run started from {start}, this run names --init_from "
+                  f"{self.config.checkpoint.init_from or '(none)'}: the resume goes on with the checkpoint's model, "
+                  "not that one (give this run its own --out_dir to train from it)", flush=True)
         before = state.get("train_examples")  # absent in checkpoints written before it was recorded
         if before is not None and before != len(self.train_data):
             print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "

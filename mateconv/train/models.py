@@ -13,7 +13,7 @@ from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, is_training_checkpoint,
-                             parse_config)
+                             load_run_config)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import unwrap
@@ -243,7 +243,7 @@ def model_dir(path: str | Path) -> Path:
     target = path / CONSOLIDATED
     if (target / "config.json").is_file():
         return target
-    config = parse_config([str(path / "config.yaml")])
+    config = load_run_config(path / "config.yaml")
     config.parallel.gradient_checkpointing = False
     model = build_model(config)
     model.load_state_dict(checkpoint_weights(path))

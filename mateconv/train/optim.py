@@ -111,9 +111,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults = {}
         self.state = {}  # each part keeps its own state; see state_dict
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The parts' groups as they are now: loading a checkpoint replaces them, and a list taken once would leave
+        the schedule setting the rates of groups no part steps any more."""
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure=None):
         for optimizer in self.optimizers:
@@ -129,6 +134,40 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         for optimizer, part in zip(self.optimizers, state_dict["parts"]):
             optimizer.load_state_dict(part)
+
+
+# The param-group settings that come from the run's flags (initial_lr: where the schedule starts from).
+GROUP_SETTINGS = {"initial_lr": "learning rate", "weight_decay": "weight decay", "betas": "betas",
+                  "momentum": "momentum"}
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings of GROUP_SETTINGS, as this run's flags set them."""
+    return [{key: group[key] for key in GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                           settings: list[dict]) -> list[str]:
+    """Puts this run's `settings` back after a checkpoint loaded its own run's into the param groups (and the
+    scheduler's base rates), so that a flag changed for the resume takes effect from the resumed step; returns the
+    changes as 'learning rate 0.003 -> 0.001'."""
+    changes = []
+    for group, own in zip(optimizer.param_groups, settings):
+        for key, value in own.items():
+            saved = group.get(key)
+            change = f"{GROUP_SETTINGS[key]} {_as_tuple(saved)} -> {_as_tuple(value)}"
+            if _as_tuple(saved) != _as_tuple(value) and change not in changes:
+                changes.append(change)
+        group.update(own)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, rule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -5,10 +5,11 @@ defaults and config sections. `main(stage)` is the command line of 4.pretrain.py
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
                              parse_args, parse_config, per_rank_sizes)
 from mateconv.data import DataError
+from mateconv.files import LockHeld, locked
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -35,7 +37,7 @@ from mateconv.train.models import (build_model, check_vocab, extend_length, lear
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
-from mateconv.train.signals import StopRequest, TrainingHalted
+from mateconv.train.signals import STOP_FILE, StopRequest, TrainingHalted
 
 LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
 
@@ -252,8 +254,32 @@ def run(recipe: Recipe, config: TrainConfig) -> dict:
     """Set up the processes, build the model, read the data, build the objective and evaluators, and train. A stop
     (`kill -2`, the stop file) is heard from the start: one during the setup (tokenizing, DeepSpeed's first build)
     ends the run before its first step."""
-    with StopRequest(Path(config.checkpoint.out_dir)) as stop:
+    out_dir = Path(config.checkpoint.out_dir)
+    with StopRequest(out_dir) as stop, claimed(out_dir, main=int(os.environ.get("RANK", "0")) == 0):
         return set_up_and_train(recipe, config, stop)
+
+
+RUN_LOCK = ".run.lock"  # in out_dir, locked by rank 0 while a run writes there
+
+
+@contextlib.contextmanager
+def claimed(out_dir: Path, main: bool) -> Iterator[None]:
+    """Rank 0 makes the output directory and holds its lock (RUN_LOCK) for the run: a second run on the directory
+    (the same command started twice) resumed from the first's checkpoints and wrote its own between them."""
+    if not main:
+        yield
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
+        raise ConfigError(f"out_dir: cannot create the directory {out_dir} ({e.strerror}: {e.filename})") from None
+    try:
+        lock = locked(out_dir / RUN_LOCK)
+    except LockHeld as e:
+        raise ConfigError(f"{out_dir} is in use by another run (pid {e.pid}): stop it first (`touch "
+                          f"{out_dir / STOP_FILE}`) or give this run its own --out_dir") from None
+    with lock:
+        yield
 
 
 def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> dict:
@@ -276,7 +302,6 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
     objective = recipe.objective(config, runtime, data)
     evaluators = [e for e in (make(config, runtime, data, objective) for make in recipe.evaluators) if e is not None]
     if runtime.is_main:
-        Path(config.checkpoint.out_dir).mkdir(parents=True, exist_ok=True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         engine = (f"DeepSpeed ZeRO-{config.parallel.zero_stage}" if runtime.use_deepspeed
                   else "PyTorch FSDP" if runtime.fsdp else "PyTorch")
@@ -285,7 +310,7 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
               f"{len(data.train)} training examples -> {config.checkpoint.out_dir}", flush=True)
     at_start = recipe.evaluate_at_start if config.track.eval_at_start is None else config.track.eval_at_start
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
-                      tokenizer, evaluators, at_start, stop).fit()
+                      tokenizer, evaluators, at_start, stop, recipe.name).fit()
     out_dir = Path(config.checkpoint.out_dir)
     if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
                                                     f"{recipe.name}: {out_dir}")):
