@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -269,6 +270,7 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
     if not main:
         yield
         return
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
@@ -278,8 +280,13 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
     except LockHeld as e:
         raise ConfigError(f"{out_dir} is in use by another run (pid {e.pid}): stop it first (`touch "
                           f"{out_dir / STOP_FILE}`) or give this run its own --out_dir") from None
-    with lock:
-        yield
+    try:
+        with lock:
+            yield
+    except BaseException:
+        if created and [path.name for path in out_dir.iterdir()] == [RUN_LOCK]:  # refused before it wrote anything
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> dict:
