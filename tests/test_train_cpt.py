@@ -134,6 +134,7 @@ def test_cpt_trainer_api(tiny_qwen, tiny_embedded_data, tmp_path):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cpt" / "final")
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    assert reloaded.config.use_cache  # trained with gradient checkpointing, it still generates with its cache
     weight = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(reloaded.state_dict()[weight], original.state_dict()[weight])
 

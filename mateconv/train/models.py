@@ -157,12 +157,11 @@ def build_model(config: TrainConfig) -> nn.Module:
         if not config.model.flash_attn:  # the plain attention, as for our own model
             model.set_attn_implementation("eager")
     else:
-        model = MateConvForCausalLM(copy.deepcopy(config.model))  # the model may change its config (use_cache)
+        model = MateConvForCausalLM(copy.deepcopy(config.model))  # the model may change its config (max_seq_len)
     if config.checkpoint.init_weights:
         load_weights(model, config.checkpoint.init_weights)
-    if config.parallel.gradient_checkpointing:
+    if config.parallel.gradient_checkpointing:  # the training forwards pass use_cache=False; the saved config keeps it
         enable_activation_checkpointing(model)
-        model.config.use_cache = False
     if config.lora.enabled:
         model = add_lora(model, config.lora)
     return model
