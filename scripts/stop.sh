@@ -10,6 +10,11 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR|STAGE [TIMEOUT_SECONDS]" >&2; exit 2; }
 timeout="${2:-300}"
 if [ -d "$1" ]; then
+    lock="$1/.run.lock"  # a run holds it while it writes there (mateconv.train.stages.claimed)
+    if [ -e "$lock" ] && command -v flock > /dev/null && flock -n "$lock" true; then
+        echo "no run is writing $1 (none holds $lock): nothing to stop" >&2
+        exit 1
+    fi
     stop="$1/STOP"
     touch "$stop"
     echo "created $stop; waiting up to ${timeout} s for the run to save a checkpoint and remove it"

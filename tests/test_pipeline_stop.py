@@ -8,8 +8,10 @@ import time
 
 import psutil
 
+from conftest import REPO
 from mateconv.pipeline import status
 from mateconv.procs import group_alive, is_alive, pid_file, stop
+from mateconv.train.stages import RUN_LOCK
 
 STAGE = """
 import signal, subprocess, sys, time
@@ -79,3 +81,26 @@ def test_status_finds_a_run_started_by_hand_under_nohup(tmp_path, capsys):
     psutil.wait_procs([rank], timeout=10)
     status(logs, tmp_path / "out")
     assert capsys.readouterr().out.split() == ["pretrain", "not", "running"]
+
+
+def test_stop_sh_on_a_directory_no_run_writes_says_so_at_once(tmp_path):
+    """`scripts/stop.sh OUT_DIR` where the run has ended (its lock file is there, held by none) says so at once and
+    leaves no STOP behind (it waited 300 s, and the STOP file then stopped the next run in its first step); while a
+    process holds the lock, it asks that run to stop and waits."""
+    script = [str(REPO / "scripts" / "stop.sh"), str(tmp_path)]
+    (tmp_path / RUN_LOCK).write_text("12345\n")
+    started = time.time()
+    ended = subprocess.run(["bash", *script, "30"], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 1 and time.time() - started < 20 and "no run is writing" in ended.stderr
+    assert not (tmp_path / "STOP").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mateconv.files import locked; "
+                               "lock = locked(__import__('pathlib').Path(sys.argv[1])); print('ready', flush=True); "
+                               "time.sleep(60)", str(tmp_path / RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        waited = subprocess.run(["bash", *script, "1"], capture_output=True, text=True, timeout=60)
+        assert waited.returncode == 1 and "still there after 1 s" in waited.stderr
+        assert (tmp_path / "STOP").exists()
+    finally:
+        holder.kill()
+        holder.wait()
