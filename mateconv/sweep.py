@@ -23,7 +23,7 @@ import queue
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,6 +35,7 @@ from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
 
+REPO = Path(__file__).resolve().parent.parent
 TOP_LEVEL_KEYS = ("program", "method", "metric", "parameters", "name", "description", "command", "early_terminate",
                   "project", "entity", "run_cap")
 METHODS = ("grid", "random", "bayes")
@@ -215,9 +216,17 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     if program is not None and isinstance(raw, dict):
         raw = {**raw, "program": program}
     try:
-        return parse_sweep_config(raw, default_name=path.stem)
+        config = parse_sweep_config(raw, default_name=path.stem)
     except SweepError as e:
         raise SweepError(f"{path}: {e}") from None
+    if config.command is not None and "${program}" not in config.command:
+        return config
+    # as W&B does, from the current directory; then this repository's own stages (`program: 4.pretrain.py` from
+    # elsewhere): every trial failed with the program not found
+    found = next((place for place in (Path(config.program), REPO / config.program) if place.is_file()), None)
+    if found is None:
+        raise SweepError(f"{path}: program {config.program} not found (in {Path.cwd()} or {REPO})")
+    return replace(config, program=str(found.resolve()))
 
 
 # ---------------------------------------------------------------------------------------------------- commands

@@ -121,3 +121,17 @@ def test_stage_parser_accepts_sweep_boolean_forms(args, expected):
     from mateconv.config import parse_config
 
     assert parse_config(args).model.use_moe is expected
+
+
+def test_program_is_found_from_the_current_directory_or_the_repository(tmp_path, monkeypatch):
+    """`program: 4.pretrain.py` run from another directory is this repository's stage (every trial failed with the
+    program not found); a program found nowhere is one line at the start."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(_config(program="4.pretrain.py")))
+    monkeypatch.chdir(tmp_path)
+    assert load_sweep_config(config).program == str(REPO / "4.pretrain.py")
+    (tmp_path / "4.pretrain.py").write_text("")
+    assert load_sweep_config(config).program == str(tmp_path / "4.pretrain.py")  # the current directory's first
+    config.write_text(yaml.safe_dump(_config(program="my_train.py")))
+    with pytest.raises(SweepError, match=rf"{config}: program my_train.py not found \(in {tmp_path} or {REPO}\)"):
+        load_sweep_config(config)
