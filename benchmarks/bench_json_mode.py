@@ -1,11 +1,11 @@
-"""What constrained decoding costs: `generate_tokens` held to a JSON object and to a JSON schema (mateconv.json_grammar
-and json_schema, as the server's response_format and forced tool calls run them) vs the same decoding unconstrained,
-side by side.
+"""What constrained decoding costs: `generate_tokens` held to a JSON object, to a JSON schema and to text with strict
+tool calls (mateconv.json_grammar and json_schema, as the server's response_format, forced calls and strict functions
+run them) vs the same decoding unconstrained, side by side.
 
 A random MateConv model with a real 6400-token tokenizer (MiniMind's, from the shared data sets, or --tokenizer),
 greedy, a fixed number of new tokens (EOS stops neither run), fp32. The grammar's allowed-token masks are computed
 once per grammar state and cached: a warm-up run fills the cache, as earlier requests to a server do, and the time
-to compute one state's mask is reported apart (the mean over the states that SAMPLE, a typical reply, goes through:
+to compute one state's mask is reported apart (the mean over the states that a typical reply goes through:
 the random model goes into a string at once and stays there), and so is the grammar's own work per step (masking the
 logits and stepping each row's state, replayed over the tokens generated).
 Decode tokens/s = batch * new_tokens / time, best of --repeats, the two runs taking turns (each first every other
@@ -29,6 +29,7 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
           "properties": {"city": {"type": "string"}, "temp_c": {"type": "integer"}, "wind": WIND,
                          "tags": {"type": "array", "items": {"enum": ["sunny", "warm", "windy", "rain"]}}}}
 SAMPLE = '{"city": "Paris", "temp_c": 21, "wind": {"speed": 12.5, "dir": "NW"}, "tags": ["sunny", "warm"]}'
+SAMPLE_CALL = f'Let me look that up.\n<tool_call>\n{{"name": "get_weather", "arguments": {SAMPLE}}}\n</tool_call>'
 
 
 def main() -> None:
@@ -61,19 +62,22 @@ def main() -> None:
     table = TokenTable(token_bytes(tokenizer, config.vocab_size))
     table_seconds = time.perf_counter() - started
     builder = SchemaBuilder()
-    grammars = {"JSON object": Grammar.json_object(),
-                "JSON schema": Grammar.schema_object(builder.build(builder.compile_object(SCHEMA)))}
+    schema = builder.build(builder.compile_object(SCHEMA))
+    call = builder.build(builder.object([("name", builder.const("get_weather")), ("arguments", builder.compile_object(
+        SCHEMA))]))
+    grammars = {"JSON object": (Grammar.json_object(), SAMPLE), "JSON schema": (Grammar.schema_object(schema), SAMPLE),
+                "strict tool calls": (Grammar.calls("<tool_call>\n", call, "\n</tool_call>"), SAMPLE_CALL)}
     prompt = tokenizer.encode("Reply with a JSON object:", add_special_tokens=False)
-    sample = tokenizer.encode(SAMPLE, add_special_tokens=False)
 
     print(f"dim {args.dim}, {args.n_layers} layers, vocab {config.vocab_size}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads; token table built in {table_seconds * 1000:.0f} ms")
     print("| grammar | batch | free (tok/s) | held (tok/s) | held / free | grammar per step (us) | new state's mask "
           "(ms) | replies parse |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, grammar in grammars.items():
+    for name, (grammar, sample) in grammars.items():
         token_grammar = TokenGrammar(grammar, table, tokenizer.eos_token_id, model.device)
-        mask_ms = cold_mask_ms(token_grammar, [table.pieces[token] for token in sample])
+        sample_tokens = tokenizer.encode(sample, add_special_tokens=False)
+        mask_ms = cold_mask_ms(token_grammar, [table.pieces[token] for token in sample_tokens])
         for batch in args.batch_sizes:
             input_ids = torch.tensor([prompt] * batch)
 
@@ -108,7 +112,7 @@ def main() -> None:
 
 
 def cold_mask_ms(token_grammar, pieces: list[bytes]) -> float:
-    """The mean time to compute the mask of a state not seen before, over the states SAMPLE's tokens go through."""
+    """The mean time to compute the mask of a state not seen before, over the states a sample's tokens go through."""
     grammar, state, states = token_grammar.grammar, token_grammar.grammar.start(), []
     for piece in pieces:
         states.append(state)
