@@ -112,7 +112,8 @@ def test_a_gzip_cut_short_keeps_its_lines_and_reports_the_cut(tmp_path):
 
 @pytest.mark.parametrize("name, content", [("plain.jsonl.gz", b'{"text": "not compressed"}\n'),
                                            ("cut.json.gz", gzip.compress(json.dumps([FIRST] * 500).encode())[:60]),
-                                           ("web.parquet", b"PAR1 not a parquet file")])
+                                           ("web.parquet", b"PAR1 not a parquet file")],
+                         ids=["not_gzip", "gzip_cut_short", "not_parquet"])  # ids: gzip's bytes hold the time
 def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
