@@ -291,10 +291,11 @@ def test_a_tokenizer_beyond_the_model_embeddings_is_one_line(tiny_tokenizer, tin
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
     texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_train.jsonl").open(encoding="utf-8")]
-    config = CPTConfig(model_name_or_path=str(path), max_length=64, use_bf16=False, output_dir=str(tmp_path / "cpt"))
+    config = CPTConfig(model_name_or_path=str(path), max_length=64, use_bf16=False,
+                       output_dir=str(tmp_path / "runs" / "cpt"))
     with pytest.raises(ConfigError, match=r"token ids need a vocabulary of 5\d\d but the model has 300 embeddings"):
         CPTTrainer(config).train(texts)
-    assert not (tmp_path / "cpt").exists()
+    assert not (tmp_path / "runs").exists()  # refused before it wrote anything: no directory it made is left
 
 
 def test_a_weights_file_cut_short_is_one_line(tiny_qwen):

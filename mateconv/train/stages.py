@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -270,7 +269,7 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
     if not main:
         yield
         return
-    created = not out_dir.exists()
+    created = [path for path in (out_dir, *out_dir.parents) if not path.exists()]  # out_dir first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
@@ -285,7 +284,10 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
             yield
     except BaseException:
         if created and [path.name for path in out_dir.iterdir()] == [RUN_LOCK]:  # refused before it wrote anything
-            shutil.rmtree(out_dir, ignore_errors=True)
+            (out_dir / RUN_LOCK).unlink(missing_ok=True)
+            for path in created:  # the directories this run made, each once it is empty
+                with contextlib.suppress(OSError):
+                    path.rmdir()
         raise
 
 
