@@ -1,10 +1,10 @@
-"""Constrained decoding for replies that must parse: OpenAI's `response_format` (json_object, json_schema) and forced
-tool calls (`tool_choice` "required" or a named function).
+"""Constrained decoding for replies that must parse: OpenAI's `response_format` (json_object, json_schema), forced
+tool calls (`tool_choice` "required" or a named function) and the calls of strict functions.
 
-A `Grammar` is the sequence of parts a reply goes through, byte by byte: fixed text, one JSON object (any, or one
-that a schema holds: mateconv.json_schema), then the end of the reply (EOS). At every decode step
-`GrammarConstraint` sets to -inf the logits of the tokens whose bytes would leave the grammar, so greedy and sampled
-replies alike parse (unless max_tokens cuts them short).
+A `Grammar` is the sequence of parts a reply goes through, byte by byte: fixed text, free text up to an opening, one
+JSON object (any, or one that a schema holds: mateconv.json_schema), then the end of the reply (EOS) or back to the
+first part. At every decode step `GrammarConstraint` sets to -inf the logits of the tokens whose bytes would leave
+the grammar, so greedy and sampled replies alike parse (unless max_tokens cuts them short).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ NUMBER_ENDS = frozenset({"zero", "int", "frac", "exp_digits"})  # number states 
 
 # ---------------------------------------------------------------- one JSON object, byte by byte
 # A state is (mode, stack, aux, blanks): `stack` the open containers ("o" object, "a" array), `aux` what the mode
-# needs (is the string a key, hex digits left, the number's part, the literal's rest), `blanks` the whitespace run.
+# needs (is the string a key and where string_step is in it, the number's part, the literal's rest), `blanks` the
+# whitespace run.
 
 JSON_START = ("start", "", None, 0)
 JSON_DONE = ("done", "", None, 0)
@@ -53,13 +54,9 @@ def _value(stack: str, byte: int) -> tuple | None:
     if byte == ord("["):
         return _open(stack, "a")
     if byte == ord('"'):
-        return ("string", stack, False, 0)
-    if byte == ord("-"):
-        return ("number", stack, "sign", 0)
-    if byte == ord("0"):
-        return ("number", stack, "zero", 0)
-    if byte in DIGITS:
-        return ("number", stack, "int", 0)
+        return ("string", stack, (False, "plain"), 0)
+    if (part := number_start(byte)) is not None:
+        return ("number", stack, part, 0)
     if byte in LITERALS:
         return ("literal", stack, LITERALS[byte], 0)
     return None
@@ -67,6 +64,31 @@ def _value(stack: str, byte: int) -> tuple | None:
 
 def _close(stack: str) -> tuple:
     return ("after", stack[:-1], None, 0) if len(stack) > 1 else JSON_DONE
+
+
+def string_step(part: str | int, byte: int) -> str | int | None:
+    """Inside a JSON string: "plain", "escape" after a backslash, or the hex digits left of a \\u escape; "end" after
+    the closing quote; None for a byte that cannot come."""
+    if part == "plain":
+        if byte == ord('"'):
+            return "end"
+        if byte == ord("\\"):
+            return "escape"
+        return "plain" if byte >= 0x20 else None
+    if part == "escape":
+        return 4 if byte == ord("u") else "plain" if byte in ESCAPES else None
+    if byte not in HEX:
+        return None
+    return "plain" if part == 1 else part - 1
+
+
+def number_start(byte: int) -> str | None:
+    """The number's part after its first byte, None when `byte` cannot start one."""
+    if byte == ord("-"):
+        return "sign"
+    if byte == ord("0"):
+        return "zero"
+    return "int" if byte in DIGITS else None
 
 
 def number_part(part: str, byte: int) -> str | None:
@@ -89,20 +111,11 @@ def json_step(state: tuple, byte: int) -> tuple | None:
     """The state after one more byte of a JSON object; None when the byte cannot come there."""
     mode, stack, aux, _ = state
     if mode == "string":
-        if byte == ord('"'):
-            return ("colon", stack, None, 0) if aux else ("after", stack, None, 0)
-        if byte == ord("\\"):
-            return ("escape", stack, aux, 0)
-        return state if byte >= 0x20 else None
-    if mode == "escape":
-        if byte == ord("u"):
-            return ("hex", stack, (aux, 4), 0)
-        return ("string", stack, aux, 0) if byte in ESCAPES else None
-    if mode == "hex":
-        is_key, left = aux
-        if byte not in HEX:
-            return None
-        return ("string", stack, is_key, 0) if left == 1 else ("hex", stack, (is_key, left - 1), 0)
+        is_key, part = aux
+        part = string_step(part, byte)
+        if part == "end":
+            return ("colon", stack, None, 0) if is_key else ("after", stack, None, 0)
+        return None if part is None else ("string", stack, (is_key, part), 0)
     if mode == "number":
         part = number_part(aux, byte)
         if part is not None:
@@ -120,7 +133,7 @@ def json_step(state: tuple, byte: int) -> tuple | None:
         return _open(stack, "o") if byte == ord("{") else None
     if mode in ("key_or_close", "key"):
         if byte == ord('"'):
-            return ("string", stack, True, 0)
+            return ("string", stack, (True, "plain"), 0)
         return _close(stack) if byte == ord("}") and mode == "key_or_close" else None
     if mode == "colon":
         return ("value", stack, None, 0) if byte == ord(":") else None
@@ -141,9 +154,8 @@ def json_step(state: tuple, byte: int) -> tuple | None:
 @dataclass(frozen=True)
 class Grammar:
     """parts: ("text", bytes) — that text; ("json",) — one JSON object; ("schema", Schema) — one JSON object that a
-    schema holds (mateconv.json_schema); ("end",) — EOS; ("calls", opening, Schema, closing) — free text, in which
-    each `opening` starts an object the schema holds, closed by `closing`, and EOS wherever the text is free. A
-    state is (part index, the part's state)."""
+    schema holds (mateconv.json_schema); ("free", opening) — any text, EOS included, until it ends with `opening`;
+    ("again",) — back to the first part; ("end",) — EOS. A state is (part index, the part's state)."""
     parts: tuple
 
     @classmethod
@@ -161,21 +173,23 @@ class Grammar:
 
     @classmethod
     def calls(cls, opening: str, schema, closing: str) -> Grammar:
-        return cls((("calls", opening.encode(), schema, closing.encode()),))
+        """Free text in which each `opening` starts an object that `schema` holds, closed by `closing`."""
+        return cls((("free", opening.encode()), ("schema", schema), ("text", closing.encode()), ("again",)))
 
     def start(self) -> tuple:
         return self._enter(0)
 
     def _enter(self, index: int) -> tuple:
         part = self.parts[index]
+        if part[0] == "again":
+            return self._enter(0)
         if part[0] == "schema":
             return (index, part[1].start())
-        return (index, {"text": 0, "json": JSON_START, "calls": ("free", 0)}.get(part[0]))
+        return (index, {"text": 0, "free": 0, "json": JSON_START}.get(part[0]))
 
     def at_end(self, state: tuple) -> bool:
         """Whether EOS may come here."""
-        kind = self.parts[state[0]][0]
-        return kind == "end" or (kind == "calls" and state[1][0] == "free")
+        return self.parts[state[0]][0] in ("end", "free")
 
     def plain_bytes(self, state: tuple) -> frozenset | None:
         """Bytes such that any token without them may come here (None where there are none): inside a JSON string,
@@ -183,11 +197,10 @@ class Grammar:
         one after the part of it the text ends with (k bytes). A token that completes the opening either holds all
         of it, or starts with its rest after some j <= k bytes that the text ends with, and that rest holds byte k."""
         part, inner = self.parts[state[0]], state[1]
-        if part[0] == "calls" and inner[0] == "free":
-            opening, k = part[1], inner[1]
-            return frozenset(opening[:1] + opening[k:k + 1])
-        in_string = (part[0] == "json" and inner[0] == "string") or (part[0] == "schema" and part[1].in_string(inner)) \
-            or (part[0] == "calls" and inner[0] == "call" and part[2].in_string(inner[1]))
+        if part[0] == "free":
+            return frozenset(part[1][:1] + part[1][inner:inner + 1])
+        in_string = (part[0] == "json" and inner[0] == "string" and inner[2][1] == "plain") or \
+            (part[0] == "schema" and part[1].in_string(inner))
         return STRING_SPECIAL if in_string else None
 
     def step(self, state: tuple, byte: int) -> tuple | None:
@@ -207,9 +220,11 @@ class Grammar:
             if inner is None:
                 return None
             return self._enter(index + 1) if part[1].done(inner) else (index, inner)
-        if part[0] == "calls":
-            inner = calls_step(part, inner, byte)
-            return None if inner is None else (index, inner)
+        if part[0] == "free":  # inner: how much of the opening the text ends with
+            matched = part[1][:inner] + bytes((byte,))
+            while not part[1].startswith(matched):  # the longest end of the text that could still be the opening
+                matched = matched[1:]
+            return self._enter(index + 1) if matched == part[1] else (index, len(matched))
         return None  # the end takes no bytes
 
     def feed(self, state: tuple, data: bytes) -> tuple | None:
@@ -218,26 +233,6 @@ class Grammar:
             if state is None:
                 return None
         return state
-
-
-def calls_step(part: tuple, inner: tuple, byte: int) -> tuple | None:
-    """A "calls" part's state after one more byte: ("free", how much of the opening the text ends with), ("call",
-    the schema's state) or ("close", how much of the closing is written)."""
-    _, opening, schema, closing = part
-    mode, at = inner
-    if mode == "free":
-        matched = opening[:at] + bytes((byte,))
-        while not opening.startswith(matched):  # the longest end of the text that could still open a call
-            matched = matched[1:]
-        return ("call", schema.start()) if matched == opening else ("free", len(matched))
-    if mode == "call":
-        at = schema.step(at, byte)
-        if at is None:
-            return None
-        return ("close", 0) if schema.done(at) else ("call", at)
-    if closing[at] != byte:
-        return None
-    return ("free", 0) if at + 1 == len(closing) else ("close", at + 1)
 
 
 # ---------------------------------------------------------------- tokens

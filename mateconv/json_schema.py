@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from mateconv.json_grammar import DIGITS, ESCAPES, HEX, JSON_DONE, MAX_BLANKS, MAX_DEPTH, NUMBER_ENDS, json_step, \
-    number_part
+from mateconv.json_grammar import JSON_DONE, MAX_BLANKS, MAX_DEPTH, NUMBER_ENDS, json_step, number_part, \
+    number_start, string_step
 
 # words that describe a schema without constraining its values: read past
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -169,30 +169,6 @@ class Schema:
 
 def unique(agendas) -> list[tuple]:
     return list(dict.fromkeys(agendas))
-
-
-def string_step(part: str | int, byte: int) -> str | int | None:
-    """Inside a JSON string: "plain", "escape" after a backslash, or the hex digits left of a \\u escape; "end" after
-    the closing quote; None for a byte that cannot come."""
-    if part == "plain":
-        if byte == ord('"'):
-            return "end"
-        if byte == ord("\\"):
-            return "escape"
-        return "plain" if byte >= 0x20 else None
-    if part == "escape":
-        return 4 if byte == ord("u") else "plain" if byte in ESCAPES else None
-    if byte not in HEX:
-        return None
-    return "plain" if part == 1 else part - 1
-
-
-def number_start(byte: int) -> str | None:
-    if byte == ord("-"):
-        return "sign"
-    if byte == ord("0"):
-        return "zero"
-    return "int" if byte in DIGITS else None
 
 
 # ---------------------------------------------------------------- compiling a schema
