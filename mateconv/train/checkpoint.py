@@ -139,10 +139,15 @@ def model_differences(saved: dict, current: dict) -> list[str]:
             for section, name in places if saved.get(section, {}).get(name) != current[section][name]]
 
 
+def saved_config(path: Path) -> dict:
+    """The resolved config of the run that wrote checkpoint `path` (its config.yaml, as save_config writes it)."""
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
 def other_start(path: Path, config: TrainConfig) -> str | None:
     """The model the run of checkpoint `path` started from, when this run names another one with --init_from (the
     resume goes on with the checkpoint's weights, so this run's is not used); else None."""
-    saved = (yaml.safe_load((path / "config.yaml").read_text()).get("checkpoint") or {}).get("init_from") or ""
+    saved = (saved_config(path).get("checkpoint") or {}).get("init_from") or ""
     given = config.checkpoint.init_from or ""
     same = saved == given or bool(saved and given) and Path(saved).resolve() == Path(given).resolve()
     return None if same else saved or "scratch"
@@ -380,7 +385,7 @@ class CheckpointManager:
         saved = json.loads((path / PARAMETERS).read_text())
         if saved == self.shapes:
             return
-        differences = model_differences(yaml.safe_load((path / "config.yaml").read_text()), config_to_dict(config))
+        differences = model_differences(saved_config(path), config_to_dict(config))
         if not differences:  # the same settings, another model (its code changed): name one parameter
             name = next(n for n in [*self.shapes, *saved] if saved.get(n) != self.shapes.get(n))
             differences = [f"{name} {saved.get(name, 'absent')} there, {self.shapes.get(name, 'absent')} here"]
@@ -393,7 +398,7 @@ class CheckpointManager:
         a bare AssertionError); another number of ranks at the same stage is fine (mateconv.train.universal)."""
         if not self.runtime.use_deepspeed or not any(path.glob("*model_states.pt")):
             return
-        saved = yaml.safe_load((path / "config.yaml").read_text())["parallel"]["zero_stage"]
+        saved = saved_config(path)["parallel"]["zero_stage"]
         stage = config.parallel.zero_stage
         if saved != stage:
             raise ConfigError(f"resume: {path} was saved under ZeRO-{saved}, this run has --zero_stage {stage}: "
@@ -402,7 +407,7 @@ class CheckpointManager:
 
     def check_optimizer(self, path: Path, config: TrainConfig) -> None:
         """An AdamW state does not load into Muon or back (torch's loader ends in a KeyError): one line instead."""
-        saved = yaml.safe_load((path / "config.yaml").read_text()).get("optim", {}).get("optimizer")
+        saved = saved_config(path).get("optim", {}).get("optimizer")
         chosen = config.optim.optimizer
         if saved is not None and saved != chosen:
             raise ConfigError(f"resume: {path} was saved with --optimizer {saved}, this run has --optimizer {chosen}: "
@@ -414,7 +419,7 @@ class CheckpointManager:
         rank the checkpoint's run did not have), for the caller to restore right before the first step."""
         state = json.loads((path / "trainer_state.json").read_text())
         if "micro_in_epoch" in state:  # written before the data position counted the samples of all ranks
-            batch_size = yaml.safe_load((path / "config.yaml").read_text())["optim"]["batch_size"]
+            batch_size = saved_config(path)["optim"]["batch_size"]
             state["samples_in_epoch"] = state.pop("micro_in_epoch") * batch_size * len(list(path.glob("rng_rank*.pt")))
         if self.runtime.use_deepspeed:
             if engine.load_universal_checkpoint():  # a ZeRO checkpoint of another number of ranks
