@@ -134,12 +134,12 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
-    if not shard_info(train_path)["num_records"]:  # an empty file or shards of one: nothing to train on
+    info = shard_info(train_path)
+    if not info["num_records"]:  # an empty file or shards of one: nothing to train on
         kept = f" outside the val_size {held_out:g} held out for validation" if held_out else ""
         raise DataError(f"{label} training data holds no records{kept}: {config.data.data_path}")
     val = reader_class(val_path, config.model.max_seq_len, **reader_options) if val_path else None
-    return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val,
-                     shard_info(train_path)["vocab_size"])
+    return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val, info["vocab_size"])
 
 
 def without_empty_validation(data: StageData) -> StageData:
