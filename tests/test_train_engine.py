@@ -423,18 +423,27 @@ def test_rotation_keeps_k_newest_plus_best(train, tmp_path):
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 
-def test_rotation_keeps_what_a_fresh_run_writes_beside_an_earlier_runs_later_checkpoints(train, tmp_path, capsys):
-    """`--resume never` into an out_dir whose earlier run went further: its higher steps counted as the newest, so
-    rotation deleted each checkpoint the new run had just written and `latest` named a missing directory (the next
-    resume then went back to the earlier run's last checkpoint)."""
-    train(tmp_path, max_steps=9, save_interval_steps=3, eval_interval=100, keep_checkpoint_max=5)
-    fresh = dict(save_interval_steps=2, eval_interval=100, keep_checkpoint_max=1, val_data_path="")  # no best/ kept
-    train(tmp_path, max_steps=4, resume="never", **fresh)
-    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
-    assert latest.name == "step_00000004" and (latest / "trainer_state.json").is_file()
+def test_a_fresh_run_sets_an_earlier_runs_later_checkpoints_aside(train, tmp_path, capsys):
+    """`--resume never` into an out_dir whose earlier run went further: its higher steps were taken for the newest,
+    by rotation (which deleted each checkpoint the new run wrote) and when `latest` was damaged (the resume went on
+    from the earlier run's step 9). They are moved to checkpoints/replaced/ with their pointers."""
+    root = tmp_path / "checkpoints"
+    train(tmp_path, max_steps=9, save_interval_steps=3, eval_interval=3, keep_checkpoint_max=5)
     capsys.readouterr()
+    fresh = dict(save_interval_steps=2, eval_interval=100, keep_checkpoint_max=2, val_data_path="")  # no best/ kept
+    train(tmp_path, max_steps=4, resume="never", **fresh)
+    assert "3 checkpoint(s) of an earlier run past this run's start (step_00000003 to step_00000009)" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in (root / "replaced").iterdir()) == ["best", "latest", *(f"step_0000000{s}" for s in (3, 6, 9))]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+    assert (root / "latest").read_text() == "step_00000004" and not (root / "best").exists()
+    state = root / "step_00000004" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a damaged latest: the resume goes back to this run's step 2
     train(tmp_path, max_steps=5, **fresh)
-    assert f"resumed from {latest} at step 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resumed from {root / 'step_00000002'} at step 2" in out
+    assert "earlier run" not in out  # step_00000004.damaged is not a checkpoint: nothing moved again
+    assert (root / "replaced" / "step_00000009").is_dir()
 
 
 def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, tmp_path):

@@ -39,6 +39,7 @@ from mateconv.train.universal import load_universal
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 INCOMING = ".incoming"
+REPLACED = "replaced"  # an earlier run's checkpoints past this run's start (set_aside_later)
 MANIFEST = "manifest.json"
 PARAMETERS = "parameters.json"
 CHECKPOINTS = "checkpoints"  # under a run's out_dir
@@ -224,6 +225,27 @@ class CheckpointManager:
                               "use --resume never to start over")
         return None
 
+    def set_aside_later(self, start: Path | None) -> None:
+        """Moves this out_dir's checkpoints past `start` (all of them when the run starts fresh) into
+        checkpoints/replaced/, which held those of the run before, if any. They belong to an earlier run that went
+        further (`--resume never`, or a resume from an older checkpoint): beside this run's they were taken for its
+        newest, by rotation and when `latest` is damaged. Pointers to them go too. Collective: every rank calls it."""
+        start_name = start.name if start is not None and start.parent.resolve() == self.root.resolve() else None
+        later = [p for p in self.steps() if start_name is None or p.name > start_name]
+        if later and self.runtime.is_main:
+            replaced = self.root / REPLACED
+            shutil.rmtree(replaced, ignore_errors=True)
+            replaced.mkdir()
+            for name in ("latest", "best"):
+                pointed = self.root / name
+                if pointed.is_file() and pointed.read_text().strip() in {p.name for p in later}:
+                    pointed.rename(replaced / name)
+            for path in later:
+                path.rename(replaced / path.name)
+            print(f"[train] {len(later)} checkpoint(s) of an earlier run past this run's start "
+                  f"({later[0].name} to {later[-1].name}) moved to {replaced}", flush=True)
+        barrier()
+
     def problem(self, path: Path) -> str | None:
         """Why checkpoint `path` cannot be resumed from, or None. Each rank checks its share of the files, so the
         checkpoint is read once in all; every rank gets the same answer."""
@@ -357,11 +379,8 @@ class CheckpointManager:
         return None
 
     def rotate(self) -> None:
-        """Delete all but the `keep` newest checkpoints up to `latest` and the best one. Those past `latest` are an
-        earlier run's that went further (`--resume never`, or a resume from an older checkpoint): counted as newest
-        they pushed out the checkpoint just written, and `latest` named a deleted one; they are left alone."""
-        latest = self.pointer("latest")
-        steps = [path for path in self.steps() if latest is None or path.name <= latest.name]
+        """Delete all but the `keep` newest checkpoints and the best one."""
+        steps = self.steps()
         best = self.pointer("best")
         for path in steps[: max(0, len(steps) - self.keep)]:
             if best is None or path.resolve() != best.resolve():

@@ -228,6 +228,7 @@ class Trainer:
             self.checkpoints.check_model(self.resume_from, config)
             self.checkpoints.check_zero_stage(self.resume_from, config)
             self.checkpoints.check_optimizer(self.resume_from, config)
+        self.checkpoints.set_aside_later(self.resume_from)
         self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
         micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
         if micro_per_epoch == 0:
