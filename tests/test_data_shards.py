@@ -396,6 +396,15 @@ def test_raw_lines_that_cannot_be_read_are_reported_with_their_reason(setup, tmp
     assert shard_info(tmp_path / "t")["num_records"] > 3 + 1000  # the lines before the cut (1,500 or so)
 
 
+
+def test_a_utf16_jsonl_file_is_refused_with_what_to_do(setup, tmp_path):
+    _, tokenizer_dir, _ = setup
+    path = tmp_path / "utf16.jsonl"
+    lines = "".join(json.dumps({"text": f"Document {i} about rivers."}) + "\n" for i in range(3))
+    path.write_bytes(lines.encode("utf-16"))
+    with pytest.raises(DataError, match=r"utf16.jsonl: UTF-16 text, not UTF-8; save the file as UTF-8"):
+        build_shards("pretrain", [path], tokenizer_dir, tmp_path / "t", workers=1, progress=False)
+
 def test_readers_reject_wrong_kind_and_missing_dir(setup, tmp_path):
     root, tokenizer_dir, _ = setup
     build_shards("dpo", [root / "raw/dpo.jsonl"], tokenizer_dir, tmp_path / "d", workers=1, progress=False)

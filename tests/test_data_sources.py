@@ -2,6 +2,7 @@
 broken lines stage 2 skips and reports with file:line."""
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -152,3 +153,15 @@ def test_a_git_lfs_pointer_is_skipped_with_what_to_do(tmp_path):
     for found in scan(tmp_path):
         assert found.kind is None
         assert found.format == f"{found.path}: a Git LFS pointer, not the data: fetch the file (`git lfs pull` in its clone)"
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "chat.jsonl", "pairs.json.gz"])
+def test_a_utf16_file_is_skipped_with_what_to_do(tmp_path, name):
+    # what Windows PowerShell's `>` and Notepad's "Unicode" write: read as UTF-8 its ASCII survives between NULs
+    text = json.dumps({"text": "床前明月光，疑是地上霜。The river runs by the mill."}, ensure_ascii=False) + "\n"
+    data = (text * 5).encode("utf-16")
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.format == (f"{tmp_path / name}: UTF-16 text, not UTF-8; save the file as UTF-8 "
+                            f"(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")

@@ -35,6 +35,7 @@ NON_SPACE = re.compile(r"\S")
 JSON_DECODER = json.JSONDecoder()
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's little-endian mark starts with UTF-16's
 
 
 def _suffix(path: Path) -> str:
@@ -262,6 +263,15 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
+def refuse_utf16(path: Path) -> None:
+    """A file that opens with a UTF-16 byte order mark (Windows PowerShell's `>`, Notepad's "Unicode") is refused
+    whole: read as UTF-8, its ASCII would pass between NUL bytes and its other lines fail at misplaced numbers."""
+    with _open_binary(path) as f:
+        if f.read(2) in UTF16_BOMS:
+            raise DataError(f"{path}: UTF-16 text, not UTF-8; save the file as UTF-8 "
+                            "(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")
+
+
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
     Parquet rows are numbered from 1 instead. A file that cannot be read (a damaged .gz) is a DataError."""
@@ -280,6 +290,8 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     else:
         raise DataError(f"{path}: unsupported file type")
     try:
+        if suffix != ".parquet":
+            refuse_utf16(path)
         for number, record in records:
             yield str(path), number, record
     except (OSError, EOFError, zlib.error) as error:  # gzip's errors: not gzip, cut short, damaged

@@ -41,7 +41,8 @@ from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
-from mateconv.data.readers import BadLine, iter_records, list_files, opens_array, record_text, text_lines
+from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_utf16,
+                                   text_lines)
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
@@ -498,6 +499,7 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
     line that cannot be read is BAD_LINE and its reason, which the worker reports."""
     for source, path in enumerate(files):
         if path.name.endswith(".jsonl") and not opens_array(path):  # parsed by the workers
+            refuse_utf16(path)
             for number, line in text_lines(path):
                 line = BAD_LINE + line.error if isinstance(line, BadLine) else line
                 if line.strip():
