@@ -165,3 +165,10 @@ def test_a_utf16_file_is_skipped_with_what_to_do(tmp_path, name):
     assert found.kind is None
     assert found.format == (f"{tmp_path / name}: UTF-16 text, not UTF-8; save the file as UTF-8 "
                             f"(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")
+
+
+def test_an_upper_case_gz_name_is_read_as_gzip(tmp_path):
+    lines = "".join(json.dumps({"text": f"Document {i} about the old mill by the river."}) + "\n" for i in range(5))
+    (tmp_path / "CORPUS.JSONL.GZ").write_bytes(gzip.compress(lines.encode()))
+    [found] = scan(tmp_path)
+    assert (found.kind, found.records, found.broken) == ("pretrain", 5, 0)

@@ -77,7 +77,7 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
