@@ -281,3 +281,17 @@ def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, 
     assert "step_00000002 at step 2" in capsys.readouterr().out
     resumed = losses(tmp_path)
     assert sorted(resumed) == list(range(1, 7))
+
+
+def test_pretraining_with_empty_validation_shards_trains_without_validation(tiny_flags, tiny_tokenizer, tmp_path,
+                                                                          capsys):
+    """A small --data corpus whose hash split put no document in pretrain_val.jsonl: the empty validation shards
+    stopped pretraining at its last evaluation, after the training, with the sampler's traceback."""
+    from mateconv.data.shards import build_shards
+
+    (tmp_path / "empty.jsonl").write_text("")
+    build_shards("pretrain", [tmp_path / "empty.jsonl"], tiny_tokenizer, tmp_path / "val", workers=1, progress=False)
+    flags = tiny_flags(tmp_path / "run", max_steps=2, eval_interval=1, val_data_path=str(tmp_path / "val"))
+    assert main("pretrain", flags) == 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert "val_loss" not in capsys.readouterr().out

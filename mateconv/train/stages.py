@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -147,6 +146,11 @@ def without_empty_validation(data: StageData) -> StageData:
     return StageData(data.train, None, data.vocab_size) if data.val is not None and not len(data.val) else data
 
 
+def read_documents(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
+    """Pretraining rows; a small corpus may have put no document in the validation split."""
+    return without_empty_validation(read_shards(PretrainTokens, "pretraining", config, runtime, tokenizer))
+
+
 def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """SFT rows, packed with `data.packing` (which says how full the rows are)."""
     data = read_shards(SFTTokens, "SFT", config, runtime, tokenizer, packing=config.data.packing)
@@ -213,7 +217,7 @@ def report_forgetting(out_dir: Path) -> None:
 
 
 RECIPES = {
-    "pretrain": Recipe("pretrain", partial(read_shards, PretrainTokens, "pretraining"), lm_objective,
+    "pretrain": Recipe("pretrain", read_documents, lm_objective,
                        defaults={"out_dir": "out/pretrain", "data_path": "out/tokens/pretrain/train",
                                  "val_data_path": "out/tokens/pretrain/val"}),
     "sft": Recipe("sft", read_conversations, lm_objective,
