@@ -28,7 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from mateconv.chat import SEED_MODEL_MODES, ChatError, check_seed_shape, context_length, load_model, prompt_ids
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
-from mateconv.data.shards import PretrainEvalTokens, SFTTokens
+from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
@@ -618,11 +618,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_empty_shards(path: Path) -> bool:
+    """Finished token shards without a record: the validation split of a corpus too small to put a document there."""
+    return (path / "index.json").is_file() and shard_info(path)["num_records"] == 0
+
+
 def optional_path(value: str | None, default: str) -> str | None:
     """An explicit path must exist and hold data (checked later); the default is used only when present and not
     empty; 'none' disables."""
     if value is None:
-        if Path(default).is_dir() or Path(default).is_file() and Path(default).stat().st_size:
+        path = Path(default)
+        if path.is_dir() and not is_empty_shards(path) or path.is_file() and path.stat().st_size:
             return default
         print(f"[evaluate] {default} not found or empty; skipping it", flush=True)
         return None

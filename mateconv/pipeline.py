@@ -251,6 +251,7 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
         del stages[name]
     evaluate = stages["eval"]["args"]
     evaluate["models"] = [m for m in evaluate["models"] if Path(m).parent.name in stages]
+    evaluate.pop("val", None)  # the evaluator's default, skipped when a small corpus left no held-out document
     if "tasks" not in kinds:
         evaluate["tasks"] = "none"
     return report, fingerprint(files)

@@ -292,3 +292,25 @@ def test_stage_7_on_held_out_sft_prompts_with_the_model_judge(tmp_path, tiny_sft
     judged = {entry["pid"] for entry in fake.log if entry["model"] == "judge"}
     assert judged == {content.split("]")[0][1:] for content in held_prompts}  # every held-out prompt, nothing else
     assert not any(entry["model"] != "judge" for entry in fake.log)  # the SFT model generated, locally
+
+
+def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexity(tmp_path, tiny_sft_model,
+                                                                                    tiny_tokenizer):
+    """A small corpus whose hash split put no document in pretrain_val.jsonl: the evaluation, after all the
+    training, failed every model on the empty validation shards the preset named; it now skips perplexity as it
+    skips the empty held-out texts."""
+    from mateconv.data.shards import build_shards
+
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(tiny_sft_model, tmp_path / f"out/{stage}/final")
+    (tmp_path / "empty.jsonl").write_text("")
+    build_shards("pretrain", [tmp_path / "empty.jsonl"], tiny_tokenizer, tmp_path / "out/tokens/pretrain/val",
+                 workers=1, progress=False)
+    result = subprocess.run([sys.executable, "-m", "mateconv.pipeline", "run", "--data", str(data), "--only", "eval",
+                             "--set", "eval.max_new_tokens=2"],
+                            cwd=tmp_path, env=single_thread_env(), text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "out/tokens/pretrain/val not found or empty; skipping it" in result.stdout
+    models = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
+    assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
