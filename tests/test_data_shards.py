@@ -375,6 +375,19 @@ def test_bad_records_are_counted_with_file_and_line(setup, tmp_path):
         build_shards("pretrain", [only_bad], tokenizer_dir, tmp_path / "none", workers=1, progress=False)
 
 
+
+def test_a_conversation_with_an_empty_turn_is_skipped_as_stage_2_skips_it(setup, tmp_path):
+    """A raw file given to stage 3 or `5.full_sft.py --data_path`: an empty reply trained the model to answer
+    with nothing but <|im_end|>, where stage 2 skipped the record."""
+    _, tokenizer_dir, _ = setup
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"conversations": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " "}]},
+        {"conversations": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]},
+    ])
+    result = build_shards("sft", [path], tokenizer_dir, tmp_path / "t", workers=1, progress=False)
+    assert result.bad_records == [f"{path}:1: empty assistant message (turn 2 of 2)"]
+    assert shard_info(tmp_path / "t")["num_records"] == 1
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_raw_lines_that_cannot_be_read_are_reported_with_their_reason(setup, tmp_path, workers):
     """A user's raw file given to stage 3 (or stages 4, 5, 9 via --data_path): a GBK line and a .gz cut short are

@@ -295,7 +295,16 @@ def to_sft(record: Any) -> dict[str, Messages]:
                                 _turns(record["completion"], "assistant", "completion"), record)
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
-    return {"messages": _check_conversation(messages, ends_with_assistant=True)}
+    return {"messages": check_turns(_check_conversation(messages, ends_with_assistant=True))}
+
+
+def check_turns(messages: Messages) -> Messages:
+    """No empty user or assistant turn (an empty reply would teach answering with nothing); stage 2 applies it again
+    to its normalised text."""
+    empty = next((i for i, m in enumerate(messages, 1) if m["role"] != "system" and not m["content"].strip()), None)
+    if empty:
+        raise DataError(f"empty {messages[empty - 1]['role']} message (turn {empty} of {len(messages)})")
+    return messages
 
 
 def _response(value: Any, side: str) -> Messages:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, length_summary, normalize, split_of
-from mateconv.data.formats import check_pair, to_preference, to_sft
+from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
 from mateconv.terminal import bars_only_on_a_terminal
@@ -52,9 +52,7 @@ def _convert(kind: str, record: Any, form: str) -> tuple[dict, str]:
         return {"text": text}, text
     if kind == "sft":
         messages = [{**m, "content": normalize(m["content"], form)} for m in to_sft(record)["messages"]]
-        empty = next((i for i, m in enumerate(messages, 1) if not m["content"] and m["role"] != "system"), None)
-        if empty:
-            raise DataError(f"empty {messages[empty - 1]['role']} message (turn {empty} of {len(messages)})")
+        check_turns(messages)  # normalising can empty a turn
         return {"messages": messages}, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if kind == "dpo":
         pair = {side: [{**m, "content": normalize(m["content"], form)} for m in messages]
