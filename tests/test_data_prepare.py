@@ -171,3 +171,19 @@ def test_ids_repeated_across_files_are_made_unique_for_stage_7(tmp_path):
     assert len(written) == 60 and len({r["id"] for r in written}) == 60
     assert [r["id"] for r in written[:2]] == ["1", "2"]  # a record's own id is kept while it is free
     assert len(sample_prompts(tmp_path / "data/sft_train.jsonl", 60, seed=0)) == 60  # stage 7's reader
+
+
+def test_a_small_corpus_whose_split_held_out_nothing_still_has_a_validation_record(tmp_path):
+    """A few dozen conversations often hash none into val at val_frac 0.05: the --data run then stopped after the
+    training, at stage 7's validation prompts (and the evaluation at its empty tasks), with nothing held out."""
+    conversations = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                                   {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(200)]
+    text = "user: {}\nassistant: {}"  # what stage 2 hashes for an SFT record
+    train_only = [c for c in conversations
+                  if split_of(text.format(*(m["content"] for m in c["messages"])), 0.05) == "train"][:20]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in train_only))
+    stats = prepare({"sft": [tmp_path / "sft.jsonl"]}, tmp_path / "data", progress=False)
+    assert (stats["sft"]["train"], stats["sft"]["val"]) == (19, 1)
+    written = read(tmp_path / "data/sft_train.jsonl") + read(tmp_path / "data/sft_val.jsonl")
+    assert [r["messages"] for r in written] == [c["messages"] for c in train_only]  # none lost, none twice
+    assert prepare({"sft": [tmp_path / "sft.jsonl"]}, tmp_path / "none", val_frac=0, progress=False)["sft"]["val"] == 0

@@ -92,6 +92,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
     read = 0
     ids: set[str] | None = None if kind == "pretrain" else set()  # nothing reads pretraining ids: no set of millions
+    last_train = None  # the last training record's line, while the hash (not its own "split") put it there
     try:
         for source, number, record in tqdm(iter_sources(sources), desc=f"prepare {kind}", unit="rec",
                                            disable=not progress, mininterval=1.0):
@@ -115,9 +116,17 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
             if (hold_out and split == "train" and split_of(text, prompts_frac, seed + 1) == "val"
                     and not (max_prompts and len(lengths["prompts"]) >= max_prompts)):
                 split = "prompts"
-            output = {"id": _record_id(record, kind, read, ids), **output}
-            files[split].write(json.dumps(output, ensure_ascii=False) + "\n")
+            line = json.dumps({"id": _record_id(record, kind, read, ids), **output}, ensure_ascii=False) + "\n"
+            if split == "train":
+                last_train = None if given == "train" else line
+            files[split].write(line)
             lengths[split].append(len(text))
+        if val_frac > 0 and not lengths["val"] and len(lengths["train"]) > 1 and last_train:
+            # a small corpus the hash held nothing out of: its last training record validates every later stage
+            files["train"].flush()
+            files["train"].truncate(files["train"].tell() - len(last_train.encode("utf-8")))
+            files["val"].write(last_train)
+            lengths["val"].append(lengths["train"].pop())
     except BaseException:
         for f in files.values():
             f.close()
