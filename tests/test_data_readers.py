@@ -38,6 +38,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text_line(tmp_path):
     assert numbered_records(path) == [(1, {"text": "First line of the book."}), (2, {"text": "Second line."})]
 
 
+
+def test_files_joined_each_with_its_byte_order_mark_lose_no_line(tmp_path):
+    """`cat a.jsonl b.jsonl > all.jsonl` of two files a Windows editor saved: the second mark opens a line inside."""
+    path = tmp_path / "all.jsonl"
+    path.write_text(BOM + jsonl([FIRST]) + BOM + jsonl([SECOND]), encoding="utf-8")
+    assert numbered_records(path) == [(1, FIRST), (2, SECOND)]
+
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(FIRST) + "\n{not json\n\n" + json.dumps(SECOND) + "\n")

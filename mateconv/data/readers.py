@@ -91,7 +91,7 @@ def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
             try:
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+                yield number, raw.decode("utf-8-sig").rstrip("\r\n")  # -sig: also a mark inside (files joined)
             except UnicodeDecodeError as error:
                 yield number, BadLine(f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
 
