@@ -172,3 +172,15 @@ def test_an_upper_case_gz_name_is_read_as_gzip(tmp_path):
     (tmp_path / "CORPUS.JSONL.GZ").write_bytes(gzip.compress(lines.encode()))
     [found] = scan(tmp_path)
     assert (found.kind, found.records, found.broken) == ("pretrain", 5, 0)
+
+
+def test_a_multimodal_file_is_skipped_with_the_reason(tmp_path):
+    """LLaMA-Factory's mllm_demo.json (and LLaVA's `image`) beside its text data: its <image> placeholders trained as
+    words, about pictures the model never sees."""
+    mllm = tmp_path / "mllm_demo.json"
+    mllm.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>Who are they?"}, BOT],
+                                 "images": ["mllm_demo_data/1.jpg"]}]))
+    [found] = scan(tmp_path)
+    assert found.kind is None
+    assert found.format == (f"not recognised ({mllm}:1: 'images' holds media: a text-only model would train on its "
+                            "placeholders (<image>, <video>, <audio>) as words; keep the records without media)")

@@ -17,7 +17,8 @@ Accepted shapes, detected per record by `detect_format`:
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
 
-KTO feedback (one reply rated by LLaMA-Factory's `kto_tag` or TRL's boolean `label`) is refused by `detect_format`.
+KTO feedback (one reply rated by LLaMA-Factory's `kto_tag` or TRL's boolean `label`) and multimodal records
+(`MEDIA_KEYS`) are refused by `detect_format`.
 
 Tool use and reasoning become text in the three ChatML roles, as MiniMind's (Qwen's) template writes them, so that
 rendering and the loss mask (only assistant turns train) need nothing new:
@@ -50,6 +51,7 @@ TOOL_CALL_ROLE = "function_call"  # LLaMA-Factory
 TOOLS_PROMPT = ("# Tools\n\nYou may call these functions, described as JSON schemas:\n<tools>\n{tools}\n</tools>\n\n"
                 "To call one, reply with <tool_call>\n{{\"name\": <function name>, \"arguments\": <JSON object>}}\n"
                 "</tool_call>; its result comes back between <tool_response> and </tool_response>.")
+MEDIA_KEYS = ("images", "videos", "audios", "image")  # LLaMA-Factory's multimodal columns, LLaVA's image
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 
@@ -64,10 +66,18 @@ def _refuse_kto(record: dict) -> None:
                         "for SFT keep only the desirable records, without the label")
 
 
+def _refuse_media(record: dict) -> None:
+    key = next((key for key in MEDIA_KEYS if record.get(key)), None)
+    if key:
+        raise DataError(f"'{key}' holds media: a text-only model would train on its placeholders (<image>, <video>, "
+                        "<audio>) as words; keep the records without media")
+
+
 def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     _refuse_kto(record)
+    _refuse_media(record)
     keys = record.keys()
     if "chosen" in keys and "rejected" in keys:
         if "prompt" in keys or "question" in keys:  # question: Intel/orca_dpo_pairs
