@@ -61,16 +61,34 @@ def test_json_array_records_are_numbered_by_the_line_they_start_on(tmp_path, mon
     assert numbered_records(path) == [(2, FIRST), (5, SECOND), (8, 12345)]
 
 
-@pytest.mark.parametrize("content, line", [("[\n" + json.dumps(FIRST) + ",\n{\"text\": 1,}\n]", 3),
-                                           ("[\n" + json.dumps(FIRST) + "\n" + json.dumps(SECOND) + "\n]", 3),
-                                           ("[\n" + json.dumps(FIRST) + "\n]\n]", 4),
-                                           ("{\n  \"text\": \"a\"\n}\n{\n  \"text\": \"b\"\n}\n", 4)],
-                         ids=["bad-record", "missing-comma", "after-the-array", "pretty-objects-one-after-another"])
-def test_malformed_json_names_its_line(tmp_path, content, line):
+def test_pretty_objects_one_after_another_are_one_clear_error(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("{\n  \"text\": \"a\"\n}\n{\n  \"text\": \"b\"\n}\n")
+    with pytest.raises(DataError, match=f"^{path}:4: malformed JSON: "):
+        numbered_records(path)
+
+
+@pytest.mark.parametrize("read_chars", [1 << 20, 7], ids=["one-read", "many-reads"])
+@pytest.mark.parametrize("content, expected", [
+    ("[\n" + json.dumps(FIRST) + ",\n{\"text\": 1,}\n,\n" + json.dumps(SECOND) + "\n]",
+     [(2, FIRST), (3, "array element 2: malformed JSON: Expecting property name"), (5, SECOND)]),
+    ("[\n" + json.dumps(FIRST) + ",\n{\"a\": [1, 2},\n" + json.dumps(SECOND) + "\n]",
+     [(2, FIRST), (3, "array element 2: malformed JSON: Expecting ',' delimiter"), (4, SECOND)]),
+    ("[\n" + json.dumps(FIRST) + "\n" + json.dumps(SECOND) + "\n]",
+     [(3, "array element 1: malformed JSON: Extra data")]),
+    ("[\n" + json.dumps(FIRST) + "\n]\n]", [(2, FIRST), (4, "malformed JSON: Extra data after the array")]),
+    ("[\n" + json.dumps(FIRST) + ",\n{\"text\": \"cut",
+     [(2, FIRST), (3, "array element 2: malformed JSON: Unterminated"), (3, "the file ends before the array")]),
+], ids=["bad-element", "unbalanced-brackets", "missing-comma", "after-the-array", "cut-short"])
+def test_a_malformed_array_element_is_a_bad_line_and_the_others_are_kept(tmp_path, monkeypatch, read_chars, content,
+                                                                         expected):
+    monkeypatch.setattr(readers, "JSON_READ_CHARS", read_chars)
     path = tmp_path / "data.json"
     path.write_text(content)
-    with pytest.raises(DataError, match=f"^{path}:{line}: malformed JSON: "):
-        numbered_records(path)
+    read = [(number, record.error if isinstance(record, BadLine) else record)
+            for number, record in numbered_records(path)]
+    assert [number for number, _ in read] == [number for number, _ in expected]
+    assert all(got == want or str(got).startswith(str(want)) for (_, got), (_, want) in zip(read, expected))
 
 
 def test_one_top_level_object_is_one_record(tmp_path):

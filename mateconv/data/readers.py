@@ -1,7 +1,8 @@
 """Lazy reading of raw corpora: jsonl (optionally .gz), json arrays, plain text, parquet, directories, hub data sets.
 
 `iter_records(path)` yields `(source, line, record)` one at a time, `line` being where the record starts in the file
-(JSON arrays and parquet row groups are read a piece at a time rather than a line at a time). A `.json` file holds an
+(JSON arrays and parquet row groups are read a piece at a time rather than a line at a time; a malformed array
+element is a BadLine, as a malformed JSON line is). A `.json` file holds an
 array of records, one record, or JSON Lines (HF's `to_json` writes those under a `.json` name). Plain text becomes
 `{"text": ...}` records: one per line, or one per blank-line-separated paragraph when blank lines separate paragraphs
 of short lines (tinyshakespeare) - see `txt_records`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -32,6 +34,8 @@ PARAGRAPH_MIN_SHARE = 0.05  # paragraph starts per non-empty line: paragraphs of
 PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped prose or verse; longer ones are documents
 JSON_READ_CHARS = 1 << 20
 NON_SPACE = re.compile(r"\S")
+JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[][{},]')  # a string (to its end or its line's), or structure
+OPENER = {"]": "[", "}": "{"}
 JSON_DECODER = json.JSONDecoder()
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
@@ -176,23 +180,65 @@ class _JsonText:
                     self.fail(error.msg, error.pos)
             self._read_more()
 
+    def element(self, index: int) -> tuple[int, Any]:
+        """(line, value) of the array element at the read position, moved to the ',' or ']' after it (or to the end
+        of the file); a malformed element is a BadLine at the line of its error, so that the others still count."""
+        try:
+            value, end = JSON_DECODER.raw_decode(self.text, self.pos)
+            after = NON_SPACE.search(self.text, end)
+            if after and after.group() in ",]":  # else the element goes on, or its end is not read yet
+                line = self.line
+                self.move_to(after.start())
+                return line, value
+        except json.JSONDecodeError:
+            pass
+        while (end := _element_end(self.text, self.pos)) is None and not self.eof:
+            self._read_more()
+        end = len(self.text) if end is None else end
+        line = self.line
+        try:
+            value = json.loads(self.text[self.pos:end])
+        except json.JSONDecodeError as error:
+            line += self.text.count("\n", self.pos, self.pos + error.pos)
+            value = BadLine(f"array element {index}: malformed JSON: {error.msg}")
+        self.move_to(end)
+        return line, value
+
     def fail(self, message: str, pos: int | None = None) -> NoReturn:
         line = self.line + self.text.count("\n", self.pos, self.pos if pos is None else pos)
         raise DataError(f"{self.path}:{line}: malformed JSON: {message}")
 
 
+def _element_end(text: str, pos: int) -> int | None:
+    """Where the array element starting at `pos` ends: the ',' or ']' after it outside strings and brackets; None
+    when `text` ends first. Made to resynchronise after a malformed element: a string also ends at a line break
+    (JSON has none in strings), and a closing bracket closes every bracket opened since its match."""
+    opened: list[str] = []
+    for match in JSON_TOKEN.finditer(text, pos):
+        token = match.group()
+        if token in "[{":
+            opened.append(token)
+        elif token in "]}" and OPENER[token] in opened:
+            del opened[len(opened) - 1 - opened[::-1].index(OPENER[token]):]
+        elif token == "]" or (token == "," and not opened):  # a ']' that closes nothing closes the array
+            return match.start()
+    return None
+
+
 def _json_array(text: _JsonText) -> Iterator[tuple[int, Any]]:
-    """(line where it starts, element) for each element of the array whose '[' is the next character."""
+    """(line, element or BadLine) for each element of the array whose '[' is the next character; a file cut short
+    keeps the elements before the cut and reports the cut as a BadLine."""
     text.move_to(text.pos + 1)
     if text.next_char() == "]":
         text.move_to(text.pos + 1)
         return
-    while True:
+    for index in itertools.count(1):
         text.next_char()
-        yield text.line, text.value()
+        yield text.element(index)
         delimiter = text.next_char()
-        if delimiter not in (",", "]"):
-            text.fail("Expecting ',' delimiter")
+        if not delimiter:
+            yield text.line, BadLine("the file ends before the array's closing ']' (cut short?)")
+            return
         text.move_to(text.pos + 1)
         if delimiter == "]":
             return
@@ -205,7 +251,7 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
         if text.next_char() == "[":
             yield from _json_array(text)
             if text.next_char():
-                text.fail("Extra data")
+                yield text.line, BadLine("malformed JSON: Extra data after the array")
             return
         start = text.line
         record = text.value()
