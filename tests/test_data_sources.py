@@ -96,6 +96,22 @@ def test_broken_lines_are_counted_then_skipped_and_reported_with_file_and_line(t
     assert f"{tmp_path / 'sft.jsonl'}:2: conversation does not end with an assistant turn" in report
 
 
+def test_a_null_field_is_named_as_null_not_as_missing(tmp_path):
+    docs = [{"text": f"Document number {i} talks about rivers, stones and the morning light."} for i in range(3)]
+    write(tmp_path / "pretrain.jsonl", docs + [{"text": None}])
+    write(tmp_path / "nulls.jsonl", [{"text": None}])
+    write(tmp_path / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0], {"messages": None}])
+    write(tmp_path / "dpo.jsonl", [{"chosen": None, "rejected": "\n\nHuman: Hi\n\nAssistant: What?"}])
+    files = {f.path.name: f for f in scan(tmp_path)}
+    assert "'text' must be a string or a list of strings, got null" in files["nulls.jsonl"].line()
+    stats = prepare({kind: [f.path for f in found] for kind, found in by_kind(list(files.values())).items()},
+                    tmp_path / "out", val_frac=0.0, progress=False)
+    report = summary_table(stats)
+    assert "pretrain.jsonl:4: 'text' must be a string or a list of strings, got null" in report
+    assert "sft.jsonl:2: a conversation must be a list of messages, got null" in report
+    assert "dpo.jsonl:1: chosen must be a list of messages, got null" in report
+
+
 def test_sft_prompts_are_held_out_of_sft_training(tmp_path):
     conversations = [{"messages": [{"role": "user", "content": f"Question {i} about the weather today?"},
                                    {"role": "assistant", "content": f"Answer {i}: sunny."}]} for i in range(200)]

@@ -39,7 +39,7 @@ import json
 from itertools import groupby
 from typing import Any
 
-from mateconv.data import DataError
+from mateconv.data import DataError, json_type
 
 ROLE_NAMES = {
     "system": "system",
@@ -75,7 +75,7 @@ def _refuse_media(record: dict) -> None:
 
 def detect_format(record: Any) -> str:
     if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"expected a JSON object, got {json_type(record)}")
     _refuse_kto(record)
     _refuse_media(record)
     keys = record.keys()
@@ -107,7 +107,7 @@ def detect_format(record: Any) -> str:
 
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{what} must be a string, got {'null' if value is None else type(value).__name__}")
+        raise DataError(f"{what} must be a string, got {json_type(value)}")
     return value
 
 
@@ -183,7 +183,7 @@ def _message(turn: Any) -> dict[str, str]:
     """One turn in either {role, content} or {from, value} form, role names normalised, calls and reasoning written
     into the content; a tool result keeps the role "tool" until `_messages` merges it into a user turn."""
     if not isinstance(turn, dict):
-        raise DataError(f"a message must be an object, got {type(turn).__name__}")
+        raise DataError(f"a message must be an object, got {json_type(turn)}")
     role_key = "role" if "role" in turn else "from"
     content_key = "content" if "content" in turn else "value"
     if role_key not in turn or content_key not in turn:
@@ -230,10 +230,10 @@ def _with_system(messages: Messages, record: dict) -> Messages:
     return messages
 
 
-def _messages(turns: Any, record: dict | None = None) -> Messages:
+def _messages(turns: Any, record: dict | None = None, what: str = "a conversation") -> Messages:
     """A conversation's turns; with `record`, its `system` and `tools` fields too."""
     if not isinstance(turns, list):
-        raise DataError(f"a conversation must be a list of messages, got {type(turns).__name__}")
+        raise DataError(f"{what} must be a list of messages, got {json_type(turns)}")
     messages = _merge_tool_results([_message(turn) for turn in turns])
     return _with_system(messages, record) if record else messages
 
@@ -351,7 +351,7 @@ def _prompt_and_reply(value: Any, side: str) -> tuple[Messages, Messages]:
     if isinstance(value, str):
         prompt, reply = split_hh(value)
         return prompt, [{"role": "assistant", "content": reply}]
-    messages = _messages(value)
+    messages = _messages(value, what=side)
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{side} does not end with an assistant reply")
     return messages[:-1], messages[-1:]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from mateconv.data import DataError
+from mateconv.data import DataError, json_type
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz", ".parquet")
 HUB_PREFIXES = ("hf:", "ms:")
@@ -398,7 +398,7 @@ def record_text(record: Any) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object or string, got {type(record).__name__}")
+        raise DataError(f"expected a JSON object or string, got {json_type(record)}")
     for key in TEXT_KEYS:
         value = record.get(key)
         if isinstance(value, str):
@@ -416,5 +416,8 @@ def record_text(record: Any) -> str:
         if isinstance(value, list):
             parts += [str(t.get("content", t.get("value", ""))) for t in value if isinstance(t, dict)]
     if not parts:
+        present = next((key for key in TEXT_KEYS if key in record), None)
+        if present:
+            raise DataError(f"'{present}' must be a string or a list of strings, got {json_type(record[present])}")
         raise DataError(f"no text field in record with keys {sorted(record)}")
     return "\n".join(p for p in parts if p)

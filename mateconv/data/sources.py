@@ -16,7 +16,7 @@ from typing import Any
 
 from mateconv.data import DataError
 from mateconv.data.formats import detect_format
-from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records
+from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
 KINDS = ("pretrain", "sft", "dpo", "tasks")
@@ -42,6 +42,8 @@ def record_kind(record: Any) -> tuple[str, str]:
     except DataError:
         key = next((k for k in TEXT_KEYS if isinstance(record, dict) and isinstance(record.get(k), (str, list))), None)
         if key is None:
+            if isinstance(record, dict) and any(k in record for k in TEXT_KEYS):
+                record_text(record)  # raises, naming the text field that is null or not text
             raise
         return "pretrain", f"'{key}' field"
     turns = record.get("conversations")
