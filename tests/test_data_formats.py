@@ -325,6 +325,22 @@ def test_openai_tool_calls_tool_turns_and_reasoning():
     assert CALL in trained and "Both came back." in trained and "sunny\n</tool_response>" not in trained
 
 
+def test_openai_developer_role_and_legacy_function_calling():
+    """OpenAI's fine-tuning data: `developer` is the system role; legacy records carry `functions`, an assistant
+    `function_call` and `function` results; an assistant turn with calls may leave `content` out."""
+    call = {"name": "weather", "arguments": '{"city": "Paris"}'}
+    legacy = {"functions": [WEATHER_TOOL], "messages": [
+        turn("developer", "Be brief."), turn("user", "Weather in Paris?"), {"role": "assistant", "function_call": call},
+        {"role": "function", "name": "weather", "content": "sunny"}, turn("assistant", "Sunny.")]}
+    tools = {"messages": [turn("user", "Weather in Paris?"),
+                          {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": call}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, turn("assistant", "Sunny.")]}
+    after_system = [turn("user", "Weather in Paris?"), turn("assistant", CALL),
+                    turn("user", "<tool_response>\nsunny\n</tool_response>"), turn("assistant", "Sunny.")]
+    assert to_sft(legacy)["messages"] == [turn("system", tools_system("Be brief."))] + after_system
+    assert to_sft(tools)["messages"] == after_system
+
+
 def test_minimind_tools_on_the_system_message_and_a_pair_after_a_tool_result():
     record = {"conversations": [{"role": "system", "content": "", "functions": [WEATHER_TOOL]},
                                 turn("user", "Weather in Paris?"), turn("assistant", CALL), turn("tool", "sunny"),

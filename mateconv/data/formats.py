@@ -22,12 +22,12 @@ KTO feedback (one reply rated by LLaMA-Factory's `kto_tag` or TRL's boolean `lab
 
 Tool use and reasoning become text in the three ChatML roles, as MiniMind's (Qwen's) template writes them, so that
 rendering and the loss mask (only assistant turns train) need nothing new:
-- `tools` (a list, or LLaMA-Factory's JSON text of one; MiniMind: `tools`/`functions` on the system message) are
-  appended to the system prompt;
-- a call (LLaMA-Factory `function_call` turn, OpenAI `tool_calls` on an assistant turn) is an assistant turn holding
-  `<tool_call>\n{"name", "arguments"}\n</tool_call>` blocks, and so is trained;
-- tool results (`observation`, `tool` turns) in a row are one user turn of `<tool_response>\n...\n</tool_response>`
-  blocks, not trained;
+- `tools` (a list, or LLaMA-Factory's JSON text of one; OpenAI's legacy `functions`; MiniMind: `tools`/`functions` on
+  the system message) are appended to the system prompt;
+- a call (LLaMA-Factory `function_call` turn, OpenAI `tool_calls` or legacy `function_call` on an assistant turn) is
+  an assistant turn holding `<tool_call>\n{"name", "arguments"}\n</tool_call>` blocks, and so is trained;
+- tool results (`observation`, `tool`, OpenAI's legacy `function` turns) in a row are one user turn of
+  `<tool_response>\n...\n</tool_response>` blocks, not trained;
 - an assistant turn's `reasoning_content` is written before its content as `<think>\n...\n</think>\n\n`.
 
 `to_preference` (with `check_pair`) alone decides what a valid preference pair is: stage 2 and the tokenizer of
@@ -42,11 +42,11 @@ from typing import Any
 from mateconv.data import DataError, json_type
 
 ROLE_NAMES = {
-    "system": "system",
+    "system": "system", "developer": "system",  # OpenAI's newer name for the system role
     "user": "user", "human": "user", "question": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "model": "assistant",
 }
-TOOL_RESULT_ROLES = ("tool", "observation")  # OpenAI / MiniMind, LLaMA-Factory
+TOOL_RESULT_ROLES = ("tool", "observation", "function")  # OpenAI / MiniMind, LLaMA-Factory, OpenAI's legacy
 TOOL_CALL_ROLE = "function_call"  # LLaMA-Factory
 TOOLS_PROMPT = ("# Tools\n\nYou may call these functions, described as JSON schemas:\n<tools>\n{tools}\n</tools>\n\n"
                 "To call one, reply with <tool_call>\n{{\"name\": <function name>, \"arguments\": <JSON object>}}\n"
@@ -155,9 +155,14 @@ def _as_listed(tool: dict) -> dict:
     return tool
 
 
+def _calls(turn: dict) -> Any:
+    """An assistant turn's tool calls: OpenAI's `tool_calls`, or its legacy single `function_call`."""
+    return turn.get("tool_calls") or turn.get("function_call")
+
+
 def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
     """What the model is trained to write: reasoning in <think>, the reply, then its tool calls."""
-    calls = turn.get("tool_calls")
+    calls = _calls(turn)
     reply = "" if content is None and calls else _text(content, f"message {content_key}")
     text = "\n".join(part for part in (reply, _tool_calls_text(calls) if calls else "") if part)
     reasoning = turn.get("reasoning_content")
@@ -186,9 +191,9 @@ def _message(turn: Any) -> dict[str, str]:
         raise DataError(f"a message must be an object, got {json_type(turn)}")
     role_key = "role" if "role" in turn else "from"
     content_key = "content" if "content" in turn else "value"
-    if role_key not in turn or content_key not in turn:
+    if role_key not in turn or (content_key not in turn and not _calls(turn)):
         raise DataError(f"a message needs role/content or from/value, got keys {sorted(turn)}")
-    role, content = str(turn[role_key]).lower(), _joined_parts(turn[content_key], content_key)
+    role, content = str(turn[role_key]).lower(), _joined_parts(turn.get(content_key), content_key)
     if role in TOOL_RESULT_ROLES:
         return {"role": "tool", "content": _text(content, f"message {content_key}")}
     if role == TOOL_CALL_ROLE:
@@ -220,9 +225,10 @@ def _with_system(messages: Messages, record: dict) -> Messages:
     """The record's `system` (unless the conversation opens with its own) and `tools` in the first, system, turn."""
     if record.get("system") and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": _text(record["system"], "system")})
-    if record.get("tools"):
+    tools = record.get("tools") or record.get("functions")  # functions: OpenAI's legacy name
+    if tools:
         opens_with_system = bool(messages) and messages[0]["role"] == "system"
-        system = _system_text(messages[0]["content"] if opens_with_system else "", record["tools"])
+        system = _system_text(messages[0]["content"] if opens_with_system else "", tools)
         if opens_with_system:
             messages[0]["content"] = system
         elif system:
