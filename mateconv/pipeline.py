@@ -36,6 +36,7 @@ from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
+from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"
@@ -526,4 +527,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -83,8 +83,12 @@ class StageRunner:
                 # Copy raw chunks, not lines, so progress bars that redraw with '\r' stay live.
                 while chunk := os.read(child.stdout.fileno(), 65536):
                     if echo:
-                        sys.stdout.buffer.write(chunk)
-                        sys.stdout.flush()
+                        try:
+                            sys.stdout.buffer.write(chunk)
+                            sys.stdout.flush()
+                        except BrokenPipeError:  # `| head` has read enough: stop as on Ctrl-C, the stage saving
+                            echo = False
+                            self._forward(signal.SIGPIPE, None)
                     log.write(chunk)
                     log.flush()
                 return child.wait()

@@ -4,8 +4,11 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -13,6 +16,18 @@ from tqdm import tqdm
 def on_terminal() -> bool:
     """Whether a person watches the output live: stdout and stderr are terminals (not `nohup ... > logs/x.log`)."""
     return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Runs a program's main and exits with its code. Output piped into a reader that stops early (`| head`) ends the
+    program quietly, as it ends Unix tools (exit code 141, as for SIGPIPE), not with a BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # the last buffered lines may be the ones that meet the closed pipe
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
 
 
 def bars_only_on_a_terminal() -> None:

@@ -314,3 +314,21 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert "out/tokens/pretrain/val not found or empty; skipping it" in result.stdout
     models = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
+
+
+@pytest.mark.parametrize("program, lines_read", [("mateconv.pipeline", "[pipeline] prepare: "),
+                                                 ("mateconv.data.prepare", "")], ids=["pipeline", "stage-2"])
+def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read):
+    """`... | head`: the reader goes away; the program stops as Unix tools do (141, as for SIGPIPE), with no traceback,
+    and the pipeline's stage that was writing still finishes its work."""
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    args = (["run", "--data", str(data), "--only", "prepare"] if program == "mateconv.pipeline" else
+            ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data", "--no_progress"])
+    child = subprocess.Popen([sys.executable, "-m", program, *args], cwd=tmp_path, env=single_thread_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while lines_read and not child.stdout.readline().startswith(lines_read):
+        pass
+    child.stdout.close()
+    stderr = child.stderr.read()
+    assert (child.wait(timeout=120), stderr) == (141, "")
+    assert (tmp_path / "out/data/stats.json").exists()

@@ -27,7 +27,7 @@ from mateconv.data.clean import Deduper, Filters, length_summary, normalize, spl
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 MAX_BAD_EXAMPLES = 20
@@ -230,4 +230,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
