@@ -17,12 +17,18 @@ if [ -n "${MATECONV_UNLOCKED:-}" ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt 
     "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
     # llama-cpp-python (the GGUF export test runs llama.cpp) ships as source only: build its wheel once per
     # machine into a cache (about 25 min on 2 busy cores, see BENCHMARKS.md), then every install takes it from there.
-    wheels=${MATECONV_WHEEL_CACHE:-$HOME/.cache/mateconv/wheels}
+    # Not for this CPU alone (-march=native): on a CPU with AMX that build runs ggml's AMX kernels, which crashed
+    # llama.cpp (SIGSEGV) on q8_0 models here; the portable build takes AVX2.
+    wheels=${MATECONV_WHEEL_CACHE:-$HOME/.cache/mateconv/wheels-portable}
     llama_cpp=$(grep -E '^llama[-_]cpp[-_]python==' constraints.txt | head -1)
     if [ -n "$llama_cpp" ] && ! ls "$wheels"/llama_cpp_python-"${llama_cpp#*==}"-*.whl >/dev/null 2>&1; then
         echo "setup_env: building $llama_cpp once for this machine (minutes) into $wheels" >&2
         start=$SECONDS
-        "$VENV/bin/python" -m pip wheel -q --no-deps -w "$wheels" "$llama_cpp"
+        flags=-DGGML_NATIVE=OFF
+        [ "$(uname -m)" = x86_64 ] && flags="$flags -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        # --no-cache-dir: pip's own wheel cache would hand back a wheel built with other flags
+        CMAKE_ARGS="${CMAKE_ARGS:-$flags}" "$VENV/bin/python" -m pip wheel -q --no-cache-dir --no-deps -w "$wheels" \
+            "$llama_cpp"
         echo "setup_env: $llama_cpp built in $((SECONDS - start)) s" >&2
     fi
     "$VENV/bin/python" -m pip install -q --find-links "$wheels" "${locked[@]}" -e ".[dev]"
