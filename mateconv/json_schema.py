@@ -5,12 +5,21 @@ boolean, null, enum, const, anyOf, $ref to $defs) into numbered nodes; `Schema` 
 nondeterministic automaton. Its state is a set of agendas, each a stack of what is left to write (top last), so
 anyOf and optional properties need no lookahead. Replies come out as `json.dumps` writes them (", " and ": "), the
 form a model saw its tool calls in during SFT; properties in the schema's order, every required one present.
+
+Bounds are held as they are written: a string's length (in characters), a number's minimum/maximum (a bounded number
+is written without an exponent: each prefix is kept only while some number it begins is within them); a string with
+a `pattern` or `format` is written in printable ASCII, each prefix kept while the `regex` module's partial match says
+some ending of it matches.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
+
+import regex
 
 from mateconv.json_grammar import JSON_DONE, MAX_BLANKS, MAX_DEPTH, NUMBER_ENDS, json_step, number_part, \
     number_start, string_step
@@ -23,6 +32,24 @@ MAX_AGENDA = 4 * MAX_DEPTH  # tasks on one agenda (a recursive $ref could grow i
 MAX_AGENDAS = 1024  # agendas alive at once (anyOf branches, optional properties: each a way the reply may go on)
 # JSON's automaton at a value and at an object, with no blank allowed before it
 ANY_VALUE, ANY_OBJECT = ("value", "", None, MAX_BLANKS), ("start", "", None, MAX_BLANKS)
+SHORT_ESCAPES = '"\\/bfnrt'  # after a backslash in a patterned string (no \u escapes there)
+_DAY = r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_CLOCK = r"(?:\d+H(?:\d+M)?(?:\d+S)?|\d+M(?:\d+S)?|\d+S)"
+# the formats of OpenAI's strict mode that have a plain ASCII form (RFC 3339 dates and times with an offset; the 29th
+# of February is left out rather than checking leap years)
+FORMATS = {
+    "date": rf"\d{{4}}-{_DAY}",
+    "time": _TIME,
+    "date-time": rf"\d{{4}}-{_DAY}T{_TIME}",
+    "duration": rf"P(?:\d+W|(?:\d+Y(?:\d+M)?(?:\d+D)?|\d+M(?:\d+D)?|\d+D)(?:T{_CLOCK})?|T{_CLOCK})",
+    "email": rf"[A-Za-z0-9._%+-]+@{_LABEL}(?:\.{_LABEL})*\.[A-Za-z]{{2,}}",
+    "hostname": rf"{_LABEL}(?:\.{_LABEL})*",
+    "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
 
 
 class SchemaError(ValueError):
@@ -42,9 +69,19 @@ class Schema:
     def done(self, state: frozenset) -> bool:
         return () in state
 
-    def in_string(self, state: frozenset) -> bool:
-        """Every agenda is inside a free string, where a plain character leaves the state as it is."""
-        return all(agenda and agenda[-1] == ("str", "plain") for agenda in state)
+    def plain_room(self, state: frozenset) -> float | None:
+        """Where every agenda is inside a string that takes any plain character (not a quote, backslash or control),
+        how many such characters may come (math.inf: any number); else (or where agendas differ in that) None."""
+        rooms = set()
+        for agenda in state:
+            task = agenda[-1] if agenda else None
+            if task == ("str", "plain"):
+                rooms.add(math.inf)
+            elif task and task[0] == "strn" and task[1] == "plain":
+                rooms.add(task[4] - task[2] if task[4] >= 0 else math.inf)
+            else:
+                return None
+        return rooms.pop() if len(rooms) == 1 else None
 
     def step(self, state: frozenset, byte: int) -> frozenset | None:
         agendas = frozenset(after for agenda in state if agenda for after in self._step(agenda, byte))
@@ -65,8 +102,43 @@ class Schema:
             if after is None:
                 return []
             return self._expand(rest) if after == "end" else [rest + (("str", after),)]
+        if kind == "strn":  # a string of least..most characters: ("strn", string_step's part, characters so far, ...)
+            _, part, count, least, most = task
+            after = string_step(part, byte)
+            if after is None:
+                return []
+            if after == "end":
+                return self._expand(rest) if count >= least else []
+            if part == "plain" and not 0x80 <= byte < 0xC0:  # a character (or an escape) begins
+                count += 1
+                if 0 <= most < count:
+                    return []
+            return [rest + (("strn", after, count, least, most),)]
+        if kind == "strp":  # a string the node's regex holds: ("strp", node, the JSON text so far, string_step's part)
+            _, index, text, part = task
+            after = string_step(part, byte) if byte < 0x80 else None
+            if after is None or isinstance(after, int):  # no \u escapes
+                return []
+            if after == "end":
+                return self._expand(rest) if self._matches(index, text, partial=False) else []
+            text += chr(byte)
+            if after == "plain" and not self._matches(index, text) or \
+                    after == "escape" and not any(self._matches(index, text + e) for e in SHORT_ESCAPES):
+                return []
+            return [rest + (("strp", index, text, after),)]
         if kind == "num":
             return self._number_step(task[1], task[2], rest, byte)
+        if kind == "numb":  # a number within the node's bounds: ("numb", number part, the text so far, node)
+            _, part, text, index = task
+            _, integer, bounds = self.nodes[index]
+            after = number_start(byte) if part == "start" else number_part(part, byte)
+            results = []
+            if after not in (None, "exp") and not (integer and after == "dot") and \
+                    reachable(text + chr(byte), bounds):
+                results.append(rest + (("numb", after, text + chr(byte), index),))
+            if part in NUMBER_ENDS and within(Fraction(text), bounds):
+                results.extend(self._next_task_step(rest, byte))
+            return results
         inner = task[1]  # "json": any value, by JSON's own automaton
         if inner[0] == "number" and inner[1] == "":  # a bare number ends at the first byte that does not continue it
             return self._number_step(inner[2], False, rest, byte, json_task=True)
@@ -84,11 +156,18 @@ class Schema:
         results = []
         if after is not None:
             results.append(rest + ((("json", ("number", "", after, 0)) if json_task else ("num", after, integer)),))
-        if part in NUMBER_ENDS:  # the number may end here: the byte is the next task's
-            for agenda in self._expand(rest):
-                if agenda:
-                    results.extend(self._step(agenda, byte))
+        if part in NUMBER_ENDS:  # the number may end here
+            results.extend(self._next_task_step(rest, byte))
         return results
+
+    def _next_task_step(self, rest: tuple, byte: int) -> list[tuple]:
+        """A value that ended without a closing byte (a number): `byte` is the next task's."""
+        return [after for agenda in self._expand(rest) if agenda for after in self._step(agenda, byte)]
+
+    def _matches(self, index: int, text: str, partial: bool = True) -> bool:
+        """Whether the string whose JSON text (no quotes, ending at a character) is `text` matches the node's regex,
+        or, `partial`, begins a string that does."""
+        return self.nodes[index][1].fullmatch(json.loads(f'"{text}"'), partial=partial) is not None
 
     # ------------------------------------------------------------------------------------------------ expansion
 
@@ -111,7 +190,7 @@ class Schema:
             return []
         task, rest = agenda[-1], agenda[:-1]
         kind = task[0]
-        if kind in ("lit", "str", "num", "json"):
+        if kind in ("lit", "str", "strn", "strp", "num", "numb", "json"):
             return [agenda]
         if kind == "node":
             if task[1] in seen:
@@ -154,8 +233,14 @@ class Schema:
             return [rest + (("lit", node[1]),)]
         if kind == "string":
             return [rest + (("str", "plain"), ("lit", (b'"',)))]
+        if kind == "counted":
+            return [rest + (("strn", "plain", 0, node[1], node[2]), ("lit", (b'"',)))]
+        if kind == "patterned":
+            return [rest + (("strp", index, "", "plain"), ("lit", (b'"',)))]
         if kind == "number":
             return [rest + (("num", "start", node[1]),)]
+        if kind == "bounded":
+            return [rest + (("numb", "start", "", index),)]
         if kind == "array":
             return [rest + (("items", index, 0), ("lit", (b"[",)))]
         if kind == "object":
@@ -171,10 +256,47 @@ def unique(agendas) -> list[tuple]:
     return list(dict.fromkeys(agendas))
 
 
+def within(value: Fraction, bounds: tuple) -> bool:
+    low, low_open, high, high_open = bounds
+    return (low is None or value > low or value == low and not low_open) and \
+        (high is None or value < high or value == high and not high_open)
+
+
+def reachable(text: str, bounds: tuple) -> bool:
+    """Whether some number whose JSON text (no exponent) begins with `text` is within `bounds` (an integer's are
+    closed and integral, so the test holds for integers too). The numbers a prefix begins form spans [a, b): "12." and "12.3" one (12.3 up to 12.4), "12" one for each
+    number of digits still to come (12-13, 120-130, ...)."""
+    low, low_open, high, high_open = bounds
+    if text.startswith("-"):  # -x within [low, high] when x within [-high, -low]
+        text = text[1:]
+        low, low_open, high, high_open = (None if high is None else -high), high_open, \
+            (None if low is None else -low), low_open
+    if "." in text:
+        whole, fraction = text.split(".")
+        start = Fraction(f"{whole}.{fraction or 0}")
+        spans = [(start, start + Fraction(1, 10 ** len(fraction)))]
+    elif text in ("", "0"):
+        spans = [(Fraction(0), None if text == "" else Fraction(1))]
+    elif high is None:
+        spans = [(Fraction(int(text)), None)]  # spans that reach past any low
+    else:
+        first = int(text)
+        spans = [(Fraction(first * 10 ** k), Fraction((first + 1) * 10 ** k))
+                 for k in range(len(str(math.floor(high))) + 1) if first * 10 ** k <= high]
+    for start, end in spans:  # [start, end) meets the bounds
+        lower, lower_open = (low, low_open) if low is not None and (low > start or low == start and low_open) \
+            else (start, False)
+        upper, upper_open = (high, high_open) if high is not None and (end is None or high < end) else (end, True)
+        if upper is None or lower < upper or lower == upper and not lower_open and not upper_open:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- compiling a schema
 
 class SchemaBuilder:
-    """Numbered nodes: ("texts", (json bytes, ...)) one of fixed values; ("string",); ("number", integer?);
+    """Numbered nodes: ("texts", (json bytes, ...)) one of fixed values; ("string",); ("counted", minLength, maxLength
+    or -1); ("patterned", compiled regex); ("number", integer?); ("bounded", integer?, (low, open?, high, open?));
     ("array", item, minItems, maxItems or -1); ("object", ((key json bytes, node, required), ...)); ("map", value
     node); ("any", object only?); ("anyof", (node, ...))."""
 
@@ -221,10 +343,11 @@ class SchemaBuilder:
             raise SchemaError(f"{where}: a schema must be a JSON object, not {json.dumps(schema)}")
         unknown = sorted(set(schema) - ANNOTATIONS - {"type", "properties", "required", "additionalProperties",
                                                      "items", "minItems", "maxItems", "enum", "const", "anyOf",
-                                                     "allOf", "$ref"})
+                                                     "allOf", "$ref", *STRING_KEYS, *NUMBER_KEYS})
         if unknown:
             raise SchemaError(f"{where}: '{unknown[0]}' is not supported (supported: type, properties, required, "
-                              "additionalProperties, items, minItems, maxItems, enum, const, anyOf, $ref)")
+                              "additionalProperties, items, minItems, maxItems, enum, const, anyOf, $ref, "
+                              f"{', '.join(STRING_KEYS + NUMBER_KEYS)})")
         for key, beside in (("$ref", ()), ("allOf", ()), ("anyOf", ()), ("const", ("type",)), ("enum", ("type",))):
             others = sorted(set(schema) - ANNOTATIONS - {key, *beside}) if key in schema else []
             if others:  # what they would add to the key's schema is not held
@@ -259,17 +382,16 @@ class SchemaBuilder:
 
     def _typed(self, kind: str, schema: dict, document: Any, where: str) -> int:
         if kind == "string":
-            return self.add(("string",))
+            return self._string(schema, where)
         if kind in ("number", "integer"):
-            return self.add(("number", kind == "integer"))
+            bounds = number_bounds(schema, kind == "integer", where)
+            return self.add(("number", kind == "integer") if bounds is None else ("bounded", kind == "integer", bounds))
         if kind == "boolean":
             return self.add(("texts", (b"true", b"false")))
         if kind == "null":
             return self.add(("texts", (b"null",)))
         if kind == "array":
-            least, most = schema.get("minItems", 0), schema.get("maxItems", -1)
-            if not (isinstance(least, int) and isinstance(most, int) and least >= 0 and (most < 0 or most >= least)):
-                raise SchemaError(f"{where}: minItems/maxItems must be counts, minItems at most maxItems")
+            least, most = counts(schema, "minItems", "maxItems", where)
             item = self._node(schema.get("items", {}), document, f"{where}/items")
             return self.add(("array", item, least, most))
         properties = schema.get("properties", {})
@@ -288,6 +410,34 @@ class SchemaBuilder:
                        for name, child in properties.items())
         return self.add(("object", fields))
 
+    def _string(self, schema: dict, where: str) -> int:
+        least, most = counts(schema, "minLength", "maxLength", where)
+        held = [key for key in ("pattern", "format") if key in schema]
+        if not held:
+            return self.add(("string",) if least == 0 and most < 0 else ("counted", least, most))
+        if len(held) > 1 or least or most >= 0:
+            raise SchemaError(f"{where}: '{held[0]}' beside '{'format' if len(held) > 1 else 'minLength/maxLength'}' "
+                              "is not supported")
+        if held == ["format"]:
+            expression = FORMATS.get(schema["format"])
+            if expression is None:
+                raise SchemaError(f"{where}/format: {json.dumps(schema['format'])} is not supported (supported: "
+                                  f"{', '.join(FORMATS)})")
+        else:
+            expression = schema["pattern"]
+            if not isinstance(expression, str) or not expression.isascii() or \
+                    regex.search(r"\\[pPuxNXv0-9]", expression):
+                raise SchemaError(f"{where}/pattern: only patterns of printable ASCII characters are supported (no "
+                                  "\\p, \\u, \\x or other character codes)")
+            try:
+                regex.compile(expression)
+            except regex.error as e:
+                raise SchemaError(f"{where}/pattern: {e}") from None
+            # JSON Schema's patterns match anywhere in the string, and `$` only at its end (Python's `$` also
+            # matches before a final newline)
+            expression = rf"(?s:.*?)(?:{end_anchors(expression)})(?s:.*)"
+        return self.add(("patterned", regex.compile(expression)))
+
     def _ref(self, ref: Any, document: Any, where: str) -> int:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise SchemaError(f"{where}/$ref: only references into the schema itself (\"#/$defs/...\") are supported")
@@ -302,6 +452,61 @@ class SchemaBuilder:
             self.refs[key] = placeholder = self.add(("anyof", ()))  # a recursive schema refers to itself
             self.nodes[placeholder] = ("anyof", (self._node(target, document, ref),))
         return self.refs[key]
+
+
+STRING_KEYS = ["minLength", "maxLength", "pattern", "format"]
+NUMBER_KEYS = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]
+
+
+def end_anchors(pattern: str) -> str:
+    """`pattern` with each `$` outside a character class as `\\Z`."""
+    out, in_class, escaped = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            char = "\\Z"
+        out.append(char)
+    return "".join(out)
+
+
+def counts(schema: dict, least_key: str, most_key: str, where: str) -> tuple[int, int]:
+    """(least, most or -1) of a count's bounds (minItems/maxItems, minLength/maxLength)."""
+    least, most = schema.get(least_key, 0), schema.get(most_key, -1)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (least, most)) or least < 0 or \
+            most_key in schema and most < least:
+        raise SchemaError(f"{where}: {least_key}/{most_key} must be counts, {least_key} at most {most_key}")
+    return least, most
+
+
+def number_bounds(schema: dict, integer: bool, where: str) -> tuple | None:
+    """(low, low open?, high, high open?) of minimum/maximum/exclusiveMinimum/exclusiveMaximum (None where there are
+    none); an integer's as the closed integral bounds they leave."""
+    given = {key: schema[key] for key in NUMBER_KEYS if key in schema}
+    if not given:
+        return None
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SchemaError(f"{where}/{key}: must be a number")
+    exact = {key: Fraction(repr(value)) for key, value in given.items()}
+    lows = [(exact[key], key == "exclusiveMinimum") for key in ("minimum", "exclusiveMinimum") if key in exact]
+    highs = [(exact[key], key == "exclusiveMaximum") for key in ("maximum", "exclusiveMaximum") if key in exact]
+    low, low_open = max(lows, key=lambda bound: (bound[0], bound[1])) if lows else (None, False)
+    high, high_open = min(highs, key=lambda bound: (bound[0], not bound[1])) if highs else (None, False)
+    if integer:
+        low = None if low is None else Fraction(math.floor(low) + 1 if low_open else math.ceil(low))
+        high = None if high is None else Fraction(math.ceil(high) - 1 if high_open else math.floor(high))
+        low_open = high_open = False
+    if low is not None and high is not None and not within(low, (low, False, high, high_open)) or \
+            low_open and low == high:
+        raise SchemaError(f"{where}: no {'integer' if integer else 'number'} is within its minimum and maximum")
+    return low, low_open, high, high_open
 
 
 def json_bytes(value: Any) -> bytes:

@@ -1,6 +1,7 @@
 """JSON Schema for constrained decoding (mateconv.json_schema): random schemas and random values they hold, written
 as json.dumps writes them, pass the automaton with every prefix alive; what it passes after random one-byte changes
-parses and validates (checked with the `jsonschema` package); and what it does not support is a one-line error."""
+parses and validates (checked with the `jsonschema` package, formats included); random walks never get stuck; and what
+it does not support is a one-line error."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ import pytest
 from mateconv.json_grammar import Grammar
 from mateconv.json_schema import SchemaBuilder, SchemaError
 
-SCALARS = ["string", "integer", "number", "boolean", "null", "enum", "const"]
+SCALARS = ["string", "integer", "number", "boolean", "null", "enum", "const", "bounded", "counted", "format",
+           "pattern"]
 TEXT = 'ab "\\/\n\t\x01é中😀'
+# a pattern, and strings it holds (and what a model could write next in them)
+PATTERNS = {"^[A-Z]{2}-\\d+$": ["AB-1", "XY-2024"], "ab?c": ["ac", "xxabcyy", "a\"c\\ac"],
+            "^(red|green)( [a-z]+)*$": ["red", "green tea time"]}
+FORMAT_VALUES = {"date": ["2024-02-28", "1999-12-31"], "time": ["23:59:59Z", "08:00:00.25+05:30"],
+                 "date-time": ["2024-06-01T12:30:00-07:00"], "duration": ["P3D", "PT1H30M", "P1Y2M3DT4H5M6S", "P2W"],
+                 "email": ["a.b+c@mail.example.org"], "hostname": ["example.com", "a-1.b2"],
+                 "ipv4": ["0.0.0.0", "192.168.1.255"], "uuid": ["123e4567-e89b-12d3-a456-426614174000"]}
+VALIDATOR = jsonschema.Draft202012Validator
 
 
 def grammar_of(schema: dict) -> Grammar:
@@ -32,6 +42,21 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
         return {"enum": rng.sample(["a", "ab", 1, 12, -3, True, None, "x\"y"], rng.randint(1, 4))}
     if kind == "const":
         return {"const": rng.choice(["c", 7, False, None])}
+    if kind == "bounded":
+        kind = rng.choice(["integer", "number"])
+        bounds = rng.sample([("minimum", -12), ("maximum", 250), ("exclusiveMinimum", -0.5), ("maximum", 0.75),
+                             ("exclusiveMaximum", 1000), ("minimum", 7)], rng.randint(1, 2))
+        if dict(bounds).get("minimum", -1) >= 7 and dict(bounds).get("maximum", 1000) < 7:
+            bounds = bounds[:1]
+        return {"type": kind, **dict(bounds)}
+    if kind == "counted":
+        least = rng.randint(0, 2)
+        return {"type": "string", "minLength": least, **({"maxLength": least + rng.randint(0, 3)} if rng.random() < 0.7
+                                                         else {})}
+    if kind == "format":
+        return {"type": "string", "format": rng.choice(list(FORMAT_VALUES))}
+    if kind == "pattern":
+        return {"type": "string", "pattern": rng.choice(list(PATTERNS))}
     if kind == "array":
         least = rng.randint(0, 2)
         bounds = {"minItems": least, **({"maxItems": least + rng.randint(0, 2)} if rng.random() < 0.5 else {})}
@@ -66,12 +91,19 @@ def random_value(rng: random.Random, schema: dict):
         kind = rng.choice(kind)
     if kind is None:
         return rng.choice([{"x": [1, None, "y"]}, [], "free", -0.5, True, None, 42])
+    if kind == "string" and "format" in schema:
+        return rng.choice(FORMAT_VALUES[schema["format"]])
+    if kind == "string" and "pattern" in schema:
+        return rng.choice(PATTERNS[schema["pattern"]])
     if kind == "string":
-        return "".join(rng.choice(TEXT) for _ in range(rng.randint(0, 6)))
+        least, most = schema.get("minLength", 0), schema.get("maxLength", 6)
+        return "".join(rng.choice(TEXT) for _ in range(rng.randint(least, max(least, most))))
     if kind == "integer":
-        return rng.choice([0, 7, -12, 10 ** 12])
+        return rng.choice([n for n in [0, 7, -12, 10 ** 12, 1000, 250] if VALIDATOR(schema).is_valid(n)])
     if kind == "number":
-        return rng.choice([0, -3, 2.5, -0.001, 1e-7, 6.02e23])
+        return rng.choice([n for n in [0, -3, 2.5, -0.001, 0.75, 7, 6.02e23, -0.25] if VALIDATOR(schema).is_valid(n)
+                           and ("minimum" not in schema and "maximum" not in schema and "exclusiveMaximum" not in
+                                schema and "exclusiveMinimum" not in schema or "e" not in json.dumps(n))])
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":
@@ -103,8 +135,53 @@ def test_random_schemas_hold_their_values_and_nothing_else():
                 mutated = text[:at] + rng.choice(alphabet) + text[at + 1:]
                 if whole(grammar, mutated):
                     accepted_mutations += 1
-                    jsonschema.validate(json.loads(mutated), schema)
+                    VALIDATOR(schema, format_checker=VALIDATOR.FORMAT_CHECKER).validate(json.loads(mutated))
     assert accepted_mutations > 100  # the check above was made often enough to mean something
+
+
+def test_random_walks_never_get_stuck_and_end_valid():
+    """From every state a random walk reaches, some byte goes on (or the object is done), bounds and patterns
+    included; walks that end hold their schema, formats included."""
+    rng = random.Random(1)
+    ended = 0
+    for _ in range(30):
+        schema = random_object(rng, 1)
+        grammar = grammar_of(schema)
+        for _ in range(2):
+            state, text = grammar.start(), b""
+            for _ in range(250):
+                if grammar.at_end(state):
+                    ended += 1
+                    VALIDATOR(schema, format_checker=VALIDATOR.FORMAT_CHECKER).validate(json.loads(text))
+                    break
+                following = [(byte, after) for byte in range(256) if (after := grammar.step(state, byte)) is not None]
+                assert following, (schema, text)
+                # ASCII where it may come: random bytes would break UTF-8
+                following = [pair for pair in following if pair[0] < 0x80] or following
+                # closing bytes first half of the time, so that walks end
+                closing = [pair for pair in following if pair[0] in b'"}],']
+                byte, state = rng.choice(closing if closing and rng.random() < 0.5 else following)
+                text += bytes([byte])
+    assert ended > 40, ended
+
+
+@pytest.mark.parametrize("schema, held, refused", [
+    ({"type": "integer", "minimum": 5, "maximum": 7}, ["5", "6", "7"], ["4", "8", "-5", "50", "5.0", "05"]),
+    ({"type": "integer", "exclusiveMinimum": -2.5, "exclusiveMaximum": 10}, ["-2", "0", "9"], ["-3", "10", "-0.5"]),
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, ["1", "0.5", "1.0", "0.001"],
+     ["0", "0.0", "-0", "1.01", "1e-3", "2"]),
+    ({"type": "number", "minimum": -1.25}, ["-1.25", "-1.2", "3000"], ["-1.26", "-2", "-1.250001"]),
+    ({"type": "string", "minLength": 2, "maxLength": 3}, ['"ab"', '"中文字"', '"a\\n"', '"😀😀"'],
+     ['"a"', '"abcd"', '"中文字!"', '""']),
+    ({"type": "string", "format": "date"}, ['"2024-02-28"', '"2023-12-31"'],
+     ['"2024-02-30"', '"2024-13-01"', '"24-01-01"', '"2024-01-01 "']),
+    # `$` is the end, not also before a final newline as in Python
+    ({"type": "string", "pattern": "^\\d{3}$"}, ['"123"'], ['"12"', '"1234"', '"12a"', '"123\\n"']),
+])
+def test_bounds_formats_and_patterns(schema, held, refused):
+    grammar = grammar_of({"type": "object", "properties": {"v": schema}, "required": ["v"]})
+    assert [value for value in held if not whole(grammar, f'{{"v": {value}}}')] == []
+    assert [value for value in refused if whole(grammar, f'{{"v": {value}}}')] == []
 
 
 @pytest.mark.parametrize("text, held", [
@@ -173,8 +250,16 @@ def test_recursive_refs_and_pydantic_schemas():
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^a"}}},
-     "#/properties/id: 'pattern' is not supported"),
+    ({"type": "object", "properties": {"ip": {"type": "string", "format": "ipv6"}}},
+     "#/properties/ip/format: \"ipv6\" is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "\\p{Han}+"}}}, "printable ASCII"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(a"}}}, "#/properties/a/pattern: missing )"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a", "maxLength": 3}}},
+     "'pattern' beside 'minLength/maxLength'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1.5, "maximum": 1.9}}},
+     "#/properties/a: no integer is within its minimum and maximum"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": True}}}, "#/properties/a/minimum: must be"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}, "'multipleOf' is not supported"),
     ({"type": "string"}, "#: the schema's values must be objects"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "#/properties/a/$ref: #/$defs/missing "
                                                                            "is not in the schema"),
@@ -183,7 +268,7 @@ def test_recursive_refs_and_pydantic_schemas():
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf' is not supported"),
     ({"type": "object", "required": ["b"], "properties": {"a": {}}}, "required a list of its names"),
     ({"type": "object", "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, "'type' beside 'anyOf'"),
-    ({"type": "object", "properties": {"a": {"enum": [1, 2], "minimum": 2}}}, "'minimum' is not supported"),
+    ({"type": "object", "properties": {"a": {"enum": [1, 2], "minimum": 2}}}, "'minimum' beside 'enum'"),
     ({"type": "object", "properties": {"a": {"const": 1, "enum": [1, 2]}}}, "'enum' beside 'const'"),
 ])
 def test_what_is_not_supported_is_one_line(schema, message):

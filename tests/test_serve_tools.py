@@ -7,6 +7,7 @@ reasoning block and a malformed call come back from a real generation, not from 
 """
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Literal
 
@@ -17,7 +18,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from openai.lib._pydantic import to_strict_json_schema
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from conftest import served
 
@@ -322,6 +323,25 @@ def test_openai_parse_returns_the_pydantic_object(client):
     assert parsed.choices[0].message.parsed == Forecast(**AS_JSON)
 
 
+class Booking(BaseModel):
+    day: datetime.date
+    guests: int = Field(ge=1, le=8)
+    price: int = Field(gt=0, lt=1000)
+    name: str = Field(min_length=2, max_length=12)
+    code: str = Field(pattern=r"^[A-Z]{3}-\d{2}$")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_openai_parse_holds_field_bounds_formats_and_patterns(client, seed):
+    """A pydantic model with Field bounds, a date (format) and a pattern, which the tiny model never saw: sampled
+    replies are Bookings that pydantic itself validates. (Every field has an end: a sampled email or float could
+    run to max_tokens.)"""
+    parsed = client.chat.completions.parse(model="tiny", messages=[ASK_JSON], response_format=Booking,
+                                           temperature=1.0, seed=seed, max_tokens=400)
+    assert isinstance(parsed.choices[0].message.parsed, Booking)
+    assert parsed.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_forced_call_arguments_follow_the_parameters(client, stream):
     """Named, a function the model never saw is called with arguments its (strict) parameters hold. (Alone: the tiny
@@ -340,14 +360,14 @@ def test_unsupported_tool_requests_are_one_line_400s(client, server):
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-            "type": "object", "properties": {"id": {"type": "string", "pattern": "^a"}}}}}}, "response_format"),
+            "type": "object", "properties": {"ip": {"type": "string", "format": "ipv6"}}}}}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
          "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}},
          "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
-            "type": "object", "properties": {"day": {"type": "string", "format": "date"}}}}}],
+            "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}}],
           "tool_choice": "required"}, "tools.0.function.parameters"),
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0"),
