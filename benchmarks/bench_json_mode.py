@@ -29,6 +29,14 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
           "properties": {"city": {"type": "string"}, "temp_c": {"type": "integer"}, "wind": WIND,
                          "tags": {"type": "array", "items": {"enum": ["sunny", "warm", "windy", "rain"]}}}}
 SAMPLE = '{"city": "Paris", "temp_c": 21, "wind": {"speed": 12.5, "dir": "NW"}, "tags": ["sunny", "warm"]}'
+# bounds, a format and a pattern (mateconv.json_schema holds them: a string with a pattern or format steps a regex)
+BOOKING = {"type": "object", "additionalProperties": False, "required": ["day", "guests", "name", "code", "email"],
+           "properties": {"day": {"type": "string", "format": "date"},
+                          "guests": {"type": "integer", "minimum": 1, "maximum": 8},
+                          "name": {"type": "string", "maxLength": 12},
+                          "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"},
+                          "email": {"type": "string", "format": "email"}}}
+SAMPLE_BOOKING = '{"day": "2026-12-06", "guests": 2, "name": "Ada", "code": "ABC-12", "email": "ada@example.org"}'
 SAMPLE_CALL = f'Let me look that up.\n<tool_call>\n{{"name": "get_weather", "arguments": {SAMPLE}}}\n</tool_call>'
 
 
@@ -65,8 +73,10 @@ def main() -> None:
     schema = builder.build(builder.compile_object(SCHEMA))
     call = builder.build(builder.object([("name", builder.const("get_weather")), ("arguments", builder.compile_object(
         SCHEMA))]))
+    booking = builder.build(builder.compile_object(BOOKING))
     grammars = {"JSON object": (Grammar.json_object(), SAMPLE), "JSON schema": (Grammar.schema_object(schema), SAMPLE),
-                "strict tool calls": (Grammar.calls("<tool_call>\n", call, "\n</tool_call>"), SAMPLE_CALL)}
+                "strict tool calls": (Grammar.calls("<tool_call>\n", call, "\n</tool_call>"), SAMPLE_CALL),
+                "bounds, formats, pattern": (Grammar.schema_object(booking), SAMPLE_BOOKING)}
     prompt = tokenizer.encode("Reply with a JSON object:", add_special_tokens=False)
 
     print(f"dim {args.dim}, {args.n_layers} layers, vocab {config.vocab_size}, {args.new_tokens} new tokens, "
