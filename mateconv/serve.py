@@ -569,10 +569,13 @@ class Engine:
         with torch.inference_mode():
             input_ids = torch.tensor([ids], device=self.model.device)
             logits = self.model(input_ids).logits
-            chosen = token_logps(logits, input_ids)[0][0].tolist()
             if not top:
-                return [(logprob, []) for logprob in chosen]
-            best = logits[0, :-1].float().log_softmax(-1).topk(top, dim=-1)
+                return [(logprob, []) for logprob in token_logps(logits, input_ids)[0][0].tolist()]
+            # the chosen tokens' numbers from the same log-softmax as the alternatives': lm-eval's is_greedy compares
+            # a token's logprob with the best alternative's by ==
+            logps = logits[0, :-1].float().log_softmax(-1)
+            chosen = logps.gather(-1, input_ids[0, 1:, None])[:, 0].tolist()
+            best = logps.topk(top, dim=-1)
         return [(logprob, list(zip(indices, values)))
                 for logprob, indices, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
