@@ -696,6 +696,8 @@ def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationReq
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply to be read") from None
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

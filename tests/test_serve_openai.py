@@ -207,6 +207,16 @@ def test_error_shapes(server, client, expected):
     assert ask(client, temperature=0, max_tokens=24).choices[0].message.content == expected[0]
 
 
+def test_a_body_nested_too_deeply_is_a_400():
+    """JSON that nests past Python's recursion limit is a client's error, not a 500 with a traceback in the log."""
+    from mateconv.serve import APIError, ChatCompletionRequest, parse_request
+
+    body = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(APIError) as error:
+        parse_request(body, ChatCompletionRequest)
+    assert error.value.status == 400 and "nests too deeply" in error.value.message
+
+
 @pytest.fixture(scope="module")
 def busy_server(tiny_untrained_model):
     """In-process app (create_app) on a uvicorn thread: one generation at a time, one more may wait."""
