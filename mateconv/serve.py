@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,10 +569,13 @@ class Engine:
         with torch.inference_mode():
             input_ids = torch.tensor([ids], device=self.model.device)
             logits = self.model(input_ids).logits
-            chosen = token_logps(logits, input_ids)[0][0].tolist()
             if not top:
-                return [(logprob, []) for logprob in chosen]
-            best = logits[0, :-1].float().log_softmax(-1).topk(top, dim=-1)
+                return [(logprob, []) for logprob in token_logps(logits, input_ids)[0][0].tolist()]
+            # the chosen tokens' numbers from the same log-softmax as the alternatives': lm-eval's is_greedy compares
+            # a token's logprob with the best alternative's by ==
+            logps = logits[0, :-1].float().log_softmax(-1)
+            chosen = logps.gather(-1, input_ids[0, 1:, None])[:, 0].tolist()
+            best = logps.topk(top, dim=-1)
         return [(logprob, list(zip(indices, values)))
                 for logprob, indices, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
 
@@ -589,19 +592,7 @@ class Engine:
                 top_p=sampling.top_p, eos_token_id=self.eos_id, generator=self._generator(sampling.seed),
                 compile=self.compile, constraint=self.constraint(sampling.grammar, n),
             )[:, len(ids):].tolist()
-        choices = []
-        for row in new_tokens:
-            hit_eos = self.eos_id in row
-            tokens = row[: row.index(self.eos_id)] if hit_eos else row
-            scanner = StopScanner(sampling.stops)
-            text = scanner.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
-            if scanner.stopped:
-                count = len(self.tokenizer.encode(text, add_special_tokens=False))
-                choices.append(Choice(text, "stop", tokens[: min(count, len(tokens))]))
-            else:
-                text += scanner.flush()
-                choices.append(Choice(text, "stop" if hit_eos else "length", tokens, eos=hit_eos))
-        return choices
+        return [list(self.reply(row, sampling))[-1] for row in new_tokens]
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
@@ -609,34 +600,37 @@ class Engine:
         tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
                              eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile,
                              constraint=self.constraint(sampling.grammar, 1))
-        emitted: list[int] = []
-        ended = {"eos": False}
+        try:
+            yield from self.reply(tokens, sampling, cancel)
+        finally:
+            tokens.close()
 
-        def until_eos() -> Iterator[int]:
-            for token in tokens:
-                if int(token) == self.eos_id:
-                    ended["eos"] = True
+    def reply(self, tokens: Iterable, sampling: Sampling, cancel: threading.Event | None = None
+              ) -> Iterator[str | Choice]:
+        """The text of generated `tokens` in pieces as it decodes, cut before the first stop string, then the Choice.
+        Tokens are taken only until EOS, the one that completes a stop string, or `cancel`: streamed or not, a
+        choice counts the tokens generated up to there."""
+        taken: list[int] = []
+
+        def until_end() -> Iterator[int]:
+            for token in map(int, tokens):
+                if token == self.eos_id or (cancel is not None and cancel.is_set()):
                     return
-                emitted.append(int(token))
-                yield int(token)
+                taken.append(token)
+                yield token
 
-        scanner = StopScanner(sampling.stops)
-        pieces: list[str] = []
-        for piece in detokenize(self.tokenizer, until_eos()):
-            safe = scanner.feed(piece)
-            if safe:
-                pieces.append(safe)
-                yield safe
-            if scanner.stopped or cancel.is_set():
-                tokens.close()
+        scanner, pieces = StopScanner(sampling.stops), []
+        for piece in detokenize(self.tokenizer, until_end()):
+            pieces.append(scanner.feed(piece))
+            if pieces[-1]:
+                yield pieces[-1]
+            if scanner.stopped:
                 break
-        if not scanner.stopped:
-            tail = scanner.flush()
-            if tail:
-                pieces.append(tail)
-                yield tail
-        finish = "stop" if scanner.stopped or ended["eos"] else "length"
-        yield Choice("".join(pieces), finish, emitted, eos=ended["eos"])
+        pieces.append(scanner.flush())
+        if pieces[-1]:
+            yield pieces[-1]
+        ended = not scanner.stopped and len(taken) < sampling.max_tokens  # EOS came before the length limit
+        yield Choice("".join(pieces), "stop" if scanner.stopped or ended else "length", taken, eos=ended)
 
 
 # ---------------------------------------------------------------- admission control
@@ -702,6 +696,8 @@ def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationReq
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply to be read") from None
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

@@ -160,6 +160,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop_sorted[:, 0] = False  # the best token stays, also for a top_p that is 0 in float32
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 
@@ -170,6 +171,8 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConf
     logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
+    # the best logit shifted to 0 first: a tiny temperature then sends the others to -inf, never the best to inf (NaN)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
     logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 

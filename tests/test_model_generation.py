@@ -149,6 +149,18 @@ def test_top_k_one_equals_greedy_and_seeds_reproduce():
     assert not torch.equal(sample(7), greedy)
 
 
+def test_tiny_temperature_and_top_p_sample_the_most_likely_token():
+    """OpenAI takes any temperature in (0, 2] and top_p in (0, 1]: logits / 1e-40 overflow float32 and a top_p below
+    float32's smallest number is 0, which must still give the best token, not NaN probabilities."""
+    model = tiny_model()
+    prompt = torch.randint(3, 97, (2, 6))
+    greedy = generate_tokens(model, prompt, max_new_tokens=8, temperature=0)
+    for temperature, top_p in ((1e-40, 1.0), (1.0, 1e-50)):
+        sampled = generate_tokens(model, prompt, max_new_tokens=8, temperature=temperature, top_p=top_p,
+                                  generator=torch.Generator().manual_seed(0))
+        assert torch.equal(sampled, greedy), (temperature, top_p)
+
+
 def test_top_k_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda filtered: torch.isfinite(filtered)[0].tolist()  # noqa: E731

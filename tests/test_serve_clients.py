@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 from langchain_openai import ChatOpenAI
+from lm_eval.models.openai_completions import LocalCompletionsAPI
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else litellm fetches a price list from the internet
 import litellm  # noqa: E402
@@ -92,6 +93,7 @@ def test_chat_logprobs_are_the_models_own(client, local):
     assert torch.allclose(served, expected, atol=1e-4), (served, expected)
     for entry in content:  # greedy: the chosen token is the most likely one, and the top 3 are sorted
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == entry.logprob
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
 
 
@@ -154,6 +156,9 @@ def test_lm_eval_loglikelihood_keeps_the_continuation_when_the_model_ends(client
     expected = reference_logprobs(model, ids)[len(prompt) - 1:].sum().item()
     assert continuation == pytest.approx(expected, abs=1e-3)
     assert reply.choices[0].text == tokenizer.decode(ids) and reply.usage.completion_tokens == 0
+    # lm-eval's is_greedy compares each token's logprob to the best in top_logprobs with `==`: the same number
+    [(_, is_greedy)] = LocalCompletionsAPI.parse_logprobs(reply.model_dump(), ctxlens=[len(prompt)])
+    assert is_greedy
 
 
 def test_context_errors_in_openai_words(client, server):

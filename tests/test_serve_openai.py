@@ -103,6 +103,18 @@ def test_stop_strings(client, expected, stream, as_list):
     assert finish == ["stop"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_usage_counts_the_generated_tokens(client, expected, stream):
+    """A stop string that the reply's last token completes: every token was generated, streamed or not (the text
+    left after the cut, tokenized again, is fewer tokens)."""
+    stop = expected[0][-2:]
+    assert expected[0].index(stop) == len(expected[0]) - 2
+    reply = ask(client, temperature=0, max_tokens=24, stop=stop, stream=stream,
+                **({"stream_options": {"include_usage": True}} if stream else {}))
+    usage = list(reply)[-1].usage if stream else reply.usage
+    assert usage.completion_tokens == expected[1]
+
+
 def test_n_choices_and_seed(client):
     first = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
     again = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
@@ -193,6 +205,16 @@ def test_error_shapes(server, client, expected):
     # none of that hurt the server
     assert server[1].poll() is None
     assert ask(client, temperature=0, max_tokens=24).choices[0].message.content == expected[0]
+
+
+def test_a_body_nested_too_deeply_is_a_400():
+    """JSON that nests past Python's recursion limit is a client's error, not a 500 with a traceback in the log."""
+    from mateconv.serve import APIError, ChatCompletionRequest, parse_request
+
+    body = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(APIError) as error:
+        parse_request(body, ChatCompletionRequest)
+    assert error.value.status == 400 and "nests too deeply" in error.value.message
 
 
 @pytest.fixture(scope="module")
