@@ -159,6 +159,8 @@ class OptimConfig:
         check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate", "max_nonfinite_steps"))
         check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size", "weight_decay",
                                   "muon_lr"))
+        if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32); each rank seeds with seed + its rank
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -269,6 +271,13 @@ class LoRAConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:  # peft refuses these only as it wraps the model, in a traceback
+        for name in ("r", "alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{self.PREFIX}{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{self.PREFIX}dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

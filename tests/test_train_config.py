@@ -162,6 +162,13 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--betas", "0.9,0.95"], "unknown config key 'betas'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
     (["--overrides", "model.lr=1e-3"], "unknown config key 'model.lr'; lr belongs in section optim "
                                        "(optim.learning_rate)"),
+    # each of these ran until a library refused it in a traceback (peft, numpy, torch's init, the hidden size)
+    (["--use_lora", "--lora_r", "0"], "lora_r must be positive, got 0"),
+    (["--lora_alpha", "-16"], "lora_alpha must be positive, got -16"),
+    (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "seed must be in [0, 2**31), got -1"),
+    (["--initializer_range", "-0.02"], "initializer_range must be >= 0, got -0.02"),
+    (["--multiple_of", "0"], "MateConvConfig.multiple_of must be a positive integer, got 0"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
