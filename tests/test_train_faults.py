@@ -281,3 +281,17 @@ def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, 
     assert "step_00000002 at step 2" in capsys.readouterr().out
     resumed = losses(tmp_path)
     assert sorted(resumed) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", "device cuda:99 is not there: {visible} CUDA GPU(s) visible; --device auto takes what there is"),
+    ("gpu", "device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_that_is_not_there_is_one_line(tmp_path, capsys, device, message):
+    """Seed 000's `--device cuda:0` on a machine without that GPU (torch's AttributeError or 'invalid device ordinal'
+    before), or a name torch does not know: one line, and no out_dir left behind."""
+    out = tmp_path / "out_x"
+    with pytest.raises(SystemExit) as stopped:
+        main("pretrain", ["--device", device, "--out_dir", str(out), "--tracker", "none"])
+    assert str(stopped.value) == f"pretrain: {message.format(visible=torch.cuda.device_count())}"
+    assert not out.exists()
