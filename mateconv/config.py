@@ -642,14 +642,15 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
     program's stage: a `--mode` naming another stage is an error. An `out_dir` that is a layout root
     (`is_layout_root`) becomes `<root>/<stage>`, and the stage reads the other stages' outputs under that root."""
     defaults = defaults or {}
-    pairs = []
-    for key, value in parse_args(argv):
-        named = STAGE_KEYS[key].get(value, value) if key in STAGE_KEYS and isinstance(value, str) else stage
-        if named != stage:
-            other = f"; {STAGE_PROGRAMS[named]} trains {named}" if named in STAGE_PROGRAMS else ""
-            raise ConfigError(f"{key}: {value!r} is not this program's stage ({stage or 'none'}){other}")
-        if key != "mode":
-            pairs.append((key, value))
+    pairs = parse_args(argv)
+    # the last key naming a stage names it, as any key given twice (`--overrides loss.name=dpo` after a config's sft)
+    named = [(key, value) for key, value in pairs if key in STAGE_KEYS and isinstance(value, str)]
+    if named:
+        key, value = named[-1]
+        if (other := STAGE_KEYS[key].get(value, value)) != stage:
+            program = f"; {STAGE_PROGRAMS[other]} trains {other}" if other in STAGE_PROGRAMS else ""
+            raise ConfigError(f"{key}: {value!r} is not this program's stage ({stage or 'none'}){program}")
+    pairs = [(key, value) for key, value in pairs if key != "mode"]
     config = build_config([*defaults.items(), *pairs])
     root = config.checkpoint.out_dir
     if is_layout_root(root):

@@ -467,6 +467,18 @@ def test_seed_003_errors(argv, stage, message):
     assert str(error.value) == message
 
 
+def test_seed_003_an_override_of_loss_name_picks_the_stage(tmp_path):
+    """`python train.py sft.yml --overrides loss.name=ipo` runs DPO (IPO) with the config's other keys: the override
+    wins, as any later key does (it was refused: the config's 'sft' was not the stage train.py had picked from it)."""
+    path = tmp_path / "sft.yml"
+    path.write_text("loss:\n  name: sft\n  beta: 0.2\n")
+    config = parse_config([str(path), "--overrides", "loss.name=ipo"], {}, "dpo")
+    assert (config.dpo.loss_type, config.dpo.beta) == ("ipo", 0.2)
+    with pytest.raises(ConfigError, match=r"^loss.name: 'ipo' is not this program's stage \(sft\); 9.train_dpo.py "
+                                          r"trains dpo$"):
+        parse_config([str(path), "--overrides", "loss.name=ipo"], {}, "sft")
+
+
 def test_seed_003_datasets_take_one_file(tmp_path):
     assert parse_config(["--overrides", "datasets=a.json"], {}, "sft").data.data_path == "a.json"
     path = tmp_path / "config.yml"
