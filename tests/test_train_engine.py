@@ -566,9 +566,10 @@ def test_sft_leaves_out_conversations_without_an_assistant_token_within_max_seq_
         train(tmp_path / "none", "sft", init_from=tiny_pretrain_model, max_seq_len=8, max_steps=2)
 
 
-def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):
+def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path, recwarn):
     train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=3, use_lora=True, lora_r=4,
           learning_rate=1e-2)
+    assert not [str(w.message) for w in recwarn if w.category is FutureWarning]  # peft's, in every LoRA log before
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_pretrain_model)

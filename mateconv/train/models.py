@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -194,8 +195,11 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     targets = [t for t in lora.target_modules if t in present]
     if not targets:
         raise ConfigError(f"lora_target_modules {lora.target_modules} match no module of the model")
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+    # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def base_model(model: nn.Module) -> nn.Module:
