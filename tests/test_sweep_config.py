@@ -142,8 +142,9 @@ def test_program_is_found_from_the_current_directory_or_the_repository(tmp_path,
                                             "'dpo_beta'?"),
     ({"max_seq_len": {"value": "abc"}}, "parameter 'max_seq_len': max_seq_len: expected int, got 'abc'"),
     ({"use_wandb": {"values": [True, "maybe"]}}, "parameter 'use_wandb': use_wandb: 'maybe' is not one of True, False"),
-    ({"preset": {"values": ["mateconv-0.02b", "tiny"]}}, "parameter 'preset': preset: unknown model size 'tiny'; "
-                                                         "choose one of mateconv-0.02b, mateconv-0.1b, mateconv-0.1b-moe"),
+    ({"preset": {"values": ["mateconv-0.02b", "tiny"]}},
+     "parameter 'preset': preset: unknown model size 'tiny'; choose one of mateconv-0.02b, mateconv-0.1b, "
+     "mateconv-0.1b-moe"),
 ])
 def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path, parameters, message):
     """Seed 000's `run_sweep.py --config sweep_config_dpo.yaml --count 5 --mode dpo` with a misspelt parameter, or a

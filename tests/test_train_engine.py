@@ -570,6 +570,10 @@ def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path, recwa
     train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=3, use_lora=True, lora_r=4,
           learning_rate=1e-2)
     assert not [str(w.message) for w in recwarn if w.category is FutureWarning]  # peft's, in every LoRA log before
+    with pytest.raises(ConfigError, match=r"resume: .*step_00000003 holds another model \(lora_alpha 16 there, 32 "
+                                          r"here\)"):
+        train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=4, use_lora=True, lora_r=4,
+              lora_alpha=32)  # it resumed, scaling the trained adapters by 8 instead of 4
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_pretrain_model)

@@ -202,7 +202,9 @@ def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train,
     run_dir = tmp_path / "run"
     train(run_dir, max_steps=3, eval_interval=100)
     for overrides, differences in (({"dim": 96}, r"dim 64 there, 96 here; hidden_dim 192 there, 256 here"),
-                                   ({"use_moe": True}, r"use_moe False there, True here")):
+                                   ({"use_moe": True}, r"use_moe False there, True here"),
+                                   # the same shapes, another model: it went on as that one, its final/ saying so
+                                   ({"rope_theta": 1e4}, r"rope_theta 1000000.0 there, 10000.0 here")):
         with pytest.raises(ConfigError, match=rf"resume: .*step_00000003 holds another model \({differences}\): give "
                                               r"this run its own --out_dir, or pass --resume never to start"):
             train(run_dir, max_steps=3, eval_interval=100, **overrides)
