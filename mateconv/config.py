@@ -476,12 +476,14 @@ def convert(place: tuple[str, str], value):
 
 
 def load_yaml(path: str | Path) -> list[tuple[str, object]]:
-    """A config file's (key, value) pairs, sections flattened to `section.field`, its preset first."""
+    """A config file's (key, value) pairs, sections flattened to `section.field`, its preset first. A key that is not
+    a config key, or a value its key does not take, is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
@@ -491,8 +493,24 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
         if isinstance(value, dict):  # a section of ours, or one of seed 003's
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
-            pairs.append((key, value))
+            pairs.append((str(key), value))
+    for key, value in pairs:
+        try:
+            if key not in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
+                list(placed([(key, value)]))
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{key_lines(text)[key]}: {e}") from None
     return sorted(pairs, key=lambda pair: pair[0] != "preset")
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line of each key of a YAML mapping, a section's keys as `section.field` (a key given twice: its last)."""
+    lines = {}
+    for key, value in yaml.compose(text, Loader=yaml.SafeLoader).value:
+        lines[key.value] = key.start_mark.line + 1
+        if isinstance(value, yaml.MappingNode):
+            lines.update({f"{key.value}.{inner.value}": inner.start_mark.line + 1 for inner, _ in value.value})
+    return lines
 
 
 def flag_kind(name: str):

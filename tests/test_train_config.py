@@ -176,13 +176,17 @@ def test_errors_name_the_key(argv, message):
     assert str(error.value) == message
 
 
-def test_yaml_values_are_type_checked(tmp_path):
+def test_yaml_values_are_type_checked_and_named_with_their_line(tmp_path):
+    """A YAML key's error names the file and line (it named neither: which of the files, or a flag?)."""
     path = tmp_path / "bad.yaml"
-    path.write_text("batch_size: 3.5\n")
-    with pytest.raises(ConfigError, match="batch_size: expected int, got 3.5"):
+    path.write_text("dim: 64\nbatch_size: 3.5\n")
+    with pytest.raises(ConfigError, match=f"^{path}:2: batch_size: expected int, got 3.5$"):
+        parse_config([str(path), "--batch_size", "4"])
+    path.write_text("# the optimizer\noptim:\n  weight_decay: .nan\n")
+    with pytest.raises(ConfigError, match=f"^{path}:3: weight_decay: expected a finite number, got nan$"):
         parse_config([str(path)])
-    path.write_text("optim: {weight_decay: .nan}\n")
-    with pytest.raises(ConfigError, match="^weight_decay: expected a finite number, got nan$"):
+    path.write_text("dim: 64\n1: 2\n")  # a key YAML reads as a number (a traceback before)
+    with pytest.raises(ConfigError, match=f"^{path}:2: unknown config key '1'$"):
         parse_config([str(path)])
 
 
@@ -199,7 +203,7 @@ def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
     path.write_text("optim: {dim: 64}\n")
     with pytest.raises(ConfigError) as error:
         parse_config([str(path)])
-    assert str(error.value) == "unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
+    assert str(error.value) == f"{path}:1: unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
     path.write_text("optim: {dropout: 0.1}\n")
     with pytest.raises(ConfigError, match=r"dropout belongs in section model \(model.dropout\) or section lora "
                                           r"\(lora.dropout\)$"):
@@ -483,10 +487,10 @@ def test_seed_003_datasets_take_one_file(tmp_path):
     assert parse_config(["--overrides", "datasets=a.json"], {}, "sft").data.data_path == "a.json"
     path = tmp_path / "config.yml"
     path.write_text("datasets:\n  - a.json\n  - {type: custom_dataset, path: b.json}\n")
-    with pytest.raises(ConfigError, match=r"^datasets: one data file per run here, got 2 \(merge them"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1: datasets: one data file per run here, got 2 \(merge them"):
         parse_config([str(path)], {}, "sft")
     path.write_text("datasets:\n  - {type: hh}\n")
-    with pytest.raises(ConfigError, match=r"^datasets: an entry needs the path of a local JSON/JSONL file"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1: datasets: an entry needs the path of a local JSON/JSONL file"):
         parse_config([str(path)], {}, "sft")
 
 
