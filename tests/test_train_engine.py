@@ -593,6 +593,18 @@ def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path, recwa
         torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--lora_target_modules q_proj v_porj` trained q_proj alone and said nothing of the misspelt v_proj."""
+    from mateconv.train.stages import main
+
+    flags = tiny_flags(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=1, use_lora=True,
+                       lora_target_modules="q_proj,v_porj")
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", flags)
+    assert str(stopped.value) == ("sft: lora_target_modules: no module of the model is named v_porj (its linear "
+                                  "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
+
+
 def test_muon_trains(train, tmp_path):
     train(tmp_path, max_steps=8, optimizer="muon", muon_lr=0.02, eval_interval=100)
     curve = losses(tmp_path)
