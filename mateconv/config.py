@@ -497,9 +497,10 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
     for key, value in pairs:
         try:
             if key not in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
-                list(placed([(key, value)]))
+                check_key(key, value)
         except ConfigError as e:
-            raise ConfigError(f"{path}:{key_lines(text)[key]}: {e}") from None
+            line = key_lines(text).get(key)  # none for a key YAML reads as another type (`true:`)
+            raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
     return sorted(pairs, key=lambda pair: pair[0] != "preset")
 
 
@@ -606,6 +607,11 @@ def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, obje
         for inner_key, inner_value in preset_pairs(value) if key == "preset" else [(key, value)]:
             section, name = resolve(inner_key)
             yield section, name, convert((section, name), inner_value)
+
+
+def check_key(key: str, value) -> None:
+    """ConfigError unless `key` (flat, a seed alias, `section.field` or `preset`) is a config key that takes `value`."""
+    list(placed([(key, value)]))
 
 
 def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:

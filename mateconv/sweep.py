@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mateconv.config import STAGE_PROGRAMS, ConfigError, placed, resolve
+from mateconv.config import STAGE_PROGRAMS, ConfigError, check_key, resolve
 from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
@@ -248,7 +248,7 @@ def check_stage_parameters(config: SweepConfig, path: Path) -> None:
             if not values and param.name != "preset":  # a distribution: its samples are numbers
                 resolve(param.name)
             for value in values:
-                list(placed([(param.name, value)]))
+                check_key(param.name, value)
         except ConfigError as e:
             raise SweepError(f"{path}: parameter '{param.name}': {e}") from None
 
