@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mateconv.config import ConfigError, add_decode_flags
+from mateconv.train.distributed import resolve_device as training_device
 from mateconv.train.models import model_dir
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
 
@@ -57,9 +58,10 @@ class SamplingOptions:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return training_device(device, local_rank=0)
+    except ConfigError as error:  # seed 000's `--device cuda:0` on a machine without that GPU
+        raise ChatError(str(error)) from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -159,6 +159,8 @@ class OptimConfig:
         check_positive(self, ("batch_size", "accumulation_steps", "epochs", "learning_rate", "max_nonfinite_steps"))
         check_non_negative(self, ("max_steps", "warmup_iters", "grad_clip", "total_batch_size", "weight_decay",
                                   "muon_lr"))
+        if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32); each rank seeds with seed + its rank
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -269,6 +271,13 @@ class LoRAConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:  # peft refuses these only as it wraps the model, in a traceback
+        for name in ("r", "alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{self.PREFIX}{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{self.PREFIX}dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -467,12 +476,14 @@ def convert(place: tuple[str, str], value):
 
 
 def load_yaml(path: str | Path) -> list[tuple[str, object]]:
-    """A config file's (key, value) pairs, sections flattened to `section.field`, its preset first."""
+    """A config file's (key, value) pairs, sections flattened to `section.field`, its preset first. A key that is not
+    a config key, or a value its key does not take, is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
@@ -482,8 +493,25 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
         if isinstance(value, dict):  # a section of ours, or one of seed 003's
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
-            pairs.append((key, value))
+            pairs.append((str(key), value))
+    for key, value in pairs:
+        try:
+            if key not in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
+                check_key(key, value)
+        except ConfigError as e:
+            line = key_lines(text).get(key)  # none for a key YAML reads as another type (`true:`)
+            raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
     return sorted(pairs, key=lambda pair: pair[0] != "preset")
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line of each key of a YAML mapping, a section's keys as `section.field` (a key given twice: its last)."""
+    lines = {}
+    for key, value in yaml.compose(text, Loader=yaml.SafeLoader).value:
+        lines[key.value] = key.start_mark.line + 1
+        if isinstance(value, yaml.MappingNode):
+            lines.update({f"{key.value}.{inner.value}": inner.start_mark.line + 1 for inner, _ in value.value})
+    return lines
 
 
 def flag_kind(name: str):
@@ -581,6 +609,11 @@ def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, obje
             yield section, name, convert((section, name), inner_value)
 
 
+def check_key(key: str, value) -> None:
+    """ConfigError unless `key` (flat, a seed alias, `section.field` or `preset`) is a config key that takes `value`."""
+    list(placed([(key, value)]))
+
+
 def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     """A TrainConfig from (key, value) pairs in order (later ones win); see `placed`."""
     values: dict[str, dict] = {section: {} for section in SECTIONS}
@@ -633,14 +666,15 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
     program's stage: a `--mode` naming another stage is an error. An `out_dir` that is a layout root
     (`is_layout_root`) becomes `<root>/<stage>`, and the stage reads the other stages' outputs under that root."""
     defaults = defaults or {}
-    pairs = []
-    for key, value in parse_args(argv):
-        named = STAGE_KEYS[key].get(value, value) if key in STAGE_KEYS and isinstance(value, str) else stage
-        if named != stage:
-            other = f"; {STAGE_PROGRAMS[named]} trains {named}" if named in STAGE_PROGRAMS else ""
-            raise ConfigError(f"{key}: {value!r} is not this program's stage ({stage or 'none'}){other}")
-        if key != "mode":
-            pairs.append((key, value))
+    pairs = parse_args(argv)
+    # the last key naming a stage names it, as any key given twice (`--overrides loss.name=dpo` after a config's sft)
+    named = [(key, value) for key, value in pairs if key in STAGE_KEYS and isinstance(value, str)]
+    if named:
+        key, value = named[-1]
+        if (other := STAGE_KEYS[key].get(value, value)) != stage:
+            program = f"; {STAGE_PROGRAMS[other]} trains {other}" if other in STAGE_PROGRAMS else ""
+            raise ConfigError(f"{key}: {value!r} is not this program's stage ({stage or 'none'}){program}")
+    pairs = [(key, value) for key, value in pairs if key != "mode"]
     config = build_config([*defaults.items(), *pairs])
     root = config.checkpoint.out_dir
     if is_layout_root(root):

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from mateconv.chat import SEED_MODEL_MODES, ChatError, check_seed_shape, context_length, load_model, prompt_ids
+from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, context_length, load_model, prompt_ids,
+                           resolve_device)
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
@@ -516,6 +517,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         if not trust_remote_code and ships_own_code(path):
             raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
                             "to run it")
+    resolve_device(device)  # a device that is not there fails every model the same way: said once, here
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")

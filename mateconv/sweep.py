@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from mateconv.config import STAGE_PROGRAMS, ConfigError, check_key, resolve
 from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
@@ -226,7 +227,30 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     found = next((place for place in (Path(config.program), REPO / config.program) if place.is_file()), None)
     if found is None:
         raise SweepError(f"{path}: program {config.program} not found (in {Path.cwd()} or {REPO})")
+    if found.name in STAGE_PROGRAMS.values():
+        check_stage_parameters(config, path)
     return replace(config, program=str(found.resolve()))
+
+
+# Command-line names a stage program reads beside its config keys (mateconv.config.parse_args)
+STAGE_ARGUMENTS = ("mode", "config", "overrides")
+
+
+def check_stage_parameters(config: SweepConfig, path: Path) -> None:
+    """Each parameter of a sweep over a stage program is a config key of it, and each value it may take (`value`,
+    `values`) one of that key's: else every trial would fail the same way, one after the other."""
+    for param in config.params.values():
+        if param.name in STAGE_ARGUMENTS:
+            continue
+        values = [param.value] if param.distribution == "constant" else list(param.values)
+        values = [value for value in values if value is not None]  # null: the flag is left out
+        try:
+            if not values and param.name != "preset":  # a distribution: its samples are numbers
+                resolve(param.name)
+            for value in values:
+                check_key(param.name, value)
+        except ConfigError as e:
+            raise SweepError(f"{path}: parameter '{param.name}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- commands

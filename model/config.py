@@ -68,7 +68,7 @@ class MateConvConfig(PretrainedConfig):
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
-        if self.hidden_dim is None:
+        if self.hidden_dim is None and self.multiple_of:  # multiple_of 0: check_config names it
             self.hidden_dim = derive_hidden_dim(self.dim, self.multiple_of)
         super().__post_init__(**kwargs)
         check_config(self)
@@ -101,6 +101,8 @@ def check_config(config: MateConvConfig) -> None:
     if config.flex_attention and (config.dropout or not config.flash_attn):
         raise ConfigError(f"flex_attention needs flash_attn and no dropout, got flash_attn={config.flash_attn}, "
                           f"dropout={config.dropout}")
+    if config.initializer_range < 0:
+        raise ConfigError(f"initializer_range must be >= 0, got {config.initializer_range}")
     if config.rope_theta <= 0 or config.norm_eps <= 0:
         raise ConfigError(f"rope_theta and norm_eps must be positive, got {config.rope_theta} and {config.norm_eps}")
     if config.use_moe:

@@ -172,6 +172,10 @@ def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tiny_sft_model), "--prompt", "hi", "--top_p", "2"])
     assert str(error.value) == "chat: top_p must be in (0, 1], got 2.0"
+    with pytest.raises(SystemExit) as error:  # seed 000's --device on a machine without that GPU (a traceback before)
+        main(["--model_path", str(tiny_sft_model), "--prompt", "hi", "--device", "cuda:99"])
+    assert str(error.value) == (f"chat: device cuda:99 is not there: {torch.cuda.device_count()} CUDA GPU(s) visible; "
+                                "--device auto takes what there is")
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,10 @@ def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--models", str(tiny_sft_model), "--val", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path)])
     assert str(error.value) == f"evaluate: validation data not found: {tmp_path / 'nope.jsonl'}"
+    with pytest.raises(SystemExit) as error:  # seed 000's `--mode test --device cuda:0` without that GPU: said once
+        main(["--models", str(tiny_sft_model), str(tiny_sft_model), "--device", "cuda:99", "--out_dir", str(tmp_path)])
+    assert str(error.value) == (f"evaluate: device cuda:99 is not there: {torch.cuda.device_count()} CUDA GPU(s) "
+                                "visible; --device auto takes what there is")
 
 
 def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_tokens, tmp_path, capsys):

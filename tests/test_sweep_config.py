@@ -135,3 +135,24 @@ def test_program_is_found_from_the_current_directory_or_the_repository(tmp_path,
     config.write_text(yaml.safe_dump(_config(program="my_train.py")))
     with pytest.raises(SweepError, match=rf"{config}: program my_train.py not found \(in {tmp_path} or {REPO}\)"):
         load_sweep_config(config)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"dpo_betta": {"values": [0.1, 0.2]}}, "parameter 'dpo_betta': unknown config key 'dpo_betta'; did you mean "
+                                            "'dpo_beta'?"),
+    ({"max_seq_len": {"value": "abc"}}, "parameter 'max_seq_len': max_seq_len: expected int, got 'abc'"),
+    ({"use_wandb": {"values": [True, "maybe"]}}, "parameter 'use_wandb': use_wandb: 'maybe' is not one of True, False"),
+    ({"preset": {"values": ["mateconv-0.02b", "tiny"]}},
+     "parameter 'preset': preset: unknown model size 'tiny'; choose one of mateconv-0.02b, mateconv-0.1b, "
+     "mateconv-0.1b-moe"),
+])
+def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path, parameters, message):
+    """Seed 000's `run_sweep.py --config sweep_config_dpo.yaml --count 5 --mode dpo` with a misspelt parameter, or a
+    value its key does not take: every trial failed the same way, one after the other, and the sweep exited 0."""
+    path = tmp_path / "sweep_config_dpo.yaml"
+    path.write_text(yaml.safe_dump(_config(parameters={"learning_rate": {"values": [1e-6, 1e-5]}, **parameters})))
+    with pytest.raises(SweepError) as error:
+        load_sweep_config(path, str(REPO / "9.train_dpo.py"))
+    assert str(error.value) == f"{path}: {message}"
+    (tmp_path / "own.py").write_text("")  # a program of the user's own takes what it takes
+    assert "learning_rate" in load_sweep_config(path, str(tmp_path / "own.py")).params

@@ -162,6 +162,13 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--betas", "0.9,0.95"], "unknown config key 'betas'; Adam's betas here are 'adam_beta1' and 'adam_beta2'"),
     (["--overrides", "model.lr=1e-3"], "unknown config key 'model.lr'; lr belongs in section optim "
                                        "(optim.learning_rate)"),
+    # each of these ran until a library refused it in a traceback (peft, numpy, torch's init, the hidden size)
+    (["--use_lora", "--lora_r", "0"], "lora_r must be positive, got 0"),
+    (["--lora_alpha", "-16"], "lora_alpha must be positive, got -16"),
+    (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "seed must be in [0, 2**31), got -1"),
+    (["--initializer_range", "-0.02"], "initializer_range must be >= 0, got -0.02"),
+    (["--multiple_of", "0"], "MateConvConfig.multiple_of must be a positive integer, got 0"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -169,13 +176,17 @@ def test_errors_name_the_key(argv, message):
     assert str(error.value) == message
 
 
-def test_yaml_values_are_type_checked(tmp_path):
+def test_yaml_values_are_type_checked_and_named_with_their_line(tmp_path):
+    """A YAML key's error names the file and line (it named neither: which of the files, or a flag?)."""
     path = tmp_path / "bad.yaml"
-    path.write_text("batch_size: 3.5\n")
-    with pytest.raises(ConfigError, match="batch_size: expected int, got 3.5"):
+    path.write_text("dim: 64\nbatch_size: 3.5\n")
+    with pytest.raises(ConfigError, match=f"^{path}:2: batch_size: expected int, got 3.5$"):
+        parse_config([str(path), "--batch_size", "4"])
+    path.write_text("# the optimizer\noptim:\n  weight_decay: .nan\n")
+    with pytest.raises(ConfigError, match=f"^{path}:3: weight_decay: expected a finite number, got nan$"):
         parse_config([str(path)])
-    path.write_text("optim: {weight_decay: .nan}\n")
-    with pytest.raises(ConfigError, match="^weight_decay: expected a finite number, got nan$"):
+    path.write_text("dim: 64\n1: 2\n")  # a key YAML reads as a number (a traceback before)
+    with pytest.raises(ConfigError, match=f"^{path}:2: unknown config key '1'$"):
         parse_config([str(path)])
 
 
@@ -192,7 +203,7 @@ def test_a_yaml_key_in_another_section_names_its_section(tmp_path):
     path.write_text("optim: {dim: 64}\n")
     with pytest.raises(ConfigError) as error:
         parse_config([str(path)])
-    assert str(error.value) == "unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
+    assert str(error.value) == f"{path}:1: unknown config key 'optim.dim'; dim belongs in section model (model.dim)"
     path.write_text("optim: {dropout: 0.1}\n")
     with pytest.raises(ConfigError, match=r"dropout belongs in section model \(model.dropout\) or section lora "
                                           r"\(lora.dropout\)$"):
@@ -460,14 +471,26 @@ def test_seed_003_errors(argv, stage, message):
     assert str(error.value) == message
 
 
+def test_seed_003_an_override_of_loss_name_picks_the_stage(tmp_path):
+    """`python train.py sft.yml --overrides loss.name=ipo` runs DPO (IPO) with the config's other keys: the override
+    wins, as any later key does (it was refused: the config's 'sft' was not the stage train.py had picked from it)."""
+    path = tmp_path / "sft.yml"
+    path.write_text("loss:\n  name: sft\n  beta: 0.2\n")
+    config = parse_config([str(path), "--overrides", "loss.name=ipo"], {}, "dpo")
+    assert (config.dpo.loss_type, config.dpo.beta) == ("ipo", 0.2)
+    with pytest.raises(ConfigError, match=r"^loss.name: 'ipo' is not this program's stage \(sft\); 9.train_dpo.py "
+                                          r"trains dpo$"):
+        parse_config([str(path), "--overrides", "loss.name=ipo"], {}, "sft")
+
+
 def test_seed_003_datasets_take_one_file(tmp_path):
     assert parse_config(["--overrides", "datasets=a.json"], {}, "sft").data.data_path == "a.json"
     path = tmp_path / "config.yml"
     path.write_text("datasets:\n  - a.json\n  - {type: custom_dataset, path: b.json}\n")
-    with pytest.raises(ConfigError, match=r"^datasets: one data file per run here, got 2 \(merge them"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1: datasets: one data file per run here, got 2 \(merge them"):
         parse_config([str(path)], {}, "sft")
     path.write_text("datasets:\n  - {type: hh}\n")
-    with pytest.raises(ConfigError, match=r"^datasets: an entry needs the path of a local JSON/JSONL file"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1: datasets: an entry needs the path of a local JSON/JSONL file"):
         parse_config([str(path)], {}, "sft")
 
 

@@ -566,9 +566,14 @@ def test_sft_leaves_out_conversations_without_an_assistant_token_within_max_seq_
         train(tmp_path / "none", "sft", init_from=tiny_pretrain_model, max_seq_len=8, max_steps=2)
 
 
-def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):
+def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path, recwarn):
     train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=3, use_lora=True, lora_r=4,
           learning_rate=1e-2)
+    assert not [str(w.message) for w in recwarn if w.category is FutureWarning]  # peft's, in every LoRA log before
+    with pytest.raises(ConfigError, match=r"resume: .*step_00000003 holds another model \(lora_alpha 16 there, 32 "
+                                          r"here\)"):
+        train(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=4, use_lora=True, lora_r=4,
+              lora_alpha=32)  # it resumed, scaling the trained adapters by 8 instead of 4
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_pretrain_model)
@@ -586,6 +591,18 @@ def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path):
     ids = torch.randint(3, 100, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--lora_target_modules q_proj v_porj` trained q_proj alone and said nothing of the misspelt v_proj."""
+    from mateconv.train.stages import main
+
+    flags = tiny_flags(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=1, use_lora=True,
+                       lora_target_modules="q_proj,v_porj")
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", flags)
+    assert str(stopped.value) == ("sft: lora_target_modules: no module of the model is named v_porj (its linear "
+                                  "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
 
 
 def test_muon_trains(train, tmp_path):

@@ -202,7 +202,9 @@ def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train,
     run_dir = tmp_path / "run"
     train(run_dir, max_steps=3, eval_interval=100)
     for overrides, differences in (({"dim": 96}, r"dim 64 there, 96 here; hidden_dim 192 there, 256 here"),
-                                   ({"use_moe": True}, r"use_moe False there, True here")):
+                                   ({"use_moe": True}, r"use_moe False there, True here"),
+                                   # the same shapes, another model: it went on as that one, its final/ saying so
+                                   ({"rope_theta": 1e4}, r"rope_theta 1000000.0 there, 10000.0 here")):
         with pytest.raises(ConfigError, match=rf"resume: .*step_00000003 holds another model \({differences}\): give "
                                               r"this run its own --out_dir, or pass --resume never to start"):
             train(run_dir, max_steps=3, eval_interval=100, **overrides)
@@ -295,3 +297,17 @@ def test_pretraining_with_empty_validation_shards_trains_without_validation(tiny
     assert main("pretrain", flags) == 0
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert "val_loss" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", "device cuda:99 is not there: {visible} CUDA GPU(s) visible; --device auto takes what there is"),
+    ("gpu", "device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_that_is_not_there_is_one_line(tmp_path, capsys, device, message):
+    """Seed 000's `--device cuda:0` on a machine without that GPU (torch's AttributeError or 'invalid device ordinal'
+    before), or a name torch does not know: one line, and no out_dir left behind."""
+    out = tmp_path / "out_x"
+    with pytest.raises(SystemExit) as stopped:
+        main("pretrain", ["--device", device, "--out_dir", str(out), "--tracker", "none"])
+    assert str(stopped.value) == f"pretrain: {message.format(visible=torch.cuda.device_count())}"
+    assert not out.exists()

@@ -130,12 +130,25 @@ def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def model_differences(saved: dict, current: dict) -> list[str]:
+# The settings that change what a model computes and not its parameters' shapes, each with the switch under which it
+# counts (None: always): a resume with another value would train on from the checkpoint's weights as another model,
+# and its final/ would record the new value.
+SAME_SHAPES_OTHER_MODEL = {("model", "rope_theta"): None, ("model", "norm_eps"): None,
+                           ("model", "num_experts_per_tok"): ("model", "use_moe"),
+                           ("model", "norm_topk_prob"): ("model", "use_moe"),
+                           ("model", "scoring_func"): ("model", "use_moe"), ("lora", "alpha"): ("lora", "enabled")}
+
+
+def model_differences(saved: dict, current: dict, same_shapes: bool = False) -> list[str]:
     """"NAME A there, B here" for the settings that make a model's parameters: init_from, the model section (when
-    neither run started from a saved model) and LoRA; `saved` and `current` are config_to_dict()s."""
+    neither run started from a saved model) and LoRA; of those only SAME_SHAPES_OTHER_MODEL's with `same_shapes`.
+    `saved` and `current` are config_to_dict()s."""
     places = [("checkpoint", "init_from"), *[("lora", name) for name in current["lora"]]]
     if not saved["checkpoint"].get("init_from") and not current["checkpoint"]["init_from"]:
         places += [("model", name) for name in current["model"]]
+    if same_shapes:
+        switches = {place: SAME_SHAPES_OTHER_MODEL[place] for place in places if place in SAME_SHAPES_OTHER_MODEL}
+        places = [place for place, switch in switches.items() if switch is None or current[switch[0]][switch[1]]]
     return [f"{NAMES[section, name]} {saved[section].get(name)!r} there, {current[section][name]!r} here"
             for section, name in places if saved.get(section, {}).get(name) != current[section][name]]
 
@@ -397,14 +410,16 @@ class CheckpointManager:
                               f"--out_dir (to start from that run's model: --init_from {path})")
 
     def check_model(self, path: Path, config: TrainConfig) -> None:
-        """A checkpoint of another model than this run's (another size, MoE or dense, another init_from or LoRA) is
-        an error naming the settings that differ, before anything is loaded (else load_state_dict's traceback)."""
+        """A checkpoint of another model than this run's (another size, MoE or dense, another init_from or LoRA, or
+        with the same shapes another rope_theta, lora_alpha, ...) is an error naming the settings that differ, before
+        anything is loaded (else load_state_dict's traceback, or a run going on as another model)."""
         if self.shapes is None or not (path / PARAMETERS).is_file():  # saved before checkpoints recorded the shapes
             return
         saved = json.loads((path / PARAMETERS).read_text())
-        if saved == self.shapes:
+        same_shapes = saved == self.shapes
+        differences = model_differences(saved_config(path), config_to_dict(config), same_shapes)
+        if same_shapes and not differences:
             return
-        differences = model_differences(saved_config(path), config_to_dict(config))
         if not differences:  # the same settings, another model (its code changed): name one parameter
             name = next(n for n in [*self.shapes, *saved] if saved.get(n) != self.shapes.get(n))
             differences = [f"{name} {saved.get(name, 'absent')} there, {self.shapes.get(name, 'absent')} here"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mateconv.config import ParallelConfig
+from mateconv.config import ConfigError, ParallelConfig
 from mateconv.procs import free_port
 
 
@@ -58,11 +58,20 @@ def wants_deepspeed(parallel: ParallelConfig) -> bool:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
+    """`auto` (a GPU when there is one), `cpu`, `cuda` (the local rank's GPU) or `cuda:N`; a name torch does not know,
+    or a GPU that is not there (seed 000's `--device cuda:0` on a machine without one), is a ConfigError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", max(local_rank, 0))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", max(local_rank, 0))
+        if device.index >= (visible := torch.cuda.device_count()):
+            raise ConfigError(f"device {device} is not there: {visible} CUDA GPU(s) visible; --device auto takes "
+                              "what there is")
     return device
 
 

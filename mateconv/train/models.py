@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -192,10 +193,17 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in lora.target_modules if t in present]
-    if not targets:
-        raise ConfigError(f"lora_target_modules {lora.target_modules} match no module of the model")
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+    missing = [t for t in lora.target_modules if t not in present]
+    # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
+    if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
+        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
+                          f"layers: {', '.join(linears)})")
+    # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def base_model(model: nn.Module) -> nn.Module:
