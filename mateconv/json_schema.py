@@ -29,6 +29,7 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema
                          "readOnly", "writeOnly", "$defs", "definitions", "strict"})
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_AGENDA = 4 * MAX_DEPTH  # tasks on one agenda (a recursive $ref could grow it without end)
+MAX_SCHEMA_DEPTH = 100  # schemas inside one another (properties, items, anyOf, $ref to a $def not yet compiled)
 MAX_AGENDAS = 1024  # agendas alive at once (anyOf branches, optional properties: each a way the reply may go on)
 # JSON's automaton at a value and at an object, with no blank allowed before it
 ANY_VALUE, ANY_OBJECT = ("value", "", None, MAX_BLANKS), ("start", "", None, MAX_BLANKS)
@@ -303,6 +304,7 @@ class SchemaBuilder:
     def __init__(self):
         self.nodes: list[tuple] = []
         self.refs: dict[tuple[int, str], int] = {}
+        self.depth = 0  # schemas being compiled, one inside another
 
     def build(self, root: int) -> Schema:
         return Schema(tuple(self.nodes), root)
@@ -337,6 +339,15 @@ class SchemaBuilder:
         return self._node(schema, schema, "#")
 
     def _node(self, schema: Any, document: Any, where: str) -> int:
+        if self.depth >= MAX_SCHEMA_DEPTH:  # Python's recursion limit, here or when the automaton expands it
+            raise SchemaError(f"{where}: the schema nests more than {MAX_SCHEMA_DEPTH} schemas deep")
+        self.depth += 1
+        try:
+            return self._compiled(schema, document, where)
+        finally:
+            self.depth -= 1
+
+    def _compiled(self, schema: Any, document: Any, where: str) -> int:
         if schema is True or schema == {}:
             return self.add(("any", False))
         if not isinstance(schema, dict):

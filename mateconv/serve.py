@@ -585,6 +585,8 @@ class Engine:
     def complete(self, ids: list[int], sampling: Sampling, n: int) -> list[Choice]:
         if sampling.max_tokens == 0:
             return [Choice("", "length", []) for _ in range(n)]
+        if sampling.stops and n == 1:  # token by token, to stop at the stop string (lm-eval's generate_until)
+            return [list(self.stream(ids, sampling, threading.Event()))[-1]]
         input_ids = torch.tensor([ids] * n, device=self.model.device)
         with torch.inference_mode():
             new_tokens = generate_tokens(

@@ -277,6 +277,23 @@ def test_what_is_not_supported_is_one_line(schema, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_schema_nested_too_deep_is_one_line_and_a_deep_one_works():
+    """330 arrays one inside another was a RecursionError (a 500 in the server); 60 work."""
+    def nested(levels: int) -> dict:
+        schema = {"type": "null"}
+        for _ in range(levels):
+            schema = {"type": "array", "items": schema, "maxItems": 1}
+        return {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+
+    with pytest.raises(SchemaError, match="nests more than 100 schemas deep"):
+        SchemaBuilder().compile_object(nested(330))
+    chain = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(300)}
+    with pytest.raises(SchemaError, match="nests more than 100"):
+        SchemaBuilder().compile_object({"$defs": {**chain, "d300": {"type": "null"}}, "type": "object",
+                                        "properties": {"a": {"$ref": "#/$defs/d0"}}})
+    assert whole(grammar_of(nested(60)), '{"a": ' + "[" * 60 + "null" + "]" * 60 + "}")
+
+
 def test_long_enums_and_many_optional_properties():
     """An enum of 300 values is one task whatever its length; 200 optional properties are 200 ways on at once."""
     names = [f"name{i}" for i in range(300)]

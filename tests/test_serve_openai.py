@@ -115,6 +115,26 @@ def test_stop_string_usage_counts_the_generated_tokens(client, expected, stream)
     assert usage.completion_tokens == expected[1]
 
 
+def test_a_stop_string_ends_the_generation(tiny_untrained_model):
+    """A whole (not streamed) reply with a stop string: the model ran until the stop string, not on to max_tokens
+    (lm-eval's generate_until asks for 256 tokens and cuts at its stop strings)."""
+    from mateconv.chat import load_model
+    from mateconv.serve import Engine, Sampling
+
+    model, tokenizer = load_model(tiny_untrained_model, device="cpu")
+    engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
+    free = engine.complete(ids, Sampling(40, 0.0, 1.0, [], None), 1)[0]
+    assert free.finish_reason == "length" and len(free.text) > 8  # the random model runs on
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cut = engine.complete(ids, Sampling(40, 0.0, 1.0, [free.text[3:6]], None), 1)[0]
+    finally:
+        hook.remove()
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(free.text[3:6])]
+    assert len(calls) <= len(cut.tokens) + 1 < 40  # the prompt's pass and one per token taken
+
+
 def test_n_choices_and_seed(client):
     first = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
     again = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
