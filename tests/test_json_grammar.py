@@ -226,6 +226,7 @@ def test_masks_are_the_tokens_whose_bytes_the_grammar_takes():
         state = grammar.start()
         for byte in reply.encode():
             expected = [bool(piece) and grammar.feed(state, piece) is not None for piece in pieces]
-            expected[0] = grammar.at_end(state)
+            # EOS at the end, and where no token goes on (this vocabulary has no "u" or "l" for "null")
+            expected[0] = grammar.at_end(state) or not any(expected)
             assert token_grammar.allowed(state).tolist() == expected, (reply, state)
             state = grammar.step(state, byte)
