@@ -8,7 +8,6 @@ the grammar, so greedy and sampled replies alike parse (unless max_tokens cuts t
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -192,19 +191,17 @@ class Grammar:
         """Whether EOS may come here."""
         return self.parts[state[0]][0] in ("end", "free")
 
-    def plain_bytes(self, state: tuple) -> tuple[frozenset, float] | None:
-        """(bytes, room) such that any token without those bytes, of at most `room` characters, may come here (None
-        where there are none): inside a JSON string, a quote, backslash or control byte (room: what a maxLength
-        leaves); in free text, where any byte may come, the opening's first byte and the one after the part of it
-        the text ends with (k bytes). A token that completes the opening either holds all of it, or starts with its
-        rest after some j <= k bytes that the text ends with, and that rest holds byte k."""
+    def plain_bytes(self, state: tuple) -> frozenset | None:
+        """Bytes such that any token without them may come here (None where there are none): inside a JSON string,
+        a quote, backslash or control byte; in free text, where any byte may come, the opening's first byte and the
+        one after the part of it the text ends with (k bytes). A token that completes the opening either holds all
+        of it, or starts with its rest after some j <= k bytes that the text ends with, and that rest holds byte k."""
         part, inner = self.parts[state[0]], state[1]
         if part[0] == "free":
-            return frozenset(part[1][:1] + part[1][inner:inner + 1]), math.inf
-        if part[0] == "json" and inner[0] == "string" and inner[2][1] == "plain":
-            return STRING_SPECIAL, math.inf
-        room = part[1].plain_room(inner) if part[0] == "schema" else None
-        return None if room is None else (STRING_SPECIAL, room)
+            return frozenset(part[1][:1] + part[1][inner:inner + 1])
+        in_string = (part[0] == "json" and inner[0] == "string" and inner[2][1] == "plain") or \
+            (part[0] == "schema" and part[1].in_string(inner))
+        return STRING_SPECIAL if in_string else None
 
     def step(self, state: tuple, byte: int) -> tuple | None:
         index, inner = state
@@ -289,8 +286,6 @@ class TokenTable:
         self.children: list[dict[int, int]] = [{}]
         self.ends: dict[int, tuple[int, ...]] = {}
         self.splits: dict[frozenset, tuple[torch.Tensor, int]] = {}
-        # the characters each token begins (bytes that are not UTF-8 continuations), for a string's maxLength
-        self.characters = torch.tensor([sum(not 0x80 <= byte < 0xC0 for byte in piece) for piece in pieces])
         for token_id, piece in enumerate(pieces):
             if piece:
                 self._insert(0, piece, token_id)
@@ -331,12 +326,12 @@ class TokenGrammar:
         if mask is None:
             if len(self.masks) > 4096:
                 self.masks.clear()
-            plain_bytes = self.grammar.plain_bytes(state)
-            if plain_bytes is None:
+            special = self.grammar.plain_bytes(state)
+            if special is None:
                 keep, root = torch.zeros(len(self.table.pieces), dtype=torch.bool), 0
             else:
-                plain, root = self.table.split(plain_bytes[0])
-                keep = plain & (self.table.characters <= plain_bytes[1])
+                plain, root = self.table.split(special)
+                keep = plain.clone()
             found: list[int] = []
             self._search(root, state, found)
             keep[found] = True

@@ -184,6 +184,16 @@ def test_bounds_formats_and_patterns(schema, held, refused):
     assert [value for value in refused if whole(grammar, f'{{"v": {value}}}')] == []
 
 
+def test_a_counted_string_is_whole_utf8_characters():
+    """A byte that continues no character counted as none: a random model wrote 12 characters, then continuation
+    bytes without end under maxLength 12."""
+    grammar = grammar_of({"type": "object", "properties": {"v": {"type": "string", "maxLength": 2}}, "required": ["v"]})
+    start = grammar.start()
+    assert grammar.feed(start, '{"v": "中'.encode() + b"\x83") is None
+    assert grammar.feed(start, b'{"v": "\xe4\xb8') is not None and grammar.feed(start, b'{"v": "\xe4"') is None
+    assert whole(grammar, '{"v": "中文"}') and not whole(grammar, '{"v": "中文字"}')
+
+
 @pytest.mark.parametrize("text, held", [
     ('{"n": 12, "x": 1.5}', True), ('{"n": 1, "x": -0}', True), ('{"n": 1.0, "x": 1}', False),
     ('{"n": 1e3, "x": 1}', False), ('{"n": 01, "x": 1}', False), ('{"n": 1, "x": 1.}', False),
