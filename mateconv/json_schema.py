@@ -262,8 +262,8 @@ def within(value: Fraction, bounds: tuple) -> bool:
 
 def reachable(text: str, bounds: tuple) -> bool:
     """Whether some number whose JSON text (no exponent) begins with `text` is within `bounds` (an integer's are
-    closed and integral, so the test holds for integers too). The numbers a prefix begins form spans [a, b): "12." and "12.3" one (12.3 up to 12.4), "12" one for each
-    number of digits still to come (12-13, 120-130, ...)."""
+    closed and integral, so the test holds for integers too). The numbers a prefix begins form spans [a, b): "12."
+    and "12.3" one (12.3 up to 12.4), "12" one for each number of digits still to come (12-13, 120-130, ...)."""
     low, low_open, high, high_open = bounds
     if text.startswith("-"):  # -x within [low, high] when x within [-high, -low]
         text = text[1:]
@@ -511,8 +511,7 @@ def number_bounds(schema: dict, integer: bool, where: str) -> tuple | None:
         low = None if low is None else Fraction(math.floor(low) + 1 if low_open else math.ceil(low))
         high = None if high is None else Fraction(math.ceil(high) - 1 if high_open else math.floor(high))
         low_open = high_open = False
-    if low is not None and high is not None and not within(low, (low, False, high, high_open)) or \
-            low_open and low == high:
+    if low is not None and high is not None and (low > high or low == high and (low_open or high_open)):
         raise SchemaError(f"{where}: no {'integer' if integer else 'number'} is within its minimum and maximum")
     return low, low_open, high, high_open
 
