@@ -41,6 +41,15 @@ def test_judge_scores_map_back_from_the_shown_order():
     assert parse_judgement(wrapped, [0, 1]) == ([1.0, 9.5], ["", ""])
 
 
+def test_a_reasoning_judges_thoughts_are_not_taken_for_its_answer():
+    """A reasoning model served without a reasoning parser thinks aloud first, drafts and braces included."""
+    final = answer(("1", 3), ("2", 8))
+    thinking = f"<think>Reply 1 misses {{x}}. Draft: {answer(('1', 9), ('2', 1))} no, reply 2 is right.</think>\n"
+    assert parse_judgement(thinking + final, [0, 1])[0] == [3.0, 8.0]
+    # without think tags, the last complete object is the answer
+    assert parse_judgement(f"Draft {answer(('1', 9), ('2', 1))}. Final: {final} Thanks!", [0, 1])[0] == [3.0, 8.0]
+
+
 @pytest.mark.parametrize("text,message", [
     ("", "empty"),
     (None, "empty"),

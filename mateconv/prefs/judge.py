@@ -56,16 +56,25 @@ def judge_messages(prompt: list[dict], candidates: list[str], order: list[int]) 
 
 
 def _json_object(text: str) -> Any:
-    """The JSON object in `text`: the whole text, a fenced ```json block, or the outermost {...} span."""
+    """The JSON object in `text`: the whole text, a fenced ```json block, or the last complete {...} in it. A
+    reasoning model's <think>...</think> (drafts included) is not its answer."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    start, end = text.find("{"), text.rfind("}")
-    attempts = [text.strip()] + ([fenced.group(1)] if fenced else []) + ([text[start:end + 1]] if start < end else [])
-    for candidate in attempts:
+    for candidate in [text.strip()] + ([fenced.group(1)] if fenced else []):
         try:
             return json.loads(candidate)
         except json.JSONDecodeError:
             continue
-    raise JudgeMalformed(f"no JSON object in the judge's answer: {text[:120]!r}")
+    decoder, found, start = json.JSONDecoder(), None, text.find("{")
+    while start != -1:
+        try:
+            found, end = decoder.raw_decode(text, start)
+            start = text.find("{", end)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    if found is None:
+        raise JudgeMalformed(f"no JSON object in the judge's answer: {text[:120]!r}")
+    return found
 
 
 def parse_judgement(text: str | None, order: list[int]) -> tuple[list[float], list[str]]:
