@@ -11,8 +11,8 @@ Jinja renders, and a generation_config.json that samples by default (servers tha
 `Qwen3NextForCausalLM` of full-attention layers, for those with both (the MoE preset). model/export.py shows how each
 computes exactly our function.
 `gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library) in the
-architecture above that fits the model (not Qwen3-Next, and an MoE routing llama.cpp fixes otherwise: refused in one
-line); Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair rotary dimensions as we do), our
+architecture above that fits the model (Qwen3-Next's as dots1; an MoE routing llama.cpp fixes otherwise is refused in
+one line); Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair rotary dimensions as we do), our
 byte-level BPE as llama.cpp's "gpt2" tokenizer.
 """
 from __future__ import annotations
@@ -32,14 +32,18 @@ from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
 from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
-from model.export import TO_STANDARD, shared_width, standard_architecture
+from model.export import TO_STANDARD, qwen_moe_state_dict, shared_width, standard_architecture
 from model.modeling import SAMPLING_DEFAULTS
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
+# the GGUF architecture llama.cpp computes each standard architecture's function with: Qwen3-Next's (shared experts
+# and per-head q/k norms) as dots1, whose llama.cpp model has both without Qwen3-Next's linear-attention layers, an
+# ungated shared expert as ours, and takes its router's gating and renormalisation from the file
 GGUF_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
-                      "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+                      "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE,
+                      "qwen3next": gguf.MODEL_ARCH.DOTS1}
 # llama.cpp fixes what Qwen's MoE configs leave open: its qwen2moe never renormalises the top-k expert weights, its
 # qwen3moe always does (whatever the file says)
 GGUF_RENORMALISES = {"qwen2moe": False, "qwen3moe": True}
@@ -120,12 +124,19 @@ def standard_twin(model: MateConvForCausalLM, source: str | Path, architecture: 
 
 def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: str):
     """(Hugging Face name, tensor) in the layout llama.cpp's `architecture` reads: a dense model's own tensors, a
-    Mixture-of-Experts model's as its Qwen MoE twin holds them, under the names of the per-expert layout that
-    llama.cpp's converter stacks (each layer's fused expert gate/up split in two)."""
+    Mixture-of-Experts model's as its Qwen MoE twin holds them (for dots1 our own, experts stacked), under the names
+    of the per-expert layout that llama.cpp's converter stacks (each layer's fused expert gate/up split in two)."""
     if not model.config.use_moe:
         yield from model.state_dict().items()
         return
-    for name, tensor in standard_twin(model, source, architecture).state_dict().items():
+    if GGUF_ARCHITECTURES[architecture] == gguf.MODEL_ARCH.DOTS1:
+        state = {**qwen_moe_state_dict(model, shared_expert=False),
+                 **{name: tensor for name, tensor in model.state_dict().items() if ".mlp.shared_experts." in name}}
+        for name in [name for name in state if name.endswith(("k_proj.weight", "v_proj.weight"))]:
+            state[name] = each_query_head_its_own(state[name], model.config)
+    else:
+        state = standard_twin(model, source, architecture).state_dict()
+    for name, tensor in state.items():
         if name.endswith("experts.gate_up_proj"):
             experts = name.removesuffix("gate_up_proj")
             gate, up = tensor.chunk(2, dim=1)
@@ -135,6 +146,13 @@ def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: s
             yield name + ".weight", tensor
         else:
             yield name, tensor
+
+
+def each_query_head_its_own(weight: torch.Tensor, config) -> torch.Tensor:
+    """A key or value projection shared by groups of query heads, repeated for each head of its group: llama.cpp's
+    dots1 reads as many key/value heads as query heads (the same function, a larger KV cache)."""
+    heads = weight.view(config.n_kv_heads, -1, weight.shape[-1])
+    return heads.repeat_interleave(config.n_heads // config.n_kv_heads, dim=0).flatten(0, 1)
 
 
 def rotary_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -223,10 +241,6 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
     model, tokenizer = load_mateconv(source)
     config = model.config
     standard = standard_architecture(config)
-    if standard not in GGUF_ARCHITECTURES:
-        raise ExportError(f"{source}: shared experts with per-head q/k norms export as Qwen3-Next (--to {standard}), "
-                          "whose llama.cpp implementation needs its linear-attention layers (with full attention "
-                          "only, it stops in ggml); trained with n_shared_experts=0 it would be a qwen3moe GGUF")
     check_gguf_routing(config, source, standard)
     architecture = GGUF_ARCHITECTURES[standard]
     names = gguf.get_tensor_name_map(architecture, config.n_layers)
@@ -242,7 +256,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.add_block_count(config.n_layers)
         writer.add_feed_forward_length(config.hidden_dim)
         writer.add_head_count(config.n_heads)
-        writer.add_head_count_kv(config.n_kv_heads)
+        writer.add_head_count_kv(config.n_heads if architecture == gguf.MODEL_ARCH.DOTS1 else config.n_kv_heads)
         writer.add_rope_dimension_count(config.head_dim)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
@@ -259,7 +273,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
             if architecture == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.n_heads if "q_proj" in name else config.n_kv_heads
                 tensor = rotary_to_interleaved(tensor, heads)
-            data = tensor.float().numpy()
+            data = tensor.detach().float().numpy()
             # norms, biases and the routers (whose scores pick the experts, as llama.cpp's converter keeps them) f32
             router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
             kind = GGUF_TYPES[dtype] if data.ndim >= 2 and not router else gguf.GGMLQuantizationType.F32
@@ -279,7 +293,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
 def check_gguf_routing(config, source: str | Path, name: str) -> None:
     if name not in GGUF_RENORMALISES:
         return
-    ours = config.norm_topk_prob and config.num_experts_per_tok > 1  # one weight alone we never renormalise
+    ours = renormalises(config)
     if ours != GGUF_RENORMALISES[name]:
         raise ExportError(f"{source}: llama.cpp's {name} {'always' if GGUF_RENORMALISES[name] else 'never'} "
                           "renormalises the top-k expert weights and this model "
@@ -288,12 +302,23 @@ def check_gguf_routing(config, source: str | Path, name: str) -> None:
                           f"Face export --to {name} does)")
 
 
+def renormalises(config) -> bool:
+    """Whether the model rescales its top-k expert weights to sum to 1 (one weight alone it never does)."""
+    return config.norm_topk_prob and config.num_experts_per_tok > 1
+
+
 def add_experts(writer: gguf.GGUFWriter, config, architecture: str) -> None:
     writer.add_expert_count(config.n_routed_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.hidden_dim)
     if architecture == "qwen2moe":
         writer.add_expert_shared_feed_forward_length(shared_width(config))
+    if GGUF_ARCHITECTURES[architecture] == gguf.MODEL_ARCH.DOTS1:
+        writer.add_leading_dense_block_count(0)
+        writer.add_expert_shared_count(config.n_shared_experts)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        writer.add_expert_weights_norm(renormalises(config))
+        writer.add_expert_weights_scale(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

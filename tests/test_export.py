@@ -103,11 +103,9 @@ def assert_refused(model, to: str, out, *phrases: str) -> None:
 def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
                                                                                  tmp_path):
     """llama.cpp's qwen2moe never renormalises the top-k weights (the default MoE model's are: its GGUF is refused,
-    its Qwen2-MoE directory not); llama.cpp's Qwen3-Next does not run without its linear-attention layers (the MoE
-    preset's combination has no GGUF); each asked-for architecture that does not fit names the one that does."""
+    its Qwen2-MoE directory not); each asked-for architecture that does not fit names the one that does."""
     both = tmp_path / "shared_and_qk_norm"
     untrained_moe(tiny_tokenizer, both, qk_norm=True, n_shared_experts=1)
-    assert_refused(both, "gguf", tmp_path / "gguf", "Qwen3-Next (--to qwen3next)", "linear-attention")
     for to in ("qwen2moe", "qwen3moe"):
         assert_refused(both, to, tmp_path / to, "(--to qwen3next)")
     assert_refused(tiny_moe_sft_model, "gguf", tmp_path / "gguf", "qwen2moe never renormalises",
@@ -182,16 +180,21 @@ def test_moe_gguf_in_llama_cpp(tiny_moe_qk_norm_sft_model, tmp_path, dtype):
     assert (int(llm.metadata["qwen3moe.expert_count"]), int(llm.metadata["qwen3moe.expert_used_count"])) == (4, 2)
 
 
-@pytest.mark.parametrize("moe", [dict(n_shared_experts=2, norm_topk_prob=False), dict(num_experts_per_tok=1)])
-def test_qwen2_moe_gguf_logits_in_llama_cpp(tiny_tokenizer, tmp_path, moe):
-    """Qwen2-MoE with its gated shared expert in llama.cpp (where the gate's sigmoid is silu(z)/z, NaN for a zero
-    gate): our logits, for the models whose top-k weights are not renormalised."""
+@pytest.mark.parametrize("moe, architecture", [
+    (dict(n_shared_experts=2, norm_topk_prob=False), "qwen2moe"), (dict(num_experts_per_tok=1), "qwen2moe"),
+    # the MoE preset's combination, top-k weights renormalised or not
+    (dict(qk_norm=True, n_shared_experts=1), "dots1"), (dict(qk_norm=True, n_shared_experts=2, norm_topk_prob=False),
+                                                        "dots1")])
+def test_moe_gguf_logits_in_llama_cpp(tiny_tokenizer, tmp_path, moe, architecture):
+    """Shared experts in llama.cpp: Qwen2-MoE's gated one (where the gate's sigmoid is silu(z)/z, NaN for a zero
+    gate) for the models whose top-k weights are not renormalised; with per-head q/k norms, dots1's plain ones (no
+    linear-attention layers, as llama.cpp's Qwen3-Next needs): our logits."""
     model = untrained_moe(tiny_tokenizer, tmp_path / "model", **moe)
     result = export(tmp_path / "model", "--to", "gguf", "--dtype", "f32", "--out", tmp_path / "gguf")
     assert result.returncode == 0, result.stderr[-2000:]
     llm = Llama(model_path=str(tmp_path / "gguf" / "model-f32.gguf"), n_ctx=96, n_threads=1, logits_all=True,
                 verbose=False)
-    assert llm.metadata["general.architecture"] == "qwen2moe"
+    assert llm.metadata["general.architecture"] == architecture
     ids = list(range(3, 60))
     llm.eval(ids)
     theirs = np.array(llm.scores[:len(ids)])
