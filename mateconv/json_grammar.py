@@ -66,15 +66,31 @@ def _close(stack: str) -> tuple:
     return ("after", stack[:-1], None, 0) if len(stack) > 1 else JSON_DONE
 
 
-def string_step(part: str | int, byte: int) -> str | int | None:
-    """Inside a JSON string: "plain", "escape" after a backslash, or the hex digits left of a \\u escape; "end" after
-    the closing quote; None for a byte that cannot come."""
+def utf8_rest(lead: int) -> tuple[int, int, int] | None:
+    """After a UTF-8 character's first byte: (lowest, highest) next byte and how many bytes are left, as strict
+    decoding has them (no overlong forms, surrogates or code points past U+10FFFF); None for no first byte."""
+    if 0xC2 <= lead <= 0xDF:
+        return (0x80, 0xBF, 1)
+    if 0xE0 <= lead <= 0xEF:
+        return {0xE0: (0xA0, 0xBF, 2), 0xED: (0x80, 0x9F, 2)}.get(lead, (0x80, 0xBF, 2))
+    if 0xF0 <= lead <= 0xF4:
+        return {0xF0: (0x90, 0xBF, 3), 0xF4: (0x80, 0x8F, 3)}.get(lead, (0x80, 0xBF, 3))
+    return None
+
+
+def string_step(part: str | int | tuple, byte: int) -> str | int | tuple | None:
+    """Inside a JSON string: "plain", "escape" after a backslash, the hex digits left of a \\u escape, or inside a
+    UTF-8 character (utf8_rest's tuple: a byte-level token may end there); "end" after the closing quote; None for a
+    byte that cannot come."""
     if part == "plain":
         if byte == ord('"'):
             return "end"
         if byte == ord("\\"):
             return "escape"
-        return "plain" if byte >= 0x20 else None
+        return utf8_rest(byte) if byte >= 0x80 else "plain" if byte >= 0x20 else None
+    if isinstance(part, tuple):
+        low, high, left = part
+        return None if not low <= byte <= high else "plain" if left == 1 else (0x80, 0xBF, left - 1)
     if part == "escape":
         return 4 if byte == ord("u") else "plain" if byte in ESCAPES else None
     if byte not in HEX:
@@ -192,10 +208,11 @@ class Grammar:
         return self.parts[state[0]][0] in ("end", "free")
 
     def plain_bytes(self, state: tuple) -> frozenset | None:
-        """Bytes such that any token without them may come here (None where there are none): inside a JSON string,
-        a quote, backslash or control byte; in free text, where any byte may come, the opening's first byte and the
-        one after the part of it the text ends with (k bytes). A token that completes the opening either holds all
-        of it, or starts with its rest after some j <= k bytes that the text ends with, and that rest holds byte k."""
+        """Bytes such that any token of whole UTF-8 characters without them may come here (None where there are
+        none): inside a JSON string, a quote, backslash or control byte; in free text, where any byte may come, the
+        opening's first byte and the one after the part of it the text ends with (k bytes). A token that completes the
+        opening either holds all of it, or starts with its rest after some j <= k bytes that the text ends with, and
+        that rest holds byte k."""
         part, inner = self.parts[state[0]], state[1]
         if part[0] == "free":
             return frozenset(part[1][:1] + part[1][inner:inner + 1])
@@ -276,6 +293,14 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     return result
 
 
+def whole_utf8(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 class TokenTable:
     """One model's tokens as bytes, in tries for the search of the allowed ones: from node 0 every token; `split`
     adds one of the tokens that hold any of a set of bytes. A node is a number: `children[node]` maps a byte to the
@@ -291,9 +316,10 @@ class TokenTable:
                 self._insert(0, piece, token_id)
 
     def split(self, special: frozenset) -> tuple[torch.Tensor, int]:
-        """(bool [V]: the tokens without any of the `special` bytes, the root of a trie of the other tokens)."""
+        """(bool [V]: the tokens of whole UTF-8 characters without any of the `special` bytes, the root of a trie of
+        the other tokens)."""
         if special not in self.splits:
-            plain = [bool(piece) and special.isdisjoint(piece) for piece in self.pieces]
+            plain = [bool(piece) and special.isdisjoint(piece) and whole_utf8(piece) for piece in self.pieces]
             root = len(self.children)
             self.children.append({})
             for token_id, (piece, free) in enumerate(zip(self.pieces, plain)):

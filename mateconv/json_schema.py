@@ -33,8 +33,6 @@ MAX_SCHEMA_DEPTH = 100  # schemas inside one another (properties, items, anyOf, 
 MAX_AGENDAS = 1024  # agendas alive at once (anyOf branches, optional properties: each a way the reply may go on)
 # JSON's automaton at a value and at an object, with no blank allowed before it
 ANY_VALUE, ANY_OBJECT = ("value", "", None, MAX_BLANKS), ("start", "", None, MAX_BLANKS)
-# a UTF-8 character's first byte (its high four bits) -> how many bytes continue it
-UTF8_CONTINUATIONS = {0xC: 1, 0xD: 1, 0xE: 2, 0xF: 3}
 SHORT_ESCAPES = '"\\/bfnrt'  # after a backslash in a patterned string (no \u escapes there)
 _DAY = r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
 _TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
@@ -95,23 +93,19 @@ class Schema:
             if after is None:
                 return []
             return self._expand(rest) if after == "end" else [rest + (("str", after),)]
-        if kind == "strn":  # a string of least..most characters, in whole UTF-8 characters (a byte that continues
-            # none would let a reply grow without counting): ("strn", string_step's part, characters so far, the
-            # continuation bytes the character still needs, least, most)
-            _, part, count, pending, least, most = task
-            if pending:
-                return [rest + (("strn", part, count, pending - 1, least, most),)] if 0x80 <= byte < 0xC0 else []
+        if kind == "strn":  # a string of least..most characters: ("strn", string_step's part, characters so far,
+            # least, most)
+            _, part, count, least, most = task
             after = string_step(part, byte)
             if after is None:
                 return []
             if after == "end":
                 return self._expand(rest) if count >= least else []
             if part == "plain":  # a character (or an escape) begins
-                pending = UTF8_CONTINUATIONS.get(byte >> 4, -1) if byte >= 0x80 else 0
                 count += 1
-                if pending < 0 or 0 <= most < count:
+                if 0 <= most < count:
                     return []
-            return [rest + (("strn", after, count, pending, least, most),)]
+            return [rest + (("strn", after, count, least, most),)]
         if kind == "strp":  # a string the node's regex holds: ("strp", node, the JSON text so far, string_step's part)
             _, index, text, part = task
             after = string_step(part, byte) if byte < 0x80 else None
@@ -232,7 +226,7 @@ class Schema:
         if kind == "string":
             return [rest + (("str", "plain"), ("lit", (b'"',)))]
         if kind == "counted":
-            return [rest + (("strn", "plain", 0, 0, node[1], node[2]), ("lit", (b'"',)))]
+            return [rest + (("strn", "plain", 0, node[1], node[2]), ("lit", (b'"',)))]
         if kind == "patterned":
             return [rest + (("strp", index, "", "plain"), ("lit", (b'"',)))]
         if kind == "number":

@@ -205,20 +205,34 @@ def test_calls_in_free_text():
     assert not whole(grammar, call[:-1]) and grammar.feed(grammar.start(), call[:-1].encode()) is not None
 
 
+def test_strings_are_whole_utf8_characters():
+    """Byte-level tokens may end inside a character: a string takes only the bytes that continue one, and a character
+    cut short cannot end it (the reply held U+FFFD where a random model closed the string after half a character)."""
+    builder = SchemaBuilder()
+    schema = builder.build(builder.compile_object({"type": "object", "properties": {"v": {"type": "string"}}}))
+    for grammar in (Grammar.json_object(), Grammar.schema_object(schema)):
+        start = grammar.start()
+        assert whole(grammar, '{"v": "中文 é 😀 \\u00e9"}')
+        assert grammar.feed(start, b'{"v": "\xe4\xb8') is not None
+        for cut in (b'\xe4"', b'\xe4\xb8"', b"\x83", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90", b"\xf8"):
+            assert grammar.feed(start, b'{"v": "' + cut) is None, cut  # cut short, continuation, overlong, surrogate,
+            # beyond U+10FFFF, no character's first byte
+
+
 def test_masks_are_the_tokens_whose_bytes_the_grammar_takes():
     """The trie search (and its shortcuts: plain tokens inside a string, tokens that cannot open a call in free text)
     against feeding every token's bytes, in every state along replies of each grammar kind. The vocabulary is every
     string of 1-3 of the bytes that matter here (and of 4 of some), so that each shortcut meets the tokens that could
     fool it."""
-    alphabet = [bytes([byte]) for byte in b'<c>{}[]"n: 1a\\'] + [b"\n"]
+    alphabet = [bytes([byte]) for byte in b'<c>{}[]"n: 1a\\'] + [b"\n"] + [bytes([byte]) for byte in "中".encode()]
     pieces = [b""] + [b"".join(letters) for size in (1, 2, 3) for letters in itertools.product(alphabet, repeat=size)]
     pieces += [bytes(letters) for letters in itertools.product(b"<c>{x", repeat=4)]
     table = TokenTable(pieces)
     builder = SchemaBuilder()
     schema = builder.build(builder.compile_object({"type": "object", "properties": {
         "a": {"type": "string"}, "n": {"type": "array", "items": {"enum": [1, 11]}}}}))
-    replies = {Grammar.json_object(): '{"a": [1, "c\\"<"], "n": {"c": null}}',
-               Grammar.schema_object(schema): '{"a": "<c> \\u00e9", "n": [11, 1]}',
+    replies = {Grammar.json_object(): '{"a": [1, "c\\"<中"], "n": {"c": null}}',
+               Grammar.schema_object(schema): '{"a": "<c> \\u00e9中", "n": [11, 1]}',
                Grammar.calls("<c<c>\n", schema, "\n</c>"): 'a <c<c <c<c<c>\n{"a": "x", "n": []}\n</c> <c',
                Grammar.calls("<c<>", schema, "</c>"): '<c<c<<c<>{"n": [1]}</c>'}  # "<c<" ends with the start "<"
     for grammar, reply in replies.items():
