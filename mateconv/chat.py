@@ -76,10 +76,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               chat: bool = True):
     """A saved Hugging Face directory (MateConv or any causal LM), or a training checkpoint (consolidated first) ->
     (model in eval mode, tokenizer). Code the checkpoint ships (auto_map) runs only with `trust_remote_code`; without
-    it loading such a model fails instead of asking on stdin."""
+    it loading such a model fails instead of asking on stdin. For `chat` the tokenizer must have a chat template."""
     try:
         path = model_dir(model_path)
     except ConfigError as error:  # a checkpoint whose run started from a model that is gone
@@ -94,7 +95,7 @@ def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as error:  # the last: a weights file cut short or damaged
         raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
-    if tokenizer.chat_template is None:
+    if chat and tokenizer.chat_template is None:
         raise ChatError(f"the tokenizer in {path} has no chat template")
     return model.to(torch_device).eval(), tokenizer
 

@@ -62,7 +62,7 @@ def plain_chat_template(template: str) -> str:
 
 def load_mateconv(source: str | Path):
     try:
-        model, tokenizer = load_model(source, device="cpu", dtype="float32")
+        model, tokenizer = load_model(source, device="cpu", dtype="float32", chat=False)
     except ChatError as error:
         raise ExportError(str(error)) from None
     if not isinstance(model, MateConvForCausalLM):
@@ -97,7 +97,8 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
     standard = standard_twin(model, source, architecture)
     with atomic_dir(out) as tmp:
         standard.to(DTYPES[dtype]).save_pretrained(tmp)
-        tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
+        if tokenizer.chat_template:
+            tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
         save_pretrained_portable(tokenizer, tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SAMPLING_DEFAULTS).save_pretrained(tmp)
@@ -206,8 +207,8 @@ def tokenizer_vocab(spec: dict, vocab_size: int) -> tuple[list[str], list[int], 
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token_id: int) -> str:
-    """Writes the tokenizer as llama.cpp's "gpt2" BPE with the pre-tokenizer that splits text as ours does, ChatML
-    template and no BOS added; returns that pre-tokenizer's name."""
+    """Writes the tokenizer as llama.cpp's "gpt2" BPE with the pre-tokenizer that splits text as ours does, its chat
+    template (if it has one) and no BOS added; returns that pre-tokenizer's name."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     split = llama_cpp_split(spec)
     tokens, types, merges = tokenizer_vocab(spec, vocab_size)
@@ -221,7 +222,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, bos_token
     if tokenizer.pad_token_id is not None:  # optional in llama.cpp
         writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
+    if tokenizer.chat_template:  # a base model's may have none
+        writer.add_chat_template(plain_chat_template(tokenizer.chat_template))
     return split
 
 

@@ -100,6 +100,26 @@ def assert_refused(model, to: str, out, *phrases: str) -> None:
     assert not out.exists()
 
 
+def test_a_model_whose_tokenizer_has_no_chat_template_exports(tiny_tokenizer, tmp_path):
+    """A base model for text completion (lm-eval, llama.cpp) needs no chat template: a tokenizer brought without one
+    (was refused: "has no chat template") exports to transformers and GGUF, with none."""
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                                               max_seq_len=96)).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert export_main([str(tmp_path / "model"), "--to", "llama", "--out", str(tmp_path / "llama")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "llama").chat_template is None
+    standard = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        assert (model(ids).logits - standard(ids).logits).abs().max() < 1e-4
+    assert export_main([str(tmp_path / "model"), "--to", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    assert "tokenizer.chat_template" not in GGUFReader(tmp_path / "gguf" / "model-f16.gguf").fields
+
+
 def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
                                                                                  tmp_path):
     """llama.cpp's qwen2moe never renormalises the top-k weights (the default MoE model's are: its GGUF is refused,
