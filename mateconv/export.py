@@ -11,9 +11,9 @@ Jinja renders, and a generation_config.json that samples by default (servers tha
 `Qwen3NextForCausalLM` of full-attention layers, for those with both (the MoE preset). model/export.py shows how each
 computes exactly our function.
 `gguf`: one `model-<dtype>.gguf` written with the `gguf` package (llama.cpp's own file-format library) in the
-architecture above that fits the model (Qwen3-Next's as dots1; an MoE routing llama.cpp fixes otherwise is refused in
-one line); Llama's q/k rows reordered for llama.cpp's rotary layout (the Qwen ones pair rotary dimensions as we do), our
-byte-level BPE as llama.cpp's "gpt2" tokenizer.
+llama.cpp architecture that computes the model's function (gguf_architecture: Llama or Qwen3; an MoE model as
+qwen2moe, qwen3moe, bailingmoe or dots1); q/k rows reordered where llama.cpp's rotary layout is not ours, our byte-level
+BPE as llama.cpp's "gpt2" tokenizer.
 """
 from __future__ import annotations
 
@@ -38,15 +38,12 @@ from model.modeling import SAMPLING_DEFAULTS
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
-# the GGUF architecture llama.cpp computes each standard architecture's function with: Qwen3-Next's (shared experts
-# and per-head q/k norms) as dots1, whose llama.cpp model has both without Qwen3-Next's linear-attention layers, an
-# ungated shared expert as ours, and takes its router's gating and renormalisation from the file
-GGUF_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
-                      "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE,
-                      "qwen3next": gguf.MODEL_ARCH.DOTS1}
-# llama.cpp fixes what Qwen's MoE configs leave open: its qwen2moe never renormalises the top-k expert weights, its
-# qwen3moe always does (whatever the file says)
-GGUF_RENORMALISES = {"qwen2moe": False, "qwen3moe": True}
+# llama.cpp's MoE architectures that run our experts as they are: plain shared experts beside the routed ones, the
+# router's renormalisation read from the file; rednote's dots1 with per-head q/k norms, inclusionAI's bailingmoe without
+OWN_EXPERT_LAYOUT = (gguf.MODEL_ARCH.DOTS1, gguf.MODEL_ARCH.BAILINGMOE)
+# llama.cpp rotates pairs of adjacent dimensions in these (its converter reorders their q/k rows), half the head apart
+# in the others, as we do
+INTERLEAVED_ROTARY = (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.BAILINGMOE)
 GGUF_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
@@ -123,20 +120,33 @@ def standard_twin(model: MateConvForCausalLM, source: str | Path, architecture: 
         raise ExportError(f"{source}: {error} (--to {standard_architecture(model.config)})") from None
 
 
-def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: str):
+def gguf_architecture(config) -> gguf.MODEL_ARCH:
+    """The llama.cpp architecture that computes this model's function. llama.cpp fixes the top-k renormalisation of
+    its qwen2moe (never) and qwen3moe (always, and it has no shared experts); other MoE models go as dots1 (q/k norms)
+    or bailingmoe (none). Its qwen3next, the Hugging Face export of shared experts with q/k norms, needs its
+    linear-attention layers."""
+    if not config.use_moe:
+        return gguf.MODEL_ARCH.QWEN3 if config.qk_norm else gguf.MODEL_ARCH.LLAMA
+    if config.qk_norm:
+        qwen3moe = renormalises(config) and not config.n_shared_experts
+        return gguf.MODEL_ARCH.QWEN3MOE if qwen3moe else gguf.MODEL_ARCH.DOTS1
+    return gguf.MODEL_ARCH.BAILINGMOE if renormalises(config) else gguf.MODEL_ARCH.QWEN2MOE
+
+
+def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: gguf.MODEL_ARCH):
     """(Hugging Face name, tensor) in the layout llama.cpp's `architecture` reads: a dense model's own tensors, a
-    Mixture-of-Experts model's as its Qwen MoE twin holds them (for dots1 our own, experts stacked), under the names
-    of the per-expert layout that llama.cpp's converter stacks (each layer's fused expert gate/up split in two)."""
+    Mixture-of-Experts model's as its Qwen MoE twin holds them (dots1, bailingmoe: our own), under the names of the
+    per-expert layout that llama.cpp's converter stacks (each layer's fused expert gate/up split in two)."""
     if not model.config.use_moe:
         yield from model.state_dict().items()
         return
-    if GGUF_ARCHITECTURES[architecture] == gguf.MODEL_ARCH.DOTS1:
-        state = {**qwen_moe_state_dict(model, shared_expert=False),
-                 **{name: tensor for name, tensor in model.state_dict().items() if ".mlp.shared_experts." in name}}
-        for name in [name for name in state if name.endswith(("k_proj.weight", "v_proj.weight"))]:
-            state[name] = each_query_head_its_own(state[name], model.config)
+    if architecture in OWN_EXPERT_LAYOUT:
+        state = {**qwen_moe_state_dict(model, shared_expert=False), **own_shared_experts(model)}
+        if architecture == gguf.MODEL_ARCH.DOTS1:
+            for name in [name for name in state if name.endswith(("k_proj.weight", "v_proj.weight"))]:
+                state[name] = each_query_head_its_own(state[name], model.config)
     else:
-        state = standard_twin(model, source, architecture).state_dict()
+        state = standard_twin(model, source, gguf.MODEL_ARCH_NAMES[architecture]).state_dict()
     for name, tensor in state.items():
         if name.endswith("experts.gate_up_proj"):
             experts = name.removesuffix("gate_up_proj")
@@ -147,6 +157,19 @@ def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: s
             yield name + ".weight", tensor
         else:
             yield name, tensor
+
+
+def own_shared_experts(model: MateConvForCausalLM) -> dict[str, torch.Tensor]:
+    """Each layer's shared experts side by side as one SwiGLU (one expert's width of zeros where it has none)."""
+    config, state = model.config, {}
+    for index, layer in enumerate(model.model.layers):
+        shared, width = layer.mlp.shared_experts, shared_width(config)
+        zeros = layer.mlp.gate.weight.new_zeros
+        for name, shape in (("gate_proj", (width, config.dim)), ("up_proj", (width, config.dim)),
+                            ("down_proj", (config.dim, width))):
+            weight = getattr(shared, name).weight if shared else zeros(shape)
+            state[f"model.layers.{index}.mlp.shared_experts.{name}.weight"] = weight
+    return state
 
 
 def each_query_head_its_own(weight: torch.Tensor, config) -> torch.Tensor:
@@ -242,9 +265,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
     model, tokenizer = load_mateconv(source)
     config = model.config
-    standard = standard_architecture(config)
-    check_gguf_routing(config, source, standard)
-    architecture = GGUF_ARCHITECTURES[standard]
+    architecture = gguf_architecture(config)
     names = gguf.get_tensor_name_map(architecture, config.n_layers)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -264,15 +285,15 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_vocab_size(config.vocab_size)
         if config.use_moe:
-            add_experts(writer, config, standard)
+            add_experts(writer, config, architecture)
         writer.add_file_type(GGUF_FILE_TYPES[dtype])
         note = ollama_note(architecture, add_tokenizer(writer, tokenizer, config.vocab_size, config.bos_token_id))
         if note:
             print(f"export: {note}", file=sys.stderr)
-        for name, tensor in gguf_tensors(model, source, standard):
+        for name, tensor in gguf_tensors(model, source, architecture):
             if name == "lm_head.weight" and config.tie_word_embeddings and not config.use_moe:
                 continue  # llama.cpp's Llama and Qwen3 reuse token_embd when output.weight is absent (its MoE ones not)
-            if architecture == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj.weight", "k_proj.weight")):
+            if architecture in INTERLEAVED_ROTARY and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.n_heads if "q_proj" in name else config.n_kv_heads
                 tensor = rotary_to_interleaved(tensor, heads)
             data = tensor.detach().float().numpy()
@@ -292,32 +313,20 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
     return final
 
 
-def check_gguf_routing(config, source: str | Path, name: str) -> None:
-    if name not in GGUF_RENORMALISES:
-        return
-    ours = renormalises(config)
-    if ours != GGUF_RENORMALISES[name]:
-        raise ExportError(f"{source}: llama.cpp's {name} {'always' if GGUF_RENORMALISES[name] else 'never'} "
-                          "renormalises the top-k expert weights and this model "
-                          f"{'does' if ours else 'does not'} (norm_topk_prob={config.norm_topk_prob}, "
-                          f"num_experts_per_tok={config.num_experts_per_tok}), so no GGUF computes it (its Hugging "
-                          f"Face export --to {name} does)")
-
-
 def renormalises(config) -> bool:
     """Whether the model rescales its top-k expert weights to sum to 1 (one weight alone it never does)."""
     return config.norm_topk_prob and config.num_experts_per_tok > 1
 
 
-def add_experts(writer: gguf.GGUFWriter, config, architecture: str) -> None:
+def add_experts(writer: gguf.GGUFWriter, config, architecture: gguf.MODEL_ARCH) -> None:
     writer.add_expert_count(config.n_routed_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.hidden_dim)
-    if architecture == "qwen2moe":
+    if architecture == gguf.MODEL_ARCH.QWEN2MOE:
         writer.add_expert_shared_feed_forward_length(shared_width(config))
-    if GGUF_ARCHITECTURES[architecture] == gguf.MODEL_ARCH.DOTS1:
+    if architecture in OWN_EXPERT_LAYOUT:
         writer.add_leading_dense_block_count(0)
-        writer.add_expert_shared_count(config.n_shared_experts)
+        writer.add_expert_shared_count(max(config.n_shared_experts, 1))
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
         writer.add_expert_weights_norm(renormalises(config))
         writer.add_expert_weights_scale(1.0)

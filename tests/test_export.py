@@ -122,14 +122,11 @@ def test_a_model_whose_tokenizer_has_no_chat_template_exports(tiny_tokenizer, tm
 
 def test_moe_exports_that_would_compute_another_function_are_refused_in_one_line(tiny_moe_sft_model, tiny_tokenizer,
                                                                                  tmp_path):
-    """llama.cpp's qwen2moe never renormalises the top-k weights (the default MoE model's are: its GGUF is refused,
-    its Qwen2-MoE directory not); each asked-for architecture that does not fit names the one that does."""
+    """Each asked-for Hugging Face architecture that does not fit names the one that does."""
     both = tmp_path / "shared_and_qk_norm"
     untrained_moe(tiny_tokenizer, both, qk_norm=True, n_shared_experts=1)
     for to in ("qwen2moe", "qwen3moe"):
         assert_refused(both, to, tmp_path / to, "(--to qwen3next)")
-    assert_refused(tiny_moe_sft_model, "gguf", tmp_path / "gguf", "qwen2moe never renormalises",
-                   "norm_topk_prob=True", "--to qwen2moe")
     for to in ("qwen3moe", "qwen3next", "llama", "qwen3"):
         assert_refused(tiny_moe_sft_model, to, tmp_path / to, "(--to qwen2moe)")
 
@@ -202,13 +199,16 @@ def test_moe_gguf_in_llama_cpp(tiny_moe_qk_norm_sft_model, tmp_path, dtype):
 
 @pytest.mark.parametrize("moe, architecture", [
     (dict(n_shared_experts=2, norm_topk_prob=False), "qwen2moe"), (dict(num_experts_per_tok=1), "qwen2moe"),
-    # the MoE preset's combination, top-k weights renormalised or not
+    # renormalised top-k weights, which llama.cpp's qwen2moe never has (the default MoE model)
+    (dict(), "bailingmoe"), (dict(n_shared_experts=0), "bailingmoe"),
+    # the MoE preset's combination, renormalised or not; q/k norms without renormalising (qwen3moe always does)
     (dict(qk_norm=True, n_shared_experts=1), "dots1"), (dict(qk_norm=True, n_shared_experts=2, norm_topk_prob=False),
-                                                        "dots1")])
+                                                        "dots1"), (dict(qk_norm=True, n_shared_experts=0, norm_topk_prob=False), "dots1")])
 def test_moe_gguf_logits_in_llama_cpp(tiny_tokenizer, tmp_path, moe, architecture):
-    """Shared experts in llama.cpp: Qwen2-MoE's gated one (where the gate's sigmoid is silu(z)/z, NaN for a zero
-    gate) for the models whose top-k weights are not renormalised; with per-head q/k norms, dots1's plain ones (no
-    linear-attention layers, as llama.cpp's Qwen3-Next needs): our logits."""
+    """Every MoE model has a GGUF that llama.cpp computes as we do: Qwen2-MoE's gated shared expert (where the gate's
+    sigmoid is silu(z)/z, NaN for a zero gate) where the top-k weights are not renormalised, else bailingmoe; with
+    per-head q/k norms dots1 (llama.cpp's Qwen3-Next needs linear-attention layers), both with plain shared
+    experts and the renormalisation read from the file: our logits."""
     model = untrained_moe(tiny_tokenizer, tmp_path / "model", **moe)
     result = export(tmp_path / "model", "--to", "gguf", "--dtype", "f32", "--out", tmp_path / "gguf")
     assert result.returncode == 0, result.stderr[-2000:]
