@@ -26,7 +26,7 @@ from mateconv.data import DataError
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal, run_main
 
 # Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
 # knows it as the "qwen2" pre-tokenizer, and ollama's own engine splits every Qwen3 model's text with it whatever the
@@ -235,4 +235,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -316,19 +316,28 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
 
 
-@pytest.mark.parametrize("program, lines_read", [("mateconv.pipeline", "[pipeline] prepare: "),
-                                                 ("mateconv.data.prepare", "")], ids=["pipeline", "stage-2"])
-def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read):
+@pytest.mark.parametrize("program, lines_read, made", [
+    ("mateconv.pipeline", "[pipeline] prepare: ", "out/data/stats.json"),
+    ("mateconv.data.prepare", "", "out/data/stats.json"),
+    ("mateconv.tokenizer", "", "out/tokenizer/tokenizer.json"),
+    ("3.dataset.py", "", "out/tokens/pretrain/index.json")], ids=["pipeline", "stage-2", "stage-1", "stage-3"])
+def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read, made, tiny_tokenizer):
     """`... | head`: the reader goes away; the program stops as Unix tools do (141, as for SIGPIPE), with no traceback,
-    and the pipeline's stage that was writing still finishes its work."""
+    and the pipeline's stage that was writing still finishes its work. Every stage program ends so (before, stages
+    1 and 3 ended with a BrokenPipeError traceback)."""
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
-    args = (["run", "--data", str(data), "--only", "prepare"] if program == "mateconv.pipeline" else
-            ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data", "--no_progress"])
-    child = subprocess.Popen([sys.executable, "-m", program, *args], cwd=tmp_path, env=single_thread_env(),
+    args = {"mateconv.pipeline": ["run", "--data", str(data), "--only", "prepare"],
+            "mateconv.data.prepare": ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data",
+                                      "--no_progress"],
+            "mateconv.tokenizer": ["--corpus", str(data), "--vocab_size", "300", "--out_dir", "out/tokenizer"],
+            "3.dataset.py": ["--kind", "pretrain", "--input", str(data / "pretrain.jsonl"), "--tokenizer",
+                             str(tiny_tokenizer), "--out_dir", "out/tokens/pretrain", "--workers", "1"]}[program]
+    command = [str(REPO / program)] if program.endswith(".py") else ["-m", program]
+    child = subprocess.Popen([sys.executable, *command, *args], cwd=tmp_path, env=single_thread_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while lines_read and not child.stdout.readline().startswith(lines_read):
         pass
     child.stdout.close()
     stderr = child.stderr.read()
     assert (child.wait(timeout=120), stderr) == (141, "")
-    assert (tmp_path / "out/data/stats.json").exists()
+    assert (tmp_path / made).exists()

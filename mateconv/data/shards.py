@@ -45,7 +45,7 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
                                    text_lines)
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
@@ -819,4 +819,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
