@@ -258,6 +258,15 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     return report, fingerprint(files)
 
 
+def same_normalization(preset: dict) -> None:
+    """The tokenizer trains on text normalised as stage 2's `--normalization` (set in a preset or by `--set`) makes
+    it: the text the model sees."""
+    stages = preset["stages"]
+    form = stages.get("prepare", {}).get("args", {}).get("normalization")
+    if form is not None and "tokenizer" in stages and "from_pretrained" not in stages["tokenizer"].get("args", {}):
+        stages["tokenizer"].setdefault("args", {})["normalization"] = form
+
+
 def set_judge_model(preset: dict, name: str) -> None:
     """One judge for stage 7 (train and validation pairs) and the evaluation's win rates."""
     for stage in ("prefs", "prefs_val", "eval"):
@@ -506,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[pipeline] {line}", flush=True)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
         apply_sets(preset, args.sets)
+        same_normalization(preset)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
         if unknown & set(every_stage):

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
 from mateconv.files import read_metrics
-from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, set_judge_model, use_data
+from mateconv.pipeline import (PipelineError, apply_sets, build_stages, check_source, load_preset, same_normalization,
+                               set_judge_model, use_data)
 from mateconv.pipeline import main as pipeline_main
 from mateconv.tokenizer import adopt_tokenizer
 
@@ -314,6 +315,17 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert "out/tokens/pretrain/val not found or empty; skipping it" in result.stdout
     models = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
+
+
+def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):
+    """`--set prepare.normalization=NFC` reaches the tokenizer too: it trains on the text stage 2 writes."""
+    monkeypatch.chdir(tmp_path)
+    preset = load_preset("tiny")
+    use_data(preset, corpus(tmp_path / "data", pretrain=TEXT), None, {})
+    apply_sets(preset, ["prepare.normalization=NFC"])
+    same_normalization(preset)
+    command = {s.name: s.command for s in build_stages(preset, Path("out").resolve())}["tokenizer"]
+    assert command[command.index("--normalization") + 1] == "NFC"
 
 
 @pytest.mark.parametrize("program, lines_read, made", [

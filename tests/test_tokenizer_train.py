@@ -121,3 +121,20 @@ def test_extra_special_tokens_saved_as_transformers_4_reads_them(tokenizer_dir, 
     ids = reloaded.encode("<tool_call>hi</tool_call>", add_special_tokens=False)
     assert ids[0] == tokenizer.convert_tokens_to_ids("<tool_call>")
     assert reloaded.decode(ids, skip_special_tokens=True) == "hi"
+
+
+def test_trains_on_the_text_stage_2_writes(tmp_path):
+    """Stage 2 writes NFKC text (full-width `Ｔｈｅ，` becomes `The,`): the tokenizer learns its merges on that same
+    text. Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
+    from tokenizers import Tokenizer
+
+    from mateconv.data.prepare import prepare
+
+    line = "Ｔｈｅ ｒｉｖｅｒ ｒｕｎｓ ｐａｓｔ ｔｈｅ ｏｌｄ ｍｉｌｌ，ｓｌｏｗｌｙ ａｎｄ ｑｕｉｅｔｌｙ．"
+    corpus = tmp_path / "wide.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(100)))
+    prepare({"pretrain": [corpus]}, tmp_path / "data", val_frac=0, progress=False)
+    text = json.loads((tmp_path / "data/pretrain_train.jsonl").read_text().splitlines()[0])["text"]
+    assert text.startswith("The river runs past the old mill,slowly")
+    tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=320) / "tokenizer.json"))
+    assert len(tokenizer.encode(text).ids) < len(text) / 3
