@@ -429,8 +429,11 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
 
 def status(logs: Path, out: Path) -> None:
     """One line per stage that has a log: running or not, its latest logged step and loss, and its last progress
-    line's state (step/total, elapsed, ETA, tokens/s)."""
-    for log in sorted(logs.glob("*.log")):
+    line's state (step/total, elapsed, ETA, tokens/s); one line saying so where no stage has a log."""
+    found = sorted(logs.glob("*.log"))
+    if not found:
+        print(f"no stage has run from here: {f'no stage log in {logs}' if logs.is_dir() else f'no {logs} directory'}")
+    for log in found:
         name = log.stem
         pid = read_pid(logs, name)
         if not (pid and is_alive(pid)):
