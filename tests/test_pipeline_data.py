@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
+from mateconv.data.sources import readable_size
 from mateconv.files import read_metrics
 from mateconv.pipeline import (PipelineError, apply_sets, build_stages, check_source, load_preset, same_normalization,
                                set_judge_model, use_data)
@@ -237,9 +238,10 @@ def test_minimind_corpus_end_to_end(tmp_path, shared_data):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "\r" not in stdout + result.stderr  # output not a terminal: plain lines, no progress bars (issue 13 item 7)
-    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 bad line)" in stdout
-    assert f"{data / 'sft_mini_512.jsonl'} → sft, MiniMind conversations, 300 records" in stdout
-    assert f"{data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages, 100 records" in stdout
+    for name, kind in (("pretrain_hq.jsonl", "pretrain, jsonl 'text' field"),
+                       ("sft_mini_512.jsonl", "sft, MiniMind conversations"),
+                       ("dpo.jsonl", "dpo, MiniMind/TRL chosen/rejected messages")):
+        assert f"{data / name} → {kind}, {readable_size((data / name).stat().st_size)}" in stdout
     assert "DPO trains on the preference pairs from the data; stage 7 skipped" in stdout
     assert f"{data / 'pretrain_hq.jsonl'}:100: malformed JSON" in stdout  # skipped, reported, the rest trained on
     out = tmp_path / "out"
