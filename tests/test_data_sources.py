@@ -213,3 +213,19 @@ def test_a_big_file_is_recognised_from_its_head(tmp_path):
     assert readable_size(path.stat().st_size) == "365.4 KB" and readable_size(999) == "999 bytes"
     stats = prepare({"pretrain": [path]}, tmp_path / "out", val_frac=0.0, progress=False)
     assert (stats["pretrain"]["read"], stats["pretrain"]["removed"]["bad_record"]) == (20_100, 20_000)
+
+
+def test_minimind_rl_prompts_are_skipped_with_the_reason(tmp_path):
+    """MiniMind's dataset/ holds RL prompts beside its SFT data (rlaif.jsonl, agent_rl*.jsonl: conversations whose
+    last assistant turn is left empty for the rollout). They were taken for SFT conversations, and stage 2 then
+    skipped every record as a bad one, crowding the SFT file's own bad records out of its report."""
+    prompt = {"conversations": [USER, {"role": "assistant", "content": ""}]}
+    write(tmp_path / "rlaif.jsonl", [prompt] * 3)
+    write(tmp_path / "agent_rl_math.jsonl", [{**prompt, "gt": "5"}] * 3)
+    write(tmp_path / "sft_t2t_mini.jsonl", [RECORDS["minimind_sft.jsonl"][0], prompt])
+    found = {f.path.name: f for f in scan(tmp_path)}
+    for name in ("rlaif.jsonl", "agent_rl_math.jsonl"):
+        assert found[name].line() == (f"{tmp_path / name} → skipped: not recognised ({tmp_path / name}:1: the last "
+                                      "assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), "
+                                      "not an SFT conversation)")
+    assert found["sft_t2t_mini.jsonl"].kind == "sft"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mateconv.data import DataError
-from mateconv.data.formats import detect_format
+from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
@@ -51,9 +51,20 @@ def record_kind(record: Any) -> tuple[str, str]:
             raise
         return "pretrain", f"'{key}' field"
     turns = record.get("conversations")
+    if kind == "sft" and ends_unanswered(record.get("messages", turns)):
+        raise DataError("the last assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), not an "
+                        "SFT conversation")
     if name.startswith("ShareGPT") and turns and isinstance(turns[0], dict) and "role" in turns[0]:
         name = "MiniMind conversations"  # {role, content} turns under "conversations"
     return kind, name
+
+
+def ends_unanswered(turns: Any) -> bool:
+    """Whether a conversation's last turn is an assistant turn left empty, with no tool call, for a model to write."""
+    last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+    role = str(last.get("role", last.get("from"))).lower()
+    return ROLE_NAMES.get(role) == "assistant" and not last.get("content", last.get("value")) and not (
+        last.get("tool_calls") or last.get("function_call"))
 
 
 def has_system(record: dict) -> bool:
