@@ -229,3 +229,15 @@ def test_minimind_rl_prompts_are_skipped_with_the_reason(tmp_path):
                                       "assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), "
                                       "not an SFT conversation)")
     assert found["sft_t2t_mini.jsonl"].kind == "sft"
+
+
+def test_llama_factory_dataset_info_is_skipped_in_one_short_line(tmp_path):
+    """LLaMA-Factory's data/ always holds dataset_info.json, its list of data sets: the scan named every one of its
+    keys (hundreds in LLaMA-Factory's own, a line of kilobytes) as an unknown record shape."""
+    info = {f"set_{i}": {"file_name": f"set_{i}.json"} for i in range(300)}
+    info["ultrachat_200k"] = {"hf_hub_url": "HuggingFaceH4/ultrachat_200k", "formatting": "sharegpt"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    [found] = scan(tmp_path)
+    path = tmp_path / "dataset_info.json"
+    assert found.line() == (f"{path} → skipped: not recognised ({path}:1: LLaMA-Factory's list of data sets, not "
+                            "data: the data files beside it are read, each by its content)")

@@ -22,6 +22,7 @@ from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
+DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
@@ -41,6 +42,10 @@ def record_kind(record: Any) -> tuple[str, str]:
     """(kind, format name) of one record; DataError when it fits no kind."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record:
         return "tasks", "verifiable tasks"
+    if record and isinstance(record, dict) and all(isinstance(v, dict) and DATASET_INFO_KEYS & v.keys()
+                                                   for v in record.values()):
+        raise DataError("LLaMA-Factory's list of data sets, not data: the data files beside it are read, each by its "
+                        "content")
     try:
         kind, name = SHAPES[detect_format(record)]
     except DataError:
