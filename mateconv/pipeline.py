@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tokenizers import Tokenizer
 
-from mateconv.data import DataError
+from mateconv.data import DataError, read_tokenizer
 from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
@@ -226,10 +225,10 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
         args = stages["tokenizer"]["args"]
         stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
         try:
-            vocab_size = Tokenizer.from_file(str(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer)
-                                             ).get_vocab_size()
-        except Exception as error:  # tokenizers raises plain Exceptions for missing or malformed files
-            raise PipelineError(f"--tokenizer {tokenizer}: cannot read its tokenizer.json ({error})") from None
+            vocab_size = read_tokenizer(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+                                        ).get_vocab_size()
+        except DataError as error:
+            raise PipelineError(f"--tokenizer {tokenizer}: {error}") from None
         stages["pretrain"]["args"]["vocab_size"] = vocab_size
         report.append(f"tokenizer: {tokenizer} ({vocab_size} tokens), not trained")
     else:

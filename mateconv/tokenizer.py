@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
-from mateconv.data import DataError
+from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
@@ -93,7 +93,7 @@ def adopt_tokenizer(source: str | Path, out_dir: str | Path, model_max_length: i
     path = source / "tokenizer.json" if source.is_dir() else source
     if not path.is_file():
         raise DataError(f"{source}: no tokenizer.json there")
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = read_tokenizer(path)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, MateConv needs "

@@ -439,6 +439,14 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
                           str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_dir), "--out_dir",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    run = subprocess.run([sys.executable, str(ROOT / "3.dataset.py"), "--kind", "sft", "--input",
+                          str(data / "sft_train.jsonl"), "--tokenizer", str(broken), "--out_dir", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.startswith(f"error: {broken / 'tokenizer.json'}: not a readable "
+                                                         "tokenizer.json: EOF while parsing") and "\n" not in run.stderr.strip()
 
 
 def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(setup, tmp_path):

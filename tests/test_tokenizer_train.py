@@ -81,6 +81,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["--corpus", str(empty), "--out_dir", str(tmp_path / "tok")])
     with pytest.raises(SystemExit, match="too small"):
         main(["--corpus", str(empty), "--vocab_size", "100", "--out_dir", str(tmp_path / "tok")])
+    broken = tmp_path / "broken" / "tokenizer.json"  # a download cut short, a file saved by hand
+    broken.parent.mkdir()
+    broken.write_text('{"version": "1.0", "model": ')
+    with pytest.raises(SystemExit, match=rf"^error: {broken}: not a readable tokenizer.json: EOF while parsing"):
+        main(["--from_pretrained", str(broken.parent), "--out_dir", str(tmp_path / "tok")])
 
 
 def test_pre_tokenizer_splits_as_qwen2(tokenizer_dir):
