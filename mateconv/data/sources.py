@@ -22,8 +22,9 @@ from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
-DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
+# an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
+DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "messages": ("sft", "OpenAI messages"),
@@ -42,7 +43,7 @@ def record_kind(record: Any) -> tuple[str, str]:
     """(kind, format name) of one record; DataError when it fits no kind."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record:
         return "tasks", "verifiable tasks"
-    if record and isinstance(record, dict) and all(isinstance(v, dict) and DATASET_INFO_KEYS & v.keys()
+    if isinstance(record, dict) and record and all(isinstance(v, dict) and DATASET_INFO_KEYS & v.keys()
                                                    for v in record.values()):
         raise DataError("LLaMA-Factory's list of data sets, not data: the data files beside it are read, each by its "
                         "content")
