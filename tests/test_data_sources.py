@@ -241,3 +241,13 @@ def test_llama_factory_dataset_info_is_skipped_in_one_short_line(tmp_path):
     path = tmp_path / "dataset_info.json"
     assert found.line() == (f"{path} → skipped: not recognised ({path}:1: LLaMA-Factory's list of data sets, not "
                             "data: the data files beside it are read, each by its content)")
+
+
+def test_template_placeholders_are_noted(shared_data, tmp_path):
+    """LLaMA-Factory's identity.json answers "I am {{name}}, an AI assistant developed by {{author}}": its README asks
+    to fill the placeholders in first; taken as it is, the model learnt to call itself {{name}}, and nothing said so."""
+    identity = tmp_path / "identity.json"
+    identity.write_bytes(shared_data("hiyouga__LLaMA-Factory/data/identity.json").read_bytes())
+    [found] = scan(tmp_path)
+    assert found.line() == (f"{identity} → sft, Alpaca, 20.3 KB; holds template placeholders ({{{{author}}}}, "
+                            "{{name}}), which would train as they are: fill them in first")

@@ -11,6 +11,7 @@ conversations) is noted.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -25,6 +26,7 @@ SAMPLE = 50
 HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
 # an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
 DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
+PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "messages": ("sft", "OpenAI messages"),
@@ -113,6 +115,7 @@ def recognize(path: Path) -> DataFile:
     names: Counter = Counter()
     system = False
     broken = 0
+    placeholders: set[str] = set()
     first_error = first_bad = ""
     try:
         for _, number, record in islice(iter_records(path), HEAD):
@@ -123,6 +126,7 @@ def recognize(path: Path) -> DataFile:
             try:
                 names[record_kind(record)] += 1
                 system = system or has_system(record)
+                placeholders.update(PLACEHOLDER.findall(record_text(record)))
             except DataError as error:
                 first_error = first_error or f"{path}:{number}: {error}"
             if names.total() == SAMPLE:
@@ -143,7 +147,11 @@ def recognize(path: Path) -> DataFile:
     if kind in ("sft", "dpo") and system:
         name += ", with system turns"
     named = next((k for k in KINDS if path.name.lower().startswith(k)), None)
-    note = f"named like {named} data but holds {kind} records" if named and named != kind else ""
+    notes = [f"named like {named} data but holds {kind} records"] if named and named != kind else []
+    if placeholders:
+        notes.append(f"holds template placeholders ({', '.join(sorted(placeholders))}), which would train as they "
+                     "are: fill them in first")
+    note = "; ".join(notes)
     return DataFile(path, kind, name, path.stat().st_size, note)
 
 
