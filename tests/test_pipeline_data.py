@@ -330,6 +330,18 @@ def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):
     assert command[command.index("--normalization") + 1] == "NFC"
 
 
+def test_an_error_after_output_into_a_closed_pipe_keeps_its_line():
+    """A stage that printed a line (still in stdout's buffer, as off a terminal) and then fails, its output piped into a
+    reader that is gone: its one-line error still reaches stderr. Before, a BrokenPipeError followed it."""
+    program = ("import sys\nfrom mateconv.terminal import run_main\n"
+               "def main():\n    print('a result line')\n    sys.exit('error: the input is bad')\nrun_main(main)\n")
+    env = {key: value for key, value in single_thread_env().items() if key != "PYTHONUNBUFFERED"}
+    child = subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    child.stdout.close()
+    assert (child.wait(timeout=60), child.stderr.read()) == (1, "error: the input is bad\n")
+
+
 @pytest.mark.parametrize("program, lines_read, made", [
     ("mateconv.pipeline", "[pipeline] prepare: ", "out/data/stats.json"),
     ("mateconv.data.prepare", "", "out/data/stats.json"),
