@@ -445,8 +445,9 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "3.dataset.py"), "--kind", "sft", "--input",
                           str(data / "sft_train.jsonl"), "--tokenizer", str(broken), "--out_dir", str(tmp_path / "x")],
                          capture_output=True, text=True)
-    assert run.returncode != 0 and run.stderr.startswith(f"error: {broken / 'tokenizer.json'}: not a readable "
-                                                         "tokenizer.json: EOF while parsing") and "\n" not in run.stderr.strip()
+    said = run.stderr.strip()
+    assert run.returncode != 0 and "\n" not in said
+    assert said.startswith(f"error: {broken / 'tokenizer.json'}: not a readable tokenizer.json: EOF while parsing")
 
 
 def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(setup, tmp_path):

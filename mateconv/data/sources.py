@@ -60,8 +60,8 @@ def record_kind(record: Any) -> tuple[str, str]:
         return "pretrain", f"'{key}' field"
     turns = record.get("conversations")
     if kind == "sft" and ends_unanswered(record.get("messages", turns)):
-        raise DataError("the last assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), not an "
-                        "SFT conversation")
+        raise DataError("the last assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), "
+                        "not an SFT conversation")
     if name.startswith("ShareGPT") and turns and isinstance(turns[0], dict) and "role" in turns[0]:
         name = "MiniMind conversations"  # {role, content} turns under "conversations"
     return kind, name
