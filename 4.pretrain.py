@@ -4,9 +4,8 @@
     deepspeed --num_gpus=2 4.pretrain.py configs/mateconv_0.02b.yaml --zero_stage 2
 See docs/training.md for every flag.
 """
-import sys
-
+from mateconv.terminal import run_main
 from mateconv.train.stages import main
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain"))
+    run_main(lambda: main("pretrain"))

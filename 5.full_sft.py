@@ -4,9 +4,8 @@
     python 5.full_sft.py --use_lora --lora_r 16          # LoRA, merged into the saved model
 See docs/training.md for every flag.
 """
-import sys
-
+from mateconv.terminal import run_main
 from mateconv.train.stages import main
 
 if __name__ == "__main__":
-    sys.exit(main("sft"))
+    run_main(lambda: main("sft"))

@@ -6,6 +6,7 @@
 Writes out/prefs/dpo_pairs.jsonl (resumable). Flags, environment and output format: docs/prefs.md.
 """
 from mateconv.prefs.cli import main
+from mateconv.terminal import run_main
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

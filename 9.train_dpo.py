@@ -3,9 +3,8 @@
     python 9.train_dpo.py --dpo_beta 0.1 --max_steps 500
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 9.train_dpo.py --zero_stage 2 --precompute_ref
 """
-import sys
-
+from mateconv.terminal import run_main
 from mateconv.train.stages import main
 
 if __name__ == "__main__":
-    sys.exit(main("dpo"))
+    run_main(lambda: main("dpo"))

@@ -5,6 +5,7 @@
 Flags of scripts/chat.py (--prompt, --temperature, ...) work too; docs/inference.md.
 """
 from mateconv.chat import seed_main
+from mateconv.terminal import run_main
 
 if __name__ == "__main__":
-    seed_main()
+    run_main(seed_main)

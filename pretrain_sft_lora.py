@@ -4,9 +4,8 @@
     torchrun --nproc_per_node=2 pretrain_sft_lora.py --mode sft --ddp --batch_size 8 --save_best_only --save_last
 runs the stage `--mode` names (4.pretrain.py, 5.full_sft.py, 9.train_dpo.py) with the same flags; docs/training.md.
 """
-import sys
-
+from mateconv.terminal import run_main
 from mateconv.train.stages import main_one_program
 
 if __name__ == "__main__":
-    sys.exit(main_one_program("pretrain_sft_lora"))
+    run_main(lambda: main_one_program("pretrain_sft_lora"))

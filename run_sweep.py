@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mateconv.config import STAGE_PROGRAMS
 from mateconv.sweep import SweepError, load_sweep_config, run_optuna, run_wandb, wandb_available
+from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent
 
@@ -48,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

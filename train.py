@@ -7,9 +7,8 @@ runs the stage the config's `loss.name` names (5.full_sft.py or 9.train_dpo.py),
 {name_or_path, policy_dtype, archive}`, `datasets`, `total_batch_size`, `n_epochs`, `wandb: {...}`, ...) and ours;
 docs/training.md.
 """
-import sys
-
+from mateconv.terminal import run_main
 from mateconv.train.stages import main_one_program
 
 if __name__ == "__main__":
-    sys.exit(main_one_program("train"))
+    run_main(lambda: main_one_program("train"))

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mateconv.config import ConfigError, add_decode_flags
+from mateconv.terminal import run_main
 from mateconv.train.distributed import resolve_device as training_device
 from mateconv.train.models import model_dir
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
@@ -303,4 +304,4 @@ def seed_main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,7 +36,7 @@ from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_by
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal, run_main
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
 
@@ -705,4 +705,4 @@ def seed_test_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

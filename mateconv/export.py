@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
+from mateconv.terminal import run_main
 from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
 from model.export import TO_STANDARD, qwen_moe_state_dict, shared_width, standard_architecture
@@ -359,4 +360,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from mateconv.flags import render_flags
+from mateconv.terminal import run_main
 from model.config import MateConvConfig, preset_config
 
 GIB = 1024 ** 3
@@ -216,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

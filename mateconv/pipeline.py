@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tokenizers import Tokenizer
 
-from mateconv.data import DataError
+from mateconv.data import DataError, read_tokenizer
 from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import read_metrics, write_atomic
 from mateconv.flags import render_flags
@@ -226,10 +225,10 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
         args = stages["tokenizer"]["args"]
         stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
         try:
-            vocab_size = Tokenizer.from_file(str(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer)
-                                             ).get_vocab_size()
-        except Exception as error:  # tokenizers raises plain Exceptions for missing or malformed files
-            raise PipelineError(f"--tokenizer {tokenizer}: cannot read its tokenizer.json ({error})") from None
+            vocab_size = read_tokenizer(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+                                        ).get_vocab_size()
+        except DataError as error:
+            raise PipelineError(f"--tokenizer {tokenizer}: {error}") from None
         stages["pretrain"]["args"]["vocab_size"] = vocab_size
         report.append(f"tokenizer: {tokenizer} ({vocab_size} tokens), not trained")
     else:
@@ -256,6 +255,15 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     if "tasks" not in kinds:
         evaluate["tasks"] = "none"
     return report, fingerprint(files)
+
+
+def same_normalization(preset: dict) -> None:
+    """The tokenizer trains on text normalised as stage 2's `--normalization` (set in a preset or by `--set`) makes
+    it: the text the model sees."""
+    stages = preset["stages"]
+    form = stages.get("prepare", {}).get("args", {}).get("normalization")
+    if form is not None and "tokenizer" in stages and "from_pretrained" not in stages["tokenizer"].get("args", {}):
+        stages["tokenizer"].setdefault("args", {})["normalization"] = form
 
 
 def set_judge_model(preset: dict, name: str) -> None:
@@ -420,8 +428,11 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
 
 def status(logs: Path, out: Path) -> None:
     """One line per stage that has a log: running or not, its latest logged step and loss, and its last progress
-    line's state (step/total, elapsed, ETA, tokens/s)."""
-    for log in sorted(logs.glob("*.log")):
+    line's state (step/total, elapsed, ETA, tokens/s); one line saying so where no stage has a log."""
+    found = sorted(logs.glob("*.log"))
+    if not found:
+        print(f"no stage has run from here: {f'no stage log in {logs}' if logs.is_dir() else f'no {logs} directory'}")
+    for log in found:
         name = log.stem
         pid = read_pid(logs, name)
         if not (pid and is_alive(pid)):
@@ -506,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[pipeline] {line}", flush=True)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
         apply_sets(preset, args.sets)
+        same_normalization(preset)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
         if unknown & set(every_stage):

@@ -50,6 +50,7 @@ from mateconv.data.formats import chat_messages
 from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, TokenTable, token_bytes
 from mateconv.json_schema import Schema, SchemaBuilder, SchemaError
 from mateconv.logprobs import token_logps
+from mateconv.terminal import run_main
 from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
 
 logger = logging.getLogger("mateconv.serve")
@@ -1092,4 +1093,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

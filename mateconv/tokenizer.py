@@ -22,11 +22,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
-from mateconv.data import DataError
+from mateconv.data import DataError, read_tokenizer
+from mateconv.data.clean import normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal, run_main
 
 # Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
 # knows it as the "qwen2" pre-tokenizer, and ollama's own engine splits every Qwen3 model's text with it whatever the
@@ -42,14 +43,16 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
-    """Texts of every record of the corpus paths (bad records skipped), stopping after max_chars characters."""
+def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
+                 normalization: str = "NFKC") -> Iterator[str]:
+    """Texts of every record of the corpus paths (bad records skipped), normalised as stage 2 normalises them (the
+    model sees only that text), stopping after max_chars characters."""
     total = 0
     for _, _, record in iter_sources(paths):
         if isinstance(record, BadLine):
             continue
         try:
-            text = record_text(record)
+            text = normalize(record_text(record), normalization)
         except DataError:
             continue
         if text.strip():
@@ -60,8 +63,10 @@ def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> I
 
 
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
-                    min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768) -> Path:
-    """Train the BPE on the corpus and save a Hugging Face tokenizer directory; returns out_dir."""
+                    min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768,
+                    normalization: str = "NFKC") -> Path:
+    """Train the BPE on the corpus, normalised as stage 2's `--normalization` does, and save a Hugging Face tokenizer
+    directory; returns out_dir."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 259 tokens")
     os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "true")
@@ -70,7 +75,7 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = tqdm(corpus_texts(corpus, max_chars), desc="tokenizer corpus", unit="doc")
+    texts = tqdm(corpus_texts(corpus, max_chars, normalization), desc="tokenizer corpus", unit="doc")
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if texts.n == 0:
         raise DataError(f"no text found in the corpus {[str(c) for c in corpus]}")
@@ -88,7 +93,7 @@ def adopt_tokenizer(source: str | Path, out_dir: str | Path, model_max_length: i
     path = source / "tokenizer.json" if source.is_dir() else source
     if not path.is_file():
         raise DataError(f"{source}: no tokenizer.json there")
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = read_tokenizer(path)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, MateConv needs "
@@ -223,16 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
+    parser.add_argument("--normalization", default="NFKC", choices=["NFKC", "NFC", "none"],
+                        help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees)")
     parser.add_argument("--out_dir", default="out/tokenizer")
     args = parser.parse_args(argv)
     bars_only_on_a_terminal()
     try:
         out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else
-               train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars))
+               train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars,
+                               normalization=args.normalization))
     except DataError as error:
         sys.exit(f"error: {error}")
     print(f"tokenizer saved to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -265,6 +265,10 @@ def test_alpaca_preference_is_a_pair_with_system_and_history():
 
 @pytest.mark.parametrize("record, convert, reason", [
     ({"instruction": "q", "output": None}, to_sft, "alpaca output must be a string, got null"),
+    ({"instruction": None, "input": "", "output": "a"}, to_sft, "alpaca instruction must be a string, got null"),
+    ({"instruction": None, "output": "a"}, to_sft, "alpaca instruction must be a string, got null"),
+    ({"instruction": None, "chosen": "a", "rejected": "b"}, to_preference,
+     "alpaca instruction must be a string, got null"),
     ({"instruction": "q", "output": {"text": "a"}}, to_sft, "alpaca output must be a string, got dict"),
     ({"instruction": "q", "output": "a", "history": [["q0", None]]}, to_sft,
      "alpaca history answer must be a string, got null"),
@@ -281,6 +285,13 @@ def test_bad_alpaca_values_name_the_problem(record, convert, reason):
     with pytest.raises(DataError) as error:
         convert(record)
     assert str(error.value) == reason
+
+
+def test_alpaca_null_instruction_with_the_prompt_in_input_is_kept():
+    """As LLaMA-Factory reads it: a null instruction leaves the input as the user turn (with no input, the record
+    names its null instruction, not an "empty user message")."""
+    record = {"instruction": None, "input": "Capital of France?", "output": "Paris."}
+    assert to_sft(record)["messages"][0] == {"role": "user", "content": "Capital of France?"}
 
 
 WEATHER_TOOL = {"name": "weather", "description": "Today's weather", "parameters": {

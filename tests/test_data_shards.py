@@ -405,7 +405,7 @@ def test_raw_lines_that_cannot_be_read_are_reported_with_their_reason(setup, tmp
                           tmp_path / "t", workers=workers, progress=False)
     assert result.bad_records[0].startswith(f"{tmp_path / 'mixed.jsonl'}:3: ") and "not UTF-8" in result.bad_records[0]
     assert result.bad_records[-1].startswith(f"{tmp_path / 'cut.jsonl.gz'}:")
-    assert "the compressed file ends here" in result.bad_records[-1]
+    assert "the compressed file is cut short here" in result.bad_records[-1]
     assert shard_info(tmp_path / "t")["num_records"] > 3 + 1000  # the lines before the cut (1,500 or so)
 
 
@@ -439,6 +439,15 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
                           str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_dir), "--out_dir",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    run = subprocess.run([sys.executable, str(ROOT / "3.dataset.py"), "--kind", "sft", "--input",
+                          str(data / "sft_train.jsonl"), "--tokenizer", str(broken), "--out_dir", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    said = run.stderr.strip()
+    assert run.returncode != 0 and "\n" not in said
+    assert said.startswith(f"error: {broken / 'tokenizer.json'}: not a readable tokenizer.json: EOF while parsing")
 
 
 def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(setup, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from mateconv.data import DataError
 from mateconv.data.prepare import prepare, summary_table
 from mateconv.data.readers import list_files
-from mateconv.data.sources import by_kind, scan
+from mateconv.data.sources import by_kind, readable_size, scan
 
 USER, BOT = {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}
 WRONG = {"role": "assistant", "content": "Berlin, I think."}
@@ -51,7 +51,7 @@ def write(path: Path, records: list, broken_at: int | None = None) -> None:
     path.write_text(json.dumps(records) if path.suffix == ".json" else "\n".join(lines) + "\n")
 
 
-def test_every_format_is_recognised_with_its_record_count(tmp_path):
+def test_every_format_is_recognised_with_its_size(tmp_path):
     for name, (record, _, _) in RECORDS.items():
         write(tmp_path / name, [record] * 3)
     (tmp_path / "book.txt").write_text("First paragraph of the book.\n\nSecond paragraph.\n")
@@ -64,30 +64,30 @@ def test_every_format_is_recognised_with_its_record_count(tmp_path):
     found = {f.path.name: f for f in scan(tmp_path)}
     assert ".hidden.jsonl" not in found
     for name, (_, kind, form) in RECORDS.items():
-        assert (found[name].kind, found[name].format, found[name].records) == (kind, form, 3), name
-    assert (found["book.txt"].kind, found["book.txt"].format, found["book.txt"].records) == ("pretrain", "plain text", 2)
+        size = (tmp_path / name).stat().st_size
+        assert (found[name].kind, found[name].format, found[name].size) == (kind, form, size), name
+    assert (found["book.txt"].kind, found["book.txt"].format) == ("pretrain", "plain text")
     assert (found["web.parquet"].kind, found["web.parquet"].format) == ("pretrain", "parquet 'text' field")
     assert found["README.md"].kind is None and "not a .jsonl/.json/.txt/.parquet file" in found["README.md"].line()
     assert found["weird.jsonl"].kind is None
     assert f"{tmp_path / 'weird.jsonl'}:1: unknown record shape" in found["weird.jsonl"].format
     assert found["minimind_sft.jsonl"].line() == \
-        f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 3 records"
+        f"{tmp_path / 'minimind_sft.jsonl'} → sft, MiniMind conversations, 381 bytes"
     assert [len(v) for v in by_kind(list(found.values())).values()] == [3, 5, 5, 1]  # pretrain, sft, dpo, tasks
 
 
 def test_content_decides_and_a_misleading_name_is_noted(tmp_path):
     write(tmp_path / "dpo_extra.jsonl", [RECORDS["alpaca.json"][0]] * 2 + [RECORDS["hh.jsonl"][0]])
     (found,) = scan(tmp_path)
-    assert (found.kind, found.records) == ("sft", 3) and "named like dpo data but holds sft records" in found.line()
+    assert found.kind == "sft" and "named like dpo data but holds sft records" in found.line()
 
 
-def test_broken_lines_are_counted_then_skipped_and_reported_with_file_and_line(tmp_path):
+def test_broken_lines_are_skipped_and_reported_with_file_and_line(tmp_path):
     docs = [{"text": f"Document number {i} talks about rivers, stones and the morning light."} for i in range(8)]
     write(tmp_path / "pretrain.jsonl", docs, broken_at=4)
     write(tmp_path / "sft.jsonl", [RECORDS["minimind_sft.jsonl"][0], {"conversations": [USER]}])  # no assistant turn
     files = scan(tmp_path)
-    assert [(f.kind, f.records, f.broken) for f in files] == [("pretrain", 8, 1), ("sft", 2, 0)]
-    assert "8 records (1 bad line)" in files[0].line()
+    assert [f.kind for f in files] == ["pretrain", "sft"]
     stats = prepare({kind: [f.path for f in found] for kind, found in by_kind(files).items()}, tmp_path / "out",
                     val_frac=0.0, progress=False)
     assert stats["pretrain"]["kept"] == 8 and stats["sft"]["kept"] == 1
@@ -148,8 +148,8 @@ def test_files_in_linked_directories_are_found_and_a_link_cycle_ends(tmp_path):
     write(data / "pretrain.jsonl", [RECORDS["pretrain_hq.jsonl"][0]])
     (data / "linked").symlink_to(corpora, target_is_directory=True)
     (data / "loop").symlink_to(data, target_is_directory=True)
-    assert [(f.path, f.kind, f.records) for f in scan(data)] == [
-        (data / "linked/sft.jsonl", "sft", 2), (data / "pretrain.jsonl", "pretrain", 1)]
+    assert [(f.path, f.kind) for f in scan(data)] == [(data / "linked/sft.jsonl", "sft"),
+                                                       (data / "pretrain.jsonl", "pretrain")]
     assert list_files([data]) == [data / "linked/sft.jsonl", data / "pretrain.jsonl"]
 
 
@@ -187,7 +187,7 @@ def test_an_upper_case_gz_name_is_read_as_gzip(tmp_path):
     lines = "".join(json.dumps({"text": f"Document {i} about the old mill by the river."}) + "\n" for i in range(5))
     (tmp_path / "CORPUS.JSONL.GZ").write_bytes(gzip.compress(lines.encode()))
     [found] = scan(tmp_path)
-    assert (found.kind, found.records, found.broken) == ("pretrain", 5, 0)
+    assert (found.kind, found.format) == ("pretrain", "jsonl 'text' field")
 
 
 def test_a_multimodal_file_is_skipped_with_the_reason(tmp_path):
@@ -200,3 +200,54 @@ def test_a_multimodal_file_is_skipped_with_the_reason(tmp_path):
     assert found.kind is None
     assert found.format == (f"not recognised ({mllm}:1: 'images' holds media: a text-only model would train on its "
                             "placeholders (<image>, <video>, <audio>) as words; keep the records without media)")
+
+
+def test_a_big_file_is_recognised_from_its_head(tmp_path):
+    """A corpus of gigabytes is classified from its first records, not read to the end (which took minutes before
+    the first stage ran); stage 2 reads, counts and reports the rest: here a tail of bad lines."""
+    path = tmp_path / "corpus.jsonl"
+    docs = [json.dumps({"text": f"Document {i} about the river and the mill."}) for i in range(100)]
+    path.write_text("\n".join(docs + ['{"text": "cut off'] * 20_000) + "\n")
+    [found] = scan(tmp_path)
+    assert found.line() == f"{path} → pretrain, jsonl 'text' field, {readable_size(path.stat().st_size)}"
+    assert readable_size(path.stat().st_size) == "365.4 KB" and readable_size(999) == "999 bytes"
+    stats = prepare({"pretrain": [path]}, tmp_path / "out", val_frac=0.0, progress=False)
+    assert (stats["pretrain"]["read"], stats["pretrain"]["removed"]["bad_record"]) == (20_100, 20_000)
+
+
+def test_minimind_rl_prompts_are_skipped_with_the_reason(tmp_path):
+    """MiniMind's dataset/ holds RL prompts beside its SFT data (rlaif.jsonl, agent_rl*.jsonl: conversations whose
+    last assistant turn is left empty for the rollout). They were taken for SFT conversations, and stage 2 then
+    skipped every record as a bad one, crowding the SFT file's own bad records out of its report."""
+    prompt = {"conversations": [USER, {"role": "assistant", "content": ""}]}
+    write(tmp_path / "rlaif.jsonl", [prompt] * 3)
+    write(tmp_path / "agent_rl_math.jsonl", [{**prompt, "gt": "5"}] * 3)
+    write(tmp_path / "sft_t2t_mini.jsonl", [RECORDS["minimind_sft.jsonl"][0], prompt])
+    found = {f.path.name: f for f in scan(tmp_path)}
+    for name in ("rlaif.jsonl", "agent_rl_math.jsonl"):
+        assert found[name].line() == (f"{tmp_path / name} → skipped: not recognised ({tmp_path / name}:1: the last "
+                                      "assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), "
+                                      "not an SFT conversation)")
+    assert found["sft_t2t_mini.jsonl"].kind == "sft"
+
+
+def test_llama_factory_dataset_info_is_skipped_in_one_short_line(tmp_path):
+    """LLaMA-Factory's data/ always holds dataset_info.json, its list of data sets: the scan named every one of its
+    keys (hundreds in LLaMA-Factory's own, a line of kilobytes) as an unknown record shape."""
+    info = {f"set_{i}": {"file_name": f"set_{i}.json"} for i in range(300)}
+    info["ultrachat_200k"] = {"hf_hub_url": "HuggingFaceH4/ultrachat_200k", "formatting": "sharegpt"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    [found] = scan(tmp_path)
+    path = tmp_path / "dataset_info.json"
+    assert found.line() == (f"{path} → skipped: not recognised ({path}:1: LLaMA-Factory's list of data sets, not "
+                            "data: the data files beside it are read, each by its content)")
+
+
+def test_template_placeholders_are_noted(shared_data, tmp_path):
+    """LLaMA-Factory's identity.json answers "I am {{name}}, an AI assistant developed by {{author}}": its README asks
+    to fill the placeholders in first; taken as it is, the model learnt to call itself {{name}}, and nothing said so."""
+    identity = tmp_path / "identity.json"
+    identity.write_bytes(shared_data("hiyouga__LLaMA-Factory/data/identity.json").read_bytes())
+    [found] = scan(tmp_path)
+    assert found.line() == (f"{identity} → sft, Alpaca, 20.3 KB; holds template placeholders ({{{{author}}}}, "
+                            "{{name}}), which would train as they are: fill them in first")

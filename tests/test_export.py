@@ -421,7 +421,8 @@ def test_llama_cpp_tokenizes_and_formats_chats_as_we_do(which, tiny_tokenizer, s
     llm = vocab_only_llama(tokenizer, tmp_path / "vocab.gguf")
     assert llm.metadata["tokenizer.ggml.pre"] == {"ours": "qwen2", "minimind": "gpt-2"}[which]
     real = list(corpus_texts([shared_data("hiyouga__LLaMA-Factory/data/alpaca_zh_demo.json"),
-                              shared_data("hiyouga__LLaMA-Factory/data/wiki_demo.first3lines.txt")], 60_000))
+                              shared_data("hiyouga__LLaMA-Factory/data/wiki_demo.first3lines.txt")], 60_000,
+                             normalization="none"))  # the raw text, full-width punctuation too
     for text in TOKENIZER_TEXTS + real:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text

@@ -16,8 +16,10 @@ from transformers import AutoTokenizer
 
 from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
+from mateconv.data.sources import readable_size
 from mateconv.files import read_metrics
-from mateconv.pipeline import PipelineError, build_stages, check_source, load_preset, set_judge_model, use_data
+from mateconv.pipeline import (PipelineError, apply_sets, build_stages, check_source, load_preset, same_normalization,
+                               set_judge_model, use_data)
 from mateconv.pipeline import main as pipeline_main
 from mateconv.tokenizer import adopt_tokenizer
 
@@ -236,9 +238,10 @@ def test_minimind_corpus_end_to_end(tmp_path, shared_data):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "\r" not in stdout + result.stderr  # output not a terminal: plain lines, no progress bars (issue 13 item 7)
-    assert f"{data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field, 240 records (1 bad line)" in stdout
-    assert f"{data / 'sft_mini_512.jsonl'} → sft, MiniMind conversations, 300 records" in stdout
-    assert f"{data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages, 100 records" in stdout
+    for name, kind in (("pretrain_hq.jsonl", "pretrain, jsonl 'text' field"),
+                       ("sft_mini_512.jsonl", "sft, MiniMind conversations"),
+                       ("dpo.jsonl", "dpo, MiniMind/TRL chosen/rejected messages")):
+        assert f"{data / name} → {kind}, {readable_size((data / name).stat().st_size)}" in stdout
     assert "DPO trains on the preference pairs from the data; stage 7 skipped" in stdout
     assert f"{data / 'pretrain_hq.jsonl'}:100: malformed JSON" in stdout  # skipped, reported, the rest trained on
     out = tmp_path / "out"
@@ -316,19 +319,51 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
 
 
-@pytest.mark.parametrize("program, lines_read", [("mateconv.pipeline", "[pipeline] prepare: "),
-                                                 ("mateconv.data.prepare", "")], ids=["pipeline", "stage-2"])
-def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read):
+def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):
+    """`--set prepare.normalization=NFC` reaches the tokenizer too: it trains on the text stage 2 writes."""
+    monkeypatch.chdir(tmp_path)
+    preset = load_preset("tiny")
+    use_data(preset, corpus(tmp_path / "data", pretrain=TEXT), None, {})
+    apply_sets(preset, ["prepare.normalization=NFC"])
+    same_normalization(preset)
+    command = {s.name: s.command for s in build_stages(preset, Path("out").resolve())}["tokenizer"]
+    assert command[command.index("--normalization") + 1] == "NFC"
+
+
+def test_an_error_after_output_into_a_closed_pipe_keeps_its_line():
+    """A stage that printed a line (still in stdout's buffer, as off a terminal) and then fails, its output piped into a
+    reader that is gone: its one-line error still reaches stderr. Before, a BrokenPipeError followed it."""
+    program = ("import sys\nfrom mateconv.terminal import run_main\n"
+               "def main():\n    print('a result line')\n    sys.exit('error: the input is bad')\nrun_main(main)\n")
+    env = {key: value for key, value in single_thread_env().items() if key != "PYTHONUNBUFFERED"}
+    child = subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    child.stdout.close()
+    assert (child.wait(timeout=60), child.stderr.read()) == (1, "error: the input is bad\n")
+
+
+@pytest.mark.parametrize("program, lines_read, made", [
+    ("mateconv.pipeline", "[pipeline] prepare: ", "out/data/stats.json"),
+    ("mateconv.data.prepare", "", "out/data/stats.json"),
+    ("mateconv.tokenizer", "", "out/tokenizer/tokenizer.json"),
+    ("3.dataset.py", "", "out/tokens/pretrain/index.json")], ids=["pipeline", "stage-2", "stage-1", "stage-3"])
+def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read, made, tiny_tokenizer):
     """`... | head`: the reader goes away; the program stops as Unix tools do (141, as for SIGPIPE), with no traceback,
-    and the pipeline's stage that was writing still finishes its work."""
+    and the pipeline's stage that was writing still finishes its work. Every stage program ends so (before, stages
+    1 and 3 ended with a BrokenPipeError traceback)."""
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
-    args = (["run", "--data", str(data), "--only", "prepare"] if program == "mateconv.pipeline" else
-            ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data", "--no_progress"])
-    child = subprocess.Popen([sys.executable, "-m", program, *args], cwd=tmp_path, env=single_thread_env(),
+    args = {"mateconv.pipeline": ["run", "--data", str(data), "--only", "prepare"],
+            "mateconv.data.prepare": ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data",
+                                      "--no_progress"],
+            "mateconv.tokenizer": ["--corpus", str(data), "--vocab_size", "300", "--out_dir", "out/tokenizer"],
+            "3.dataset.py": ["--kind", "pretrain", "--input", str(data / "pretrain.jsonl"), "--tokenizer",
+                             str(tiny_tokenizer), "--out_dir", "out/tokens/pretrain", "--workers", "1"]}[program]
+    command = [str(REPO / program)] if program.endswith(".py") else ["-m", program]
+    child = subprocess.Popen([sys.executable, *command, *args], cwd=tmp_path, env=single_thread_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while lines_read and not child.stdout.readline().startswith(lines_read):
         pass
     child.stdout.close()
     stderr = child.stderr.read()
     assert (child.wait(timeout=120), stderr) == (141, "")
-    assert (tmp_path / "out/data/stats.json").exists()
+    assert (tmp_path / made).exists()

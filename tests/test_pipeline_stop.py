@@ -104,3 +104,13 @@ def test_stop_sh_on_a_directory_no_run_writes_says_so_at_once(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_status_where_nothing_ran_says_so(tmp_path, capsys):
+    """`scripts/status.sh` in a directory with no logs/ (or none of a stage) printed nothing at all."""
+    logs = tmp_path / "logs"
+    status(logs, tmp_path / "out")
+    assert capsys.readouterr().out == f"no stage has run from here: no {logs} directory\n"
+    logs.mkdir()
+    status(logs, tmp_path / "out")
+    assert capsys.readouterr().out == f"no stage has run from here: no stage log in {logs}\n"

@@ -81,6 +81,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["--corpus", str(empty), "--out_dir", str(tmp_path / "tok")])
     with pytest.raises(SystemExit, match="too small"):
         main(["--corpus", str(empty), "--vocab_size", "100", "--out_dir", str(tmp_path / "tok")])
+    broken = tmp_path / "broken" / "tokenizer.json"  # a download cut short, a file saved by hand
+    broken.parent.mkdir()
+    broken.write_text('{"version": "1.0", "model": ')
+    with pytest.raises(SystemExit, match=rf"^error: {broken}: not a readable tokenizer.json: EOF while parsing"):
+        main(["--from_pretrained", str(broken.parent), "--out_dir", str(tmp_path / "tok")])
 
 
 def test_pre_tokenizer_splits_as_qwen2(tokenizer_dir):
@@ -121,3 +126,20 @@ def test_extra_special_tokens_saved_as_transformers_4_reads_them(tokenizer_dir, 
     ids = reloaded.encode("<tool_call>hi</tool_call>", add_special_tokens=False)
     assert ids[0] == tokenizer.convert_tokens_to_ids("<tool_call>")
     assert reloaded.decode(ids, skip_special_tokens=True) == "hi"
+
+
+def test_trains_on_the_text_stage_2_writes(tmp_path):
+    """Stage 2 writes NFKC text (full-width `Ｔｈｅ，` becomes `The,`): the tokenizer learns its merges on that same
+    text. Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
+    from tokenizers import Tokenizer
+
+    from mateconv.data.prepare import prepare
+
+    line = "Ｔｈｅ ｒｉｖｅｒ ｒｕｎｓ ｐａｓｔ ｔｈｅ ｏｌｄ ｍｉｌｌ，ｓｌｏｗｌｙ ａｎｄ ｑｕｉｅｔｌｙ．"
+    corpus = tmp_path / "wide.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(100)))
+    prepare({"pretrain": [corpus]}, tmp_path / "data", val_frac=0, progress=False)
+    text = json.loads((tmp_path / "data/pretrain_train.jsonl").read_text().splitlines()[0])["text"]
+    assert text.startswith("The river runs past the old mill,slowly")
+    tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=320) / "tokenizer.json"))
+    assert len(tokenizer.encode(text).ids) < len(text) / 3

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mateconv.tasks import ANSWER_FORM
+from mateconv.terminal import run_main
 
 WEEKDAYS = {"en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
             "zh": ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]}
@@ -293,4 +294,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

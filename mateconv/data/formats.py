@@ -277,7 +277,9 @@ def _alpaca_prompt(record: dict) -> Messages:
             raise DataError("alpaca history must be a list of [query, answer] pairs")
         messages += [{"role": "user", "content": _text(pair[0], "alpaca history query")},
                      {"role": "assistant", "content": _text(pair[1], "alpaca history answer")}]
-    parts = [_text(record[key], f"alpaca {key}") for key in ("instruction", "input") if record.get(key) is not None]
+    parts = [] if record.get("input") is None else [_text(record["input"], "alpaca input")]
+    if record["instruction"] is not None or not any(parts):  # LLaMA-Factory takes the input alone as the prompt
+        parts.insert(0, _text(record["instruction"], "alpaca instruction"))
     messages.append({"role": "user", "content": "\n".join(part for part in parts if part)})
     return _with_system(messages, record)
 

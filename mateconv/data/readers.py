@@ -80,8 +80,45 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+class CutShort(Exception):
+    """A compressed file ends inside its data (an interrupted download), at `line`."""
+
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
+class _GzipToTheCut(io.RawIOBase):
+    """A .gz file's data up to where the file is cut short, if it is: there the data ends and `cut` is set. gzip's
+    EOFError instead would lose the whole lines the buffers above still hold."""
+
+    def __init__(self, path: Path):
+        self.gzip, self.cut = gzip.open(path, "rb"), False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self.gzip.read1(len(buffer))  # one decompression step: an EOFError there loses nothing decompressed
+        except EOFError:
+            self.cut = True
+            return 0
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.gzip.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    return io.BufferedReader(_GzipToTheCut(path)) if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _is_cut(f: io.IOBase) -> bool:
+    """Whether the file `_open_binary` (or `_open_text`) opened ended at a cut, not at the end of its data."""
+    return getattr(getattr(getattr(f, "buffer", f), "raw", None), "cut", False)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -92,12 +129,17 @@ def _open_text(path: Path) -> io.TextIOBase:
 def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
     """(number, line without its line break) of each line; one that is not UTF-8 is a BadLine, so that a stray byte
     costs its line and a GBK file says what it is, instead of training on replacement characters."""
+    number = 0
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n") and _is_cut(f):
+                raise CutShort(number)  # the line the cut broke off
             try:
                 yield number, raw.decode("utf-8-sig").rstrip("\r\n")  # -sig: also a mark inside (files joined)
             except UnicodeDecodeError as error:
                 yield number, BadLine(f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
+        if _is_cut(f):
+            raise CutShort(number + 1)
 
 
 def _paragraph_mode(path: Path) -> bool:
@@ -151,6 +193,8 @@ class _JsonText:
     def _read_more(self) -> None:
         # at least as much as is left, so that a value longer than one read is parsed again only a few times
         chunk = self.f.read(max(JSON_READ_CHARS, len(self.text) - self.pos))
+        if not chunk and _is_cut(self.f):
+            raise CutShort(self.line + self.text.count("\n", self.pos))
         self.text, self.pos, self.eof = self.text[self.pos:] + chunk, 0, not chunk
 
     def move_to(self, end: int) -> None:
@@ -267,21 +311,15 @@ def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record or BadLine) for each non-empty line; a .gz cut short keeps the lines before the cut."""
-    number = 0
-    try:
-        for number, line in text_lines(path):
-            if isinstance(line, BadLine):
-                yield number, line
-            elif line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield number, BadLine(f"malformed JSON: {error.msg}")
-    except EOFError as error:
-        if not number:
-            raise
-        yield number + 1, BadLine(f"the compressed file ends here (a download cut short?): {error}")
+    """(line number, record or BadLine) for each non-empty line."""
+    for number, line in text_lines(path):
+        if isinstance(line, BadLine):
+            yield number, line
+        elif line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, BadLine(f"malformed JSON: {error.msg}")
 
 
 def opens_array(path: Path) -> bool:
@@ -320,7 +358,9 @@ def refuse_utf16(path: Path) -> None:
 
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
-    Parquet rows are numbered from 1 instead. A file that cannot be read (a damaged .gz) is a DataError."""
+    Parquet rows are numbered from 1 instead. A .gz cut short keeps the records before the cut, and the cut is a
+    BadLine saying how many; a file that cannot be read (a damaged .gz, one cut before its first record) is a
+    DataError."""
     suffix = _suffix(path)
     with open(path, "rb") as f:
         if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a data set cloned without git-lfs
@@ -335,12 +375,20 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
         records = _parquet_records(path)
     else:
         raise DataError(f"{path}: unsupported file type")
+    kept = 0
     try:
         if suffix != ".parquet":
             refuse_utf16(path)
         for number, record in records:
+            kept += not isinstance(record, BadLine)
             yield str(path), number, record
-    except (OSError, EOFError, zlib.error) as error:  # gzip's errors: not gzip, cut short, damaged
+    except CutShort as cut:
+        if not kept:
+            raise DataError(f"{path}: cannot read the file: it is cut short before its first record (an interrupted "
+                            "download?)") from None
+        yield str(path), cut.line, BadLine(f"the compressed file is cut short here (an interrupted download?); the "
+                                           f"{kept:,} records before it are kept")
+    except (OSError, zlib.error) as error:  # gzip's errors: not gzip, damaged
         raise DataError(f"{path}: cannot read the file: {error}") from None
     except UnicodeDecodeError as error:  # a .json file, which is parsed as a whole
         raise DataError(f"{path}: {error.reason}: {NOT_UTF8}") from None

@@ -38,14 +38,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
-from mateconv.data import DataError
+from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_utf16,
                                    text_lines)
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
@@ -603,7 +603,7 @@ def _vocabulary(tokenizer_file: Path, kind: str = "pretrain") -> dict:
     ends pretraining documents with its own eos_token and pads with its pad_token, else that eos."""
     if not tokenizer_file.is_file():
         raise DataError(f"{tokenizer_file.parent}: no tokenizer.json (train one with stage 1)")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = read_tokenizer(tokenizer_file)
     vocab_size = tokenizer.get_vocab_size()
     chatml = has_chatml(tokenizer)
     if kind in ("sft", "dpo") and not chatml:
@@ -819,4 +819,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,21 +4,29 @@
     for found in scan("my_corpus"): print(found.line())
 
 A file's kind is decided by its content: the most common kind among its first `SAMPLE` readable records (a .txt
-file is pretraining text). Records of another kind, and lines that are not JSON, are left to stage 2, which skips and
-reports them with file:line. A name that says otherwise (`dpo*.jsonl` holding SFT conversations) is noted.
+file is pretraining text), read from its head alone (at most `HEAD` records), so that a corpus of gigabytes is
+classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
+records of another kind and the lines that are not JSON. A name that says otherwise (`dpo*.jsonl` holding SFT
+conversations) is noted.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from mateconv.data import DataError
-from mateconv.data.formats import detect_format
+from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
+HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
+# an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
+DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
+PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
     "messages": ("sft", "OpenAI messages"),
@@ -37,6 +45,10 @@ def record_kind(record: Any) -> tuple[str, str]:
     """(kind, format name) of one record; DataError when it fits no kind."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record:
         return "tasks", "verifiable tasks"
+    if isinstance(record, dict) and record and all(isinstance(v, dict) and DATASET_INFO_KEYS & v.keys()
+                                                   for v in record.values()):
+        raise DataError("LLaMA-Factory's list of data sets, not data: the data files beside it are read, each by its "
+                        "content")
     try:
         kind, name = SHAPES[detect_format(record)]
     except DataError:
@@ -47,9 +59,20 @@ def record_kind(record: Any) -> tuple[str, str]:
             raise
         return "pretrain", f"'{key}' field"
     turns = record.get("conversations")
+    if kind == "sft" and ends_unanswered(record.get("messages", turns)):
+        raise DataError("the last assistant turn is empty: a prompt for RL rollouts (as MiniMind's rlaif.jsonl), "
+                        "not an SFT conversation")
     if name.startswith("ShareGPT") and turns and isinstance(turns[0], dict) and "role" in turns[0]:
         name = "MiniMind conversations"  # {role, content} turns under "conversations"
     return kind, name
+
+
+def ends_unanswered(turns: Any) -> bool:
+    """Whether a conversation's last turn is an assistant turn left empty, with no tool call, for a model to write."""
+    last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+    role = str(last.get("role", last.get("from"))).lower()
+    return ROLE_NAMES.get(role) == "assistant" and not last.get("content", last.get("value")) and not (
+        last.get("tool_calls") or last.get("function_call"))
 
 
 def has_system(record: dict) -> bool:
@@ -63,16 +86,24 @@ class DataFile:
     path: Path
     kind: str | None  # None: not used (the reason is in `format`)
     format: str
-    records: int = 0
-    broken: int = 0  # lines that are not valid JSON or not UTF-8
+    size: int = 0  # bytes
     note: str = ""
 
     def line(self) -> str:
         if self.kind is None:
             return f"{self.path} → skipped: {self.format}"
-        broken = f" ({self.broken} bad line{'s' if self.broken > 1 else ''})" if self.broken else ""
         note = f"; {self.note}" if self.note else ""
-        return f"{self.path} → {self.kind}, {self.format}, {self.records:,} records{broken}{note}"
+        return f"{self.path} → {self.kind}, {self.format}, {readable_size(self.size)}{note}"
+
+
+def readable_size(size: int) -> str:
+    """'512 bytes', '3.4 KB', '1.2 GB' (powers of 1000, as `ls -lh --si` and file managers show them)."""
+    if size < 1000:
+        return f"{size} bytes"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            return f"{size:,.1f} {unit}"
 
 
 def _suffix_ok(path: Path) -> bool:
@@ -80,24 +111,26 @@ def _suffix_ok(path: Path) -> bool:
 
 
 def recognize(path: Path) -> DataFile:
-    """The kind and format of one file, and its record count (one pass over the file)."""
+    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`)."""
     names: Counter = Counter()
     system = False
-    records = broken = 0
+    broken = 0
+    placeholders: set[str] = set()
     first_error = first_bad = ""
     try:
-        for _, number, record in iter_records(path):
-            records += 1
+        for _, number, record in islice(iter_records(path), HEAD):
             if isinstance(record, BadLine):
                 broken += 1
                 first_bad = first_bad or f"{path}:{number}: {record.error}"
                 continue
-            if names.total() < SAMPLE:
-                try:
-                    names[record_kind(record)] += 1
-                    system = system or has_system(record)
-                except DataError as error:
-                    first_error = first_error or f"{path}:{number}: {error}"
+            try:
+                names[record_kind(record)] += 1
+                system = system or has_system(record)
+                placeholders.update(PLACEHOLDER.findall(record_text(record)))
+            except DataError as error:
+                first_error = first_error or f"{path}:{number}: {error}"
+            if names.total() == SAMPLE:
+                break
     except DataError as error:  # a .json file that does not parse at all
         return DataFile(path, None, str(error))
     if not names:
@@ -114,8 +147,12 @@ def recognize(path: Path) -> DataFile:
     if kind in ("sft", "dpo") and system:
         name += ", with system turns"
     named = next((k for k in KINDS if path.name.lower().startswith(k)), None)
-    note = f"named like {named} data but holds {kind} records" if named and named != kind else ""
-    return DataFile(path, kind, name, records - broken, broken, note)
+    notes = [f"named like {named} data but holds {kind} records"] if named and named != kind else []
+    if placeholders:
+        notes.append(f"holds template placeholders ({', '.join(sorted(placeholders))}), which would train as they "
+                     "are: fill them in first")
+    note = "; ".join(notes)
+    return DataFile(path, kind, name, path.stat().st_size, note)
 
 
 def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:
