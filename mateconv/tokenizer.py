@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from mateconv.data import DataError, read_tokenizer
-from mateconv.data.clean import normalize
+from mateconv.data.clean import DEFAULT_NORMALIZATION, NORMALIZATIONS, normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, iter_sources, record_text
 from mateconv.files import save_figure, write_atomic
@@ -44,7 +44,7 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
-                 normalization: str = "NFKC") -> Iterator[str]:
+                 normalization: str = DEFAULT_NORMALIZATION) -> Iterator[str]:
     """Texts of every record of the corpus paths (bad records skipped), normalised as stage 2 normalises them (the
     model sees only that text), stopping after max_chars characters."""
     total = 0
@@ -64,7 +64,7 @@ def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
 
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
                     min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768,
-                    normalization: str = "NFKC") -> Path:
+                    normalization: str = DEFAULT_NORMALIZATION) -> Path:
     """Train the BPE on the corpus, normalised as stage 2's `--normalization` does, and save a Hugging Face tokenizer
     directory; returns out_dir."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
-    parser.add_argument("--normalization", default="NFKC", choices=["NFKC", "NFC", "none"],
+    parser.add_argument("--normalization", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS,
                         help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees)")
     parser.add_argument("--out_dir", default="out/tokenizer")
     args = parser.parse_args(argv)

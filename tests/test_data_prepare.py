@@ -30,8 +30,10 @@ def read(path: Path) -> list[dict]:
 
 
 def test_normalize_and_filters():
-    assert normalize("Ｈｅｌｌｏ\u200b，世界\x07\r\n\r\n\r\n\r\nnext  \nline") == "Hello,世界\n\nnext\nline"
-    assert normalize("ｆｕｌｌ", "none") == "ｆｕｌｌ"
+    text = "Ｈｅｌｌｏ\u200b，世界\x07\r\n\r\n\r\n\r\nnext  \nline"
+    assert normalize(text) == "Ｈｅｌｌｏ，世界\n\nnext\nline"  # NFC: Chinese punctuation stays as it is written
+    assert normalize(text, "NFKC") == "Hello,世界\n\nnext\nline"
+    assert normalize("e\u0301", "NFC") == "\u00e9" and normalize("ｆｕｌｌ", "none") == "ｆｕｌｌ"
     filters = Filters(min_chars=5, max_chars=1000)
     assert filters.reason("abc") == "too_short"
     assert filters.reason("x y" * 1001, pretraining=False) == "too_long"  # a conversation or pair
@@ -87,7 +89,7 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert on_disk["pretrain"]["removed"] == pre["removed"] and on_disk["settings"]["val_frac"] == 0.2
     written = read(tmp_path / "data/pretrain_train.jsonl") + read(tmp_path / "data/pretrain_val.jsonl")
     assert len(written) == 62 and len({r["id"] for r in written}) == 62
-    assert read(tmp_path / "data/sft_val.jsonl")[0]["messages"][0] == {"role": "user", "content": "Q1"}  # NFKC, split kept
+    assert read(tmp_path / "data/sft_val.jsonl")[0]["messages"][0] == {"role": "user", "content": "Ｑ１"}  # split kept
     assert stats["sft"]["removed"] == {"bad_record": 1}
     assert stats["sft"]["bad_examples"] == [f"{raw / 'sft.jsonl'}:3: empty assistant message (turn 2 of 2)"]
     again = prepare({"pretrain": [raw / "pretrain.jsonl", raw / "extra.txt"]}, tmp_path / "again", val_frac=0.2,

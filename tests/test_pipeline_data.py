@@ -320,14 +320,14 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
 
 
 def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):
-    """`--set prepare.normalization=NFC` reaches the tokenizer too: it trains on the text stage 2 writes."""
+    """`--set prepare.normalization=NFKC` reaches the tokenizer too: it trains on the text stage 2 writes."""
     monkeypatch.chdir(tmp_path)
     preset = load_preset("tiny")
     use_data(preset, corpus(tmp_path / "data", pretrain=TEXT), None, {})
-    apply_sets(preset, ["prepare.normalization=NFC"])
+    apply_sets(preset, ["prepare.normalization=NFKC"])
     same_normalization(preset)
     command = {s.name: s.command for s in build_stages(preset, Path("out").resolve())}["tokenizer"]
-    assert command[command.index("--normalization") + 1] == "NFC"
+    assert command[command.index("--normalization") + 1] == "NFKC"
 
 
 def test_an_error_after_output_into_a_closed_pipe_keeps_its_line():

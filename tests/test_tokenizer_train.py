@@ -129,8 +129,8 @@ def test_extra_special_tokens_saved_as_transformers_4_reads_them(tokenizer_dir, 
 
 
 def test_trains_on_the_text_stage_2_writes(tmp_path):
-    """Stage 2 writes NFKC text (full-width `Ｔｈｅ，` becomes `The,`): the tokenizer learns its merges on that same
-    text. Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
+    """Stage 2 with NFKC writes full-width `Ｔｈｅ，` as `The,`: the tokenizer learns its merges on that same text.
+    Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
     from tokenizers import Tokenizer
 
     from mateconv.data.prepare import prepare
@@ -138,8 +138,8 @@ def test_trains_on_the_text_stage_2_writes(tmp_path):
     line = "Ｔｈｅ ｒｉｖｅｒ ｒｕｎｓ ｐａｓｔ ｔｈｅ ｏｌｄ ｍｉｌｌ，ｓｌｏｗｌｙ ａｎｄ ｑｕｉｅｔｌｙ．"
     corpus = tmp_path / "wide.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(100)))
-    prepare({"pretrain": [corpus]}, tmp_path / "data", val_frac=0, progress=False)
+    prepare({"pretrain": [corpus]}, tmp_path / "data", val_frac=0, progress=False, normalization="NFKC")
     text = json.loads((tmp_path / "data/pretrain_train.jsonl").read_text().splitlines()[0])["text"]
     assert text.startswith("The river runs past the old mill,slowly")
-    tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=320) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=320, normalization="NFKC") / "tokenizer.json"))
     assert len(tokenizer.encode(text).ids) < len(text) / 3

@@ -15,7 +15,14 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 
 
-def normalize(text: str, form: str = "NFKC") -> str:
+# Unicode normalisation forms of the text (stage 2 writes, stage 1 trains on): NFC by default, as Qwen's tokenizers
+# normalise; NFKC also folds compatibility forms, full-width `，？：（）１Ａ` into ASCII, so a Chinese corpus would
+# train on (and the model write) ASCII commas, and the full-width punctuation users type would be text it never saw
+NORMALIZATIONS = ("NFC", "NFKC", "none")
+DEFAULT_NORMALIZATION = "NFC"
+
+
+def normalize(text: str, form: str = DEFAULT_NORMALIZATION) -> str:
     """Unicode normalisation, control/invisible characters removed, newlines unified, blank-line runs squeezed."""
     if form and form.lower() != "none":
         text = unicodedata.normalize(form.upper(), text)

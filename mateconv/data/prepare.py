@@ -23,7 +23,8 @@ from typing import Any
 from tqdm import tqdm
 
 from mateconv.data import DataError
-from mateconv.data.clean import Deduper, Filters, length_summary, normalize, split_of
+from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper, Filters, length_summary, normalize,
+                                 split_of)
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
@@ -144,7 +145,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
 
 def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/data", val_frac: float = 0.05,
             seed: int = 0, filters: Filters | None = None, near_dup_threshold: float = 0.85, num_perm: int = 64,
-            normalization: str = "NFKC", progress: bool = True, prompts_frac: float = 0.0,
+            normalization: str = DEFAULT_NORMALIZATION, progress: bool = True, prompts_frac: float = 0.0,
             max_prompts: int = 0) -> dict:
     """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats."""
     unknown = set(sources) - set(KINDS)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out_dir", default="out/data")
     parser.add_argument("--val_frac", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--normalization", default="NFKC", choices=["NFKC", "NFC", "none"])
+    parser.add_argument("--normalization", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS)
     parser.add_argument("--prompts_frac", type=float, default=0.0,
                         help="share of SFT training conversations held out as stage 7 prompts (sft_prompts.jsonl)")
     parser.add_argument("--max_prompts", type=int, default=0, help="at most this many held out (0 = no cap)")
