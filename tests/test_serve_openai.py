@@ -133,6 +133,14 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
         hook.remove()
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(free.text[3:6])]
     assert len(calls) <= len(cut.tokens) + 1 < 40  # the prompt's pass and one per token taken
+    calls.clear()
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:  # n > 1: the batch runs until every choice has stopped
+        both = engine.complete(ids, Sampling(40, 0.0, 1.0, [free.text[3:6]], None), 2)
+    finally:
+        hook.remove()
+    assert both == [cut, cut]
+    assert len(calls) <= len(cut.tokens) + 1
 
 
 def test_n_choices_and_seed(client):
@@ -163,6 +171,15 @@ def test_usage_counts_the_prompt_once_for_n_choices(client):
     double = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=2).usage
     assert double.prompt_tokens == single.prompt_tokens
     assert double.total_tokens == double.prompt_tokens + double.completion_tokens
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(client):
+    parts = [{"type": "text", "text": "What is 3"}, {"type": "text", "text": "plus 4?"}]
+    joined = ask(client, "What is 3\nplus 4?", temperature=0, max_tokens=24)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}],
+                                           temperature=0, max_tokens=24)
+    assert reply.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert reply.choices[0].message.content == joined.choices[0].message.content
 
 
 def test_error_shapes(server, client, expected):
@@ -261,6 +278,7 @@ def busy_server(tiny_untrained_model):
 
 
 LONG = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "temperature": 1.0}
+LONG_COMPLETION = {"model": "tiny", "prompt": "go", "max_tokens": 300, "temperature": 1.0, "n": 2}
 
 
 def test_queue_full_gives_429_and_loop_stays_responsive(busy_server):
@@ -303,6 +321,21 @@ def test_client_disconnect_frees_the_slot(busy_server):
         assert http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5}).status_code == 200
 
 
+def test_a_client_that_disconnects_from_a_whole_reply_frees_the_slot(busy_server):
+    """Not streamed: the server notices the closed connection while the model works and stops it."""
+    with httpx.Client(base_url=busy_server, timeout=60) as http:
+        start = time.perf_counter()
+        http.post("/v1/chat/completions", json=LONG)
+        full_generation_s = time.perf_counter() - start
+        for path, body in (("/v1/chat/completions", LONG), ("/v1/completions", LONG_COMPLETION)):
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(path, json=body, timeout=full_generation_s / 8)
+            deadline = time.perf_counter() + full_generation_s / 2
+            while http.get("/health").json()["running"] and time.perf_counter() < deadline:
+                time.sleep(0.02)
+            assert http.get("/health").json()["running"] == 0, path
+
+
 def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_reply):
     from fastapi.testclient import TestClient
 
@@ -317,3 +350,84 @@ def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_rep
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
         assert body["choices"][0]["finish_reason"] == ("stop" if ended else "length")
         assert body["usage"]["completion_tokens"] == tokens
+
+
+def greedy_choices(client, **kwargs) -> list[tuple[str, list[bytes]]]:
+    """(text, generated tokens as bytes from chat logprobs) of each choice of a greedy reply to QUESTION."""
+    reply = ask(client, temperature=0, logprobs=True, **kwargs)
+    return [(c.message.content, [bytes(entry.bytes) for entry in c.logprobs.content]) for c in reply.choices]
+
+
+def streamed_texts(client, **kwargs) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in ask(client, temperature=0, stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    return texts
+
+
+def test_logit_bias_bans_and_forces_tokens(client, expected, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    [(text, tokens)] = greedy_choices(client, max_tokens=24)
+    first = tokenizer.encode(expected[0])[0]
+    assert text == expected[0] and tokens[0] == tokenizer.decode([first]).encode()
+    ban = {str(first): -100}
+    banned = greedy_choices(client, max_tokens=24, n=2, logit_bias=ban)
+    assert banned[0] == banned[1] and banned[0][0] != text and tokens[0] not in banned[0][1]
+    assert streamed_texts(client, max_tokens=24, n=2, logit_bias=ban) == {0: banned[0][0], 1: banned[0][0]}
+
+    forced = tokenizer.encode(" zebra")[0]
+    force = {str(forced): 100}
+    thrice = tokenizer.decode([forced] * 3)
+    assert greedy_choices(client, max_tokens=3, logit_bias=force) == [(thrice, [tokenizer.decode([forced]).encode()]
+                                                                       * 3)]
+    assert streamed_texts(client, max_tokens=3, n=2, logit_bias=force) == {0: thrice, 1: thrice}
+    completion = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=3,
+                                           n=2, logit_bias=force)
+    assert [choice.text for choice in completion.choices] == [thrice, thrice]
+
+
+def most_repeated(tokens: list) -> int:
+    return max(tokens.count(token) for token in tokens)
+
+
+def test_penalties_cut_repeats(busy_server):
+    """On the untrained model, whose greedy reply repeats one token: presence and frequency penalties, whole and
+    streamed, n > 1."""
+    client = openai.OpenAI(base_url=f"{busy_server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def choices(**kwargs) -> list[tuple[str, list[str]]]:
+        reply = client.completions.create(model="tiny", prompt="go", temperature=0, max_tokens=24, logprobs=0,
+                                          **kwargs)
+        return [(choice.text, choice.logprobs.tokens) for choice in reply.choices]
+
+    plain = choices()[0][1]
+    assert most_repeated(plain) >= 10
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        penalized = choices(n=2, **{penalty: 2.0})
+        assert penalized[0] == penalized[1] and most_repeated(penalized[0][1]) == 1, penalty
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="go", temperature=0, max_tokens=24, stream=True, **{penalty: 2.0}))
+        assert streamed == penalized[0][0], penalty
+    # a frequency penalty grows with each repeat: a small one lets a token come back, not without end
+    assert 1 < most_repeated(choices(frequency_penalty=0.5)[0][1]) < most_repeated(choices(presence_penalty=0.5)[0][1])
+
+
+def test_penalty_and_logit_bias_validation(server):
+    root = server[0]
+    question = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [({"presence_penalty": 2.5}, 422, "presence_penalty"), ({"frequency_penalty": -3}, 422,
+                                                                      "frequency_penalty"),
+             ({"logit_bias": {"abc": 1}}, 422, "logit_bias"), ({"logit_bias": {"5": 101}}, 422, "logit_bias"),
+             ({"logit_bias": {"-1": 1}}, 422, "logit_bias"), ({"logit_bias": [1]}, 422, "logit_bias"),
+             ({"logit_bias": {"1000000": 1}}, 400, "logit_bias")]
+    for path, body in (("chat/completions", question), ("completions", {"model": "tiny", "prompt": "hi",
+                                                                        "max_tokens": 2})):
+        for extra, status, param in cases:
+            response = httpx.post(f"{root}/{path}", json={**body, **extra})
+            assert response.status_code == status, (extra, response.text)
+            assert response.json()["error"]["param"] == param, response.text
+    assert httpx.post(f"{root}/chat/completions", json={**question, "logit_bias": {"5": -100.0},
+                                                         "presence_penalty": -2}).status_code == 200
