@@ -55,7 +55,7 @@ from model.generation import SamplingConfig, detokenize, iter_tokens
 
 logger = logging.getLogger("mateconv.serve")
 MAX_N = 16
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings and EOS (6 for humaneval), vLLM any number
 MAX_TOP_LOGPROBS = 20
 API_KEY_ENV = "MATECONV_API_KEY"
 THINK = ("<think>", "</think>")  # the chat format's reasoning and tool-call blocks (mateconv/data/formats.py)
@@ -304,6 +304,8 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    suffix: str = ""
+    best_of: int | None = Field(None, ge=1)
 
 
 # ---------------------------------------------------------------- generation
@@ -915,6 +917,13 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
             raise APIError(400, "streaming completions take one prompt, without logprobs or echo", param="stream")
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens 0 only makes sense with echo: true", param="max_tokens")
+        # insertion and best-of sampling would be answered as plain completions: refused, as vLLM refuses them
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported: the model only continues the prompt",
+                           param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of {req.best_of} is not supported (each of the n choices is one sample); "
+                                "leave it unset", param="best_of")
         samplings = [engine.sampling(req, engine.budget(len(ids), req.max_tokens, default_max_tokens, "prompt"))
                      for ids in prompts]
         await admission.acquire()

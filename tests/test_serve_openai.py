@@ -6,6 +6,7 @@ greedy replies must equal the in-process reference (`greedy_reply`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -103,6 +104,14 @@ def test_stop_strings(client, expected, stream, as_list):
     assert finish == ["stop"]
 
 
+def test_more_stop_strings_than_openai_takes(client, expected):
+    """lm-eval's local-completions sends a task's stop strings and EOS: humaneval's are six, as vLLM takes them."""
+    middle = expected[0][len(expected[0]) // 2:][:2]
+    humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "<|im_end|>"]
+    choice = ask(client, temperature=0, max_tokens=24, stop=[*humaneval, middle]).choices[0]
+    assert (choice.message.content, choice.finish_reason) == (expected[0][:expected[0].index(middle)], "stop")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_usage_counts_the_generated_tokens(client, expected, stream):
     """A stop string that the reply's last token completes: every token was generated, streamed or not (the text
@@ -119,7 +128,7 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
     """A whole (not streamed) reply with a stop string: the model ran until the stop string, not on to max_tokens
     (lm-eval's generate_until asks for 256 tokens and cuts at its stop strings)."""
     from mateconv.chat import load_model
-    from mateconv.serve import Engine, Sampling
+    from mateconv.serve import Choice, Engine, Sampling
 
     model, tokenizer = load_model(tiny_untrained_model, device="cpu")
     engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
@@ -141,6 +150,9 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
         hook.remove()
     assert both == [cut, cut]
     assert len(calls) <= len(cut.tokens) + 1
+    cancelled = threading.Event()
+    cancelled.set()  # as a client that disconnected: not a reply that the model ended
+    assert engine.complete(ids, Sampling(40, 0.0, 1.0, [], None), 1, cancelled) == [Choice("", "length", [])]
 
 
 def test_n_choices_and_seed(client):
@@ -257,8 +269,6 @@ def test_a_body_nested_too_deeply_is_a_400():
 @pytest.fixture(scope="module")
 def busy_server(tiny_untrained_model):
     """In-process app (create_app) on a uvicorn thread: one generation at a time, one more may wait."""
-    import threading
-
     import uvicorn
 
     from mateconv.procs import free_port
@@ -431,3 +441,11 @@ def test_penalty_and_logit_bias_validation(server):
             assert response.json()["error"]["param"] == param, response.text
     assert httpx.post(f"{root}/chat/completions", json={**question, "logit_bias": {"5": -100.0},
                                                          "presence_penalty": -2}).status_code == 200
+
+
+def test_suffix_and_best_of_are_refused_not_ignored(client):
+    for option in ({"suffix": " and so on."}, {"best_of": 3}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=2, **option)
+        assert error.value.param == next(iter(option))
+    assert client.completions.create(model="tiny", prompt="Once", max_tokens=2, n=2, best_of=2).choices[1].index == 1
