@@ -157,6 +157,8 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
+    top_k: int = Field(0, ge=-1)  # vLLM's extra sampling options: -1 or 0 disables top_k, 1.0 the penalty
+    repetition_penalty: float = Field(1.0, gt=0.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**63)  # torch's generator seeds
@@ -496,6 +498,8 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -592,7 +596,7 @@ class Engine:
         if any(not 0 <= token < vocab for token in req.logit_bias or {}):
             raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         return Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed, grammar, req.presence_penalty,
-                        req.frequency_penalty, req.logit_bias)
+                        req.frequency_penalty, req.logit_bias, max(req.top_k, 0), req.repetition_penalty)
 
     def token_bytes(self, token: int) -> bytes:
         return self.token_table.pieces[token] or self.tokenizer.decode([token]).encode()
@@ -628,9 +632,9 @@ class Engine:
 
     def steps(self, ids: list[int], sampling: Sampling, n: int) -> Iterator[torch.Tensor]:
         """The next token of each of n samples of `ids` ([n] tensors), until all of them end or max_tokens."""
-        config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p,
-                                presence_penalty=sampling.presence_penalty,
-                                frequency_penalty=sampling.frequency_penalty, logit_bias=sampling.logit_bias)
+        config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                                sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty,
+                                sampling.logit_bias)
         return iter_tokens(self.model, torch.tensor([ids] * n, device=self.model.device), config,
                            eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile,
                            constraint=self.constraint(sampling.grammar, n))

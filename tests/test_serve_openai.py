@@ -421,8 +421,18 @@ def test_penalties_cut_repeats(busy_server):
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model="tiny", prompt="go", temperature=0, max_tokens=24, stream=True, **{penalty: 2.0}))
         assert streamed == penalized[0][0], penalty
+    # vLLM's CTRL-style repetition_penalty (prompt tokens included)
+    assert most_repeated(choices(extra_body={"repetition_penalty": 2.0})[0][1]) < most_repeated(plain)
     # a frequency penalty grows with each repeat: a small one lets a token come back, not without end
     assert 1 < most_repeated(choices(frequency_penalty=0.5)[0][1]) < most_repeated(choices(presence_penalty=0.5)[0][1])
+
+
+def test_top_k_one_is_greedy(client, expected):
+    """vLLM's top_k, sent as the openai client sends it (extra_body)."""
+    sampled = ask(client, temperature=2.0, n=4, seed=0, max_tokens=24)
+    assert any(choice.message.content != expected[0] for choice in sampled.choices)
+    top_1 = ask(client, temperature=2.0, n=4, seed=0, max_tokens=24, extra_body={"top_k": 1})
+    assert [choice.message.content for choice in top_1.choices] == [expected[0]] * 4
 
 
 def test_penalty_and_logit_bias_validation(server):
@@ -432,7 +442,8 @@ def test_penalty_and_logit_bias_validation(server):
                                                                       "frequency_penalty"),
              ({"logit_bias": {"abc": 1}}, 422, "logit_bias"), ({"logit_bias": {"5": 101}}, 422, "logit_bias"),
              ({"logit_bias": {"-1": 1}}, 422, "logit_bias"), ({"logit_bias": [1]}, 422, "logit_bias"),
-             ({"logit_bias": {"1000000": 1}}, 400, "logit_bias")]
+             ({"logit_bias": {"1000000": 1}}, 400, "logit_bias"), ({"top_k": -2}, 422, "top_k"),
+             ({"repetition_penalty": 0}, 422, "repetition_penalty")]
     for path, body in (("chat/completions", question), ("completions", {"model": "tiny", "prompt": "hi",
                                                                         "max_tokens": 2})):
         for extra, status, param in cases:
