@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import functools
 import hmac
+import itertools
 import ipaddress
 import json
 import logging
@@ -51,11 +52,11 @@ from mateconv.json_grammar import Grammar, GrammarConstraint, TokenGrammar, Toke
 from mateconv.json_schema import Schema, SchemaBuilder, SchemaError
 from mateconv.logprobs import token_logps
 from mateconv.terminal import run_main
-from model.generation import SamplingConfig, detokenize, generate_tokens, iter_tokens
+from model.generation import SamplingConfig, detokenize, iter_tokens
 
 logger = logging.getLogger("mateconv.serve")
 MAX_N = 16
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings and EOS (6 for humaneval), vLLM any number
 MAX_TOP_LOGPROBS = 20
 API_KEY_ENV = "MATECONV_API_KEY"
 THINK = ("<think>", "</think>")  # the chat format's reasoning and tool-call blocks (mateconv/data/formats.py)
@@ -132,14 +133,10 @@ class Message(BaseModel):
             raise ValueError(f"a {self.role} message cannot carry tool_calls (only assistant turns do)")
         return self
 
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
     def turn(self) -> dict[str, Any]:
-        """The turn as a training record holds it, for `chat_messages`."""
-        turn = {"role": self.role, "content": self.text()}
+        """The turn as a training record holds it, for `chat_messages` (which joins text parts)."""
+        content = self.content if isinstance(self.content, str) else [part.model_dump() for part in self.content or []]
+        turn = {"role": self.role, "content": content}
         if self.tool_calls:
             turn["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.reasoning_content:
@@ -152,12 +149,17 @@ class StreamOptions(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """What chat and text completions share. Fields we do not use (frequency_penalty, user, ...) are accepted and
-    ignored, as other OpenAI servers do."""
+    """What chat and text completions share. Fields we do not use (user, ...) are accepted and ignored, as other
+    OpenAI servers do."""
     model_config = ConfigDict(extra="ignore")
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    top_k: int = Field(0, ge=-1)  # vLLM's extra sampling options: -1 or 0 disables top_k, 1.0 the penalty
+    repetition_penalty: float = Field(1.0, gt=0.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, lt=2**63)  # torch's generator seeds
@@ -177,6 +179,20 @@ class GenerationRequest(BaseModel):
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} non-empty strings")
         return stops
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, bias):
+        """OpenAI's {"token id": bias in [-100, 100]}; one message for any bad entry."""
+        for key, value in bias.items() if isinstance(bias, dict) else []:
+            try:
+                ok = int(key) >= 0 and not isinstance(value, bool) and -100 <= float(value) <= 100
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"entry {json.dumps(key)}: {json.dumps(value)} is not a token id (a whole number "
+                                 ">= 0) with a bias in [-100, 100]")
+        return bias
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -291,6 +307,8 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    suffix: str = ""
+    best_of: int | None = Field(None, ge=1)
 
 
 # ---------------------------------------------------------------- generation
@@ -478,6 +496,11 @@ class Sampling:
     stops: list[str]
     seed: int | None
     grammar: Grammar | None = None  # what the reply must be (constrained decoding); None: anything
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -490,6 +513,23 @@ class Choice:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
+
+
+def batch_rows(steps: Iterator[torch.Tensor], n: int) -> list[Iterator[int]]:
+    """The n rows of `steps` ([n] tensors) as token iterators, read one after another: a row draws a step from
+    `steps` only when no row has drawn it before, so the batch runs as long as the longest-read row needs."""
+    drawn: list[list[int]] = []
+
+    def row(index: int) -> Iterator[int]:
+        for step in itertools.count():
+            if step == len(drawn):
+                tokens = next(steps, None)
+                if tokens is None:
+                    return
+                drawn.append(tokens.tolist())
+            yield drawn[step][index]
+
+    return [row(index) for index in range(n)]
 
 
 class Engine:
@@ -551,6 +591,14 @@ class Engine:
                            param=what, code="context_length_exceeded")
         return wanted
 
+    def sampling(self, req: GenerationRequest, max_tokens: int, grammar: Grammar | None = None) -> Sampling:
+        """The request's sampling options; 400 for logit_bias token ids outside the vocabulary."""
+        vocab = min(len(self.tokenizer), self.model.config.vocab_size)
+        if any(not 0 <= token < vocab for token in req.logit_bias or {}):
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        return Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed, grammar, req.presence_penalty,
+                        req.frequency_penalty, req.logit_bias, max(req.top_k, 0), req.repetition_penalty)
+
     def token_bytes(self, token: int) -> bytes:
         return self.token_table.pieces[token] or self.tokenizer.decode([token]).encode()
 
@@ -583,30 +631,34 @@ class Engine:
     def _generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
 
-    def complete(self, ids: list[int], sampling: Sampling, n: int) -> list[Choice]:
+    def steps(self, ids: list[int], sampling: Sampling, n: int) -> Iterator[torch.Tensor]:
+        """The next token of each of n samples of `ids` ([n] tensors), until all of them end or max_tokens."""
+        config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                                sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty,
+                                sampling.logit_bias)
+        return iter_tokens(self.model, torch.tensor([ids] * n, device=self.model.device), config,
+                           eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile,
+                           constraint=self.constraint(sampling.grammar, n))
+
+    def complete(self, ids: list[int], sampling: Sampling, n: int, cancel: threading.Event | None = None
+                 ) -> list[Choice]:
+        """n choices sampled as one batch, which runs only until every choice has ended (EOS, a stop string:
+        lm-eval's generate_until asks for 256 tokens and cuts at its stop strings) or `cancel` is set."""
         if sampling.max_tokens == 0:
             return [Choice("", "length", []) for _ in range(n)]
-        if sampling.stops and n == 1:  # token by token, to stop at the stop string (lm-eval's generate_until)
-            return [list(self.stream(ids, sampling, threading.Event()))[-1]]
-        input_ids = torch.tensor([ids] * n, device=self.model.device)
-        with torch.inference_mode():
-            new_tokens = generate_tokens(
-                self.model, input_ids, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                top_p=sampling.top_p, eos_token_id=self.eos_id, generator=self._generator(sampling.seed),
-                compile=self.compile, constraint=self.constraint(sampling.grammar, n),
-            )[:, len(ids):].tolist()
-        return [list(self.reply(row, sampling))[-1] for row in new_tokens]
+        steps = self.steps(ids, sampling, n)
+        try:
+            return [list(self.reply(row, sampling, cancel))[-1] for row in batch_rows(steps, n)]
+        finally:
+            steps.close()
 
     def stream(self, ids: list[int], sampling: Sampling, cancel: threading.Event) -> Iterator[str | Choice]:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
-        config = SamplingConfig(sampling.max_tokens, sampling.temperature, sampling.top_p)
-        tokens = iter_tokens(self.model, torch.tensor([ids], device=self.model.device), config,
-                             eos_token_id=self.eos_id, generator=self._generator(sampling.seed), compile=self.compile,
-                             constraint=self.constraint(sampling.grammar, 1))
+        steps = self.steps(ids, sampling, 1)
         try:
-            yield from self.reply(tokens, sampling, cancel)
+            yield from self.reply(batch_rows(steps, 1)[0], sampling, cancel)
         finally:
-            tokens.close()
+            steps.close()
 
     def reply(self, tokens: Iterable, sampling: Sampling, cancel: threading.Event | None = None
               ) -> Iterator[str | Choice]:
@@ -614,10 +666,13 @@ class Engine:
         Tokens are taken only until EOS, the one that completes a stop string, or `cancel`: streamed or not, a
         choice counts the tokens generated up to there."""
         taken: list[int] = []
+        eos = False
 
         def until_end() -> Iterator[int]:
+            nonlocal eos
             for token in map(int, tokens):
-                if token == self.eos_id or (cancel is not None and cancel.is_set()):
+                eos = token == self.eos_id
+                if eos or (cancel is not None and cancel.is_set()):
                     return
                 taken.append(token)
                 yield token
@@ -632,7 +687,7 @@ class Engine:
         pieces.append(scanner.flush())
         if pieces[-1]:
             yield pieces[-1]
-        ended = not scanner.stopped and len(taken) < sampling.max_tokens  # EOS came before the length limit
+        ended = eos and not scanner.stopped
         yield Choice("".join(pieces), "stop" if scanner.stopped or ended else "length", taken, eos=ended)
 
 
@@ -735,6 +790,23 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class KeyCheck:
+    """401 for an HTTP request without `Authorization: <expected>`, but for /health. Plain ASGI, not
+    `@app.middleware("http")`, whose wrapping hides a client's disconnect from `Request.is_disconnected`."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(model_path: str | Path, served_model_name: str = "mateconv", device: str = "auto",
                dtype: str = "auto", max_concurrent: int = 1, max_queued: int = 16,
                max_request_bytes: int = 1_000_000, default_max_tokens: int = 256, api_key: str = "",
@@ -747,16 +819,8 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
     admission = Admission(max_concurrent, max_queued)
     created = int(time.time())
     app = FastAPI(title="MateConv OpenAI-compatible server")
-    expected = f"Bearer {api_key}".encode()
-
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(KeyCheck, expected=f"Bearer {api_key}".encode())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -807,6 +871,18 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
                                include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def run_watched(request: Request, work):
+        """`work(cancel)` in a worker (it owns the admission slot); a client that disconnects sets `cancel`, which
+        ends the generation at its next token, so its slot is freed as a streaming client's is."""
+        cancel = threading.Event()
+        job = admission.run(asyncio.get_running_loop(), work, cancel)
+        while not job.done():
+            await asyncio.wait([job], timeout=0.1)
+            if not job.done() and await request.is_disconnected():
+                cancel.set()
+                break
+        return await job
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read(request, ChatCompletionRequest)
@@ -819,17 +895,17 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         ids = engine.chat_prompt(req.messages, tools)
         max_tokens = engine.budget(len(ids), req.max_completion_tokens or req.max_tokens, default_max_tokens,
                                    "messages")
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed, grammar)
+        sampling = engine.sampling(req, max_tokens, grammar)
         await admission.acquire()
         if req.stream:
             return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name,
                                                          parse_calls=tools is not None))
 
-        def work() -> list[tuple[Choice, dict | None]]:
+        def work(cancel: threading.Event) -> list[tuple[Choice, dict | None]]:
             return [(choice, chat_logprobs(engine, ids, choice.tokens, req.top_logprobs or 0) if req.logprobs
-                     else None) for choice in engine.complete(ids, sampling, req.n)]
+                     else None) for choice in engine.complete(ids, sampling, req.n, cancel)]
 
-        results = await admission.run(asyncio.get_running_loop(), work)
+        results = await run_watched(request, work)
         messages = [chat_message(choice.text, parse_calls=tools is not None) for choice, _ in results]
         answers = [{"index": i, "message": message, "logprobs": logprobs,
                     "finish_reason": chat_finish_reason(choice.finish_reason, "tool_calls" in message)}
@@ -846,18 +922,24 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
             raise APIError(400, "streaming completions take one prompt, without logprobs or echo", param="stream")
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens 0 only makes sense with echo: true", param="max_tokens")
-        budgets = [engine.budget(len(ids), req.max_tokens, default_max_tokens, "prompt") for ids in prompts]
+        # insertion and best-of sampling would be answered as plain completions: refused, as vLLM refuses them
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported: the model only continues the prompt",
+                           param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of {req.best_of} is not supported (each of the n choices is one sample); "
+                                "leave it unset", param="best_of")
+        samplings = [engine.sampling(req, engine.budget(len(ids), req.max_tokens, default_max_tokens, "prompt"))
+                     for ids in prompts]
         await admission.acquire()
         if req.stream:
-            sampling = Sampling(budgets[0], req.temperature, req.top_p, req.stop, req.seed)
-            return stream(prompts[0], sampling, req, TextChunks(f"cmpl-{uuid.uuid4().hex}", served_model_name))
+            return stream(prompts[0], samplings[0], req, TextChunks(f"cmpl-{uuid.uuid4().hex}", served_model_name))
 
-        def work() -> list[dict]:
+        def work(cancel: threading.Event) -> list[dict]:
             """Every prompt's n choices in order: choice i * n + j is prompt i's j-th sample."""
             answers = []
-            for ids, max_tokens in zip(prompts, budgets):
-                sampling = Sampling(max_tokens, req.temperature, req.top_p, req.stop, req.seed)
-                for choice in engine.complete(ids, sampling, req.n):
+            for ids, sampling in zip(prompts, samplings):
+                for choice in engine.complete(ids, sampling, req.n, cancel):
                     # EOS is listed, as OpenAI and vLLM list it: lm-eval takes the last entry as the generated one
                     scored = choice.tokens + [engine.eos_id] if choice.eos else choice.tokens
                     logprobs = (completion_logprobs(engine, ids, scored, req.logprobs, req.echo)
@@ -867,7 +949,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
                                     "finish_reason": choice.finish_reason, "completion_tokens": choice.completion_tokens})
             return answers
 
-        answers = await admission.run(asyncio.get_running_loop(), work)
+        answers = await run_watched(request, work)
         completion_tokens = sum(answer.pop("completion_tokens") for answer in answers)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created_now(),
                 "model": served_model_name, "choices": answers,

@@ -18,13 +18,18 @@ from model.modeling import MateConvForCausalLM
 
 @dataclass
 class SamplingConfig:
-    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it."""
+    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it.
+    OpenAI's presence_penalty and frequency_penalty (0 disables them) and logit_bias ({token id: added to its
+    logit}): see `adjust_logits`."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -151,6 +156,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
+def adjust_logits(logits: torch.Tensor, counts: torch.Tensor | None, bias: torch.Tensor | None,
+                  sampling: SamplingConfig) -> torch.Tensor:
+    """OpenAI's logit_bias (bias [V], added) and penalties over the tokens generated so far (counts [B, V]):
+    logits - presence_penalty * (count > 0) - frequency_penalty * count."""
+    if bias is not None:
+        logits = logits.float() + bias
+    if counts is not None:
+        logits = logits.float() - sampling.presence_penalty * (counts > 0) - sampling.frequency_penalty * counts
+    return logits
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches top_p."""
     if 0 < top_k < logits.shape[-1]:
@@ -207,6 +223,12 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     seen[rows[:, None].expand_as(input_ids)[real], input_ids[real]] = True
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    counts = torch.zeros(batch, model.config.vocab_size, device=device) \
+        if sampling.presence_penalty or sampling.frequency_penalty else None
+    bias = None
+    if sampling.logit_bias:
+        bias = torch.zeros(model.config.vocab_size, device=device)
+        bias[list(sampling.logit_bias)] = torch.tensor(list(sampling.logit_bias.values()), device=device)
     static = isinstance(model, MateConvForCausalLM)
     compiled = static and (compile if compile is not None else device.type == "cuda")
     step = compiled_decode_step(device.type) if compiled else decode_step
@@ -227,6 +249,7 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
                 logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
                                cache=cache, use_cache=True).logits[:, -1]
+            logits = adjust_logits(logits, counts, bias, sampling)
             if constraint is not None:
                 logits = constraint.mask(logits)
             token = next_tokens(logits, seen, sampling, generator)
@@ -239,6 +262,8 @@ def iter_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, attent
                 if bool(finished.all()):
                     return
             seen[rows, token] = True
+            if counts is not None:
+                counts[rows, token] += 1
     finally:
         if compiled:
             give_back(model, cache)
@@ -303,5 +328,5 @@ def _until(ids: Iterator[int], stop: int | None) -> Iterator[int]:
         yield token
 
 
-__all__ = ["KVCache", "SamplingConfig", "apply_repetition_penalty", "decode_step", "detokenize",
+__all__ = ["KVCache", "SamplingConfig", "adjust_logits", "apply_repetition_penalty", "decode_step", "detokenize",
            "filter_top_k_top_p", "generate_tokens", "iter_tokens", "next_tokens", "stream_text"]

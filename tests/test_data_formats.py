@@ -143,13 +143,14 @@ def test_bad_sft_shapes_raise(record, message):
 
 
 def test_openai_text_parts_are_joined_as_the_server_joins_them():
-    parts = [{"type": "text", "text": "Translate: "}, {"type": "text", "text": "cat"}]
+    """By newlines, as vLLM joins them (and so our server, tests/test_serve_openai.py)."""
+    parts = [{"type": "text", "text": "Translate:"}, {"type": "text", "text": "cat"}]
     record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
         {"type": "text", "text": "chat"}]}]}
-    assert to_sft(record)["messages"] == [{"role": "user", "content": "Translate: cat"},
+    assert to_sft(record)["messages"] == [{"role": "user", "content": "Translate:\ncat"},
                                           {"role": "assistant", "content": "chat"}]
     pair = to_preference({"prompt": [{"role": "user", "content": parts}], "chosen": "chat", "rejected": "dog"})
-    assert pair["prompt"] == [{"role": "user", "content": "Translate: cat"}]
+    assert pair["prompt"] == [{"role": "user", "content": "Translate:\ncat"}]
 
 
 def test_bad_preference_shapes_raise():

@@ -6,6 +6,7 @@ greedy replies must equal the in-process reference (`greedy_reply`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -103,6 +104,14 @@ def test_stop_strings(client, expected, stream, as_list):
     assert finish == ["stop"]
 
 
+def test_more_stop_strings_than_openai_takes(client, expected):
+    """lm-eval's local-completions sends a task's stop strings and EOS: humaneval's are six, as vLLM takes them."""
+    middle = expected[0][len(expected[0]) // 2:][:2]
+    humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "<|im_end|>"]
+    choice = ask(client, temperature=0, max_tokens=24, stop=[*humaneval, middle]).choices[0]
+    assert (choice.message.content, choice.finish_reason) == (expected[0][:expected[0].index(middle)], "stop")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_usage_counts_the_generated_tokens(client, expected, stream):
     """A stop string that the reply's last token completes: every token was generated, streamed or not (the text
@@ -119,7 +128,7 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
     """A whole (not streamed) reply with a stop string: the model ran until the stop string, not on to max_tokens
     (lm-eval's generate_until asks for 256 tokens and cuts at its stop strings)."""
     from mateconv.chat import load_model
-    from mateconv.serve import Engine, Sampling
+    from mateconv.serve import Choice, Engine, Sampling
 
     model, tokenizer = load_model(tiny_untrained_model, device="cpu")
     engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
@@ -133,6 +142,17 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
         hook.remove()
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(free.text[3:6])]
     assert len(calls) <= len(cut.tokens) + 1 < 40  # the prompt's pass and one per token taken
+    calls.clear()
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:  # n > 1: the batch runs until every choice has stopped
+        both = engine.complete(ids, Sampling(40, 0.0, 1.0, [free.text[3:6]], None), 2)
+    finally:
+        hook.remove()
+    assert both == [cut, cut]
+    assert len(calls) <= len(cut.tokens) + 1
+    cancelled = threading.Event()
+    cancelled.set()  # as a client that disconnected: not a reply that the model ended
+    assert engine.complete(ids, Sampling(40, 0.0, 1.0, [], None), 1, cancelled) == [Choice("", "length", [])]
 
 
 def test_n_choices_and_seed(client):
@@ -163,6 +183,15 @@ def test_usage_counts_the_prompt_once_for_n_choices(client):
     double = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=2).usage
     assert double.prompt_tokens == single.prompt_tokens
     assert double.total_tokens == double.prompt_tokens + double.completion_tokens
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(client):
+    parts = [{"type": "text", "text": "What is 3"}, {"type": "text", "text": "plus 4?"}]
+    joined = ask(client, "What is 3\nplus 4?", temperature=0, max_tokens=24)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}],
+                                           temperature=0, max_tokens=24)
+    assert reply.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert reply.choices[0].message.content == joined.choices[0].message.content
 
 
 def test_error_shapes(server, client, expected):
@@ -240,8 +269,6 @@ def test_a_body_nested_too_deeply_is_a_400():
 @pytest.fixture(scope="module")
 def busy_server(tiny_untrained_model):
     """In-process app (create_app) on a uvicorn thread: one generation at a time, one more may wait."""
-    import threading
-
     import uvicorn
 
     from mateconv.procs import free_port
@@ -261,6 +288,7 @@ def busy_server(tiny_untrained_model):
 
 
 LONG = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "temperature": 1.0}
+LONG_COMPLETION = {"model": "tiny", "prompt": "go", "max_tokens": 300, "temperature": 1.0, "n": 2}
 
 
 def test_queue_full_gives_429_and_loop_stays_responsive(busy_server):
@@ -303,6 +331,21 @@ def test_client_disconnect_frees_the_slot(busy_server):
         assert http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5}).status_code == 200
 
 
+def test_a_client_that_disconnects_from_a_whole_reply_frees_the_slot(busy_server):
+    """Not streamed: the server notices the closed connection while the model works and stops it."""
+    with httpx.Client(base_url=busy_server, timeout=60) as http:
+        start = time.perf_counter()
+        http.post("/v1/chat/completions", json=LONG)
+        full_generation_s = time.perf_counter() - start
+        for path, body in (("/v1/chat/completions", LONG), ("/v1/completions", LONG_COMPLETION)):
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(path, json=body, timeout=full_generation_s / 8)
+            deadline = time.perf_counter() + full_generation_s / 2
+            while http.get("/health").json()["running"] and time.perf_counter() < deadline:
+                time.sleep(0.02)
+            assert http.get("/health").json()["running"] == 0, path
+
+
 def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_reply):
     from fastapi.testclient import TestClient
 
@@ -317,3 +360,103 @@ def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_rep
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
         assert body["choices"][0]["finish_reason"] == ("stop" if ended else "length")
         assert body["usage"]["completion_tokens"] == tokens
+
+
+def greedy_choices(client, **kwargs) -> list[tuple[str, list[bytes]]]:
+    """(text, generated tokens as bytes from chat logprobs) of each choice of a greedy reply to QUESTION."""
+    reply = ask(client, temperature=0, logprobs=True, **kwargs)
+    return [(c.message.content, [bytes(entry.bytes) for entry in c.logprobs.content]) for c in reply.choices]
+
+
+def streamed_texts(client, **kwargs) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in ask(client, temperature=0, stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    return texts
+
+
+def test_logit_bias_bans_and_forces_tokens(client, expected, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    [(text, tokens)] = greedy_choices(client, max_tokens=24)
+    first = tokenizer.encode(expected[0])[0]
+    assert text == expected[0] and tokens[0] == tokenizer.decode([first]).encode()
+    ban = {str(first): -100}
+    banned = greedy_choices(client, max_tokens=24, n=2, logit_bias=ban)
+    assert banned[0] == banned[1] and banned[0][0] != text and tokens[0] not in banned[0][1]
+    assert streamed_texts(client, max_tokens=24, n=2, logit_bias=ban) == {0: banned[0][0], 1: banned[0][0]}
+
+    forced = tokenizer.encode(" zebra")[0]
+    force = {str(forced): 100}
+    thrice = tokenizer.decode([forced] * 3)
+    assert greedy_choices(client, max_tokens=3, logit_bias=force) == [(thrice, [tokenizer.decode([forced]).encode()]
+                                                                       * 3)]
+    assert streamed_texts(client, max_tokens=3, n=2, logit_bias=force) == {0: thrice, 1: thrice}
+    completion = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=3,
+                                           n=2, logit_bias=force)
+    assert [choice.text for choice in completion.choices] == [thrice, thrice]
+
+
+def most_repeated(tokens: list) -> int:
+    return max(tokens.count(token) for token in tokens)
+
+
+def test_penalties_cut_repeats(busy_server):
+    """On the untrained model, whose greedy reply repeats one token: presence and frequency penalties, whole and
+    streamed, n > 1."""
+    client = openai.OpenAI(base_url=f"{busy_server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def choices(**kwargs) -> list[tuple[str, list[str]]]:
+        reply = client.completions.create(model="tiny", prompt="go", temperature=0, max_tokens=24, logprobs=0,
+                                          **kwargs)
+        return [(choice.text, choice.logprobs.tokens) for choice in reply.choices]
+
+    plain = choices()[0][1]
+    assert most_repeated(plain) >= 10
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        penalized = choices(n=2, **{penalty: 2.0})
+        assert penalized[0] == penalized[1] and most_repeated(penalized[0][1]) == 1, penalty
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="go", temperature=0, max_tokens=24, stream=True, **{penalty: 2.0}))
+        assert streamed == penalized[0][0], penalty
+    # vLLM's CTRL-style repetition_penalty (prompt tokens included)
+    assert most_repeated(choices(extra_body={"repetition_penalty": 2.0})[0][1]) < most_repeated(plain)
+    # a frequency penalty grows with each repeat: a small one lets a token come back, not without end
+    assert 1 < most_repeated(choices(frequency_penalty=0.5)[0][1]) < most_repeated(choices(presence_penalty=0.5)[0][1])
+
+
+def test_top_k_one_is_greedy(client, expected):
+    """vLLM's top_k, sent as the openai client sends it (extra_body)."""
+    sampled = ask(client, temperature=2.0, n=4, seed=0, max_tokens=24)
+    assert any(choice.message.content != expected[0] for choice in sampled.choices)
+    top_1 = ask(client, temperature=2.0, n=4, seed=0, max_tokens=24, extra_body={"top_k": 1})
+    assert [choice.message.content for choice in top_1.choices] == [expected[0]] * 4
+
+
+def test_penalty_and_logit_bias_validation(server):
+    root = server[0]
+    question = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [({"presence_penalty": 2.5}, 422, "presence_penalty"), ({"frequency_penalty": -3}, 422,
+                                                                      "frequency_penalty"),
+             ({"logit_bias": {"abc": 1}}, 422, "logit_bias"), ({"logit_bias": {"5": 101}}, 422, "logit_bias"),
+             ({"logit_bias": {"-1": 1}}, 422, "logit_bias"), ({"logit_bias": [1]}, 422, "logit_bias"),
+             ({"logit_bias": {"1000000": 1}}, 400, "logit_bias"), ({"top_k": -2}, 422, "top_k"),
+             ({"repetition_penalty": 0}, 422, "repetition_penalty")]
+    for path, body in (("chat/completions", question), ("completions", {"model": "tiny", "prompt": "hi",
+                                                                        "max_tokens": 2})):
+        for extra, status, param in cases:
+            response = httpx.post(f"{root}/{path}", json={**body, **extra})
+            assert response.status_code == status, (extra, response.text)
+            assert response.json()["error"]["param"] == param, response.text
+    assert httpx.post(f"{root}/chat/completions", json={**question, "logit_bias": {"5": -100.0},
+                                                         "presence_penalty": -2}).status_code == 200
+
+
+def test_suffix_and_best_of_are_refused_not_ignored(client):
+    for option in ({"suffix": " and so on."}, {"best_of": 3}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=2, **option)
+        assert error.value.param == next(iter(option))
+    assert client.completions.create(model="tiny", prompt="Once", max_tokens=2, n=2, best_of=2).choices[1].index == 1

@@ -173,15 +173,15 @@ def _assistant_text(turn: dict, content: Any, content_key: str) -> str:
 
 
 def _joined_parts(content: Any, content_key: str) -> Any:
-    """OpenAI's list of content parts as one string, its text parts joined as the server joins them; other content
-    as it is."""
+    """OpenAI's list of content parts as one string, its text parts joined by newlines as vLLM joins them for a chat
+    template that takes text (and so our server); other content as it is."""
     if not isinstance(content, list):
         return content
     kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content} - {"text"}
     if kinds:
         raise DataError(f"message {content_key} has {', '.join(sorted(map(str, kinds)))} parts: only text parts are "
                         "supported")
-    return "".join(_text(part.get("text"), f"a text part of message {content_key}") for part in content)
+    return "\n".join(_text(part.get("text"), f"a text part of message {content_key}") for part in content)
 
 
 def _message(turn: Any) -> dict[str, str]:
