@@ -9,4 +9,4 @@ from mateconv.prefs.cli import main
 from mateconv.terminal import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main() and 0)  # main returns the run's summary (for callers in Python), already printed
