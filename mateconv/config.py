@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import yaml
 
-from mateconv.files import write_atomic, yaml_error
+from mateconv.files import load_yaml_mapping, write_atomic, yaml_error
 from model.config import PRESETS, MateConvConfig
 from model.config import ConfigError as ModelConfigError
 
@@ -213,12 +213,16 @@ class CheckpointConfig:
     # holding it under "state" (seed 003's model.archive, e.g. policy.pt); a directory here is taken as init_from
     init_weights: str = ""
     trust_remote_code: bool = False  # run the modelling code an init_from/ref_model_path directory ships (auto_map)
-    resume: str = "auto"
+    # "auto": the newest intact checkpoint of out_dir if any, "never": start over, else a checkpoint's path; true
+    # (also yes, 1, a bare --resume) is auto, false is never
+    resume: bool | str = "auto"
     save_interval_steps: int = 1000
     save_every_epoch: bool = False  # also a checkpoint at the end of each epoch (seed 002's CPTTrainer saves so)
     keep_checkpoint_max: int = 3
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):
+            self.resume = "auto" if self.resume else "never"
         check_positive(self, ("save_interval_steps", "keep_checkpoint_max"))
         if self.init_weights and not self.init_weights.lower().endswith(WEIGHT_FILES):
             self.init_from, self.init_weights = self.init_weights, ""  # a saved model's directory (a run's final/)
@@ -259,7 +263,7 @@ class TrackConfig:
             self.wandb_log_model = "end" if self.wandb_log_model else ""
         check_choice("wandb_log_model", self.wandb_log_model, ("", "end", "checkpoint"))
         check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
-        check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval"))
+        check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval", "peak_flops"))
 
 
 @dataclass
@@ -483,7 +487,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml_mapping(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
@@ -505,7 +509,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
 
 
 def key_lines(text: str) -> dict[str, int]:
-    """The line of each key of a YAML mapping, a section's keys as `section.field` (a key given twice: its last)."""
+    """The line of each key of a YAML mapping, a section's keys as `section.field`."""
     lines = {}
     for key, value in yaml.compose(text, Loader=yaml.SafeLoader).value:
         lines[key.value] = key.start_mark.line + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import json
 import math
@@ -31,7 +32,7 @@ from urllib.parse import urlparse
 import yaml
 
 from mateconv.config import STAGE_PROGRAMS, ConfigError, check_key, resolve
-from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
+from mateconv.files import load_yaml_mapping, read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
@@ -211,7 +212,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml_mapping(path.read_text())
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
@@ -470,6 +471,24 @@ def _finished(study) -> int:
                if not study.user_attrs.get(f"interrupted_{t.number}"))
 
 
+# What a stored study's trials were drawn and scored under: a resume with another of these would mix two searches
+SEARCH_KEYS = ("program", "command", "method", "metric", "parameters")
+
+
+def check_same_search(study, config: SweepConfig, sweep_dir: Path) -> None:
+    """A new study keeps a digest of its search (SEARCH_KEYS); a resumed one must have the same (a study stored
+    without one takes this one's)."""
+    search = json.dumps({key: config.raw.get(key) for key in SEARCH_KEYS}, sort_keys=True, default=str)
+    digest = hashlib.sha256(search.encode()).hexdigest()
+    stored = study.user_attrs.get("search_digest")
+    if stored is None:
+        study.set_user_attr("search_digest", digest)
+    elif stored != digest:
+        raise SweepError(f"{sweep_dir}: the sweep config changed since study '{config.name}' started there (program, "
+                         f"command, method, metric or parameters): give it a new name (`name:` in the YAML) to start "
+                         f"a new study, or delete {sweep_dir} to start this one over")
+
+
 def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
                seed: int = 0) -> Path:
     """Runs the sweep until `count` trials have finished in total (resuming the stored study). Returns its dir."""
@@ -494,6 +513,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
     with _SweepLock(sweep_dir):
         study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'study.db'}",
                                     direction=config.goal, load_if_exists=True, pruner=make_pruner(config))
+        check_same_search(study, config, sweep_dir)
         # A resumed study must not replay the random draws of the first session.
         study.sampler = _make_sampler(config, seed + len(study.trials))
         # Trials a killed runner left RUNNING: fail them and run their parameters again.

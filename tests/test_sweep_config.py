@@ -77,6 +77,16 @@ def test_file_errors(tmp_path):
         load_sweep_config(bad)
 
 
+def test_a_key_given_twice_names_its_line(tmp_path):
+    """A second `parameters:` silently replaced the first (PyYAML keeps the last): half the search space was gone."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("program: 4.pretrain.py\nmethod: random\nparameters:\n  lr: {values: [1.0e-3]}\n"
+                    "parameters:\n  batch_size: {values: [4, 8]}\n")
+    with pytest.raises(SweepError, match=f"^sweep config {path}:5: not valid YAML: key 'parameters' is given twice "
+                                         "\\(first at line 3\\)$"):
+        load_sweep_config(path)
+
+
 def test_cli_reports_a_typo_in_one_line(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(_config(metrc={"name": "loss"})))

@@ -169,6 +169,12 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--seed", "-1"], "seed must be in [0, 2**31), got -1"),
     (["--initializer_range", "-0.02"], "initializer_range must be >= 0, got -0.02"),
     (["--multiple_of", "0"], "MateConvConfig.multiple_of must be a positive integer, got 0"),
+    # these trained on: a pad id outside the vocabulary, a negative balance loss or peak FLOP/s (a negative MFU)
+    (["--pad_token_id", "-5"], "pad_token_id must be a token id in [0, vocab_size 6400), got -5"),
+    (["--vocab_size", "512", "--eos_token_id", "512"], "eos_token_id must be a token id in [0, vocab_size 512), "
+                                                       "got 512"),
+    (["--aux_loss_alpha", "-0.1"], "aux_loss_alpha must be >= 0, got -0.1"),
+    (["--peak_flops", "-1e12"], "peak_flops must be >= 0, got -1000000000000.0"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -188,6 +194,49 @@ def test_yaml_values_are_type_checked_and_named_with_their_line(tmp_path):
     path.write_text("dim: 64\n1: 2\n")  # a key YAML reads as a number (a traceback before)
     with pytest.raises(ConfigError, match=f"^{path}:2: unknown config key '1'$"):
         parse_config([str(path)])
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first learning_rate of a long file was silently not used."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("learning_rate: 1.0e-3\nbatch_size: 4\nlearning_rate: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=f"^{path}:3: not valid YAML: key 'learning_rate' is given twice \\(first "
+                                          "at line 1\\)$"):
+        parse_config([str(path)])
+    path.write_text("model:\n  dim: 64\noptim:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(ConfigError, match=f"^{path}:5: not valid YAML: key 'model' is given twice"):
+        parse_config([str(path)])
+    from mateconv.files import load_yaml_mapping
+
+    path.write_text("base: &base {dim: 64, n_layers: 2}\nmodel:\n  <<: *base\n  dim: 32\n")  # a merge's override
+    assert load_yaml_mapping(path.read_text()) == {"base": {"dim": 64, "n_layers": 2}, "model": {"dim": 32,
+                                                                                                  "n_layers": 2}}
+
+
+@pytest.mark.parametrize("argv, resume", [(["--resume", "true"], "auto"), (["--resume", "yes"], "auto"),
+                                          (["--resume"], "auto"), (["--resume", "1"], "auto"),
+                                          (["--resume", "false"], "never"), (["--overrides", "resume=no"], "never"),
+                                          (["--resume", "out/sft/checkpoints/step_00000200"],
+                                           "out/sft/checkpoints/step_00000200")])
+def test_resume_takes_the_boolean_words(argv, resume):
+    """`--resume true` was taken as the path of a checkpoint named true."""
+    assert parse_config(argv).checkpoint.resume == resume
+
+
+def test_a_yaml_resume_may_be_a_boolean(tmp_path):
+    path = tmp_path / "resume.yaml"
+    path.write_text("resume: false\n")  # was: resume: expected str, got False
+    assert parse_config([str(path)]).checkpoint.resume == "never"
+
+
+def test_help_names_the_program_the_user_ran(capsys):
+    """`pretrain_sft_lora.py --mode sft --help` printed `usage: sft ...`, a program that does not exist."""
+    from mateconv.train.stages import main, main_one_program
+
+    main_one_program("pretrain_sft_lora", ["--mode", "sft", "--help"])
+    assert capsys.readouterr().out.startswith("usage: pretrain_sft_lora.py --mode sft [CONFIG.yaml] [--key value")
+    main("dpo", ["--help"])
+    assert capsys.readouterr().out.startswith("usage: 9.train_dpo.py [CONFIG.yaml] [--key value")
 
 
 def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):

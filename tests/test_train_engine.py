@@ -605,6 +605,33 @@ def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_m
                                   "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
 
 
+def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--lora_target_modules q_proj norm` ended in peft's traceback (RMSNorm is not supported), and `embed_tokens`
+    adapted the tied embedding, so the merged final/ model was not the model trained."""
+    from mateconv.train.stages import main
+
+    for name in ("norm", "embed_tokens"):
+        flags = tiny_flags(tmp_path / name, "sft", init_from=tiny_pretrain_model, max_steps=1, use_lora=True,
+                           lora_target_modules=f"q_proj,{name}")
+        with pytest.raises(SystemExit) as stopped:
+            main("sft", flags)
+        assert str(stopped.value) == (f"sft: lora_target_modules: {name} is not a linear layer (LoRA adapts these "
+                                      "linear layers of the model: down_proj, gate_proj, k_proj, lm_head, o_proj, "
+                                      "q_proj, up_proj, v_proj)")
+
+
+def test_lora_needs_a_trained_model(tiny_flags, tmp_path):
+    """`4.pretrain.py --use_lora` trained rank-8 adapters on a random model (its weights frozen) and said nothing."""
+    from mateconv.train.stages import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main("pretrain", tiny_flags(tmp_path / "scratch", use_lora=True))
+    assert str(stopped.value) == ("pretrain: use_lora adapts a trained model, and this run starts from a random one "
+                                  "(no init_from or init_weights): name the model to adapt, or train without "
+                                  "--use_lora")
+    assert not (tmp_path / "scratch").exists()
+
+
 def test_muon_trains(train, tmp_path):
     train(tmp_path, max_steps=8, optimizer="muon", muon_lr=0.02, eval_interval=100)
     curve = losses(tmp_path)

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
@@ -164,6 +165,9 @@ def build_model(config: TrainConfig) -> nn.Module:
     if config.parallel.gradient_checkpointing:  # the training forwards pass use_cache=False; the saved config keeps it
         enable_activation_checkpointing(model)
     if config.lora.enabled:
+        if not (config.checkpoint.init_from or config.checkpoint.init_weights):
+            raise ConfigError("use_lora adapts a trained model, and this run starts from a random one (no init_from "
+                              "or init_weights): name the model to adapt, or train without --use_lora")
         model = add_lora(model, config.lora)
     return model
 
@@ -188,17 +192,28 @@ def learned_positions(model: nn.Module) -> int | None:
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
 
+LINEAR_LAYERS = (nn.Linear, Conv1D)  # what LoRA adapts here (Conv1D: GPT-2's linear layers)
+
+
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in lora.target_modules if t in present]
-    missing = [t for t in lora.target_modules if t not in present]
+    kinds: dict[str, set[bool]] = {}  # each module name: whether its modules are linear layers
+    for name, module in model.named_modules():
+        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(isinstance(module, LINEAR_LAYERS))
+    linears = ", ".join(sorted(name for name, linear in kinds.items() if linear == {True}))
+    targets = [t for t in lora.target_modules if t in kinds]
+    missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
     if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
-        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
-                          f"layers: {', '.join(linears)})")
+                          f"layers: {linears})")
+    # peft also adapts embeddings (tied to lm_head here: the merged model would not be the one trained) and fails on
+    # anything else in a traceback
+    for target in targets:
+        if kinds[target] != {True}:
+            raise ConfigError(f"lora_target_modules: {target} is not a linear layer (LoRA adapts these linear layers "
+                              f"of the model: {linears})")
     # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
