@@ -239,6 +239,16 @@ def test_help_names_the_program_the_user_ran(capsys):
     assert capsys.readouterr().out.startswith("usage: 9.train_dpo.py [CONFIG.yaml] [--key value")
 
 
+def test_the_seed_program_pretrains_without_a_mode(capsys):
+    """Seed 000's flags table gives `--mode` the default pretrain; `pretrain_sft_lora.py --epochs 1` was refused."""
+    from mateconv.train.stages import main_one_program
+
+    with pytest.raises(SystemExit) as stopped:
+        main_one_program("pretrain_sft_lora", ["--epochs", "1", "--dim", "100", "--n_heads", "8"])
+    assert str(stopped.value) == "pretrain: dim (100) must be divisible by n_heads (8)"
+    assert capsys.readouterr().out == "[pretrain_sft_lora] no --mode: pretrain (seed 000's default)\n"
+
+
 def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):
     """PyYAML's first message line ('while scanning for the next token') named neither the line nor the problem."""
     path = tmp_path / "bad.yaml"

@@ -433,11 +433,15 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         exit_with(f"{program}: {e}")
     key, value = named[-1] if named else ("", "")
+    if program == "pretrain_sft_lora" and not named and not asks_help:
+        key, value = "mode", "pretrain"  # seed 000's flags table: --mode defaults to pretrain
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[{program}] no --mode: pretrain (seed 000's default)", flush=True)
     if program == "pretrain_sft_lora" and (key, value) == ("mode", "test"):
         from mateconv.evaluate import seed_test_main
         seed_test_main(argv)
         return 0
-    stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
+    stage = STAGE_KEYS[key].get(value) if key and isinstance(value, str) else None
     if stage is not None:
         seed_defaults = seed_program_defaults(stage) if program == "pretrain_sft_lora" else None
         return main(stage, argv, seed_defaults, f"{program}.py --mode {stage}" if key == "mode" else f"{program}.py")
