@@ -710,7 +710,11 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
     entity = entity or config.raw.get("entity")
     if sweep_id is None:
         raw = {k: v for k, v in config.raw.items() if k not in ("project", "entity")}
-        sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
+        try:
+            sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
+        except wandb.errors.Error as e:  # no API key, W&B unreachable: its message, not its traceback
+            raise SweepError(f"--backend wandb: W&B did not register the sweep: {str(e).strip().splitlines()[0]} "
+                             "(--backend optuna runs offline)") from None
     slots = trial_gpus(config, gpus)
     if len(slots) > 1:  # W&B's way to use several GPUs: an agent per GPU
         gpus = slots[0]

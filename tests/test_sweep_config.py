@@ -1,4 +1,5 @@
 """Sweep YAML parsing and validation, command macros."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mateconv.sweep import SweepError, build_command, load_sweep_config, parse_sweep_config
+from mateconv.sweep import SweepError, build_command, load_sweep_config, parse_sweep_config, run_wandb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,20 @@ def test_a_key_given_twice_names_its_line(tmp_path):
     with pytest.raises(SweepError, match=f"^sweep config {path}:5: not valid YAML: key 'parameters' is given twice "
                                          "\\(first at line 3\\)$"):
         load_sweep_config(path)
+
+
+def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
+    """`run_sweep.py --backend wandb` with no W&B API key ended in wandb's UsageError traceback."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    for key in [key for key in os.environ if key.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(SweepError) as error:
+        run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps")
+    assert str(error.value) == ("--backend wandb: W&B did not register the sweep: No API key configured. Use "
+                                "`wandb login` to log in. (--backend optuna runs offline)")
 
 
 def test_cli_reports_a_typo_in_one_line(tmp_path):
