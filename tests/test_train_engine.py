@@ -620,6 +620,18 @@ def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_m
                                       "q_proj, up_proj, v_proj)")
 
 
+def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--init_from out/pretrain` (the run, not its model) failed in transformers: 'Unrecognized model ... Should have
+    a `model_type` key in its config.json', which names neither the mistake nor the fix."""
+    from mateconv.train.stages import main
+
+    run_dir = tiny_pretrain_model.parent
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=run_dir))
+    assert str(stopped.value) == (f"sft: init_from: {run_dir} is a training run's output directory; its model is "
+                                  f"{run_dir / 'final'}")
+
+
 def test_lora_needs_a_trained_model(tiny_flags, tmp_path):
     """`4.pretrain.py --use_lora` trained rank-8 adapters on a random model (its weights frozen) and said nothing."""
     from mateconv.train.stages import main

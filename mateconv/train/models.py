@@ -51,6 +51,8 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
     if Path(path).is_file():
         raise ConfigError(f"{key}: {path} is a file; name the model directory that holds it (config.json and the "
                           "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
+    if not (Path(path) / "config.json").is_file() and (Path(path) / "final" / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is a training run's output directory; its model is {Path(path) / 'final'}")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
