@@ -473,6 +473,8 @@ def convert(place: tuple[str, str], value):
     elif typing.get_origin(kind) is list:
         expected = "list of strings"
         if isinstance(value, str):
+            if value.startswith("[") and value.endswith("]"):  # a YAML list: `--overrides key=[a, b]`
+                value = value[1:-1]
             return [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
@@ -551,6 +553,8 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
         name, has_value, inline = token[2:].partition("=")
         if name == "config":
             path = inline if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not path or path.startswith("--"):
+                raise ConfigError("--config needs a value")
             files += load_yaml(path)
             i += 1 if has_value else 2
             continue

@@ -127,6 +127,9 @@ def test_list_flags_take_several_values_or_commas():
     config = parse_config(["--lora_target_modules", "q_proj", "v_proj", "--forget_data_paths", "", "--use_moe"])
     assert (config.lora.target_modules, config.dpo.forget_data_paths) == (["q_proj", "v_proj"], [])
     assert parse_config(["--lora_target_modules", "q_proj,o_proj"]).lora.target_modules == ["q_proj", "o_proj"]
+    # a YAML list in an override (seed 003's `--overrides key=value` form) was read as names "[q_proj" and "o_proj]"
+    assert parse_config(["--overrides", "lora_target_modules=[q_proj, o_proj]"]).lora.target_modules == ["q_proj",
+                                                                                                       "o_proj"]
 
 
 def test_deepspeed_local_rank_and_optional_int():
@@ -150,6 +153,8 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--zero_stage", "4"], "zero_stage: 4 is not one of 0, 1, 2, 3"),
     (["--overrides", "batch_size"], "override 'batch_size' must look like key=value"),
     (["--dim"], "--dim needs a value"),
+    (["--config"], "--config needs a value"),  # was: config file not found: .
+    (["--config", "--dim", "64"], "--config needs a value"),
     (["missing.yaml"], "config file not found: missing.yaml"),
     (["--offload_param"], "offload_param needs zero_stage 3"),
     (["--dim", "100", "--n_heads", "8"], "dim (100) must be divisible by n_heads (8)"),
