@@ -435,9 +435,10 @@ def convert(place: tuple[str, str], value):
     key, kind = NAMES[place], KINDS[place]
     optional = isinstance(kind, types.UnionType) and type(None) in kind.__args__
     if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
         kind = next(k for k in kind.__args__ if k is not type(None))
+        unset = ("none", "null", "", "auto") if kind is bool else ("none", "null", "")  # a switch: auto|1|0
+        if value is None or (isinstance(value, str) and value.lower() in unset):
+            return None
     if kind == bool | str:  # a switch that may name a mode instead (wandb_log_model)
         switch = isinstance(value, bool) or str(value).lower() in TRUE_WORDS + FALSE_WORDS
         kind = bool if switch else str

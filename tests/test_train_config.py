@@ -121,6 +121,8 @@ def test_a_bare_optional_switch_is_true():
     config = parse_config(["--eval_at_start", "--compile", "--dim", "64"])
     assert (config.track.eval_at_start, config.parallel.compile, config.model.dim) == (True, True, 64)
     assert parse_config(["--eval_at_start", "none"]).track.eval_at_start is None
+    # the chat's and the server's --compile take auto|1|0: the training's said "compile: expected bool, got 'auto'"
+    assert parse_config(["--compile", "auto", "--eval_at_start", "auto"]).parallel.compile is None
 
 
 def test_list_flags_take_several_values_or_commas():
