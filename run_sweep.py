@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (W&B sweep schema)")
     parser.add_argument("--count", type=int, help="trials in total (resumed studies count the finished ones); "
-                                                  "grid defaults to the grid size")
+                                                  "grid defaults to the grid size; the YAML's run_cap caps it")
     parser.add_argument("--backend", choices=("auto", "optuna", "wandb"), default="auto",
                         help="auto: wandb when online with an API key, else optuna")
     parser.add_argument("--out_dir", default="out/sweeps", help="sweeps root; a sweep writes <out_dir>/<name>/")

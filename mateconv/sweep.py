@@ -188,6 +188,9 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
         for p in params.values():
             if p.distribution not in ("constant", "categorical"):
                 raise SweepError(f"parameter '{p.name}': method 'grid' needs 'values' or 'value', not a distribution")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and not (isinstance(run_cap, int) and not isinstance(run_cap, bool) and run_cap >= 1):
+        raise SweepError(f"sweep config: run_cap must be a positive integer, got {run_cap!r}")
     command = raw.get("command")
     if command is not None:
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
@@ -501,12 +504,15 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if p.distribution in WANDB_ONLY_DISTRIBUTIONS:
             raise SweepError(f"parameter '{p.name}': distribution '{p.distribution}' is supported only by "
                              f"--backend wandb (optuna maps: {', '.join(OPTUNA_DISTRIBUTIONS)})")
+    run_cap = config.raw.get("run_cap")  # W&B's cap on the sweep's runs
     if count is None:
-        if config.method != "grid":
-            raise SweepError(f"method '{config.method}' needs --count (grid defaults to the grid size)")
-        count = grid_size(config)
+        if config.method != "grid" and not run_cap:
+            raise SweepError(f"method '{config.method}' needs --count or run_cap (grid defaults to the grid size)")
+        count = grid_size(config) if config.method == "grid" else run_cap
     if config.method == "grid":
         count = min(count, grid_size(config))
+    if run_cap:
+        count = min(count, run_cap)
     sweep_dir = out_root / config.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own one-line messages

@@ -72,6 +72,16 @@ def _expected(call: dict) -> float:
     return (math.log10(call["learning_rate"]) + 3.5) ** 2 + (0.0 if call["use_moe"] == "true" else 0.25) + 0.5 / 3
 
 
+def test_run_cap_caps_the_trials(tmp_path):
+    """W&B's `run_cap` (a key the config accepts) was ignored by the Optuna backend: `--count 5` ran 5 trials over a
+    cap of 2, and without --count a random sweep was refused for want of one."""
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text() + "run_cap: 2\n")
+    run_optuna(load_sweep_config(path), count=None, out_root=tmp_path / "sweeps")
+    run_optuna(load_sweep_config(path), count=5, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 2
+
+
 def test_a_changed_sweep_config_does_not_resume_the_old_study(tmp_path):
     """Rerunning a sweep after editing its search space (or its goal) went on with the stored study: new trials
     mixed with old ones in one summary, and a goal turned to maximize was silently kept at minimize."""
