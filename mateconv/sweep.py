@@ -179,6 +179,8 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
         metric, goal = str(raw["metric"]["name"]), raw["metric"].get("goal", "minimize")
         if goal not in GOALS:
             raise SweepError(f"sweep config: metric goal must be minimize or maximize, got {goal!r}")
+        if "target" in raw["metric"] and not _is_number(raw["metric"]["target"]):
+            raise SweepError(f"sweep config: metric target must be a number, got {raw['metric']['target']!r}")
     elif raw["method"] == "bayes":
         raise SweepError("sweep config: method 'bayes' needs a metric {name, goal}")
     if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
@@ -474,14 +476,16 @@ def _finished(study) -> int:
                if not study.user_attrs.get(f"interrupted_{t.number}"))
 
 
-# What a stored study's trials were drawn and scored under: a resume with another of these would mix two searches
-SEARCH_KEYS = ("program", "command", "method", "metric", "parameters")
+# What a stored study's trials were drawn and scored under (and the metric's name and goal): a resume with another of
+# these would mix two searches
+SEARCH_KEYS = ("program", "command", "method", "parameters")
 
 
 def check_same_search(study, config: SweepConfig, sweep_dir: Path) -> None:
-    """A new study keeps a digest of its search (SEARCH_KEYS); a resumed one must have the same (a study stored
-    without one takes this one's)."""
-    search = json.dumps({key: config.raw.get(key) for key in SEARCH_KEYS}, sort_keys=True, default=str)
+    """A new study keeps a digest of its search (SEARCH_KEYS, the metric); a resumed one must have the same (a study
+    stored without one takes this one's)."""
+    search = {key: config.raw.get(key) for key in SEARCH_KEYS} | {"metric": [config.metric, config.goal]}
+    search = json.dumps(search, sort_keys=True, default=str)
     digest = hashlib.sha256(search.encode()).hexdigest()
     stored = study.user_attrs.get("search_digest")
     if stored is None:
@@ -588,10 +592,24 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             print(f"[sweep] trial {_number(trial)}: {config.metric}={value:.6g}", flush=True)
             return value
 
+        target = (config.raw.get("metric") or {}).get("target")
+
+        def reached(value: float | None) -> bool:
+            """Whether a trial's value reached the metric's target (W&B's: then no more trials start)."""
+            return target is not None and value is not None and (
+                value <= target if config.goal == "minimize" else value >= target)
+
         def after_trial(study, trial) -> None:
             write_summary(study, config, sweep_dir)
+            if reached(trial.value):
+                print(f"[sweep] trial {_number(trial)} reached the metric's target {target}: no more trials",
+                      flush=True)
+                study.stop()
 
         remaining = count - _finished(study)
+        if any(reached(t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+            print(f"[sweep] a trial reached the metric's target {target} already: no more trials", flush=True)
+            remaining = 0
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), callbacks=[after_trial],
                            n_jobs=len(slots))

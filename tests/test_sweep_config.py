@@ -56,6 +56,7 @@ def test_parse_kinds_and_inference():
     (_config(method="grid"), "method 'grid' needs 'values' or 'value'"),
     (_config(command=["${interpreter}", "${program}", "${argz}"]), "unknown command macro ${argz}"),
     (_config(run_cap=0), "sweep config: run_cap must be a positive integer, got 0"),
+    (_config(metric={"name": "val_loss", "target": "low"}), "sweep config: metric target must be a number, got 'low'"),
 ])
 def test_invalid_configs_name_the_problem(raw, message):
     with pytest.raises(SweepError) as error:

@@ -82,6 +82,16 @@ def test_run_cap_caps_the_trials(tmp_path):
     assert len(_calls(tmp_path)) == 2
 
 
+def test_a_trial_that_reaches_the_metric_target_ends_the_sweep(tmp_path):
+    """W&B's `metric.target` (accepted by the config) was ignored by the Optuna backend: it ran all --count trials."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "metric": {**raw["metric"], "target": 100.0}}))  # every trial is below
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")  # a rerun: reached already
+    assert len(_calls(tmp_path)) == 1
+
+
 def test_a_changed_sweep_config_does_not_resume_the_old_study(tmp_path):
     """Rerunning a sweep after editing its search space (or its goal) went on with the stored study: new trials
     mixed with old ones in one summary, and a goal turned to maximize was silently kept at minimize."""
