@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -200,22 +201,28 @@ LINEAR_LAYERS = (nn.Linear, Conv1D)  # what LoRA adapts here (Conv1D: GPT-2's li
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    kinds: dict[str, set[bool]] = {}  # each module name: whether its modules are linear layers
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied: counted twice
+    kinds: dict[str, set[str]] = {}  # each module name: what its modules are (linear, tied linear, other)
     for name, module in model.named_modules():
-        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(isinstance(module, LINEAR_LAYERS))
-    linears = ", ".join(sorted(name for name, linear in kinds.items() if linear == {True}))
+        linear = isinstance(module, LINEAR_LAYERS)
+        kind = "other" if not linear else "tied" if shared[id(module.weight)] > 1 else "linear"
+        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(kind)
+    linears = ", ".join(sorted(name for name, kind in kinds.items() if kind == {"linear"}))
     targets = [t for t in lora.target_modules if t in kinds]
     missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
     if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
         raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
                           f"layers: {linears})")
-    # peft also adapts embeddings (tied to lm_head here: the merged model would not be the one trained) and fails on
+    # peft adapts embeddings too, but then (as for a tied lm_head) the merged model is not the one trained; it fails on
     # anything else in a traceback
     for target in targets:
-        if kinds[target] != {True}:
-            raise ConfigError(f"lora_target_modules: {target} is not a linear layer (LoRA adapts these linear layers "
-                              f"of the model: {linears})")
+        problem = ("is not a linear layer" if "other" in kinds[target] else "shares its weight with another layer "
+                   "(tied embeddings): merged into the saved model the adapter would change both"
+                   if "tied" in kinds[target] else None)
+        if problem:
+            raise ConfigError(f"lora_target_modules: {target} {problem} (LoRA adapts these linear layers of the "
+                              f"model: {linears})")
     # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
