@@ -23,7 +23,9 @@ import os
 import queue
 import shlex
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -725,6 +727,28 @@ def wandb_trial(run, config: SweepConfig, runner: StageRunner, sweep_dir: Path, 
     return returncode
 
 
+@contextmanager
+def wandb_errors_in_one_line(what: str) -> Iterator[None]:
+    """W&B's own errors (no API key, W&B unreachable, an unknown sweep id) as a SweepError, not their traceback."""
+    import wandb
+
+    try:
+        yield
+    except wandb.errors.Error as e:
+        raise SweepError(f"--backend wandb: W&B {what}: {str(e).strip().splitlines()[0]} (--backend optuna runs "
+                         "offline)") from None
+
+
+def choose_backend(backend: str, sweep_id: str | None) -> str:
+    """run_sweep's --backend: auto is wandb when W&B is online with an API key, or when --sweep_id names a W&B sweep
+    to join; else optuna."""
+    if sweep_id and backend == "optuna":
+        raise SweepError("--sweep_id joins a W&B sweep: it goes with --backend wandb (or auto), not optuna")
+    if backend != "auto":
+        return backend
+    return "wandb" if sweep_id or wandb_available() else "optuna"
+
+
 def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
               project: str | None = None, entity: str | None = None, sweep_id: str | None = None) -> str:
     """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent (`wandb_trial`)."""
@@ -734,11 +758,8 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
     entity = entity or config.raw.get("entity")
     if sweep_id is None:
         raw = {k: v for k, v in config.raw.items() if k not in ("project", "entity")}
-        try:
+        with wandb_errors_in_one_line("did not register the sweep"):
             sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
-        except wandb.errors.Error as e:  # no API key, W&B unreachable: its message, not its traceback
-            raise SweepError(f"--backend wandb: W&B did not register the sweep: {str(e).strip().splitlines()[0]} "
-                             "(--backend optuna runs offline)") from None
     slots = trial_gpus(config, gpus)
     if len(slots) > 1:  # W&B's way to use several GPUs: an agent per GPU
         gpus = slots[0]
@@ -756,5 +777,6 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
             if returncode != 0:
                 run.finish(exit_code=returncode)
 
-    wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
+    with wandb_errors_in_one_line(f"did not run an agent of sweep {sweep_id}"):
+        wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
     return sweep_id

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mateconv.sweep import SweepError, build_command, load_sweep_config, parse_sweep_config, run_wandb
+from mateconv.sweep import (SweepError, build_command, choose_backend, load_sweep_config, parse_sweep_config,
+                            run_wandb)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,17 +92,29 @@ def test_a_key_given_twice_names_its_line(tmp_path):
 
 
 def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
-    """`run_sweep.py --backend wandb` with no W&B API key ended in wandb's UsageError traceback."""
+    """`run_sweep.py --backend wandb` with no W&B API key ended in wandb's UsageError traceback, when it registered a
+    sweep and when it joined one (`--sweep_id`)."""
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(_config()))
     for key in [key for key in os.environ if key.startswith("WANDB_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("WANDB_MODE", "offline")
+    reason = "No API key configured. Use `wandb login` to log in. (--backend optuna runs offline)"
     with pytest.raises(SweepError) as error:
         run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps")
-    assert str(error.value) == ("--backend wandb: W&B did not register the sweep: No API key configured. Use "
-                                "`wandb login` to log in. (--backend optuna runs offline)")
+    assert str(error.value) == f"--backend wandb: W&B did not register the sweep: {reason}"
+    with pytest.raises(SweepError) as error:
+        run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id="abc123")
+    assert str(error.value) == f"--backend wandb: W&B did not run an agent of sweep abc123: {reason}"
+
+
+def test_a_sweep_id_joins_a_wandb_sweep(monkeypatch):
+    """`run_sweep.py --sweep_id ID` offline ran a new local Optuna study instead of joining the W&B sweep."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert choose_backend("auto", "abc123") == "wandb" and choose_backend("auto", None) == "optuna"
+    with pytest.raises(SweepError, match="^--sweep_id joins a W&B sweep: it goes with --backend wandb"):
+        choose_backend("optuna", "abc123")
 
 
 def test_cli_reports_a_typo_in_one_line(tmp_path):
