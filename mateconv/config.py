@@ -192,9 +192,12 @@ class ParallelConfig:
             raise ConfigError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
-        if self.engine == "fsdp" and (self.zero_stage or self.ds_config or self.offload_optimizer or self.offload_param):
-            raise ConfigError("engine fsdp shards parameters, gradients and optimizer state itself: zero_stage, "
-                              "ds_config and offload are DeepSpeed's settings (use --engine deepspeed for them)")
+        if self.engine in ("fsdp", "torch") and (self.zero_stage or self.ds_config or self.offload_optimizer
+                                                 or self.offload_param):
+            engine = ("engine fsdp shards parameters, gradients and optimizer state itself" if self.engine == "fsdp"
+                      else "engine torch is plain PyTorch (one process or DDP)")
+            raise ConfigError(f"{engine}: zero_stage, ds_config and offload are DeepSpeed's settings (use --engine "
+                              "deepspeed for them)")
         if self.compile and self.zero_stage == 3:
             raise ConfigError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks the "
                               "compiled graph would skip); use zero_stage 0-2 or --compile 0")

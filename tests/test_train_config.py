@@ -159,6 +159,13 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--config", "--dim", "64"], "--config needs a value"),
     (["missing.yaml"], "config file not found: missing.yaml"),
     (["--offload_param"], "offload_param needs zero_stage 3"),
+    # engine torch ran plain DDP and left these out without a word (a run that needed ZeRO's memory ran out of it)
+    (["--engine", "torch", "--zero_stage", "2"], "engine torch is plain PyTorch (one process or DDP): zero_stage, "
+                                                 "ds_config and offload are DeepSpeed's settings (use --engine "
+                                                 "deepspeed for them)"),
+    (["--ddp", "--ds_config", "ds_configs/zero2.json"], "engine torch is plain PyTorch (one process or DDP): "
+                                                        "zero_stage, ds_config and offload are DeepSpeed's settings "
+                                                        "(use --engine deepspeed for them)"),
     (["--dim", "100", "--n_heads", "8"], "dim (100) must be divisible by n_heads (8)"),
     (["--dpo_beta", "0"], "dpo_beta must be > 0, got 0.0"),
     (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
