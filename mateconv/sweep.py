@@ -21,6 +21,7 @@ import math
 import netrc
 import os
 import queue
+import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from urllib.parse import urlparse
 import yaml
 
 from mateconv.config import STAGE_PROGRAMS, ConfigError, check_key, resolve
-from mateconv.files import load_yaml_mapping, read_metrics, save_figure, write_atomic, yaml_error
+from mateconv.files import UniqueKeyLoader, read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
@@ -58,6 +59,15 @@ COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_n
 
 class SweepError(ValueError):
     """A sweep config or a trial that cannot be used; the message names the problem."""
+
+
+class SweepLoader(UniqueKeyLoader):
+    """YAML 1.1 reads a number in exponent form without a dot (`min: 1e-5`, as sweep configs write learning rates) as
+    text; here it is a number, as YAML 1.2 and W&B's examples have it."""
+
+
+SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
     try:
-        raw = load_yaml_mapping(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=SweepLoader)
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):

@@ -81,6 +81,18 @@ def test_file_errors(tmp_path):
         load_sweep_config(bad)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """`min: 1e-5` (YAML 1.1 reads it as text) stopped with "needs a numeric 'min'"; a `values: [1e-3, 3e-4]`
+    sweep's trials were strings."""
+    path = tmp_path / "exponents.yaml"
+    path.write_text("program: train.py\nmethod: random\nparameters:\n"
+                    "  learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1E-2}\n"
+                    "  weight_decay: {values: [1e-3, 3e-4, +2e1, 0.1]}\n  run_name: {value: 1e_5}\n")
+    params = load_sweep_config(path).params
+    assert (params["learning_rate"].low, params["learning_rate"].high) == (1e-5, 1e-2)
+    assert params["weight_decay"].values == (1e-3, 3e-4, 20.0, 0.1) and params["run_name"].value == "1e_5"
+
+
 def test_a_key_given_twice_names_its_line(tmp_path):
     """A second `parameters:` silently replaced the first (PyYAML keeps the last): half the search space was gone."""
     path = tmp_path / "twice.yaml"
