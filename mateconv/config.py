@@ -504,10 +504,20 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
             pairs.append((str(key), value))
+    # each setting: the key that set it; a preset's may be overridden, and seed 003's switches combine (wandb.enabled
+    # and report_to_tensorboard both pick the tracker)
+    setters: dict[tuple[str, str], str] = {}
     for key, value in pairs:
         try:
-            if key not in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
-                check_key(key, value)
+            if key in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
+                continue
+            for section, name, _ in placed([(key, value)]):
+                if key == "preset" or isinstance(SEED_ALIASES.get(key), tuple):
+                    continue
+                if setters.setdefault((section, name), key) != key:
+                    first = setters[section, name]
+                    raise ConfigError(f"{key} sets {NAMES[section, name]} again (first as {first} at line "
+                                      f"{key_lines(text).get(first)})")
         except ConfigError as e:
             line = key_lines(text).get(key)  # none for a key YAML reads as another type (`true:`)
             raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None

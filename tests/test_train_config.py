@@ -220,6 +220,10 @@ def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
     path.write_text("model:\n  dim: 64\noptim:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
     with pytest.raises(ConfigError, match=f"^{path}:5: not valid YAML: key 'model' is given twice"):
         parse_config([str(path)])
+    path.write_text("lr: 1.0e-3\nbatch_size: 4\noptim:\n  learning_rate: 3.0e-4\n")  # one setting, two names
+    with pytest.raises(ConfigError, match=f"^{path}:4: optim.learning_rate sets learning_rate again \\(first as lr "
+                                          "at line 1\\)$"):
+        parse_config([str(path)])
     from mateconv.files import load_yaml_mapping
 
     path.write_text("base: &base {dim: 64, n_layers: 2}\nmodel:\n  <<: *base\n  dim: 32\n")  # a merge's override
