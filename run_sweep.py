@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from mateconv.config import STAGE_PROGRAMS
-from mateconv.sweep import SweepError, load_sweep_config, run_optuna, run_wandb, wandb_available
+from mateconv.sweep import SweepError, choose_backend, load_sweep_config, run_optuna, run_wandb
 from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent
@@ -20,9 +20,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (W&B sweep schema)")
     parser.add_argument("--count", type=int, help="trials in total (resumed studies count the finished ones); "
-                                                  "grid defaults to the grid size")
+                                                  "grid defaults to the grid size; the YAML's run_cap caps it")
     parser.add_argument("--backend", choices=("auto", "optuna", "wandb"), default="auto",
-                        help="auto: wandb when online with an API key, else optuna")
+                        help="auto: wandb when online with an API key or given --sweep_id, else optuna")
     parser.add_argument("--out_dir", default="out/sweeps", help="sweeps root; a sweep writes <out_dir>/<name>/")
     parser.add_argument("--mode", choices=tuple(STAGE_PROGRAMS),
                         help="the stage to sweep (its program replaces the YAML's program)")
@@ -36,8 +36,7 @@ def main() -> None:
         parser.error("--count must be at least 1")
     try:
         config = load_sweep_config(args.config, str(REPO / STAGE_PROGRAMS[args.mode]) if args.mode else None)
-        backend = args.backend if args.backend != "auto" else ("wandb" if wandb_available() else "optuna")
-        if backend == "wandb":
+        if choose_backend(args.backend, args.sweep_id) == "wandb":
             sweep_id = run_wandb(config, args.count, Path(args.out_dir), args.gpus, args.project, args.entity,
                                  args.sweep_id)
             print(f"[sweep] W&B sweep {sweep_id} done")

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import yaml
 
-from mateconv.files import write_atomic, yaml_error
+from mateconv.files import load_yaml_mapping, write_atomic, yaml_error
 from model.config import PRESETS, MateConvConfig
 from model.config import ConfigError as ModelConfigError
 
@@ -192,9 +192,12 @@ class ParallelConfig:
             raise ConfigError("offload_param needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
             raise ConfigError("offload_optimizer needs zero_stage 1, 2 or 3")
-        if self.engine == "fsdp" and (self.zero_stage or self.ds_config or self.offload_optimizer or self.offload_param):
-            raise ConfigError("engine fsdp shards parameters, gradients and optimizer state itself: zero_stage, "
-                              "ds_config and offload are DeepSpeed's settings (use --engine deepspeed for them)")
+        if self.engine in ("fsdp", "torch") and (self.zero_stage or self.ds_config or self.offload_optimizer
+                                                 or self.offload_param):
+            engine = ("engine fsdp shards parameters, gradients and optimizer state itself" if self.engine == "fsdp"
+                      else "engine torch is plain PyTorch (one process or DDP)")
+            raise ConfigError(f"{engine}: zero_stage, ds_config and offload are DeepSpeed's settings (use --engine "
+                              "deepspeed for them)")
         if self.compile and self.zero_stage == 3:
             raise ConfigError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks the "
                               "compiled graph would skip); use zero_stage 0-2 or --compile 0")
@@ -213,12 +216,16 @@ class CheckpointConfig:
     # holding it under "state" (seed 003's model.archive, e.g. policy.pt); a directory here is taken as init_from
     init_weights: str = ""
     trust_remote_code: bool = False  # run the modelling code an init_from/ref_model_path directory ships (auto_map)
-    resume: str = "auto"
+    # "auto": the newest intact checkpoint of out_dir if any, "never": start over, else a checkpoint's path; true
+    # (also yes, 1, a bare --resume) is auto, false is never
+    resume: bool | str = "auto"
     save_interval_steps: int = 1000
     save_every_epoch: bool = False  # also a checkpoint at the end of each epoch (seed 002's CPTTrainer saves so)
     keep_checkpoint_max: int = 3
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):
+            self.resume = "auto" if self.resume else "never"
         check_positive(self, ("save_interval_steps", "keep_checkpoint_max"))
         if self.init_weights and not self.init_weights.lower().endswith(WEIGHT_FILES):
             self.init_from, self.init_weights = self.init_weights, ""  # a saved model's directory (a run's final/)
@@ -259,7 +266,7 @@ class TrackConfig:
             self.wandb_log_model = "end" if self.wandb_log_model else ""
         check_choice("wandb_log_model", self.wandb_log_model, ("", "end", "checkpoint"))
         check_positive(self, ("log_interval", "eval_interval", "wandb_watch_freq"))
-        check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval"))
+        check_non_negative(self, ("eval_batches", "eval_examples", "tracker_interval", "peak_flops"))
 
 
 @dataclass
@@ -431,9 +438,10 @@ def convert(place: tuple[str, str], value):
     key, kind = NAMES[place], KINDS[place]
     optional = isinstance(kind, types.UnionType) and type(None) in kind.__args__
     if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
         kind = next(k for k in kind.__args__ if k is not type(None))
+        unset = ("none", "null", "", "auto") if kind is bool else ("none", "null", "")  # a switch: auto|1|0
+        if value is None or (isinstance(value, str) and value.lower() in unset):
+            return None
     if kind == bool | str:  # a switch that may name a mode instead (wandb_log_model)
         switch = isinstance(value, bool) or str(value).lower() in TRUE_WORDS + FALSE_WORDS
         kind = bool if switch else str
@@ -469,6 +477,8 @@ def convert(place: tuple[str, str], value):
     elif typing.get_origin(kind) is list:
         expected = "list of strings"
         if isinstance(value, str):
+            if value.startswith("[") and value.endswith("]"):  # a YAML list: `--overrides key=[a, b]`
+                value = value[1:-1]
             return [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
@@ -483,7 +493,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml_mapping(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
@@ -494,10 +504,20 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
             pairs += [(f"{key}.{name}", inner) for name, inner in value.items()]
         else:
             pairs.append((str(key), value))
+    # each setting: the key that set it; a preset's may be overridden, and seed 003's switches combine (wandb.enabled
+    # and report_to_tensorboard both pick the tracker)
+    setters: dict[tuple[str, str], str] = {}
     for key, value in pairs:
         try:
-            if key not in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
-                check_key(key, value)
+            if key in STAGE_KEYS:  # `mode` and `loss.name` name the stage (parse_config)
+                continue
+            for section, name, _ in placed([(key, value)]):
+                if key == "preset" or isinstance(SEED_ALIASES.get(key), tuple):
+                    continue
+                if setters.setdefault((section, name), key) != key:
+                    first = setters[section, name]
+                    raise ConfigError(f"{key} sets {NAMES[section, name]} again (first as {first} at line "
+                                      f"{key_lines(text).get(first)})")
         except ConfigError as e:
             line = key_lines(text).get(key)  # none for a key YAML reads as another type (`true:`)
             raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
@@ -505,7 +525,7 @@ def load_yaml(path: str | Path) -> list[tuple[str, object]]:
 
 
 def key_lines(text: str) -> dict[str, int]:
-    """The line of each key of a YAML mapping, a section's keys as `section.field` (a key given twice: its last)."""
+    """The line of each key of a YAML mapping, a section's keys as `section.field`."""
     lines = {}
     for key, value in yaml.compose(text, Loader=yaml.SafeLoader).value:
         lines[key.value] = key.start_mark.line + 1
@@ -547,6 +567,8 @@ def parse_args(argv: list[str]) -> list[tuple[str, object]]:
         name, has_value, inline = token[2:].partition("=")
         if name == "config":
             path = inline if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not path or path.startswith("--"):
+                raise ConfigError("--config needs a value")
             files += load_yaml(path)
             i += 1 if has_value else 2
             continue

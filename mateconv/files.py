@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import yaml
+
 
 def temporary_sibling(path: Path) -> Path:
     """A hidden name next to `path`, unique per process, keeping the suffix (matplotlib picks the format from it)."""
@@ -49,6 +51,32 @@ def locked(path: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader refusing a key given twice in one mapping (YAML forbids it; PyYAML keeps the last, so
+    the first was silently not used). A merge (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice (first at line {first})", problem_mark=key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_mapping(text: str):
+    """`yaml.safe_load(text)` refusing duplicate keys (UniqueKeyLoader); its YAMLError goes to `yaml_error`."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def yaml_error(path: Path, error: Exception) -> str:

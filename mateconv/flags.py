@@ -2,7 +2,7 @@
 
 `--key value`, with True as a bare switch (`--key`: argparse switches and the training config both accept it) and
 False as `--key false` (how the training config turns off a setting that defaults to on); None leaves the flag out
-and a list becomes `--key a b`.
+and a list becomes `--key a b` (an empty one `--key ""`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def render_flags(values: Mapping[str, Any]) -> list[str]:
         if value is True:
             flags.append(f"--{key}")
         elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *map(format_value, value)]
+            flags += [f"--{key}", *map(format_value, value)] if value else [f"--{key}", ""]  # empty: the value ""
         elif value is not None:
             flags += [f"--{key}", format_value(value)]
     return flags

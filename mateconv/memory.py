@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from mateconv.files import load_yaml_mapping, yaml_error
 from mateconv.flags import render_flags
 from mateconv.terminal import run_main
 from model.config import MateConvConfig, preset_config
@@ -147,7 +148,10 @@ def load_presets(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PresetError(f"memory preset file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = load_yaml_mapping(path.read_text())
+    except yaml.YAMLError as e:
+        raise PresetError(yaml_error(path, e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("gpu_memory_gb"), (int, float)) \
             or not isinstance(data.get("models"), dict):
         raise PresetError(f"{path}: expected gpu_memory_gb (number) and models (mapping)")

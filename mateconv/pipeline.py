@@ -31,7 +31,7 @@ import yaml
 
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.sources import DataFile, by_kind, scan
-from mateconv.files import read_metrics, write_atomic
+from mateconv.files import load_yaml_mapping, read_metrics, write_atomic, yaml_error
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
@@ -117,7 +117,10 @@ def load_preset(name_or_path: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
         raise PipelineError(f"unknown preset {name_or_path!r} (known: {known})")
-    preset = yaml.safe_load(path.read_text()) or {}
+    try:
+        preset = load_yaml_mapping(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PipelineError(yaml_error(path, e)) from None
     base = preset.pop("extends", None)
     if base is None:
         return preset

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import json
 import math
 import netrc
 import os
 import queue
+import re
 import shlex
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from urllib.parse import urlparse
 import yaml
 
 from mateconv.config import STAGE_PROGRAMS, ConfigError, check_key, resolve
-from mateconv.files import read_metrics, save_figure, write_atomic, yaml_error
+from mateconv.files import UniqueKeyLoader, read_metrics, save_figure, write_atomic, yaml_error
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.train.signals import STOP_FILE
@@ -55,6 +59,15 @@ COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_n
 
 class SweepError(ValueError):
     """A sweep config or a trial that cannot be used; the message names the problem."""
+
+
+class SweepLoader(UniqueKeyLoader):
+    """YAML 1.1 reads a number in exponent form without a dot (`min: 1e-5`, as sweep configs write learning rates) as
+    text; here it is a number, as YAML 1.2 and W&B's examples have it."""
+
+
+SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,8 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
         metric, goal = str(raw["metric"]["name"]), raw["metric"].get("goal", "minimize")
         if goal not in GOALS:
             raise SweepError(f"sweep config: metric goal must be minimize or maximize, got {goal!r}")
+        if "target" in raw["metric"] and not _is_number(raw["metric"]["target"]):
+            raise SweepError(f"sweep config: metric target must be a number, got {raw['metric']['target']!r}")
     elif raw["method"] == "bayes":
         raise SweepError("sweep config: method 'bayes' needs a metric {name, goal}")
     if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
@@ -187,6 +202,9 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
         for p in params.values():
             if p.distribution not in ("constant", "categorical"):
                 raise SweepError(f"parameter '{p.name}': method 'grid' needs 'values' or 'value', not a distribution")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and not (isinstance(run_cap, int) and not isinstance(run_cap, bool) and run_cap >= 1):
+        raise SweepError(f"sweep config: run_cap must be a positive integer, got {run_cap!r}")
     command = raw.get("command")
     if command is not None:
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
@@ -211,7 +229,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=SweepLoader)
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
@@ -470,6 +488,26 @@ def _finished(study) -> int:
                if not study.user_attrs.get(f"interrupted_{t.number}"))
 
 
+# What a stored study's trials were drawn and scored under (and the metric's name and goal): a resume with another of
+# these would mix two searches
+SEARCH_KEYS = ("program", "command", "method", "parameters")
+
+
+def check_same_search(study, config: SweepConfig, sweep_dir: Path) -> None:
+    """A new study keeps a digest of its search (SEARCH_KEYS, the metric); a resumed one must have the same (a study
+    stored without one takes this one's)."""
+    search = {key: config.raw.get(key) for key in SEARCH_KEYS} | {"metric": [config.metric, config.goal]}
+    search = json.dumps(search, sort_keys=True, default=str)
+    digest = hashlib.sha256(search.encode()).hexdigest()
+    stored = study.user_attrs.get("search_digest")
+    if stored is None:
+        study.set_user_attr("search_digest", digest)
+    elif stored != digest:
+        raise SweepError(f"{sweep_dir}: the sweep config changed since study '{config.name}' started there (program, "
+                         f"command, method, metric or parameters): give it a new name (`name:` in the YAML) to start "
+                         f"a new study, or delete {sweep_dir} to start this one over")
+
+
 def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
                seed: int = 0) -> Path:
     """Runs the sweep until `count` trials have finished in total (resuming the stored study). Returns its dir."""
@@ -482,18 +520,22 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if p.distribution in WANDB_ONLY_DISTRIBUTIONS:
             raise SweepError(f"parameter '{p.name}': distribution '{p.distribution}' is supported only by "
                              f"--backend wandb (optuna maps: {', '.join(OPTUNA_DISTRIBUTIONS)})")
+    run_cap = config.raw.get("run_cap")  # W&B's cap on the sweep's runs
     if count is None:
-        if config.method != "grid":
-            raise SweepError(f"method '{config.method}' needs --count (grid defaults to the grid size)")
-        count = grid_size(config)
+        if config.method != "grid" and not run_cap:
+            raise SweepError(f"method '{config.method}' needs --count or run_cap (grid defaults to the grid size)")
+        count = grid_size(config) if config.method == "grid" else run_cap
     if config.method == "grid":
         count = min(count, grid_size(config))
+    if run_cap:
+        count = min(count, run_cap)
     sweep_dir = out_root / config.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own one-line messages
     with _SweepLock(sweep_dir):
         study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'study.db'}",
                                     direction=config.goal, load_if_exists=True, pruner=make_pruner(config))
+        check_same_search(study, config, sweep_dir)
         # A resumed study must not replay the random draws of the first session.
         study.sampler = _make_sampler(config, seed + len(study.trials))
         # Trials a killed runner left RUNNING: fail them and run their parameters again.
@@ -562,10 +604,24 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             print(f"[sweep] trial {_number(trial)}: {config.metric}={value:.6g}", flush=True)
             return value
 
+        target = (config.raw.get("metric") or {}).get("target")
+
+        def reached(value: float | None) -> bool:
+            """Whether a trial's value reached the metric's target (W&B's: then no more trials start)."""
+            return target is not None and value is not None and (
+                value <= target if config.goal == "minimize" else value >= target)
+
         def after_trial(study, trial) -> None:
             write_summary(study, config, sweep_dir)
+            if reached(trial.value):
+                print(f"[sweep] trial {_number(trial)} reached the metric's target {target}: no more trials",
+                      flush=True)
+                study.stop()
 
         remaining = count - _finished(study)
+        if any(reached(t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+            print(f"[sweep] a trial reached the metric's target {target} already: no more trials", flush=True)
+            remaining = 0
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, catch=(TrialFailed,), callbacks=[after_trial],
                            n_jobs=len(slots))
@@ -681,6 +737,28 @@ def wandb_trial(run, config: SweepConfig, runner: StageRunner, sweep_dir: Path, 
     return returncode
 
 
+@contextmanager
+def wandb_errors_in_one_line(what: str) -> Iterator[None]:
+    """W&B's own errors (no API key, W&B unreachable, an unknown sweep id) as a SweepError, not their traceback."""
+    import wandb
+
+    try:
+        yield
+    except wandb.errors.Error as e:
+        raise SweepError(f"--backend wandb: W&B {what}: {str(e).strip().splitlines()[0]} (--backend optuna runs "
+                         "offline)") from None
+
+
+def choose_backend(backend: str, sweep_id: str | None) -> str:
+    """run_sweep's --backend: auto is wandb when W&B is online with an API key, or when --sweep_id names a W&B sweep
+    to join; else optuna."""
+    if sweep_id and backend == "optuna":
+        raise SweepError("--sweep_id joins a W&B sweep: it goes with --backend wandb (or auto), not optuna")
+    if backend != "auto":
+        return backend
+    return "wandb" if sweep_id or wandb_available() else "optuna"
+
+
 def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str | None = None,
               project: str | None = None, entity: str | None = None, sweep_id: str | None = None) -> str:
     """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent (`wandb_trial`)."""
@@ -690,7 +768,8 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
     entity = entity or config.raw.get("entity")
     if sweep_id is None:
         raw = {k: v for k, v in config.raw.items() if k not in ("project", "entity")}
-        sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
+        with wandb_errors_in_one_line("did not register the sweep"):
+            sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
     slots = trial_gpus(config, gpus)
     if len(slots) > 1:  # W&B's way to use several GPUs: an agent per GPU
         gpus = slots[0]
@@ -708,5 +787,6 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
             if returncode != 0:
                 run.finish(exit_code=returncode)
 
-    wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
+    with wandb_errors_in_one_line(f"did not run an agent of sweep {sweep_id}"):
+        wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
     return sweep_id

@@ -113,8 +113,13 @@ def check_config(config: MateConvConfig) -> None:
                               f"n_routed_experts ({config.n_routed_experts})")
         if config.n_shared_experts < 0:
             raise ConfigError(f"n_shared_experts must be >= 0, got {config.n_shared_experts}")
-        if config.aux_loss_alpha < 0:
-            raise ConfigError(f"aux_loss_alpha must be >= 0, got {config.aux_loss_alpha}")
+    if config.aux_loss_alpha < 0:
+        raise ConfigError(f"aux_loss_alpha must be >= 0, got {config.aux_loss_alpha}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # Hugging Face allows a list of eos ids
+        value = getattr(config, name)
+        if any(not 0 <= token < config.vocab_size for token in (value if isinstance(value, list) else [value])
+               if token is not None):
+            raise ConfigError(f"{name} must be a token id in [0, vocab_size {config.vocab_size}), got {value}")
     if config.moe_impl not in MOE_IMPLS:
         raise ConfigError(f"unknown moe_impl {config.moe_impl!r}; supported: {', '.join(MOE_IMPLS)}")
     if config.scoring_func not in SCORING_FUNCS:

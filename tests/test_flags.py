@@ -19,3 +19,12 @@ def test_true_is_a_switch_argparse_accepts():
     parser.add_argument("--models", nargs="+")
     args = parser.parse_args(render_flags({"all": True, "models": ["a", "b"]}))
     assert args.all is True and args.models == ["a", "b"]
+
+
+def test_an_empty_list_is_an_empty_value_the_training_config_reads():
+    """A pipeline preset's `forget_data_paths: []` became a bare `--forget_data_paths`: 'needs a value'."""
+    from mateconv.config import parse_config
+
+    flags = render_flags({"forget_data_paths": [], "use_moe": True})
+    assert flags == ["--forget_data_paths", "", "--use_moe"]
+    assert parse_config(flags).dpo.forget_data_paths == []

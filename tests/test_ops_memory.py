@@ -106,6 +106,10 @@ def test_preset_file_errors_and_cli(tmp_path):
     bad.write_text("gpu_memory_gb: 16\nmodels:\n  mateconv-0.02b:\n    pretrain: {batch_sise: 4, max_seq_len: 8}\n")
     with pytest.raises(PresetError, match=r"unknown keys \['batch_sise'\]"):
         load_presets(bad)
+    bad.write_text("gpu_memory_gb: 16\nmodels:\n  mateconv-0.02b:\n    pretrain: {batch_size: 4, max_seq_len: 8}\n"
+                   "    pretrain: {batch_size: 8, max_seq_len: 8}\n")  # PyYAML kept the second silently
+    with pytest.raises(PresetError, match=f"^{bad}:5: not valid YAML: key 'pretrain' is given twice"):
+        load_presets(bad)
     flags = preset_flags(load_presets(PRESET_FILES[0]), "mateconv-0.1b-moe", "pretrain")
     assert flags[:2] == ["--preset", "mateconv-0.1b-moe"]
     assert flags[flags.index("--batch_size") + 1] == "32"

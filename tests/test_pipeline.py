@@ -30,6 +30,14 @@ def test_preset_sets_and_flags():
         load_preset("nonexistent")
 
 
+def test_a_preset_key_given_twice_names_its_line(tmp_path):
+    """A second `pretrain:` under stages silently replaced the first (PyYAML keeps the last)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("extends: tiny\nstages:\n  pretrain: {args: {max_steps: 5}}\n  pretrain: {args: {epochs: 2}}\n")
+    with pytest.raises(PipelineError, match=f"^{path}:4: not valid YAML: key 'pretrain' is given twice"):
+        load_preset(str(path))
+
+
 @pytest.mark.parametrize("setting, message", [
     ("pretrain.learning_rat=1", "pretrain: unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
     ("dpo.dpo_beta=-1", "dpo: dpo_beta must be > 0, got -1.0"),

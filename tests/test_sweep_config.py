@@ -1,4 +1,5 @@
 """Sweep YAML parsing and validation, command macros."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mateconv.sweep import SweepError, build_command, load_sweep_config, parse_sweep_config
+from mateconv.sweep import (SweepError, build_command, choose_backend, load_sweep_config, parse_sweep_config,
+                            run_wandb)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +56,8 @@ def test_parse_kinds_and_inference():
     (_config(parameters={"opt": {"parameters": {"lr": {"value": 1}}}}), "nested parameters are not supported"),
     (_config(method="grid"), "method 'grid' needs 'values' or 'value'"),
     (_config(command=["${interpreter}", "${program}", "${argz}"]), "unknown command macro ${argz}"),
+    (_config(run_cap=0), "sweep config: run_cap must be a positive integer, got 0"),
+    (_config(metric={"name": "val_loss", "target": "low"}), "sweep config: metric target must be a number, got 'low'"),
 ])
 def test_invalid_configs_name_the_problem(raw, message):
     with pytest.raises(SweepError) as error:
@@ -75,6 +79,54 @@ def test_file_errors(tmp_path):
     bad.write_text("program: [unclosed\n")
     with pytest.raises(SweepError, match=f"sweep config {bad}:2: not valid YAML: expected ','"):
         load_sweep_config(bad)
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """`min: 1e-5` (YAML 1.1 reads it as text) stopped with "needs a numeric 'min'"; a `values: [1e-3, 3e-4]`
+    sweep's trials were strings."""
+    path = tmp_path / "exponents.yaml"
+    path.write_text("program: train.py\nmethod: random\nparameters:\n"
+                    "  learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1E-2}\n"
+                    "  weight_decay: {values: [1e-3, 3e-4, +2e1, 0.1]}\n  run_name: {value: 1e_5}\n")
+    params = load_sweep_config(path).params
+    assert (params["learning_rate"].low, params["learning_rate"].high) == (1e-5, 1e-2)
+    assert params["weight_decay"].values == (1e-3, 3e-4, 20.0, 0.1) and params["run_name"].value == "1e_5"
+
+
+def test_a_key_given_twice_names_its_line(tmp_path):
+    """A second `parameters:` silently replaced the first (PyYAML keeps the last): half the search space was gone."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("program: 4.pretrain.py\nmethod: random\nparameters:\n  lr: {values: [1.0e-3]}\n"
+                    "parameters:\n  batch_size: {values: [4, 8]}\n")
+    with pytest.raises(SweepError, match=f"^sweep config {path}:5: not valid YAML: key 'parameters' is given twice "
+                                         "\\(first at line 3\\)$"):
+        load_sweep_config(path)
+
+
+def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
+    """`run_sweep.py --backend wandb` with no W&B API key ended in wandb's UsageError traceback, when it registered a
+    sweep and when it joined one (`--sweep_id`)."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    for key in [key for key in os.environ if key.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    reason = "No API key configured. Use `wandb login` to log in. (--backend optuna runs offline)"
+    with pytest.raises(SweepError) as error:
+        run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps")
+    assert str(error.value) == f"--backend wandb: W&B did not register the sweep: {reason}"
+    with pytest.raises(SweepError) as error:
+        run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id="abc123")
+    assert str(error.value) == f"--backend wandb: W&B did not run an agent of sweep abc123: {reason}"
+
+
+def test_a_sweep_id_joins_a_wandb_sweep(monkeypatch):
+    """`run_sweep.py --sweep_id ID` offline ran a new local Optuna study instead of joining the W&B sweep."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert choose_backend("auto", "abc123") == "wandb" and choose_backend("auto", None) == "optuna"
+    with pytest.raises(SweepError, match="^--sweep_id joins a W&B sweep: it goes with --backend wandb"):
+        choose_backend("optuna", "abc123")
 
 
 def test_cli_reports_a_typo_in_one_line(tmp_path):

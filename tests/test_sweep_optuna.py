@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
-from mateconv.sweep import load_sweep_config, run_optuna
+from mateconv.sweep import SweepError, load_sweep_config, run_optuna
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,45 @@ def _calls(tmp_path: Path) -> list[dict]:
 
 def _expected(call: dict) -> float:
     return (math.log10(call["learning_rate"]) + 3.5) ** 2 + (0.0 if call["use_moe"] == "true" else 0.25) + 0.5 / 3
+
+
+def test_run_cap_caps_the_trials(tmp_path):
+    """W&B's `run_cap` (a key the config accepts) was ignored by the Optuna backend: `--count 5` ran 5 trials over a
+    cap of 2, and without --count a random sweep was refused for want of one."""
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text() + "run_cap: 2\n")
+    run_optuna(load_sweep_config(path), count=None, out_root=tmp_path / "sweeps")
+    run_optuna(load_sweep_config(path), count=5, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 2
+
+
+def test_a_trial_that_reaches_the_metric_target_ends_the_sweep(tmp_path):
+    """W&B's `metric.target` (accepted by the config) was ignored by the Optuna backend: it ran all --count trials."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "metric": {**raw["metric"], "target": 100.0}}))  # every trial is below
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")  # a rerun: reached already
+    assert len(_calls(tmp_path)) == 1
+
+
+def test_a_changed_sweep_config_does_not_resume_the_old_study(tmp_path):
+    """Rerunning a sweep after editing its search space (or its goal) went on with the stored study: new trials
+    mixed with old ones in one summary, and a goal turned to maximize was silently kept at minimize."""
+    path = _write_sweep(tmp_path)
+    sweep_dir = run_optuna(load_sweep_config(path), count=1, out_root=tmp_path / "sweeps")
+    for edit in ({"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}},
+                 {"metric": {"name": "val_loss", "goal": "maximize"}}):
+        raw = yaml.safe_load(path.read_text())
+        changed = tmp_path / "changed.yaml"  # the same name: tiny
+        changed.write_text(yaml.safe_dump({**raw, "parameters": {**raw["parameters"], **edit}} if "learning_rate"
+                                          in edit else {**raw, **edit}))
+        with pytest.raises(SweepError, match=f"^{sweep_dir}: the sweep config changed since study 'tiny' started "
+                                             "there \\(program, command, method, metric or parameters\\): "):
+            run_optuna(load_sweep_config(changed), count=2, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 1
+    run_optuna(load_sweep_config(path), count=2, out_root=tmp_path / "sweeps")  # unchanged: it resumes
+    assert len(_calls(tmp_path)) == 2
 
 
 def test_offline_sweep_runs_summarises_and_resumes(tmp_path):

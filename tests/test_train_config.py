@@ -121,12 +121,17 @@ def test_a_bare_optional_switch_is_true():
     config = parse_config(["--eval_at_start", "--compile", "--dim", "64"])
     assert (config.track.eval_at_start, config.parallel.compile, config.model.dim) == (True, True, 64)
     assert parse_config(["--eval_at_start", "none"]).track.eval_at_start is None
+    # the chat's and the server's --compile take auto|1|0: the training's said "compile: expected bool, got 'auto'"
+    assert parse_config(["--compile", "auto", "--eval_at_start", "auto"]).parallel.compile is None
 
 
 def test_list_flags_take_several_values_or_commas():
     config = parse_config(["--lora_target_modules", "q_proj", "v_proj", "--forget_data_paths", "", "--use_moe"])
     assert (config.lora.target_modules, config.dpo.forget_data_paths) == (["q_proj", "v_proj"], [])
     assert parse_config(["--lora_target_modules", "q_proj,o_proj"]).lora.target_modules == ["q_proj", "o_proj"]
+    # a YAML list in an override (seed 003's `--overrides key=value` form) was read as names "[q_proj" and "o_proj]"
+    assert parse_config(["--overrides", "lora_target_modules=[q_proj, o_proj]"]).lora.target_modules == ["q_proj",
+                                                                                                       "o_proj"]
 
 
 def test_deepspeed_local_rank_and_optional_int():
@@ -150,8 +155,17 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--zero_stage", "4"], "zero_stage: 4 is not one of 0, 1, 2, 3"),
     (["--overrides", "batch_size"], "override 'batch_size' must look like key=value"),
     (["--dim"], "--dim needs a value"),
+    (["--config"], "--config needs a value"),  # was: config file not found: .
+    (["--config", "--dim", "64"], "--config needs a value"),
     (["missing.yaml"], "config file not found: missing.yaml"),
     (["--offload_param"], "offload_param needs zero_stage 3"),
+    # engine torch ran plain DDP and left these out without a word (a run that needed ZeRO's memory ran out of it)
+    (["--engine", "torch", "--zero_stage", "2"], "engine torch is plain PyTorch (one process or DDP): zero_stage, "
+                                                 "ds_config and offload are DeepSpeed's settings (use --engine "
+                                                 "deepspeed for them)"),
+    (["--ddp", "--ds_config", "ds_configs/zero2.json"], "engine torch is plain PyTorch (one process or DDP): "
+                                                        "zero_stage, ds_config and offload are DeepSpeed's settings "
+                                                        "(use --engine deepspeed for them)"),
     (["--dim", "100", "--n_heads", "8"], "dim (100) must be divisible by n_heads (8)"),
     (["--dpo_beta", "0"], "dpo_beta must be > 0, got 0.0"),
     (["--overrides", "model.dimm=4"], "unknown config key 'model.dimm'; did you mean 'model.dim'?"),
@@ -169,6 +183,12 @@ def test_deepspeed_local_rank_and_optional_int():
     (["--seed", "-1"], "seed must be in [0, 2**31), got -1"),
     (["--initializer_range", "-0.02"], "initializer_range must be >= 0, got -0.02"),
     (["--multiple_of", "0"], "MateConvConfig.multiple_of must be a positive integer, got 0"),
+    # these trained on: a pad id outside the vocabulary, a negative balance loss or peak FLOP/s (a negative MFU)
+    (["--pad_token_id", "-5"], "pad_token_id must be a token id in [0, vocab_size 6400), got -5"),
+    (["--vocab_size", "512", "--eos_token_id", "512"], "eos_token_id must be a token id in [0, vocab_size 512), "
+                                                       "got 512"),
+    (["--aux_loss_alpha", "-0.1"], "aux_loss_alpha must be >= 0, got -0.1"),
+    (["--peak_flops", "-1e12"], "peak_flops must be >= 0, got -1000000000000.0"),
 ])
 def test_errors_name_the_key(argv, message):
     with pytest.raises(ConfigError) as error:
@@ -188,6 +208,63 @@ def test_yaml_values_are_type_checked_and_named_with_their_line(tmp_path):
     path.write_text("dim: 64\n1: 2\n")  # a key YAML reads as a number (a traceback before)
     with pytest.raises(ConfigError, match=f"^{path}:2: unknown config key '1'$"):
         parse_config([str(path)])
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first learning_rate of a long file was silently not used."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("learning_rate: 1.0e-3\nbatch_size: 4\nlearning_rate: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=f"^{path}:3: not valid YAML: key 'learning_rate' is given twice \\(first "
+                                          "at line 1\\)$"):
+        parse_config([str(path)])
+    path.write_text("model:\n  dim: 64\noptim:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(ConfigError, match=f"^{path}:5: not valid YAML: key 'model' is given twice"):
+        parse_config([str(path)])
+    path.write_text("lr: 1.0e-3\nbatch_size: 4\noptim:\n  learning_rate: 3.0e-4\n")  # one setting, two names
+    with pytest.raises(ConfigError, match=f"^{path}:4: optim.learning_rate sets learning_rate again \\(first as lr "
+                                          "at line 1\\)$"):
+        parse_config([str(path)])
+    from mateconv.files import load_yaml_mapping
+
+    path.write_text("base: &base {dim: 64, n_layers: 2}\nmodel:\n  <<: *base\n  dim: 32\n")  # a merge's override
+    assert load_yaml_mapping(path.read_text()) == {"base": {"dim": 64, "n_layers": 2}, "model": {"dim": 32,
+                                                                                                  "n_layers": 2}}
+
+
+@pytest.mark.parametrize("argv, resume", [(["--resume", "true"], "auto"), (["--resume", "yes"], "auto"),
+                                          (["--resume"], "auto"), (["--resume", "1"], "auto"),
+                                          (["--resume", "false"], "never"), (["--overrides", "resume=no"], "never"),
+                                          (["--resume", "out/sft/checkpoints/step_00000200"],
+                                           "out/sft/checkpoints/step_00000200")])
+def test_resume_takes_the_boolean_words(argv, resume):
+    """`--resume true` was taken as the path of a checkpoint named true."""
+    assert parse_config(argv).checkpoint.resume == resume
+
+
+def test_a_yaml_resume_may_be_a_boolean(tmp_path):
+    path = tmp_path / "resume.yaml"
+    path.write_text("resume: false\n")  # was: resume: expected str, got False
+    assert parse_config([str(path)]).checkpoint.resume == "never"
+
+
+def test_help_names_the_program_the_user_ran(capsys):
+    """`pretrain_sft_lora.py --mode sft --help` printed `usage: sft ...`, a program that does not exist."""
+    from mateconv.train.stages import main, main_one_program
+
+    main_one_program("pretrain_sft_lora", ["--mode", "sft", "--help"])
+    assert capsys.readouterr().out.startswith("usage: pretrain_sft_lora.py --mode sft [CONFIG.yaml] [--key value")
+    main("dpo", ["--help"])
+    assert capsys.readouterr().out.startswith("usage: 9.train_dpo.py [CONFIG.yaml] [--key value")
+
+
+def test_the_seed_program_pretrains_without_a_mode(capsys):
+    """Seed 000's flags table gives `--mode` the default pretrain; `pretrain_sft_lora.py --epochs 1` was refused."""
+    from mateconv.train.stages import main_one_program
+
+    with pytest.raises(SystemExit) as stopped:
+        main_one_program("pretrain_sft_lora", ["--epochs", "1", "--dim", "100", "--n_heads", "8"])
+    assert str(stopped.value) == "pretrain: dim (100) must be divisible by n_heads (8)"
+    assert capsys.readouterr().out == "[pretrain_sft_lora] no --mode: pretrain (seed 000's default)\n"
 
 
 def test_a_yaml_syntax_error_names_its_line_and_problem(tmp_path):

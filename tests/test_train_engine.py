@@ -602,7 +602,48 @@ def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_m
     with pytest.raises(SystemExit) as stopped:
         main("sft", flags)
     assert str(stopped.value) == ("sft: lora_target_modules: no module of the model is named v_porj (its linear "
-                                  "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
+                                  "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)")
+
+
+def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--lora_target_modules q_proj norm` ended in peft's traceback (RMSNorm is not supported); `embed_tokens`, and
+    `lm_head` tied to it, were adapted, and the merged final/ model was not the model trained (it changed both)."""
+    from mateconv.train.stages import main
+
+    linears = ("LoRA adapts these linear layers of the model: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+               "v_proj")
+    for name, problem in (("norm", "is not a linear layer"), ("embed_tokens", "is not a linear layer"),
+                          ("lm_head", "shares its weight with another layer (tied embeddings): merged into the saved "
+                                      "model the adapter would change both")):
+        flags = tiny_flags(tmp_path / name, "sft", init_from=tiny_pretrain_model, max_steps=1, use_lora=True,
+                           lora_target_modules=f"q_proj,{name}")
+        with pytest.raises(SystemExit) as stopped:
+            main("sft", flags)
+        assert str(stopped.value) == f"sft: lora_target_modules: {name} {problem} ({linears})"
+
+
+def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tiny_pretrain_model, tmp_path):
+    """`--init_from out/pretrain` (the run, not its model) failed in transformers: 'Unrecognized model ... Should have
+    a `model_type` key in its config.json', which names neither the mistake nor the fix."""
+    from mateconv.train.stages import main
+
+    run_dir = tiny_pretrain_model.parent
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=run_dir))
+    assert str(stopped.value) == (f"sft: init_from: {run_dir} is a training run's output directory; its model is "
+                                  f"{run_dir / 'final'}")
+
+
+def test_lora_needs_a_trained_model(tiny_flags, tmp_path):
+    """`4.pretrain.py --use_lora` trained rank-8 adapters on a random model (its weights frozen) and said nothing."""
+    from mateconv.train.stages import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main("pretrain", tiny_flags(tmp_path / "scratch", use_lora=True))
+    assert str(stopped.value) == ("pretrain: use_lora adapts a trained model, and this run starts from a random one "
+                                  "(no init_from or init_weights): name the model to adapt, or train without "
+                                  "--use_lora")
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_muon_trains(train, tmp_path):

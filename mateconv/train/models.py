@@ -4,12 +4,14 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
@@ -50,6 +52,8 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
     if Path(path).is_file():
         raise ConfigError(f"{key}: {path} is a file; name the model directory that holds it (config.json and the "
                           "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
+    if not (Path(path) / "config.json").is_file() and (Path(path) / "final" / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is a training run's output directory; its model is {Path(path) / 'final'}")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
@@ -164,6 +168,9 @@ def build_model(config: TrainConfig) -> nn.Module:
     if config.parallel.gradient_checkpointing:  # the training forwards pass use_cache=False; the saved config keeps it
         enable_activation_checkpointing(model)
     if config.lora.enabled:
+        if not (config.checkpoint.init_from or config.checkpoint.init_weights):
+            raise ConfigError("use_lora adapts a trained model, and this run starts from a random one (no init_from "
+                              "or init_weights): name the model to adapt, or train without --use_lora")
         model = add_lora(model, config.lora)
     return model
 
@@ -188,17 +195,34 @@ def learned_positions(model: nn.Module) -> int | None:
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
 
+LINEAR_LAYERS = (nn.Linear, Conv1D)  # what LoRA adapts here (Conv1D: GPT-2's linear layers)
+
+
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in lora.target_modules if t in present]
-    missing = [t for t in lora.target_modules if t not in present]
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied: counted twice
+    kinds: dict[str, set[str]] = {}  # each module name: what its modules are (linear, tied linear, other)
+    for name, module in model.named_modules():
+        linear = isinstance(module, LINEAR_LAYERS)
+        kind = "other" if not linear else "tied" if shared[id(module.weight)] > 1 else "linear"
+        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(kind)
+    linears = ", ".join(sorted(name for name, kind in kinds.items() if kind == {"linear"}))
+    targets = [t for t in lora.target_modules if t in kinds]
+    missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
     if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
-        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
-                          f"layers: {', '.join(linears)})")
+                          f"layers: {linears})")
+    # peft adapts embeddings too, but then (as for a tied lm_head) the merged model is not the one trained; it fails on
+    # anything else in a traceback
+    for target in targets:
+        problem = ("is not a linear layer" if "other" in kinds[target] else "shares its weight with another layer "
+                   "(tied embeddings): merged into the saved model the adapter would change both"
+                   if "tied" in kinds[target] else None)
+        if problem:
+            raise ConfigError(f"lora_target_modules: {target} {problem} (LoRA adapts these linear layers of the "
+                              f"model: {linears})")
     # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)

@@ -367,13 +367,15 @@ def exit_with(message: str) -> NoReturn:
     raise StageExit(message)
 
 
-def main(stage: str, argv: list[str] | None = None, program_defaults: dict | None = None) -> int:
-    """The stage's program; `program_defaults` (a seed program's own) win over the stage's defaults."""
+def main(stage: str, argv: list[str] | None = None, program_defaults: dict | None = None,
+         program: str = "") -> int:
+    """The stage's program; `program_defaults` (a seed program's own) win over the stage's defaults. `program` is how
+    its usage line names the command (default: the stage's own program)."""
     recipe = RECIPES[stage]
     defaults = {**recipe.defaults, **(program_defaults or {})}
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(f"usage: {stage} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
+        print(f"usage: {program or STAGE_PROGRAMS[stage]} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
               f"{help_text(recipe.sections, defaults)}")
         return 0
     bars_only_on_a_terminal()
@@ -431,13 +433,18 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
     except ConfigError as e:
         exit_with(f"{program}: {e}")
     key, value = named[-1] if named else ("", "")
+    if program == "pretrain_sft_lora" and not named and not asks_help:
+        key, value = "mode", "pretrain"  # seed 000's flags table: --mode defaults to pretrain
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[{program}] no --mode: pretrain (seed 000's default)", flush=True)
     if program == "pretrain_sft_lora" and (key, value) == ("mode", "test"):
         from mateconv.evaluate import seed_test_main
         seed_test_main(argv)
         return 0
-    stage = STAGE_KEYS[key].get(value) if named and isinstance(value, str) else None
+    stage = STAGE_KEYS[key].get(value) if key and isinstance(value, str) else None
     if stage is not None:
-        return main(stage, argv, seed_program_defaults(stage) if program == "pretrain_sft_lora" else None)
+        seed_defaults = seed_program_defaults(stage) if program == "pretrain_sft_lora" else None
+        return main(stage, argv, seed_defaults, f"{program}.py --mode {stage}" if key == "mode" else f"{program}.py")
     stages = ", ".join(f"{mode} ({script})" for mode, script in STAGE_PROGRAMS.items())
     if program == "pretrain_sft_lora":
         stages += ", test (evaluates the final models under --out_dir)"
