@@ -213,6 +213,30 @@ def test_loader_workers_persist_across_epochs(train, tmp_path, monkeypatch):
     assert workers.keys() == main.keys() and all(abs(workers[s] - main[s]) < 1e-5 for s in main)
 
 
+def test_an_epoch_is_one_pass_over_the_data_when_a_step_holds_more_than_it(train, tmp_path, monkeypatch):
+    """batch_size x accumulation_steps over the data (13 micro-batches an epoch, 8 a step): each epoch ends with a
+    shorter step, as in HF Trainer, so `--epochs 2` is 2 passes (4 steps: 8 + 5 micro-batches each), not 1 step
+    that took 8 micro-batches of the first epoch; and a resume at the mid-epoch step goes on alike."""
+    from mateconv.train import engine
+
+    seen = []
+    count = engine.batch_tokens
+    monkeypatch.setattr(engine, "batch_tokens", lambda batch, pad_id: seen.append(len(batch["input_ids"])) or
+                        count(batch, pad_id))
+    flags = dict(max_steps=0, epochs=2, batch_size=32, accumulation_steps=8, val_data_path="", save_interval_steps=1,
+                 keep_checkpoint_max=4)
+    train(tmp_path / "full", **flags)
+    assert seen == [32] * 26
+    rows = [r for r in read_metrics(tmp_path / "full") if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 1), (3, 1), (4, 2)]
+    assert rows[-1]["lr"] == pytest.approx(3e-3 * lr_multiplier(3, 2, 4, 0.1))  # the schedule spans the 4 steps
+    seen.clear()
+    train(tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_00000001", **flags)
+    assert seen == [32] * (5 + 13)
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [2, 3, 4] and all(abs(resumed[s] - full[s]) < 1e-5 for s in resumed)
+
+
 def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeypatch):
     """Alone, a save copies the state and writes it in a background thread: the next step starts before the
     checkpoint's file is written (slowed down here), and the run's end waits for the last one. That a checkpoint

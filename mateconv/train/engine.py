@@ -5,9 +5,10 @@ FSDP).
     model = build_model(config)
     Trainer(config, runtime, model, LMObjective(), train_data, val_data, tokenizer).fit()
 
-A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank. Checkpoints are
-taken at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also
-on another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
+A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank; an epoch's last step
+takes those the epoch has left, so `epochs` is that many passes over the data. Checkpoints are taken at step
+boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on another
+number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
 
 Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
@@ -235,7 +236,8 @@ class Trainer:
             raise ConfigError(f"the training data ({len(train_data)} sequences over {runtime.world_size} ranks) "
                               f"is smaller than one batch of {config.optim.batch_size}")
         optim = config.optim
-        self.total_steps = optim.max_steps or max(1, optim.epochs * micro_per_epoch // optim.accumulation_steps)
+        steps_per_epoch = math.ceil(micro_per_epoch / optim.accumulation_steps)  # an epoch's last step may be shorter
+        self.total_steps = optim.max_steps or optim.epochs * steps_per_epoch
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
         self.run_facts = run_facts(base_model(model), config, runtime.world_size)  # before ZeRO-3 partitions it
         self._setup_engine(model)
@@ -304,13 +306,14 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[torch.Tensor, dict]:
-        """Forward + backward of one micro-batch; the optimizer steps on the boundary. Returns (the detached loss,
-        metrics), left on the device: nothing here waits for the GPU."""
-        accumulation = self.config.optim.accumulation_steps
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool, window: int) -> tuple[torch.Tensor, dict]:
+        """Forward + backward of one micro-batch of a step of `window` of them; the optimizer steps on the boundary.
+        Returns (the detached loss, metrics), left on the device: nothing here waits for the GPU."""
         if self.runtime.use_deepspeed:
+            self.engine.set_gradient_accumulation_boundary(boundary)  # an epoch's last step may be shorter
             loss, metrics = self.objective.loss(self.engine, batch)
-            self.engine.backward(loss)
+            # DeepSpeed divides by accumulation_steps: the gradient is the mean over this step's micro-batches
+            self.engine.backward(loss * (self.config.optim.accumulation_steps / window))
             self.engine.step()
             return loss.detach(), metrics
         if self.runtime.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
@@ -318,7 +321,7 @@ class Trainer:
         sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
             loss, metrics = self.objective.loss(self.engine, batch)
-        scaled = loss / accumulation
+        scaled = loss / window
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), metrics
 
@@ -486,25 +489,30 @@ class Trainer:
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
                 for batch in self.loader:
-                    if micro % accumulation == 0:
+                    if micro == 0:
                         step_start = (state["epoch"], state["samples_in_epoch"])
+                        # the micro-batches of this step: an epoch ends with a step of those left (HF Trainer's way)
+                        left = self.sampler.per_rank_left(state["samples_in_epoch"]) // config.optim.batch_size
+                        window = min(accumulation, left)
                         step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
                         tracker.begin_step(step + 1)
                     micro += 1
+                    boundary = micro == window
                     state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                     positions, real, marked = batch_tokens(batch, self.pad_id)
                     self.window.add_tokens(positions, real)
                     batch = self.to_device(batch)
-                    loss, metrics = self.micro_step(batch, boundary=micro % accumulation == 0)
+                    loss, metrics = self.micro_step(batch, boundary, window)
                     losses.append(loss)
                     for key, value in metrics.items():
-                        extra[key] = extra.get(key, 0.0) + value / accumulation
+                        extra[key] = extra.get(key, 0.0) + value / window
                     moe_model = base_model(self.engine)
                     load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                     if load is not None:
                         self.window.add_load(load, marked / positions)
-                    if micro % accumulation:
+                    if not boundary:
                         continue
+                    micro = 0
 
                     if pending is not None:  # the previous step: the device has it done or nearly, this one queued
                         halted, pending = self._finish(pending, state, tracker, progress), None
