@@ -36,6 +36,10 @@ from model.config import PRESETS, MateConvConfig
 from model.config import ConfigError as ModelConfigError
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Names and paths whose "" means "not given" (W&B picks the run's name, the reference is the starting model): None or
+# null there means that too, as seed 000's flags table writes it. Not init_from, where "" is "from scratch".
+OPTIONAL_STRINGS = ("ds_config", "init_weights", "tensorboard_dir", "wandb_project", "wandb_entity", "wandb_run_name",
+                    "wandb_watch", "ref_model_path")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 WEIGHT_FILES = (".pt", ".pth", ".bin", ".safetensors")  # init_weights: a file of weights, not a model directory
 
@@ -226,6 +230,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if isinstance(self.resume, bool):
             self.resume = "auto" if self.resume else "never"
+        self.resume = self.resume or "auto"  # "" is the default, not the current directory
         check_positive(self, ("save_interval_steps", "keep_checkpoint_max"))
         if self.init_weights and not self.init_weights.lower().endswith(WEIGHT_FILES):
             self.init_from, self.init_weights = self.init_weights, ""  # a saved model's directory (a run's final/)
@@ -472,6 +477,8 @@ def convert(place: tuple[str, str], value):
                     raise ConfigError(f"{key}: expected a finite number, got {value!r}")
                 return number
     elif kind is str:
+        if key in OPTIONAL_STRINGS and str(value).lower() in ("none", "null"):
+            return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif typing.get_origin(kind) is list:

@@ -234,11 +234,21 @@ def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
 @pytest.mark.parametrize("argv, resume", [(["--resume", "true"], "auto"), (["--resume", "yes"], "auto"),
                                           (["--resume"], "auto"), (["--resume", "1"], "auto"),
                                           (["--resume", "false"], "never"), (["--overrides", "resume=no"], "never"),
+                                          (["--resume", ""], "auto"),  # was the path "": the current directory
                                           (["--resume", "out/sft/checkpoints/step_00000200"],
                                            "out/sft/checkpoints/step_00000200")])
 def test_resume_takes_the_boolean_words(argv, resume):
     """`--resume true` was taken as the path of a checkpoint named true."""
     assert parse_config(argv).checkpoint.resume == resume
+
+
+@pytest.mark.parametrize("value", ["None", "null", "NONE", ""])
+def test_none_for_a_name_or_path_that_may_be_left_out_means_not_given(value):
+    """Seed 000's flags table lists None as wandb_run_name's (and ref_model_path's) default: `--wandb_run_name None`
+    named the W&B run "None" instead of letting W&B pick a name."""
+    config = parse_config(["--wandb_run_name", value, "--wandb_project", value, "--ref_model_path", value])
+    assert (config.track.wandb_run_name, config.track.wandb_project, config.dpo.ref_model_path) == ("", "", "")
+    assert parse_config(["--init_from", "None"]).checkpoint.init_from == "None"  # "": from scratch, not the default
 
 
 def test_a_yaml_resume_may_be_a_boolean(tmp_path):
