@@ -237,6 +237,17 @@ def test_an_epoch_is_one_pass_over_the_data_when_a_step_holds_more_than_it(train
     assert sorted(resumed) == [2, 3, 4] and all(abs(resumed[s] - full[s]) < 1e-5 for s in resumed)
 
 
+def test_training_data_of_fewer_rows_than_a_batch_is_one_line(train, tiny_tokens, tmp_path):
+    """A corpus shorter than one row (36 tokens, max_seq_len 96) ended in a traceback from the sampler ("the
+    training data set is empty"); one of 9 rows with batch_size 16 is refused the same way."""
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text('{"text": "hello world, a short document."}\n{"text": "another one."}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"0 rows \(a corpus shorter than max_seq_len 96 tokens makes none\)"):
+        train(tmp_path / "empty", data_path=corpus, val_data_path="")
+    with pytest.raises(ConfigError, match="9 rows, fewer than one batch of 16"):
+        train(tmp_path / "short", data_path=tiny_tokens / "pretrain" / "val", val_data_path="", batch_size=16)
+
+
 def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeypatch):
     """Alone, a save copies the state and writes it in a background thread: the next step starts before the
     checkpoint's file is written (slowed down here), and the run's end waits for the last one. That a checkpoint

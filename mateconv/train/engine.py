@@ -230,12 +230,13 @@ class Trainer:
             self.checkpoints.check_zero_stage(self.resume_from, config)
             self.checkpoints.check_optimizer(self.resume_from, config)
         self.checkpoints.set_aside_later(self.resume_from)
-        self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, config.optim.seed)
-        micro_per_epoch = self.sampler.per_rank // config.optim.batch_size
-        if micro_per_epoch == 0:
-            raise ConfigError(f"the training data ({len(train_data)} sequences over {runtime.world_size} ranks) "
-                              f"is smaller than one batch of {config.optim.batch_size}")
-        optim = config.optim
+        optim, rows = config.optim, len(train_data)
+        if math.ceil(rows / runtime.world_size) < optim.batch_size:
+            short = "" if rows else f" (a corpus shorter than max_seq_len {config.model.max_seq_len} tokens makes none)"
+            raise ConfigError(f"the training data has {rows} rows{short}, fewer than one batch of {optim.batch_size} "
+                              f"per rank over {runtime.world_size} rank(s): lower --batch_size, or add data")
+        self.sampler = ResumableDistributedSampler(train_data, runtime.rank, runtime.world_size, optim.seed)
+        micro_per_epoch = self.sampler.per_rank // optim.batch_size
         steps_per_epoch = math.ceil(micro_per_epoch / optim.accumulation_steps)  # an epoch's last step may be shorter
         self.total_steps = optim.max_steps or optim.epochs * steps_per_epoch
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
