@@ -248,6 +248,14 @@ def test_training_data_of_fewer_rows_than_a_batch_is_one_line(train, tiny_tokens
         train(tmp_path / "short", data_path=tiny_tokens / "pretrain" / "val", val_data_path="", batch_size=16)
 
 
+def test_validation_data_of_fewer_rows_than_a_batch_is_evaluated(train, tmp_path):
+    """9 validation rows, batch_size 16: the loader dropped its one short batch, so the run had no val_loss, no eval
+    line and no best/ model, and said nothing. The rows of a short last batch count by their number."""
+    summary = train(tmp_path, max_steps=2, batch_size=16, eval_interval=1, eval_batches=0, save_interval_steps=1)
+    assert [r["step"] for r in read_metrics(tmp_path) if "val_loss" in r] == [1, 2]
+    assert 0 < summary["val_loss"] < 10 and (tmp_path / "best").is_dir()
+
+
 def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeypatch):
     """Alone, a save copies the state and writes it in a background thread: the next step starts before the
     checkpoint's file is written (slowed down here), and the run's end waits for the last one. That a checkpoint

@@ -389,8 +389,8 @@ class Trainer:
     def _validation_loss(self) -> dict[str, float]:
         sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
                                               self.config.optim.seed, shuffle=False)
-        loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0)
-        totals = torch.zeros(3, dtype=torch.float64)
+        loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0, drop_last=False)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss and lm_loss times rows, rows: a short batch weighs less
         has_lm_loss = False
         for index, batch in enumerate(loader):
             if self.config.track.eval_batches and index == self.config.track.eval_batches:
@@ -398,7 +398,8 @@ class Trainer:
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
             has_lm_loss = "lm_loss" in metrics
-            totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64)
+            rows = len(next(iter(batch.values())))
+            totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64) * rows
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
             return {}
