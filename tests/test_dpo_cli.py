@@ -202,3 +202,24 @@ def test_a_reference_of_a_smaller_vocabulary_is_one_line(precompute, tiny_sft_mo
             "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs), "--val_data_path", "",
             "--forget_data_paths", "", "--ref_model_path", str(reference), "--out_dir", str(tmp_path / "dpo"),
             "--batch_size", "2", "--max_steps", "1", "--precompute_ref", str(precompute).lower()])
+
+
+def test_pairs_longer_than_max_seq_len_are_told_and_keep_their_responses(tiny_sft_model, tiny_tokens, tmp_path,
+                                                                         capsys):
+    """Pairs cut to max_seq_len were trained on without a word, also those left with the same chosen and rejected
+    tokens (no preference to learn). A cut keeps labelled response tokens on both sides of every pair."""
+    from conftest import TINY_MODEL_FLAGS
+    from mateconv.data.shards import DPOTokens
+
+    pairs = DPOTokens(tiny_tokens / "dpo" / "train", 16)
+    cut, same = pairs.cut_pairs()
+    assert 0 < same < cut
+    assert all((pairs[i][f"{side}_labels"][1:] != -100).any() for i in range(len(pairs))
+               for side in ("chosen", "rejected"))
+    assert main("dpo", TINY_MODEL_FLAGS + [
+        "--max_seq_len", "16", "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"),
+        "--val_data_path", "", "--forget_data_paths", "", "--out_dir", str(tmp_path), "--max_steps", "1"]) == 0
+    assert (f"[dpo] note: {cut} of {len(pairs)} training pairs are longer than max_seq_len 16: the prompt is cut from "
+            f"its start (to half a row at least), then the responses at the row's end; {same} of them keep the same "
+            "chosen and rejected tokens, no preference to learn; raise max_seq_len to keep them whole"
+            ) in capsys.readouterr().out

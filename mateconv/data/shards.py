@@ -367,12 +367,27 @@ class DPOTokens(_RecordReader):
 
     kind = "dpo"
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        shard, j = self._locate(i)
+    def _pair(self, shard: int, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         offsets, tokens = self._map(shard, "offsets"), self._map(shard, "tokens")
-        prompt, chosen, rejected = (tokens[int(offsets[3 * j + k]): int(offsets[3 * j + k + 1])].astype(np.int64)
-                                    for k in range(3))
-        keep = min(len(prompt), max(self.seq_len - max(len(chosen), len(rejected)), self.seq_len // 2))
+        return tuple(tokens[int(offsets[3 * j + k]): int(offsets[3 * j + k + 1])].astype(np.int64) for k in range(3))
+
+    def _prompt_kept(self, prompt: int, chosen: int, rejected: int) -> int:
+        return min(prompt, max(self.seq_len - max(chosen, rejected), self.seq_len // 2))
+
+    def cut_pairs(self) -> tuple[int, int]:
+        """(pairs longer than seq_len, those of them whose responses are the same tokens once cut: no preference)."""
+        cut = same = 0
+        for shard in range(len(self.shards)):
+            lengths = np.diff(self._map(shard, "offsets").astype(np.int64)).reshape(-1, 3)
+            for j in np.flatnonzero(lengths[:, 0] + lengths[:, 1:].max(axis=1) > self.seq_len):
+                prompt, chosen, rejected = self._pair(shard, int(j))
+                room = self.seq_len - self._prompt_kept(len(prompt), len(chosen), len(rejected))
+                cut, same = cut + 1, same + np.array_equal(chosen[:room], rejected[:room])
+        return cut, same
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        prompt, chosen, rejected = self._pair(*self._locate(i))
+        keep = self._prompt_kept(len(prompt), len(chosen), len(rejected))
         prompt = prompt[len(prompt) - keep:]
         item = {}
         for side, response in (("chosen", chosen), ("rejected", rejected)):

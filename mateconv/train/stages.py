@@ -178,6 +178,12 @@ def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> S
     """DPO pairs; with precompute_ref each carries its reference log-probs (cached next to the data)."""
     ref_path = reference_path(config)
     data = without_empty_validation(read_shards(DPOTokens, "DPO", config, runtime, tokenizer))
+    if runtime.is_main and (cuts := data.train.cut_pairs())[0]:
+        cut, same = cuts
+        lost = f"; {same:,} of them keep the same chosen and rejected tokens, no preference to learn" if same else ""
+        print(f"[dpo] note: {cut:,} of {len(data.train):,} training pairs are longer than max_seq_len "
+              f"{data.train.seq_len}: the prompt is cut from its start (to half a row at least), then the responses at "
+              f"the row's end{lost}; raise max_seq_len to keep them whole", flush=True)
     if not config.dpo.precompute_ref:
         return data
     train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config, data.vocab_size)
