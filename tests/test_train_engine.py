@@ -248,6 +248,15 @@ def test_training_data_of_fewer_rows_than_a_batch_is_one_line(train, tiny_tokens
         train(tmp_path / "short", data_path=tiny_tokens / "pretrain" / "val", val_data_path="", batch_size=16)
 
 
+def test_validation_data_of_no_row_is_told(train, tmp_path, capsys):
+    """A validation file shorter than one row (36 tokens, max_seq_len 96) turned validation off without a word."""
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text('{"text": "hello world, a short document."}\n{"text": "another one."}\n', encoding="utf-8")
+    train(tmp_path / "run", max_steps=1, val_data_path=corpus)
+    assert (f"[pretrain] no validation: {tmp_path / 'run' / 'data_tokens' / 'val'} gives no row at max_seq_len 96 (a "
+            "pretraining row is max_seq_len tokens of text): no val_loss nor best/ model") in capsys.readouterr().out
+
+
 def test_validation_data_of_fewer_rows_than_a_batch_is_evaluated(train, tmp_path):
     """9 validation rows, batch_size 16: the loader dropped its one short batch, so the run had no val_loss, no eval
     line and no best/ model, and said nothing. The rows of a short last batch count by their number."""
