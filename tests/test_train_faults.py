@@ -257,7 +257,7 @@ def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, 
     change, and names the checkpoint of step 2, from which the same command resumes and finishes."""
     real_micro_step, calls = Trainer.micro_step, []
 
-    def micro_step(self, batch, boundary):
+    def micro_step(self, *args):
         calls.append(1)
         if len(calls) == 4:
             raise torch.OutOfMemoryError(
@@ -265,7 +265,7 @@ def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, 
                 "1.05 GiB is free. Including non-PyTorch memory, this process has 78.13 GiB memory in use. Of the "
                 "allocated memory 76.50 GiB is allocated by PyTorch.\nIf reserved but unallocated memory is large try "
                 "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
-        return real_micro_step(self, batch, boundary)
+        return real_micro_step(self, *args)
 
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
     flags = tiny_flags(tmp_path, max_steps=6, save_interval_steps=2, eval_interval=100)
