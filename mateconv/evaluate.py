@@ -29,6 +29,7 @@ from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, contex
                            resolve_device)
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
+from mateconv.data.formats import sft_messages
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval
@@ -59,7 +60,8 @@ class EvalError(RuntimeError):
 
 # ---------------------------------------------------------------- data
 
-def read_jsonl(path: Path) -> list[dict]:
+def numbered_records(path: Path) -> list[tuple[str, dict]]:
+    """("path:line", record) for each non-blank line of a JSONL file."""
     if not path.is_file():
         raise EvalError(f"no such file: {path}")
     records = []
@@ -73,22 +75,41 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise EvalError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise EvalError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
+            records.append((f"{path}:{number}", record))
+    return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [record for _, record in numbered_records(path)]
+
+
+def conversation(record: dict, where: str) -> list[dict]:
+    """A record's messages in any SFT shape stage 2 reads (messages, MiniMind or ShareGPT conversations, ...)."""
+    try:
+        return sft_messages(record)
+    except DataError as error:
+        raise EvalError(f"{where}: {error}") from None
+
+
+def val_records(path: Path) -> list[str | list[dict]]:
+    """A validation JSONL's documents: a {"text"} record's text, a conversation's messages."""
+    records = [record["text"] if isinstance(record.get("text"), str) else conversation(record, where)
+               for where, record in numbered_records(path)]
+    if not records:
+        raise EvalError(f"{path}: no records to score for perplexity (the file is empty)")
     return records
 
 
 class TextRecords(Dataset):
-    """A JSONL of {"text"} or {"messages"} records, one truncated sequence each; loss on every real token."""
+    """A JSONL of {"text"} records or conversations, one truncated sequence each; loss on every real token."""
 
     def __init__(self, path: Path, tokenizer, seq_len: int):
         self.items = []
-        for number, record in enumerate(read_jsonl(path), 1):
-            if isinstance(record.get("text"), str):
-                ids = tokenizer.encode(record["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            elif isinstance(record.get("messages"), list):
-                ids = list(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False))
+        for record in val_records(path):
+            if isinstance(record, str):
+                ids = tokenizer.encode(record, add_special_tokens=False) + [tokenizer.eos_token_id]
             else:
-                raise EvalError(f"{path}:{number}: a record needs a 'text' string or a 'messages' list")
+                ids = list(tokenizer.apply_chat_template(record, tokenize=True, return_dict=False))
             if len(ids) >= 2:
                 self.items.append(torch.tensor(ids[:seq_len]))
         if not self.items:
@@ -111,9 +132,9 @@ class TextRecords(Dataset):
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
     """The `text` of each record of a JSONL file (stage 2's pretrain_val.jsonl), the first `limit` of them."""
     texts = []
-    for number, record in enumerate(read_jsonl(path), 1):
+    for where, record in numbered_records(path):
         if not isinstance(record.get("text"), str):
-            raise EvalError(f"{path}: record {number} has no 'text' string (bits per byte needs raw documents)")
+            raise EvalError(f"{where}: the record has no 'text' string (bits per byte needs raw documents)")
         texts.append(record["text"])
     if not texts:
         raise EvalError(f"{path}: no documents to score for bits per byte (the file is empty)")
@@ -129,13 +150,11 @@ def read_tasks(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
-    """Held-out conversations (stage 2's sft_val.jsonl) cut before their first assistant turn: the prompts."""
+    """Held-out conversations (stage 2's sft_val.jsonl, or any SFT shape it reads) cut before their first assistant
+    turn: the prompts."""
     prompts = []
-    for number, record in enumerate(read_jsonl(path), 1):
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     for m in messages):
-            raise EvalError(f"{path}: record {number} needs a 'messages' list of {{role, content}}")
+    for where, record in numbered_records(path):
+        messages = conversation(record, where)
         turn = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
         if turn and messages[turn - 1].get("role") == "user":
             prompts.append(messages[:turn])
@@ -521,6 +540,8 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
+    if val_path is not None and val_path.suffix == ".jsonl":
+        val_records(val_path)  # a broken or empty file stops the run before any model is loaded
     task_records = read_tasks(Path(tasks), max_tasks) if tasks else None
     texts = read_texts(Path(bpb_texts), max_bpb_docs) if bpb_texts else None
     held_out = read_prompts(Path(heldout)) if heldout else None
@@ -583,16 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. MiniMind's converted models)")
     data = parser.add_argument_group("data")
     data.add_argument("--val", default=None,
-                      help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' "
-                           "skips; a model whose tokenizer is not the shards' gets none)")
+                      help=f"token shard dir or .jsonl of texts or conversations for perplexity (default "
+                           f"{DEFAULT_VAL} if it exists; 'none' skips; a model whose tokenizer is not the shards' gets "
+                           "none)")
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
     data.add_argument("--bpb_texts", default=None,
                       help=f"held-out documents ({{\"text\"}} .jsonl) for bits per byte (default {DEFAULT_BPB_TEXTS} if "
                            "it exists; 'none' skips)")
     data.add_argument("--heldout", default=None,
-                      help=f"held-out conversations ({{\"messages\"}} .jsonl) whose prompts are sampled and judged "
-                           f"(default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
+                      help=f"held-out conversations (.jsonl, any SFT shape stage 2 reads) whose prompts are sampled "
+                           f"and judged (default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
     data.add_argument("--prompts", nargs="*", default=None,
                       help="sample prompts (default: the first --n_samples held-out prompts, else a built-in few)")
     data.add_argument("--n_samples", type=int, default=4)

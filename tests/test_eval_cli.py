@@ -293,3 +293,36 @@ def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model
     summary = json.loads((root / "eval" / "summary.json").read_text())
     [model] = summary["models"]
     assert model["task_accuracy"] is None and model["val_ppl"] is None and model["samples"]
+
+
+def test_minimind_conversations_are_held_out_data(tiny_sft_model, tiny_embedded_data, tmp_path):
+    """MiniMind's {"conversations": [{role, content}]} (which stage 2 reads) serve --val and --heldout as the same
+    conversations as {"messages"} do."""
+    records = [json.loads(line) for line in (tiny_embedded_data / "sft_val.jsonl").read_text().splitlines()[:6]]
+    files = {"messages": tmp_path / "messages.jsonl", "conversations": tmp_path / "minimind.jsonl"}
+    for key, path in files.items():
+        path.write_text("".join(json.dumps({key: r["messages"]}, ensure_ascii=False) + "\n" for r in records))
+    summaries = {}
+    for key, path in files.items():
+        main(["--models", str(tiny_sft_model), "--val", str(path), "--heldout", str(path), "--tasks", "none",
+              "--bpb_texts", "none", "--n_samples", "2", "--max_new_tokens", "4", "--out_dir", str(tmp_path / key)])
+        summaries[key] = json.loads((tmp_path / key / "summary.json").read_text())["models"][0]
+    assert summaries["conversations"]["val_tokens"] > 0
+    for field in ("val_loss", "val_tokens", "samples"):
+        assert summaries["conversations"][field] == summaries["messages"][field]
+    assert list(summaries["messages"]["samples"]) == [r["messages"][0]["content"] for r in records[:2]]
+
+
+def test_a_bad_or_empty_validation_file_stops_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"prompt": "x"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_model = tmp_path / "no_model"  # would fail to load: the files are read first
+    no_model.mkdir()
+    (no_model / "config.json").write_text("{}")
+    for path, message in ((bad, f"{bad}:3: unknown record shape with keys ['prompt']"),
+                          (empty, f"{empty}: no records to score for perplexity (the file is empty)")):
+        with pytest.raises(SystemExit) as stopped:
+            main(quick_run([no_model], tmp_path / "eval", "--val", str(path)))
+        assert str(stopped.value).startswith(f"evaluate: {message}")

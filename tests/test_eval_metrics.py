@@ -136,7 +136,7 @@ def test_bad_validation_inputs(tiny_tokenizer, tmp_path):
         val_dataset(broken, tokenizer, 32)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "x"}\n')
-    with pytest.raises(EvalError, match="needs a 'text' string or a 'messages' list"):
+    with pytest.raises(EvalError, match=r"wrong.jsonl:1: unknown record shape with keys \['prompt'\]"):
         val_dataset(wrong, tokenizer, 32)
     with pytest.raises(EvalError, match="not a token shard directory"):
         val_dataset(tmp_path, tokenizer, 32)

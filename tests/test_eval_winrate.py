@@ -107,9 +107,9 @@ def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrain
         with pytest.raises(SystemExit, match=message):
             main(base + flags)
     texts_without_text = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 has no 'text' string"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: the record has no 'text' string"):
         main(base + ["--bpb_texts", texts_without_text])
-    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 needs a 'messages' list"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: unknown record shape with keys \['text'\]"):
         main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
 
 
