@@ -513,6 +513,11 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
             write_atomic(out_dir / f"tasks_{report.label.replace('/', '_')}.jsonl", lines)
 
 
+def is_model(path: str | Path) -> bool:
+    """Whether `path` holds something to evaluate: a save_pretrained directory or a training checkpoint."""
+    return (Path(path) / "config.json").is_file() or is_training_checkpoint(path)
+
+
 def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
              tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
              batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
@@ -529,11 +534,10 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         raise EvalError("no models to evaluate")
     paths = [Path(m) for m in models]
     for path in paths:
-        if is_training_checkpoint(path):  # loaded as its consolidated model (mateconv.train.models.model_dir)
-            continue
-        if not (path / "config.json").is_file():
+        if not is_model(path):
             raise EvalError(f"no model at {path} (expected a save_pretrained directory or a training checkpoint)")
-        if not trust_remote_code and ships_own_code(path):
+        # a training checkpoint is loaded as its consolidated model (mateconv.train.models.model_dir)
+        if not is_training_checkpoint(path) and not trust_remote_code and ships_own_code(path):
             raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
                             "to run it")
     resolve_device(device)  # a device that is not there fails every model the same way: said once, here

@@ -15,7 +15,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from mateconv.evaluate import main
+from mateconv.evaluate import is_model, main
 from mateconv.tasks import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +326,13 @@ def test_a_bad_or_empty_validation_file_stops_before_any_model_loads(tmp_path):
         with pytest.raises(SystemExit) as stopped:
             main(quick_run([no_model], tmp_path / "eval", "--val", str(path)))
         assert str(stopped.value).startswith(f"evaluate: {message}")
+
+
+def test_the_notebook_keeps_training_checkpoints(tiny_sft_model, tmp_path):
+    """The notebook evaluates the MODELS that `is_model` finds: a run's checkpoints/step_N as well as final/ (it looked
+    for config.json only and skipped a checkpoint as not found)."""
+    checkpoint = tiny_sft_model.parent / "checkpoints" / "step_00000300"
+    assert [is_model(path) for path in (tiny_sft_model, checkpoint, tmp_path / "missing", tmp_path)] == [
+        True, True, False, False]
+    notebook = nbformat.read(ROOT / "6.inference_evaluate.ipynb", as_version=4)
+    assert any("models = [m for m in MODELS if is_model(m)]" in cell.source for cell in notebook.cells)
