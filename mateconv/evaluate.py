@@ -38,6 +38,7 @@ from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
 from mateconv.terminal import bars_only_on_a_terminal, run_main
+from mateconv.train.models import model_dir
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
 
@@ -402,7 +403,7 @@ def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] |
         report.judge_replies = greedy_replies(model, tokenizer, judge_prompts, max_new_tokens, batch_size,
                                               desc="judge prompts")
     if lm_eval_tasks:
-        report.lm_eval = run_lm_eval(path, lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
+        report.lm_eval = run_lm_eval(model_dir(path), lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
     return report
 
 

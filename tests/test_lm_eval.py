@@ -69,7 +69,11 @@ def test_lm_eval_cli_on_a_native_checkpoint(tiny_sft_model, workdir, ours, ours_
 
 
 def test_evaluate_runs_lm_eval_tasks_by_name(tiny_sft_model, workdir, ours, tmp_path):
-    [report] = evaluate([tiny_sft_model], tmp_path / "eval", val=None, tasks=workdir / "out/data/tasks_val.jsonl",
+    """On a run's training checkpoint, which lm-eval gets consolidated (it cannot read checkpoints/step_N itself); the
+    last checkpoint holds the final weights, so the accuracy is the final model's."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
+    shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
+    [report] = evaluate([checkpoint], tmp_path / "eval", val=None, tasks=workdir / "out/data/tasks_val.jsonl",
                         prompts=["Which is larger, 14 or 6?"], max_tasks=LIMIT, device="cpu",
                         lm_eval_tasks=["mateconv_tasks_gen"])
     assert report.tasks.accuracy == pytest.approx(ours)
