@@ -32,7 +32,7 @@ from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
-from mateconv.lm_eval_tasks import run_lm_eval
+from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
@@ -542,6 +542,9 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
             raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
                             "to run it")
     resolve_device(device)  # a device that is not there fails every model the same way: said once, here
+    unknown = unknown_tasks(lm_eval_tasks) if lm_eval_tasks else []
+    if unknown:
+        raise EvalError(f"--lm_eval_tasks: lm-eval has no task {', '.join(unknown)} ('lm-eval ls tasks' lists them)")
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
