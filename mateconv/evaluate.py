@@ -468,6 +468,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """`value` with NaN and infinities as None, so that summary.json is JSON any parser reads (JavaScript's, jq's)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
     rows = [report.row() for report in reports]
     buffer = io.StringIO()
@@ -485,7 +496,8 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
                            "balance": report.balance, "samples": report.samples}
                           for report in reports],
                "win_rates": [w.as_dict() for report in reports for w in report.win_rates]}
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=2, ensure_ascii=False,
+                                                      allow_nan=False) + "\n")
 
     parts = ["# MateConv evaluation", "", markdown_table(rows), "", "![metrics](metrics.png)", ""]
     for report in reports:

@@ -1,16 +1,18 @@
 """Evaluation metrics on tiny trained checkpoints: perplexity, expert-load balance, greedy replies, bad input."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, model_kind, read_jsonl,
-                               task_accuracy, val_dataset)
+from mateconv.evaluate import (EvalError, ModelReport, TextRecords, balance_stats, greedy_replies, model_kind,
+                               read_jsonl, task_accuracy, val_dataset, write_summary)
 from mateconv.logprobs import perplexity
 from mateconv.tasks import check_answer
+from mateconv.winrate import WinRate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = 512  # the tiny tokenizer's
@@ -90,6 +92,21 @@ def test_balance_stats_values():
     skewed = balance_stats([[0.4, 0.2, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0]])
     assert skewed["cv"][0] == pytest.approx(math.sqrt(0.0075) / 0.25)
     assert skewed["max_min"] == [pytest.approx(2.0), math.inf]
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    """An idle expert (max/min inf) and a comparison the judge never answered (win rate NaN) are null in summary.json:
+    NaN and Infinity are no JSON, and JavaScript's parser, for one, refuses them."""
+    report = ModelReport("moe/final", "out/moe/final", "moe", 1.0, balance=balance_stats([[0.5, 0.5, 0.0, 0.0]]))
+    report.win_rates.append(WinRate("moe/final", "sft/final", "judge", failed=3))
+    write_summary([report], tmp_path)
+
+    def refuse(constant: str):
+        raise AssertionError(f"summary.json holds {constant}")
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    [model] = summary["models"]
+    assert model["balance"]["max_min"] == [None] and model["load_max_min"] is None
+    assert summary["win_rates"][0]["win_rate"] is None and summary["win_rates"][0]["failed"] == 3
 
 
 def val_tasks(tiny_embedded_data) -> list[dict]:
