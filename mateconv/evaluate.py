@@ -33,7 +33,7 @@ from mateconv.data.formats import sft_messages
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
-from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
+from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, document_windows, perplexity
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
@@ -102,7 +102,9 @@ def val_records(path: Path) -> list[str | list[dict]]:
 
 
 class TextRecords(Dataset):
-    """A JSONL of {"text"} records or conversations, one truncated sequence each; loss on every real token."""
+    """A JSONL of {"text"} records or conversations; loss on every token after a record's first. A record longer than
+    `seq_len` takes several rows, each after the first beginning with the last token of the one before (as bits per
+    byte cuts documents), so that it is scored whole."""
 
     def __init__(self, path: Path, tokenizer, seq_len: int):
         self.items = []
@@ -111,8 +113,7 @@ class TextRecords(Dataset):
                 ids = tokenizer.encode(record, add_special_tokens=False) + [tokenizer.eos_token_id]
             else:
                 ids = list(tokenizer.apply_chat_template(record, tokenize=True, return_dict=False))
-            if len(ids) >= 2:
-                self.items.append(torch.tensor(ids[:seq_len]))
+            self.items += [torch.tensor(window) for window, _ in document_windows(ids[1:], ids[:1], seq_len)]
         if not self.items:
             raise EvalError(f"{path}: no usable records")
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_token_id or 0

@@ -191,3 +191,23 @@ def test_pretrain_shards_are_scored_whole_whatever_the_length(tiny_pretrain_mode
         assert (rows[-1]["input_ids"][padding] == dataset.pad_id).all()
         assert rows[-1]["token_mask"].tolist() == (~padding).long().tolist()  # padding is no MoE expert load
     assert {perplexity(model, val_dataset(shards, tokenizer, length)).tokens for length in (16, 95)} == {stream}
+
+
+def test_a_record_longer_than_the_sequence_is_scored_whole(tiny_pretrain_model, tiny_embedded_data, tmp_path):
+    """--val FILE.jsonl: a document of more than --seq_len tokens is scored in rows that overlap by one token (every
+    token after its first, once), not cut to its first seq_len tokens."""
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    text = read_jsonl(tiny_embedded_data / "pretrain_val.jsonl")[0]["text"][:200]
+    held_out = tmp_path / "long.jsonl"
+    held_out.write_text(json.dumps({"text": text}) + "\n")
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert len(ids) > 40
+    result = perplexity(model, TextRecords(held_out, tokenizer, 16), batch_size=4)
+    nll = 0.0
+    with torch.no_grad():  # by hand: token t predicted from the row that holds it, rows starting every 15 tokens
+        for t in range(1, len(ids)):
+            begin = (t - 1) // 15 * 15
+            logits = model(input_ids=torch.tensor([ids[begin:t]]), use_cache=False).logits[0, -1]
+            nll -= float(torch.log_softmax(logits.double(), dim=-1)[ids[t]])
+    assert result.tokens == len(ids) - 1
+    assert result.loss == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
