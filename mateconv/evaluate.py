@@ -30,6 +30,7 @@ from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, contex
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
+from mateconv.data.readers import SUFFIXES, BadLine, iter_records
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
@@ -62,21 +63,21 @@ class EvalError(RuntimeError):
 # ---------------------------------------------------------------- data
 
 def numbered_records(path: Path) -> list[tuple[str, dict]]:
-    """("path:line", record) for each non-blank line of a JSONL file."""
+    """("path:line", record) for each record of a file in a format stage 2 reads (.jsonl, a .json array, .txt lines as
+    {"text"} records, parquet, gzipped); the first bad line stops the evaluation."""
     if not path.is_file():
         raise EvalError(f"no such file: {path}")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    try:
+        for source, line, record in iter_records(path):
+            where = f"{source}:{line}"
+            if isinstance(record, BadLine):
+                raise EvalError(f"{where}: {record.error}")
             if not isinstance(record, dict):
-                raise EvalError(f"{path}:{number}: expected a JSON object")
-            records.append((f"{path}:{number}", record))
+                raise EvalError(f"{where}: expected a JSON object")
+            records.append((where, record))
+    except DataError as error:
+        raise EvalError(str(error)) from None
     return records
 
 
@@ -184,9 +185,10 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
             return readers[kind](source, seq_len)
         except DataError as error:
             raise EvalError(str(error)) from None
-    if source.suffix == ".jsonl":
+    if source.name.endswith(SUFFIXES):
         return TextRecords(source, tokenizer, seq_len)
-    raise EvalError(f"validation data must be a token shard directory or a .jsonl file: {source}")
+    raise EvalError(f"validation data must be a token shard directory or a file of records ({', '.join(SUFFIXES)}): "
+                    f"{source}")
 
 
 def tokenizer_model(tokenizer_json: str) -> dict:
@@ -404,7 +406,8 @@ def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] |
         report.judge_replies = greedy_replies(model, tokenizer, judge_prompts, max_new_tokens, batch_size,
                                               desc="judge prompts")
     if lm_eval_tasks:
-        report.lm_eval = run_lm_eval(model_dir(path), lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
+        report.lm_eval = run_lm_eval(model_dir(path), lm_eval_tasks, tasks_file, max_tasks, max_new_tokens,
+                                     str(model.device))
     return report
 
 
@@ -561,7 +564,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
-    if val_path is not None and val_path.suffix == ".jsonl":
+    if val_path is not None and val_path.is_file():
         val_records(val_path)  # a broken or empty file stops the run before any model is loaded
     task_records = read_tasks(Path(tasks), max_tasks) if tasks else None
     texts = read_texts(Path(bpb_texts), max_bpb_docs) if bpb_texts else None
@@ -625,16 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. MiniMind's converted models)")
     data = parser.add_argument_group("data")
     data.add_argument("--val", default=None,
-                      help=f"token shard dir or .jsonl of texts or conversations for perplexity (default "
-                           f"{DEFAULT_VAL} if it exists; 'none' skips; a model whose tokenizer is not the shards' gets "
-                           "none)")
+                      help=f"token shard dir or file of texts or conversations (.jsonl, .json, .txt, ...) for "
+                           f"perplexity (default {DEFAULT_VAL} if it exists; 'none' skips; a model whose tokenizer is "
+                           "not the shards' gets none)")
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
     data.add_argument("--bpb_texts", default=None,
-                      help=f"held-out documents ({{\"text\"}} .jsonl) for bits per byte (default {DEFAULT_BPB_TEXTS} if "
-                           "it exists; 'none' skips)")
+                      help=f"held-out documents ({{\"text\"}} records, .txt lines) for bits per byte (default "
+                           f"{DEFAULT_BPB_TEXTS} if it exists; 'none' skips)")
     data.add_argument("--heldout", default=None,
-                      help=f"held-out conversations (.jsonl, any SFT shape stage 2 reads) whose prompts are sampled "
+                      help=f"held-out conversations (any SFT shape and file stage 2 reads) whose prompts are sampled "
                            f"and judged (default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
     data.add_argument("--prompts", nargs="*", default=None,
                       help="sample prompts (default: the first --n_samples held-out prompts, else a built-in few)")

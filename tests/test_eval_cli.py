@@ -295,22 +295,34 @@ def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model
     assert model["task_accuracy"] is None and model["val_ppl"] is None and model["samples"]
 
 
-def test_minimind_conversations_are_held_out_data(tiny_sft_model, tiny_embedded_data, tmp_path):
-    """MiniMind's {"conversations": [{role, content}]} (which stage 2 reads) serve --val and --heldout as the same
-    conversations as {"messages"} do."""
+def test_held_out_files_in_the_shapes_stage_2_reads(tiny_sft_model, tiny_embedded_data, tmp_path):
+    """--val and --heldout take MiniMind's {"conversations": [{role, content}]} JSON Lines and a LLaMA-Factory-style
+    .json array of them as the same conversations as {"messages"} JSON Lines; --bpb_texts takes a .txt of one document
+    per line as the same documents as {"text"} JSON Lines."""
     records = [json.loads(line) for line in (tiny_embedded_data / "sft_val.jsonl").read_text().splitlines()[:6]]
-    files = {"messages": tmp_path / "messages.jsonl", "conversations": tmp_path / "minimind.jsonl"}
-    for key, path in files.items():
-        path.write_text("".join(json.dumps({key: r["messages"]}, ensure_ascii=False) + "\n" for r in records))
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_val.jsonl").read_text().splitlines()]
+    texts = [text[:100].replace("\n", " ") for text in texts[:3]]
+    minimind = [{"conversations": r["messages"]} for r in records]
+    one_per_line = "\n".join(texts) + "\n"
+    inputs = {  # (conversations file, its content, documents file, its content)
+        "messages": ("messages.jsonl", "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records),
+                     "texts.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts)),
+        "minimind": ("minimind.jsonl", "".join(json.dumps(r) + "\n" for r in minimind), "texts.txt", one_per_line),
+        "array": ("array.json", json.dumps(minimind, indent=1), "texts.txt", one_per_line)}
     summaries = {}
-    for key, path in files.items():
-        main(["--models", str(tiny_sft_model), "--val", str(path), "--heldout", str(path), "--tasks", "none",
-              "--bpb_texts", "none", "--n_samples", "2", "--max_new_tokens", "4", "--out_dir", str(tmp_path / key)])
-        summaries[key] = json.loads((tmp_path / key / "summary.json").read_text())["models"][0]
-    assert summaries["conversations"]["val_tokens"] > 0
-    for field in ("val_loss", "val_tokens", "samples"):
-        assert summaries["conversations"][field] == summaries["messages"][field]
-    assert list(summaries["messages"]["samples"]) == [r["messages"][0]["content"] for r in records[:2]]
+    for label, (held_out, conversations, documents, texts_content) in inputs.items():
+        (tmp_path / held_out).write_text(conversations)
+        (tmp_path / documents).write_text(texts_content)
+        main(["--models", str(tiny_sft_model), "--val", str(tmp_path / held_out), "--heldout", str(tmp_path / held_out),
+              "--tasks", "none", "--bpb_texts", str(tmp_path / documents), "--n_samples", "2", "--max_new_tokens", "4",
+              "--out_dir", str(tmp_path / label)])
+        summaries[label] = json.loads((tmp_path / label / "summary.json").read_text())["models"][0]
+    reference = summaries.pop("messages")
+    assert reference["val_tokens"] > 0 and reference["bpb"]["documents"] == 3
+    assert list(reference["samples"]) == [r["messages"][0]["content"] for r in records[:2]]
+    for summary in summaries.values():
+        for field in ("val_loss", "val_tokens", "samples", "val_bpb", "bpb"):
+            assert summary[field] == reference[field]
 
 
 def test_a_bad_or_empty_validation_file_stops_before_any_model_loads(tmp_path):

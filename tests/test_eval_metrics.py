@@ -149,7 +149,7 @@ def test_bad_validation_inputs(tiny_tokenizer, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(EvalError, match=r"broken.jsonl:2: not valid JSON"):
+    with pytest.raises(EvalError, match=r"broken.jsonl:2: malformed JSON"):
         val_dataset(broken, tokenizer, 32)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "x"}\n')

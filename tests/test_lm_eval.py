@@ -86,5 +86,6 @@ def test_an_unknown_task_stops_before_any_model_loads(tmp_path):
     not_loaded.mkdir()
     (not_loaded / "config.json").write_text("{}")
     with pytest.raises(EvalError) as stopped:
-        evaluate([not_loaded], tmp_path / "eval", val=None, tasks=None, lm_eval_tasks=["mateconv_tasks_gen", "nosuchtask"])
+        evaluate([not_loaded], tmp_path / "eval", val=None, tasks=None,
+                 lm_eval_tasks=["mateconv_tasks_gen", "nosuchtask"])
     assert str(stopped.value) == "--lm_eval_tasks: lm-eval has no task nosuchtask ('lm-eval ls tasks' lists them)"
