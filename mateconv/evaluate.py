@@ -236,6 +236,9 @@ def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_to
                    desc: str = "generate") -> list[str]:
     """The assistant's greedy reply to each conversation (batched, prompts left-padded)."""
     room = context_length(model) - max_new_tokens
+    if room < 1:
+        raise EvalError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                        f"{context_length(model)} tokens: lower it")
     prompts = [prompt_ids(tokenizer, messages)[-room:] for messages in conversations]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     replies = []

@@ -121,6 +121,17 @@ def test_batched_greedy_replies_equal_one_prompt_at_a_time(tiny_sft_model, tiny_
     assert replies == [greedy_reply(tiny_sft_model, q, 12)[0] for q in questions]
 
 
+def test_replies_longer_than_the_context_are_one_line(tiny_pretrain_model, tmp_path):
+    """--max_new_tokens at or above the model's context (96) fails that model in one line; it stopped the evaluation
+    with a traceback (the whole prompt kept at 96, an empty one above)."""
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    for tokens in (96, 200):
+        with pytest.raises(EvalError, match=f"--max_new_tokens {tokens} leaves no room for a prompt in the model's "
+                                            "context of 96 tokens"):
+            greedy_replies(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=tokens)
+    assert len(greedy_replies(model, tokenizer, [[{"role": "user", "content": "Hi " * 200}]], max_new_tokens=95)) == 1
+
+
 def test_task_accuracy_uses_check_answer(tiny_sft_model, tiny_untrained_model, tiny_embedded_data):
     tasks = val_tasks(tiny_embedded_data)
     results = {}
