@@ -552,6 +552,8 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     `judge` endpoint and `heldout`, each (model, baseline) of `compare` is judged on `judge_prompts` prompts."""
     if not models:
         raise EvalError("no models to evaluate")
+    if seq_len is not None and seq_len < 2:  # a row needs a token to predict from and one to score
+        raise EvalError(f"--seq_len must be at least 2, got {seq_len}")
     paths = [Path(m) for m in models]
     for path in paths:
         if not is_model(path):

@@ -338,6 +338,9 @@ def test_a_bad_or_empty_validation_file_stops_before_any_model_loads(tmp_path):
         with pytest.raises(SystemExit) as stopped:
             main(quick_run([no_model], tmp_path / "eval", "--val", str(path)))
         assert str(stopped.value).startswith(f"evaluate: {message}")
+    with pytest.raises(SystemExit) as stopped:  # rows of one token would score nothing (and never end)
+        main(quick_run([no_model], tmp_path / "eval", "--val", str(bad), "--seq_len", "1"))
+    assert str(stopped.value) == "evaluate: --seq_len must be at least 2, got 1"
 
 
 def test_the_notebook_keeps_training_checkpoints(tiny_sft_model, tmp_path):
