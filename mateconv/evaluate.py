@@ -29,14 +29,17 @@ from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, contex
                            resolve_device)
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
+from mateconv.data.formats import sft_messages
+from mateconv.data.readers import SUFFIXES, BadLine, iter_records
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
-from mateconv.lm_eval_tasks import run_lm_eval
-from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, perplexity
+from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
+from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, document_windows, perplexity
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
 from mateconv.terminal import bars_only_on_a_terminal, run_main
+from mateconv.train.models import model_dir
 from mateconv.winrate import WinRate, check_endpoint, win_rates
 from model.generation import generate_tokens
 
@@ -59,38 +62,59 @@ class EvalError(RuntimeError):
 
 # ---------------------------------------------------------------- data
 
-def read_jsonl(path: Path) -> list[dict]:
+def numbered_records(path: Path) -> list[tuple[str, dict]]:
+    """("path:line", record) for each record of a file in a format stage 2 reads (.jsonl, a .json array, .txt lines as
+    {"text"} records, parquet, gzipped); the first bad line stops the evaluation."""
     if not path.is_file():
         raise EvalError(f"no such file: {path}")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    try:
+        for source, line, record in iter_records(path):
+            where = f"{source}:{line}"
+            if isinstance(record, BadLine):
+                raise EvalError(f"{where}: {record.error}")
             if not isinstance(record, dict):
-                raise EvalError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
+                raise EvalError(f"{where}: expected a JSON object")
+            records.append((where, record))
+    except DataError as error:
+        raise EvalError(str(error)) from None
+    return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [record for _, record in numbered_records(path)]
+
+
+def conversation(record: dict, where: str) -> list[dict]:
+    """A record's messages in any SFT shape stage 2 reads (messages, MiniMind or ShareGPT conversations, ...)."""
+    try:
+        return sft_messages(record)
+    except DataError as error:
+        raise EvalError(f"{where}: {error}") from None
+
+
+def val_records(path: Path) -> list[str | list[dict]]:
+    """A validation JSONL's documents: a {"text"} record's text, a conversation's messages."""
+    records = [record["text"] if isinstance(record.get("text"), str) else conversation(record, where)
+               for where, record in numbered_records(path)]
+    if not records:
+        raise EvalError(f"{path}: no records to score for perplexity (the file is empty)")
     return records
 
 
 class TextRecords(Dataset):
-    """A JSONL of {"text"} or {"messages"} records, one truncated sequence each; loss on every real token."""
+    """A JSONL of {"text"} records or conversations; loss on every token after a record's first. A record longer than
+    `seq_len` takes several rows, each after the first beginning with the last token of the one before (as bits per
+    byte cuts documents), so that it is scored whole."""
 
     def __init__(self, path: Path, tokenizer, seq_len: int):
         self.items = []
-        for number, record in enumerate(read_jsonl(path), 1):
-            if isinstance(record.get("text"), str):
-                ids = tokenizer.encode(record["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            elif isinstance(record.get("messages"), list):
-                ids = list(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False))
+        for record in val_records(path):
+            if isinstance(record, str):
+                ids = tokenizer.encode(record, add_special_tokens=False) + [tokenizer.eos_token_id]
             else:
-                raise EvalError(f"{path}:{number}: a record needs a 'text' string or a 'messages' list")
-            if len(ids) >= 2:
-                self.items.append(torch.tensor(ids[:seq_len]))
+                ids = list(tokenizer.apply_chat_template(record, tokenize=True, return_dict=False))
+            self.items += [torch.tensor(window) for window, _ in document_windows(ids[1:], ids[:1], seq_len)]
         if not self.items:
             raise EvalError(f"{path}: no usable records")
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_token_id or 0
@@ -111,9 +135,9 @@ class TextRecords(Dataset):
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
     """The `text` of each record of a JSONL file (stage 2's pretrain_val.jsonl), the first `limit` of them."""
     texts = []
-    for number, record in enumerate(read_jsonl(path), 1):
+    for where, record in numbered_records(path):
         if not isinstance(record.get("text"), str):
-            raise EvalError(f"{path}: record {number} has no 'text' string (bits per byte needs raw documents)")
+            raise EvalError(f"{where}: the record has no 'text' string (bits per byte needs raw documents)")
         texts.append(record["text"])
     if not texts:
         raise EvalError(f"{path}: no documents to score for bits per byte (the file is empty)")
@@ -129,13 +153,11 @@ def read_tasks(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
-    """Held-out conversations (stage 2's sft_val.jsonl) cut before their first assistant turn: the prompts."""
+    """Held-out conversations (stage 2's sft_val.jsonl, or any SFT shape it reads) cut before their first assistant
+    turn: the prompts."""
     prompts = []
-    for number, record in enumerate(read_jsonl(path), 1):
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     for m in messages):
-            raise EvalError(f"{path}: record {number} needs a 'messages' list of {{role, content}}")
+    for where, record in numbered_records(path):
+        messages = conversation(record, where)
         turn = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
         if turn and messages[turn - 1].get("role") == "user":
             prompts.append(messages[:turn])
@@ -163,9 +185,10 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
             return readers[kind](source, seq_len)
         except DataError as error:
             raise EvalError(str(error)) from None
-    if source.suffix == ".jsonl":
+    if source.name.endswith(SUFFIXES):
         return TextRecords(source, tokenizer, seq_len)
-    raise EvalError(f"validation data must be a token shard directory or a .jsonl file: {source}")
+    raise EvalError(f"validation data must be a token shard directory or a file of records ({', '.join(SUFFIXES)}): "
+                    f"{source}")
 
 
 def tokenizer_model(tokenizer_json: str) -> dict:
@@ -213,6 +236,9 @@ def greedy_replies(model, tokenizer, conversations: list[list[dict]], max_new_to
                    desc: str = "generate") -> list[str]:
     """The assistant's greedy reply to each conversation (batched, prompts left-padded)."""
     room = context_length(model) - max_new_tokens
+    if room < 1:
+        raise EvalError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                        f"{context_length(model)} tokens: lower it")
     prompts = [prompt_ids(tokenizer, messages)[-room:] for messages in conversations]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     replies = []
@@ -383,7 +409,8 @@ def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] |
         report.judge_replies = greedy_replies(model, tokenizer, judge_prompts, max_new_tokens, batch_size,
                                               desc="judge prompts")
     if lm_eval_tasks:
-        report.lm_eval = run_lm_eval(path, lm_eval_tasks, tasks_file, max_tasks, max_new_tokens, str(model.device))
+        report.lm_eval = run_lm_eval(model_dir(path), lm_eval_tasks, tasks_file, max_tasks, max_new_tokens,
+                                     str(model.device))
     return report
 
 
@@ -448,6 +475,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """`value` with NaN and infinities as None, so that summary.json is JSON any parser reads (JavaScript's, jq's)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
     rows = [report.row() for report in reports]
     buffer = io.StringIO()
@@ -465,7 +503,8 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
                            "balance": report.balance, "samples": report.samples}
                           for report in reports],
                "win_rates": [w.as_dict() for report in reports for w in report.win_rates]}
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=2, ensure_ascii=False,
+                                                      allow_nan=False) + "\n")
 
     parts = ["# MateConv evaluation", "", markdown_table(rows), "", "![metrics](metrics.png)", ""]
     for report in reports:
@@ -494,6 +533,11 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
             write_atomic(out_dir / f"tasks_{report.label.replace('/', '_')}.jsonl", lines)
 
 
+def is_model(path: str | Path) -> bool:
+    """Whether `path` holds something to evaluate: a save_pretrained directory or a training checkpoint."""
+    return (Path(path) / "config.json").is_file() or is_training_checkpoint(path)
+
+
 def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
              tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
              batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
@@ -508,19 +552,25 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     `judge` endpoint and `heldout`, each (model, baseline) of `compare` is judged on `judge_prompts` prompts."""
     if not models:
         raise EvalError("no models to evaluate")
+    if seq_len is not None and seq_len < 2:  # a row needs a token to predict from and one to score
+        raise EvalError(f"--seq_len must be at least 2, got {seq_len}")
     paths = [Path(m) for m in models]
     for path in paths:
-        if is_training_checkpoint(path):  # loaded as its consolidated model (mateconv.train.models.model_dir)
-            continue
-        if not (path / "config.json").is_file():
+        if not is_model(path):
             raise EvalError(f"no model at {path} (expected a save_pretrained directory or a training checkpoint)")
-        if not trust_remote_code and ships_own_code(path):
+        # a training checkpoint is loaded as its consolidated model (mateconv.train.models.model_dir)
+        if not is_training_checkpoint(path) and not trust_remote_code and ships_own_code(path):
             raise EvalError(f"{path} ships its own model code (auto_map in config.json); pass --trust_remote_code "
                             "to run it")
     resolve_device(device)  # a device that is not there fails every model the same way: said once, here
+    unknown = unknown_tasks(lm_eval_tasks) if lm_eval_tasks else []
+    if unknown:
+        raise EvalError(f"--lm_eval_tasks: lm-eval has no task {', '.join(unknown)} ('lm-eval ls tasks' lists them)")
     val_path = Path(val) if val else None
     if val_path is not None and not val_path.exists():
         raise EvalError(f"validation data not found: {val_path}")
+    if val_path is not None and val_path.is_file():
+        val_records(val_path)  # a broken or empty file stops the run before any model is loaded
     task_records = read_tasks(Path(tasks), max_tasks) if tasks else None
     texts = read_texts(Path(bpb_texts), max_bpb_docs) if bpb_texts else None
     held_out = read_prompts(Path(heldout)) if heldout else None
@@ -583,16 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. MiniMind's converted models)")
     data = parser.add_argument_group("data")
     data.add_argument("--val", default=None,
-                      help=f"token shard dir or .jsonl for perplexity (default {DEFAULT_VAL} if it exists; 'none' "
-                           "skips; a model whose tokenizer is not the shards' gets none)")
+                      help=f"token shard dir or file of texts or conversations (.jsonl, .json, .txt, ...) for "
+                           f"perplexity (default {DEFAULT_VAL} if it exists; 'none' skips; a model whose tokenizer is "
+                           "not the shards' gets none)")
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
     data.add_argument("--bpb_texts", default=None,
-                      help=f"held-out documents ({{\"text\"}} .jsonl) for bits per byte (default {DEFAULT_BPB_TEXTS} if "
-                           "it exists; 'none' skips)")
+                      help=f"held-out documents ({{\"text\"}} records, .txt lines) for bits per byte (default "
+                           f"{DEFAULT_BPB_TEXTS} if it exists; 'none' skips)")
     data.add_argument("--heldout", default=None,
-                      help=f"held-out conversations ({{\"messages\"}} .jsonl) whose prompts are sampled and judged "
-                           f"(default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
+                      help=f"held-out conversations (any SFT shape and file stage 2 reads) whose prompts are sampled "
+                           f"and judged (default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
     data.add_argument("--prompts", nargs="*", default=None,
                       help="sample prompts (default: the first --n_samples held-out prompts, else a built-in few)")
     data.add_argument("--n_samples", type=int, default=4)

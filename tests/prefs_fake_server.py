@@ -10,9 +10,9 @@ Faults are chosen per (model, prompt id): `schedule[(model, pid)]` lists one act
 after `slow_s`, beyond the client's timeout), drop (closes the connection without an answer), malformed (judge:
 prose), badids (judge: JSON scoring ids that were not shown), tie (judge: equal scores), fenced (judge: valid JSON
 inside a ```json fence), webpage (status 200 with an HTML page, as a proxy may answer), shapeless (status 200 with JSON
-that is no chat completion), quota (OpenAI's 429 for an account out of credit), allright (generator: every choice
-correct, choice i of n followed by n-1-i FILLERs), thinks (generator: each choice with a `reasoning_content`, as our
-server splits off a <think> block).
+that is no chat completion), cutshort (status 200 with a JSON body cut short), quota (OpenAI's 429 for an account out
+of credit), allright (generator: every choice correct, choice i of n followed by n-1-i FILLERs), thinks (generator:
+each choice with a `reasoning_content`, as our server splits off a <think> block).
 """
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ def judge_score(reply: str, truth: int) -> int:
 
 class FakeOpenAI:
     def __init__(self, schedule: dict | None = None, permanent: dict | None = None, honour_n: bool = True,
-                 delay_s: float = 0.0, slow_s: float = 1.5, web_page_models: bool = False):
+                 delay_s: float = 0.0, slow_s: float = 1.5, web_page_models: bool = False,
+                 cut_short_models: bool = False):
         self.schedule, self.permanent = schedule or {}, permanent or {}
         self.web_page_models = web_page_models  # GET /models answers with a web page (a base URL not the API's)
+        self.cut_short_models = cut_short_models  # GET /models answers with a JSON body cut short
         self.honour_n, self.delay_s, self.slow_s = honour_n, delay_s, slow_s
         self.attempts: Counter = Counter()  # (model, pid) -> requests seen
         self.answered: Counter = Counter()  # (model, pid) -> successful generator choices handed out
@@ -109,6 +111,8 @@ class FakeOpenAI:
             def do_GET(self):
                 if fake.web_page_models:
                     self._send_body(200, b"<html><body>Sign in</body></html>", "text/html")
+                elif fake.cut_short_models:
+                    self._send_body(200, b'{"object": "list", "da', "application/json")
                 elif self.path.rstrip("/") == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": "gen", "object": "model"},
                                                                 {"id": "judge", "object": "model"}]})
@@ -152,6 +156,8 @@ class FakeOpenAI:
                     return self._send_body(200, b"<html><body>Bad gateway</body></html>", "text/html")
                 elif action == "shapeless":
                     return self._send(200, {"result": "ok"})
+                elif action == "cutshort":
+                    return self._send_body(200, b'{"id": "chatcmpl-test", "choi', "application/json")
                 truth = int(a) + int(b)
                 if model == "gen":
                     with fake.lock:

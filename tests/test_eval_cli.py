@@ -15,7 +15,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from mateconv.evaluate import main
+from mateconv.evaluate import is_model, main
 from mateconv.tasks import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +293,61 @@ def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model
     summary = json.loads((root / "eval" / "summary.json").read_text())
     [model] = summary["models"]
     assert model["task_accuracy"] is None and model["val_ppl"] is None and model["samples"]
+
+
+def test_held_out_files_in_the_shapes_stage_2_reads(tiny_sft_model, tiny_embedded_data, tmp_path):
+    """--val and --heldout take MiniMind's {"conversations": [{role, content}]} JSON Lines and a LLaMA-Factory-style
+    .json array of them as the same conversations as {"messages"} JSON Lines; --bpb_texts takes a .txt of one document
+    per line as the same documents as {"text"} JSON Lines."""
+    records = [json.loads(line) for line in (tiny_embedded_data / "sft_val.jsonl").read_text().splitlines()[:6]]
+    texts = [json.loads(line)["text"] for line in (tiny_embedded_data / "pretrain_val.jsonl").read_text().splitlines()]
+    texts = [text[:100].replace("\n", " ") for text in texts[:3]]
+    minimind = [{"conversations": r["messages"]} for r in records]
+    one_per_line = "\n".join(texts) + "\n"
+    inputs = {  # (conversations file, its content, documents file, its content)
+        "messages": ("messages.jsonl", "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records),
+                     "texts.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts)),
+        "minimind": ("minimind.jsonl", "".join(json.dumps(r) + "\n" for r in minimind), "texts.txt", one_per_line),
+        "array": ("array.json", json.dumps(minimind, indent=1), "texts.txt", one_per_line)}
+    summaries = {}
+    for label, (held_out, conversations, documents, texts_content) in inputs.items():
+        (tmp_path / held_out).write_text(conversations)
+        (tmp_path / documents).write_text(texts_content)
+        main(["--models", str(tiny_sft_model), "--val", str(tmp_path / held_out), "--heldout", str(tmp_path / held_out),
+              "--tasks", "none", "--bpb_texts", str(tmp_path / documents), "--n_samples", "2", "--max_new_tokens", "4",
+              "--out_dir", str(tmp_path / label)])
+        summaries[label] = json.loads((tmp_path / label / "summary.json").read_text())["models"][0]
+    reference = summaries.pop("messages")
+    assert reference["val_tokens"] > 0 and reference["bpb"]["documents"] == 3
+    assert list(reference["samples"]) == [r["messages"][0]["content"] for r in records[:2]]
+    for summary in summaries.values():
+        for field in ("val_loss", "val_tokens", "samples", "val_bpb", "bpb"):
+            assert summary[field] == reference[field]
+
+
+def test_a_bad_or_empty_validation_file_stops_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"prompt": "x"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_model = tmp_path / "no_model"  # would fail to load: the files are read first
+    no_model.mkdir()
+    (no_model / "config.json").write_text("{}")
+    for path, message in ((bad, f"{bad}:3: unknown record shape with keys ['prompt']"),
+                          (empty, f"{empty}: no records to score for perplexity (the file is empty)")):
+        with pytest.raises(SystemExit) as stopped:
+            main(quick_run([no_model], tmp_path / "eval", "--val", str(path)))
+        assert str(stopped.value).startswith(f"evaluate: {message}")
+    with pytest.raises(SystemExit) as stopped:  # rows of one token would score nothing (and never end)
+        main(quick_run([no_model], tmp_path / "eval", "--val", str(bad), "--seq_len", "1"))
+    assert str(stopped.value) == "evaluate: --seq_len must be at least 2, got 1"
+
+
+def test_the_notebook_keeps_training_checkpoints(tiny_sft_model, tmp_path):
+    """The notebook evaluates the MODELS that `is_model` finds: a run's checkpoints/step_N as well as final/ (it looked
+    for config.json only and skipped a checkpoint as not found)."""
+    checkpoint = tiny_sft_model.parent / "checkpoints" / "step_00000300"
+    assert [is_model(path) for path in (tiny_sft_model, checkpoint, tmp_path / "missing", tmp_path)] == [
+        True, True, False, False]
+    notebook = nbformat.read(ROOT / "6.inference_evaluate.ipynb", as_version=4)
+    assert any("models = [m for m in MODELS if is_model(m)]" in cell.source for cell in notebook.cells)

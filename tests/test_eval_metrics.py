@@ -1,16 +1,18 @@
 """Evaluation metrics on tiny trained checkpoints: perplexity, expert-load balance, greedy replies, bad input."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import (EvalError, TextRecords, balance_stats, greedy_replies, model_kind, read_jsonl,
-                               task_accuracy, val_dataset)
+from mateconv.evaluate import (EvalError, ModelReport, TextRecords, balance_stats, greedy_replies, model_kind,
+                               read_jsonl, task_accuracy, val_dataset, write_summary)
 from mateconv.logprobs import perplexity
 from mateconv.tasks import check_answer
+from mateconv.winrate import WinRate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = 512  # the tiny tokenizer's
@@ -92,6 +94,21 @@ def test_balance_stats_values():
     assert skewed["max_min"] == [pytest.approx(2.0), math.inf]
 
 
+def test_summary_json_is_strict_json(tmp_path):
+    """An idle expert (max/min inf) and a comparison the judge never answered (win rate NaN) are null in summary.json:
+    NaN and Infinity are no JSON, and JavaScript's parser, for one, refuses them."""
+    report = ModelReport("moe/final", "out/moe/final", "moe", 1.0, balance=balance_stats([[0.5, 0.5, 0.0, 0.0]]))
+    report.win_rates.append(WinRate("moe/final", "sft/final", "judge", failed=3))
+    write_summary([report], tmp_path)
+
+    def refuse(constant: str):
+        raise AssertionError(f"summary.json holds {constant}")
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    [model] = summary["models"]
+    assert model["balance"]["max_min"] == [None] and model["load_max_min"] is None
+    assert summary["win_rates"][0]["win_rate"] is None and summary["win_rates"][0]["failed"] == 3
+
+
 def val_tasks(tiny_embedded_data) -> list[dict]:
     return read_jsonl(tiny_embedded_data / "tasks_val.jsonl")
 
@@ -102,6 +119,17 @@ def test_batched_greedy_replies_equal_one_prompt_at_a_time(tiny_sft_model, tiny_
     replies = greedy_replies(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
                              max_new_tokens=12, batch_size=3)  # left-padded batches of prompts of different lengths
     assert replies == [greedy_reply(tiny_sft_model, q, 12)[0] for q in questions]
+
+
+def test_replies_longer_than_the_context_are_one_line(tiny_pretrain_model, tmp_path):
+    """--max_new_tokens at or above the model's context (96) fails that model in one line; it stopped the evaluation
+    with a traceback (the whole prompt kept at 96, an empty one above)."""
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    for tokens in (96, 200):
+        with pytest.raises(EvalError, match=f"--max_new_tokens {tokens} leaves no room for a prompt in the model's "
+                                            "context of 96 tokens"):
+            greedy_replies(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=tokens)
+    assert len(greedy_replies(model, tokenizer, [[{"role": "user", "content": "Hi " * 200}]], max_new_tokens=95)) == 1
 
 
 def test_task_accuracy_uses_check_answer(tiny_sft_model, tiny_untrained_model, tiny_embedded_data):
@@ -132,11 +160,11 @@ def test_bad_validation_inputs(tiny_tokenizer, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(EvalError, match=r"broken.jsonl:2: not valid JSON"):
+    with pytest.raises(EvalError, match=r"broken.jsonl:2: malformed JSON"):
         val_dataset(broken, tokenizer, 32)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "x"}\n')
-    with pytest.raises(EvalError, match="needs a 'text' string or a 'messages' list"):
+    with pytest.raises(EvalError, match=r"wrong.jsonl:1: unknown record shape with keys \['prompt'\]"):
         val_dataset(wrong, tokenizer, 32)
     with pytest.raises(EvalError, match="not a token shard directory"):
         val_dataset(tmp_path, tokenizer, 32)
@@ -174,3 +202,23 @@ def test_pretrain_shards_are_scored_whole_whatever_the_length(tiny_pretrain_mode
         assert (rows[-1]["input_ids"][padding] == dataset.pad_id).all()
         assert rows[-1]["token_mask"].tolist() == (~padding).long().tolist()  # padding is no MoE expert load
     assert {perplexity(model, val_dataset(shards, tokenizer, length)).tokens for length in (16, 95)} == {stream}
+
+
+def test_a_record_longer_than_the_sequence_is_scored_whole(tiny_pretrain_model, tiny_embedded_data, tmp_path):
+    """--val FILE.jsonl: a document of more than --seq_len tokens is scored in rows that overlap by one token (every
+    token after its first, once), not cut to its first seq_len tokens."""
+    model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
+    text = read_jsonl(tiny_embedded_data / "pretrain_val.jsonl")[0]["text"][:200]
+    held_out = tmp_path / "long.jsonl"
+    held_out.write_text(json.dumps({"text": text}) + "\n")
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert len(ids) > 40
+    result = perplexity(model, TextRecords(held_out, tokenizer, 16), batch_size=4)
+    nll = 0.0
+    with torch.no_grad():  # by hand: token t predicted from the row that holds it, rows starting every 15 tokens
+        for t in range(1, len(ids)):
+            begin = (t - 1) // 15 * 15
+            logits = model(input_ids=torch.tensor([ids[begin:t]]), use_cache=False).logits[0, -1]
+            nll -= float(torch.log_softmax(logits.double(), dim=-1)[ids[t]])
+    assert result.tokens == len(ids) - 1
+    assert result.loss == pytest.approx(nll / (len(ids) - 1), rel=1e-5)

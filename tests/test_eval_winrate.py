@@ -38,8 +38,10 @@ def heldout(tmp_path_factory, tiny_embedded_data) -> dict:
 
 
 def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout, greedy_reply, tmp_path):
-    # p03: the judge fails for good (HTTP 500, no retries); p05: it answers a tie; p07: prose instead of JSON
-    fake = FakeOpenAI(permanent={("judge", "p03"): "500", ("judge", "p05"): "tie", ("judge", "p07"): "malformed"})
+    # p03: the judge fails for good (HTTP 500, no retries); p05: it answers a tie; p07: prose instead of JSON; p09: a
+    # body cut short, which says it is JSON
+    fake = FakeOpenAI(permanent={("judge", "p03"): "500", ("judge", "p05"): "tie", ("judge", "p07"): "malformed",
+                                 ("judge", "p09"): "cutshort"})
     out = tmp_path / "eval"
     try:
         main(["--models", str(tiny_pretrain_model), str(tiny_sft_model), "--val", "none", "--tasks", "none",
@@ -51,9 +53,9 @@ def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout,
     summary = json.loads((out / "summary.json").read_text())
 
     # the judge's verdicts, recomputed from each model's own greedy replies
-    expected = {"wins": 0, "losses": 0, "ties": 1, "failed": 2}
+    expected = {"wins": 0, "losses": 0, "ties": 1, "failed": 3}
     for record in heldout["records"]:
-        if record["id"] in ("p03", "p05", "p07"):
+        if record["id"] in ("p03", "p05", "p07", "p09"):
             continue
         question, truth = record["messages"][0]["content"], int(record["answer"])
         sft, pretrain = (judge_score(greedy_reply(model, question, NEW_TOKENS)[0], truth)
@@ -61,11 +63,12 @@ def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout,
         expected["wins" if sft > pretrain else "losses" if sft < pretrain else "ties"] += 1
     [win] = summary["win_rates"]
     assert (win["model"], win["baseline"], win["judge"]) == ("sft/final", "pretrain/final", "judge")
-    assert {key: win[key] for key in expected} == expected and win["judged"] == N_PROMPTS - 2
+    assert {key: win[key] for key in expected} == expected and win["judged"] == N_PROMPTS - 3
     assert expected["wins"] >= 3  # the SFT model answers in the judged form; the 6-step pretrain model cannot
     assert win["win_rate"] == pytest.approx((win["wins"] + win["ties"] / 2) / win["judged"])
     assert any("HTTP 500" in reason for reason in win["failures"])
     assert any("no JSON object" in reason for reason in win["failures"])
+    assert any("body is not valid JSON" in reason for reason in win["failures"])
     # the shuffle reached the judge: where only the SFT reply has a number, it was shown first on some prompts only
     firsts = [entry["shown"][0] is not None for entry in fake.log if entry["shown"] and entry["shown"].count(None) == 1]
     assert len(set(firsts)) == 2 and 0 < win["first_shown"] < N_PROMPTS
@@ -106,10 +109,19 @@ def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrain
     for flags, message in cases:
         with pytest.raises(SystemExit, match=message):
             main(base + flags)
+    cut_short = FakeOpenAI(cut_short_models=True)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(base + ["--judge_base_url", cut_short.url, "--judge_model", "judge", "--compare",
+                         f"pretrain:{untrained}"])
+    finally:
+        cut_short.close()
+    assert str(stopped.value) == (f"evaluate: judge endpoint {cut_short.url} answered GET /models with a body that is "
+                                  "not valid JSON (Unterminated string starting at)")
     texts_without_text = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 has no 'text' string"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: the record has no 'text' string"):
         main(base + ["--bpb_texts", texts_without_text])
-    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 needs a 'messages' list"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: unknown record shape with keys \['text'\]"):
         main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import evaluate, read_jsonl, task_accuracy
+from mateconv.evaluate import EvalError, evaluate, read_jsonl, task_accuracy
 from mateconv.lm_eval_tasks import TASKS_DIR
 from mateconv.lm_eval_tasks.utils import doc_to_choice, doc_to_target
 
@@ -69,9 +69,23 @@ def test_lm_eval_cli_on_a_native_checkpoint(tiny_sft_model, workdir, ours, ours_
 
 
 def test_evaluate_runs_lm_eval_tasks_by_name(tiny_sft_model, workdir, ours, tmp_path):
-    [report] = evaluate([tiny_sft_model], tmp_path / "eval", val=None, tasks=workdir / "out/data/tasks_val.jsonl",
+    """On a run's training checkpoint, which lm-eval gets consolidated (it cannot read checkpoints/step_N itself); the
+    last checkpoint holds the final weights, so the accuracy is the final model's."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
+    shutil.copytree(tiny_sft_model.parent / "checkpoints" / checkpoint.name, checkpoint)
+    [report] = evaluate([checkpoint], tmp_path / "eval", val=None, tasks=workdir / "out/data/tasks_val.jsonl",
                         prompts=["Which is larger, 14 or 6?"], max_tasks=LIMIT, device="cpu",
                         lm_eval_tasks=["mateconv_tasks_gen"])
     assert report.tasks.accuracy == pytest.approx(ours)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"][0]
     assert summary["lm_eval:mateconv_tasks_gen/acc"] == pytest.approx(round(ours, 4))
+
+
+def test_an_unknown_task_stops_before_any_model_loads(tmp_path):
+    not_loaded = tmp_path / "model"  # would fail to load: the task names are checked first
+    not_loaded.mkdir()
+    (not_loaded / "config.json").write_text("{}")
+    with pytest.raises(EvalError) as stopped:
+        evaluate([not_loaded], tmp_path / "eval", val=None, tasks=None,
+                 lm_eval_tasks=["mateconv_tasks_gen", "nosuchtask"])
+    assert str(stopped.value) == "--lm_eval_tasks: lm-eval has no task nosuchtask ('lm-eval ls tasks' lists them)"

@@ -301,6 +301,11 @@ def _turns(value: Any, role: str, what: str) -> Messages:
 
 def to_sft(record: Any) -> dict[str, Messages]:
     """Any supported SFT shape -> {"messages": [...]} ending with an assistant turn."""
+    return {"messages": check_turns(_check_conversation(sft_messages(record), ends_with_assistant=True))}
+
+
+def sft_messages(record: Any) -> Messages:
+    """Any supported SFT shape's messages, unchecked: a held-out prompt may end with its user turn."""
     shape = detect_format(record)
     if shape == "messages":
         messages = _messages(record["messages"], record)
@@ -313,7 +318,7 @@ def to_sft(record: Any) -> dict[str, Messages]:
                                 _turns(record["completion"], "assistant", "completion"), record)
     else:
         raise DataError(f"a {shape} preference record is not an SFT conversation")
-    return {"messages": check_turns(_check_conversation(messages, ends_with_assistant=True))}
+    return messages
 
 
 def check_turns(messages: Messages) -> Messages:

@@ -12,6 +12,14 @@ TASKS_DIR = Path(__file__).resolve().parent
 LOCAL_TASKS = ("mateconv_tasks_gen", "mateconv_tasks_mc")
 
 
+def unknown_tasks(task_names: list[str]) -> list[str]:
+    """The names lm-eval knows neither as a task, group or tag (ours included) nor as a YAML file."""
+    from lm_eval.tasks import TaskManager
+
+    known = TaskManager(include_path=str(TASKS_DIR)).all_tasks
+    return [name for name in task_names if name not in known and not Path(name).is_file()]
+
+
 def run_lm_eval(model_path: str | Path, task_names: list[str], tasks_file: str | Path | None = None,
                 limit: int | None = None, max_new_tokens: int = 48, device: str = "cpu") -> dict[str, float]:
     """{"<task>/<metric>": value} from lm-eval's `hf` model on `model_path` with the chat template applied (as

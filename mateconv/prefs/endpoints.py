@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -201,6 +202,9 @@ class Caller:
                     raise RequestFailed(problem)
                 self.usage.add(response)
                 return response
+            except json.JSONDecodeError as error:  # status 200 and a JSON content type, the body cut short say
+                self.usage.failed += 1
+                raise RequestFailed(f"the answer's body is not valid JSON ({error.msg})") from None
             except openai.APIConnectionError as error:  # includes APITimeoutError
                 reason, wait_hint = f"{type(error).__name__}: {error}", None
             except openai.APIStatusError as error:
@@ -221,6 +225,9 @@ class Caller:
         try:
             # as plain data: the client's model list takes a web page or JSON of another shape for one, then breaks
             listing = await self.client.get("/models", cast_to=object, options={"timeout": timeout_s})
+        except json.JSONDecodeError as error:
+            raise PrefsError(f"{self.endpoint.role} endpoint {where} answered GET /models with a body that is not "
+                             f"valid JSON ({error.msg})") from None
         except openai.APIConnectionError as error:
             raise PrefsError(f"{self.endpoint.role} endpoint {where} is unreachable: {type(error).__name__}: "
                              f"{error}") from None
