@@ -475,6 +475,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def win_rate_line(result: WinRate) -> str:
+    """The progress line of a win rate, its figures as summary.json holds them (null where no prompt was judged)."""
+    return f"[evaluate] win rate {result.model} vs {result.baseline}: {json.dumps(strict_json(result.as_dict()))}"
+
+
 def strict_json(value):
     """`value` with NaN and infinities as None, so that summary.json is JSON any parser reads (JavaScript's, jq's)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -615,8 +620,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         replies = {report.label: report.judge_replies for report in reports}
         for result in win_rates(judge, comparisons, judged, replies, seed, judge_retries, judge_concurrency):
             by_label[result.model].win_rates.append(result)
-            print(f"[evaluate] win rate {result.model} vs {result.baseline}: {json.dumps(result.as_dict())}",
-                  flush=True)
+            print(win_rate_line(result), flush=True)
     plot_summary(reports, out)
     write_summary(reports, out)
     return reports

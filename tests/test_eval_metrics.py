@@ -9,7 +9,7 @@ import torch
 
 from mateconv.chat import load_model
 from mateconv.evaluate import (EvalError, ModelReport, TextRecords, balance_stats, greedy_replies, model_kind,
-                               read_jsonl, task_accuracy, val_dataset, write_summary)
+                               read_jsonl, task_accuracy, val_dataset, win_rate_line, write_summary)
 from mateconv.logprobs import perplexity
 from mateconv.tasks import check_answer
 from mateconv.winrate import WinRate
@@ -99,6 +99,7 @@ def test_summary_json_is_strict_json(tmp_path):
     NaN and Infinity are no JSON, and JavaScript's parser, for one, refuses them."""
     report = ModelReport("moe/final", "out/moe/final", "moe", 1.0, balance=balance_stats([[0.5, 0.5, 0.0, 0.0]]))
     report.win_rates.append(WinRate("moe/final", "sft/final", "judge", failed=3))
+    assert '"win_rate": null' in win_rate_line(report.win_rates[0])  # the printed line too (it said NaN)
     write_summary([report], tmp_path)
 
     def refuse(constant: str):
