@@ -33,7 +33,7 @@ from mateconv.files import atomic_dir, temporary_sibling
 from mateconv.terminal import run_main
 from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
-from model.export import TO_STANDARD, qwen_moe_state_dict, shared_width, standard_architecture
+from model.export import TO_STANDARD, qwen_moe_state_dict, shared_projections, shared_width, standard_architecture
 from model.modeling import SAMPLING_DEFAULTS
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -162,15 +162,9 @@ def gguf_tensors(model: MateConvForCausalLM, source: str | Path, architecture: g
 
 def own_shared_experts(model: MateConvForCausalLM) -> dict[str, torch.Tensor]:
     """Each layer's shared experts side by side as one SwiGLU (one expert's width of zeros where it has none)."""
-    config, state = model.config, {}
-    for index, layer in enumerate(model.model.layers):
-        shared, width = layer.mlp.shared_experts, shared_width(config)
-        zeros = layer.mlp.gate.weight.new_zeros
-        for name, shape in (("gate_proj", (width, config.dim)), ("up_proj", (width, config.dim)),
-                            ("down_proj", (config.dim, width))):
-            weight = getattr(shared, name).weight if shared else zeros(shape)
-            state[f"model.layers.{index}.mlp.shared_experts.{name}.weight"] = weight
-    return state
+    return {f"model.layers.{index}.mlp.shared_experts.{name}.weight": weight
+            for index, layer in enumerate(model.model.layers)
+            for name, weight in shared_projections(model, layer).items()}
 
 
 def each_query_head_its_own(weight: torch.Tensor, config) -> torch.Tensor:

@@ -175,15 +175,22 @@ def qwen_moe_state_dict(model: MateConvForCausalLM, shared_expert: bool) -> dict
     return state
 
 
-def shared_expert_tensors(model: MateConvForCausalLM, layer) -> dict[str, torch.Tensor]:
+def shared_projections(model: MateConvForCausalLM, layer) -> dict[str, torch.Tensor]:
+    """A layer's shared experts side by side as one SwiGLU, {gate_proj, up_proj, down_proj} weights (one expert's
+    width of zeros where the model has none)."""
     config, shared = model.config, layer.mlp.shared_experts
+    if shared:
+        return {name: getattr(shared, name).weight for name in ("gate_proj", "up_proj", "down_proj")}
     zeros, width = layer.mlp.gate.weight.new_zeros, shared_width(config)
-    return {
-        "shared_expert.gate_proj.weight": shared.gate_proj.weight if shared else zeros(width, config.dim),
-        "shared_expert.up_proj.weight": shared.up_proj.weight if shared else zeros(width, config.dim),
-        "shared_expert.down_proj.weight": 2 * shared.down_proj.weight if shared else zeros(config.dim, width),
-        "shared_expert_gate.weight": shared_expert_gate(layer.post_attention_layernorm.weight),
-    }
+    return {"gate_proj": zeros(width, config.dim), "up_proj": zeros(width, config.dim),
+            "down_proj": zeros(config.dim, width)}
+
+
+def shared_expert_tensors(model: MateConvForCausalLM, layer) -> dict[str, torch.Tensor]:
+    projections = shared_projections(model, layer)
+    projections["down_proj"] = 2 * projections["down_proj"]
+    return {**{f"shared_expert.{name}.weight": weight for name, weight in projections.items()},
+            "shared_expert_gate.weight": shared_expert_gate(layer.post_attention_layernorm.weight)}
 
 
 def shared_expert_gate(norm_weight: torch.Tensor) -> torch.Tensor:
