@@ -36,6 +36,20 @@ def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     assert [meant_as_local(p) for p in ("gpt2", "Qwen/Qwen2.5-0.5B")] == [False, False]
 
 
+def test_a_hub_id_with_no_network_is_one_line_at_once(tmp_path, monkeypatch):
+    """A hub id that is not cached, where the hub's host does not resolve, is told at once (huggingface_hub would retry
+    for half a minute, then transformers' several-line message)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit) as error:
+        main("dpo", ["--init_from", "nobody/no-model", "--tracker", "none", "--engine", "torch", "--device", "cpu"])
+    assert str(error.value).endswith("init_from: nobody/no-model is not a directory here nor in the Hugging Face "
+                                     "cache, and hub.invalid cannot be reached to download it (download it where "
+                                     "there is a network, or name a local directory)")
+
+
 def test_missing_shards_and_files_are_named(tiny_llama, tmp_path):
     """Missing shards, and a named data file that is missing (validation too: not silently off)."""
     tiny_llama(0).save_pretrained(tmp_path / "sft")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import warnings
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -42,6 +44,26 @@ def meant_as_local(path: str | Path) -> bool:
             or Path(text).parent != Path(".") and Path(text).parent.is_dir())
 
 
+def check_hub_reachable(name: str, key: str) -> None:
+    """A hub id that is not in the local Hugging Face cache while the hub's host cannot be resolved fails now, in one
+    line, instead of after huggingface_hub's half a minute of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid hub id: from_pretrained says so
+        return
+    if constants.HF_HUB_OFFLINE or cached:
+        return  # offline mode fails fast by itself; a cached model loads without the network
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ConfigError(f"{key}: {name} is not a directory here nor in the Hugging Face cache, and {host} cannot be "
+                          "reached to download it (download it where there is a network, or name a local "
+                          "directory)") from None
+
+
 def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) -> nn.Module:
     """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
     `key` names the setting in the error."""
@@ -54,6 +76,8 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
                           "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
     if not (Path(path) / "config.json").is_file() and (Path(path) / "final" / "config.json").is_file():
         raise ConfigError(f"{key}: {path} is a training run's output directory; its model is {Path(path) / 'final'}")
+    if not Path(path).exists():
+        check_hub_reachable(str(path), key)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
