@@ -493,12 +493,21 @@ def _finished(study) -> int:
 SEARCH_KEYS = ("program", "command", "method", "parameters")
 
 
-def check_same_search(study, config: SweepConfig, sweep_dir: Path) -> None:
-    """A new study keeps a digest of its search (SEARCH_KEYS, the metric); a resumed one must have the same (a study
-    stored without one takes this one's)."""
+def search_digest(config: SweepConfig) -> str:
+    """The digest of a sweep's search (SEARCH_KEYS, the metric). A program of this repository counts by its name here,
+    so that `--mode dpo` (which names it by its full path) and `program: 9.train_dpo.py` are one search, and a clone
+    moved elsewhere resumes its studies."""
     search = {key: config.raw.get(key) for key in SEARCH_KEYS} | {"metric": [config.metric, config.goal]}
-    search = json.dumps(search, sort_keys=True, default=str)
-    digest = hashlib.sha256(search.encode()).hexdigest()
+    program = Path(str(search["program"]))
+    if program.is_absolute() and program.parent == REPO:
+        search["program"] = program.name
+    return hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_search(study, config: SweepConfig, sweep_dir: Path) -> None:
+    """A new study keeps a digest of its search; a resumed one must have the same (a study stored without one takes
+    this one's)."""
+    digest = search_digest(config)
     stored = study.user_attrs.get("search_digest")
     if stored is None:
         study.set_user_attr("search_digest", digest)

@@ -208,3 +208,16 @@ def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path,
     assert str(error.value) == f"{path}: {message}"
     (tmp_path / "own.py").write_text("")  # a program of the user's own takes what it takes
     assert "learning_rate" in load_sweep_config(path, str(tmp_path / "own.py")).params
+
+
+def test_a_stage_named_by_mode_or_by_the_yaml_is_one_search(tmp_path):
+    """`run_sweep.py --mode dpo` names the stage by its full path: the stored study's digest held this clone's place,
+    so the same sweep from a moved clone (or with `program: 9.train_dpo.py` in the YAML) was refused as changed."""
+    from mateconv.sweep import search_digest
+
+    path = tmp_path / "sweep_config_dpo.yaml"
+    path.write_text(yaml.safe_dump(_config(program="9.train_dpo.py",
+                                           parameters={"learning_rate": {"values": [1e-6, 1e-5]}})))
+    by_mode = load_sweep_config(path, str(REPO / "9.train_dpo.py"))
+    assert search_digest(by_mode) == search_digest(load_sweep_config(path))
+    assert search_digest(by_mode) != search_digest(load_sweep_config(path, str(REPO / "5.full_sft.py")))
