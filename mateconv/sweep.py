@@ -245,11 +245,13 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     found = next((place for place in (Path(config.program), REPO / config.program) if place.is_file()), None)
     if found is None:
         raise SweepError(f"{path}: program {config.program} not found (in {Path.cwd()} or {REPO})")
-    if found.name in STAGE_PROGRAMS.values():
+    if found.resolve().parent == REPO and found.name in (*STAGE_PROGRAMS.values(), *ONE_PROGRAMS):
         check_stage_parameters(config, path)
     return replace(config, program=str(found.resolve()))
 
 
+# The seeds' one training programs (mateconv.train.stages.main_one_program): their flags are the stages' config keys
+ONE_PROGRAMS = ("pretrain_sft_lora.py", "train.py")
 # Command-line names a stage program reads beside its config keys (mateconv.config.parse_args)
 STAGE_ARGUMENTS = ("mode", "config", "overrides")
 

@@ -87,10 +87,10 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "exponents.yaml"
     path.write_text("program: train.py\nmethod: random\nparameters:\n"
                     "  learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1E-2}\n"
-                    "  weight_decay: {values: [1e-3, 3e-4, +2e1, 0.1]}\n  run_name: {value: 1e_5}\n")
+                    "  weight_decay: {values: [1e-3, 3e-4, +2e1, 0.1]}\n  wandb_run_name: {value: 1e_5}\n")
     params = load_sweep_config(path).params
     assert (params["learning_rate"].low, params["learning_rate"].high) == (1e-5, 1e-2)
-    assert params["weight_decay"].values == (1e-3, 3e-4, 20.0, 0.1) and params["run_name"].value == "1e_5"
+    assert params["weight_decay"].values == (1e-3, 3e-4, 20.0, 0.1) and params["wandb_run_name"].value == "1e_5"
 
 
 def test_a_key_given_twice_names_its_line(tmp_path):
@@ -206,6 +206,10 @@ def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path,
     with pytest.raises(SweepError) as error:
         load_sweep_config(path, str(REPO / "9.train_dpo.py"))
     assert str(error.value) == f"{path}: {message}"
+    for one_program in ("pretrain_sft_lora.py", "train.py"):  # the seeds' one programs take the same flags
+        with pytest.raises(SweepError) as error:
+            load_sweep_config(path, str(REPO / one_program))
+        assert str(error.value) == f"{path}: {message}"
     (tmp_path / "own.py").write_text("")  # a program of the user's own takes what it takes
     assert "learning_rate" in load_sweep_config(path, str(tmp_path / "own.py")).params
 
