@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -62,6 +63,15 @@ def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
                 return
 
 
+def without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
+    """The texts' pieces between special tokens written out in them (MiniMind's pretraining text ends each document
+    with a literal <|im_end|>): the BPE would learn merges for their parts ("<|", "|>"), which encoding never uses, since
+    a special token always matches whole."""
+    special = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+    for text in texts:
+        yield from (piece for piece in special.split(text) if piece)
+
+
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
                     min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768,
                     normalization: str = DEFAULT_NORMALIZATION) -> Path:
@@ -76,7 +86,7 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = tqdm(corpus_texts(corpus, max_chars, normalization), desc="tokenizer corpus", unit="doc")
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(without_special_tokens(texts), trainer=trainer)
     if texts.n == 0:
         raise DataError(f"no text found in the corpus {[str(c) for c in corpus]}")
     for token_id, token in enumerate(SPECIAL_TOKENS):

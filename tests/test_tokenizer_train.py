@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from mateconv.chat_format import CHAT_TEMPLATE, render_chat
+from mateconv.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat
 from mateconv.data import embedded
 from mateconv.tokenizer import main, save_pretrained_portable, train_tokenizer
 
@@ -143,3 +143,17 @@ def test_trains_on_the_text_stage_2_writes(tmp_path):
     assert text.startswith("The river runs past the old mill,slowly")
     tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=320, normalization="NFKC") / "tokenizer.json"))
     assert len(tokenizer.encode(text).ids) < len(text) / 3
+
+
+def test_special_tokens_written_in_the_corpus_get_no_merges(tmp_path):
+    """MiniMind's pretraining text writes <|im_end|> after each document: the BPE learnt "<|", "|>" and "im" for it,
+    vocabulary that encoding never uses (the special token always matches whole)."""
+    from tokenizers import Tokenizer
+
+    corpus = tmp_path / "pretrain_hq.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"<|im_start|>a short note {i}<|im_end|> <|im_start|>one more"
+                                                  f"<|im_end|>"}) + "\n" for i in range(200)))
+    tokenizer = Tokenizer.from_file(str(train_tokenizer([corpus], tmp_path / "tok", vocab_size=400) / "tokenizer.json"))
+    learnt = [token for token in tokenizer.get_vocab() if len(token) > 1 and token not in SPECIAL_TOKENS]
+    assert learnt and not [token for token in learnt if "|" in token or "<" in token]
+    assert tokenizer.encode("note<|im_end|>").tokens[-1] == "<|im_end|>"
