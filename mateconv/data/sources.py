@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mateconv.data import DataError
+from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info, entry_for
 from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
@@ -146,6 +147,9 @@ def recognize(path: Path) -> DataFile:
         name = "plain text" if suffix == "txt" else f"{suffix} {name}"
     if kind in ("sft", "dpo") and system:
         name += ", with system turns"
+    entry = entry_for(path)
+    if entry:
+        name += f" (as {DATASET_INFO} entry {entry.name!r} describes it)"
     named = next((k for k in KINDS if path.name.lower().startswith(k)), None)
     notes = [f"named like {named} data but holds {kind} records"] if named and named != kind else []
     if placeholders:
@@ -167,8 +171,17 @@ def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]
     if not files:
         raise DataError(f"{root}: the directory is empty")
     return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
-        recognize(p) if _suffix_ok(p) else
-        DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file") for p in files]
+        found for p in files for found in (
+            described(p) if p.name == DATASET_INFO else [recognize(p) if _suffix_ok(p) else DataFile(
+                p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")])]
+
+
+def described(path: Path) -> list[DataFile]:
+    """LLaMA-Factory's dataset_info.json: one line for what it is, one for each kind of entry not read."""
+    info = dataset_info(path.parent)
+    what = DataFile(path, None, f"LLaMA-Factory's list of data sets, not data: its entries say how to read the "
+                                f"{len(info.entries)} files or folders here that they name")
+    return [what] + [DataFile(path, None, note) for note in info.notes]
 
 
 def by_kind(files: list[DataFile]) -> dict[str, list[DataFile]]:
