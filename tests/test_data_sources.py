@@ -232,6 +232,23 @@ def test_minimind_rl_prompts_are_skipped_with_the_reason(tmp_path):
     assert found["sft_t2t_mini.jsonl"].kind == "sft"
 
 
+def test_a_file_whose_first_thousand_records_are_broken_is_read_on(tmp_path):
+    """The scan classified a file from its first 1,000 records alone: a file opening with 1,000 broken lines (a
+    botched export, a GBK header) was skipped, and the good records after them with it."""
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "sft.jsonl"
+    good = [{"messages": [USER, {"role": "assistant", "content": f"Paris, answer {i}."}]} for i in range(3)]
+    path.write_text('{"messages": [\n' * 1000 + "".join(json.dumps(record) + "\n" for record in good))
+    [found] = scan(path.parent)
+    assert (found.kind, found.format) == ("sft", "OpenAI messages")
+    stats = prepare({"sft": [path]}, tmp_path / "out", val_frac=0, progress=False)
+    assert (stats["sft"]["kept"], stats["sft"]["removed"]) == (3, {"bad_record": 1000})
+    path.write_text('{"messages": [\n' * 1001)
+    [found] = scan(path.parent)
+    assert found.line() == (f"{path} → skipped: not recognised (1001 bad lines, the first {path}:1: malformed JSON: "
+                            "Expecting value)")
+
+
 def factory_dir(tmp_path: Path) -> Path:
     """A LLaMA-Factory data directory whose dataset_info.json renames every column and sharegpt's role names."""
     info = {

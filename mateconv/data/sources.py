@@ -4,8 +4,8 @@
     for found in scan("my_corpus"): print(found.line())
 
 A file's kind is decided by its content: the most common kind among its first `SAMPLE` readable records (a .txt
-file is pretraining text), read from its head alone (at most `HEAD` records), so that a corpus of gigabytes is
-classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
+file is pretraining text), read from its head alone (at most `HEAD` records, or on to the first readable one), so
+that a corpus of gigabytes is classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
 records of another kind and the lines that are not JSON. A name that says otherwise (`dpo*.jsonl` holding SFT
 conversations) is noted.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
-HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
+HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only until the first one
 # an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
 DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
@@ -112,14 +111,17 @@ def _suffix_ok(path: Path) -> bool:
 
 
 def recognize(path: Path) -> DataFile:
-    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`)."""
+    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`); a file whose head holds no readable record
+    is read on to its first one, so that a broken head does not lose the records after it."""
     names: Counter = Counter()
     system = False
     broken = 0
     placeholders: set[str] = set()
     first_error = first_bad = ""
     try:
-        for _, number, record in islice(iter_records(path), HEAD):
+        for read, (_, number, record) in enumerate(iter_records(path), 1):
+            if read > HEAD and names:
+                break
             if isinstance(record, BadLine):
                 broken += 1
                 first_bad = first_bad or f"{path}:{number}: {record.error}"
