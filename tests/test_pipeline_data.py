@@ -177,6 +177,27 @@ def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monk
     check_source(out, source())
 
 
+def test_an_edited_dataset_info_json_stops_the_run_as_a_changed_file_does(tmp_path, monkeypatch):
+    """LLaMA-Factory's dataset_info.json says how its files are read: editing it after stage 2 changes the data, but
+    the run went on with the data prepared before."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    info = data / "dataset_info.json"
+    info.write_text(json.dumps({"chat": {"file_name": "sft.jsonl", "formatting": "sharegpt"}}))
+    out = tmp_path / "out"
+
+    def source() -> dict:
+        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+    check_source(out, source())
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")
+    info.write_text(json.dumps({"chat": {"file_name": "sft.jsonl", "formatting": "sharegpt", "columns": {}}}))
+    with pytest.raises(PipelineError, match=rf"^{data} changed since {out}/data was prepared from it \(changed: "
+                       rf"{info}\)"):
+        check_source(out, source())
+
+
 def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_API_KEY"):
