@@ -72,7 +72,7 @@ class Entry:
         roles = {tags[tag]: DEFAULT_TAGS[tag] for tag in ROLE_TAGS}
         role, content = turns.get(tags["role_tag"]), turns.get(tags["content_tag"])
         rest = {key: value for key, value in turns.items() if key not in (tags["role_tag"], tags["content_tag"])}
-        return {**rest, "from": roles.get(role, role), "value": content}
+        return {**rest, "from": roles.get(role, role) if isinstance(role, str) else role, "value": content}
 
 
 @dataclass
