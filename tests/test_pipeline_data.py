@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,16 @@ def test_an_edited_dataset_info_json_stops_the_run_as_a_changed_file_does(tmp_pa
     with pytest.raises(PipelineError, match=rf"^{data} changed since {out}/data was prepared from it \(changed: "
                        rf"{info}\)"):
         check_source(out, source())
+
+
+def test_the_printed_stage_commands_can_be_pasted_with_spaces_in_the_paths(tmp_path, monkeypatch, capsys):
+    """`--data "my data"`: the run printed `--pretrain /.../my data/pretrain.jsonl`, which pasted into a shell to rerun
+    the stage names two files that do not exist."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "my data", pretrain=TEXT, sft=SFT)
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "mateconv.data.prepare" in line]
+    assert str(data / "pretrain.jsonl") in shlex.split(line.removeprefix("[pipeline] prepare: "))
 
 
 def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):
