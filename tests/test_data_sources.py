@@ -247,6 +247,10 @@ def test_a_file_whose_first_thousand_records_are_broken_is_read_on(tmp_path):
     [found] = scan(path.parent)
     assert found.line() == (f"{path} → skipped: not recognised (1001 bad lines, the first {path}:1: malformed JSON: "
                             "Expecting value)")
+    path.write_text('{"question": "?"}\n' * 1000 + "".join(json.dumps(record) + "\n" for record in good))
+    [found] = scan(path.parent)  # readable records of no known shape: the file is of that shape, not read on
+    assert found.line().startswith(f"{path} → skipped: not recognised ({path}:1: unknown record shape with keys "
+                                   "['question']")
 
 
 def factory_dir(tmp_path: Path) -> Path:

@@ -4,8 +4,8 @@
     for found in scan("my_corpus"): print(found.line())
 
 A file's kind is decided by its content: the most common kind among its first `SAMPLE` readable records (a .txt
-file is pretraining text), read from its head alone (at most `HEAD` records, or on to the first readable one), so
-that a corpus of gigabytes is classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
+file is pretraining text), read from its head alone (at most `HEAD` records; past them while every line so far is
+broken: not JSON, not UTF-8), so that a corpus of gigabytes is classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
 records of another kind and the lines that are not JSON. A name that says otherwise (`dpo*.jsonl` holding SFT
 conversations) is noted.
 """
@@ -23,7 +23,7 @@ from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
-HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only until the first one
+HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only while all are broken lines
 # an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
 DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
@@ -111,8 +111,8 @@ def _suffix_ok(path: Path) -> bool:
 
 
 def recognize(path: Path) -> DataFile:
-    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`); a file whose head holds no readable record
-    is read on to its first one, so that a broken head does not lose the records after it."""
+    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`); a file whose head is all broken lines is read
+    on to its first readable record, so that a broken head does not lose the records after it."""
     names: Counter = Counter()
     system = False
     broken = 0
@@ -120,7 +120,7 @@ def recognize(path: Path) -> DataFile:
     first_error = first_bad = ""
     try:
         for read, (_, number, record) in enumerate(iter_records(path), 1):
-            if read > HEAD and names:
+            if read > HEAD and (names or first_error):  # records of no known shape: the rest is likely alike
                 break
             if isinstance(record, BadLine):
                 broken += 1
