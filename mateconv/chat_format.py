@@ -8,7 +8,8 @@ from __future__ import annotations
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # list position == token id
 
-# ChatML; {% generation %} marks the trainable assistant tokens for `return_assistant_tokens_mask` (TRL interop).
+# ChatML; {% generation %} marks the trainable assistant tokens for `return_assistant_tokens_mask` (TRL interop), of
+# every assistant turn: `"weight": 0` is left to render_chat, so that exported templates stay plain ChatML.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -28,14 +29,15 @@ def has_chatml(tokenizer) -> bool:
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The chat template's text and the character spans of every assistant content + its closing <|im_end|>."""
+    """The chat template's text and the character spans of every assistant content + its closing <|im_end|>, but for
+    the assistant messages of `"weight": 0` (OpenAI's fine-tuning format: context, not trained)."""
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     length = 0
     for message in messages:
         head = f"{BOS}{message['role']}\n"
         body = f"{message['content']}{EOS}"
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and message.get("weight", 1):
             spans.append((length + len(head), length + len(head) + len(body)))
         parts.append(f"{head}{body}\n")
         length += len(parts[-1])

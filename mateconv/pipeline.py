@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from mateconv.data import DataError, read_tokenizer
+from mateconv.data.dataset_info import FILE_NAME as INFO
 from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, write_atomic, yaml_error
 from mateconv.flags import render_flags
@@ -203,8 +204,9 @@ def flags_problem(stage: Stage) -> str | None:
 
 
 def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
-    """Size and modification time of each file the run uses: what out/ was made from, as make and rsync see it."""
-    stats = {found.path: found.path.stat() for found in files if found.kind is not None}
+    """Size and modification time of each file the run uses (a dataset_info.json says how to read some): what out/
+    was made from, as make and rsync see it."""
+    stats = {found.path: found.path.stat() for found in files if found.kind is not None or found.path.name == INFO}
     return {str(path): [stat.st_size, stat.st_mtime_ns] for path, stat in stats.items()}
 
 

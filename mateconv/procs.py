@@ -7,6 +7,7 @@ Each stage runs in a new session so that `scripts/stop.sh STAGE` can send SIGINT
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,9 +71,9 @@ class StageRunner:
 
     def run(self, name: str, command: list[str], env: dict[str, str] | None = None, echo: bool = True) -> int:
         log_path = self.logs_dir / f"{name}.log"
-        print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
+        print(f"[pipeline] {name}: {shlex.join(command)}", flush=True)  # quoted: it reruns the stage when pasted
         with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
             child = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, **(env or {})},

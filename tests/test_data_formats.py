@@ -382,6 +382,23 @@ def test_bad_tool_turns_name_the_problem(record, reason):
     assert str(error.value).startswith(reason)
 
 
+def test_openai_weight_zero_assistant_turns_are_context_not_trained(tmp_path):
+    """OpenAI's fine-tuning format marks an assistant message not to train with `"weight": 0`: stage 3 trained it
+    like every other reply, so a conversation's bad earlier answers were imitated."""
+    from mateconv.data.prepare import prepare
+
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5", "weight": 0},
+                           {"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "4, sorry."}]}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(record) + "\n")
+    prepare({"sft": [tmp_path / "sft.jsonl"]}, tmp_path / "out", val_frac=0, progress=False)
+    [prepared] = [json.loads(line) for line in (tmp_path / "out" / "sft_train.jsonl").open()]
+    text, spans = render_chat(prepared["messages"])
+    assert [text[start:end] for start, end in spans] == ["4, sorry.<|im_end|>"]
+    assert "5<|im_end|>" in text
+    with pytest.raises(DataError, match=r"^an assistant message's weight must be 0 \(not trained\) or 1, got 0.5$"):
+        to_sft({"messages": [record["messages"][0], {**record["messages"][1], "weight": 0.5}]})
+
+
 def test_tool_conversations_render_alike_in_the_chat_template(tiny_tokenizer):
     from transformers import AutoTokenizer
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mateconv.data import DataError
+from mateconv.data.prepare import main as prepare_main
 from mateconv.data.prepare import prepare, summary_table
 from mateconv.data.readers import list_files
 from mateconv.data.sources import by_kind, readable_size, scan
@@ -231,16 +232,107 @@ def test_minimind_rl_prompts_are_skipped_with_the_reason(tmp_path):
     assert found["sft_t2t_mini.jsonl"].kind == "sft"
 
 
-def test_llama_factory_dataset_info_is_skipped_in_one_short_line(tmp_path):
-    """LLaMA-Factory's data/ always holds dataset_info.json, its list of data sets: the scan named every one of its
-    keys (hundreds in LLaMA-Factory's own, a line of kilobytes) as an unknown record shape."""
-    info = {f"set_{i}": {"file_name": f"set_{i}.json"} for i in range(300)}
-    info["ultrachat_200k"] = {"hf_hub_url": "HuggingFaceH4/ultrachat_200k", "formatting": "sharegpt"}
-    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    [found] = scan(tmp_path)
-    path = tmp_path / "dataset_info.json"
-    assert found.line() == (f"{path} → skipped: not recognised ({path}:1: LLaMA-Factory's list of data sets, not "
-                            "data: the data files beside it are read, each by its content)")
+def test_a_file_whose_first_thousand_records_are_broken_is_read_on(tmp_path):
+    """The scan classified a file from its first 1,000 records alone: a file opening with 1,000 broken lines (a
+    botched export, a GBK header) was skipped, and the good records after them with it."""
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "sft.jsonl"
+    good = [{"messages": [USER, {"role": "assistant", "content": f"Paris, answer {i}."}]} for i in range(3)]
+    path.write_text('{"messages": [\n' * 1000 + "".join(json.dumps(record) + "\n" for record in good))
+    [found] = scan(path.parent)
+    assert (found.kind, found.format) == ("sft", "OpenAI messages")
+    stats = prepare({"sft": [path]}, tmp_path / "out", val_frac=0, progress=False)
+    assert (stats["sft"]["kept"], stats["sft"]["removed"]) == (3, {"bad_record": 1000})
+    path.write_text('{"messages": [\n' * 1001)
+    [found] = scan(path.parent)
+    assert found.line() == (f"{path} → skipped: not recognised (1001 bad lines, the first {path}:1: malformed JSON: "
+                            "Expecting value)")
+    path.write_text('{"question": "?"}\n' * 1000 + "".join(json.dumps(record) + "\n" for record in good))
+    [found] = scan(path.parent)  # readable records of no known shape: the file is of that shape, not read on
+    assert found.line().startswith(f"{path} → skipped: not recognised ({path}:1: unknown record shape with keys "
+                                   "['question']")
+
+
+def factory_dir(tmp_path: Path) -> Path:
+    """A LLaMA-Factory data directory whose dataset_info.json renames every column and sharegpt's role names."""
+    info = {
+        "qa": {"file_name": "qa.json", "columns": {"prompt": "question", "response": "answer", "system": "sys"}},
+        "chats": {"file_name": "chats", "formatting": "sharegpt", "columns": {"messages": "dialog"},
+                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "client",
+                           "assistant_tag": "agent", "system_tag": "rules"}},
+        "pairs": {"file_name": "pairs.jsonl", "ranking": True, "columns": {"prompt": "q", "chosen": "good",
+                                                                            "rejected": "bad"}},
+        "corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "body"}},
+        "odd": {"file_name": "odd.json", "formatting": "openai"},
+        "gone": {"file_name": "gone.json"},
+        **{f"hub_{i}": {"hf_hub_url": f"someone/set_{i}"} for i in range(300)},
+    }
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    write(tmp_path / "qa.json", [{"question": "Name the capital of France.", "answer": "Paris.", "sys": "Be brief."}])
+    (tmp_path / "chats").mkdir()
+    write(tmp_path / "chats" / "part1.jsonl", [{"dialog": [
+        {"speaker": "rules", "text": "You are a guide."}, {"speaker": "client", "text": "Where is the Louvre?"},
+        {"speaker": "agent", "text": "In Paris, on the Right Bank."}]}])
+    write(tmp_path / "pairs.jsonl", [{"q": "Capital of Italy?", "good": "Rome.", "bad": "Milan."}])
+    write(tmp_path / "corpus.jsonl", [{"body": "The river runs past the old mill and into the sea.", "url": "x"}])
+    write(tmp_path / "odd.json", [RECORDS["alpaca.json"][0]])
+    return tmp_path
+
+
+def test_llama_factory_dataset_info_columns_and_tags_are_used(tmp_path):
+    """LLaMA-Factory users describe their files in dataset_info.json: custom column names, sharegpt's role names,
+    ranking for pairs. The scan only noted that the file was there, so each of these files was skipped as an unknown
+    record shape."""
+    root = factory_dir(tmp_path)
+    lines = [found.line() for found in scan(root)]
+    info = root / "dataset_info.json"
+    assert lines == [
+        f"{root / 'chats/part1.jsonl'} → sft, ShareGPT conversations, with system turns (as dataset_info.json entry "
+        f"'chats' describes it), 180 bytes",
+        f"{root / 'corpus.jsonl'} → pretrain, jsonl 'text' field (as dataset_info.json entry 'corpus' describes it), "
+        "75 bytes",
+        f"{info} → skipped: LLaMA-Factory's list of data sets, not data: its entries say how to read the 4 files or "
+        "folders here that they name",
+        f"{info} → skipped: entry 'odd': formatting 'openai' is not alpaca or sharegpt: odd.json is read by its "
+        "content instead",
+        f"{info} → skipped: entries on a hub or made by a script, not read (download the files into the directory "
+        "and name them in file_name): hub_0, hub_1, hub_2, hub_3, hub_4 and 295 more",
+        f"{info} → skipped: entries whose file_name is not there: gone",
+        f"{root / 'odd.json'} → sft, Alpaca, 77 bytes",
+        f"{root / 'pairs.jsonl'} → dpo, Alpaca preference (LLaMA-Factory ranking) (as dataset_info.json entry "
+        "'pairs' describes it), 61 bytes",
+        f"{root / 'qa.json'} → sft, Alpaca, with system turns (as dataset_info.json entry 'qa' describes it), 85 bytes"]
+    prepare({kind: [f.path for f in found] for kind, found in by_kind(scan(root)).items()}, tmp_path / "out",
+            val_frac=0, progress=False)
+    rows = {kind: [json.loads(line) for line in (tmp_path / "out" / f"{kind}_train.jsonl").open()]
+            for kind in ("pretrain", "sft", "dpo")}
+    assert [row["text"] for row in rows["pretrain"]] == ["The river runs past the old mill and into the sea."]
+    assert [row["messages"] for row in rows["sft"]] == [
+        [{"role": "system", "content": "You are a guide."}, {"role": "user", "content": "Where is the Louvre?"},
+         {"role": "assistant", "content": "In Paris, on the Right Bank."}],
+        [{"role": "user", "content": "Name the capital.\nFrance"}, {"role": "assistant", "content": "Paris."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name the capital of France."},
+         {"role": "assistant", "content": "Paris."}]]
+    assert [(row["prompt"], row["chosen"], row["rejected"]) for row in rows["dpo"]] == [
+        ([{"role": "user", "content": "Capital of Italy?"}], [{"role": "assistant", "content": "Rome."}],
+         [{"role": "assistant", "content": "Milan."}])]
+
+
+def test_stage2_raw_dir_takes_the_kinds_dataset_info_json_gives(tmp_path, capsys):
+    root = factory_dir(tmp_path / "raw")
+    prepare_main(["--raw_dir", str(root), "--out_dir", str(tmp_path / "out"), "--val_frac", "0", "--no_progress"])
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert {kind: stats[kind]["kept"] for kind in ("pretrain", "sft", "dpo")} == {"pretrain": 1, "sft": 2, "dpo": 1}
+    assert "entry 'odd': formatting 'openai' is not alpaca or sharegpt" in capsys.readouterr().err
+
+
+def test_malformed_dataset_info_json_is_one_line_with_file_and_line(tmp_path):
+    (tmp_path / "dataset_info.json").write_text('{\n  "qa": {"file_name": "qa.json",}\n}\n')
+    write(tmp_path / "qa.json", [RECORDS["alpaca.json"][0]])
+    with pytest.raises(DataError, match=f"^{tmp_path / 'dataset_info.json'}:2: malformed JSON: Expecting property "
+                                        "name enclosed in double quotes$"):
+        scan(tmp_path)
 
 
 def test_template_placeholders_are_noted(shared_data, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,37 @@ def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monk
     (out / "data").mkdir()
     (out / "data/stats.json").write_text("{}")
     check_source(out, source())
+
+
+def test_an_edited_dataset_info_json_stops_the_run_as_a_changed_file_does(tmp_path, monkeypatch):
+    """LLaMA-Factory's dataset_info.json says how its files are read: editing it after stage 2 changes the data, but
+    the run went on with the data prepared before."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    info = data / "dataset_info.json"
+    info.write_text(json.dumps({"chat": {"file_name": "sft.jsonl", "formatting": "sharegpt"}}))
+    out = tmp_path / "out"
+
+    def source() -> dict:
+        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+    check_source(out, source())
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")
+    info.write_text(json.dumps({"chat": {"file_name": "sft.jsonl", "formatting": "sharegpt", "columns": {}}}))
+    with pytest.raises(PipelineError, match=rf"^{data} changed since {out}/data was prepared from it \(changed: "
+                       rf"{info}\)"):
+        check_source(out, source())
+
+
+def test_the_printed_stage_commands_can_be_pasted_with_spaces_in_the_paths(tmp_path, monkeypatch, capsys):
+    """`--data "my data"`: the run printed `--pretrain /.../my data/pretrain.jsonl`, which pasted into a shell to rerun
+    the stage names two files that do not exist."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "my data", pretrain=TEXT, sft=SFT)
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "mateconv.data.prepare" in line]
+    assert str(data / "pretrain.jsonl") in shlex.split(line.removeprefix("[pipeline] prepare: "))
 
 
 def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, capsys):

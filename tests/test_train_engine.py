@@ -645,6 +645,28 @@ def test_lora_sft_saves_merged_model(train, tiny_pretrain_model, tmp_path, recwa
         torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_lora_all_linear_adapts_every_linear_layer_but_the_output_head(train, tmp_path):
+    """`--lora_target_modules all-linear`, as PEFT and TRL users write it, stopped: 'no module of the model is named
+    all-linear'. PEFT's meaning: every linear layer except the output head (here untied, so itself linear)."""
+    train(tmp_path / "base", max_steps=1, use_moe=True, n_routed_experts=2, num_experts_per_tok=1,
+          tie_word_embeddings=False)
+    train(tmp_path / "lora", "sft", init_from=tmp_path / "base" / "final", max_steps=2, use_lora=True,
+          lora_target_modules="all-linear", learning_rate=1e-2)
+    adapter = json.loads((tmp_path / "lora" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["down_proj", "gate", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                 "up_proj", "v_proj"]  # gate: the MoE router
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base" / "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
+    changed = {name.split(".")[-2] for name, p in merged.named_parameters()
+               if not torch.equal(p, base.get_parameter(name))}
+    assert changed == set(adapter["target_modules"])
+    with pytest.raises(ConfigError, match="^lora_target_modules: all-linear names every linear layer; give it alone$"):
+        train(tmp_path / "both", "sft", init_from=tmp_path / "base" / "final", max_steps=1, use_lora=True,
+              lora_target_modules="all-linear,lm_head")
+
+
 def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--lora_target_modules q_proj v_porj` trained q_proj alone and said nothing of the misspelt v_proj."""
     from mateconv.train.stages import main

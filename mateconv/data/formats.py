@@ -1,6 +1,6 @@
 """Conversion of the SFT and preference shapes users bring into the two internal formats (docs/design.md).
 
-Internal SFT record:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+Internal SFT record:        {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0}, ...]}
 Internal preference record: {"prompt": [messages], "chosen": [{"role": "assistant", "content"}], "rejected": [...]}
 
 Accepted shapes, detected per record by `detect_format`:
@@ -29,6 +29,8 @@ rendering and the loss mask (only assistant turns train) need nothing new:
 - tool results (`observation`, `tool`, OpenAI's legacy `function` turns) in a row are one user turn of
   `<tool_response>\n...\n</tool_response>` blocks, not trained;
 - an assistant turn's `reasoning_content` is written before its content as `<think>\n...\n</think>\n\n`.
+
+An assistant message with OpenAI's fine-tuning `"weight": 0` keeps it: the turn is context, not trained (`render_chat`).
 
 `to_preference` (with `check_pair`) alone decides what a valid preference pair is: stage 2 and the tokenizer of
 stages 3 and 9 (`9.train_dpo.py --pairs_path FILE`) skip the records it refuses, with its reason.
@@ -202,7 +204,11 @@ def _message(turn: Any) -> dict[str, str]:
         raise DataError(f"unknown message role {turn[role_key]!r}")
     role = ROLE_NAMES[role]
     if role == "assistant":
-        return {"role": role, "content": _assistant_text(turn, content, content_key)}
+        message = {"role": role, "content": _assistant_text(turn, content, content_key)}
+        weight = turn.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise DataError(f"an assistant message's weight must be 0 (not trained) or 1, got {json.dumps(weight)}")
+        return {**message, "weight": 0} if weight == 0 else message
     content = _text(content, f"message {content_key}")
     if role == "system":
         content = _system_text(content, turn.get("tools") or turn.get("functions"))

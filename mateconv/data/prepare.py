@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mateconv.data import DataError
 from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper, Filters, length_summary, normalize,
                                  split_of)
+from mateconv.data.dataset_info import dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
 from mateconv.files import write_atomic
@@ -35,14 +36,20 @@ MAX_BAD_EXAMPLES = 20
 
 
 def raw_dir_sources(raw_dir: str | Path) -> dict[str, list[Path]]:
-    """Files of a raw directory grouped by the kind their name starts with (pretrain*, sft*, dpo*, tasks*)."""
+    """Files of a raw directory grouped by kind: the kind a LLaMA-Factory dataset_info.json there gives the files it
+    names (`ranking` pairs, pretraining text, else SFT), else the kind the file's name starts with (pretrain*, sft*,
+    dpo*, tasks*). The entries of dataset_info.json that are not read are printed, one line per reason."""
+    info = dataset_info(raw_dir)
+    for note in info.notes if info else []:
+        print(f"{info.path}: {note}", file=sys.stderr)
     sources: dict[str, list[Path]] = {}
     for path in list_files([raw_dir]):
-        kind = next((k for k in KINDS if path.name.startswith(k)), None)
+        entry = info.entry_for(path) if info else None
+        kind = entry.kind if entry else next((k for k in KINDS if path.name.startswith(k)), None)
         if kind:
             sources.setdefault(kind, []).append(path)
     if not sources:
-        raise DataError(f"{raw_dir}: no files named pretrain*, sft*, dpo* or tasks*")
+        raise DataError(f"{raw_dir}: no files named pretrain*, sft*, dpo* or tasks*, nor named in a dataset_info.json")
     return sources
 
 

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from mateconv.data import DataError, json_type
+from mateconv.data.dataset_info import entry_for
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz", ".parquet")
 HUB_PREFIXES = ("hf:", "ms:")
@@ -358,9 +359,10 @@ def refuse_utf16(path: Path) -> None:
 
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     """(source, line where the record starts, record) for every record of one file; bad JSON lines -> BadLine.
-    Parquet rows are numbered from 1 instead. A .gz cut short keeps the records before the cut, and the cut is a
-    BadLine saying how many; a file that cannot be read (a damaged .gz, one cut before its first record) is a
-    DataError."""
+    Parquet rows are numbered from 1 instead. A file that a LLaMA-Factory dataset_info.json beside or above it names
+    has its records' columns renamed as its entry says (mateconv.data.dataset_info). A .gz cut short keeps the
+    records before the cut, and the cut is a BadLine saying how many; a file that cannot be read (a damaged .gz, one
+    cut before its first record) is a DataError."""
     suffix = _suffix(path)
     with open(path, "rb") as f:
         if f.read(len(LFS_POINTER)) == LFS_POINTER:  # a data set cloned without git-lfs
@@ -375,12 +377,15 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
         records = _parquet_records(path)
     else:
         raise DataError(f"{path}: unsupported file type")
+    entry = entry_for(path)
     kept = 0
     try:
         if suffix != ".parquet":
             refuse_utf16(path)
         for number, record in records:
             kept += not isinstance(record, BadLine)
+            if entry and not isinstance(record, BadLine):
+                record = entry.record(record)
             yield str(path), number, record
     except CutShort as cut:
         if not kept:

@@ -4,8 +4,8 @@
     for found in scan("my_corpus"): print(found.line())
 
 A file's kind is decided by its content: the most common kind among its first `SAMPLE` readable records (a .txt
-file is pretraining text), read from its head alone (at most `HEAD` records), so that a corpus of gigabytes is
-classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
+file is pretraining text), read from its head alone (at most `HEAD` records; past them while every line so far is
+broken: not JSON, not UTF-8), so that a corpus of gigabytes is classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
 records of another kind and the lines that are not JSON. A name that says otherwise (`dpo*.jsonl` holding SFT
 conversations) is noted.
 """
@@ -14,16 +14,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from mateconv.data import DataError
+from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info, entry_for
 from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
-HEAD = 1000  # records read at most, bad ones included, to find SAMPLE readable ones
+HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only while all are broken lines
 # an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
 DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
@@ -111,14 +111,17 @@ def _suffix_ok(path: Path) -> bool:
 
 
 def recognize(path: Path) -> DataFile:
-    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`)."""
+    """The kind and format of one file, from its head (`HEAD`, `SAMPLE`); a file whose head is all broken lines is read
+    on to its first readable record, so that a broken head does not lose the records after it."""
     names: Counter = Counter()
     system = False
     broken = 0
     placeholders: set[str] = set()
     first_error = first_bad = ""
     try:
-        for _, number, record in islice(iter_records(path), HEAD):
+        for read, (_, number, record) in enumerate(iter_records(path), 1):
+            if read > HEAD and (names or first_error):  # records of no known shape: the rest is likely alike
+                break
             if isinstance(record, BadLine):
                 broken += 1
                 first_bad = first_bad or f"{path}:{number}: {record.error}"
@@ -146,6 +149,9 @@ def recognize(path: Path) -> DataFile:
         name = "plain text" if suffix == "txt" else f"{suffix} {name}"
     if kind in ("sft", "dpo") and system:
         name += ", with system turns"
+    entry = entry_for(path)
+    if entry:
+        name += f" (as {DATASET_INFO} entry {entry.name!r} describes it)"
     named = next((k for k in KINDS if path.name.lower().startswith(k)), None)
     notes = [f"named like {named} data but holds {kind} records"] if named and named != kind else []
     if placeholders:
@@ -167,8 +173,17 @@ def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]
     if not files:
         raise DataError(f"{root}: the directory is empty")
     return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
-        recognize(p) if _suffix_ok(p) else
-        DataFile(p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file") for p in files]
+        found for p in files for found in (
+            described(p) if p.name == DATASET_INFO else [recognize(p) if _suffix_ok(p) else DataFile(
+                p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")])]
+
+
+def described(path: Path) -> list[DataFile]:
+    """LLaMA-Factory's dataset_info.json: one line for what it is, one for each kind of entry not read."""
+    info = dataset_info(path.parent)
+    what = DataFile(path, None, f"LLaMA-Factory's list of data sets, not data: its entries say how to read the "
+                                f"{len(info.entries)} files or folders here that they name")
+    return [what] + [DataFile(path, None, note) for note in info.notes]
 
 
 def by_kind(files: list[DataFile]) -> dict[str, list[DataFile]]:

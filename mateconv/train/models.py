@@ -220,18 +220,24 @@ def learned_positions(model: nn.Module) -> int | None:
 
 
 LINEAR_LAYERS = (nn.Linear, Conv1D)  # what LoRA adapts here (Conv1D: GPT-2's linear layers)
+ALL_LINEAR = "all-linear"  # PEFT's and TRL's name for every linear layer but the output head
 
 
 def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied: counted twice
     kinds: dict[str, set[str]] = {}  # each module name: what its modules are (linear, tied linear, other)
     for name, module in model.named_modules():
         linear = isinstance(module, LINEAR_LAYERS)
         kind = "other" if not linear else "tied" if shared[id(module.weight)] > 1 else "linear"
         kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(kind)
-    linears = ", ".join(sorted(name for name, kind in kinds.items() if kind == {"linear"}))
+    linear_names = sorted(name for name, kind in kinds.items() if kind == {"linear"})
+    linears = ", ".join(linear_names)
+    if ALL_LINEAR in (t.lower() for t in lora.target_modules):
+        if len(lora.target_modules) > 1:
+            raise ConfigError(f"lora_target_modules: {ALL_LINEAR} names every linear layer; give it alone")
+        head = model.get_output_embeddings()
+        heads = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+        return _peft_model(model, lora, [name for name in linear_names if name not in heads])
     targets = [t for t in lora.target_modules if t in kinds]
     missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
@@ -247,6 +253,12 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
         if problem:
             raise ConfigError(f"lora_target_modules: {target} {problem} (LoRA adapts these linear layers of the "
                               f"model: {linears})")
+    return _peft_model(model, lora, targets)
+
+
+def _peft_model(model: nn.Module, lora: LoRAConfig, targets: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
     # peft asks the model for transformers' deprecated is_gradient_checkpointing: a FutureWarning in every LoRA log
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
