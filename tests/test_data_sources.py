@@ -203,6 +203,21 @@ def test_a_multimodal_file_is_skipped_with_the_reason(tmp_path):
                             "placeholders (<image>, <video>, <audio>) as words; keep the records without media)")
 
 
+def test_a_tokenizer_directory_beside_the_data_is_not_read_as_data(tmp_path):
+    """MiniMind's tokenizer folder kept in the data directory: its merges.txt became pretraining text, and its JSON
+    files each a long "unknown record shape" line."""
+    tokenizer = tmp_path / "minimind_tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "merges.txt").write_text("#version: 0.2\nĠ t\nĠ a\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "model_max_length": 32768}))
+    (tmp_path / "pretrain_hq.jsonl").write_text(json.dumps({"text": "Rivers run to the sea."}) + "\n")
+    found = {f.path.name: f for f in scan(tmp_path)}
+    assert found["pretrain_hq.jsonl"].kind == "pretrain"
+    for name in ("merges.txt", "tokenizer_config.json"):
+        assert (found[name].kind, found[name].format) == (None, "a model's or tokenizer's file, not data (a tokenizer "
+                                                                 "directory is used with --tokenizer DIR)")
+
+
 def test_a_big_file_is_recognised_from_its_head(tmp_path):
     """A corpus of gigabytes is classified from its first records, not read to the end (which took minutes before
     the first stage ran); stage 2 reads, counts and reports the rest: here a tail of bad lines."""

@@ -161,6 +161,12 @@ def recognize(path: Path) -> DataFile:
     return DataFile(path, kind, name, path.stat().st_size, note)
 
 
+# A model's or tokenizer's own files (a tokenizer directory kept beside the data): merges.txt read as text would be
+# pretrained on, the JSON files are not records
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "merges.txt", "config.json", "generation_config.json")
+
+
 def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:
     """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped.
     `outputs` are the run's own directories (out/, logs/), left out with one line each where data_dir holds them."""
@@ -174,8 +180,17 @@ def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]
         raise DataError(f"{root}: the directory is empty")
     return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
         found for p in files for found in (
-            described(p) if p.name == DATASET_INFO else [recognize(p) if _suffix_ok(p) else DataFile(
-                p, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")])]
+            described(p) if p.name == DATASET_INFO else [skipped(p) or recognize(p)])]
+
+
+def skipped(path: Path) -> DataFile | None:
+    """Why a file is no data, before its content is read; None for a file to read."""
+    if path.name in MODEL_FILES:
+        return DataFile(path, None, "a model's or tokenizer's file, not data (a tokenizer directory is used with "
+                                    "--tokenizer DIR)")
+    if not _suffix_ok(path):
+        return DataFile(path, None, f"not a {'/'.join(s for s in SUFFIXES if not s.endswith('.gz'))} file")
+    return None
 
 
 def described(path: Path) -> list[DataFile]:
