@@ -159,10 +159,13 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
 
 def read_tasks(path: Path, limit: int | None = None) -> list[dict]:
     """The verifiable prompts of a JSONL file (stage 2's tasks_val.jsonl), the first `limit` of them."""
-    records = read_jsonl(path)
+    records = numbered_records(path)
     if not records:
         raise EvalError(f"{path}: no task records (the file is empty)")
-    return records[:limit]
+    for where, record in records:
+        if not isinstance(record.get("messages"), list) or "answer" not in record:
+            raise EvalError(f"{where}: a task record needs 'messages' and 'answer' (stage 2's tasks_val.jsonl)")
+    return [record for _, record in records[:limit]]
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
@@ -276,10 +279,7 @@ class TaskResult:
 
 
 def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> TaskResult:
-    """Greedy answers to the verifiable prompts, checked by `mateconv.tasks.check_answer`."""
-    for record in records:
-        if not isinstance(record.get("messages"), list) or "answer" not in record:
-            raise EvalError(f"task record {record.get('id')!r} needs 'messages' and 'answer'")
+    """Greedy answers to the verifiable prompts (checked by `read_tasks`), checked by `mateconv.tasks.check_answer`."""
     responses = greedy_replies(model, tokenizer, [r["messages"] for r in records], max_new_tokens, batch_size,
                                desc="tasks")
     rows = [{"id": r.get("id"), "kind": r.get("kind", "?"), "answer": r["answer"], "response": response,
@@ -596,9 +596,12 @@ def kept_report(path: Path, key: str) -> ModelReport | None:
     if kept.get("key") != key:
         return None
     fields = kept["report"]
-    return ModelReport(**{**fields, "ppl": fields["ppl"] and Perplexity(**fields["ppl"]),
-                          "bpb": fields["bpb"] and BitsPerByte(**fields["bpb"]),
-                          "tasks": fields["tasks"] and TaskResult(**fields["tasks"]), "win_rates": []})
+    try:
+        return ModelReport(**{**fields, "ppl": fields["ppl"] and Perplexity(**fields["ppl"]),
+                              "bpb": fields["bpb"] and BitsPerByte(**fields["bpb"]),
+                              "tasks": fields["tasks"] and TaskResult(**fields["tasks"]), "win_rates": []})
+    except (KeyError, TypeError):  # kept by a version whose results had other fields: evaluated again
+        return None
 
 
 def keep_report(path: Path, key: str, report: ModelReport) -> None:
@@ -669,6 +672,15 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         raise EvalError("no models to evaluate")
     if seq_len is not None and seq_len < 2:  # a row needs a token to predict from and one to score
         raise EvalError(f"--seq_len must be at least 2, got {seq_len}")
+    counts = [("--batch_size", batch_size, 1, ""), ("--max_new_tokens", max_new_tokens, 1, ""),
+              ("--n_samples", n_samples, 0, ""), ("--judge_prompts", judge_prompts, 1, ""),
+              ("--judge_retries", judge_retries, 0, ""), ("--judge_concurrency", judge_concurrency, 1, ""),
+              *((flag, limit, 1, " (0 = all)") for flag, limit in
+                (("--max_batches", max_batches), ("--max_tasks", max_tasks), ("--max_bpb_docs", max_bpb_docs))
+                if limit is not None)]
+    for flag, value, least, note in counts:
+        if value < least:  # a negative limit would silently drop the last items ([:-1])
+            raise EvalError(f"{flag} must be at least {least}{note}, got {value}")
     paths = [Path(m) for m in models]
     for path in paths:
         if not is_model(path):

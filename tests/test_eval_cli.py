@@ -267,6 +267,25 @@ def shipped_llama(shipped: Path, tokenizer: Path, model_type: str) -> Path:
     return shipped
 
 
+def test_bad_tasks_and_counts_stop_before_any_model_loads(tmp_path):
+    """A task record without its answer is named by file:line before any model loads (each model was loaded, then
+    failed with no line named); a count below its least stops the run in one line (--batch_size 0 was a traceback,
+    --max_tasks -1 silently left out the last task)."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "t1", "messages": [], "answer": "7"}\n{"id": "t2", "messages": []}\n')
+    nothing = tmp_path / "no_model"  # never loaded: the run stops first
+    (nothing / "config.json").parent.mkdir()
+    (nothing / "config.json").write_text("{}")
+    cases = [(["--tasks", str(tasks)], f"{tasks}:2: a task record needs 'messages' and 'answer'"),
+             (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+             (["--max_tasks", "-1"], "--max_tasks must be at least 1 (0 = all), got -1"),
+             (["--judge_concurrency", "0"], "--judge_concurrency must be at least 1, got 0")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            main(quick_run([nothing], tmp_path / "eval", *flags))
+        assert str(stopped.value).startswith(f"evaluate: {message}")
+
+
 def test_a_model_that_ships_its_code_needs_trust_remote_code(tiny_tokenizer, tmp_path):
     """A checkpoint whose config.json maps a model type transformers does not know to code of its own (MiniMind's
     converted models) is refused in one line without --trust_remote_code (transformers would ask on stdin), and
