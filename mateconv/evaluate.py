@@ -33,7 +33,7 @@ from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, contex
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
-from mateconv.data.readers import SUFFIXES, BadLine, files_under, iter_records, record_text
+from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
@@ -104,9 +104,18 @@ def conversation(record: dict, where: str) -> list[dict]:
         raise EvalError(f"{where}: {error}") from None
 
 
+def document_text(record: dict, where: str) -> str:
+    """A document record's text as stage 2 takes it for pretraining (`record_text`)."""
+    try:
+        return record_text(record)
+    except DataError as error:
+        raise EvalError(f"{where}: {error}") from None
+
+
 def val_records(path: Path) -> list[str | list[dict]]:
-    """A validation JSONL's documents: a {"text"} record's text, a conversation's messages."""
-    records = [record["text"] if isinstance(record.get("text"), str) else conversation(record, where)
+    """A validation file's documents: a document record's text (a text, content or paragraphs field, as stage 2 reads
+    pretraining text), a conversation's messages."""
+    records = [document_text(record, where) if any(key in record for key in TEXT_KEYS) else conversation(record, where)
                for where, record in numbered_records(path)]
     if not records:
         raise EvalError(f"{path}: no records to score for perplexity (the file is empty)")
@@ -146,12 +155,7 @@ class TextRecords(Dataset):
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
     """Each record's text as stage 2 takes it for pretraining (a text field, or all the turns of a conversation; see
     `mateconv.data.readers.record_text`), from stage 2's pretrain_val.jsonl or any file it reads; the first `limit`."""
-    texts = []
-    for where, record in numbered_records(path):
-        try:
-            texts.append(record_text(record))
-        except DataError as error:
-            raise EvalError(f"{where}: {error} (bits per byte needs documents)") from None
+    texts = [document_text(record, where) for where, record in numbered_records(path)]
     if not texts:
         raise EvalError(f"{path}: no documents to score for bits per byte (the file is empty)")
     return texts[:limit]
@@ -621,8 +625,9 @@ def kept_verdicts(path: Path, key: str) -> dict[int, str]:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                verdicts[int(entry["prompt"])] = entry["verdict"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if entry["verdict"] in ("win", "loss", "tie"):
+                    verdicts[int(entry["prompt"])] = entry["verdict"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut short
                 continue
     write_atomic(path, "".join(json.dumps(entry) + "\n" for entry in
                                [{"key": key}, *({"prompt": i, "verdict": v} for i, v in verdicts.items())]))

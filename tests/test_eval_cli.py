@@ -337,6 +337,21 @@ def test_bpb_texts_are_each_records_text_as_pretraining_takes_it(tiny_sft_model,
     assert bpb["mixed"] == bpb["texts"] and bpb["texts"][1]["documents"] == 2
 
 
+def test_val_documents_in_any_text_field_stage_2_reads(tiny_sft_model, tmp_path):
+    """--val takes {"content"} and {"paragraphs"} documents as stage 2 does (they were refused as an unknown record
+    shape), scored as the same {"text"} documents."""
+    texts = ["The sea is calm tonight.", "Two and two make four.\nFour and four make eight."]
+    shapes = {"text": [{"text": t} for t in texts], "content": [{"content": t} for t in texts],
+              "paragraphs": [{"paragraphs": t.split("\n")} for t in texts]}
+    scores = {}
+    for name, records in shapes.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        main(quick_run([tiny_sft_model], tmp_path / name, "--val", str(tmp_path / f"{name}.jsonl")))
+        report, = json.loads((tmp_path / name / "summary.json").read_text())["models"]
+        scores[name] = (report["val_loss"], report["val_tokens"])
+    assert scores["content"] == scores["paragraphs"] == scores["text"] and scores["text"][1] > 10
+
+
 def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model, tiny_embedded_data, tmp_path,
                                                                    capsys):
     """`pretrain_sft_lora.py --mode test --out_dir R` evaluates R/sft/final; R/data's empty tasks file and missing

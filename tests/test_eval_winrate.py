@@ -124,7 +124,7 @@ def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrain
     assert str(stopped.value) == (f"evaluate: judge endpoint {cut_short.url} answered GET /models with a body that is "
                                   "not valid JSON (Unterminated string starting at)")
     texts_without_text = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: no text field in record with keys \['messages'\] \(bits "):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: no text field in record with keys \['messages'\]$"):
         main(base + ["--bpb_texts", texts_without_text])
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: unknown record shape with keys \['text'\]"):
         main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
