@@ -726,7 +726,10 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     judged = held_out[:judge_prompts] if comparisons else None
     out = Path(out_dir)
     parts = out / PARTS
-    parts.mkdir(parents=True, exist_ok=True)
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # --out_dir names a file, or a directory not writable
+        raise EvalError(f"--out_dir {out}: cannot make {parts} ({error.strerror})") from None
     # what a model's results depend on besides its checkpoint: a change to any recomputes them
     inputs = [[file_stats(Path(data) if data else None) for data in (val_path, tasks, bpb_texts, heldout)],
               samples, seq_len, batch_size, max_batches, max_tasks, max_new_tokens, device, lm_eval_tasks,
@@ -766,8 +769,9 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
             print(win_rate_line(result), flush=True)
     except KeyboardInterrupt:
         rates = f" and {finished_rates} of {len(comparisons)} win rates" if comparisons else ""
-        raise Interrupted(f"interrupted: {len(reports)} of {len(paths)} models{rates} finished, in the summaries; "
-                          f"{parts} keeps them and every judged prompt, and the same command goes on from them"
+        summaries = f", summarized in {out}" if reports else ""
+        raise Interrupted(f"interrupted: {len(reports)} of {len(paths)} models{rates} finished{summaries}; {parts} "
+                          "keeps every finished model and judged prompt, and the same command goes on from them"
                           ) from None
     finally:  # what is done is summarized, however the run ends
         if reports:

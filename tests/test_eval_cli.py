@@ -270,7 +270,7 @@ def shipped_llama(shipped: Path, tokenizer: Path, model_type: str) -> Path:
 def test_bad_tasks_and_counts_stop_before_any_model_loads(tmp_path):
     """A task record without its answer is named by file:line before any model loads (each model was loaded, then
     failed with no line named); a count below its least stops the run in one line (--batch_size 0 was a traceback,
-    --max_tasks -1 silently left out the last task)."""
+    --max_tasks -1 silently left out the last task), and so does an --out_dir that is a file (a traceback)."""
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"id": "t1", "messages": [], "answer": "7"}\n{"id": "t2", "messages": []}\n')
     nothing = tmp_path / "no_model"  # never loaded: the run stops first
@@ -279,7 +279,8 @@ def test_bad_tasks_and_counts_stop_before_any_model_loads(tmp_path):
     cases = [(["--tasks", str(tasks)], f"{tasks}:2: a task record needs 'messages' and 'answer'"),
              (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
              (["--max_tasks", "-1"], "--max_tasks must be at least 1 (0 = all), got -1"),
-             (["--judge_concurrency", "0"], "--judge_concurrency must be at least 1, got 0")]
+             (["--judge_concurrency", "0"], "--judge_concurrency must be at least 1, got 0"),
+             (["--out_dir", str(tasks)], f"--out_dir {tasks}: cannot make {tasks}/parts (Not a directory)")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as stopped:
             main(quick_run([nothing], tmp_path / "eval", *flags))

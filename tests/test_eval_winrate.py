@@ -160,8 +160,8 @@ def test_an_interrupted_evaluation_keeps_its_work_and_the_rerun_reuses_it(tiny_p
         slow.close()
     assert run.returncode == 1, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
-        f"evaluate: interrupted: 2 of 2 models and 0 of 1 win rates finished, in the summaries; {out / 'parts'} keeps "
-        "them and every judged prompt, and the same command goes on from them")
+        f"evaluate: interrupted: 2 of 2 models and 0 of 1 win rates finished, summarized in {out}; {out / 'parts'} "
+        "keeps every finished model and judged prompt, and the same command goes on from them")
     summary = json.loads((out / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["pretrain/final", "sft/final"] and summary["win_rates"] == []
     before = verdicts(kept)
