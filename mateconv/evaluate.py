@@ -42,7 +42,7 @@ from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
 from mateconv.terminal import bars_only_on_a_terminal, run_main
-from mateconv.train.models import model_dir
+from mateconv.train.models import CONSOLIDATED, model_dir
 from mateconv.winrate import WinRate, check_endpoint, win_rate
 from model.generation import generate_tokens
 
@@ -580,10 +580,13 @@ def file_label(label: str) -> str:
 
 
 def file_stats(path: Path | None) -> list:
-    """(path, size, mtime) of a file or of every file under a directory: what changes when an input changes."""
+    """(path, size, mtime) of a file or of every file under a directory: what changes when an input changes. A
+    training checkpoint's consolidated model, which its first evaluation writes inside it, is left out."""
     if path is None:
         return []
     files = files_under(path) if path.is_dir() else [path]
+    if is_training_checkpoint(path):
+        files = [f for f in files if CONSOLIDATED not in f.relative_to(path).parts[:1]]
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 

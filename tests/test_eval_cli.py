@@ -83,6 +83,11 @@ def test_a_training_checkpoint_is_evaluated_as_its_model(tiny_sft_model, tmp_pat
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         replies[name] = summary["models"][0]["samples"]
     assert replies["checkpoint"] == replies["final"] and (checkpoint / "model" / "config.json").is_file()
+    # the consolidated model written inside the checkpoint is no change to it: a rerun reuses its results
+    capsys.readouterr()
+    main(["--models", str(checkpoint), "--val", "none", "--tasks", "none", "--bpb_texts", "none", "--heldout", "none",
+          "--prompts", QUESTION, "--max_new_tokens", "8", "--out_dir", str(tmp_path / "checkpoint")])
+    assert "reused the results an earlier run kept" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
