@@ -586,7 +586,7 @@ def file_stats(path: Path | None) -> list:
         return []
     files = files_under(path) if path.is_dir() else [path]
     if is_training_checkpoint(path):
-        files = [f for f in files if CONSOLIDATED not in f.relative_to(path).parts[:1]]
+        files = [f for f in files if f.relative_to(path).parts[0] != CONSOLIDATED]
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
