@@ -779,7 +779,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     finally:  # what is done is summarized, however the run ends
         if reports:
             plot_summary(reports, out)
-            write_summary(reports, out, [label for label in labels[len(reports):]])
+            write_summary(reports, out, labels[len(reports):])
     return reports
 
 
