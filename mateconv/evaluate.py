@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from mateconv.chat import (SEED_MODEL_MODES, ChatError, check_seed_shape, contex
 from mateconv.config import is_training_checkpoint, under_root
 from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
-from mateconv.data.readers import SUFFIXES, BadLine, iter_records
+from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
 from mateconv.files import save_figure, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
@@ -39,8 +42,8 @@ from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
 from mateconv.terminal import bars_only_on_a_terminal, run_main
-from mateconv.train.models import model_dir
-from mateconv.winrate import WinRate, check_endpoint, win_rates
+from mateconv.train.models import CONSOLIDATED, model_dir
+from mateconv.winrate import WinRate, check_endpoint, win_rate
 from model.generation import generate_tokens
 
 DEFAULT_VAL = "out/tokens/pretrain/val"
@@ -56,8 +59,16 @@ SAMPLE_PROMPTS = [
 ]
 
 
+PARTS = "parts"  # under --out_dir: each finished model's results and each judged prompt, reused by a rerun
+BPB_STARTS = ("auto", "eos", "bos")
+
+
 class EvalError(RuntimeError):
     """Bad evaluation input (missing model or data, malformed records); shown as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the evaluation; its message says what was kept."""
 
 
 # ---------------------------------------------------------------- data
@@ -93,9 +104,18 @@ def conversation(record: dict, where: str) -> list[dict]:
         raise EvalError(f"{where}: {error}") from None
 
 
+def document_text(record: dict, where: str) -> str:
+    """A document record's text as stage 2 takes it for pretraining (`record_text`)."""
+    try:
+        return record_text(record)
+    except DataError as error:
+        raise EvalError(f"{where}: {error}") from None
+
+
 def val_records(path: Path) -> list[str | list[dict]]:
-    """A validation JSONL's documents: a {"text"} record's text, a conversation's messages."""
-    records = [record["text"] if isinstance(record.get("text"), str) else conversation(record, where)
+    """A validation file's documents: a document record's text (a text, content or paragraphs field, as stage 2 reads
+    pretraining text), a conversation's messages."""
+    records = [document_text(record, where) if any(key in record for key in TEXT_KEYS) else conversation(record, where)
                for where, record in numbered_records(path)]
     if not records:
         raise EvalError(f"{path}: no records to score for perplexity (the file is empty)")
@@ -133,12 +153,9 @@ class TextRecords(Dataset):
 
 
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
-    """The `text` of each record of a JSONL file (stage 2's pretrain_val.jsonl), the first `limit` of them."""
-    texts = []
-    for where, record in numbered_records(path):
-        if not isinstance(record.get("text"), str):
-            raise EvalError(f"{where}: the record has no 'text' string (bits per byte needs raw documents)")
-        texts.append(record["text"])
+    """Each record's text as stage 2 takes it for pretraining (a text field, or all the turns of a conversation; see
+    `mateconv.data.readers.record_text`), from stage 2's pretrain_val.jsonl or any file it reads; the first `limit`."""
+    texts = [document_text(record, where) for where, record in numbered_records(path)]
     if not texts:
         raise EvalError(f"{path}: no documents to score for bits per byte (the file is empty)")
     return texts[:limit]
@@ -146,10 +163,13 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
 
 def read_tasks(path: Path, limit: int | None = None) -> list[dict]:
     """The verifiable prompts of a JSONL file (stage 2's tasks_val.jsonl), the first `limit` of them."""
-    records = read_jsonl(path)
+    records = numbered_records(path)
     if not records:
         raise EvalError(f"{path}: no task records (the file is empty)")
-    return records[:limit]
+    for where, record in records:
+        if not isinstance(record.get("messages"), list) or "answer" not in record:
+            raise EvalError(f"{where}: a task record needs 'messages' and 'answer' (stage 2's tasks_val.jsonl)")
+    return [record for _, record in records[:limit]]
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
@@ -263,10 +283,7 @@ class TaskResult:
 
 
 def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> TaskResult:
-    """Greedy answers to the verifiable prompts, checked by `mateconv.tasks.check_answer`."""
-    for record in records:
-        if not isinstance(record.get("messages"), list) or "answer" not in record:
-            raise EvalError(f"task record {record.get('id')!r} needs 'messages' and 'answer'")
+    """Greedy answers to the verifiable prompts (checked by `read_tasks`), checked by `mateconv.tasks.check_answer`."""
     responses = greedy_replies(model, tokenizer, [r["messages"] for r in records], max_new_tokens, batch_size,
                                desc="tasks")
     rows = [{"id": r.get("id"), "kind": r.get("kind", "?"), "answer": r["answer"], "response": response,
@@ -289,6 +306,7 @@ class ModelReport:
     params_m: float
     ppl: Perplexity | None = None
     bpb: BitsPerByte | None = None
+    bpb_start: str | None = None  # "bos" or "eos": the token each document followed when scored
     tasks: TaskResult | None = None
     samples: dict[str, str] = field(default_factory=dict)  # prompt -> greedy reply
     judge_replies: list[str] = field(default_factory=list)  # greedy replies to the judged held-out prompts
@@ -379,11 +397,22 @@ def model_kind(config) -> str:
     return "moe" if any(isinstance(count, int) and count > 1 for count in experts) else "dense"
 
 
+def bpb_start_token(model, tokenizer, choice: str) -> str:
+    """'bos' or 'eos': the token each document follows when scored for bits per byte. 'auto' takes the one the model
+    was pretrained with: MiniMind puts BOS before each document; MateConv packs each after the previous one's EOS."""
+    if choice == "auto":
+        choice = "bos" if model.config.model_type == "minimind" else "eos"
+    if getattr(tokenizer, f"{choice}_token_id") is None:
+        raise EvalError(f"--bpb_start {choice}: the model's tokenizer has no {choice.upper()} token")
+    return choice
+
+
 def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] | None, samples: list[list[dict]],
                    seq_len: int | None, batch_size: int, max_batches: int | None, max_new_tokens: int,
                    device: str = "auto", lm_eval_tasks: list[str] | None = None, tasks_file: Path | None = None,
                    max_tasks: int | None = None, texts: list[str] | None = None,
-                   judge_prompts: list[list[dict]] | None = None, trust_remote_code: bool = False) -> ModelReport:
+                   judge_prompts: list[list[dict]] | None = None, trust_remote_code: bool = False,
+                   bpb_start: str = "auto") -> ModelReport:
     model, tokenizer = load_model(path, device, trust_remote_code=trust_remote_code)
     report = ModelReport(label, str(path), model_kind(model.config),
                          sum(p.numel() for p in model.parameters()) / 1e6)
@@ -399,8 +428,9 @@ def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] |
         if report.ppl.expert_load is not None:
             report.balance = balance_stats(report.ppl.expert_load)
     if texts:
-        report.bpb = bits_per_byte(model, tokenizer, texts, min(seq_len or context_length(model),
-                                                               context_length(model)), batch_size)
+        report.bpb_start = bpb_start_token(model, tokenizer, bpb_start)
+        report.bpb = bits_per_byte(model, tokenizer, texts, min(seq_len or context_length(model), context_length(model)),
+                                   batch_size, [getattr(tokenizer, f"{report.bpb_start}_token_id")])
     if tasks:
         report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens, batch_size)
     replies = greedy_replies(model, tokenizer, samples, max_new_tokens, batch_size, desc="samples")
@@ -454,7 +484,7 @@ def plot_summary(reports: list[ModelReport], out_dir: Path) -> list[Path]:
         ax.set_ylabel("layer")
         ax.set_title(f"{report.label}: token share per expert (CV {report.balance['cv_mean']:.3f})")
         figure.colorbar(image, ax=ax)
-        path = out_dir / f"expert_load_{report.label.replace('/', '_')}.png"
+        path = out_dir / f"expert_load_{file_label(report.label)}.png"
         save_figure(figure, path)
         plt.close(figure)
         written.append(path)
@@ -491,7 +521,9 @@ def strict_json(value):
     return value
 
 
-def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
+def write_summary(reports: list[ModelReport], out_dir: Path, not_evaluated: list[str] | None = None) -> None:
+    """summary.csv, summary.json, summary.md and each model's task answers; `not_evaluated`: the models a stopped run
+    did not reach, named in summary.json and summary.md."""
     rows = [report.row() for report in reports]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns(rows))
@@ -504,17 +536,21 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
                            "expert_load": report.ppl.expert_load if report.ppl else None,
                            "bpb": None if report.bpb is None else {"tokens": report.bpb.tokens,
                                                                    "bytes": report.bpb.bytes,
-                                                                   "documents": report.bpb.documents},
+                                                                   "documents": report.bpb.documents,
+                                                                   "start": report.bpb_start},
                            "balance": report.balance, "samples": report.samples}
                           for report in reports],
-               "win_rates": [w.as_dict() for report in reports for w in report.win_rates]}
+               "win_rates": [w.as_dict() for report in reports for w in report.win_rates],
+               **({"not_evaluated": not_evaluated} if not_evaluated else {})}
     write_atomic(out_dir / "summary.json", json.dumps(strict_json(summary), indent=2, ensure_ascii=False,
                                                       allow_nan=False) + "\n")
 
     parts = ["# MateConv evaluation", "", markdown_table(rows), "", "![metrics](metrics.png)", ""]
+    if not_evaluated:
+        parts[2:2] = [f"Stopped before it evaluated {', '.join(not_evaluated)}.", ""]
     for report in reports:
         if report.balance is not None:
-            name = f"expert_load_{report.label.replace('/', '_')}.png"
+            name = f"expert_load_{file_label(report.label)}.png"
             cv = ", ".join(f"{v:.3f}" for v in report.balance["cv"])
             parts += [f"## Expert load: {report.label}", "", f"per-layer CV: {cv}", "", f"![{name}]({name})", ""]
     wins = [w.as_dict() for report in reports for w in report.win_rates]
@@ -535,7 +571,88 @@ def write_summary(reports: list[ModelReport], out_dir: Path) -> None:
     for report in reports:
         if report.tasks:
             lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.tasks.rows)
-            write_atomic(out_dir / f"tasks_{report.label.replace('/', '_')}.jsonl", lines)
+            write_atomic(out_dir / f"tasks_{file_label(report.label)}.jsonl", lines)
+
+
+def file_label(label: str) -> str:
+    """A model label as part of a file name (sft/final -> sft_final)."""
+    return label.replace("/", "_")
+
+
+def file_stats(path: Path | None) -> list:
+    """(path, size, mtime) of a file or of every file under a directory: what changes when an input changes. A
+    training checkpoint's consolidated model, which its first evaluation writes inside it, is left out."""
+    if path is None:
+        return []
+    files = files_under(path) if path.is_dir() else [path]
+    if is_training_checkpoint(path):
+        files = [f for f in files if f.relative_to(path).parts[0] != CONSOLIDATED]
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def inputs_key(*inputs) -> str:
+    return hashlib.blake2b(json.dumps(inputs, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def kept_report(path: Path, key: str) -> ModelReport | None:
+    """The report an earlier run kept at `path` under the same `key` (checkpoint, data and settings), or None."""
+    try:
+        kept = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if kept.get("key") != key:
+        return None
+    fields = kept["report"]
+    try:
+        return ModelReport(**{**fields, "ppl": fields["ppl"] and Perplexity(**fields["ppl"]),
+                              "bpb": fields["bpb"] and BitsPerByte(**fields["bpb"]),
+                              "tasks": fields["tasks"] and TaskResult(**fields["tasks"]), "win_rates": []})
+    except (KeyError, TypeError):  # kept by a version whose results had other fields: evaluated again
+        return None
+
+
+def keep_report(path: Path, key: str, report: ModelReport) -> None:
+    write_atomic(path, json.dumps({"key": key, "report": dataclasses.asdict(report)}, ensure_ascii=False))
+
+
+def kept_verdicts(path: Path, key: str) -> dict[int, str]:
+    """The judged prompts of a comparison an earlier run kept at `path` (a first line with the comparison's key, then
+    one {"prompt", "verdict"} line per judged prompt) when the key is `key`. The file is rewritten with them alone (a
+    line cut short by a crash dropped), so that new verdicts are appended after whole lines."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    verdicts = {}
+    if lines and lines[0] == json.dumps({"key": key}):
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                if entry["verdict"] in ("win", "loss", "tie"):
+                    verdicts[int(entry["prompt"])] = entry["verdict"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut short
+                continue
+    write_atomic(path, "".join(json.dumps(entry) + "\n" for entry in
+                               [{"key": key}, *({"prompt": i, "verdict": v} for i, v in verdicts.items())]))
+    return verdicts
+
+
+def judged_win_rate(judge: Endpoint, pair: tuple[str, str], prompts: list[list[dict]], replies: dict[str, list[str]],
+                    parts: Path, seed: int, retries: int, concurrency: int) -> WinRate:
+    """The win rate of a (model, baseline) pair, each verdict kept in `parts` as it comes and those an earlier run
+    kept on the same prompts, replies, judge model and seed reused."""
+    model, baseline = pair
+    path = parts / f"winrate_{file_label(model)}_vs_{file_label(baseline)}.jsonl"
+    kept = kept_verdicts(path, inputs_key(judge.model, seed, prompts, replies[model], replies[baseline]))
+    if kept:
+        print(f"[evaluate] win rate {model} vs {baseline}: {len(kept)} of {len(prompts)} prompts judged by an "
+              f"earlier run reused ({path})", flush=True)
+    with path.open("a", encoding="utf-8") as log:
+        def keep(index: int, verdict: str) -> None:
+            log.write(json.dumps({"prompt": index, "verdict": verdict}) + "\n")
+            log.flush()
+
+        return win_rate(judge, pair, prompts, replies, seed, retries, concurrency, kept=kept, on_verdict=keep)
 
 
 def is_model(path: str | Path) -> bool:
@@ -550,15 +667,28 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
              bpb_texts: str | Path | None = None, max_bpb_docs: int | None = 200, heldout: str | Path | None = None,
              n_samples: int = 4, judge: Endpoint | None = None, judge_prompts: int = 50,
              compare: list[str] | None = None, judge_retries: int = 2, judge_concurrency: int = 8,
-             seed: int = 0, trust_remote_code: bool = False) -> list[ModelReport]:
+             seed: int = 0, trust_remote_code: bool = False, bpb_start: str = "auto") -> list[ModelReport]:
     """Evaluates every model and writes the plots and summaries into `out_dir`. Returns the reports.
 
     Samples answer `prompts`, else the first `n_samples` conversations of `heldout`, else SAMPLE_PROMPTS. With a
-    `judge` endpoint and `heldout`, each (model, baseline) of `compare` is judged on `judge_prompts` prompts."""
+    `judge` endpoint and `heldout`, each (model, baseline) of `compare` is judged on `judge_prompts` prompts.
+
+    Each model's results and each judged prompt are kept under `out_dir`/parts as they finish; a rerun with the same
+    checkpoints, data files and settings reuses them. However the run ends (Ctrl-C included), the summaries hold the
+    models finished so far."""
     if not models:
         raise EvalError("no models to evaluate")
     if seq_len is not None and seq_len < 2:  # a row needs a token to predict from and one to score
         raise EvalError(f"--seq_len must be at least 2, got {seq_len}")
+    counts = [("--batch_size", batch_size, 1, ""), ("--max_new_tokens", max_new_tokens, 1, ""),
+              ("--n_samples", n_samples, 0, ""), ("--judge_prompts", judge_prompts, 1, ""),
+              ("--judge_retries", judge_retries, 0, ""), ("--judge_concurrency", judge_concurrency, 1, ""),
+              *((flag, limit, 1, " (0 = all)") for flag, limit in
+                (("--max_batches", max_batches), ("--max_tasks", max_tasks), ("--max_bpb_docs", max_bpb_docs))
+                if limit is not None)]
+    for flag, value, least, note in counts:
+        if value < least:  # a negative limit would silently drop the last items ([:-1])
+            raise EvalError(f"{flag} must be at least {least}{note}, got {value}")
     paths = [Path(m) for m in models]
     for path in paths:
         if not is_model(path):
@@ -598,31 +728,58 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
               f"{min(judge_prompts, len(held_out))} held-out prompts, {judge.describe()}", flush=True)
     judged = held_out[:judge_prompts] if comparisons else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reports = []
-    for path, label in zip(paths, labels):
-        print(f"[evaluate] {path}", flush=True)
-        try:
-            reports.append(evaluate_model(path, label, val_path, task_records, samples, seq_len, batch_size,
-                                          max_batches, max_new_tokens, device, lm_eval_tasks,
-                                          Path(tasks) if tasks else None, max_tasks, texts, judged, trust_remote_code))
-        except (EvalError, ChatError) as error:  # this model's own problem: the others are still evaluated
-            reports.append(ModelReport(label, str(path), "failed", math.nan, error=str(error)))
-        print(f"[evaluate] {json.dumps(reports[-1].row())}", flush=True)
-    failed = {report.label for report in reports if report.error}
-    for model, baseline in comparisons:
-        if {model, baseline} & failed:
-            print(f"[evaluate] no win rate of {model} vs {baseline}: "
-                  f"{' and '.join(sorted({model, baseline} & failed))} failed", flush=True)
-    comparisons = [pair for pair in comparisons if not set(pair) & failed]
-    if comparisons:
+    parts = out / PARTS
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # --out_dir names a file, or a directory not writable
+        raise EvalError(f"--out_dir {out}: cannot make {parts} ({error.strerror})") from None
+    # what a model's results depend on besides its checkpoint: a change to any recomputes them
+    inputs = [[file_stats(Path(data) if data else None) for data in (val_path, tasks, bpb_texts, heldout)],
+              samples, seq_len, batch_size, max_batches, max_tasks, max_new_tokens, device, lm_eval_tasks,
+              max_bpb_docs, bpb_start, len(judged or []), trust_remote_code]
+    reports, finished_rates = [], 0
+    try:
+        for path, label in zip(paths, labels):
+            kept_at, key = parts / f"model_{file_label(label)}.json", inputs_key(file_stats(path), inputs)
+            report = kept_report(kept_at, key)
+            if report:
+                print(f"[evaluate] {path}: reused the results an earlier run kept for the same checkpoint, data and "
+                      f"settings ({kept_at})", flush=True)
+            else:
+                print(f"[evaluate] {path}", flush=True)
+                try:
+                    report = evaluate_model(path, label, val_path, task_records, samples, seq_len, batch_size,
+                                            max_batches, max_new_tokens, device, lm_eval_tasks,
+                                            Path(tasks) if tasks else None, max_tasks, texts, judged,
+                                            trust_remote_code, bpb_start)
+                    keep_report(kept_at, key, report)
+                except (EvalError, ChatError) as error:  # this model's own problem: the others are still evaluated
+                    report = ModelReport(label, str(path), "failed", math.nan, error=str(error))
+            reports.append(report)
+            print(f"[evaluate] {json.dumps(report.row())}", flush=True)
+        failed = {report.label for report in reports if report.error}
+        for model, baseline in comparisons:
+            if {model, baseline} & failed:
+                print(f"[evaluate] no win rate of {model} vs {baseline}: "
+                      f"{' and '.join(sorted({model, baseline} & failed))} failed", flush=True)
+        comparisons = [pair for pair in comparisons if not set(pair) & failed]
         by_label = {report.label: report for report in reports}
         replies = {report.label: report.judge_replies for report in reports}
-        for result in win_rates(judge, comparisons, judged, replies, seed, judge_retries, judge_concurrency):
+        for pair in comparisons:
+            result = judged_win_rate(judge, pair, judged, replies, parts, seed, judge_retries, judge_concurrency)
             by_label[result.model].win_rates.append(result)
+            finished_rates += 1
             print(win_rate_line(result), flush=True)
-    plot_summary(reports, out)
-    write_summary(reports, out)
+    except KeyboardInterrupt:
+        rates = f" and {finished_rates} of {len(comparisons)} win rates" if comparisons else ""
+        summaries = f", summarized in {out}" if reports else ""
+        raise Interrupted(f"interrupted: {len(reports)} of {len(paths)} models{rates} finished{summaries}; {parts} "
+                          "keeps every finished model and judged prompt, and the same command goes on from them"
+                          ) from None
+    finally:  # what is done is summarized, however the run ends
+        if reports:
+            plot_summary(reports, out)
+            write_summary(reports, out, labels[len(reports):])
     return reports
 
 
@@ -643,8 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tasks", default=None,
                       help=f"verifiable tasks .jsonl (default {DEFAULT_TASKS} if it exists; 'none' skips)")
     data.add_argument("--bpb_texts", default=None,
-                      help=f"held-out documents ({{\"text\"}} records, .txt lines) for bits per byte (default "
-                           f"{DEFAULT_BPB_TEXTS} if it exists; 'none' skips)")
+                      help=f"held-out documents for bits per byte, any file stage 2 reads, each record's text as "
+                           f"pretraining takes it (default {DEFAULT_BPB_TEXTS} if it exists; 'none' skips)")
     data.add_argument("--heldout", default=None,
                       help=f"held-out conversations (any SFT shape and file stage 2 reads) whose prompts are sampled "
                            f"and judged (default {DEFAULT_HELDOUT} if it exists; 'none' skips)")
@@ -658,6 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_tasks", type=int, default=200, help="0 = all")
     limits.add_argument("--max_new_tokens", type=int, default=48)
     limits.add_argument("--max_bpb_docs", type=int, default=200, help="0 = all")
+    limits.add_argument("--bpb_start", choices=BPB_STARTS, default="auto",
+                        help="the token each bits-per-byte document follows: auto = how the model was pretrained "
+                             "(bos for MiniMind's models, which put BOS first; eos for MateConv's, which pack each "
+                             "document after the previous one's EOS)")
     judge = parser.add_argument_group("win rates (a model judge at an OpenAI-compatible endpoint)")
     judge.add_argument("--judge_base_url", default=None,
                        help="URL, 'openai' or 'none' (default: $OPENAI_BASE_URL, else OpenAI when --judge_model or "
@@ -704,9 +865,17 @@ def judge_endpoint(base_url: str | None, model: str | None) -> Endpoint | None:
         raise EvalError(str(error)) from None
 
 
+def interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     bars_only_on_a_terminal()
+    # Ctrl-C, `kill -2` (even where a script's background job starts with SIGINT ignored) and `kill` stop the run with
+    # what is finished kept and summarized
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
     try:
         reports = evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
                  optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
@@ -714,12 +883,17 @@ def main(argv: list[str] | None = None) -> None:
                  args.lm_eval_tasks, optional_path(args.bpb_texts, DEFAULT_BPB_TEXTS), args.max_bpb_docs or None,
                  optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
                  judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
-                 args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code)
-    except (EvalError, ChatError) as error:
+                 args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code, args.bpb_start)
+    except (EvalError, ChatError, Interrupted) as error:
         raise SystemExit(f"evaluate: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("evaluate: interrupted before any model was evaluated") from None
     except torch.OutOfMemoryError as error:
         raise SystemExit(f"evaluate: out of GPU memory ({out_of_memory_figures(error)}) at --batch_size "
                          f"{args.batch_size}: lower it, or use --device cpu; the models are not changed") from None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
     failed = [f"{report.label}: {report.error}" for report in reports if report.error]
     if failed:

@@ -2,12 +2,14 @@
 OpenAI-compatible endpoint with stage 7's rubric. Identical replies are ties without asking; of the other prompts, each
 model's reply is shown first on half (a seeded choice of which), so a judge's preference for a position cancels out.
 Equal scores are ties; a request that fails for good or an answer that is not the rubric's JSON counts as failed,
-never as a result."""
+never as a result. Each verdict is handed to a callback as it comes (the evaluation keeps it on disk), and verdicts
+given before (`kept`) are reused without asking."""
 from __future__ import annotations
 
 import asyncio
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mateconv.prefs.endpoints import Caller, Endpoint, RequestFailed, RetryPolicy
@@ -62,47 +64,55 @@ def model_shown_first(indices: list[int], seed: int, model: str, baseline: str) 
 
 
 async def _compare(caller: Caller, result: WinRate, prompts: list[list[dict]], model_replies: list[str],
-                   baseline_replies: list[str], seed: int, json_mode: bool) -> None:
+                   baseline_replies: list[str], seed: int, json_mode: bool, kept: dict[int, str] | None = None,
+                   on_verdict: Callable[[int, str], None] | None = None) -> None:
     asked = [index for index in range(len(prompts)) if model_replies[index] != baseline_replies[index]]
     result.ties += len(prompts) - len(asked)
     firsts = model_shown_first(asked, seed, result.model, result.baseline)
     result.first_shown = len(firsts)
+    kept = kept or {}
 
     async def one(index: int) -> str:
+        if index in kept:
+            return kept[index]
         order = [0, 1] if index in firsts else [1, 0]
         try:
-            return await _judge_one(caller, prompts[index], [model_replies[index], baseline_replies[index]], order,
-                                    stable_seed(seed, index, "judge"), json_mode)
+            verdict = await _judge_one(caller, prompts[index], [model_replies[index], baseline_replies[index]],
+                                       order, stable_seed(seed, index, "judge"), json_mode)
         except (RequestFailed, JudgeMalformed) as error:
             if len(result.failures) < MAX_REASONS:
                 result.failures.append(f"prompt {index}: {error}")
             return "failed"
+        if on_verdict:
+            on_verdict(index, verdict)
+        return verdict
 
     for outcome in await asyncio.gather(*(one(index) for index in asked)):
         field_name = {"win": "wins", "loss": "losses", "tie": "ties", "failed": "failed"}[outcome]
         setattr(result, field_name, getattr(result, field_name) + 1)
 
 
-async def _run(endpoint: Endpoint, comparisons: list[tuple[str, str]], prompts: list[list[dict]],
-               replies: dict[str, list[str]], seed: int, policy: RetryPolicy, concurrency: int,
-               json_mode: bool) -> list[WinRate]:
+async def _run(endpoint: Endpoint, pair: tuple[str, str], prompts: list[list[dict]], replies: dict[str, list[str]],
+               seed: int, policy: RetryPolicy, concurrency: int, json_mode: bool, kept: dict[int, str] | None,
+               on_verdict: Callable[[int, str], None] | None) -> WinRate:
     caller = Caller(endpoint, policy, asyncio.Semaphore(concurrency))
     try:
-        results = []
-        for model, baseline in comparisons:
-            results.append(WinRate(model, baseline, endpoint.model))
-            await _compare(caller, results[-1], prompts, replies[model], replies[baseline], seed, json_mode)
-        return results
+        model, baseline = pair
+        result = WinRate(model, baseline, endpoint.model)
+        await _compare(caller, result, prompts, replies[model], replies[baseline], seed, json_mode, kept, on_verdict)
+        return result
     finally:
         await caller.close()
 
 
-def win_rates(endpoint: Endpoint, comparisons: list[tuple[str, str]], prompts: list[list[dict]],
-              replies: dict[str, list[str]], seed: int = 0, retries: int = 2, concurrency: int = 8,
-              json_mode: bool = True, timeout_s: float = 120.0) -> list[WinRate]:
-    """One WinRate per (model, baseline) label pair; `replies[label][i]` answers `prompts[i]`."""
+def win_rate(endpoint: Endpoint, pair: tuple[str, str], prompts: list[list[dict]], replies: dict[str, list[str]],
+             seed: int = 0, retries: int = 2, concurrency: int = 8, json_mode: bool = True, timeout_s: float = 120.0,
+             kept: dict[int, str] | None = None, on_verdict: Callable[[int, str], None] | None = None) -> WinRate:
+    """The WinRate of a (model, baseline) label pair; `replies[label][i]` answers `prompts[i]`. `kept[i]` is a
+    verdict ('win', 'loss' or 'tie') given before on prompt i, reused without asking; `on_verdict(i, verdict)` is called
+    as each new one comes."""
     policy = RetryPolicy(max_retries=retries, timeout_s=timeout_s)
-    return asyncio.run(_run(endpoint, comparisons, prompts, replies, seed, policy, concurrency, json_mode))
+    return asyncio.run(_run(endpoint, pair, prompts, replies, seed, policy, concurrency, json_mode, kept, on_verdict))
 
 
 def check_endpoint(endpoint: Endpoint, timeout_s: float = 30.0) -> None:

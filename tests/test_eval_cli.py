@@ -83,6 +83,11 @@ def test_a_training_checkpoint_is_evaluated_as_its_model(tiny_sft_model, tmp_pat
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         replies[name] = summary["models"][0]["samples"]
     assert replies["checkpoint"] == replies["final"] and (checkpoint / "model" / "config.json").is_file()
+    # the consolidated model written inside the checkpoint is no change to it: a rerun reuses its results
+    capsys.readouterr()
+    main(["--models", str(checkpoint), "--val", "none", "--tasks", "none", "--bpb_texts", "none", "--heldout", "none",
+          "--prompts", QUESTION, "--max_new_tokens", "8", "--out_dir", str(tmp_path / "checkpoint")])
+    assert "reused the results an earlier run kept" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
@@ -248,24 +253,50 @@ def test_an_empty_file_given_is_one_line(tiny_sft_model, tmp_path, flag):
     assert str(stopped.value) == f"evaluate: {empty}: {what} (the file is empty)"
 
 
+def shipped_llama(shipped: Path, tokenizer: Path, model_type: str) -> Path:
+    """A random tiny Llama saved at `shipped` as a model type transformers does not know (`model_type`), with the code
+    that loads it (auto_map), as MiniMind's converted models are."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(shipped)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(shipped)
+    (shipped / "shipped_model.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        f"class ShippedConfig(LlamaConfig):\n    model_type = {model_type!r}\n\n\n"
+        "class ShippedForCausalLM(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
+    config = json.loads((shipped / "config.json").read_text())
+    auto_map = {"AutoConfig": "shipped_model.ShippedConfig", "AutoModelForCausalLM": "shipped_model.ShippedForCausalLM"}
+    (shipped / "config.json").write_text(json.dumps({**config, "model_type": model_type, "auto_map": auto_map}))
+    return shipped
+
+
+def test_bad_tasks_and_counts_stop_before_any_model_loads(tmp_path):
+    """A task record without its answer is named by file:line before any model loads (each model was loaded, then
+    failed with no line named); a count below its least stops the run in one line (--batch_size 0 was a traceback,
+    --max_tasks -1 silently left out the last task), and so does an --out_dir that is a file (a traceback)."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "t1", "messages": [], "answer": "7"}\n{"id": "t2", "messages": []}\n')
+    nothing = tmp_path / "no_model"  # never loaded: the run stops first
+    (nothing / "config.json").parent.mkdir()
+    (nothing / "config.json").write_text("{}")
+    cases = [(["--tasks", str(tasks)], f"{tasks}:2: a task record needs 'messages' and 'answer'"),
+             (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+             (["--max_tasks", "-1"], "--max_tasks must be at least 1 (0 = all), got -1"),
+             (["--judge_concurrency", "0"], "--judge_concurrency must be at least 1, got 0"),
+             (["--out_dir", str(tasks)], f"--out_dir {tasks}: cannot make {tasks}/parts (Not a directory)")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            main(quick_run([nothing], tmp_path / "eval", *flags))
+        assert str(stopped.value).startswith(f"evaluate: {message}")
+
+
 def test_a_model_that_ships_its_code_needs_trust_remote_code(tiny_tokenizer, tmp_path):
     """A checkpoint whose config.json maps a model type transformers does not know to code of its own (MiniMind's
     converted models) is refused in one line without --trust_remote_code (transformers would ask on stdin), and
     evaluated with it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    shipped = tmp_path / "shipped" / "final"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(shipped)
-    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(shipped)
-    (shipped / "shipped_model.py").write_text(
-        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
-        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped_llama'\n\n\n"
-        "class ShippedForCausalLM(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
-    config = json.loads((shipped / "config.json").read_text())
-    auto_map = {"AutoConfig": "shipped_model.ShippedConfig", "AutoModelForCausalLM": "shipped_model.ShippedForCausalLM"}
-    (shipped / "config.json").write_text(json.dumps({**config, "model_type": "shipped_llama", "auto_map": auto_map}))
+    shipped = shipped_llama(tmp_path / "shipped" / "final", tiny_tokenizer, "shipped_llama")
     with pytest.raises(SystemExit) as stopped:
         main(quick_run([shipped], tmp_path / "eval"))
     assert str(stopped.value) == (f"evaluate: {shipped} ships its own model code (auto_map in config.json); pass "
@@ -273,6 +304,58 @@ def test_a_model_that_ships_its_code_needs_trust_remote_code(tiny_tokenizer, tmp
     main(quick_run([shipped], tmp_path / "eval", "--trust_remote_code"))
     report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
     assert report["model"] == "shipped/final" and QUESTION in report["samples"]
+
+
+def test_bits_per_byte_starts_documents_as_the_model_was_pretrained(tiny_tokenizer, tiny_embedded_data, tmp_path):
+    """MiniMind pretrains on BOS + document: its models' documents are scored after BOS by default (ours after EOS, as
+    packed), and --bpb_start picks either; the figures are bits_per_byte's own with that start token."""
+    from mateconv.chat import load_model
+    from mateconv.logprobs import bits_per_byte
+
+    minimind = shipped_llama(tmp_path / "minimind" / "final", tiny_tokenizer, "minimind")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The sea is calm tonight.\nTwo and two make four.\n")
+    model, tokenizer = load_model(minimind, device="cpu", trust_remote_code=True)
+    direct = {start: bits_per_byte(model, tokenizer, texts.read_text().splitlines(), seq_len=64,
+                                   start_ids=[getattr(tokenizer, f"{start}_token_id")]).bpb for start in ("bos", "eos")}
+    assert tokenizer.bos_token_id != tokenizer.eos_token_id and direct["bos"] != direct["eos"]
+    for flags, start in (([], "bos"), (["--bpb_start", "eos"], "eos"), (["--bpb_start", "bos"], "bos")):
+        main(quick_run([minimind], tmp_path / "eval", "--trust_remote_code", "--bpb_texts", str(texts), *flags))
+        report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
+        assert report["bpb"]["start"] == start and report["val_bpb"] == pytest.approx(direct[start], abs=1e-4)
+
+
+def test_bpb_texts_are_each_records_text_as_pretraining_takes_it(tiny_sft_model, tmp_path):
+    """--bpb_texts reads what stage 2 reads for pretraining: MiniMind's conversations and LLaMA-Factory's alpaca
+    records count as their turns' text (record_text), scored as the same documents written as {"text"} records."""
+    from mateconv.data.readers import record_text
+
+    records = [{"conversations": [{"role": "user", "content": "What is 3 plus 4?"},
+                                  {"role": "assistant", "content": "It is 7."}]},
+               {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": record_text(r)}) + "\n" for r in records))
+    bpb = {}
+    for name in ("mixed", "texts"):
+        main(quick_run([tiny_sft_model], tmp_path / name, "--bpb_texts", str(tmp_path / f"{name}.jsonl")))
+        report, = json.loads((tmp_path / name / "summary.json").read_text())["models"]
+        bpb[name] = (report["val_bpb"], report["bpb"])
+    assert bpb["mixed"] == bpb["texts"] and bpb["texts"][1]["documents"] == 2
+
+
+def test_val_documents_in_any_text_field_stage_2_reads(tiny_sft_model, tmp_path):
+    """--val takes {"content"} and {"paragraphs"} documents as stage 2 does (they were refused as an unknown record
+    shape), scored as the same {"text"} documents."""
+    texts = ["The sea is calm tonight.", "Two and two make four.\nFour and four make eight."]
+    shapes = {"text": [{"text": t} for t in texts], "content": [{"content": t} for t in texts],
+              "paragraphs": [{"paragraphs": t.split("\n")} for t in texts]}
+    scores = {}
+    for name, records in shapes.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        main(quick_run([tiny_sft_model], tmp_path / name, "--val", str(tmp_path / f"{name}.jsonl")))
+        report, = json.loads((tmp_path / name / "summary.json").read_text())["models"]
+        scores[name] = (report["val_loss"], report["val_tokens"])
+    assert scores["content"] == scores["paragraphs"] == scores["text"] and scores["text"][1] > 10
 
 
 def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model, tiny_embedded_data, tmp_path,

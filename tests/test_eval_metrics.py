@@ -151,8 +151,6 @@ def test_task_accuracy_uses_check_answer(tiny_sft_model, tiny_untrained_model, t
     # the untrained model never does
     assert all(row["response"].startswith(("The answer is", "答案是")) for row in trained.rows)
     assert trained.accuracy >= 0.1 and results["untrained"].accuracy == 0.0
-    with pytest.raises(EvalError, match="needs 'messages' and 'answer'"):
-        task_accuracy(model, tokenizer, [{"id": "x", "messages": []}])
 
 
 def test_bad_validation_inputs(tiny_tokenizer, tmp_path):

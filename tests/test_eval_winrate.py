@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -78,7 +83,7 @@ def test_win_rates_bpb_and_samples(tiny_pretrain_model, tiny_sft_model, heldout,
     model, tokenizer = load_model(tiny_pretrain_model, device="cpu")
     direct = bits_per_byte(model, tokenizer, heldout["text_list"], seq_len=96)
     assert pretrain_row["val_bpb"] == pytest.approx(direct.bpb, abs=1e-4)
-    assert pretrain_row["bpb"] == {"tokens": direct.tokens, "bytes": direct.bytes, "documents": 6}
+    assert pretrain_row["bpb"] == {"tokens": direct.tokens, "bytes": direct.bytes, "documents": 6, "start": "eos"}
     assert sft_row["val_bpb"] > 0 and sft_row["win_rate:pretrain/final"] == pytest.approx(win["win_rate"], abs=1e-4)
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert float(rows[0]["val_bpb"]) == pretrain_row["val_bpb"] and rows[0]["win_rate:pretrain/final"] == ""
@@ -119,10 +124,84 @@ def test_judge_and_heldout_errors_are_one_line(tiny_pretrain_model, tiny_untrain
     assert str(stopped.value) == (f"evaluate: judge endpoint {cut_short.url} answered GET /models with a body that is "
                                   "not valid JSON (Unterminated string starting at)")
     texts_without_text = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: the record has no 'text' string"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: no text field in record with keys \['messages'\]$"):
         main(base + ["--bpb_texts", texts_without_text])
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: unknown record shape with keys \['text'\]"):
         main(base + ["--heldout", write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])])
+
+def verdicts(path) -> dict[int, str]:
+    """The judged prompts kept in a comparison's file (its first line is its key; a line being written is left)."""
+    return {entry["prompt"]: entry["verdict"] for entry in map(json.loads, path.read_text().split("\n")[1:-1])}
+
+
+def test_an_interrupted_evaluation_keeps_its_work_and_the_rerun_reuses_it(tiny_pretrain_model, tiny_sft_model,
+                                                                          heldout, tmp_path, capsys):
+    """SIGINT while the judge is being asked: the summaries hold both finished models, every verdict given so far is
+    kept, and the same command goes on from them, asking the judge only about the other prompts and evaluating no
+    model again; a checkpoint whose files changed is evaluated again."""
+    out = tmp_path / "eval"
+    kept = out / "parts" / "winrate_sft_final_vs_pretrain_final.jsonl"
+
+    def flags(url: str) -> list[str]:
+        return ["--models", str(tiny_pretrain_model), str(tiny_sft_model), "--val", "none", "--tasks", "none",
+                "--bpb_texts", heldout["texts"], "--heldout", heldout["sft_val"], "--judge_base_url", url,
+                "--judge_model", "judge", "--judge_concurrency", "1", "--max_new_tokens", str(NEW_TOKENS),
+                "--out_dir", str(out)]
+
+    slow = FakeOpenAI(delay_s=0.3)
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "mateconv.evaluate", *flags(slow.url)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while not (kept.exists() and len(verdicts(kept)) >= 2) and run.poll() is None:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        slow.close()
+    assert run.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"evaluate: interrupted: 2 of 2 models and 0 of 1 win rates finished, summarized in {out}; {out / 'parts'} "
+        "keeps every finished model and judged prompt, and the same command goes on from them")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["pretrain/final", "sft/final"] and summary["win_rates"] == []
+    before = verdicts(kept)
+    assert len(before) >= 2 and all(v in ("win", "loss", "tie") for v in before.values())
+
+    # a result that only the kept file holds shows whether the rerun reused it or evaluated the model again
+    kept_model = out / "parts" / "model_pretrain_final.json"
+    part = json.loads(kept_model.read_text())
+    part["report"]["bpb"]["bpb"] = 42.0
+    kept_model.write_text(json.dumps(part))
+    capsys.readouterr()
+    fake = FakeOpenAI()
+    try:
+        main(flags(fake.url))
+    finally:
+        fake.close()
+    printed = capsys.readouterr().out
+    assert printed.count("reused the results an earlier run kept") == 2
+    assert f"{len(before)} of {N_PROMPTS} prompts judged by an earlier run reused" in printed
+    after = verdicts(kept)
+    asked_again = {int(entry["pid"][1:]) for entry in fake.log}
+    assert asked_again == set(after) - set(before) and len(fake.log) == len(asked_again)
+    assert {i: after[i] for i in before} == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"][0]["val_bpb"] == 42.0
+    [win] = summary["win_rates"]
+    assert win["judged"] == N_PROMPTS and win["wins"] == list(after.values()).count("win")
+
+    # a checkpoint whose files changed is evaluated again; the verdicts on its same replies still stand
+    config = tiny_pretrain_model / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    fake = FakeOpenAI()
+    try:
+        main(flags(fake.url))
+    finally:
+        fake.close()
+        os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert capsys.readouterr().out.count("reused the results an earlier run kept") == 1 and fake.log == []
+    assert json.loads((out / "summary.json").read_text())["models"][0]["val_bpb"] != 42.0
 
 
 @pytest.mark.parametrize("prompts", [20, 7])
