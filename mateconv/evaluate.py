@@ -32,7 +32,7 @@ from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
 from mateconv.data.readers import SUFFIXES, BadLine, iter_records
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
-from mateconv.files import save_figure, write_atomic
+from mateconv.files import OutputDirError, save_figure, writable_dir, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, document_windows, perplexity
 from mateconv.memory import out_of_memory_figures
@@ -597,8 +597,10 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         print(f"[evaluate] win rates of {', '.join(f'{m} vs {b}' for m, b in comparisons)} on "
               f"{min(judge_prompts, len(held_out))} held-out prompts, {judge.describe()}", flush=True)
     judged = held_out[:judge_prompts] if comparisons else None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = writable_dir(out_dir, "--out_dir")
+    except OutputDirError as error:
+        raise EvalError(str(error)) from None
     reports = []
     for path, label in zip(paths, labels):
         print(f"[evaluate] {path}", flush=True)

@@ -20,7 +20,7 @@ from torch import nn
 from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
                              parse_args, parse_config, per_rank_sizes)
 from mateconv.data import DataError
-from mateconv.files import LockHeld, locked
+from mateconv.files import LockHeld, OutputDirError, locked, writable_dir
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -292,9 +292,9 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
         return
     created = [path for path in (out_dir, *out_dir.parents) if not path.exists()]  # out_dir first
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
-        raise ConfigError(f"out_dir: cannot create the directory {out_dir} ({e.strerror}: {e.filename})") from None
+        writable_dir(out_dir, "out_dir")
+    except OutputDirError as e:
+        raise ConfigError(str(e)) from None
     try:
         lock = locked(out_dir / RUN_LOCK)
     except LockHeld as e:
