@@ -35,7 +35,7 @@ from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens, shard_info
-from mateconv.files import save_figure, write_atomic
+from mateconv.files import OutputDirError, save_figure, writable_dir, write_atomic
 from mateconv.lm_eval_tasks import run_lm_eval, unknown_tasks
 from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_byte, document_windows, perplexity
 from mateconv.memory import out_of_memory_figures
@@ -727,12 +727,11 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
         print(f"[evaluate] win rates of {', '.join(f'{m} vs {b}' for m, b in comparisons)} on "
               f"{min(judge_prompts, len(held_out))} held-out prompts, {judge.describe()}", flush=True)
     judged = held_out[:judge_prompts] if comparisons else None
-    out = Path(out_dir)
-    parts = out / PARTS
     try:
-        parts.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # --out_dir names a file, or a directory not writable
-        raise EvalError(f"--out_dir {out}: cannot make {parts} ({error.strerror})") from None
+        out = writable_dir(out_dir, "--out_dir")
+        parts = writable_dir(out / PARTS, "--out_dir")
+    except OutputDirError as error:
+        raise EvalError(str(error)) from None
     # what a model's results depend on besides its checkpoint: a change to any recomputes them
     inputs = [[file_stats(Path(data) if data else None) for data in (val_path, tasks, bpb_texts, heldout)],
               samples, seq_len, batch_size, max_batches, max_tasks, max_new_tokens, device, lm_eval_tasks,

@@ -25,6 +25,28 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class OutputDirError(ValueError):
+    """An output directory that cannot be made or written in (its message is the one line to show)."""
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Makes the directory `path` (with its parents) and checks that a file can be written in it, so that a file of
+    that name, a missing or read-only mount is one line before any work, not a traceback after it. `flag` names the
+    setting in the message (out_dir, --output_dir)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"{flag}: cannot create the directory {path} ({e.strerror}: {e.filename})") from None
+    probe = temporary_sibling(path / "write-check")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"{flag}: cannot write in the directory {path} ({e.strerror})") from None
+    return path
+
+
 class LockHeld(RuntimeError):
     """Another live process holds the lock; `pid` is the one it wrote into the lock file."""
 

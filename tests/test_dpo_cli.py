@@ -220,20 +220,38 @@ def test_a_reference_of_a_smaller_vocabulary_is_one_line(precompute, tiny_sft_mo
 
 def test_pairs_longer_than_max_seq_len_are_told_and_keep_their_responses(tiny_sft_model, tiny_tokens, tmp_path,
                                                                          capsys):
-    """Pairs cut to max_seq_len were trained on without a word, also those left with the same chosen and rejected
-    tokens (no preference to learn). A cut keeps labelled response tokens on both sides of every pair."""
+    """Pairs cut to max_seq_len are told; those left with the same chosen and rejected tokens (no preference: no
+    gradient, but a loss of log 2 and an accuracy of 0 in the means) are left out. A cut keeps labelled response
+    tokens on both sides of every pair."""
     from conftest import TINY_MODEL_FLAGS
-    from mateconv.data.shards import DPOTokens
+    from mateconv.data.shards import DPOTokens, shard_info
 
     pairs = DPOTokens(tiny_tokens / "dpo" / "train", 16)
-    cut, same = pairs.cut_pairs()
-    assert 0 < same < cut
+    assert 0 < pairs.same < pairs.cut and len(pairs) + pairs.same == shard_info(pairs.directory)["num_records"]
+    assert all(not pairs[i]["chosen_input_ids"].equal(pairs[i]["rejected_input_ids"]) for i in range(len(pairs)))
     assert all((pairs[i][f"{side}_labels"][1:] != -100).any() for i in range(len(pairs))
                for side in ("chosen", "rejected"))
     assert main("dpo", TINY_MODEL_FLAGS + [
         "--max_seq_len", "16", "--init_from", str(tiny_sft_model), "--data_path", str(tiny_tokens / "dpo" / "train"),
         "--val_data_path", "", "--forget_data_paths", "", "--out_dir", str(tmp_path), "--max_steps", "1"]) == 0
-    assert (f"[dpo] note: {cut} of {len(pairs)} training pairs are longer than max_seq_len 16: the prompt is cut from "
-            f"its start (to half a row at least), then the responses at the row's end; {same} of them keep the same "
-            "chosen and rejected tokens, no preference to learn; raise max_seq_len to keep them whole"
-            ) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (f"[dpo] note: {pairs.cut} of {len(pairs) + pairs.same} training pairs are longer than max_seq_len 16: the "
+            f"prompt is cut from its start (to half a row at least), then the responses at the row's end; {pairs.same} "
+            "of them keep the same chosen and rejected tokens, no preference to learn: left out; raise max_seq_len to "
+            "keep them whole") in out
+    assert f", {len(pairs)} training examples -> " in out
+
+
+def test_pairs_that_all_end_the_same_within_max_seq_len_are_refused(tiny_sft_model, tmp_path):
+    from conftest import TINY_MODEL_FLAGS
+
+    pairs = tmp_path / "pairs.jsonl"
+    same_start = "The answer, after a long and careful thought about it, is "
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": same_start + "yes.",
+                                         "rejected": same_start + "no."}) + "\n" for i in range(3)))
+    with pytest.raises(SystemExit, match=r"^dpo: all 3 DPO training pairs have the same chosen and rejected tokens "
+                                         r"within max_seq_len 16 \(they differ only further on\): raise max_seq_len$"):
+        main("dpo", TINY_MODEL_FLAGS + [
+            "--max_seq_len", "16", "--init_from", str(tiny_sft_model), "--pairs_path", str(pairs),
+            "--val_data_path", "", "--forget_data_paths", "", "--out_dir", str(tmp_path / "dpo"), "--max_steps", "1",
+            "--batch_size", "2"])

@@ -102,6 +102,10 @@ def test_cli_bad_input_is_one_line(tiny_sft_model, tmp_path):
         main(["--models", str(tiny_sft_model), str(tiny_sft_model), "--device", "cuda:99", "--out_dir", str(tmp_path)])
     assert str(error.value) == (f"evaluate: device cuda:99 is not there: {torch.cuda.device_count()} CUDA GPU(s) "
                                 "visible; --device auto takes what there is")
+    (tmp_path / "a_file").write_text("")  # an --out_dir that is a file, or unwritable: before any model is evaluated
+    for out_dir, why in ((tmp_path / "a_file", "create the directory"), (Path("/proc"), "write in the directory")):
+        with pytest.raises(SystemExit, match=f"^evaluate: --out_dir: cannot {why} {out_dir} \\("):
+            main(["--models", str(tiny_sft_model), "--out_dir", str(out_dir), "--max_tasks", "0"])
 
 
 def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_tokens, tmp_path, capsys):

@@ -203,6 +203,11 @@ def test_unreachable_endpoint_and_unknown_model_are_one_line_errors(tmp_path, fa
               "--generator_model", "gen", "--judge_base_url", fake.url, "--judge_model", "gpt-9", "--no_progress"])
     with pytest.raises(SystemExit, match="^prefs: prompts file .*missing.jsonl not found"):
         main(["--prompts_path", str(tmp_path / "missing.jsonl"), "--generator_base_url", fake.url])
+    (tmp_path / "a_file").write_text("")
+    for output_dir, why in ((tmp_path / "a_file", "create the directory"), (Path("/proc"), "write in the directory")):
+        with pytest.raises(SystemExit, match=f"^prefs: --output_dir: cannot {why} {output_dir} \\("):
+            main(["--prompts_path", str(prompts), "--output_dir", str(output_dir), "--generator_base_url", fake.url,
+                  "--generator_model", "gen", "--judge", "rule", "--no_progress"])
     assert fake.log == []
 
 

@@ -387,9 +387,20 @@ def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
     """A file where the output directory should be (or a read-only mount): a ConfigError, which the stage prints as
     one line, not mkdir's traceback after the whole setup."""
     (tmp_path / "taken").write_text("")
-    for out_dir, why in ((tmp_path / "taken", "File exists"), (tmp_path / "taken" / "run", "Not a directory")):
-        with pytest.raises(ConfigError, match=f"out_dir: cannot create the directory {out_dir} \\({why}"):
+    for out_dir, why in ((tmp_path / "taken", "create the directory {} (File exists"),
+                         (tmp_path / "taken" / "run", "create the directory {} (Not a directory"),
+                         (Path("/proc"), "write in the directory {} (")):  # there, but no file can be made in it
+        with pytest.raises(ConfigError, match=re.escape(f"out_dir: cannot {why.format(out_dir)}")):
             train(out_dir, max_steps=1)
+
+
+def test_a_warmup_as_long_as_the_run_is_told(train, tmp_path, capsys):
+    """Hugging Face's Trainer accepts a warmup of max_steps or more without a word; the learning rate then never
+    reaches its peak nor decays, which a note now says."""
+    train(tmp_path, max_steps=2, warmup_iters=3, eval_interval=100, save_interval_steps=100)
+    assert ("[train] note: the warmup (warmup_iters: 3 steps) is not shorter than the run (2 steps): the learning "
+            "rate rises for the whole run, to 0.002 at its last step (learning_rate 0.003), and never decays"
+            ) in capsys.readouterr().out
 
 
 def test_another_stage_does_not_resume_a_checkpoint(train, tmp_path):

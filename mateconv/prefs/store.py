@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from mateconv.files import write_atomic
+from mateconv.files import OutputDirError, writable_dir, write_atomic
 from mateconv.prefs.endpoints import PrefsError
 
 PAIRS, DROPPED, FAILURES, SUMMARY = "dpo_pairs.jsonl", "dropped.jsonl", "failures.jsonl", "summary.json"
@@ -125,8 +125,10 @@ class ResultStore:
     (failures that were retried since) and summary.json. Each id is in at most one of the first three."""
 
     def __init__(self, out_dir: str | Path):
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir = writable_dir(out_dir, "--output_dir")
+        except OutputDirError as error:
+            raise PrefsError(str(error)) from None
         self.paths = {kind: self.dir / name for kind, name in
                       (("pair", PAIRS), ("dropped", DROPPED), ("failure", FAILURES), ("history", FAILURE_HISTORY))}
         for path in self.paths.values():

@@ -59,12 +59,14 @@ def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Ten
 
 
 def kl_per_token(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked tokens of the k3 estimator of KL(policy || ref): exp(r) - r - 1 with r = log ref - log policy.
+    """Mean over masked tokens of the k3 estimator of KL(ref || policy): exp(r) - r - 1 with r = log policy - log ref.
 
-    Non-negative and zero only where policy and reference agree on the token; it is an unbiased estimate of the
-    KL when the tokens are sampled from the policy. On offline responses it penalises token-level drift either way.
+    Each term is >= 0 and zero only where policy and reference agree on the token. It is unbiased for tokens sampled
+    from the reference, which is what offline responses are, or approximate (stage 7 samples the SFT model; the SFT
+    model imitates a data set's). The other direction's k3, ref/policy - ..., needs tokens sampled from the policy:
+    on offline tokens one the policy has dropped (ref 0.97, policy 1e-4) alone adds ~9000 and swamps the mean.
     """
-    r = (ref_logps - policy_logps).masked_fill(~mask, 0.0)  # 0 where masked: exp(0) - 0 - 1 adds nothing
+    r = (policy_logps - ref_logps).masked_fill(~mask, 0.0)  # 0 where masked: exp(0) - 0 - 1 adds nothing
     return (torch.exp(r) - r - 1).sum() / mask.sum().clamp(min=1)
 
 

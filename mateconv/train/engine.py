@@ -46,7 +46,8 @@ from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
 from mateconv.train.objectives import Objective
-from mateconv.train.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
+from mateconv.train.optim import (build_optimizer, build_scheduler, group_settings, restore_group_settings,
+                                  warmup_steps)
 from mateconv.train.signals import StopRequest, TrainingHalted
 from mateconv.train.tracking import (Progress, Tracker, expert_load_metrics, flops_per_token, gpu_utilization_metrics,
                                      memory_metrics, peak_flops, run_facts)
@@ -239,6 +240,13 @@ class Trainer:
         micro_per_epoch = self.sampler.per_rank // optim.batch_size
         steps_per_epoch = math.ceil(micro_per_epoch / optim.accumulation_steps)  # an epoch's last step may be shorter
         self.total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+        warmup = warmup_steps(optim, self.total_steps)
+        if warmup >= self.total_steps and runtime.is_main:  # accepted, as Hugging Face's Trainer does, but told
+            setting = f"warmup_ratio {optim.warmup_ratio:g}" if optim.warmup_ratio > 0 else "warmup_iters"
+            print(f"[train] note: the warmup ({setting}: {warmup} steps) is not shorter than the run "
+                  f"({self.total_steps} steps): the learning rate rises for the whole run, to "
+                  f"{optim.learning_rate * self.total_steps / warmup:.3g} at its last step (learning_rate "
+                  f"{optim.learning_rate:g}), and never decays", flush=True)
         self.flops_per_token = flops_per_token(base_model(model), config.model.max_seq_len)
         self.run_facts = run_facts(base_model(model), config, runtime.world_size)  # before ZeRO-3 partitions it
         self._setup_engine(model)

@@ -19,7 +19,7 @@ from mateconv.train.dpo import DPOError, concat_pair
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.models import check_vocab, extend_length, load_causal_lm, load_weights
 
-REF_CACHE_VERSION = 1
+REF_CACHE_VERSION = 2  # 2: pairs left with the same chosen and rejected tokens are not rows
 
 
 def fingerprint_files(paths: list[Path], extra: str = "") -> str:

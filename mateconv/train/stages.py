@@ -20,7 +20,7 @@ from torch import nn
 from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
                              parse_args, parse_config, per_rank_sizes)
 from mateconv.data import DataError
-from mateconv.files import LockHeld, locked
+from mateconv.files import LockHeld, OutputDirError, locked, writable_dir
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -180,13 +180,21 @@ def read_conversations(config: TrainConfig, runtime: Runtime, tokenizer) -> Stag
 def read_preference_pairs(config: TrainConfig, runtime: Runtime, tokenizer) -> StageData:
     """DPO pairs; with precompute_ref each carries its reference log-probs (cached next to the data)."""
     ref_path = reference_path(config)
-    data = without_empty_validation(read_shards(DPOTokens, "DPO", config, runtime, tokenizer))
-    if runtime.is_main and (cuts := data.train.cut_pairs())[0]:
-        cut, same = cuts
-        lost = f"; {same:,} of them keep the same chosen and rejected tokens, no preference to learn" if same else ""
-        print(f"[dpo] note: {cut:,} of {len(data.train):,} training pairs are longer than max_seq_len "
-              f"{data.train.seq_len}: the prompt is cut from its start (to half a row at least), then the responses at "
-              f"the row's end{lost}; raise max_seq_len to keep them whole", flush=True)
+    data = read_shards(DPOTokens, "DPO", config, runtime, tokenizer)
+    train, seq_len = data.train, data.train.seq_len
+    if not len(train):
+        raise DataError(f"all {train.same:,} DPO training pairs have the same chosen and rejected tokens within "
+                        f"max_seq_len {seq_len} (they differ only further on): raise max_seq_len")
+    if runtime.is_main and train.cut:
+        lost = (f"; {train.same:,} of them keep the same chosen and rejected tokens, no preference to learn: left out"
+                if train.same else "")
+        print(f"[dpo] note: {train.cut:,} of {len(train) + train.same:,} training pairs are longer than max_seq_len "
+              f"{seq_len}: the prompt is cut from its start (to half a row at least), then the responses at the row's "
+              f"end{lost}; raise max_seq_len to keep them whole", flush=True)
+    if runtime.is_main and data.val is not None and data.val.same:
+        print(f"[dpo] note: {data.val.same:,} of {len(data.val) + data.val.same:,} validation pairs keep the same "
+              f"chosen and rejected tokens within max_seq_len {seq_len}: left out", flush=True)
+    data = without_empty_validation(data)
     if not config.dpo.precompute_ref:
         return data
     train, val = with_cached_reference([data.train, data.val], ref_path, runtime, config, data.vocab_size)
@@ -284,9 +292,9 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
         return
     created = [path for path in (out_dir, *out_dir.parents) if not path.exists()]  # out_dir first
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, a read-only or missing mount: one line, not mkdir's traceback
-        raise ConfigError(f"out_dir: cannot create the directory {out_dir} ({e.strerror}: {e.filename})") from None
+        writable_dir(out_dir, "out_dir")
+    except OutputDirError as e:
+        raise ConfigError(str(e)) from None
     try:
         lock = locked(out_dir / RUN_LOCK)
     except LockHeld as e:
