@@ -289,7 +289,7 @@ def test_bad_tasks_and_counts_stop_before_any_model_loads(tmp_path):
              (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
              (["--max_tasks", "-1"], "--max_tasks must be at least 1 (0 = all), got -1"),
              (["--judge_concurrency", "0"], "--judge_concurrency must be at least 1, got 0"),
-             (["--out_dir", str(tasks)], f"--out_dir {tasks}: cannot make {tasks}/parts (Not a directory)")]
+             (["--out_dir", str(tasks)], f"--out_dir: cannot create the directory {tasks} (File exists: {tasks})")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as stopped:
             main(quick_run([nothing], tmp_path / "eval", *flags))
