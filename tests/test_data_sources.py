@@ -358,3 +358,20 @@ def test_template_placeholders_are_noted(shared_data, tmp_path):
     [found] = scan(tmp_path)
     assert found.line() == (f"{identity} → sft, Alpaca, 20.3 KB; holds template placeholders ({{{{author}}}}, "
                             "{{name}}), which would train as they are: fill them in first")
+
+
+def test_dataset_info_entry_with_extra_columns_is_used_and_unhonoured_keys_are_noted(tmp_path):
+    """LLaMA-Factory ignores the columns an entry lists that its formatting does not use, so this entry (a sharegpt
+    `messages` column and a `score` on an alpaca entry) was read by the file's content instead, its renamed columns
+    lost. `num_samples` and `split` were dropped without a word."""
+    info = {"qa": {"file_name": "qa.json", "num_samples": 500, "split": "test",
+                   "columns": {"prompt": "question", "response": "answer", "messages": "chat", "score": "rating"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    write(tmp_path / "qa.json", [{"question": "Name the capital of France.", "answer": "Paris.", "rating": 3}])
+    lines = [found.line() for found in scan(tmp_path)]
+    path = tmp_path / "dataset_info.json"
+    assert lines[1:] == [
+        f"{path} → skipped: entry 'qa': num_samples 500 is not honoured: every record of qa.json is read once",
+        f"{path} → skipped: entry 'qa': split 'test' is not honoured: a local file has only its train split, which "
+        "is read",
+        f"{tmp_path / 'qa.json'} → sft, Alpaca (as dataset_info.json entry 'qa' describes it), 78 bytes"]

@@ -5,7 +5,7 @@ An entry names its file (`file_name`, a file or a folder, relative to the direct
 (`columns`) and, for sharegpt, its message keys and role names (`tags`). `Entry.record` renames a record's columns
 and roles to the defaults, which mateconv.data.formats reads; an alpaca entry whose only column is the prompt
 (`{"prompt": "text"}`) is pretraining text, as LLaMA-Factory's pretraining stage reads it. Entries on a hub or made
-by a script are not read: `DatasetInfo.notes` says which.
+by a script are not read, nor are `num_samples` and `split` honoured: `DatasetInfo.notes` says which.
 """
 from __future__ import annotations
 
@@ -102,16 +102,30 @@ def _entry(name: str, spec: dict) -> Entry:
     for what, value in (("columns", columns), ("tags", tags)):
         if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             raise DataError(f"{what} must be an object of names, got {json.dumps(value)}")
+    # LLaMA-Factory ignores the columns and tags an entry lists that its formatting has no use for
     known = {*(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS), *KEPT_COLUMNS}
-    unknown = sorted(set(columns) - known) + sorted(set(tags) - set(DEFAULT_TAGS))
-    if unknown:
-        raise DataError(f"unknown {formatting} columns or tags {unknown}")
-    if not columns:  # LLaMA-Factory reads only the columns an entry lists, once it lists any
+    tags = {key: value for key, value in tags.items() if key in DEFAULT_TAGS}
+    if columns:  # LLaMA-Factory reads only the columns an entry lists, once it lists any
+        columns = {key: value for key, value in columns.items() if key in known}
+    else:
         columns = {**(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS), **{k: k for k in KEPT_COLUMNS}}
-    elif formatting == "sharegpt":
+    if formatting == "sharegpt":
         columns = {**SHAREGPT_COLUMNS, **columns}
     return Entry(name, formatting, bool(spec.get("ranking", False)), tuple(columns.items()),
                  tuple({**DEFAULT_TAGS, **tags}.items()))
+
+
+def _not_honoured(spec: dict, file_name: str) -> list[str]:
+    """What the entry asks that is not done: a sample of the records (stage 2 drops the repeats LLaMA-Factory draws
+    for more than the file holds) and a split other than the train split, the only one a local file has."""
+    notes = []
+    if spec.get("num_samples") is not None:
+        notes.append(f"num_samples {json.dumps(spec['num_samples'])} is not honoured: every record of {file_name} is "
+                     "read once")
+    if spec.get("split", "train") != "train":
+        notes.append(f"split {spec['split']!r} is not honoured: a local file has only its train split, which "
+                     "is read")
+    return notes
 
 
 @lru_cache(maxsize=32)
@@ -143,6 +157,8 @@ def _read(path: Path, stamp: tuple[int, int]) -> DatasetInfo:
             info.entries[named] = _entry(name, spec)
         except DataError as error:
             info.notes.append(f"entry {name!r}: {error}: {file_name} is read by its content instead")
+            continue
+        info.notes.extend(f"entry {name!r}: {note}" for note in _not_honoured(spec, file_name))
     if remote:
         info.notes.append("entries on a hub or made by a script, not read (download the files into the directory "
                           f"and name them in file_name): {_listed(remote)}")
