@@ -347,7 +347,8 @@ def ships_own_code(path: Path) -> bool:
 
 def model_labels(paths: list[Path]) -> list[str]:
     """Each checkpoint's label: its last two path parts, the stage and the checkpoint (out/sft/final -> sft/final), and
-    more of the path where two would read alike (out/sft/final and runB/sft/final keep their first parts)."""
+    more of the path where two would read alike or name their files alike (out/sft/final and runB/sft/final keep their
+    first parts, as do x/a_b/final and y/a/b_final)."""
     resolved = [path.resolve() for path in paths]
     for index, path in enumerate(resolved):
         if path in resolved[:index]:
@@ -355,10 +356,15 @@ def model_labels(paths: list[Path]) -> list[str]:
     depths = [2] * len(paths)
     while True:
         labels = [Path(*path.parts[-depth:]).as_posix() for path, depth in zip(paths, depths)]
-        alike = [index for index, label in enumerate(labels) if labels.count(label) > 1]
+        names = [file_label(label) for label in labels]
+        alike = [index for index, name in enumerate(names) if names.count(name) > 1]
         if not alike:
             return labels
-        for index in alike:  # two different paths cannot both run out of parts with the same label
+        if all(depths[index] >= len(paths[index].parts) for index in alike):  # alike to the first part
+            first, second = [paths[index] for index in alike if names[index] == names[alike[0]]][:2]
+            raise EvalError(f"--models {first} and {second} would write their results to the same files (named "
+                            f"{names[alike[0]]}): give one of them another folder name")
+        for index in alike:
             depths[index] += 1
 
 

@@ -247,6 +247,28 @@ def test_checkpoints_alike_in_their_last_parts_get_distinct_labels(tiny_sft_mode
                                   f"{tmp_path / 'out' / 'sft' / '..' / 'sft' / 'final'} twice")
 
 
+def test_labels_whose_file_names_would_collide_get_more_of_their_path(tiny_sft_model, tiny_embedded_data, tmp_path,
+                                                                      monkeypatch):
+    """x/a_b/final and y/a/b_final have different labels but the same file name (a_b_final): the second model's
+    tasks_*.jsonl and parts/model_*.json overwrote the first's. They are labelled by more of their paths; two given
+    with no more parts to tell them apart are refused in one line."""
+    models = [tmp_path / "x" / "a_b" / "final", tmp_path / "y" / "a" / "b_final"]
+    for model in models:
+        shutil.copytree(tiny_sft_model, model)
+    main(quick_run(models, tmp_path / "eval", "--tasks", str(tiny_embedded_data / "tasks_val.jsonl"), "--max_tasks",
+                   "1"))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["x/a_b/final", "y/a/b_final"]
+    assert sorted(p.name for p in (tmp_path / "eval").glob("tasks_*.jsonl")) == ["tasks_x_a_b_final.jsonl",
+                                                                                   "tasks_y_a_b_final.jsonl"]
+    monkeypatch.chdir(tmp_path / "x")
+    shutil.copytree(tiny_sft_model, "a/b_final")
+    with pytest.raises(SystemExit) as stopped:
+        main(quick_run([Path("a_b/final"), Path("a/b_final")], tmp_path / "eval"))
+    assert str(stopped.value) == ("evaluate: --models a_b/final and a/b_final would write their results to the same "
+                                  "files (named a_b_final): give one of them another folder name")
+
+
 @pytest.mark.parametrize("flag", ["--bpb_texts", "--tasks"])
 def test_an_empty_file_given_is_one_line(tiny_sft_model, tmp_path, flag):
     empty = tmp_path / "empty.jsonl"
