@@ -668,14 +668,19 @@ class Engine:
         taken: list[int] = []
         eos = False
 
+        def cancelled() -> bool:
+            return cancel is not None and cancel.is_set()
+
         def until_end() -> Iterator[int]:
             nonlocal eos
             for token in map(int, tokens):
                 eos = token == self.eos_id
-                if eos or (cancel is not None and cancel.is_set()):
+                if eos or cancelled():
                     return
                 taken.append(token)
                 yield token
+                if cancelled():  # set while the token was decoded: before the next token's step is drawn
+                    return
 
         scanner, pieces = StopScanner(sampling.stops), []
         for piece in detokenize(self.tokenizer, until_end()):

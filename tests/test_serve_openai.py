@@ -156,6 +156,32 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
     assert engine.complete(ids, Sampling(40, 0.0, 1.0, [], None), 1, cancelled) == [Choice("", "length", [])]
 
 
+def test_a_disconnect_between_steps_draws_no_further_step(tiny_untrained_model, monkeypatch):
+    """A non-streamed request whose client disconnects while a token is decoded: the choice took the next token's
+    step (a forward pass of the whole batch) before it looked at the cancel. The other choices of the batch draw
+    none."""
+    from mateconv.chat import load_model
+    from mateconv.serve import Engine, Sampling
+
+    model, tokenizer = load_model(tiny_untrained_model, device="cpu")
+    engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
+    cancel, forwards, decode = threading.Event(), [], tokenizer.decode
+
+    def decode_and_disconnect(*args, **kwargs):
+        if len(forwards) == 3:  # the third token is being decoded
+            cancel.set()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", decode_and_disconnect)
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        choices = engine.complete(ids, Sampling(40, 0.0, 1.0, [], None), 3, cancel)
+    finally:
+        hook.remove()
+    assert [len(choice.tokens) for choice in choices] == [3, 0, 0]
+    assert len(forwards) == 3  # one per token taken, the first with the prompt
+
+
 def test_n_choices_and_seed(client):
     first = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
     again = ask(client, temperature=1.5, top_p=1.0, n=3, seed=11, max_tokens=12)
