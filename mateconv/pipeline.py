@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -515,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError("stop needs a stage name, e.g. `stop pretrain`")
             print(stop(logs, args.stage, args.timeout))
             return 0
+        # Ctrl-C or `kill -2` while the stages are checked (seconds; more with --data) stops the run, also where it
+        # started with SIGINT ignored (launch.sh's background job); once stages run, StageRunner passes it to them
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         preset = load_preset(args.preset)
         if args.judge_model:
             set_judge_model(preset, args.judge_model)
@@ -547,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "run":
+            raise
+        print("[pipeline] interrupted before any stage started", flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -67,3 +68,31 @@ def test_kill_of_the_pipeline_is_an_interrupt_too(tmp_path):
     assert interrupted.returncode == 143, interrupted.stdout
     assert interrupted.stdout.strip().splitlines()[-1] == (
         "[pipeline] interrupted during eval; run the same command again to go on")
+
+
+def catches(pid: int, sent: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sent` (the SigCgt mask in /proc)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) >> (sent - 1) & 1)
+
+
+def test_kill_2_while_the_pipeline_checks_its_stages_stops_it(tmp_path):
+    """`kill -2` of a pipeline started in a script's background (launch.sh: SIGINT comes ignored) while it checks the
+    stages' flags, before any stage runs: it was lost, and the stages ran on."""
+    program = tmp_path / "evaluation.py"
+    program.write_text(EVALUATION)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"stages:\n  eval:\n    script: {program}\n    done: out/eval/summary.json\n")
+    pipeline = subprocess.Popen([sys.executable, "-m", "mateconv.pipeline", "run", "--preset", str(preset)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 30
+    while not catches(pipeline.pid, signal.SIGINT) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pipeline.send_signal(signal.SIGINT)
+    try:
+        printed = pipeline.communicate(timeout=30)[0]
+    finally:
+        pipeline.kill()
+    assert pipeline.returncode == 130, printed
+    assert printed.strip() == "[pipeline] interrupted before any stage started"
