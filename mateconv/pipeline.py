@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -394,7 +395,7 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
             while not stage.done.exists() and not runner.interrupted:
                 time.sleep(FOLLOWER_POLL_S)
             if runner.interrupted:
-                return 0
+                return 128 + runner.interrupted
             continue
         if stage.done.exists():
             print(f"[pipeline] {stage.name}: done ({stage.done.relative_to(out.parent)} exists), skipped", flush=True)
@@ -410,20 +411,26 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         started = time.monotonic()
         code = runner.run(stage.name, stage.command)
         timings[stage.name] = round(time.monotonic() - started, 1)
-        if code != 0:
+        if runner.interrupted and not (code == 0 and stage.done.exists()):
+            # the stage was told to stop: what it keeps (checkpoints, parts/, the pairs so far) is where it goes on
+            print(f"[pipeline] interrupted during {stage.name}; run the same command again to go on", flush=True)
+            code = 128 + runner.interrupted  # as a shell reports a program that a signal ended
+        elif code != 0:
             print(f"[pipeline] {stage.name} failed with exit code {code}; see {logs / (stage.name + '.log')}")
-            if stage.done.exists():  # written beside the failure (the evaluation's summary of the other models)
-                stage.done.unlink()
-                print(f"[pipeline] {stage.name}: its {stage.done.relative_to(out.parent)} removed, so that the next "
-                      "run runs it again", flush=True)
+        if code != 0:
+            if stage.done.exists():  # written beside the failure or interrupt (the evaluation's summary of the
+                stage.done.unlink()  # models it finished): the stage is not done, and the next run runs it again
+                if not runner.interrupted:
+                    print(f"[pipeline] {stage.name}: its {stage.done.relative_to(out.parent)} removed, so that the "
+                          "next run runs it again", flush=True)
             return code
         if not stage.done.exists():
             print(f"[pipeline] {stage.name} stopped before it finished; run the pipeline again to resume it")
             return 0
         print(f"[pipeline] {stage.name}: finished in {timings[stage.name]} s", flush=True)
         if runner.interrupted:
-            print("[pipeline] interrupted; run the pipeline again to continue")
-            return 0
+            print(f"[pipeline] interrupted after {stage.name}; run the same command again to go on", flush=True)
+            return 128 + runner.interrupted
     summary = out / "pipeline_timings.json"
     previous = json.loads(summary.read_text()) if summary.exists() else {}
     write_atomic(summary, json.dumps({**previous, **timings}, indent=2) + "\n")
@@ -509,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError("stop needs a stage name, e.g. `stop pretrain`")
             print(stop(logs, args.stage, args.timeout))
             return 0
+        # Ctrl-C or `kill -2` while the stages are checked (seconds; more with --data) stops the run, also where it
+        # started with SIGINT ignored (launch.sh's background job); once stages run, StageRunner passes it to them
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         preset = load_preset(args.preset)
         if args.judge_model:
             set_judge_model(preset, args.judge_model)
@@ -541,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "run":
+            raise
+        print("[pipeline] interrupted before any stage started", flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

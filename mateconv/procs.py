@@ -56,12 +56,12 @@ class StageRunner:
         self.logs_dir = logs_dir
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.children: set[subprocess.Popen] = set()
-        self.interrupted = False
+        self.interrupted = 0  # the number of the signal that interrupted the runner; 0 while none has
         signal.signal(signal.SIGINT, self._forward)
         signal.signal(signal.SIGTERM, self._forward)
 
     def _forward(self, signum, frame) -> None:
-        self.interrupted = True
+        self.interrupted = signum
         for child in list(self.children):
             if child.poll() is None:
                 try:

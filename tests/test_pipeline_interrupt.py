@@ -1,0 +1,98 @@
+"""Ctrl-C (or `kill -2`, `kill`) of the pipeline while a stage runs: the stage is told, the pipeline says it was
+interrupted (not that the stage failed) and exits 128 + the signal's number, and the same command runs the stage again
+from what it kept, not taking the mark an interrupted stage leaves as done."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+# Acts as the evaluation does on SIGINT: it writes its summary (the stage's done mark) from the finished work, keeps
+# parts/ to go on from, and exits 1; a run that finds parts/ finishes.
+EVALUATION = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[-1])
+parts = out / "parts"
+if parts.is_dir():
+    (out / "summary.json").write_text("complete")
+    print("went on from parts/", flush=True)
+    sys.exit(0)
+def stop(*_):
+    (out / "summary.json").write_text("partial")
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+parts.mkdir(parents=True)
+print("evaluating", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def interrupted_run(tmp_path: Path, sent: signal.Signals) -> tuple[list[str], subprocess.CompletedProcess]:
+    """The pipeline's command and its run, sent `sent` while the stage evaluates."""
+    program = tmp_path / "evaluation.py"
+    program.write_text(EVALUATION)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"stages:\n  eval:\n    script: {program}\n    args: {{out_dir: out/eval}}\n"
+                      "    done: out/eval/summary.json\n")
+    command = [sys.executable, "-m", "mateconv.pipeline", "run", "--preset", str(preset)]
+    pipeline = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in pipeline.stdout:
+        if line.strip() == "evaluating":
+            break
+    pipeline.send_signal(sent)
+    printed = pipeline.communicate(timeout=60)[0]
+    return command, subprocess.CompletedProcess(command, pipeline.returncode, printed)
+
+
+def test_an_interrupted_stage_is_not_a_failure_and_runs_again(tmp_path):
+    command, interrupted = interrupted_run(tmp_path, signal.SIGINT)
+    assert interrupted.returncode == 130, interrupted.stdout
+    assert interrupted.stdout.strip().splitlines()[-1] == (
+        "[pipeline] interrupted during eval; run the same command again to go on")
+    assert "failed" not in interrupted.stdout, interrupted.stdout
+    summary = tmp_path / "out/eval/summary.json"
+    assert (tmp_path / "out/eval/parts").is_dir() and not summary.exists()  # not done; parts/ kept to go on from
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "went on from parts/" in again.stdout and "skipped" not in again.stdout, again.stdout
+    assert summary.read_text() == "complete"
+
+
+def test_kill_of_the_pipeline_is_an_interrupt_too(tmp_path):
+    _, interrupted = interrupted_run(tmp_path, signal.SIGTERM)
+    assert interrupted.returncode == 143, interrupted.stdout
+    assert interrupted.stdout.strip().splitlines()[-1] == (
+        "[pipeline] interrupted during eval; run the same command again to go on")
+
+
+def catches(pid: int, sent: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sent` (the SigCgt mask in /proc)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) >> (sent - 1) & 1)
+
+
+def test_kill_2_while_the_pipeline_checks_its_stages_stops_it(tmp_path):
+    """`kill -2` of a pipeline started in a script's background (launch.sh: SIGINT comes ignored) while it checks the
+    stages' flags, before any stage runs: it was lost, and the stages ran on."""
+    program = tmp_path / "evaluation.py"
+    program.write_text(EVALUATION)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"stages:\n  eval:\n    script: {program}\n    done: out/eval/summary.json\n")
+    pipeline = subprocess.Popen([sys.executable, "-m", "mateconv.pipeline", "run", "--preset", str(preset)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 30
+    while not catches(pipeline.pid, signal.SIGINT) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pipeline.send_signal(signal.SIGINT)
+    try:
+        printed = pipeline.communicate(timeout=30)[0]
+    finally:
+        pipeline.kill()
+    assert pipeline.returncode == 130, printed
+    assert printed.strip() == "[pipeline] interrupted before any stage started"
