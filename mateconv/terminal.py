@@ -21,13 +21,17 @@ def on_terminal() -> bool:
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Runs a program's main and exits with its code; every program a user runs starts through it. Output piped into
     a reader that stops early (`| head`) ends the program quietly, as it ends Unix tools (exit code 141, as for
-    SIGPIPE), not with a BrokenPipeError traceback; an error's one line (`sys.exit("error: ...")`) still says why."""
+    SIGPIPE), not with a BrokenPipeError traceback; an error's one line (`sys.exit("error: ...")`) still says why.
+    Ctrl-C that the program does not handle itself ends it with one line and 130, as a shell reports SIGINT."""
     code = None
     try:
         try:
             code = main()
         except SystemExit as exit:  # sys.exit("error: ...") with lines still buffered for the closed pipe
             code = exit.code
+        except KeyboardInterrupt:
+            print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+            code = 128 + signal.SIGINT
         sys.stdout.flush()  # the last buffered lines may be the ones that meet the closed pipe
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit

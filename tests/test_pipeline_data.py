@@ -6,6 +6,7 @@ import json
 import math
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +373,19 @@ def test_an_error_after_output_into_a_closed_pipe_keeps_its_line():
                              text=True)
     child.stdout.close()
     assert (child.wait(timeout=60), child.stderr.read()) == (1, "error: the input is bad\n")
+
+
+def test_ctrl_c_a_program_does_not_handle_is_one_line(tmp_path):
+    """Ctrl-C in a program with nothing of its own to keep (`pipeline stop`, the export, a chat script) ended with a
+    KeyboardInterrupt traceback; it is one line and exit status 130, as a shell reports SIGINT."""
+    program = tmp_path / "export.py"
+    program.write_text("import time\nfrom mateconv.terminal import run_main\n"
+                       "def main():\n    print('ready', flush=True)\n    time.sleep(60)\nrun_main(main)\n")
+    child = subprocess.Popen([sys.executable, str(program)], env=single_thread_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGINT)
+    assert (child.wait(timeout=60), child.stderr.read()) == (130, "export.py: interrupted\n")
 
 
 @pytest.mark.parametrize("program, lines_read, made", [
