@@ -20,6 +20,7 @@ from mateconv.data import DataError, json_type
 
 FILE_NAME = "dataset_info.json"
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # win over file_name
+SOURCE_KEYS = ("file_name", *REMOTE_KEYS)  # an entry names where its data set is with one of these
 FORMATTINGS = ("alpaca", "sharegpt")
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}  # LLaMA-Factory's defaults
 SHAREGPT_COLUMNS = {"messages": "conversations"}

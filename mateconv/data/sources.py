@@ -5,9 +5,9 @@
 
 A file's kind is decided by its content: the most common kind among its first `SAMPLE` readable records (a .txt
 file is pretraining text), read from its head alone (at most `HEAD` records; past them while every line so far is
-broken: not JSON, not UTF-8), so that a corpus of gigabytes is classified in moments. Stage 2 reads every record once: it counts them, and skips and reports with file:line the
-records of another kind and the lines that are not JSON. A name that says otherwise (`dpo*.jsonl` holding SFT
-conversations) is noted.
+broken: not JSON, not UTF-8), so that a corpus of gigabytes is classified in moments. Stage 2 reads every record once:
+it counts them, and skips and reports with file:line the records of another kind and the lines that are not JSON. A
+name that says otherwise (`dpo*.jsonl` holding SFT conversations) is noted.
 """
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from mateconv.data import DataError
-from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info, entry_for
+from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, SOURCE_KEYS, dataset_info, entry_for
 from mateconv.data.formats import ROLE_NAMES, detect_format
 from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
 HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only while all are broken lines
-# an entry of LLaMA-Factory's dataset_info.json names where its data set is with one of these
-DATASET_INFO_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 PLACEHOLDER = re.compile(r"\{\{\w+\}\}")  # LLaMA-Factory's identity.json: "I am {{name}}, ... by {{author}}"
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 SHAPES = {  # formats.detect_format's shape -> (kind, the name users know it by)
@@ -45,7 +43,7 @@ def record_kind(record: Any) -> tuple[str, str]:
     """(kind, format name) of one record; DataError when it fits no kind."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and "answer" in record:
         return "tasks", "verifiable tasks"
-    if isinstance(record, dict) and record and all(isinstance(v, dict) and DATASET_INFO_KEYS & v.keys()
+    if isinstance(record, dict) and record and all(isinstance(v, dict) and not v.keys().isdisjoint(SOURCE_KEYS)
                                                    for v in record.values()):
         raise DataError("LLaMA-Factory's list of data sets, not data: the data files beside it are read, each by its "
                         "content")
