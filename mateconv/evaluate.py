@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from mateconv.logprobs import IGNORE_INDEX, BitsPerByte, Perplexity, bits_per_by
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.tasks import check_answer
-from mateconv.terminal import bars_only_on_a_terminal, run_main
+from mateconv.terminal import bars_only_on_a_terminal, run_main, signals_interrupt
 from mateconv.train.models import CONSOLIDATED, model_dir
 from mateconv.winrate import WinRate, check_endpoint, win_rate
 from model.generation import generate_tokens
@@ -435,8 +434,9 @@ def evaluate_model(path: Path, label: str, val: Path | None, tasks: list[dict] |
             report.balance = balance_stats(report.ppl.expert_load)
     if texts:
         report.bpb_start = bpb_start_token(model, tokenizer, bpb_start)
-        report.bpb = bits_per_byte(model, tokenizer, texts, min(seq_len or context_length(model), context_length(model)),
-                                   batch_size, [getattr(tokenizer, f"{report.bpb_start}_token_id")])
+        report.bpb = bits_per_byte(model, tokenizer, texts,
+                                   min(seq_len or context_length(model), context_length(model)), batch_size,
+                                   [getattr(tokenizer, f"{report.bpb_start}_token_id")])
     if tasks:
         report.tasks = task_accuracy(model, tokenizer, tasks, max_new_tokens, batch_size)
     replies = greedy_replies(model, tokenizer, samples, max_new_tokens, batch_size, desc="samples")
@@ -870,25 +870,18 @@ def judge_endpoint(base_url: str | None, model: str | None) -> Endpoint | None:
         raise EvalError(str(error)) from None
 
 
-def interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     bars_only_on_a_terminal()
-    # Ctrl-C, `kill -2` (even where a script's background job starts with SIGINT ignored) and `kill` stop the run with
-    # what is finished kept and summarized
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
     try:
-        reports = evaluate(args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
-                 optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
-                 args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device,
-                 args.lm_eval_tasks, optional_path(args.bpb_texts, DEFAULT_BPB_TEXTS), args.max_bpb_docs or None,
-                 optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
-                 judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
-                 args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code, args.bpb_start)
+        with signals_interrupt():  # the run stops with what is finished kept and summarized
+            reports = evaluate(
+                args.models, args.out_dir, optional_path(args.val, DEFAULT_VAL),
+                optional_path(args.tasks, DEFAULT_TASKS), args.prompts, args.seq_len, args.batch_size,
+                args.max_batches or None, args.max_tasks or None, args.max_new_tokens, args.device,
+                args.lm_eval_tasks, optional_path(args.bpb_texts, DEFAULT_BPB_TEXTS), args.max_bpb_docs or None, optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
+                judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
+                args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code, args.bpb_start)
     except (EvalError, ChatError, Interrupted) as error:
         raise SystemExit(f"evaluate: {error}") from None
     except KeyboardInterrupt:
@@ -896,9 +889,6 @@ def main(argv: list[str] | None = None) -> None:
     except torch.OutOfMemoryError as error:
         raise SystemExit(f"evaluate: out of GPU memory ({out_of_memory_figures(error)}) at --batch_size "
                          f"{args.batch_size}: lower it, or use --device cpu; the models are not changed") from None
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     print(f"[evaluate] wrote {args.out_dir}/summary.md, summary.csv, summary.json and plots", flush=True)
     failed = [f"{report.label}: {report.error}" for report in reports if report.error]
     if failed:

@@ -1,13 +1,14 @@
 """Whether a person watches the output, and progress bars only when one does."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from tqdm import tqdm
@@ -37,6 +38,24 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
         code = code if isinstance(code, str) else 128 + signal.SIGPIPE  # an error's line still goes to stderr
     sys.exit(code)
+
+
+def _raise_interrupt(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While the block runs, Ctrl-C, `kill -2` and `kill` raise KeyboardInterrupt, so that a program stops with what it
+    finished kept: SIGINT is set even where it came ignored (a background job of a script or `bash -c`, where `kill -2`
+    would do nothing), and SIGTERM unwinds the same way. The handlers before come back after."""
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def bars_only_on_a_terminal() -> None:

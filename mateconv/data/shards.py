@@ -45,7 +45,7 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
                                    text_lines)
 from mateconv.files import write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
@@ -421,12 +421,8 @@ def _init_worker(tokenizer_file: str) -> None:
 
 def _init_pool_worker(tokenizer_file: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process ends the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers (not main's `_interrupt`)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers (not main's KeyboardInterrupt)
     _init_worker(tokenizer_file)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
@@ -824,17 +820,15 @@ def main(argv: list[str] | None = None) -> None:
     bars_only_on_a_terminal()
     options = dict(workers=args.workers or None, records_per_shard=args.records_per_shard,
                    chunk_records=args.chunk_records, strict=args.strict, progress=not args.no_progress)
-    # `kill -2`, `kill` or Ctrl-C ends the run with its finished shards kept: SIGINT is set even where it came ignored
-    # (a background job of a script), and SIGTERM unwinds the same way, so the pool is ended, not left to break
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # `kill -2`, `kill` or Ctrl-C ends the run with its finished shards kept, the pool ended, not left to break
     try:
-        if args.all:
-            results = build_all(args.data_dir, args.tokenizer, args.out_root, **options)
-        else:
-            if not (args.kind and args.input and args.out_dir):
-                parser.error("give --kind, --input and --out_dir (or --all)")
-            results = [build_shards(args.kind, args.input, args.tokenizer, args.out_dir, **options)]
+        with signals_interrupt():
+            if args.all:
+                results = build_all(args.data_dir, args.tokenizer, args.out_root, **options)
+            else:
+                if not (args.kind and args.input and args.out_dir):
+                    parser.error("give --kind, --input and --out_dir (or --all)")
+                results = [build_shards(args.kind, args.input, args.tokenizer, args.out_dir, **options)]
     except DataError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
