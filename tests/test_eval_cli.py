@@ -227,20 +227,24 @@ def test_a_failed_model_leaves_the_others_results(tiny_sft_model, tiny_tokens, t
     assert not (tmp_path / "out" / "eval" / "summary.json").exists()
 
 
+def evaluated_copies(model: Path, copies: list[Path], tasks: Path, out: Path) -> tuple[list[str], list[str]]:
+    """Copies of `model` at the paths `copies`, evaluated on one task each: the labels summary.json gives them and the
+    names of the task-answer files written."""
+    for copy in copies:
+        shutil.copytree(model, copy)
+    main(quick_run(copies, out, "--tasks", str(tasks), "--max_tasks", "1"))
+    summary = json.loads((out / "summary.json").read_text())
+    return [m["model"] for m in summary["models"]], sorted(p.name for p in out.glob("tasks_*.jsonl"))
+
+
 def test_checkpoints_alike_in_their_last_parts_get_distinct_labels(tiny_sft_model, tiny_embedded_data, tmp_path):
     """out/sft/final and runB/sft/final are labelled by three path parts each, so that neither overwrites the other's
     outputs; one checkpoint named twice is refused in one line."""
-    import shutil
-
     models = [tmp_path / run / "sft" / "final" for run in ("out", "runB")]
-    for model in models:
-        shutil.copytree(tiny_sft_model, model)
-    main(quick_run(models, tmp_path / "eval", "--tasks", str(tiny_embedded_data / "tasks_val.jsonl"), "--max_tasks",
-                   "2"))
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert [m["model"] for m in summary["models"]] == ["out/sft/final", "runB/sft/final"]
-    assert sorted(p.name for p in (tmp_path / "eval").glob("tasks_*.jsonl")) == ["tasks_out_sft_final.jsonl",
-                                                                                   "tasks_runB_sft_final.jsonl"]
+    labels, task_files = evaluated_copies(tiny_sft_model, models, tiny_embedded_data / "tasks_val.jsonl",
+                                          tmp_path / "eval")
+    assert labels == ["out/sft/final", "runB/sft/final"]
+    assert task_files == ["tasks_out_sft_final.jsonl", "tasks_runB_sft_final.jsonl"]
     with pytest.raises(SystemExit) as stopped:
         main(quick_run([models[0], tmp_path / "out" / "sft" / ".." / "sft" / "final"], tmp_path / "eval"))
     assert str(stopped.value) == (f"evaluate: --models names the checkpoint "
@@ -253,14 +257,10 @@ def test_labels_whose_file_names_would_collide_get_more_of_their_path(tiny_sft_m
     tasks_*.jsonl and parts/model_*.json overwrote the first's. They are labelled by more of their paths; two given
     with no more parts to tell them apart are refused in one line."""
     models = [tmp_path / "x" / "a_b" / "final", tmp_path / "y" / "a" / "b_final"]
-    for model in models:
-        shutil.copytree(tiny_sft_model, model)
-    main(quick_run(models, tmp_path / "eval", "--tasks", str(tiny_embedded_data / "tasks_val.jsonl"), "--max_tasks",
-                   "1"))
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert [m["model"] for m in summary["models"]] == ["x/a_b/final", "y/a/b_final"]
-    assert sorted(p.name for p in (tmp_path / "eval").glob("tasks_*.jsonl")) == ["tasks_x_a_b_final.jsonl",
-                                                                                   "tasks_y_a_b_final.jsonl"]
+    labels, task_files = evaluated_copies(tiny_sft_model, models, tiny_embedded_data / "tasks_val.jsonl",
+                                          tmp_path / "eval")
+    assert labels == ["x/a_b/final", "y/a/b_final"]
+    assert task_files == ["tasks_x_a_b_final.jsonl", "tasks_y_a_b_final.jsonl"]
     monkeypatch.chdir(tmp_path / "x")
     shutil.copytree(tiny_sft_model, "a/b_final")
     with pytest.raises(SystemExit) as stopped:
