@@ -103,13 +103,13 @@ def _entry(name: str, spec: dict) -> Entry:
     for what, value in (("columns", columns), ("tags", tags)):
         if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             raise DataError(f"{what} must be an object of names, got {json.dumps(value)}")
+    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     # LLaMA-Factory ignores the columns and tags an entry lists that its formatting has no use for
-    known = {*(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS), *KEPT_COLUMNS}
     tags = {key: value for key, value in tags.items() if key in DEFAULT_TAGS}
     if columns:  # LLaMA-Factory reads only the columns an entry lists, once it lists any
-        columns = {key: value for key, value in columns.items() if key in known}
+        columns = {key: value for key, value in columns.items() if key in {*defaults, *KEPT_COLUMNS}}
     else:
-        columns = {**(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS), **{k: k for k in KEPT_COLUMNS}}
+        columns = {**defaults, **{k: k for k in KEPT_COLUMNS}}
     if formatting == "sharegpt":
         columns = {**SHAREGPT_COLUMNS, **columns}
     return Entry(name, formatting, bool(spec.get("ranking", False)), tuple(columns.items()),
