@@ -154,7 +154,7 @@ def test_the_default_reply_length_fits_a_short_context(tiny_sft_model, expected,
 
 
 def test_compile_flag_of_chat_and_serve(capsys):
-    from mateconv.serve import build_parser as serve_parser
+    from mateconv.serve.cli import build_parser as serve_parser
 
     for parser in (build_parser(), serve_parser()):
         assert [parser.parse_args(["--compile", word]).compile for word in ("auto", "1", "off")] == [None, True, False]

@@ -129,7 +129,7 @@ def test_a_stop_string_ends_the_generation(tiny_untrained_model):
     """A whole (not streamed) reply with a stop string: the model ran until the stop string, not on to max_tokens
     (lm-eval's generate_until asks for 256 tokens and cuts at its stop strings)."""
     from mateconv.chat import load_model
-    from mateconv.serve import Choice, Engine, Sampling
+    from mateconv.serve.engine import Choice, Engine, Sampling
 
     model, tokenizer = load_model(tiny_untrained_model, device="cpu")
     engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
@@ -161,7 +161,7 @@ def test_a_disconnect_between_steps_draws_no_further_step(tiny_untrained_model, 
     step (a forward pass of the whole batch) before it looked at the cancel. The other choices of the batch draw
     none."""
     from mateconv.chat import load_model
-    from mateconv.serve import Engine, Sampling
+    from mateconv.serve.engine import Engine, Sampling
 
     model, tokenizer = load_model(tiny_untrained_model, device="cpu")
     engine, ids = Engine(model, tokenizer), tokenizer.encode("Hello there")
@@ -285,7 +285,7 @@ def test_error_shapes(server, client, expected):
 
 def test_a_body_nested_too_deeply_is_a_400():
     """JSON that nests past Python's recursion limit is a client's error, not a 500 with a traceback in the log."""
-    from mateconv.serve import APIError, ChatCompletionRequest, parse_request
+    from mateconv.serve.schema import APIError, ChatCompletionRequest, parse_request
 
     body = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(APIError) as error:
@@ -299,7 +299,7 @@ def busy_server(tiny_untrained_model):
     import uvicorn
 
     from mateconv.procs import free_port
-    from mateconv.serve import create_app
+    from mateconv.serve.app import create_app
 
     # an untrained model rarely emits EOS, so every request generates (nearly) all of its max_tokens
     app = create_app(tiny_untrained_model, served_model_name="tiny", device="cpu", max_concurrent=1, max_queued=1)
@@ -382,7 +382,7 @@ def test_a_client_that_disconnects_from_a_whole_reply_frees_the_slot(busy_server
 def test_create_app_serves_a_moe_model_in_process(tiny_moe_sft_model, greedy_reply):
     from fastapi.testclient import TestClient
 
-    from mateconv.serve import create_app
+    from mateconv.serve.app import create_app
 
     text, tokens, ended = greedy_reply(tiny_moe_sft_model, QUESTION, 6)
     with TestClient(create_app(tiny_moe_sft_model, served_model_name="moe", device="cpu")) as http:

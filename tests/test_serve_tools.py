@@ -25,7 +25,7 @@ from conftest import served
 from mateconv.chat_format import render_chat
 from mateconv.data.formats import to_sft
 from mateconv.json_grammar import Grammar
-from mateconv.serve import ReplyParser, chat_message
+from mateconv.serve.replies import ReplyParser, chat_message
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 WEATHER = {"type": "function", "function": {
@@ -143,7 +143,8 @@ def test_reply_parsing_rules():
 def test_prompt_is_the_training_text(tool_model, client):
     """The prompt of a request with tools, a call and its result is the SFT record's text up to its last reply."""
     from mateconv.chat import load_model
-    from mateconv.serve import ChatCompletionRequest, Engine
+    from mateconv.serve.engine import Engine
+    from mateconv.serve.schema import ChatCompletionRequest
 
     model, tokenizer = load_model(tool_model, device="cpu")
     request = ChatCompletionRequest.model_validate({"model": "tiny", "messages": CONVERSATIONS[0][:-1],

@@ -343,7 +343,7 @@ def _print_report(summary: dict) -> None:
 
 def local_max_n() -> int:
     """The most replies one request to the local server may ask for (imported here: the server module loads torch)."""
-    from mateconv.serve import MAX_N
+    from mateconv.serve.schema import MAX_N
 
     return MAX_N
 
