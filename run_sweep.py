@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from mateconv.config import STAGE_PROGRAMS
-from mateconv.sweep import SweepError, choose_backend, load_sweep_config, run_optuna, run_wandb
+from mateconv.sweep.config import SweepError, load_sweep_config
+from mateconv.sweep.optuna_backend import run_optuna
+from mateconv.sweep.wandb_backend import choose_backend, run_wandb
 from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mateconv.sweep import (SweepError, build_command, choose_backend, load_sweep_config, parse_sweep_config,
-                            run_wandb)
+from mateconv.sweep.config import SweepError, load_sweep_config, parse_sweep_config
+from mateconv.sweep.trials import build_command
+from mateconv.sweep.wandb_backend import choose_backend, run_wandb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,7 +218,7 @@ def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path,
 def test_a_stage_named_by_mode_or_by_the_yaml_is_one_search(tmp_path):
     """`run_sweep.py --mode dpo` names the stage by its full path: the stored study's digest held this clone's place,
     so the same sweep from a moved clone (or with `program: 9.train_dpo.py` in the YAML) was refused as changed."""
-    from mateconv.sweep import search_digest
+    from mateconv.sweep.optuna_backend import search_digest
 
     path = tmp_path / "sweep_config_dpo.yaml"
     path.write_text(yaml.safe_dump(_config(program="9.train_dpo.py",

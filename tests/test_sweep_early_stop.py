@@ -15,8 +15,10 @@ from wandb.agents.pyagent import _terminate_thread
 
 from mateconv.files import read_metrics
 from mateconv.procs import StageRunner
-from mateconv.sweep import (POLL_S, SweepError, load_sweep_config, make_pruner, parse_sweep_config, run_optuna,
-                            wandb_trial)
+from mateconv.sweep.config import SweepError, load_sweep_config, parse_sweep_config
+from mateconv.sweep.optuna_backend import make_pruner, run_optuna
+from mateconv.sweep.trials import POLL_S
+from mateconv.sweep.wandb_backend import wandb_trial
 from mateconv.train.checkpoint import step_name
 from tests.test_sweep_pretrain import _write_pretrain_shards
 from tests.wandb_records import history_rows

@@ -13,7 +13,8 @@ import optuna
 import pytest
 import yaml
 
-from mateconv.sweep import SweepError, load_sweep_config, run_optuna
+from mateconv.sweep.config import SweepError, load_sweep_config
+from mateconv.sweep.optuna_backend import run_optuna
 
 REPO = Path(__file__).resolve().parents[1]
 

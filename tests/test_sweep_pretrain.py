@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from mateconv.sweep import load_sweep_config, read_metric, run_optuna
+from mateconv.sweep.config import load_sweep_config
+from mateconv.sweep.optuna_backend import run_optuna
+from mateconv.sweep.trials import read_metric
 
 REPO = Path(__file__).resolve().parents[1]
 

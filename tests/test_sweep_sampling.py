@@ -5,7 +5,8 @@ import numpy as np
 import optuna
 import pytest
 
-from mateconv.sweep import SweepError, parse_param, suggest
+from mateconv.sweep.config import SweepError, parse_param
+from mateconv.sweep.optuna_backend import suggest
 
 
 def _sample(spec: dict, n: int = 300) -> np.ndarray:
