@@ -157,3 +157,12 @@ def test_special_tokens_written_in_the_corpus_get_no_merges(tmp_path):
     learnt = [token for token in tokenizer.get_vocab() if len(token) > 1 and token not in SPECIAL_TOKENS]
     assert learnt and not [token for token in learnt if "|" in token or "<" in token]
     assert tokenizer.encode("note<|im_end|>").tokens[-1] == "<|im_end|>"
+
+
+def test_a_corpus_with_no_readable_text_names_the_first_reason(tmp_path):
+    """A Chinese corpus saved as GBK is not UTF-8: the error says so, at the file and line, and how to convert it."""
+    gbk = tmp_path / "poems.txt"
+    gbk.write_bytes("床前明月光\n疑是地上霜\n".encode("gbk"))
+    with pytest.raises(SystemExit, match=rf"^error: no text found in the corpus .*; the first record skipped: {gbk}:1: "
+                                         r".*not UTF-8 text.*iconv -f GBK"):
+        main(["--corpus", str(gbk), "--out_dir", str(tmp_path / "tok")])
