@@ -66,6 +66,11 @@ def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
                 return
 
 
+def no_text_found(paths: list[str | Path], skipped: list[str]) -> DataError:
+    return DataError(f"no text found in {[str(p) for p in paths]}"
+                     + (f"; the first record skipped: {skipped[0]}" if skipped else ""))
+
+
 def without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
     """The texts' pieces between special tokens written out in them (MiniMind's pretraining text ends each document
     with a literal <|im_end|>): the BPE would learn merges for their parts ("<|", "|>"), which encoding never uses, since
@@ -92,8 +97,7 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     texts = tqdm(corpus_texts(corpus, max_chars, normalization, skipped), desc="tokenizer corpus", unit="doc")
     tokenizer.train_from_iterator(without_special_tokens(texts), trainer=trainer)
     if texts.n == 0:
-        raise DataError(f"no text found in the corpus {[str(c) for c in corpus]}"
-                        + (f"; the first record skipped: {skipped[0]}" if skipped else ""))
+        raise no_text_found(corpus, skipped)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"special token {token} did not get id {token_id}")
@@ -215,13 +219,16 @@ def _is_chinese(text: str) -> bool:
 
 
 def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000) -> dict[str, list[str]]:
-    """Held-out texts per language from the given files; a language whose files are all missing falls back to
-    embedded-generator prose made with another seed than the training data."""
+    """Held-out texts per language from the given files (a DataError when they hold none); a language whose files
+    are all missing falls back to embedded-generator prose made with another seed than the training data."""
     samples = {}
     for language, language_paths in paths.items():
         present = [p for p in language_paths if Path(p).exists()]
         if present:
-            samples[language] = list(corpus_texts(present, max_chars))
+            skipped: list[str] = []
+            samples[language] = list(corpus_texts(present, max_chars, skipped=skipped))
+            if not samples[language]:
+                raise no_text_found(present, skipped)
         else:
             docs = pretrain_docs(all_tasks(seed=7), 4 * max_chars, random.Random(7))
             picked, total = [], 0
