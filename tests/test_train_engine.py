@@ -383,6 +383,15 @@ def test_resuming_with_another_optimizer_is_one_line(train, tmp_path, saved, ask
         train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, optimizer=asked)
 
 
+def test_resuming_under_the_other_kind_of_engine_is_one_line(train, tmp_path):
+    """A checkpoint of `python 4.pretrain.py` (plain PyTorch) resumed by `deepspeed 4.pretrain.py` (DeepSpeed, the
+    engine under its launcher) ended in DeepSpeed's bare AssertionError."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    with pytest.raises(ConfigError, match=r"step_00000002 was saved by PyTorch \(--engine torch or fsdp\), this run "
+                                          r"uses DeepSpeed: resume with --engine torch"):
+        train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, engine="deepspeed")
+
+
 def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
     """A file where the output directory should be (or a read-only mount): a ConfigError, which the stage prints as
     one line, not mkdir's traceback after the whole setup."""

@@ -427,10 +427,18 @@ class CheckpointManager:
                           f"--out_dir, or pass --resume never to start {self.out_dir} over (its checkpoints and final/ "
                           "are replaced)")
 
-    def check_zero_stage(self, path: Path, config: TrainConfig) -> None:
-        """DeepSpeed loads a ZeRO checkpoint only under the stage that wrote it (under another one its loader ends in
-        a bare AssertionError); another number of ranks at the same stage is fine (mateconv.train.universal)."""
-        if not self.runtime.use_deepspeed or not any(path.glob("*model_states.pt")):
+    def check_engine(self, path: Path, config: TrainConfig) -> None:
+        """A checkpoint loads only under the kind of engine that wrote it, DeepSpeed or plain PyTorch/FSDP (DeepSpeed's
+        loader ends in a bare AssertionError on the other's), and DeepSpeed's only under the ZeRO stage that wrote it;
+        another number of ranks is fine (mateconv.train.universal)."""
+        by_deepspeed = any(path.glob("*model_states.pt"))
+        if by_deepspeed != self.runtime.use_deepspeed:
+            engines = {True: "DeepSpeed", False: "PyTorch (--engine torch or fsdp)"}
+            engine = "deepspeed" if by_deepspeed else "torch (under the deepspeed launcher too)"
+            raise ConfigError(f"resume: {path} was saved by {engines[by_deepspeed]}, this run uses "
+                              f"{engines[not by_deepspeed]}: resume with --engine {engine}, or start a new run from "
+                              f"its weights with --init_from {path} and its own --out_dir")
+        if not by_deepspeed:
             return
         saved = saved_config(path)["parallel"]["zero_stage"]
         stage = config.parallel.zero_stage
@@ -464,9 +472,6 @@ class CheckpointManager:
             if not loaded:
                 raise ConfigError(f"resume: DeepSpeed could not load {path} (saved with another engine?)")
         else:
-            if not (path / "training_state.pt").is_file():
-                raise ConfigError(f"resume: {path} has no training_state.pt (saved under DeepSpeed? use --engine "
-                                  "deepspeed)")
             saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
             if self.runtime.fsdp or NAMED_OPTIMIZER_STATE in saved:  # each engine resumes the other's checkpoints
                 load_training_state(unwrap(engine), optimizer, saved)
