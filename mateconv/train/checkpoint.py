@@ -84,6 +84,21 @@ def file_problem(path: Path, size: int | None) -> str | None:
     return f"{path.name} is corrupt (CRC mismatch in {bad})" if bad is not None else None
 
 
+# torch.save on a full disk (or past a file size limit) raises its zip writer's RuntimeError ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 576 vs 534"), not the OSError beneath it.
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def write_problem(error: Exception | None, directory: Path) -> str | None:
+    """A failed checkpoint write in words, or None; torch's own error does not say why, so the space left is added."""
+    if error is None:
+        return None
+    if isinstance(error, OSError):
+        return str(error)
+    return f"torch could not write the file: {error}; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free in " \
+           f"{directory}"
+
+
 class FailSoftWriter:
     """DeepSpeed's checkpoint writer, made to record a failed write (a full disk) instead of raising it in the middle
     of DeepSpeed's save, where the other ranks would wait for this one in its barriers forever; once every rank is
@@ -91,13 +106,13 @@ class FailSoftWriter:
 
     def __init__(self, inner):
         self.inner = inner
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     def save(self, state_dict, path: str) -> None:
         if self.error is None:
             try:
                 self.inner.save(state_dict, path)
-            except OSError as e:
+            except WRITE_ERRORS as e:
                 self.error = e
 
     def makedirs(self, path, exist_ok=False) -> None:
@@ -289,11 +304,11 @@ class CheckpointManager:
                           "scheduler": scheduler.state_dict()})
         rng = rng_state()
 
-        def write(tmp: Path) -> OSError | None:
+        def write(tmp: Path) -> Exception | None:
             try:
                 torch.save(state, tmp / "training_state.pt")
                 torch.save(rng, tmp / "rng_rank0.pt")
-            except OSError as e:
+            except WRITE_ERRORS as e:
                 return e
             return None
 
@@ -319,11 +334,11 @@ class CheckpointManager:
             failure, self.failure = self.failure, None
             raise failure
 
-    def _save(self, step: int, write: Callable[[Path], OSError | None], trainer_state: dict, config: TrainConfig,
+    def _save(self, step: int, write: Callable[[Path], Exception | None], trainer_state: dict, config: TrainConfig,
               is_best: bool) -> None:
         """Writes into `.incoming/step_N` (this rank's files by `write`), then rank 0 moves it into place. A write
-        that fails on any rank (OSError: a full disk) raises TrainingHalted on every rank; the earlier checkpoints and
-        `latest` are untouched and the half-written one is deleted."""
+        that fails on any rank (WRITE_ERRORS: a full disk) raises TrainingHalted on every rank; the earlier checkpoints
+        and `latest` are untouched and the half-written one is deleted."""
         name = step_name(step)
         incoming = self.root / INCOMING
         tmp = incoming / name
@@ -335,7 +350,7 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             except OSError as e:
                 error = e
-        if first_error(str(error) if error else None) is None:
+        if first_error(write_problem(error, self.root)) is None:
             error = write(tmp)
         if self.runtime.is_main and error is None:
             try:
@@ -345,7 +360,7 @@ class CheckpointManager:
                 (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             except OSError as e:
                 error = e
-        failed = first_error(str(error) if error else None)
+        failed = first_error(write_problem(error, self.root))
         if failed is None and self.runtime.is_main:
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             try:
@@ -356,7 +371,7 @@ class CheckpointManager:
                     write_atomic(self.root / "best", name)
             except OSError as e:
                 error = e
-        failed = failed or first_error(str(error) if error else None)
+        failed = failed or first_error(write_problem(error, self.root))
         if failed is not None:
             if self.runtime.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -368,7 +383,7 @@ class CheckpointManager:
             self.rotate()
         barrier()
 
-    def _write(self, engine, optimizer, scheduler, tmp: Path) -> OSError | None:
+    def _write(self, engine, optimizer, scheduler, tmp: Path) -> Exception | None:
         """This rank's files of the checkpoint: DeepSpeed's (every rank) or training_state.pt (rank 0), and its RNG."""
         try:
             if self.runtime.use_deepspeed:
@@ -387,7 +402,7 @@ class CheckpointManager:
                 torch.save({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
             torch.save(rng_state(), tmp / f"rng_rank{self.runtime.rank}.pt")
-        except OSError as e:
+        except WRITE_ERRORS as e:
             return e
         return None
 
