@@ -255,6 +255,30 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(train, tmp_path, mo
     assert sorted(losses(tmp_path)) == list(range(1, 9))
 
 
+def test_full_disk_while_writing_the_final_model_is_one_line(train, tmp_path, monkeypatch):
+    """The last checkpoint is saved, then the disk is full while final/ is written (safetensors' own error): a
+    traceback before, with rank 0 alone out of the run under several ranks. Now one line, no half-written final/, and
+    the same command, with space again, writes it."""
+    from transformers import modeling_utils
+
+    real_save = modeling_utils.safe_save_file
+    monkeypatch.setattr(modeling_utils, "safe_save_file",
+                        lambda *args, **kwargs: written_to_a_full_disk(real_save, *args, **kwargs))
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the driver does; put back after
+    flags = dict(max_steps=3, save_interval_steps=3, val_data_path="")  # no best/: final/ is the only model written
+    try:
+        with pytest.raises(TrainingHalted, match=re.escape(f"writing {tmp_path / 'final'} failed (SafetensorError: ")
+                           + r".*\); it is as it was, and the checkpoints are intact: free some space"):
+            train(tmp_path, **flags)
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert not [path.name for path in tmp_path.iterdir() if "final" in path.name]
+    monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
+    assert train(tmp_path, **flags)["step"] == 3
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
 def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, tmp_path, monkeypatch, capsys):
     """A CUDA out-of-memory error in step 4's forward (raised where torch would, with torch's message; this machine has
     no GPU): the stage exits with one line that gives torch's figures, the settings that set the memory and what to

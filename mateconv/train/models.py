@@ -22,8 +22,9 @@ from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfi
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import unwrap
-from mateconv.train.distributed import Runtime, barrier
+from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import full_model_state
+from mateconv.train.signals import TrainingHalted
 from mateconv.train.universal import saved_world_size
 from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
 
@@ -348,18 +349,26 @@ def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
     """Hugging Face format (`save_pretrained` + tokenizer), written atomically; LoRA adapters are merged in, and
     also saved on their own in `adapter/` (peft's layout: `PeftModel.from_pretrained(base, target / "adapter")`).
 
-    Collective under ZeRO-3 and FSDP (every rank must call it); only rank 0 writes.
+    Collective (every rank must call it); only rank 0 writes. A write that fails (a full disk) leaves `target` as it
+    was and raises TrainingHalted on every rank.
     """
     target = Path(target)
     state_dict = gather_state_dict(engine, runtime)
+    error = None
     if runtime.is_main:
         module = unwrap(engine)
-        with atomic_dir(target) as tmp:
-            if hasattr(module, "peft_config"):
-                module.save_pretrained(tmp / "adapter")
-                module = copy.deepcopy(module).merge_and_unload()
-            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if tokenizer is not None:
-                save_pretrained_portable(tokenizer, tmp)
-    barrier()
+        try:
+            with atomic_dir(target) as tmp:
+                if hasattr(module, "peft_config"):
+                    module.save_pretrained(tmp / "adapter")
+                    module = copy.deepcopy(module).merge_and_unload()
+                module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                if tokenizer is not None:
+                    save_pretrained_portable(tokenizer, tmp)
+        except (OSError, SafetensorError) as e:
+            error = f"{type(e).__name__}: {e}"
+    failed = first_error(error)  # the other ranks wait here for rank 0's outcome
+    if failed is not None:
+        raise TrainingHalted(f"writing {target} failed ({failed}); it is as it was, and the checkpoints are intact: "
+                             "free some space, then run the same command to resume")
     return target
