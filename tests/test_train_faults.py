@@ -195,6 +195,18 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     assert (checkpoints / "step_00000009.damaged").is_dir() and (checkpoints / "latest").read_text() == "step_00000009"
 
 
+def test_init_from_a_damaged_checkpoint_is_one_line(train, tmp_path):
+    """A training checkpoint given as a model (--init_from, also to chat and export) is consolidated from its files: a
+    torn one ended in torch's traceback (DeepSpeed's for a ZeRO shard) from deep in the loading. It is checked as a
+    resume checks it."""
+    train(tmp_path / "first", max_steps=2, save_interval_steps=2, eval_interval=100)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_00000002"
+    state = checkpoint / "training_state.pt"
+    os.truncate(state, state.stat().st_size // 2)
+    with pytest.raises(ConfigError, match=re.escape(f"{checkpoint} is damaged (training_state.pt has ")):
+        train(tmp_path / "second", max_steps=1, init_from=checkpoint)
+
+
 def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train, tiny_flags, tiny_tokens, tmp_path,
                                                                            capsys):
     """The same out_dir with another size or MoE is refused before anything loads, naming the settings; --resume

@@ -84,6 +84,22 @@ def file_problem(path: Path, size: int | None) -> str | None:
     return f"{path.name} is corrupt (CRC mismatch in {bad})" if bad is not None else None
 
 
+def checkpoint_problem(path: Path, share: int = 0, shares: int = 1) -> str | None:
+    """Why checkpoint `path` cannot be trusted (its trainer state, and its files against the manifest), or None;
+    of its files only every `shares`-th from the `share`-th (each rank checks its share)."""
+    problem = None
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+    except (OSError, ValueError) as e:
+        problem = f"{e.__class__.__name__}: {e}"
+        sizes = {}
+    names = sorted(set(sizes) | {p.name for p in path.iterdir() if p.suffix == ".pt"})
+    for name in names[share::shares]:
+        problem = problem or file_problem(path / name, sizes.get(name))
+    return problem
+
+
 # torch.save on a full disk (or past a file size limit) raises its zip writer's RuntimeError ("[enforce fail at
 # inline_container.cc:672] . unexpected pos 576 vs 534"), not the OSError beneath it.
 WRITE_ERRORS = (OSError, RuntimeError)
@@ -277,17 +293,7 @@ class CheckpointManager:
     def problem(self, path: Path) -> str | None:
         """Why checkpoint `path` cannot be resumed from, or None. Each rank checks its share of the files, so the
         checkpoint is read once in all; every rank gets the same answer."""
-        problem = None
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
-        except (OSError, ValueError) as e:
-            problem = f"{e.__class__.__name__}: {e}"
-            sizes = {}
-        names = sorted(set(sizes) | {p.name for p in path.iterdir() if p.suffix == ".pt"})
-        for name in names[self.runtime.rank::self.runtime.world_size]:
-            problem = problem or file_problem(path / name, sizes.get(name))
-        return first_error(problem)
+        return first_error(checkpoint_problem(path, self.runtime.rank, self.runtime.world_size))
 
     # ---------------------------------------------------------------------------------------------- saving
 

@@ -21,7 +21,7 @@ from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfi
                              load_run_config)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
-from mateconv.train.checkpoint import unwrap
+from mateconv.train.checkpoint import checkpoint_problem, unwrap
 from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import full_model_state
 from mateconv.train.signals import TrainingHalted
@@ -311,6 +311,8 @@ def model_dir(path: str | Path) -> Path:
     target = path / CONSOLIDATED
     if (target / "config.json").is_file():
         return target
+    if problem := checkpoint_problem(path):  # else a torch or DeepSpeed traceback from deep in the loading
+        raise ConfigError(f"{path} is damaged ({problem}): use an intact checkpoint of its run, or its final/")
     config = load_run_config(path / "config.yaml")
     config.parallel.gradient_checkpointing = False
     model = build_model(config)
