@@ -171,7 +171,8 @@ def test_a_run_that_crashes_with_loader_workers_exits(tiny_flags, tmp_path):
 
 def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     """step_9 truncated, step_6 with flipped bytes (same size): the resume names both in a line each, moves them
-    aside, goes on from step_3 and reproduces the uninterrupted run."""
+    aside, goes on from step_3 and reproduces the uninterrupted run. The half-written save of a run killed mid-save
+    (.incoming/step_10) is deleted: it stayed, as large as a checkpoint, for ever."""
     flags = dict(max_steps=9, save_interval_steps=3, eval_interval=100)
     train(tmp_path / "full", **flags)  # finished; run again, the same command resumes from its newest checkpoint
     full = losses(tmp_path / "full")
@@ -182,6 +183,7 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     data = bytearray(corrupt.read_bytes())
     data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
     corrupt.write_bytes(bytes(data))
+    cut_short = shutil.copytree(checkpoints / "step_00000003", checkpoints / ".incoming" / "step_00000010")
     capsys.readouterr()
 
     train(tmp_path / "full", **flags)
@@ -193,6 +195,7 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     for step in range(4, 10):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
     assert (checkpoints / "step_00000009.damaged").is_dir() and (checkpoints / "latest").read_text() == "step_00000009"
+    assert not cut_short.exists()
 
 
 def test_init_from_a_damaged_checkpoint_is_one_line(train, tmp_path):

@@ -273,9 +273,14 @@ class CheckpointManager:
         """Moves this out_dir's checkpoints past `start` (all of them when the run starts fresh) into
         checkpoints/replaced/, which held those of the run before, if any. They belong to an earlier run that went
         further (`--resume never`, or a resume from an older checkpoint): beside this run's they were taken for its
-        newest, by rotation and when `latest` is damaged. Pointers to them go too. Collective: every rank calls it."""
+        newest, by rotation and when `latest` is damaged. Pointers to them go too. Saves an earlier run left
+        half-written in .incoming/ (killed mid-save) are deleted: nothing else would, and they can be as large as a
+        checkpoint. Collective: every rank calls it."""
         start_name = start.name if start is not None and start.parent.resolve() == self.root.resolve() else None
         later = [p for p in self.steps() if start_name is None or p.name > start_name]
+        if self.runtime.is_main:
+            for cut_short in (self.root / INCOMING).glob("step_*"):
+                shutil.rmtree(cut_short)
         if later and self.runtime.is_main:
             replaced = self.root / REPLACED
             shutil.rmtree(replaced, ignore_errors=True)
