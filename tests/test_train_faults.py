@@ -198,12 +198,26 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     assert not cut_short.exists()
 
 
-def test_init_from_a_damaged_checkpoint_is_one_line(train, tmp_path):
-    """A training checkpoint given as a model (--init_from, also to chat and export) is consolidated from its files: a
-    torn one ended in torch's traceback (DeepSpeed's for a ZeRO shard) from deep in the loading. It is checked as a
-    resume checks it."""
+def test_init_from_a_damaged_checkpoint_or_on_a_full_disk_is_one_line(train, tmp_path, monkeypatch):
+    """A training checkpoint given as a model (--init_from, also to chat and export) is consolidated from its files
+    into <checkpoint>/model/: a torn one ended in torch's traceback (DeepSpeed's for a ZeRO shard) from deep in the
+    loading, and so did a full disk while writing model/. The files are checked as a resume checks them, and a failed
+    write is one line."""
+    from transformers import modeling_utils
+
     train(tmp_path / "first", max_steps=2, save_interval_steps=2, eval_interval=100)
     checkpoint = tmp_path / "first" / "checkpoints" / "step_00000002"
+    real_save = modeling_utils.safe_save_file
+    monkeypatch.setattr(modeling_utils, "safe_save_file",
+                        lambda *args, **kwargs: written_to_a_full_disk(real_save, *args, **kwargs))
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the driver does; put back after
+    try:
+        with pytest.raises(ConfigError, match=re.escape(f"consolidating {checkpoint} into {checkpoint / 'model'} "
+                                                        "failed (SafetensorError: ") + ".*: free some space"):
+            train(tmp_path / "second", max_steps=1, init_from=checkpoint)
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert not (checkpoint / "model").exists()
     state = checkpoint / "training_state.pt"
     os.truncate(state, state.stat().st_size // 2)
     with pytest.raises(ConfigError, match=re.escape(f"{checkpoint} is damaged (training_state.pt has ")):

@@ -320,10 +320,14 @@ def model_dir(path: str | Path) -> Path:
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     tokenizer = load_tokenizer(config)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            save_pretrained_portable(tokenizer, tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                save_pretrained_portable(tokenizer, tmp)
+    except (OSError, SafetensorError) as e:  # a full disk
+        raise ConfigError(f"consolidating {path} into {target} failed ({type(e).__name__}: {e}): free some space, "
+                          "then run the same command") from None
     print(f"[model] {path} holds a training checkpoint: its weights consolidated into {target}", flush=True)
     return target
 
