@@ -308,6 +308,17 @@ def test_full_disk_while_writing_the_final_model_is_one_line(train, tmp_path, mo
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
+def test_a_full_disk_under_the_metrics_file_is_one_line_and_training_goes_on(train, tmp_path, capsys):
+    """metrics.jsonl on a full disk (/dev/full: every write fails with ENOSPC) ended the run at its first row with
+    a traceback and without a checkpoint. The rows are left out, said once, and the run trains and saves on."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    summary = train(tmp_path, max_steps=3, save_interval_steps=3, eval_interval=100)
+    assert summary["step"] == 3 and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    out = capsys.readouterr().out
+    assert out.count(f"[train] cannot write {tmp_path / 'metrics.jsonl'} (No space left on device): its rows are left "
+                     "out while that lasts; training goes on") == 1, out
+
+
 def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, tmp_path, monkeypatch, capsys):
     """A CUDA out-of-memory error in step 4's forward (raised where torch would, with torch's message; this machine has
     no GPU): the stage exits with one line that gives torch's figures, the settings that set the memory and what to
