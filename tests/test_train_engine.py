@@ -720,7 +720,7 @@ def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_m
 
 def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--init_from out/pretrain` (the run, not its model) failed in transformers: 'Unrecognized model ... Should have
-    a `model_type` key in its config.json', which names neither the mistake nor the fix."""
+    a `model_type` key in its config.json', which names neither the mistake nor the fix; so did a stopped run's."""
     from mateconv.train.stages import main
 
     run_dir = tiny_pretrain_model.parent
@@ -728,6 +728,13 @@ def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tin
         main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=run_dir))
     assert str(stopped.value) == (f"sft: init_from: {run_dir} is a training run's output directory; its model is "
                                   f"{run_dir / 'final'}")
+    # a run stopped before its end (kill -2, the stop file) has no final/: its checkpoints are models
+    stopped_run = shutil.copytree(run_dir, tmp_path / "stopped", ignore=shutil.ignore_patterns("final"))
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=stopped_run))
+    assert str(stopped.value) == (f"sft: init_from: {stopped_run} is the output directory of a training run that has "
+                                  f"not reached its end (no final/); its newest checkpoint, "
+                                  f"{stopped_run / 'checkpoints' / 'step_00000006'}, is a model too")
 
 
 def test_lora_needs_a_trained_model(tiny_flags, tmp_path):

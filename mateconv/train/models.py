@@ -21,7 +21,7 @@ from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfi
                              load_run_config)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
-from mateconv.train.checkpoint import checkpoint_problem, unwrap
+from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
 from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import full_model_state
 from mateconv.train.signals import TrainingHalted
@@ -77,6 +77,11 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
                           "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
     if not (Path(path) / "config.json").is_file() and (Path(path) / "final" / "config.json").is_file():
         raise ConfigError(f"{key}: {path} is a training run's output directory; its model is {Path(path) / 'final'}")
+    if not (Path(path) / "config.json").is_file() and (Path(path) / CHECKPOINTS).is_dir():
+        latest = pointed_checkpoint(path, "latest")
+        raise ConfigError(f"{key}: {path} is the output directory of a training run that has not reached its end (no "
+                          f"final/); " + (f"its newest checkpoint, {latest}, is a model too" if latest else
+                                          "it has no checkpoint either"))
     if not Path(path).exists():
         check_hub_reachable(str(path), key)
     try:
