@@ -198,6 +198,19 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     assert not cut_short.exists()
 
 
+def test_a_resume_says_when_latest_names_a_checkpoint_that_is_gone(train, tmp_path, capsys):
+    """out_dir copied to another machine without its newest checkpoint: the resume went on from an older one without a
+    word about the steps that were lost."""
+    flags = dict(max_steps=6, save_interval_steps=3, eval_interval=100)
+    train(tmp_path, **flags)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    train(tmp_path, **flags)
+    out = capsys.readouterr().out
+    assert "[train] note: `latest` names step_00000006, which is not there or incomplete; going on from the newest " \
+           "complete checkpoint" in out and "step_00000003 at step 3" in out, out
+
+
 def test_init_from_a_damaged_checkpoint_or_on_a_full_disk_is_one_line(train, tmp_path, monkeypatch):
     """A training checkpoint given as a model (--init_from, also to chat and export) is consolidated from its files
     into <checkpoint>/model/: a torn one ended in torch's traceback (DeepSpeed's for a ZeRO shard) from deep in the

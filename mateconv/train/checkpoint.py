@@ -250,6 +250,10 @@ class CheckpointManager:
 
     def newest_intact(self) -> Path | None:
         latest = self.pointer("latest")
+        named = self.root / "latest"
+        if latest is None and named.is_file() and self.runtime.is_main:  # a checkpoint copied in part, or deleted
+            print(f"[train] note: `latest` names {named.read_text().strip()}, which is not there or incomplete; "
+                  "going on from the newest complete checkpoint", flush=True)
         candidates = ([latest] if latest else []) + [p for p in reversed(self.steps()) if p != latest]
         damaged = []
         for path in candidates:
