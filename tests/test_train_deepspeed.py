@@ -228,9 +228,10 @@ def test_nan_on_one_rank_is_skipped_by_all_and_stops_the_run(deepspeed_command, 
 
 
 def test_full_disk_on_one_rank_then_a_torn_checkpoint(deepspeed_command, tmp_path):
-    """Rank 1's files of checkpoint step_6 fail with ENOSPC mid-save: every rank agrees, the run stops with one line,
-    step_4 and `latest` stay. Then rank 1's optimizer shard of step_4 is truncated: the resume says so, falls back
-    to step_2 and repeats steps 3-6 with the losses they had."""
+    """Rank 1's files of checkpoint step_6 fail mid-save as on a full disk (torch.save's RuntimeError escaped
+    DeepSpeed's save on that rank alone): every rank agrees, the run stops with one line, step_4 and `latest` stay.
+    Then rank 1's optimizer shard of step_4 is truncated: the resume says so, falls back to step_2 and repeats steps
+    3-6 with the losses they had."""
     out_dir = tmp_path / "run"
     command = deepspeed_command(out_dir, 2, STEPS, "--save_interval_steps", "2",
                                 script=REPO / "tests" / "full_disk_driver.py")
@@ -240,7 +241,7 @@ def test_full_disk_on_one_rank_then_a_torn_checkpoint(deepspeed_command, tmp_pat
     assert result.returncode != 0, output[-3000:]
     failed = [line for line in output.splitlines() if line.startswith("pretrain: saving checkpoint step_00000006")]
     assert len(failed) == 1, output[-3000:]
-    assert "(rank 1: [Errno 28] No space left on device" in failed[0]
+    assert "(rank 1: torch could not write the file: " in failed[0]
     assert "step_00000004 and `latest` are intact" in failed[0]
     checkpoints = out_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000004"

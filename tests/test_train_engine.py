@@ -383,6 +383,15 @@ def test_resuming_with_another_optimizer_is_one_line(train, tmp_path, saved, ask
         train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, optimizer=asked)
 
 
+def test_resuming_under_the_other_kind_of_engine_is_one_line(train, tmp_path):
+    """A checkpoint of `python 4.pretrain.py` (plain PyTorch) resumed by `deepspeed 4.pretrain.py` (DeepSpeed, the
+    engine under its launcher) ended in DeepSpeed's bare AssertionError."""
+    train(tmp_path, max_steps=2, save_interval_steps=2, eval_interval=100)
+    with pytest.raises(ConfigError, match=r"step_00000002 was saved by PyTorch \(--engine torch or fsdp\), this run "
+                                          r"uses DeepSpeed: resume with --engine torch"):
+        train(tmp_path, max_steps=4, save_interval_steps=2, eval_interval=100, engine="deepspeed")
+
+
 def test_an_out_dir_that_cannot_be_made_is_one_line(train, tmp_path):
     """A file where the output directory should be (or a read-only mount): a ConfigError, which the stage prints as
     one line, not mkdir's traceback after the whole setup."""
@@ -575,6 +584,8 @@ def test_a_checkpoint_of_a_run_from_a_saved_model_is_a_model_source(tiny_flags, 
     saved = yaml.safe_load((older / "config.yaml").read_text())
     saved["model"] = config_to_dict(parse_config([]))["model"]
     (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    sizes = json.loads((older / "manifest.json").read_text())  # as that run wrote it
+    (older / "manifest.json").write_text(json.dumps({**sizes, "config.yaml": (older / "config.yaml").stat().st_size}))
     assert json.loads((model_dir(older) / "config.json").read_text())["dim"] == 64
 
 
@@ -709,7 +720,7 @@ def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_m
 
 def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--init_from out/pretrain` (the run, not its model) failed in transformers: 'Unrecognized model ... Should have
-    a `model_type` key in its config.json', which names neither the mistake nor the fix."""
+    a `model_type` key in its config.json', which names neither the mistake nor the fix; so did a stopped run's."""
     from mateconv.train.stages import main
 
     run_dir = tiny_pretrain_model.parent
@@ -717,6 +728,13 @@ def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tin
         main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=run_dir))
     assert str(stopped.value) == (f"sft: init_from: {run_dir} is a training run's output directory; its model is "
                                   f"{run_dir / 'final'}")
+    # a run stopped before its end (kill -2, the stop file) has no final/: its checkpoints are models
+    stopped_run = shutil.copytree(run_dir, tmp_path / "stopped", ignore=shutil.ignore_patterns("final"))
+    with pytest.raises(SystemExit) as stopped:
+        main("sft", tiny_flags(tmp_path / "sft", "sft", init_from=stopped_run))
+    assert str(stopped.value) == (f"sft: init_from: {stopped_run} is the output directory of a training run that has "
+                                  f"not reached its end (no final/); its newest checkpoint, "
+                                  f"{stopped_run / 'checkpoints' / 'step_00000006'}, is a model too")
 
 
 def test_lora_needs_a_trained_model(tiny_flags, tmp_path):

@@ -5,12 +5,12 @@ DeepSpeed twins are in test_train_deepspeed.py."""
 from __future__ import annotations
 
 import bisect
-import errno
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +24,7 @@ from mateconv.train.signals import TrainingHalted
 from mateconv.train.engine import Trainer
 from mateconv.train.stages import RECIPES, main, run
 from conftest import REPO, losses, read_metrics, single_thread_env
+from full_disk_driver import written_to_a_full_disk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -170,7 +171,8 @@ def test_a_run_that_crashes_with_loader_workers_exits(tiny_flags, tmp_path):
 
 def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     """step_9 truncated, step_6 with flipped bytes (same size): the resume names both in a line each, moves them
-    aside, goes on from step_3 and reproduces the uninterrupted run."""
+    aside, goes on from step_3 and reproduces the uninterrupted run. The half-written save of a run killed mid-save
+    (.incoming/step_10) is deleted: it stayed, as large as a checkpoint, for ever."""
     flags = dict(max_steps=9, save_interval_steps=3, eval_interval=100)
     train(tmp_path / "full", **flags)  # finished; run again, the same command resumes from its newest checkpoint
     full = losses(tmp_path / "full")
@@ -181,6 +183,7 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     data = bytearray(corrupt.read_bytes())
     data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
     corrupt.write_bytes(bytes(data))
+    cut_short = shutil.copytree(checkpoints / "step_00000003", checkpoints / ".incoming" / "step_00000010")
     capsys.readouterr()
 
     train(tmp_path / "full", **flags)
@@ -192,6 +195,46 @@ def test_torn_and_corrupt_newest_checkpoints_fall_back(train, tmp_path, capsys):
     for step in range(4, 10):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
     assert (checkpoints / "step_00000009.damaged").is_dir() and (checkpoints / "latest").read_text() == "step_00000009"
+    assert not cut_short.exists()
+
+
+def test_a_resume_says_when_latest_names_a_checkpoint_that_is_gone(train, tmp_path, capsys):
+    """out_dir copied to another machine without its newest checkpoint: the resume went on from an older one without a
+    word about the steps that were lost."""
+    flags = dict(max_steps=6, save_interval_steps=3, eval_interval=100)
+    train(tmp_path, **flags)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    train(tmp_path, **flags)
+    out = capsys.readouterr().out
+    assert "[train] note: `latest` names step_00000006, which is not there or incomplete; going on from the newest " \
+           "complete checkpoint" in out and "step_00000003 at step 3" in out, out
+
+
+def test_init_from_a_damaged_checkpoint_or_on_a_full_disk_is_one_line(train, tmp_path, monkeypatch):
+    """A training checkpoint given as a model (--init_from, also to chat and export) is consolidated from its files
+    into <checkpoint>/model/: a torn one ended in torch's traceback (DeepSpeed's for a ZeRO shard) from deep in the
+    loading, and so did a full disk while writing model/. The files are checked as a resume checks them, and a failed
+    write is one line."""
+    from transformers import modeling_utils
+
+    train(tmp_path / "first", max_steps=2, save_interval_steps=2, eval_interval=100)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_00000002"
+    real_save = modeling_utils.safe_save_file
+    monkeypatch.setattr(modeling_utils, "safe_save_file",
+                        lambda *args, **kwargs: written_to_a_full_disk(real_save, *args, **kwargs))
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the driver does; put back after
+    try:
+        with pytest.raises(ConfigError, match=re.escape(f"consolidating {checkpoint} into {checkpoint / 'model'} "
+                                                        "failed (SafetensorError: ") + ".*: free some space"):
+            train(tmp_path / "second", max_steps=1, init_from=checkpoint)
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert not (checkpoint / "model").exists()
+    state = checkpoint / "training_state.pt"
+    os.truncate(state, state.stat().st_size // 2)
+    with pytest.raises(ConfigError, match=re.escape(f"{checkpoint} is damaged (training_state.pt has ")):
+        train(tmp_path / "second", max_steps=1, init_from=checkpoint)
 
 
 def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train, tiny_flags, tiny_tokens, tmp_path,
@@ -226,29 +269,67 @@ def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train,
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(train, tmp_path, monkeypatch):
-    """The save of step 6 fails half-way (ENOSPC): the run stops with one clear line, step_3 and `latest` are as they
-    were, nothing half-written is left, and the same command resumes from step_3."""
+    """The save of step 6 fails half-way, in the operating system as on a full disk (torch.save then raises its own
+    RuntimeError, not an OSError): the run stops with one clear line, step_3 and `latest` are as they were, nothing
+    half-written is left, and the same command resumes from step_3."""
     real_save = torch.save
 
     def full_disk(obj, path, *args, **kwargs):
         if "step_00000006" in str(path):
-            with open(path, "wb") as out:
-                out.write(b"PK" * 100)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return written_to_a_full_disk(real_save, obj, path, *args, **kwargs)
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    flags = dict(max_steps=8, save_interval_steps=3, eval_interval=100)
-    with pytest.raises(TrainingHalted, match=r"saving checkpoint step_00000006 failed \(\[Errno 28\] No space left "
-                                             r"on device.*\); step_00000003 and `latest` are intact"):
-        train(tmp_path, **flags)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the driver does; put back after
+    flags = dict(max_steps=8, save_interval_steps=3, val_data_path="")  # no best/ written beside the failing save
+    try:
+        with pytest.raises(TrainingHalted, match=r"saving checkpoint step_00000006 failed \(torch could not write the "
+                                                 r"file: .* MiB free in .*\); step_00000003 and `latest` are intact"):
+            train(tmp_path, **flags)
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000003"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".incoming", "best", "latest", "step_00000003"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".incoming", "latest", "step_00000003"]
     assert not any((checkpoints / ".incoming").iterdir())
     monkeypatch.setattr(torch, "save", real_save)
     assert train(tmp_path, **flags)["step"] == 8  # resumed from step_3
     assert sorted(losses(tmp_path)) == list(range(1, 9))
+
+
+def test_full_disk_while_writing_the_final_model_is_one_line(train, tmp_path, monkeypatch):
+    """The last checkpoint is saved, then the disk is full while final/ is written (safetensors' own error): a
+    traceback before, with rank 0 alone out of the run under several ranks. Now one line, no half-written final/, and
+    the same command, with space again, writes it."""
+    from transformers import modeling_utils
+
+    real_save = modeling_utils.safe_save_file
+    monkeypatch.setattr(modeling_utils, "safe_save_file",
+                        lambda *args, **kwargs: written_to_a_full_disk(real_save, *args, **kwargs))
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the driver does; put back after
+    flags = dict(max_steps=3, save_interval_steps=3, val_data_path="")  # no best/: final/ is the only model written
+    try:
+        with pytest.raises(TrainingHalted, match=re.escape(f"writing {tmp_path / 'final'} failed (SafetensorError: ")
+                           + r".*\); it is as it was, and the checkpoints are intact: free some space"):
+            train(tmp_path, **flags)
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert not [path.name for path in tmp_path.iterdir() if "final" in path.name]
+    monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
+    assert train(tmp_path, **flags)["step"] == 3
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_under_the_metrics_file_is_one_line_and_training_goes_on(train, tmp_path, capsys):
+    """metrics.jsonl on a full disk (/dev/full: every write fails with ENOSPC) ended the run at its first row with
+    a traceback and without a checkpoint. The rows are left out, said once, and the run trains and saves on."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    summary = train(tmp_path, max_steps=3, save_interval_steps=3, eval_interval=100)
+    assert summary["step"] == 3 and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    out = capsys.readouterr().out
+    assert out.count(f"[train] cannot write {tmp_path / 'metrics.jsonl'} (No space left on device): its rows are left "
+                     "out while that lasts; training goes on") == 1, out
 
 
 def test_out_of_gpu_memory_is_one_line_and_the_same_command_resumes(tiny_flags, tmp_path, monkeypatch, capsys):

@@ -84,6 +84,37 @@ def file_problem(path: Path, size: int | None) -> str | None:
     return f"{path.name} is corrupt (CRC mismatch in {bad})" if bad is not None else None
 
 
+def checkpoint_problem(path: Path, share: int = 0, shares: int = 1) -> str | None:
+    """Why checkpoint `path` cannot be trusted (its trainer state, and its files against the manifest), or None;
+    of its files only every `shares`-th from the `share`-th (each rank checks its share)."""
+    problem = None
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+    except (OSError, ValueError) as e:
+        problem = f"{e.__class__.__name__}: {e}"
+        sizes = {}
+    names = sorted(set(sizes) | {p.name for p in path.iterdir() if p.suffix == ".pt"})
+    for name in names[share::shares]:
+        problem = problem or file_problem(path / name, sizes.get(name))
+    return problem
+
+
+# torch.save on a full disk (or past a file size limit) raises its zip writer's RuntimeError ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 576 vs 534"), not the OSError beneath it.
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def write_problem(error: Exception | None, directory: Path) -> str | None:
+    """A failed checkpoint write in words, or None; torch's own error does not say why, so the space left is added."""
+    if error is None:
+        return None
+    if isinstance(error, OSError):
+        return str(error)
+    return f"torch could not write the file: {error}; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free in " \
+           f"{directory}"
+
+
 class FailSoftWriter:
     """DeepSpeed's checkpoint writer, made to record a failed write (a full disk) instead of raising it in the middle
     of DeepSpeed's save, where the other ranks would wait for this one in its barriers forever; once every rank is
@@ -91,13 +122,13 @@ class FailSoftWriter:
 
     def __init__(self, inner):
         self.inner = inner
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     def save(self, state_dict, path: str) -> None:
         if self.error is None:
             try:
                 self.inner.save(state_dict, path)
-            except OSError as e:
+            except WRITE_ERRORS as e:
                 self.error = e
 
     def makedirs(self, path, exist_ok=False) -> None:
@@ -219,6 +250,10 @@ class CheckpointManager:
 
     def newest_intact(self) -> Path | None:
         latest = self.pointer("latest")
+        named = self.root / "latest"
+        if latest is None and named.is_file() and self.runtime.is_main:  # a checkpoint copied in part, or deleted
+            print(f"[train] note: `latest` names {named.read_text().strip()}, which is not there or incomplete; "
+                  "going on from the newest complete checkpoint", flush=True)
         candidates = ([latest] if latest else []) + [p for p in reversed(self.steps()) if p != latest]
         damaged = []
         for path in candidates:
@@ -242,9 +277,14 @@ class CheckpointManager:
         """Moves this out_dir's checkpoints past `start` (all of them when the run starts fresh) into
         checkpoints/replaced/, which held those of the run before, if any. They belong to an earlier run that went
         further (`--resume never`, or a resume from an older checkpoint): beside this run's they were taken for its
-        newest, by rotation and when `latest` is damaged. Pointers to them go too. Collective: every rank calls it."""
+        newest, by rotation and when `latest` is damaged. Pointers to them go too. Saves an earlier run left
+        half-written in .incoming/ (killed mid-save) are deleted: nothing else would, and they can be as large as a
+        checkpoint. Collective: every rank calls it."""
         start_name = start.name if start is not None and start.parent.resolve() == self.root.resolve() else None
         later = [p for p in self.steps() if start_name is None or p.name > start_name]
+        if self.runtime.is_main:
+            for cut_short in (self.root / INCOMING).glob("step_*"):
+                shutil.rmtree(cut_short)
         if later and self.runtime.is_main:
             replaced = self.root / REPLACED
             shutil.rmtree(replaced, ignore_errors=True)
@@ -262,17 +302,7 @@ class CheckpointManager:
     def problem(self, path: Path) -> str | None:
         """Why checkpoint `path` cannot be resumed from, or None. Each rank checks its share of the files, so the
         checkpoint is read once in all; every rank gets the same answer."""
-        problem = None
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
-        except (OSError, ValueError) as e:
-            problem = f"{e.__class__.__name__}: {e}"
-            sizes = {}
-        names = sorted(set(sizes) | {p.name for p in path.iterdir() if p.suffix == ".pt"})
-        for name in names[self.runtime.rank::self.runtime.world_size]:
-            problem = problem or file_problem(path / name, sizes.get(name))
-        return first_error(problem)
+        return first_error(checkpoint_problem(path, self.runtime.rank, self.runtime.world_size))
 
     # ---------------------------------------------------------------------------------------------- saving
 
@@ -289,11 +319,11 @@ class CheckpointManager:
                           "scheduler": scheduler.state_dict()})
         rng = rng_state()
 
-        def write(tmp: Path) -> OSError | None:
+        def write(tmp: Path) -> Exception | None:
             try:
                 torch.save(state, tmp / "training_state.pt")
                 torch.save(rng, tmp / "rng_rank0.pt")
-            except OSError as e:
+            except WRITE_ERRORS as e:
                 return e
             return None
 
@@ -319,11 +349,11 @@ class CheckpointManager:
             failure, self.failure = self.failure, None
             raise failure
 
-    def _save(self, step: int, write: Callable[[Path], OSError | None], trainer_state: dict, config: TrainConfig,
+    def _save(self, step: int, write: Callable[[Path], Exception | None], trainer_state: dict, config: TrainConfig,
               is_best: bool) -> None:
         """Writes into `.incoming/step_N` (this rank's files by `write`), then rank 0 moves it into place. A write
-        that fails on any rank (OSError: a full disk) raises TrainingHalted on every rank; the earlier checkpoints and
-        `latest` are untouched and the half-written one is deleted."""
+        that fails on any rank (WRITE_ERRORS: a full disk) raises TrainingHalted on every rank; the earlier checkpoints
+        and `latest` are untouched and the half-written one is deleted."""
         name = step_name(step)
         incoming = self.root / INCOMING
         tmp = incoming / name
@@ -335,7 +365,7 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             except OSError as e:
                 error = e
-        if first_error(str(error) if error else None) is None:
+        if first_error(write_problem(error, self.root)) is None:
             error = write(tmp)
         if self.runtime.is_main and error is None:
             try:
@@ -345,7 +375,7 @@ class CheckpointManager:
                 (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             except OSError as e:
                 error = e
-        failed = first_error(str(error) if error else None)
+        failed = first_error(write_problem(error, self.root))
         if failed is None and self.runtime.is_main:
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             try:
@@ -356,7 +386,7 @@ class CheckpointManager:
                     write_atomic(self.root / "best", name)
             except OSError as e:
                 error = e
-        failed = failed or first_error(str(error) if error else None)
+        failed = failed or first_error(write_problem(error, self.root))
         if failed is not None:
             if self.runtime.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -368,7 +398,7 @@ class CheckpointManager:
             self.rotate()
         barrier()
 
-    def _write(self, engine, optimizer, scheduler, tmp: Path) -> OSError | None:
+    def _write(self, engine, optimizer, scheduler, tmp: Path) -> Exception | None:
         """This rank's files of the checkpoint: DeepSpeed's (every rank) or training_state.pt (rank 0), and its RNG."""
         try:
             if self.runtime.use_deepspeed:
@@ -387,7 +417,7 @@ class CheckpointManager:
                 torch.save({"model": unwrap(engine).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
             torch.save(rng_state(), tmp / f"rng_rank{self.runtime.rank}.pt")
-        except OSError as e:
+        except WRITE_ERRORS as e:
             return e
         return None
 
@@ -427,10 +457,18 @@ class CheckpointManager:
                           f"--out_dir, or pass --resume never to start {self.out_dir} over (its checkpoints and final/ "
                           "are replaced)")
 
-    def check_zero_stage(self, path: Path, config: TrainConfig) -> None:
-        """DeepSpeed loads a ZeRO checkpoint only under the stage that wrote it (under another one its loader ends in
-        a bare AssertionError); another number of ranks at the same stage is fine (mateconv.train.universal)."""
-        if not self.runtime.use_deepspeed or not any(path.glob("*model_states.pt")):
+    def check_engine(self, path: Path, config: TrainConfig) -> None:
+        """A checkpoint loads only under the kind of engine that wrote it, DeepSpeed or plain PyTorch/FSDP (DeepSpeed's
+        loader ends in a bare AssertionError on the other's), and DeepSpeed's only under the ZeRO stage that wrote it;
+        another number of ranks is fine (mateconv.train.universal)."""
+        by_deepspeed = any(path.glob("*model_states.pt"))
+        if by_deepspeed != self.runtime.use_deepspeed:
+            engines = {True: "DeepSpeed", False: "PyTorch (--engine torch or fsdp)"}
+            engine = "deepspeed" if by_deepspeed else "torch (under the deepspeed launcher too)"
+            raise ConfigError(f"resume: {path} was saved by {engines[by_deepspeed]}, this run uses "
+                              f"{engines[not by_deepspeed]}: resume with --engine {engine}, or start a new run from "
+                              f"its weights with --init_from {path} and its own --out_dir")
+        if not by_deepspeed:
             return
         saved = saved_config(path)["parallel"]["zero_stage"]
         stage = config.parallel.zero_stage
@@ -464,9 +502,6 @@ class CheckpointManager:
             if not loaded:
                 raise ConfigError(f"resume: DeepSpeed could not load {path} (saved with another engine?)")
         else:
-            if not (path / "training_state.pt").is_file():
-                raise ConfigError(f"resume: {path} has no training_state.pt (saved under DeepSpeed? use --engine "
-                                  "deepspeed)")
             saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
             if self.runtime.fsdp or NAMED_OPTIMIZER_STATE in saved:  # each engine resumes the other's checkpoints
                 load_training_state(unwrap(engine), optimizer, saved)

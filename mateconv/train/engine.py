@@ -228,7 +228,7 @@ class Trainer:
         if self.resume_from is not None:
             self.checkpoints.check_stage(self.resume_from, stage)
             self.checkpoints.check_model(self.resume_from, config)
-            self.checkpoints.check_zero_stage(self.resume_from, config)
+            self.checkpoints.check_engine(self.resume_from, config)
             self.checkpoints.check_optimizer(self.resume_from, config)
         self.checkpoints.set_aside_later(self.resume_from)
         optim, rows = config.optim, len(train_data)

@@ -21,9 +21,10 @@ from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfi
                              load_run_config)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
-from mateconv.train.checkpoint import unwrap
-from mateconv.train.distributed import Runtime, barrier
+from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
+from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import full_model_state
+from mateconv.train.signals import TrainingHalted
 from mateconv.train.universal import saved_world_size
 from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
 
@@ -76,6 +77,11 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
                           "weights, as save_pretrained writes them); a file of weights alone loads with init_weights")
     if not (Path(path) / "config.json").is_file() and (Path(path) / "final" / "config.json").is_file():
         raise ConfigError(f"{key}: {path} is a training run's output directory; its model is {Path(path) / 'final'}")
+    if not (Path(path) / "config.json").is_file() and (Path(path) / CHECKPOINTS).is_dir():
+        latest = pointed_checkpoint(path, "latest")
+        raise ConfigError(f"{key}: {path} is the output directory of a training run that has not reached its end (no "
+                          f"final/); " + (f"its newest checkpoint, {latest}, is a model too" if latest else
+                                          "it has no checkpoint either"))
     if not Path(path).exists():
         check_hub_reachable(str(path), key)
     try:
@@ -310,6 +316,8 @@ def model_dir(path: str | Path) -> Path:
     target = path / CONSOLIDATED
     if (target / "config.json").is_file():
         return target
+    if problem := checkpoint_problem(path):  # else a torch or DeepSpeed traceback from deep in the loading
+        raise ConfigError(f"{path} is damaged ({problem}): use an intact checkpoint of its run, or its final/")
     config = load_run_config(path / "config.yaml")
     config.parallel.gradient_checkpointing = False
     model = build_model(config)
@@ -317,10 +325,14 @@ def model_dir(path: str | Path) -> Path:
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     tokenizer = load_tokenizer(config)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            save_pretrained_portable(tokenizer, tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                save_pretrained_portable(tokenizer, tmp)
+    except (OSError, SafetensorError) as e:  # a full disk
+        raise ConfigError(f"consolidating {path} into {target} failed ({type(e).__name__}: {e}): free some space, "
+                          "then run the same command") from None
     print(f"[model] {path} holds a training checkpoint: its weights consolidated into {target}", flush=True)
     return target
 
@@ -348,18 +360,26 @@ def save_hf(engine, tokenizer, target: str | Path, runtime: Runtime) -> Path:
     """Hugging Face format (`save_pretrained` + tokenizer), written atomically; LoRA adapters are merged in, and
     also saved on their own in `adapter/` (peft's layout: `PeftModel.from_pretrained(base, target / "adapter")`).
 
-    Collective under ZeRO-3 and FSDP (every rank must call it); only rank 0 writes.
+    Collective (every rank must call it); only rank 0 writes. A write that fails (a full disk) leaves `target` as it
+    was and raises TrainingHalted on every rank.
     """
     target = Path(target)
     state_dict = gather_state_dict(engine, runtime)
+    error = None
     if runtime.is_main:
         module = unwrap(engine)
-        with atomic_dir(target) as tmp:
-            if hasattr(module, "peft_config"):
-                module.save_pretrained(tmp / "adapter")
-                module = copy.deepcopy(module).merge_and_unload()
-            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if tokenizer is not None:
-                save_pretrained_portable(tokenizer, tmp)
-    barrier()
+        try:
+            with atomic_dir(target) as tmp:
+                if hasattr(module, "peft_config"):
+                    module.save_pretrained(tmp / "adapter")
+                    module = copy.deepcopy(module).merge_and_unload()
+                module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                if tokenizer is not None:
+                    save_pretrained_portable(tokenizer, tmp)
+        except (OSError, SafetensorError) as e:
+            error = f"{type(e).__name__}: {e}"
+    failed = first_error(error)  # the other ranks wait here for rank 0's outcome
+    if failed is not None:
+        raise TrainingHalted(f"writing {target} failed ({failed}); it is as it was, and the checkpoints are intact: "
+                             "free some space, then run the same command to resume")
     return target

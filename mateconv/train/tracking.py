@@ -143,6 +143,7 @@ class Tracker:
         self.project = self.track.wandb_project or os.environ.get("WANDB_PROJECT") or "mateconv"
         self.run_id = run_id
         self.run = self.writer = None
+        self.rows_lost = False  # a row could not be written to metrics.jsonl (said once)
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,14 @@ class Tracker:
             return
         row = {"step": step, "time": round(time.time() if at is None else at, 3), **metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: tracking never stops a training (a checkpoint save that fails does)
+            if not self.rows_lost:
+                print(f"\n[train] cannot write {self.path} ({e.strerror}): its rows are left out while that lasts; "
+                      "training goes on", flush=True)
+            self.rows_lost = True
         if self.run is not None:
             self.run.log(metrics, step=step)
         if self.writer is not None:
