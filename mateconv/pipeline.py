@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,13 +138,18 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def apply_sets(preset: dict, sets: list[str]) -> None:
-    """`stage.key=value` overrides; values are parsed as YAML scalars."""
+def apply_sets(preset: dict, sets: list[str], left_out: Collection[str] = ()) -> None:
+    """`stage.key=value` overrides; values are parsed as YAML scalars. Those for a stage that a run on the user's data
+    leaves out (`left_out`) change nothing, which is said."""
     for item in sets:
         key, sep, value = item.partition("=")
         stage, dot, flag = key.partition(".")
         if not sep or not dot or not flag:
             raise PipelineError(f"--set expects stage.key=value, got {item!r}")
+        if stage in left_out:
+            print(f"[pipeline] --set {item} changes nothing: this run on the data leaves stage {stage} out (the lines "
+                  "above say why)", flush=True)
+            continue
         if stage not in preset.get("stages", {}):
             raise PipelineError(f"--set names unknown stage {stage!r} (stages: {', '.join(preset['stages'])})")
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
@@ -531,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in report:
                 print(f"[pipeline] {line}", flush=True)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
-        apply_sets(preset, args.sets)
+        apply_sets(preset, args.sets, set(every_stage) - set(preset["stages"]))
         same_normalization(preset)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])

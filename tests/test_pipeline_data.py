@@ -223,6 +223,18 @@ def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_set_for_a_stage_the_data_leaves_out_is_ignored_with_a_note(tmp_path, monkeypatch, capsys):
+    """The same `--set sft.max_steps=... --set dpo.max_steps=...` lines on a pretraining-only corpus stopped the run
+    with `--set names unknown stage 'sft'`, a stage every run knows."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "sft.max_steps=3"]) == 0
+    assert ("[pipeline] --set sft.max_steps=3 changes nothing: this run on the data leaves stage sft out (the lines "
+            "above say why)") in capsys.readouterr().out
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "stf.max_steps=3"]) == 2
+    assert "unknown stage 'stf'" in capsys.readouterr().err
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
