@@ -216,6 +216,11 @@ def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
     return {str(path): [stat.st_size, stat.st_mtime_ns] for path, stat in stats.items()}
 
 
+def say(lines: list[str]) -> None:
+    for line in lines:
+        print(f"[pipeline] {line}", flush=True)
+
+
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
              outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
     """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
@@ -228,6 +233,7 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     report = [f"data: {found.line()}" for found in files]
     kinds = by_kind(files)
     if "pretrain" not in kinds:
+        say(report)  # what each file was taken for, or why it was skipped
         raise PipelineError(f"{data_dir}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
                             "field); every run starts with pretraining")
     stages = preset["stages"]
@@ -533,8 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
             report, files = use_data(preset, data, tokenizer, os.environ, outputs=(out, logs))
-            for line in report:
-                print(f"[pipeline] {line}", flush=True)
+            say(report)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
         apply_sets(preset, args.sets, set(every_stage) - set(preset["stages"]))
         same_normalization(preset)

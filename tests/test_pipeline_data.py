@@ -235,6 +235,19 @@ def test_set_for_a_stage_the_data_leaves_out_is_ignored_with_a_note(tmp_path, mo
     assert "unknown stage 'stf'" in capsys.readouterr().err
 
 
+def test_data_without_pretraining_text_still_says_what_each_file_is(tmp_path, monkeypatch, capsys):
+    """hh-rlhf alone (or a text file skipped for its encoding) stopped with 'no pretraining text' and no line on what
+    the files had been taken for or why one was skipped."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", dpo=PAIR)
+    (data / "notes.csv").write_text("text\nA paragraph.\n")
+    assert pipeline_main(["run", "--data", str(data)]) == 2
+    said = capsys.readouterr()
+    assert f"[pipeline] data: {data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages" in said.out
+    assert f"[pipeline] data: {data / 'notes.csv'} → skipped: not a " in said.out
+    assert said.err.startswith(f"error: {data}: no pretraining text") and said.err.count("\n") == 1
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
