@@ -168,6 +168,25 @@ def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_pa
     assert number == 2 and "not UTF-8 text; save the file as UTF-8" in bad.error
 
 
+@pytest.mark.parametrize("name", ["alpaca_zh.json", "alpaca_zh.jsonl"])
+@pytest.mark.parametrize("inside", [0, 1, 2])  # bytes into a 3-byte character where the download stopped
+def test_a_chinese_file_cut_inside_a_character_keeps_its_records(tmp_path, name, inside):
+    """An interrupted download of a Chinese .json array ends inside a character two times in three: the whole file
+    was refused as 'not UTF-8 text ... (from GBK ...)', and stage 2 stopped on it (a .jsonl lost only its last line,
+    but that line was said to be GBK)."""
+    records = [{"instruction": f"第{i}个问题：河流流过古老的磨坊吗？", "output": "是的。"} for i in range(4)]
+    text = (json.dumps(records, ensure_ascii=False, indent=1) if name.endswith(".json") else
+            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    data = text.encode()
+    cut = data.index("第3".encode()) + len("第3个问题：河流".encode()) + inside
+    path = tmp_path / name
+    path.write_bytes(data[:cut])
+    *kept, last = [record for _, _, record in iter_records(path)]
+    assert kept[:3] == records[:3] and all(isinstance(record, BadLine) for record in kept[3:])
+    assert isinstance(last, BadLine) and "GBK" not in last.error
+    assert "cut short" in last.error or (inside == 0 and "malformed JSON" in last.error)
+
+
 def test_a_json_array_that_is_not_utf8_is_one_clear_error(tmp_path):
     path = tmp_path / "alpaca_gbk.json"
     path.write_bytes(json.dumps([{"instruction": "你好", "output": "您好"}], ensure_ascii=False).encode("gbk"))
