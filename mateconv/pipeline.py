@@ -258,7 +258,8 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     last = [kind for kind in ("pretrain", "sft", "dpo") if kind in kinds][-1]  # 3.dataset.py --all builds it last
     tokens["done"] = f"{tokens['args']['out_root']}/{last}/val/index.json"
     if "sft" not in kinds:
-        path, reason = "none", "no SFT conversations in the data: pretraining only, then evaluation"
+        path, reason = "none", "no SFT conversations in the data: pretraining only, then evaluation" + (
+            "; the preference pairs are not used (DPO starts from the SFT model)" if "dpo" in kinds else "")
     else:
         path, reason = preference_path(preset, kinds, prepare["out_dir"], tokens["args"]["out_root"], env)
     report.append(f"stage 7 / DPO: {reason}")

@@ -102,6 +102,10 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path, monkeypatch):
 
     stages, report = plan(corpus(tmp_path / "text", pretrain=TEXT), ENDPOINT)
     assert "no SFT conversations" in report and list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "eval"]
+    assert "preference pairs" not in report
+    stages, report = plan(corpus(tmp_path / "text_pairs", pretrain=TEXT, dpo=PAIR), {})  # tinyshakespeare + hh-rlhf
+    assert "dpo" not in stages and ("no SFT conversations in the data: pretraining only, then evaluation; the "
+                                    "preference pairs are not used (DPO starts from the SFT model)") in report
 
     with pytest.raises(PipelineError, match="no pretraining text"):
         plan(corpus(tmp_path / "chat", sft=SFT), {})
