@@ -44,10 +44,10 @@ PRESETS = REPO / "configs" / "pipeline"
 PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as stage 7 prompts (capped at n_prompts)
 FOLLOWER_POLL_S = 5.0  # how often a node other than 0 (no ssh) looks for node 0's artifacts
 SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
-# The programs that run after training has begun, and the modules whose build_parser() reads their flags
-# (the data stages run first: their own flag errors come before any long work).
-LATE_PARSERS = {"7.gen_prefs_openai.py": "mateconv.prefs.cli", "3.dataset.py": "mateconv.data.shards",
-                "mateconv.evaluate": "mateconv.evaluate"}
+# The programs that run after a long stage (the tokenizer's training on the whole corpus, or training), and the
+# modules whose build_parser() reads their flags (the tokenizer runs first: its own flag errors come at once).
+LATE_PARSERS = {"mateconv.data.prepare": "mateconv.data.prepare", "7.gen_prefs_openai.py": "mateconv.prefs.cli",
+                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate"}
 
 
 class PipelineError(RuntimeError):

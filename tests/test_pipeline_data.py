@@ -252,6 +252,17 @@ def test_data_without_pretraining_text_still_says_what_each_file_is(tmp_path, mo
     assert said.err.startswith(f"error: {data}: no pretraining text") and said.err.count("\n") == 1
 
 
+def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_path, monkeypatch, capsys):
+    """`--set prepare.val_frac=abc` failed only once the tokenizer had trained on the whole corpus (minutes to hours
+    on a real one), while the other stages' flags are checked before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    assert pipeline_main(["run", "--data", str(data), "--set", "prepare.val_frac=abc"]) == 2
+    assert capsys.readouterr().err == ("error: prepare: argument --val_frac: invalid float value: 'abc' (nothing was "
+                                       "run)\n")
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory

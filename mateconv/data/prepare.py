@@ -205,7 +205,7 @@ def summary_table(stats: dict) -> str:
     return "\n".join(rows + bad)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("inputs (files, directories, hf:owner/name or ms:owner/name)")
@@ -221,13 +221,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of SFT training conversations held out as stage 7 prompts (sft_prompts.jsonl)")
     parser.add_argument("--max_prompts", type=int, default=0, help="at most this many held out (0 = no cap)")
     group = parser.add_argument_group("filters")
-    defaults = Filters()
-    for name, value in asdict(defaults).items():
+    for name, value in asdict(Filters()).items():
         group.add_argument(f"--{name}", type=type(value), default=value)
     group.add_argument("--near_dup_threshold", type=float, default=0.85,
                        help="MinHash Jaccard, pretraining text; 1 disables")
     group.add_argument("--num_perm", type=int, default=64)
     parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     bars_only_on_a_terminal()
     try:
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             sources[kind] = list(sources.get(kind, [])) + getattr(args, kind)
         if not any(sources.values()):
             parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
-        filters = Filters(**{name: getattr(args, name) for name in asdict(defaults)})
+        filters = Filters(**{name: getattr(args, name) for name in asdict(Filters())})
         stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
                         args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
                         args.max_prompts)
