@@ -33,7 +33,7 @@ TEXT_KEYS = ("text", "content", "paragraphs")
 SAMPLE_CHARS = 1 << 20  # how much of a .txt file decides its mode
 PARAGRAPH_MIN_SHARE = 0.05  # paragraph starts per non-empty line: paragraphs of at most ~20 lines on average
 PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped prose or verse; longer ones are documents
-JSON_READ_CHARS = 1 << 20
+JSON_READ_BYTES = 1 << 20
 NON_SPACE = re.compile(r"\S")
 JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[][{},]')  # a string (to its end or its line's), or structure
 OPENER = {"]": "[", "}": "{"}
@@ -192,7 +192,7 @@ class _JsonText:
 
     def _read_more(self) -> None:
         # at least as much as is left, so that a value longer than one read is parsed again only a few times
-        data = self.f.read(max(JSON_READ_CHARS, len(self.text) - self.pos))
+        data = self.f.read(max(JSON_READ_BYTES, len(self.text) - self.pos))
         if not data and _is_cut(self.f):
             raise CutShort(self.line + self.text.count("\n", self.pos))
         try:
