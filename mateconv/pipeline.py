@@ -147,8 +147,8 @@ def apply_sets(preset: dict, sets: list[str], left_out: Collection[str] = ()) ->
         if not sep or not dot or not flag:
             raise PipelineError(f"--set expects stage.key=value, got {item!r}")
         if stage in left_out:
-            print(f"[pipeline] --set {item} changes nothing: this run on the data leaves stage {stage} out (the lines "
-                  "above say why)", flush=True)
+            say([f"--set {item} changes nothing: this run on the data leaves stage {stage} out (the lines above say "
+                 "why)"])
             continue
         if stage not in preset.get("stages", {}):
             raise PipelineError(f"--set names unknown stage {stage!r} (stages: {', '.join(preset['stages'])})")

@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="use this tokenizer.json (or a directory holding one, e.g. MiniMind's model/) instead")
     # the training flags: not set unless given (SUPPRESS), so that one given with --from_pretrained is told apart
     training = {"vocab_size": 6400, "min_frequency": 2, "max_chars": None, "normalization": DEFAULT_NORMALIZATION}
-    parser.add_argument("--vocab_size", type=int, default=argparse.SUPPRESS, help="(default: 6400)")
-    parser.add_argument("--min_frequency", type=int, default=argparse.SUPPRESS, help="(default: 2)")
+    parser.add_argument("--vocab_size", type=int, default=argparse.SUPPRESS,
+                        help=f"(default: {training['vocab_size']})")
+    parser.add_argument("--min_frequency", type=int, default=argparse.SUPPRESS,
+                        help=f"(default: {training['min_frequency']})")
     parser.add_argument("--max_chars", type=int, default=argparse.SUPPRESS,
                         help="stop reading the corpus after this many chars (default: all of it)")
     parser.add_argument("--normalization", default=argparse.SUPPRESS, choices=NORMALIZATIONS,
