@@ -239,6 +239,8 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     stages = preset["stages"]
     stages.pop("data", None)  # the embedded demo data generator
     if tokenizer is not None:
+        if not tokenizer.exists():
+            raise PipelineError(f"--tokenizer {tokenizer}: no such file or directory")
         args = stages["tokenizer"]["args"]
         stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
         try:

@@ -263,6 +263,15 @@ def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_
     assert not (tmp_path / "out" / "tokenizer").exists()
 
 
+def test_a_tokenizer_path_that_is_not_there_is_named_once(tmp_path, monkeypatch, capsys):
+    """`--tokenizer ../shared/data/jingyaogong__minimind/model` from a directory where it is not: the path was said
+    twice, then a Rust error ('... not a readable tokenizer.json: No such file or directory (os error 2)')."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    assert pipeline_main(["run", "--data", str(data), "--tokenizer", "minimind/model"]) == 2
+    assert capsys.readouterr().err == f"error: --tokenizer {tmp_path / 'minimind/model'}: no such file or directory\n"
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
