@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +44,10 @@ PRESETS = REPO / "configs" / "pipeline"
 PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as stage 7 prompts (capped at n_prompts)
 FOLLOWER_POLL_S = 5.0  # how often a node other than 0 (no ssh) looks for node 0's artifacts
 SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
-# The programs that run after training has begun, and the modules whose build_parser() reads their flags
-# (the data stages run first: their own flag errors come before any long work).
-LATE_PARSERS = {"7.gen_prefs_openai.py": "mateconv.prefs.cli", "3.dataset.py": "mateconv.data.shards",
-                "mateconv.evaluate": "mateconv.evaluate"}
+# The programs that run after a long stage (the tokenizer's training on the whole corpus, or training), and the
+# modules whose build_parser() reads their flags (the tokenizer runs first: its own flag errors come at once).
+LATE_PARSERS = {"mateconv.data.prepare": "mateconv.data.prepare", "7.gen_prefs_openai.py": "mateconv.prefs.cli",
+                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate"}
 
 
 class PipelineError(RuntimeError):
@@ -138,13 +138,18 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def apply_sets(preset: dict, sets: list[str]) -> None:
-    """`stage.key=value` overrides; values are parsed as YAML scalars."""
+def apply_sets(preset: dict, sets: list[str], left_out: Collection[str] = ()) -> None:
+    """`stage.key=value` overrides; values are parsed as YAML scalars. Those for a stage that a run on the user's data
+    leaves out (`left_out`) change nothing, which is said."""
     for item in sets:
         key, sep, value = item.partition("=")
         stage, dot, flag = key.partition(".")
         if not sep or not dot or not flag:
             raise PipelineError(f"--set expects stage.key=value, got {item!r}")
+        if stage in left_out:
+            say([f"--set {item} changes nothing: this run on the data leaves stage {stage} out (the lines above say "
+                 "why)"])
+            continue
         if stage not in preset.get("stages", {}):
             raise PipelineError(f"--set names unknown stage {stage!r} (stages: {', '.join(preset['stages'])})")
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
@@ -211,6 +216,11 @@ def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
     return {str(path): [stat.st_size, stat.st_mtime_ns] for path, stat in stats.items()}
 
 
+def say(lines: list[str]) -> None:
+    for line in lines:
+        print(f"[pipeline] {line}", flush=True)
+
+
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
              outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
     """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
@@ -223,13 +233,14 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     report = [f"data: {found.line()}" for found in files]
     kinds = by_kind(files)
     if "pretrain" not in kinds:
-        became = "".join(f"\n  {found.line()}" for found in files)
+        say(report)  # what each file was taken for, or why it was skipped
         raise PipelineError(f"{data_dir}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
-                            "field); every run starts with pretraining" + (f". What its files became:{became}"
-                                                                           if became else ""))
+                            "field); every run starts with pretraining")
     stages = preset["stages"]
     stages.pop("data", None)  # the embedded demo data generator
     if tokenizer is not None:
+        if not tokenizer.exists():
+            raise PipelineError(f"--tokenizer {tokenizer}: no such file or directory")
         args = stages["tokenizer"]["args"]
         stages["tokenizer"]["args"] = {"from_pretrained": str(tokenizer), "out_dir": args["out_dir"]}
         try:
@@ -249,7 +260,8 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     last = [kind for kind in ("pretrain", "sft", "dpo") if kind in kinds][-1]  # 3.dataset.py --all builds it last
     tokens["done"] = f"{tokens['args']['out_root']}/{last}/val/index.json"
     if "sft" not in kinds:
-        path, reason = "none", "no SFT conversations in the data: pretraining only, then evaluation"
+        path, reason = "none", "no SFT conversations in the data: pretraining only, then evaluation" + (
+            "; the preference pairs are not used (DPO starts from the SFT model)" if "dpo" in kinds else "")
     else:
         path, reason = preference_path(preset, kinds, prepare["out_dir"], tokens["args"]["out_root"], env)
     report.append(f"stage 7 / DPO: {reason}")
@@ -530,10 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
             report, files = use_data(preset, data, tokenizer, os.environ, outputs=(out, logs))
-            for line in report:
-                print(f"[pipeline] {line}", flush=True)
+            say(report)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
-        apply_sets(preset, args.sets)
+        apply_sets(preset, args.sets, set(every_stage) - set(preset["stages"]))
         same_normalization(preset)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])

@@ -247,18 +247,29 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--corpus", nargs="+", help="jsonl/json/txt/parquet files or directories to train on")
     source.add_argument("--from_pretrained", metavar="PATH",
                         help="use this tokenizer.json (or a directory holding one, e.g. MiniMind's model/) instead")
-    parser.add_argument("--vocab_size", type=int, default=6400)
-    parser.add_argument("--min_frequency", type=int, default=2)
-    parser.add_argument("--max_chars", type=int, default=None, help="stop reading the corpus after this many chars")
-    parser.add_argument("--normalization", default=DEFAULT_NORMALIZATION, choices=NORMALIZATIONS,
-                        help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees)")
+    # the training flags: not set unless given (SUPPRESS), so that one given with --from_pretrained is told apart
+    training = {"vocab_size": 6400, "min_frequency": 2, "max_chars": None, "normalization": DEFAULT_NORMALIZATION}
+    parser.add_argument("--vocab_size", type=int, default=argparse.SUPPRESS,
+                        help=f"(default: {training['vocab_size']})")
+    parser.add_argument("--min_frequency", type=int, default=argparse.SUPPRESS,
+                        help=f"(default: {training['min_frequency']})")
+    parser.add_argument("--max_chars", type=int, default=argparse.SUPPRESS,
+                        help="stop reading the corpus after this many chars (default: all of it)")
+    parser.add_argument("--normalization", default=argparse.SUPPRESS, choices=NORMALIZATIONS,
+                        help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees) "
+                             f"(default: {DEFAULT_NORMALIZATION})")
     parser.add_argument("--out_dir", default="out/tokenizer")
     args = parser.parse_args(argv)
+    given = [name for name in training if name in vars(args)]
+    if args.from_pretrained and given:
+        parser.error(f"--{' --'.join(given)} {'goes' if len(given) == 1 else 'go'} with --corpus: --from_pretrained "
+                     "keeps the tokenizer's vocabulary as it is")
+    settings = {name: getattr(args, name, default) for name, default in training.items()}
     bars_only_on_a_terminal()
     try:
         out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else
-               train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.min_frequency, args.max_chars,
-                               normalization=args.normalization))
+               train_tokenizer(args.corpus, args.out_dir, settings["vocab_size"], settings["min_frequency"],
+                               settings["max_chars"], normalization=settings["normalization"]))
     except DataError as error:
         sys.exit(f"error: {error}")
     print(f"tokenizer saved to {out}")

@@ -53,9 +53,9 @@ def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     assert [record for _, record in numbered if isinstance(record, dict)] == [FIRST, SECOND]
 
 
-@pytest.mark.parametrize("read_chars", [1 << 20, 7], ids=["one-read", "many-reads"])
-def test_json_array_records_are_numbered_by_the_line_they_start_on(tmp_path, monkeypatch, read_chars):
-    monkeypatch.setattr(readers, "JSON_READ_CHARS", read_chars, raising=False)
+@pytest.mark.parametrize("read_bytes", [1 << 20, 7], ids=["one-read", "many-reads"])
+def test_json_array_records_are_numbered_by_the_line_they_start_on(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(readers, "JSON_READ_BYTES", read_bytes, raising=False)
     path = tmp_path / "data.json"
     path.write_text(json.dumps([FIRST, SECOND, 12345], indent=2))  # '[', then lines 2-4, 5-7, 8
     assert numbered_records(path) == [(2, FIRST), (5, SECOND), (8, 12345)]
@@ -68,7 +68,7 @@ def test_pretty_objects_one_after_another_are_one_clear_error(tmp_path):
         numbered_records(path)
 
 
-@pytest.mark.parametrize("read_chars", [1 << 20, 7], ids=["one-read", "many-reads"])
+@pytest.mark.parametrize("read_bytes", [1 << 20, 7], ids=["one-read", "many-reads"])
 @pytest.mark.parametrize("content, expected", [
     ("[\n" + json.dumps(FIRST) + ",\n{\"text\": 1,}\n,\n" + json.dumps(SECOND) + "\n]",
      [(2, FIRST), (3, "array element 2: malformed JSON: Expecting property name"), (5, SECOND)]),
@@ -80,9 +80,9 @@ def test_pretty_objects_one_after_another_are_one_clear_error(tmp_path):
     ("[\n" + json.dumps(FIRST) + ",\n{\"text\": \"cut",
      [(2, FIRST), (3, "array element 2: malformed JSON: Unterminated"), (3, "the file ends before the array")]),
 ], ids=["bad-element", "unbalanced-brackets", "missing-comma", "after-the-array", "cut-short"])
-def test_a_malformed_array_element_is_a_bad_line_and_the_others_are_kept(tmp_path, monkeypatch, read_chars, content,
+def test_a_malformed_array_element_is_a_bad_line_and_the_others_are_kept(tmp_path, monkeypatch, read_bytes, content,
                                                                          expected):
-    monkeypatch.setattr(readers, "JSON_READ_CHARS", read_chars)
+    monkeypatch.setattr(readers, "JSON_READ_BYTES", read_bytes)
     path = tmp_path / "data.json"
     path.write_text(content)
     read = [(number, record.error if isinstance(record, BadLine) else record)
@@ -166,6 +166,27 @@ def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_pa
         [(1, {"text": lines[0]}), (3, {"text": lines[2]})]
     [(number, bad)] = [(number, record) for number, record in read if isinstance(record, BadLine)]
     assert number == 2 and "not UTF-8 text; save the file as UTF-8" in bad.error
+
+
+@pytest.mark.parametrize("read_bytes", [1 << 20, 7], ids=["one-read", "many-reads"])
+@pytest.mark.parametrize("name", ["alpaca_zh.json", "alpaca_zh.jsonl"])
+@pytest.mark.parametrize("inside", [0, 1, 2])  # bytes into a 3-byte character where the download stopped
+def test_a_chinese_file_cut_inside_a_character_keeps_its_records(tmp_path, monkeypatch, read_bytes, name, inside):
+    """An interrupted download of a Chinese .json array ends inside a character two times in three: the whole file
+    was refused as 'not UTF-8 text ... (from GBK ...)', and stage 2 stopped on it (a .jsonl lost only its last line,
+    but that line was said to be GBK)."""
+    records = [{"instruction": f"第{i}个问题：河流流过古老的磨坊吗？", "output": "是的。"} for i in range(4)]
+    text = (json.dumps(records, ensure_ascii=False, indent=1) if name.endswith(".json") else
+            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    monkeypatch.setattr(readers, "JSON_READ_BYTES", read_bytes)  # reads that end inside characters too
+    data = text.encode()
+    cut = data.index("第3".encode()) + len("第3个问题：河流".encode()) + inside
+    path = tmp_path / name
+    path.write_bytes(data[:cut])
+    *kept, last = [record for _, _, record in iter_records(path)]
+    assert kept[:3] == records[:3] and all(isinstance(record, BadLine) for record in kept[3:])
+    assert isinstance(last, BadLine) and "GBK" not in last.error
+    assert "cut short" in last.error or (inside == 0 and "malformed JSON" in last.error)
 
 
 def test_a_json_array_that_is_not_utf8_is_one_clear_error(tmp_path):

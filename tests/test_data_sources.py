@@ -335,11 +335,18 @@ def test_llama_factory_dataset_info_columns_and_tags_are_used(tmp_path):
 
 
 def test_stage2_raw_dir_takes_the_kinds_dataset_info_json_gives(tmp_path, capsys):
+    """The files that neither an entry nor their name (pretrain*, sft*, ...) gives a kind are read by their content,
+    as with --data: they were left out without a word (LLaMA-Factory's wiki_demo.txt, and odd.json here, which the
+    note on its entry said was read by its content)."""
     root = factory_dir(tmp_path / "raw")
+    (root / "wiki_demo.txt").write_text("An article about rivers, stones and the light of the morning.\n")
+    write(root / "questions.jsonl", [{"question": "?"}])
     prepare_main(["--raw_dir", str(root), "--out_dir", str(tmp_path / "out"), "--val_frac", "0", "--no_progress"])
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert {kind: stats[kind]["kept"] for kind in ("pretrain", "sft", "dpo")} == {"pretrain": 1, "sft": 2, "dpo": 1}
-    assert "entry 'odd': formatting 'openai' is not alpaca or sharegpt" in capsys.readouterr().err
+    assert {kind: stats[kind]["kept"] for kind in ("pretrain", "sft", "dpo")} == {"pretrain": 2, "sft": 3, "dpo": 1}
+    err = capsys.readouterr().err
+    assert "entry 'odd': formatting 'openai' is not alpaca or sharegpt" in err
+    assert f"{root / 'questions.jsonl'} → skipped: not recognised ({root / 'questions.jsonl'}:1: unknown record " in err
 
 
 def test_malformed_dataset_info_json_is_one_line_with_file_and_line(tmp_path):

@@ -102,6 +102,10 @@ def test_decision_table_for_stage_7_and_dpo(tmp_path, monkeypatch):
 
     stages, report = plan(corpus(tmp_path / "text", pretrain=TEXT), ENDPOINT)
     assert "no SFT conversations" in report and list(stages) == ["tokenizer", "prepare", "tokens", "pretrain", "eval"]
+    assert "preference pairs" not in report
+    stages, report = plan(corpus(tmp_path / "text_pairs", pretrain=TEXT, dpo=PAIR), {})  # tinyshakespeare + hh-rlhf
+    assert "dpo" not in stages and ("no SFT conversations in the data: pretraining only, then evaluation; the "
+                                    "preference pairs are not used (DPO starts from the SFT model)") in report
 
     with pytest.raises(PipelineError, match="no pretraining text"):
         plan(corpus(tmp_path / "chat", sft=SFT), {})
@@ -223,18 +227,52 @@ def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-def test_no_pretraining_text_says_what_each_file_became(tmp_path, monkeypatch, capsys):
-    """A Chinese corpus saved as GBK is skipped as not UTF-8: the error that no pretraining text is left says so for
-    each file, rather than leaving a user with a .txt file wondering why it is not text."""
+def test_set_for_a_stage_the_data_leaves_out_is_ignored_with_a_note(tmp_path, monkeypatch, capsys):
+    """The same `--set sft.max_steps=... --set dpo.max_steps=...` lines on a pretraining-only corpus stopped the run
+    with `--set names unknown stage 'sft'`, a stage every run knows."""
     monkeypatch.chdir(tmp_path)
-    data = corpus(tmp_path / "data", sft=SFT)
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "sft.max_steps=3"]) == 0
+    assert ("[pipeline] --set sft.max_steps=3 changes nothing: this run on the data leaves stage sft out (the lines "
+            "above say why)") in capsys.readouterr().out
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "stf.max_steps=3"]) == 2
+    assert "unknown stage 'stf'" in capsys.readouterr().err
+
+
+def test_data_without_pretraining_text_still_says_what_each_file_is(tmp_path, monkeypatch, capsys):
+    """hh-rlhf alone (or a text file skipped for its encoding) stopped with 'no pretraining text' and no line on what
+    the files had been taken for or why one was skipped."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", dpo=PAIR)
+    (data / "notes.csv").write_text("text\nA paragraph.\n")
     (data / "poems.txt").write_bytes("床前明月光\n疑是地上霜\n".encode("gbk"))
-    assert pipeline_main(["run", "--data", str(data), "--only", "tokenizer"]) == 2
-    error = capsys.readouterr().err.splitlines()
-    assert error[0] == (f"error: {data}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
-                        "field); every run starts with pretraining. What its files became:")
-    assert error[1].startswith(f"  {data / 'poems.txt'} → skipped: ") and "not UTF-8 text" in error[1]
-    assert error[2].startswith(f"  {data / 'sft.jsonl'} → sft, ")
+    assert pipeline_main(["run", "--data", str(data)]) == 2
+    said = capsys.readouterr()
+    assert f"[pipeline] data: {data / 'dpo.jsonl'} → dpo, MiniMind/TRL chosen/rejected messages" in said.out
+    assert f"[pipeline] data: {data / 'notes.csv'} → skipped: not a " in said.out
+    skipped = next(line for line in said.out.splitlines() if line.startswith(f"[pipeline] data: {data / 'poems.txt'}"))
+    assert "→ skipped: " in skipped and "not UTF-8 text" in skipped
+    assert said.err.startswith(f"error: {data}: no pretraining text") and said.err.count("\n") == 1
+
+
+def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_path, monkeypatch, capsys):
+    """`--set prepare.val_frac=abc` failed only once the tokenizer had trained on the whole corpus (minutes to hours
+    on a real one), while the other stages' flags are checked before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    assert pipeline_main(["run", "--data", str(data), "--set", "prepare.val_frac=abc"]) == 2
+    assert capsys.readouterr().err == ("error: prepare: argument --val_frac: invalid float value: 'abc' (nothing was "
+                                       "run)\n")
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
+def test_a_tokenizer_path_that_is_not_there_is_named_once(tmp_path, monkeypatch, capsys):
+    """`--tokenizer ../shared/data/jingyaogong__minimind/model` from a directory where it is not: the path was said
+    twice, then a Rust error ('... not a readable tokenizer.json: No such file or directory (os error 2)')."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    assert pipeline_main(["run", "--data", str(data), "--tokenizer", "minimind/model"]) == 2
+    assert capsys.readouterr().err == f"error: --tokenizer {tmp_path / 'minimind/model'}: no such file or directory\n"
 
 
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):

@@ -131,6 +131,15 @@ def test_endpoint_resolution_from_flags_and_environment():
         resolve_generator("openai", None, {})
 
 
+def test_empty_endpoint_variables_count_as_unset():
+    """`OPENAI_BASE_URL= OPENAI_API_KEY= cmd` (or an env file with empty values) means no judge, as for the generator,
+    not a judge at the URL ''."""
+    empty = {"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "", "JUDGE_API_KEY": ""}
+    generator = resolve_generator(None, None, empty)
+    assert generator.local
+    assert resolve_judge(None, None, empty, generator) is None
+
+
 def test_retry_after_and_backoff():
     def headers(**values) -> httpx.Response:
         return httpx.Response(429, headers={k.replace("_", "-"): v for k, v in values.items()})

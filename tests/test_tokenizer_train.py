@@ -89,6 +89,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["--from_pretrained", str(broken.parent), "--out_dir", str(tmp_path / "tok")])
 
 
+def test_training_flags_with_from_pretrained_are_an_error_not_ignored(tmp_path, capsys):
+    """`--tokenizer MiniMind --set tokenizer.vocab_size=4096` ran `--from_pretrained DIR --vocab_size 4096` and kept
+    6400 tokens without a word."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--from_pretrained", str(tmp_path), "--vocab_size", "4096", "--out_dir", str(tmp_path / "tok")])
+    assert stopped.value.code == 2 and not (tmp_path / "tok").exists()
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --vocab_size goes with --corpus: --from_pretrained keeps the tokenizer's vocabulary as it is")
+
+
 def test_pre_tokenizer_splits_as_qwen2(tokenizer_dir):
     """Text is split as Qwen2 does (what llama.cpp calls "qwen2" and ollama's engine applies to every Qwen3 model):
     digits one by one, a punctuation mark joined to the word after it, newline runs apart. GPT-2's split, used

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from mateconv.data import DataError
 from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper, Filters, length_summary, normalize,
                                  split_of)
-from mateconv.data.dataset_info import dataset_info
+from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
+from mateconv.data.sources import recognize, skipped
 from mateconv.files import write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
 
@@ -38,7 +39,8 @@ MAX_BAD_EXAMPLES = 20
 def raw_dir_sources(raw_dir: str | Path) -> dict[str, list[Path]]:
     """Files of a raw directory grouped by kind: the kind a LLaMA-Factory dataset_info.json there gives the files it
     names (`ranking` pairs, pretraining text, else SFT), else the kind the file's name starts with (pretrain*, sft*,
-    dpo*, tasks*). The entries of dataset_info.json that are not read are printed, one line per reason."""
+    dpo*, tasks*), else the kind its content has, as `--data` finds it. The entries of dataset_info.json that are not
+    read, and the files of no known kind, are printed, one line per reason."""
     info = dataset_info(raw_dir)
     for note in info.notes if info else []:
         print(f"{info.path}: {note}", file=sys.stderr)
@@ -46,10 +48,16 @@ def raw_dir_sources(raw_dir: str | Path) -> dict[str, list[Path]]:
     for path in list_files([raw_dir]):
         entry = info.entry_for(path) if info else None
         kind = entry.kind if entry else next((k for k in KINDS if path.name.startswith(k)), None)
+        if kind is None and path.name != DATASET_INFO:
+            found = skipped(path) or recognize(path)
+            kind = found.kind
+            if kind is None:
+                print(found.line(), file=sys.stderr)
         if kind:
             sources.setdefault(kind, []).append(path)
     if not sources:
-        raise DataError(f"{raw_dir}: no files named pretrain*, sft*, dpo* or tasks*, nor named in a dataset_info.json")
+        raise DataError(f"{raw_dir}: no pretraining text, SFT conversations, preference pairs or tasks (the lines "
+                        "above say why each file was skipped)")
     return sources
 
 
@@ -197,11 +205,12 @@ def summary_table(stats: dict) -> str:
     return "\n".join(rows + bad)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("inputs (files, directories, hf:owner/name or ms:owner/name)")
-    group.add_argument("--raw_dir", help="directory with pretrain*, sft*, dpo*, tasks* files (e.g. the embedded data)")
+    group.add_argument("--raw_dir", help="directory of data files: pretrain*, sft*, dpo*, tasks* by their names, "
+                       "the files a dataset_info.json names by its entries, others by their content")
     for kind in KINDS:
         group.add_argument(f"--{kind}", nargs="+", default=[], metavar="PATH")
     parser.add_argument("--out_dir", default="out/data")
@@ -212,13 +221,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of SFT training conversations held out as stage 7 prompts (sft_prompts.jsonl)")
     parser.add_argument("--max_prompts", type=int, default=0, help="at most this many held out (0 = no cap)")
     group = parser.add_argument_group("filters")
-    defaults = Filters()
-    for name, value in asdict(defaults).items():
+    for name, value in asdict(Filters()).items():
         group.add_argument(f"--{name}", type=type(value), default=value)
     group.add_argument("--near_dup_threshold", type=float, default=0.85,
                        help="MinHash Jaccard, pretraining text; 1 disables")
     group.add_argument("--num_perm", type=int, default=64)
     parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     bars_only_on_a_terminal()
     try:
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             sources[kind] = list(sources.get(kind, [])) + getattr(args, kind)
         if not any(sources.values()):
             parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
-        filters = Filters(**{name: getattr(args, name) for name in asdict(defaults)})
+        filters = Filters(**{name: getattr(args, name) for name in asdict(Filters())})
         stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
                         args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
                         args.max_prompts)

@@ -33,12 +33,13 @@ TEXT_KEYS = ("text", "content", "paragraphs")
 SAMPLE_CHARS = 1 << 20  # how much of a .txt file decides its mode
 PARAGRAPH_MIN_SHARE = 0.05  # paragraph starts per non-empty line: paragraphs of at most ~20 lines on average
 PARAGRAPH_MAX_LINE = 200  # median characters of a non-empty line in wrapped prose or verse; longer ones are documents
-JSON_READ_CHARS = 1 << 20
+JSON_READ_BYTES = 1 << 20
 NON_SPACE = re.compile(r"\S")
 JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[][{},]')  # a string (to its end or its line's), or structure
 OPENER = {"]": "[", "}": "{"}
 JSON_DECODER = json.JSONDecoder()
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+ENDS_IN_A_CHARACTER = "unexpected end of data"  # UnicodeDecodeError's reason for a multi-byte character cut off
 NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's little-endian mark starts with UTF-16's
 
@@ -118,13 +119,8 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def _is_cut(f: io.IOBase) -> bool:
-    """Whether the file `_open_binary` (or `_open_text`) opened ended at a cut, not at the end of its data."""
-    return getattr(getattr(getattr(f, "buffer", f), "raw", None), "cut", False)
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    """The file as UTF-8 text; utf-8-sig drops the byte order mark Windows editors put first."""
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
+    """Whether the file `_open_binary` opened ended at a cut, not at the end of its data."""
+    return getattr(getattr(f, "raw", None), "cut", False)
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
@@ -138,7 +134,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str | BadLine]]:
             try:
                 yield number, raw.decode("utf-8-sig").rstrip("\r\n")  # -sig: also a mark inside (files joined)
             except UnicodeDecodeError as error:
-                yield number, BadLine(f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
+                cut = error.reason == ENDS_IN_A_CHARACTER and not raw.endswith(b"\n")
+                yield number, BadLine("the file ends inside a character here (cut short?)" if cut else
+                                      f"{error.reason} at byte {error.start + 1}: {NOT_UTF8}")
         if _is_cut(f):
             raise CutShort(number + 1)
 
@@ -187,16 +185,23 @@ class BadLine:
 class _JsonText:
     """A JSON text read a piece at a time, with the line number of the read position."""
 
-    def __init__(self, f: io.TextIOBase, path: Path):
+    def __init__(self, f: io.BufferedIOBase, path: Path):
         self.f, self.path = f, path
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()  # -sig: the byte order mark Windows editors write
         self.text, self.pos, self.line, self.eof = "", 0, 1, False
 
     def _read_more(self) -> None:
         # at least as much as is left, so that a value longer than one read is parsed again only a few times
-        chunk = self.f.read(max(JSON_READ_CHARS, len(self.text) - self.pos))
-        if not chunk and _is_cut(self.f):
+        data = self.f.read(max(JSON_READ_BYTES, len(self.text) - self.pos))
+        if not data and _is_cut(self.f):
             raise CutShort(self.line + self.text.count("\n", self.pos))
-        self.text, self.pos, self.eof = self.text[self.pos:] + chunk, 0, not chunk
+        try:
+            chunk = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as error:
+            if error.reason != ENDS_IN_A_CHARACTER:
+                raise
+            chunk = ""  # a download cut inside a character: the text ends before it, as at any other cut
+        self.text, self.pos, self.eof = self.text[self.pos:] + chunk, 0, not data
 
     def move_to(self, end: int) -> None:
         self.line += self.text.count("\n", self.pos, end)
@@ -291,7 +296,7 @@ def _json_array(text: _JsonText) -> Iterator[tuple[int, Any]]:
 
 def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line, record) of a .json file: an array's elements, its one record, or its lines when it is JSON Lines."""
-    with _open_text(path) as f:
+    with _open_binary(path) as f:
         text = _JsonText(f, path)
         if text.next_char() == "[":
             yield from _json_array(text)

@@ -81,7 +81,7 @@ def resolve_judge(base_url: str | None, model: str | None, env: Mapping[str, str
     ($JUDGE_API_KEY or $OPENAI_API_KEY) is given; otherwise there is no judge endpoint (None)."""
     if base_url == "generator":
         return Endpoint("judge", generator.base_url, model or generator.model, generator.api_key)
-    url = base_url or env.get("OPENAI_BASE_URL")
+    url = base_url or env.get("OPENAI_BASE_URL") or None  # an empty variable is unset, as for the generator
     if url is None and (model is not None or env.get("JUDGE_API_KEY") or env.get("OPENAI_API_KEY")):
         url = OPENAI_URL
     if url is None:
