@@ -47,7 +47,7 @@ SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the
 # The programs that run after training has begun, and the modules whose build_parser() reads their flags
 # (the data stages run first: their own flag errors come before any long work).
 LATE_PARSERS = {"7.gen_prefs_openai.py": "mateconv.prefs.cli", "3.dataset.py": "mateconv.data.shards",
-                "mateconv.evaluate": "mateconv.evaluate"}
+                "mateconv.evaluate": "mateconv.evaluate.cli"}
 
 
 class PipelineError(RuntimeError):
