@@ -131,6 +131,16 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[
     return system + turns
 
 
+def check_utf8(text: str, what: str) -> None:
+    """A ChatError for text that holds bytes that were not UTF-8 (a GBK terminal or piped file): Python keeps them as
+    lone surrogates, which the tokenizer cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatError(f"{what} is not UTF-8 text: set the terminal to UTF-8, or convert the file "
+                        "(from GBK: `iconv -f GBK -t UTF-8 FILE`)") from None
+
+
 def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: SamplingOptions,
                  completion: bool = False) -> Iterator[str]:
     """Text pieces of the assistant's reply to `messages`, as they are generated; with `completion`, of the
@@ -166,6 +176,8 @@ class ChatSession:
                  completion: bool = False):
         self.model, self.tokenizer, self.options, self.system = model, tokenizer, options, system
         self.completion = completion
+        if system:
+            check_utf8(system, "the system prompt")
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -174,6 +186,7 @@ class ChatSession:
 
     def reply(self, user_text: str, out: TextIO) -> str:
         """Streams the reply to `user_text` into `out`; on Ctrl-C the turn is dropped from the history."""
+        check_utf8(user_text, "the message")
         if self.completion:
             self.reset()
         self.messages.append({"role": "user", "content": user_text})

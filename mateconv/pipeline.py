@@ -223,8 +223,10 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     report = [f"data: {found.line()}" for found in files]
     kinds = by_kind(files)
     if "pretrain" not in kinds:
+        became = "".join(f"\n  {found.line()}" for found in files)
         raise PipelineError(f"{data_dir}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
-                            "field); every run starts with pretraining")
+                            "field); every run starts with pretraining" + (f". What its files became:{became}"
+                                                                           if became else ""))
     stages = preset["stages"]
     stages.pop("data", None)  # the embedded demo data generator
     if tokenizer is not None:

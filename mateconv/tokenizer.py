@@ -45,22 +45,30 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
-                 normalization: str = DEFAULT_NORMALIZATION) -> Iterator[str]:
-    """Texts of every record of the corpus paths (bad records skipped), normalised as stage 2 normalises them (the
-    model sees only that text), stopping after max_chars characters."""
+                 normalization: str = DEFAULT_NORMALIZATION, skipped: list[str] | None = None) -> Iterator[str]:
+    """Texts of every record of the corpus paths (bad records skipped; the first one's "file:line: why" is added to
+    `skipped`), normalised as stage 2 normalises them (the model sees only that text), stopping after max_chars
+    characters."""
     total = 0
-    for _, _, record in iter_sources(paths):
-        if isinstance(record, BadLine):
-            continue
+    for source, number, record in iter_sources(paths):
         try:
+            if isinstance(record, BadLine):
+                raise DataError(record.error)
             text = normalize(record_text(record), normalization)
-        except DataError:
+        except DataError as error:
+            if skipped is not None and not skipped:
+                skipped.append(f"{source}:{number}: {error}")
             continue
         if text.strip():
             yield text
             total += len(text)
             if max_chars is not None and total >= max_chars:
                 return
+
+
+def no_text_found(paths: list[str | Path], skipped: list[str]) -> DataError:
+    return DataError(f"no text found in {[str(p) for p in paths]}"
+                     + (f"; the first record skipped: {skipped[0]}" if skipped else ""))
 
 
 def without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
@@ -85,10 +93,11 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = tqdm(corpus_texts(corpus, max_chars, normalization), desc="tokenizer corpus", unit="doc")
+    skipped: list[str] = []
+    texts = tqdm(corpus_texts(corpus, max_chars, normalization, skipped), desc="tokenizer corpus", unit="doc")
     tokenizer.train_from_iterator(without_special_tokens(texts), trainer=trainer)
     if texts.n == 0:
-        raise DataError(f"no text found in the corpus {[str(c) for c in corpus]}")
+        raise no_text_found(corpus, skipped)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"special token {token} did not get id {token_id}")
@@ -210,13 +219,16 @@ def _is_chinese(text: str) -> bool:
 
 
 def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000) -> dict[str, list[str]]:
-    """Held-out texts per language from the given files; a language whose files are all missing falls back to
-    embedded-generator prose made with another seed than the training data."""
+    """Held-out texts per language from the given files (a DataError when they hold none); a language whose files
+    are all missing falls back to embedded-generator prose made with another seed than the training data."""
     samples = {}
     for language, language_paths in paths.items():
         present = [p for p in language_paths if Path(p).exists()]
         if present:
-            samples[language] = list(corpus_texts(present, max_chars))
+            skipped: list[str] = []
+            samples[language] = list(corpus_texts(present, max_chars, skipped=skipped))
+            if not samples[language]:
+                raise no_text_found(present, skipped)
         else:
             docs = pretrain_docs(all_tasks(seed=7), 4 * max_chars, random.Random(7))
             picked, total = [], 0

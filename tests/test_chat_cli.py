@@ -258,3 +258,17 @@ def test_text_completion_continues_a_pretrained_models_text(tiny_pretrain_model,
     main(["--model_path", str(tiny_pretrain_model), "--text_completion", "--prompt", text, "--temperature", "0",
           "--max_new_tokens", "12", "--device", "cpu"])
     assert capsys.readouterr().out == tokenizer.decode(new) + "\n"
+
+
+def test_input_that_is_not_utf8_is_one_line(tiny_untrained_model, capsys):
+    # GBK bytes from a terminal or a pipe reach Python as lone surrogates ("你好" in GBK: c4 e3 ba c3)
+    gbk = "你好".encode("gbk").decode("utf-8", "surrogateescape")
+    model, tokenizer = load_model(tiny_untrained_model, device="cpu")
+    session = ChatSession(model, tokenizer, SamplingOptions(max_new_tokens=2, temperature=0.0))
+    out = io.StringIO()
+    run_interactive(session, io.StringIO(f"{gbk}\n你好\n"), out)
+    replies = out.getvalue().split(">>> ")
+    assert replies[1].startswith("(error: the message is not UTF-8 text") and "iconv -f GBK" in replies[1]
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the next line was answered
+    with pytest.raises(SystemExit, match="^chat: the system prompt is not UTF-8 text"):
+        main(["--model_path", str(tiny_untrained_model), "--device", "cpu", "--prompt", "hi", "--system", gbk])

@@ -34,6 +34,8 @@ def test_normalize_and_filters():
     assert normalize(text) == "Ｈｅｌｌｏ，世界\n\nnext\nline"  # NFC: Chinese punctuation stays as it is written
     assert normalize(text, "NFKC") == "Hello,世界\n\nnext\nline"
     assert normalize("e\u0301", "NFC") == "\u00e9" and normalize("ｆｕｌｌ", "none") == "ｆｕｌｌ"
+    # joiners are part of the text: an emoji sequence (a family, not three people) and Persian words keep theirs
+    assert normalize("家庭👨\u200d👩\u200d👧，خواهم می\u200cروم") == "家庭👨\u200d👩\u200d👧，خواهم می\u200cروم"
     filters = Filters(min_chars=5, max_chars=1000)
     assert filters.reason("abc") == "too_short"
     assert filters.reason("x y" * 1001, pretraining=False) == "too_long"  # a conversation or pair

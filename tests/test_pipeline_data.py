@@ -223,6 +223,20 @@ def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_no_pretraining_text_says_what_each_file_became(tmp_path, monkeypatch, capsys):
+    """A Chinese corpus saved as GBK is skipped as not UTF-8: the error that no pretraining text is left says so for
+    each file, rather than leaving a user with a .txt file wondering why it is not text."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", sft=SFT)
+    (data / "poems.txt").write_bytes("床前明月光\n疑是地上霜\n".encode("gbk"))
+    assert pipeline_main(["run", "--data", str(data), "--only", "tokenizer"]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert error[0] == (f"error: {data}: no pretraining text (.txt, .parquet, or jsonl/json records with a 'text' "
+                        "field); every run starts with pretraining. What its files became:")
+    assert error[1].startswith(f"  {data / 'poems.txt'} → skipped: ") and "not UTF-8 text" in error[1]
+    assert error[2].startswith(f"  {data / 'sft.jsonl'} → sft, ")
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory

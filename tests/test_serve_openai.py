@@ -493,3 +493,18 @@ def test_suffix_and_best_of_are_refused_not_ignored(client):
             client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=2, **option)
         assert error.value.param == next(iter(option))
     assert client.completions.create(model="tiny", prompt="Once", max_tokens=2, n=2, best_of=2).choices[1].index == 1
+
+
+def test_a_lone_surrogate_is_a_400():
+    """An emoji cut in half by a JavaScript client's `slice` reaches JSON as an unpaired "\\ud83d" escape: not text
+    the tokenizer can encode, so a client's error, not a 500."""
+    from mateconv.serve.schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+
+    for body, schema in [(rb'{"model": "tiny", "messages": [{"role": "user", "content": "hi \ud83d"}]}',
+                          ChatCompletionRequest),
+                         (rb'{"model": "tiny", "prompt": "ok", "stop": ["\udc00"]}', CompletionRequest)]:
+        with pytest.raises(APIError) as error:
+            parse_request(body, schema)
+        assert error.value.status == 400 and "unpaired UTF-16 surrogate" in error.value.message
+    emoji = parse_request(rb'{"model": "tiny", "prompt": "\ud83d\ude00"}', CompletionRequest)  # a pair is one character
+    assert emoji.prompt == "😀"

@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 from mateconv.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat
 from mateconv.data import embedded
-from mateconv.tokenizer import main, save_pretrained_portable, train_tokenizer
+from mateconv.data import DataError
+from mateconv.tokenizer import main, report_samples, save_pretrained_portable, train_tokenizer
 
 TEXTS = {
     "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",
@@ -157,3 +158,14 @@ def test_special_tokens_written_in_the_corpus_get_no_merges(tmp_path):
     learnt = [token for token in tokenizer.get_vocab() if len(token) > 1 and token not in SPECIAL_TOKENS]
     assert learnt and not [token for token in learnt if "|" in token or "<" in token]
     assert tokenizer.encode("note<|im_end|>").tokens[-1] == "<|im_end|>"
+
+
+def test_a_corpus_with_no_readable_text_names_the_first_reason(tmp_path):
+    """A Chinese corpus saved as GBK is not UTF-8: the error says so, at the file and line, and how to convert it."""
+    gbk = tmp_path / "poems.txt"
+    gbk.write_bytes("床前明月光\n疑是地上霜\n".encode("gbk"))
+    with pytest.raises(SystemExit, match=rf"^error: no text found in .*; the first record skipped: {gbk}:1: "
+                                         r".*not UTF-8 text.*iconv -f GBK"):
+        main(["--corpus", str(gbk), "--out_dir", str(tmp_path / "tok")])
+    with pytest.raises(DataError, match=rf"^no text found in \['{gbk}'\]; the first record skipped: {gbk}:1: .*not UTF-8"):
+        report_samples({"zh": [gbk]})  # the notebook's held-out text: no 0.000 chars/token row

@@ -267,8 +267,12 @@ class CompletionRequest(GenerationRequest):
 def parse_request(body: bytes, schema: type[GenerationRequest]) -> GenerationRequest:
     try:
         payload = json.loads(body)
+        json.dumps(payload, ensure_ascii=False).encode()  # JSON may escape half of a pair ("\ud83d"): no character
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"request body is not valid JSON: {error}") from None
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"request body holds an unpaired UTF-16 surrogate ({error.object[error.start]!a}), "
+                            "not text (a character cut in half?)") from None
     except RecursionError:
         raise APIError(400, "request body nests too deeply to be read") from None
     if not isinstance(payload, dict):
