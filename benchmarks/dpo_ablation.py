@@ -18,7 +18,7 @@ from pathlib import Path
 from mateconv.chat import load_model
 from mateconv.config import DPOConfig, parse_config
 from mateconv.data.shards import DPOTokens
-from mateconv.evaluate import task_accuracy
+from mateconv.evaluate.metrics import task_accuracy
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.evaluators import preference_eval
 from mateconv.train.stages import RECIPES, run

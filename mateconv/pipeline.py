@@ -47,7 +47,7 @@ SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the
 # The programs that run after a long stage (the tokenizer's training on the whole corpus, or training), and the
 # modules whose build_parser() reads their flags (the tokenizer runs first: its own flag errors come at once).
 LATE_PARSERS = {"mateconv.data.prepare": "mateconv.data.prepare", "7.gen_prefs_openai.py": "mateconv.prefs.cli",
-                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate"}
+                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate.cli"}
 
 
 class PipelineError(RuntimeError):

@@ -10,7 +10,7 @@ import pytest
 from mateconv.chat import load_model
 from mateconv.data.shards import DPOTokens
 from mateconv.config import DPOConfig
-from mateconv.evaluate import task_accuracy
+from mateconv.evaluate.metrics import task_accuracy
 from mateconv.files import read_metrics
 from mateconv.train.dpo import DPOObjective
 from mateconv.train.evaluators import preference_eval

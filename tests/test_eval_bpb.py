@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import read_jsonl
+from mateconv.evaluate.data import read_jsonl
 from mateconv.logprobs import bits_per_byte, document_windows
 
 pytestmark = pytest.mark.usefixtures("single_thread")

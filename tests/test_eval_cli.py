@@ -15,7 +15,8 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from mateconv.evaluate import is_model, main
+from mateconv.evaluate.cli import main
+from mateconv.evaluate.run import is_model
 from mateconv.tasks import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +127,13 @@ def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_toke
 def test_out_of_gpu_memory_is_one_line(tiny_sft_model, tiny_tokens, tmp_path, monkeypatch):
     """torch's CUDA out-of-memory error (raised where the perplexity pass would; no GPU here) ends stage 6 with one
     line naming the failed allocation and the flag to lower."""
-    import mateconv.evaluate as evaluate
+    import mateconv.evaluate.models as models
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of "
                                      "23.55 GiB of which 512.00 MiB is free. Of the allocated memory 21.9 GiB ...")
 
-    monkeypatch.setattr(evaluate, "perplexity", out_of_memory)
+    monkeypatch.setattr(models, "perplexity", out_of_memory)
     with pytest.raises(SystemExit) as stopped:
         main(["--models", str(tiny_sft_model), "--val", str(tiny_tokens / "sft" / "val"), "--out_dir",
               str(tmp_path / "eval"), "--batch_size", "32"])
@@ -388,7 +389,7 @@ def test_seed_mode_test_skips_empty_held_out_files_under_its_root(tiny_sft_model
                                                                    capsys):
     """`pretrain_sft_lora.py --mode test --out_dir R` evaluates R/sft/final; R/data's empty tasks file and missing
     shards are skipped as `python -m mateconv.evaluate` skips its defaults, not an error; present data is used."""
-    from mateconv.evaluate import seed_test_main
+    from mateconv.evaluate.cli import seed_test_main
 
     root = tmp_path / "run"
     shutil.copytree(tiny_sft_model, root / "sft" / "final")

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import (EvalError, ModelReport, TextRecords, balance_stats, greedy_replies, model_kind,
-                               read_jsonl, task_accuracy, val_dataset, win_rate_line, write_summary)
+from mateconv.evaluate.data import EvalError, TextRecords, read_jsonl, val_dataset
+from mateconv.evaluate.metrics import balance_stats, greedy_replies, task_accuracy
+from mateconv.evaluate.models import ModelReport, model_kind
+from mateconv.evaluate.report import win_rate_line, write_summary
 from mateconv.logprobs import perplexity
 from mateconv.tasks import check_answer
 from mateconv.winrate import WinRate

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mateconv.chat import load_model
-from mateconv.evaluate import main
+from mateconv.evaluate.cli import main
 from mateconv.logprobs import bits_per_byte
 from mateconv.procs import free_port
 from tests.prefs_fake_server import FakeOpenAI, judge_score, task

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from mateconv.chat import load_model
-from mateconv.evaluate import EvalError, evaluate, read_jsonl, task_accuracy
+from mateconv.evaluate.data import EvalError, read_jsonl
+from mateconv.evaluate.metrics import task_accuracy
+from mateconv.evaluate.run import evaluate
 from mateconv.lm_eval_tasks import TASKS_DIR
 from mateconv.lm_eval_tasks.utils import doc_to_choice, doc_to_target
 

@@ -455,7 +455,7 @@ def main_one_program(program: str, argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[{program}] no --mode: pretrain (seed 000's default)", flush=True)
     if program == "pretrain_sft_lora" and (key, value) == ("mode", "test"):
-        from mateconv.evaluate import seed_test_main
+        from mateconv.evaluate.cli import seed_test_main
         seed_test_main(argv)
         return 0
     stage = STAGE_KEYS[key].get(value) if key and isinstance(value, str) else None
