@@ -447,14 +447,17 @@ class Trainer:
                                   pin_memory=runtime.device.type == "cuda")
         if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
             set_rng_state(saved_rng)
+        exit_code = 1  # unless the loop returns: W&B shows a run that raised as failed, not finished
         try:
-            return self._loop(state, tracker, peak)
+            summary = self._loop(state, tracker, peak)
+            exit_code = 0
+            return summary
         finally:
             close_loader(self.loader)  # now, whatever ended the run (see close_loader)
             try:
                 self.checkpoints.wait()  # a checkpoint still being written is finished before the run ends
             finally:
-                tracker.finish()
+                tracker.finish(exit_code)
 
     def say_resumed(self, path: Path, state: dict, changes: list[str]) -> None:
         """The resume line, the optimizer settings that differ from the checkpoint's run, and what the same command

@@ -233,9 +233,10 @@ class Tracker:
             print(f"[train] W&B: the model of step {step} was not logged as an artifact ({type(error).__name__}: "
                   f"{reason}); the run's own files are saved as ever", flush=True)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """`exit_code` 1: the stage raised (the W&B run is marked failed; its offline directory still syncs)."""
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
         if self.writer is not None:
             self.writer.close()
 
