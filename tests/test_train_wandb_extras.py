@@ -159,6 +159,7 @@ def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
         patch.setenv("WANDB_MODE", "offline")
         patch.delenv("WANDB_API_KEY", raising=False)
         patch.setenv("WANDB_DATA_DIR", str(root / "wandb_data"))
+        patch.setenv("WANDB_RUN_GROUP", "moe-pipeline")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -169,6 +170,17 @@ def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
         finally:
             torch.set_num_threads(threads)
     return {stage: root / stage for stage in stages}
+
+
+def run_record(out_dir: Path):
+    return next(r.run for r in records(run_file(out_dir)) if r.WhichOneof("record_type") == "run")
+
+
+def test_a_pipeline_is_one_group_of_runs_by_stage(moe_stage_runs):
+    """$WANDB_RUN_GROUP groups the stages' runs; each run's job type is its stage (before: no job type, so the
+    group's SFT and DPO runs told apart only by their random names)."""
+    assert [(run_record(moe_stage_runs[stage]).run_group, run_record(moe_stage_runs[stage]).job_type)
+            for stage in ("sft", "dpo")] == [("moe-pipeline", "sft"), ("moe-pipeline", "dpo")]
 
 
 def run_config(out_dir: Path) -> dict:

@@ -434,7 +434,7 @@ class Trainer:
             if runtime.is_main:
                 self.say_resumed(resume_from, state, changes)
             state["train_examples"] = examples
-        tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
+        tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"], self.stage)
         state["run_id"] = tracker.run_id
         tracker.add_run_facts(self.run_facts)
         tracker.watch(unwrap(self.engine))

@@ -136,7 +136,9 @@ class Tracker:
     """Rank 0 writes `metrics.jsonl` and the W&B/TensorBoard run; other ranks do nothing."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, enabled: bool, run_id: str | None = None,
-                 resumed_step: int = 0):
+                 resumed_step: int = 0, stage: str | None = None):
+        """`stage` (pretrain, sft, dpo, cpt) is the W&B run's job type: a pipeline's runs, put in one group by
+        $WANDB_RUN_GROUP, are told apart (and filtered) by it."""
         self.enabled, self.track = enabled, config.track
         self.kind = self.track.tracker if enabled else "none"
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -155,7 +157,7 @@ class Tracker:
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
             settings = dict(project=self.project, entity=self.track.wandb_entity or None,
                             name=self.track.wandb_run_name or None, id=self.run_id,
-                            resume="allow", dir=str(out_dir), config=config_to_dict(config))
+                            job_type=stage, resume="allow", dir=str(out_dir), config=config_to_dict(config))
             try:
                 self.run = wandb.init(**settings)
             except wandb.errors.Error as error:  # server unreachable, key refused: the training goes on, logged here
