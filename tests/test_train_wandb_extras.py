@@ -123,15 +123,23 @@ def test_bad_watch_settings_are_one_line_errors(flags, message):
     assert text.startswith(f"pretrain: {message}") and "\n" not in text
 
 
-def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, monkeypatch, capsys):
-    """An API key set but the W&B server unreachable (a loopback port nothing listens on): the real client gives up
-    after its init timeout, the stage says so in one line, logs offline and trains to the end."""
+@pytest.mark.parametrize("login", ["WANDB_API_KEY", "netrc"])
+def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, monkeypatch, capsys, login):
+    """An API key set (or a `wandb login --host` to a self-hosted server: the key in netrc under that host) but the W&B
+    server unreachable (a loopback port nothing listens on): the real client gives up after its init timeout, the
+    stage says so in one line, logs offline and trains to the end. Before, a self-hosted login counted as no key (only
+    api.wandb.ai's was looked for): the run went offline without trying the server."""
     import socket
 
     with socket.socket() as probe:  # a free port, closed again: connections to it are refused
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    if login == "netrc":
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        (tmp_path / "netrc").write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {'a' * 40}\n")
+        monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    else:
+        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     monkeypatch.delenv("WANDB_MODE", raising=False)

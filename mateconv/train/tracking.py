@@ -6,7 +6,6 @@ W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no 
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import re
 import time
@@ -152,7 +151,7 @@ class Tracker:
         if self.kind == "wandb":
             import wandb
 
-            if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
+            if not wandb_logged_in():
                 os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
             settings = dict(project=self.project, entity=self.track.wandb_entity or None,
@@ -243,12 +242,21 @@ class Tracker:
             self.writer.close()
 
 
-def _wandb_logged_in() -> bool:
-    """A key stored by `wandb login` (~/.netrc) counts as configured."""
+def wandb_logged_in() -> bool:
+    """Whether W&B has a key for its server without asking for one: $WANDB_API_KEY or $WANDB_IDENTITY_TOKEN_FILE, a
+    `wandb login` (the netrc entry of the server W&B's settings name, a self-hosted one's after `wandb login --host`),
+    or an api_key in W&B's settings files."""
+    import wandb
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings = wandb_setup.singleton().settings
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+        return bool(settings.api_key or wbnetrc.read_netrc_auth(host=settings.base_url))
+    except wandb.errors.Error:  # a malformed key: wandb.init says what is wrong with it
+        return True
 
 
 class Progress:
