@@ -278,3 +278,26 @@ def test_an_unknown_wandb_log_model_is_a_one_line_error():
     with pytest.raises(SystemExit) as error:
         main("pretrain", ["--wandb_log_model", "every"])
     assert str(error.value) == 'pretrain: wandb_log_model: \'every\' is not one of "", end, checkpoint'
+
+
+def exit_codes(out_dir: Path) -> list[int]:
+    return [r.exit.exit_code for r in records(run_file(out_dir)) if r.WhichOneof("record_type") == "exit"]
+
+
+def test_a_stage_that_fails_in_its_first_evaluation_is_a_failed_run(tiny_flags, tmp_path, monkeypatch):
+    """An error in the evaluation of the starting model (out of memory, say), before the first step: the W&B run ends
+    with exit code 1, like a failure during training. Before, that part of the setup was outside the run's finish:
+    W&B's teardown closed it as a finished run (exit code 0)."""
+    from mateconv.train.engine import Trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("Tried to allocate 2 GiB")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(Trainer, "evaluate", out_of_memory)
+    flags = tiny_flags(tmp_path, max_steps=2, tracker="wandb", eval_at_start=True)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    assert exit_codes(tmp_path) == [1]

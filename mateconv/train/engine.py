@@ -434,21 +434,21 @@ class Trainer:
             if runtime.is_main:
                 self.say_resumed(resume_from, state, changes)
             state["train_examples"] = examples
+        self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
+                                  pin_memory=runtime.device.type == "cuda")  # no workers yet: they start with its use
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"], self.stage)
         state["run_id"] = tracker.run_id
-        tracker.add_run_facts(self.run_facts)
-        tracker.watch(unwrap(self.engine))
-        tracker.log_code(REPO_ROOT)
-        if self.evaluate_at_start and self.evaluates and resume_from is None:
-            tracker.log(0, self.evaluate())
-        peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
-        self.engine.train()
-        self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
-                                  pin_memory=runtime.device.type == "cuda")
-        if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
-            set_rng_state(saved_rng)
-        exit_code = 1  # unless the loop returns: W&B shows a run that raised as failed, not finished
+        exit_code = 1  # unless the loop returns: W&B shows a stage that raised (in this setup too) as failed
         try:
+            tracker.add_run_facts(self.run_facts)
+            tracker.watch(unwrap(self.engine))
+            tracker.log_code(REPO_ROOT)
+            if self.evaluate_at_start and self.evaluates and resume_from is None:
+                tracker.log(0, self.evaluate())
+            peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
+            self.engine.train()
+            if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
+                set_rng_state(saved_rng)
             summary = self._loop(state, tracker, peak)
             exit_code = 0
             return summary
