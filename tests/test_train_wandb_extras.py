@@ -301,3 +301,18 @@ def test_a_stage_that_fails_in_its_first_evaluation_is_a_failed_run(tiny_flags, 
         run(RECIPES["pretrain"], parse_config(flags))
     wandb.teardown()
     assert exit_codes(tmp_path) == [1]
+
+
+def test_no_wandb_key_is_offline_with_one_line_on_how_to_sync(tiny_flags, tmp_path, monkeypatch, capsys):
+    """WANDB_MODE unset and no key anywhere: the stage says in one line of its own that it logs offline and why, and
+    the command that uploads the run later (before: only W&B's banner, which suggested `wandb online`, a key prompt)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    flags = tiny_flags(tmp_path, max_steps=1, eval_interval=100, save_interval_steps=100, tracker="wandb")
+    run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] W&B")]
+    assert lines == [f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
+                     f"later with `wandb sync {tmp_path}/wandb/offline-run-*-{run_file(tmp_path).stem[4:]}`"]
+    assert exit_codes(tmp_path) == [0]

@@ -151,20 +151,23 @@ class Tracker:
         if self.kind == "wandb":
             import wandb
 
-            if not wandb_logged_in():
-                os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
+            sync = f"`wandb sync {out_dir}/wandb/offline-run-*-{self.run_id}`"  # a resumed run's directories too
             settings = dict(project=self.project, entity=self.track.wandb_entity or None,
                             name=self.track.wandb_run_name or None, id=self.run_id,
                             job_type=stage, resume="allow", dir=str(out_dir), config=config_to_dict(config))
+            if not os.environ.get("WANDB_MODE") and not wandb_logged_in():  # else W&B would ask for a key
+                print(f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
+                      f"later with {sync}", flush=True)
+                settings["mode"] = "offline"
             try:
                 self.run = wandb.init(**settings)
             except wandb.errors.Error as error:  # server unreachable, key refused: the training goes on, logged here
                 reason = (str(error).splitlines() or [""])[0]
                 print(f"[train] W&B: {type(error).__name__}: {reason}; logging offline to {out_dir}/wandb instead "
-                      "(`wandb sync` uploads it later)", flush=True)
+                      f"({sync} uploads it later)", flush=True)
                 wandb.teardown()
-                self.run = wandb.init(**settings, mode="offline")
+                self.run = wandb.init(**{**settings, "mode": "offline"})
         if self.kind == "tensorboard" or self.track.tensorboard_dir:  # a directory asked for: beside W&B too
             from torch.utils.tensorboard import SummaryWriter
 
