@@ -316,3 +316,34 @@ def test_no_wandb_key_is_offline_with_one_line_on_how_to_sync(tiny_flags, tmp_pa
     assert lines == [f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
                      f"later with `wandb sync {tmp_path}/wandb/offline-run-*-{run_file(tmp_path).stem[4:]}`"]
     assert exit_codes(tmp_path) == [0]
+
+
+def test_a_launcher_stop_that_ends_the_wandb_service_keeps_the_checkpoint(tiny_flags, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Ctrl-C or `kill` to a DeepSpeed launcher: it sends SIGTERM to each rank's whole process tree, W&B's service
+    process (rank 0's child) included. The rank stops at the end of its step with a checkpoint; W&B's loss is one
+    line. Before, the next W&B call raised ConnectionResetError: a traceback, and no checkpoint was saved."""
+    import os
+    import signal
+
+    import psutil
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = tracking.Tracker.log
+
+    def log_then_stop_like_the_launcher(self, step, metrics, at=None):
+        log(self, step, metrics, at)
+        if step == 2:
+            for child in psutil.Process().children(recursive=True):
+                child.terminate()
+            psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "log", log_then_stop_like_the_launcher)
+    flags = tiny_flags(tmp_path, max_steps=6, eval_interval=100, save_interval_steps=100, tracker="wandb")
+    summary = run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    assert summary["stopped"] and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    out = capsys.readouterr().out
+    assert out.count("[train] W&B: its service stopped") == 1
+    assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2, 3]

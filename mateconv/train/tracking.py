@@ -9,6 +9,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -190,16 +192,36 @@ class Tracker:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            with self._wandb_call():
+                self.run.log(metrics, step=step)
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+
+    @contextmanager
+    def _wandb_call(self) -> Iterator[None]:
+        """A W&B call that finds W&B's service gone (a DeepSpeed launcher stopping the run sends SIGTERM to each rank's
+        process tree, the service included) is one line, and W&B is off for the rest of the stage: the stage goes on
+        to its checkpoint, `metrics.jsonl` keeps every row, and the run's file holds the rows before."""
+        import wandb
+
+        try:
+            yield
+        except (OSError, wandb.errors.Error) as error:
+            print(f"[train] W&B: its service stopped ({type(error).__name__}: {error}); W&B logs no more in this "
+                  f"stage, {self.path} keeps every row", flush=True)
+            if self.track.wandb_watch:
+                self.run.unwatch()  # its hooks would log from the backward passes
+            self.run = None
+            with suppress(OSError, wandb.errors.Error):  # now, not as a traceback at exit (W&B's atexit hook)
+                wandb.teardown()
 
     def add_run_facts(self, facts: dict[str, dict]) -> None:
         """`run_facts` into the W&B config: its `model` section in place of the flags', its `run` section beside
         them (a resume on another number of ranks updates it)."""
         if self.run is not None:
-            self.run.config.update(facts, allow_val_change=True)
+            with self._wandb_call():
+                self.run.config.update(facts, allow_val_change=True)
 
     def watch(self, model: nn.Module) -> None:
         """W&B histograms of gradients and/or parameters every `wandb_watch_freq` backward passes (micro-batches)."""
@@ -210,7 +232,8 @@ class Tracker:
         """Move W&B to `step` before its backward passes: wandb.watch logs its histograms without a step, onto the
         row W&B is at, which would otherwise still be the previous step."""
         if self.run is not None and self.track.wandb_watch:
-            self.run.log({}, step=step, commit=False)
+            with self._wandb_call():
+                self.run.log({}, step=step, commit=False)
 
     def log_code(self, root: Path) -> None:
         """The project's source files (`is_project_source`) as the run's W&B code artifact `source-<project>-<stage>`."""
@@ -240,7 +263,8 @@ class Tracker:
     def finish(self, exit_code: int = 0) -> None:
         """`exit_code` 1: the stage raised (the W&B run is marked failed; its offline directory still syncs)."""
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            with self._wandb_call():
+                self.run.finish(exit_code=exit_code)
         if self.writer is not None:
             self.writer.close()
 
