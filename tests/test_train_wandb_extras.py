@@ -123,23 +123,15 @@ def test_bad_watch_settings_are_one_line_errors(flags, message):
     assert text.startswith(f"pretrain: {message}") and "\n" not in text
 
 
-@pytest.mark.parametrize("login", ["WANDB_API_KEY", "netrc"])
-def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, monkeypatch, capsys, login):
-    """An API key set (or a `wandb login --host` to a self-hosted server: the key in netrc under that host) but the W&B
-    server unreachable (a loopback port nothing listens on): the real client gives up after its init timeout, the
-    stage says so in one line, logs offline and trains to the end. Before, a self-hosted login counted as no key (only
-    api.wandb.ai's was looked for): the run went offline without trying the server."""
+def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, monkeypatch, capsys):
+    """An API key set but the W&B server unreachable (a loopback port nothing listens on): the real client gives up
+    after its init timeout, the stage says so in one line, logs offline and trains to the end."""
     import socket
 
     with socket.socket() as probe:  # a free port, closed again: connections to it are refused
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    if login == "netrc":
-        monkeypatch.delenv("WANDB_API_KEY", raising=False)
-        (tmp_path / "netrc").write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {'a' * 40}\n")
-        monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    else:
-        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -151,6 +143,20 @@ def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, mo
     out = capsys.readouterr().out
     assert "[train] W&B: CommError: " in out and f"logging offline to {tmp_path}/wandb instead" in out
     assert [int(row["_step"]) for row in history_rows(run_file(tmp_path)) if "loss" in row] == [1, 2, 3]
+
+
+def test_a_login_to_a_self_hosted_server_counts_as_a_key(tmp_path, monkeypatch):
+    """`wandb login --host URL` stores the key in netrc under that server's host: with WANDB_BASE_URL naming it, the
+    stage has a key and logs online (before, only api.wandb.ai's entry counted: the run went offline without trying
+    its server). A key for another server is none."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8443")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for host, logged_in in (("wandb.example.com:8443", True), ("api.wandb.ai", False)):
+        (tmp_path / "netrc").write_text(f"machine {host}\n  login user\n  password {'a' * 40}\n")
+        wandb.teardown()  # W&B reads its settings (WANDB_BASE_URL) once per setup
+        assert tracking.wandb_logged_in() is logged_in, host
+    wandb.teardown()
 
 
 @pytest.fixture(scope="module")
