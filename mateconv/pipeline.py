@@ -390,6 +390,19 @@ def newer_inputs(stage: Stage, every: list[Stage]) -> list[str]:
     return [s.name for s in earlier if s.done.exists() and s.done.stat().st_mtime > finished]
 
 
+def wandb_group(out: Path) -> str:
+    """The W&B group of the pipeline's training runs, so that W&B lists its pretrain, SFT and DPO runs together (each
+    run's job type is its stage): $WANDB_RUN_GROUP, else a name made on the first run and kept in out/wandb_group, so
+    that a later run of the same out/ (a resume) joins it too."""
+    if os.environ.get("WANDB_RUN_GROUP"):
+        return os.environ["WANDB_RUN_GROUP"]
+    path = out / "wandb_group"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}\n")
+    return path.read_text().strip()
+
+
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None,
         sets: list[str] = ()) -> int:
     """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items."""
@@ -401,6 +414,7 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
     runner = StageRunner(logs)
+    env = {"WANDB_RUN_GROUP": wandb_group(out)}
     timings: dict[str, float] = {}
     for stage in stages:
         if nodes is not None and nodes.follower and not stage.distributed:
@@ -423,7 +437,7 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
                       "with them; a training stage goes on from its last checkpoint)", flush=True)
             continue
         started = time.monotonic()
-        code = runner.run(stage.name, stage.command)
+        code = runner.run(stage.name, stage.command, env)
         timings[stage.name] = round(time.monotonic() - started, 1)
         if runner.interrupted and not (code == 0 and stage.done.exists()):
             # the stage was told to stop: what it keeps (checkpoints, parts/, the pairs so far) is where it goes on

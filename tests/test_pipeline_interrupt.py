@@ -3,6 +3,7 @@ interrupted (not that the stage failed) and exits 128 + the signal's number, and
 from what it kept, not taking the mark an interrupted stage leaves as done."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -96,3 +97,27 @@ def test_kill_2_while_the_pipeline_checks_its_stages_stops_it(tmp_path):
         pipeline.kill()
     assert pipeline.returncode == 130, printed
     assert printed.strip() == "[pipeline] interrupted before any stage started"
+
+
+# A stage that writes the W&B group its training runs would join into its done mark (sys.argv[-1]: its out_dir)
+GROUP_STAGE = """
+import os, pathlib, sys
+out = pathlib.Path(sys.argv[-1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "done").write_text(os.environ.get("WANDB_RUN_GROUP", ""))
+"""
+
+
+def test_a_pipelines_stages_share_one_wandb_group(tmp_path):
+    """The pipeline's stages get one W&B group (W&B lists its pretrain, SFT and DPO runs together), kept in
+    out/wandb_group for a later run of the same out/ (a resume). Before, each stage's run stood alone."""
+    program = tmp_path / "stage.py"
+    program.write_text(GROUP_STAGE)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("stages:\n" + "".join(f"  {name}:\n    script: {program}\n    args: {{out_dir: out/{name}}}\n"
+                                            f"    done: out/{name}/done\n" for name in ("pretrain", "sft")))
+    command = [sys.executable, "-m", "mateconv.pipeline", "run", "--preset", str(preset)]
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_RUN_GROUP"}
+    assert subprocess.run(command, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    groups = {(tmp_path / f"out/{name}/done").read_text() for name in ("pretrain", "sft")}
+    assert groups == {(tmp_path / "out/wandb_group").read_text().strip()} and groups != {""}

@@ -124,12 +124,14 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_token
     assert [row["nonfinite_steps"] for row in rows.values()] == [0, 1, 1, 2, 3]
     assert rows[4]["lr"] == rows[3]["lr"] > rows[2]["lr"]  # in the warmup; the skipped step 3 did not advance it
     import wandb
-    from wandb_records import history_rows
+    from wandb_records import history_rows, records
 
     wandb.teardown()  # run.finish() can return before the service has written the run file's last block
     run_file, = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     logged = {int(row["_step"]): row["nonfinite_steps"] for row in history_rows(run_file) if "loss" in row}
     assert logged == {step: row["nonfinite_steps"] for step, row in rows.items()}
+    # the halted stage's run is finished as failed (before: exit code 0, shown as a finished run)
+    assert [r.exit.exit_code for r in records(run_file) if r.WhichOneof("record_type") == "exit"] == [1]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000006"
     assert json.loads((checkpoints / "step_00000006" / "trainer_state.json").read_text())["nonfinite_steps"] == 3

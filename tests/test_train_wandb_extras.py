@@ -145,6 +145,20 @@ def test_unreachable_wandb_server_falls_back_to_offline(tiny_flags, tmp_path, mo
     assert [int(row["_step"]) for row in history_rows(run_file(tmp_path)) if "loss" in row] == [1, 2, 3]
 
 
+def test_a_login_to_a_self_hosted_server_counts_as_a_key(tmp_path, monkeypatch):
+    """`wandb login --host URL` stores the key in netrc under that server's host: with WANDB_BASE_URL naming it, the
+    stage has a key and logs online (before, only api.wandb.ai's entry counted: the run went offline without trying
+    its server). A key for another server is none."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8443")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for host, logged_in in (("wandb.example.com:8443", True), ("api.wandb.ai", False)):
+        (tmp_path / "netrc").write_text(f"machine {host}\n  login user\n  password {'a' * 40}\n")
+        wandb.teardown()  # W&B reads its settings (WANDB_BASE_URL) once per setup
+        assert tracking.wandb_logged_in() is logged_in, host
+    wandb.teardown()
+
+
 @pytest.fixture(scope="module")
 def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
     """A tiny MoE model's SFT from scratch (4 steps, a checkpoint and an evaluation every 2, each checkpoint's model
@@ -159,6 +173,7 @@ def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
         patch.setenv("WANDB_MODE", "offline")
         patch.delenv("WANDB_API_KEY", raising=False)
         patch.setenv("WANDB_DATA_DIR", str(root / "wandb_data"))
+        patch.setenv("WANDB_RUN_GROUP", "moe-pipeline")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -169,6 +184,17 @@ def moe_stage_runs(tiny_flags, tmp_path_factory) -> dict[str, Path]:
         finally:
             torch.set_num_threads(threads)
     return {stage: root / stage for stage in stages}
+
+
+def run_record(out_dir: Path):
+    return next(r.run for r in records(run_file(out_dir)) if r.WhichOneof("record_type") == "run")
+
+
+def test_a_pipeline_is_one_group_of_runs_by_stage(moe_stage_runs):
+    """$WANDB_RUN_GROUP groups the stages' runs; each run's job type is its stage (before: no job type, so the
+    group's SFT and DPO runs told apart only by their random names)."""
+    assert [(run_record(moe_stage_runs[stage]).run_group, run_record(moe_stage_runs[stage]).job_type)
+            for stage in ("sft", "dpo")] == [("moe-pipeline", "sft"), ("moe-pipeline", "dpo")]
 
 
 def run_config(out_dir: Path) -> dict:
@@ -258,3 +284,72 @@ def test_an_unknown_wandb_log_model_is_a_one_line_error():
     with pytest.raises(SystemExit) as error:
         main("pretrain", ["--wandb_log_model", "every"])
     assert str(error.value) == 'pretrain: wandb_log_model: \'every\' is not one of "", end, checkpoint'
+
+
+def exit_codes(out_dir: Path) -> list[int]:
+    return [r.exit.exit_code for r in records(run_file(out_dir)) if r.WhichOneof("record_type") == "exit"]
+
+
+def test_a_stage_that_fails_in_its_first_evaluation_is_a_failed_run(tiny_flags, tmp_path, monkeypatch):
+    """An error in the evaluation of the starting model (out of memory, say), before the first step: the W&B run ends
+    with exit code 1, like a failure during training. Before, that part of the setup was outside the run's finish:
+    W&B's teardown closed it as a finished run (exit code 0)."""
+    from mateconv.train.engine import Trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("Tried to allocate 2 GiB")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(Trainer, "evaluate", out_of_memory)
+    flags = tiny_flags(tmp_path, max_steps=2, tracker="wandb", eval_at_start=True)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    assert exit_codes(tmp_path) == [1]
+
+
+def test_no_wandb_key_is_offline_with_one_line_on_how_to_sync(tiny_flags, tmp_path, monkeypatch, capsys):
+    """WANDB_MODE unset and no key anywhere: the stage says in one line of its own that it logs offline and why, and
+    the command that uploads the run later (before: only W&B's banner, which suggested `wandb online`, a key prompt)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    flags = tiny_flags(tmp_path, max_steps=1, eval_interval=100, save_interval_steps=100, tracker="wandb")
+    run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] W&B")]
+    assert lines == [f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
+                     f"later with `wandb sync {tmp_path}/wandb/offline-run-*-{run_file(tmp_path).stem[4:]}`"]
+    assert exit_codes(tmp_path) == [0]
+
+
+def test_a_launcher_stop_that_ends_the_wandb_service_keeps_the_checkpoint(tiny_flags, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Ctrl-C or `kill` to a DeepSpeed launcher: it sends SIGTERM to each rank's whole process tree, W&B's service
+    process (rank 0's child) included. The rank stops at the end of its step with a checkpoint; W&B's loss is one
+    line. Before, the next W&B call raised ConnectionResetError: a traceback, and no checkpoint was saved."""
+    import os
+    import signal
+
+    import psutil
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = tracking.Tracker.log
+
+    def log_then_stop_like_the_launcher(self, step, metrics, at=None):
+        log(self, step, metrics, at)
+        if step == 2:
+            for child in psutil.Process().children(recursive=True):
+                child.terminate()
+            psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "log", log_then_stop_like_the_launcher)
+    flags = tiny_flags(tmp_path, max_steps=6, eval_interval=100, save_interval_steps=100, tracker="wandb")
+    summary = run(RECIPES["pretrain"], parse_config(flags))
+    wandb.teardown()
+    assert summary["stopped"] and (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"
+    out = capsys.readouterr().out
+    assert out.count("[train] W&B: its service stopped") == 1
+    assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2, 3]

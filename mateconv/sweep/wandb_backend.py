@@ -1,12 +1,10 @@
 """The `wandb` backend: W&B registers the sweep and an agent asks it for each trial's values."""
 from __future__ import annotations
 
-import netrc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mateconv.procs import StageRunner
 from mateconv.sweep.config import SweepConfig, SweepError, is_number
@@ -17,13 +15,9 @@ def wandb_available() -> bool:
     """True when W&B can be reached: not in offline/disabled mode and an API key is configured."""
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+    from mateconv.train.tracking import wandb_logged_in
+
+    return wandb_logged_in()
 
 
 def wandb_trial(run, config: SweepConfig, runner: StageRunner, sweep_dir: Path, gpus: str | None = None) -> int:

@@ -434,27 +434,30 @@ class Trainer:
             if runtime.is_main:
                 self.say_resumed(resume_from, state, changes)
             state["train_examples"] = examples
-        tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"])
-        state["run_id"] = tracker.run_id
-        tracker.add_run_facts(self.run_facts)
-        tracker.watch(unwrap(self.engine))
-        tracker.log_code(REPO_ROOT)
-        if self.evaluate_at_start and self.evaluates and resume_from is None:
-            tracker.log(0, self.evaluate())
-        peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
-        self.engine.train()
         self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
-                                  pin_memory=runtime.device.type == "cuda")
-        if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
-            set_rng_state(saved_rng)
+                                  pin_memory=runtime.device.type == "cuda")  # no workers yet: they start with its use
+        tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"], self.stage)
+        state["run_id"] = tracker.run_id
+        exit_code = 1  # unless the loop returns: W&B shows a stage that raised (in this setup too) as failed
         try:
-            return self._loop(state, tracker, peak)
+            tracker.add_run_facts(self.run_facts)
+            tracker.watch(unwrap(self.engine))
+            tracker.log_code(REPO_ROOT)
+            if self.evaluate_at_start and self.evaluates and resume_from is None:
+                tracker.log(0, self.evaluate())
+            peak = peak_flops(runtime.device, config.track.peak_flops) if runtime.is_main else 0.0
+            self.engine.train()
+            if saved_rng is not None:  # last, so that nothing set up since (measuring peak FLOP/s draws) moves it
+                set_rng_state(saved_rng)
+            summary = self._loop(state, tracker, peak)
+            exit_code = 0
+            return summary
         finally:
             close_loader(self.loader)  # now, whatever ended the run (see close_loader)
             try:
                 self.checkpoints.wait()  # a checkpoint still being written is finished before the run ends
             finally:
-                tracker.finish()
+                tracker.finish(exit_code)
 
     def say_resumed(self, path: Path, state: dict, changes: list[str]) -> None:
         """The resume line, the optimizer settings that differ from the checkpoint's run, and what the same command

@@ -6,10 +6,11 @@ W&B runs offline (`WANDB_MODE=offline`, files under `<out_dir>/wandb/`) when no 
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -136,7 +137,9 @@ class Tracker:
     """Rank 0 writes `metrics.jsonl` and the W&B/TensorBoard run; other ranks do nothing."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, enabled: bool, run_id: str | None = None,
-                 resumed_step: int = 0):
+                 resumed_step: int = 0, stage: str | None = None):
+        """`stage` (pretrain, sft, dpo, cpt) is the W&B run's job type: a pipeline's runs, put in one group by
+        $WANDB_RUN_GROUP, are told apart (and filtered) by it."""
         self.enabled, self.track = enabled, config.track
         self.kind = self.track.tracker if enabled else "none"
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -151,20 +154,23 @@ class Tracker:
         if self.kind == "wandb":
             import wandb
 
-            if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
-                os.environ.setdefault("WANDB_MODE", "offline")
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
+            sync = f"`wandb sync {out_dir}/wandb/offline-run-*-{self.run_id}`"  # a resumed run's directories too
             settings = dict(project=self.project, entity=self.track.wandb_entity or None,
                             name=self.track.wandb_run_name or None, id=self.run_id,
-                            resume="allow", dir=str(out_dir), config=config_to_dict(config))
+                            job_type=stage, resume="allow", dir=str(out_dir), config=config_to_dict(config))
+            if not os.environ.get("WANDB_MODE") and not wandb_logged_in():  # else W&B would ask for a key
+                print(f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
+                      f"later with {sync}", flush=True)
+                settings["mode"] = "offline"
             try:
                 self.run = wandb.init(**settings)
             except wandb.errors.Error as error:  # server unreachable, key refused: the training goes on, logged here
                 reason = (str(error).splitlines() or [""])[0]
                 print(f"[train] W&B: {type(error).__name__}: {reason}; logging offline to {out_dir}/wandb instead "
-                      "(`wandb sync` uploads it later)", flush=True)
+                      f"({sync} uploads it later)", flush=True)
                 wandb.teardown()
-                self.run = wandb.init(**settings, mode="offline")
+                self.run = wandb.init(**{**settings, "mode": "offline"})
         if self.kind == "tensorboard" or self.track.tensorboard_dir:  # a directory asked for: beside W&B too
             from torch.utils.tensorboard import SummaryWriter
 
@@ -193,16 +199,36 @@ class Tracker:
                       "training goes on", flush=True)
             self.rows_lost = True
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            with self._wandb_call():
+                self.run.log(metrics, step=step)
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+
+    @contextmanager
+    def _wandb_call(self) -> Iterator[None]:
+        """A W&B call that finds W&B's service gone (a DeepSpeed launcher stopping the run sends SIGTERM to each rank's
+        process tree, the service included) is one line, and W&B is off for the rest of the stage: the stage goes on
+        to its checkpoint, `metrics.jsonl` keeps every row, and the run's file holds the rows before."""
+        import wandb
+
+        try:
+            yield
+        except (OSError, wandb.errors.Error) as error:
+            print(f"[train] W&B: its service stopped ({type(error).__name__}: {error}); W&B logs no more in this "
+                  f"stage, {self.path} keeps every row", flush=True)
+            if self.track.wandb_watch:
+                self.run.unwatch()  # its hooks would log from the backward passes
+            self.run = None
+            with suppress(OSError, wandb.errors.Error):  # now, not as a traceback at exit (W&B's atexit hook)
+                wandb.teardown()
 
     def add_run_facts(self, facts: dict[str, dict]) -> None:
         """`run_facts` into the W&B config: its `model` section in place of the flags', its `run` section beside
         them (a resume on another number of ranks updates it)."""
         if self.run is not None:
-            self.run.config.update(facts, allow_val_change=True)
+            with self._wandb_call():
+                self.run.config.update(facts, allow_val_change=True)
 
     def watch(self, model: nn.Module) -> None:
         """W&B histograms of gradients and/or parameters every `wandb_watch_freq` backward passes (micro-batches)."""
@@ -213,7 +239,8 @@ class Tracker:
         """Move W&B to `step` before its backward passes: wandb.watch logs its histograms without a step, onto the
         row W&B is at, which would otherwise still be the previous step."""
         if self.run is not None and self.track.wandb_watch:
-            self.run.log({}, step=step, commit=False)
+            with self._wandb_call():
+                self.run.log({}, step=step, commit=False)
 
     def log_code(self, root: Path) -> None:
         """The project's source files (`is_project_source`) as the run's W&B code artifact `source-<project>-<stage>`."""
@@ -240,19 +267,30 @@ class Tracker:
             print(f"[train] W&B: the model of step {step} was not logged as an artifact ({type(error).__name__}: "
                   f"{reason}); the run's own files are saved as ever", flush=True)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """`exit_code` 1: the stage raised (the W&B run is marked failed; its offline directory still syncs)."""
         if self.run is not None:
-            self.run.finish()
+            with self._wandb_call():
+                self.run.finish(exit_code=exit_code)
         if self.writer is not None:
             self.writer.close()
 
 
-def _wandb_logged_in() -> bool:
-    """A key stored by `wandb login` (~/.netrc) counts as configured."""
+def wandb_logged_in() -> bool:
+    """Whether W&B has a key for its server without asking for one: $WANDB_API_KEY or $WANDB_IDENTITY_TOKEN_FILE, a
+    `wandb login` (the netrc entry of the server W&B's settings name, a self-hosted one's after `wandb login --host`),
+    or an api_key in W&B's settings files."""
+    import wandb
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings = wandb_setup.singleton().settings
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+        return bool(settings.api_key or wbnetrc.read_netrc_auth(host=settings.base_url))
+    except wandb.errors.Error:  # a malformed key: wandb.init says what is wrong with it
+        return True
 
 
 class Progress:
