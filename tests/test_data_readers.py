@@ -208,3 +208,14 @@ def test_the_tokenizer_text_of_a_record_holds_every_field_the_formats_read():
     assert readers.record_text({"prompt": "Capital of France?", "completion": "Paris."}) == "Capital of France?\nParis."
     assert readers.record_text({"system": "Be brief.", "question": "Capital?", "chosen": "Paris.",
                                 "rejected": "Rome."}) == "Be brief.\nCapital?\nParis.\nRome."
+
+
+def test_a_tokenizer_kept_in_a_corpus_directory_is_not_read_as_text(tmp_path):
+    """`python -m mateconv.tokenizer --corpus DIR` (and stage 2's --raw_dir, 3.dataset.py) on a directory that also
+    holds a tokenizer: its merges.txt was trained on as text and its JSON files read as records."""
+    (tmp_path / "text.txt").write_text("The river runs past the old mill.\n")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\nĠ t\nh e\n")
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    assert readers.list_files([tmp_path]) == [tmp_path / "text.txt"]
+    assert readers.list_files([tmp_path / "tokenizer" / "merges.txt"]) == [tmp_path / "tokenizer" / "merges.txt"]

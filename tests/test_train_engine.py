@@ -255,6 +255,12 @@ def test_validation_data_of_no_row_is_told(train, tmp_path, capsys):
     train(tmp_path / "run", max_steps=1, val_data_path=corpus)
     assert (f"[pretrain] no validation (nor best/ model): {tmp_path / 'run' / 'data_tokens' / 'val'} gives no row at "
             "max_seq_len 96") in capsys.readouterr().out
+    # held-out shards of no record (stage 2 with --val_frac 0) are told as such, not as too short for max_seq_len
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    train(tmp_path / "empty_run", max_steps=1, val_data_path=empty)
+    assert (f"[pretrain] no validation (nor best/ model): {tmp_path / 'empty_run' / 'data_tokens' / 'val'} holds no "
+            "records") in capsys.readouterr().out
 
 
 def test_validation_data_of_fewer_rows_than_a_batch_is_evaluated(train, tmp_path):

@@ -63,13 +63,20 @@ def files_under(root: Path) -> list[Path]:
     return sorted(path for path in files if path.is_file())
 
 
+# A model's or tokenizer's own files (a tokenizer directory kept beside the data): merges.txt read as text would be
+# trained on, the JSON files are not records
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "merges.txt", "config.json", "generation_config.json")
+
+
 def list_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files of the given paths; directories are searched recursively (sorted) for the known suffixes."""
+    """Files of the given paths; directories are searched recursively (sorted) for the known suffixes, leaving out
+    a model's or tokenizer's own files."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = [p for p in files_under(path) if _suffix(p)]
+            found = [p for p in files_under(path) if _suffix(p) and p.name not in MODEL_FILES]
             if not found:
                 raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this directory")
             files += found

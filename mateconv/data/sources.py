@@ -20,7 +20,7 @@ from typing import Any
 from mateconv.data import DataError
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, SOURCE_KEYS, dataset_info, entry_for
 from mateconv.data.formats import ROLE_NAMES, detect_format
-from mateconv.data.readers import SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
+from mateconv.data.readers import MODEL_FILES, SUFFIXES, TEXT_KEYS, BadLine, files_under, iter_records, record_text
 
 SAMPLE = 50
 HEAD = 1000  # records read, bad ones included, to find SAMPLE readable ones; past it only while all are broken lines
@@ -158,11 +158,6 @@ def recognize(path: Path) -> DataFile:
     note = "; ".join(notes)
     return DataFile(path, kind, name, path.stat().st_size, note)
 
-
-# A model's or tokenizer's own files (a tokenizer directory kept beside the data): merges.txt read as text would be
-# pretrained on, the JSON files are not records
-MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-               "merges.txt", "config.json", "generation_config.json")
 
 
 def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:

@@ -78,7 +78,10 @@ def held_out_lm_data(config: TrainConfig, vocab_size: int | None, report: bool =
             continue
         name = path.parent.name if path.name in ("val", "train") else path.name
         data[name] = readers[kind](path, config.model.max_seq_len)
-        if not len(data[name]):  # SFT conversations whose prompts fill max_seq_len have no labelled token
+        if not info["num_records"]:
+            skip(f"{path} holds no records")
+            del data[name]
+        elif not len(data[name]):  # SFT conversations whose prompts fill max_seq_len have no labelled token
             skip(f"{path} has no labelled token within max_seq_len {config.model.max_seq_len}")
             del data[name]
     return data

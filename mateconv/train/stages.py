@@ -139,8 +139,9 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         raise DataError(f"{label} training data holds no records{kept}: {config.data.data_path}")
     val = reader_class(val_path, config.model.max_seq_len, **reader_options) if val_path else None
     if val is not None and not len(val) and runtime.is_main:  # without_empty_validation turns validation off
-        print(f"[{reader_class.kind}] no validation (nor best/ model): {val_path} gives no row at max_seq_len "
-              f"{config.model.max_seq_len}", flush=True)
+        why = ("holds no records" if not shard_info(val_path)["num_records"]
+               else f"gives no row at max_seq_len {config.model.max_seq_len}")
+        print(f"[{reader_class.kind}] no validation (nor best/ model): {val_path} {why}", flush=True)
     return StageData(reader_class(train_path, config.model.max_seq_len, **reader_options), val, info["vocab_size"])
 
 
