@@ -149,8 +149,11 @@ def test_periodic_loop_repeats_and_stops_on_sigint(tmp_path):
     (tmp_path / "home").mkdir()
     root = tmp_path / "cache"
     _file(root / "a", age_days=10)
+    # SIGINT as a terminal's shell leaves it: a suite started in the background of a script inherits it ignored, and
+    # bash cannot trap a signal ignored on entry
     process = subprocess.Popen(["bash", str(SCRIPT), "--dir", str(root), "--max_age_days", "5", "--interval", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)
     late = _file(root / "b", age_days=10)  # appears after the first pass; the second pass removes it
     deadline = time.time() + 20

@@ -49,7 +49,14 @@ def records(tiny_sft_model, tiny_embedded_data, greedy_reply) -> list[dict]:
 
 
 def children() -> set[int]:
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    """The model servers running under this test process (other processes here come and go: W&B's service, ...)."""
+    def is_server(process: psutil.Process) -> bool:
+        try:
+            return "mateconv.serve" in process.cmdline()
+        except psutil.Error:  # ended meanwhile
+            return False
+
+    return {child.pid for child in psutil.Process().children(recursive=True) if is_server(child)}
 
 
 def test_local_generator_random_judge_failures_then_rule_pairs(tmp_path, judge_server, records, tiny_sft_model,
