@@ -260,6 +260,15 @@ def test_a_resume_into_another_model_a_finished_run_or_other_data_says_so(train,
     assert "this run is finished (step 3 of 3): nothing to train; raise --max_steps" in out
     assert "[pretrain] done: step 3\n" in out and "nan" not in out
 
+    # shards rebuilt from changed inputs (3.dataset.py gives them another fingerprint) with as many examples
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(tiny_tokens / "pretrain" / "train", rebuilt)
+    index = json.loads((rebuilt / "index.json").read_text())
+    (rebuilt / "index.json").write_text(json.dumps({**index, "fingerprint": "0123456789abcdef"}))
+    train(run_dir, max_steps=4, eval_interval=100, data_path=rebuilt)
+    assert ("note: the training data was made from other or changed files (or another tokenizer) than the checkpoint's "
+            "run's, with as many examples") in capsys.readouterr().out
+
     other_data = tiny_tokens / "pretrain" / "val"  # fewer examples than the training shards
     summary = train(run_dir, max_steps=5, eval_interval=100, data_path=other_data, val_data_path="")
     out = capsys.readouterr().out

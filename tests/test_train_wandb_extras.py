@@ -319,8 +319,9 @@ def test_no_wandb_key_is_offline_with_one_line_on_how_to_sync(tiny_flags, tmp_pa
     run(RECIPES["pretrain"], parse_config(flags))
     wandb.teardown()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] W&B")]
+    run_id = run_file(tmp_path).stem[4:]
     assert lines == [f"[train] W&B: no API key ($WANDB_API_KEY or `wandb login`): logging offline; upload the run "
-                     f"later with `wandb sync {tmp_path}/wandb/offline-run-*-{run_file(tmp_path).stem[4:]}`"]
+                     f"later with `wandb sync --id {run_id} {tmp_path}/wandb/offline-run-*-{run_id}`"]
     assert exit_codes(tmp_path) == [0]
 
 

@@ -161,7 +161,7 @@ def test_a_node_without_ssh_waits_for_node_0s_other_stages(tmp_path, monkeypatch
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     done = tmp_path / "out" / "data.done"
     preset = {"stages": {"data": {"module": "mateconv.no_such_module", "done": "out/data.done"}}}
-    timer = threading.Timer(0.5, lambda: (done.parent.mkdir(), done.touch()))
+    timer = threading.Timer(0.5, lambda: (done.parent.mkdir(exist_ok=True), done.touch()))
     timer.start()
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:  # the stage runner forwards these to its stage; pytest's own come back afterwards

@@ -422,8 +422,9 @@ class Trainer:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
         examples = len(self.train_data)
+        made_from = getattr(self.train_data, "index", {}).get("fingerprint")  # the shards' inputs and tokenizer
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
-                 "nonfinite_steps": 0, "train_examples": examples, "stage": self.stage}
+                 "nonfinite_steps": 0, "train_examples": examples, "train_data": made_from, "stage": self.stage}
         resume_from, saved_rng = self.resume_from, None
         seed_everything(config.optim.seed + runtime.rank)  # a resume restores the RNG of each rank that saved one
         if resume_from is not None:
@@ -433,7 +434,7 @@ class Trainer:
             state.update(loaded)
             if runtime.is_main:
                 self.say_resumed(resume_from, state, changes)
-            state["train_examples"] = examples
+            state["train_examples"], state["train_data"] = examples, made_from
         self.loader = make_loader(self.train_data, self.sampler, config.optim.batch_size, config.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")  # no workers yet: they start with its use
         tracker = Tracker(config, self.out_dir, runtime.is_main, state["run_id"], state["step"], self.stage)
@@ -472,10 +473,15 @@ class Trainer:
                   f"{self.config.checkpoint.init_from or '(none)'}: the resume goes on with the checkpoint's model, "
                   "not that one (give this run its own --out_dir to train from it)", flush=True)
         before = state.get("train_examples")  # absent in checkpoints written before it was recorded
+        made_from = getattr(self.train_data, "index", {}).get("fingerprint")
         if before is not None and before != len(self.train_data):
             print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "
                   f"{before}: training goes on at the saved position in the new data (--resume never starts over)",
                   flush=True)
+        elif state.get("train_data") not in (None, made_from):
+            print(f"[train] note: the training data was made from other or changed files (or another tokenizer) than "
+                  f"the checkpoint's run's, with as many examples ({before}): training goes on at the saved position "
+                  "in the new data (--resume never starts over)", flush=True)
         if step >= self.total_steps:
             print(f"[train] this run is finished (step {step} of {self.total_steps}): nothing to train; raise "
                   "--max_steps or --epochs to go on, or pass --resume never to start over", flush=True)

@@ -155,7 +155,8 @@ class Tracker:
             import wandb
 
             self.run_id = run_id or wandb.sdk.lib.runid.generate_id()
-            sync = f"`wandb sync {out_dir}/wandb/offline-run-*-{self.run_id}`"  # a resumed run's directories too
+            # a resumed run's directories too: with --id W&B syncs several of one run in order of their start
+            sync = f"`wandb sync --id {self.run_id} {out_dir}/wandb/offline-run-*-{self.run_id}`"
             settings = dict(project=self.project, entity=self.track.wandb_entity or None,
                             name=self.track.wandb_run_name or None, id=self.run_id,
                             job_type=stage, resume="allow", dir=str(out_dir), config=config_to_dict(config))
