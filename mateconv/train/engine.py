@@ -422,7 +422,7 @@ class Trainer:
         """Train to `total_steps` (or until SIGINT/SIGTERM); returns the last step, losses and whether it stopped."""
         config, runtime = self.config, self.runtime
         examples = len(self.train_data)
-        made_from = getattr(self.train_data, "index", {}).get("fingerprint")  # the shards' inputs and tokenizer
+        made_from = self.train_data_fingerprint
         state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "best_val_loss": None, "run_id": None,
                  "nonfinite_steps": 0, "train_examples": examples, "train_data": made_from, "stage": self.stage}
         resume_from, saved_rng = self.resume_from, None
@@ -460,6 +460,11 @@ class Trainer:
             finally:
                 tracker.finish(exit_code)
 
+    @property
+    def train_data_fingerprint(self) -> str | None:
+        """What the training shards were made from (their inputs and tokenizer); None for data without an index."""
+        return getattr(self.train_data, "index", {}).get("fingerprint")
+
     def say_resumed(self, path: Path, state: dict, changes: list[str]) -> None:
         """The resume line, the optimizer settings that differ from the checkpoint's run, and what the same command
         does not do by itself: train a finished run further, or notice that the data changed under the checkpoint."""
@@ -473,12 +478,11 @@ class Trainer:
                   f"{self.config.checkpoint.init_from or '(none)'}: the resume goes on with the checkpoint's model, "
                   "not that one (give this run its own --out_dir to train from it)", flush=True)
         before = state.get("train_examples")  # absent in checkpoints written before it was recorded
-        made_from = getattr(self.train_data, "index", {}).get("fingerprint")
         if before is not None and before != len(self.train_data):
             print(f"[train] note: the training data now has {len(self.train_data)} examples, the checkpoint's run had "
                   f"{before}: training goes on at the saved position in the new data (--resume never starts over)",
                   flush=True)
-        elif state.get("train_data") not in (None, made_from):
+        elif state.get("train_data") not in (None, self.train_data_fingerprint):
             print(f"[train] note: the training data was made from other or changed files (or another tokenizer) than "
                   f"the checkpoint's run's, with as many examples ({before}): training goes on at the saved position "
                   "in the new data (--resume never starts over)", flush=True)
