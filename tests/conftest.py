@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind() -> Iterator[None]:
+    """An in-process DeepSpeed or FSDP run (a lone rank) sets up a process group and keeps it, as a stage's own
+    process would until it exits: the next test in this worker starts without it."""
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
