@@ -42,6 +42,9 @@ def test_normalize_and_filters():
     assert filters.reason(prose(2, 400)) is None  # a long pretraining document counts in full
     assert filters.reason("the same spam line again\n" * 20) == "repetitive"
     assert filters.reason("buy now " * 60) == "repetitive"  # one long line: caught by the compression ratio
+    # a ci with its refrain (长相思): 22 of the 21,250 ci were dropped when each line's first time counted too, 4 now
+    assert filters.reason("长相思。\n长相思。\n若问相思甚了期。\n除非相见时。\n长相思。\n长相思。\n欲把相思说似谁。\n"
+                          "浅情人不知。") is None
     assert filters.reason(prose(1, 100)) is None
 
 

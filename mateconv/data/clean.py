@@ -37,7 +37,7 @@ def normalize(text: str, form: str = DEFAULT_NORMALIZATION) -> str:
 class Filters:
     min_chars: int = 10
     max_chars: int = 200_000  # conversations and pairs
-    max_dup_line_frac: float = 0.3  # share of characters on lines that occur more than once
+    max_dup_line_frac: float = 0.3  # share of characters on lines that repeat an earlier line (Gopher's rule)
     min_compress_ratio: float = 0.2  # zlib size / raw size; very repetitive text compresses far below real prose
     repetition_min_bytes: int = 256  # short texts compress badly anyway: the ratio is only checked above this
 
@@ -58,7 +58,8 @@ class Filters:
             counts: dict[str, int] = {}
             for line in lines:
                 counts[line] = counts.get(line, 0) + 1
-            duplicated = sum(len(line) * n for line, n in counts.items() if n > 1)
+            # the repeats only, not each line's first time: a song's refrain twice is not a spam page's line
+            duplicated = sum(len(line) * (n - 1) for line, n in counts.items() if n > 1)
             if duplicated > self.max_dup_line_frac * sum(len(line) for line in lines):
                 return True
         raw = text.encode("utf-8")
