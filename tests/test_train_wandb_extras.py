@@ -354,3 +354,19 @@ def test_a_launcher_stop_that_ends_the_wandb_service_keeps_the_checkpoint(tiny_f
     out = capsys.readouterr().out
     assert out.count("[train] W&B: its service stopped") == 1
     assert [row["step"] for row in read_metrics(tmp_path) if "loss" in row] == [1, 2, 3]
+
+
+def test_a_resume_from_another_runs_checkpoint_is_a_new_wandb_run(tiny_flags, tmp_path, monkeypatch):
+    """`--resume OTHER/checkpoints/step_N --out_dir NEW` branches off another run: NEW is a W&B run of its own. It
+    took the other run's id, so both directories logged into one W&B run, the branch's steps over the original's."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    original, branch = tmp_path / "original", tmp_path / "branch"
+    for out_dir, more in ((original, {}), (original, {"max_steps": 3}),  # the same run resumed: its own id kept
+                          (branch, {"max_steps": 3, "resume": str(original / "checkpoints" / "step_00000002")})):
+        flags = tiny_flags(out_dir, **{"max_steps": 2, "eval_interval": 100, "save_interval_steps": 2,
+                                       "tracker": "wandb", **more})
+        run(RECIPES["pretrain"], parse_config(flags))
+        wandb.teardown()
+    ids = {out_dir.name: {path.stem[4:] for path in (out_dir / "wandb").glob("offline-run-*/run-*.wandb")}
+           for out_dir in (original, branch)}
+    assert len(ids["original"]) == 1 and len(ids["branch"]) == 1 and ids["original"] != ids["branch"]

@@ -432,6 +432,8 @@ class Trainer:
             loaded, saved_rng = self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler)
             changes = restore_group_settings(self.optimizer, self.scheduler, settings)
             state.update(loaded)
+            if not resume_from.resolve().is_relative_to(self.out_dir.resolve()):
+                state["run_id"] = None  # another run's checkpoint: this out_dir is a W&B run of its own, not that one
             if runtime.is_main:
                 self.say_resumed(resume_from, state, changes)
             state["train_examples"], state["train_data"] = examples, made_from
