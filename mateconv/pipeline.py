@@ -523,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge_model", help="the judge's model name at the judge endpoint, for stage 7 and the "
                         "win rates of the evaluation alike (default: gpt-4o-mini)")
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
-    parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", dest="sets")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="STAGE.KEY=VALUE", dest="sets",
+                        help="override stage flags: --set pretrain.max_steps=50 sft.max_steps=20 (several after one "
+                        "--set, or --set repeated)")
     parser.add_argument("--hostfile", metavar="FILE", help="multi-node: the DeepSpeed hostfile (`HOST slots=N` per "
                         "node); the training stages run on all its nodes (docs/operations.md)")
     parser.add_argument("--master_addr", help="with --hostfile: the address of node 0 (the first host)")
