@@ -2,9 +2,9 @@
 DPO tokens -> DPO -> evaluation, each stage a separate program reading the previous one's artifacts from `out/`.
 
 A preset (configs/pipeline/<name>.yaml) gives each stage its arguments. A stage whose artifact exists is skipped;
-a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` the stages run
-on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). With `--hostfile` the training
-stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
+a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` (or one FILE)
+the stages run on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). With
+`--hostfile` the training stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
 
     python -m mateconv.pipeline [--preset tiny] [--only pretrain,sft] [--set pretrain.max_steps=50 ...]
     python -m mateconv.pipeline run --data DIR [--tokenizer PATH] [--preset mateconv-0.02b]
@@ -223,9 +223,10 @@ def say(lines: list[str]) -> None:
 
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
              outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
-    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
-    instead of the embedded demo data, and picks the way to preference pairs (stage 7) and DPO. Returns the report
-    (which file became what, and the path taken) and the `fingerprint` of the files used."""
+    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them; a
+    data_dir that is one file is that file alone) instead of the embedded demo data, and picks the way to preference
+    pairs (stage 7) and DPO. Returns the report (which file became what, and the path taken) and the `fingerprint` of
+    the files used."""
     try:
         files = scan(data_dir, outputs)
     except DataError as error:
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", nargs="?", help="with `stop`: the stage to stop")
     parser.add_argument("--preset", default=os.environ.get("MATECONV_PRESET", "tiny"))
     parser.add_argument("--data", metavar="DIR", help="your own files instead of the embedded demo data: pretraining "
-                        "text, SFT conversations, preference pairs (docs/own_data.md)")
+                        "text, SFT conversations, preference pairs (docs/own_data.md); or one such FILE")
     parser.add_argument("--tokenizer", metavar="PATH", help="with --data: use this tokenizer (e.g. MiniMind's "
                         "model/ directory) instead of training one on the data")
     parser.add_argument("--judge_model", help="the judge's model name at the judge endpoint, for stage 7 and the "
