@@ -275,6 +275,8 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     evaluate.pop("val", None)  # the evaluator's default, skipped when a small corpus left no held-out document
     if "tasks" not in kinds:
         evaluate["tasks"] = "none"
+    if "sft" not in kinds:  # no held-out conversations to look for: the samples answer the built-in prompts
+        evaluate["heldout"] = "none"
     return report, fingerprint(files)
 
 

@@ -419,6 +419,20 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
 
 
+def test_a_run_without_sft_data_is_evaluated_without_a_note_on_sft_val(tmp_path, tiny_sft_model):
+    """`--data` with pretraining text only: the evaluation said `out/data/sft_val.jsonl not found or empty; skipping
+    it`, a file such a run never makes; its samples answer the built-in prompts."""
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    shutil.copytree(tiny_sft_model, tmp_path / "out/pretrain/final")
+    result = subprocess.run([sys.executable, "-m", "mateconv.pipeline", "run", "--data", str(data), "--only", "eval",
+                             "--set", "eval.max_new_tokens=2"],
+                            cwd=tmp_path, env=single_thread_env(), text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sft_val.jsonl" not in result.stdout and "--heldout none" in result.stdout
+    [model] = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
+    assert model["samples"]
+
+
 def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):
     """`--set prepare.normalization=NFKC` reaches the tokenizer too: it trains on the text stage 2 writes."""
     monkeypatch.chdir(tmp_path)
