@@ -2,9 +2,9 @@
 DPO tokens -> DPO -> evaluation, each stage a separate program reading the previous one's artifacts from `out/`.
 
 A preset (configs/pipeline/<name>.yaml) gives each stage its arguments. A stage whose artifact exists is skipped;
-a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` the stages run
-on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). With `--hostfile` the training
-stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
+a training stage that was stopped resumes from its last checkpoint when run again. With `--data DIR` (or one FILE)
+the stages run on the user's files instead of the embedded demo data (`use_data`; docs/own_data.md). With
+`--hostfile` the training stages run on every node it names (docs/operations.md, "Multi-node"). Usage:
 
     python -m mateconv.pipeline [--preset tiny] [--only pretrain,sft] [--set pretrain.max_steps=50 ...]
     python -m mateconv.pipeline run --data DIR [--tokenizer PATH] [--preset mateconv-0.02b]
@@ -223,9 +223,10 @@ def say(lines: list[str]) -> None:
 
 def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[str, str],
              outputs: tuple[Path, ...] = ()) -> tuple[list[str], dict[str, list[int]]]:
-    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them)
-    instead of the embedded demo data, and picks the way to preference pairs (stage 7) and DPO. Returns the report
-    (which file became what, and the path taken) and the `fingerprint` of the files used."""
+    """Points the preset's stages at the user's files in data_dir (less the run's `outputs`, where it holds them; a
+    data_dir that is one file is that file alone) instead of the embedded demo data, and picks the way to preference
+    pairs (stage 7) and DPO. Returns the report (which file became what, and the path taken) and the `fingerprint` of
+    the files used."""
     try:
         files = scan(data_dir, outputs)
     except DataError as error:
@@ -274,6 +275,8 @@ def use_data(preset: dict, data_dir: Path, tokenizer: Path | None, env: Mapping[
     evaluate.pop("val", None)  # the evaluator's default, skipped when a small corpus left no held-out document
     if "tasks" not in kinds:
         evaluate["tasks"] = "none"
+    if "sft" not in kinds:  # no held-out conversations to look for: the samples answer the built-in prompts
+        evaluate["heldout"] = "none"
     return report, fingerprint(files)
 
 
@@ -517,13 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", nargs="?", help="with `stop`: the stage to stop")
     parser.add_argument("--preset", default=os.environ.get("MATECONV_PRESET", "tiny"))
     parser.add_argument("--data", metavar="DIR", help="your own files instead of the embedded demo data: pretraining "
-                        "text, SFT conversations, preference pairs (docs/own_data.md)")
+                        "text, SFT conversations, preference pairs (docs/own_data.md); or one such FILE")
     parser.add_argument("--tokenizer", metavar="PATH", help="with --data: use this tokenizer (e.g. MiniMind's "
                         "model/ directory) instead of training one on the data")
     parser.add_argument("--judge_model", help="the judge's model name at the judge endpoint, for stage 7 and the "
                         "win rates of the evaluation alike (default: gpt-4o-mini)")
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
-    parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE", dest="sets")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="STAGE.KEY=VALUE", dest="sets",
+                        help="override stage flags: --set pretrain.max_steps=50 sft.max_steps=20 (several after one "
+                        "--set, or --set repeated)")
     parser.add_argument("--hostfile", metavar="FILE", help="multi-node: the DeepSpeed hostfile (`HOST slots=N` per "
                         "node); the training stages run on all its nodes (docs/operations.md)")
     parser.add_argument("--master_addr", help="with --hostfile: the address of node 0 (the first host)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -283,15 +283,18 @@ def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int = 256, t
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
-def detokenize(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces for a stream of token ids; "".join(pieces) == tokenizer.decode(all ids, skip_special_tokens=True).
+def detokenize(tokenizer, token_ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
+    """Text pieces for a stream of token ids; "".join(pieces) == tokenizer.decode(all ids, skip_special_tokens=True)
+    but for a character left incomplete at the end, whose bytes are dropped (as vLLM and OpenAI drop them).
 
     A piece is released only when the text decodes cleanly (a multi-byte character split across tokens waits for
     its last byte). The pending tokens are decoded together with the previous piece's tokens as context, so
-    tokenizers that strip a leading space from a lone word still decode correctly.
+    tokenizers that strip a leading space from a lone word still decode correctly. `context`: the prompt the ids
+    continue; its last tokens are decoded with the first ids, so bytes that complete a character the prompt left
+    incomplete add no second U+FFFD.
     """
-    ids: list[int] = []
-    prefix = emitted = 0  # ids[prefix:emitted] is context already released; ids[emitted:] are pending
+    ids = [int(token_id) for token_id in context[-4:]]  # enough for a character of 4 bytes, one per token
+    prefix, emitted = 0, len(ids)  # ids[prefix:emitted] is context already released; ids[emitted:] are pending
     for token_id in token_ids:
         ids.append(int(token_id))
         before = tokenizer.decode(ids[prefix:emitted], skip_special_tokens=True)
@@ -301,6 +304,7 @@ def detokenize(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
             prefix, emitted = emitted, len(ids)
     tail = tokenizer.decode(ids[prefix:], skip_special_tokens=True)[len(tokenizer.decode(ids[prefix:emitted],
                                                                                        skip_special_tokens=True)):]
+    tail = tail.rstrip("\ufffd")  # pending tokens always end inside a character (else they would be released)
     if tail:
         yield tail
 
@@ -318,7 +322,7 @@ def stream_text(model, tokenizer, prompt_ids, eos_token_id: int | None = None,
     tokens = iter_tokens(model, input_ids, SamplingConfig(**sampling), eos_token_id=eos, generator=generator,
                          compile=compile)
     ids = (int(token) for token in tokens)
-    yield from detokenize(tokenizer, _until(ids, eos))
+    yield from detokenize(tokenizer, _until(ids, eos), context=input_ids[0].tolist())
 
 
 def _until(ids: Iterator[int], stop: int | None) -> Iterator[int]:

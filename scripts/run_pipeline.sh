@@ -5,8 +5,8 @@
 # resumes an interrupted one. Examples:
 #   bash scripts/run_pipeline.sh                          # preset "tiny": CPU, minutes
 #   bash scripts/run_pipeline.sh --preset mateconv-0.02b  # the seed's 26M dense model
-#   bash scripts/run_pipeline.sh --preset 2gpu --set pretrain.max_steps=2000
-#   bash scripts/run_pipeline.sh --data DIR [--tokenizer PATH]  # your own files (docs/own_data.md)
+#   bash scripts/run_pipeline.sh --preset 2gpu --set pretrain.max_steps=2000 sft.max_steps=500
+#   bash scripts/run_pipeline.sh --data DIR [--tokenizer PATH]  # your own files (docs/own_data.md), or --data FILE
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"

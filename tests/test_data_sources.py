@@ -127,7 +127,7 @@ def test_sft_prompts_are_held_out_of_sft_training(tmp_path):
 
 
 def test_a_missing_or_empty_directory_is_one_clear_error(tmp_path):
-    with pytest.raises(DataError, match="not a directory"):
+    with pytest.raises(DataError, match="nope: no such file or directory$"):
         scan(tmp_path / "nope")
     with pytest.raises(DataError, match="the directory is empty"):
         scan(tmp_path)

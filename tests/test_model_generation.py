@@ -214,6 +214,9 @@ def test_detokenize_waits_for_complete_characters(tokenizer):
     # an emoji is several byte-level tokens: it must come out whole, in one piece
     ids = tokenizer.encode("🎉")
     assert len(ids) > 1 and list(detokenize(tokenizer, ids)) == ["🎉"]
+    # cut inside it, the emoji's bytes are dropped; continuing a prompt cut inside it, they complete it (no text)
+    assert "".join(detokenize(tokenizer, tokenizer.encode("a") + ids[:-1])) == "a"
+    assert "".join(detokenize(tokenizer, ids[-1:] + tokenizer.encode("b"), context=ids[:-1])) == "b"
 
 
 def test_stream_text_concatenates_to_the_full_decode(tokenizer):

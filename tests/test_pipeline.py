@@ -56,6 +56,18 @@ def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(sett
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["--set", "eval.max_tasks=3", "pretrain.learning_rat=1"], "pretrain: unknown config key 'learning_rat'"),
+    (["--set", "pretrain.max_steps=5", "--set", "eval.max_tasks=3", "dpo.dpo_beta=-1"], "dpo: dpo_beta must be > 0"),
+])
+def test_set_takes_several_values(sets, message, tmp_path, monkeypatch, capsys):
+    """`--set a=1 b=2`, as a stage's own `--overrides key=value ...` takes them (argparse refused the second value
+    as the pipeline command), and repeated `--set`s: every value reaches its stage (its error shows it)."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*sets, "--logs", str(tmp_path / "logs")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tiny_pipeline):
     root, result = tiny_pipeline

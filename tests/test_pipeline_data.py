@@ -275,6 +275,21 @@ def test_a_tokenizer_path_that_is_not_there_is_named_once(tmp_path, monkeypatch,
     assert capsys.readouterr().err == f"error: --tokenizer {tmp_path / 'minimind/model'}: no such file or directory\n"
 
 
+def test_data_can_be_one_file(tmp_path, monkeypatch, capsys):
+    """`--data pretrain_hq.jsonl`, as a MiniMind user names their one file, was refused ('not a directory'): it is read
+    as a directory holding only that file (the files beside it are not used); a path that is not there is one line."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain_hq=TEXT, sft=SFT)
+    assert pipeline_main(["run", "--data", str(data / "pretrain_hq.jsonl"), "--only", "prepare"]) == 0
+    said = capsys.readouterr().out
+    assert f"[pipeline] data: {data / 'pretrain_hq.jsonl'} → pretrain, jsonl 'text' field" in said
+    assert "sft.jsonl" not in said and "no SFT conversations in the data" in said
+    used = json.loads((tmp_path / "out/data_source.json").read_text())["files"]
+    assert list(used) == [str(data / "pretrain_hq.jsonl")]
+    assert pipeline_main(["run", "--data", str(data / "pretrain.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {data / 'pretrain.jsonl'}: no such file or directory\n"
+
+
 def test_a_run_inside_its_data_directory_leaves_its_own_outputs_out(tmp_path, monkeypatch, capsys):
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     monkeypatch.chdir(data)  # `--data .`: out/ and logs/ are made inside the data directory
@@ -402,6 +417,20 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     assert "out/tokens/pretrain/val not found or empty; skipping it" in result.stdout
     models = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
     assert [m["val_ppl"] for m in models] == [None, None] and all(m["samples"] for m in models)
+
+
+def test_a_run_without_sft_data_is_evaluated_without_a_note_on_sft_val(tmp_path, tiny_sft_model):
+    """`--data` with pretraining text only: the evaluation said `out/data/sft_val.jsonl not found or empty; skipping
+    it`, a file such a run never makes; its samples answer the built-in prompts."""
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    shutil.copytree(tiny_sft_model, tmp_path / "out/pretrain/final")
+    result = subprocess.run([sys.executable, "-m", "mateconv.pipeline", "run", "--data", str(data), "--only", "eval",
+                             "--set", "eval.max_new_tokens=2"],
+                            cwd=tmp_path, env=single_thread_env(), text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sft_val.jsonl" not in result.stdout and "--heldout none" in result.stdout
+    [model] = json.loads((tmp_path / "out/eval/summary.json").read_text())["models"]
+    assert model["samples"]
 
 
 def test_tokenizer_normalises_as_stage_2(tmp_path, monkeypatch):

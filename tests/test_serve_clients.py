@@ -133,6 +133,22 @@ def test_tokens_that_split_characters(client, local):
         assert len({alternative.token for alternative in entry.top_logprobs}) == 5
 
 
+def test_token_id_prompt_that_ends_inside_a_character(client, local):
+    """A token-id prompt cut inside a character, continued twice by the byte that completes it: the echo shows the
+    prompt's incomplete character as one U+FFFD and nothing more (the first byte completes it, the second is a
+    stray byte at the end, dropped as an incomplete one is); both completion tokens begin at the end of the text."""
+    _, tokenizer, _ = local
+    ids = tokenizer.encode("Once 中", add_special_tokens=False)
+    assert tokenizer.decode(ids[-1:]) == "\ufffd"  # the case under test
+    prompt, rest = ids[:-1], ids[-1]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                      logit_bias={str(rest): 100}, temperature=0)
+    choice = reply.choices[0]
+    assert choice.text == tokenizer.decode(prompt) == "Once \ufffd"
+    assert len(choice.logprobs.tokens) == len(prompt) + 2
+    assert choice.logprobs.text_offset[-2:] == [len(choice.text)] * 2
+
+
 def token_bytes(token: str) -> bytes:
     """The bytes of a token as the server shows it."""
     if token.startswith("bytes:"):

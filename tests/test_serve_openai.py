@@ -89,6 +89,20 @@ def test_max_tokens_gives_length(client, expected):
     assert chunks[-1].usage.completion_tokens == 2
 
 
+def test_reply_cut_inside_a_character_drops_its_bytes(client, tiny_tokenizer):
+    """max_tokens that end the reply inside a character of several bytes: its incomplete bytes are left out, as
+    vLLM and OpenAI leave them out (no U+FFFD at the end), streamed or not."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    half = tokenizer.encode("中", add_special_tokens=False)[0]
+    assert tokenizer.decode([half]) == "\ufffd"  # the case under test: a token that is only part of a character
+    options = {"temperature": 0, "max_tokens": 1, "logit_bias": {str(half): 100}}
+    reply = ask(client, **options)
+    chunks = list(ask(client, stream=True, **options))
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("", "length")
+    assert reply.usage.completion_tokens == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("as_list", [False, True])
 def test_stop_strings(client, expected, stream, as_list):

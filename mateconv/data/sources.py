@@ -162,15 +162,23 @@ def recognize(path: Path) -> DataFile:
 
 def scan(data_dir: str | Path, outputs: tuple[Path, ...] = ()) -> list[DataFile]:
     """Every file under data_dir (recursively, sorted); hidden files are ignored, other types reported as skipped.
-    `outputs` are the run's own directories (out/, logs/), left out with one line each where data_dir holds them."""
+    `outputs` are the run's own directories (out/, logs/), left out with one line each where data_dir holds them.
+    A data_dir that is one file is taken as a directory holding only it."""
     root = Path(data_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a directory")
-    inside = [folder for folder in outputs if folder.is_dir() and folder.is_relative_to(root)]
-    files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)
-             and not any(p.is_relative_to(folder) for folder in inside)]
-    if not files:
-        raise DataError(f"{root}: the directory is empty")
+    if root.is_file():
+        try:
+            root.open("rb").close()
+        except OSError as error:
+            raise DataError(f"{root}: cannot read the file: {error.strerror}") from None
+        files, inside = [root], []
+    elif root.is_dir():
+        inside = [folder for folder in outputs if folder.is_dir() and folder.is_relative_to(root)]
+        files = [p for p in files_under(root) if not any(part.startswith(".") for part in p.relative_to(root).parts)
+                 and not any(p.is_relative_to(folder) for folder in inside)]
+        if not files:
+            raise DataError(f"{root}: the directory is empty")
+    else:
+        raise DataError(f"{root}: {'not a file or directory' if root.exists() else 'no such file or directory'}")
     return [DataFile(folder, None, "this run's own outputs") for folder in inside] + [
         found for p in files for found in (
             described(p) if p.name == DATASET_INFO else [skipped(p) or recognize(p)])]

@@ -179,7 +179,7 @@ class Engine:
             return [Choice("", "length", []) for _ in range(n)]
         steps = self.steps(ids, sampling, n)
         try:
-            return [list(self.reply(row, sampling, cancel))[-1] for row in batch_rows(steps, n)]
+            return [list(self.reply(ids, row, sampling, cancel))[-1] for row in batch_rows(steps, n)]
         finally:
             steps.close()
 
@@ -187,13 +187,14 @@ class Engine:
         """Text pieces as they come, then one Choice with the whole text, finish reason and token count."""
         steps = self.steps(ids, sampling, 1)
         try:
-            yield from self.reply(batch_rows(steps, 1)[0], sampling, cancel)
+            yield from self.reply(ids, batch_rows(steps, 1)[0], sampling, cancel)
         finally:
             steps.close()
 
-    def reply(self, tokens: Iterable, sampling: Sampling, cancel: threading.Event | None = None
+    def reply(self, prompt: list[int], tokens: Iterable, sampling: Sampling, cancel: threading.Event | None = None
               ) -> Iterator[str | Choice]:
-        """The text of generated `tokens` in pieces as it decodes, cut before the first stop string, then the Choice.
+        """The text of `tokens` generated after `prompt` in pieces as it decodes, cut before the first stop string,
+        then the Choice.
         Tokens are taken only until EOS, the one that completes a stop string, or `cancel`: streamed or not, a
         choice counts the tokens generated up to there."""
         taken: list[int] = []
@@ -214,7 +215,7 @@ class Engine:
                     return
 
         scanner, pieces = StopScanner(sampling.stops), []
-        for piece in detokenize(self.tokenizer, until_end()):
+        for piece in detokenize(self.tokenizer, until_end(), context=prompt):
             pieces.append(scanner.feed(piece))
             if pieces[-1]:
                 yield pieces[-1]
