@@ -154,6 +154,16 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert (sweep_dir / "trial_0000.log").is_file()
 
 
+def test_a_misspelt_metric_stops_the_sweep_after_the_first_trial(tmp_path):
+    """`metric: {name: val_los}` ran every trial to its end and failed each one the same way (no such metric)."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "metric": {"name": "val_los", "goal": "minimize"}}))
+    with pytest.raises(SweepError, match="has no 'val_los' values .*did you mean 'val_loss'\\?.*every trial would"):
+        run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 1
+
+
 def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
     config = load_sweep_config(_write_sweep(tmp_path))
     sweep_dir = tmp_path / "sweeps" / "tiny"

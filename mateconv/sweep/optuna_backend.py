@@ -18,7 +18,8 @@ from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.sweep.config import (OPTUNA_DISTRIBUTIONS, REPO, WANDB_ONLY_DISTRIBUTIONS, Param, SweepConfig, SweepError,
                                    is_number)
-from mateconv.sweep.trials import build_command, read_metric, run_following_metrics, trial_env, trial_gpus
+from mateconv.sweep.trials import (MetricMissing, build_command, read_metric, run_following_metrics, trial_env,
+                                   trial_gpus)
 
 
 def suggest(trial, param: Param) -> Any:
@@ -245,6 +246,11 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                 value = read_metric(trial_dir / "metrics.jsonl", config.metric)
                 if not math.isfinite(value):
                     raise TrialFailed(f"{config.metric} is {value}")
+            except MetricMissing as e:  # a trial that ran to its end without it: a misspelt metric.name
+                trial.set_user_attr("error", str(e))
+                raise SweepError(f"trial {_number(trial)}: {e}; every trial would fail the same way, so no more "
+                                 f"start: fix metric.name, then delete {sweep_dir} (its study is scored by the old "
+                                 f"name) or give the sweep a new name") from None
             except (TrialFailed, SweepError) as e:
                 trial.set_user_attr("error", str(e))
                 print(f"[sweep] trial {_number(trial)} failed: {e}", flush=True)

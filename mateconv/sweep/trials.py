@@ -2,6 +2,7 @@
 followed, and the metric read back."""
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -42,8 +43,15 @@ def read_metric(metrics_path: Path, name: str) -> float:
     values = [float(row[name]) for row in rows if is_number(row.get(name))]
     if not values:
         seen = sorted({key for row in rows for key in row})
-        raise SweepError(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(seen) or 'none'})")
+        close = difflib.get_close_matches(name, seen, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        error = MetricMissing if rows else SweepError
+        raise error(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(seen) or 'none'}){hint}")
     return values[-1]
+
+
+class MetricMissing(SweepError):
+    """A metrics.jsonl without the sweep's metric."""
 
 
 def trial_env(gpus: str | None) -> dict[str, str]:
