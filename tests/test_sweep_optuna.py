@@ -164,6 +164,17 @@ def test_a_misspelt_metric_stops_the_sweep_after_the_first_trial(tmp_path):
     assert len(_calls(tmp_path)) == 1
 
 
+def test_weighted_values_are_refused_by_the_optuna_backend(tmp_path):
+    """W&B's `probabilities` beside `values` were ignored: asked for 90% MoE trials, the sweep drew half of each."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["parameters"]["use_moe"]["probabilities"] = [0.9, 0.1]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepError, match="^parameter 'use_moe': 'probabilities' .* only by --backend wandb"):
+        run_optuna(load_sweep_config(path), count=2, out_root=tmp_path / "sweeps")
+    assert not (tmp_path / "calls.jsonl").exists()
+
+
 def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
     config = load_sweep_config(_write_sweep(tmp_path))
     sweep_dir = tmp_path / "sweeps" / "tiny"

@@ -53,6 +53,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     q: float | None = None
+    probabilities: tuple = ()  # W&B's weights of `values`
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,14 @@ def parse_param(name: str, spec: Any) -> Param:
         for v in values:
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise SweepError(f"{where}: values must be numbers, strings, booleans or null, got {v!r}")
-        return Param(name, "categorical", values=tuple(values))
+        probabilities = spec.get("probabilities", [])
+        if not (isinstance(probabilities, list) and len(probabilities) in (0, len(values))
+                and all(is_number(p) and p >= 0 for p in probabilities)):
+            raise SweepError(f"{where}: 'probabilities' must be a list of {len(values)} non-negative numbers, "
+                             "one per value")
+        return Param(name, "categorical", values=tuple(values), probabilities=tuple(probabilities))
+    if "probabilities" in spec:
+        raise SweepError(f"{where}: 'probabilities' go with 'values' (the weight of each)")
     if distribution is None:
         if "min" not in spec or "max" not in spec:
             raise SweepError(f"{where}: give 'value', 'values', or 'min' and 'max' (with an optional 'distribution')")

@@ -169,6 +169,9 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if p.distribution in WANDB_ONLY_DISTRIBUTIONS:
             raise SweepError(f"parameter '{p.name}': distribution '{p.distribution}' is supported only by "
                              f"--backend wandb (optuna maps: {', '.join(OPTUNA_DISTRIBUTIONS)})")
+        if p.probabilities:
+            raise SweepError(f"parameter '{p.name}': 'probabilities' (weighted values) are supported only by "
+                             "--backend wandb; optuna draws each of the values alike")
     run_cap = config.raw.get("run_cap")  # W&B's cap on the sweep's runs
     if count is None:
         if config.method != "grid" and not run_cap:
