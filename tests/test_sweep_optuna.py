@@ -235,6 +235,33 @@ def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
 
 
+def test_sigint_between_two_trials_starts_no_other(tmp_path, monkeypatch):
+    """A Ctrl-C while the summary of a finished trial was written (between two trials) ran the next trial to its end,
+    then threw its result away to rerun it on the next start."""
+    from mateconv.sweep import optuna_backend
+
+    real_write_summary, summaries = optuna_backend.write_summary, []
+
+    def summary_then_ctrl_c(*args):
+        real_write_summary(*args)
+        summaries.append(1)
+        if len(summaries) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(optuna_backend, "write_summary", summary_then_ctrl_c)
+    path = _write_sweep(tmp_path)
+    try:
+        run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert len(_calls(tmp_path)) == 1
+    monkeypatch.undo()
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and len(_calls(tmp_path)) == 3
+
+
 def test_gpus_run_one_trial_on_each_at_once(tmp_path, monkeypatch, capsys):
     """Seed 000's `--count 3 --gpu 0,1` with 4 trials: two run at once, each with one GPU of the list as
     CUDA_VISIBLE_DEVICES (a program uses one device; before, GPU 1 stayed idle); each trial's output goes to its

@@ -207,6 +207,12 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             finally:
                 free.put(gpu)
 
+        def interrupted(trial) -> TrialFailed:
+            """Queues the trial again for the next start, and starts no other now."""
+            _requeue(study, trial)
+            study.stop()
+            return TrialFailed("interrupted")
+
         def run_trial(trial, gpu: str | None) -> float:
             values = {name: suggest(trial, p) for name, p in config.params.items()}
             trial_dir = Path(trial.user_attrs.get("trial_dir", sweep_dir / f"trial_{trial.number:04d}"))
@@ -214,6 +220,8 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             trial.set_user_attr("trial_dir", str(trial_dir))
             trial.set_user_attr("command", command)
             trial.set_user_attr("values", values)
+            if runner.interrupted:  # a Ctrl-C between two trials: this one waits for the next start
+                raise interrupted(trial)
             trial_dir.mkdir(parents=True, exist_ok=True)
             where = f" on GPU {gpu} (log: {sweep_dir / trial_dir.name}.log)" if len(slots) > 1 else ""
             print(f"[sweep] trial {_number(trial)} ({_finished(study) + 1}/{count}){where}: "
@@ -237,9 +245,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             returncode = run_following_metrics(runner, trial_dir.name, command, trial_dir, report,
                                                env=trial_env(gpu), echo=len(slots) == 1)
             if runner.interrupted:
-                _requeue(study, trial)
-                study.stop()
-                raise TrialFailed("interrupted")
+                raise interrupted(trial)
             if pruned:
                 trial.set_user_attr("pruned_at_step", pruned[0])
                 raise optuna.TrialPruned()
