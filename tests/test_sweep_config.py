@@ -229,3 +229,17 @@ def test_a_stage_named_by_mode_or_by_the_yaml_is_one_search(tmp_path):
     by_mode = load_sweep_config(path, str(REPO / "9.train_dpo.py"))
     assert search_digest(by_mode) == search_digest(load_sweep_config(path))
     assert search_digest(by_mode) != search_digest(load_sweep_config(path, str(REPO / "5.full_sft.py")))
+
+
+def test_another_stage_by_mode_is_a_study_of_its_own(tmp_path):
+    """`--mode pretrain` and then `--mode sft` with one YAML (the seeds' sweep_config.yaml) shared its study: the
+    second was refused as a changed config, to be renamed or the first sweep deleted."""
+    path = tmp_path / "sweep_config.yaml"
+    path.write_text(yaml.safe_dump(_config(program="4.pretrain.py",
+                                           parameters={"learning_rate": {"values": [1e-4, 1e-3]}})))
+    assert load_sweep_config(path, str(REPO / "4.pretrain.py")).name == "sweep_config"
+    assert load_sweep_config(path, str(REPO / "5.full_sft.py")).name == "sweep_config_sft"
+    assert load_sweep_config(path, str(REPO / "9.train_dpo.py")).name == "sweep_config_dpo"
+    path.write_text(yaml.safe_dump({key: value for key, value in yaml.safe_load(path.read_text()).items()
+                                    if key != "program"}))  # the seeds' file names none: --mode does
+    assert load_sweep_config(path, str(REPO / "5.full_sft.py")).name == "sweep_config"

@@ -206,7 +206,8 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
 
 
 def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConfig:
-    """The sweep YAML at `path`; `program`, when given (run_sweep's `--mode`), replaces the file's program."""
+    """The sweep YAML at `path`; `program`, when given (run_sweep's `--mode`), replaces the file's program (and
+    when it is another program, the sweep's name gets the stage: `sweep_config_sft`)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
@@ -215,6 +216,11 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
+        # another stage than the one the file names: its own study, <name>_<stage>
+        if raw.get("program") and Path(program).name != Path(str(raw["program"])).name:
+            stage = next((mode for mode, name in STAGE_PROGRAMS.items() if name == Path(program).name),
+                         Path(program).stem)
+            raw = {**raw, "name": f"{raw.get('name', path.stem)}_{stage}"}
         raw = {**raw, "program": program}
     try:
         config = parse_sweep_config(raw, default_name=path.stem)
