@@ -150,7 +150,11 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     states = {(float(r["learning_rate"]), r["use_moe"]): r["state"] for r in rows}
     assert states == {(1e-4, "true"): "COMPLETE", (1e-4, "false"): "COMPLETE",
                       (5e-3, "true"): "FAIL", (5e-3, "false"): "FAIL"}
-    assert all("exit status 1" in r["error"] for r in rows if r["state"] == "FAIL")
+    # why, as the program said it last (with --gpus its output goes only to its log), in the table and the summary
+    failed = {r["trial"]: r["error"] for r in rows if r["state"] == "FAIL"}
+    assert all(error.startswith("exit status 1: diverged (log: ") for error in failed.values()), failed
+    summary = (sweep_dir / "summary.md").read_text()
+    assert all(f"- trial {trial}: {error}\n" in summary for trial, error in failed.items()), summary
     assert (sweep_dir / "trial_0000.log").is_file()
 
 

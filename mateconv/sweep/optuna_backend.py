@@ -18,8 +18,8 @@ from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.sweep.config import (OPTUNA_DISTRIBUTIONS, REPO, WANDB_ONLY_DISTRIBUTIONS, Param, SweepConfig, SweepError,
                                    is_number)
-from mateconv.sweep.trials import (MetricMissing, build_command, read_metric, run_following_metrics, trial_env,
-                                   trial_gpus)
+from mateconv.sweep.trials import (MetricMissing, build_command, last_line, read_metric, run_following_metrics,
+                                   trial_env, trial_gpus)
 
 
 def suggest(trial, param: Param) -> Any:
@@ -251,7 +251,9 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
                 raise optuna.TrialPruned()
             try:
                 if returncode != 0:
-                    raise TrialFailed(f"exit status {returncode} (log: {sweep_dir / trial_dir.name}.log)")
+                    log = sweep_dir / f"{trial_dir.name}.log"
+                    reason = last_line(log)
+                    raise TrialFailed(f"exit status {returncode}{': ' + reason if reason else ''} (log: {log})")
                 value = read_metric(trial_dir / "metrics.jsonl", config.metric)
                 if not math.isfinite(value):
                     raise TrialFailed(f"{config.metric} is {value}")
@@ -331,6 +333,9 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         state = f"PRUNED at step {t.user_attrs['pruned_at_step']}" if t in pruned else t.state.name
         lines.append(f"| {_number(t)} | {state} | {metric} | "
                      + " | ".join(_short(values.get(n, "")) for n in names) + " |")
+    failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+    if failed:
+        lines += ["", "Failed trials:", *(f"- trial {_number(t)}: {t.user_attrs['error']}" for t in failed)]
     importances = _importances(study, config, complete)
     if importances:
         lines += ["", "Parameter importance (fANOVA): "

@@ -54,6 +54,20 @@ class MetricMissing(SweepError):
     """A metrics.jsonl without the sweep's metric."""
 
 
+def last_line(log: Path, tail_bytes: int = 4096) -> str:
+    """The last line a trial printed (a failed stage's own one-line reason, a traceback's error), from its log (where
+    StageRunner heads each run with a `=== ` line); "" when it printed nothing."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - tail_bytes))
+        lines = handle.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    for line in reversed(lines):
+        if line.startswith("=== "):
+            return ""
+        if line.strip():
+            return line.strip()[:300]
+    return ""
+
+
 def trial_env(gpus: str | None) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}
 
