@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,9 +113,10 @@ def test_a_changed_sweep_config_does_not_resume_the_old_study(tmp_path):
     assert len(_calls(tmp_path)) == 2
 
 
-def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
+def test_offline_sweep_runs_summarises_and_resumes(tmp_path, capsys):
     config = load_sweep_config(_write_sweep(tmp_path))
     sweep_dir = run_optuna(config, count=3, out_root=tmp_path / "sweeps")
+    output = capsys.readouterr().out
     calls = _calls(tmp_path)
     assert len(calls) == 3 and all(c["epochs"] == 2 for c in calls)
     assert [Path(c["out_dir"]).name for c in calls] == ["trial_0000", "trial_0001", "trial_0002"]
@@ -130,6 +132,10 @@ def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
     assert best["command"][-2:] == ["--out_dir", str(sweep_dir / f"trial_{best['trial']:04d}")]
     summary = (sweep_dir / "summary.md").read_text()
     assert f"Best: trial {best['trial']}" in summary and "| trial | state | val_loss |" in summary
+    # how to train the best again: its whole command, in the summary and at the end of the run
+    assert f"\n{shlex.join(best['command'])}\n" in summary
+    assert f"[sweep] best: trial {best['trial']}, val_loss={best['val_loss']:.6g}: {shlex.join(best['command'])}\n" \
+        in output
     assert (sweep_dir / "summary.png").stat().st_size > 1000
     assert not (sweep_dir / "sweep.pid").exists()
 

@@ -293,6 +293,10 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if runner.interrupted:
             print("[sweep] interrupted; run the same command again to resume", flush=True)
         write_summary(study, config, sweep_dir)
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            best = study.best_trial
+            print(f"[sweep] best: trial {_number(best)}, {config.metric}={best.value:.6g}: {_command(best)}",
+                  flush=True)
     return sweep_dir
 
 
@@ -323,8 +327,8 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         write_atomic(sweep_dir / "best.json", json.dumps(
             {"trial": _number(best), config.metric: best.value, "params": best_values,
              "command": best.user_attrs.get("command")}, indent=2) + "\n")
-        lines += [f"Best: trial {_number(best)}, {config.metric} = {best.value:.6g}", "", "```",
-                  shlex.join(render_flags(best_values)), "```", ""]
+        lines += [f"Best: trial {_number(best)}, {config.metric} = {best.value:.6g}; its command (another `--out_dir` "
+                  "trains it again):", "", "```", _command(best), "```", ""]
     lines += ["| trial | state | " + " | ".join([config.metric, *names]) + " |",
               "|---" * (len(names) + 3) + "|"]
     for t in trials:
@@ -343,6 +347,11 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     if complete:
         _plot(config, complete, importances, sweep_dir / "summary.png")
+
+
+def _command(trial) -> str:
+    """A trial's command line, ready to paste (a study from before commands were kept: its flags)."""
+    return shlex.join(trial.user_attrs.get("command") or render_flags(trial.user_attrs.get("values", trial.params)))
 
 
 def _short(value: Any) -> str:
