@@ -266,6 +266,9 @@ def test_sigint_between_two_trials_starts_no_other(tmp_path, monkeypatch):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert len(_calls(tmp_path)) == 1
+    # the trial left for the next start shows the values it will run with
+    waiting = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))[-1]
+    assert waiting["state"] == "WAITING" and float(waiting["learning_rate"]) > 0 and waiting["use_moe"]
     monkeypatch.undo()
     run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
     rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))

@@ -109,7 +109,8 @@ def _requeue(study, trial) -> None:
     """Marks a trial as interrupted (left out of counts and summaries) and queues its parameters again with its
     trial dir, so that the stage resumes from the checkpoint it saved there."""
     study.set_user_attr(f"interrupted_{trial.number}", True)
-    resume = {"trial_dir": trial.user_attrs["trial_dir"]} if "trial_dir" in trial.user_attrs else {}
+    # its values: the summary shows what the waiting trial will run with
+    resume = {key: trial.user_attrs[key] for key in ("trial_dir", "values") if key in trial.user_attrs}
     study.enqueue_trial(trial.params, user_attrs=resume, skip_if_exists=False)
 
 
