@@ -115,7 +115,6 @@ def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
     for key in [key for key in os.environ if key.startswith("WANDB_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.setenv("WANDB_MODE", "offline")
     reason = "No API key configured. Use `wandb login` to log in. (--backend optuna runs offline)"
     with pytest.raises(SweepError) as error:
         run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps")
@@ -123,6 +122,18 @@ def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SweepError) as error:
         run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id="abc123")
     assert str(error.value) == f"--backend wandb: W&B did not run an agent of sweep abc123: {reason}"
+
+
+def test_the_wandb_backend_in_offline_mode_says_so_at_once(tmp_path, monkeypatch):
+    """`WANDB_MODE=offline run_sweep.py --backend wandb` said "No API key configured" without a key, and with one
+    waited 26 s for W&B's server before a "service busy" error: offline, W&B cannot run a sweep."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for sweep_id in (None, "abc123"):
+        with pytest.raises(SweepError, match="^--backend wandb: a W&B sweep needs W&B's server, and WANDB_MODE is "
+                                             "offline: "):
+            run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id=sweep_id)
 
 
 def test_a_sweep_id_joins_a_wandb_sweep(monkeypatch):
