@@ -41,6 +41,9 @@ if os.environ.get("WAIT_FOR_SIGINT") == "1":
     sys.exit(0)  # like the engine: save a checkpoint and leave cleanly
 if args.learning_rate > float(os.environ.get("FAIL_ABOVE_LR", "inf")):
     sys.exit("diverged")
+if args.learning_rate > float(os.environ.get("KILL_ABOVE_LR", "inf")):
+    print("step 1/3 loss 4.2", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer does
 os.makedirs(args.out_dir, exist_ok=True)
 started = time.time()
 time.sleep(float(os.environ.get("TRIAL_SECONDS", "0")))
@@ -183,6 +186,15 @@ def test_weighted_values_are_refused_by_the_optuna_backend(tmp_path):
     with pytest.raises(SweepError, match="^parameter 'use_moe': 'probabilities' .* only by --backend wandb"):
         run_optuna(load_sweep_config(path), count=2, out_root=tmp_path / "sweeps")
     assert not (tmp_path / "calls.jsonl").exists()
+
+
+def test_a_trial_killed_by_a_signal_says_so(tmp_path, monkeypatch):
+    """A trial the OOM killer ended was 'exit status -9' with its last progress line as the reason."""
+    config = load_sweep_config(_write_sweep(tmp_path, method="grid", learning_rate={"values": [5e-3]}))
+    monkeypatch.setenv("KILL_ABOVE_LR", "1e-3")
+    sweep_dir = run_optuna(config, count=1, out_root=tmp_path / "sweeps")
+    error = next(csv.DictReader((sweep_dir / "trials.csv").open()))["error"]
+    assert error.startswith("killed by SIGKILL (the kernel's out-of-memory killer, or kill -9) (log: "), error
 
 
 def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):

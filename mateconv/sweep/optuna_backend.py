@@ -18,7 +18,7 @@ from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.sweep.config import (OPTUNA_DISTRIBUTIONS, REPO, WANDB_ONLY_DISTRIBUTIONS, Param, SweepConfig, SweepError,
                                    is_number)
-from mateconv.sweep.trials import (MetricMissing, build_command, last_line, read_metric, run_following_metrics,
+from mateconv.sweep.trials import (MetricMissing, build_command, exit_reason, read_metric, run_following_metrics,
                                    trial_env, trial_gpus)
 
 
@@ -253,8 +253,7 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             try:
                 if returncode != 0:
                     log = sweep_dir / f"{trial_dir.name}.log"
-                    reason = last_line(log)
-                    raise TrialFailed(f"exit status {returncode}{': ' + reason if reason else ''} (log: {log})")
+                    raise TrialFailed(f"{exit_reason(returncode, log)} (log: {log})")
                 value = read_metric(trial_dir / "metrics.jsonl", config.metric)
                 if not math.isfinite(value):
                     raise TrialFailed(f"{config.metric} is {value}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -66,6 +67,16 @@ def last_line(log: Path, tail_bytes: int = 4096) -> str:
         if line.strip():
             return line.strip()[:300]
     return ""
+
+
+def exit_reason(returncode: int, log: Path) -> str:
+    """Why a trial ended with `returncode` (not 0): the signal that killed it, else its exit status and the last line
+    it printed."""
+    if returncode < 0:
+        killer = " (the kernel's out-of-memory killer, or kill -9)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {signal.Signals(-returncode).name}{killer}"
+    reason = last_line(log)
+    return f"exit status {returncode}{': ' + reason if reason else ''}"
 
 
 def trial_env(gpus: str | None) -> dict[str, str]:
