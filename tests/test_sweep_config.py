@@ -54,6 +54,9 @@ def test_parse_kinds_and_inference():
     (_config(parameters={"lr": {"distribution": "uniform", "max": 1}}), "needs a numeric 'min'"),
     (_config(parameters={"lr": 3e-4}), "expected a mapping"),
     (_config(parameters={"lr": {"values": []}}), "non-empty list"),
+    (_config(parameters={"lr": {"values": [1, 2], "probabilities": [1.0]}}),
+     "'probabilities' must be a list of 2 non-negative numbers, one per value"),
+    (_config(parameters={"lr": {"min": 1, "max": 2, "probabilities": [1.0]}}), "'probabilities' go with 'values'"),
     (_config(parameters={"opt": {"parameters": {"lr": {"value": 1}}}}), "nested parameters are not supported"),
     (_config(method="grid"), "method 'grid' needs 'values' or 'value'"),
     (_config(command=["${interpreter}", "${program}", "${argz}"]), "unknown command macro ${argz}"),
@@ -112,7 +115,6 @@ def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
     for key in [key for key in os.environ if key.startswith("WANDB_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.setenv("WANDB_MODE", "offline")
     reason = "No API key configured. Use `wandb login` to log in. (--backend optuna runs offline)"
     with pytest.raises(SweepError) as error:
         run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps")
@@ -120,6 +122,18 @@ def test_the_wandb_backend_without_a_login_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SweepError) as error:
         run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id="abc123")
     assert str(error.value) == f"--backend wandb: W&B did not run an agent of sweep abc123: {reason}"
+
+
+def test_the_wandb_backend_in_offline_mode_says_so_at_once(tmp_path, monkeypatch):
+    """`WANDB_MODE=offline run_sweep.py --backend wandb` said "No API key configured" without a key, and with one
+    waited 26 s for W&B's server before a "service busy" error: offline, W&B cannot run a sweep."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for sweep_id in (None, "abc123"):
+        with pytest.raises(SweepError, match="^--backend wandb: a W&B sweep needs W&B's server, and WANDB_MODE is "
+                                             "offline: "):
+            run_wandb(load_sweep_config(path), 1, tmp_path / "sweeps", sweep_id=sweep_id)
 
 
 def test_a_sweep_id_joins_a_wandb_sweep(monkeypatch):
@@ -226,3 +240,17 @@ def test_a_stage_named_by_mode_or_by_the_yaml_is_one_search(tmp_path):
     by_mode = load_sweep_config(path, str(REPO / "9.train_dpo.py"))
     assert search_digest(by_mode) == search_digest(load_sweep_config(path))
     assert search_digest(by_mode) != search_digest(load_sweep_config(path, str(REPO / "5.full_sft.py")))
+
+
+def test_another_stage_by_mode_is_a_study_of_its_own(tmp_path):
+    """`--mode pretrain` and then `--mode sft` with one YAML (the seeds' sweep_config.yaml) shared its study: the
+    second was refused as a changed config, to be renamed or the first sweep deleted."""
+    path = tmp_path / "sweep_config.yaml"
+    path.write_text(yaml.safe_dump(_config(program="4.pretrain.py",
+                                           parameters={"learning_rate": {"values": [1e-4, 1e-3]}})))
+    assert load_sweep_config(path, str(REPO / "4.pretrain.py")).name == "sweep_config"
+    assert load_sweep_config(path, str(REPO / "5.full_sft.py")).name == "sweep_config_sft"
+    assert load_sweep_config(path, str(REPO / "9.train_dpo.py")).name == "sweep_config_dpo"
+    path.write_text(yaml.safe_dump({key: value for key, value in yaml.safe_load(path.read_text()).items()
+                                    if key != "program"}))  # the seeds' file names none: --mode does
+    assert load_sweep_config(path, str(REPO / "5.full_sft.py")).name == "sweep_config"

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,6 +41,9 @@ if os.environ.get("WAIT_FOR_SIGINT") == "1":
     sys.exit(0)  # like the engine: save a checkpoint and leave cleanly
 if args.learning_rate > float(os.environ.get("FAIL_ABOVE_LR", "inf")):
     sys.exit("diverged")
+if args.learning_rate > float(os.environ.get("KILL_ABOVE_LR", "inf")):
+    print("step 1/3 loss 4.2", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer does
 os.makedirs(args.out_dir, exist_ok=True)
 started = time.time()
 time.sleep(float(os.environ.get("TRIAL_SECONDS", "0")))
@@ -112,9 +116,10 @@ def test_a_changed_sweep_config_does_not_resume_the_old_study(tmp_path):
     assert len(_calls(tmp_path)) == 2
 
 
-def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
+def test_offline_sweep_runs_summarises_and_resumes(tmp_path, capsys):
     config = load_sweep_config(_write_sweep(tmp_path))
     sweep_dir = run_optuna(config, count=3, out_root=tmp_path / "sweeps")
+    output = capsys.readouterr().out
     calls = _calls(tmp_path)
     assert len(calls) == 3 and all(c["epochs"] == 2 for c in calls)
     assert [Path(c["out_dir"]).name for c in calls] == ["trial_0000", "trial_0001", "trial_0002"]
@@ -130,6 +135,10 @@ def test_offline_sweep_runs_summarises_and_resumes(tmp_path):
     assert best["command"][-2:] == ["--out_dir", str(sweep_dir / f"trial_{best['trial']:04d}")]
     summary = (sweep_dir / "summary.md").read_text()
     assert f"Best: trial {best['trial']}" in summary and "| trial | state | val_loss |" in summary
+    # how to train the best again: its whole command, in the summary and at the end of the run
+    assert f"\n{shlex.join(best['command'])}\n" in summary
+    assert f"[sweep] best: trial {best['trial']}, val_loss={best['val_loss']:.6g}: {shlex.join(best['command'])}\n" \
+        in output
     assert (sweep_dir / "summary.png").stat().st_size > 1000
     assert not (sweep_dir / "sweep.pid").exists()
 
@@ -150,8 +159,42 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     states = {(float(r["learning_rate"]), r["use_moe"]): r["state"] for r in rows}
     assert states == {(1e-4, "true"): "COMPLETE", (1e-4, "false"): "COMPLETE",
                       (5e-3, "true"): "FAIL", (5e-3, "false"): "FAIL"}
-    assert all("exit status 1" in r["error"] for r in rows if r["state"] == "FAIL")
+    # why, as the program said it last (with --gpus its output goes only to its log), in the table and the summary
+    failed = {r["trial"]: r["error"] for r in rows if r["state"] == "FAIL"}
+    assert all(error.startswith("exit status 1: diverged (log: ") for error in failed.values()), failed
+    summary = (sweep_dir / "summary.md").read_text()
+    assert all(f"- trial {trial}: {error}\n" in summary for trial, error in failed.items()), summary
     assert (sweep_dir / "trial_0000.log").is_file()
+
+
+def test_a_misspelt_metric_stops_the_sweep_after_the_first_trial(tmp_path):
+    """`metric: {name: val_los}` ran every trial to its end and failed each one the same way (no such metric)."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "metric": {"name": "val_los", "goal": "minimize"}}))
+    with pytest.raises(SweepError, match="has no 'val_los' values .*did you mean 'val_loss'\\?.*every trial would"):
+        run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    assert len(_calls(tmp_path)) == 1
+
+
+def test_weighted_values_are_refused_by_the_optuna_backend(tmp_path):
+    """W&B's `probabilities` beside `values` were ignored: asked for 90% MoE trials, the sweep drew half of each."""
+    path = _write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["parameters"]["use_moe"]["probabilities"] = [0.9, 0.1]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepError, match="^parameter 'use_moe': 'probabilities' .* only by --backend wandb"):
+        run_optuna(load_sweep_config(path), count=2, out_root=tmp_path / "sweeps")
+    assert not (tmp_path / "calls.jsonl").exists()
+
+
+def test_a_trial_killed_by_a_signal_says_so(tmp_path, monkeypatch):
+    """A trial the OOM killer ended was 'exit status -9' with its last progress line as the reason."""
+    config = load_sweep_config(_write_sweep(tmp_path, method="grid", learning_rate={"values": [5e-3]}))
+    monkeypatch.setenv("KILL_ABOVE_LR", "1e-3")
+    sweep_dir = run_optuna(config, count=1, out_root=tmp_path / "sweeps")
+    error = next(csv.DictReader((sweep_dir / "trials.csv").open()))["error"]
+    assert error.startswith("killed by SIGKILL (the kernel's out-of-memory killer, or kill -9) (log: "), error
 
 
 def test_trial_left_running_by_a_killed_runner_is_rerun(tmp_path):
@@ -212,6 +255,36 @@ def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
     assert calls[1]["out_dir"] == first["out_dir"] and calls[2]["out_dir"] != first["out_dir"]
     rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+
+
+def test_sigint_between_two_trials_starts_no_other(tmp_path, monkeypatch):
+    """A Ctrl-C while the summary of a finished trial was written (between two trials) ran the next trial to its end,
+    then threw its result away to rerun it on the next start."""
+    from mateconv.sweep import optuna_backend
+
+    real_write_summary, summaries = optuna_backend.write_summary, []
+
+    def summary_then_ctrl_c(*args):
+        real_write_summary(*args)
+        summaries.append(1)
+        if len(summaries) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(optuna_backend, "write_summary", summary_then_ctrl_c)
+    path = _write_sweep(tmp_path)
+    try:
+        run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert len(_calls(tmp_path)) == 1
+    # the trial left for the next start shows the values it will run with
+    waiting = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))[-1]
+    assert waiting["state"] == "WAITING" and float(waiting["learning_rate"]) > 0 and waiting["use_moe"]
+    monkeypatch.undo()
+    run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+    rows = list(csv.DictReader((tmp_path / "sweeps" / "tiny" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and len(_calls(tmp_path)) == 3
 
 
 def test_gpus_run_one_trial_on_each_at_once(tmp_path, monkeypatch, capsys):

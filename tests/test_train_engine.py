@@ -863,6 +863,33 @@ def test_metrics_file_is_truncated_to_the_resumed_step(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A run killed after its last checkpoint logged steps it replays on resume; TensorBoard (as metrics.jsonl) keeps
+    the replayed ones only, and a fresh run in the same out_dir starts over."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mateconv.train.tracking import Tracker
+
+    config = parse_config(["--tracker", "tensorboard"])
+
+    def run(first: int, last: int, resumed_step: int = 0) -> None:
+        tracker = Tracker(config, tmp_path, enabled=True, resumed_step=resumed_step)
+        for step in range(first, last + 1):
+            tracker.log(step, {"loss": float(step) + 0.5 * resumed_step})
+        tracker.finish()
+
+    def curve() -> list[tuple[int, float]]:
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(event.step, event.value) for event in events.Scalars("loss")]
+
+    run(1, 5)
+    run(3, 6, resumed_step=2)  # killed after step 5, resumed from the step-2 checkpoint
+    assert curve() == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (5, 6.0), (6, 7.0)]
+    run(1, 2)
+    assert curve() == [(1, 1.0), (2, 2.0)]
+
+
 def test_half_precision_on_a_cpu_trains_and_says_it_is_slow(train, tmp_path, capsys):
     """Seed 003's example config asks for float16; on this CPU that trained ~24x slower than float32 (173 vs 4,122
     tok/s for a 4-layer dim-256 model). It still trains, with a note; float32 (our CPU default) says nothing."""

@@ -53,6 +53,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     q: float | None = None
+    probabilities: tuple = ()  # W&B's weights of `values`
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,14 @@ def parse_param(name: str, spec: Any) -> Param:
         for v in values:
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise SweepError(f"{where}: values must be numbers, strings, booleans or null, got {v!r}")
-        return Param(name, "categorical", values=tuple(values))
+        probabilities = spec.get("probabilities", [])
+        if not (isinstance(probabilities, list) and len(probabilities) in (0, len(values))
+                and all(is_number(p) and p >= 0 for p in probabilities)):
+            raise SweepError(f"{where}: 'probabilities' must be a list of {len(values)} non-negative numbers, "
+                             "one per value")
+        return Param(name, "categorical", values=tuple(values), probabilities=tuple(probabilities))
+    if "probabilities" in spec:
+        raise SweepError(f"{where}: 'probabilities' go with 'values' (the weight of each)")
     if distribution is None:
         if "min" not in spec or "max" not in spec:
             raise SweepError(f"{where}: give 'value', 'values', or 'min' and 'max' (with an optional 'distribution')")
@@ -198,7 +206,8 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
 
 
 def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConfig:
-    """The sweep YAML at `path`; `program`, when given (run_sweep's `--mode`), replaces the file's program."""
+    """The sweep YAML at `path`; `program`, when given (run_sweep's `--mode`), replaces the file's program (and
+    when it is another program, the sweep's name gets the stage: `sweep_config_sft`)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep config not found: {path}")
@@ -207,6 +216,11 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     except yaml.YAMLError as e:
         raise SweepError(f"sweep config {yaml_error(path, e)}") from None
     if program is not None and isinstance(raw, dict):
+        # another stage than the one the file names: its own study, <name>_<stage>
+        if raw.get("program") and Path(program).name != Path(str(raw["program"])).name:
+            stage = next((mode for mode, name in STAGE_PROGRAMS.items() if name == Path(program).name),
+                         Path(program).stem)
+            raw = {**raw, "name": f"{raw.get('name', path.stem)}_{stage}"}
         raw = {**raw, "program": program}
     try:
         config = parse_sweep_config(raw, default_name=path.stem)

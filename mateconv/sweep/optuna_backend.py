@@ -18,7 +18,8 @@ from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.sweep.config import (OPTUNA_DISTRIBUTIONS, REPO, WANDB_ONLY_DISTRIBUTIONS, Param, SweepConfig, SweepError,
                                    is_number)
-from mateconv.sweep.trials import build_command, read_metric, run_following_metrics, trial_env, trial_gpus
+from mateconv.sweep.trials import (MetricMissing, build_command, exit_reason, read_metric, run_following_metrics,
+                                   trial_env, trial_gpus)
 
 
 def suggest(trial, param: Param) -> Any:
@@ -108,7 +109,8 @@ def _requeue(study, trial) -> None:
     """Marks a trial as interrupted (left out of counts and summaries) and queues its parameters again with its
     trial dir, so that the stage resumes from the checkpoint it saved there."""
     study.set_user_attr(f"interrupted_{trial.number}", True)
-    resume = {"trial_dir": trial.user_attrs["trial_dir"]} if "trial_dir" in trial.user_attrs else {}
+    # its values: the summary shows what the waiting trial will run with
+    resume = {key: trial.user_attrs[key] for key in ("trial_dir", "values") if key in trial.user_attrs}
     study.enqueue_trial(trial.params, user_attrs=resume, skip_if_exists=False)
 
 
@@ -168,6 +170,9 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if p.distribution in WANDB_ONLY_DISTRIBUTIONS:
             raise SweepError(f"parameter '{p.name}': distribution '{p.distribution}' is supported only by "
                              f"--backend wandb (optuna maps: {', '.join(OPTUNA_DISTRIBUTIONS)})")
+        if p.probabilities:
+            raise SweepError(f"parameter '{p.name}': 'probabilities' (weighted values) are supported only by "
+                             "--backend wandb; optuna draws each of the values alike")
     run_cap = config.raw.get("run_cap")  # W&B's cap on the sweep's runs
     if count is None:
         if config.method != "grid" and not run_cap:
@@ -203,6 +208,12 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             finally:
                 free.put(gpu)
 
+        def interrupted(trial) -> TrialFailed:
+            """Queues the trial again for the next start, and starts no other now."""
+            _requeue(study, trial)
+            study.stop()
+            return TrialFailed("interrupted")
+
         def run_trial(trial, gpu: str | None) -> float:
             values = {name: suggest(trial, p) for name, p in config.params.items()}
             trial_dir = Path(trial.user_attrs.get("trial_dir", sweep_dir / f"trial_{trial.number:04d}"))
@@ -210,6 +221,8 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             trial.set_user_attr("trial_dir", str(trial_dir))
             trial.set_user_attr("command", command)
             trial.set_user_attr("values", values)
+            if runner.interrupted:  # a Ctrl-C between two trials: this one waits for the next start
+                raise interrupted(trial)
             trial_dir.mkdir(parents=True, exist_ok=True)
             where = f" on GPU {gpu} (log: {sweep_dir / trial_dir.name}.log)" if len(slots) > 1 else ""
             print(f"[sweep] trial {_number(trial)} ({_finished(study) + 1}/{count}){where}: "
@@ -233,18 +246,22 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             returncode = run_following_metrics(runner, trial_dir.name, command, trial_dir, report,
                                                env=trial_env(gpu), echo=len(slots) == 1)
             if runner.interrupted:
-                _requeue(study, trial)
-                study.stop()
-                raise TrialFailed("interrupted")
+                raise interrupted(trial)
             if pruned:
                 trial.set_user_attr("pruned_at_step", pruned[0])
                 raise optuna.TrialPruned()
             try:
                 if returncode != 0:
-                    raise TrialFailed(f"exit status {returncode} (log: {sweep_dir / trial_dir.name}.log)")
+                    log = sweep_dir / f"{trial_dir.name}.log"
+                    raise TrialFailed(f"{exit_reason(returncode, log)} (log: {log})")
                 value = read_metric(trial_dir / "metrics.jsonl", config.metric)
                 if not math.isfinite(value):
                     raise TrialFailed(f"{config.metric} is {value}")
+            except MetricMissing as e:  # a trial that ran to its end without it: a misspelt metric.name
+                trial.set_user_attr("error", str(e))
+                raise SweepError(f"trial {_number(trial)}: {e}; every trial would fail the same way, so no more "
+                                 f"start: fix metric.name, then delete {sweep_dir} (its study is scored by the old "
+                                 f"name) or give the sweep a new name") from None
             except (TrialFailed, SweepError) as e:
                 trial.set_user_attr("error", str(e))
                 print(f"[sweep] trial {_number(trial)} failed: {e}", flush=True)
@@ -276,6 +293,10 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
         if runner.interrupted:
             print("[sweep] interrupted; run the same command again to resume", flush=True)
         write_summary(study, config, sweep_dir)
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            best = study.best_trial
+            print(f"[sweep] best: trial {_number(best)}, {config.metric}={best.value:.6g}: {_command(best)}",
+                  flush=True)
     return sweep_dir
 
 
@@ -306,8 +327,8 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         write_atomic(sweep_dir / "best.json", json.dumps(
             {"trial": _number(best), config.metric: best.value, "params": best_values,
              "command": best.user_attrs.get("command")}, indent=2) + "\n")
-        lines += [f"Best: trial {_number(best)}, {config.metric} = {best.value:.6g}", "", "```",
-                  shlex.join(render_flags(best_values)), "```", ""]
+        lines += [f"Best: trial {_number(best)}, {config.metric} = {best.value:.6g}; its command (another `--out_dir` "
+                  "trains it again):", "", "```", _command(best), "```", ""]
     lines += ["| trial | state | " + " | ".join([config.metric, *names]) + " |",
               "|---" * (len(names) + 3) + "|"]
     for t in trials:
@@ -316,6 +337,9 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
         state = f"PRUNED at step {t.user_attrs['pruned_at_step']}" if t in pruned else t.state.name
         lines.append(f"| {_number(t)} | {state} | {metric} | "
                      + " | ".join(_short(values.get(n, "")) for n in names) + " |")
+    failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+    if failed:
+        lines += ["", "Failed trials:", *(f"- trial {_number(t)}: {t.user_attrs['error']}" for t in failed)]
     importances = _importances(study, config, complete)
     if importances:
         lines += ["", "Parameter importance (fANOVA): "
@@ -323,6 +347,11 @@ def write_summary(study, config: SweepConfig, sweep_dir: Path) -> None:
     write_atomic(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     if complete:
         _plot(config, complete, importances, sweep_dir / "summary.png")
+
+
+def _command(trial) -> str:
+    """A trial's command line, ready to paste (a study from before commands were kept: its flags)."""
+    return shlex.join(trial.user_attrs.get("command") or render_flags(trial.user_attrs.get("values", trial.params)))
 
 
 def _short(value: Any) -> str:

@@ -2,7 +2,9 @@
 followed, and the metric read back."""
 from __future__ import annotations
 
+import difflib
 import json
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -42,8 +44,39 @@ def read_metric(metrics_path: Path, name: str) -> float:
     values = [float(row[name]) for row in rows if is_number(row.get(name))]
     if not values:
         seen = sorted({key for row in rows for key in row})
-        raise SweepError(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(seen) or 'none'})")
+        close = difflib.get_close_matches(name, seen, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        error = MetricMissing if rows else SweepError
+        raise error(f"{metrics_path} has no '{name}' values (keys seen: {', '.join(seen) or 'none'}){hint}")
     return values[-1]
+
+
+class MetricMissing(SweepError):
+    """A metrics.jsonl without the sweep's metric."""
+
+
+def last_line(log: Path, tail_bytes: int = 4096) -> str:
+    """The last line a trial printed (a failed stage's own one-line reason, a traceback's error), from its log (where
+    StageRunner heads each run with a `=== ` line); "" when it printed nothing."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - tail_bytes))
+        lines = handle.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    for line in reversed(lines):
+        if line.startswith("=== "):
+            return ""
+        if line.strip():
+            return line.strip()[:300]
+    return ""
+
+
+def exit_reason(returncode: int, log: Path) -> str:
+    """Why a trial ended with `returncode` (not 0): the signal that killed it, else its exit status and the last line
+    it printed."""
+    if returncode < 0:
+        killer = " (the kernel's out-of-memory killer, or kill -9)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {signal.Signals(-returncode).name}{killer}"
+    reason = last_line(log)
+    return f"exit status {returncode}{': ' + reason if reason else ''}"
 
 
 def trial_env(gpus: str | None) -> dict[str, str]:

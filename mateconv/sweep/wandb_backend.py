@@ -11,9 +11,12 @@ from mateconv.sweep.config import SweepConfig, SweepError, is_number
 from mateconv.sweep.trials import build_command, run_following_metrics, trial_env, trial_gpus
 
 
+OFFLINE_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values that keep W&B off its server
+
+
 def wandb_available() -> bool:
     """True when W&B can be reached: not in offline/disabled mode and an API key is configured."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+    if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES:
         return False
     from mateconv.train.tracking import wandb_logged_in
 
@@ -67,6 +70,10 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
     """Registers the sweep with W&B (or joins `sweep_id`) and runs `count` trials as an agent (`wandb_trial`)."""
     import wandb
 
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in OFFLINE_MODES:  # else W&B tries its server all the same, and fails on something else
+        raise SweepError(f"--backend wandb: a W&B sweep needs W&B's server, and WANDB_MODE is {mode}: unset it (with "
+                         "a `wandb login`), or run --backend optuna, which runs offline")
     project = project or config.raw.get("project") or "mateconv"
     entity = entity or config.raw.get("entity")
     if sweep_id is None:

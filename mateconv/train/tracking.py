@@ -175,7 +175,9 @@ class Tracker:
         if self.kind == "tensorboard" or self.track.tensorboard_dir:  # a directory asked for: beside W&B too
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=self.track.tensorboard_dir or str(Path(out_dir) / "tensorboard"))
+            # as metrics.jsonl: TensorBoard hides the earlier runs' events from the first step logged from here on
+            self.writer = SummaryWriter(log_dir=self.track.tensorboard_dir or str(Path(out_dir) / "tensorboard"),
+                                        purge_step=resumed_step + 1 if resumed_step > 0 else 0)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop the rows logged after the checkpoint (they are about to be replayed); a fresh run (step 0)
