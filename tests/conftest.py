@@ -39,14 +39,24 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+LONE_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(autouse=True)
 def no_process_group_left_behind() -> Iterator[None]:
-    """An in-process DeepSpeed or FSDP run (a lone rank) sets up a process group and keeps it, as a stage's own
-    process would until it exits: the next test in this worker starts without it."""
+    """An in-process DeepSpeed or FSDP run (a lone rank) sets up a process group and its variables (RANK,
+    MASTER_PORT, ...) and keeps them, as a stage's own process would until it exits: the next test in this worker,
+    and the launchers it starts, begin without them."""
+    before = {key: os.environ.get(key) for key in LONE_RANK_ENV}
     yield
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
