@@ -884,6 +884,15 @@ def test_a_cpu_run_logs_only_its_own_lines(tiny_flags, tmp_path):
     assert "warning" not in log.lower(), log
 
 
+def test_moe_validation_under_deepspeed_leaves_out_the_balance_loss(train, tmp_path):
+    """The DeepSpeed engine keeps `training` True after `eval()` (only its module turns), so the LM objective took a
+    validation batch for training and subtracted the MoE balance loss from the cross-entropy: `val_ppl` was below
+    exp(`val_loss`) (383 for 468 at 2 ranks). Eval mode, as on the plain engine: the cross-entropy alone."""
+    train(tmp_path, init_from="", max_steps=1, eval_interval=1, eval_batches=2, use_moe=True, engine="deepspeed")
+    row = next(row for row in read_metrics(tmp_path) if "val_loss" in row)
+    assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-6), row
+
+
 def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):
     """DeepSpeed steps a ZeRO-0 fp32 optimizer as it is, without a grad norm: with its own Muon every logged
     grad_norm was NaN. Our Muon under CheckedStep measures it (single process: the DeepSpeed engine without the
