@@ -761,6 +761,16 @@ def test_muon_trains(train, tmp_path):
     assert curve[8] < curve[1] - 0.3
 
 
+def test_moe_settings_without_use_moe_are_told(train, tmp_path, capsys):
+    """Seed 001's `--use_moe --n_routed_experts 8 --num_experts_per_tok 2` without its `--use_moe` trained a dense
+    model and said nothing: the settings did nothing. One note names them."""
+    train(tmp_path, max_steps=1, eval_interval=100, n_routed_experts=8, num_experts_per_tok=1)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "use_moe" in line]
+    assert notes == ["[pretrain] note: n_routed_experts 8, num_experts_per_tok 1 are MoE settings and this model is "
+                     "dense (use_moe false): they do nothing"], notes
+    assert not any(key.startswith("moe/") for row in read_metrics(tmp_path) for key in row)
+
+
 def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
