@@ -771,6 +771,15 @@ def test_moe_settings_without_use_moe_are_told(train, tmp_path, capsys):
     assert not any(key.startswith("moe/") for row in read_metrics(tmp_path) for key in row)
 
 
+def test_grouped_experts_that_cannot_run_here_are_one_line(train, tmp_path):
+    """`--moe_impl grouped` where torch._grouped_mm cannot run (fp32 rows of 34 x 4 bytes, not a multiple of 16) was
+    a RuntimeError traceback from the first forward; it is a ConfigError (one line) before training."""
+    with pytest.raises(ConfigError, match=r"moe_impl grouped: torch._grouped_mm does not take torch.float32 on cpu "
+                                          r"for experts of shape \(128, 34\); use moe_impl auto"):
+        train(tmp_path, max_steps=1, use_moe=True, moe_impl="grouped", dim=34, n_heads=1, n_kv_heads=1)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
