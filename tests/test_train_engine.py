@@ -766,8 +766,8 @@ def test_moe_settings_without_use_moe_are_told(train, tmp_path, capsys):
     model and said nothing: the settings did nothing. One note names them."""
     train(tmp_path, max_steps=1, eval_interval=100, n_routed_experts=8, num_experts_per_tok=1)
     notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "use_moe" in line]
-    assert notes == ["[pretrain] note: n_routed_experts 8, num_experts_per_tok 1 are MoE settings and this model is "
-                     "dense (use_moe false): they do nothing"], notes
+    assert notes == ["[pretrain] note: the MoE settings n_routed_experts 8, num_experts_per_tok 1 do nothing: this "
+                     "model is dense (use_moe false)"], notes
     assert not any(key.startswith("moe/") for row in read_metrics(tmp_path) for key in row)
 
 

@@ -321,8 +321,8 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
               "most CPUs (they have no fast half-precision matmul); dtype auto picks float32 there", flush=True)
     resolve_init_from(config, runtime)
     if runtime.is_main and (unused := unused_moe_settings(config)):
-        print(f"[{recipe.name}] note: {', '.join(unused)} are MoE settings and this model is dense (use_moe false): "
-              "they do nothing", flush=True)
+        print(f"[{recipe.name}] note: the MoE settings {', '.join(unused)} do nothing: this model is dense (use_moe "
+              "false)", flush=True)
     if recipe.adds_chatml:
         with_chatml(config, runtime, recipe.name)
     seed_everything(config.optim.seed)  # identical initial weights on every rank
