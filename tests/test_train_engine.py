@@ -780,6 +780,17 @@ def test_grouped_experts_that_cannot_run_here_are_one_line(train, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_resume_names_a_changed_balance_loss_weight(train, tmp_path, capsys):
+    """`--aux_loss_alpha` (or `--seq_aux`, `--dropout`) changed for a resume took effect without a word, while a changed
+    learning rate is named: the note names it too."""
+    moe = dict(use_moe=True, eval_interval=100, save_interval_steps=2)
+    train(tmp_path, max_steps=2, **moe)
+    capsys.readouterr()
+    train(tmp_path, max_steps=3, aux_loss_alpha=0.01, **moe)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "changed since the checkpoint" in line]
+    assert len(notes) == 1 and "aux_loss_alpha 0.1 -> 0.01" in notes[0], notes
+
+
 def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
