@@ -914,11 +914,15 @@ def test_a_cpu_run_logs_only_its_own_lines(tiny_flags, tmp_path):
     assert "warning" not in log.lower(), log
 
 
-def test_moe_validation_under_deepspeed_leaves_out_the_balance_loss(train, tmp_path):
+def test_moe_validation_under_deepspeed_leaves_out_the_balance_loss(tiny_flags, tmp_path):
     """The DeepSpeed engine keeps `training` True after `eval()` (only its module turns), so the LM objective took a
     validation batch for training and subtracted the MoE balance loss from the cross-entropy: `val_ppl` was below
     exp(`val_loss`) (383 for 468 at 2 ranks). Eval mode, as on the plain engine: the cross-entropy alone."""
-    train(tmp_path, init_from="", max_steps=1, eval_interval=1, eval_batches=2, use_moe=True, engine="deepspeed")
+    command = [sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(tmp_path, max_steps=1, eval_interval=1,
+                                                                         eval_batches=2, use_moe=True),
+               "--engine", "deepspeed"]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = next(row for row in read_metrics(tmp_path) if "val_loss" in row)
     assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-6), row
 
