@@ -94,13 +94,19 @@ class MoEFeedForward(nn.Module):
         real_counts = picks.new_zeros(self.n_experts).scatter_add_(0, assigned, picks)
         return (real_counts / picks.sum().clamp(min=1)).detach()
 
+    def grouped_refusal(self, device: torch.device, dtype: torch.dtype, compiling: bool) -> str | None:
+        """Why `moe_impl grouped` cannot run here (None when it can, or when another impl is asked for)."""
+        shape = self.experts[0].gate_proj.weight.shape
+        if self.impl != "grouped" or grouped_mm_supported(device, dtype, shape, compiling):
+            return None
+        return (f"moe_impl grouped: torch._grouped_mm does not take {dtype} on {device.type} for experts of shape "
+                f"{tuple(shape)}{' under torch.compile' if compiling else ''}; use moe_impl auto")
+
     def use_grouped(self, x: torch.Tensor) -> bool:
         dtype = compute_dtype(x)
+        if refusal := self.grouped_refusal(x.device, dtype, torch.compiler.is_compiling()):
+            raise RuntimeError(refusal)
         supported = grouped_mm_supported(x.device, dtype, self.experts[0].gate_proj.weight.shape)
-        if self.impl == "grouped" and not supported:
-            raise RuntimeError(f"moe_impl grouped: torch._grouped_mm does not take {dtype} on {x.device.type} for "
-                               f"experts of shape {tuple(self.experts[0].gate_proj.weight.shape)}"
-                               f"{' under torch.compile' if torch.compiler.is_compiling() else ''}; use moe_impl auto")
         layers = [layer for e in self.experts for layer in (e.gate_proj, e.up_proj, e.down_proj)]
         return supported and self.impl != "loop" and plain_linears(*layers)
 
@@ -151,11 +157,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, expert_shape: torch.Size) -> bool:
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, expert_shape: torch.Size,
+                         compiling: bool | None = None) -> bool:
     """Whether torch._grouped_mm runs the experts here: bf16 (its kernel dtype, on CUDA and CPU, also compiled), or
-    fp32 on CPU outside torch.compile (whose shape rules admit bf16 only); every row stride a multiple of 16 bytes."""
+    fp32 on CPU outside torch.compile (whose shape rules admit bf16 only); every row stride a multiple of 16 bytes.
+    `compiling` None: whether this call is being compiled."""
     if not hasattr(torch, "_grouped_mm") or device.type not in ("cuda", "cpu"):
         return False
+    compiling = torch.compiler.is_compiling() if compiling is None else compiling
     aligned = all(size * dtype.itemsize % 16 == 0 for size in expert_shape)
-    eager_cpu_fp32 = dtype == torch.float32 and device.type == "cpu" and not torch.compiler.is_compiling()
+    eager_cpu_fp32 = dtype == torch.float32 and device.type == "cpu" and not compiling
     return aligned and (dtype == torch.bfloat16 or eager_cpu_fp32)

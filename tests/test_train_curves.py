@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mateconv.train.curves import moving_average, plot_training, training_figure
 
 
@@ -26,6 +28,16 @@ def test_panels_and_their_series():
     assert averaged.get_ydata()[-1] > raw.get_ydata()[-1]  # the average of a falling loss lags behind it
     assert [line.get_label() for line in load.get_lines()] == ["layer 0", "layer 1"]
     assert len(training_figure(rows(100, moe=False), "sft").axes) == 4  # no MoE panel for a dense model
+
+
+def test_moe_training_loss_is_drawn_without_the_balance_loss():
+    """Validation leaves the MoE balance loss out, training's `loss` has it (about aux_loss_alpha per layer: 0.8 for
+    the 8-layer preset): drawn as it was, the training curve sat above the validation curve by that much. The train
+    curve is `loss` less `moe/aux_loss`, the same objective the validation measures (also DPO's, with no lm_loss)."""
+    logged = [{"step": 1, "loss": 6.4, "moe/aux_loss": 0.8, "moe/layer0/cv": 0.3},
+              {"step": 1, "val_loss": 5.6}, {"step": 2, "loss": 1.5, "moe/layer0/cv": 0.3}]
+    raw = training_figure(logged, "pretrain").axes[0].get_lines()[0]
+    assert list(raw.get_ydata()) == pytest.approx([5.6, 1.5])
 
 
 def test_moving_average():

@@ -761,6 +761,36 @@ def test_muon_trains(train, tmp_path):
     assert curve[8] < curve[1] - 0.3
 
 
+def test_moe_settings_without_use_moe_are_told(train, tmp_path, capsys):
+    """Seed 001's `--use_moe --n_routed_experts 8 --num_experts_per_tok 2` without its `--use_moe` trained a dense
+    model and said nothing: the settings did nothing. One note names them."""
+    train(tmp_path, max_steps=1, eval_interval=100, n_routed_experts=8, num_experts_per_tok=1)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "use_moe" in line]
+    assert notes == ["[pretrain] note: the MoE settings n_routed_experts 8, num_experts_per_tok 1 do nothing: this "
+                     "model is dense (use_moe false)"], notes
+    assert not any(key.startswith("moe/") for row in read_metrics(tmp_path) for key in row)
+
+
+def test_grouped_experts_that_cannot_run_here_are_one_line(train, tmp_path):
+    """`--moe_impl grouped` where torch._grouped_mm cannot run (fp32 rows of 34 x 4 bytes, not a multiple of 16) was
+    a RuntimeError traceback from the first forward; it is a ConfigError (one line) before training."""
+    with pytest.raises(ConfigError, match=r"moe_impl grouped: torch._grouped_mm does not take torch.float32 on cpu "
+                                          r"for experts of shape \(128, 34\); use moe_impl auto"):
+        train(tmp_path, max_steps=1, use_moe=True, moe_impl="grouped", dim=34, n_heads=1, n_kv_heads=1)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_resume_names_a_changed_balance_loss_weight(train, tmp_path, capsys):
+    """`--aux_loss_alpha` (or `--seq_aux`, `--dropout`) changed for a resume took effect without a word, while a changed
+    learning rate is named: the note names it too."""
+    moe = dict(use_moe=True, eval_interval=100, save_interval_steps=2)
+    train(tmp_path, max_steps=2, **moe)
+    capsys.readouterr()
+    train(tmp_path, max_steps=3, aux_loss_alpha=0.01, **moe)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "changed since the checkpoint" in line]
+    assert len(notes) == 1 and "aux_loss_alpha 0.1 -> 0.01" in notes[0], notes
+
+
 def test_moe_expert_load_in_wandb_offline_run(train, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -909,6 +939,19 @@ def test_a_cpu_run_logs_only_its_own_lines(tiny_flags, tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0 and (tmp_path / "final").is_dir(), log[-2000:]
     assert "warning" not in log.lower(), log
+
+
+def test_moe_validation_under_deepspeed_leaves_out_the_balance_loss(tiny_flags, tmp_path):
+    """The DeepSpeed engine keeps `training` True after `eval()` (only its module turns), so the LM objective took a
+    validation batch for training and subtracted the MoE balance loss from the cross-entropy: `val_ppl` was below
+    exp(`val_loss`) (383 for 468 at 2 ranks). Eval mode, as on the plain engine: the cross-entropy alone."""
+    command = [sys.executable, str(REPO / "4.pretrain.py"), *tiny_flags(tmp_path, max_steps=1, eval_interval=1,
+                                                                         eval_batches=2, use_moe=True),
+               "--engine", "deepspeed"]
+    result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(row for row in read_metrics(tmp_path) if "val_loss" in row)
+    assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-6), row
 
 
 def test_deepspeed_zero0_muon_reports_a_real_grad_norm(tiny_flags, tmp_path):

@@ -170,6 +170,17 @@ SAME_SHAPES_OTHER_MODEL = {("model", "rope_theta"): None, ("model", "norm_eps"):
                            ("model", "scoring_func"): ("model", "use_moe"), ("lora", "alpha"): ("lora", "enabled")}
 
 
+# The model settings that only training reads: a resume may change them, and says so.
+TRAINING_ONLY_MODEL = ("dropout", "aux_loss_alpha", "seq_aux")
+
+
+def training_setting_changes(path: Path, config: TrainConfig) -> list[str]:
+    """"NAME A -> B" for each of TRAINING_ONLY_MODEL that this run sets otherwise than checkpoint `path`'s run did."""
+    saved = saved_config(path).get("model") or {}
+    return [f"{name} {saved[name]} -> {getattr(config.model, name)}" for name in TRAINING_ONLY_MODEL
+            if name in saved and saved[name] != getattr(config.model, name)]
+
+
 def model_differences(saved: dict, current: dict, same_shapes: bool = False) -> list[str]:
     """"NAME A there, B here" for the settings that make a model's parameters: init_from, the model section (when
     neither run started from a saved model) and LoRA; of those only SAME_SHAPES_OTHER_MODEL's with `same_shapes`.

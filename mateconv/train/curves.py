@@ -11,10 +11,22 @@ from mateconv.files import read_metrics, save_figure
 LAYER_CV = "moe/layer{}/cv"
 
 
+def number(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of the rows that have `key` as a number."""
-    points = [(int(r["step"]), float(r[key])) for r in rows
-              if "step" in r and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    points = [(int(r["step"]), number(r, key)) for r in rows if "step" in r and number(r, key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def training_loss(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the logged training steps, a MoE model's without its balance loss (`moe/aux_loss`): an
+    evaluation leaves that out, so the curve compares with the validation loss."""
+    points = [(int(r["step"]), number(r, "loss") - (number(r, "moe/aux_loss") or 0.0)) for r in rows
+              if "step" in r and number(r, "loss") is not None]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -38,7 +50,7 @@ def training_figure(rows: list[dict], title: str):
     panels = 5 if layers else 4
     figure = Figure(figsize=(4.2 * panels, 3.6), layout="constrained")
     axes = figure.subplots(1, panels)
-    steps, loss = series(rows, "loss")
+    steps, loss = training_loss(rows)
     axes[0].plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (logged steps)")
     if len(loss) > 4:
         axes[0].plot(steps, moving_average(loss, max(2, len(loss) // 20)), color="tab:blue", label="train, averaged")

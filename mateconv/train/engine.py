@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
-                                       unwrap)
+                                       training_setting_changes, unwrap)
 from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
@@ -430,7 +430,8 @@ class Trainer:
         if resume_from is not None:
             settings = group_settings(self.optimizer)
             loaded, saved_rng = self.checkpoints.load(resume_from, self.engine, self.optimizer, self.scheduler)
-            changes = restore_group_settings(self.optimizer, self.scheduler, settings)
+            changes = [*restore_group_settings(self.optimizer, self.scheduler, settings),
+                       *training_setting_changes(resume_from, config)]
             state.update(loaded)
             if not resume_from.resolve().is_relative_to(self.out_dir.resolve()):
                 state["run_id"] = None  # another run's checkpoint: this out_dir is a W&B run of its own, not that one

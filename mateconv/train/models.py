@@ -26,7 +26,7 @@ from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import full_model_state
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.universal import saved_world_size
-from model import MateConvForCausalLM  # also registers MateConv with the Auto classes
+from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward  # also registers the Auto classes
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -182,6 +182,29 @@ def with_chatml(config: TrainConfig, runtime: Runtime, stage: str) -> None:
               f"embeddings grown to {model.get_input_embeddings().num_embeddings}; starting from {target}", flush=True)
     barrier()
     config.checkpoint.init_from, config.checkpoint.init_weights = str(target), ""
+
+
+MOE_SETTINGS = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "scoring_func", "aux_loss_alpha",
+                "seq_aux", "norm_topk_prob", "moe_impl")
+
+
+def unused_moe_settings(config: TrainConfig) -> list[str]:
+    """"NAME VALUE" for each MoE setting a dense model built here has other than its default: it does nothing (a
+    saved model's own settings are checked against the flags when it is loaded)."""
+    model, default = config.model, MateConvConfig()
+    if model.use_moe or config.checkpoint.init_from:
+        return []
+    return [f"{name} {getattr(model, name)}" for name in MOE_SETTINGS if getattr(model, name) != getattr(default, name)]
+
+
+def check_grouped_experts(model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
+    """`moe_impl grouped` where torch._grouped_mm cannot run: one line before training, not a traceback from the
+    first forward."""
+    compiles = config.parallel.compiles(runtime.device)
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward) and (refusal := module.grouped_refusal(runtime.device, runtime.dtype,
+                                                                                     compiles)):
+            raise ConfigError(refusal)
 
 
 def build_model(config: TrainConfig) -> nn.Module:

@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 
 from mateconv.logprobs import lm_inputs
+from mateconv.train.checkpoint import unwrap
 
 
 class Objective(Protocol):
@@ -22,7 +23,8 @@ class LMObjective:
     def loss(self, model: torch.nn.Module,
              batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output = model(**lm_inputs(model, batch), labels=batch["labels"], use_cache=False)
-        aux = getattr(output, "aux_loss", None) if model.training else None
+        # the model's own mode: a DeepSpeed engine's `training` stays True through eval(), its module's does not
+        aux = getattr(output, "aux_loss", None) if unwrap(model).training else None
         metrics = {"lm_loss": (output.loss - aux if aux is not None else output.loss).detach()}
         if aux is not None:
             metrics["aux_loss"] = aux.detach()
