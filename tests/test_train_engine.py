@@ -761,13 +761,15 @@ def test_muon_trains(train, tmp_path):
     assert curve[8] < curve[1] - 0.3
 
 
-def test_moe_settings_without_use_moe_are_told(train, tmp_path, capsys):
+def test_moe_and_lora_settings_that_do_nothing_are_told(train, tmp_path, capsys):
     """Seed 001's `--use_moe --n_routed_experts 8 --num_experts_per_tok 2` without its `--use_moe` trained a dense
     model and said nothing: the settings did nothing. One note names them."""
-    train(tmp_path, max_steps=1, eval_interval=100, n_routed_experts=8, num_experts_per_tok=1)
-    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line and "use_moe" in line]
+    train(tmp_path, max_steps=1, eval_interval=100, n_routed_experts=8, num_experts_per_tok=1, lora_r=4)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "do nothing" in line]
     assert notes == ["[pretrain] note: the MoE settings n_routed_experts 8, num_experts_per_tok 1 do nothing: this "
-                     "model is dense (use_moe false)"], notes
+                     "model is dense (use_moe false)",  # and LoRA's without --use_lora: the whole model trained
+                     "[pretrain] note: the LoRA settings lora_r 4 do nothing: use_lora is false, every weight trains"
+                     ], notes
     assert not any(key.startswith("moe/") for row in read_metrics(tmp_path) for key in row)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import socket
 import warnings
@@ -188,13 +189,22 @@ MOE_SETTINGS = ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "
                 "seq_aux", "norm_topk_prob", "moe_impl")
 
 
-def unused_moe_settings(config: TrainConfig) -> list[str]:
-    """"NAME VALUE" for each MoE setting a dense model built here has other than its default: it does nothing (a
-    saved model's own settings are checked against the flags when it is loaded)."""
-    model, default = config.model, MateConvConfig()
-    if model.use_moe or config.checkpoint.init_from:
-        return []
-    return [f"{name} {getattr(model, name)}" for name in MOE_SETTINGS if getattr(model, name) != getattr(default, name)]
+def unused_settings(config: TrainConfig) -> list[str]:
+    """A note for each kind of settings that do nothing in this run, as given: MoE settings of a dense model built here
+    (a saved model's own are checked against the flags when it is loaded), LoRA settings without use_lora."""
+    notes = []
+    model, dense = config.model, MateConvConfig()
+    if not (model.use_moe or config.checkpoint.init_from):
+        moe = [f"{name} {getattr(model, name)}" for name in MOE_SETTINGS if getattr(model, name) != getattr(dense, name)]
+        if moe:
+            notes.append(f"the MoE settings {', '.join(moe)} do nothing: this model is dense (use_moe false)")
+    lora, plain = config.lora, LoRAConfig()
+    if not lora.enabled:
+        changed = [f"{lora.PREFIX}{f.name} {getattr(lora, f.name)}" for f in dataclasses.fields(lora)
+                   if f.name != "enabled" and getattr(lora, f.name) != getattr(plain, f.name)]
+        if changed:
+            notes.append(f"the LoRA settings {', '.join(changed)} do nothing: use_lora is false, every weight trains")
+    return notes
 
 
 def check_grouped_experts(model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:

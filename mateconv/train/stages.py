@@ -32,7 +32,7 @@ from mateconv.train.dpo import DPOObjective
 from mateconv.train.engine import Trainer, seed_everything
 from mateconv.train.evaluators import Evaluator, forgetting_evaluator, plot_forgetting, preference_evaluator
 from mateconv.train.models import (build_model, check_grouped_experts, check_vocab, extend_length, learned_positions,
-                                   load_tokenizer, resolve_init_from, unused_moe_settings, with_chatml)
+                                   load_tokenizer, resolve_init_from, unused_settings, with_chatml)
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
 from mateconv.terminal import bars_only_on_a_terminal
@@ -320,9 +320,8 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
         print(f"[{recipe.name}] note: dtype {config.parallel.dtype} on a CPU trains many times slower than float32 on "
               "most CPUs (they have no fast half-precision matmul); dtype auto picks float32 there", flush=True)
     resolve_init_from(config, runtime)
-    if runtime.is_main and (unused := unused_moe_settings(config)):
-        print(f"[{recipe.name}] note: the MoE settings {', '.join(unused)} do nothing: this model is dense (use_moe "
-              "false)", flush=True)
+    for note in unused_settings(config) if runtime.is_main else []:
+        print(f"[{recipe.name}] note: {note}", flush=True)
     if recipe.adds_chatml:
         with_chatml(config, runtime, recipe.name)
     seed_everything(config.optim.seed)  # identical initial weights on every rank
