@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from nbclient.exceptions import CellExecutionError
 
 from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, normalize, split_of
@@ -166,6 +167,17 @@ def test_prepare_notebook_on_embedded_data(tmp_path):
     assert stats["tasks"]["kept"] == 60 and stats["tasks"]["val"] == 30
     for kind in ("pretrain", "sft", "dpo", "tasks"):
         assert (tmp_path / f"out/data/{kind}_train.jsonl").stat().st_size > 0
+
+
+def test_prepare_notebook_names_a_raw_dir_that_is_not_there(tmp_path):
+    """A typo in raw_dir made that directory, wrote the demo data there and prepared it as if it were the user's."""
+    with pytest.raises(CellExecutionError) as error:
+        run_notebook(ROOT / "2.prepare_data.ipynb", tmp_path, "\n".join([
+            "raw_dir = 'out/raw/embeded'", "make_embedded_if_missing = True", "pretrain, sft, dpo, tasks = [], [], [], []",
+            "out_dir = 'out/data'", "val_frac = 0.05", "seed = 0", "near_dup_threshold = 0.85", "min_chars = 10"]))
+    shown = str(error.value).split("------------------\n")[-1]  # what the cell shows, after its source
+    assert shown.strip() == "DataError: out/raw/embeded: no such file or directory"
+    assert not (tmp_path / "out").exists()
 
 
 def test_ids_repeated_across_files_are_made_unique_for_stage_7(tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
 
+DEFAULT_DIR = "out/raw/embedded"
 WEEKDAYS = {"en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
             "zh": ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]}
 WORDS = {"en": ["apple", "river", "cat", "dog", "book", "tree", "music", "house", "light", "water", "stone", "cloud",
@@ -273,10 +274,17 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
     return counts
 
 
+def make_if_missing(paths: list[str | Path]) -> None:
+    """Writes the demo data into DEFAULT_DIR when `paths` names it and it is not there yet (the notebooks' first run).
+    Any other path that is missing is left for the reader to name: a typo must not become a folder of demo data."""
+    if Path(DEFAULT_DIR) in map(Path, paths) and not Path(DEFAULT_DIR).exists():
+        generate(DEFAULT_DIR)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the embedded bilingual demo data set (raw files for stage 2).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out_dir", default="out/raw/embedded")
+    parser.add_argument("--out_dir", default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_chars", type=int, default=3_000_000)
     parser.add_argument("--sft_conversations", type=int, default=4000)
