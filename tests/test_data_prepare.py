@@ -104,6 +104,39 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert read(tmp_path / "again/pretrain_val.jsonl") == read(tmp_path / "data/pretrain_val.jsonl")
 
 
+def write_sources(tmp_path) -> dict[str, Path]:
+    """A pretraining file, a second one, and an SFT file, each of a few records."""
+    paths = {name: tmp_path / f"{name}.jsonl" for name in ("pretrain", "other_pretrain", "sft")}
+    paths["pretrain"].write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(20)))
+    paths["other_pretrain"].write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(20, 40)))
+    paths["sft"].write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                              {"role": "assistant", "content": prose(i, 12)}]}) + "\n"
+                                    for i in range(20)))
+    return paths
+
+
+def test_a_rerun_on_other_kinds_leaves_no_file_of_the_first_run(tmp_path):
+    """Notebook 2 on the demo data, then on the user's own pretraining text into the same out/data: the demo's SFT
+    files stayed beside it, and stage 3 (--all) made SFT shards of them."""
+    paths = write_sources(tmp_path)
+    prepare({"pretrain": [paths["pretrain"]], "sft": [paths["sft"]]}, tmp_path / "data", progress=False,
+            prompts_frac=0.2)
+    prepare({"pretrain": [paths["other_pretrain"]]}, tmp_path / "data", progress=False)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "pretrain_train.jsonl", "pretrain_val.jsonl", "stats.json"]
+
+
+def test_a_run_that_fails_leaves_the_earlier_outputs_as_they_were(tmp_path):
+    """A missing SFT file stopped the run after it had replaced the pretraining files: out/data mixed two runs."""
+    paths = write_sources(tmp_path)
+    prepare({"pretrain": [paths["pretrain"]], "sft": [paths["sft"]]}, tmp_path / "data", progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    with pytest.raises(DataError, match="no such file or directory"):
+        prepare({"pretrain": [paths["other_pretrain"]], "sft": [tmp_path / "sfy.jsonl"]}, tmp_path / "data",
+                progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+
+
 def test_examples_sharing_a_long_system_prompt_or_passage_are_all_kept(tmp_path):
     """Distinct SFT examples with one long system prompt, and pairs over one passage, look alike to MinHash: only
     exact duplicates go (before, 183 of 200 such conversations were removed as near duplicates)."""
