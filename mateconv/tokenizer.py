@@ -220,10 +220,15 @@ def _is_chinese(text: str) -> bool:
 
 def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000) -> dict[str, list[str]]:
     """Held-out texts per language from the given files (a DataError when they hold none); a language whose files
-    are all missing falls back to embedded-generator prose made with another seed than the training data."""
+    are all missing falls back to embedded-generator prose made with another seed than the training data. Each
+    missing file is named."""
     samples = {}
     for language, language_paths in paths.items():
         present = [p for p in language_paths if Path(p).exists()]
+        missing = [str(p) for p in language_paths if not Path(p).exists()]
+        if missing:
+            print(f"{language}: not found: {', '.join(missing)}"
+                  + ("" if present else "; comparing on the embedded demo prose instead"))
         if present:
             skipped: list[str] = []
             samples[language] = list(corpus_texts(present, max_chars, skipped=skipped))

@@ -179,3 +179,15 @@ def test_a_corpus_with_no_readable_text_names_the_first_reason(tmp_path):
         main(["--corpus", str(gbk), "--out_dir", str(tmp_path / "tok")])
     with pytest.raises(DataError, match=rf"^no text found in \['{gbk}'\]; the first record skipped: {gbk}:1: .*not UTF-8"):
         report_samples({"zh": [gbk]})  # the notebook's held-out text: no 0.000 chars/token row
+
+
+def test_held_out_text_that_is_not_there_is_named(tmp_path, capsys):
+    """The notebook's compression report left out a misspelled eval_texts file, and compared on the demo prose when
+    none of a language's files was there, without a word."""
+    poem = tmp_path / "zh.txt"
+    poem.write_text("床前明月光，疑是地上霜。\n", encoding="utf-8")
+    samples = report_samples({"zh": [poem, tmp_path / "zh2.txt"], "en": [tmp_path / "wiki.txt"]}, 1000)
+    assert samples["zh"] == ["床前明月光，疑是地上霜。"] and samples["en"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"zh: not found: {tmp_path / 'zh2.txt'}",
+        f"en: not found: {tmp_path / 'wiki.txt'}; comparing on the embedded demo prose instead"]
