@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mateconv.files import atomic_dir
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
 
@@ -275,10 +276,12 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
 
 
 def make_if_missing(paths: list[str | Path]) -> None:
-    """Writes the demo data into DEFAULT_DIR when `paths` names it and it is not there yet (the notebooks' first run).
-    Any other path that is missing is left for the reader to name: a typo must not become a folder of demo data."""
+    """Writes the demo data into DEFAULT_DIR when `paths` names it and it is not there yet (the notebooks' first run),
+    all of it or, interrupted, none. Any other path that is missing is left for the reader to name: a typo must not
+    become a folder of demo data."""
     if Path(DEFAULT_DIR) in map(Path, paths) and not Path(DEFAULT_DIR).exists():
-        generate(DEFAULT_DIR)
+        with atomic_dir(DEFAULT_DIR) as tmp:
+            generate(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:
