@@ -166,7 +166,8 @@ def compression(tokenizer, texts: list[str]) -> dict[str, float]:
     """Characters and UTF-8 bytes per token over the texts (higher = better compression)."""
     chars = sum(len(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    # verbose=False: no warning that a text longer than the model's context cannot go through the model; it is not
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False, verbose=False)) for t in texts)
     return {"chars": chars, "bytes": nbytes, "tokens": tokens,
             "chars_per_token": chars / max(tokens, 1), "bytes_per_token": nbytes / max(tokens, 1)}
 
