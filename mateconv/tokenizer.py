@@ -26,7 +26,7 @@ from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import DEFAULT_NORMALIZATION, NORMALIZATIONS, normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
-from mateconv.data.readers import BadLine, iter_sources, record_text
+from mateconv.data.readers import BadLine, iter_sources, path_list, record_text
 from mateconv.files import save_figure, write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
 
@@ -225,6 +225,7 @@ def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000)
     missing file is named."""
     samples = {}
     for language, language_paths in paths.items():
+        language_paths = path_list(language_paths)
         present = [p for p in language_paths if Path(p).exists()]
         missing = [str(p) for p in language_paths if not Path(p).exists()]
         if missing:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -10,6 +11,7 @@ from transformers import AutoTokenizer
 from mateconv.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat
 from mateconv.data import embedded
 from mateconv.data import DataError
+from mateconv.data.prepare import prepare
 from mateconv.tokenizer import compression, main, report_samples, save_pretrained_portable, train_tokenizer
 
 TEXTS = {
@@ -145,8 +147,6 @@ def test_trains_on_the_text_stage_2_writes(tmp_path):
     Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
     from tokenizers import Tokenizer
 
-    from mateconv.data.prepare import prepare
-
     line = "Ｔｈｅ ｒｉｖｅｒ ｒｕｎｓ ｐａｓｔ ｔｈｅ ｏｌｄ ｍｉｌｌ，ｓｌｏｗｌｙ ａｎｄ ｑｕｉｅｔｌｙ．"
     corpus = tmp_path / "wide.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(100)))
@@ -206,3 +206,15 @@ def test_the_compression_report_does_not_warn_of_long_texts(tiny_tokenizer):
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert row["tokens"] > 32768 and warned == []
+
+
+def test_a_corpus_given_as_one_string_is_one_path(tmp_path, monkeypatch):
+    """Notebook 1's `corpus = "poems.txt"` (no list) was read as the paths "p", "o", ... ("." the whole working
+    directory, "/" the whole disk)."""
+    monkeypatch.chdir(tmp_path)
+    Path("poems.txt").write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 20, encoding="utf-8")
+    train_tokenizer("poems.txt", "tok", vocab_size=300)
+    assert (tmp_path / "tok/tokenizer.json").is_file()
+    stats = prepare({"pretrain": "poems.txt"}, "data", progress=False)["pretrain"]  # notebook 2's `pretrain = "..."`
+    assert stats["read"] == 20 and stats["sources"] == ["poems.txt"]
+    assert len(report_samples({"zh": "poems.txt"})["zh"]) == 20  # notebook 1's eval_texts

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mateconv.data.readers import path_list
 from mateconv.files import atomic_dir
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
@@ -275,11 +276,11 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
     return counts
 
 
-def make_if_missing(paths: list[str | Path]) -> None:
+def make_if_missing(paths: str | Path | list[str | Path]) -> None:
     """Writes the demo data into DEFAULT_DIR when `paths` names it and it is not there yet (the notebooks' first run),
     all of it or, interrupted, none. Any other path that is missing is left for the reader to name: a typo must not
     become a folder of demo data."""
-    if Path(DEFAULT_DIR) in map(Path, paths) and not Path(DEFAULT_DIR).exists():
+    if Path(DEFAULT_DIR) in map(Path, path_list(paths)) and not Path(DEFAULT_DIR).exists():
         with atomic_dir(DEFAULT_DIR) as tmp:
             generate(tmp)
 

@@ -27,7 +27,7 @@ from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper,
                                  split_of)
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
-from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
+from mateconv.data.readers import BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
@@ -102,6 +102,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl (and for SFT with
     prompts_frac > 0 sft_prompts.jsonl: training conversations held out of SFT), each as its path + ".tmp" that the
     caller renames; returns its stats and those paths."""
+    sources = path_list(sources)
     removed: Counter = Counter()
     bad_examples: list[str] = []
     hold_out = kind == "sft" and prompts_frac > 0
