@@ -22,13 +22,14 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mateconv.config import ConfigError, add_decode_flags
+from mateconv.errors import InputError
 from mateconv.terminal import run_main
 from mateconv.train.distributed import resolve_device as training_device
 from mateconv.train.models import model_dir
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
 
 
-class ChatError(RuntimeError):
+class ChatError(InputError, RuntimeError):
     """A problem the user can fix (missing model, bad flag); shown as one line."""
 
 

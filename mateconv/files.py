@@ -13,6 +13,8 @@ from typing import IO
 
 import yaml
 
+from mateconv.errors import InputError
+
 
 def temporary_sibling(path: Path) -> Path:
     """A hidden name next to `path`, unique per process, keeping the suffix (matplotlib picks the format from it)."""
@@ -25,7 +27,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class OutputDirError(ValueError):
+class OutputDirError(InputError, ValueError):
     """An output directory that cannot be made or written in (its message is the one line to show)."""
 
 

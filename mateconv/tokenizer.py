@@ -26,7 +26,7 @@ from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import DEFAULT_NORMALIZATION, NORMALIZATIONS, normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
-from mateconv.data.readers import BadLine, iter_sources, record_text
+from mateconv.data.readers import BadLine, iter_sources, path_list, record_text
 from mateconv.files import save_figure, write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
 
@@ -166,7 +166,8 @@ def compression(tokenizer, texts: list[str]) -> dict[str, float]:
     """Characters and UTF-8 bytes per token over the texts (higher = better compression)."""
     chars = sum(len(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    # verbose=False: no warning that a text longer than the model's context cannot go through the model; it is not
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False, verbose=False)) for t in texts)
     return {"chars": chars, "bytes": nbytes, "tokens": tokens,
             "chars_per_token": chars / max(tokens, 1), "bytes_per_token": nbytes / max(tokens, 1)}
 
@@ -220,10 +221,16 @@ def _is_chinese(text: str) -> bool:
 
 def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000) -> dict[str, list[str]]:
     """Held-out texts per language from the given files (a DataError when they hold none); a language whose files
-    are all missing falls back to embedded-generator prose made with another seed than the training data."""
+    are all missing falls back to embedded-generator prose made with another seed than the training data. Each
+    missing file is named."""
     samples = {}
     for language, language_paths in paths.items():
+        language_paths = path_list(language_paths)
         present = [p for p in language_paths if Path(p).exists()]
+        missing = [str(p) for p in language_paths if not Path(p).exists()]
+        if missing:
+            print(f"{language}: not found: {', '.join(missing)}"
+                  + ("" if present else "; comparing on the embedded demo prose instead"))
         if present:
             skipped: list[str] = []
             samples[language] = list(corpus_texts(present, max_chars, skipped=skipped))

@@ -68,3 +68,24 @@ def test_cli(tmp_path, capsys):
     assert "sft 10" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--out_dir", str(tmp_path), "--val_percent", "0"])
+
+
+def test_the_notebooks_demo_data_is_all_there_or_not_at_all(tmp_path, monkeypatch):
+    """Notebook 1 interrupted while it wrote out/raw/embedded left the pretraining file alone there; the next run
+    found the directory, kept it, and trained on it (notebook 2 then prepared no conversations)."""
+    from mateconv.data import embedded
+
+    monkeypatch.chdir(tmp_path)
+    real = embedded.sft_conversation
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C (Jupyter's interrupt) after pretrain.jsonl is written
+
+    monkeypatch.setattr(embedded, "sft_conversation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.make_if_missing([embedded.DEFAULT_DIR])
+    assert not (tmp_path / "out/raw/embedded").exists()
+    monkeypatch.setattr(embedded, "sft_conversation", real)
+    embedded.make_if_missing([embedded.DEFAULT_DIR])
+    assert sorted(p.name for p in (tmp_path / "out/raw/embedded").iterdir()) == [
+        "dpo.jsonl", "pretrain.jsonl", "sft.jsonl", "tasks.jsonl"]

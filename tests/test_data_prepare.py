@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from nbclient.exceptions import CellExecutionError
 
 from mateconv.data import DataError
 from mateconv.data.clean import Deduper, Filters, normalize, split_of
@@ -103,6 +104,39 @@ def test_prepare_writes_split_files_and_stats(tmp_path):
     assert read(tmp_path / "again/pretrain_val.jsonl") == read(tmp_path / "data/pretrain_val.jsonl")
 
 
+def write_sources(tmp_path) -> dict[str, Path]:
+    """A pretraining file, a second one, and an SFT file, each of a few records."""
+    paths = {name: tmp_path / f"{name}.jsonl" for name in ("pretrain", "other_pretrain", "sft")}
+    paths["pretrain"].write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(20)))
+    paths["other_pretrain"].write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(20, 40)))
+    paths["sft"].write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                              {"role": "assistant", "content": prose(i, 12)}]}) + "\n"
+                                    for i in range(20)))
+    return paths
+
+
+def test_a_rerun_on_other_kinds_leaves_no_file_of_the_first_run(tmp_path):
+    """Notebook 2 on the demo data, then on the user's own pretraining text into the same out/data: the demo's SFT
+    files stayed beside it, and stage 3 (--all) made SFT shards of them."""
+    paths = write_sources(tmp_path)
+    prepare({"pretrain": [paths["pretrain"]], "sft": [paths["sft"]]}, tmp_path / "data", progress=False,
+            prompts_frac=0.2)
+    prepare({"pretrain": [paths["other_pretrain"]]}, tmp_path / "data", progress=False)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "pretrain_train.jsonl", "pretrain_val.jsonl", "stats.json"]
+
+
+def test_a_run_that_fails_leaves_the_earlier_outputs_as_they_were(tmp_path):
+    """A missing SFT file stopped the run after it had replaced the pretraining files: out/data mixed two runs."""
+    paths = write_sources(tmp_path)
+    prepare({"pretrain": [paths["pretrain"]], "sft": [paths["sft"]]}, tmp_path / "data", progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    with pytest.raises(DataError, match="no such file or directory"):
+        prepare({"pretrain": [paths["other_pretrain"]], "sft": [tmp_path / "sfy.jsonl"]}, tmp_path / "data",
+                progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+
+
 def test_examples_sharing_a_long_system_prompt_or_passage_are_all_kept(tmp_path):
     """Distinct SFT examples with one long system prompt, and pairs over one passage, look alike to MinHash: only
     exact duplicates go (before, 183 of 200 such conversations were removed as near duplicates)."""
@@ -166,6 +200,17 @@ def test_prepare_notebook_on_embedded_data(tmp_path):
     assert stats["tasks"]["kept"] == 60 and stats["tasks"]["val"] == 30
     for kind in ("pretrain", "sft", "dpo", "tasks"):
         assert (tmp_path / f"out/data/{kind}_train.jsonl").stat().st_size > 0
+
+
+def test_prepare_notebook_names_a_raw_dir_that_is_not_there(tmp_path):
+    """A typo in raw_dir made that directory, wrote the demo data there and prepared it as if it were the user's."""
+    with pytest.raises(CellExecutionError) as error:
+        run_notebook(ROOT / "2.prepare_data.ipynb", tmp_path, "\n".join([
+            "raw_dir = 'out/raw/embeded'", "make_embedded_if_missing = True", "pretrain, sft, dpo, tasks = [], [], [], []",
+            "out_dir = 'out/data'", "val_frac = 0.05", "seed = 0", "near_dup_threshold = 0.85", "min_chars = 10"]))
+    shown = str(error.value).split("------------------\n")[-1]  # what the cell shows, after its source
+    assert shown.strip() == "DataError: out/raw/embeded: no such file or directory"
+    assert not (tmp_path / "out").exists()
 
 
 def test_ids_repeated_across_files_are_made_unique_for_stage_7(tmp_path):

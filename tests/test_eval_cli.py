@@ -148,7 +148,7 @@ def test_notebook_runs_with_parameters(inputs, tmp_path):
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
     overrides = {"MODELS": [*inputs["models"], str(tmp_path / "not_trained_yet")], "VAL": inputs["val"],
                  "TASKS": inputs["tasks"], "OUT_DIR": str(tmp_path / "eval"), "PROMPTS": [QUESTION, "Who are you?"],
-                 "MAX_NEW_TOKENS": 8}
+                 "MAX_NEW_TOKENS": 8, "BPB_TEXTS": str(tmp_path / "pretrain_vall.jsonl")}
     source = "\n".join(f"{name} = {value!r}" for name, value in overrides.items())
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     NotebookClient(notebook, timeout=300, kernel_name="python3",
@@ -157,6 +157,9 @@ def test_notebook_runs_with_parameters(inputs, tmp_path):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # plots are shown inline
     assert any("not_trained_yet" in o.get("text", "") for o in outputs)  # missing checkpoints are reported
+    # so is missing data (a typo in a path had the notebook leave that metric out without a word)
+    assert any(f"{tmp_path / 'pretrain_vall.jsonl'} not found or empty; skipping it" in o.get("text", "")
+               for o in outputs)
     curves = next(cell for cell in notebook.cells if "training.png" in cell.source and cell.cell_type == "code")
     assert any("image/png" in o.get("data", {}) for o in curves.outputs)  # the trained models' training curves
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -9,7 +11,8 @@ from transformers import AutoTokenizer
 from mateconv.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat
 from mateconv.data import embedded
 from mateconv.data import DataError
-from mateconv.tokenizer import main, report_samples, save_pretrained_portable, train_tokenizer
+from mateconv.data.prepare import prepare
+from mateconv.tokenizer import compression, main, report_samples, save_pretrained_portable, train_tokenizer
 
 TEXTS = {
     "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",
@@ -144,8 +147,6 @@ def test_trains_on_the_text_stage_2_writes(tmp_path):
     Before, it trained on the raw full-width forms, and the text the model sees came out a token per letter."""
     from tokenizers import Tokenizer
 
-    from mateconv.data.prepare import prepare
-
     line = "Ｔｈｅ ｒｉｖｅｒ ｒｕｎｓ ｐａｓｔ ｔｈｅ ｏｌｄ ｍｉｌｌ，ｓｌｏｗｌｙ ａｎｄ ｑｕｉｅｔｌｙ．"
     corpus = tmp_path / "wide.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(100)))
@@ -179,3 +180,41 @@ def test_a_corpus_with_no_readable_text_names_the_first_reason(tmp_path):
         main(["--corpus", str(gbk), "--out_dir", str(tmp_path / "tok")])
     with pytest.raises(DataError, match=rf"^no text found in \['{gbk}'\]; the first record skipped: {gbk}:1: .*not UTF-8"):
         report_samples({"zh": [gbk]})  # the notebook's held-out text: no 0.000 chars/token row
+
+
+def test_held_out_text_that_is_not_there_is_named(tmp_path, capsys):
+    """The notebook's compression report left out a misspelled eval_texts file, and compared on the demo prose when
+    none of a language's files was there, without a word."""
+    poem = tmp_path / "zh.txt"
+    poem.write_text("床前明月光，疑是地上霜。\n", encoding="utf-8")
+    samples = report_samples({"zh": [poem, tmp_path / "zh2.txt"], "en": [tmp_path / "wiki.txt"]}, 1000)
+    assert samples["zh"] == ["床前明月光，疑是地上霜。"] and samples["en"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"zh: not found: {tmp_path / 'zh2.txt'}",
+        f"en: not found: {tmp_path / 'wiki.txt'}; comparing on the embedded demo prose instead"]
+
+
+def test_the_compression_report_does_not_warn_of_long_texts(tiny_tokenizer):
+    """A held-out document longer than the model's context made transformers warn that it 'will result in indexing
+    errors' under the notebook's report, which only counts its tokens."""
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # transformers' own handler keeps the stream it began with
+    try:
+        row = compression(AutoTokenizer.from_pretrained(tiny_tokenizer), ["river stone light " * 12_000])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert row["tokens"] > 32768 and warned == []
+
+
+def test_a_corpus_given_as_one_string_is_one_path(tmp_path, monkeypatch):
+    """Notebook 1's `corpus = "poems.txt"` (no list) was read as the paths "p", "o", ... ("." the whole working
+    directory, "/" the whole disk)."""
+    monkeypatch.chdir(tmp_path)
+    Path("poems.txt").write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 20, encoding="utf-8")
+    train_tokenizer("poems.txt", "tok", vocab_size=300)
+    assert (tmp_path / "tok/tokenizer.json").is_file()
+    stats = prepare({"pretrain": "poems.txt"}, "data", progress=False)["pretrain"]  # notebook 2's `pretrain = "..."`
+    assert stats["read"] == 20 and stats["sources"] == ["poems.txt"]
+    assert len(report_samples({"zh": "poems.txt"})["zh"]) == 20  # notebook 1's eval_texts

@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mateconv.errors import InputError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Bad data or data settings; the message names the file (and line) and the problem."""
 
 

@@ -22,9 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mateconv.data.readers import path_list
+from mateconv.files import atomic_dir
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
 
+DEFAULT_DIR = "out/raw/embedded"
 WEEKDAYS = {"en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
             "zh": ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]}
 WORDS = {"en": ["apple", "river", "cat", "dog", "book", "tree", "music", "house", "light", "water", "stone", "cloud",
@@ -273,10 +276,19 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
     return counts
 
 
+def make_if_missing(paths: str | Path | list[str | Path]) -> None:
+    """Writes the demo data into DEFAULT_DIR when `paths` names it and it is not there yet (the notebooks' first run),
+    all of it or, interrupted, none. Any other path that is missing is left for the reader to name: a typo must not
+    become a folder of demo data."""
+    if Path(DEFAULT_DIR) in map(Path, path_list(paths)) and not Path(DEFAULT_DIR).exists():
+        with atomic_dir(DEFAULT_DIR) as tmp:
+            generate(tmp)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the embedded bilingual demo data set (raw files for stage 2).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out_dir", default="out/raw/embedded")
+    parser.add_argument("--out_dir", default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_chars", type=int, default=3_000_000)
     parser.add_argument("--sft_conversations", type=int, default=4000)

@@ -27,12 +27,13 @@ from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper,
                                  split_of)
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
-from mateconv.data.readers import BadLine, iter_sources, list_files, record_text
+from mateconv.data.readers import BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
+OUTPUTS = [f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "val")] + ["sft_prompts.jsonl"]
 MAX_BAD_EXAMPLES = 20
 
 
@@ -97,9 +98,11 @@ def _record_id(record: Any, kind: str, read: int, taken: set[str] | None) -> str
 
 def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
                  val_frac: float, seed: int, form: str, progress: bool = True, prompts_frac: float = 0.0,
-                 max_prompts: int = 0) -> dict:
+                 max_prompts: int = 0) -> tuple[dict, list[Path]]:
     """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl (and for SFT with
-    prompts_frac > 0 sft_prompts.jsonl: training conversations held out of SFT); returns its stats."""
+    prompts_frac > 0 sft_prompts.jsonl: training conversations held out of SFT), each as its path + ".tmp" that the
+    caller renames; returns its stats and those paths."""
+    sources = path_list(sources)
     removed: Counter = Counter()
     bad_examples: list[str] = []
     hold_out = kind == "sft" and prompts_frac > 0
@@ -148,21 +151,22 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
             f.close()
             os.unlink(f.name)
         raise
-    for split, f in files.items():
+    for f in files.values():
         f.close()
-        os.replace(f.name, paths[split])
     kept = {split: len(values) for split, values in lengths.items()}
     return {"read": read, "kept": sum(kept.values()), **kept,
             "removed": dict(sorted(removed.items())), "bad_examples": bad_examples,
             "chars": {split: length_summary(values) for split, values in lengths.items()},
-            "sources": [str(s) for s in sources]}
+            "sources": [str(s) for s in sources]}, list(paths.values())
 
 
 def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/data", val_frac: float = 0.05,
             seed: int = 0, filters: Filters | None = None, near_dup_threshold: float = 0.85, num_perm: int = 64,
             normalization: str = DEFAULT_NORMALIZATION, progress: bool = True, prompts_frac: float = 0.0,
             max_prompts: int = 0) -> dict:
-    """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats."""
+    """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats. The outputs of
+    a run replace all of an earlier run's (a kind not prepared now leaves no file), and only when every kind is
+    done: a run that fails leaves out_dir as it was."""
     unknown = set(sources) - set(KINDS)
     if unknown:
         raise DataError(f"unknown data kind(s) {sorted(unknown)}; expected {', '.join(KINDS)}")
@@ -177,13 +181,25 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
                                           "max_prompts": max_prompts, "seed": seed, "normalization": normalization,
                                           "near_dup_threshold": near_dup_threshold, "num_perm": num_perm,
                                           "filters": asdict(filters)}}
-    for kind in KINDS:
-        if sources.get(kind):
-            # Conversations, pairs and tasks: exact duplicates only. Distinct examples that share a long system
-            # prompt or passage look alike to MinHash (LLaMA-Factory and TRL remove no near duplicates either).
-            deduper = Deduper(near_dup_threshold if kind == "pretrain" else 1.0, num_perm)
-            stats[kind] = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
-                                       normalization, progress, prompts_frac, max_prompts)
+    written: list[Path] = []
+    try:
+        for kind in KINDS:
+            if sources.get(kind):
+                # Conversations, pairs and tasks: exact duplicates only. Distinct examples that share a long system
+                # prompt or passage look alike to MinHash (LLaMA-Factory and TRL remove no near duplicates either).
+                deduper = Deduper(near_dup_threshold if kind == "pretrain" else 1.0, num_perm)
+                stats[kind], paths = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
+                                                  normalization, progress, prompts_frac, max_prompts)
+                written += paths
+    except BaseException:
+        for path in written:
+            os.unlink(f"{path}.tmp")
+        raise
+    for name in OUTPUTS:
+        if out_dir / name not in written:
+            (out_dir / name).unlink(missing_ok=True)
+    for path in written:
+        os.replace(f"{path}.tmp", path)
     write_atomic(out_dir / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
     return stats
 

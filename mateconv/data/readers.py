@@ -69,11 +69,16 @@ MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "merges.txt", "config.json", "generation_config.json")
 
 
-def list_files(paths: Iterable[str | Path]) -> list[Path]:
+def path_list(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    """The paths as a list; one str or Path is one path (a notebook's `corpus = "poems.txt"`), not its characters."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def list_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     """Files of the given paths; directories are searched recursively (sorted) for the known suffixes, leaving out
     a model's or tokenizer's own files."""
     files: list[Path] = []
-    for raw in paths:
+    for raw in path_list(paths):
         path = Path(raw)
         if path.is_dir():
             found = [p for p in files_under(path) if _suffix(p) and p.name not in MODEL_FILES]
@@ -448,9 +453,9 @@ def iter_hub(name: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
 
 
-def iter_sources(paths: Iterable[str | Path], split: str = "train") -> Iterator[tuple[str, int, Any]]:
+def iter_sources(paths: str | Path | Iterable[str | Path], split: str = "train") -> Iterator[tuple[str, int, Any]]:
     """Records of local files/directories and hub names (prefixed hf: or ms:), in the order given."""
-    for raw in paths:
+    for raw in path_list(paths):
         if str(raw).startswith(HUB_PREFIXES):
             yield from iter_hub(str(raw), split)
         else:

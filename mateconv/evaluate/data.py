@@ -13,10 +13,11 @@ from mateconv.data import DataError
 from mateconv.data.formats import sft_messages
 from mateconv.data.readers import BadLine, SUFFIXES, TEXT_KEYS, iter_records, record_text
 from mateconv.data.shards import PretrainEvalTokens, SFTTokens
+from mateconv.errors import InputError
 from mateconv.logprobs import IGNORE_INDEX, document_windows
 
 
-class EvalError(RuntimeError):
+class EvalError(InputError, RuntimeError):
     """Bad evaluation input (missing model or data, malformed records); shown as one line."""
 
 
