@@ -16,7 +16,9 @@ import torch
 from nbclient import NotebookClient
 
 from mateconv.evaluate.cli import main
-from mateconv.evaluate.run import is_model
+from mateconv.data.readers import path_list
+from mateconv.evaluate.data import EvalError
+from mateconv.evaluate.run import evaluate, is_model
 from mateconv.tasks import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,4 +465,16 @@ def test_the_notebook_keeps_training_checkpoints(tiny_sft_model, tmp_path):
     assert [is_model(path) for path in (tiny_sft_model, checkpoint, tmp_path / "missing", tmp_path)] == [
         True, True, False, False]
     notebook = nbformat.read(ROOT / "6.inference_evaluate.ipynb", as_version=4)
-    assert any("models = [m for m in MODELS if is_model(m)]" in cell.source for cell in notebook.cells)
+    cell = next(cell.source for cell in notebook.cells if "is_model(m)" in cell.source)
+    picking = cell[cell.index("named = "):cell.index("# each data file")]  # the cell's choice of models, run here
+    for given, picked in (([str(checkpoint), str(tmp_path / "missing")], [str(checkpoint)]),
+                          (str(tiny_sft_model), [str(tiny_sft_model)])):  # one path as a string: not its characters
+        scope = {"MODELS": given, "path_list": path_list, "is_model": is_model}
+        exec(picking, scope)
+        assert scope["models"] == picked
+
+
+def test_one_model_path_as_a_string_is_one_model(tmp_path):
+    """`evaluate("out/sft/final", ...)` took the path's characters for models ('no model at o')."""
+    with pytest.raises(EvalError, match=f"^no model at {tmp_path / 'missing'} "):
+        evaluate(str(tmp_path / "missing"), tmp_path / "eval")

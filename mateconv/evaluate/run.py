@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mateconv.chat import ChatError, resolve_device
 from mateconv.config import is_training_checkpoint
+from mateconv.data.readers import path_list
 from mateconv.evaluate.data import EvalError, read_prompts, read_tasks, read_texts, val_records
 from mateconv.evaluate.kept import PARTS, file_stats, inputs_key, judged_win_rate, keep_report, kept_report
 from mateconv.evaluate.models import (ModelReport, comparisons_for, evaluate_model, file_label, model_labels,
@@ -37,7 +38,7 @@ def is_model(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() or is_training_checkpoint(path)
 
 
-def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
+def evaluate(models: str | Path | list[str | Path], out_dir: str | Path, val: str | Path | None = DEFAULT_VAL,
              tasks: str | Path | None = DEFAULT_TASKS, prompts: list[str] | None = None, seq_len: int | None = None,
              batch_size: int = 8, max_batches: int | None = 50, max_tasks: int | None = 200,
              max_new_tokens: int = 48, device: str = "auto", lm_eval_tasks: list[str] | None = None,
@@ -66,7 +67,7 @@ def evaluate(models: list[str | Path], out_dir: str | Path, val: str | Path | No
     for flag, value, least, note in counts:
         if value < least:  # a negative limit would silently drop the last items ([:-1])
             raise EvalError(f"{flag} must be at least {least}{note}, got {value}")
-    paths = [Path(m) for m in models]
+    paths = [Path(m) for m in path_list(models)]  # one path as a str (a notebook's MODELS) is one model
     for path in paths:
         if not is_model(path):
             raise EvalError(f"no model at {path} (expected a save_pretrained directory or a training checkpoint)")
