@@ -7,6 +7,8 @@ import io
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
+from conftest import REPO
+
 
 def cell_output(source: str) -> str:
     """What Jupyter shows under a cell: the cell run by IPython, the shell that runs a notebook's kernel."""
@@ -29,3 +31,15 @@ def cell_output(source: str) -> str:
 def test_bad_input_shows_one_line(source, line, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cell_output(source).strip() == line
+
+
+@pytest.mark.parametrize("name", ["1.tokenizer_training.ipynb", "2.prepare_data.ipynb", "6.inference_evaluate.ipynb"])
+def test_notebooks_are_kept_without_outputs(name):
+    """A notebook saved after a run holds its outputs: this machine's paths, data and plots in every clone. They are
+    committed clean (Kernel > Restart and Clear Outputs, then save), so a diff shows only their code."""
+    import nbformat
+
+    notebook = nbformat.read(REPO / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
