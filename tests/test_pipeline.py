@@ -56,6 +56,14 @@ def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(sett
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
+def test_usage_names_the_command_the_docs_give(capsys):
+    """A wrong flag printed `usage: pipeline.py ...` and `pipeline.py: error: ...`, a name no command line uses."""
+    with pytest.raises(SystemExit):
+        main(["--bogus"])
+    error = capsys.readouterr().err
+    assert error.startswith("usage: python -m mateconv.pipeline [-h]") and "python -m mateconv.pipeline: error: " in error
+
+
 @pytest.mark.parametrize("sets, message", [
     (["--set", "eval.max_tasks=3", "pretrain.learning_rat=1"], "pretrain: unknown config key 'learning_rat'"),
     (["--set", "pretrain.max_steps=5", "--set", "eval.max_tasks=3", "dpo.dpo_beta=-1"], "dpo: dpo_beta must be > 0"),
