@@ -1,6 +1,7 @@
 """The end-to-end run (scripts/run_pipeline.sh, preset tiny) and its operations: nohup launch, stop.sh, resume."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -56,12 +57,14 @@ def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(sett
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
-def test_usage_names_the_command_the_docs_give(capsys):
+@pytest.mark.parametrize("module", ["mateconv.pipeline", "mateconv.data.embedded", "mateconv.tokenizer",
+                                    "mateconv.data.prepare"])
+def test_usage_names_the_command_the_docs_give(module, capsys):
     """A wrong flag printed `usage: pipeline.py ...` and `pipeline.py: error: ...`, a name no command line uses."""
     with pytest.raises(SystemExit):
-        main(["--bogus"])
+        importlib.import_module(module).main(["--bogus"])
     error = capsys.readouterr().err
-    assert error.startswith("usage: python -m mateconv.pipeline [-h]") and "python -m mateconv.pipeline: error: " in error
+    assert error.startswith(f"usage: python -m {module} [-h]") and f"python -m {module}: error: " in error
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -274,7 +274,8 @@ def generate(out_dir: str | Path, seed: int = 0, pretrain_chars: int = 3_000_000
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the embedded bilingual demo data set (raw files for stage 2).",
+    parser = argparse.ArgumentParser(prog="python -m mateconv.data.embedded",
+                                     description="Write the embedded bilingual demo data set (raw files for stage 2).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", default="out/raw/embedded")
     parser.add_argument("--seed", type=int, default=0)
