@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
     parser.add_argument("--to", required=True, choices=(*TO_STANDARD, "gguf"),
                         help="dense models: qwen3 with qk_norm, else llama; Mixture-of-Experts: qwen2moe without "
-                        "qk_norm, with it qwen3moe (no shared experts) or qwen3next; gguf for any but qwen3next (the "
-                        "fitting one is chosen)")
+                        "qk_norm, with it qwen3moe (no shared experts) or qwen3next; gguf for any of them (the llama.cpp "
+                        "architecture that computes the model is chosen)")
     parser.add_argument("--dtype", default=None,
                         help="a Hugging Face directory: f32 (default) or f16; gguf: f32, f16 (default) or q8_0")
     parser.add_argument("--out", required=True, help="output directory: a Hugging Face export replaces it (a new, "

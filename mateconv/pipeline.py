@@ -515,7 +515,8 @@ def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mateconv.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=("run", "status", "stop"))
     parser.add_argument("stage", nargs="?", help="with `stop`: the stage to stop")
     parser.add_argument("--preset", default=os.environ.get("MATECONV_PRESET", "tiny"))

@@ -248,7 +248,7 @@ def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m mateconv.tokenizer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", nargs="+", help="jsonl/json/txt/parquet files or directories to train on")

@@ -1,6 +1,7 @@
 """The end-to-end run (scripts/run_pipeline.sh, preset tiny) and its operations: nohup launch, stop.sh, resume."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -54,6 +55,16 @@ def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(sett
     error = capsys.readouterr().err
     assert error.startswith(f"error: {message}") and error.strip().endswith("(nothing was run)"), error
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("module", ["mateconv.pipeline", "mateconv.data.embedded", "mateconv.tokenizer",
+                                    "mateconv.data.prepare"])
+def test_usage_names_the_command_the_docs_give(module, capsys):
+    """A wrong flag printed `usage: pipeline.py ...` and `pipeline.py: error: ...`, a name no command line uses."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--bogus"])
+    error = capsys.readouterr().err
+    assert error.startswith(f"usage: python -m {module} [-h]") and f"python -m {module}: error: " in error
 
 
 @pytest.mark.parametrize("sets, message", [

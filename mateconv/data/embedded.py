@@ -286,7 +286,8 @@ def make_if_missing(paths: str | Path | list[str | Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the embedded bilingual demo data set (raw files for stage 2).",
+    parser = argparse.ArgumentParser(prog="python -m mateconv.data.embedded",
+                                     description="Write the embedded bilingual demo data set (raw files for stage 2).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)

@@ -222,7 +222,8 @@ def summary_table(stats: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
+    parser = argparse.ArgumentParser(prog="python -m mateconv.data.prepare",
+                                     description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("inputs (files, directories, hf:owner/name or ms:owner/name)")
     group.add_argument("--raw_dir", help="directory of data files: pretrain*, sft*, dpo*, tasks* by their names, "
