@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs MateConv with its dependencies into it, at the versions in constraints.txt
-# (those the test suite passed with). TORCH_SPEC picks the torch build: the default is the CPU wheel; on a GPU
-# machine use e.g. TORCH_SPEC="torch==2.13.0" to take the CUDA build from PyPI. MATECONV_UNLOCKED=1 installs the
+# (those the test suite passed with). PyTorch: its CPU build on a Linux machine without an NVIDIA GPU (PyPI's
+# Linux wheel is the CUDA build, GBs of it), else PyPI's; TORCH_SPEC="torch==..." installs that one instead (e.g. the
+# CUDA build where nvidia-smi is not on the PATH: TORCH_SPEC="torch==2.13.0"). MATECONV_UNLOCKED=1 installs the
 # newest versions pyproject.toml allows into a new .venv instead (to upgrade; see scripts/lock_deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,15 @@ if [ -n "${MATECONV_UNLOCKED:-}" ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt 
     locked=(-c constraints.txt)
     [ -n "${MATECONV_UNLOCKED:-}" ] && locked=()
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    if [ -n "${TORCH_SPEC:-}" ]; then
+        "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+    elif [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+        # the CPU wheel from a wheel folder or index pip is set up with, else from PyTorch's own index
+        "$VENV/bin/python" -m pip install -q torch==2.13.0+cpu 2>/dev/null ||
+            "$VENV/bin/python" -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
+    else
+        "$VENV/bin/python" -m pip install -q torch==2.13.0
+    fi
     # llama-cpp-python (the GGUF export test runs llama.cpp) ships as source only: build its wheel once per
     # machine into a cache (about 25 min on 2 busy cores, see BENCHMARKS.md), then every install takes it from there.
     # Not for this CPU alone (-march=native): on a CPU with AMX that build runs ggml's AMX kernels, which crashed
