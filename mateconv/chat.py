@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mateconv.config import ConfigError, add_decode_flags
+from mateconv.config import FALSE_WORDS, TRUE_WORDS, ConfigError, add_decode_flags
+from mateconv.flags import format_value
 from mateconv.errors import InputError
 from mateconv.terminal import run_main
 from mateconv.train.distributed import resolve_device as training_device
@@ -283,36 +284,52 @@ def main(argv: list[str] | None = None) -> None:
 SEED_MODEL_MODES = {0: "pretrain", 1: "sft", 2: "dpo"}
 
 
-def check_seed_shape(path: Path, dim: int | None, n_layers: int | None, program: str) -> None:
-    """The seeds' `--dim`/`--n_layers` picked a checkpoint file by shape; here a model directory holds its own shape,
-    which they must match (SystemExit naming both)."""
+def switch(value: str) -> bool:
+    """A command-line 1|0 (also true/false, yes/no, on/off)."""
+    if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
+    return value.lower() in TRUE_WORDS
+
+
+def add_seed_shape_flags(parser: argparse.ArgumentParser) -> None:
+    """The seeds' (and MiniMind's) flags that picked a checkpoint file by the model's shape: `--dim`, `--n_layers`,
+    `--use_moe [1|0]`."""
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--n_layers", type=int, default=None)
+    parser.add_argument("--use_moe", type=switch, nargs="?", const=True, default=None, metavar="1|0")
+
+
+def check_seed_shape(path: Path, args: argparse.Namespace, program: str) -> None:
+    """The seeds' `--dim`/`--n_layers`/`--use_moe` picked a checkpoint file by shape; here a model directory holds its
+    own shape, which they must match (SystemExit naming both)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
     shape = {"dim": config.get("dim", config.get("hidden_size")),
-             "n_layers": config.get("n_layers", config.get("num_hidden_layers"))}
-    wanted = {name: value for name, value in (("dim", dim), ("n_layers", n_layers)) if value is not None}
+             "n_layers": config.get("n_layers", config.get("num_hidden_layers")),
+             "use_moe": bool(config.get("use_moe", config.get("num_experts") or config.get("n_routed_experts")))}
+    wanted = {name: getattr(args, name) for name in shape if getattr(args, name) is not None}
     if any(shape[name] != value for name, value in wanted.items()):
-        raise SystemExit(f"{program}: {path} has {', '.join(f'{k} {v}' for k, v in shape.items())}, not "
-                         f"{', '.join(f'{k} {v}' for k, v in wanted.items())}")
+        said = {name: shape[name] for name in shape if name != "use_moe" or "use_moe" in wanted}
+        raise SystemExit(f"{program}: {path} has {', '.join(f'{k} {format_value(v)}' for k, v in said.items())}, "
+                         f"not {', '.join(f'{k} {format_value(v)}' for k, v in wanted.items())}")
 
 
 def seed_main(argv: list[str] | None = None) -> None:
     """Seed 000's `eval_model.py --model_mode 0|1|2 [--dim D --n_layers N] [--stream True]`: the chat with
     out/pretrain (as text completion: a pretrained model continues text), out/sft or out/dpo's final model. There
-    `--dim` and `--n_layers` picked the checkpoint file; here the model directory holds its own shape, which they must
-    match. Replies always stream. Other flags are the chat's."""
+    `--dim` and `--n_layers` (and MiniMind's `--use_moe`) picked the checkpoint file; here the model directory holds its
+    own shape, which they must match, as `--use_moe` must its kind. Replies always stream. Other flags are the chat's."""
     parser = argparse.ArgumentParser(prog="eval_model.py", description=seed_main.__doc__)
     parser.add_argument("--model_mode", type=int, choices=sorted(SEED_MODEL_MODES), default=1,
                         help="0 pretrained, 1 SFT, 2 DPO")
     parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--n_layers", type=int, default=None)
+    add_seed_shape_flags(parser)
     parser.add_argument("--stream", choices=["True", "False", "true", "false", "1", "0"], default="True")
     args, chat_flags = parser.parse_known_args(argv)
     path = Path(args.out_dir) / SEED_MODEL_MODES[args.model_mode] / "final"
-    check_seed_shape(path, args.dim, args.n_layers, "eval_model")
+    check_seed_shape(path, args, "eval_model")
     completion = ["--text_completion"] if SEED_MODEL_MODES[args.model_mode] == "pretrain" else []
     main(["--model_path", str(path), *completion, *chat_flags])
 

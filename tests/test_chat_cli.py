@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mateconv.chat import (ChatError, ChatSession, SamplingOptions, build_parser, fit_history, load_model, main,
-                           run_interactive, stream_reply)
+                           run_interactive, seed_main, stream_reply)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model on 2 shared cores: one thread is fastest
@@ -272,3 +272,22 @@ def test_input_that_is_not_utf8_is_one_line(tiny_untrained_model, capsys):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the next line was answered
     with pytest.raises(SystemExit, match="^chat: the system prompt is not UTF-8 text"):
         main(["--model_path", str(tiny_untrained_model), "--device", "cpu", "--prompt", "hi", "--system", gbk])
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--use_moe", "1"], "has dim 64, n_layers 2, use_moe false, not use_moe true"),
+    (["--use_moe", "--dim", "64"], "has dim 64, n_layers 2, use_moe false, not dim 64, use_moe true"),
+    (["--use_moe", "maybe"], None),  # argparse's own error: expected 1 or 0
+])
+def test_eval_model_checks_minimind_use_moe(flags, line, tmp_path, capsys):
+    """MiniMind's `eval_model.py --use_moe 1` picked its MoE checkpoint; it went on to the chat's parser, which
+    refused it as an unknown argument. It is checked against the model's kind, as --dim and --n_layers are."""
+    final = tmp_path / "sft" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text('{"dim": 64, "n_layers": 2, "use_moe": false}')
+    with pytest.raises(SystemExit) as stopped:
+        seed_main(["--out_dir", str(tmp_path), "--model_mode", "1", *flags])
+    if line is None:
+        assert stopped.value.code == 2 and "--use_moe: expected 1 or 0, got 'maybe'" in capsys.readouterr().err
+    else:
+        assert str(stopped.value.code) == f"eval_model: {final} {line}"

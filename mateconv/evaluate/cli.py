@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mateconv.chat import ChatError, SEED_MODEL_MODES, check_seed_shape
+from mateconv.chat import ChatError, SEED_MODEL_MODES, add_seed_shape_flags, check_seed_shape
 from mateconv.config import under_root
 from mateconv.data.shards import shard_info
 from mateconv.evaluate.data import EvalError
@@ -134,16 +134,15 @@ def main(argv: list[str] | None = None) -> None:
 def seed_test_main(argv: list[str]) -> None:
     """Seed 000's `pretrain_sft_lora.py --mode test [flags]`, the fourth mode of its flags table: this evaluation of
     the final models its runs wrote under --out_dir (pretrain/, sft/, dpo/), into <out_dir>/eval, on the held-out data
-    under it. --batch_size, --device and --max_seq_len (the perplexity length) carry over; --dim and --n_layers must be
-    each model's; training flags are named as unused."""
+    under it. --batch_size, --device and --max_seq_len (the perplexity length) carry over; --dim, --n_layers and
+    --use_moe must be each model's; training flags are named as unused."""
     parser = argparse.ArgumentParser(prog="pretrain_sft_lora.py --mode test", description=seed_test_main.__doc__)
     parser.add_argument("--mode", choices=["test"], default="test")
     parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max_seq_len", type=int, default=None)
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--n_layers", type=int, default=None)
+    add_seed_shape_flags(parser)
     args, unused = parser.parse_known_args(argv)
     root = Path(args.out_dir)
     models = [root / stage / "final" for stage in SEED_MODEL_MODES.values()
@@ -152,7 +151,7 @@ def seed_test_main(argv: list[str]) -> None:
         raise SystemExit(f"pretrain_sft_lora: --mode test found no trained model under {root} (pretrain/final, "
                          "sft/final or dpo/final); train one first, or name the layout root with --out_dir")
     for model in models:
-        check_seed_shape(model, args.dim, args.n_layers, "pretrain_sft_lora")
+        check_seed_shape(model, args, "pretrain_sft_lora")
     if unused:
         print(f"[evaluate] --mode test does not use {' '.join(t for t in unused if t.startswith('-'))}", flush=True)
     # the held-out data under the layout root, each skipped (as main skips its defaults) when missing or empty
