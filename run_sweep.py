@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from mateconv.config import STAGE_PROGRAMS
-from mateconv.sweep.config import SweepError, load_sweep_config
+from mateconv.sweep.config import SweepError, SweepInterrupted, load_sweep_config
 from mateconv.sweep.optuna_backend import run_optuna
 from mateconv.sweep.wandb_backend import choose_backend, run_wandb
 from mateconv.terminal import run_main
@@ -47,6 +47,8 @@ def main() -> None:
             print(f"[sweep] summary: {sweep_dir / 'summary.md'}")
     except SweepError as e:
         sys.exit(f"run_sweep: {e}")
+    except SweepInterrupted as e:  # said already, with what was kept
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from mateconv.sweep.config import SweepError, load_sweep_config
+from mateconv.sweep.config import SweepError, SweepInterrupted, load_sweep_config
 from mateconv.sweep.optuna_backend import run_optuna
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,8 @@ def test_sigint_stops_the_sweep_and_the_interrupted_trial_reruns(tmp_path):
         time.sleep(0.05)
     sweep.send_signal(signal.SIGINT)
     output = sweep.communicate(timeout=60)[0]
-    assert sweep.returncode == 0 and "interrupted; run the same command again to resume" in output
+    # 130, as a shell reports a program Ctrl-C ended (it was 0: `run_sweep.py && next` went on)
+    assert sweep.returncode == 128 + signal.SIGINT and "interrupted; run the same command again to resume" in output
     assert "Traceback" not in output
     first = _calls(tmp_path)[0]
 
@@ -273,7 +274,8 @@ def test_sigint_between_two_trials_starts_no_other(tmp_path, monkeypatch):
     monkeypatch.setattr(optuna_backend, "write_summary", summary_then_ctrl_c)
     path = _write_sweep(tmp_path)
     try:
-        run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
+        with pytest.raises(SweepInterrupted):
+            run_optuna(load_sweep_config(path), count=3, out_root=tmp_path / "sweeps")
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

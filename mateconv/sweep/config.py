@@ -35,6 +35,15 @@ class SweepError(ValueError):
     """A sweep config or a trial that cannot be used; the message names the problem."""
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the sweep (what it kept is said and written): the program exits 128 + the signal,
+    as a shell reports a program a signal ended, so that `run_sweep.py && next` does not go on."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
 class SweepLoader(UniqueKeyLoader):
     """YAML 1.1 reads a number in exponent form without a dot (`min: 1e-5`, as sweep configs write learning rates) as
     text; here it is a number, as YAML 1.2 and W&B's examples have it."""

@@ -17,7 +17,7 @@ from mateconv.files import save_figure, write_atomic
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner, is_alive
 from mateconv.sweep.config import (OPTUNA_DISTRIBUTIONS, REPO, WANDB_ONLY_DISTRIBUTIONS, Param, SweepConfig, SweepError,
-                                   is_number)
+                                   SweepInterrupted, is_number)
 from mateconv.sweep.trials import (MetricMissing, build_command, exit_reason, read_metric, run_following_metrics,
                                    trial_env, trial_gpus)
 
@@ -297,6 +297,8 @@ def run_optuna(config: SweepConfig, count: int | None, out_root: Path, gpus: str
             best = study.best_trial
             print(f"[sweep] best: trial {_number(best)}, {config.metric}={best.value:.6g}: {_command(best)}",
                   flush=True)
+    if runner.interrupted:
+        raise SweepInterrupted(runner.interrupted)
     return sweep_dir
 
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mateconv.procs import StageRunner
-from mateconv.sweep.config import SweepConfig, SweepError, is_number
+from mateconv.sweep.config import SweepConfig, SweepError, SweepInterrupted, is_number
 from mateconv.sweep.trials import build_command, run_following_metrics, trial_env, trial_gpus
 
 
@@ -99,4 +99,6 @@ def run_wandb(config: SweepConfig, count: int | None, out_root: Path, gpus: str 
 
     with wandb_errors_in_one_line(f"did not run an agent of sweep {sweep_id}"):
         wandb.agent(sweep_id, function=one_trial, count=count, project=project, entity=entity)
+    if runner.interrupted:
+        raise SweepInterrupted(runner.interrupted)
     return sweep_id
