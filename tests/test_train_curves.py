@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mateconv.train.curves import moving_average, plot_training, training_figure
+from mateconv.train.curves import moving_average, plot_training, run_curves, training_figure
 
 
 def rows(steps: int, moe: bool) -> list[dict]:
@@ -52,3 +52,17 @@ def test_written_only_when_there_is_a_training_step(tmp_path):
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows(10, moe=False)))
     assert plot_training(metrics, tmp_path / "training.png", "dpo") == tmp_path / "training.png"
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_curves_of_a_final_model_and_of_a_training_checkpoint(tmp_path):
+    """6.inference_evaluate.ipynb shows them for each model: a checkpoint's are its run's, two folders up (it looked in
+    out/<stage>/checkpoints/ and showed none)."""
+    run = tmp_path / "out" / "sft"
+    final, step = run / "final", run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    assert run_curves(final) is None and run_curves(step) is None  # a run stopped before its first logged step
+    (run / "training.png").write_bytes(b"\x89PNG")
+    assert run_curves(final) == run_curves(str(step)) == run / "training.png"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mateconv.config import is_training_checkpoint
 from mateconv.files import read_metrics, save_figure
 
 LAYER_CV = "moe/layer{}/cv"
+TRAINING_PNG = "training.png"
 
 
 def number(row: dict, key: str) -> float | None:
@@ -81,3 +83,11 @@ def plot_training(metrics_jsonl: Path, out_png: Path, title: str) -> Path | None
         return None
     save_figure(training_figure(rows, title), Path(out_png))
     return Path(out_png)
+
+
+def run_curves(model: str | Path) -> Path | None:
+    """The training curves of the run a model path belongs to, None when it has none: out/<stage>/final and a training
+    checkpoint out/<stage>/checkpoints/step_N both give out/<stage>/training.png."""
+    model = Path(model)
+    run = model.parent.parent if is_training_checkpoint(model) else model.parent
+    return run / TRAINING_PNG if (run / TRAINING_PNG).is_file() else None

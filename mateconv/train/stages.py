@@ -25,7 +25,7 @@ from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
-from mateconv.train.curves import plot_training
+from mateconv.train.curves import TRAINING_PNG, plot_training
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setup, shutdown
 from mateconv.train.dpo import DPOObjective
@@ -346,7 +346,7 @@ def set_up_and_train(recipe: Recipe, config: TrainConfig, stop: StopRequest) -> 
     summary = Trainer(config, runtime, model, objective, data.train, data.val if recipe.validate else None,
                       tokenizer, evaluators, at_start, stop, recipe.name).fit()
     out_dir = Path(config.checkpoint.out_dir)
-    if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / "training.png",
+    if runtime.is_main and (curves := plot_training(out_dir / "metrics.jsonl", out_dir / TRAINING_PNG,
                                                     f"{recipe.name}: {out_dir}")):
         print(f"[{recipe.name}] training curves: {curves}", flush=True)
     if recipe.after is not None and evaluators and runtime.is_main and not summary["stopped"]:
