@@ -9,8 +9,8 @@ import pytest
 from nbclient.exceptions import CellExecutionError
 
 from mateconv.data import DataError
-from mateconv.data.clean import Deduper, Filters, normalize, split_of
-from mateconv.data.prepare import main, prepare
+from mateconv.data.clean import DEFAULT_NORMALIZATION, Deduper, Filters, normalize, split_of
+from mateconv.data.prepare import build_parser, main, prepare
 from mateconv.data.shards import build_shards
 from mateconv.prefs.store import sample_prompts
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
@@ -200,6 +200,33 @@ def test_prepare_notebook_on_embedded_data(tmp_path):
     assert stats["tasks"]["kept"] == 60 and stats["tasks"]["val"] == 30
     for kind in ("pretrain", "sft", "dpo", "tasks"):
         assert (tmp_path / f"out/data/{kind}_train.jsonl").stat().st_size > 0
+
+
+def notebook_parameters(name: str) -> tuple[dict, set[str]]:
+    """A notebook's parameters cell run (its settings by name) and the names its other code cells read."""
+    import ast
+
+    import nbformat
+
+    cells = [cell for cell in nbformat.read(ROOT / name, as_version=4).cells if cell.cell_type == "code"]
+    settings: dict = {}
+    exec(cells[0].source, settings)
+    assert "parameters" in cells[0].metadata.tags
+    read = {node.id for cell in cells[1:] for node in ast.walk(ast.parse(cell.source))
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return settings, read
+
+
+def test_notebook_parameters_are_the_command_lines_settings():
+    """The parameters cells hold every setting of stage 1's training and of `python -m mateconv.data.prepare`, with its
+    defaults, and pass them on (both lacked the Unicode normalisation, which stages 1 and 2 must share, notebook 2 the
+    filters and the stage 7 prompts)."""
+    settings, read = notebook_parameters("2.prepare_data.ipynb")
+    for name, default in vars(build_parser().parse_args([])).items():
+        if name not in ("raw_dir", "no_progress"):  # the notebook's raw_dir is the demo data's
+            assert settings[name] == default and name in read, name
+    settings, read = notebook_parameters("1.tokenizer_training.ipynb")
+    assert settings["normalization"] == DEFAULT_NORMALIZATION and "normalization" in read
 
 
 def test_prepare_notebook_names_a_raw_dir_that_is_not_there(tmp_path):

@@ -18,7 +18,7 @@ SMALL_CORPUS = [SHARED_DATA / "karpathy__char-rnn/data/tinyshakespeare/input.fir
 def run_notebook(path: Path, workdir: Path, parameters: str) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-    notebook.cells[index].source = parameters
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(parameters))  # after its own, as papermill does
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
     return notebook
 
