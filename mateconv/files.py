@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +29,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 class OutputDirError(InputError, ValueError):
     """An output directory that cannot be made or written in (its message is the one line to show)."""
+
+
+def dirs_to_make(path: Path) -> list[Path]:
+    """The directories that making `path` with its parents creates, the deepest first."""
+    return [directory for directory in (path, *path.parents) if not directory.exists()]
+
+
+def remove_empty_dirs(directories: list[Path]) -> None:
+    """Removes each of `directories` that is empty, in order (dirs_to_make's: a parent after its child)."""
+    for directory in directories:
+        with suppress(OSError):
+            directory.rmdir()
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:

@@ -181,7 +181,8 @@ def test_stage2_and_the_tokenizer_of_stages_3_and_9_skip_the_same_pairs(tiny_tok
 
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
-        main(["--pretrain", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "o"), "--no_progress"])
+        main(["--pretrain", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "runs" / "o"), "--no_progress"])
+    assert not (tmp_path / "runs").exists()  # a failed run leaves no new directory behind (it left an empty out_dir)
     with pytest.raises(SystemExit, match="hub is unreachable|could not load the data set from the hub"):
         main(["--sft", "hf:surely/not-a-dataset-xyz", "--out_dir", str(tmp_path / "o"), "--no_progress"])
     with pytest.raises(DataError, match="val_frac"):

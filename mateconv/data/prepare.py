@@ -29,7 +29,7 @@ from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.readers import BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
-from mateconv.files import write_atomic
+from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
 from mateconv.terminal import bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
@@ -166,7 +166,7 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
             max_prompts: int = 0) -> dict:
     """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats. The outputs of
     a run replace all of an earlier run's (a kind not prepared now leaves no file), and only when every kind is
-    done: a run that fails leaves out_dir as it was."""
+    done: a run that fails leaves out_dir as it was (not there, when the run made it)."""
     unknown = set(sources) - set(KINDS)
     if unknown:
         raise DataError(f"unknown data kind(s) {sorted(unknown)}; expected {', '.join(KINDS)}")
@@ -176,6 +176,7 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
         raise DataError(f"prompts_frac must be in [0, 1) and max_prompts >= 0, got {prompts_frac}, {max_prompts}")
     filters = filters or Filters()
     out_dir = Path(out_dir)
+    created = dirs_to_make(out_dir)  # removed again by a run that fails
     out_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"settings": {"val_frac": val_frac, "prompts_frac": prompts_frac,
                                           "max_prompts": max_prompts, "seed": seed, "normalization": normalization,
@@ -194,6 +195,7 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
     except BaseException:
         for path in written:
             os.unlink(f"{path}.tmp")
+        remove_empty_dirs(created)
         raise
     for name in OUTPUTS:
         if out_dir / name not in written:

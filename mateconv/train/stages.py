@@ -20,7 +20,7 @@ from torch import nn
 from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
                              parse_args, parse_config, per_rank_sizes)
 from mateconv.data import DataError
-from mateconv.files import LockHeld, OutputDirError, locked, writable_dir
+from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
 from mateconv.memory import out_of_memory_figures
@@ -291,7 +291,7 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
     if not main:
         yield
         return
-    created = [path for path in (out_dir, *out_dir.parents) if not path.exists()]  # out_dir first
+    created = dirs_to_make(out_dir)
     try:
         writable_dir(out_dir, "out_dir")
     except OutputDirError as e:
@@ -307,9 +307,7 @@ def claimed(out_dir: Path, main: bool) -> Iterator[None]:
     except BaseException:
         if created and [path.name for path in out_dir.iterdir()] == [RUN_LOCK]:  # refused before it wrote anything
             (out_dir / RUN_LOCK).unlink(missing_ok=True)
-            for path in created:  # the directories this run made, each once it is empty
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+            remove_empty_dirs(created)
         raise
 
 
