@@ -450,6 +450,28 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
     assert said.startswith(f"error: {broken / 'tokenizer.json'}: not a readable tokenizer.json: EOF while parsing")
 
 
+def test_all_removes_the_shards_of_files_stage_2_no_longer_writes(setup, tmp_path, capsys):
+    """Stage 2 replaces all of an earlier run's files: out/tokens/dpo/train, left from a run with preference pairs,
+    would have been trained on after a run without them."""
+    from mateconv.data.shards import main
+
+    root, tokenizer_dir, _ = setup
+    data, tokens = tmp_path / "data", tmp_path / "tokens"
+    data.mkdir()
+    (data / "sft_train.jsonl").write_bytes((root / "raw/sft.jsonl").read_bytes())
+    (data / "dpo_train.jsonl").write_bytes((root / "raw/dpo.jsonl").read_bytes())
+    command = ["--all", "--data_dir", str(data), "--out_root", str(tokens), "--tokenizer", str(tokenizer_dir),
+               "--workers", "1", "--no_progress"]
+    main(command)
+    (data / "dpo_train.jsonl").unlink()  # stage 2 again, without preference pairs
+    (tokens / "dpo" / "mine").mkdir()  # not a split's shards: kept
+    main(command)
+    assert not (tokens / "dpo" / "train").exists() and (tokens / "dpo" / "mine").is_dir()
+    assert (tokens / "sft" / "train" / "index.json").is_file()
+    assert (f"{tokens / 'dpo' / 'train'}: removed, as {data} has no dpo_train.jsonl any more (stage 2 did not write "
+            "it this time)") in capsys.readouterr().out
+
+
 def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_goes_on(setup, tmp_path):
     """3.dataset.py started as `bash -c 'nohup ... &'` (SIGINT comes ignored there): `kill -2` ends it with one line
     and no worker tracebacks, its finished shards kept; the same command then does the rest, every record once.

@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 from collections import deque
@@ -43,7 +44,7 @@ from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_utf16,
                                    text_lines)
-from mateconv.files import write_atomic
+from mateconv.files import remove_empty_dirs, write_atomic
 from mateconv.logprobs import IGNORE_INDEX
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
 
@@ -775,13 +776,22 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
 # ---------------------------------------------------------------- command line
 
 def build_all(data_dir: str | Path, tokenizer_dir: str | Path, out_root: str | Path, **options) -> list[BuildResult]:
-    """Every `{kind}_{split}.jsonl` found in data_dir (stage 2's output) -> out_root/kind/split."""
-    found = [(kind, split, Path(data_dir) / f"{kind}_{split}.jsonl") for kind in KINDS for split in ("train", "val")]
-    found = [(kind, split, path) for kind, split, path in found if path.is_file()]
+    """Every `{kind}_{split}.jsonl` found in data_dir (stage 2's output) -> out_root/kind/split. Then the shards of a
+    file data_dir no longer has are removed, with a line each: stage 2 replaces all of an earlier run's files, and the
+    training stages would read the shards it left."""
+    every = [(kind, split, Path(data_dir) / f"{kind}_{split}.jsonl") for kind in KINDS for split in ("train", "val")]
+    found = [(kind, split, path) for kind, split, path in every if path.is_file()]
     if not found:
         raise DataError(f"{data_dir}: no pretrain/sft/dpo _train/_val .jsonl files (run stage 2 first)")
-    return [build_shards(kind, [path], tokenizer_dir, Path(out_root) / kind / split, **options)
-            for kind, split, path in found]
+    results = [build_shards(kind, [path], tokenizer_dir, Path(out_root) / kind / split, **options)
+               for kind, split, path in found]
+    for kind, split, path in every:
+        stale = Path(out_root) / kind / split
+        if not path.is_file() and (stale / "index.json").is_file():
+            shutil.rmtree(stale)
+            remove_empty_dirs([stale.parent])
+            print(f"{stale}: removed, as {data_dir} has no {path.name} any more (stage 2 did not write it this time)")
+    return results
 
 
 def _report(result: BuildResult) -> None:
