@@ -465,6 +465,11 @@ def test_all_removes_the_shards_of_files_stage_2_no_longer_writes(setup, tmp_pat
     main(command)
     (data / "dpo_train.jsonl").unlink()  # stage 2 again, without preference pairs
     (tokens / "dpo" / "mine").mkdir()  # not a split's shards: kept
+    other = ["--all", "--data_dir", str(tmp_path / "other"), *command[3:]]  # another data directory's run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sft_val.jsonl").write_bytes((root / "raw/sft.jsonl").read_bytes())
+    main(other)
+    assert (tokens / "dpo" / "train" / "index.json").is_file()  # made from data/, not other/: kept
     main(command)
     assert not (tokens / "dpo" / "train").exists() and (tokens / "dpo" / "mine").is_dir()
     assert (tokens / "sft" / "train" / "index.json").is_file()

@@ -775,10 +775,18 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
 
 # ---------------------------------------------------------------- command line
 
+def made_from(shard_dir: Path) -> list[str] | None:
+    """The input files a shard directory was tokenized from (its index.json), None where it holds no index."""
+    try:
+        return json.loads((shard_dir / "index.json").read_text()).get("inputs")
+    except (OSError, ValueError):
+        return None
+
+
 def build_all(data_dir: str | Path, tokenizer_dir: str | Path, out_root: str | Path, **options) -> list[BuildResult]:
-    """Every `{kind}_{split}.jsonl` found in data_dir (stage 2's output) -> out_root/kind/split. Then the shards of a
-    file data_dir no longer has are removed, with a line each: stage 2 replaces all of an earlier run's files, and the
-    training stages would read the shards it left."""
+    """Every `{kind}_{split}.jsonl` found in data_dir (stage 2's output) -> out_root/kind/split. Then the shards made
+    from a file of data_dir that is no longer there are removed, with a line each: stage 2 replaces all of an earlier
+    run's files, and the training stages would read the shards it left. Shards made from other files are kept."""
     every = [(kind, split, Path(data_dir) / f"{kind}_{split}.jsonl") for kind in KINDS for split in ("train", "val")]
     found = [(kind, split, path) for kind, split, path in every if path.is_file()]
     if not found:
@@ -787,7 +795,7 @@ def build_all(data_dir: str | Path, tokenizer_dir: str | Path, out_root: str | P
                for kind, split, path in found]
     for kind, split, path in every:
         stale = Path(out_root) / kind / split
-        if not path.is_file() and (stale / "index.json").is_file():
+        if not path.is_file() and made_from(stale) == [str(path)]:  # shards of other files are not this run's
             shutil.rmtree(stale)
             remove_empty_dirs([stale.parent])
             print(f"{stale}: removed, as {data_dir} has no {path.name} any more (stage 2 did not write it this time)")
