@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mateconv.config import FALSE_WORDS, TRUE_WORDS, ConfigError, add_decode_flags
 from mateconv.flags import format_value
 from mateconv.errors import InputError
-from mateconv.terminal import run_main
+from mateconv.terminal import no_transformers_bars, run_main
 from mateconv.train.distributed import resolve_device as training_device
 from mateconv.train.models import model_dir
 from model.generation import stream_text  # importing `model` registers MateConv with the Auto classes
@@ -93,9 +93,10 @@ def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"
                         "checkpoint: checkpoints/step_N)")
     torch_device = resolve_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device),
-                                                     trust_remote_code=trust_remote_code)
+        with no_transformers_bars():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device),
+                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as error:  # the last: a weights file cut short or damaged
         raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
     if chat and tokenizer.chat_template is None:

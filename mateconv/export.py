@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
-from mateconv.terminal import run_main
+from mateconv.terminal import no_transformers_bars, run_main
 from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
 from model.export import TO_STANDARD, qwen_moe_state_dict, shared_projections, shared_width, standard_architecture
@@ -93,7 +93,7 @@ def export_hf_dir(source: str | Path, out: str | Path, dtype: str = "f32", archi
     model, tokenizer = load_mateconv(source)
     config = model.config
     standard = standard_twin(model, source, architecture)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, no_transformers_bars():
         standard.to(DTYPES[dtype]).save_pretrained(tmp)
         if tokenizer.chat_template:
             tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)

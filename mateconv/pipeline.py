@@ -45,9 +45,11 @@ PROMPTS_FRAC = 0.1  # share of the user's SFT conversations held out of SFT as s
 FOLLOWER_POLL_S = 5.0  # how often a node other than 0 (no ssh) looks for node 0's artifacts
 SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the artifacts were made from
 # The programs that run after a long stage (the tokenizer's training on the whole corpus, or training), and the
-# modules whose build_parser() reads their flags (the tokenizer runs first: its own flag errors come at once).
+# modules whose build_parser() reads their flags (and whose check_flags(parser, args), where there is one, checks what
+# parsing cannot); the tokenizer's too, which runs first but whose error would otherwise be in its log only.
 LATE_PARSERS = {"mateconv.data.prepare": "mateconv.data.prepare", "7.gen_prefs_openai.py": "mateconv.prefs.cli",
-                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate.cli"}
+                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate.cli",
+                "mateconv.tokenizer": "mateconv.tokenizer"}
 
 
 class PipelineError(RuntimeError):
@@ -184,8 +186,8 @@ def build_stages(preset: dict, out: Path, nodes: Nodes | None = None) -> list[St
 
 
 def flags_problem(stage: Stage) -> str | None:
-    """What a training stage or a later one would say about its flags, found without running it; None if they
-    parse. A typo in a late stage's `--set` then stops the pipeline before hours of training, not after them.
+    """What a stage would say about its flags, found without running it; None if they parse (or it has no parser
+    here). A typo in a late stage's `--set` then stops the pipeline before hours of training, not after them.
     The stages' own parsers are imported here only (they import torch)."""
     from mateconv.config import STAGE_PROGRAMS, ConfigError, parse_config
 
@@ -200,10 +202,13 @@ def flags_problem(stage: Stage) -> str | None:
         return None
     if stage.program not in LATE_PARSERS:
         return None
-    parser, said = importlib.import_module(LATE_PARSERS[stage.program]).build_parser(), io.StringIO()
+    module = importlib.import_module(LATE_PARSERS[stage.program])
+    parser, said = module.build_parser(), io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            _, unknown = parser.parse_known_args(list(stage.flags))
+            args, unknown = parser.parse_known_args(list(stage.flags))
+            if hasattr(module, "check_flags"):
+                module.check_flags(parser, args)
     except SystemExit:
         return said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
     return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None

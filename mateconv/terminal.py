@@ -74,6 +74,22 @@ def bars_only_on_a_terminal() -> None:
     tqdm.__init__ = quiet
 
 
+@contextlib.contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """While the block runs, transformers draws no progress bars (its own and huggingface_hub's): loading a model
+    from disk takes a second, and its "Loading weights" bar would stand before the reply or the prompt the user
+    waits for. Warnings and errors still show."""
+    from transformers.utils import logging  # here: transformers is slow to import, and light programs use this module
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
 def duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 

@@ -247,31 +247,45 @@ def report_samples(paths: dict[str, list[str | Path]], max_chars: int = 200_000)
     return samples
 
 
-def main(argv: list[str] | None = None) -> None:
+# The training flags and their defaults: not set unless given (SUPPRESS), so that one given with --from_pretrained
+# is told apart
+TRAINING_DEFAULTS = {"vocab_size": 6400, "min_frequency": 2, "max_chars": None, "normalization": DEFAULT_NORMALIZATION}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mateconv.tokenizer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", nargs="+", help="jsonl/json/txt/parquet files or directories to train on")
     source.add_argument("--from_pretrained", metavar="PATH",
                         help="use this tokenizer.json (or a directory holding one, e.g. MiniMind's model/) instead")
-    # the training flags: not set unless given (SUPPRESS), so that one given with --from_pretrained is told apart
-    training = {"vocab_size": 6400, "min_frequency": 2, "max_chars": None, "normalization": DEFAULT_NORMALIZATION}
     parser.add_argument("--vocab_size", type=int, default=argparse.SUPPRESS,
-                        help=f"(default: {training['vocab_size']})")
+                        help=f"(default: {TRAINING_DEFAULTS['vocab_size']})")
     parser.add_argument("--min_frequency", type=int, default=argparse.SUPPRESS,
-                        help=f"(default: {training['min_frequency']})")
+                        help=f"(default: {TRAINING_DEFAULTS['min_frequency']})")
     parser.add_argument("--max_chars", type=int, default=argparse.SUPPRESS,
                         help="stop reading the corpus after this many chars (default: all of it)")
     parser.add_argument("--normalization", default=argparse.SUPPRESS, choices=NORMALIZATIONS,
                         help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees) "
                              f"(default: {DEFAULT_NORMALIZATION})")
     parser.add_argument("--out_dir", default="out/tokenizer")
-    args = parser.parse_args(argv)
-    given = [name for name in training if name in vars(args)]
+    return parser
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What parsing cannot say (parser.error): training flags given with --from_pretrained. The pipeline checks it
+    too before any stage runs."""
+    given = [name for name in TRAINING_DEFAULTS if name in vars(args)]
     if args.from_pretrained and given:
         parser.error(f"--{' --'.join(given)} {'goes' if len(given) == 1 else 'go'} with --corpus: --from_pretrained "
                      "keeps the tokenizer's vocabulary as it is")
-    settings = {name: getattr(args, name, default) for name, default in training.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    settings = {name: getattr(args, name, default) for name, default in TRAINING_DEFAULTS.items()}
     bars_only_on_a_terminal()
     try:
         out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else

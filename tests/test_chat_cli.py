@@ -131,6 +131,7 @@ def test_one_shot_prompt_from_stdin(chat_command, expected):
                            text=True, timeout=60, env=ENV)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.strip() == expected
+    assert piped.stderr == ""  # loading a model draws no progress bar
 
 
 def test_one_shot_prompt_flag(tiny_sft_model, expected, capsys):

@@ -58,6 +58,7 @@ def greedy_reference(model_dir) -> list[tuple[list[int], list[int]]]:
 def test_llama_directory(tiny_sft_model, reference, tmp_path):
     result = export(tiny_sft_model, "--to", "llama", "--out", tmp_path / "llama")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""  # no progress bars of loading and saving the model
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
     for prompt, ours in reference:

@@ -266,6 +266,19 @@ def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_
     assert not (tmp_path / "out" / "tokenizer").exists()
 
 
+def test_tokenizer_training_flags_with_tokenizer_stop_the_run_before_anything_runs(tmp_path, monkeypatch, capsys,
+                                                                                   tiny_tokenizer):
+    """`--tokenizer PATH --set tokenizer.vocab_size=8000` failed only when the tokenizer stage ran ('tokenizer failed
+    with exit code 2', the reason in its log), while the other stages' flag errors are found before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT)
+    assert pipeline_main(["run", "--data", str(data), "--tokenizer", str(tiny_tokenizer),
+                          "--set", "tokenizer.vocab_size=8000"]) == 2
+    assert capsys.readouterr().err == ("error: tokenizer: --vocab_size goes with --corpus: --from_pretrained keeps the "
+                                       "tokenizer's vocabulary as it is (nothing was run)\n")
+    assert not (tmp_path / "out" / "tokenizer").exists() and not (tmp_path / "logs").exists()
+
+
 def test_a_tokenizer_path_that_is_not_there_is_named_once(tmp_path, monkeypatch, capsys):
     """`--tokenizer ../shared/data/jingyaogong__minimind/model` from a directory where it is not: the path was said
     twice, then a Rust error ('... not a readable tokenizer.json: No such file or directory (os error 2)')."""
