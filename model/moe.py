@@ -103,10 +103,10 @@ class MoEFeedForward(nn.Module):
                 f"{tuple(shape)}{' under torch.compile' if compiling else ''}; use moe_impl auto")
 
     def use_grouped(self, x: torch.Tensor) -> bool:
-        dtype = compute_dtype(x)
-        if refusal := self.grouped_refusal(x.device, dtype, torch.compiler.is_compiling()):
-            raise RuntimeError(refusal)
-        supported = grouped_mm_supported(x.device, dtype, self.experts[0].gate_proj.weight.shape)
+        dtype, compiling = compute_dtype(x), torch.compiler.is_compiling()
+        supported = grouped_mm_supported(x.device, dtype, self.experts[0].gate_proj.weight.shape, compiling)
+        if self.impl == "grouped" and not supported:
+            raise RuntimeError(self.grouped_refusal(x.device, dtype, compiling))
         layers = [layer for e in self.experts for layer in (e.gate_proj, e.up_proj, e.down_proj)]
         return supported and self.impl != "loop" and plain_linears(*layers)
 
