@@ -31,6 +31,13 @@ class OutputDirError(InputError, ValueError):
     """An output directory that cannot be made or written in (its message is the one line to show)."""
 
 
+def tail_text(path: Path, size: int = 4096) -> str:
+    """The last `size` bytes of a file as text (a log's last lines; a character cut at the start is replaced)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read().decode("utf-8", "replace")
+
+
 def dirs_to_make(path: Path) -> list[Path]:
     """The directories that making `path` with its parents creates, the deepest first."""
     return [directory for directory in (path, *path.parents) if not directory.exists()]

@@ -33,7 +33,7 @@ import yaml
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.dataset_info import FILE_NAME as INFO
 from mateconv.data.sources import DataFile, by_kind, scan
-from mateconv.files import load_yaml_mapping, read_metrics, write_atomic, yaml_error
+from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
@@ -506,10 +506,7 @@ SHARE_LINE = re.compile(r"\] ([\d.,]+/[\d.,]+ \S+ \(\d+%\)) .* elapsed (\S+) eta
 def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
     """The last progress line's state in a stage log, e.g. '144/200 elapsed 0:02:53 eta 0:00:43, 41,250 tok/s' or
     '1,200/3,000 prompts (40%) elapsed 0:28:35 eta 0:42:52'."""
-    with open(log, "rb") as handle:
-        handle.seek(max(0, log.stat().st_size - tail_bytes))
-        text = handle.read().decode("utf-8", "replace")
-    for line in reversed(text.splitlines()):
+    for line in reversed(tail_text(log, tail_bytes).splitlines()):
         match = PROGRESS_LINE.search(line)
         if match:
             return f"{match[1]} elapsed {match[3]} eta {match[4]}, {match[2]} tok/s"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from mateconv.files import read_metrics
+from mateconv.files import read_metrics, tail_text
 from mateconv.flags import format_value, render_flags
 from mateconv.procs import StageRunner
 from mateconv.sweep.config import SweepConfig, SweepError, is_number
@@ -58,9 +58,7 @@ class MetricMissing(SweepError):
 def last_line(log: Path, tail_bytes: int = 4096) -> str:
     """The last line a trial printed (a failed stage's own one-line reason, a traceback's error), from its log (where
     StageRunner heads each run with a `=== ` line); "" when it printed nothing."""
-    with open(log, "rb") as handle:
-        handle.seek(max(0, log.stat().st_size - tail_bytes))
-        lines = handle.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    lines = tail_text(log, tail_bytes).replace("\r", "\n").splitlines()
     for line in reversed(lines):
         if line.startswith("=== "):
             return ""
