@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mateconv.config import FALSE_WORDS, TRUE_WORDS, ConfigError, add_decode_flags
+from mateconv.config import ConfigError, add_decode_flags, switch
 from mateconv.flags import format_value
 from mateconv.errors import InputError
 from mateconv.terminal import no_transformers_bars, run_main
@@ -283,13 +283,6 @@ def main(argv: list[str] | None = None) -> None:
 
 # Seed 000's `eval_model.py --model_mode N`: which stage's final model it chats with.
 SEED_MODEL_MODES = {0: "pretrain", 1: "sft", 2: "dpo"}
-
-
-def switch(value: str) -> bool:
-    """A command-line 1|0 (also true/false, yes/no, on/off)."""
-    if value.lower() not in TRUE_WORDS + FALSE_WORDS:
-        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
-    return value.lower() in TRUE_WORDS
 
 
 def add_seed_shape_flags(parser: argparse.ArgumentParser) -> None:

@@ -838,12 +838,21 @@ def seed_alias_text(target: str | tuple) -> str:
     return name
 
 
+def switch(value: str) -> bool:
+    """A command-line `1|0` (also true/false, yes/no, on/off)."""
+    if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
+    return value.lower() in TRUE_WORDS
+
+
 def auto_switch(value: str) -> bool | None:
-    """A command-line `auto|1|0` (also true/false, yes/no, on/off): auto is None, the program decides."""
-    word = value.lower()
-    if word != "auto" and word not in TRUE_WORDS + FALSE_WORDS:
-        raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {value!r}")
-    return None if word == "auto" else word in TRUE_WORDS
+    """A command-line `auto|1|0`: auto is None, the program decides; else as `switch`."""
+    if value.lower() == "auto":
+        return None
+    try:
+        return switch(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {value!r}") from None
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
