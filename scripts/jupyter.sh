@@ -69,7 +69,7 @@ if pid=$(running_pid); then
 fi
 if ! "$python" -c "import jupyterlab" 2>/dev/null; then
     echo "jupyter: JupyterLab is not installed in .venv; installing it (first use only)..."
-    "$python" -m pip install -q jupyterlab || die "could not install jupyterlab (pip failed; see above)"
+    "$python" -m pip install -q -c constraints.txt jupyterlab || die "could not install jupyterlab (pip failed; see above)"
 fi
 "$python" - "$ip" "$port" <<'EOF' || die "cannot listen on $ip:$port (in use, or not an address of this machine)"
 import socket, sys
