@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import io
 import json
@@ -36,7 +37,7 @@ from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
-from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
+from mateconv.procs import NotStopped, StageRunner, is_alive, read_pid, stop, writer_of
 from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -516,6 +517,14 @@ def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
     return None
 
 
+def stage_hint(name: str, preset: str, logs: Path) -> str:
+    """'; did you mean ...' for a name that is no stage of the preset, none that ran from `logs`, and not `pipeline`
+    (scripts/launch.sh's); "" for a known name."""
+    known = {"pipeline", *load_preset(preset)["stages"], *(path.stem for path in logs.glob("*.log"))}
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close and name not in known else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mateconv.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -550,7 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             if not args.stage:
                 raise PipelineError("stop needs a stage name, e.g. `stop pretrain`")
-            print(stop(logs, args.stage, args.timeout))
+            try:
+                print(stop(logs, args.stage, args.timeout))
+            except NotStopped as error:  # a non-zero status, as `kill` gives for no such process
+                print(f"error: {error}{stage_hint(args.stage, args.preset, logs)}", file=sys.stderr)
+                return 1
             return 0
         # Ctrl-C or `kill -2` while the stages are checked (seconds; more with --data) stops the run, also where it
         # started with SIGINT ignored (launch.sh's background job); once stages run, StageRunner passes it to them
