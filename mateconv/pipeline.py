@@ -413,8 +413,9 @@ def wandb_group(out: Path) -> str:
 
 
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None,
-        sets: list[str] = ()) -> int:
-    """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items."""
+        sets: list[str] = (), source: dict | None = None) -> int:
+    """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items, `source`
+    the --data run's (`check_source`). Nothing is written before every stage's flags are checked."""
     every = build_stages(preset, out, nodes)
     stages = [stage for stage in every if not only or stage.name in only]
     set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in stages}
@@ -422,6 +423,7 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+    check_source(out, source)
     runner = StageRunner(logs)
     env = {"WANDB_RUN_GROUP": wandb_group(out)}
     timings: dict[str, float] = {}
@@ -594,8 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                  if args.hostfile else None)
         if nodes is not None:
             check_nodes(nodes)
-        check_source(out, source)
-        return run(preset, only, logs, out, nodes, args.sets)
+        return run(preset, only, logs, out, nodes, args.sets, source)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
