@@ -575,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
             set_judge_model(preset, args.judge_model)
         if args.tokenizer and not args.data:
             raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
+        training = [item for item in args.sets if item.startswith("tokenizer.")]
+        if args.tokenizer and training:  # said in the pipeline's flags, not the tokenizer stage's (--from_pretrained)
+            raise PipelineError(f"--set {' '.join(training)}: --tokenizer {args.tokenizer} is used as it is, not "
+                                "trained (leave out --tokenizer to train one on --data with these settings)")
         source, every_stage = None, list(preset["stages"])
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None

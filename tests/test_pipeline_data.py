@@ -270,13 +270,15 @@ def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_
 def test_tokenizer_training_flags_with_tokenizer_stop_the_run_before_anything_runs(tmp_path, monkeypatch, capsys,
                                                                                    tiny_tokenizer):
     """`--tokenizer PATH --set tokenizer.vocab_size=8000` failed only when the tokenizer stage ran ('tokenizer failed
-    with exit code 2', the reason in its log), while the other stages' flag errors are found before anything runs."""
+    with exit code 2', the reason in its log), while the other stages' flag errors are found before anything runs.
+    The line names the flags typed (it named the tokenizer stage's --corpus and --from_pretrained)."""
     monkeypatch.chdir(tmp_path)
     data = corpus(tmp_path / "data", pretrain=TEXT)
     assert pipeline_main(["run", "--data", str(data), "--tokenizer", str(tiny_tokenizer),
                           "--set", "tokenizer.vocab_size=8000"]) == 2
-    assert capsys.readouterr().err == ("error: tokenizer: --vocab_size goes with --corpus: --from_pretrained keeps the "
-                                       "tokenizer's vocabulary as it is (nothing was run)\n")
+    assert capsys.readouterr().err == (f"error: --set tokenizer.vocab_size=8000: --tokenizer {tiny_tokenizer} is used "
+                                       "as it is, not trained (leave out --tokenizer to train one on --data with "
+                                       "these settings)\n")
     assert not (tmp_path / "out" / "tokenizer").exists() and not (tmp_path / "logs").exists()
 
 
