@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import io
 import json
@@ -36,7 +37,7 @@ from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
-from mateconv.procs import StageRunner, is_alive, read_pid, stop, writer_of
+from mateconv.procs import NotStopped, StageRunner, is_alive, read_pid, stop, writer_of
 from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -412,8 +413,9 @@ def wandb_group(out: Path) -> str:
 
 
 def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes | None = None,
-        sets: list[str] = ()) -> int:
-    """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items."""
+        sets: list[str] = (), source: dict | None = None) -> int:
+    """Runs the stages not done yet, in order; `sets` are the command line's `--set stage.key=value` items, `source`
+    the --data run's (`check_source`). Nothing is written before every stage's flags are checked."""
     every = build_stages(preset, out, nodes)
     stages = [stage for stage in every if not only or stage.name in only]
     set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in stages}
@@ -421,6 +423,7 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+    check_source(out, source)
     runner = StageRunner(logs)
     env = {"WANDB_RUN_GROUP": wandb_group(out)}
     timings: dict[str, float] = {}
@@ -516,6 +519,14 @@ def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
     return None
 
 
+def stage_hint(name: str, preset: str, logs: Path) -> str:
+    """'; did you mean ...' for a name that is no stage of the preset, none that ran from `logs`, and not `pipeline`
+    (scripts/launch.sh's); "" for a known name."""
+    known = {"pipeline", *load_preset(preset)["stages"], *(path.stem for path in logs.glob("*.log"))}
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close and name not in known else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mateconv.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -550,7 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             if not args.stage:
                 raise PipelineError("stop needs a stage name, e.g. `stop pretrain`")
-            print(stop(logs, args.stage, args.timeout))
+            try:
+                print(stop(logs, args.stage, args.timeout))
+            except NotStopped as error:  # a non-zero status, as `kill` gives for no such process
+                print(f"error: {error}{stage_hint(args.stage, args.preset, logs)}", file=sys.stderr)
+                return 1
             return 0
         # Ctrl-C or `kill -2` while the stages are checked (seconds; more with --data) stops the run, also where it
         # started with SIGINT ignored (launch.sh's background job); once stages run, StageRunner passes it to them
@@ -560,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
             set_judge_model(preset, args.judge_model)
         if args.tokenizer and not args.data:
             raise PipelineError("--tokenizer goes with --data (the demo run trains its own)")
+        training = [item for item in args.sets if item.startswith("tokenizer.")]
+        if args.tokenizer and training:  # said in the pipeline's flags, not the tokenizer stage's (--from_pretrained)
+            raise PipelineError(f"--set {' '.join(training)}: --tokenizer {args.tokenizer} is used as it is, not "
+                                "trained (leave out --tokenizer to train one on --data with these settings)")
         source, every_stage = None, list(preset["stages"])
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
@@ -581,8 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                  if args.hostfile else None)
         if nodes is not None:
             check_nodes(nodes)
-        check_source(out, source)
-        return run(preset, only, logs, out, nodes, args.sets)
+        return run(preset, only, logs, out, nodes, args.sets, source)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -122,19 +122,30 @@ def writer_of(log: Path) -> int | None:
     return next((pid for pid, parent in sorted(writers.items()) if parent not in writers), None)
 
 
+class NotStopped(RuntimeError):
+    """`stop` found no such stage running, or it did not stop in time; the message says which and where it looked."""
+
+
 def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
     """Sends SIGINT to a stage's process group and waits until every process in it has exited: under the DeepSpeed
     launcher the front process exits at once while the ranks are still saving. Returns a one-line outcome."""
+    where = pid_file(logs_dir, name)
     pid = read_pid(logs_dir, name)
     if pid is None or not group_alive(pid):
-        return f"{name}: not running"
+        looked = f"no {where}" if pid is None else f"process group {pid} of {where} has exited"
+        log = logs_dir / f"{name}.log"
+        writer = writer_of(log)
+        if writer:  # started by hand (`nohup ... > logs/NAME.log &`): its process group may hold the shell too
+            raise NotStopped(f"{name}: not started by the pipeline ({looked}); pid {writer} writes {log}: stop it "
+                             f"with `kill -2 {writer}` or `bash scripts/stop.sh OUT_DIR`")
+        raise NotStopped(f"{name}: not running ({looked})")
     os.killpg(pid, signal.SIGINT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not group_alive(pid):
             return f"{name}: stopped (it saved a checkpoint; run the pipeline again to resume)"
         time.sleep(0.5)
-    return f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed"
+    raise NotStopped(f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed")
 
 
 # ---------------------------------------------------------------- a model server in the background

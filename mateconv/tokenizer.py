@@ -172,6 +172,25 @@ def compression(tokenizer, texts: list[str]) -> dict[str, float]:
             "chars_per_token": chars / max(tokens, 1), "bytes_per_token": nbytes / max(tokens, 1)}
 
 
+# MiniMind's 6400-token tokenizer in the shared data, from the repository root (the notebooks' working directory)
+REFERENCE_TOKENIZER = "../shared/data/jingyaogong__minimind/model"
+
+
+def compared_tokenizers(ours: str | Path, reference: str | Path | None) -> dict[str, str | Path]:
+    """The tokenizers `compression_report` compares: ours and the `reference` directory's (None: ours alone). A
+    reference given that holds no tokenizer.json is a DataError; the default one absent (no shared data here) a note."""
+    tokenizers = {"mateconv": ours}
+    if reference is None:
+        return tokenizers
+    if (Path(reference) / "tokenizer.json").is_file():
+        return {**tokenizers, "minimind": reference}
+    if str(reference) != REFERENCE_TOKENIZER:
+        why = "no tokenizer.json there" if Path(reference).is_dir() else "no such directory"
+        raise DataError(f"reference_tokenizer {reference}: {why}")
+    print(f"note: no {reference} (MiniMind's tokenizer, in the shared data): comparing ours alone")
+    return tokenizers
+
+
 def compression_report(tokenizers: dict[str, str | Path], samples: dict[str, list[str]],
                        report_dir: str | Path) -> list[dict]:
     """Compare tokenizers on held-out text samples; writes compression.csv, compression.md and compression.png."""

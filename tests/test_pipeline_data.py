@@ -257,25 +257,28 @@ def test_data_without_pretraining_text_still_says_what_each_file_is(tmp_path, mo
 
 def test_a_typo_in_a_prepare_flag_stops_the_run_before_the_tokenizer_trains(tmp_path, monkeypatch, capsys):
     """`--set prepare.val_frac=abc` failed only once the tokenizer had trained on the whole corpus (minutes to hours
-    on a real one), while the other stages' flags are checked before anything runs."""
+    on a real one), while the other stages' flags are checked before anything runs. Nothing is written either: the
+    refused run left out/data_source.json, and the next run, on another --data, was refused for it."""
     monkeypatch.chdir(tmp_path)
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     assert pipeline_main(["run", "--data", str(data), "--set", "prepare.val_frac=abc"]) == 2
     assert capsys.readouterr().err == ("error: prepare: argument --val_frac: invalid float value: 'abc' (nothing was "
                                        "run)\n")
-    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
 def test_tokenizer_training_flags_with_tokenizer_stop_the_run_before_anything_runs(tmp_path, monkeypatch, capsys,
                                                                                    tiny_tokenizer):
     """`--tokenizer PATH --set tokenizer.vocab_size=8000` failed only when the tokenizer stage ran ('tokenizer failed
-    with exit code 2', the reason in its log), while the other stages' flag errors are found before anything runs."""
+    with exit code 2', the reason in its log), while the other stages' flag errors are found before anything runs.
+    The line names the flags typed (it named the tokenizer stage's --corpus and --from_pretrained)."""
     monkeypatch.chdir(tmp_path)
     data = corpus(tmp_path / "data", pretrain=TEXT)
     assert pipeline_main(["run", "--data", str(data), "--tokenizer", str(tiny_tokenizer),
                           "--set", "tokenizer.vocab_size=8000"]) == 2
-    assert capsys.readouterr().err == ("error: tokenizer: --vocab_size goes with --corpus: --from_pretrained keeps the "
-                                       "tokenizer's vocabulary as it is (nothing was run)\n")
+    assert capsys.readouterr().err == (f"error: --set tokenizer.vocab_size=8000: --tokenizer {tiny_tokenizer} is used "
+                                       "as it is, not trained (leave out --tokenizer to train one on --data with "
+                                       "these settings)\n")
     assert not (tmp_path / "out" / "tokenizer").exists() and not (tmp_path / "logs").exists()
 
 

@@ -7,10 +7,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO
-from mateconv.pipeline import status
-from mateconv.procs import group_alive, is_alive, pid_file, stop
+from mateconv.pipeline import main, status
+from mateconv.procs import NotStopped, group_alive, is_alive, pid_file, stop
 from mateconv.train.stages import RUN_LOCK
 
 STAGE = """
@@ -42,7 +43,17 @@ def test_stop_waits_for_the_whole_process_group(tmp_path):
     assert outcome.startswith("pretrain: stopped"), outcome
     assert time.monotonic() - started >= 1.5 and marker.read_text() == "saved"  # waited for the rank's save
     assert not group_alive(front.pid) and front.wait(timeout=5) != 0
-    assert stop(tmp_path, "pretrain", timeout_s=1) == "pretrain: not running"
+    with pytest.raises(NotStopped, match=f"^pretrain: not running \\(process group {front.pid} of .* has exited\\)$"):
+        stop(tmp_path, "pretrain", timeout_s=1)
+
+
+@pytest.mark.parametrize("name, hint", [("pretrain", ""), ("pretrian", "; did you mean 'pretrain'?"),
+                                        ("pipline", "; did you mean 'pipeline'?")])
+def test_stop_where_nothing_runs_says_where_it_looked_and_fails(name, hint, tmp_path, capsys):
+    """`pipeline stop pretrain` with no such stage running said `pretrain: not running` and exited 0, a typo'd name
+    alike: a script's `stop.sh pretrain && ...` went on as if it had stopped something. Now it fails, as `kill` does."""
+    assert main(["stop", name, "--logs", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: {name}: not running (no {tmp_path / name}.pid){hint}\n"
 
 
 def test_a_process_that_exited_is_not_running_before_it_is_reaped():
@@ -75,6 +86,9 @@ def test_status_finds_a_run_started_by_hand_under_nohup(tmp_path, capsys):
     rank = psutil.Process(front.pid).children()[0]
     status(logs, tmp_path / "out")
     assert capsys.readouterr().out.split() == ["pretrain", "running", "(pid", f"{front.pid})"]
+    hint = f"not started by the pipeline .* pid {front.pid} writes .*`kill -2 {front.pid}`"
+    with pytest.raises(NotStopped, match=hint):
+        stop(logs, "pretrain", timeout_s=1)  # its process group may be the shell's: not signalled
     for process in (rank, front):
         process.kill()
     front.wait()

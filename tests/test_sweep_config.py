@@ -229,6 +229,19 @@ def test_a_parameter_the_stage_does_not_take_is_named_before_any_trial(tmp_path,
     assert "learning_rate" in load_sweep_config(path, str(tmp_path / "own.py")).params
 
 
+def test_an_out_dir_parameter_is_refused_not_dropped(tmp_path):
+    """`out_dir: {value: out/lr_sweep}` among the parameters was replaced by each trial's own directory without a
+    word, for a stage program and a program of the user's own alike."""
+    path = tmp_path / "sweep.yaml"
+    (tmp_path / "own.py").write_text("")
+    path.write_text(yaml.safe_dump(_config(parameters={"out_dir": {"value": "out/lr_sweep"}})))
+    for program in (str(REPO / "4.pretrain.py"), str(tmp_path / "own.py")):
+        with pytest.raises(SweepError) as error:
+            load_sweep_config(path, program)
+        assert str(error.value) == (f"{path}: parameter 'out_dir': each trial writes <run_sweep.py --out_dir>/<sweep "
+                                    "name>/trial_NNNN; give the directory as run_sweep.py --out_dir instead")
+
+
 def test_a_stage_named_by_mode_or_by_the_yaml_is_one_search(tmp_path):
     """`run_sweep.py --mode dpo` names the stage by its full path: the stored study's digest held this clone's place,
     so the same sweep from a moved clone (or with `program: 9.train_dpo.py` in the YAML) was refused as changed."""

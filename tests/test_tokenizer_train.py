@@ -12,7 +12,8 @@ from mateconv.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat
 from mateconv.data import embedded
 from mateconv.data import DataError
 from mateconv.data.prepare import prepare
-from mateconv.tokenizer import compression, main, report_samples, save_pretrained_portable, train_tokenizer
+from mateconv.tokenizer import (REFERENCE_TOKENIZER, compared_tokenizers, compression, main, report_samples,
+                                save_pretrained_portable, train_tokenizer)
 
 TEXTS = {
     "chinese": "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天天气很好！",
@@ -192,6 +193,20 @@ def test_held_out_text_that_is_not_there_is_named(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         f"zh: not found: {tmp_path / 'zh2.txt'}",
         f"en: not found: {tmp_path / 'wiki.txt'}; comparing on the embedded demo prose instead"]
+
+
+def test_a_reference_tokenizer_given_that_is_not_there_is_an_error(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """Notebook 1's `reference_tokenizer` misspelt (`.../minimind/modle`) compared ours alone without a word; a path
+    given is an error, the default one absent (no shared data) a note."""
+    monkeypatch.chdir(tmp_path)
+    assert compared_tokenizers("ours", tiny_tokenizer) == {"mateconv": "ours", "minimind": tiny_tokenizer}
+    with pytest.raises(DataError, match="^reference_tokenizer minimind/modle: no such directory$"):
+        compared_tokenizers("ours", "minimind/modle")
+    with pytest.raises(DataError, match=f"^reference_tokenizer {tmp_path}: no tokenizer.json there$"):
+        compared_tokenizers("ours", tmp_path)
+    assert compared_tokenizers("ours", None) == compared_tokenizers("ours", REFERENCE_TOKENIZER) == {"mateconv": "ours"}
+    assert capsys.readouterr().out == (f"note: no {REFERENCE_TOKENIZER} (MiniMind's tokenizer, in the shared data): "
+                                       "comparing ours alone\n")
 
 
 def test_the_compression_report_does_not_warn_of_long_texts(tiny_tokenizer):

@@ -189,6 +189,9 @@ def parse_sweep_config(raw: Any, default_name: str = "sweep") -> SweepConfig:
     if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
         raise SweepError("sweep config: 'parameters' must be a non-empty mapping")
     params = {str(k): parse_param(str(k), v) for k, v in raw["parameters"].items()}
+    if "out_dir" in params:  # `build_command` gives each trial its own: a value here was dropped without a word
+        raise SweepError("parameter 'out_dir': each trial writes <run_sweep.py --out_dir>/<sweep name>/trial_NNNN; "
+                         "give the directory as run_sweep.py --out_dir instead")
     if raw["method"] == "grid":
         for p in params.values():
             if p.distribution not in ("constant", "categorical"):
