@@ -718,6 +718,22 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
 
 # The model flags a run from a saved model (init_from) still uses; the others are the saved model's own.
 USED_WITH_INIT_FROM = ("max_seq_len", "flash_attn")
+# The model settings that only training reads (no parameter depends on them): a run from a saved MateConv model may
+# change them (models.build_model sets them on it), and a resume may too, with a note.
+TRAINING_ONLY_MODEL = ("dropout", "aux_loss_alpha", "seq_aux")
+
+
+def is_mateconv(settings: dict) -> bool:
+    """Whether saved model settings (saved_model_settings) are a MateConv model's; a training checkpoint's model
+    section names no model_type."""
+    return settings.get("model_type", MateConvConfig.model_type) == MateConvConfig.model_type
+
+
+def used_with(init_from: str | Path) -> tuple[str, ...]:
+    """The model flags a run from saved model `init_from` uses: USED_WITH_INIT_FROM, and for a MateConv model the
+    TRAINING_ONLY_MODEL settings."""
+    saved = saved_model_settings(Path(init_from))
+    return USED_WITH_INIT_FROM + (TRAINING_ONLY_MODEL if saved and is_mateconv(saved) else ())
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -744,7 +760,8 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     command line or in a YAML file. A model flag with another value than the saved model has is an error: the saved
     model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its pretrained model), and a
     flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (the stage's
-    default 512 cuts rows for a model that takes fewer tokens)."""
+    default 512 cuts rows for a model that takes fewer tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
+    given (SFT with dropout after pretraining without); not given, they are the saved model's."""
     init_from = Path(config.checkpoint.init_from)
     saved = saved_model_settings(init_from) if config.checkpoint.init_from else None
     if not saved:
@@ -752,8 +769,12 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     named = {name: value for section, name, value in placed(given) if section == "model"}
     if "max_seq_len" not in named and isinstance(saved.get("max_seq_len"), int):
         config.model.max_seq_len = min(config.model.max_seq_len, saved["max_seq_len"])
+    used = used_with(init_from)
+    for name in used:
+        if name in TRAINING_ONLY_MODEL and name not in named and name in saved:
+            setattr(config.model, name, saved[name])
     clashes = {name: value for name, value in named.items()
-               if name not in USED_WITH_INIT_FROM and name in saved and saved[name] != value}
+               if name not in used and name in saved and saved[name] != value}
     if clashes:
         listed = ", ".join(f"{name} {value} (it has {saved[name]})" for name, value in clashes.items())
         raise ConfigError(f"init_from {init_from} is the model this run trains, as it is: {listed}; drop those model "
@@ -785,7 +806,7 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     be flags clashing with it (fit_init_from)."""
     settings = config_to_dict(config)
     if config.checkpoint.init_from:
-        settings["model"] = {name: settings["model"][name] for name in USED_WITH_INIT_FROM}
+        settings["model"] = {name: settings["model"][name] for name in used_with(config.checkpoint.init_from)}
     write_atomic(Path(path), yaml.safe_dump(settings, sort_keys=False))
 
 
@@ -793,9 +814,10 @@ def load_run_config(path: Path) -> TrainConfig:
     """A run's saved config.yaml, to rebuild its model; one that an init_from run wrote with its whole model section
     (before save_config left it out) is read without it."""
     pairs = load_yaml(path)
-    if dict(pairs).get("checkpoint.init_from"):
+    if init_from := dict(pairs).get("checkpoint.init_from"):
+        used = used_with(init_from)
         pairs = [(key, value) for key, value in pairs
-                 if not key.startswith("model.") or key.removeprefix("model.") in USED_WITH_INIT_FROM]
+                 if not key.startswith("model.") or key.removeprefix("model.") in used]
     config = build_config(pairs)
     fit_init_from(config, pairs)
     return config

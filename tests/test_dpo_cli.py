@@ -5,9 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mateconv.config import parse_config
+from mateconv.train.models import build_model
 from mateconv.train.stages import RECIPES, main
+from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward
+from model.modeling import Attention
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 
 
@@ -145,6 +149,54 @@ def test_a_starting_model_takes_the_length_given(stage, data, tiny_pretrain_mode
     assert (f"[{stage}] note: {tiny_pretrain_model} was trained on rows of up to 96 tokens; max_seq_len 160 extends "
             "its positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["max_seq_len"] == 160
+
+
+def training_only_values(model) -> set:
+    """Each dropout probability (nn.Dropout's and the attention's) and each MoE layer's (aux_loss_alpha, seq_aux)."""
+    return ({("p", m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+            | {("attention", m.dropout) for m in model.modules() if isinstance(m, Attention)}
+            | {("aux", m.aux_loss_alpha, m.seq_aux) for m in model.modules() if isinstance(m, MoEFeedForward)})
+
+
+@pytest.mark.parametrize("stage, data", [("sft", "sft"), ("dpo", "dpo")])
+def test_a_starting_model_trains_with_another_dropout(stage, data, tiny_pretrain_model, tiny_tokens, tmp_path,
+                                                      capsys):
+    """Dropout changes no parameter: SFT or DPO from a model pretrained without it may set it (MiniMind's SFT does);
+    the loaded model's dropouts take it and the saved model and checkpoints record it; a resume may change it again,
+    with a note. A setting that changes the model's shape is still refused. Before: 'init_from ... is the model this
+    run trains, as it is: dropout 0.1 (it has 0.0)'."""
+    flags = ["--init_from", str(tiny_pretrain_model), "--data_path", str(tiny_tokens / data / "train"),
+             "--val_data_path", "", "--tracker", "none", "--engine", "torch", "--device", "cpu",
+             "--forget_data_paths", "", "--out_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_steps", "2",
+             "--save_interval_steps", "2", "--dropout", "0.1"]
+    assert training_only_values(build_model(parse_config(flags, RECIPES[stage].defaults))) == {("p", 0.1),
+                                                                                               ("attention", 0.1)}
+    assert main(stage, flags) == 0
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["dropout"] == 0.1
+    assert main(stage, [*flags, "--max_steps", "3", "--dropout", "0.2"]) == 0
+    assert "changed since the checkpoint: dropout 0.1 -> 0.2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["dropout"] == 0.2
+    with pytest.raises(SystemExit, match=rf"^{stage}: init_from .* is the model this run trains, as it is: dim 128 "
+                                         r"\(it has 64\); drop those model flags"):
+        main(stage, [*flags, "--out_dir", str(tmp_path / "other"), "--dim", "128"])
+
+
+def test_a_starting_moe_model_trains_with_another_balance_loss(tiny_tokenizer, tiny_tokens, tmp_path):
+    """aux_loss_alpha and seq_aux weigh the experts' balance loss in training only: SFT of an MoE model may change
+    them, for its gates and its saved config; n_routed_experts is the model's shape, still refused."""
+    start = tmp_path / "moe"
+    MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=96,
+                                       use_moe=True)).save_pretrained(start)
+    flags = ["--init_from", str(start), "--tokenizer_path", str(tiny_tokenizer), "--data_path",
+             str(tiny_tokens / "sft" / "train"), "--val_data_path", "", "--tracker", "none", "--engine", "torch",
+             "--device", "cpu", "--out_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_steps", "1",
+             "--aux_loss_alpha", "0.01", "--seq_aux", "0"]
+    assert ("aux", 0.01, False) in training_only_values(build_model(parse_config(flags, RECIPES["sft"].defaults)))
+    assert main("sft", flags) == 0
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert (saved["aux_loss_alpha"], saved["seq_aux"]) == (0.01, False)
+    with pytest.raises(SystemExit, match=r"n_routed_experts 8 \(it has 4\)"):
+        main("sft", [*flags, "--n_routed_experts", "8"])
 
 
 def test_pairs_path_trains_on_the_good_pairs_and_names_the_bad_ones(tiny_sft_model, tmp_path, capsys):

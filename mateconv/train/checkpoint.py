@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import yaml
 
-from mateconv.config import NAMES, ConfigError, TrainConfig, config_to_dict, save_config
+from mateconv.config import NAMES, TRAINING_ONLY_MODEL, ConfigError, TrainConfig, config_to_dict, save_config
 from mateconv.files import replace_dir, write_atomic
 from mateconv.train.distributed import Runtime, barrier, first_error
 from mateconv.train.fsdp import NAMED_OPTIMIZER_STATE, full_training_state, load_training_state
@@ -168,10 +168,6 @@ SAME_SHAPES_OTHER_MODEL = {("model", "rope_theta"): None, ("model", "norm_eps"):
                            ("model", "num_experts_per_tok"): ("model", "use_moe"),
                            ("model", "norm_topk_prob"): ("model", "use_moe"),
                            ("model", "scoring_func"): ("model", "use_moe"), ("lora", "alpha"): ("lora", "enabled")}
-
-
-# The model settings that only training reads: a resume may change them, and says so.
-TRAINING_ONLY_MODEL = ("dropout", "aux_loss_alpha", "seq_aux")
 
 
 def training_setting_changes(path: Path, config: TrainConfig) -> list[str]:

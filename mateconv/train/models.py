@@ -18,8 +18,8 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
-from mateconv.config import (STAGE_PROGRAMS, ConfigError, LoRAConfig, TrainConfig, is_training_checkpoint,
-                             load_run_config)
+from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, LoRAConfig, TrainConfig,
+                             is_training_checkpoint, load_run_config, used_with)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
@@ -28,6 +28,8 @@ from mateconv.train.fsdp import full_model_state
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.universal import saved_world_size
 from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward  # also registers the Auto classes
+from model.config import ConfigError as ModelConfigError
+from model.config import check_config
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -66,9 +68,9 @@ def check_hub_reachable(name: str, key: str) -> None:
                           "directory)") from None
 
 
-def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) -> nn.Module:
+def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, **settings) -> nn.Module:
     """A saved Hugging Face causal LM (a local directory, or a hub id where downloads are possible), fp32 on the CPU;
-    `key` names the setting in the error."""
+    `key` names the setting in the error; `settings` replace its config's (its modules are built with them)."""
     if not Path(path).exists() and meant_as_local(path):
         writer = STAGE_PROGRAMS.get(Path(path).parent.name) if Path(path).name == "final" else None
         raise ConfigError(f"{key}: {path} does not exist (a model directory written by save_pretrained"
@@ -86,10 +88,17 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False) 
     if not Path(path).exists():
         check_hub_reachable(str(path), key)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     **settings)
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
+    if settings:
+        try:
+            check_config(model.config)  # from_pretrained sets them without the config's checks (flex_attention's)
+        except ModelConfigError as e:
+            raise ConfigError(f"{key}: {path} with {e}") from None
+    return model
 
 
 def check_vocab(model: nn.Module, data_vocab: int, name: str = "the model",
@@ -219,9 +228,10 @@ def check_grouped_experts(model: nn.Module, config: TrainConfig, runtime: Runtim
 
 def build_model(config: TrainConfig) -> nn.Module:
     """fp32 weights on the CPU; the engine moves/casts them. With init_from the model section is ignored but for
-    flash_attn."""
-    if config.checkpoint.init_from:
-        model = load_causal_lm(config.checkpoint.init_from, "init_from", config.checkpoint.trust_remote_code)
+    flash_attn and (for a MateConv model) the settings only training reads."""
+    if init_from := config.checkpoint.init_from:
+        training = {name: getattr(config.model, name) for name in used_with(init_from) if name in TRAINING_ONLY_MODEL}
+        model = load_causal_lm(init_from, "init_from", config.checkpoint.trust_remote_code, **training)
         if not config.model.flash_attn:  # the plain attention, as for our own model
             model.set_attn_implementation("eager")
     else:
