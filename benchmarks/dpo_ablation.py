@@ -57,8 +57,7 @@ def main() -> None:
             "--save_interval_steps", str(args.steps), "--eval_interval", str(args.steps),
         ], RECIPES["dpo"].defaults))
         policy, _ = load_model(out_dir / "final", device="cpu", dtype="float32")
-        pairs = preference_eval(policy, DPOObjective(DPOConfig(beta=float(beta)), reference=sft), held_out, 16,
-                                None, "cpu")
+        pairs = preference_eval(policy, DPOObjective(DPOConfig(beta=float(beta)), reference=sft), held_out, 16, "cpu")
         rows.append((name, pairs["rewards/accuracies"], task_accuracy(policy, tokenizer, tasks, 24).accuracy))
 
     print(f"\n{len(held_out)} held-out on-policy pairs, {len(tasks)} validation tasks, {args.steps} steps of 16 pairs")

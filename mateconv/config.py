@@ -243,8 +243,8 @@ class TrackConfig:
     # metrics.jsonl, W&B and TensorBoard rows every N steps (seed 000's wandb_log_freq); 0 = every log_interval
     tracker_interval: int = 0
     eval_interval: int = 500
-    eval_batches: int = 50  # per rank
-    eval_examples: int = 0  # > 0: evaluate on this many held-out examples over all ranks; sets eval_batches
+    eval_batches: int = 50  # an evaluation's examples in batches of batch_size, over all ranks; 0 = all (eval_rows)
+    eval_examples: int = 0  # > 0: evaluate on this many held-out examples instead (eval_rows)
     eval_at_start: bool | None = None  # evaluate the starting model as step 0; None: DPO yes, the others no
     peak_flops: float = 0.0
     tracker: str = "wandb"
@@ -263,6 +263,11 @@ class TrackConfig:
     def tracker_every(self) -> int:
         """The steps between tracker rows: tracker_interval, else log_interval."""
         return self.tracker_interval or self.log_interval
+
+    def eval_rows(self, batch_size: int) -> int | None:
+        """How many validation examples (the first ones) an evaluation covers, the same on any number of ranks, which
+        split them: `eval_examples`, else `eval_batches` x `batch_size`; None: all."""
+        return self.eval_examples or self.eval_batches * batch_size or None
 
     def __post_init__(self) -> None:
         check_choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
@@ -614,12 +619,13 @@ def preset_pairs(name) -> list[tuple[str, object]]:
     return [(f"model.{key}", value) for key, value in PRESETS[name].items()]
 
 
-# Two ways to give one size, per rank or over all ranks: the one given last wins (`--overrides batch_size=32` after a
-# config's total_batch_size). An over-all-ranks size of 0 is not given, so it leaves the per-rank one: a saved
-# config.yaml writes `total_batch_size: 0` after `batch_size: 4`.
-PER_RANK_SIZES = {("optim", "batch_size"): ("optim", "total_batch_size"),
-                  ("track", "eval_batches"): ("track", "eval_examples")}
-OVER_ALL_RANKS = {total: per_rank for per_rank, total in PER_RANK_SIZES.items()}
+# Two ways to give one size, per rank or over all ranks (batch_size, total_batch_size), in batches or in examples
+# (eval_batches, eval_examples): the one given last wins (`--overrides batch_size=32` after a config's
+# total_batch_size). A total (the second) of 0 is not given, so it leaves the other: a saved config.yaml writes
+# `total_batch_size: 0` after `batch_size: 4`.
+SIZE_PAIRS = {("optim", "batch_size"): ("optim", "total_batch_size"),
+              ("track", "eval_batches"): ("track", "eval_examples")}
+TOTALS = {total: size for size, total in SIZE_PAIRS.items()}
 
 
 def placed(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object]]:
@@ -648,10 +654,10 @@ def build_config(pairs: Iterable[tuple[str, object]]) -> TrainConfig:
     values: dict[str, dict] = {section: {} for section in SECTIONS}
     for section, name, value in placed(pairs):
         values[section][name] = value
-        if (section, name) in PER_RANK_SIZES:
-            values[section].pop(PER_RANK_SIZES[section, name][1], None)
-        elif (section, name) in OVER_ALL_RANKS and value:
-            values[section].pop(OVER_ALL_RANKS[section, name][1], None)
+        if (section, name) in SIZE_PAIRS:
+            values[section].pop(SIZE_PAIRS[section, name][1], None)
+        elif (section, name) in TOTALS and value:
+            values[section].pop(TOTALS[section, name][1], None)
     try:
         model = MateConvConfig(**values.pop("model"))
     except ModelConfigError as e:
@@ -782,16 +788,13 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
 
 
 def per_rank_sizes(config: TrainConfig, world_size: int) -> None:
-    """Sets batch_size from total_batch_size and eval_batches from eval_examples (sizes over all ranks) for a run on
-    `world_size` ranks."""
-    optim, track = config.optim, config.track
+    """Sets batch_size from total_batch_size (examples per step over all ranks) for a run on `world_size` ranks."""
+    optim = config.optim
     if optim.total_batch_size:
         if optim.total_batch_size % (optim.accumulation_steps * world_size):
             raise ConfigError(f"total_batch_size {optim.total_batch_size} is not a multiple of accumulation_steps "
                               f"{optim.accumulation_steps} x {world_size} rank(s)")
         optim.batch_size = optim.total_batch_size // (optim.accumulation_steps * world_size)
-    if track.eval_examples:
-        track.eval_batches = -(-track.eval_examples // (optim.batch_size * world_size))
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -35,10 +35,10 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
     # Reward accuracy against the SFT reference, which ranks every pair as a tie (rewards 0, accuracy 0).
     # On-policy held-out pairs: the SFT model's own right and wrong replies to validation prompts.
     objective = DPOObjective(DPOConfig(beta=0.1), reference=sft)
-    on_policy = preference_eval(dpo, objective, DPOTokens(out / "tokens/prefs/val", 128), 16, None, "cpu")
+    on_policy = preference_eval(dpo, objective, DPOTokens(out / "tokens/prefs/val", 128), 16, "cpu")
     assert on_policy["rewards/accuracies"] > 0.65 and on_policy["rewards/margins"] > 0, on_policy
     # The embedded data set's own held-out pairs (a known answer against a generated wrong one): another distribution.
-    written = preference_eval(dpo, objective, DPOTokens(out / "tokens/dpo/val", 128), 16, None, "cpu")
+    written = preference_eval(dpo, objective, DPOTokens(out / "tokens/dpo/val", 128), 16, "cpu")
     assert written["rewards/accuracies"] > 0.55, written  # measured 0.591
 
     tasks = [json.loads(line) for line in (out / "data/tasks_val.jsonl").read_text().splitlines()]

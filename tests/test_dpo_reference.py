@@ -214,6 +214,6 @@ def test_held_out_metrics_are_means_over_pairs_as_computed_by_hand(tiny_llama, r
     assert 0 < by_hand["rewards/accuracies"] < 1
     objective = DPOObjective(DPOConfig(beta=beta), reference)
     for batch_size in (2, 5):
-        measured = preference_eval(policy, objective, pairs, batch_size, None, "cpu")
+        measured = preference_eval(policy, objective, pairs, batch_size, "cpu")
         for key, value in by_hand.items():
             assert measured[key] == pytest.approx(value, abs=1e-5), (batch_size, key)

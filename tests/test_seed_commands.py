@@ -300,12 +300,12 @@ def test_seed_003_train_py(tmp_path, tiny_embedded_data, tiny_pretrain_model):
               "python train.py dpo.yml --overrides trainer=FSDPTrainer out_dir=out/dpo_fsdp > logs/fsdp.log 2>&1",
               tmp_path)
     out = tmp_path / "out"
-    # SFT: 64 conversations, 16 a step (4 micro-batches of 4), evaluated at the start and every 2 steps on 2 batches
+    # SFT: 64 conversations, 16 a step (4 micro-batches of 4), evaluated at the start and every 2 steps on 8 of them
     assert progress_lines(tmp_path / "logs" / "sft.log", "sft") == [(step, 4) for step in (1, 2, 3, 4)]
     sft = yaml.safe_load((out / "sft" / "checkpoints" / "step_00000004" / "config.yaml").read_text())
-    assert (sft["optim"]["batch_size"], sft["optim"]["accumulation_steps"], sft["track"]["eval_batches"],
+    assert (sft["optim"]["batch_size"], sft["optim"]["accumulation_steps"], sft["track"]["eval_examples"],
             sft["checkpoint"]["init_from"], sft["parallel"]["gradient_checkpointing"], sft["optim"]["seed"]) == (
-        4, 4, 2, str(tiny_pretrain_model), True, 0)
+        4, 4, 8, str(tiny_pretrain_model), True, 0)
     evaluated = [row["step"] for row in read_metrics(out / "sft") if "val_loss" in row]
     assert evaluated == [0, 2, 4]
     runs = list((out / "sft" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -316,7 +316,8 @@ def test_saved_config_reruns_the_run(tmp_path, argv):
     again = parse_config([str(tmp_path / "config.yaml")], defaults)
     per_rank_sizes(again, world_size=2)
     assert again == config
-    assert (again.optim.batch_size, again.track.eval_batches) == ((4, 5) if "--batch_size" in argv else (4, 8))
+    assert (again.optim.batch_size, again.track.eval_rows(again.optim.batch_size)) == (
+        (4, 20) if "--batch_size" in argv else (4, 64))
 
 
 def test_shipped_yaml_configs_parse():
@@ -524,7 +525,7 @@ def test_seed_003_config_keys(tmp_path):
         "path/to/your/dataset.json", "auto", "adamw", 1e-5, 16, 4, 512, 100, 0, "your/model/path", "float16",
         "sigmoid", 0.1, True, "wandb", "your_entity", "Minimal-LLM-Alignment", "my_experiment", False, 100, 256)
     per_rank_sizes(config, world_size=2)  # 16 examples a step = 2 ranks x 4 micro-batches x 2
-    assert (config.optim.batch_size, config.track.eval_batches) == (2, 64)
+    assert (config.optim.batch_size, config.track.eval_rows(config.optim.batch_size)) == (2, 256)
     # the seed's override line: batch_size after total_batch_size wins (and the other way round); ipo is DPO's stage
     config = parse_config([str(path), "--overrides", "lr=2e-5", "batch_size=32", "loss.name=ipo"], {}, "dpo")
     per_rank_sizes(config, world_size=2)

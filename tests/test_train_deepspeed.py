@@ -1,8 +1,8 @@
 """4.pretrain.py under the real DeepSpeed launcher on CPU with 2 ranks (gloo): ZeRO-0 to ZeRO-3 agree with DDP on the
-losses and the gradient norm before clipping, loss falls, a ZeRO checkpoint resumes exactly, ZeRO-3 gathers the full
-weights for the Hugging Face save, and `kill -2` on the `deepspeed` command stops the run with a checkpoint. Faults:
-a NaN on one rank is skipped by all, a full disk on one rank during a save and a torn newest checkpoint are survived,
-and the stop file stops a run started from a non-interactive shell."""
+losses and the gradient norm before clipping and with one rank on the validation loss, loss falls, a ZeRO checkpoint
+resumes exactly, ZeRO-3 gathers the full weights for the Hugging Face save, and `kill -2` on the `deepspeed` command
+stops the run with a checkpoint. Faults: a NaN on one rank is skipped by all, a full disk on one rank during a save
+and a torn newest checkpoint are survived, and the stop file stops a run started from a non-interactive shell."""
 from __future__ import annotations
 
 import math
@@ -61,7 +61,7 @@ def zero_runs(launch, tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("zero")
     runs = {stage: root / f"zero{stage}" for stage in (0, 1, 2, 3)}
     for stage, out_dir in runs.items():
-        launch(out_dir, stage)
+        launch(out_dir, stage, "--eval_at_start")
     return runs
 
 
@@ -117,6 +117,19 @@ def test_every_zero_stage_reports_the_grad_norm_before_clipping(zero_runs, ddp_r
         norms = metric(out_dir, "grad_norm")
         for step, norm in reference.items():
             assert norms[step] == pytest.approx(norm, rel=1e-4), (stage, step)
+
+
+def test_validation_loss_does_not_depend_on_ranks(zero_runs, tiny_flags, tmp_path):
+    """The starting model's validation loss (step 0) on 2 ranks is that of 1 rank: the sampler pads the 9 rows to 10
+    by repeating one, which counted twice moved it by 2e-4 (relative); ZeRO-3 runs the padded batch's forward too."""
+    from mateconv.config import parse_config
+    from mateconv.train.stages import RECIPES, run
+
+    run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path, max_steps=1, use_moe=True, eval_at_start=True),
+                                          RECIPES["pretrain"].defaults))
+    one_rank = metric(tmp_path, "val_loss")[0]
+    for stage, out_dir in zero_runs.items():
+        assert metric(out_dir, "val_loss")[0] == pytest.approx(one_rank, rel=1e-6), stage
 
 
 def test_zero3_final_model_is_gathered(zero_runs):

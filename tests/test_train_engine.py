@@ -271,6 +271,29 @@ def test_validation_data_of_fewer_rows_than_a_batch_is_evaluated(train, tmp_path
     assert 0 < summary["val_loss"] < 10 and (tmp_path / "best").is_dir()
 
 
+def test_the_sampler_tells_its_padding_apart():
+    """Ranks get as many samples each by repeating the first ones; those repeats come last, after `unpadded_len`."""
+    from mateconv.train.data import ResumableDistributedSampler
+
+    samplers = [ResumableDistributedSampler(range(9), rank, 2, 0, shuffle=False) for rank in (0, 1)]
+    assert [(s.indices(), s.unpadded_len()) for s in samplers] == [([0, 2, 4, 6, 8], 5), ([1, 3, 5, 7, 0], 4)]
+    for sampler in samplers:
+        sampler.set_position(0, 6)
+    assert [(s.indices(), s.unpadded_len()) for s in samplers] == [([6, 8], 2), ([7, 0], 1)]
+
+
+def test_validation_loss_is_the_token_mean_over_the_first_examples(train, tiny_pretrain_model, tmp_path):
+    """val_loss is the mean over the labelled tokens of the first `eval_batches` x `batch_size` (or `eval_examples`)
+    validation examples, however they are batched: 16 SFT conversations in 2 batches of 8 or 4 of 5. Each batch's mean
+    was weighed by its rows, and `eval_examples 16` evaluated whole batches (20 conversations)."""
+    def starting_val_loss(name: str, **sizes) -> float:
+        train(tmp_path / name, "sft", init_from=tiny_pretrain_model, max_steps=1, eval_at_start=True, **sizes)
+        return next(row["val_loss"] for row in read_metrics(tmp_path / name) if row["step"] == 0)
+
+    assert starting_val_loss("batches", batch_size=8, eval_batches=2) == pytest.approx(
+        starting_val_loss("examples", batch_size=5, eval_examples=16), rel=1e-6)
+
+
 def test_checkpoints_are_written_while_training_goes_on(train, tmp_path, monkeypatch):
     """Alone, a save copies the state and writes it in a background thread: the next step starts before the
     checkpoint's file is written (slowed down here), and the run's end waits for the last one. That a checkpoint

@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,11 @@ class StageData:
     train: Dataset
     val: Dataset | None = None
     vocab_size: int | None = None
+
+
+def first_rows(dataset: Dataset, rows: int | None) -> Dataset:
+    """The first `rows` examples of `dataset`; all of them when `rows` is None or not below its length."""
+    return dataset if rows is None or rows >= len(dataset) else Subset(dataset, range(rows))
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -39,6 +44,11 @@ class ResumableDistributedSampler(Sampler[int]):
     def per_rank_left(self, consumed: int) -> int:
         """How many samples each rank still gets in this epoch after `consumed` of them."""
         return math.ceil(max(self.length - consumed, 0) / self.world_size)
+
+    def unpadded_len(self) -> int:
+        """How many of this rank's samples (`len(self)`) are not padding: the repeats that even out the ranks come
+        after them."""
+        return len(range(self.rank, max(self.length - self.consumed, 0), self.world_size))
 
     def indices(self) -> list[int]:
         if self.shuffle:

@@ -109,6 +109,10 @@ class DPOObjective:
             with adapters_disabled(model):
                 return model_token_logps(model, ids, labels)[0]
 
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The pairs: the loss is a mean over them."""
+        return len(batch["chosen_input_ids"])
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
         if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
                                        training_setting_changes, unwrap)
-from mateconv.train.data import ResumableDistributedSampler, close_loader, make_loader
+from mateconv.train.data import ResumableDistributedSampler, close_loader, first_rows, make_loader
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
@@ -381,9 +381,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective loss over up to `eval_batches` validation batches per rank, averaged over ranks, plus the
-        evaluators' metrics. `val_ppl` only for objectives that report an LM loss (not for DPO's). All of it in eval
-        mode: no dropout, and no MoE balance loss in an evaluation's loss."""
+        """The objective's mean loss over the first `eval_rows` validation examples, plus the evaluators' metrics.
+        `val_ppl` only for objectives that report an LM loss (not for DPO's). All of it in eval mode: no dropout, and no
+        MoE balance loss in an evaluation's loss."""
         self.engine.eval()
         try:
             with torch.compiler.set_stance("force_eager"):  # other shapes (generation) would only recompile
@@ -395,19 +395,28 @@ class Trainer:
         return metrics
 
     def _validation_loss(self) -> dict[str, float]:
-        sampler = ResumableDistributedSampler(self.val_data, self.runtime.rank, self.runtime.world_size,
+        """The ranks split the examples; each batch weighs what its loss is a mean of (`objective.weight`: an LM's
+        labelled tokens), so the mean is the same on any number of ranks and with any batch size. The sampler evens
+        out the ranks by repeating examples: a batch of such padding is run on one row, weighing nothing, as every
+        rank must run as many forwards as the others (ZeRO-3 gathers the parameters inside them)."""
+        data = first_rows(self.val_data, self.config.track.eval_rows(self.config.optim.batch_size))
+        sampler = ResumableDistributedSampler(data, self.runtime.rank, self.runtime.world_size,
                                               self.config.optim.seed, shuffle=False)
-        loader = make_loader(self.val_data, sampler, self.config.optim.batch_size, 0, drop_last=False)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss and lm_loss times rows, rows: a short batch weighs less
+        loader = make_loader(data, sampler, self.config.optim.batch_size, 0, drop_last=False)
+        real_left = sampler.unpadded_len()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss and lm_loss times weight, weight
         has_lm_loss = False
-        for index, batch in enumerate(loader):
-            if self.config.track.eval_batches and index == self.config.track.eval_batches:
-                break
+        for batch in loader:
+            real = min(len(next(iter(batch.values()))), real_left)
+            real_left -= real
+            batch = {key: value[:max(real, 1)] for key, value in batch.items()}
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
             has_lm_loss = "lm_loss" in metrics
-            rows = len(next(iter(batch.values())))
-            totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0], dtype=torch.float64) * rows
+            weight = float(self.objective.weight(batch)) if real else 0.0
+            if weight:  # not the padding's, nor the NaN loss of a batch without a labelled token
+                totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0],
+                                       dtype=torch.float64) * weight
         totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
         if totals[2] == 0:
             return {}

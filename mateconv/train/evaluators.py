@@ -17,7 +17,7 @@ from mateconv.data.shards import PretrainTokens, SFTTokens, shard_info
 from mateconv.files import read_metrics, save_figure
 from mateconv.logprobs import perplexity
 from mateconv.train.checkpoint import unwrap
-from mateconv.train.data import StageData
+from mateconv.train.data import StageData, first_rows
 from mateconv.train.distributed import Runtime
 from mateconv.train.dpo import DPOError
 from mateconv.train.objectives import Objective
@@ -28,28 +28,24 @@ Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 @torch.no_grad()
 def preference_eval(model: torch.nn.Module, objective: Objective, pairs: Dataset, batch_size: int,
-                    max_batches: int | None, device: torch.device | str) -> dict[str, float]:
+                    device: torch.device | str) -> dict[str, float]:
     """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...); each batch weighs
     as many pairs as it holds, so a short last batch counts for its pairs, not as a full one."""
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
     totals: dict[str, float] = {}
-    batches = n_pairs = 0
+    n_pairs = 0
     for batch in loader:
-        if max_batches is not None and batches == max_batches:
-            break
         size = len(next(iter(batch.values())))
         loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * size
-        batches += 1
         n_pairs += size
     return {key: value / max(n_pairs, 1) for key, value in totals.items()}
 
 
-def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,
-                    max_batches: int | None) -> dict[str, float]:
+def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int) -> dict[str, float]:
     """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards)."""
-    return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size, max_batches).ppl
+    return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size).ppl
             for name, data in held_out.items()}
 
 
@@ -89,13 +85,14 @@ def held_out_lm_data(config: TrainConfig, vocab_size: int | None, report: bool =
 
 def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
-    """The objective on the held-out pairs (`data.val`): its loss as `val_loss` and every metric as `eval/<metric>`."""
+    """The objective on the held-out pairs (`data.val`, its first `eval_rows`, whole on each rank): its loss as
+    `val_loss` and every metric as `eval/<metric>`."""
     if data.val is None:
         return None
+    held_out = first_rows(data.val, config.track.eval_rows(config.optim.batch_size))
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        pairs = preference_eval(model, objective, data.val, config.optim.batch_size,
-                                config.track.eval_batches or None, runtime.device)
+        pairs = preference_eval(model, objective, held_out, config.optim.batch_size, runtime.device)
         loss = pairs.pop("loss")  # once, as val_loss: the score that picks the best checkpoint
         return {"val_loss": loss, **{f"eval/{key}": value for key, value in pairs.items()}}
 
@@ -104,11 +101,13 @@ def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
 
 def forgetting_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
-    """`forget/<name>_ppl` for each of `forget_data_paths` that exists."""
-    held_out = held_out_lm_data(config, data.vocab_size, runtime.is_main)
+    """`forget/<name>_ppl` for each of `forget_data_paths` that exists (its first `eval_rows`, whole on each rank)."""
+    rows = config.track.eval_rows(config.optim.batch_size)
+    held_out = {name: first_rows(lm_data, rows)
+                for name, lm_data in held_out_lm_data(config, data.vocab_size, runtime.is_main).items()}
     if not held_out:
         return None
-    return lambda model: forgetting_eval(model, held_out, config.optim.batch_size, config.track.eval_batches or None)
+    return lambda model: forgetting_eval(model, held_out, config.optim.batch_size)
 
 
 def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:

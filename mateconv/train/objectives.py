@@ -6,13 +6,17 @@ from typing import Protocol
 
 import torch
 
-from mateconv.logprobs import lm_inputs
+from mateconv.logprobs import IGNORE_INDEX, lm_inputs
 from mateconv.train.checkpoint import unwrap
 
 
 class Objective(Protocol):
     def loss(self, model: torch.nn.Module,
              batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        ...
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many items the batch's loss is the mean of: a validation loss over batches weighs each by it."""
         ...
 
 
@@ -29,3 +33,7 @@ class LMObjective:
         if aux is not None:
             metrics["aux_loss"] = aux.detach()
         return output.loss, metrics
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The labelled tokens the cross-entropy averages over (the first label predicts nothing)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
