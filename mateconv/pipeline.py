@@ -215,6 +215,24 @@ def flags_problem(stage: Stage) -> str | None:
     return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
 
 
+def check_gpus(preset: dict, stages: list[Stage]) -> None:
+    """A preset's `num_gpus` needs that many GPUs here before a training stage is to run: the DeepSpeed launcher starts
+    that many ranks whatever it finds, on a machine without a GPU (or whose CUDA is broken) CPU ranks that take days,
+    with fewer GPUs ranks that fail only when the training stage starts, after the data stages.
+    DS_ACCELERATOR=cpu asks for CPU ranks."""
+    gpus = int(preset.get("num_gpus", 0))
+    if gpus == 0 or os.environ.get("DS_ACCELERATOR") == "cpu" or \
+            not any(stage.distributed and not stage.done.exists() for stage in stages):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise PipelineError(f"the preset's num_gpus is {gpus} but {visible} CUDA GPU(s) are visible here: take a "
+                            "preset for this machine (mateconv-0.02b runs on one GPU), or set DS_ACCELERATOR=cpu to "
+                            f"train {gpus} ranks on the CPU (nothing was run)")
+
+
 def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
     """Size and modification time of each file the run uses (a dataset_info.json says how to read some): what out/
     was made from, as make and rsync see it."""
@@ -423,6 +441,8 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+    if nodes is None:  # a hostfile's nodes have their own GPUs
+        check_gpus(preset, stages)
     check_source(out, source)
     runner = StageRunner(logs)
     env = {"WANDB_RUN_GROUP": wandb_group(out)}
@@ -449,6 +469,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
             continue
         started = time.monotonic()
         code = runner.run(stage.name, stage.command, env)
+        if code == -signal.SIGINT and not runner.interrupted:
+            # `stop STAGE` (SIGINT to its process group): the `deepspeed` command dies of it at once, its ranks save a
+            # checkpoint and exit (the log is read until they do) as a lone rank does
+            code = 0
         timings[stage.name] = round(time.monotonic() - started, 1)
         if runner.interrupted and not (code == 0 and stage.done.exists()):
             # the stage was told to stop: what it keeps (checkpoints, parts/, the pairs so far) is where it goes on
