@@ -228,9 +228,12 @@ def check_gpus(preset: dict, stages: list[Stage]) -> None:
 
     visible = torch.cuda.device_count()
     if visible < gpus:
-        raise PipelineError(f"the preset's num_gpus is {gpus} but {visible} CUDA GPU(s) are visible here: take a "
-                            "preset for this machine (mateconv-0.02b runs on one GPU), or set DS_ACCELERATOR=cpu to "
-                            f"train {gpus} ranks on the CPU (nothing was run)")
+        build = "" if torch.version.cuda else (f" (torch {torch.__version__} is a CPU-only build; TORCH_SPEC="
+                                               f"torch=={torch.__version__.split('+')[0]} bash scripts/setup_env.sh "
+                                               "installs the CUDA one)")
+        raise PipelineError(f"the preset's num_gpus is {gpus} but {visible} CUDA GPU(s) are visible here{build}: "
+                            "take a preset for this machine (mateconv-0.02b runs on one GPU), or set "
+                            f"DS_ACCELERATOR=cpu to train {gpus} ranks on the CPU (nothing was run)")
 
 
 def fingerprint(files: list[DataFile]) -> dict[str, list[int]]:
