@@ -473,8 +473,8 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
         started = time.monotonic()
         code = runner.run(stage.name, stage.command, env)
         if code == -signal.SIGINT and not runner.interrupted:
-            # `stop STAGE` (SIGINT to its process group): the `deepspeed` command dies of it at once, its ranks save a
-            # checkpoint and exit (the log is read until they do) as a lone rank does
+            # `stop STAGE` before the ranks started: the `deepspeed` command died of the SIGINT (procs.interrupt_group),
+            # a stop as a lone rank's
             code = 0
         timings[stage.name] = round(time.monotonic() - started, 1)
         if runner.interrupted and not (code == 0 and stage.done.exists()):

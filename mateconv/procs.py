@@ -1,8 +1,8 @@
 """Running stages as supervised child processes (own process group, pid file, log tee, SIGINT forwarding), and a
 model server (`python -m mateconv.serve`) in the background for stage 7 and the tests.
 
-Each stage runs in a new session so that `scripts/stop.sh STAGE` can send SIGINT to its whole process group
-(the DeepSpeed launcher and every rank) without touching the pipeline that started it.
+Each stage runs in a new session so that `scripts/stop.sh STAGE` can send SIGINT to its process group (every rank)
+without touching the pipeline that started it.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import httpx
 import psutil
 
 from mateconv.files import write_atomic
+from mateconv.train.signals import LAUNCHER_MODULE
 
 
 def pid_file(logs_dir: Path, name: str) -> Path:
@@ -64,10 +65,7 @@ class StageRunner:
         self.interrupted = signum
         for child in list(self.children):
             if child.poll() is None:
-                try:
-                    os.killpg(child.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+                interrupt_group(child.pid)
 
     def run(self, name: str, command: list[str], env: dict[str, str] | None = None, echo: bool = True) -> int:
         log_path = self.logs_dir / f"{name}.log"
@@ -96,6 +94,34 @@ class StageRunner:
             finally:
                 pid_file(self.logs_dir, name).unlink(missing_ok=True)
                 self.children.discard(child)
+
+
+def is_deepspeed_launcher(cmdline: list[str]) -> bool:
+    """The `deepspeed` command or its per-node `deepspeed.launcher.launch` process."""
+    return LAUNCHER_MODULE in cmdline or (len(cmdline) > 1 and Path(cmdline[1]).name == "deepspeed")
+
+
+def interrupt_group(pgid: int) -> None:
+    """SIGINT to the processes of group `pgid` but DeepSpeed's launcher: on SIGINT that sends the ranks SIGTERM and
+    kills them 30 s later, saving or not, and dies with a traceback; left alone it exits as the ranks do, after they
+    saved. The whole group when it holds nothing else yet (ranks not started)."""
+    others = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getpgid(process.pid) == pgid and not is_deepspeed_launcher(process.info["cmdline"] or []):
+                others.append(process)
+        except (OSError, psutil.Error):
+            continue
+    if not others:
+        try:
+            os.killpg(pgid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    for process in others:
+        try:
+            process.send_signal(signal.SIGINT)
+        except psutil.Error:
+            pass
 
 
 def group_alive(pgid: int) -> bool:
@@ -127,8 +153,8 @@ class NotStopped(RuntimeError):
 
 
 def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
-    """Sends SIGINT to a stage's process group and waits until every process in it has exited: under the DeepSpeed
-    launcher the front process exits at once while the ranks are still saving. Returns a one-line outcome."""
+    """Sends SIGINT to a stage's processes (interrupt_group) and waits until every process in its group has exited.
+    Returns a one-line outcome."""
     where = pid_file(logs_dir, name)
     pid = read_pid(logs_dir, name)
     if pid is None or not group_alive(pid):
@@ -139,7 +165,7 @@ def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
             raise NotStopped(f"{name}: not started by the pipeline ({looked}); pid {writer} writes {log}: stop it "
                              f"with `kill -2 {writer}` or `bash scripts/stop.sh OUT_DIR`")
         raise NotStopped(f"{name}: not running ({looked})")
-    os.killpg(pid, signal.SIGINT)
+    interrupt_group(pid)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not group_alive(pid):

@@ -24,8 +24,9 @@ stages:
 
 @pytest.mark.slow
 def test_two_rank_pretraining_stop_and_resume(tiny_tokens, tiny_tokenizer, tmp_path):
-    """`stop pretrain` under the launcher: its front process dies of the SIGINT while the ranks save, and the pipeline
-    said `pretrain failed with exit code -2` (exit status 254) where a lone rank's stop is a stop to resume."""
+    """`stop pretrain` under the launcher: its front process died of the SIGINT while the ranks saved, and the pipeline
+    said `pretrain failed with exit code -2` (exit status 254) where a lone rank's stop is a stop to resume; the
+    per-node launcher, signalled too, sent the ranks SIGTERM and would have killed them 30 s later, saved or not."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out/tokens").symlink_to(tiny_tokens)  # the data stages' outputs, as the pipeline's own names
     (tmp_path / "out/tokenizer").symlink_to(tiny_tokenizer)
@@ -50,6 +51,7 @@ def test_two_rank_pretraining_stop_and_resume(tiny_tokens, tiny_tokenizer, tmp_p
     assert first.returncode == 0 and "[pipeline] pretrain stopped before it finished" in printed, printed[-3000:]
     assert not [p.pid for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(tmp_path)]  # no rank left
     log = (tmp_path / "logs/pretrain.log").read_text()
+    assert "KeyboardInterrupt" not in log and "Killing subprocess" not in log, log[-3000:]  # the launcher waited
     assert "DeepSpeed ZeRO-2, 2 rank(s)" in log and log.count("[pretrain] step 3/5000 ") == 1, log[-3000:]  # rank 0
     stopped_at = max(row["step"] for row in read_metrics(metrics))
     assert not (tmp_path / "out/pretrain/final").exists()
