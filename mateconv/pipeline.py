@@ -166,6 +166,10 @@ def launcher(preset: dict, script: str, nodes: Nodes | None = None) -> list[str]
     if nodes is not None:
         return [deepspeed, *nodes.flags(), *([f"--num_gpus={gpus}"] if gpus > 0 else []), str(REPO / script)]
     if gpus > 0:
+        # DeepSpeed's --num_gpus takes GPUs 0 to N-1 whatever CUDA_VISIBLE_DEVICES says (GPUs 2,3 of a shared box)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "").split(",")
+        if all(device.isdigit() for device in visible):
+            return [deepspeed, f"--include=localhost:{','.join(visible[:gpus])}", str(REPO / script)]
         return [deepspeed, f"--num_gpus={gpus}", str(REPO / script)]
     return [sys.executable, str(REPO / script)]
 

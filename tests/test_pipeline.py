@@ -11,7 +11,7 @@ import pytest
 from conftest import run_script
 
 from mateconv.files import read_metrics
-from mateconv.pipeline import PipelineError, apply_sets, build_stages, load_preset, main
+from mateconv.pipeline import REPO, PipelineError, apply_sets, build_stages, launcher, load_preset, main
 
 DATA_STAGES = "data,tokenizer,prepare,tokens"
 STAGES = ["data", "tokenizer", "prepare", "tokens", "pretrain", "sft", "prefs", "prefs_val", "prefs_tokens",
@@ -29,6 +29,18 @@ def test_preset_sets_and_flags():
         apply_sets(preset, ["pretrian.max_steps=1"])
     with pytest.raises(PipelineError, match="unknown preset"):
         load_preset("nonexistent")
+
+
+def test_the_launcher_takes_the_gpus_cuda_visible_devices_lists(monkeypatch):
+    """With CUDA_VISIBLE_DEVICES=2,3 (the free GPUs of a shared box) `deepspeed --num_gpus=2` trained on GPUs 0 and 1:
+    the launcher drops the variable when it is given --num_gpus."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3,5")
+    assert launcher({"num_gpus": 2}, "4.pretrain.py")[1:] == ["--include=localhost:2,3", str(REPO / "4.pretrain.py")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e")  # a UUID: the launcher's --include takes indices only
+    assert launcher({"num_gpus": 2}, "4.pretrain.py")[1] == "--num_gpus=2"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert launcher({"num_gpus": 2}, "4.pretrain.py")[1] == "--num_gpus=2"
+    assert launcher({}, "4.pretrain.py")[1:] == [str(REPO / "4.pretrain.py")]
 
 
 def test_a_preset_key_given_twice_names_its_line(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mateconv.sweep.config import SweepError, load_sweep_config, parse_sweep_config
-from mateconv.sweep.trials import build_command
+from mateconv.sweep.trials import build_command, trial_gpus
 from mateconv.sweep.wandb_backend import choose_backend, run_wandb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +163,17 @@ def test_command_macros(tmp_path):
                        "--out_dir", str(tmp_path)]
     default = build_command(parse_sweep_config(_config()), {"lr": 0.001}, tmp_path)
     assert default == [sys.executable, "train.py", "--lr", "0.001", "--out_dir", str(tmp_path)]
+
+
+def test_a_launcher_given_num_gpus_and_gpus_to_use_is_refused():
+    """`--gpus 2,3` with `command: [deepspeed, --num_gpus, "2", ...]` trained on GPUs 0 and 1: with --num_gpus the
+    launcher drops CUDA_VISIBLE_DEVICES; without it, it spreads over the GPUs listed there."""
+    launcher = parse_sweep_config(_config(command=["deepspeed", "--num_gpus=2", "${program}", "${args}"]))
+    with pytest.raises(SweepError, match="command passes --num_gpus, .* not --gpus 2,3: leave --num_gpus out"):
+        trial_gpus(launcher, "2,3")
+    assert trial_gpus(launcher, None) == [None]
+    spread = parse_sweep_config(_config(command=["deepspeed", "${program}", "${args}"]))
+    assert trial_gpus(spread, "2,3") == ["2,3"]
 
 
 def test_shipped_sweeps_render_flags_the_stages_accept():
