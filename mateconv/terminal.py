@@ -58,6 +58,13 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+def pool_worker_signals() -> None:
+    """A process pool worker's signals: Ctrl-C reaches the whole process group, and the main process ends the pool;
+    SIGTERM is how the pool ends its workers (not main's KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def bars_only_on_a_terminal() -> None:
     """Off a terminal, every tqdm bar, ours and the libraries' (transformers' weight loading and saving), draws into
     os.devnull: a bar redraws itself with `\r`, which in a log file makes one endless line. The bars still count

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from nbclient.exceptions import CellExecutionError
 
@@ -267,3 +271,69 @@ def test_a_small_corpus_whose_split_held_out_nothing_still_has_a_validation_reco
     written = read(tmp_path / "data/sft_train.jsonl") + read(tmp_path / "data/sft_val.jsonl")
     assert [r["messages"] for r in written] == [c["messages"] for c in train_only]  # none lost, none twice
     assert prepare({"sft": [tmp_path / "sft.jsonl"]}, tmp_path / "none", val_frac=0, progress=False)["sft"]["val"] == 0
+
+
+def test_parallel_minhash_writes_what_one_process_writes(tmp_path):
+    """The MinHash values of pretraining text were computed in the main process alone: 0.7 MB/s, about 40 minutes
+    for MiniMind's 1.6 GB pretrain_hq.jsonl (BENCHMARKS.md, "Stage 2 preparation"). Worker processes compute them
+    now, and the LSH index takes them in the input's order: the outputs are byte for byte those of one process, and
+    of the code before (the digest below is what it wrote for this corpus)."""
+    import hashlib
+
+    docs = [prose(i, 70) for i in range(700)]
+    docs += [docs[i].replace("river", "rivers", 1) + " coda" for i in range(0, 700, 7)]  # near duplicates
+    docs += docs[:30] + ["too short"]
+    random.Random(0).shuffle(docs)
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    outputs = {}
+    for workers in (1, 2):
+        stats = prepare({"pretrain": [corpus]}, tmp_path / f"w{workers}", workers=workers, progress=False)
+        assert stats["pretrain"]["removed"] == {"exact_dup": 30, "near_dup": 82, "too_short": 1}
+        outputs[workers] = [(tmp_path / f"w{workers}" / name).read_bytes()
+                            for name in ("pretrain_train.jsonl", "pretrain_val.jsonl", "stats.json")]
+    assert outputs[1] == outputs[2]
+    assert hashlib.sha256(b"".join(outputs[1][:2])).hexdigest() == "85a1e39e3d9a59efc23fbb634d8dafea10b8348a1f1481c0c4d7a82f9d374ba9"
+    with pytest.raises(SystemExit, match="workers must be >= 0"):
+        main(["--pretrain", str(corpus), "--out_dir", str(tmp_path / "o"), "--workers", "-1", "--no_progress"])
+
+
+def test_progress_off_a_terminal_is_plain_lines_in_mb(tmp_path, monkeypatch, capsys):
+    """Off a terminal (`run_pipeline.sh` into its log) stage 2 printed nothing until it ended: on MiniMind's 1.6 GB
+    corpus, many minutes without a line. Now it prints MB read of the total, with rate and ETA."""
+    from mateconv.data import prepare as prepare_module
+
+    # a look at every record: the corpus takes a second (raising=False: the code before had no such setting)
+    monkeypatch.setattr(prepare_module, "PROGRESS_EVERY", 0, raising=False)
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": prose(i, 40)}) + "\n" for i in range(3000)), encoding="utf-8")
+    main(["--pretrain", str(corpus), "--out_dir", str(tmp_path / "o"), "--near_dup_threshold", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[prepare pretrain] ")]
+    size = corpus.stat().st_size / 1e6
+    assert len(lines) >= 5 and all(f"/{size:,.1f} MB (" in line and " eta " in line for line in lines), lines
+    assert f"{size:,.1f}/{size:,.1f} MB (100%)" in lines[-1], lines
+
+
+def test_a_minhash_worker_killed_is_one_line_and_leaves_no_output(tmp_path):
+    """A worker killed (as the kernel's out-of-memory killer does) ends the run with one line, not a traceback or a
+    wait for ever, and leaves no output directory behind."""
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": prose(i, 80)}) + "\n" for i in range(6000)), encoding="utf-8")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "mateconv.data.prepare", "--pretrain", str(corpus), "--out_dir",
+                                str(out), "--workers", "2", "--no_progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while process.poll() is None and not psutil.Process(process.pid).children() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = psutil.Process(process.pid).children() if process.poll() is None else []
+    assert workers, process.communicate()[1][-2000:]
+    workers[0].kill()
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run waited for the killed worker")
+    assert process.returncode == 1 and stderr.strip() == ("error: a MinHash worker died (killed, perhaps for lack of "
+                                                          "memory); fewer --workers use less memory"), stderr[-2000:]
+    assert not out.exists()

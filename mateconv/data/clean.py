@@ -1,12 +1,12 @@
 """Text cleaning, quality filters, exact + near-duplicate removal (MinHash LSH), and the stable train/val split."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -71,38 +71,73 @@ class Deduper:
 
     Texts shorter than near_min_chars only get the exact check (a few changed characters in a short templated
     text, e.g. a different number in a question, move its Jaccard similarity a lot but it is a new example).
+    `check` does both; `seen_exact`, `wants_minhash` and `seen_near` are its steps, for a caller that computes the
+    MinHash values elsewhere (`minhash_values`, in worker processes) and checks them in the input's order.
     """
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 64, shingle: int = 5, near_min_chars: int = 200,
                  seed: int = 1):
-        from datasketch import MinHash, MinHashLSH  # here: it loads in a second, and only deduplication needs it
+        from datasketch import MinHashLSH  # here: it loads in a second, and only deduplication needs it
 
         self.exact: set[bytes] = set()
-        self.new_minhash = partial(MinHash, num_perm=num_perm, seed=seed)
         self.near = MinHashLSH(threshold=threshold, num_perm=num_perm) if threshold < 1 else None
-        self.shingle, self.near_min_chars = shingle, near_min_chars
+        self.num_perm, self.seed, self.shingle, self.near_min_chars = num_perm, seed, shingle, near_min_chars
         self.count = 0
 
-    def minhash(self, text: str):
-        minhash = self.new_minhash()
-        grams = {text[i: i + self.shingle] for i in range(max(1, len(text) - self.shingle + 1))}
-        minhash.update_batch([g.encode("utf-8") for g in grams])
-        return minhash
+    def seen_exact(self, text: str) -> bool:
+        """Whether the same text came before (else it is remembered)."""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.exact:
+            return True
+        self.exact.add(digest)
+        return False
+
+    def wants_minhash(self, text: str) -> bool:
+        return self.near is not None and len(text) >= self.near_min_chars
+
+    def minhash_values(self, text: str) -> np.ndarray:
+        return minhash_values(text, self.num_perm, self.seed, self.shingle)
+
+    def seen_near(self, values: np.ndarray) -> bool:
+        """Whether a text with these MinHash values is a near duplicate of one before (else it is remembered)."""
+        from datasketch import LeanMinHash
+
+        minhash = LeanMinHash(seed=self.seed, hashvalues=values, scheme=_empty_minhash(self.num_perm, self.seed).scheme)
+        if self.near.query(minhash):
+            return True
+        self.near.insert(str(self.count), minhash)
+        self.count += 1
+        return False
 
     def check(self, text: str) -> str | None:
         """'exact_dup' / 'near_dup' if seen before (else remember the text and return None)."""
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        if digest in self.exact:
+        if self.seen_exact(text):
             return "exact_dup"
-        self.exact.add(digest)
-        if self.near is None or len(text) < self.near_min_chars:
-            return None
-        minhash = self.minhash(" ".join(text.lower().split()))
-        if self.near.query(minhash):
+        if self.wants_minhash(text) and self.seen_near(self.minhash_values(text)):
             return "near_dup"
-        self.near.insert(str(self.count), minhash)
-        self.count += 1
         return None
+
+
+@functools.cache
+def _empty_minhash(num_perm: int, seed: int):
+    """A MinHash of nothing, copied for each text: its random permutations are drawn once, not per text."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed)
+
+
+def minhash_values(text: str, num_perm: int = 64, seed: int = 1, shingle: int = 5) -> np.ndarray:
+    """The MinHash of the text's character shingles, case and whitespace runs ignored."""
+    text = " ".join(text.lower().split())
+    minhash = _empty_minhash(num_perm, seed).copy()
+    grams = {text[i: i + shingle] for i in range(max(1, len(text) - shingle + 1))}
+    minhash.update_batch([g.encode("utf-8") for g in grams])
+    return minhash.hashvalues
+
+
+def many_minhash_values(texts: list[str], num_perm: int, seed: int, shingle: int) -> list[np.ndarray]:
+    """minhash_values of each text: one work item of a process pool."""
+    return [minhash_values(text, num_perm, seed, shingle) for text in texts]
 
 
 def split_of(key: str, val_frac: float, seed: int = 0) -> str:

@@ -13,28 +13,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing as mp
 import os
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from mateconv.data import DataError
-from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper, Filters, length_summary, normalize,
-                                 split_of)
+from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper, Filters, length_summary,
+                                 many_minhash_values, normalize, split_of)
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
-from mateconv.data.readers import BadLine, iter_sources, list_files, path_list, record_text
+from mateconv.data.readers import HUB_PREFIXES, BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
-from mateconv.terminal import bars_only_on_a_terminal, run_main
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, pool_worker_signals, run_main
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 OUTPUTS = [f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "val")] + ["sft_prompts.jsonl"]
 MAX_BAD_EXAMPLES = 20
+PROGRESS_EVERY = 1.0  # seconds between looks at how far the input has been read
 
 
 def raw_dir_sources(raw_dir: str | Path) -> dict[str, list[Path]]:
@@ -96,9 +105,88 @@ def _record_id(record: Any, kind: str, read: int, taken: set[str] | None) -> str
     return record_id
 
 
+class _ReadProgress:
+    """How much of the local input files the run has read, in bytes: the files finished, and where it reads the one
+    open now (Linux; elsewhere a file counts when it is finished). Hub data sets have no size and do not count."""
+
+    def __init__(self, sources: list[str | Path]):
+        local = [raw for raw in sources if not str(raw).startswith(HUB_PREFIXES)]
+        self.sizes = {str(path): path.stat().st_size for path in list_files(local)}
+        self.total = sum(self.sizes.values())
+        self.finished, self.current, self.last = 0, None, 0
+
+    def reading(self, source: str) -> None:
+        if source != self.current:
+            self.finished += self.sizes.get(self.current, 0)
+            self.current = source
+
+    def done(self) -> int:
+        """Bytes read, never fewer than before (the file read to its end is closed before its last records come)."""
+        path = os.path.realpath(self.current) if self.current in self.sizes else None
+        position = next((getattr(f, "position", 0) for f in psutil.Process().open_files() if f.path == path), 0)
+        self.last = max(self.last, self.finished + min(position, self.sizes.get(self.current, 0)))
+        return self.last
+
+
+def _checked(kind: str, sources: list[str | Path], form: str, filters: Filters, deduper: Deduper, workers: int,
+             chunk_records: int = 256) -> Iterator[tuple[str, int, Any, dict | None, str, str | None]]:
+    """(source, line, record, output, text, reason) of every record of the sources, in their order: reason None keeps
+    it, else it is "bad_record" (text is then the error), a filter's or "exact_dup" / "near_dup". The MinHash values
+    (most of the time) are computed by `workers` processes, at most 4 chunks per worker ahead of the LSH index,
+    which takes them in the input's order, so the outputs are those of one process."""
+
+    def screened() -> Iterator[tuple]:  # all but the near-duplicate check
+        for source, number, record in iter_sources(sources):
+            try:
+                if isinstance(record, BadLine):
+                    raise DataError(record.error)
+                output, text = _convert(kind, record, form)
+            except DataError as error:
+                yield source, number, record, None, str(error), "bad_record"
+                continue
+            reason = None if kind == "tasks" else filters.reason(text, pretraining=kind == "pretrain")
+            if reason is None and deduper.seen_exact(text):
+                reason = "exact_dup"
+            yield source, number, record, output, text, reason
+
+    def wants_minhash(item: tuple) -> bool:
+        return item[5] is None and deduper.wants_minhash(item[4])
+
+    def near_checked(chunk: list[tuple], values: list) -> Iterator[tuple]:
+        values = iter(values)
+        for item in chunk:
+            yield item[:5] + ("near_dup",) if wants_minhash(item) and deduper.seen_near(next(values)) else item
+
+    items = screened()
+    chunks = iter(lambda: list(islice(items, chunk_records)), [])
+    if workers == 1 or deduper.near is None:
+        for chunk in chunks:
+            yield from near_checked(chunk, [deduper.minhash_values(item[4]) for item in chunk if wants_minhash(item)])
+        return
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=pool_worker_signals)
+    try:
+        pending: deque = deque()
+        for chunk in chunks:
+            texts = [item[4] for item in chunk if wants_minhash(item)]
+            pending.append((chunk, pool.submit(many_minhash_values, texts, deduper.num_perm, deduper.seed,
+                                               deduper.shingle)))
+            while len(pending) > 4 * workers or (pending and pending[0][1].done()):
+                chunk, job = pending.popleft()
+                yield from near_checked(chunk, job.result())
+        while pending:
+            chunk, job = pending.popleft()
+            yield from near_checked(chunk, job.result())
+    except BrokenProcessPool:
+        raise DataError("a MinHash worker died (killed, perhaps for lack of memory); fewer --workers use less "
+                        "memory") from None
+    finally:  # on an error or interrupt: the chunks not begun are dropped, the workers finish theirs and end
+        pool.shutdown(cancel_futures=True)
+
+
 def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
                  val_frac: float, seed: int, form: str, progress: bool = True, prompts_frac: float = 0.0,
-                 max_prompts: int = 0) -> tuple[dict, list[Path]]:
+                 max_prompts: int = 0, workers: int = 1) -> tuple[dict, list[Path]]:
     """Clean, filter, dedup and split one kind; writes {kind}_train.jsonl / {kind}_val.jsonl (and for SFT with
     prompts_frac > 0 sft_prompts.jsonl: training conversations held out of SFT), each as its path + ".tmp" that the
     caller renames; returns its stats and those paths."""
@@ -108,27 +196,28 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     hold_out = kind == "sft" and prompts_frac > 0
     lengths: dict[str, list[int]] = {"train": [], "val": [], **({"prompts": []} if hold_out else {})}
     paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in lengths}
+    input_read = _ReadProgress(sources)  # before the files: a path that is not there is an error here
     files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
     read = 0
     ids: set[str] | None = None if kind == "pretrain" else set()  # nothing reads pretraining ids: no set of millions
     last_train = None  # the last training record's line, while the hash (not its own "split") put it there
+    bar = tqdm(total=input_read.total or None, unit="B", unit_scale=True, desc=f"prepare {kind}", disable=not progress,
+               mininterval=1.0)
+    plain = PlainProgress(f"prepare {kind}", input_read.total / 1e6, "MB", enabled=progress)
+    shown = -math.inf
     try:
-        for source, number, record in tqdm(iter_sources(sources), desc=f"prepare {kind}", unit="rec",
-                                           disable=not progress, mininterval=1.0):
+        for source, number, record, output, text, reason in _checked(kind, sources, form, filters, deduper, workers):
             read += 1
-            try:
-                if isinstance(record, BadLine):
-                    raise DataError(record.error)
-                output, text = _convert(kind, record, form)
-            except DataError as error:
-                removed["bad_record"] += 1
-                if len(bad_examples) < MAX_BAD_EXAMPLES:
-                    bad_examples.append(f"{source}:{number}: {error}")
-                continue
-            reason = None if kind == "tasks" else filters.reason(text, pretraining=kind == "pretrain")
-            reason = reason or deduper.check(text)
+            input_read.reading(source)
+            if time.monotonic() - shown >= PROGRESS_EVERY:
+                shown = time.monotonic()
+                bar.update(input_read.done() - bar.n)
+                bar.set_postfix(records=read, refresh=False)
+                plain.update(bar.n / 1e6, records=read)
             if reason:
                 removed[reason] += 1
+                if reason == "bad_record" and len(bad_examples) < MAX_BAD_EXAMPLES:
+                    bad_examples.append(f"{source}:{number}: {text}")
                 continue
             given = record.get("split") if isinstance(record, dict) else None
             split = given if given in ("train", "val") else split_of(text, val_frac, seed)
@@ -140,6 +229,8 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
                 last_train = None if given == "train" else line
             files[split].write(line)
             lengths[split].append(len(text))
+        bar.update(input_read.total - bar.n)
+        plain.update(bar.n / 1e6, records=read)
         if val_frac > 0 and not lengths["val"] and len(lengths["train"]) > 1 and last_train:
             # a small corpus the hash held nothing out of: its last training record validates every later stage
             files["train"].flush()
@@ -151,6 +242,8 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
             f.close()
             os.unlink(f.name)
         raise
+    finally:
+        bar.close()
     for f in files.values():
         f.close()
     kept = {split: len(values) for split, values in lengths.items()}
@@ -163,10 +256,11 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
 def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/data", val_frac: float = 0.05,
             seed: int = 0, filters: Filters | None = None, near_dup_threshold: float = 0.85, num_perm: int = 64,
             normalization: str = DEFAULT_NORMALIZATION, progress: bool = True, prompts_frac: float = 0.0,
-            max_prompts: int = 0) -> dict:
+            max_prompts: int = 0, workers: int = 0) -> dict:
     """Prepare every kind that has sources; writes the jsonl files and stats.json, returns the stats. The outputs of
     a run replace all of an earlier run's (a kind not prepared now leaves no file), and only when every kind is
-    done: a run that fails leaves out_dir as it was (not there, when the run made it)."""
+    done: a run that fails leaves out_dir as it was (not there, when the run made it). `workers` processes compute
+    the MinHash values of pretraining text (0: one per core); the outputs are the same for any number."""
     unknown = set(sources) - set(KINDS)
     if unknown:
         raise DataError(f"unknown data kind(s) {sorted(unknown)}; expected {', '.join(KINDS)}")
@@ -174,6 +268,8 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
         raise DataError(f"val_frac must be in [0, 1), got {val_frac}")
     if not 0 <= prompts_frac < 1 or max_prompts < 0:
         raise DataError(f"prompts_frac must be in [0, 1) and max_prompts >= 0, got {prompts_frac}, {max_prompts}")
+    if workers < 0:
+        raise DataError(f"workers must be >= 0 (0: one per core), got {workers}")
     filters = filters or Filters()
     out_dir = Path(out_dir)
     created = dirs_to_make(out_dir)  # removed again by a run that fails
@@ -190,7 +286,8 @@ def prepare(sources: dict[str, list[str | Path]], out_dir: str | Path = "out/dat
                 # prompt or passage look alike to MinHash (LLaMA-Factory and TRL remove no near duplicates either).
                 deduper = Deduper(near_dup_threshold if kind == "pretrain" else 1.0, num_perm)
                 stats[kind], paths = prepare_kind(kind, sources[kind], out_dir, filters, deduper, val_frac, seed,
-                                                  normalization, progress, prompts_frac, max_prompts)
+                                                  normalization, progress, prompts_frac, max_prompts,
+                                                  workers or os.cpu_count() or 1)
                 written += paths
     except BaseException:
         for path in written:
@@ -245,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--near_dup_threshold", type=float, default=0.85,
                        help="MinHash Jaccard, pretraining text; 1 disables")
     group.add_argument("--num_perm", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes computing the MinHash values of pretraining text (0 = all cores)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -262,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         filters = Filters(**{name: getattr(args, name) for name in asdict(Filters())})
         stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
                         args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
-                        args.max_prompts)
+                        args.max_prompts, args.workers)
     except DataError as error:
         sys.exit(f"error: {error}")
     print(summary_table(stats))

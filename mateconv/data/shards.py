@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -46,7 +45,8 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
                                    text_lines)
 from mateconv.files import remove_empty_dirs, write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
+from mateconv.terminal import (PlainProgress, bars_only_on_a_terminal, pool_worker_signals, run_main,
+                               signals_interrupt)
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
@@ -421,8 +421,7 @@ def _init_worker(tokenizer_file: str) -> None:
 
 
 def _init_pool_worker(tokenizer_file: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process ends the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how the pool ends its workers (not main's KeyboardInterrupt)
+    pool_worker_signals()
     _init_worker(tokenizer_file)
 
 
