@@ -19,7 +19,8 @@ from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, LoRAConfig, TrainConfig,
-                             is_training_checkpoint, load_run_config, used_with)
+                             hf_dropout_settings, is_mateconv, is_training_checkpoint, load_run_config,
+                             saved_model_settings)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
@@ -93,7 +94,7 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, 
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
-    if settings:
+    if settings and isinstance(model.config, MateConvConfig):
         try:
             check_config(model.config)  # from_pretrained sets them without the config's checks (flex_attention's)
         except ModelConfigError as e:
@@ -228,9 +229,11 @@ def check_grouped_experts(model: nn.Module, config: TrainConfig, runtime: Runtim
 
 def build_model(config: TrainConfig) -> nn.Module:
     """fp32 weights on the CPU; the engine moves/casts them. With init_from the model section is ignored but for
-    flash_attn and (for a MateConv model) the settings only training reads."""
+    flash_attn and the settings only training reads (a Hugging Face model's: its dropout probabilities)."""
     if init_from := config.checkpoint.init_from:
-        training = {name: getattr(config.model, name) for name in used_with(init_from) if name in TRAINING_ONLY_MODEL}
+        saved = saved_model_settings(Path(init_from)) or {}
+        training = ({name: getattr(config.model, name) for name in TRAINING_ONLY_MODEL} if saved and is_mateconv(saved)
+                    else hf_dropout_settings(saved, config.model.dropout))
         model = load_causal_lm(init_from, "init_from", config.checkpoint.trust_remote_code, **training)
         if not config.model.flash_attn:  # the plain attention, as for our own model
             model.set_attn_implementation("eager")
