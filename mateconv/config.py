@@ -776,8 +776,9 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     """The model section of a run from a saved MateConv model (init_from), against the settings `given` on the
     command line or in a YAML file. A model flag with another value than the saved model has is an error: the saved
     model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its pretrained model), and a
-    flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (the stage's
-    default 512 cuts rows for a model that takes fewer tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
+    flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (a Hugging Face
+    model's max_position_embeddings or n_positions; the stage's default 512 cuts rows for a model that takes fewer
+    tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
     given (SFT with dropout after pretraining without); not given, they are the saved model's. For a Hugging Face
     model `dropout` sets its dropout probabilities (hf_dropouts); not given, it is the largest of them."""
     init_from = Path(config.checkpoint.init_from)
@@ -785,8 +786,9 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     if not saved:
         return
     named = {name: value for section, name, value in placed(given) if section == "model"}
-    if "max_seq_len" not in named and isinstance(saved.get("max_seq_len"), int):
-        config.model.max_seq_len = min(config.model.max_seq_len, saved["max_seq_len"])
+    length = saved.get("max_seq_len" if is_mateconv(saved) else "max_position_embeddings") or saved.get("n_positions")
+    if "max_seq_len" not in named and isinstance(length, int):
+        config.model.max_seq_len = min(config.model.max_seq_len, length)
     used = used_with(init_from)
     for name in used:
         if name in TRAINING_ONLY_MODEL and name not in named and name in saved:

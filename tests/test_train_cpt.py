@@ -359,3 +359,16 @@ def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_f
     assert build_model(parse_config(tiny_flags(out, init_from=tiny_qwen))).config.attention_dropout == 0.0
     qwen = build_model(parse_config(tiny_flags(out, init_from=tiny_qwen, dropout=0.3)))
     assert qwen.model.layers[0].self_attn.attention_dropout == 0.3  # what its attention applies in training
+
+
+def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp_path, capsys):
+    """A Qwen2 stating max_position_embeddings 256 (RoPE: computed positions): max_seq_len 320 trains it on longer
+    rows, with a note, and the saved model states 320 (it stated 256, so chat and serve cut its context there);
+    max_seq_len not given is at most 256 (the stage's 512 trained it on longer rows without a word)."""
+    assert parse_config(["--init_from", str(tiny_qwen)]).model.max_seq_len == 256
+    out = tmp_path / "run"
+    run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_qwen, max_seq_len=320, max_steps=1,
+                                                     batch_size=2, val_data_path="")))
+    assert (f"[pretrain] note: {tiny_qwen} was trained on rows of up to 256 tokens; max_seq_len 320 extends its "
+            "positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
+    assert json.loads((out / "final" / "config.json").read_text())["max_position_embeddings"] == 320

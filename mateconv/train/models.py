@@ -252,13 +252,18 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def extend_length(model: nn.Module, max_seq_len: int) -> int | None:
-    """Lets a MateConv model take rows of max_seq_len tokens; returns the limit it had if that was lower. Its limit is
-    a check, not a table (RoPE is computed per position), so fine-tuning on longer rows than pretraining is possible;
-    the saved model then takes the longer length."""
-    limit = getattr(model.config, "max_seq_len", None)
-    if limit is None or max_seq_len <= limit:
+    """Lets a model whose positions are computed (RoPE) take rows of max_seq_len tokens; returns the limit it had if
+    that was lower. Its limit (a MateConv model's max_seq_len, a Hugging Face model's max_position_embeddings) is a
+    check, not a table, so fine-tuning on longer rows than pretraining is possible; the saved model then takes the
+    longer length (chat and serve cut the context at it). A Hugging Face model whose RoPE is scaled from that length
+    (a rope_type other than default) keeps it."""
+    config = model.config
+    name = "max_seq_len" if isinstance(config, MateConvConfig) else "max_position_embeddings"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    limit = getattr(config, name, None)
+    if limit is None or max_seq_len <= limit or rope.get("rope_type", None if rope else "default") != "default":
         return None
-    model.config.max_seq_len = max_seq_len
+    setattr(config, name, max_seq_len)
     return limit
 
 

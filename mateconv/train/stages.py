@@ -256,7 +256,7 @@ RECIPES = {
 
 
 def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
-    """Rows are cut to max_seq_len; a starting MateConv model trained on shorter ones is extended to it (seed 000's
+    """Rows are cut to max_seq_len; a starting model (RoPE) trained on shorter ones is extended to it (seed 000's
     DPO at 3000 tokens after pretraining at 512), with a note."""
     max_seq_len = config.model.max_seq_len
     table = learned_positions(model)
