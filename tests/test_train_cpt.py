@@ -372,3 +372,15 @@ def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp
     assert (f"[pretrain] note: {tiny_qwen} was trained on rows of up to 256 tokens; max_seq_len 320 extends its "
             "positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
     assert json.loads((out / "final" / "config.json").read_text())["max_position_embeddings"] == 320
+
+
+def test_lora_on_a_model_without_the_default_target_names(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
+    """`--use_lora 1` from Pythia (GPT-NeoX: query_key_value, dense, ...) said only that no module is named q_proj,
+    ...: the line now says what to give, and all-linear trains it."""
+    flags = dict(init_from=tiny_neox, vocab_size=400, val_data_path="", max_steps=1, use_lora=True,
+                 data_path=tiny_embedded_data / "pretrain_train.jsonl")
+    with pytest.raises(ConfigError, match=r"\(its linear layers: dense, dense_4h_to_h, dense_h_to_4h, lm_head, "
+                                          r"query_key_value\): name some with --lora_target_modules, or all-linear"):
+        run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "lora", **flags)))
+    run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "lora", **flags, lora_target_modules="all-linear")))
+    assert (tmp_path / "lora" / "final" / "adapter").is_dir()

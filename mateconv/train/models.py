@@ -298,9 +298,12 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     targets = [t for t in lora.target_modules if t in kinds]
     missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
-    if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
+    default = lora.target_modules == LoRAConfig().target_modules
+    if not targets or missing and not default:
+        hint = (f": name some with --lora_target_modules, or {ALL_LINEAR} for every one but the output head"
+                if default else "")
         raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
-                          f"layers: {linears})")
+                          f"layers: {linears}){hint}")
     # peft adapts embeddings too, but then (as for a tied lm_head) the merged model is not the one trained; it fails on
     # anything else in a traceback
     for target in targets:
