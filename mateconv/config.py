@@ -735,11 +735,28 @@ def is_mateconv(settings: dict) -> bool:
     return settings.get("model_type", MateConvConfig.model_type) == MateConvConfig.model_type
 
 
+def hf_dropouts(saved: dict) -> list[str]:
+    """The dropout probabilities in a Hugging Face model's settings, which `dropout` sets: Llama's and Qwen2's
+    attention_dropout, GPT-NeoX's attention_dropout and hidden_dropout, GPT-2's *_pdrop (not a classification
+    head's)."""
+    return [name for name, value in saved.items() if name.endswith(("dropout", "pdrop"))
+            and not name.startswith(("classifier", "summary")) and type(value) in (int, float)]
+
+
+def hf_dropout_settings(saved: dict, dropout: float) -> dict[str, float]:
+    """The settings that give a Hugging Face model (`saved`, its config.json) the run's `dropout`: each of its dropout
+    probabilities, unless `dropout` is what it has (its largest: fit_init_from's value when not given)."""
+    names = hf_dropouts(saved)
+    return {name: dropout for name in names} if names and dropout != max(saved[name] for name in names) else {}
+
+
 def used_with(init_from: str | Path) -> tuple[str, ...]:
     """The model flags a run from saved model `init_from` uses: USED_WITH_INIT_FROM, and for a MateConv model the
-    TRAINING_ONLY_MODEL settings."""
-    saved = saved_model_settings(Path(init_from))
-    return USED_WITH_INIT_FROM + (TRAINING_ONLY_MODEL if saved and is_mateconv(saved) else ())
+    TRAINING_ONLY_MODEL settings, for a Hugging Face model with dropout settings `dropout`."""
+    saved = saved_model_settings(Path(init_from)) or {}
+    if saved and is_mateconv(saved):
+        return USED_WITH_INIT_FROM + TRAINING_ONLY_MODEL
+    return USED_WITH_INIT_FROM + (("dropout",) if hf_dropouts(saved) else ())
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -765,20 +782,30 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     """The model section of a run from a saved MateConv model (init_from), against the settings `given` on the
     command line or in a YAML file. A model flag with another value than the saved model has is an error: the saved
     model is trained as it is (seed 001's `--mode sft --dim 512 --n_layers 8` must match its pretrained model), and a
-    flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (the stage's
-    default 512 cuts rows for a model that takes fewer tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
-    given (SFT with dropout after pretraining without); not given, they are the saved model's."""
+    flag that silently did nothing would mislead. max_seq_len not given is at most the saved model's (a Hugging Face
+    model's max_position_embeddings or n_positions; the stage's default 512 cuts rows for a model that takes fewer
+    tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
+    given (SFT with dropout after pretraining without); not given, they are the saved model's. For a Hugging Face
+    model `dropout` sets its dropout probabilities (hf_dropouts); not given, it is the largest of them."""
     init_from = Path(config.checkpoint.init_from)
     saved = saved_model_settings(init_from) if config.checkpoint.init_from else None
     if not saved:
         return
     named = {name: value for section, name, value in placed(given) if section == "model"}
-    if "max_seq_len" not in named and isinstance(saved.get("max_seq_len"), int):
-        config.model.max_seq_len = min(config.model.max_seq_len, saved["max_seq_len"])
+    length = saved.get("max_seq_len" if is_mateconv(saved) else "max_position_embeddings") or saved.get("n_positions")
+    if "max_seq_len" not in named and isinstance(length, int):
+        config.model.max_seq_len = min(config.model.max_seq_len, length)
     used = used_with(init_from)
     for name in used:
         if name in TRAINING_ONLY_MODEL and name not in named and name in saved:
             setattr(config.model, name, saved[name])
+    if not is_mateconv(saved):
+        dropouts = hf_dropouts(saved)
+        if "dropout" in named and not dropouts:
+            raise ConfigError(f"dropout: init_from {init_from} ({saved.get('model_type', 'its model')}) has no dropout "
+                              "setting in its config.json to set; drop --dropout")
+        if "dropout" not in named and dropouts:
+            config.model.dropout = max(saved[name] for name in dropouts)
     clashes = {name: value for name, value in named.items()
                if name not in used and name in saved and saved[name] != value}
     if clashes:

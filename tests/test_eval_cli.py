@@ -120,7 +120,7 @@ def test_shards_of_another_tokenizer_get_no_perplexity(tiny_sft_model, tiny_toke
     theirs, others = shards_of_another_vocabulary(tiny_tokens / "sft" / "val", other)
     main(["--models", str(tiny_sft_model), "--val", str(other), "--tasks", "none", "--bpb_texts", "none",
           "--heldout", "none", "--prompts", QUESTION, "--max_new_tokens", "4", "--out_dir", str(tmp_path / "eval")])
-    assert (f"[evaluate] sft/final: {other} was tokenized with a {others}-token vocabulary, its "
+    assert (f"[evaluate] sft/final: {other} was tokenized with a {others}-token vocabulary, the model's "
             f"tokenizer has {theirs} (another tokenizer); no perplexity for it") in capsys.readouterr().out
     report, = json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]
     assert report["val_ppl"] is None and QUESTION in report["samples"]

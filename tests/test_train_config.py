@@ -585,7 +585,8 @@ def test_seed_003_datasets_take_one_file(tmp_path):
 def test_model_flags_must_match_the_init_from_model(tmp_path):
     """With init_from the saved model trains as it is: a model flag given (command line or YAML) with another value
     is an error naming each clash; equal values, the flags a run still uses (max_seq_len, flash_attn; for a MateConv
-    model the settings only training reads, else the saved model's) and the stage defaults pass."""
+    model the settings only training reads, for another model dropout, not given the saved model's) and the stage
+    defaults pass."""
     saved = MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, dropout=0.2)
     saved.save_pretrained(tmp_path / "start")
     start = ["--init_from", str(tmp_path / "start")]
@@ -594,10 +595,14 @@ def test_model_flags_must_match_the_init_from_model(tmp_path):
     assert config.model.max_seq_len == 64 and not config.model.flash_attn and config.model.dropout == 0.2
     config = parse_config([*start, "--dropout", "0.1", "--aux_loss_alpha", "0.01", "--seq_aux", "0"])
     assert (config.model.dropout, config.model.aux_loss_alpha, config.model.seq_aux) == (0.1, 0.01, False)
-    (tmp_path / "opt").mkdir()  # another kind of model: its dropout is its own
-    (tmp_path / "opt" / "config.json").write_text('{"model_type": "opt", "dropout": 0.1}')
-    with pytest.raises(ConfigError, match=r"as it is: dropout 0.2 \(it has 0.1\)"):
-        parse_config(["--init_from", str(tmp_path / "opt"), "--dropout", "0.2"])
+    (tmp_path / "opt").mkdir()  # a Hugging Face model: --dropout sets its dropout probabilities (not given: its own)
+    (tmp_path / "opt" / "config.json").write_text('{"model_type": "opt", "dropout": 0.1, "attention_dropout": 0.0}')
+    assert parse_config(["--init_from", str(tmp_path / "opt"), "--dropout", "0.2"]).model.dropout == 0.2
+    assert parse_config(["--init_from", str(tmp_path / "opt")]).model.dropout == 0.1
+    (tmp_path / "opt" / "config.json").write_text('{"model_type": "mamba"}')  # one without any: refused
+    with pytest.raises(ConfigError, match=r"^dropout: init_from .*opt \(mamba\) has no dropout setting in its "
+                                          r"config.json to set; drop --dropout$"):
+        parse_config(["--init_from", str(tmp_path / "opt"), "--dropout", "0.1"])
     with pytest.raises(ConfigError, match=r"^init_from .*start is the model this run trains, as it is: "
                                           r"dim 512 \(it has 64\), use_moe True \(it has False\); drop those model"):
         parse_config([*start, "--dim", "512", "--n_layers", "2", "--use_moe"])

@@ -313,3 +313,74 @@ def test_init_from_a_file_names_the_directory_to_give(tiny_qwen):
     for name in ("model.safetensors", "config.json"):
         with pytest.raises(ConfigError, match=rf"init_from: .*{name} is a file; name the model directory"):
             CPTTrainer(CPTConfig(model_name_or_path=str(tiny_qwen / name))).train(["some text"] * 50)
+
+
+def test_token_shards_of_another_tokenizer_are_one_line(tiny_qwen, tiny_neox, tiny_embedded_data, tiny_flags,
+                                                         tmp_path):
+    """4.pretrain.py --init_from MODEL on shards that another tokenizer made (Pythia's 400 tokens for a 512-token
+    Qwen2: every id fits the embeddings) is refused in one line naming both; it trained on them without a word."""
+    from mateconv.data import DataError
+    from mateconv.data.shards import build_shards
+
+    shards = tmp_path / "tokens_of_neox"
+    build_shards("pretrain", [tiny_embedded_data / "pretrain_train.jsonl"], tiny_neox, shards, workers=1,
+                 progress=False)
+    flags = tiny_flags(tmp_path / "run", init_from=tiny_qwen, data_path=shards, val_data_path="", max_steps=2)
+    with pytest.raises(DataError, match=rf"^{shards} was tokenized with a 400-token vocabulary, the model's tokenizer "
+                                        rf"has 512 \(another tokenizer\): tokenize it with {tiny_qwen}'s tokenizer"):
+        run(RECIPES["pretrain"], parse_config(flags))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_saved_copy_of_the_tokenizer_made_the_shards(tiny_qwen, tiny_tokens):
+    """The model's tokenizer (a copy saved with it, as AutoTokenizer loads it) made the shards of its tokenizer: the
+    evaluation's perplexity was skipped for "another tokenizer", as transformers loads BPE settings the file leaves
+    unset as "" instead of null."""
+    from transformers import AutoTokenizer
+
+    from mateconv.data.shards import other_vocabulary
+
+    assert other_vocabulary(tiny_tokens / "pretrain" / "val", AutoTokenizer.from_pretrained(tiny_qwen)) is None
+
+
+def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_flags, tmp_path):
+    """--dropout with init_from a Qwen2 or Llama (whose config.json has attention_dropout, no dropout) was ignored
+    without a word: it sets the model's dropout probabilities (GPT-NeoX's hidden_dropout too), the saved model and
+    the run's config record it; not given, the model keeps its own (test_train_config: one without any is refused)."""
+    import yaml
+
+    out = tmp_path / "run"
+    run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_qwen, dropout=0.1, max_steps=2)))
+    assert json.loads((out / "final" / "config.json").read_text())["attention_dropout"] == 0.1
+    run_config = yaml.safe_load((out / "checkpoints" / "step_00000002" / "config.yaml").read_text())
+    assert run_config["model"]["dropout"] == 0.1  # a resume builds the model with it again
+    neox = build_model(parse_config(tiny_flags(out, init_from=tiny_neox, vocab_size=400, dropout=0.2))).config
+    assert (neox.attention_dropout, neox.hidden_dropout) == (0.2, 0.2)
+    assert build_model(parse_config(tiny_flags(out, init_from=tiny_qwen))).config.attention_dropout == 0.0
+    qwen = build_model(parse_config(tiny_flags(out, init_from=tiny_qwen, dropout=0.3)))
+    assert qwen.model.layers[0].self_attn.attention_dropout == 0.3  # what its attention applies in training
+
+
+def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp_path, capsys):
+    """A Qwen2 stating max_position_embeddings 256 (RoPE: computed positions): max_seq_len 320 trains it on longer
+    rows, with a note, and the saved model states 320 (it stated 256, so chat and serve cut its context there);
+    max_seq_len not given is at most 256 (the stage's 512 trained it on longer rows without a word)."""
+    assert parse_config(["--init_from", str(tiny_qwen)]).model.max_seq_len == 256
+    out = tmp_path / "run"
+    run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_qwen, max_seq_len=320, max_steps=1,
+                                                     batch_size=2, val_data_path="")))
+    assert (f"[pretrain] note: {tiny_qwen} was trained on rows of up to 256 tokens; max_seq_len 320 extends its "
+            "positions (RoPE) for this run and the model it saves") in capsys.readouterr().out
+    assert json.loads((out / "final" / "config.json").read_text())["max_position_embeddings"] == 320
+
+
+def test_lora_on_a_model_without_the_default_target_names(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
+    """`--use_lora 1` from Pythia (GPT-NeoX: query_key_value, dense, ...) said only that no module is named q_proj,
+    ...: the line now says what to give, and all-linear trains it."""
+    flags = dict(init_from=tiny_neox, vocab_size=400, val_data_path="", max_steps=1, use_lora=True,
+                 data_path=tiny_embedded_data / "pretrain_train.jsonl")
+    with pytest.raises(ConfigError, match=r"\(its linear layers: dense, dense_4h_to_h, dense_h_to_4h, lm_head, "
+                                          r"query_key_value\): name some with --lora_target_modules, or all-linear"):
+        run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "lora", **flags)))
+    run(RECIPES["pretrain"], parse_config(tiny_flags(tmp_path / "lora", **flags, lora_target_modules="all-linear")))
+    assert (tmp_path / "lora" / "final" / "adapter").is_dir()

@@ -75,6 +75,40 @@ def shard_info(directory: str | Path) -> dict:
             "bytes": sum(p.stat().st_size for p in files)}
 
 
+def tokenizer_model(tokenizer_json: str) -> dict:
+    """The vocabulary and merges of a serialized fast tokenizer, plus its added tokens (not the model section's other
+    settings: transformers loads a BPE's unset `continuing_subword_prefix` as "", the file has null)."""
+    serialized = json.loads(tokenizer_json)
+    model = serialized["model"]
+    return {"type": model.get("type"), "vocab": model.get("vocab"), "merges": model.get("merges"),
+            "added": [(t["id"], t["content"]) for t in serialized["added_tokens"]]}
+
+
+def other_vocabulary(source: Path, tokenizer, stage: str = "evaluate") -> str | None:
+    """Why token shards at `source` do not fit `tokenizer`'s model (another tokenizer made them), or None;
+    text files are tokenized here, so they always fit. The shards' tokenizer (index.json names its directory) is
+    compared with the model's; where that directory is gone, only the vocabulary sizes are."""
+    index = source / "index.json"
+    if not index.is_file():
+        return None
+    info = json.loads(index.read_text())
+    vocab_size, made_by = info.get("vocab_size"), info.get("tokenizer")
+    if vocab_size not in (None, len(tokenizer)):
+        return (f"{source} was tokenized with a {vocab_size}-token vocabulary, the model's tokenizer has "
+                f"{len(tokenizer)} (another tokenizer)")
+    theirs = Path(made_by or "") / "tokenizer.json"
+    if not made_by or not theirs.is_file() or not hasattr(tokenizer, "backend_tokenizer"):
+        print(f"[{stage}] {source}: the tokenizer that made it ({made_by or 'not recorded'}) cannot be compared "
+              "with the model's; only the vocabulary sizes are, and they agree", flush=True)
+        return None
+    # both serialized by this tokenizers library, so that equal tokenizers compare equal whatever wrote the file
+    shards_tokenizer = tokenizer_model(Tokenizer.from_file(str(theirs)).to_str())
+    if shards_tokenizer != tokenizer_model(tokenizer.backend_tokenizer.to_str()):
+        return (f"{source} was tokenized by {made_by}, whose vocabulary or merges are not the model's "
+                "(another tokenizer)")
+    return None
+
+
 class _ShardReader(Dataset):
     """Memory-maps the shards of a directory lazily (after a DataLoader fork, each worker maps its own)."""
 

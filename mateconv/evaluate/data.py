@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from mateconv.data import DataError
@@ -157,34 +156,3 @@ def val_dataset(source: Path, tokenizer, seq_len: int) -> Dataset:
         return TextRecords(source, tokenizer, seq_len)
     raise EvalError(f"validation data must be a token shard directory or a file of records ({', '.join(SUFFIXES)}): "
                     f"{source}")
-
-
-def tokenizer_model(tokenizer_json: str) -> dict:
-    """The vocabulary and merges of a serialized fast tokenizer (its "model" section), plus its added tokens."""
-    serialized = json.loads(tokenizer_json)
-    return {"model": serialized["model"], "added": [(t["id"], t["content"]) for t in serialized["added_tokens"]]}
-
-
-def other_vocabulary(source: Path, tokenizer) -> str | None:
-    """Why token shards at `source` cannot be scored with `tokenizer`'s model (another tokenizer made them), or None;
-    text files are tokenized here, so they always fit. The shards' tokenizer (index.json names its directory) is
-    compared with the model's; where that directory is gone, only the vocabulary sizes are."""
-    index = source / "index.json"
-    if not index.is_file():
-        return None
-    info = json.loads(index.read_text())
-    vocab_size, made_by = info.get("vocab_size"), info.get("tokenizer")
-    if vocab_size not in (None, len(tokenizer)):
-        return (f"{source} was tokenized with a {vocab_size}-token vocabulary, its tokenizer has {len(tokenizer)} "
-                "(another tokenizer)")
-    theirs = Path(made_by or "") / "tokenizer.json"
-    if not made_by or not theirs.is_file() or not hasattr(tokenizer, "backend_tokenizer"):
-        print(f"[evaluate] {source}: the tokenizer that made it ({made_by or 'not recorded'}) cannot be compared "
-              "with the model's; only the vocabulary sizes are, and they agree", flush=True)
-        return None
-    # both serialized by this tokenizers library, so that equal tokenizers compare equal whatever wrote the file
-    shards_tokenizer = tokenizer_model(Tokenizer.from_file(str(theirs)).to_str())
-    if shards_tokenizer != tokenizer_model(tokenizer.backend_tokenizer.to_str()):
-        return (f"{source} was tokenized by {made_by}, whose vocabulary or merges are not the model's "
-                "(another tokenizer)")
-    return None

@@ -9,7 +9,8 @@ from pathlib import Path
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from mateconv.chat import context_length, load_model
-from mateconv.evaluate.data import EvalError, other_vocabulary, prompt_text, val_dataset
+from mateconv.data.shards import other_vocabulary
+from mateconv.evaluate.data import EvalError, prompt_text, val_dataset
 from mateconv.evaluate.metrics import TaskResult, balance_stats, greedy_replies, task_accuracy
 from mateconv.lm_eval_tasks import run_lm_eval
 from mateconv.logprobs import BitsPerByte, Perplexity, bits_per_byte, perplexity

@@ -19,7 +19,8 @@ from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, LoRAConfig, TrainConfig,
-                             is_training_checkpoint, load_run_config, used_with)
+                             hf_dropout_settings, is_mateconv, is_training_checkpoint, load_run_config,
+                             saved_model_settings)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
@@ -93,7 +94,7 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, 
     except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "; set trust_remote_code true to run it" if "trust_remote_code" in str(e) else ""
         raise ConfigError(f"{key}: cannot load a causal LM from {path} ({str(e).splitlines()[0]}){hint}") from None
-    if settings:
+    if settings and isinstance(model.config, MateConvConfig):
         try:
             check_config(model.config)  # from_pretrained sets them without the config's checks (flex_attention's)
         except ModelConfigError as e:
@@ -228,9 +229,11 @@ def check_grouped_experts(model: nn.Module, config: TrainConfig, runtime: Runtim
 
 def build_model(config: TrainConfig) -> nn.Module:
     """fp32 weights on the CPU; the engine moves/casts them. With init_from the model section is ignored but for
-    flash_attn and (for a MateConv model) the settings only training reads."""
+    flash_attn and the settings only training reads (a Hugging Face model's: its dropout probabilities)."""
     if init_from := config.checkpoint.init_from:
-        training = {name: getattr(config.model, name) for name in used_with(init_from) if name in TRAINING_ONLY_MODEL}
+        saved = saved_model_settings(Path(init_from)) or {}
+        training = ({name: getattr(config.model, name) for name in TRAINING_ONLY_MODEL} if saved and is_mateconv(saved)
+                    else hf_dropout_settings(saved, config.model.dropout))
         model = load_causal_lm(init_from, "init_from", config.checkpoint.trust_remote_code, **training)
         if not config.model.flash_attn:  # the plain attention, as for our own model
             model.set_attn_implementation("eager")
@@ -249,13 +252,18 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def extend_length(model: nn.Module, max_seq_len: int) -> int | None:
-    """Lets a MateConv model take rows of max_seq_len tokens; returns the limit it had if that was lower. Its limit is
-    a check, not a table (RoPE is computed per position), so fine-tuning on longer rows than pretraining is possible;
-    the saved model then takes the longer length."""
-    limit = getattr(model.config, "max_seq_len", None)
-    if limit is None or max_seq_len <= limit:
+    """Lets a model whose positions are computed (RoPE) take rows of max_seq_len tokens; returns the limit it had if
+    that was lower. Its limit (a MateConv model's max_seq_len, a Hugging Face model's max_position_embeddings) is a
+    check, not a table, so fine-tuning on longer rows than pretraining is possible; the saved model then takes the
+    longer length (chat and serve cut the context at it). A Hugging Face model whose RoPE is scaled from that length
+    (a rope_type other than default) keeps it."""
+    config = model.config
+    name = "max_seq_len" if isinstance(config, MateConvConfig) else "max_position_embeddings"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    limit = getattr(config, name, None)
+    if limit is None or max_seq_len <= limit or rope.get("rope_type", None if rope else "default") != "default":
         return None
-    model.config.max_seq_len = max_seq_len
+    setattr(config, name, max_seq_len)
     return limit
 
 
@@ -290,9 +298,12 @@ def add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
     targets = [t for t in lora.target_modules if t in kinds]
     missing = [t for t in lora.target_modules if t not in kinds]
     # the default names are tried on any model (a Hugging Face one may lack some); names given must all be there
-    if not targets or missing and lora.target_modules != LoRAConfig().target_modules:
+    default = lora.target_modules == LoRAConfig().target_modules
+    if not targets or missing and not default:
+        hint = (f": name some with --lora_target_modules, or {ALL_LINEAR} for every one but the output head"
+                if default else "")
         raise ConfigError(f"lora_target_modules: no module of the model is named {', '.join(missing)} (its linear "
-                          f"layers: {linears})")
+                          f"layers: {linears}){hint}")
     # peft adapts embeddings too, but then (as for a tied lm_head) the merged model is not the one trained; it fails on
     # anything else in a traceback
     for target in targets:

@@ -22,7 +22,7 @@ from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, 
 from mateconv.data import DataError
 from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
 from mateconv.data.readers import SUFFIXES
-from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, shard_info
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, other_vocabulary, shard_info
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
 from mateconv.train.curves import TRAINING_PNG, plot_training
@@ -133,6 +133,10 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
+        if tokenizer is not None and (why := other_vocabulary(Path(path), tokenizer, reader_class.kind)):
+            made_by = tokenizer.name_or_path  # the tokenizer the trained model is saved with
+            raise DataError(f"{why}: tokenize it with {made_by}'s tokenizer (3.dataset.py --tokenizer {made_by}), "
+                            "or give data_path a raw data file, which is tokenized with it")
     info = shard_info(train_path)
     if not info["num_records"]:  # an empty file or shards of one: nothing to train on
         kept = f" outside the val_size {held_out:g} held out for validation" if held_out else ""
@@ -252,7 +256,7 @@ RECIPES = {
 
 
 def fit_length(model: nn.Module, config: TrainConfig, stage: str, is_main: bool) -> None:
-    """Rows are cut to max_seq_len; a starting MateConv model trained on shorter ones is extended to it (seed 000's
+    """Rows are cut to max_seq_len; a starting model (RoPE) trained on shorter ones is extended to it (seed 000's
     DPO at 3000 tokens after pretraining at 512), with a note."""
     max_seq_len = config.model.max_seq_len
     table = learned_positions(model)
