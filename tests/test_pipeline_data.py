@@ -495,7 +495,9 @@ def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read, made
     and the pipeline's stage that was writing still finishes its work. Every stage program ends so (before, stages
     1 and 3 ended with a BrokenPipeError traceback)."""
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
-    args = {"mateconv.pipeline": ["run", "--data", str(data), "--only", "prepare"],
+    # the stage prints nothing before its outputs are written (no progress lines, which would break the pipe early
+    # and stop it as Ctrl-C does, a race the test would lose under load)
+    args = {"mateconv.pipeline": ["run", "--data", str(data), "--only", "prepare", "--set", "prepare.no_progress=true"],
             "mateconv.data.prepare": ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data",
                                       "--no_progress"],
             "mateconv.tokenizer": ["--corpus", str(data), "--vocab_size", "300", "--out_dir", "out/tokenizer"],
