@@ -62,6 +62,9 @@ DOC_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LAUNCHERS = {"python", "deepspeed", "torchrun"}
 # Shown with stand-ins for its config (`python train.py config.yml`): its --help needs that file.
 NO_HELP = {"train.py"}
+# Scripts that hand their arguments to a program: (program, its arguments before them).
+SCRIPT_PROGRAMS = {"scripts/run_pipeline.sh": ("mateconv.pipeline", ["run"]),
+                   "scripts/launch.sh": ("mateconv.pipeline", ["run"])}
 
 
 def _doc_commands():
@@ -92,11 +95,15 @@ def _program_calls(command):
         for index, word in enumerate(words):
             launched = launched or word.rsplit("/", 1)[-1] in LAUNCHERS
             module = word == "-m" and index + 1 < len(words) and words[index + 1].startswith("mateconv.")
-            if launched and (module or word.endswith(".py")):
+            if word in SCRIPT_PROGRAMS:
+                (program, mode), rest = SCRIPT_PROGRAMS[word], words[index + 1:]
+            elif launched and (module or word.endswith(".py")):
                 program, rest = (words[index + 1], words[index + 2:]) if module else (word.removeprefix("./"), words[index + 1:])
                 mode = [f"--mode={rest[rest.index('--mode') + 1]}"] if "--mode" in rest[:-1] else []
-                yield program, mode, {word.split("=")[0] for word in rest if re.match(r"--\w", word)} - {"--help"}
-                break
+            else:
+                continue
+            yield program, mode, {word.split("=")[0] for word in rest if re.match(r"--\w", word)} - {"--help"}
+            break
 
 
 HELP_RUNNER = """
