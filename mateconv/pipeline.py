@@ -443,9 +443,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
     the --data run's (`check_source`). Nothing is written before every stage's flags are checked."""
     every = build_stages(preset, out, nodes)
     stages = [stage for stage in every if not only or stage.name in only]
-    set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in stages}
-    for stage in stages:
-        problem = None if stage.done.exists() and not set_in[stage.name] else flags_problem(stage)
+    set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in every}
+    for stage in every:  # a stage --only leaves out too where it has a --set: its typo would otherwise pass unseen
+        checked = set_in[stage.name] or (stage in stages and not stage.done.exists())
+        problem = flags_problem(stage) if checked else None
         if problem:
             raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
     if nodes is None:  # a hostfile's nodes have their own GPUs

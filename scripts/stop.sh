@@ -3,8 +3,9 @@
 #   bash scripts/stop.sh OUT_DIR [TIMEOUT_SECONDS]  any run writing OUT_DIR (e.g. out/pretrain), however it was started
 #       (nohup from a script, the DeepSpeed launcher, torchrun): creates OUT_DIR/STOP; every rank stops after its
 #       current step, the run saves a checkpoint and removes the file.
-#   bash scripts/stop.sh STAGE [TIMEOUT_SECONDS]    a stage the pipeline started (logs/STAGE.pid): SIGINT to its process
-#       group (every DeepSpeed rank); STAGE=pipeline stops all.
+#   bash scripts/stop.sh STAGE [TIMEOUT_SECONDS]    a stage the pipeline started (logs/STAGE.pid): SIGINT to the
+#       processes of its group but DeepSpeed's launcher (every rank; the launcher exits once they saved); STAGE=pipeline
+#       stops all.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 OUT_DIR|STAGE [TIMEOUT_SECONDS]" >&2; exit 2; }

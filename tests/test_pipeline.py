@@ -69,6 +69,16 @@ def test_a_flag_error_in_any_later_stage_stops_the_run_before_anything_runs(sett
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
+def test_a_flag_error_in_a_stage_only_leaves_out_stops_the_run_too(tmp_path, monkeypatch, capsys):
+    """`--only data --set pretrain.max_stepz=3` ran the data stage and said nothing of the typo: only the stages that
+    run had their flags checked, while the docs say every stage's are."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--only", "data", "--set", "pretrain.max_stepz=3", "--logs", str(tmp_path / "logs")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: pretrain: unknown config key 'max_stepz'") and "(nothing was run)" in error, error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("module", ["mateconv.pipeline", "mateconv.data.embedded", "mateconv.tokenizer",
                                     "mateconv.data.prepare"])
 def test_usage_names_the_command_the_docs_give(module, capsys):
