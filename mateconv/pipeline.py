@@ -37,7 +37,7 @@ from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
 from mateconv.flags import render_flags
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
-from mateconv.procs import NotStopped, StageRunner, is_alive, read_pid, stop, writer_of
+from mateconv.procs import NotStopped, StageRunner, free_port, is_alive, read_pid, stop, writer_of
 from mateconv.terminal import run_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -476,7 +476,11 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
                       "with them; a training stage goes on from its last checkpoint)", flush=True)
             continue
         started = time.monotonic()
-        code = runner.run(stage.name, stage.command, env)
+        command = stage.command
+        if stage.distributed and nodes is None and int(preset.get("num_gpus", 0)) > 0:
+            # a port free now: the launcher's default, 29500, may be another run's on this machine (GPUs 2,3 beside 0,1)
+            command = [command[0], f"--master_port={free_port()}", *command[1:]]
+        code = runner.run(stage.name, command, env)
         if code == -signal.SIGINT and not runner.interrupted:
             # `stop STAGE` before the ranks started: the `deepspeed` command died of the SIGINT (procs.interrupt_group),
             # a stop as a lone rank's

@@ -2,6 +2,7 @@
 pretraining, `stop` during it and the resume; and a machine with fewer GPUs than the preset asks for."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,9 @@ def test_two_rank_pretraining_stop_and_resume(tiny_tokens, tiny_tokenizer, tmp_p
                           capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "pretrain: stopped" in stop.stdout, stop.stdout + stop.stderr
     printed = first.communicate(timeout=60)[0]
+    # a free port, not DeepSpeed's default 29500, which another run on the machine (GPUs 2,3 beside 0,1) may hold
+    port = re.search(r"\[pipeline\] pretrain: \S+deepspeed --master_port=(\d+) ", printed)
+    assert port and int(port.group(1)) != 29500, printed[:3000]
     assert first.returncode == 0 and "[pipeline] pretrain stopped before it finished" in printed, printed[-3000:]
     assert not [p.pid for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(tmp_path)]  # no rank left
     log = (tmp_path / "logs/pretrain.log").read_text()
