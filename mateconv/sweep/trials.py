@@ -84,7 +84,7 @@ def trial_env(gpus: str | None) -> dict[str, str]:
 def trial_gpus(config: SweepConfig, gpus: str | None) -> list[str | None]:
     """What each trial running at once gets as CUDA_VISIBLE_DEVICES: one GPU of `--gpus 0,1` each, so that many
     trials run side by side (a program runs on one device); all of them for one trial at a time when the YAML's
-    `command` starts a launcher that spreads over them (`deepspeed --num_gpus 2 ...`); no --gpus: the default."""
+    `command` starts a launcher that spreads over them (`deepspeed ${program} ...`); no --gpus: the default."""
     if gpus and any(token.split("=")[0] == "--num_gpus" for token in config.command or ()):
         raise SweepError(f"sweep config: command passes --num_gpus, with which DeepSpeed takes GPUs 0 to N-1 whatever "
                          f"CUDA_VISIBLE_DEVICES says, not --gpus {gpus}: leave --num_gpus out (the launcher then "
