@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import asdict
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,11 @@ from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper,
                                  many_minhash_values, normalize, split_of)
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
+from mateconv.data.pool import in_order
 from mateconv.data.readers import HUB_PREFIXES, BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, pool_worker_signals, run_main
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 OUTPUTS = [f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "val")] + ["sft_prompts.jsonl"]
@@ -157,31 +158,20 @@ def _checked(kind: str, sources: list[str | Path], form: str, filters: Filters, 
         for item in chunk:
             yield item[:5] + ("near_dup",) if wants_minhash(item) and deduper.seen_near(next(values)) else item
 
+    def minhash_job(chunk: list[tuple]) -> partial:
+        texts = [item[4] for item in chunk if wants_minhash(item)]
+        return partial(many_minhash_values, texts, deduper.num_perm, deduper.seed, deduper.shingle)
+
     items = screened()
     chunks = iter(lambda: list(islice(items, chunk_records)), [])
-    if workers == 1 or deduper.near is None:
-        for chunk in chunks:
-            yield from near_checked(chunk, [deduper.minhash_values(item[4]) for item in chunk if wants_minhash(item)])
-        return
-    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=pool_worker_signals)
+    results = in_order(chunks, minhash_job, workers if deduper.near is not None else 1, 4 * workers)
     try:
-        pending: deque = deque()
-        for chunk in chunks:
-            texts = [item[4] for item in chunk if wants_minhash(item)]
-            pending.append((chunk, pool.submit(many_minhash_values, texts, deduper.num_perm, deduper.seed,
-                                               deduper.shingle)))
-            while len(pending) > 4 * workers or (pending and pending[0][1].done()):
-                chunk, job = pending.popleft()
-                yield from near_checked(chunk, job.result())
-        while pending:
-            chunk, job = pending.popleft()
-            yield from near_checked(chunk, job.result())
+        with closing(results):
+            for chunk, values in results:
+                yield from near_checked(chunk, values)
     except BrokenProcessPool:
         raise DataError("a MinHash worker died (killed, perhaps for lack of memory); fewer --workers use less "
                         "memory") from None
-    finally:  # on an error or interrupt: the chunks not begun are dropped, the workers finish theirs and end
-        pool.shutdown(cancel_futures=True)
 
 
 def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: Filters, deduper: Deduper,
@@ -205,8 +195,9 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
                mininterval=1.0)
     plain = PlainProgress(f"prepare {kind}", input_read.total / 1e6, "MB", enabled=progress)
     shown = -math.inf
+    checked = _checked(kind, sources, form, filters, deduper, workers)
     try:
-        for source, number, record, output, text, reason in _checked(kind, sources, form, filters, deduper, workers):
+        for source, number, record, output, text, reason in checked:
             read += 1
             input_read.reading(source)
             if time.monotonic() - shown >= PROGRESS_EVERY:
@@ -243,6 +234,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
             os.unlink(f.name)
         raise
     finally:
+        checked.close()  # its process pool ends now, not when the garbage collector finds it
         bar.close()
     for f in files.values():
         f.close()

@@ -19,15 +19,14 @@ import argparse
 import bisect
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,12 @@ from mateconv.chat_format import BOS, EOS, PAD, has_chatml, render_chat
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
+from mateconv.data.pool import in_order
 from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_utf16,
                                    text_lines)
 from mateconv.files import remove_empty_dirs, write_atomic
 from mateconv.logprobs import IGNORE_INDEX
-from mateconv.terminal import (PlainProgress, bars_only_on_a_terminal, pool_worker_signals, run_main,
-                               signals_interrupt)
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
 
 KINDS = ("pretrain", "sft", "dpo")
 FORMAT_VERSION = 2  # 2: pretraining shards record their document boundaries (offsets)
@@ -454,11 +453,6 @@ def _init_worker(tokenizer_file: str) -> None:
     _tokenizer = Tokenizer.from_file(tokenizer_file)
 
 
-def _init_pool_worker(tokenizer_file: str) -> None:
-    pool_worker_signals()
-    _init_worker(tokenizer_file)
-
-
 def _encode_sft(record: Any) -> tuple[list[int], list[int]]:
     text, spans = render_chat(to_sft(record)["messages"])
     encoding = _tokenizer.encode(text, add_special_tokens=False)
@@ -516,10 +510,6 @@ def encode_chunk(kind: str, eos_id: int, dtype: str, lines: list[tuple[int, int,
                            else str(error)))
     return {"tokens": np.asarray(tokens, dtype=dtype), "mask": np.asarray(mask, dtype=np.uint8),
             "lengths": np.asarray(lengths, dtype=np.int64), "errors": errors}
-
-
-def _encode_in_process(args: tuple) -> dict:
-    return encode_chunk(*args)
 
 
 # ---------------------------------------------------------------- writing (main side)
@@ -761,38 +751,21 @@ def build_shards(kind: str, inputs: list[str | Path], tokenizer_dir: str | Path,
             index["shards"].sort(key=lambda s: s["name"])
             _write_json_atomic(index_path, index)
 
-    chunks = _chunks(files, records_per_shard, chunk_records, skip, hold_out)
+    def job(chunk: tuple) -> partial | None:
+        _, lines, _ = chunk
+        return partial(encode_chunk, kind, eos_id, dtype, lines) if lines else None
+
+    results = in_order(_chunks(files, records_per_shard, chunk_records, skip, hold_out), job, workers,
+                       max_in_flight or 4 * workers, _init_worker, (str(tokenizer_file),))
     try:
-        if workers == 1:
-            _init_worker(str(tokenizer_file))
-            for shard, lines, nbytes in chunks:
-                consume(shard, encode_chunk(kind, eos_id, dtype, lines) if lines else None, nbytes)
-        else:
-            # submit with a bounded queue (map would read the whole input ahead): memory stays flat. A process pool
-            # executor, not multiprocessing.Pool: a worker killed (out of memory) breaks it, where Pool replaced the
-            # worker and waited for the lost chunk for ever.
-            limit = max_in_flight or 4 * workers
-            context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker,
-                                       initargs=(str(tokenizer_file),))
-            try:
-                pending: deque = deque()
-                for shard, lines, nbytes in chunks:
-                    job = pool.submit(encode_chunk, kind, eos_id, dtype, lines) if lines else None
-                    pending.append((shard, job, nbytes))
-                    while len(pending) > limit or (pending and (pending[0][1] is None or pending[0][1].done())):
-                        head_shard, head_job, head_bytes = pending.popleft()
-                        consume(head_shard, head_job.result() if head_job else None, head_bytes)
-                while pending:
-                    head_shard, head_job, head_bytes = pending.popleft()
-                    consume(head_shard, head_job.result() if head_job else None, head_bytes)
-            except BrokenProcessPool:
-                raise DataError(f"a tokenizing worker died (killed, perhaps for lack of memory): the finished shards "
-                                f"are kept and the same command goes on from them; fewer --workers use less memory "
-                                f"({len(index['shards'])} shard(s) done)") from None
-            finally:  # on an interrupt: the chunks not begun are dropped, the workers finish theirs and end
-                pool.shutdown(cancel_futures=True)
+        with closing(results):
+            for (shard, _, nbytes), result in results:
+                consume(shard, result, nbytes)
         finish()
+    except BrokenProcessPool:
+        raise DataError(f"a tokenizing worker died (killed, perhaps for lack of memory): the finished shards are kept "
+                        f"and the same command goes on from them; fewer --workers use less memory "
+                        f"({len(index['shards'])} shard(s) done)") from None
     finally:
         bar.close()
         for f in writer.files.values():
