@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -337,3 +339,31 @@ def test_a_minhash_worker_killed_is_one_line_and_leaves_no_output(tmp_path):
     assert process.returncode == 1 and stderr.strip() == ("error: a MinHash worker died (killed, perhaps for lack of "
                                                           "memory); fewer --workers use less memory"), stderr[-2000:]
     assert not out.exists()
+
+
+def test_kill_2_stops_a_background_job_of_a_script_and_leaves_the_outputs_as_they_were(tmp_path):
+    """Stage 2 started as `bash -c 'nohup ... &'` (SIGINT comes ignored there): `kill -2` did nothing, the run went on
+    to the end and replaced the outputs. Now it stops with one line, its out_dir as it was (no .tmp file), and the
+    same command then runs to the end."""
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": prose(i, 80)}) + "\n" for i in range(4000)), encoding="utf-8")
+    out, log = tmp_path / "data", tmp_path / "prepare.log"
+    out.mkdir()
+    (out / "pretrain_train.jsonl").write_text("an earlier run's\n")
+    command = f"{sys.executable} -m mateconv.data.prepare --pretrain {corpus} --out_dir {out} --workers 2 --no_progress"
+    started = subprocess.run(["bash", "-c", f"nohup {command} > {log} 2>&1 & echo $!"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+    pid = int(started.stdout)
+    deadline = time.time() + 60
+    being_written = out / "pretrain_train.jsonl.tmp"
+    while not (being_written.is_file() and being_written.stat().st_size) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGINT)
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.05)
+    assert log.read_text() == f"prepare: interrupted; {out} is as it was before this run\n"
+    assert [path.name for path in out.iterdir()] == ["pretrain_train.jsonl"]
+    assert (out / "pretrain_train.jsonl").read_text() == "an earlier run's\n"
+    rerun = subprocess.run(command.split(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((out / "stats.json").read_text())["pretrain"]["read"] == 4000

@@ -39,7 +39,7 @@ from mateconv.data.pool import in_order
 from mateconv.data.readers import HUB_PREFIXES, BadLine, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 OUTPUTS = [f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "val")] + ["sft_prompts.jsonl"]
@@ -345,17 +345,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     bars_only_on_a_terminal()
     try:
-        sources: dict[str, list] = raw_dir_sources(args.raw_dir) if args.raw_dir else {}
-        for kind in KINDS:
-            sources[kind] = list(sources.get(kind, [])) + getattr(args, kind)
-        if not any(sources.values()):
-            parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
-        filters = Filters(**{name: getattr(args, name) for name in asdict(Filters())})
-        stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
-                        args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
-                        args.max_prompts, args.workers)
+        # `kill -2` (also of a script's background job, which comes with SIGINT ignored), `kill` or Ctrl-C ends the
+        # run with out_dir as it was, the pool ended, not left to break
+        with signals_interrupt():
+            sources: dict[str, list] = raw_dir_sources(args.raw_dir) if args.raw_dir else {}
+            for kind in KINDS:
+                sources[kind] = list(sources.get(kind, [])) + getattr(args, kind)
+            if not any(sources.values()):
+                parser.error("give --raw_dir or at least one of --pretrain/--sft/--dpo/--tasks")
+            filters = Filters(**{name: getattr(args, name) for name in asdict(Filters())})
+            stats = prepare(sources, args.out_dir, args.val_frac, args.seed, filters, args.near_dup_threshold,
+                            args.num_perm, args.normalization, not args.no_progress, args.prompts_frac,
+                            args.max_prompts, args.workers)
     except DataError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"prepare: interrupted; {args.out_dir} is as it was before this run")
     print(summary_table(stats))
     print(f"written to {args.out_dir}")
 
