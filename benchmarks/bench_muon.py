@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mateconv.config import TrainConfig, build_config
-from mateconv.data.shards import build_shards
+from mateconv.data.tokenizing import build_shards
 from mateconv.files import read_metrics
 from mateconv.tokenizer import train_tokenizer
 from mateconv.train.stages import RECIPES, run

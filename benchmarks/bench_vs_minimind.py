@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from mateconv.data.shards import write_sft_rows
+from mateconv.data.tokenizing import write_sft_rows
 from mateconv.files import read_metrics, save_figure, write_atomic
 from mateconv.logprobs import bits_per_byte
 from mateconv.tokenizer import adopt_tokenizer

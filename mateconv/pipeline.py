@@ -49,7 +49,7 @@ SOURCE = "data_source.json"  # in out/: the --data directory and --tokenizer the
 # modules whose build_parser() reads their flags (and whose check_flags(parser, args), where there is one, checks what
 # parsing cannot); the tokenizer's too, which runs first but whose error would otherwise be in its log only.
 LATE_PARSERS = {"mateconv.data.prepare": "mateconv.data.prepare", "7.gen_prefs_openai.py": "mateconv.prefs.cli",
-                "3.dataset.py": "mateconv.data.shards", "mateconv.evaluate": "mateconv.evaluate.cli",
+                "3.dataset.py": "mateconv.data.tokenizing", "mateconv.evaluate": "mateconv.evaluate.cli",
                 "mateconv.tokenizer": "mateconv.tokenizer"}
 
 

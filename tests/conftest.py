@@ -214,7 +214,7 @@ def tiny_tokenizer(tiny_embedded_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokens(tiny_embedded_data, tiny_tokenizer, tmp_path_factory):
     """Token shards `<root>/tokens/{pretrain,sft,dpo}/{train,val}` of the tiny embedded data."""
-    from mateconv.data.shards import build_all
+    from mateconv.data.tokenizing import build_all
 
     return built_once(tmp_path_factory, "embedded/tokens",
                       lambda out: build_all(tiny_embedded_data, tiny_tokenizer, out, workers=1, progress=False))

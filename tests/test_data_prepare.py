@@ -17,7 +17,7 @@ from nbclient.exceptions import CellExecutionError
 from mateconv.data import DataError
 from mateconv.data.clean import DEFAULT_NORMALIZATION, Deduper, Filters, normalize, split_of
 from mateconv.data.prepare import build_parser, main, prepare
-from mateconv.data.shards import build_shards
+from mateconv.data.tokenizing import build_shards
 from mateconv.prefs.store import sample_prompts
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
 from tests.test_tokenizer_notebook import run_notebook

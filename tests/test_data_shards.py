@@ -17,8 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mateconv.data import DataError, embedded
-from mateconv.data.shards import (DPOTokens, PretrainTokens, SFTTokens, build_all, build_shards, plan_rows,
-                                  shard_info, write_sft_rows)
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, plan_rows, shard_info
+from mateconv.data.tokenizing import build_all, build_shards, write_sft_rows
 from mateconv.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -453,7 +453,7 @@ def test_cli_all_mode_and_errors(setup, tmp_path):
 def test_all_removes_the_shards_of_files_stage_2_no_longer_writes(setup, tmp_path, capsys):
     """Stage 2 replaces all of an earlier run's files: out/tokens/dpo/train, left from a run with preference pairs,
     would have been trained on after a run without them."""
-    from mateconv.data.shards import main
+    from mateconv.data.tokenizing import main
 
     root, tokenizer_dir, _ = setup
     data, tokens = tmp_path / "data", tmp_path / "tokens"

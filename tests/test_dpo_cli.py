@@ -117,7 +117,7 @@ def test_a_forgetting_set_without_a_labelled_token_within_max_seq_len_is_skipped
     """SFT conversations whose prompts fill max_seq_len have nothing to measure: their set is skipped with a line,
     instead of stopping DPO at its first evaluation."""
     from conftest import TINY_MODEL_FLAGS
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
 
     rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
     record = {"messages": [rules, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}

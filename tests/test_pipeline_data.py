@@ -418,7 +418,7 @@ def test_a_corpus_split_with_no_held_out_document_is_evaluated_without_perplexit
     """A small corpus whose hash split put no document in pretrain_val.jsonl: the evaluation, after all the
     training, failed every model on the empty validation shards the preset named; it now skips perplexity as it
     skips the empty held-out texts."""
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
 
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     for stage in ("pretrain", "sft"):

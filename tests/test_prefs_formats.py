@@ -80,7 +80,8 @@ def test_datasets_and_trl_accept_the_pairs(pairs_path, tiny_tokenizer, tmp_path)
 def test_stage3_tokenizes_the_pairs(pairs_path, tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from mateconv.data.shards import DPOTokens, build_shards
+    from mateconv.data.shards import DPOTokens
+    from mateconv.data.tokenizing import build_shards
 
     result = build_shards("dpo", [pairs_path], tiny_tokenizer, tmp_path / "tokens", workers=1, progress=False)
     assert result.bad_records == [] and result.index["complete"]

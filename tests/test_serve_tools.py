@@ -62,7 +62,7 @@ CONVERSATIONS = [
 def tool_model(tiny_tokenizer, tiny_flags, tmp_path_factory):
     """The tiny model trained on CONVERSATIONS (with TOOLS) until it replies with their assistant turns."""
     from mateconv.config import parse_config
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
     from mateconv.train.stages import RECIPES, run
 
     root = tmp_path_factory.mktemp("tool_model")

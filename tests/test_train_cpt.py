@@ -320,7 +320,7 @@ def test_token_shards_of_another_tokenizer_are_one_line(tiny_qwen, tiny_neox, ti
     """4.pretrain.py --init_from MODEL on shards that another tokenizer made (Pythia's 400 tokens for a 512-token
     Qwen2: every id fits the embeddings) is refused in one line naming both; it trained on them without a word."""
     from mateconv.data import DataError
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
 
     shards = tmp_path / "tokens_of_neox"
     build_shards("pretrain", [tiny_embedded_data / "pretrain_train.jsonl"], tiny_neox, shards, workers=1,

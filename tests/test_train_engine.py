@@ -550,7 +550,8 @@ def test_a_fresh_run_sets_an_earlier_runs_later_checkpoints_aside(train, tmp_pat
 def test_sft_loss_ignores_non_assistant_tokens(tiny_flags, tiny_embedded_data, tmp_path):
     """Noise on the logits at positions whose target is not an assistant token leaves the loss unchanged;
     noise on assistant targets changes it. Both assistant turns of a multi-turn chat are trained."""
-    from mateconv.data.shards import SFTTokens, build_shards
+    from mateconv.data.shards import SFTTokens
+    from mateconv.data.tokenizing import build_shards
     from mateconv.train.models import build_model, load_tokenizer
     from mateconv.train.objectives import LMObjective
 
@@ -649,7 +650,7 @@ def test_sft_packing_flag_trains_an_epoch_of_packed_rows(train, tiny_pretrain_mo
 
 def test_sft_leaves_out_conversations_without_an_assistant_token_within_max_seq_len(train, tiny_pretrain_model,
                                                                                     tiny_tokenizer, tmp_path, capsys):
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
 
     rules = {"role": "system", "content": " ".join(["Answer politely and check every fact twice."] * 20)}
     long_prompts = [{"messages": [rules, {"role": "user", "content": f"Question {i}?"},
@@ -848,7 +849,7 @@ def test_sft_expert_load_and_balance_loss_count_the_real_tokens_only(train, tmp_
     """One SFT step of 2 micro-batches over 4 rows of 3 to 60 tokens, padded to 96: the logged moe/ load is the share
     of the real tokens' picks (each micro-batch weighted by its real tokens) and moe/aux_loss the per-row balance loss
     of the real tokens. Before, the padding (81% of these positions) was counted as load and in the balance loss."""
-    from mateconv.data.shards import write_sft_rows
+    from mateconv.data.tokenizing import write_sft_rows
     from model import MateConvForCausalLM
 
     generator = torch.Generator().manual_seed(0)

@@ -381,7 +381,7 @@ def test_pretraining_with_empty_validation_shards_trains_without_validation(tiny
                                                                           capsys):
     """A small --data corpus whose hash split put no document in pretrain_val.jsonl: the empty validation shards
     stopped pretraining at its last evaluation, after the training, with the sampler's traceback."""
-    from mateconv.data.shards import build_shards
+    from mateconv.data.tokenizing import build_shards
 
     (tmp_path / "empty.jsonl").write_text("")
     build_shards("pretrain", [tmp_path / "empty.jsonl"], tiny_tokenizer, tmp_path / "val", workers=1, progress=False)

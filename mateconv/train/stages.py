@@ -22,7 +22,8 @@ from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, 
 from mateconv.data import DataError
 from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
 from mateconv.data.readers import SUFFIXES
-from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, build_shards, other_vocabulary, shard_info
+from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, other_vocabulary, shard_info
+from mateconv.data.tokenizing import build_shards
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
 from mateconv.train.curves import TRAINING_PNG, plot_training
