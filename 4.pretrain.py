@@ -5,7 +5,7 @@
 See docs/training.md for every flag.
 """
 from mateconv.terminal import run_main
-from mateconv.train.stages import main
+from mateconv.train.command import main
 
 if __name__ == "__main__":
     run_main(lambda: main("pretrain"))

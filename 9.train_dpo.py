@@ -4,7 +4,7 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 9.train_dpo.py --zero_stage 2 --precompute_ref
 """
 from mateconv.terminal import run_main
-from mateconv.train.stages import main
+from mateconv.train.command import main
 
 if __name__ == "__main__":
     run_main(lambda: main("dpo"))

@@ -5,7 +5,7 @@
 runs the stage `--mode` names (4.pretrain.py, 5.full_sft.py, 9.train_dpo.py) with the same flags; docs/training.md.
 """
 from mateconv.terminal import run_main
-from mateconv.train.stages import main_one_program
+from mateconv.train.command import main_one_program
 
 if __name__ == "__main__":
     run_main(lambda: main_one_program("pretrain_sft_lora"))

@@ -8,7 +8,7 @@ runs the stage the config's `loss.name` names (5.full_sft.py or 9.train_dpo.py),
 docs/training.md.
 """
 from mateconv.terminal import run_main
-from mateconv.train.stages import main_one_program
+from mateconv.train.command import main_one_program
 
 if __name__ == "__main__":
     run_main(lambda: main_one_program("train"))

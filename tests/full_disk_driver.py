@@ -27,7 +27,7 @@ def written_to_a_full_disk(save, obj, path, *args, **kwargs):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     real_save = torch.save
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mateconv.data.shards import DPOTokens, PretrainTokens  # noqa: E402
-from mateconv.train.stages import main  # noqa: E402
+from mateconv.train.command import main  # noqa: E402
 
 
 def recording(get_item, log_dir: Path):

@@ -9,7 +9,8 @@ import torch
 
 from mateconv.config import parse_config
 from mateconv.train.models import build_model
-from mateconv.train.stages import RECIPES, main
+from mateconv.train.command import main
+from mateconv.train.stages import RECIPES
 from model import MateConvConfig, MateConvForCausalLM, MoEFeedForward
 from model.modeling import Attention
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file

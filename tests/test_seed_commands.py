@@ -207,7 +207,7 @@ def test_seed_001_layout_defaults_and_model_checks(tmp_path, tiny_tokenizer, tin
     table's accumulation_steps 8; its MoE line into the same out/pretrain is refused naming use_moe, and its SFT
     line's `--dim 512 --n_layers 8` on that dim-128 model is refused naming both (before: a traceback from
     load_state_dict, and an SFT of the dense model with a config.yaml saying MoE)."""
-    from mateconv.train.stages import main_one_program
+    from mateconv.train.command import main_one_program
 
     (tmp_path / "dataset").mkdir()
     shutil.copy(tiny_embedded_data / "pretrain_train.jsonl", tmp_path / "dataset" / "pretrain_hq.jsonl")
@@ -374,7 +374,7 @@ def test_seed_flags_errors_name_the_flag():
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
 def test_help_lists_the_seed_flags(stage, capsys):
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     assert main(stage, ["--help"]) == 0
     text = capsys.readouterr().out

@@ -100,9 +100,9 @@ def test_alias_map_covers_every_field_once():
 
 @pytest.mark.parametrize("stage, has_dpo", [("pretrain", False), ("sft", False), ("dpo", True)])
 def test_stage_help_lists_only_the_sections_it_uses(stage, has_dpo):
-    from mateconv.train.stages import RECIPES
+    from mateconv.train.command import STAGE_DEFAULTS, STAGE_SECTIONS
 
-    text = help_text(RECIPES[stage].sections, RECIPES[stage].defaults)
+    text = help_text(STAGE_SECTIONS[stage], STAGE_DEFAULTS[stage])
     assert ("--dpo_beta=" in text) is has_dpo and ("\ndpo:" in text) is has_dpo
     assert "--dim=512" in text and "--learning_rate=" in text and "--preset NAME" in text
     if stage == "sft":
@@ -259,7 +259,7 @@ def test_a_yaml_resume_may_be_a_boolean(tmp_path):
 
 def test_help_names_the_program_the_user_ran(capsys):
     """`pretrain_sft_lora.py --mode sft --help` printed `usage: sft ...`, a program that does not exist."""
-    from mateconv.train.stages import main, main_one_program
+    from mateconv.train.command import main, main_one_program
 
     main_one_program("pretrain_sft_lora", ["--mode", "sft", "--help"])
     assert capsys.readouterr().out.startswith("usage: pretrain_sft_lora.py --mode sft [CONFIG.yaml] [--key value")
@@ -269,7 +269,7 @@ def test_help_names_the_program_the_user_ran(capsys):
 
 def test_the_seed_program_pretrains_without_a_mode(capsys):
     """Seed 000's flags table gives `--mode` the default pretrain; `pretrain_sft_lora.py --epochs 1` was refused."""
-    from mateconv.train.stages import main_one_program
+    from mateconv.train.command import main_one_program
 
     with pytest.raises(SystemExit) as stopped:
         main_one_program("pretrain_sft_lora", ["--epochs", "1", "--dim", "100", "--n_heads", "8"])
@@ -327,11 +327,25 @@ def test_shipped_yaml_configs_parse():
         parse_config([str(REPO / "configs" / name)])
 
 
-def test_stage_cli_reports_config_errors_in_one_line():
-    result = subprocess.run([sys.executable, str(REPO / "4.pretrain.py"), "--n_layer", "4"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == "pretrain: unknown config key 'n_layer'; did you mean 'n_layers'?"
+def program_run(program: str, flags: list[str]) -> tuple[str, set[str]]:
+    """A program's output, stdout then stderr, without the modules `python -X importtime` lists; and those modules
+    (its lines end `| package.module`)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", program, *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    said = result.stdout + "".join(f"{line}\n" for line in result.stderr.splitlines() if line not in imports)
+    return said, {line.rsplit("|", 1)[1].strip() for line in imports}
+
+
+@pytest.mark.parametrize("program, flags, said", [
+    ("4.pretrain.py", ["--n_layer", "4"], "pretrain: unknown config key 'n_layer'; did you mean 'n_layers'?\n"),
+    ("pretrain_sft_lora.py", ["--mode", "sft", "--lr", "x"], "sft: learning_rate: expected float, got 'x'\n"),
+    ("9.train_dpo.py", ["--help"], "usage: 9.train_dpo.py [CONFIG.yaml]")])
+def test_a_flag_typo_or_help_is_answered_in_one_line_before_the_trainer_loads(program, flags, said):
+    """`4.pretrain.py --lerning_rate 1` imported the whole trainer (mateconv.train.stages) before saying its line."""
+    output, modules = program_run(program, flags)
+    assert output == said if said.endswith("\n") else output.startswith(said), output
+    assert not {"deepspeed", "mateconv.train.engine", "mateconv.train.stages"} & modules
 
 
 @pytest.mark.parametrize("stage, offload", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)])

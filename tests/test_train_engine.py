@@ -721,7 +721,7 @@ def test_lora_all_linear_adapts_every_linear_layer_but_the_output_head(train, tm
 
 def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--lora_target_modules q_proj v_porj` trained q_proj alone and said nothing of the misspelt v_proj."""
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     flags = tiny_flags(tmp_path / "lora", "sft", init_from=tiny_pretrain_model, max_steps=1, use_lora=True,
                        lora_target_modules="q_proj,v_porj")
@@ -734,7 +734,7 @@ def test_lora_target_modules_given_must_all_be_there(tiny_flags, tiny_pretrain_m
 def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--lora_target_modules q_proj norm` ended in peft's traceback (RMSNorm is not supported); `embed_tokens`, and
     `lm_head` tied to it, were adapted, and the merged final/ model was not the model trained (it changed both)."""
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     linears = ("LoRA adapts these linear layers of the model: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
                "v_proj")
@@ -751,7 +751,7 @@ def test_lora_target_modules_must_name_linear_layers(tiny_flags, tiny_pretrain_m
 def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tiny_pretrain_model, tmp_path):
     """`--init_from out/pretrain` (the run, not its model) failed in transformers: 'Unrecognized model ... Should have
     a `model_type` key in its config.json', which names neither the mistake nor the fix; so did a stopped run's."""
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     run_dir = tiny_pretrain_model.parent
     with pytest.raises(SystemExit) as stopped:
@@ -769,7 +769,7 @@ def test_init_from_a_runs_output_directory_names_its_final_model(tiny_flags, tin
 
 def test_lora_needs_a_trained_model(tiny_flags, tmp_path):
     """`4.pretrain.py --use_lora` trained rank-8 adapters on a random model (its weights frozen) and said nothing."""
-    from mateconv.train.stages import main
+    from mateconv.train.command import main
 
     with pytest.raises(SystemExit) as stopped:
         main("pretrain", tiny_flags(tmp_path / "scratch", use_lora=True))

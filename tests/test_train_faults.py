@@ -22,7 +22,8 @@ import torch
 from mateconv.config import ConfigError, parse_config
 from mateconv.train.signals import TrainingHalted
 from mateconv.train.engine import Trainer
-from mateconv.train.stages import RECIPES, main, run
+from mateconv.train.command import main
+from mateconv.train.stages import RECIPES, run
 from conftest import REPO, losses, read_metrics, single_thread_env
 from full_disk_driver import written_to_a_full_disk
 
@@ -151,7 +152,7 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run_in_a_row(train, tiny_token
 CRASHING_RUN = """
 import sys
 from mateconv.train.engine import Trainer
-from mateconv.train.stages import main
+from mateconv.train.command import main
 
 def crash(self):
     raise RuntimeError("unexpected failure")

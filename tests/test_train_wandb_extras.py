@@ -12,7 +12,8 @@ import wandb
 
 from mateconv.config import parse_config
 from mateconv.train import tracking
-from mateconv.train.stages import RECIPES, main, run
+from mateconv.train.command import main
+from mateconv.train.stages import RECIPES, run
 from conftest import REPO, read_metrics
 from wandb_records import history_rows, records
 

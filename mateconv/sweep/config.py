@@ -250,7 +250,7 @@ def load_sweep_config(path: str | Path, program: str | None = None) -> SweepConf
     return replace(config, program=str(found.resolve()))
 
 
-# The seeds' one training programs (mateconv.train.stages.main_one_program): their flags are the stages' config keys
+# The seeds' one training programs (mateconv.train.command.main_one_program): their flags are the stages' config keys
 ONE_PROGRAMS = ("pretrain_sft_lora.py", "train.py")
 # Command-line names a stage program reads beside its config keys (mateconv.config.parse_args)
 STAGE_ARGUMENTS = ("mode", "config", "overrides")

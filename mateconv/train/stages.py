@@ -1,7 +1,8 @@
 """The stage recipe: pretraining, SFT and DPO (and CPT, see mateconv.cpt) are data, run by one `run()`.
 
-A Recipe names the stage's reader (its data), objective (what it minimises), evaluators (what else it measures),
-defaults and config sections. `main(stage)` is the command line of 4.pretrain.py, 5.full_sft.py and 9.train_dpo.py.
+A Recipe names the stage's reader (its data), objective (what it minimises), evaluators (what else it measures) and
+defaults. `train(stage, ...)` runs the stage a command line asks for (mateconv.train.command, the command line of
+4.pretrain.py, 5.full_sft.py and 9.train_dpo.py, which reads it before this module is imported).
 """
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from torch import nn
 
-from mateconv.config import (SECTIONS, STAGE_KEYS, STAGE_PROGRAMS, ConfigError, DataConfig, TrainConfig, help_text,
-                             parse_args, parse_config, per_rank_sizes)
+from mateconv.config import ConfigError, TrainConfig, per_rank_sizes
 from mateconv.data import DataError
 from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
 from mateconv.data.readers import SUFFIXES
@@ -26,6 +25,7 @@ from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, other_voc
 from mateconv.data.tokenizing import build_shards
 from mateconv.memory import out_of_memory_figures
 from mateconv.train.checkpoint import pointed_checkpoint
+from mateconv.train.command import STAGE_DEFAULTS, exit_with
 from mateconv.train.curves import TRAINING_PNG, plot_training
 from mateconv.train.data import StageData
 from mateconv.train.distributed import Runtime, barrier, every_gpu_command, setup, shutdown
@@ -36,10 +36,7 @@ from mateconv.train.models import (build_model, check_grouped_experts, check_voc
                                    load_tokenizer, resolve_init_from, unused_settings, with_chatml)
 from mateconv.train.objectives import LMObjective, Objective
 from mateconv.train.reference import load_reference, reference_path, reference_weights, with_cached_reference
-from mateconv.terminal import bars_only_on_a_terminal
 from mateconv.train.signals import STOP_FILE, StopRequest, TrainingHalted
-
-LM_SECTIONS = tuple(section for section in SECTIONS if section != "dpo")
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,6 @@ class Recipe:
     objective: Callable[[TrainConfig, Runtime, StageData], Objective]
     evaluators: tuple[Callable[..., Evaluator | None], ...] = ()
     defaults: dict = field(default_factory=dict)  # flat keys; YAML files and flags override them
-    sections: tuple[str, ...] = LM_SECTIONS  # the config sections the stage uses (its --help)
     validate: bool = True  # the engine's validation loss on data.val; False when an evaluator scores data.val
     evaluate_at_start: bool = False  # a fresh run logs an evaluation of the starting model as step 0
     adds_chatml: bool = False  # writes ChatML: a starting model without its tokens gets them first (`with_chatml`)
@@ -240,19 +236,10 @@ def report_forgetting(out_dir: Path) -> None:
 
 
 RECIPES = {
-    "pretrain": Recipe("pretrain", read_documents, lm_objective,
-                       defaults={"out_dir": "out/pretrain", "data_path": "out/tokens/pretrain/train",
-                                 "val_data_path": "out/tokens/pretrain/val"}),
-    "sft": Recipe("sft", read_conversations, lm_objective,
-                  defaults={"out_dir": "out/sft", "data_path": "out/tokens/sft/train",
-                            "val_data_path": "out/tokens/sft/val", "init_from": "out/pretrain/final",
-                            "learning_rate": 1e-4, "warmup_iters": 20}, adds_chatml=True),
+    "pretrain": Recipe("pretrain", read_documents, lm_objective, defaults=STAGE_DEFAULTS["pretrain"]),
+    "sft": Recipe("sft", read_conversations, lm_objective, defaults=STAGE_DEFAULTS["sft"], adds_chatml=True),
     "dpo": Recipe("dpo", read_preference_pairs, dpo_objective, (preference_evaluator, forgetting_evaluator),
-                  defaults={"out_dir": "out/dpo", "data_path": "out/tokens/dpo/train",
-                            "val_data_path": "out/tokens/dpo/val", "init_from": "out/sft/final",
-                            "learning_rate": 5e-6, "weight_decay": 0.0, "batch_size": 8, "warmup_iters": 10,
-                            "eval_interval": 100, "save_interval_steps": 200, "eval_batches": 20},
-                  sections=tuple(SECTIONS), validate=False, evaluate_at_start=True, after=report_forgetting),
+                  defaults=STAGE_DEFAULTS["dpo"], validate=False, evaluate_at_start=True, after=report_forgetting),
 }
 
 
@@ -371,111 +358,25 @@ def out_of_memory(config: TrainConfig, error: Exception) -> str:
             f"true; configs/memory/gpu{{16,24,40,80}}gb.yaml hold settings that fit those cards; {kept}")
 
 
-class StageExit(SystemExit):
-    """Exit status 1 with a one-line message that is already written; str() is the message."""
-
-    def __init__(self, message: str):
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def exit_with(message: str) -> NoReturn:
-    """Write `message` (if any) as one line in one write, then exit 1: under a launcher the ranks share one stream,
-    and sys.exit writes a message and its newline separately, so two ranks' lines ran into one."""
-    if message:
-        sys.stderr.write(f"{message}\n")
-        sys.stderr.flush()
-    raise StageExit(message)
-
-
-def main(stage: str, argv: list[str] | None = None, program_defaults: dict | None = None,
-         program: str = "") -> int:
-    """The stage's program; `program_defaults` (a seed program's own) win over the stage's defaults. `program` is how
-    its usage line names the command (default: the stage's own program)."""
-    recipe = RECIPES[stage]
-    defaults = {**recipe.defaults, **(program_defaults or {})}
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(f"usage: {program or STAGE_PROGRAMS[stage]} [CONFIG.yaml] [--key value ...] [--overrides key=value ...]\n"
-              f"{help_text(recipe.sections, defaults)}")
-        return 0
-    bars_only_on_a_terminal()
-    rank = os.environ.get("RANK", "0")
-    label = f"{stage} (rank {rank})" if rank != "0" else stage
+def train(stage: str, config: TrainConfig, argv: list[str], label: str) -> int:
+    """Stage `stage` of a program's command line (mateconv.train.command.main), with `config` read from `argv`;
+    `label` names the stage and the rank in an error's line."""
     try:
-        config = parse_config(argv, defaults, stage)
         if (command := every_gpu_command(config.parallel, sys.argv[0], argv)) is not None:
             print(f"[{stage}] engine fsdp with several GPUs visible: one rank on each (CUDA_VISIBLE_DEVICES picks "
                   f"fewer): python {' '.join(command[1:])}", flush=True)
             os.execv(command[0], command)
-        summary = run(recipe, config)
+        summary = run(RECIPES[stage], config)
     except (ConfigError, DataError) as e:  # each rank says its own (a launcher may stop rank 0 before it speaks)
         exit_with(f"{label}: {e}")
     except torch.OutOfMemoryError as e:  # this rank alone: the launcher stops the others
         exit_with(f"{label}: {out_of_memory(config, e)}")
     except TrainingHalted as e:  # every rank got here together: leave the process group cleanly, say it once
         shutdown()
-        exit_with(f"{stage}: {e}" if rank == "0" else "")
+        exit_with(f"{stage}: {e}" if os.environ.get("RANK", "0") == "0" else "")
     shutdown()
     if not summary["stopped"] and summary["is_main"]:
         print(f"[{stage}] done: step {summary['step']}"  # no loss when a finished run was resumed: no step ran
               + (f", loss {summary['loss']:.4f}" if math.isfinite(summary["loss"]) else "")
               + (f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""), flush=True)
     return 0
-
-
-# Seed 000/001's files, where their users keep them: the corpus, and the tokenizer (seed 000's, then seed 001's).
-SEED_CORPUS = Path("dataset/pretrain_hq.jsonl")
-SEED_TOKENIZERS = (Path("tokenizer"), Path("model/zer02llm_tokenizer"))
-
-
-def seed_program_defaults(stage: str) -> dict:
-    """Seed 000/001's `pretrain_sft_lora.py` defaults: its flags tables' accumulation_steps 8, and its files where the
-    out/ layout has none (`./dataset/pretrain_hq.jsonl` for pretraining, `./tokenizer/` or
-    `./model/zer02llm_tokenizer/`)."""
-    defaults: dict = {"accumulation_steps": 8}
-    if stage == "pretrain" and SEED_CORPUS.is_file() and not Path(RECIPES[stage].defaults["data_path"]).exists():
-        defaults["data_path"] = str(SEED_CORPUS)
-    found = [path for path in SEED_TOKENIZERS if (path / "tokenizer.json").is_file()]
-    if found and not Path(DataConfig.tokenizer_path).is_dir():
-        defaults["tokenizer_path"] = str(found[0])
-    return defaults
-
-
-def main_one_program(program: str, argv: list[str] | None = None) -> int:
-    """The seeds' one training program (seed 000/001's `pretrain_sft_lora.py --mode pretrain|sft|dpo [flags]`, seed
-    003's `train.py CONFIG.yml [--overrides ...]` whose loss.name is sft, dpo or ipo): the stage those name, with the
-    same flags (LoRA is `--use_lora` of any stage)."""
-    argv = sys.argv[1:] if argv is None else argv
-    asks_help = "-h" in argv or "--help" in argv
-    try:
-        named = [(key, value) for key, value in parse_args([t for t in argv if t not in ("-h", "--help")])
-                 if key in STAGE_KEYS]
-    except ConfigError as e:
-        exit_with(f"{program}: {e}")
-    key, value = named[-1] if named else ("", "")
-    if program == "pretrain_sft_lora" and not named and not asks_help:
-        key, value = "mode", "pretrain"  # seed 000's flags table: --mode defaults to pretrain
-        if os.environ.get("RANK", "0") == "0":
-            print(f"[{program}] no --mode: pretrain (seed 000's default)", flush=True)
-    if program == "pretrain_sft_lora" and (key, value) == ("mode", "test"):
-        from mateconv.evaluate.cli import seed_test_main
-        seed_test_main(argv)
-        return 0
-    stage = STAGE_KEYS[key].get(value) if key and isinstance(value, str) else None
-    if stage is not None:
-        seed_defaults = seed_program_defaults(stage) if program == "pretrain_sft_lora" else None
-        return main(stage, argv, seed_defaults, f"{program}.py --mode {stage}" if key == "mode" else f"{program}.py")
-    stages = ", ".join(f"{mode} ({script})" for mode, script in STAGE_PROGRAMS.items())
-    if program == "pretrain_sft_lora":
-        stages += ", test (evaluates the final models under --out_dir)"
-    usage = (f"--mode names the stage to run, with that stage's flags: {stages} (or a config's loss.name: sft, dpo "
-             "or ipo, seed 003); `--mode NAME --help` lists them")
-    if not named and asks_help:
-        print(f"usage: {program}.py [CONFIG.yaml] --mode pretrain|sft|dpo [flags] [--overrides key=value ...]\n{usage}")
-        return 0
-    problem = f"{'--mode' if key == 'mode' else key} {value!r} is not a stage" if named else "no stage named"
-    exit_with(f"{program}: {problem}; {usage}")
