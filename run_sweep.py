@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mateconv.config import STAGE_PROGRAMS
+from mateconv.flags import ArgumentParser
 from mateconv.sweep.config import SweepError, SweepInterrupted, load_sweep_config
 from mateconv.sweep.optuna_backend import run_optuna
 from mateconv.sweep.wandb_backend import choose_backend, run_wandb
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (W&B sweep schema)")
     parser.add_argument("--count", type=int, help="trials in total (resumed studies count the finished ones); "
                                                   "grid defaults to the grid size; the YAML's run_cap caps it")

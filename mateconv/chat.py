@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mateconv.config import ConfigError, add_decode_flags, switch
-from mateconv.flags import format_value
+from mateconv.flags import ArgumentParser, format_value
 from mateconv.errors import InputError
 from mateconv.terminal import no_transformers_bars, run_main
 from mateconv.train.distributed import resolve_device as training_device
@@ -235,7 +235,7 @@ def run_interactive(session: ChatSession, inp: TextIO, out: TextIO) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Chat with a saved MateConv (or any Hugging Face causal LM) model.")
+    parser = ArgumentParser(description="Chat with a saved MateConv (or any Hugging Face causal LM) model.")
     parser.add_argument("--model_path", default="out/sft/final", help="save_pretrained directory")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -315,7 +315,7 @@ def seed_main(argv: list[str] | None = None) -> None:
     out/pretrain (as text completion: a pretrained model continues text), out/sft or out/dpo's final model. There
     `--dim` and `--n_layers` (and MiniMind's `--use_moe`) picked the checkpoint file; here the model directory holds its
     own shape, which they must match, as `--use_moe` must its kind. Replies always stream. Other flags are the chat's."""
-    parser = argparse.ArgumentParser(prog="eval_model.py", description=seed_main.__doc__)
+    parser = ArgumentParser(prog="eval_model.py", description=seed_main.__doc__)
     parser.add_argument("--model_mode", type=int, choices=sorted(SEED_MODEL_MODES), default=1,
                         help="0 pretrained, 1 SFT, 2 DPO")
     parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")

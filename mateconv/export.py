@@ -17,7 +17,6 @@ BPE as llama.cpp's "gpt2" tokenizer.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from transformers import GenerationConfig
 
 from mateconv.chat import ChatError, load_model
 from mateconv.files import atomic_dir, temporary_sibling
+from mateconv.flags import ArgumentParser
 from mateconv.terminal import no_transformers_bars, run_main
 from mateconv.tokenizer import SPLIT_PATTERN, save_pretrained_portable
 from model import ConfigError, MateConvForCausalLM
@@ -328,7 +328,7 @@ def add_experts(writer: gguf.GGUFWriter, config, architecture: gguf.MODEL_ARCH) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m mateconv.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a MateConv save_pretrained directory (out/sft/final, out/dpo/best, ...)")
     parser.add_argument("--to", required=True, choices=(*TO_STANDARD, "gguf"),
                         help="dense models: qwen3 with qk_norm, else llama; Mixture-of-Experts: qwen2moe without "

@@ -1,4 +1,5 @@
-"""Settings rendered as command-line flags, the one way the pipeline, the sweeps and the memory presets launch stages.
+"""Command-line flags: settings rendered as flags (the one way the pipeline, the sweeps and the memory presets launch
+stages), and the argparse parser of every program, which names the closest flag to one it does not know.
 
 `--key value`, with True as a bare switch (`--key`: argparse switches and the training config both accept it) and
 False as `--key false` (how the training config turns off a setting that defaults to on); None leaves the flag out
@@ -6,6 +7,8 @@ and a list becomes `--key a b` (an empty one `--key ""`).
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,3 +32,26 @@ def render_flags(values: Mapping[str, Any]) -> list[str]:
         elif value is not None:
             flags += [f"--{key}", format_value(value)]
     return flags
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """What is wrong with `extras`, the arguments `parser` does not know: the first unknown flag with the closest of
+    the parser's (`unrecognized argument --num_pair; did you mean --num_pairs?`), else argparse's own words."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    for extra in extras:
+        flag = extra.partition("=")[0]
+        close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
+        if close:
+            return f"unrecognized argument {flag}; did you mean {close[0]}?"
+    return f"unrecognized arguments: {' '.join(extras)}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, answering an unknown flag with the closest known one (`unrecognized`), as the training
+    config answers an unknown key."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(self, extras))
+        return parsed

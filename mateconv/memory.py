@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from mateconv.files import load_yaml_mapping, yaml_error
-from mateconv.flags import render_flags
+from mateconv.flags import ArgumentParser, render_flags
 from mateconv.terminal import run_main
 from model.config import MateConvConfig, preset_config
 
@@ -202,7 +202,7 @@ def report(path: str | Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset_file", help="configs/memory/gpu16gb.yaml, ...")
     parser.add_argument("--flags", nargs=2, metavar=("MODEL", "STAGE"), help="print the training flags of one entry")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ from mateconv.data import DataError, read_tokenizer
 from mateconv.data.dataset_info import FILE_NAME as INFO
 from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
-from mateconv.flags import render_flags
+from mateconv.flags import ArgumentParser, render_flags, unrecognized
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import NotStopped, StageRunner, free_port, is_alive, read_pid, stop, writer_of
 from mateconv.terminal import run_main
@@ -198,10 +198,10 @@ def flags_problem(stage: Stage) -> str | None:
 
     training = {program: name for name, program in STAGE_PROGRAMS.items()}.get(stage.program)
     if training:
-        from mateconv.train.stages import RECIPES
+        from mateconv.train.command import STAGE_DEFAULTS
 
         try:
-            parse_config(list(stage.flags), RECIPES[training].defaults, training)
+            parse_config(list(stage.flags), STAGE_DEFAULTS[training], training)
         except ConfigError as error:
             return str(error)
         return None
@@ -216,7 +216,7 @@ def flags_problem(stage: Stage) -> str | None:
                 module.check_flags(parser, args)
     except SystemExit:
         return said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-    return f"unrecognized arguments: {' '.join(unknown)}" if unknown else None
+    return unrecognized(parser, unknown) if unknown else None
 
 
 def check_gpus(preset: dict, stages: list[Stage]) -> None:
@@ -564,8 +564,8 @@ def stage_hint(name: str, preset: str, logs: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mateconv.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m mateconv.pipeline", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=("run", "status", "stop"))
     parser.add_argument("stage", nargs="?", help="with `stop`: the stage to stop")
     parser.add_argument("--preset", default=os.environ.get("MATECONV_PRESET", "tiny"))

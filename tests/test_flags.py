@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from mateconv.flags import render_flags
+import pytest
+
+from conftest import REPO
+from mateconv.flags import ArgumentParser, render_flags, unrecognized
 
 
 def test_booleans_floats_lists_and_none():
@@ -28,3 +32,36 @@ def test_an_empty_list_is_an_empty_value_the_training_config_reads():
     flags = render_flags({"forget_data_paths": [], "use_moe": True})
     assert flags == ["--forget_data_paths", "", "--use_moe"]
     assert parse_config(flags).dpo.forget_data_paths == []
+
+
+@pytest.mark.parametrize("module, argv, typo, flag", [
+    ("mateconv.prefs.cli", [], "--n_promts", "--n_prompts"),
+    ("mateconv.evaluate.cli", ["--models", "m"], "--max_taks", "--max_tasks"),
+    ("mateconv.serve.cli", [], "--model_pth", "--model_path"),
+    ("mateconv.export", ["m", "--to", "gguf", "--out", "o"], "--dtpye", "--dtype"),
+    ("mateconv.pipeline", ["run"], "--presett", "--preset"),
+    ("mateconv.data.tokenizing", [], "--out_dri", "--out_dir"),
+    ("mateconv.data.prepare", [], "--val_fracs", "--val_frac"),
+    ("mateconv.tokenizer", ["--corpus", "c"], "--vocab_szie", "--vocab_size")])
+def test_an_unknown_flag_is_answered_with_the_closest_one(module, argv, typo, flag, capsys):
+    """`7.gen_prefs_openai.py --n_promts 3` said only `unrecognized arguments: --n_promts 3`, while the training
+    stages say which key was meant."""
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main([*argv, typo, "3"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: unrecognized argument {typo}; did you mean {flag}?")
+
+
+def test_a_flag_nothing_is_close_to_is_named_as_argparse_names_it():
+    parser = ArgumentParser(prog="p")
+    parser.add_argument("--num_pairs", type=int)
+    assert unrecognized(parser, ["--zzz", "3", "extra"]) == "unrecognized arguments: --zzz 3 extra"
+    assert unrecognized(parser, ["--num_pair=3"]) == "unrecognized argument --num_pair; did you mean --num_pairs?"
+
+
+def test_every_program_parses_its_flags_with_the_parser_that_names_the_closest_flag():
+    """One parser for every command line: a program built on argparse's own would answer a typo without a hint."""
+    sources = [*REPO.glob("*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("mateconv/**/*.py")]
+    direct = [str(path.relative_to(REPO)) for path in sources if "argparse.ArgumentParser(" in path.read_text()]
+    assert not direct

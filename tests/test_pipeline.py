@@ -54,7 +54,7 @@ def test_a_preset_key_given_twice_names_its_line(tmp_path):
 @pytest.mark.parametrize("setting, message", [
     ("pretrain.learning_rat=1", "pretrain: unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
     ("dpo.dpo_beta=-1", "dpo: dpo_beta must be > 0, got -1.0"),
-    ("prefs.n_promts=5", "prefs: unrecognized arguments: --n_promts 5"),
+    ("prefs.n_promts=5", "prefs: unrecognized argument --n_promts; did you mean --n_prompts?"),
     ("prefs_tokens.workers=x", "prefs_tokens: argument --workers: invalid int value: 'x'"),
     ("eval.max_tasks=abc", "eval: argument --max_tasks: invalid int value: 'abc'"),
 ])

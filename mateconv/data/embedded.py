@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mateconv.data.readers import path_list
 from mateconv.files import atomic_dir
+from mateconv.flags import ArgumentParser
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
 
@@ -286,9 +287,9 @@ def make_if_missing(paths: str | Path | list[str | Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mateconv.data.embedded",
-                                     description="Write the embedded bilingual demo data set (raw files for stage 2).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="python -m mateconv.data.embedded",
+                            description="Write the embedded bilingual demo data set (raw files for stage 2).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out_dir", default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_chars", type=int, default=3_000_000)

@@ -34,6 +34,7 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
                                    text_lines)
 from mateconv.data.shards import FORMAT_VERSION, KINDS, shard_info
 from mateconv.files import remove_empty_dirs, write_atomic
+from mateconv.flags import ArgumentParser
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
 
 BAD_LINE = "\0"  # opens a line that could not be read (never valid JSON); the rest is the reason
@@ -417,7 +418,7 @@ def _report(result: BuildResult) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Stage 3: tokenize prepared data into memory-mapped token shards (docs/data.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--kind", choices=KINDS, help="what the input holds (not needed with --all)")

@@ -13,6 +13,7 @@ from mateconv.data.shards import shard_info
 from mateconv.evaluate.data import EvalError
 from mateconv.evaluate.models import BPB_STARTS
 from mateconv.evaluate.run import DEFAULT_TASKS, DEFAULT_VAL, Interrupted, evaluate
+from mateconv.flags import ArgumentParser
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
 from mateconv.terminal import bars_only_on_a_terminal, signals_interrupt
@@ -23,9 +24,9 @@ DEFAULT_HELDOUT = "out/data/sft_val.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mateconv.evaluate",
-                                     description="Evaluate saved checkpoints: perplexity, task accuracy, samples, "
-                                                 "MoE expert load. Writes plots and summaries to --out_dir.")
+    parser = ArgumentParser(prog="python -m mateconv.evaluate",
+                            description="Evaluate saved checkpoints: perplexity, task accuracy, samples, "
+                                        "MoE expert load. Writes plots and summaries to --out_dir.")
     parser.add_argument("--models", nargs="+", required=True, help="save_pretrained directories, e.g. out/sft/final")
     parser.add_argument("--out_dir", default="out/eval")
     parser.add_argument("--device", default="auto")
@@ -136,7 +137,7 @@ def seed_test_main(argv: list[str]) -> None:
     the final models its runs wrote under --out_dir (pretrain/, sft/, dpo/), into <out_dir>/eval, on the held-out data
     under it. --batch_size, --device and --max_seq_len (the perplexity length) carry over; --dim, --n_layers and
     --use_moe must be each model's; training flags are named as unused."""
-    parser = argparse.ArgumentParser(prog="pretrain_sft_lora.py --mode test", description=seed_test_main.__doc__)
+    parser = ArgumentParser(prog="pretrain_sft_lora.py --mode test", description=seed_test_main.__doc__)
     parser.add_argument("--mode", choices=["test"], default="test")
     parser.add_argument("--out_dir", default="out", help="the layout root holding pretrain/, sft/ and dpo/")
     parser.add_argument("--batch_size", type=int, default=8)

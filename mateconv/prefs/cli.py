@@ -5,6 +5,7 @@ import argparse
 import signal
 import sys
 
+from mateconv.flags import ArgumentParser
 from mateconv.prefs.pipeline import JUDGE_MODES, PrefsConfig, run
 from mateconv.prefs.endpoints import PrefsError
 from mateconv.terminal import bars_only_on_a_terminal
@@ -13,7 +14,7 @@ DEFAULTS = PrefsConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Stage 7: preference pairs from an OpenAI-compatible generator and judge (docs/prefs.md).")
     data = parser.add_argument_group("data")
     data.add_argument("--prompts_path", default=DEFAULTS.prompts_path,

@@ -10,14 +10,15 @@ import uvicorn
 
 from mateconv.chat import ChatError
 from mateconv.config import add_decode_flags
+from mateconv.flags import ArgumentParser
 from mateconv.serve.app import create_app
 
 API_KEY_ENV = "MATECONV_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mateconv.serve",
-                                     description="OpenAI-compatible chat completions server over a saved model.")
+    parser = ArgumentParser(prog="python -m mateconv.serve",
+                            description="OpenAI-compatible chat completions server over a saved model.")
     parser.add_argument("--model_path", default="out/sft/final", help="save_pretrained directory")
     parser.add_argument("--served_model_name", default="mateconv", help="the name clients pass as 'model'")
     parser.add_argument("--host", default="127.0.0.1")
