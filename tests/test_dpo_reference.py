@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -190,29 +191,39 @@ def test_a_lora_reference_forward_leaves_the_policy_expert_load(random_dpo_pairs
         assert not torch.allclose(real_token_load(policy.base_model.model, ids, mask), load)
 
 
-def test_held_out_metrics_are_means_over_pairs_as_computed_by_hand(tiny_llama, random_dpo_pairs):
+def test_held_out_metrics_are_means_over_pairs_and_tokens_as_computed_by_hand(tiny_llama, random_dpo_pairs):
     """The held-out figures are those of the pairs, whatever the batch size: 5 pairs in batches of 2 weighed the last
-    pair like two (accuracy 2/3 where 3 of 5 pairs were right). The rewards are computed here token by token."""
+    pair like two (accuracy 2/3 where 3 of 5 pairs were right). kl_ref and nll/chosen are means over every chosen
+    response token, as docs/dpo.md says, and val_loss adds them to the mean pair loss: each batch's token mean
+    weighed by its pairs moved kl_ref with the batch size (5% here). Computed here token by token."""
     from mateconv.train.evaluators import preference_eval
 
-    policy, reference, beta = tiny_llama(0), tiny_llama(1), 0.3
+    policy, reference = tiny_llama(0), tiny_llama(1)
+    settings = DPOConfig(beta=0.3, kl_coef=0.2, sft_coef=0.5)
     pairs = random_dpo_pairs(5, 16)
 
-    def summed_logp(model, ids, labels):
+    def label_logps(model, item, side):
+        ids, labels = item[f"{side}_input_ids"], item[f"{side}_labels"]
         with torch.no_grad():
             logps = model(ids[None]).logits[0].log_softmax(-1)
-        return sum(logps[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
+        return [logps[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100]
 
     def reward(item, side):
-        ids, labels = item[f"{side}_input_ids"], item[f"{side}_labels"]
-        return beta * (summed_logp(policy, ids, labels) - summed_logp(reference, ids, labels))
+        return settings.beta * (sum(label_logps(policy, item, side)) - sum(label_logps(reference, item, side)))
 
     chosen, rejected = [reward(p, "chosen") for p in pairs], [reward(p, "rejected") for p in pairs]
+    policy_tokens = [label_logps(policy, p, "chosen") for p in pairs]  # per pair: its chosen response's tokens
+    reference_tokens = [label_logps(reference, p, "chosen") for p in pairs]
+    ratios = [a - b for pair in zip(policy_tokens, reference_tokens) for a, b in zip(*pair)]
     by_hand = {"rewards/chosen": sum(chosen) / 5, "rewards/rejected": sum(rejected) / 5,
                "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / 5,
-               "rewards/accuracies": sum(c > r for c, r in zip(chosen, rejected)) / 5}
-    assert 0 < by_hand["rewards/accuracies"] < 1
-    objective = DPOObjective(DPOConfig(beta=beta), reference)
+               "rewards/accuracies": sum(c > r for c, r in zip(chosen, rejected)) / 5,
+               "dpo_loss": sum(math.log1p(math.exp(r - c)) for c, r in zip(chosen, rejected)) / 5,
+               "kl_ref": sum(math.exp(r) - r - 1 for r in ratios) / len(ratios),
+               "nll/chosen": -sum(map(sum, policy_tokens)) / len(ratios)}
+    by_hand["loss"] = by_hand["dpo_loss"] + 0.2 * by_hand["kl_ref"] + 0.5 * by_hand["nll/chosen"]
+    assert 0 < by_hand["rewards/accuracies"] < 1 and len(set(map(len, policy_tokens))) > 1  # lengths vary
+    objective = DPOObjective(settings, reference)
     for batch_size in (2, 5):
         measured = preference_eval(policy, objective, pairs, batch_size, "cpu")
         for key, value in by_hand.items():

@@ -1,12 +1,20 @@
-"""Data loading: a seeded, rank-sharded sampler that can start in the middle of an epoch (exact resume)."""
+"""Data loading: a seeded, rank-sharded sampler that can start in the middle of an epoch (exact resume), and
+evaluation means over data that the ranks split (`split_means`)."""
 from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from mateconv.train.distributed import all_reduce_mean
+
+# A batch's metrics, each as (its mean over the batch, the weight of that mean: how many rows or tokens it averages)
+Measure = Callable[[dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor | float, float]]]
 
 
 @dataclass(frozen=True)
@@ -92,3 +100,26 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals if num_workers else None,
                       persistent_workers=num_workers > 0, generator=torch.Generator())
+
+
+def split_means(data: Dataset, batch_size: int, measure: Measure, device: torch.device | str) -> dict[str, float]:
+    """Each metric of `measure` over the rows of `data`: sum(mean x weight) / sum(weight) over the batches of every
+    rank, which split the rows (the whole of them without a process group), so the same on any number of ranks and
+    with any batch size; a metric that no batch gives weight to is left out. The sampler evens out the ranks by
+    repeating rows: a batch of such padding is run on one row and weighs nothing, as every rank must run as many
+    forwards as the others (ZeRO-3 gathers the parameters inside them)."""
+    grouped = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+    sampler = ResumableDistributedSampler(data, rank, world_size, seed=0, shuffle=False)
+    real_left = sampler.unpadded_len()
+    totals: dict[str, list[float]] = {}  # name: [sum of mean x weight, sum of weight]
+    for batch in make_loader(data, sampler, batch_size, 0, drop_last=False):
+        real = min(len(next(iter(batch.values()))), real_left)
+        real_left -= real
+        for name, (mean, weight) in measure({key: value[:max(real, 1)] for key, value in batch.items()}).items():
+            total = totals.setdefault(name, [0.0, 0.0])
+            if real and weight:  # not the padding's, nor the NaN mean of a batch with nothing to average
+                total[0] += float(mean) * weight
+                total[1] += weight
+    sums = all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64, device=device)).tolist()
+    return {name: total / weight for name, (total, weight) in zip(totals, sums) if weight > 0}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mateconv.config import ConfigError, DPOConfig
-from mateconv.logprobs import model_token_logps, trim_right_padding
+from mateconv.logprobs import IGNORE_INDEX, model_token_logps, trim_right_padding
 from mateconv.train.checkpoint import unwrap
 
 SIDES = ("chosen", "rejected")
@@ -113,6 +113,23 @@ class DPOObjective:
         """The pairs: the loss is a mean over them."""
         return len(batch["chosen_input_ids"])
 
+    def token_weights(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The metrics of `loss` that are means over the chosen responses' labelled tokens, not over the pairs, each
+        with how many of those the batch has."""
+        tokens = int((batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum())
+        return {"kl_ref": tokens, "nll/chosen": tokens}
+
+    def total(self, dpo_loss: torch.Tensor | float, kl: torch.Tensor | float,
+              chosen_nll: torch.Tensor | float) -> torch.Tensor | float:
+        """The loss without the MoE balance loss: the preference loss plus the extra terms that are switched on."""
+        s = self.settings
+        loss = dpo_loss
+        if s.kl_coef:
+            loss = loss + s.kl_coef * kl
+        if s.sft_coef:
+            loss = loss + s.sft_coef * chosen_nll
+        return loss
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
         if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):
@@ -134,13 +151,9 @@ class DPOObjective:
         lengths = mask.sum(-1).split(n_pairs)
 
         pair_losses = preference_losses(chosen_logratios, rejected_logratios, s, *lengths)
-        loss = pair_losses.mean()
         kl = kl_per_token(chosen_tokens_logps, ref_chosen_tokens.to(logps), chosen_mask)
         chosen_nll = -chosen_tokens_logps.sum() / chosen_mask.sum().clamp(min=1)
-        if s.kl_coef:
-            loss = loss + s.kl_coef * kl
-        if s.sft_coef:
-            loss = loss + s.sft_coef * chosen_nll
+        loss = self.total(pair_losses.mean(), kl, chosen_nll)
         aux = aux_loss if model.training else None  # the router's balance loss trains, as in pretraining and SFT
         if aux is not None:
             loss = loss + aux

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
                                        training_setting_changes, unwrap)
-from mateconv.train.data import ResumableDistributedSampler, close_loader, first_rows, make_loader
+from mateconv.train.data import ResumableDistributedSampler, close_loader, first_rows, make_loader, split_means
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
@@ -395,34 +395,25 @@ class Trainer:
         return metrics
 
     def _validation_loss(self) -> dict[str, float]:
-        """The ranks split the examples; each batch weighs what its loss is a mean of (`objective.weight`: an LM's
-        labelled tokens), so the mean is the same on any number of ranks and with any batch size. The sampler evens
-        out the ranks by repeating examples: a batch of such padding is run on one row, weighing nothing, as every
-        rank must run as many forwards as the others (ZeRO-3 gathers the parameters inside them)."""
-        data = first_rows(self.val_data, self.config.track.eval_rows(self.config.optim.batch_size))
-        sampler = ResumableDistributedSampler(data, self.runtime.rank, self.runtime.world_size,
-                                              self.config.optim.seed, shuffle=False)
-        loader = make_loader(data, sampler, self.config.optim.batch_size, 0, drop_last=False)
-        real_left = sampler.unpadded_len()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss and lm_loss times weight, weight
-        has_lm_loss = False
-        for batch in loader:
-            real = min(len(next(iter(batch.values()))), real_left)
-            real_left -= real
-            batch = {key: value[:max(real, 1)] for key, value in batch.items()}
+        """The ranks split the examples (`split_means`); each batch weighs what its loss is a mean of
+        (`objective.weight`: an LM's labelled tokens), so the mean is the same on any number of ranks and with any
+        batch size."""
+        def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, float]]:
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
-            has_lm_loss = "lm_loss" in metrics
-            weight = float(self.objective.weight(batch)) if real else 0.0
-            if weight:  # not the padding's, nor the NaN loss of a batch without a labelled token
-                totals += torch.tensor([loss.item(), float(metrics.get("lm_loss", 0.0)), 1.0],
-                                       dtype=torch.float64) * weight
-        totals = all_reduce_mean(totals.to(self.runtime.device)).cpu()
-        if totals[2] == 0:
+            weight = self.objective.weight(batch)
+            means = {"loss": (loss, weight)}
+            if "lm_loss" in metrics:
+                means["lm_loss"] = (metrics["lm_loss"], weight)
+            return means
+
+        data = first_rows(self.val_data, self.config.track.eval_rows(self.config.optim.batch_size))
+        means = split_means(data, self.config.optim.batch_size, measure, self.runtime.device)
+        if "loss" not in means:
             return {}
-        metrics = {"val_loss": (totals[0] / totals[2]).item()}
-        if has_lm_loss:
-            metrics["val_ppl"] = math.exp(min((totals[1] / totals[2]).item(), 50.0))
+        metrics = {"val_loss": means["loss"]}
+        if "lm_loss" in means:
+            metrics["val_ppl"] = math.exp(min(means["lm_loss"], 50.0))
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop

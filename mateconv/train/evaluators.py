@@ -6,46 +6,53 @@ checkpoint) and catastrophic forgetting, the perplexity of held-out pretraining 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mateconv.config import TrainConfig
 from mateconv.data.shards import PretrainTokens, SFTTokens, shard_info
 from mateconv.files import read_metrics, save_figure
-from mateconv.logprobs import perplexity
-from mateconv.train.checkpoint import unwrap
-from mateconv.train.data import StageData, first_rows
+from mateconv.train.data import StageData, first_rows, split_means
 from mateconv.train.distributed import Runtime
-from mateconv.train.dpo import DPOError
-from mateconv.train.objectives import Objective
+from mateconv.train.dpo import DPOError, DPOObjective
+from mateconv.train.objectives import LMObjective, Objective
 
 EVAL_REWARD_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins")
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
 @torch.no_grad()
-def preference_eval(model: torch.nn.Module, objective: Objective, pairs: Dataset, batch_size: int,
+def preference_eval(model: torch.nn.Module, objective: DPOObjective, pairs: Dataset, batch_size: int,
                     device: torch.device | str) -> dict[str, float]:
-    """The objective's metrics averaged over held-out pairs (reward accuracy, margins, KL, ...); each batch weighs
-    as many pairs as it holds, so a short last batch counts for its pairs, not as a full one."""
-    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
-    totals: dict[str, float] = {}
-    n_pairs = 0
-    for batch in loader:
-        size = len(next(iter(batch.values())))
-        loss, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * size
-        n_pairs += size
-    return {key: value / max(n_pairs, 1) for key, value in totals.items()}
+    """The objective's loss and metrics over held-out pairs (reward accuracy, margins, KL, ...), the ranks splitting
+    them (`split_means`): means over the pairs, kl_ref and nll/chosen over the chosen responses' tokens, and the loss
+    that of those means, so the same with any batch size and number of ranks."""
+    def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        _, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        per_token = objective.token_weights(batch)
+        return {key: (value, per_token.get(key, objective.weight(batch))) for key, value in metrics.items()}
+
+    means = split_means(pairs, batch_size, measure, device)
+    return {"loss": objective.total(means["dpo_loss"], means.get("kl_ref", 0.0), means.get("nll/chosen", 0.0)),
+            **means}
 
 
-def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int) -> dict[str, float]:
-    """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards)."""
-    return {f"forget/{name}_ppl": perplexity(unwrap(model), data, batch_size).ppl
+@torch.no_grad()
+def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_size: int,
+                    device: torch.device | str) -> dict[str, float]:
+    """`{"forget/<name>_ppl": perplexity}` for each held-out LM data set (e.g. pretrain and sft validation shards):
+    exp of the mean NLL per labelled token, the ranks splitting the rows (`split_means`)."""
+    lm = LMObjective()
+
+    def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        _, metrics = lm.loss(model, {k: v.to(device) for k, v in batch.items()})
+        return {"nll": (metrics["lm_loss"], lm.weight(batch))}
+
+    return {f"forget/{name}_ppl": math.exp(split_means(data, batch_size, measure, device)["nll"])
             for name, data in held_out.items()}
 
 
@@ -85,7 +92,7 @@ def held_out_lm_data(config: TrainConfig, vocab_size: int | None, report: bool =
 
 def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
-    """The objective on the held-out pairs (`data.val`, its first `eval_rows`, whole on each rank): its loss as
+    """The objective on the held-out pairs (`data.val`, its first `eval_rows`, split over the ranks): its loss as
     `val_loss` and every metric as `eval/<metric>`."""
     if data.val is None:
         return None
@@ -101,13 +108,14 @@ def preference_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
 
 def forgetting_evaluator(config: TrainConfig, runtime: Runtime, data: StageData,
                          objective: Objective) -> Evaluator | None:
-    """`forget/<name>_ppl` for each of `forget_data_paths` that exists (its first `eval_rows`, whole on each rank)."""
+    """`forget/<name>_ppl` for each of `forget_data_paths` that exists (its first `eval_rows`, split over the
+    ranks)."""
     rows = config.track.eval_rows(config.optim.batch_size)
     held_out = {name: first_rows(lm_data, rows)
                 for name, lm_data in held_out_lm_data(config, data.vocab_size, runtime.is_main).items()}
     if not held_out:
         return None
-    return lambda model: forgetting_eval(model, held_out, config.optim.batch_size)
+    return lambda model: forgetting_eval(model, held_out, config.optim.batch_size, runtime.device)
 
 
 def plot_forgetting(metrics_jsonl: Path, out_png: Path) -> Path:
