@@ -186,17 +186,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def start_background(model_path: str | Path, served_model_name: str = "mateconv", timeout_s: float = 120.0,
+def start_background(model_path: str | Path, served_model_name: str | None = "mateconv", timeout_s: float = 120.0,
                      extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
     """Starts `python -m mateconv.serve` on a free loopback port and waits until /health answers.
 
-    Returns (base URL such as "http://127.0.0.1:PORT/v1", the process). Stop it with `stop_background(process)`.
+    served_model_name None: the server's default names. Returns (base URL such as "http://127.0.0.1:PORT/v1", the
+    process). Stop it with `stop_background(process)`.
     The server's output goes to a log file whose tail is shown if it fails to come up.
     """
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="mateconv-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "mateconv.serve", "--model_path", str(model_path), "--host", "127.0.0.1",
-               "--port", str(port), "--served_model_name", served_model_name, "--api_key", "", *(extra_args or [])]
+               "--port", str(port), *(["--served_model_name", served_model_name] if served_model_name else []),
+               "--api_key", "", *(extra_args or [])]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     process.log_path = log.name
     root = f"http://127.0.0.1:{port}"

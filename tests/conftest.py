@@ -341,9 +341,10 @@ def greedy_reply() -> Callable[..., tuple[str, int, bool]]:
 
 
 @contextlib.contextmanager
-def served(model: Path, name: str, extra_args: list[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m mateconv.serve` of `model` as `name` on a free loopback port, one thread (a tiny model on 2 shared
-    cores runs fastest so): (its /v1 URL, the process), stopped on exit."""
+def served(model: Path, name: str | None,
+           extra_args: list[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m mateconv.serve` of `model` as `name` (None: its default names) on a free loopback port, one thread
+    (a tiny model on 2 shared cores runs fastest so): (its /v1 URL, the process), stopped on exit."""
     from mateconv.procs import start_background, stop_background
 
     with pytest.MonkeyPatch.context() as patch:

@@ -52,6 +52,23 @@ def test_health_and_models(server, client):
     assert error.value.code == "model_not_found"
 
 
+def test_model_named_by_its_path_by_default(tiny_untrained_model):
+    """Without --served_model_name, a server is named by its --model_path (as vLLM names one), so that servers of
+    several checkpoints are told apart; "mateconv", every server's one name before, is still accepted."""
+    with served(tiny_untrained_model, None) as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        name = str(tiny_untrained_model)
+        assert [m.id for m in client.models.list().data] == [name]
+        for model in (name, "mateconv"):
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=1)
+            assert reply.model == model
+        chunks = client.completions.create(model=name, prompt="Hi", max_tokens=1, stream=True)
+        assert {chunk.model for chunk in chunks} == {name}
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="sft", prompt="Hi", max_tokens=1)
+
+
 def test_greedy_answer_and_usage(client, expected, tiny_tokenizer):
     from transformers import AutoTokenizer
 

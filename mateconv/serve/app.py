@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,13 +104,27 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
-def create_app(model_path: str | Path, served_model_name: str = "mateconv", device: str = "auto",
+# Accepted beside a server's own names: the one name every server had before they took the model's
+ALIAS = "mateconv"
+
+
+def served_names(model_path: str | Path, served_model_name: str | Sequence[str] | None) -> list[str]:
+    """The names clients may send as `model`, the first listed in /v1/models: those given, else (as vLLM names a
+    model) the model path as given, with ALIAS beside it."""
+    if served_model_name:
+        return [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    return [str(model_path), ALIAS]
+
+
+def create_app(model_path: str | Path, served_model_name: str | Sequence[str] | None = None, device: str = "auto",
                dtype: str = "auto", max_concurrent: int = 1, max_queued: int = 16,
                max_request_bytes: int = 1_000_000, default_max_tokens: int = 256, api_key: str = "",
                compile: bool | None = None) -> FastAPI:
-    """The FastAPI app serving the model at `model_path` (loaded now) under the name `served_model_name`;
+    """The FastAPI app serving the model at `model_path` (loaded now) under the names served_names gives (a reply
+    names the model as its request did);
     with `api_key`, every endpoint but /health answers 401 to requests without `Authorization: Bearer <api_key>`.
     compile: torch.compile the decode step (None: on CUDA yes, on CPU no)."""
+    names = served_names(model_path, served_model_name)
     model, tokenizer = load_model(model_path, device, dtype)
     engine = Engine(model, tokenizer, compile)
     admission = Admission(max_concurrent, max_queued)
@@ -138,27 +153,28 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name, "running": admission.running, "queued": admission.waiting}
+        return {"status": "ok", "model": names[0], "running": admission.running, "queued": admission.waiting}
 
-    card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "mateconv",
+    card = {"id": names[0], "object": "model", "created": created, "owned_by": "mateconv",
             "max_model_len": engine.context}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [card]}
 
+    def check_served(model: str) -> None:
+        if model not in names:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{names[0]}'",
+                           param="model", code="model_not_found")
+
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str):
-        if model != served_model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{served_model_name}'",
-                           param="model", code="model_not_found")
+        check_served(model)
         return card
 
     async def read(request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
         req = parse_request(await read_body(request, max_request_bytes), schema)
-        if req.model != served_model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{served_model_name}'",
-                           param="model", code="model_not_found")
+        check_served(req.model)
         return req
 
     def stream(ids: list[int], sampling: Sampling, req: GenerationRequest, shape) -> StreamingResponse:
@@ -194,7 +210,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         sampling = engine.sampling(req, max_tokens, grammar)
         await admission.acquire()
         if req.stream:
-            return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", served_model_name,
+            return stream(ids, sampling, req, ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", req.model,
                                                          parse_calls=tools is not None))
 
         def work(cancel: threading.Event) -> list[tuple[Choice, dict | None]]:
@@ -207,7 +223,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
                     "finish_reason": chat_finish_reason(choice.finish_reason, "tool_calls" in message)}
                    for i, ((choice, logprobs), message) in enumerate(zip(results, messages))]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created_now(),
-                "model": served_model_name, "choices": answers,
+                "model": req.model, "choices": answers,
                 "usage": usage(len(ids), sum(choice.completion_tokens for choice, _ in results))}
 
     @app.post("/v1/completions")
@@ -229,7 +245,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
                      for ids in prompts]
         await admission.acquire()
         if req.stream:
-            return stream(prompts[0], samplings[0], req, TextChunks(f"cmpl-{uuid.uuid4().hex}", served_model_name))
+            return stream(prompts[0], samplings[0], req, TextChunks(f"cmpl-{uuid.uuid4().hex}", req.model))
 
         def work(cancel: threading.Event) -> list[dict]:
             """Every prompt's n choices in order: choice i * n + j is prompt i's j-th sample."""
@@ -248,7 +264,7 @@ def create_app(model_path: str | Path, served_model_name: str = "mateconv", devi
         answers = await run_watched(request, work)
         completion_tokens = sum(answer.pop("completion_tokens") for answer in answers)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created_now(),
-                "model": served_model_name, "choices": answers,
+                "model": req.model, "choices": answers,
                 "usage": usage(sum(map(len, prompts)), completion_tokens)}
 
     return app

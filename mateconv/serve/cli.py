@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mateconv.serve",
                             description="OpenAI-compatible chat completions server over a saved model.")
     parser.add_argument("--model_path", default="out/sft/final", help="save_pretrained directory")
-    parser.add_argument("--served_model_name", default="mateconv", help="the name clients pass as 'model'")
+    parser.add_argument("--served_model_name", nargs="+", default=None, metavar="NAME",
+                        help="the names clients may pass as 'model', the first listed in /v1/models (default: "
+                        "--model_path as given, and 'mateconv')")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
