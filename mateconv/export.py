@@ -14,6 +14,8 @@ computes exactly our function.
 llama.cpp architecture that computes the model's function (gguf_architecture: Llama or Qwen3; an MoE model as
 qwen2moe, qwen3moe, bailingmoe or dots1); q/k rows reordered where llama.cpp's rotary layout is not ours, our byte-level
 BPE as llama.cpp's "gpt2" tokenizer.
+A Hugging Face model (trained from --init_from) needs no export; for its GGUF the one-line refusal names llama.cpp's
+convert_hf_to_gguf.py command.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import sys
+from shlex import quote
 from pathlib import Path
 
 import gguf
@@ -58,14 +61,19 @@ def plain_chat_template(template: str) -> str:
     return re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
 
 
-def load_mateconv(source: str | Path):
+def load_mateconv(source: str | Path, gguf_command: str = ""):
+    """The MateConv model and tokenizer at `source`. A Hugging Face model (one trained from --init_from) is refused
+    with what takes it further: for a GGUF, llama.cpp's converter (`gguf_command`)."""
     try:
         model, tokenizer = load_model(source, device="cpu", dtype="float32", chat=False)
     except ChatError as error:
         raise ExportError(str(error)) from None
     if not isinstance(model, MateConvForCausalLM):
-        raise ExportError(f"{source} holds a {type(model).__name__}, not a MateConv model; it is already in a "
-                          "standard format")
+        what = f"{source} holds a Hugging Face {type(model).__name__}, not a MateConv model"
+        if gguf_command:
+            raise ExportError(f"{what}, so llama.cpp's own converter makes its GGUF: {gguf_command} "
+                              "(convert_hf_to_gguf.py: github.com/ggml-org/llama.cpp)")
+        raise ExportError(f"{what}: it needs no export (transformers, vLLM and lm-eval load the directory as it is)")
     return model, tokenizer
 
 
@@ -258,7 +266,9 @@ def ollama_note(architecture: gguf.MODEL_ARCH, split: str) -> str | None:
 def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path:
     if dtype not in GGUF_TYPES:
         raise ExportError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for gguf, got {dtype}")
-    model, tokenizer = load_mateconv(source)
+    wanted = Path(out) / f"model-{dtype}.gguf"
+    model, tokenizer = load_mateconv(source, f"mkdir -p {quote(str(out))} && python convert_hf_to_gguf.py "
+                                             f"{quote(str(source))} --outfile {quote(str(wanted))} --outtype {dtype}")
     config = model.config
     architecture = gguf_architecture(config)
     names = gguf.get_tensor_name_map(architecture, config.n_layers)

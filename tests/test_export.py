@@ -101,6 +101,25 @@ def assert_refused(model, to: str, out, *phrases: str) -> None:
     assert not out.exists()
 
 
+def test_a_hugging_face_model_is_refused_with_the_next_command(tmp_path):
+    """A model trained from a Hugging Face --init_from is one of its own class: `--to gguf` names llama.cpp's
+    converter with this export's paths and dtype (it said only "already in a standard format"), `--to llama` says
+    the directory is loaded as it is."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "sft final")
+    source, gguf_dir = tmp_path / "sft final", tmp_path / "gguf"
+    with pytest.raises(SystemExit) as stopped:
+        export_main([str(source), "--to", "gguf", "--dtype", "q8_0", "--out", str(gguf_dir)])
+    line = str(stopped.value.code)
+    assert "\n" not in line and "Qwen2ForCausalLM, not a MateConv model" in line, line
+    assert (f"mkdir -p {gguf_dir} && python convert_hf_to_gguf.py '{source}' --outfile {gguf_dir}/model-q8_0.gguf "
+            "--outtype q8_0 (") in line, line
+    assert not gguf_dir.exists()
+    assert_refused(source, "llama", tmp_path / "llama", "needs no export", "load the directory as it is")
+
+
 def test_a_model_whose_tokenizer_has_no_chat_template_exports(tiny_tokenizer, tmp_path):
     """A base model for text completion (lm-eval, llama.cpp) needs no chat template: a tokenizer brought without one
     (was refused: "has no chat template") exports to transformers and GGUF, with none."""
