@@ -759,20 +759,87 @@ def used_with(init_from: str | Path) -> tuple[str, ...]:
     return USED_WITH_INIT_FROM + (("dropout",) if hf_dropouts(saved) else ())
 
 
+def meant_as_local(path: str | Path) -> bool:
+    """Whether a model path that does not exist was meant as a directory here, not as a hub id ('name' or
+    'namespace/name'): absolute, relative to '.', more than two parts, or under a directory that exists here."""
+    text = str(path)
+    return (Path(text).is_absolute() or text.startswith(".") or len(Path(text).parts) > 2
+            or Path(text).parent != Path(".") and Path(text).parent.is_dir())
+
+
+def is_hub_id(path: str | Path) -> bool:
+    return not Path(path).exists() and not meant_as_local(path)
+
+
+def cached_hub_config(name: str) -> str | None:
+    """The local Hugging Face cache's copy of hub model `name`'s config.json (no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub id: from_pretrained says so
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def hub_unreachable(name: str) -> str | None:
+    """Why hub model `name`, not in the local Hugging Face cache, cannot be downloaded here (HF_HUB_OFFLINE, or the
+    hub's host cannot be resolved); None when it is cached or may be."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if cached_hub_config(name):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so nothing downloads"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be reached to download it"
+    return None
+
+
+def check_hub_reachable(name: str, key: str) -> None:
+    """A hub id that cannot be loaded (hub_unreachable) fails now, in one line, instead of in transformers' message
+    or after huggingface_hub's half a minute of retries."""
+    if why := hub_unreachable(name):
+        raise ConfigError(f"{key}: {name} is not a directory here nor in the Hugging Face cache, and {why} (download "
+                          "it where there is a network, or name a local directory)")
+
+
+def hub_settings(name: str) -> dict | None:
+    """Hub model `name`'s config.json, from the local Hugging Face cache or downloaded there (its weights follow when
+    the model loads); None where it cannot be had (the loader names the problem)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if hub_unreachable(name):
+        return None
+    try:
+        return json.loads(Path(cached_hub_config(name) or hf_hub_download(name, "config.json")).read_text())
+    except (OSError, ValueError, EntryNotFoundError):
+        return None
+
+
 def is_training_checkpoint(path: str | Path) -> bool:
     """A run's `checkpoints/step_N` (trainer state, weights, the run's config.yaml), not a save_pretrained model."""
     return (Path(path) / "trainer_state.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
 def saved_model_settings(path: Path) -> dict | None:
-    """The model settings of a saved model (its config.json) or of a training checkpoint (the model section of its
-    config.yaml: init_from may name one, mateconv.train.models.model_dir); None when there are none to read (the model
-    loader names a broken file)."""
+    """The model settings of a saved model (its config.json; a hub model's in the local Hugging Face cache) or of a
+    training checkpoint (the model section of its config.yaml: init_from may name one,
+    mateconv.train.models.model_dir); None when there are none to read (the model loader names a broken file)."""
     try:
         if (path / "config.json").is_file():
             return json.loads((path / "config.json").read_text())
         if is_training_checkpoint(path) and (path / "config.yaml").is_file():
             return (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model")
+        if is_hub_id(path) and (cached := cached_hub_config(str(path))):
+            return json.loads(Path(cached).read_text())
     except (ValueError, yaml.YAMLError):
         pass
     return None
@@ -787,8 +854,11 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
     tokens). A MateConv model's TRAINING_ONLY_MODEL settings may be
     given (SFT with dropout after pretraining without); not given, they are the saved model's. For a Hugging Face
     model `dropout` sets its dropout probabilities (hf_dropouts); not given, it is the largest of them."""
+    if not config.checkpoint.init_from:
+        return
     init_from = Path(config.checkpoint.init_from)
-    saved = saved_model_settings(init_from) if config.checkpoint.init_from else None
+    # a hub model's config.json is fetched now (its weights at load), so that its dropout is set as a local one's
+    saved = hub_settings(str(init_from)) if is_hub_id(init_from) else saved_model_settings(init_from)
     if not saved:
         return
     named = {name: value for section, name, value in placed(given) if section == "model"}

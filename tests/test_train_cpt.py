@@ -361,6 +361,36 @@ def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_f
     assert qwen.model.layers[0].self_attn.attention_dropout == 0.3  # what its attention applies in training
 
 
+def test_dropout_sets_a_hub_models_dropout_as_a_local_ones(tiny_qwen, tiny_flags, tmp_path, monkeypatch):
+    """--init_from a hub id (here one in a local Hugging Face cache, offline) with --dropout built the model without
+    it, silently: its config.json is read as a local model's is. A hub id that is not cached, offline, is one line
+    that says nothing downloads."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from mateconv.config import ConfigError
+
+    repo = tmp_path / "hub" / "models--tiny-org--qwen2-tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_qwen, snapshot)
+    settings = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.05}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # so that tiny-org/qwen2-tiny is no directory here
+    out = tmp_path / "run"
+    qwen = build_model(parse_config(tiny_flags(out, init_from="tiny-org/qwen2-tiny", dropout=0.3)))
+    assert qwen.model.layers[0].self_attn.attention_dropout == 0.3
+    config = parse_config(["--init_from", "tiny-org/qwen2-tiny"])
+    assert (config.model.dropout, config.model.max_seq_len) == (0.05, 256)  # the model's own, as from a local copy
+    with pytest.raises(ConfigError, match="^init_from: tiny-org/nothing is not a directory here nor in the Hugging "
+                                          "Face cache, and HF_HUB_OFFLINE is set, so nothing downloads"):
+        build_model(parse_config(tiny_flags(out, init_from="tiny-org/nothing")))
+
+
 def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp_path, capsys):
     """A Qwen2 stating max_position_embeddings 256 (RoPE: computed positions): max_seq_len 320 trains it on longer
     rows, with a note, and the saved model states 320 (it stated 256, so chat and serve cut its context there);

@@ -4,11 +4,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import socket
 import warnings
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -19,8 +17,8 @@ from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, LoRAConfig, TrainConfig,
-                             hf_dropout_settings, is_mateconv, is_training_checkpoint, load_run_config,
-                             saved_model_settings)
+                             check_hub_reachable, hf_dropout_settings, is_mateconv, is_training_checkpoint,
+                             load_run_config, meant_as_local, saved_model_settings)
 from mateconv.files import atomic_dir
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
@@ -39,34 +37,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def meant_as_local(path: str | Path) -> bool:
-    """Whether a model path that does not exist was meant as a directory here, not as a hub id ('name' or
-    'namespace/name'): absolute, relative to '.', more than two parts, or under a directory that exists here."""
-    text = str(path)
-    return (Path(text).is_absolute() or text.startswith(".") or len(Path(text).parts) > 2
-            or Path(text).parent != Path(".") and Path(text).parent.is_dir())
-
-
-def check_hub_reachable(name: str, key: str) -> None:
-    """A hub id that is not in the local Hugging Face cache while the hub's host cannot be resolved fails now, in one
-    line, instead of after huggingface_hub's half a minute of retries."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid hub id: from_pretrained says so
-        return
-    if constants.HF_HUB_OFFLINE or cached:
-        return  # offline mode fails fast by itself; a cached model loads without the network
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise ConfigError(f"{key}: {name} is not a directory here nor in the Hugging Face cache, and {host} cannot be "
-                          "reached to download it (download it where there is a network, or name a local "
-                          "directory)") from None
 
 
 def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, **settings) -> nn.Module:
