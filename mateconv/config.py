@@ -717,6 +717,7 @@ def parse_config(argv: list[str], defaults: dict | None = None, stage: str = "")
                  or resolve(key) != ("checkpoint", "out_dir")]
         config = build_config([*rooted_defaults(defaults, root), *pairs])
     fit_init_from(config, pairs)
+    check_tokenizer_path(config, pairs)
     if config.parallel.local_rank < 0 and "LOCAL_RANK" in os.environ:
         config.parallel.local_rank = int(os.environ["LOCAL_RANK"])
     return config
@@ -882,6 +883,29 @@ def fit_init_from(config: TrainConfig, given: list[tuple[str, object]]) -> None:
         listed = ", ".join(f"{name} {value} (it has {saved[name]})" for name, value in clashes.items())
         raise ConfigError(f"init_from {init_from} is the model this run trains, as it is: {listed}; drop those model "
                           "flags, or start from a model of that shape")
+
+
+def check_tokenizer_path(config: TrainConfig, given: list[tuple[str, object]]) -> None:
+    """A run from a model with its own tokenizer (init_from) trains with that one, whose ids the embeddings learned:
+    a tokenizer_path `given` that names another tokenizer is refused in one line (it was ignored without a word)."""
+    init_from, path = config.checkpoint.init_from, config.data.tokenizer_path
+    own, named = Path(init_from) / "tokenizer.json", Path(path) / "tokenizer.json"
+    if not (init_from and own.is_file() and named.is_file()
+            and ("data", "tokenizer_path") in [(section, name) for section, name, _ in placed(given)]):
+        return
+    from tokenizers import Tokenizer
+
+    from mateconv.data.shards import tokenizer_model
+
+    theirs, ours = Tokenizer.from_file(str(named)), Tokenizer.from_file(str(own))
+    if tokenizer_model(theirs.to_str()) == tokenizer_model(ours.to_str()):
+        return
+    sizes = theirs.get_vocab_size(), ours.get_vocab_size()
+    differs = (f"{sizes[0]} tokens, the model's {sizes[1]}" if sizes[0] != sizes[1] else
+               "as many tokens as the model's, but other tokens or merges")
+    raise ConfigError(f"tokenizer_path: {path} is not the tokenizer of init_from {init_from} ({differs}); a run from a "
+                      "model trains with the model's own tokenizer: drop --tokenizer_path, or start from a model "
+                      f"trained with {path}")
 
 
 def per_rank_sizes(config: TrainConfig, world_size: int) -> None:

@@ -65,6 +65,7 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
     out = tmp_path / "pretrain"
     run(RECIPES["pretrain"], parse_config(tiny_flags(out, init_from=tiny_neox, val_data_path="", max_steps=8,
                                                      vocab_size=400,  # the model's own: another one is an error
+                                                     tokenizer_path=tiny_neox,
                                                      data_path=tiny_embedded_data / "pretrain_train.jsonl")))
     curve = losses(out)
     assert curve[8] < curve[1]
@@ -77,7 +78,8 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
                                                      {"role": "assistant", "content": f"The answer is {2 * i}."}]})
                             + "\n" for i in range(64)))
     sft = tmp_path / "sft"
-    flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8, vocab_size=400)
+    flags = dict(init_from=out / "final", data_path=chat, val_data_path="", max_steps=12, batch_size=8, vocab_size=400,
+                 tokenizer_path=tiny_neox)
     capsys.readouterr()
     run(RECIPES["sft"], parse_config(tiny_flags(sft, "sft", **flags), RECIPES["sft"].defaults))
     assert "tokenizer has no ChatML tokens: added <|im_start|> and <|im_end|>" in capsys.readouterr().out
@@ -98,7 +100,8 @@ def test_a_model_whose_tokenizer_has_no_chatml(tiny_neox, tiny_embedded_data, ti
 
     with pytest.raises(DataError, match="has no <\\|im_start\\|> / <\\|im_end\\|> tokens: DPO conversations are"):
         run(RECIPES["dpo"], parse_config(tiny_flags(tmp_path / "dpo", "dpo", init_from=tiny_neox, vocab_size=400,
-                                                    data_path=chat, val_data_path=""), RECIPES["dpo"].defaults))
+                                                    tokenizer_path=tiny_neox, data_path=chat, val_data_path=""),
+                                         RECIPES["dpo"].defaults))
     with pytest.raises(ConfigError, match="LoRA would leave their new embeddings untrained"):
         run(RECIPES["sft"], parse_config(tiny_flags(tmp_path / "lora", "sft", **flags, use_lora=True)))
 
@@ -354,7 +357,8 @@ def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_f
     assert json.loads((out / "final" / "config.json").read_text())["attention_dropout"] == 0.1
     run_config = yaml.safe_load((out / "checkpoints" / "step_00000002" / "config.yaml").read_text())
     assert run_config["model"]["dropout"] == 0.1  # a resume builds the model with it again
-    neox = build_model(parse_config(tiny_flags(out, init_from=tiny_neox, vocab_size=400, dropout=0.2))).config
+    neox = build_model(parse_config(tiny_flags(out, init_from=tiny_neox, tokenizer_path=tiny_neox, vocab_size=400,
+                                               dropout=0.2))).config
     assert (neox.attention_dropout, neox.hidden_dropout) == (0.2, 0.2)
     assert build_model(parse_config(tiny_flags(out, init_from=tiny_qwen))).config.attention_dropout == 0.0
     qwen = build_model(parse_config(tiny_flags(out, init_from=tiny_qwen, dropout=0.3)))
@@ -391,6 +395,27 @@ def test_dropout_sets_a_hub_models_dropout_as_a_local_ones(tiny_qwen, tiny_flags
         build_model(parse_config(tiny_flags(out, init_from="tiny-org/nothing")))
 
 
+def test_a_tokenizer_path_other_than_the_models_is_refused(tiny_qwen, tiny_neox, tiny_flags, tmp_path):
+    """--tokenizer_path beside --init_from a model with its own tokenizer was ignored without a word (the model's
+    own tokenized the data and was saved): the same tokenizer is accepted, another is refused in one line."""
+    from mateconv.config import ConfigError
+
+    out = tmp_path / "run"
+    parse_config(tiny_flags(out, init_from=tiny_qwen))  # tiny_flags names its own tokenizer: accepted
+    with pytest.raises(ConfigError, match=f"^tokenizer_path: {tiny_neox} is not the tokenizer of init_from "
+                                          f"{tiny_qwen} \\(400 tokens, the model's 512\\); a run from a model trains "
+                                          "with the model's own tokenizer: drop --tokenizer_path"):
+        parse_config(tiny_flags(out, init_from=tiny_qwen, tokenizer_path=tiny_neox))
+    shuffled = json.loads((tiny_qwen / "tokenizer.json").read_text())
+    vocab = shuffled["model"]["vocab"]
+    first, second = list(vocab)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (tmp_path / "shuffled").mkdir()
+    (tmp_path / "shuffled" / "tokenizer.json").write_text(json.dumps(shuffled))
+    with pytest.raises(ConfigError, match="as many tokens as the model's, but other tokens or merges"):
+        parse_config(tiny_flags(out, init_from=tiny_qwen, tokenizer_path=tmp_path / "shuffled"))
+
+
 def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp_path, capsys):
     """A Qwen2 stating max_position_embeddings 256 (RoPE: computed positions): max_seq_len 320 trains it on longer
     rows, with a note, and the saved model states 320 (it stated 256, so chat and serve cut its context there);
@@ -407,7 +432,8 @@ def test_rows_longer_than_a_rope_models_stated_length(tiny_qwen, tiny_flags, tmp
 def test_lora_on_a_model_without_the_default_target_names(tiny_neox, tiny_embedded_data, tiny_flags, tmp_path):
     """`--use_lora 1` from Pythia (GPT-NeoX: query_key_value, dense, ...) said only that no module is named q_proj,
     ...: the line now says what to give, and all-linear trains it."""
-    flags = dict(init_from=tiny_neox, vocab_size=400, val_data_path="", max_steps=1, use_lora=True,
+    flags = dict(init_from=tiny_neox, tokenizer_path=tiny_neox, vocab_size=400, val_data_path="", max_steps=1,
+                 use_lora=True,
                  data_path=tiny_embedded_data / "pretrain_train.jsonl")
     with pytest.raises(ConfigError, match=r"\(its linear layers: dense, dense_4h_to_h, dense_h_to_4h, lm_head, "
                                           r"query_key_value\): name some with --lora_target_modules, or all-linear"):
