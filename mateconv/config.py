@@ -783,6 +783,14 @@ def cached_hub_config(name: str) -> str | None:
     return cached if isinstance(cached, str) else None
 
 
+def local_model_dir(path: str | Path) -> Path:
+    """Where model `path` is on this machine: itself, or for a hub id its snapshot in the local Hugging Face cache
+    (the files fetched so far: config.json when the config is read, the tokenizer when it loads)."""
+    if is_hub_id(path) and (cached := cached_hub_config(str(path))):
+        return Path(cached).parent
+    return Path(path)
+
+
 def hub_unreachable(name: str) -> str | None:
     """Why hub model `name`, not in the local Hugging Face cache, cannot be downloaded here (HF_HUB_OFFLINE, or the
     hub's host cannot be resolved); None when it is cached or may be."""
@@ -889,7 +897,7 @@ def check_tokenizer_path(config: TrainConfig, given: list[tuple[str, object]]) -
     """A run from a model with its own tokenizer (init_from) trains with that one, whose ids the embeddings learned:
     a tokenizer_path `given` that names another tokenizer is refused in one line (it was ignored without a word)."""
     init_from, path = config.checkpoint.init_from, config.data.tokenizer_path
-    own, named = Path(init_from) / "tokenizer.json", Path(path) / "tokenizer.json"
+    own, named = local_model_dir(init_from) / "tokenizer.json", Path(path) / "tokenizer.json"
     if not (init_from and own.is_file() and named.is_file()
             and ("data", "tokenizer_path") in [(section, name) for section, name, _ in placed(given)]):
         return

@@ -365,15 +365,17 @@ def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_f
     assert qwen.model.layers[0].self_attn.attention_dropout == 0.3  # what its attention applies in training
 
 
-def test_dropout_sets_a_hub_models_dropout_as_a_local_ones(tiny_qwen, tiny_flags, tmp_path, monkeypatch):
-    """--init_from a hub id (here one in a local Hugging Face cache, offline) with --dropout built the model without
-    it, silently: its config.json is read as a local model's is. A hub id that is not cached, offline, is one line
-    that says nothing downloads."""
+def test_a_hub_model_is_read_as_a_local_one(tiny_qwen, tiny_neox, tiny_flags, tmp_path, monkeypatch):
+    """--init_from a hub id (here one in a local Hugging Face cache, offline) built the model without --dropout and
+    tokenized raw data with tokenizer_path, silently (or said the model had no tokenizer.json): its config.json and
+    tokenizer are read from the cache as a local model's are. A hub id that is not cached, offline, is one line that
+    says nothing downloads."""
     import shutil
 
     from huggingface_hub import constants
 
     from mateconv.config import ConfigError
+    from mateconv.train.stages import tokenizer_dir
 
     repo = tmp_path / "hub" / "models--tiny-org--qwen2-tiny"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -386,10 +388,13 @@ def test_dropout_sets_a_hub_models_dropout_as_a_local_ones(tiny_qwen, tiny_flags
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)  # so that tiny-org/qwen2-tiny is no directory here
     out = tmp_path / "run"
-    qwen = build_model(parse_config(tiny_flags(out, init_from="tiny-org/qwen2-tiny", dropout=0.3)))
-    assert qwen.model.layers[0].self_attn.attention_dropout == 0.3
+    config = parse_config(tiny_flags(out, init_from="tiny-org/qwen2-tiny", dropout=0.3))
+    assert build_model(config).model.layers[0].self_attn.attention_dropout == 0.3
+    assert tokenizer_dir(config) == snapshot
     config = parse_config(["--init_from", "tiny-org/qwen2-tiny"])
     assert (config.model.dropout, config.model.max_seq_len) == (0.05, 256)  # the model's own, as from a local copy
+    with pytest.raises(ConfigError, match="^tokenizer_path: .* is not the tokenizer of init_from tiny-org/qwen2-tiny"):
+        parse_config(tiny_flags(out, init_from="tiny-org/qwen2-tiny", tokenizer_path=tiny_neox))
     with pytest.raises(ConfigError, match="^init_from: tiny-org/nothing is not a directory here nor in the Hugging "
                                           "Face cache, and HF_HUB_OFFLINE is set, so nothing downloads"):
         build_model(parse_config(tiny_flags(out, init_from="tiny-org/nothing")))

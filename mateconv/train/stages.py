@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mateconv.config import ConfigError, TrainConfig, per_rank_sizes
+from mateconv.config import ConfigError, TrainConfig, local_model_dir, per_rank_sizes
 from mateconv.data import DataError
 from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
 from mateconv.data.readers import SUFFIXES
@@ -56,8 +56,10 @@ class Recipe:
 
 
 def tokenizer_dir(config: TrainConfig) -> Path:
-    """The directory whose tokenizer.json tokenizes raw data: the starting model's, else tokenizer_path."""
-    for path in (config.checkpoint.init_from, config.data.tokenizer_path):
+    """The directory whose tokenizer.json tokenizes raw data: the starting model's (a hub model's in the cache),
+    else tokenizer_path."""
+    init_from = config.checkpoint.init_from
+    for path in (local_model_dir(init_from) if init_from else None, config.data.tokenizer_path):
         if path and (Path(path) / "tokenizer.json").is_file():
             return Path(path)
     raise DataError(f"no tokenizer.json in init_from ({config.checkpoint.init_from or 'unset'}) or tokenizer_path "
