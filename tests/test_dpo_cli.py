@@ -33,7 +33,7 @@ def test_bad_input_is_one_line(argv, message):
 def test_a_missing_local_path_is_told_from_a_hub_id(tmp_path, monkeypatch):
     """A model path that does not exist is named as such when it was meant as a directory here; hub ids ('name',
     'namespace/name') still go to transformers, which downloads them where it can."""
-    from mateconv.train.models import meant_as_local
+    from mateconv.hub import meant_as_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()

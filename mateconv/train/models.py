@@ -17,9 +17,10 @@ from transformers.utils import logging as transformers_logging
 
 from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, has_chatml
 from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, LoRAConfig, TrainConfig,
-                             check_hub_reachable, hf_dropout_settings, is_mateconv, is_training_checkpoint,
-                             load_run_config, meant_as_local, saved_model_settings)
+                             hf_dropout_settings, is_mateconv, is_training_checkpoint, load_run_config,
+                             saved_model_settings)
 from mateconv.files import atomic_dir
+from mateconv.hub import hub_unreachable, meant_as_local
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
 from mateconv.train.distributed import Runtime, barrier, first_error
@@ -37,6 +38,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_hub_reachable(name: str, key: str) -> None:
+    """A hub id that cannot be loaded (hub_unreachable) fails now, in one line, instead of in transformers' message
+    or after huggingface_hub's half a minute of retries."""
+    if why := hub_unreachable(name):
+        raise ConfigError(f"{key}: {name} is not a directory here nor in the Hugging Face cache, and {why} (download "
+                          "it where there is a network, or name a local directory)")
 
 
 def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, **settings) -> nn.Module:

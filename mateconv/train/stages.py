@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mateconv.config import ConfigError, TrainConfig, local_model_dir, per_rank_sizes
+from mateconv.config import ConfigError, TrainConfig, per_rank_sizes
 from mateconv.data import DataError
 from mateconv.files import LockHeld, OutputDirError, dirs_to_make, locked, remove_empty_dirs, writable_dir
+from mateconv.hub import local_model_dir
 from mateconv.data.readers import SUFFIXES
 from mateconv.data.shards import DPOTokens, PretrainTokens, SFTTokens, other_vocabulary, shard_info
 from mateconv.data.tokenizing import build_shards
