@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,28 +366,35 @@ def test_dropout_sets_a_hugging_face_models_dropout(tiny_qwen, tiny_neox, tiny_f
     assert qwen.model.layers[0].self_attn.attention_dropout == 0.3  # what its attention applies in training
 
 
+def in_fake_hub_cache(model_dir: Path, name: str, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of `model_dir` as hub model `name` in a Hugging Face cache under tmp_path, read offline (as a model
+    downloaded before); the working directory is tmp_path, so that `name` is no directory here. Its snapshot dir."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / f"models--{name.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    return snapshot
+
+
 def test_a_hub_model_is_read_as_a_local_one(tiny_qwen, tiny_neox, tiny_flags, tmp_path, monkeypatch):
     """--init_from a hub id (here one in a local Hugging Face cache, offline) built the model without --dropout and
     tokenized raw data with tokenizer_path, silently (or said the model had no tokenizer.json): its config.json and
     tokenizer are read from the cache as a local model's are. A hub id that is not cached, offline, is one line that
     says nothing downloads."""
-    import shutil
-
-    from huggingface_hub import constants
-
     from mateconv.config import ConfigError
     from mateconv.train.stages import tokenizer_dir
 
-    repo = tmp_path / "hub" / "models--tiny-org--qwen2-tiny"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny_qwen, snapshot)
+    snapshot = in_fake_hub_cache(tiny_qwen, "tiny-org/qwen2-tiny", tmp_path, monkeypatch)
     settings = json.loads((snapshot / "config.json").read_text())
     (snapshot / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.05}))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)  # so that tiny-org/qwen2-tiny is no directory here
     out = tmp_path / "run"
     config = parse_config(tiny_flags(out, init_from="tiny-org/qwen2-tiny", dropout=0.3))
     assert build_model(config).model.layers[0].self_attn.attention_dropout == 0.3
@@ -398,6 +406,17 @@ def test_a_hub_model_is_read_as_a_local_one(tiny_qwen, tiny_neox, tiny_flags, tm
     with pytest.raises(ConfigError, match="^init_from: tiny-org/nothing is not a directory here nor in the Hugging "
                                           "Face cache, and HF_HUB_OFFLINE is set, so nothing downloads"):
         build_model(parse_config(tiny_flags(out, init_from="tiny-org/nothing")))
+
+
+def test_a_hub_models_tokenizer_is_checked_for_chatml(tiny_neox, tiny_qwen, tmp_path, monkeypatch):
+    """SFT from a hub id whose tokenizer has no ChatML tokens (GPT-NeoX's) adds them as from a local copy: the check
+    read only a local directory's tokenizer.json, so a hub model was taken to have them."""
+    from mateconv.train.models import lacks_chatml
+
+    in_fake_hub_cache(tiny_neox, "tiny-org/neox-tiny", tmp_path, monkeypatch)
+    in_fake_hub_cache(tiny_qwen, "tiny-org/qwen2-tiny", tmp_path, monkeypatch)
+    assert lacks_chatml("tiny-org/neox-tiny") and lacks_chatml(tiny_neox)
+    assert not lacks_chatml("tiny-org/qwen2-tiny")
 
 
 def test_a_tokenizer_path_other_than_the_models_is_refused(tiny_qwen, tiny_neox, tiny_flags, tmp_path):

@@ -20,7 +20,7 @@ from mateconv.config import (STAGE_PROGRAMS, TRAINING_ONLY_MODEL, ConfigError, L
                              hf_dropout_settings, is_mateconv, is_training_checkpoint, load_run_config,
                              saved_model_settings)
 from mateconv.files import atomic_dir
-from mateconv.hub import hub_unreachable, meant_as_local
+from mateconv.hub import hub_unreachable, local_model_dir, meant_as_local
 from mateconv.tokenizer import save_pretrained_portable
 from mateconv.train.checkpoint import CHECKPOINTS, checkpoint_problem, pointed_checkpoint, unwrap
 from mateconv.train.distributed import Runtime, barrier, first_error
@@ -123,11 +123,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                           f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
 
 
-def lacks_chatml(model_dir: str | Path) -> bool:
-    """Whether a local model's tokenizer has no ChatML tokens (<|im_start|>, <|im_end|>): Pythia's, Llama's, GPT-2's."""
+def lacks_chatml(model: str | Path) -> bool:
+    """Whether a model's tokenizer (a local one, or a hub model's in the Hugging Face cache) has no ChatML tokens
+    (<|im_start|>, <|im_end|>): Pythia's, Llama's, GPT-2's."""
     from tokenizers import Tokenizer
 
-    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    tokenizer_file = local_model_dir(model) / "tokenizer.json"
     if not tokenizer_file.is_file():
         return False
     return not has_chatml(Tokenizer.from_file(str(tokenizer_file)))
