@@ -389,7 +389,6 @@ def test_a_hub_model_is_read_as_a_local_one(tiny_qwen, tiny_neox, tiny_flags, tm
     tokenized raw data with tokenizer_path, silently (or said the model had no tokenizer.json): its config.json and
     tokenizer are read from the cache as a local model's are. A hub id that is not cached, offline, is one line that
     says nothing downloads."""
-    from mateconv.config import ConfigError
     from mateconv.train.stages import tokenizer_dir
 
     snapshot = in_fake_hub_cache(tiny_qwen, "tiny-org/qwen2-tiny", tmp_path, monkeypatch)
@@ -422,7 +421,6 @@ def test_a_hub_models_tokenizer_is_checked_for_chatml(tiny_neox, tiny_qwen, tmp_
 def test_a_tokenizer_path_other_than_the_models_is_refused(tiny_qwen, tiny_neox, tiny_flags, tmp_path):
     """--tokenizer_path beside --init_from a model with its own tokenizer was ignored without a word (the model's
     own tokenized the data and was saved): the same tokenizer is accepted, another is refused in one line."""
-    from mateconv.config import ConfigError
 
     out = tmp_path / "run"
     parse_config(tiny_flags(out, init_from=tiny_qwen))  # tiny_flags names its own tokenizer: accepted
