@@ -421,7 +421,6 @@ def test_a_hub_models_tokenizer_is_checked_for_chatml(tiny_neox, tiny_qwen, tmp_
 def test_a_tokenizer_path_other_than_the_models_is_refused(tiny_qwen, tiny_neox, tiny_flags, tmp_path):
     """--tokenizer_path beside --init_from a model with its own tokenizer was ignored without a word (the model's
     own tokenized the data and was saved): the same tokenizer is accepted, another is refused in one line."""
-
     out = tmp_path / "run"
     parse_config(tiny_flags(out, init_from=tiny_qwen))  # tiny_flags names its own tokenizer: accepted
     with pytest.raises(ConfigError, match=f"^tokenizer_path: {tiny_neox} is not the tokenizer of init_from "
