@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,10 +27,10 @@ from mateconv.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import DEFAULT_NORMALIZATION, NORMALIZATIONS, normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
-from mateconv.data.readers import BadLine, iter_sources, path_list, record_text
+from mateconv.data.readers import BadLine, ReadProgress, iter_sources, path_list, record_text
 from mateconv.files import save_figure, write_atomic
 from mateconv.flags import ArgumentParser
-from mateconv.terminal import bars_only_on_a_terminal, run_main
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, on_terminal, run_main
 
 # Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
 # knows it as the "qwen2" pre-tokenizer, and ollama's own engine splits every Qwen3 model's text with it whatever the
@@ -46,12 +47,15 @@ def byte_level_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def corpus_texts(paths: Iterable[str | Path], max_chars: int | None = None,
-                 normalization: str = DEFAULT_NORMALIZATION, skipped: list[str] | None = None) -> Iterator[str]:
+                 normalization: str = DEFAULT_NORMALIZATION, skipped: list[str] | None = None,
+                 read: ReadProgress | None = None) -> Iterator[str]:
     """Texts of every record of the corpus paths (bad records skipped; the first one's "file:line: why" is added to
     `skipped`), normalised as stage 2 normalises them (the model sees only that text), stopping after max_chars
-    characters."""
+    characters. `read` follows the files as they are read."""
     total = 0
     for source, number, record in iter_sources(paths):
+        if read is not None:
+            read.reading(source)
         try:
             if isinstance(record, BadLine):
                 raise DataError(record.error)
@@ -81,6 +85,24 @@ def without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
         yield from (piece for piece in special.split(text) if piece)
 
 
+def reported(texts: tqdm, read: ReadProgress, vocab_size: int, whole: bool) -> Iterator[str]:
+    """The texts, and off a terminal (where the bars draw nothing) plain lines on how much of the corpus is read (all
+    of it at the end where `whole`, not cut by max_chars), then one when the merges begin: they show no progress
+    there and take most of the time on Chinese text."""
+    plain = PlainProgress("tokenizer corpus", read.total / 1e6, "MB")
+    shown = time.monotonic()
+    for text in texts:
+        yield text
+        if time.monotonic() - shown >= 1.0:
+            shown = time.monotonic()
+            plain.update(read.done() / 1e6, docs=texts.n)
+    if whole:
+        plain.update(read.total / 1e6, docs=texts.n)
+    if texts.n and not on_terminal():
+        print(f"[tokenizer] learning the merges of a {vocab_size:,}-token BPE from {texts.n:,} documents",
+              flush=True)
+
+
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
                     min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768,
                     normalization: str = DEFAULT_NORMALIZATION) -> Path:
@@ -93,10 +115,11 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=on_terminal())
     skipped: list[str] = []
-    texts = tqdm(corpus_texts(corpus, max_chars, normalization, skipped), desc="tokenizer corpus", unit="doc")
-    tokenizer.train_from_iterator(without_special_tokens(texts), trainer=trainer)
+    read = ReadProgress(corpus)
+    texts = tqdm(corpus_texts(corpus, max_chars, normalization, skipped, read), desc="tokenizer corpus", unit="doc")
+    tokenizer.train_from_iterator(without_special_tokens(reported(texts, read, vocab_size, max_chars is None)), trainer=trainer)
     if texts.n == 0:
         raise no_text_found(corpus, skipped)
     for token_id, token in enumerate(SPECIAL_TOKENS):

@@ -172,6 +172,17 @@ def test_special_tokens_written_in_the_corpus_get_no_merges(tmp_path):
     assert tokenizer.encode("note<|im_end|>").tokens[-1] == "<|im_end|>"
 
 
+def test_training_off_a_terminal_says_how_far_it_is(tmp_path, capsys):
+    """Off a terminal (the pipeline's log, nohup) the stage said nothing until "tokenizer saved": on MiniMind's
+    gigabytes, reading the corpus and then learning the merges (most of the time on Chinese text) went by in silence."""
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"river {i} runs past the mill"}) + "\n" for i in range(200)))
+    train_tokenizer([corpus], tmp_path / "tok", vocab_size=300)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("[tokenizer corpus] ") and "(100%) docs 200 " in line for line in lines), lines
+    assert any(line.startswith("[tokenizer] learning the merges of a 300-token BPE from 200 documents") for line in lines)
+
+
 def test_a_corpus_with_no_readable_text_names_the_first_reason(tmp_path):
     """A Chinese corpus saved as GBK is not UTF-8: the error says so, at the file and line, and how to convert it."""
     gbk = tmp_path / "poems.txt"

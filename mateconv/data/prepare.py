@@ -27,7 +27,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import psutil
 from tqdm import tqdm
 
 from mateconv.data import DataError
@@ -36,7 +35,7 @@ from mateconv.data.clean import (DEFAULT_NORMALIZATION, NORMALIZATIONS, Deduper,
 from mateconv.data.dataset_info import FILE_NAME as DATASET_INFO, dataset_info
 from mateconv.data.formats import check_pair, check_turns, to_preference, to_sft
 from mateconv.data.pool import in_order
-from mateconv.data.readers import HUB_PREFIXES, BadLine, iter_sources, list_files, path_list, record_text
+from mateconv.data.readers import BadLine, ReadProgress, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
 from mateconv.flags import ArgumentParser
@@ -107,29 +106,6 @@ def _record_id(record: Any, kind: str, read: int, taken: set[str] | None) -> str
     return record_id
 
 
-class _ReadProgress:
-    """How much of the local input files the run has read, in bytes: the files finished, and where it reads the one
-    open now (Linux; elsewhere a file counts when it is finished). Hub data sets have no size and do not count."""
-
-    def __init__(self, sources: list[str | Path]):
-        local = [raw for raw in sources if not str(raw).startswith(HUB_PREFIXES)]
-        self.sizes = {str(path): path.stat().st_size for path in list_files(local)}
-        self.total = sum(self.sizes.values())
-        self.finished, self.current, self.last = 0, None, 0
-
-    def reading(self, source: str) -> None:
-        if source != self.current:
-            self.finished += self.sizes.get(self.current, 0)
-            self.current = source
-
-    def done(self) -> int:
-        """Bytes read, never fewer than before (the file read to its end is closed before its last records come)."""
-        path = os.path.realpath(self.current) if self.current in self.sizes else None
-        position = next((getattr(f, "position", 0) for f in psutil.Process().open_files() if f.path == path), 0)
-        self.last = max(self.last, self.finished + min(position, self.sizes.get(self.current, 0)))
-        return self.last
-
-
 def _checked(kind: str, sources: list[str | Path], form: str, filters: Filters, deduper: Deduper, workers: int,
              chunk_records: int = 256) -> Iterator[tuple[str, int, Any, dict | None, str, str | None]]:
     """(source, line, record, output, text, reason) of every record of the sources, in their order: reason None keeps
@@ -187,7 +163,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     hold_out = kind == "sft" and prompts_frac > 0
     lengths: dict[str, list[int]] = {"train": [], "val": [], **({"prompts": []} if hold_out else {})}
     paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in lengths}
-    input_read = _ReadProgress(sources)  # before the files: a path that is not there is an error here
+    input_read = ReadProgress(sources)  # before the files: a path that is not there is an error here
     files = {split: open(f"{path}.tmp", "w", encoding="utf-8") for split, path in paths.items()}
     read = 0
     ids: set[str] | None = None if kind == "pretrain" else set()  # nothing reads pretraining ids: no set of millions

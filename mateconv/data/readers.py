@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
+import psutil
+
 from mateconv.data import DataError, json_type
 from mateconv.data.dataset_info import entry_for
 
@@ -451,6 +453,29 @@ def iter_hub(name: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
     except Exception as error:  # network or hub failures come in many exception types
         raise DataError(f"{name}: could not load the data set from the hub (no network, or a wrong name?): "
                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+class ReadProgress:
+    """How much of the local input files the run has read, in bytes: the files finished, and where it reads the one
+    open now (Linux; elsewhere a file counts when it is finished). Hub data sets have no size and do not count."""
+
+    def __init__(self, sources: str | Path | Iterable[str | Path]):
+        local = [raw for raw in path_list(sources) if not str(raw).startswith(HUB_PREFIXES)]
+        self.sizes = {str(path): path.stat().st_size for path in list_files(local)}
+        self.total = sum(self.sizes.values())
+        self.finished, self.current, self.last = 0, None, 0
+
+    def reading(self, source: str) -> None:
+        if source != self.current:
+            self.finished += self.sizes.get(self.current, 0)
+            self.current = source
+
+    def done(self) -> int:
+        """Bytes read, never fewer than before (the file read to its end is closed before its last records come)."""
+        path = os.path.realpath(self.current) if self.current in self.sizes else None
+        position = next((getattr(f, "position", 0) for f in psutil.Process().open_files() if f.path == path), 0)
+        self.last = max(self.last, self.finished + min(position, self.sizes.get(self.current, 0)))
+        return self.last
 
 
 def iter_sources(paths: str | Path | Iterable[str | Path], split: str = "train") -> Iterator[tuple[str, int, Any]]:
