@@ -320,6 +320,15 @@ def same_normalization(preset: dict) -> None:
         stages["tokenizer"].setdefault("args", {})["normalization"] = form
 
 
+def as_many_prompts_as_sampled(preset: dict, sets: list[str]) -> None:
+    """On the judge path stage 2 holds out at most the SFT prompts stage 7 samples: `prefs.n_prompts` as `--set`
+    leaves it (held_out_prompts took the preset's), unless `--set prepare.max_prompts=...` says how many."""
+    stages = preset["stages"]
+    prepare = stages.get("prepare", {}).get("args", {})
+    if "max_prompts" in prepare and "prefs" in stages and not any(s.startswith("prepare.max_prompts=") for s in sets):
+        prepare["max_prompts"] = stages["prefs"]["args"]["n_prompts"]
+
+
 def set_judge_model(preset: dict, name: str) -> None:
     """One judge for stage 7 (train and validation pairs) and the evaluation's win rates."""
     for stage in ("prefs", "prefs_val", "eval"):
@@ -623,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
         apply_sets(preset, args.sets, set(every_stage) - set(preset["stages"]))
         same_normalization(preset)
+        as_many_prompts_as_sampled(preset, args.sets)
         only = {s for s in args.only.split(",") if s} or None
         unknown = (only or set()) - set(preset["stages"])
         if unknown & set(every_stage):

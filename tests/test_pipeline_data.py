@@ -227,6 +227,25 @@ def test_only_naming_a_stage_the_data_leaves_out_says_so(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+def test_stage_2_holds_out_as_many_prompts_as_a_set_n_prompts_asks(tmp_path, monkeypatch):
+    """On the judge path `--set prefs.n_prompts=2` still held the preset's 400 out of SFT (10% of them): stage 7 used 2,
+    and the rest trained nothing. `--set prepare.max_prompts` still decides where given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL", ENDPOINT["OPENAI_BASE_URL"])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pretrain.jsonl").write_text(json.dumps(TEXT) + "\n")
+    (data / "sft.jsonl").write_text("".join(json.dumps({"conversations": [
+        {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+        for i in range(100)))
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "prefs.n_prompts=2"]) == 0
+    assert len((tmp_path / "out/data/sft_prompts.jsonl").read_text().splitlines()) == 2
+    shutil.rmtree(tmp_path / "out")
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "prefs.n_prompts=2",
+                          "prepare.max_prompts=3"]) == 0
+    assert len((tmp_path / "out/data/sft_prompts.jsonl").read_text().splitlines()) == 3
+
+
 def test_set_for_a_stage_the_data_leaves_out_is_ignored_with_a_note(tmp_path, monkeypatch, capsys):
     """The same `--set sft.max_steps=... --set dpo.max_steps=...` lines on a pretraining-only corpus stopped the run
     with `--set names unknown stage 'sft'`, a stage every run knows."""
