@@ -108,6 +108,19 @@ def test_hh_rlhf_split_at_last_assistant_turn(shared_data):
     assert len(multi["prompt"]) >= 5
 
 
+def test_hh_rlhf_prompt_apart_from_its_replies_is_split_into_turns():
+    """Dahoas/full-hh-rlhf and rm-static (DeepSpeed-Chat's, OpenRLHF's) keep the transcript up to the last
+    "\n\nAssistant:" as `prompt`, the replies apart: the prompt was one user turn holding "Human:" and "Assistant:"."""
+    record = {"prompt": "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:",
+              "response": " Fine, thanks.", "chosen": " Fine, thanks.", "rejected": " Go away."}
+    pair = to_preference(record)
+    assert pair["prompt"] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+                              {"role": "user", "content": "How are you?"}]
+    assert [pair[side][0]["content"].strip() for side in ("chosen", "rejected")] == ["Fine, thanks.", "Go away."]
+    plain = to_preference({"prompt": "Human: a word I use", "chosen": "Yes", "rejected": "No"})  # not a transcript
+    assert plain["prompt"] == [{"role": "user", "content": "Human: a word I use"}]
+
+
 def test_messages_sharegpt_prompt_and_implicit_shapes():
     sharegpt = {"system": "be nice", "conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
                                                        {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}

@@ -11,8 +11,9 @@ Accepted shapes, detected per record by `detect_format`:
                    (LLaMA-Factory ranking data)
 - "prompt_completion": {"prompt", "completion"}, each a string or a message list (TRL), "system"?
 - "prompt_pref":   {"prompt", "chosen", "rejected"}, each a string or a message list (TRL; sides that repeat the
-                   prompt's turns first, as UltraFeedback binarized's, are cut to the reply); "question" for
-                   "prompt" and a "system" (Intel/orca_dpo_pairs)
+                   prompt's turns first, as UltraFeedback binarized's, are cut to the reply; a prompt that is an
+                   hh-rlhf transcript up to its last "\\n\\nAssistant:", as Dahoas/full-hh-rlhf's, is split into
+                   turns); "question" for "prompt" and a "system" (Intel/orca_dpo_pairs)
 - "sharegpt_pref": {"conversations", "chosen", "rejected"}, chosen/rejected a {"from", "value"} dict or a string
 - "hh":            {"chosen", "rejected"} Anthropic full transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."
 - "implicit_pref": {"chosen", "rejected"} full message lists (MiniMind / TRL) that differ only in the last reply
@@ -376,6 +377,14 @@ def _prompt_and_reply(value: Any, side: str) -> tuple[Messages, Messages]:
     return messages[:-1], messages[-1:]
 
 
+def _preference_prompt(value: Any) -> Messages:
+    """A prompt/chosen/rejected record's prompt: a string (one user turn), a message list, or an hh-rlhf transcript
+    up to the "\n\nAssistant:" the replies follow (Dahoas/full-hh-rlhf, rm-static), split into its turns."""
+    if isinstance(value, str) and value.startswith(HH_HUMAN) and value.rstrip().endswith(HH_ASSISTANT):
+        return split_hh(value)[0]
+    return _turns(value, "user", "prompt")
+
+
 def _reply_after(prompt: Messages, value: Any, side: str) -> Messages:
     """A side of a prompt/chosen/rejected record: the reply alone, or the whole conversation with the prompt's turns
     first (UltraFeedback binarized), which must then be the prompt's."""
@@ -401,7 +410,7 @@ def to_preference(record: Any) -> dict[str, Messages]:
     """Any supported preference shape -> {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}."""
     shape = detect_format(record)
     if shape == "prompt_pref":
-        prompt = _with_system(_turns(record["prompt" if "prompt" in record else "question"], "user", "prompt"), record)
+        prompt = _with_system(_preference_prompt(record["prompt" if "prompt" in record else "question"]), record)
         chosen, rejected = (_reply_after(prompt, record[side], side) for side in ("chosen", "rejected"))
     elif shape == "sharegpt_pref":
         prompt = _messages(record["conversations"], record)
