@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import random
@@ -98,16 +99,16 @@ def reported(texts: tqdm, read: ReadProgress, vocab_size: int, whole: bool) -> I
             plain.update(read.done() / 1e6, docs=texts.n)
     if whole:
         plain.update(read.total / 1e6, docs=texts.n)
-    if texts.n and not on_terminal():
+    if not on_terminal():
         print(f"[tokenizer] learning the merges of a {vocab_size:,}-token BPE from {texts.n:,} documents",
               flush=True)
 
 
 def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: int = 6400,
                     min_frequency: int = 2, max_chars: int | None = None, model_max_length: int = 32768,
-                    normalization: str = DEFAULT_NORMALIZATION) -> Path:
+                    normalization: str = DEFAULT_NORMALIZATION, progress: bool = True) -> Path:
     """Train the BPE on the corpus, normalised as stage 2's `--normalization` does, and save a Hugging Face tokenizer
-    directory; returns out_dir."""
+    directory; returns out_dir. `progress`: bars on a terminal, plain lines off one (`reported`)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 259 tokens")
     os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "true")
@@ -115,13 +116,18 @@ def train_tokenizer(corpus: list[str | Path], out_dir: str | Path, vocab_size: i
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=on_terminal())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=progress and on_terminal())
     skipped: list[str] = []
     read = ReadProgress(corpus)
-    texts = tqdm(corpus_texts(corpus, max_chars, normalization, skipped, read), desc="tokenizer corpus", unit="doc")
-    tokenizer.train_from_iterator(without_special_tokens(reported(texts, read, vocab_size, max_chars is None)), trainer=trainer)
-    if texts.n == 0:
+    texts = corpus_texts(corpus, max_chars, normalization, skipped, read)
+    first = next(texts, None)
+    if first is None:
         raise no_text_found(corpus, skipped)
+    texts = itertools.chain([first], texts)
+    if progress:
+        texts = reported(tqdm(texts, desc="tokenizer corpus", unit="doc"), read, vocab_size, max_chars is None)
+    tokenizer.train_from_iterator(without_special_tokens(texts), trainer=trainer)
     for token_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != token_id:
             raise DataError(f"special token {token} did not get id {token_id}")
@@ -312,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Unicode normalisation of the corpus: the same as stage 2's (the text the model sees) "
                              f"(default: {DEFAULT_NORMALIZATION})")
     parser.add_argument("--out_dir", default="out/tokenizer")
+    parser.add_argument("--no_progress", action="store_true", help="no bars, no progress lines")
     return parser
 
 
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = (adopt_tokenizer(args.from_pretrained, args.out_dir) if args.from_pretrained else
                train_tokenizer(args.corpus, args.out_dir, settings["vocab_size"], settings["min_frequency"],
-                               settings["max_chars"], normalization=settings["normalization"]))
+                               settings["max_chars"], normalization=settings["normalization"],
+                               progress=not args.no_progress))
     except DataError as error:
         sys.exit(f"error: {error}")
     print(f"tokenizer saved to {out}")

@@ -519,7 +519,8 @@ def test_output_piped_into_head_ends_quietly(tmp_path, program, lines_read, made
     args = {"mateconv.pipeline": ["run", "--data", str(data), "--only", "prepare", "--set", "prepare.no_progress=true"],
             "mateconv.data.prepare": ["--pretrain", str(data / "pretrain.jsonl"), "--out_dir", "out/data",
                                       "--no_progress"],
-            "mateconv.tokenizer": ["--corpus", str(data), "--vocab_size", "300", "--out_dir", "out/tokenizer"],
+            "mateconv.tokenizer": ["--corpus", str(data), "--vocab_size", "300", "--out_dir", "out/tokenizer",
+                                   "--no_progress"],
             "3.dataset.py": ["--kind", "pretrain", "--input", str(data / "pretrain.jsonl"), "--tokenizer",
                              str(tiny_tokenizer), "--out_dir", "out/tokens/pretrain", "--workers", "1"]}[program]
     command = [str(REPO / program)] if program.endswith(".py") else ["-m", program]
