@@ -6,9 +6,12 @@ FSDP).
     Trainer(config, runtime, model, LMObjective(), train_data, val_data, tokenizer).fit()
 
 A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank; an epoch's last step
-takes those the epoch has left, so `epochs` is that many passes over the data. Checkpoints are taken at step
-boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on another
-number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
+takes those the epoch has left, so `epochs` is that many passes over the data. The loop takes a step's micro-batches
+from the loader before the first forward, to count their items (an LM's labelled tokens) over all ranks: each
+micro-batch's loss weighs by its share of them (`Trainer.shares`), so that the step's loss and gradient are the mean
+over every labelled token of the step, however the rows are split into micro-batches and ranks. Checkpoints are taken
+at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on
+another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
 
 Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
@@ -317,11 +320,11 @@ class Trainer:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
     def shares(self, batches: list[dict[str, torch.Tensor]]) -> list[float | torch.Tensor]:
-        """Each micro-batch's items (`objective.weight`: an LM's labelled tokens) over the mean micro-batch's of the
-        step on all ranks: 1 when all hold as many (pretraining's full rows, DPO's pairs). Each micro-batch's loss
-        weighed by its share, the step's mean over micro-batches and ranks is the mean over all the step's items (Hugging
-        Face Trainer's `num_items_in_batch` with `average_tokens_across_devices`). Read on the host copies; over ranks
-        one all-reduce per step, left on the device."""
+        """Each micro-batch's items (`objective.weight`: an LM's labelled tokens) over the step's mean per micro-batch
+        on all ranks: 1 when all hold as many (pretraining's full rows, DPO's pairs). With each micro-batch's loss
+        weighed by its share, the mean over the step's micro-batches and ranks is the mean over all its items (Hugging
+        Face Trainer's `num_items_in_batch` with `average_tokens_across_devices`). Counted on the host copies; over
+        ranks one all-reduce per step, whose sum stays on the device."""
         weights = [self.objective.weight(batch) for batch in batches]
         # a step without labelled tokens (the data leaves out such rows) keeps its NaN loss, not a division by zero
         total = sum_over_ranks(max(sum(weights), 1), self.runtime.device)
