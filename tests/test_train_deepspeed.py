@@ -323,3 +323,35 @@ def test_bad_input_under_the_launcher_is_one_line_per_rank(deepspeed_command, tm
     said = sorted(line.split(":")[0] for line in output.splitlines() if str(missing) in line
                   and line.startswith("pretrain"))
     assert said == ["pretrain", "pretrain (rank 1)"], output[-3000:]
+
+
+def test_sft_on_two_ranks_weighs_every_labelled_token_like_one_rank(tiny_flags, tiny_pretrain_model, tmp_path):
+    """SFT rows hold very different numbers of assistant tokens: a step of 4 rows on 2 ranks, under ZeRO-2 (2
+    micro-batches of 1 row per rank) and under DDP (1 of 2), is one rank's step of 4 rows: a micro-batch's loss weighs
+    by its share of the labelled tokens of the step on both ranks. Before, each rank's mean weighed alike."""
+    from safetensors.torch import load_file
+
+    from mateconv.config import parse_config
+    from mateconv.train.stages import RECIPES, run
+
+    def flags(name: str, **extra) -> list[str]:
+        return tiny_flags(tmp_path / name, "sft", init_from=tiny_pretrain_model, max_steps=2, dropout=0.0,
+                          val_data_path="", save_interval_steps=100, **extra)
+
+    run(RECIPES["sft"], parse_config(flags("one_rank"), RECIPES["sft"].defaults))
+    launchers = {"zero2": ["deepspeed", "--num_gpus", "2"], "ddp": ["torchrun", "--nproc_per_node", "2"]}
+    settings = {"zero2": dict(engine="deepspeed", zero_stage=2, batch_size=1, accumulation_steps=2),
+                "ddp": dict(batch_size=2)}
+    for name, (launcher, *options) in launchers.items():
+        command = [str(Path(sys.executable).with_name(launcher)), *options, "--master_port", str(free_port()),
+                   str(REPO / "5.full_sft.py"), *flags(name, **settings[name])]
+        result = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reference = {key: metric(tmp_path / "one_rank", key) for key in ("loss", "lm_loss", "grad_norm")}
+    weights = load_file(tmp_path / "one_rank" / "final" / "model.safetensors")
+    for name in launchers:
+        for key, values in reference.items():
+            assert metric(tmp_path / name, key) == pytest.approx(values, rel=1e-5), (name, key)
+        trained = load_file(tmp_path / name / "final" / "model.safetensors")
+        assert all(torch.allclose(trained[k], weights[k], rtol=1e-5, atol=1e-6) for k in weights), name

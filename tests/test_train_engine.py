@@ -595,6 +595,25 @@ def test_sft_stage_from_pretrained(train, tiny_pretrain_model, tmp_path):
     assert summary["step"] == 4 and (tmp_path / "sft" / "final" / "model.safetensors").is_file()
 
 
+def test_a_step_weighs_every_labelled_token_alike_however_the_batch_is_split(train, tiny_pretrain_model, tmp_path):
+    """SFT rows hold very different numbers of assistant tokens: a step of 4 rows as 1 micro-batch of 4, 2 of 2 or 4
+    of 1 is the same update, its loss the mean over all the step's labelled tokens (Hugging Face Trainer's
+    `num_items_in_batch`). Before, each micro-batch's mean weighed alike, so a token of a short reply counted more."""
+    from safetensors.torch import load_file
+
+    splits = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
+    for name, (batch_size, accumulation) in splits.items():
+        train(tmp_path / name, "sft", init_from=tiny_pretrain_model, batch_size=batch_size,
+              accumulation_steps=accumulation, max_steps=2, dropout=0.0, val_data_path="", save_interval_steps=100)
+    rows = {name: [r for r in read_metrics(tmp_path / name) if "loss" in r] for name in splits}
+    weights = {name: load_file(tmp_path / name / "final" / "model.safetensors") for name in splits}
+    for name in ("2x2", "1x4"):
+        for row, reference in zip(rows[name], rows["4x1"]):
+            for key in ("loss", "lm_loss", "grad_norm"):
+                assert row[key] == pytest.approx(reference[key], rel=1e-5), (name, row["step"], key)
+        assert all(torch.allclose(weights[name][k], weights["4x1"][k], rtol=1e-5, atol=1e-6) for k in weights[name])
+
+
 def test_a_checkpoint_of_a_run_from_a_saved_model_is_a_model_source(tiny_flags, tiny_pretrain_model, tmp_path):
     """SFT as the stages run it, from a pretrained model with no model flags: its checkpoint was refused as
     --init_from (and by export and chat), and its config.yaml as a config to run again, because the saved model

@@ -138,6 +138,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sum_over_ranks(value: int, device: torch.device) -> int | torch.Tensor:
+    """`value` summed over ranks: alone the int itself, else a tensor on `device` that the host does not read."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    total = torch.tensor(value, device=device)
+    dist.all_reduce(total)
+    return total
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (so all ranks stop at the same step). Called every step:
     alone (one rank, DeepSpeed's launcher included) it costs no collective and no wait for the device."""

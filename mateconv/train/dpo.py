@@ -130,7 +130,9 @@ class DPOObjective:
             loss = loss + s.sft_coef * chosen_nll
         return loss
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             share: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """`share`: 1 in training, where every micro-batch holds batch_size pairs (see Objective.loss)."""
         s = self.settings
         if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):
             raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
@@ -153,7 +155,7 @@ class DPOObjective:
         pair_losses = preference_losses(chosen_logratios, rejected_logratios, s, *lengths)
         kl = kl_per_token(chosen_tokens_logps, ref_chosen_tokens.to(logps), chosen_mask)
         chosen_nll = -chosen_tokens_logps.sum() / chosen_mask.sum().clamp(min=1)
-        loss = self.total(pair_losses.mean(), kl, chosen_nll)
+        loss = self.total(pair_losses.mean(), kl, chosen_nll) * share
         aux = aux_loss if model.training else None  # the router's balance loss trains, as in pretraining and SFT
         if aux is not None:
             loss = loss + aux

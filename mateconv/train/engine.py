@@ -6,9 +6,12 @@ FSDP).
     Trainer(config, runtime, model, LMObjective(), train_data, val_data, tokenizer).fit()
 
 A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank; an epoch's last step
-takes those the epoch has left, so `epochs` is that many passes over the data. Checkpoints are taken at step
-boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on another
-number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
+takes those the epoch has left, so `epochs` is that many passes over the data. The loop takes a step's micro-batches
+from the loader before the first forward, to count their items (an LM's labelled tokens) over all ranks: each
+micro-batch's loss weighs by its share of them (`Trainer.shares`), so that the step's loss and gradient are the mean
+over every labelled token of the step, however the rows are split into micro-batches and ranks. Checkpoints are taken
+at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on
+another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
 
 Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
@@ -24,6 +27,7 @@ unstepped. Checkpoints and evaluations read their step's figures at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import shutil
@@ -41,7 +45,7 @@ from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
                                        training_setting_changes, unwrap)
 from mateconv.train.data import ResumableDistributedSampler, close_loader, first_rows, make_loader, split_means
-from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank
+from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank, sum_over_ranks
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
@@ -315,12 +319,26 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
-    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool, window: int) -> tuple[torch.Tensor, dict]:
-        """Forward + backward of one micro-batch of a step of `window` of them; the optimizer steps on the boundary.
-        Returns (the detached loss, metrics), left on the device: nothing here waits for the GPU."""
+    def shares(self, batches: list[dict[str, torch.Tensor]]) -> list[float | torch.Tensor]:
+        """Each micro-batch's items (`objective.weight`: an LM's labelled tokens) over the step's mean per micro-batch
+        on all ranks: 1 when all hold as many (pretraining's full rows, DPO's pairs). With each micro-batch's loss
+        weighed by its share, the mean over the step's micro-batches and ranks is the mean over all its items (Hugging
+        Face Trainer's `num_items_in_batch` with `average_tokens_across_devices`). Counted on the host copies; over
+        ranks one all-reduce per step, whose sum stays on the device."""
+        weights = [self.objective.weight(batch) for batch in batches]
+        # a step without labelled tokens (the data leaves out such rows) keeps its NaN loss, not a division by zero
+        total = sum_over_ranks(max(sum(weights), 1), self.runtime.device)
+        micro_batches = len(batches) * self.runtime.world_size
+        return [weight * micro_batches / total for weight in weights]
+
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool, window: int,
+                   share: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict]:
+        """Forward + backward of one micro-batch of a step of `window` of them, its loss weighed by its `share`; the
+        optimizer steps on the boundary. Returns (the detached loss, metrics), left on the device: nothing here waits
+        for the GPU."""
         if self.runtime.use_deepspeed:
             self.engine.set_gradient_accumulation_boundary(boundary)  # an epoch's last step may be shorter
-            loss, metrics = self.objective.loss(self.engine, batch)
+            loss, metrics = self.objective.loss(self.engine, batch, share)
             # DeepSpeed divides by accumulation_steps: the gradient is the mean over this step's micro-batches
             self.engine.backward(loss * (self.config.optim.accumulation_steps / window))
             self.engine.step()
@@ -329,7 +347,7 @@ class Trainer:
             self.engine.set_requires_gradient_sync(boundary)
         sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
-            loss, metrics = self.objective.loss(self.engine, batch)
+            loss, metrics = self.objective.loss(self.engine, batch, share)
         scaled = loss / window
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), metrics
@@ -505,7 +523,6 @@ class Trainer:
         self.window, self.peak = Window(time.perf_counter()), peak
         self.streak, self.last_good = 0, step  # non-finite steps in a row; the last step applied
         # per-micro-batch figures stay on the device; the host reads a step's figures once (see the module docstring)
-        losses, extra, micro, step_start = [], {}, 0, None
         self.step_loss, val, stopped, halted, pending = float("nan"), {}, False, False, None
         with contextlib.nullcontext(self.stop) if self.stop else StopRequest(self.out_dir) as stop:
             if runtime.is_main:
@@ -514,31 +531,28 @@ class Trainer:
             early = stopped = any_rank(stop.requested, runtime.device)  # asked during the setup: no step is taken
             while step < self.total_steps and not stopped:
                 self.sampler.set_position(state["epoch"], state["samples_in_epoch"])
-                for batch in self.loader:
-                    if micro == 0:
-                        step_start = (state["epoch"], state["samples_in_epoch"])
-                        # the micro-batches of this step: an epoch ends with a step of those left (HF Trainer's way)
-                        left = self.sampler.per_rank_left(state["samples_in_epoch"]) // config.optim.batch_size
-                        window = min(accumulation, left)
-                        step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
-                        tracker.begin_step(step + 1)
-                    micro += 1
-                    boundary = micro == window
-                    state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
-                    positions, real, marked = batch_tokens(batch, self.pad_id)
-                    self.window.add_tokens(positions, real)
-                    batch = self.to_device(batch)
-                    loss, metrics = self.micro_step(batch, boundary, window)
-                    losses.append(loss)
-                    for key, value in metrics.items():
-                        extra[key] = extra.get(key, 0.0) + value / window
-                    moe_model = base_model(self.engine)
-                    load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
-                    if load is not None:
-                        self.window.add_load(load, marked / positions)
-                    if not boundary:
-                        continue
-                    micro = 0
+                batches = iter(self.loader)
+                for first in batches:
+                    step_start = (state["epoch"], state["samples_in_epoch"])
+                    # the micro-batches of this step: an epoch ends with a step of those left (HF Trainer's way)
+                    left = self.sampler.per_rank_left(state["samples_in_epoch"]) // config.optim.batch_size
+                    step_batches = [first, *itertools.islice(batches, min(accumulation, left) - 1)]
+                    window = len(step_batches)
+                    step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
+                    tracker.begin_step(step + 1)
+                    losses, extra = [], {}
+                    for micro, (batch, share) in enumerate(zip(step_batches, self.shares(step_batches)), 1):
+                        state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
+                        positions, real, marked = batch_tokens(batch, self.pad_id)
+                        self.window.add_tokens(positions, real)
+                        loss, metrics = self.micro_step(self.to_device(batch), micro == window, window, share)
+                        losses.append(loss)
+                        for key, value in metrics.items():
+                            extra[key] = extra.get(key, 0.0) + value / window
+                        moe_model = base_model(self.engine)
+                        load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
+                        if load is not None:
+                            self.window.add_load(load, marked / positions)
 
                     if pending is not None:  # the previous step: the device has it done or nearly, this one queued
                         halted, pending = self._finish(pending, state, tracker, progress), None
@@ -548,7 +562,8 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         state["epoch"], state["samples_in_epoch"] = step_start
                     else:
-                        # the mean over ranks: not finite on every rank when it is on one
+                        # the mean over ranks (of micro-batch losses weighed by their shares): the mean over the
+                        # step's items; not finite on every rank when it is on one
                         step_loss = all_reduce_mean(torch.stack(losses).float().mean())
                         grad_norm, applied = self.optimizer_step(step_loss)
                         step += 1
@@ -561,7 +576,6 @@ class Trainer:
                             figures.update(self.log_figures(extra))
                         pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
                                               replace(self.window, end=time.perf_counter()), time.time())
-                    losses, extra = [], {}
 
                     stop_requested = any_rank(stop.requested, runtime.device)
                     self.checkpoints.raise_failure()  # a background save that failed halts the run here
