@@ -158,6 +158,21 @@ def apply_sets(preset: dict, sets: list[str], left_out: Collection[str] = ()) ->
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
 
 
+def check_left_out_sets(preset: dict, sets: list[str], left_out: Collection[str], out: Path) -> None:
+    """A `--set` for a stage that a run on the user's data leaves out changes nothing, but a misspelt key in it is
+    still one: each such stage's flags, `preset` as it was before the data left stages out, are checked as the stage
+    would check them."""
+    aimed = [item for item in sets if item.partition(".")[0] in left_out]
+    if not aimed:
+        return
+    preset = json.loads(json.dumps(preset))  # a copy: the left-out stages stay out of the run
+    apply_sets(preset, aimed)
+    for stage in build_stages(preset, out):
+        problem = flags_problem(stage) if any(item.startswith(f"{stage.name}.") for item in aimed) else None
+        if problem:
+            raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+
+
 def launcher(preset: dict, script: str, nodes: Nodes | None = None) -> list[str]:
     """Training stages run under the DeepSpeed launcher when the preset asks for GPUs (`num_gpus` per node) or there
     are nodes, else as one process."""
@@ -624,13 +639,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer and training:  # said in the pipeline's flags, not the tokenizer stage's (--from_pretrained)
             raise PipelineError(f"--set {' '.join(training)}: --tokenizer {args.tokenizer} is used as it is, not "
                                 "trained (leave out --tokenizer to train one on --data with these settings)")
-        source, every_stage = None, list(preset["stages"])
+        source, full = None, json.loads(json.dumps(preset))  # the preset before --data leaves stages out
         if args.data:
             data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer).resolve() if args.tokenizer else None
             report, files = use_data(preset, data, tokenizer, os.environ, outputs=(out, logs))
             say(report)
             source = {"data": str(data), "tokenizer": str(tokenizer) if tokenizer else None, "files": files}
-        apply_sets(preset, args.sets, set(every_stage) - set(preset["stages"]))
+        every_stage, left_out = list(full["stages"]), set(full["stages"]) - set(preset["stages"])
+        check_left_out_sets(full, args.sets, left_out, out)
+        apply_sets(preset, args.sets, left_out)
         same_normalization(preset)
         as_many_prompts_as_sampled(preset, args.sets)
         only = {s for s in args.only.split(",") if s} or None

@@ -256,6 +256,10 @@ def test_set_for_a_stage_the_data_leaves_out_is_ignored_with_a_note(tmp_path, mo
             "above say why)") in capsys.readouterr().out
     assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "stf.max_steps=3"]) == 2
     assert "unknown stage 'stf'" in capsys.readouterr().err
+    # a misspelt key for a left-out stage is still a typo, said as for a stage that runs (it said "changes nothing")
+    assert pipeline_main(["run", "--data", str(data), "--only", "prepare", "--set", "dpo.max_stpes=3"]) == 2
+    said = capsys.readouterr().err
+    assert "dpo: unknown config key 'max_stpes'; did you mean 'max_steps'? (nothing was run)" in said
 
 
 def test_data_without_pretraining_text_still_says_what_each_file_is(tmp_path, monkeypatch, capsys):
