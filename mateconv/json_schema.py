@@ -35,16 +35,18 @@ MAX_AGENDAS = 1024  # agendas alive at once (anyOf branches, optional properties
 ANY_VALUE, ANY_OBJECT = ("value", "", None, MAX_BLANKS), ("start", "", None, MAX_BLANKS)
 SHORT_ESCAPES = '"\\/bfnrt'  # after a backslash in a patterned string (no \u escapes there)
 _DAY = r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
-_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_YEAR = r"(?:[1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"  # no year 0, which Python's datetime (pydantic's) refuses
+# fractions of a second to nanoseconds: unbounded, a small model wrote zeros until max_tokens
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _CLOCK = r"(?:\d+H(?:\d+M)?(?:\d+S)?|\d+M(?:\d+S)?|\d+S)"
 # the formats of OpenAI's strict mode that have a plain ASCII form (RFC 3339 dates and times with an offset; the 29th
 # of February is left out rather than checking leap years)
 FORMATS = {
-    "date": rf"\d{{4}}-{_DAY}",
+    "date": rf"{_YEAR}-{_DAY}",
     "time": _TIME,
-    "date-time": rf"\d{{4}}-{_DAY}T{_TIME}",
+    "date-time": rf"{_YEAR}-{_DAY}T{_TIME}",
     "duration": rf"P(?:\d+W|(?:\d+Y(?:\d+M)?(?:\d+D)?|\d+M(?:\d+D)?|\d+D)(?:T{_CLOCK})?|T{_CLOCK})",
     "email": rf"[A-Za-z0-9._%+-]+@{_LABEL}(?:\.{_LABEL})*\.[A-Za-z]{{2,}}",
     "hostname": rf"{_LABEL}(?:\.{_LABEL})*",

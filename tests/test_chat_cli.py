@@ -165,6 +165,15 @@ def test_compile_flag_of_chat_and_serve(capsys):
         assert "argument --compile: expected auto, 1 or 0, got 'maybe'" in capsys.readouterr().err
 
 
+def test_serve_port_out_of_range_is_one_line(tmp_path):
+    """Checked before the model loads (before: uvicorn's OverflowError traceback once the model had loaded)."""
+    from mateconv.serve.cli import main as serve_main
+
+    with pytest.raises(SystemExit) as error:
+        serve_main(["--model_path", str(tmp_path), "--port", "99999"])
+    assert str(error.value) == "serve: --port must be in 0-65535, got 99999"
+
+
 def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tmp_path), "--prompt", "hi"])

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_concurrent < 1 or args.max_queued < 0 or args.max_request_bytes < 1 or args.default_max_tokens < 1:
         raise SystemExit("serve: max_concurrent, max_request_bytes and default_max_tokens must be >= 1, "
                          "max_queued >= 0")
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"serve: --port must be in 0-65535, got {args.port}")
     if not args.api_key and not is_loopback(args.host):
         print(f"serve: WARNING: listening on {args.host} without an API key: anyone who can reach port {args.port} "
               f"can use the model (set --api_key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
