@@ -459,6 +459,24 @@ def test_muon_gets_hidden_matrices_only():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
+def test_muon_over_lora_adapters_alone_steps():
+    """LoRA's trainable weights are all hidden matrices: Muon takes them and no AdamW part is built (torch's AdamW
+    refuses an empty parameter list, which was a traceback for `5.full_sft.py --use_lora --optimizer muon`)."""
+    from mateconv.train.models import add_lora
+    from model import MateConvForCausalLM
+
+    model = add_lora(MateConvForCausalLM(MateConvConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                                        vocab_size=128)), LoRAConfig(enabled=True))
+    optimizer = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [type(part) for part in optimizer.optimizers] == [Muon]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    model(torch.randint(0, 128, (1, 8)), labels=torch.randint(0, 128, (1, 8))).loss.backward()
+    before = [p.detach().clone() for p in trainable]
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable))
+
+
 def test_fp32_muon_step_matches_torch_muon():
     torch.manual_seed(0)
     weight = torch.randn(48, 32)

@@ -99,11 +99,14 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     hidden = [p for _, p in named if id(p) in chosen]
     rest = [(n, p) for n, p in named if id(p) not in chosen]
     ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    muon = Muon(hidden, ns_dtype=ns_dtype, lr=optim.muon_lr, momentum=optim.muon_momentum,
-                weight_decay=optim.weight_decay)
-    adamw = torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas,
-                              fused=True)
-    return CombinedOptimizer([muon, adamw])
+    parts = []  # a part without parameters is left out: LoRA's adapters, all matrices, leave AdamW none
+    if hidden:
+        parts.append(Muon(hidden, ns_dtype=ns_dtype, lr=optim.muon_lr, momentum=optim.muon_momentum,
+                          weight_decay=optim.weight_decay))
+    if rest:
+        parts.append(torch.optim.AdamW(adamw_groups(rest, optim.weight_decay), lr=optim.learning_rate, betas=betas,
+                                       fused=True))
+    return CombinedOptimizer(parts)
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
