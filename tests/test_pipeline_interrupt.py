@@ -121,3 +121,16 @@ def test_a_pipelines_stages_share_one_wandb_group(tmp_path):
     assert subprocess.run(command, cwd=tmp_path, env=env, capture_output=True).returncode == 0
     groups = {(tmp_path / f"out/{name}/done").read_text() for name in ("pretrain", "sft")}
     assert groups == {(tmp_path / "out/wandb_group").read_text().strip()} and groups != {""}
+
+
+def test_ctrl_c_while_a_program_imports_is_one_line(tmp_path):
+    """`kill -2` of a stage that is still importing torch and transformers (seconds; a pipeline stopped right after it
+    started a stage) ends it with one line, as it does once the program runs, not a traceback through the library."""
+    program = tmp_path / "4.pretrain.py"  # its imports, mateconv's first, then a library that takes its time
+    program.write_text("import mateconv.terminal\nimport time\nprint('importing', flush=True)\ntime.sleep(60)\n")
+    stage = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert stage.stdout.readline() == "importing\n"
+    stage.send_signal(signal.SIGINT)
+    printed = stage.communicate(timeout=30)[1]
+    assert printed == "4.pretrain.py: interrupted\n"
+    assert stage.returncode == -signal.SIGINT  # as a shell reports it: 130
