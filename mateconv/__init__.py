@@ -5,9 +5,18 @@ import os
 import sys
 
 
+def program_name() -> str:
+    """The running program as it was started: `mateconv.serve` for `python -m mateconv.serve` (not `__main__.py`),
+    else the script's file name (`4.pretrain.py`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return spec.name.removesuffix(".__main__")
+    return os.path.basename(sys.argv[0]) or "python"
+
+
 def _interrupted_in_one_line(kind, value, traceback, previous=sys.excepthook):
     if issubclass(kind, KeyboardInterrupt):
-        print(f"{os.path.basename(sys.argv[0]) or 'python'}: interrupted", file=sys.stderr, flush=True)
+        print(f"{program_name()}: interrupted", file=sys.stderr, flush=True)
     else:
         previous(kind, value, traceback)
 
