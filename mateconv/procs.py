@@ -169,6 +169,11 @@ def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not group_alive(pid):
+            # the pipeline that ran the stage ends just after it: wait for that too, so that `launch.sh` run next does
+            # not find it still running (one whose stage finished meanwhile goes on: not waited for long)
+            pipeline, ending = read_pid(logs_dir, "pipeline"), min(deadline, time.monotonic() + 10)
+            while pipeline and is_alive(pipeline) and time.monotonic() < ending:
+                time.sleep(0.1)
             return f"{name}: stopped (it saved a checkpoint; run the pipeline again to resume)"
         time.sleep(0.5)
     raise NotStopped(f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed")

@@ -13,6 +13,8 @@ from typing import NoReturn
 
 from tqdm import tqdm
 
+from mateconv import program_name
+
 
 def on_terminal() -> bool:
     """Whether a person watches the output live: stdout and stderr are terminals (not `nohup ... > logs/x.log`)."""
@@ -31,7 +33,7 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         except SystemExit as exit:  # sys.exit("error: ...") with lines still buffered for the closed pipe
             code = exit.code
         except KeyboardInterrupt:
-            print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+            print(f"{program_name()}: interrupted", file=sys.stderr, flush=True)
             code = 128 + signal.SIGINT
         sys.stdout.flush()  # the last buffered lines may be the ones that meet the closed pipe
     except BrokenPipeError:

@@ -71,11 +71,16 @@ if ! "$python" -c "import jupyterlab" 2>/dev/null; then
     echo "jupyter: JupyterLab is not installed in .venv; installing it (first use only)..."
     "$python" -m pip install -q -c constraints.txt jupyterlab || die "could not install jupyterlab (pip failed; see above)"
 fi
-"$python" - "$ip" "$port" <<'EOF' || die "cannot listen on $ip:$port (in use, or not an address of this machine)"
+why=$("$python" - "$ip" "$port" <<'EOF'
 import socket, sys
-with socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET) as s:
-    s.bind((sys.argv[1], int(sys.argv[2])))
+try:
+    with socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET) as s:
+        s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError as error:  # in use, or not an address of this machine
+    print(error.strerror or error)
 EOF
+)
+[[ -z $why ]] || die "cannot listen on $ip:$port: $why"
 
 token=$("$python" -c "import secrets; print(secrets.token_hex(24))")
 extra=()

@@ -20,7 +20,11 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 mkdir -p "$logs"
-if [ -f "$logs/pipeline.pid" ] && kill -0 "$(cat "$logs/pipeline.pid")" 2>/dev/null; then
+running() {  # process $1 runs: not gone, and not a zombie (a container whose first process reaps no orphans keeps those)
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) && [ "${state:0:1}" != Z ]
+}
+if [ -f "$logs/pipeline.pid" ] && running "$(cat "$logs/pipeline.pid")"; then
     echo "error: a pipeline is already running (pid $(cat "$logs/pipeline.pid")); stop it first" >&2
     exit 1
 fi

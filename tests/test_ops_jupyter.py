@@ -38,6 +38,7 @@ def test_port_in_use_is_refused(tmp_path):
         busy.listen()
         result = _run("--port", busy.getsockname()[1], "--log_dir", tmp_path)
     assert result.returncode == 2 and "cannot listen on 127.0.0.1" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Address already in use" in result.stderr  # one line, with the reason
     assert not (tmp_path / "jupyter.pid").exists()
 
 

@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from conftest import REPO
+
 
 # Acts as the evaluation does on SIGINT: it writes its summary (the stage's done mark) from the finished work, keeps
 # parts/ to go on from, and exits 1; a run that finds parts/ finishes.
@@ -121,3 +125,25 @@ def test_a_pipelines_stages_share_one_wandb_group(tmp_path):
     assert subprocess.run(command, cwd=tmp_path, env=env, capture_output=True).returncode == 0
     groups = {(tmp_path / f"out/{name}/done").read_text() for name in ("pretrain", "sft")}
     assert groups == {(tmp_path / "out/wandb_group").read_text().strip()} and groups != {""}
+
+
+@pytest.mark.parametrize("started_as", ["4.pretrain.py", "mateconv_stage"])
+def test_ctrl_c_while_a_program_imports_is_one_line(tmp_path, started_as):
+    """`kill -2` of a stage that is still importing torch and transformers (seconds; a pipeline stopped right after it
+    started a stage) ends it with one line, as it does once the program runs, not a traceback through the library.
+    A program started as `python -m PACKAGE` is named so, not `__main__.py`."""
+    imports = "import mateconv.terminal\nimport time\nprint('importing', flush=True)\ntime.sleep(60)\n"
+    if started_as.endswith(".py"):  # its imports, mateconv's first, then a library that takes its time
+        (tmp_path / started_as).write_text(imports)
+        command = [sys.executable, started_as]
+    else:
+        (tmp_path / started_as).mkdir()
+        (tmp_path / started_as / "__main__.py").write_text(imports)
+        command = [sys.executable, "-m", started_as]
+    stage = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])})
+    assert stage.stdout.readline() == "importing\n"
+    stage.send_signal(signal.SIGINT)
+    printed = stage.communicate(timeout=30)[1]
+    assert printed == f"{started_as}: interrupted\n"
+    assert stage.returncode == -signal.SIGINT  # as a shell reports it: 130

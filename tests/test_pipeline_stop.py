@@ -128,3 +128,46 @@ def test_status_where_nothing_ran_says_so(tmp_path, capsys):
     logs.mkdir()
     status(logs, tmp_path / "out")
     assert capsys.readouterr().out == f"no stage has run from here: no stage log in {logs}\n"
+
+
+def test_launch_sh_after_a_pipeline_that_ended_unreaped(tmp_path):
+    """In a container whose first process reaps no orphans, the pipeline that launch.sh started stays a zombie after
+    it ends; launch.sh took that for a pipeline still running and refused ('a pipeline is already running')."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "launch.sh").write_text((REPO / "scripts" / "launch.sh").read_text())
+    (tmp_path / "scripts" / "run_pipeline.sh").write_text("echo the pipeline ran\n")
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE:  # not reaped: no wait() yet
+        time.sleep(0.01)
+    (tmp_path / "logs").mkdir()
+    pid_file(tmp_path / "logs", "pipeline").write_text(f"{ended.pid}\n")
+    launched = subprocess.run(["bash", "scripts/launch.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    ended.wait()
+    assert launched.returncode == 0 and launched.stdout.startswith("pipeline started"), launched.stderr
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        pid_file(tmp_path / "logs", "pipeline").write_text(f"{live.pid}\n")
+        refused = subprocess.run(["bash", "scripts/launch.sh"], cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=30)
+        live.kill()
+    assert refused.returncode == 1 and f"a pipeline is already running (pid {live.pid})" in refused.stderr
+
+
+PIPELINE = """
+import subprocess, sys, time
+stage = subprocess.Popen([sys.executable, "-c", "import time\\nprint('ready', flush=True)\\ntime.sleep(60)"],
+                         start_new_session=True, stdout=subprocess.PIPE, text=True)
+stage.stdout.readline()
+print(stage.pid, flush=True)
+stage.wait()
+time.sleep(1)  # what the pipeline does after its stage: its last lines, Python's exit
+"""
+
+
+def test_stop_of_a_stage_waits_for_the_pipeline_that_ran_it(tmp_path):
+    """`stop.sh dpo` then `launch.sh ...` at once said 'a pipeline is already running': the pipeline was still
+    ending after its stopped stage."""
+    pipeline = subprocess.Popen([sys.executable, "-c", PIPELINE], stdout=subprocess.PIPE, text=True)
+    pid_file(tmp_path, "pretrain").write_text(pipeline.stdout.readline())
+    pid_file(tmp_path, "pipeline").write_text(f"{pipeline.pid}\n")
+    assert "stopped" in stop(tmp_path, "pretrain", 30)
+    assert pipeline.poll() == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -154,3 +155,22 @@ def test_transformers_serve_as_generator(tmp_path, transformers_server, records)
         assert pair["models"]["generator"] == served_name
         assert check_answer(by_id[pair["id"]], pair["chosen"][0]["content"])
         assert not check_answer(by_id[pair["id"]], pair["rejected"][0]["content"])
+
+
+def test_a_stop_while_the_local_generator_starts_is_an_interrupt(tmp_path, records, tiny_sft_model):
+    """`bash scripts/stop.sh prefs` (SIGINT to the stage's process group) while stage 7 starts its local generator
+    server reaches the server as well: stage 7 stops as interrupted, not with 'could not start the local generator
+    server: server exited with code -2'."""
+    prompts = tmp_path / "tasks.jsonl"
+    prompts.write_text("".join(json.dumps(record) + "\n" for record in records))
+    stage = subprocess.Popen([sys.executable, str(ROOT / "7.gen_prefs_openai.py"), "--prompts_path", str(prompts),
+                              "--output_dir", str(tmp_path / "prefs"), "--generator_model_path", str(tiny_sft_model),
+                              "--judge", "rule", "--no_progress"],
+                             start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any("mateconv.serve" in child.cmdline() for child in psutil.Process(stage.pid).children()):
+        assert time.monotonic() < deadline and stage.poll() is None
+        time.sleep(0.02)
+    os.killpg(stage.pid, signal.SIGINT)
+    printed = stage.communicate(timeout=60)[1]
+    assert printed.splitlines()[-1] == "prefs: interrupted; finished prompts are saved, run again to resume", printed

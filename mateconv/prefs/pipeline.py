@@ -300,16 +300,20 @@ def _start_local_server(model_path: str, max_concurrency: int) -> tuple[str, obj
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, lambda number, _: held.append(number))
                 for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    process = failed = None
     try:
         url, process = start_background(model_path, extra_args=["--max_queued", str(max(16, max_concurrency))])
-    except ServeError as error:
-        raise PrefsError(f"could not start the local generator server: {error}") from None
+    except ServeError as error:  # a Ctrl-C or `stop.sh prefs` reaches the whole process group, the server too
+        failed = error
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if held:
-        stop_background(process)
+        if process:
+            stop_background(process)
         signal.raise_signal(held[0])
+    if failed:
+        raise PrefsError(f"could not start the local generator server: {failed}")
     return url, process
 
 
