@@ -505,11 +505,14 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
             # a port free now: the launcher's default, 29500, may be another run's on this machine (GPUs 2,3 beside 0,1)
             command = [command[0], f"--master_port={free_port()}", *command[1:]]
         code = runner.run(stage.name, command, env)
-        if code == -signal.SIGINT and not runner.interrupted:
-            # `stop STAGE` before the ranks started: the `deepspeed` command died of the SIGINT (procs.interrupt_group),
-            # a stop as a lone rank's
-            code = 0
         timings[stage.name] = round(time.monotonic() - started, 1)
+        if code in (-signal.SIGINT, 128 + signal.SIGINT) and not runner.interrupted:
+            # `stop STAGE`: the stage alone was told to stop and ended as stopped (130 and its one line, or the
+            # `deepspeed` command killed by the SIGINT before the ranks started, procs.interrupt_group)
+            if stage.done.exists():  # the evaluation's summary of the models it finished: the next run runs it again
+                stage.done.unlink()
+            print(f"[pipeline] {stage.name} stopped before it finished; run the pipeline again to resume it")
+            return 0
         if runner.interrupted and not (code == 0 and stage.done.exists()):
             # the stage was told to stop: what it keeps (checkpoints, parts/, the pairs so far) is where it goes on
             print(f"[pipeline] interrupted during {stage.name}; run the same command again to go on", flush=True)

@@ -42,6 +42,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(code)
 
 
+def exit_interrupted(message: str) -> NoReturn:
+    """Ends a program that was told to stop (Ctrl-C, `kill -2`) with its one line and 130, as a shell reports SIGINT:
+    the pipeline tells a stage stopped by `stop STAGE` from one that failed (exit 1)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
 def _raise_interrupt(signum, frame) -> NoReturn:
     raise KeyboardInterrupt
 

@@ -147,3 +147,45 @@ def test_ctrl_c_while_a_program_imports_is_one_line(tmp_path, started_as):
     printed = stage.communicate(timeout=30)[1]
     assert printed == f"{started_as}: interrupted\n"
     assert stage.returncode == -signal.SIGINT  # as a shell reports it: 130
+
+
+# A stage other than training told to stop alone (`stop STAGE`): as stage 2/3/7 and the evaluation do, it keeps its
+# work (here a partial summary, the done mark) and ends with its one line and 130 (mateconv.terminal.exit_interrupted)
+STOPPED_ALONE = """
+import pathlib, signal, sys, time
+from mateconv.terminal import exit_interrupted
+out = pathlib.Path(sys.argv[-1])
+out.mkdir(parents=True, exist_ok=True)
+def stop(*_):
+    (out / "summary.json").write_text("partial")
+    exit_interrupted("eval: interrupted")
+signal.signal(signal.SIGINT, stop)
+print("evaluating", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stop_of_one_stage_that_is_not_training_is_a_stop_not_a_failure(tmp_path):
+    """`stop.sh prepare` (tokens, prefs, eval) said '[pipeline] prepare failed with exit code 1': those stages exited 1
+    when told to stop, as for an error. Now 130, and the pipeline says the stage stopped; its partial done mark goes,
+    so the next run runs it again."""
+    from mateconv.procs import stop
+
+    program = tmp_path / "evaluation.py"
+    program.write_text(STOPPED_ALONE)
+    (tmp_path / "preset.yaml").write_text(f"stages:\n  eval:\n    script: {program}\n    args: {{out_dir: out/eval}}\n"
+                                          "    done: out/eval/summary.json\n")
+    pipeline = subprocess.Popen([sys.executable, "-m", "mateconv.pipeline", "run", "--preset", "preset.yaml"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    for line in pipeline.stdout:
+        if line.strip() == "evaluating":
+            break
+    stop(tmp_path / "logs", "eval", 30)
+    printed = pipeline.communicate(timeout=60)[0]
+    assert pipeline.returncode == 0, printed
+    assert printed.strip().splitlines()[-1] == (
+        "[pipeline] eval stopped before it finished; run the pipeline again to resume it"), printed
+    assert "failed" not in printed and not (tmp_path / "out/eval/summary.json").exists()
+    assert (tmp_path / "logs/eval.log").read_text().strip().splitlines()[-1] == "eval: interrupted"

@@ -39,7 +39,7 @@ from mateconv.data.readers import BadLine, ReadProgress, iter_sources, list_file
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
 from mateconv.flags import ArgumentParser
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
+from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, exit_interrupted, run_main, signals_interrupt
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
 OUTPUTS = [f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "val")] + ["sft_prompts.jsonl"]
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit(f"prepare: interrupted; {args.out_dir} is as it was before this run")
+        exit_interrupted(f"prepare: interrupted; {args.out_dir} is as it was before this run")
     print(summary_table(stats))
     print(f"written to {args.out_dir}")
 

@@ -35,7 +35,8 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
 from mateconv.data.shards import FORMAT_VERSION, KINDS, shard_info
 from mateconv.files import remove_empty_dirs, write_atomic
 from mateconv.flags import ArgumentParser
-from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, run_main, signals_interrupt
+from mateconv.terminal import (PlainProgress, bars_only_on_a_terminal, exit_interrupted, run_main,
+                               signals_interrupt)
 
 BAD_LINE = "\0"  # opens a line that could not be read (never valid JSON); the rest is the reason
 
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("tokenize: interrupted; the finished shards are kept, the same command goes on from them")
+        exit_interrupted("tokenize: interrupted; the finished shards are kept, the same command goes on from them")
     for result in results:
         _report(result)
 

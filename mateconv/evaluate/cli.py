@@ -16,7 +16,7 @@ from mateconv.evaluate.run import DEFAULT_TASKS, DEFAULT_VAL, Interrupted, evalu
 from mateconv.flags import ArgumentParser
 from mateconv.memory import out_of_memory_figures
 from mateconv.prefs.endpoints import Endpoint, PrefsError, resolve_judge
-from mateconv.terminal import bars_only_on_a_terminal, signals_interrupt
+from mateconv.terminal import bars_only_on_a_terminal, exit_interrupted, signals_interrupt
 
 
 DEFAULT_BPB_TEXTS = "out/data/pretrain_val.jsonl"
@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> None:
                 optional_path(args.heldout, DEFAULT_HELDOUT), args.n_samples,
                 judge_endpoint(args.judge_base_url, args.judge_model), args.judge_prompts, args.compare,
                 args.judge_retries, args.judge_concurrency, args.seed, args.trust_remote_code, args.bpb_start)
-    except (EvalError, ChatError, Interrupted) as error:
+    except (EvalError, ChatError) as error:
         raise SystemExit(f"evaluate: {error}") from None
+    except Interrupted as interrupted:
+        exit_interrupted(f"evaluate: {interrupted}")
     except KeyboardInterrupt:
-        raise SystemExit("evaluate: interrupted before any model was evaluated") from None
+        exit_interrupted("evaluate: interrupted before any model was evaluated")
     except torch.OutOfMemoryError as error:
         raise SystemExit(f"evaluate: out of GPU memory ({out_of_memory_figures(error)}) at --batch_size "
                          f"{args.batch_size}: lower it, or use --device cpu; the models are not changed") from None

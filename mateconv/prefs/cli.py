@@ -8,7 +8,7 @@ import sys
 from mateconv.flags import ArgumentParser
 from mateconv.prefs.pipeline import JUDGE_MODES, PrefsConfig, run
 from mateconv.prefs.endpoints import PrefsError
-from mateconv.terminal import bars_only_on_a_terminal
+from mateconv.terminal import bars_only_on_a_terminal, exit_interrupted
 
 DEFAULTS = PrefsConfig()
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     except PrefsError as error:
         raise SystemExit(f"prefs: {error}") from None
     except KeyboardInterrupt:
-        raise SystemExit("prefs: interrupted; finished prompts are saved, run again to resume") from None
+        exit_interrupted("prefs: interrupted; finished prompts are saved, run again to resume")
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
