@@ -557,7 +557,7 @@ def status(logs: Path, out: Path) -> None:
         last = next((row for row in reversed(rows) if "loss" in row and "step" in row), None)
         if last:
             line += f"  step={last['step']} loss={last['loss']:.4f}"
-        progress = last_progress(log)
+        progress = last_progress(log, running=bool(pid))
         if progress:
             line += f"  [{progress}]"
         print(line)
@@ -569,16 +569,17 @@ PROGRESS_LINE = re.compile(r"\] step (\d+/\d+) .* tok/s (\S+) (?:mem_gb \S+ )?el
 SHARE_LINE = re.compile(r"\] ([\d.,]+/[\d.,]+ \S+ \(\d+%\)) .* elapsed (\S+) eta (\S+)$")
 
 
-def last_progress(log: Path, tail_bytes: int = 4096) -> str | None:
+def last_progress(log: Path, tail_bytes: int = 4096, running: bool = True) -> str | None:
     """The last progress line's state in a stage log, e.g. '144/200 elapsed 0:02:53 eta 0:00:43, 41,250 tok/s' or
-    '1,200/3,000 prompts (40%) elapsed 0:28:35 eta 0:42:52'."""
+    '1,200/3,000 prompts (40%) elapsed 0:28:35 eta 0:42:52'; of a stage not `running`, without its ETA (it was
+    stopped, or failed, there)."""
     for line in reversed(tail_text(log, tail_bytes).splitlines()):
         match = PROGRESS_LINE.search(line)
         if match:
-            return f"{match[1]} elapsed {match[3]} eta {match[4]}, {match[2]} tok/s"
+            return f"{match[1]} elapsed {match[3]}{f' eta {match[4]}' if running else ''}, {match[2]} tok/s"
         match = SHARE_LINE.search(line)
         if match:
-            return f"{match[1]} elapsed {match[2]} eta {match[3]}"
+            return f"{match[1]} elapsed {match[2]}{f' eta {match[3]}' if running else ''}"
     return None
 
 

@@ -397,6 +397,8 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
     log.write_text(capsys.readouterr().out)
     assert [bool(STEP_LINE.match(line)) for line in log.read_text().splitlines()] == [True, True, False]
     assert re.fullmatch(r"2/4 elapsed 0:00:0\d eta 0:00:0\d, 6,190 tok/s", last_progress(log))
+    # a stage that no longer runs (stopped, failed) has no ETA: `status` showed the one it had when it stopped
+    assert re.fullmatch(r"2/4 elapsed 0:00:0\d, 6,190 tok/s", last_progress(log, running=False))
 
     from mateconv.terminal import PlainProgress  # stage 7's lines (and stage 3's)
 
@@ -405,6 +407,7 @@ def test_status_reads_the_progress_lines(tmp_path, capsys):
     log = tmp_path / "prefs.log"
     log.write_text(capsys.readouterr().out)
     assert re.fullmatch(r"1,200/3,000 prompts \(40%\) elapsed 0:00:00 eta 0:00:00", last_progress(log))
+    assert last_progress(log, running=False) == "1,200/3,000 prompts (40%) elapsed 0:00:00"
 
 
 def test_bars_off_a_terminal_write_nothing_and_still_count(capfd):
