@@ -174,7 +174,8 @@ def stop(logs_dir: Path, name: str, timeout_s: float) -> str:
             pipeline, ending = read_pid(logs_dir, "pipeline"), min(deadline, time.monotonic() + 10)
             while pipeline and is_alive(pipeline) and time.monotonic() < ending:
                 time.sleep(0.1)
-            return f"{name}: stopped (it saved a checkpoint; run the pipeline again to resume)"
+            return (f"{name}: stopped (what it finished is kept, a training stage's as a checkpoint; run the pipeline "
+                    "again to resume)")
         time.sleep(0.5)
     raise NotStopped(f"{name}: still running after {timeout_s:.0f} s (process group {pid}); not killed")
 
