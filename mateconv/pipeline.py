@@ -158,19 +158,17 @@ def apply_sets(preset: dict, sets: list[str], left_out: Collection[str] = ()) ->
         preset["stages"][stage].setdefault("args", {})[flag] = yaml.safe_load(value)
 
 
-def check_left_out_sets(preset: dict, sets: list[str], left_out: Collection[str], out: Path) -> None:
+def check_left_out_sets(full: dict, sets: list[str], left_out: Collection[str], out: Path) -> None:
     """A `--set` for a stage that a run on the user's data leaves out changes nothing, but a misspelt key in it is
-    still one: each such stage's flags, `preset` as it was before the data left stages out, are checked as the stage
-    would check them."""
+    still one: each such stage's flags are checked as the stage would check them, in `full`, a copy of the preset as
+    it was before the data left stages out (the sets are applied to it)."""
     aimed = [item for item in sets if item.partition(".")[0] in left_out]
     if not aimed:
         return
-    preset = json.loads(json.dumps(preset))  # a copy: the left-out stages stay out of the run
-    apply_sets(preset, aimed)
-    for stage in build_stages(preset, out):
-        problem = flags_problem(stage) if any(item.startswith(f"{stage.name}.") for item in aimed) else None
-        if problem:
-            raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+    apply_sets(full, aimed)
+    for stage in build_stages(full, out):
+        if any(item.startswith(f"{stage.name}.") for item in aimed):
+            check_flags(stage)
 
 
 def launcher(preset: dict, script: str, nodes: Nodes | None = None) -> list[str]:
@@ -232,6 +230,12 @@ def flags_problem(stage: Stage) -> str | None:
     except SystemExit:
         return said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
     return unrecognized(parser, unknown) if unknown else None
+
+
+def check_flags(stage: Stage) -> None:
+    problem = flags_problem(stage)
+    if problem:
+        raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
 
 
 def check_gpus(preset: dict, stages: list[Stage]) -> None:
@@ -469,10 +473,8 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
     stages = [stage for stage in every if not only or stage.name in only]
     set_in = {stage.name: [item for item in sets if item.startswith(f"{stage.name}.")] for stage in every}
     for stage in every:  # a stage --only leaves out too where it has a --set: its typo would otherwise pass unseen
-        checked = set_in[stage.name] or (stage in stages and not stage.done.exists())
-        problem = flags_problem(stage) if checked else None
-        if problem:
-            raise PipelineError(f"{stage.name}: {problem} (nothing was run)")
+        if set_in[stage.name] or (stage in stages and not stage.done.exists()):
+            check_flags(stage)
     if nodes is None:  # a hostfile's nodes have their own GPUs
         check_gpus(preset, stages)
     check_source(out, source)
