@@ -408,8 +408,9 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
 
 def check_source(out: Path, source: dict | None) -> None:
     """One out/ directory holds the artifacts of one corpus: refuses to mix a run on other data into it, or to go on
-    from data prepared (stage 2) before the files changed, and records the --data directory (and --tokenizer) and
-    the `fingerprint` of the files the prepared data is made from."""
+    from data prepared (stage 2) before the files changed (a tokenizer trained on them before is kept, with a note),
+    and records the --data directory (and --tokenizer) and the `fingerprint` of the files the prepared data is made
+    from."""
     path = out / SOURCE
     recorded = json.loads(path.read_text()) if path.exists() else None
     prepared = (out / "data" / "stats.json").exists()
@@ -423,12 +424,18 @@ def check_source(out: Path, source: dict | None) -> None:
                             f"{out}")
     if source is None or recorded == source:
         return
-    if prepared and recorded is not None and recorded.get("files", source["files"]) != source["files"]:
-        changed = changes(recorded["files"], source["files"])
+    changed = changes(recorded.get("files", source["files"]), source["files"]) if recorded is not None else ""
+    trained = source["tokenizer"] is None and (out / "tokenizer" / "tokenizer.json").exists()
+    if changed and prepared:
+        tokenizer_too = f"; {out / 'tokenizer'} too, to train the tokenizer on them" if trained else ""
         raise PipelineError(f"{source['data']} changed since {out / 'data'} was prepared from it ({changed}): "
                             f"finished stages would not see the change; remove {out} to start over, or "
                             f"{out / 'data'}, {out / 'tokens'} and the outputs of the later stages to redo (the run "
-                            "says which are older than their inputs)")
+                            f"says which are older than their inputs{tokenizer_too})")
+    if changed and trained:  # the tokenizer read the files before they changed: kept, but said
+        print(f"[pipeline] note: {source['data']} changed since {out / 'tokenizer'} was trained on it ({changed}): "
+              f"the run goes on with that tokenizer; remove {out / 'tokenizer'} to train it on the files as they "
+              "are now", flush=True)
     out.mkdir(parents=True, exist_ok=True)  # a new run, or stage 2 has yet to read the files (again)
     write_atomic(path, json.dumps(source, indent=2) + "\n")
 

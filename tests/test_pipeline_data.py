@@ -183,6 +183,34 @@ def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monk
     check_source(out, source())
 
 
+def test_files_changed_after_the_tokenizer_trained_on_them_are_said_and_named_in_the_redo(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The tokenizer trains on the --data files before stage 2 reads them: files changed after it (or after removing
+    out/data and out/tokens as the error says) went on with a tokenizer of the earlier files, and nothing said so."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    out = tmp_path / "out"
+
+    def source() -> dict:
+        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+    check_source(out, source())
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer/tokenizer.json").write_text("{}")
+    (data / "dpo.jsonl").write_text(json.dumps(PAIR) + "\n")
+    check_source(out, source())  # kept: the run goes on
+    assert (f"[pipeline] note: {data} changed since {out}/tokenizer was trained on it (added: {data}/dpo.jsonl): "
+            f"the run goes on with that tokenizer; remove {out}/tokenizer to train it") in capsys.readouterr().out
+    (out / "data").mkdir()
+    (out / "data/stats.json").write_text("{}")
+    (data / "dpo.jsonl").unlink()
+    with pytest.raises(PipelineError, match=rf"the outputs of the later stages to redo \(the run says which are older "
+                       rf"than their inputs; {out}/tokenizer too, to train the tokenizer on them\)$"):
+        check_source(out, source())
+    check_source(out, {**source(), "files": json.loads((out / "data_source.json").read_text())["files"]})
+    assert "note" not in capsys.readouterr().out  # unchanged: nothing to say
+
+
 def test_an_edited_dataset_info_json_stops_the_run_as_a_changed_file_does(tmp_path, monkeypatch):
     """LLaMA-Factory's dataset_info.json says how its files are read: editing it after stage 2 changes the data, but
     the run went on with the data prepared before."""
