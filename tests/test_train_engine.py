@@ -614,6 +614,52 @@ def test_a_step_weighs_every_labelled_token_alike_however_the_batch_is_split(tra
         assert all(torch.allclose(weights[name][k], weights["4x1"][k], rtol=1e-5, atol=1e-6) for k in weights[name])
 
 
+DPO_METRICS = ("dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected", "kl_ref", "nll/chosen")
+
+
+def test_dpo_metrics_weigh_tokens_and_pairs_however_the_step_is_split(train, tiny_pretrain_model, tmp_path):
+    """A DPO step of 4 pairs as 1 micro-batch of 4, 2 of 2 or 4 of 1 logs the same metrics: kl_ref and nll/chosen
+    the mean over all the step's chosen-response tokens, as the one micro-batch of 4 computes it, the others over its
+    pairs, as the held-out evaluation weighs them. Before, each micro-batch's mean weighed alike, so a token of a
+    short response counted more."""
+    splits = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
+    for name, (batch_size, accumulation) in splits.items():
+        train(tmp_path / name, "dpo", init_from=tiny_pretrain_model, batch_size=batch_size,
+              accumulation_steps=accumulation, max_steps=3, dropout=0.0, val_data_path="", save_interval_steps=100)
+    rows = {name: [r for r in read_metrics(tmp_path / name) if "loss" in r] for name in splits}
+    assert rows["4x1"][-1]["kl_ref"] > 1e-4  # the policy has moved off the reference by step 3
+    for name in ("2x2", "1x4"):
+        assert len(rows[name]) == 3
+        for row, reference in zip(rows[name], rows["4x1"]):
+            for key in ("loss", "grad_norm", *DPO_METRICS):
+                assert row[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (name, row["step"], key)
+
+
+@pytest.mark.slow
+def test_dpo_metrics_over_two_ranks_weigh_their_tokens(train, tiny_flags, tiny_pretrain_model, tmp_path):
+    """2 ranks (DDP) of 2 micro-batches of 1 pair log a step's metrics as 1 rank with 1 micro-batch of 4 does. The
+    policy starts off its reference, so that kl_ref is not 0; one step, as DDP's sum of the gradients rounds apart
+    from one process's by more than the tolerance after an update. Before, each rank's mean weighed alike."""
+    from mateconv.procs import free_port
+
+    train(tmp_path / "moved", "dpo", init_from=tiny_pretrain_model, max_steps=1, val_data_path="",
+          save_interval_steps=100)
+    flags = dict(init_from=tmp_path / "moved" / "final", ref_model_path=tiny_pretrain_model, max_steps=1,
+                 dropout=0.0, val_data_path="", save_interval_steps=100)
+    train(tmp_path / "1rank", "dpo", batch_size=4, **flags)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    args = tiny_flags(tmp_path / "2ranks", "dpo", batch_size=1, accumulation_steps=2, **flags)
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(REPO / "9.train_dpo.py"), *args], cwd=REPO, env=single_thread_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (reference,), (row,) = ([r for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("1rank", "2ranks"))
+    assert reference["kl_ref"] > 1e-4
+    for key in ("loss", "grad_norm", *DPO_METRICS):
+        assert row[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
 def test_a_checkpoint_of_a_run_from_a_saved_model_is_a_model_source(tiny_flags, tiny_pretrain_model, tmp_path):
     """SFT as the stages run it, from a pretrained model with no model flags: its checkpoint was refused as
     --init_from (and by export and chat), and its config.yaml as a config to run again, because the saved model

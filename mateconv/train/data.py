@@ -102,24 +102,43 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers
                       persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
+class WeightedMeans:
+    """Each metric's sum(mean x weight) / sum(weight) over batches, then over ranks. `add` takes a batch's metrics as
+    (mean, weight): a mean on the device stays there (nothing is read per batch), a weight is a host number."""
+
+    def __init__(self):
+        self.totals: dict[str, list] = {}  # name: [sum of mean x weight, sum of weight]
+
+    def add(self, means: dict[str, tuple[torch.Tensor | float, float]]) -> None:
+        for name, (mean, weight) in means.items():
+            total = self.totals.setdefault(name, [0.0, 0.0])  # named on every rank alike, weighed or not
+            if weight:  # not the NaN mean of a batch with nothing to average
+                total[0] = total[0] + torch.as_tensor(mean, dtype=torch.float64) * weight
+                total[1] += weight
+
+    def sums(self, device: torch.device | str) -> torch.Tensor:
+        """[metrics, 2]: each metric's two sums over every rank, on `device` (one all-reduce, not read here)."""
+        sums = torch.zeros(len(self.totals), 2, dtype=torch.float64, device=device)
+        for row, total in zip(sums, self.totals.values()):
+            row[0], row[1] = total
+        return all_reduce_mean(sums)
+
+
 def split_means(data: Dataset, batch_size: int, measure: Measure, device: torch.device | str) -> dict[str, float]:
     """Each metric of `measure` over the rows of `data`: sum(mean x weight) / sum(weight) over the batches of every
-    rank, which split the rows (the whole of them without a process group), so the same on any number of ranks and
-    with any batch size; a metric that no batch gives weight to is left out. The sampler evens out the ranks by
-    repeating rows: a batch of such padding is run on one row and weighs nothing, as every rank must run as many
-    forwards as the others (ZeRO-3 gathers the parameters inside them)."""
+    rank (`WeightedMeans`), which split the rows (the whole of them without a process group), so the same on any number
+    of ranks and with any batch size; a metric that no batch gives weight to is left out. The sampler evens out the
+    ranks by repeating rows: a batch of such padding is run on one row and weighs nothing, as every rank must run as
+    many forwards as the others (ZeRO-3 gathers the parameters inside them)."""
     grouped = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     sampler = ResumableDistributedSampler(data, rank, world_size, seed=0, shuffle=False)
     real_left = sampler.unpadded_len()
-    totals: dict[str, list[float]] = {}  # name: [sum of mean x weight, sum of weight]
+    means = WeightedMeans()
     for batch in make_loader(data, sampler, batch_size, 0, drop_last=False):
         real = min(len(next(iter(batch.values()))), real_left)
         real_left -= real
-        for name, (mean, weight) in measure({key: value[:max(real, 1)] for key, value in batch.items()}).items():
-            total = totals.setdefault(name, [0.0, 0.0])
-            if real and weight:  # not the padding's, nor the NaN mean of a batch with nothing to average
-                total[0] += float(mean) * weight
-                total[1] += weight
-    sums = all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64, device=device)).tolist()
-    return {name: total / weight for name, (total, weight) in zip(totals, sums) if weight > 0}
+        measured = measure({key: value[:max(real, 1)] for key, value in batch.items()})
+        means.add({name: (mean, weight if real else 0) for name, (mean, weight) in measured.items()})
+    sums = means.sums(device).tolist()
+    return {name: total / weight for name, (total, weight) in zip(means.totals, sums) if weight > 0}

@@ -44,12 +44,13 @@ from torch.utils.data import Dataset
 from mateconv.config import ConfigError, TrainConfig
 from mateconv.train.checkpoint import (CheckpointManager, other_start, parameter_shapes, set_rng_state, step_name,
                                        training_setting_changes, unwrap)
-from mateconv.train.data import ResumableDistributedSampler, close_loader, first_rows, make_loader, split_means
+from mateconv.train.data import (ResumableDistributedSampler, WeightedMeans, close_loader, first_rows, make_loader,
+                                 split_means)
 from mateconv.train.distributed import Runtime, all_reduce_mean, any_rank, sum_over_ranks
 from mateconv.train.ds_config import build_ds_config
 from mateconv.train.fsdp import shard
 from mateconv.train.models import base_model, save_hf
-from mateconv.train.objectives import Objective
+from mateconv.train.objectives import Objective, weighed_metrics
 from mateconv.train.optim import (build_optimizer, build_scheduler, group_settings, restore_group_settings,
                                   warmup_steps)
 from mateconv.train.signals import StopRequest, TrainingHalted
@@ -91,9 +92,10 @@ def batch_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> tuple[in
 
 class StepFigures:
     """What the host reads of one optimizer step: its loss (mean over ranks), the gradient norm before clipping,
-    whether the update was applied, and on log steps the objective's metrics and the MoE expert load (means over
-    ranks). The tensors among them travel together: from a GPU one non-blocking copy into pinned memory, so `read()`
-    waits for this step's kernels only, not for those queued after them."""
+    whether the update was applied, and on log steps the objective's metrics (means over the step's micro-batches and
+    ranks, each over what it is a mean of) and the MoE expert load (mean over ranks). The tensors among them travel
+    together: from a GPU one non-blocking copy into pinned memory, so `read()` waits for this step's kernels only, not
+    for those queued after them."""
 
     def __init__(self, figures: dict[str, torch.Tensor | float | bool]):
         self.on_host = {name: v for name, v in figures.items() if not isinstance(v, torch.Tensor)}  # DeepSpeed's
@@ -380,14 +382,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm, finite
 
-    def log_figures(self, extra: dict) -> dict[str, torch.Tensor]:
-        """A log step's own figures, means over ranks on the device: the objective's metrics (averaged over the
-        step's micro-batches) and the MoE expert load (over the steps since the last logged row)."""
+    def log_figures(self, metrics: WeightedMeans) -> dict[str, torch.Tensor]:
+        """A log step's own figures, on the device: the objective's metrics, each the mean over what it is a mean of
+        (`weighed_metrics`: an LM's labelled tokens, DPO's pairs or chosen-response tokens) in the step's
+        micro-batches on every rank, as validation weighs them, and the MoE expert load (over the steps since the last
+        logged row)."""
         figures = {}
-        if extra:
-            values = torch.stack([torch.as_tensor(v, device=self.runtime.device).float().reshape(())
-                                  for v in extra.values()])
-            figures.update(zip((OBJECTIVE + key for key in extra), all_reduce_mean(values)))
+        if metrics.totals:
+            sums = metrics.sums(self.runtime.device)
+            figures.update(zip((OBJECTIVE + key for key in metrics.totals), sums[:, 0] / sums[:, 1]))
         if isinstance(self.window.loads, torch.Tensor):  # an MoE model, on every rank alike
             figures["expert_load"] = self.window.mean_load()
         return figures
@@ -540,15 +543,14 @@ class Trainer:
                     window = len(step_batches)
                     step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
                     tracker.begin_step(step + 1)
-                    losses, extra = [], {}
+                    losses, metrics = [], WeightedMeans()
                     for micro, (batch, share) in enumerate(zip(step_batches, self.shares(step_batches)), 1):
                         state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                         positions, real, marked = batch_tokens(batch, self.pad_id)
                         self.window.add_tokens(positions, real)
-                        loss, metrics = self.micro_step(self.to_device(batch), micro == window, window, share)
+                        loss, measured = self.micro_step(self.to_device(batch), micro == window, window, share)
                         losses.append(loss)
-                        for key, value in metrics.items():
-                            extra[key] = extra.get(key, 0.0) + value / window
+                        metrics.add(weighed_metrics(self.objective, batch, measured))
                         moe_model = base_model(self.engine)
                         load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                         if load is not None:
@@ -573,7 +575,7 @@ class Trainer:
                         epoch_checkpoint = config.checkpoint.save_every_epoch and state["epoch"] != epoch
                         figures = {"loss": step_loss, "grad_norm": grad_norm, "applied": applied}
                         if self.logs_at(step):
-                            figures.update(self.log_figures(extra))
+                            figures.update(self.log_figures(metrics))
                         pending = PendingStep(step, state["epoch"], step_lr, StepFigures(figures),
                                               replace(self.window, end=time.perf_counter()), time.time())
 

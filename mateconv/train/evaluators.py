@@ -19,7 +19,7 @@ from mateconv.files import read_metrics, save_figure
 from mateconv.train.data import StageData, first_rows, split_means
 from mateconv.train.distributed import Runtime
 from mateconv.train.dpo import DPOError, DPOObjective
-from mateconv.train.objectives import LMObjective, Objective
+from mateconv.train.objectives import LMObjective, Objective, weighed_metrics
 
 EVAL_REWARD_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins")
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -33,8 +33,7 @@ def preference_eval(model: torch.nn.Module, objective: DPOObjective, pairs: Data
     that of those means, so the same with any batch size and number of ranks."""
     def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         _, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
-        per_token = objective.token_weights(batch)
-        return {key: (value, per_token.get(key, objective.weight(batch))) for key, value in metrics.items()}
+        return weighed_metrics(objective, batch, metrics)
 
     means = split_means(pairs, batch_size, measure, device)
     return {"loss": objective.total(means["dpo_loss"], means.get("kl_ref", 0.0), means.get("nll/chosen", 0.0)),
