@@ -621,11 +621,12 @@ DPO_METRICS = ("dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margin
 def test_dpo_metrics_weigh_tokens_and_pairs_however_the_step_is_split(train, tiny_pretrain_model, tmp_path):
     """A DPO step of 4 pairs as 1 micro-batch of 4, 2 of 2 or 4 of 1 logs the same metrics: kl_ref and nll/chosen
     the mean over all the step's chosen-response tokens, as the one micro-batch of 4 computes it, the others over its
-    pairs, as the held-out evaluation weighs them. Before, each micro-batch's mean weighed alike, so a token of a
-    short response counted more."""
+    pairs, as the held-out evaluation weighs them; and so does the loss, whose KL and SFT terms are those token means.
+    Before, each micro-batch's mean weighed alike in both, so a token of a short response counted more (with
+    sft_coef 1, as the tiny preset: loss 6.3962 as 4x1, 6.3729 as 1x4)."""
     splits = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
     for name, (batch_size, accumulation) in splits.items():
-        train(tmp_path / name, "dpo", init_from=tiny_pretrain_model, batch_size=batch_size,
+        train(tmp_path / name, "dpo", init_from=tiny_pretrain_model, batch_size=batch_size, kl_coef=0.5, sft_coef=1,
               accumulation_steps=accumulation, max_steps=3, dropout=0.0, val_data_path="", save_interval_steps=100)
     rows = {name: [r for r in read_metrics(tmp_path / name) if "loss" in r] for name in splits}
     assert rows["4x1"][-1]["kl_ref"] > 1e-4  # the policy has moved off the reference by step 3

@@ -11,6 +11,7 @@ See docs/dpo.md for the formulas of every loss and extra term.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -109,30 +110,30 @@ class DPOObjective:
             with adapters_disabled(model):
                 return model_token_logps(model, ids, labels)[0]
 
-    def weight(self, batch: dict[str, torch.Tensor]) -> int:
-        """The pairs: the loss is a mean over them."""
-        return len(batch["chosen_input_ids"])
+    per_kind = {"kl_ref": "tokens", "nll/chosen": "tokens"}  # means over the chosen responses' labelled tokens
 
-    def token_weights(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        """The metrics of `loss` that are means over the chosen responses' labelled tokens, not over the pairs, each
-        with how many of those the batch has."""
-        tokens = int((batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum())
-        return {"kl_ref": tokens, "nll/chosen": tokens}
+    def weights(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The pairs (the preference loss is a mean over them) and the chosen responses' labelled tokens (the KL and
+        NLL terms are means over those)."""
+        return {"pairs": len(batch["chosen_input_ids"]),
+                "tokens": int((batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum())}
 
-    def total(self, dpo_loss: torch.Tensor | float, kl: torch.Tensor | float,
-              chosen_nll: torch.Tensor | float) -> torch.Tensor | float:
-        """The loss without the MoE balance loss: the preference loss plus the extra terms that are switched on."""
+    def total(self, dpo_loss: torch.Tensor | float, kl: torch.Tensor | float, chosen_nll: torch.Tensor | float,
+              token_share: float | torch.Tensor = 1.0) -> torch.Tensor | float:
+        """The loss without the MoE balance loss: the preference loss plus the extra terms that are switched on, these
+        (means over tokens) weighed by `token_share` in a training step (see Objective.loss)."""
         s = self.settings
         loss = dpo_loss
         if s.kl_coef:
-            loss = loss + s.kl_coef * kl
+            loss = loss + s.kl_coef * kl * token_share
         if s.sft_coef:
-            loss = loss + s.sft_coef * chosen_nll
+            loss = loss + s.sft_coef * chosen_nll * token_share
         return loss
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             share: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """`share`: 1 in training, where every micro-batch holds batch_size pairs (see Objective.loss)."""
+             shares: Mapping[str, float | torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """`shares` (Objective.loss): the pairs' is 1 in training, where every micro-batch holds batch_size pairs;
+        the tokens' weighs the KL and NLL terms, so that a step's are means over all its chosen-response tokens."""
         s = self.settings
         if "ref_chosen_logps" not in batch and self.reference is None and not hasattr(unwrap(model), "peft_config"):
             raise DPOError("no reference: pass a reference model, use LoRA, or precompute reference log-probs")
@@ -155,7 +156,8 @@ class DPOObjective:
         pair_losses = preference_losses(chosen_logratios, rejected_logratios, s, *lengths)
         kl = kl_per_token(chosen_tokens_logps, ref_chosen_tokens.to(logps), chosen_mask)
         chosen_nll = -chosen_tokens_logps.sum() / chosen_mask.sum().clamp(min=1)
-        loss = self.total(pair_losses.mean(), kl, chosen_nll) * share
+        shares = shares or {}
+        loss = self.total(pair_losses.mean() * shares.get("pairs", 1.0), kl, chosen_nll, shares.get("tokens", 1.0))
         aux = aux_loss if model.training else None  # the router's balance loss trains, as in pretraining and SFT
         if aux is not None:
             loss = loss + aux

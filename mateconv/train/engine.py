@@ -7,9 +7,10 @@ FSDP).
 
 A step is one optimizer update over `accumulation_steps` micro-batches of `batch_size` per rank; an epoch's last step
 takes those the epoch has left, so `epochs` is that many passes over the data. The loop takes a step's micro-batches
-from the loader before the first forward, to count their items (an LM's labelled tokens) over all ranks: each
-micro-batch's loss weighs by its share of them (`Trainer.shares`), so that the step's loss and gradient are the mean
-over every labelled token of the step, however the rows are split into micro-batches and ranks. Checkpoints are taken
+from the loader before the first forward, to count their items (an LM's labelled tokens; DPO's pairs and chosen-response
+tokens) over all ranks: each part of a micro-batch's loss weighs by its share of them (`Trainer.shares`), so that the
+step's loss and gradient are the mean over every labelled token (pair) of the step, however the rows are split into
+micro-batches and ranks. Checkpoints are taken
 at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on
 another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
 
@@ -321,26 +322,28 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
-    def shares(self, batches: list[dict[str, torch.Tensor]]) -> list[float | torch.Tensor]:
-        """Each micro-batch's items (`objective.weight`: an LM's labelled tokens) over the step's mean per micro-batch
-        on all ranks: 1 when all hold as many (pretraining's full rows, DPO's pairs). With each micro-batch's loss
-        weighed by its share, the mean over the step's micro-batches and ranks is the mean over all its items (Hugging
-        Face Trainer's `num_items_in_batch` with `average_tokens_across_devices`). Counted on the host copies; over
-        ranks one all-reduce per step, whose sum stays on the device."""
-        weights = [self.objective.weight(batch) for batch in batches]
+    def shares(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float | torch.Tensor]]:
+        """Each micro-batch's items of each kind (`objective.weights`: an LM's labelled tokens; DPO's pairs and
+        chosen-response tokens) over the step's mean per micro-batch on all ranks: 1 when all hold as many
+        (pretraining's full rows, DPO's pairs). With each part of a micro-batch's loss weighed by its kind's share, the
+        mean over the step's micro-batches and ranks is the mean over all its items (Hugging Face Trainer's
+        `num_items_in_batch` with `average_tokens_across_devices`). Counted on the host copies; over ranks one
+        all-reduce per step, whose sums stay on the device."""
+        weights = [self.objective.weights(batch) for batch in batches]
+        kinds = list(weights[0])
         # a step without labelled tokens (the data leaves out such rows) keeps its NaN loss, not a division by zero
-        total = sum_over_ranks(max(sum(weights), 1), self.runtime.device)
+        totals = sum_over_ranks([max(sum(w[kind] for w in weights), 1) for kind in kinds], self.runtime.device)
         micro_batches = len(batches) * self.runtime.world_size
-        return [weight * micro_batches / total for weight in weights]
+        return [{kind: w[kind] * micro_batches / total for kind, total in zip(kinds, totals)} for w in weights]
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool, window: int,
-                   share: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict]:
-        """Forward + backward of one micro-batch of a step of `window` of them, its loss weighed by its `share`; the
+                   shares: dict[str, float | torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """Forward + backward of one micro-batch of a step of `window` of them, its loss weighed by its `shares`; the
         optimizer steps on the boundary. Returns (the detached loss, metrics), left on the device: nothing here waits
         for the GPU."""
         if self.runtime.use_deepspeed:
             self.engine.set_gradient_accumulation_boundary(boundary)  # an epoch's last step may be shorter
-            loss, metrics = self.objective.loss(self.engine, batch, share)
+            loss, metrics = self.objective.loss(self.engine, batch, shares)
             # DeepSpeed divides by accumulation_steps: the gradient is the mean over this step's micro-batches
             self.engine.backward(loss * (self.config.optim.accumulation_steps / window))
             self.engine.step()
@@ -349,7 +352,7 @@ class Trainer:
             self.engine.set_requires_gradient_sync(boundary)
         sync = boundary or not isinstance(self.engine, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.engine.no_sync()), self.autocast():
-            loss, metrics = self.objective.loss(self.engine, batch, share)
+            loss, metrics = self.objective.loss(self.engine, batch, shares)
         scaled = loss / window
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), metrics
@@ -417,12 +420,12 @@ class Trainer:
 
     def _validation_loss(self) -> dict[str, float]:
         """The ranks split the examples (`split_means`); each batch weighs what its loss is a mean of
-        (`objective.weight`: an LM's labelled tokens), so the mean is the same on any number of ranks and with any
-        batch size."""
+        (the first of `objective.weights`: an LM's labelled tokens), so the mean is the same on any number of ranks and
+        with any batch size."""
         def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, float]]:
             with self.autocast():
                 loss, metrics = self.objective.loss(self.engine, self.to_device(batch))
-            weight = self.objective.weight(batch)
+            weight = next(iter(self.objective.weights(batch).values()))
             means = {"loss": (loss, weight)}
             if "lm_loss" in metrics:
                 means["lm_loss"] = (metrics["lm_loss"], weight)
@@ -544,11 +547,11 @@ class Trainer:
                     step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
                     tracker.begin_step(step + 1)
                     losses, metrics = [], WeightedMeans()
-                    for micro, (batch, share) in enumerate(zip(step_batches, self.shares(step_batches)), 1):
+                    for micro, (batch, shares) in enumerate(zip(step_batches, self.shares(step_batches)), 1):
                         state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                         positions, real, marked = batch_tokens(batch, self.pad_id)
                         self.window.add_tokens(positions, real)
-                        loss, measured = self.micro_step(self.to_device(batch), micro == window, window, share)
+                        loss, measured = self.micro_step(self.to_device(batch), micro == window, window, shares)
                         losses.append(loss)
                         metrics.add(weighed_metrics(self.objective, batch, measured))
                         moe_model = base_model(self.engine)

@@ -49,7 +49,7 @@ def forgetting_eval(model: torch.nn.Module, held_out: dict[str, Dataset], batch_
 
     def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         _, metrics = lm.loss(model, {k: v.to(device) for k, v in batch.items()})
-        return {"nll": (metrics["lm_loss"], lm.weight(batch))}
+        return {"nll": (metrics["lm_loss"], lm.weights(batch)["tokens"])}
 
     return {f"forget/{name}_ppl": math.exp(split_means(data, batch_size, measure, device)["nll"])
             for name, data in held_out.items()}
