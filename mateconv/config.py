@@ -903,7 +903,8 @@ def help_text(sections: Iterable[str], stage_defaults: dict) -> str:
         for f, _ in declared_fields(SECTIONS[section]):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             value = stage.get((section, f.name), default)
-            shown = f"auto ({AUTO[section, f.name]})" if value in (None, "auto") else repr(value)
+            auto = value in (None, "auto") and (section, f.name) in AUTO
+            shown = f"auto ({AUTO[section, f.name]})" if auto else repr(value)
             flags.append(f"--{NAMES[section, f.name]}={shown}")
         lines.append(f"{section}:")
         lines += textwrap.wrap("  ".join(flags), width=118, initial_indent="  ", subsequent_indent="  ",
