@@ -371,6 +371,16 @@ FIELDS: dict[tuple[str, str], tuple[dataclasses.Field, object]] = {  # (section,
 KINDS = {place: kind for place, (_, kind) in FIELDS.items()}
 NAMES = {(section, name): f.metadata.get("flag", getattr(SECTIONS[section], "PREFIX", "") + name)
          for (section, name), (f, _) in FIELDS.items()}  # the flat names
+# What `auto` picks, for the fields whose default leaves the value to the run (`--help` shows it): "auto", or None,
+# which such a field also takes as `auto`.
+AUTO = {("model", "hidden_dim"): "2/3 of 4 x dim, rounded up to a multiple of multiple_of",
+        ("model", "moe_impl"): "grouped GEMMs where torch._grouped_mm takes the dtype, else a loop",
+        ("parallel", "engine"): "deepspeed under a launcher or with zero_stage/ds_config/offload_optimizer, else torch",
+        ("parallel", "device"): "a GPU when there is one, else cpu",
+        ("parallel", "dtype"): "bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs",
+        ("parallel", "compile"): "on with CUDA and zero_stage 0-2, else off",
+        ("track", "eval_at_start"): "on for DPO, off for the other stages",
+        ("checkpoint", "resume"): "the newest intact checkpoint in out_dir, if any"}
 # The one alias map: every flat name and seed alias -> (section, field).
 FLAGS: dict[str, tuple[str, str]] = {name: place for place, name in NAMES.items()}
 ALIAS_TARGETS = {alias: target if isinstance(target, str) else target[0] for alias, target in SEED_ALIASES.items()}
@@ -450,7 +460,7 @@ def convert(place: tuple[str, str], value):
     optional = isinstance(kind, types.UnionType) and type(None) in kind.__args__
     if optional:
         kind = next(k for k in kind.__args__ if k is not type(None))
-        unset = ("none", "null", "", "auto") if kind is bool else ("none", "null", "")  # a switch: auto|1|0
+        unset = ("none", "null", "", "auto") if place in AUTO else ("none", "null", "")
         if value is None or (isinstance(value, str) and value.lower() in unset):
             return None
     if kind == bool | str:  # a switch that may name a mode instead (wandb_log_model)
@@ -892,7 +902,10 @@ def help_text(sections: Iterable[str], stage_defaults: dict) -> str:
         flags = []
         for f, _ in declared_fields(SECTIONS[section]):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            flags.append(f"--{NAMES[section, f.name]}={stage.get((section, f.name), default)!r}")
+            value = stage.get((section, f.name), default)
+            auto = value in (None, "auto") and (section, f.name) in AUTO
+            shown = f"auto ({AUTO[section, f.name]})" if auto else repr(value)
+            flags.append(f"--{NAMES[section, f.name]}={shown}")
         lines.append(f"{section}:")
         lines += textwrap.wrap("  ".join(flags), width=118, initial_indent="  ", subsequent_indent="  ",
                                break_long_words=False, break_on_hyphens=False)

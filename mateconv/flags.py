@@ -55,3 +55,11 @@ class ArgumentParser(argparse.ArgumentParser):
         if extras:
             self.error(unrecognized(self, extras))
         return parsed
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each flag's default, but none for a flag whose default is None: argparse's `(default: None)`
+    says nothing (the flag's help tells what happens without it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)

@@ -29,6 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import yaml
 
 from mateconv.data import DataError, read_tokenizer
@@ -38,7 +39,7 @@ from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_ato
 from mateconv.flags import ArgumentParser, render_flags, unrecognized
 from mateconv.prefs.endpoints import PrefsError, resolve_judge
 from mateconv.procs import NotStopped, StageRunner, free_port, is_alive, read_pid, stop, writer_of
-from mateconv.terminal import run_main
+from mateconv.terminal import duration, run_main
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pipeline"
@@ -551,25 +552,43 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
 
 def status(logs: Path, out: Path) -> None:
     """One line per stage that has a log: running or not, its latest logged step and loss, and its last progress
-    line's state (step/total, elapsed, ETA, tokens/s); one line saying so where no stage has a log."""
+    line's state (step/total, elapsed, ETA, tokens/s), for the pipeline's log its own state (`pipeline_state`); one
+    line saying so where no stage has a log."""
     found = sorted(logs.glob("*.log"))
     if not found:
         print(f"no stage has run from here: {f'no stage log in {logs}' if logs.is_dir() else f'no {logs} directory'}")
+    pids = {}
     for log in found:
-        name = log.stem
-        pid = read_pid(logs, name)
-        if not (pid and is_alive(pid)):
-            pid = writer_of(log)
+        pid = read_pid(logs, log.stem)
+        pids[log.stem] = pid if pid and is_alive(pid) else writer_of(log)
+    for log in found:
+        name, pid = log.stem, pids[log.stem]
         line = f"{name:12s} {'running (pid %d)' % pid if pid else 'not running'}"
         metrics = out / name / "metrics.jsonl"
         rows = read_metrics(metrics) if metrics.exists() else []
         last = next((row for row in reversed(rows) if "loss" in row and "step" in row), None)
         if last:
             line += f"  step={last['step']} loss={last['loss']:.4f}"
-        progress = last_progress(log, running=bool(pid))
+        if name == "pipeline":  # its log echoes the stages': their progress is on their own rows
+            progress = pipeline_state(log, pid, [stage for stage, alive in pids.items() if alive and stage != name])
+        else:
+            progress = last_progress(log, running=bool(pid))
         if progress:
             line += f"  [{progress}]"
         print(line)
+
+
+def pipeline_state(log: Path, pid: int | None, running: list[str]) -> str | None:
+    """The pipeline row's own state: while it runs, the stages running and its elapsed time; else its last line of
+    its own (complete, a stage failed or stopped, interrupted)."""
+    if pid:
+        try:
+            elapsed = duration(time.time() - psutil.Process(pid).create_time())
+        except psutil.Error:  # it ended since
+            return None
+        return f"{', '.join(running) or 'no stage'} running, elapsed {elapsed}"
+    own = [line for line in tail_text(log, 4096).splitlines() if line.startswith("[pipeline] ")]
+    return own[-1].removeprefix("[pipeline] ") if own else None
 
 
 # A stage's progress line in a log (stages print these, not bars, off a terminal): a training step

@@ -30,7 +30,7 @@ from mateconv.data.clean import DEFAULT_NORMALIZATION, NORMALIZATIONS, normalize
 from mateconv.data.embedded import all_tasks, pretrain_docs
 from mateconv.data.readers import BadLine, ReadProgress, iter_sources, path_list, record_text
 from mateconv.files import save_figure, write_atomic
-from mateconv.flags import ArgumentParser
+from mateconv.flags import ArgumentParser, DefaultsHelpFormatter
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, on_terminal, run_main
 
 # Qwen2's split (digits one by one, a punctuation mark joined to the word after it, newline runs apart). llama.cpp
@@ -303,7 +303,7 @@ TRAINING_DEFAULTS = {"vocab_size": 6400, "min_frequency": 2, "max_chars": None, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mateconv.tokenizer", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", nargs="+", help="jsonl/json/txt/parquet files or directories to train on")
     source.add_argument("--from_pretrained", metavar="PATH",

@@ -53,6 +53,15 @@ def test_an_unknown_flag_is_answered_with_the_closest_one(module, argv, typo, fl
         f"error: unrecognized argument {typo}; did you mean {flag}?")
 
 
+@pytest.mark.parametrize("module", ["mateconv.tokenizer", "mateconv.data.tokenizing", "mateconv.data.prepare"])
+def test_help_shows_no_default_for_a_flag_without_one(module, capsys):
+    """`3.dataset.py --help` said `--input ... (default: None)`, `--corpus ... (default: None)`: None is no default."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: " in text  # the other defaults are still shown
+
+
 def test_a_flag_nothing_is_close_to_is_named_as_argparse_names_it():
     parser = ArgumentParser(prog="p")
     parser.add_argument("--num_pairs", type=int)

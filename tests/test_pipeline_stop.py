@@ -2,6 +2,7 @@
 group has exited, as under the DeepSpeed launcher, whose front process exits at once while the ranks still save."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,35 @@ def test_status_finds_a_run_started_by_hand_under_nohup(tmp_path, capsys):
     psutil.wait_procs([rank], timeout=10)
     status(logs, tmp_path / "out")
     assert capsys.readouterr().out.split() == ["pretrain", "not", "running"]
+
+
+def test_status_pipeline_row_says_what_the_pipeline_does(tmp_path, capsys):
+    """The pipeline row repeated the last stage progress line of its log (which echoes the stages'), the stage's own
+    row beside it; it now says which stage runs and for how long the pipeline has run, or, ended, its own last line."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    progress = "[sft] step 10/300 loss 2.1 lr 1e-03 grad_norm 0.5 tok/s 1,000 mem_gb 0.4 elapsed 0:00:10 eta 0:04:50\n"
+    (logs / "sft.log").write_text(progress)
+    (logs / "pipeline.log").write_text("[pipeline] sft: python 5.full_sft.py\n" + progress)
+    sleepers = {name: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+                for name in ("pipeline", "sft")}
+    for name, process in sleepers.items():
+        pid_file(logs, name).write_text(f"{process.pid}\n")
+    try:
+        status(logs, tmp_path / "out")
+    finally:
+        for process in sleepers.values():
+            process.kill()
+            process.wait()
+    rows = capsys.readouterr().out.splitlines()
+    pid = sleepers["pipeline"].pid
+    assert re.fullmatch(rf"pipeline +running \(pid {pid}\)  \[sft running, elapsed 0:00:0\d\]", rows[0]), rows
+    assert rows[1].endswith("[10/300 elapsed 0:00:10 eta 0:04:50, 1,000 tok/s]")
+    with open(logs / "pipeline.log", "a") as log:
+        log.write("[pipeline] sft failed with exit code 1; see logs/sft.log\n")
+    status(logs, tmp_path / "out")
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split(None, 3)[3] == "[sft failed with exit code 1; see logs/sft.log]", rows
 
 
 def test_stop_sh_on_a_directory_no_run_writes_says_so_at_once(tmp_path):

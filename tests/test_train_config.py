@@ -109,6 +109,20 @@ def test_stage_help_lists_only_the_sections_it_uses(stage, has_dpo):
         assert "--out_dir='out/sft'" in text  # the stage's own defaults
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_help_says_what_an_auto_default_picks(stage):
+    """`--compile=None`, `--hidden_dim=None` and `--eval_at_start=None` meant "the run decides"; such a flag now shows
+    auto with what it picks, and takes `auto` on the command line."""
+    from mateconv.train.command import STAGE_DEFAULTS, STAGE_SECTIONS
+
+    text = " ".join(help_text(STAGE_SECTIONS[stage], STAGE_DEFAULTS[stage]).split())
+    assert "None" not in text and "'auto'" not in text
+    assert "--compile=auto (on with CUDA and zero_stage 0-2, else off)" in text
+    assert "--dtype=auto (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs)" in text
+    config = parse_config(["--hidden_dim", "auto", "--compile", "auto", "--eval_at_start", "auto", "--dim", "128"])
+    assert (config.model.hidden_dim, config.parallel.compile, config.track.eval_at_start) == (384, None, None)
+
+
 @pytest.mark.parametrize("flags, value", [(["--use_moe"], True), (["--use_moe", "1"], True),
                                           (["--use_moe", "true"], True), (["--use_moe=false"], False),
                                           (["--use_moe", "0"], False), (["--overrides", "use_moe=yes"], True)])

@@ -972,6 +972,52 @@ def test_sigint_saves_checkpoint_and_exits_zero(tiny_flags, tmp_path, num_worker
     assert not (tmp_path / "final").exists()  # a stopped run is not final
 
 
+def test_frozen_weights_count_no_weight_gradient_flops():
+    """A LoRA run's frozen weights get no weight gradient, 4 FLOPs per parameter and token, not 6: its MFU was counted
+    1.5 x too high."""
+    from peft import LoraConfig, get_peft_model
+
+    from mateconv.train.tracking import active_parameters, flops_per_token
+    from model.config import MateConvConfig
+    from model.modeling import MateConvForCausalLM
+
+    model = MateConvForCausalLM(MateConvConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512))
+    attention = 12 * 2 * 64 * 32
+    dense = active_parameters(model)
+    assert flops_per_token(model, 32) == 6 * dense + attention
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).get_base_model()
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert adapters == 2 * 4 * ((64 + 64) + (64 + 32))  # rank 4 on q_proj, v_proj (2 kv heads of 16) of 2 layers
+    assert active_parameters(lora) == dense + adapters
+    assert flops_per_token(lora, 32) == 4 * (dense + adapters) + 2 * adapters + attention
+
+
+def test_the_cpu_peak_is_not_lowered_by_programs_busy_during_part_of_its_measurement():
+    """A peak measured while other programs held the core (W&B's service starting, another rank's first step) was
+    their mean rate, which the training later exceeded: MFU above 1 on a CPU. Here two programs spin on this process's
+    one core for as long as a quiet measurement takes, a third of the disturbed one's products or so."""
+    from mateconv.train.tracking import measure_cpu_flops
+
+    cores = os.sched_getaffinity(0)
+    core = min(cores)
+    os.sched_setaffinity(0, {core})
+    try:
+        start = time.perf_counter()
+        quiet = measure_cpu_flops(repeats=20)
+        seconds = time.perf_counter() - start
+        spin = (f"import os, time\nos.sched_setaffinity(0, {{{core}}})\nprint(flush=True)\n"
+                f"end = time.time() + {seconds}\nwhile time.time() < end: pass")
+        busy = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        for process in busy:
+            process.stdout.readline()  # it spins from now on
+        disturbed = measure_cpu_flops(repeats=20)
+        for process in busy:
+            process.wait()
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert disturbed > 0.8 * quiet, (disturbed, quiet)
+
+
 def test_metrics_file_is_truncated_to_the_resumed_step(tmp_path):
     from mateconv.train.tracking import Tracker
 

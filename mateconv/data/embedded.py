@@ -13,7 +13,6 @@ Answers use one short fixed form, "The answer is 12." / "答案是 12。" (`mate
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from mateconv.data.readers import path_list
 from mateconv.files import atomic_dir
-from mateconv.flags import ArgumentParser
+from mateconv.flags import ArgumentParser, DefaultsHelpFormatter
 from mateconv.tasks import ANSWER_FORM
 from mateconv.terminal import run_main
 
@@ -289,7 +288,7 @@ def make_if_missing(paths: str | Path | list[str | Path]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m mateconv.data.embedded",
                             description="Write the embedded bilingual demo data set (raw files for stage 2).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out_dir", default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_chars", type=int, default=3_000_000)

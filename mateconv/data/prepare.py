@@ -38,7 +38,7 @@ from mateconv.data.pool import in_order
 from mateconv.data.readers import BadLine, ReadProgress, iter_sources, list_files, path_list, record_text
 from mateconv.data.sources import recognize, skipped
 from mateconv.files import dirs_to_make, remove_empty_dirs, write_atomic
-from mateconv.flags import ArgumentParser
+from mateconv.flags import ArgumentParser, DefaultsHelpFormatter
 from mateconv.terminal import PlainProgress, bars_only_on_a_terminal, exit_interrupted, run_main, signals_interrupt
 
 KINDS = ("pretrain", "sft", "dpo", "tasks")
@@ -292,7 +292,7 @@ def summary_table(stats: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m mateconv.data.prepare",
                             description="Stage 2: clean, dedup, convert and split raw data (docs/data.md).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
     group = parser.add_argument_group("inputs (files, directories, hf:owner/name or ms:owner/name)")
     group.add_argument("--raw_dir", help="directory of data files: pretrain*, sft*, dpo*, tasks* by their names, "
                        "the files a dataset_info.json names by its entries, others by their content")

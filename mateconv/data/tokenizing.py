@@ -34,7 +34,7 @@ from mateconv.data.readers import (BadLine, iter_records, list_files, opens_arra
                                    text_lines)
 from mateconv.data.shards import FORMAT_VERSION, KINDS, shard_info
 from mateconv.files import remove_empty_dirs, write_atomic
-from mateconv.flags import ArgumentParser
+from mateconv.flags import ArgumentParser, DefaultsHelpFormatter
 from mateconv.terminal import (PlainProgress, bars_only_on_a_terminal, exit_interrupted, run_main,
                                signals_interrupt)
 
@@ -421,7 +421,7 @@ def _report(result: BuildResult) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description="Stage 3: tokenize prepared data into memory-mapped token shards (docs/data.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--kind", choices=KINDS, help="what the input holds (not needed with --all)")
     parser.add_argument("--input", nargs="+", help="jsonl/json/txt files or directories")
     parser.add_argument("--out_dir", help="shard directory to write, e.g. out/tokens/pretrain/train")

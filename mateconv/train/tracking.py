@@ -30,28 +30,35 @@ GPU_PEAK_FLOPS = {
 }
 
 
-def active_parameters(model: nn.Module) -> int:
+def active_parameters(model: nn.Module, trainable: bool = False) -> int:
     """Parameters a token's forward multiplies by: no embedding lookups, the lm_head once (also when tied), and for
-    MoE layers only `top_k` of the routed experts."""
+    MoE layers only `top_k` of the routed experts. `trainable`: only those that train (LoRA's adapters, not the
+    frozen weights they adapt)."""
+    def counted(p: nn.Parameter) -> bool:
+        return p.requires_grad or not trainable
+
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    total = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    total = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids and counted(p))
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and id(output.weight) in embedding_ids:
+    if output is not None and id(output.weight) in embedding_ids and counted(output.weight):
         total += output.weight.numel()
     for module in model.modules():
         experts, top_k = getattr(module, "experts", None), getattr(module, "top_k", None)
         if isinstance(experts, nn.ModuleList) and isinstance(top_k, int) and len(experts) > top_k:
-            per_expert = sum(p.numel() for p in experts[0].parameters())
+            per_expert = sum(p.numel() for p in experts[0].parameters() if counted(p))
             total -= (len(experts) - top_k) * per_expert
     return total
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters plus attention scores (PaLM appendix B: 12 * L * d * T)."""
+    """Training FLOPs per token: 2 x active parameters for the forward, 2 x for the gradients of the activations and
+    2 x the trainable ones for the weights' (6 x active parameters when all train, 4 x plus LoRA's adapters for LoRA,
+    whose frozen weights get no gradient), plus attention scores (PaLM appendix B: 12 * L * d * T)."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or 0
     hidden = getattr(config, "hidden_size", 0) or 0
-    return 6.0 * active_parameters(model) + 12.0 * layers * hidden * seq_len
+    weights = 4.0 * active_parameters(model) + 2.0 * active_parameters(model, trainable=True)
+    return weights + 12.0 * layers * hidden * seq_len
 
 
 def run_facts(model: nn.Module, config: TrainConfig, world_size: int) -> dict[str, dict]:
@@ -68,14 +75,18 @@ def run_facts(model: nn.Module, config: TrainConfig, world_size: int) -> dict[st
     return {"model": {**section, "architecture": type(model).__name__}, "run": facts}
 
 
-def measure_cpu_flops(size: int = 1024, repeats: int = 8) -> float:
-    """Achieved fp32 matmul FLOP/s of this CPU (the practical peak for MFU on CPUs)."""
+def measure_cpu_flops(size: int = 1024, repeats: int = 10) -> float:
+    """fp32 matmul FLOP/s of this process's threads on this CPU (the practical peak for MFU on CPUs): the fastest of
+    `repeats` products, as a mean would count the moments other programs (W&B's service starting, the other ranks'
+    first steps) held the cores, making a peak that a later, quieter training exceeds."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
+    a @ b  # warm-up: the thread pool starts
+    fastest = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * size ** 3 / fastest
 
 
 def peak_flops(device: torch.device, override: float = 0.0) -> float:
