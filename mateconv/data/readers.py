@@ -298,11 +298,17 @@ def _json_array(text: _JsonText) -> Iterator[tuple[int, Any]]:
         return
     for index in itertools.count(1):
         text.next_char()
-        yield text.element(index)
+        line, element = text.element(index)
         delimiter = text.next_char()
-        if not delimiter:
-            yield text.line, BadLine("the file ends before the array's closing ']' (cut short?)")
+        if not delimiter:  # a download cut short: one bad line, also where the cut broke an element off
+            if isinstance(element, BadLine):
+                yield line, BadLine(f"the file ends inside array element {index}, before the array's closing ']' "
+                                    "(cut short?)")
+            else:
+                yield line, element
+                yield text.line, BadLine("the file ends before the array's closing ']' (cut short?)")
             return
+        yield line, element
         text.move_to(text.pos + 1)
         if delimiter == "]":
             return
