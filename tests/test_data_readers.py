@@ -3,7 +3,9 @@ read them: byte order marks, JSON Lines under a .json name, file:line positions,
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,26 @@ def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
     with pytest.raises(DataError, match=rf"^{path}: (cannot read the file|not a readable parquet file): "):
         numbered_records(path)
 
+
+def zipped(name: str, text: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("c4.jsonl", gzip.compress(jsonl([FIRST, SECOND] * 200).encode()), "gzip-compressed data, not text: decompress"),
+    ("export.json", zipped("export.json", json.dumps([FIRST])), "a zip archive, not text: unzip it"),
+    ("web.txt", b"PAR1" + bytes(range(256)) * 4 + b"PAR1", "a parquet file, not text: end its name with .parquet"),
+], ids=["gzip", "zip", "parquet"])
+def test_a_binary_file_under_a_text_name_is_one_clear_error(tmp_path, name, content, said):
+    """A download saved without its .gz (or a zip, a table) was read as text: its bytes were reported as GBK lines
+    ('iconv -f GBK ...') or as records of no known shape ('expected a JSON object, got int')."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: {said}"):
+        numbered_records(path)
 
 @pytest.mark.parametrize("name", ["notes.txt", "data.jsonl", "data.jsonl.gz"])
 def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_path, name):
