@@ -16,7 +16,7 @@ from nbclient.exceptions import CellExecutionError
 
 from mateconv.data import DataError
 from mateconv.data.clean import DEFAULT_NORMALIZATION, Deduper, Filters, normalize, split_of
-from mateconv.data.prepare import build_parser, main, prepare
+from mateconv.data.prepare import build_parser, main, prepare, summary_table
 from mateconv.data.tokenizing import build_shards
 from mateconv.prefs.store import sample_prompts
 from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
@@ -54,6 +54,18 @@ def test_normalize_and_filters():
                           "浅情人不知。") is None
     assert filters.reason(prose(1, 100)) is None
 
+
+def test_a_file_with_few_bad_records_is_shown_beside_a_noisy_one(tmp_path):
+    """The bad records shown are the first 20 and then each other file's first: a file cut short (or saved as GBK)
+    was hidden behind a noisy file's 20 bad lines, counted but never named."""
+    noisy, cut = tmp_path / "noisy.jsonl", tmp_path / "cut.jsonl"
+    noisy.write_text("".join(json.dumps({"text": prose(i)}) + "\n{broken\n" for i in range(25)))
+    cut.write_text(json.dumps({"text": prose(99)}) + '\n{"text": "the download stopped he')
+    stats = prepare({"pretrain": [noisy, cut]}, tmp_path / "data", progress=False, workers=1)["pretrain"]
+    assert stats["removed"]["bad_record"] == 26 and stats["kept"] == 26
+    assert len(stats["bad_examples"]) == 21 and stats["bad_examples"][-1].startswith(f"{cut}:2: malformed JSON")
+    assert "pretrain: 26 bad record(s) skipped (the first 20 below, then the first in each other file):" in \
+        summary_table({"pretrain": stats})
 
 def test_dedup_removes_exact_and_near_duplicates():
     deduper = Deduper(threshold=0.8)

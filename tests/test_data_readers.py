@@ -3,7 +3,9 @@ read them: byte order marks, JSON Lines under a .json name, file:line positions,
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,10 @@ def test_pretty_objects_one_after_another_are_one_clear_error(tmp_path):
      [(3, "array element 1: malformed JSON: Extra data")]),
     ("[\n" + json.dumps(FIRST) + "\n]\n]", [(2, FIRST), (4, "malformed JSON: Extra data after the array")]),
     ("[\n" + json.dumps(FIRST) + ",\n{\"text\": \"cut",
-     [(2, FIRST), (3, "array element 2: malformed JSON: Unterminated"), (3, "the file ends before the array")]),
-], ids=["bad-element", "unbalanced-brackets", "missing-comma", "after-the-array", "cut-short"])
+     [(2, FIRST), (3, "the file ends inside array element 2, before the array's closing ']' (cut short?)")]),
+    ("[\n" + json.dumps(FIRST) + ",\n" + json.dumps(SECOND),
+     [(2, FIRST), (3, SECOND), (3, "the file ends before the array's closing ']' (cut short?)")]),
+], ids=["bad-element", "unbalanced-brackets", "missing-comma", "after-the-array", "cut-short", "cut-before-the-end"])
 def test_a_malformed_array_element_is_a_bad_line_and_the_others_are_kept(tmp_path, monkeypatch, read_bytes, content,
                                                                          expected):
     monkeypatch.setattr(readers, "JSON_READ_BYTES", read_bytes)
@@ -152,6 +156,26 @@ def test_a_damaged_file_is_one_clear_error(tmp_path, name, content):
         numbered_records(path)
 
 
+def zipped(name: str, text: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("c4.jsonl", gzip.compress(jsonl([FIRST, SECOND] * 200).encode()), "gzip-compressed data, not text: decompress"),
+    ("export.json", zipped("export.json", json.dumps([FIRST])), "a zip archive, not text: unzip it"),
+    ("web.txt", b"PAR1" + bytes(range(256)) * 4 + b"PAR1", "a parquet file, not text: end its name with .parquet"),
+], ids=["gzip", "zip", "parquet"])
+def test_a_binary_file_under_a_text_name_is_one_clear_error(tmp_path, name, content, said):
+    """A download saved without its .gz (or a zip, a table) was read as text: its bytes were reported as GBK lines
+    ('iconv -f GBK ...') or as records of no known shape ('expected a JSON object, got int')."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: {said}"):
+        numbered_records(path)
+
 @pytest.mark.parametrize("name", ["notes.txt", "data.jsonl", "data.jsonl.gz"])
 def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_path, name):
     lines = ["河流流过古老的磨坊。", "磨坊的水车整天转动。", "晚上河面很安静。"]
@@ -184,7 +208,7 @@ def test_a_chinese_file_cut_inside_a_character_keeps_its_records(tmp_path, monke
     path = tmp_path / name
     path.write_bytes(data[:cut])
     *kept, last = [record for _, _, record in iter_records(path)]
-    assert kept[:3] == records[:3] and all(isinstance(record, BadLine) for record in kept[3:])
+    assert kept == records[:3]  # the cut is one bad line
     assert isinstance(last, BadLine) and "GBK" not in last.error
     assert "cut short" in last.error or (inside == 0 and "malformed JSON" in last.error)
 

@@ -160,6 +160,7 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
     sources = path_list(sources)
     removed: Counter = Counter()
     bad_examples: list[str] = []
+    bad_sources: set[str] = set()
     hold_out = kind == "sft" and prompts_frac > 0
     lengths: dict[str, list[int]] = {"train": [], "val": [], **({"prompts": []} if hold_out else {})}
     paths = {split: out_dir / f"{kind}_{split}.jsonl" for split in lengths}
@@ -184,8 +185,10 @@ def prepare_kind(kind: str, sources: list[str | Path], out_dir: Path, filters: F
                 plain.update(bar.n / 1e6, records=read)
             if reason:
                 removed[reason] += 1
-                if reason == "bad_record" and len(bad_examples) < MAX_BAD_EXAMPLES:
+                # the first ones, and each file's first: a noisy file must not hide another's cut or encoding
+                if reason == "bad_record" and (len(bad_examples) < MAX_BAD_EXAMPLES or source not in bad_sources):
                     bad_examples.append(f"{source}:{number}: {text}")
+                    bad_sources.add(source)
                 continue
             given = record.get("split") if isinstance(record, dict) else None
             split = given if given in ("train", "val") else split_of(text, val_frac, seed)
@@ -284,7 +287,8 @@ def summary_table(stats: dict) -> str:
             rows.append(f"| {kind} | {s['read']} | {s['kept']} | {s['train']}{held} | {s['val']} | {removed} |")
             count = s["removed"].get("bad_record", 0)
             if count:
-                more = f" (the first {len(s['bad_examples'])} below)" if count > len(s["bad_examples"]) else ""
+                others = ", then the first in each other file" if len(s["bad_examples"]) > MAX_BAD_EXAMPLES else ""
+                more = f" (the first {MAX_BAD_EXAMPLES} below{others})" if count > len(s["bad_examples"]) else ""
                 bad += [f"{kind}: {count} bad record(s) skipped{more}:"] + [f"  {e}" for e in s["bad_examples"]]
     return "\n".join(rows + bad)
 

@@ -44,6 +44,11 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 ENDS_IN_A_CHARACTER = "unexpected end of data"  # UnicodeDecodeError's reason for a multi-byte character cut off
 NOT_UTF8 = "not UTF-8 text; save the file as UTF-8 (from GBK: `iconv -f GBK -t UTF-8 FILE > NEW`)"
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's little-endian mark starts with UTF-16's
+NOT_TEXT = {  # a text file's first bytes that say it is something else, and what to do
+    b"\x1f\x8b": ("gzip-compressed data", "decompress it (`gunzip`) or end its name with .gz"),
+    b"PK\x03\x04": ("a zip archive", "unzip it"),
+    b"PAR1": ("a parquet file", "end its name with .parquet"),
+}
 
 
 def _suffix(path: Path) -> str:
@@ -298,11 +303,17 @@ def _json_array(text: _JsonText) -> Iterator[tuple[int, Any]]:
         return
     for index in itertools.count(1):
         text.next_char()
-        yield text.element(index)
+        line, element = text.element(index)
         delimiter = text.next_char()
-        if not delimiter:
-            yield text.line, BadLine("the file ends before the array's closing ']' (cut short?)")
+        if not delimiter:  # a download cut short: one bad line, also where the cut broke an element off
+            if isinstance(element, BadLine):
+                yield line, BadLine(f"the file ends inside array element {index}, before the array's closing ']' "
+                                    "(cut short?)")
+            else:
+                yield line, element
+                yield text.line, BadLine("the file ends before the array's closing ']' (cut short?)")
             return
+        yield line, element
         text.move_to(text.pos + 1)
         if delimiter == "]":
             return
@@ -367,13 +378,19 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
-def refuse_utf16(path: Path) -> None:
+def refuse_not_text(path: Path) -> None:
     """A file that opens with a UTF-16 byte order mark (Windows PowerShell's `>`, Notepad's "Unicode") is refused
-    whole: read as UTF-8, its ASCII would pass between NUL bytes and its other lines fail at misplaced numbers."""
+    whole: read as UTF-8, its ASCII would pass between NUL bytes and its other lines fail at misplaced numbers. So is
+    a compressed file or a table under a text file's name (a download saved without its .gz), whose bytes would be
+    reported as GBK or as records of no known shape."""
     with _open_binary(path) as f:
-        if f.read(2) in UTF16_BOMS:
-            raise DataError(f"{path}: UTF-16 text, not UTF-8; save the file as UTF-8 "
-                            "(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")
+        head = f.read(4)
+    if head[:2] in UTF16_BOMS:
+        raise DataError(f"{path}: UTF-16 text, not UTF-8; save the file as UTF-8 "
+                        "(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")
+    for magic, (what, fix) in NOT_TEXT.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: {what}, not text: {fix}")
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
@@ -400,7 +417,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
     kept = 0
     try:
         if suffix != ".parquet":
-            refuse_utf16(path)
+            refuse_not_text(path)
         for number, record in records:
             kept += not isinstance(record, BadLine)
             if entry and not isinstance(record, BadLine):

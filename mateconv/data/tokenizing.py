@@ -30,7 +30,7 @@ from mateconv.data import DataError, read_tokenizer
 from mateconv.data.clean import split_of
 from mateconv.data.formats import to_preference, to_sft
 from mateconv.data.pool import in_order
-from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_utf16,
+from mateconv.data.readers import (BadLine, iter_records, list_files, opens_array, record_text, refuse_not_text,
                                    text_lines)
 from mateconv.data.shards import FORMAT_VERSION, KINDS, shard_info
 from mateconv.files import remove_empty_dirs, write_atomic
@@ -143,7 +143,7 @@ def _lines(files: list[Path]) -> Iterator[tuple[int, int, str, int]]:
     line that cannot be read is BAD_LINE and its reason, which the worker reports."""
     for source, path in enumerate(files):
         if path.name.endswith(".jsonl") and not opens_array(path):  # parsed by the workers
-            refuse_utf16(path)
+            refuse_not_text(path)
             for number, line in text_lines(path):
                 line = BAD_LINE + line.error if isinstance(line, BadLine) else line
                 if line.strip():
