@@ -163,10 +163,18 @@ def zipped(name: str, text: str) -> bytes:
     return buffer.getvalue()
 
 
+def parquet_bytes(rows: list[dict]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("name, content, said", [
     ("c4.jsonl", gzip.compress(jsonl([FIRST, SECOND] * 200).encode()), "gzip-compressed data, not text: decompress"),
     ("export.json", zipped("export.json", json.dumps([FIRST])), "a zip archive, not text: unzip it"),
-    ("web.txt", b"PAR1" + bytes(range(256)) * 4 + b"PAR1", "a parquet file, not text: end its name with .parquet"),
+    ("web.txt", parquet_bytes([FIRST, SECOND]), "a parquet file, not text: end its name with .parquet"),
 ], ids=["gzip", "zip", "parquet"])
 def test_a_binary_file_under_a_text_name_is_one_clear_error(tmp_path, name, content, said):
     """A download saved without its .gz (or a zip, a table) was read as text: its bytes were reported as GBK lines
@@ -175,6 +183,15 @@ def test_a_binary_file_under_a_text_name_is_one_clear_error(tmp_path, name, cont
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"^{path}: {said}"):
         numbered_records(path)
+
+
+def test_a_text_that_begins_like_a_parquet_file_is_read_as_text(tmp_path):
+    """Only a parquet file's first bytes with its first page header after 'PAR1' are refused as one."""
+    path = tmp_path / "notes.txt"
+    path.write_text("PAR1 of the notes: the river.\n\nPAR2: the mill.\n")
+    texts = [record["text"] for _, record in numbered_records(path)]
+    assert texts == ["PAR1 of the notes: the river.", "PAR2: the mill."]
+
 
 @pytest.mark.parametrize("name", ["notes.txt", "data.jsonl", "data.jsonl.gz"])
 def test_a_line_that_is_not_utf8_is_a_bad_line_not_replacement_characters(tmp_path, name):

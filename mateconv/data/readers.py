@@ -47,7 +47,7 @@ UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's little-endia
 NOT_TEXT = {  # a text file's first bytes that say it is something else, and what to do
     b"\x1f\x8b": ("gzip-compressed data", "decompress it (`gunzip`) or end its name with .gz"),
     b"PK\x03\x04": ("a zip archive", "unzip it"),
-    b"PAR1": ("a parquet file", "end its name with .parquet"),
+    b"PAR1\x15": ("a parquet file", "end its name with .parquet"),  # its first page header: text may start "PAR1"
 }
 
 
@@ -384,7 +384,7 @@ def refuse_not_text(path: Path) -> None:
     a compressed file or a table under a text file's name (a download saved without its .gz), whose bytes would be
     reported as GBK or as records of no known shape."""
     with _open_binary(path) as f:
-        head = f.read(4)
+        head = f.read(max(map(len, NOT_TEXT)))
     if head[:2] in UTF16_BOMS:
         raise DataError(f"{path}: UTF-16 text, not UTF-8; save the file as UTF-8 "
                         "(`iconv -f UTF-16 -t UTF-8 FILE > NEW`)")
