@@ -37,7 +37,7 @@ from mateconv.data.dataset_info import FILE_NAME as INFO
 from mateconv.data.sources import DataFile, by_kind, scan
 from mateconv.files import load_yaml_mapping, read_metrics, tail_text, write_atomic, yaml_error
 from mateconv.flags import ArgumentParser, render_flags, unrecognized
-from mateconv.prefs.endpoints import PrefsError, resolve_judge
+from mateconv.prefs.endpoints import PrefsError, health_problem, resolve_judge
 from mateconv.procs import NotStopped, StageRunner, free_port, is_alive, read_pid, stop, writer_of
 from mateconv.terminal import duration, run_main
 
@@ -356,6 +356,19 @@ def set_judge_model(preset: dict, name: str) -> None:
             preset["stages"][stage].setdefault("args", {})["judge_model"] = name
 
 
+def judge_warning(preset: dict, env: Mapping[str, str], timeout_s: float = 10.0) -> str | None:
+    """A warning where stage 7 has yet to run with a model judge that fails its health check now: stage 7 runs after
+    pretraining and SFT, hours later at seed size. Not a stop: the judge's server may be started in the meantime."""
+    prefs = preset["stages"].get("prefs")
+    if prefs is None or prefs["args"].get("judge") != "model" or Path(prefs["done"]).exists():
+        return None
+    problem = health_problem(resolve_judge(None, prefs["args"].get("judge_model"), env, None), timeout_s)
+    if problem is None:
+        return None
+    return (f"[pipeline] warning: {problem.rstrip('.')} (stage 7 needs the judge after SFT: have it up by then, or "
+            "the run stops there)")
+
+
 def held_out_prompts(preset: dict, data_out: str) -> str:
     """Stage 7's prompts on the judge path: stage 2 holds a share of the SFT conversations out of SFT for them (only
     on this path: elsewhere nothing would read them). Data prepared earlier without them keeps its SFT set, and stage
@@ -400,7 +413,8 @@ def preference_path(preset: dict, kinds: dict, data_out: str, tokens_out: str,
                          f"model judge picks the pairs; DPO trains on those{joined}")
     if pairs:
         stages["dpo"]["args"].update(data_path=f"{tokens_out}/dpo/train", val_data_path=f"{tokens_out}/dpo/val")
-        return "pairs", ("no verifiable tasks and no judge endpoint (OPENAI_BASE_URL / OPENAI_API_KEY unset): DPO "
+        return "pairs", ("no verifiable tasks and no judge endpoint (none of OPENAI_BASE_URL, OPENAI_API_KEY, "
+                         "JUDGE_API_KEY, --judge_model set): DPO "
                          "trains on the preference pairs from the data; stage 7 skipped")
     return "none", ("no verifiable tasks, no preference pairs in the data and no judge endpoint: DPO skipped, the "
                     "run stops after SFT and evaluation (set OPENAI_BASE_URL/OPENAI_API_KEY to an OpenAI-compatible "
@@ -486,6 +500,10 @@ def run(preset: dict, only: set[str] | None, logs: Path, out: Path, nodes: Nodes
     if nodes is None:  # a hostfile's nodes have their own GPUs
         check_gpus(preset, stages)
     check_source(out, source)
+    if (not only or "prefs" in only) and (nodes is None or not nodes.follower):
+        warning = judge_warning(preset, os.environ)
+        if warning:
+            print(warning, flush=True)
     runner = StageRunner(logs)
     env = {"WANDB_RUN_GROUP": wandb_group(out)}
     timings: dict[str, float] = {}

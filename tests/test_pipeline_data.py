@@ -20,8 +20,8 @@ from mateconv.chat_format import CHAT_TEMPLATE
 from mateconv.data.formats import split_hh
 from mateconv.data.sources import readable_size
 from mateconv.files import read_metrics
-from mateconv.pipeline import (PipelineError, apply_sets, build_stages, check_source, load_preset, same_normalization,
-                               set_judge_model, use_data)
+from mateconv.pipeline import (PipelineError, apply_sets, build_stages, check_source, judge_warning, load_preset,
+                               same_normalization, set_judge_model, use_data)
 from mateconv.pipeline import main as pipeline_main
 from mateconv.tokenizer import adopt_tokenizer
 
@@ -46,6 +46,33 @@ def plan(data: Path, env: dict, tokenizer: Path | None = None, judge_model: str 
         set_judge_model(preset, judge_model)
     report, _ = use_data(preset, data, tokenizer, env)
     return preset["stages"], "\n".join(report)
+
+
+def test_a_model_judge_that_fails_its_health_check_is_warned_of_before_the_first_stage(tmp_path, monkeypatch):
+    """The judge endpoint was first tried by stage 7, after pretraining and SFT: at seed size hours into the run."""
+    monkeypatch.chdir(tmp_path)
+    data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
+    preset = load_preset("tiny")
+    use_data(preset, data, None, ENDPOINT)
+    warning = judge_warning(preset, ENDPOINT, timeout_s=5)
+    assert warning.startswith("[pipeline] warning: judge endpoint http://127.0.0.1:9/v1 is unreachable: ")
+    assert warning.endswith("Connection error (stage 7 needs the judge after SFT: have it up by then, or the run "
+                            "stops there)")
+    fake = FakeOpenAI()
+    try:
+        up = {"OPENAI_BASE_URL": fake.url}
+        for judge_model, said in (("judge", None), ("gpt-4o-mini", "judge model 'gpt-4o-mini' is not served at")):
+            preset = load_preset("tiny")
+            set_judge_model(preset, judge_model)
+            use_data(preset, data, None, up)
+            warning = judge_warning(preset, up)
+            assert warning is None if said is None else said in warning
+    finally:
+        fake.close()
+    done = Path(preset["stages"]["prefs"]["done"])
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    assert judge_warning(preset, ENDPOINT) is None  # stage 7 is done: its judge is not needed
 
 
 def test_decision_table_for_stage_7_and_dpo(tmp_path, monkeypatch):

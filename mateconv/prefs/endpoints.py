@@ -90,6 +90,22 @@ def resolve_judge(base_url: str | None, model: str | None, env: Mapping[str, str
     return Endpoint("judge", url, model or "gpt-4o-mini", _api_key("judge", env, url))
 
 
+def health_problem(endpoint: Endpoint, timeout_s: float) -> str | None:
+    """Why `endpoint` fails its health check (`Caller.check`) now, or None."""
+    async def probe() -> None:
+        caller = Caller(endpoint, RetryPolicy(timeout_s=timeout_s), asyncio.Semaphore(1))
+        try:
+            await caller.check(timeout_s)
+        finally:
+            await caller.close()
+
+    try:
+        asyncio.run(probe())
+    except PrefsError as error:
+        return str(error)
+    return None
+
+
 # ---------------------------------------------------------------- token usage and cost
 
 @dataclass
