@@ -174,6 +174,21 @@ def test_serve_port_out_of_range_is_one_line(tmp_path):
     assert str(error.value) == "serve: --port must be in 0-65535, got 99999"
 
 
+def test_serve_port_in_use_is_one_line(tmp_path):
+    """Checked before the model loads (before: uvicorn's INFO lines and 'ERROR: [Errno 98] ...' once it had loaded)."""
+    import socket
+
+    from mateconv.serve.cli import main as serve_main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as error:
+            serve_main(["--model_path", str(tmp_path), "--port", str(port)])
+    assert str(error.value) == f"serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tmp_path), "--prompt", "hi"])
