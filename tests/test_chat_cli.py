@@ -203,6 +203,18 @@ def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
                                 "--device auto takes what there is")
 
 
+def test_missing_tokenizer_is_one_clear_line(tiny_sft_model, tmp_path):
+    """A model directory without its tokenizer files (before: "cannot load model/tokenizer from DIR: Couldn't
+    instantiate the backend tokenizer from one of: ", the first line of transformers' advice to install sentencepiece)."""
+    for file in tiny_sft_model.iterdir():
+        if file.is_file() and not file.name.startswith("tokenizer"):
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(tmp_path), "--prompt", "hi"])
+    assert str(error.value) == (f"chat: no tokenizer in {tmp_path} (tokenizer.json, tokenizer_config.json, ...): copy "
+                                "there the tokenizer the model was trained with, e.g. the files of out/tokenizer")
+
+
 @pytest.fixture(scope="module")
 def dense(tiny_sft_model):
     return load_model(tiny_sft_model, device="cpu")
