@@ -79,6 +79,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+# The files a Hugging Face tokenizer is read from (a fast one's, a slow BPE one's, a SentencePiece one's)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                chat: bool = True):
     """A saved Hugging Face directory (MateConv or any causal LM), or a training checkpoint (consolidated first) ->
@@ -98,6 +102,9 @@ def load_model(model_path: str | Path, device: str = "auto", dtype: str = "auto"
             model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device),
                                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as error:  # the last: a weights file cut short or damaged
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):  # transformers' words for it mislead
+            raise ChatError(f"no tokenizer in {path} (tokenizer.json, tokenizer_config.json, ...): copy there the "
+                            "tokenizer the model was trained with, e.g. the files of out/tokenizer") from None
         raise ChatError(f"cannot load model/tokenizer from {path}: {str(error).splitlines()[0]}") from error
     if chat and tokenizer.chat_template is None:
         raise ChatError(f"the tokenizer in {path} has no chat template")

@@ -174,6 +174,21 @@ def test_serve_port_out_of_range_is_one_line(tmp_path):
     assert str(error.value) == "serve: --port must be in 0-65535, got 99999"
 
 
+def test_serve_port_in_use_is_one_line(tmp_path):
+    """Checked before the model loads (before: uvicorn's INFO lines and 'ERROR: [Errno 98] ...' once it had loaded)."""
+    import socket
+
+    from mateconv.serve.cli import main as serve_main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as error:
+            serve_main(["--model_path", str(tmp_path), "--port", str(port)])
+    assert str(error.value) == f"serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--model_path", str(tmp_path), "--prompt", "hi"])
@@ -186,6 +201,18 @@ def test_bad_input_is_one_line(tiny_sft_model, tmp_path):
         main(["--model_path", str(tiny_sft_model), "--prompt", "hi", "--device", "cuda:99"])
     assert str(error.value) == (f"chat: device cuda:99 is not there: {torch.cuda.device_count()} CUDA GPU(s) visible; "
                                 "--device auto takes what there is")
+
+
+def test_missing_tokenizer_is_one_clear_line(tiny_sft_model, tmp_path):
+    """A model directory without its tokenizer files (before: "cannot load model/tokenizer from DIR: Couldn't
+    instantiate the backend tokenizer from one of: ", the first line of transformers' advice to install sentencepiece)."""
+    for file in tiny_sft_model.iterdir():
+        if file.is_file() and not file.name.startswith("tokenizer"):
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(SystemExit) as error:
+        main(["--model_path", str(tmp_path), "--prompt", "hi"])
+    assert str(error.value) == (f"chat: no tokenizer in {tmp_path} (tokenizer.json, tokenizer_config.json, ...): copy "
+                                "there the tokenizer the model was trained with, e.g. the files of out/tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -252,6 +252,17 @@ def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(client):
     assert reply.choices[0].message.content == joined.choices[0].message.content
 
 
+def test_unknown_role_lists_developer():
+    """The 422 for an unknown role named the roles taken without `developer` (taken as system)."""
+    from pydantic import ValidationError
+
+    from mateconv.serve.schema import Message
+
+    with pytest.raises(ValidationError, match="'system', 'developer', 'user', 'assistant' or 'tool'"):
+        Message.model_validate({"role": "robot", "content": "hi"})
+    assert Message.model_validate({"role": "developer", "content": "hi"}).role == "system"
+
+
 def test_error_shapes(server, client, expected):
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

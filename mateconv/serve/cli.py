@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 
 import uvicorn
@@ -47,6 +48,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_address(host: str, port: int) -> None:
+    """Binds the address and lets it go, before the model loads: a port in use is then one line at once rather than
+    uvicorn's log lines after the load."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise SystemExit(f"serve: cannot listen on {host}:{port}: {error.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_concurrent < 1 or args.max_queued < 0 or args.max_request_bytes < 1 or args.default_max_tokens < 1:
@@ -57,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.api_key and not is_loopback(args.host):
         print(f"serve: WARNING: listening on {args.host} without an API key: anyone who can reach port {args.port} "
               f"can use the model (set --api_key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
+    check_address(args.host, args.port)
     try:
         app = create_app(args.model_path, args.served_model_name, args.device, args.dtype, args.max_concurrent,
                          args.max_queued, args.max_request_bytes, args.default_max_tokens, args.api_key, args.compile)

@@ -54,7 +54,8 @@ class Message(BaseModel):
     `reasoning_content`; a `tool` turn is a tool's result (its tool_call_id and name are not shown to the model, as
     in the training data)."""
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
+    # `developer` never stays (the validator below makes it system): it is listed so a 422 names every role taken
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
     reasoning_content: str | None = None
