@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -181,13 +182,17 @@ def test_one_corpus_per_out_directory(tmp_path):
         check_source(tmp_path / "demo/out", first)
 
 
+def data_source(data: Path) -> dict:
+    """What the pipeline records of a --data run on `data` (check_source), its files as they are now."""
+    return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+
+
 def test_a_changed_data_directory_stops_the_run_with_what_changed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     out = tmp_path / "out"
 
-    def source() -> dict:
-        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+    source = partial(data_source, data)
 
     check_source(out, source())
     (data / "sft.jsonl").write_text(json.dumps(SFT) + "\n" + json.dumps(SFT) + "\n")
@@ -218,8 +223,7 @@ def test_files_changed_after_the_tokenizer_trained_on_them_are_said_and_named_in
     data = corpus(tmp_path / "data", pretrain=TEXT, sft=SFT)
     out = tmp_path / "out"
 
-    def source() -> dict:
-        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+    source = partial(data_source, data)
 
     check_source(out, source())
     (out / "tokenizer").mkdir()
@@ -247,8 +251,7 @@ def test_an_edited_dataset_info_json_stops_the_run_as_a_changed_file_does(tmp_pa
     info.write_text(json.dumps({"chat": {"file_name": "sft.jsonl", "formatting": "sharegpt"}}))
     out = tmp_path / "out"
 
-    def source() -> dict:
-        return {"data": str(data), "tokenizer": None, "files": use_data(load_preset("tiny"), data, None, {})[1]}
+    source = partial(data_source, data)
 
     check_source(out, source())
     (out / "data").mkdir()
