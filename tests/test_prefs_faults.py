@@ -201,6 +201,11 @@ def test_unreachable_endpoint_and_unknown_model_are_one_line_errors(tmp_path, fa
     with pytest.raises(SystemExit, match=r"^prefs: judge model 'gpt-9' is not served at .*; it serves: gen, judge$"):
         main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", fake.url,
               "--generator_model", "gen", "--judge_base_url", fake.url, "--judge_model", "gpt-9", "--no_progress"])
+    root = fake.url.removesuffix("/v1")  # a base URL without its /v1: every request would be a 404
+    with pytest.raises(SystemExit, match=f"^prefs: generator endpoint {root} has no /models route, but {root}/v1 "
+                                         f"has: use {root}/v1 as the base URL$"):
+        main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", root,
+              "--generator_model", "gen", "--judge", "rule", "--no_progress"])
     with pytest.raises(SystemExit, match="^prefs: prompts file .*missing.jsonl not found"):
         main(["--prompts_path", str(tmp_path / "missing.jsonl"), "--generator_base_url", fake.url])
     (tmp_path / "a_file").write_text("")

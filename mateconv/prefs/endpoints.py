@@ -251,6 +251,9 @@ class Caller:
             raise PrefsError(f"{self.endpoint.role} endpoint {where} rejected the API key (HTTP 401)") from None
         except openai.APIStatusError as error:
             if error.status_code == 404:  # no /models route: reachable, cannot check the name
+                if not where.endswith("/v1") and await self._lists_models(f"{where}/v1/models", timeout_s):
+                    raise PrefsError(f"{self.endpoint.role} endpoint {where} has no /models route, but {where}/v1 "
+                                     f"has: use {where}/v1 as the base URL") from None
                 return
             raise PrefsError(f"{self.endpoint.role} endpoint {where} failed its health check: "
                              f"{_error_text(error)}") from None
@@ -264,6 +267,14 @@ class Caller:
         if served and self.endpoint.model not in served:
             raise PrefsError(f"{self.endpoint.role} model '{self.endpoint.model}' is not served at {where}; it "
                              f"serves: {', '.join(served[:10])}{' ...' if len(served) > 10 else ''}")
+
+    async def _lists_models(self, url: str, timeout_s: float) -> bool:
+        """Whether `url` answers with a model list (the base URL was given without its /v1)."""
+        try:
+            listing = await self.client.get(url, cast_to=object, options={"timeout": timeout_s})
+        except (openai.APIError, json.JSONDecodeError):
+            return False
+        return isinstance(listing, dict) and isinstance(listing.get("data"), list)
 
     async def close(self) -> None:
         await self.client.close()
