@@ -158,6 +158,17 @@ def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_fact
     assert (mixed["chosen_index"], mixed["rejected_index"], mixed["margin"]) == (0, 3, pytest.approx(9.6))
 
 
+def test_a_model_judge_failing_under_both_is_named_in_the_report(tmp_path, fake_factory, capsys):
+    """The known answers still make the pairs, and the report says the model judge failed: it said nothing, so a
+    judge answering garbage on every prompt looked like a working one."""
+    fake = fake_factory(permanent={("judge", "p00"): "malformed", ("judge", "p01"): "malformed"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    summary = run(config(fake, prompts, out, 3, judge="both"), env={})
+    assert summary["this_run"]["model_judge_failures_decided_by_rule"] == 2 and len(ids(out, "pair")) == 3
+    assert "; the model judge failed on 2 (the known answers decided, its error is each record's judge_error)\n" in \
+        capsys.readouterr().err
+
+
 def test_reasoning_the_server_split_off_stays_in_the_pairs(tmp_path, fake_factory):
     """A generator reply's `reasoning_content` (our server's <think> block) is kept on the pair's replies, so stage 3
     trains DPO on the text the model wrote; the judges and the samples see the answers."""

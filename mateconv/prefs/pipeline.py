@@ -329,9 +329,12 @@ def _usage_report(usage: dict[str, tuple[str, Usage]], prices: dict) -> dict:
 
 def _print_report(summary: dict) -> None:
     run = summary["this_run"]
+    judge_failed = run["model_judge_failures_decided_by_rule"]
     print(f"prefs: {run['prompts']} prompts -> {run['pairs']} pairs, {run['dropped']} dropped, {run['failures']} "
           f"failed in {summary['elapsed_s']:.0f} s; {summary['output_dir']} now holds {summary['files']['pairs']} "
-          f"pairs, {summary['files']['failures_outstanding']} outstanding failures", file=sys.stderr)
+          f"pairs, {summary['files']['failures_outstanding']} outstanding failures"
+          + (f"; the model judge failed on {judge_failed} (the known answers decided, its error is each record's "
+             "judge_error)" if judge_failed else ""), file=sys.stderr)
     for role, used in summary["usage"].items():
         if role == "total_cost_usd":
             continue
