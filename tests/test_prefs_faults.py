@@ -142,6 +142,20 @@ def test_raising_n_prompts_extends_the_earlier_sample(tmp_path, fake_factory, ca
     assert summary["this_run"]["prompts"] == 8 and summary["files"]["pairs"] == 14
 
 
+def test_prompts_done_with_other_models_or_settings_are_named_when_skipped(tmp_path, fake_factory, capsys):
+    """An output directory of another run (here judged by the rule alone) is kept and its prompts are skipped; that
+    was silent, so pairs of another judge or generator went on into the set as if made by this run's."""
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 4), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="rule"), env={})
+    run(config(fake, prompts, out, 2, judge="rule"), env={})
+    assert "other models or settings" not in capsys.readouterr().err
+    run(config(fake, prompts, out, 4, judge="auto"), env={})
+    assert (f"prefs: warning: 2 of the prompts already done in {out} were made with other models or settings (models "
+            "{'generator': 'gen', 'judge': None}); they are kept, not made again: to make them with these, use "
+            "another --output_dir\n") in capsys.readouterr().err
+
+
 def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_factory):
     """--judge auto with a judge endpoint is both; where every reply is right the model judge's scores make the pair,
     with its own margin (3 here, over --min_margin 1), and the rule still decides where it tells replies apart."""
