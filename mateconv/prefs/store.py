@@ -61,6 +61,8 @@ def sample_prompts(path: str | Path, n_prompts: int, seed: int) -> list[dict]:
     """The `n_prompts` records first in the seeded random order of `sample_rank` (a uniform sample; one pass with a
     heap, O(n_prompts) memory), in file order. Only the chosen lines are parsed."""
     path = Path(path)
+    if path.is_dir():
+        raise PrefsError(f"prompts file {path} is a directory: pass a JSONL file in it (--prompts_path)")
     if not path.is_file():
         raise PrefsError(f"prompts file {path} not found (run stage 2 first, or pass --prompts_path)")
     # -sig: without the byte order mark Windows editors put first; surrogateescape: a line that is not UTF-8 is an
