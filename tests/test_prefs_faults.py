@@ -289,9 +289,11 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory, sent):
     """A shell without job control (here `bash -c`) starts background jobs with SIGINT ignored; stage 7 sets its own
-    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest."""
+    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest. `kill` says
+    so in the same line (it ended the run without a word)."""
     fake = fake_factory(delay_s=0.3)
     prompts, out = write_tasks(tmp_path / "tasks.jsonl", 20), tmp_path / "prefs"
     (tmp_path / "logs").mkdir()
@@ -304,7 +306,7 @@ def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(
     deadline = time.monotonic() + 60
     while len(ids(out, "pair")) < 2 and time.monotonic() < deadline and running(pid):
         time.sleep(0.02)
-    os.kill(pid, signal.SIGINT)
+    os.kill(pid, sent)
     killed = time.monotonic()
     while running(pid) and time.monotonic() < killed + 30:
         time.sleep(0.05)
