@@ -174,3 +174,14 @@ def test_a_stop_while_the_local_generator_starts_is_an_interrupt(tmp_path, recor
     os.killpg(stage.pid, signal.SIGINT)
     printed = stage.communicate(timeout=60)[1]
     assert printed.splitlines()[-1] == "prefs: interrupted; finished prompts are saved, run again to resume", printed
+
+
+def test_the_health_check_takes_a_name_the_server_serves_but_does_not_list(tiny_untrained_model):
+    """mateconv.serve's default names are the model path (listed in /v1/models) and 'mateconv' (not listed): the
+    check refused 'mateconv', which the server answers to, as docs/prefs.md's own command passes it."""
+    from mateconv.prefs.endpoints import Endpoint, health_problem
+
+    with served(tiny_untrained_model, None) as (url, _):
+        assert health_problem(Endpoint("generator", url, "mateconv"), 10) is None
+        assert health_problem(Endpoint("generator", url, "gpt-9"), 10) == \
+            f"generator model 'gpt-9' is not served at {url}; it serves: {tiny_untrained_model}"

@@ -142,6 +142,20 @@ def test_raising_n_prompts_extends_the_earlier_sample(tmp_path, fake_factory, ca
     assert summary["this_run"]["prompts"] == 8 and summary["files"]["pairs"] == 14
 
 
+def test_prompts_done_with_other_models_or_settings_are_named_when_skipped(tmp_path, fake_factory, capsys):
+    """An output directory of another run (here judged by the rule alone) is kept and its prompts are skipped; that
+    was silent, so pairs of another judge or generator went on into the set as if made by this run's."""
+    fake = fake_factory()
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 4), tmp_path / "prefs"
+    run(config(fake, prompts, out, 2, judge="rule"), env={})
+    run(config(fake, prompts, out, 2, judge="rule"), env={})
+    assert "other models or settings" not in capsys.readouterr().err
+    run(config(fake, prompts, out, 4, judge="auto"), env={})
+    assert (f"prefs: warning: 2 of the prompts already done in {out} were made with other models or settings (models "
+            "{'generator': 'gen', 'judge': None}); they are kept, not made again: to make them with these, use "
+            "another --output_dir\n") in capsys.readouterr().err
+
+
 def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_factory):
     """--judge auto with a judge endpoint is both; where every reply is right the model judge's scores make the pair,
     with its own margin (3 here, over --min_margin 1), and the rule still decides where it tells replies apart."""
@@ -156,6 +170,17 @@ def test_both_judges_model_orders_replies_that_are_all_right(tmp_path, fake_fact
     assert all_right["chosen"] == [{"role": "assistant", "content": "The answer is 5."}]  # p01 asks 2+3
     assert mixed["judge_scores"] == {"rule": [10.0, 1.0, 1.0, 1.0], "model": [9.0, 7.0, 5.0, 3.0]}
     assert (mixed["chosen_index"], mixed["rejected_index"], mixed["margin"]) == (0, 3, pytest.approx(9.6))
+
+
+def test_a_model_judge_failing_under_both_is_named_in_the_report(tmp_path, fake_factory, capsys):
+    """The known answers still make the pairs, and the report says the model judge failed: it said nothing, so a
+    judge answering garbage on every prompt looked like a working one."""
+    fake = fake_factory(permanent={("judge", "p00"): "malformed", ("judge", "p01"): "malformed"})
+    prompts, out = write_tasks(tmp_path / "tasks.jsonl", 3), tmp_path / "prefs"
+    summary = run(config(fake, prompts, out, 3, judge="both"), env={})
+    assert summary["this_run"]["model_judge_failures_decided_by_rule"] == 2 and len(ids(out, "pair")) == 3
+    assert "; the model judge failed on 2 (the known answers decided, its error is each record's judge_error)\n" in \
+        capsys.readouterr().err
 
 
 def test_reasoning_the_server_split_off_stays_in_the_pairs(tmp_path, fake_factory):
@@ -201,6 +226,11 @@ def test_unreachable_endpoint_and_unknown_model_are_one_line_errors(tmp_path, fa
     with pytest.raises(SystemExit, match=r"^prefs: judge model 'gpt-9' is not served at .*; it serves: gen, judge$"):
         main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", fake.url,
               "--generator_model", "gen", "--judge_base_url", fake.url, "--judge_model", "gpt-9", "--no_progress"])
+    root = fake.url.removesuffix("/v1")  # a base URL without its /v1: every request would be a 404
+    with pytest.raises(SystemExit, match=f"^prefs: generator endpoint {root} has no /models route, but {root}/v1 "
+                                         f"has: use {root}/v1 as the base URL$"):
+        main(["--prompts_path", str(prompts), "--output_dir", str(out), "--generator_base_url", root,
+              "--generator_model", "gen", "--judge", "rule", "--no_progress"])
     with pytest.raises(SystemExit, match="^prefs: prompts file .*missing.jsonl not found"):
         main(["--prompts_path", str(tmp_path / "missing.jsonl"), "--generator_base_url", fake.url])
     (tmp_path / "a_file").write_text("")
@@ -259,9 +289,11 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(tmp_path, fake_factory, sent):
     """A shell without job control (here `bash -c`) starts background jobs with SIGINT ignored; stage 7 sets its own
-    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest."""
+    handler, so `kill -2` stops it with the finished prompts kept, and the same command does the rest. `kill` says
+    so in the same line (it ended the run without a word)."""
     fake = fake_factory(delay_s=0.3)
     prompts, out = write_tasks(tmp_path / "tasks.jsonl", 20), tmp_path / "prefs"
     (tmp_path / "logs").mkdir()
@@ -274,7 +306,7 @@ def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(
     deadline = time.monotonic() + 60
     while len(ids(out, "pair")) < 2 and time.monotonic() < deadline and running(pid):
         time.sleep(0.02)
-    os.kill(pid, signal.SIGINT)
+    os.kill(pid, sent)
     killed = time.monotonic()
     while running(pid) and time.monotonic() < killed + 30:
         time.sleep(0.05)

@@ -206,6 +206,21 @@ def test_a_prompts_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert [prompt["id"] for prompt in sample_prompts(path, 5, seed=0)] == ["w"]
 
 
+def test_a_prompts_file_not_in_utf8_is_one_line_naming_the_line(tmp_path):
+    """A GBK-saved line was a UnicodeDecodeError traceback."""
+    path = tmp_path / "gbk.jsonl"
+    good = "".join(json.dumps({"id": f"u{i}", "prompt": f"q{i}"}) + "\n" for i in range(20))
+    path.write_bytes(good.encode() + json.dumps({"id": "g", "prompt": "你好"}, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(PrefsError, match=r"gbk\.jsonl:21: not UTF-8 text"):
+        sample_prompts(path, 100, seed=0)
+
+
+def test_a_directory_as_prompts_file_is_named_so(tmp_path):
+    """--prompts_path out/data said 'not found' and to run stage 2, which had run."""
+    with pytest.raises(PrefsError, match=f"^prompts file {tmp_path} is a directory: pass a JSONL file in it"):
+        sample_prompts(tmp_path, 10, seed=0)
+
+
 def test_a_larger_sample_contains_the_smaller_one(tmp_path):
     path = write_lines(tmp_path / "prompts.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(5000)])
     small, large, other_seed = ({p["id"] for p in sample_prompts(path, n, seed)} for n, seed in

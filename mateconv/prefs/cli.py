@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 
 from mateconv.flags import ArgumentParser
 from mateconv.prefs.pipeline import JUDGE_MODES, PrefsConfig, run
 from mateconv.prefs.endpoints import PrefsError
-from mateconv.terminal import bars_only_on_a_terminal, exit_interrupted
+from mateconv.terminal import bars_only_on_a_terminal, exit_interrupted, signals_interrupt
 
 DEFAULTS = PrefsConfig()
 
@@ -77,16 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     config = PrefsConfig(**vars(build_parser().parse_args(argv)))
     bars_only_on_a_terminal()
-    # SIGTERM (kill, nohup stop) unwinds like Ctrl-C, so the local server is stopped and the files closed. SIGINT is
-    # set too: a background job of a script or `bash -c` starts with it ignored, and `kill -2` would do nothing.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))}
     try:
-        return run(config)
+        # kill -2 and kill unwind like Ctrl-C, so the local server is stopped and the files closed
+        with signals_interrupt():
+            return run(config)
     except PrefsError as error:
         raise SystemExit(f"prefs: {error}") from None
     except KeyboardInterrupt:
         exit_interrupted("prefs: interrupted; finished prompts are saved, run again to resume")
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)

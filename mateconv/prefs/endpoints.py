@@ -251,6 +251,9 @@ class Caller:
             raise PrefsError(f"{self.endpoint.role} endpoint {where} rejected the API key (HTTP 401)") from None
         except openai.APIStatusError as error:
             if error.status_code == 404:  # no /models route: reachable, cannot check the name
+                if not where.endswith("/v1") and await self._answers_models(f"{where}/v1/models", timeout_s):
+                    raise PrefsError(f"{self.endpoint.role} endpoint {where} has no /models route, but {where}/v1 "
+                                     f"has: use {where}/v1 as the base URL") from None
                 return
             raise PrefsError(f"{self.endpoint.role} endpoint {where} failed its health check: "
                              f"{_error_text(error)}") from None
@@ -261,9 +264,21 @@ class Caller:
         if not isinstance(cards, list):  # JSON of another shape: the model name cannot be checked, as with a 404
             return
         served = [card.get("id") for card in cards if isinstance(card, dict)]
-        if served and self.endpoint.model not in served:
+        # a name the list leaves out may still be served (mateconv.serve's alias 'mateconv'): its own card says so
+        if (served and self.endpoint.model not in served
+                and not await self._answers_models(f"{where}/models/{self.endpoint.model}", timeout_s, card=True)):
             raise PrefsError(f"{self.endpoint.role} model '{self.endpoint.model}' is not served at {where}; it "
                              f"serves: {', '.join(served[:10])}{' ...' if len(served) > 10 else ''}")
+
+    async def _answers_models(self, url: str, timeout_s: float, card: bool = False) -> bool:
+        """Whether `url` answers with a model list (the base URL was given without its /v1), or with `card` a
+        model's card."""
+        try:
+            answer = await self.client.get(url, cast_to=object, options={"timeout": timeout_s})
+        except (openai.APIError, json.JSONDecodeError):
+            return False
+        return isinstance(answer, dict) and (isinstance(answer.get("id"), str) if card else
+                                             isinstance(answer.get("data"), list))
 
     async def close(self) -> None:
         await self.client.close()

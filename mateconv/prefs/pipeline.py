@@ -329,9 +329,12 @@ def _usage_report(usage: dict[str, tuple[str, Usage]], prices: dict) -> dict:
 
 def _print_report(summary: dict) -> None:
     run = summary["this_run"]
+    judge_failed = run["model_judge_failures_decided_by_rule"]
     print(f"prefs: {run['prompts']} prompts -> {run['pairs']} pairs, {run['dropped']} dropped, {run['failures']} "
           f"failed in {summary['elapsed_s']:.0f} s; {summary['output_dir']} now holds {summary['files']['pairs']} "
-          f"pairs, {summary['files']['failures_outstanding']} outstanding failures", file=sys.stderr)
+          f"pairs, {summary['files']['failures_outstanding']} outstanding failures"
+          + (f"; the model judge failed on {judge_failed} (the known answers decided, its error is each record's "
+             "judge_error)" if judge_failed else ""), file=sys.stderr)
     for role, used in summary["usage"].items():
         if role == "total_cost_usd":
             continue
@@ -373,6 +376,9 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
     print(f"prefs: {len(prompts)} prompts from {config.prompts_path}, {len(prompts) - len(todo)} already done, "
           f"{len(todo)} to go; {generator.describe()}; "
           f"{judge.describe() if judge else 'judge: the known answers'}", file=sys.stderr)
+    _warn_made_otherwise(store, {prompt["id"] for prompt in prompts} & done,
+                         {"models": {"generator": generator.model, "judge": judge.model if judge else None},
+                          "settings": config.settings()})
     if todo:
         print(f"prefs: to stop, keeping the finished prompts (the same command resumes): `kill -2 {os.getpid()}` or "
               f"`kill {os.getpid()}`", file=sys.stderr)
@@ -415,6 +421,18 @@ def run(config: PrefsConfig, env: dict[str, str] | None = None) -> dict:
                          f"in {store.paths['failure']})")
     store.write_summary(summary)
     return summary
+
+
+def _warn_made_otherwise(store: ResultStore, skipped: set[str], made: dict) -> None:
+    """One line when prompts this run skips as done were made with other models or settings (an output directory of
+    another run): they stay in the set as they are."""
+    other = [record for kind in ("pair", "dropped") for record in read_records(store.paths[kind])
+             if str(record["id"]) in skipped and any(record.get(key) != value for key, value in made.items())]
+    if other:
+        key = next(key for key, value in made.items() if other[0].get(key) != value)
+        print(f"prefs: warning: {len(other)} of the prompts already done in {store.dir} were made with other models "
+              f"or settings ({key} {other[0].get(key)}); they are kept, not made again: to make them with these, use "
+              "another --output_dir", file=sys.stderr)
 
 
 def _count(records: list[dict], key: str) -> dict[str, int]:

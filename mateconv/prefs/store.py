@@ -53,21 +53,30 @@ def to_prompt(raw: dict, where: str) -> dict:
 def sample_rank(line: str, seed: int) -> bytes:
     """Where a line stands in the seeded random order of a prompts file: the first N lines of that order are the
     N-prompt sample, so a larger sample with the same seed contains every smaller one."""
-    return hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return hashlib.blake2b(line.strip().encode("utf-8", "surrogateescape"), digest_size=8,
+                           key=str(seed).encode()).digest()
 
 
 def sample_prompts(path: str | Path, n_prompts: int, seed: int) -> list[dict]:
     """The `n_prompts` records first in the seeded random order of `sample_rank` (a uniform sample; one pass with a
     heap, O(n_prompts) memory), in file order. Only the chosen lines are parsed."""
     path = Path(path)
+    if path.is_dir():
+        raise PrefsError(f"prompts file {path} is a directory: pass a JSONL file in it (--prompts_path)")
     if not path.is_file():
         raise PrefsError(f"prompts file {path} not found (run stage 2 first, or pass --prompts_path)")
-    with path.open(encoding="utf-8-sig") as lines:  # -sig: without the byte order mark Windows editors put first
+    # -sig: without the byte order mark Windows editors put first; surrogateescape: a line that is not UTF-8 is an
+    # error naming it once chosen, not a traceback while reading
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as lines:
         chosen = heapq.nsmallest(n_prompts, ((number, line) for number, line in enumerate(lines, 1) if line.strip()),
                                  key=lambda numbered: sample_rank(numbered[1], seed))
     records, ids = [], set()
     for number, line in sorted(chosen):
         where = f"{path}:{number}"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PrefsError(f"{where}: not UTF-8 text (save the file as UTF-8)") from None
         try:
             record = to_prompt(json.loads(line), where)
         except json.JSONDecodeError as error:
