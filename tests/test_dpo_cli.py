@@ -21,6 +21,8 @@ from tests.test_data_formats import GOOD_PAIRS, write_pairs_file
     (["--init_from", "out_missing/sft/final"], "init_from: out_missing/sft/final does not exist (a model directory "
                                                "written by save_pretrained, which 5.full_sft.py writes there, or a "
                                                "Hugging Face hub id)"),
+    (["--init_from", str(Path(__file__).parent)], f"init_from: {Path(__file__).parent} is not a model directory: it "
+                                                   "has no config.json (name one written by save_pretrained"),
     (["--dpo_loss_type", "kto"], "loss_type must be one of sigmoid, ipo, hinge"),
     (["--kl_coeff", "0.05"], "unknown config key 'kl_coeff'; did you mean 'dpo_kl_coef'?"),
 ])

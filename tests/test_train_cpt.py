@@ -334,6 +334,11 @@ def test_token_shards_of_another_tokenizer_are_one_line(tiny_qwen, tiny_neox, ti
                                         rf"has 512 \(another tokenizer\): tokenize it with {tiny_qwen}'s tokenizer"):
         run(RECIPES["pretrain"], parse_config(flags))
     assert not (tmp_path / "run").exists()
+    # the same shards as validation beside a raw training file: the hint names val_data_path, not data_path
+    flags = tiny_flags(tmp_path / "run", init_from=tiny_qwen, data_path=tiny_embedded_data / "pretrain_train.jsonl",
+                       val_data_path=shards, max_steps=2)
+    with pytest.raises(DataError, match=rf"^{shards} was tokenized .*, or give val_data_path a raw data file"):
+        run(RECIPES["pretrain"], parse_config(flags))
 
 
 def test_a_saved_copy_of_the_tokenizer_made_the_shards(tiny_qwen, tiny_tokens):

@@ -179,11 +179,11 @@ def training_setting_changes(path: Path, config: TrainConfig) -> list[str]:
 
 def model_differences(saved: dict, current: dict, same_shapes: bool = False) -> list[str]:
     """"NAME A there, B here" for the settings that make a model's parameters: init_from, the model section (when
-    neither run started from a saved model) and LoRA; of those only SAME_SHAPES_OTHER_MODEL's with `same_shapes`.
-    `saved` and `current` are config_to_dict()s."""
+    neither run started from a saved model; a resume may change its TRAINING_ONLY_MODEL settings) and LoRA; of those
+    only SAME_SHAPES_OTHER_MODEL's with `same_shapes`. `saved` and `current` are config_to_dict()s."""
     places = [("checkpoint", "init_from"), *[("lora", name) for name in current["lora"]]]
     if not saved["checkpoint"].get("init_from") and not current["checkpoint"]["init_from"]:
-        places += [("model", name) for name in current["model"]]
+        places += [("model", name) for name in current["model"] if name not in TRAINING_ONLY_MODEL]
     if same_shapes:
         switches = {place: SAME_SHAPES_OTHER_MODEL[place] for place in places if place in SAME_SHAPES_OTHER_MODEL}
         places = [place for place, switch in switches.items() if switch is None or current[switch[0]][switch[1]]]

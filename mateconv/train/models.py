@@ -65,6 +65,9 @@ def load_causal_lm(path: str | Path, key: str, trust_remote_code: bool = False, 
         raise ConfigError(f"{key}: {path} is the output directory of a training run that has not reached its end (no "
                           f"final/); " + (f"its newest checkpoint, {latest}, is a model too" if latest else
                                           "it has no checkpoint either"))
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():  # transformers asks for a model_type
+        raise ConfigError(f"{key}: {path} is not a model directory: it has no config.json (name one written by "
+                          "save_pretrained, such as a run's final/)")
     if not Path(path).exists():
         check_hub_reachable(str(path), key)
     try:

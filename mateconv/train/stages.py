@@ -129,14 +129,14 @@ def read_shards(reader_class: type, label: str, config: TrainConfig, runtime: Ru
         sources = ", ".join(shard_info(val_path).get("inputs") or ["unrecorded files"])
         print(f"[{reader_class.kind}] validation: {val_path} (tokenized from {sources}, not from "
               f"{config.data.data_path}; --val_data_path FILE names yours, '' turns validation off)", flush=True)
-    for path in [train_path] + ([val_path] if val_path else []):
+    for flag, path in [("data_path", train_path)] + ([("val_data_path", val_path)] if val_path else []):
         if not (Path(path) / "index.json").is_file():
             raise DataError(f"{label} token shards not found: {path} (run 3.dataset.py, or set data_path/"
                             "val_data_path to shards or a raw data file; val_data_path '' disables validation)")
         if tokenizer is not None and (why := other_vocabulary(Path(path), tokenizer, reader_class.kind)):
             made_by = tokenizer.name_or_path  # the tokenizer the trained model is saved with
             raise DataError(f"{why}: tokenize it with {made_by}'s tokenizer (3.dataset.py --tokenizer {made_by}), "
-                            "or give data_path a raw data file, which is tokenized with it")
+                            f"or give {flag} a raw data file, which is tokenized with it")
     info = shard_info(train_path)
     if not info["num_records"]:  # an empty file or shards of one: nothing to train on
         kept = f" outside the val_size {held_out:g} held out for validation" if held_out else ""
