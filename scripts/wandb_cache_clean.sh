@@ -117,7 +117,7 @@ clean_once() {
     ((dry_run)) || find -P "$cache" -xdev -mindepth 1 -type d -empty -delete
 }
 
-trap 'log "stopped"; exit 0' INT TERM
+trap 'log "stopped"; kill ${!:-} 2>/dev/null || true; exit 0' INT TERM  # ${!}: the sleep between passes
 while true; do
     clean_once
     ((interval > 0)) || break
