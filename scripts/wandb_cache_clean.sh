@@ -3,6 +3,11 @@
 # under --max_size_gb. Runs once, or every --interval seconds. Only ever deletes regular files inside the cache
 # directory (symlinks are not followed, other filesystems are not entered). See docs/operations.md.
 set -euo pipefail
+# A script's background job (`nohup ... &` in a script, cron) starts with SIGINT ignored, which bash cannot trap:
+# start again with SIGINT restored, so that `kill -2` stops the loop there too.
+if (((0x$(awk '/^SigIgn/ {print $2}' /proc/$$/status 2>/dev/null || echo 0)) & 2)); then
+    exec env --default-signal=INT bash "$0" "$@"
+fi
 
 usage() {
     cat <<'EOF'
@@ -112,7 +117,7 @@ clean_once() {
     ((dry_run)) || find -P "$cache" -xdev -mindepth 1 -type d -empty -delete
 }
 
-trap 'log "stopped"; exit 0' INT TERM
+trap 'log "stopped"; kill ${!:-} 2>/dev/null || true; exit 0' INT TERM  # ${!}: the sleep between passes
 while true; do
     clean_once
     ((interval > 0)) || break

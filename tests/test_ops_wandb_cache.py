@@ -163,3 +163,25 @@ def test_periodic_loop_repeats_and_stops_on_sigint(tmp_path):
     out, err = process.communicate(timeout=20)
     assert not late.exists()
     assert process.returncode == 0 and out.count("older than 5 days") >= 2 and "stopped" in out, err
+
+
+def test_a_background_job_of_a_script_stops_on_sigint(tmp_path):
+    (tmp_path / "home").mkdir()
+    root = tmp_path / "cache"
+    _file(root / "a", age_days=10)
+    # started as `nohup scripts/wandb_cache_clean.sh ... &` from a script: SIGINT ignored on entry; the sleep between
+    # passes goes with the script (it held the output pipe open until its end)
+    process = subprocess.Popen(["bash", str(SCRIPT), "--dir", str(root), "--max_age_days", "5", "--interval", "30"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 20
+    while (root / "a").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"10 s after SIGINT it still ran or its sleep held the output open: {process.communicate()}")
+    assert process.returncode == 0 and "stopped" in out, (process.returncode, out, err)
