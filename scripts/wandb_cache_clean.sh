@@ -5,8 +5,10 @@
 set -euo pipefail
 # A script's background job (`nohup ... &` in a script, cron) starts with SIGINT ignored, which bash cannot trap:
 # start again with SIGINT restored, so that `kill -2` stops the loop there too.
-if (((0x$(awk '/^SigIgn/ {print $2}' /proc/$$/status 2>/dev/null || echo 0)) & 2)); then
-    exec env --default-signal=INT bash "$0" "$@"
+# (once: MATECONV_SIGINT_RESTORED; and only where env can, GNU coreutils 8.31+)
+if [[ -z ${MATECONV_SIGINT_RESTORED:-} ]] && (((0x$(awk '/^SigIgn/ {print $2}' /proc/$$/status 2>/dev/null ||
+        echo 0)) & 2)) && env --default-signal=INT true 2>/dev/null; then
+    MATECONV_SIGINT_RESTORED=1 exec env --default-signal=INT bash "$0" "$@"
 fi
 
 usage() {
