@@ -145,15 +145,20 @@ def test_help():
     assert result.returncode == 0 and "--max_size_gb" in result.stdout and "--interval" in result.stdout
 
 
+def _start_loop(tmp_path: Path, root: Path, interval: int, sigint) -> subprocess.Popen:
+    """The cleaner every `interval` s over files older than 5 days in `root`, started with SIGINT's handler `sigint`."""
+    return subprocess.Popen(["bash", str(SCRIPT), "--dir", str(root), "--max_age_days", "5", "--interval",
+                             str(interval)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
 def test_periodic_loop_repeats_and_stops_on_sigint(tmp_path):
     (tmp_path / "home").mkdir()
     root = tmp_path / "cache"
     _file(root / "a", age_days=10)
     # SIGINT as a terminal's shell leaves it: a suite started in the background of a script inherits it ignored, and
     # bash cannot trap a signal ignored on entry
-    process = subprocess.Popen(["bash", str(SCRIPT), "--dir", str(root), "--max_age_days", "5", "--interval", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = _start_loop(tmp_path, root, 1, signal.SIG_DFL)
     time.sleep(1.0)
     late = _file(root / "b", age_days=10)  # appears after the first pass; the second pass removes it
     deadline = time.time() + 20
@@ -171,9 +176,7 @@ def test_a_background_job_of_a_script_stops_on_sigint(tmp_path):
     _file(root / "a", age_days=10)
     # started as `nohup scripts/wandb_cache_clean.sh ... &` from a script: SIGINT ignored on entry; the sleep between
     # passes goes with the script (it held the output pipe open until its end)
-    process = subprocess.Popen(["bash", str(SCRIPT), "--dir", str(root), "--max_age_days", "5", "--interval", "30"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = _start_loop(tmp_path, root, 30, signal.SIG_IGN)
     deadline = time.time() + 20
     while (root / "a").exists() and time.time() < deadline:
         time.sleep(0.1)
