@@ -138,13 +138,14 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def sum_over_ranks(value: int, device: torch.device) -> int | torch.Tensor:
-    """`value` summed over ranks: alone the int itself, else a tensor on `device` that the host does not read."""
+def sum_over_ranks(values: list[int], device: torch.device) -> list[int] | torch.Tensor:
+    """`values` summed over ranks, each on its own: alone the ints themselves, else a tensor on `device` that the host
+    does not read."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    total = torch.tensor(value, device=device)
-    dist.all_reduce(total)
-    return total
+        return values
+    totals = torch.tensor(values, device=device)
+    dist.all_reduce(totals)
+    return totals
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -10,9 +10,9 @@ takes those the epoch has left, so `epochs` is that many passes over the data. T
 from the loader before the first forward, to count their items (an LM's labelled tokens; DPO's pairs and chosen-response
 tokens) over all ranks: each part of a micro-batch's loss weighs by its share of them (`Trainer.shares`), so that the
 step's loss and gradient are the mean over every labelled token (pair) of the step, however the rows are split into
-micro-batches and ranks. Checkpoints are taken
-at step boundaries, so the data position (epoch, samples consumed in it over all ranks) is exact on resume, also on
-another number of ranks (mateconv.train.universal converts a ZeRO checkpoint for it).
+micro-batches and ranks. Checkpoints are taken at step boundaries, so the data position (epoch, samples consumed in it
+over all ranks) is exact on resume, also on another number of ranks (mateconv.train.universal converts a ZeRO
+checkpoint for it).
 
 Every engine reports the gradient norm before clipping. A step whose loss or gradient norm is NaN/inf is skipped
 (no update, the learning-rate schedule stays), counted (`nonfinite_steps`) and logged; `max_nonfinite_steps` of them
@@ -322,18 +322,17 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
 
-    def shares(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, float | torch.Tensor]]:
-        """Each micro-batch's items of each kind (`objective.weights`: an LM's labelled tokens; DPO's pairs and
-        chosen-response tokens) over the step's mean per micro-batch on all ranks: 1 when all hold as many
+    def shares(self, weights: list[dict[str, int]]) -> list[dict[str, float | torch.Tensor]]:
+        """Each micro-batch's items of each kind (its `weights`, `objective.weights`: an LM's labelled tokens; DPO's
+        pairs and chosen-response tokens) over the step's mean per micro-batch on all ranks: 1 when all hold as many
         (pretraining's full rows, DPO's pairs). With each part of a micro-batch's loss weighed by its kind's share, the
         mean over the step's micro-batches and ranks is the mean over all its items (Hugging Face Trainer's
-        `num_items_in_batch` with `average_tokens_across_devices`). Counted on the host copies; over ranks one
-        all-reduce per step, whose sums stay on the device."""
-        weights = [self.objective.weights(batch) for batch in batches]
+        `num_items_in_batch` with `average_tokens_across_devices`). Over ranks one all-reduce per step, whose sums stay
+        on the device."""
         kinds = list(weights[0])
         # a step without labelled tokens (the data leaves out such rows) keeps its NaN loss, not a division by zero
         totals = sum_over_ranks([max(sum(w[kind] for w in weights), 1) for kind in kinds], self.runtime.device)
-        micro_batches = len(batches) * self.runtime.world_size
+        micro_batches = len(weights) * self.runtime.world_size
         return [{kind: w[kind] * micro_batches / total for kind, total in zip(kinds, totals)} for w in weights]
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool, window: int,
@@ -547,13 +546,15 @@ class Trainer:
                     step_lr = self.current_lr()  # the rate this step uses (DeepSpeed moves on inside the step)
                     tracker.begin_step(step + 1)
                     losses, metrics = [], WeightedMeans()
-                    for micro, (batch, shares) in enumerate(zip(step_batches, self.shares(step_batches)), 1):
+                    weights = [self.objective.weights(batch) for batch in step_batches]  # counted on the host copies
+                    for micro, (batch, batch_weights, shares) in enumerate(
+                            zip(step_batches, weights, self.shares(weights)), 1):
                         state["samples_in_epoch"] += config.optim.batch_size * runtime.world_size
                         positions, real, marked = batch_tokens(batch, self.pad_id)
                         self.window.add_tokens(positions, real)
                         loss, measured = self.micro_step(self.to_device(batch), micro == window, window, shares)
                         losses.append(loss)
-                        metrics.add(weighed_metrics(self.objective, batch, measured))
+                        metrics.add(weighed_metrics(self.objective, batch_weights, measured))
                         moe_model = base_model(self.engine)
                         load = moe_model.expert_load() if hasattr(moe_model, "expert_load") else None
                         if load is not None:

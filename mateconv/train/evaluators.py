@@ -33,7 +33,7 @@ def preference_eval(model: torch.nn.Module, objective: DPOObjective, pairs: Data
     that of those means, so the same with any batch size and number of ranks."""
     def measure(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         _, metrics = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
-        return weighed_metrics(objective, batch, metrics)
+        return weighed_metrics(objective, objective.weights(batch), metrics)
 
     means = split_means(pairs, batch_size, measure, device)
     return {"loss": objective.total(means["dpo_loss"], means.get("kl_ref", 0.0), means.get("nll/chosen", 0.0)),

@@ -55,12 +55,12 @@ class LMObjective:
         return {"tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
 
 
-def weighed_metrics(objective: Objective, batch: dict[str, torch.Tensor],
+def weighed_metrics(objective: Objective, weights: dict[str, int],
                     metrics: dict[str, torch.Tensor | float]) -> dict[str, tuple[torch.Tensor | float, int]]:
-    """Each of the objective's `metrics` of `batch` with the weight of its mean (data.WeightedMeans): the count of the
-    items it is a mean over (`per_kind`, else the first of `weights`: an LM's labelled tokens, DPO's pairs); the MoE
-    balance loss, a term of each forward, weighs 1, as it does in the loss. Counted on the host copy of the batch."""
-    weights = objective.weights(batch)
+    """Each of the objective's `metrics` of a batch with the weight of its mean (data.WeightedMeans): the count of the
+    items it is a mean over, from the batch's `weights` (`objective.weights`): its `per_kind`, else the first kind
+    (an LM's labelled tokens, DPO's pairs); the MoE balance loss, a term of each forward, weighs 1, as it does in the
+    loss."""
     first = next(iter(weights))
     return {key: (value, 1 if key == "aux_loss" else weights[objective.per_kind.get(key, first)])
             for key, value in metrics.items()}
