@@ -49,8 +49,14 @@ def exit_interrupted(message: str) -> NoReturn:
     sys.exit(128 + signal.SIGINT)
 
 
-def _raise_interrupt(signum, frame) -> NoReturn:
-    raise KeyboardInterrupt
+def _as_ctrl_c(signum, frame) -> None:
+    """SIGTERM does what Ctrl-C does now: inside asyncio.run, whose own SIGINT handler cancels the main task at its
+    next await (raising KeyboardInterrupt anywhere in the loop leaves coroutines made and never awaited), and
+    elsewhere Python's default, KeyboardInterrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIG_IGN or SIG_DFL, set by code running inside signals_interrupt
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 @contextlib.contextmanager
@@ -59,7 +65,7 @@ def signals_interrupt() -> Iterator[None]:
     finished kept: SIGINT is set even where it came ignored (a background job of a script or `bash -c`, where `kill -2`
     would do nothing), and SIGTERM unwinds the same way. The handlers before come back after."""
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _as_ctrl_c)}
     try:
         yield
     finally:

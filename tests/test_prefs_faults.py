@@ -323,6 +323,44 @@ def test_kill_2_stops_a_background_job_of_a_script_and_the_same_command_resumes(
     assert len(ids(out, "pair")) == 20 and all(record in records(out, "pair") for record in kept)
 
 
+SIGTERM_IN_A_LOOP = """
+import asyncio, gc, os, signal, warnings
+from mateconv.terminal import signals_interrupt
+
+saw = []
+
+async def main():
+    started_later = asyncio.sleep(0)  # a coroutine made and not yet awaited, as gather(...) makes them
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        await started_later
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        saw.append("cancelled")
+        raise
+
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    try:
+        with signals_interrupt():
+            asyncio.run(main())
+    except KeyboardInterrupt:
+        saw.append("KeyboardInterrupt")
+    gc.collect()
+print(saw, [str(warning.message) for warning in caught])
+"""
+
+
+def test_kill_inside_an_event_loop_cancels_its_main_task_as_ctrl_c_does():
+    """`kill` (SIGTERM) during stage 7's requests stops its event loop as Ctrl-C does: the main task is cancelled at
+    its next await and asyncio.run raises KeyboardInterrupt. Before, the handler raised KeyboardInterrupt wherever the
+    loop was, once between making a request's coroutine and awaiting it, and the run's last line was Python's
+    'coroutine ... was never awaited' warning instead of 'prefs: interrupted'."""
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_LOOP], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['cancelled', 'KeyboardInterrupt'] []", done.stdout + done.stderr
+
+
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, fake_factory, capsys):
     """Under nohup (pytest's captured stdout is not a terminal either) stage 7 prints a plain line at each tenth of
     its prompts, with the pairs, dropped prompts and failures so far, the rate and the ETA."""
