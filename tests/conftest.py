@@ -17,17 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MATECONV_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-# The test command runs the suite on several cores with pytest-xdist: each module on one worker (its module-scoped
-# fixtures built once; launchers take free ports, so modules run side by side), and the session's tiny models built
-# once for all workers (`built_once`).
-PIPELINE_MODULES = {"test_pipeline", "test_dpo_embedded"}  # the tiny pipeline's users: one run of it, read in turn
+# The test command runs the suite on several cores with pytest-xdist (--dist loadscope): each module on one worker,
+# its module-scoped fixtures built once (launchers take free ports, so modules run side by side), and the session's
+# tiny models built once for all workers (`built_once`). Modules go out in the order of the collected tests: the long
+# ones first, so that none of them starts last and runs on one core while the others wait.
+LONG_MODULES = ["test_pipeline", "test_train_deepspeed", "test_gpu_check_smoke", "test_seed_commands", "test_export",
+                "test_train_world_size", "test_train_engine", "test_pipeline_data", "test_dpo_deepspeed",
+                "test_train_fsdp"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("pipeline" if module in PIPELINE_MODULES else module))
+    first = {module: rank for rank, module in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: first.get(item.module.__name__, len(first)))
 
 
 def pytest_configure(config):
