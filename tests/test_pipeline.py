@@ -200,7 +200,9 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
 def test_nohup_stop_and_resume_keeps_total_steps(tmp_path):
     prepared = run_script("run_pipeline.sh", "--only", DATA_STAGES, cwd=tmp_path, timeout=300)
     assert prepared.returncode == 0, prepared.stdout[-2000:] + prepared.stderr[-2000:]
-    sets = ["--set", "pretrain.max_steps=60", "--set", "pretrain.save_interval_steps=5",
+    # 150 steps (about 20 s here, 50 s on a loaded machine) leave status.sh and stop.sh time to run after step 8: with
+    # 60, the run once finished before stop.sh came
+    sets = ["--set", "pretrain.max_steps=150", "--set", "pretrain.save_interval_steps=5",
             "--set", "pretrain.log_interval=1"]
     launched = run_script("launch.sh", "--only", "pretrain", *sets, cwd=tmp_path, timeout=60)
     assert launched.returncode == 0, launched.stderr
@@ -223,11 +225,11 @@ def test_nohup_stop_and_resume_keeps_total_steps(tmp_path):
     assert "stopped before it finished" in log, log[-2000:]
     assert not (tmp_path / "out/pretrain/final").exists()
     interrupted_at = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
-    assert interrupted_at < 60
+    assert interrupted_at < 150
     assert list((tmp_path / "out/pretrain/checkpoints").iterdir()), "kill -2 must leave a checkpoint"
 
     resumed = run_script("run_pipeline.sh", "--only", "pretrain", *sets, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if "loss" in json.loads(l)]
-    assert max(steps) == 60 and (tmp_path / "out/pretrain/final/config.json").exists()
+    assert max(steps) == 150 and (tmp_path / "out/pretrain/final/config.json").exists()
     assert steps.count(1) == 1, steps  # resumed from the checkpoint, not restarted from step 1
