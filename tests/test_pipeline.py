@@ -200,8 +200,8 @@ def test_dpo_after_sft_improves_held_out_preferences_and_tasks(tiny_pipeline):
 def test_nohup_stop_and_resume_keeps_total_steps(tmp_path):
     prepared = run_script("run_pipeline.sh", "--only", DATA_STAGES, cwd=tmp_path, timeout=300)
     assert prepared.returncode == 0, prepared.stdout[-2000:] + prepared.stderr[-2000:]
-    # 150 steps (about 20 s here, 50 s on a loaded machine) leave status.sh and stop.sh time to run after step 8: with
-    # 60, the run once finished before stop.sh came
+    # 150 steps (about 40 s here, step 8 at 2 s) leave status.sh and stop.sh time to run after step 8: 60 steps took
+    # 19 s on a loaded machine, and the run once finished before stop.sh came
     sets = ["--set", "pretrain.max_steps=150", "--set", "pretrain.save_interval_steps=5",
             "--set", "pretrain.log_interval=1"]
     launched = run_script("launch.sh", "--only", "pretrain", *sets, cwd=tmp_path, timeout=60)
